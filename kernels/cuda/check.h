@@ -1,0 +1,35 @@
+// Every CUDA and cuBLAS call goes through a check that names the file and line (llm.c's cudaCheck).
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include "kernels/error.h"
+
+namespace kraken::kernels::cuda_detail {
+
+inline void cuda_check(cudaError_t err, const char* file, int line) {
+  if (err != cudaSuccess)
+    throw ::kraken::Error(::kraken::detail::error_message("CUDA error at ", file, ":", line, ": ",
+                                                           cudaGetErrorName(err), " (", cudaGetErrorString(err), ")"));
+}
+
+inline void cublas_check(cublasStatus_t status, const char* file, int line) {
+  if (status != CUBLAS_STATUS_SUCCESS)
+    throw ::kraken::Error(::kraken::detail::error_message("cuBLAS error at ", file, ":", line, ": status ",
+                                                           static_cast<int>(status)));
+}
+
+// Grid size for a grid-stride loop over n elements.
+inline unsigned int blocks_for(long long n, int threads) {
+  long long blocks = (n + threads - 1) / threads;
+  if (blocks > 65535LL * 32) blocks = 65535LL * 32;
+  return static_cast<unsigned int>(blocks < 1 ? 1 : blocks);
+}
+
+}  // namespace kraken::kernels::cuda_detail
+
+#define KRAKEN_CUDA_CHECK(expr) ::kraken::kernels::cuda_detail::cuda_check((expr), __FILE__, __LINE__)
+#define KRAKEN_CUBLAS_CHECK(expr) ::kraken::kernels::cuda_detail::cublas_check((expr), __FILE__, __LINE__)
+// After a kernel launch: catches bad launch configurations at the launch site.
+#define KRAKEN_CUDA_LAUNCH_CHECK() KRAKEN_CUDA_CHECK(cudaGetLastError())

@@ -1,0 +1,116 @@
+// CUDA elementwise kernels: grid-stride loops, one thread per element. Memory-bound by design; the
+// fused kernels that save whole passes over activations live with their op families.
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "kernels/cuda/check.h"
+#include "kernels/elementwise.h"
+
+namespace kraken::kernels {
+namespace {
+
+using cuda_detail::blocks_for;
+constexpr int kThreads = 256;
+constexpr float kSqrt2OverPi = 0.7978845608028654f;
+constexpr float kGeluCubic = 0.044715f;
+
+#define KRAKEN_GRID_STRIDE(i, n) \
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < (n); i += static_cast<int64_t>(blockDim.x) * gridDim.x)
+
+__global__ void fill_kernel(float* out, float value, int64_t n) { KRAKEN_GRID_STRIDE(i, n) out[i] = value; }
+__global__ void add_kernel(float* out, const float* a, const float* b, int64_t n) {
+  KRAKEN_GRID_STRIDE(i, n) out[i] = a[i] + b[i];
+}
+__global__ void axpy_kernel(float* y, const float* x, float alpha, int64_t n) {
+  KRAKEN_GRID_STRIDE(i, n) y[i] += alpha * x[i];
+}
+__global__ void scale_kernel(float* out, const float* x, float alpha, int64_t n) {
+  KRAKEN_GRID_STRIDE(i, n) out[i] = alpha * x[i];
+}
+__global__ void mul_kernel(float* out, const float* a, const float* b, int64_t n) {
+  KRAKEN_GRID_STRIDE(i, n) out[i] = a[i] * b[i];
+}
+__global__ void add_broadcast_kernel(float* out, const float* a, const float* b, int64_t rows, int64_t cols) {
+  KRAKEN_GRID_STRIDE(i, rows * cols) out[i] = a[i] + b[i % cols];
+}
+// One thread per column, rows summed in order: deterministic, coalesced across the warp.
+__global__ void sum_rows_kernel(float* db, const float* dout, int64_t rows, int64_t cols) {
+  KRAKEN_GRID_STRIDE(c, cols) {
+    float acc = 0.0f;
+    for (int64_t r = 0; r < rows; ++r) acc += dout[r * cols + c];
+    db[c] += acc;
+  }
+}
+__global__ void gelu_forward_kernel(float* out, const float* x, int64_t n) {
+  KRAKEN_GRID_STRIDE(i, n) {
+    const float v = x[i];
+    const float u = kSqrt2OverPi * (v + kGeluCubic * v * v * v);
+    out[i] = 0.5f * v * (1.0f + tanhf(u));
+  }
+}
+__global__ void gelu_backward_kernel(float* dx, const float* x, const float* dout, int64_t n) {
+  KRAKEN_GRID_STRIDE(i, n) {
+    const float v = x[i];
+    const float u = kSqrt2OverPi * (v + kGeluCubic * v * v * v);
+    const float t = tanhf(u);
+    const float grad = 0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * kSqrt2OverPi * (1.0f + 3.0f * kGeluCubic * v * v);
+    dx[i] += grad * dout[i];
+  }
+}
+__global__ void f32_to_bf16_kernel(__nv_bfloat16* out, const float* x, int64_t n) {
+  KRAKEN_GRID_STRIDE(i, n) out[i] = __float2bfloat16_rn(x[i]);
+}
+__global__ void bf16_to_f32_kernel(float* out, const __nv_bfloat16* x, int64_t n) {
+  KRAKEN_GRID_STRIDE(i, n) out[i] = __bfloat162float(x[i]);
+}
+__global__ void add_bf16_kernel(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16* b, int64_t n) {
+  KRAKEN_GRID_STRIDE(i, n) out[i] = __float2bfloat16_rn(__bfloat162float(a[i]) + __bfloat162float(b[i]));
+}
+
+}  // namespace
+
+#define KRAKEN_LAUNCH(kernel, n, stream, ...)                                          \
+  do {                                                                                 \
+    if ((n) <= 0) return;                                                              \
+    kernel<<<blocks_for((n), kThreads), kThreads, 0, stream>>>(__VA_ARGS__);          \
+    KRAKEN_CUDA_LAUNCH_CHECK();                                                        \
+  } while (0)
+
+void fill_cuda(float* out, float value, int64_t n, CUstream_st* s) { KRAKEN_LAUNCH(fill_kernel, n, s, out, value, n); }
+void add_cuda(float* out, const float* a, const float* b, int64_t n, CUstream_st* s) {
+  KRAKEN_LAUNCH(add_kernel, n, s, out, a, b, n);
+}
+void axpy_cuda(float* y, const float* x, float alpha, int64_t n, CUstream_st* s) {
+  KRAKEN_LAUNCH(axpy_kernel, n, s, y, x, alpha, n);
+}
+void scale_cuda(float* out, const float* x, float alpha, int64_t n, CUstream_st* s) {
+  KRAKEN_LAUNCH(scale_kernel, n, s, out, x, alpha, n);
+}
+void mul_cuda(float* out, const float* a, const float* b, int64_t n, CUstream_st* s) {
+  KRAKEN_LAUNCH(mul_kernel, n, s, out, a, b, n);
+}
+void add_broadcast_cuda(float* out, const float* a, const float* b, int64_t rows, int64_t cols, CUstream_st* s) {
+  KRAKEN_LAUNCH(add_broadcast_kernel, rows * cols, s, out, a, b, rows, cols);
+}
+void sum_rows_cuda(float* db, const float* dout, int64_t rows, int64_t cols, CUstream_st* s) {
+  KRAKEN_LAUNCH(sum_rows_kernel, cols, s, db, dout, rows, cols);
+}
+void gelu_forward_cuda(float* out, const float* x, int64_t n, CUstream_st* s) {
+  KRAKEN_LAUNCH(gelu_forward_kernel, n, s, out, x, n);
+}
+void gelu_backward_cuda(float* dx, const float* x, const float* dout, int64_t n, CUstream_st* s) {
+  KRAKEN_LAUNCH(gelu_backward_kernel, n, s, dx, x, dout, n);
+}
+void cast_f32_to_bf16_cuda(uint16_t* out, const float* x, int64_t n, CUstream_st* s) {
+  KRAKEN_LAUNCH(f32_to_bf16_kernel, n, s, reinterpret_cast<__nv_bfloat16*>(out), x, n);
+}
+void cast_bf16_to_f32_cuda(float* out, const uint16_t* x, int64_t n, CUstream_st* s) {
+  KRAKEN_LAUNCH(bf16_to_f32_kernel, n, s, out, reinterpret_cast<const __nv_bfloat16*>(x), n);
+}
+void add_bf16_cuda(uint16_t* out, const uint16_t* a, const uint16_t* b, int64_t n, CUstream_st* s) {
+  KRAKEN_LAUNCH(add_bf16_kernel, n, s, reinterpret_cast<__nv_bfloat16*>(out),
+                reinterpret_cast<const __nv_bfloat16*>(a), reinterpret_cast<const __nv_bfloat16*>(b), n);
+}
+
+}  // namespace kraken::kernels

@@ -1,0 +1,70 @@
+// Philox-based fills and dropout on the GPU: the same element-i formulas as kernels/cpu/random.cpp,
+// so a CUDA run draws the same initial weights and dropout masks as a CPU run.
+#include "kernels/cuda/check.h"
+#include "kernels/philox.h"
+#include "kernels/random.h"
+
+namespace kraken::kernels {
+namespace {
+using cuda_detail::blocks_for;
+constexpr int kThreads = 256;
+constexpr float kTwoPi = 6.283185307179586f;
+
+__global__ void uniform_kernel(float* out, int64_t n, float low, float high, uint64_t seed, uint64_t stream,
+                               uint64_t offset) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += static_cast<int64_t>(blockDim.x) * gridDim.x)
+    out[i] = low + (high - low) * philox_uniform(seed, stream, offset, static_cast<uint64_t>(i));
+}
+
+__global__ void normal_kernel(float* out, int64_t n, float mean, float std, uint64_t seed, uint64_t stream,
+                              uint64_t offset) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    const PhiloxBlock b = philox4x32_10(seed, stream, offset + static_cast<uint64_t>(i / 2));
+    const int j = static_cast<int>(i % 2) * 2;
+    const float u1 = 1.0f - uint_to_unit(b.v[j]);
+    const float u2 = uint_to_unit(b.v[j + 1]);
+    out[i] = mean + std * (sqrtf(-2.0f * logf(u1)) * cosf(kTwoPi * u2));
+  }
+}
+
+__global__ void dropout_forward_kernel(float* out, const float* x, int64_t n, float p, uint64_t seed, uint64_t stream,
+                                       uint64_t offset) {
+  const float keep_scale = 1.0f / (1.0f - p);
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += static_cast<int64_t>(blockDim.x) * gridDim.x)
+    out[i] = philox_uniform(seed, stream, offset, static_cast<uint64_t>(i)) >= p ? x[i] * keep_scale : 0.0f;
+}
+
+__global__ void dropout_backward_kernel(float* dx, const float* dout, int64_t n, float p, uint64_t seed,
+                                        uint64_t stream, uint64_t offset) {
+  const float keep_scale = 1.0f / (1.0f - p);
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += static_cast<int64_t>(blockDim.x) * gridDim.x)
+    if (philox_uniform(seed, stream, offset, static_cast<uint64_t>(i)) >= p) dx[i] += dout[i] * keep_scale;
+}
+}  // namespace
+
+void fill_uniform_cuda(float* out, int64_t n, float low, float high, uint64_t seed, uint64_t stream, uint64_t offset,
+                       CUstream_st* s) {
+  if (n <= 0) return;
+  uniform_kernel<<<blocks_for(n, kThreads), kThreads, 0, s>>>(out, n, low, high, seed, stream, offset);
+  KRAKEN_CUDA_LAUNCH_CHECK();
+}
+void fill_normal_cuda(float* out, int64_t n, float mean, float std, uint64_t seed, uint64_t stream, uint64_t offset,
+                      CUstream_st* s) {
+  if (n <= 0) return;
+  normal_kernel<<<blocks_for(n, kThreads), kThreads, 0, s>>>(out, n, mean, std, seed, stream, offset);
+  KRAKEN_CUDA_LAUNCH_CHECK();
+}
+void dropout_forward_cuda(float* out, const float* x, int64_t n, float p, uint64_t seed, uint64_t stream,
+                          uint64_t offset, CUstream_st* s) {
+  if (n <= 0) return;
+  dropout_forward_kernel<<<blocks_for(n, kThreads), kThreads, 0, s>>>(out, x, n, p, seed, stream, offset);
+  KRAKEN_CUDA_LAUNCH_CHECK();
+}
+void dropout_backward_cuda(float* dx, const float* dout, int64_t n, float p, uint64_t seed, uint64_t stream,
+                           uint64_t offset, CUstream_st* s) {
+  if (n <= 0) return;
+  dropout_backward_kernel<<<blocks_for(n, kThreads), kThreads, 0, s>>>(dx, dout, n, p, seed, stream, offset);
+  KRAKEN_CUDA_LAUNCH_CHECK();
+}
+
+}  // namespace kraken::kernels

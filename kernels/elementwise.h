@@ -1,0 +1,49 @@
+// Elementwise kernels on contiguous buffers of n elements.
+//
+// GELU is GPT-2's tanh form: gelu(x) = 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))).
+// Gradients accumulate: *_backward adds into dx (the caller zeroes dx when it wants "=").
+#pragma once
+
+#include <cstdint>
+
+struct CUstream_st;
+
+namespace kraken::kernels {
+
+// ---- CPU ---------------------------------------------------------------------------------------
+void fill_cpu(float* out, float value, int64_t n);
+void add_cpu(float* out, const float* a, const float* b, int64_t n);                  // out = a + b
+void axpy_cpu(float* y, const float* x, float alpha, int64_t n);                       // y += alpha·x
+void scale_cpu(float* out, const float* x, float alpha, int64_t n);                    // out = alpha·x
+void mul_cpu(float* out, const float* a, const float* b, int64_t n);                  // out = a ∘ b
+// out[r, :] = a[r, :] + b[:]  for r < rows: broadcasting a trailing block (a bias, positions).
+void add_broadcast_cpu(float* out, const float* a, const float* b, int64_t rows, int64_t cols);
+// db[:] += Σ_r dout[r, :]: the gradient of the broadcast operand.
+void sum_rows_cpu(float* db, const float* dout, int64_t rows, int64_t cols);
+void gelu_forward_cpu(float* out, const float* x, int64_t n);
+void gelu_backward_cpu(float* dx, const float* x, const float* dout, int64_t n);       // dx += gelu'(x)·dout
+void cast_f32_to_bf16_cpu(uint16_t* out, const float* x, int64_t n);                  // round to nearest even
+void cast_bf16_to_f32_cpu(float* out, const uint16_t* x, int64_t n);
+void cast_i32_to_f32_cpu(float* out, const int32_t* x, int64_t n);
+void cast_u16_to_i32_cpu(int32_t* out, const uint16_t* x, int64_t n);
+// Σ x as a double: the reduction order is fixed (blocks of 4096, summed in order), so the result does
+// not depend on the thread count.
+double sum_cpu(const float* x, int64_t n);
+double sum_squares_cpu(const float* x, int64_t n);
+
+// ---- CUDA (same contracts; fp32 unless the name says bf16) ---------------------------------------
+void fill_cuda(float* out, float value, int64_t n, CUstream_st* stream);
+void add_cuda(float* out, const float* a, const float* b, int64_t n, CUstream_st* stream);
+void axpy_cuda(float* y, const float* x, float alpha, int64_t n, CUstream_st* stream);
+void scale_cuda(float* out, const float* x, float alpha, int64_t n, CUstream_st* stream);
+void mul_cuda(float* out, const float* a, const float* b, int64_t n, CUstream_st* stream);
+void add_broadcast_cuda(float* out, const float* a, const float* b, int64_t rows, int64_t cols,
+                        CUstream_st* stream);
+void sum_rows_cuda(float* db, const float* dout, int64_t rows, int64_t cols, CUstream_st* stream);
+void gelu_forward_cuda(float* out, const float* x, int64_t n, CUstream_st* stream);
+void gelu_backward_cuda(float* dx, const float* x, const float* dout, int64_t n, CUstream_st* stream);
+void cast_f32_to_bf16_cuda(uint16_t* out, const float* x, int64_t n, CUstream_st* stream);
+void cast_bf16_to_f32_cuda(float* out, const uint16_t* x, int64_t n, CUstream_st* stream);
+void add_bf16_cuda(uint16_t* out, const uint16_t* a, const uint16_t* b, int64_t n, CUstream_st* stream);
+
+}  // namespace kraken::kernels

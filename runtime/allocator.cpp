@@ -1,0 +1,275 @@
+#include "runtime/allocator.h"
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "kernels/error.h"
+
+#if KRAKEN_WITH_CUDA
+#include <cuda_runtime.h>
+#define KRAKEN_RT_CUDA_CHECK(expr)                                                                  \
+  do {                                                                                              \
+    cudaError_t err_ = (expr);                                                                      \
+    if (err_ != cudaSuccess)                                                                        \
+      KRAKEN_THROW("CUDA error at ", __FILE__, ":", __LINE__, ": ", cudaGetErrorName(err_), " (",   \
+                   cudaGetErrorString(err_), ")");                                                  \
+  } while (0)
+#endif
+
+namespace kraken::runtime {
+namespace {
+
+constexpr size_t kHostAlignment = 64;
+
+class HostAllocator final : public Allocator {
+ public:
+  void* allocate(size_t bytes) override {
+    if (bytes == 0) bytes = kHostAlignment;
+    const size_t rounded = (bytes + kHostAlignment - 1) / kHostAlignment * kHostAlignment;
+    void* ptr = std::aligned_alloc(kHostAlignment, rounded);
+    if (!ptr) KRAKEN_THROW("out of host memory allocating ", bytes, " bytes");
+    const int64_t now = in_use_.fetch_add(static_cast<int64_t>(bytes)) + static_cast<int64_t>(bytes);
+    int64_t peak = peak_.load();
+    while (now > peak && !peak_.compare_exchange_weak(peak, now)) {
+    }
+    allocations_.fetch_add(1);
+    return ptr;
+  }
+  void deallocate(void* ptr, size_t bytes) override {
+    if (!ptr) return;
+    in_use_.fetch_sub(static_cast<int64_t>(bytes == 0 ? kHostAlignment : bytes));
+    std::free(ptr);
+  }
+  const char* name() const override { return "host"; }
+  AllocatorStats stats() const {
+    return {in_use_.load(), peak_.load(), in_use_.load(), allocations_.load()};
+  }
+
+ private:
+  std::atomic<int64_t> in_use_{0}, peak_{0}, allocations_{0};
+};
+
+HostAllocator& host_instance() {
+  static HostAllocator* instance = new HostAllocator();  // never destroyed: tensors may outlive statics
+  return *instance;
+}
+
+#if KRAKEN_WITH_CUDA
+// Blocks are rounded (512 B below 1 MiB, 2 MiB above) and kept in per-size free lists when released.
+// The allocator never splits or merges blocks: simple, and enough for a training loop whose shapes
+// repeat every step. empty_cache() would return everything; not needed yet.
+class CachingDeviceAllocator final : public Allocator {
+ public:
+  explicit CachingDeviceAllocator(int device) : device_(device) {}
+  static size_t round(size_t bytes) {
+    if (bytes == 0) bytes = 1;
+    const size_t unit = bytes < (1u << 20) ? 512 : (2u << 20);
+    return (bytes + unit - 1) / unit * unit;
+  }
+  void* allocate(size_t bytes) override {
+    const size_t size = round(bytes);
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto& list = free_[size];
+    void* ptr = nullptr;
+    if (!list.empty()) {
+      ptr = list.back();
+      list.pop_back();
+    } else {
+      int previous = 0;
+      KRAKEN_RT_CUDA_CHECK(cudaGetDevice(&previous));
+      KRAKEN_RT_CUDA_CHECK(cudaSetDevice(device_));
+      cudaError_t err = cudaMalloc(&ptr, size);
+      if (err == cudaErrorMemoryAllocation) {  // give the cache back and try once more
+        (void)cudaGetLastError();
+        release_cached_locked();
+        err = cudaMalloc(&ptr, size);
+      }
+      cudaSetDevice(previous);
+      if (err != cudaSuccess)
+        KRAKEN_THROW("cuda:", device_, ": cannot allocate ", size, " bytes (", cudaGetErrorString(err),
+                     "); in use ", stats_.bytes_in_use, ", reserved ", stats_.bytes_reserved);
+      stats_.bytes_reserved += static_cast<int64_t>(size);
+      stats_.system_allocations += 1;
+    }
+    stats_.bytes_in_use += static_cast<int64_t>(size);
+    if (stats_.bytes_in_use > stats_.peak_bytes_in_use) stats_.peak_bytes_in_use = stats_.bytes_in_use;
+    return ptr;
+  }
+  void deallocate(void* ptr, size_t bytes) override {
+    if (!ptr) return;
+    const size_t size = round(bytes);
+    std::lock_guard<std::mutex> lock(mutex_);
+    free_[size].push_back(ptr);
+    stats_.bytes_in_use -= static_cast<int64_t>(size);
+  }
+  const char* name() const override { return "cuda-caching"; }
+  AllocatorStats stats() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return stats_;
+  }
+
+ private:
+  void release_cached_locked() {
+    for (auto& [size, list] : free_) {
+      for (void* p : list) {
+        cudaFree(p);
+        stats_.bytes_reserved -= static_cast<int64_t>(size);
+      }
+      list.clear();
+    }
+  }
+  int device_;
+  std::mutex mutex_;
+  std::map<size_t, std::vector<void*>> free_;
+  AllocatorStats stats_;
+};
+
+CachingDeviceAllocator& device_instance(int index) {
+  static std::mutex mutex;
+  static std::map<int, CachingDeviceAllocator*> instances;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto& slot = instances[index];
+  if (!slot) slot = new CachingDeviceAllocator(index);
+  return *slot;
+}
+#endif
+
+void require_cuda(int device_index) {
+  std::string why;
+  if (!cuda_available(&why)) KRAKEN_THROW("device cuda:", device_index, " requested, but ", why);
+  if (device_index < 0 || device_index >= cuda_device_count())
+    KRAKEN_THROW("device cuda:", device_index, " requested, but this machine has ", cuda_device_count(), " GPU(s)");
+}
+
+}  // namespace
+
+Allocator& host_allocator() { return host_instance(); }
+AllocatorStats host_allocator_stats() { return host_instance().stats(); }
+
+Allocator& device_allocator(int device_index) {
+  require_cuda(device_index);
+#if KRAKEN_WITH_CUDA
+  return device_instance(device_index);
+#else
+  std::abort();  // unreachable: require_cuda throws
+#endif
+}
+
+AllocatorStats device_allocator_stats(int device_index) {
+#if KRAKEN_WITH_CUDA
+  if (cuda_available()) return device_instance(device_index).stats();
+#endif
+  (void)device_index;
+  return {};
+}
+
+Allocator& allocator_for(const Device& device) {
+  return device.is_cpu() ? host_allocator() : device_allocator(device.index);
+}
+
+bool cuda_available(std::string* why_not) {
+#if KRAKEN_WITH_CUDA
+  int count = 0;
+  const cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess) {
+    // Without a driver this is error 35 (insufficient driver), not "0 devices".
+    if (why_not) *why_not = std::string("no usable GPU: ") + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")";
+    (void)cudaGetLastError();
+    return false;
+  }
+  if (count == 0) {
+    if (why_not) *why_not = "no GPU found (cudaGetDeviceCount returned 0)";
+    return false;
+  }
+  return true;
+#else
+  if (why_not) *why_not = "this build has no CUDA (configure with -DKRAKEN_CUDA=ON)";
+  return false;
+#endif
+}
+
+int cuda_device_count() {
+#if KRAKEN_WITH_CUDA
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return count;
+#else
+  return 0;
+#endif
+}
+
+CUstream_st* compute_stream(const Device& device) {
+  (void)device;
+  return nullptr;  // the legacy default stream; the CUDA backend gives each device its own streams
+}
+
+void copy_bytes(void* dst, const Device& dst_device, const void* src, const Device& src_device, size_t bytes) {
+  if (bytes == 0) return;
+  if (dst_device.is_cpu() && src_device.is_cpu()) {
+    std::memcpy(dst, src, bytes);
+    return;
+  }
+#if KRAKEN_WITH_CUDA
+  const Device& on = dst_device.is_cuda() ? dst_device : src_device;
+  KRAKEN_RT_CUDA_CHECK(cudaSetDevice(on.index));
+  cudaStream_t stream = compute_stream(on);
+  KRAKEN_RT_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, stream));
+  KRAKEN_RT_CUDA_CHECK(cudaStreamSynchronize(stream));
+#else
+  KRAKEN_THROW("copy between ", src_device.str(), " and ", dst_device.str(), ": this build has no CUDA");
+#endif
+}
+
+void copy_2d(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t width, size_t height,
+             const Device& device) {
+  if (width == 0 || height == 0) return;
+  if (device.is_cpu()) {
+    auto* d = static_cast<char*>(dst);
+    const auto* s = static_cast<const char*>(src);
+#pragma omp parallel for if (width * height > (1u << 20))
+    for (size_t row = 0; row < height; ++row) std::memcpy(d + row * dst_pitch, s + row * src_pitch, width);
+    return;
+  }
+#if KRAKEN_WITH_CUDA
+  KRAKEN_RT_CUDA_CHECK(cudaSetDevice(device.index));
+  KRAKEN_RT_CUDA_CHECK(cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, width, height, cudaMemcpyDeviceToDevice,
+                                         compute_stream(device)));
+#else
+  KRAKEN_THROW("copy_2d on ", device.str(), ": this build has no CUDA");
+#endif
+}
+
+void zero_bytes(void* dst, const Device& device, size_t bytes) {
+  if (bytes == 0) return;
+  if (device.is_cpu()) {
+    std::memset(dst, 0, bytes);
+    return;
+  }
+#if KRAKEN_WITH_CUDA
+  KRAKEN_RT_CUDA_CHECK(cudaSetDevice(device.index));
+  KRAKEN_RT_CUDA_CHECK(cudaMemsetAsync(dst, 0, bytes, compute_stream(device)));
+#else
+  KRAKEN_THROW("zero_bytes on ", device.str(), ": this build has no CUDA");
+#endif
+}
+
+void synchronize(const Device& device) {
+#if KRAKEN_WITH_CUDA
+  if (device.is_cuda()) {
+    KRAKEN_RT_CUDA_CHECK(cudaSetDevice(device.index));
+    KRAKEN_RT_CUDA_CHECK(cudaStreamSynchronize(compute_stream(device)));
+  }
+#else
+  (void)device;
+#endif
+}
+
+}  // namespace kraken::runtime

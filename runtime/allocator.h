@@ -1,0 +1,58 @@
+// Where tensor bytes come from: an aligned host allocator and a device allocator per GPU.
+//
+// The device allocator caches freed blocks by rounded size, so a training step that allocates the
+// same shapes every iteration stops calling cudaMalloc after the first one.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "runtime/dtype.h"
+
+struct CUstream_st;
+
+namespace kraken::runtime {
+
+class Allocator {
+ public:
+  virtual ~Allocator() = default;
+  virtual void* allocate(size_t bytes) = 0;
+  virtual void deallocate(void* ptr, size_t bytes) = 0;
+  virtual const char* name() const = 0;
+};
+
+struct AllocatorStats {
+  int64_t bytes_in_use = 0;
+  int64_t peak_bytes_in_use = 0;
+  int64_t bytes_reserved = 0;   // held from the system, cached blocks included
+  int64_t system_allocations = 0;  // calls to malloc / cudaMalloc so far
+};
+
+// 64-byte aligned host memory (a cache line, and the widest vector load).
+Allocator& host_allocator();
+AllocatorStats host_allocator_stats();
+
+// Caching allocator for cuda:N. Without CUDA in the build, or without a GPU, it throws kraken::Error.
+Allocator& device_allocator(int device_index);
+AllocatorStats device_allocator_stats(int device_index);
+
+Allocator& allocator_for(const Device& device);
+
+// ---- device services the runtime needs besides memory -----------------------------------------
+// Whether this build has CUDA and this machine a usable GPU; `why_not` says why not.
+bool cuda_available(std::string* why_not = nullptr);
+int cuda_device_count();
+// Copies bytes between any two devices (host↔host is memcpy). Stream-ordered on the destination's
+// (or source's) current stream, then synchronised, so the caller may use the data right away.
+void copy_bytes(void* dst, const Device& dst_device, const void* src, const Device& src_device, size_t bytes);
+// Copies `height` rows of `width` bytes between strided buffers on one device (split and concat).
+void copy_2d(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t width, size_t height,
+             const Device& device);
+// Sets n bytes to zero on the device.
+void zero_bytes(void* dst, const Device& device, size_t bytes);
+// The stream compute kernels run on for that device (the default stream until streams are set up).
+CUstream_st* compute_stream(const Device& device);
+void synchronize(const Device& device);
+
+}  // namespace kraken::runtime

@@ -1,0 +1,213 @@
+#include "runtime/autograd.h"
+
+#include <algorithm>
+#include <atomic>
+#include <unordered_map>
+#include <unordered_set>
+
+#include "kernels/elementwise.h"
+#include "kernels/error.h"
+
+namespace kraken::runtime {
+namespace {
+thread_local bool t_grad_enabled = true;
+std::atomic<uint64_t> g_next_sequence{1};
+}  // namespace
+
+Node::Node(const char* name, std::vector<Edge> inputs, std::vector<OutputInfo> outputs, BackwardFn fn)
+    : name_(name),
+      sequence_(g_next_sequence.fetch_add(1)),
+      inputs_(std::move(inputs)),
+      outputs_(std::move(outputs)),
+      fn_(std::move(fn)) {}
+
+bool grad_enabled() { return t_grad_enabled; }
+NoGrad::NoGrad() : previous_(t_grad_enabled) { t_grad_enabled = false; }
+NoGrad::~NoGrad() { t_grad_enabled = previous_; }
+
+bool needs_grad(const std::vector<Tensor>& inputs) {
+  if (!t_grad_enabled) return false;
+  for (const Tensor& t : inputs)
+    if (t.defined() && t.requires_grad()) return true;
+  return false;
+}
+
+void record(const char* name, const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,
+            Node::BackwardFn fn) {
+  std::vector<Edge> edges;
+  edges.reserve(inputs.size());
+  for (const Tensor& in : inputs) {
+    Edge e;
+    if (in.defined() && in.requires_grad()) {
+      if (in.grad_fn()) {
+        e.node = in.grad_fn();
+        e.output_nr = in.output_nr();
+      } else {
+        e.leaf = in.impl_ptr();
+      }
+      e.shape = in.shape();
+      e.dtype = in.dtype();
+    }
+    edges.push_back(std::move(e));
+  }
+  std::vector<OutputInfo> infos;
+  infos.reserve(outputs.size());
+  for (const Tensor& out : outputs) infos.push_back({out.shape(), out.dtype(), out.device()});
+  auto node = std::make_shared<Node>(name, std::move(edges), std::move(infos), std::move(fn));
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    TensorImpl* impl = outputs[i].impl();
+    KRAKEN_CHECK(impl && !impl->grad_fn, "output ", i, " of ", name, " already has history");
+    impl->grad_fn = node;
+    impl->output_nr = static_cast<int>(i);
+  }
+}
+
+void accumulate_into(Tensor& dst, const Tensor& src) {
+  check_same_shape("gradient accumulation", dst, src);
+  check_same_device("gradient accumulation", dst, src);
+  check_dtype("gradient accumulation", src, DType::F32, "gradient");
+  if (dst.device().is_cpu()) {
+    kernels::axpy_cpu(dst.data<float>(), src.data<float>(), 1.0f, dst.numel());
+    return;
+  }
+#if KRAKEN_WITH_CUDA
+  kernels::axpy_cuda(dst.data<float>(), src.data<float>(), 1.0f, dst.numel(), compute_stream(dst.device()));
+#endif
+}
+
+namespace {
+
+// Adds g into a non-leaf gradient buffer. The first contribution is kept as it is, without a copy;
+// a second one makes a new sum rather than writing into the first, because an op's backward may
+// return one tensor for several inputs (add returns dy twice).
+void add_to_buffer(Tensor& slot, const Tensor& g) {
+  if (!slot.defined()) {
+    slot = g;
+    return;
+  }
+  Tensor sum = g.clone();
+  accumulate_into(sum, slot);
+  slot = sum;
+}
+
+// Adds g into a leaf's persistent .grad (owned by the leaf, so in place after the first copy).
+void add_to_leaf(TensorImpl* leaf, const Tensor& g) {
+  if (!leaf->grad) {
+    leaf->grad = g.clone().impl_ptr();
+    return;
+  }
+  Tensor acc(leaf->grad);
+  accumulate_into(acc, g);
+}
+
+void check_gradient(const Tensor& g, const Shape& shape, const char* node, size_t index) {
+  if (g.shape() != shape)
+    KRAKEN_THROW("backward of ", node, ": gradient for input ", index, " has shape ", shape_str(g.shape()),
+                 ", expected ", shape_str(shape));
+}
+
+// A leaf that took part in the pass always ends it with a gradient (zeros if nothing flowed), so
+// that gradient synchronisation sees every parameter of the graph.
+void finish_leaf(const std::shared_ptr<TensorImpl>& leaf) {
+  if (!leaf->grad) leaf->grad = Tensor::zeros(leaf->shape, leaf->dtype, leaf->storage->device()).impl_ptr();
+  Tensor handle(leaf);
+  for (auto& hook : leaf->grad_ready_hooks) hook(handle);
+}
+
+}  // namespace
+
+void backward(const std::vector<Tensor>& roots, const std::vector<Tensor>& grads, bool keep_graph) {
+  KRAKEN_CHECK(roots.size() == grads.size(), "backward: ", roots.size(), " roots, ", grads.size(), " gradients");
+  NoGrad no_grad;  // backward closures compute with plain ops; nothing they do is recorded
+
+  // 1. Collect the graph and count, per leaf, the edges that will bring it a contribution.
+  std::vector<Node*> order;
+  std::unordered_set<Node*> seen;
+  std::unordered_map<TensorImpl*, int> leaf_pending;
+  std::vector<Node*> stack;
+  for (const Tensor& root : roots) {
+    check_defined("backward", root, "root");
+    if (!root.requires_grad()) KRAKEN_THROW("backward from ", root.describe(), ", which does not require grad");
+    if (Node* n = root.grad_fn().get(); n && seen.insert(n).second) stack.push_back(n);
+  }
+  while (!stack.empty()) {
+    Node* n = stack.back();
+    stack.pop_back();
+    order.push_back(n);
+    for (const Edge& e : n->inputs_) {
+      if (e.node && seen.insert(e.node.get()).second) stack.push_back(e.node.get());
+      if (e.leaf) leaf_pending[e.leaf.get()] += 1;
+    }
+  }
+  std::sort(order.begin(), order.end(), [](Node* a, Node* b) { return a->sequence() > b->sequence(); });
+
+  // 2. Seed the roots.
+  std::unordered_map<Node*, std::vector<Tensor>> buffers;
+  for (size_t i = 0; i < roots.size(); ++i) {
+    const Tensor& root = roots[i];
+    Tensor g = grads[i];
+    if (!g.defined()) {
+      if (root.numel() != 1)
+        KRAKEN_THROW("backward from ", root.describe(), ": a gradient is needed for a root with more than one element");
+      g = Tensor::full(root.shape(), 1.0f, root.device());
+    }
+    if (g.shape() != root.shape())
+      KRAKEN_THROW("backward: gradient ", shape_str(g.shape()), " for root of shape ", shape_str(root.shape()));
+    if (root.grad_fn()) {
+      auto& slots = buffers[root.grad_fn().get()];
+      slots.resize(root.grad_fn()->outputs().size());
+      add_to_buffer(slots[static_cast<size_t>(root.output_nr())], g);
+    } else {
+      add_to_leaf(root.impl(), g);
+      if (leaf_pending.find(root.impl()) == leaf_pending.end()) finish_leaf(root.impl_ptr());
+    }
+  }
+
+  // 3. Walk in reverse recording order.
+  for (Node* n : order) {
+    std::vector<Tensor> grad_outputs;
+    auto it = buffers.find(n);
+    if (it != buffers.end()) grad_outputs = std::move(it->second);
+    buffers.erase(n);
+    grad_outputs.resize(n->outputs_.size());
+    const bool any = std::any_of(grad_outputs.begin(), grad_outputs.end(), [](const Tensor& t) { return t.defined(); });
+
+    std::vector<Tensor> grad_inputs;
+    if (any) {
+      for (size_t i = 0; i < grad_outputs.size(); ++i)
+        if (!grad_outputs[i].defined()) {
+          const OutputInfo& info = n->outputs_[i];
+          grad_outputs[i] = Tensor::zeros(info.shape, info.dtype, info.device);
+        }
+      if (!n->fn_)
+        KRAKEN_THROW("backward through ", n->name(), " a second time: its saved tensors were freed by the first "
+                     "backward (pass keep_graph to run backward twice)");
+      grad_inputs = n->fn_(grad_outputs);
+      KRAKEN_CHECK(grad_inputs.size() == n->inputs_.size(), n->name(), " returned ", grad_inputs.size(),
+                   " gradients for ", n->inputs_.size(), " inputs");
+    }
+    for (size_t i = 0; i < n->inputs_.size(); ++i) {
+      const Edge& e = n->inputs_[i];
+      if (!e.valid()) continue;
+      const bool has = any && grad_inputs[i].defined();
+      if (has) check_gradient(grad_inputs[i], e.shape, n->name(), i);
+      if (e.node) {
+        if (has) {
+          auto& slots = buffers[e.node.get()];
+          slots.resize(e.node->outputs().size());
+          add_to_buffer(slots[static_cast<size_t>(e.output_nr)], grad_inputs[i]);
+        }
+      } else {
+        if (has) add_to_leaf(e.leaf.get(), grad_inputs[i]);
+        if (--leaf_pending[e.leaf.get()] == 0) finish_leaf(e.leaf);
+      }
+    }
+    if (!keep_graph) n->fn_ = nullptr;  // frees what the op saved for backward
+  }
+}
+
+void backward(const Tensor& root, const Tensor& grad, bool keep_graph) {
+  backward(std::vector<Tensor>{root}, std::vector<Tensor>{grad}, keep_graph);
+}
+
+}  // namespace kraken::runtime

@@ -1,0 +1,40 @@
+// Choosing the kernel for a tensor's device. Ops write
+//   KRAKEN_ON_DEVICE(x.device(), kernels::gelu_forward_cpu(...), kernels::gelu_forward_cuda(..., stream_of(x)));
+// In a build without CUDA the CUDA expression is not compiled, and a CUDA tensor (which cannot exist
+// there anyway) would get a clear error.
+#pragma once
+
+#include "kernels/error.h"
+#include "runtime/tensor.h"
+
+namespace kraken::runtime {
+
+inline CUstream_st* stream_of(const Tensor& t) { return compute_stream(t.device()); }
+
+namespace detail {
+[[noreturn]] inline void no_cuda_kernel(const Device& device, const char* what) {
+  KRAKEN_THROW(what, " on ", device.str(), ": this build has no CUDA kernels");
+}
+}  // namespace detail
+
+}  // namespace kraken::runtime
+
+#if KRAKEN_WITH_CUDA
+#define KRAKEN_ON_DEVICE(device, cpu_expr, cuda_expr) \
+  do {                                                \
+    if ((device).is_cpu()) {                          \
+      cpu_expr;                                       \
+    } else {                                          \
+      cuda_expr;                                      \
+    }                                                 \
+  } while (0)
+#else
+#define KRAKEN_ON_DEVICE(device, cpu_expr, cuda_expr)                                 \
+  do {                                                                                \
+    if ((device).is_cpu()) {                                                          \
+      cpu_expr;                                                                       \
+    } else {                                                                          \
+      ::kraken::runtime::detail::no_cuda_kernel((device), __func__);                  \
+    }                                                                                 \
+  } while (0)
+#endif

@@ -1,0 +1,81 @@
+// The differentiable op set: everything a Kraken transformer computes.
+//
+// Each op validates its operands once (a kraken::Error names the op and both shapes), runs the kernel
+// of the operands' device, and, when an input needs a gradient, records a node whose backward closure
+// sits next to the forward in runtime/ops/<family>.cpp. Float ops take f32 on the CPU. Shapes follow
+// the (B, T, C) convention: B batch, T time, C channels, H heads, V vocabulary.
+//
+// Adding an op touches the same places every time (see runtime/README.md): kernels/<family>.h,
+// kernels/cpu/<family>.cpp, kernels/cuda/<family>.cu, runtime/ops/<family>.cpp, this header, and a
+// finite-difference test in tests/runtime/.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "runtime/rng.h"
+#include "runtime/tensor.h"
+
+namespace kraken::runtime::ops {
+
+// ---- views and shapes (ops/shape.cpp) --------------------------------------------------------------
+Tensor reshape(const Tensor& x, const Shape& shape);           // a view; one -1 is inferred
+Tensor slice(const Tensor& x, int64_t begin, int64_t end);     // rows [begin, end) of dim 0, a view
+// Splits dim `dim` into pieces of the given sizes (they must add up to its extent).
+std::vector<Tensor> split(const Tensor& x, const std::vector<int64_t>& sizes, int64_t dim);
+Tensor concat(const std::vector<Tensor>& xs, int64_t dim);     // the inverse of split
+Tensor cast(const Tensor& x, DType dtype);                     // f32 <-> bf16, gradient cast back
+
+// ---- elementwise (ops/elementwise.cpp) --------------------------------------------------------------
+// a + b, where b has a's shape or a trailing part of it ((B, T, C) + (T, C), (N, C) + (C,)); the
+// gradient of a broadcast b is summed over the leading dimensions.
+Tensor add(const Tensor& a, const Tensor& b);
+Tensor mul(const Tensor& a, const Tensor& b);                  // same shapes
+Tensor scale(const Tensor& x, float alpha);                    // alpha·x
+Tensor gelu(const Tensor& x);                                  // GPT-2's tanh approximation
+Tensor sum_list(const std::vector<Tensor>& xs);                // Σ_i xs[i], all of one shape
+
+// ---- reductions (ops/reduce.cpp) -----------------------------------------------------------------------
+Tensor sum(const Tensor& x);                                   // scalar (shape {})
+Tensor mean(const Tensor& x);
+
+// ---- matrix products (ops/matmul.cpp) -----------------------------------------------------------------
+// op(a)·op(b). 2-D × 2-D; batched 3-D × 3-D with equal batch; N-D × 2-D treats a's leading dims as rows.
+Tensor matmul(const Tensor& a, const Tensor& b, bool trans_a = false, bool trans_b = false);
+// x (..., in) · weightᵀ + bias, weight (out, in) as PyTorch's nn.Linear; bias (out,) may be undefined.
+Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias = Tensor());
+
+// ---- normalisation and embedding (ops/layernorm.cpp, ops/embedding.cpp) ----------------------------------
+// Normalises the last dimension: (x − mean)/√(var + eps)·gamma + beta; gamma, beta (C,).
+Tensor layernorm(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps = 1e-5f);
+// weight (V, C), ids i32 of any shape S: returns S + (C,). Ids outside [0, V) are an error.
+Tensor embedding(const Tensor& weight, const Tensor& ids);
+
+// ---- attention (ops/attention.cpp) ------------------------------------------------------------------------
+// Causal multi-head self-attention, fused: qkv (B, T, 3C) holds q, k and v side by side (GPT-2's
+// c_attn output), heads of size C/H. Returns (B, T, C) = softmax(q·kᵀ/√(C/H) + causal mask)·v per
+// head. Backward recomputes the probabilities from the saved per-row log-sum-exp; no (T, T) matrix is
+// kept between forward and backward.
+Tensor attention(const Tensor& qkv, int64_t n_head);
+
+// ---- softmax and losses (ops/softmax.cpp, ops/cross_entropy.cpp) ----------------------------------------------
+Tensor softmax(const Tensor& x);                               // over the last dimension
+// Mean over the non-ignored rows of −log softmax(logits)[target]. logits (N, Vp) or (B, T, Vp);
+// targets i32 with logits' leading shape. Only the first `vocab` columns take part (the rest is
+// padding with zero gradient); vocab <= 0 means all. Targets equal to ignore_index are skipped.
+Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t vocab = -1, int32_t ignore_index = -1);
+
+// Non-differentiable companion for evaluation: Σ of the per-row losses and how many rows counted.
+struct LossSum {
+  double sum = 0.0;
+  int64_t count = 0;
+};
+LossSum cross_entropy_sum(const Tensor& logits, const Tensor& targets, int64_t vocab = -1, int32_t ignore_index = -1);
+
+// ---- regularisation (ops/dropout.cpp) -----------------------------------------------------------------------
+// Zeroes each element with probability p and scales the rest by 1/(1 − p). The mask comes from the
+// generator's counter-based stream, so backward regenerates it instead of storing it, and the CUDA
+// kernel draws the same mask as the CPU. p = 0 (or grad mode off and `training` false) is identity.
+Tensor dropout(const Tensor& x, float p, Generator& generator, bool training = true);
+
+}  // namespace kraken::runtime::ops

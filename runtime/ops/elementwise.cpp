@@ -1,0 +1,140 @@
+// Elementwise ops: add (with trailing broadcast), mul, scale, gelu, and the sum of a list.
+#include "kernels/elementwise.h"
+
+#include "kernels/error.h"
+#include "runtime/autograd.h"
+#include "runtime/dispatch.h"
+#include "runtime/ops.h"
+
+namespace kraken::runtime::ops {
+namespace {
+
+void check_float_pair(const char* op, const Tensor& a, const Tensor& b) {
+  check_dtype(op, a, DType::F32, "first operand");
+  check_dtype(op, b, DType::F32, "second operand");
+  check_same_device(op, a, b);
+}
+
+// True when `suffix` equals the last dims of `shape`.
+bool is_trailing(const Shape& shape, const Shape& suffix) {
+  if (suffix.size() > shape.size()) return false;
+  return std::equal(suffix.begin(), suffix.end(), shape.end() - static_cast<std::ptrdiff_t>(suffix.size()));
+}
+
+// Σ over the leading rows of g so it takes the shape of the broadcast operand.
+Tensor reduce_to(const Tensor& g, const Shape& shape) {
+  const int64_t cols = shape_numel(shape);
+  const int64_t rows = cols == 0 ? 0 : g.numel() / cols;
+  Tensor out = Tensor::zeros(shape, DType::F32, g.device());
+  KRAKEN_ON_DEVICE(g.device(), kernels::sum_rows_cpu(out.data<float>(), g.data<float>(), rows, cols),
+                   kernels::sum_rows_cuda(out.data<float>(), g.data<float>(), rows, cols, stream_of(g)));
+  return out;
+}
+
+}  // namespace
+
+Tensor add(const Tensor& a, const Tensor& b) {
+  check_float_pair("add", a, b);
+  Tensor out = Tensor::empty(a.shape(), DType::F32, a.device());
+  const bool broadcast = a.shape() != b.shape();
+  if (broadcast) {
+    if (!is_trailing(a.shape(), b.shape()))
+      KRAKEN_THROW("add: shapes ", shape_str(a.shape()), " and ", shape_str(b.shape()),
+                   " do not match, and the second is not a trailing part of the first");
+    const int64_t cols = b.numel();
+    const int64_t rows = cols == 0 ? 0 : a.numel() / cols;
+    KRAKEN_ON_DEVICE(a.device(),
+                     kernels::add_broadcast_cpu(out.data<float>(), a.data<float>(), b.data<float>(), rows, cols),
+                     kernels::add_broadcast_cuda(out.data<float>(), a.data<float>(), b.data<float>(), rows, cols,
+                                                 stream_of(a)));
+  } else {
+    KRAKEN_ON_DEVICE(a.device(), kernels::add_cpu(out.data<float>(), a.data<float>(), b.data<float>(), a.numel()),
+                     kernels::add_cuda(out.data<float>(), a.data<float>(), b.data<float>(), a.numel(), stream_of(a)));
+  }
+  if (needs_grad({a, b})) {
+    const Shape b_shape = b.shape();
+    const bool b_needs = b.requires_grad();
+    record("add", {a, b}, {out}, [broadcast, b_shape, b_needs](const std::vector<Tensor>& g) {
+      // in the forward pass this was: out = a + b (b repeated over a's leading dims)
+      Tensor db = !b_needs ? Tensor() : broadcast ? reduce_to(g[0], b_shape) : g[0];
+      return std::vector<Tensor>{g[0], db};
+    });
+  }
+  return out;
+}
+
+Tensor mul(const Tensor& a, const Tensor& b) {
+  check_float_pair("mul", a, b);
+  check_same_shape("mul", a, b);
+  Tensor out = Tensor::empty(a.shape(), DType::F32, a.device());
+  KRAKEN_ON_DEVICE(a.device(), kernels::mul_cpu(out.data<float>(), a.data<float>(), b.data<float>(), a.numel()),
+                   kernels::mul_cuda(out.data<float>(), a.data<float>(), b.data<float>(), a.numel(), stream_of(a)));
+  if (needs_grad({a, b})) {
+    const bool a_needs = a.requires_grad(), b_needs = b.requires_grad();
+    Tensor a_saved = b_needs ? a.detach() : Tensor(), b_saved = a_needs ? b.detach() : Tensor();
+    record("mul", {a, b}, {out}, [a_saved, b_saved](const std::vector<Tensor>& g) {
+      // in the forward pass this was: out = a ∘ b
+      Tensor da = b_saved.defined() ? mul(g[0], b_saved) : Tensor();
+      Tensor db = a_saved.defined() ? mul(g[0], a_saved) : Tensor();
+      return std::vector<Tensor>{da, db};
+    });
+  }
+  return out;
+}
+
+Tensor scale(const Tensor& x, float alpha) {
+  check_dtype("scale", x, DType::F32);
+  Tensor out = Tensor::empty(x.shape(), DType::F32, x.device());
+  KRAKEN_ON_DEVICE(x.device(), kernels::scale_cpu(out.data<float>(), x.data<float>(), alpha, x.numel()),
+                   kernels::scale_cuda(out.data<float>(), x.data<float>(), alpha, x.numel(), stream_of(x)));
+  if (needs_grad({x})) {
+    record("scale", {x}, {out}, [alpha](const std::vector<Tensor>& g) {
+      return std::vector<Tensor>{scale(g[0], alpha)};
+    });
+  }
+  return out;
+}
+
+Tensor gelu(const Tensor& x) {
+  check_dtype("gelu", x, DType::F32);
+  Tensor out = Tensor::empty(x.shape(), DType::F32, x.device());
+  KRAKEN_ON_DEVICE(x.device(), kernels::gelu_forward_cpu(out.data<float>(), x.data<float>(), x.numel()),
+                   kernels::gelu_forward_cuda(out.data<float>(), x.data<float>(), x.numel(), stream_of(x)));
+  if (needs_grad({x})) {
+    Tensor x_saved = x.detach();
+    record("gelu", {x}, {out}, [x_saved](const std::vector<Tensor>& g) {
+      Tensor dx = Tensor::zeros(x_saved.shape(), DType::F32, x_saved.device());
+      KRAKEN_ON_DEVICE(x_saved.device(),
+                       kernels::gelu_backward_cpu(dx.data<float>(), x_saved.data<float>(), g[0].data<float>(), dx.numel()),
+                       kernels::gelu_backward_cuda(dx.data<float>(), x_saved.data<float>(), g[0].data<float>(),
+                                                   dx.numel(), stream_of(dx)));
+      return std::vector<Tensor>{dx};
+    });
+  }
+  return out;
+}
+
+Tensor sum_list(const std::vector<Tensor>& xs) {
+  if (xs.empty()) KRAKEN_THROW("sum_list: no tensors");
+  for (size_t i = 0; i < xs.size(); ++i) {
+    check_float_pair("sum_list", xs[0], xs[i]);
+    if (xs[i].shape() != xs[0].shape())
+      KRAKEN_THROW("sum_list: tensor ", i, " has shape ", shape_str(xs[i].shape()), ", tensor 0 has ",
+                   shape_str(xs[0].shape()));
+  }
+  Tensor out = xs[0].clone();
+  {
+    NoGrad no_grad;
+    for (size_t i = 1; i < xs.size(); ++i) accumulate_into(out, xs[i]);
+  }
+  if (needs_grad(xs)) {
+    const size_t n = xs.size();
+    record("sum_list", xs, {out}, [n](const std::vector<Tensor>& g) {
+      // in the forward pass this was: out = Σ_i xs[i]; every input receives dout
+      return std::vector<Tensor>(n, g[0]);
+    });
+  }
+  return out;
+}
+
+}  // namespace kraken::runtime::ops

@@ -1,0 +1,141 @@
+// Matrix products and the linear layer, both on BLAS (CPU) or cuBLAS (CUDA).
+//
+// With C = op(A)·op(B), the gradients are dop(A) = dC·op(B)ᵀ and dop(B) = op(A)ᵀ·dC; each case below
+// writes them as one more product of the stored operands, so no transpose is ever materialised.
+#include "kernels/matmul.h"
+
+#include "kernels/elementwise.h"
+#include "kernels/error.h"
+#include "runtime/autograd.h"
+#include "runtime/dispatch.h"
+#include "runtime/ops.h"
+
+namespace kraken::runtime::ops {
+namespace {
+
+// C (batch, M, N) = op(A)·op(B) (+ beta·C) on raw tensors.
+void gemm(Tensor& c, const Tensor& a, const Tensor& b, int64_t batch, int64_t M, int64_t N, int64_t K, bool ta,
+          bool tb, float beta, int64_t stride_a, int64_t stride_b) {
+  const int64_t stride_c = M * N;
+  KRAKEN_ON_DEVICE(c.device(),
+                   kernels::matmul_batched_cpu(c.data<float>(), a.data<float>(), b.data<float>(), batch, M, N, K, ta,
+                                               tb, 1.0f, beta, stride_c, stride_a, stride_b),
+                   kernels::matmul_batched_cuda(c.data<float>(), a.data<float>(), b.data<float>(), batch, M, N, K, ta,
+                                                tb, 1.0f, beta, stride_c, stride_a, stride_b, stream_of(c)));
+}
+
+[[noreturn]] void mismatch(const Tensor& a, const Tensor& b, bool ta, bool tb, const char* why) {
+  KRAKEN_THROW("matmul: ", why, ": ", shape_str(a.shape()), (ta ? "ᵀ" : ""), " · ", shape_str(b.shape()),
+               (tb ? "ᵀ" : ""));
+}
+
+}  // namespace
+
+Tensor matmul(const Tensor& a, const Tensor& b, bool ta, bool tb) {
+  check_dtype("matmul", a, DType::F32, "first operand");
+  check_dtype("matmul", b, DType::F32, "second operand");
+  check_same_device("matmul", a, b);
+  Tensor out;
+  if (a.dim() == 3 && b.dim() == 3) {  // batched
+    if (a.size(0) != b.size(0)) mismatch(a, b, ta, tb, "batch sizes differ");
+    const int64_t batch = a.size(0);
+    const int64_t M = ta ? a.size(2) : a.size(1), K = ta ? a.size(1) : a.size(2);
+    const int64_t Kb = tb ? b.size(2) : b.size(1), N = tb ? b.size(1) : b.size(2);
+    if (K != Kb) mismatch(a, b, ta, tb, "inner dimensions differ");
+    out = Tensor::empty({batch, M, N}, DType::F32, a.device());
+    gemm(out, a, b, batch, M, N, K, ta, tb, 0.0f, M * K, K * N);
+  } else if (a.dim() >= 2 && b.dim() == 2) {  // 2-D, or N-D rows times one matrix
+    if (a.dim() > 2 && ta) mismatch(a, b, ta, tb, "a transposed operand must be 2-D");
+    const int64_t K = ta ? a.size(0) : a.size(-1);
+    const int64_t M = ta ? a.size(1) : a.numel() / std::max<int64_t>(K, 1);
+    const int64_t Kb = tb ? b.size(1) : b.size(0), N = tb ? b.size(0) : b.size(1);
+    if (K != Kb) mismatch(a, b, ta, tb, "inner dimensions differ");
+    Shape shape = a.shape();
+    if (ta) shape = {M, N};
+    else shape.back() = N;
+    out = Tensor::empty(shape, DType::F32, a.device());
+    gemm(out, a, b, 1, M, N, K, ta, tb, 0.0f, 0, 0);
+  } else {
+    mismatch(a, b, ta, tb, "supported are 2-D·2-D, 3-D·3-D (batched) and N-D·2-D");
+  }
+
+  if (needs_grad({a, b})) {
+    const bool a_needs = a.requires_grad(), b_needs = b.requires_grad();
+    Tensor a_saved = b_needs ? a.detach() : Tensor(), b_saved = a_needs ? b.detach() : Tensor();
+    const Shape a_shape = a.shape();
+    const bool nd = b.dim() == 2 && a.dim() > 2;  // N-D rows times one matrix
+    record("matmul", {a, b}, {out}, [a_saved, b_saved, a_shape, nd, ta, tb](const std::vector<Tensor>& g) {
+      const Tensor& dc = g[0];
+      Tensor da, db;
+      if (b_saved.defined()) {
+        // dop(A) = dC·op(B)ᵀ
+        da = ta ? matmul(b_saved, dc, tb, true) : matmul(dc, b_saved, false, !tb);
+      }
+      if (a_saved.defined()) {
+        // dop(B) = op(A)ᵀ·dC, with A's leading dims flattened into rows when it is N-D
+        Tensor a2 = nd ? a_saved.reshape({-1, a_shape.back()}) : a_saved;
+        Tensor dc2 = nd ? dc.reshape({-1, dc.size(-1)}) : dc;
+        db = tb ? matmul(dc2, a2, true, ta) : matmul(a2, dc2, !ta, false);
+      }
+      return std::vector<Tensor>{da, db};
+    });
+  }
+  return out;
+}
+
+Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
+  check_dtype("linear", x, DType::F32, "input");
+  check_dtype("linear", weight, DType::F32, "weight");
+  check_dim("linear", weight, 2, "weight");
+  check_same_device("linear", x, weight);
+  if (x.dim() < 1 || x.size(-1) != weight.size(1))
+    KRAKEN_THROW("linear: input ", shape_str(x.shape()), " does not end in the weight's input size: weight ",
+                 shape_str(weight.shape()), " is (out, in)");
+  const int64_t in = weight.size(1), outf = weight.size(0), rows = x.numel() / std::max<int64_t>(in, 1);
+  if (bias.defined()) {
+    check_dtype("linear", bias, DType::F32, "bias");
+    check_same_device("linear", x, bias);
+    if (bias.shape() != Shape{outf})
+      KRAKEN_THROW("linear: bias ", shape_str(bias.shape()), " for weight ", shape_str(weight.shape()),
+                   ", expected (", outf, ",)");
+  }
+  Shape shape = x.shape();
+  shape.back() = outf;
+  Tensor out = Tensor::empty(shape, DType::F32, x.device());
+  // y (rows, out) = x (rows, in) · Wᵀ (in, out), then + b on every row
+  gemm(out, x, weight, 1, rows, outf, in, false, true, 0.0f, 0, 0);
+  if (bias.defined()) {
+    KRAKEN_ON_DEVICE(out.device(),
+                     kernels::add_broadcast_cpu(out.data<float>(), out.data<float>(), bias.data<float>(), rows, outf),
+                     kernels::add_broadcast_cuda(out.data<float>(), out.data<float>(), bias.data<float>(), rows, outf,
+                                                 stream_of(out)));
+  }
+  if (needs_grad({x, weight, bias})) {
+    const bool x_needs = x.requires_grad(), w_needs = weight.requires_grad();
+    const bool b_needs = bias.defined() && bias.requires_grad();
+    Tensor x_saved = w_needs ? x.detach() : Tensor(), w_saved = x_needs ? weight.detach() : Tensor();
+    const Shape x_shape = x.shape(), w_shape = weight.shape();
+    record("linear", {x, weight, bias}, {out},
+           [x_saved, w_saved, x_shape, w_shape, rows, in, outf, b_needs](const std::vector<Tensor>& g) {
+             const Tensor& dy = g[0];  // (rows, out)
+             Tensor dx, dw, db;
+             if (w_saved.defined()) {  // dx (rows, in) = dy · W
+               dx = Tensor::empty(x_shape, DType::F32, dy.device());
+               gemm(dx, dy, w_saved, 1, rows, in, outf, false, false, 0.0f, 0, 0);
+             }
+             if (x_saved.defined()) {  // dW (out, in) = dyᵀ · x
+               dw = Tensor::empty(w_shape, DType::F32, dy.device());
+               gemm(dw, dy, x_saved, 1, outf, in, rows, true, false, 0.0f, 0, 0);
+             }
+             if (b_needs) {  // db = Σ_rows dy
+               db = Tensor::zeros({outf}, DType::F32, dy.device());
+               KRAKEN_ON_DEVICE(dy.device(), kernels::sum_rows_cpu(db.data<float>(), dy.data<float>(), rows, outf),
+                                kernels::sum_rows_cuda(db.data<float>(), dy.data<float>(), rows, outf, stream_of(dy)));
+             }
+             return std::vector<Tensor>{dx, dw, db};
+           });
+  }
+  return out;
+}
+
+}  // namespace kraken::runtime::ops
