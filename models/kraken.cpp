@@ -1,0 +1,168 @@
+#include "models/kraken.h"
+
+#include <cmath>
+
+#include "kernels/error.h"
+#include "runtime/ops.h"
+
+namespace kraken::models {
+
+using runtime::ParamSpec;
+using runtime::Shape;
+using runtime::Tensor;
+namespace ops = runtime::ops;
+
+void KrakenConfig::validate() const {
+  auto need = [](bool ok, const char* key, int64_t value, const char* expected) {
+    if (!ok) KRAKEN_THROW("model.", key, " = ", value, ": ", expected);
+  };
+  need(n_layer >= 1, "n_layer", n_layer, "must be at least 1");
+  need(n_embd >= 1, "n_embd", n_embd, "must be at least 1");
+  need(n_head >= 1, "n_head", n_head, "must be at least 1");
+  need(degree >= 1, "degree", degree, "must be at least 1");
+  need(context >= 1, "context", context, "must be at least 1");
+  need(vocab_size >= 1 && vocab_size <= 65536, "vocab_size", vocab_size, "must be in [1, 65536] (tokens are uint16)");
+  need(mlp_expansion >= 1, "mlp_expansion", mlp_expansion, "must be at least 1");
+  if (n_head % degree != 0)
+    KRAKEN_THROW("model.n_head = ", n_head, " is not divisible by model.degree = ", degree,
+                 ": every sub-layer needs the same number of heads");
+  if (n_embd % heads_per_sublayer() != 0)
+    KRAKEN_THROW("model.n_embd = ", n_embd, " is not divisible by the ", heads_per_sublayer(),
+                 " heads of a sub-layer (n_head / degree)");
+  if (!(dropout >= 0.0f && dropout < 1.0f)) KRAKEN_THROW("model.dropout = ", dropout, ": must be in [0, 1)");
+}
+
+int64_t KrakenConfig::parameter_count() const {
+  const int64_t C = n_embd, e = mlp_expansion, k = degree, L = n_layer;
+  const int64_t per_sub = (4 + 2 * e) * C * C + (bias ? (9 + e) * C : 2 * C);
+  int64_t total = padded_vocab() * C + context * C + k * L * per_sub;
+  if (k > 1) total += k * C * C + (bias ? C : 0);
+  total += bias ? 2 * C : C;  // ln_f
+  return total;
+}
+
+double KrakenConfig::flops_per_token(int64_t seq_len) const {
+  // Forward: 2 FLOPs per multiply-add of every matrix parameter (the LM head counts wte once more),
+  // plus attention's q·kᵀ and p·v: 2·2·T·C per layer and sub-layer (full, not causal-halved, as llm.c).
+  const double C = static_cast<double>(n_embd), e = static_cast<double>(mlp_expansion);
+  const double k = static_cast<double>(degree), L = static_cast<double>(n_layer);
+  double matrix_params = k * L * (4 + 2 * e) * C * C + static_cast<double>(padded_vocab()) * C;
+  if (degree > 1) matrix_params += k * C * C;
+  return 2.0 * matrix_params + 4.0 * k * L * static_cast<double>(seq_len) * C;
+}
+
+KrakenModel::KrakenModel(const KrakenConfig& config, const runtime::Device& device, const ModelShard& shard)
+    : config_(config), shard_(shard) {
+  config_.validate();
+  if (shard_.last_layer < 0) shard_.last_layer = config_.n_layer;
+  KRAKEN_CHECK(0 <= shard_.first_layer && shard_.first_layer <= shard_.last_layer &&
+               shard_.last_layer <= config_.n_layer);
+  const int64_t C = config_.n_embd, e = config_.mlp_expansion, k = config_.degree, L = config_.n_layer;
+  // GPT-2 initialisation: N(0, 0.02) everywhere, the residual projections scaled by 1/√(2·L·k)
+  // (kraken.md: model.py:245-250; the extra k is Kraken's). Biases 0, LayerNorm γ = 1, β = 0.
+  const float proj_std = 0.02f / std::sqrt(2.0f * static_cast<float>(L * k));
+  const ParamSpec matrix{ParamSpec::Init::Normal, 0.02f, true, -1};
+  const ParamSpec proj{ParamSpec::Init::Normal, proj_std, true, -1};
+  const ParamSpec embedding{ParamSpec::Init::Normal, 0.02f, false, -1};
+  const ParamSpec zero_bias{ParamSpec::Init::Zeros, 0.0f, false, -1};
+  const ParamSpec ln_gain{ParamSpec::Init::Ones, 0.0f, false, -1};
+  const bool bias = config_.bias;
+
+  if (shard_.has_embedding) {
+    wte_ = register_parameter("wte.weight", {config_.padded_vocab(), C}, embedding, device);
+    wpe_ = register_parameter("wpe.weight", {config_.context, C}, embedding, device);
+  }
+  for (int64_t l = shard_.first_layer; l < shard_.last_layer; ++l) {
+    std::vector<SubLayer> subs;
+    for (int64_t i = 0; i < k; ++i) {
+      // Degree 1 uses GPT-2's names (h.{l}.…); degree k adds the sub-layer index (h.{l}.{i}.…).
+      const std::string p = "h." + std::to_string(l) + "." + (k > 1 ? std::to_string(i) + "." : "");
+      SubLayer s;
+      s.ln_1_w = register_parameter(p + "ln_1.weight", {C}, ln_gain, device);
+      if (bias) s.ln_1_b = register_parameter(p + "ln_1.bias", {C}, zero_bias, device);
+      s.c_attn_w = register_parameter(p + "attn.c_attn.weight", {3 * C, C}, matrix, device);
+      if (bias) s.c_attn_b = register_parameter(p + "attn.c_attn.bias", {3 * C}, zero_bias, device);
+      s.attn_proj_w = register_parameter(p + "attn.c_proj.weight", {C, C}, proj, device);
+      if (bias) s.attn_proj_b = register_parameter(p + "attn.c_proj.bias", {C}, zero_bias, device);
+      s.ln_2_w = register_parameter(p + "ln_2.weight", {C}, ln_gain, device);
+      if (bias) s.ln_2_b = register_parameter(p + "ln_2.bias", {C}, zero_bias, device);
+      s.c_fc_w = register_parameter(p + "mlp.c_fc.weight", {e * C, C}, matrix, device);
+      if (bias) s.c_fc_b = register_parameter(p + "mlp.c_fc.bias", {e * C}, zero_bias, device);
+      s.mlp_proj_w = register_parameter(p + "mlp.c_proj.weight", {C, e * C}, proj, device);
+      if (bias) s.mlp_proj_b = register_parameter(p + "mlp.c_proj.bias", {C}, zero_bias, device);
+      subs.push_back(s);
+    }
+    layers_.push_back(std::move(subs));
+  }
+  if (shard_.has_head) {
+    if (k > 1) {
+      conj_w_ = register_parameter("conjunction.weight", {C, k * C}, matrix, device);
+      if (bias) conj_b_ = register_parameter("conjunction.bias", {C}, zero_bias, device);
+    }
+    ln_f_w_ = register_parameter("ln_f.weight", {C}, ln_gain, device);
+    if (bias) ln_f_b_ = register_parameter("ln_f.bias", {C}, zero_bias, device);
+  }
+}
+
+Tensor KrakenModel::dropout(const Tensor& x, runtime::Generator* gen, bool training) {
+  if (config_.dropout == 0.0f || !training) return x;
+  KRAKEN_CHECK(gen != nullptr, "dropout > 0 needs a generator");
+  return ops::dropout(x, config_.dropout, *gen, training);
+}
+
+// Attn_i(LN1_i(x)): (B, T, C) → (B, T, C)
+Tensor KrakenModel::attention_branch(const SubLayer& s, const Tensor& x, runtime::Generator* gen, bool training) {
+  Tensor h = ops::layernorm(x, s.ln_1_w, s.ln_1_b);
+  Tensor qkv = ops::linear(h, s.c_attn_w, s.c_attn_b);               // (B, T, 3C)
+  Tensor y = ops::attention(qkv, config_.heads_per_sublayer());     // (B, T, C)
+  return dropout(ops::linear(y, s.attn_proj_w, s.attn_proj_b), gen, training);
+}
+
+// MLP_i(LN2_i(m)): (B, T, C) → (B, T, C)
+Tensor KrakenModel::mlp_branch(const SubLayer& s, const Tensor& m, runtime::Generator* gen, bool training) {
+  Tensor h = ops::layernorm(m, s.ln_2_w, s.ln_2_b);
+  Tensor u = ops::gelu(ops::linear(h, s.c_fc_w, s.c_fc_b));         // (B, T, eC)
+  return dropout(ops::linear(u, s.mlp_proj_w, s.mlp_proj_b), gen, training);
+}
+
+Tensor KrakenModel::forward(const Tensor& ids, runtime::Generator* gen, bool training) {
+  KRAKEN_CHECK(shard_.has_embedding && shard_.has_head, "forward() runs a whole model; pipeline stages use their own entry");
+  runtime::check_dtype("KrakenModel::forward", ids, runtime::DType::I32, "ids");
+  runtime::check_dim("KrakenModel::forward", ids, 2, "ids");
+  const int64_t B = ids.size(0), T = ids.size(1), k = config_.degree;
+  if (T > config_.context)
+    KRAKEN_THROW("sequence length ", T, " exceeds the model's context of ", config_.context, " positions");
+
+  // x0 = wte[idx] + wpe[pos]  (B, T, C)
+  Tensor x0 = ops::add(ops::embedding(wte_, ids), ops::slice(wpe_, 0, T));
+  x0 = dropout(x0, gen, training);
+  (void)B;
+
+  std::vector<Tensor> streams(static_cast<size_t>(k), x0);
+  for (size_t layer = 0; layer < layers_.size(); ++layer) {
+    const bool mixes = shard_.first_layer + static_cast<int64_t>(layer) > 0;
+    // S = Σ_j x_j: the layer's one collective when sub-layers live on different devices. It is first
+    // needed at LN2, after every sub-layer's attention (kraken.md "Parallel mapping").
+    Tensor S = mixes ? (k == 1 ? streams[0] : ops::sum_list(streams)) : Tensor();
+    std::vector<Tensor> attn(static_cast<size_t>(k));
+    for (int64_t i = 0; i < k; ++i) attn[i] = attention_branch(layers_[layer][i], streams[i], gen, training);
+    for (int64_t i = 0; i < k; ++i) {
+      const SubLayer& s = layers_[layer][i];
+      Tensor a = ops::add(streams[i], attn[i]);                      // a_i = x_i + Attn_i(LN1_i(x_i))
+      Tensor m = mixes ? (k == 1 ? a : ops::add(attn[i], S)) : a;    // m_i = a_i − x_i + S
+      streams[i] = ops::add(a, mlp_branch(s, m, gen, training));     // x_i ← a_i + MLP_i(LN2_i(m_i))
+    }
+  }
+
+  // z = W_conj · concat_i(x_i) (+ b); degree 1 has no conjunction.
+  Tensor z = k == 1 ? streams[0] : ops::linear(ops::concat(streams, -1), conj_w_, conj_b_);
+  Tensor h = ops::layernorm(z, ln_f_w_, ln_f_b_);
+  return ops::matmul(h, wte_, false, true);                         // (B, T, Vp), tied LM head
+}
+
+Tensor KrakenModel::loss(const Tensor& ids, const Tensor& targets, runtime::Generator* gen, bool training) {
+  Tensor logits = forward(ids, gen, training);
+  return ops::cross_entropy(logits, targets, config_.vocab_size, -1);
+}
+
+}  // namespace kraken::models

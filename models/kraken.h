@@ -1,0 +1,94 @@
+// The Kraken transformer (Prabhakar, Zhang, Wentzlaff, NeurIPS 2024; spec in research/kraken.md, read
+// from the authors' training/model.py). Every layer is `degree` independent sub-layers, each a full-width
+// pre-LN GPT-2 block with its own parameters and its own residual stream; the streams meet once per
+// layer, in the input of each sub-layer's MLP, through S = Σ_j x_j (the one collective per layer when
+// the sub-layers live on different devices). Degree 1 is exactly GPT-2 (our decision, kraken.md).
+//
+// Forward (x_i: sub-layer i's stream; kraken.md "The model, degree k ≥ 2"):
+//   x0 = wte[idx] + wpe[pos]                              every stream starts from x0
+//   a_i = x_i + Attn_i(LN1_i(x_i))
+//   m_i = a_i                                 in layer 0 (no mixing yet)
+//   m_i = Attn_i(LN1_i(x_i)) + S,  S = Σ_j x_j   in layers ≥ 1 (= a_i − x_i + S: the other streams join)
+//   x_i ← a_i + MLP_i(LN2_i(m_i))                        the sum feeds only the MLP input
+//   z = W_conj · concat_i(x_i) (+ b)                      the "conjunction", Linear(kC → C)
+//   logits = LN_f(z) · wteᵀ                               tied embedding
+// With degree 1, S = x_1 and m_1 = a_1, so the same code is GPT-2's block; there is no conjunction.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "runtime/module.h"
+#include "runtime/rng.h"
+#include "runtime/tensor.h"
+
+namespace kraken::models {
+
+struct KrakenConfig {
+  int64_t n_layer = 12;
+  int64_t n_embd = 768;   // C
+  int64_t n_head = 12;    // H, over all sub-layers: each sub-layer has H / degree heads of size C / (H / degree)
+  int64_t degree = 1;     // k, sub-layers per layer
+  int64_t context = 1024; // maximum sequence length (rows of wpe)
+  int64_t vocab_size = 50257;
+  int64_t mlp_expansion = 4;  // e: the MLP is C → eC → C (the paper's Kraken presets use 2)
+  bool bias = true;           // biases in every Linear and LayerNorm (the paper's Kraken: none)
+  float dropout = 0.0f;
+
+  // The vocabulary rounded up to a multiple of 64 (wte rows); the loss uses the first vocab_size.
+  int64_t padded_vocab() const { return (vocab_size + 63) / 64 * 64; }
+  int64_t heads_per_sublayer() const { return n_head / degree; }
+  int64_t head_size() const { return n_embd / heads_per_sublayer(); }
+  // Throws kraken::Error naming the field and what was expected.
+  void validate() const;
+  // The closed form, with the padded vocabulary:
+  //   Vp·C + T·C + k·L·((4 + 2e)C² + [bias] (9 + e)C + [no bias] 2C) + [k > 1] (kC² + [bias] C) + C (+ C)
+  int64_t parameter_count() const;
+  // Forward FLOPs per token of the matrix products (for MFU): 2·(matrix parameters) + attention.
+  double flops_per_token(int64_t seq_len) const;
+};
+
+// Which part of the model this process holds. The defaults are the whole model in one process;
+// tensor and pipeline parallelism narrow it.
+struct ModelShard {
+  int64_t first_layer = 0;
+  int64_t last_layer = -1;    // exclusive; -1 = n_layer
+  bool has_embedding = true;  // wte, wpe (first pipeline stage)
+  bool has_head = true;       // conjunction, ln_f, the tied LM head (last pipeline stage)
+};
+
+class KrakenModel : public runtime::Module {
+ public:
+  KrakenModel(const KrakenConfig& config, const runtime::Device& device = runtime::Device::cpu(),
+              const ModelShard& shard = {});
+
+  const KrakenConfig& config() const { return config_; }
+
+  // ids (B, T) i32 → logits (B, T, Vp). `dropout` is the generator for dropout masks (may be null when
+  // config.dropout == 0 or when not training).
+  runtime::Tensor forward(const runtime::Tensor& ids, runtime::Generator* dropout = nullptr, bool training = true);
+  // Mean cross-entropy over the real vocabulary; targets (B, T) i32 (negative targets are ignored).
+  runtime::Tensor loss(const runtime::Tensor& ids, const runtime::Tensor& targets,
+                       runtime::Generator* dropout = nullptr, bool training = true);
+
+  // The tied wte (V_p, C), for checkpoint code that needs to know which parameter is shared.
+  const runtime::Tensor& wte() const { return wte_; }
+
+ private:
+  struct SubLayer {
+    runtime::Tensor ln_1_w, ln_1_b, c_attn_w, c_attn_b, attn_proj_w, attn_proj_b;
+    runtime::Tensor ln_2_w, ln_2_b, c_fc_w, c_fc_b, mlp_proj_w, mlp_proj_b;
+  };
+  runtime::Tensor dropout(const runtime::Tensor& x, runtime::Generator* gen, bool training);
+  runtime::Tensor attention_branch(const SubLayer& s, const runtime::Tensor& x, runtime::Generator* gen, bool training);
+  runtime::Tensor mlp_branch(const SubLayer& s, const runtime::Tensor& m, runtime::Generator* gen, bool training);
+
+  KrakenConfig config_;
+  ModelShard shard_;
+  runtime::Tensor wte_, wpe_, conj_w_, conj_b_, ln_f_w_, ln_f_b_;
+  std::vector<std::vector<SubLayer>> layers_;  // [layer - first_layer][sub-layer]
+};
+
+}  // namespace kraken::models
