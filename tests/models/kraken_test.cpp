@@ -1,0 +1,202 @@
+// The Kraken model against an independent PyTorch computation (fixtures/make_golden.py), its parameter
+// count against the closed form, and finite differences through the whole model.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdlib>
+
+#include "models/kraken.h"
+#include "runtime/autograd.h"
+#include "runtime/ops.h"
+#include "runtime/safetensors.h"
+#include "tests/support/gradcheck.h"
+
+namespace kraken::models {
+namespace {
+
+using runtime::Tensor;
+
+std::string fixture(const std::string& name) {
+  const char* root = std::getenv("KRAKEN_SOURCE_DIR");
+  return std::string(root ? root : ".") + "/tests/models/fixtures/" + name;
+}
+
+KrakenConfig config_from(const runtime::SafetensorsFile& file) {
+  const auto& meta = file.metadata();
+  auto get = [&](const char* key) { return std::stoll(meta.at(key)); };
+  KrakenConfig c;
+  c.n_layer = get("n_layer");
+  c.n_embd = get("n_embd");
+  c.n_head = get("n_head");
+  c.degree = get("degree");
+  c.context = get("context");
+  c.vocab_size = get("vocab_size");
+  c.mlp_expansion = get("mlp_expansion");
+  c.bias = meta.at("bias") == "true";
+  return c;
+}
+
+// Loss, logits and every gradient against PyTorch (float64 there, float32 here). The tolerances cover
+// float32 rounding through a 2-layer model: values of order 1 carry relative errors of a few 1e-6 per
+// operation and a few dozen operations in sequence, so 2e-4 relative (+1e-5 absolute for entries near
+// zero) passes rounding and fails any real mistake, which changes values at the 1e-2 level or more.
+void check_against_golden(const std::string& file_name) {
+  runtime::SafetensorsFile file = runtime::SafetensorsFile::open(fixture(file_name));
+  KrakenModel model(config_from(file));
+  for (auto& p : model.named_parameters()) file.load_into("param." + p.name, p.tensor);
+  for (const std::string& name : file.names())
+    if (name.rfind("param.", 0) == 0)
+      EXPECT_NO_THROW(model.named_parameters()) << name;
+  EXPECT_EQ(static_cast<int64_t>(model.named_parameters().size()),
+            std::count_if(file.names().begin(), file.names().end(),
+                          [](const std::string& n) { return n.rfind("param.", 0) == 0; }))
+      << "the model and the fixture disagree on the parameter list";
+
+  Tensor ids = file.load("input.ids"), targets = file.load("input.targets");
+  Tensor logits;
+  {
+    runtime::NoGrad no_grad;
+    logits = model.forward(ids, nullptr, false);
+  }
+  const int64_t V = model.config().vocab_size;
+  Tensor expected_logits = file.load("expected.logits");
+  const std::vector<float> got = logits.to_vector(), want = expected_logits.to_vector();
+  const int64_t rows = logits.numel() / logits.size(-1);
+  double worst = 0.0;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t v = 0; v < V; ++v)
+      worst = std::max(worst, std::fabs(got[r * logits.size(-1) + v] - want[r * V + v]) / (1e-5 + 2e-4 * std::fabs(want[r * V + v])));
+  EXPECT_LE(worst, 1.0) << "logits differ beyond tolerance (worst ratio " << worst << ")";
+
+  Tensor loss = model.loss(ids, targets, nullptr, false);
+  const float want_loss = file.load("expected.loss").item();
+  EXPECT_NEAR(loss.item(), want_loss, 2e-4 * std::fabs(want_loss));
+  runtime::backward(loss);
+  for (auto& p : model.named_parameters()) {
+    const std::vector<float> g = p.tensor.grad().to_vector(), ref = file.load("grad." + p.name).to_vector();
+    ASSERT_EQ(g.size(), ref.size()) << p.name;
+    double scale = 0.0;
+    for (float v : ref) scale = std::max(scale, static_cast<double>(std::fabs(v)));
+    int64_t worst_at = -1;
+    double worst_err = 0.0;
+    for (size_t i = 0; i < g.size(); ++i) {
+      // relative to the tensor's largest gradient: elementwise relative error is meaningless for
+      // entries that are zero up to cancellation
+      const double err = std::fabs(static_cast<double>(g[i]) - ref[i]) / (1e-6 + scale);
+      if (err > worst_err) worst_err = err, worst_at = static_cast<int64_t>(i);
+    }
+    EXPECT_LE(worst_err, 2e-4) << p.name << ": worst element " << worst_at << " got " << g[static_cast<size_t>(worst_at)]
+                               << " want " << ref[static_cast<size_t>(worst_at)];
+  }
+}
+
+TEST(KrakenModel, Degree1MatchesPyTorchGpt2) { check_against_golden("gpt2_tiny.safetensors"); }
+
+TEST(KrakenModel, Degree2MatchesPyTorchKraken) { check_against_golden("kraken2_tiny.safetensors"); }
+
+TEST(KrakenModel, ParameterCountMatchesClosedForm) {
+  for (int64_t degree : {1, 2, 4}) {
+    for (bool bias : {true, false}) {
+      KrakenConfig c;
+      c.n_layer = 3;
+      c.n_embd = 48;
+      c.n_head = 4;
+      c.degree = degree;
+      c.context = 20;
+      c.vocab_size = 130;
+      c.mlp_expansion = degree == 1 ? 4 : 2;
+      c.bias = bias;
+      KrakenModel model(c);
+      EXPECT_EQ(model.parameter_count(), c.parameter_count()) << "degree " << degree << " bias " << bias;
+    }
+  }
+  // The paper's 125M 4-way preset (kraken.md table: 124.5M with vocab 50304, no bias, e = 2).
+  KrakenConfig paper;
+  paper.n_layer = 12;
+  paper.n_embd = 504;
+  paper.n_head = 12;
+  paper.degree = 4;
+  paper.vocab_size = 50304;
+  paper.mlp_expansion = 2;
+  paper.bias = false;
+  EXPECT_NEAR(static_cast<double>(paper.parameter_count()), 124.5e6, 0.05e6);
+  // GPT-2 124M with the vocabulary padded to 50304 (llm.c: 124,475,904).
+  KrakenConfig gpt2;
+  EXPECT_EQ(gpt2.parameter_count(), 124475904);
+}
+
+TEST(KrakenModel, Degree4GradientsMatchFiniteDifferences) {
+  KrakenConfig c;
+  c.n_layer = 2;
+  c.n_embd = 16;
+  c.n_head = 4;
+  c.degree = 4;
+  c.context = 6;
+  c.vocab_size = 20;
+  c.mlp_expansion = 2;
+  c.bias = true;
+  KrakenModel model(c);
+  runtime::Generator gen(3, 0);
+  model.initialize(gen);
+  // Larger weights than the real init so every path contributes measurably to the loss.
+  for (auto& p : model.named_parameters()) {
+    runtime::NoGrad no_grad;
+    Tensor noise = Tensor::empty(p.tensor.shape());
+    gen.fill_normal(noise, 0.0f, 0.3f);
+    p.tensor.copy_from(runtime::ops::add(p.tensor, noise));
+  }
+  Tensor ids = Tensor::from_ints({1, 5, 7, 2, 19, 3, 0, 4, 4, 11, 12, 13}, {2, 6});
+  Tensor targets = Tensor::from_ints({5, 7, 2, 19, 3, -1, 4, 4, 11, 12, 13, 8}, {2, 6});
+  std::vector<Tensor> params;
+  for (auto& p : model.named_parameters())
+    if (p.name == "h.1.2.mlp.c_fc.weight" || p.name == "h.0.1.attn.c_attn.weight" || p.name == "conjunction.weight" ||
+        p.name == "wte.weight" || p.name == "h.1.3.ln_2.weight" || p.name == "wpe.weight")
+      params.push_back(p.tensor);
+  ASSERT_EQ(params.size(), 6u);
+  testing::GradCheckOptions options;
+  options.max_coords_per_input = 24;
+  testing::expect_gradients_match([&](const std::vector<Tensor>&) { return model.loss(ids, targets); }, params, options);
+}
+
+TEST(KrakenModel, InitialLossIsLogVocab) {
+  // With GPT-2's init the logits start near zero, so the loss starts near ln V.
+  KrakenConfig c;
+  c.n_layer = 2;
+  c.n_embd = 64;
+  c.n_head = 4;
+  c.degree = 2;
+  c.context = 16;
+  c.vocab_size = 1000;
+  KrakenModel model(c);
+  runtime::Generator gen(1, 0);
+  model.initialize(gen);
+  std::vector<int32_t> ids(64), targets(64);
+  for (int i = 0; i < 64; ++i) ids[i] = (i * 37) % 1000, targets[i] = (i * 91 + 5) % 1000;
+  runtime::NoGrad no_grad;
+  const float loss = model.loss(Tensor::from_ints(ids, {4, 16}), Tensor::from_ints(targets, {4, 16})).item();
+  EXPECT_NEAR(loss, std::log(1000.0), 0.05);
+}
+
+TEST(KrakenModel, BadConfigsAreClearErrors) {
+  KrakenConfig c;
+  c.n_head = 12;
+  c.degree = 5;
+  EXPECT_THROW(KrakenModel{c}, Error);
+  KrakenConfig d;
+  d.n_layer = 1;
+  d.n_embd = 16;
+  d.n_head = 2;
+  d.context = 4;
+  d.vocab_size = 10;
+  KrakenModel model(d);
+  try {
+    runtime::NoGrad no_grad;
+    model.forward(Tensor::from_ints(std::vector<int32_t>(10, 0), {1, 10}));
+    FAIL() << "a sequence longer than the context did not throw";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("context of 4"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace kraken::models
