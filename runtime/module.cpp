@@ -38,8 +38,18 @@ int64_t Module::parameter_count() const {
   return n;
 }
 
-void Module::initialize(Generator& generator) {
+uint64_t Module::name_stream(const std::string& name) {
+  uint64_t h = 1469598103934665603ull;
+  for (unsigned char c : name) {
+    h ^= c;
+    h *= 1099511628211ull;
+  }
+  return h;
+}
+
+void Module::initialize(uint64_t seed) {
   for (NamedParameter& p : named_parameters()) {
+    Generator generator(seed, name_stream(p.name));
     switch (p.spec.init) {
       case ParamSpec::Init::Normal: generator.fill_normal(p.tensor, 0.0f, p.spec.init_std); break;
       case ParamSpec::Init::Zeros: p.tensor.zero_(); break;

@@ -41,8 +41,12 @@ class Module {
   std::vector<NamedParameter> named_parameters() const;
   std::vector<Tensor> parameters() const;
   int64_t parameter_count() const;
-  // Fills every parameter as its spec says, drawing in named_parameters() order from `generator`.
-  void initialize(Generator& generator);
+  // Fills every parameter as its spec says. Each parameter draws from its own Philox stream, keyed by
+  // a hash of its name, so its initial values do not depend on which other parameters exist in this
+  // process: a model split over tensor- or pipeline-parallel ranks starts from exactly the values of
+  // the whole model in one process.
+  void initialize(uint64_t seed);
+  static uint64_t name_stream(const std::string& name);  // FNV-1a of the name
   void zero_grad();
 
  protected:
