@@ -168,8 +168,13 @@ void BpeCache::insert(std::string_view piece, const std::vector<int32_t>& ids) {
   // A piece longer than this is rare (long runs of one class) and not worth keeping.
   constexpr size_t kMaxKey = 256;
   if (piece.size() > kMaxKey) return;
-  if (keys_.capacity() == 0) {
-    keys_.reserve(max_entries_ * 16 + kMaxKey);  // + kMaxKey: after a flush any piece fits
+  // Reserved once (+ kMaxKey: after a flush any piece fits); from then on keys_ never reallocates.
+  const size_t key_bytes = max_entries_ * 16 + kMaxKey;
+  if (keys_.capacity() < key_bytes) {
+    map_.clear();
+    ids_.clear();
+    keys_.clear();
+    keys_.reserve(key_bytes);
     map_.reserve(max_entries_);
   }
   if (map_.size() >= max_entries_ || keys_.size() + piece.size() > keys_.capacity()) {

@@ -45,7 +45,8 @@ int run(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    return app.exit(e);
+    const int code = app.exit(e);  // prints --help, or the usage error
+    return code == 0 ? 0 : 2;
   }
 
   // On a terminal the progress line rewrites itself; in a log, one line every few seconds.

@@ -235,6 +235,9 @@ TEST(PrepareTool, ErrorsArePrefixedAndExitWith2) {
                           " 2> " + dir / "stderr";
   EXPECT_EQ(run_command(cmd), 2);
   EXPECT_MESSAGE_HAS(test::read_file(dir / "stderr"), "kraken-prepare: error: GPT-2 encoder " + dir / "missing/encoder.json");
+  // A usage error (here a missing required option) exits 2 as well.
+  EXPECT_EQ(run_command(tool + " " + dir / "a.txt" + " --out-dir " + dir / "out" + " 2> " + dir / "stderr"), 2);
+  EXPECT_MESSAGE_HAS(test::read_file(dir / "stderr"), "--vocab-dir is required");
 }
 
 }  // namespace

@@ -89,6 +89,27 @@ TEST(Tokenizer, SharedCacheAcrossCallsGivesTheSameIds) {
   }
 }
 
+TEST(Tokenizer, CacheKeepsEachMultiBytePieceOnce) {
+  KRAKEN_REQUIRE_GPT2_VOCAB();
+  BpeCache cache;
+  std::vector<int32_t> ids;
+  // Pieces: "the", " cat", " the", " cat", " the", "." -- single bytes skip the cache.
+  gpt2().encode("the cat the cat the.", cache, ids);
+  EXPECT_EQ(cache.size(), 3u);
+  gpt2().encode(" cat the", cache, ids);
+  EXPECT_EQ(cache.size(), 3u);
+  // 200 distinct words, each seen twice: all 200 stay (nothing is flushed below max_entries).
+  std::string text;
+  for (int i = 0; i < 400; ++i) text += std::string(" ") + char('a' + (i % 200) / 26) + char('a' + (i % 200) % 26) + "q";
+  BpeCache many;
+  gpt2().encode(text, many, ids);
+  EXPECT_EQ(many.size(), 200u);
+  const int32_t* first = nullptr;
+  size_t count = 0;
+  ASSERT_TRUE(cache.find(" cat", &first, &count));
+  EXPECT_EQ(std::vector<int32_t>(first, first + count), gpt2().encode(" cat"));
+}
+
 // ---- the pattern, by hand ------------------------------------------------------------------------------
 
 std::vector<std::string> pieces(const std::string& text) {
