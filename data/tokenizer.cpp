@@ -299,6 +299,7 @@ std::vector<std::string_view> Tokenizer::pretokenize(std::string_view text) {
 // ranks are unique) in position order; the pairs the round creates are pushed only after it, so
 // within a round no other pair can cut in, exactly as in the reference's single pass.
 void Tokenizer::bpe(std::string_view piece, std::vector<int32_t>& word) const {
+  KRAKEN_CHECK(piece.size() < static_cast<size_t>(INT32_MAX), "piece of ", piece.size(), " bytes");
   const int32_t m = static_cast<int32_t>(piece.size());
   word.resize(m);
   for (int32_t i = 0; i < m; ++i) word[i] = byte_token_[static_cast<unsigned char>(piece[i])];
@@ -315,7 +316,7 @@ void Tokenizer::bpe(std::string_view piece, std::vector<int32_t>& word) const {
   prev.resize(m);
   dead.assign(m, 0);
   for (int32_t i = 0; i < m; ++i) next[i] = i + 1 < m ? i + 1 : -1, prev[i] = i - 1;
-  const auto min_first = std::greater<Candidate>();  // std::*_heap keep the max on top; invert
+  const auto min_first = std::greater<Candidate>();  // std::*_heap put the largest on top: invert
   // The merge of the pair whose left node is `left` (word[] of a live node is its current token).
   auto merge_at = [&](int32_t left) -> const Merge* {
     const int32_t right = next[left];
