@@ -198,10 +198,10 @@ int main(int argc, char** argv) {
   std::vector<std::string> profile_paths;
   app.add_option("cluster", cluster_path, "cluster description (TOML, see configs/clusters/)")->required();
   app.add_option("config", config_path, "Kraken training config (TOML)")->required();
-  app.add_option("--top", top, "how many strategies to print")->check(CLI::PositiveNumber);
+  app.add_option("--top", top, "how many strategies to print")->check(CLI::Range(1, 1000000));
   app.add_flag("--json", json, "print JSON for scripts");
   app.add_option("--explain", explain_rank, "break strategy N of the list down stage by stage")
-      ->check(CLI::PositiveNumber);
+      ->check(CLI::Range(1, 1000000));
   app.add_option("--cost-model", cost_model, "amp (AMP's formulas) or kraken (the default)");
   app.add_option("--profile-file", profile_paths, "measured layer times (TOML; repeatable)");
   try {
