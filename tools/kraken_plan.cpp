@@ -143,10 +143,10 @@ nlohmann::json to_json(const Cluster& cluster, const ModelDesc& model, const Ran
   return j;
 }
 
-void print_table(const Cluster& cluster, const ModelDesc& model, const SearchResult& result) {
+void print_table(const Cluster& cluster, const ModelDesc& model, const SearchResult& result, size_t shown) {
   std::printf("%-4s %3s %5s %3s %4s %5s  %-18s %-24s %10s %10s %10s %10s %10s %10s %10s\n", "rank", "tp", "dp", "pp",
               "mbs", "accum", "layers/stage", "placement", "step", "compute", "bubble", "pp", "tp", "dp", "mem/dev");
-  for (size_t k = 0; k < result.top.size(); ++k) {
+  for (size_t k = 0; k < shown; ++k) {
     const RankedStrategy& r = result.top[k];
     const Prediction& p = r.prediction;
     std::vector<int> layers;
@@ -258,10 +258,7 @@ int main(int argc, char** argv) {
                 static_cast<long long>(result.stats.shapes), static_cast<long long>(result.stats.layouts),
                 static_cast<long long>(result.stats.pruned_by_bound), static_cast<long long>(result.stats.no_fit),
                 result.stats.seconds);
-    result.top.resize(std::max(shown, size_t(explain_rank)));
-    SearchResult printed = result;
-    printed.top.resize(shown);
-    print_table(cluster, model, printed);
+    print_table(cluster, model, result, shown);
     if (explain_rank > 0) explain(cluster, model, result.top[explain_rank - 1], explain_rank, kind);
     return 0;
   } catch (const kraken::Error& e) {
