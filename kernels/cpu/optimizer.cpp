@@ -115,7 +115,7 @@ void squared_distances_cpu(double* out, const float* q, const float* const* rows
   // partial[b·count + r]: block b's share of row r. One pass over the query block serves every row
   // while it is in cache.
   std::vector<double> partial(static_cast<size_t>(blocks * count));
-#pragma omp parallel for schedule(static) if (n * count > kParallelMin)
+#pragma omp parallel for schedule(static) if (blocks > 1 && n * count > kParallelMin)
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t lo = b * kBlock, hi = std::min(n, lo + kBlock);
     for (int64_t r = 0; r < count; ++r) {
@@ -149,7 +149,7 @@ double sum_squares_indexed_cpu(const float* a, const int32_t* idx, int64_t m) {
 void weighted_sum_rows_cpu(float* out, const float* const* rows, const double* weights, int64_t count, int64_t n) {
   constexpr int64_t kTile = 1024;  // 8 KiB of double accumulators stay in L1 while every row streams by
   const int64_t tiles = (n + kTile - 1) / kTile;
-#pragma omp parallel for schedule(static) if (n * count > kParallelMin)
+#pragma omp parallel for schedule(static) if (tiles > 1 && n * count > kParallelMin)
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t lo = t * kTile, len = std::min(n, lo + kTile) - lo;
     double acc[kTile];
