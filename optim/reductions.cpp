@@ -46,15 +46,30 @@ void check_flat_pair(const char* who, const Tensor& a, const Tensor& b) {
 
 double sum_squares(const std::vector<Tensor>& xs) {
   double total = 0.0;
-  for (const Tensor& x : xs) {
+  for (size_t k = 0; k < xs.size();) {
+    const Tensor& x = xs[k];
     runtime::check_dtype("sum_squares", x, DType::F32, "tensor");
-    const float* data = x.data<float>();
-    const int64_t n = x.numel();
-    KRAKEN_ON_DEVICE(x.device(), total += kernels::sum_squares_multi_cpu(&data, &n, 1), {
+    if (x.device().is_cpu()) {
+      const float* data = x.data<float>();
+      const int64_t n = x.numel();
+      total += kernels::sum_squares_multi_cpu(&data, &n, 1);
+      ++k;
+      continue;
+    }
+    // A run of tensors on one GPU accumulates into one device double, fetched once (one sync per run,
+    // not per tensor).
+    size_t end = k;
+    while (end < xs.size() && xs[end].device() == x.device()) ++end;
+    KRAKEN_ON_DEVICE(x.device(), (void)0, {
       DeviceDoubles acc(x.device(), 1);
-      kernels::sum_squares_accumulate_cuda(acc.results, acc.partials, data, n, runtime::stream_of(x));
+      for (size_t j = k; j < end; ++j) {
+        runtime::check_dtype("sum_squares", xs[j], DType::F32, "tensor");
+        kernels::sum_squares_accumulate_cuda(acc.results, acc.partials, xs[j].data<float>(), xs[j].numel(),
+                                             runtime::stream_of(xs[j]));
+      }
       total += acc.fetch()[0];
     });
+    k = end;
   }
   return total;
 }

@@ -152,7 +152,9 @@ TEST(KernelGradientEstimator, PosteriorMeanReproducesHistoryGradientsAsNoiseVani
     // 6e-8 relative each).
     EXPECT_LT(err[i], 3.0 * noises[i] + 3e-7);
     // In the linear regime each decade of σ² takes a decade off the error.
-    if (noises[i] <= 1e-5 && err[i] > 1e-6) EXPECT_NEAR(err[i - 1] / err[i], 10.0, 1.5);
+    if (noises[i] <= 1e-5 && err[i] > 1e-6) {
+      EXPECT_NEAR(err[i - 1] / err[i], 10.0, 1.5);
+    }
   }
   EXPECT_GT(err[0], 1e-4);  // the error is real at σ² = 1e-3: the test would see a missing σ²
 }
