@@ -269,9 +269,13 @@ void OptEx::load_state(const NamedTensors& tensors, const nlohmann::json& scalar
   if (count < 0 || iterations < 0 || evaluations < 0) KRAKEN_THROW(who, ": negative counters");
   if (!scalars.contains("rng") || !scalars.contains("base")) KRAKEN_THROW(who, ": 'rng' or 'base' is missing");
   runtime::RngState rng;
-  rng.seed = scalars["rng"].value("seed", uint64_t{0});
-  rng.stream = scalars["rng"].value("stream", uint64_t{0});
-  rng.offset = scalars["rng"].value("offset", uint64_t{0});
+  const nlohmann::json& rng_json = scalars["rng"];
+  for (const char* key : {"seed", "stream", "offset"})
+    if (!rng_json.is_object() || !rng_json.contains(key) || !rng_json[key].is_number_unsigned())
+      KRAKEN_THROW(who, ": rng.", key, " must be an unsigned integer");
+  rng.seed = rng_json["seed"].get<uint64_t>();
+  rng.stream = rng_json["stream"].get<uint64_t>();
+  rng.offset = rng_json["offset"].get<uint64_t>();
 
   // Sort the tensors and check the history before anything changes.
   NamedTensors base_tensors;

@@ -20,7 +20,9 @@
 // g_s (to the history), and the one true step that matters is taken from (θ^(N−1), S^(N−1)) — the place
 // the in-place walk has reached. No copy of the base state is needed. The next iterate being the last
 // worker's is the reference code's choice (idx = −1); the paper's ablation of other selections is
-// [UNVERIFIED] and not implemented.
+// [UNVERIFIED] and not implemented. So is the "sequential" variant of its Fig. 6(a) ([UNVERIFIED] what
+// it is): evaluating the N gradients one after another here does not refit μ in between, so a
+// single-process run computes exactly what N parallel workers would (the tests check both forms).
 //
 // Across rank groups (the multi-group version) every rank walks the same proxy path; evaluation s
 // belongs to one group. `owned(s)` says whether this process computes g_s; after the walk `exchange`
@@ -58,7 +60,9 @@ int64_t optex_device_bytes(int64_t dim, const OptExOptions& options);
 
 // Returns ∇f at the current parameters on micro-batch s: one f32 tensor per parameter, in the base
 // optimizer's params() order (e.g. the parameters' .grad() after zero_grad, forward and backward). The
-// tensors are copied before the parameters move again, so .grad() buffers may be reused.
+// tensors are copied before the parameters move again, so .grad() buffers may be reused. Gradient
+// clipping, if any, belongs in the oracle: the history then holds what the optimizer was given. (The
+// reference code logs the loss at θ^(N−1), i.e. the oracle's last call of an iteration.)
 using GradientOracle = std::function<std::vector<runtime::Tensor>(int s)>;
 
 struct OptExHooks {

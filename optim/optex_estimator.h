@@ -48,6 +48,8 @@
 
 namespace kraken::optim {
 
+// ℓ is fixed, as in the reference's run_optex: its tuning_mattern helper is never called there, and how
+// the paper chose ℓ is [UNVERIFIED]; optex.md §7 finds ℓ ∈ [0.1, 10] robust on the synthetic problems.
 struct KernelEstimatorOptions {
   double lengthscale = 0.1;      // ℓ, the reference's default
   double noise = 1e-3;           // σ² added to the Gram diagonal, the reference's value
