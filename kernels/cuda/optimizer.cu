@@ -1,0 +1,161 @@
+// CUDA optimizer kernels (equations in kernels/optimizer.h): one fused pass per parameter for AdamW
+// and SGD over f32 master weights and state, and fixed-shape reductions in double.
+//
+// Reductions: a fixed grid of kReducePartials blocks of kReduceThreads threads; thread j of the grid
+// accumulates elements j, j + G, j + 2G, … (G = grid size) in order, each block reduces its threads in
+// a fixed shared-memory tree into partials[block], and one block then reduces the partials in a fixed
+// tree and adds the result to *total. No atomics, so the result is the same bits every run.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "kernels/cuda/check.h"
+#include "kernels/optimizer.h"
+
+namespace kraken::kernels {
+namespace {
+
+using cuda_detail::blocks_for;
+constexpr int kThreads = 256;
+constexpr int kReduceThreads = 256;
+
+#define KRAKEN_GRID_STRIDE(i, n) \
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < (n); i += static_cast<int64_t>(blockDim.x) * gridDim.x)
+
+__global__ void adamw_kernel(float* param, const float* grad, float* m, float* v, int64_t n, float decay,
+                             float step_size, float bc2_sqrt, float beta1, float beta2, float eps) {
+  KRAKEN_GRID_STRIDE(i, n) {
+    const float g = grad[i];
+    const float mi = beta1 * m[i] + (1.0f - beta1) * g;
+    const float vi = beta2 * v[i] + (1.0f - beta2) * (g * g);
+    m[i] = mi;
+    v[i] = vi;
+    const float denom = sqrtf(vi) / bc2_sqrt + eps;
+    param[i] = param[i] * decay - step_size * (mi / denom);
+  }
+}
+
+__global__ void sgd_kernel(float* param, const float* grad, float* velocity, int64_t n, float lr, float momentum,
+                           float dampening, bool nesterov, float weight_decay, bool first_step) {
+  KRAKEN_GRID_STRIDE(i, n) {
+    float d = weight_decay != 0.0f ? grad[i] + weight_decay * param[i] : grad[i];
+    if (momentum != 0.0f) {
+      const float buf = first_step ? d : momentum * velocity[i] + (1.0f - dampening) * d;
+      velocity[i] = buf;
+      d = nesterov ? d + momentum * buf : buf;
+    }
+    param[i] -= lr * d;
+  }
+}
+
+// Fixed shared-memory tree over kReduceThreads values; thread 0 returns the sum.
+__device__ double block_reduce(double value) {
+  __shared__ double shared[kReduceThreads];
+  shared[threadIdx.x] = value;
+  __syncthreads();
+  for (int stride = kReduceThreads / 2; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride) shared[threadIdx.x] += shared[threadIdx.x + stride];
+    __syncthreads();
+  }
+  return shared[0];
+}
+
+// mode 0: Σ a²; mode 1: Σ (a − b)²; indexed when idx is not null.
+__global__ void partial_sums_kernel(double* partials, const float* a, const float* b, const int32_t* idx, int64_t n) {
+  double acc = 0.0;
+  KRAKEN_GRID_STRIDE(i, n) {
+    const int64_t k = idx ? static_cast<int64_t>(idx[i]) : i;
+    const double diff = b ? static_cast<double>(a[k]) - static_cast<double>(b[k]) : static_cast<double>(a[k]);
+    acc += diff * diff;
+  }
+  const double block_sum = block_reduce(acc);
+  if (threadIdx.x == 0) partials[blockIdx.x] = block_sum;
+}
+
+__global__ void finish_sum_kernel(double* total, const double* partials) {
+  double acc = 0.0;
+  for (int i = threadIdx.x; i < kReducePartials; i += kReduceThreads) acc += partials[i];
+  const double sum = block_reduce(acc);
+  if (threadIdx.x == 0) *total += sum;
+}
+
+void reduce_into(double* total, double* partials, const float* a, const float* b, const int32_t* idx, int64_t n,
+                 CUstream_st* stream) {
+  if (n <= 0) return;
+  partial_sums_kernel<<<kReducePartials, kReduceThreads, 0, stream>>>(partials, a, b, idx, n);
+  KRAKEN_CUDA_LAUNCH_CHECK();
+  finish_sum_kernel<<<1, kReduceThreads, 0, stream>>>(total, partials);
+  KRAKEN_CUDA_LAUNCH_CHECK();
+}
+
+// Passed by value (2 KiB of kernel parameters): the row pointers and their weights.
+struct WeightedRows {
+  const float* rows[kWeightedRowsPerLaunch];
+  double weights[kWeightedRowsPerLaunch];
+  int count;
+};
+
+__global__ void weighted_sum_rows_kernel(float* out, WeightedRows rows, int64_t n, bool accumulate) {
+  KRAKEN_GRID_STRIDE(i, n) {
+    double acc = 0.0;
+    for (int r = 0; r < rows.count; ++r) acc += rows.weights[r] * static_cast<double>(rows.rows[r][i]);
+    out[i] = accumulate ? out[i] + static_cast<float>(acc) : static_cast<float>(acc);
+  }
+}
+
+}  // namespace
+
+void adamw_update_cuda(float* param, const float* grad, float* m, float* v, int64_t n, float lr, float beta1,
+                       float beta2, float eps, float weight_decay, int64_t step, CUstream_st* stream) {
+  if (n <= 0) return;
+  const double t = static_cast<double>(step);
+  const float decay = static_cast<float>(1.0 - static_cast<double>(lr) * weight_decay);
+  const float step_size = static_cast<float>(lr / (1.0 - std::pow(static_cast<double>(beta1), t)));
+  const float bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(static_cast<double>(beta2), t)));
+  adamw_kernel<<<blocks_for(n, kThreads), kThreads, 0, stream>>>(param, grad, m, v, n, decay, step_size, bc2_sqrt,
+                                                                  beta1, beta2, eps);
+  KRAKEN_CUDA_LAUNCH_CHECK();
+}
+
+void sgd_update_cuda(float* param, const float* grad, float* velocity, int64_t n, float lr, float momentum,
+                     float dampening, bool nesterov, float weight_decay, bool first_step, CUstream_st* stream) {
+  if (n <= 0) return;
+  sgd_kernel<<<blocks_for(n, kThreads), kThreads, 0, stream>>>(param, grad, velocity, n, lr, momentum, dampening,
+                                                                nesterov, weight_decay, first_step);
+  KRAKEN_CUDA_LAUNCH_CHECK();
+}
+
+void sum_squares_accumulate_cuda(double* total, double* partials, const float* x, int64_t n, CUstream_st* stream) {
+  reduce_into(total, partials, x, nullptr, nullptr, n, stream);
+}
+
+void squared_distance_accumulate_cuda(double* total, double* partials, const float* a, const float* b, int64_t n,
+                                      CUstream_st* stream) {
+  reduce_into(total, partials, a, b, nullptr, n, stream);
+}
+
+void squared_distance_indexed_accumulate_cuda(double* total, double* partials, const float* a, const float* b,
+                                              const int32_t* idx, int64_t m, CUstream_st* stream) {
+  reduce_into(total, partials, a, b, idx, m, stream);
+}
+
+void weighted_sum_rows_cuda(float* out, const float* const* rows, const double* weights, int64_t count, int64_t n,
+                            CUstream_st* stream) {
+  if (n <= 0) return;
+  if (count == 0) {
+    KRAKEN_CUDA_CHECK(cudaMemsetAsync(out, 0, static_cast<size_t>(n) * sizeof(float), stream));
+    return;
+  }
+  for (int64_t first = 0; first < count; first += kWeightedRowsPerLaunch) {
+    WeightedRows chunk{};
+    chunk.count = static_cast<int>(std::min<int64_t>(kWeightedRowsPerLaunch, count - first));
+    for (int r = 0; r < chunk.count; ++r) {
+      chunk.rows[r] = rows[first + r];
+      chunk.weights[r] = weights[first + r];
+    }
+    weighted_sum_rows_kernel<<<blocks_for(n, kThreads), kThreads, 0, stream>>>(out, chunk, n, first > 0);
+    KRAKEN_CUDA_LAUNCH_CHECK();
+  }
+}
+
+}  // namespace kraken::kernels
