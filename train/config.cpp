@@ -9,6 +9,7 @@
 #include <set>
 #include <sstream>
 
+#include "data/shard.h"
 #include "kernels/error.h"
 
 namespace kraken::train {
@@ -207,13 +208,13 @@ Config parse_config(const std::string& text, const std::string& name, bool check
                              " heads of a sub-layer (n_head / degree)");
 
   // ---- [data] ----
-  Section data = section(root, "data", name);
-  c.data.train = data.strings("train");
-  c.data.val = data.strings("val");
-  c.data.format = data.string("format", "auto", {"auto", "llmc", "raw"});
-  c.data.shuffle = data.boolean("shuffle", true);
-  data.reject_unknown();
-  if (c.data.train.empty()) data.fail("train", "the training shards are required (a glob pattern or a list of them)");
+  Section data_table = section(root, "data", name);
+  c.data.train = data_table.strings("train");
+  c.data.val = data_table.strings("val");
+  c.data.format = data_table.string("format", "auto", {"auto", "llmc", "raw"});
+  c.data.shuffle = data_table.boolean("shuffle", true);
+  data_table.reject_unknown();
+  if (c.data.train.empty()) data_table.fail("train", "the training shards are required (a glob pattern or a list of them)");
 
   // ---- [train] ----
   Section train = section(root, "train", name);
@@ -321,7 +322,18 @@ Config parse_config(const std::string& text, const std::string& name, bool check
     train.fail("grad_accum", "a pipeline of " + std::to_string(p.pp) +
                                  " stages needs at least that many micro-batches per step (grad_accum >= pp)");
 
-  (void)check_files;  // data file checks are added with the data layer
+  if (check_files) {
+    // Missing shards are a config error: name the key and its line, not only the pattern.
+    for (const char* key : {"train", "val"}) {
+      const auto& patterns = std::string(key) == "train" ? c.data.train : c.data.val;
+      if (patterns.empty()) continue;
+      try {
+        data::expand_patterns(patterns);
+      } catch (const Error& e) {
+        data_table.fail(key, e.what());
+      }
+    }
+  }
   return c;
 }
 

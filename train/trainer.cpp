@@ -1,6 +1,7 @@
 #include "train/trainer.h"
 
 #include <omp.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <chrono>
@@ -14,6 +15,7 @@
 #include "kernels/matmul.h"
 #include "models/kraken.h"
 #include "optim/clip.h"
+#include "optim/optex.h"
 #include "optim/optimizer.h"
 #include "optim/schedule.h"
 #include "runtime/autograd.h"
@@ -64,6 +66,25 @@ void check_same_model(const models::KrakenConfig& saved, const models::KrakenCon
   field("bias", saved.bias, now.bias);
 }
 
+optim::OptExOptions optex_options(const Config& c) {
+  optim::OptExOptions xo;
+  xo.parallelism = static_cast<int>(c.optim.optex.parallelism);
+  xo.estimator.lengthscale = c.optim.optex.lengthscale;
+  xo.estimator.noise = c.optim.optex.noise;
+  xo.estimator.normalize_inputs = c.optim.optex.normalize_inputs;
+  xo.estimator.history = c.optim.optex.history;
+  xo.estimator.effective_dim = c.optim.optex.effective_dim;
+  xo.seed = c.train.seed;
+  xo.validate();
+  return xo;
+}
+
+// What a device can hold: the GPU's memory, or the machine's RAM for the CPU.
+double device_memory_bytes(const runtime::Device& device) {
+  if (device.is_cpu()) return static_cast<double>(sysconf(_SC_PHYS_PAGES)) * static_cast<double>(sysconf(_SC_PAGE_SIZE));
+  return 80e9;  // refined by the CUDA backend; a conservative H100-sized default
+}
+
 }  // namespace
 
 bool stop_requested() { return g_stop.load(); }
@@ -75,14 +96,16 @@ struct Trainer::State {
   runtime::Device device;
   std::unique_ptr<models::KrakenModel> model;
   std::vector<runtime::NamedParameter> params;
-  std::unique_ptr<optim::Optimizer> optimizer;
+  std::unique_ptr<optim::Optimizer> optimizer;  // the optimizer, or null when OptEx owns it
+  std::unique_ptr<optim::OptEx> optex;
   optim::LrSchedule schedule;
   std::unique_ptr<data::DataLoader> train_loader;
   std::unique_ptr<data::DataLoader> val_loader;
   runtime::Generator dropout_rng;
   CheckpointStore checkpoints;
   MetricsWriter metrics;
-  int64_t step = 0;            // completed optimizer steps
+  int64_t optex_bytes = 0;     // what OptEx's history and buffers take
+  int64_t step = 0;            // completed optimizer steps (OptEx: sequential iterations)
   int64_t tokens_seen = 0;
   double train_seconds = 0.0;  // accumulated over all runs, for the metrics
 
@@ -109,7 +132,21 @@ Trainer::Trainer(Config config, TrainerOptions options) : s_(std::make_unique<St
   s.dropout_rng = runtime::Generator(c.train.seed, kDropoutStream);
 
   // ---- optimizer and schedule ----
-  s.optimizer = optim::make_optimizer(optimizer_options(c.optim), optim::param_refs(s.params));
+  auto base = optim::make_optimizer(optimizer_options(c.optim), optim::param_refs(s.params));
+  if (c.optim.name == "optex") {
+    const optim::OptExOptions xo = optex_options(c);
+    const int64_t d = s.model->parameter_count();
+    const double need = static_cast<double>(optim::optex_device_bytes(d, xo));
+    const double limit = c.optim.optex.max_history_gb > 0 ? c.optim.optex.max_history_gb * 1e9 : 0.5 * device_memory_bytes(s.device);
+    if (need > limit)
+      KRAKEN_THROW("[optim.optex] history = ", c.optim.optex.history, " and parallelism = ", c.optim.optex.parallelism,
+                   " need ", need / 1e9, " GB for ", d, " parameters (2·(history + parallelism)·d floats), more than the ",
+                   limit / 1e9, " GB allowed (max_history_gb, default half the device's memory): lower history");
+    s.optex_bytes = static_cast<int64_t>(need);
+    s.optex = std::make_unique<optim::OptEx>(std::move(base), xo);
+  } else {
+    s.optimizer = std::move(base);
+  }
   s.schedule.kind = optim::parse_schedule_kind(c.optim.schedule);
   s.schedule.max_lr = c.optim.lr;
   s.schedule.min_lr = c.optim.min_lr;
@@ -146,7 +183,8 @@ Trainer::Trainer(Config config, TrainerOptions options) : s_(std::make_unique<St
     // The optimizer's own loader checks that exactly its state names are there, with its shapes.
     NamedTensors saved_opt;
     for (const std::string& name : ckpt.optimizer.names()) saved_opt.emplace_back(name, ckpt.optimizer.load(name, s.device));
-    s.optimizer->load_state(saved_opt, ckpt.state.at("optimizer"));
+    if (s.optex) s.optex->load_state(saved_opt, ckpt.state.at("optimizer"));
+    else s.optimizer->load_state(saved_opt, ckpt.state.at("optimizer"));
     s.train_loader->restore(ckpt.state.at("loader").get<data::LoaderState>());
     const auto& rng = ckpt.state.at("dropout_rng");
     s.dropout_rng.set_state({rng.at("seed").get<uint64_t>(), rng.at("stream").get<uint64_t>(), rng.at("offset").get<uint64_t>()});
@@ -202,17 +240,18 @@ RunSummary Trainer::run() {
   const int64_t tokens_per_step = c.tokens_per_step();
   Progress progress(s.step, c.train.max_steps, s.options.progress, c.train.log_every);
   const auto run_start = Clock::now();
+  const int64_t tokens_at_start = s.tokens_seen;
   int64_t run_steps = 0;
   const float micro_scale = 1.0f / static_cast<float>(c.train.grad_accum);
 
   auto save_checkpoint = [&]() {
     CheckpointContents contents;
     for (const auto& p : s.params) contents.model.emplace_back(p.name, p.tensor);
-    contents.optimizer = s.optimizer->state_tensors();
+    contents.optimizer = s.optex ? s.optex->state_tensors() : s.optimizer->state_tensors();
     const runtime::RngState rng = s.dropout_rng.state();
     contents.state = {{"config", c.text},
                       {"loader", s.train_loader->state()},
-                      {"optimizer", s.optimizer->state_scalars()},
+                      {"optimizer", s.optex ? s.optex->state_scalars() : s.optimizer->state_scalars()},
                       {"dropout_rng", {{"seed", rng.seed}, {"stream", rng.stream}, {"offset", rng.offset}}},
                       {"tokens_seen", s.tokens_seen},
                       {"train_seconds", s.train_seconds}};
@@ -232,35 +271,57 @@ RunSummary Trainer::run() {
   while (s.step < c.train.max_steps) {
     const auto t0 = Clock::now();
     const double lr = s.schedule.at(s.step);
-    double loss_sum = 0.0;
-    for (int64_t micro = 0; micro < c.train.grad_accum; ++micro) {
-      data::Batch batch = s.train_loader->next();
-      runtime::Tensor loss = s.model->loss(batch.inputs.to(s.device), batch.targets.to(s.device), &s.dropout_rng);
-      loss_sum += loss.item();
-      runtime::backward(runtime::ops::scale(loss, micro_scale));
+    // One gradient evaluation: grad_accum micro-batches at the current parameters, clipped. The
+    // losses it saw are added to loss_sum, its norm before clipping kept in grad_norm.
+    double loss_sum = 0.0, grad_norm = 0.0;
+    int64_t evaluations = 0;
+    auto evaluate_gradient = [&]() {
+      s.model->zero_grad();
+      for (int64_t micro = 0; micro < c.train.grad_accum; ++micro) {
+        data::Batch batch = s.train_loader->next();
+        runtime::Tensor loss = s.model->loss(batch.inputs.to(s.device), batch.targets.to(s.device), &s.dropout_rng);
+        loss_sum += loss.item();
+        runtime::backward(runtime::ops::scale(loss, micro_scale));
+      }
+      std::vector<runtime::Tensor> grads;
+      for (const auto& p : s.params) grads.push_back(p.tensor.grad());
+      grad_norm = c.optim.grad_clip > 0 ? optim::clip_grad_norm(grads, c.optim.grad_clip) : optim::global_grad_norm(grads);
+      evaluations += 1;
+      return grads;
+    };
+    nlohmann::json record;
+    if (s.optex) {
+      // One sequential iteration: N gradient evaluations on N micro-batch groups (optim/optex.h).
+      const optim::OptExReport report = s.optex->step([&](int) { return evaluate_gradient(); }, static_cast<float>(lr));
+      record = {{"grad_evals", report.gradient_evaluations},
+                {"optex_history", report.history_size},
+                {"optex_rel_error", std::isfinite(report.mean_relative_error()) ? nlohmann::json(report.mean_relative_error()) : nlohmann::json()},
+                {"optex_cosine", std::isfinite(report.mean_cosine()) ? nlohmann::json(report.mean_cosine()) : nlohmann::json()},
+                {"optex_outside_gradients_s", report.seconds_outside_gradients()}};
+    } else {
+      std::vector<runtime::Tensor> grads = evaluate_gradient();
+      s.optimizer->step(grads, static_cast<float>(lr));
     }
-    std::vector<runtime::Tensor> grads;
-    for (const auto& p : s.params) grads.push_back(p.tensor.grad());
-    const double grad_norm = c.optim.grad_clip > 0 ? optim::clip_grad_norm(grads, c.optim.grad_clip)
-                                                   : optim::global_grad_norm(grads);
-    s.optimizer->step(grads, static_cast<float>(lr));
     s.model->zero_grad();
     s.step += 1;
     run_steps += 1;
-    s.tokens_seen += tokens_per_step;
+    s.tokens_seen += tokens_per_step * evaluations;
     const double dt = seconds_since(t0);
     s.train_seconds += dt;
-    const double loss = loss_sum / static_cast<double>(c.train.grad_accum);
+    const double loss = loss_sum / static_cast<double>(c.train.grad_accum * evaluations);
     summary.losses.push_back(loss);
     if (!std::isfinite(loss)) KRAKEN_THROW("the training loss became ", loss, " at step ", s.step, "; lower optim.lr?");
-    s.metrics.write({{"step", s.step},
-                     {"loss", loss},
-                     {"lr", lr},
-                     {"grad_norm", grad_norm},
-                     {"step_seconds", dt},
-                     {"tokens_per_second", static_cast<double>(tokens_per_step) / dt},
-                     {"tokens_seen", s.tokens_seen}});
-    progress.update(s.step - 1, loss, lr, static_cast<double>(tokens_per_step) / dt);
+    const double tokens_per_second = static_cast<double>(tokens_per_step * evaluations) / dt;
+    record.update({{"step", s.step},
+                   {"loss", loss},
+                   {"lr", lr},
+                   {"grad_norm", grad_norm},
+                   {"step_seconds", dt},
+                   {"elapsed_s", s.train_seconds},
+                   {"tokens_per_second", tokens_per_second},
+                   {"tokens_seen", s.tokens_seen}});
+    s.metrics.write(record);
+    progress.update(s.step - 1, loss, lr, tokens_per_second);
 
     const bool last = s.step == c.train.max_steps;
     const bool stop = stop_requested() || (s.options.stop_after_steps >= 0 && run_steps >= s.options.stop_after_steps);
@@ -274,7 +335,7 @@ RunSummary Trainer::run() {
   progress.finish();
   const double elapsed = seconds_since(run_start);
   summary.steps_done = s.step;
-  summary.tokens_per_second = elapsed > 0 ? static_cast<double>(run_steps * tokens_per_step) / elapsed : 0.0;
+  summary.tokens_per_second = elapsed > 0 ? static_cast<double>(s.tokens_seen - tokens_at_start) / elapsed : 0.0;
   if (s.options.handle_signals) {
     sigaction(SIGINT, &old_int, nullptr);
     sigaction(SIGTERM, &old_term, nullptr);
