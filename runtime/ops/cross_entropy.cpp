@@ -76,7 +76,8 @@ RowLosses row_losses(const char* op, const Tensor& logits, const Tensor& targets
 Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t vocab, int32_t ignore_index) {
   RowLosses r = row_losses("cross_entropy", logits, targets, vocab, ignore_index);
   Tensor loss = Tensor::empty({}, DType::F32, logits.device());
-  KRAKEN_ON_DEVICE(logits.device(), kernels::cross_entropy_mean_cpu(loss.data<float>(), r.losses.data<float>(), r.N, r.count),
+  KRAKEN_ON_DEVICE(logits.device(),
+                   kernels::cross_entropy_mean_cpu(loss.data<float>(), r.losses.data<float>(), r.N, r.count),
                    kernels::cross_entropy_mean_cuda(loss.data<float>(), r.losses.data<float>(), r.N, r.count,
                                                     stream_of(logits)));
   if (needs_grad({logits})) {

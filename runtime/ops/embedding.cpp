@@ -43,7 +43,8 @@ Tensor embedding(const Tensor& weight, const Tensor& ids) {
   shape.push_back(C);
   Tensor out = Tensor::empty(shape, DType::F32, weight.device());
   KRAKEN_ON_DEVICE(weight.device(),
-                   kernels::embedding_forward_cpu(out.data<float>(), weight.data<float>(), ids.data<int32_t>(), N, V, C),
+                   kernels::embedding_forward_cpu(out.data<float>(), weight.data<float>(), ids.data<int32_t>(), N, V,
+                                                  C),
                    kernels::embedding_forward_cuda(out.data<float>(), weight.data<float>(), ids.data<int32_t>(), N, V,
                                                    C, stream_of(weight)));
   if (needs_grad({weight})) {

@@ -23,7 +23,8 @@ Tensor softmax(const Tensor& x) {
       const Tensor& dy = g[0];
       Tensor dx = Tensor::zeros(y_saved.shape(), DType::F32, dy.device());
       KRAKEN_ON_DEVICE(dy.device(),
-                       kernels::softmax_backward_cpu(dx.data<float>(), y_saved.data<float>(), dy.data<float>(), rows, C),
+                       kernels::softmax_backward_cpu(dx.data<float>(), y_saved.data<float>(), dy.data<float>(), rows,
+                                                     C),
                        kernels::softmax_backward_cuda(dx.data<float>(), y_saved.data<float>(), dy.data<float>(), rows,
                                                       C, stream_of(dy)));
       return std::vector<Tensor>{dx};

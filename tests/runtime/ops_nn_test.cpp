@@ -100,7 +100,8 @@ TEST(LayerNorm, GammaAndBetaScaleAndShiftTheNormalisedRow) {
 }
 
 TEST(LayerNorm, ShapeMismatchNamesTheShapes) {
-  const std::string msg = message_of([] { ops::layernorm(Tensor::zeros({2, 4}), Tensor::ones({5}), Tensor::zeros({4})); });
+  const std::string msg =
+      message_of([] { ops::layernorm(Tensor::zeros({2, 4}), Tensor::ones({5}), Tensor::zeros({4})); });
   EXPECT_MESSAGE_HAS(msg, "(5,)");
   EXPECT_MESSAGE_HAS(msg, "(2, 4)");
 }
@@ -244,7 +245,8 @@ TEST(CrossEntropy, NoCountedRowGivesZeroLossAndZeroGradient) {
 TEST(CrossEntropy, BadTargetNamesTheTargetTheRowAndTheVocabulary) {
   Tensor logits = Tensor::zeros({2, 2, 12});
   // 11 is inside the padded logits but outside vocab 10: still an error.
-  const std::string msg = message_of([&] { ops::cross_entropy(logits, Tensor::from_ints({1, -1, 11, 2}, {2, 2}), 10); });
+  const std::string msg =
+      message_of([&] { ops::cross_entropy(logits, Tensor::from_ints({1, -1, 11, 2}, {2, 2}), 10); });
   EXPECT_MESSAGE_HAS(msg, "target 11");
   EXPECT_MESSAGE_HAS(msg, "row 2");
   EXPECT_MESSAGE_HAS(msg, "(1, 0)");
@@ -256,7 +258,8 @@ TEST(CrossEntropy, BadTargetNamesTheTargetTheRowAndTheVocabulary) {
 }
 
 TEST(CrossEntropy, MismatchedShapesAndVocabNameTheNumbers) {
-  const std::string msg = message_of([] { ops::cross_entropy(Tensor::zeros({4, 10}), Tensor::from_ints({0, 1, 2}, {3})); });
+  const std::string msg =
+      message_of([] { ops::cross_entropy(Tensor::zeros({4, 10}), Tensor::from_ints({0, 1, 2}, {3})); });
   EXPECT_MESSAGE_HAS(msg, "(3,)");
   EXPECT_MESSAGE_HAS(msg, "(4, 10)");
   const std::string vocab_msg =
