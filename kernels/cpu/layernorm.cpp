@@ -44,62 +44,70 @@ void layernorm_forward_cpu(float* out, float* mean, float* rstd, const float* x,
 
 namespace {
 
-// dx for one row (see the header): g = dout ∘ gamma, dx += rstd·(g − mean(g) − x̂·mean(g ∘ x̂)).
-inline void row_dx(float* dxr, const float* doutr, const float* xr, const float* gamma, float mu, float rs,
-                   int64_t C) {
-  float sum_g = 0.0f, sum_gx = 0.0f;
-#pragma omp simd reduction(+ : sum_g, sum_gx)
-  for (int64_t c = 0; c < C; ++c) {
-    const float g = doutr[c] * gamma[c];
-    sum_g += g;
-    sum_gx += g * (xr[c] - mu) * rs;
-  }
+// Rows [r0, r1) of the backward (see the header), one pass per row after the sums dx needs:
+//   g = dout ∘ gamma,  dx += rstd·(g − mean(g) − x̂·mean(g ∘ x̂)),  pg += dout ∘ x̂,  pb += dout.
+// Instantiated for each combination of wanted gradients, so no loop carries a test.
+template <bool kDx, bool kGamma, bool kBeta>
+void backward_rows(float* dx, float* pg, float* pb, const float* dout, const float* x, const float* gamma,
+                   const float* mean, const float* rstd, int64_t r0, int64_t r1, int64_t C) {
   const float inv_c = 1.0f / static_cast<float>(C);
-  const float mean_g = sum_g * inv_c, mean_gx = sum_gx * inv_c;
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* doutr = dout + r * C;
+    const float* xr = kDx || kGamma ? x + r * C : nullptr;
+    const float mu = mean[r], rs = rstd[r];
+    float mean_g = 0.0f, mean_gx = 0.0f;
+    if constexpr (kDx) {
+      float sum_g = 0.0f, sum_gx = 0.0f;
+#pragma omp simd reduction(+ : sum_g, sum_gx)
+      for (int64_t c = 0; c < C; ++c) {
+        const float g = doutr[c] * gamma[c];
+        sum_g += g;
+        sum_gx += g * ((xr[c] - mu) * rs);
+      }
+      mean_g = sum_g * inv_c;
+      mean_gx = sum_gx * inv_c;
+    }
+    float* dxr = kDx ? dx + r * C : nullptr;
 #pragma omp simd
-  for (int64_t c = 0; c < C; ++c) {
-    const float xhat = (xr[c] - mu) * rs;
-    dxr[c] += rs * (doutr[c] * gamma[c] - mean_g - xhat * mean_gx);
+    for (int64_t c = 0; c < C; ++c) {
+      const float d = doutr[c];
+      if constexpr (kDx || kGamma) {
+        const float xhat = (xr[c] - mu) * rs;
+        if constexpr (kDx) dxr[c] += rs * (d * gamma[c] - mean_g - xhat * mean_gx);
+        if constexpr (kGamma) pg[c] += d * xhat;
+      }
+      if constexpr (kBeta) pb[c] += d;
+    }
   }
 }
+
+using BackwardRows = void (*)(float*, float*, float*, const float*, const float*, const float*, const float*,
+                              const float*, int64_t, int64_t, int64_t);
+// Indexed by dx·4 + dgamma·2 + dbeta.
+constexpr BackwardRows kBackwardRows[8] = {
+    backward_rows<false, false, false>, backward_rows<false, false, true>, backward_rows<false, true, false>,
+    backward_rows<false, true, true>,   backward_rows<true, false, false>, backward_rows<true, false, true>,
+    backward_rows<true, true, false>,   backward_rows<true, true, true>};
 
 }  // namespace
 
 void layernorm_backward_cpu(float* dx, float* dgamma, float* dbeta, const float* dout, const float* x,
                             const float* gamma, const float* mean, const float* rstd, int64_t rows, int64_t C) {
   // in the forward pass this was: out = x̂·gamma + beta, x̂ = (x − μ)·rstd
-  if (!dgamma && !dbeta) {
-    if (!dx) return;
-#pragma omp parallel for schedule(static) if (rows * C > kParallelMin && rows > 1)
-    for (int64_t r = 0; r < rows; ++r)
-      row_dx(dx + r * C, dout + r * C, x + r * C, gamma, mean[r], rstd[r], C);
-    return;
-  }
-
+  if (!dx && !dgamma && !dbeta) return;
+  const BackwardRows run = kBackwardRows[(dx ? 4 : 0) + (dgamma ? 2 : 0) + (dbeta ? 1 : 0)];
   const int64_t blocks = std::max<int64_t>(1, std::min(kMaxBlocks, rows / kMinBlockRows));
   const int64_t block_rows = (rows + blocks - 1) / blocks;
+  const bool params = dgamma || dbeta;
   // partial[b] holds block b's Σ dout∘x̂ (first C) and Σ dout (next C).
-  std::vector<float> partial(static_cast<size_t>(blocks * 2 * C), 0.0f);
+  std::vector<float> partial(params ? static_cast<size_t>(blocks * 2 * C) : 0, 0.0f);
 #pragma omp parallel for schedule(static) if (rows * C > kParallelMin && blocks > 1)
   for (int64_t b = 0; b < blocks; ++b) {
-    float* pg = partial.data() + b * 2 * C;
-    float* pb = pg + C;
-    const int64_t r1 = std::min(rows, (b + 1) * block_rows);
-    for (int64_t r = b * block_rows; r < r1; ++r) {
-      const float* xr = x + r * C;
-      const float* doutr = dout + r * C;
-      const float mu = mean[r], rs = rstd[r];
-      if (dx) row_dx(dx + r * C, doutr, xr, gamma, mu, rs, C);
-      if (dgamma) {
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) pg[c] += doutr[c] * (xr[c] - mu) * rs;
-      }
-      if (dbeta) {
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) pb[c] += doutr[c];
-      }
-    }
+    float* pg = params ? partial.data() + b * 2 * C : nullptr;
+    float* pb = params ? pg + C : nullptr;
+    run(dx, pg, pb, dout, x, gamma, mean, rstd, b * block_rows, std::min(rows, (b + 1) * block_rows), C);
   }
+  if (!params) return;
   // Blocks added in block order (a few percent of the work above, so one thread does it).
   std::vector<float> sum(static_cast<size_t>(2 * C), 0.0f);
   for (int64_t b = 0; b < blocks; ++b) {
