@@ -63,6 +63,7 @@ Tensor softmax(const Tensor& x);                               // over the last 
 // Mean over the non-ignored rows of −log softmax(logits)[target]. logits (N, Vp) or (B, T, Vp);
 // targets i32 with logits' leading shape. Only the first `vocab` columns take part (the rest is
 // padding with zero gradient); vocab <= 0 means all. Targets equal to ignore_index are skipped.
+// When every row is skipped the loss is 0 and so is the gradient (an empty mean is taken as 0).
 Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t vocab = -1, int32_t ignore_index = -1);
 
 // Non-differentiable companion for evaluation: Σ of the per-row losses and how many rows counted.

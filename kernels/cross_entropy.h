@@ -1,0 +1,45 @@
+// Cross-entropy fused with log-softmax over the vocabulary (llm.c's crossentropy + softmax, in one).
+//
+// Shapes: logits, dlogits (N, Vp) contiguous, of which only the first V columns take part (the rest is
+// padding, as GPT-2's vocabulary 50257 padded to 50304); targets (N,) i32; losses, lse (N,).
+// A row whose target equals ignore_index is skipped; every other target is in [0, V) (the caller
+// validates with cross_entropy_check_targets_cpu: a GPU kernel cannot throw a helpful error).
+//   forward:  lse[n]    = log Σ_{v<V} exp(logits[n, v])                  (stable: max subtracted)
+//             losses[n] = lse[n] − logits[n, targets[n]],  0 for an ignored row
+//   mean:     loss      = (Σ_n losses[n]) / count, summed in double in a fixed order; 0 when count = 0
+//   backward: dlogits[n, v] = (dloss/count)·(exp(logits[n, v] − lse[n]) − [v = targets[n]])  for v < V,
+//             0 for v ≥ V and on ignored rows.
+// The backward WRITES dlogits (every element, padding included) rather than accumulating: logits feed
+// nothing but the loss, and skipping a zero-fill saves a pass over an (N, Vp) buffer. dloss points to
+// the one-element gradient of the loss on the kernel's device, so the GPU needs no host round trip.
+// Each row is reduced by one thread (CPU) or one block (GPU) in a fixed order: results do not depend
+// on the thread count.
+#pragma once
+
+#include <cstdint>
+
+struct CUstream_st;
+
+namespace kraken::kernels {
+
+// ---- CPU ---------------------------------------------------------------------------------------
+void cross_entropy_forward_cpu(float* losses, float* lse, const float* logits, const int32_t* targets, int64_t N,
+                               int64_t Vp, int64_t V, int32_t ignore_index);
+void cross_entropy_mean_cpu(float* loss, const float* losses, int64_t N, int64_t count);
+void cross_entropy_backward_cpu(float* dlogits, const float* logits, const float* lse, const int32_t* targets,
+                                const float* dloss, int64_t count, int64_t N, int64_t Vp, int64_t V,
+                                int32_t ignore_index);
+// Validation on host targets: returns the first row whose target is neither ignore_index nor in
+// [0, V) (−1 when there is none) and stores in *count how many rows are not ignored.
+int64_t cross_entropy_check_targets_cpu(const int32_t* targets, int64_t N, int64_t V, int32_t ignore_index,
+                                        int64_t* count);
+
+// ---- CUDA (same contracts, fp32; dloss and every buffer on the device) -----------------------------
+void cross_entropy_forward_cuda(float* losses, float* lse, const float* logits, const int32_t* targets, int64_t N,
+                                int64_t Vp, int64_t V, int32_t ignore_index, CUstream_st* stream);
+void cross_entropy_mean_cuda(float* loss, const float* losses, int64_t N, int64_t count, CUstream_st* stream);
+void cross_entropy_backward_cuda(float* dlogits, const float* logits, const float* lse, const int32_t* targets,
+                                 const float* dloss, int64_t count, int64_t N, int64_t Vp, int64_t V,
+                                 int32_t ignore_index, CUstream_st* stream);
+
+}  // namespace kraken::kernels

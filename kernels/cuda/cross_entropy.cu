@@ -1,0 +1,139 @@
+// CUDA cross-entropy fused with log-softmax (equations in kernels/cross_entropy.h).
+//
+// One block per row. The forward reads the row once: each thread keeps an online (max, Σ exp(x − max))
+// pair over its strided columns (Milakov & Gimelshein 2018), and the pairs are merged by a fixed tree
+// (shuffle butterfly per warp, then warp 0 over the warps). The backward reads the row once and
+// writes its gradient once. The mean is one block summing in double, again in a fixed order.
+#include <cmath>
+
+#include "kernels/cross_entropy.h"
+#include "kernels/cuda/check.h"
+
+namespace kraken::kernels {
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+constexpr int kMeanThreads = 256;
+
+// Running log-sum-exp state: Σ_i exp(x_i) = s·exp(m).
+struct MaxSum {
+  float m;
+  float s;
+};
+
+// Merges two states. Each lane of the butterfly merges in its own fixed order (and only lane 0's
+// result is used), so the result does not depend on scheduling.
+__device__ inline MaxSum merge(MaxSum a, MaxSum b) {
+  const float m = fmaxf(a.m, b.m);
+  if (m == -INFINITY) return {m, 0.0f};  // both empty: nothing to rescale (and no −inf − −inf)
+  return {m, a.s * expf(a.m - m) + b.s * expf(b.m - m)};
+}
+
+__device__ inline MaxSum warp_merge(MaxSum v) {
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    MaxSum other{__shfl_xor_sync(0xffffffffu, v.m, offset), __shfl_xor_sync(0xffffffffu, v.s, offset)};
+    v = merge(v, other);
+  }
+  return v;
+}
+
+__global__ void cross_entropy_forward_kernel(float* losses, float* lse, const float* logits, const int32_t* targets,
+                                             int64_t Vp, int64_t V, int32_t ignore_index) {
+  const int64_t n = blockIdx.x;
+  const int32_t t = targets[n];
+  if (t == ignore_index) {  // the whole block leaves: skipped rows cost nothing, their lse is unused
+    if (threadIdx.x == 0) losses[n] = 0.0f, lse[n] = 0.0f;
+    return;
+  }
+  const float* xr = logits + n * Vp;
+  MaxSum acc{-INFINITY, 0.0f};
+  for (int64_t v = threadIdx.x; v < V; v += kThreads) {
+    const float x = xr[v];
+    if (x > acc.m) {
+      acc.s = acc.s * expf(acc.m - x) + 1.0f;  // rescale to the new maximum; exp(x − x) = 1
+      acc.m = x;
+    } else if (x != -INFINITY) {
+      acc.s += expf(x - acc.m);  // NaN lands here and propagates
+    }
+  }
+  __shared__ float part_m[kWarps], part_s[kWarps];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  acc = warp_merge(acc);
+  if (lane == 0) part_m[warp] = acc.m, part_s[warp] = acc.s;
+  __syncthreads();
+  if (warp == 0) {
+    MaxSum w = lane < kWarps ? MaxSum{part_m[lane], part_s[lane]} : MaxSum{-INFINITY, 0.0f};
+    w = warp_merge(w);
+    if (lane == 0) {
+      const float l = w.m + logf(w.s);
+      lse[n] = l;
+      losses[n] = l - xr[t];
+    }
+  }
+}
+
+// dlogits[n, v] = scale·(exp(x − lse) − [v = t]) for v < V; 0 on padding and on ignored rows.
+__global__ void cross_entropy_backward_kernel(float* dlogits, const float* logits, const float* lse,
+                                              const int32_t* targets, const float* dloss, int64_t count, int64_t Vp,
+                                              int64_t V, int32_t ignore_index) {
+  const int64_t n = blockIdx.x;
+  const int32_t t = targets[n];
+  float* dr = dlogits + n * Vp;
+  if (t == ignore_index) {
+    for (int64_t v = threadIdx.x; v < Vp; v += kThreads) dr[v] = 0.0f;
+    return;
+  }
+  const float scale = dloss[0] / static_cast<float>(count);  // count ≥ 1: this row is counted
+  const float* xr = logits + n * Vp;
+  const float l = lse[n];
+  for (int64_t v = threadIdx.x; v < Vp; v += kThreads) {
+    float g = 0.0f;
+    if (v < V) {
+      const float p = expf(xr[v] - l);
+      g = scale * (v == t ? p - 1.0f : p);  // p − 1 before scaling: no cancellation
+    }
+    dr[v] = g;
+  }
+}
+
+// loss = Σ losses / count in double: strided per-thread sums, then a fixed shared-memory tree.
+__global__ void cross_entropy_mean_kernel(float* loss, const float* losses, int64_t N, int64_t count) {
+  __shared__ double partial[kMeanThreads];
+  double acc = 0.0;
+  for (int64_t i = threadIdx.x; i < N; i += kMeanThreads) acc += losses[i];
+  partial[threadIdx.x] = acc;
+  __syncthreads();
+  for (int stride = kMeanThreads / 2; stride > 0; stride >>= 1) {
+    if (threadIdx.x < stride) partial[threadIdx.x] += partial[threadIdx.x + stride];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) loss[0] = count > 0 ? static_cast<float>(partial[0] / static_cast<double>(count)) : 0.0f;
+}
+
+}  // namespace
+
+void cross_entropy_forward_cuda(float* losses, float* lse, const float* logits, const int32_t* targets, int64_t N,
+                                int64_t Vp, int64_t V, int32_t ignore_index, CUstream_st* stream) {
+  if (N <= 0) return;
+  cross_entropy_forward_kernel<<<static_cast<unsigned int>(N), kThreads, 0, stream>>>(losses, lse, logits, targets, Vp,
+                                                                                      V, ignore_index);
+  KRAKEN_CUDA_LAUNCH_CHECK();
+}
+
+void cross_entropy_mean_cuda(float* loss, const float* losses, int64_t N, int64_t count, CUstream_st* stream) {
+  cross_entropy_mean_kernel<<<1, kMeanThreads, 0, stream>>>(loss, losses, N, count);
+  KRAKEN_CUDA_LAUNCH_CHECK();
+}
+
+void cross_entropy_backward_cuda(float* dlogits, const float* logits, const float* lse, const int32_t* targets,
+                                 const float* dloss, int64_t count, int64_t N, int64_t Vp, int64_t V,
+                                 int32_t ignore_index, CUstream_st* stream) {
+  // in the forward pass this was: loss = (1/count)·Σ_n (lse_n − logits[n, t_n])
+  if (N <= 0) return;
+  cross_entropy_backward_kernel<<<static_cast<unsigned int>(N), kThreads, 0, stream>>>(
+      dlogits, logits, lse, targets, dloss, count, Vp, V, ignore_index);
+  KRAKEN_CUDA_LAUNCH_CHECK();
+}
+
+}  // namespace kraken::kernels

@@ -1,0 +1,81 @@
+// CUDA embedding (contract in kernels/embedding.h).
+//
+// Forward: a grid-stride copy, one thread per output element.
+// Backward without float atomics: block b owns the ids [b·kIdsPerBlock, (b + 1)·kIdsPerBlock). It walks
+// all positions in chunks of kThreads; in each chunk the positions whose id it owns are compacted, in
+// position order (warp ballots and a prefix over the warps), into shared memory, and then added one
+// after another, each thread owning fixed columns. So every dweight[v, c] is written by one thread
+// of one block, with its contributions in increasing position: bit-identical on every launch.
+#include "kernels/cuda/check.h"
+#include "kernels/embedding.h"
+
+namespace kraken::kernels {
+namespace {
+
+using cuda_detail::blocks_for;
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kIdsPerBlock = 64;  // 50257 GPT-2 ids -> 786 blocks
+
+__global__ void embedding_forward_kernel(float* out, const float* weight, const int32_t* ids, int64_t N, int64_t C) {
+  const int64_t total = N * C;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    const int64_t n = i / C, c = i - n * C;
+    out[i] = weight[static_cast<int64_t>(ids[n]) * C + c];
+  }
+}
+
+__global__ void embedding_backward_kernel(float* dweight, const float* dout, const int32_t* ids, int64_t N,
+                                          int64_t V, int64_t C) {
+  __shared__ int64_t list_pos[kThreads];
+  __shared__ int32_t list_id[kThreads];
+  __shared__ int warp_count[kWarps];
+  const int64_t lo = static_cast<int64_t>(blockIdx.x) * kIdsPerBlock, hi = min(V, lo + kIdsPerBlock);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int64_t base = 0; base < N; base += kThreads) {  // the same trip count for every thread
+    const int64_t p = base + threadIdx.x;
+    const int32_t id = p < N ? ids[p] : -1;
+    const bool mine = id >= lo && id < hi;
+    const unsigned int ballot = __ballot_sync(0xffffffffu, mine);
+    if (lane == 0) warp_count[warp] = __popc(ballot);
+    __syncthreads();
+    int offset = 0, total = 0;
+    for (int w = 0; w < kWarps; ++w) {
+      if (w < warp) offset += warp_count[w];
+      total += warp_count[w];
+    }
+    if (mine) {
+      const int slot = offset + __popc(ballot & ((1u << lane) - 1u));  // matches before me, in order
+      list_pos[slot] = p;
+      list_id[slot] = id;
+    }
+    __syncthreads();
+    for (int i = 0; i < total; ++i) {
+      float* dst = dweight + static_cast<int64_t>(list_id[i]) * C;
+      const float* src = dout + list_pos[i] * C;
+      for (int64_t c = threadIdx.x; c < C; c += kThreads) dst[c] += src[c];
+    }
+    __syncthreads();  // the lists are rewritten by the next chunk
+  }
+}
+
+}  // namespace
+
+void embedding_forward_cuda(float* out, const float* weight, const int32_t* ids, int64_t N, int64_t V, int64_t C,
+                            CUstream_st* stream) {
+  if (N * C <= 0) return;
+  embedding_forward_kernel<<<blocks_for(N * C, kThreads), kThreads, 0, stream>>>(out, weight, ids, N, C);
+  KRAKEN_CUDA_LAUNCH_CHECK();
+}
+
+void embedding_backward_cuda(float* dweight, const float* dout, const int32_t* ids, int64_t N, int64_t V, int64_t C,
+                             CUstream_st* stream) {
+  // in the forward pass this was: out[n, :] = weight[ids[n], :]
+  if (N * C <= 0 || V <= 0) return;
+  const unsigned int blocks = static_cast<unsigned int>((V + kIdsPerBlock - 1) / kIdsPerBlock);
+  embedding_backward_kernel<<<blocks, kThreads, 0, stream>>>(dweight, dout, ids, N, V, C);
+  KRAKEN_CUDA_LAUNCH_CHECK();
+}
+
+}  // namespace kraken::kernels

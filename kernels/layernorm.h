@@ -1,0 +1,36 @@
+// Layer normalisation over the last dimension (Ba, Kiros, Hinton 2016, eq. 3–4), as GPT-2 uses it.
+//
+// Shapes: x, out, dx, dout (rows, C) contiguous; gamma, beta, dgamma, dbeta (C,); mean, rstd (rows,).
+// Forward, per row r:
+//   μ_r = (1/C) Σ_c x[r, c],   σ²_r = (1/C) Σ_c (x[r, c] − μ_r)²,   rstd_r = 1/√(σ²_r + eps)
+//   x̂[r, c] = (x[r, c] − μ_r)·rstd_r,   out[r, c] = x̂[r, c]·gamma[c] + beta[c]
+// mean and rstd are what backward needs besides x and gamma; either may be null (inference).
+// Backward, with g = dout ∘ gamma (the gradient of x̂):
+//   dx[r, :]  += rstd_r·(g − mean_c(g) − x̂[r, :]·mean_c(g ∘ x̂[r, :]))
+//   dgamma    += Σ_r dout[r, :] ∘ x̂[r, :],    dbeta += Σ_r dout[r, :]
+// Gradients accumulate (the caller zeroes them for "="); a null gradient pointer means nobody needs
+// that gradient and it is not computed. dgamma and dbeta are reduced in an order fixed by `rows`
+// alone (fixed row blocks summed in block order on the CPU, one fixed tree per column on the GPU), so
+// they are bit-identical for any thread count.
+#pragma once
+
+#include <cstdint>
+
+struct CUstream_st;
+
+namespace kraken::kernels {
+
+// ---- CPU ---------------------------------------------------------------------------------------
+void layernorm_forward_cpu(float* out, float* mean, float* rstd, const float* x, const float* gamma,
+                           const float* beta, int64_t rows, int64_t C, float eps);
+void layernorm_backward_cpu(float* dx, float* dgamma, float* dbeta, const float* dout, const float* x,
+                            const float* gamma, const float* mean, const float* rstd, int64_t rows, int64_t C);
+
+// ---- CUDA (same contracts, fp32) ----------------------------------------------------------------
+void layernorm_forward_cuda(float* out, float* mean, float* rstd, const float* x, const float* gamma,
+                            const float* beta, int64_t rows, int64_t C, float eps, CUstream_st* stream);
+void layernorm_backward_cuda(float* dx, float* dgamma, float* dbeta, const float* dout, const float* x,
+                             const float* gamma, const float* mean, const float* rstd, int64_t rows, int64_t C,
+                             CUstream_st* stream);
+
+}  // namespace kraken::kernels

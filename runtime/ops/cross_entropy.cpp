@@ -1,0 +1,112 @@
+// Cross-entropy fused with log-softmax (kernels/cross_entropy.h has the equations). The node keeps
+// the logits (detached), the targets and one log-sum-exp per row: backward rebuilds the softmax from
+// them in the same pass that writes the gradient, so no (N, V) probability buffer is ever kept.
+//
+// With no counted row (every target ignored) the loss is 0 and the gradient is 0: an empty mean is
+// taken as 0 so that a micro-batch of padding contributes nothing instead of NaN.
+#include "kernels/cross_entropy.h"
+
+#include <string>
+
+#include "kernels/elementwise.h"
+#include "kernels/error.h"
+#include "runtime/autograd.h"
+#include "runtime/dispatch.h"
+#include "runtime/ops.h"
+
+namespace kraken::runtime::ops {
+namespace {
+
+std::string index_str(const Shape& shape, int64_t flat) {
+  std::vector<int64_t> idx(shape.size());
+  for (size_t d = shape.size(); d-- > 0;) {
+    idx[d] = shape[d] == 0 ? 0 : flat % shape[d];
+    flat = shape[d] == 0 ? 0 : flat / shape[d];
+  }
+  return shape_str(idx);
+}
+
+// What forward and the evaluation sum share: validated sizes and the per-row results.
+struct RowLosses {
+  int64_t N = 0, Vp = 0, V = 0, count = 0;
+  Tensor losses;  // (N,) lse − logit of the target, 0 for ignored rows
+  Tensor lse;     // (N,)
+};
+
+RowLosses row_losses(const char* op, const Tensor& logits, const Tensor& targets, int64_t vocab,
+                     int32_t ignore_index) {
+  check_dtype(op, logits, DType::F32, "logits");
+  check_dtype(op, targets, DType::I32, "targets");
+  check_same_device(op, logits, targets);
+  if (logits.dim() != 2 && logits.dim() != 3)
+    KRAKEN_THROW(op, ": logits must be (N, Vp) or (B, T, Vp), got ", shape_str(logits.shape()));
+  const Shape lead(logits.shape().begin(), logits.shape().end() - 1);
+  if (targets.shape() != lead)
+    KRAKEN_THROW(op, ": targets ", shape_str(targets.shape()), " must have the leading shape ", shape_str(lead),
+                 " of logits ", shape_str(logits.shape()));
+  RowLosses r;
+  r.Vp = logits.size(-1);
+  r.V = vocab <= 0 ? r.Vp : vocab;
+  if (r.V > r.Vp)
+    KRAKEN_THROW(op, ": vocab ", r.V, " is larger than the last dimension of logits ", shape_str(logits.shape()));
+  r.N = targets.numel();
+
+  const Tensor host_targets = targets.device().is_cpu() ? targets : targets.to(Device::cpu());
+  const int32_t* t = host_targets.data<int32_t>();
+  const int64_t bad = kernels::cross_entropy_check_targets_cpu(t, r.N, r.V, ignore_index, &r.count);
+  if (bad >= 0)
+    KRAKEN_THROW(op, ": target ", t[bad], " at row ", bad, " (position ", index_str(targets.shape(), bad),
+                 " of targets ", shape_str(targets.shape()), ") is outside [0, vocab = ", r.V,
+                 ") and is not ignore_index ", ignore_index);
+
+  r.losses = Tensor::empty({r.N}, DType::F32, logits.device());
+  r.lse = Tensor::empty({r.N}, DType::F32, logits.device());
+  KRAKEN_ON_DEVICE(logits.device(),
+                   kernels::cross_entropy_forward_cpu(r.losses.data<float>(), r.lse.data<float>(),
+                                                      logits.data<float>(), targets.data<int32_t>(), r.N, r.Vp, r.V,
+                                                      ignore_index),
+                   kernels::cross_entropy_forward_cuda(r.losses.data<float>(), r.lse.data<float>(),
+                                                       logits.data<float>(), targets.data<int32_t>(), r.N, r.Vp, r.V,
+                                                       ignore_index, stream_of(logits)));
+  return r;
+}
+
+}  // namespace
+
+Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t vocab, int32_t ignore_index) {
+  RowLosses r = row_losses("cross_entropy", logits, targets, vocab, ignore_index);
+  Tensor loss = Tensor::empty({}, DType::F32, logits.device());
+  KRAKEN_ON_DEVICE(logits.device(),
+                   kernels::cross_entropy_mean_cpu(loss.data<float>(), r.losses.data<float>(), r.N, r.count),
+                   kernels::cross_entropy_mean_cuda(loss.data<float>(), r.losses.data<float>(), r.N, r.count,
+                                                    stream_of(logits)));
+  if (needs_grad({logits})) {
+    Tensor logits_saved = logits.detach(), targets_saved = targets.detach(), lse = r.lse;
+    const int64_t N = r.N, Vp = r.Vp, V = r.V, count = r.count;
+    record("cross_entropy", {logits, targets}, {loss},
+           [logits_saved, targets_saved, lse, N, Vp, V, count, ignore_index](const std::vector<Tensor>& g) {
+             // in the forward pass this was: loss = (1/count)·Σ_n (lse_n − logits[n, t_n])
+             const Tensor& dloss = g[0];
+             Tensor dlogits = Tensor::empty(logits_saved.shape(), DType::F32, dloss.device());  // fully written
+             KRAKEN_ON_DEVICE(dloss.device(),
+                              kernels::cross_entropy_backward_cpu(dlogits.data<float>(), logits_saved.data<float>(),
+                                                                  lse.data<float>(), targets_saved.data<int32_t>(),
+                                                                  dloss.data<float>(), count, N, Vp, V, ignore_index),
+                              kernels::cross_entropy_backward_cuda(dlogits.data<float>(), logits_saved.data<float>(),
+                                                                   lse.data<float>(), targets_saved.data<int32_t>(),
+                                                                   dloss.data<float>(), count, N, Vp, V, ignore_index,
+                                                                   stream_of(dloss)));
+             return std::vector<Tensor>{dlogits, Tensor()};
+           });
+  }
+  return loss;
+}
+
+LossSum cross_entropy_sum(const Tensor& logits, const Tensor& targets, int64_t vocab, int32_t ignore_index) {
+  RowLosses r = row_losses("cross_entropy_sum", logits, targets, vocab, ignore_index);
+  // The same double sum, in the same order, as cross_entropy_mean_cpu: on the CPU the two agree exactly.
+  const Tensor host = r.losses.device().is_cpu() ? r.losses : r.losses.to(Device::cpu());
+  return LossSum{kernels::sum_cpu(host.data<float>(), r.N), r.count};
+}
+
+}  // namespace kraken::runtime::ops

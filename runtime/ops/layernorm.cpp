@@ -1,0 +1,71 @@
+// Layer normalisation over the last dimension (kernels/layernorm.h has the equations). Forward saves
+// one mean and one reciprocal standard deviation per row; backward recomputes x̂ from them and x.
+#include "kernels/layernorm.h"
+
+#include <cmath>
+
+#include "kernels/error.h"
+#include "runtime/autograd.h"
+#include "runtime/dispatch.h"
+#include "runtime/ops.h"
+
+namespace kraken::runtime::ops {
+
+Tensor layernorm(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps) {
+  check_dtype("layernorm", x, DType::F32, "input");
+  check_dtype("layernorm", gamma, DType::F32, "gamma");
+  check_dtype("layernorm", beta, DType::F32, "beta");
+  check_same_device("layernorm", x, gamma);
+  check_same_device("layernorm", x, beta);
+  if (x.dim() < 1 || x.size(-1) == 0)
+    KRAKEN_THROW("layernorm: input ", shape_str(x.shape()), " needs a non-empty last dimension to normalise");
+  const int64_t C = x.size(-1), rows = x.numel() / C;
+  if (gamma.shape() != Shape{C} || beta.shape() != Shape{C})
+    KRAKEN_THROW("layernorm: gamma ", shape_str(gamma.shape()), " and beta ", shape_str(beta.shape()),
+                 " must both be (", C, ",) for input ", shape_str(x.shape()));
+  if (!(eps >= 0.0f) || !std::isfinite(eps)) KRAKEN_THROW("layernorm: eps must be finite and >= 0, got ", eps);
+
+  const bool record_grad = needs_grad({x, gamma, beta});
+  Tensor out = Tensor::empty(x.shape(), DType::F32, x.device());
+  Tensor mean = record_grad ? Tensor::empty({rows}, DType::F32, x.device()) : Tensor();
+  Tensor rstd = record_grad ? Tensor::empty({rows}, DType::F32, x.device()) : Tensor();
+  float* mean_ptr = record_grad ? mean.data<float>() : nullptr;
+  float* rstd_ptr = record_grad ? rstd.data<float>() : nullptr;
+  KRAKEN_ON_DEVICE(x.device(),
+                   kernels::layernorm_forward_cpu(out.data<float>(), mean_ptr, rstd_ptr, x.data<float>(),
+                                                  gamma.data<float>(), beta.data<float>(), rows, C, eps),
+                   kernels::layernorm_forward_cuda(out.data<float>(), mean_ptr, rstd_ptr, x.data<float>(),
+                                                   gamma.data<float>(), beta.data<float>(), rows, C, eps,
+                                                   stream_of(x)));
+  if (record_grad) {
+    const bool x_needs = x.requires_grad(), gamma_needs = gamma.requires_grad(), beta_needs = beta.requires_grad();
+    // x̂ (hence x) is needed by dx and dgamma; gamma only by dx; dbeta needs nothing but dout.
+    Tensor x_saved = (x_needs || gamma_needs) ? x.detach() : Tensor();
+    Tensor gamma_saved = x_needs ? gamma.detach() : Tensor();
+    record("layernorm", {x, gamma, beta}, {out},
+           [x_saved, gamma_saved, mean, rstd, x_needs, gamma_needs, beta_needs, rows, C](const std::vector<Tensor>& g) {
+             // in the forward pass this was: out = (x − μ)·rstd·gamma + beta
+             const Tensor& dout = g[0];
+             const Device device = dout.device();
+             Tensor dx = x_needs ? Tensor::zeros(x_saved.shape(), DType::F32, device) : Tensor();
+             Tensor dgamma = gamma_needs ? Tensor::zeros({C}, DType::F32, device) : Tensor();
+             Tensor dbeta = beta_needs ? Tensor::zeros({C}, DType::F32, device) : Tensor();
+             float* dx_ptr = x_needs ? dx.data<float>() : nullptr;
+             float* dgamma_ptr = gamma_needs ? dgamma.data<float>() : nullptr;
+             float* dbeta_ptr = beta_needs ? dbeta.data<float>() : nullptr;
+             const float* x_ptr = x_saved.defined() ? x_saved.data<float>() : nullptr;
+             const float* gamma_ptr = gamma_saved.defined() ? gamma_saved.data<float>() : nullptr;
+             KRAKEN_ON_DEVICE(device,
+                              kernels::layernorm_backward_cpu(dx_ptr, dgamma_ptr, dbeta_ptr, dout.data<float>(), x_ptr,
+                                                              gamma_ptr, mean.data<float>(), rstd.data<float>(), rows,
+                                                              C),
+                              kernels::layernorm_backward_cuda(dx_ptr, dgamma_ptr, dbeta_ptr, dout.data<float>(),
+                                                               x_ptr, gamma_ptr, mean.data<float>(),
+                                                               rstd.data<float>(), rows, C, stream_of(dout)));
+             return std::vector<Tensor>{dx, dgamma, dbeta};
+           });
+  }
+  return out;
+}
+
+}  // namespace kraken::runtime::ops
