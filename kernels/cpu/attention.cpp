@@ -43,7 +43,7 @@ inline Vec load(const float* p) {
   return v;
 }
 inline void store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
-inline Vec splat(float x) { return Vec{} + x; }
+inline Vec splat(float x) { return Vec{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 inline IVec lane_index() { return IVec{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}; }
 inline Vec vmax(Vec a, Vec b) { return a > b ? a : b; }
 inline float hsum(Vec v) {  // fixed order: the result is the same wherever it runs
@@ -139,6 +139,10 @@ void gemm_strip(float* c, int64_t ldc, const float* a, int64_t a_rs, int64_t a_c
 
 int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
+// Below about a million multiply-adds a parallel region costs more than it saves (and on a busy machine
+// a thread waiting for a descheduled partner costs a whole time slice), so tiny calls run on one thread.
+bool worth_threads(int64_t B, int64_t T, int64_t C) { return B * T * T * C >= (int64_t{1} << 20); }
+
 // A float buffer aligned to a cache line, uninitialised.
 struct Buffer {
   struct Free {
@@ -176,16 +180,64 @@ void pack_rows(float* dst, const float* src, int64_t stride, const Geometry& g) 
     std::fill(dst + t * g.Dp + g.D, dst + (t + 1) * g.Dp, 0.0f);
   }
 }
-// dst (D, Tp) = the transpose of one head's (T, D) block, zero-padded to Tp columns.
+
+// Rows of one head's (T, D) block as the micro-kernel reads them: in place when D is a whole number of
+// vectors (no copy), else packed into `scratch` with zero padding.
+struct Rows {
+  const float* data;
+  int64_t ld;
+};
+Rows rows_of(const float* src, int64_t stride, float* scratch, const Geometry& g) {
+  if (g.D == g.Dp) return {src, stride};
+  pack_rows(scratch, src, stride, g);
+  return {scratch, g.Dp};
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+// One butterfly stage of a 16×16 transpose: swaps the off-diagonal K×K blocks of every 2K×2K block.
+// After the stages K = 8, 4, 2, 1, row i holds what was column i.
+template <int K>
+inline void transpose_stage(Vec (&r)[kLanes]) {
+  IVec lo, hi;
+  for (int j = 0; j < kLanes; ++j) {
+    lo[j] = (j & K) ? kLanes + j - K : j;
+    hi[j] = (j & K) ? kLanes + j : j + K;
+  }
+  for (int i = 0; i < kLanes; ++i)
+    if (!(i & K)) {
+      const Vec a = r[i], b = r[i + K];
+      r[i] = __builtin_shuffle(a, b, lo);
+      r[i + K] = __builtin_shuffle(a, b, hi);
+    }
+}
+#endif
+
+// dst (D, Tp) = the transpose of one head's (T, D) block, zero-padded to Tp columns. Whole 16×16 blocks
+// go through registers; the edges (T or D not a multiple of 16) element by element.
 void pack_transposed(float* dst, const float* src, int64_t stride, const Geometry& g) {
   for (int64_t d = 0; d < g.D; ++d) std::fill(dst + d * g.Tp + g.T, dst + (d + 1) * g.Tp, 0.0f);
+  int64_t t_done = 0, d_done = 0;
+#if defined(__GNUC__) && !defined(__clang__)
+  t_done = g.T / kLanes * kLanes;
+  d_done = g.D / kLanes * kLanes;
+  for (int64_t t0 = 0; t0 < t_done; t0 += kLanes)
+    for (int64_t d0 = 0; d0 < d_done; d0 += kLanes) {
+      Vec r[kLanes];
+      for (int i = 0; i < kLanes; ++i) r[i] = load(src + (t0 + i) * stride + d0);
+      transpose_stage<8>(r);
+      transpose_stage<4>(r);
+      transpose_stage<2>(r);
+      transpose_stage<1>(r);
+      for (int i = 0; i < kLanes; ++i) store(dst + (d0 + i) * g.Tp + t0, r[i]);
+    }
+#endif
   for (int64_t t = 0; t < g.T; ++t)
-    for (int64_t d = 0; d < g.D; ++d) dst[d * g.Tp + t] = src[t * stride + d];
+    for (int64_t d = t < t_done ? d_done : 0; d < g.D; ++d) dst[d * g.Tp + t] = src[t * stride + d];
 }
 
 // ---- forward ----------------------------------------------------------------------------------------
 // One query tile [t0, t0 + rows) of head (b, h). s: (kTile, Tp) scratch; o: (kTile, Dp) scratch.
-void forward_tile(float* out, float* lse, const float* qkv, const float* kt, const float* v, int64_t b, int64_t h,
+void forward_tile(float* out, float* lse, const float* qkv, const float* kt, const Rows& v, int64_t b, int64_t h,
                   int64_t t0, const Geometry& g, float* s, float* o) {
   const int64_t rows = std::min(kTile, g.T - t0);
   const int64_t kend = t0 + rows;  // keys the tile's last row sees
@@ -228,7 +280,7 @@ void forward_tile(float* out, float* lse, const float* qkv, const float* kt, con
   // out = P·v / Σ P, each strip only over the keys its rows see.
   for (int64_t r0 = 0; r0 < rows; r0 += kMr) {
     const int mr = static_cast<int>(std::min<int64_t>(kMr, rows - r0));
-    gemm_strip(o + r0 * g.Dp, g.Dp, s + r0 * g.Tp, g.Tp, 1, v, g.Dp, mr, g.Dp, t0 + r0 + mr, false);
+    gemm_strip(o + r0 * g.Dp, g.Dp, s + r0 * g.Tp, g.Tp, 1, v.data, v.ld, mr, g.Dp, t0 + r0 + mr, false);
   }
   for (int64_t r = 0; r < rows; ++r) {
     float* dst = out + (b * g.T + t0 + r) * g.C + h * g.D;
@@ -241,8 +293,9 @@ void forward_tile(float* out, float* lse, const float* qkv, const float* kt, con
 // Per-thread scratch for one head's backward.
 struct HeadScratch {
   Buffer q, k, dout, kt, vt, dq, delta, p, ds, dk, dv;
-  explicit HeadScratch(const Geometry& g)
-      : q(g.Tp * g.Dp), k(g.Tp * g.Dp), dout(g.Tp * g.Dp), kt(g.D * g.Tp), vt(g.D * g.Tp), dq(g.Tp * g.Dp),
+  explicit HeadScratch(const Geometry& g)  // q, k and dout are only copied when rows_of must pack them
+      : q(g.D == g.Dp ? 0 : g.T * g.Dp), k(g.D == g.Dp ? 0 : g.T * g.Dp), dout(g.D == g.Dp ? 0 : g.T * g.Dp),
+        kt(g.D * g.Tp), vt(g.D * g.Tp), dq(g.Tp * g.Dp),
         delta(g.Tp), p(kTile * kTile), ds(kTile * kTile), dk(kTile * g.Dp), dv(kTile * g.Dp) {}
 };
 
@@ -250,21 +303,24 @@ struct HeadScratch {
 void backward_head(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse, int64_t b,
                    int64_t h, const Geometry& g, HeadScratch& w) {
   const int64_t D = g.D, Dp = g.Dp, T = g.T;
-  float *q = w.q.get(), *k = w.k.get(), *dO = w.dout.get(), *kt = w.kt.get(), *vt = w.vt.get();
-  float *dq = w.dq.get(), *delta = w.delta.get(), *P = w.p.get(), *dS = w.ds.get();
-  float *dk = w.dk.get(), *dv = w.dv.get();
-  pack_rows(q, qkv + g.qkv_at(b, 0, 0, h), g.ld, g);
-  pack_rows(k, qkv + g.qkv_at(b, 0, 1, h), g.ld, g);
-  pack_rows(dO, dout + b * T * g.C + h * D, g.C, g);
+  float *kt = w.kt.get(), *vt = w.vt.get(), *dq = w.dq.get(), *delta = w.delta.get();
+  float *P = w.p.get(), *dS = w.ds.get(), *dk = w.dk.get(), *dv = w.dv.get();
+  const Rows q = rows_of(qkv + g.qkv_at(b, 0, 0, h), g.ld, w.q.get(), g);
+  const Rows k = rows_of(qkv + g.qkv_at(b, 0, 1, h), g.ld, w.k.get(), g);
+  const Rows dO = rows_of(dout + b * T * g.C + h * D, g.C, w.dout.get(), g);
   pack_transposed(kt, qkv + g.qkv_at(b, 0, 1, h), g.ld, g);
   pack_transposed(vt, qkv + g.qkv_at(b, 0, 2, h), g.ld, g);
   std::fill(dq, dq + T * Dp, 0.0f);
   // Dᵢ = Σ_d dO[i, d]·O[i, d] = Σ_j P[i, j]·dP[i, j]: the softmax Jacobian's correction term.
   for (int64_t t = 0; t < T; ++t) {
     const float* orow = out + (b * T + t) * g.C + h * D;
-    float acc = 0.0f;
-    for (int64_t d = 0; d < D; ++d) acc += dO[t * Dp + d] * orow[d];
-    delta[t] = acc;
+    const float* drow = dO.data + t * dO.ld;
+    Vec acc = Vec{};
+    int64_t d = 0;
+    for (; d + kLanes <= D; d += kLanes) acc += load(drow + d) * load(orow + d);
+    float tail = 0.0f;
+    for (; d < D; ++d) tail += drow[d] * orow[d];
+    delta[t] = hsum(acc) + tail;
   }
   const float* lse_row = lse + (b * g.NH + h) * T;
   const IVec lanes = lane_index();
@@ -280,8 +336,8 @@ void backward_head(float* dqkv, const float* dout, const float* qkv, const float
       for (int64_t r0 = 0; r0 < nq; r0 += kMr) {
         const int mr = static_cast<int>(std::min<int64_t>(kMr, nq - r0));
         const int64_t n = diagonal ? std::min(nkp, round_up(r0 + mr, kLanes)) : nkp;
-        gemm_strip(P + r0 * kTile, kTile, q + (i0 + r0) * Dp, Dp, 1, kt + j0, g.Tp, mr, n, D, false);
-        gemm_strip(dS + r0 * kTile, kTile, dO + (i0 + r0) * Dp, Dp, 1, vt + j0, g.Tp, mr, n, D, false);
+        gemm_strip(P + r0 * kTile, kTile, q.data + (i0 + r0) * q.ld, q.ld, 1, kt + j0, g.Tp, mr, n, D, false);
+        gemm_strip(dS + r0 * kTile, kTile, dO.data + (i0 + r0) * dO.ld, dO.ld, 1, vt + j0, g.Tp, mr, n, D, false);
       }
       // P = exp(S/√D − lse), zero where the key comes after the query (or past T);
       // dS = P ∘ (dP − Dᵢ)  — in the forward pass this was: out = softmax(S)·v.
@@ -309,16 +365,16 @@ void backward_head(float* dqkv, const float* dout, const float* qkv, const float
       for (int64_t c0 = 0; c0 < nk; c0 += kMr) {
         const int mr = static_cast<int>(std::min<int64_t>(kMr, nk - c0));
         const int64_t r_first = diagonal ? c0 : 0;
-        gemm_strip(dv + c0 * Dp, Dp, P + r_first * kTile + c0, 1, kTile, dO + (i0 + r_first) * Dp, Dp, mr, Dp,
-                   nq - r_first, true);
-        gemm_strip(dk + c0 * Dp, Dp, dS + r_first * kTile + c0, 1, kTile, q + (i0 + r_first) * Dp, Dp, mr, Dp,
-                   nq - r_first, true);
+        gemm_strip(dv + c0 * Dp, Dp, P + r_first * kTile + c0, 1, kTile, dO.data + (i0 + r_first) * dO.ld, dO.ld,
+                   mr, Dp, nq - r_first, true);
+        gemm_strip(dk + c0 * Dp, Dp, dS + r_first * kTile + c0, 1, kTile, q.data + (i0 + r_first) * q.ld, q.ld,
+                   mr, Dp, nq - r_first, true);
       }
       // dQ_i += dS·k_j (nq, Dp); on the diagonal a strip of queries needs keys up to its last row only.
       for (int64_t r0 = 0; r0 < nq; r0 += kMr) {
         const int mr = static_cast<int>(std::min<int64_t>(kMr, nq - r0));
         const int64_t kk = diagonal ? std::min(nk, r0 + mr) : nk;
-        gemm_strip(dq + (i0 + r0) * Dp, Dp, dS + r0 * kTile, kTile, 1, k + j0 * Dp, Dp, mr, Dp, kk, true);
+        gemm_strip(dq + (i0 + r0) * Dp, Dp, dS + r0 * kTile, kTile, 1, k.data + j0 * k.ld, k.ld, mr, Dp, kk, true);
       }
     }
     // The 1/√D of S = q·kᵀ/√D, applied once: dk = dSᵀ·q/√D; dv = Pᵀ·dO.
@@ -344,23 +400,25 @@ void attention_forward_cpu(float* out, float* lse, const float* qkv, int64_t B, 
   if (B == 0 || T == 0) return;
   const Geometry g(B, T, C, NH);
   const int64_t BH = B * NH, n_tiles = (T + kTile - 1) / kTile;
-  // kᵀ (D, Tp) and v (T, Dp) of every head, packed once and shared by all its query tiles.
-  Buffer kt(BH * g.D * g.Tp), v(BH * g.T * g.Dp);
-#pragma omp parallel
+  // kᵀ (D, Tp) of every head (and v (T, Dp) when D is not a whole number of vectors), packed once and
+  // shared by all its query tiles.
+  Buffer kt(BH * g.D * g.Tp), v(g.D == g.Dp ? 0 : BH * g.T * g.Dp);
+#pragma omp parallel if (worth_threads(B, T, C))
   {
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < BH; ++bh) {
       const int64_t b = bh / NH, h = bh % NH;
       pack_transposed(kt.get() + bh * g.D * g.Tp, qkv + g.qkv_at(b, 0, 1, h), g.ld, g);
-      pack_rows(v.get() + bh * g.T * g.Dp, qkv + g.qkv_at(b, 0, 2, h), g.ld, g);
+      if (g.D != g.Dp) pack_rows(v.get() + bh * g.T * g.Dp, qkv + g.qkv_at(b, 0, 2, h), g.ld, g);
     }
     Buffer s(kTile * g.Tp), o(kTile * g.Dp);
     // Later tiles see more keys: hand them out first so the last items to finish are the small ones.
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < BH * n_tiles; ++item) {
       const int64_t tile = n_tiles - 1 - item / BH, bh = item % BH;
-      forward_tile(out, lse, qkv, kt.get() + bh * g.D * g.Tp, v.get() + bh * g.T * g.Dp, bh / NH, bh % NH,
-                   tile * kTile, g, s.get(), o.get());
+      const int64_t b = bh / NH, h = bh % NH;
+      const Rows v_rows = g.D == g.Dp ? Rows{qkv + g.qkv_at(b, 0, 2, h), g.ld} : Rows{v.get() + bh * g.T * g.Dp, g.Dp};
+      forward_tile(out, lse, qkv, kt.get() + bh * g.D * g.Tp, v_rows, b, h, tile * kTile, g, s.get(), o.get());
     }
   }
 }
@@ -374,7 +432,7 @@ void attention_backward_cpu(float* dqkv, const float* dout, const float* qkv, co
   const int64_t BH = B * NH;
   // One head per item: its key blocks accumulate dq in a fixed order, and heads write disjoint columns
   // of dqkv, so no two threads ever add into the same element.
-#pragma omp parallel
+#pragma omp parallel if (worth_threads(B, T, C))
   {
     HeadScratch scratch(g);
 #pragma omp for schedule(dynamic, 1)

@@ -155,22 +155,26 @@ TEST(Attention, ChangingTokenNeverChangesEarlierOutputs) {
 }
 
 TEST(Attention, BitwiseIdenticalForOneAndTwoThreads) {
-  const int64_t B = 2, T = 150, C = 128, H = 2;
-  Tensor x = random_leaf({B, T, 3 * C}, 47).detach();
-  Tensor dout = random_leaf({B, T, C}, 48).detach();
-  auto run = [&](int threads) {
-    const int previous = omp_get_max_threads();
-    omp_set_num_threads(threads);
-    Tensor qkv = x.clone().set_requires_grad(true);
-    Tensor out = ops::attention(qkv, H);
-    backward(out, dout);
-    omp_set_num_threads(previous);
-    return std::make_pair(out.to_vector(), qkv.grad().to_vector());
-  };
-  const auto one = run(1), two = run(2);
-  ASSERT_EQ(one.first.size(), two.first.size());
-  for (size_t i = 0; i < one.first.size(); ++i) ASSERT_EQ(one.first[i], two.first[i]) << "output " << i;
-  for (size_t i = 0; i < one.second.size(); ++i) ASSERT_EQ(one.second[i], two.second[i]) << "gradient " << i;
+  // D = 64 (rows read in place) and D = 20 (rows packed), both with a partial last tile and large
+  // enough to run threaded (kernels/cpu/attention.cpp runs calls under 2²⁰ B·T²·C on one thread).
+  for (const Case& k : {Case{2, 150, 128, 2}, Case{3, 100, 60, 3}}) {
+    SCOPED_TRACE(::testing::Message() << "B=" << k.B << " T=" << k.T << " C=" << k.C << " H=" << k.H);
+    Tensor x = random_leaf({k.B, k.T, 3 * k.C}, 47).detach();
+    Tensor dout = random_leaf({k.B, k.T, k.C}, 48).detach();
+    auto run = [&](int threads) {
+      const int previous = omp_get_max_threads();
+      omp_set_num_threads(threads);
+      Tensor qkv = x.clone().set_requires_grad(true);
+      Tensor out = ops::attention(qkv, k.H);
+      backward(out, dout);
+      omp_set_num_threads(previous);
+      return std::make_pair(out.to_vector(), qkv.grad().to_vector());
+    };
+    const auto one = run(1), two = run(2);
+    ASSERT_EQ(one.first.size(), two.first.size());
+    for (size_t i = 0; i < one.first.size(); ++i) ASSERT_EQ(one.first[i], two.first[i]) << "output " << i;
+    for (size_t i = 0; i < one.second.size(); ++i) ASSERT_EQ(one.second[i], two.second[i]) << "gradient " << i;
+  }
 }
 
 void expect_error_naming(const Tensor& qkv, int64_t n_head, const std::string& needle) {
