@@ -1,0 +1,35 @@
+// Fused causal multi-head self-attention (GPT-2's attention, one kernel family).
+//
+// Layout (GPT-2's c_attn output): qkv (B, T, 3C) holds q in columns [0, C), k in [C, 2C), v in
+// [2C, 3C); head h uses columns h·D .. (h+1)·D of each, D = C / NH. For every (b, h):
+//   S = q·kᵀ / √D  (T, T),  S[t, s] = −∞ for s > t  (causal mask)
+//   P = softmax(S) row-wise,  out = P·v  (T, D), written to out (B, T, C) columns h·D .. (h+1)·D
+//   lse[b, h, t] = log Σ_{s ≤ t} exp(S[t, s])   so that P = exp(S − lse) can be recomputed.
+// Only out and lse (B, NH, T) survive the forward; no (T, T) matrix is stored. Backward is the
+// FlashAttention recurrence (Dao et al. 2022, Alg. 4; Dao 2023, Alg. 2): with Dᵢ = Σ_d dO[i, d]·O[i, d],
+//   P = exp(S − lse),  dV = Pᵀ·dO,  dP = dO·vᵀ,  dS = P ∘ (dP − D),  dq = dS·k/√D,  dk = dSᵀ·q/√D,
+// recomputed block by block. Gradients accumulate: dqkv (B, T, 3C) += the q, k and v gradients.
+//
+// The CPU kernels are deterministic: every output element is produced by one thread in a fixed order,
+// so results are bit-identical for any OpenMP thread count.
+#pragma once
+
+#include <cstdint>
+
+struct CUstream_st;
+
+namespace kraken::kernels {
+
+// out (B, T, C), lse (B, NH, T), qkv (B, T, 3C); C % NH == 0.
+void attention_forward_cpu(float* out, float* lse, const float* qkv, int64_t B, int64_t T, int64_t C, int64_t NH);
+// dqkv (B, T, 3C) += ∂L/∂qkv given dout (B, T, C) = ∂L/∂out and the forward's qkv, out and lse.
+void attention_backward_cpu(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse,
+                            int64_t B, int64_t T, int64_t C, int64_t NH);
+
+// CUDA: the same contracts, fp32, on `stream`.
+void attention_forward_cuda(float* out, float* lse, const float* qkv, int64_t B, int64_t T, int64_t C, int64_t NH,
+                            CUstream_st* stream);
+void attention_backward_cuda(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse,
+                             int64_t B, int64_t T, int64_t C, int64_t NH, CUstream_st* stream);
+
+}  // namespace kraken::kernels

@@ -1,0 +1,322 @@
+// CUDA causal attention, fp32: FlashAttention's tiling (Dao et al. 2022) with shared-memory tiles.
+//
+// Forward: one block per (query tile of kBr rows, b·h). Key/value tiles of kBc rows stream through
+// shared memory; each row keeps a running maximum m and sum l (online softmax, Milakov & Gimelshein
+// 2018): with a new tile's scores s, m' = max(m, max s), l' = l·e^{m−m'} + Σ e^{s−m'}, and the output
+// accumulator O' = O·e^{m−m'} + e^{s−m'}·v. At the end out = O/l and lse = m + log l.
+//
+// Backward, without float atomics, as two kernels that write disjoint columns of dqkv:
+//   key kernel,   one block per (key tile j, b·h): for every query tile i ≥ j recompute
+//                 P = exp(S − lse), dP = dO·vᵀ, dS = P ∘ (dP − Dᵢ) and accumulate dV_j += Pᵀ·dO_i,
+//                 dK_j += dSᵀ·q_i/√D in shared memory; write them once.
+//   query kernel, one block per (query tile i, b·h): the same dS for key tiles j ≤ i, dQ_i += dS·k_j/√D.
+// Dᵢ = Σ_d dO[i, d]·O[i, d] is recomputed by each block from dout and out (a row dot product), so the
+// kernels need no workspace. Every output element is owned by one thread that sums in a fixed order:
+// results are deterministic run to run.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "kernels/attention.h"
+#include "kernels/cuda/check.h"
+
+namespace kraken::kernels {
+namespace {
+
+constexpr int kBr = 32;       // query rows per tile
+constexpr int kBc = 32;       // key rows per tile (one per lane of a warp)
+constexpr int kThreads = 128;  // 4 warps
+constexpr int kWarps = kThreads / 32;
+constexpr size_t kDefaultSmem = 48 * 1024;
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+struct Dims {
+  int T, C, NH, D;
+  int64_t ld;  // 3C
+  float scale;
+};
+
+// Loads rows [t0, t0 + n) of one head's D columns (row stride `stride` in global) into dst with row
+// pitch `pitch`; rows past T are zero.
+__device__ void load_tile(float* dst, int pitch, const float* src, int64_t stride, int t0, int rows, const Dims& g) {
+  for (int idx = threadIdx.x; idx < rows * g.D; idx += blockDim.x) {
+    const int r = idx / g.D, d = idx % g.D;
+    dst[r * pitch + d] = t0 + r < g.T ? src[static_cast<int64_t>(t0 + r) * stride + d] : 0.0f;
+  }
+}
+
+// ---- forward ------------------------------------------------------------------------------------------
+// Shared: q (kBr, D+1), k (kBc, D+1), v (kBc, D), s (kBr, kBc+1), o (kBr, D), m, l, alpha (kBr).
+__global__ void attention_forward_kernel(float* out, float* lse, const float* qkv, Dims g) {
+  extern __shared__ float smem[];
+  const int D = g.D, dp = D + 1;
+  float* qs = smem;
+  float* ks = qs + kBr * dp;
+  float* vs = ks + kBc * dp;
+  float* ss = vs + kBc * D;
+  float* os = ss + kBr * (kBc + 1);
+  float* row_m = os + kBr * D;
+  float* row_l = row_m + kBr;
+  float* row_alpha = row_l + kBr;
+
+  const int bh = blockIdx.y, b = bh / g.NH, h = bh % g.NH;
+  const int q0 = blockIdx.x * kBr;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const float* base = qkv + static_cast<int64_t>(b) * g.T * g.ld + h * D;
+
+  load_tile(qs, dp, base, g.ld, q0, kBr, g);
+  for (int idx = threadIdx.x; idx < kBr * D; idx += blockDim.x) os[idx] = 0.0f;
+  for (int r = threadIdx.x; r < kBr; r += blockDim.x) {
+    row_m[r] = -INFINITY;
+    row_l[r] = 0.0f;
+  }
+  const int last_query = min(q0 + kBr, g.T) - 1;
+  for (int k0 = 0; k0 <= last_query; k0 += kBc) {
+    __syncthreads();  // the previous tile's k, v and p are no longer read
+    load_tile(ks, dp, base + g.C, g.ld, k0, kBc, g);
+    load_tile(vs, D, base + 2 * g.C, g.ld, k0, kBc, g);
+    __syncthreads();
+    // S = q·kᵀ/√D with the causal mask; lane = key column, so k rows (pitch D+1) hit distinct banks.
+    for (int r = warp; r < kBr; r += kWarps) {
+      const int t = q0 + r, key = k0 + lane;
+      float dot = 0.0f;
+      for (int d = 0; d < D; ++d) dot += qs[r * dp + d] * ks[lane * dp + d];
+      ss[r * (kBc + 1) + lane] = (key <= t && t < g.T) ? dot * g.scale : -INFINITY;
+    }
+    __syncthreads();
+    // Online softmax, one warp per row.
+    for (int r = warp; r < kBr; r += kWarps) {
+      const float s = ss[r * (kBc + 1) + lane];
+      const float m_old = row_m[r];
+      const float m_new = fmaxf(m_old, warp_max(s));
+      // A row past T has seen only −∞: it adds nothing and keeps O = 0, l = 0 (no ∞ − ∞ = NaN).
+      const bool empty = m_new == -INFINITY;
+      const float p = empty ? 0.0f : expf(s - m_new);
+      const float alpha = empty ? 1.0f : expf(m_old - m_new);  // e^{−∞} = 0 on the first tile
+      const float psum = warp_sum(p);
+      ss[r * (kBc + 1) + lane] = p;
+      __syncwarp();
+      if (lane == 0) {
+        row_m[r] = m_new;
+        row_l[r] = row_l[r] * alpha + psum;
+        row_alpha[r] = alpha;
+      }
+    }
+    __syncthreads();
+    // O = O·alpha + P·v
+    for (int idx = threadIdx.x; idx < kBr * D; idx += blockDim.x) {
+      const int r = idx / D, d = idx % D;
+      float acc = os[idx] * row_alpha[r];
+      for (int c = 0; c < kBc; ++c) acc += ss[r * (kBc + 1) + c] * vs[c * D + d];
+      os[idx] = acc;
+    }
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < kBr * D; idx += blockDim.x) {
+    const int r = idx / D, d = idx % D, t = q0 + r;
+    if (t < g.T) out[(static_cast<int64_t>(b) * g.T + t) * g.C + h * D + d] = os[idx] / row_l[r];
+  }
+  for (int r = threadIdx.x; r < kBr; r += blockDim.x)
+    if (q0 + r < g.T) lse[static_cast<int64_t>(bh) * g.T + q0 + r] = row_m[r] + logf(row_l[r]);
+}
+
+// ---- backward -----------------------------------------------------------------------------------------
+// Loads the query tile's q, dO (pitch D+1), lse and Dᵢ = Σ_d dO·O; rows past T get lse = +∞ (so P = 0).
+__device__ void load_query_side(float* qs, float* dos, float* lse_s, float* delta_s, const float* qkv_base,
+                                const float* dout, const float* out, const float* lse, int b, int bh, int h, int q0,
+                                const Dims& g) {
+  const int D = g.D, dp = D + 1;
+  const int64_t row0 = static_cast<int64_t>(b) * g.T;
+  load_tile(qs, dp, qkv_base, g.ld, q0, kBr, g);
+  load_tile(dos, dp, dout + row0 * g.C + h * D, g.C, q0, kBr, g);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int r = warp; r < kBr; r += kWarps) {
+    const int t = q0 + r;
+    float acc = 0.0f;
+    if (t < g.T)
+      for (int d = lane; d < D; d += 32)
+        acc += dout[(row0 + t) * g.C + h * D + d] * out[(row0 + t) * g.C + h * D + d];
+    acc = warp_sum(acc);
+    if (lane == 0) {
+      delta_s[r] = acc;
+      lse_s[r] = t < g.T ? lse[static_cast<int64_t>(bh) * g.T + t] : INFINITY;
+    }
+  }
+}
+
+// P and dS for (query tile q0, key tile k0): lane = key column, one warp per row.
+// P = exp(S − lse) (0 where the key follows the query), dS = P ∘ (dP − Dᵢ) with dP = dO·vᵀ.
+__device__ void probabilities_and_ds(float* ps, float* dss, const float* qs, const float* dos, const float* ks,
+                                     const float* vs, const float* lse_s, const float* delta_s, int q0, int k0,
+                                     const Dims& g) {
+  const int D = g.D, dp = D + 1;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int r = warp; r < kBr; r += kWarps) {
+    const int t = q0 + r, key = k0 + lane;
+    float s = 0.0f, dpv = 0.0f;
+    for (int d = 0; d < D; ++d) {
+      s += qs[r * dp + d] * ks[lane * dp + d];
+      dpv += dos[r * dp + d] * vs[lane * dp + d];
+    }
+    const float p = (key <= t && t < g.T) ? expf(s * g.scale - lse_s[r]) : 0.0f;
+    if (ps) ps[r * (kBc + 1) + lane] = p;
+    dss[r * (kBc + 1) + lane] = p * (dpv - delta_s[r]);
+  }
+}
+
+// Shared: k, v, q, dO (pitch D+1), dK, dV (D), P, dS (kBc+1), lse, Dᵢ.
+__global__ void attention_backward_kv_kernel(float* dqkv, const float* dout, const float* qkv, const float* out,
+                                             const float* lse, Dims g) {
+  extern __shared__ float smem[];
+  const int D = g.D, dp = D + 1;
+  float* ks = smem;
+  float* vs = ks + kBc * dp;
+  float* qs = vs + kBc * dp;
+  float* dos = qs + kBr * dp;
+  float* dks = dos + kBr * dp;
+  float* dvs = dks + kBc * D;
+  float* ps = dvs + kBc * D;
+  float* dss = ps + kBr * (kBc + 1);
+  float* lse_s = dss + kBr * (kBc + 1);
+  float* delta_s = lse_s + kBr;
+
+  const int bh = blockIdx.y, b = bh / g.NH, h = bh % g.NH;
+  const int k0 = blockIdx.x * kBc;
+  const float* base = qkv + static_cast<int64_t>(b) * g.T * g.ld + h * D;
+  load_tile(ks, dp, base + g.C, g.ld, k0, kBc, g);
+  load_tile(vs, dp, base + 2 * g.C, g.ld, k0, kBc, g);
+  for (int idx = threadIdx.x; idx < kBc * D; idx += blockDim.x) dks[idx] = dvs[idx] = 0.0f;
+
+  for (int q0 = k0 / kBr * kBr; q0 < g.T; q0 += kBr) {  // query tiles that see this key tile
+    __syncthreads();
+    load_query_side(qs, dos, lse_s, delta_s, base, dout, out, lse, b, bh, h, q0, g);
+    __syncthreads();
+    probabilities_and_ds(ps, dss, qs, dos, ks, vs, lse_s, delta_s, q0, k0, g);
+    __syncthreads();
+    // dV += Pᵀ·dO, dK += dSᵀ·q: thread owns (key c, column d).
+    for (int idx = threadIdx.x; idx < kBc * D; idx += blockDim.x) {
+      const int c = idx / D, d = idx % D;
+      float dv = dvs[idx], dk = dks[idx];
+      for (int r = 0; r < kBr; ++r) {
+        dv += ps[r * (kBc + 1) + c] * dos[r * dp + d];
+        dk += dss[r * (kBc + 1) + c] * qs[r * dp + d];
+      }
+      dvs[idx] = dv;
+      dks[idx] = dk;
+    }
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < kBc * D; idx += blockDim.x) {
+    const int c = idx / D, d = idx % D, key = k0 + c;
+    if (key >= g.T) continue;
+    float* row = dqkv + (static_cast<int64_t>(b) * g.T + key) * g.ld + h * D + d;
+    row[g.C] += g.scale * dks[idx];  // dk = dSᵀ·q/√D
+    row[2 * g.C] += dvs[idx];         // dv = Pᵀ·dO
+  }
+}
+
+// Shared: q, dO, k, v (pitch D+1), dQ (D), dS (kBc+1), lse, Dᵢ.
+__global__ void attention_backward_q_kernel(float* dqkv, const float* dout, const float* qkv, const float* out,
+                                            const float* lse, Dims g) {
+  extern __shared__ float smem[];
+  const int D = g.D, dp = D + 1;
+  float* qs = smem;
+  float* dos = qs + kBr * dp;
+  float* ks = dos + kBr * dp;
+  float* vs = ks + kBc * dp;
+  float* dqs = vs + kBc * dp;
+  float* dss = dqs + kBr * D;
+  float* lse_s = dss + kBr * (kBc + 1);
+  float* delta_s = lse_s + kBr;
+
+  const int bh = blockIdx.y, b = bh / g.NH, h = bh % g.NH;
+  const int q0 = blockIdx.x * kBr;
+  const float* base = qkv + static_cast<int64_t>(b) * g.T * g.ld + h * D;
+  load_query_side(qs, dos, lse_s, delta_s, base, dout, out, lse, b, bh, h, q0, g);
+  for (int idx = threadIdx.x; idx < kBr * D; idx += blockDim.x) dqs[idx] = 0.0f;
+  const int last_query = min(q0 + kBr, g.T) - 1;
+  for (int k0 = 0; k0 <= last_query; k0 += kBc) {
+    __syncthreads();
+    load_tile(ks, dp, base + g.C, g.ld, k0, kBc, g);
+    load_tile(vs, dp, base + 2 * g.C, g.ld, k0, kBc, g);
+    __syncthreads();
+    probabilities_and_ds(nullptr, dss, qs, dos, ks, vs, lse_s, delta_s, q0, k0, g);
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < kBr * D; idx += blockDim.x) {  // dQ += dS·k
+      const int r = idx / D, d = idx % D;
+      float acc = dqs[idx];
+      for (int c = 0; c < kBc; ++c) acc += dss[r * (kBc + 1) + c] * ks[c * dp + d];
+      dqs[idx] = acc;
+    }
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < kBr * D; idx += blockDim.x) {
+    const int r = idx / D, d = idx % D, t = q0 + r;
+    if (t < g.T) dqkv[(static_cast<int64_t>(b) * g.T + t) * g.ld + h * D + d] += g.scale * dqs[idx];  // dq = dS·k/√D
+  }
+}
+
+Dims make_dims(int64_t T, int64_t C, int64_t NH) {
+  KRAKEN_CHECK(NH > 0 && C > 0 && C % NH == 0, "C=", C, " NH=", NH);
+  KRAKEN_CHECK(T < (1LL << 31) && C < (1LL << 29), "T=", T, " C=", C);
+  Dims g;
+  g.T = static_cast<int>(T);
+  g.C = static_cast<int>(C);
+  g.NH = static_cast<int>(NH);
+  g.D = static_cast<int>(C / NH);
+  g.ld = 3 * C;
+  g.scale = 1.0f / sqrtf(static_cast<float>(g.D));
+  return g;
+}
+
+// Shared memory above the default 48 KiB must be asked for per kernel (heads of D ≥ 64 need it).
+template <typename Kernel>
+void allow_smem(Kernel kernel, size_t bytes) {
+  if (bytes > kDefaultSmem)
+    KRAKEN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+}
+
+dim3 grid_for(int64_t T, int tile, int64_t BH) {
+  KRAKEN_CHECK(BH <= 65535, "B·NH = ", BH, " exceeds the grid's y limit");
+  return dim3(static_cast<unsigned>((T + tile - 1) / tile), static_cast<unsigned>(BH));
+}
+
+}  // namespace
+
+void attention_forward_cuda(float* out, float* lse, const float* qkv, int64_t B, int64_t T, int64_t C, int64_t NH,
+                            CUstream_st* stream) {
+  if (B == 0 || T == 0) return;
+  const Dims g = make_dims(T, C, NH);
+  const int D = g.D;
+  const size_t smem = sizeof(float) * (kBr * (D + 1) + kBc * (D + 1) + kBc * D + kBr * (kBc + 1) + kBr * D + 3 * kBr);
+  allow_smem(attention_forward_kernel, smem);
+  attention_forward_kernel<<<grid_for(T, kBr, B * NH), kThreads, smem, stream>>>(out, lse, qkv, g);
+  KRAKEN_CUDA_LAUNCH_CHECK();
+}
+
+void attention_backward_cuda(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse,
+                             int64_t B, int64_t T, int64_t C, int64_t NH, CUstream_st* stream) {
+  if (B == 0 || T == 0) return;
+  const Dims g = make_dims(T, C, NH);
+  const int D = g.D;
+  const size_t smem_kv =
+      sizeof(float) * (2 * kBc * (D + 1) + 2 * kBr * (D + 1) + 2 * kBc * D + 2 * kBr * (kBc + 1) + 2 * kBr);
+  allow_smem(attention_backward_kv_kernel, smem_kv);
+  attention_backward_kv_kernel<<<grid_for(T, kBc, B * NH), kThreads, smem_kv, stream>>>(dqkv, dout, qkv, out, lse, g);
+  KRAKEN_CUDA_LAUNCH_CHECK();
+  const size_t smem_q =
+      sizeof(float) * (2 * kBr * (D + 1) + 2 * kBc * (D + 1) + kBr * D + kBr * (kBc + 1) + 2 * kBr);
+  allow_smem(attention_backward_q_kernel, smem_q);
+  attention_backward_q_kernel<<<grid_for(T, kBr, B * NH), kThreads, smem_q, stream>>>(dqkv, dout, qkv, out, lse, g);
+  KRAKEN_CUDA_LAUNCH_CHECK();
+}
+
+}  // namespace kraken::kernels
