@@ -1,6 +1,7 @@
 // Layer normalisation over the last dimension (Ba, Kiros, Hinton 2016, eq. 3–4), as GPT-2 uses it.
 //
 // Shapes: x, out, dx, dout (rows, C) contiguous; gamma, beta, dgamma, dbeta (C,); mean, rstd (rows,).
+// beta may be null: a LayerNorm without bias (then dbeta is null too).
 // Forward, per row r:
 //   μ_r = (1/C) Σ_c x[r, c],   σ²_r = (1/C) Σ_c (x[r, c] − μ_r)²,   rstd_r = 1/√(σ²_r + eps)
 //   x̂[r, c] = (x[r, c] − μ_r)·rstd_r,   out[r, c] = x̂[r, c]·gamma[c] + beta[c]

@@ -35,8 +35,13 @@ void layernorm_forward_cpu(float* out, float* mean, float* rstd, const float* x,
       sq += d * d;
     }
     const float rs = 1.0f / std::sqrt(sq * inv_c + eps);
+    if (beta) {
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c) outr[c] = (xr[c] - mu) * rs * gamma[c] + beta[c];
+      for (int64_t c = 0; c < C; ++c) outr[c] = (xr[c] - mu) * rs * gamma[c] + beta[c];
+    } else {  // a LayerNorm without bias (the paper's Kraken models)
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) outr[c] = (xr[c] - mu) * rs * gamma[c];
+    }
     if (mean) mean[r] = mu;
     if (rstd) rstd[r] = rs;
   }

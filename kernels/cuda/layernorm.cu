@@ -35,7 +35,7 @@ __global__ void layernorm_forward_kernel(float* out, float* mean, float* rstd, c
   }
   const float rs = 1.0f / sqrtf(warp_sum(sq) / static_cast<float>(C) + eps);
   float* outr = out + r * C;
-  for (int c = lane; c < C; c += 32) outr[c] = (xr[c] - mu) * rs * gamma[c] + beta[c];
+  for (int c = lane; c < C; c += 32) outr[c] = (xr[c] - mu) * rs * gamma[c] + (beta ? beta[c] : 0.0f);
   if (lane == 0) {
     if (mean) mean[r] = mu;
     if (rstd) rstd[r] = rs;

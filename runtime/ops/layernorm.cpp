@@ -14,14 +14,17 @@ namespace kraken::runtime::ops {
 Tensor layernorm(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps) {
   check_dtype("layernorm", x, DType::F32, "input");
   check_dtype("layernorm", gamma, DType::F32, "gamma");
-  check_dtype("layernorm", beta, DType::F32, "beta");
   check_same_device("layernorm", x, gamma);
-  check_same_device("layernorm", x, beta);
+  if (beta.defined()) {  // an undefined beta is a LayerNorm without bias
+    check_dtype("layernorm", beta, DType::F32, "beta");
+    check_same_device("layernorm", x, beta);
+  }
   if (x.dim() < 1 || x.size(-1) == 0)
     KRAKEN_THROW("layernorm: input ", shape_str(x.shape()), " needs a non-empty last dimension to normalise");
   const int64_t C = x.size(-1), rows = x.numel() / C;
-  if (gamma.shape() != Shape{C} || beta.shape() != Shape{C})
-    KRAKEN_THROW("layernorm: gamma ", shape_str(gamma.shape()), " and beta ", shape_str(beta.shape()),
+  if (gamma.shape() != Shape{C} || (beta.defined() && beta.shape() != Shape{C}))
+    KRAKEN_THROW("layernorm: gamma ", shape_str(gamma.shape()), " and beta ",
+                 beta.defined() ? shape_str(beta.shape()) : std::string("(none)"),
                  " must both be (", C, ",) for input ", shape_str(x.shape()));
   if (!(eps >= 0.0f) || !std::isfinite(eps)) KRAKEN_THROW("layernorm: eps must be finite and >= 0, got ", eps);
 
@@ -31,14 +34,16 @@ Tensor layernorm(const Tensor& x, const Tensor& gamma, const Tensor& beta, float
   Tensor rstd = record_grad ? Tensor::empty({rows}, DType::F32, x.device()) : Tensor();
   float* mean_ptr = record_grad ? mean.data<float>() : nullptr;
   float* rstd_ptr = record_grad ? rstd.data<float>() : nullptr;
+  const float* beta_ptr = beta.defined() ? beta.data<float>() : nullptr;
   KRAKEN_ON_DEVICE(x.device(),
                    kernels::layernorm_forward_cpu(out.data<float>(), mean_ptr, rstd_ptr, x.data<float>(),
-                                                  gamma.data<float>(), beta.data<float>(), rows, C, eps),
+                                                  gamma.data<float>(), beta_ptr, rows, C, eps),
                    kernels::layernorm_forward_cuda(out.data<float>(), mean_ptr, rstd_ptr, x.data<float>(),
-                                                   gamma.data<float>(), beta.data<float>(), rows, C, eps,
+                                                   gamma.data<float>(), beta_ptr, rows, C, eps,
                                                    stream_of(x)));
   if (record_grad) {
-    const bool x_needs = x.requires_grad(), gamma_needs = gamma.requires_grad(), beta_needs = beta.requires_grad();
+    const bool x_needs = x.requires_grad(), gamma_needs = gamma.requires_grad();
+    const bool beta_needs = beta.defined() && beta.requires_grad();
     // x̂ (hence x) is needed by dx and dgamma; gamma only by dx; dbeta needs nothing but dout.
     Tensor x_saved = (x_needs || gamma_needs) ? x.detach() : Tensor();
     Tensor gamma_saved = x_needs ? gamma.detach() : Tensor();

@@ -44,12 +44,9 @@ void check_against_golden(const std::string& file_name) {
   runtime::SafetensorsFile file = runtime::SafetensorsFile::open(fixture(file_name));
   KrakenModel model(config_from(file));
   for (auto& p : model.named_parameters()) file.load_into("param." + p.name, p.tensor);
-  for (const std::string& name : file.names())
-    if (name.rfind("param.", 0) == 0)
-      EXPECT_NO_THROW(model.named_parameters()) << name;
+  const std::vector<std::string> names = file.names();
   EXPECT_EQ(static_cast<int64_t>(model.named_parameters().size()),
-            std::count_if(file.names().begin(), file.names().end(),
-                          [](const std::string& n) { return n.rfind("param.", 0) == 0; }))
+            std::count_if(names.begin(), names.end(), [](const std::string& n) { return n.rfind("param.", 0) == 0; }))
       << "the model and the fixture disagree on the parameter list";
 
   Tensor ids = file.load("input.ids"), targets = file.load("input.targets");
