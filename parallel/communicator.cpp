@@ -43,9 +43,11 @@ void check_tensor(const char* what, const Tensor& t, const char* which = "tensor
   runtime::check_defined(what, t, which);
 }
 
+#if !KRAKEN_WITH_NCCL
 [[noreturn]] void no_device_backend(const char* what, const Tensor& t) {
   KRAKEN_THROW(what, " on ", t.describe(), ": this build has no NCCL, so device tensors cannot be communicated");
 }
+#endif
 
 #if KRAKEN_WITH_MPI
 MPI_Datatype mpi_type(DType d) {

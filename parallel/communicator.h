@@ -90,7 +90,7 @@ class Communicator {
  public:
   static constexpr int kMaxTag = 32767;  // the smallest MPI_TAG_UB MPI allows
 
-  // A group of just this process (rank 0 of 1): a world of one, or a test's stand-in for a group.
+  // A group of just this process (rank 0 of 1, world rank 0): a world of one, or a test's stand-in.
   static std::unique_ptr<Communicator> single(const std::string& name = "self");
 
   explicit Communicator(std::unique_ptr<detail::CommunicatorImpl> impl);

@@ -49,8 +49,7 @@ class HostOp : public PendingOp {
   const char* what = "";
   std::function<void(MPI_Comm)> run;
   std::function<void(MPI_Comm, std::vector<MPI_Request>*, std::vector<int64_t>*)> post;
-  std::function<void()> after;
-  std::vector<Tensor> keep;  // released as soon as the operation completes
+  std::function<void()> after;  // the closures hold the operation's tensors until it completes
   int64_t bytes = 0;
   std::shared_ptr<StatsCounter> stats;
 

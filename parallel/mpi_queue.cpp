@@ -22,8 +22,7 @@ constexpr auto kPollInterval = std::chrono::microseconds(50);
 
 void HostOp::complete(std::exception_ptr error) {
   const double ran = seconds_between(started, Clock::now());
-  // Drop the tensors (and the closures holding them) now: the caller keeps its own references.
-  keep.clear();
+  // Drop the closures (and the tensors they hold) now: the caller keeps its own references.
   run = nullptr;
   post = nullptr;
   after = nullptr;
