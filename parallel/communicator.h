@@ -16,7 +16,11 @@
 // calls, so they progress while the caller computes), point-to-point messages are posted non-blocking
 // and polled, so a posted receive never blocks the sends queued behind it (1F1B exchanges both ways).
 // Blocking calls are an asynchronous call plus wait(), so everything on a communicator keeps one order.
-// What it costs and how much it hides is measured by bench/allreduce_bench.cpp.
+// Measured by bench/allreduce_bench.cpp (2 ranks on the 2-core CI machine): the hand-off costs about
+// 5 µs per call (1 KB: 5.4 µs against 0.5 µs for MPI_Allreduce on the caller's thread; equal from
+// 256 KB up). While the caller's core is free (a GPU computing, a rank waiting on a pipeline peer),
+// 96–100% of a 1–64 MB all-reduce is hidden, against 0% for MPI_Iallreduce with no thread. While every
+// core computes, nothing is hidden: on CPU ranks the reduction itself needs a core.
 //
 // DEVICE. NCCL operations run on a communication stream after an event recorded on the compute stream
 // (so they see the data the compute stream produced); Handle::wait() makes the compute stream wait for
