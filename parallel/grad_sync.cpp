@@ -158,6 +158,7 @@ void GradSync::finish() {
 }
 
 const std::vector<GradSyncBucket>& GradSync::buckets() const { return state_->buckets; }
+size_t GradSync::started_buckets() const { return state_->next_to_start; }
 const GradSyncStats& GradSync::stats() const { return state_->stats; }
 void GradSync::reset_stats() { state_->stats = GradSyncStats{}; }
 

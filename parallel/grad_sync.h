@@ -55,6 +55,8 @@ class GradSync {
   void finish();
 
   const std::vector<GradSyncBucket>& buckets() const;
+  // Buckets whose all-reduce has started in the current round (during backward, as they complete).
+  size_t started_buckets() const;
   const GradSyncStats& stats() const;
   void reset_stats();
 

@@ -115,6 +115,20 @@ int main() {
     Communicator& dp = h.world().communicator();
     h.run("DataParallelTrainingMatchesSingleProcessLosses", [&] { compare(h, dp, 1); });
     h.run("DataParallelWithGradientAccumulationMatchesSingleProcessLosses", [&] { compare(h, dp, 2); });
+    h.run("BucketsStartDuringBackwardAsSoonAsTheirLayersAreDone", [&] {
+      // Buckets {b2, W2} {b1, W1} {b0, W0}. When block 0's bias is ready, blocks 2 and 1 are done, so
+      // their buckets are already on the wire while block 0's backward is still running.
+      const ToyMlp model(kBlocks, kWidth, kSeed);
+      GradSync sync(model.parameters(), dp, 100);
+      size_t started_at_b0 = 99;
+      Tensor(model.biases[0]).add_grad_ready_hook([&](Tensor&) { started_at_b0 = sync.started_buckets(); });
+      Tensor loss = toy_loss(forward(model, toy_data(4, kWidth, 1, dp.rank())), toy_data(4, kWidth, 2, dp.rank()));
+      kraken::runtime::backward(loss);
+      h.expect(started_at_b0 >= 2, "buckets started when block 0's bias was ready: " + std::to_string(started_at_b0));
+      h.expect(sync.started_buckets() == 3, "every bucket started by the end of backward");
+      sync.finish();
+      h.expect(sync.started_buckets() == 0, "finish() begins a new round");
+    });
     h.run("GradSyncAccountsCommunicationAndWaiting", [&] {
       const ToyMlp model(kBlocks, kWidth, kSeed);
       GradSync sync(model.parameters(), dp, 200);
