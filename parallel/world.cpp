@@ -37,6 +37,11 @@ World::World() {
     mpi_ = true;
     KRAKEN_MPI_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &rank_));
     KRAKEN_MPI_CHECK(MPI_Comm_size(MPI_COMM_WORLD, &size_));
+    MPI_Comm node = MPI_COMM_NULL;
+    KRAKEN_MPI_CHECK(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, rank_, MPI_INFO_NULL, &node));
+    KRAKEN_MPI_CHECK(MPI_Comm_rank(node, &local_rank_));
+    KRAKEN_MPI_CHECK(MPI_Comm_size(node, &local_size_));
+    KRAKEN_MPI_CHECK(MPI_Comm_free(&node));
     MPI_Comm dup = MPI_COMM_NULL;
     KRAKEN_MPI_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &dup));
     communicator_ = detail::make_mpi_communicator(dup, "world");

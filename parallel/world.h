@@ -23,6 +23,9 @@ class World {
 
   int rank() const { return rank_; }
   int size() const { return size_; }
+  // This process's place among the processes on its node (MPI_COMM_TYPE_SHARED): pick the GPU with it.
+  int local_rank() const { return local_rank_; }
+  int local_size() const { return local_size_; }
   bool mpi_initialized() const { return mpi_; }
   // Every process of the job (its own MPI_Comm, duplicated from MPI_COMM_WORLD).
   Communicator& communicator() { return *communicator_; }
@@ -34,6 +37,8 @@ class World {
   World();
   int rank_ = 0;
   int size_ = 1;
+  int local_rank_ = 0;
+  int local_size_ = 1;
   bool mpi_ = false;
   std::unique_ptr<Communicator> communicator_;
 };

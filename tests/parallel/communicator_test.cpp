@@ -17,6 +17,8 @@ TEST(WorldOfOne, ProcessStartedWithoutLauncherIsRankZeroOfOne) {
   EXPECT_EQ(world.rank(), 0);
   EXPECT_EQ(world.size(), 1);
   EXPECT_FALSE(world.mpi_initialized());
+  EXPECT_EQ(world.local_rank(), 0);
+  EXPECT_EQ(world.local_size(), 1);
   EXPECT_EQ(world.communicator().size(), 1);
   EXPECT_EQ(world.communicator().world_ranks(), (std::vector<int>{0}));
 }

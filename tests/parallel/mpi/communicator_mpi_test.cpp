@@ -241,6 +241,18 @@ void async_cases(MpiHarness& h, Communicator& comm) {
   });
 }
 
+void world_cases(MpiHarness& h) {
+  h.run("WorldKnowsRankSizeAndPlaceOnTheNode", [&] {
+    kraken::parallel::World& world = h.world();
+    h.expect(world.mpi_initialized(), "MPI initialised under mpirun");
+    h.expect(world.communicator().rank() == world.rank() && world.communicator().size() == world.size(),
+             "world communicator");
+    // Every rank runs on this one machine.
+    h.expect(world.local_size() == world.size() && world.local_rank() == world.rank(),
+             "local rank " + std::to_string(world.local_rank()) + " of " + std::to_string(world.local_size()));
+  });
+}
+
 void config_check_cases(MpiHarness& h) {
   const int n = h.size(), r = h.rank();
   h.run("ConfigCheckPassesForEqualTextsAndNamesTheRanksThatDiffer", [&] {
@@ -264,6 +276,7 @@ int main() {
     MpiHarness h;
     if (h.size() < 2) KRAKEN_THROW("communicator_mpi_test needs at least 2 ranks");
     Communicator& comm = h.world().communicator();
+    world_cases(h);
     all_reduce_cases(h, comm);
     gather_scatter_broadcast_cases(h, comm);
     point_to_point_cases(h, comm);
