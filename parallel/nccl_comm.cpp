@@ -144,7 +144,7 @@ NcclComm::NcclComm(int rank, int size, int device, const std::function<void(void
 }
 
 NcclComm::~NcclComm() {
-  if (!state_) return;
+  if (!state_) return;  // no checks below: a destructor must not throw
   cudaSetDevice(state_->device);
   if (state_->stream) cudaStreamSynchronize(state_->stream);
   if (state_->comm) ncclCommDestroy(state_->comm);

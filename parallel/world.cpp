@@ -55,6 +55,7 @@ World::~World() {
   communicator_.reset();  // joins its thread and frees its MPI_Comm before MPI goes away
 #if KRAKEN_WITH_MPI
   if (mpi_) {
+    // No checks here or in abort(): a destructor must not throw, and abort has nowhere to report to.
     int finalized = 0;
     MPI_Finalized(&finalized);
     if (!finalized) MPI_Finalize();
