@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "kernels/error.h"
+#include "parallel/collectives.h"
 #include "runtime/ops.h"
 
 namespace kraken::models {
@@ -58,15 +59,38 @@ KrakenModel::KrakenModel(const KrakenConfig& config, const runtime::Device& devi
   KRAKEN_CHECK(0 <= shard_.first_layer && shard_.first_layer <= shard_.last_layer &&
                shard_.last_layer <= config_.n_layer);
   const int64_t C = config_.n_embd, e = config_.mlp_expansion, k = config_.degree, L = config_.n_layer;
+  const int tp = shard_.tp_size, r = shard_.tp_rank;
+  if (tp > 1) {
+    KRAKEN_CHECK(shard_.tp != nullptr && shard_.tp->size() == tp, "tp_size ", tp, " without a matching group");
+    if (k > 1 && k % tp != 0) KRAKEN_THROW("tensor parallelism tp = ", tp, " must divide model.degree = ", k);
+    if (k == 1 && config_.n_head % tp != 0) KRAKEN_THROW("tensor parallelism tp = ", tp, " must divide model.n_head = ", config_.n_head);
+    if (k == 1 && (e * C) % tp != 0) KRAKEN_THROW("tensor parallelism tp = ", tp, " must divide the MLP width ", e * C);
+  }
+  local_streams_ = k > 1 ? k / tp : 1;
+  first_stream_ = k > 1 ? r * local_streams_ : 0;
+
   // GPT-2 initialisation: N(0, 0.02) everywhere, the residual projections scaled by 1/√(2·L·k)
   // (kraken.md: model.py:245-250; the extra k is Kraken's). Biases 0, LayerNorm γ = 1, β = 0.
   const float proj_std = 0.02f / std::sqrt(2.0f * static_cast<float>(L * k));
-  const ParamSpec matrix{ParamSpec::Init::Normal, 0.02f, true, -1};
-  const ParamSpec proj{ParamSpec::Init::Normal, proj_std, true, -1};
-  const ParamSpec embedding{ParamSpec::Init::Normal, 0.02f, false, -1};
-  const ParamSpec zero_bias{ParamSpec::Init::Zeros, 0.0f, false, -1};
-  const ParamSpec ln_gain{ParamSpec::Init::Ones, 0.0f, false, -1};
+  using Init = ParamSpec::Init;
+  auto spec = [&](Init init, float std, bool decay) {
+    ParamSpec p;
+    p.init = init;
+    p.init_std = std;
+    p.weight_decay = decay;
+    p.replicated = tp > 1;  // by default a tensor every tp rank holds whole; the split ones say otherwise
+    return p;
+  };
+  auto split = [&](ParamSpec p, int dim, int blocks) {  // Megatron-LM: this rank's columns/rows
+    p.shard = runtime::ShardSpec{dim, tp, r, blocks};
+    p.replicated = false;
+    return p;
+  };
+  const ParamSpec matrix = spec(Init::Normal, 0.02f, true), proj = spec(Init::Normal, proj_std, true);
+  const ParamSpec embedding = spec(Init::Normal, 0.02f, false), zero_bias = spec(Init::Zeros, 0.0f, false);
+  const ParamSpec ln_gain = spec(Init::Ones, 0.0f, false);
   const bool bias = config_.bias;
+  const bool mt = megatron();
 
   if (shard_.has_embedding) {
     wte_ = register_parameter("wte.weight", {config_.padded_vocab(), C}, embedding, device);
@@ -74,29 +98,43 @@ KrakenModel::KrakenModel(const KrakenConfig& config, const runtime::Device& devi
   }
   for (int64_t l = shard_.first_layer; l < shard_.last_layer; ++l) {
     std::vector<SubLayer> subs;
-    for (int64_t i = 0; i < k; ++i) {
+    for (int64_t i = first_stream_; i < first_stream_ + local_streams_; ++i) {
       // Degree 1 uses GPT-2's names (h.{l}.…); degree k adds the sub-layer index (h.{l}.{i}.…).
       const std::string p = "h." + std::to_string(l) + "." + (k > 1 ? std::to_string(i) + "." : "");
+      // Under Kraken's tensor parallelism a sub-layer lives whole on one rank: not replicated.
+      ParamSpec own_matrix = matrix, own_proj = proj, own_bias = zero_bias, own_gain = ln_gain;
+      if (k > 1) own_matrix.replicated = own_proj.replicated = own_bias.replicated = own_gain.replicated = false;
+      const int64_t cols = mt ? C / tp : C, hidden = mt ? e * C / tp : e * C;
       SubLayer s;
-      s.ln_1_w = register_parameter(p + "ln_1.weight", {C}, ln_gain, device);
-      if (bias) s.ln_1_b = register_parameter(p + "ln_1.bias", {C}, zero_bias, device);
-      s.c_attn_w = register_parameter(p + "attn.c_attn.weight", {3 * C, C}, matrix, device);
-      if (bias) s.c_attn_b = register_parameter(p + "attn.c_attn.bias", {3 * C}, zero_bias, device);
-      s.attn_proj_w = register_parameter(p + "attn.c_proj.weight", {C, C}, proj, device);
-      if (bias) s.attn_proj_b = register_parameter(p + "attn.c_proj.bias", {C}, zero_bias, device);
-      s.ln_2_w = register_parameter(p + "ln_2.weight", {C}, ln_gain, device);
-      if (bias) s.ln_2_b = register_parameter(p + "ln_2.bias", {C}, zero_bias, device);
-      s.c_fc_w = register_parameter(p + "mlp.c_fc.weight", {e * C, C}, matrix, device);
-      if (bias) s.c_fc_b = register_parameter(p + "mlp.c_fc.bias", {e * C}, zero_bias, device);
-      s.mlp_proj_w = register_parameter(p + "mlp.c_proj.weight", {C, e * C}, proj, device);
-      if (bias) s.mlp_proj_b = register_parameter(p + "mlp.c_proj.bias", {C}, zero_bias, device);
+      s.ln_1_w = register_parameter(p + "ln_1.weight", {C}, own_gain, device);
+      if (bias) s.ln_1_b = register_parameter(p + "ln_1.bias", {C}, own_bias, device);
+      s.c_attn_w = register_parameter(p + "attn.c_attn.weight", {3 * cols, C}, mt ? split(own_matrix, 0, 3) : own_matrix, device);
+      if (bias) s.c_attn_b = register_parameter(p + "attn.c_attn.bias", {3 * cols}, mt ? split(own_bias, 0, 3) : own_bias, device);
+      s.attn_proj_w = register_parameter(p + "attn.c_proj.weight", {C, cols}, mt ? split(own_proj, 1, 1) : own_proj, device);
+      if (bias) s.attn_proj_b = register_parameter(p + "attn.c_proj.bias", {C}, own_bias, device);
+      s.ln_2_w = register_parameter(p + "ln_2.weight", {C}, own_gain, device);
+      if (bias) s.ln_2_b = register_parameter(p + "ln_2.bias", {C}, own_bias, device);
+      s.c_fc_w = register_parameter(p + "mlp.c_fc.weight", {hidden, C}, mt ? split(own_matrix, 0, 1) : own_matrix, device);
+      if (bias) s.c_fc_b = register_parameter(p + "mlp.c_fc.bias", {hidden}, mt ? split(own_bias, 0, 1) : own_bias, device);
+      s.mlp_proj_w = register_parameter(p + "mlp.c_proj.weight", {C, hidden}, mt ? split(own_proj, 1, 1) : own_proj, device);
+      if (bias) s.mlp_proj_b = register_parameter(p + "mlp.c_proj.bias", {C}, own_bias, device);
       subs.push_back(s);
     }
     layers_.push_back(std::move(subs));
   }
   if (shard_.has_head) {
+    if (!shard_.has_embedding) {
+      // The LM head is tied to wte, which the first stage owns: this stage keeps a copy whose gradient
+      // is summed with the owner's (parallel::sync_tied_gradients).
+      ParamSpec tied = embedding;
+      tied.tied_copy = true;
+      wte_ = register_parameter("wte.weight", {config_.padded_vocab(), C}, tied, device);
+    }
     if (k > 1) {
-      conj_w_ = register_parameter("conjunction.weight", {C, k * C}, matrix, device);
+      // Row-parallel under tp: this rank multiplies its own streams by its columns of W_conj.
+      ParamSpec conj = matrix;
+      if (tp > 1) conj = split(conj, 1, 1);
+      conj_w_ = register_parameter("conjunction.weight", {C, local_streams_ * C}, conj, device);
       if (bias) conj_b_ = register_parameter("conjunction.bias", {C}, zero_bias, device);
     }
     ln_f_w_ = register_parameter("ln_f.weight", {C}, ln_gain, device);
@@ -113,51 +151,97 @@ Tensor KrakenModel::dropout(const Tensor& x, runtime::Generator* gen, bool train
 // Attn_i(LN1_i(x)): (B, T, C) → (B, T, C)
 Tensor KrakenModel::attention_branch(const SubLayer& s, const Tensor& x, runtime::Generator* gen, bool training) {
   Tensor h = ops::layernorm(x, s.ln_1_w, s.ln_1_b);
-  Tensor qkv = ops::linear(h, s.c_attn_w, s.c_attn_b);               // (B, T, 3C)
-  Tensor y = ops::attention(qkv, config_.heads_per_sublayer());     // (B, T, C)
-  return dropout(ops::linear(y, s.attn_proj_w, s.attn_proj_b), gen, training);
+  if (!megatron()) {
+    Tensor qkv = ops::linear(h, s.c_attn_w, s.c_attn_b);               // (B, T, 3C)
+    Tensor y = ops::attention(qkv, config_.heads_per_sublayer());     // (B, T, C)
+    return dropout(ops::linear(y, s.attn_proj_w, s.attn_proj_b), gen, training);
+  }
+  // Megatron-LM: this rank's heads. copy_to_tp: identity forward, all-reduce of dh backward.
+  Tensor qkv = ops::linear(parallel::copy_to_tp(h, *shard_.tp), s.c_attn_w, s.c_attn_b);  // (B, T, 3C/tp)
+  Tensor y = ops::attention(qkv, config_.n_head / shard_.tp_size);                         // (B, T, C/tp)
+  // reduce_from_tp: all-reduce of the partial projections forward (on the critical path), identity backward.
+  Tensor o = parallel::reduce_from_tp(ops::linear(y, s.attn_proj_w), *shard_.tp);
+  if (s.attn_proj_b.defined()) o = ops::add(o, s.attn_proj_b);
+  return dropout(o, gen, training);
 }
 
 // MLP_i(LN2_i(m)): (B, T, C) → (B, T, C)
 Tensor KrakenModel::mlp_branch(const SubLayer& s, const Tensor& m, runtime::Generator* gen, bool training) {
   Tensor h = ops::layernorm(m, s.ln_2_w, s.ln_2_b);
-  Tensor u = ops::gelu(ops::linear(h, s.c_fc_w, s.c_fc_b));         // (B, T, eC)
-  return dropout(ops::linear(u, s.mlp_proj_w, s.mlp_proj_b), gen, training);
+  if (!megatron()) {
+    Tensor u = ops::gelu(ops::linear(h, s.c_fc_w, s.c_fc_b));         // (B, T, eC)
+    return dropout(ops::linear(u, s.mlp_proj_w, s.mlp_proj_b), gen, training);
+  }
+  Tensor u = ops::gelu(ops::linear(parallel::copy_to_tp(h, *shard_.tp), s.c_fc_w, s.c_fc_b));  // (B, T, eC/tp)
+  Tensor o = parallel::reduce_from_tp(ops::linear(u, s.mlp_proj_w), *shard_.tp);
+  if (s.mlp_proj_b.defined()) o = ops::add(o, s.mlp_proj_b);
+  return dropout(o, gen, training);
 }
 
 Tensor KrakenModel::forward(const Tensor& ids, runtime::Generator* gen, bool training) {
-  KRAKEN_CHECK(shard_.has_embedding && shard_.has_head, "forward() runs a whole model; pipeline stages use their own entry");
-  runtime::check_dtype("KrakenModel::forward", ids, runtime::DType::I32, "ids");
-  runtime::check_dim("KrakenModel::forward", ids, 2, "ids");
-  const int64_t B = ids.size(0), T = ids.size(1), k = config_.degree;
-  if (T > config_.context)
-    KRAKEN_THROW("sequence length ", T, " exceeds the model's context of ", config_.context, " positions");
+  KRAKEN_CHECK(shard_.has_embedding && shard_.has_head, "forward() needs the whole depth; pipeline stages use stage_forward()");
+  return stage_forward(ids, Tensor(), gen, training);
+}
 
-  // x0 = wte[idx] + wpe[pos]  (B, T, C)
-  Tensor x0 = ops::add(ops::embedding(wte_, ids), ops::slice(wpe_, 0, T));
-  x0 = dropout(x0, gen, training);
-  (void)B;
+Tensor KrakenModel::stage_forward(const Tensor& ids, const Tensor& input, runtime::Generator* gen, bool training) {
+  const int64_t n = local_streams_;
+  const bool kraken_tp = config_.degree > 1 && shard_.tp_size > 1;
+  std::vector<Tensor> streams;
+  if (shard_.has_embedding) {
+    runtime::check_dtype("KrakenModel::forward", ids, runtime::DType::I32, "ids");
+    runtime::check_dim("KrakenModel::forward", ids, 2, "ids");
+    const int64_t T = ids.size(1);
+    if (T > config_.context)
+      KRAKEN_THROW("sequence length ", T, " exceeds the model's context of ", config_.context, " positions");
+    // x0 = wte[idx] + wpe[pos]  (B, T, C)
+    Tensor x0 = dropout(ops::add(ops::embedding(wte_, ids), ops::slice(wpe_, 0, T)), gen, training);
+    // Under Kraken's tp every rank's streams start from x0, so dL/dx0 sums over all ranks' streams.
+    if (kraken_tp) x0 = parallel::copy_to_tp(x0, *shard_.tp);
+    streams.assign(static_cast<size_t>(n), x0);
+  } else {
+    runtime::check_dim("KrakenModel::stage_forward", input, 3, "boundary activation");
+    if (input.size(-1) != n * config_.n_embd)
+      KRAKEN_THROW("stage input ", runtime::shape_str(input.shape()), ": expected ", n, " streams of ", config_.n_embd, " channels");
+    streams = n == 1 ? std::vector<Tensor>{input} : ops::split(input, std::vector<int64_t>(static_cast<size_t>(n), config_.n_embd), -1);
+  }
 
-  std::vector<Tensor> streams(static_cast<size_t>(k), x0);
   for (size_t layer = 0; layer < layers_.size(); ++layer) {
     const bool mixes = shard_.first_layer + static_cast<int64_t>(layer) > 0;
-    // S = Σ_j x_j: the layer's one collective when sub-layers live on different devices. It is first
-    // needed at LN2, after every sub-layer's attention (kraken.md "Parallel mapping").
-    Tensor S = mixes ? (k == 1 ? streams[0] : ops::sum_list(streams)) : Tensor();
-    std::vector<Tensor> attn(static_cast<size_t>(k));
-    for (int64_t i = 0; i < k; ++i) attn[i] = attention_branch(layers_[layer][i], streams[i], gen, training);
-    for (int64_t i = 0; i < k; ++i) {
+    // S = Σ_j x_j over every sub-layer of the layer: the layer's one collective when sub-layers live on
+    // different ranks. Started here, after the previous layer; first needed at LN2, after this layer's
+    // attention, which runs while it is in flight (kraken.md "Parallel mapping").
+    Tensor S;
+    parallel::PendingReduce pending;
+    if (mixes) {
+      Tensor partial = n == 1 ? streams[0] : ops::sum_list(streams);
+      if (kraken_tp) pending = parallel::start_all_reduce(partial, *shard_.tp);
+      else S = partial;
+    }
+    std::vector<Tensor> attn(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) attn[i] = attention_branch(layers_[layer][i], streams[i], gen, training);
+    if (pending.valid()) S = parallel::wait_all_reduce(pending);
+    for (int64_t i = 0; i < n; ++i) {
       const SubLayer& s = layers_[layer][i];
-      Tensor a = ops::add(streams[i], attn[i]);                      // a_i = x_i + Attn_i(LN1_i(x_i))
-      Tensor m = mixes ? (k == 1 ? a : ops::add(attn[i], S)) : a;    // m_i = a_i − x_i + S
-      streams[i] = ops::add(a, mlp_branch(s, m, gen, training));     // x_i ← a_i + MLP_i(LN2_i(m_i))
+      Tensor a = ops::add(streams[i], attn[i]);                           // a_i = x_i + Attn_i(LN1_i(x_i))
+      Tensor m = !mixes ? a : (config_.degree == 1 ? a : ops::add(attn[i], S));  // m_i = a_i − x_i + S
+      streams[i] = ops::add(a, mlp_branch(s, m, gen, training));          // x_i ← a_i + MLP_i(LN2_i(m_i))
     }
   }
 
-  // z = W_conj · concat_i(x_i) (+ b); degree 1 has no conjunction.
-  Tensor z = k == 1 ? streams[0] : ops::linear(ops::concat(streams, -1), conj_w_, conj_b_);
+  if (!shard_.has_head) return n == 1 ? streams[0] : ops::concat(streams, -1);  // (B, T, n·C) to the next stage
+  // z = W_conj · concat_i(x_i) (+ b); degree 1 has no conjunction. Row-parallel under tp: each rank
+  // multiplies its own streams by its columns, one all-reduce sums the parts, the bias is added once.
+  Tensor z;
+  if (config_.degree == 1) {
+    z = streams[0];
+  } else if (kraken_tp) {
+    z = parallel::reduce_from_tp(ops::linear(ops::concat(streams, -1), conj_w_), *shard_.tp);
+    if (conj_b_.defined()) z = ops::add(z, conj_b_);
+  } else {
+    z = ops::linear(ops::concat(streams, -1), conj_w_, conj_b_);
+  }
   Tensor h = ops::layernorm(z, ln_f_w_, ln_f_b_);
-  return ops::matmul(h, wte_, false, true);                         // (B, T, Vp), tied LM head
+  return ops::matmul(h, wte_, false, true);                              // (B, T, Vp), tied LM head
 }
 
 Tensor KrakenModel::loss(const Tensor& ids, const Tensor& targets, runtime::Generator* gen, bool training) {

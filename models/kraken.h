@@ -20,6 +20,7 @@
 #include <string>
 #include <vector>
 
+#include "parallel/communicator.h"
 #include "runtime/module.h"
 #include "runtime/rng.h"
 #include "runtime/tensor.h"
@@ -51,12 +52,21 @@ struct KrakenConfig {
 };
 
 // Which part of the model this process holds. The defaults are the whole model in one process;
-// tensor and pipeline parallelism narrow it.
+// pipeline parallelism gives a process a range of layers, tensor parallelism a part of every layer:
+//   degree k > 1 (Kraken): tp ranks split each layer's sub-layers, k / tp whole sub-layers each; the
+//     layer's one collective is the asynchronous all-reduce of S (parallel/collectives.h), started
+//     after the previous layer and waited on at LN2, behind this layer's attention;
+//   degree 1 (GPT-2, Megatron-LM's tensor parallelism): heads and MLP columns are split — c_attn and
+//     c_fc column-parallel, both c_proj row-parallel — with copy_to_tp / reduce_from_tp around each
+//     branch: two all-reduces per layer in forward and two in backward, each on the critical path.
 struct ModelShard {
   int64_t first_layer = 0;
   int64_t last_layer = -1;    // exclusive; -1 = n_layer
   bool has_embedding = true;  // wte, wpe (first pipeline stage)
   bool has_head = true;       // conjunction, ln_f, the tied LM head (last pipeline stage)
+  int tp_rank = 0;
+  int tp_size = 1;
+  parallel::Communicator* tp = nullptr;  // the tensor-parallel group, when tp_size > 1
 };
 
 class KrakenModel : public runtime::Module {
@@ -67,14 +77,25 @@ class KrakenModel : public runtime::Module {
   const KrakenConfig& config() const { return config_; }
 
   // ids (B, T) i32 → logits (B, T, Vp). `dropout` is the generator for dropout masks (may be null when
-  // config.dropout == 0 or when not training).
+  // config.dropout == 0 or when not training). Needs the whole depth (first and last stage).
   runtime::Tensor forward(const runtime::Tensor& ids, runtime::Generator* dropout = nullptr, bool training = true);
+  // One pipeline stage: the first reads `ids`, the others `input`, the boundary activation
+  // (B, T, local_streams·C) of the stage before; the last returns logits (B, T, Vp), the others the
+  // boundary activation.
+  runtime::Tensor stage_forward(const runtime::Tensor& ids, const runtime::Tensor& input,
+                                runtime::Generator* dropout = nullptr, bool training = true);
   // Mean cross-entropy over the real vocabulary; targets (B, T) i32 (negative targets are ignored).
   runtime::Tensor loss(const runtime::Tensor& ids, const runtime::Tensor& targets,
                        runtime::Generator* dropout = nullptr, bool training = true);
 
   // The tied wte (V_p, C), for checkpoint code that needs to know which parameter is shared.
   const runtime::Tensor& wte() const { return wte_; }
+  const ModelShard& shard() const { return shard_; }
+  // Residual streams this process carries: degree / tp (Kraken), or 1 (degree 1).
+  int64_t local_streams() const { return local_streams_; }
+  int64_t first_stream() const { return first_stream_; }
+  // The boundary activation's shape for a (B, T) batch.
+  runtime::Shape boundary_shape(int64_t B, int64_t T) const { return {B, T, local_streams_ * config_.n_embd}; }
 
  private:
   struct SubLayer {
@@ -85,8 +106,11 @@ class KrakenModel : public runtime::Module {
   runtime::Tensor attention_branch(const SubLayer& s, const runtime::Tensor& x, runtime::Generator* gen, bool training);
   runtime::Tensor mlp_branch(const SubLayer& s, const runtime::Tensor& m, runtime::Generator* gen, bool training);
 
+  bool megatron() const { return config_.degree == 1 && shard_.tp_size > 1; }
+
   KrakenConfig config_;
   ModelShard shard_;
+  int64_t local_streams_ = 1, first_stream_ = 0;
   runtime::Tensor wte_, wpe_, conj_w_, conj_b_, ln_f_w_, ln_f_b_;
   std::vector<std::vector<SubLayer>> layers_;  // [layer - first_layer][sub-layer]
 };

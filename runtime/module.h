@@ -16,13 +16,38 @@
 
 namespace kraken::runtime {
 
+// How the tensor a process holds relates to the logical parameter under tensor parallelism. The
+// logical tensor's dimension `dim` holds `blocks` equal blocks (3 for a q|k|v weight, else 1); each
+// block is cut into `parts` equal pieces and this process holds piece `index` of every block, side by
+// side. parts = 1 is the whole tensor. Checkpoints store logical tensors, so a run can resume under
+// another layout: take_shard cuts a process's piece out, join_shards puts the pieces back together.
+struct ShardSpec {
+  int dim = 0;
+  int parts = 1;
+  int index = 0;
+  int blocks = 1;
+  bool sharded() const { return parts > 1; }
+};
+
 struct ParamSpec {
   enum class Init { Normal, Zeros, Ones };
   Init init = Init::Normal;
   float init_std = 0.02f;     // for Init::Normal
   bool weight_decay = true;   // GPT-2: matrices decay; biases, LayerNorm and embeddings do not
-  int split_dim = -1;         // dimension Megatron-style tensor parallelism splits (-1: replicated)
+  ShardSpec shard;            // this process's piece of the logical tensor
+  // The same tensor lives, identical, on the other tensor-parallel ranks (embeddings, LayerNorms,
+  // biases after a reduction): a global gradient norm must count it once, not once per rank.
+  bool replicated = false;
+  // A copy of a parameter owned elsewhere (the LM head's tied wte on the last pipeline stage): its
+  // gradient is summed into the owner's and it is not counted or saved twice.
+  bool tied_copy = false;
 };
+
+runtime::Shape logical_shape(const runtime::Shape& local, const ShardSpec& shard);
+// This process's piece of a logical tensor (a new tensor on the same device).
+Tensor take_shard(const Tensor& logical, const ShardSpec& shard);
+// The logical tensor from all pieces, pieces[i] being piece i (its spec is `shard` with index = i).
+Tensor join_shards(const std::vector<Tensor>& pieces, const ShardSpec& shard);
 
 struct NamedParameter {
   std::string name;
@@ -42,9 +67,9 @@ class Module {
   std::vector<Tensor> parameters() const;
   int64_t parameter_count() const;
   // Fills every parameter as its spec says. Each parameter draws from its own Philox stream, keyed by
-  // a hash of its name, so its initial values do not depend on which other parameters exist in this
-  // process: a model split over tensor- or pipeline-parallel ranks starts from exactly the values of
-  // the whole model in one process.
+  // a hash of its name, and a shard draws the whole logical tensor and keeps its piece, so initial
+  // values do not depend on the layout: a model split over tensor- or pipeline-parallel ranks starts
+  // from exactly the values of the whole model in one process.
   void initialize(uint64_t seed);
   static uint64_t name_stream(const std::string& name);  // FNV-1a of the name
   void zero_grad();

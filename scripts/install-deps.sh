@@ -5,7 +5,7 @@ set -euo pipefail
 packages=(cmake ninja-build g++ make pkg-config
   openmpi-bin libopenmpi-dev
   libtomlplusplus-dev libcli11-dev libfmt-dev nlohmann-json3-dev
-  libopenblas0-pthread libopenblas-dev
+  libopenblas0-openmp libopenblas0-pthread libopenblas-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   python3)
 # node and npm fetch the demo vocabulary and corpus; a machine may already have them from elsewhere.
