@@ -4,7 +4,8 @@
 #include <cmath>
 #include <cstdio>
 
-#include "kernels/matmul.h"
+#include "parallel/failure.h"
+#include "parallel/world.h"
 #include "train/config.h"
 #include "train/trainer.h"
 
@@ -23,7 +24,7 @@ int main(int argc, char** argv) {
   app.add_option("--threads", threads, "override train.threads");
   app.add_flag("--quiet", quiet, "no progress output");
   CLI11_PARSE(app, argc, argv);
-  try {
+  return parallel::run_guarded([&] {
     train::Config config = train::load_config(config_path);
     if (steps >= 0) config.train.max_steps = steps;
     if (!resume.empty()) config.checkpoint.resume = resume;
@@ -32,27 +33,20 @@ int main(int argc, char** argv) {
     options.progress = !quiet;
     options.stop_after_steps = stop_after;
     train::Trainer trainer(config, options);
-    const auto& m = config.model;
-    std::printf("kraken-train: %s\n", config_path.c_str());
-    std::printf("  model: %lld layers, n_embd %lld, %lld heads, degree %lld, context %lld, vocab %lld (padded %lld)\n",
-                (long long)m.n_layer, (long long)m.n_embd, (long long)m.n_head, (long long)m.degree,
-                (long long)m.context, (long long)m.vocab_size, (long long)m.padded_vocab());
-    std::printf("  parameters: %lld (%.2fM)\n", (long long)m.parameter_count(), m.parameter_count() / 1e6);
-    std::printf("  batch: %lld x %lld tokens x %lld micro-batches = %lld tokens/step; device %s; BLAS %s\n",
-                (long long)config.train.batch_size, (long long)config.train.seq_len, (long long)config.train.grad_accum,
-                (long long)config.tokens_per_step(), config.train.device.c_str(), kernels::cpu_blas_name());
-    if (trainer.step() > 0) std::printf("  resumed at step %lld\n", (long long)trainer.step());
-    std::fflush(stdout);
+    const bool main_rank = parallel::World::get().rank() == 0;
+    if (main_rank && !quiet) {
+      std::printf("kraken-train: %s\n%s", config_path.c_str(), trainer.describe().c_str());
+      std::fflush(stdout);
+    }
     const train::RunSummary summary = trainer.run();
-    std::printf("done: step %lld/%lld", (long long)summary.steps_done, (long long)config.train.max_steps);
-    if (!summary.losses.empty()) std::printf(", last train loss %.4f", summary.losses.back());
-    if (summary.val_loss >= 0) std::printf(", val loss %.4f (perplexity %.2f)", summary.val_loss, std::exp(summary.val_loss));
-    std::printf(", %.0f tokens/s\n", summary.tokens_per_second);
-    if (!summary.last_checkpoint.empty()) std::printf("checkpoint: %s\n", summary.last_checkpoint.c_str());
-    if (summary.interrupted) std::printf("stopped by a signal; resume with the same command\n");
+    if (main_rank) {
+      std::printf("done: step %lld/%lld", (long long)summary.steps_done, (long long)config.train.max_steps);
+      if (!summary.losses.empty()) std::printf(", last train loss %.4f", summary.losses.back());
+      if (summary.val_loss >= 0) std::printf(", val loss %.4f (perplexity %.2f)", summary.val_loss, std::exp(summary.val_loss));
+      std::printf(", %.0f tokens/s\n", summary.tokens_per_second);
+      if (!summary.last_checkpoint.empty()) std::printf("checkpoint: %s\n", summary.last_checkpoint.c_str());
+      if (summary.interrupted) std::printf("stopped by a signal; resume with the same command\n");
+    }
     return 0;
-  } catch (const Error& e) {
-    std::fprintf(stderr, "kraken-train: error: %s\n", e.what());
-    return 2;
-  }
+  });
 }

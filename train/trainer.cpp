@@ -1,3 +1,15 @@
+// The training loop (train/trainer.h), single process or under mpirun.
+//
+// The parallel layout comes from [parallel]: the world splits into ex × pp × dp × tp ranks
+// (parallel/mesh.h). Each rank holds one pipeline stage's layers and, within it, its tensor-parallel
+// part (models/kraken.h); its data loader reads its data-parallel slice. One optimizer step:
+//   pp = 1: for each micro-batch: forward, loss, backward (gradients accumulate; the data-parallel
+//           all-reduce of each bucket starts during the last micro-batch's backward);
+//   pp > 1: the 1F1B schedule over the micro-batches (parallel/pipeline.h);
+// then wait for the data-parallel buckets, sum the tied embedding's gradients between the first and
+// last stage, clip by the global norm (summed over the model-parallel ranks, every parameter counted
+// once), and step the optimizer. OptEx (optim.name = "optex") wraps that gradient evaluation: with
+// [parallel] optex_groups = N, evaluation s runs on group s and the gradients are exchanged.
 #include "train/trainer.h"
 
 #include <omp.h>
@@ -8,6 +20,7 @@
 #include <cmath>
 #include <csignal>
 #include <cstdio>
+#include <thread>
 
 #include "data/loader.h"
 #include "data/shard.h"
@@ -18,10 +31,16 @@
 #include "optim/optex.h"
 #include "optim/optimizer.h"
 #include "optim/schedule.h"
+#include "parallel/failure.h"
+#include "parallel/grad_sync.h"
+#include "parallel/mesh.h"
+#include "parallel/pipeline.h"
+#include "parallel/world.h"
 #include "runtime/autograd.h"
 #include "runtime/ops.h"
 #include "train/checkpoint.h"
 #include "train/metrics.h"
+#include "train/sharded_state.h"
 
 namespace kraken::train {
 namespace {
@@ -33,7 +52,8 @@ extern "C" void on_stop_signal(int) { g_stop.store(true); }
 using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
-// Dropout draws from its own Philox stream, so it never shifts the initialisation's draws.
+// Dropout draws from its own Philox stream (one per data-parallel replica), so it never shifts the
+// initialisation's draws and replicas drop different units.
 constexpr uint64_t kDropoutStream = 0xD50F00Dull;
 
 optim::OptimizerOptions optimizer_options(const OptimConfig& o) {
@@ -47,23 +67,6 @@ optim::OptimizerOptions optimizer_options(const OptimConfig& o) {
   out.sgd.nesterov = o.nesterov;
   out.sgd.weight_decay = static_cast<float>(o.weight_decay);
   return out;
-}
-
-// The model fields of two configs must agree for a checkpoint of one to load into the other.
-void check_same_model(const models::KrakenConfig& saved, const models::KrakenConfig& now, const std::string& dir) {
-  auto field = [&](const char* name, int64_t a, int64_t b) {
-    if (a != b)
-      KRAKEN_THROW("checkpoint '", dir, "' was trained with model.", name, " = ", a, ", but the config says ", b,
-                   ": its tensors cannot be loaded into this model");
-  };
-  field("n_layer", saved.n_layer, now.n_layer);
-  field("n_embd", saved.n_embd, now.n_embd);
-  field("n_head", saved.n_head, now.n_head);
-  field("degree", saved.degree, now.degree);
-  field("context", saved.context, now.context);
-  field("vocab_size", saved.vocab_size, now.vocab_size);
-  field("mlp_expansion", saved.mlp_expansion, now.mlp_expansion);
-  field("bias", saved.bias, now.bias);
 }
 
 optim::OptExOptions optex_options(const Config& c) {
@@ -85,6 +88,37 @@ double device_memory_bytes(const runtime::Device& device) {
   return 80e9;  // refined by the CUDA backend; a conservative H100-sized default
 }
 
+// The model fields of two configs must agree for a checkpoint of one to load into the other.
+void check_same_model(const models::KrakenConfig& saved, const models::KrakenConfig& now, const std::string& dir) {
+  auto field = [&](const char* name, int64_t a, int64_t b) {
+    if (a != b)
+      KRAKEN_THROW("checkpoint '", dir, "' was trained with model.", name, " = ", a, ", but the config says ", b,
+                   ": its tensors cannot be loaded into this model");
+  };
+  field("n_layer", saved.n_layer, now.n_layer);
+  field("n_embd", saved.n_embd, now.n_embd);
+  field("n_head", saved.n_head, now.n_head);
+  field("degree", saved.degree, now.degree);
+  field("context", saved.context, now.context);
+  field("vocab_size", saved.vocab_size, now.vocab_size);
+  field("mlp_expansion", saved.mlp_expansion, now.mlp_expansion);
+  field("bias", saved.bias, now.bias);
+}
+
+// The layer range of pipeline stage `stage`: as configured, or as even as possible (earlier stages
+// take the remainder).
+std::pair<int64_t, int64_t> stage_layers(const Config& c, int stage) {
+  const int64_t L = c.model.n_layer, pp = c.parallel.pp;
+  int64_t first = 0;
+  for (int s = 0; s <= stage; ++s) {
+    const int64_t n = c.parallel.layers_per_stage.empty() ? L / pp + (s < L % pp ? 1 : 0)
+                                                          : c.parallel.layers_per_stage[static_cast<size_t>(s)];
+    if (s == stage) return {first, first + n};
+    first += n;
+  }
+  return {0, L};
+}
+
 }  // namespace
 
 bool stop_requested() { return g_stop.load(); }
@@ -94,42 +128,84 @@ struct Trainer::State {
   Config config;
   TrainerOptions options;
   runtime::Device device;
+  std::unique_ptr<parallel::Mesh> mesh;
+  bool main_rank = true;  // world rank 0: prints, writes metrics and checkpoints
   std::unique_ptr<models::KrakenModel> model;
   std::vector<runtime::NamedParameter> params;
-  std::unique_ptr<optim::Optimizer> optimizer;  // the optimizer, or null when OptEx owns it
+  std::vector<runtime::Tensor> tied;      // this rank's copy of the tied wte, when pp > 1 and it is first or last
+  std::unique_ptr<parallel::GradSync> grad_sync;
+  std::unique_ptr<optim::Optimizer> optimizer;  // null when OptEx owns it
   std::unique_ptr<optim::OptEx> optex;
+  int64_t optex_bytes = 0;
   optim::LrSchedule schedule;
   std::unique_ptr<data::DataLoader> train_loader;
   std::unique_ptr<data::DataLoader> val_loader;
   runtime::Generator dropout_rng;
   CheckpointStore checkpoints;
   MetricsWriter metrics;
-  int64_t optex_bytes = 0;     // what OptEx's history and buffers take
   int64_t step = 0;            // completed optimizer steps (OptEx: sequential iterations)
   int64_t tokens_seen = 0;
   double train_seconds = 0.0;  // accumulated over all runs, for the metrics
 
   State(Config c, TrainerOptions o)
       : config(std::move(c)), options(o), checkpoints(config.checkpoint_dir(), config.checkpoint.keep) {}
+
+  const parallel::MeshCoords& coords() const { return mesh->coords(); }
+  int pp() const { return mesh->sizes().pp; }
+  bool first_stage() const { return mesh->is_first_stage(); }
+  bool last_stage() const { return mesh->is_last_stage(); }
 };
 
 Trainer::Trainer(Config config, TrainerOptions options) : s_(std::make_unique<State>(std::move(config), options)) {
   State& s = *s_;
   const Config& c = s.config;
-  if (c.parallel.dp * c.parallel.tp * c.parallel.pp * c.parallel.optex_groups != 1)
-    KRAKEN_THROW("this trainer runs one process; [parallel] asks for dp=", c.parallel.dp, " tp=", c.parallel.tp,
-                 " pp=", c.parallel.pp);
-  if (c.train.threads > 0) {
-    omp_set_num_threads(c.train.threads);
-    kernels::set_cpu_blas_threads(c.train.threads);
+  parallel::World& world = parallel::World::get();
+  const parallel::MeshSizes sizes{static_cast<int>(c.parallel.optex_groups), static_cast<int>(c.parallel.pp),
+                                  static_cast<int>(c.parallel.dp), static_cast<int>(c.parallel.tp)};
+  if (sizes.world() != world.size())
+    KRAKEN_THROW("[parallel] asks for ", sizes.str(), " = ", sizes.world(), " processes, but the job has ", world.size(),
+                 world.size() == 1 ? " (start it with mpirun -np N)" : "");
+  // Every rank must train the same config: a file edited between launches would silently diverge.
+  parallel::check_same_on_all_ranks("the config file", c.text);
+  s.mesh = parallel::Mesh::build(world, sizes);
+  s.main_rank = world.rank() == 0;
+  if (c.model.dropout > 0 && (sizes.tp > 1 || sizes.pp > 1))
+    KRAKEN_THROW("model.dropout > 0 is not supported with tensor or pipeline parallelism yet (replicated "
+                 "activations would get different masks on different ranks); set dropout = 0");
+  if (c.optim.name == "optex" && (sizes.tp > 1 || sizes.pp > 1))
+    KRAKEN_THROW("OptEx with tensor or pipeline parallelism is not supported yet: its kernel distances would count "
+                 "replicated parameters more than once; use dp and optex_groups");
+
+  // Threads: the config's, else the cores shared among this node's ranks.
+  int threads = c.train.threads;
+  if (threads <= 0 && world.local_size() > 1)
+    threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / world.local_size());
+  if (threads > 0) {
+    omp_set_num_threads(threads);
+    kernels::set_cpu_blas_threads(threads);
   }
   s.device = runtime::parse_device(c.train.device);
+  if (s.device.is_cuda()) s.device.index = world.local_rank();
 
-  // ---- model, initialised from the seed (resume overwrites it below) ----
-  s.model = std::make_unique<models::KrakenModel>(c.model, s.device);
+  // ---- this rank's part of the model, initialised from the seed (resume overwrites it below) ----
+  models::ModelShard shard;
+  std::tie(shard.first_layer, shard.last_layer) = stage_layers(c, s.coords().pp);
+  shard.has_embedding = s.first_stage();
+  shard.has_head = s.last_stage();
+  shard.tp_size = sizes.tp;
+  shard.tp_rank = s.coords().tp;
+  shard.tp = sizes.tp > 1 ? &s.mesh->tp() : nullptr;
+  s.model = std::make_unique<models::KrakenModel>(c.model, s.device, shard);
   s.model->initialize(c.train.seed);
   s.params = s.model->named_parameters();
-  s.dropout_rng = runtime::Generator(c.train.seed, kDropoutStream);
+  if (sizes.pp > 1 && (s.first_stage() || s.last_stage())) s.tied.push_back(s.model->wte());
+  s.dropout_rng = runtime::Generator(c.train.seed, kDropoutStream + static_cast<uint64_t>(s.coords().dp));
+  if (sizes.dp > 1) {
+    std::vector<runtime::Tensor> leaves;
+    for (const auto& p : s.params) leaves.push_back(p.tensor);
+    s.grad_sync = std::make_unique<parallel::GradSync>(leaves, s.mesh->dp(),
+                                                       static_cast<size_t>(c.parallel.bucket_mb * (1 << 20)));
+  }
 
   // ---- optimizer and schedule ----
   auto base = optim::make_optimizer(optimizer_options(c.optim), optim::param_refs(s.params));
@@ -143,7 +219,21 @@ Trainer::Trainer(Config config, TrainerOptions options) : s_(std::make_unique<St
                    " need ", need / 1e9, " GB for ", d, " parameters (2·(history + parallelism)·d floats), more than the ",
                    limit / 1e9, " GB allowed (max_history_gb, default half the device's memory): lower history");
     s.optex_bytes = static_cast<int64_t>(need);
-    s.optex = std::make_unique<optim::OptEx>(std::move(base), xo);
+    optim::OptExHooks hooks;
+    if (sizes.ex > 1) {
+      // Group g computes evaluation g; the all-gather over the ex group hands every rank all N.
+      const int own = s.coords().ex;
+      parallel::Communicator* ex = &s.mesh->ex();
+      hooks.owned = [own](int e) { return e == own; };
+      hooks.exchange = [own, ex](std::vector<runtime::Tensor>& grads, const std::vector<bool>&) {
+        runtime::Tensor mine = grads[static_cast<size_t>(own)].to(runtime::Device::cpu());
+        runtime::Tensor all = ex->all_gather(mine.reshape({1, mine.numel()}));
+        for (size_t e = 0; e < grads.size(); ++e)
+          if (static_cast<int>(e) != own)
+            grads[e].copy_from(all.slice(static_cast<int64_t>(e), static_cast<int64_t>(e) + 1).reshape(grads[e].shape()));
+      };
+    }
+    s.optex = std::make_unique<optim::OptEx>(std::move(base), xo, hooks);
   } else {
     s.optimizer = std::move(base);
   }
@@ -154,10 +244,12 @@ Trainer::Trainer(Config config, TrainerOptions options) : s_(std::make_unique<St
   s.schedule.decay_steps = c.optim.decay_steps > 0 ? c.optim.decay_steps : std::max(c.train.max_steps, c.optim.warmup_steps);
   s.schedule.validate();
 
-  // ---- data ----
+  // ---- data: this replica's slice (every stage and tp rank of a replica reads the same batches) ----
   data::LoaderOptions lo;
   lo.batch_size = c.train.batch_size;
   lo.seq_len = c.train.seq_len;
+  lo.dp_rank = s.coords().dp;
+  lo.dp_size = sizes.dp;
   lo.shuffle = c.data.shuffle;
   lo.seed = c.train.seed;
   lo.format = data::parse_shard_format(c.data.format);
@@ -168,7 +260,7 @@ Trainer::Trainer(Config config, TrainerOptions options) : s_(std::make_unique<St
     s.val_loader = std::make_unique<data::DataLoader>(data::expand_patterns(c.data.val), vo);
   }
 
-  // ---- resume ----
+  // ---- resume: every rank reads its part of the logical checkpoint ----
   std::string resume_dir;
   if (c.checkpoint.resume == "auto") resume_dir = s.checkpoints.latest();
   else if (c.checkpoint.resume != "none") resume_dir = c.checkpoint.resume;
@@ -177,30 +269,73 @@ Trainer::Trainer(Config config, TrainerOptions options) : s_(std::make_unique<St
     if (!ckpt.state.contains("config")) KRAKEN_THROW("checkpoint '", resume_dir, "' has no saved config in state.json");
     const Config saved = parse_config(ckpt.state["config"].get<std::string>(), resume_dir + "/state.json[config]", false);
     check_same_model(saved.model, c.model, resume_dir);
-    NamedTensors model_tensors;
-    for (const auto& p : s.params) model_tensors.emplace_back(p.name, p.tensor);
-    load_tensors(ckpt.model, model_tensors);
-    // The optimizer's own loader checks that exactly its state names are there, with its shapes.
-    NamedTensors saved_opt;
-    for (const std::string& name : ckpt.optimizer.names()) saved_opt.emplace_back(name, ckpt.optimizer.load(name, s.device));
-    if (s.optex) s.optex->load_state(saved_opt, ckpt.state.at("optimizer"));
-    else s.optimizer->load_state(saved_opt, ckpt.state.at("optimizer"));
+    std::vector<LocalTensor> targets;
+    for (const auto& p : s.params) targets.push_back({p.name, p.tensor, p.spec});
+    load_logical(ckpt.model, targets);
+    // Every saved state tensor, cut to this rank's piece like its parameter; the optimizer's own loader
+    // then checks that exactly its state names are there, with its shapes.
+    NamedTensors saved_state;
+    for (const std::string& name : ckpt.optimizer.names()) saved_state.emplace_back(name, runtime::Tensor());
+    NamedTensors loaded;
+    for (const LocalTensor& t : with_param_specs(saved_state, s.params)) {
+      runtime::Tensor logical = ckpt.optimizer.load(t.name, s.device);
+      loaded.emplace_back(t.name, t.spec.shard.sharded() ? runtime::take_shard(logical, t.spec.shard) : logical);
+    }
+    if (s.optex) s.optex->load_state(loaded, ckpt.state.at("optimizer"));
+    else s.optimizer->load_state(loaded, ckpt.state.at("optimizer"));
     s.train_loader->restore(ckpt.state.at("loader").get<data::LoaderState>());
-    const auto& rng = ckpt.state.at("dropout_rng");
-    s.dropout_rng.set_state({rng.at("seed").get<uint64_t>(), rng.at("stream").get<uint64_t>(), rng.at("offset").get<uint64_t>()});
+    s.dropout_rng.set_state({s.dropout_rng.seed(), s.dropout_rng.stream(), ckpt.state.at("dropout_offset").get<uint64_t>()});
     s.step = ckpt.step();
     s.tokens_seen = ckpt.state.value("tokens_seen", int64_t{0});
     s.train_seconds = ckpt.state.value("train_seconds", 0.0);
   }
 
-  make_directories(c.train.out_dir);
-  s.metrics = MetricsWriter(c.train.out_dir + "/metrics.jsonl", /*append=*/s.step > 0, s.step);
+  if (s.main_rank) {
+    make_directories(c.train.out_dir);
+    s.metrics = MetricsWriter(c.train.out_dir + "/metrics.jsonl", /*append=*/s.step > 0, s.step);
+  }
 }
 
 Trainer::~Trainer() = default;
 
 int64_t Trainer::step() const { return s_->step; }
 const Config& Trainer::config() const { return s_->config; }
+
+std::string Trainer::describe() const {
+  const State& s = *s_;
+  const Config& c = s.config;
+  const auto& m = c.model;
+  char buf[1024];
+  std::string out;
+  std::snprintf(buf, sizeof buf, "  model: %lld layers, n_embd %lld, %lld heads, degree %lld, context %lld, vocab %lld (padded %lld)\n",
+                (long long)m.n_layer, (long long)m.n_embd, (long long)m.n_head, (long long)m.degree,
+                (long long)m.context, (long long)m.vocab_size, (long long)m.padded_vocab());
+  out += buf;
+  std::snprintf(buf, sizeof buf, "  parameters: %lld (%.2fM)\n", (long long)m.parameter_count(), m.parameter_count() / 1e6);
+  out += buf;
+  std::snprintf(buf, sizeof buf, "  layout: %s, %lld processes; batch %lld x %lld tokens x %lld micro-batches x dp %lld = %lld tokens/step\n",
+                s.mesh->sizes().str().c_str(), (long long)s.mesh->sizes().world(), (long long)c.train.batch_size,
+                (long long)c.train.seq_len, (long long)c.train.grad_accum, (long long)c.parallel.dp,
+                (long long)c.tokens_per_step());
+  out += buf;
+  std::snprintf(buf, sizeof buf, "  device %s, %d threads per process, BLAS %s\n", s.device.str().c_str(),
+                omp_get_max_threads(), kernels::cpu_blas_name());
+  out += buf;
+  std::snprintf(buf, sizeof buf, "  optimizer: %s, lr %.3g (%s schedule, %lld warm-up steps), grad clip %.3g\n",
+                c.optim.name.c_str(), c.optim.lr, c.optim.schedule.c_str(), (long long)c.optim.warmup_steps, c.optim.grad_clip);
+  out += buf;
+  if (s.optex) {
+    std::snprintf(buf, sizeof buf, "  optex: parallelism %lld over %lld group(s), history %lld pairs, base %s; %.3f GB of history and buffers\n",
+                  (long long)c.optim.optex.parallelism, (long long)c.parallel.optex_groups, (long long)c.optim.optex.history,
+                  c.optim.optex.base.c_str(), s.optex_bytes / 1e9);
+    out += buf;
+  }
+  if (s.step > 0) {
+    std::snprintf(buf, sizeof buf, "  resumed at step %lld\n", (long long)s.step);
+    out += buf;
+  }
+  return out;
+}
 
 double Trainer::evaluate(int64_t max_batches) {
   State& s = *s_;
@@ -209,22 +344,38 @@ double Trainer::evaluate(int64_t max_batches) {
   s.val_loader->reset();
   const int64_t batches = max_batches > 0 ? std::min(max_batches, s.val_loader->batches_per_epoch())
                                           : s.val_loader->batches_per_epoch();
-  double sum = 0.0;
-  int64_t count = 0;
+  const runtime::Shape boundary = s.model->boundary_shape(s.config.train.batch_size, s.config.train.seq_len);
+  double sum = 0.0, count = 0.0;
   for (int64_t b = 0; b < batches; ++b) {
     data::Batch batch = s.val_loader->next();
-    runtime::Tensor logits = s.model->forward(batch.inputs.to(s.device), nullptr, /*training=*/false);
+    // Forward only, stage by stage: receive the previous stage's activation, send ours on.
+    runtime::Tensor input;
+    if (!s.first_stage()) {
+      input = runtime::Tensor::empty(boundary, runtime::DType::F32, s.device);
+      s.mesh->pp().recv(input, s.coords().pp - 1, 7);
+    }
+    runtime::Tensor out = s.model->stage_forward(batch.inputs.to(s.device), input, nullptr, /*training=*/false);
+    if (!s.last_stage()) {
+      s.mesh->pp().send(out, s.coords().pp + 1, 7);
+      continue;
+    }
     const runtime::ops::LossSum part =
-        runtime::ops::cross_entropy_sum(logits, batch.targets.to(s.device), s.config.model.vocab_size, -1);
+        runtime::ops::cross_entropy_sum(out, batch.targets.to(s.device), s.config.model.vocab_size, -1);
     sum += part.sum;
-    count += part.count;
+    count += static_cast<double>(part.count);
   }
-  return count > 0 ? sum / static_cast<double>(count) : 0.0;
+  // The last stage knows the sums; every replica evaluated its own slice of the validation data.
+  runtime::Tensor totals = runtime::Tensor::from_vector({static_cast<float>(sum), static_cast<float>(count)}, {2});
+  if (s.pp() > 1) s.mesh->pp().all_reduce(totals);  // the other stages contribute zeros
+  if (s.mesh->sizes().dp > 1) s.mesh->dp().all_reduce(totals);
+  const std::vector<float> t = totals.to_vector();
+  return t[1] > 0 ? static_cast<double>(t[0]) / static_cast<double>(t[1]) : 0.0;
 }
 
 RunSummary Trainer::run() {
   State& s = *s_;
   const Config& c = s.config;
+  const parallel::MeshSizes& sizes = s.mesh->sizes();
   RunSummary summary;
   summary.first_step = s.step;
 
@@ -237,26 +388,36 @@ RunSummary Trainer::run() {
     sigaction(SIGTERM, &action, &old_term);
   }
 
-  const int64_t tokens_per_step = c.tokens_per_step();
-  Progress progress(s.step, c.train.max_steps, s.options.progress, c.train.log_every);
+  const int64_t tokens_per_evaluation = c.tokens_per_step();
+  const int64_t evaluations_per_step = s.optex ? c.optim.optex.parallelism : 1;
+  Progress progress(s.step, c.train.max_steps, s.options.progress && s.main_rank, c.train.log_every);
   const auto run_start = Clock::now();
   const int64_t tokens_at_start = s.tokens_seen;
   int64_t run_steps = 0;
-  const float micro_scale = 1.0f / static_cast<float>(c.train.grad_accum);
+  const int64_t A = c.train.grad_accum;
+  const float micro_scale = 1.0f / static_cast<float>(A);
+  const runtime::Shape boundary = s.model->boundary_shape(c.train.batch_size, c.train.seq_len);
 
   auto save_checkpoint = [&]() {
+    std::vector<LocalTensor> model_tensors;
+    for (const auto& p : s.params) model_tensors.push_back({p.name, p.tensor, p.spec});
     CheckpointContents contents;
-    for (const auto& p : s.params) contents.model.emplace_back(p.name, p.tensor);
-    contents.optimizer = s.optex ? s.optex->state_tensors() : s.optimizer->state_tensors();
-    const runtime::RngState rng = s.dropout_rng.state();
-    contents.state = {{"config", c.text},
-                      {"loader", s.train_loader->state()},
-                      {"optimizer", s.optex ? s.optex->state_scalars() : s.optimizer->state_scalars()},
-                      {"dropout_rng", {{"seed", rng.seed}, {"stream", rng.stream}, {"offset", rng.offset}}},
-                      {"tokens_seen", s.tokens_seen},
-                      {"train_seconds", s.train_seconds}};
-    summary.last_checkpoint = s.checkpoints.save(s.step, contents);
-    progress.message("checkpoint: " + summary.last_checkpoint);
+    contents.model = gather_logical(model_tensors, *s.mesh);
+    contents.optimizer = gather_logical(
+        with_param_specs(s.optex ? s.optex->state_tensors() : s.optimizer->state_tensors(), s.params), *s.mesh);
+    if (s.main_rank) {
+      contents.state = {{"config", c.text},
+                        {"loader", s.train_loader->state()},
+                        {"optimizer", s.optex ? s.optex->state_scalars() : s.optimizer->state_scalars()},
+                        {"dropout_offset", s.dropout_rng.state().offset},
+                        {"layout", sizes.str()},
+                        {"tokens_seen", s.tokens_seen},
+                        {"train_seconds", s.train_seconds}};
+      summary.last_checkpoint = s.checkpoints.save(s.step, contents);
+      progress.message("checkpoint: " + summary.last_checkpoint);
+    }
+    // Nobody starts the next step (or returns) before the checkpoint is on disk.
+    s.mesh->group("world").barrier();
   };
   auto run_eval = [&]() {
     const auto t0 = Clock::now();
@@ -268,50 +429,120 @@ RunSummary Trainer::run() {
     progress.message(line);
   };
 
+  // One gradient evaluation at the current parameters: grad_accum micro-batches, synchronised across
+  // data-parallel replicas and pipeline stages, clipped. Returns the gradients (the parameters' .grad()).
+  double loss_sum = 0.0, grad_norm = 0.0;
+  int64_t batches_this_step = 0;  // drawn from the loader in this optimizer step (OptEx groups skip)
+  auto next_batch = [&]() {
+    batches_this_step += 1;
+    return s.train_loader->next();
+  };
+  auto evaluate_gradient = [&](int64_t evaluation) {
+    // OptEx groups: evaluation e reads micro-batches [e·A, (e + 1)·A) of this step's stream, exactly as
+    // a single process running the N evaluations one after another would.
+    while (batches_this_step < evaluation * A) next_batch();
+    s.model->zero_grad();
+    for (auto& t : s.tied) t.zero_grad();
+    std::vector<data::Batch> batches;
+    for (int64_t micro = 0; micro < A; ++micro) batches.push_back(next_batch());
+    double local_loss = 0.0;
+    if (s.pp() == 1) {
+      for (int64_t micro = 0; micro < A; ++micro) {
+        if (s.grad_sync) s.grad_sync->set_sync(micro == A - 1);
+        runtime::Tensor loss = s.model->loss(batches[micro].inputs.to(s.device), batches[micro].targets.to(s.device),
+                                             &s.dropout_rng);
+        local_loss += loss.item();
+        runtime::backward(runtime::ops::scale(loss, micro_scale));
+      }
+    } else {
+      parallel::PipelineStage stage;
+      stage.activation_shape = boundary;
+      stage.device = s.device;
+      stage.forward = [&](int mb, const runtime::Tensor& input) {
+        const data::Batch& b = batches[static_cast<size_t>(mb)];
+        runtime::Tensor out = s.model->stage_forward(b.inputs.to(s.device), input, &s.dropout_rng);
+        if (!s.last_stage()) return out;
+        return runtime::ops::cross_entropy(out, b.targets.to(s.device), c.model.vocab_size, -1);
+      };
+      stage.before_backward = [&](int mb) {
+        if (s.grad_sync) s.grad_sync->set_sync(mb == A - 1);
+      };
+      const parallel::PipelineResult result = parallel::run_1f1b(s.mesh->pp(), stage, static_cast<int>(A));
+      for (float l : result.losses) local_loss += l;
+    }
+    if (s.grad_sync) s.grad_sync->finish();
+    if (!s.tied.empty()) {
+      std::vector<runtime::Tensor> tied_grads;
+      for (auto& t : s.tied) tied_grads.push_back(t.grad());
+      parallel::sync_tied_gradients(tied_grads, s.mesh->group("embedding"));
+    }
+    // The loss lives on the last stage: sum over stages (the others add 0), average over replicas.
+    runtime::Tensor loss_t = runtime::Tensor::from_vector({static_cast<float>(local_loss)}, {1});
+    if (s.pp() > 1) s.mesh->pp().all_reduce(loss_t);
+    if (sizes.dp > 1) s.mesh->dp().all_reduce(loss_t, parallel::ReduceOp::Average);
+    loss_sum += loss_t.item();
+
+    std::vector<runtime::Tensor> grads, counted;
+    for (const auto& p : s.params) {
+      grads.push_back(p.tensor.grad());
+      // A replica or tied copy is counted once: on tp rank 0, at its owner.
+      if (!p.spec.tied_copy && (!p.spec.replicated || s.coords().tp == 0)) counted.push_back(p.tensor.grad());
+    }
+    double sq = optim::global_grad_norm_squared(counted);
+    if (sizes.tp * sizes.pp > 1) {
+      runtime::Tensor t = runtime::Tensor::from_vector({static_cast<float>(sq)}, {1});
+      s.mesh->mp().all_reduce(t);
+      sq = t.item();
+    }
+    grad_norm = std::sqrt(sq);
+    if (c.optim.grad_clip > 0) optim::clip_grad_norm_given(grads, grad_norm, c.optim.grad_clip);
+    return grads;
+  };
+
   while (s.step < c.train.max_steps) {
     const auto t0 = Clock::now();
     const double lr = s.schedule.at(s.step);
-    // One gradient evaluation: grad_accum micro-batches at the current parameters, clipped. The
-    // losses it saw are added to loss_sum, its norm before clipping kept in grad_norm.
-    double loss_sum = 0.0, grad_norm = 0.0;
+    loss_sum = 0.0;
+    batches_this_step = 0;
     int64_t evaluations = 0;
-    auto evaluate_gradient = [&]() {
-      s.model->zero_grad();
-      for (int64_t micro = 0; micro < c.train.grad_accum; ++micro) {
-        data::Batch batch = s.train_loader->next();
-        runtime::Tensor loss = s.model->loss(batch.inputs.to(s.device), batch.targets.to(s.device), &s.dropout_rng);
-        loss_sum += loss.item();
-        runtime::backward(runtime::ops::scale(loss, micro_scale));
-      }
-      std::vector<runtime::Tensor> grads;
-      for (const auto& p : s.params) grads.push_back(p.tensor.grad());
-      grad_norm = c.optim.grad_clip > 0 ? optim::clip_grad_norm(grads, c.optim.grad_clip) : optim::global_grad_norm(grads);
-      evaluations += 1;
-      return grads;
-    };
     nlohmann::json record;
     if (s.optex) {
-      // One sequential iteration: N gradient evaluations on N micro-batch groups (optim/optex.h).
-      const optim::OptExReport report = s.optex->step([&](int) { return evaluate_gradient(); }, static_cast<float>(lr));
+      // One sequential iteration: N gradient evaluations (optim/optex.h); with optex_groups = N each
+      // group computes one and the exchange gives everyone all N.
+      const optim::OptExReport report = s.optex->step(
+          [&](int e) {
+            evaluations += 1;
+            return evaluate_gradient(e);
+          },
+          static_cast<float>(lr));
+      while (batches_this_step < c.optim.optex.parallelism * A) next_batch();
       record = {{"grad_evals", report.gradient_evaluations},
                 {"optex_history", report.history_size},
                 {"optex_rel_error", std::isfinite(report.mean_relative_error()) ? nlohmann::json(report.mean_relative_error()) : nlohmann::json()},
                 {"optex_cosine", std::isfinite(report.mean_cosine()) ? nlohmann::json(report.mean_cosine()) : nlohmann::json()},
                 {"optex_outside_gradients_s", report.seconds_outside_gradients()}};
     } else {
-      std::vector<runtime::Tensor> grads = evaluate_gradient();
+      std::vector<runtime::Tensor> grads = evaluate_gradient(0);
+      evaluations = 1;
       s.optimizer->step(grads, static_cast<float>(lr));
     }
     s.model->zero_grad();
     s.step += 1;
     run_steps += 1;
-    s.tokens_seen += tokens_per_step * evaluations;
+    s.tokens_seen += tokens_per_evaluation * evaluations_per_step;
     const double dt = seconds_since(t0);
     s.train_seconds += dt;
-    const double loss = loss_sum / static_cast<double>(c.train.grad_accum * evaluations);
+    // The mean loss over this step's evaluations; with OptEx groups each rank saw only its own, so
+    // average over the groups too.
+    double loss = loss_sum / static_cast<double>(A * std::max<int64_t>(evaluations, 1));
+    if (s.optex && sizes.ex > 1) {
+      runtime::Tensor t = runtime::Tensor::from_vector({static_cast<float>(loss)}, {1});
+      s.mesh->ex().all_reduce(t, parallel::ReduceOp::Average);
+      loss = t.item();
+    }
     summary.losses.push_back(loss);
     if (!std::isfinite(loss)) KRAKEN_THROW("the training loss became ", loss, " at step ", s.step, "; lower optim.lr?");
-    const double tokens_per_second = static_cast<double>(tokens_per_step * evaluations) / dt;
+    const double tokens_per_second = static_cast<double>(tokens_per_evaluation * evaluations_per_step) / dt;
     record.update({{"step", s.step},
                    {"loss", loss},
                    {"lr", lr},
@@ -320,11 +551,21 @@ RunSummary Trainer::run() {
                    {"elapsed_s", s.train_seconds},
                    {"tokens_per_second", tokens_per_second},
                    {"tokens_seen", s.tokens_seen}});
+    if (s.grad_sync) {
+      record["dp_hidden_fraction"] = s.grad_sync->stats().hidden_fraction();
+      s.grad_sync->reset_stats();
+    }
     s.metrics.write(record);
     progress.update(s.step - 1, loss, lr, tokens_per_second);
 
+    // Stop together: a signal may reach the ranks at different moments.
+    bool stop = stop_requested() || (s.options.stop_after_steps >= 0 && run_steps >= s.options.stop_after_steps);
+    if (sizes.world() > 1) {
+      runtime::Tensor flag = runtime::Tensor::from_vector({stop ? 1.0f : 0.0f}, {1});
+      s.mesh->group("world").all_reduce(flag, parallel::ReduceOp::Max);
+      stop = flag.item() > 0;
+    }
     const bool last = s.step == c.train.max_steps;
-    const bool stop = stop_requested() || (s.options.stop_after_steps >= 0 && run_steps >= s.options.stop_after_steps);
     if (s.val_loader && ((c.train.eval_every > 0 && s.step % c.train.eval_every == 0) || last)) run_eval();
     if ((c.checkpoint.every > 0 && s.step % c.checkpoint.every == 0) || last || stop) save_checkpoint();
     if (stop && !last) {

@@ -43,6 +43,8 @@ class Trainer {
 
   int64_t step() const;  // completed optimizer steps
   const Config& config() const;
+  // What the run is: model, parameter count, layout, batch, optimizer (OptEx: its memory), resume point.
+  std::string describe() const;
 
  private:
   struct State;

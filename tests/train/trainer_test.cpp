@@ -55,8 +55,11 @@ std::vector<double> run_straight_and_resumed(const std::string& optim_section, s
   TempDir a("kraken_train_a"), b("kraken_train_b");
   write_shards(a, 200);
   write_shards(b, 200);
-  Trainer straight(parse_config(tiny_config(a, optim_section), "a.toml"), quiet());
-  const std::vector<double> full = straight.run().losses;
+  std::vector<double> full;
+  {
+    Trainer straight(parse_config(tiny_config(a, optim_section), "a.toml"), quiet());
+    full = straight.run().losses;
+  }  // one Mesh (process groups) at a time
 
   const Config cfg = parse_config(tiny_config(b, optim_section), "b.toml");
   std::vector<double> first, second;
