@@ -20,6 +20,7 @@
 #include <cmath>
 #include <csignal>
 #include <cstdio>
+#include <set>
 #include <thread>
 
 #include "data/loader.h"
@@ -274,8 +275,21 @@ Trainer::Trainer(Config config, TrainerOptions options) : s_(std::make_unique<St
     load_logical(ckpt.model, targets);
     // Every saved state tensor, cut to this rank's piece like its parameter; the optimizer's own loader
     // then checks that exactly its state names are there, with its shapes.
+    // State of parameters that live on other pipeline stages stays in the file.
+    std::set<std::string> local_params, all_params;
+    for (const auto& p : s.params) local_params.insert(p.name);
+    for (const std::string& name : ckpt.model.names()) all_params.insert(name);
+    all_params.insert("wte.weight");  // saved once, by its owner, but tied copies keep state too
+    auto belongs_elsewhere = [&](const std::string& name) {
+      for (size_t dot = name.find('.'); dot != std::string::npos; dot = name.find('.', dot + 1)) {
+        const std::string param = name.substr(dot + 1);
+        if (all_params.count(param)) return !local_params.count(param);
+      }
+      return false;
+    };
     NamedTensors saved_state;
-    for (const std::string& name : ckpt.optimizer.names()) saved_state.emplace_back(name, runtime::Tensor());
+    for (const std::string& name : ckpt.optimizer.names())
+      if (!belongs_elsewhere(name)) saved_state.emplace_back(name, runtime::Tensor());
     NamedTensors loaded;
     for (const LocalTensor& t : with_param_specs(saved_state, s.params)) {
       runtime::Tensor logical = ckpt.optimizer.load(t.name, s.device);
@@ -471,11 +485,7 @@ RunSummary Trainer::run() {
       for (float l : result.losses) local_loss += l;
     }
     if (s.grad_sync) s.grad_sync->finish();
-    if (!s.tied.empty()) {
-      std::vector<runtime::Tensor> tied_grads;
-      for (auto& t : s.tied) tied_grads.push_back(t.grad());
-      parallel::sync_tied_gradients(tied_grads, s.mesh->group("embedding"));
-    }
+    if (!s.tied.empty()) parallel::sync_tied_gradients(s.tied, s.mesh->group("embedding"));
     // The loss lives on the last stage: sum over stages (the others add 0), average over replicas.
     runtime::Tensor loss_t = runtime::Tensor::from_vector({static_cast<float>(local_loss)}, {1});
     if (s.pp() > 1) s.mesh->pp().all_reduce(loss_t);

@@ -84,9 +84,9 @@ std::string config(const TempDir& dir, const std::string& name, const Model& m, 
                      "\nn_head = " + std::to_string(m.n_head) + "\ndegree = " + std::to_string(m.degree) +
                      "\ncontext = 16\nvocab_size = 97\n"
                      "[data]\ntrain = \"" + dir / "train.bin" + "\"\nshuffle = false\n"
-                     "[train]\nbatch_size = " + std::to_string(batch) + "\nseq_len = 16\ngrad_accum = 2\nmax_steps = " +
+                     "[train]\nbatch_size = " + std::to_string(batch) + "\nseq_len = 16\ngrad_accum = 4\nmax_steps = " +
                      std::to_string(steps) + "\nout_dir = \"" + dir / ("runs/" + name) + "\"\n"
-                     "[optim]\nname = \"adamw\"\nlr = 3e-3\nwarmup_steps = 2\ngrad_clip = 1.0\n"
+                     "[optim]\nname = \"adamw\"\nlr = 3e-3\nwarmup_steps = 2\ndecay_steps = 15\ngrad_clip = 1.0\n"
                      "[checkpoint]\nresume = \"" + resume + "\"\n"
                      "[parallel]\ndp = " + std::to_string(dp) + "\ntp = " + std::to_string(tp) + "\npp = " + std::to_string(pp) + "\n";
   const std::string path = dir / (name + ".toml");
