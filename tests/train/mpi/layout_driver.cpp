@@ -10,68 +10,22 @@
 // relative tolerance of 1e-5 on losses of order 1–5 (float32 rounding accumulated over 10 steps is
 // around 1e-6). Not itself an MPI program: ctest runs it and it launches mpirun; it prints
 // "KRAKEN-MPI-OK ranks=4 …" only when every comparison held.
-#include <sys/wait.h>
-
 #include <cmath>
 #include <cstdio>
-#include <filesystem>
 #include <fstream>
 #include <map>
 #include <string>
 #include <vector>
 
-#include <nlohmann/json.hpp>
-
 #include "data/shard.h"
 #include "runtime/rng.h"
 #include "tests/support/temp_dir.h"
-
-#ifndef KRAKEN_MPIEXEC
-#error "KRAKEN_MPIEXEC (the mpirun program) must be defined"
-#endif
-#ifndef KRAKEN_TRAIN
-#error "KRAKEN_TRAIN (the kraken-train program) must be defined"
-#endif
+#include "tests/train/mpi/driver_util.h"
 
 namespace {
 
 using kraken::testing::TempDir;
-
-int g_checks = 0, g_failures = 0;
-
-struct Run {
-  int exit_code = -1;
-  std::string output;
-};
-
-Run run(const std::string& command) {
-  Run r;
-  FILE* pipe = popen((command + " 2>&1").c_str(), "r");
-  if (!pipe) return r;
-  char buffer[4096];
-  size_t n;
-  while ((n = std::fread(buffer, 1, sizeof buffer, pipe)) > 0) r.output.append(buffer, n);
-  const int status = pclose(pipe);
-  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-  return r;
-}
-
-void fail(const std::string& what, const std::string& detail = "") {
-  g_failures += 1;
-  std::printf("FAIL %s\n%s\n", what.c_str(), detail.c_str());
-  std::fflush(stdout);
-}
-
-std::map<int, double> losses_of(const std::string& metrics) {
-  std::map<int, double> out;
-  std::ifstream in(metrics);
-  std::string line;
-  while (std::getline(in, line)) {
-    auto j = nlohmann::json::parse(line, nullptr, false);
-    if (!j.is_discarded() && j.contains("loss")) out[j["step"].get<int>()] = j["loss"].get<double>();
-  }
-  return out;
-}
+using namespace kraken::testing::driver;
 
 struct Model {
   int n_layer, n_embd, n_head, degree;
@@ -92,31 +46,6 @@ std::string config(const TempDir& dir, const std::string& name, const Model& m, 
   const std::string path = dir / (name + ".toml");
   std::ofstream(path) << text;
   return path;
-}
-
-std::string launch(int ranks, const std::string& config_path, const std::string& extra = "") {
-  const std::string train = std::string(KRAKEN_TRAIN) + " " + config_path + " --quiet " + extra;
-  if (ranks == 1) return "timeout 300 " + train;
-  return "timeout 300 " + std::string(KRAKEN_MPIEXEC) + " -n " + std::to_string(ranks) +
-         " --oversubscribe --allow-run-as-root " + train;
-}
-
-void compare(const std::string& what, const std::map<int, double>& want, const std::map<int, double>& got,
-             int first, int last) {
-  g_checks += 1;
-  double worst = 0.0;
-  int worst_step = -1;
-  for (int step = first; step <= last; ++step) {
-    if (!want.count(step) || !got.count(step)) {
-      fail(what, "no loss logged at step " + std::to_string(step));
-      return;
-    }
-    const double rel = std::fabs(got.at(step) - want.at(step)) / std::fabs(want.at(step));
-    if (rel > worst) worst = rel, worst_step = step;
-  }
-  std::printf("[case] %-44s worst relative difference %.2e (step %d)\n", what.c_str(), worst, worst_step);
-  std::fflush(stdout);
-  if (worst > 1e-5) fail(what, "relative difference above 1e-5");
 }
 
 }  // namespace
@@ -198,7 +127,5 @@ int main() {
     if (r.exit_code != 0 || r.output.find("perplexity") == std::string::npos) fail("kraken-eval on a tp2 pp2 checkpoint", r.output);
   }
 
-  if (g_failures == 0) std::printf("KRAKEN-MPI-OK ranks=4 checks=%d\n", g_checks);
-  else std::printf("KRAKEN-MPI-FAIL failures=%d checks=%d\n", g_failures, g_checks);
-  return g_failures == 0 ? 0 : 1;
+  return finish(4);
 }
