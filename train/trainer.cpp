@@ -561,9 +561,20 @@ RunSummary Trainer::run() {
                    {"elapsed_s", s.train_seconds},
                    {"tokens_per_second", tokens_per_second},
                    {"tokens_seen", s.tokens_seen}});
+    // Communication: how long the collectives ran and how long compute stood waiting for them (the
+    // difference ran behind compute). bench/parallel_bench.sh reads these.
     if (s.grad_sync) {
-      record["dp_hidden_fraction"] = s.grad_sync->stats().hidden_fraction();
+      const parallel::GradSyncStats& g = s.grad_sync->stats();
+      record["dp_comm_s"] = g.comm_seconds;
+      record["dp_wait_s"] = g.wait_seconds;
       s.grad_sync->reset_stats();
+    }
+    if (sizes.tp > 1) {
+      const parallel::CommStats t = s.mesh->tp().stats();
+      record["tp_comm_s"] = t.busy_seconds;
+      record["tp_wait_s"] = t.wait_seconds;
+      record["tp_ops"] = t.ops;
+      s.mesh->tp().reset_stats();
     }
     s.metrics.write(record);
     progress.update(s.step - 1, loss, lr, tokens_per_second);
