@@ -47,6 +47,12 @@ TEST(GradCheck, LayerNormOnlyBetaNeedsGrad) {
                          {x, gamma, random_leaf({6}, 39)});
 }
 
+TEST(GradCheck, LayerNormWithoutBeta) {
+  // The paper's Kraken models have no biases: LayerNorm is (x − μ)·rstd·gamma alone.
+  expect_gradients_match([](const auto& in) { return ops::layernorm(in[0], in[1], Tensor()); },
+                         {random_leaf({4, 7}, 40), gamma_leaf(7, 41)});
+}
+
 TEST(GradCheck, EmbeddingWeightWithRepeatedIds) {
   // id 1 appears three times and 3 twice, so the backward's accumulation is exercised; id 2 never.
   const Tensor ids = Tensor::from_ints({1, 3, 1, 4, 1, 0, 3, 4}, {2, 4});
