@@ -437,7 +437,12 @@ RunSummary Trainer::run() {
     const auto t0 = Clock::now();
     const double val = evaluate(c.train.eval_batches);
     summary.val_loss = val;
-    s.metrics.write({{"step", s.step}, {"val_loss", val}, {"val_ppl", std::exp(val)}, {"eval_seconds", seconds_since(t0)}});
+    s.metrics.write({{"step", s.step},
+                     {"val_loss", val},
+                     {"val_ppl", std::exp(val)},
+                     {"elapsed_s", s.train_seconds},
+                     {"tokens_seen", s.tokens_seen},
+                     {"eval_seconds", seconds_since(t0)}});
     char line[128];
     std::snprintf(line, sizeof line, "step %lld: val loss %.4f, perplexity %.2f", (long long)s.step, val, std::exp(val));
     progress.message(line);
