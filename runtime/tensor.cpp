@@ -28,6 +28,15 @@ int64_t shape_numel(const Shape& shape) {
   return n;
 }
 
+std::string index_str(const Shape& shape, int64_t flat) {
+  std::vector<int64_t> idx(shape.size());
+  for (size_t d = shape.size(); d-- > 0;) {
+    idx[d] = shape[d] == 0 ? 0 : flat % shape[d];
+    flat = shape[d] == 0 ? 0 : flat / shape[d];
+  }
+  return shape_str(idx);
+}
+
 // ---- Storage -------------------------------------------------------------------------------------
 
 Storage::Storage(size_t bytes, Device device)

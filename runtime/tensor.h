@@ -21,6 +21,8 @@ namespace kraken::runtime {
 using Shape = std::vector<int64_t>;
 std::string shape_str(const Shape& shape);  // "(4, 256, 768)"
 int64_t shape_numel(const Shape& shape);
+// The multi-index of flat position `flat` in `shape`, for messages: "(1, 3)".
+std::string index_str(const Shape& shape, int64_t flat);
 
 // Bytes on one device. Owns them (through an Allocator) or wraps memory owned elsewhere (a mapped
 // file), in which case `release` runs when the last tensor lets go.

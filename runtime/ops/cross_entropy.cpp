@@ -17,15 +17,6 @@
 namespace kraken::runtime::ops {
 namespace {
 
-std::string index_str(const Shape& shape, int64_t flat) {
-  std::vector<int64_t> idx(shape.size());
-  for (size_t d = shape.size(); d-- > 0;) {
-    idx[d] = shape[d] == 0 ? 0 : flat % shape[d];
-    flat = shape[d] == 0 ? 0 : flat / shape[d];
-  }
-  return shape_str(idx);
-}
-
 // What forward and the evaluation sum share: validated sizes and the per-row results.
 struct RowLosses {
   int64_t N = 0, Vp = 0, V = 0, count = 0;

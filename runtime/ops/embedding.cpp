@@ -11,19 +11,6 @@
 #include "runtime/ops.h"
 
 namespace kraken::runtime::ops {
-namespace {
-
-// The multi-index of flat position `flat` in `shape`: "(1, 3)".
-std::string index_str(const Shape& shape, int64_t flat) {
-  std::vector<int64_t> idx(shape.size());
-  for (size_t d = shape.size(); d-- > 0;) {
-    idx[d] = shape[d] == 0 ? 0 : flat % shape[d];
-    flat = shape[d] == 0 ? 0 : flat / shape[d];
-  }
-  return shape_str(idx);
-}
-
-}  // namespace
 
 Tensor embedding(const Tensor& weight, const Tensor& ids) {
   check_dtype("embedding", weight, DType::F32, "weight");
