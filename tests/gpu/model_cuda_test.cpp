@@ -13,6 +13,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 
 #include "models/kraken.h"
@@ -80,6 +81,8 @@ TEST(GpuModel, Degree2LossLogitsAndGradientsMatchTheCpu) {
     const Tensor loss_cpu = cpu.loss(ids, targets, &g_cpu);
     const Tensor loss_dev = dev.loss(ids.to(test_device()), targets.to(test_device()), &g_dev);
     EXPECT_NEAR(loss_dev.item(), loss_cpu.item(), 1e-6 * std::fabs(loss_cpu.item()));
+    std::printf("[gpu-vs-cpu] degree-2 loss: %.9g on the device, %.9g on the CPU (relative %.3g, allowed 1e-6)\n",
+                loss_dev.item(), loss_cpu.item(), std::fabs(loss_dev.item() - loss_cpu.item()) / std::fabs(loss_cpu.item()));
     EXPECT_EQ(g_dev.state(), g_cpu.state());
     runtime::backward(loss_cpu);
     runtime::backward(loss_dev);
@@ -123,10 +126,12 @@ void check_golden_on_device(const std::string& file_name) {
     for (int64_t v = 0; v < V; ++v)
       worst = std::max(worst, std::fabs(got[r * Vp + v] - want[r * V + v]) / (1e-5 + 2e-4 * std::fabs(want[r * V + v])));
   EXPECT_LE(worst, 1.0) << "logits differ from PyTorch's beyond tolerance (worst ratio " << worst << ")";
+  std::printf("[gpu-vs-pytorch] %s logits: worst |diff|/(1e-5 + 2e-4·|want|) = %.3g (allowed 1)\n", file_name.c_str(), worst);
   Tensor loss = model.loss(ids, targets, nullptr, false);
   const float want_loss = file.load("expected.loss").item();
   EXPECT_NEAR(loss.item(), want_loss, 2e-4 * std::fabs(want_loss));
   runtime::backward(loss);
+  double worst_grad = 0.0;
   for (auto& p : model.named_parameters()) {
     const std::vector<float> g = p.tensor.grad().to_vector(), ref = file.load("grad." + p.name).to_vector();
     ASSERT_EQ(g.size(), ref.size()) << p.name;
@@ -134,7 +139,10 @@ void check_golden_on_device(const std::string& file_name) {
     for (float v : ref) scale = std::max(scale, static_cast<double>(std::fabs(v)));
     for (size_t i = 0; i < g.size(); ++i) worst_err = std::max(worst_err, std::fabs(static_cast<double>(g[i]) - ref[i]) / (1e-6 + scale));
     EXPECT_LE(worst_err, 2e-4) << p.name;
+    worst_grad = std::max(worst_grad, worst_err);
   }
+  std::printf("[gpu-vs-pytorch] %s gradients: worst %.3g of the tensor's scale (allowed 2e-4); loss %.9g vs %.9g\n",
+              file_name.c_str(), worst_grad, loss.item(), want_loss);
 }
 
 TEST(GpuModel, Degree1MatchesPyTorchGpt2) {

@@ -75,7 +75,8 @@ void expect_tracks(const std::vector<double>& dev, const std::vector<double>& cp
   }
   EXPECT_LE(worst, rel) << what << ": step " << at + 1 << " loss " << dev[at] << " on the device, " << cpu[at]
                         << " on the CPU";
-  std::printf("%s: worst relative loss difference %.3g at step %zu\n", what.c_str(), worst, at + 1);
+  std::printf("[gpu-vs-cpu] %s: worst relative loss difference %.3g at step %zu (allowed %.3g)\n", what.c_str(), worst,
+              at + 1, rel);
 }
 
 TEST(GpuTrainer, TwentyStepsTrackTheCpuLosses) {
