@@ -289,6 +289,16 @@ void bench_compute(Report& r) {
     const double s = time_kernel([&] { matmul_cuda(out.data<float>(), a.data<float>(), w.data<float>(), N, 4 * C, C, false,
                                                    true, 1.0f, 0.0f, nullptr); });
     r.line("| fp32 matmul (8192×768)·(768×3072), cuBLAS SGEMM | %.3f | %.1f TFLOP/s |", s * 1e3, 2.0 * N * 4 * C * C / s / 1e12);
+    // The same product in bf16 through cuBLASLt with the bias + GELU epilogue (kernels/cuda/matmul_lt.cu):
+    // what the mixed-precision path will start from.
+    const Tensor a16 = a.to(DType::BF16), w16 = w.to(DType::BF16), bias16 = normal({4 * C}, 38).to(DType::BF16);
+    Tensor out16 = Tensor::empty({N, 4 * C}, DType::BF16, Device::cuda(0));
+    const double s16 = time_kernel([&] {
+      matmul_bf16_cuda(out16.data_ptr(), true, a16.data<uint16_t>(), w16.data<uint16_t>(), bias16.data_ptr(), N, 4 * C, C,
+                       false, true, MatmulEpilogue::kBiasGelu, nullptr);
+    });
+    r.line("| bf16 matmul, same shape, cuBLASLt with bias + GELU epilogue | %.3f | %.1f TFLOP/s |", s16 * 1e3,
+           2.0 * N * 4 * C * C / s16 / 1e12);
   }
   {
     const int64_t B = 8, T = 1024, H = 12;
