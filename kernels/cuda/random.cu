@@ -1,6 +1,6 @@
 // Philox-based fills and dropout on the GPU: the same element-i formulas as kernels/cpu/random.cpp.
 // Uniform fills and dropout (mask and output) are bit-identical to the CPU's. Normal fills agree to a
-// few ulps only: Box–Muller's logf/cosf/sqrtf are CUDA's (1–2 ulp) here and glibc's there, so a model
+// few ulps only: Box–Muller's logf and cosf are CUDA's (1–2 ulp) here and glibc's there, so a model
 // initialised on the GPU starts within rounding of, not bit-equal to, the same model on the CPU.
 #include "kernels/cuda/check.h"
 #include "kernels/philox.h"
