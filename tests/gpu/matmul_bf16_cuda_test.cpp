@@ -8,8 +8,9 @@
 // their own order and may truncate intermediate sums, so 1e-4 of the scale (≈ 2⁻¹³). With the GELU
 // epilogue cuBLASLt may evaluate tanh with the hardware approximation (relative error ≤ 2⁻¹¹), which
 // moves 0.5·x·(1 + tanh u) by up to 2.5e-4·|x|: 5e-4 of the scale. With bf16 output each element
-// is additionally rounded to 8 significant bits: 2⁻⁸ of its own magnitude on top. Any layout, operand
-// or epilogue mistake is an O(1) error.
+// is additionally rounded to 8 significant bits, up to half an ulp = 2⁻⁸ of its magnitude (just above
+// a power of two); one ulp, 2⁻⁷ of its magnitude, is allowed on top (a CPU f32 product standing in for
+// cuBLASLt reaches 0.96 of the half-ulp bound). Any layout, operand or epilogue mistake is an O(1) error.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -27,6 +28,7 @@ using runtime::Device;
 using runtime::DType;
 using runtime::Tensor;
 
+#if KRAKEN_WITH_CUDA
 double gelu_tanh(double x) { return 0.5 * x * (1.0 + std::tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))); }
 
 const char* epilogue_name(MatmulEpilogue e) {
@@ -40,7 +42,6 @@ const char* epilogue_name(MatmulEpilogue e) {
 }
 
 void check_case(int64_t M, int64_t N, int64_t K, bool ta, bool tb, MatmulEpilogue ep, bool out_bf16) {
-#if KRAKEN_WITH_CUDA
   const std::string what = "M=" + std::to_string(M) + " N=" + std::to_string(N) + " K=" + std::to_string(K) +
                            (ta ? " Aᵀ" : "") + (tb ? " Bᵀ" : "") + " epilogue " + epilogue_name(ep) +
                            (out_bf16 ? " bf16 out" : " f32 out");
@@ -75,17 +76,17 @@ void check_case(int64_t M, int64_t N, int64_t K, bool ta, bool tb, MatmulEpilogu
   double worst = 0.0;  // in units of the allowed error
   int64_t at = 0;
   for (int64_t i = 0; i < M * N; ++i) {
-    const double allowed = rel * scale + (out_bf16 ? std::ldexp(std::fabs(static_cast<double>(ref[i])), -8) : 0.0);
+    const double allowed = rel * scale + (out_bf16 ? std::ldexp(std::fabs(static_cast<double>(ref[i])), -7) : 0.0);
     const double ratio = std::fabs(static_cast<double>(got[i]) - ref[i]) / allowed;
     if (!(ratio <= worst)) worst = ratio, at = i;  // NaN counts as the worst
   }
   std::printf("[gpu-vs-double] bf16 matmul %s: worst error %.3g of the allowed\n", what.c_str(), worst);
   EXPECT_LE(worst, 1.0) << what << ": element " << at << " (row " << at / N << ", column " << at % N << ") is "
                         << got[at] << ", the reference " << ref[at];
-#else
-  (void)M, (void)N, (void)K, (void)ta, (void)tb, (void)ep, (void)out_bf16;
-#endif
 }
+#else
+void check_case(int64_t, int64_t, int64_t, bool, bool, MatmulEpilogue, bool) {}
+#endif
 
 TEST(GpuMatmulBf16, EveryTransposeAndEpilogueMatchesADoubleReference) {
   KRAKEN_REQUIRE_GPU();
