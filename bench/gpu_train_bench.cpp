@@ -142,6 +142,17 @@ double bf16_peak_tflops(const std::string& name) {
   return 0.0;
 }
 
+// HBM bandwidth from NVIDIA's data sheets, where the device does not report its memory clock.
+double peak_bandwidth_from_name(const std::string& name) {
+  auto has = [&](const char* s) { return name.find(s) != std::string::npos; };
+  if (has("H200")) return 4.8e12;
+  if (has("H100") && has("PCIe")) return 2.0e12;
+  if (has("H100") && has("NVL")) return 3.9e12;
+  if (has("H100")) return 3.35e12;
+  if (has("A100")) return 2.0e12;
+  return 0.0;
+}
+
 DeviceInfo device_info(const Options& o) {
   DeviceInfo d;
   cudaDeviceProp prop{};
@@ -150,9 +161,13 @@ DeviceInfo device_info(const Options& o) {
   d.sms = prop.multiProcessorCount;
   d.memory_gb = static_cast<double>(prop.totalGlobalMem) / 1e9;
   int clock_khz = 0, bus_bits = 0;
-  BENCH_CUDA(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrMemoryClockRate, 0));
-  BENCH_CUDA(cudaDeviceGetAttribute(&bus_bits, cudaDevAttrGlobalMemoryBusWidth, 0));
-  d.peak_bw = 2.0 * clock_khz * 1e3 * bus_bits / 8.0;  // double data rate
+  if (cudaDeviceGetAttribute(&clock_khz, cudaDevAttrMemoryClockRate, 0) == cudaSuccess &&
+      cudaDeviceGetAttribute(&bus_bits, cudaDevAttrGlobalMemoryBusWidth, 0) == cudaSuccess && clock_khz > 0 && bus_bits > 0) {
+    d.peak_bw = 2.0 * clock_khz * 1e3 * bus_bits / 8.0;  // double data rate
+  } else {
+    (void)cudaGetLastError();
+    d.peak_bw = peak_bandwidth_from_name(d.name);
+  }
   d.peak_flops = (o.peak_tflops > 0 ? o.peak_tflops : bf16_peak_tflops(d.name)) * 1e12;
   return d;
 }
