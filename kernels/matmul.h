@@ -30,4 +30,11 @@ void matmul_batched_cuda(float* c, const float* a, const float* b, int64_t batch
                          int64_t K, bool trans_a, bool trans_b, float alpha, float beta, int64_t stride_c,
                          int64_t stride_a, int64_t stride_b, CUstream_st* stream);
 
+// CUDA, mixed precision (kernels/cuda/matmul_lt.cu, cuBLASLt): A and B bf16, products accumulated in
+// f32, then the epilogue in f32 — out = op(A)·op(B) (+ bias[n] on every row) (then GELU, GPT-2's tanh
+// form) — and out stored as bf16 (rounded to nearest even) or f32. bias (N,) has out's type. K ≥ 1.
+enum class MatmulEpilogue { kNone, kBias, kGelu, kBiasGelu };
+void matmul_bf16_cuda(void* out, bool out_bf16, const uint16_t* a, const uint16_t* b, const void* bias, int64_t M,
+                      int64_t N, int64_t K, bool trans_a, bool trans_b, MatmulEpilogue epilogue, CUstream_st* stream);
+
 }  // namespace kraken::kernels

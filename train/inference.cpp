@@ -81,7 +81,9 @@ std::vector<int32_t> generate(models::KrakenModel& model, const std::vector<int3
     // Without a key/value cache every token re-runs the window: fine for demos and short samples.
     const int64_t start = std::max<int64_t>(0, static_cast<int64_t>(tokens.size()) - context);
     std::vector<int32_t> window(tokens.begin() + start, tokens.end());
-    Tensor logits = model.forward(Tensor::from_ints(window, {1, static_cast<int64_t>(window.size())}), nullptr, false);
+    // The ids go where the model is (a CUDA model rejected host ids: "operands on different devices").
+    Tensor logits = model.forward(Tensor::from_ints(window, {1, static_cast<int64_t>(window.size())}, model.wte().device()),
+                                  nullptr, false);
     const std::vector<float> all = logits.to_vector();
     const float* last = all.data() + (static_cast<int64_t>(window.size()) - 1) * logits.size(-1);
     int32_t next;

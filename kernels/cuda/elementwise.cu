@@ -34,13 +34,34 @@ __global__ void mul_kernel(float* out, const float* a, const float* b, int64_t n
 __global__ void add_broadcast_kernel(float* out, const float* a, const float* b, int64_t rows, int64_t cols) {
   KRAKEN_GRID_STRIDE(i, rows * cols) out[i] = a[i] + b[i % cols];
 }
-// One thread per column, rows summed in order: deterministic, coalesced across the warp.
+// Few rows (the wpe gradient: rows = B): one thread per column, rows summed in order.
 __global__ void sum_rows_kernel(float* db, const float* dout, int64_t rows, int64_t cols) {
   KRAKEN_GRID_STRIDE(c, cols) {
     float acc = 0.0f;
     for (int64_t r = 0; r < rows; ++r) acc += dout[r * cols + c];
     db[c] += acc;
   }
+}
+// Many rows (bias gradients: rows = B·T, cols = C): a column per thread would leave the GPU nearly
+// empty (C = 768 threads for 8192 rows), so a block owns kSumCols columns and splits the rows into
+// kSumGroups interleaved groups (rows g, g + kSumGroups, …, each summed in order), then adds the
+// groups in a fixed shared-memory tree. The order depends on `rows` alone: deterministic, no atomics.
+constexpr int kSumCols = 8;     // one 32-byte sector of a row
+constexpr int kSumGroups = 64;  // 512 threads
+__global__ void sum_rows_grouped_kernel(float* db, const float* dout, int64_t rows, int64_t cols) {
+  __shared__ float partial[kSumGroups][kSumCols];
+  const int col = threadIdx.x % kSumCols, group = threadIdx.x / kSumCols;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kSumCols + col;
+  float acc = 0.0f;
+  if (c < cols)
+    for (int64_t r = group; r < rows; r += kSumGroups) acc += dout[r * cols + c];
+  partial[group][col] = acc;
+  __syncthreads();
+  for (int stride = kSumGroups / 2; stride > 0; stride >>= 1) {
+    if (group < stride) partial[group][col] += partial[group + stride][col];
+    __syncthreads();
+  }
+  if (group == 0 && c < cols) db[c] += partial[0][col];
 }
 __global__ void gelu_forward_kernel(float* out, const float* x, int64_t n) {
   KRAKEN_GRID_STRIDE(i, n) {
@@ -94,7 +115,15 @@ void add_broadcast_cuda(float* out, const float* a, const float* b, int64_t rows
   KRAKEN_LAUNCH(add_broadcast_kernel, rows * cols, s, out, a, b, rows, cols);
 }
 void sum_rows_cuda(float* db, const float* dout, int64_t rows, int64_t cols, CUstream_st* s) {
-  KRAKEN_LAUNCH(sum_rows_kernel, cols, s, db, dout, rows, cols);
+  if (rows < kSumGroups) {
+    KRAKEN_LAUNCH(sum_rows_kernel, cols, s, db, dout, rows, cols);
+    return;
+  }
+  if (cols <= 0) return;
+  const long long blocks = (cols + kSumCols - 1) / kSumCols;
+  KRAKEN_CHECK(blocks <= 0x7fffffffLL, "sum_rows_cuda: ", cols, " columns");
+  sum_rows_grouped_kernel<<<static_cast<unsigned int>(blocks), kSumCols * kSumGroups, 0, s>>>(db, dout, rows, cols);
+  KRAKEN_CUDA_LAUNCH_CHECK();
 }
 void gelu_forward_cuda(float* out, const float* x, int64_t n, CUstream_st* s) {
   KRAKEN_LAUNCH(gelu_forward_kernel, n, s, out, x, n);

@@ -9,6 +9,7 @@
 #include <mutex>
 
 #include "kernels/cuda/check.h"
+#include "kernels/elementwise.h"
 #include "kernels/matmul.h"
 
 namespace kraken::kernels {
@@ -34,6 +35,16 @@ void matmul_batched_cuda(float* c, const float* a, const float* b, int64_t batch
                          int64_t K, bool trans_a, bool trans_b, float alpha, float beta, int64_t stride_c,
                          int64_t stride_a, int64_t stride_b, CUstream_st* stream) {
   if (batch == 0 || M == 0 || N == 0) return;
+  if (K == 0) {
+    // An empty inner dimension leaves C = beta·C, as matmul_cpu defines it. cuBLAS would reject the call
+    // (a leading dimension of K = 0 is below its minimum of 1) instead of computing that.
+    for (int64_t i = 0; i < batch; ++i) {
+      float* ci = c + i * stride_c;
+      if (beta == 0.0f) fill_cuda(ci, 0.0f, M * N, stream);  // beta = 0 never reads C (it may hold NaN)
+      else scale_cuda(ci, ci, beta, M * N, stream);
+    }
+    return;
+  }
   cublasHandle_t handle = handle_for_current_device();
   KRAKEN_CUBLAS_CHECK(cublasSetStream(handle, stream));
   const int lda = static_cast<int>(trans_a ? M : K);

@@ -47,7 +47,8 @@ Tensor matmul(const Tensor& a, const Tensor& b, bool ta, bool tb) {
   } else if (a.dim() >= 2 && b.dim() == 2) {  // 2-D, or N-D rows times one matrix
     if (a.dim() > 2 && ta) mismatch(a, b, ta, tb, "a transposed operand must be 2-D");
     const int64_t K = ta ? a.size(0) : a.size(-1);
-    const int64_t M = ta ? a.size(1) : a.numel() / std::max<int64_t>(K, 1);
+    // Rows = the product of the leading dims (not numel / K, which is 0 when K = 0 and left C unwritten).
+    const int64_t M = ta ? a.size(1) : shape_numel(Shape(a.shape().begin(), a.shape().end() - 1));
     const int64_t Kb = tb ? b.size(1) : b.size(0), N = tb ? b.size(0) : b.size(1);
     if (K != Kb) mismatch(a, b, ta, tb, "inner dimensions differ");
     Shape shape = a.shape();
@@ -91,7 +92,8 @@ Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
   if (x.dim() < 1 || x.size(-1) != weight.size(1))
     KRAKEN_THROW("linear: input ", shape_str(x.shape()), " does not end in the weight's input size: weight ",
                  shape_str(weight.shape()), " is (out, in)");
-  const int64_t in = weight.size(1), outf = weight.size(0), rows = x.numel() / std::max<int64_t>(in, 1);
+  const int64_t in = weight.size(1), outf = weight.size(0);
+  const int64_t rows = shape_numel(Shape(x.shape().begin(), x.shape().end() - 1));  // also right for in = 0
   if (bias.defined()) {
     check_dtype("linear", bias, DType::F32, "bias");
     check_same_device("linear", x, bias);

@@ -1,0 +1,379 @@
+// GPU benchmark (a plain program, no Google Benchmark: the GPU machines have no system packages).
+//
+//   build/bin/gpu_train_bench [--out report.md] [--batch B] [--steps N] [--warmup N] [--peak-tflops X]
+//
+// 1. Training throughput of the fp32 CUDA path, the trainer's step without the data loader (forward,
+//    cross-entropy, backward, global-norm clipping, AdamW, zero_grad, one loss.item()), on
+//      GPT-2 124M:           L = 12, C = 768, H = 12, T = 1024, degree 1, e = 4, biases, vocab 50257;
+//      Kraken 125M 4-way:    L = 12, C = 504, H = 12 (3 per sub-layer), degree 4, e = 2, no biases,
+//                            vocab 50304 (research/kraken.md, the paper's preset).
+//    MFU = 3·(forward FLOPs per token, KrakenConfig::flops_per_token)·tokens/s ÷ the device's dense bf16
+//    peak (H100 SXM and H200: 989 TFLOP/s; --peak-tflops overrides). The path is fp32 on CUDA cores
+//    (cuBLAS SGEMM, TF32 off), so its MFU against the bf16 peak is low by construction: this is the
+//    baseline the bf16 work is measured against.
+// 2. Achieved bandwidth of the memory-bound kernels at GPT-2 124M shapes (B·T = 8192 rows): layernorm,
+//    GELU, AdamW (124M parameters), cross-entropy (Vp = 50304), each as bytes it must move ÷ time,
+//    against the device's peak (memory clock × bus width × 2).
+// 3. For context: one fp32 matrix product and the fused attention at the same shapes.
+// Without a GPU it prints why and exits 0.
+#include <algorithm>
+#include <chrono>
+#include <cstdarg>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "models/kraken.h"
+#include "optim/adamw.h"
+#include "optim/clip.h"
+#include "runtime/allocator.h"
+#include "runtime/autograd.h"
+#include "runtime/ops.h"
+#include "runtime/rng.h"
+
+#if KRAKEN_WITH_CUDA
+#include <cuda_runtime.h>
+
+#include "kernels/attention.h"
+#include "kernels/cross_entropy.h"
+#include "kernels/elementwise.h"
+#include "kernels/layernorm.h"
+#include "kernels/matmul.h"
+#include "kernels/optimizer.h"
+#endif
+
+namespace {
+
+using kraken::models::KrakenConfig;
+using kraken::runtime::Device;
+using kraken::runtime::DType;
+using kraken::runtime::Tensor;
+
+struct Options {
+  std::string out;
+  int64_t batch = 8;
+  int steps = 5;
+  int warmup = 2;
+  double peak_tflops = 0.0;  // 0: from the device name
+};
+
+// Lines of the report: printed as they come and collected for --out.
+struct Report {
+  std::string text;
+  void line(const char* fmt, ...) __attribute__((format(printf, 2, 3))) {
+    char buf[1024];
+    va_list args;
+    va_start(args, fmt);
+    std::vsnprintf(buf, sizeof buf, fmt, args);
+    va_end(args);
+    std::printf("%s\n", buf);
+    std::fflush(stdout);
+    text += buf;
+    text += "\n";
+  }
+  void blank() { line("%s", ""); }
+};
+
+Options parse(int argc, char** argv) {
+  Options o;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto value = [&]() -> std::string {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "gpu_train_bench: %s needs a value\n", a.c_str());
+        std::exit(2);
+      }
+      return argv[++i];
+    };
+    if (a == "--out") o.out = value();
+    else if (a == "--batch") o.batch = std::atoll(value().c_str());
+    else if (a == "--steps") o.steps = std::atoi(value().c_str());
+    else if (a == "--warmup") o.warmup = std::atoi(value().c_str());
+    else if (a == "--peak-tflops") o.peak_tflops = std::atof(value().c_str());
+    else {
+      std::fprintf(stderr, "usage: gpu_train_bench [--out FILE] [--batch B] [--steps N] [--warmup N] [--peak-tflops X]\n");
+      std::exit(2);
+    }
+  }
+  return o;
+}
+
+void write_report(const Options& o, const Report& r) {
+  if (o.out.empty()) return;
+  FILE* f = std::fopen(o.out.c_str(), "w");
+  if (!f) {
+    std::fprintf(stderr, "gpu_train_bench: cannot write %s\n", o.out.c_str());
+    return;
+  }
+  std::fputs(r.text.c_str(), f);
+  std::fclose(f);
+}
+
+#if KRAKEN_WITH_CUDA
+
+#define BENCH_CUDA(expr)                                                                              \
+  do {                                                                                                \
+    cudaError_t e_ = (expr);                                                                          \
+    if (e_ != cudaSuccess) {                                                                          \
+      std::fprintf(stderr, "CUDA error %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__); \
+      std::exit(1);                                                                                   \
+    }                                                                                                 \
+  } while (0)
+
+struct DeviceInfo {
+  std::string name;
+  int sms = 0;
+  double memory_gb = 0.0;
+  double peak_bw = 0.0;     // bytes/s, from the memory clock and bus width
+  double peak_flops = 0.0;  // dense bf16, FLOP/s
+};
+
+// Dense bf16 tensor-core peaks (NVIDIA's data sheets, without sparsity).
+double bf16_peak_tflops(const std::string& name) {
+  auto has = [&](const char* s) { return name.find(s) != std::string::npos; };
+  if (has("H100") && has("PCIe")) return 756.0;
+  if (has("H100") && has("NVL")) return 835.0;
+  if (has("H100") || has("H200") || has("H800")) return 989.4;
+  if (has("A100")) return 312.0;
+  return 0.0;
+}
+
+// HBM bandwidth from NVIDIA's data sheets, where the device does not report its memory clock.
+double peak_bandwidth_from_name(const std::string& name) {
+  auto has = [&](const char* s) { return name.find(s) != std::string::npos; };
+  if (has("H200")) return 4.8e12;
+  if (has("H100") && has("PCIe")) return 2.0e12;
+  if (has("H100") && has("NVL")) return 3.9e12;
+  if (has("H100")) return 3.35e12;
+  if (has("A100")) return 2.0e12;
+  return 0.0;
+}
+
+DeviceInfo device_info(const Options& o) {
+  DeviceInfo d;
+  cudaDeviceProp prop{};
+  BENCH_CUDA(cudaGetDeviceProperties(&prop, 0));
+  d.name = prop.name;
+  d.sms = prop.multiProcessorCount;
+  d.memory_gb = static_cast<double>(prop.totalGlobalMem) / 1e9;
+  int clock_khz = 0, bus_bits = 0;
+  if (cudaDeviceGetAttribute(&clock_khz, cudaDevAttrMemoryClockRate, 0) == cudaSuccess &&
+      cudaDeviceGetAttribute(&bus_bits, cudaDevAttrGlobalMemoryBusWidth, 0) == cudaSuccess && clock_khz > 0 && bus_bits > 0) {
+    d.peak_bw = 2.0 * clock_khz * 1e3 * bus_bits / 8.0;  // double data rate
+  } else {
+    (void)cudaGetLastError();
+    d.peak_bw = peak_bandwidth_from_name(d.name);
+  }
+  d.peak_flops = (o.peak_tflops > 0 ? o.peak_tflops : bf16_peak_tflops(d.name)) * 1e12;
+  return d;
+}
+
+// Mean seconds per call of f over `reps` calls after one warm-up call, timed with CUDA events.
+double time_kernel(const std::function<void()>& f, int reps = 10) {
+  f();
+  cudaEvent_t start, stop;
+  BENCH_CUDA(cudaEventCreate(&start));
+  BENCH_CUDA(cudaEventCreate(&stop));
+  BENCH_CUDA(cudaEventRecord(start, nullptr));
+  for (int i = 0; i < reps; ++i) f();
+  BENCH_CUDA(cudaEventRecord(stop, nullptr));
+  BENCH_CUDA(cudaEventSynchronize(stop));
+  float ms = 0.0f;
+  BENCH_CUDA(cudaEventElapsedTime(&ms, start, stop));
+  BENCH_CUDA(cudaGetLastError());
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  return static_cast<double>(ms) * 1e-3 / reps;
+}
+
+Tensor normal(const kraken::runtime::Shape& shape, uint64_t seed, float std = 1.0f) {
+  Tensor t = Tensor::empty(shape, DType::F32, Device::cuda(0));
+  kraken::runtime::Generator gen(seed, 0);
+  gen.fill_normal(t, 0.0f, std);
+  return t;
+}
+
+Tensor ids(int64_t B, int64_t T, int64_t vocab, uint64_t seed) {
+  kraken::runtime::Generator gen(seed, 1);
+  std::vector<int32_t> v(static_cast<size_t>(B * T));
+  for (auto& x : v) x = static_cast<int32_t>(gen.next_below(static_cast<uint64_t>(vocab)));
+  return Tensor::from_ints(v, {B, T}, Device::cuda(0));
+}
+
+void bench_model(const char* label, const KrakenConfig& c, const Options& o, const DeviceInfo& dev, Report& r) {
+  const Device gpu = Device::cuda(0);
+  const int64_t B = o.batch, T = c.context;
+  kraken::models::KrakenModel model(c, gpu);
+  model.initialize(1337);
+  auto params = model.named_parameters();
+  kraken::optim::AdamWOptions ao;
+  ao.beta2 = 0.95f;
+  ao.weight_decay = 0.1f;
+  kraken::optim::AdamW opt(kraken::optim::param_refs(params), ao);
+  const Tensor x = ids(B, T, c.vocab_size, 1), y = ids(B, T, c.vocab_size, 2);
+  double last_loss = 0.0;
+  auto step = [&] {
+    Tensor loss = model.loss(x, y);
+    kraken::runtime::backward(loss);
+    std::vector<Tensor> grads;
+    for (const auto& p : params) grads.push_back(p.tensor.grad());
+    kraken::optim::clip_grad_norm(grads, 1.0);
+    opt.step(grads, 6e-4f);
+    model.zero_grad();
+    last_loss = loss.item();
+  };
+  for (int i = 0; i < o.warmup; ++i) step();
+  kraken::runtime::synchronize(gpu);
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < o.steps; ++i) step();
+  kraken::runtime::synchronize(gpu);
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / o.steps;
+  const double tokens_per_s = static_cast<double>(B * T) / seconds;
+  const double flops_per_token = 3.0 * c.flops_per_token(T);  // forward + backward (2×)
+  const double achieved = flops_per_token * tokens_per_s;
+  const kraken::runtime::AllocatorStats mem = kraken::runtime::device_allocator_stats(0);
+  char mfu[32];
+  if (dev.peak_flops > 0) std::snprintf(mfu, sizeof mfu, "%.2f%%", 100.0 * achieved / dev.peak_flops);
+  else std::snprintf(mfu, sizeof mfu, "n/a");
+  r.line("| %s | %.1fM | %lld×%lld | %.1f | %.0f | %.1f | %s | %.1f | %.3f |", label, c.parameter_count() / 1e6,
+         static_cast<long long>(B), static_cast<long long>(T), seconds * 1e3, tokens_per_s, achieved / 1e12, mfu,
+         mem.peak_bytes_in_use / 1e9, last_loss);
+}
+
+void bench_kernels(const DeviceInfo& dev, Report& r) {
+  using namespace kraken::kernels;
+  const int64_t N = 8 * 1024, C = 768, Vp = 50304, V = 50257, P = 124475904;
+  auto row = [&](const char* name, double bytes, double seconds) {
+    r.line("| %s | %.1f | %.3f | %.0f | %.0f%% |", name, bytes / 1e6, seconds * 1e3, bytes / seconds / 1e9,
+           dev.peak_bw > 0 ? 100.0 * bytes / seconds / dev.peak_bw : 0.0);
+  };
+  const double f = sizeof(float);
+  {
+    Tensor x = normal({N, C}, 1), gamma = normal({C}, 2), beta = normal({C}, 3), out = normal({N, C}, 4);
+    Tensor mean = normal({N}, 5), rstd = normal({N}, 6), dout = normal({N, C}, 7), dx = normal({N, C}, 8);
+    Tensor dgamma = normal({C}, 9), dbeta = normal({C}, 10);
+    row("layernorm forward (8192×768)", f * (2.0 * N * C + 2 * N),
+        time_kernel([&] { layernorm_forward_cuda(out.data<float>(), mean.data<float>(), rstd.data<float>(), x.data<float>(),
+                                                 gamma.data<float>(), beta.data<float>(), N, C, 1e-5f, nullptr); }));
+    // dx: reads dout, x and dx, writes dx; dgamma/dbeta: read dout and x again.
+    row("layernorm backward", f * (6.0 * N * C + 2 * N),
+        time_kernel([&] { layernorm_backward_cuda(dx.data<float>(), dgamma.data<float>(), dbeta.data<float>(),
+                                                  dout.data<float>(), x.data<float>(), gamma.data<float>(),
+                                                  mean.data<float>(), rstd.data<float>(), N, C, nullptr); }));
+  }
+  {
+    const int64_t n = N * 4 * C;
+    Tensor x = normal({n}, 11), out = normal({n}, 12), dout = normal({n}, 13), dx = normal({n}, 14);
+    row("GELU forward (8192×3072)", f * 2.0 * n, time_kernel([&] { gelu_forward_cuda(out.data<float>(), x.data<float>(), n, nullptr); }));
+    row("GELU backward", f * 4.0 * n,
+        time_kernel([&] { gelu_backward_cuda(dx.data<float>(), x.data<float>(), dout.data<float>(), n, nullptr); }));
+  }
+  {
+    Tensor p = normal({P}, 15, 0.02f), g = normal({P}, 16, 0.01f), m = normal({P}, 17, 0.01f), v = normal({P}, 18, 0.01f);
+    {  // v ≥ 0 as a real second moment
+      kraken::runtime::NoGrad no_grad;
+      v = kraken::runtime::ops::mul(v, v);
+    }
+    int64_t step = 1;
+    row("AdamW (124.5M parameters)", f * 7.0 * P,
+        time_kernel([&] { adamw_update_cuda(p.data<float>(), g.data<float>(), m.data<float>(), v.data<float>(), P, 6e-4f,
+                                            0.9f, 0.95f, 1e-8f, 0.1f, step++, nullptr); }));
+  }
+  {
+    Tensor logits = normal({N, Vp}, 19), dlogits = normal({N, Vp}, 20), losses = normal({N}, 21), lse = normal({N}, 22);
+    Tensor targets = ids(N, 1, V, 3), dloss = Tensor::full({1}, 1.0f, Device::cuda(0));
+    row("cross-entropy forward (8192×50304)", f * (1.0 * N * V + 3 * N),
+        time_kernel([&] { cross_entropy_forward_cuda(losses.data<float>(), lse.data<float>(), logits.data<float>(),
+                                                     targets.data<int32_t>(), N, Vp, V, -1, nullptr); }));
+    row("cross-entropy backward", f * (1.0 * N * V + 1.0 * N * Vp + 2 * N),
+        time_kernel([&] { cross_entropy_backward_cuda(dlogits.data<float>(), logits.data<float>(), lse.data<float>(),
+                                                      targets.data<int32_t>(), dloss.data<float>(), N, N, Vp, V, -1,
+                                                      nullptr); }));
+  }
+}
+
+void bench_compute(Report& r) {
+  using namespace kraken::kernels;
+  const int64_t N = 8 * 1024, C = 768;
+  {
+    Tensor a = normal({N, C}, 30), w = normal({4 * C, C}, 31), out = normal({N, 4 * C}, 32);
+    const double s = time_kernel([&] { matmul_cuda(out.data<float>(), a.data<float>(), w.data<float>(), N, 4 * C, C, false,
+                                                   true, 1.0f, 0.0f, nullptr); });
+    r.line("| fp32 matmul (8192×768)·(768×3072), cuBLAS SGEMM | %.3f | %.1f TFLOP/s |", s * 1e3, 2.0 * N * 4 * C * C / s / 1e12);
+    // The same product in bf16 through cuBLASLt with the bias + GELU epilogue (kernels/cuda/matmul_lt.cu):
+    // what the mixed-precision path will start from.
+    const Tensor a16 = a.to(DType::BF16), w16 = w.to(DType::BF16), bias16 = normal({4 * C}, 38).to(DType::BF16);
+    Tensor out16 = Tensor::empty({N, 4 * C}, DType::BF16, Device::cuda(0));
+    const double s16 = time_kernel([&] {
+      matmul_bf16_cuda(out16.data_ptr(), true, a16.data<uint16_t>(), w16.data<uint16_t>(), bias16.data_ptr(), N, 4 * C, C,
+                       false, true, MatmulEpilogue::kBiasGelu, nullptr);
+    });
+    r.line("| bf16 matmul, same shape, cuBLASLt with bias + GELU epilogue | %.3f | %.1f TFLOP/s |", s16 * 1e3,
+           2.0 * N * 4 * C * C / s16 / 1e12);
+  }
+  {
+    const int64_t B = 8, T = 1024, H = 12;
+    Tensor qkv = normal({B, T, 3 * C}, 33), out = normal({B, T, C}, 34), lse = normal({B, H, T}, 35);
+    Tensor dout = normal({B, T, C}, 36), dqkv = normal({B, T, 3 * C}, 37);
+    // Causal: half of the 4·T²·C multiply-adds of S = q·kᵀ and P·v per sequence (forward), 2.5× that backward.
+    const double fwd_flops = 2.0 * B * T * T * C;
+    const double fs = time_kernel([&] { attention_forward_cuda(out.data<float>(), lse.data<float>(), qkv.data<float>(), B, T, C, H, nullptr); }, 5);
+    const double bs = time_kernel([&] { attention_backward_cuda(dqkv.data<float>(), dout.data<float>(), qkv.data<float>(),
+                                                                out.data<float>(), lse.data<float>(), B, T, C, H, nullptr); }, 5);
+    r.line("| fused attention forward, B=8 T=1024 C=768 H=12 | %.3f | %.1f TFLOP/s |", fs * 1e3, fwd_flops / fs / 1e12);
+    r.line("| fused attention backward | %.3f | %.1f TFLOP/s |", bs * 1e3, 2.5 * fwd_flops / bs / 1e12);
+  }
+}
+
+#endif  // KRAKEN_WITH_CUDA
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const Options o = parse(argc, argv);
+  Report r;
+  r.line("## GPU benchmark (bench/gpu_train_bench.cpp)");
+  std::string why;
+  if (!kraken::runtime::cuda_available(&why)) {
+    r.line("skipped: %s", why.c_str());
+    write_report(o, r);
+    return 0;
+  }
+#if KRAKEN_WITH_CUDA
+  const DeviceInfo dev = device_info(o);
+  r.blank();
+  r.line("device: %s, %d SMs, %.1f GB; peak memory bandwidth %.0f GB/s (memory clock × bus width); dense bf16 peak %s",
+         dev.name.c_str(), dev.sms, dev.memory_gb, dev.peak_bw / 1e9,
+         dev.peak_flops > 0 ? (std::to_string(static_cast<int>(dev.peak_flops / 1e12)) + " TFLOP/s").c_str()
+                            : "unknown (pass --peak-tflops)");
+  r.blank();
+  r.line("### Training step, fp32 CUDA path (%d timed steps after %d warm-up)", o.steps, o.warmup);
+  r.line("| model | params | B×T | ms/step | tokens/s | TFLOP/s | MFU (bf16 peak) | peak GB | loss |");
+  r.line("|---|---|---|---|---|---|---|---|---|");
+  KrakenConfig gpt2;  // the defaults: L = 12, C = 768, H = 12, T = 1024, degree 1, e = 4, biases, vocab 50257
+  bench_model("GPT-2 124M, degree 1", gpt2, o, dev, r);
+  KrakenConfig k4;
+  k4.n_embd = 504;
+  k4.degree = 4;
+  k4.mlp_expansion = 2;
+  k4.bias = false;
+  k4.vocab_size = 50304;
+  bench_model("Kraken 125M, degree 4", k4, o, dev, r);
+  r.blank();
+  r.line("### Memory-bound kernels (bytes each must move ÷ time; 10 calls after one warm-up)");
+  r.line("| kernel | MB | ms | GB/s | of peak |");
+  r.line("|---|---|---|---|---|");
+  bench_kernels(dev, r);
+  r.blank();
+  r.line("### Compute-bound kernels, for context");
+  r.line("| kernel | ms | rate |");
+  r.line("|---|---|---|");
+  bench_compute(r);
+#endif
+  write_report(o, r);
+  return 0;
+}

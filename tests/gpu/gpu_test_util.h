@@ -1,0 +1,67 @@
+// Shared helpers of the GPU tests (tests/gpu): the CUDA backend against the CPU reference.
+//
+// Every test starts with KRAKEN_REQUIRE_GPU(), which skips it with the reason (runtime::cuda_available)
+// where there is no usable GPU. Tests place their GPU tensors on test_device().
+//
+// Dry run: with KRAKEN_GPU_TESTS_ON_CPU=1 in the environment, test_device() is the CPU and nothing is
+// skipped, so the tests' own plumbing (shapes, seeding, the trainer configs, the comparisons) can be
+// exercised on a machine without a GPU. Such a run compares the CPU with itself and proves nothing
+// about CUDA; it exists because these tests are written where no GPU is available to run them.
+//
+// Tolerances are relative to the reference tensor's largest magnitude: |gpu − cpu| ≤ rel·max|cpu| for
+// every element (rel = 0: bit-identical). fp32's unit roundoff is u = 2⁻²⁴ ≈ 6e-8; a sum of n terms in
+// a different order differs by about √n·u relative to its scale (Higham, "Accuracy and Stability of
+// Numerical Algorithms", §4.2), so the tolerances below sit one to two orders of magnitude above what
+// reordering and 1–2 ulp transcendental functions produce, and far below any real mistake (a wrong
+// index, factor or mask is an O(1) relative error).
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "runtime/allocator.h"
+#include "runtime/tensor.h"
+
+namespace kraken::testing {
+
+// True when KRAKEN_GPU_TESTS_ON_CPU=1 (the dry run described above).
+bool gpu_tests_on_cpu();
+// Device::cuda(0), or the CPU in the dry run.
+runtime::Device test_device();
+// "cuda", or "cpu" in the dry run (the trainer's [train] device).
+const char* test_device_name();
+
+#define KRAKEN_REQUIRE_GPU()                                                         \
+  do {                                                                               \
+    std::string why_;                                                                \
+    if (!::kraken::testing::gpu_tests_on_cpu() && !::kraken::runtime::cuda_available(&why_)) \
+      GTEST_SKIP() << "no GPU: " << why_;                                            \
+  } while (0)
+
+// N(0, std²) values from a fixed seed, on the CPU (not requiring grad).
+runtime::Tensor random_tensor(const runtime::Shape& shape, uint64_t seed, float std = 1.0f);
+// Token ids in [0, bound) from a fixed seed, i32 on the CPU.
+runtime::Tensor random_ids(const runtime::Shape& shape, int64_t bound, uint64_t seed);
+// A copy on test_device(); a leaf that requires grad when the source does.
+runtime::Tensor to_test_device(const runtime::Tensor& cpu);
+
+// Expects |device − reference| ≤ rel·max|reference| element by element (NaN only where the reference
+// has NaN); on failure reports the worst element, both values and the scale.
+void expect_close(const runtime::Tensor& device, const runtime::Tensor& reference, double rel, const std::string& what);
+void expect_close(const std::vector<float>& device, const std::vector<float>& reference, double rel,
+                  const std::string& what);
+
+// Runs f on the CPU inputs and on copies of them on test_device(), compares the outputs (rel_out),
+// then seeds backward on both with the same random projection of the output and compares the
+// gradient of every input that requires one (rel_grad).
+using DeviceOp = std::function<runtime::Tensor(const std::vector<runtime::Tensor>&)>;
+void expect_matches_cpu(const DeviceOp& f, const std::vector<runtime::Tensor>& cpu_inputs, double rel_out,
+                        double rel_grad, const std::string& what);
+
+// Allocator statistics of test_device() (the host allocator in the dry run).
+runtime::AllocatorStats test_device_allocator_stats();
+
+}  // namespace kraken::testing

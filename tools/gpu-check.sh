@@ -1,0 +1,323 @@
+#!/usr/bin/env bash
+# One command that verifies the CUDA backend on a GPU machine and writes one report.
+#
+# Made for the device tool's bare GPU machines (nvcc, CMake, ninja, python3; no system packages, no
+# MPI, no network): it needs the repository and third_party/ (scripts/pack-third-party.sh, carried
+# along), nothing else. In order, within a time budget (KRAKEN_GPU_CHECK_BUDGET seconds, default 540,
+# so that the device tool's 600-second call returns with the report):
+#   1. the machine: nvidia-smi, nvcc, cmake, compiler;
+#   2. configure (-DKRAKEN_CUDA=ON -DKRAKEN_MPI=OFF -DCMAKE_CUDA_ARCHITECTURES=90, dependencies from
+#      third_party/) and build everything with all cores;
+#   3. the GPU tests: ctest -L gpu (tests/gpu), each result and every measured GPU-vs-CPU difference;
+#   4. compute-sanitizer memcheck on a short GPU training run (kraken-train, checkpoint included), then
+#      memcheck and racecheck on the GPU kernel tests while time remains;
+#   5. the GPU benchmark (bench/gpu_train_bench.cpp): tokens/s, MFU, kernel bandwidth;
+#   6. the CPU suite (ctest -LE gpu) with the time left;
+#   7. nvidia-smi at the end.
+# The report: $OUT/gpu-report.md when OUT is set (the device tool fetches it), else
+# <build>/gpu-report.md. Exit status 0 only when every stage that ran passed and the GPU tests ran
+# (skipped GPU tests on a machine with a GPU count as a failure).
+#
+# Environment: KRAKEN_GPU_CHECK_BUILD (build folder, default build-gpu), KRAKEN_THIRD_PARTY (default
+# third_party), KRAKEN_GPU_CHECK_CMAKE_ARGS (extra configure arguments), KRAKEN_GPU_CHECK_BUDGET.
+# On a machine without a GPU it still configures, builds and runs what needs no GPU (the GPU tests
+# then skip), which is how this script is tested where no GPU is available.
+set -uo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
+root="$PWD"
+start=$(date +%s)
+budget="${KRAKEN_GPU_CHECK_BUDGET:-540}"
+build="${KRAKEN_GPU_CHECK_BUILD:-build-gpu}"
+third_party="${KRAKEN_THIRD_PARTY:-third_party}"
+[[ "$third_party" = /* ]] || third_party="$root/$third_party"
+[[ "$build" = /* ]] || build="$root/$build"
+mkdir -p "$build/gpu-check"
+logs="$build/gpu-check"
+if [[ -n "${OUT:-}" ]]; then report="$OUT/gpu-report.md"; else report="$build/gpu-report.md"; fi
+jobs=$(nproc)
+failures=()
+
+elapsed() { echo $(( $(date +%s) - start )); }
+left() { echo $(( budget - $(elapsed) )); }
+say() { echo "gpu-check [$(elapsed)s]: $*"; }
+md() { printf '%s\n' "$*" >> "$report"; }
+# The last n lines of a log, fenced, in the report.
+md_tail() {
+  md '```'
+  tail -n "$2" "$1" >> "$report"
+  md '```'
+}
+fail() { failures+=("$1"); md "**FAILED: $1**"; say "FAILED: $1"; }
+
+: > "$report"
+md "# Kraken GPU check"
+md ""
+md "tools/gpu-check.sh, $(date -u +%Y-%m-%dT%H:%M:%SZ), budget ${budget} s, ${jobs} cores."
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo "unknown (no git metadata on this machine)")
+md "Commit: $commit."
+md ""
+
+# ---- 1. the machine --------------------------------------------------------------------------------
+say "machine"
+md "## 1. Machine"
+have_gpu=0
+if command -v nvidia-smi > /dev/null && nvidia-smi -L > "$logs/gpus.txt" 2>&1; then
+  have_gpu=1
+  md '```'
+  cat "$logs/gpus.txt" >> "$report"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem,power.limit --format=csv >> "$report" 2>&1
+  md '```'
+else
+  md "No GPU visible (nvidia-smi missing or failing): GPU tests will skip, sanitizer and benchmark stages are skipped."
+fi
+nvcc_bin=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
+sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+md '```'
+{
+  echo "nvcc: $("$nvcc_bin" --version 2>&1 | tail -n 2 | head -n 1)"
+  echo "cmake: $(cmake --version | head -n 1)"
+  echo "ninja: $(ninja --version)"
+  echo "c++: $(c++ --version | head -n 1)"
+  echo "python3: $(python3 --version 2>&1)"
+  echo "compute-sanitizer: $([[ -x "$sanitizer" ]] && echo "$sanitizer" || echo missing)"
+  echo "third_party: $([[ -f "$third_party/SOURCES.txt" ]] && tr '\n' ' ' < "$third_party/SOURCES.txt" || echo "MISSING ($third_party)")"
+} >> "$report"
+md '```'
+if [[ ! -d "$third_party/include" ]]; then
+  fail "third_party/ is missing: run scripts/pack-third-party.sh where the Debian packages are, and carry third_party"
+  md ""
+  md "## Result: FAILED (${failures[*]})"
+  [[ -n "${OUT:-}" ]] && cp "$report" "$build/gpu-report.md" 2>/dev/null
+  exit 1
+fi
+
+# ---- 2. configure and build ------------------------------------------------------------------------------
+say "configure"
+md ""
+md "## 2. Configure and build"
+t0=$(date +%s)
+# shellcheck disable=SC2086
+if cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DKRAKEN_CUDA=ON -DKRAKEN_MPI=OFF \
+     -DCMAKE_CUDA_ARCHITECTURES=90 -DKRAKEN_THIRD_PARTY="$third_party" ${KRAKEN_GPU_CHECK_CMAKE_ARGS:-} \
+     > "$logs/configure.log" 2>&1; then
+  md "Configured in $(( $(date +%s) - t0 )) s: $(grep -m1 'Kraken: CUDA' "$logs/configure.log" | sed 's/^-- //')"
+else
+  fail "configure"
+  md_tail "$logs/configure.log" 40
+fi
+built=0
+if [[ ${#failures[@]} -eq 0 ]]; then
+  say "build with $jobs jobs"
+  t0=$(date +%s)
+  if ninja -C "$build" -j "$jobs" > "$logs/build.log" 2>&1; then
+    built=1
+    md "Built in $(( $(date +%s) - t0 )) s ($(grep -c 'Building' "$logs/build.log") compilations, $(grep -ci 'warning' "$logs/build.log") warnings)."
+  else
+    fail "build"
+    grep -B2 -A12 -m5 -E 'error|FAILED' "$logs/build.log" > "$logs/build-errors.log"
+    md_tail "$logs/build-errors.log" 80
+  fi
+fi
+if [[ $built -eq 0 ]]; then
+  md ""
+  md "## Result: FAILED (${failures[*]})"
+  exit 1
+fi
+
+# Summarises a ctest JUnit file: counts, the failed and skipped tests, and the [gpu-vs-*] lines.
+summarise_junit() {
+  python3 - "$1" "$2" <<'PY' >> "$report"
+import sys, xml.etree.ElementTree as ET
+path, detail = sys.argv[1], sys.argv[2] == "detail"
+try:
+    suite = ET.parse(path).getroot()
+except Exception as e:
+    print(f"(no results: {e})"); sys.exit(0)
+cases = suite.iter("testcase")
+passed, failed, skipped, lines = [], [], [], []
+for c in cases:
+    name, t = c.get("name"), float(c.get("time") or 0)
+    status = c.get("status", "")
+    if c.find("failure") is not None or status == "fail": failed.append((name, t, c))
+    elif c.find("skipped") is not None or status in ("notrun", "disabled"): skipped.append((name, t, c))
+    else: passed.append((name, t, c))
+    out = c.findtext("system-out") or ""
+    lines += [l.strip() for l in out.splitlines() if l.strip().startswith("[gpu-vs-")]
+total = len(passed) + len(failed) + len(skipped)
+print(f"{len(passed)} passed, {len(failed)} failed, {len(skipped)} skipped of {total}; "
+      f"{sum(t for _, t, _ in passed + failed + skipped):.1f} s of test time.")
+if detail:
+    print("\n| test | result | s |\n|---|---|---|")
+    for group, label in ((failed, "FAILED"), (skipped, "skipped"), (passed, "passed")):
+        for name, t, _ in sorted(group, key=lambda x: x[0]):
+            print(f"| {name} | {label} | {t:.2f} |")
+for name, _, c in failed:
+    out = (c.findtext("system-out") or "").splitlines()
+    keep = [l for l in out if "Failure" in l or "Expected" in l or "Which is" in l or "allowed" in l or "error" in l.lower()]
+    print(f"\nFailure output of {name}:\n```\n" + "\n".join((keep or out)[-40:]) + "\n```")
+for name, _, c in skipped[:3]:
+    out = (c.findtext("system-out") or "").splitlines()
+    why = [l for l in out if "no GPU" in l or "Skipped" in l or "dry run" in l]
+    if why: print(f"\n{name} skipped: {why[-1].strip()}")
+if lines:
+    print("\nMeasured differences (tests/gpu print one line per comparison):\n```")
+    print("\n".join(lines))
+    print("```")
+print(f"@@counts {len(passed)} {len(failed)} {len(skipped)}")
+PY
+}
+# Reads the counts line the summary ended with (and removes it from the report).
+counts_of_last_summary() {
+  local line
+  line=$(grep '^@@counts' "$report" | tail -n 1)
+  sed -i '/^@@counts/d' "$report"
+  echo "${line#@@counts }"
+}
+
+# ---- 3. GPU tests ------------------------------------------------------------------------------------------
+say "GPU tests"
+md ""
+md "## 3. GPU tests (ctest -L gpu)"
+t0=$(date +%s)
+ctest --test-dir "$build" -L gpu -j 4 --timeout 300 --output-junit "$logs/gpu-tests.xml" > "$logs/gpu-tests.log" 2>&1
+gpu_rc=$?
+md "ctest exit status $gpu_rc after $(( $(date +%s) - t0 )) s."
+summarise_junit "$logs/gpu-tests.xml" detail
+read -r g_pass g_fail g_skip <<< "$(counts_of_last_summary)"
+if [[ "$gpu_rc" -ne 0 || "${g_fail:-1}" -ne 0 ]]; then fail "GPU tests"; md_tail "$logs/gpu-tests.log" 30; fi
+if [[ $have_gpu -eq 1 && "${g_skip:-0}" -ne 0 ]]; then fail "GPU tests skipped on a machine with a GPU"; fi
+if [[ "${g_pass:-0}" -eq 0 && $have_gpu -eq 1 ]]; then fail "no GPU test passed"; fi
+
+# ---- 4. compute-sanitizer ----------------------------------------------------------------------------------
+md ""
+md "## 4. compute-sanitizer"
+if [[ $have_gpu -eq 1 && -x "$sanitizer" ]]; then
+  say "memcheck on a short training run"
+  run="$build/gpu-check/train-run"
+  rm -rf "$run" && mkdir -p "$run"
+  # Token shards in nanoGPT's raw uint16 format: a noisy counting sequence, as the trainer tests use.
+  python3 - "$run" <<'PY'
+import array, random, sys
+random.seed(5)
+for name in ("train_000.bin", "val_000.bin"):
+    t, toks = 0, array.array("H")
+    for _ in range(20000):
+        t = (t + 1 + (random.randrange(5) if random.randrange(8) == 0 else 0)) % 200
+        toks.append(t)
+    with open(f"{sys.argv[1]}/{name}", "wb") as f:
+        toks.tofile(f)
+PY
+  cat > "$run/config.toml" <<EOF
+[model]
+n_layer = 2
+n_embd = 64
+n_head = 4
+degree = 2
+context = 40
+vocab_size = 200
+dropout = 0.1
+[data]
+train = "$run/train_*.bin"
+val = "$run/val_*.bin"
+format = "raw"
+[train]
+device = "cuda"
+batch_size = 3
+seq_len = 37
+max_steps = 3
+eval_batches = 1
+out_dir = "$run/out"
+[optim]
+lr = 1e-3
+EOF
+  t0=$(date +%s)
+  "$sanitizer" --tool memcheck --error-exitcode 17 --leak-check no "$build/bin/kraken-train" "$run/config.toml" --quiet \
+    > "$logs/memcheck-train.log" 2>&1
+  rc=$?
+  md "memcheck, kraken-train (degree 2, dropout, T = 37, 3 steps, evaluation, checkpoint): exit status $rc in $(( $(date +%s) - t0 )) s."
+  md_tail "$logs/memcheck-train.log" 6
+  [[ $rc -eq 0 ]] || fail "memcheck on the training run"
+  # The kernel tests under memcheck and racecheck (shared-memory hazards in the tiled kernels), while
+  # the budget allows: both are much slower than a plain run.
+  kernel_filter='GpuAttention.*:GpuLayerNorm.*:GpuEmbedding.*:GpuSoftmax.*:GpuCrossEntropy.*:GpuElementwise.*:GpuMatmul*:GpuDropout.*:GpuPhilox.*'
+  for tool in memcheck racecheck; do
+    if [[ $(left) -lt 200 ]]; then
+      md "$tool on the kernel tests: not run (time budget)."
+      continue
+    fi
+    say "$tool on the kernel tests"
+    t0=$(date +%s)
+    KRAKEN_SOURCE_DIR="$root" OMP_NUM_THREADS=2 timeout $(( $(left) - 150 )) "$sanitizer" --tool "$tool" --error-exitcode 17 \
+      "$build/tests/kraken_tests_gpu" --gtest_filter="$kernel_filter" > "$logs/$tool-kernels.log" 2>&1
+    rc=$?
+    md "$tool, tests/gpu kernel tests ($kernel_filter): exit status $rc in $(( $(date +%s) - t0 )) s."
+    md_tail "$logs/$tool-kernels.log" 5
+    if [[ $rc -eq 124 ]]; then md "(stopped by the time budget: inconclusive)"
+    elif [[ $rc -ne 0 ]]; then fail "$tool on the kernel tests"; fi
+  done
+else
+  md "Not run: $([[ $have_gpu -eq 1 ]] && echo "compute-sanitizer not found" || echo "no GPU")."
+fi
+
+# ---- 5. benchmark ------------------------------------------------------------------------------------------
+md ""
+md "## 5. Benchmark"
+if [[ -x "$build/bin/gpu_train_bench" ]]; then
+  say "benchmark"
+  t0=$(date +%s)
+  timeout $(( $(left) > 200 ? 180 : 90 )) "$build/bin/gpu_train_bench" --out "$logs/bench.md" > "$logs/bench.log" 2>&1
+  rc=$?
+  md "bench/gpu_train_bench: exit status $rc in $(( $(date +%s) - t0 )) s."
+  if [[ -f "$logs/bench.md" ]]; then cat "$logs/bench.md" >> "$report"; else md_tail "$logs/bench.log" 30; fi
+  [[ $rc -eq 0 ]] || fail "benchmark (exit status $rc)"
+else
+  fail "benchmark not built"
+fi
+
+# ---- 6. CPU suite ------------------------------------------------------------------------------------------
+md ""
+md "## 6. CPU suite (ctest -LE gpu)"
+cpu_time=$(( $(left) - 20 ))
+if [[ $cpu_time -gt 30 ]]; then
+  say "CPU suite, ${cpu_time} s at most"
+  t0=$(date +%s)
+  timeout "$cpu_time" ctest --test-dir "$build" -LE gpu -j "$jobs" --timeout 120 \
+    --output-junit "$logs/cpu-tests.xml" > "$logs/cpu-tests.log" 2>&1
+  rc=$?
+  md "ctest exit status $rc after $(( $(date +%s) - t0 )) s$([[ $rc -eq 124 ]] && echo " (stopped by the time budget: the CPU suite is incomplete here; CI runs it in full)")."
+  if [[ -f "$logs/cpu-tests.xml" ]]; then
+    summarise_junit "$logs/cpu-tests.xml" brief
+    read -r _ c_fail _ <<< "$(counts_of_last_summary)"
+    [[ "${c_fail:-0}" -eq 0 ]] || fail "CPU suite (${c_fail} failed)"
+  else
+    grep -E "tests passed|Failed|\*\*\*" "$logs/cpu-tests.log" | tail -n 20 > "$logs/cpu-tests-summary.log"
+    md_tail "$logs/cpu-tests-summary.log" 20
+    [[ $rc -eq 124 ]] || fail "CPU suite"
+  fi
+else
+  md "Not run: no time left in the budget (CI runs it in full)."
+fi
+
+# ---- 7. nvidia-smi -----------------------------------------------------------------------------------------
+md ""
+md "## 7. nvidia-smi"
+md '```'
+if [[ $have_gpu -eq 1 ]]; then nvidia-smi >> "$report" 2>&1; else echo "no GPU" >> "$report"; fi
+md '```'
+[[ $have_gpu -eq 1 ]] && nvidia-smi
+
+md ""
+if [[ ${#failures[@]} -eq 0 ]]; then
+  md "## Result: PASSED in $(elapsed) s$([[ $have_gpu -eq 1 ]] || echo " (no GPU here: the GPU stages skipped)")"
+  status=0
+else
+  md "## Result: FAILED in $(elapsed) s: $(IFS='; '; echo "${failures[*]}")"
+  status=1
+fi
+[[ -n "${OUT:-}" ]] && cp "$report" "$build/gpu-report.md"
+# The device tool returns the last 12,000 characters of the output: the report without its long
+# per-test table and per-comparison lines (both stay in the file).
+grep -v -E '^\| gpu\.|^\[gpu-vs-' "$report" | tail -c 11000
+say "report: $report"
+exit $status
