@@ -1,7 +1,7 @@
 // kraken-export's Hugging Face layout is loadable as GPT-2: an independent PyTorch implementation of
 // GPT2LMHeadModel's forward (tests/train/fixtures/check_hf_export.py; transformers itself where it is
-// installed) reproduces Kraken's logits from the exported files. Skipped, with the reason, where
-// Debian's python3-torch is not installed.
+// installed, as on the GPU machines) reproduces Kraken's logits from the exported files. Skipped, with
+// the reason, where no Python with PyTorch is installed.
 #include <gtest/gtest.h>
 
 #include <cstdlib>
@@ -18,10 +18,17 @@
 namespace kraken::train {
 namespace {
 
-bool python_has_torch() { return std::system("/usr/bin/python3 -c 'import torch' >/dev/null 2>&1") == 0; }
+// A Python that has PyTorch: Debian's (/usr/bin/python3 with python3-torch) here, the image's python3
+// (with transformers too) on the GPU machines.
+std::string python_with_torch() {
+  for (const char* python : {"python3", "/usr/bin/python3"})
+    if (std::system((std::string(python) + " -c 'import torch' >/dev/null 2>&1").c_str()) == 0) return python;
+  return "";
+}
 
 TEST(Export, HuggingFaceLayoutReproducesKrakenLogits) {
-  if (!python_has_torch()) GTEST_SKIP() << "/usr/bin/python3 has no torch (apt-get install python3-torch)";
+  const std::string python = python_with_torch();
+  if (python.empty()) GTEST_SKIP() << "no python3 with torch here (apt-get install python3-torch)";
   testing::TempDir dir;
   std::vector<uint16_t> tokens(4000);
   for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<uint16_t>((i * 7) % 100);
@@ -56,7 +63,7 @@ TEST(Export, HuggingFaceLayoutReproducesKrakenLogits) {
 
   const char* root = std::getenv("KRAKEN_SOURCE_DIR");
   const std::string script = std::string(root ? root : ".") + "/tests/train/fixtures/check_hf_export.py";
-  const std::string command = "/usr/bin/python3 " + script + " " + dir / "hf" + " " + dir / "ref.safetensors";
+  const std::string command = python + " " + script + " " + dir / "hf" + " " + dir / "ref.safetensors";
   EXPECT_EQ(std::system(command.c_str()), 0) << command;
 }
 
