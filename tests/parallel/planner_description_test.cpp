@@ -169,6 +169,7 @@ TEST(PlannerCluster, ExampleClustersParse) {
   if (!std::filesystem::exists(root + "/configs/clusters")) GTEST_SKIP() << "no configs/clusters under " << root;
   const std::string dir = root + "/configs/clusters/";
   EXPECT_EQ(load_cluster(dir + "this_machine.toml").total_devices(), 2);
+  EXPECT_EQ(load_cluster(dir + "this_machine_4ranks.toml").total_devices(), 4);
   EXPECT_EQ(load_cluster(dir + "h100_8.toml").total_devices(), 8);
   EXPECT_EQ(load_cluster(dir + "mixed_a100_v100.toml").total_devices(), 32);
   EXPECT_EQ(load_cluster(dir + "amp_v100_t4.toml").total_devices(), 16);
