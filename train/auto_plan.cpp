@@ -11,6 +11,7 @@
 #include <sstream>
 
 #include "kernels/error.h"
+#include "parallel/failure.h"
 #include "parallel/planner/search.h"
 #include "parallel/world.h"
 #include "runtime/tensor.h"
@@ -265,6 +266,9 @@ void apply_plan(const AutoPlan& plan, Config& config) {
 
 AutoPlan plan_layout(Config& config, parallel::World& world) {
   KRAKEN_CHECK(config.parallel.plan == "auto");
+  // First the collective every trainer starts with: ranks given different configs (one planning, one
+  // not) then fail together here instead of hanging in mismatched collectives.
+  parallel::check_same_on_all_ranks("the config file", config.text);
   std::string message;
   if (world.rank() == 0) {
     nlohmann::json reply;
