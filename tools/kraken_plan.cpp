@@ -315,7 +315,15 @@ int main(int argc, char** argv) {
     const Cluster cluster = load_cluster(cluster_path);
     const ModelDesc model = kraken::train::model_desc_of(kraken::train::load_config_for_planning(config_path));
     std::vector<Profile> profiles;
-    for (const std::string& path : profile_paths) profiles.push_back(load_profile(path, model));
+    for (const std::string& path : profile_paths) {
+      profiles.push_back(load_profile(path, model));
+      bool used = false;
+      for (const NodeGroup& g : cluster.groups) used = used || g.device_type == profiles.back().device_type;
+      if (!used)
+        std::fprintf(stderr, "kraken-plan: warning: %s is a profile of device type '%s', which no node group of '%s' "
+                             "has; it is not used\n",
+                     path.c_str(), profiles.back().device_type.c_str(), cluster.name.c_str());
+    }
     SearchOptions options;
     options.cost_model = kind;
     options.top_k = std::max(top, explain_rank);

@@ -287,6 +287,14 @@ AutoPlan plan_layout(Config& config, parallel::World& world) {
         cluster = detect_cluster(world.size(), world.local_size(), device,
                                  profiles.empty() ? "" : profiles.front().device_type);
       }
+      for (size_t i = 0; i < profiles.size(); ++i) {
+        bool used = false;
+        for (const planner::NodeGroup& g : cluster.groups) used = used || g.device_type == profiles[i].device_type;
+        if (!used)
+          KRAKEN_THROW("[parallel] profile \"", config.parallel.profile[i], "\" was measured for device type '",
+                       profiles[i].device_type, "', which no node group of cluster '", cluster.name,
+                       "' has: it would not be used (kraken-plan --profile --device-type names the type)");
+      }
       const AutoPlan plan = choose_plan(config, cluster, profiles);
       reply = to_json(plan);
       reply["ok"] = true;

@@ -243,9 +243,11 @@ TEST(AutoPlanProfile, MeasuresEveryKindAtEveryTpAndMicroBatchAndRoundTrips) {
   }
   // And the planner uses it: a measured point is returned as measured.
   const planner::Cluster one = detect_cluster(1, 1, runtime::Device::cpu());
-  for (const planner::ProfileEntry& e : p.entries)
-    if (e.kind == planner::LayerKind::LmHead && e.tp == 2 && e.micro_batch == 2)
+  for (const planner::ProfileEntry& e : p.entries) {
+    if (e.kind == planner::LayerKind::LmHead && e.tp == 2 && e.micro_batch == 2) {
       EXPECT_EQ(planner::layer_seconds(m, m.layers.back(), one.device("cpu-2core"), {back}, 2, 2), e.seconds);
+    }
+  }
 }
 
 // ---- plan = "auto" in a world of one ----------------------------------------------------------
@@ -333,6 +335,20 @@ TEST(AutoPlanTrainer, TheClusterMustHaveOneDevicePerRank) {
   const std::string missing = message_of(
       [&] { Trainer t(parse_config(auto_config(dir, "profile = \"nope.toml\"\n"), "prof.toml"), quiet()); });
   EXPECT_TRUE(contains(missing, "nope.toml")) << missing;
+  // A profile of a device type the cluster does not have would silently not be used: an error.
+  const Config c = parse_config(auto_config(dir, ""), "p.toml");
+  planner::Profile h100;
+  h100.device_type = "H100";
+  h100.entries = {{planner::LayerKind::KrakenLayer, 1, 1, 0.001}};
+  std::ofstream(dir / "h100.toml") << planner::format_profile(h100, model_desc_of(c));
+  std::ofstream(dir / "one.toml") << "name = \"one\"\n[[group]]\nname = \"cpu\"\nnodes = 1\ndevices_per_node = 1\n"
+                                     "device = \"cpu-2core\"\nintra_node_gb_per_s = 2\nintra_node_latency_us = 0.2\n";
+  const std::string other = message_of([&] {
+    Trainer t(parse_config(auto_config(dir, "cluster = \"" + dir / "one.toml" + "\"\nprofile = \"" + dir / "h100.toml" + "\"\n"),
+                           "prof.toml"),
+              quiet());
+  });
+  EXPECT_TRUE(contains(other, "was measured for device type 'H100', which no node group of cluster 'one' has")) << other;
 }
 
 TEST(AutoPlanTrainer, DetectedClusterIsOneGroupOfTheRanks) {
