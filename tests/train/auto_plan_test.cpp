@@ -153,7 +153,9 @@ bool fresh_allocator_or_rerun(const std::string& test_name) {
     ADD_FAILURE() << "a fresh process already freed memory before the test";
     return false;
   }
-  const std::string command = "KRAKEN_FRESH_CHILD=1 /proc/self/exe --gtest_filter=" + test_name + " > /dev/null 2>&1";
+  // This test binary (resolved here: inside the shell std::system starts, /proc/self is the shell).
+  const std::string self = std::filesystem::read_symlink("/proc/self/exe").string();
+  const std::string command = "KRAKEN_FRESH_CHILD=1 '" + self + "' --gtest_filter=" + test_name + " > /dev/null 2>&1";
   const int status = std::system(command.c_str());
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "the fresh-process run of " << test_name << " failed";
   return false;
