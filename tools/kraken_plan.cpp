@@ -1,12 +1,17 @@
-// kraken-plan: the best parallel strategies for a model on a cluster.
+// kraken-plan: the best parallel strategies for a model on a cluster, and the layer profiles they use.
 //
 //   kraken-plan cluster.toml config.toml [--top K] [--json] [--explain N] [--cost-model amp|kraken]
 //               [--profile-file measured.toml ...]
+//   kraken-plan --profile config.toml [--out profile.toml] [--device-type NAME] [--max-micro-batch N]
+//               [--micro-batches 1,2,4] [--warmup N] [--repeat N] [--threads N]
 //
 // Prints the top-K strategies (tp, dp, pp, micro-batch, accumulation, layers per stage, which node
 // groups host the stages, predicted step time split into compute / bubble / pp / tp / dp
 // communication, memory per device); --json writes the same for scripts; --explain N breaks strategy N
-// down stage by stage. The formats and the models are in parallel/planner/README.md.
+// down stage by stage. The config is a Kraken training config, validated as kraken-train validates it
+// (its data shards need not exist here); train::model_desc_of turns it into the planner's model.
+// --profile measures each layer kind forward + backward on this machine (train/plan.h) and writes the
+// profile file. The formats and the models are in parallel/planner/README.md.
 #include <CLI/CLI.hpp>
 
 #include <cstdio>
@@ -16,10 +21,18 @@
 #include <string>
 #include <vector>
 
+#include <omp.h>
+
+#include <algorithm>
+#include <fstream>
+
 #include "kernels/error.h"
+#include "kernels/matmul.h"
 #include "parallel/planner/cost_model.h"
 #include "parallel/planner/description.h"
 #include "parallel/planner/search.h"
+#include "train/config.h"
+#include "train/plan.h"
 
 namespace {
 
@@ -188,6 +201,63 @@ void explain(const Cluster& cluster, const ModelDesc& model, const RankedStrateg
   }
 }
 
+std::string fmt_ms(double s) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.3f", s * 1e3);
+  return buf;
+}
+
+// kraken-plan --profile: measure, print the table (stderr), write the file (--out, or stdout).
+int profile(const std::string& config_path, const std::string& out_path, const kraken::train::ProfileOptions& options,
+            int threads) {
+  using namespace kraken;
+  const train::Config config = train::load_config_for_planning(config_path);
+  const ModelDesc model = train::model_desc_of(config);
+  if (threads > 0) {
+    omp_set_num_threads(threads);
+    kernels::set_cpu_blas_threads(threads);
+  }
+  const std::vector<int> tps = train::profile_tp_degrees(config);
+  const std::vector<int> mbs =
+      options.micro_batches.empty() ? train::profile_micro_batches(config, options.max_micro_batch) : options.micro_batches;
+  std::string mb_list, tp_list;
+  for (int mb : mbs) mb_list += (mb_list.empty() ? "" : ",") + std::to_string(mb);
+  for (int tp : tps) tp_list += (tp_list.empty() ? "" : ",") + std::to_string(tp);
+  std::fprintf(stderr,
+               "kraken-plan --profile %s: device %s (type '%s'), %d thread(s), BLAS %s; micro-batches {%s}, tp {%s}; "
+               "%d warm-up + %d timed runs per point, median kept\n",
+               config_path.c_str(), config.train.device.c_str(), options.device_type.c_str(), omp_get_max_threads(),
+               kernels::cpu_blas_name(), mb_list.c_str(), tp_list.c_str(), options.warmup, options.repeat);
+  std::fprintf(stderr, "%-13s %3s %5s %12s %12s %12s %8s\n", "kind", "tp", "mbs", "median ms", "min ms", "max ms",
+               "spread");
+  std::ostringstream table;
+  table << "measured by kraken-plan --profile " << config_path << " on " << config.train.device << " ("
+        << omp_get_max_threads() << " thread(s), BLAS " << kernels::cpu_blas_name() << "): forward + backward of one\n"
+        << "micro-batch per layer kind, " << options.warmup << " warm-up and " << options.repeat
+        << " timed runs per point, the median kept (train/plan.h says what runs).\n"
+        << "kind           tp   mbs    median ms       min ms       max ms   spread\n";
+  const auto report = [&](const kraken::train::LayerMeasurement& m) {
+    const auto [lo, hi] = std::minmax_element(m.samples.begin(), m.samples.end());
+    char line[160];
+    std::snprintf(line, sizeof line, "%-13s %3d %5d %12s %12s %12s %7.1f%%", layer_kind_name(m.kind), m.tp,
+                  m.micro_batch, fmt_ms(m.median).c_str(), fmt_ms(*lo).c_str(), fmt_ms(*hi).c_str(),
+                  100.0 * (*hi - *lo) / m.median);
+    std::fprintf(stderr, "%s\n", line);
+    table << line << "\n";
+  };
+  const Profile measured = train::measure_profile(config, options, report);
+  const std::string text = format_profile(measured, model, table.str());
+  if (out_path.empty() || out_path == "-") {
+    std::cout << text;
+  } else {
+    std::ofstream out(out_path);
+    out << text;
+    if (!out) KRAKEN_THROW("cannot write the profile to '", out_path, "'");
+    std::fprintf(stderr, "wrote %s (%zu measurements)\n", out_path.c_str(), measured.entries.size());
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -196,8 +266,27 @@ int main(int argc, char** argv) {
   int top = 10, explain_rank = 0;
   bool json = false;
   std::vector<std::string> profile_paths;
-  app.add_option("cluster", cluster_path, "cluster description (TOML, see configs/clusters/)")->required();
-  app.add_option("config", config_path, "Kraken training config (TOML)")->required();
+  std::string profile_config, out_path;
+  kraken::train::ProfileOptions profile_options;
+  int threads = 1;
+  app.add_option("cluster", cluster_path, "cluster description (TOML, see configs/clusters/)");
+  app.add_option("config", config_path, "Kraken training config (TOML)");
+  app.add_option("--profile", profile_config, "measure the layer kinds of this training config on this machine");
+  app.add_option("--out", out_path, "--profile: where to write the profile file (default: standard output)");
+  app.add_option("--device-type", profile_options.device_type,
+                 "--profile: the device type the profile is for (a cluster file's `device`; default cpu-2core)");
+  app.add_option("--max-micro-batch", profile_options.max_micro_batch,
+                 "--profile: measure the divisors of the global batch up to this (default 16)")
+      ->check(CLI::Range(1, 1 << 20));
+  app.add_option("--micro-batches", profile_options.micro_batches, "--profile: measure exactly these sizes")
+      ->delimiter(',');
+  app.add_option("--warmup", profile_options.warmup, "--profile: untimed runs per point (default 1)")
+      ->check(CLI::Range(0, 1000));
+  app.add_option("--repeat", profile_options.repeat, "--profile: timed runs per point, median kept (default 5)")
+      ->check(CLI::Range(1, 1000));
+  app.add_option("--threads", threads,
+                 "--profile: CPU threads (default 1: a cpu-2core device is one rank on one core; 0: OpenMP's choice)")
+      ->check(CLI::Range(0, 1024));
   app.add_option("--top", top, "how many strategies to print")->check(CLI::Range(1, 1000000));
   app.add_flag("--json", json, "print JSON for scripts");
   app.add_option("--explain", explain_rank, "break strategy N of the list down stage by stage")
@@ -214,11 +303,27 @@ int main(int argc, char** argv) {
   }
 
   try {
+    if (!profile_config.empty()) {
+      if (!cluster_path.empty())
+        KRAKEN_THROW("--profile takes the training config as its value and no other file (got '", cluster_path, "')");
+      return profile(profile_config, out_path, profile_options, threads);
+    }
+    if (cluster_path.empty() || config_path.empty())
+      KRAKEN_THROW("expected a cluster file and a training config (kraken-plan cluster.toml config.toml), or "
+                   "--profile config.toml; see --help");
     const CostModelKind kind = parse_cost_model(cost_model);
     const Cluster cluster = load_cluster(cluster_path);
-    const ModelDesc model = model_desc_from_config_file(config_path);
+    const ModelDesc model = kraken::train::model_desc_of(kraken::train::load_config_for_planning(config_path));
     std::vector<Profile> profiles;
-    for (const std::string& path : profile_paths) profiles.push_back(load_profile(path, model));
+    for (const std::string& path : profile_paths) {
+      profiles.push_back(load_profile(path, model));
+      bool used = false;
+      for (const NodeGroup& g : cluster.groups) used = used || g.device_type == profiles.back().device_type;
+      if (!used)
+        std::fprintf(stderr, "kraken-plan: warning: %s is a profile of device type '%s', which no node group of '%s' "
+                             "has; it is not used\n",
+                     path.c_str(), profiles.back().device_type.c_str(), cluster.name.c_str());
+    }
     SearchOptions options;
     options.cost_model = kind;
     options.top_k = std::max(top, explain_rank);

@@ -296,6 +296,8 @@ Config parse_config(const std::string& text, const std::string& name, bool check
   p.bucket_mb = par.real("bucket_mb", 25.0, 0.001, 1e6);
   p.plan = par.string("plan", "manual", {"manual", "auto"});
   p.cluster = par.string("cluster", "");
+  p.global_batch = par.integer("global_batch", 0, 1, 1 << 30);
+  p.profile = par.strings("profile");
   par.reject_unknown();
   if (m.degree > 1 && m.degree % p.tp != 0)
     par.fail("tp", "must divide model.degree = " + std::to_string(m.degree) + " (each tp rank owns whole sub-layers)");
@@ -314,6 +316,19 @@ Config parse_config(const std::string& text, const std::string& name, bool check
       par.fail("layers_per_stage", "adds up to " + std::to_string(total) + ", but model.n_layer = " + std::to_string(m.n_layer));
   }
   if (p.plan == "manual" && !p.cluster.empty()) par.fail("cluster", "is only used with plan = \"auto\"");
+  if (p.plan == "manual" && p.global_batch > 0) par.fail("global_batch", "is only used with plan = \"auto\"");
+  if (p.plan == "manual" && !p.profile.empty()) par.fail("profile", "is only used with plan = \"auto\"");
+  if (p.plan == "auto") {
+    // The planner chooses the layout: a value here would be silently replaced.
+    const toml::table* written = root["parallel"].as_table();
+    if (written->contains("optex_groups"))
+      par.fail("optex_groups", "the planner plans one dp × tp × pp job, not OptEx evaluation groups; use "
+                               "plan = \"manual\" for optex_groups");
+    for (const char* key : {"dp", "tp", "pp", "layers_per_stage"})
+      if (written->contains(key))
+        par.fail(key, "is chosen by the planner with plan = \"auto\"; remove it (the global batch is "
+                      "[parallel] global_batch, default [train] batch_size · grad_accum)");
+  }
   if (p.optex_groups > 1 && o.name != "optex") par.fail("optex_groups", "needs [optim] name = \"optex\"");
   if (p.optex_groups > 1 && o.optex.parallelism != p.optex_groups)
     par.fail("optex_groups", "must equal [optim.optex] parallelism = " + std::to_string(o.optex.parallelism) +

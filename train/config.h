@@ -74,7 +74,9 @@ struct ParallelConfig {
   std::vector<int64_t> layers_per_stage;  // pipeline split (empty: as even as possible)
   double bucket_mb = 25.0;         // data-parallel all-reduce bucket size
   std::string plan = "manual";     // manual | auto (the AMP planner)
-  std::string cluster;             // cluster description for plan = "auto"
+  std::string cluster;             // cluster description for plan = "auto" ("": detected from MPI)
+  int64_t global_batch = 0;        // plan = "auto": sequences per step over all dp ranks (0: batch_size · grad_accum)
+  std::vector<std::string> profile;  // plan = "auto": measured layer times (kraken-plan --profile)
 };
 
 struct Config {

@@ -39,6 +39,7 @@
 #include "parallel/world.h"
 #include "runtime/autograd.h"
 #include "runtime/ops.h"
+#include "train/auto_plan.h"
 #include "train/checkpoint.h"
 #include "train/metrics.h"
 #include "train/sharded_state.h"
@@ -144,6 +145,7 @@ struct Trainer::State {
   runtime::Generator dropout_rng;
   CheckpointStore checkpoints;
   MetricsWriter metrics;
+  AutoPlan plan;               // plan = "auto": the planner's layout and prediction
   int64_t step = 0;            // completed optimizer steps (OptEx: sequential iterations)
   int64_t tokens_seen = 0;
   double train_seconds = 0.0;  // accumulated over all runs, for the metrics
@@ -161,6 +163,7 @@ Trainer::Trainer(Config config, TrainerOptions options) : s_(std::make_unique<St
   State& s = *s_;
   const Config& c = s.config;
   parallel::World& world = parallel::World::get();
+  if (s.config.parallel.plan == "auto") s.plan = plan_layout(s.config, world);  // rewrites the layout in c
   const parallel::MeshSizes sizes{static_cast<int>(c.parallel.optex_groups), static_cast<int>(c.parallel.pp),
                                   static_cast<int>(c.parallel.dp), static_cast<int>(c.parallel.tp)};
   if (sizes.world() != world.size())
@@ -344,6 +347,7 @@ std::string Trainer::describe() const {
                   c.optim.optex.base.c_str(), s.optex_bytes / 1e9);
     out += buf;
   }
+  out += s.plan.describe();
   if (s.step > 0) {
     std::snprintf(buf, sizeof buf, "  resumed at step %lld\n", (long long)s.step);
     out += buf;
@@ -566,6 +570,10 @@ RunSummary Trainer::run() {
                    {"elapsed_s", s.train_seconds},
                    {"tokens_per_second", tokens_per_second},
                    {"tokens_seen", s.tokens_seen}});
+    if (s.plan.active) {
+      record["predicted_step_seconds"] = s.plan.step_seconds;
+      s.plan.record_step(dt);
+    }
     // Communication: how long the collectives ran and how long compute stood waiting for them (the
     // difference ran behind compute). bench/parallel_bench.sh reads these.
     if (s.grad_sync) {
@@ -600,6 +608,7 @@ RunSummary Trainer::run() {
     }
   }
   progress.finish();
+  if (s.main_rank && s.plan.active && run_steps > 0) std::printf("%s\n", s.plan.summary().c_str());
   const double elapsed = seconds_since(run_start);
   summary.steps_done = s.step;
   summary.tokens_per_second = elapsed > 0 ? static_cast<double>(s.tokens_seen - tokens_at_start) / elapsed : 0.0;

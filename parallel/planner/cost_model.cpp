@@ -132,6 +132,14 @@ void Layout::Impl::validate() {
                  int64_t(s.dp) * s.micro_batch * s.accumulation, " but the global batch is ", c.global_batch);
   if (s.pp > int(model->layers.size()))
     KRAKEN_THROW("strategy: pp = ", s.pp, " stages for ", model->layers.size(), " layers");
+  const RunLimits& limits = model->limits;
+  if (limits.stage_needs_transformer_layer && s.pp > c.n_layer)
+    KRAKEN_THROW("strategy: pp = ", s.pp, " stages, but every stage needs one of the ", c.n_layer, " transformer layers");
+  if (limits.accumulation_covers_pipeline && s.pp > 1 && s.accumulation < s.pp)
+    KRAKEN_THROW("strategy: ", s.accumulation, " micro-batches per step cannot fill a pipeline of ", s.pp,
+                 " stages (the runner needs accumulation >= pp)");
+  if (limits.data_parallel_only && (s.tp > 1 || s.pp > 1))
+    KRAKEN_THROW("strategy: tp = ", s.tp, ", pp = ", s.pp, ": the runner supports data parallelism only here");
   std::vector<int> order = s.group_order;
   if (order.empty())
     for (int g = 0; g < int(cluster->groups.size()); ++g) order.push_back(g);
@@ -191,12 +199,20 @@ void Layout::Impl::cost_layers(const std::vector<Profile>& profiles) {
   const Strategy& s = strategy;
   const ModelDesc& m = *model;
   const int L = int(m.layers.size());
-  const double tokens = double(s.micro_batch) * m.config.context;
+  const double tokens = double(s.micro_batch) * m.config.sequence();
   PipelineProblem& p = problem;
   p.layers = L;
   p.stages = s.pp;
   p.micro_batches = s.accumulation;
   p.stage_class.assign(s.pp, 0);
+  if (m.limits.stage_needs_transformer_layer) {
+    // A stage may start at any transformer layer but the first (the embedding stays with it) and at
+    // the LM head never (it stays with the last transformer layer).
+    p.cut_allowed.assign(L + 1, 1);
+    for (int i = 0; i < L; ++i)
+      if (m.layers[i].kind != LayerKind::KrakenLayer || (i > 0 && m.layers[i - 1].kind == LayerKind::Embedding))
+        p.cut_allowed[i] = 0;
+  }
 
   if (kind == CostModelKind::Amp) {
     // One list for every stage: each device type's layer times weighted by its share of the devices.
@@ -220,6 +236,8 @@ void Layout::Impl::cost_layers(const std::vector<Profile>& profiles) {
     return;
   }
 
+  // Bytes per parameter: weights, gradients (and, under dp, the all-reduce's gradient copies), states.
+  const double state_bytes = m.state_bytes_per_param() + (s.dp > 1 ? m.dp_gradient_buffers * m.bytes_per_grad : 0);
   // Kraken: one cost list per distinct (device types, tp link) among the stages.
   std::map<std::tuple<std::vector<int>, double, double>, int> classes;
   for (int j = 0; j < s.pp; ++j) {
@@ -265,7 +283,7 @@ void Layout::Impl::cost_layers(const std::vector<Profile>& profiles) {
     std::vector<double> time(L), stat(L), act(L);
     for (int i = 0; i < L; ++i) {
       time[i] = compute[i] + tp[i];
-      stat[i] = m.layers[i].params_per_rank(s.tp) * m.state_bytes_per_param();
+      stat[i] = m.layers[i].params_per_rank(s.tp) * state_bytes;
       act[i] = m.layers[i].activation_per_rank(s.tp) * tokens * st.activation_bytes;
     }
     class_compute.push_back(compute);
@@ -274,7 +292,7 @@ void Layout::Impl::cost_layers(const std::vector<Profile>& profiles) {
     p.class_time.push_back(time);
     p.class_static.push_back(stat);
     p.class_activation.push_back(act);
-    p.class_tied_static.push_back(m.tied_params_split / s.tp * m.state_bytes_per_param());
+    p.class_tied_static.push_back(m.tied_params_per_rank(s.tp) * state_bytes);
   }
   p.boundary.assign(std::max(0, s.pp - 1), std::vector<double>(L, 0.0));
   for (int j = 0; j + 1 < s.pp; ++j) {
@@ -323,8 +341,12 @@ Prediction Layout::evaluate(const std::vector<int>& split) const {
     KRAKEN_THROW("strategy: stage_begin must have pp + 1 = ", s.pp + 1, " entries from 0 to ", L);
   for (int j = 0; j < s.pp; ++j)
     if (split[j + 1] <= split[j]) KRAKEN_THROW("strategy: stage ", j, " holds no layers (stage_begin must increase)");
+  for (int j = 1; j < s.pp; ++j)
+    if (!p.cut_allowed.empty() && !p.cut_allowed[split[j]])
+      KRAKEN_THROW("strategy: stage ", j, " starts at layer ", split[j],
+                   ", but every stage must hold a transformer layer (the embedding and the LM head cannot stand alone)");
 
-  const double tokens = double(s.micro_batch) * m.config.context;
+  const double tokens = double(s.micro_batch) * m.config.sequence();
   const int B = s.accumulation;
   Prediction pred;
   pred.stages.resize(s.pp);
@@ -348,7 +370,7 @@ Prediction Layout::evaluate(const std::vector<int>& split) const {
       params += m.layers[i].params_per_rank(s.tp);
       activation += m.layers[i].activation_per_rank(s.tp) * tokens * st.activation_bytes;
     }
-    if (split[j] == 0 && split[j + 1] == L) params -= m.tied_params_split / s.tp;  // wte stored once
+    if (split[j] == 0 && split[j + 1] == L) params -= m.tied_params_per_rank(s.tp);  // wte stored once
     stage_params[j] = params;
     if (j + 1 < s.pp) {
       const double boundary = p.boundary[j][split[j + 1] - 1];
@@ -357,7 +379,7 @@ Prediction Layout::evaluate(const std::vector<int>& split) const {
     }
     sp.in_flight = std::min(s.pp - j, B);
     sp.memory.weights = params * m.bytes_per_param;
-    sp.memory.gradients = params * m.bytes_per_grad;
+    sp.memory.gradients = params * m.bytes_per_grad * (1 + (s.dp > 1 ? m.dp_gradient_buffers : 0));
     sp.memory.optimizer = params * (m.bytes_per_optimizer_state * m.optimizer_states + m.master_bytes());
     sp.memory.activations = activation * sp.in_flight;
     sp.memory_capacity = st.capacity;

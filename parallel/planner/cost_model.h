@@ -29,9 +29,10 @@
 //   2(dp−1) latencies per bucket, in 25 MiB buckets overlapped with the last micro-batch's backward
 //   (only the part that cannot hide counts) and with the time the final backward still needs to
 //   reach stage 0;
-// - memory per device: weights, gradients, optimizer state (AdamW: two fp32 states, plus an fp32
-//   master copy when the weights are 16-bit) and the activations of the micro-batches in flight
-//   under 1F1B (stage j of pp holds min(pp − j, B)); a strategy that does not fit is rejected.
+// - memory per device: weights, gradients (plus ModelDesc::dp_gradient_buffers copies when dp > 1),
+//   optimizer state (AdamW: two fp32 states, plus an fp32 master copy when the weights are 16-bit) and
+//   the activations of the micro-batches in flight under 1F1B (stage j of pp holds min(pp − j, B)); a
+//   strategy that does not fit is rejected.
 // Both break a prediction down as compute + bubble + pp + tp + dp communication = step time.
 #pragma once
 
@@ -86,7 +87,7 @@ struct Prediction {
 
 // Predicts one strategy. Throws kraken::Error when the strategy does not match the cluster (tp·dp·pp
 // devices, tp inside a node), the model (tp dividing the degree, or n_head for degree 1; a valid
-// split) or the batch (dp · micro_batch · accumulation = global batch).
+// split), the batch (dp · micro_batch · accumulation = global batch) or the model's RunLimits.
 Prediction predict(CostModelKind kind, const Cluster& cluster, const ModelDesc& model,
                    const std::vector<Profile>& profiles, const Strategy& strategy);
 
@@ -107,6 +108,8 @@ struct PipelineProblem {
   std::vector<int> in_flight;                     // per stage
   std::vector<double> capacity;                   // per stage, bytes
   std::vector<double> class_tied_static;          // per class: bytes saved when one stage holds all layers
+  // Per layer index i (L + 1 entries): may a stage after the first begin at layer i? Empty: anywhere.
+  std::vector<char> cut_allowed;
 };
 
 // Everything a (tp, dp, pp, micro-batch, placement) fixes before the split is chosen: which devices

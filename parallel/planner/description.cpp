@@ -184,7 +184,7 @@ const char* layer_kind_name(LayerKind kind) {
 }
 
 double ModelDesc::total_params() const {
-  double n = -tied_params_split;
+  double n = -tied_params_split - tied_params_replicated;
   for (const LayerDesc& l : layers) n += l.params();
   return n;
 }
@@ -203,24 +203,31 @@ ModelDesc make_model_desc(const ModelConfig& c) {
           heads_per_split, ")");
   require(c.mlp_expansion > 0, "mlp_expansion must be positive, got ", c.mlp_expansion);
   require(c.context > 0, "context must be positive, got ", c.context);
+  require(c.seq_len >= 0 && c.seq_len <= c.context, "seq_len must be in [0, context = ", c.context, "], got ",
+          c.seq_len);
   require(c.vocab_size > 0, "vocab_size must be positive, got ", c.vocab_size);
   require(c.global_batch > 0, "the global batch must be positive, got ", c.global_batch);
 
   ModelDesc m;
   m.config = c;
   m.vocab_padded = (c.vocab_size + 63) / 64 * 64;
-  const double C = c.n_embd, e = c.mlp_expansion, k = c.degree, T = c.context, H = c.n_head, V = m.vocab_padded;
+  // T is the trained sequence length (attention cost, activations); wpe keeps `context` rows.
+  const double C = c.n_embd, e = c.mlp_expansion, k = c.degree, T = c.sequence(), H = c.n_head, V = m.vocab_padded;
   const double b = c.bias ? 1 : 0;
+  const bool vp = c.vocab_parallel;
 
-  // Embedding: x0 = wte[idx] + wpe[pos]. wte is vocab-parallel under tp (each rank looks up its rows and
-  // one all-reduce sums the partial results), wpe is replicated.
+  // Embedding: x0 = wte[idx] + wpe[pos]. Vocab-parallel: each rank looks up its rows of wte and one
+  // all-reduce sums the partial results. Otherwise wte is replicated and the lookup is whole on every
+  // rank; Kraken's tp then sums dL/dx0 over the ranks' streams (copy_to_tp: one all-reduce backward).
+  // wpe is replicated either way.
   LayerDesc emb;
   emb.kind = LayerKind::Embedding;
-  emb.params_split = V * C;
-  emb.params_replicated = T * C;
+  (vp ? emb.params_split : emb.params_replicated) = V * C;
+  emb.params_replicated += double(c.context) * C;
   emb.boundary_replicated = C;           // x0 (B, T, C): every sub-layer of layer 0 reads it
   emb.traffic_replicated = 3 * C;        // read a wte row and a wpe row, write x0
-  emb.tp_allreduce_forward = 1;
+  emb.tp_allreduce_forward = vp ? 1 : 0;
+  emb.tp_allreduce_backward = !vp && c.degree > 1 ? 1 : 0;
   m.layers.push_back(emb);
 
   // A Kraken layer: k full-width GPT-2 blocks (sub-layers) with H/k heads each (kraken.md). Degree 1 is
@@ -234,11 +241,11 @@ ModelDesc make_model_desc(const ModelConfig& c) {
   // c_fc eC² (+eC), mlp c_proj eC² (+C).
   const double sublayer_params = (4 + 2 * e) * C * C + 2 * C + b * (2 * C + 3 * C + C + e * C + C);
   // Saved for backward per sub-layer and token, as our runtime's ops keep them: LN1 input and output
-  // (2C) and its mean/rstd (2), q, k, v (3C), softmax probabilities ((H/k)·T: naive attention), the
-  // attention output before c_proj (C), LN2 input and output (2C) and mean/rstd (2), GELU input and
-  // output (2eC).
+  // (2C) and its mean/rstd (2), q, k, v (3C), the attention output (C, also c_proj's input) and its
+  // per-head log-sum-exp (H/k: the backward recomputes the probabilities, no T×T matrix is kept), LN2
+  // input and output (2C) and mean/rstd (2), GELU input and output (2eC).
   const double replicated_act = 4 * C + 4;  // the LayerNorm inputs/outputs and statistics
-  const double split_act = (4 + 2 * e) * C + (H / k) * T;
+  const double split_act = (4 + 2 * e) * C + H / k;
   for (int l = 0; l < c.n_layer; ++l) {
     LayerDesc layer;
     layer.kind = LayerKind::KrakenLayer;
@@ -272,16 +279,21 @@ ModelDesc make_model_desc(const ModelConfig& c) {
   }
 
   // LM head + loss: (degree > 1) the row-parallel conjunction kC → C and its all-reduce, then LN_f, the
-  // vocab-parallel logits with the tied wte, softmax cross-entropy. The logits' input gradient is an
-  // all-reduce over the vocab shards in the backward.
+  // logits with the tied wte, softmax cross-entropy. Vocab-parallel: each rank computes its columns of
+  // the logits and the logits' input gradient is an all-reduce over the vocab shards in the backward;
+  // otherwise every rank computes all of them.
+  // Kept per token: the cross-entropy keeps the logits (Vp) and its log-sum-exp (1), and its backward
+  // allocates their gradient (Vp) while they are alive. That transient counts like a saved activation
+  // because the stage holding the head has exactly one micro-batch in flight (1F1B's last stage runs
+  // each backward right after its forward). LN_f keeps its input, output and statistics (2C + 2).
   LayerDesc head;
   head.kind = LayerKind::LmHead;
-  head.params_split = V * C;  // the tied wte copy (counted once on a stage that also holds the embedding)
-  head.params_replicated = C + b * C;  // ln_f
-  head.flops_per_token = 2 * C * V;
-  head.activation_split = V;  // probabilities for the cross-entropy backward
-  head.activation_replicated = 2 * C + 2;  // LN_f input, output, statistics
-  head.tp_allreduce_backward = 1;
+  (vp ? head.params_split : head.params_replicated) = V * C;  // the tied wte copy (stored once with the embedding)
+  head.params_replicated += C + b * C;  // ln_f
+  (vp ? head.flops_per_token : head.flops_replicated_per_token) = 2 * C * V;
+  (vp ? head.activation_split : head.activation_replicated) = V;
+  head.activation_replicated += 2 * C + 2 + 1;  // LN_f input, output, statistics; the log-sum-exp
+  head.tp_allreduce_backward = vp ? 1 : 0;
   if (c.degree > 1) {
     head.params_split += k * C * C;
     head.params_replicated += b * C;  // conjunction bias, added after the all-reduce
@@ -291,52 +303,10 @@ ModelDesc make_model_desc(const ModelConfig& c) {
   }
   head.traffic_split = 2 * head.activation_split;
   head.traffic_replicated = 2 * head.activation_replicated;
+  (vp ? head.activation_split : head.activation_replicated) += V;  // the logits' gradient (not forward traffic)
   m.layers.push_back(head);
-  m.tied_params_split = V * C;
+  (vp ? m.tied_params_split : m.tied_params_replicated) = V * C;
   return m;
-}
-
-ModelDesc model_desc_from_config_file(const std::string& path) {
-  // Reads just the keys the planner needs; a training config holds many more, so unknown keys are not
-  // errors here (train::Config validates the whole file).
-  const toml::table root = detail::parse_toml(detail::read_text_file(path, "training config"), path);
-  detail::TableReader top(root, path, "");
-  const toml::table* model_table = top.subtable("model");
-  if (!model_table) detail::fail_at(path, 1, "model", "missing; expected a [model] table");
-  detail::TableReader model(*model_table, path, "model");
-  ModelConfig c;
-  auto positive_int = [](detail::TableReader& r, const char* key, int64_t fallback, bool required) {
-    const int64_t v = required ? r.integer(key) : r.integer_or(key, fallback);
-    if (v <= 0) r.fail(key, "expected a positive integer, got " + std::to_string(v));
-    if (v > (int64_t(1) << 31) - 1) r.fail(key, "too large: " + std::to_string(v));
-    return v;
-  };
-  c.n_layer = int(positive_int(model, "n_layer", 0, true));
-  c.n_embd = int(positive_int(model, "n_embd", 0, true));
-  c.n_head = int(positive_int(model, "n_head", 0, true));
-  c.degree = int(positive_int(model, "degree", 1, false));
-  c.mlp_expansion = int(positive_int(model, "mlp_expansion", c.degree == 1 ? 4 : 2, false));
-  c.context = int(positive_int(model, "context", 1024, false));
-  c.vocab_size = int(positive_int(model, "vocab_size", 50257, false));
-  c.bias = model.boolean_or("bias", c.degree == 1);
-  if (c.n_head % c.degree != 0)
-    model.fail("n_head", "expected a multiple of degree (" + std::to_string(c.degree) + "), got " +
-                             std::to_string(c.n_head));
-  if (c.n_embd % (c.n_head / c.degree) != 0)
-    model.fail("n_embd", "expected a multiple of the heads per sub-layer (" + std::to_string(c.n_head / c.degree) +
-                             "), got " + std::to_string(c.n_embd));
-
-  const toml::table* train_table = top.subtable("train");
-  if (!train_table) detail::fail_at(path, 1, "train", "missing; expected a [train] table with batch_size");
-  detail::TableReader train(*train_table, path, "train");
-  const int64_t batch = positive_int(train, "batch_size", 0, true);
-  const int64_t accum = positive_int(train, "grad_accum", 1, false);
-  c.global_batch = batch * accum;
-  if (const toml::table* parallel_table = top.subtable("parallel")) {
-    detail::TableReader parallel(*parallel_table, path, "parallel");
-    if (parallel.has("global_batch")) c.global_batch = positive_int(parallel, "global_batch", 0, true);
-  }
-  return make_model_desc(c);
 }
 
 }  // namespace kraken::parallel::planner

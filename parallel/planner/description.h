@@ -74,6 +74,21 @@ struct ModelConfig {
   int vocab_size = 50257;
   bool bias = true;
   int64_t global_batch = 8;  // sequences per optimizer step, over all data-parallel ranks
+  int seq_len = 0;           // tokens per training sequence (0: context); wpe has `context` rows
+  // The embedding and the LM head split over the tp ranks by vocabulary (Megatron-LM's vocab-parallel
+  // layers). false: every tp rank holds wte whole and computes the logits whole, as models::KrakenModel
+  // does today (train::model_desc_of sets it so).
+  bool vocab_parallel = true;
+  int sequence() const { return seq_len > 0 ? seq_len : context; }
+};
+
+// What the program that runs a plan can do, so that the search returns only strategies it can run.
+// The defaults allow everything the cost models describe (AMP's layer list can be cut anywhere);
+// train::model_desc_of sets kraken-train's limits.
+struct RunLimits {
+  bool stage_needs_transformer_layer = false;  // no stage of only the embedding or only the LM head
+  bool accumulation_covers_pipeline = false;   // pp > 1 needs at least pp micro-batches per step (1F1B)
+  bool data_parallel_only = false;             // tp = pp = 1 (kraken-train with dropout or OptEx)
 };
 
 // One entry of the layer list. Quantities come in a part that tensor parallelism divides across the
@@ -85,6 +100,7 @@ struct LayerDesc {
   int index = 0;                       // the transformer layer number l (Kraken layers), else 0
   double params_split = 0, params_replicated = 0;
   double flops_per_token = 0;          // forward, all tp ranks together (×3 for forward + backward)
+  double flops_replicated_per_token = 0;  // forward, what every tp rank computes whole (a replicated head)
   double attention_flops_per_token = 0;  // forward, the part before LN2 (what the all-reduce hides behind)
   double activation_split = 0, activation_replicated = 0;  // saved for backward, elements per token
   double boundary_split = 0, boundary_replicated = 0;      // output sent to the next stage, per token
@@ -95,6 +111,7 @@ struct LayerDesc {
   bool tp_allreduce_overlaps_attention = false;  // Kraken: one per direction, behind the attention
   double params() const { return params_split + params_replicated; }
   double params_per_rank(int tp) const { return params_split / tp + params_replicated; }
+  double flops_per_rank(int tp) const { return flops_per_token / tp + flops_replicated_per_token; }
   double activation_per_rank(int tp) const { return activation_split / tp + activation_replicated; }
   double boundary_per_rank(int tp) const { return boundary_split / tp + boundary_replicated; }
   double traffic_per_rank(int tp) const { return traffic_split / tp + traffic_replicated; }
@@ -112,9 +129,15 @@ struct ModelDesc {
   int optimizer_states = 2;
   // 0: the device type's training dtype decides (fp32 on CPU, bf16/fp16 on GPUs).
   int bytes_per_activation = 0;
+  // Extra fp32 gradient copies a data-parallel rank keeps for the all-reduce (kraken-train's GradSync
+  // packs every gradient into flat bucket buffers: 1). Counted only when dp > 1.
+  int dp_gradient_buffers = 0;
   std::vector<LayerDesc> layers;  // embedding, n_layer Kraken layers, LM head + loss
   // The LM head's weight is the embedding's (tied); a stage holding both stores it once.
-  double tied_params_split = 0;
+  double tied_params_split = 0, tied_params_replicated = 0;
+  RunLimits limits;
+
+  double tied_params_per_rank(int tp) const { return tied_params_split / tp + tied_params_replicated; }
 
   int master_bytes() const { return bytes_per_param < 4 ? 4 : 0; }
   // Weights, gradients, optimizer states and master copy, per parameter.
@@ -128,13 +151,9 @@ struct ModelDesc {
 };
 
 // Validates the config (positive sizes, n_head divisible by degree, n_embd by the heads of a
-// sub-layer) and derives the layer list.
+// sub-layer) and derives the layer list. A Kraken training config becomes a ModelDesc through
+// train::model_desc_of (train/plan.h), which reads the validated train::Config.
 ModelDesc make_model_desc(const ModelConfig& config);
-
-// Reads the [model], [train] and [parallel] keys the planner needs from a Kraken training config:
-// model.{n_layer, n_embd, n_head, degree, mlp_expansion, context, vocab_size, bias},
-// train.{batch_size, grad_accum}, parallel.global_batch (optional; default batch_size · grad_accum).
-ModelDesc model_desc_from_config_file(const std::string& path);
 
 // ---- measured layer times ----------------------------------------------------------------------
 
@@ -156,6 +175,9 @@ struct Profile {
 // would silently mislead the planner). Errors name the key and the line.
 Profile parse_profile(const std::string& text, const std::string& source, const ModelDesc& model);
 Profile load_profile(const std::string& path, const ModelDesc& model);
+// The profile file for `profile`, measured on `model`'s shape; parse_profile reads it back exactly
+// (seconds are written with 17 significant digits). `comment` lines (without '#') go on top.
+std::string format_profile(const Profile& profile, const ModelDesc& model, const std::string& comment = "");
 
 // The analytic forward + backward time of one layer per micro-batch on one rank: three times the
 // forward's roofline max(FLOPs / (peak · compute efficiency), bytes / (bandwidth · memory efficiency)).
@@ -164,7 +186,9 @@ double analytic_layer_seconds(const ModelDesc& model, const LayerDesc& layer, co
 
 // The layer time the cost models use: a measured entry for (device, kind, tp, micro-batch) when one
 // exists; else a measured entry of the same kind and tp at the nearest micro-batch, scaled by the
-// analytic model's ratio between the two micro-batch sizes; else the analytic time.
+// analytic model's ratio between the two micro-batch sizes; else the entry of the same kind at the
+// nearest tp (then the nearest micro-batch), scaled by the analytic ratio between the two (tp,
+// micro-batch) points; else the analytic time.
 double layer_seconds(const ModelDesc& model, const LayerDesc& layer, const DeviceType& device,
                      const std::vector<Profile>& profiles, int tp, int micro_batch);
 

@@ -10,6 +10,8 @@
 namespace kraken::parallel::planner {
 namespace {
 
+bool cut_allowed(const PipelineProblem& p, int layer) { return p.cut_allowed.empty() || p.cut_allowed[layer]; }
+
 std::vector<double> prefix(const std::vector<double>& v) {
   std::vector<double> p(v.size() + 1, 0.0);
   for (size_t i = 0; i < v.size(); ++i) p[i + 1] = p[i] + v[i];
@@ -67,7 +69,7 @@ class Solver {
       for (int b = j + 1; b <= b_last; ++b) {
         // Admit a = b − 1, the newest possible start.
         for (; next <= b - 1; ++next) {
-          if (f_prev_[next] == kInfinity) continue;
+          if (f_prev_[next] == kInfinity || (j > 0 && !cut_allowed(p_, next))) continue;
           const double key = f_prev_[next] - P[next];
           while (!window.empty() && f_prev_[window.back()] - P[window.back()] >= key) window.pop_back();
           window.push_back(next);
@@ -232,6 +234,7 @@ double pipeline_objective(const PipelineProblem& p, const std::vector<int>& spli
     for (int i = split[j]; i < split[j + 1]; ++i) t += p.class_time[p.stage_class[j]][i];
     max_t = std::max(max_t, t);
     sum_t += t;
+    if (j > 0 && !cut_allowed(p, split[j])) return kInfinity;
     if (j + 1 < p.stages) boundary += p.boundary[j][split[j + 1] - 1];
     if (p.memory_limited && stage_memory(p, j, split[j], split[j + 1]) > p.capacity[j]) return kInfinity;
   }
@@ -252,7 +255,7 @@ double min_peak_memory(const PipelineProblem& p) {
     std::fill(next.begin(), next.end(), kInfinity);
     for (int b = j + 1; b <= L - (S - 1 - j); ++b)
       for (int a = j; a < b; ++a) {
-        if (f[a] == kInfinity) continue;
+        if (f[a] == kInfinity || (j > 0 && !cut_allowed(p, a))) continue;
         const double m = stat[c][b] - stat[c][a] + p.in_flight[j] * (act[c][b] - act[c][a]);
         next[b] = std::min(next[b], std::max(f[a], m));
       }

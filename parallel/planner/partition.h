@@ -3,8 +3,8 @@
 // Minimises the 1F1B pipeline objective of a PipelineProblem (cost_model.h)
 //     F(split) = (B − 1) · max_j τ_j + Σ_j τ_j + Σ_{j<S−1} boundary_j(cut j)
 // over every split into S non-empty contiguous stages in order, where stage j's time τ_j is the sum of
-// its class's per-layer times (so a slow stage pays more for the same layers) and every stage must fit
-// its memory. AMP's pipe_ast enumerates O(L²) bottleneck values and runs an O(L²·S) program for each
+// its class's per-layer times (so a slow stage pays more for the same layers), every stage must fit
+// its memory and every stage boundary must be an allowed cut (PipelineProblem::cut_allowed). AMP's pipe_ast enumerates O(L²) bottleneck values and runs an O(L²·S) program for each
 // (O(L⁴·S)). Here:
 //   g(M) = min Σ_j τ_j + Σ boundary  subject to τ_j ≤ M and memory, for all j
 // is one dynamic program over (stage, last layer) whose inner minimum runs over a window of start
@@ -35,7 +35,8 @@ struct PartitionResult {
 
 PartitionResult optimal_partition(const PipelineProblem& problem, bool keep_alternatives = false);
 
-// F of one split, summed directly layer by layer; kInfinity when a stage does not fit its memory.
+// F of one split, summed directly layer by layer; kInfinity when a stage does not fit its memory or a
+// boundary is not an allowed cut.
 double pipeline_objective(const PipelineProblem& problem, const std::vector<int>& stage_begin);
 
 // Memory per device of stage j holding layers [a, b).

@@ -1,6 +1,8 @@
 // Layer times: the profile file reader and the analytic roofline used where nothing was measured.
 #include <algorithm>
 #include <cmath>
+#include <sstream>
+#include <tuple>
 
 #include "kernels/error.h"
 #include "parallel/planner/description.h"
@@ -32,7 +34,7 @@ Profile parse_profile(const std::string& text, const std::string& source, const 
   const toml::table* shape = r.subtable("model");
   if (!shape) detail::fail_at(source, 1, "model", "missing; expected a [model] table with the measured shape");
   detail::TableReader s(*shape, source, "model");
-  s.allow_only({"n_embd", "n_head", "degree", "mlp_expansion", "context", "vocab_size", "bias"});
+  s.allow_only({"n_embd", "n_head", "degree", "mlp_expansion", "context", "seq_len", "vocab_size", "bias"});
   const ModelConfig& c = model.config;
   auto expect_int = [&](const char* key, int64_t want) {
     const int64_t got = s.integer(key);
@@ -45,6 +47,12 @@ Profile parse_profile(const std::string& text, const std::string& source, const 
   expect_int("degree", c.degree);
   expect_int("mlp_expansion", c.mlp_expansion);
   expect_int("context", c.context);
+  // The tokens per sequence measured (absent in older files: the whole context).
+  const int64_t measured_seq = s.has("seq_len") ? s.integer("seq_len") : c.context;
+  if (measured_seq != c.sequence())
+    s.fail(s.has("seq_len") ? "seq_len" : "context",
+           "the profile was measured with sequences of " + std::to_string(measured_seq) +
+               " tokens but the model trains on " + std::to_string(c.sequence()));
   expect_int("vocab_size", model.vocab_padded);
   if (s.boolean("bias") != c.bias)
     s.fail("bias", std::string("the profile was measured with bias = ") + (c.bias ? "false" : "true") +
@@ -83,10 +91,28 @@ Profile load_profile(const std::string& path, const ModelDesc& model) {
   return parse_profile(detail::read_text_file(path, "profile"), path, model);
 }
 
+std::string format_profile(const Profile& profile, const ModelDesc& model, const std::string& comment) {
+  const ModelConfig& c = model.config;
+  std::ostringstream out;
+  std::istringstream lines(comment);
+  for (std::string line; std::getline(lines, line);) out << "# " << line << "\n";
+  if (!comment.empty()) out << "\n";
+  out << "device = \"" << profile.device_type << "\"\n\n";
+  out << "[model]\n"
+      << "n_embd = " << c.n_embd << "\nn_head = " << c.n_head << "\ndegree = " << c.degree
+      << "\nmlp_expansion = " << c.mlp_expansion << "\ncontext = " << c.context << "\nseq_len = " << c.sequence()
+      << "\nvocab_size = " << model.vocab_padded << "\nbias = " << (c.bias ? "true" : "false") << "\n";
+  out.precision(17);
+  for (const ProfileEntry& e : profile.entries)
+    out << "\n[[layer]]\nkind = \"" << layer_kind_name(e.kind) << "\"\ntp = " << e.tp << "\nmicro_batch = " << e.micro_batch
+        << "\nseconds = " << e.seconds << "\n";
+  return out.str();
+}
+
 double analytic_layer_seconds(const ModelDesc& model, const LayerDesc& layer, const DeviceType& device, int tp,
                               int micro_batch) {
-  const double tokens = double(micro_batch) * model.config.context;
-  const double flops = layer.flops_per_token / tp * tokens;
+  const double tokens = double(micro_batch) * model.config.sequence();
+  const double flops = layer.flops_per_rank(tp) * tokens;
   const double bytes = layer.traffic_per_rank(tp) * tokens * model.activation_bytes(device) +
                        layer.params_per_rank(tp) * model.bytes_per_param;
   const double compute_s = flops / (device.peak_flops * device.compute_efficiency);
@@ -98,25 +124,27 @@ double analytic_layer_seconds(const ModelDesc& model, const LayerDesc& layer, co
 
 double layer_seconds(const ModelDesc& model, const LayerDesc& layer, const DeviceType& device,
                      const std::vector<Profile>& profiles, int tp, int micro_batch) {
+  // The nearest measurement of this kind on this device: same tp first, then the nearest tp; within
+  // those the nearest micro-batch. "Nearest" is in ratio (2 is as near to 4 as 8 is); on a tie the
+  // larger, better-utilised size.
   const ProfileEntry* nearest = nullptr;
-  double nearest_distance = 0;
+  std::tuple<double, double, int, int> nearest_key;  // (tp distance, micro-batch distance, −mb, −tp)
   for (const Profile& p : profiles) {
     if (p.device_type != device.name) continue;
     for (const ProfileEntry& e : p.entries) {
-      if (e.kind != layer.kind || e.tp != tp) continue;
-      if (e.micro_batch == micro_batch) return e.seconds;
-      // Nearest in ratio (2 is as near to 4 as 8 is); on a tie the larger, better-utilised size.
-      const double distance = std::fabs(std::log(double(e.micro_batch) / micro_batch));
-      if (!nearest || distance < nearest_distance ||
-          (distance == nearest_distance && e.micro_batch > nearest->micro_batch)) {
+      if (e.kind != layer.kind) continue;
+      if (e.tp == tp && e.micro_batch == micro_batch) return e.seconds;
+      const auto key = std::make_tuple(std::fabs(std::log(double(e.tp) / tp)),
+                                       std::fabs(std::log(double(e.micro_batch) / micro_batch)), -e.micro_batch, -e.tp);
+      if (!nearest || key < nearest_key) {
         nearest = &e;
-        nearest_distance = distance;
+        nearest_key = key;
       }
     }
   }
   const double analytic = analytic_layer_seconds(model, layer, device, tp, micro_batch);
   if (!nearest) return analytic;
-  return nearest->seconds * analytic / analytic_layer_seconds(model, layer, device, tp, nearest->micro_batch);
+  return nearest->seconds * analytic / analytic_layer_seconds(model, layer, device, nearest->tp, nearest->micro_batch);
 }
 
 }  // namespace kraken::parallel::planner

@@ -55,7 +55,9 @@ std::vector<Strategy> candidate_shapes(const Cluster& cluster, const ModelDesc& 
     for (int64_t dp : divisors(n / tp)) {
       const int64_t pp = n / tp / dp;
       if (pp > c.n_layer || c.global_batch % dp != 0) continue;
+      if (model.limits.data_parallel_only && (tp > 1 || pp > 1)) continue;
       for (int64_t mbs : divisors(c.global_batch / dp)) {
+        if (model.limits.accumulation_covers_pipeline && pp > 1 && c.global_batch / (dp * mbs) < pp) continue;
         Strategy s;
         s.tp = int(tp);
         s.dp = int(dp);
@@ -69,11 +71,11 @@ std::vector<Strategy> candidate_shapes(const Cluster& cluster, const ModelDesc& 
   return shapes;
 }
 
-std::vector<std::vector<int>> candidate_placements(const Cluster& cluster, CostModelKind kind) {
+std::vector<std::vector<int>> candidate_placements(const Cluster& cluster, CostModelKind kind, bool file_order_only) {
   const int G = int(cluster.groups.size());
   std::vector<int> file_order(G);
   std::iota(file_order.begin(), file_order.end(), 0);
-  if (kind == CostModelKind::Amp) return {file_order};
+  if (kind == CostModelKind::Amp || file_order_only) return {file_order};
 
   std::vector<std::vector<int>> orders;
   if (G <= 4) {
@@ -119,12 +121,16 @@ SearchResult search(const Cluster& cluster, const ModelDesc& model, const std::v
   const CostModelKind kind = options.cost_model;
   SearchResult result;
   const std::vector<Strategy> shapes = candidate_shapes(cluster, model);
-  const std::vector<std::vector<int>> placements = candidate_placements(cluster, kind);
+  const std::vector<std::vector<int>> placements = candidate_placements(cluster, kind, options.file_order_only);
   result.stats.shapes = int64_t(shapes.size());
-  if (shapes.empty())
+  if (shapes.empty()) {
+    const RunLimits& limits = model.limits;
     KRAKEN_THROW("no (tp, dp, pp, micro-batch) divides the cluster '", cluster.name, "' (",
                  cluster.total_devices(), " devices) and the global batch (", model.config.global_batch,
-                 " sequences) with pp ≤ n_layer (", model.config.n_layer, ")");
+                 " sequences) with pp ≤ n_layer (", model.config.n_layer, ")",
+                 limits.accumulation_covers_pipeline ? ", at least pp micro-batches per step" : "",
+                 limits.data_parallel_only ? ", and tp = pp = 1 (data parallelism only)" : "");
+  }
 
   std::vector<RankedStrategy>& top = result.top;
   auto kth_best = [&] {

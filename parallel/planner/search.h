@@ -4,7 +4,8 @@
 // Candidates (tp, dp, pp, micro-batch): tp divides every group's devices per node (a tp group stays
 // in a node) and the model (tp | degree for Kraken models, tp | n_head for degree 1); dp · pp · tp is
 // the device count; pp ≤ n_layer; dp divides the global batch and the micro-batch divides
-// global_batch / dp; accumulation = global_batch / (dp · micro-batch).
+// global_batch / dp; accumulation = global_batch / (dp · micro-batch). The model's RunLimits drop the
+// shapes its runner cannot run (fewer micro-batches than stages, tp or pp where only dp is allowed).
 //
 // Placements (the order in which node groups receive ranks, so which groups host which stages): the
 // `amp` model keeps the file's order (AMP places nothing). The `kraken` model tries every order of the
@@ -26,6 +27,9 @@ namespace kraken::parallel::planner {
 struct SearchOptions {
   CostModelKind cost_model = CostModelKind::Kraken;
   int top_k = 10;
+  // Only the file's order of node groups: the ranks a launcher gives are fixed, so a run (kraken-train
+  // with plan = "auto") can take a placement only when it matches the order mpirun numbers the nodes.
+  bool file_order_only = false;
 };
 
 struct RankedStrategy {
@@ -55,7 +59,8 @@ SearchResult search(const Cluster& cluster, const ModelDesc& model, const std::v
 // The (tp, dp, pp, micro_batch, accumulation) candidates, without split or placement.
 std::vector<Strategy> candidate_shapes(const Cluster& cluster, const ModelDesc& model);
 
-// The group orders the search tries under a cost model.
-std::vector<std::vector<int>> candidate_placements(const Cluster& cluster, CostModelKind kind);
+// The group orders the search tries under a cost model (only the file order when file_order_only).
+std::vector<std::vector<int>> candidate_placements(const Cluster& cluster, CostModelKind kind,
+                                                   bool file_order_only = false);
 
 }  // namespace kraken::parallel::planner

@@ -149,38 +149,39 @@ TEST(PlannerKrakenModel, MemoryMatchesHandCount) {
   // Parameters: emb V·C + T·C = 512 + 32 = 544; a layer k·((4 + 2e)C² + 2C) = 2·528 = 1,056; head V·C
   // (tied copy) + k·C² + C = 512 + 128 + 8 = 648. Total with wte once: 544 + 2,112 + 648 − 512 = 2,792.
   EXPECT_DOUBLE_EQ(m.total_params(), 2792.0);
-  // Saved activations per token: a layer k·((4 + 2e)C + (H/k)·T + 4C + 4) = 2·(64 + 4 + 36) = 208;
-  // the head V + kC + 2C + 2 = 64 + 16 + 18 = 98.
-  EXPECT_DOUBLE_EQ(m.layers[1].activation_per_rank(1), 208.0);
-  EXPECT_DOUBLE_EQ(m.layers[3].activation_per_rank(1), 98.0);
+  // Saved activations per token: a layer k·((4 + 2e)C + H/k + 4C + 4) = 2·(64 + 1 + 36) = 202 (the
+  // attention keeps one log-sum-exp per head and token); the head 2V + kC + 2C + 3 = 128 + 16 + 19 = 163
+  // (the logits, their gradient during the backward, the conjunction's input, LN_f, the log-sum-exp).
+  EXPECT_DOUBLE_EQ(m.layers[1].activation_per_rank(1), 202.0);
+  EXPECT_DOUBLE_EQ(m.layers[3].activation_per_rank(1), 163.0);
 
   // Bytes per parameter: fp32 weights 4 + fp32 grads 4 + AdamW 2·4 (weights are fp32: no master) = 16.
   // cpu-2core keeps fp32 activations (4 bytes); micro-batch 2 is 8 tokens.
   const Cluster cluster = cluster_of({group("cpu", 1, 2, "cpu-2core", 1e9, 1e9, 1e-6, 1e9, 1e-6)});
   const Prediction a = predict(CostModelKind::Kraken, cluster, m, {}, strategy(1, 1, 2, 2, 4, {0, 2, 4}));
   // Stage 0 (emb + L0): 1,600 params → 6,400 B weights, 6,400 grads, 12,800 optimizer; activations
-  // 208·8·4 = 6,656 B per micro-batch, 2 in flight (pp − 0) → 13,312. Total 38,912.
+  // 202·8·4 = 6,464 B per micro-batch, 2 in flight (pp − 0) → 12,928. Total 38,528.
   EXPECT_DOUBLE_EQ(a.stages[0].memory.weights, 6400.0);
   EXPECT_DOUBLE_EQ(a.stages[0].memory.gradients, 6400.0);
   EXPECT_DOUBLE_EQ(a.stages[0].memory.optimizer, 12800.0);
-  EXPECT_DOUBLE_EQ(a.stages[0].memory.activations, 13312.0);
+  EXPECT_DOUBLE_EQ(a.stages[0].memory.activations, 12928.0);
   EXPECT_EQ(a.stages[0].in_flight, 2);
-  // Stage 1 (L1 + head): 1,704 params → 27,264 B; activations (208 + 98)·8·4 = 9,792, 1 in flight.
-  EXPECT_DOUBLE_EQ(a.stages[1].memory.total(), 27264.0 + 9792.0);
-  EXPECT_DOUBLE_EQ(a.memory_per_device, 38912.0);
+  // Stage 1 (L1 + head): 1,704 params → 27,264 B; activations (202 + 163)·8·4 = 11,680, 1 in flight.
+  EXPECT_DOUBLE_EQ(a.stages[1].memory.total(), 27264.0 + 11680.0);
+  EXPECT_DOUBLE_EQ(a.memory_per_device, 38944.0);
 
-  // pp = 1 holds the tied weight once: 2,792·16 = 44,672 B; activations (2·208 + 98)·8·4 = 16,448.
+  // pp = 1 holds the tied weight once: 2,792·16 = 44,672 B; activations (2·202 + 163)·8·4 = 18,144.
   const Prediction b = predict(CostModelKind::Kraken, cluster, m, {}, strategy(1, 2, 1, 2, 2, {0, 4}));
-  EXPECT_DOUBLE_EQ(b.memory_per_device, 44672.0 + 16448.0);
+  EXPECT_DOUBLE_EQ(b.memory_per_device, 44672.0 + 18144.0);
 
   // tp = 2 (tp | degree): a rank holds one sub-layer per layer and half the vocabulary.
   // Params: emb 256 + 32, layers 528 each, head 256 + 64 + 8, tied −256 → 1,416 → 22,656 B.
-  // Activations: layers 104 each, head 32 + 8 + 18 = 58 → 266·8·4 = 8,512.
+  // Activations: layers 101 each, head 144/2 + 19 = 91 → 293·8·4 = 9,376.
   const Prediction c = predict(CostModelKind::Kraken, cluster, m, {}, strategy(2, 1, 1, 2, 4, {0, 4}));
-  EXPECT_DOUBLE_EQ(c.memory_per_device, 22656.0 + 8512.0);
+  EXPECT_DOUBLE_EQ(c.memory_per_device, 22656.0 + 9376.0);
   EXPECT_TRUE(c.fits);
 
-  // A device of 38,000 bytes does not hold stage 0 of the first strategy.
+  // A device of 38,000 bytes holds neither stage of the first strategy (38,528 and 38,944 bytes).
   const Cluster small = cluster_of({group("cpu", 1, 2, "cpu-2core", 38000, 1e9, 1e-6, 1e9, 1e-6)});
   EXPECT_FALSE(predict(CostModelKind::Kraken, small, m, {}, strategy(1, 1, 2, 2, 4, {0, 2, 4})).fits);
   EXPECT_TRUE(predict(CostModelKind::Kraken, small, m, {}, strategy(2, 1, 1, 2, 4, {0, 4})).fits);

@@ -183,5 +183,52 @@ TEST(PlannerPartition, MinPeakMemoryMatchesBruteForce) {
   }
 }
 
+// Random masks of allowed cuts (kraken-train's stages must each hold a transformer layer, so the
+// cuts next to the embedding and the LM head are forbidden). The brute force checks the mask itself.
+TEST(PlannerPartition, RespectsForbiddenCutsAndStaysOptimal) {
+  std::mt19937_64 rng(99);
+  std::uniform_real_distribution<double> u(0.0, 1.0);
+  int compared = 0, none_allowed = 0;
+  for (int trial = 0; trial < 2000; ++trial) {
+    PipelineProblem p = random_problem(rng, trial % 2 == 1);
+    p.cut_allowed.assign(p.layers + 1, 1);
+    for (int i = 1; i < p.layers; ++i) p.cut_allowed[i] = u(rng) < 0.35 ? 0 : 1;
+    double best = kInfinity, best_peak = kInfinity;
+    std::vector<int> split(p.stages + 1, 0);
+    split[p.stages] = p.layers;
+    std::function<void(int)> place = [&](int j) {
+      if (j == p.stages) {
+        for (int s = 1; s < p.stages; ++s)
+          if (!p.cut_allowed[split[s]]) return;
+        best = std::min(best, pipeline_objective(p, split));
+        if (p.memory_limited) {
+          double peak = 0;
+          for (int s = 0; s < p.stages; ++s) peak = std::max(peak, stage_memory(p, s, split[s], split[s + 1]));
+          best_peak = std::min(best_peak, peak);
+        }
+        return;
+      }
+      for (int b = split[j - 1] + 1; b <= p.layers - (p.stages - j); ++b) {
+        split[j] = b;
+        place(j + 1);
+      }
+    };
+    place(1);
+    const PartitionResult got = optimal_partition(p);
+    if (best == kInfinity) {
+      EXPECT_FALSE(got.feasible) << "trial " << trial;
+      ++none_allowed;
+      continue;
+    }
+    ASSERT_TRUE(got.feasible) << "trial " << trial;
+    for (int s = 1; s < p.stages; ++s) EXPECT_TRUE(p.cut_allowed[got.stage_begin[s]]) << "trial " << trial;
+    EXPECT_NEAR(got.objective, best, kRelTol * best) << "trial " << trial;
+    if (p.memory_limited && p.stages > 1) EXPECT_NEAR(min_peak_memory(p), best_peak, kRelTol * best_peak);
+    ++compared;
+  }
+  EXPECT_GT(compared, 1000);
+  EXPECT_GT(none_allowed, 20);
+}
+
 }  // namespace
 }  // namespace kraken::parallel::planner
