@@ -75,6 +75,13 @@ void accumulate_into(Tensor& dst, const Tensor& src) {
 #endif
 }
 
+Tensor leaf_grad_accumulator(const Tensor& t) {
+  if (!t.defined() || !t.is_leaf() || !t.requires_grad()) return Tensor();
+  TensorImpl* impl = t.impl();
+  if (!impl->grad) impl->grad = Tensor::zeros(impl->shape, impl->dtype, impl->storage->device()).impl_ptr();
+  return Tensor(impl->grad);
+}
+
 namespace {
 
 // Adds g into a non-leaf gradient buffer. The first contribution is kept as it is, without a copy;

@@ -89,4 +89,12 @@ void backward(const Tensor& root, const Tensor& grad = Tensor(), bool keep_graph
 // dst += src for gradients (any device, f32). Used by the engine and by ops that sum gradients.
 void accumulate_into(Tensor& dst, const Tensor& src);
 
+// For a backward closure that can add its gradient straight into a parameter's .grad() (a matrix
+// product with beta = 1, a scatter-add) instead of returning a new tensor the engine then adds: the
+// leaf's gradient buffer (created zeroed on first use), or an undefined tensor when `t` is not a leaf
+// that requires grad. An op that used it returns an undefined gradient for that input. This saves a
+// buffer the size of the parameter and a pass over it per use: for the tied 50,304 × C embedding,
+// twice per step. Only valid inside backward, for the tensor the op was recorded with.
+Tensor leaf_grad_accumulator(const Tensor& t);
+
 }  // namespace kraken::runtime

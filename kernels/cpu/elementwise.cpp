@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "kernels/elementwise.h"
+#include "kernels/vector_math.h"
 
 namespace kraken::kernels {
 namespace {
@@ -74,7 +75,7 @@ void gelu_forward_cpu(float* out, const float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     const float v = x[i];
     const float u = kSqrt2OverPi * (v + kGeluCubic * v * v * v);
-    out[i] = 0.5f * v * (1.0f + std::tanh(u));
+    out[i] = 0.5f * v * (1.0f + tanh_vectorisable(u));
   }
 }
 
@@ -85,7 +86,7 @@ void gelu_backward_cpu(float* dx, const float* x, const float* dout, int64_t n) 
   for (int64_t i = 0; i < n; ++i) {
     const float v = x[i];
     const float u = kSqrt2OverPi * (v + kGeluCubic * v * v * v);
-    const float t = std::tanh(u);
+    const float t = tanh_vectorisable(u);
     const float sech2 = 1.0f - t * t;
     const float grad = 0.5f * (1.0f + t) + 0.5f * v * sech2 * kSqrt2OverPi * (1.0f + 3.0f * kGeluCubic * v * v);
     dx[i] += grad * dout[i];

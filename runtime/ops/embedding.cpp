@@ -36,16 +36,19 @@ Tensor embedding(const Tensor& weight, const Tensor& ids) {
                                                    C, stream_of(weight)));
   if (needs_grad({weight})) {
     Tensor ids_saved = ids.detach();
-    record("embedding", {weight, ids}, {out}, [ids_saved, N, V, C](const std::vector<Tensor>& g) {
+    // A parameter table takes its scatter-add directly (no (V, C) zeros, no extra pass to add them).
+    Tensor leaf = weight.is_leaf() ? weight : Tensor();
+    record("embedding", {weight, ids}, {out}, [ids_saved, leaf, N, V, C](const std::vector<Tensor>& g) {
       // in the forward pass this was: out[n, :] = weight[ids[n], :]
       const Tensor& dout = g[0];
-      Tensor dweight = Tensor::zeros({V, C}, DType::F32, dout.device());
+      Tensor direct = leaf_grad_accumulator(leaf);
+      Tensor dweight = direct.defined() ? direct : Tensor::zeros({V, C}, DType::F32, dout.device());
       KRAKEN_ON_DEVICE(dout.device(),
                        kernels::embedding_backward_cpu(dweight.data<float>(), dout.data<float>(),
                                                        ids_saved.data<int32_t>(), N, V, C),
                        kernels::embedding_backward_cuda(dweight.data<float>(), dout.data<float>(),
                                                         ids_saved.data<int32_t>(), N, V, C, stream_of(dout)));
-      return std::vector<Tensor>{dweight, Tensor()};
+      return std::vector<Tensor>{direct.defined() ? Tensor() : dweight, Tensor()};
     });
   }
   return out;

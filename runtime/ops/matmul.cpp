@@ -65,7 +65,9 @@ Tensor matmul(const Tensor& a, const Tensor& b, bool ta, bool tb) {
     Tensor a_saved = b_needs ? a.detach() : Tensor(), b_saved = a_needs ? b.detach() : Tensor();
     const Shape a_shape = a.shape();
     const bool nd = b.dim() == 2 && a.dim() > 2;  // N-D rows times one matrix
-    record("matmul", {a, b}, {out}, [a_saved, b_saved, a_shape, nd, ta, tb](const std::vector<Tensor>& g) {
+    // A parameter matrix (the tied LM head's wte) takes dop(B) directly, with beta = 1.
+    Tensor b_leaf = b.dim() == 2 && b.is_leaf() ? b : Tensor();
+    record("matmul", {a, b}, {out}, [a_saved, b_saved, b_leaf, a_shape, nd, ta, tb](const std::vector<Tensor>& g) {
       const Tensor& dc = g[0];
       Tensor da, db;
       if (b_saved.defined()) {
@@ -76,7 +78,15 @@ Tensor matmul(const Tensor& a, const Tensor& b, bool ta, bool tb) {
         // dop(B) = op(A)ᵀ·dC, with A's leading dims flattened into rows when it is N-D
         Tensor a2 = nd ? a_saved.reshape({-1, a_shape.back()}) : a_saved;
         Tensor dc2 = nd ? dc.reshape({-1, dc.size(-1)}) : dc;
-        db = tb ? matmul(dc2, a2, true, ta) : matmul(a2, dc2, !ta, false);
+        Tensor direct = dc.dim() == 3 && !nd ? Tensor() : leaf_grad_accumulator(b_leaf);
+        if (direct.defined()) {
+          // op(A) is (R, K) and dC (R, N): B stored (N, K) gets dCᵀ·op(A), stored (K, N) op(A)ᵀ·dC.
+          const int64_t R = dc2.size(0), N = dc2.size(1), K = ta ? a2.size(0) : a2.size(1);
+          if (tb) gemm(direct, dc2, a2, 1, N, K, R, true, ta, 1.0f, 0, 0);
+          else gemm(direct, a2, dc2, 1, K, N, R, !ta, false, 1.0f, 0, 0);
+        } else {
+          db = tb ? matmul(dc2, a2, true, ta) : matmul(a2, dc2, !ta, false);
+        }
       }
       return std::vector<Tensor>{da, db};
     });
@@ -117,22 +127,28 @@ Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
     const bool b_needs = bias.defined() && bias.requires_grad();
     Tensor x_saved = w_needs ? x.detach() : Tensor(), w_saved = x_needs ? weight.detach() : Tensor();
     const Shape x_shape = x.shape(), w_shape = weight.shape();
+    // Parameters (leaves) take their gradients directly: dW with beta = 1, db summed in place.
+    Tensor w_leaf = weight.is_leaf() ? weight : Tensor(), b_leaf = bias.defined() && bias.is_leaf() ? bias : Tensor();
     record("linear", {x, weight, bias}, {out},
-           [x_saved, w_saved, x_shape, w_shape, rows, in, outf, b_needs](const std::vector<Tensor>& g) {
+           [x_saved, w_saved, w_leaf, b_leaf, x_shape, w_shape, rows, in, outf, b_needs](const std::vector<Tensor>& g) {
              const Tensor& dy = g[0];  // (rows, out)
              Tensor dx, dw, db;
              if (w_saved.defined()) {  // dx (rows, in) = dy · W
                dx = Tensor::empty(x_shape, DType::F32, dy.device());
                gemm(dx, dy, w_saved, 1, rows, in, outf, false, false, 0.0f, 0, 0);
              }
-             if (x_saved.defined()) {  // dW (out, in) = dyᵀ · x
-               dw = Tensor::empty(w_shape, DType::F32, dy.device());
-               gemm(dw, dy, x_saved, 1, outf, in, rows, true, false, 0.0f, 0, 0);
+             if (x_saved.defined()) {  // dW (out, in) += dyᵀ · x
+               Tensor direct = leaf_grad_accumulator(w_leaf);
+               Tensor target = direct.defined() ? direct : Tensor::empty(w_shape, DType::F32, dy.device());
+               gemm(target, dy, x_saved, 1, outf, in, rows, true, false, direct.defined() ? 1.0f : 0.0f, 0, 0);
+               if (!direct.defined()) dw = target;
              }
-             if (b_needs) {  // db = Σ_rows dy
-               db = Tensor::zeros({outf}, DType::F32, dy.device());
-               KRAKEN_ON_DEVICE(dy.device(), kernels::sum_rows_cpu(db.data<float>(), dy.data<float>(), rows, outf),
-                                kernels::sum_rows_cuda(db.data<float>(), dy.data<float>(), rows, outf, stream_of(dy)));
+             if (b_needs) {  // db += Σ_rows dy
+               Tensor direct = leaf_grad_accumulator(b_leaf);
+               Tensor target = direct.defined() ? direct : Tensor::zeros({outf}, DType::F32, dy.device());
+               KRAKEN_ON_DEVICE(dy.device(), kernels::sum_rows_cpu(target.data<float>(), dy.data<float>(), rows, outf),
+                                kernels::sum_rows_cuda(target.data<float>(), dy.data<float>(), rows, outf, stream_of(dy)));
+               if (!direct.defined()) db = target;
              }
              return std::vector<Tensor>{dx, dw, db};
            });
