@@ -545,8 +545,7 @@ RunSummary Trainer::run() {
       evaluations = 1;
       s.optimizer->step(grads, static_cast<float>(lr));
     }
-    s.model->zero_grad();
-    s.step += 1;
+    s.step += 1;  // (the next gradient evaluation zeroes the gradients; no second pass over them here)
     run_steps += 1;
     s.tokens_seen += tokens_per_evaluation * evaluations_per_step;
     const double dt = seconds_since(t0);
