@@ -14,7 +14,7 @@ if [ "$(id -u)" = 0 ]; then
   scripts/install-deps.sh
 fi
 say "building (CPU; CUDA too where nvcc is found) in $build"
-cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DKRAKEN_BUILD_TESTS=OFF >/dev/null
+cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build "$build" -j"$(nproc)" --target kraken-train kraken-eval kraken-sample kraken-export kraken-prepare
 say "demo data: GPT-2 vocabulary and the State of the Union corpus, as token shards"
 scripts/setup-demo.sh "$build"
