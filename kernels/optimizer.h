@@ -11,6 +11,10 @@
 // The bias corrections 1 − β^t are computed once per call in double and rounded to f32 (as PyTorch
 // does with its Python-float scalars); everything per element is f32.
 //
+// Both take g = grad_scale·grad: gradient clipping by global norm folded into the update, which saves a
+// pass over every gradient (grad_scale = 1 leaves g bit for bit, and a separate scaling pass would
+// compute the same products).
+//
 // SGD (PyTorch's torch.optim.SGD), per element:
 //   d ← g + wd·p                                            (coupled L2 weight decay, when wd ≠ 0)
 //   if momentum ≠ 0:
@@ -35,10 +39,10 @@ namespace kraken::kernels {
 // ---- CPU ---------------------------------------------------------------------------------------
 // param, grad, m, v: n floats each; step = t >= 1.
 void adamw_update_cpu(float* param, const float* grad, float* m, float* v, int64_t n, float lr, float beta1,
-                      float beta2, float eps, float weight_decay, int64_t step);
+                      float beta2, float eps, float weight_decay, int64_t step, float grad_scale = 1.0f);
 // velocity may be null when momentum == 0. first_step selects b ← d (PyTorch's first use of the buffer).
 void sgd_update_cpu(float* param, const float* grad, float* velocity, int64_t n, float lr, float momentum,
-                    float dampening, bool nesterov, float weight_decay, bool first_step);
+                    float dampening, bool nesterov, float weight_decay, bool first_step, float grad_scale = 1.0f);
 
 // Σ_k Σ_i xs[k][i]² over `count` buffers of sizes[k] floats, in double: each buffer in fixed blocks,
 // the buffers in the order given. The square of the global gradient norm.
@@ -57,9 +61,11 @@ void weighted_sum_rows_cpu(float* out, const float* const* rows, const double* w
 
 // ---- CUDA (same contracts; fp32 master weights and state) -----------------------------------------
 void adamw_update_cuda(float* param, const float* grad, float* m, float* v, int64_t n, float lr, float beta1,
-                       float beta2, float eps, float weight_decay, int64_t step, CUstream_st* stream);
+                       float beta2, float eps, float weight_decay, int64_t step, CUstream_st* stream,
+                       float grad_scale = 1.0f);
 void sgd_update_cuda(float* param, const float* grad, float* velocity, int64_t n, float lr, float momentum,
-                     float dampening, bool nesterov, float weight_decay, bool first_step, CUstream_st* stream);
+                     float dampening, bool nesterov, float weight_decay, bool first_step, CUstream_st* stream,
+                     float grad_scale = 1.0f);
 
 // Device reductions write into device doubles. `partials` is a device scratch of
 // kReducePartials doubles, reused by every call on the same stream.

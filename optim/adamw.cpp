@@ -20,7 +20,7 @@ AdamW::AdamW(std::vector<ParamRef> params, const AdamWOptions& options)
   }
 }
 
-void AdamW::step(const std::vector<Tensor>& grads, float lr) {
+void AdamW::step(const std::vector<Tensor>& grads, float lr, float grad_scale) {
   check_grads(grads);
   const int64_t t = steps_ + 1;  // the bias corrections count steps from 1
   const AdamWOptions& o = options_;
@@ -31,9 +31,9 @@ void AdamW::step(const std::vector<Tensor>& grads, float lr) {
     float* v = exp_avg_sq_[i].data<float>();
     KRAKEN_ON_DEVICE(p.device(),
                      kernels::adamw_update_cpu(p.data<float>(), grads[i].data<float>(), m, v, p.numel(), lr, o.beta1,
-                                               o.beta2, o.eps, wd, t),
+                                               o.beta2, o.eps, wd, t, grad_scale),
                      kernels::adamw_update_cuda(p.data<float>(), grads[i].data<float>(), m, v, p.numel(), lr, o.beta1,
-                                                o.beta2, o.eps, wd, t, runtime::stream_of(p)));
+                                                o.beta2, o.eps, wd, t, runtime::stream_of(p), grad_scale));
   }
   steps_ = t;
 }

@@ -47,7 +47,10 @@ class Optimizer {
 
   // One update of every parameter with the given gradients: one per parameter, in params() order, of
   // the parameter's shape and device (f32, any tensors).
-  virtual void step(const std::vector<runtime::Tensor>& grads, float lr) = 0;
+  // `grad_scale` multiplies every gradient inside the update: clipping by global norm without a pass of
+  // its own (1 leaves the gradients bit for bit).
+  virtual void step(const std::vector<runtime::Tensor>& grads, float lr, float grad_scale) = 0;
+  void step(const std::vector<runtime::Tensor>& grads, float lr) { step(grads, lr, 1.0f); }
   // The same with each parameter's accumulated .grad(); a parameter without one is an error.
   void step(float lr);
 

@@ -22,7 +22,7 @@ Sgd::Sgd(std::vector<ParamRef> params, const SgdOptions& options) : Optimizer(st
   }
 }
 
-void Sgd::step(const std::vector<Tensor>& grads, float lr) {
+void Sgd::step(const std::vector<Tensor>& grads, float lr, float grad_scale) {
   check_grads(grads);
   const bool first = steps_ == 0;
   for (size_t i = 0; i < params_.size(); ++i) {
@@ -32,10 +32,10 @@ void Sgd::step(const std::vector<Tensor>& grads, float lr) {
     const SgdOptions& o = options_;
     KRAKEN_ON_DEVICE(p.device(),
                      kernels::sgd_update_cpu(p.data<float>(), grads[i].data<float>(), velocity, p.numel(), lr,
-                                             o.momentum, o.dampening, o.nesterov, wd, first),
+                                             o.momentum, o.dampening, o.nesterov, wd, first, grad_scale),
                      kernels::sgd_update_cuda(p.data<float>(), grads[i].data<float>(), velocity, p.numel(), lr,
                                               o.momentum, o.dampening, o.nesterov, wd, first,
-                                              runtime::stream_of(p)));
+                                              runtime::stream_of(p), grad_scale));
   }
   ++steps_;
 }

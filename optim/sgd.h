@@ -14,7 +14,7 @@ class Sgd final : public Optimizer {
 
   const char* name() const override { return "sgd"; }
   using Optimizer::step;
-  void step(const std::vector<runtime::Tensor>& grads, float lr) override;
+  void step(const std::vector<runtime::Tensor>& grads, float lr, float grad_scale) override;
 
   NamedTensors state_tensors() const override;
   nlohmann::json state_scalars() const override;

@@ -240,8 +240,8 @@ int profile(const std::string& config_path, const std::string& out_path, const k
     const auto [lo, hi] = std::minmax_element(m.samples.begin(), m.samples.end());
     char line[160];
     std::snprintf(line, sizeof line, "%-13s %3d %5d %12s %12s %12s %7.1f%%", layer_kind_name(m.kind), m.tp,
-                  m.micro_batch, fmt_ms(m.median).c_str(), fmt_ms(*lo).c_str(), fmt_ms(*hi).c_str(),
-                  100.0 * (*hi - *lo) / m.median);
+                  m.micro_batch, fmt_ms(m.seconds).c_str(), fmt_ms(*lo).c_str(), fmt_ms(*hi).c_str(),
+                  100.0 * (*hi - *lo) / m.seconds);
     std::fprintf(stderr, "%s\n", line);
     table << line << "\n";
   };

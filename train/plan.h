@@ -60,8 +60,11 @@ struct LayerMeasurement {
   parallel::planner::LayerKind kind = parallel::planner::LayerKind::KrakenLayer;
   int tp = 1;
   int micro_batch = 1;
-  std::vector<double> samples;  // seconds, one per timed run
-  double median = 0;
+  std::vector<double> samples;  // seconds, one per timed run (a layer: the paired two-minus-one-layer difference)
+  // The estimate: the median of the samples for a single stage; for a layer, the fastest two-layer
+  // run minus the fastest one-layer run (interference only adds time, so minima are its most robust
+  // estimate, and their difference cannot go negative from noise the way one paired difference can).
+  double seconds = 0;
 };
 
 // The divisors of the global batch up to max_micro_batch (at least {1}): the micro-batch sizes the

@@ -460,7 +460,9 @@ RunSummary Trainer::run() {
     batches_this_step += 1;
     return s.train_loader->next();
   };
-  auto evaluate_gradient = [&](int64_t evaluation) {
+  // clip_in_place: OptEx keeps the gradients it is given in its history, so they are clipped here;
+  // the plain optimizers fold the clipping factor into their update instead (one pass less).
+  auto evaluate_gradient = [&](int64_t evaluation, bool clip_in_place) {
     // OptEx groups: evaluation e reads micro-batches [e·A, (e + 1)·A) of this step's stream, exactly as
     // a single process running the N evaluations one after another would.
     while (batches_this_step < evaluation * A) next_batch();
@@ -514,7 +516,7 @@ RunSummary Trainer::run() {
       sq = t.item();
     }
     grad_norm = std::sqrt(sq);
-    if (c.optim.grad_clip > 0) optim::clip_grad_norm_given(grads, grad_norm, c.optim.grad_clip);
+    if (clip_in_place && c.optim.grad_clip > 0) optim::clip_grad_norm_given(grads, grad_norm, c.optim.grad_clip);
     return grads;
   };
 
@@ -531,7 +533,7 @@ RunSummary Trainer::run() {
       const optim::OptExReport report = s.optex->step(
           [&](int e) {
             evaluations += 1;
-            return evaluate_gradient(e);
+            return evaluate_gradient(e, /*clip_in_place=*/true);
           },
           static_cast<float>(lr));
       while (batches_this_step < c.optim.optex.parallelism * A) next_batch();
@@ -541,9 +543,10 @@ RunSummary Trainer::run() {
                 {"optex_cosine", std::isfinite(report.mean_cosine()) ? nlohmann::json(report.mean_cosine()) : nlohmann::json()},
                 {"optex_outside_gradients_s", report.seconds_outside_gradients()}};
     } else {
-      std::vector<runtime::Tensor> grads = evaluate_gradient(0);
+      std::vector<runtime::Tensor> grads = evaluate_gradient(0, /*clip_in_place=*/false);
       evaluations = 1;
-      s.optimizer->step(grads, static_cast<float>(lr));
+      const double clip = c.optim.grad_clip > 0 ? optim::clip_coefficient(grad_norm, c.optim.grad_clip) : 1.0;
+      s.optimizer->step(grads, static_cast<float>(lr), static_cast<float>(clip));
     }
     s.step += 1;  // (the next gradient evaluation zeroes the gradients; no second pass over them here)
     run_steps += 1;

@@ -49,7 +49,7 @@ double blocked_sum(int64_t n, const Term& term) {
 }  // namespace
 
 void adamw_update_cpu(float* param, const float* grad, float* m, float* v, int64_t n, float lr, float beta1,
-                      float beta2, float eps, float weight_decay, int64_t step) {
+                      float beta2, float eps, float weight_decay, int64_t step, float grad_scale) {
   // Scalars once per call, in double, then rounded to f32 (see the header).
   const double t = static_cast<double>(step);
   const float decay = static_cast<float>(1.0 - static_cast<double>(lr) * weight_decay);
@@ -62,7 +62,7 @@ void adamw_update_cpu(float* param, const float* grad, float* m, float* v, int64
     const int64_t lo = b * kBlock, hi = std::min(n, lo + kBlock);
 #pragma omp simd
     for (int64_t i = lo; i < hi; ++i) {
-      const float g = grad[i];
+      const float g = grad_scale * grad[i];
       const float mi = beta1 * m[i] + one_minus_b1 * g;
       const float vi = beta2 * v[i] + one_minus_b2 * (g * g);
       m[i] = mi;
@@ -74,7 +74,7 @@ void adamw_update_cpu(float* param, const float* grad, float* m, float* v, int64
 }
 
 void sgd_update_cpu(float* param, const float* grad, float* velocity, int64_t n, float lr, float momentum,
-                    float dampening, bool nesterov, float weight_decay, bool first_step) {
+                    float dampening, bool nesterov, float weight_decay, bool first_step, float grad_scale) {
   const int64_t blocks = block_count(n);
   const float keep = 1.0f - dampening;
   const bool use_momentum = momentum != 0.0f;
@@ -84,14 +84,16 @@ void sgd_update_cpu(float* param, const float* grad, float* velocity, int64_t n,
     if (!use_momentum) {
 #pragma omp simd
       for (int64_t i = lo; i < hi; ++i) {
-        const float d = weight_decay != 0.0f ? grad[i] + weight_decay * param[i] : grad[i];
+        const float g = grad_scale * grad[i];
+        const float d = weight_decay != 0.0f ? g + weight_decay * param[i] : g;
         param[i] -= lr * d;
       }
       continue;
     }
 #pragma omp simd
     for (int64_t i = lo; i < hi; ++i) {
-      float d = weight_decay != 0.0f ? grad[i] + weight_decay * param[i] : grad[i];
+      const float g = grad_scale * grad[i];
+      float d = weight_decay != 0.0f ? g + weight_decay * param[i] : g;
       const float buf = first_step ? d : momentum * velocity[i] + keep * d;
       velocity[i] = buf;
       d = nesterov ? d + momentum * buf : buf;

@@ -23,9 +23,10 @@ constexpr int kReduceThreads = 256;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < (n); i += static_cast<int64_t>(blockDim.x) * gridDim.x)
 
 __global__ void adamw_kernel(float* param, const float* grad, float* m, float* v, int64_t n, float decay,
-                             float step_size, float bc2_sqrt, float beta1, float beta2, float eps) {
+                             float step_size, float bc2_sqrt, float beta1, float beta2, float eps,
+                             float grad_scale) {
   KRAKEN_GRID_STRIDE(i, n) {
-    const float g = grad[i];
+    const float g = grad_scale * grad[i];
     const float mi = beta1 * m[i] + (1.0f - beta1) * g;
     const float vi = beta2 * v[i] + (1.0f - beta2) * (g * g);
     m[i] = mi;
@@ -36,9 +37,10 @@ __global__ void adamw_kernel(float* param, const float* grad, float* m, float* v
 }
 
 __global__ void sgd_kernel(float* param, const float* grad, float* velocity, int64_t n, float lr, float momentum,
-                           float dampening, bool nesterov, float weight_decay, bool first_step) {
+                           float dampening, bool nesterov, float weight_decay, bool first_step, float grad_scale) {
   KRAKEN_GRID_STRIDE(i, n) {
-    float d = weight_decay != 0.0f ? grad[i] + weight_decay * param[i] : grad[i];
+    const float g = grad_scale * grad[i];
+    float d = weight_decay != 0.0f ? g + weight_decay * param[i] : g;
     if (momentum != 0.0f) {
       const float buf = first_step ? d : momentum * velocity[i] + (1.0f - dampening) * d;
       velocity[i] = buf;
@@ -106,22 +108,24 @@ __global__ void weighted_sum_rows_kernel(float* out, WeightedRows rows, int64_t 
 }  // namespace
 
 void adamw_update_cuda(float* param, const float* grad, float* m, float* v, int64_t n, float lr, float beta1,
-                       float beta2, float eps, float weight_decay, int64_t step, CUstream_st* stream) {
+                       float beta2, float eps, float weight_decay, int64_t step, CUstream_st* stream,
+                       float grad_scale) {
   if (n <= 0) return;
   const double t = static_cast<double>(step);
   const float decay = static_cast<float>(1.0 - static_cast<double>(lr) * weight_decay);
   const float step_size = static_cast<float>(lr / (1.0 - std::pow(static_cast<double>(beta1), t)));
   const float bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(static_cast<double>(beta2), t)));
   adamw_kernel<<<blocks_for(n, kThreads), kThreads, 0, stream>>>(param, grad, m, v, n, decay, step_size, bc2_sqrt,
-                                                                  beta1, beta2, eps);
+                                                                  beta1, beta2, eps, grad_scale);
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
 
 void sgd_update_cuda(float* param, const float* grad, float* velocity, int64_t n, float lr, float momentum,
-                     float dampening, bool nesterov, float weight_decay, bool first_step, CUstream_st* stream) {
+                     float dampening, bool nesterov, float weight_decay, bool first_step, CUstream_st* stream,
+                     float grad_scale) {
   if (n <= 0) return;
   sgd_kernel<<<blocks_for(n, kThreads), kThreads, 0, stream>>>(param, grad, velocity, n, lr, momentum, dampening,
-                                                                nesterov, weight_decay, first_step);
+                                                                nesterov, weight_decay, first_step, grad_scale);
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
 
