@@ -133,7 +133,8 @@ void OptEx::measure_error(const Tensor& mu, const Tensor& g, int s, OptExReport&
   // ‖μ − g‖², ‖g‖², ‖μ‖² (partial sums on a model-parallel rank, hence the hook), then
   // cos = (‖μ‖² + ‖g‖² − ‖μ − g‖²)/(2‖μ‖‖g‖): the expansion loses digits only when the cosine is within
   // ~1e-12 of 1, far below what this report resolves.
-  std::vector<double> sums = {squared_distances(mu, {g})[0], sum_squares({g}), sum_squares({mu})};
+  std::vector<double> sums = {estimator_.counted_squared_distances(mu, {g})[0], estimator_.counted_sum_squares(g),
+                              estimator_.counted_sum_squares(mu)};
   if (hooks_.reduce_partials) hooks_.reduce_partials(sums);
   const double diff2 = sums[0], g2 = sums[1], mu2 = sums[2];
   report.proxy_relative_error[s] = g2 > 0.0 ? std::sqrt(diff2 / g2) : kNaN;

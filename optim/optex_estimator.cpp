@@ -112,6 +112,39 @@ const Tensor& KernelGradientEstimator::grad(int64_t i) const {
   return entries_[static_cast<size_t>(i)].grad;
 }
 
+void KernelGradientEstimator::set_counted_ranges(std::vector<std::pair<int64_t, int64_t>> ranges) {
+  for (const auto& [begin, end] : ranges)
+    KRAKEN_CHECK(0 <= begin && begin <= end && end <= dim_, "counted range [", begin, ", ", end, ") of ", dim_);
+  if (!ranges.empty() && options_.effective_dim > 0 && options_.effective_dim < dim_)
+    KRAKEN_THROW("optex: effective_dim with model parallelism is not supported (each rank would draw its own "
+                 "coordinate subset); set effective_dim = 0");
+  counted_ = std::move(ranges);
+  // Cached norms and distances were taken over other coordinates: drop them (not the history).
+  for (Entry& e : entries_) e.sq_norm = -1.0;
+  sq_dist_.clear();
+  stale_ = true;
+}
+
+double KernelGradientEstimator::counted_sum_squares(const Tensor& x) const {
+  if (counted_.empty()) return sum_squares({x});
+  std::vector<Tensor> parts;
+  for (const auto& [begin, end] : counted_) parts.push_back(x.detach().slice(begin, end));
+  return sum_squares(parts);
+}
+
+std::vector<double> KernelGradientEstimator::counted_squared_distances(const Tensor& x,
+                                                                         const std::vector<Tensor>& rows) const {
+  if (counted_.empty()) return squared_distances(x, rows);
+  std::vector<double> total(rows.size(), 0.0);
+  for (const auto& [begin, end] : counted_) {
+    std::vector<Tensor> parts;
+    for (const Tensor& r : rows) parts.push_back(r.detach().slice(begin, end));
+    const std::vector<double> d = squared_distances(x.detach().slice(begin, end), parts);
+    for (size_t i = 0; i < d.size(); ++i) total[i] += d[i];
+  }
+  return total;
+}
+
 void KernelGradientEstimator::reduce(std::vector<double>& values) const {
   if (reduce_) reduce_(values);
 }
@@ -168,7 +201,7 @@ void KernelGradientEstimator::fit() {
     for (int64_t i = 0; i < n; ++i) {
       if (entries_[i].sq_norm < 0.0) {
         new_norms.push_back(i);
-        partial.push_back(sum_squares({theta(i)}));
+        partial.push_back(counted_sum_squares(theta(i)));
       }
       std::vector<Tensor> rows;
       for (int64_t j = 0; j < i; ++j) {
@@ -177,7 +210,7 @@ void KernelGradientEstimator::fit() {
         new_pairs.emplace_back(i, j);
       }
       if (!rows.empty()) {
-        const std::vector<double> d = squared_distances(theta(i), rows);
+        const std::vector<double> d = counted_squared_distances(theta(i), rows);
         pair_partial.insert(pair_partial.end(), d.begin(), d.end());
       }
     }
@@ -222,7 +255,7 @@ std::vector<double> KernelGradientEstimator::kernel_row(const Tensor& theta) {
   } else {
     std::vector<Tensor> rows;
     for (int64_t i = 0; i < n; ++i) rows.push_back(this->theta(i));
-    d = squared_distances(theta, rows);
+    d = counted_squared_distances(theta, rows);
   }
   reduce(d);
   for (double& v : d) v = kernel_of_sq_distance(v);

@@ -114,6 +114,14 @@ class KernelGradientEstimator {
   runtime::Generator& generator() { return generator_; }
   const runtime::Generator& generator() const { return generator_; }
   void set_partial_sum_hook(PartialSumHook hook) { reduce_ = std::move(hook); }
+  // Model parallelism: the coordinate ranges [begin, end) of the flat vector this rank counts in norms
+  // and distances. A parameter replicated on every tensor-parallel rank, or a tied copy, is counted on
+  // one rank only, so that the summed partials equal the single-process sums. Empty: every coordinate.
+  // Not combined with effective_dim (each rank would draw its own subset).
+  void set_counted_ranges(std::vector<std::pair<int64_t, int64_t>> ranges);
+  // Σ x² and Σ (x − row)² over the counted ranges (all of x when there are none).
+  double counted_sum_squares(const runtime::Tensor& x) const;
+  std::vector<double> counted_squared_distances(const runtime::Tensor& x, const std::vector<runtime::Tensor>& rows) const;
 
  private:
   struct Entry {
@@ -131,6 +139,7 @@ class KernelGradientEstimator {
   runtime::Device device_;
   runtime::Generator generator_;
   PartialSumHook reduce_;
+  std::vector<std::pair<int64_t, int64_t>> counted_;
 
   std::vector<Entry> entries_;  // oldest first (n <= T0, so erasing the front is cheap)
   uint64_t next_id_ = 0;

@@ -20,6 +20,8 @@
 #include <cmath>
 #include <csignal>
 #include <cstdio>
+#include <algorithm>
+#include <map>
 #include <set>
 #include <thread>
 
@@ -121,6 +123,64 @@ std::pair<int64_t, int64_t> stage_layers(const Config& c, int stage) {
   return {0, L};
 }
 
+// OptEx keeps each history point as one flat vector over this rank's parameters ("optex.theta.3").
+// A checkpoint stores it per parameter ("optex.theta.3.h.0.attn.c_attn.weight"), so the history is a
+// set of logical tensors like the rest of the state and survives a change of layout.
+bool is_flat_history(const std::string& name) {
+  return name.rfind("optex.theta.", 0) == 0 || name.rfind("optex.grad.", 0) == 0;
+}
+
+NamedTensors split_flat_history(const NamedTensors& state, const std::vector<runtime::NamedParameter>& params) {
+  NamedTensors out;
+  for (const auto& [name, t] : state) {
+    if (!is_flat_history(name)) {
+      out.emplace_back(name, t);
+      continue;
+    }
+    int64_t offset = 0;
+    for (const auto& p : params) {
+      const int64_t n = p.tensor.numel();
+      out.emplace_back(name + "." + p.name, t.slice(offset, offset + n).reshape(p.tensor.shape()));
+      offset += n;
+    }
+    KRAKEN_CHECK(offset == t.numel(), name, " holds ", t.numel(), " values for ", offset, " parameters");
+  }
+  return out;
+}
+
+// The inverse, for this rank's pieces (already cut to its layout): "optex.theta.3.<param>" for every
+// local parameter, in order, back into one flat "optex.theta.3".
+NamedTensors join_flat_history(const NamedTensors& pieces, const std::vector<runtime::NamedParameter>& params) {
+  NamedTensors out;
+  std::map<std::string, runtime::Tensor> by_name;
+  std::vector<std::string> flat_names;
+  for (const auto& [name, t] : pieces) {
+    if (!is_flat_history(name)) {
+      out.emplace_back(name, t);
+      continue;
+    }
+    by_name[name] = t;
+    // "optex.theta.3.<param>": the flat name is the first three dot-separated fields.
+    const size_t a = name.find('.'), b = name.find('.', a + 1), c = name.find('.', b + 1);
+    const std::string flat = name.substr(0, c);
+    if (std::find(flat_names.begin(), flat_names.end(), flat) == flat_names.end()) flat_names.push_back(flat);
+  }
+  int64_t total = 0;
+  for (const auto& p : params) total += p.tensor.numel();
+  for (const std::string& flat : flat_names) {
+    runtime::Tensor joined = runtime::Tensor::empty({total}, runtime::DType::F32, params.front().tensor.device());
+    int64_t offset = 0;
+    for (const auto& p : params) {
+      auto it = by_name.find(flat + "." + p.name);
+      if (it == by_name.end()) KRAKEN_THROW("checkpoint: OptEx history ", flat, " has no piece for parameter ", p.name);
+      joined.slice(offset, offset + p.tensor.numel()).copy_from(it->second.reshape({p.tensor.numel()}));
+      offset += p.tensor.numel();
+    }
+    out.emplace_back(flat, joined);
+  }
+  return out;
+}
+
 }  // namespace
 
 bool stop_requested() { return g_stop.load(); }
@@ -176,9 +236,6 @@ Trainer::Trainer(Config config, TrainerOptions options) : s_(std::make_unique<St
   if (c.model.dropout > 0 && (sizes.tp > 1 || sizes.pp > 1))
     KRAKEN_THROW("model.dropout > 0 is not supported with tensor or pipeline parallelism yet (replicated "
                  "activations would get different masks on different ranks); set dropout = 0");
-  if (c.optim.name == "optex" && (sizes.tp > 1 || sizes.pp > 1))
-    KRAKEN_THROW("OptEx with tensor or pipeline parallelism is not supported yet: its kernel distances would count "
-                 "replicated parameters more than once; use dp and optex_groups");
 
   // Threads: the config's, else the cores shared among this node's ranks.
   int threads = c.train.threads;
@@ -237,7 +294,44 @@ Trainer::Trainer(Config config, TrainerOptions options) : s_(std::make_unique<St
             grads[e].copy_from(all.slice(static_cast<int64_t>(e), static_cast<int64_t>(e) + 1).reshape(grads[e].shape()));
       };
     }
+    if (sizes.tp * sizes.pp > 1) {
+      // Model parallelism: each rank holds part of θ, so kernel distances are partial sums, added up
+      // across the model-parallel group. Exchanged as (hi, lo) float pairs and summed in double in rank
+      // order, so every rank gets the same sums, to ~48 bits.
+      parallel::Communicator* mp = &s.mesh->mp();
+      hooks.reduce_partials = [mp](std::vector<double>& values) {
+        const int64_t n = static_cast<int64_t>(values.size());
+        runtime::Tensor mine = runtime::Tensor::empty({1, 2 * n});
+        float* m = mine.data<float>();
+        for (int64_t i = 0; i < n; ++i) {
+          m[2 * i] = static_cast<float>(values[i]);
+          m[2 * i + 1] = static_cast<float>(values[i] - static_cast<double>(m[2 * i]));
+        }
+        const runtime::Tensor all = mp->all_gather(mine);
+        const float* a = all.data<float>();
+        for (int64_t i = 0; i < n; ++i) {
+          double sum = 0.0;
+          for (int r = 0; r < mp->size(); ++r)
+            sum += static_cast<double>(a[r * 2 * n + 2 * i]) + static_cast<double>(a[r * 2 * n + 2 * i + 1]);
+          values[i] = sum;
+        }
+      };
+    }
     s.optex = std::make_unique<optim::OptEx>(std::move(base), xo, hooks);
+    if (sizes.tp * sizes.pp > 1) {
+      // Count every logical parameter once: a tp replica on tp rank 0, a tied copy at its owner.
+      std::vector<std::pair<int64_t, int64_t>> counted;
+      int64_t offset = 0;
+      for (const auto& p : s.params) {
+        const int64_t n = p.tensor.numel();
+        if (!p.spec.tied_copy && (!p.spec.replicated || s.coords().tp == 0)) {
+          if (!counted.empty() && counted.back().second == offset) counted.back().second = offset + n;
+          else counted.emplace_back(offset, offset + n);
+        }
+        offset += n;
+      }
+      s.optex->estimator().set_counted_ranges(std::move(counted));
+    }
   } else {
     s.optimizer = std::move(base);
   }
@@ -298,7 +392,7 @@ Trainer::Trainer(Config config, TrainerOptions options) : s_(std::make_unique<St
       runtime::Tensor logical = ckpt.optimizer.load(t.name, s.device);
       loaded.emplace_back(t.name, t.spec.shard.sharded() ? runtime::take_shard(logical, t.spec.shard) : logical);
     }
-    if (s.optex) s.optex->load_state(loaded, ckpt.state.at("optimizer"));
+    if (s.optex) s.optex->load_state(join_flat_history(loaded, s.params), ckpt.state.at("optimizer"));
     else s.optimizer->load_state(loaded, ckpt.state.at("optimizer"));
     s.train_loader->restore(ckpt.state.at("loader").get<data::LoaderState>());
     s.dropout_rng.set_state({s.dropout_rng.seed(), s.dropout_rng.stream(), ckpt.state.at("dropout_offset").get<uint64_t>()});
@@ -422,7 +516,9 @@ RunSummary Trainer::run() {
     CheckpointContents contents;
     contents.model = gather_logical(model_tensors, *s.mesh);
     contents.optimizer = gather_logical(
-        with_param_specs(s.optex ? s.optex->state_tensors() : s.optimizer->state_tensors(), s.params), *s.mesh);
+        with_param_specs(s.optex ? split_flat_history(s.optex->state_tensors(), s.params) : s.optimizer->state_tensors(),
+                         s.params),
+        *s.mesh);
     if (s.main_rank) {
       contents.state = {{"config", c.text},
                         {"loader", s.train_loader->state()},

@@ -4,8 +4,8 @@
 // proxy path, group s takes the true gradient at point s on micro-batches s·A … (s+1)·A − 1 of the
 // iteration (what one process computes for evaluation s), the gradients are all-gathered, and every
 // rank extends the same history. So the logged losses must equal the single-process run's: checked
-// for N = 2 and 4 groups of one rank and N = 2 groups of dp = 2, to 1e-5 relative (the only
-// differences are the data-parallel all-reduce's summation order). Then: a groups run resumed from a
+// for N = 2 and 4 groups of one rank and N = 2 groups of dp = 2, tp = 2 and pp = 2, to 1e-5 relative
+// (the only differences are summation orders: the data-parallel all-reduce, partial distances). Then: a groups run resumed from a
 // checkpoint continues bit for bit; a layout that does not fit the job size is a clear error on every
 // rank (exit 2, no hang); SIGINT stops a run after the step in flight with a checkpoint and exit 0.
 #include <signal.h>
@@ -27,7 +27,7 @@ using kraken::testing::TempDir;
 using namespace kraken::testing::driver;
 
 std::string config(const TempDir& dir, const std::string& name, int parallelism, int groups, int dp, int steps,
-                   const std::string& optim = "optex") {
+                   const std::string& optim = "optex", int tp = 1, int pp = 1) {
   const int batch = 4 / dp;
   std::string text =
       "[model]\nn_layer = 2\nn_embd = 32\nn_head = 4\ndegree = 2\ncontext = 16\nvocab_size = 97\n"
@@ -37,7 +37,8 @@ std::string config(const TempDir& dir, const std::string& name, int parallelism,
       "[optim]\nname = \"" + optim + "\"\nlr = 3e-3\nwarmup_steps = 2\ndecay_steps = 20\n";
   if (optim == "optex")
     text += "[optim.optex]\nparallelism = " + std::to_string(parallelism) + "\nhistory = 16\nlengthscale = 1.0\n";
-  text += "[parallel]\ndp = " + std::to_string(dp) + "\noptex_groups = " + std::to_string(groups) + "\n";
+  text += "[parallel]\ndp = " + std::to_string(dp) + "\ntp = " + std::to_string(tp) + "\npp = " + std::to_string(pp) +
+          "\noptex_groups = " + std::to_string(groups) + "\n";
   const std::string path = dir / (name + ".toml");
   std::ofstream(path) << text;
   return path;
@@ -60,15 +61,20 @@ int main() {
   }
   struct Case {
     const char* name;
-    int parallelism, groups, dp;
+    int parallelism, groups, dp, tp = 1, pp = 1;
   };
+  // Groups that are themselves model parallel count every logical parameter once in the kernel
+  // distances (replicas on one tp rank, the tied embedding at its owner) and sum the partials.
   for (const Case& c : {Case{"OptEx N=2 as 2 groups", 2, 2, 1}, Case{"OptEx N=4 as 4 groups", 4, 4, 1},
-                        Case{"OptEx N=2 as 2 groups of dp=2", 2, 2, 2}}) {
+                        Case{"OptEx N=2 as 2 groups of dp=2", 2, 2, 2}, Case{"OptEx N=2 as 2 groups of tp=2", 2, 2, 1, 2, 1},
+                        Case{"OptEx N=2 as 2 groups of pp=2", 2, 2, 1, 1, 2}}) {
     const std::string ref = "single_n" + std::to_string(c.parallelism);
     if (!std::filesystem::exists(dir / ("runs/" + ref + "/metrics.jsonl")))
       expect_run(c.name, run(launch(1, config(dir, ref, c.parallelism, 1, 1, 8))));
-    const std::string name = "groups_n" + std::to_string(c.parallelism) + "_dp" + std::to_string(c.dp);
-    const Run r = run(launch(c.groups * c.dp, config(dir, name, c.parallelism, c.groups, c.dp, 8)));
+    const std::string name = "groups_n" + std::to_string(c.parallelism) + "_dp" + std::to_string(c.dp) + "_tp" +
+                             std::to_string(c.tp) + "_pp" + std::to_string(c.pp);
+    const Run r = run(launch(c.groups * c.dp * c.tp * c.pp,
+                             config(dir, name, c.parallelism, c.groups, c.dp, 8, "optex", c.tp, c.pp)));
     if (r.exit_code != 0) {
       fail(c.name, r.output);
       continue;
@@ -85,7 +91,7 @@ int main() {
     const std::string path = config(dir, "resume_groups", 2, 2, 1, 8);
     expect_run("groups run, first half", run(launch(2, path, "--stop-after 4")));
     expect_run("groups run, resumed", run(launch(2, path)));
-    compare("OptEx groups resume", losses_of(dir / "runs/groups_n2_dp1/metrics.jsonl"),
+    compare("OptEx groups resume", losses_of(dir / "runs/groups_n2_dp1_tp1_pp1/metrics.jsonl"),
             losses_of(dir / "runs/resume_groups/metrics.jsonl"), 1, 8, 0.0);
   }
 
