@@ -18,6 +18,7 @@
 #include "data/tokenizer.h"
 #include "kernels/error.h"
 #include "tests/support/temp_dir.h"
+#include "tests/support/errors.h"
 
 namespace kraken::data::test {
 
@@ -45,14 +46,7 @@ inline std::string llmc_bytes(int32_t magic, int32_t version, int32_t count, con
   return bytes;
 }
 
-inline std::string message_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
+using ::kraken::testing::message_of;
 
 #define EXPECT_MESSAGE_HAS(msg, text) EXPECT_NE((msg).find(text), std::string::npos) << "message: " << (msg)
 

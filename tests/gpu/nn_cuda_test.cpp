@@ -25,6 +25,7 @@
 #include "runtime/ops.h"
 #include "runtime/rng.h"
 #include "tests/gpu/gpu_test_util.h"
+#include "tests/support/errors.h"
 
 namespace kraken::runtime {
 namespace {
@@ -42,14 +43,7 @@ Tensor leaf(const Shape& shape, uint64_t seed, float std = 1.0f) {
   return t;
 }
 
-std::string message_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
+using ::kraken::testing::message_of;
 
 // ---- layernorm ----------------------------------------------------------------------------------------
 

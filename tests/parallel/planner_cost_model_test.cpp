@@ -7,6 +7,7 @@
 
 #include "kernels/error.h"
 #include "parallel/planner/cost_model.h"
+#include "tests/support/errors.h"
 
 namespace kraken::parallel::planner {
 namespace {
@@ -14,14 +15,7 @@ namespace {
 // Relative tolerance for sums of a few dozen doubles computed in a different order than the test's.
 constexpr double kRel = 1e-12;
 
-std::string message_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
+using ::kraken::testing::message_of;
 
 NodeGroup group(const std::string& name, int nodes, int per_node, const std::string& type, double memory,
                 double intra_bw, double intra_lat, double inter_bw, double inter_lat) {

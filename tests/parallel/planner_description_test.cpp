@@ -9,20 +9,14 @@
 
 #include "kernels/error.h"
 #include "parallel/planner/description.h"
+#include "tests/support/errors.h"
 
 namespace kraken::parallel::planner {
 namespace {
 
 constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 
-std::string message_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
+using ::kraken::testing::message_of;
 
 bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
 

@@ -8,18 +8,12 @@
 
 #include "kernels/error.h"
 #include "parallel/planner/search.h"
+#include "tests/support/errors.h"
 
 namespace kraken::parallel::planner {
 namespace {
 
-std::string message_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
+using ::kraken::testing::message_of;
 
 NodeGroup group(const std::string& name, int nodes, int per_node, const std::string& type, double memory,
                 double bw = 100e9, double lat = 2e-6, double inter_bw = 20e9, double inter_lat = 8e-6) {

@@ -2,18 +2,12 @@
 #include <gtest/gtest.h>
 
 #include "runtime/ops.h"
+#include "tests/support/errors.h"
 
 namespace kraken::runtime {
 namespace {
 
-std::string message_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
+using ::kraken::testing::message_of;
 
 TEST(OpErrors, ShapeMismatchNamesBothShapes) {
   Tensor a = Tensor::zeros({2, 3}), b = Tensor::zeros({4, 5});

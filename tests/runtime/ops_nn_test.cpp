@@ -17,20 +17,14 @@
 #include "runtime/ops.h"
 #include "runtime/rng.h"
 #include "tests/support/gradcheck.h"
+#include "tests/support/errors.h"
 
 namespace kraken::runtime {
 namespace {
 
 using testing::random_leaf;
 
-std::string message_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
+using ::kraken::testing::message_of;
 
 #define EXPECT_MESSAGE_HAS(msg, text) EXPECT_NE((msg).find(text), std::string::npos) << (msg)
 

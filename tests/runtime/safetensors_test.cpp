@@ -14,20 +14,14 @@
 #include <limits>
 
 #include "runtime/safetensors.h"
+#include "tests/support/errors.h"
 
 namespace kraken::runtime {
 namespace {
 
 namespace fs = std::filesystem;
 
-std::string message_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
+using ::kraken::testing::message_of;
 
 #define EXPECT_HAS(haystack, needle) \
   EXPECT_NE(std::string(haystack).find(needle), std::string::npos) << "missing '" << (needle) << "' in: " << (haystack)

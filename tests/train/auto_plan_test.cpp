@@ -23,6 +23,7 @@
 #include "train/config.h"
 #include "train/plan.h"
 #include "train/trainer.h"
+#include "tests/support/errors.h"
 
 namespace kraken::train {
 namespace {
@@ -30,14 +31,7 @@ namespace {
 namespace planner = parallel::planner;
 using testing::TempDir;
 
-std::string message_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
+using ::kraken::testing::message_of;
 
 bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
 

@@ -14,6 +14,7 @@
 #include "train/checkpoint.h"
 #include "train/config.h"
 #include "train/trainer.h"
+#include "tests/support/errors.h"
 
 namespace kraken::train {
 namespace {
@@ -152,14 +153,7 @@ TEST(Trainer, KeepsTheLastKCheckpointsAndWritesMetrics) {
   EXPECT_EQ(evals, 1);
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
+inline std::string error_of(const std::function<void()>& f) { return ::kraken::testing::message_of(f); }
 
 TEST(Trainer, MismatchedCheckpointIsAClearError) {
   TempDir dir;
