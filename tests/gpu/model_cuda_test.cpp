@@ -25,6 +25,7 @@
 #include "runtime/safetensors.h"
 #include "tests/gpu/gpu_test_util.h"
 #include "train/inference.h"
+#include "tests/support/fixtures.h"
 
 namespace kraken::models {
 namespace {
@@ -93,25 +94,12 @@ TEST(GpuModel, Degree2LossLogitsAndGradientsMatchTheCpu) {
   }
 }
 
-std::string fixture(const std::string& name) {
-  const char* root = std::getenv("KRAKEN_SOURCE_DIR");
-  return std::string(root ? root : ".") + "/tests/models/fixtures/" + name;
-}
+std::string fixture(const std::string& name) { return testing::source_path("tests/models/fixtures/" + name); }
 
 // tests/models/kraken_test.cpp's check, with the model, inputs and backward on the GPU.
 void check_golden_on_device(const std::string& file_name) {
   runtime::SafetensorsFile file = runtime::SafetensorsFile::open(fixture(file_name));
-  const auto& meta = file.metadata();
-  auto get = [&](const char* key) { return std::stoll(meta.at(key)); };
-  KrakenConfig c;
-  c.n_layer = get("n_layer");
-  c.n_embd = get("n_embd");
-  c.n_head = get("n_head");
-  c.degree = get("degree");
-  c.context = get("context");
-  c.vocab_size = get("vocab_size");
-  c.mlp_expansion = get("mlp_expansion");
-  c.bias = meta.at("bias") == "true";
+  const KrakenConfig c = testing::fixture_config(file);
   KrakenModel model(c, test_device());
   for (auto& p : model.named_parameters()) file.load_into("param." + p.name, p.tensor);  // staged to the device
   const Tensor ids = file.load("input.ids", test_device()), targets = file.load("input.targets", test_device());

@@ -22,25 +22,14 @@
 #include "train/checkpoint.h"
 #include "train/config.h"
 #include "train/trainer.h"
+#include "tests/support/fixtures.h"
 
 namespace kraken::train {
 namespace {
 
 using testing::TempDir;
 
-// A noisy counting sequence (as tests/train/trainer_test.cpp), so the model has something to learn.
-void write_shards(const TempDir& dir, int64_t vocab) {
-  runtime::Generator gen(5, 0);
-  for (const char* name : {"train_000.bin", "val_000.bin"}) {
-    std::vector<uint16_t> tokens(12000);
-    uint16_t t = 0;
-    for (auto& tok : tokens) {
-      t = static_cast<uint16_t>((t + 1 + (gen.next_below(8) == 0 ? gen.next_below(5) : 0)) % vocab);
-      tok = t;
-    }
-    data::write_llmc_shard(dir / name, tokens);
-  }
-}
+void write_shards(const TempDir& dir, int64_t vocab) { testing::write_counting_shards(dir.path(), vocab); }
 
 // Degree 2 with dropout, as the CPU trainer tests use it; T = 16 and C = 32 are small on purpose (the
 // CPU side of each comparison runs too).

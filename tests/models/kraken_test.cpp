@@ -9,6 +9,7 @@
 #include "runtime/autograd.h"
 #include "runtime/ops.h"
 #include "runtime/safetensors.h"
+#include "tests/support/fixtures.h"
 #include "tests/support/gradcheck.h"
 
 namespace kraken::models {
@@ -16,25 +17,7 @@ namespace {
 
 using runtime::Tensor;
 
-std::string fixture(const std::string& name) {
-  const char* root = std::getenv("KRAKEN_SOURCE_DIR");
-  return std::string(root ? root : ".") + "/tests/models/fixtures/" + name;
-}
-
-KrakenConfig config_from(const runtime::SafetensorsFile& file) {
-  const auto& meta = file.metadata();
-  auto get = [&](const char* key) { return std::stoll(meta.at(key)); };
-  KrakenConfig c;
-  c.n_layer = get("n_layer");
-  c.n_embd = get("n_embd");
-  c.n_head = get("n_head");
-  c.degree = get("degree");
-  c.context = get("context");
-  c.vocab_size = get("vocab_size");
-  c.mlp_expansion = get("mlp_expansion");
-  c.bias = meta.at("bias") == "true";
-  return c;
-}
+std::string fixture(const std::string& name) { return testing::source_path("tests/models/fixtures/" + name); }
 
 // Loss, logits and every gradient against PyTorch (float64 there, float32 here). The tolerances cover
 // float32 rounding through a 2-layer model: values of order 1 carry relative errors of a few 1e-6 per
@@ -42,7 +25,7 @@ KrakenConfig config_from(const runtime::SafetensorsFile& file) {
 // zero) passes rounding and fails any real mistake, which changes values at the 1e-2 level or more.
 void check_against_golden(const std::string& file_name) {
   runtime::SafetensorsFile file = runtime::SafetensorsFile::open(fixture(file_name));
-  KrakenModel model(config_from(file));
+  KrakenModel model(testing::fixture_config(file));
   for (auto& p : model.named_parameters()) file.load_into("param." + p.name, p.tensor);
   const std::vector<std::string> names = file.names();
   EXPECT_EQ(static_cast<int64_t>(model.named_parameters().size()),
