@@ -7,6 +7,7 @@
 
 #include "kernels/error.h"
 #include "parallel/planner/cost_model.h"
+#include "tests/parallel/planner_test_util.h"
 #include "tests/support/errors.h"
 
 namespace kraken::parallel::planner {
@@ -17,36 +18,10 @@ constexpr double kRel = 1e-12;
 
 using ::kraken::testing::message_of;
 
-NodeGroup group(const std::string& name, int nodes, int per_node, const std::string& type, double memory,
-                double intra_bw, double intra_lat, double inter_bw, double inter_lat) {
-  NodeGroup g;
-  g.name = name;
-  g.nodes = nodes;
-  g.devices_per_node = per_node;
-  g.device_type = type;
-  g.memory_per_device = memory;
-  g.intra_bandwidth = intra_bw;
-  g.intra_latency = intra_lat;
-  g.inter_bandwidth = inter_bw;
-  g.inter_latency = inter_lat;
-  return g;
-}
+using test::node_group;
 
 Cluster cluster_of(std::vector<NodeGroup> groups) {
-  Cluster c;
-  c.name = "test";
-  c.device_types = builtin_device_types();
-  for (const char* name : {"A", "B"}) {
-    DeviceType d;
-    d.name = name;
-    d.peak_flops = 1e12;
-    d.memory_bandwidth = 1e11;
-    d.memory_bytes = 1e9;
-    d.compute_efficiency = d.memory_efficiency = 1;
-    c.device_types.push_back(d);
-  }
-  c.groups = std::move(groups);
-  return c;
+  return test::cluster_with(std::move(groups), {test::round_device("A", 1e12, 1e11), test::round_device("B", 1e12, 1e11)});
 }
 
 Profile profile(const std::string& device, double embedding, double layer, double head, int tp = 1, int mbs = 1) {
@@ -82,8 +57,8 @@ Strategy strategy(int tp, int dp, int pp, int mbs, int accum, std::vector<int> s
 
 TEST(PlannerAmpModel, MatchesHandComputedTwoGroupCase) {
   // Two nodes of 2 devices: type A (profile 1, 4, 2 ms) and type B (3, 8, 6 ms); links in bytes/s.
-  const Cluster cluster = cluster_of({group("fast", 1, 2, "A", 1e9, 100e9, 1e-6, 10e9, 1e-6),
-                                      group("slow", 1, 2, "B", 1e9, 50e9, 1e-6, 5e9, 1e-6)});
+  const Cluster cluster = cluster_of({node_group("fast", 1, 2, "A", 1e9, 100e9, 1e-6, 10e9, 1e-6),
+                                      node_group("slow", 1, 2, "B", 1e9, 50e9, 1e-6, 5e9, 1e-6)});
   const ModelDesc model = gpt2_tiny(8);
   const std::vector<Profile> profiles = {profile("A", 1e-3, 4e-3, 2e-3), profile("B", 3e-3, 8e-3, 6e-3)};
   // tp 1, dp 2, pp 2: stage 0 = ranks 0,1 (the A node) holds emb + L0, stage 1 = ranks 2,3 (B) L1 + head.
@@ -107,8 +82,8 @@ TEST(PlannerAmpModel, AveragesTheP2pLinkOverDataParallelReplicas) {
   // X: one node of 4 A devices; Y: one node of 2 B devices. tp 1, dp 3, pp 2: stage 0 = ranks 0,1,2 (X),
   // stage 1 = ranks 3 (X), 4, 5 (Y). Replica links 0→3 inside X (100 GB/s), 1→4 and 2→5 across
   // (min(10, 5) = 5 GB/s): AMP averages them, (100 + 5 + 5)/3 GB/s.
-  const Cluster cluster = cluster_of({group("x", 1, 4, "A", 1e9, 100e9, 0, 10e9, 0),
-                                      group("y", 1, 2, "B", 1e9, 50e9, 0, 5e9, 0)});
+  const Cluster cluster = cluster_of({node_group("x", 1, 4, "A", 1e9, 100e9, 0, 10e9, 0),
+                                      node_group("y", 1, 2, "B", 1e9, 50e9, 0, 5e9, 0)});
   const ModelDesc model = gpt2_tiny(6);
   const std::vector<Profile> profiles = {profile("A", 1e-3, 4e-3, 2e-3), profile("B", 3e-3, 8e-3, 6e-3)};
   const Prediction p = predict(CostModelKind::Amp, cluster, model, profiles, strategy(1, 3, 2, 1, 2, {0, 2, 4}));
@@ -151,7 +126,7 @@ TEST(PlannerKrakenModel, MemoryMatchesHandCount) {
 
   // Bytes per parameter: fp32 weights 4 + fp32 grads 4 + AdamW 2·4 (weights are fp32: no master) = 16.
   // cpu-2core keeps fp32 activations (4 bytes); micro-batch 2 is 8 tokens.
-  const Cluster cluster = cluster_of({group("cpu", 1, 2, "cpu-2core", 1e9, 1e9, 1e-6, 1e9, 1e-6)});
+  const Cluster cluster = cluster_of({node_group("cpu", 1, 2, "cpu-2core", 1e9, 1e9, 1e-6, 1e9, 1e-6)});
   const Prediction a = predict(CostModelKind::Kraken, cluster, m, {}, strategy(1, 1, 2, 2, 4, {0, 2, 4}));
   // Stage 0 (emb + L0): 1,600 params → 6,400 B weights, 6,400 grads, 12,800 optimizer; activations
   // 202·8·4 = 6,464 B per micro-batch, 2 in flight (pp − 0) → 12,928. Total 38,528.
@@ -176,7 +151,7 @@ TEST(PlannerKrakenModel, MemoryMatchesHandCount) {
   EXPECT_TRUE(c.fits);
 
   // A device of 38,000 bytes holds neither stage of the first strategy (38,528 and 38,944 bytes).
-  const Cluster small = cluster_of({group("cpu", 1, 2, "cpu-2core", 38000, 1e9, 1e-6, 1e9, 1e-6)});
+  const Cluster small = cluster_of({node_group("cpu", 1, 2, "cpu-2core", 38000, 1e9, 1e-6, 1e9, 1e-6)});
   EXPECT_FALSE(predict(CostModelKind::Kraken, small, m, {}, strategy(1, 1, 2, 2, 4, {0, 2, 4})).fits);
   EXPECT_TRUE(predict(CostModelKind::Kraken, small, m, {}, strategy(2, 1, 1, 2, 4, {0, 4})).fits);
 }
@@ -185,7 +160,7 @@ TEST(PlannerKrakenModel, SixteenBitWeightsAddAnFp32Master) {
   ModelDesc m = kraken_tiny();
   m.bytes_per_param = 2;
   m.bytes_per_grad = 2;
-  const Cluster cluster = cluster_of({group("cpu", 1, 2, "cpu-2core", 1e9, 1e9, 0, 1e9, 0)});
+  const Cluster cluster = cluster_of({node_group("cpu", 1, 2, "cpu-2core", 1e9, 1e9, 0, 1e9, 0)});
   const Prediction p = predict(CostModelKind::Kraken, cluster, m, {}, strategy(2, 1, 1, 2, 4, {0, 4}));
   // 1,416 params per rank · (2 weights + 2 grads + 8 AdamW + 4 master) = 22,656 B: the same as fp32
   // weights and grads without a master.
@@ -211,7 +186,7 @@ ModelDesc tp_model(int degree) {
 
 TEST(PlannerKrakenModel, KrakenTensorParallelismExposesLessThanMegatron) {
   // One node of 4 H100s (bf16 activations) on a 10 GB/s, 5 µs link; tp = 4.
-  const Cluster cluster = cluster_of({group("n", 1, 4, "H100", 80e9, 10e9, 5e-6, 10e9, 5e-6)});
+  const Cluster cluster = cluster_of({node_group("n", 1, 4, "H100", 80e9, 10e9, 5e-6, 10e9, 5e-6)});
   // All-reduce of one (1, 32, 64) bf16 tensor over 4 ranks: 2·3/4 · 4,096 B / 10 GB/s + 2·3·5 µs.
   const double ar = 1.5 * 4096 / 10e9 + 6 * 5e-6;
   // Attention's FLOP share of a sub-layer: (8C² + 4TC) / (8C² + 4TC + 4eC²) = 40,960 / 106,496 = 5/13.
@@ -255,7 +230,7 @@ TEST(PlannerKrakenModel, DataParallelAllReduceHidesBehindBackwardByBuckets) {
   const double buckets = std::ceil(bytes / (25.0 * 1024 * 1024));
   ASSERT_EQ(buckets, 3.0);
   // Two single-device nodes: the dp ring crosses nodes at 20 GB/s, 10 µs.
-  const Cluster cluster = cluster_of({group("n", 2, 1, "H100", 80e9, 100e9, 1e-6, 20e9, 10e-6)});
+  const Cluster cluster = cluster_of({node_group("n", 2, 1, "H100", 80e9, 100e9, 1e-6, 20e9, 10e-6)});
   const double A = 2.0 * 1 / 2 * bytes / 20e9 + 2.0 * 1 * 10e-6 * buckets;
   for (double layer : {1e-4, 1e-2}) {
     const std::vector<Profile> profiles = {profile("H100", 1e-5, layer, 1e-5)};
@@ -271,8 +246,8 @@ TEST(PlannerKrakenModel, DataParallelAllReduceHidesBehindBackwardByBuckets) {
 
 TEST(PlannerKrakenModel, BreakdownSumsToTheStepTimeAndSlowStagesRunSlower) {
   // A100 and V100 nodes, pp = 2 across them: the V100 stage runs at V100 speed.
-  const Cluster cluster = cluster_of({group("a100", 1, 4, "A100-80", 80e9, 300e9, 3e-6, 25e9, 8e-6),
-                                      group("v100", 1, 4, "V100", 32e9, 150e9, 3e-6, 12e9, 8e-6)});
+  const Cluster cluster = cluster_of({node_group("a100", 1, 4, "A100-80", 80e9, 300e9, 3e-6, 25e9, 8e-6),
+                                      node_group("v100", 1, 4, "V100", 32e9, 150e9, 3e-6, 12e9, 8e-6)});
   const ModelDesc m = tp_model(4);
   ModelDesc big = m;
   big.config.global_batch = 16;
@@ -294,7 +269,7 @@ TEST(PlannerKrakenModel, BreakdownSumsToTheStepTimeAndSlowStagesRunSlower) {
 }
 
 TEST(PlannerKrakenModel, InvalidStrategiesAreErrors) {
-  const Cluster cluster = cluster_of({group("n", 1, 4, "H100", 80e9, 10e9, 0, 10e9, 0)});
+  const Cluster cluster = cluster_of({node_group("n", 1, 4, "H100", 80e9, 10e9, 0, 10e9, 0)});
   const ModelDesc m = tp_model(4);  // global batch 4
   auto msg = [&](const Strategy& s) { return message_of([&] { predict(CostModelKind::Kraken, cluster, m, {}, s); }); };
   EXPECT_NE(msg(strategy(2, 1, 1, 1, 4, {0, 5})).find("tp·dp·pp = 2·1·1 = 2 but the cluster has 4 devices"),

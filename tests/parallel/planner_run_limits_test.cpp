@@ -8,6 +8,7 @@
 
 #include "kernels/error.h"
 #include "parallel/planner/search.h"
+#include "tests/parallel/planner_test_util.h"
 #include "tests/support/errors.h"
 
 namespace kraken::parallel::planner {
@@ -16,24 +17,10 @@ namespace {
 using ::kraken::testing::message_of;
 
 NodeGroup group(const std::string& name, int nodes, int per_node, const std::string& type, double memory) {
-  NodeGroup g;
-  g.name = name;
-  g.nodes = nodes;
-  g.devices_per_node = per_node;
-  g.device_type = type;
-  g.memory_per_device = memory;
-  g.intra_bandwidth = g.inter_bandwidth = 10e9;
-  g.intra_latency = g.inter_latency = 2e-6;
-  return g;
+  return test::node_group(name, nodes, per_node, type, memory, 10e9, 2e-6, 10e9, 2e-6);
 }
 
-Cluster cluster_of(std::vector<NodeGroup> groups) {
-  Cluster c;
-  c.name = "test";
-  c.device_types = builtin_device_types();
-  c.groups = std::move(groups);
-  return c;
-}
+Cluster cluster_of(std::vector<NodeGroup> groups) { return test::cluster_with(std::move(groups)); }
 
 // Degree 2, C = 64, 4 heads, e = 2, no biases, T = 32, a large vocabulary so that the LM head weighs
 // more than any transformer layer (an unconstrained split would isolate it on a stage of its own).

@@ -8,6 +8,7 @@
 
 #include "kernels/error.h"
 #include "parallel/planner/search.h"
+#include "tests/parallel/planner_test_util.h"
 #include "tests/support/errors.h"
 
 namespace kraken::parallel::planner {
@@ -15,36 +16,10 @@ namespace {
 
 using ::kraken::testing::message_of;
 
-NodeGroup group(const std::string& name, int nodes, int per_node, const std::string& type, double memory,
-                double bw = 100e9, double lat = 2e-6, double inter_bw = 20e9, double inter_lat = 8e-6) {
-  NodeGroup g;
-  g.name = name;
-  g.nodes = nodes;
-  g.devices_per_node = per_node;
-  g.device_type = type;
-  g.memory_per_device = memory;
-  g.intra_bandwidth = bw;
-  g.intra_latency = lat;
-  g.inter_bandwidth = inter_bw;
-  g.inter_latency = inter_lat;
-  return g;
-}
+using test::node_group;
 
 Cluster cluster_of(std::vector<NodeGroup> groups) {
-  Cluster c;
-  c.name = "test";
-  c.device_types = builtin_device_types();
-  for (auto [name, peak] : {std::pair<const char*, double>{"fast", 2e12}, {"slow", 1e12}}) {
-    DeviceType d;
-    d.name = name;
-    d.peak_flops = peak;
-    d.memory_bandwidth = 1e12;
-    d.memory_bytes = 1e9;
-    d.compute_efficiency = d.memory_efficiency = 1;
-    c.device_types.push_back(d);
-  }
-  c.groups = std::move(groups);
-  return c;
+  return test::cluster_with(std::move(groups), {test::round_device("fast", 2e12, 1e12), test::round_device("slow", 1e12, 1e12)});
 }
 
 ModelDesc model(int n_layer, int n_embd, int n_head, int degree, int64_t global_batch, int context = 256) {
@@ -89,7 +64,7 @@ void expect_valid(const Cluster& cluster, const ModelDesc& m, const SearchResult
 }
 
 TEST(PlannerSearch, CandidatesDivideTheClusterAndTheBatch) {
-  const Cluster cluster = cluster_of({group("n", 1, 4, "H100", 80e9)});
+  const Cluster cluster = cluster_of({node_group("n", 1, 4, "H100", 80e9)});
   // Degree 4, 3 layers, global batch 4: tp 1 → (dp, pp) = (2, 2) with mbs 1, 2 and (4, 1) with mbs 1
   // ((1, 4) has pp > n_layer); tp 2 → (1, 2) with mbs 1, 2, 4 and (2, 1) with mbs 1, 2; tp 4 → (1, 1)
   // with mbs 1, 2, 4: 11 in all.
@@ -100,9 +75,9 @@ TEST(PlannerSearch, CandidatesDivideTheClusterAndTheBatch) {
 
 TEST(PlannerSearch, ReturnsOnlyValidStrategies) {
   const std::vector<Cluster> clusters = {
-      cluster_of({group("h100", 1, 8, "H100", 80e9)}),
-      cluster_of({group("a100", 2, 4, "A100-80", 80e9), group("v100", 1, 4, "V100", 16e9, 50e9, 4e-6, 5e9)}),
-      cluster_of({group("a", 3, 2, "A100-40", 40e9), group("b", 1, 4, "T4", 16e9), group("c", 3, 2, "V100", 32e9)}),
+      cluster_of({node_group("h100", 1, 8, "H100", 80e9)}),
+      cluster_of({node_group("a100", 2, 4, "A100-80", 80e9), node_group("v100", 1, 4, "V100", 16e9, 50e9, 4e-6, 5e9)}),
+      cluster_of({node_group("a", 3, 2, "A100-40", 40e9), node_group("b", 1, 4, "T4", 16e9), node_group("c", 3, 2, "V100", 32e9)}),
   };
   const std::vector<ModelDesc> models = {model(8, 256, 8, 4, 32), model(6, 256, 8, 1, 24), model(5, 192, 6, 2, 12)};
   for (const Cluster& c : clusters)
@@ -129,8 +104,8 @@ std::vector<Profile> linear_profiles(const std::string& device, double embedding
 TEST(PlannerSearch, ASlowNodeGetsFewerLayers) {
   // Two single-device nodes, one twice as slow per layer, fast links: the best plan pipelines them
   // (data parallelism would run at the slow node's pace) and balances 8 layers · 1 against 4 · 2.
-  const Cluster cluster = cluster_of({group("fast", 1, 1, "fast", 80e9, 1e15, 0, 1e15, 0),
-                                      group("slow", 1, 1, "slow", 80e9, 1e15, 0, 1e15, 0)});
+  const Cluster cluster = cluster_of({node_group("fast", 1, 1, "fast", 80e9, 1e15, 0, 1e15, 0),
+                                      node_group("slow", 1, 1, "slow", 80e9, 1e15, 0, 1e15, 0)});
   const ModelDesc m = model(12, 128, 4, 1, 64);
   std::vector<Profile> profiles = linear_profiles("fast", 1e-6, 1e-3, 1e-6);
   for (const Profile& p : linear_profiles("slow", 2e-6, 2e-3, 2e-6)) profiles.push_back(p);
@@ -150,8 +125,8 @@ TEST(PlannerSearch, ASlowNodeGetsFewerLayers) {
 
 TEST(PlannerSearch, TwoGroupClusterNeverGivesASlowStageAsManyLayersAsAFastOne) {
   // H100 and A100-40 nodes (3.2× apart in peak), analytic times, plenty of memory.
-  const Cluster cluster = cluster_of({group("h100", 2, 4, "H100", 80e9, 450e9, 3e-6, 50e9, 8e-6),
-                                      group("a100", 2, 4, "A100-40", 40e9, 300e9, 3e-6, 25e9, 8e-6)});
+  const Cluster cluster = cluster_of({node_group("h100", 2, 4, "H100", 80e9, 450e9, 3e-6, 50e9, 8e-6),
+                                      node_group("a100", 2, 4, "A100-40", 40e9, 300e9, 3e-6, 25e9, 8e-6)});
   const ModelDesc m = model(24, 1024, 16, 4, 64, 1024);
   SearchOptions o;
   o.top_k = 10;
@@ -182,7 +157,7 @@ TEST(PlannerSearch, KrakenPaysForTensorParallelismWhereMegatronDoesNot) {
   // 2·80 µs = 160.4 µs. Megatron pays 4 of them per layer, 641.6 µs, more than the 500 µs tp 2 saves:
   // it keeps tp 1. Kraken hides each behind the attention (forward 5/13 · 500/3 = 64.1 µs, backward
   // 128.2 µs) and exposes 96.3 + 32.2 = 128.5 µs: tp 2 pays.
-  const Cluster cluster = cluster_of({group("n", 1, 4, "H100", 80e9, 10e9, 80e-6, 10e9, 80e-6)});
+  const Cluster cluster = cluster_of({node_group("n", 1, 4, "H100", 80e9, 10e9, 80e-6, 10e9, 80e-6)});
   auto profiles_for = [](int max_tp) {
     Profile p{"H100", {}};
     for (int tp = 1; tp <= max_tp; tp *= 2) {
@@ -226,7 +201,7 @@ ModelDesc kraken_tiny() {
 }
 
 TEST(PlannerSearch, NothingFitsSaysHowMuchMemoryTheLeastDemandingStrategyNeeds) {
-  const Cluster cluster = cluster_of({group("cpu", 1, 2, "cpu-2core", 20000)});
+  const Cluster cluster = cluster_of({node_group("cpu", 1, 2, "cpu-2core", 20000)});
   // At micro-batch 1 (4 tokens, fp32 activations, 16 bytes of state per parameter; activations per
   // token: a layer 202, the head 163, see PlannerKrakenModel.MemoryMatchesHandCount):
   //   tp 1, dp 2, pp 1: 2,792·16 + (2·202 + 163)·4·4 = 44,672 + 9,072 = 53,744;
@@ -240,7 +215,7 @@ TEST(PlannerSearch, NothingFitsSaysHowMuchMemoryTheLeastDemandingStrategyNeeds) 
   EXPECT_NE(msg.find("the largest device has 0.00 GiB (20000 bytes)"), std::string::npos) << msg;
 
   // With 30,000 bytes only tp 2 at micro-batch 1 (27,344) and 2 (32,032: no) fit.
-  const Cluster roomier = cluster_of({group("cpu", 1, 2, "cpu-2core", 30000)});
+  const Cluster roomier = cluster_of({node_group("cpu", 1, 2, "cpu-2core", 30000)});
   const SearchResult r = search(roomier, kraken_tiny(), {});
   ASSERT_EQ(r.top.size(), 1u);
   EXPECT_EQ(r.top[0].strategy.tp, 2);
@@ -251,7 +226,7 @@ TEST(PlannerSearch, NothingFitsSaysHowMuchMemoryTheLeastDemandingStrategyNeeds) 
 TEST(PlannerSearch, AmpRanksStrategiesThatCannotRun) {
   // AMP has no memory term: on the same 20,000-byte devices it still ranks strategies (amp.md §4: its
   // trials that ran out of memory).
-  const Cluster cluster = cluster_of({group("cpu", 1, 2, "cpu-2core", 20000)});
+  const Cluster cluster = cluster_of({node_group("cpu", 1, 2, "cpu-2core", 20000)});
   SearchOptions o;
   o.cost_model = CostModelKind::Amp;
   const SearchResult r = search(cluster, kraken_tiny(), {}, o);
@@ -260,17 +235,17 @@ TEST(PlannerSearch, AmpRanksStrategiesThatCannotRun) {
 }
 
 TEST(PlannerSearch, PlacementsTryGroupOrdersOnce) {
-  const Cluster two = cluster_of({group("a", 1, 4, "H100", 80e9), group("b", 1, 4, "V100", 16e9)});
+  const Cluster two = cluster_of({node_group("a", 1, 4, "H100", 80e9), node_group("b", 1, 4, "V100", 16e9)});
   EXPECT_EQ(candidate_placements(two, CostModelKind::Kraken).size(), 2u);
   EXPECT_EQ(candidate_placements(two, CostModelKind::Amp), (std::vector<std::vector<int>>{{0, 1}}));
   // Identical groups: swapping them changes nothing, so 3 groups with two alike give 3 orders, not 6.
   const Cluster alike = cluster_of(
-      {group("a", 1, 4, "H100", 80e9), group("b", 1, 4, "V100", 16e9), group("c", 1, 4, "H100", 80e9)});
+      {node_group("a", 1, 4, "H100", 80e9), node_group("b", 1, 4, "V100", 16e9), node_group("c", 1, 4, "H100", 80e9)});
   EXPECT_EQ(candidate_placements(alike, CostModelKind::Kraken).size(), 3u);
   // Five groups: file order, by speed both ways, by memory both ways (fewer when they coincide).
-  const Cluster five = cluster_of({group("a", 1, 2, "V100", 16e9), group("b", 1, 2, "H100", 80e9),
-                                   group("c", 1, 2, "T4", 15e9), group("d", 1, 2, "A100-40", 40e9),
-                                   group("e", 1, 2, "A100-80", 80e9)});
+  const Cluster five = cluster_of({node_group("a", 1, 2, "V100", 16e9), node_group("b", 1, 2, "H100", 80e9),
+                                   node_group("c", 1, 2, "T4", 15e9), node_group("d", 1, 2, "A100-40", 40e9),
+                                   node_group("e", 1, 2, "A100-80", 80e9)});
   const auto orders = candidate_placements(five, CostModelKind::Kraken);
   EXPECT_GE(orders.size(), 3u);
   EXPECT_LE(orders.size(), 5u);
@@ -281,8 +256,8 @@ TEST(PlannerSearch, PlacementsTryGroupOrdersOnce) {
 TEST(PlannerSearch, LargeHeterogeneousSearchStaysFast) {
   // 96 × 8 H100 + 32 × 8 A100, 96 layers: the benchmark's case. Timed there; here it must finish,
   // return valid strategies and prune most layouts.
-  const Cluster cluster = cluster_of({group("h100", 96, 8, "H100", 80e9, 450e9, 3e-6, 50e9, 8e-6),
-                                      group("a100", 32, 8, "A100-80", 80e9, 300e9, 3e-6, 25e9, 8e-6)});
+  const Cluster cluster = cluster_of({node_group("h100", 96, 8, "H100", 80e9, 450e9, 3e-6, 50e9, 8e-6),
+                                      node_group("a100", 32, 8, "A100-80", 80e9, 300e9, 3e-6, 25e9, 8e-6)});
   const ModelDesc m = model(96, 4096, 32, 4, 1536, 2048);
   const SearchResult r = search(cluster, m, {});
   EXPECT_GT(r.stats.layouts, 0);
