@@ -31,5 +31,11 @@ void attention_forward_cuda(float* out, float* lse, const float* qkv, int64_t B,
                             CUstream_st* stream);
 void attention_backward_cuda(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse,
                              int64_t B, int64_t T, int64_t C, int64_t NH, CUstream_st* stream);
+// CUDA, bf16 storage: qkv, out, dout, dqkv bf16, lse f32; every product and softmax in f32 (as the
+// fp32 kernels), out and dqkv rounded once at the end.
+void attention_forward_bf16_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T, int64_t C,
+                                 int64_t NH, CUstream_st* stream);
+void attention_backward_bf16_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out,
+                                  const float* lse, int64_t B, int64_t T, int64_t C, int64_t NH, CUstream_st* stream);
 
 }  // namespace kraken::kernels

@@ -41,5 +41,12 @@ void cross_entropy_mean_cuda(float* loss, const float* losses, int64_t N, int64_
 void cross_entropy_backward_cuda(float* dlogits, const float* logits, const float* lse, const int32_t* targets,
                                  const float* dloss, int64_t count, int64_t N, int64_t Vp, int64_t V,
                                  int32_t ignore_index, CUstream_st* stream);
+// CUDA, bf16 logits (the LM head's output in mixed precision): losses and lse f32, dlogits bf16
+// (each element rounded once); arithmetic in f32 as above.
+void cross_entropy_forward_bf16_cuda(float* losses, float* lse, const uint16_t* logits, const int32_t* targets,
+                                     int64_t N, int64_t Vp, int64_t V, int32_t ignore_index, CUstream_st* stream);
+void cross_entropy_backward_bf16_cuda(uint16_t* dlogits, const uint16_t* logits, const float* lse,
+                                      const int32_t* targets, const float* dloss, int64_t count, int64_t N, int64_t Vp,
+                                      int64_t V, int32_t ignore_index, CUstream_st* stream);
 
 }  // namespace kraken::kernels

@@ -46,4 +46,21 @@ void cast_f32_to_bf16_cuda(uint16_t* out, const float* x, int64_t n, CUstream_st
 void cast_bf16_to_f32_cuda(float* out, const uint16_t* x, int64_t n, CUstream_st* stream);
 void add_bf16_cuda(uint16_t* out, const uint16_t* a, const uint16_t* b, int64_t n, CUstream_st* stream);
 
+// ---- CUDA, bf16 storage ----------------------------------------------------------------------------
+// Mixed precision keeps activations and their gradients in bf16 and computes in f32: every kernel
+// below widens its bf16 inputs, runs the f32 contract above, and rounds each output to nearest even
+// once. An accumulating output (dx +=, db +=) is read, added to in f32 and rounded again. So each
+// equals the f32 kernel on the widened inputs followed by one rounding: the CPU reference of the
+// ops layer (runtime/ops/precision.h) computes exactly that.
+void scale_bf16_cuda(uint16_t* out, const uint16_t* x, float alpha, int64_t n, CUstream_st* stream);
+void mul_bf16_cuda(uint16_t* out, const uint16_t* a, const uint16_t* b, int64_t n, CUstream_st* stream);
+void add_broadcast_bf16_cuda(uint16_t* out, const uint16_t* a, const uint16_t* b, int64_t rows, int64_t cols,
+                             CUstream_st* stream);
+// db[:] += Σ_r dout[r, :], the sum in f32 (same fixed order as sum_rows_cuda), one rounding at the end.
+void sum_rows_bf16_cuda(uint16_t* db, const uint16_t* dout, int64_t rows, int64_t cols, CUstream_st* stream);
+// acc += x, acc f32: sums of several bf16 tensors (sum_list) accumulate here and round once.
+void accumulate_bf16_cuda(float* acc, const uint16_t* x, int64_t n, CUstream_st* stream);
+void gelu_forward_bf16_cuda(uint16_t* out, const uint16_t* x, int64_t n, CUstream_st* stream);
+void gelu_backward_bf16_cuda(uint16_t* dx, const uint16_t* x, const uint16_t* dout, int64_t n, CUstream_st* stream);
+
 }  // namespace kraken::kernels

@@ -34,4 +34,13 @@ void layernorm_backward_cuda(float* dx, float* dgamma, float* dbeta, const float
                              const float* gamma, const float* mean, const float* rstd, int64_t rows, int64_t C,
                              CUstream_st* stream);
 
+// ---- CUDA, bf16 activations ---------------------------------------------------------------------
+// x, out, dout, dx bf16; gamma, beta, their gradients, mean and rstd f32 (parameters stay f32 in
+// mixed precision). Arithmetic in f32; out and dx rounded once (dx: after the accumulation).
+void layernorm_forward_bf16_cuda(uint16_t* out, float* mean, float* rstd, const uint16_t* x, const float* gamma,
+                                 const float* beta, int64_t rows, int64_t C, float eps, CUstream_st* stream);
+void layernorm_backward_bf16_cuda(uint16_t* dx, float* dgamma, float* dbeta, const uint16_t* dout, const uint16_t* x,
+                                  const float* gamma, const float* mean, const float* rstd, int64_t rows, int64_t C,
+                                  CUstream_st* stream);
+
 }  // namespace kraken::kernels

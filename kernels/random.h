@@ -28,5 +28,10 @@ void dropout_forward_cuda(float* out, const float* x, int64_t n, float p, uint64
                           uint64_t offset, CUstream_st* s);
 void dropout_backward_cuda(float* dx, const float* dout, int64_t n, float p, uint64_t seed, uint64_t stream,
                            uint64_t offset, CUstream_st* s);
+// bf16 storage, the same mask (the uniforms do not depend on the data type); f32 arithmetic.
+void dropout_forward_bf16_cuda(uint16_t* out, const uint16_t* x, int64_t n, float p, uint64_t seed, uint64_t stream,
+                               uint64_t offset, CUstream_st* s);
+void dropout_backward_bf16_cuda(uint16_t* dx, const uint16_t* dout, int64_t n, float p, uint64_t seed,
+                                uint64_t stream, uint64_t offset, CUstream_st* s);
 
 }  // namespace kraken::kernels
