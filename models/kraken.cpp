@@ -142,6 +142,17 @@ KrakenModel::KrakenModel(const KrakenConfig& config, const runtime::Device& devi
   }
 }
 
+void KrakenModel::set_compute_dtype(runtime::DType dtype) {
+  if (dtype != runtime::DType::F32 && dtype != runtime::DType::BF16)
+    KRAKEN_THROW("KrakenModel: compute dtype must be f32 or bf16, not ", runtime::dtype_name(dtype));
+  compute_dtype_ = dtype;
+}
+
+Tensor KrakenModel::compute(const Tensor& param) const {
+  if (!param.defined() || compute_dtype_ == runtime::DType::F32) return param;
+  return ops::cast(param, compute_dtype_);
+}
+
 Tensor KrakenModel::dropout(const Tensor& x, runtime::Generator* gen, bool training) {
   if (config_.dropout == 0.0f || !training) return x;
   KRAKEN_CHECK(gen != nullptr, "dropout > 0 needs a generator");
@@ -152,16 +163,16 @@ Tensor KrakenModel::dropout(const Tensor& x, runtime::Generator* gen, bool train
 Tensor KrakenModel::attention_branch(const SubLayer& s, const Tensor& x, runtime::Generator* gen, bool training) {
   Tensor h = ops::layernorm(x, s.ln_1_w, s.ln_1_b);
   if (!megatron()) {
-    Tensor qkv = ops::linear(h, s.c_attn_w, s.c_attn_b);               // (B, T, 3C)
-    Tensor y = ops::attention(qkv, config_.heads_per_sublayer());     // (B, T, C)
-    return dropout(ops::linear(y, s.attn_proj_w, s.attn_proj_b), gen, training);
+    Tensor qkv = ops::linear(h, compute(s.c_attn_w), compute(s.c_attn_b));  // (B, T, 3C)
+    Tensor y = ops::attention(qkv, config_.heads_per_sublayer());           // (B, T, C)
+    return dropout(ops::linear(y, compute(s.attn_proj_w), compute(s.attn_proj_b)), gen, training);
   }
   // Megatron-LM: this rank's heads. copy_to_tp: identity forward, all-reduce of dh backward.
-  Tensor qkv = ops::linear(parallel::copy_to_tp(h, *shard_.tp), s.c_attn_w, s.c_attn_b);  // (B, T, 3C/tp)
-  Tensor y = ops::attention(qkv, config_.n_head / shard_.tp_size);                         // (B, T, C/tp)
+  Tensor qkv = ops::linear(parallel::copy_to_tp(h, *shard_.tp), compute(s.c_attn_w), compute(s.c_attn_b));  // (B, T, 3C/tp)
+  Tensor y = ops::attention(qkv, config_.n_head / shard_.tp_size);                                           // (B, T, C/tp)
   // reduce_from_tp: all-reduce of the partial projections forward (on the critical path), identity backward.
-  Tensor o = parallel::reduce_from_tp(ops::linear(y, s.attn_proj_w), *shard_.tp);
-  if (s.attn_proj_b.defined()) o = ops::add(o, s.attn_proj_b);
+  Tensor o = parallel::reduce_from_tp(ops::linear(y, compute(s.attn_proj_w)), *shard_.tp);
+  if (s.attn_proj_b.defined()) o = ops::add(o, compute(s.attn_proj_b));
   return dropout(o, gen, training);
 }
 
@@ -169,12 +180,12 @@ Tensor KrakenModel::attention_branch(const SubLayer& s, const Tensor& x, runtime
 Tensor KrakenModel::mlp_branch(const SubLayer& s, const Tensor& m, runtime::Generator* gen, bool training) {
   Tensor h = ops::layernorm(m, s.ln_2_w, s.ln_2_b);
   if (!megatron()) {
-    Tensor u = ops::gelu(ops::linear(h, s.c_fc_w, s.c_fc_b));         // (B, T, eC)
-    return dropout(ops::linear(u, s.mlp_proj_w, s.mlp_proj_b), gen, training);
+    Tensor u = ops::gelu(ops::linear(h, compute(s.c_fc_w), compute(s.c_fc_b)));  // (B, T, eC)
+    return dropout(ops::linear(u, compute(s.mlp_proj_w), compute(s.mlp_proj_b)), gen, training);
   }
-  Tensor u = ops::gelu(ops::linear(parallel::copy_to_tp(h, *shard_.tp), s.c_fc_w, s.c_fc_b));  // (B, T, eC/tp)
-  Tensor o = parallel::reduce_from_tp(ops::linear(u, s.mlp_proj_w), *shard_.tp);
-  if (s.mlp_proj_b.defined()) o = ops::add(o, s.mlp_proj_b);
+  Tensor u = ops::gelu(ops::linear(parallel::copy_to_tp(h, *shard_.tp), compute(s.c_fc_w), compute(s.c_fc_b)));  // (B, T, eC/tp)
+  Tensor o = parallel::reduce_from_tp(ops::linear(u, compute(s.mlp_proj_w)), *shard_.tp);
+  if (s.mlp_proj_b.defined()) o = ops::add(o, compute(s.mlp_proj_b));
   return dropout(o, gen, training);
 }
 
@@ -193,13 +204,15 @@ Tensor KrakenModel::stage_forward(const Tensor& ids, const Tensor& input, runtim
     const int64_t T = ids.size(1);
     if (T > config_.context)
       KRAKEN_THROW("sequence length ", T, " exceeds the model's context of ", config_.context, " positions");
-    // x0 = wte[idx] + wpe[pos]  (B, T, C)
-    Tensor x0 = dropout(ops::add(ops::embedding(wte_, ids), ops::slice(wpe_, 0, T)), gen, training);
+    // x0 = wte[idx] + wpe[pos]  (B, T, C), looked up and added in f32, then in the compute dtype
+    Tensor x0 = ops::cast(ops::add(ops::embedding(wte_, ids), ops::slice(wpe_, 0, T)), compute_dtype_);
+    x0 = dropout(x0, gen, training);
     // Under Kraken's tp every rank's streams start from x0, so dL/dx0 sums over all ranks' streams.
     if (kraken_tp) x0 = parallel::copy_to_tp(x0, *shard_.tp);
     streams.assign(static_cast<size_t>(n), x0);
   } else {
     runtime::check_dim("KrakenModel::stage_forward", input, 3, "boundary activation");
+    runtime::check_dtype("KrakenModel::stage_forward", input, compute_dtype_, "boundary activation");
     if (input.size(-1) != n * config_.n_embd)
       KRAKEN_THROW("stage input ", runtime::shape_str(input.shape()), ": expected ", n, " streams of ", config_.n_embd, " channels");
     streams = n == 1 ? std::vector<Tensor>{input} : ops::split(input, std::vector<int64_t>(static_cast<size_t>(n), config_.n_embd), -1);
@@ -235,13 +248,13 @@ Tensor KrakenModel::stage_forward(const Tensor& ids, const Tensor& input, runtim
   if (config_.degree == 1) {
     z = streams[0];
   } else if (kraken_tp) {
-    z = parallel::reduce_from_tp(ops::linear(ops::concat(streams, -1), conj_w_), *shard_.tp);
-    if (conj_b_.defined()) z = ops::add(z, conj_b_);
+    z = parallel::reduce_from_tp(ops::linear(ops::concat(streams, -1), compute(conj_w_)), *shard_.tp);
+    if (conj_b_.defined()) z = ops::add(z, compute(conj_b_));
   } else {
-    z = ops::linear(ops::concat(streams, -1), conj_w_, conj_b_);
+    z = ops::linear(ops::concat(streams, -1), compute(conj_w_), compute(conj_b_));
   }
   Tensor h = ops::layernorm(z, ln_f_w_, ln_f_b_);
-  return ops::matmul(h, wte_, false, true);                              // (B, T, Vp), tied LM head
+  return ops::matmul(h, compute(wte_), false, true);                     // (B, T, Vp), tied LM head
 }
 
 Tensor KrakenModel::loss(const Tensor& ids, const Tensor& targets, runtime::Generator* gen, bool training) {

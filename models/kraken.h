@@ -88,6 +88,13 @@ class KrakenModel : public runtime::Module {
   runtime::Tensor loss(const runtime::Tensor& ids, const runtime::Tensor& targets,
                        runtime::Generator* dropout = nullptr, bool training = true);
 
+  // Mixed precision (DESIGN.md "Precision"): with bf16 the residual streams, every activation and
+  // every matrix product are bf16; the parameters stay f32 (the optimizer's master weights) and each
+  // matrix and bias is cast to bf16 where it is used, so its gradient comes back to the f32 master
+  // through the cast. LayerNorm keeps f32 gamma and beta; the logits are bf16 and the loss f32.
+  void set_compute_dtype(runtime::DType dtype);
+  runtime::DType compute_dtype() const { return compute_dtype_; }
+
   // The tied wte (V_p, C), for checkpoint code that needs to know which parameter is shared.
   const runtime::Tensor& wte() const { return wte_; }
   const ModelShard& shard() const { return shard_; }
@@ -107,10 +114,13 @@ class KrakenModel : public runtime::Module {
   runtime::Tensor mlp_branch(const SubLayer& s, const runtime::Tensor& m, runtime::Generator* gen, bool training);
 
   bool megatron() const { return config_.degree == 1 && shard_.tp_size > 1; }
+  // A parameter as the products use it: itself in f32, its bf16 cast under mixed precision.
+  runtime::Tensor compute(const runtime::Tensor& param) const;
 
   KrakenConfig config_;
   ModelShard shard_;
   int64_t local_streams_ = 1, first_stream_ = 0;
+  runtime::DType compute_dtype_ = runtime::DType::F32;
   runtime::Tensor wte_, wpe_, conj_w_, conj_b_, ln_f_w_, ln_f_b_;
   std::vector<std::vector<SubLayer>> layers_;  // [layer - first_layer][sub-layer]
 };

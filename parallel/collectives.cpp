@@ -58,7 +58,8 @@ Tensor slice_last_dim(const Tensor& x, Communicator& group) {
 
 void check_input(const char* op, const Tensor& x) {
   runtime::check_defined(op, x);
-  runtime::check_dtype(op, x, DType::F32);
+  if (x.dtype() != DType::F32 && x.dtype() != DType::BF16)
+    KRAKEN_THROW(op, ": ", x.describe(), " is not f32 or bf16 (activations)");
 }
 
 }  // namespace

@@ -5,6 +5,7 @@
 #include <climits>
 #include <cstring>
 
+#include "kernels/elementwise.h"
 #include "parallel/communicator_impl.h"
 
 namespace kraken::parallel {
@@ -30,13 +31,14 @@ double Handle::seconds() const { return op_ ? op_->seconds() : 0.0; }
 
 namespace {
 
-void check_reduce_dtype(const char* what, const Tensor& t, ReduceOp op) {
+// bf16 host tensors: all_reduce only (through an f32 copy, below); device tensors: NCCL's bf16.
+void check_reduce_dtype(const char* what, const Tensor& t, ReduceOp op, bool host_bf16_ok = false) {
   const DType d = t.dtype();
-  bool ok = d == DType::F32 || d == DType::I32 || (d == DType::BF16 && t.device().is_cuda());
+  bool ok = d == DType::F32 || d == DType::I32 || (d == DType::BF16 && (t.device().is_cuda() || host_bf16_ok));
   if (op == ReduceOp::Average && d == DType::I32) ok = false;
   if (!ok)
     KRAKEN_THROW(what, ": cannot ", reduce_op_name(op), " ", t.describe(),
-                 " (host tensors: f32, or i32 except average; device tensors also bf16)");
+                 " (host tensors: f32, or i32 except average, bf16 in all_reduce; device tensors also bf16)");
 }
 
 void check_tensor(const char* what, const Tensor& t, const char* which = "tensor") {
@@ -157,7 +159,7 @@ void Communicator::all_reduce(const Tensor& t, ReduceOp op) { all_reduce_async(t
 
 Handle Communicator::all_reduce_async(const Tensor& t, ReduceOp op) {
   check_tensor("all_reduce", t);
-  check_reduce_dtype("all_reduce", t, op);
+  check_reduce_dtype("all_reduce", t, op, /*host_bf16_ok=*/true);
   if (impl_->size == 1) return Handle();  // op over one rank is the identity
   if (t.device().is_cuda()) {
 #if KRAKEN_WITH_NCCL
@@ -168,18 +170,25 @@ Handle Communicator::all_reduce_async(const Tensor& t, ReduceOp op) {
   }
 #if KRAKEN_WITH_MPI
   auto host = host_op(*impl_, "all_reduce", static_cast<int64_t>(t.nbytes()));
-  host->run = [t, op](MPI_Comm comm) {
-    char* base = static_cast<char*>(t.data_ptr());
-    const size_t elem = runtime::dtype_size(t.dtype());
-    for (int64_t offset = 0; offset < t.numel(); offset += kMaxCount) {
-      const int count = static_cast<int>(std::min(kMaxCount, t.numel() - offset));
+  // MPI has no bf16: a bf16 tensor (mixed precision's activations on the CPU) is reduced as an f32
+  // copy, the result rounded back once, as the bf16 kernels do (runtime/ops/precision.h).
+  const bool widened = t.dtype() == DType::BF16;
+  const Tensor target = widened ? t.to(DType::F32) : t;
+  host->run = [target, op](MPI_Comm comm) {
+    char* base = static_cast<char*>(target.data_ptr());
+    const size_t elem = runtime::dtype_size(target.dtype());
+    for (int64_t offset = 0; offset < target.numel(); offset += kMaxCount) {
+      const int count = static_cast<int>(std::min(kMaxCount, target.numel() - offset));
       KRAKEN_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, base + static_cast<size_t>(offset) * elem, count,
-                                     mpi_type(t.dtype()), mpi_op(op), comm));
+                                     mpi_type(target.dtype()), mpi_op(op), comm));
     }
   };
-  if (op == ReduceOp::Average) {
-    const int n = impl_->size;
-    host->after = [t, n] { divide_in_place(t, n); };
+  if (op == ReduceOp::Average || widened) {
+    const int n = op == ReduceOp::Average ? impl_->size : 1;
+    host->after = [t, target, n, widened] {
+      if (n > 1) divide_in_place(target, n);
+      if (widened) kernels::cast_f32_to_bf16_cpu(t.data<uint16_t>(), target.data<float>(), t.numel());
+    };
   }
   return queue_of(*impl_).submit(host);
 #else

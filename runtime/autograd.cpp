@@ -65,13 +65,31 @@ void record(const char* name, const std::vector<Tensor>& inputs, const std::vect
 void accumulate_into(Tensor& dst, const Tensor& src) {
   check_same_shape("gradient accumulation", dst, src);
   check_same_device("gradient accumulation", dst, src);
-  check_dtype("gradient accumulation", src, DType::F32, "gradient");
+  if (src.dtype() != dst.dtype() || (src.dtype() != DType::F32 && src.dtype() != DType::BF16))
+    KRAKEN_THROW("gradient accumulation: cannot add ", src.describe(), " into ", dst.describe());
+  const int64_t n = dst.numel();
+  if (dst.dtype() == DType::BF16) {
+    // Mixed precision's activation gradients: the sum in f32, rounded once (runtime/ops/precision.h).
+    if (dst.device().is_cpu()) {
+      std::vector<float> a(static_cast<size_t>(n)), b(static_cast<size_t>(n));
+      kernels::cast_bf16_to_f32_cpu(a.data(), dst.data<uint16_t>(), n);
+      kernels::cast_bf16_to_f32_cpu(b.data(), src.data<uint16_t>(), n);
+      kernels::axpy_cpu(a.data(), b.data(), 1.0f, n);
+      kernels::cast_f32_to_bf16_cpu(dst.data<uint16_t>(), a.data(), n);
+      return;
+    }
+#if KRAKEN_WITH_CUDA
+    kernels::add_bf16_cuda(dst.data<uint16_t>(), dst.data<uint16_t>(), src.data<uint16_t>(), n,
+                           compute_stream(dst.device()));
+#endif
+    return;
+  }
   if (dst.device().is_cpu()) {
-    kernels::axpy_cpu(dst.data<float>(), src.data<float>(), 1.0f, dst.numel());
+    kernels::axpy_cpu(dst.data<float>(), src.data<float>(), 1.0f, n);
     return;
   }
 #if KRAKEN_WITH_CUDA
-  kernels::axpy_cuda(dst.data<float>(), src.data<float>(), 1.0f, dst.numel(), compute_stream(dst.device()));
+  kernels::axpy_cuda(dst.data<float>(), src.data<float>(), 1.0f, n, compute_stream(dst.device()));
 #endif
 }
 

@@ -38,3 +38,18 @@ namespace detail {
     }                                                                                 \
   } while (0)
 #endif
+
+// A kernel that exists only on CUDA (the bf16 ones: the CPU widens instead, runtime/ops/precision.h).
+#if KRAKEN_WITH_CUDA
+#define KRAKEN_CUDA_ONLY(device, cuda_expr) \
+  do {                                      \
+    cuda_expr;                              \
+  } while (0)
+#else
+// The expression is named unevaluated (sizeof) so that its operands count as used, and nothing links.
+#define KRAKEN_CUDA_ONLY(device, cuda_expr)                        \
+  do {                                                             \
+    (void)sizeof(((cuda_expr), 0));                                \
+    ::kraken::runtime::detail::no_cuda_kernel((device), __func__); \
+  } while (0)
+#endif

@@ -169,6 +169,12 @@ std::string Config::checkpoint_dir() const {
 
 int64_t Config::tokens_per_step() const { return train.batch_size * train.seq_len * train.grad_accum * parallel.dp; }
 
+runtime::DType compute_dtype(const TrainConfig& train, const runtime::Device& device) {
+  if (train.precision == "bf16") return runtime::DType::BF16;
+  if (train.precision == "fp32") return runtime::DType::F32;
+  return device.is_cuda() ? runtime::DType::BF16 : runtime::DType::F32;
+}
+
 Config parse_config(const std::string& text, const std::string& name, bool check_files) {
   toml::table root;
   try {
@@ -221,6 +227,9 @@ Config parse_config(const std::string& text, const std::string& name, bool check
   auto& t = c.train;
   t.device = train.string("device", "cpu");
   if (!(t.device == "cpu" || t.device == "cuda")) train.fail("device", "expected \"cpu\" or \"cuda\"");
+  t.precision = train.string("precision", "auto");
+  if (!(t.precision == "auto" || t.precision == "fp32" || t.precision == "bf16"))
+    train.fail("precision", "expected \"auto\", \"fp32\" or \"bf16\"");
   t.seed = static_cast<uint64_t>(train.integer("seed", 1337, 0, kBig));
   t.batch_size = train.integer("batch_size", t.batch_size, 1, 1 << 20);
   t.seq_len = train.integer("seq_len", std::min<int64_t>(m.context, 256), 1, 1 << 24);

@@ -23,6 +23,7 @@ struct DataConfig {
 
 struct TrainConfig {
   std::string device = "cpu";      // cpu | cuda (one GPU per rank)
+  std::string precision = "auto";  // auto (bf16 on cuda, fp32 on cpu) | fp32 | bf16 (mixed precision)
   uint64_t seed = 1337;
   int64_t batch_size = 4;          // sequences per micro-batch and data-parallel rank
   int64_t seq_len = 256;           // T (≤ model.context)
@@ -97,5 +98,7 @@ struct Config {
 Config load_config(const std::string& path);
 // The same from text (`name` is used in messages). `check_files` verifies that data patterns match.
 Config parse_config(const std::string& text, const std::string& name, bool check_files = true);
+// [train] precision resolved for a device: f32, or bf16 for mixed precision ("auto": bf16 on CUDA).
+runtime::DType compute_dtype(const TrainConfig& train, const runtime::Device& device);
 
 }  // namespace kraken::train

@@ -257,6 +257,7 @@ Trainer::Trainer(Config config, TrainerOptions options) : s_(std::make_unique<St
   shard.tp_rank = s.coords().tp;
   shard.tp = sizes.tp > 1 ? &s.mesh->tp() : nullptr;
   s.model = std::make_unique<models::KrakenModel>(c.model, s.device, shard);
+  s.model->set_compute_dtype(compute_dtype(c.train, s.device));
   s.model->initialize(c.train.seed);
   s.params = s.model->named_parameters();
   if (sizes.pp > 1 && (s.first_stage() || s.last_stage())) s.tied.push_back(s.model->wte());
@@ -429,7 +430,9 @@ std::string Trainer::describe() const {
                 (long long)c.train.seq_len, (long long)c.train.grad_accum, (long long)c.parallel.dp,
                 (long long)c.tokens_per_step());
   out += buf;
-  std::snprintf(buf, sizeof buf, "  device %s, %d threads per process, BLAS %s\n", s.device.str().c_str(),
+  std::snprintf(buf, sizeof buf, "  device %s, %s, %d threads per process, BLAS %s\n", s.device.str().c_str(),
+                s.model->compute_dtype() == runtime::DType::BF16 ? "mixed precision (bf16 activations, f32 weights)"
+                                                                 : "fp32",
                 omp_get_max_threads(), kernels::cpu_blas_name());
   out += buf;
   std::snprintf(buf, sizeof buf, "  optimizer: %s, lr %.3g (%s schedule, %lld warm-up steps), grad clip %.3g\n",
@@ -463,7 +466,7 @@ double Trainer::evaluate(int64_t max_batches) {
     // Forward only, stage by stage: receive the previous stage's activation, send ours on.
     runtime::Tensor input;
     if (!s.first_stage()) {
-      input = runtime::Tensor::empty(boundary, runtime::DType::F32, s.device);
+      input = runtime::Tensor::empty(boundary, s.model->compute_dtype(), s.device);
       s.mesh->pp().recv(input, s.coords().pp - 1, 7);
     }
     runtime::Tensor out = s.model->stage_forward(batch.inputs.to(s.device), input, nullptr, /*training=*/false);
@@ -578,6 +581,7 @@ RunSummary Trainer::run() {
     } else {
       parallel::PipelineStage stage;
       stage.activation_shape = boundary;
+      stage.activation_dtype = s.model->compute_dtype();
       stage.device = s.device;
       stage.forward = [&](int mb, const runtime::Tensor& input) {
         const data::Batch& b = batches[static_cast<size_t>(mb)];

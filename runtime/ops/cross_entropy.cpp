@@ -13,6 +13,7 @@
 #include "runtime/autograd.h"
 #include "runtime/dispatch.h"
 #include "runtime/ops.h"
+#include "runtime/ops/precision.h"
 
 namespace kraken::runtime::ops {
 namespace {
@@ -26,7 +27,7 @@ struct RowLosses {
 
 RowLosses row_losses(const char* op, const Tensor& logits, const Tensor& targets, int64_t vocab,
                      int32_t ignore_index) {
-  check_dtype(op, logits, DType::F32, "logits");
+  precision::check_float(op, logits, "logits");  // bf16 logits (mixed precision) give f32 losses
   check_dtype(op, targets, DType::I32, "targets");
   check_same_device(op, logits, targets);
   if (logits.dim() != 2 && logits.dim() != 3)
@@ -52,7 +53,12 @@ RowLosses row_losses(const char* op, const Tensor& logits, const Tensor& targets
 
   r.losses = Tensor::empty({r.N}, DType::F32, logits.device());
   r.lse = Tensor::empty({r.N}, DType::F32, logits.device());
-  KRAKEN_ON_DEVICE(logits.device(),
+  if (logits.dtype() == DType::BF16)  // on CUDA (the CPU widened before)
+    KRAKEN_CUDA_ONLY(logits.device(), kernels::cross_entropy_forward_bf16_cuda(
+                                          r.losses.data<float>(), r.lse.data<float>(), logits.data<uint16_t>(),
+                                          targets.data<int32_t>(), r.N, r.Vp, r.V, ignore_index, stream_of(logits)));
+  else
+    KRAKEN_ON_DEVICE(logits.device(),
                    kernels::cross_entropy_forward_cpu(r.losses.data<float>(), r.lse.data<float>(),
                                                       logits.data<float>(), targets.data<int32_t>(), r.N, r.Vp, r.V,
                                                       ignore_index),
@@ -65,6 +71,8 @@ RowLosses row_losses(const char* op, const Tensor& logits, const Tensor& targets
 }  // namespace
 
 Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t vocab, int32_t ignore_index) {
+  if (precision::widen_on_cpu(logits))  // the loss is f32 either way; dlogits is rounded by the cast's backward
+    return cross_entropy(precision::widen(logits), targets, vocab, ignore_index);
   RowLosses r = row_losses("cross_entropy", logits, targets, vocab, ignore_index);
   Tensor loss = Tensor::empty({}, DType::F32, logits.device());
   KRAKEN_ON_DEVICE(logits.device(),
@@ -78,7 +86,15 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t vocab,
            [logits_saved, targets_saved, lse, N, Vp, V, count, ignore_index](const std::vector<Tensor>& g) {
              // in the forward pass this was: loss = (1/count)·Σ_n (lse_n − logits[n, t_n])
              const Tensor& dloss = g[0];
-             Tensor dlogits = Tensor::empty(logits_saved.shape(), DType::F32, dloss.device());  // fully written
+             Tensor dlogits = Tensor::empty(logits_saved.shape(), logits_saved.dtype(), dloss.device());  // fully written
+             if (logits_saved.dtype() == DType::BF16) {
+               KRAKEN_CUDA_ONLY(dloss.device(), kernels::cross_entropy_backward_bf16_cuda(
+                                                    dlogits.data<uint16_t>(), logits_saved.data<uint16_t>(),
+                                                    lse.data<float>(), targets_saved.data<int32_t>(),
+                                                    dloss.data<float>(), count, N, Vp, V, ignore_index,
+                                                    stream_of(dloss)));
+               return std::vector<Tensor>{dlogits, Tensor()};
+             }
              KRAKEN_ON_DEVICE(dloss.device(),
                               kernels::cross_entropy_backward_cpu(dlogits.data<float>(), logits_saved.data<float>(),
                                                                   lse.data<float>(), targets_saved.data<int32_t>(),
@@ -94,6 +110,7 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t vocab,
 }
 
 LossSum cross_entropy_sum(const Tensor& logits, const Tensor& targets, int64_t vocab, int32_t ignore_index) {
+  if (precision::widen_on_cpu(logits)) return cross_entropy_sum(precision::widen(logits), targets, vocab, ignore_index);
   RowLosses r = row_losses("cross_entropy_sum", logits, targets, vocab, ignore_index);
   // The same double sum, in the same order, as cross_entropy_mean_cpu: on the CPU the two agree exactly.
   const Tensor host = r.losses.device().is_cpu() ? r.losses : r.losses.to(Device::cpu());

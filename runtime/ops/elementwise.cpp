@@ -1,18 +1,26 @@
-// Elementwise ops: add (with trailing broadcast), mul, scale, gelu, and the sum of a list.
+// Elementwise ops: add (with trailing broadcast), mul, scale, gelu, and the sum of a list. Each takes
+// f32 or bf16 (runtime/ops/precision.h).
 #include "kernels/elementwise.h"
 
 #include "kernels/error.h"
 #include "runtime/autograd.h"
 #include "runtime/dispatch.h"
 #include "runtime/ops.h"
+#include "runtime/ops/precision.h"
 
 namespace kraken::runtime::ops {
 namespace {
 
-void check_float_pair(const char* op, const Tensor& a, const Tensor& b) {
-  check_dtype(op, a, DType::F32, "first operand");
-  check_dtype(op, b, DType::F32, "second operand");
+using precision::narrow;
+using precision::widen;
+using precision::widen_on_cpu;
+
+// Both f32 or both bf16, on one device; returns the dtype.
+DType check_float_pair(const char* op, const Tensor& a, const Tensor& b) {
+  precision::check_float(op, a, "first operand");
+  precision::check_float(op, b, "second operand");
   check_same_device(op, a, b);
+  return precision::common_float(op, {&a, &b});
 }
 
 // True when `suffix` equals the last dims of `shape`.
@@ -25,7 +33,13 @@ bool is_trailing(const Shape& shape, const Shape& suffix) {
 Tensor reduce_to(const Tensor& g, const Shape& shape) {
   const int64_t cols = shape_numel(shape);
   const int64_t rows = cols == 0 ? 0 : g.numel() / cols;
-  Tensor out = Tensor::zeros(shape, DType::F32, g.device());
+  if (widen_on_cpu(g)) return narrow(reduce_to(widen(g), shape));
+  Tensor out = Tensor::zeros(shape, g.dtype(), g.device());
+  if (g.dtype() == DType::BF16) {
+    KRAKEN_CUDA_ONLY(g.device(), kernels::sum_rows_bf16_cuda(out.data<uint16_t>(), g.data<uint16_t>(), rows, cols,
+                                                             stream_of(g)));
+    return out;
+  }
   KRAKEN_ON_DEVICE(g.device(), kernels::sum_rows_cpu(out.data<float>(), g.data<float>(), rows, cols),
                    kernels::sum_rows_cuda(out.data<float>(), g.data<float>(), rows, cols, stream_of(g)));
   return out;
@@ -34,13 +48,22 @@ Tensor reduce_to(const Tensor& g, const Shape& shape) {
 }  // namespace
 
 Tensor add(const Tensor& a, const Tensor& b) {
-  check_float_pair("add", a, b);
-  Tensor out = Tensor::empty(a.shape(), DType::F32, a.device());
+  const DType dtype = check_float_pair("add", a, b);
   const bool broadcast = a.shape() != b.shape();
-  if (broadcast) {
-    if (!is_trailing(a.shape(), b.shape()))
-      KRAKEN_THROW("add: shapes ", shape_str(a.shape()), " and ", shape_str(b.shape()),
-                   " do not match, and the second is not a trailing part of the first");
+  if (broadcast && !is_trailing(a.shape(), b.shape()))
+    KRAKEN_THROW("add: shapes ", shape_str(a.shape()), " and ", shape_str(b.shape()),
+                 " do not match, and the second is not a trailing part of the first");
+  if (widen_on_cpu(a)) return narrow(add(widen(a), widen(b)));
+  Tensor out = Tensor::empty(a.shape(), dtype, a.device());
+  if (dtype == DType::BF16) {
+    const int64_t cols = b.numel();
+    const int64_t rows = cols == 0 ? 0 : a.numel() / cols;
+    KRAKEN_CUDA_ONLY(a.device(),
+                     broadcast ? kernels::add_broadcast_bf16_cuda(out.data<uint16_t>(), a.data<uint16_t>(),
+                                                                  b.data<uint16_t>(), rows, cols, stream_of(a))
+                               : kernels::add_bf16_cuda(out.data<uint16_t>(), a.data<uint16_t>(), b.data<uint16_t>(),
+                                                        a.numel(), stream_of(a)));
+  } else if (broadcast) {
     const int64_t cols = b.numel();
     const int64_t rows = cols == 0 ? 0 : a.numel() / cols;
     KRAKEN_ON_DEVICE(a.device(),
@@ -64,10 +87,15 @@ Tensor add(const Tensor& a, const Tensor& b) {
 }
 
 Tensor mul(const Tensor& a, const Tensor& b) {
-  check_float_pair("mul", a, b);
+  const DType dtype = check_float_pair("mul", a, b);
   check_same_shape("mul", a, b);
-  Tensor out = Tensor::empty(a.shape(), DType::F32, a.device());
-  KRAKEN_ON_DEVICE(a.device(), kernels::mul_cpu(out.data<float>(), a.data<float>(), b.data<float>(), a.numel()),
+  if (widen_on_cpu(a)) return narrow(mul(widen(a), widen(b)));
+  Tensor out = Tensor::empty(a.shape(), dtype, a.device());
+  if (dtype == DType::BF16)
+    KRAKEN_CUDA_ONLY(a.device(), kernels::mul_bf16_cuda(out.data<uint16_t>(), a.data<uint16_t>(), b.data<uint16_t>(),
+                                                        a.numel(), stream_of(a)));
+  else
+    KRAKEN_ON_DEVICE(a.device(), kernels::mul_cpu(out.data<float>(), a.data<float>(), b.data<float>(), a.numel()),
                    kernels::mul_cuda(out.data<float>(), a.data<float>(), b.data<float>(), a.numel(), stream_of(a)));
   if (needs_grad({a, b})) {
     const bool a_needs = a.requires_grad(), b_needs = b.requires_grad();
@@ -83,9 +111,14 @@ Tensor mul(const Tensor& a, const Tensor& b) {
 }
 
 Tensor scale(const Tensor& x, float alpha) {
-  check_dtype("scale", x, DType::F32);
-  Tensor out = Tensor::empty(x.shape(), DType::F32, x.device());
-  KRAKEN_ON_DEVICE(x.device(), kernels::scale_cpu(out.data<float>(), x.data<float>(), alpha, x.numel()),
+  precision::check_float("scale", x);
+  if (widen_on_cpu(x)) return narrow(scale(widen(x), alpha));
+  Tensor out = Tensor::empty(x.shape(), x.dtype(), x.device());
+  if (x.dtype() == DType::BF16)
+    KRAKEN_CUDA_ONLY(x.device(), kernels::scale_bf16_cuda(out.data<uint16_t>(), x.data<uint16_t>(), alpha, x.numel(),
+                                                          stream_of(x)));
+  else
+    KRAKEN_ON_DEVICE(x.device(), kernels::scale_cpu(out.data<float>(), x.data<float>(), alpha, x.numel()),
                    kernels::scale_cuda(out.data<float>(), x.data<float>(), alpha, x.numel(), stream_of(x)));
   if (needs_grad({x})) {
     record("scale", {x}, {out}, [alpha](const std::vector<Tensor>& g) {
@@ -96,14 +129,24 @@ Tensor scale(const Tensor& x, float alpha) {
 }
 
 Tensor gelu(const Tensor& x) {
-  check_dtype("gelu", x, DType::F32);
-  Tensor out = Tensor::empty(x.shape(), DType::F32, x.device());
-  KRAKEN_ON_DEVICE(x.device(), kernels::gelu_forward_cpu(out.data<float>(), x.data<float>(), x.numel()),
-                   kernels::gelu_forward_cuda(out.data<float>(), x.data<float>(), x.numel(), stream_of(x)));
+  precision::check_float("gelu", x);
+  if (widen_on_cpu(x)) return narrow(gelu(widen(x)));
+  Tensor out = Tensor::empty(x.shape(), x.dtype(), x.device());
+  if (x.dtype() == DType::BF16)
+    KRAKEN_CUDA_ONLY(x.device(), kernels::gelu_forward_bf16_cuda(out.data<uint16_t>(), x.data<uint16_t>(), x.numel(),
+                                                                 stream_of(x)));
+  else
+    KRAKEN_ON_DEVICE(x.device(), kernels::gelu_forward_cpu(out.data<float>(), x.data<float>(), x.numel()),
+                     kernels::gelu_forward_cuda(out.data<float>(), x.data<float>(), x.numel(), stream_of(x)));
   if (needs_grad({x})) {
     Tensor x_saved = x.detach();
     record("gelu", {x}, {out}, [x_saved](const std::vector<Tensor>& g) {
-      Tensor dx = Tensor::zeros(x_saved.shape(), DType::F32, x_saved.device());
+      Tensor dx = Tensor::zeros(x_saved.shape(), x_saved.dtype(), x_saved.device());
+      if (x_saved.dtype() == DType::BF16) {  // only on CUDA: the CPU widened in forward
+        KRAKEN_CUDA_ONLY(dx.device(), kernels::gelu_backward_bf16_cuda(dx.data<uint16_t>(), x_saved.data<uint16_t>(),
+                                                                       g[0].data<uint16_t>(), dx.numel(), stream_of(dx)));
+        return std::vector<Tensor>{dx};
+      }
       KRAKEN_ON_DEVICE(x_saved.device(),
                        kernels::gelu_backward_cpu(dx.data<float>(), x_saved.data<float>(), g[0].data<float>(), dx.numel()),
                        kernels::gelu_backward_cuda(dx.data<float>(), x_saved.data<float>(), g[0].data<float>(),
@@ -122,10 +165,21 @@ Tensor sum_list(const std::vector<Tensor>& xs) {
       KRAKEN_THROW("sum_list: tensor ", i, " has shape ", shape_str(xs[i].shape()), ", tensor 0 has ",
                    shape_str(xs[0].shape()));
   }
-  Tensor out = xs[0].clone();
-  {
+  Tensor out;
+  if (xs[0].dtype() == DType::F32) {
+    out = xs[0].clone();
     NoGrad no_grad;
     for (size_t i = 1; i < xs.size(); ++i) accumulate_into(out, xs[i]);
+  } else if (widen_on_cpu(xs[0])) {
+    std::vector<Tensor> wide;
+    for (const Tensor& x : xs) wide.push_back(widen(x));
+    return narrow(sum_list(wide));
+  } else {  // bf16 on CUDA: an f32 accumulator, one rounding at the end
+    Tensor acc = Tensor::zeros(xs[0].shape(), DType::F32, xs[0].device());
+    for (const Tensor& x : xs)
+      KRAKEN_CUDA_ONLY(x.device(), kernels::accumulate_bf16_cuda(acc.data<float>(), x.data<uint16_t>(), x.numel(),
+                                                                 stream_of(x)));
+    out = acc.to(DType::BF16);
   }
   if (needs_grad(xs)) {
     const size_t n = xs.size();

@@ -9,11 +9,15 @@
 #include "runtime/autograd.h"
 #include "runtime/dispatch.h"
 #include "runtime/ops.h"
+#include "runtime/ops/precision.h"
 
 namespace kraken::runtime::ops {
 
 Tensor embedding(const Tensor& weight, const Tensor& ids) {
-  check_dtype("embedding", weight, DType::F32, "weight");
+  precision::check_float("embedding", weight, "weight");
+  // A bf16 table is looked up in f32 and the rows rounded back (exact: they were bf16); mixed precision
+  // keeps its tables f32 and casts the looked-up rows instead (models/kraken.cpp).
+  if (weight.dtype() == DType::BF16) return precision::narrow(embedding(precision::widen(weight), ids));
   check_dim("embedding", weight, 2, "weight");
   check_dtype("embedding", ids, DType::I32, "ids");
   check_same_device("embedding", weight, ids);

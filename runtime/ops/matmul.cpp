@@ -1,4 +1,5 @@
-// Matrix products and the linear layer, both on BLAS (CPU) or cuBLAS (CUDA).
+// Matrix products and the linear layer, both on BLAS (CPU) or cuBLAS (CUDA); bf16 operands go through
+// cuBLASLt on CUDA and are widened on the CPU (runtime/ops/precision.h).
 //
 // With C = op(A)·op(B), the gradients are dop(A) = dC·op(B)ᵀ and dop(B) = op(A)ᵀ·dC; each case below
 // writes them as one more product of the stored operands, so no transpose is ever materialised.
@@ -9,13 +10,39 @@
 #include "runtime/autograd.h"
 #include "runtime/dispatch.h"
 #include "runtime/ops.h"
+#include "runtime/ops/precision.h"
 
 namespace kraken::runtime::ops {
 namespace {
 
-// C (batch, M, N) = op(A)·op(B) (+ beta·C) on raw tensors.
+// bf16 C (batch, M, N) = op(A)·op(B) (+ bias on every row) on CUDA: cuBLASLt, f32 accumulation, the
+// bias added in the product's epilogue, one rounding.
+void gemm_bf16(Tensor& c, const Tensor& a, const Tensor& b, int64_t batch, int64_t M, int64_t N, int64_t K, bool ta,
+               bool tb, int64_t stride_a, int64_t stride_b, const Tensor& bias = Tensor()) {
+  if (K == 0) {  // an empty sum: zeros (cuBLASLt wants K >= 1), then the bias
+    c.zero_();
+    NoGrad no_grad;
+    if (bias.defined()) c.copy_from(add(c, bias));
+    return;
+  }
+  const kernels::MatmulEpilogue epilogue = bias.defined() ? kernels::MatmulEpilogue::kBias : kernels::MatmulEpilogue::kNone;
+  const void* bias_ptr = bias.defined() ? bias.data_ptr() : nullptr;
+  for (int64_t i = 0; i < batch; ++i) {
+    KRAKEN_CUDA_ONLY(c.device(), kernels::matmul_bf16_cuda(c.data<uint16_t>() + i * M * N, true,
+                                                           a.data<uint16_t>() + i * stride_a,
+                                                           b.data<uint16_t>() + i * stride_b, bias_ptr, M, N, K, ta, tb,
+                                                           epilogue, stream_of(c)));
+  }
+}
+
+// C (batch, M, N) = op(A)·op(B) (+ beta·C) on raw tensors. bf16 (CUDA only) takes beta = 0.
 void gemm(Tensor& c, const Tensor& a, const Tensor& b, int64_t batch, int64_t M, int64_t N, int64_t K, bool ta,
           bool tb, float beta, int64_t stride_a, int64_t stride_b) {
+  if (c.dtype() == DType::BF16) {
+    KRAKEN_CHECK(beta == 0.0f, "bf16 products do not accumulate into their output");
+    gemm_bf16(c, a, b, batch, M, N, K, ta, tb, stride_a, stride_b);
+    return;
+  }
   const int64_t stride_c = M * N;
   KRAKEN_ON_DEVICE(c.device(),
                    kernels::matmul_batched_cpu(c.data<float>(), a.data<float>(), b.data<float>(), batch, M, N, K, ta,
@@ -32,9 +59,11 @@ void gemm(Tensor& c, const Tensor& a, const Tensor& b, int64_t batch, int64_t M,
 }  // namespace
 
 Tensor matmul(const Tensor& a, const Tensor& b, bool ta, bool tb) {
-  check_dtype("matmul", a, DType::F32, "first operand");
-  check_dtype("matmul", b, DType::F32, "second operand");
+  precision::check_float("matmul", a, "first operand");
+  precision::check_float("matmul", b, "second operand");
   check_same_device("matmul", a, b);
+  const DType dtype = precision::common_float("matmul", {&a, &b});
+  if (precision::widen_on_cpu(a)) return precision::narrow(matmul(precision::widen(a), precision::widen(b), ta, tb));
   Tensor out;
   if (a.dim() == 3 && b.dim() == 3) {  // batched
     if (a.size(0) != b.size(0)) mismatch(a, b, ta, tb, "batch sizes differ");
@@ -42,7 +71,7 @@ Tensor matmul(const Tensor& a, const Tensor& b, bool ta, bool tb) {
     const int64_t M = ta ? a.size(2) : a.size(1), K = ta ? a.size(1) : a.size(2);
     const int64_t Kb = tb ? b.size(2) : b.size(1), N = tb ? b.size(1) : b.size(2);
     if (K != Kb) mismatch(a, b, ta, tb, "inner dimensions differ");
-    out = Tensor::empty({batch, M, N}, DType::F32, a.device());
+    out = Tensor::empty({batch, M, N}, dtype, a.device());
     gemm(out, a, b, batch, M, N, K, ta, tb, 0.0f, M * K, K * N);
   } else if (a.dim() >= 2 && b.dim() == 2) {  // 2-D, or N-D rows times one matrix
     if (a.dim() > 2 && ta) mismatch(a, b, ta, tb, "a transposed operand must be 2-D");
@@ -54,7 +83,7 @@ Tensor matmul(const Tensor& a, const Tensor& b, bool ta, bool tb) {
     Shape shape = a.shape();
     if (ta) shape = {M, N};
     else shape.back() = N;
-    out = Tensor::empty(shape, DType::F32, a.device());
+    out = Tensor::empty(shape, dtype, a.device());
     gemm(out, a, b, 1, M, N, K, ta, tb, 0.0f, 0, 0);
   } else {
     mismatch(a, b, ta, tb, "supported are 2-D·2-D, 3-D·3-D (batched) and N-D·2-D");
@@ -65,8 +94,8 @@ Tensor matmul(const Tensor& a, const Tensor& b, bool ta, bool tb) {
     Tensor a_saved = b_needs ? a.detach() : Tensor(), b_saved = a_needs ? b.detach() : Tensor();
     const Shape a_shape = a.shape();
     const bool nd = b.dim() == 2 && a.dim() > 2;  // N-D rows times one matrix
-    // A parameter matrix (the tied LM head's wte) takes dop(B) directly, with beta = 1.
-    Tensor b_leaf = b.dim() == 2 && b.is_leaf() ? b : Tensor();
+    // A parameter matrix (the tied LM head's wte) takes dop(B) directly, with beta = 1 (f32 only).
+    Tensor b_leaf = b.dim() == 2 && b.is_leaf() && dtype == DType::F32 ? b : Tensor();
     record("matmul", {a, b}, {out}, [a_saved, b_saved, b_leaf, a_shape, nd, ta, tb](const std::vector<Tensor>& g) {
       const Tensor& dc = g[0];
       Tensor da, db;
@@ -95,8 +124,8 @@ Tensor matmul(const Tensor& a, const Tensor& b, bool ta, bool tb) {
 }
 
 Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
-  check_dtype("linear", x, DType::F32, "input");
-  check_dtype("linear", weight, DType::F32, "weight");
+  precision::check_float("linear", x, "input");
+  precision::check_float("linear", weight, "weight");
   check_dim("linear", weight, 2, "weight");
   check_same_device("linear", x, weight);
   if (x.dim() < 1 || x.size(-1) != weight.size(1))
@@ -105,18 +134,22 @@ Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
   const int64_t in = weight.size(1), outf = weight.size(0);
   const int64_t rows = shape_numel(Shape(x.shape().begin(), x.shape().end() - 1));  // also right for in = 0
   if (bias.defined()) {
-    check_dtype("linear", bias, DType::F32, "bias");
+    precision::check_float("linear", bias, "bias");
     check_same_device("linear", x, bias);
     if (bias.shape() != Shape{outf})
       KRAKEN_THROW("linear: bias ", shape_str(bias.shape()), " for weight ", shape_str(weight.shape()),
                    ", expected (", outf, ",)");
   }
+  const DType dtype = precision::common_float("linear", {&x, &weight, &bias});
+  if (precision::widen_on_cpu(x))
+    return precision::narrow(linear(precision::widen(x), precision::widen(weight), precision::widen(bias)));
   Shape shape = x.shape();
   shape.back() = outf;
-  Tensor out = Tensor::empty(shape, DType::F32, x.device());
+  Tensor out = Tensor::empty(shape, dtype, x.device());
   // y (rows, out) = x (rows, in) · Wᵀ (in, out), then + b on every row
-  gemm(out, x, weight, 1, rows, outf, in, false, true, 0.0f, 0, 0);
-  if (bias.defined()) {
+  if (dtype == DType::BF16) gemm_bf16(out, x, weight, 1, rows, outf, in, false, true, 0, 0, bias);  // b in the epilogue
+  else gemm(out, x, weight, 1, rows, outf, in, false, true, 0.0f, 0, 0);
+  if (bias.defined() && dtype == DType::F32) {
     KRAKEN_ON_DEVICE(out.device(),
                      kernels::add_broadcast_cpu(out.data<float>(), out.data<float>(), bias.data<float>(), rows, outf),
                      kernels::add_broadcast_cuda(out.data<float>(), out.data<float>(), bias.data<float>(), rows, outf,
@@ -127,27 +160,34 @@ Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
     const bool b_needs = bias.defined() && bias.requires_grad();
     Tensor x_saved = w_needs ? x.detach() : Tensor(), w_saved = x_needs ? weight.detach() : Tensor();
     const Shape x_shape = x.shape(), w_shape = weight.shape();
-    // Parameters (leaves) take their gradients directly: dW with beta = 1, db summed in place.
-    Tensor w_leaf = weight.is_leaf() ? weight : Tensor(), b_leaf = bias.defined() && bias.is_leaf() ? bias : Tensor();
+    // f32 parameters (leaves) take their gradients directly: dW with beta = 1, db summed in place.
+    // (A bf16 weight is the cast of an f32 master: its gradient goes back through the cast.)
+    const bool f32 = dtype == DType::F32;
+    Tensor w_leaf = f32 && weight.is_leaf() ? weight : Tensor();
+    Tensor b_leaf = f32 && bias.defined() && bias.is_leaf() ? bias : Tensor();
     record("linear", {x, weight, bias}, {out},
-           [x_saved, w_saved, w_leaf, b_leaf, x_shape, w_shape, rows, in, outf, b_needs](const std::vector<Tensor>& g) {
+           [x_saved, w_saved, w_leaf, b_leaf, x_shape, w_shape, rows, in, outf, b_needs, dtype](const std::vector<Tensor>& g) {
              const Tensor& dy = g[0];  // (rows, out)
              Tensor dx, dw, db;
              if (w_saved.defined()) {  // dx (rows, in) = dy · W
-               dx = Tensor::empty(x_shape, DType::F32, dy.device());
+               dx = Tensor::empty(x_shape, dtype, dy.device());
                gemm(dx, dy, w_saved, 1, rows, in, outf, false, false, 0.0f, 0, 0);
              }
              if (x_saved.defined()) {  // dW (out, in) += dyᵀ · x
                Tensor direct = leaf_grad_accumulator(w_leaf);
-               Tensor target = direct.defined() ? direct : Tensor::empty(w_shape, DType::F32, dy.device());
+               Tensor target = direct.defined() ? direct : Tensor::empty(w_shape, dtype, dy.device());
                gemm(target, dy, x_saved, 1, outf, in, rows, true, false, direct.defined() ? 1.0f : 0.0f, 0, 0);
                if (!direct.defined()) dw = target;
              }
              if (b_needs) {  // db += Σ_rows dy
                Tensor direct = leaf_grad_accumulator(b_leaf);
-               Tensor target = direct.defined() ? direct : Tensor::zeros({outf}, DType::F32, dy.device());
-               KRAKEN_ON_DEVICE(dy.device(), kernels::sum_rows_cpu(target.data<float>(), dy.data<float>(), rows, outf),
-                                kernels::sum_rows_cuda(target.data<float>(), dy.data<float>(), rows, outf, stream_of(dy)));
+               Tensor target = direct.defined() ? direct : Tensor::zeros({outf}, dtype, dy.device());
+               if (dtype == DType::BF16)
+                 KRAKEN_CUDA_ONLY(dy.device(), kernels::sum_rows_bf16_cuda(target.data<uint16_t>(), dy.data<uint16_t>(),
+                                                                           rows, outf, stream_of(dy)));
+               else
+                 KRAKEN_ON_DEVICE(dy.device(), kernels::sum_rows_cpu(target.data<float>(), dy.data<float>(), rows, outf),
+                                  kernels::sum_rows_cuda(target.data<float>(), dy.data<float>(), rows, outf, stream_of(dy)));
                if (!direct.defined()) db = target;
              }
              return std::vector<Tensor>{dx, dw, db};

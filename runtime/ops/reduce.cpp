@@ -5,12 +5,14 @@
 #include "kernels/error.h"
 #include "runtime/autograd.h"
 #include "runtime/ops.h"
+#include "runtime/ops/precision.h"
 
 namespace kraken::runtime::ops {
 namespace {
 
 Tensor reduce_scalar(const char* name, const Tensor& x, double factor) {
-  check_dtype(name, x, DType::F32);
+  precision::check_float(name, x);
+  if (x.dtype() == DType::BF16) return reduce_scalar(name, precision::widen(x), factor);  // the scalar is f32
   // A device tensor is summed on the host; scalar losses are small next to what produced them.
   Tensor host = x.to(Device::cpu());
   const double total = kernels::sum_cpu(host.data<float>(), host.numel()) * factor;

@@ -6,11 +6,14 @@
 #include "runtime/autograd.h"
 #include "runtime/dispatch.h"
 #include "runtime/ops.h"
+#include "runtime/ops/precision.h"
 
 namespace kraken::runtime::ops {
 
 Tensor softmax(const Tensor& x) {
-  check_dtype("softmax", x, DType::F32);
+  precision::check_float("softmax", x);
+  // No bf16 kernel (the model never calls softmax outside attention): bf16 widens on every device.
+  if (x.dtype() == DType::BF16) return precision::narrow(softmax(precision::widen(x)));
   if (x.dim() < 1) KRAKEN_THROW("softmax: input ", x.describe(), " is a scalar; it needs a last dimension");
   const int64_t C = x.size(-1), rows = C == 0 ? 0 : x.numel() / C;
   Tensor y = Tensor::empty(x.shape(), DType::F32, x.device());

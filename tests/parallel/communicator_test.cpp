@@ -54,7 +54,7 @@ TEST(WorldOfOne, InvalidArgumentsAreErrorsEvenWithOneRank) {
   EXPECT_THROW(comm.send(f, 0), Error);                                        // to itself
   EXPECT_THROW(comm.recv(f, 1), Error);                                        // no such peer
   EXPECT_THROW(comm.all_reduce(Tensor::from_ints({1}, {1}), ReduceOp::Average), Error);  // i32 average
-  EXPECT_THROW(comm.all_reduce(Tensor::zeros({2}, DType::BF16), ReduceOp::Sum), Error);  // bf16 on the host
+  EXPECT_THROW(comm.reduce_scatter(Tensor::zeros({2}, DType::BF16), ReduceOp::Sum), Error);  // bf16 on the host
   EXPECT_THROW(comm.all_reduce(Tensor(), ReduceOp::Sum), Error);
   EXPECT_THROW(comm.all_gather(Tensor::full({}, 1.0f)), Error);                // a scalar has no dim 0
   EXPECT_THROW(comm.all_gather_async(Tensor::zeros({2, 3}), Tensor::zeros({3, 3})), Error);

@@ -65,6 +65,14 @@ void all_reduce_cases(MpiHarness& h, Communicator& comm) {
     ids = Tensor::from_ints({r, -r}, {2});
     comm.all_reduce(ids, ReduceOp::Max);
     h.expect(ids.to_int_vector() == std::vector<int32_t>{n - 1, 0}, "i32 max");
+    // bf16 on the host (mixed precision on CPU ranks): summed in f32, rounded once. Rank r adds
+    // 1 + r·2⁻⁷ (exact in bf16); the sum generally is not, and must be the f32 sum rounded.
+    Tensor b = filled(3, [&](int64_t i) { return i == 2 ? 1.0f + r / 128.0f : float((r + 1) * (i + 1)); }).to(DType::BF16);
+    comm.all_reduce(b, ReduceOp::Sum);
+    h.expect(b.dtype() == DType::BF16, "bf16 stays bf16");
+    const float exact = n + (n * (n - 1) / 2) / 128.0f;
+    const float rounded = Tensor::from_vector({exact}, {1}).to(DType::BF16).to_vector()[0];
+    h.expect_all_near(b.to_vector(), {tri, 2 * tri, rounded}, 0, 0, "bf16 sum");
   });
 
   h.run("LargeAllReduceIsClosedForm", [&] {
