@@ -3,7 +3,7 @@
 // Runs kraken-train on tiny models, once as one process and once under mpirun in each parallel layout,
 // and compares the logged losses step by step: data parallel (dp=2), Kraken tensor parallel (tp=2 at
 // degree 2 and 4; tp=4 at degree 4), Megatron-style tp=2 at degree 1, pipeline parallel (pp=2, pp=4),
-// and mixes (dp=2×tp=2, pp=2×dp=2, tp=2×pp=2). Then a checkpoint written at tp=2 pp=2 resumes as
+// and mixes (dp=2×tp=2, pp=2×dp=2, tp=2×pp=2); in mixed precision dp=2, pp=2 and both tp=2. Then a checkpoint written at tp=2 pp=2 resumes as
 // one process, and one written as one process resumes at tp=2 pp=2; both continue the reference run.
 // The models train with dropout 0 and no data shuffling, so every layout computes the same sums;
 // only the order of floating-point additions differs (all-reduces, split matrix products), hence a
@@ -32,13 +32,13 @@ struct Model {
 };
 
 std::string config(const TempDir& dir, const std::string& name, const Model& m, int dp, int tp, int pp, int steps,
-                   const std::string& resume = "auto") {
+                   const std::string& resume = "auto", const std::string& precision = "fp32") {
   const int batch = 4 / dp;  // the same global batch in every layout
   std::string text = "[model]\nn_layer = " + std::to_string(m.n_layer) + "\nn_embd = " + std::to_string(m.n_embd) +
                      "\nn_head = " + std::to_string(m.n_head) + "\ndegree = " + std::to_string(m.degree) +
                      "\ncontext = 16\nvocab_size = 97\n"
                      "[data]\ntrain = \"" + dir / "train.bin" + "\"\nshuffle = false\n"
-                     "[train]\nbatch_size = " + std::to_string(batch) + "\nseq_len = 16\ngrad_accum = 4\nmax_steps = " +
+                     "[train]\nprecision = \"" + precision + "\"\nbatch_size = " + std::to_string(batch) + "\nseq_len = 16\ngrad_accum = 4\nmax_steps = " +
                      std::to_string(steps) + "\nout_dir = \"" + dir / ("runs/" + name) + "\"\n"
                      "[optim]\nname = \"adamw\"\nlr = 3e-3\nwarmup_steps = 2\ndecay_steps = 15\ngrad_clip = 1.0\n"
                      "[checkpoint]\nresume = \"" + resume + "\"\n"
@@ -99,6 +99,38 @@ int main() {
       continue;
     }
     compare(l.name, reference(l.model), losses_of(dir / ("runs/" + name + "/metrics.jsonl")), 1, 10);
+  }
+
+  // Mixed precision (bf16 activations, emulated on the CPU) in the layouts that move activations or
+  // split products: tp all-reduces and pipeline sends carry bf16 tensors. Here the layouts do not
+  // compute the same bf16 numbers as one process: a product split over ranks is rounded to bf16 per
+  // rank before the sum (Megatron), a sum over 2 of 4 streams is rounded before the all-reduce adds
+  // the other 2 (Kraken degree 4); and under dp the f32 masters differ from one process's by float
+  // rounding of the gradient average (1e-7), which flips the bf16 rounding of a few weights in the next
+  // forward. Each such flip moves a value by 2⁻⁹ relative. Measured worst over 10 steps: dp2 3.5e-5,
+  // pp2 0 (pipelining changes no arithmetic), tp2 Kraken 6.5e-5, tp2 Megatron 9.5e-5; the bound, 1e-3,
+  // is ten times that and far below a real fault (a wrong reduction or a lost stream moves the loss
+  // by 1e-2 or more at once).
+  {
+    std::map<std::string, std::map<int, double>> bf16_refs;
+    for (const auto& [name, m] : std::vector<std::pair<std::string, Model>>{{"bf16_d4", d4}, {"bf16_d1", d1}}) {
+      const Run r = run(launch(1, config(dir, name, m, 1, 1, 1, 10, "auto", "bf16")));
+      if (r.exit_code != 0) fail("reference " + name, r.output);
+      bf16_refs[name] = losses_of(dir / ("runs/" + name + "/metrics.jsonl"));
+    }
+    const std::vector<std::pair<Layout, const char*>> mixed = {
+        {{"bf16 dp2 (degree 4)", d4, 2, 1, 1}, "bf16_d4"},        {{"bf16 pp2 (degree 4)", d4, 1, 1, 2}, "bf16_d4"},
+        {{"bf16 tp2 Kraken degree 4", d4, 1, 2, 1}, "bf16_d4"},   {{"bf16 tp2 Megatron degree 1", d1, 1, 2, 1}, "bf16_d1"},
+    };
+    for (const auto& [l, ref] : mixed) {
+      const std::string name = "layout" + std::to_string(index++);
+      const Run r = run(launch(l.dp * l.tp * l.pp, config(dir, name, l.model, l.dp, l.tp, l.pp, 10, "auto", "bf16")));
+      if (r.exit_code != 0) {
+        fail(l.name, r.output);
+        continue;
+      }
+      compare(l.name, bf16_refs[ref], losses_of(dir / ("runs/" + name + "/metrics.jsonl")), 1, 10, 1e-3);
+    }
   }
 
   // A checkpoint is logical: saved at tp=2 pp=2 (step 10), resumed as one process for 5 more steps…
