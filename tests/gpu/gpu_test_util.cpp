@@ -93,7 +93,8 @@ void expect_matches_cpu(const DeviceOp& f, const std::vector<Tensor>& cpu_inputs
   expect_close(y_dev, y_cpu, rel_out, what + ": output");
   if (!y_cpu.requires_grad()) return;
   ASSERT_TRUE(y_dev.requires_grad()) << what << ": the device output records no gradient";
-  const Tensor w = random_tensor(y_cpu.shape(), 99);
+  Tensor w = random_tensor(y_cpu.shape(), 99);
+  if (y_cpu.dtype() == runtime::DType::BF16) w = w.to(runtime::DType::BF16);  // a gradient has its tensor's dtype
   runtime::backward(y_cpu, w);
   runtime::backward(y_dev, w.to(test_device()));
   for (size_t i = 0; i < cpu_inputs.size(); ++i) {

@@ -33,10 +33,12 @@ void write_shards(const TempDir& dir, int64_t vocab) { testing::write_counting_s
 
 // Degree 2 with dropout, as the CPU trainer tests use it; T = 16 and C = 32 are small on purpose (the
 // CPU side of each comparison runs too).
-std::string tiny_config(const TempDir& dir, const std::string& device, const std::string& optim = "name = \"adamw\"") {
+// fp32 unless asked: "auto" would be bf16 on the GPU and fp32 on the CPU.
+std::string tiny_config(const TempDir& dir, const std::string& device, const std::string& optim = "name = \"adamw\"",
+                        const std::string& precision = "fp32") {
   return "[model]\nn_layer = 2\nn_embd = 32\nn_head = 4\ndegree = 2\ncontext = 16\nvocab_size = 200\ndropout = 0.1\n"
          "[data]\ntrain = \"" + dir / "train_*.bin" + "\"\nval = \"" + dir / "val_*.bin" + "\"\n"
-         "[train]\ndevice = \"" + device + "\"\nbatch_size = 2\nseq_len = 16\nmax_steps = 20\neval_every = 0\n"
+         "[train]\ndevice = \"" + device + "\"\nprecision = \"" + precision + "\"\nbatch_size = 2\nseq_len = 16\nmax_steps = 20\neval_every = 0\n"
          "eval_batches = 2\nout_dir = \"" + dir / "run" + "\"\n"
          "[optim]\nlr = 3e-3\nwarmup_steps = 3\n" + optim + "\n";
 }
@@ -81,17 +83,35 @@ TEST(GpuTrainer, TwentyStepsTrackTheCpuLosses) {
   EXPECT_LT(dev.losses.back(), dev.losses.front());              // and it learns
 }
 
+// Mixed precision (the GPU's default): 20 steps track the CPU's emulated bf16 run. Both round the same
+// quantities; they part where an f32 reorder flips a bf16 rounding. The CPU's bf16 run stays within
+// 0.015 of its fp32 run over these steps (tests/train, lr 1e-2); 0.01 relative (0.05 on a loss of 5)
+// bounds two bf16 runs with that margin, and fails a broken kernel, which does not track at all.
+TEST(GpuTrainer, MixedPrecisionTracksTheCpuMixedPrecisionLosses) {
+  KRAKEN_REQUIRE_GPU();
+  TempDir a("kraken_gpu_cpu_bf16"), b("kraken_gpu_dev_bf16");
+  write_shards(a, 200);
+  write_shards(b, 200);
+  const RunSummary cpu = train(tiny_config(a, "cpu", "name = \"adamw\"", "bf16"));
+  const RunSummary dev = train(tiny_config(b, testing::test_device_name(), "name = \"adamw\"", "auto"));
+  ASSERT_EQ(cpu.losses.size(), 20u);
+  expect_tracks(dev.losses, cpu.losses, 1e-2, "mixed-precision training losses");
+  EXPECT_LT(dev.losses.back(), dev.losses.front());
+}
+
 TEST(GpuTrainer, ResumeFromAGpuCheckpointIsBitIdentical) {
   KRAKEN_REQUIRE_GPU();
   // AdamW state, parameters, loader position and dropout offset go through the checkpoint (staged
-  // through the host); every GPU kernel is deterministic, so the resumed run repeats the bits.
+  // through the host); every GPU kernel is deterministic, so the resumed run repeats the bits, in fp32
+  // and in mixed precision (whose bf16 casts are recomputed from the restored f32 masters).
+  for (const char* precision : {"fp32", "bf16"})
   for (const char* optim : {"name = \"adamw\"", "name = \"sgd\"\nmomentum = 0.9"}) {
-    SCOPED_TRACE(optim);
+    SCOPED_TRACE(std::string(optim) + ", " + precision);
     TempDir a("kraken_gpu_a"), b("kraken_gpu_b");
     write_shards(a, 200);
     write_shards(b, 200);
-    const std::vector<double> full = train(tiny_config(a, testing::test_device_name(), optim)).losses;
-    const std::string text = tiny_config(b, testing::test_device_name(), optim);
+    const std::vector<double> full = train(tiny_config(a, testing::test_device_name(), optim, precision)).losses;
+    const std::string text = tiny_config(b, testing::test_device_name(), optim, precision);
     const RunSummary first = train(text, 10);
     ASSERT_EQ(first.steps_done, 10);
     const RunSummary second = train(text);  // checkpoint.resume = "auto"

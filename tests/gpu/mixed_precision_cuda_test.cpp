@@ -1,0 +1,136 @@
+// Mixed precision on the GPU: every op with bf16 operands (the CUDA bf16 kernels and cuBLASLt) against
+// the CPU's bf16 path (runtime/ops/precision.h: f32 arithmetic on the widened values, each output
+// rounded once), then the bf16 model's loss and master gradients against the CPU's. Skips without a GPU.
+//
+// Tolerances, relative to the reference tensor's largest magnitude (gpu_test_util.h). Both sides round
+// the same f32 quantities once; the f32 quantities differ by summation order (~1e-6 relative), which
+// flips a rounding now and then, moving that element by one bf16 ulp: at most 2⁻⁷ of its magnitude
+// (bf16 has 8 significant bits), so at most 2⁻⁷·max ≈ 7.8e-3 of the scale. 8e-3 passes exactly that
+// and fails anything else. Attention's backward differs once more by construction: the CUDA kernel reads
+// the bf16 output O for Dᵢ = Σ dOᵢ·Oᵢ, the CPU reference its f32 output, a 2⁻⁹ relative difference in D
+// that reaches dq and dk through dS = P∘(dP − D); 1.6e-2 leaves room for that too.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "models/kraken.h"
+#include "runtime/autograd.h"
+#include "runtime/ops.h"
+#include "runtime/rng.h"
+#include "runtime/safetensors.h"
+#include "tests/gpu/gpu_test_util.h"
+#include "tests/support/fixtures.h"
+
+namespace kraken::testing {
+namespace {
+
+using runtime::DType;
+using runtime::Tensor;
+namespace ops = runtime::ops;
+
+constexpr double kOneUlp = 8e-3;
+constexpr double kAttentionGrad = 1.6e-2;
+
+// A bf16 leaf on the CPU with N(0, std²) values.
+Tensor bf16_leaf(const runtime::Shape& shape, uint64_t seed, float std = 1.0f) {
+  Tensor t = random_tensor(shape, seed, std).to(DType::BF16);
+  t.set_requires_grad(true);
+  return t;
+}
+
+Tensor f32_leaf(const runtime::Shape& shape, uint64_t seed, float std = 1.0f) {
+  Tensor t = random_tensor(shape, seed, std);
+  t.set_requires_grad(true);
+  return t;
+}
+
+TEST(GpuMixedPrecision, ElementwiseOpsMatchTheCpuReference) {
+  KRAKEN_REQUIRE_GPU();
+  const runtime::Shape s{4, 37, 96};  // odd row count, rows of 96 (a multiple of 8) and the odd total below
+  expect_matches_cpu([](const auto& x) { return ops::add(x[0], x[1]); }, {bf16_leaf(s, 1), bf16_leaf(s, 2)}, kOneUlp,
+                     kOneUlp, "add");
+  expect_matches_cpu([](const auto& x) { return ops::add(x[0], x[1]); }, {bf16_leaf(s, 3), bf16_leaf({96}, 4)}, kOneUlp,
+                     kOneUlp, "add broadcast (bias gradient summed over 148 rows)");
+  expect_matches_cpu([](const auto& x) { return ops::mul(x[0], x[1]); }, {bf16_leaf(s, 5), bf16_leaf(s, 6)}, kOneUlp,
+                     kOneUlp, "mul");
+  expect_matches_cpu([](const auto& x) { return ops::scale(x[0], -0.37f); }, {bf16_leaf({7, 13}, 7)}, kOneUlp, kOneUlp,
+                     "scale (odd size)");
+  expect_matches_cpu([](const auto& x) { return ops::gelu(x[0]); }, {bf16_leaf(s, 8, 2.0f)}, kOneUlp, kOneUlp, "gelu");
+  expect_matches_cpu([](const auto& x) { return ops::sum_list({x[0], x[1], x[2], x[3]}); },
+                     {bf16_leaf(s, 9), bf16_leaf(s, 10), bf16_leaf(s, 11), bf16_leaf(s, 12)}, kOneUlp, kOneUlp,
+                     "sum_list of 4 (one rounding)");
+  runtime::Generator a(21, 4), b(21, 4);
+  int call = 0;
+  expect_matches_cpu([&](const auto& x) { return ops::dropout(x[0], 0.2f, call++ == 0 ? a : b); },
+                     {bf16_leaf({5, 77}, 13)}, kOneUlp, kOneUlp, "dropout (same mask)");
+}
+
+TEST(GpuMixedPrecision, ProductsThroughCublasLtMatchTheCpuReference) {
+  KRAKEN_REQUIRE_GPU();
+  const Tensor x = bf16_leaf({4, 64, 256}, 20), w = bf16_leaf({384, 256}, 21, 0.05f), bias = bf16_leaf({384}, 22);
+  expect_matches_cpu([](const auto& v) { return ops::linear(v[0], v[1], v[2]); }, {x, w, bias}, kOneUlp, kOneUlp,
+                     "linear with bias (epilogue)");
+  expect_matches_cpu([](const auto& v) { return ops::linear(v[0], v[1]); }, {bf16_leaf({3, 5, 40}, 23),
+                     bf16_leaf({24, 40}, 24, 0.2f)}, kOneUlp, kOneUlp, "linear, small odd rows");
+  expect_matches_cpu([](const auto& v) { return ops::matmul(v[0], v[1], false, true); },
+                     {bf16_leaf({2, 16, 64}, 25), bf16_leaf({520, 64}, 26, 0.1f)}, kOneUlp, kOneUlp,
+                     "LM head: activations times the tied table transposed");
+  expect_matches_cpu([](const auto& v) { return ops::matmul(v[0], v[1]); }, {bf16_leaf({3, 8, 24}, 27),
+                     bf16_leaf({3, 24, 16}, 28)}, kOneUlp, kOneUlp, "batched");
+}
+
+TEST(GpuMixedPrecision, LayerNormAttentionAndCrossEntropyMatchTheCpuReference) {
+  KRAKEN_REQUIRE_GPU();
+  expect_matches_cpu([](const auto& v) { return ops::layernorm(v[0], v[1], v[2]); },
+                     {bf16_leaf({6, 33, 200}, 30, 3.0f), f32_leaf({200}, 31), f32_leaf({200}, 32)}, kOneUlp, kOneUlp,
+                     "layernorm (bf16 rows, f32 gamma and beta)");
+  expect_matches_cpu([](const auto& v) { return ops::layernorm(v[0], v[1], Tensor()); },
+                     {bf16_leaf({5, 768}, 33), f32_leaf({768}, 34)}, kOneUlp, kOneUlp, "layernorm without bias");
+  for (int64_t T : {1, 64, 100}) {
+    expect_matches_cpu([](const auto& v) { return ops::attention(v[0], 4); }, {bf16_leaf({2, T, 3 * 128}, 35 + T)},
+                       kOneUlp, kAttentionGrad, "attention T = " + std::to_string(T));
+  }
+  runtime::Generator gen(40, 0);
+  std::vector<int32_t> targets;
+  for (int i = 0; i < 2 * 50; ++i) targets.push_back(i % 17 == 3 ? -1 : static_cast<int32_t>(gen.next_below(1000)));
+  const Tensor t = Tensor::from_ints(targets, {2, 50});
+  expect_matches_cpu([&](const auto& v) { return ops::cross_entropy(v[0], v[0].device().is_cpu() ? t : t.to(v[0].device()), 1000, -1); },
+                     {bf16_leaf({2, 50, 1024}, 41, 2.0f)}, 1e-5, kOneUlp, "cross-entropy over a padded vocabulary");
+}
+
+// The degree-2 golden model in mixed precision: the GPU's loss and f32 master gradients against the
+// CPU's mixed-precision run. Both compute the same bf16 quantities; they differ only where an f32
+// reorder flips a rounding, which then travels through the layers: measured between bf16 and fp32 on
+// the CPU (tests/models) at 2e-2 of a gradient's norm, so 2e-2 bounds two bf16 runs with room.
+TEST(GpuMixedPrecision, Degree2ModelMatchesTheCpuMixedPrecisionModel) {
+  KRAKEN_REQUIRE_GPU();
+  runtime::SafetensorsFile file = runtime::SafetensorsFile::open(source_path("tests/models/fixtures/kraken2_tiny.safetensors"));
+  models::KrakenModel cpu(fixture_config(file)), dev(fixture_config(file), test_device());
+  for (auto* m : {&cpu, &dev}) {
+    m->set_compute_dtype(DType::BF16);
+    for (auto& p : m->named_parameters()) file.load_into("param." + p.name, p.tensor);
+  }
+  const Tensor ids = file.load("input.ids"), targets = file.load("input.targets");
+  Tensor l_cpu = cpu.loss(ids, targets, nullptr, false);
+  Tensor l_dev = dev.loss(ids.to(test_device()), targets.to(test_device()), nullptr, false);
+  EXPECT_NEAR(l_dev.item(), l_cpu.item(), 1e-3 * std::fabs(l_cpu.item()));
+  std::printf("[gpu-vs-cpu] bf16 degree-2 loss: device %.6f, cpu %.6f\n", l_dev.item(), l_cpu.item());
+  runtime::backward(l_cpu);
+  runtime::backward(l_dev);
+  const auto pc = cpu.named_parameters(), pd = dev.named_parameters();
+  for (size_t k = 0; k < pc.size(); ++k) {
+    ASSERT_EQ(pd[k].tensor.grad().dtype(), DType::F32) << pc[k].name;
+    const std::vector<float> a = pd[k].tensor.grad().to_vector(), b = pc[k].tensor.grad().to_vector();
+    double diff = 0.0, norm = 0.0;
+    for (size_t i = 0; i < a.size(); ++i) {
+      diff += (static_cast<double>(a[i]) - b[i]) * (static_cast<double>(a[i]) - b[i]);
+      norm += static_cast<double>(b[i]) * b[i];
+    }
+    const double rel = std::sqrt(diff / std::max(norm, 1e-30));
+    EXPECT_LT(rel, 2e-2) << pc[k].name;
+    std::printf("[gpu-vs-cpu] bf16 gradient %-28s relative norm difference %.2e\n", pc[k].name.c_str(), rel);
+  }
+}
+
+}  // namespace
+}  // namespace kraken::testing
