@@ -2,15 +2,16 @@
 //
 //   build/bin/gpu_train_bench [--out report.md] [--batch B] [--steps N] [--warmup N] [--peak-tflops X]
 //
-// 1. Training throughput of the fp32 CUDA path, the trainer's step without the data loader (forward,
-//    cross-entropy, backward, global-norm clipping, AdamW, zero_grad, one loss.item()), on
+// 1. Training throughput, mixed precision (bf16 activations and cuBLASLt products, f32 masters: the
+//    GPU's default) and fp32, of the trainer's step without the data loader (forward, cross-entropy,
+//    backward, global-norm clipping, AdamW, zero_grad, one loss.item()), on
 //      GPT-2 124M:           L = 12, C = 768, H = 12, T = 1024, degree 1, e = 4, biases, vocab 50257;
 //      Kraken 125M 4-way:    L = 12, C = 504, H = 12 (3 per sub-layer), degree 4, e = 2, no biases,
 //                            vocab 50304 (research/kraken.md, the paper's preset).
 //    MFU = 3·(forward FLOPs per token, KrakenConfig::flops_per_token)·tokens/s ÷ the device's dense bf16
-//    peak (H100 SXM and H200: 989 TFLOP/s; --peak-tflops overrides). The path is fp32 on CUDA cores
-//    (cuBLAS SGEMM, TF32 off), so its MFU against the bf16 peak is low by construction: this is the
-//    baseline the bf16 work is measured against.
+//    peak (H100 SXM and H200: 989 TFLOP/s; --peak-tflops overrides). The fp32 rows run on CUDA cores
+//    (cuBLAS SGEMM, TF32 off), so their MFU against the bf16 peak is low by construction: they are the
+//    baseline the bf16 rows are measured against.
 // 2. Achieved bandwidth of the memory-bound kernels at GPT-2 124M shapes (B·T = 8192 rows): layernorm,
 //    GELU, AdamW (124M parameters), cross-entropy (Vp = 50304), each as bytes it must move ÷ time,
 //    against the device's peak (memory clock × bus width × 2).
@@ -204,11 +205,13 @@ Tensor ids(int64_t B, int64_t T, int64_t vocab, uint64_t seed) {
   return Tensor::from_ints(v, {B, T}, Device::cuda(0));
 }
 
-void bench_model(const char* label, const KrakenConfig& c, const Options& o, const DeviceInfo& dev, Report& r) {
+void bench_model(const char* label, const KrakenConfig& c, DType compute, const Options& o, const DeviceInfo& dev,
+                 Report& r) {
   const Device gpu = Device::cuda(0);
   const int64_t B = o.batch, T = c.context;
   kraken::models::KrakenModel model(c, gpu);
   model.initialize(1337);
+  model.set_compute_dtype(compute);
   auto params = model.named_parameters();
   kraken::optim::AdamWOptions ao;
   ao.beta2 = 0.95f;
@@ -239,7 +242,8 @@ void bench_model(const char* label, const KrakenConfig& c, const Options& o, con
   char mfu[32];
   if (dev.peak_flops > 0) std::snprintf(mfu, sizeof mfu, "%.2f%%", 100.0 * achieved / dev.peak_flops);
   else std::snprintf(mfu, sizeof mfu, "n/a");
-  r.line("| %s | %.1fM | %lld×%lld | %.1f | %.0f | %.1f | %s | %.1f | %.3f |", label, c.parameter_count() / 1e6,
+  r.line("| %s | %s | %.1fM | %lld×%lld | %.1f | %.0f | %.1f | %s | %.1f | %.3f |", label,
+         compute == DType::BF16 ? "bf16" : "fp32", c.parameter_count() / 1e6,
          static_cast<long long>(B), static_cast<long long>(T), seconds * 1e3, tokens_per_s, achieved / 1e12, mfu,
          mem.peak_bytes_in_use / 1e9, last_loss);
 }
@@ -351,18 +355,20 @@ int main(int argc, char** argv) {
          dev.peak_flops > 0 ? (std::to_string(static_cast<int>(dev.peak_flops / 1e12)) + " TFLOP/s").c_str()
                             : "unknown (pass --peak-tflops)");
   r.blank();
-  r.line("### Training step, fp32 CUDA path (%d timed steps after %d warm-up)", o.steps, o.warmup);
-  r.line("| model | params | B×T | ms/step | tokens/s | TFLOP/s | MFU (bf16 peak) | peak GB | loss |");
-  r.line("|---|---|---|---|---|---|---|---|---|");
+  r.line("### Training step (%d timed steps after %d warm-up)", o.steps, o.warmup);
+  r.line("| model | precision | params | B×T | ms/step | tokens/s | TFLOP/s | MFU (bf16 peak) | peak GB | loss |");
+  r.line("|---|---|---|---|---|---|---|---|---|---|");
   KrakenConfig gpt2;  // the defaults: L = 12, C = 768, H = 12, T = 1024, degree 1, e = 4, biases, vocab 50257
-  bench_model("GPT-2 124M, degree 1", gpt2, o, dev, r);
   KrakenConfig k4;
   k4.n_embd = 504;
   k4.degree = 4;
   k4.mlp_expansion = 2;
   k4.bias = false;
   k4.vocab_size = 50304;
-  bench_model("Kraken 125M, degree 4", k4, o, dev, r);
+  for (DType compute : {DType::BF16, DType::F32}) {
+    bench_model("GPT-2 124M, degree 1", gpt2, compute, o, dev, r);
+    bench_model("Kraken 125M, degree 4", k4, compute, o, dev, r);
+  }
   r.blank();
   r.line("### Memory-bound kernels (bytes each must move ÷ time; 10 calls after one warm-up)");
   r.line("| kernel | MB | ms | GB/s | of peak |");
