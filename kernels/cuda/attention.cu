@@ -13,15 +13,25 @@
 // Dᵢ = Σ_d dO[i, d]·O[i, d] is recomputed by each block from dout and out (a row dot product), so the
 // kernels need no workspace. Every output element is owned by one thread that sums in a fixed order:
 // results are deterministic run to run.
+//
+// The kernels are templates on the storage type T of qkv, out, dout and dqkv (kernels/cuda/storage.h):
+// f32, or bf16 widened to f32 as the tiles are loaded into shared memory. Everything after the load
+// (scores, softmax, products, Dᵢ) is the same f32 arithmetic for both; out and every dqkv element are
+// rounded once when written (dqkv: read, added to in f32, rounded). lse is f32 for both.
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
 #include "kernels/attention.h"
 #include "kernels/cuda/check.h"
+#include "kernels/cuda/storage.h"
 
 namespace kraken::kernels {
 namespace {
+
+using cuda_detail::as_bf16;
+using cuda_detail::load;
+using cuda_detail::store;
 
 constexpr int kBr = 32;       // query rows per tile
 constexpr int kBc = 32;       // key rows per tile (one per lane of a warp)
@@ -45,17 +55,19 @@ struct Dims {
 };
 
 // Loads rows [t0, t0 + n) of one head's D columns (row stride `stride` in global) into dst with row
-// pitch `pitch`; rows past T are zero.
-__device__ void load_tile(float* dst, int pitch, const float* src, int64_t stride, int t0, int rows, const Dims& g) {
+// pitch `pitch` (f32); rows past T are zero.
+template <typename T>
+__device__ void load_tile(float* dst, int pitch, const T* src, int64_t stride, int t0, int rows, const Dims& g) {
   for (int idx = threadIdx.x; idx < rows * g.D; idx += blockDim.x) {
     const int r = idx / g.D, d = idx % g.D;
-    dst[r * pitch + d] = t0 + r < g.T ? src[static_cast<int64_t>(t0 + r) * stride + d] : 0.0f;
+    dst[r * pitch + d] = t0 + r < g.T ? load(src + static_cast<int64_t>(t0 + r) * stride + d) : 0.0f;
   }
 }
 
 // ---- forward ------------------------------------------------------------------------------------------
 // Shared: q (kBr, D+1), k (kBc, D+1), v (kBc, D), s (kBr, kBc+1), o (kBr, D), m, l, alpha (kBr).
-__global__ void attention_forward_kernel(float* out, float* lse, const float* qkv, Dims g) {
+template <typename T>
+__global__ void attention_forward_kernel(T* out, float* lse, const T* qkv, Dims g) {
   extern __shared__ float smem[];
   const int D = g.D, dp = D + 1;
   float* qs = smem;
@@ -70,7 +82,7 @@ __global__ void attention_forward_kernel(float* out, float* lse, const float* qk
   const int bh = blockIdx.y, b = bh / g.NH, h = bh % g.NH;
   const int q0 = blockIdx.x * kBr;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const float* base = qkv + static_cast<int64_t>(b) * g.T * g.ld + h * D;
+  const T* base = qkv + static_cast<int64_t>(b) * g.T * g.ld + h * D;
 
   load_tile(qs, dp, base, g.ld, q0, kBr, g);
   for (int idx = threadIdx.x; idx < kBr * D; idx += blockDim.x) os[idx] = 0.0f;
@@ -122,7 +134,7 @@ __global__ void attention_forward_kernel(float* out, float* lse, const float* qk
   __syncthreads();
   for (int idx = threadIdx.x; idx < kBr * D; idx += blockDim.x) {
     const int r = idx / D, d = idx % D, t = q0 + r;
-    if (t < g.T) out[(static_cast<int64_t>(b) * g.T + t) * g.C + h * D + d] = os[idx] / row_l[r];
+    if (t < g.T) store(out + (static_cast<int64_t>(b) * g.T + t) * g.C + h * D + d, os[idx] / row_l[r]);
   }
   for (int r = threadIdx.x; r < kBr; r += blockDim.x)
     if (q0 + r < g.T) lse[static_cast<int64_t>(bh) * g.T + q0 + r] = row_m[r] + logf(row_l[r]);
@@ -130,9 +142,9 @@ __global__ void attention_forward_kernel(float* out, float* lse, const float* qk
 
 // ---- backward -----------------------------------------------------------------------------------------
 // Loads the query tile's q, dO (pitch D+1), lse and Dᵢ = Σ_d dO·O; rows past T get lse = +∞ (so P = 0).
-__device__ void load_query_side(float* qs, float* dos, float* lse_s, float* delta_s, const float* qkv_base,
-                                const float* dout, const float* out, const float* lse, int b, int bh, int h, int q0,
-                                const Dims& g) {
+template <typename T>
+__device__ void load_query_side(float* qs, float* dos, float* lse_s, float* delta_s, const T* qkv_base, const T* dout,
+                                const T* out, const float* lse, int b, int bh, int h, int q0, const Dims& g) {
   const int D = g.D, dp = D + 1;
   const int64_t row0 = static_cast<int64_t>(b) * g.T;
   load_tile(qs, dp, qkv_base, g.ld, q0, kBr, g);
@@ -143,7 +155,7 @@ __device__ void load_query_side(float* qs, float* dos, float* lse_s, float* delt
     float acc = 0.0f;
     if (t < g.T)
       for (int d = lane; d < D; d += 32)
-        acc += dout[(row0 + t) * g.C + h * D + d] * out[(row0 + t) * g.C + h * D + d];
+        acc += load(dout + (row0 + t) * g.C + h * D + d) * load(out + (row0 + t) * g.C + h * D + d);
     acc = warp_sum(acc);
     if (lane == 0) {
       delta_s[r] = acc;
@@ -173,8 +185,9 @@ __device__ void probabilities_and_ds(float* ps, float* dss, const float* qs, con
 }
 
 // Shared: k, v, q, dO (pitch D+1), dK, dV (D), P, dS (kBc+1), lse, Dᵢ.
-__global__ void attention_backward_kv_kernel(float* dqkv, const float* dout, const float* qkv, const float* out,
-                                             const float* lse, Dims g) {
+template <typename T>
+__global__ void attention_backward_kv_kernel(T* dqkv, const T* dout, const T* qkv, const T* out, const float* lse,
+                                             Dims g) {
   extern __shared__ float smem[];
   const int D = g.D, dp = D + 1;
   float* ks = smem;
@@ -190,7 +203,7 @@ __global__ void attention_backward_kv_kernel(float* dqkv, const float* dout, con
 
   const int bh = blockIdx.y, b = bh / g.NH, h = bh % g.NH;
   const int k0 = blockIdx.x * kBc;
-  const float* base = qkv + static_cast<int64_t>(b) * g.T * g.ld + h * D;
+  const T* base = qkv + static_cast<int64_t>(b) * g.T * g.ld + h * D;
   load_tile(ks, dp, base + g.C, g.ld, k0, kBc, g);
   load_tile(vs, dp, base + 2 * g.C, g.ld, k0, kBc, g);
   for (int idx = threadIdx.x; idx < kBc * D; idx += blockDim.x) dks[idx] = dvs[idx] = 0.0f;
@@ -217,15 +230,16 @@ __global__ void attention_backward_kv_kernel(float* dqkv, const float* dout, con
   for (int idx = threadIdx.x; idx < kBc * D; idx += blockDim.x) {
     const int c = idx / D, d = idx % D, key = k0 + c;
     if (key >= g.T) continue;
-    float* row = dqkv + (static_cast<int64_t>(b) * g.T + key) * g.ld + h * D + d;
-    row[g.C] += g.scale * dks[idx];  // dk = dSᵀ·q/√D
-    row[2 * g.C] += dvs[idx];         // dv = Pᵀ·dO
+    T* row = dqkv + (static_cast<int64_t>(b) * g.T + key) * g.ld + h * D + d;
+    store(row + g.C, load(row + g.C) + g.scale * dks[idx]);  // dk = dSᵀ·q/√D
+    store(row + 2 * g.C, load(row + 2 * g.C) + dvs[idx]);   // dv = Pᵀ·dO
   }
 }
 
 // Shared: q, dO, k, v (pitch D+1), dQ (D), dS (kBc+1), lse, Dᵢ.
-__global__ void attention_backward_q_kernel(float* dqkv, const float* dout, const float* qkv, const float* out,
-                                            const float* lse, Dims g) {
+template <typename T>
+__global__ void attention_backward_q_kernel(T* dqkv, const T* dout, const T* qkv, const T* out, const float* lse,
+                                            Dims g) {
   extern __shared__ float smem[];
   const int D = g.D, dp = D + 1;
   float* qs = smem;
@@ -239,7 +253,7 @@ __global__ void attention_backward_q_kernel(float* dqkv, const float* dout, cons
 
   const int bh = blockIdx.y, b = bh / g.NH, h = bh % g.NH;
   const int q0 = blockIdx.x * kBr;
-  const float* base = qkv + static_cast<int64_t>(b) * g.T * g.ld + h * D;
+  const T* base = qkv + static_cast<int64_t>(b) * g.T * g.ld + h * D;
   load_query_side(qs, dos, lse_s, delta_s, base, dout, out, lse, b, bh, h, q0, g);
   for (int idx = threadIdx.x; idx < kBr * D; idx += blockDim.x) dqs[idx] = 0.0f;
   const int last_query = min(q0 + kBr, g.T) - 1;
@@ -260,7 +274,10 @@ __global__ void attention_backward_q_kernel(float* dqkv, const float* dout, cons
   __syncthreads();
   for (int idx = threadIdx.x; idx < kBr * D; idx += blockDim.x) {
     const int r = idx / D, d = idx % D, t = q0 + r;
-    if (t < g.T) dqkv[(static_cast<int64_t>(b) * g.T + t) * g.ld + h * D + d] += g.scale * dqs[idx];  // dq = dS·k/√D
+    if (t < g.T) {
+      T* dq = dqkv + (static_cast<int64_t>(b) * g.T + t) * g.ld + h * D + d;
+      store(dq, load(dq) + g.scale * dqs[idx]);  // dq = dS·k/√D
+    }
   }
 }
 
@@ -289,34 +306,58 @@ dim3 grid_for(int64_t T, int tile, int64_t BH) {
   return dim3(static_cast<unsigned>((T + tile - 1) / tile), static_cast<unsigned>(BH));
 }
 
+template <typename T>
+void attention_forward(T* out, float* lse, const T* qkv, int64_t B, int64_t T_, int64_t C, int64_t NH,
+                       CUstream_st* stream) {
+  if (B == 0 || T_ == 0) return;
+  const Dims g = make_dims(T_, C, NH);
+  const int D = g.D;
+  const size_t smem = sizeof(float) * (kBr * (D + 1) + kBc * (D + 1) + kBc * D + kBr * (kBc + 1) + kBr * D + 3 * kBr);
+  allow_smem(attention_forward_kernel<T>, smem);
+  attention_forward_kernel<T><<<grid_for(T_, kBr, B * NH), kThreads, smem, stream>>>(out, lse, qkv, g);
+  KRAKEN_CUDA_LAUNCH_CHECK();
+}
+
+template <typename T>
+void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* out, const float* lse, int64_t B, int64_t T_,
+                        int64_t C, int64_t NH, CUstream_st* stream) {
+  if (B == 0 || T_ == 0) return;
+  const Dims g = make_dims(T_, C, NH);
+  const int D = g.D;
+  const size_t smem_kv =
+      sizeof(float) * (2 * kBc * (D + 1) + 2 * kBr * (D + 1) + 2 * kBc * D + 2 * kBr * (kBc + 1) + 2 * kBr);
+  allow_smem(attention_backward_kv_kernel<T>, smem_kv);
+  attention_backward_kv_kernel<T><<<grid_for(T_, kBc, B * NH), kThreads, smem_kv, stream>>>(dqkv, dout, qkv, out,
+                                                                                             lse, g);
+  KRAKEN_CUDA_LAUNCH_CHECK();
+  const size_t smem_q =
+      sizeof(float) * (2 * kBr * (D + 1) + 2 * kBc * (D + 1) + kBr * D + kBr * (kBc + 1) + 2 * kBr);
+  allow_smem(attention_backward_q_kernel<T>, smem_q);
+  attention_backward_q_kernel<T><<<grid_for(T_, kBr, B * NH), kThreads, smem_q, stream>>>(dqkv, dout, qkv, out, lse,
+                                                                                           g);
+  KRAKEN_CUDA_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 void attention_forward_cuda(float* out, float* lse, const float* qkv, int64_t B, int64_t T, int64_t C, int64_t NH,
                             CUstream_st* stream) {
-  if (B == 0 || T == 0) return;
-  const Dims g = make_dims(T, C, NH);
-  const int D = g.D;
-  const size_t smem = sizeof(float) * (kBr * (D + 1) + kBc * (D + 1) + kBc * D + kBr * (kBc + 1) + kBr * D + 3 * kBr);
-  allow_smem(attention_forward_kernel, smem);
-  attention_forward_kernel<<<grid_for(T, kBr, B * NH), kThreads, smem, stream>>>(out, lse, qkv, g);
-  KRAKEN_CUDA_LAUNCH_CHECK();
+  attention_forward(out, lse, qkv, B, T, C, NH, stream);
 }
 
 void attention_backward_cuda(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse,
                              int64_t B, int64_t T, int64_t C, int64_t NH, CUstream_st* stream) {
-  if (B == 0 || T == 0) return;
-  const Dims g = make_dims(T, C, NH);
-  const int D = g.D;
-  const size_t smem_kv =
-      sizeof(float) * (2 * kBc * (D + 1) + 2 * kBr * (D + 1) + 2 * kBc * D + 2 * kBr * (kBc + 1) + 2 * kBr);
-  allow_smem(attention_backward_kv_kernel, smem_kv);
-  attention_backward_kv_kernel<<<grid_for(T, kBc, B * NH), kThreads, smem_kv, stream>>>(dqkv, dout, qkv, out, lse, g);
-  KRAKEN_CUDA_LAUNCH_CHECK();
-  const size_t smem_q =
-      sizeof(float) * (2 * kBr * (D + 1) + 2 * kBc * (D + 1) + kBr * D + kBr * (kBc + 1) + 2 * kBr);
-  allow_smem(attention_backward_q_kernel, smem_q);
-  attention_backward_q_kernel<<<grid_for(T, kBr, B * NH), kThreads, smem_q, stream>>>(dqkv, dout, qkv, out, lse, g);
-  KRAKEN_CUDA_LAUNCH_CHECK();
+  attention_backward(dqkv, dout, qkv, out, lse, B, T, C, NH, stream);
+}
+
+void attention_forward_bf16_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T, int64_t C,
+                                 int64_t NH, CUstream_st* stream) {
+  attention_forward(as_bf16(out), lse, as_bf16(qkv), B, T, C, NH, stream);
+}
+
+void attention_backward_bf16_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out,
+                                  const float* lse, int64_t B, int64_t T, int64_t C, int64_t NH, CUstream_st* stream) {
+  attention_backward(as_bf16(dqkv), as_bf16(dout), as_bf16(qkv), as_bf16(out), lse, B, T, C, NH, stream);
 }
 
 }  // namespace kraken::kernels

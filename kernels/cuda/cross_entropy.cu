@@ -4,13 +4,21 @@
 // pair over its strided columns (Milakov & Gimelshein 2018), and the pairs are merged by a fixed tree
 // (shuffle butterfly per warp, then warp 0 over the warps). The backward reads the row once and
 // writes its gradient once. The mean is one block summing in double, again in a fixed order.
+// Forward and backward are templates on the storage type T of logits and dlogits (kernels/cuda/
+// storage.h): f32, or bf16 widened on load with each dlogits element rounded once; losses and lse
+// are f32 for both, and the arithmetic is the same f32 sequence.
 #include <cmath>
 
 #include "kernels/cross_entropy.h"
 #include "kernels/cuda/check.h"
+#include "kernels/cuda/storage.h"
 
 namespace kraken::kernels {
 namespace {
+
+using cuda_detail::as_bf16;
+using cuda_detail::load;
+using cuda_detail::store;
 
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
@@ -38,7 +46,8 @@ __device__ inline MaxSum warp_merge(MaxSum v) {
   return v;
 }
 
-__global__ void cross_entropy_forward_kernel(float* losses, float* lse, const float* logits, const int32_t* targets,
+template <typename T>
+__global__ void cross_entropy_forward_kernel(float* losses, float* lse, const T* logits, const int32_t* targets,
                                              int64_t Vp, int64_t V, int32_t ignore_index) {
   const int64_t n = blockIdx.x;
   const int32_t t = targets[n];
@@ -46,10 +55,10 @@ __global__ void cross_entropy_forward_kernel(float* losses, float* lse, const fl
     if (threadIdx.x == 0) losses[n] = 0.0f, lse[n] = 0.0f;
     return;
   }
-  const float* xr = logits + n * Vp;
+  const T* xr = logits + n * Vp;
   MaxSum acc{-INFINITY, 0.0f};
   for (int64_t v = threadIdx.x; v < V; v += kThreads) {
-    const float x = xr[v];
+    const float x = load(xr + v);
     if (x > acc.m) {
       acc.s = acc.s * expf(acc.m - x) + 1.0f;  // rescale to the new maximum; exp(x − x) = 1
       acc.m = x;
@@ -68,32 +77,33 @@ __global__ void cross_entropy_forward_kernel(float* losses, float* lse, const fl
     if (lane == 0) {
       const float l = w.m + logf(w.s);
       lse[n] = l;
-      losses[n] = l - xr[t];
+      losses[n] = l - load(xr + t);
     }
   }
 }
 
 // dlogits[n, v] = scale·(exp(x − lse) − [v = t]) for v < V; 0 on padding and on ignored rows.
-__global__ void cross_entropy_backward_kernel(float* dlogits, const float* logits, const float* lse,
-                                              const int32_t* targets, const float* dloss, int64_t count, int64_t Vp,
-                                              int64_t V, int32_t ignore_index) {
+template <typename T>
+__global__ void cross_entropy_backward_kernel(T* dlogits, const T* logits, const float* lse, const int32_t* targets,
+                                              const float* dloss, int64_t count, int64_t Vp, int64_t V,
+                                              int32_t ignore_index) {
   const int64_t n = blockIdx.x;
   const int32_t t = targets[n];
-  float* dr = dlogits + n * Vp;
+  T* dr = dlogits + n * Vp;
   if (t == ignore_index) {
-    for (int64_t v = threadIdx.x; v < Vp; v += kThreads) dr[v] = 0.0f;
+    for (int64_t v = threadIdx.x; v < Vp; v += kThreads) store(dr + v, 0.0f);
     return;
   }
   const float scale = dloss[0] / static_cast<float>(count);  // count ≥ 1: this row is counted
-  const float* xr = logits + n * Vp;
+  const T* xr = logits + n * Vp;
   const float l = lse[n];
   for (int64_t v = threadIdx.x; v < Vp; v += kThreads) {
     float g = 0.0f;
     if (v < V) {
-      const float p = expf(xr[v] - l);
+      const float p = expf(load(xr + v) - l);
       g = scale * (v == t ? p - 1.0f : p);  // p − 1 before scaling: no cancellation
     }
-    dr[v] = g;
+    store(dr + v, g);
   }
 }
 
@@ -111,14 +121,31 @@ __global__ void cross_entropy_mean_kernel(float* loss, const float* losses, int6
   if (threadIdx.x == 0) loss[0] = count > 0 ? static_cast<float>(partial[0] / static_cast<double>(count)) : 0.0f;
 }
 
+template <typename T>
+void cross_entropy_forward(float* losses, float* lse, const T* logits, const int32_t* targets, int64_t N, int64_t Vp,
+                           int64_t V, int32_t ignore_index, CUstream_st* stream) {
+  if (N <= 0) return;
+  cross_entropy_forward_kernel<T><<<static_cast<unsigned int>(N), kThreads, 0, stream>>>(losses, lse, logits, targets,
+                                                                                         Vp, V, ignore_index);
+  KRAKEN_CUDA_LAUNCH_CHECK();
+}
+
+template <typename T>
+void cross_entropy_backward(T* dlogits, const T* logits, const float* lse, const int32_t* targets, const float* dloss,
+                            int64_t count, int64_t N, int64_t Vp, int64_t V, int32_t ignore_index,
+                            CUstream_st* stream) {
+  // in the forward pass this was: loss = (1/count)·Σ_n (lse_n − logits[n, t_n])
+  if (N <= 0) return;
+  cross_entropy_backward_kernel<T><<<static_cast<unsigned int>(N), kThreads, 0, stream>>>(
+      dlogits, logits, lse, targets, dloss, count, Vp, V, ignore_index);
+  KRAKEN_CUDA_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 void cross_entropy_forward_cuda(float* losses, float* lse, const float* logits, const int32_t* targets, int64_t N,
                                 int64_t Vp, int64_t V, int32_t ignore_index, CUstream_st* stream) {
-  if (N <= 0) return;
-  cross_entropy_forward_kernel<<<static_cast<unsigned int>(N), kThreads, 0, stream>>>(losses, lse, logits, targets, Vp,
-                                                                                      V, ignore_index);
-  KRAKEN_CUDA_LAUNCH_CHECK();
+  cross_entropy_forward(losses, lse, logits, targets, N, Vp, V, ignore_index, stream);
 }
 
 void cross_entropy_mean_cuda(float* loss, const float* losses, int64_t N, int64_t count, CUstream_st* stream) {
@@ -129,11 +156,19 @@ void cross_entropy_mean_cuda(float* loss, const float* losses, int64_t N, int64_
 void cross_entropy_backward_cuda(float* dlogits, const float* logits, const float* lse, const int32_t* targets,
                                  const float* dloss, int64_t count, int64_t N, int64_t Vp, int64_t V,
                                  int32_t ignore_index, CUstream_st* stream) {
-  // in the forward pass this was: loss = (1/count)·Σ_n (lse_n − logits[n, t_n])
-  if (N <= 0) return;
-  cross_entropy_backward_kernel<<<static_cast<unsigned int>(N), kThreads, 0, stream>>>(
-      dlogits, logits, lse, targets, dloss, count, Vp, V, ignore_index);
-  KRAKEN_CUDA_LAUNCH_CHECK();
+  cross_entropy_backward(dlogits, logits, lse, targets, dloss, count, N, Vp, V, ignore_index, stream);
+}
+
+void cross_entropy_forward_bf16_cuda(float* losses, float* lse, const uint16_t* logits, const int32_t* targets,
+                                     int64_t N, int64_t Vp, int64_t V, int32_t ignore_index, CUstream_st* stream) {
+  cross_entropy_forward(losses, lse, as_bf16(logits), targets, N, Vp, V, ignore_index, stream);
+}
+
+void cross_entropy_backward_bf16_cuda(uint16_t* dlogits, const uint16_t* logits, const float* lse,
+                                      const int32_t* targets, const float* dloss, int64_t count, int64_t N, int64_t Vp,
+                                      int64_t V, int32_t ignore_index, CUstream_st* stream) {
+  cross_entropy_backward(as_bf16(dlogits), as_bf16(logits), lse, targets, dloss, count, N, Vp, V, ignore_index,
+                         stream);
 }
 
 }  // namespace kraken::kernels

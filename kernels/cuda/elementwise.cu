@@ -1,16 +1,22 @@
 // CUDA elementwise kernels: grid-stride loops, one thread per element. Memory-bound by design; the
-// fused kernels that save whole passes over activations live with their op families.
+// fused kernels that save whole passes over activations live with their op families. The arithmetic
+// kernels are templates on the storage type (kernels/cuda/storage.h): the f32 and bf16 entry points
+// run one body, f32 in registers either way.
 #include <cuda_bf16.h>
 
 #include <cstdint>
 
 #include "kernels/cuda/check.h"
+#include "kernels/cuda/storage.h"
 #include "kernels/elementwise.h"
 
 namespace kraken::kernels {
 namespace {
 
+using cuda_detail::as_bf16;
 using cuda_detail::blocks_for;
+using cuda_detail::load;
+using cuda_detail::store;
 constexpr int kThreads = 256;
 constexpr float kSqrt2OverPi = 0.7978845608028654f;
 constexpr float kGeluCubic = 0.044715f;
@@ -19,64 +25,77 @@ constexpr float kGeluCubic = 0.044715f;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < (n); i += static_cast<int64_t>(blockDim.x) * gridDim.x)
 
 __global__ void fill_kernel(float* out, float value, int64_t n) { KRAKEN_GRID_STRIDE(i, n) out[i] = value; }
-__global__ void add_kernel(float* out, const float* a, const float* b, int64_t n) {
-  KRAKEN_GRID_STRIDE(i, n) out[i] = a[i] + b[i];
+// The kernels templated on T serve f32 (T = float) and bf16 storage (T = __nv_bfloat16) with one body.
+template <typename T>
+__global__ void add_kernel(T* out, const T* a, const T* b, int64_t n) {
+  KRAKEN_GRID_STRIDE(i, n) store(out + i, load(a + i) + load(b + i));
 }
 __global__ void axpy_kernel(float* y, const float* x, float alpha, int64_t n) {
   KRAKEN_GRID_STRIDE(i, n) y[i] += alpha * x[i];
 }
-__global__ void scale_kernel(float* out, const float* x, float alpha, int64_t n) {
-  KRAKEN_GRID_STRIDE(i, n) out[i] = alpha * x[i];
+template <typename T>
+__global__ void scale_kernel(T* out, const T* x, float alpha, int64_t n) {
+  KRAKEN_GRID_STRIDE(i, n) store(out + i, alpha * load(x + i));
 }
-__global__ void mul_kernel(float* out, const float* a, const float* b, int64_t n) {
-  KRAKEN_GRID_STRIDE(i, n) out[i] = a[i] * b[i];
+template <typename T>
+__global__ void mul_kernel(T* out, const T* a, const T* b, int64_t n) {
+  KRAKEN_GRID_STRIDE(i, n) store(out + i, load(a + i) * load(b + i));
 }
-__global__ void add_broadcast_kernel(float* out, const float* a, const float* b, int64_t rows, int64_t cols) {
-  KRAKEN_GRID_STRIDE(i, rows * cols) out[i] = a[i] + b[i % cols];
+template <typename T>
+__global__ void add_broadcast_kernel(T* out, const T* a, const T* b, int64_t rows, int64_t cols) {
+  KRAKEN_GRID_STRIDE(i, rows * cols) store(out + i, load(a + i) + load(b + i % cols));
 }
 // Few rows (the wpe gradient: rows = B): one thread per column, rows summed in order.
-__global__ void sum_rows_kernel(float* db, const float* dout, int64_t rows, int64_t cols) {
+template <typename T>
+__global__ void sum_rows_kernel(T* db, const T* dout, int64_t rows, int64_t cols) {
   KRAKEN_GRID_STRIDE(c, cols) {
     float acc = 0.0f;
-    for (int64_t r = 0; r < rows; ++r) acc += dout[r * cols + c];
-    db[c] += acc;
+    for (int64_t r = 0; r < rows; ++r) acc += load(dout + r * cols + c);
+    store(db + c, load(db + c) + acc);
   }
 }
 // Many rows (bias gradients: rows = B·T, cols = C): a column per thread would leave the GPU nearly
 // empty (C = 768 threads for 8192 rows), so a block owns kSumCols columns and splits the rows into
 // kSumGroups interleaved groups (rows g, g + kSumGroups, …, each summed in order), then adds the
 // groups in a fixed shared-memory tree. The order depends on `rows` alone: deterministic, no atomics.
-constexpr int kSumCols = 8;     // one 32-byte sector of a row
+constexpr int kSumCols = 8;     // one 32-byte sector of an f32 row
 constexpr int kSumGroups = 64;  // 512 threads
-__global__ void sum_rows_grouped_kernel(float* db, const float* dout, int64_t rows, int64_t cols) {
+template <typename T>
+__global__ void sum_rows_grouped_kernel(T* db, const T* dout, int64_t rows, int64_t cols) {
   __shared__ float partial[kSumGroups][kSumCols];
   const int col = threadIdx.x % kSumCols, group = threadIdx.x / kSumCols;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kSumCols + col;
   float acc = 0.0f;
   if (c < cols)
-    for (int64_t r = group; r < rows; r += kSumGroups) acc += dout[r * cols + c];
+    for (int64_t r = group; r < rows; r += kSumGroups) acc += load(dout + r * cols + c);
   partial[group][col] = acc;
   __syncthreads();
   for (int stride = kSumGroups / 2; stride > 0; stride >>= 1) {
     if (group < stride) partial[group][col] += partial[group + stride][col];
     __syncthreads();
   }
-  if (group == 0 && c < cols) db[c] += partial[0][col];
+  if (group == 0 && c < cols) store(db + c, load(db + c) + partial[0][col]);
 }
-__global__ void gelu_forward_kernel(float* out, const float* x, int64_t n) {
+// acc += x with f32 acc: the bf16 terms of a sum accumulate here and are rounded once by the caller.
+__global__ void accumulate_bf16_kernel(float* acc, const __nv_bfloat16* x, int64_t n) {
+  KRAKEN_GRID_STRIDE(i, n) acc[i] += load(x + i);
+}
+template <typename T>
+__global__ void gelu_forward_kernel(T* out, const T* x, int64_t n) {
   KRAKEN_GRID_STRIDE(i, n) {
-    const float v = x[i];
+    const float v = load(x + i);
     const float u = kSqrt2OverPi * (v + kGeluCubic * v * v * v);
-    out[i] = 0.5f * v * (1.0f + tanhf(u));
+    store(out + i, 0.5f * v * (1.0f + tanhf(u)));
   }
 }
-__global__ void gelu_backward_kernel(float* dx, const float* x, const float* dout, int64_t n) {
+template <typename T>
+__global__ void gelu_backward_kernel(T* dx, const T* x, const T* dout, int64_t n) {
   KRAKEN_GRID_STRIDE(i, n) {
-    const float v = x[i];
+    const float v = load(x + i);
     const float u = kSqrt2OverPi * (v + kGeluCubic * v * v * v);
     const float t = tanhf(u);
     const float grad = 0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * kSqrt2OverPi * (1.0f + 3.0f * kGeluCubic * v * v);
-    dx[i] += grad * dout[i];
+    store(dx + i, load(dx + i) + grad * load(dout + i));
   }
 }
 __global__ void f32_to_bf16_kernel(__nv_bfloat16* out, const float* x, int64_t n) {
@@ -84,9 +103,6 @@ __global__ void f32_to_bf16_kernel(__nv_bfloat16* out, const float* x, int64_t n
 }
 __global__ void bf16_to_f32_kernel(float* out, const __nv_bfloat16* x, int64_t n) {
   KRAKEN_GRID_STRIDE(i, n) out[i] = __bfloat162float(x[i]);
-}
-__global__ void add_bf16_kernel(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16* b, int64_t n) {
-  KRAKEN_GRID_STRIDE(i, n) out[i] = __float2bfloat16_rn(__bfloat162float(a[i]) + __bfloat162float(b[i]));
 }
 
 }  // namespace
@@ -100,46 +116,78 @@ __global__ void add_bf16_kernel(__nv_bfloat16* out, const __nv_bfloat16* a, cons
 
 void fill_cuda(float* out, float value, int64_t n, CUstream_st* s) { KRAKEN_LAUNCH(fill_kernel, n, s, out, value, n); }
 void add_cuda(float* out, const float* a, const float* b, int64_t n, CUstream_st* s) {
-  KRAKEN_LAUNCH(add_kernel, n, s, out, a, b, n);
+  KRAKEN_LAUNCH(add_kernel<float>, n, s, out, a, b, n);
 }
 void axpy_cuda(float* y, const float* x, float alpha, int64_t n, CUstream_st* s) {
   KRAKEN_LAUNCH(axpy_kernel, n, s, y, x, alpha, n);
 }
 void scale_cuda(float* out, const float* x, float alpha, int64_t n, CUstream_st* s) {
-  KRAKEN_LAUNCH(scale_kernel, n, s, out, x, alpha, n);
+  KRAKEN_LAUNCH(scale_kernel<float>, n, s, out, x, alpha, n);
 }
 void mul_cuda(float* out, const float* a, const float* b, int64_t n, CUstream_st* s) {
-  KRAKEN_LAUNCH(mul_kernel, n, s, out, a, b, n);
+  KRAKEN_LAUNCH(mul_kernel<float>, n, s, out, a, b, n);
 }
 void add_broadcast_cuda(float* out, const float* a, const float* b, int64_t rows, int64_t cols, CUstream_st* s) {
-  KRAKEN_LAUNCH(add_broadcast_kernel, rows * cols, s, out, a, b, rows, cols);
+  KRAKEN_LAUNCH(add_broadcast_kernel<float>, rows * cols, s, out, a, b, rows, cols);
 }
-void sum_rows_cuda(float* db, const float* dout, int64_t rows, int64_t cols, CUstream_st* s) {
+
+namespace {
+template <typename T>
+void sum_rows(T* db, const T* dout, int64_t rows, int64_t cols, CUstream_st* s, const char* name) {
   if (rows < kSumGroups) {
-    KRAKEN_LAUNCH(sum_rows_kernel, cols, s, db, dout, rows, cols);
+    KRAKEN_LAUNCH(sum_rows_kernel<T>, cols, s, db, dout, rows, cols);
     return;
   }
   if (cols <= 0) return;
   const long long blocks = (cols + kSumCols - 1) / kSumCols;
-  KRAKEN_CHECK(blocks <= 0x7fffffffLL, "sum_rows_cuda: ", cols, " columns");
-  sum_rows_grouped_kernel<<<static_cast<unsigned int>(blocks), kSumCols * kSumGroups, 0, s>>>(db, dout, rows, cols);
+  KRAKEN_CHECK(blocks <= 0x7fffffffLL, name, ": ", cols, " columns");
+  sum_rows_grouped_kernel<T><<<static_cast<unsigned int>(blocks), kSumCols * kSumGroups, 0, s>>>(db, dout, rows, cols);
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
+}  // namespace
+
+void sum_rows_cuda(float* db, const float* dout, int64_t rows, int64_t cols, CUstream_st* s) {
+  sum_rows(db, dout, rows, cols, s, "sum_rows_cuda");
+}
 void gelu_forward_cuda(float* out, const float* x, int64_t n, CUstream_st* s) {
-  KRAKEN_LAUNCH(gelu_forward_kernel, n, s, out, x, n);
+  KRAKEN_LAUNCH(gelu_forward_kernel<float>, n, s, out, x, n);
 }
 void gelu_backward_cuda(float* dx, const float* x, const float* dout, int64_t n, CUstream_st* s) {
-  KRAKEN_LAUNCH(gelu_backward_kernel, n, s, dx, x, dout, n);
+  KRAKEN_LAUNCH(gelu_backward_kernel<float>, n, s, dx, x, dout, n);
 }
 void cast_f32_to_bf16_cuda(uint16_t* out, const float* x, int64_t n, CUstream_st* s) {
-  KRAKEN_LAUNCH(f32_to_bf16_kernel, n, s, reinterpret_cast<__nv_bfloat16*>(out), x, n);
+  KRAKEN_LAUNCH(f32_to_bf16_kernel, n, s, as_bf16(out), x, n);
 }
 void cast_bf16_to_f32_cuda(float* out, const uint16_t* x, int64_t n, CUstream_st* s) {
-  KRAKEN_LAUNCH(bf16_to_f32_kernel, n, s, out, reinterpret_cast<const __nv_bfloat16*>(x), n);
+  KRAKEN_LAUNCH(bf16_to_f32_kernel, n, s, out, as_bf16(x), n);
 }
+
+// ---- bf16 storage -----------------------------------------------------------------------------------
 void add_bf16_cuda(uint16_t* out, const uint16_t* a, const uint16_t* b, int64_t n, CUstream_st* s) {
-  KRAKEN_LAUNCH(add_bf16_kernel, n, s, reinterpret_cast<__nv_bfloat16*>(out),
-                reinterpret_cast<const __nv_bfloat16*>(a), reinterpret_cast<const __nv_bfloat16*>(b), n);
+  KRAKEN_LAUNCH(add_kernel<__nv_bfloat16>, n, s, as_bf16(out), as_bf16(a), as_bf16(b), n);
+}
+void scale_bf16_cuda(uint16_t* out, const uint16_t* x, float alpha, int64_t n, CUstream_st* s) {
+  KRAKEN_LAUNCH(scale_kernel<__nv_bfloat16>, n, s, as_bf16(out), as_bf16(x), alpha, n);
+}
+void mul_bf16_cuda(uint16_t* out, const uint16_t* a, const uint16_t* b, int64_t n, CUstream_st* s) {
+  KRAKEN_LAUNCH(mul_kernel<__nv_bfloat16>, n, s, as_bf16(out), as_bf16(a), as_bf16(b), n);
+}
+void add_broadcast_bf16_cuda(uint16_t* out, const uint16_t* a, const uint16_t* b, int64_t rows, int64_t cols,
+                             CUstream_st* s) {
+  KRAKEN_LAUNCH(add_broadcast_kernel<__nv_bfloat16>, rows * cols, s, as_bf16(out), as_bf16(a), as_bf16(b), rows,
+                cols);
+}
+void sum_rows_bf16_cuda(uint16_t* db, const uint16_t* dout, int64_t rows, int64_t cols, CUstream_st* s) {
+  sum_rows(as_bf16(db), as_bf16(dout), rows, cols, s, "sum_rows_bf16_cuda");
+}
+void accumulate_bf16_cuda(float* acc, const uint16_t* x, int64_t n, CUstream_st* s) {
+  KRAKEN_LAUNCH(accumulate_bf16_kernel, n, s, acc, as_bf16(x), n);
+}
+void gelu_forward_bf16_cuda(uint16_t* out, const uint16_t* x, int64_t n, CUstream_st* s) {
+  KRAKEN_LAUNCH(gelu_forward_kernel<__nv_bfloat16>, n, s, as_bf16(out), as_bf16(x), n);
+}
+void gelu_backward_bf16_cuda(uint16_t* dx, const uint16_t* x, const uint16_t* dout, int64_t n, CUstream_st* s) {
+  KRAKEN_LAUNCH(gelu_backward_kernel<__nv_bfloat16>, n, s, as_bf16(dx), as_bf16(x), as_bf16(dout), n);
 }
 
 }  // namespace kraken::kernels

@@ -4,11 +4,19 @@
 // dgamma/dbeta: column-parallel without atomics or scratch: a block owns kCols columns and all rows;
 // its kGroups row groups accumulate rows g, g + kGroups, … in order, and a fixed shared-memory tree
 // adds the groups. Every sum therefore has one order, independent of the launch.
+// The kernels are templates on the storage type T of x, out, dout and dx (kernels/cuda/storage.h):
+// float, or bf16 widened on load and rounded once on store; gamma, beta, their gradients, mean and
+// rstd are f32 for both, and the arithmetic is the same f32 sequence.
 #include "kernels/cuda/check.h"
+#include "kernels/cuda/storage.h"
 #include "kernels/layernorm.h"
 
 namespace kraken::kernels {
 namespace {
+
+using cuda_detail::as_bf16;
+using cuda_detail::load;
+using cuda_detail::store;
 
 constexpr int kWarpsPerBlock = 8;  // rows per block in the row kernels
 constexpr int kCols = 8;           // dgamma/dbeta: 8 columns (one 32-byte sector) per row group
@@ -19,23 +27,24 @@ __device__ inline float warp_sum(float v) {
   return v;
 }
 
-__global__ void layernorm_forward_kernel(float* out, float* mean, float* rstd, const float* x, const float* gamma,
+template <typename T>
+__global__ void layernorm_forward_kernel(T* out, float* mean, float* rstd, const T* x, const float* gamma,
                                          const float* beta, int64_t rows, int C, float eps) {
   const int lane = threadIdx.x & 31;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
   if (r >= rows) return;  // whole warps leave together
-  const float* xr = x + r * C;
+  const T* xr = x + r * C;
   float sum = 0.0f;
-  for (int c = lane; c < C; c += 32) sum += xr[c];
+  for (int c = lane; c < C; c += 32) sum += load(xr + c);
   const float mu = warp_sum(sum) / static_cast<float>(C);
   float sq = 0.0f;
   for (int c = lane; c < C; c += 32) {
-    const float d = xr[c] - mu;
+    const float d = load(xr + c) - mu;
     sq += d * d;
   }
   const float rs = 1.0f / sqrtf(warp_sum(sq) / static_cast<float>(C) + eps);
-  float* outr = out + r * C;
-  for (int c = lane; c < C; c += 32) outr[c] = (xr[c] - mu) * rs * gamma[c] + (beta ? beta[c] : 0.0f);
+  T* outr = out + r * C;
+  for (int c = lane; c < C; c += 32) store(outr + c, (load(xr + c) - mu) * rs * gamma[c] + (beta ? beta[c] : 0.0f));
   if (lane == 0) {
     if (mean) mean[r] = mu;
     if (rstd) rstd[r] = rs;
@@ -43,31 +52,33 @@ __global__ void layernorm_forward_kernel(float* out, float* mean, float* rstd, c
 }
 
 // dx += rstd·(g − mean(g) − x̂·mean(g ∘ x̂)),  g = dout ∘ gamma
-__global__ void layernorm_backward_dx_kernel(float* dx, const float* dout, const float* x, const float* gamma,
+template <typename T>
+__global__ void layernorm_backward_dx_kernel(T* dx, const T* dout, const T* x, const float* gamma,
                                              const float* mean, const float* rstd, int64_t rows, int C) {
   const int lane = threadIdx.x & 31;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
   if (r >= rows) return;
-  const float* xr = x + r * C;
-  const float* doutr = dout + r * C;
+  const T* xr = x + r * C;
+  const T* doutr = dout + r * C;
   const float mu = mean[r], rs = rstd[r];
   float sum_g = 0.0f, sum_gx = 0.0f;
   for (int c = lane; c < C; c += 32) {
-    const float g = doutr[c] * gamma[c];
+    const float g = load(doutr + c) * gamma[c];
     sum_g += g;
-    sum_gx += g * (xr[c] - mu) * rs;
+    sum_gx += g * (load(xr + c) - mu) * rs;
   }
   const float mean_g = warp_sum(sum_g) / static_cast<float>(C);
   const float mean_gx = warp_sum(sum_gx) / static_cast<float>(C);
-  float* dxr = dx + r * C;
+  T* dxr = dx + r * C;
   for (int c = lane; c < C; c += 32) {
-    const float xhat = (xr[c] - mu) * rs;
-    dxr[c] += rs * (doutr[c] * gamma[c] - mean_g - xhat * mean_gx);
+    const float xhat = (load(xr + c) - mu) * rs;
+    store(dxr + c, load(dxr + c) + rs * (load(doutr + c) * gamma[c] - mean_g - xhat * mean_gx));
   }
 }
 
 // dgamma += Σ_r dout ∘ x̂,  dbeta += Σ_r dout; block b owns columns [b·kCols, (b + 1)·kCols).
-__global__ void layernorm_backward_params_kernel(float* dgamma, float* dbeta, const float* dout, const float* x,
+template <typename T>
+__global__ void layernorm_backward_params_kernel(float* dgamma, float* dbeta, const T* dout, const T* x,
                                                  const float* mean, const float* rstd, int64_t rows, int C) {
   __shared__ float sg[kGroups][kCols];
   __shared__ float sb[kGroups][kCols];
@@ -76,8 +87,8 @@ __global__ void layernorm_backward_params_kernel(float* dgamma, float* dbeta, co
   float acc_g = 0.0f, acc_b = 0.0f;
   if (c < C) {
     for (int64_t r = group; r < rows; r += kGroups) {
-      const float d = dout[r * C + c];
-      if (dgamma) acc_g += d * (x[r * C + c] - mean[r]) * rstd[r];
+      const float d = load(dout + r * C + c);
+      if (dgamma) acc_g += d * (load(x + r * C + c) - mean[r]) * rstd[r];
       acc_b += d;
     }
   }
@@ -101,32 +112,55 @@ unsigned int row_blocks(int64_t rows) {
   return static_cast<unsigned int>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock);
 }
 
+template <typename T>
+void layernorm_forward(T* out, float* mean, float* rstd, const T* x, const float* gamma, const float* beta,
+                       int64_t rows, int64_t C, float eps, CUstream_st* stream) {
+  if (rows <= 0) return;
+  layernorm_forward_kernel<T><<<row_blocks(rows), kWarpsPerBlock * 32, 0, stream>>>(out, mean, rstd, x, gamma, beta,
+                                                                                     rows, static_cast<int>(C), eps);
+  KRAKEN_CUDA_LAUNCH_CHECK();
+}
+
+template <typename T>
+void layernorm_backward(T* dx, float* dgamma, float* dbeta, const T* dout, const T* x, const float* gamma,
+                        const float* mean, const float* rstd, int64_t rows, int64_t C, CUstream_st* stream) {
+  // in the forward pass this was: out = x̂·gamma + beta, x̂ = (x − μ)·rstd
+  if (rows <= 0) return;
+  if (dx) {
+    layernorm_backward_dx_kernel<T><<<row_blocks(rows), kWarpsPerBlock * 32, 0, stream>>>(
+        dx, dout, x, gamma, mean, rstd, rows, static_cast<int>(C));
+    KRAKEN_CUDA_LAUNCH_CHECK();
+  }
+  if (dgamma || dbeta) {
+    const unsigned int blocks = static_cast<unsigned int>((C + kCols - 1) / kCols);
+    layernorm_backward_params_kernel<T><<<blocks, kCols * kGroups, 0, stream>>>(dgamma, dbeta, dout, x, mean, rstd,
+                                                                                rows, static_cast<int>(C));
+    KRAKEN_CUDA_LAUNCH_CHECK();
+  }
+}
+
 }  // namespace
 
 void layernorm_forward_cuda(float* out, float* mean, float* rstd, const float* x, const float* gamma,
                             const float* beta, int64_t rows, int64_t C, float eps, CUstream_st* stream) {
-  if (rows <= 0) return;
-  layernorm_forward_kernel<<<row_blocks(rows), kWarpsPerBlock * 32, 0, stream>>>(out, mean, rstd, x, gamma, beta,
-                                                                                  rows, static_cast<int>(C), eps);
-  KRAKEN_CUDA_LAUNCH_CHECK();
+  layernorm_forward(out, mean, rstd, x, gamma, beta, rows, C, eps, stream);
 }
 
 void layernorm_backward_cuda(float* dx, float* dgamma, float* dbeta, const float* dout, const float* x,
                              const float* gamma, const float* mean, const float* rstd, int64_t rows, int64_t C,
                              CUstream_st* stream) {
-  // in the forward pass this was: out = x̂·gamma + beta, x̂ = (x − μ)·rstd
-  if (rows <= 0) return;
-  if (dx) {
-    layernorm_backward_dx_kernel<<<row_blocks(rows), kWarpsPerBlock * 32, 0, stream>>>(dx, dout, x, gamma, mean, rstd,
-                                                                                        rows, static_cast<int>(C));
-    KRAKEN_CUDA_LAUNCH_CHECK();
-  }
-  if (dgamma || dbeta) {
-    const unsigned int blocks = static_cast<unsigned int>((C + kCols - 1) / kCols);
-    layernorm_backward_params_kernel<<<blocks, kCols * kGroups, 0, stream>>>(dgamma, dbeta, dout, x, mean, rstd, rows,
-                                                                             static_cast<int>(C));
-    KRAKEN_CUDA_LAUNCH_CHECK();
-  }
+  layernorm_backward(dx, dgamma, dbeta, dout, x, gamma, mean, rstd, rows, C, stream);
+}
+
+void layernorm_forward_bf16_cuda(uint16_t* out, float* mean, float* rstd, const uint16_t* x, const float* gamma,
+                                 const float* beta, int64_t rows, int64_t C, float eps, CUstream_st* stream) {
+  layernorm_forward(as_bf16(out), mean, rstd, as_bf16(x), gamma, beta, rows, C, eps, stream);
+}
+
+void layernorm_backward_bf16_cuda(uint16_t* dx, float* dgamma, float* dbeta, const uint16_t* dout, const uint16_t* x,
+                                  const float* gamma, const float* mean, const float* rstd, int64_t rows, int64_t C,
+                                  CUstream_st* stream) {
+  layernorm_backward(as_bf16(dx), dgamma, dbeta, as_bf16(dout), as_bf16(x), gamma, mean, rstd, rows, C, stream);
 }
 
 }  // namespace kraken::kernels

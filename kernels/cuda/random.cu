@@ -2,13 +2,19 @@
 // Uniform fills and dropout (mask and output) are bit-identical to the CPU's. Normal fills agree to a
 // few ulps only: Box–Muller's logf and cosf are CUDA's (1–2 ulp) here and glibc's there, so a model
 // initialised on the GPU starts within rounding of, not bit-equal to, the same model on the CPU.
+// Dropout is a template on the storage type (kernels/cuda/storage.h): the bf16 kernels draw the same
+// mask and compute in f32, rounding each output once.
 #include "kernels/cuda/check.h"
+#include "kernels/cuda/storage.h"
 #include "kernels/philox.h"
 #include "kernels/random.h"
 
 namespace kraken::kernels {
 namespace {
+using cuda_detail::as_bf16;
 using cuda_detail::blocks_for;
+using cuda_detail::load;
+using cuda_detail::store;
 constexpr int kThreads = 256;
 constexpr float kTwoPi = 6.283185307179586f;
 
@@ -31,18 +37,40 @@ __global__ void normal_kernel(float* out, int64_t n, float mean, float std, uint
   }
 }
 
-__global__ void dropout_forward_kernel(float* out, const float* x, int64_t n, float p, uint64_t seed, uint64_t stream,
+template <typename T>
+__global__ void dropout_forward_kernel(T* out, const T* x, int64_t n, float p, uint64_t seed, uint64_t stream,
                                        uint64_t offset) {
   const float keep_scale = 1.0f / (1.0f - p);
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += static_cast<int64_t>(blockDim.x) * gridDim.x)
-    out[i] = philox_uniform(seed, stream, offset, static_cast<uint64_t>(i)) >= p ? x[i] * keep_scale : 0.0f;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    const bool keep = philox_uniform(seed, stream, offset, static_cast<uint64_t>(i)) >= p;
+    store(out + i, keep ? load(x + i) * keep_scale : 0.0f);
+  }
 }
 
-__global__ void dropout_backward_kernel(float* dx, const float* dout, int64_t n, float p, uint64_t seed,
-                                        uint64_t stream, uint64_t offset) {
+// A dropped element's dx is left as it is (no read, no rounding).
+template <typename T>
+__global__ void dropout_backward_kernel(T* dx, const T* dout, int64_t n, float p, uint64_t seed, uint64_t stream,
+                                        uint64_t offset) {
   const float keep_scale = 1.0f / (1.0f - p);
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += static_cast<int64_t>(blockDim.x) * gridDim.x)
-    if (philox_uniform(seed, stream, offset, static_cast<uint64_t>(i)) >= p) dx[i] += dout[i] * keep_scale;
+    if (philox_uniform(seed, stream, offset, static_cast<uint64_t>(i)) >= p)
+      store(dx + i, load(dx + i) + load(dout + i) * keep_scale);
+}
+
+template <typename T>
+void dropout_forward(T* out, const T* x, int64_t n, float p, uint64_t seed, uint64_t stream, uint64_t offset,
+                     CUstream_st* s) {
+  if (n <= 0) return;
+  dropout_forward_kernel<T><<<blocks_for(n, kThreads), kThreads, 0, s>>>(out, x, n, p, seed, stream, offset);
+  KRAKEN_CUDA_LAUNCH_CHECK();
+}
+
+template <typename T>
+void dropout_backward(T* dx, const T* dout, int64_t n, float p, uint64_t seed, uint64_t stream, uint64_t offset,
+                      CUstream_st* s) {
+  if (n <= 0) return;
+  dropout_backward_kernel<T><<<blocks_for(n, kThreads), kThreads, 0, s>>>(dx, dout, n, p, seed, stream, offset);
+  KRAKEN_CUDA_LAUNCH_CHECK();
 }
 }  // namespace
 
@@ -60,15 +88,19 @@ void fill_normal_cuda(float* out, int64_t n, float mean, float std, uint64_t see
 }
 void dropout_forward_cuda(float* out, const float* x, int64_t n, float p, uint64_t seed, uint64_t stream,
                           uint64_t offset, CUstream_st* s) {
-  if (n <= 0) return;
-  dropout_forward_kernel<<<blocks_for(n, kThreads), kThreads, 0, s>>>(out, x, n, p, seed, stream, offset);
-  KRAKEN_CUDA_LAUNCH_CHECK();
+  dropout_forward(out, x, n, p, seed, stream, offset, s);
 }
 void dropout_backward_cuda(float* dx, const float* dout, int64_t n, float p, uint64_t seed, uint64_t stream,
                            uint64_t offset, CUstream_st* s) {
-  if (n <= 0) return;
-  dropout_backward_kernel<<<blocks_for(n, kThreads), kThreads, 0, s>>>(dx, dout, n, p, seed, stream, offset);
-  KRAKEN_CUDA_LAUNCH_CHECK();
+  dropout_backward(dx, dout, n, p, seed, stream, offset, s);
+}
+void dropout_forward_bf16_cuda(uint16_t* out, const uint16_t* x, int64_t n, float p, uint64_t seed, uint64_t stream,
+                               uint64_t offset, CUstream_st* s) {
+  dropout_forward(as_bf16(out), as_bf16(x), n, p, seed, stream, offset, s);
+}
+void dropout_backward_bf16_cuda(uint16_t* dx, const uint16_t* dout, int64_t n, float p, uint64_t seed,
+                                uint64_t stream, uint64_t offset, CUstream_st* s) {
+  dropout_backward(as_bf16(dx), as_bf16(dout), n, p, seed, stream, offset, s);
 }
 
 }  // namespace kraken::kernels

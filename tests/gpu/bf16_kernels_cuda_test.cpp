@@ -1,0 +1,404 @@
+// The bf16-storage CUDA kernels (the *_bf16_cuda entry points of kernels/elementwise.h, layernorm.h,
+// attention.h, cross_entropy.h and random.h), called directly on device buffers, against their
+// contract: the f32 kernel on the widened bf16 inputs, each output rounded once to bf16. The reference
+// is the CPU f32 kernel (kernels/*_cpu) on exactly the bf16 values the GPU reads, its outputs rounded
+// with cast_f32_to_bf16_cpu (nearest even, as __float2bfloat16_rn); accumulating outputs start from
+// non-zero values, widened on the CPU as the GPU reads them. Sizes are deliberately ragged: C not a
+// multiple of 8 or 32, T not a multiple of the 32-row attention tiles, n not a multiple of 4.
+// Skips where there is no GPU, and in the dry run (KRAKEN_GPU_TESTS_ON_CPU=1): these tests call CUDA
+// kernels directly, so there is nothing for the CPU to stand in for.
+//
+// Tolerances. Let a (GPU) and b (CPU) be an output's f32 value before the final rounding. They differ
+// only as the fp32 kernels do, which tests/gpu/ops_cuda_test.cpp and nn_cuda_test.cpp bound relative
+// to the tensor's largest magnitude: 0 for one IEEE operation per element (scale, mul, add, the
+// broadcast add, the dropout forward, the f32 accumulation), 1e-7 for the dropout backward (dx + dout·k
+// may be one FMA on one side only: 2⁻²⁴ of the scale), 4e-6 for GELU (tanhf within 2 ulp, other FMA
+// contractions), 1e-5 for one reordered reduction (layernorm, sums over rows, cross-entropy), 1e-5 /
+// 2e-5 for the attention forward / backward; the typical difference is about 1e-6 of the scale
+// (√n·2⁻²⁴). Rounding to nearest is monotone, so such a small |a − b| either leaves both on the same
+// bf16 value or, when a rounding boundary lies between them, puts them on neighbouring ones (one
+// flipped rounding). A neighbour of ref is at most one bf16 ulp of ref away, and with 8 significant
+// bits that is at most 2⁻⁷·|ref| (between 2⁻⁸ and 2⁻⁷ of the element: 2⁻⁸ alone would reject a correct
+// kernel at the bottom of a binade, e.g. ref = 1, got = 1 + 2⁻⁷). What |a − b| adds beyond one flip
+// matters only for elements far below the tensor's scale, and the absolute term covers it. So every
+// bf16 output must satisfy
+//     |got − ref| ≤ 2⁻⁷·|ref| + rel·max|ref|,   rel = the fp32 tolerance of the same kernel above,
+// while a wrong index, mask or factor is an O(1) relative error. The f32 outputs (mean, rstd, lse,
+// losses, dgamma, dbeta, the accumulate buffer) are compared as in the fp32 tests, |got − ref| ≤
+// rel·max|ref|. Each comparison prints its worst error and how many elements differ from the
+// reference bits ([gpu-vs-cpu] lines, collected by tools/gpu-check.sh).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "kernels/attention.h"
+#include "kernels/cross_entropy.h"
+#include "kernels/elementwise.h"
+#include "kernels/layernorm.h"
+#include "kernels/random.h"
+#include "runtime/allocator.h"
+#include "runtime/tensor.h"
+#include "tests/gpu/gpu_test_util.h"
+
+namespace kraken::kernels {
+namespace {
+
+using runtime::Device;
+using runtime::DType;
+using runtime::Shape;
+using runtime::Tensor;
+
+// Every test below: a GPU, a build with the CUDA kernels, and not the dry run.
+#define KRAKEN_REQUIRE_CUDA_KERNELS()                                                                   \
+  do {                                                                                                  \
+    KRAKEN_REQUIRE_GPU();                                                                               \
+    if (::kraken::testing::gpu_tests_on_cpu())                                                          \
+      GTEST_SKIP() << "dry run: these tests call the bf16 CUDA kernels directly (no CPU stand-in)";     \
+    if (!KRAKEN_WITH_CUDA) GTEST_SKIP() << "this build has no CUDA kernels";                            \
+  } while (0)
+
+#if KRAKEN_WITH_CUDA
+
+constexpr double kOneUlp = 1.0 / 128.0;  // 2⁻⁷: one bf16 ulp of the element, at most
+
+Device gpu() { return Device::cuda(0); }
+CUstream_st* stream() { return runtime::compute_stream(gpu()); }
+
+// N(0, std²) values (plus `shift`) rounded to bf16 on the CPU: the exact inputs of both sides.
+Tensor bf16_input(const Shape& shape, uint64_t seed, float std = 1.0f, float shift = 0.0f) {
+  std::vector<float> v = testing::random_tensor(shape, seed, std).to_vector();
+  for (float& x : v) x += shift;
+  return Tensor::from_vector(v, shape).to(DType::BF16);
+}
+
+// f32 values on the CPU (parameters, f32 accumulators).
+std::vector<float> f32_values(int64_t n, uint64_t seed, float std = 1.0f) {
+  return testing::random_tensor({n}, seed, std).to_vector();
+}
+
+Tensor f32_on_gpu(const std::vector<float>& v) {
+  return Tensor::from_vector(v, {static_cast<int64_t>(v.size())}).to(gpu());
+}
+
+uint16_t* bits(const Tensor& t) { return t.data<uint16_t>(); }
+float* f32(const Tensor& t) { return t.data<float>(); }
+
+// The reference's one rounding: f32 → bf16 (nearest even) → f32.
+std::vector<float> round_bf16(const std::vector<float>& v) {
+  const int64_t n = static_cast<int64_t>(v.size());
+  std::vector<uint16_t> b(v.size());
+  cast_f32_to_bf16_cpu(b.data(), v.data(), n);
+  std::vector<float> out(v.size());
+  cast_bf16_to_f32_cpu(out.data(), b.data(), n);
+  return out;
+}
+
+// A bf16 device output against the rounded reference: |got − ref| ≤ 2⁻⁷·|ref| + rel·max|ref|.
+void expect_bf16_close(const Tensor& got_dev, const std::vector<float>& ref, double rel, const std::string& what) {
+  ASSERT_EQ(got_dev.dtype(), DType::BF16) << what;
+  const std::vector<float> got = got_dev.to_vector();  // widened exactly
+  ASSERT_EQ(got.size(), ref.size()) << what;
+  double scale = 0.0;
+  for (float r : ref) scale = std::max(scale, std::fabs(static_cast<double>(r)));
+  double worst = 0.0;  // in units of the allowed error
+  int64_t at = -1, differing = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double g = got[i], r = ref[i];
+    differing += g != r;
+    // An exact match is no error (also where 0 is allowed); anything not finite is the worst.
+    double ratio = 0.0;
+    if (g != r) {
+      ratio = std::isfinite(g) && std::isfinite(r) ? std::fabs(g - r) / (kOneUlp * std::fabs(r) + rel * scale)
+                                                   : std::numeric_limits<double>::infinity();
+    }
+    if (at < 0 || ratio > worst) worst = ratio, at = static_cast<int64_t>(i);
+  }
+  if (at < 0) return;
+  std::printf("[gpu-vs-cpu] bf16 %s: worst error %.3g of the allowed, %lld of %zu elements differ from the "
+              "reference bits (scale %.3g)\n",
+              what.c_str(), worst, static_cast<long long>(differing), got.size(), scale);
+  EXPECT_LE(worst, 1.0) << what << ": element " << at << " is " << got[at] << ", the reference " << ref[at]
+                        << " (allowed 2^-7 x |ref| + " << rel << " x " << scale << ")";
+}
+
+// An f32 device output: |got − ref| ≤ rel·max|ref| (gpu_test_util's comparison).
+void expect_f32_close(const Tensor& got_dev, const std::vector<float>& ref, double rel, const std::string& what) {
+  testing::expect_close(got_dev.to_vector(), ref, rel, what);
+}
+
+// ---- elementwise ----------------------------------------------------------------------------------
+
+void check_elementwise() {
+  const int64_t n = 4099;  // not a multiple of 4 or 8
+  const Tensor a16 = bf16_input({n}, 1), b16 = bf16_input({n}, 2);
+  const std::vector<float> a = a16.to_vector(), b = b16.to_vector();
+  const Tensor a_dev = a16.to(gpu()), b_dev = b16.to(gpu());
+  std::vector<float> ref(static_cast<size_t>(n));
+  {
+    Tensor out = Tensor::empty({n}, DType::BF16, gpu());
+    add_bf16_cuda(bits(out), bits(a_dev), bits(b_dev), n, stream());
+    add_cpu(ref.data(), a.data(), b.data(), n);
+    expect_bf16_close(out, round_bf16(ref), 0.0, "add");
+  }
+  {
+    Tensor out = Tensor::empty({n}, DType::BF16, gpu());
+    scale_bf16_cuda(bits(out), bits(a_dev), -0.37f, n, stream());
+    scale_cpu(ref.data(), a.data(), -0.37f, n);
+    expect_bf16_close(out, round_bf16(ref), 0.0, "scale");
+  }
+  {
+    Tensor out = Tensor::empty({n}, DType::BF16, gpu());
+    mul_bf16_cuda(bits(out), bits(a_dev), bits(b_dev), n, stream());
+    mul_cpu(ref.data(), a.data(), b.data(), n);
+    expect_bf16_close(out, round_bf16(ref), 0.0, "mul");
+  }
+  {
+    // acc (f32, non-zero) += x: one f32 addition per element, no rounding to bf16.
+    std::vector<float> acc = f32_values(n, 3, 4.0f);
+    const Tensor acc_dev = f32_on_gpu(acc);
+    accumulate_bf16_cuda(f32(acc_dev), bits(a_dev), n, stream());
+    add_cpu(acc.data(), acc.data(), a.data(), n);
+    expect_f32_close(acc_dev, acc, 0.0, "accumulate (f32 += bf16)");
+  }
+  {
+    // GELU over a wide range (std 4), backward accumulating into a non-zero dx.
+    const int64_t m = 5 * 4099;
+    const Tensor x16 = bf16_input({m}, 4, 4.0f), dout16 = bf16_input({m}, 5), dx16 = bf16_input({m}, 6);
+    const std::vector<float> x = x16.to_vector(), dout = dout16.to_vector();
+    std::vector<float> y(static_cast<size_t>(m)), dx = dx16.to_vector();
+    const Tensor x_dev = x16.to(gpu()), dout_dev = dout16.to(gpu()), dx_dev = dx16.to(gpu());
+    Tensor y_dev = Tensor::empty({m}, DType::BF16, gpu());
+    gelu_forward_bf16_cuda(bits(y_dev), bits(x_dev), m, stream());
+    gelu_backward_bf16_cuda(bits(dx_dev), bits(x_dev), bits(dout_dev), m, stream());
+    gelu_forward_cpu(y.data(), x.data(), m);
+    gelu_backward_cpu(dx.data(), x.data(), dout.data(), m);
+    expect_bf16_close(y_dev, round_bf16(y), 4e-6, "gelu forward");
+    expect_bf16_close(dx_dev, round_bf16(dx), 4e-6, "gelu backward (dx +=)");
+  }
+}
+
+void check_broadcast_and_sum_rows() {
+  // cols = 1001: not a multiple of the 8-column blocks. rows = 8 takes the one-thread-per-column
+  // kernel, 330 the row-group kernel (rows ≥ 64), 64 its smallest case.
+  const int64_t cols = 1001;
+  for (int64_t rows : {int64_t{8}, int64_t{64}, int64_t{330}}) {
+    const std::string shape = " (" + std::to_string(rows) + ", " + std::to_string(cols) + ")";
+    const Tensor a16 = bf16_input({rows, cols}, 10), b16 = bf16_input({cols}, 11);
+    const std::vector<float> a = a16.to_vector(), b = b16.to_vector();
+    const Tensor a_dev = a16.to(gpu()), b_dev = b16.to(gpu());
+    Tensor out = Tensor::empty({rows, cols}, DType::BF16, gpu());
+    add_broadcast_bf16_cuda(bits(out), bits(a_dev), bits(b_dev), rows, cols, stream());
+    std::vector<float> ref(static_cast<size_t>(rows * cols));
+    add_broadcast_cpu(ref.data(), a.data(), b.data(), rows, cols);
+    expect_bf16_close(out, round_bf16(ref), 0.0, "add_broadcast" + shape);
+    // db (bf16, non-zero) += Σ_r dout[r, :]: summed in f32, rounded once.
+    const Tensor db16 = bf16_input({cols}, 12, 3.0f);
+    std::vector<float> db = db16.to_vector();
+    const Tensor db_dev = db16.to(gpu());
+    sum_rows_bf16_cuda(bits(db_dev), bits(a_dev), rows, cols, stream());
+    sum_rows_cpu(db.data(), a.data(), rows, cols);
+    expect_bf16_close(db_dev, round_bf16(db), 1e-5, "sum_rows (db +=)" + shape);
+  }
+}
+
+// ---- layernorm --------------------------------------------------------------------------------------
+
+void check_layernorm(int64_t rows, int64_t C, bool with_beta) {
+  const std::string what = "layernorm (" + std::to_string(rows) + ", " + std::to_string(C) + ")" +
+                           (with_beta ? "" : " without beta");
+  const float eps = 1e-5f;
+  // Activations with a non-zero mean and scale; gamma, beta f32.
+  const Tensor x16 = bf16_input({rows, C}, 20, 2.0f, 0.7f);
+  const std::vector<float> x = x16.to_vector(), gamma = f32_values(C, 21, 0.5f), beta = f32_values(C, 22, 0.5f);
+  const Tensor x_dev = x16.to(gpu()), gamma_dev = f32_on_gpu(gamma), beta_dev = f32_on_gpu(beta);
+  Tensor out_dev = Tensor::empty({rows, C}, DType::BF16, gpu());
+  Tensor mean_dev = Tensor::empty({rows}, DType::F32, gpu()), rstd_dev = Tensor::empty({rows}, DType::F32, gpu());
+  layernorm_forward_bf16_cuda(bits(out_dev), f32(mean_dev), f32(rstd_dev), bits(x_dev), f32(gamma_dev),
+                              with_beta ? f32(beta_dev) : nullptr, rows, C, eps, stream());
+  std::vector<float> out(static_cast<size_t>(rows * C)), mean(static_cast<size_t>(rows)),
+      rstd(static_cast<size_t>(rows));
+  layernorm_forward_cpu(out.data(), mean.data(), rstd.data(), x.data(), gamma.data(),
+                        with_beta ? beta.data() : nullptr, rows, C, eps);
+  expect_bf16_close(out_dev, round_bf16(out), 1e-5, what + ": out");
+  expect_f32_close(mean_dev, mean, 1e-5, what + ": mean");
+  expect_f32_close(rstd_dev, rstd, 1e-5, what + ": rstd");
+
+  // Backward from the same (CPU) mean and rstd on both sides; dx (bf16), dgamma, dbeta (f32) start
+  // non-zero.
+  const Tensor dout16 = bf16_input({rows, C}, 23), dx16 = bf16_input({rows, C}, 24);
+  const std::vector<float> dout = dout16.to_vector();
+  std::vector<float> dx = dx16.to_vector(), dgamma = f32_values(C, 25), dbeta = f32_values(C, 26);
+  const Tensor dout_dev = dout16.to(gpu()), dx_dev = dx16.to(gpu());
+  const Tensor dgamma_dev = f32_on_gpu(dgamma), dbeta_dev = f32_on_gpu(dbeta);
+  const Tensor mean_in = f32_on_gpu(mean), rstd_in = f32_on_gpu(rstd);
+  layernorm_backward_bf16_cuda(bits(dx_dev), f32(dgamma_dev), with_beta ? f32(dbeta_dev) : nullptr, bits(dout_dev),
+                               bits(x_dev), f32(gamma_dev), f32(mean_in), f32(rstd_in), rows, C, stream());
+  layernorm_backward_cpu(dx.data(), dgamma.data(), with_beta ? dbeta.data() : nullptr, dout.data(), x.data(),
+                         gamma.data(), mean.data(), rstd.data(), rows, C);
+  expect_bf16_close(dx_dev, round_bf16(dx), 1e-5, what + ": dx +=");
+  expect_f32_close(dgamma_dev, dgamma, 1e-5, what + ": dgamma +=");
+  if (with_beta) expect_f32_close(dbeta_dev, dbeta, 1e-5, what + ": dbeta +=");
+}
+
+// ---- attention --------------------------------------------------------------------------------------
+
+void check_attention(int64_t B, int64_t T, int64_t C, int64_t NH) {
+  const std::string what = "attention B=" + std::to_string(B) + " T=" + std::to_string(T) +
+                           " C=" + std::to_string(C) + " NH=" + std::to_string(NH);
+  const Tensor qkv16 = bf16_input({B, T, 3 * C}, 30);
+  const std::vector<float> qkv = qkv16.to_vector();
+  const Tensor qkv_dev = qkv16.to(gpu());
+  Tensor out_dev = Tensor::empty({B, T, C}, DType::BF16, gpu());
+  Tensor lse_dev = Tensor::empty({B, NH, T}, DType::F32, gpu());
+  attention_forward_bf16_cuda(bits(out_dev), f32(lse_dev), bits(qkv_dev), B, T, C, NH, stream());
+  std::vector<float> out(static_cast<size_t>(B * T * C)), lse(static_cast<size_t>(B * NH * T));
+  attention_forward_cpu(out.data(), lse.data(), qkv.data(), B, T, C, NH);
+  const std::vector<float> out_rounded = round_bf16(out);
+  expect_bf16_close(out_dev, out_rounded, 1e-5, what + ": out");
+  expect_f32_close(lse_dev, lse, 1e-5, what + ": lse");
+
+  // Backward on identical inputs: the reference's out (rounded to bf16, as the forward stores it) and
+  // lse, a random dout; dqkv (bf16) starts non-zero.
+  const Tensor dout16 = bf16_input({B, T, C}, 31), dqkv16 = bf16_input({B, T, 3 * C}, 32, 0.1f);
+  const std::vector<float> dout = dout16.to_vector();
+  std::vector<float> dqkv = dqkv16.to_vector();
+  const Tensor dout_dev = dout16.to(gpu()), dqkv_dev = dqkv16.to(gpu());
+  const Tensor out_in = Tensor::from_vector(out_rounded, {B, T, C}).to(DType::BF16).to(gpu());
+  const Tensor lse_in = f32_on_gpu(lse);
+  attention_backward_bf16_cuda(bits(dqkv_dev), bits(dout_dev), bits(qkv_dev), bits(out_in), f32(lse_in), B, T, C, NH,
+                               stream());
+  attention_backward_cpu(dqkv.data(), dout.data(), qkv.data(), out_rounded.data(), lse.data(), B, T, C, NH);
+  expect_bf16_close(dqkv_dev, round_bf16(dqkv), 2e-5, what + ": dqkv +=");
+}
+
+// ---- cross-entropy ----------------------------------------------------------------------------------
+
+void check_cross_entropy(int64_t N, int64_t Vp, int64_t V, const std::vector<int64_t>& ignored_rows) {
+  const std::string what = "cross_entropy N=" + std::to_string(N) + " Vp=" + std::to_string(Vp) +
+                           " V=" + std::to_string(V);
+  const int32_t ignore = -1;
+  const Tensor logits16 = bf16_input({N, Vp}, 40, 3.0f);  // std 3: peaked rows
+  const std::vector<float> logits = logits16.to_vector();
+  std::vector<int32_t> targets = testing::random_ids({N}, V, 41).to_int_vector();
+  for (int64_t r : ignored_rows) targets[static_cast<size_t>(r)] = ignore;
+  int64_t count = 0;
+  ASSERT_LT(cross_entropy_check_targets_cpu(targets.data(), N, V, ignore, &count), 0) << what;
+  const Tensor logits_dev = logits16.to(gpu()), targets_dev = Tensor::from_ints(targets, {N}).to(gpu());
+  Tensor losses_dev = Tensor::empty({N}, DType::F32, gpu()), lse_dev = Tensor::empty({N}, DType::F32, gpu());
+  cross_entropy_forward_bf16_cuda(f32(losses_dev), f32(lse_dev), bits(logits_dev), targets_dev.data<int32_t>(), N, Vp,
+                                  V, ignore, stream());
+  std::vector<float> losses(static_cast<size_t>(N)), lse(static_cast<size_t>(N));
+  cross_entropy_forward_cpu(losses.data(), lse.data(), logits.data(), targets.data(), N, Vp, V, ignore);
+  expect_f32_close(losses_dev, losses, 1e-5, what + ": losses");
+  // lse of an ignored row is unused (0 on both devices today, but not promised): compare the others.
+  std::vector<float> lse_got = lse_dev.to_vector();
+  for (int64_t r : ignored_rows) lse_got[static_cast<size_t>(r)] = lse[static_cast<size_t>(r)];
+  testing::expect_close(lse_got, lse, 1e-5, what + ": lse");
+
+  // Backward from the CPU's lse; dlogits is written, not accumulated: it starts as garbage (−7), and
+  // the padding and the ignored rows must come out exactly +0.
+  const float dloss = 1.7f;
+  const Tensor dloss_dev = f32_on_gpu({dloss}), lse_in = f32_on_gpu(lse);
+  const Tensor dlogits_dev = Tensor::full({N, Vp}, -7.0f).to(DType::BF16).to(gpu());
+  cross_entropy_backward_bf16_cuda(bits(dlogits_dev), bits(logits_dev), f32(lse_in), targets_dev.data<int32_t>(),
+                                   f32(dloss_dev), count, N, Vp, V, ignore, stream());
+  std::vector<float> dlogits(static_cast<size_t>(N * Vp));
+  cross_entropy_backward_cpu(dlogits.data(), logits.data(), lse.data(), targets.data(), &dloss, count, N, Vp, V,
+                             ignore);
+  expect_bf16_close(dlogits_dev, round_bf16(dlogits), 1e-5, what + ": dlogits");
+  const Tensor got = dlogits_dev.to(Device::cpu());
+  const uint16_t* g = got.data<uint16_t>();
+  for (int64_t r = 0; r < N; ++r) {
+    for (int64_t v = 0; v < Vp; ++v) {
+      if (v >= V || targets[static_cast<size_t>(r)] == ignore) {
+        ASSERT_EQ(g[r * Vp + v], 0u) << what << ": row " << r << " column " << v << " must be +0";
+      }
+    }
+  }
+}
+
+// ---- dropout ----------------------------------------------------------------------------------------
+
+void check_dropout(float p) {
+  const std::string what = "dropout p=" + std::to_string(p);
+  const int64_t n = 10007;  // not a multiple of 4: the last Philox block is partly used
+  const uint64_t seed = 77, philox_stream = 9, offset = 123;
+  const Tensor x16 = bf16_input({n}, 50), dout16 = bf16_input({n}, 51), dx16 = bf16_input({n}, 52);
+  const std::vector<float> x = x16.to_vector(), dout = dout16.to_vector();
+  std::vector<float> y(static_cast<size_t>(n)), dx = dx16.to_vector();
+  const Tensor x_dev = x16.to(gpu()), dout_dev = dout16.to(gpu()), dx_dev = dx16.to(gpu());
+  Tensor y_dev = Tensor::empty({n}, DType::BF16, gpu());
+  dropout_forward_bf16_cuda(bits(y_dev), bits(x_dev), n, p, seed, philox_stream, offset, stream());
+  dropout_backward_bf16_cuda(bits(dx_dev), bits(dout_dev), n, p, seed, philox_stream, offset, stream());
+  dropout_forward_cpu(y.data(), x.data(), n, p, seed, philox_stream, offset);
+  dropout_backward_cpu(dx.data(), dout.data(), n, p, seed, philox_stream, offset);
+  // Forward: one product per element (rel = 0), a dropped element exactly 0. Backward: nvcc makes
+  // dx + dout·k one FMA, and gcc may or may not (-ffp-contract): one f32 rounding of dout·k apart,
+  // at most 2⁻²⁴ ≈ 6e-8 of the scale, so 1e-7 (a kept dx is otherwise exact).
+  expect_bf16_close(y_dev, round_bf16(y), 0.0, what + ": forward");
+  expect_bf16_close(dx_dev, round_bf16(dx), 1e-7, what + ": backward (dx +=)");
+  int64_t kept = 0;
+  for (float v : y_dev.to_vector()) kept += v != 0.0f;
+  EXPECT_NEAR(static_cast<double>(kept) / static_cast<double>(n), 1.0 - p, 0.02) << what;
+}
+
+#else  // a build without CUDA: the tests skip before calling these
+
+void check_elementwise() {}
+void check_broadcast_and_sum_rows() {}
+void check_layernorm(int64_t, int64_t, bool) {}
+void check_attention(int64_t, int64_t, int64_t, int64_t) {}
+void check_cross_entropy(int64_t, int64_t, int64_t, const std::vector<int64_t>&) {}
+void check_dropout(float) {}
+
+#endif  // KRAKEN_WITH_CUDA
+
+TEST(GpuBf16Kernels, ElementwiseAndGeluMatchTheRoundedCpu) {
+  KRAKEN_REQUIRE_CUDA_KERNELS();
+  check_elementwise();
+}
+
+TEST(GpuBf16Kernels, BroadcastAddAndSumRowsMatchTheRoundedCpu) {
+  KRAKEN_REQUIRE_CUDA_KERNELS();
+  check_broadcast_and_sum_rows();
+}
+
+TEST(GpuBf16Kernels, LayerNormMatchesTheRoundedCpu) {
+  KRAKEN_REQUIRE_CUDA_KERNELS();
+  // C = 100 and 37: not multiples of the warp or of 8; 75 rows leave a partial block of 8 rows.
+  check_layernorm(75, 100, true);
+  check_layernorm(75, 100, false);
+  check_layernorm(130, 37, true);
+}
+
+TEST(GpuBf16Kernels, AttentionMatchesTheRoundedCpu) {
+  KRAKEN_REQUIRE_CUDA_KERNELS();
+  // T not a multiple of the 32-row tiles (45, 77), shorter than one (7), exact (64); head sizes 16,
+  // 64 and 128 (above 48 KiB of shared memory).
+  check_attention(2, 45, 64, 4);
+  check_attention(1, 7, 32, 2);
+  check_attention(2, 64, 128, 2);
+  check_attention(1, 77, 256, 2);
+}
+
+TEST(GpuBf16Kernels, CrossEntropyMatchesTheRoundedCpu) {
+  KRAKEN_REQUIRE_CUDA_KERNELS();
+  // Vp = 130 with V = 100 real columns (odd padding), ignored rows; and the GPT-2 vocabulary.
+  check_cross_entropy(21, 130, 100, {0, 5, 6, 13});
+  check_cross_entropy(4, 50304, 50257, {});
+}
+
+TEST(GpuBf16Kernels, DropoutMatchesTheRoundedCpu) {
+  KRAKEN_REQUIRE_CUDA_KERNELS();
+  check_dropout(0.1f);
+  check_dropout(0.5f);
+}
+
+}  // namespace
+}  // namespace kraken::kernels
