@@ -223,7 +223,9 @@ TEST(PlannerPartition, RespectsForbiddenCutsAndStaysOptimal) {
     ASSERT_TRUE(got.feasible) << "trial " << trial;
     for (int s = 1; s < p.stages; ++s) EXPECT_TRUE(p.cut_allowed[got.stage_begin[s]]) << "trial " << trial;
     EXPECT_NEAR(got.objective, best, kRelTol * best) << "trial " << trial;
-    if (p.memory_limited && p.stages > 1) EXPECT_NEAR(min_peak_memory(p), best_peak, kRelTol * best_peak);
+    if (p.memory_limited && p.stages > 1) {
+      EXPECT_NEAR(min_peak_memory(p), best_peak, kRelTol * best_peak);
+    }
     ++compared;
   }
   EXPECT_GT(compared, 1000);

@@ -87,8 +87,11 @@ TEST(PlannerRunLimits, CandidatesKeepEnoughMicroBatchesAndDataParallelOnly) {
   m.limits.accumulation_covers_pipeline = true;
   const std::vector<Strategy> filled = candidate_shapes(cluster, m);
   EXPECT_LT(filled.size(), all);  // e.g. pp = 4, dp = 1, micro-batch 4 (2 micro-batches) is gone
-  for (const Strategy& s : filled)
-    if (s.pp > 1) EXPECT_GE(s.accumulation, s.pp);
+  for (const Strategy& s : filled) {
+    if (s.pp > 1) {
+      EXPECT_GE(s.accumulation, s.pp);
+    }
+  }
   m.limits.data_parallel_only = true;
   for (const Strategy& s : candidate_shapes(cluster, m)) {
     EXPECT_EQ(s.tp, 1);
