@@ -27,8 +27,9 @@ int main(int argc, char** argv) {
     const int64_t B = batch_size > 0 ? batch_size : loaded.config.train.batch_size;
     const int64_t T = seq_len > 0 ? seq_len : loaded.config.train.seq_len;
     const train::PerplexityResult r = train::evaluate_perplexity(*loaded.model, shards, B, T, batches, dev);
-    std::printf("checkpoint step %lld: val loss %.4f, perplexity %.3f over %lld tokens (%.1f s, %.0f tokens/s)\n",
-                (long long)loaded.step, r.mean_loss, r.perplexity, (long long)r.tokens, r.seconds,
+    std::printf("checkpoint step %lld (%s): val loss %.4f, perplexity %.3f over %lld tokens (%.1f s, %.0f tokens/s)\n",
+                (long long)loaded.step, loaded.model->compute_dtype() == runtime::DType::BF16 ? "bf16" : "fp32",
+                r.mean_loss, r.perplexity, (long long)r.tokens, r.seconds,
                 r.seconds > 0 ? r.tokens / r.seconds : 0.0);
     return 0;
   } catch (const Error& e) {

@@ -31,6 +31,9 @@ LoadedModel load_model(const std::string& path, const runtime::Device& device) {
   out.config = parse_config(ckpt.state["config"].get<std::string>(), dir + "/state.json[config]", false);
   out.step = ckpt.step();
   out.model = std::make_unique<models::KrakenModel>(out.config.model, device);
+  // The precision the run trained with ([train] precision; "auto" resolves for this device), so that
+  // kraken-eval reproduces the run's validation loss.
+  out.model->set_compute_dtype(compute_dtype(out.config.train, device));
   NamedTensors targets;
   for (const auto& p : out.model->named_parameters()) targets.emplace_back(p.name, p.tensor);
   load_tensors(ckpt.model, targets);

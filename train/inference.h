@@ -18,7 +18,7 @@ struct LoadedModel {
   std::unique_ptr<models::KrakenModel> model;
 };
 // Opens a checkpoint directory (or a run's checkpoint dir: the newest checkpoint in it) and loads the
-// model it holds onto `device`.
+// model it holds onto `device`, computing in the precision the run trained with ([train] precision).
 LoadedModel load_model(const std::string& path, const runtime::Device& device = runtime::Device::cpu());
 
 struct PerplexityResult {

@@ -13,6 +13,7 @@
 #include "tests/support/temp_dir.h"
 #include "train/checkpoint.h"
 #include "train/config.h"
+#include "train/inference.h"
 #include "train/trainer.h"
 #include "tests/support/errors.h"
 #include "tests/support/fixtures.h"
@@ -103,22 +104,30 @@ TEST(Trainer, MixedPrecisionTracksFp32AndResumesBitIdentically) {
   TempDir dir;
   write_shards(dir, 200);
   auto config = [&](const std::string& precision, const std::string& run) {
-    Config c = parse_config(tiny_config(dir), "mp.toml");
-    c.train.precision = precision;
+    // In the text, not set afterwards: the checkpoint keeps the config's text, and kraken-eval reads
+    // the precision from it below.
+    std::string text = tiny_config(dir);
+    text.replace(text.find("[train]\n"), 8, "[train]\nprecision = \"" + precision + "\"\n");
+    Config c = parse_config(text, "mp.toml");
     c.optim.lr = 1e-2;  // large steps: the two runs' differences have the most room to grow
     c.train.out_dir = dir / run;
     c.checkpoint.dir.clear();
     return c;
   };
   std::vector<double> fp32, bf16;
+  double fp32_val = 0.0, bf16_val = 0.0;
   {
     Trainer t(config("fp32", "fp32"), quiet());
-    fp32 = t.run().losses;
+    const RunSummary s = t.run();
+    fp32 = s.losses;
+    fp32_val = s.val_loss;
   }
   {
     Trainer t(config("bf16", "bf16"), quiet());
     EXPECT_NE(t.describe().find("mixed precision"), std::string::npos) << t.describe();
-    bf16 = t.run().losses;
+    const RunSummary s = t.run();
+    bf16 = s.losses;
+    bf16_val = s.val_loss;
   }
   ASSERT_EQ(fp32.size(), 20u);
   ASSERT_EQ(bf16.size(), 20u);
@@ -143,6 +152,17 @@ TEST(Trainer, MixedPrecisionTracksFp32AndResumesBitIdentically) {
   }
   ASSERT_EQ(resumed.size(), bf16.size());
   for (size_t i = 0; i < bf16.size(); ++i) EXPECT_EQ(resumed[i], bf16[i]) << "step " << i + 1;
+
+  // kraken-eval's loader takes the run's precision from the checkpoint and reproduces its validation
+  // loss (the same batches, the same bf16 arithmetic); the fp32 run's checkpoint evaluates in fp32.
+  for (const char* run : {"bf16", "fp32"}) {
+    LoadedModel loaded = load_model(dir / run);
+    EXPECT_EQ(loaded.model->compute_dtype(), std::string(run) == "bf16" ? runtime::DType::BF16 : runtime::DType::F32);
+    const Config c = config(run, run);
+    const PerplexityResult r = evaluate_perplexity(*loaded.model, c.data.val, c.train.batch_size, c.train.seq_len,
+                                                   c.train.eval_batches, runtime::Device::cpu());
+    EXPECT_NEAR(r.mean_loss, std::string(run) == "bf16" ? bf16_val : fp32_val, 1e-6) << run;
+  }
 }
 
 TEST(Trainer, LossFallsOnStructuredData) {
