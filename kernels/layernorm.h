@@ -34,6 +34,18 @@ void layernorm_backward_cuda(float* dx, float* dgamma, float* dbeta, const float
                              const float* gamma, const float* mean, const float* rstd, int64_t rows, int64_t C,
                              CUstream_st* stream);
 
+// ---- CUDA, the residual add fused into the LayerNorm after it --------------------------------------
+// s = a + b (rounded to the storage type and stored), out = layernorm(s) computed from the stored s:
+// exactly what add followed by layernorm computes, in one pass over a and b instead of a pass that
+// writes s and another that reads it back. Backward needs no kernel of its own: the layernorm
+// backward accumulates into dx, which starts as the residual stream's gradient of s.
+void add_layernorm_forward_cuda(float* s, float* out, float* mean, float* rstd, const float* a, const float* b,
+                                const float* gamma, const float* beta, int64_t rows, int64_t C, float eps,
+                                CUstream_st* stream);
+void add_layernorm_forward_bf16_cuda(uint16_t* s, uint16_t* out, float* mean, float* rstd, const uint16_t* a,
+                                     const uint16_t* b, const float* gamma, const float* beta, int64_t rows, int64_t C,
+                                     float eps, CUstream_st* stream);
+
 // ---- CUDA, bf16 activations ---------------------------------------------------------------------
 // x, out, dout, dx bf16; gamma, beta, their gradients, mean and rstd f32 (parameters stay f32 in
 // mixed precision). Arithmetic in f32; out and dx rounded once (dx: after the accumulation).

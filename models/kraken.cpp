@@ -176,9 +176,8 @@ Tensor KrakenModel::attention_branch(const SubLayer& s, const Tensor& x, runtime
   return dropout(o, gen, training);
 }
 
-// MLP_i(LN2_i(m)): (B, T, C) → (B, T, C)
-Tensor KrakenModel::mlp_branch(const SubLayer& s, const Tensor& m, runtime::Generator* gen, bool training) {
-  Tensor h = ops::layernorm(m, s.ln_2_w, s.ln_2_b);
+// MLP_i(h), h = LN2_i(m) computed by the caller (fused with the add that makes m): (B, T, C) → (B, T, C)
+Tensor KrakenModel::mlp_branch(const SubLayer& s, const Tensor& h, runtime::Generator* gen, bool training) {
   if (!megatron()) {
     Tensor u = ops::gelu(ops::linear(h, compute(s.c_fc_w), compute(s.c_fc_b)));  // (B, T, eC)
     return dropout(ops::linear(u, compute(s.mlp_proj_w), compute(s.mlp_proj_b)), gen, training);
@@ -235,9 +234,18 @@ Tensor KrakenModel::stage_forward(const Tensor& ids, const Tensor& input, runtim
     if (pending.valid()) S = parallel::wait_all_reduce(pending);
     for (int64_t i = 0; i < n; ++i) {
       const SubLayer& s = layers_[layer][i];
-      Tensor a = ops::add(streams[i], attn[i]);                           // a_i = x_i + Attn_i(LN1_i(x_i))
-      Tensor m = !mixes ? a : (config_.degree == 1 ? a : ops::add(attn[i], S));  // m_i = a_i − x_i + S
-      streams[i] = ops::add(a, mlp_branch(s, m, gen, training));          // x_i ← a_i + MLP_i(LN2_i(m_i))
+      // a_i = x_i + Attn_i(LN1_i(x_i)); m_i = a_i − x_i + S (= a_i at degree 1 and in the first layer);
+      // x_i ← a_i + MLP_i(LN2_i(m_i)). Each add that feeds LN2 runs fused with it (ops::add_layernorm).
+      Tensor a, h;
+      if (!mixes || config_.degree == 1) {
+        std::vector<Tensor> a_h = ops::add_layernorm(streams[i], attn[i], s.ln_2_w, s.ln_2_b);
+        a = a_h[0];
+        h = a_h[1];
+      } else {
+        a = ops::add(streams[i], attn[i]);
+        h = ops::add_layernorm(attn[i], S, s.ln_2_w, s.ln_2_b)[1];  // m_i itself is needed only by LN2
+      }
+      streams[i] = ops::add(a, mlp_branch(s, h, gen, training));
     }
   }
 

@@ -111,7 +111,7 @@ class KrakenModel : public runtime::Module {
   };
   runtime::Tensor dropout(const runtime::Tensor& x, runtime::Generator* gen, bool training);
   runtime::Tensor attention_branch(const SubLayer& s, const runtime::Tensor& x, runtime::Generator* gen, bool training);
-  runtime::Tensor mlp_branch(const SubLayer& s, const runtime::Tensor& m, runtime::Generator* gen, bool training);
+  runtime::Tensor mlp_branch(const SubLayer& s, const runtime::Tensor& h, runtime::Generator* gen, bool training);
 
   bool megatron() const { return config_.degree == 1 && shard_.tp_size > 1; }
   // A parameter as the products use it: itself in f32, its bf16 cast under mixed precision.

@@ -48,6 +48,11 @@ Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias = Tensor
 // ---- normalisation and embedding (ops/layernorm.cpp, ops/embedding.cpp) ----------------------------------
 // Normalises the last dimension: (x − mean)/√(var + eps)·gamma + beta; gamma, beta (C,).
 Tensor layernorm(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps = 1e-5f);
+// The residual add and the LayerNorm after it: {s, layernorm(s)} with s = a + b (same shapes, no
+// broadcast). One kernel on CUDA (kernels/layernorm.h); the two ops on the CPU, with the same result.
+// The gradient of s from its other uses and the normalisation's gradient meet in one kernel.
+std::vector<Tensor> add_layernorm(const Tensor& a, const Tensor& b, const Tensor& gamma, const Tensor& beta,
+                                  float eps = 1e-5f);
 // weight (V, C), ids i32 of any shape S: returns S + (C,). Ids outside [0, V) are an error.
 Tensor embedding(const Tensor& weight, const Tensor& ids);
 

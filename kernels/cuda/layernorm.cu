@@ -27,15 +27,13 @@ __device__ inline float warp_sum(float v) {
   return v;
 }
 
+// One row of the forward, given the lane's partial sum of its elements c = lane, lane + 32, …: the
+// variance pass and the output pass. A warp per row; each lane reads only elements it summed (and, in
+// the fused kernel, wrote itself), so no synchronisation is needed.
 template <typename T>
-__global__ void layernorm_forward_kernel(T* out, float* mean, float* rstd, const T* x, const float* gamma,
-                                         const float* beta, int64_t rows, int C, float eps) {
-  const int lane = threadIdx.x & 31;
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
-  if (r >= rows) return;  // whole warps leave together
-  const T* xr = x + r * C;
-  float sum = 0.0f;
-  for (int c = lane; c < C; c += 32) sum += load(xr + c);
+__device__ __forceinline__ void layernorm_row(T* out, float* mean, float* rstd, const T* xr, float sum,
+                                              const float* gamma, const float* beta, int64_t r, int C, float eps,
+                                              int lane) {
   const float mu = warp_sum(sum) / static_cast<float>(C);
   float sq = 0.0f;
   for (int c = lane; c < C; c += 32) {
@@ -49,6 +47,36 @@ __global__ void layernorm_forward_kernel(T* out, float* mean, float* rstd, const
     if (mean) mean[r] = mu;
     if (rstd) rstd[r] = rs;
   }
+}
+
+template <typename T>
+__global__ void layernorm_forward_kernel(T* out, float* mean, float* rstd, const T* x, const float* gamma,
+                                         const float* beta, int64_t rows, int C, float eps) {
+  const int lane = threadIdx.x & 31;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  if (r >= rows) return;  // whole warps leave together
+  const T* xr = x + r * C;
+  float sum = 0.0f;
+  for (int c = lane; c < C; c += 32) sum += load(xr + c);
+  layernorm_row(out, mean, rstd, xr, sum, gamma, beta, r, C, eps, lane);
+}
+
+// s = a + b stored (rounded to T), summed as stored, then the row normalised from s.
+template <typename T>
+__global__ void add_layernorm_forward_kernel(T* s, T* out, float* mean, float* rstd, const T* a, const T* b,
+                                             const float* gamma, const float* beta, int64_t rows, int C, float eps) {
+  const int lane = threadIdx.x & 31;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  if (r >= rows) return;
+  const T* ar = a + r * C;
+  const T* br = b + r * C;
+  T* sr = s + r * C;
+  float sum = 0.0f;
+  for (int c = lane; c < C; c += 32) {
+    store(sr + c, load(ar + c) + load(br + c));
+    sum += load(sr + c);  // the stored (rounded) value, as layernorm of s would read it
+  }
+  layernorm_row(out, mean, rstd, static_cast<const T*>(sr), sum, gamma, beta, r, C, eps, lane);
 }
 
 // dx += rstd·(g − mean(g) − x̂·mean(g ∘ x̂)),  g = dout ∘ gamma
@@ -122,6 +150,15 @@ void layernorm_forward(T* out, float* mean, float* rstd, const T* x, const float
 }
 
 template <typename T>
+void add_layernorm_forward(T* s, T* out, float* mean, float* rstd, const T* a, const T* b, const float* gamma,
+                           const float* beta, int64_t rows, int64_t C, float eps, CUstream_st* stream) {
+  if (rows <= 0) return;
+  add_layernorm_forward_kernel<T><<<row_blocks(rows), kWarpsPerBlock * 32, 0, stream>>>(
+      s, out, mean, rstd, a, b, gamma, beta, rows, static_cast<int>(C), eps);
+  KRAKEN_CUDA_LAUNCH_CHECK();
+}
+
+template <typename T>
 void layernorm_backward(T* dx, float* dgamma, float* dbeta, const T* dout, const T* x, const float* gamma,
                         const float* mean, const float* rstd, int64_t rows, int64_t C, CUstream_st* stream) {
   // in the forward pass this was: out = x̂·gamma + beta, x̂ = (x − μ)·rstd
@@ -161,6 +198,19 @@ void layernorm_backward_bf16_cuda(uint16_t* dx, float* dgamma, float* dbeta, con
                                   const float* gamma, const float* mean, const float* rstd, int64_t rows, int64_t C,
                                   CUstream_st* stream) {
   layernorm_backward(as_bf16(dx), dgamma, dbeta, as_bf16(dout), as_bf16(x), gamma, mean, rstd, rows, C, stream);
+}
+
+void add_layernorm_forward_cuda(float* s, float* out, float* mean, float* rstd, const float* a, const float* b,
+                                const float* gamma, const float* beta, int64_t rows, int64_t C, float eps,
+                                CUstream_st* stream) {
+  add_layernorm_forward(s, out, mean, rstd, a, b, gamma, beta, rows, C, eps, stream);
+}
+
+void add_layernorm_forward_bf16_cuda(uint16_t* s, uint16_t* out, float* mean, float* rstd, const uint16_t* a,
+                                     const uint16_t* b, const float* gamma, const float* beta, int64_t rows, int64_t C,
+                                     float eps, CUstream_st* stream) {
+  add_layernorm_forward(as_bf16(s), as_bf16(out), mean, rstd, as_bf16(a), as_bf16(b), gamma, beta, rows, C, eps,
+                        stream);
 }
 
 }  // namespace kraken::kernels

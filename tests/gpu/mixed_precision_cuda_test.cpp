@@ -86,6 +86,16 @@ TEST(GpuMixedPrecision, LayerNormAttentionAndCrossEntropyMatchTheCpuReference) {
                      "layernorm (bf16 rows, f32 gamma and beta)");
   expect_matches_cpu([](const auto& v) { return ops::layernorm(v[0], v[1], Tensor()); },
                      {bf16_leaf({5, 768}, 33), f32_leaf({768}, 34)}, kOneUlp, kOneUlp, "layernorm without bias");
+  // The fused residual add: s rounded to bf16 and normalised from the stored value on both sides; the
+  // GPU adds the normalisation's dx to the stream's gradient before rounding, the CPU rounds each then
+  // adds (one more rounding): within one ulp.
+  expect_matches_cpu(
+      [](const auto& v) {
+        std::vector<Tensor> s_h = ops::add_layernorm(v[0], v[1], v[2], v[3]);
+        return ops::add(ops::scale(s_h[0], 0.7f), s_h[1]);
+      },
+      {bf16_leaf({4, 33, 200}, 50, 2.0f), bf16_leaf({4, 33, 200}, 51), f32_leaf({200}, 52), f32_leaf({200}, 53)},
+      2 * kOneUlp, 2 * kOneUlp, "add_layernorm (both outputs through one more bf16 add)");
   for (int64_t T : {1, 64, 100}) {
     expect_matches_cpu([](const auto& v) { return ops::attention(v[0], 4); }, {bf16_leaf({2, T, 3 * 128}, 35 + T)},
                        kOneUlp, kAttentionGrad, "attention T = " + std::to_string(T));

@@ -67,6 +67,22 @@ TEST(GpuLayerNorm, MatchesTheCpuWithAndWithoutBeta) {
                      "layernorm, input only");
 }
 
+TEST(GpuLayerNorm, FusedResidualAddMatchesTheCpusTwoOps) {
+  KRAKEN_REQUIRE_GPU();
+  // One kernel on the GPU (s = a + b stored, then normalised), add then layernorm on the CPU. Both
+  // outputs take gradient (s continues the residual stream, weighted 0.7 here), so the fused backward
+  // adds the normalisation's dx to the stream's gradient; then the normalised output alone.
+  auto both = [](const std::vector<Tensor>& v) {
+    std::vector<Tensor> s_h = ops::add_layernorm(v[0], v[1], v[2], v[3]);
+    return ops::add(ops::scale(s_h[0], 0.7f), s_h[1]);
+  };
+  expect_matches_cpu(both, {leaf({3, 25, 100}, 49, 2.0f), leaf({3, 25, 100}, 50), leaf({100}, 51, 0.5f),
+                            leaf({100}, 52, 0.5f)}, 1e-5, 1e-5, "add_layernorm, both outputs");
+  expect_matches_cpu([](const std::vector<Tensor>& v) { return ops::add_layernorm(v[0], v[1], v[2], Tensor())[1]; },
+                     {leaf({37, 64}, 53), leaf({37, 64}, 54), leaf({64}, 55, 0.5f)}, 1e-5, 1e-5,
+                     "add_layernorm, normalised output only, no beta");
+}
+
 // ---- embedding ------------------------------------------------------------------------------------------
 
 TEST(GpuEmbedding, ForwardAndBackwardAreBitIdenticalToTheCpu) {

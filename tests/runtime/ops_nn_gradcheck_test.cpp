@@ -53,6 +53,22 @@ TEST(GradCheck, LayerNormWithoutBeta) {
                          {random_leaf({4, 7}, 40), gamma_leaf(7, 41)});
 }
 
+TEST(GradCheck, AddLayerNormThroughBothOutputs) {
+  // Both outputs carry gradient (s continues the residual stream): the projection weighs s by 0.7.
+  expect_gradients_match(
+      [](const auto& in) {
+        std::vector<Tensor> s_h = ops::add_layernorm(in[0], in[1], in[2], in[3]);
+        return ops::add(ops::scale(s_h[0], 0.7f), s_h[1]);
+      },
+      {random_leaf({3, 5, 8}, 42), random_leaf({3, 5, 8}, 43), gamma_leaf(8, 44), random_leaf({8}, 45, 0.5f)});
+}
+
+TEST(GradCheck, AddLayerNormNormalisedOutputOnly) {
+  // Kraken's m_i = attn_i + S feeds LN2 alone: the sum output takes no gradient.
+  expect_gradients_match([](const auto& in) { return ops::add_layernorm(in[0], in[1], in[2], Tensor())[1]; },
+                         {random_leaf({4, 6}, 46), random_leaf({4, 6}, 47), gamma_leaf(6, 48)});
+}
+
 TEST(GradCheck, EmbeddingWeightWithRepeatedIds) {
   // id 1 appears three times and 3 twice, so the backward's accumulation is exercised; id 2 never.
   const Tensor ids = Tensor::from_ints({1, 3, 1, 4, 1, 0, 3, 4}, {2, 4});
