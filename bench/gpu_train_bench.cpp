@@ -276,6 +276,47 @@ void bench_kernels(const DeviceInfo& dev, Report& r) {
     row("GELU backward", f * 4.0 * n,
         time_kernel([&] { gelu_backward_cuda(dx.data<float>(), x.data<float>(), dout.data<float>(), n, nullptr); }));
   }
+  {  // the same kernels with bf16 activations (mixed precision): half the bytes, the same f32 arithmetic
+    const double h = 2.0;
+    auto bf16 = [](const Tensor& t) { return t.to(DType::BF16); };
+    const int64_t n = N * 4 * C;
+    Tensor x = bf16(normal({N, C}, 60)), a = bf16(normal({N, C}, 61)), out = bf16(normal({N, C}, 62));
+    Tensor s = bf16(normal({N, C}, 63)), dout = bf16(normal({N, C}, 64)), dx = bf16(normal({N, C}, 65));
+    Tensor gamma = normal({C}, 66), beta = normal({C}, 67), mean = normal({N}, 68), rstd = normal({N}, 69);
+    Tensor dgamma = normal({C}, 70), dbeta = normal({C}, 71);
+    row("bf16 layernorm forward", h * 2.0 * N * C + f * 2 * N,
+        time_kernel([&] { layernorm_forward_bf16_cuda(out.data<uint16_t>(), mean.data<float>(), rstd.data<float>(),
+                                                      x.data<uint16_t>(), gamma.data<float>(), beta.data<float>(), N, C,
+                                                      1e-5f, nullptr); }));
+    row("bf16 residual add + layernorm forward (fused)", h * 4.0 * N * C + f * 2 * N,
+        time_kernel([&] { add_layernorm_forward_bf16_cuda(s.data<uint16_t>(), out.data<uint16_t>(), mean.data<float>(),
+                                                          rstd.data<float>(), x.data<uint16_t>(), a.data<uint16_t>(),
+                                                          gamma.data<float>(), beta.data<float>(), N, C, 1e-5f,
+                                                          nullptr); }));
+    row("bf16 layernorm backward", h * 6.0 * N * C + f * 2 * N,
+        time_kernel([&] { layernorm_backward_bf16_cuda(dx.data<uint16_t>(), dgamma.data<float>(), dbeta.data<float>(),
+                                                       dout.data<uint16_t>(), x.data<uint16_t>(), gamma.data<float>(),
+                                                       mean.data<float>(), rstd.data<float>(), N, C, nullptr); }));
+    Tensor u = bf16(normal({n}, 72)), gu = bf16(normal({n}, 73)), du = bf16(normal({n}, 74)), gx = bf16(normal({n}, 75));
+    row("bf16 GELU forward", h * 2.0 * n,
+        time_kernel([&] { gelu_forward_bf16_cuda(gu.data<uint16_t>(), u.data<uint16_t>(), n, nullptr); }));
+    row("bf16 GELU backward", h * 4.0 * n,
+        time_kernel([&] { gelu_backward_bf16_cuda(gx.data<uint16_t>(), u.data<uint16_t>(), du.data<uint16_t>(), n,
+                                                  nullptr); }));
+  }
+  {
+    Tensor logits = normal({N, Vp}, 76).to(DType::BF16), dlogits = Tensor::empty({N, Vp}, DType::BF16, Device::cuda(0));
+    Tensor losses = normal({N}, 77), lse = normal({N}, 78), targets = ids(N, 1, V, 4);
+    Tensor dloss = Tensor::full({1}, 1.0f, Device::cuda(0));
+    row("bf16 cross-entropy forward", 2.0 * N * V + f * 3 * N,
+        time_kernel([&] { cross_entropy_forward_bf16_cuda(losses.data<float>(), lse.data<float>(),
+                                                          logits.data<uint16_t>(), targets.data<int32_t>(), N, Vp, V, -1,
+                                                          nullptr); }));
+    row("bf16 cross-entropy backward", 2.0 * N * V + 2.0 * N * Vp + f * 2 * N,
+        time_kernel([&] { cross_entropy_backward_bf16_cuda(dlogits.data<uint16_t>(), logits.data<uint16_t>(),
+                                                           lse.data<float>(), targets.data<int32_t>(),
+                                                           dloss.data<float>(), N, N, Vp, V, -1, nullptr); }));
+  }
   {
     Tensor p = normal({P}, 15, 0.02f), g = normal({P}, 16, 0.01f), m = normal({P}, 17, 0.01f), v = normal({P}, 18, 0.01f);
     {  // v ≥ 0 as a real second moment
