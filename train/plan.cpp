@@ -53,6 +53,14 @@ planner::ModelDesc model_desc_of(const Config& c) {
     const double per_param = static_cast<double>(optim::optex_device_bytes(d, xo)) / static_cast<double>(d);
     m.optimizer_states += static_cast<int>(std::ceil(per_param / m.bytes_per_optimizer_state));
   }
+  // Activations in the precision the run computes in: [train] precision, or, for "auto", the device
+  // type's training dtype (bf16 on GPUs, fp32 on CPUs), which is what "auto" resolves to. bf16 on CPU
+  // ranks is an emulation that keeps the f32 copies it computes from (runtime/ops/precision.h): it
+  // saves no memory there (it takes somewhat more than fp32, which this model does not count).
+  if (c.train.precision == "fp32" || (c.train.precision == "bf16" && c.train.device == "cpu"))
+    m.bytes_per_activation = 4;
+  else if (c.train.precision == "bf16")
+    m.bytes_per_activation = 2;
   m.dp_gradient_buffers = 1;  // parallel::GradSync packs every gradient into flat bucket buffers
   m.limits.stage_needs_transformer_layer = true;  // layers_per_stage entries are ≥ 1
   m.limits.accumulation_covers_pipeline = true;   // the trainer's 1F1B needs grad_accum ≥ pp
