@@ -56,7 +56,7 @@ planner::ModelDesc model_desc_of(const Config& c) {
   // Activations in the precision the run computes in: [train] precision, or, for "auto", the device
   // type's training dtype (bf16 on GPUs, fp32 on CPUs), which is what "auto" resolves to. bf16 on CPU
   // ranks is an emulation that keeps the f32 copies it computes from (runtime/ops/precision.h): it
-  // saves no memory there (it takes somewhat more than fp32, which this model does not count).
+  // saves no memory there: backward keeps the widened f32 copies, as much as an fp32 run.
   if (c.train.precision == "fp32" || (c.train.precision == "bf16" && c.train.device == "cpu"))
     m.bytes_per_activation = 4;
   else if (c.train.precision == "bf16")
