@@ -37,5 +37,19 @@ void attention_forward_bf16_cuda(uint16_t* out, float* lse, const uint16_t* qkv,
                                  int64_t NH, CUstream_st* stream);
 void attention_backward_bf16_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out,
                                   const float* lse, int64_t B, int64_t T, int64_t C, int64_t NH, CUstream_st* stream);
+// CUDA, bf16 storage on tensor cores (kernels/cuda/attention_tc.cu): the same contract, with the
+// products on tensor cores, bf16 operands with f32 accumulation; scores, the online softmax (running
+// max and sum), Dᵢ and lse stay f32, out and dqkv are rounded once at the end. The one deviation from
+// the f32 arithmetic, the usual FlashAttention practice: the probabilities P (and in backward
+// dS = P∘(dP − D)) are rounded to bf16 before they multiply v (dO, q, k), a relative change of at most
+// 2⁻⁸ per element. The forward normalises by the sum of those rounded weights, so out stays a convex
+// combination of v rows; lse is computed from the f32 weights. Handles 1 ≤ D ≤ 128; sm_80+.
+void attention_forward_bf16_tc_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T, int64_t C,
+                                    int64_t NH, CUstream_st* stream);
+void attention_backward_bf16_tc_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out,
+                                     const float* lse, int64_t B, int64_t T, int64_t C, int64_t NH,
+                                     CUstream_st* stream);
+// True for the head sizes D = C/NH the _tc_ kernels handle (1 ≤ D ≤ 128; D is padded to a multiple of 16).
+bool attention_bf16_tc_supported(int64_t D);
 
 }  // namespace kraken::kernels
