@@ -31,11 +31,36 @@ void attention_forward_cuda(float* out, float* lse, const float* qkv, int64_t B,
                             CUstream_st* stream);
 void attention_backward_cuda(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse,
                              int64_t B, int64_t T, int64_t C, int64_t NH, CUstream_st* stream);
-// CUDA, bf16 storage: qkv, out, dout, dqkv bf16, lse f32; every product and softmax in f32 (as the
-// fp32 kernels), out and dqkv rounded once at the end.
+// CUDA, bf16 storage: qkv, out, dout, dqkv bf16, lse f32. Two implementations:
+//   _simt_ (kernels/cuda/attention.cu): every product and softmax in f32 on CUDA cores (the fp32
+//     kernels on the widened tiles), out and dqkv rounded once at the end.
+//   _tc_ (kernels/cuda/attention_tc.cu): the products on tensor cores, bf16 operands with f32
+//     accumulation; scores, the online softmax (running max and sum), Dᵢ and lse stay f32, out and
+//     dqkv are rounded once at the end. The one deviation from the f32 arithmetic, the usual
+//     FlashAttention practice: the probabilities P (and in backward dS = P∘(dP − D)) are rounded to bf16
+//     before they multiply v (dO, q, k), a relative change of at most 2⁻⁸ per element. The forward
+//     normalises by the sum of those rounded weights, so out stays a convex combination of v rows;
+//     lse is computed from the f32 weights. Handles 1 ≤ D ≤ 128 (attention_bf16_tc_supported); sm_80+.
+// attention_{forward,backward}_bf16_cuda dispatch: the tensor-core kernels where the head size is
+// supported, unless the environment variable KRAKEN_CUDA_ATTENTION=simt (read once per process, so a
+// forward and its backward always take the same path); "tc" or unset is the default.
 void attention_forward_bf16_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T, int64_t C,
                                  int64_t NH, CUstream_st* stream);
 void attention_backward_bf16_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out,
                                   const float* lse, int64_t B, int64_t T, int64_t C, int64_t NH, CUstream_st* stream);
+void attention_forward_bf16_simt_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T, int64_t C,
+                                      int64_t NH, CUstream_st* stream);
+void attention_backward_bf16_simt_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out,
+                                       const float* lse, int64_t B, int64_t T, int64_t C, int64_t NH,
+                                       CUstream_st* stream);
+void attention_forward_bf16_tc_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T, int64_t C,
+                                    int64_t NH, CUstream_st* stream);
+void attention_backward_bf16_tc_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out,
+                                     const float* lse, int64_t B, int64_t T, int64_t C, int64_t NH,
+                                     CUstream_st* stream);
+// True for the head sizes D = C/NH the _tc_ kernels handle (1 ≤ D ≤ 128; D is padded to a multiple of 16).
+bool attention_bf16_tc_supported(int64_t D);
+// True when attention_{forward,backward}_bf16_cuda take the tensor-core kernels for this head size.
+bool attention_bf16_uses_tc(int64_t D);
 
 }  // namespace kraken::kernels

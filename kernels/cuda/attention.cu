@@ -18,9 +18,14 @@
 // f32, or bf16 widened to f32 as the tiles are loaded into shared memory. Everything after the load
 // (scores, softmax, products, Dᵢ) is the same f32 arithmetic for both; out and every dqkv element are
 // rounded once when written (dqkv: read, added to in f32, rounded). lse is f32 for both.
+//
+// The bf16 instance is attention_*_bf16_simt_cuda. attention_*_bf16_cuda, at the end, choose between it
+// and the tensor-core kernels of attention_tc.cu (KRAKEN_CUDA_ATTENTION, kernels/cuda/README.md).
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "kernels/attention.h"
 #include "kernels/cuda/check.h"
@@ -350,14 +355,43 @@ void attention_backward_cuda(float* dqkv, const float* dout, const float* qkv, c
   attention_backward(dqkv, dout, qkv, out, lse, B, T, C, NH, stream);
 }
 
+void attention_forward_bf16_simt_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T, int64_t C,
+                                      int64_t NH, CUstream_st* stream) {
+  attention_forward(as_bf16(out), lse, as_bf16(qkv), B, T, C, NH, stream);
+}
+
+void attention_backward_bf16_simt_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out,
+                                       const float* lse, int64_t B, int64_t T, int64_t C, int64_t NH,
+                                       CUstream_st* stream) {
+  attention_backward(as_bf16(dqkv), as_bf16(dout), as_bf16(qkv), as_bf16(out), lse, B, T, C, NH, stream);
+}
+
+bool attention_bf16_uses_tc(int64_t D) {
+  // KRAKEN_CUDA_ATTENTION, read once: "simt" keeps the CUDA-core kernels, "tc" (or unset, or empty) takes
+  // the tensor-core ones where the head size allows. Read once, so a forward and its backward agree.
+  static const bool simt = [] {
+    const char* env = std::getenv("KRAKEN_CUDA_ATTENTION");
+    if (!env || !*env || std::strcmp(env, "tc") == 0) return false;
+    if (std::strcmp(env, "simt") == 0) return true;
+    KRAKEN_THROW("KRAKEN_CUDA_ATTENTION=", env, ": expected simt or tc");
+  }();
+  return !simt && attention_bf16_tc_supported(D);
+}
+
 void attention_forward_bf16_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T, int64_t C,
                                  int64_t NH, CUstream_st* stream) {
-  attention_forward(as_bf16(out), lse, as_bf16(qkv), B, T, C, NH, stream);
+  if (NH > 0 && C % NH == 0 && attention_bf16_uses_tc(C / NH))
+    attention_forward_bf16_tc_cuda(out, lse, qkv, B, T, C, NH, stream);
+  else
+    attention_forward_bf16_simt_cuda(out, lse, qkv, B, T, C, NH, stream);
 }
 
 void attention_backward_bf16_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out,
                                   const float* lse, int64_t B, int64_t T, int64_t C, int64_t NH, CUstream_st* stream) {
-  attention_backward(as_bf16(dqkv), as_bf16(dout), as_bf16(qkv), as_bf16(out), lse, B, T, C, NH, stream);
+  if (NH > 0 && C % NH == 0 && attention_bf16_uses_tc(C / NH))
+    attention_backward_bf16_tc_cuda(dqkv, dout, qkv, out, lse, B, T, C, NH, stream);
+  else
+    attention_backward_bf16_simt_cuda(dqkv, dout, qkv, out, lse, B, T, C, NH, stream);
 }
 
 }  // namespace kraken::kernels

@@ -1,5 +1,5 @@
 // The bf16-storage CUDA kernels (the *_bf16_cuda entry points of kernels/elementwise.h, layernorm.h,
-// attention.h, cross_entropy.h and random.h), called directly on device buffers, against their
+// attention.h (its _simt_ kernels), cross_entropy.h and random.h), called directly on device buffers, against their
 // contract: the f32 kernel on the widened bf16 inputs, each output rounded once to bf16. The reference
 // is the CPU f32 kernel (kernels/*_cpu) on exactly the bf16 values the GPU reads, its outputs rounded
 // with cast_f32_to_bf16_cpu (nearest even, as __float2bfloat16_rn); accumulating outputs start from
@@ -247,6 +247,8 @@ void check_layernorm(int64_t rows, int64_t C, bool with_beta) {
 }
 
 // ---- attention --------------------------------------------------------------------------------------
+// The CUDA-core (SIMT) kernels, f32 throughout: the bounds above hold for them. The tensor-core kernels,
+// which attention_*_bf16_cuda take by default, round P to bf16: tests/gpu/attention_tc_cuda_test.cpp.
 
 void check_attention(int64_t B, int64_t T, int64_t C, int64_t NH) {
   const std::string what = "attention B=" + std::to_string(B) + " T=" + std::to_string(T) +
@@ -256,7 +258,7 @@ void check_attention(int64_t B, int64_t T, int64_t C, int64_t NH) {
   const Tensor qkv_dev = qkv16.to(gpu());
   Tensor out_dev = Tensor::empty({B, T, C}, DType::BF16, gpu());
   Tensor lse_dev = Tensor::empty({B, NH, T}, DType::F32, gpu());
-  attention_forward_bf16_cuda(bits(out_dev), f32(lse_dev), bits(qkv_dev), B, T, C, NH, stream());
+  attention_forward_bf16_simt_cuda(bits(out_dev), f32(lse_dev), bits(qkv_dev), B, T, C, NH, stream());
   std::vector<float> out(static_cast<size_t>(B * T * C)), lse(static_cast<size_t>(B * NH * T));
   attention_forward_cpu(out.data(), lse.data(), qkv.data(), B, T, C, NH);
   const std::vector<float> out_rounded = round_bf16(out);
@@ -271,8 +273,8 @@ void check_attention(int64_t B, int64_t T, int64_t C, int64_t NH) {
   const Tensor dout_dev = dout16.to(gpu()), dqkv_dev = dqkv16.to(gpu());
   const Tensor out_in = Tensor::from_vector(out_rounded, {B, T, C}).to(DType::BF16).to(gpu());
   const Tensor lse_in = f32_on_gpu(lse);
-  attention_backward_bf16_cuda(bits(dqkv_dev), bits(dout_dev), bits(qkv_dev), bits(out_in), f32(lse_in), B, T, C, NH,
-                               stream());
+  attention_backward_bf16_simt_cuda(bits(dqkv_dev), bits(dout_dev), bits(qkv_dev), bits(out_in), f32(lse_in), B, T,
+                                    C, NH, stream());
   attention_backward_cpu(dqkv.data(), dout.data(), qkv.data(), out_rounded.data(), lse.data(), B, T, C, NH);
   expect_bf16_close(dqkv_dev, round_bf16(dqkv), 2e-5, what + ": dqkv +=");
 }

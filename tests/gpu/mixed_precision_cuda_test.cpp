@@ -7,8 +7,12 @@
 // flips a rounding now and then, moving that element by one bf16 ulp: at most 2⁻⁷ of its magnitude
 // (bf16 has 8 significant bits), so at most 2⁻⁷·max ≈ 7.8e-3 of the scale. 8e-3 passes exactly that
 // and fails anything else. Attention's backward differs once more by construction: the CUDA kernel reads
-// the bf16 output O for Dᵢ = Σ dOᵢ·Oᵢ, the CPU reference its f32 output, a 2⁻⁹ relative difference in D
-// that reaches dq and dk through dS = P∘(dP − D); 1.6e-2 leaves room for that too.
+// the bf16 output O for Dᵢ = Σ dOᵢ·Oᵢ, the CPU reference its f32 output, a 2⁻⁸ relative difference in D
+// that reaches dq and dk through dS = P∘(dP − D); 1.6e-2 leaves room for that too. And the CUDA
+// attention runs on tensor cores (kernels/cuda/attention_tc.cu), which round P and dS to bf16 before
+// the products: tests/gpu/attention_tc_cuda_test.cpp bounds that at 5e-3 of max|out| and 1.2e-2 of
+// max|dqkv| (worst cases 3.4e-3 and 8.4e-3 for N(0, 1) inputs like these); the attention bounds add
+// those: 8e-3 + 4e-3 for out, 1.6e-2 + 8e-3 for the gradient.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -29,7 +33,8 @@ using runtime::Tensor;
 namespace ops = runtime::ops;
 
 constexpr double kOneUlp = 8e-3;
-constexpr double kAttentionGrad = 1.6e-2;
+constexpr double kAttentionOut = 1.2e-2;
+constexpr double kAttentionGrad = 2.4e-2;
 
 // A bf16 leaf on the CPU with N(0, std²) values.
 Tensor bf16_leaf(const runtime::Shape& shape, uint64_t seed, float std = 1.0f) {
@@ -98,7 +103,7 @@ TEST(GpuMixedPrecision, LayerNormAttentionAndCrossEntropyMatchTheCpuReference) {
       2 * kOneUlp, 2 * kOneUlp, "add_layernorm (both outputs through one more bf16 add)");
   for (int64_t T : {1, 64, 100}) {
     expect_matches_cpu([](const auto& v) { return ops::attention(v[0], 4); }, {bf16_leaf({2, T, 3 * 128}, 35 + T)},
-                       kOneUlp, kAttentionGrad, "attention T = " + std::to_string(T));
+                       kAttentionOut, kAttentionGrad, "attention T = " + std::to_string(T));
   }
   runtime::Generator gen(40, 0);
   std::vector<int32_t> targets;

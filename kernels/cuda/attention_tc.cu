@@ -1,0 +1,733 @@
+// CUDA causal attention on tensor cores: bf16 operands, f32 accumulation (WMMA 16×16×16 fragments).
+//
+// The same FlashAttention recurrence as attention.cu (Dao et al. 2022; the warp split of Dao 2023),
+// with the four or five products of each tile pair on tensor cores instead of f32 FMAs:
+//
+// Tiles. A block owns a tile of kTile = 64 rows (queries in the forward and the dq kernel, keys in the
+// dk/dv kernel) and is 4 warps; warp w owns rows 16w .. 16w+15 of it, so no row's softmax state or
+// gradient is ever shared between warps. The other side streams through shared memory in tiles of 64
+// rows. Head columns are padded from D to Dp = D rounded up to 16 with zeros in shared memory (a zero
+// column adds nothing to q·kᵀ, dO·vᵀ, and the padded output columns are never written), so any
+// D ≤ 128 works: Dp ∈ {16, 32, …, 128} is a template parameter and a warp's accumulators (Dp/16
+// fragments of 16 × 16 per output) live in registers. bf16 tiles have a pitch of Dp + 8 elements
+// (16·odd bytes: the 8 rows of a WMMA/ldmatrix phase hit 8 different 16-byte bank groups; every
+// fragment pointer is 32-byte aligned). Global rows are copied in 16-, 4- or 2-byte pieces depending
+// on what D and the pointers' alignment allow (D = 42 heads start on 4-byte boundaries only).
+//
+// Forward, per warp and key tile: S = q·kᵀ (16 × 64, f32 fragments) is stored to the warp's f32
+// scratch; each row is then read by two lanes (32 columns each) that apply the causal mask and the
+// online softmax in log2 units (m, l in f32, the same in both lanes): m' = max(m, max s),
+// α = 2^{m−m'}, p = 2^{s−m'}. p is rounded to bf16 and written over the scratch (P, 16 × 64), α to a
+// per-row slot; the O fragments are multiplied by α of their element's row and P·v is accumulated
+// into them. The element → row map of an accumulator fragment is unspecified, so each warp learns it
+// once: it loads a 16 × 16 tile whose row r holds the value r into an accumulator fragment ("rowid");
+// element i of every accumulator fragment then belongs to row rowid.x[i] (all fragments of one type
+// share one layout: the elementwise use the CUDA guide documents for fragments). At the end
+// out = O / l̃ and lse = m·ln 2 + ln l, where l sums the f32 p and l̃ the bf16-rounded p that
+// multiplied v: out is then exactly a convex combination of the v rows with the weights used
+// (the rounding perturbs weights, not their sum), and lse is as accurate as the f32 kernel's.
+//
+// Backward, as attention.cu without float atomics, two kernels writing disjoint columns of dqkv:
+//   dk/dv kernel, one block per (key tile, b·h), warp = 16 keys; for every query tile at or after the
+//     key tile, per 16-query block: Sᵀ = k·qᵀ and dPᵀ = v·dOᵀ (f32 fragments → scratch), then
+//     elementwise Pᵀ = 2^{Sᵀ·scale·log₂e − lse·log₂e} (0 where masked) and dSᵀ = Pᵀ ∘ (dPᵀ − Dᵢ),
+//     both rounded to bf16 into the warp's 16 × 64 tiles, then dV += Pᵀ·dO and dK += dSᵀ·q.
+//   dq kernel, one block per (query tile, b·h), warp = 16 queries: S = q·kᵀ, dP = dO·vᵀ, dS as above,
+//     dQ += dS·k.
+// Dᵢ = Σ_d dO[i, d]·O[i, d] and lse are loaded per query tile (Dᵢ recomputed in f32 from dout and out).
+// A 16 × 16 block whose keys all follow all of the warp's queries (or lies past T) is skipped: it is
+// entirely masked. Every output element has one owner (one lane) summing in a fixed order: results
+// are deterministic run to run. dk = scale·dSᵀ·q, dq = scale·dS·k, dv = Pᵀ·dO are added to dqkv in
+// f32 and rounded once.
+//
+// A warp's own 16 rows of the block's tile are the A operand of every ·ᵀ product it computes (q in the
+// forward; q and dO for dq; k and v for dk/dv): they are loaded into fragments once and held in
+// registers (for dk/dv only up to Dp = 64; above, they would spill).
+//
+// Blocks: grid.x = b·h (up to 2³¹ − 1), grid.y = the 64-row tile, ordered so that the tiles with the
+// most work start first (the last query tiles forward and for dq, the first key tiles for dk/dv).
+// Shared memory per block, Dp = 64 / 128: forward 44.3 / 84.3 KiB, dk/dv 64.5 / 96.5 KiB, dq 55.5 /
+// 87.5 KiB; with the registers (sm_90, Dp = 64: 128, 168 and 126 per thread) that is 4, 3 and 4 blocks
+// of 4 warps per SM.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <cmath>
+#include <cstdint>
+#include <initializer_list>
+#include <type_traits>
+
+#include "kernels/attention.h"
+#include "kernels/cuda/check.h"
+
+namespace kraken::kernels {
+namespace {
+
+// ==== device code ======================================================================================
+
+namespace wmma = nvcuda::wmma;
+using bf16 = __nv_bfloat16;
+using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major>;
+using FragBRow = wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major>;
+using FragBCol = wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major>;
+using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+
+constexpr int kTile = 64;           // rows of a block's tile and of each streamed tile
+constexpr int kSub = 16;            // the WMMA edge: a warp's rows, a block of keys or queries
+constexpr int kWarps = kTile / kSub;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kBlocks = kTile / kSub;  // 16-wide blocks of a streamed tile
+constexpr int kPitchP = kTile + 8;   // bf16 pitch of a warp's 16 × 64 P or dS tile
+constexpr int kPitchS = kSub + 4;    // f32 pitch of a warp's 16 × 16 S or dP tile (backward)
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr unsigned kFull = 0xffffffffu;
+
+struct TcDims {
+  int T, C, NH, D;
+  int64_t ld;        // 3C: the row stride of qkv and dqkv
+  float scale;       // 1/√D
+  float scale_log2;  // scale·log₂e: scores in log2 units
+  int vec;           // elements per global access: 8, 2 or 1
+};
+
+__device__ __forceinline__ float b2f(uint16_t u) { return __bfloat162float(__ushort_as_bfloat16(u)); }
+__device__ __forceinline__ uint16_t f2b(float f) { return __bfloat16_as_ushort(__float2bfloat16_rn(f)); }
+__device__ __forceinline__ const bf16* as_bf16(const uint16_t* p) { return reinterpret_cast<const bf16*>(p); }
+
+template <int V>
+struct alignas(2 * V) Pack {
+  uint16_t u[V];
+};
+
+// Zeroes `bytes` (a multiple of 16) of shared memory from a 16-byte-aligned p.
+__device__ void zero_shared(unsigned char* p, size_t bytes) {
+  uint4* q = reinterpret_cast<uint4*>(p);
+  for (size_t i = threadIdx.x; i < bytes / 16; i += kThreads) q[i] = make_uint4(0u, 0u, 0u, 0u);
+}
+
+// Rows [t0, t0 + kTile) of a row-major bf16 matrix with row stride `stride`, columns [0, D), into the
+// shared tile dst (pitch ld); rows at or past T are written as zeros, columns D .. Dp are not touched.
+template <int V>
+__device__ void copy_rows_v(uint16_t* dst, int ld, const uint16_t* src, int64_t stride, int t0, int T, int D) {
+  const int packs = D / V;
+  for (int idx = threadIdx.x; idx < kTile * packs; idx += kThreads) {
+    const int r = idx / packs, c = (idx - r * packs) * V;
+    const Pack<V> p =
+        t0 + r < T ? *reinterpret_cast<const Pack<V>*>(src + static_cast<int64_t>(t0 + r) * stride + c) : Pack<V>{};
+    *reinterpret_cast<Pack<V>*>(dst + r * ld + c) = p;
+  }
+}
+
+__device__ void copy_rows(uint16_t* dst, int ld, const uint16_t* src, int64_t stride, int t0, const TcDims& g) {
+  if (g.vec == 8)
+    copy_rows_v<8>(dst, ld, src, stride, t0, g.T, g.D);
+  else if (g.vec == 2)
+    copy_rows_v<2>(dst, ld, src, stride, t0, g.T, g.D);
+  else
+    copy_rows_v<1>(dst, ld, src, stride, t0, g.T, g.D);
+}
+
+// The warp's 16 rows of an f32 shared tile (pitch lds), columns [0, D), to global rows t0 .. t0 + 15
+// (row stride `stride`; rows at or past T are skipped): dst = bf16(factor·v), or when accumulating
+// dst = bf16(dst + factor·v), added in f32 and rounded once.
+template <int V, bool kAccumulate>
+__device__ void store_rows_v(uint16_t* dst, int64_t stride, const float* src, int lds, int t0, int T, int D,
+                             float factor) {
+  const int lane = threadIdx.x % 32, packs = D / V;
+  for (int idx = lane; idx < kSub * packs; idx += 32) {
+    const int r = idx / packs, c = (idx - r * packs) * V;
+    if (t0 + r >= T) break;  // rows grow with idx
+    uint16_t* p = dst + static_cast<int64_t>(t0 + r) * stride + c;
+    Pack<V> v{};
+    if (kAccumulate) v = *reinterpret_cast<const Pack<V>*>(p);
+    for (int i = 0; i < V; ++i) {
+      const float x = factor * src[r * lds + c + i];
+      v.u[i] = f2b(kAccumulate ? b2f(v.u[i]) + x : x);
+    }
+    *reinterpret_cast<Pack<V>*>(p) = v;
+  }
+}
+
+template <bool kAccumulate>
+__device__ void store_rows(uint16_t* dst, int64_t stride, const float* src, int lds, int t0, float factor,
+                           const TcDims& g) {
+  if (g.vec == 8)
+    store_rows_v<8, kAccumulate>(dst, stride, src, lds, t0, g.T, g.D, factor);
+  else if (g.vec == 2)
+    store_rows_v<2, kAccumulate>(dst, stride, src, lds, t0, g.T, g.D, factor);
+  else
+    store_rows_v<1, kAccumulate>(dst, stride, src, lds, t0, g.T, g.D, factor);
+}
+
+// rowid: an accumulator fragment whose element i holds the row (0 .. 15) it stands for. `scratch` is
+// a 16 × 16 f32 area of the warp's own (pitch lds), free on entry and again on return.
+__device__ void load_row_ids(FragC& rowid, float* scratch, int lds) {
+  const int lane = threadIdx.x % 32;
+  for (int i = lane; i < kSub * kSub; i += 32) scratch[(i / kSub) * lds + i % kSub] = static_cast<float>(i / kSub);
+  __syncwarp();
+  wmma::load_matrix_sync(rowid, scratch, lds, wmma::mem_row_major);
+  __syncwarp();
+}
+
+// Multiplies every element of the fragments by factor[its row].
+template <int N>
+__device__ __forceinline__ void scale_rows(FragC (&frags)[N], const FragC& rowid, const float* factor) {
+  float f[FragC::num_elements];
+  for (int i = 0; i < FragC::num_elements; ++i) f[i] = factor[static_cast<int>(rowid.x[i])];
+#pragma unroll
+  for (int n = 0; n < N; ++n)
+    for (int i = 0; i < FragC::num_elements; ++i) frags[n].x[i] *= f[i];
+}
+
+// A warp's 16 rows of a bf16 tile (pitch Dp + 8) as the A operand of products with another tile's
+// rows transposed (q·kᵀ, dO·vᵀ, k·qᵀ, v·dOᵀ): held in registers for the whole kernel when kHold (the
+// rows do not change, and holding them saves reloading them from shared memory for every 16-row block
+// of the other side), else loaded when used.
+template <int Dp, bool kHold>
+struct HeldRows {
+  static constexpr int kF = Dp / kSub;
+  FragA a[kHold ? kF : 1];
+  const uint16_t* rows;
+  __device__ __forceinline__ explicit HeldRows(const uint16_t* first_row) : rows(first_row) {
+    if (kHold) {
+#pragma unroll
+      for (int kk = 0; kk < kF; ++kk) wmma::load_matrix_sync(a[kk], as_bf16(rows + kk * kSub), Dp + 8);
+    }
+  }
+  // acc = these rows · (the 16 rows of b_rows)ᵀ over the padded head columns.
+  __device__ __forceinline__ void times_transposed(FragC& acc, const uint16_t* b_rows) const {
+    wmma::fill_fragment(acc, 0.0f);
+#pragma unroll
+    for (int kk = 0; kk < kF; ++kk) {
+      FragBCol bt;
+      wmma::load_matrix_sync(bt, as_bf16(b_rows + kk * kSub), Dp + 8);
+      if (kHold) {
+        wmma::mma_sync(acc, a[kHold ? kk : 0], bt, acc);
+      } else {
+        FragA x;
+        wmma::load_matrix_sync(x, as_bf16(rows + kk * kSub), Dp + 8);
+        wmma::mma_sync(acc, x, bt, acc);
+      }
+    }
+  }
+};
+
+// ---- forward ------------------------------------------------------------------------------------------
+
+template <int Dp>
+struct ForwardSmem {
+  static constexpr int ld = Dp + 8;                          // bf16 pitch of the q, k and v tiles
+  static constexpr int lds = (Dp > kTile ? Dp : kTile) + 4;  // f32 pitch of a warp's scratch
+  static constexpr size_t tile = sizeof(uint16_t) * kTile * ld;
+  // A warp's scratch: S (16 × 64 f32), overwritten by P (16 × 64 bf16, pitch kPitchP); O at the end.
+  static constexpr size_t scratch = sizeof(float) * kSub * lds;
+  static constexpr size_t q = 0, k = q + tile, v = k + tile, s = v + tile, row = s + kWarps * scratch;
+  static constexpr size_t bytes = row + sizeof(float) * kWarps * kSub;  // α, then 1/l̃, per row
+  static_assert(sizeof(uint16_t) * kSub * kPitchP <= scratch, "P fits in the scratch");
+  static_assert(tile % 128 == 0 && scratch % 32 == 0, "fragment pointers stay 32-byte aligned");
+};
+
+template <int Dp>
+__global__ void __launch_bounds__(kThreads)
+    attention_forward_tc_kernel(uint16_t* out, float* lse, const uint16_t* qkv, TcDims g) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  using L = ForwardSmem<Dp>;
+  constexpr int kF = Dp / kSub;  // 16-column fragments of a row block of q or O
+  extern __shared__ __align__(128) unsigned char smem[];
+  uint16_t* qs = reinterpret_cast<uint16_t*>(smem + L::q);
+  uint16_t* ks = reinterpret_cast<uint16_t*>(smem + L::k);
+  uint16_t* vs = reinterpret_cast<uint16_t*>(smem + L::v);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  float* sw = reinterpret_cast<float*>(smem + L::s + warp * L::scratch);
+  uint16_t* pw = reinterpret_cast<uint16_t*>(smem + L::s + warp * L::scratch);
+  float* roww = reinterpret_cast<float*>(smem + L::row) + warp * kSub;
+
+  const int bh = blockIdx.x, b = bh / g.NH, h = bh % g.NH;
+  const int q0 = (gridDim.y - 1 - blockIdx.y) * kTile;  // the longest rows first
+  const int qw = q0 + warp * kSub;                      // the warp's first query
+  const int warp_last = min(qw + kSub, g.T) - 1;        // and its last (< qw when it has none)
+  const int block_last = min(q0 + kTile, g.T) - 1;
+  const uint16_t* base = qkv + static_cast<int64_t>(b) * g.T * g.ld + static_cast<int64_t>(h) * g.D;
+
+  zero_shared(smem, 3 * L::tile);  // the padding columns D .. Dp of q, k and v stay zero
+  __syncthreads();
+  copy_rows(qs, L::ld, base, g.ld, q0, g);
+  FragC rowid;
+  load_row_ids(rowid, sw, L::lds);
+  __syncthreads();  // q is in place
+  const HeldRows<Dp, true> q_rows(qs + warp * kSub * L::ld);
+  FragC o[kF];
+#pragma unroll
+  for (int f = 0; f < kF; ++f) wmma::fill_fragment(o[f], 0.0f);
+
+  // Lane (r, half) keeps the softmax state of row r (both lanes of a row hold the same values) and
+  // handles its columns 32·half .. 32·half + 31.
+  const int r = lane % kSub, half = lane / kSub, t = qw + r;
+  float m = -INFINITY, l = 0.0f, l_rounded = 0.0f;
+  for (int k0 = 0; k0 <= block_last; k0 += kTile) {
+    __syncthreads();  // the previous k and v tiles are no longer read
+    copy_rows(ks, L::ld, base + g.C, g.ld, k0, g);
+    copy_rows(vs, L::ld, base + 2 * g.C, g.ld, k0, g);
+    __syncthreads();
+    // S = q·kᵀ per 16-key block; a block is live when some key precedes some query of the warp.
+#pragma unroll
+    for (int j = 0; j < kBlocks; ++j) {
+      if (qw >= g.T || k0 + j * kSub > warp_last) continue;  // masked whole: its S is never read
+      FragC s;
+      q_rows.times_transposed(s, ks + j * kSub * L::ld);
+      wmma::store_matrix_sync(sw + j * kSub, s, L::lds, wmma::mem_row_major);
+    }
+    __syncwarp();
+    // Online softmax in log2 units. The mask is applied by index, so stale S of skipped blocks is
+    // never used.
+    float x[32];
+    const float4* srow = reinterpret_cast<const float4*>(sw + r * L::lds + half * 32);
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+      const float4 v4 = srow[c];
+      x[4 * c] = v4.x, x[4 * c + 1] = v4.y, x[4 * c + 2] = v4.z, x[4 * c + 3] = v4.w;
+    }
+    float mx = -INFINITY;
+#pragma unroll
+    for (int c = 0; c < 32; ++c) {
+      const int key = k0 + half * 32 + c;
+      x[c] = key <= t && t < g.T ? x[c] * g.scale_log2 : -INFINITY;
+      mx = fmaxf(mx, x[c]);
+    }
+    mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 16));
+    const float m_new = fmaxf(m, mx);
+    // A row that has seen only masked scores (past T, or before its first key) keeps O = 0, l = 0.
+    const bool empty = m_new == -INFINITY;
+    const float alpha = empty ? 1.0f : exp2f(m - m_new);  // 2^{−∞} = 0 on the row's first tile
+    float sum = 0.0f, sum_rounded = 0.0f;
+    uint32_t packed[16];
+#pragma unroll
+    for (int c = 0; c < 16; ++c) {
+      const float p0 = empty ? 0.0f : exp2f(x[2 * c] - m_new), p1 = empty ? 0.0f : exp2f(x[2 * c + 1] - m_new);
+      const uint16_t u0 = f2b(p0), u1 = f2b(p1);
+      sum += p0 + p1;
+      sum_rounded += b2f(u0) + b2f(u1);
+      packed[c] = static_cast<uint32_t>(u0) | static_cast<uint32_t>(u1) << 16;
+    }
+    sum += __shfl_xor_sync(kFull, sum, 16);
+    sum_rounded += __shfl_xor_sync(kFull, sum_rounded, 16);
+    m = m_new;
+    l = l * alpha + sum;
+    l_rounded = l_rounded * alpha + sum_rounded;
+    __syncwarp();  // every lane has read its S before P overwrites the scratch
+    uint4* prow = reinterpret_cast<uint4*>(pw + r * kPitchP + half * 32);
+#pragma unroll
+    for (int c = 0; c < 4; ++c)
+      prow[c] = make_uint4(packed[4 * c], packed[4 * c + 1], packed[4 * c + 2], packed[4 * c + 3]);
+    if (half == 0) roww[r] = alpha;
+    __syncwarp();
+    // O = O·α + P·v
+    scale_rows(o, rowid, roww);
+#pragma unroll
+    for (int j = 0; j < kBlocks; ++j) {
+      if (qw >= g.T || k0 + j * kSub > warp_last) continue;  // P is 0 there
+      FragA a;
+      wmma::load_matrix_sync(a, as_bf16(pw + j * kSub), kPitchP);
+#pragma unroll
+      for (int f = 0; f < kF; ++f) {
+        FragBRow bv;
+        wmma::load_matrix_sync(bv, as_bf16(vs + j * kSub * L::ld + f * kSub), L::ld);
+        wmma::mma_sync(o[f], a, bv, o[f]);
+      }
+    }
+  }
+  __syncwarp();  // all reads of α and P are done
+  if (half == 0) roww[r] = l_rounded > 0.0f ? 1.0f / l_rounded : 0.0f;
+  __syncwarp();
+  scale_rows(o, rowid, roww);
+#pragma unroll
+  for (int f = 0; f < kF; ++f) wmma::store_matrix_sync(sw + f * kSub, o[f], L::lds, wmma::mem_row_major);
+  __syncwarp();
+  store_rows<false>(out + static_cast<int64_t>(b) * g.T * g.C + static_cast<int64_t>(h) * g.D, g.C, sw, L::lds, qw,
+                    1.0f, g);
+  if (half == 0 && t < g.T) lse[static_cast<int64_t>(bh) * g.T + t] = m * kLn2 + logf(l);
+#else
+  __trap();  // bf16 WMMA needs sm_80
+#endif
+}
+
+// ---- backward -----------------------------------------------------------------------------------------
+
+// Four bf16 row tiles (k, v, q, dO in some order), then per warp an f32 16 × 16 tile for S and one for
+// dP and kBf16Tiles 16 × 64 bf16 tiles (Pᵀ and dSᵀ for the dk/dv kernel, dS for the dq kernel), then
+// lse and Dᵢ of the query tile.
+template <int Dp, int kBf16Tiles>
+struct BackwardSmem {
+  static constexpr int ld = Dp + 8;  // bf16 pitch of the four row tiles
+  static constexpr int ldo = Dp + 4;  // f32 pitch of a warp's result (dk, dv or dq), over tiles 2 and 3
+  static constexpr size_t tile = sizeof(uint16_t) * kTile * ld;
+  static constexpr size_t f32_tile = sizeof(float) * kSub * kPitchS;       // S or dP, 16 × 16
+  static constexpr size_t bf16_tile = sizeof(uint16_t) * kSub * kPitchP;  // P or dS, 16 × 64
+  static constexpr size_t per_warp = 2 * f32_tile + kBf16Tiles * bf16_tile;
+  static constexpr size_t warps = 4 * tile, rows = warps + kWarps * per_warp;
+  static constexpr size_t bytes = rows + sizeof(float) * 2 * kTile;  // lse (log2 units) and Dᵢ per query
+  static_assert(sizeof(float) * kWarps * kSub * ldo <= 2 * tile, "the results fit in tiles 2 and 3");
+  static_assert(tile % 128 == 0 && f32_tile % 32 == 0 && bf16_tile % 32 == 0, "32-byte aligned fragments");
+};
+
+// lse (in log2 units) and Dᵢ = Σ_d dO·O of the query tile's rows q0 .. q0 + 63: two threads per row,
+// each summing every other V-element piece, then one shuffle; rows at or past T get 0 (every score
+// of theirs is masked).
+template <int V>
+__device__ void load_query_rows_v(float* lse_s, float* delta_s, const uint16_t* dout, const uint16_t* out,
+                                  const float* lse, int64_t row0, int bh, int h, int q0, const TcDims& g) {
+  static_assert(kThreads == 2 * kTile, "two threads per row");
+  const int rr = threadIdx.x / 2, part = threadIdx.x % 2, t = q0 + rr;
+  float acc = 0.0f;
+  if (t < g.T) {
+    const int64_t at = (row0 + t) * g.C + static_cast<int64_t>(h) * g.D;
+    for (int c = part * V; c < g.D; c += 2 * V) {
+      const Pack<V> x = *reinterpret_cast<const Pack<V>*>(dout + at + c);
+      const Pack<V> y = *reinterpret_cast<const Pack<V>*>(out + at + c);
+#pragma unroll
+      for (int i = 0; i < V; ++i) acc += b2f(x.u[i]) * b2f(y.u[i]);
+    }
+  }
+  acc += __shfl_xor_sync(kFull, acc, 1);
+  if (part == 0) {
+    delta_s[rr] = acc;
+    lse_s[rr] = t < g.T ? lse[static_cast<int64_t>(bh) * g.T + t] * kLog2e : 0.0f;
+  }
+}
+
+__device__ void load_query_rows(float* lse_s, float* delta_s, const uint16_t* dout, const uint16_t* out,
+                                const float* lse, int64_t row0, int bh, int h, int q0, const TcDims& g) {
+  if (g.vec == 8)
+    load_query_rows_v<8>(lse_s, delta_s, dout, out, lse, row0, bh, h, q0, g);
+  else if (g.vec == 2)
+    load_query_rows_v<2>(lse_s, delta_s, dout, out, lse, row0, bh, h, q0, g);
+  else
+    load_query_rows_v<1>(lse_s, delta_s, dout, out, lse, row0, bh, h, q0, g);
+}
+
+// A 16 × 16 block of scores s and dP (f32, pitch kPitchS) → P and dS rounded to bf16 in the warp's
+// 16 × 64 tiles at column `col` (pitch kPitchP; p_out may be null). Lane (r, half) does row r,
+// columns 8·half .. 8·half + 7. The block's element (i, j) pairs query t(i, j) with key s(i, j); for the
+// dk/dv kernel rows are keys (transposed: row_is_key), for the dq kernel rows are queries.
+// row_first and col_first are the first key / query of the block's rows and columns; lse2 and delta
+// are indexed by the query's place in the query tile: query − q_tile0.
+__device__ __forceinline__ void probabilities_and_ds(uint16_t* p_out, uint16_t* ds_out, int col, const float* sw,
+                                                     const float* dpw, const float* lse2, const float* delta,
+                                                     bool row_is_key, int row_first, int col_first, int q_tile0,
+                                                     const TcDims& g) {
+  const int lane = threadIdx.x % 32, r = lane % kSub, half = lane / kSub;
+  float s8[8], dp8[8];  // two 16-byte reads each: lanes 0-7 (rows 0-7) hit distinct bank groups
+#pragma unroll
+  for (int c = 0; c < 2; ++c) {
+    const float4 a = reinterpret_cast<const float4*>(sw + r * kPitchS + half * 8)[c];
+    const float4 b = reinterpret_cast<const float4*>(dpw + r * kPitchS + half * 8)[c];
+    s8[4 * c] = a.x, s8[4 * c + 1] = a.y, s8[4 * c + 2] = a.z, s8[4 * c + 3] = a.w;
+    dp8[4 * c] = b.x, dp8[4 * c + 1] = b.y, dp8[4 * c + 2] = b.z, dp8[4 * c + 3] = b.w;
+  }
+  uint32_t pp[4], dd[4];
+#pragma unroll
+  for (int c = 0; c < 8; c += 2) {
+    uint32_t pu[2], du[2];
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int cc = half * 8 + c + e;
+      const int key = row_is_key ? row_first + r : col_first + cc;
+      const int t = row_is_key ? col_first + cc : row_first + r;
+      const bool valid = key <= t && t < g.T;
+      const int qi = t - q_tile0;
+      const float p = valid ? exp2f(s8[c + e] * g.scale_log2 - lse2[qi]) : 0.0f;
+      const float ds = valid ? p * (dp8[c + e] - delta[qi]) : 0.0f;
+      pu[e] = f2b(p);
+      du[e] = f2b(ds);
+    }
+    pp[c / 2] = pu[0] | pu[1] << 16;
+    dd[c / 2] = du[0] | du[1] << 16;
+  }
+  if (p_out) *reinterpret_cast<uint4*>(p_out + r * kPitchP + col + half * 8) = make_uint4(pp[0], pp[1], pp[2], pp[3]);
+  *reinterpret_cast<uint4*>(ds_out + r * kPitchP + col + half * 8) = make_uint4(dd[0], dd[1], dd[2], dd[3]);
+}
+
+// acc[f] += x·tile[row .. row + 15, 16f .. 16f + 15] for x a 16 × 16 bf16 block (pitch kPitchP).
+template <int Dp>
+__device__ __forceinline__ void accumulate_block(FragC (&acc)[Dp / kSub], const uint16_t* x, const uint16_t* tile,
+                                                 int row) {
+  constexpr int ld = Dp + 8;
+  FragA a;
+  wmma::load_matrix_sync(a, as_bf16(x), kPitchP);
+#pragma unroll
+  for (int f = 0; f < Dp / kSub; ++f) {
+    FragBRow bt;
+    wmma::load_matrix_sync(bt, as_bf16(tile + row * ld + f * kSub), ld);
+    wmma::mma_sync(acc[f], a, bt, acc[f]);
+  }
+}
+
+template <int Dp>
+__global__ void __launch_bounds__(kThreads)
+    attention_backward_kv_tc_kernel(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out,
+                                    const float* lse, TcDims g) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  using L = BackwardSmem<Dp, 2>;
+  constexpr int kF = Dp / kSub;
+  constexpr bool kHold = Dp <= 64;  // k and v rows in registers (above 64 they would spill)
+  extern __shared__ __align__(128) unsigned char smem[];
+  uint16_t* ks = reinterpret_cast<uint16_t*>(smem);
+  uint16_t* vs = reinterpret_cast<uint16_t*>(smem + L::tile);
+  uint16_t* qs = reinterpret_cast<uint16_t*>(smem + 2 * L::tile);
+  uint16_t* dos = reinterpret_cast<uint16_t*>(smem + 3 * L::tile);
+  const int warp = threadIdx.x / 32;
+  unsigned char* mine = smem + L::warps + warp * L::per_warp;
+  float* sw = reinterpret_cast<float*>(mine);
+  float* dpw = reinterpret_cast<float*>(mine + L::f32_tile);
+  uint16_t* pw = reinterpret_cast<uint16_t*>(mine + 2 * L::f32_tile);
+  uint16_t* dsw = reinterpret_cast<uint16_t*>(mine + 2 * L::f32_tile + L::bf16_tile);
+  float* lse_s = reinterpret_cast<float*>(smem + L::rows);
+  float* delta_s = lse_s + kTile;
+
+  const int bh = blockIdx.x, b = bh / g.NH, h = bh % g.NH;
+  const int k0 = blockIdx.y * kTile;  // the first key tiles have the most query tiles: first
+  const int kw = k0 + warp * kSub;    // the warp's first key
+  const int64_t row0 = static_cast<int64_t>(b) * g.T;
+  const uint16_t* base = qkv + row0 * g.ld + static_cast<int64_t>(h) * g.D;
+
+  zero_shared(smem, 4 * L::tile);
+  __syncthreads();
+  copy_rows(ks, L::ld, base + g.C, g.ld, k0, g);
+  copy_rows(vs, L::ld, base + 2 * g.C, g.ld, k0, g);
+  __syncthreads();  // k and v are in place
+  const HeldRows<Dp, kHold> k_rows(ks + warp * kSub * L::ld), v_rows(vs + warp * kSub * L::ld);
+  FragC dk[kF], dv[kF];
+#pragma unroll
+  for (int f = 0; f < kF; ++f) wmma::fill_fragment(dk[f], 0.0f), wmma::fill_fragment(dv[f], 0.0f);
+
+  for (int q0 = k0; q0 < g.T; q0 += kTile) {  // the query tiles that see this key tile
+    __syncthreads();  // the previous q, dO, lse and Dᵢ are no longer read
+    copy_rows(qs, L::ld, base, g.ld, q0, g);
+    copy_rows(dos, L::ld, dout + row0 * g.C + static_cast<int64_t>(h) * g.D, g.C, q0, g);
+    load_query_rows(lse_s, delta_s, dout, out, lse, row0, bh, h, q0, g);
+    __syncthreads();
+    // Per 16-query block: live when some query of it follows some key of the warp, and it starts
+    // before T (keys past T have no gradient to keep: their rows are never written).
+#pragma unroll
+    for (int j = 0; j < kBlocks; ++j) {
+      const int qj = q0 + j * kSub;
+      if (qj >= g.T || qj + kSub - 1 < kw) continue;
+      FragC s, dp;
+      k_rows.times_transposed(s, qs + j * kSub * L::ld);    // Sᵀ = k·qᵀ
+      v_rows.times_transposed(dp, dos + j * kSub * L::ld);  // dPᵀ = v·dOᵀ
+      wmma::store_matrix_sync(sw, s, kPitchS, wmma::mem_row_major);
+      wmma::store_matrix_sync(dpw, dp, kPitchS, wmma::mem_row_major);
+      __syncwarp();
+      probabilities_and_ds(pw, dsw, j * kSub, sw, dpw, lse_s, delta_s, true, kw, qj, q0, g);
+      __syncwarp();  // S and dP are read before the next block's stores; P and dS written
+    }
+#pragma unroll
+    for (int j = 0; j < kBlocks; ++j) {
+      const int qj = q0 + j * kSub;
+      if (qj >= g.T || qj + kSub - 1 < kw) continue;
+      accumulate_block<Dp>(dv, pw + j * kSub, dos, j * kSub);  // dV += Pᵀ·dO
+      accumulate_block<Dp>(dk, dsw + j * kSub, qs, j * kSub);  // dK += dSᵀ·q
+    }
+  }
+  __syncthreads();  // q and dO are no longer read: tiles 2 and 3 take the results
+  float* ow = reinterpret_cast<float*>(smem + 2 * L::tile) + warp * kSub * L::ldo;
+  uint16_t* drow = dqkv + row0 * g.ld + static_cast<int64_t>(h) * g.D;
+#pragma unroll
+  for (int f = 0; f < kF; ++f) wmma::store_matrix_sync(ow + f * kSub, dv[f], L::ldo, wmma::mem_row_major);
+  __syncwarp();
+  store_rows<true>(drow + 2 * g.C, g.ld, ow, L::ldo, kw, 1.0f, g);  // dv = Pᵀ·dO
+  __syncwarp();
+#pragma unroll
+  for (int f = 0; f < kF; ++f) wmma::store_matrix_sync(ow + f * kSub, dk[f], L::ldo, wmma::mem_row_major);
+  __syncwarp();
+  store_rows<true>(drow + g.C, g.ld, ow, L::ldo, kw, g.scale, g);  // dk = dSᵀ·q/√D
+#else
+  __trap();
+#endif
+}
+
+template <int Dp>
+__global__ void __launch_bounds__(kThreads)
+    attention_backward_q_tc_kernel(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out,
+                                   const float* lse, TcDims g) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  using L = BackwardSmem<Dp, 1>;
+  constexpr int kF = Dp / kSub;
+  extern __shared__ __align__(128) unsigned char smem[];
+  uint16_t* qs = reinterpret_cast<uint16_t*>(smem);
+  uint16_t* dos = reinterpret_cast<uint16_t*>(smem + L::tile);
+  uint16_t* ks = reinterpret_cast<uint16_t*>(smem + 2 * L::tile);
+  uint16_t* vs = reinterpret_cast<uint16_t*>(smem + 3 * L::tile);
+  const int warp = threadIdx.x / 32;
+  unsigned char* mine = smem + L::warps + warp * L::per_warp;
+  float* sw = reinterpret_cast<float*>(mine);
+  float* dpw = reinterpret_cast<float*>(mine + L::f32_tile);
+  uint16_t* dsw = reinterpret_cast<uint16_t*>(mine + 2 * L::f32_tile);
+  float* lse_s = reinterpret_cast<float*>(smem + L::rows);
+  float* delta_s = lse_s + kTile;
+
+  const int bh = blockIdx.x, b = bh / g.NH, h = bh % g.NH;
+  const int q0 = (gridDim.y - 1 - blockIdx.y) * kTile;  // the longest rows first
+  const int qw = q0 + warp * kSub;
+  const int warp_last = min(qw + kSub, g.T) - 1;
+  const int block_last = min(q0 + kTile, g.T) - 1;
+  const int64_t row0 = static_cast<int64_t>(b) * g.T;
+  const uint16_t* base = qkv + row0 * g.ld + static_cast<int64_t>(h) * g.D;
+
+  zero_shared(smem, 4 * L::tile);
+  __syncthreads();
+  copy_rows(qs, L::ld, base, g.ld, q0, g);
+  copy_rows(dos, L::ld, dout + row0 * g.C + static_cast<int64_t>(h) * g.D, g.C, q0, g);
+  load_query_rows(lse_s, delta_s, dout, out, lse, row0, bh, h, q0, g);
+  __syncthreads();  // q, dO, lse and Dᵢ are in place
+  const HeldRows<Dp, true> q_rows(qs + warp * kSub * L::ld), do_rows(dos + warp * kSub * L::ld);
+  FragC dq[kF];
+#pragma unroll
+  for (int f = 0; f < kF; ++f) wmma::fill_fragment(dq[f], 0.0f);
+
+  for (int k0 = 0; k0 <= block_last; k0 += kTile) {
+    __syncthreads();  // the previous k and v are no longer read
+    copy_rows(ks, L::ld, base + g.C, g.ld, k0, g);
+    copy_rows(vs, L::ld, base + 2 * g.C, g.ld, k0, g);
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < kBlocks; ++j) {
+      const int kj = k0 + j * kSub;
+      if (qw >= g.T || kj > warp_last) continue;  // masked whole
+      FragC s, dp;
+      q_rows.times_transposed(s, ks + j * kSub * L::ld);    // S = q·kᵀ
+      do_rows.times_transposed(dp, vs + j * kSub * L::ld);  // dP = dO·vᵀ
+      wmma::store_matrix_sync(sw, s, kPitchS, wmma::mem_row_major);
+      wmma::store_matrix_sync(dpw, dp, kPitchS, wmma::mem_row_major);
+      __syncwarp();
+      probabilities_and_ds(nullptr, dsw, j * kSub, sw, dpw, lse_s, delta_s, false, qw, kj, q0, g);
+      __syncwarp();
+    }
+#pragma unroll
+    for (int j = 0; j < kBlocks; ++j) {
+      const int kj = k0 + j * kSub;
+      if (qw >= g.T || kj > warp_last) continue;
+      accumulate_block<Dp>(dq, dsw + j * kSub, ks, j * kSub);  // dQ += dS·k
+    }
+  }
+  __syncthreads();  // k and v are no longer read: tiles 2 and 3 take the results
+  float* ow = reinterpret_cast<float*>(smem + 2 * L::tile) + warp * kSub * L::ldo;
+#pragma unroll
+  for (int f = 0; f < kF; ++f) wmma::store_matrix_sync(ow + f * kSub, dq[f], L::ldo, wmma::mem_row_major);
+  __syncwarp();
+  uint16_t* drow = dqkv + row0 * g.ld + static_cast<int64_t>(h) * g.D;
+  store_rows<true>(drow, g.ld, ow, L::ldo, qw, g.scale, g);  // dq = dS·k/√D
+#else
+  __trap();
+#endif
+}
+
+// ==== host code ========================================================================================
+
+constexpr size_t kDefaultSmem = 48 * 1024;
+
+int padded_head(int64_t D) { return static_cast<int>((D + kSub - 1) / kSub * kSub); }
+
+// The widest piece (8, 2 or 1 elements) every global row access can use: D a multiple of it (so are C,
+// 3C and every head offset) and every pointer aligned to it.
+int vector_width(int D, std::initializer_list<const void*> ptrs) {
+  for (int v : {8, 2}) {
+    bool ok = D % v == 0;
+    for (const void* p : ptrs) ok = ok && reinterpret_cast<uintptr_t>(p) % (2 * v) == 0;
+    if (ok) return v;
+  }
+  return 1;
+}
+
+TcDims make_tc_dims(int64_t B, int64_t T, int64_t C, int64_t NH, std::initializer_list<const void*> ptrs) {
+  KRAKEN_CHECK(NH > 0 && C > 0 && C % NH == 0, "C=", C, " NH=", NH);
+  KRAKEN_CHECK(attention_bf16_tc_supported(C / NH), "tensor-core attention: head size D = ", C / NH,
+               " is not supported (1 ≤ D ≤ 128)");
+  KRAKEN_CHECK(T < (1LL << 31) && 3 * C < (1LL << 31), "T=", T, " C=", C);
+  KRAKEN_CHECK(B * NH <= 0x7fffffffLL, "B·NH = ", B * NH, " exceeds the grid's x limit");
+  KRAKEN_CHECK((T + kTile - 1) / kTile <= 65535, "T = ", T, " needs more than 65535 tiles of ", kTile);
+  TcDims g;
+  g.T = static_cast<int>(T);
+  g.C = static_cast<int>(C);
+  g.NH = static_cast<int>(NH);
+  g.D = static_cast<int>(C / NH);
+  g.ld = 3 * C;
+  g.scale = 1.0f / sqrtf(static_cast<float>(g.D));
+  g.scale_log2 = g.scale * kLog2e;
+  g.vec = vector_width(g.D, ptrs);
+  return g;
+}
+
+dim3 tc_grid(int64_t B, int64_t T, int64_t NH) {
+  return dim3(static_cast<unsigned>(B * NH), static_cast<unsigned>((T + kTile - 1) / kTile));
+}
+
+template <typename Kernel>
+void allow_smem(Kernel kernel, size_t bytes) {
+  if (bytes > kDefaultSmem) {
+    KRAKEN_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  }
+}
+
+template <int Dp>
+void forward_tc(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T, int64_t NH, const TcDims& g,
+                cudaStream_t stream) {
+  const size_t smem = ForwardSmem<Dp>::bytes;
+  allow_smem(attention_forward_tc_kernel<Dp>, smem);
+  attention_forward_tc_kernel<Dp><<<tc_grid(B, T, NH), kThreads, smem, stream>>>(out, lse, qkv, g);
+  KRAKEN_CUDA_LAUNCH_CHECK();
+}
+
+template <int Dp>
+void backward_tc(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out, const float* lse,
+                 int64_t B, int64_t T, int64_t NH, const TcDims& g, cudaStream_t stream) {
+  const size_t smem_kv = BackwardSmem<Dp, 2>::bytes, smem_q = BackwardSmem<Dp, 1>::bytes;
+  allow_smem(attention_backward_kv_tc_kernel<Dp>, smem_kv);
+  attention_backward_kv_tc_kernel<Dp><<<tc_grid(B, T, NH), kThreads, smem_kv, stream>>>(dqkv, dout, qkv, out, lse, g);
+  KRAKEN_CUDA_LAUNCH_CHECK();
+  allow_smem(attention_backward_q_tc_kernel<Dp>, smem_q);
+  attention_backward_q_tc_kernel<Dp><<<tc_grid(B, T, NH), kThreads, smem_q, stream>>>(dqkv, dout, qkv, out, lse, g);
+  KRAKEN_CUDA_LAUNCH_CHECK();
+}
+
+// Calls f(std::integral_constant<int, Dp>()) for the head's padded size Dp.
+template <typename F>
+void with_padded_head(int D, F&& f) {
+  switch (padded_head(D)) {
+    case 16: f(std::integral_constant<int, 16>()); break;
+    case 32: f(std::integral_constant<int, 32>()); break;
+    case 48: f(std::integral_constant<int, 48>()); break;
+    case 64: f(std::integral_constant<int, 64>()); break;
+    case 80: f(std::integral_constant<int, 80>()); break;
+    case 96: f(std::integral_constant<int, 96>()); break;
+    case 112: f(std::integral_constant<int, 112>()); break;
+    case 128: f(std::integral_constant<int, 128>()); break;
+    default: KRAKEN_THROW("tensor-core attention: no kernel for D = ", D);
+  }
+}
+
+}  // namespace
+
+bool attention_bf16_tc_supported(int64_t D) { return D >= 1 && D <= 128; }
+
+void attention_forward_bf16_tc_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T, int64_t C,
+                                    int64_t NH, CUstream_st* stream) {
+  if (B == 0 || T == 0) return;
+  const TcDims g = make_tc_dims(B, T, C, NH, {qkv, out});
+  with_padded_head(g.D, [&](auto dp) { forward_tc<decltype(dp)::value>(out, lse, qkv, B, T, NH, g, stream); });
+}
+
+void attention_backward_bf16_tc_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out,
+                                     const float* lse, int64_t B, int64_t T, int64_t C, int64_t NH,
+                                     CUstream_st* stream) {
+  if (B == 0 || T == 0) return;
+  const TcDims g = make_tc_dims(B, T, C, NH, {dqkv, dout, qkv, out});
+  with_padded_head(g.D, [&](auto dp) {
+    backward_tc<decltype(dp)::value>(dqkv, dout, qkv, out, lse, B, T, NH, g, stream);
+  });
+}
+
+}  // namespace kraken::kernels

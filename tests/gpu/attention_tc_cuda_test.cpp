@@ -1,0 +1,338 @@
+// The tensor-core bf16 attention (attention_{forward,backward}_bf16_tc_cuda, kernels/cuda/attention_tc.cu),
+// called directly on device buffers, against the contract of kernels/attention.h: the CPU f32 kernel
+// on exactly the bf16 values the GPU reads, its outputs rounded once (nearest even) — the reference of
+// tests/gpu/bf16_kernels_cuda_test.cpp. Head sizes 64 (GPT-2), 42 (the Kraken 4-way preset: padded to
+// 48, 4-byte rows), 128 (the largest, over 48 KiB of shared memory) and 24 (padded to 32); T from 1 to
+// 257, with 65 (the last 64-row tile holds one row) and 17, 100, 257 ragged; B·NH = 6; dqkv accumulates
+// into non-zero values. Then: B·NH above the 65535 grid limit, buffers only 2-byte aligned (the scalar
+// copies), agreement with the CUDA-core (SIMT) kernels, and the dispatch of attention_*_bf16_cuda.
+// Skips where there is no GPU, and in the dry run (KRAKEN_GPU_TESTS_ON_CPU=1): these tests call CUDA
+// kernels directly, so there is nothing for the CPU to stand in for.
+//
+// Tolerances. bf16 has 8 significant bits: rounding to nearest changes a value by at most u = 2⁻⁸ of
+// it. Let b be the reference's f32 value of an output element and a the tensor-core kernel's f32 value
+// before its final rounding. Both round once; as in bf16_kernels_cuda_test.cpp, a small |a − b| then
+// costs at most one flipped rounding, at most 2⁻⁷·|ref|, plus |a − b| itself. So every bf16 output must
+// satisfy
+//     |got − ref| ≤ 2⁻⁷·|ref| + rel·max|ref|,   rel ≥ max|a − b| / max|ref|.
+// What |a − b| is made of, besides the f32 differences of the SIMT kernels (summation order, exp2f
+// against expf: ≤ 1e-5 / 2e-5 of the scale, and 1e-7 measured), is the one deliberate deviation:
+//   forward: the weights p = e^{s−m} are rounded to bf16 before they multiply v, p̃ = p(1 + δ), |δ| ≤ u,
+//     and out is normalised by Σp̃, so with w the exact softmax weights
+//         a − b = Σ_s w_s·δ_s·(v_s − b) / (1 + Σ_s w_s·δ_s),   |a − b| ≤ u/(1 − u) · Σ_s w_s·|v_s − b|:
+//     the rounding perturbs an average, by at most 2⁻⁸ of the values' mean distance from it (0 for
+//     the first row, whose one weight is exactly 1).
+//   backward: dv = Σ_t p̃_ts·dO_t, dk = scale·Σ_t dS̃_ts·q_t, dq = scale·Σ_s dS̃_ts·k_s with p̃, dS̃ the
+//     bf16 roundings of the f32 P and dS = P∘(dP − D): |a − b| ≤ u·Σ|terms| of the element's sum.
+// Computed in double for N(0, 1) inputs of exactly these shapes, the largest of these per-element
+// bounds (every rounding error with the worst sign at once) is 3.4e-3 of max|out| and 8.4e-3 of
+// max|dqkv|; a CPU emulation of these kernels (their loops and WMMA calls run by host threads, the
+// fragment layouts scrambled) measured max (|got − ref| − 2⁻⁷·|ref|) / max|ref| at 7.3e-4 (out) and
+// 1.7e-3 (dqkv), the rounding errors mostly cancelling. Hence rel = 5e-3 for out and 1.2e-2 for dqkv
+// (the worst case plus the f32 part), 1e-5 for lse (f32 throughout, measured 1.5e-7).
+// A real mistake is far outside: a mask admitting the next key changes row 0 from v₀ to a mix of v₀
+// and v₁; a wrong tile, a missing rescale of O or a missing Dᵢ changes rows by O(1) of their values; a
+// scale of 1/D or without log₂e reshapes every softmax (measured with such mutations of the kernels in
+// the emulation: 0.2 to 25 of max|ref|, against 5e-3 and 1.2e-2). The tensor-core and SIMT kernels
+// must agree within the sum of their tolerances. The tests print every worst error ([gpu-vs-cpu] lines,
+// collected by tools/gpu-check.sh).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "kernels/attention.h"
+#include "kernels/elementwise.h"
+#include "runtime/allocator.h"
+#include "runtime/tensor.h"
+#include "tests/gpu/gpu_test_util.h"
+
+namespace kraken::kernels {
+namespace {
+
+using runtime::Device;
+using runtime::DType;
+using runtime::Shape;
+using runtime::Tensor;
+
+#define KRAKEN_REQUIRE_CUDA_KERNELS()                                                                   \
+  do {                                                                                                  \
+    KRAKEN_REQUIRE_GPU();                                                                               \
+    if (::kraken::testing::gpu_tests_on_cpu())                                                          \
+      GTEST_SKIP() << "dry run: these tests call the bf16 CUDA kernels directly (no CPU stand-in)";     \
+    if (!KRAKEN_WITH_CUDA) GTEST_SKIP() << "this build has no CUDA kernels";                            \
+  } while (0)
+
+#if KRAKEN_WITH_CUDA
+
+constexpr double kOneUlp = 1.0 / 128.0;  // 2⁻⁷: one bf16 ulp of the element, at most
+constexpr double kRelOut = 5e-3, kRelGrad = 1.2e-2, kRelLse = 1e-5;  // the tensor-core kernels (above)
+constexpr double kSimtOut = 1e-5, kSimtGrad = 2e-5, kSimtLse = 1e-5;  // the SIMT kernels (bf16_kernels_cuda_test)
+
+Device gpu() { return Device::cuda(0); }
+CUstream_st* stream() { return runtime::compute_stream(gpu()); }
+
+// N(0, std²) values rounded to bf16 on the CPU: the exact inputs of both sides.
+Tensor bf16_input(const Shape& shape, uint64_t seed, float std = 1.0f) {
+  return testing::random_tensor(shape, seed, std).to(DType::BF16);
+}
+
+std::vector<float> round_bf16(const std::vector<float>& v) {
+  const int64_t n = static_cast<int64_t>(v.size());
+  std::vector<uint16_t> b(v.size());
+  cast_f32_to_bf16_cpu(b.data(), v.data(), n);
+  std::vector<float> out(v.size());
+  cast_bf16_to_f32_cpu(out.data(), b.data(), n);
+  return out;
+}
+
+std::vector<float> widen(const std::vector<uint16_t>& b) {
+  std::vector<float> out(b.size());
+  cast_bf16_to_f32_cpu(out.data(), b.data(), static_cast<int64_t>(b.size()));
+  return out;
+}
+
+// got (bf16 values, widened) against ref: |got − ref| ≤ 2⁻⁷·|ref| + rel·max|ref| (ulp = false: without
+// the 2⁻⁷ term, for f32 outputs).
+void expect_close(const std::vector<float>& got, const std::vector<float>& ref, double rel, bool ulp,
+                  const std::string& what) {
+  ASSERT_EQ(got.size(), ref.size()) << what;
+  double scale = 0.0;
+  for (float r : ref) scale = std::max(scale, std::fabs(static_cast<double>(r)));
+  const double per_element = ulp ? kOneUlp : 0.0;
+  double worst = 0.0;  // in units of the allowed error
+  int64_t at = -1, differing = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double g = got[i], r = ref[i];
+    differing += g != r;
+    double ratio = 0.0;
+    if (g != r) {
+      ratio = std::isfinite(g) && std::isfinite(r) ? std::fabs(g - r) / (per_element * std::fabs(r) + rel * scale)
+                                                   : std::numeric_limits<double>::infinity();
+    }
+    if (at < 0 || ratio > worst) worst = ratio, at = static_cast<int64_t>(i);
+  }
+  if (at < 0) return;
+  std::printf("[gpu-vs-cpu] %s: worst error %.3g of the allowed, %lld of %zu elements differ (scale %.3g)\n",
+              what.c_str(), worst, static_cast<long long>(differing), got.size(), scale);
+  EXPECT_LE(worst, 1.0) << what << ": element " << at << " is " << got[at] << ", the reference " << ref[at]
+                        << " (allowed " << per_element << " x |ref| + " << rel << " x " << scale << ")";
+}
+
+// A device buffer of n bf16 elements starting `offset` elements into its allocation (offset 1: only
+// 2-byte aligned, which sends the kernels to their scalar copies).
+struct DeviceBf16 {
+  Tensor storage;
+  int64_t offset = 0, n = 0;
+  DeviceBf16(const std::vector<uint16_t>& values, int64_t offset_)
+      : offset(offset_), n(static_cast<int64_t>(values.size())) {
+    std::vector<float> padded(static_cast<size_t>(n + offset), 0.0f);
+    const std::vector<float> wide = widen(values);
+    std::copy(wide.begin(), wide.end(), padded.begin() + offset);
+    storage = Tensor::from_vector(padded, {n + offset}).to(DType::BF16).to(gpu());  // bf16 values: exact
+  }
+  uint16_t* ptr() const { return storage.data<uint16_t>() + offset; }
+  std::vector<uint16_t> bits() const {
+    const Tensor host = storage.to(Device::cpu());
+    const uint16_t* p = host.data<uint16_t>() + offset;
+    return std::vector<uint16_t>(p, p + n);
+  }
+  std::vector<float> values() const { return widen(bits()); }
+};
+
+std::vector<uint16_t> bits_of(const Tensor& bf16_cpu) {
+  const uint16_t* p = bf16_cpu.data<uint16_t>();
+  return std::vector<uint16_t>(p, p + bf16_cpu.numel());
+}
+
+struct Shape4 {
+  int64_t B, T, C, NH;
+  std::string str() const {
+    return "B=" + std::to_string(B) + " T=" + std::to_string(T) + " D=" + std::to_string(C / NH) +
+           " NH=" + std::to_string(NH);
+  }
+};
+
+// What one implementation returns for the same inputs.
+struct Results {
+  std::vector<float> out, lse, dqkv;
+  std::vector<uint16_t> out_bits, dqkv_bits;
+};
+
+enum class Path { kTc, kSimt, kDispatch };
+
+// Forward from qkv, and backward from the given out, lse, dout into dqkv (starting at dqkv0).
+Results run(Path path, const Shape4& s, const std::vector<uint16_t>& qkv, const std::vector<uint16_t>& out_in,
+            const std::vector<float>& lse_in, const std::vector<uint16_t>& dout, const std::vector<uint16_t>& dqkv0,
+            int64_t offset) {
+  const int64_t B = s.B, T = s.T, C = s.C, NH = s.NH;
+  DeviceBf16 qkv_d(qkv, offset), out_d(std::vector<uint16_t>(static_cast<size_t>(B * T * C), 0x7fc0), offset);
+  Tensor lse_d = Tensor::full({B, NH, T}, -12345.0f).to(gpu());
+  DeviceBf16 out_in_d(out_in, offset), dout_d(dout, offset), dqkv_d(dqkv0, offset);
+  const Tensor lse_in_d = Tensor::from_vector(lse_in, {B, NH, T}).to(gpu());
+  float* lse = lse_d.data<float>();
+  const float* lse_b = lse_in_d.data<float>();
+  switch (path) {
+    case Path::kTc:
+      attention_forward_bf16_tc_cuda(out_d.ptr(), lse, qkv_d.ptr(), B, T, C, NH, stream());
+      attention_backward_bf16_tc_cuda(dqkv_d.ptr(), dout_d.ptr(), qkv_d.ptr(), out_in_d.ptr(), lse_b, B, T, C, NH,
+                                      stream());
+      break;
+    case Path::kSimt:
+      attention_forward_bf16_simt_cuda(out_d.ptr(), lse, qkv_d.ptr(), B, T, C, NH, stream());
+      attention_backward_bf16_simt_cuda(dqkv_d.ptr(), dout_d.ptr(), qkv_d.ptr(), out_in_d.ptr(), lse_b, B, T, C, NH,
+                                        stream());
+      break;
+    case Path::kDispatch:
+      attention_forward_bf16_cuda(out_d.ptr(), lse, qkv_d.ptr(), B, T, C, NH, stream());
+      attention_backward_bf16_cuda(dqkv_d.ptr(), dout_d.ptr(), qkv_d.ptr(), out_in_d.ptr(), lse_b, B, T, C, NH,
+                                   stream());
+      break;
+  }
+  Results r;
+  r.out_bits = out_d.bits();
+  r.dqkv_bits = dqkv_d.bits();
+  r.out = widen(r.out_bits);
+  r.dqkv = widen(r.dqkv_bits);
+  r.lse = lse_d.to_vector();
+  return r;
+}
+
+// The inputs of one case and the CPU reference on them.
+struct Case {
+  Shape4 s;
+  std::vector<uint16_t> qkv, dout, dqkv0, out_rounded_bits;
+  std::vector<float> out_rounded, lse, dqkv;  // the reference: out, lse of the forward; dqkv after backward
+};
+
+Case make_case(const Shape4& s, uint64_t seed) {
+  Case c{s, {}, {}, {}, {}, {}, {}, {}};
+  const int64_t B = s.B, T = s.T, C = s.C, NH = s.NH;
+  const Tensor qkv16 = bf16_input({B, T, 3 * C}, seed), dout16 = bf16_input({B, T, C}, seed + 1);
+  const Tensor dqkv16 = bf16_input({B, T, 3 * C}, seed + 2, 0.5f);  // accumulate into non-zero values
+  c.qkv = bits_of(qkv16);
+  c.dout = bits_of(dout16);
+  c.dqkv0 = bits_of(dqkv16);
+  const std::vector<float> qkv = qkv16.to_vector(), dout = dout16.to_vector();
+  std::vector<float> out(static_cast<size_t>(B * T * C));
+  c.lse.resize(static_cast<size_t>(B * NH * T));
+  attention_forward_cpu(out.data(), c.lse.data(), qkv.data(), B, T, C, NH);
+  c.out_rounded = round_bf16(out);
+  c.out_rounded_bits.resize(out.size());
+  cast_f32_to_bf16_cpu(c.out_rounded_bits.data(), out.data(), static_cast<int64_t>(out.size()));
+  // Backward on identical inputs: the reference's out as the forward stores it (bf16) and its lse.
+  c.dqkv = dqkv16.to_vector();
+  attention_backward_cpu(c.dqkv.data(), dout.data(), qkv.data(), c.out_rounded.data(), c.lse.data(), B, T, C, NH);
+  c.dqkv = round_bf16(c.dqkv);
+  return c;
+}
+
+void check_tc_against_cpu(const Shape4& s, int64_t offset = 0) {
+  const std::string what =
+      "attention tc " + s.str() + (offset ? " (buffers " + std::to_string(offset) + " elements off alignment)" : "");
+  const Case c = make_case(s, 60 + static_cast<uint64_t>(s.T + s.C));
+  const Results r = run(Path::kTc, s, c.qkv, c.out_rounded_bits, c.lse, c.dout, c.dqkv0, offset);
+  expect_close(r.out, c.out_rounded, kRelOut, true, what + ": out");
+  expect_close(r.lse, c.lse, kRelLse, false, what + ": lse");
+  expect_close(r.dqkv, c.dqkv, kRelGrad, true, what + ": dqkv +=");
+  // The first row of every head attends to itself alone: its weight is exactly 1, so out = v₀ exactly.
+  const std::vector<float> qkv = widen(c.qkv);
+  for (int64_t b = 0; b < s.B; ++b) {
+    for (int64_t d = 0; d < s.C; ++d) {
+      const float v0 = qkv[static_cast<size_t>(b * s.T * 3 * s.C + 2 * s.C + d)];
+      ASSERT_EQ(r.out[static_cast<size_t>(b * s.T * s.C + d)], v0) << what << ": out at b=" << b << " t=0 column " << d;
+    }
+  }
+}
+
+#else  // a build without CUDA: the tests skip before calling these
+
+struct Shape4 {
+  int64_t B, T, C, NH;
+};
+void check_tc_against_cpu(const Shape4&, int64_t = 0) {}
+
+#endif  // KRAKEN_WITH_CUDA
+
+TEST(GpuAttentionTc, MatchesTheRoundedCpuForHeadSizesAndLengths) {
+  KRAKEN_REQUIRE_CUDA_KERNELS();
+  for (int64_t D : {64, 42, 128, 24})
+    for (int64_t T : {1, 17, 64, 65, 100, 257}) check_tc_against_cpu({2, T, 3 * D, 3});
+}
+
+TEST(GpuAttentionTc, MatchesTheRoundedCpuWithUnalignedBuffersAndSmallHeads) {
+  KRAKEN_REQUIRE_CUDA_KERNELS();
+  check_tc_against_cpu({1, 77, 2 * 64, 2}, 1);  // every buffer 2-byte aligned: the scalar copies
+  check_tc_against_cpu({1, 70, 96, 1}, 2);      // D = 96, only 4-byte aligned: the 2-element copies
+  check_tc_against_cpu({2, 130, 2 * 16, 2});    // D = 16: no padding, one 16-column fragment
+  check_tc_against_cpu({2, 65, 2 * 5, 2});      // D = 5: mostly padding
+}
+
+TEST(GpuAttentionTc, HandlesMoreThan65535Heads) {
+  KRAKEN_REQUIRE_CUDA_KERNELS();
+  // B·NH = 70000 blocks along grid.x (the SIMT kernels put b·h on grid.y and stop at 65535).
+  check_tc_against_cpu({35000, 3, 2 * 16, 2});
+}
+
+#if KRAKEN_WITH_CUDA
+void check_tc_against_simt(const Shape4& s) {
+  const std::string what = "attention tc vs simt " + s.str();
+  const Case c = make_case(s, 90 + static_cast<uint64_t>(s.T));
+  const Results tc = run(Path::kTc, s, c.qkv, c.out_rounded_bits, c.lse, c.dout, c.dqkv0, 0);
+  const Results simt = run(Path::kSimt, s, c.qkv, c.out_rounded_bits, c.lse, c.dout, c.dqkv0, 0);
+  expect_close(tc.out, simt.out, kRelOut + kSimtOut, true, what + ": out");
+  expect_close(tc.lse, simt.lse, kRelLse + kSimtLse, false, what + ": lse");
+  expect_close(tc.dqkv, simt.dqkv, kRelGrad + kSimtGrad, true, what + ": dqkv +=");
+}
+
+// attention_*_bf16_cuda give bit for bit what the path they take gives (every kernel here is
+// deterministic): the tensor-core one where attention_bf16_uses_tc(D), else SIMT.
+void check_supported_sizes() {
+  EXPECT_FALSE(attention_bf16_tc_supported(0));
+  for (int64_t D = 1; D <= 128; ++D) EXPECT_TRUE(attention_bf16_tc_supported(D)) << D;
+  EXPECT_FALSE(attention_bf16_tc_supported(129));
+}
+
+void check_dispatch(const Shape4& s) {
+  const int64_t D = s.C / s.NH;
+  const bool tc = attention_bf16_uses_tc(D);
+  const char* env = std::getenv("KRAKEN_CUDA_ATTENTION");
+  const bool forced_simt = env && std::string(env) == "simt";
+  EXPECT_EQ(tc, !forced_simt && attention_bf16_tc_supported(D)) << "D = " << D;
+  const std::string what = "attention dispatch " + s.str() + (tc ? " (tc)" : " (simt)");
+  const Case c = make_case(s, 120 + static_cast<uint64_t>(s.T));
+  const Results a = run(Path::kDispatch, s, c.qkv, c.out_rounded_bits, c.lse, c.dout, c.dqkv0, 0);
+  const Results b = run(tc ? Path::kTc : Path::kSimt, s, c.qkv, c.out_rounded_bits, c.lse, c.dout, c.dqkv0, 0);
+  EXPECT_EQ(a.out_bits, b.out_bits) << what << ": out";
+  EXPECT_EQ(a.lse, b.lse) << what << ": lse";
+  EXPECT_EQ(a.dqkv_bits, b.dqkv_bits) << what << ": dqkv";
+  std::printf("[gpu-vs-cpu] %s: the dispatching entry points equal their path bit for bit\n", what.c_str());
+}
+#else
+void check_tc_against_simt(const Shape4&) {}
+void check_supported_sizes() {}
+void check_dispatch(const Shape4&) {}
+#endif
+
+TEST(GpuAttentionTc, AgreesWithTheSimtKernels) {
+  KRAKEN_REQUIRE_CUDA_KERNELS();
+  check_tc_against_simt({2, 100, 3 * 64, 3});
+  check_tc_against_simt({1, 257, 12 * 42, 12});
+  check_tc_against_simt({2, 45, 2 * 128, 2});
+}
+
+TEST(GpuAttentionTc, DispatchTakesOnePathForForwardAndBackward) {
+  KRAKEN_REQUIRE_CUDA_KERNELS();
+  check_supported_sizes();
+  check_dispatch({2, 100, 2 * 64, 2});
+  check_dispatch({1, 33, 2 * 160, 2});  // D = 160: beyond the tensor-core kernels, always SIMT
+}
+
+}  // namespace
+}  // namespace kraken::kernels
