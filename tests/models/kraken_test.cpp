@@ -178,7 +178,7 @@ TEST(KrakenModel, BadConfigsAreClearErrors) {
 }
 
 // Mixed precision against fp32 on the same weights and batch (both golden fixtures' models). bf16
-// keeps 8 significant bits: each rounding is off by at most 2⁻⁹ relative, and a value passes through a
+// keeps 8 significant bits: each rounding is off by at most 2⁻⁸ relative, and a value passes through a
 // few dozen of them between the embedding and the loss, so the loss moves by a few 1e-3 relative and
 // each gradient by a few percent of its tensor's scale, at random rather than in one direction. The
 // bounds below sit above what this measures (printed) and far below what a real mistake does: a lost

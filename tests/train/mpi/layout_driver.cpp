@@ -107,8 +107,9 @@ int main() {
   // rank before the sum (Megatron), a sum over 2 of 4 streams is rounded before the all-reduce adds
   // the other 2 (Kraken degree 4); and under dp the f32 masters differ from one process's by float
   // rounding of the gradient average (1e-7), which flips the bf16 rounding of a few weights in the next
-  // forward. Each such flip moves a value by 2⁻⁹ relative. Measured worst over 10 steps: dp2 3.5e-5,
-  // pp2 0 (pipelining changes no arithmetic), tp2 Kraken 6.5e-5, tp2 Megatron 9.5e-5; the bound, 1e-3,
+  // forward. Each such flip moves a value by one bf16 ulp (2⁻⁸ to 2⁻⁷ relative). Measured worst over
+  // 10 steps: dp2 3.5e-5, pp2 0 (pipelining changes no arithmetic), tp2 Kraken 6.5e-5, tp2 Megatron
+  // 9.5e-5; the bound, 1e-3,
   // is ten times that and far below a real fault (a wrong reduction or a lost stream moves the loss
   // by 1e-2 or more at once).
   {
