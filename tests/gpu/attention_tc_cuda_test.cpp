@@ -61,14 +61,6 @@ using runtime::DType;
 using runtime::Shape;
 using runtime::Tensor;
 
-#define KRAKEN_REQUIRE_CUDA_KERNELS()                                                                   \
-  do {                                                                                                  \
-    KRAKEN_REQUIRE_GPU();                                                                               \
-    if (::kraken::testing::gpu_tests_on_cpu())                                                          \
-      GTEST_SKIP() << "dry run: these tests call the bf16 CUDA kernels directly (no CPU stand-in)";     \
-    if (!KRAKEN_WITH_CUDA) GTEST_SKIP() << "this build has no CUDA kernels";                            \
-  } while (0)
-
 #if KRAKEN_WITH_CUDA
 
 constexpr double kOneUlp = 1.0 / 128.0;  // 2⁻⁷: one bf16 ulp of the element, at most
@@ -83,15 +75,6 @@ Tensor bf16_input(const Shape& shape, uint64_t seed, float std = 1.0f) {
   return testing::random_tensor(shape, seed, std).to(DType::BF16);
 }
 
-std::vector<float> round_bf16(const std::vector<float>& v) {
-  const int64_t n = static_cast<int64_t>(v.size());
-  std::vector<uint16_t> b(v.size());
-  cast_f32_to_bf16_cpu(b.data(), v.data(), n);
-  std::vector<float> out(v.size());
-  cast_bf16_to_f32_cpu(out.data(), b.data(), n);
-  return out;
-}
-
 std::vector<float> widen(const std::vector<uint16_t>& b) {
   std::vector<float> out(b.size());
   cast_bf16_to_f32_cpu(out.data(), b.data(), static_cast<int64_t>(b.size()));
@@ -102,27 +85,7 @@ std::vector<float> widen(const std::vector<uint16_t>& b) {
 // the 2⁻⁷ term, for f32 outputs).
 void expect_close(const std::vector<float>& got, const std::vector<float>& ref, double rel, bool ulp,
                   const std::string& what) {
-  ASSERT_EQ(got.size(), ref.size()) << what;
-  double scale = 0.0;
-  for (float r : ref) scale = std::max(scale, std::fabs(static_cast<double>(r)));
-  const double per_element = ulp ? kOneUlp : 0.0;
-  double worst = 0.0;  // in units of the allowed error
-  int64_t at = -1, differing = 0;
-  for (size_t i = 0; i < got.size(); ++i) {
-    const double g = got[i], r = ref[i];
-    differing += g != r;
-    double ratio = 0.0;
-    if (g != r) {
-      ratio = std::isfinite(g) && std::isfinite(r) ? std::fabs(g - r) / (per_element * std::fabs(r) + rel * scale)
-                                                   : std::numeric_limits<double>::infinity();
-    }
-    if (at < 0 || ratio > worst) worst = ratio, at = static_cast<int64_t>(i);
-  }
-  if (at < 0) return;
-  std::printf("[gpu-vs-cpu] %s: worst error %.3g of the allowed, %lld of %zu elements differ (scale %.3g)\n",
-              what.c_str(), worst, static_cast<long long>(differing), got.size(), scale);
-  EXPECT_LE(worst, 1.0) << what << ": element " << at << " is " << got[at] << ", the reference " << ref[at]
-                        << " (allowed " << per_element << " x |ref| + " << rel << " x " << scale << ")";
+  testing::expect_within_ulp(got, ref, ulp ? kOneUlp : 0.0, rel, what);
 }
 
 // A device buffer of n bf16 elements starting `offset` elements into its allocation (offset 1: only
@@ -223,13 +186,13 @@ Case make_case(const Shape4& s, uint64_t seed) {
   std::vector<float> out(static_cast<size_t>(B * T * C));
   c.lse.resize(static_cast<size_t>(B * NH * T));
   attention_forward_cpu(out.data(), c.lse.data(), qkv.data(), B, T, C, NH);
-  c.out_rounded = round_bf16(out);
+  c.out_rounded = testing::round_bf16(out);
   c.out_rounded_bits.resize(out.size());
   cast_f32_to_bf16_cpu(c.out_rounded_bits.data(), out.data(), static_cast<int64_t>(out.size()));
   // Backward on identical inputs: the reference's out as the forward stores it (bf16) and its lse.
   c.dqkv = dqkv16.to_vector();
   attention_backward_cpu(c.dqkv.data(), dout.data(), qkv.data(), c.out_rounded.data(), c.lse.data(), B, T, C, NH);
-  c.dqkv = round_bf16(c.dqkv);
+  c.dqkv = testing::round_bf16(c.dqkv);
   return c;
 }
 

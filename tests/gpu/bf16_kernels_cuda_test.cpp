@@ -54,15 +54,6 @@ using runtime::DType;
 using runtime::Shape;
 using runtime::Tensor;
 
-// Every test below: a GPU, a build with the CUDA kernels, and not the dry run.
-#define KRAKEN_REQUIRE_CUDA_KERNELS()                                                                   \
-  do {                                                                                                  \
-    KRAKEN_REQUIRE_GPU();                                                                               \
-    if (::kraken::testing::gpu_tests_on_cpu())                                                          \
-      GTEST_SKIP() << "dry run: these tests call the bf16 CUDA kernels directly (no CPU stand-in)";     \
-    if (!KRAKEN_WITH_CUDA) GTEST_SKIP() << "this build has no CUDA kernels";                            \
-  } while (0)
-
 #if KRAKEN_WITH_CUDA
 
 constexpr double kOneUlp = 1.0 / 128.0;  // 2⁻⁷: one bf16 ulp of the element, at most
@@ -89,42 +80,10 @@ Tensor f32_on_gpu(const std::vector<float>& v) {
 uint16_t* bits(const Tensor& t) { return t.data<uint16_t>(); }
 float* f32(const Tensor& t) { return t.data<float>(); }
 
-// The reference's one rounding: f32 → bf16 (nearest even) → f32.
-std::vector<float> round_bf16(const std::vector<float>& v) {
-  const int64_t n = static_cast<int64_t>(v.size());
-  std::vector<uint16_t> b(v.size());
-  cast_f32_to_bf16_cpu(b.data(), v.data(), n);
-  std::vector<float> out(v.size());
-  cast_bf16_to_f32_cpu(out.data(), b.data(), n);
-  return out;
-}
-
 // A bf16 device output against the rounded reference: |got − ref| ≤ 2⁻⁷·|ref| + rel·max|ref|.
 void expect_bf16_close(const Tensor& got_dev, const std::vector<float>& ref, double rel, const std::string& what) {
   ASSERT_EQ(got_dev.dtype(), DType::BF16) << what;
-  const std::vector<float> got = got_dev.to_vector();  // widened exactly
-  ASSERT_EQ(got.size(), ref.size()) << what;
-  double scale = 0.0;
-  for (float r : ref) scale = std::max(scale, std::fabs(static_cast<double>(r)));
-  double worst = 0.0;  // in units of the allowed error
-  int64_t at = -1, differing = 0;
-  for (size_t i = 0; i < got.size(); ++i) {
-    const double g = got[i], r = ref[i];
-    differing += g != r;
-    // An exact match is no error (also where 0 is allowed); anything not finite is the worst.
-    double ratio = 0.0;
-    if (g != r) {
-      ratio = std::isfinite(g) && std::isfinite(r) ? std::fabs(g - r) / (kOneUlp * std::fabs(r) + rel * scale)
-                                                   : std::numeric_limits<double>::infinity();
-    }
-    if (at < 0 || ratio > worst) worst = ratio, at = static_cast<int64_t>(i);
-  }
-  if (at < 0) return;
-  std::printf("[gpu-vs-cpu] bf16 %s: worst error %.3g of the allowed, %lld of %zu elements differ from the "
-              "reference bits (scale %.3g)\n",
-              what.c_str(), worst, static_cast<long long>(differing), got.size(), scale);
-  EXPECT_LE(worst, 1.0) << what << ": element " << at << " is " << got[at] << ", the reference " << ref[at]
-                        << " (allowed 2^-7 x |ref| + " << rel << " x " << scale << ")";
+  testing::expect_within_ulp(got_dev.to_vector(), ref, kOneUlp, rel, "bf16 " + what);  // widened exactly
 }
 
 // An f32 device output: |got − ref| ≤ rel·max|ref| (gpu_test_util's comparison).
@@ -144,19 +103,19 @@ void check_elementwise() {
     Tensor out = Tensor::empty({n}, DType::BF16, gpu());
     add_bf16_cuda(bits(out), bits(a_dev), bits(b_dev), n, stream());
     add_cpu(ref.data(), a.data(), b.data(), n);
-    expect_bf16_close(out, round_bf16(ref), 0.0, "add");
+    expect_bf16_close(out, testing::round_bf16(ref), 0.0, "add");
   }
   {
     Tensor out = Tensor::empty({n}, DType::BF16, gpu());
     scale_bf16_cuda(bits(out), bits(a_dev), -0.37f, n, stream());
     scale_cpu(ref.data(), a.data(), -0.37f, n);
-    expect_bf16_close(out, round_bf16(ref), 0.0, "scale");
+    expect_bf16_close(out, testing::round_bf16(ref), 0.0, "scale");
   }
   {
     Tensor out = Tensor::empty({n}, DType::BF16, gpu());
     mul_bf16_cuda(bits(out), bits(a_dev), bits(b_dev), n, stream());
     mul_cpu(ref.data(), a.data(), b.data(), n);
-    expect_bf16_close(out, round_bf16(ref), 0.0, "mul");
+    expect_bf16_close(out, testing::round_bf16(ref), 0.0, "mul");
   }
   {
     // acc (f32, non-zero) += x: one f32 addition per element, no rounding to bf16.
@@ -178,8 +137,8 @@ void check_elementwise() {
     gelu_backward_bf16_cuda(bits(dx_dev), bits(x_dev), bits(dout_dev), m, stream());
     gelu_forward_cpu(y.data(), x.data(), m);
     gelu_backward_cpu(dx.data(), x.data(), dout.data(), m);
-    expect_bf16_close(y_dev, round_bf16(y), 4e-6, "gelu forward");
-    expect_bf16_close(dx_dev, round_bf16(dx), 4e-6, "gelu backward (dx +=)");
+    expect_bf16_close(y_dev, testing::round_bf16(y), 4e-6, "gelu forward");
+    expect_bf16_close(dx_dev, testing::round_bf16(dx), 4e-6, "gelu backward (dx +=)");
   }
 }
 
@@ -196,14 +155,14 @@ void check_broadcast_and_sum_rows() {
     add_broadcast_bf16_cuda(bits(out), bits(a_dev), bits(b_dev), rows, cols, stream());
     std::vector<float> ref(static_cast<size_t>(rows * cols));
     add_broadcast_cpu(ref.data(), a.data(), b.data(), rows, cols);
-    expect_bf16_close(out, round_bf16(ref), 0.0, "add_broadcast" + shape);
+    expect_bf16_close(out, testing::round_bf16(ref), 0.0, "add_broadcast" + shape);
     // db (bf16, non-zero) += Σ_r dout[r, :]: summed in f32, rounded once.
     const Tensor db16 = bf16_input({cols}, 12, 3.0f);
     std::vector<float> db = db16.to_vector();
     const Tensor db_dev = db16.to(gpu());
     sum_rows_bf16_cuda(bits(db_dev), bits(a_dev), rows, cols, stream());
     sum_rows_cpu(db.data(), a.data(), rows, cols);
-    expect_bf16_close(db_dev, round_bf16(db), 1e-5, "sum_rows (db +=)" + shape);
+    expect_bf16_close(db_dev, testing::round_bf16(db), 1e-5, "sum_rows (db +=)" + shape);
   }
 }
 
@@ -225,7 +184,7 @@ void check_layernorm(int64_t rows, int64_t C, bool with_beta) {
       rstd(static_cast<size_t>(rows));
   layernorm_forward_cpu(out.data(), mean.data(), rstd.data(), x.data(), gamma.data(),
                         with_beta ? beta.data() : nullptr, rows, C, eps);
-  expect_bf16_close(out_dev, round_bf16(out), 1e-5, what + ": out");
+  expect_bf16_close(out_dev, testing::round_bf16(out), 1e-5, what + ": out");
   expect_f32_close(mean_dev, mean, 1e-5, what + ": mean");
   expect_f32_close(rstd_dev, rstd, 1e-5, what + ": rstd");
 
@@ -241,7 +200,7 @@ void check_layernorm(int64_t rows, int64_t C, bool with_beta) {
                                bits(x_dev), f32(gamma_dev), f32(mean_in), f32(rstd_in), rows, C, stream());
   layernorm_backward_cpu(dx.data(), dgamma.data(), with_beta ? dbeta.data() : nullptr, dout.data(), x.data(),
                          gamma.data(), mean.data(), rstd.data(), rows, C);
-  expect_bf16_close(dx_dev, round_bf16(dx), 1e-5, what + ": dx +=");
+  expect_bf16_close(dx_dev, testing::round_bf16(dx), 1e-5, what + ": dx +=");
   expect_f32_close(dgamma_dev, dgamma, 1e-5, what + ": dgamma +=");
   if (with_beta) expect_f32_close(dbeta_dev, dbeta, 1e-5, what + ": dbeta +=");
 }
@@ -261,7 +220,7 @@ void check_attention(int64_t B, int64_t T, int64_t C, int64_t NH) {
   attention_forward_bf16_simt_cuda(bits(out_dev), f32(lse_dev), bits(qkv_dev), B, T, C, NH, stream());
   std::vector<float> out(static_cast<size_t>(B * T * C)), lse(static_cast<size_t>(B * NH * T));
   attention_forward_cpu(out.data(), lse.data(), qkv.data(), B, T, C, NH);
-  const std::vector<float> out_rounded = round_bf16(out);
+  const std::vector<float> out_rounded = testing::round_bf16(out);
   expect_bf16_close(out_dev, out_rounded, 1e-5, what + ": out");
   expect_f32_close(lse_dev, lse, 1e-5, what + ": lse");
 
@@ -276,7 +235,7 @@ void check_attention(int64_t B, int64_t T, int64_t C, int64_t NH) {
   attention_backward_bf16_simt_cuda(bits(dqkv_dev), bits(dout_dev), bits(qkv_dev), bits(out_in), f32(lse_in), B, T,
                                     C, NH, stream());
   attention_backward_cpu(dqkv.data(), dout.data(), qkv.data(), out_rounded.data(), lse.data(), B, T, C, NH);
-  expect_bf16_close(dqkv_dev, round_bf16(dqkv), 2e-5, what + ": dqkv +=");
+  expect_bf16_close(dqkv_dev, testing::round_bf16(dqkv), 2e-5, what + ": dqkv +=");
 }
 
 // ---- cross-entropy ----------------------------------------------------------------------------------
@@ -313,7 +272,7 @@ void check_cross_entropy(int64_t N, int64_t Vp, int64_t V, const std::vector<int
   std::vector<float> dlogits(static_cast<size_t>(N * Vp));
   cross_entropy_backward_cpu(dlogits.data(), logits.data(), lse.data(), targets.data(), &dloss, count, N, Vp, V,
                              ignore);
-  expect_bf16_close(dlogits_dev, round_bf16(dlogits), 1e-5, what + ": dlogits");
+  expect_bf16_close(dlogits_dev, testing::round_bf16(dlogits), 1e-5, what + ": dlogits");
   const Tensor got = dlogits_dev.to(Device::cpu());
   const uint16_t* g = got.data<uint16_t>();
   for (int64_t r = 0; r < N; ++r) {
@@ -343,8 +302,8 @@ void check_dropout(float p) {
   // Forward: one product per element (rel = 0), a dropped element exactly 0. Backward: nvcc makes
   // dx + dout·k one FMA, and gcc may or may not (-ffp-contract): one f32 rounding of dout·k apart,
   // at most 2⁻²⁴ ≈ 6e-8 of the scale, so 1e-7 (a kept dx is otherwise exact).
-  expect_bf16_close(y_dev, round_bf16(y), 0.0, what + ": forward");
-  expect_bf16_close(dx_dev, round_bf16(dx), 1e-7, what + ": backward (dx +=)");
+  expect_bf16_close(y_dev, testing::round_bf16(y), 0.0, what + ": forward");
+  expect_bf16_close(dx_dev, testing::round_bf16(dx), 1e-7, what + ": backward (dx +=)");
   int64_t kept = 0;
   for (float v : y_dev.to_vector()) kept += v != 0.0f;
   EXPECT_NEAR(static_cast<double>(kept) / static_cast<double>(n), 1.0 - p, 0.02) << what;

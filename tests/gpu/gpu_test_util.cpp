@@ -4,6 +4,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
+
+#include "kernels/elementwise.h"
 
 #include "runtime/autograd.h"
 #include "runtime/rng.h"
@@ -101,6 +104,41 @@ void expect_matches_cpu(const DeviceOp& f, const std::vector<Tensor>& cpu_inputs
     if (!cpu_inputs[i].defined() || !cpu_inputs[i].requires_grad()) continue;
     expect_close(dev_inputs[i].grad(), cpu_inputs[i].grad(), rel_grad, what + ": gradient of input " + std::to_string(i));
   }
+}
+
+std::vector<float> round_bf16(const std::vector<float>& v) {
+  const int64_t n = static_cast<int64_t>(v.size());
+  std::vector<uint16_t> b(v.size());
+  kernels::cast_f32_to_bf16_cpu(b.data(), v.data(), n);
+  std::vector<float> out(v.size());
+  kernels::cast_bf16_to_f32_cpu(out.data(), b.data(), n);
+  return out;
+}
+
+void expect_within_ulp(const std::vector<float>& got, const std::vector<float>& ref, double ulp, double rel,
+                       const std::string& what) {
+  ASSERT_EQ(got.size(), ref.size()) << what;
+  double scale = 0.0;
+  for (float r : ref) scale = std::max(scale, std::fabs(static_cast<double>(r)));
+  double worst = 0.0;  // in units of the allowed error
+  int64_t at = -1, differing = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double g = got[i], r = ref[i];
+    differing += g != r;
+    // An exact match is no error (also where 0 is allowed); anything not finite is the worst.
+    double ratio = 0.0;
+    if (g != r) {
+      ratio = std::isfinite(g) && std::isfinite(r) ? std::fabs(g - r) / (ulp * std::fabs(r) + rel * scale)
+                                                   : std::numeric_limits<double>::infinity();
+    }
+    if (at < 0 || ratio > worst) worst = ratio, at = static_cast<int64_t>(i);
+  }
+  if (at < 0) return;
+  std::printf("[gpu-vs-cpu] %s: worst error %.3g of the allowed, %lld of %zu elements differ (scale %.3g)\n",
+              what.c_str(), worst, static_cast<long long>(differing), got.size(), scale);
+  EXPECT_LE(worst, 1.0) << what << ": element " << at << " is " << got[static_cast<size_t>(at)] << ", the reference "
+                        << ref[static_cast<size_t>(at)] << " (allowed " << ulp << " x |ref| + " << rel << " x "
+                        << scale << ")";
 }
 
 runtime::AllocatorStats test_device_allocator_stats() {

@@ -41,6 +41,25 @@ const char* test_device_name();
       GTEST_SKIP() << "no GPU: " << why_;                                            \
   } while (0)
 
+// Tests that call CUDA kernels directly (not through the ops): a GPU, a build with the CUDA kernels,
+// and not the dry run (the CPU cannot stand in for a kernel).
+#define KRAKEN_REQUIRE_CUDA_KERNELS()                                                               \
+  do {                                                                                              \
+    KRAKEN_REQUIRE_GPU();                                                                           \
+    if (::kraken::testing::gpu_tests_on_cpu())                                                      \
+      GTEST_SKIP() << "dry run: these tests call the CUDA kernels directly (no CPU stand-in)";     \
+    if (!KRAKEN_WITH_CUDA) GTEST_SKIP() << "this build has no CUDA kernels";                        \
+  } while (0)
+
+// The reference's one rounding: f32 → bf16 (nearest even) → f32.
+std::vector<float> round_bf16(const std::vector<float>& v);
+
+// bf16 results (widened exactly) against a reference: |got − ref| ≤ ulp·|ref| + rel·max|ref| for every
+// element (ulp = 2⁻⁷ allows one bf16 ulp of the element; 0 for f32 results); prints the worst element
+// in units of the allowed error and how many elements differ at all.
+void expect_within_ulp(const std::vector<float>& got, const std::vector<float>& ref, double ulp, double rel,
+                       const std::string& what);
+
 // N(0, std²) values from a fixed seed, on the CPU (not requiring grad).
 runtime::Tensor random_tensor(const runtime::Shape& shape, uint64_t seed, float std = 1.0f);
 // Token ids in [0, bound) from a fixed seed, i32 on the CPU.
