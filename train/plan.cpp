@@ -122,17 +122,18 @@ Tensor random_ids(int64_t B, int64_t T, int64_t vocab, runtime::Generator& gen, 
 class StageRunner {
  public:
   StageRunner(const models::KrakenConfig& config, const models::ModelShard& shard, const runtime::Device& device,
-              int64_t B, int64_t T, runtime::Generator& gen)
+              runtime::DType compute, int64_t B, int64_t T, runtime::Generator& gen)
       : model_(config, device, shard), device_(device), dropout_(gen.seed(), 0xD50F00Dull) {
     model_.initialize(gen.seed());
+    model_.set_compute_dtype(compute);  // the run's precision: bf16 layers are what a GPU run times
     ids_ = random_ids(B, T, config.vocab_size, gen, device);
     targets_ = random_ids(B, T, config.vocab_size, gen, device);
     if (!shard.has_embedding) {
       // The boundary activation of the stage before, with a gradient to send back (as in 1F1B).
-      input_ = random_normal(model_.boundary_shape(B, T), gen, device);
+      input_ = random_normal(model_.boundary_shape(B, T), gen, device).to(compute);
       input_.set_requires_grad(true);
     }
-    if (!shard.has_head) output_grad_ = random_normal(model_.boundary_shape(B, T), gen, device);
+    if (!shard.has_head) output_grad_ = random_normal(model_.boundary_shape(B, T), gen, device).to(compute);
   }
 
   // Forward + backward of one micro-batch, in seconds (the device is synchronised at both ends).
@@ -187,7 +188,7 @@ planner::Profile measure_profile(const Config& c, const ProfileOptions& options,
         shard.last_layer = last;
         shard.has_embedding = embedding;
         shard.has_head = head;
-        return std::make_unique<StageRunner>(share, shard, device, mb, T, gen);
+        return std::make_unique<StageRunner>(share, shard, device, compute_dtype(c.train, device), mb, T, gen);
       };
       struct Point {
         planner::LayerKind kind;

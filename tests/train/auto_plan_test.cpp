@@ -97,6 +97,17 @@ TEST(AutoPlanModel, ModelDescOfIsTheConfigAsTheTrainerRunsIt) {
   const planner::ModelDesc mo = model_desc_of(optex);
   EXPECT_GE(mo.optimizer_states, 2 + 2 * 10);  // AdamW's two, then the history's (θ, g) pairs
   EXPECT_TRUE(mo.limits.data_parallel_only);
+
+  // Bytes per activation follow [train] precision: the device type's dtype for "auto" (0), 4 for fp32,
+  // 2 for bf16 on GPUs, and 4 for bf16 on CPU ranks (an emulation that keeps its f32 copies).
+  auto activation_bytes = [](const std::string& train) {
+    return model_desc_of(parse_config(model_section() + "[data]\ntrain = \"x\"\n[train]\n" + train, "p.toml", false))
+        .bytes_per_activation;
+  };
+  EXPECT_EQ(activation_bytes(""), 0);
+  EXPECT_EQ(activation_bytes("precision = \"fp32\"\ndevice = \"cuda\"\n"), 4);
+  EXPECT_EQ(activation_bytes("precision = \"bf16\"\ndevice = \"cuda\"\n"), 2);
+  EXPECT_EQ(activation_bytes("precision = \"bf16\"\n"), 4);
 }
 
 TEST(AutoPlanModel, PlanExampleIsATrainingConfig) {
@@ -224,6 +235,13 @@ TEST(AutoPlanProfile, MeasuresEveryKindAtEveryTpAndMicroBatchAndRoundTrips) {
     EXPECT_GT(m.seconds, 0.0);
   });
   EXPECT_EQ(reported, 3 * 3 * 2);  // kinds × tp × micro-batches
+  // In mixed precision the layers run in bf16 (boundary activations and their gradients too).
+  Config mixed = c;
+  mixed.train.precision = "bf16";
+  ProfileOptions quick = o;
+  quick.micro_batches = {1};
+  quick.repeat = 1;
+  EXPECT_EQ(measure_profile(mixed, quick, [](const LayerMeasurement&) {}).entries.size(), 9u);
   ASSERT_EQ(p.entries.size(), 18u);
   EXPECT_EQ(p.device_type, "cpu-2core");
   for (const auto& e : p.entries) EXPECT_GT(e.seconds, 0.0);
