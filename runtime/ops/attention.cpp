@@ -34,10 +34,10 @@ Tensor attention(const Tensor& qkv, int64_t n_head) {
                                                                         stream_of(qkv)));
   else
     KRAKEN_ON_DEVICE(qkv.device(),
-                   kernels::attention_forward_cpu(out.data<float>(), lse.data<float>(), qkv.data<float>(), B, T, C,
-                                                  n_head),
-                   kernels::attention_forward_cuda(out.data<float>(), lse.data<float>(), qkv.data<float>(), B, T, C,
-                                                   n_head, stream_of(qkv)));
+                     kernels::attention_forward_cpu(out.data<float>(), lse.data<float>(), qkv.data<float>(), B, T, C,
+                                                    n_head),
+                     kernels::attention_forward_cuda(out.data<float>(), lse.data<float>(), qkv.data<float>(), B, T, C,
+                                                     n_head, stream_of(qkv)));
 
   if (needs_grad({qkv})) {
     Tensor qkv_saved = qkv.detach(), out_saved = out.detach();

@@ -59,12 +59,12 @@ RowLosses row_losses(const char* op, const Tensor& logits, const Tensor& targets
                                           targets.data<int32_t>(), r.N, r.Vp, r.V, ignore_index, stream_of(logits)));
   else
     KRAKEN_ON_DEVICE(logits.device(),
-                   kernels::cross_entropy_forward_cpu(r.losses.data<float>(), r.lse.data<float>(),
-                                                      logits.data<float>(), targets.data<int32_t>(), r.N, r.Vp, r.V,
-                                                      ignore_index),
-                   kernels::cross_entropy_forward_cuda(r.losses.data<float>(), r.lse.data<float>(),
-                                                       logits.data<float>(), targets.data<int32_t>(), r.N, r.Vp, r.V,
-                                                       ignore_index, stream_of(logits)));
+                     kernels::cross_entropy_forward_cpu(r.losses.data<float>(), r.lse.data<float>(),
+                                                        logits.data<float>(), targets.data<int32_t>(), r.N, r.Vp, r.V,
+                                                        ignore_index),
+                     kernels::cross_entropy_forward_cuda(r.losses.data<float>(), r.lse.data<float>(),
+                                                         logits.data<float>(), targets.data<int32_t>(), r.N, r.Vp, r.V,
+                                                         ignore_index, stream_of(logits)));
   return r;
 }
 

@@ -25,9 +25,9 @@ Tensor dropout(const Tensor& x, float p, Generator& generator, bool training) {
                                                                     seed, stream, offset, stream_of(x)));
   else
     KRAKEN_ON_DEVICE(x.device(),
-                   kernels::dropout_forward_cpu(out.data<float>(), x.data<float>(), n, p, seed, stream, offset),
-                   kernels::dropout_forward_cuda(out.data<float>(), x.data<float>(), n, p, seed, stream, offset,
-                                                 stream_of(x)));
+                     kernels::dropout_forward_cpu(out.data<float>(), x.data<float>(), n, p, seed, stream, offset),
+                     kernels::dropout_forward_cuda(out.data<float>(), x.data<float>(), n, p, seed, stream, offset,
+                                                   stream_of(x)));
   if (needs_grad({x})) {
     record("dropout", {x}, {out}, [p, seed, stream, offset, bf16](const std::vector<Tensor>& g) {
       const Tensor& dout = g[0];

@@ -96,7 +96,7 @@ Tensor mul(const Tensor& a, const Tensor& b) {
                                                         a.numel(), stream_of(a)));
   else
     KRAKEN_ON_DEVICE(a.device(), kernels::mul_cpu(out.data<float>(), a.data<float>(), b.data<float>(), a.numel()),
-                   kernels::mul_cuda(out.data<float>(), a.data<float>(), b.data<float>(), a.numel(), stream_of(a)));
+                     kernels::mul_cuda(out.data<float>(), a.data<float>(), b.data<float>(), a.numel(), stream_of(a)));
   if (needs_grad({a, b})) {
     const bool a_needs = a.requires_grad(), b_needs = b.requires_grad();
     Tensor a_saved = b_needs ? a.detach() : Tensor(), b_saved = a_needs ? b.detach() : Tensor();
@@ -119,7 +119,7 @@ Tensor scale(const Tensor& x, float alpha) {
                                                           stream_of(x)));
   else
     KRAKEN_ON_DEVICE(x.device(), kernels::scale_cpu(out.data<float>(), x.data<float>(), alpha, x.numel()),
-                   kernels::scale_cuda(out.data<float>(), x.data<float>(), alpha, x.numel(), stream_of(x)));
+                     kernels::scale_cuda(out.data<float>(), x.data<float>(), alpha, x.numel(), stream_of(x)));
   if (needs_grad({x})) {
     record("scale", {x}, {out}, [alpha](const std::vector<Tensor>& g) {
       return std::vector<Tensor>{scale(g[0], alpha)};
