@@ -18,6 +18,7 @@ constexpr double kRel = 1e-12;
 
 using ::kraken::testing::message_of;
 
+using test::kraken_tiny;
 using test::node_group;
 
 Cluster cluster_of(std::vector<NodeGroup> groups) {
@@ -98,21 +99,7 @@ TEST(PlannerAmpModel, AveragesTheP2pLinkOverDataParallelReplicas) {
   EXPECT_NEAR(p.stages[0].dp_allreduce, 2.0 * 2 / 3 * 53248 * 4 / 100e9, kRel * 1e-6);
 }
 
-// Degree 2, two layers, C = 8, one head per sub-layer, e = 2, T = 4, V = 64, no biases: 2,792 parameters.
-ModelDesc kraken_tiny() {
-  ModelConfig c;
-  c.n_layer = 2;
-  c.n_embd = 8;
-  c.n_head = 2;
-  c.degree = 2;
-  c.mlp_expansion = 2;
-  c.context = 4;
-  c.vocab_size = 64;
-  c.bias = false;
-  c.global_batch = 8;
-  return make_model_desc(c);
-}
-
+// kraken_tiny() (planner_test_util.h): degree 2, C = 8, V = 64, 2,792 parameters.
 TEST(PlannerKrakenModel, MemoryMatchesHandCount) {
   const ModelDesc m = kraken_tiny();
   // Parameters: emb V·C + T·C = 512 + 32 = 544; a layer k·((4 + 2e)C² + 2C) = 2·528 = 1,056; head V·C

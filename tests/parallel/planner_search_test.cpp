@@ -16,6 +16,7 @@ namespace {
 
 using ::kraken::testing::message_of;
 
+using test::kraken_tiny;
 using test::node_group;
 
 Cluster cluster_of(std::vector<NodeGroup> groups) {
@@ -185,20 +186,6 @@ TEST(PlannerSearch, KrakenPaysForTensorParallelismWhereMegatronDoesNot) {
   EXPECT_LT(kraken.top.front().prediction.step_time, megatron.top.front().prediction.step_time);
 }
 
-// Degree 2, C = 8 (see planner_cost_model_test.cpp for its hand-counted memory).
-ModelDesc kraken_tiny() {
-  ModelConfig c;
-  c.n_layer = 2;
-  c.n_embd = 8;
-  c.n_head = 2;
-  c.degree = 2;
-  c.mlp_expansion = 2;
-  c.context = 4;
-  c.vocab_size = 64;
-  c.bias = false;
-  c.global_batch = 8;
-  return make_model_desc(c);
-}
 
 TEST(PlannerSearch, NothingFitsSaysHowMuchMemoryTheLeastDemandingStrategyNeeds) {
   const Cluster cluster = cluster_of({node_group("cpu", 1, 2, "cpu-2core", 20000)});

@@ -26,6 +26,22 @@ inline NodeGroup node_group(const std::string& name, int nodes, int per_node, co
   return g;
 }
 
+// Degree 2, two layers, C = 8, one head per sub-layer, e = 2, T = 4, V = 64, no biases: 2,792 parameters
+// (planner_cost_model_test.cpp counts its memory by hand).
+inline ModelDesc kraken_tiny() {
+  ModelConfig c;
+  c.n_layer = 2;
+  c.n_embd = 8;
+  c.n_head = 2;
+  c.degree = 2;
+  c.mlp_expansion = 2;
+  c.context = 4;
+  c.vocab_size = 64;
+  c.bias = false;
+  c.global_batch = 8;
+  return make_model_desc(c);
+}
+
 // A device type whose arithmetic is easy to follow: full efficiency, 1 GB.
 inline DeviceType round_device(const std::string& name, double peak_flops, double memory_bandwidth) {
   DeviceType d;

@@ -28,13 +28,8 @@
 #include "data/shard.h"
 #include "runtime/rng.h"
 #include "tests/support/temp_dir.h"
+#include "tests/train/mpi/driver_util.h"
 
-#ifndef KRAKEN_MPIEXEC
-#error "KRAKEN_MPIEXEC (the mpirun program) must be defined"
-#endif
-#ifndef KRAKEN_TRAIN
-#error "KRAKEN_TRAIN (the kraken-train program) must be defined"
-#endif
 #ifndef KRAKEN_PLAN
 #error "KRAKEN_PLAN (the kraken-plan program) must be defined"
 #endif
@@ -42,38 +37,17 @@
 namespace {
 
 using kraken::testing::TempDir;
-
-int g_checks = 0, g_failures = 0;
-
-struct Run {
-  int exit_code = -1;
-  std::string output;
-};
-
-Run run(const std::string& command) {
-  Run r;
-  FILE* pipe = popen((command + " 2>&1").c_str(), "r");
-  if (!pipe) return r;
-  char buffer[4096];
-  size_t n;
-  while ((n = std::fread(buffer, 1, sizeof buffer, pipe)) > 0) r.output.append(buffer, n);
-  const int status = pclose(pipe);
-  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-  return r;
-}
+using namespace kraken::testing::driver;
 
 void check(bool ok, const std::string& what, const std::string& detail = "") {
   g_checks += 1;
-  if (ok) {
-    std::printf("[ok] %s\n", what.c_str());
-  } else {
-    g_failures += 1;
-    std::printf("FAIL %s\n%s\n", what.c_str(), detail.c_str());
-  }
+  if (!ok) return fail(what, detail);
+  std::printf("[ok] %s\n", what.c_str());
   std::fflush(stdout);
 }
 
-std::map<int, double> losses_of(const std::string& metrics, int* predicted_records = nullptr) {
+// driver_util's losses_of, also counting the records that carry a predicted step time.
+std::map<int, double> losses_and_predictions(const std::string& metrics, int* predicted_records) {
   std::map<int, double> out;
   std::ifstream in(metrics);
   std::string line;
@@ -152,7 +126,7 @@ void auto_versus_by_hand(const TempDir& dir, const std::string& name, const std:
   check(tp * dp * pp == 4 && dp * mb * acc == 8, name + ": the plan uses 4 ranks and keeps the global batch of 8",
         plan.dump());
   int predicted_records = 0;
-  const std::map<int, double> auto_losses = losses_of(dir / ("runs/" + name + "/metrics.jsonl"), &predicted_records);
+  const std::map<int, double> auto_losses = losses_and_predictions(dir / ("runs/" + name + "/metrics.jsonl"), &predicted_records);
   check(auto_losses.size() == 6 && predicted_records == 6, name + ": every step's metrics carry predicted_step_seconds");
 
   std::string layers;
@@ -221,7 +195,5 @@ int main() {
           "kraken-train says how much memory the least demanding strategy needs", r.output);
   }
 
-  if (g_failures == 0) std::printf("KRAKEN-MPI-OK ranks=4 checks=%d\n", g_checks);
-  else std::printf("KRAKEN-MPI-FAIL failures=%d checks=%d\n", g_failures, g_checks);
-  return g_failures == 0 ? 0 : 1;
+  return finish(4);
 }
