@@ -235,7 +235,9 @@ Tensor KrakenModel::stage_forward(const Tensor& ids, const Tensor& input, runtim
     for (int64_t i = 0; i < n; ++i) {
       const SubLayer& s = layers_[layer][i];
       // a_i = x_i + Attn_i(LN1_i(x_i)); m_i = a_i − x_i + S (= a_i at degree 1 and in the first layer);
-      // x_i ← a_i + MLP_i(LN2_i(m_i)). Each add that feeds LN2 runs fused with it (ops::add_layernorm).
+      // x_i ← a_i + MLP_i(LN2_i(m_i)). Where a_i is both the residual stream and LN2's input, the add
+      // runs fused with LN2 (ops::add_layernorm). m_i = attn_i + S feeds LN2 alone: fused, its unused
+      // sum would get a zero gradient to copy in backward, which costs the pass the fusion saves.
       Tensor a, h;
       if (!mixes || config_.degree == 1) {
         std::vector<Tensor> a_h = ops::add_layernorm(streams[i], attn[i], s.ln_2_w, s.ln_2_b);
@@ -243,7 +245,7 @@ Tensor KrakenModel::stage_forward(const Tensor& ids, const Tensor& input, runtim
         h = a_h[1];
       } else {
         a = ops::add(streams[i], attn[i]);
-        h = ops::add_layernorm(attn[i], S, s.ln_2_w, s.ln_2_b)[1];  // m_i itself is needed only by LN2
+        h = ops::layernorm(ops::add(attn[i], S), s.ln_2_w, s.ln_2_b);
       }
       streams[i] = ops::add(a, mlp_branch(s, h, gen, training));
     }
