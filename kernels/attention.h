@@ -40,7 +40,8 @@ void attention_backward_cuda(float* dqkv, const float* dout, const float* qkv, c
 //     FlashAttention practice: the probabilities P (and in backward dS = P∘(dP − D)) are rounded to bf16
 //     before they multiply v (dO, q, k), a relative change of at most 2⁻⁸ per element. The forward
 //     normalises by the sum of those rounded weights, so out stays a convex combination of v rows;
-//     lse is computed from the f32 weights. Handles 1 ≤ D ≤ 128 (attention_bf16_tc_supported); sm_80+.
+//     lse is computed from the f32 weights. Handles 1 ≤ D ≤ 256 where the device's shared memory per
+//     block allows (attention_bf16_tc_supported); sm_80+.
 // attention_{forward,backward}_bf16_cuda dispatch: the tensor-core kernels where the head size is
 // supported, unless the environment variable KRAKEN_CUDA_ATTENTION=simt (read once per process, so a
 // forward and its backward always take the same path); "tc" or unset is the default.
@@ -58,7 +59,8 @@ void attention_forward_bf16_tc_cuda(uint16_t* out, float* lse, const uint16_t* q
 void attention_backward_bf16_tc_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out,
                                      const float* lse, int64_t B, int64_t T, int64_t C, int64_t NH,
                                      CUstream_st* stream);
-// True for the head sizes D = C/NH the _tc_ kernels handle (1 ≤ D ≤ 128; D is padded to a multiple of 16).
+// True for the head sizes D = C/NH the _tc_ kernels handle on the current device (1 ≤ D ≤ 256, padded to a
+// multiple of 16, of 32 above 128, where the device has the shared memory per block this needs).
 bool attention_bf16_tc_supported(int64_t D);
 // True when attention_{forward,backward}_bf16_cuda take the tensor-core kernels for this head size.
 bool attention_bf16_uses_tc(int64_t D);

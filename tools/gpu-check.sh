@@ -9,9 +9,10 @@
 #   2. configure (-DKRAKEN_CUDA=ON -DKRAKEN_MPI=OFF -DCMAKE_CUDA_ARCHITECTURES=90, dependencies from
 #      third_party/) and build everything with all cores;
 #   3. the GPU tests: ctest -L gpu (tests/gpu), each result and every measured GPU-vs-CPU difference;
-#   4. compute-sanitizer memcheck on a short GPU training run (kraken-train, checkpoint included), then
-#      memcheck and racecheck on the GPU kernel tests while time remains;
-#   5. the GPU benchmark (bench/gpu_train_bench.cpp): tokens/s, MFU, kernel bandwidth;
+#   4. the GPU benchmark (bench/gpu_train_bench.cpp): tokens/s, MFU, kernel bandwidth;
+#   5. compute-sanitizer memcheck on a short GPU training run (kraken-train, checkpoint included), then
+#      memcheck and racecheck on the GPU kernel tests while time remains (after the benchmark, since
+#      the sanitizers take whatever time is left);
 #   6. the CPU suite (ctest -LE gpu) with the time left;
 #   7. nvidia-smi at the end.
 # The report: $OUT/gpu-report.md when OUT is set (the device tool fetches it), else
@@ -189,9 +190,24 @@ if [[ "$gpu_rc" -ne 0 || "${g_fail:-1}" -ne 0 ]]; then fail "GPU tests"; md_tail
 if [[ $have_gpu -eq 1 && "${g_skip:-0}" -ne 0 ]]; then fail "GPU tests skipped on a machine with a GPU"; fi
 if [[ "${g_pass:-0}" -eq 0 && $have_gpu -eq 1 ]]; then fail "no GPU test passed"; fi
 
-# ---- 4. compute-sanitizer ----------------------------------------------------------------------------------
+# ---- 4. benchmark ------------------------------------------------------------------------------------------
 md ""
-md "## 4. compute-sanitizer"
+md "## 4. Benchmark"
+if [[ -x "$build/bin/gpu_train_bench" ]]; then
+  say "benchmark"
+  t0=$(date +%s)
+  timeout $(( $(left) > 200 ? 180 : 90 )) "$build/bin/gpu_train_bench" --out "$logs/bench.md" > "$logs/bench.log" 2>&1
+  rc=$?
+  md "bench/gpu_train_bench: exit status $rc in $(( $(date +%s) - t0 )) s."
+  if [[ -f "$logs/bench.md" ]]; then cat "$logs/bench.md" >> "$report"; else md_tail "$logs/bench.log" 30; fi
+  [[ $rc -eq 0 ]] || fail "benchmark (exit status $rc)"
+else
+  fail "benchmark not built"
+fi
+
+# ---- 5. compute-sanitizer ----------------------------------------------------------------------------------
+md ""
+md "## 5. compute-sanitizer"
 if [[ $have_gpu -eq 1 && -x "$sanitizer" ]]; then
   say "memcheck on a short training run"
   run="$build/gpu-check/train-run"
@@ -243,13 +259,13 @@ EOF
   # cases (every copy width, head sizes 5 to 96).
   kernel_filter='GpuAttention.*:GpuAttentionTc.MatchesTheRoundedCpuWithUnalignedBuffersAndSmallHeads:GpuLayerNorm.*:GpuEmbedding.*:GpuSoftmax.*:GpuCrossEntropy.*:GpuElementwise.*:GpuMatmul*:GpuDropout.*:GpuPhilox.*'
   for tool in memcheck racecheck; do
-    if [[ $(left) -lt 200 ]]; then
+    if [[ $(left) -lt 120 ]]; then
       md "$tool on the kernel tests: not run (time budget)."
       continue
     fi
     say "$tool on the kernel tests"
     t0=$(date +%s)
-    KRAKEN_SOURCE_DIR="$root" OMP_NUM_THREADS=2 timeout $(( $(left) - 150 )) "$sanitizer" --tool "$tool" --error-exitcode 17 \
+    KRAKEN_SOURCE_DIR="$root" OMP_NUM_THREADS=2 timeout $(( $(left) - 60 )) "$sanitizer" --tool "$tool" --error-exitcode 17 \
       "$build/tests/kraken_tests_gpu" --gtest_filter="$kernel_filter" > "$logs/$tool-kernels.log" 2>&1
     rc=$?
     md "$tool, tests/gpu kernel tests ($kernel_filter): exit status $rc in $(( $(date +%s) - t0 )) s."
@@ -259,21 +275,6 @@ EOF
   done
 else
   md "Not run: $([[ $have_gpu -eq 1 ]] && echo "compute-sanitizer not found" || echo "no GPU")."
-fi
-
-# ---- 5. benchmark ------------------------------------------------------------------------------------------
-md ""
-md "## 5. Benchmark"
-if [[ -x "$build/bin/gpu_train_bench" ]]; then
-  say "benchmark"
-  t0=$(date +%s)
-  timeout $(( $(left) > 200 ? 180 : 90 )) "$build/bin/gpu_train_bench" --out "$logs/bench.md" > "$logs/bench.log" 2>&1
-  rc=$?
-  md "bench/gpu_train_bench: exit status $rc in $(( $(date +%s) - t0 )) s."
-  if [[ -f "$logs/bench.md" ]]; then cat "$logs/bench.md" >> "$report"; else md_tail "$logs/bench.log" 30; fi
-  [[ $rc -eq 0 ]] || fail "benchmark (exit status $rc)"
-else
-  fail "benchmark not built"
 fi
 
 # ---- 6. CPU suite ------------------------------------------------------------------------------------------

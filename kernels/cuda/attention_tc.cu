@@ -6,10 +6,13 @@
 // Tiles. A block owns a tile of kTile = 64 rows (queries in the forward and the dq kernel, keys in the
 // dk/dv kernel) and is 4 warps; warp w owns rows 16w .. 16w+15 of it, so no row's softmax state or
 // gradient is ever shared between warps. The other side streams through shared memory in tiles of 64
-// rows. Head columns are padded from D to Dp = D rounded up to 16 with zeros in shared memory (a zero
-// column adds nothing to q·kᵀ, dO·vᵀ, and the padded output columns are never written), so any
-// D ≤ 128 works: Dp ∈ {16, 32, …, 128} is a template parameter and a warp's accumulators (Dp/16
-// fragments of 16 × 16 per output) live in registers. bf16 tiles have a pitch of Dp + 8 elements
+// rows. Head columns are padded from D to Dp with zeros in shared memory (a zero column adds nothing
+// to q·kᵀ, dO·vᵀ, and the padded output columns are never written), so any D ≤ 256 works: Dp is D
+// rounded up to 16 up to 128 and to 32 above (Dp ∈ {16, 32, …, 128, 160, 192, 224, 256}, a template
+// parameter; the coarser steps above 128 halve the instantiations for 5% more padding at D = 168,
+// the Kraken 4-way preset's heads) and a warp's accumulators (Dp/16 fragments of 16 × 16 per output)
+// live in registers. Whether a head size runs here also depends on the device's shared memory per
+// block (Dp = 256 needs 164 KiB: Hopper has 227, the A100 163): attention_bf16_tc_supported asks. bf16 tiles have a pitch of Dp + 8 elements
 // (16·odd bytes: the 8 rows of a WMMA/ldmatrix phase hit 8 different 16-byte bank groups; every
 // fragment pointer is 32-byte aligned). Global rows are copied in 16-, 4- or 2-byte pieces depending
 // on what D and the pointers' alignment allow (D = 42 heads start on 4-byte boundaries only).
@@ -42,7 +45,8 @@
 //
 // A warp's own 16 rows of the block's tile are the A operand of every ·ᵀ product it computes (q in the
 // forward; q and dO for dq; k and v for dk/dv): they are loaded into fragments once and held in
-// registers (for dk/dv only up to Dp = 64; above, they would spill).
+// registers (for dk/dv only up to Dp = 64, for the forward and dq up to 128; above, with the larger
+// accumulators, they would spill).
 //
 // Blocks: grid.x = b·h (up to 2³¹ − 1), grid.y = the 64-row tile, ordered so that the tiles with the
 // most work start first (the last query tiles forward and for dq, the first key tiles for dk/dv).
@@ -53,6 +57,7 @@
 #include <cuda_runtime.h>
 #include <mma.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <initializer_list>
@@ -257,7 +262,7 @@ __global__ void __launch_bounds__(kThreads)
   FragC rowid;
   load_row_ids(rowid, sw, L::lds);
   __syncthreads();  // q is in place
-  const HeldRows<Dp, true> q_rows(qs + warp * kSub * L::ld);
+  const HeldRows<Dp, (Dp <= 128)> q_rows(qs + warp * kSub * L::ld);
   FragC o[kF];
 #pragma unroll
   for (int f = 0; f < kF; ++f) wmma::fill_fragment(o[f], 0.0f);
@@ -582,7 +587,7 @@ __global__ void __launch_bounds__(kThreads)
   copy_rows(dos, L::ld, dout + row0 * g.C + static_cast<int64_t>(h) * g.D, g.C, q0, g);
   load_query_rows(lse_s, delta_s, dout, out, lse, row0, bh, h, q0, g);
   __syncthreads();  // q, dO, lse and Dᵢ are in place
-  const HeldRows<Dp, true> q_rows(qs + warp * kSub * L::ld), do_rows(dos + warp * kSub * L::ld);
+  const HeldRows<Dp, (Dp <= 128)> q_rows(qs + warp * kSub * L::ld), do_rows(dos + warp * kSub * L::ld);
   FragC dq[kF];
 #pragma unroll
   for (int f = 0; f < kF; ++f) wmma::fill_fragment(dq[f], 0.0f);
@@ -627,8 +632,12 @@ __global__ void __launch_bounds__(kThreads)
 // ==== host code ========================================================================================
 
 constexpr size_t kDefaultSmem = 48 * 1024;
+constexpr int64_t kMaxTcHead = 256;
 
-int padded_head(int64_t D) { return static_cast<int>((D + kSub - 1) / kSub * kSub); }
+int padded_head(int64_t D) {
+  const int64_t step = D <= 128 ? kSub : 2 * kSub;
+  return static_cast<int>((D + step - 1) / step * step);
+}
 
 // The widest piece (8, 2 or 1 elements) every global row access can use: D a multiple of it (so are C,
 // 3C and every head offset) and every pointer aligned to it.
@@ -644,7 +653,7 @@ int vector_width(int D, std::initializer_list<const void*> ptrs) {
 TcDims make_tc_dims(int64_t B, int64_t T, int64_t C, int64_t NH, std::initializer_list<const void*> ptrs) {
   KRAKEN_CHECK(NH > 0 && C > 0 && C % NH == 0, "C=", C, " NH=", NH);
   KRAKEN_CHECK(attention_bf16_tc_supported(C / NH), "tensor-core attention: head size D = ", C / NH,
-               " is not supported (1 ≤ D ≤ 128)");
+               " is not supported on this device (1 ≤ D ≤ 256, within its shared memory per block)");
   KRAKEN_CHECK(T < (1LL << 31) && 3 * C < (1LL << 31), "T=", T, " C=", C);
   KRAKEN_CHECK(B * NH <= 0x7fffffffLL, "B·NH = ", B * NH, " exceeds the grid's x limit");
   KRAKEN_CHECK((T + kTile - 1) / kTile <= 65535, "T = ", T, " needs more than 65535 tiles of ", kTile);
@@ -705,13 +714,33 @@ void with_padded_head(int D, F&& f) {
     case 96: f(std::integral_constant<int, 96>()); break;
     case 112: f(std::integral_constant<int, 112>()); break;
     case 128: f(std::integral_constant<int, 128>()); break;
+    case 160: f(std::integral_constant<int, 160>()); break;
+    case 192: f(std::integral_constant<int, 192>()); break;
+    case 224: f(std::integral_constant<int, 224>()); break;
+    case 256: f(std::integral_constant<int, 256>()); break;
     default: KRAKEN_THROW("tensor-core attention: no kernel for D = ", D);
   }
 }
 
+// The most shared memory a block of the three kernels asks for at head size D.
+size_t tc_smem_bytes(int D) {
+  size_t most = 0;
+  with_padded_head(D, [&](auto dp) {
+    constexpr int Dp = decltype(dp)::value;
+    most = std::max({ForwardSmem<Dp>::bytes, BackwardSmem<Dp, 2>::bytes, BackwardSmem<Dp, 1>::bytes});
+  });
+  return most;
+}
+
 }  // namespace
 
-bool attention_bf16_tc_supported(int64_t D) { return D >= 1 && D <= 128; }
+bool attention_bf16_tc_supported(int64_t D) {
+  if (D < 1 || D > kMaxTcHead) return false;
+  int device = 0, optin = 0;
+  KRAKEN_CUDA_CHECK(cudaGetDevice(&device));
+  KRAKEN_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return tc_smem_bytes(static_cast<int>(D)) <= static_cast<size_t>(optin);
+}
 
 void attention_forward_bf16_tc_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T, int64_t C,
                                     int64_t NH, CUstream_st* stream) {

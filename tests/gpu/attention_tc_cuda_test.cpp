@@ -47,6 +47,10 @@
 #include <string>
 #include <vector>
 
+#if KRAKEN_WITH_CUDA
+#include <cuda_runtime.h>
+#endif
+
 #include "kernels/attention.h"
 #include "kernels/elementwise.h"
 #include "runtime/allocator.h"
@@ -214,12 +218,15 @@ void check_tc_against_cpu(const Shape4& s, int64_t offset = 0) {
   }
 }
 
+bool tc_supported(int64_t D) { return attention_bf16_tc_supported(D); }
+
 #else  // a build without CUDA: the tests skip before calling these
 
 struct Shape4 {
   int64_t B, T, C, NH;
 };
 void check_tc_against_cpu(const Shape4&, int64_t = 0) {}
+bool tc_supported(int64_t) { return false; }
 
 #endif  // KRAKEN_WITH_CUDA
 
@@ -235,6 +242,19 @@ TEST(GpuAttentionTc, MatchesTheRoundedCpuWithUnalignedBuffersAndSmallHeads) {
   check_tc_against_cpu({1, 70, 96, 1}, 2);      // D = 96, only 4-byte aligned: the 2-element copies
   check_tc_against_cpu({2, 130, 2 * 16, 2});    // D = 16: no padding, one 16-column fragment
   check_tc_against_cpu({2, 65, 2 * 5, 2});      // D = 5: mostly padding
+}
+
+TEST(GpuAttentionTc, MatchesTheRoundedCpuForHeadsAbove128) {
+  KRAKEN_REQUIRE_CUDA_KERNELS();
+  // Padded to multiples of 32: the Kraken presets' 168 (4-way 125M; Dp = 192), 161 (4-way 350M) and 209
+  // (6-way 125M; Dp = 224, where the dk/dv kernel spills a little), and 256, the largest (Dp = D).
+  for (int64_t D : {168, 161, 209, 256}) {
+    if (!tc_supported(D)) {
+      std::printf("D = %lld: not enough shared memory per block on this device, skipped\n", static_cast<long long>(D));
+      continue;
+    }
+    for (int64_t T : {1, 65, 200}) check_tc_against_cpu({2, T, 2 * D, 2});
+  }
 }
 
 TEST(GpuAttentionTc, HandlesMoreThan65535Heads) {
@@ -258,8 +278,14 @@ void check_tc_against_simt(const Shape4& s) {
 // deterministic): the tensor-core one where attention_bf16_uses_tc(D), else SIMT.
 void check_supported_sizes() {
   EXPECT_FALSE(attention_bf16_tc_supported(0));
-  for (int64_t D = 1; D <= 128; ++D) EXPECT_TRUE(attention_bf16_tc_supported(D)) << D;
-  EXPECT_FALSE(attention_bf16_tc_supported(129));
+  // Up to D = 224 every sm_80+ device has the shared memory (the A100 163 KiB per block); D = 225 .. 256
+  // (Dp = 256: 164 KiB) fits Hopper's 227 KiB.
+  for (int64_t D = 1; D <= 224; ++D) EXPECT_TRUE(attention_bf16_tc_supported(D)) << D;
+  int device = 0, optin = 0;
+  ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
+  ASSERT_EQ(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), cudaSuccess);
+  for (int64_t D = 225; D <= 256; ++D) EXPECT_EQ(attention_bf16_tc_supported(D), optin >= 164 * 1024 + 256) << D;
+  EXPECT_FALSE(attention_bf16_tc_supported(257));
 }
 
 void check_dispatch(const Shape4& s) {
@@ -288,13 +314,15 @@ TEST(GpuAttentionTc, AgreesWithTheSimtKernels) {
   check_tc_against_simt({2, 100, 3 * 64, 3});
   check_tc_against_simt({1, 257, 12 * 42, 12});
   check_tc_against_simt({2, 45, 2 * 128, 2});
+  check_tc_against_simt({2, 130, 2 * 168, 2});  // Dp = 192: q and dO no longer held in registers
 }
 
 TEST(GpuAttentionTc, DispatchTakesOnePathForForwardAndBackward) {
   KRAKEN_REQUIRE_CUDA_KERNELS();
   check_supported_sizes();
   check_dispatch({2, 100, 2 * 64, 2});
-  check_dispatch({1, 33, 2 * 160, 2});  // D = 160: beyond the tensor-core kernels, always SIMT
+  check_dispatch({1, 33, 2 * 168, 2});  // D = 168 (the Kraken 4-way preset): tensor cores, Dp = 192
+  check_dispatch({1, 33, 2 * 272, 2});  // D = 272: beyond the tensor-core kernels, always SIMT
 }
 
 }  // namespace
