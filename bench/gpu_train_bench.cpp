@@ -1,6 +1,10 @@
 // GPU benchmark (a plain program, no Google Benchmark: the GPU machines have no system packages).
 //
 //   build/bin/gpu_train_bench [--out report.md] [--batch B] [--steps N] [--warmup N] [--peak-tflops X]
+//                             [--model gpt2|kraken4|all] [--precision bf16|fp32|all] [--training-only]
+//
+// --model, --precision and --training-only pick a part of the report: tools/gpu-profile.sh runs one
+// model's step under Nsight Compute that way.
 //
 // 1. Training throughput, mixed precision (bf16 activations and cuBLASLt products, f32 masters: the
 //    GPU's default) and fp32, of the trainer's step without the data loader (forward, cross-entropy,
@@ -28,6 +32,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -63,6 +68,9 @@ struct Options {
   int steps = 5;
   int warmup = 2;
   double peak_tflops = 0.0;  // 0: from the device name
+  std::string model = "all";      // gpt2, kraken4 or all
+  std::string precision = "all";  // bf16, fp32 or all
+  bool training_only = false;     // skip the kernel tables
 };
 
 // Lines of the report: printed as they come and collected for --out.
@@ -98,11 +106,25 @@ Options parse(int argc, char** argv) {
     else if (a == "--steps") o.steps = std::atoi(value().c_str());
     else if (a == "--warmup") o.warmup = std::atoi(value().c_str());
     else if (a == "--peak-tflops") o.peak_tflops = std::atof(value().c_str());
+    else if (a == "--model") o.model = value();
+    else if (a == "--precision") o.precision = value();
+    else if (a == "--training-only") o.training_only = true;
     else {
-      std::fprintf(stderr, "usage: gpu_train_bench [--out FILE] [--batch B] [--steps N] [--warmup N] [--peak-tflops X]\n");
+      std::fprintf(stderr, "usage: gpu_train_bench [--out FILE] [--batch B] [--steps N] [--warmup N] [--peak-tflops X] "
+                           "[--model gpt2|kraken4|all] [--precision bf16|fp32|all] [--training-only]\n");
       std::exit(2);
     }
   }
+  auto one_of = [](const char* key, const std::string& v, std::initializer_list<const char*> allowed) {
+    for (const char* a : allowed)
+      if (v == a) return;
+    std::fprintf(stderr, "gpu_train_bench: %s %s: expected one of", key, v.c_str());
+    for (const char* a : allowed) std::fprintf(stderr, " %s", a);
+    std::fprintf(stderr, "\n");
+    std::exit(2);
+  };
+  one_of("--model", o.model, {"gpt2", "kraken4", "all"});
+  one_of("--precision", o.precision, {"bf16", "fp32", "all"});
   return o;
 }
 
@@ -227,8 +249,10 @@ void bench_model(const char* label, const KrakenConfig& c, DType compute, const 
     kraken::runtime::backward(loss);
     std::vector<Tensor> grads;
     for (const auto& p : params) grads.push_back(p.tensor.grad());
-    kraken::optim::clip_grad_norm(grads, 1.0);
-    opt.step(grads, 6e-4f);
+    // As the trainer does: the clipping factor goes into the update (no separate pass scaling every
+    // gradient).
+    const double norm = kraken::optim::global_grad_norm(grads);
+    opt.step(grads, 6e-4f, static_cast<float>(kraken::optim::clip_coefficient(norm, 1.0)));
     model.zero_grad();
     last_loss = loss.item();
   };
@@ -451,8 +475,13 @@ int main(int argc, char** argv) {
   k4.bias = false;
   k4.vocab_size = 50304;
   for (DType compute : {DType::BF16, DType::F32}) {
-    bench_model("GPT-2 124M, degree 1", gpt2, compute, o, dev, r);
-    bench_model("Kraken 125M, degree 4", k4, compute, o, dev, r);
+    if (o.precision != "all" && o.precision != (compute == DType::BF16 ? "bf16" : "fp32")) continue;
+    if (o.model != "kraken4") bench_model("GPT-2 124M, degree 1", gpt2, compute, o, dev, r);
+    if (o.model != "gpt2") bench_model("Kraken 125M, degree 4", k4, compute, o, dev, r);
+  }
+  if (o.training_only) {
+    write_report(o, r);
+    return 0;
   }
   r.blank();
   r.line("### Memory-bound kernels (bytes each must move ÷ time; 10 calls after one warm-up)");

@@ -1,13 +1,15 @@
 // CUDA cross-entropy fused with log-softmax (equations in kernels/cross_entropy.h).
 //
 // One block per row. The forward reads the row once: each thread keeps an online (max, Σ exp(x − max))
-// pair over its strided columns (Milakov & Gimelshein 2018), and the pairs are merged by a fixed tree
+// pair over its strided columns (Milakov & Gimelshein 2018; bf16 rows 8 columns per load where the
+// row is 16-byte aligned), and the pairs are merged by a fixed tree
 // (shuffle butterfly per warp, then warp 0 over the warps). The backward reads the row once and
 // writes its gradient once. The mean is one block summing in double, again in a fixed order.
 // Forward and backward are templates on the storage type T of logits and dlogits (kernels/cuda/
 // storage.h): f32, or bf16 widened on load with each dlogits element rounded once; losses and lse
 // are f32 for both, and the arithmetic is the same f32 sequence.
 #include <cmath>
+#include <type_traits>
 
 #include "kernels/cross_entropy.h"
 #include "kernels/cuda/check.h"
@@ -16,9 +18,12 @@
 namespace kraken::kernels {
 namespace {
 
+using cuda_detail::aligned16;
 using cuda_detail::as_bf16;
 using cuda_detail::load;
+using cuda_detail::load8;
 using cuda_detail::store;
+using cuda_detail::store8;
 
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
@@ -46,7 +51,46 @@ __device__ inline MaxSum warp_merge(MaxSum v) {
   return v;
 }
 
-template <typename T>
+// A thread's (max, sum) over its columns v = threadIdx.x, + kThreads, … One column at a time, or with
+// kWide (bf16 rows on 16-byte boundaries) 8 columns per 16-byte load, folded into one state before
+// the merge: one rescale per 8 columns instead of per new maximum, and an eighth of the load
+// instructions (one column at a time, the bf16 forward moved 22% of an H200's bandwidth). The 8's
+// maximum counts 1 exactly, as the one-at-a-time update does; a NaN becomes the maximum and
+// propagates.
+template <typename T, bool kWide>
+__device__ MaxSum thread_state(const T* xr, int64_t V) {
+  MaxSum acc{-INFINITY, 0.0f};
+  int64_t first = 0;
+  if constexpr (kWide) {
+    const int64_t packs = V / 8;
+    for (int64_t p = threadIdx.x; p < packs; p += kThreads) {
+      float x[8];
+      load8(xr + 8 * p, x);
+      float m = -INFINITY;
+#pragma unroll
+      for (int k = 0; k < 8; ++k)
+        if (x[k] > m || x[k] != x[k]) m = x[k];
+      if (m == -INFINITY) continue;  // all eight −inf: nothing to add
+      float sum = 0.0f;
+#pragma unroll
+      for (int k = 0; k < 8; ++k) sum += x[k] == m ? 1.0f : expf(x[k] - m);
+      acc = merge(acc, MaxSum{m, sum});
+    }
+    first = packs * 8;
+  }
+  for (int64_t v = first + threadIdx.x; v < V; v += kThreads) {
+    const float x = load(xr + v);
+    if (x > acc.m) {
+      acc.s = acc.s * expf(acc.m - x) + 1.0f;  // rescale to the new maximum; exp(x − x) = 1
+      acc.m = x;
+    } else if (x != -INFINITY) {
+      acc.s += expf(x - acc.m);  // NaN lands here and propagates
+    }
+  }
+  return acc;
+}
+
+template <typename T, bool kWide>
 __global__ void cross_entropy_forward_kernel(float* losses, float* lse, const T* logits, const int32_t* targets,
                                              int64_t Vp, int64_t V, int32_t ignore_index) {
   const int64_t n = blockIdx.x;
@@ -56,16 +100,7 @@ __global__ void cross_entropy_forward_kernel(float* losses, float* lse, const T*
     return;
   }
   const T* xr = logits + n * Vp;
-  MaxSum acc{-INFINITY, 0.0f};
-  for (int64_t v = threadIdx.x; v < V; v += kThreads) {
-    const float x = load(xr + v);
-    if (x > acc.m) {
-      acc.s = acc.s * expf(acc.m - x) + 1.0f;  // rescale to the new maximum; exp(x − x) = 1
-      acc.m = x;
-    } else if (x != -INFINITY) {
-      acc.s += expf(x - acc.m);  // NaN lands here and propagates
-    }
-  }
+  MaxSum acc = thread_state<T, kWide>(xr, V);
   __shared__ float part_m[kWarps], part_s[kWarps];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   acc = warp_merge(acc);
@@ -83,20 +118,39 @@ __global__ void cross_entropy_forward_kernel(float* losses, float* lse, const T*
 }
 
 // dlogits[n, v] = scale·(exp(x − lse) − [v = t]) for v < V; 0 on padding and on ignored rows.
-template <typename T>
+template <typename T, bool kWide>
 __global__ void cross_entropy_backward_kernel(T* dlogits, const T* logits, const float* lse, const int32_t* targets,
                                               const float* dloss, int64_t count, int64_t Vp, int64_t V,
                                               int32_t ignore_index) {
   const int64_t n = blockIdx.x;
   const int32_t t = targets[n];
   T* dr = dlogits + n * Vp;
-  if (t == ignore_index) {
+  const bool ignored = t == ignore_index;
+  const float scale = ignored ? 0.0f : dloss[0] / static_cast<float>(count);  // count ≥ 1 where counted
+  const T* xr = logits + n * Vp;
+  const float l = ignored ? 0.0f : lse[n];
+  if constexpr (kWide) {  // 8 columns per 16-byte load and store (Vp a multiple of 8); the same values
+    for (int64_t p = threadIdx.x; p < Vp / 8; p += kThreads) {
+      float g[8];
+      if (!ignored) load8(xr + 8 * p, g);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const int64_t v = 8 * p + k;
+        if (ignored || v >= V) {
+          g[k] = 0.0f;
+        } else {
+          const float prob = expf(g[k] - l);
+          g[k] = scale * (v == t ? prob - 1.0f : prob);
+        }
+      }
+      store8(dr + 8 * p, g);
+    }
+    return;
+  }
+  if (ignored) {
     for (int64_t v = threadIdx.x; v < Vp; v += kThreads) store(dr + v, 0.0f);
     return;
   }
-  const float scale = dloss[0] / static_cast<float>(count);  // count ≥ 1: this row is counted
-  const T* xr = logits + n * Vp;
-  const float l = lse[n];
   for (int64_t v = threadIdx.x; v < Vp; v += kThreads) {
     float g = 0.0f;
     if (v < V) {
@@ -125,8 +179,17 @@ template <typename T>
 void cross_entropy_forward(float* losses, float* lse, const T* logits, const int32_t* targets, int64_t N, int64_t Vp,
                            int64_t V, int32_t ignore_index, CUstream_st* stream) {
   if (N <= 0) return;
-  cross_entropy_forward_kernel<T><<<static_cast<unsigned int>(N), kThreads, 0, stream>>>(losses, lse, logits, targets,
-                                                                                         Vp, V, ignore_index);
+  const unsigned int blocks = static_cast<unsigned int>(N);
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    if (Vp % 8 == 0 && aligned16(logits)) {
+      cross_entropy_forward_kernel<T, true><<<blocks, kThreads, 0, stream>>>(losses, lse, logits, targets, Vp, V,
+                                                                             ignore_index);
+      KRAKEN_CUDA_LAUNCH_CHECK();
+      return;
+    }
+  }
+  cross_entropy_forward_kernel<T, false><<<blocks, kThreads, 0, stream>>>(losses, lse, logits, targets, Vp, V,
+                                                                          ignore_index);
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
 
@@ -136,8 +199,17 @@ void cross_entropy_backward(T* dlogits, const T* logits, const float* lse, const
                             CUstream_st* stream) {
   // in the forward pass this was: loss = (1/count)·Σ_n (lse_n − logits[n, t_n])
   if (N <= 0) return;
-  cross_entropy_backward_kernel<T><<<static_cast<unsigned int>(N), kThreads, 0, stream>>>(
-      dlogits, logits, lse, targets, dloss, count, Vp, V, ignore_index);
+  const unsigned int blocks = static_cast<unsigned int>(N);
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    if (Vp % 8 == 0 && aligned16(logits) && aligned16(dlogits)) {
+      cross_entropy_backward_kernel<T, true><<<blocks, kThreads, 0, stream>>>(dlogits, logits, lse, targets, dloss,
+                                                                              count, Vp, V, ignore_index);
+      KRAKEN_CUDA_LAUNCH_CHECK();
+      return;
+    }
+  }
+  cross_entropy_backward_kernel<T, false><<<blocks, kThreads, 0, stream>>>(dlogits, logits, lse, targets, dloss,
+                                                                           count, Vp, V, ignore_index);
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
 

@@ -6,7 +6,9 @@
 // For T = __nv_bfloat16, load() widens exactly and store() rounds once to nearest even: a bf16 kernel
 // equals the f32 kernel on the widened inputs followed by one rounding per output element. An
 // accumulating output is written as store(p, load(p) + v): read, added in f32, rounded once.
-// Element accesses are scalar (2 bytes for bf16), so no alignment beyond the type's own is assumed.
+// Element accesses are scalar (2 bytes for bf16), so no alignment beyond the type's own is assumed;
+// load8/store8 move 8 bf16 elements as one 16-byte access, for kernels whose caller checked that the
+// pointers are 16-byte aligned (aligned16). They widen and round exactly as load/store do.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -19,6 +21,26 @@ __device__ __forceinline__ float load(const float* p) { return *p; }
 __device__ __forceinline__ float load(const __nv_bfloat16* p) { return __bfloat162float(*p); }
 __device__ __forceinline__ void store(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
+struct alignas(16) Bf16x8 {
+  __nv_bfloat162 pair[4];
+};
+__device__ __forceinline__ void load8(const __nv_bfloat16* p, float (&v)[8]) {
+  const Bf16x8 q = *reinterpret_cast<const Bf16x8*>(p);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float2 f = __bfloat1622float2(q.pair[k]);
+    v[2 * k] = f.x;
+    v[2 * k + 1] = f.y;
+  }
+}
+__device__ __forceinline__ void store8(__nv_bfloat16* p, const float (&v)[8]) {
+  Bf16x8 q;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) q.pair[k] = __floats2bfloat162_rn(v[2 * k], v[2 * k + 1]);
+  *reinterpret_cast<Bf16x8*>(p) = q;
+}
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // The public API passes bf16 buffers as uint16_t (bit patterns); the kernels see __nv_bfloat16.
 inline __nv_bfloat16* as_bf16(uint16_t* p) { return reinterpret_cast<__nv_bfloat16*>(p); }

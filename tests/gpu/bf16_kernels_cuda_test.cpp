@@ -106,6 +106,17 @@ void check_elementwise() {
     expect_bf16_close(out, testing::round_bf16(ref), 0.0, "add");
   }
   {
+    // a multiple of 8 with aligned buffers: the 8-wide kernel
+    const int64_t m = 8 * 513;
+    const Tensor a8 = bf16_input({m}, 11), b8 = bf16_input({m}, 12);
+    std::vector<float> ref8(static_cast<size_t>(m));
+    const Tensor a8_dev = a8.to(gpu()), b8_dev = b8.to(gpu());
+    Tensor out = Tensor::empty({m}, DType::BF16, gpu());
+    add_bf16_cuda(bits(out), bits(a8_dev), bits(b8_dev), m, stream());
+    add_cpu(ref8.data(), a8.to_vector().data(), b8.to_vector().data(), m);
+    expect_bf16_close(out, testing::round_bf16(ref8), 0.0, "add (8-wide)");
+  }
+  {
     Tensor out = Tensor::empty({n}, DType::BF16, gpu());
     scale_bf16_cuda(bits(out), bits(a_dev), -0.37f, n, stream());
     scale_cpu(ref.data(), a.data(), -0.37f, n);
@@ -125,9 +136,10 @@ void check_elementwise() {
     add_cpu(acc.data(), acc.data(), a.data(), n);
     expect_f32_close(acc_dev, acc, 0.0, "accumulate (f32 += bf16)");
   }
-  {
-    // GELU over a wide range (std 4), backward accumulating into a non-zero dx.
-    const int64_t m = 5 * 4099;
+  // GELU over a wide range (std 4), backward accumulating into a non-zero dx; 5·4099 elements take the
+  // scalar kernels, 8·4099 (a multiple of 8, aligned buffers) the 8-wide ones.
+  for (const int64_t m : {int64_t{5 * 4099}, int64_t{8 * 4099}}) {
+    const std::string path = m % 8 == 0 ? " (8-wide)" : " (scalar)";
     const Tensor x16 = bf16_input({m}, 4, 4.0f), dout16 = bf16_input({m}, 5), dx16 = bf16_input({m}, 6);
     const std::vector<float> x = x16.to_vector(), dout = dout16.to_vector();
     std::vector<float> y(static_cast<size_t>(m)), dx = dx16.to_vector();
@@ -137,8 +149,8 @@ void check_elementwise() {
     gelu_backward_bf16_cuda(bits(dx_dev), bits(x_dev), bits(dout_dev), m, stream());
     gelu_forward_cpu(y.data(), x.data(), m);
     gelu_backward_cpu(dx.data(), x.data(), dout.data(), m);
-    expect_bf16_close(y_dev, testing::round_bf16(y), 4e-6, "gelu forward");
-    expect_bf16_close(dx_dev, testing::round_bf16(dx), 4e-6, "gelu backward (dx +=)");
+    expect_bf16_close(y_dev, testing::round_bf16(y), 4e-6, "gelu forward" + path);
+    expect_bf16_close(dx_dev, testing::round_bf16(dx), 4e-6, "gelu backward (dx +=)" + path);
   }
 }
 
@@ -350,9 +362,11 @@ TEST(GpuBf16Kernels, AttentionMatchesTheRoundedCpu) {
 
 TEST(GpuBf16Kernels, CrossEntropyMatchesTheRoundedCpu) {
   KRAKEN_REQUIRE_CUDA_KERNELS();
-  // Vp = 130 with V = 100 real columns (odd padding), ignored rows; and the GPT-2 vocabulary.
+  // Vp = 130 with V = 100 real columns (odd padding), ignored rows: the one-column-at-a-time kernels;
+  // the GPT-2 vocabulary padded to 50304 (a multiple of 8): the 8-wide ones, with and without ignored rows.
   check_cross_entropy(21, 130, 100, {0, 5, 6, 13});
   check_cross_entropy(4, 50304, 50257, {});
+  check_cross_entropy(5, 50304, 50257, {1, 3});
 }
 
 TEST(GpuBf16Kernels, DropoutMatchesTheRoundedCpu) {
