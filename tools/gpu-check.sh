@@ -157,6 +157,8 @@ for name, _, c in failed:
     out = (c.findtext("system-out") or "").splitlines()
     keep = [l for l in out if "Failure" in l or "Expected" in l or "Which is" in l or "allowed" in l or "error" in l.lower()]
     print(f"\nFailure output of {name}:\n```\n" + "\n".join((keep or out)[-40:]) + "\n```")
+if skipped:
+    print("\nSkipped: " + ", ".join(name for name, _, _ in skipped) + ".")
 for name, _, c in skipped[:3]:
     out = (c.findtext("system-out") or "").splitlines()
     why = [l for l in out if "no GPU" in l or "Skipped" in l or "dry run" in l]
