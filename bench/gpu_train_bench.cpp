@@ -1,6 +1,6 @@
 // GPU benchmark (a plain program, no Google Benchmark: the GPU machines have no system packages).
 //
-//   build/bin/gpu_train_bench [--out report.md] [--batch B] [--steps N] [--warmup N] [--peak-tflops X]
+//   build/bin/gpu_train_bench [--out report.md] [--batch B,B,...] [--steps N] [--warmup N] [--peak-tflops X]
 //                             [--model gpt2|kraken4|all] [--precision bf16|fp32|all] [--training-only]
 //
 // --model, --precision and --training-only pick a part of the report: tools/gpu-profile.sh runs one
@@ -8,7 +8,9 @@
 //
 // 1. Training throughput, mixed precision (bf16 activations and cuBLASLt products, f32 masters: the
 //    GPU's default) and fp32, of the trainer's step without the data loader (forward, cross-entropy,
-//    backward, global-norm clipping, AdamW, zero_grad, one loss.item()), on
+//    backward, global-norm clipping, AdamW, zero_grad, one loss.item()), bf16 at each --batch size
+//    (default 8 and 32 sequences of T = 1024; a size the device cannot hold is a row saying so), fp32
+//    at the first, on
 //      GPT-2 124M:           L = 12, C = 768, H = 12, T = 1024, degree 1, e = 4, biases, vocab 50257;
 //      Kraken 125M 4-way:    L = 12, C = 504, H = 12 (3 per sub-layer), degree 4, e = 2, no biases,
 //                            vocab 50304 (research/kraken.md, the paper's preset).
@@ -31,6 +33,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <functional>
 #include <initializer_list>
 #include <string>
@@ -64,7 +67,9 @@ using kraken::runtime::Tensor;
 
 struct Options {
   std::string out;
-  int64_t batch = 8;
+  // Batch sizes of the bf16 training rows (the fp32 rows take the first): 8 sequences of 1024 tokens, as
+  // earlier reports, and 32, where host overhead per kernel matters less (llm.c reports at 64).
+  std::vector<int64_t> batches = {8, 32};
   int steps = 5;
   int warmup = 2;
   double peak_tflops = 0.0;  // 0: from the device name
@@ -90,6 +95,27 @@ struct Report {
   void blank() { line("%s", ""); }
 };
 
+// "8,32" → {8, 32}; exits with a message on anything else.
+std::vector<int64_t> batch_list(const std::string& text) {
+  std::vector<int64_t> out;
+  size_t start = 0;
+  while (start <= text.size()) {
+    const size_t comma = text.find(',', start);
+    const std::string item = text.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+    char* end = nullptr;
+    const long long b = std::strtoll(item.c_str(), &end, 10);
+    if (item.empty() || *end != '\0' || b < 1) {
+      std::fprintf(stderr, "gpu_train_bench: --batch %s: expected positive integers separated by commas\n",
+                   text.c_str());
+      std::exit(2);
+    }
+    out.push_back(b);
+    if (comma == std::string::npos) break;
+    start = comma + 1;
+  }
+  return out;
+}
+
 Options parse(int argc, char** argv) {
   Options o;
   for (int i = 1; i < argc; ++i) {
@@ -102,7 +128,7 @@ Options parse(int argc, char** argv) {
       return argv[++i];
     };
     if (a == "--out") o.out = value();
-    else if (a == "--batch") o.batch = std::atoll(value().c_str());
+    else if (a == "--batch") o.batches = batch_list(value());
     else if (a == "--steps") o.steps = std::atoi(value().c_str());
     else if (a == "--warmup") o.warmup = std::atoi(value().c_str());
     else if (a == "--peak-tflops") o.peak_tflops = std::atof(value().c_str());
@@ -110,7 +136,7 @@ Options parse(int argc, char** argv) {
     else if (a == "--precision") o.precision = value();
     else if (a == "--training-only") o.training_only = true;
     else {
-      std::fprintf(stderr, "usage: gpu_train_bench [--out FILE] [--batch B] [--steps N] [--warmup N] [--peak-tflops X] "
+      std::fprintf(stderr, "usage: gpu_train_bench [--out FILE] [--batch B,...] [--steps N] [--warmup N] [--peak-tflops X] "
                            "[--model gpt2|kraken4|all] [--precision bf16|fp32|all] [--training-only]\n");
       std::exit(2);
     }
@@ -230,10 +256,11 @@ Tensor ids(int64_t B, int64_t T, int64_t vocab, uint64_t seed) {
   return Tensor::from_ints(v, {B, T}, Device::cuda(0));
 }
 
-void bench_model(const char* label, const KrakenConfig& c, DType compute, const Options& o, const DeviceInfo& dev,
-                 Report& r) {
+void bench_model(const char* label, const KrakenConfig& c, DType compute, int64_t B, const Options& o,
+                 const DeviceInfo& dev, Report& r) {
   const Device gpu = Device::cuda(0);
-  const int64_t B = o.batch, T = c.context;
+  const int64_t T = c.context;
+  kraken::runtime::reset_peak_bytes_in_use(gpu);  // the peak of this model alone
   kraken::models::KrakenModel model(c, gpu);
   model.initialize(1337);
   model.set_compute_dtype(compute);
@@ -476,8 +503,20 @@ int main(int argc, char** argv) {
   k4.vocab_size = 50304;
   for (DType compute : {DType::BF16, DType::F32}) {
     if (o.precision != "all" && o.precision != (compute == DType::BF16 ? "bf16" : "fp32")) continue;
-    if (o.model != "kraken4") bench_model("GPT-2 124M, degree 1", gpt2, compute, o, dev, r);
-    if (o.model != "gpt2") bench_model("Kraken 125M, degree 4", k4, compute, o, dev, r);
+    for (const int64_t B : o.batches) {
+      if (compute == DType::F32 && B != o.batches.front()) continue;
+      // A batch too large for this device's memory (or any other failure) is a row that says so.
+      auto run = [&](const char* label, const KrakenConfig& c) {
+        try {
+          bench_model(label, c, compute, B, o, dev, r);
+        } catch (const std::exception& e) {
+          r.line("| %s | %s | | %lld×%lld | failed: %s | | | | | |", label, compute == DType::BF16 ? "bf16" : "fp32",
+                 static_cast<long long>(B), static_cast<long long>(c.context), e.what());
+        }
+      };
+      if (o.model != "kraken4") run("GPT-2 124M, degree 1", gpt2);
+      if (o.model != "gpt2") run("Kraken 125M, degree 4", k4);
+    }
   }
   if (o.training_only) {
     write_report(o, r);

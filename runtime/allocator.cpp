@@ -82,6 +82,10 @@ class HostAllocator final : public Allocator {
     std::lock_guard<std::mutex> lock(mutex_);
     return stats_;
   }
+  void reset_peak() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stats_.peak_bytes_in_use = stats_.bytes_in_use;
+  }
 
  private:
   static constexpr size_t kCachedMin = 1 << 20;
@@ -150,6 +154,10 @@ class CachingDeviceAllocator final : public Allocator {
     std::lock_guard<std::mutex> lock(mutex_);
     return stats_;
   }
+  void reset_peak() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stats_.peak_bytes_in_use = stats_.bytes_in_use;
+  }
 
  private:
   void release_cached_locked() {
@@ -204,6 +212,17 @@ AllocatorStats device_allocator_stats(int device_index) {
 #endif
   (void)device_index;
   return {};
+}
+
+void reset_peak_bytes_in_use(const Device& device) {
+  if (device.is_cpu()) {
+    host_instance().reset_peak();
+    return;
+  }
+  require_cuda(device.index);
+#if KRAKEN_WITH_CUDA
+  device_instance(device.index).reset_peak();
+#endif
 }
 
 Allocator& allocator_for(const Device& device) {

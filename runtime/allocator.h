@@ -38,6 +38,9 @@ Allocator& device_allocator(int device_index);
 AllocatorStats device_allocator_stats(int device_index);
 
 Allocator& allocator_for(const Device& device);
+// Restarts the peak: peak_bytes_in_use = bytes_in_use now, so a later reading is the peak of what ran
+// in between (a benchmark measuring one model after another).
+void reset_peak_bytes_in_use(const Device& device);
 
 // ---- device services the runtime needs besides memory -----------------------------------------
 // Whether this build has CUDA and this machine a usable GPU; `why_not` says why not.

@@ -30,7 +30,7 @@ for model in "${models[@]}"; do
   echo "gpu-profile: $model under $ncu_bin"
   t0=$(date +%s)
   "$ncu_bin" --metrics gpu__time_duration.sum --clock-control none --cache-control none --csv --page raw \
-    --print-units base "$bench" --model "$model" --precision bf16 --training-only --warmup 0 --steps 1 \
+    --print-units base "$bench" --model "$model" --precision bf16 --batch 8 --training-only --warmup 0 --steps 1 \
     > "$csv" 2> "$build/gpu-profile-$model.log"
   rc=$?
   echo "## $model (ncu exit status $rc, $(( $(date +%s) - t0 )) s)" >> "$report"

@@ -1,5 +1,6 @@
 #include <gtest/gtest.h>
 
+#include "runtime/allocator.h"
 #include "runtime/rng.h"
 #include "runtime/tensor.h"
 
@@ -23,6 +24,19 @@ TEST(Tensor, HostAllocationsAreCacheLineAligned) {
     Tensor t = Tensor::empty({n});
     EXPECT_EQ(reinterpret_cast<uintptr_t>(t.data_ptr()) % 64, 0u);
   }
+}
+
+TEST(Tensor, TheAllocatorPeakRestartsFromWhatIsInUse) {
+  const int64_t big = 4 << 20, small = 1 << 20;  // floats: 16 MiB, then 4 MiB
+  { Tensor t = Tensor::empty({big}); }
+  EXPECT_GE(host_allocator_stats().peak_bytes_in_use, host_allocator_stats().bytes_in_use + big * 4);
+  reset_peak_bytes_in_use(Device::cpu());
+  const AllocatorStats reset = host_allocator_stats();
+  EXPECT_EQ(reset.peak_bytes_in_use, reset.bytes_in_use);
+  { Tensor t = Tensor::empty({small}); }
+  const AllocatorStats after = host_allocator_stats();
+  EXPECT_GE(after.peak_bytes_in_use, reset.bytes_in_use + small * 4);
+  EXPECT_LT(after.peak_bytes_in_use, reset.bytes_in_use + big * 4) << "the 16 MiB block counts no more";
 }
 
 TEST(Tensor, Bf16RoundTripRoundsToNearestEven) {
