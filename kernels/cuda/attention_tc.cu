@@ -65,6 +65,7 @@
 
 #include "kernels/attention.h"
 #include "kernels/cuda/check.h"
+#include "kernels/cuda/launch.h"
 
 namespace kraken::kernels {
 namespace {
@@ -240,7 +241,7 @@ __global__ void __launch_bounds__(kThreads)
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   using L = ForwardSmem<Dp>;
   constexpr int kF = Dp / kSub;  // 16-column fragments of a row block of q or O
-  extern __shared__ __align__(128) unsigned char smem[];
+  KRAKEN_DYNAMIC_SHARED(unsigned char, smem);
   uint16_t* qs = reinterpret_cast<uint16_t*>(smem + L::q);
   uint16_t* ks = reinterpret_cast<uint16_t*>(smem + L::k);
   uint16_t* vs = reinterpret_cast<uint16_t*>(smem + L::v);
@@ -477,7 +478,7 @@ __global__ void __launch_bounds__(kThreads)
   using L = BackwardSmem<Dp, 2>;
   constexpr int kF = Dp / kSub;
   constexpr bool kHold = Dp <= 64;  // k and v rows in registers (above 64 they would spill)
-  extern __shared__ __align__(128) unsigned char smem[];
+  KRAKEN_DYNAMIC_SHARED(unsigned char, smem);
   uint16_t* ks = reinterpret_cast<uint16_t*>(smem);
   uint16_t* vs = reinterpret_cast<uint16_t*>(smem + L::tile);
   uint16_t* qs = reinterpret_cast<uint16_t*>(smem + 2 * L::tile);
@@ -560,7 +561,7 @@ __global__ void __launch_bounds__(kThreads)
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   using L = BackwardSmem<Dp, 1>;
   constexpr int kF = Dp / kSub;
-  extern __shared__ __align__(128) unsigned char smem[];
+  KRAKEN_DYNAMIC_SHARED(unsigned char, smem);
   uint16_t* qs = reinterpret_cast<uint16_t*>(smem);
   uint16_t* dos = reinterpret_cast<uint16_t*>(smem + L::tile);
   uint16_t* ks = reinterpret_cast<uint16_t*>(smem + 2 * L::tile);
@@ -686,7 +687,7 @@ void forward_tc(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64
                 cudaStream_t stream) {
   const size_t smem = ForwardSmem<Dp>::bytes;
   allow_smem(attention_forward_tc_kernel<Dp>, smem);
-  attention_forward_tc_kernel<Dp><<<tc_grid(B, T, NH), kThreads, smem, stream>>>(out, lse, qkv, g);
+  KRAKEN_KERNEL(tc_grid(B, T, NH), kThreads, smem, stream, attention_forward_tc_kernel<Dp>)(out, lse, qkv, g);
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
 
@@ -695,10 +696,12 @@ void backward_tc(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, cons
                  int64_t B, int64_t T, int64_t NH, const TcDims& g, cudaStream_t stream) {
   const size_t smem_kv = BackwardSmem<Dp, 2>::bytes, smem_q = BackwardSmem<Dp, 1>::bytes;
   allow_smem(attention_backward_kv_tc_kernel<Dp>, smem_kv);
-  attention_backward_kv_tc_kernel<Dp><<<tc_grid(B, T, NH), kThreads, smem_kv, stream>>>(dqkv, dout, qkv, out, lse, g);
+  KRAKEN_KERNEL(tc_grid(B, T, NH), kThreads, smem_kv, stream, attention_backward_kv_tc_kernel<Dp>)
+  (dqkv, dout, qkv, out, lse, g);
   KRAKEN_CUDA_LAUNCH_CHECK();
   allow_smem(attention_backward_q_tc_kernel<Dp>, smem_q);
-  attention_backward_q_tc_kernel<Dp><<<tc_grid(B, T, NH), kThreads, smem_q, stream>>>(dqkv, dout, qkv, out, lse, g);
+  KRAKEN_KERNEL(tc_grid(B, T, NH), kThreads, smem_q, stream, attention_backward_q_tc_kernel<Dp>)
+  (dqkv, dout, qkv, out, lse, g);
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
 

@@ -13,6 +13,7 @@
 
 #include "kernels/cross_entropy.h"
 #include "kernels/cuda/check.h"
+#include "kernels/cuda/launch.h"
 #include "kernels/cuda/storage.h"
 
 namespace kraken::kernels {
@@ -131,16 +132,14 @@ __global__ void cross_entropy_backward_kernel(T* dlogits, const T* logits, const
   const float l = ignored ? 0.0f : lse[n];
   if constexpr (kWide) {  // 8 columns per 16-byte load and store (Vp a multiple of 8); the same values
     for (int64_t p = threadIdx.x; p < Vp / 8; p += kThreads) {
-      float g[8];
-      if (!ignored) load8(xr + 8 * p, g);
+      float g[8] = {};  // an ignored row stores zeros
+      if (!ignored) {
+        load8(xr + 8 * p, g);
 #pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        const int64_t v = 8 * p + k;
-        if (ignored || v >= V) {
-          g[k] = 0.0f;
-        } else {
+        for (int k = 0; k < 8; ++k) {
+          const int64_t v = 8 * p + k;
           const float prob = expf(g[k] - l);
-          g[k] = scale * (v == t ? prob - 1.0f : prob);
+          g[k] = v < V ? scale * (v == t ? prob - 1.0f : prob) : 0.0f;
         }
       }
       store8(dr + 8 * p, g);
@@ -182,14 +181,14 @@ void cross_entropy_forward(float* losses, float* lse, const T* logits, const int
   const unsigned int blocks = static_cast<unsigned int>(N);
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
     if (Vp % 8 == 0 && aligned16(logits)) {
-      cross_entropy_forward_kernel<T, true><<<blocks, kThreads, 0, stream>>>(losses, lse, logits, targets, Vp, V,
-                                                                             ignore_index);
+      KRAKEN_KERNEL(blocks, kThreads, 0, stream, cross_entropy_forward_kernel<T, true>)
+      (losses, lse, logits, targets, Vp, V, ignore_index);
       KRAKEN_CUDA_LAUNCH_CHECK();
       return;
     }
   }
-  cross_entropy_forward_kernel<T, false><<<blocks, kThreads, 0, stream>>>(losses, lse, logits, targets, Vp, V,
-                                                                          ignore_index);
+  KRAKEN_KERNEL(blocks, kThreads, 0, stream, cross_entropy_forward_kernel<T, false>)
+  (losses, lse, logits, targets, Vp, V, ignore_index);
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
 
@@ -202,14 +201,14 @@ void cross_entropy_backward(T* dlogits, const T* logits, const float* lse, const
   const unsigned int blocks = static_cast<unsigned int>(N);
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
     if (Vp % 8 == 0 && aligned16(logits) && aligned16(dlogits)) {
-      cross_entropy_backward_kernel<T, true><<<blocks, kThreads, 0, stream>>>(dlogits, logits, lse, targets, dloss,
-                                                                              count, Vp, V, ignore_index);
+      KRAKEN_KERNEL(blocks, kThreads, 0, stream, cross_entropy_backward_kernel<T, true>)
+      (dlogits, logits, lse, targets, dloss, count, Vp, V, ignore_index);
       KRAKEN_CUDA_LAUNCH_CHECK();
       return;
     }
   }
-  cross_entropy_backward_kernel<T, false><<<blocks, kThreads, 0, stream>>>(dlogits, logits, lse, targets, dloss,
-                                                                           count, Vp, V, ignore_index);
+  KRAKEN_KERNEL(blocks, kThreads, 0, stream, cross_entropy_backward_kernel<T, false>)
+  (dlogits, logits, lse, targets, dloss, count, Vp, V, ignore_index);
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
 
@@ -221,7 +220,7 @@ void cross_entropy_forward_cuda(float* losses, float* lse, const float* logits, 
 }
 
 void cross_entropy_mean_cuda(float* loss, const float* losses, int64_t N, int64_t count, CUstream_st* stream) {
-  cross_entropy_mean_kernel<<<1, kMeanThreads, 0, stream>>>(loss, losses, N, count);
+  KRAKEN_KERNEL(1, kMeanThreads, 0, stream, cross_entropy_mean_kernel)(loss, losses, N, count);
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
 

@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "kernels/cuda/check.h"
+#include "kernels/cuda/launch.h"
 #include "kernels/cuda/storage.h"
 #include "kernels/elementwise.h"
 
@@ -148,7 +149,7 @@ __global__ void bf16_to_f32_kernel(float* out, const __nv_bfloat16* x, int64_t n
 #define KRAKEN_LAUNCH(kernel, n, stream, ...)                                          \
   do {                                                                                 \
     if ((n) <= 0) return;                                                              \
-    kernel<<<blocks_for((n), kThreads), kThreads, 0, stream>>>(__VA_ARGS__);          \
+    KRAKEN_KERNEL(blocks_for((n), kThreads), kThreads, 0, stream, kernel)(__VA_ARGS__);          \
     KRAKEN_CUDA_LAUNCH_CHECK();                                                        \
   } while (0)
 
@@ -179,7 +180,8 @@ void sum_rows(T* db, const T* dout, int64_t rows, int64_t cols, CUstream_st* s, 
   if (cols <= 0) return;
   const long long blocks = (cols + kSumCols - 1) / kSumCols;
   KRAKEN_CHECK(blocks <= 0x7fffffffLL, name, ": ", cols, " columns");
-  sum_rows_grouped_kernel<T><<<static_cast<unsigned int>(blocks), kSumCols * kSumGroups, 0, s>>>(db, dout, rows, cols);
+  KRAKEN_KERNEL(static_cast<unsigned int>(blocks), kSumCols * kSumGroups, 0, s, sum_rows_grouped_kernel<T>)
+  (db, dout, rows, cols);
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
 }  // namespace

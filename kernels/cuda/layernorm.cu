@@ -8,6 +8,7 @@
 // float, or bf16 widened on load and rounded once on store; gamma, beta, their gradients, mean and
 // rstd are f32 for both, and the arithmetic is the same f32 sequence.
 #include "kernels/cuda/check.h"
+#include "kernels/cuda/launch.h"
 #include "kernels/cuda/storage.h"
 #include "kernels/layernorm.h"
 
@@ -181,8 +182,8 @@ template <typename T>
 void layernorm_forward(T* out, float* mean, float* rstd, const T* x, const float* gamma, const float* beta,
                        int64_t rows, int64_t C, float eps, CUstream_st* stream) {
   if (rows <= 0) return;
-  layernorm_forward_kernel<T><<<row_blocks(rows), kWarpsPerBlock * 32, 0, stream>>>(out, mean, rstd, x, gamma, beta,
-                                                                                     rows, static_cast<int>(C), eps);
+  KRAKEN_KERNEL(row_blocks(rows), kWarpsPerBlock * 32, 0, stream, layernorm_forward_kernel<T>)
+  (out, mean, rstd, x, gamma, beta, rows, static_cast<int>(C), eps);
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
 
@@ -190,7 +191,7 @@ template <typename T>
 void add_layernorm_forward(T* s, T* out, float* mean, float* rstd, const T* a, const T* b, const float* gamma,
                            const float* beta, int64_t rows, int64_t C, float eps, CUstream_st* stream) {
   if (rows <= 0) return;
-  add_layernorm_forward_kernel<T><<<row_blocks(rows), kWarpsPerBlock * 32, 0, stream>>>(
+  KRAKEN_KERNEL(row_blocks(rows), kWarpsPerBlock * 32, 0, stream, add_layernorm_forward_kernel<T>)(
       s, out, mean, rstd, a, b, gamma, beta, rows, static_cast<int>(C), eps);
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
@@ -201,14 +202,14 @@ void layernorm_backward(T* dx, float* dgamma, float* dbeta, const T* dout, const
   // in the forward pass this was: out = x̂·gamma + beta, x̂ = (x − μ)·rstd
   if (rows <= 0) return;
   if (dx) {
-    layernorm_backward_dx_kernel<T><<<row_blocks(rows), kWarpsPerBlock * 32, 0, stream>>>(
+    KRAKEN_KERNEL(row_blocks(rows), kWarpsPerBlock * 32, 0, stream, layernorm_backward_dx_kernel<T>)(
         dx, dout, x, gamma, mean, rstd, rows, static_cast<int>(C));
     KRAKEN_CUDA_LAUNCH_CHECK();
   }
   if (dgamma || dbeta) {
     const unsigned int blocks = static_cast<unsigned int>((C + kCols - 1) / kCols);
-    layernorm_backward_params_kernel<T><<<blocks, kCols * kGroups, 0, stream>>>(dgamma, dbeta, dout, x, mean, rstd,
-                                                                                rows, static_cast<int>(C));
+    KRAKEN_KERNEL(blocks, kCols * kGroups, 0, stream, layernorm_backward_params_kernel<T>)
+    (dgamma, dbeta, dout, x, mean, rstd, rows, static_cast<int>(C));
     KRAKEN_CUDA_LAUNCH_CHECK();
   }
 }

@@ -1,0 +1,18 @@
+// Kernel launches and dynamic shared memory, spelled so that the same source also compiles for the CPU
+// emulation of CUDA in tests/cuda_emu (which runs these kernels' logic in CI, where there is no GPU):
+//
+//   KRAKEN_KERNEL(grid, block, shared_bytes, stream, kernel)(args...);   kernel<<<grid, block, …>>>(args...)
+//   KRAKEN_DYNAMIC_SHARED(type, name);                                    extern __shared__ type name[]
+//
+// The kernel comes last so that a template with several arguments needs no extra parentheses.
+#pragma once
+
+#if defined(KRAKEN_CUDA_EMULATION)
+#include "tests/cuda_emu/emu.h"
+#define KRAKEN_KERNEL(grid, block, shared_bytes, stream, ...) \
+  ::kraken_emu::Launch((grid), (block), (shared_bytes), (stream), __VA_ARGS__)
+#define KRAKEN_DYNAMIC_SHARED(type, name) type* name = static_cast<type*>(::kraken_emu::dynamic_shared())
+#else
+#define KRAKEN_KERNEL(grid, block, shared_bytes, stream, ...) __VA_ARGS__<<<(grid), (block), (shared_bytes), (stream)>>>
+#define KRAKEN_DYNAMIC_SHARED(type, name) extern __shared__ __align__(128) type name[]
+#endif

@@ -1,0 +1,250 @@
+// The fiber scheduler behind emu.h, and the few CUDA runtime calls the emulated kernels' host code
+// makes (this library stands in for libcudart; nothing here touches a GPU).
+#include "tests/cuda_emu/emu.h"
+
+#include <ucontext.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <exception>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace kraken_emu {
+namespace {
+
+constexpr size_t kStackBytes = 256 * 1024;
+constexpr size_t kWarpScratchBytes = 8 * 1024;
+constexpr size_t kMaxDynamicShared = 227 * 1024;  // Hopper's opt-in limit per block
+constexpr unsigned char kPoison = 0xA5;
+
+enum class State { kRunnable, kAtBlockBarrier, kAtWarpBarrier, kDone };
+
+struct FreeDeleter {
+  void operator()(void* p) const { std::free(p); }
+};
+using AlignedBytes = std::unique_ptr<unsigned char[], FreeDeleter>;
+AlignedBytes aligned_bytes(size_t bytes, size_t alignment) {
+  const size_t rounded = (bytes + alignment - 1) / alignment * alignment;
+  return AlignedBytes(static_cast<unsigned char*>(std::aligned_alloc(alignment, rounded)));
+}
+
+struct Fiber {
+  ucontext_t context;
+  std::unique_ptr<char[]> stack;
+  State state = State::kRunnable;
+  ThreadCoords coords;
+  int lane = 0, warp = 0;
+};
+
+// One block's worth of fibers, run on the thread that launched the kernel.
+struct Block {
+  ucontext_t scheduler;
+  std::vector<Fiber> fibers;
+  std::vector<std::vector<unsigned char>> warp_slots;     // warp_exchange: 32 lanes × up to 16 bytes
+  std::vector<AlignedBytes> warp_scratch;
+  unsigned char* dynamic_shared = nullptr;
+  const std::function<void()>* body = nullptr;
+  int current = -1;
+  std::exception_ptr error;
+};
+
+thread_local Block* g_block = nullptr;
+thread_local Schedule g_schedule = Schedule::kAscending;
+thread_local ThreadCoords g_host_coords;  // what coords() returns outside a kernel
+
+Fiber& current_fiber() {
+  if (!g_block || g_block->current < 0) trap("a device built-in was used outside a kernel");
+  return g_block->fibers[static_cast<size_t>(g_block->current)];
+}
+
+// Back to the scheduler; returns when the scheduler resumes this fiber.
+void yield(State state) {
+  Fiber& f = current_fiber();
+  f.state = state;
+  swapcontext(&f.context, &g_block->scheduler);
+}
+
+void fiber_main() {
+  Block& b = *g_block;
+  Fiber& f = b.fibers[static_cast<size_t>(b.current)];
+  try {
+    (*b.body)();
+  } catch (...) {
+    if (!b.error) b.error = std::current_exception();
+  }
+  f.state = State::kDone;
+  swapcontext(&f.context, &b.scheduler);  // never resumed
+}
+
+// Releases warp w if all its live lanes wait at a warp barrier; returns whether it did.
+bool release_warp(Block& b, int w) {
+  bool all = true, any = false;
+  for (Fiber& f : b.fibers) {
+    if (f.warp != w || f.state == State::kDone) continue;
+    any = true;
+    all = all && f.state == State::kAtWarpBarrier;
+  }
+  if (!any || !all) return false;
+  for (Fiber& f : b.fibers)
+    if (f.warp == w && f.state == State::kAtWarpBarrier) f.state = State::kRunnable;
+  return true;
+}
+
+// Releases the block if all its live threads wait at __syncthreads; returns whether it did.
+bool release_block(Block& b) {
+  bool all = true, any = false;
+  for (Fiber& f : b.fibers) {
+    if (f.state == State::kDone) continue;
+    any = true;
+    all = all && f.state == State::kAtBlockBarrier;
+  }
+  if (!any || !all) return false;
+  for (Fiber& f : b.fibers)
+    if (f.state == State::kAtBlockBarrier) f.state = State::kRunnable;
+  return true;
+}
+
+std::string describe_deadlock(const Block& b) {
+  int at_block = 0, at_warp = 0, done = 0;
+  for (const Fiber& f : b.fibers) {
+    at_block += f.state == State::kAtBlockBarrier;
+    at_warp += f.state == State::kAtWarpBarrier;
+    done += f.state == State::kDone;
+  }
+  return "barrier deadlock in block (" + std::to_string(b.fibers[0].coords.block_idx.x) + ", " +
+         std::to_string(b.fibers[0].coords.block_idx.y) + ", " + std::to_string(b.fibers[0].coords.block_idx.z) +
+         "): " + std::to_string(at_block) + " threads wait at __syncthreads, " + std::to_string(at_warp) +
+         " at a warp barrier, " + std::to_string(done) + " have returned";
+}
+
+// Points the fiber's context at fiber_main on its own stack (kept out of run_grid: getcontext
+// "returns twice" as far as the compiler knows, which would pin run_grid's locals).
+void start_fiber(Fiber& f) {
+  getcontext(&f.context);
+  f.context.uc_stack.ss_sp = f.stack.get();
+  f.context.uc_stack.ss_size = kStackBytes;
+  f.context.uc_link = nullptr;
+  makecontext(&f.context, fiber_main, 0);
+}
+
+}  // namespace
+
+void set_schedule(Schedule schedule) { g_schedule = schedule; }
+
+const ThreadCoords& coords() {
+  if (!g_block || g_block->current < 0) return g_host_coords;
+  return current_fiber().coords;
+}
+
+int lane() { return current_fiber().lane; }
+
+void sync_block() { yield(State::kAtBlockBarrier); }
+void sync_warp() { yield(State::kAtWarpBarrier); }
+
+void warp_exchange(const void* in, void* out, size_t bytes, int source) {
+  if (bytes > 16) trap("warp_exchange of more than 16 bytes");
+  Fiber& f = current_fiber();
+  std::vector<unsigned char>& slots = g_block->warp_slots[static_cast<size_t>(f.warp)];
+  std::memcpy(slots.data() + 16 * f.lane, in, bytes);
+  sync_warp();  // every lane has written
+  std::memcpy(out, slots.data() + 16 * (source & 31), bytes);
+  sync_warp();  // every lane has read: the slots may be written again
+}
+
+void* warp_scratch() { return g_block->warp_scratch[static_cast<size_t>(current_fiber().warp)].get(); }
+
+void* dynamic_shared() {
+  if (!g_block || !g_block->dynamic_shared) trap("dynamic shared memory used by a kernel launched without any");
+  return g_block->dynamic_shared;
+}
+
+void trap(const char* what) { throw std::runtime_error(std::string("emulated kernel: ") + what); }
+
+void run_grid(dim3 grid, dim3 block, size_t dynamic_shared_bytes, const std::function<void()>& body) {
+  const int threads = static_cast<int>(block.x * block.y * block.z);
+  if (threads <= 0 || threads > 1024) trap("block size outside 1 .. 1024");
+  if (dynamic_shared_bytes > kMaxDynamicShared) trap("more dynamic shared memory than a block can have");
+  if (g_block) trap("a kernel launched from inside a kernel");
+  const int warps = (threads + 31) / 32;
+  Block b;
+  b.body = &body;
+  b.fibers.resize(static_cast<size_t>(threads));
+  for (Fiber& f : b.fibers) f.stack.reset(new char[kStackBytes]);
+  b.warp_slots.assign(static_cast<size_t>(warps), std::vector<unsigned char>(32 * 16));
+  for (int w = 0; w < warps; ++w) b.warp_scratch.push_back(aligned_bytes(kWarpScratchBytes, 16));
+  AlignedBytes shared = dynamic_shared_bytes ? aligned_bytes(dynamic_shared_bytes, 128) : AlignedBytes();
+  b.dynamic_shared = shared.get();
+  g_block = &b;
+  struct Reset {
+    ~Reset() { g_block = nullptr; }
+  } reset;
+  for (unsigned bz = 0; bz < grid.z; ++bz)
+    for (unsigned by = 0; by < grid.y; ++by)
+      for (unsigned bx = 0; bx < grid.x; ++bx) {
+        if (b.dynamic_shared) std::memset(b.dynamic_shared, kPoison, dynamic_shared_bytes);
+        for (int t = 0; t < threads; ++t) {
+          Fiber& f = b.fibers[static_cast<size_t>(t)];
+          f.state = State::kRunnable;
+          f.lane = t % 32;
+          f.warp = t / 32;
+          f.coords.thread_idx =
+              uint3{static_cast<unsigned>(t) % block.x, (static_cast<unsigned>(t) / block.x) % block.y,
+                    static_cast<unsigned>(t) / (block.x * block.y)};
+          f.coords.block_idx = uint3{bx, by, bz};
+          f.coords.block_dim = block;
+          f.coords.grid_dim = grid;
+          start_fiber(f);
+        }
+        // A warp at a time, as far as it goes before a __syncthreads: lanes in turn up to each warp
+        // barrier, then the warp again. This exposes a missing barrier as a read of data another warp
+        // (or lane) has not written yet; the descending order exposes the mirror-image cases.
+        const bool down = g_schedule == Schedule::kDescending;
+        for (;;) {
+          bool ran = false;
+          for (int wi = 0; wi < warps; ++wi) {
+            const int w = down ? warps - 1 - wi : wi;
+            for (;;) {
+              bool warp_ran = false;
+              for (int li = 0; li < 32; ++li) {
+                const int t = w * 32 + (down ? 31 - li : li);
+                if (t >= threads) continue;
+                Fiber& f = b.fibers[static_cast<size_t>(t)];
+                if (f.state != State::kRunnable) continue;
+                b.current = t;
+                swapcontext(&b.scheduler, &f.context);
+                b.current = -1;
+                warp_ran = ran = true;
+                if (b.error) std::rethrow_exception(b.error);
+              }
+              if (!release_warp(b, w) && !warp_ran) break;
+            }
+          }
+          bool done = true;
+          for (const Fiber& f : b.fibers) done = done && f.state == State::kDone;
+          if (done) break;
+          if (!release_block(b) && !ran) throw std::runtime_error("emulated kernel: " + describe_deadlock(b));
+        }
+      }
+}
+
+}  // namespace kraken_emu
+
+// ---- the CUDA runtime calls of the emulated host code ------------------------------------------------
+// One emulated device, 0, with Hopper's limits (emu.h maps the CUDA names onto these).
+namespace kraken_emu {
+cudaError_t get_device(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+cudaError_t device_get_attribute(int* value, cudaDeviceAttr attr, int /*device*/) {
+  switch (attr) {
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = static_cast<int>(kMaxDynamicShared); return cudaSuccess;
+    case cudaDevAttrMultiProcessorCount: *value = 132; return cudaSuccess;
+    default: return cudaErrorInvalidValue;
+  }
+}
+cudaError_t get_last_error() { return cudaSuccess; }
+}  // namespace kraken_emu

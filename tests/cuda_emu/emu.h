@@ -1,0 +1,123 @@
+// A CPU emulation of the CUDA execution model, enough to run kernels/cuda's kernels in CI.
+//
+// There is no GPU where CI runs, so without this the CUDA kernels would only ever be compiled there.
+// A kernel source compiled with -DKRAKEN_CUDA_EMULATION (tests/cuda_emu/CMakeLists.txt) launches
+// through kraken_emu::Launch instead of <<<…>>> (kernels/cuda/launch.h), and every thread of a block
+// runs as a fiber on the calling thread: __syncthreads, __syncwarp, the warp shuffles and the WMMA
+// operations are points where a fiber waits for the others of its block or warp, so the barrier
+// structure of the kernel is executed for real (a barrier some threads never reach is reported as a
+// deadlock, as is a warp operation with lanes missing). Blocks run one after another.
+//
+// What it checks is the kernels' logic: indexing, tiling, masking, reductions, the synchronisation
+// pattern, and (through WMMA fragments whose element layout is a scrambled permutation, see mma.h)
+// that no code depends on an unspecified fragment layout. What it cannot check: speed, races the
+// sequential schedule hides (racecheck on a GPU does that), device math library ulps (host libm here)
+// and tensor-core rounding (products are summed in f32 in k order). Dynamic shared memory is filled
+// with a poison pattern at every block's start, so a kernel that reads shared memory it never wrote
+// sees garbage here as on a GPU.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+#include "tests/cuda_emu/schedule.h"
+
+namespace kraken_emu {
+
+// The running thread's coordinates.
+struct ThreadCoords {
+  uint3 thread_idx{0, 0, 0};
+  uint3 block_idx{0, 0, 0};
+  dim3 block_dim{1, 1, 1};
+  dim3 grid_dim{1, 1, 1};
+};
+const ThreadCoords& coords();
+int lane();  // threadIdx.x % 32 of a 1-D block (the kernels here use 1-D blocks)
+
+void sync_block();  // __syncthreads
+void sync_warp();   // __syncwarp
+// Every lane of the warp contributes `bytes` at `in`; returns, in `out`, what lane `source` contributed.
+void warp_exchange(const void* in, void* out, size_t bytes, int source);
+// The warp's own scratch (for the collective WMMA operations), at least 8 KiB, 16-byte aligned.
+void* warp_scratch();
+void* dynamic_shared();
+[[noreturn]] void trap(const char* what);
+
+// Runs body once per thread of every block of the grid.
+void run_grid(dim3 grid, dim3 block, size_t dynamic_shared_bytes, const std::function<void()>& body);
+
+// KRAKEN_KERNEL(grid, block, shared, stream, kernel)(args...): runs kernel(args...) on every thread.
+template <typename... Params>
+struct Launcher {
+  void (*kernel)(Params...);
+  dim3 grid, block;
+  size_t shared;
+  template <typename... Args>
+  void operator()(Args&&... args) const {
+    std::tuple<std::decay_t<Params>...> values(static_cast<Params>(args)...);
+    run_grid(grid, block, shared, [&] { std::apply(kernel, values); });
+  }
+};
+template <typename... Params>
+Launcher<Params...> Launch(dim3 grid, dim3 block, size_t shared, cudaStream_t, void (*kernel)(Params...)) {
+  return Launcher<Params...>{kernel, grid, block, shared};
+}
+
+// The CUDA runtime calls the kernels' host code makes, answered for one emulated Hopper device.
+cudaError_t get_device(int* device);
+cudaError_t device_get_attribute(int* value, cudaDeviceAttr attr, int device);
+cudaError_t get_last_error();
+template <typename Function>
+cudaError_t func_set_attribute(Function*, cudaFuncAttribute, int) {
+  return cudaSuccess;
+}
+
+}  // namespace kraken_emu
+
+#define cudaGetDevice ::kraken_emu::get_device
+#define cudaDeviceGetAttribute ::kraken_emu::device_get_attribute
+#define cudaGetLastError ::kraken_emu::get_last_error
+#define cudaFuncSetAttribute ::kraken_emu::func_set_attribute
+
+// The CUDA built-ins the kernels use. (The real cuda_runtime.h, included above for its types, declares
+// none of these for a host compiler.)
+#define threadIdx (::kraken_emu::coords().thread_idx)
+#define blockIdx (::kraken_emu::coords().block_idx)
+#define blockDim (::kraken_emu::coords().block_dim)
+#define gridDim (::kraken_emu::coords().grid_dim)
+#define __syncthreads() ::kraken_emu::sync_block()
+#define __syncwarp(...) ::kraken_emu::sync_warp()
+#define __trap() ::kraken_emu::trap("__trap()")
+// Static __shared__ arrays are function-local statics: one per kernel, shared by the block's fibers
+// (blocks run one at a time, so one copy is the block's).
+#undef __shared__
+#define __shared__ static
+#undef __launch_bounds__
+#define __launch_bounds__(...)
+
+// CUDA's integer min and max (device functions there; the kernels call them unqualified).
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+inline long long min(long long a, long long b) { return a < b ? a : b; }
+inline long long max(long long a, long long b) { return a > b ? a : b; }
+
+template <typename T>
+T __shfl_xor_sync(unsigned /*mask*/, T value, int lane_mask, int /*width*/ = 32) {
+  T out;
+  ::kraken_emu::warp_exchange(&value, &out, sizeof(T), ::kraken_emu::lane() ^ lane_mask);
+  return out;
+}
+template <typename T>
+T __shfl_sync(unsigned /*mask*/, T value, int source, int /*width*/ = 32) {
+  T out;
+  ::kraken_emu::warp_exchange(&value, &out, sizeof(T), source & 31);
+  return out;
+}

@@ -1,0 +1,84 @@
+// The emulation itself (emu.h, include/mma.h): barriers, shuffles, shared memory, WMMA products, and
+// that it fails loudly where a GPU would hang or trap. Kernels in selftest_kernels.cpp.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "kernels/elementwise.h"
+#include "tests/cuda_emu/schedule.h"
+
+namespace kraken_emu_selftest {
+void mismatched_barriers();
+void warp_sum(float* out, const float* in, int warps);
+void static_shared(int* out, int blocks);
+void unwritten_shared(unsigned char* out);
+void wmma_product(float* d, const uint16_t* a, const uint16_t* b, const float* c);
+void trap();
+}  // namespace kraken_emu_selftest
+
+namespace {
+
+namespace self = kraken_emu_selftest;
+
+TEST(CudaEmulationSelf, BarriersThatCannotCompleteAreADeadlockError) {
+  try {
+    self::mismatched_barriers();
+    FAIL() << "no error";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("deadlock"), std::string::npos) << e.what();
+  }
+}
+
+TEST(CudaEmulationSelf, ATrapIsAnError) { EXPECT_THROW(self::trap(), std::runtime_error); }
+
+TEST(CudaEmulationSelf, ShufflesReduceAcrossTheWarp) {
+  for (const auto schedule : {kraken_emu::Schedule::kAscending, kraken_emu::Schedule::kDescending}) {
+    kraken_emu::set_schedule(schedule);
+    std::vector<float> in(96), out(3, -1.0f);
+    for (size_t i = 0; i < in.size(); ++i) in[i] = static_cast<float>(i);
+    self::warp_sum(out.data(), in.data(), 3);
+    EXPECT_EQ(out, (std::vector<float>{496.0f, 1520.0f, 2544.0f}));  // Σ 0..31, Σ 32..63, Σ 64..95
+  }
+  kraken_emu::set_schedule(kraken_emu::Schedule::kAscending);
+}
+
+TEST(CudaEmulationSelf, StaticSharedMemoryIsTheBlocks) {
+  std::vector<int> out(128);
+  self::static_shared(out.data(), 2);
+  for (int b = 0; b < 2; ++b)
+    for (int t = 0; t < 64; ++t) EXPECT_EQ(out[b * 64 + t], ((t + 1) % 64) * 3 + b) << b << " " << t;
+}
+
+TEST(CudaEmulationSelf, UnwrittenDynamicSharedMemoryIsPoison) {
+  std::vector<unsigned char> out(32, 0);
+  self::unwritten_shared(out.data());
+  for (unsigned char v : out) EXPECT_EQ(v, 0xA5);
+}
+
+TEST(CudaEmulationSelf, WmmaProductsAreMatrixProducts) {
+  // A (row-major) and B (column-major) hold small integers, exact in bf16 and in f32 sums.
+  std::vector<float> a(256), b(256), c(256);
+  for (int i = 0; i < 256; ++i) {
+    a[i] = static_cast<float>((i * 7) % 11 - 5);
+    b[i] = static_cast<float>((i * 5) % 13 - 6);
+    c[i] = static_cast<float>(i % 9);
+  }
+  std::vector<uint16_t> a16(256), b16(256);
+  kraken::kernels::cast_f32_to_bf16_cpu(a16.data(), a.data(), 256);
+  kraken::kernels::cast_f32_to_bf16_cpu(b16.data(), b.data(), 256);
+  std::vector<float> d(256, 0.0f);
+  self::wmma_product(d.data(), a16.data(), b16.data(), c.data());
+  for (int r = 0; r < 16; ++r) {
+    for (int col = 0; col < 16; ++col) {
+      float want = c[r * 16 + col];
+      for (int k = 0; k < 16; ++k) want += a[r * 16 + k] * b[col * 16 + k];  // B column-major: (k, col) at col·16 + k
+      EXPECT_EQ(d[r * 16 + col], want) << "row " << r << " column " << col;
+    }
+  }
+}
+
+}  // namespace

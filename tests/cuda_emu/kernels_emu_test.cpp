@@ -1,0 +1,249 @@
+// The CUDA kernels' logic, run in CI without a GPU: kernels/cuda's bf16 attention on tensor cores,
+// layernorm, cross-entropy and the 8-wide elementwise kernels, executed by the CPU emulation of CUDA
+// (tests/cuda_emu/emu.h: every thread a fiber, the real barriers, WMMA fragments with scrambled
+// layouts), against the CPU kernels on the same bf16 values.
+//
+// Tolerances are those of tests/gpu, where the same comparisons run on a GPU: the tensor-core
+// attention rounds P and dS to bf16 before their products (5e-3 of the output's scale, 1.2e-2 of the
+// gradient's, one bf16 ulp of each element on top); the other kernels compute the CPU's f32 sequence
+// up to the order of one reduction (1e-5 of the scale, plus one bf16 ulp where the result is rounded).
+// What a GPU adds (speed, races, device math ulps) is for tests/gpu and tools/gpu-check.sh.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "kernels/attention.h"
+#include "kernels/cross_entropy.h"
+#include "kernels/elementwise.h"
+#include "kernels/layernorm.h"
+#include "tests/cuda_emu/emulated_kernels.h"
+
+namespace kraken {
+namespace {
+
+namespace emu = kernels_emu;
+
+// Runs check under both thread orders of the emulation (schedule.h).
+template <typename Check>
+void under_both_schedules(const Check& check) {
+  for (const auto schedule : {kraken_emu::Schedule::kAscending, kraken_emu::Schedule::kDescending}) {
+    SCOPED_TRACE(schedule == kraken_emu::Schedule::kAscending ? "ascending schedule" : "descending schedule");
+    kraken_emu::set_schedule(schedule);
+    check();
+  }
+  kraken_emu::set_schedule(kraken_emu::Schedule::kAscending);
+}
+
+std::vector<float> normal(size_t n, uint32_t seed, float stddev = 1.0f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> d(0.0f, stddev);
+  std::vector<float> v(n);
+  for (float& x : v) x = d(rng);
+  return v;
+}
+std::vector<uint16_t> to_bf16(const std::vector<float>& x) {
+  std::vector<uint16_t> out(x.size());
+  kernels::cast_f32_to_bf16_cpu(out.data(), x.data(), static_cast<int64_t>(x.size()));
+  return out;
+}
+std::vector<float> to_f32(const std::vector<uint16_t>& x) {
+  std::vector<float> out(x.size());
+  kernels::cast_bf16_to_f32_cpu(out.data(), x.data(), static_cast<int64_t>(x.size()));
+  return out;
+}
+// x rounded to bf16 and widened again: the values a bf16 kernel sees.
+std::vector<float> rounded(const std::vector<float>& x) { return to_f32(to_bf16(x)); }
+
+double max_abs(const std::vector<float>& x) {
+  double m = 0.0;
+  for (float v : x) m = std::max(m, std::fabs(static_cast<double>(v)));
+  return m;
+}
+
+// |got − want| ≤ rel·max|want| (+ one bf16 ulp of want when `bf16_ulp`) for every element.
+void expect_close(const std::vector<float>& got, const std::vector<float>& want, double rel, bool bf16_ulp,
+                  const std::string& what) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  const double scale = max_abs(want);
+  double worst = 0.0;
+  size_t at = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    ASSERT_FALSE(std::isnan(got[i])) << what << ": element " << i << " is NaN";
+    const double allowed = rel * scale + (bf16_ulp ? std::fabs(want[i]) / 128.0 : 0.0);
+    const double excess = std::fabs(static_cast<double>(got[i]) - want[i]) - allowed;
+    if (excess > worst || i == 0) worst = excess, at = i;
+  }
+  EXPECT_LE(worst, 0.0) << what << ": element " << at << " is " << got[at] << ", the CPU's " << want[at]
+                        << " (scale " << scale << ", relative allowance " << rel << ")";
+}
+
+// ---- attention on tensor cores ----------------------------------------------------------------------
+
+struct AttentionShape {
+  int64_t B, T, D, NH;
+  std::string str() const {
+    return "B=" + std::to_string(B) + " T=" + std::to_string(T) + " D=" + std::to_string(D) +
+           " NH=" + std::to_string(NH);
+  }
+};
+
+void check_attention(const AttentionShape& s) {
+  const std::string what = "emulated tensor-core attention " + s.str();
+  const int64_t C = s.D * s.NH, rows = s.B * s.T;
+  const std::vector<uint16_t> qkv = to_bf16(normal(static_cast<size_t>(rows * 3 * C), 1, 1.5f));
+  const std::vector<uint16_t> dout = to_bf16(normal(static_cast<size_t>(rows * C), 2));
+  const std::vector<float> qkv_f = to_f32(qkv), dout_f = to_f32(dout);
+
+  std::vector<uint16_t> out(static_cast<size_t>(rows * C)), dqkv(static_cast<size_t>(rows * 3 * C), 0);
+  std::vector<float> lse(static_cast<size_t>(s.B * s.NH * s.T));
+  emu::attention_forward_bf16_tc_cuda(out.data(), lse.data(), qkv.data(), s.B, s.T, C, s.NH, nullptr);
+  std::vector<float> out_cpu(out.size()), lse_cpu(lse.size()), dqkv_cpu(dqkv.size(), 0.0f);
+  kernels::attention_forward_cpu(out_cpu.data(), lse_cpu.data(), qkv_f.data(), s.B, s.T, C, s.NH);
+  expect_close(to_f32(out), out_cpu, 5e-3, true, what + ": out");
+  expect_close(lse, lse_cpu, 1e-5, false, what + ": lse");
+
+  // The backward from the forward's own out and lse, as the model runs it.
+  emu::attention_backward_bf16_tc_cuda(dqkv.data(), dout.data(), qkv.data(), out.data(), lse.data(), s.B, s.T, C,
+                                       s.NH, nullptr);
+  kernels::attention_backward_cpu(dqkv_cpu.data(), dout_f.data(), qkv_f.data(), rounded(out_cpu).data(),
+                                  lse_cpu.data(), s.B, s.T, C, s.NH);
+  expect_close(to_f32(dqkv), dqkv_cpu, 1.2e-2, true, what + ": dqkv");
+}
+
+TEST(CudaEmulation, TensorCoreAttentionMatchesTheCpu) {
+  under_both_schedules([] {
+    check_attention({1, 1, 64, 1});   // one query: the first tile, fully masked but for the diagonal
+    check_attention({2, 65, 64, 2});  // a second 64-row tile with one row
+    check_attention({1, 40, 42, 2});  // D = 42: padded to 48, rows 4-byte aligned (2-element copies)
+    check_attention({1, 19, 5, 1});   // D = 5: odd, scalar copies, mostly padding
+  });
+}
+
+TEST(CudaEmulation, TensorCoreAttentionAbove128) {
+  under_both_schedules([] { check_attention({1, 70, 168, 1}); });  // Kraken 4-way heads: Dp = 192, q, dO not held
+  EXPECT_TRUE(emu::attention_bf16_tc_supported(256));  // the emulated device has Hopper's shared memory
+  EXPECT_FALSE(emu::attention_bf16_tc_supported(257));
+}
+
+// ---- layernorm ------------------------------------------------------------------------------------
+
+void check_layernorm() {
+  // Rows not a multiple of 8 (rows per block) nor of 64 (dgamma/dbeta's row groups); 600 rows take the
+  // dgamma/dbeta loop's 8-row unrolled part (8 · 64 rows at a time) and its remainder.
+  for (const auto& [rows, C] : {std::pair<int64_t, int64_t>{70, 256}, std::pair<int64_t, int64_t>{600, 100}}) {
+    const std::string what = "emulated bf16 layernorm (" + std::to_string(rows) + ", " + std::to_string(C) + ")";
+    const size_t n = static_cast<size_t>(rows * C);
+    const std::vector<uint16_t> x = to_bf16(normal(n, 3, 2.0f)), dout = to_bf16(normal(n, 4));
+    const std::vector<uint16_t> dx0 = to_bf16(normal(n, 5));
+    const std::vector<float> gamma = normal(static_cast<size_t>(C), 6), beta = normal(static_cast<size_t>(C), 7);
+    std::vector<uint16_t> out(n), dx = dx0;
+    std::vector<float> mean(static_cast<size_t>(rows)), rstd(static_cast<size_t>(rows));
+    std::vector<float> dgamma(static_cast<size_t>(C), 0.5f), dbeta(static_cast<size_t>(C), -0.25f);
+    emu::layernorm_forward_bf16_cuda(out.data(), mean.data(), rstd.data(), x.data(), gamma.data(), beta.data(), rows,
+                                     C, 1e-5f, nullptr);
+    emu::layernorm_backward_bf16_cuda(dx.data(), dgamma.data(), dbeta.data(), dout.data(), x.data(), gamma.data(),
+                                      mean.data(), rstd.data(), rows, C, nullptr);
+    const std::vector<float> x_f = to_f32(x), dout_f = to_f32(dout);
+    std::vector<float> out_cpu(n), mean_cpu(mean.size()), rstd_cpu(rstd.size()), dx_cpu = to_f32(dx0);
+    std::vector<float> dgamma_cpu(dgamma.size(), 0.5f), dbeta_cpu(dbeta.size(), -0.25f);
+    kernels::layernorm_forward_cpu(out_cpu.data(), mean_cpu.data(), rstd_cpu.data(), x_f.data(), gamma.data(),
+                                   beta.data(), rows, C, 1e-5f);
+    kernels::layernorm_backward_cpu(dx_cpu.data(), dgamma_cpu.data(), dbeta_cpu.data(), dout_f.data(), x_f.data(),
+                                    gamma.data(), mean_cpu.data(), rstd_cpu.data(), rows, C);
+    expect_close(to_f32(out), out_cpu, 1e-5, true, what + ": out");
+    expect_close(mean, mean_cpu, 1e-5, false, what + ": mean");
+    expect_close(rstd, rstd_cpu, 1e-5, false, what + ": rstd");
+    expect_close(to_f32(dx), dx_cpu, 1e-5, true, what + ": dx +=");
+    expect_close(dgamma, dgamma_cpu, 1e-5, false, what + ": dgamma +=");
+    expect_close(dbeta, dbeta_cpu, 1e-5, false, what + ": dbeta +=");
+  }
+}
+
+TEST(CudaEmulation, LayerNormForwardAndBackwardMatchTheCpu) { under_both_schedules(check_layernorm); }
+
+// ---- cross-entropy ----------------------------------------------------------------------------------
+
+void check_cross_entropy(int64_t N, int64_t Vp, int64_t V, const std::vector<int64_t>& ignored) {
+  const std::string what = "emulated bf16 cross-entropy N=" + std::to_string(N) + " Vp=" + std::to_string(Vp) +
+                           " V=" + std::to_string(V);
+  const int32_t ignore = -1;
+  const size_t n = static_cast<size_t>(N * Vp);
+  std::vector<float> logits_init = normal(n, 8, 3.0f);
+  // Row 0's largest logits in its last three real columns (the tail after the 8-wide packs when
+  // V = 8k + 3), row N−1's in its first: a column left out there moves lse far beyond the tolerance.
+  for (int64_t k = 1; k <= 3; ++k) logits_init[static_cast<size_t>(V - k)] = 9.0f + static_cast<float>(k);
+  logits_init[static_cast<size_t>((N - 1) * Vp)] = 12.0f;
+  const std::vector<uint16_t> logits = to_bf16(logits_init);
+  std::vector<int32_t> targets(static_cast<size_t>(N));
+  for (int64_t r = 0; r < N; ++r) targets[static_cast<size_t>(r)] = static_cast<int32_t>((r * 7919) % V);
+  for (int64_t r : ignored) targets[static_cast<size_t>(r)] = ignore;
+  const int64_t count = N - static_cast<int64_t>(ignored.size());
+  std::vector<float> losses(static_cast<size_t>(N)), lse(static_cast<size_t>(N));
+  emu::cross_entropy_forward_bf16_cuda(losses.data(), lse.data(), logits.data(), targets.data(), N, Vp, V, ignore,
+                                       nullptr);
+  const std::vector<float> logits_f = to_f32(logits);
+  std::vector<float> losses_cpu(losses.size()), lse_cpu(lse.size());
+  kernels::cross_entropy_forward_cpu(losses_cpu.data(), lse_cpu.data(), logits_f.data(), targets.data(), N, Vp, V,
+                                     ignore);
+  expect_close(losses, losses_cpu, 1e-5, false, what + ": losses");
+  for (int64_t r : ignored) lse[static_cast<size_t>(r)] = lse_cpu[static_cast<size_t>(r)];  // unused there
+  expect_close(lse, lse_cpu, 1e-5, false, what + ": lse");
+
+  const float dloss = 1.7f;
+  std::vector<uint16_t> dlogits(n, 0xC0E0);  // garbage (−7): the kernel writes every element
+  emu::cross_entropy_backward_bf16_cuda(dlogits.data(), logits.data(), lse_cpu.data(), targets.data(), &dloss, count,
+                                        N, Vp, V, ignore, nullptr);
+  std::vector<float> dlogits_cpu(n);
+  kernels::cross_entropy_backward_cpu(dlogits_cpu.data(), logits_f.data(), lse_cpu.data(), targets.data(), &dloss,
+                                      count, N, Vp, V, ignore);
+  expect_close(to_f32(dlogits), dlogits_cpu, 1e-5, true, what + ": dlogits");
+  for (int64_t r = 0; r < N; ++r) {
+    for (int64_t v = 0; v < Vp; ++v) {
+      if (v >= V || targets[static_cast<size_t>(r)] == ignore) {
+        ASSERT_EQ(dlogits[static_cast<size_t>(r * Vp + v)], 0u) << what << ": row " << r << " column " << v;
+      }
+    }
+  }
+}
+
+TEST(CudaEmulation, CrossEntropyMatchesTheCpuOnBothAccessWidths) {
+  under_both_schedules([] {
+    check_cross_entropy(5, 130, 100, {1});    // Vp not a multiple of 8: one column at a time
+    check_cross_entropy(4, 2056, 2051, {2});  // Vp = 8·257: 8 columns per load, a tail of 3 before Vp
+  });
+}
+
+// ---- elementwise: the 8-wide bf16 kernels and their scalar fallbacks --------------------------------
+
+void check_gelu_and_add() {
+  for (const int64_t n : {int64_t{1001}, int64_t{1024}}) {  // scalar, then 8 elements per access
+    const std::string what = " (n = " + std::to_string(n) + ")";
+    const size_t m = static_cast<size_t>(n);
+    const std::vector<uint16_t> x = to_bf16(normal(m, 9, 3.0f)), b = to_bf16(normal(m, 10));
+    const std::vector<uint16_t> dx0 = to_bf16(normal(m, 11));
+    std::vector<uint16_t> y(m), sum(m), dx = dx0;
+    emu::gelu_forward_bf16_cuda(y.data(), x.data(), n, nullptr);
+    emu::gelu_backward_bf16_cuda(dx.data(), x.data(), b.data(), n, nullptr);
+    emu::add_bf16_cuda(sum.data(), x.data(), b.data(), n, nullptr);
+    const std::vector<float> x_f = to_f32(x), b_f = to_f32(b);
+    std::vector<float> y_cpu(m), sum_cpu(m), dx_cpu = to_f32(dx0);
+    kernels::gelu_forward_cpu(y_cpu.data(), x_f.data(), n);
+    kernels::gelu_backward_cpu(dx_cpu.data(), x_f.data(), b_f.data(), n);
+    kernels::add_cpu(sum_cpu.data(), x_f.data(), b_f.data(), n);
+    expect_close(to_f32(y), y_cpu, 4e-6, true, "emulated bf16 gelu forward" + what);
+    expect_close(to_f32(dx), dx_cpu, 4e-6, true, "emulated bf16 gelu backward" + what);
+    EXPECT_EQ(sum, to_bf16(sum_cpu)) << "emulated bf16 add" << what << ": not the CPU's sum rounded once";
+  }
+}
+
+TEST(CudaEmulation, GeluAndAddMatchTheCpuOnBothAccessWidths) { under_both_schedules(check_gelu_and_add); }
+
+}  // namespace
+}  // namespace kraken
