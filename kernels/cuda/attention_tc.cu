@@ -12,7 +12,7 @@
 // parameter; the coarser steps above 128 halve the instantiations for 5% more padding at D = 168,
 // the Kraken 4-way preset's heads) and a warp's accumulators (Dp/16 fragments of 16 × 16 per output)
 // live in registers. Whether a head size runs here also depends on the device's shared memory per
-// block (Dp = 256 needs 164 KiB: Hopper has 227, the A100 163): attention_bf16_tc_supported asks. bf16 tiles have a pitch of Dp + 8 elements
+// block (below); attention_bf16_tc_supported asks the device. bf16 tiles have a pitch of Dp + 8 elements
 // (16·odd bytes: the 8 rows of a WMMA/ldmatrix phase hit 8 different 16-byte bank groups; every
 // fragment pointer is 32-byte aligned). Global rows are copied in 16-, 4- or 2-byte pieces depending
 // on what D and the pointers' alignment allow (D = 42 heads start on 4-byte boundaries only).
@@ -50,9 +50,10 @@
 //
 // Blocks: grid.x = b·h (up to 2³¹ − 1), grid.y = the 64-row tile, ordered so that the tiles with the
 // most work start first (the last query tiles forward and for dq, the first key tiles for dk/dv).
-// Shared memory per block, Dp = 64 / 128: forward 44.3 / 84.3 KiB, dk/dv 64.5 / 96.5 KiB, dq 55.5 /
-// 87.5 KiB; with the registers (sm_90, Dp = 64: 128, 168 and 126 per thread) that is 4, 3 and 4 blocks
-// of 4 warps per SM.
+// Shared memory per block, Dp = 64 / 128 / 192: forward 44.3 / 68.3 / 92.3 KiB, dk/dv 64.5 / 96.5 /
+// 128.5 KiB, dq 55.5 / 87.5 / 119.5 KiB; with the registers (sm_90, Dp = 64: 128, 167 and 126 per
+// thread) that is 4, 3 and 4 blocks of 4 warps per SM at Dp = 64, and 2, 1 and 1 at Dp = 192. Every
+// Dp ≤ 256 fits the A100's 163 KiB per block (dk/dv at 256: 160.5 KiB).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <mma.h>
@@ -224,15 +225,20 @@ struct HeldRows {
 
 template <int Dp>
 struct ForwardSmem {
-  static constexpr int ld = Dp + 8;                          // bf16 pitch of the q, k and v tiles
-  static constexpr int lds = (Dp > kTile ? Dp : kTile) + 4;  // f32 pitch of a warp's scratch
+  static constexpr int ld = Dp + 8;       // bf16 pitch of the q, k and v tiles
+  static constexpr int lds = kTile + 4;   // f32 pitch of a warp's scratch
+  static constexpr int ldo = Dp + 4;      // f32 pitch of a warp's O at the end, over the k and v tiles
   static constexpr size_t tile = sizeof(uint16_t) * kTile * ld;
-  // A warp's scratch: S (16 × 64 f32), overwritten by P (16 × 64 bf16, pitch kPitchP); O at the end.
+  // A warp's scratch: S (16 × 64 f32), overwritten by P (16 × 64 bf16, pitch kPitchP). O (16 × Dp
+  // f32) is staged over the k and v tiles once the loop is done, so the scratch does not grow with
+  // Dp: at Dp = 192 (the Kraken 4-way heads) a block needs 92 KiB and two fit an SM, not one.
   static constexpr size_t scratch = sizeof(float) * kSub * lds;
   static constexpr size_t q = 0, k = q + tile, v = k + tile, s = v + tile, row = s + kWarps * scratch;
   static constexpr size_t bytes = row + sizeof(float) * kWarps * kSub;  // α, then 1/l̃, per row
   static_assert(sizeof(uint16_t) * kSub * kPitchP <= scratch, "P fits in the scratch");
-  static_assert(tile % 128 == 0 && scratch % 32 == 0, "fragment pointers stay 32-byte aligned");
+  static_assert(sizeof(float) * kWarps * kSub * ldo <= 2 * tile, "O fits over the k and v tiles");
+  static_assert(tile % 128 == 0 && scratch % 32 == 0 && (sizeof(float) * kSub * ldo) % 32 == 0,
+                "fragment pointers stay 32-byte aligned");
 };
 
 template <int Dp>
@@ -348,10 +354,12 @@ __global__ void __launch_bounds__(kThreads)
   if (half == 0) roww[r] = l_rounded > 0.0f ? 1.0f / l_rounded : 0.0f;
   __syncwarp();
   scale_rows(o, rowid, roww);
+  __syncthreads();  // every warp is done with the k and v tiles, which take O
+  float* ow = reinterpret_cast<float*>(smem + L::k) + warp * kSub * L::ldo;
 #pragma unroll
-  for (int f = 0; f < kF; ++f) wmma::store_matrix_sync(sw + f * kSub, o[f], L::lds, wmma::mem_row_major);
+  for (int f = 0; f < kF; ++f) wmma::store_matrix_sync(ow + f * kSub, o[f], L::ldo, wmma::mem_row_major);
   __syncwarp();
-  store_rows<false>(out + static_cast<int64_t>(b) * g.T * g.C + static_cast<int64_t>(h) * g.D, g.C, sw, L::lds, qw,
+  store_rows<false>(out + static_cast<int64_t>(b) * g.T * g.C + static_cast<int64_t>(h) * g.D, g.C, ow, L::ldo, qw,
                     1.0f, g);
   if (half == 0 && t < g.T) lse[static_cast<int64_t>(bh) * g.T + t] = m * kLn2 + logf(l);
 #else
