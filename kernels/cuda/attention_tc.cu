@@ -51,9 +51,10 @@
 // Blocks: grid.x = b·h (up to 2³¹ − 1), grid.y = the 64-row tile, ordered so that the tiles with the
 // most work start first (the last query tiles forward and for dq, the first key tiles for dk/dv).
 // Shared memory per block, Dp = 64 / 128 / 192: forward 44.3 / 68.3 / 92.3 KiB, dk/dv 64.5 / 96.5 /
-// 128.5 KiB, dq 55.5 / 87.5 / 119.5 KiB; with the registers (sm_90, Dp = 64: 128, 167 and 126 per
-// thread) that is 4, 3 and 4 blocks of 4 warps per SM at Dp = 64, and 2, 1 and 1 at Dp = 192. Every
-// Dp ≤ 256 fits the A100's 163 KiB per block (dk/dv at 256: 160.5 KiB).
+// 103.5 KiB, dq 55.5 / 87.5 / 94.5 KiB (above Dp = 128 the backward streams 32-row tiles; the forward
+// stages O over its k and v tiles): with the registers (sm_90: Dp = 64 128, 167 and 126 per thread,
+// Dp = 192 168, 255 and 168) that is 4, 3 and 4 blocks of 4 warps per SM at Dp = 64 and 2, 2 and 2 at
+// Dp = 192 (one each before those two changes). Every Dp ≤ 256 fits the A100's 163 KiB per block.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <mma.h>
@@ -114,12 +115,13 @@ __device__ void zero_shared(unsigned char* p, size_t bytes) {
   for (size_t i = threadIdx.x; i < bytes / 16; i += kThreads) q[i] = make_uint4(0u, 0u, 0u, 0u);
 }
 
-// Rows [t0, t0 + kTile) of a row-major bf16 matrix with row stride `stride`, columns [0, D), into the
+// Rows [t0, t0 + rows) of a row-major bf16 matrix with row stride `stride`, columns [0, D), into the
 // shared tile dst (pitch ld); rows at or past T are written as zeros, columns D .. Dp are not touched.
 template <int V>
-__device__ void copy_rows_v(uint16_t* dst, int ld, const uint16_t* src, int64_t stride, int t0, int T, int D) {
+__device__ void copy_rows_v(uint16_t* dst, int ld, const uint16_t* src, int64_t stride, int t0, int rows, int T,
+                            int D) {
   const int packs = D / V;
-  for (int idx = threadIdx.x; idx < kTile * packs; idx += kThreads) {
+  for (int idx = threadIdx.x; idx < rows * packs; idx += kThreads) {
     const int r = idx / packs, c = (idx - r * packs) * V;
     const Pack<V> p =
         t0 + r < T ? *reinterpret_cast<const Pack<V>*>(src + static_cast<int64_t>(t0 + r) * stride + c) : Pack<V>{};
@@ -127,13 +129,14 @@ __device__ void copy_rows_v(uint16_t* dst, int ld, const uint16_t* src, int64_t 
   }
 }
 
-__device__ void copy_rows(uint16_t* dst, int ld, const uint16_t* src, int64_t stride, int t0, const TcDims& g) {
+__device__ void copy_rows(uint16_t* dst, int ld, const uint16_t* src, int64_t stride, int t0, const TcDims& g,
+                          int rows = kTile) {
   if (g.vec == 8)
-    copy_rows_v<8>(dst, ld, src, stride, t0, g.T, g.D);
+    copy_rows_v<8>(dst, ld, src, stride, t0, rows, g.T, g.D);
   else if (g.vec == 2)
-    copy_rows_v<2>(dst, ld, src, stride, t0, g.T, g.D);
+    copy_rows_v<2>(dst, ld, src, stride, t0, rows, g.T, g.D);
   else
-    copy_rows_v<1>(dst, ld, src, stride, t0, g.T, g.D);
+    copy_rows_v<1>(dst, ld, src, stride, t0, rows, g.T, g.D);
 }
 
 // The warp's 16 rows of an f32 shared tile (pitch lds), columns [0, D), to global rows t0 .. t0 + 15
@@ -369,56 +372,66 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- backward -----------------------------------------------------------------------------------------
 
-// Four bf16 row tiles (k, v, q, dO in some order), then per warp an f32 16 × 16 tile for S and one for
-// dP and kBf16Tiles 16 × 64 bf16 tiles (Pᵀ and dSᵀ for the dk/dv kernel, dS for the dq kernel), then
-// lse and Dᵢ of the query tile.
+// Two bf16 row tiles of the block's own 64 rows (k and v for the dk/dv kernel, q and dO for dq), two of
+// the streamed side (q and dO, or k and v), then per warp an f32 16 × 16 tile for S and one for dP and
+// kBf16Tiles 16 × 64 bf16 tiles (Pᵀ and dSᵀ for the dk/dv kernel, dS for the dq kernel), then lse and
+// Dᵢ of the query tile. The streamed tiles are 64 rows, or 32 above Dp = 128: at Dp = 192 (the Kraken
+// 4-way heads) that takes a block from 128.5 to 103 KiB (dk/dv) and from 119.5 to 94 KiB (dq), so two
+// blocks fit an SM, not one. The results are staged over all four tiles once the loop is done.
 template <int Dp, int kBf16Tiles>
 struct BackwardSmem {
-  static constexpr int ld = Dp + 8;  // bf16 pitch of the four row tiles
-  static constexpr int ldo = Dp + 4;  // f32 pitch of a warp's result (dk, dv or dq), over tiles 2 and 3
+  static constexpr int ld = Dp + 8;   // bf16 pitch of the row tiles
+  static constexpr int ldo = Dp + 4;  // f32 pitch of a warp's result (dk, dv or dq), over the tiles
+  static constexpr int stream = Dp > 128 ? kTile / 2 : kTile;  // rows of a streamed tile
   static constexpr size_t tile = sizeof(uint16_t) * kTile * ld;
+  static constexpr size_t stream_tile = sizeof(uint16_t) * stream * ld;
   static constexpr size_t f32_tile = sizeof(float) * kSub * kPitchS;       // S or dP, 16 × 16
   static constexpr size_t bf16_tile = sizeof(uint16_t) * kSub * kPitchP;  // P or dS, 16 × 64
   static constexpr size_t per_warp = 2 * f32_tile + kBf16Tiles * bf16_tile;
-  static constexpr size_t warps = 4 * tile, rows = warps + kWarps * per_warp;
+  static constexpr size_t own0 = 0, own1 = tile, stream0 = 2 * tile, stream1 = stream0 + stream_tile;
+  static constexpr size_t tiles = stream1 + stream_tile, warps = tiles, rows = warps + kWarps * per_warp;
   static constexpr size_t bytes = rows + sizeof(float) * 2 * kTile;  // lse (log2 units) and Dᵢ per query
-  static_assert(sizeof(float) * kWarps * kSub * ldo <= 2 * tile, "the results fit in tiles 2 and 3");
+  static_assert(sizeof(float) * kWarps * kSub * ldo <= tiles, "the results fit over the tiles");
+  static_assert(stream % kSub == 0 && stream_tile % 128 == 0, "whole 16-row blocks, aligned tiles");
   static_assert(tile % 128 == 0 && f32_tile % 32 == 0 && bf16_tile % 32 == 0, "32-byte aligned fragments");
 };
 
-// lse (in log2 units) and Dᵢ = Σ_d dO·O of the query tile's rows q0 .. q0 + 63: two threads per row,
-// each summing every other V-element piece, then one shuffle; rows at or past T get 0 (every score
-// of theirs is masked).
-template <int V>
+// lse (in log2 units) and Dᵢ = Σ_d dO·O of the query tile's rows q0 .. q0 + kRows − 1: kThreads/kRows
+// threads per row (2 or 4), each summing every such V-element piece, then shuffles; rows at or past T
+// get 0 (every score of theirs is masked).
+template <int V, int kRows>
 __device__ void load_query_rows_v(float* lse_s, float* delta_s, const uint16_t* dout, const uint16_t* out,
                                   const float* lse, int64_t row0, int bh, int h, int q0, const TcDims& g) {
-  static_assert(kThreads == 2 * kTile, "two threads per row");
-  const int rr = threadIdx.x / 2, part = threadIdx.x % 2, t = q0 + rr;
+  constexpr int kParts = kThreads / kRows;
+  static_assert(kParts * kRows == kThreads && (kParts == 2 || kParts == 4), "2 or 4 threads per row");
+  const int rr = threadIdx.x / kParts, part = threadIdx.x % kParts, t = q0 + rr;
   float acc = 0.0f;
   if (t < g.T) {
     const int64_t at = (row0 + t) * g.C + static_cast<int64_t>(h) * g.D;
-    for (int c = part * V; c < g.D; c += 2 * V) {
+    for (int c = part * V; c < g.D; c += kParts * V) {
       const Pack<V> x = *reinterpret_cast<const Pack<V>*>(dout + at + c);
       const Pack<V> y = *reinterpret_cast<const Pack<V>*>(out + at + c);
 #pragma unroll
       for (int i = 0; i < V; ++i) acc += b2f(x.u[i]) * b2f(y.u[i]);
     }
   }
-  acc += __shfl_xor_sync(kFull, acc, 1);
+#pragma unroll
+  for (int offset = 1; offset < kParts; offset <<= 1) acc += __shfl_xor_sync(kFull, acc, offset);
   if (part == 0) {
     delta_s[rr] = acc;
     lse_s[rr] = t < g.T ? lse[static_cast<int64_t>(bh) * g.T + t] * kLog2e : 0.0f;
   }
 }
 
+template <int kRows = kTile>
 __device__ void load_query_rows(float* lse_s, float* delta_s, const uint16_t* dout, const uint16_t* out,
                                 const float* lse, int64_t row0, int bh, int h, int q0, const TcDims& g) {
   if (g.vec == 8)
-    load_query_rows_v<8>(lse_s, delta_s, dout, out, lse, row0, bh, h, q0, g);
+    load_query_rows_v<8, kRows>(lse_s, delta_s, dout, out, lse, row0, bh, h, q0, g);
   else if (g.vec == 2)
-    load_query_rows_v<2>(lse_s, delta_s, dout, out, lse, row0, bh, h, q0, g);
+    load_query_rows_v<2, kRows>(lse_s, delta_s, dout, out, lse, row0, bh, h, q0, g);
   else
-    load_query_rows_v<1>(lse_s, delta_s, dout, out, lse, row0, bh, h, q0, g);
+    load_query_rows_v<1, kRows>(lse_s, delta_s, dout, out, lse, row0, bh, h, q0, g);
 }
 
 // A 16 × 16 block of scores s and dP (f32, pitch kPitchS) → P and dS rounded to bf16 in the warp's
@@ -487,10 +500,11 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int kF = Dp / kSub;
   constexpr bool kHold = Dp <= 64;  // k and v rows in registers (above 64 they would spill)
   KRAKEN_DYNAMIC_SHARED(unsigned char, smem);
-  uint16_t* ks = reinterpret_cast<uint16_t*>(smem);
-  uint16_t* vs = reinterpret_cast<uint16_t*>(smem + L::tile);
-  uint16_t* qs = reinterpret_cast<uint16_t*>(smem + 2 * L::tile);
-  uint16_t* dos = reinterpret_cast<uint16_t*>(smem + 3 * L::tile);
+  constexpr int kStreamBlocks = L::stream / kSub;  // 16-query blocks of a streamed tile
+  uint16_t* ks = reinterpret_cast<uint16_t*>(smem + L::own0);
+  uint16_t* vs = reinterpret_cast<uint16_t*>(smem + L::own1);
+  uint16_t* qs = reinterpret_cast<uint16_t*>(smem + L::stream0);
+  uint16_t* dos = reinterpret_cast<uint16_t*>(smem + L::stream1);
   const int warp = threadIdx.x / 32;
   unsigned char* mine = smem + L::warps + warp * L::per_warp;
   float* sw = reinterpret_cast<float*>(mine);
@@ -506,7 +520,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t row0 = static_cast<int64_t>(b) * g.T;
   const uint16_t* base = qkv + row0 * g.ld + static_cast<int64_t>(h) * g.D;
 
-  zero_shared(smem, 4 * L::tile);
+  zero_shared(smem, L::tiles);
   __syncthreads();
   copy_rows(ks, L::ld, base + g.C, g.ld, k0, g);
   copy_rows(vs, L::ld, base + 2 * g.C, g.ld, k0, g);
@@ -516,16 +530,16 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int f = 0; f < kF; ++f) wmma::fill_fragment(dk[f], 0.0f), wmma::fill_fragment(dv[f], 0.0f);
 
-  for (int q0 = k0; q0 < g.T; q0 += kTile) {  // the query tiles that see this key tile
+  for (int q0 = k0; q0 < g.T; q0 += L::stream) {  // the query tiles that see this key tile
     __syncthreads();  // the previous q, dO, lse and Dᵢ are no longer read
-    copy_rows(qs, L::ld, base, g.ld, q0, g);
-    copy_rows(dos, L::ld, dout + row0 * g.C + static_cast<int64_t>(h) * g.D, g.C, q0, g);
-    load_query_rows(lse_s, delta_s, dout, out, lse, row0, bh, h, q0, g);
+    copy_rows(qs, L::ld, base, g.ld, q0, g, L::stream);
+    copy_rows(dos, L::ld, dout + row0 * g.C + static_cast<int64_t>(h) * g.D, g.C, q0, g, L::stream);
+    load_query_rows<L::stream>(lse_s, delta_s, dout, out, lse, row0, bh, h, q0, g);
     __syncthreads();
     // Per 16-query block: live when some query of it follows some key of the warp, and it starts
     // before T (keys past T have no gradient to keep: their rows are never written).
 #pragma unroll
-    for (int j = 0; j < kBlocks; ++j) {
+    for (int j = 0; j < kStreamBlocks; ++j) {
       const int qj = q0 + j * kSub;
       if (qj >= g.T || qj + kSub - 1 < kw) continue;
       FragC s, dp;
@@ -538,15 +552,15 @@ __global__ void __launch_bounds__(kThreads)
       __syncwarp();  // S and dP are read before the next block's stores; P and dS written
     }
 #pragma unroll
-    for (int j = 0; j < kBlocks; ++j) {
+    for (int j = 0; j < kStreamBlocks; ++j) {
       const int qj = q0 + j * kSub;
       if (qj >= g.T || qj + kSub - 1 < kw) continue;
       accumulate_block<Dp>(dv, pw + j * kSub, dos, j * kSub);  // dV += Pᵀ·dO
       accumulate_block<Dp>(dk, dsw + j * kSub, qs, j * kSub);  // dK += dSᵀ·q
     }
   }
-  __syncthreads();  // q and dO are no longer read: tiles 2 and 3 take the results
-  float* ow = reinterpret_cast<float*>(smem + 2 * L::tile) + warp * kSub * L::ldo;
+  __syncthreads();  // no tile is read any more: they take the results
+  float* ow = reinterpret_cast<float*>(smem) + warp * kSub * L::ldo;
   uint16_t* drow = dqkv + row0 * g.ld + static_cast<int64_t>(h) * g.D;
 #pragma unroll
   for (int f = 0; f < kF; ++f) wmma::store_matrix_sync(ow + f * kSub, dv[f], L::ldo, wmma::mem_row_major);
@@ -570,10 +584,11 @@ __global__ void __launch_bounds__(kThreads)
   using L = BackwardSmem<Dp, 1>;
   constexpr int kF = Dp / kSub;
   KRAKEN_DYNAMIC_SHARED(unsigned char, smem);
-  uint16_t* qs = reinterpret_cast<uint16_t*>(smem);
-  uint16_t* dos = reinterpret_cast<uint16_t*>(smem + L::tile);
-  uint16_t* ks = reinterpret_cast<uint16_t*>(smem + 2 * L::tile);
-  uint16_t* vs = reinterpret_cast<uint16_t*>(smem + 3 * L::tile);
+  constexpr int kStreamBlocks = L::stream / kSub;  // 16-key blocks of a streamed tile
+  uint16_t* qs = reinterpret_cast<uint16_t*>(smem + L::own0);
+  uint16_t* dos = reinterpret_cast<uint16_t*>(smem + L::own1);
+  uint16_t* ks = reinterpret_cast<uint16_t*>(smem + L::stream0);
+  uint16_t* vs = reinterpret_cast<uint16_t*>(smem + L::stream1);
   const int warp = threadIdx.x / 32;
   unsigned char* mine = smem + L::warps + warp * L::per_warp;
   float* sw = reinterpret_cast<float*>(mine);
@@ -590,7 +605,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t row0 = static_cast<int64_t>(b) * g.T;
   const uint16_t* base = qkv + row0 * g.ld + static_cast<int64_t>(h) * g.D;
 
-  zero_shared(smem, 4 * L::tile);
+  zero_shared(smem, L::tiles);
   __syncthreads();
   copy_rows(qs, L::ld, base, g.ld, q0, g);
   copy_rows(dos, L::ld, dout + row0 * g.C + static_cast<int64_t>(h) * g.D, g.C, q0, g);
@@ -601,13 +616,13 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int f = 0; f < kF; ++f) wmma::fill_fragment(dq[f], 0.0f);
 
-  for (int k0 = 0; k0 <= block_last; k0 += kTile) {
+  for (int k0 = 0; k0 <= block_last; k0 += L::stream) {
     __syncthreads();  // the previous k and v are no longer read
-    copy_rows(ks, L::ld, base + g.C, g.ld, k0, g);
-    copy_rows(vs, L::ld, base + 2 * g.C, g.ld, k0, g);
+    copy_rows(ks, L::ld, base + g.C, g.ld, k0, g, L::stream);
+    copy_rows(vs, L::ld, base + 2 * g.C, g.ld, k0, g, L::stream);
     __syncthreads();
 #pragma unroll
-    for (int j = 0; j < kBlocks; ++j) {
+    for (int j = 0; j < kStreamBlocks; ++j) {
       const int kj = k0 + j * kSub;
       if (qw >= g.T || kj > warp_last) continue;  // masked whole
       FragC s, dp;
@@ -620,14 +635,14 @@ __global__ void __launch_bounds__(kThreads)
       __syncwarp();
     }
 #pragma unroll
-    for (int j = 0; j < kBlocks; ++j) {
+    for (int j = 0; j < kStreamBlocks; ++j) {
       const int kj = k0 + j * kSub;
       if (qw >= g.T || kj > warp_last) continue;
       accumulate_block<Dp>(dq, dsw + j * kSub, ks, j * kSub);  // dQ += dS·k
     }
   }
-  __syncthreads();  // k and v are no longer read: tiles 2 and 3 take the results
-  float* ow = reinterpret_cast<float*>(smem + 2 * L::tile) + warp * kSub * L::ldo;
+  __syncthreads();  // no tile is read any more: they take the results
+  float* ow = reinterpret_cast<float*>(smem) + warp * kSub * L::ldo;
 #pragma unroll
   for (int f = 0; f < kF; ++f) wmma::store_matrix_sync(ow + f * kSub, dq[f], L::ldo, wmma::mem_row_major);
   __syncwarp();

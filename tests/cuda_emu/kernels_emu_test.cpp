@@ -127,7 +127,13 @@ TEST(CudaEmulation, TensorCoreAttentionMatchesTheCpu) {
 }
 
 TEST(CudaEmulation, TensorCoreAttentionAbove128) {
-  under_both_schedules([] { check_attention({1, 70, 168, 1}); });  // Kraken 4-way heads: Dp = 192, q, dO not held
+  // Above Dp = 128 q and dO are not held in registers and the backward streams 32-row tiles: the
+  // Kraken 4-way heads (Dp = 192), the 6-way ones (D = 209, Dp = 224) and the largest head, 256.
+  under_both_schedules([] {
+    check_attention({1, 70, 168, 1});
+    check_attention({1, 37, 209, 1});
+    check_attention({1, 33, 256, 1});
+  });
   EXPECT_TRUE(emu::attention_bf16_tc_supported(256));  // the emulated device has Hopper's shared memory
   EXPECT_FALSE(emu::attention_bf16_tc_supported(257));
 }

@@ -278,12 +278,12 @@ void check_tc_against_simt(const Shape4& s) {
 // deterministic): the tensor-core one where attention_bf16_uses_tc(D), else SIMT.
 void check_supported_sizes() {
   EXPECT_FALSE(attention_bf16_tc_supported(0));
-  // Every D ≤ 256 needs at most 160.5 KiB per block (dk/dv at Dp = 256), which the A100 (163 KiB) and
+  // Every D ≤ 256 needs at most 127.5 KiB per block (dk/dv at Dp = 256), which the A100 (163 KiB) and
   // Hopper (227 KiB) have; smaller parts (sm_86: 99 KiB) stop earlier.
   int device = 0, optin = 0;
   ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
   ASSERT_EQ(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), cudaSuccess);
-  if (optin >= 161 * 1024) {
+  if (optin >= 128 * 1024) {
     for (int64_t D = 1; D <= 256; ++D) EXPECT_TRUE(attention_bf16_tc_supported(D)) << D;
   }
   EXPECT_FALSE(attention_bf16_tc_supported(257));
