@@ -29,6 +29,7 @@
 
 #include "kernels/attention.h"
 #include "kernels/cuda/check.h"
+#include "kernels/cuda/launch.h"
 #include "kernels/cuda/storage.h"
 
 namespace kraken::kernels {
@@ -73,7 +74,7 @@ __device__ void load_tile(float* dst, int pitch, const T* src, int64_t stride, i
 // Shared: q (kBr, D+1), k (kBc, D+1), v (kBc, D), s (kBr, kBc+1), o (kBr, D), m, l, alpha (kBr).
 template <typename T>
 __global__ void attention_forward_kernel(T* out, float* lse, const T* qkv, Dims g) {
-  extern __shared__ float smem[];
+  KRAKEN_DYNAMIC_SHARED(float, smem);
   const int D = g.D, dp = D + 1;
   float* qs = smem;
   float* ks = qs + kBr * dp;
@@ -193,7 +194,7 @@ __device__ void probabilities_and_ds(float* ps, float* dss, const float* qs, con
 template <typename T>
 __global__ void attention_backward_kv_kernel(T* dqkv, const T* dout, const T* qkv, const T* out, const float* lse,
                                              Dims g) {
-  extern __shared__ float smem[];
+  KRAKEN_DYNAMIC_SHARED(float, smem);
   const int D = g.D, dp = D + 1;
   float* ks = smem;
   float* vs = ks + kBc * dp;
@@ -245,7 +246,7 @@ __global__ void attention_backward_kv_kernel(T* dqkv, const T* dout, const T* qk
 template <typename T>
 __global__ void attention_backward_q_kernel(T* dqkv, const T* dout, const T* qkv, const T* out, const float* lse,
                                             Dims g) {
-  extern __shared__ float smem[];
+  KRAKEN_DYNAMIC_SHARED(float, smem);
   const int D = g.D, dp = D + 1;
   float* qs = smem;
   float* dos = qs + kBr * dp;
@@ -319,7 +320,7 @@ void attention_forward(T* out, float* lse, const T* qkv, int64_t B, int64_t T_, 
   const int D = g.D;
   const size_t smem = sizeof(float) * (kBr * (D + 1) + kBc * (D + 1) + kBc * D + kBr * (kBc + 1) + kBr * D + 3 * kBr);
   allow_smem(attention_forward_kernel<T>, smem);
-  attention_forward_kernel<T><<<grid_for(T_, kBr, B * NH), kThreads, smem, stream>>>(out, lse, qkv, g);
+  KRAKEN_KERNEL(grid_for(T_, kBr, B * NH), kThreads, smem, stream, attention_forward_kernel<T>)(out, lse, qkv, g);
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
 
@@ -332,14 +333,14 @@ void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* out, cons
   const size_t smem_kv =
       sizeof(float) * (2 * kBc * (D + 1) + 2 * kBr * (D + 1) + 2 * kBc * D + 2 * kBr * (kBc + 1) + 2 * kBr);
   allow_smem(attention_backward_kv_kernel<T>, smem_kv);
-  attention_backward_kv_kernel<T><<<grid_for(T_, kBc, B * NH), kThreads, smem_kv, stream>>>(dqkv, dout, qkv, out,
-                                                                                             lse, g);
+  KRAKEN_KERNEL(grid_for(T_, kBc, B * NH), kThreads, smem_kv, stream, attention_backward_kv_kernel<T>)
+  (dqkv, dout, qkv, out, lse, g);
   KRAKEN_CUDA_LAUNCH_CHECK();
   const size_t smem_q =
       sizeof(float) * (2 * kBr * (D + 1) + 2 * kBc * (D + 1) + kBr * D + kBr * (kBc + 1) + 2 * kBr);
   allow_smem(attention_backward_q_kernel<T>, smem_q);
-  attention_backward_q_kernel<T><<<grid_for(T_, kBr, B * NH), kThreads, smem_q, stream>>>(dqkv, dout, qkv, out, lse,
-                                                                                           g);
+  KRAKEN_KERNEL(grid_for(T_, kBr, B * NH), kThreads, smem_q, stream, attention_backward_q_kernel<T>)
+  (dqkv, dout, qkv, out, lse, g);
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
 

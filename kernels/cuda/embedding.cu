@@ -7,6 +7,7 @@
 // after another, each thread owning fixed columns. So every dweight[v, c] is written by one thread
 // of one block, with its contributions in increasing position: bit-identical on every launch.
 #include "kernels/cuda/check.h"
+#include "kernels/cuda/launch.h"
 #include "kernels/embedding.h"
 
 namespace kraken::kernels {
@@ -62,10 +63,11 @@ __global__ void embedding_backward_kernel(float* dweight, const float* dout, con
 
 }  // namespace
 
-void embedding_forward_cuda(float* out, const float* weight, const int32_t* ids, int64_t N, int64_t V, int64_t C,
-                            CUstream_st* stream) {
+// V is part of the contract (ids < V); the lookup itself does not need it.
+void embedding_forward_cuda(float* out, const float* weight, const int32_t* ids, int64_t N, [[maybe_unused]] int64_t V,
+                            int64_t C, CUstream_st* stream) {
   if (N * C <= 0) return;
-  embedding_forward_kernel<<<blocks_for(N * C, kThreads), kThreads, 0, stream>>>(out, weight, ids, N, C);
+  KRAKEN_KERNEL(blocks_for(N * C, kThreads), kThreads, 0, stream, embedding_forward_kernel)(out, weight, ids, N, C);
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
 
@@ -74,7 +76,7 @@ void embedding_backward_cuda(float* dweight, const float* dout, const int32_t* i
   // in the forward pass this was: out[n, :] = weight[ids[n], :]
   if (N * C <= 0 || V <= 0) return;
   const unsigned int blocks = static_cast<unsigned int>((V + kIdsPerBlock - 1) / kIdsPerBlock);
-  embedding_backward_kernel<<<blocks, kThreads, 0, stream>>>(dweight, dout, ids, N, V, C);
+  KRAKEN_KERNEL(blocks, kThreads, 0, stream, embedding_backward_kernel)(dweight, dout, ids, N, V, C);
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
 

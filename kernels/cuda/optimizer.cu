@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "kernels/cuda/check.h"
+#include "kernels/cuda/launch.h"
 #include "kernels/optimizer.h"
 
 namespace kraken::kernels {
@@ -84,9 +85,9 @@ __global__ void finish_sum_kernel(double* total, const double* partials) {
 void reduce_into(double* total, double* partials, const float* a, const float* b, const int32_t* idx, int64_t n,
                  CUstream_st* stream) {
   if (n <= 0) return;
-  partial_sums_kernel<<<kReducePartials, kReduceThreads, 0, stream>>>(partials, a, b, idx, n);
+  KRAKEN_KERNEL(kReducePartials, kReduceThreads, 0, stream, partial_sums_kernel)(partials, a, b, idx, n);
   KRAKEN_CUDA_LAUNCH_CHECK();
-  finish_sum_kernel<<<1, kReduceThreads, 0, stream>>>(total, partials);
+  KRAKEN_KERNEL(1, kReduceThreads, 0, stream, finish_sum_kernel)(total, partials);
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
 
@@ -115,8 +116,8 @@ void adamw_update_cuda(float* param, const float* grad, float* m, float* v, int6
   const float decay = static_cast<float>(1.0 - static_cast<double>(lr) * weight_decay);
   const float step_size = static_cast<float>(lr / (1.0 - std::pow(static_cast<double>(beta1), t)));
   const float bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(static_cast<double>(beta2), t)));
-  adamw_kernel<<<blocks_for(n, kThreads), kThreads, 0, stream>>>(param, grad, m, v, n, decay, step_size, bc2_sqrt,
-                                                                  beta1, beta2, eps, grad_scale);
+  KRAKEN_KERNEL(blocks_for(n, kThreads), kThreads, 0, stream, adamw_kernel)
+  (param, grad, m, v, n, decay, step_size, bc2_sqrt, beta1, beta2, eps, grad_scale);
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
 
@@ -124,8 +125,8 @@ void sgd_update_cuda(float* param, const float* grad, float* velocity, int64_t n
                      float dampening, bool nesterov, float weight_decay, bool first_step, CUstream_st* stream,
                      float grad_scale) {
   if (n <= 0) return;
-  sgd_kernel<<<blocks_for(n, kThreads), kThreads, 0, stream>>>(param, grad, velocity, n, lr, momentum, dampening,
-                                                                nesterov, weight_decay, first_step, grad_scale);
+  KRAKEN_KERNEL(blocks_for(n, kThreads), kThreads, 0, stream, sgd_kernel)
+  (param, grad, velocity, n, lr, momentum, dampening, nesterov, weight_decay, first_step, grad_scale);
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
 
@@ -157,7 +158,7 @@ void weighted_sum_rows_cuda(float* out, const float* const* rows, const double* 
       chunk.rows[r] = rows[first + r];
       chunk.weights[r] = weights[first + r];
     }
-    weighted_sum_rows_kernel<<<blocks_for(n, kThreads), kThreads, 0, stream>>>(out, chunk, n, first > 0);
+    KRAKEN_KERNEL(blocks_for(n, kThreads), kThreads, 0, stream, weighted_sum_rows_kernel)(out, chunk, n, first > 0);
     KRAKEN_CUDA_LAUNCH_CHECK();
   }
 }

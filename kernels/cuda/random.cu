@@ -5,6 +5,7 @@
 // Dropout is a template on the storage type (kernels/cuda/storage.h): the bf16 kernels draw the same
 // mask and compute in f32, rounding each output once.
 #include "kernels/cuda/check.h"
+#include "kernels/cuda/launch.h"
 #include "kernels/cuda/storage.h"
 #include "kernels/philox.h"
 #include "kernels/random.h"
@@ -61,7 +62,7 @@ template <typename T>
 void dropout_forward(T* out, const T* x, int64_t n, float p, uint64_t seed, uint64_t stream, uint64_t offset,
                      CUstream_st* s) {
   if (n <= 0) return;
-  dropout_forward_kernel<T><<<blocks_for(n, kThreads), kThreads, 0, s>>>(out, x, n, p, seed, stream, offset);
+  KRAKEN_KERNEL(blocks_for(n, kThreads), kThreads, 0, s, dropout_forward_kernel<T>)(out, x, n, p, seed, stream, offset);
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
 
@@ -69,7 +70,8 @@ template <typename T>
 void dropout_backward(T* dx, const T* dout, int64_t n, float p, uint64_t seed, uint64_t stream, uint64_t offset,
                       CUstream_st* s) {
   if (n <= 0) return;
-  dropout_backward_kernel<T><<<blocks_for(n, kThreads), kThreads, 0, s>>>(dx, dout, n, p, seed, stream, offset);
+  KRAKEN_KERNEL(blocks_for(n, kThreads), kThreads, 0, s, dropout_backward_kernel<T>)
+  (dx, dout, n, p, seed, stream, offset);
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
 }  // namespace
@@ -77,13 +79,13 @@ void dropout_backward(T* dx, const T* dout, int64_t n, float p, uint64_t seed, u
 void fill_uniform_cuda(float* out, int64_t n, float low, float high, uint64_t seed, uint64_t stream, uint64_t offset,
                        CUstream_st* s) {
   if (n <= 0) return;
-  uniform_kernel<<<blocks_for(n, kThreads), kThreads, 0, s>>>(out, n, low, high, seed, stream, offset);
+  KRAKEN_KERNEL(blocks_for(n, kThreads), kThreads, 0, s, uniform_kernel)(out, n, low, high, seed, stream, offset);
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
 void fill_normal_cuda(float* out, int64_t n, float mean, float std, uint64_t seed, uint64_t stream, uint64_t offset,
                       CUstream_st* s) {
   if (n <= 0) return;
-  normal_kernel<<<blocks_for(n, kThreads), kThreads, 0, s>>>(out, n, mean, std, seed, stream, offset);
+  KRAKEN_KERNEL(blocks_for(n, kThreads), kThreads, 0, s, normal_kernel)(out, n, mean, std, seed, stream, offset);
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
 void dropout_forward_cuda(float* out, const float* x, int64_t n, float p, uint64_t seed, uint64_t stream,

@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "kernels/cuda/check.h"
+#include "kernels/cuda/launch.h"
 #include "kernels/softmax.h"
 
 namespace kraken::kernels {
@@ -68,14 +69,14 @@ __global__ void softmax_backward_kernel(float* dx, const float* y, const float* 
 
 void softmax_forward_cuda(float* y, const float* x, int64_t rows, int64_t C, CUstream_st* stream) {
   if (rows <= 0 || C <= 0) return;
-  softmax_forward_kernel<<<static_cast<unsigned int>(rows), kThreads, 0, stream>>>(y, x, C);
+  KRAKEN_KERNEL(static_cast<unsigned int>(rows), kThreads, 0, stream, softmax_forward_kernel)(y, x, C);
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
 
 void softmax_backward_cuda(float* dx, const float* y, const float* dy, int64_t rows, int64_t C, CUstream_st* stream) {
   // in the forward pass this was: y = exp(x − m)/Σ exp(x − m)
   if (rows <= 0 || C <= 0) return;
-  softmax_backward_kernel<<<static_cast<unsigned int>(rows), kThreads, 0, stream>>>(dx, y, dy, C);
+  KRAKEN_KERNEL(static_cast<unsigned int>(rows), kThreads, 0, stream, softmax_backward_kernel)(dx, y, dy, C);
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
 

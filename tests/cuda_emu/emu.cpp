@@ -154,6 +154,18 @@ void warp_exchange(const void* in, void* out, size_t bytes, int source) {
   sync_warp();  // every lane has read: the slots may be written again
 }
 
+unsigned warp_ballot(bool predicate) {
+  Fiber& f = current_fiber();
+  std::vector<unsigned char>& slots = g_block->warp_slots[static_cast<size_t>(f.warp)];
+  slots[16 * f.lane] = predicate ? 1 : 0;
+  sync_warp();  // every lane has voted
+  unsigned bits = 0;
+  for (int l = 0; l < 32; ++l)
+    if (slots[16 * l]) bits |= 1u << l;
+  sync_warp();  // every lane has counted
+  return bits;
+}
+
 void* warp_scratch() { return g_block->warp_scratch[static_cast<size_t>(current_fiber().warp)].get(); }
 
 void* dynamic_shared() {
@@ -247,4 +259,8 @@ cudaError_t device_get_attribute(int* value, cudaDeviceAttr attr, int /*device*/
   }
 }
 cudaError_t get_last_error() { return cudaSuccess; }
+cudaError_t memset_async(void* p, int value, size_t bytes, cudaStream_t) {
+  std::memset(p, value, bytes);
+  return cudaSuccess;
+}
 }  // namespace kraken_emu

@@ -20,6 +20,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -46,6 +47,8 @@ void sync_block();  // __syncthreads
 void sync_warp();   // __syncwarp
 // Every lane of the warp contributes `bytes` at `in`; returns, in `out`, what lane `source` contributed.
 void warp_exchange(const void* in, void* out, size_t bytes, int source);
+// One bit per lane: bit l set when lane l passed true.
+unsigned warp_ballot(bool predicate);
 // The warp's own scratch (for the collective WMMA operations), at least 8 KiB, 16-byte aligned.
 void* warp_scratch();
 void* dynamic_shared();
@@ -75,6 +78,7 @@ Launcher<Params...> Launch(dim3 grid, dim3 block, size_t shared, cudaStream_t, v
 cudaError_t get_device(int* device);
 cudaError_t device_get_attribute(int* value, cudaDeviceAttr attr, int device);
 cudaError_t get_last_error();
+cudaError_t memset_async(void* p, int value, size_t bytes, cudaStream_t stream = nullptr);
 template <typename Function>
 cudaError_t func_set_attribute(Function*, cudaFuncAttribute, int) {
   return cudaSuccess;
@@ -86,6 +90,7 @@ cudaError_t func_set_attribute(Function*, cudaFuncAttribute, int) {
 #define cudaDeviceGetAttribute ::kraken_emu::device_get_attribute
 #define cudaGetLastError ::kraken_emu::get_last_error
 #define cudaFuncSetAttribute ::kraken_emu::func_set_attribute
+#define cudaMemsetAsync ::kraken_emu::memset_async
 
 // The CUDA built-ins the kernels use. (The real cuda_runtime.h, included above for its types, declares
 // none of these for a host compiler.)
@@ -106,8 +111,17 @@ cudaError_t func_set_attribute(Function*, cudaFuncAttribute, int) {
 // CUDA's integer min and max (device functions there; the kernels call them unqualified).
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
+inline long min(long a, long b) { return a < b ? a : b; }
+inline long max(long a, long b) { return a > b ? a : b; }
 inline long long min(long long a, long long b) { return a < b ? a : b; }
 inline long long max(long long a, long long b) { return a > b ? a : b; }
+inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
+inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline float __fmaf_rn(float a, float b, float c) { return std::fmaf(a, b, c); }  // one rounding, as on the GPU
+
+// The bit of every lane of the warp whose predicate is non-zero (all 32 lanes must call it).
+inline unsigned __ballot_sync(unsigned /*mask*/, int predicate) { return ::kraken_emu::warp_ballot(predicate != 0); }
 
 template <typename T>
 T __shfl_xor_sync(unsigned /*mask*/, T value, int lane_mask, int /*width*/ = 32) {

@@ -19,6 +19,41 @@ void attention_backward_bf16_tc_cuda(uint16_t* dqkv, const uint16_t* dout, const
                                      CUstream_st* stream);
 bool attention_bf16_tc_supported(int64_t D);
 
+void attention_forward_cuda(float* out, float* lse, const float* qkv, int64_t B, int64_t T, int64_t C, int64_t NH,
+                            CUstream_st* stream);
+void attention_backward_cuda(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse,
+                             int64_t B, int64_t T, int64_t C, int64_t NH, CUstream_st* stream);
+void attention_forward_bf16_simt_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T, int64_t C,
+                                      int64_t NH, CUstream_st* stream);
+void attention_backward_bf16_simt_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out,
+                                       const float* lse, int64_t B, int64_t T, int64_t C, int64_t NH,
+                                       CUstream_st* stream);
+
+// kernels/embedding.h, kernels/softmax.h
+void embedding_forward_cuda(float* out, const float* weight, const int32_t* ids, int64_t N, int64_t V, int64_t C,
+                            CUstream_st* stream);
+void embedding_backward_cuda(float* dweight, const float* dout, const int32_t* ids, int64_t N, int64_t V, int64_t C,
+                             CUstream_st* stream);
+void softmax_forward_cuda(float* y, const float* x, int64_t rows, int64_t C, CUstream_st* stream);
+void softmax_backward_cuda(float* dx, const float* y, const float* dy, int64_t rows, int64_t C, CUstream_st* stream);
+
+// kernels/random.h
+void fill_uniform_cuda(float* out, int64_t n, float low, float high, uint64_t seed, uint64_t stream, uint64_t offset,
+                       CUstream_st* s);
+void dropout_forward_cuda(float* out, const float* x, int64_t n, float p, uint64_t seed, uint64_t stream,
+                          uint64_t offset, CUstream_st* s);
+void dropout_backward_cuda(float* dx, const float* dout, int64_t n, float p, uint64_t seed, uint64_t stream,
+                           uint64_t offset, CUstream_st* s);
+
+// kernels/optimizer.h
+void adamw_update_cuda(float* param, const float* grad, float* m, float* v, int64_t n, float lr, float beta1,
+                       float beta2, float eps, float weight_decay, int64_t step, CUstream_st* stream,
+                       float grad_scale);
+void sgd_update_cuda(float* param, const float* grad, float* velocity, int64_t n, float lr, float momentum,
+                     float dampening, bool nesterov, float weight_decay, bool first_step, CUstream_st* stream,
+                     float grad_scale);
+void sum_squares_accumulate_cuda(double* total, double* partials, const float* x, int64_t n, CUstream_st* stream);
+
 // kernels/layernorm.h
 void layernorm_forward_bf16_cuda(uint16_t* out, float* mean, float* rstd, const uint16_t* x, const float* gamma,
                                  const float* beta, int64_t rows, int64_t C, float eps, CUstream_st* stream);

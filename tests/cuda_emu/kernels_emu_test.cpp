@@ -1,12 +1,15 @@
-// The CUDA kernels' logic, run in CI without a GPU: kernels/cuda's bf16 attention on tensor cores,
-// layernorm, cross-entropy and the 8-wide elementwise kernels, executed by the CPU emulation of CUDA
-// (tests/cuda_emu/emu.h: every thread a fiber, the real barriers, WMMA fragments with scrambled
-// layouts), against the CPU kernels on the same bf16 values.
+// The CUDA kernels' logic, run in CI without a GPU: kernels/cuda's attention (tensor cores and CUDA
+// cores), layernorm, cross-entropy, elementwise, embedding, softmax, random and optimizer kernels,
+// executed by the CPU emulation of CUDA (tests/cuda_emu/emu.h: every thread a fiber, the real
+// barriers, WMMA fragments with scrambled layouts), against the CPU kernels on the same values.
 //
 // Tolerances are those of tests/gpu, where the same comparisons run on a GPU: the tensor-core
 // attention rounds P and dS to bf16 before their products (5e-3 of the output's scale, 1.2e-2 of the
 // gradient's, one bf16 ulp of each element on top); the other kernels compute the CPU's f32 sequence
-// up to the order of one reduction (1e-5 of the scale, plus one bf16 ulp where the result is rounded).
+// up to the order of their reductions (1e-5 or 2e-5 of the scale, plus one bf16 ulp where the result
+// is rounded); the optimizers a few ulp per step; embedding, uniform fills and dropout are the CPU's
+// bits (the emulated kernels are compiled with the same flags as the CPU ones, so the same
+// contractions into fused multiply-adds).
 // What a GPU adds (speed, races, device math ulps) is for tests/gpu and tools/gpu-check.sh.
 #include <gtest/gtest.h>
 
@@ -22,7 +25,11 @@
 #include "kernels/attention.h"
 #include "kernels/cross_entropy.h"
 #include "kernels/elementwise.h"
+#include "kernels/embedding.h"
 #include "kernels/layernorm.h"
+#include "kernels/optimizer.h"
+#include "kernels/random.h"
+#include "kernels/softmax.h"
 #include "tests/cuda_emu/emulated_kernels.h"
 
 namespace kraken {
@@ -250,6 +257,130 @@ void check_gelu_and_add() {
 }
 
 TEST(CudaEmulation, GeluAndAddMatchTheCpuOnBothAccessWidths) { under_both_schedules(check_gelu_and_add); }
+
+// ---- attention on CUDA cores (fp32, and bf16 through the f32 code) -------------------------------------
+
+void check_simt_attention(const AttentionShape& s) {
+  const std::string what = "emulated SIMT attention " + s.str();
+  const int64_t C = s.D * s.NH, rows = s.B * s.T;
+  const std::vector<float> qkv = normal(static_cast<size_t>(rows * 3 * C), 21, 1.5f);
+  const std::vector<float> dout = normal(static_cast<size_t>(rows * C), 22);
+  std::vector<float> out(static_cast<size_t>(rows * C)), lse(static_cast<size_t>(s.B * s.NH * s.T));
+  std::vector<float> dqkv(qkv.size(), 0.25f);  // the backward accumulates
+  emu::attention_forward_cuda(out.data(), lse.data(), qkv.data(), s.B, s.T, C, s.NH, nullptr);
+  emu::attention_backward_cuda(dqkv.data(), dout.data(), qkv.data(), out.data(), lse.data(), s.B, s.T, C, s.NH,
+                               nullptr);
+  std::vector<float> out_cpu(out.size()), lse_cpu(lse.size()), dqkv_cpu(dqkv.size(), 0.25f);
+  kernels::attention_forward_cpu(out_cpu.data(), lse_cpu.data(), qkv.data(), s.B, s.T, C, s.NH);
+  kernels::attention_backward_cpu(dqkv_cpu.data(), dout.data(), qkv.data(), out_cpu.data(), lse_cpu.data(), s.B, s.T,
+                                  C, s.NH);
+  // tests/gpu/nn_cuda_test.cpp: two chained reductions forward, four backward.
+  expect_close(out, out_cpu, 1e-5, false, what + ": out");
+  expect_close(lse, lse_cpu, 1e-5, false, what + ": lse");
+  expect_close(dqkv, dqkv_cpu, 2e-5, false, what + ": dqkv +=");
+
+  // bf16 storage through the same code: the CPU f32 kernel on the rounded inputs, each output rounded once.
+  const std::vector<uint16_t> qkv16 = to_bf16(qkv), dout16 = to_bf16(dout);
+  std::vector<uint16_t> out16(out.size()), dqkv16(dqkv.size(), 0);
+  emu::attention_forward_bf16_simt_cuda(out16.data(), lse.data(), qkv16.data(), s.B, s.T, C, s.NH, nullptr);
+  emu::attention_backward_bf16_simt_cuda(dqkv16.data(), dout16.data(), qkv16.data(), out16.data(), lse.data(), s.B,
+                                         s.T, C, s.NH, nullptr);
+  const std::vector<float> qkv_r = to_f32(qkv16), dout_r = to_f32(dout16);
+  std::fill(dqkv_cpu.begin(), dqkv_cpu.end(), 0.0f);
+  kernels::attention_forward_cpu(out_cpu.data(), lse_cpu.data(), qkv_r.data(), s.B, s.T, C, s.NH);
+  kernels::attention_backward_cpu(dqkv_cpu.data(), dout_r.data(), qkv_r.data(), rounded(out_cpu).data(),
+                                  lse_cpu.data(), s.B, s.T, C, s.NH);
+  expect_close(to_f32(out16), out_cpu, 1e-5, true, what + " bf16: out");
+  expect_close(to_f32(dqkv16), dqkv_cpu, 2e-5, true, what + " bf16: dqkv +=");
+}
+
+TEST(CudaEmulation, SimtAttentionMatchesTheCpu) {
+  under_both_schedules([] {
+    check_simt_attention({1, 1, 16, 1});
+    check_simt_attention({2, 37, 16, 3});  // T past one tile, several heads
+    check_simt_attention({1, 20, 272, 1});  // a head too large for the tensor-core kernels
+  });
+}
+
+// ---- embedding, softmax ------------------------------------------------------------------------------
+
+void check_embedding_and_softmax() {
+  const int64_t N = 300, V = 50, C = 24;  // more ids than a block's 256 threads, repeated ids
+  const std::vector<float> weight = normal(static_cast<size_t>(V * C), 31);
+  std::vector<int32_t> ids(static_cast<size_t>(N));
+  for (int64_t n = 0; n < N; ++n) ids[static_cast<size_t>(n)] = static_cast<int32_t>((n * n + 7 * n) % V);
+  std::vector<float> out(static_cast<size_t>(N * C)), out_cpu(out.size());
+  emu::embedding_forward_cuda(out.data(), weight.data(), ids.data(), N, V, C, nullptr);
+  kernels::embedding_forward_cpu(out_cpu.data(), weight.data(), ids.data(), N, V, C);
+  EXPECT_EQ(out, out_cpu) << "emulated embedding forward";
+  const std::vector<float> dout = normal(out.size(), 32);
+  std::vector<float> dweight(weight.size(), 1.0f), dweight_cpu(weight.size(), 1.0f);
+  emu::embedding_backward_cuda(dweight.data(), dout.data(), ids.data(), N, V, C, nullptr);
+  kernels::embedding_backward_cpu(dweight_cpu.data(), dout.data(), ids.data(), N, V, C);
+  EXPECT_EQ(dweight, dweight_cpu) << "emulated embedding backward: the ids' rows in id order, as on the CPU";
+
+  const int64_t rows = 13, width = 300;
+  const std::vector<float> x = normal(static_cast<size_t>(rows * width), 33, 3.0f), dy = normal(x.size(), 34);
+  std::vector<float> y(x.size()), y_cpu(x.size()), dx(x.size(), 0.5f), dx_cpu(x.size(), 0.5f);
+  emu::softmax_forward_cuda(y.data(), x.data(), rows, width, nullptr);
+  emu::softmax_backward_cuda(dx.data(), y.data(), dy.data(), rows, width, nullptr);
+  kernels::softmax_forward_cpu(y_cpu.data(), x.data(), rows, width);
+  kernels::softmax_backward_cpu(dx_cpu.data(), y_cpu.data(), dy.data(), rows, width);
+  expect_close(y, y_cpu, 1e-5, false, "emulated softmax forward");
+  expect_close(dx, dx_cpu, 1e-5, false, "emulated softmax backward");
+}
+
+TEST(CudaEmulation, EmbeddingAndSoftmaxMatchTheCpu) { under_both_schedules(check_embedding_and_softmax); }
+
+// ---- random fills and dropout: the same Philox draws as the CPU, bit for bit ----------------------------
+
+TEST(CudaEmulation, UniformFillsAndDropoutAreTheCpusBits) {
+  const int64_t n = 10007;
+  std::vector<float> u(static_cast<size_t>(n)), u_cpu(u.size());
+  emu::fill_uniform_cuda(u.data(), n, -0.5f, 2.0f, 42, 3, 100, nullptr);
+  kernels::fill_uniform_cpu(u_cpu.data(), n, -0.5f, 2.0f, 42, 3, 100);
+  EXPECT_EQ(u, u_cpu) << "emulated uniform fill";
+  const std::vector<float> x = normal(u.size(), 35), dout = normal(u.size(), 36);
+  std::vector<float> y(u.size()), y_cpu(u.size()), dx(u.size(), 1.0f), dx_cpu(u.size(), 1.0f);
+  emu::dropout_forward_cuda(y.data(), x.data(), n, 0.1f, 7, 1, 5000, nullptr);
+  emu::dropout_backward_cuda(dx.data(), dout.data(), n, 0.1f, 7, 1, 5000, nullptr);
+  kernels::dropout_forward_cpu(y_cpu.data(), x.data(), n, 0.1f, 7, 1, 5000);
+  kernels::dropout_backward_cpu(dx_cpu.data(), dout.data(), n, 0.1f, 7, 1, 5000);
+  EXPECT_EQ(y, y_cpu) << "emulated dropout forward";
+  EXPECT_EQ(dx, dx_cpu) << "emulated dropout backward";
+}
+
+// ---- optimizer updates and the gradient norm's double reduction ---------------------------------------
+
+TEST(CudaEmulation, OptimizerUpdatesAndNormsMatchTheCpu) {
+  const int64_t n = 5000;
+  const std::vector<float> grad = normal(static_cast<size_t>(n), 41);
+  std::vector<float> p = normal(grad.size(), 42), m(grad.size(), 0.0f), v(grad.size(), 0.0f);
+  std::vector<float> p_cpu = p, m_cpu = m, v_cpu = v;
+  for (int64_t step = 1; step <= 3; ++step) {
+    emu::adamw_update_cuda(p.data(), grad.data(), m.data(), v.data(), n, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, step,
+                           nullptr, 0.5f);
+    kernels::adamw_update_cpu(p_cpu.data(), grad.data(), m_cpu.data(), v_cpu.data(), n, 1e-3f, 0.9f, 0.95f, 1e-8f,
+                              0.1f, step, 0.5f);
+  }
+  // tests/gpu/optim_cuda_test.cpp: a few ulp per step where the compilers contract differently.
+  expect_close(p, p_cpu, 2e-6, false, "emulated AdamW: parameters");
+  expect_close(m, m_cpu, 2e-6, false, "emulated AdamW: first moments");
+  expect_close(v, v_cpu, 2e-6, false, "emulated AdamW: second moments");
+  std::vector<float> q = normal(grad.size(), 43), vel(grad.size(), 0.0f), q_cpu = q, vel_cpu = vel;
+  for (int step = 0; step < 3; ++step) {
+    emu::sgd_update_cuda(q.data(), grad.data(), vel.data(), n, 0.01f, 0.9f, 0.0f, true, 0.01f, step == 0, nullptr,
+                         1.0f);
+    kernels::sgd_update_cpu(q_cpu.data(), grad.data(), vel_cpu.data(), n, 0.01f, 0.9f, 0.0f, true, 0.01f, step == 0);
+  }
+  expect_close(q, q_cpu, 2e-6, false, "emulated SGD (Nesterov momentum, decay)");
+
+  std::vector<double> partials(kernels::kReducePartials), total(1, 2.0);
+  emu::sum_squares_accumulate_cuda(total.data(), partials.data(), grad.data(), n, nullptr);
+  const float* data = grad.data();
+  const double want = 2.0 + kernels::sum_squares_multi_cpu(&data, &n, 1);
+  EXPECT_NEAR(total[0], want, 1e-12 * want) << "emulated sum of squares (added to the total)";
+}
 
 }  // namespace
 }  // namespace kraken
