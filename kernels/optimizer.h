@@ -67,11 +67,29 @@ void sgd_update_cuda(float* param, const float* grad, float* velocity, int64_t n
                      float dampening, bool nesterov, float weight_decay, bool first_step, CUstream_st* stream,
                      float grad_scale = 1.0f);
 
+// Many tensors in a few launches (a model's 150 parameters in 5, not 150): one AdamW update of each
+// slice (param, grad, m, v of n floats, its own weight decay), the same arithmetic per element as
+// adamw_update_cuda, bit for bit. The slice array is host memory; the pointers are device memory.
+struct AdamWSlice {
+  float* param;
+  const float* grad;
+  float* m;
+  float* v;
+  int64_t n;
+  float weight_decay;
+};
+void adamw_update_many_cuda(const AdamWSlice* slices, int64_t count, float lr, float beta1, float beta2, float eps,
+                            int64_t step, CUstream_st* stream, float grad_scale = 1.0f);
+
 // Device reductions write into device doubles. `partials` is a device scratch of
 // kReducePartials doubles, reused by every call on the same stream.
 constexpr int kReducePartials = 512;
 // *total += Σ_i x[i]²  (total: one device double).
 void sum_squares_accumulate_cuda(double* total, double* partials, const float* x, int64_t n, CUstream_st* stream);
+// *total += Σ_k Σ_i xs[k][i]² over `count` tensors of sizes[k] floats (xs and sizes host arrays of
+// device pointers): a few launches for all of them, a fixed order (not sum_squares_accumulate_cuda's).
+void sum_squares_many_accumulate_cuda(double* total, double* partials, const float* const* xs, const int64_t* sizes,
+                                      int64_t count, CUstream_st* stream);
 // *total += Σ_i (a[i] − b[i])².
 void squared_distance_accumulate_cuda(double* total, double* partials, const float* a, const float* b, int64_t n,
                                       CUstream_st* stream);

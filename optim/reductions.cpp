@@ -56,17 +56,21 @@ double sum_squares(const std::vector<Tensor>& xs) {
       ++k;
       continue;
     }
-    // A run of tensors on one GPU accumulates into one device double, fetched once (one sync per run,
-    // not per tensor).
+    // A run of tensors on one GPU accumulates into one device double in a few multi-tensor launches,
+    // fetched once (one sync per run, not per tensor).
     size_t end = k;
     while (end < xs.size() && xs[end].device() == x.device()) ++end;
     KRAKEN_ON_DEVICE(x.device(), (void)0, {
       DeviceDoubles acc(x.device(), 1);
+      std::vector<const float*> data;
+      std::vector<int64_t> sizes;
       for (size_t j = k; j < end; ++j) {
         runtime::check_dtype("sum_squares", xs[j], DType::F32, "tensor");
-        kernels::sum_squares_accumulate_cuda(acc.results, acc.partials, xs[j].data<float>(), xs[j].numel(),
-                                             runtime::stream_of(xs[j]));
+        data.push_back(xs[j].data<float>());
+        sizes.push_back(xs[j].numel());
       }
+      kernels::sum_squares_many_accumulate_cuda(acc.results, acc.partials, data.data(), sizes.data(),
+                                                static_cast<int64_t>(data.size()), runtime::stream_of(x));
       total += acc.fetch()[0];
     });
     k = end;

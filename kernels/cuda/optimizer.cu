@@ -23,18 +23,52 @@ constexpr int kReduceThreads = 256;
 #define KRAKEN_GRID_STRIDE(i, n) \
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < (n); i += static_cast<int64_t>(blockDim.x) * gridDim.x)
 
+// One element of AdamW (kernels/optimizer.h); decay, step_size and bc2_sqrt are computed once per call.
+__device__ __forceinline__ void adamw_element(float* param, const float* grad, float* m, float* v, int64_t i,
+                                              float decay, float step_size, float bc2_sqrt, float beta1,
+                                              float beta2, float eps, float grad_scale) {
+  const float g = grad_scale * grad[i];
+  const float mi = beta1 * m[i] + (1.0f - beta1) * g;
+  const float vi = beta2 * v[i] + (1.0f - beta2) * (g * g);
+  m[i] = mi;
+  v[i] = vi;
+  const float denom = sqrtf(vi) / bc2_sqrt + eps;
+  param[i] = param[i] * decay - step_size * (mi / denom);
+}
+
 __global__ void adamw_kernel(float* param, const float* grad, float* m, float* v, int64_t n, float decay,
                              float step_size, float bc2_sqrt, float beta1, float beta2, float eps,
                              float grad_scale) {
   KRAKEN_GRID_STRIDE(i, n) {
-    const float g = grad_scale * grad[i];
-    const float mi = beta1 * m[i] + (1.0f - beta1) * g;
-    const float vi = beta2 * v[i] + (1.0f - beta2) * (g * g);
-    m[i] = mi;
-    v[i] = vi;
-    const float denom = sqrtf(vi) / bc2_sqrt + eps;
-    param[i] = param[i] * decay - step_size * (mi / denom);
+    adamw_element(param, grad, m, v, i, decay, step_size, bc2_sqrt, beta1, beta2, eps, grad_scale);
   }
+}
+
+// Up to kManyTensors slices per launch, passed by value (about 1.6 KiB of kernel parameters). Slice k
+// owns blocks [first_block[k], first_block[k + 1]) and strides over its elements with them.
+constexpr int kManyTensors = 32;
+constexpr int64_t kMaxBlocksPerSlice = 1024;
+struct AdamWChunk {
+  float* param[kManyTensors];
+  const float* grad[kManyTensors];
+  float* m[kManyTensors];
+  float* v[kManyTensors];
+  int64_t n[kManyTensors];
+  float decay[kManyTensors];
+  int first_block[kManyTensors + 1];
+  int count;
+};
+
+__global__ void adamw_many_kernel(AdamWChunk c, float step_size, float bc2_sqrt, float beta1, float beta2, float eps,
+                                  float grad_scale) {
+  const int b = static_cast<int>(blockIdx.x);
+  int k = 0;
+  while (k + 1 < c.count && c.first_block[k + 1] <= b) ++k;  // the slice this block belongs to
+  const int64_t blocks = c.first_block[k + 1] - c.first_block[k];
+  for (int64_t i = (b - c.first_block[k]) * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < c.n[k];
+       i += blocks * blockDim.x)
+    adamw_element(c.param[k], c.grad[k], c.m[k], c.v[k], i, c.decay[k], step_size, bc2_sqrt, beta1, beta2, eps,
+                  grad_scale);
 }
 
 __global__ void sgd_kernel(float* param, const float* grad, float* velocity, int64_t n, float lr, float momentum,
@@ -80,6 +114,28 @@ __global__ void finish_sum_kernel(double* total, const double* partials) {
   for (int i = threadIdx.x; i < kReducePartials; i += kReduceThreads) acc += partials[i];
   const double sum = block_reduce(acc);
   if (threadIdx.x == 0) *total += sum;
+}
+
+// Up to kManyTensors tensors per launch, as one virtual vector of `total` elements: tensor k holds the
+// indices [end[k − 1], end[k]). Thread j of the grid takes indices j, j + G, … in order, walking the
+// tensors forward, so the order of the sum is fixed by the sizes alone.
+struct SquaresChunk {
+  const float* x[kManyTensors];
+  int64_t end[kManyTensors];
+  int count;
+};
+
+__global__ void partial_squares_many_kernel(double* partials, SquaresChunk c) {
+  const int64_t total = c.end[c.count - 1];
+  double acc = 0.0;
+  int k = 0;
+  KRAKEN_GRID_STRIDE(i, total) {
+    while (i >= c.end[k]) ++k;
+    const double x = static_cast<double>(c.x[k][i - (k > 0 ? c.end[k - 1] : 0)]);
+    acc += x * x;
+  }
+  const double block_sum = block_reduce(acc);
+  if (threadIdx.x == 0) partials[blockIdx.x] = block_sum;
 }
 
 void reduce_into(double* total, double* partials, const float* a, const float* b, const int32_t* idx, int64_t n,
@@ -130,8 +186,66 @@ void sgd_update_cuda(float* param, const float* grad, float* velocity, int64_t n
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
 
+void adamw_update_many_cuda(const AdamWSlice* slices, int64_t count, float lr, float beta1, float beta2, float eps,
+                            int64_t step, CUstream_st* stream, float grad_scale) {
+  // The per-call constants exactly as adamw_update_cuda computes them.
+  const double t = static_cast<double>(step);
+  const float step_size = static_cast<float>(lr / (1.0 - std::pow(static_cast<double>(beta1), t)));
+  const float bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(static_cast<double>(beta2), t)));
+  AdamWChunk chunk{};
+  auto launch = [&] {
+    if (chunk.count == 0 || chunk.first_block[chunk.count] == 0) return;
+    KRAKEN_KERNEL(static_cast<unsigned int>(chunk.first_block[chunk.count]), kThreads, 0, stream, adamw_many_kernel)
+    (chunk, step_size, bc2_sqrt, beta1, beta2, eps, grad_scale);
+    KRAKEN_CUDA_LAUNCH_CHECK();
+  };
+  for (int64_t s = 0; s < count; ++s) {
+    const AdamWSlice& x = slices[s];
+    if (x.n <= 0) continue;
+    const int k = chunk.count;
+    chunk.param[k] = x.param;
+    chunk.grad[k] = x.grad;
+    chunk.m[k] = x.m;
+    chunk.v[k] = x.v;
+    chunk.n[k] = x.n;
+    chunk.decay[k] = static_cast<float>(1.0 - static_cast<double>(lr) * x.weight_decay);
+    const int64_t blocks = std::min<int64_t>(kMaxBlocksPerSlice, (x.n + kThreads - 1) / kThreads);
+    chunk.first_block[k + 1] = chunk.first_block[k] + static_cast<int>(blocks);
+    chunk.count = k + 1;
+    if (chunk.count == kManyTensors) {
+      launch();
+      chunk = AdamWChunk{};
+    }
+  }
+  launch();
+}
+
 void sum_squares_accumulate_cuda(double* total, double* partials, const float* x, int64_t n, CUstream_st* stream) {
   reduce_into(total, partials, x, nullptr, nullptr, n, stream);
+}
+
+void sum_squares_many_accumulate_cuda(double* total, double* partials, const float* const* xs, const int64_t* sizes,
+                                      int64_t count, CUstream_st* stream) {
+  SquaresChunk chunk{};
+  auto launch = [&] {
+    if (chunk.count == 0) return;
+    KRAKEN_KERNEL(kReducePartials, kReduceThreads, 0, stream, partial_squares_many_kernel)(partials, chunk);
+    KRAKEN_CUDA_LAUNCH_CHECK();
+    KRAKEN_KERNEL(1, kReduceThreads, 0, stream, finish_sum_kernel)(total, partials);
+    KRAKEN_CUDA_LAUNCH_CHECK();
+  };
+  for (int64_t s = 0; s < count; ++s) {
+    if (sizes[s] <= 0) continue;
+    const int k = chunk.count;
+    chunk.x[k] = xs[s];
+    chunk.end[k] = (k > 0 ? chunk.end[k - 1] : 0) + sizes[s];
+    chunk.count = k + 1;
+    if (chunk.count == kManyTensors) {
+      launch();
+      chunk = SquaresChunk{};
+    }
+  }
+  launch();
 }
 
 void squared_distance_accumulate_cuda(double* total, double* partials, const float* a, const float* b, int64_t n,

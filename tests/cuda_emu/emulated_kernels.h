@@ -53,6 +53,18 @@ void sgd_update_cuda(float* param, const float* grad, float* velocity, int64_t n
                      float dampening, bool nesterov, float weight_decay, bool first_step, CUstream_st* stream,
                      float grad_scale);
 void sum_squares_accumulate_cuda(double* total, double* partials, const float* x, int64_t n, CUstream_st* stream);
+struct AdamWSlice {  // kernels::AdamWSlice
+  float* param;
+  const float* grad;
+  float* m;
+  float* v;
+  int64_t n;
+  float weight_decay;
+};
+void adamw_update_many_cuda(const AdamWSlice* slices, int64_t count, float lr, float beta1, float beta2, float eps,
+                            int64_t step, CUstream_st* stream, float grad_scale);
+void sum_squares_many_accumulate_cuda(double* total, double* partials, const float* const* xs, const int64_t* sizes,
+                                      int64_t count, CUstream_st* stream);
 
 // kernels/layernorm.h
 void layernorm_forward_bf16_cuda(uint16_t* out, float* mean, float* rstd, const uint16_t* x, const float* gamma,

@@ -382,5 +382,45 @@ TEST(CudaEmulation, OptimizerUpdatesAndNormsMatchTheCpu) {
   EXPECT_NEAR(total[0], want, 1e-12 * want) << "emulated sum of squares (added to the total)";
 }
 
+TEST(CudaEmulation, ManyTensorUpdatesAndNormsMatchOneAtATime) {
+  // 45 tensors (a chunk of 32 and a remainder), from empty to 300,000 elements (more than the 1,024
+  // blocks of 256 threads a slice gets: its blocks stride), with and without weight decay.
+  std::vector<int64_t> sizes;
+  for (int k = 0; k < 45; ++k) sizes.push_back(k == 7 ? 0 : (k * 397) % 3001 + (k % 5 == 0 ? 4096 : 1));
+  sizes[40] = 300000;
+  std::vector<std::vector<float>> p, g, m, v, p1, m1, v1;
+  for (size_t k = 0; k < sizes.size(); ++k) {
+    const size_t n = static_cast<size_t>(sizes[k]);
+    p.push_back(normal(n, 100 + static_cast<uint32_t>(k)));
+    g.push_back(normal(n, 200 + static_cast<uint32_t>(k)));
+    m.push_back(normal(n, 300 + static_cast<uint32_t>(k), 0.1f));
+    v.push_back(std::vector<float>(n, 0.01f));
+  }
+  p1 = p, m1 = m, v1 = v;
+  for (int64_t step = 1; step <= 2; ++step) {
+    std::vector<emu::AdamWSlice> slices;
+    for (size_t k = 0; k < sizes.size(); ++k)
+      slices.push_back({p[k].data(), g[k].data(), m[k].data(), v[k].data(), sizes[k], k % 3 == 0 ? 0.0f : 0.1f});
+    emu::adamw_update_many_cuda(slices.data(), static_cast<int64_t>(slices.size()), 1e-3f, 0.9f, 0.95f, 1e-8f, step,
+                                nullptr, 0.7f);
+    for (size_t k = 0; k < sizes.size(); ++k)
+      emu::adamw_update_cuda(p1[k].data(), g[k].data(), m1[k].data(), v1[k].data(), sizes[k], 1e-3f, 0.9f, 0.95f,
+                             1e-8f, k % 3 == 0 ? 0.0f : 0.1f, step, nullptr, 0.7f);
+  }
+  for (size_t k = 0; k < sizes.size(); ++k) {
+    EXPECT_EQ(p[k], p1[k]) << "parameter " << k << ": the many-tensor update is not the one-tensor update's bits";
+    EXPECT_EQ(m[k], m1[k]) << "first moment " << k;
+    EXPECT_EQ(v[k], v1[k]) << "second moment " << k;
+  }
+
+  std::vector<const float*> data;
+  for (const auto& x : g) data.push_back(x.data());
+  std::vector<double> partials(kernels::kReducePartials), total(1, 1.5);
+  emu::sum_squares_many_accumulate_cuda(total.data(), partials.data(), data.data(), sizes.data(),
+                                        static_cast<int64_t>(sizes.size()), nullptr);
+  const double want = 1.5 + kernels::sum_squares_multi_cpu(data.data(), sizes.data(), static_cast<int64_t>(sizes.size()));
+  EXPECT_NEAR(total[0], want, 1e-12 * want) << "many-tensor sum of squares";
+}
+
 }  // namespace
 }  // namespace kraken
