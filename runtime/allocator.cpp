@@ -263,6 +263,21 @@ int cuda_device_count() {
 #endif
 }
 
+std::string cuda_device_name(int device_index) {
+#if KRAKEN_WITH_CUDA
+  if (device_index < 0 || device_index >= cuda_device_count()) return "";
+  cudaDeviceProp prop{};
+  if (cudaGetDeviceProperties(&prop, device_index) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return "";
+  }
+  return prop.name;
+#else
+  (void)device_index;
+  return "";
+#endif
+}
+
 CUstream_st* compute_stream(const Device& device) {
   (void)device;
   return nullptr;  // the legacy default stream; the CUDA backend gives each device its own streams

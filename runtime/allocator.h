@@ -46,6 +46,8 @@ void reset_peak_bytes_in_use(const Device& device);
 // Whether this build has CUDA and this machine a usable GPU; `why_not` says why not.
 bool cuda_available(std::string* why_not = nullptr);
 int cuda_device_count();
+// The CUDA device's name ("NVIDIA H100 80GB HBM3"); empty without CUDA or without that device.
+std::string cuda_device_name(int device_index);
 // Copies bytes between any two devices (host↔host is memcpy). Stream-ordered on the destination's
 // (or source's) current stream, then synchronised, so the caller may use the data right away.
 void copy_bytes(void* dst, const Device& dst_device, const void* src, const Device& src_device, size_t bytes);

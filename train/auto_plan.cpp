@@ -38,7 +38,7 @@ std::string join(const std::vector<int64_t>& v) {
   return out;
 }
 
-// The GPU's type in the planner's table, from nvidia-smi's name ("NVIDIA H100 80GB HBM3" → H100).
+// The GPU's type in the planner's table, from nvidia-smi's name and memory (gpu_type_of_name).
 std::string gpu_type(int index) {
   const std::string command = "nvidia-smi --query-gpu=name,memory.total --format=csv,noheader -i " + std::to_string(index) +
                               " 2>/dev/null";
@@ -48,14 +48,11 @@ std::string gpu_type(int index) {
     while (std::fgets(buf, sizeof buf, pipe)) text += buf;
     pclose(pipe);
   }
-  auto has = [&](const char* part) { return text.find(part) != std::string::npos; };
-  if (has("H200")) return "H200";
-  if (has("H100")) return "H100";
-  if (has("A100")) return has("80GB") || has("81920") ? "A100-80" : "A100-40";
-  if (has("V100")) return "V100";
-  if (has("T4")) return "T4";
-  KRAKEN_THROW("plan = \"auto\": cannot tell the type of GPU ", index, " (nvidia-smi says '", text,
-               "'); describe the cluster in a file and set [parallel] cluster");
+  const std::string type = gpu_type_of_name(text);
+  if (type.empty())
+    KRAKEN_THROW("plan = \"auto\": cannot tell the type of GPU ", index, " (nvidia-smi says '", text,
+                 "'); describe the cluster in a file and set [parallel] cluster");
+  return type;
 }
 
 // Transformer layers of each stage of a split of the layer list.
@@ -314,6 +311,23 @@ AutoPlan plan_layout(Config& config, parallel::World& world) {
     std::ofstream(config.train.out_dir + "/plan.json") << reply.dump(2) << "\n";
   }
   return plan;
+}
+
+std::string gpu_type_of_name(const std::string& text) {
+  auto has = [&](const char* part) { return text.find(part) != std::string::npos; };
+  if (has("H200")) return "H200";
+  if (has("H100")) return "H100";
+  if (has("A100")) return has("80GB") || has("81920") ? "A100-80" : "A100-40";
+  if (has("V100")) return "V100";
+  if (has("T4")) return "T4";
+  return "";
+}
+
+double gpu_peak_flops(const std::string& name) {
+  const std::string type = gpu_type_of_name(name);
+  for (const planner::DeviceType& d : planner::builtin_device_types())
+    if (!type.empty() && d.name == type) return d.peak_flops;
+  return 0.0;
 }
 
 }  // namespace kraken::train

@@ -71,4 +71,11 @@ void apply_plan(const AutoPlan& plan, Config& config);
 // world size is an error naming both.
 AutoPlan plan_layout(Config& config, parallel::World& world);
 
+// The planner's device type of a GPU from its name as nvidia-smi or the CUDA runtime gives it
+// ("NVIDIA H100 80GB HBM3" → "H100"; "80GB" or a memory of 81920 MiB tells the A100's two sizes
+// apart); empty when the GPU is not in the planner's table.
+std::string gpu_type_of_name(const std::string& name);
+// That type's dense bf16 peak in FLOP/s (planner::builtin_device_types), or 0 when unknown.
+double gpu_peak_flops(const std::string& name);
+
 }  // namespace kraken::train

@@ -74,8 +74,10 @@ std::string format_duration(double seconds) {
 }
 }  // namespace
 
-void Progress::update(int64_t step, double loss, double lr, double tokens_per_s) {
+void Progress::update(int64_t step, double loss, double lr, double tokens_per_s, double mfu) {
   if (!enabled_) return;
+  char mfu_text[24] = "";
+  if (mfu >= 0.0) std::snprintf(mfu_text, sizeof mfu_text, "  MFU %.1f%%", 100.0 * mfu);
   const int64_t done = step + 1;
   const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
   const int64_t run = done - first_step_;
@@ -87,14 +89,15 @@ void Progress::update(int64_t step, double loss, double lr, double tokens_per_s)
     const int filled = static_cast<int>(frac * kWidth);
     std::string bar(static_cast<size_t>(filled), '#');
     bar.resize(kWidth, '.');
-    std::snprintf(line, sizeof line, "\r[%s] step %lld/%lld  loss %.4f  lr %.2e  %.0f tok/s  ETA %s   ", bar.c_str(),
-                  (long long)done, (long long)total_steps_, loss, lr, tokens_per_s, format_duration(eta).c_str());
+    std::snprintf(line, sizeof line, "\r[%s] step %lld/%lld  loss %.4f  lr %.2e  %.0f tok/s%s  ETA %s   ", bar.c_str(),
+                  (long long)done, (long long)total_steps_, loss, lr, tokens_per_s, mfu_text,
+                  format_duration(eta).c_str());
     std::fputs(line, stdout);
     std::fflush(stdout);
     drawn_ = true;
   } else if (done % every_ == 0 || done == total_steps_) {
-    std::snprintf(line, sizeof line, "step %lld/%lld  loss %.4f  lr %.2e  %.0f tok/s  ETA %s\n", (long long)done,
-                  (long long)total_steps_, loss, lr, tokens_per_s, format_duration(eta).c_str());
+    std::snprintf(line, sizeof line, "step %lld/%lld  loss %.4f  lr %.2e  %.0f tok/s%s  ETA %s\n", (long long)done,
+                  (long long)total_steps_, loss, lr, tokens_per_s, mfu_text, format_duration(eta).c_str());
     std::fputs(line, stdout);
     std::fflush(stdout);
   }

@@ -36,7 +36,8 @@ class MetricsWriter {
 class Progress {
  public:
   Progress(int64_t first_step, int64_t total_steps, bool enabled, int64_t every);
-  void update(int64_t step, double loss, double lr, double tokens_per_s);
+  // mfu (a fraction) is shown when it is not negative.
+  void update(int64_t step, double loss, double lr, double tokens_per_s, double mfu = -1.0);
   // Prints a whole line (an evaluation result, a checkpoint) without tearing the bar.
   void message(const std::string& text);
   void finish();

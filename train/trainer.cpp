@@ -505,6 +505,12 @@ RunSummary Trainer::run() {
 
   const int64_t tokens_per_evaluation = c.tokens_per_step();
   const int64_t evaluations_per_step = s.optex ? c.optim.optex.parallelism : 1;
+  // MFU on GPUs the planner knows: 3 × the model's forward FLOPs per token (forward + backward) ×
+  // tokens/s over the dense bf16 peak of every GPU of the job (as bench/gpu_train_bench.cpp reports it;
+  // fp32 runs are measured against the same peak). Not on CPUs, whose peak depends on the machine.
+  const double job_peak_flops =
+      s.device.is_cpu() ? 0.0 : gpu_peak_flops(runtime::cuda_device_name(s.device.index)) * sizes.world();
+  const double flops_per_token = 3.0 * c.model.flops_per_token(c.train.seq_len);
   Progress progress(s.step, c.train.max_steps, s.options.progress && s.main_rank, c.train.log_every);
   const auto run_start = Clock::now();
   const int64_t tokens_at_start = s.tokens_seen;
@@ -672,6 +678,8 @@ RunSummary Trainer::run() {
                    {"elapsed_s", s.train_seconds},
                    {"tokens_per_second", tokens_per_second},
                    {"tokens_seen", s.tokens_seen}});
+    const double mfu = job_peak_flops > 0.0 ? flops_per_token * tokens_per_second / job_peak_flops : -1.0;
+    if (mfu >= 0.0) record["mfu"] = mfu;
     if (s.plan.active) {
       record["predicted_step_seconds"] = s.plan.step_seconds;
       s.plan.record_step(dt);
@@ -692,7 +700,7 @@ RunSummary Trainer::run() {
       s.mesh->tp().reset_stats();
     }
     s.metrics.write(record);
-    progress.update(s.step - 1, loss, lr, tokens_per_second);
+    progress.update(s.step - 1, loss, lr, tokens_per_second, mfu);
 
     // Stop together: a signal may reach the ranks at different moments.
     bool stop = stop_requested() || (s.options.stop_after_steps >= 0 && run_steps >= s.options.stop_after_steps);

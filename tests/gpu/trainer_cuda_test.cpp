@@ -13,12 +13,18 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
 
 #include "data/shard.h"
+#include "runtime/allocator.h"
 #include "runtime/rng.h"
 #include "runtime/safetensors.h"
 #include "tests/gpu/gpu_test_util.h"
 #include "tests/support/temp_dir.h"
+#include "train/auto_plan.h"
 #include "train/checkpoint.h"
 #include "train/config.h"
 #include "train/trainer.h"
@@ -81,6 +87,22 @@ TEST(GpuTrainer, TwentyStepsTrackTheCpuLosses) {
   expect_tracks(dev.losses, cpu.losses, 1e-5, "training losses");
   EXPECT_NEAR(dev.val_loss, cpu.val_loss, 1e-5 * cpu.val_loss);  // the evaluation at the end
   EXPECT_LT(dev.losses.back(), dev.losses.front());              // and it learns
+  // The step records carry an MFU on a GPU the planner knows (a fraction; tiny here), none on the CPU.
+  auto mfus = [](const TempDir& dir) {
+    std::vector<double> out;
+    std::ifstream in(dir / "run/metrics.jsonl");
+    for (std::string line; std::getline(in, line);) {
+      const nlohmann::json r = nlohmann::json::parse(line);
+      if (r.contains("mfu")) out.push_back(r["mfu"].get<double>());
+    }
+    return out;
+  };
+  EXPECT_TRUE(mfus(a).empty());
+  if (gpu_peak_flops(runtime::cuda_device_name(0)) > 0.0) {
+    const std::vector<double> m = mfus(b);
+    ASSERT_EQ(m.size(), 20u);
+    for (double x : m) EXPECT_TRUE(x > 0.0 && x < 1.0) << x;
+  }
 }
 
 // Mixed precision (the GPU's default): 20 steps track the CPU's emulated bf16 run. Both round the same
