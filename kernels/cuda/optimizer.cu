@@ -23,7 +23,7 @@ constexpr int kReduceThreads = 256;
 #define KRAKEN_GRID_STRIDE(i, n) \
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < (n); i += static_cast<int64_t>(blockDim.x) * gridDim.x)
 
-// One element of AdamW (kernels/optimizer.h); decay, step_size and bc2_sqrt are computed once per call.
+// One element of AdamW (kernels/optimizer.h); decay, step_size and bc2_sqrt come from adamw_constants.
 __device__ __forceinline__ void adamw_element(float* param, const float* grad, float* m, float* v, int64_t i,
                                               float decay, float step_size, float bc2_sqrt, float beta1,
                                               float beta2, float eps, float grad_scale) {
@@ -162,18 +162,29 @@ __global__ void weighted_sum_rows_kernel(float* out, WeightedRows rows, int64_t 
   }
 }
 
+// The per-call constants, computed once in double and rounded to f32 (kernels/optimizer.h); both
+// AdamW entry points use these, which is what keeps them bit-identical per element.
+struct AdamWConstants {
+  float step_size, bc2_sqrt;
+};
+AdamWConstants adamw_constants(float lr, float beta1, float beta2, int64_t step) {
+  const double t = static_cast<double>(step);
+  return {static_cast<float>(lr / (1.0 - std::pow(static_cast<double>(beta1), t))),
+          static_cast<float>(std::sqrt(1.0 - std::pow(static_cast<double>(beta2), t)))};
+}
+float adamw_decay(float lr, float weight_decay) {
+  return static_cast<float>(1.0 - static_cast<double>(lr) * weight_decay);
+}
+
 }  // namespace
 
 void adamw_update_cuda(float* param, const float* grad, float* m, float* v, int64_t n, float lr, float beta1,
                        float beta2, float eps, float weight_decay, int64_t step, CUstream_st* stream,
                        float grad_scale) {
   if (n <= 0) return;
-  const double t = static_cast<double>(step);
-  const float decay = static_cast<float>(1.0 - static_cast<double>(lr) * weight_decay);
-  const float step_size = static_cast<float>(lr / (1.0 - std::pow(static_cast<double>(beta1), t)));
-  const float bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(static_cast<double>(beta2), t)));
+  const AdamWConstants k = adamw_constants(lr, beta1, beta2, step);
   KRAKEN_KERNEL(blocks_for(n, kThreads), kThreads, 0, stream, adamw_kernel)
-  (param, grad, m, v, n, decay, step_size, bc2_sqrt, beta1, beta2, eps, grad_scale);
+  (param, grad, m, v, n, adamw_decay(lr, weight_decay), k.step_size, k.bc2_sqrt, beta1, beta2, eps, grad_scale);
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
 
@@ -188,30 +199,27 @@ void sgd_update_cuda(float* param, const float* grad, float* velocity, int64_t n
 
 void adamw_update_many_cuda(const AdamWSlice* slices, int64_t count, float lr, float beta1, float beta2, float eps,
                             int64_t step, CUstream_st* stream, float grad_scale) {
-  // The per-call constants exactly as adamw_update_cuda computes them.
-  const double t = static_cast<double>(step);
-  const float step_size = static_cast<float>(lr / (1.0 - std::pow(static_cast<double>(beta1), t)));
-  const float bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(static_cast<double>(beta2), t)));
+  const AdamWConstants k = adamw_constants(lr, beta1, beta2, step);
   AdamWChunk chunk{};
   auto launch = [&] {
     if (chunk.count == 0 || chunk.first_block[chunk.count] == 0) return;
     KRAKEN_KERNEL(static_cast<unsigned int>(chunk.first_block[chunk.count]), kThreads, 0, stream, adamw_many_kernel)
-    (chunk, step_size, bc2_sqrt, beta1, beta2, eps, grad_scale);
+    (chunk, k.step_size, k.bc2_sqrt, beta1, beta2, eps, grad_scale);
     KRAKEN_CUDA_LAUNCH_CHECK();
   };
   for (int64_t s = 0; s < count; ++s) {
     const AdamWSlice& x = slices[s];
     if (x.n <= 0) continue;
-    const int k = chunk.count;
-    chunk.param[k] = x.param;
-    chunk.grad[k] = x.grad;
-    chunk.m[k] = x.m;
-    chunk.v[k] = x.v;
-    chunk.n[k] = x.n;
-    chunk.decay[k] = static_cast<float>(1.0 - static_cast<double>(lr) * x.weight_decay);
+    const int j = chunk.count;
+    chunk.param[j] = x.param;
+    chunk.grad[j] = x.grad;
+    chunk.m[j] = x.m;
+    chunk.v[j] = x.v;
+    chunk.n[j] = x.n;
+    chunk.decay[j] = adamw_decay(lr, x.weight_decay);
     const int64_t blocks = std::min<int64_t>(kMaxBlocksPerSlice, (x.n + kThreads - 1) / kThreads);
-    chunk.first_block[k + 1] = chunk.first_block[k] + static_cast<int>(blocks);
-    chunk.count = k + 1;
+    chunk.first_block[j + 1] = chunk.first_block[j] + static_cast<int>(blocks);
+    chunk.count = j + 1;
     if (chunk.count == kManyTensors) {
       launch();
       chunk = AdamWChunk{};

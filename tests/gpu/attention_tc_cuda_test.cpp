@@ -67,7 +67,7 @@ using runtime::Tensor;
 
 #if KRAKEN_WITH_CUDA
 
-constexpr double kOneUlp = 1.0 / 128.0;  // 2⁻⁷: one bf16 ulp of the element, at most
+constexpr double kOneUlp = testing::kOneBf16Ulp;
 constexpr double kRelOut = 5e-3, kRelGrad = 1.2e-2, kRelLse = 1e-5;  // the tensor-core kernels (above)
 constexpr double kSimtOut = 1e-5, kSimtGrad = 2e-5, kSimtLse = 1e-5;  // the SIMT kernels (bf16_kernels_cuda_test)
 

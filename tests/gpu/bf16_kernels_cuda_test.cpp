@@ -56,7 +56,7 @@ using runtime::Tensor;
 
 #if KRAKEN_WITH_CUDA
 
-constexpr double kOneUlp = 1.0 / 128.0;  // 2⁻⁷: one bf16 ulp of the element, at most
+constexpr double kOneUlp = testing::kOneBf16Ulp;
 
 Device gpu() { return Device::cuda(0); }
 CUstream_st* stream() { return runtime::compute_stream(gpu()); }

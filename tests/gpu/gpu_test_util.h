@@ -54,6 +54,9 @@ const char* test_device_name();
 // The reference's one rounding: f32 → bf16 (nearest even) → f32.
 std::vector<float> round_bf16(const std::vector<float>& v);
 
+// One bf16 ulp of an element, at most (2⁻⁷ of its magnitude): the `ulp` of expect_within_ulp.
+constexpr double kOneBf16Ulp = 1.0 / 128.0;
+
 // bf16 results (widened exactly) against a reference: |got − ref| ≤ ulp·|ref| + rel·max|ref| for every
 // element (ulp = 2⁻⁷ allows one bf16 ulp of the element; 0 for f32 results); prints the worst element
 // in units of the allowed error and how many elements differ at all.
