@@ -22,9 +22,10 @@
 //    GELU, AdamW (124M parameters), cross-entropy (Vp = 50304), each as bytes it must move ÷ time,
 //    against the device's peak (memory clock × bus width × 2).
 // 3. For context: one matrix product (fp32 SGEMM, and bf16 through cuBLASLt) and the fused attention at
-//    the same shapes: fp32, and bf16 on tensor cores and on CUDA cores, then tensor cores on one sub-layer
-//    of the Kraken 4-way preset (3 heads of D = 168). The training rows take the tensor-core attention unless
-//    KRAKEN_CUDA_ATTENTION=simt is set.
+//    the same shapes: fp32, and bf16 on tensor cores (mma.sync with the scores in registers, and WMMA)
+//    and on CUDA cores, then both tensor-core families on one sub-layer of the Kraken 4-way preset (3
+//    heads of D = 168). The training rows take what attention_bf16_kernels(D) names (mma up to D = 192
+//    by default; KRAKEN_CUDA_ATTENTION=mma|tc|simt forces one), printed with each model.
 // Without a GPU it prints why and exits 0.
 #include <algorithm>
 #include <chrono>
@@ -296,8 +297,13 @@ void bench_model(const char* label, const KrakenConfig& c, DType compute, int64_
   char mfu[32];
   if (dev.peak_flops > 0) std::snprintf(mfu, sizeof mfu, "%.2f%%", 100.0 * achieved / dev.peak_flops);
   else std::snprintf(mfu, sizeof mfu, "n/a");
-  r.line("| %s | %s | %.1fM | %lld×%lld | %.1f | %.0f | %.1f | %s | %.1f | %.3f |", label,
-         compute == DType::BF16 ? "bf16" : "fp32", c.parameter_count() / 1e6,
+  // The bf16 rows name the attention kernels their heads take (kernels/attention.h).
+  std::string precision = compute == DType::BF16 ? "bf16" : "fp32";
+  if (compute == DType::BF16)
+    precision += std::string(", attention ") +
+                 kraken::kernels::attention_bf16_kernels_name(kraken::kernels::attention_bf16_kernels(c.head_size()));
+  r.line("| %s | %s | %.1fM | %lld×%lld | %.1f | %.0f | %.1f | %s | %.1f | %.3f |", label, precision.c_str(),
+         c.parameter_count() / 1e6,
          static_cast<long long>(B), static_cast<long long>(T), seconds * 1e3, tokens_per_s, achieved / 1e12, mfu,
          mem.peak_bytes_in_use / 1e9, last_loss);
 }
@@ -425,28 +431,35 @@ void bench_compute(Report& r) {
                                                                 out.data<float>(), lse.data<float>(), B, T, C, H, nullptr); }, 5);
     r.line("| fused attention forward, B=8 T=1024 C=768 H=12 | %.3f | %.1f TFLOP/s |", fs * 1e3, fwd_flops / fs / 1e12);
     r.line("| fused attention backward | %.3f | %.1f TFLOP/s |", bs * 1e3, 2.5 * fwd_flops / bs / 1e12);
-    // bf16 storage (mixed precision), the same shape and FLOP counts: the tensor-core kernels (bf16
-    // products, f32 accumulation: kernels/cuda/attention_tc.cu), which attention_*_bf16_cuda take by
-    // default, and the CUDA-core ones (KRAKEN_CUDA_ATTENTION=simt). Then one sub-layer of the Kraken
-    // 4-way preset on tensor cores: C = 504, 3 heads of D = 168 (padded to 192); the model runs four of
-    // these per layer.
+    // bf16 storage (mixed precision), the same shape and FLOP counts: the two tensor-core families (bf16
+    // products, f32 accumulation: kernels/cuda/attention_mma.cu with the scores in registers,
+    // attention_tc.cu through WMMA) and the CUDA-core kernels. Then one sub-layer of the Kraken 4-way
+    // preset on both tensor-core families: C = 504, 3 heads of D = 168 (padded to 192); the model runs
+    // four of these per layer.
     const Tensor qkv16 = qkv.to(DType::BF16), dout16 = dout.to(DType::BF16);
     Tensor out16 = out.to(DType::BF16), dqkv16 = dqkv.to(DType::BF16);
-    for (const bool tc : {true, false}) {
-      auto forward = tc ? attention_forward_bf16_tc_cuda : attention_forward_bf16_simt_cuda;
-      auto backward = tc ? attention_backward_bf16_tc_cuda : attention_backward_bf16_simt_cuda;
+    struct Bf16Attention {
+      const char* name;
+      decltype(&attention_forward_bf16_mma_cuda) forward;
+      decltype(&attention_backward_bf16_mma_cuda) backward;
+    };
+    const Bf16Attention paths[] = {
+        {"tensor cores, mma.sync", attention_forward_bf16_mma_cuda, attention_backward_bf16_mma_cuda},
+        {"tensor cores, WMMA", attention_forward_bf16_tc_cuda, attention_backward_bf16_tc_cuda},
+        {"CUDA cores (simt)", attention_forward_bf16_simt_cuda, attention_backward_bf16_simt_cuda}};
+    for (const Bf16Attention& path : paths) {
       const double f16 = time_kernel([&] {
-        forward(out16.data<uint16_t>(), lse.data<float>(), qkv16.data<uint16_t>(), B, T, C, H, nullptr);
+        path.forward(out16.data<uint16_t>(), lse.data<float>(), qkv16.data<uint16_t>(), B, T, C, H, nullptr);
       }, 5);
       // (the forward just wrote out and lse: the backward runs on real probabilities)
       const double b16 = time_kernel([&] {
-        backward(dqkv16.data<uint16_t>(), dout16.data<uint16_t>(), qkv16.data<uint16_t>(), out16.data<uint16_t>(),
-                 lse.data<float>(), B, T, C, H, nullptr);
+        path.backward(dqkv16.data<uint16_t>(), dout16.data<uint16_t>(), qkv16.data<uint16_t>(), out16.data<uint16_t>(),
+                      lse.data<float>(), B, T, C, H, nullptr);
       }, 5);
-      const char* path = tc ? "tensor cores" : "CUDA cores (simt)";
-      r.line("| bf16 attention forward, %s, B=8 T=1024 C=768 H=12 | %.3f | %.1f TFLOP/s |", path, f16 * 1e3,
+      r.line("| bf16 attention forward, %s, B=8 T=1024 C=768 H=12 | %.3f | %.1f TFLOP/s |", path.name, f16 * 1e3,
              fwd_flops / f16 / 1e12);
-      r.line("| bf16 attention backward, %s | %.3f | %.1f TFLOP/s |", path, b16 * 1e3, 2.5 * fwd_flops / b16 / 1e12);
+      r.line("| bf16 attention backward, %s | %.3f | %.1f TFLOP/s |", path.name, b16 * 1e3,
+             2.5 * fwd_flops / b16 / 1e12);
     }
     {
       const int64_t Ck = 504, Hk = 3;
@@ -454,17 +467,20 @@ void bench_compute(Report& r) {
       Tensor out_k = Tensor::empty({B, T, Ck}, DType::BF16, Device::cuda(0));
       Tensor dqkv_k = normal({B, T, 3 * Ck}, 41).to(DType::BF16);
       const double flops_k = 2.0 * B * T * T * Ck;
-      const double fk = time_kernel([&] {
-        attention_forward_bf16_tc_cuda(out_k.data<uint16_t>(), lse.data<float>(), qkv_k.data<uint16_t>(), B, T, Ck, Hk,
-                                       nullptr);
-      }, 5);
-      const double bk = time_kernel([&] {
-        attention_backward_bf16_tc_cuda(dqkv_k.data<uint16_t>(), dout_k.data<uint16_t>(), qkv_k.data<uint16_t>(),
-                                        out_k.data<uint16_t>(), lse.data<float>(), B, T, Ck, Hk, nullptr);
-      }, 5);
-      r.line("| bf16 attention forward, tensor cores, one Kraken 4-way sub-layer: C=504 H=3 (D=168) | %.3f | %.1f "
-             "TFLOP/s |", fk * 1e3, flops_k / fk / 1e12);
-      r.line("| bf16 attention backward, tensor cores, D=168 | %.3f | %.1f TFLOP/s |", bk * 1e3, 2.5 * flops_k / bk / 1e12);
+      for (size_t i = 0; i < 2; ++i) {  // the two tensor-core families
+        const Bf16Attention& path = paths[i];
+        const double fk = time_kernel([&] {
+          path.forward(out_k.data<uint16_t>(), lse.data<float>(), qkv_k.data<uint16_t>(), B, T, Ck, Hk, nullptr);
+        }, 5);
+        const double bk = time_kernel([&] {
+          path.backward(dqkv_k.data<uint16_t>(), dout_k.data<uint16_t>(), qkv_k.data<uint16_t>(),
+                        out_k.data<uint16_t>(), lse.data<float>(), B, T, Ck, Hk, nullptr);
+        }, 5);
+        r.line("| bf16 attention forward, %s, one Kraken 4-way sub-layer: C=504 H=3 (D=168) | %.3f | %.1f "
+               "TFLOP/s |", path.name, fk * 1e3, flops_k / fk / 1e12);
+        r.line("| bf16 attention backward, %s, D=168 | %.3f | %.1f TFLOP/s |", path.name, bk * 1e3,
+               2.5 * flops_k / bk / 1e12);
+      }
     }
   }
 }

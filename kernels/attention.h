@@ -31,20 +31,24 @@ void attention_forward_cuda(float* out, float* lse, const float* qkv, int64_t B,
                             CUstream_st* stream);
 void attention_backward_cuda(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse,
                              int64_t B, int64_t T, int64_t C, int64_t NH, CUstream_st* stream);
-// CUDA, bf16 storage: qkv, out, dout, dqkv bf16, lse f32. Two implementations:
+// CUDA, bf16 storage: qkv, out, dout, dqkv bf16, lse f32. Three implementations:
 //   _simt_ (kernels/cuda/attention.cu): every product and softmax in f32 on CUDA cores (the fp32
 //     kernels on the widened tiles), out and dqkv rounded once at the end.
-//   _tc_ (kernels/cuda/attention_tc.cu): the products on tensor cores, bf16 operands with f32
-//     accumulation; scores, the online softmax (running max and sum), Dᵢ and lse stay f32, out and
-//     dqkv are rounded once at the end. The one deviation from the f32 arithmetic, the usual
-//     FlashAttention practice: the probabilities P (and in backward dS = P∘(dP − D)) are rounded to bf16
-//     before they multiply v (dO, q, k), a relative change of at most 2⁻⁸ per element. The forward
-//     normalises by the sum of those rounded weights, so out stays a convex combination of v rows;
-//     lse is computed from the f32 weights. Handles 1 ≤ D ≤ 256 where the device's shared memory per
-//     block allows (attention_bf16_tc_supported); sm_80+.
-// attention_{forward,backward}_bf16_cuda dispatch: the tensor-core kernels where the head size is
-// supported, unless the environment variable KRAKEN_CUDA_ATTENTION=simt (read once per process, so a
-// forward and its backward always take the same path); "tc" or unset is the default.
+//   _tc_ (kernels/cuda/attention_tc.cu) and _mma_ (kernels/cuda/attention_mma.cu): the products on
+//     tensor cores, bf16 operands with f32 accumulation — through WMMA with the scores in shared
+//     memory, or through mma.sync with the scores in registers (FlashAttention-2 style); scores, the
+//     online softmax (running max and sum), Dᵢ and lse stay f32, out and dqkv are rounded once at the
+//     end. The one deviation from the f32 arithmetic, the usual FlashAttention practice: the
+//     probabilities P (and in backward dS = P∘(dP − D)) are rounded to bf16 before they multiply v (dO,
+//     q, k), a relative change of at most 2⁻⁸ per element. The forward normalises by the sum of those
+//     rounded weights, so out stays a convex combination of v rows; lse is computed from the f32
+//     weights. Both handle 1 ≤ D ≤ 256 where the device's shared memory per block allows
+//     (attention_bf16_{tc,mma}_supported); sm_80+. They agree to rounding, not bit for bit.
+// attention_{forward,backward}_bf16_cuda dispatch (attention_bf16_kernels) on the environment variable
+// KRAKEN_CUDA_ATTENTION, read once per process so a forward and its backward always take the same path:
+//   unset or "mma": the mma kernels where supported (unset: up to D = kAttentionMmaDefaultMaxHead, the
+//     WMMA ones above), else the CUDA-core ones; "tc": the WMMA kernels where supported, else CUDA
+//     cores; "simt": CUDA cores for every head size.
 void attention_forward_bf16_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T, int64_t C,
                                  int64_t NH, CUstream_st* stream);
 void attention_backward_bf16_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out,
@@ -59,10 +63,25 @@ void attention_forward_bf16_tc_cuda(uint16_t* out, float* lse, const uint16_t* q
 void attention_backward_bf16_tc_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out,
                                      const float* lse, int64_t B, int64_t T, int64_t C, int64_t NH,
                                      CUstream_st* stream);
-// True for the head sizes D = C/NH the _tc_ kernels handle on the current device (1 ≤ D ≤ 256, padded to a
-// multiple of 16, of 32 above 128, where the device has the shared memory per block this needs).
+void attention_forward_bf16_mma_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T, int64_t C,
+                                     int64_t NH, CUstream_st* stream);
+void attention_backward_bf16_mma_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out,
+                                      const float* lse, int64_t B, int64_t T, int64_t C, int64_t NH,
+                                      CUstream_st* stream);
+// True for the head sizes D = C/NH the _tc_ (_mma_) kernels handle on the current device (1 ≤ D ≤ 256,
+// padded to a multiple of 16, of 32 above 128, where the device has the shared memory per block this needs).
 bool attention_bf16_tc_supported(int64_t D);
-// True when attention_{forward,backward}_bf16_cuda take the tensor-core kernels for this head size.
-bool attention_bf16_uses_tc(int64_t D);
+bool attention_bf16_mma_supported(int64_t D);
+
+// The largest head the mma kernels take by default. Above it their register-held accumulators (dK and
+// dV: Dp registers per thread) crowd the register file; the WMMA kernels keep theirs in fragments of the
+// same size but hold fewer operands. (Unmeasured on a GPU as of this writing: bench/gpu_train_bench.cpp
+// times both at D = 168, and KRAKEN_CUDA_ATTENTION=mma takes the mma kernels for every head size.)
+constexpr int64_t kAttentionMmaDefaultMaxHead = 192;
+
+enum class AttentionBf16Kernels { kSimt, kTensorCoreWmma, kTensorCoreMma };
+// Which kernels attention_{forward,backward}_bf16_cuda take for this head size.
+AttentionBf16Kernels attention_bf16_kernels(int64_t D);
+const char* attention_bf16_kernels_name(AttentionBf16Kernels kernels);  // "simt", "tc" or "mma"
 
 }  // namespace kraken::kernels

@@ -20,7 +20,8 @@
 // rounded once when written (dqkv: read, added to in f32, rounded). lse is f32 for both.
 //
 // The bf16 instance is attention_*_bf16_simt_cuda. attention_*_bf16_cuda, at the end, choose between it
-// and the tensor-core kernels of attention_tc.cu (KRAKEN_CUDA_ATTENTION, kernels/cuda/README.md).
+// and the tensor-core kernels of attention_tc.cu and attention_mma.cu (KRAKEN_CUDA_ATTENTION,
+// kernels/cuda/README.md).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -367,32 +368,78 @@ void attention_backward_bf16_simt_cuda(uint16_t* dqkv, const uint16_t* dout, con
   attention_backward(as_bf16(dqkv), as_bf16(dout), as_bf16(qkv), as_bf16(out), lse, B, T, C, NH, stream);
 }
 
-bool attention_bf16_uses_tc(int64_t D) {
-  // KRAKEN_CUDA_ATTENTION, read once: "simt" keeps the CUDA-core kernels, "tc" (or unset, or empty) takes
-  // the tensor-core ones where the head size allows. Read once, so a forward and its backward agree.
-  static const bool simt = [] {
+namespace {
+
+// KRAKEN_CUDA_ATTENTION, read once per process (kernels/attention.h).
+enum class AttentionChoice { kDefault, kMma, kTc, kSimt };
+AttentionChoice attention_choice() {
+  static const AttentionChoice choice = [] {
     const char* env = std::getenv("KRAKEN_CUDA_ATTENTION");
-    if (!env || !*env || std::strcmp(env, "tc") == 0) return false;
-    if (std::strcmp(env, "simt") == 0) return true;
-    KRAKEN_THROW("KRAKEN_CUDA_ATTENTION=", env, ": expected simt or tc");
+    if (!env || !*env) return AttentionChoice::kDefault;
+    if (std::strcmp(env, "mma") == 0) return AttentionChoice::kMma;
+    if (std::strcmp(env, "tc") == 0) return AttentionChoice::kTc;
+    if (std::strcmp(env, "simt") == 0) return AttentionChoice::kSimt;
+    KRAKEN_THROW("KRAKEN_CUDA_ATTENTION=", env, ": expected mma, tc or simt");
   }();
-  return !simt && attention_bf16_tc_supported(D);
+  return choice;
+}
+
+}  // namespace
+
+AttentionBf16Kernels attention_bf16_kernels(int64_t D) {
+  switch (attention_choice()) {
+    case AttentionChoice::kSimt: return AttentionBf16Kernels::kSimt;
+    case AttentionChoice::kMma:
+      if (attention_bf16_mma_supported(D)) return AttentionBf16Kernels::kTensorCoreMma;
+      return AttentionBf16Kernels::kSimt;
+    case AttentionChoice::kTc:
+      if (attention_bf16_tc_supported(D)) return AttentionBf16Kernels::kTensorCoreWmma;
+      return AttentionBf16Kernels::kSimt;
+    case AttentionChoice::kDefault: break;
+  }
+  if (D <= kAttentionMmaDefaultMaxHead && attention_bf16_mma_supported(D))
+    return AttentionBf16Kernels::kTensorCoreMma;
+  if (attention_bf16_tc_supported(D)) return AttentionBf16Kernels::kTensorCoreWmma;
+  return AttentionBf16Kernels::kSimt;
+}
+
+const char* attention_bf16_kernels_name(AttentionBf16Kernels kernels) {
+  switch (kernels) {
+    case AttentionBf16Kernels::kSimt: return "simt";
+    case AttentionBf16Kernels::kTensorCoreWmma: return "tc";
+    case AttentionBf16Kernels::kTensorCoreMma: return "mma";
+  }
+  return "?";
 }
 
 void attention_forward_bf16_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T, int64_t C,
                                  int64_t NH, CUstream_st* stream) {
-  if (NH > 0 && C % NH == 0 && attention_bf16_uses_tc(C / NH))
-    attention_forward_bf16_tc_cuda(out, lse, qkv, B, T, C, NH, stream);
-  else
-    attention_forward_bf16_simt_cuda(out, lse, qkv, B, T, C, NH, stream);
+  KRAKEN_CHECK(NH > 0 && C % NH == 0, "C=", C, " NH=", NH);
+  switch (attention_bf16_kernels(C / NH)) {
+    case AttentionBf16Kernels::kTensorCoreMma:
+      attention_forward_bf16_mma_cuda(out, lse, qkv, B, T, C, NH, stream);
+      break;
+    case AttentionBf16Kernels::kTensorCoreWmma:
+      attention_forward_bf16_tc_cuda(out, lse, qkv, B, T, C, NH, stream);
+      break;
+    case AttentionBf16Kernels::kSimt: attention_forward_bf16_simt_cuda(out, lse, qkv, B, T, C, NH, stream); break;
+  }
 }
 
 void attention_backward_bf16_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out,
                                   const float* lse, int64_t B, int64_t T, int64_t C, int64_t NH, CUstream_st* stream) {
-  if (NH > 0 && C % NH == 0 && attention_bf16_uses_tc(C / NH))
-    attention_backward_bf16_tc_cuda(dqkv, dout, qkv, out, lse, B, T, C, NH, stream);
-  else
-    attention_backward_bf16_simt_cuda(dqkv, dout, qkv, out, lse, B, T, C, NH, stream);
+  KRAKEN_CHECK(NH > 0 && C % NH == 0, "C=", C, " NH=", NH);
+  switch (attention_bf16_kernels(C / NH)) {
+    case AttentionBf16Kernels::kTensorCoreMma:
+      attention_backward_bf16_mma_cuda(dqkv, dout, qkv, out, lse, B, T, C, NH, stream);
+      break;
+    case AttentionBf16Kernels::kTensorCoreWmma:
+      attention_backward_bf16_tc_cuda(dqkv, dout, qkv, out, lse, B, T, C, NH, stream);
+      break;
+    case AttentionBf16Kernels::kSimt:
+      attention_backward_bf16_simt_cuda(dqkv, dout, qkv, out, lse, B, T, C, NH, stream);
+      break;
+  }
 }
 
 }  // namespace kraken::kernels

@@ -4,8 +4,10 @@
 
 #include <ucontext.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <deque>
 #include <exception>
 #include <memory>
 #include <stdexcept>
@@ -18,7 +20,9 @@ namespace {
 constexpr size_t kStackBytes = 256 * 1024;
 constexpr size_t kWarpScratchBytes = 8 * 1024;
 constexpr size_t kMaxDynamicShared = 227 * 1024;  // Hopper's opt-in limit per block
-constexpr unsigned char kPoison = 0xA5;
+// Every byte 0xFF: as f32 or bf16 a NaN, which survives any arithmetic (a multiply by a masked 0 included),
+// so a value read from memory nobody wrote reaches the result.
+constexpr unsigned char kPoison = 0xFF;
 
 enum class State { kRunnable, kAtBlockBarrier, kAtWarpBarrier, kDone };
 
@@ -31,12 +35,22 @@ AlignedBytes aligned_bytes(size_t bytes, size_t alignment) {
   return AlignedBytes(static_cast<unsigned char*>(std::aligned_alloc(alignment, rounded)));
 }
 
+// A cp.async not yet landed: `bytes` at dst, the first `src_bytes` from src (read when it lands; global
+// memory does not change during a kernel), zeros after.
+struct PendingCopy {
+  unsigned char* dst;
+  const unsigned char* src;
+  int bytes, src_bytes;
+};
+
 struct Fiber {
   ucontext_t context;
   std::unique_ptr<char[]> stack;
   State state = State::kRunnable;
   ThreadCoords coords;
   int lane = 0, warp = 0;
+  std::vector<PendingCopy> uncommitted;               // cp.async since the last commit
+  std::deque<std::vector<PendingCopy>> committed;     // oldest group first
 };
 
 // One block's worth of fibers, run on the thread that launched the kernel.
@@ -46,6 +60,7 @@ struct Block {
   std::vector<std::vector<unsigned char>> warp_slots;     // warp_exchange: 32 lanes × up to 16 bytes
   std::vector<AlignedBytes> warp_scratch;
   unsigned char* dynamic_shared = nullptr;
+  size_t dynamic_shared_bytes = 0;
   const std::function<void()>* body = nullptr;
   int current = -1;
   std::exception_ptr error;
@@ -173,6 +188,50 @@ void* dynamic_shared() {
   return g_block->dynamic_shared;
 }
 
+bool in_dynamic_shared(const void* p, size_t bytes) {
+  if (!g_block || !g_block->dynamic_shared) return false;
+  const auto* c = static_cast<const unsigned char*>(p);
+  return c >= g_block->dynamic_shared && c + bytes <= g_block->dynamic_shared + g_block->dynamic_shared_bytes;
+}
+
+namespace {
+void land(const PendingCopy& c) {
+  std::memcpy(c.dst, c.src, static_cast<size_t>(c.src_bytes));
+  std::memset(c.dst + c.src_bytes, 0, static_cast<size_t>(c.bytes - c.src_bytes));
+}
+}  // namespace
+
+void cp_async(void* dst, const void* src, int bytes, int src_bytes) {
+  if (!in_dynamic_shared(dst, static_cast<size_t>(bytes))) trap("cp.async to outside the block's shared memory");
+  if (reinterpret_cast<uintptr_t>(dst) % static_cast<uintptr_t>(bytes) != 0 ||
+      reinterpret_cast<uintptr_t>(src) % static_cast<uintptr_t>(bytes) != 0)
+    trap("cp.async with a misaligned address");
+  if (src_bytes < 0 || src_bytes > bytes) trap("cp.async with src-size outside 0 .. cp-size");
+  const PendingCopy copy{static_cast<unsigned char*>(dst), static_cast<const unsigned char*>(src), bytes, src_bytes};
+  // A GPU may land the copy any time between the issue and the wait: the ascending schedule lands it at
+  // the wait (a read the wait does not cover sees the old bytes), the descending one at once (a copy
+  // into a buffer other warps may still be reading, without a barrier between, overwrites it under them).
+  if (g_schedule == Schedule::kDescending) {
+    land(copy);
+  } else {
+    current_fiber().uncommitted.push_back(copy);
+  }
+}
+
+void cp_async_commit() {
+  Fiber& f = current_fiber();
+  f.committed.push_back(std::move(f.uncommitted));
+  f.uncommitted.clear();
+}
+
+void cp_async_wait(int pending) {
+  Fiber& f = current_fiber();
+  while (f.committed.size() > static_cast<size_t>(std::max(pending, 0))) {
+    for (const PendingCopy& c : f.committed.front()) land(c);
+    f.committed.pop_front();
+  }
+}
+
 void trap(const char* what) { throw std::runtime_error(std::string("emulated kernel: ") + what); }
 
 void run_grid(dim3 grid, dim3 block, size_t dynamic_shared_bytes, const std::function<void()>& body) {
@@ -189,6 +248,7 @@ void run_grid(dim3 grid, dim3 block, size_t dynamic_shared_bytes, const std::fun
   for (int w = 0; w < warps; ++w) b.warp_scratch.push_back(aligned_bytes(kWarpScratchBytes, 16));
   AlignedBytes shared = dynamic_shared_bytes ? aligned_bytes(dynamic_shared_bytes, 128) : AlignedBytes();
   b.dynamic_shared = shared.get();
+  b.dynamic_shared_bytes = dynamic_shared_bytes;
   g_block = &b;
   struct Reset {
     ~Reset() { g_block = nullptr; }
@@ -200,6 +260,8 @@ void run_grid(dim3 grid, dim3 block, size_t dynamic_shared_bytes, const std::fun
         for (int t = 0; t < threads; ++t) {
           Fiber& f = b.fibers[static_cast<size_t>(t)];
           f.state = State::kRunnable;
+          f.uncommitted.clear();  // a block's copies never land in the next one
+          f.committed.clear();
           f.lane = t % 32;
           f.warp = t / 32;
           f.coords.thread_idx =

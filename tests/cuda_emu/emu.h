@@ -52,7 +52,25 @@ unsigned warp_ballot(bool predicate);
 // The warp's own scratch (for the collective WMMA operations), at least 8 KiB, 16-byte aligned.
 void* warp_scratch();
 void* dynamic_shared();
+// Whether [p, p + bytes) lies in the running block's dynamic shared memory.
+bool in_dynamic_shared(const void* p, size_t bytes);
 [[noreturn]] void trap(const char* what);
+
+// The PTX primitives of kernels/cuda/mma_sync.h (its header has the layouts), warp-collective where the
+// instruction is: mma.sync m16n8k16 (d += a·b, bf16 operands, products summed in f32 in k order) and
+// ldmatrix .x4 (every lane gives a row address, 16-byte aligned, in dynamic shared memory) gather all
+// 32 lanes' operands, so they are warp barriers as a shuffle is (mma_sync.cpp).
+void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
+void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans);
+// cp.async, landing at either end of the window a GPU has: under the ascending schedule the copy is
+// queued in the calling thread and lands only when a cp_async_wait covers its group, so a read before
+// the wait (or, for another thread's copy, before the barrier after it) sees what was there before —
+// poison, or the previous tile; under the descending schedule it lands at once, so a copy into a buffer
+// that other warps may still be reading (no barrier between) overwrites it under them. src_bytes <
+// bytes fills the rest with zeros.
+void cp_async(void* dst, const void* src, int bytes, int src_bytes);
+void cp_async_commit();
+void cp_async_wait(int pending);  // lands all but the `pending` most recent committed groups
 
 // Runs body once per thread of every block of the grid.
 void run_grid(dim3 grid, dim3 block, size_t dynamic_shared_bytes, const std::function<void()>& body);

@@ -2,6 +2,7 @@
 // that it fails loudly where a GPU would hang or trap. Kernels in selftest_kernels.cpp.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <stdexcept>
@@ -17,6 +18,8 @@ void warp_sum(float* out, const float* in, int warps);
 void static_shared(int* out, int blocks);
 void unwritten_shared(unsigned char* out);
 void wmma_product(float* d, const uint16_t* a, const uint16_t* b, const float* c);
+void mma_sync_product(float* d, const uint16_t* a, const uint16_t* b, int way);
+void cp_async_copy(unsigned char* out, const unsigned char* src, bool fill);
 void trap();
 }  // namespace kraken_emu_selftest
 
@@ -56,7 +59,7 @@ TEST(CudaEmulationSelf, StaticSharedMemoryIsTheBlocks) {
 TEST(CudaEmulationSelf, UnwrittenDynamicSharedMemoryIsPoison) {
   std::vector<unsigned char> out(32, 0);
   self::unwritten_shared(out.data());
-  for (unsigned char v : out) EXPECT_EQ(v, 0xA5);
+  for (unsigned char v : out) EXPECT_EQ(v, 0xFF);
 }
 
 TEST(CudaEmulationSelf, WmmaProductsAreMatrixProducts) {
@@ -79,6 +82,47 @@ TEST(CudaEmulationSelf, WmmaProductsAreMatrixProducts) {
       EXPECT_EQ(d[r * 16 + col], want) << "row " << r << " column " << col;
     }
   }
+}
+
+TEST(CudaEmulationSelf, MmaSyncProductsAreMatrixProductsWhicheverWayTheOperandsArrive) {
+  // The PTX layout formulas written out, ldmatrix of Bᵀ's rows, ldmatrix .trans of B's rows: each must
+  // give A·B (small integers: exact in bf16 and in f32 sums).
+  std::vector<float> a(256), b(256);
+  for (int i = 0; i < 256; ++i) {
+    a[i] = static_cast<float>((i * 7) % 11 - 5);
+    b[i] = static_cast<float>((i * 5) % 13 - 6);
+  }
+  std::vector<uint16_t> a16(256), b16(256);
+  kraken::kernels::cast_f32_to_bf16_cpu(a16.data(), a.data(), 256);
+  kraken::kernels::cast_f32_to_bf16_cpu(b16.data(), b.data(), 256);
+  for (int way = 0; way < 3; ++way) {
+    std::vector<float> d(256, -1.0f);
+    self::mma_sync_product(d.data(), a16.data(), b16.data(), way);
+    for (int r = 0; r < 16; ++r)
+      for (int c = 0; c < 16; ++c) {
+        float want = 0.0f;
+        for (int k = 0; k < 16; ++k) want += a[r * 16 + k] * b[k * 16 + c];
+        EXPECT_EQ(d[r * 16 + c], want) << "way " << way << ", row " << r << ", column " << c;
+      }
+  }
+}
+
+TEST(CudaEmulationSelf, CpAsyncLandsAtTheWaitOrAtTheIssue) {
+  std::vector<unsigned char> src(16), out(32, 0);
+  for (int i = 0; i < 16; ++i) src[i] = static_cast<unsigned char>(i + 1);
+  alignas(16) unsigned char aligned[16];
+  std::copy(src.begin(), src.end(), aligned);
+  self::cp_async_copy(out.data(), aligned, true);  // the ascending schedule: at the wait
+  for (int i = 0; i < 16; ++i) {
+    EXPECT_EQ(out[i], 0xFF) << "before the wait: still the poison";
+    EXPECT_EQ(out[16 + i], src[i]) << "after the wait: the copy";
+  }
+  self::cp_async_copy(out.data(), aligned, false);
+  for (int i = 0; i < 16; ++i) EXPECT_EQ(out[16 + i], 0) << "src-size 0: zero-filled";
+  kraken_emu::set_schedule(kraken_emu::Schedule::kDescending);  // at the issue
+  self::cp_async_copy(out.data(), aligned, true);
+  kraken_emu::set_schedule(kraken_emu::Schedule::kAscending);
+  for (int i = 0; i < 16; ++i) EXPECT_EQ(out[i], src[i]) << "landed before the wait";
 }
 
 }  // namespace

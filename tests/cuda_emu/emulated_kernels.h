@@ -18,6 +18,12 @@ void attention_backward_bf16_tc_cuda(uint16_t* dqkv, const uint16_t* dout, const
                                      const float* lse, int64_t B, int64_t T, int64_t C, int64_t NH,
                                      CUstream_st* stream);
 bool attention_bf16_tc_supported(int64_t D);
+void attention_forward_bf16_mma_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T, int64_t C,
+                                     int64_t NH, CUstream_st* stream);
+void attention_backward_bf16_mma_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out,
+                                      const float* lse, int64_t B, int64_t T, int64_t C, int64_t NH,
+                                      CUstream_st* stream);
+bool attention_bf16_mma_supported(int64_t D);
 
 void attention_forward_cuda(float* out, float* lse, const float* qkv, int64_t B, int64_t T, int64_t C, int64_t NH,
                             CUstream_st* stream);

@@ -101,8 +101,19 @@ struct AttentionShape {
   }
 };
 
-void check_attention(const AttentionShape& s) {
-  const std::string what = "emulated tensor-core attention " + s.str();
+// The two tensor-core families (kernels/attention.h): WMMA (attention_tc.cu) and mma.sync
+// (attention_mma.cu); one contract, so one check.
+struct TensorCoreAttention {
+  const char* name;
+  decltype(&emu::attention_forward_bf16_tc_cuda) forward;
+  decltype(&emu::attention_backward_bf16_tc_cuda) backward;
+};
+const TensorCoreAttention kWmma{"WMMA", emu::attention_forward_bf16_tc_cuda, emu::attention_backward_bf16_tc_cuda};
+const TensorCoreAttention kMmaSync{"mma.sync", emu::attention_forward_bf16_mma_cuda,
+                                   emu::attention_backward_bf16_mma_cuda};
+
+void check_attention(const AttentionShape& s, const TensorCoreAttention& kernels = kWmma) {
+  const std::string what = std::string("emulated tensor-core attention (") + kernels.name + ") " + s.str();
   const int64_t C = s.D * s.NH, rows = s.B * s.T;
   const std::vector<uint16_t> qkv = to_bf16(normal(static_cast<size_t>(rows * 3 * C), 1, 1.5f));
   const std::vector<uint16_t> dout = to_bf16(normal(static_cast<size_t>(rows * C), 2));
@@ -110,15 +121,14 @@ void check_attention(const AttentionShape& s) {
 
   std::vector<uint16_t> out(static_cast<size_t>(rows * C)), dqkv(static_cast<size_t>(rows * 3 * C), 0);
   std::vector<float> lse(static_cast<size_t>(s.B * s.NH * s.T));
-  emu::attention_forward_bf16_tc_cuda(out.data(), lse.data(), qkv.data(), s.B, s.T, C, s.NH, nullptr);
+  kernels.forward(out.data(), lse.data(), qkv.data(), s.B, s.T, C, s.NH, nullptr);
   std::vector<float> out_cpu(out.size()), lse_cpu(lse.size()), dqkv_cpu(dqkv.size(), 0.0f);
   kernels::attention_forward_cpu(out_cpu.data(), lse_cpu.data(), qkv_f.data(), s.B, s.T, C, s.NH);
   expect_close(to_f32(out), out_cpu, 5e-3, true, what + ": out");
   expect_close(lse, lse_cpu, 1e-5, false, what + ": lse");
 
   // The backward from the forward's own out and lse, as the model runs it.
-  emu::attention_backward_bf16_tc_cuda(dqkv.data(), dout.data(), qkv.data(), out.data(), lse.data(), s.B, s.T, C,
-                                       s.NH, nullptr);
+  kernels.backward(dqkv.data(), dout.data(), qkv.data(), out.data(), lse.data(), s.B, s.T, C, s.NH, nullptr);
   kernels::attention_backward_cpu(dqkv_cpu.data(), dout_f.data(), qkv_f.data(), rounded(out_cpu).data(),
                                   lse_cpu.data(), s.B, s.T, C, s.NH);
   expect_close(to_f32(dqkv), dqkv_cpu, 1.2e-2, true, what + ": dqkv");
@@ -143,6 +153,31 @@ TEST(CudaEmulation, TensorCoreAttentionAbove128) {
   });
   EXPECT_TRUE(emu::attention_bf16_tc_supported(256));  // the emulated device has Hopper's shared memory
   EXPECT_FALSE(emu::attention_bf16_tc_supported(257));
+}
+
+TEST(CudaEmulation, MmaSyncAttentionMatchesTheCpu) {
+  // Register-resident softmax on mma.sync fragments, ldmatrix, cp.async double buffering (D a multiple of
+  // 8) or plain copies (D = 42, 5): the shapes of the WMMA test, three query tiles (T = 150: the
+  // pipeline's second and third stage, a partial last tile), two heads of D = 64 with B = 2.
+  under_both_schedules([] {
+    check_attention({1, 1, 64, 1}, kMmaSync);
+    check_attention({2, 65, 64, 2}, kMmaSync);
+    check_attention({1, 150, 32, 1}, kMmaSync);
+    check_attention({1, 40, 42, 2}, kMmaSync);
+    check_attention({1, 19, 5, 1}, kMmaSync);
+    check_attention({1, 70, 128, 1}, kMmaSync);
+  });
+}
+
+TEST(CudaEmulation, MmaSyncAttentionAbove128) {
+  // One stage above Dp = 128; k and v (dk/dv) and q, dO (dq) loaded per use: the Kraken heads.
+  under_both_schedules([] {
+    check_attention({1, 130, 168, 1}, kMmaSync);
+    check_attention({1, 37, 209, 1}, kMmaSync);
+    check_attention({1, 33, 256, 1}, kMmaSync);
+  });
+  EXPECT_TRUE(emu::attention_bf16_mma_supported(256));
+  EXPECT_FALSE(emu::attention_bf16_mma_supported(257));
 }
 
 // ---- layernorm ------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "kernels/cuda/launch.h"
+#include "kernels/cuda/mma_sync.h"
 
 namespace kraken_emu_selftest {
 namespace {
@@ -51,6 +52,54 @@ __global__ void wmma_kernel(float* d, const __nv_bfloat16* a, const __nv_bfloat1
   wmma::store_matrix_sync(d, fc, 16, wmma::mem_row_major);
 }
 
+// D (16 × 16, row-major f32) = A·B for A (16 × 16 row-major) and B (16 × 16, k × n, row-major), both
+// bf16, as two mma.sync m16n8k16 products. `way` picks how the operands reach the registers: 0 from
+// global memory by the PTX ISA's layout formulas written out; 1 by ldmatrix from shared memory, B from
+// its transpose's rows (as attention_mma.cu loads k for q·kᵀ); 2 by ldmatrix .trans from B's rows (as it
+// loads v for P·v).
+__global__ void mma_sync_kernel(float* d, const uint16_t* a, const uint16_t* b, int way) {
+  KRAKEN_DYNAMIC_SHARED(uint16_t, smem);  // A at 0, B (way 2) or Bᵀ (way 1) at 256; pitch 16
+  const int lane = threadIdx.x, g = lane / 4, t = lane % 4;
+  for (int i = lane; i < 256; i += 32) {
+    smem[i] = a[i];
+    smem[256 + i] = way == 1 ? b[(i % 16) * 16 + i / 16] : b[i];
+  }
+  __syncwarp();
+  uint32_t ra[4], rb[2][2];
+  if (way == 0) {
+    auto pair = [](uint16_t lo, uint16_t hi) { return static_cast<uint32_t>(lo) | static_cast<uint32_t>(hi) << 16; };
+    auto at = [&](int r, int c) { return pair(a[r * 16 + c], a[r * 16 + c + 1]); };  // A[r][c, c+1]
+    ra[0] = at(g, 2 * t), ra[1] = at(g + 8, 2 * t), ra[2] = at(g, 2 * t + 8), ra[3] = at(g + 8, 2 * t + 8);
+    auto bt = [&](int k, int n) { return pair(b[k * 16 + n], b[(k + 1) * 16 + n]); };  // B[k, k+1][n]
+    for (int n = 0; n < 2; ++n) rb[n][0] = bt(2 * t, 8 * n + g), rb[n][1] = bt(2 * t + 8, 8 * n + g);
+  } else {
+    kraken::kernels::mma::ldmatrix_x4(ra, smem + (lane % 16) * 16 + (lane / 16) * 8);
+    uint32_t r[4];
+    if (way == 1)
+      kraken::kernels::mma::ldmatrix_x4(r, smem + 256 + ((lane / 16) * 8 + lane % 8) * 16 + ((lane / 8) % 2) * 8);
+    else
+      kraken::kernels::mma::ldmatrix_x4_trans(r, smem + 256 + (lane % 16) * 16 + (lane / 16) * 8);
+    rb[0][0] = r[0], rb[0][1] = r[1], rb[1][0] = r[2], rb[1][1] = r[3];
+  }
+  for (int n = 0; n < 2; ++n) {
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    kraken::kernels::mma::mma_bf16(acc, ra, rb[n]);
+    for (int e = 0; e < 4; ++e) d[(g + 8 * (e >> 1)) * 16 + 8 * n + 2 * t + (e & 1)] = acc[e];
+  }
+}
+
+// Thread 0 copies 16 bytes of src into shared memory by cp.async (zero-filled when !fill) and records
+// them before the wait (out[0..15]) and after it (out[16..31]).
+__global__ void cp_async_kernel(unsigned char* out, const unsigned char* src, bool fill) {
+  KRAKEN_DYNAMIC_SHARED(unsigned char, smem);
+  if (threadIdx.x != 0) return;
+  kraken::kernels::mma::cp_async_16(smem, src, fill);
+  kraken::kernels::mma::cp_async_commit();
+  for (int i = 0; i < 16; ++i) out[i] = smem[i];
+  kraken::kernels::mma::cp_async_wait<0>();
+  for (int i = 0; i < 16; ++i) out[16 + i] = smem[i];
+}
+
 __global__ void trap_kernel() {
   if (threadIdx.x == 5) __trap();
 }
@@ -66,6 +115,12 @@ void unwritten_shared(unsigned char* out) { KRAKEN_KERNEL(1, 32, 256, nullptr, u
 void wmma_product(float* d, const uint16_t* a, const uint16_t* b, const float* c) {
   KRAKEN_KERNEL(1, 32, 0, nullptr, wmma_kernel)(d, reinterpret_cast<const __nv_bfloat16*>(a),
                                                 reinterpret_cast<const __nv_bfloat16*>(b), c);
+}
+void mma_sync_product(float* d, const uint16_t* a, const uint16_t* b, int way) {
+  KRAKEN_KERNEL(1, 32, 1024, nullptr, mma_sync_kernel)(d, a, b, way);
+}
+void cp_async_copy(unsigned char* out, const unsigned char* src, bool fill) {
+  KRAKEN_KERNEL(1, 32, 64, nullptr, cp_async_kernel)(out, src, fill);
 }
 void trap() { KRAKEN_KERNEL(1, 32, 0, nullptr, trap_kernel)(); }
 

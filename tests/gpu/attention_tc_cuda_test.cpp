@@ -1,11 +1,13 @@
-// The tensor-core bf16 attention (attention_{forward,backward}_bf16_tc_cuda, kernels/cuda/attention_tc.cu),
-// called directly on device buffers, against the contract of kernels/attention.h: the CPU f32 kernel
+// The tensor-core bf16 attention, both families — WMMA (attention_{forward,backward}_bf16_tc_cuda,
+// kernels/cuda/attention_tc.cu) and mma.sync (…_mma_cuda, kernels/cuda/attention_mma.cu) — called
+// directly on device buffers, against the contract of kernels/attention.h: the CPU f32 kernel
 // on exactly the bf16 values the GPU reads, its outputs rounded once (nearest even) — the reference of
 // tests/gpu/bf16_kernels_cuda_test.cpp. Head sizes 64 (GPT-2), 42 (the Kraken 4-way preset: padded to
 // 48, 4-byte rows), 128 (the largest, over 48 KiB of shared memory) and 24 (padded to 32); T from 1 to
 // 257, with 65 (the last 64-row tile holds one row) and 17, 100, 257 ragged; B·NH = 6; dqkv accumulates
 // into non-zero values. Then: B·NH above the 65535 grid limit, buffers only 2-byte aligned (the scalar
-// copies), agreement with the CUDA-core (SIMT) kernels, and the dispatch of attention_*_bf16_cuda.
+// copies), agreement with the CUDA-core (SIMT) kernels and between the two families, and the dispatch
+// of attention_*_bf16_cuda. The two families share one contract and so these tolerances.
 // Skips where there is no GPU, and in the dry run (KRAKEN_GPU_TESTS_ON_CPU=1): these tests call CUDA
 // kernels directly, so there is nothing for the CPU to stand in for.
 //
@@ -132,7 +134,16 @@ struct Results {
   std::vector<uint16_t> out_bits, dqkv_bits;
 };
 
-enum class Path { kTc, kSimt, kDispatch };
+enum class Path { kTc, kMma, kSimt, kDispatch };
+const char* path_name(Path p) {
+  switch (p) {
+    case Path::kTc: return "tc";
+    case Path::kMma: return "mma";
+    case Path::kSimt: return "simt";
+    case Path::kDispatch: break;
+  }
+  return "dispatch";
+}
 
 // Forward from qkv, and backward from the given out, lse, dout into dqkv (starting at dqkv0).
 Results run(Path path, const Shape4& s, const std::vector<uint16_t>& qkv, const std::vector<uint16_t>& out_in,
@@ -150,6 +161,11 @@ Results run(Path path, const Shape4& s, const std::vector<uint16_t>& qkv, const 
       attention_forward_bf16_tc_cuda(out_d.ptr(), lse, qkv_d.ptr(), B, T, C, NH, stream());
       attention_backward_bf16_tc_cuda(dqkv_d.ptr(), dout_d.ptr(), qkv_d.ptr(), out_in_d.ptr(), lse_b, B, T, C, NH,
                                       stream());
+      break;
+    case Path::kMma:
+      attention_forward_bf16_mma_cuda(out_d.ptr(), lse, qkv_d.ptr(), B, T, C, NH, stream());
+      attention_backward_bf16_mma_cuda(dqkv_d.ptr(), dout_d.ptr(), qkv_d.ptr(), out_in_d.ptr(), lse_b, B, T, C, NH,
+                                       stream());
       break;
     case Path::kSimt:
       attention_forward_bf16_simt_cuda(out_d.ptr(), lse, qkv_d.ptr(), B, T, C, NH, stream());
@@ -200,11 +216,11 @@ Case make_case(const Shape4& s, uint64_t seed) {
   return c;
 }
 
-void check_tc_against_cpu(const Shape4& s, int64_t offset = 0) {
-  const std::string what =
-      "attention tc " + s.str() + (offset ? " (buffers " + std::to_string(offset) + " elements off alignment)" : "");
+void check_tc_against_cpu(const Shape4& s, int64_t offset = 0, Path path = Path::kTc) {
+  const std::string what = std::string("attention ") + path_name(path) + " " + s.str() +
+                           (offset ? " (buffers " + std::to_string(offset) + " elements off alignment)" : "");
   const Case c = make_case(s, 60 + static_cast<uint64_t>(s.T + s.C));
-  const Results r = run(Path::kTc, s, c.qkv, c.out_rounded_bits, c.lse, c.dout, c.dqkv0, offset);
+  const Results r = run(path, s, c.qkv, c.out_rounded_bits, c.lse, c.dout, c.dqkv0, offset);
   expect_close(r.out, c.out_rounded, kRelOut, true, what + ": out");
   expect_close(r.lse, c.lse, kRelLse, false, what + ": lse");
   expect_close(r.dqkv, c.dqkv, kRelGrad, true, what + ": dqkv +=");
@@ -219,14 +235,17 @@ void check_tc_against_cpu(const Shape4& s, int64_t offset = 0) {
 }
 
 bool tc_supported(int64_t D) { return attention_bf16_tc_supported(D); }
+bool mma_supported(int64_t D) { return attention_bf16_mma_supported(D); }
 
 #else  // a build without CUDA: the tests skip before calling these
 
 struct Shape4 {
   int64_t B, T, C, NH;
 };
-void check_tc_against_cpu(const Shape4&, int64_t = 0) {}
+enum class Path { kTc, kMma };
+void check_tc_against_cpu(const Shape4&, int64_t = 0, Path = Path::kTc) {}
 bool tc_supported(int64_t) { return false; }
+bool mma_supported(int64_t) { return false; }
 
 #endif  // KRAKEN_WITH_CUDA
 
@@ -257,6 +276,38 @@ TEST(GpuAttentionTc, MatchesTheRoundedCpuForHeadsAbove128) {
   }
 }
 
+// The mma.sync kernels on the same cases (register-resident softmax, ldmatrix, cp.async double
+// buffering up to Dp = 128, one buffer above).
+TEST(GpuAttentionMma, MatchesTheRoundedCpuForHeadSizesAndLengths) {
+  KRAKEN_REQUIRE_CUDA_KERNELS();
+  for (int64_t D : {64, 42, 128, 24})
+    for (int64_t T : {1, 17, 64, 65, 100, 257}) check_tc_against_cpu({2, T, 3 * D, 3}, 0, Path::kMma);
+}
+
+TEST(GpuAttentionMma, MatchesTheRoundedCpuWithUnalignedBuffersAndSmallHeads) {
+  KRAKEN_REQUIRE_CUDA_KERNELS();
+  check_tc_against_cpu({1, 77, 2 * 64, 2}, 1, Path::kMma);  // 2-byte aligned: plain copies, no cp.async
+  check_tc_against_cpu({1, 70, 96, 1}, 2, Path::kMma);
+  check_tc_against_cpu({2, 130, 2 * 16, 2}, 0, Path::kMma);  // cp.async, three tiles through two buffers
+  check_tc_against_cpu({2, 65, 2 * 5, 2}, 0, Path::kMma);
+}
+
+TEST(GpuAttentionMma, HandlesMoreThan65535Heads) {
+  KRAKEN_REQUIRE_CUDA_KERNELS();
+  check_tc_against_cpu({35000, 3, 2 * 16, 2}, 0, Path::kMma);  // B·NH = 70000 blocks along grid.x
+}
+
+TEST(GpuAttentionMma, MatchesTheRoundedCpuForHeadsAbove128) {
+  KRAKEN_REQUIRE_CUDA_KERNELS();
+  for (int64_t D : {168, 161, 209, 256}) {
+    if (!mma_supported(D)) {
+      std::printf("D = %lld: not enough shared memory per block on this device, skipped\n", static_cast<long long>(D));
+      continue;
+    }
+    for (int64_t T : {1, 65, 200}) check_tc_against_cpu({2, T, 2 * D, 2}, 0, Path::kMma);
+  }
+}
+
 TEST(GpuAttentionTc, HandlesMoreThan65535Heads) {
   KRAKEN_REQUIRE_CUDA_KERNELS();
   // B·NH = 70000 blocks along grid.x (the SIMT kernels put b·h on grid.y and stop at 65535).
@@ -264,41 +315,68 @@ TEST(GpuAttentionTc, HandlesMoreThan65535Heads) {
 }
 
 #if KRAKEN_WITH_CUDA
-void check_tc_against_simt(const Shape4& s) {
-  const std::string what = "attention tc vs simt " + s.str();
+// Two implementations on the same inputs, within the sum of their tolerances against the CPU.
+void check_paths_agree(const Shape4& s, Path first, Path second, double rel_out, double rel_lse, double rel_grad) {
+  const std::string what = std::string("attention ") + path_name(first) + " vs " + path_name(second) + " " + s.str();
   const Case c = make_case(s, 90 + static_cast<uint64_t>(s.T));
-  const Results tc = run(Path::kTc, s, c.qkv, c.out_rounded_bits, c.lse, c.dout, c.dqkv0, 0);
-  const Results simt = run(Path::kSimt, s, c.qkv, c.out_rounded_bits, c.lse, c.dout, c.dqkv0, 0);
-  expect_close(tc.out, simt.out, kRelOut + kSimtOut, true, what + ": out");
-  expect_close(tc.lse, simt.lse, kRelLse + kSimtLse, false, what + ": lse");
-  expect_close(tc.dqkv, simt.dqkv, kRelGrad + kSimtGrad, true, what + ": dqkv +=");
+  const Results a = run(first, s, c.qkv, c.out_rounded_bits, c.lse, c.dout, c.dqkv0, 0);
+  const Results b = run(second, s, c.qkv, c.out_rounded_bits, c.lse, c.dout, c.dqkv0, 0);
+  expect_close(a.out, b.out, rel_out, true, what + ": out");
+  expect_close(a.lse, b.lse, rel_lse, false, what + ": lse");
+  expect_close(a.dqkv, b.dqkv, rel_grad, true, what + ": dqkv +=");
+}
+void check_tc_against_simt(const Shape4& s) {
+  check_paths_agree(s, Path::kTc, Path::kSimt, kRelOut + kSimtOut, kRelLse + kSimtLse, kRelGrad + kSimtGrad);
+  check_paths_agree(s, Path::kMma, Path::kSimt, kRelOut + kSimtOut, kRelLse + kSimtLse, kRelGrad + kSimtGrad);
+}
+void check_mma_against_tc(const Shape4& s) {
+  check_paths_agree(s, Path::kMma, Path::kTc, 2 * kRelOut, 2 * kRelLse, 2 * kRelGrad);
 }
 
 // attention_*_bf16_cuda give bit for bit what the path they take gives (every kernel here is
-// deterministic): the tensor-core one where attention_bf16_uses_tc(D), else SIMT.
+// deterministic): the one attention_bf16_kernels(D) names.
 void check_supported_sizes() {
   EXPECT_FALSE(attention_bf16_tc_supported(0));
+  EXPECT_FALSE(attention_bf16_mma_supported(0));
   // Every D ≤ 256 needs at most 127.5 KiB per block (dk/dv at Dp = 256), which the A100 (163 KiB) and
   // Hopper (227 KiB) have; smaller parts (sm_86: 99 KiB) stop earlier.
   int device = 0, optin = 0;
   ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
   ASSERT_EQ(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), cudaSuccess);
-  if (optin >= 128 * 1024) {
-    for (int64_t D = 1; D <= 256; ++D) EXPECT_TRUE(attention_bf16_tc_supported(D)) << D;
+  if (optin >= 133 * 1024) {  // the mma kernels' largest block: 132.5 KiB (backward, Dp = 256)
+    for (int64_t D = 1; D <= 256; ++D) {
+      EXPECT_TRUE(attention_bf16_tc_supported(D)) << D;
+      EXPECT_TRUE(attention_bf16_mma_supported(D)) << D;
+    }
   }
   EXPECT_FALSE(attention_bf16_tc_supported(257));
+  EXPECT_FALSE(attention_bf16_mma_supported(257));
 }
 
 void check_dispatch(const Shape4& s) {
   const int64_t D = s.C / s.NH;
-  const bool tc = attention_bf16_uses_tc(D);
+  const AttentionBf16Kernels kernels = attention_bf16_kernels(D);
   const char* env = std::getenv("KRAKEN_CUDA_ATTENTION");
-  const bool forced_simt = env && std::string(env) == "simt";
-  EXPECT_EQ(tc, !forced_simt && attention_bf16_tc_supported(D)) << "D = " << D;
-  const std::string what = "attention dispatch " + s.str() + (tc ? " (tc)" : " (simt)");
+  const std::string choice = env ? env : "";
+  AttentionBf16Kernels want = AttentionBf16Kernels::kSimt;
+  if (choice == "tc") {
+    if (attention_bf16_tc_supported(D)) want = AttentionBf16Kernels::kTensorCoreWmma;
+  } else if (choice == "mma") {
+    if (attention_bf16_mma_supported(D)) want = AttentionBf16Kernels::kTensorCoreMma;
+  } else if (choice != "simt") {
+    if (D <= kAttentionMmaDefaultMaxHead && attention_bf16_mma_supported(D))
+      want = AttentionBf16Kernels::kTensorCoreMma;
+    else if (attention_bf16_tc_supported(D))
+      want = AttentionBf16Kernels::kTensorCoreWmma;
+  }
+  EXPECT_EQ(kernels, want) << "D = " << D;
+  const Path path = kernels == AttentionBf16Kernels::kTensorCoreMma    ? Path::kMma
+                    : kernels == AttentionBf16Kernels::kTensorCoreWmma ? Path::kTc
+                                                                       : Path::kSimt;
+  const std::string what = "attention dispatch " + s.str() + " (" + attention_bf16_kernels_name(kernels) + ")";
   const Case c = make_case(s, 120 + static_cast<uint64_t>(s.T));
   const Results a = run(Path::kDispatch, s, c.qkv, c.out_rounded_bits, c.lse, c.dout, c.dqkv0, 0);
-  const Results b = run(tc ? Path::kTc : Path::kSimt, s, c.qkv, c.out_rounded_bits, c.lse, c.dout, c.dqkv0, 0);
+  const Results b = run(path, s, c.qkv, c.out_rounded_bits, c.lse, c.dout, c.dqkv0, 0);
   EXPECT_EQ(a.out_bits, b.out_bits) << what << ": out";
   EXPECT_EQ(a.lse, b.lse) << what << ": lse";
   EXPECT_EQ(a.dqkv_bits, b.dqkv_bits) << what << ": dqkv";
@@ -306,6 +384,7 @@ void check_dispatch(const Shape4& s) {
 }
 #else
 void check_tc_against_simt(const Shape4&) {}
+void check_mma_against_tc(const Shape4&) {}
 void check_supported_sizes() {}
 void check_dispatch(const Shape4&) {}
 #endif
@@ -318,11 +397,18 @@ TEST(GpuAttentionTc, AgreesWithTheSimtKernels) {
   check_tc_against_simt({2, 130, 2 * 168, 2});  // Dp = 192: q and dO no longer held in registers
 }
 
+TEST(GpuAttentionMma, AgreesWithTheWmmaKernels) {
+  KRAKEN_REQUIRE_CUDA_KERNELS();
+  check_mma_against_tc({2, 1024, 4 * 64, 4});  // GPT-2 heads at the benchmark's T
+  check_mma_against_tc({2, 300, 3 * 168, 3});    // one sub-layer of the Kraken 4-way preset
+}
+
 TEST(GpuAttentionTc, DispatchTakesOnePathForForwardAndBackward) {
   KRAKEN_REQUIRE_CUDA_KERNELS();
   check_supported_sizes();
   check_dispatch({2, 100, 2 * 64, 2});
   check_dispatch({1, 33, 2 * 168, 2});  // D = 168 (the Kraken 4-way preset): tensor cores, Dp = 192
+  check_dispatch({1, 33, 2 * 209, 2});  // D = 209: WMMA by default (the mma dk/dv kernel spills there)
   check_dispatch({1, 33, 2 * 272, 2});  // D = 272: beyond the tensor-core kernels, always SIMT
 }
 
