@@ -28,6 +28,9 @@
 //             sums (α is the same in the 4 lanes of a row), added across the lanes at the end.
 //   dq        per 16-key block: S = q·kᵀ, dP = dO·vᵀ, P = 2^{S·scale·log₂e − lse·log₂e},
 //             dS = P∘(dP − Dᵢ); dQ += dS·k.
+//   Dᵢ = Σ_d dO[i, d]·O[i, d] (f32, from the bf16 dO and out) is computed once per backward by a small
+//   kernel into a per-device workspace, and streamed with lse by cp.async beside the q and dO tiles
+//   (the WMMA kernels recompute it for every pair of tiles, with plain loads the pipeline cannot hide).
 //   dk/dv     per 16-query block: Sᵀ = k·qᵀ, dPᵀ = v·dOᵀ, Pᵀ and dSᵀ as above (lse and Dᵢ of the
 //             column's query); dV += Pᵀ·dO, dK += dSᵀ·q.
 // A 16-row block entirely masked for the warp (all keys after all its queries, or past T) is skipped.
@@ -41,6 +44,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <mutex>
 #include <type_traits>
 
 #include "kernels/attention.h"
@@ -328,14 +332,48 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- backward -----------------------------------------------------------------------------------------
 
+// Dᵢ = Σ_d dO[b, t, h, d]·O[b, t, h, d] for every (b·NH + h, t), into delta (the layout of lse): one
+// thread per (row, head), V-element pieces.
+template <int V>
+__global__ void __launch_bounds__(256)
+    attention_delta_kernel(float* delta, const uint16_t* dout, const uint16_t* out, int64_t rows, TcDims g) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;  // row · NH + h
+  if (i >= rows * g.NH) return;
+  const int64_t row = i / g.NH;
+  const int h = static_cast<int>(i - row * g.NH);
+  const int64_t at = row * g.C + static_cast<int64_t>(h) * g.D;
+  float acc = 0.0f;
+  for (int c = 0; c < g.D; c += V) {
+    const Pack<V> x = *reinterpret_cast<const Pack<V>*>(dout + at + c);
+    const Pack<V> y = *reinterpret_cast<const Pack<V>*>(out + at + c);
+#pragma unroll
+    for (int k = 0; k < V; ++k) acc += b2f(x.u[k]) * b2f(y.u[k]);
+  }
+  const int64_t b = row / g.T, t = row - b * g.T;
+  delta[(b * g.NH + h) * g.T + t] = acc;
+}
+
+// lse and Dᵢ of queries q0 .. q0 + 63 of head bh into lse_s[0..63], delta_s[0..63] by cp.async (one
+// float per thread; zeros past T).
+__device__ __forceinline__ void load_query_stats(float* lse_s, float* delta_s, const float* lse, const float* delta,
+                                                 int bh, int q0, const TcDims& g) {
+  const int i = threadIdx.x % kTile, t = q0 + i;
+  const bool in = t < g.T;
+  const int64_t at = in ? static_cast<int64_t>(bh) * g.T + t : 0;
+  if (threadIdx.x < kTile)
+    mma::cp_async_4(lse_s + i, lse + at, in);
+  else
+    mma::cp_async_4(delta_s + i, delta + at, in);
+}
+
 // Pᵀ or P and dS of one 16 × 16 block as A operands (bf16), from its scores s and dP (two 16 × 8
 // accumulator tiles each). Element e of tile n stands for (row e < 2 ? g : g + 8, column 8n + 2t + (e & 1));
 // query_of / key_of map (row, column) to the query and key; lse2 and delta are indexed by the query's
-// place in its 64-query tile (query − q_tile0).
+// place in its 64-query tile (query − q_tile0); lse is in natural-log units.
 template <typename QueryOf, typename KeyOf>
 __device__ __forceinline__ void probabilities_and_ds(uint32_t (&p_a)[4], uint32_t (&ds_a)[4], const float (&s)[2][4],
                                                      const float (&dp)[2][4], QueryOf&& query_of, KeyOf&& key_of,
-                                                     const float* lse2, const float* delta, int q_tile0,
+                                                     const float* lse, const float* delta, int q_tile0,
                                                      const TcDims& g) {
   const int lane = threadIdx.x % 32, gr = lane / 4, c = 2 * (lane % 4);
 #pragma unroll
@@ -347,7 +385,7 @@ __device__ __forceinline__ void probabilities_and_ds(uint32_t (&p_a)[4], uint32_
       const int t = query_of(row, col), key = key_of(row, col);
       const bool valid = key <= t && t < g.T;
       const int qi = t - q_tile0;
-      pv[e] = valid ? exp2f(s[n][e] * g.scale_log2 - lse2[qi]) : 0.0f;
+      pv[e] = valid ? exp2f(s[n][e] * g.scale_log2 - lse[qi] * kLog2e) : 0.0f;
       dv[e] = valid ? pv[e] * (dp[n][e] - delta[qi]) : 0.0f;
     }
     p_a[2 * n] = pack_bf16(pv[0], pv[1]);
@@ -359,8 +397,8 @@ __device__ __forceinline__ void probabilities_and_ds(uint32_t (&p_a)[4], uint32_
 
 template <int Dp>
 __global__ void __launch_bounds__(kThreads)
-    attention_backward_kv_mma_kernel(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out,
-                                     const float* lse, TcDims g) {
+    attention_backward_kv_mma_kernel(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const float* lse,
+                                     const float* delta, TcDims g) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   using L = MmaSmem<Dp>;
   constexpr int kK = Dp / kSub;
@@ -393,7 +431,7 @@ __global__ void __launch_bounds__(kThreads)
     load_rows(qs, L::ld, base, g.ld, q0, kTile, g);
     load_rows(qs + kTile * L::ld, L::ld, dout_base, g.C, q0, kTile, g);
     float* lse_s = rows_of(stage);
-    load_query_rows(lse_s, lse_s + kTile, dout, out, lse, row0, bh, h, q0, g);
+    load_query_stats(lse_s, lse_s + kTile, lse, delta, bh, q0, g);
   };
   auto compute = [&](int i, int stage) {
     const int q0 = k0 + i * kTile;
@@ -449,8 +487,8 @@ __global__ void __launch_bounds__(kThreads)
 
 template <int Dp>
 __global__ void __launch_bounds__(kThreads)
-    attention_backward_q_mma_kernel(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out,
-                                    const float* lse, TcDims g) {
+    attention_backward_q_mma_kernel(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const float* lse,
+                                    const float* delta, TcDims g) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   using L = MmaSmem<Dp>;
   constexpr int kK = Dp / kSub;
@@ -471,7 +509,7 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   load_rows(qs, L::ld, base, g.ld, q0, kTile, g);  // land with the first key tile
   load_rows(dos, L::ld, dout + row0 * g.C + static_cast<int64_t>(h) * g.D, g.C, q0, kTile, g);
-  load_query_rows(lse_s, lse_s + kTile, dout, out, lse, row0, bh, h, q0, g);
+  load_query_stats(lse_s, lse_s + kTile, lse, delta, bh, q0, g);
   RowOperands<Dp, (Dp <= 128)> q_rows(qs, L::ld, warp * kSub), do_rows(dos, L::ld, warp * kSub);
   float dq[2 * kK][4] = {};
 
@@ -535,17 +573,58 @@ void forward_mma(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int6
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
 
+// Per device, the backward's Dᵢ workspace (B·NH·T floats), grown when a call needs more and kept for the
+// process, like cuBLASLt's workspace (matmul_lt.cu): a steady-state step allocates nothing. Calls on one
+// stream are ordered; two backward passes on different streams of one device at once would share it.
+float* delta_workspace(size_t floats) {
+  struct Workspace {
+    float* data = nullptr;
+    size_t floats = 0;
+  };
+  static std::mutex mutex;
+  static Workspace devices[64];
+  int device = 0;
+  KRAKEN_CUDA_CHECK(cudaGetDevice(&device));
+  KRAKEN_CHECK(device >= 0 && device < 64, "device ", device);
+  std::lock_guard<std::mutex> lock(mutex);
+  Workspace& w = devices[device];
+  if (w.floats < floats) {
+    if (w.data) KRAKEN_CUDA_CHECK(cudaFree(w.data));  // waits for the kernels still reading it
+    w.data = nullptr;
+    w.floats = 0;
+    KRAKEN_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&w.data), floats * sizeof(float)));
+    w.floats = floats;
+  }
+  return w.data;
+}
+
+void delta_mma(float* delta, const uint16_t* dout, const uint16_t* out, int64_t B, const TcDims& g,
+               cudaStream_t stream) {
+  const int64_t rows = B * g.T, threads = 256, blocks = (rows * g.NH + threads - 1) / threads;
+  KRAKEN_CHECK(blocks <= 0x7fffffffLL, "B·T·NH = ", rows * g.NH);
+  const dim3 grid(static_cast<unsigned>(blocks));
+  if (g.vec == 8)
+    KRAKEN_KERNEL(grid, threads, 0, stream, attention_delta_kernel<8>)(delta, dout, out, rows, g);
+  else if (g.vec == 2)
+    KRAKEN_KERNEL(grid, threads, 0, stream, attention_delta_kernel<2>)(delta, dout, out, rows, g);
+  else
+    KRAKEN_KERNEL(grid, threads, 0, stream, attention_delta_kernel<1>)(delta, dout, out, rows, g);
+  KRAKEN_CUDA_LAUNCH_CHECK();
+}
+
 template <int Dp>
 void backward_mma(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out, const float* lse,
                   int64_t B, int64_t T, int64_t NH, const TcDims& g, cudaStream_t stream) {
+  float* delta = delta_workspace(static_cast<size_t>(B * NH * T));
+  delta_mma(delta, dout, out, B, g, stream);
   const size_t smem = MmaSmem<Dp>::backward_bytes;
   allow_smem(attention_backward_kv_mma_kernel<Dp>, smem);
   KRAKEN_KERNEL(tc_grid(B, T, NH), kThreads, smem, stream, attention_backward_kv_mma_kernel<Dp>)
-  (dqkv, dout, qkv, out, lse, g);
+  (dqkv, dout, qkv, lse, delta, g);
   KRAKEN_CUDA_LAUNCH_CHECK();
   allow_smem(attention_backward_q_mma_kernel<Dp>, smem);
   KRAKEN_KERNEL(tc_grid(B, T, NH), kThreads, smem, stream, attention_backward_q_mma_kernel<Dp>)
-  (dqkv, dout, qkv, out, lse, g);
+  (dqkv, dout, qkv, lse, delta, g);
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
 

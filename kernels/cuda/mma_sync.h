@@ -36,6 +36,7 @@ inline void mma_bf16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[
 inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) { ::kraken_emu::ldmatrix_x4(r, row, false); }
 inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) { ::kraken_emu::ldmatrix_x4(r, row, true); }
 inline void cp_async_16(void* dst, const void* src, bool fill) { ::kraken_emu::cp_async(dst, src, 16, fill ? 16 : 0); }
+inline void cp_async_4(void* dst, const void* src, bool fill) { ::kraken_emu::cp_async(dst, src, 4, fill ? 4 : 0); }
 inline void cp_async_commit() { ::kraken_emu::cp_async_commit(); }
 template <int kPending>
 inline void cp_async_wait() {
@@ -81,6 +82,15 @@ __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool fil
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(dst)), "l"(src),
                "r"(fill ? 16 : 0)
+               : "memory");
+#endif
+}
+
+// 4 bytes (through L1: .ca, the only kind for pieces under 16 bytes), or 4 zero bytes when !fill.
+__device__ __forceinline__ void cp_async_4(void* dst, const void* src, bool fill) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(shared_address(dst)), "l"(src),
+               "r"(fill ? 4 : 0)
                : "memory");
 #endif
 }

@@ -321,6 +321,17 @@ cudaError_t device_get_attribute(int* value, cudaDeviceAttr attr, int /*device*/
   }
 }
 cudaError_t get_last_error() { return cudaSuccess; }
+cudaError_t malloc_device(void** p, size_t bytes) {
+  const size_t rounded = (std::max<size_t>(bytes, 1) + 255) / 256 * 256;
+  *p = std::aligned_alloc(256, rounded);
+  if (!*p) return cudaErrorMemoryAllocation;
+  std::memset(*p, kPoison, rounded);
+  return cudaSuccess;
+}
+cudaError_t free_device(void* p) {
+  std::free(p);
+  return cudaSuccess;
+}
 cudaError_t memset_async(void* p, int value, size_t bytes, cudaStream_t) {
   std::memset(p, value, bytes);
   return cudaSuccess;

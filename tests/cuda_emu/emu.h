@@ -97,6 +97,8 @@ cudaError_t get_device(int* device);
 cudaError_t device_get_attribute(int* value, cudaDeviceAttr attr, int device);
 cudaError_t get_last_error();
 cudaError_t memset_async(void* p, int value, size_t bytes, cudaStream_t stream = nullptr);
+cudaError_t malloc_device(void** p, size_t bytes);  // host memory, 256-byte aligned, filled with poison
+cudaError_t free_device(void* p);
 template <typename Function>
 cudaError_t func_set_attribute(Function*, cudaFuncAttribute, int) {
   return cudaSuccess;
@@ -109,6 +111,8 @@ cudaError_t func_set_attribute(Function*, cudaFuncAttribute, int) {
 #define cudaGetLastError ::kraken_emu::get_last_error
 #define cudaFuncSetAttribute ::kraken_emu::func_set_attribute
 #define cudaMemsetAsync ::kraken_emu::memset_async
+#define cudaMalloc ::kraken_emu::malloc_device
+#define cudaFree ::kraken_emu::free_device
 
 // The CUDA built-ins the kernels use. (The real cuda_runtime.h, included above for its types, declares
 // none of these for a host compiler.)
