@@ -434,8 +434,8 @@ void bench_compute(Report& r) {
     // bf16 storage (mixed precision), the same shape and FLOP counts: the two tensor-core families (bf16
     // products, f32 accumulation: kernels/cuda/attention_mma.cu with the scores in registers,
     // attention_tc.cu through WMMA) and the CUDA-core kernels. Then one sub-layer of the Kraken 4-way
-    // preset on both tensor-core families: C = 504, 3 heads of D = 168 (padded to 192); the model runs
-    // four of these per layer.
+    // preset on both tensor-core families: C = 504, 3 heads of D = 168 (padded to 176 by mma, to 192 by
+    // WMMA); the model runs four of these per layer.
     const Tensor qkv16 = qkv.to(DType::BF16), dout16 = dout.to(DType::BF16);
     Tensor out16 = out.to(DType::BF16), dqkv16 = dqkv.to(DType::BF16);
     struct Bf16Attention {

@@ -68,8 +68,9 @@ void attention_forward_bf16_mma_cuda(uint16_t* out, float* lse, const uint16_t* 
 void attention_backward_bf16_mma_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out,
                                       const float* lse, int64_t B, int64_t T, int64_t C, int64_t NH,
                                       CUstream_st* stream);
-// True for the head sizes D = C/NH the _tc_ (_mma_) kernels handle on the current device (1 ≤ D ≤ 256,
-// padded to a multiple of 16, of 32 above 128, where the device has the shared memory per block this needs).
+// True for the head sizes D = C/NH the _tc_ (_mma_) kernels handle on the current device: 1 ≤ D ≤ 256,
+// padded to a multiple of 16 (_tc_: of 32 above 128), where the device has the shared memory per block
+// this needs.
 bool attention_bf16_tc_supported(int64_t D);
 bool attention_bf16_mma_supported(int64_t D);
 

@@ -15,7 +15,9 @@
 // dv added to dqkv in f32 and rounded once. Products sum in the tensor cores' order, not the WMMA
 // kernels', so the two families agree to rounding, not bit for bit. Deterministic: no atomics.
 //
-// Tiles (attention_tiles.h): a block is 4 warps owning 64 rows, 16 per warp — queries in the forward
+// Tiles (attention_tiles.h): D is padded with zeros to Dp, a multiple of 16 (the WMMA kernels step by
+// 32 above 128; here the Kraken 4-way heads, D = 168, pad to 176, not 192). A block is 4 warps owning
+// 64 rows, 16 per warp — queries in the forward
 // and the dq kernel, keys in the dk/dv kernel — and streams the other side through shared memory in
 // tiles of 64 rows (bf16, pitch Dp + 8: the 8 row addresses of an ldmatrix phase fall in 8 different
 // 16-byte bank groups). Up to Dp = 128 the streamed tiles are double-buffered: cp.async brings tile
@@ -157,7 +159,7 @@ __device__ __forceinline__ void stage_rows(float* ow, int ldo, const float (&acc
 // and v tiles; the backward kernels hold two own tiles (k, v or q, dO), `stages` pairs of streamed tiles
 // and per stage the lse (log2 units) and Dᵢ of 64 queries. Results are staged (f32, pitch Dp + 4) over
 // the tiles once the loop is done. Dp = 64: forward 45 KiB, backward 55 KiB; Dp = 128: 85 and 103 KiB;
-// Dp = 192 (one stage): 75 and 100 KiB; Dp = 256: 99 and 132.5 KiB.
+// Dp = 176 (one stage; the Kraken 4-way heads, D = 168): 69 and 92.5 KiB; Dp = 256: 99 and 132.5 KiB.
 template <int Dp>
 struct MmaSmem {
   static constexpr int ld = Dp + 8;
@@ -630,7 +632,7 @@ void backward_mma(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, con
 
 size_t mma_smem_bytes(int D) {
   size_t most = 0;
-  with_padded_head(D, [&](auto dp) {
+  with_padded_head<16>(D, [&](auto dp) {
     constexpr int Dp = decltype(dp)::value;
     most = std::max(MmaSmem<Dp>::forward_bytes, MmaSmem<Dp>::backward_bytes);
   });
@@ -651,7 +653,7 @@ void attention_forward_bf16_mma_cuda(uint16_t* out, float* lse, const uint16_t* 
                                      int64_t NH, CUstream_st* stream) {
   if (B == 0 || T == 0) return;
   const TcDims g = make_tc_dims(B, T, C, NH, {qkv, out}, "mma attention", attention_bf16_mma_supported);
-  with_padded_head(g.D, [&](auto dp) { forward_mma<decltype(dp)::value>(out, lse, qkv, B, T, NH, g, stream); });
+  with_padded_head<16>(g.D, [&](auto dp) { forward_mma<decltype(dp)::value>(out, lse, qkv, B, T, NH, g, stream); });
 }
 
 void attention_backward_bf16_mma_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out,
@@ -660,7 +662,7 @@ void attention_backward_bf16_mma_cuda(uint16_t* dqkv, const uint16_t* dout, cons
   if (B == 0 || T == 0) return;
   const TcDims g =
       make_tc_dims(B, T, C, NH, {dqkv, dout, qkv, out}, "mma attention", attention_bf16_mma_supported);
-  with_padded_head(g.D, [&](auto dp) {
+  with_padded_head<16>(g.D, [&](auto dp) {
     backward_mma<decltype(dp)::value>(dqkv, dout, qkv, out, lse, B, T, NH, g, stream);
   });
 }

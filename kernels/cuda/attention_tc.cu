@@ -560,7 +560,7 @@ void backward_tc(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, cons
 
 size_t tc_smem_bytes(int D) {
   size_t most = 0;
-  with_padded_head(D, [&](auto dp) {
+  with_padded_head<32>(D, [&](auto dp) {
     constexpr int Dp = decltype(dp)::value;
     most = std::max({ForwardSmem<Dp>::bytes, BackwardSmem<Dp, 2>::bytes, BackwardSmem<Dp, 1>::bytes});
   });
@@ -581,7 +581,7 @@ void attention_forward_bf16_tc_cuda(uint16_t* out, float* lse, const uint16_t* q
                                     int64_t NH, CUstream_st* stream) {
   if (B == 0 || T == 0) return;
   const TcDims g = make_tc_dims(B, T, C, NH, {qkv, out}, "tensor-core attention", attention_bf16_tc_supported);
-  with_padded_head(g.D, [&](auto dp) { forward_tc<decltype(dp)::value>(out, lse, qkv, B, T, NH, g, stream); });
+  with_padded_head<32>(g.D, [&](auto dp) { forward_tc<decltype(dp)::value>(out, lse, qkv, B, T, NH, g, stream); });
 }
 
 void attention_backward_bf16_tc_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out,
@@ -590,7 +590,7 @@ void attention_backward_bf16_tc_cuda(uint16_t* dqkv, const uint16_t* dout, const
   if (B == 0 || T == 0) return;
   const TcDims g = make_tc_dims(B, T, C, NH, {dqkv, dout, qkv, out}, "tensor-core attention",
                                     attention_bf16_tc_supported);
-  with_padded_head(g.D, [&](auto dp) {
+  with_padded_head<32>(g.D, [&](auto dp) {
     backward_tc<decltype(dp)::value>(dqkv, dout, qkv, out, lse, B, T, NH, g, stream);
   });
 }

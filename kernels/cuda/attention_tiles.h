@@ -156,10 +156,12 @@ __device__ void load_query_rows(float* lse_s, float* delta_s, const uint16_t* do
 constexpr size_t kDefaultSmem = 48 * 1024;
 constexpr int64_t kMaxTcHead = 256;
 
-// D padded to a multiple of 16 up to 128, of 32 above (the tensor cores' k is 16; the coarser steps
-// above 128 halve the instantiations for 5% more padding at D = 168, the Kraken 4-way heads).
+// D padded to a multiple of 16 (the tensor cores' k) up to 128, and above to a multiple of the family's
+// kStepAbove128: 32 for the WMMA kernels (half the instantiations, for 14% padding at D = 168, the Kraken
+// 4-way heads), 16 for the mma ones (5%: those heads are most of that model's step).
+template <int kStepAbove128>
 int padded_head(int64_t D) {
-  const int64_t step = D <= 128 ? kSub : 2 * kSub;
+  const int64_t step = D <= 128 ? kSub : kStepAbove128;
   return static_cast<int>((D + step - 1) / step * step);
 }
 
@@ -208,23 +210,18 @@ void allow_smem(Kernel kernel, size_t bytes) {
   }
 }
 
-// Calls f(std::integral_constant<int, Dp>()) for the head's padded size Dp.
-template <typename F>
+// Calls f(std::integral_constant<int, Dp>()) for the padded size Dp = padded_head<kStepAbove128>(D):
+// each family instantiates its kernels for its own padded sizes only.
+template <int kStepAbove128, int Dp = kSub, typename F>
 void with_padded_head(int D, F&& f) {
-  switch (padded_head(D)) {
-    case 16: f(std::integral_constant<int, 16>()); break;
-    case 32: f(std::integral_constant<int, 32>()); break;
-    case 48: f(std::integral_constant<int, 48>()); break;
-    case 64: f(std::integral_constant<int, 64>()); break;
-    case 80: f(std::integral_constant<int, 80>()); break;
-    case 96: f(std::integral_constant<int, 96>()); break;
-    case 112: f(std::integral_constant<int, 112>()); break;
-    case 128: f(std::integral_constant<int, 128>()); break;
-    case 160: f(std::integral_constant<int, 160>()); break;
-    case 192: f(std::integral_constant<int, 192>()); break;
-    case 224: f(std::integral_constant<int, 224>()); break;
-    case 256: f(std::integral_constant<int, 256>()); break;
-    default: KRAKEN_THROW("tensor-core attention: no kernel for D = ", D);
+  if constexpr (Dp <= kMaxTcHead) {
+    if (padded_head<kStepAbove128>(D) == Dp) {
+      f(std::integral_constant<int, Dp>());
+      return;
+    }
+    with_padded_head<kStepAbove128, Dp + (Dp < 128 ? kSub : kStepAbove128)>(D, f);
+  } else {
+    KRAKEN_THROW("tensor-core attention: no kernel for D = ", D);
   }
 }
 

@@ -170,7 +170,8 @@ TEST(CudaEmulation, MmaSyncAttentionMatchesTheCpu) {
 }
 
 TEST(CudaEmulation, MmaSyncAttentionAbove128) {
-  // One stage above Dp = 128; k and v (dk/dv) and q, dO (dq) loaded per use: the Kraken heads.
+  // One stage above Dp = 128; k and v (dk/dv) and q, dO (dq) loaded per use: the Kraken heads (D = 168
+  // pads to 176, 209 to 224) and the largest.
   under_both_schedules([] {
     check_attention({1, 130, 168, 1}, kMmaSync);
     check_attention({1, 37, 209, 1}, kMmaSync);
