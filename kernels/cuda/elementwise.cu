@@ -144,6 +144,41 @@ __global__ void f32_to_bf16_kernel(__nv_bfloat16* out, const float* x, int64_t n
 __global__ void bf16_to_f32_kernel(float* out, const __nv_bfloat16* x, int64_t n) {
   KRAKEN_GRID_STRIDE(i, n) out[i] = __bfloat162float(x[i]);
 }
+// The casts and the f32 accumulation of bf16 terms, 8 elements per thread (two 16-byte f32 accesses, one
+// bf16): the parameters' casts before every forward and their gradients' way back to f32 (0.6 ms of a
+// GPT-2 step on an H200 with the scalar kernels). The same rounding per element as the kernels above.
+__device__ __forceinline__ void load8(const float* p, float (&v)[8]) {
+  const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+  v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+}
+__device__ __forceinline__ void store8(float* p, const float (&v)[8]) {
+  reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+  reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+}
+__global__ void f32_to_bf16x8_kernel(__nv_bfloat16* out, const float* x, int64_t packs) {
+  KRAKEN_GRID_STRIDE(p, packs) {
+    float v[8];
+    load8(x + 8 * p, v);
+    store8(out + 8 * p, v);
+  }
+}
+__global__ void bf16_to_f32x8_kernel(float* out, const __nv_bfloat16* x, int64_t packs) {
+  KRAKEN_GRID_STRIDE(p, packs) {
+    float v[8];
+    load8(x + 8 * p, v);
+    store8(out + 8 * p, v);
+  }
+}
+__global__ void accumulate_bf16x8_kernel(float* acc, const __nv_bfloat16* x, int64_t packs) {
+  KRAKEN_GRID_STRIDE(p, packs) {
+    float v[8], a[8];
+    load8(x + 8 * p, v);
+    load8(acc + 8 * p, a);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) a[k] += v[k];
+    store8(acc + 8 * p, a);
+  }
+}
 
 }  // namespace
 
@@ -197,10 +232,16 @@ void gelu_backward_cuda(float* dx, const float* x, const float* dout, int64_t n,
   KRAKEN_LAUNCH(gelu_backward_kernel<float>, n, s, dx, x, dout, n);
 }
 void cast_f32_to_bf16_cuda(uint16_t* out, const float* x, int64_t n, CUstream_st* s) {
-  KRAKEN_LAUNCH(f32_to_bf16_kernel, n, s, as_bf16(out), x, n);
+  if (n % 8 == 0 && aligned16(out) && aligned16(x))
+    KRAKEN_LAUNCH(f32_to_bf16x8_kernel, n / 8, s, as_bf16(out), x, n / 8);
+  else
+    KRAKEN_LAUNCH(f32_to_bf16_kernel, n, s, as_bf16(out), x, n);
 }
 void cast_bf16_to_f32_cuda(float* out, const uint16_t* x, int64_t n, CUstream_st* s) {
-  KRAKEN_LAUNCH(bf16_to_f32_kernel, n, s, out, as_bf16(x), n);
+  if (n % 8 == 0 && aligned16(out) && aligned16(x))
+    KRAKEN_LAUNCH(bf16_to_f32x8_kernel, n / 8, s, out, as_bf16(x), n / 8);
+  else
+    KRAKEN_LAUNCH(bf16_to_f32_kernel, n, s, out, as_bf16(x), n);
 }
 
 // ---- bf16 storage -----------------------------------------------------------------------------------
@@ -225,7 +266,10 @@ void sum_rows_bf16_cuda(uint16_t* db, const uint16_t* dout, int64_t rows, int64_
   sum_rows(as_bf16(db), as_bf16(dout), rows, cols, s, "sum_rows_bf16_cuda");
 }
 void accumulate_bf16_cuda(float* acc, const uint16_t* x, int64_t n, CUstream_st* s) {
-  KRAKEN_LAUNCH(accumulate_bf16_kernel, n, s, acc, as_bf16(x), n);
+  if (n % 8 == 0 && aligned16(acc) && aligned16(x))
+    KRAKEN_LAUNCH(accumulate_bf16x8_kernel, n / 8, s, acc, as_bf16(x), n / 8);
+  else
+    KRAKEN_LAUNCH(accumulate_bf16_kernel, n, s, acc, as_bf16(x), n);
 }
 void gelu_forward_bf16_cuda(uint16_t* out, const uint16_t* x, int64_t n, CUstream_st* s) {
   if (n % 8 == 0 && aligned16(out) && aligned16(x))

@@ -294,6 +294,30 @@ void check_gelu_and_add() {
 
 TEST(CudaEmulation, GeluAndAddMatchTheCpuOnBothAccessWidths) { under_both_schedules(check_gelu_and_add); }
 
+void check_casts_and_accumulate() {
+  for (const int64_t n : {int64_t{1001}, int64_t{1024}}) {  // scalar, then 8 elements per access
+    const std::string what = " (n = " + std::to_string(n) + ")";
+    const size_t m = static_cast<size_t>(n);
+    std::vector<float> x = normal(m, 12, 40.0f);
+    x[0] = 0.0f, x[1] = -0.0f, x[2] = 3.0e38f, x[3] = 1.0e-40f;  // signed zeros, near the top, subnormal
+    const std::vector<uint16_t> h = to_bf16(normal(m, 13));
+    std::vector<uint16_t> narrowed(m);
+    std::vector<float> widened(m), acc = normal(m, 14), acc_cpu = acc;
+    emu::cast_f32_to_bf16_cuda(narrowed.data(), x.data(), n, nullptr);
+    emu::cast_bf16_to_f32_cuda(widened.data(), h.data(), n, nullptr);
+    emu::accumulate_bf16_cuda(acc.data(), h.data(), n, nullptr);
+    const std::vector<float> h_f = to_f32(h);
+    for (size_t i = 0; i < m; ++i) acc_cpu[i] += h_f[i];
+    EXPECT_EQ(narrowed, to_bf16(x)) << "emulated f32 → bf16 cast" << what << ": not the CPU's rounding";
+    EXPECT_EQ(widened, h_f) << "emulated bf16 → f32 cast" << what;
+    EXPECT_EQ(acc, acc_cpu) << "emulated f32 += bf16" << what;
+  }
+}
+
+TEST(CudaEmulation, CastsAndBf16AccumulationAreTheCpusBitsOnBothAccessWidths) {
+  under_both_schedules(check_casts_and_accumulate);
+}
+
 // ---- attention on CUDA cores (fp32, and bf16 through the f32 code) -------------------------------------
 
 void check_simt_attention(const AttentionShape& s) {
