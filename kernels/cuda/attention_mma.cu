@@ -31,8 +31,9 @@
 //   dq        per 16-key block: S = q·kᵀ, dP = dO·vᵀ, P = 2^{S·scale·log₂e − lse·log₂e},
 //             dS = P∘(dP − Dᵢ); dQ += dS·k.
 //   Dᵢ = Σ_d dO[i, d]·O[i, d] (f32, from the bf16 dO and out) is computed once per backward by a small
-//   kernel into a per-device workspace, and streamed with lse by cp.async beside the q and dO tiles
-//   (the WMMA kernels recompute it for every pair of tiles, with plain loads the pipeline cannot hide).
+//   kernel into a per-device scratch buffer (scratch.h), and streamed with lse by cp.async beside the q
+//   and dO tiles (the WMMA kernels recompute it for every pair of tiles, with plain loads the pipeline
+//   cannot hide).
 //   dk/dv     per 16-query block: Sᵀ = k·qᵀ, dPᵀ = v·dOᵀ, Pᵀ and dSᵀ as above (lse and Dᵢ of the
 //             column's query); dV += Pᵀ·dO, dK += dSᵀ·q.
 // A 16-row block entirely masked for the warp (all keys after all its queries, or past T) is skipped.
@@ -46,7 +47,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <mutex>
 #include <type_traits>
 
 #include "kernels/attention.h"
@@ -54,6 +54,7 @@
 #include "kernels/cuda/check.h"
 #include "kernels/cuda/launch.h"
 #include "kernels/cuda/mma_sync.h"
+#include "kernels/cuda/scratch.h"
 
 namespace kraken::kernels {
 namespace {
@@ -575,31 +576,6 @@ void forward_mma(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int6
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
 
-// Per device, the backward's Dᵢ workspace (B·NH·T floats), grown when a call needs more and kept for the
-// process, like cuBLASLt's workspace (matmul_lt.cu): a steady-state step allocates nothing. Calls on one
-// stream are ordered; two backward passes on different streams of one device at once would share it.
-float* delta_workspace(size_t floats) {
-  struct Workspace {
-    float* data = nullptr;
-    size_t floats = 0;
-  };
-  static std::mutex mutex;
-  static Workspace devices[64];
-  int device = 0;
-  KRAKEN_CUDA_CHECK(cudaGetDevice(&device));
-  KRAKEN_CHECK(device >= 0 && device < 64, "device ", device);
-  std::lock_guard<std::mutex> lock(mutex);
-  Workspace& w = devices[device];
-  if (w.floats < floats) {
-    if (w.data) KRAKEN_CUDA_CHECK(cudaFree(w.data));  // waits for the kernels still reading it
-    w.data = nullptr;
-    w.floats = 0;
-    KRAKEN_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&w.data), floats * sizeof(float)));
-    w.floats = floats;
-  }
-  return w.data;
-}
-
 void delta_mma(float* delta, const uint16_t* dout, const uint16_t* out, int64_t B, const TcDims& g,
                cudaStream_t stream) {
   const int64_t rows = B * g.T, threads = 256, blocks = (rows * g.NH + threads - 1) / threads;
@@ -617,7 +593,8 @@ void delta_mma(float* delta, const uint16_t* dout, const uint16_t* out, int64_t 
 template <int Dp>
 void backward_mma(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out, const float* lse,
                   int64_t B, int64_t T, int64_t NH, const TcDims& g, cudaStream_t stream) {
-  float* delta = delta_workspace(static_cast<size_t>(B * NH * T));
+  float* delta = static_cast<float*>(
+      cuda_detail::device_scratch(cuda_detail::ScratchSlot::kAttentionDelta, sizeof(float) * B * NH * T));
   delta_mma(delta, dout, out, B, g, stream);
   const size_t smem = MmaSmem<Dp>::backward_bytes;
   allow_smem(attention_backward_kv_mma_kernel<Dp>, smem);

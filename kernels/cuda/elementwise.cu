@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "kernels/cuda/check.h"
+#include "kernels/cuda/column_sums.h"
 #include "kernels/cuda/launch.h"
 #include "kernels/cuda/storage.h"
 #include "kernels/elementwise.h"
@@ -18,6 +19,7 @@ namespace {
 using cuda_detail::aligned16;
 using cuda_detail::as_bf16;
 using cuda_detail::blocks_for;
+using cuda_detail::column_sums;
 using cuda_detail::load;
 using cuda_detail::load8;
 using cuda_detail::store;
@@ -71,8 +73,9 @@ __global__ void sum_rows_kernel(T* db, const T* dout, int64_t rows, int64_t cols
     store(db + c, load(db + c) + acc);
   }
 }
-// Many rows (bias gradients: rows = B·T, cols = C): a column per thread would leave the GPU nearly
-// empty (C = 768 threads for 8192 rows), so a block owns kSumCols columns and splits the rows into
+// Many rows (bias gradients: rows = B·T, cols = C): the two-pass column sums of column_sums.h where cols
+// is a multiple of 8 and dout 16-byte aligned; otherwise this kernel. A column per thread would leave
+// the GPU nearly empty (C = 768 threads for 8192 rows), so a block owns kSumCols columns and splits the rows into
 // kSumGroups interleaved groups (rows g, g + kSumGroups, …, each summed in order), then adds the
 // groups in a fixed shared-memory tree. The order depends on `rows` alone: deterministic, no atomics.
 constexpr int kSumCols = 8;     // one 32-byte sector of an f32 row
@@ -147,14 +150,6 @@ __global__ void bf16_to_f32_kernel(float* out, const __nv_bfloat16* x, int64_t n
 // The casts and the f32 accumulation of bf16 terms, 8 elements per thread (two 16-byte f32 accesses, one
 // bf16): the parameters' casts before every forward and their gradients' way back to f32 (0.6 ms of a
 // GPT-2 step on an H200 with the scalar kernels). The same rounding per element as the kernels above.
-__device__ __forceinline__ void load8(const float* p, float (&v)[8]) {
-  const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
-  v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
-}
-__device__ __forceinline__ void store8(float* p, const float (&v)[8]) {
-  reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
-  reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
-}
 __global__ void f32_to_bf16x8_kernel(__nv_bfloat16* out, const float* x, int64_t packs) {
   KRAKEN_GRID_STRIDE(p, packs) {
     float v[8];
@@ -207,8 +202,28 @@ void add_broadcast_cuda(float* out, const float* a, const float* b, int64_t rows
 }
 
 namespace {
+// The two-pass column sums (column_sums.h) where cols is a multiple of 8 and dout 16-byte aligned.
+template <typename T>
+struct RowOf {
+  const T* dout;
+  int64_t cols;
+  __device__ __forceinline__ void operator()(int64_t r, int64_t c0, float (&t)[1][8]) const {
+    load8(dout + r * cols + c0, t[0]);
+  }
+};
+template <typename T>
+struct AddToColumn {
+  T* db;
+  __device__ __forceinline__ void operator()(int64_t c, const float (&totals)[1]) const {
+    store(db + c, load(db + c) + totals[0]);
+  }
+};
 template <typename T>
 void sum_rows(T* db, const T* dout, int64_t rows, int64_t cols, CUstream_st* s, const char* name) {
+  if (rows >= kSumGroups && cols > 0 && cols % 8 == 0 && aligned16(dout)) {
+    column_sums<1>(rows, cols, RowOf<T>{dout, cols}, AddToColumn<T>{db}, s, name);
+    return;
+  }
   if (rows < kSumGroups) {
     KRAKEN_LAUNCH(sum_rows_kernel<T>, cols, s, db, dout, rows, cols);
     return;

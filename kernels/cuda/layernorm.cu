@@ -1,13 +1,16 @@
 // CUDA layer normalisation (equations in kernels/layernorm.h).
 //
 // Forward and dx: one warp per row, the row's sums reduced by a butterfly of shuffles (a fixed order).
-// dgamma/dbeta: column-parallel without atomics or scratch: a block owns kCols columns and all rows;
-// its kGroups row groups accumulate rows g, g + kGroups, … in order, and a fixed shared-memory tree
-// adds the groups. Every sum therefore has one order, independent of the launch.
+// dgamma/dbeta: where C is a multiple of 8 and the rows 16-byte aligned, the two-pass column sums of
+// column_sums.h (row chunks spread over the GPU, then the chunks added in order); otherwise
+// column-parallel without atomics or scratch: a block owns kCols columns and all rows; its kGroups row
+// groups accumulate rows g, g + kGroups, … in order, and a fixed shared-memory tree adds the groups.
+// Either way every sum has one order, fixed by rows and C.
 // The kernels are templates on the storage type T of x, out, dout and dx (kernels/cuda/storage.h):
 // float, or bf16 widened on load and rounded once on store; gamma, beta, their gradients, mean and
 // rstd are f32 for both, and the arithmetic is the same f32 sequence.
 #include "kernels/cuda/check.h"
+#include "kernels/cuda/column_sums.h"
 #include "kernels/cuda/launch.h"
 #include "kernels/cuda/storage.h"
 #include "kernels/layernorm.h"
@@ -15,8 +18,11 @@
 namespace kraken::kernels {
 namespace {
 
+using cuda_detail::aligned16;
 using cuda_detail::as_bf16;
+using cuda_detail::column_sums;
 using cuda_detail::load;
+using cuda_detail::load8;
 using cuda_detail::store;
 
 constexpr int kWarpsPerBlock = 8;  // rows per block in the row kernels
@@ -178,6 +184,39 @@ unsigned int row_blocks(int64_t rows) {
   return static_cast<unsigned int>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock);
 }
 
+// dgamma and dbeta by the two-pass column sums (column_sums.h): row r's terms at columns c0 .. c0 + 7 are
+// dout ∘ x̂ (the same f32 expression as the one-pass kernel above) and dout.
+template <typename T>
+struct LayerNormParamTerms {
+  const T* dout;
+  const T* x;
+  const float* mean;
+  const float* rstd;
+  int64_t C;
+  bool with_gamma;
+  __device__ __forceinline__ void operator()(int64_t r, int64_t c0, float (&t)[2][8]) const {
+    load8(dout + r * C + c0, t[1]);
+    if (with_gamma) {
+      float xv[8];
+      load8(x + r * C + c0, xv);
+      const float m = mean[r], rs = rstd[r];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) t[0][i] = t[1][i] * (xv[i] - m) * rs;
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) t[0][i] = 0.0f;
+    }
+  }
+};
+struct LayerNormParamAccumulate {
+  float* dgamma;
+  float* dbeta;
+  __device__ __forceinline__ void operator()(int64_t c, const float (&totals)[2]) const {
+    if (dgamma) dgamma[c] += totals[0];
+    if (dbeta) dbeta[c] += totals[1];
+  }
+};
+
 template <typename T>
 void layernorm_forward(T* out, float* mean, float* rstd, const T* x, const float* gamma, const float* beta,
                        int64_t rows, int64_t C, float eps, CUstream_st* stream) {
@@ -206,7 +245,10 @@ void layernorm_backward(T* dx, float* dgamma, float* dbeta, const T* dout, const
         dx, dout, x, gamma, mean, rstd, rows, static_cast<int>(C));
     KRAKEN_CUDA_LAUNCH_CHECK();
   }
-  if (dgamma || dbeta) {
+  if ((dgamma || dbeta) && C % 8 == 0 && rows >= kGroups && aligned16(dout) && aligned16(x)) {
+    column_sums<2>(rows, C, LayerNormParamTerms<T>{dout, x, mean, rstd, C, dgamma != nullptr},
+                   LayerNormParamAccumulate{dgamma, dbeta}, stream, "layernorm backward");
+  } else if (dgamma || dbeta) {
     const unsigned int blocks = static_cast<unsigned int>((C + kCols - 1) / kCols);
     KRAKEN_KERNEL(blocks, kCols * kGroups, 0, stream, layernorm_backward_params_kernel<T>)
     (dgamma, dbeta, dout, x, mean, rstd, rows, static_cast<int>(C));

@@ -7,11 +7,12 @@
 // equals the f32 kernel on the widened inputs followed by one rounding per output element. An
 // accumulating output is written as store(p, load(p) + v): read, added in f32, rounded once.
 // Element accesses are scalar (2 bytes for bf16), so no alignment beyond the type's own is assumed;
-// load8/store8 move 8 bf16 elements as one 16-byte access, for kernels whose caller checked that the
-// pointers are 16-byte aligned (aligned16). They widen and round exactly as load/store do.
+// load8/store8 move 8 bf16 elements as one 16-byte access (8 f32 as two), for kernels whose caller
+// checked that the pointers are 16-byte aligned (aligned16). They widen and round exactly as load/store do.
 #pragma once
 
 #include <cuda_bf16.h>
+#include <cuda_runtime.h>
 
 #include <cstdint>
 
@@ -39,6 +40,15 @@ __device__ __forceinline__ void store8(__nv_bfloat16* p, const float (&v)[8]) {
 #pragma unroll
   for (int k = 0; k < 4; ++k) q.pair[k] = __floats2bfloat162_rn(v[2 * k], v[2 * k + 1]);
   *reinterpret_cast<Bf16x8*>(p) = q;
+}
+// f32: two 16-byte accesses (p 16-byte aligned), for kernels templated on T that use load8/store8.
+__device__ __forceinline__ void load8(const float* p, float (&v)[8]) {
+  const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+  v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+}
+__device__ __forceinline__ void store8(float* p, const float (&v)[8]) {
+  reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+  reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
 }
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 

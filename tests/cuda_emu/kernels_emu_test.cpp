@@ -186,7 +186,10 @@ TEST(CudaEmulation, MmaSyncAttentionAbove128) {
 void check_layernorm() {
   // Rows not a multiple of 8 (rows per block) nor of 64 (dgamma/dbeta's row groups); 600 rows take the
   // dgamma/dbeta loop's 8-row unrolled part (8 · 64 rows at a time) and its remainder.
-  for (const auto& [rows, C] : {std::pair<int64_t, int64_t>{70, 256}, std::pair<int64_t, int64_t>{600, 100}}) {
+  // (70, 256) and (1100, 136) take the two-pass column sums for dgamma/dbeta (one row chunk; three, the
+  // last partial, and a partial column block), (600, 100) the one-pass kernel (C not a multiple of 8).
+  for (const auto& [rows, C] : {std::pair<int64_t, int64_t>{70, 256}, std::pair<int64_t, int64_t>{1100, 136},
+                                std::pair<int64_t, int64_t>{600, 100}}) {
     const std::string what = "emulated bf16 layernorm (" + std::to_string(rows) + ", " + std::to_string(C) + ")";
     const size_t n = static_cast<size_t>(rows * C);
     const std::vector<uint16_t> x = to_bf16(normal(n, 3, 2.0f)), dout = to_bf16(normal(n, 4));
@@ -313,6 +316,29 @@ void check_casts_and_accumulate() {
     EXPECT_EQ(acc, acc_cpu) << "emulated f32 += bf16" << what;
   }
 }
+
+void check_sum_rows() {
+  // Two-pass column sums (cols a multiple of 8: one chunk, three chunks with a partial one), the
+  // one-pass grouped kernel (100 columns), and the column-per-thread kernel (fewer than 64 rows).
+  for (const auto& [rows, cols] : {std::pair<int64_t, int64_t>{300, 72}, std::pair<int64_t, int64_t>{1100, 136},
+                                   std::pair<int64_t, int64_t>{1100, 100}, std::pair<int64_t, int64_t>{40, 64}}) {
+    const std::string what = " (" + std::to_string(rows) + ", " + std::to_string(cols) + ")";
+    const std::vector<float> x = normal(static_cast<size_t>(rows * cols), 15);
+    const std::vector<float> db0 = normal(static_cast<size_t>(cols), 16);
+    std::vector<float> db = db0, db_cpu = db0;
+    emu::sum_rows_cuda(db.data(), x.data(), rows, cols, nullptr);
+    kernels::sum_rows_cpu(db_cpu.data(), x.data(), rows, cols);
+    expect_close(db, db_cpu, 1e-5, false, "emulated sum_rows +=" + what);
+    const std::vector<uint16_t> x16 = to_bf16(x), db16_0 = to_bf16(db0);
+    std::vector<uint16_t> db16 = db16_0;
+    emu::sum_rows_bf16_cuda(db16.data(), x16.data(), rows, cols, nullptr);
+    std::vector<float> db16_cpu = to_f32(db16_0);
+    kernels::sum_rows_cpu(db16_cpu.data(), to_f32(x16).data(), rows, cols);
+    expect_close(to_f32(db16), db16_cpu, 1e-5, true, "emulated bf16 sum_rows +=" + what);
+  }
+}
+
+TEST(CudaEmulation, ColumnSumsMatchTheCpuOnEveryPath) { under_both_schedules(check_sum_rows); }
 
 TEST(CudaEmulation, CastsAndBf16AccumulationAreTheCpusBitsOnBothAccessWidths) {
   under_both_schedules(check_casts_and_accumulate);
