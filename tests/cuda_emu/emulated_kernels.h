@@ -78,6 +78,9 @@ void layernorm_forward_bf16_cuda(uint16_t* out, float* mean, float* rstd, const 
 void layernorm_backward_bf16_cuda(uint16_t* dx, float* dgamma, float* dbeta, const uint16_t* dout, const uint16_t* x,
                                   const float* gamma, const float* mean, const float* rstd, int64_t rows, int64_t C,
                                   CUstream_st* stream);
+void add_layernorm_forward_bf16_cuda(uint16_t* s, uint16_t* out, float* mean, float* rstd, const uint16_t* a,
+                                     const uint16_t* b, const float* gamma, const float* beta, int64_t rows, int64_t C,
+                                     float eps, CUstream_st* stream);
 void layernorm_forward_cuda(float* out, float* mean, float* rstd, const float* x, const float* gamma,
                             const float* beta, int64_t rows, int64_t C, float eps, CUstream_st* stream);
 void layernorm_backward_cuda(float* dx, float* dgamma, float* dbeta, const float* dout, const float* x,

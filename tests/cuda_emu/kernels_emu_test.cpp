@@ -188,8 +188,13 @@ void check_layernorm() {
   // dgamma/dbeta loop's 8-row unrolled part (8 · 64 rows at a time) and its remainder.
   // (70, 256) and (1100, 136) take the two-pass column sums for dgamma/dbeta (one row chunk; three, the
   // last partial, and a partial column block), (600, 100) the one-pass kernel (C not a multiple of 8).
-  for (const auto& [rows, C] : {std::pair<int64_t, int64_t>{70, 256}, std::pair<int64_t, int64_t>{1100, 136},
-                                std::pair<int64_t, int64_t>{600, 100}}) {
+  // Forward and dx: C a multiple of 8 up to 2048 takes the register-resident 8-wide kernels (C = 256: one
+  // pack per lane; 136: 17 packs, lanes without one; 776: 97 packs, 4 per lane, the last partial; 2048:
+  // 8 per lane), 100 and 2056 the element-wise ones.
+  for (const auto& [rows, C] :
+       {std::pair<int64_t, int64_t>{70, 256}, std::pair<int64_t, int64_t>{1100, 136},
+        std::pair<int64_t, int64_t>{600, 100}, std::pair<int64_t, int64_t>{9, 776},
+        std::pair<int64_t, int64_t>{5, 2048}, std::pair<int64_t, int64_t>{5, 2056}}) {
     const std::string what = "emulated bf16 layernorm (" + std::to_string(rows) + ", " + std::to_string(C) + ")";
     const size_t n = static_cast<size_t>(rows * C);
     const std::vector<uint16_t> x = to_bf16(normal(n, 3, 2.0f)), dout = to_bf16(normal(n, 4));
@@ -215,6 +220,19 @@ void check_layernorm() {
     expect_close(to_f32(dx), dx_cpu, 1e-5, true, what + ": dx +=");
     expect_close(dgamma, dgamma_cpu, 1e-5, false, what + ": dgamma +=");
     expect_close(dbeta, dbeta_cpu, 1e-5, false, what + ": dbeta +=");
+
+    // The residual add fused into the LayerNorm after it: s = a + b rounded once, then s normalised.
+    std::vector<uint16_t> s_sum(n), out_fused(n);
+    emu::add_layernorm_forward_bf16_cuda(s_sum.data(), out_fused.data(), mean.data(), rstd.data(), x.data(),
+                                         dout.data(), gamma.data(), beta.data(), rows, C, 1e-5f, nullptr);
+    std::vector<float> sum_f(n);
+    for (size_t i = 0; i < n; ++i) sum_f[i] = x_f[i] + dout_f[i];
+    const std::vector<uint16_t> s_cpu = to_bf16(sum_f);
+    EXPECT_EQ(s_sum, s_cpu) << what << ": fused add, s is not a + b rounded once";
+    kernels::layernorm_forward_cpu(out_cpu.data(), mean_cpu.data(), rstd_cpu.data(), to_f32(s_cpu).data(),
+                                   gamma.data(), beta.data(), rows, C, 1e-5f);
+    expect_close(to_f32(out_fused), out_cpu, 1e-5, true, what + ": fused add, out");
+    expect_close(rstd, rstd_cpu, 1e-5, false, what + ": fused add, rstd");
   }
 }
 

@@ -239,8 +239,8 @@ TEST(AutoPlanProfile, MeasuresEveryKindAtEveryTpAndMicroBatchAndRoundTrips) {
   Config mixed = c;
   mixed.train.precision = "bf16";
   ProfileOptions quick = o;
-  quick.micro_batches = {1};
-  quick.repeat = 1;
+  quick.micro_batches = {1};  // (three repeats, as above: one sample of layers this small can come out
+                              // negative on a busy machine, which measure_profile rightly refuses)
   EXPECT_EQ(measure_profile(mixed, quick, [](const LayerMeasurement&) {}).entries.size(), 9u);
   ASSERT_EQ(p.entries.size(), 18u);
   EXPECT_EQ(p.device_type, "cpu-2core");
