@@ -194,7 +194,7 @@ __global__ void layernorm_forward_x8_kernel(T* out, float* mean, float* rstd, co
   const int lane = threadIdx.x & 31;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
   if (r >= rows) return;  // whole warps leave together
-  float v[kPacks][8];
+  float v[kPacks][8] = {};
   float sum = 0.0f;
 #pragma unroll
   for (int p = 0; p < kPacks; ++p) {
@@ -214,7 +214,7 @@ __global__ void add_layernorm_forward_x8_kernel(T* s, T* out, float* mean, float
   const int lane = threadIdx.x & 31;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
   if (r >= rows) return;
-  float v[kPacks][8];
+  float v[kPacks][8] = {};
   float sum = 0.0f;
 #pragma unroll
   for (int p = 0; p < kPacks; ++p) {
@@ -242,7 +242,8 @@ __global__ void layernorm_backward_dx_x8_kernel(T* dx, const T* dout, const T* x
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
   if (r >= rows) return;
   const float mu = mean[r], rs = rstd[r];
-  float g[kPacks][8], centred[kPacks][8];
+  // (zero-initialised: the emulation's host compiler cannot see that a pack is written before it is read)
+  float g[kPacks][8] = {}, centred[kPacks][8] = {};
   float sum_g = 0.0f, sum_gx = 0.0f;
 #pragma unroll
   for (int p = 0; p < kPacks; ++p) {
