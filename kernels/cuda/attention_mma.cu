@@ -158,7 +158,7 @@ __device__ __forceinline__ void stage_rows(float* ow, int ldo, const float (&acc
 
 // Shared memory. Row tiles of 64 × (Dp + 8) bf16; the forward holds its q tile and `stages` pairs of k
 // and v tiles; the backward kernels hold two own tiles (k, v or q, dO), `stages` pairs of streamed tiles
-// and per stage the lse (log2 units) and Dᵢ of 64 queries. Results are staged (f32, pitch Dp + 4) over
+// and per stage the lse and Dᵢ of 64 queries. Results are staged (f32, pitch Dp + 4) over
 // the tiles once the loop is done. Dp = 64: forward 45 KiB, backward 55 KiB; Dp = 128: 85 and 103 KiB;
 // Dp = 176 (one stage; the Kraken 4-way heads, D = 168): 69 and 92.5 KiB; Dp = 256: 99 and 132.5 KiB.
 template <int Dp>
