@@ -11,11 +11,13 @@
 
 #include "kernels/cuda/check.h"
 #include "kernels/cuda/launch.h"
+#include "kernels/cuda/storage.h"
 #include "kernels/optimizer.h"
 
 namespace kraken::kernels {
 namespace {
 
+using cuda_detail::aligned16;
 using cuda_detail::blocks_for;
 constexpr int kThreads = 256;
 constexpr int kReduceThreads = 256;
@@ -23,17 +25,44 @@ constexpr int kReduceThreads = 256;
 #define KRAKEN_GRID_STRIDE(i, n) \
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < (n); i += static_cast<int64_t>(blockDim.x) * gridDim.x)
 
-// One element of AdamW (kernels/optimizer.h); decay, step_size and bc2_sqrt come from adamw_constants.
+// One AdamW step of one element (kernels/optimizer.h), in registers; decay, step_size and bc2_sqrt come
+// from adamw_constants.
+__device__ __forceinline__ void adamw_step(float& param, float& m, float& v, float grad, float decay,
+                                           float step_size, float bc2_sqrt, float beta1, float beta2, float eps,
+                                           float grad_scale) {
+  const float g = grad_scale * grad;
+  const float mi = beta1 * m + (1.0f - beta1) * g;
+  const float vi = beta2 * v + (1.0f - beta2) * (g * g);
+  m = mi;
+  v = vi;
+  const float denom = sqrtf(vi) / bc2_sqrt + eps;
+  param = param * decay - step_size * (mi / denom);
+}
+
 __device__ __forceinline__ void adamw_element(float* param, const float* grad, float* m, float* v, int64_t i,
                                               float decay, float step_size, float bc2_sqrt, float beta1,
                                               float beta2, float eps, float grad_scale) {
-  const float g = grad_scale * grad[i];
-  const float mi = beta1 * m[i] + (1.0f - beta1) * g;
-  const float vi = beta2 * v[i] + (1.0f - beta2) * (g * g);
+  float p = param[i], mi = m[i], vi = v[i];
+  adamw_step(p, mi, vi, grad[i], decay, step_size, bc2_sqrt, beta1, beta2, eps, grad_scale);
+  param[i] = p;
   m[i] = mi;
   v[i] = vi;
-  const float denom = sqrtf(vi) / bc2_sqrt + eps;
-  param[i] = param[i] * decay - step_size * (mi / denom);
+}
+
+// Elements 4q .. 4q + 3 in 16-byte accesses (all four arrays 16-byte aligned): the same steps.
+__device__ __forceinline__ void adamw_quad(float* param, const float* grad, float* m, float* v, int64_t q,
+                                           float decay, float step_size, float bc2_sqrt, float beta1, float beta2,
+                                           float eps, float grad_scale) {
+  float4 p = reinterpret_cast<float4*>(param)[q], mi = reinterpret_cast<float4*>(m)[q];
+  float4 vi = reinterpret_cast<float4*>(v)[q];
+  const float4 g = reinterpret_cast<const float4*>(grad)[q];
+  adamw_step(p.x, mi.x, vi.x, g.x, decay, step_size, bc2_sqrt, beta1, beta2, eps, grad_scale);
+  adamw_step(p.y, mi.y, vi.y, g.y, decay, step_size, bc2_sqrt, beta1, beta2, eps, grad_scale);
+  adamw_step(p.z, mi.z, vi.z, g.z, decay, step_size, bc2_sqrt, beta1, beta2, eps, grad_scale);
+  adamw_step(p.w, mi.w, vi.w, g.w, decay, step_size, bc2_sqrt, beta1, beta2, eps, grad_scale);
+  reinterpret_cast<float4*>(param)[q] = p;
+  reinterpret_cast<float4*>(m)[q] = mi;
+  reinterpret_cast<float4*>(v)[q] = vi;
 }
 
 __global__ void adamw_kernel(float* param, const float* grad, float* m, float* v, int64_t n, float decay,
@@ -56,6 +85,7 @@ struct AdamWChunk {
   int64_t n[kManyTensors];
   float decay[kManyTensors];
   int first_block[kManyTensors + 1];
+  bool quads[kManyTensors];  // the slice's arrays are 16-byte aligned: 4 elements per access
   int count;
 };
 
@@ -65,8 +95,17 @@ __global__ void adamw_many_kernel(AdamWChunk c, float step_size, float bc2_sqrt,
   int k = 0;
   while (k + 1 < c.count && c.first_block[k + 1] <= b) ++k;  // the slice this block belongs to
   const int64_t blocks = c.first_block[k + 1] - c.first_block[k];
-  for (int64_t i = (b - c.first_block[k]) * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < c.n[k];
-       i += blocks * blockDim.x)
+  const int64_t first = (b - c.first_block[k]) * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const int64_t stride = blocks * blockDim.x;
+  int64_t scalar_from = 0;
+  if (c.quads[k]) {  // (AdamW moved 63% of an H200's bandwidth with 4-byte accesses)
+    const int64_t quads = c.n[k] / 4;
+    for (int64_t q = first; q < quads; q += stride)
+      adamw_quad(c.param[k], c.grad[k], c.m[k], c.v[k], q, c.decay[k], step_size, bc2_sqrt, beta1, beta2, eps,
+                 grad_scale);
+    scalar_from = 4 * quads;
+  }
+  for (int64_t i = scalar_from + first; i < c.n[k]; i += stride)
     adamw_element(c.param[k], c.grad[k], c.m[k], c.v[k], i, c.decay[k], step_size, bc2_sqrt, beta1, beta2, eps,
                   grad_scale);
 }
@@ -217,6 +256,7 @@ void adamw_update_many_cuda(const AdamWSlice* slices, int64_t count, float lr, f
     chunk.v[j] = x.v;
     chunk.n[j] = x.n;
     chunk.decay[j] = adamw_decay(lr, x.weight_decay);
+    chunk.quads[j] = aligned16(x.param) && aligned16(x.grad) && aligned16(x.m) && aligned16(x.v);
     const int64_t blocks = std::min<int64_t>(kMaxBlocksPerSlice, (x.n + kThreads - 1) / kThreads);
     chunk.first_block[j + 1] = chunk.first_block[j] + static_cast<int>(blocks);
     chunk.count = j + 1;
