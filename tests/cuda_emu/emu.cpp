@@ -4,6 +4,10 @@
 
 #include <ucontext.h>
 
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#endif
+
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -35,6 +39,24 @@ AlignedBytes aligned_bytes(size_t bytes, size_t alignment) {
   return AlignedBytes(static_cast<unsigned char*>(std::aligned_alloc(alignment, rounded)));
 }
 
+// AddressSanitizer (the emulation tests also run under it: tests/CMakeLists.txt) must be told of every
+// switch between stacks, or it takes the fibers' stacks for overflows of the scheduler's. Without
+// ASan these are no-ops.
+struct StackSwitch {
+#if defined(__SANITIZE_ADDRESS__)
+  void* fake_stack = nullptr;
+  void start(const void* bottom, size_t size, bool leaving_for_good = false) {
+    __sanitizer_start_switch_fiber(leaving_for_good ? nullptr : &fake_stack, bottom, size);
+  }
+  void finish(const void** from_bottom = nullptr, size_t* from_size = nullptr) {
+    __sanitizer_finish_switch_fiber(fake_stack, from_bottom, from_size);
+  }
+#else
+  void start(const void*, size_t, bool = false) {}
+  void finish(const void** = nullptr, size_t* = nullptr) {}
+#endif
+};
+
 // A cp.async not yet landed: `bytes` at dst, the first `src_bytes` from src (read when it lands; global
 // memory does not change during a kernel), zeros after.
 struct PendingCopy {
@@ -49,6 +71,7 @@ struct Fiber {
   State state = State::kRunnable;
   ThreadCoords coords;
   int lane = 0, warp = 0;
+  StackSwitch stack_switch;                           // (AddressSanitizer's bookkeeping)
   std::vector<PendingCopy> uncommitted;               // cp.async since the last commit
   std::deque<std::vector<PendingCopy>> committed;     // oldest group first
 };
@@ -64,6 +87,8 @@ struct Block {
   const std::function<void()>* body = nullptr;
   int current = -1;
   std::exception_ptr error;
+  const void* scheduler_stack = nullptr;  // the launching thread's stack, as AddressSanitizer reports it
+  size_t scheduler_stack_size = 0;
 };
 
 thread_local Block* g_block = nullptr;
@@ -79,18 +104,22 @@ Fiber& current_fiber() {
 void yield(State state) {
   Fiber& f = current_fiber();
   f.state = state;
+  f.stack_switch.start(g_block->scheduler_stack, g_block->scheduler_stack_size);
   swapcontext(&f.context, &g_block->scheduler);
+  f.stack_switch.finish();
 }
 
 void fiber_main() {
   Block& b = *g_block;
   Fiber& f = b.fibers[static_cast<size_t>(b.current)];
+  f.stack_switch.finish(&b.scheduler_stack, &b.scheduler_stack_size);  // arrived from the scheduler
   try {
     (*b.body)();
   } catch (...) {
     if (!b.error) b.error = std::current_exception();
   }
   f.state = State::kDone;
+  f.stack_switch.start(b.scheduler_stack, b.scheduler_stack_size, true);
   swapcontext(&f.context, &b.scheduler);  // never resumed
 }
 
@@ -288,7 +317,10 @@ void run_grid(dim3 grid, dim3 block, size_t dynamic_shared_bytes, const std::fun
                 Fiber& f = b.fibers[static_cast<size_t>(t)];
                 if (f.state != State::kRunnable) continue;
                 b.current = t;
+                StackSwitch to_fiber;
+                to_fiber.start(f.stack.get(), kStackBytes);
                 swapcontext(&b.scheduler, &f.context);
+                to_fiber.finish();
                 b.current = -1;
                 warp_ran = ran = true;
                 if (b.error) std::rethrow_exception(b.error);
