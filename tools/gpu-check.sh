@@ -9,7 +9,8 @@
 #   2. configure (-DKRAKEN_CUDA=ON -DKRAKEN_MPI=OFF -DCMAKE_CUDA_ARCHITECTURES=90, dependencies from
 #      third_party/) and build everything with all cores;
 #   3. the GPU tests: ctest -L gpu (tests/gpu), each result and every measured GPU-vs-CPU difference;
-#   4. the GPU benchmark (bench/gpu_train_bench.cpp): tokens/s, MFU, kernel bandwidth;
+#   4. the GPU benchmark (bench/gpu_train_bench.cpp): tokens/s, MFU, kernel bandwidth; then its bf16
+#      training rows again on the WMMA attention kernels (KRAKEN_CUDA_ATTENTION=tc), for comparison;
 #   5. compute-sanitizer memcheck on a short GPU training run (kraken-train, checkpoint included), then
 #      memcheck and racecheck on the GPU kernel tests while time remains (after the benchmark, since
 #      the sanitizers take whatever time is left);
@@ -203,6 +204,19 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
   md "bench/gpu_train_bench: exit status $rc in $(( $(date +%s) - t0 )) s."
   if [[ -f "$logs/bench.md" ]]; then cat "$logs/bench.md" >> "$report"; else md_tail "$logs/bench.log" 30; fi
   [[ $rc -eq 0 ]] || fail "benchmark (exit status $rc)"
+  # The same bf16 training rows (B = 8) on the WMMA attention kernels, the default until the mma.sync
+  # ones (kernels/cuda/README.md): what the attention family alone changes in a step.
+  if [[ $have_gpu -eq 1 && $(left) -gt 200 ]]; then
+    say "benchmark, WMMA attention"
+    t0=$(date +%s)
+    KRAKEN_CUDA_ATTENTION=tc timeout 90 "$build/bin/gpu_train_bench" --training-only --precision bf16 --batch 8 \
+      --out "$logs/bench-wmma.md" > "$logs/bench-wmma.log" 2>&1
+    rc=$?
+    md ""
+    md "With KRAKEN_CUDA_ATTENTION=tc (the WMMA attention kernels): exit status $rc in $(( $(date +%s) - t0 )) s."
+    if [[ -f "$logs/bench-wmma.md" ]]; then grep -E '^\|' "$logs/bench-wmma.md" >> "$report"; else md_tail "$logs/bench-wmma.log" 20; fi
+    [[ $rc -eq 0 ]] || fail "benchmark with the WMMA attention (exit status $rc)"
+  fi
 else
   fail "benchmark not built"
 fi
