@@ -74,10 +74,10 @@ void attention_backward_bf16_mma_cuda(uint16_t* dqkv, const uint16_t* dout, cons
 bool attention_bf16_tc_supported(int64_t D);
 bool attention_bf16_mma_supported(int64_t D);
 
-// The largest head the mma kernels take by default. Above it their register-held accumulators (dK and
-// dV: Dp registers per thread) crowd the register file; the WMMA kernels keep theirs in fragments of the
-// same size but hold fewer operands. (Unmeasured on a GPU as of this writing: bench/gpu_train_bench.cpp
-// times both at D = 168, and KRAKEN_CUDA_ATTENTION=mma takes the mma kernels for every head size.)
+// The largest head the mma kernels take by default: above it their dk/dv kernel spills registers (dK and
+// dV alone are Dp registers per thread; ptxas for sm_90: 220 bytes spilled at Dp = 224, 1.3 KB at 256),
+// so the WMMA kernels take those heads. (Not yet measured on a GPU: bench/gpu_train_bench.cpp times both
+// families at D = 64 and 168; KRAKEN_CUDA_ATTENTION=mma takes the mma kernels for every head size.)
 constexpr int64_t kAttentionMmaDefaultMaxHead = 192;
 
 enum class AttentionBf16Kernels { kSimt, kTensorCoreWmma, kTensorCoreMma };
