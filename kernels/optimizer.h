@@ -81,6 +81,18 @@ struct AdamWSlice {
 void adamw_update_many_cuda(const AdamWSlice* slices, int64_t count, float lr, float beta1, float beta2, float eps,
                             int64_t step, CUstream_st* stream, float grad_scale = 1.0f);
 
+// SGD over many tensors the same way: one sgd_update_cuda of each slice (param, grad, velocity — null
+// when momentum is 0 — of n floats, its own weight decay), bit for bit.
+struct SgdSlice {
+  float* param;
+  const float* grad;
+  float* velocity;
+  int64_t n;
+  float weight_decay;
+};
+void sgd_update_many_cuda(const SgdSlice* slices, int64_t count, float lr, float momentum, float dampening,
+                          bool nesterov, bool first_step, CUstream_st* stream, float grad_scale = 1.0f);
+
 // Device reductions write into device doubles. `partials` is a device scratch of
 // kReducePartials doubles, reused by every call on the same stream.
 constexpr int kReducePartials = 512;

@@ -110,18 +110,48 @@ __global__ void adamw_many_kernel(AdamWChunk c, float step_size, float bc2_sqrt,
                   grad_scale);
 }
 
+// One element of SGD (kernels/optimizer.h).
+__device__ __forceinline__ void sgd_element(float* param, const float* grad, float* velocity, int64_t i, float lr,
+                                            float momentum, float dampening, bool nesterov, float weight_decay,
+                                            bool first_step, float grad_scale) {
+  const float g = grad_scale * grad[i];
+  float d = weight_decay != 0.0f ? g + weight_decay * param[i] : g;
+  if (momentum != 0.0f) {
+    const float buf = first_step ? d : momentum * velocity[i] + (1.0f - dampening) * d;
+    velocity[i] = buf;
+    d = nesterov ? d + momentum * buf : buf;
+  }
+  param[i] -= lr * d;
+}
+
 __global__ void sgd_kernel(float* param, const float* grad, float* velocity, int64_t n, float lr, float momentum,
                            float dampening, bool nesterov, float weight_decay, bool first_step, float grad_scale) {
   KRAKEN_GRID_STRIDE(i, n) {
-    const float g = grad_scale * grad[i];
-    float d = weight_decay != 0.0f ? g + weight_decay * param[i] : g;
-    if (momentum != 0.0f) {
-      const float buf = first_step ? d : momentum * velocity[i] + (1.0f - dampening) * d;
-      velocity[i] = buf;
-      d = nesterov ? d + momentum * buf : buf;
-    }
-    param[i] -= lr * d;
+    sgd_element(param, grad, velocity, i, lr, momentum, dampening, nesterov, weight_decay, first_step, grad_scale);
   }
+}
+
+// As AdamWChunk, for SGD.
+struct SgdChunk {
+  float* param[kManyTensors];
+  const float* grad[kManyTensors];
+  float* velocity[kManyTensors];
+  int64_t n[kManyTensors];
+  float weight_decay[kManyTensors];
+  int first_block[kManyTensors + 1];
+  int count;
+};
+
+__global__ void sgd_many_kernel(SgdChunk c, float lr, float momentum, float dampening, bool nesterov,
+                                bool first_step, float grad_scale) {
+  const int b = static_cast<int>(blockIdx.x);
+  int k = 0;
+  while (k + 1 < c.count && c.first_block[k + 1] <= b) ++k;  // the slice this block belongs to
+  const int64_t blocks = c.first_block[k + 1] - c.first_block[k];
+  for (int64_t i = (b - c.first_block[k]) * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < c.n[k];
+       i += blocks * blockDim.x)
+    sgd_element(c.param[k], c.grad[k], c.velocity[k], i, lr, momentum, dampening, nesterov, c.weight_decay[k],
+                first_step, grad_scale);
 }
 
 // Fixed shared-memory tree over kReduceThreads values; thread 0 returns the sum.
@@ -263,6 +293,36 @@ void adamw_update_many_cuda(const AdamWSlice* slices, int64_t count, float lr, f
     if (chunk.count == kManyTensors) {
       launch();
       chunk = AdamWChunk{};
+    }
+  }
+  launch();
+}
+
+void sgd_update_many_cuda(const SgdSlice* slices, int64_t count, float lr, float momentum, float dampening,
+                          bool nesterov, bool first_step, CUstream_st* stream, float grad_scale) {
+  SgdChunk chunk{};
+  auto launch = [&] {
+    if (chunk.count == 0 || chunk.first_block[chunk.count] == 0) return;
+    KRAKEN_KERNEL(static_cast<unsigned int>(chunk.first_block[chunk.count]), kThreads, 0, stream, sgd_many_kernel)
+    (chunk, lr, momentum, dampening, nesterov, first_step, grad_scale);
+    KRAKEN_CUDA_LAUNCH_CHECK();
+  };
+  for (int64_t s = 0; s < count; ++s) {
+    const SgdSlice& x = slices[s];
+    if (x.n <= 0) continue;
+    KRAKEN_CHECK(momentum == 0.0f || x.velocity != nullptr, "sgd_update_many_cuda: momentum needs a velocity");
+    const int j = chunk.count;
+    chunk.param[j] = x.param;
+    chunk.grad[j] = x.grad;
+    chunk.velocity[j] = x.velocity;
+    chunk.n[j] = x.n;
+    chunk.weight_decay[j] = x.weight_decay;
+    const int64_t blocks = std::min<int64_t>(kMaxBlocksPerSlice, (x.n + kThreads - 1) / kThreads);
+    chunk.first_block[j + 1] = chunk.first_block[j] + static_cast<int>(blocks);
+    chunk.count = j + 1;
+    if (chunk.count == kManyTensors) {
+      launch();
+      chunk = SgdChunk{};
     }
   }
   launch();

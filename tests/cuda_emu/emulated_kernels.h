@@ -69,6 +69,15 @@ struct AdamWSlice {  // kernels::AdamWSlice
 };
 void adamw_update_many_cuda(const AdamWSlice* slices, int64_t count, float lr, float beta1, float beta2, float eps,
                             int64_t step, CUstream_st* stream, float grad_scale);
+struct SgdSlice {  // kernels::SgdSlice
+  float* param;
+  const float* grad;
+  float* velocity;
+  int64_t n;
+  float weight_decay;
+};
+void sgd_update_many_cuda(const SgdSlice* slices, int64_t count, float lr, float momentum, float dampening,
+                          bool nesterov, bool first_step, CUstream_st* stream, float grad_scale);
 void sum_squares_many_accumulate_cuda(double* total, double* partials, const float* const* xs, const int64_t* sizes,
                                       int64_t count, CUstream_st* stream);
 

@@ -524,6 +524,32 @@ TEST(CudaEmulation, ManyTensorUpdatesAndNormsMatchOneAtATime) {
                                         static_cast<int64_t>(sizes.size()), nullptr);
   const double want = 1.5 + kernels::sum_squares_multi_cpu(data.data(), sizes.data(), static_cast<int64_t>(sizes.size()));
   EXPECT_NEAR(total[0], want, 1e-12 * want) << "many-tensor sum of squares";
+
+  // SGD: momentum with dampening (first step, then the running buffer), Nesterov, and none.
+  struct Sgd {
+    float momentum, dampening;
+    bool nesterov;
+  };
+  for (const Sgd& o : {Sgd{0.9f, 0.1f, false}, Sgd{0.9f, 0.0f, true}, Sgd{0.0f, 0.0f, false}}) {
+    std::vector<std::vector<float>> q = p, q1 = p, buf = m, buf1 = m;
+    for (int64_t step = 0; step < 2; ++step) {
+      std::vector<emu::SgdSlice> slices;
+      for (size_t k = 0; k < sizes.size(); ++k)
+        slices.push_back({q[k].data(), g[k].data(), o.momentum != 0.0f ? buf[k].data() : nullptr, sizes[k],
+                          k % 3 == 0 ? 0.0f : 0.1f});
+      emu::sgd_update_many_cuda(slices.data(), static_cast<int64_t>(slices.size()), 0.05f, o.momentum, o.dampening,
+                                o.nesterov, step == 0, nullptr, 0.7f);
+      for (size_t k = 0; k < sizes.size(); ++k)
+        emu::sgd_update_cuda(q1[k].data(), g[k].data(), o.momentum != 0.0f ? buf1[k].data() : nullptr, sizes[k],
+                             0.05f, o.momentum, o.dampening, o.nesterov, k % 3 == 0 ? 0.0f : 0.1f, step == 0, nullptr,
+                             0.7f);
+    }
+    for (size_t k = 0; k < sizes.size(); ++k) {
+      EXPECT_EQ(q[k], q1[k]) << "SGD (momentum " << o.momentum << ") parameter " << k
+                             << ": the many-tensor update is not the one-tensor update's bits";
+      EXPECT_EQ(buf[k], buf1[k]) << "SGD momentum buffer " << k;
+    }
+  }
 }
 
 }  // namespace
