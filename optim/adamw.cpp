@@ -25,27 +25,21 @@ void AdamW::step(const std::vector<Tensor>& grads, float lr, float grad_scale) {
   check_grads(grads);
   const int64_t t = steps_ + 1;  // the bias corrections count steps from 1
   const AdamWOptions& o = options_;
-  // Parameters on one GPU (a rank's usual case) update in a few launches instead of one each: the same
-  // arithmetic per element (kernels/optimizer.h).
-  if (!params_.empty() && !params_[0].param.device().is_cpu()) {
-    const runtime::Device device = params_[0].param.device();
+  // Parameters on one GPU update in a few launches instead of one each: the same arithmetic per element
+  // (kernels/optimizer.h).
+  if (params_on_one_gpu()) {
     std::vector<kernels::AdamWSlice> slices;
     for (size_t i = 0; i < params_.size(); ++i) {
-      const Tensor& p = params_[i].param;
-      if (p.device() != device) {
-        slices.clear();
-        break;
-      }
-      slices.push_back({p.data<float>(), grads[i].data<float>(), exp_avg_[i].data<float>(),
-                        exp_avg_sq_[i].data<float>(), p.numel(), params_[i].weight_decay ? o.weight_decay : 0.0f});
+      slices.push_back({params_[i].param.data<float>(), grads[i].data<float>(), exp_avg_[i].data<float>(),
+                        exp_avg_sq_[i].data<float>(), params_[i].param.numel(),
+                        params_[i].weight_decay ? o.weight_decay : 0.0f});
     }
-    if (!slices.empty()) {
-      const int64_t count = static_cast<int64_t>(slices.size());
-      KRAKEN_CUDA_ONLY(device, kernels::adamw_update_many_cuda(slices.data(), count, lr, o.beta1, o.beta2, o.eps, t,
-                                                               runtime::stream_of(params_[0].param), grad_scale));
-      steps_ = t;
-      return;
-    }
+    KRAKEN_CUDA_ONLY(params_[0].param.device(),
+                     kernels::adamw_update_many_cuda(slices.data(), static_cast<int64_t>(slices.size()), lr, o.beta1,
+                                                     o.beta2, o.eps, t, runtime::stream_of(params_[0].param),
+                                                     grad_scale));
+    steps_ = t;
+    return;
   }
   for (size_t i = 0; i < params_.size(); ++i) {
     const Tensor& p = params_[i].param;

@@ -63,6 +63,13 @@ Tensor Optimizer::zeros_like_param(size_t i) const {
   return Tensor::zeros(params_[i].param.shape(), DType::F32, params_[i].param.device());
 }
 
+bool Optimizer::params_on_one_gpu() const {
+  if (params_.empty() || params_[0].param.device().is_cpu()) return false;
+  for (const ParamRef& p : params_)
+    if (p.param.device() != params_[0].param.device()) return false;
+  return true;
+}
+
 int64_t Optimizer::parse_step(const nlohmann::json& scalars) const {
   if (!scalars.is_object()) KRAKEN_THROW(name(), " state: the scalars are not a JSON object");
   const auto type = scalars.find("type");

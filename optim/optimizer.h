@@ -73,6 +73,9 @@ class Optimizer {
   void check_grads(const std::vector<runtime::Tensor>& grads) const;
   // A zero f32 tensor shaped and placed like parameter i.
   runtime::Tensor zeros_like_param(size_t i) const;
+  // Whether every parameter lives on one GPU (a rank's usual case): then the optimizers update all of
+  // them in a few multi-tensor launches instead of one launch each.
+  bool params_on_one_gpu() const;
   // Validates state scalars (type, step) and returns the step count they hold.
   int64_t parse_step(const nlohmann::json& scalars) const;
 

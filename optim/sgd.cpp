@@ -28,25 +28,19 @@ void Sgd::step(const std::vector<Tensor>& grads, float lr, float grad_scale) {
   const SgdOptions& opts = options_;
   // Parameters on one GPU update in a few launches instead of one each, as AdamW does: the same
   // arithmetic per element (kernels/optimizer.h).
-  if (!params_.empty() && !params_[0].param.device().is_cpu()) {
-    const runtime::Device device = params_[0].param.device();
+  if (params_on_one_gpu()) {
     std::vector<kernels::SgdSlice> slices;
     for (size_t i = 0; i < params_.size(); ++i) {
-      const Tensor& p = params_[i].param;
-      if (p.device() != device) {
-        slices.clear();
-        break;
-      }
-      slices.push_back({p.data<float>(), grads[i].data<float>(), velocity_.empty() ? nullptr : velocity_[i].data<float>(),
-                        p.numel(), params_[i].weight_decay ? opts.weight_decay : 0.0f});
+      slices.push_back({params_[i].param.data<float>(), grads[i].data<float>(),
+                        velocity_.empty() ? nullptr : velocity_[i].data<float>(), params_[i].param.numel(),
+                        params_[i].weight_decay ? opts.weight_decay : 0.0f});
     }
-    if (!slices.empty()) {
-      KRAKEN_CUDA_ONLY(device, kernels::sgd_update_many_cuda(slices.data(), static_cast<int64_t>(slices.size()), lr,
-                                                             opts.momentum, opts.dampening, opts.nesterov, first,
-                                                             runtime::stream_of(params_[0].param), grad_scale));
-      ++steps_;
-      return;
-    }
+    KRAKEN_CUDA_ONLY(params_[0].param.device(),
+                     kernels::sgd_update_many_cuda(slices.data(), static_cast<int64_t>(slices.size()), lr,
+                                                   opts.momentum, opts.dampening, opts.nesterov, first,
+                                                   runtime::stream_of(params_[0].param), grad_scale));
+    ++steps_;
+    return;
   }
   for (size_t i = 0; i < params_.size(); ++i) {
     const Tensor& p = params_[i].param;

@@ -618,13 +618,7 @@ size_t mma_smem_bytes(int D) {
 
 }  // namespace
 
-bool attention_bf16_mma_supported(int64_t D) {
-  if (D < 1 || D > kMaxTcHead) return false;
-  int device = 0, optin = 0;
-  KRAKEN_CUDA_CHECK(cudaGetDevice(&device));
-  KRAKEN_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return mma_smem_bytes(static_cast<int>(D)) <= static_cast<size_t>(optin);
-}
+bool attention_bf16_mma_supported(int64_t D) { return head_fits_device(D, mma_smem_bytes); }
 
 void attention_forward_bf16_mma_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T, int64_t C,
                                      int64_t NH, CUstream_st* stream) {

@@ -111,7 +111,6 @@ __device__ void store_rows(uint16_t* dst, int64_t stride, const float* src, int 
     store_rows_v<1, kAccumulate>(dst, stride, src, lds, t0, g.T, g.D, factor);
 }
 
-
 // lse (in log2 units) and Dᵢ = Σ_d dO·O of the query tile's rows q0 .. q0 + kRows − 1: kThreads/kRows
 // threads per row (2 or 4), each summing every such V-element piece, then shuffles; rows at or past T
 // get 0 (every score of theirs is masked).
@@ -196,6 +195,16 @@ TcDims make_tc_dims(int64_t B, int64_t T, int64_t C, int64_t NH, std::initialize
   g.scale_log2 = g.scale * kLog2e;
   g.vec = vector_width(g.D, ptrs);
   return g;
+}
+
+// Whether a family whose largest block needs block_bytes(D) of shared memory runs head size D on the
+// current device (1 ≤ D ≤ 256).
+bool head_fits_device(int64_t D, size_t (*block_bytes)(int)) {
+  if (D < 1 || D > kMaxTcHead) return false;
+  int device = 0, optin = 0;
+  KRAKEN_CUDA_CHECK(cudaGetDevice(&device));
+  KRAKEN_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return block_bytes(static_cast<int>(D)) <= static_cast<size_t>(optin);
 }
 
 dim3 tc_grid(int64_t B, int64_t T, int64_t NH) {
