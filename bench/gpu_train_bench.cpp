@@ -387,6 +387,22 @@ void bench_kernels(const DeviceInfo& dev, Report& r) {
     row("AdamW (124.5M parameters)", f * 7.0 * P,
         time_kernel([&] { adamw_update_cuda(p.data<float>(), g.data<float>(), m.data<float>(), v.data<float>(), P, 6e-4f,
                                             0.9f, 0.95f, 1e-8f, 0.1f, step++, nullptr); }));
+    // The trainer's path: the many-tensor kernel (one slice here), 16-byte accesses.
+    const AdamWSlice slice{p.data<float>(), g.data<float>(), m.data<float>(), v.data<float>(), P, 0.1f};
+    row("AdamW, many-tensor kernel (what the trainer runs)", f * 7.0 * P,
+        time_kernel([&] { adamw_update_many_cuda(&slice, 1, 6e-4f, 0.9f, 0.95f, 1e-8f, step++, nullptr); }));
+    // The parameters' casts before each bf16 forward, and their gradients' way back.
+    Tensor p16 = Tensor::empty({P}, DType::BF16, Device::cuda(0));
+    row("cast f32 → bf16 (124.5M)", f * P + 2.0 * P,
+        time_kernel([&] { cast_f32_to_bf16_cuda(p16.data<uint16_t>(), p.data<float>(), P, nullptr); }));
+    row("f32 += bf16 (124.5M)", f * 2.0 * P + 2.0 * P,
+        time_kernel([&] { accumulate_bf16_cuda(g.data<float>(), p16.data<uint16_t>(), P, nullptr); }));
+  }
+  {  // a bias gradient: Σ over B·T rows of dy (c_fc's 3072 columns), the column sums of column_sums.h
+    const int64_t cols = 4 * C;
+    Tensor dy = normal({N, cols}, 79).to(DType::BF16), db = normal({cols}, 80).to(DType::BF16);
+    row("bf16 bias gradient (sum of 8192 rows × 3072)", 2.0 * N * cols + 4.0 * cols,
+        time_kernel([&] { sum_rows_bf16_cuda(db.data<uint16_t>(), dy.data<uint16_t>(), N, cols, nullptr); }));
   }
   {
     Tensor logits = normal({N, Vp}, 19), dlogits = normal({N, Vp}, 20), losses = normal({N}, 21), lse = normal({N}, 22);
