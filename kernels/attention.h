@@ -68,6 +68,18 @@ void attention_forward_bf16_mma_cuda(uint16_t* out, float* lse, const uint16_t* 
 void attention_backward_bf16_mma_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out,
                                       const float* lse, int64_t B, int64_t T, int64_t C, int64_t NH,
                                       CUstream_st* stream);
+// The mma kernels for `count` ≤ kAttentionMaxGroups attentions of one shape in one launch (group k:
+// outs[k], lses[k], qkvs[k], …; arrays of device pointers in host memory): each group's results are
+// what the one-attention entry points give it, bit for bit; one launch instead of `count` fills the GPU
+// where one attention has few heads (a Kraken layer's sub-layers: B·3 heads each).
+constexpr int64_t kAttentionMaxGroups = 8;
+void attention_forward_bf16_mma_group_cuda(uint16_t* const* outs, float* const* lses, const uint16_t* const* qkvs,
+                                           int64_t count, int64_t B, int64_t T, int64_t C, int64_t NH,
+                                           CUstream_st* stream);
+void attention_backward_bf16_mma_group_cuda(uint16_t* const* dqkvs, const uint16_t* const* douts,
+                                            const uint16_t* const* qkvs, const uint16_t* const* outs,
+                                            const float* const* lses, int64_t count, int64_t B, int64_t T, int64_t C,
+                                            int64_t NH, CUstream_st* stream);
 // True for the head sizes D = C/NH the _tc_ (_mma_) kernels handle on the current device: 1 ≤ D ≤ 256,
 // padded to a multiple of 16 (_tc_: of 32 above 128), where the device has the shared memory per block
 // this needs.

@@ -160,20 +160,36 @@ Tensor KrakenModel::dropout(const Tensor& x, runtime::Generator* gen, bool train
 }
 
 // Attn_i(LN1_i(x)): (B, T, C) → (B, T, C)
-Tensor KrakenModel::attention_branch(const SubLayer& s, const Tensor& x, runtime::Generator* gen, bool training) {
-  Tensor h = ops::layernorm(x, s.ln_1_w, s.ln_1_b);
+std::vector<Tensor> KrakenModel::attention_branches(const std::vector<SubLayer>& subs, const std::vector<Tensor>& xs,
+                                                    runtime::Generator* gen, bool training) {
+  std::vector<Tensor> out;
   if (!megatron()) {
-    Tensor qkv = ops::linear(h, compute(s.c_attn_w), compute(s.c_attn_b));  // (B, T, 3C)
-    Tensor y = ops::attention(qkv, config_.heads_per_sublayer());           // (B, T, C)
-    return dropout(ops::linear(y, compute(s.attn_proj_w), compute(s.attn_proj_b)), gen, training);
+    // The sub-layers' attentions go in one group (ops::attention_group): on a GPU one launch for all of
+    // them, whose B·H/k heads each would leave it half idle. The products and dropouts keep their order.
+    std::vector<Tensor> qkvs;
+    for (size_t i = 0; i < subs.size(); ++i) {
+      const SubLayer& s = subs[i];
+      Tensor h = ops::layernorm(xs[i], s.ln_1_w, s.ln_1_b);
+      qkvs.push_back(ops::linear(h, compute(s.c_attn_w), compute(s.c_attn_b)));  // (B, T, 3C)
+    }
+    std::vector<Tensor> ys = ops::attention_group(qkvs, config_.heads_per_sublayer());  // each (B, T, C)
+    for (size_t i = 0; i < subs.size(); ++i)
+      out.push_back(dropout(ops::linear(ys[i], compute(subs[i].attn_proj_w), compute(subs[i].attn_proj_b)), gen, training));
+    return out;
   }
-  // Megatron-LM: this rank's heads. copy_to_tp: identity forward, all-reduce of dh backward.
-  Tensor qkv = ops::linear(parallel::copy_to_tp(h, *shard_.tp), compute(s.c_attn_w), compute(s.c_attn_b));  // (B, T, 3C/tp)
-  Tensor y = ops::attention(qkv, config_.n_head / shard_.tp_size);                                           // (B, T, C/tp)
-  // reduce_from_tp: all-reduce of the partial projections forward (on the critical path), identity backward.
-  Tensor o = parallel::reduce_from_tp(ops::linear(y, compute(s.attn_proj_w)), *shard_.tp);
-  if (s.attn_proj_b.defined()) o = ops::add(o, compute(s.attn_proj_b));
-  return dropout(o, gen, training);
+  // Megatron-LM (degree 1, one stream): this rank's heads. copy_to_tp: identity forward, all-reduce of dh
+  // backward.
+  for (size_t i = 0; i < subs.size(); ++i) {
+    const SubLayer& s = subs[i];
+    Tensor h = ops::layernorm(xs[i], s.ln_1_w, s.ln_1_b);
+    Tensor qkv = ops::linear(parallel::copy_to_tp(h, *shard_.tp), compute(s.c_attn_w), compute(s.c_attn_b));  // (B, T, 3C/tp)
+    Tensor y = ops::attention(qkv, config_.n_head / shard_.tp_size);                                           // (B, T, C/tp)
+    // reduce_from_tp: all-reduce of the partial projections forward (on the critical path), identity backward.
+    Tensor o = parallel::reduce_from_tp(ops::linear(y, compute(s.attn_proj_w)), *shard_.tp);
+    if (s.attn_proj_b.defined()) o = ops::add(o, compute(s.attn_proj_b));
+    out.push_back(dropout(o, gen, training));
+  }
+  return out;
 }
 
 // MLP_i(h), h = LN2_i(m) computed by the caller (fused with the add that makes m): (B, T, C) → (B, T, C)
@@ -229,8 +245,7 @@ Tensor KrakenModel::stage_forward(const Tensor& ids, const Tensor& input, runtim
       if (kraken_tp) pending = parallel::start_all_reduce(partial, *shard_.tp);
       else S = partial;
     }
-    std::vector<Tensor> attn(static_cast<size_t>(n));
-    for (int64_t i = 0; i < n; ++i) attn[i] = attention_branch(layers_[layer][i], streams[i], gen, training);
+    std::vector<Tensor> attn = attention_branches(layers_[layer], streams, gen, training);
     if (pending.valid()) S = parallel::wait_all_reduce(pending);
     for (int64_t i = 0; i < n; ++i) {
       const SubLayer& s = layers_[layer][i];

@@ -110,7 +110,9 @@ class KrakenModel : public runtime::Module {
     runtime::Tensor ln_2_w, ln_2_b, c_fc_w, c_fc_b, mlp_proj_w, mlp_proj_b;
   };
   runtime::Tensor dropout(const runtime::Tensor& x, runtime::Generator* gen, bool training);
-  runtime::Tensor attention_branch(const SubLayer& s, const runtime::Tensor& x, runtime::Generator* gen, bool training);
+  // Attn_i(LN1_i(x_i)) for every sub-layer i of one layer (xs: the layer's streams).
+  std::vector<runtime::Tensor> attention_branches(const std::vector<SubLayer>& subs, const std::vector<runtime::Tensor>& xs,
+                                                  runtime::Generator* gen, bool training);
   runtime::Tensor mlp_branch(const SubLayer& s, const runtime::Tensor& h, runtime::Generator* gen, bool training);
 
   bool megatron() const { return config_.degree == 1 && shard_.tp_size > 1; }

@@ -48,6 +48,7 @@
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 #include "kernels/attention.h"
 #include "kernels/cuda/attention_tiles.h"
@@ -62,6 +63,22 @@ namespace {
 // ==== device code ======================================================================================
 
 constexpr int kBlocksPerTile = kTile / kSub;  // 16-row blocks of a streamed tile
+
+// Several attentions of one shape in one launch (attention_*_bf16_mma_group_cuda): block x of the grid
+// belongs to group x / (B·NH) and head x % (B·NH), and each group has its own tensors. One launch for the
+// Kraken sub-layers of a layer fills the GPU where one per sub-layer (B·3 heads) leaves it half idle.
+struct ForwardGroups {
+  uint16_t* out[kAttentionMaxGroups];
+  float* lse[kAttentionMaxGroups];
+  const uint16_t* qkv[kAttentionMaxGroups];
+};
+struct BackwardGroups {
+  uint16_t* dqkv[kAttentionMaxGroups];
+  const uint16_t* dout[kAttentionMaxGroups];
+  const uint16_t* qkv[kAttentionMaxGroups];
+  const uint16_t* out[kAttentionMaxGroups];
+  const float* lse[kAttentionMaxGroups];
+};
 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   return static_cast<uint32_t>(f2b(lo)) | static_cast<uint32_t>(f2b(hi)) << 16;
@@ -206,14 +223,17 @@ __device__ __forceinline__ void pipeline(int count, Load&& load, Compute&& compu
 
 template <int Dp>
 __global__ void __launch_bounds__(kThreads)
-    attention_forward_mma_kernel(uint16_t* out, float* lse, const uint16_t* qkv, TcDims g) {
+    attention_forward_mma_kernel(ForwardGroups groups, TcDims g) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   using L = MmaSmem<Dp>;
   constexpr int kK = Dp / kSub;  // 16-column steps of the head: the k of q·kᵀ, the n pairs of P·v
   KRAKEN_DYNAMIC_SHARED(unsigned char, smem);
   uint16_t* qs = reinterpret_cast<uint16_t*>(smem + L::fwd_q);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, tq = lane % 4;
-  const int bh = blockIdx.x, b = bh / g.NH, h = bh % g.NH;
+  const int group = blockIdx.x / g.bnh, bh = blockIdx.x % g.bnh, b = bh / g.NH, h = bh % g.NH;
+  uint16_t* out = groups.out[group];
+  float* lse = groups.lse[group];
+  const uint16_t* qkv = groups.qkv[group];
   const int q0 = (gridDim.y - 1 - blockIdx.y) * kTile;  // the longest rows first
   const int qw = q0 + warp * kSub;                      // the warp's first query
   const int warp_last = min(qw + kSub, g.T) - 1;        // and its last (< qw when it has none)
@@ -335,16 +355,19 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- backward -----------------------------------------------------------------------------------------
 
-// Dᵢ = Σ_d dO[b, t, h, d]·O[b, t, h, d] for every (b·NH + h, t), into delta (the layout of lse): one
-// thread per (row, head), V-element pieces.
+// Dᵢ = Σ_d dO[b, t, h, d]·O[b, t, h, d] for every group and (b·NH + h, t), into delta (group after group,
+// each in the layout of lse): one thread per (group, row, head), V-element pieces.
 template <int V>
 __global__ void __launch_bounds__(256)
-    attention_delta_kernel(float* delta, const uint16_t* dout, const uint16_t* out, int64_t rows, TcDims g) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;  // row · NH + h
-  if (i >= rows * g.NH) return;
-  const int64_t row = i / g.NH;
-  const int h = static_cast<int>(i - row * g.NH);
+    attention_delta_kernel(float* delta, BackwardGroups groups, int count, int64_t rows, TcDims g) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;  // (group · rows + row) · NH + h
+  if (i >= count * rows * g.NH) return;
+  const int group = static_cast<int>(i / (rows * g.NH));
+  const int64_t row = i / g.NH - group * rows;
+  const int h = static_cast<int>(i % g.NH);
   const int64_t at = row * g.C + static_cast<int64_t>(h) * g.D;
+  const uint16_t* dout = groups.dout[group];
+  const uint16_t* out = groups.out[group];
   float acc = 0.0f;
   for (int c = 0; c < g.D; c += V) {
     const Pack<V> x = *reinterpret_cast<const Pack<V>*>(dout + at + c);
@@ -353,7 +376,7 @@ __global__ void __launch_bounds__(256)
     for (int k = 0; k < V; ++k) acc += b2f(x.u[k]) * b2f(y.u[k]);
   }
   const int64_t b = row / g.T, t = row - b * g.T;
-  delta[(b * g.NH + h) * g.T + t] = acc;
+  delta[(static_cast<int64_t>(group) * g.bnh + b * g.NH + h) * g.T + t] = acc;
 }
 
 // lse and Dᵢ of queries q0 .. q0 + 63 of head bh into lse_s[0..63], delta_s[0..63] by cp.async (one
@@ -400,8 +423,7 @@ __device__ __forceinline__ void probabilities_and_ds(uint32_t (&p_a)[4], uint32_
 
 template <int Dp>
 __global__ void __launch_bounds__(kThreads)
-    attention_backward_kv_mma_kernel(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const float* lse,
-                                     const float* delta, TcDims g) {
+    attention_backward_kv_mma_kernel(BackwardGroups groups, const float* deltas, TcDims g) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   using L = MmaSmem<Dp>;
   constexpr int kK = Dp / kSub;
@@ -409,7 +431,12 @@ __global__ void __launch_bounds__(kThreads)
   uint16_t* ks = reinterpret_cast<uint16_t*>(smem + L::own0);
   uint16_t* vs = reinterpret_cast<uint16_t*>(smem + L::own1);
   const int warp = threadIdx.x / 32;
-  const int bh = blockIdx.x, b = bh / g.NH, h = bh % g.NH;
+  const int group = blockIdx.x / g.bnh, bh = blockIdx.x % g.bnh, b = bh / g.NH, h = bh % g.NH;
+  uint16_t* dqkv = groups.dqkv[group];
+  const uint16_t* dout = groups.dout[group];
+  const uint16_t* qkv = groups.qkv[group];
+  const float* lse = groups.lse[group];
+  const float* delta = deltas + static_cast<int64_t>(group) * g.bnh * g.T;
   const int k0 = blockIdx.y * kTile;  // the first key tiles have the most query tiles: first
   const int kw = k0 + warp * kSub;    // the warp's first key
   const int64_t row0 = static_cast<int64_t>(b) * g.T;
@@ -490,8 +517,7 @@ __global__ void __launch_bounds__(kThreads)
 
 template <int Dp>
 __global__ void __launch_bounds__(kThreads)
-    attention_backward_q_mma_kernel(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const float* lse,
-                                    const float* delta, TcDims g) {
+    attention_backward_q_mma_kernel(BackwardGroups groups, const float* deltas, TcDims g) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   using L = MmaSmem<Dp>;
   constexpr int kK = Dp / kSub;
@@ -500,7 +526,12 @@ __global__ void __launch_bounds__(kThreads)
   uint16_t* dos = reinterpret_cast<uint16_t*>(smem + L::own1);
   float* lse_s = reinterpret_cast<float*>(smem + L::rows);
   const int warp = threadIdx.x / 32;
-  const int bh = blockIdx.x, b = bh / g.NH, h = bh % g.NH;
+  const int group = blockIdx.x / g.bnh, bh = blockIdx.x % g.bnh, b = bh / g.NH, h = bh % g.NH;
+  uint16_t* dqkv = groups.dqkv[group];
+  const uint16_t* dout = groups.dout[group];
+  const uint16_t* qkv = groups.qkv[group];
+  const float* lse = groups.lse[group];
+  const float* delta = deltas + static_cast<int64_t>(group) * g.bnh * g.T;
   const int q0 = (gridDim.y - 1 - blockIdx.y) * kTile;  // the longest rows first
   const int qw = q0 + warp * kSub;
   const int warp_last = min(qw + kSub, g.T) - 1;
@@ -568,42 +599,43 @@ __global__ void __launch_bounds__(kThreads)
 // ==== host code ========================================================================================
 
 template <int Dp>
-void forward_mma(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T, int64_t NH, const TcDims& g,
+void forward_mma(const ForwardGroups& groups, int64_t count, int64_t B, int64_t T, int64_t NH, const TcDims& g,
                  cudaStream_t stream) {
   const size_t smem = MmaSmem<Dp>::forward_bytes;
   allow_smem(attention_forward_mma_kernel<Dp>, smem);
-  KRAKEN_KERNEL(tc_grid(B, T, NH), kThreads, smem, stream, attention_forward_mma_kernel<Dp>)(out, lse, qkv, g);
+  KRAKEN_KERNEL(tc_grid(count * B, T, NH), kThreads, smem, stream, attention_forward_mma_kernel<Dp>)(groups, g);
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
 
-void delta_mma(float* delta, const uint16_t* dout, const uint16_t* out, int64_t B, const TcDims& g,
+void delta_mma(float* delta, const BackwardGroups& groups, int64_t count, int64_t B, const TcDims& g,
                cudaStream_t stream) {
-  const int64_t rows = B * g.T, threads = 256, blocks = (rows * g.NH + threads - 1) / threads;
-  KRAKEN_CHECK(blocks <= 0x7fffffffLL, "B·T·NH = ", rows * g.NH);
+  const int64_t rows = B * g.T, threads = 256, blocks = (count * rows * g.NH + threads - 1) / threads;
+  KRAKEN_CHECK(blocks <= 0x7fffffffLL, "groups·B·T·NH = ", count * rows * g.NH);
   const dim3 grid(static_cast<unsigned>(blocks));
+  const int n = static_cast<int>(count);
   if (g.vec == 8)
-    KRAKEN_KERNEL(grid, threads, 0, stream, attention_delta_kernel<8>)(delta, dout, out, rows, g);
+    KRAKEN_KERNEL(grid, threads, 0, stream, attention_delta_kernel<8>)(delta, groups, n, rows, g);
   else if (g.vec == 2)
-    KRAKEN_KERNEL(grid, threads, 0, stream, attention_delta_kernel<2>)(delta, dout, out, rows, g);
+    KRAKEN_KERNEL(grid, threads, 0, stream, attention_delta_kernel<2>)(delta, groups, n, rows, g);
   else
-    KRAKEN_KERNEL(grid, threads, 0, stream, attention_delta_kernel<1>)(delta, dout, out, rows, g);
+    KRAKEN_KERNEL(grid, threads, 0, stream, attention_delta_kernel<1>)(delta, groups, n, rows, g);
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
 
 template <int Dp>
-void backward_mma(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out, const float* lse,
-                  int64_t B, int64_t T, int64_t NH, const TcDims& g, cudaStream_t stream) {
-  float* delta = static_cast<float*>(
-      cuda_detail::device_scratch(cuda_detail::ScratchSlot::kAttentionDelta, sizeof(float) * B * NH * T));
-  delta_mma(delta, dout, out, B, g, stream);
+void backward_mma(const BackwardGroups& groups, int64_t count, int64_t B, int64_t T, int64_t NH, const TcDims& g,
+                  cudaStream_t stream) {
+  float* delta = static_cast<float*>(cuda_detail::device_scratch(cuda_detail::ScratchSlot::kAttentionDelta,
+                                                                 sizeof(float) * count * B * NH * T));
+  delta_mma(delta, groups, count, B, g, stream);
   const size_t smem = MmaSmem<Dp>::backward_bytes;
   allow_smem(attention_backward_kv_mma_kernel<Dp>, smem);
-  KRAKEN_KERNEL(tc_grid(B, T, NH), kThreads, smem, stream, attention_backward_kv_mma_kernel<Dp>)
-  (dqkv, dout, qkv, lse, delta, g);
+  KRAKEN_KERNEL(tc_grid(count * B, T, NH), kThreads, smem, stream, attention_backward_kv_mma_kernel<Dp>)
+  (groups, delta, g);
   KRAKEN_CUDA_LAUNCH_CHECK();
   allow_smem(attention_backward_q_mma_kernel<Dp>, smem);
-  KRAKEN_KERNEL(tc_grid(B, T, NH), kThreads, smem, stream, attention_backward_q_mma_kernel<Dp>)
-  (dqkv, dout, qkv, lse, delta, g);
+  KRAKEN_KERNEL(tc_grid(count * B, T, NH), kThreads, smem, stream, attention_backward_q_mma_kernel<Dp>)
+  (groups, delta, g);
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
 
@@ -620,22 +652,53 @@ size_t mma_smem_bytes(int D) {
 
 bool attention_bf16_mma_supported(int64_t D) { return head_fits_device(D, mma_smem_bytes); }
 
+void attention_forward_bf16_mma_group_cuda(uint16_t* const* outs, float* const* lses, const uint16_t* const* qkvs,
+                                           int64_t count, int64_t B, int64_t T, int64_t C, int64_t NH,
+                                           CUstream_st* stream) {
+  KRAKEN_CHECK(count >= 0 && count <= kAttentionMaxGroups, "mma attention: ", count, " groups (at most ",
+               kAttentionMaxGroups, " per launch)");
+  if (count == 0 || B == 0 || T == 0) return;
+  ForwardGroups groups{};
+  std::vector<const void*> ptrs;
+  for (int64_t k = 0; k < count; ++k) {
+    groups.out[k] = outs[k], groups.lse[k] = lses[k], groups.qkv[k] = qkvs[k];
+    ptrs.push_back(qkvs[k]), ptrs.push_back(outs[k]);
+  }
+  const TcDims g = make_tc_dims(B, T, C, NH, ptrs, "mma attention", attention_bf16_mma_supported);
+  KRAKEN_CHECK(count * B * NH <= 0x7fffffffLL, "groups·B·NH = ", count * B * NH, " exceeds the grid's x limit");
+  with_padded_head<16>(g.D, [&](auto dp) { forward_mma<decltype(dp)::value>(groups, count, B, T, NH, g, stream); });
+}
+
+void attention_backward_bf16_mma_group_cuda(uint16_t* const* dqkvs, const uint16_t* const* douts,
+                                            const uint16_t* const* qkvs, const uint16_t* const* outs,
+                                            const float* const* lses, int64_t count, int64_t B, int64_t T, int64_t C,
+                                            int64_t NH, CUstream_st* stream) {
+  KRAKEN_CHECK(count >= 0 && count <= kAttentionMaxGroups, "mma attention: ", count, " groups (at most ",
+               kAttentionMaxGroups, " per launch)");
+  if (count == 0 || B == 0 || T == 0) return;
+  BackwardGroups groups{};
+  std::vector<const void*> ptrs;
+  for (int64_t k = 0; k < count; ++k) {
+    groups.dqkv[k] = dqkvs[k], groups.dout[k] = douts[k], groups.qkv[k] = qkvs[k], groups.out[k] = outs[k];
+    groups.lse[k] = lses[k];
+    ptrs.insert(ptrs.end(), {dqkvs[k], douts[k], qkvs[k], outs[k]});
+  }
+  const TcDims g = make_tc_dims(B, T, C, NH, ptrs, "mma attention", attention_bf16_mma_supported);
+  KRAKEN_CHECK(count * B * NH <= 0x7fffffffLL, "groups·B·NH = ", count * B * NH, " exceeds the grid's x limit");
+  with_padded_head<16>(g.D, [&](auto dp) {
+    backward_mma<decltype(dp)::value>(groups, count, B, T, NH, g, stream);
+  });
+}
+
 void attention_forward_bf16_mma_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T, int64_t C,
                                      int64_t NH, CUstream_st* stream) {
-  if (B == 0 || T == 0) return;
-  const TcDims g = make_tc_dims(B, T, C, NH, {qkv, out}, "mma attention", attention_bf16_mma_supported);
-  with_padded_head<16>(g.D, [&](auto dp) { forward_mma<decltype(dp)::value>(out, lse, qkv, B, T, NH, g, stream); });
+  attention_forward_bf16_mma_group_cuda(&out, &lse, &qkv, 1, B, T, C, NH, stream);
 }
 
 void attention_backward_bf16_mma_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out,
                                       const float* lse, int64_t B, int64_t T, int64_t C, int64_t NH,
                                       CUstream_st* stream) {
-  if (B == 0 || T == 0) return;
-  const TcDims g =
-      make_tc_dims(B, T, C, NH, {dqkv, dout, qkv, out}, "mma attention", attention_bf16_mma_supported);
-  with_padded_head<16>(g.D, [&](auto dp) {
-    backward_mma<decltype(dp)::value>(dqkv, dout, qkv, out, lse, B, T, NH, g, stream);
-  });
+  attention_backward_bf16_mma_group_cuda(&dqkv, &dout, &qkv, &out, &lse, 1, B, T, C, NH, stream);
 }
 
 }  // namespace kraken::kernels

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <type_traits>
+#include <vector>
 
 #include "kernels/cuda/check.h"
 #include "kernels/cuda/launch.h"
@@ -39,6 +40,7 @@ struct TcDims {
   float scale;       // 1/√D
   float scale_log2;  // scale·log₂e: scores in log2 units
   int vec;           // elements per global access: 8, 2 or 1
+  int bnh;           // B·NH: the blocks along grid.x of one attention (the mma kernels run several)
 };
 
 __device__ __forceinline__ float b2f(uint16_t u) { return __bfloat162float(__ushort_as_bfloat16(u)); }
@@ -166,7 +168,7 @@ int padded_head(int64_t D) {
 
 // The widest piece (8, 2 or 1 elements) every global row access can use: D a multiple of it (so are C,
 // 3C and every head offset) and every pointer aligned to it.
-int vector_width(int D, std::initializer_list<const void*> ptrs) {
+int vector_width(int D, const std::vector<const void*>& ptrs) {
   for (int v : {8, 2}) {
     bool ok = D % v == 0;
     for (const void* p : ptrs) ok = ok && reinterpret_cast<uintptr_t>(p) % (2 * v) == 0;
@@ -177,7 +179,7 @@ int vector_width(int D, std::initializer_list<const void*> ptrs) {
 
 // The launch's dimensions, after checking what the kernels assume; `supported` is the family's own
 // verdict on the head size (attention_bf16_{tc,mma}_supported), `family` names it in the error.
-TcDims make_tc_dims(int64_t B, int64_t T, int64_t C, int64_t NH, std::initializer_list<const void*> ptrs,
+TcDims make_tc_dims(int64_t B, int64_t T, int64_t C, int64_t NH, const std::vector<const void*>& ptrs,
                     const char* family, bool (*supported)(int64_t)) {
   KRAKEN_CHECK(NH > 0 && C > 0 && C % NH == 0, "C=", C, " NH=", NH);
   KRAKEN_CHECK(supported(C / NH), family, ": head size D = ", C / NH,
@@ -194,6 +196,7 @@ TcDims make_tc_dims(int64_t B, int64_t T, int64_t C, int64_t NH, std::initialize
   g.scale = 1.0f / sqrtf(static_cast<float>(g.D));
   g.scale_log2 = g.scale * kLog2e;
   g.vec = vector_width(g.D, ptrs);
+  g.bnh = static_cast<int>(B * NH);
   return g;
 }
 

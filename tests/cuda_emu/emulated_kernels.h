@@ -24,6 +24,13 @@ void attention_backward_bf16_mma_cuda(uint16_t* dqkv, const uint16_t* dout, cons
                                       const float* lse, int64_t B, int64_t T, int64_t C, int64_t NH,
                                       CUstream_st* stream);
 bool attention_bf16_mma_supported(int64_t D);
+void attention_forward_bf16_mma_group_cuda(uint16_t* const* outs, float* const* lses, const uint16_t* const* qkvs,
+                                           int64_t count, int64_t B, int64_t T, int64_t C, int64_t NH,
+                                           CUstream_st* stream);
+void attention_backward_bf16_mma_group_cuda(uint16_t* const* dqkvs, const uint16_t* const* douts,
+                                            const uint16_t* const* qkvs, const uint16_t* const* outs,
+                                            const float* const* lses, int64_t count, int64_t B, int64_t T, int64_t C,
+                                            int64_t NH, CUstream_st* stream);
 
 void attention_forward_cuda(float* out, float* lse, const float* qkv, int64_t B, int64_t T, int64_t C, int64_t NH,
                             CUstream_st* stream);

@@ -181,6 +181,53 @@ TEST(CudaEmulation, MmaSyncAttentionAbove128) {
   EXPECT_FALSE(emu::attention_bf16_mma_supported(257));
 }
 
+void check_grouped_attention(const AttentionShape& s, int groups) {
+  // Each group's results from one grouped launch are those of its own launch, bit for bit.
+  const std::string what = "emulated grouped mma attention, " + std::to_string(groups) + " groups " + s.str();
+  const int64_t C = s.D * s.NH, rows = s.B * s.T;
+  std::vector<std::vector<uint16_t>> qkv, dout, out, dqkv, out1, dqkv1;
+  std::vector<std::vector<float>> lse, lse1;
+  for (int k = 0; k < groups; ++k) {
+    qkv.push_back(to_bf16(normal(static_cast<size_t>(rows * 3 * C), 40 + k, 1.5f)));
+    dout.push_back(to_bf16(normal(static_cast<size_t>(rows * C), 50 + k)));
+    dqkv.push_back(to_bf16(normal(static_cast<size_t>(rows * 3 * C), 60 + k, 0.5f)));
+    out.emplace_back(static_cast<size_t>(rows * C));
+    lse.emplace_back(static_cast<size_t>(s.B * s.NH * s.T));
+  }
+  out1 = out, lse1 = lse, dqkv1 = dqkv;
+  std::vector<uint16_t*> outs, dqkvs;
+  std::vector<float*> lses;
+  std::vector<const uint16_t*> qkvs, douts, outs_c;
+  std::vector<const float*> lses_c;
+  for (int k = 0; k < groups; ++k) {
+    outs.push_back(out[k].data()), lses.push_back(lse[k].data()), qkvs.push_back(qkv[k].data());
+    dqkvs.push_back(dqkv[k].data()), douts.push_back(dout[k].data());
+    outs_c.push_back(out[k].data()), lses_c.push_back(lse[k].data());
+  }
+  emu::attention_forward_bf16_mma_group_cuda(outs.data(), lses.data(), qkvs.data(), groups, s.B, s.T, C, s.NH,
+                                             nullptr);
+  emu::attention_backward_bf16_mma_group_cuda(dqkvs.data(), douts.data(), qkvs.data(), outs_c.data(), lses_c.data(),
+                                              groups, s.B, s.T, C, s.NH, nullptr);
+  for (int k = 0; k < groups; ++k) {
+    emu::attention_forward_bf16_mma_cuda(out1[k].data(), lse1[k].data(), qkv[k].data(), s.B, s.T, C, s.NH, nullptr);
+    emu::attention_backward_bf16_mma_cuda(dqkv1[k].data(), dout[k].data(), qkv[k].data(), out1[k].data(),
+                                          lse1[k].data(), s.B, s.T, C, s.NH, nullptr);
+    EXPECT_EQ(out[k], out1[k]) << what << ": out of group " << k;
+    EXPECT_EQ(lse[k], lse1[k]) << what << ": lse of group " << k;
+    EXPECT_EQ(dqkv[k], dqkv1[k]) << what << ": dqkv of group " << k;
+  }
+}
+
+TEST(CudaEmulation, GroupedMmaSyncAttentionIsEachGroupsOwn) {
+  // Three groups (a Kraken layer's sub-layers run as one launch), two and three heads, a partial tile,
+  // a head above 128; and one group, which is how the one-attention entry points run.
+  under_both_schedules([] {
+    check_grouped_attention({2, 70, 32, 3}, 3);
+    check_grouped_attention({1, 40, 168, 1}, 2);
+    check_grouped_attention({1, 65, 64, 1}, 1);
+  });
+}
+
 // ---- layernorm ------------------------------------------------------------------------------------
 
 void check_layernorm() {

@@ -56,6 +56,8 @@
 #include "kernels/attention.h"
 #include "kernels/elementwise.h"
 #include "runtime/allocator.h"
+#include "runtime/autograd.h"
+#include "runtime/ops.h"
 #include "runtime/tensor.h"
 #include "tests/gpu/gpu_test_util.h"
 
@@ -382,7 +384,32 @@ void check_dispatch(const Shape4& s) {
   EXPECT_EQ(a.dqkv_bits, b.dqkv_bits) << what << ": dqkv";
   std::printf("[gpu-vs-cpu] %s: the dispatching entry points equal their path bit for bit\n", what.c_str());
 }
+// ops::attention_group on the GPU (one grouped mma launch forward and backward, when the dispatch takes
+// the mma kernels) against ops::attention on each input: the same bits, outputs and the f32 gradients
+// that reach the leaves through the casts, as in the model.
+void check_group_against_alone(int64_t count, int64_t B, int64_t T, int64_t C, int64_t NH) {
+  std::vector<Tensor> grouped_leaves, alone_leaves, dys, grouped_in;
+  for (int64_t k = 0; k < count; ++k) {
+    const Tensor x = testing::random_tensor({B, T, 3 * C}, 400 + static_cast<uint64_t>(k)).to(gpu());
+    grouped_leaves.push_back(x.clone().set_requires_grad(true));
+    alone_leaves.push_back(x.clone().set_requires_grad(true));
+    dys.push_back(bf16_input({B, T, C}, 500 + static_cast<uint64_t>(k)).to(gpu()));
+    grouped_in.push_back(runtime::ops::cast(grouped_leaves.back(), DType::BF16));
+  }
+  std::vector<Tensor> outs = runtime::ops::attention_group(grouped_in, NH);
+  runtime::backward(outs, dys);
+  for (int64_t k = 0; k < count; ++k) {
+    Tensor y = runtime::ops::attention(runtime::ops::cast(alone_leaves[k], DType::BF16), NH);
+    runtime::backward(y, dys[k]);
+    EXPECT_EQ(bits_of(outs[k].to(Device::cpu())), bits_of(y.to(Device::cpu()))) << "output " << k;
+    EXPECT_EQ(grouped_leaves[k].grad().to_vector(), alone_leaves[k].grad().to_vector()) << "gradient " << k;
+  }
+  std::printf("[gpu-vs-cpu] attention_group of %lld (D = %lld, %s): each input's own attention, bit for bit\n",
+              static_cast<long long>(count), static_cast<long long>(C / NH),
+              attention_bf16_kernels_name(attention_bf16_kernels(C / NH)));
+}
 #else
+void check_group_against_alone(int64_t, int64_t, int64_t, int64_t, int64_t) {}
 void check_tc_against_simt(const Shape4&) {}
 void check_mma_against_tc(const Shape4&) {}
 void check_supported_sizes() {}
@@ -401,6 +428,12 @@ TEST(GpuAttentionMma, AgreesWithTheWmmaKernels) {
   KRAKEN_REQUIRE_CUDA_KERNELS();
   check_mma_against_tc({2, 1024, 4 * 64, 4});  // GPT-2 heads at the benchmark's T
   check_mma_against_tc({2, 300, 3 * 168, 3});    // one sub-layer of the Kraken 4-way preset
+}
+
+TEST(GpuAttentionMma, GroupIsEachInputsOwnAttention) {
+  KRAKEN_REQUIRE_CUDA_KERNELS();
+  check_group_against_alone(4, 2, 130, 3 * 168, 3);  // a Kraken 4-way layer's sub-layers, in one launch
+  check_group_against_alone(10, 1, 65, 2 * 64, 2);   // more than one launch of kAttentionMaxGroups
 }
 
 TEST(GpuAttentionTc, DispatchTakesOnePathForForwardAndBackward) {
