@@ -497,6 +497,35 @@ void bench_compute(Report& r) {
         r.line("| bf16 attention backward, %s, D=168 | %.3f | %.1f TFLOP/s |", path.name, bk * 1e3,
                2.5 * flops_k / bk / 1e12);
       }
+      // A layer's 4 sub-layers in one grouped mma launch, as the model runs them (ops::attention_group),
+      // against 4 launches (4 × the single sub-layer's time above).
+      constexpr int kSubLayers = 4;
+      std::vector<Tensor> q4, o4, d4, g4, l4;
+      for (int k = 0; k < kSubLayers; ++k) {
+        q4.push_back(qkv_k.clone()), o4.push_back(out_k.clone()), d4.push_back(dout_k.clone());
+        g4.push_back(dqkv_k.clone()), l4.push_back(Tensor::empty({B, Hk, T}, DType::F32, Device::cuda(0)));
+      }
+      std::vector<uint16_t*> outs, dqkvs;
+      std::vector<float*> lses;
+      std::vector<const uint16_t*> qkvs, douts, outs_c;
+      std::vector<const float*> lses_c;
+      for (int k = 0; k < kSubLayers; ++k) {
+        outs.push_back(o4[k].data<uint16_t>()), lses.push_back(l4[k].data<float>());
+        qkvs.push_back(q4[k].data<uint16_t>()), douts.push_back(d4[k].data<uint16_t>());
+        dqkvs.push_back(g4[k].data<uint16_t>()), outs_c.push_back(o4[k].data<uint16_t>());
+        lses_c.push_back(l4[k].data<float>());
+      }
+      const double fg = time_kernel([&] {
+        attention_forward_bf16_mma_group_cuda(outs.data(), lses.data(), qkvs.data(), kSubLayers, B, T, Ck, Hk, nullptr);
+      }, 5);
+      const double bg = time_kernel([&] {
+        attention_backward_bf16_mma_group_cuda(dqkvs.data(), douts.data(), qkvs.data(), outs_c.data(), lses_c.data(),
+                                               kSubLayers, B, T, Ck, Hk, nullptr);
+      }, 5);
+      r.line("| bf16 attention forward, mma.sync, a Kraken 4-way layer's 4 sub-layers in one launch | %.3f | %.1f "
+             "TFLOP/s |", fg * 1e3, kSubLayers * flops_k / fg / 1e12);
+      r.line("| bf16 attention backward, mma.sync, 4 sub-layers in one launch | %.3f | %.1f TFLOP/s |", bg * 1e3,
+             2.5 * kSubLayers * flops_k / bg / 1e12);
     }
   }
 }
