@@ -421,6 +421,21 @@ __device__ __forceinline__ void probabilities_and_ds(uint32_t (&p_a)[4], uint32_
   }
 }
 
+// A backward block's group and head (block x of the grid: group x / (B·NH), head x % (B·NH)) and that
+// group's tensors; delta is the group's part of the Dᵢ buffer.
+struct BackwardBlock {
+  int bh, b, h;
+  uint16_t* dqkv;
+  const uint16_t *dout, *qkv;
+  const float *lse, *delta;
+  __device__ __forceinline__ BackwardBlock(const BackwardGroups& groups, const float* deltas, const TcDims& g) {
+    const int group = blockIdx.x / g.bnh;
+    bh = blockIdx.x % g.bnh, b = bh / g.NH, h = bh % g.NH;
+    dqkv = groups.dqkv[group], dout = groups.dout[group], qkv = groups.qkv[group], lse = groups.lse[group];
+    delta = deltas + static_cast<int64_t>(group) * g.bnh * g.T;
+  }
+};
+
 template <int Dp>
 __global__ void __launch_bounds__(kThreads)
     attention_backward_kv_mma_kernel(BackwardGroups groups, const float* deltas, TcDims g) {
@@ -431,12 +446,11 @@ __global__ void __launch_bounds__(kThreads)
   uint16_t* ks = reinterpret_cast<uint16_t*>(smem + L::own0);
   uint16_t* vs = reinterpret_cast<uint16_t*>(smem + L::own1);
   const int warp = threadIdx.x / 32;
-  const int group = blockIdx.x / g.bnh, bh = blockIdx.x % g.bnh, b = bh / g.NH, h = bh % g.NH;
-  uint16_t* dqkv = groups.dqkv[group];
-  const uint16_t* dout = groups.dout[group];
-  const uint16_t* qkv = groups.qkv[group];
-  const float* lse = groups.lse[group];
-  const float* delta = deltas + static_cast<int64_t>(group) * g.bnh * g.T;
+  const BackwardBlock blk(groups, deltas, g);
+  const int bh = blk.bh, b = blk.b, h = blk.h;
+  uint16_t* dqkv = blk.dqkv;
+  const uint16_t *dout = blk.dout, *qkv = blk.qkv;
+  const float *lse = blk.lse, *delta = blk.delta;
   const int k0 = blockIdx.y * kTile;  // the first key tiles have the most query tiles: first
   const int kw = k0 + warp * kSub;    // the warp's first key
   const int64_t row0 = static_cast<int64_t>(b) * g.T;
@@ -526,12 +540,11 @@ __global__ void __launch_bounds__(kThreads)
   uint16_t* dos = reinterpret_cast<uint16_t*>(smem + L::own1);
   float* lse_s = reinterpret_cast<float*>(smem + L::rows);
   const int warp = threadIdx.x / 32;
-  const int group = blockIdx.x / g.bnh, bh = blockIdx.x % g.bnh, b = bh / g.NH, h = bh % g.NH;
-  uint16_t* dqkv = groups.dqkv[group];
-  const uint16_t* dout = groups.dout[group];
-  const uint16_t* qkv = groups.qkv[group];
-  const float* lse = groups.lse[group];
-  const float* delta = deltas + static_cast<int64_t>(group) * g.bnh * g.T;
+  const BackwardBlock blk(groups, deltas, g);
+  const int bh = blk.bh, b = blk.b, h = blk.h;
+  uint16_t* dqkv = blk.dqkv;
+  const uint16_t *dout = blk.dout, *qkv = blk.qkv;
+  const float *lse = blk.lse, *delta = blk.delta;
   const int q0 = (gridDim.y - 1 - blockIdx.y) * kTile;  // the longest rows first
   const int qw = q0 + warp * kSub;
   const int warp_last = min(qw + kSub, g.T) - 1;
