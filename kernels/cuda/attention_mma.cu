@@ -80,9 +80,14 @@ struct BackwardGroups {
   const float* lse[kAttentionMaxGroups];
 };
 
+// Two floats rounded to bf16 (nearest even), lo in the low half: one cvt.rn.bf16x2.f32 on sm_80+.
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  return static_cast<uint32_t>(f2b(lo)) | static_cast<uint32_t>(f2b(hi)) << 16;
+  const __nv_bfloat162 pair = __floats2bfloat162_rn(lo, hi);
+  return static_cast<uint32_t>(__bfloat16_as_ushort(pair.x)) | static_cast<uint32_t>(__bfloat16_as_ushort(pair.y)) << 16;
 }
+// The halves of a pack_bf16 pair as floats (a bf16 is the top half of its float).
+__device__ __forceinline__ float low_bf16(uint32_t pair) { return __uint_as_float(pair << 16); }
+__device__ __forceinline__ float high_bf16(uint32_t pair) { return __uint_as_float(pair & 0xffff0000u); }
 
 // The A operand of rows r0 .. r0 + 15 and columns c0 .. c0 + 15 of a bf16 tile (pitch ld).
 __device__ __forceinline__ void load_a(uint32_t (&a)[4], const uint16_t* tile, int ld, int r0, int c0) {
@@ -275,39 +280,44 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     // Mask and the online softmax in log2 units; element e of tile n is row e < 2 ? row0 : row1, key
-    // k0 + 8n + 2t + (e & 1).
+    // k0 + 8n + 2t + (e & 1). Only a tile reaching past the warp's first query needs the causal mask
+    // (warp-uniform; keys past T come only in such tiles). The row max is taken over the raw scores
+    // (scale_log2 > 0 keeps the order) and the scale folds into the exponent's one FFMA.
+    if (k0 + kTile - 1 > qw) {
+#pragma unroll
+      for (int n = 0; n < 2 * kBlocksPerTile; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (k0 + 8 * n + 2 * tq + (e & 1) > (e < 2 ? row0 : row1)) s[n][e] = -INFINITY;
+    }
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int n = 0; n < 2 * kBlocksPerTile; ++n)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int key = k0 + 8 * n + 2 * tq + (e & 1);
-        s[n][e] = key <= (e < 2 ? row0 : row1) ? s[n][e] * g.scale_log2 : -INFINITY;
-        mx[e >> 1] = fmaxf(mx[e >> 1], s[n][e]);
-      }
-    float alpha[2];
+      for (int e = 0; e < 4; ++e) mx[e >> 1] = fmaxf(mx[e >> 1], s[n][e]);
+    float alpha[2], neg_m[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFull, mx[r], 1));
       mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFull, mx[r], 2));
-      const float m_new = fmaxf(m[r], mx[r]);
-      alpha[r] = exp2f(m[r] - m_new);  // 2^{−∞} = 0 on the first tile
+      const float m_new = fmaxf(m[r], mx[r] * g.scale_log2);
+      alpha[r] = mma::exp2_ftz(m[r] - m_new);  // 2^{−∞} = 0 on the first tile
       m[r] = m_new;
+      neg_m[r] = -m_new;
     }
     uint32_t p[kBlocksPerTile][4];  // P as the A operand of each 16-key block
     float sum[2] = {0.0f, 0.0f}, sum_rounded[2] = {0.0f, 0.0f};
 #pragma unroll
     for (int n = 0; n < 2 * kBlocksPerTile; ++n) {
-      uint16_t u[4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float pe = exp2f(s[n][e] - m[e >> 1]);
-        u[e] = f2b(pe);
-        sum[e >> 1] += pe;
-        sum_rounded[e >> 1] += b2f(u[e]);
+      for (int r = 0; r < 2; ++r) {
+        const float p0 = mma::exp2_ftz(fmaf(s[n][2 * r], g.scale_log2, neg_m[r]));
+        const float p1 = mma::exp2_ftz(fmaf(s[n][2 * r + 1], g.scale_log2, neg_m[r]));
+        const uint32_t pair = pack_bf16(p0, p1);
+        sum[r] += p0 + p1;
+        sum_rounded[r] += low_bf16(pair) + high_bf16(pair);
+        p[n / 2][2 * (n % 2) + r] = pair;
       }
-      p[n / 2][2 * (n % 2)] = static_cast<uint32_t>(u[0]) | static_cast<uint32_t>(u[1]) << 16;
-      p[n / 2][2 * (n % 2) + 1] = static_cast<uint32_t>(u[2]) | static_cast<uint32_t>(u[3]) << 16;
     }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -394,25 +404,22 @@ __device__ __forceinline__ void load_query_stats(float* lse_s, float* delta_s, c
 
 // Pᵀ or P and dS of one 16 × 16 block as A operands (bf16), from its scores s and dP (two 16 × 8
 // accumulator tiles each). Element e of tile n stands for (row e < 2 ? g : g + 8, column 8n + 2t + (e & 1));
-// query_of / key_of map (row, column) to the query and key; lse2 and delta are indexed by the query's
-// place in its 64-query tile (query − q_tile0); lse is in natural-log units.
-template <typename QueryOf, typename KeyOf>
+// stats(n, e) gives its query's −lse·log₂e and Dᵢ, valid(n, e) whether its key precedes its query and the
+// query is before T — asked only when kMask: the caller knows, warp-uniformly, when a block has an
+// invalid element (the diagonal block, rows or columns past T), and elsewhere skips the tests.
+template <bool kMask, typename Stats, typename Valid>
 __device__ __forceinline__ void probabilities_and_ds(uint32_t (&p_a)[4], uint32_t (&ds_a)[4], const float (&s)[2][4],
-                                                     const float (&dp)[2][4], QueryOf&& query_of, KeyOf&& key_of,
-                                                     const float* lse, const float* delta, int q_tile0,
-                                                     const TcDims& g) {
-  const int lane = threadIdx.x % 32, gr = lane / 4, c = 2 * (lane % 4);
+                                                     const float (&dp)[2][4], Stats&& stats, Valid&& valid,
+                                                     float scale_log2) {
 #pragma unroll
   for (int n = 0; n < 2; ++n) {
     float pv[4], dv[4];
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int row = gr + 8 * (e >> 1), col = 8 * n + c + (e & 1);
-      const int t = query_of(row, col), key = key_of(row, col);
-      const bool valid = key <= t && t < g.T;
-      const int qi = t - q_tile0;
-      pv[e] = valid ? exp2f(s[n][e] * g.scale_log2 - lse[qi] * kLog2e) : 0.0f;
-      dv[e] = valid ? pv[e] * (dp[n][e] - delta[qi]) : 0.0f;
+      const float2 st = stats(n, e);  // (−lse·log₂e, Dᵢ)
+      pv[e] = mma::exp2_ftz(fmaf(s[n][e], scale_log2, st.x));
+      dv[e] = pv[e] * (dp[n][e] - st.y);
+      if (kMask && !valid(n, e)) pv[e] = 0.0f, dv[e] = 0.0f;
     }
     p_a[2 * n] = pack_bf16(pv[0], pv[1]);
     p_a[2 * n + 1] = pack_bf16(pv[2], pv[3]);
@@ -445,7 +452,7 @@ __global__ void __launch_bounds__(kThreads)
   KRAKEN_DYNAMIC_SHARED(unsigned char, smem);
   uint16_t* ks = reinterpret_cast<uint16_t*>(smem + L::own0);
   uint16_t* vs = reinterpret_cast<uint16_t*>(smem + L::own1);
-  const int warp = threadIdx.x / 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, tq = lane % 4;
   const BackwardBlock blk(groups, deltas, g);
   const int bh = blk.bh, b = blk.b, h = blk.h;
   uint16_t* dqkv = blk.dqkv;
@@ -499,10 +506,25 @@ __global__ void __launch_bounds__(kThreads)
         load_b_rows(bq, dos, L::ld, j * kSub, kk * kSub);
         mma_pair(dp, 0, a, bq);  // dPᵀ = v·dOᵀ
       }
+      // Columns are queries: the lane's 4 (two per 8-column tile) and their statistics.
+      float2 st[2][2];
+#pragma unroll
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int qi = j * kSub + 8 * n + 2 * tq + c;  // in the streamed tile
+          st[n][c] = make_float2(-lse_s[qi] * kLog2e, lse_s[kTile + qi]);
+        }
+      auto stats = [&](int n, int e) { return st[n][e & 1]; };
+      auto valid = [&](int n, int e) {
+        const int t = qj + 8 * n + 2 * tq + (e & 1);
+        return kw + lane / 4 + 8 * (e >> 1) <= t && t < g.T;
+      };
       uint32_t p_a[4], ds_a[4];
-      probabilities_and_ds(
-          p_a, ds_a, s, dp, [&](int, int col) { return qj + col; }, [&](int row, int) { return kw + row; }, lse_s,
-          lse_s + kTile, q0, g);
+      if (qj == kw || qj + kSub > g.T)  // the diagonal block (keys after queries), or queries past T
+        probabilities_and_ds<true>(p_a, ds_a, s, dp, stats, valid, g.scale_log2);
+      else
+        probabilities_and_ds<false>(p_a, ds_a, s, dp, stats, valid, g.scale_log2);
 #pragma unroll
       for (int kk = 0; kk < kK; ++kk) {
         uint32_t bx[2][2];
@@ -559,6 +581,8 @@ __global__ void __launch_bounds__(kThreads)
   load_query_stats(lse_s, lse_s + kTile, lse, delta, bh, q0, g);
   RowOperands<Dp, (Dp <= 128)> q_rows(qs, L::ld, warp * kSub), do_rows(dos, L::ld, warp * kSub);
   float dq[2 * kK][4] = {};
+  float2 row_stats[2];  // (−lse·log₂e, Dᵢ) of the lane's two queries
+  const int lane = threadIdx.x % 32, tq = lane % 4;
 
   auto load = [&](int i, int stage) {
     uint16_t* ks = reinterpret_cast<uint16_t*>(smem + L::stream + 2 * stage * L::tile);
@@ -569,7 +593,15 @@ __global__ void __launch_bounds__(kThreads)
     const uint16_t* ks = reinterpret_cast<const uint16_t*>(smem + L::stream + 2 * stage * L::tile);
     const uint16_t* vs = ks + kTile * L::ld;
     const int k0 = i * kTile;
-    if (i == 0) q_rows.hold(), do_rows.hold();
+    if (i == 0) {
+      q_rows.hold(), do_rows.hold();
+      // Rows are queries: the lane's two, fixed for the whole loop.
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int qi = warp * kSub + lane / 4 + 8 * r;  // in the block's own tile
+        row_stats[r] = make_float2(-lse_s[qi] * kLog2e, lse_s[kTile + qi]);
+      }
+    }
     if (qw >= g.T) return;
 #pragma unroll
     for (int j = 0; j < kBlocksPerTile; ++j) {
@@ -586,10 +618,16 @@ __global__ void __launch_bounds__(kThreads)
         load_b_rows(bk, vs, L::ld, j * kSub, kk * kSub);
         mma_pair(dp, 0, a, bk);  // dP = dO·vᵀ
       }
+      auto stats = [&](int, int e) { return row_stats[e >> 1]; };
+      auto valid = [&](int n, int e) {
+        const int t = qw + lane / 4 + 8 * (e >> 1);
+        return kj + 8 * n + 2 * tq + (e & 1) <= t && t < g.T;
+      };
       uint32_t p_a[4], ds_a[4];
-      probabilities_and_ds(
-          p_a, ds_a, s, dp, [&](int row, int) { return qw + row; }, [&](int, int col) { return kj + col; }, lse_s,
-          lse_s + kTile, q0, g);
+      if (kj == qw || qw + kSub > g.T)  // the diagonal block (keys after queries), or queries past T
+        probabilities_and_ds<true>(p_a, ds_a, s, dp, stats, valid, g.scale_log2);
+      else
+        probabilities_and_ds<false>(p_a, ds_a, s, dp, stats, valid, g.scale_log2);
 #pragma unroll
       for (int kk = 0; kk < kK; ++kk) {
         uint32_t bk[2][2];

@@ -141,6 +141,11 @@ inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
 inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline float __fmaf_rn(float a, float b, float c) { return std::fmaf(a, b, c); }  // one rounding, as on the GPU
+inline float __uint_as_float(unsigned x) {
+  float f;
+  std::memcpy(&f, &x, sizeof f);
+  return f;
+}
 
 // The bit of every lane of the warp whose predicate is non-zero (all 32 lanes must call it).
 inline unsigned __ballot_sync(unsigned /*mask*/, int predicate) { return ::kraken_emu::warp_ballot(predicate != 0); }
