@@ -272,9 +272,27 @@ void bench_model(const char* label, const KrakenConfig& c, DType compute, int64_
   kraken::optim::AdamW opt(kraken::optim::param_refs(params), ao);
   const Tensor x = ids(B, T, c.vocab_size, 1), y = ids(B, T, c.vocab_size, 2);
   double last_loss = 0.0;
+  // Where the GPU waits for the host: the host's time to issue the forward and the backward against the
+  // GPU's time from the step's first kernel to the end of each (events on the compute stream, recorded
+  // as the host passes). A phase whose GPU time is no longer than its host time kept the GPU waiting.
+  using Clock = std::chrono::steady_clock;
+  double host_forward = 0.0, host_backward = 0.0, gpu_forward = 0.0, gpu_backward = 0.0;
+  cudaEvent_t marks[3];
+  for (cudaEvent_t& e : marks) BENCH_CUDA(cudaEventCreate(&e));
+  bool timed = false;
   auto step = [&] {
+    const auto h0 = Clock::now();
+    if (timed) BENCH_CUDA(cudaEventRecord(marks[0], nullptr));
     Tensor loss = model.loss(x, y);
+    const auto h1 = Clock::now();
+    if (timed) BENCH_CUDA(cudaEventRecord(marks[1], nullptr));
     kraken::runtime::backward(loss);
+    const auto h2 = Clock::now();
+    if (timed) {
+      BENCH_CUDA(cudaEventRecord(marks[2], nullptr));
+      host_forward += std::chrono::duration<double>(h1 - h0).count();
+      host_backward += std::chrono::duration<double>(h2 - h1).count();
+    }
     std::vector<Tensor> grads;
     for (const auto& p : params) grads.push_back(p.tensor.grad());
     // As the trainer does: the clipping factor goes into the update (no separate pass scaling every
@@ -282,14 +300,22 @@ void bench_model(const char* label, const KrakenConfig& c, DType compute, int64_
     const double norm = kraken::optim::global_grad_norm(grads);
     opt.step(grads, 6e-4f, static_cast<float>(kraken::optim::clip_coefficient(norm, 1.0)));
     model.zero_grad();
-    last_loss = loss.item();
+    last_loss = loss.item();  // (the gradient norm above synchronised once already)
+    if (timed) {
+      float f = 0.0f, b = 0.0f;
+      BENCH_CUDA(cudaEventElapsedTime(&f, marks[0], marks[1]));
+      BENCH_CUDA(cudaEventElapsedTime(&b, marks[1], marks[2]));
+      gpu_forward += 1e-3 * f, gpu_backward += 1e-3 * b;
+    }
   };
   for (int i = 0; i < o.warmup; ++i) step();
   kraken::runtime::synchronize(gpu);
-  const auto t0 = std::chrono::steady_clock::now();
+  const auto t0 = Clock::now();
+  timed = true;
   for (int i = 0; i < o.steps; ++i) step();
   kraken::runtime::synchronize(gpu);
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / o.steps;
+  const double seconds = std::chrono::duration<double>(Clock::now() - t0).count() / o.steps;
+  for (cudaEvent_t& e : marks) cudaEventDestroy(e);
   const double tokens_per_s = static_cast<double>(B * T) / seconds;
   const double flops_per_token = 3.0 * c.flops_per_token(T);  // forward + backward (2×)
   const double achieved = flops_per_token * tokens_per_s;
@@ -302,10 +328,11 @@ void bench_model(const char* label, const KrakenConfig& c, DType compute, int64_
   if (compute == DType::BF16)
     precision += std::string(", attention ") +
                  kraken::kernels::attention_bf16_kernels_name(kraken::kernels::attention_bf16_kernels(c.head_size()));
-  r.line("| %s | %s | %.1fM | %lld×%lld | %.1f | %.0f | %.1f | %s | %.1f | %.3f |", label, precision.c_str(),
-         c.parameter_count() / 1e6,
-         static_cast<long long>(B), static_cast<long long>(T), seconds * 1e3, tokens_per_s, achieved / 1e12, mfu,
-         mem.peak_bytes_in_use / 1e9, last_loss);
+  const double n = o.steps;
+  r.line("| %s | %s | %.1fM | %lld×%lld | %.1f | %.0f | %.1f | %s | %.1f / %.1f | %.1f / %.1f | %.1f | %.3f |", label,
+         precision.c_str(), c.parameter_count() / 1e6, static_cast<long long>(B), static_cast<long long>(T),
+         seconds * 1e3, tokens_per_s, achieved / 1e12, mfu, 1e3 * host_forward / n, 1e3 * gpu_forward / n,
+         1e3 * host_backward / n, 1e3 * gpu_backward / n, mem.peak_bytes_in_use / 1e9, last_loss);
 }
 
 void bench_kernels(const DeviceInfo& dev, Report& r) {
@@ -553,7 +580,10 @@ int main(int argc, char** argv) {
                             : "unknown (pass --peak-tflops)");
   r.blank();
   r.line("### Training step (%d timed steps after %d warm-up)", o.steps, o.warmup);
-  r.line("| model | precision | params | B×T | ms/step | tokens/s | TFLOP/s | MFU (bf16 peak) | peak GB | loss |");
+  r.line("The host / GPU columns: ms the host took to issue the forward (backward), and ms the GPU took from the");
+  r.line("step's first kernel to the end of it; where the two are close, the GPU waited for the host.");
+  r.line("");
+  r.line("| model | precision | params | B×T | ms/step | tokens/s | TFLOP/s | MFU (bf16 peak) | forward host / GPU ms | backward host / GPU ms | peak GB | loss |");
   r.line("|---|---|---|---|---|---|---|---|---|---|");
   KrakenConfig gpt2;  // the defaults: L = 12, C = 768, H = 12, T = 1024, degree 1, e = 4, biases, vocab 50257
   KrakenConfig k4;

@@ -9,8 +9,9 @@
 # initialise the weights (Philox normal fills) before the step. Each kernel is timed alone (ncu
 # serialises them), with the clocks and caches left as they are (--clock-control none --cache-control
 # none): the sum is the step's GPU time without overlap, close to the step time for this runtime,
-# which issues everything on one stream. Report: $OUT/gpu-profile.md when OUT is set, else
-# build-gpu/gpu-profile.md.
+# which issues everything on one stream. Then each mma attention kernel once under ncu --set full
+# (stall reasons, occupancy, pipes). Report: $OUT/gpu-profile.md (and gpu-profile-attention.txt) when
+# OUT is set, else build-gpu/.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 build="${KRAKEN_GPU_CHECK_BUILD:-build-gpu}"
@@ -64,5 +65,30 @@ for name, t in sorted(total.items(), key=lambda kv: -kv[1])[:40]:
 print()
 PY
 done
+
+# Then the attention kernels one by one under ncu's full set of sections (speed of light, occupancy,
+# warp stall reasons, instruction mix, shared-memory traffic): why they run where they do, not only how
+# long. One launch each (the first of its kind in the step; the first layer's) — GPT-2's D = 64 and the
+# Kraken preset's D = 168 (Dp = 176). KRAKEN_PROFILE_ATTENTION=0 leaves this part out.
+if [[ "${KRAKEN_PROFILE_ATTENTION:-1}" != 0 ]]; then
+  details="$build/gpu-profile-attention.txt"
+  : > "$details"
+  for model in gpt2 kraken4; do
+    for kernel in attention_forward_mma_kernel attention_backward_kv_mma_kernel attention_backward_q_mma_kernel; do
+      echo "gpu-profile: $model $kernel, full section set"
+      echo "===== $model: $kernel =====" >> "$details"
+      "$ncu_bin" --set full --kernel-name "regex:$kernel" --launch-count 1 --print-summary none \
+        "$bench" --model "$model" --precision bf16 --batch 8 --training-only --warmup 0 --steps 1 \
+        2>&1 | grep -v '^==PROF==' | sed -n '/attention_/,$p' >> "$details" || status=1
+    done
+  done
+  [[ -n "${OUT:-}" ]] && cp "$details" "$OUT/gpu-profile-attention.txt"
+  echo "## Attention kernels in detail" >> "$report"
+  echo "" >> "$report"
+  echo "ncu --set full, one launch of each mma attention kernel per model: $(basename "$details") beside this report." >> "$report"
+  # The lines that say most, pulled up: throughputs, occupancy, registers, the top stall reasons.
+  grep -E '=====|Compute \(SM\) Throughput|Memory Throughput|Duration|Registers Per Thread|Achieved Occupancy|Theoretical Occupancy|Block Limit|Issue Slots Busy|Warp Cycles Per Issued|Executed Ipc Active|L1/TEX Hit|Shared Memory|Bank' "$details" \
+    | head -n 200 >> "$report"
+fi
 cat "$report"
 exit $status
