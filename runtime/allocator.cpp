@@ -294,7 +294,11 @@ void copy_bytes(void* dst, const Device& dst_device, const void* src, const Devi
   KRAKEN_RT_CUDA_CHECK(cudaSetDevice(on.index));
   cudaStream_t stream = compute_stream(on);
   KRAKEN_RT_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, stream));
-  KRAKEN_RT_CUDA_CHECK(cudaStreamSynchronize(stream));
+  // Within one GPU the stream orders the copy before every later use. A copy to or from the host waits:
+  // the caller reads the host side next, or may reuse its buffer (a pageable source is staged by the
+  // time cudaMemcpyAsync returns, but a pinned one is read by the DMA later).
+  const bool within_one_gpu = dst_device.is_cuda() && src_device.is_cuda() && dst_device.index == src_device.index;
+  if (!within_one_gpu) KRAKEN_RT_CUDA_CHECK(cudaStreamSynchronize(stream));
 #else
   KRAKEN_THROW("copy between ", src_device.str(), " and ", dst_device.str(), ": this build has no CUDA");
 #endif

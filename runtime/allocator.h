@@ -49,7 +49,10 @@ int cuda_device_count();
 // The CUDA device's name ("NVIDIA H100 80GB HBM3"); empty without CUDA or without that device.
 std::string cuda_device_name(int device_index);
 // Copies bytes between any two devices (host↔host is memcpy). Stream-ordered on the destination's
-// (or source's) current stream, then synchronised, so the caller may use the data right away.
+// (or source's) compute stream. A copy that involves the host returns once the host side may be used
+// (read, or reused); a copy within one GPU returns at once, ordered before whatever that stream does
+// next — it does not wait for the GPU, which would stall the step (autograd clones every gradient it
+// accumulates). Between two GPUs it waits, since the other device's work is not on that stream.
 void copy_bytes(void* dst, const Device& dst_device, const void* src, const Device& src_device, size_t bytes);
 // Copies `height` rows of `width` bytes between strided buffers on one device (split and concat).
 void copy_2d(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t width, size_t height,
