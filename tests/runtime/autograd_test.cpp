@@ -110,5 +110,39 @@ TEST(Autograd, SavedTensorsAreFreedByBackward) {
   EXPECT_TRUE(x.grad().defined());
 }
 
+// The engine keeps a gradient without copying it when nothing else can see it, and writes into a
+// buffer in place when the buffer is its own. Each case below would go wrong if it took a gradient
+// that is seen elsewhere.
+TEST(Autograd, AGradientSeenElsewhereIsNeverTakenOrWrittenInPlace) {
+  // add returns dy for both inputs: w (a leaf) and h (a node). Taking dy as w's .grad would make the
+  // second pass's accumulation write into the caller's dy and into h's gradient.
+  Tensor w = Tensor::from_vector({1.0f, 2.0f}, {2}).set_requires_grad(true);
+  Tensor v = Tensor::from_vector({3.0f, 4.0f}, {2}).set_requires_grad(true);
+  const Tensor dy = Tensor::from_vector({0.5f, -1.0f}, {2});
+  Tensor h = ops::scale(v, 3.0f);
+  Tensor y = ops::add(w, h);
+  backward(y, dy, /*keep_graph=*/true);
+  backward(y, dy);
+  EXPECT_EQ(dy.to_vector(), (std::vector<float>{0.5f, -1.0f})) << "the caller's gradient changed";
+  EXPECT_EQ(w.grad().to_vector(), (std::vector<float>{1.0f, -2.0f}));
+  EXPECT_EQ(v.grad().to_vector(), (std::vector<float>{3.0f, -6.0f}));
+
+  // h feeds three consumers; add(h, h) hands the same tensor to both of h's slots' contributions, so
+  // the first sum must not be written in place into it. dL/dv = 3·(1 + 1 + 2) per element.
+  Tensor v2 = Tensor::from_vector({1.0f, -1.0f}, {2}).set_requires_grad(true);
+  Tensor h2 = ops::scale(v2, 3.0f);
+  backward(ops::sum(ops::add(ops::add(h2, h2), ops::scale(h2, 2.0f))));
+  EXPECT_EQ(v2.grad().to_vector(), (std::vector<float>{12.0f, 12.0f}));
+
+  // A leaf's gradient taken without a copy is still the leaf's own: later passes accumulate into it,
+  // and zero_grad clears it, without touching anything else.
+  Tensor u = Tensor::from_vector({2.0f}, {1}).set_requires_grad(true);
+  backward(ops::sum(ops::mul(u, u)));  // mul's backward makes a fresh gradient: taken as u's .grad
+  const Tensor first = u.grad();
+  backward(ops::sum(ops::mul(u, u)));
+  EXPECT_EQ(u.grad().to_vector(), (std::vector<float>{8.0f}));
+  EXPECT_EQ(first.to_vector(), (std::vector<float>{8.0f})) << "the same tensor, accumulated in place";
+}
+
 }  // namespace
 }  // namespace kraken::runtime
