@@ -147,20 +147,39 @@ struct RowOperands {
   }
 };
 
-// Rows [t0, t0 + rows) of a head's columns [0, D) into a shared tile (pitch ld): by cp.async in 16-byte
+// Rows [t0, t0 + 64) of a head's columns [0, D) into a shared tile (pitch ld): by cp.async in 16-byte
 // pieces (zero-filled past T) where TcDims::vec is 8, else by plain loads and stores. Either way the rows
 // may be read after this thread's cp_async_wait and a barrier.
-__device__ void load_rows(uint16_t* dst, int ld, const uint16_t* src, int64_t stride, int t0, int rows,
-                          const TcDims& g) {
-  if (g.vec == 8) {
-    const int packs = g.D / 8;
-    for (int idx = threadIdx.x; idx < rows * packs; idx += kThreads) {
-      const int r = idx / packs, c = (idx - r * packs) * 8;
+// The piece → (row, column) arithmetic runs for every piece of every tile; divided by a run-time count
+// of pieces per row it took more instructions than the copies (ncu on an H200: the integer pipe was the
+// forward's busiest). Where D fills the padded head (D = Dp: GPT-2's 64) the count is a constant, so
+// shifts and an unrolled loop; otherwise (Kraken's 168 in 176) the row and column step along.
+template <int Dp>
+__device__ __forceinline__ void load_rows(uint16_t* dst, int ld, const uint16_t* src, int64_t stride, int t0,
+                                          const TcDims& g) {
+  if (g.vec != 8) {
+    copy_rows(dst, ld, src, stride, t0, g, kTile);
+    return;
+  }
+  if (g.D == Dp) {
+    constexpr int kPacks = Dp / 8, kPieces = kTile * kPacks;
+#pragma unroll 1  // unrolled, the compiler keeps every piece's addresses live across the tile loop
+    for (int k = 0; k < (kPieces + kThreads - 1) / kThreads; ++k) {
+      const int idx = threadIdx.x + k * kThreads;
+      if (kPieces % kThreads != 0 && idx >= kPieces) break;
+      const int r = idx / kPacks, c = idx % kPacks * 8;
       const bool in = t0 + r < g.T;
       mma::cp_async_16(dst + r * ld + c, src + (in ? static_cast<int64_t>(t0 + r) * stride + c : 0), in);
     }
-  } else {
-    copy_rows(dst, ld, src, stride, t0, g, rows);
+    return;
+  }
+  const int packs = g.D / 8, step_r = kThreads / packs, step_c = kThreads - step_r * packs;
+  int r = static_cast<int>(threadIdx.x) / packs, c = static_cast<int>(threadIdx.x) - r * packs;
+  while (r < kTile) {
+    const bool in = t0 + r < g.T;
+    mma::cp_async_16(dst + r * ld + c * 8, src + (in ? static_cast<int64_t>(t0 + r) * stride + c * 8 : 0), in);
+    r += step_r, c += step_c;
+    if (c >= packs) c -= packs, ++r;
   }
 }
 
@@ -248,15 +267,15 @@ __global__ void __launch_bounds__(kThreads)
 
   zero_shared(smem, L::forward_bytes);  // the padding columns D .. Dp stay zero
   __syncthreads();
-  load_rows(qs, L::ld, base, g.ld, q0, kTile, g);  // lands with the first k and v tile
+  load_rows<Dp>(qs, L::ld, base, g.ld, q0, g);  // lands with the first k and v tile
   RowOperands<Dp, (Dp <= 128)> q_rows(qs, L::ld, warp * kSub);
 
   float o[2 * kK][4] = {};
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, l_rounded[2] = {0.0f, 0.0f};
   auto load = [&](int i, int stage) {
     uint16_t* ks = reinterpret_cast<uint16_t*>(smem + L::fwd_kv + 2 * stage * L::tile);
-    load_rows(ks, L::ld, base + g.C, g.ld, i * kTile, kTile, g);
-    load_rows(ks + kTile * L::ld, L::ld, base + 2 * g.C, g.ld, i * kTile, kTile, g);
+    load_rows<Dp>(ks, L::ld, base + g.C, g.ld, i * kTile, g);
+    load_rows<Dp>(ks + kTile * L::ld, L::ld, base + 2 * g.C, g.ld, i * kTile, g);
   };
   auto compute = [&](int i, int stage) {
     const uint16_t* ks = reinterpret_cast<const uint16_t*>(smem + L::fwd_kv + 2 * stage * L::tile);
@@ -466,8 +485,8 @@ __global__ void __launch_bounds__(kThreads)
 
   zero_shared(smem, L::rows);
   __syncthreads();
-  load_rows(ks, L::ld, base + g.C, g.ld, k0, kTile, g);  // land with the first query tile
-  load_rows(vs, L::ld, base + 2 * g.C, g.ld, k0, kTile, g);
+  load_rows<Dp>(ks, L::ld, base + g.C, g.ld, k0, g);  // land with the first query tile
+  load_rows<Dp>(vs, L::ld, base + 2 * g.C, g.ld, k0, g);
   constexpr bool kHold = Dp <= 64;  // above, with dK and dV in registers, they would spill
   RowOperands<Dp, kHold> k_rows(ks, L::ld, warp * kSub), v_rows(vs, L::ld, warp * kSub);
   float dk[2 * kK][4] = {}, dv[2 * kK][4] = {};
@@ -479,8 +498,8 @@ __global__ void __launch_bounds__(kThreads)
   auto load = [&](int i, int stage) {
     const int q0 = k0 + i * kTile;
     uint16_t* qs = tiles_of(stage);
-    load_rows(qs, L::ld, base, g.ld, q0, kTile, g);
-    load_rows(qs + kTile * L::ld, L::ld, dout_base, g.C, q0, kTile, g);
+    load_rows<Dp>(qs, L::ld, base, g.ld, q0, g);
+    load_rows<Dp>(qs + kTile * L::ld, L::ld, dout_base, g.C, q0, g);
     float* lse_s = rows_of(stage);
     load_query_stats(lse_s, lse_s + kTile, lse, delta, bh, q0, g);
   };
@@ -576,8 +595,8 @@ __global__ void __launch_bounds__(kThreads)
 
   zero_shared(smem, L::rows);
   __syncthreads();
-  load_rows(qs, L::ld, base, g.ld, q0, kTile, g);  // land with the first key tile
-  load_rows(dos, L::ld, dout + row0 * g.C + static_cast<int64_t>(h) * g.D, g.C, q0, kTile, g);
+  load_rows<Dp>(qs, L::ld, base, g.ld, q0, g);  // land with the first key tile
+  load_rows<Dp>(dos, L::ld, dout + row0 * g.C + static_cast<int64_t>(h) * g.D, g.C, q0, g);
   load_query_stats(lse_s, lse_s + kTile, lse, delta, bh, q0, g);
   RowOperands<Dp, (Dp <= 128)> q_rows(qs, L::ld, warp * kSub), do_rows(dos, L::ld, warp * kSub);
   float dq[2 * kK][4] = {};
@@ -586,8 +605,8 @@ __global__ void __launch_bounds__(kThreads)
 
   auto load = [&](int i, int stage) {
     uint16_t* ks = reinterpret_cast<uint16_t*>(smem + L::stream + 2 * stage * L::tile);
-    load_rows(ks, L::ld, base + g.C, g.ld, i * kTile, kTile, g);
-    load_rows(ks + kTile * L::ld, L::ld, base + 2 * g.C, g.ld, i * kTile, kTile, g);
+    load_rows<Dp>(ks, L::ld, base + g.C, g.ld, i * kTile, g);
+    load_rows<Dp>(ks + kTile * L::ld, L::ld, base + 2 * g.C, g.ld, i * kTile, g);
   };
   auto compute = [&](int i, int stage) {
     const uint16_t* ks = reinterpret_cast<const uint16_t*>(smem + L::stream + 2 * stage * L::tile);
