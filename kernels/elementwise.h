@@ -24,6 +24,13 @@ void gelu_forward_cpu(float* out, const float* x, int64_t n);
 void gelu_backward_cpu(float* dx, const float* x, const float* dout, int64_t n);       // dx += gelu'(x)·dout
 void cast_f32_to_bf16_cpu(uint16_t* out, const float* x, int64_t n);                  // round to nearest even
 void cast_bf16_to_f32_cpu(float* out, const uint16_t* x, int64_t n);
+// The same casts over `count` tensors: outs[k] = cast(xs[k]), ns[k] elements each (the arrays are host
+// memory; on CUDA the pointers are device memory). Each output is the bits its own one-tensor cast gives;
+// on CUDA they take one launch per kCastsPerLaunch tensors, not one each (the mixed-precision forward
+// casts every weight, the backward every weight's gradient: ~100–200 tensors per step, most of them
+// biases too small to be worth a launch of their own).
+void cast_f32_to_bf16_many_cpu(uint16_t* const* outs, const float* const* xs, const int64_t* ns, int64_t count);
+void cast_bf16_to_f32_many_cpu(float* const* outs, const uint16_t* const* xs, const int64_t* ns, int64_t count);
 void cast_i32_to_f32_cpu(float* out, const int32_t* x, int64_t n);
 void cast_u16_to_i32_cpu(int32_t* out, const uint16_t* x, int64_t n);
 // Σ x as a double: the reduction order is fixed (blocks of 4096, summed in order), so the result does
@@ -44,6 +51,11 @@ void gelu_forward_cuda(float* out, const float* x, int64_t n, CUstream_st* strea
 void gelu_backward_cuda(float* dx, const float* x, const float* dout, int64_t n, CUstream_st* stream);
 void cast_f32_to_bf16_cuda(uint16_t* out, const float* x, int64_t n, CUstream_st* stream);
 void cast_bf16_to_f32_cuda(float* out, const uint16_t* x, int64_t n, CUstream_st* stream);
+constexpr int kCastsPerLaunch = 128;  // tensors per launch of the *_many_cuda casts (their table is a kernel parameter)
+void cast_f32_to_bf16_many_cuda(uint16_t* const* outs, const float* const* xs, const int64_t* ns, int64_t count,
+                                CUstream_st* stream);
+void cast_bf16_to_f32_many_cuda(float* const* outs, const uint16_t* const* xs, const int64_t* ns, int64_t count,
+                                CUstream_st* stream);
 void add_bf16_cuda(uint16_t* out, const uint16_t* a, const uint16_t* b, int64_t n, CUstream_st* stream);
 
 // ---- CUDA, bf16 storage ----------------------------------------------------------------------------

@@ -115,6 +115,14 @@ void cast_bf16_to_f32_cpu(float* out, const uint16_t* x, int64_t n) {
   }
 }
 
+void cast_f32_to_bf16_many_cpu(uint16_t* const* outs, const float* const* xs, const int64_t* ns, int64_t count) {
+  for (int64_t k = 0; k < count; ++k) cast_f32_to_bf16_cpu(outs[k], xs[k], ns[k]);
+}
+
+void cast_bf16_to_f32_many_cpu(float* const* outs, const uint16_t* const* xs, const int64_t* ns, int64_t count) {
+  for (int64_t k = 0; k < count; ++k) cast_bf16_to_f32_cpu(outs[k], xs[k], ns[k]);
+}
+
 void cast_i32_to_f32_cpu(float* out, const int32_t* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(x[i]);
 }

@@ -2,9 +2,11 @@
 // and GELU where the buffers allow 16-byte accesses). Memory-bound by design; the fused kernels that
 // save whole passes over activations live with their op families. The arithmetic kernels are
 // templates on the storage type (kernels/cuda/storage.h): the f32 and bf16 entry points run one body,
-// f32 in registers either way.
+// f32 in registers either way. The two casts also take a table of tensors per launch (cast_*_many_cuda),
+// for the mixed-precision model's weights and their gradients, mostly too small to fill a launch alone.
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "kernels/cuda/check.h"
@@ -175,6 +177,84 @@ __global__ void accumulate_bf16x8_kernel(float* acc, const __nv_bfloat16* x, int
   }
 }
 
+// Many casts in one launch: up to kCastsPerLaunch tensors, their pointers and sizes passed by value (3.7
+// KiB of the 4 KiB of kernel parameters). Slice k owns blocks [first_block[k], first_block[k + 1]) and
+// strides over its elements with them: 8 per access where both of its buffers are 16-byte aligned (then
+// its last n mod 8 one by one), one per access otherwise. Each element is widened or rounded exactly as
+// in the one-tensor kernels above, so every output has the bits of its own cast.
+template <typename From, typename To>
+struct CastTable {
+  const From* x[kCastsPerLaunch];
+  To* out[kCastsPerLaunch];
+  int64_t n[kCastsPerLaunch];
+  int first_block[kCastsPerLaunch + 1];
+  bool wide[kCastsPerLaunch];
+  int count;
+};
+static_assert(sizeof(CastTable<float, __nv_bfloat16>) <= 4000, "kernel parameters are limited to 4 KiB");
+constexpr int64_t kMaxBlocksPerCast = 16384;  // 33.5M elements per pass, 8 per thread
+
+template <typename From, typename To>
+__global__ void cast_many_kernel(CastTable<From, To> c) {
+  const int b = static_cast<int>(blockIdx.x);
+  int lo = 0, hi = c.count - 1;  // this block's slice: the last k with first_block[k] <= b
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (c.first_block[mid] <= b)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  const From* x = c.x[lo];
+  To* out = c.out[lo];
+  const int64_t n = c.n[lo];
+  const int64_t first = (b - c.first_block[lo]) * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const int64_t stride = (c.first_block[lo + 1] - c.first_block[lo]) * static_cast<int64_t>(blockDim.x);
+  int64_t scalar_from = 0;
+  if (c.wide[lo]) {
+    const int64_t packs = n / 8;
+    for (int64_t p = first; p < packs; p += stride) {
+      float v[8];
+      load8(x + 8 * p, v);
+      store8(out + 8 * p, v);
+    }
+    scalar_from = 8 * packs;
+  }
+  for (int64_t i = scalar_from + first; i < n; i += stride) store(out + i, load(x + i));
+}
+
+// The public API's pointers (bf16 as uint16_t) as the kernels' storage types.
+inline const float* storage_ptr(const float* p) { return p; }
+inline float* storage_ptr(float* p) { return p; }
+inline const __nv_bfloat16* storage_ptr(const uint16_t* p) { return as_bf16(p); }
+inline __nv_bfloat16* storage_ptr(uint16_t* p) { return as_bf16(p); }
+
+template <typename From, typename To, typename OutArg, typename XArg>
+void cast_many(OutArg* const* outs, const XArg* const* xs, const int64_t* ns, int64_t count, CUstream_st* s) {
+  CastTable<From, To> table{};
+  auto launch = [&] {
+    if (table.count == 0) return;
+    KRAKEN_KERNEL(static_cast<unsigned int>(table.first_block[table.count]), kThreads, 0, s, cast_many_kernel<From, To>)
+    (table);
+    KRAKEN_CUDA_LAUNCH_CHECK();
+    table = CastTable<From, To>{};
+  };
+  for (int64_t t = 0; t < count; ++t) {
+    if (ns[t] <= 0) continue;
+    const int j = table.count;
+    table.x[j] = storage_ptr(xs[t]);
+    table.out[j] = storage_ptr(outs[t]);
+    table.n[j] = ns[t];
+    table.wide[j] = aligned16(xs[t]) && aligned16(outs[t]);
+    const int64_t units = table.wide[j] ? (ns[t] + 7) / 8 : ns[t];  // threads the slice could use
+    const int64_t blocks = std::min<int64_t>(kMaxBlocksPerCast, (units + kThreads - 1) / kThreads);
+    table.first_block[j + 1] = table.first_block[j] + static_cast<int>(blocks);
+    table.count = j + 1;
+    if (table.count == kCastsPerLaunch) launch();
+  }
+  launch();
+}
+
 }  // namespace
 
 #define KRAKEN_LAUNCH(kernel, n, stream, ...)                                          \
@@ -257,6 +337,14 @@ void cast_bf16_to_f32_cuda(float* out, const uint16_t* x, int64_t n, CUstream_st
     KRAKEN_LAUNCH(bf16_to_f32x8_kernel, n / 8, s, out, as_bf16(x), n / 8);
   else
     KRAKEN_LAUNCH(bf16_to_f32_kernel, n, s, out, as_bf16(x), n);
+}
+void cast_f32_to_bf16_many_cuda(uint16_t* const* outs, const float* const* xs, const int64_t* ns, int64_t count,
+                                CUstream_st* s) {
+  cast_many<float, __nv_bfloat16>(outs, xs, ns, count, s);
+}
+void cast_bf16_to_f32_many_cuda(float* const* outs, const uint16_t* const* xs, const int64_t* ns, int64_t count,
+                                CUstream_st* s) {
+  cast_many<__nv_bfloat16, float>(outs, xs, ns, count, s);
 }
 
 // ---- bf16 storage -----------------------------------------------------------------------------------

@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <random>
 #include <string>
 #include <utility>
@@ -381,6 +382,73 @@ void check_casts_and_accumulate() {
     EXPECT_EQ(acc, acc_cpu) << "emulated f32 += bf16" << what;
   }
 }
+
+// The many-tensor casts (one launch per kernels::kCastsPerLaunch tensors) against the CPU's one-tensor
+// casts, bit for bit: lengths around multiples of 8, an empty one, and more tensors than one launch takes,
+// packed into one input and one output buffer. Slice k starts 16-byte aligned on both sides (k mod 4 =
+// 0: 8 elements per access), one element off on the input side (1), the output side (2) or both (3):
+// one per access. The gaps between the outputs keep a sentinel: nothing is written outside a tensor.
+template <typename T>
+size_t to_aligned16(const std::vector<T>& v, size_t at) {  // the first index >= at whose address is 16-byte aligned
+  while (reinterpret_cast<uintptr_t>(v.data() + at) % 16 != 0) ++at;
+  return at;
+}
+template <typename From, typename To>
+struct PackedTensors {
+  std::vector<From> in;
+  std::vector<To> out;
+  std::vector<const From*> xs;
+  std::vector<To*> outs;
+};
+template <typename From, typename To>
+PackedTensors<From, To> packed(const std::vector<int64_t>& ns, const std::vector<From>& values, To sentinel) {
+  PackedTensors<From, To> p;
+  size_t total = 0;
+  for (int64_t n : ns) total += static_cast<size_t>(n) + 24;
+  p.in.assign(values.begin(), values.begin() + static_cast<std::ptrdiff_t>(total));
+  p.out.assign(total, sentinel);
+  size_t in_at = 0, out_at = 0;
+  for (size_t k = 0; k < ns.size(); ++k) {
+    in_at = to_aligned16(p.in, in_at) + (k % 4 == 1 || k % 4 == 3 ? 1 : 0);
+    out_at = to_aligned16(p.out, out_at) + (k % 4 == 2 || k % 4 == 3 ? 1 : 0);
+    p.xs.push_back(p.in.data() + in_at);
+    p.outs.push_back(p.out.data() + out_at);
+    in_at += static_cast<size_t>(ns[k]) + 1, out_at += static_cast<size_t>(ns[k]) + 1;
+  }
+  return p;
+}
+
+void check_many_casts() {
+  std::vector<int64_t> ns = {1, 7, 8, 9, 15, 16, 17, 0, 1000, 1001, 4099, 2048, 24, 40, 33, 31};
+  for (int64_t k = 0; static_cast<int64_t>(ns.size()) < kernels::kCastsPerLaunch + 20; ++k) ns.push_back(1 + (k * 13) % 40);
+  std::vector<float> values = normal(200000, 17, 40.0f);
+  // signed zeros, near the top, subnormal, infinities, ties to even (down, then up)
+  const uint32_t specials[] = {0x00000000u, 0x80000000u, 0x7f7fffffu, 0x00000f00u,
+                               0x7f800000u, 0xff800000u, 0x3f808000u, 0x3f818000u};
+  for (size_t i = 0; i < 8; ++i) std::memcpy(&values[8 + i], &specials[i], 4);
+  const int64_t count = static_cast<int64_t>(ns.size());
+
+  PackedTensors<float, uint16_t> f = packed(ns, values, uint16_t{0xabcd});
+  emu::cast_f32_to_bf16_many_cuda(f.outs.data(), f.xs.data(), ns.data(), count, nullptr);
+  std::vector<uint16_t> want(f.out.size(), uint16_t{0xabcd});
+  for (size_t k = 0; k < ns.size(); ++k)
+    kernels::cast_f32_to_bf16_cpu(want.data() + (f.outs[k] - f.out.data()), f.xs[k], ns[k]);
+  for (size_t i = 0; i < want.size(); ++i)
+    ASSERT_EQ(f.out[i], want[i]) << "emulated many-tensor f32 → bf16 cast: output buffer element " << i;
+
+  PackedTensors<uint16_t, float> b = packed(ns, to_bf16(values), -7.0f);
+  emu::cast_bf16_to_f32_many_cuda(b.outs.data(), b.xs.data(), ns.data(), count, nullptr);
+  std::vector<float> want_f(b.out.size(), -7.0f);
+  for (size_t k = 0; k < ns.size(); ++k)
+    kernels::cast_bf16_to_f32_cpu(want_f.data() + (b.outs[k] - b.out.data()), b.xs[k], ns[k]);
+  for (size_t i = 0; i < want_f.size(); ++i) {
+    uint32_t got_bits, want_bits;
+    std::memcpy(&got_bits, &b.out[i], 4), std::memcpy(&want_bits, &want_f[i], 4);
+    ASSERT_EQ(got_bits, want_bits) << "emulated many-tensor bf16 → f32 cast: output buffer element " << i;
+  }
+}
+
+TEST(CudaEmulation, ManyTensorCastsAreTheOneTensorCastsBits) { under_both_schedules(check_many_casts); }
 
 void check_sum_rows() {
   // Two-pass column sums (cols a multiple of 8: one chunk, three chunks with a partial one), the
