@@ -25,6 +25,13 @@ Tensor slice(const Tensor& x, int64_t begin, int64_t end);     // rows [begin, e
 std::vector<Tensor> split(const Tensor& x, const std::vector<int64_t>& sizes, int64_t dim);
 Tensor concat(const std::vector<Tensor>& xs, int64_t dim);     // the inverse of split
 Tensor cast(const Tensor& x, DType dtype);                     // f32 <-> bf16, gradient cast back
+// cast(xs[k], dtype) for every k, the same values and gradients, as one autograd node: on CUDA the f32 →
+// bf16 and bf16 → f32 casts of tensors on one device take one launch per kernels::kCastsPerLaunch of
+// them, forward and backward (the mixed-precision model casts all its weights so). Inputs already of
+// `dtype` come back as they are, history and all, as cast() returns them. Other dtype pairs, or inputs on
+// several devices, are cast one by one. The node's backward runs once every output's gradient is
+// complete, so the inputs' gradients all arrive then; an output that got none gives its input zeros.
+std::vector<Tensor> cast_many(const std::vector<Tensor>& xs, DType dtype);
 
 // ---- elementwise (ops/elementwise.cpp) --------------------------------------------------------------
 // a + b, where b has a's shape or a trailing part of it ((B, T, C) + (T, C), (N, C) + (C,)); the

@@ -2,8 +2,10 @@
 // backward passes move gradients back to where the values came from.
 #include <numeric>
 
+#include "kernels/elementwise.h"
 #include "kernels/error.h"
 #include "runtime/autograd.h"
+#include "runtime/dispatch.h"
 #include "runtime/ops.h"
 
 namespace kraken::runtime::ops {
@@ -22,6 +24,32 @@ void outer_inner(const Shape& shape, int64_t dim, int64_t* outer, int64_t* inner
   *inner = 1;
   for (int64_t i = 0; i < dim; ++i) *outer *= shape[static_cast<size_t>(i)];
   for (size_t i = static_cast<size_t>(dim) + 1; i < shape.size(); ++i) *inner *= shape[i];
+}
+
+bool f32_bf16_pair(DType a, DType b) {
+  return (a == DType::F32 && b == DType::BF16) || (a == DType::BF16 && b == DType::F32);
+}
+
+// outs[k] = xs[k] in outs[k]'s dtype, k < xs.size(): f32 → bf16 or bf16 → f32, every input of one dtype
+// and all on one device. One kernel call for all of them.
+void cast_into(const std::vector<Tensor>& outs, const std::vector<Tensor>& xs) {
+  const int64_t count = static_cast<int64_t>(xs.size());
+  if (count == 0) return;
+  std::vector<int64_t> ns;
+  for (const Tensor& x : xs) ns.push_back(x.numel());
+  if (xs[0].dtype() == DType::F32) {
+    std::vector<uint16_t*> to;
+    std::vector<const float*> from;
+    for (size_t k = 0; k < xs.size(); ++k) to.push_back(outs[k].data<uint16_t>()), from.push_back(xs[k].data<float>());
+    KRAKEN_ON_DEVICE(xs[0].device(), kernels::cast_f32_to_bf16_many_cpu(to.data(), from.data(), ns.data(), count),
+                     kernels::cast_f32_to_bf16_many_cuda(to.data(), from.data(), ns.data(), count, stream_of(xs[0])));
+  } else {
+    std::vector<float*> to;
+    std::vector<const uint16_t*> from;
+    for (size_t k = 0; k < xs.size(); ++k) to.push_back(outs[k].data<float>()), from.push_back(xs[k].data<uint16_t>());
+    KRAKEN_ON_DEVICE(xs[0].device(), kernels::cast_bf16_to_f32_many_cpu(to.data(), from.data(), ns.data(), count),
+                     kernels::cast_bf16_to_f32_many_cuda(to.data(), from.data(), ns.data(), count, stream_of(xs[0])));
+  }
 }
 
 }  // namespace
@@ -166,6 +194,59 @@ Tensor cast(const Tensor& x, DType dtype) {
     record("cast", {x}, {out}, [from](const std::vector<Tensor>& g) { return std::vector<Tensor>{g[0].to(from)}; });
   }
   return out;
+}
+
+std::vector<Tensor> cast_many(const std::vector<Tensor>& xs, DType dtype) {
+  std::vector<Tensor> outs(xs.size());
+  std::vector<size_t> moved;  // the inputs that change dtype
+  for (size_t k = 0; k < xs.size(); ++k) {
+    check_defined("cast_many", xs[k]);
+    if (xs[k].dtype() == dtype)
+      outs[k] = xs[k];
+    else
+      moved.push_back(k);
+  }
+  if (moved.empty()) return outs;
+  const Tensor& first = xs[moved[0]];
+  bool together = f32_bf16_pair(first.dtype(), dtype);
+  for (size_t k : moved) together = together && xs[k].dtype() == first.dtype() && xs[k].device() == first.device();
+  if (!together) {
+    for (size_t k : moved) outs[k] = cast(xs[k], dtype);
+    return outs;
+  }
+  std::vector<Tensor> from, to;
+  for (size_t k : moved) {
+    from.push_back(xs[k]);
+    to.push_back(Tensor::empty(xs[k].shape(), dtype, xs[k].device()));
+    outs[k] = to.back();
+  }
+  cast_into(to, from);
+  // One node over the inputs that need a gradient; the others' casts stay without history, as cast()
+  // leaves them.
+  std::vector<Tensor> tracked, tracked_out;
+  for (size_t k = 0; k < from.size(); ++k)
+    if (needs_grad({from[k]})) tracked.push_back(from[k]), tracked_out.push_back(to[k]);
+  if (!tracked.empty()) {
+    const DType source = first.dtype();
+    const Device device = first.device();
+    record("cast_many", tracked, tracked_out, [source, dtype, device](const std::vector<Tensor>& g) {
+      // in the forward pass this was: to_k = from_k.to(dtype); so dfrom_k = dto_k.to(source), for every k
+      std::vector<Tensor> dfrom(g.size()), grads, casts;
+      for (size_t k = 0; k < g.size(); ++k) {
+        if (!g[k].defined()) continue;
+        if (g[k].dtype() != dtype || g[k].device() != device) {  // not the forward's kind: cast it alone
+          dfrom[k] = g[k].to(source);
+          continue;
+        }
+        dfrom[k] = Tensor::empty(g[k].shape(), source, device);
+        grads.push_back(g[k]);
+        casts.push_back(dfrom[k]);
+      }
+      cast_into(casts, grads);
+      return dfrom;
+    });
+  }
+  return outs;
 }
 
 }  // namespace kraken::runtime::ops

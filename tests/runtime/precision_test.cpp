@@ -163,6 +163,108 @@ TEST(MixedPrecision, GradientsReachF32MastersThroughCasts) {
   EXPECT_EQ(b.grad().to_vector(), bl.grad().to_vector());
 }
 
+// f32 bit patterns, so that -0.0 and 0.0 (or two NaNs) are told apart.
+std::vector<uint32_t> f32_bits(const Tensor& f32) {
+  EXPECT_EQ(f32.dtype(), DType::F32) << f32.describe();
+  const std::vector<float> v = f32.to_vector();
+  std::vector<uint32_t> out(v.size());
+  if (!v.empty()) std::memcpy(out.data(), v.data(), v.size() * 4);
+  return out;
+}
+
+// Fresh f32 leaves with the given values (a second set for the per-tensor reference).
+std::vector<Tensor> leaves_of(const std::vector<Tensor>& values) {
+  std::vector<Tensor> out;
+  for (const Tensor& v : values) out.push_back(v.clone().set_requires_grad(true));
+  return out;
+}
+
+TEST(MixedPrecision, CastManyIsOneCastPerTensorForwardAndBackward) {
+  // Lengths on both sides of multiples of 8, an empty tensor, and values beyond bf16's precision.
+  const std::vector<Shape> shapes = {{7}, {3, 5}, {8}, {4, 6}, {2, 3, 17}, {1}, {0}, {9}, {1001}};
+  std::vector<Tensor> values;
+  for (size_t k = 0; k < shapes.size(); ++k) values.push_back(random_leaf(shapes[k], 40 + k, 3.0f).detach());
+  const size_t unused = 3;   // its output takes no part in the loss
+  const size_t through = 5;  // computed from a leaf by an op (a gradient with history to flow into)
+  std::vector<Tensor> many = leaves_of(values), single = leaves_of(values);
+  std::vector<Tensor> many_in = many, single_in = single;
+  many_in[through] = ops::scale(many[through], -2.0f);
+  single_in[through] = ops::scale(single[through], -2.0f);
+  // A bf16 input passes through as itself; a constant (no gradient) is cast without history.
+  Tensor already = bf16_values({12}, 60).to(DType::BF16);
+  already.set_requires_grad(true);
+  const Tensor constant = random_leaf({10}, 61).detach();
+  many_in.push_back(already);
+  many_in.push_back(constant);
+
+  const std::vector<Tensor> outs = ops::cast_many(many_in, DType::BF16);
+  ASSERT_EQ(outs.size(), many_in.size());
+  EXPECT_TRUE(outs[shapes.size()].same(already)) << "a bf16 input comes back as itself";
+  EXPECT_FALSE(outs[shapes.size() + 1].requires_grad()) << "the cast of a constant has no history";
+  EXPECT_EQ(bits(outs[shapes.size() + 1]), bits(constant.to(DType::BF16)));
+
+  std::vector<Tensor> roots, seeds, single_roots;
+  for (size_t k = 0; k < shapes.size(); ++k) {
+    const Tensor one = ops::cast(single_in[k], DType::BF16);
+    EXPECT_EQ(outs[k].dtype(), DType::BF16);
+    EXPECT_EQ(outs[k].shape(), shapes[k]);
+    EXPECT_EQ(bits(outs[k]), bits(one)) << "forward of tensor " << k;
+    if (k == unused) continue;
+    roots.push_back(outs[k]);
+    single_roots.push_back(one);
+    seeds.push_back(bf16_values(shapes[k], 70 + k).to(DType::BF16));
+  }
+  roots.push_back(already);
+  seeds.push_back(bf16_values({12}, 90).to(DType::BF16));
+  backward(roots, seeds);
+  seeds.pop_back();
+  backward(single_roots, seeds);
+  for (size_t k = 0; k < shapes.size(); ++k) {
+    SCOPED_TRACE("gradient of tensor " + std::to_string(k));
+    ASSERT_TRUE(many[k].grad().defined());
+    if (k == unused) {  // one node: the engine hands it zeros for the output nobody used
+      EXPECT_FALSE(single[k].grad().defined());
+      EXPECT_EQ(many[k].grad().to_vector(), std::vector<float>(static_cast<size_t>(many[k].numel()), 0.0f));
+      continue;
+    }
+    EXPECT_EQ(f32_bits(many[k].grad()), f32_bits(single[k].grad()));
+  }
+  EXPECT_EQ(bits(already.grad()), bits(bf16_values({12}, 90).to(DType::BF16))) << "the pass-through's own gradient";
+}
+
+TEST(MixedPrecision, CastManyFromBf16RoundsItsGradientsAsCastDoes) {
+  const std::vector<Shape> shapes = {{5}, {16}, {3, 11}};
+  std::vector<Tensor> many, single;
+  for (size_t k = 0; k < shapes.size(); ++k) {
+    const Tensor v = bf16_values(shapes[k], 100 + k).to(DType::BF16);
+    many.push_back(v.clone().set_requires_grad(true));
+    single.push_back(v.clone().set_requires_grad(true));
+  }
+  const std::vector<Tensor> outs = ops::cast_many(many, DType::F32);
+  std::vector<Tensor> single_outs, seeds;
+  for (size_t k = 0; k < shapes.size(); ++k) {
+    single_outs.push_back(ops::cast(single[k], DType::F32));
+    EXPECT_EQ(f32_bits(outs[k]), f32_bits(single_outs[k])) << "forward of tensor " << k;
+    seeds.push_back(random_leaf(shapes[k], 110 + k, 5.0f).detach());  // f32 gradients: rounded on the way back
+  }
+  // A seed of the other dtype (backward() takes any): cast alone on the way back, as cast() would.
+  seeds[1] = seeds[1].to(DType::BF16);
+  backward(outs, seeds);
+  backward(single_outs, seeds);
+  for (size_t k = 0; k < shapes.size(); ++k) EXPECT_EQ(bits(many[k].grad()), bits(single[k].grad())) << "tensor " << k;
+}
+
+TEST(MixedPrecision, CastManyOfOtherDtypesCastsOneByOne) {
+  const Tensor ids = Tensor::from_ints({3, -7, 65536, 0, 12}, {5});
+  const Tensor x = random_leaf({6}, 120).detach();
+  const std::vector<Tensor> outs = ops::cast_many({ids, x}, DType::F32);
+  EXPECT_EQ(outs[0].to_vector(), ids.to(DType::F32).to_vector());
+  EXPECT_TRUE(outs[1].same(x));
+  EXPECT_TRUE(ops::cast_many({}, DType::BF16).empty());
+  const std::string undefined = message_of([&] { ops::cast_many({x, Tensor()}, DType::BF16); });
+  EXPECT_NE(undefined.find("cast_many"), std::string::npos) << undefined;
+}
+
 TEST(MixedPrecision, Bf16GradientContributionsAreSummedInF32AndRoundedOnce) {
   // x feeds two scales; its gradient is round(round(g/3) + round(g/7)): each branch's backward rounds
   // its own output, and the accumulation adds in f32 and rounds once more.
