@@ -1,9 +1,11 @@
 #include "models/kraken.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "kernels/error.h"
 #include "parallel/collectives.h"
+#include "runtime/autograd.h"
 #include "runtime/ops.h"
 
 namespace kraken::models {
@@ -148,9 +150,32 @@ void KrakenModel::set_compute_dtype(runtime::DType dtype) {
   compute_dtype_ = dtype;
 }
 
-Tensor KrakenModel::compute(const Tensor& param) const {
+Tensor KrakenModel::compute(const Tensor& param) {
   if (!param.defined() || compute_dtype_ == runtime::DType::F32) return param;
+  const auto copy = compute_copies_.find(param.impl());
+  if (copy != compute_copies_.end()) return copy->second;
   return ops::cast(param, compute_dtype_);
+}
+
+std::vector<Tensor> KrakenModel::product_params(const std::vector<SubLayer>& subs) const {
+  std::vector<Tensor> params;
+  for (const SubLayer& s : subs)
+    for (const Tensor* p : {&s.c_attn_w, &s.c_attn_b, &s.attn_proj_w, &s.attn_proj_b, &s.c_fc_w, &s.c_fc_b,
+                            &s.mlp_proj_w, &s.mlp_proj_b})
+      if (p->defined()) params.push_back(*p);
+  return params;
+}
+
+std::vector<Tensor> KrakenModel::head_product_params() const {
+  std::vector<Tensor> params;
+  for (const Tensor* p : {&conj_w_, &conj_b_, &wte_})
+    if (p->defined()) params.push_back(*p);
+  return params;
+}
+
+void KrakenModel::cast_for_compute(const std::vector<Tensor>& params) {
+  const std::vector<Tensor> copies = ops::cast_many(params, compute_dtype_);
+  for (size_t k = 0; k < params.size(); ++k) compute_copies_[params[k].impl()] = copies[k];
 }
 
 Tensor KrakenModel::dropout(const Tensor& x, runtime::Generator* gen, bool training) {
@@ -212,6 +237,10 @@ Tensor KrakenModel::forward(const Tensor& ids, runtime::Generator* gen, bool tra
 Tensor KrakenModel::stage_forward(const Tensor& ids, const Tensor& input, runtime::Generator* gen, bool training) {
   const int64_t n = local_streams_;
   const bool kraken_tp = config_.degree > 1 && shard_.tp_size > 1;
+  struct DropCopies {  // however the forward ends, its bf16 copies go (the tape keeps what backward needs)
+    std::unordered_map<const runtime::TensorImpl*, Tensor>& copies;
+    ~DropCopies() { copies.clear(); }
+  } drop_copies{compute_copies_};
   std::vector<Tensor> streams;
   if (shard_.has_embedding) {
     runtime::check_dtype("KrakenModel::forward", ids, runtime::DType::I32, "ids");
@@ -233,6 +262,33 @@ Tensor KrakenModel::stage_forward(const Tensor& ids, const Tensor& input, runtim
     streams = n == 1 ? std::vector<Tensor>{input} : ops::split(input, std::vector<int64_t>(static_cast<size_t>(n), config_.n_embd), -1);
   }
 
+  // Mixed precision: the weights and biases the products use are cast to bf16 together (ops::cast_many:
+  // on a GPU one launch, where one cast per use took ~100 launches for GPT-2, ~200 for the Kraken
+  // presets, most of them biases), and compute() hands out the copies. That is one autograd node, and
+  // backward runs it only after everything recorded later: cast here, every weight's gradient reaches its
+  // f32 master at the end of backward. Where something waits for gradients as they complete (a
+  // grad-ready hook: parallel::GradSync starts each bucket's all-reduce from one while backward goes on),
+  // each layer's weights are cast as the layer starts instead, and the head's before the head, so that a
+  // layer's gradients are ready as soon as its backward is, as with one cast per use. Either way the
+  // values are the same casts, and the cast comes after the embedding: backward adds the tied wte's head
+  // gradient before the embedding's, in the order one cast per use gave (the same sum, the same bits).
+  bool cast_per_layer = false;
+  if (compute_dtype_ != runtime::DType::F32) {
+    std::vector<Tensor> params;
+    for (const std::vector<SubLayer>& subs : layers_) {
+      const std::vector<Tensor> layer_params = product_params(subs);
+      params.insert(params.end(), layer_params.begin(), layer_params.end());
+    }
+    if (shard_.has_head) {
+      const std::vector<Tensor> head_params = head_product_params();
+      params.insert(params.end(), head_params.begin(), head_params.end());
+    }
+    cast_per_layer = runtime::grad_enabled() && std::any_of(params.begin(), params.end(), [](const Tensor& p) {
+                       return p.has_grad_ready_hooks();
+                     });
+    if (!cast_per_layer) cast_for_compute(params);
+  }
+
   for (size_t layer = 0; layer < layers_.size(); ++layer) {
     const bool mixes = shard_.first_layer + static_cast<int64_t>(layer) > 0;
     // S = Σ_j x_j over every sub-layer of the layer: the layer's one collective when sub-layers live on
@@ -245,6 +301,7 @@ Tensor KrakenModel::stage_forward(const Tensor& ids, const Tensor& input, runtim
       if (kraken_tp) pending = parallel::start_all_reduce(partial, *shard_.tp);
       else S = partial;
     }
+    if (cast_per_layer) cast_for_compute(product_params(layers_[layer]));
     std::vector<Tensor> attn = attention_branches(layers_[layer], streams, gen, training);
     if (pending.valid()) S = parallel::wait_all_reduce(pending);
     for (int64_t i = 0; i < n; ++i) {
@@ -267,6 +324,7 @@ Tensor KrakenModel::stage_forward(const Tensor& ids, const Tensor& input, runtim
   }
 
   if (!shard_.has_head) return n == 1 ? streams[0] : ops::concat(streams, -1);  // (B, T, n·C) to the next stage
+  if (cast_per_layer) cast_for_compute(head_product_params());
   // z = W_conj · concat_i(x_i) (+ b); degree 1 has no conjunction. Row-parallel under tp: each rank
   // multiplies its own streams by its columns, one all-reduce sums the parts, the bias is added once.
   Tensor z;

@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "parallel/communicator.h"
@@ -89,9 +90,11 @@ class KrakenModel : public runtime::Module {
                        runtime::Generator* dropout = nullptr, bool training = true);
 
   // Mixed precision (DESIGN.md "Precision"): with bf16 the residual streams, every activation and
-  // every matrix product are bf16; the parameters stay f32 (the optimizer's master weights) and each
-  // matrix and bias is cast to bf16 where it is used, so its gradient comes back to the f32 master
-  // through the cast. LayerNorm keeps f32 gamma and beta; the logits are bf16 and the loss f32.
+  // every matrix product are bf16; the parameters stay f32 (the optimizer's master weights) and the
+  // matrices and biases are cast to bf16 for each forward, all in one ops::cast_many (one per layer
+  // where gradients are awaited as they complete: stage_forward says why), so their gradients come back
+  // to the f32 masters through the cast. LayerNorm keeps f32 gamma and beta; the logits are bf16 and the
+  // loss f32.
   void set_compute_dtype(runtime::DType dtype);
   runtime::DType compute_dtype() const { return compute_dtype_; }
 
@@ -116,8 +119,15 @@ class KrakenModel : public runtime::Module {
   runtime::Tensor mlp_branch(const SubLayer& s, const runtime::Tensor& h, runtime::Generator* gen, bool training);
 
   bool megatron() const { return config_.degree == 1 && shard_.tp_size > 1; }
-  // A parameter as the products use it: itself in f32, its bf16 cast under mixed precision.
-  runtime::Tensor compute(const runtime::Tensor& param) const;
+  // A parameter as the products use it: itself in f32; under mixed precision its bf16 copy from this
+  // forward's cast_for_compute, or its own cast where there is none.
+  runtime::Tensor compute(const runtime::Tensor& param);
+  // The parameters that reach the products through compute(): a layer's (weights and biases of its four
+  // Linears, every local sub-layer), and the head's (the conjunction's, the tied wte).
+  std::vector<runtime::Tensor> product_params(const std::vector<SubLayer>& subs) const;
+  std::vector<runtime::Tensor> head_product_params() const;
+  // Casts `params` to the compute dtype in one ops::cast_many and keeps the copies for compute().
+  void cast_for_compute(const std::vector<runtime::Tensor>& params);
 
   KrakenConfig config_;
   ModelShard shard_;
@@ -125,6 +135,9 @@ class KrakenModel : public runtime::Module {
   runtime::DType compute_dtype_ = runtime::DType::F32;
   runtime::Tensor wte_, wpe_, conj_w_, conj_b_, ln_f_w_, ln_f_b_;
   std::vector<std::vector<SubLayer>> layers_;  // [layer - first_layer][sub-layer]
+  // The bf16 copies of the current forward, by parameter; emptied when the forward returns (the tape
+  // holds what backward needs).
+  std::unordered_map<const runtime::TensorImpl*, runtime::Tensor> compute_copies_;
 };
 
 }  // namespace kraken::models

@@ -2,10 +2,14 @@
 // count against the closed form, and finite differences through the whole model.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
+#include <set>
 
 #include "models/kraken.h"
+#include "parallel/grad_sync.h"
 #include "runtime/autograd.h"
 #include "runtime/ops.h"
 #include "runtime/safetensors.h"
@@ -218,6 +222,109 @@ void check_mixed_precision_tracks_fp32(const std::string& file_name) {
   }
   std::printf("[mixed-precision] %s: worst gradient ‖g_bf16 − g_fp32‖/‖g_fp32‖ = %.2e (%s)\n", file_name.c_str(),
               worst, worst_name.c_str());
+}
+
+// The autograd nodes a loss depends on: the outputs of each cast_many, and the leaves that one-tensor
+// casts read (on the CPU the bf16 ops widen through casts too, but never straight from a parameter).
+struct Tape {
+  std::vector<size_t> cast_many_outputs;  // in recording order
+  std::set<const runtime::TensorImpl*> cast_leaves;
+};
+Tape tape_of(const Tensor& root) {
+  Tape tape;
+  std::vector<const runtime::Node*> stack{root.grad_fn().get()}, casts;
+  std::set<const runtime::Node*> seen{root.grad_fn().get()};
+  while (!stack.empty()) {
+    const runtime::Node* n = stack.back();
+    stack.pop_back();
+    if (std::string(n->name()) == "cast_many") casts.push_back(n);
+    for (const runtime::Edge& e : n->inputs()) {
+      if (e.node && seen.insert(e.node.get()).second) stack.push_back(e.node.get());
+      if (e.leaf && std::string(n->name()) == "cast") tape.cast_leaves.insert(e.leaf.get());
+    }
+  }
+  std::sort(casts.begin(), casts.end(), [](auto* a, auto* b) { return a->sequence() < b->sequence(); });
+  for (const runtime::Node* n : casts) tape.cast_many_outputs.push_back(n->outputs().size());
+  return tape;
+}
+
+KrakenConfig small_config(int64_t degree) {
+  KrakenConfig c;
+  c.n_layer = 3;
+  c.n_embd = 16;
+  c.n_head = 4;
+  c.degree = degree;
+  c.context = 8;
+  c.vocab_size = 29;
+  c.mlp_expansion = 2;
+  return c;
+}
+Tensor small_ids(int seed) {
+  std::vector<int32_t> ids(16);
+  for (int i = 0; i < 16; ++i) ids[static_cast<size_t>(i)] = (i * 7 + seed) % 29;
+  return Tensor::from_ints(ids, {2, 8});
+}
+
+std::vector<uint32_t> bits_of(const Tensor& t) {
+  const std::vector<float> v = t.to_vector();
+  std::vector<uint32_t> out(v.size());
+  if (!v.empty()) std::memcpy(out.data(), v.data(), v.size() * 4);
+  return out;
+}
+
+TEST(KrakenModel, MixedPrecisionCastsEveryProductWeightInOneNode) {
+  for (const int64_t degree : {int64_t{1}, int64_t{2}}) {
+    SCOPED_TRACE("degree " + std::to_string(degree));
+    KrakenModel model(small_config(degree));
+    model.initialize(1);
+    model.set_compute_dtype(runtime::DType::BF16);
+    const Tensor loss = model.loss(small_ids(0), small_ids(1), nullptr, false);
+    const Tape tape = tape_of(loss);
+    // Four Linears' weights and biases per sub-layer, the conjunction's (degree > 1) and the tied wte.
+    const size_t weights = static_cast<size_t>(3 * degree * 8 + (degree > 1 ? 2 : 0) + 1);
+    EXPECT_EQ(tape.cast_many_outputs, std::vector<size_t>{weights});
+    EXPECT_TRUE(tape.cast_leaves.empty()) << tape.cast_leaves.size() << " parameters cast one by one";
+  }
+}
+
+TEST(KrakenModel, MixedPrecisionGradientsReachGradSyncLayerByLayer) {
+  // Where GradSync waits for gradients (grad-ready hooks), the weights are cast one node per layer and
+  // one for the head, so a layer's weight gradients are complete when its backward is: the buckets of
+  // the later layers start before the first layer's are ready. The gradients are the bits the single
+  // node gives.
+  const KrakenConfig c = small_config(1);
+  KrakenModel synced(c), plain(c);
+  for (KrakenModel* m : {&synced, &plain}) {
+    m->initialize(5);
+    m->set_compute_dtype(runtime::DType::BF16);
+  }
+  std::vector<Tensor> leaves;
+  size_t later_layers = 0, index = 0;  // parameters registered from layer 1 on
+  Tensor first_layer_weight;
+  for (const auto& p : synced.named_parameters()) {
+    leaves.push_back(p.tensor);
+    if (p.name == "h.1.ln_1.weight") later_layers = synced.named_parameters().size() - index;
+    if (p.name == "h.0.attn.c_attn.weight") first_layer_weight = p.tensor;
+    ++index;
+  }
+  ASSERT_GT(later_layers, 24u);
+  auto comm = parallel::Communicator::single("dp");
+  parallel::GradSync sync(leaves, *comm, /*bucket_bytes=*/1);  // one bucket per parameter
+  size_t started = 0;
+  first_layer_weight.add_grad_ready_hook([&](Tensor&) { started = sync.started_buckets(); });
+
+  const Tensor loss = synced.loss(small_ids(2), small_ids(3), nullptr, false);
+  EXPECT_EQ(tape_of(loss).cast_many_outputs, (std::vector<size_t>{8, 8, 8, 1}));
+  runtime::backward(loss);
+  EXPECT_GE(started, later_layers) << "buckets started when the first layer's c_attn weight was ready";
+  sync.finish();
+
+  const Tensor plain_loss = plain.loss(small_ids(2), small_ids(3), nullptr, false);
+  EXPECT_EQ(tape_of(plain_loss).cast_many_outputs, std::vector<size_t>{25});
+  runtime::backward(plain_loss);
+  EXPECT_EQ(bits_of(loss), bits_of(plain_loss));
+  const auto a = synced.named_parameters(), b = plain.named_parameters();
+  for (size_t k = 0; k < a.size(); ++k) EXPECT_EQ(bits_of(a[k].tensor.grad()), bits_of(b[k].tensor.grad())) << a[k].name;
 }
 
 TEST(KrakenModel, MixedPrecisionDegree1TracksFp32) { check_mixed_precision_tracks_fp32("gpt2_tiny.safetensors"); }
