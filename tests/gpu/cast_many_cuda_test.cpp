@@ -1,0 +1,151 @@
+// ops::cast_many on the GPU (kernels::cast_*_many_cuda, one launch per kernels::kCastsPerLaunch tensors)
+// against one ops::cast per tensor: the same bits forward (f32 → bf16, round to nearest even) and
+// backward (bf16 → f32, exact), over GPT-2 124M's product weights (wte's 38.6M elements take more than
+// one pass of the blocks the kernel gives one tensor), odd lengths, views that start off 16-byte
+// alignment, and more tensors than one launch takes. The small ones are also held to the CPU's bits.
+// Then how long each way takes over GPT-2's weights ([cast-many] lines): one launch must beat 97 (the
+// per-tensor casts pay a launch and the host's work per tensor, most of them small). Skips without a GPU.
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "kernels/elementwise.h"
+#include "runtime/allocator.h"
+#include "runtime/autograd.h"
+#include "runtime/ops.h"
+#include "runtime/rng.h"
+#include "tests/gpu/gpu_test_util.h"
+
+namespace kraken::testing {
+namespace {
+
+using runtime::DType;
+using runtime::Shape;
+using runtime::Tensor;
+namespace ops = runtime::ops;
+
+// The weights GPT-2 124M's products use (models/kraken.cpp, product_params and the tied head).
+std::vector<Shape> gpt2_product_shapes() {
+  const int64_t C = 768;
+  std::vector<Shape> shapes;
+  for (int layer = 0; layer < 12; ++layer)
+    for (const Shape& s : {Shape{3 * C, C}, Shape{3 * C}, Shape{C, C}, Shape{C}, Shape{4 * C, C}, Shape{4 * C},
+                           Shape{C, 4 * C}, Shape{C}})
+      shapes.push_back(s);
+  shapes.push_back({50304, C});
+  return shapes;
+}
+
+// Raw bits of a tensor copied to the host (bf16 as 16-bit, f32 as 32-bit patterns).
+std::vector<uint32_t> raw_bits(const Tensor& t) {
+  const Tensor host = t.to(runtime::Device::cpu());
+  std::vector<uint32_t> out(static_cast<size_t>(t.numel()));
+  if (t.dtype() == DType::BF16) {
+    const uint16_t* p = host.data<uint16_t>();
+    for (size_t i = 0; i < out.size(); ++i) out[i] = p[i];
+  } else if (!out.empty()) {
+    std::memcpy(out.data(), host.data<float>(), out.size() * 4);
+  }
+  return out;
+}
+
+void expect_same_bits(const Tensor& got, const Tensor& want, const std::string& what) {
+  ASSERT_EQ(got.dtype(), want.dtype()) << what;
+  ASSERT_EQ(got.shape(), want.shape()) << what;
+  const std::vector<uint32_t> a = raw_bits(got), b = raw_bits(want);
+  size_t differ = 0, first = 0;
+  for (size_t i = 0; i < a.size(); ++i)
+    if (a[i] != b[i] && differ++ == 0) first = i;
+  EXPECT_EQ(differ, 0u) << what << ": " << differ << " of " << a.size() << " elements differ, the first at " << first
+                        << " (" << std::hex << a[first] << " vs " << b[first] << ")";
+}
+
+TEST(GpuCastMany, IsOneCastPerTensorBitForBitForwardAndBackward) {
+  KRAKEN_REQUIRE_GPU();
+  const runtime::Device device = test_device();
+  std::vector<Shape> shapes = gpt2_product_shapes();
+  const size_t gpt2 = shapes.size();
+  for (int64_t k = 0; shapes.size() < gpt2 + static_cast<size_t>(kernels::kCastsPerLaunch); ++k)
+    shapes.push_back({1 + (k * 37) % 301});  // lengths of every residue mod 8
+  runtime::Generator gen(11, 5);
+  std::vector<Tensor> many, single;
+  for (size_t k = 0; k < shapes.size(); ++k) {
+    Tensor values = Tensor::empty(shapes[k], DType::F32, device);
+    gen.fill_normal(values, 0.0f, 3.0f);
+    Tensor a = values, b = values.clone();
+    if (k >= gpt2 && k % 3 != 0) {  // a view k mod 4 elements into its storage: most start misaligned
+      const int64_t n = shapes[k][0], skip = static_cast<int64_t>(k % 4);
+      Tensor wider = Tensor::empty({n + skip}, DType::F32, device);
+      gen.fill_normal(wider, 0.0f, 3.0f);
+      a = wider.slice(skip, n + skip);
+      b = a.clone();
+    }
+    many.push_back(a.set_requires_grad(true));
+    single.push_back(b.set_requires_grad(true));
+  }
+  const std::vector<Tensor> outs = ops::cast_many(many, DType::BF16);
+  std::vector<Tensor> single_outs, seeds;
+  for (size_t k = 0; k < shapes.size(); ++k) {
+    single_outs.push_back(ops::cast(single[k], DType::BF16));
+    seeds.push_back(ops::scale(single_outs[k].detach(), -1.75f));  // bf16 gradients, different from the values
+  }
+  for (size_t k = 0; k < shapes.size(); ++k) {
+    expect_same_bits(outs[k], single_outs[k], "forward, tensor " + std::to_string(k));
+    if (k >= gpt2)
+      expect_same_bits(outs[k].to(runtime::Device::cpu()), single[k].detach().to(runtime::Device::cpu()).to(DType::BF16),
+                       "forward against the CPU, tensor " + std::to_string(k));
+  }
+  runtime::backward(outs, seeds);
+  runtime::backward(single_outs, seeds);
+  for (size_t k = 0; k < shapes.size(); ++k)
+    expect_same_bits(many[k].grad(), single[k].grad(), "gradient, tensor " + std::to_string(k));
+}
+
+// Milliseconds per call of f, over `reps` calls after one to warm up.
+double milliseconds(const std::function<void()>& f, const runtime::Device& device, int reps) {
+  f();
+  runtime::synchronize(device);
+  const auto begin = std::chrono::steady_clock::now();
+  for (int r = 0; r < reps; ++r) f();
+  runtime::synchronize(device);
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - begin).count() / reps;
+}
+
+TEST(GpuCastMany, TimesGpt2WeightsBothWays) {
+  KRAKEN_REQUIRE_GPU();
+  if (gpu_tests_on_cpu()) GTEST_SKIP() << "dry run: the CPU's timings say nothing about launches";
+  const runtime::Device device = test_device();
+  runtime::Generator gen(12, 5);
+  std::vector<Tensor> weights, grads;
+  int64_t elements = 0;
+  for (const Shape& s : gpt2_product_shapes()) {
+    Tensor w = Tensor::empty(s, DType::F32, device);
+    gen.fill_normal(w, 0.0f, 1.0f);
+    weights.push_back(w);
+    grads.push_back(w.to(DType::BF16));
+    elements += w.numel();
+  }
+  runtime::NoGrad no_grad;  // the kernels and the host's work per call, not the tape's
+  const int reps = 20;
+  const double one_by_one = milliseconds([&] { for (const Tensor& w : weights) ops::cast(w, DType::BF16); }, device, reps);
+  const double together = milliseconds([&] { ops::cast_many(weights, DType::BF16); }, device, reps);
+  const double back_one_by_one = milliseconds([&] { for (const Tensor& g : grads) g.to(DType::F32); }, device, reps);
+  const double back_together = milliseconds([&] { ops::cast_many(grads, DType::F32); }, device, reps);
+  const double gb = static_cast<double>(elements) * 6.0 / 1e9;  // 4 bytes read, 2 written, or the reverse
+  std::printf("[cast-many] GPT-2 124M product weights (%zu tensors, %lld elements) on %s\n", weights.size(),
+              static_cast<long long>(elements), device.str().c_str());
+  std::printf("[cast-many] f32 -> bf16: one cast each %.3f ms, cast_many %.3f ms (%.0f GB/s)\n", one_by_one, together,
+              gb / (together / 1e3));
+  std::printf("[cast-many] bf16 -> f32: one cast each %.3f ms, cast_many %.3f ms (%.0f GB/s)\n", back_one_by_one,
+              back_together, gb / (back_together / 1e3));
+  EXPECT_LT(together, one_by_one) << "one launch for all the weights should beat 97";
+  EXPECT_LT(back_together, back_one_by_one);
+}
+
+}  // namespace
+}  // namespace kraken::testing
