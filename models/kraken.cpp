@@ -1,11 +1,9 @@
 #include "models/kraken.h"
 
-#include <algorithm>
 #include <cmath>
 
 #include "kernels/error.h"
 #include "parallel/collectives.h"
-#include "runtime/autograd.h"
 #include "runtime/ops.h"
 
 namespace kraken::models {
@@ -262,32 +260,18 @@ Tensor KrakenModel::stage_forward(const Tensor& ids, const Tensor& input, runtim
     streams = n == 1 ? std::vector<Tensor>{input} : ops::split(input, std::vector<int64_t>(static_cast<size_t>(n), config_.n_embd), -1);
   }
 
-  // Mixed precision: the weights and biases the products use are cast to bf16 together (ops::cast_many:
-  // on a GPU one launch, where one cast per use took ~100 launches for GPT-2, ~200 for the Kraken
-  // presets, most of them biases), and compute() hands out the copies. That is one autograd node, and
-  // backward runs it only after everything recorded later: cast here, every weight's gradient reaches its
-  // f32 master at the end of backward. Where something waits for gradients as they complete (a
-  // grad-ready hook: parallel::GradSync starts each bucket's all-reduce from one while backward goes on),
-  // each layer's weights are cast as the layer starts instead, and the head's before the head, so that a
-  // layer's gradients are ready as soon as its backward is, as with one cast per use. Either way the
-  // values are the same casts, and the cast comes after the embedding: backward adds the tied wte's head
-  // gradient before the embedding's, in the order one cast per use gave (the same sum, the same bits).
-  bool cast_per_layer = false;
-  if (compute_dtype_ != runtime::DType::F32) {
-    std::vector<Tensor> params;
-    for (const std::vector<SubLayer>& subs : layers_) {
-      const std::vector<Tensor> layer_params = product_params(subs);
-      params.insert(params.end(), layer_params.begin(), layer_params.end());
-    }
-    if (shard_.has_head) {
-      const std::vector<Tensor> head_params = head_product_params();
-      params.insert(params.end(), head_params.begin(), head_params.end());
-    }
-    cast_per_layer = runtime::grad_enabled() && std::any_of(params.begin(), params.end(), [](const Tensor& p) {
-                       return p.has_grad_ready_hooks();
-                     });
-    if (!cast_per_layer) cast_for_compute(params);
-  }
+  // Mixed precision: each layer's weights and biases are cast to bf16 together as the layer starts, and
+  // the head's before the head (ops::cast_many: on a GPU one launch each way, where one cast per use took
+  // ~100 launches for GPT-2 and ~200 for the Kraken presets, most of them for biases); compute() hands
+  // out the copies. One node per layer rather than one for the model: backward runs a node only after
+  // everything recorded later, so a model-wide cast would hold every weight's bf16 gradient to the end of
+  // backward (250 MB more for GPT-2 124M, 3 GB for 1.5B) and hand all gradients to their f32 masters at
+  // once, after the last layer — too late for whatever starts on them as they complete (parallel::GradSync
+  // starts each bucket's all-reduce from a grad-ready hook while backward goes on). Per layer, a layer's
+  // weight gradients are ready when its backward is, as with one cast per use. The casts come after the
+  // embedding: backward adds the tied wte's head gradient before the embedding's, in the order one cast
+  // per use gave (the same sum, the same bits).
+  const bool mixed = compute_dtype_ != runtime::DType::F32;
 
   for (size_t layer = 0; layer < layers_.size(); ++layer) {
     const bool mixes = shard_.first_layer + static_cast<int64_t>(layer) > 0;
@@ -301,7 +285,7 @@ Tensor KrakenModel::stage_forward(const Tensor& ids, const Tensor& input, runtim
       if (kraken_tp) pending = parallel::start_all_reduce(partial, *shard_.tp);
       else S = partial;
     }
-    if (cast_per_layer) cast_for_compute(product_params(layers_[layer]));
+    if (mixed) cast_for_compute(product_params(layers_[layer]));
     std::vector<Tensor> attn = attention_branches(layers_[layer], streams, gen, training);
     if (pending.valid()) S = parallel::wait_all_reduce(pending);
     for (int64_t i = 0; i < n; ++i) {
@@ -324,7 +308,7 @@ Tensor KrakenModel::stage_forward(const Tensor& ids, const Tensor& input, runtim
   }
 
   if (!shard_.has_head) return n == 1 ? streams[0] : ops::concat(streams, -1);  // (B, T, n·C) to the next stage
-  if (cast_per_layer) cast_for_compute(head_product_params());
+  if (mixed) cast_for_compute(head_product_params());
   // z = W_conj · concat_i(x_i) (+ b); degree 1 has no conjunction. Row-parallel under tp: each rank
   // multiplies its own streams by its columns, one all-reduce sums the parts, the bias is added once.
   Tensor z;

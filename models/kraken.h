@@ -91,9 +91,8 @@ class KrakenModel : public runtime::Module {
 
   // Mixed precision (DESIGN.md "Precision"): with bf16 the residual streams, every activation and
   // every matrix product are bf16; the parameters stay f32 (the optimizer's master weights) and the
-  // matrices and biases are cast to bf16 for each forward, all in one ops::cast_many (one per layer
-  // where gradients are awaited as they complete: stage_forward says why), so their gradients come back
-  // to the f32 masters through the cast. LayerNorm keeps f32 gamma and beta; the logits are bf16 and the
+  // matrices and biases are cast to bf16 for each forward, one ops::cast_many per layer and one for the
+  // head (stage_forward says why), so their gradients come back to the f32 masters through the casts. LayerNorm keeps f32 gamma and beta; the logits are bf16 and the
   // loss f32.
   void set_compute_dtype(runtime::DType dtype);
   runtime::DType compute_dtype() const { return compute_dtype_; }

@@ -105,8 +105,6 @@ class Tensor {
   void zero_grad();                        // zero in place, keeping the buffer
   // Runs after backward() has added this leaf's last gradient contribution of the pass.
   void add_grad_ready_hook(std::function<void(Tensor&)> hook);
-  // Whether something waits for this leaf's gradient as backward completes it (data-parallel buckets).
-  bool has_grad_ready_hooks() const;
   const std::shared_ptr<Node>& grad_fn() const;
   int output_nr() const;
 

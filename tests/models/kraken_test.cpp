@@ -272,7 +272,7 @@ std::vector<uint32_t> bits_of(const Tensor& t) {
   return out;
 }
 
-TEST(KrakenModel, MixedPrecisionCastsEveryProductWeightInOneNode) {
+TEST(KrakenModel, MixedPrecisionCastsEachLayersProductWeightsInOneNode) {
   for (const int64_t degree : {int64_t{1}, int64_t{2}}) {
     SCOPED_TRACE("degree " + std::to_string(degree));
     KrakenModel model(small_config(degree));
@@ -280,18 +280,18 @@ TEST(KrakenModel, MixedPrecisionCastsEveryProductWeightInOneNode) {
     model.set_compute_dtype(runtime::DType::BF16);
     const Tensor loss = model.loss(small_ids(0), small_ids(1), nullptr, false);
     const Tape tape = tape_of(loss);
-    // Four Linears' weights and biases per sub-layer, the conjunction's (degree > 1) and the tied wte.
-    const size_t weights = static_cast<size_t>(3 * degree * 8 + (degree > 1 ? 2 : 0) + 1);
-    EXPECT_EQ(tape.cast_many_outputs, std::vector<size_t>{weights});
+    // Per layer, four Linears' weights and biases per sub-layer; then the head: the conjunction's
+    // (degree > 1) and the tied wte.
+    const size_t per_layer = static_cast<size_t>(degree * 8), head = static_cast<size_t>((degree > 1 ? 2 : 0) + 1);
+    EXPECT_EQ(tape.cast_many_outputs, (std::vector<size_t>{per_layer, per_layer, per_layer, head}));
     EXPECT_TRUE(tape.cast_leaves.empty()) << tape.cast_leaves.size() << " parameters cast one by one";
   }
 }
 
 TEST(KrakenModel, MixedPrecisionGradientsReachGradSyncLayerByLayer) {
-  // Where GradSync waits for gradients (grad-ready hooks), the weights are cast one node per layer and
-  // one for the head, so a layer's weight gradients are complete when its backward is: the buckets of
-  // the later layers start before the first layer's are ready. The gradients are the bits the single
-  // node gives.
+  // The weights are cast one node per layer and one for the head, so a layer's weight gradients are
+  // complete when its backward is: GradSync's buckets for the later layers start before the first
+  // layer's gradients are ready. The gradients are the bits of the same model without GradSync.
   const KrakenConfig c = small_config(1);
   KrakenModel synced(c), plain(c);
   for (KrakenModel* m : {&synced, &plain}) {
@@ -320,7 +320,7 @@ TEST(KrakenModel, MixedPrecisionGradientsReachGradSyncLayerByLayer) {
   sync.finish();
 
   const Tensor plain_loss = plain.loss(small_ids(2), small_ids(3), nullptr, false);
-  EXPECT_EQ(tape_of(plain_loss).cast_many_outputs, std::vector<size_t>{25});
+  EXPECT_EQ(tape_of(plain_loss).cast_many_outputs, (std::vector<size_t>{8, 8, 8, 1}));
   runtime::backward(plain_loss);
   EXPECT_EQ(bits_of(loss), bits_of(plain_loss));
   const auto a = synced.named_parameters(), b = plain.named_parameters();
