@@ -445,6 +445,38 @@ void bench_kernels(const DeviceInfo& dev, Report& r) {
     row("f32 += bf16 (124.5M)", f * 2.0 * P + 2.0 * P,
         time_kernel([&] { accumulate_bf16_cuda(g.data<float>(), p16.data<uint16_t>(), P, nullptr); }));
   }
+  {  // The casts as the bf16 model makes them: GPT-2's 97 product weights, one launch per tensor (as the
+     // model did) against one launch for all (cast_*_many_cuda, what ops::cast_many runs)
+    std::vector<Tensor> masters, copies;
+    std::vector<const float*> from32;
+    std::vector<float*> to32;
+    std::vector<const uint16_t*> from16;
+    std::vector<uint16_t*> to16;
+    std::vector<int64_t> ns;
+    double elements = 0.0;
+    auto add = [&](int64_t n) {
+      masters.push_back(normal({n}, 90 + masters.size(), 0.02f));
+      copies.push_back(Tensor::empty({n}, DType::BF16, Device::cuda(0)));
+      from32.push_back(masters.back().data<float>()), to32.push_back(masters.back().data<float>());
+      from16.push_back(copies.back().data<uint16_t>()), to16.push_back(copies.back().data<uint16_t>());
+      ns.push_back(n), elements += static_cast<double>(n);
+    };
+    for (int layer = 0; layer < 12; ++layer)
+      for (int64_t n : {3 * C * C, 3 * C, C * C, C, 4 * C * C, 4 * C, 4 * C * C, C}) add(n);
+    add(Vp * C);
+    const int64_t count = static_cast<int64_t>(ns.size());
+    const double bytes = (f + 2.0) * elements;
+    row("cast f32 → bf16, GPT-2's 97 weights, one launch each", bytes, time_kernel([&] {
+          for (int64_t k = 0; k < count; ++k) cast_f32_to_bf16_cuda(to16[k], from32[k], ns[k], nullptr);
+        }));
+    row("cast f32 → bf16, the same 97 in one launch (cast_many)", bytes,
+        time_kernel([&] { cast_f32_to_bf16_many_cuda(to16.data(), from32.data(), ns.data(), count, nullptr); }));
+    row("cast bf16 → f32, GPT-2's 97 gradients, one launch each", bytes, time_kernel([&] {
+          for (int64_t k = 0; k < count; ++k) cast_bf16_to_f32_cuda(to32[k], from16[k], ns[k], nullptr);
+        }));
+    row("cast bf16 → f32, the same 97 in one launch (cast_many)", bytes,
+        time_kernel([&] { cast_bf16_to_f32_many_cuda(to32.data(), from16.data(), ns.data(), count, nullptr); }));
+  }
   {  // a bias gradient: Σ over B·T rows of dy (c_fc's 3072 columns), the column sums of column_sums.h
     const int64_t cols = 4 * C;
     Tensor dy = normal({N, cols}, 79).to(DType::BF16), db = normal({cols}, 80).to(DType::BF16);
@@ -604,9 +636,9 @@ int main(int argc, char** argv) {
   r.line("step's first kernel to the end of it — where the two are close the GPU waited for the host, or the host");
   r.line("for the GPU (a synchronisation); in brackets, the host's time to issue the backward behind ~100 ms of");
   r.line("queued GPU work, which a backward free of synchronisation never waits for: the host's own cost.");
-  r.line("");
+  r.blank();
   r.line("| model | precision | params | B×T | ms/step | tokens/s | TFLOP/s | MFU (bf16 peak) | forward host / GPU ms | backward host / GPU ms | peak GB | loss |");
-  r.line("|---|---|---|---|---|---|---|---|---|---|");
+  r.line("|---|---|---|---|---|---|---|---|---|---|---|---|");
   KrakenConfig gpt2;  // the defaults: L = 12, C = 768, H = 12, T = 1024, degree 1, e = 4, biases, vocab 50257
   KrakenConfig k4;
   k4.n_embd = 504;
@@ -623,7 +655,7 @@ int main(int argc, char** argv) {
         try {
           bench_model(label, c, compute, B, o, dev, r);
         } catch (const std::exception& e) {
-          r.line("| %s | %s | | %lld×%lld | failed: %s | | | | | |", label, compute == DType::BF16 ? "bf16" : "fp32",
+          r.line("| %s | %s | | %lld×%lld | failed: %s | | | | | | | |", label, compute == DType::BF16 ? "bf16" : "fp32",
                  static_cast<long long>(B), static_cast<long long>(c.context), e.what());
         }
       };

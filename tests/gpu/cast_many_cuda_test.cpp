@@ -3,14 +3,11 @@
 // backward (bf16 → f32, exact), over GPT-2 124M's product weights (wte's 38.6M elements take more than
 // one pass of the blocks the kernel gives one tensor), odd lengths, views that start off 16-byte
 // alignment, and more tensors than one launch takes. The small ones are also held to the CPU's bits.
-// Then how long each way takes over GPT-2's weights ([cast-many] lines): one launch must beat 97 (the
-// per-tensor casts pay a launch and the host's work per tensor, most of them small). Skips without a GPU.
+// (How long each way takes is bench/gpu_train_bench's "cast … GPT-2's 97 weights" rows.) Skips without
+// a GPU.
 #include <gtest/gtest.h>
 
-#include <chrono>
-#include <cstdio>
 #include <cstring>
-#include <functional>
 #include <string>
 #include <vector>
 
@@ -104,47 +101,6 @@ TEST(GpuCastMany, IsOneCastPerTensorBitForBitForwardAndBackward) {
   runtime::backward(single_outs, seeds);
   for (size_t k = 0; k < shapes.size(); ++k)
     expect_same_bits(many[k].grad(), single[k].grad(), "gradient, tensor " + std::to_string(k));
-}
-
-// Milliseconds per call of f, over `reps` calls after one to warm up.
-double milliseconds(const std::function<void()>& f, const runtime::Device& device, int reps) {
-  f();
-  runtime::synchronize(device);
-  const auto begin = std::chrono::steady_clock::now();
-  for (int r = 0; r < reps; ++r) f();
-  runtime::synchronize(device);
-  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - begin).count() / reps;
-}
-
-TEST(GpuCastMany, TimesGpt2WeightsBothWays) {
-  KRAKEN_REQUIRE_GPU();
-  if (gpu_tests_on_cpu()) GTEST_SKIP() << "dry run: the CPU's timings say nothing about launches";
-  const runtime::Device device = test_device();
-  runtime::Generator gen(12, 5);
-  std::vector<Tensor> weights, grads;
-  int64_t elements = 0;
-  for (const Shape& s : gpt2_product_shapes()) {
-    Tensor w = Tensor::empty(s, DType::F32, device);
-    gen.fill_normal(w, 0.0f, 1.0f);
-    weights.push_back(w);
-    grads.push_back(w.to(DType::BF16));
-    elements += w.numel();
-  }
-  runtime::NoGrad no_grad;  // the kernels and the host's work per call, not the tape's
-  const int reps = 20;
-  const double one_by_one = milliseconds([&] { for (const Tensor& w : weights) ops::cast(w, DType::BF16); }, device, reps);
-  const double together = milliseconds([&] { ops::cast_many(weights, DType::BF16); }, device, reps);
-  const double back_one_by_one = milliseconds([&] { for (const Tensor& g : grads) g.to(DType::F32); }, device, reps);
-  const double back_together = milliseconds([&] { ops::cast_many(grads, DType::F32); }, device, reps);
-  const double gb = static_cast<double>(elements) * 6.0 / 1e9;  // 4 bytes read, 2 written, or the reverse
-  std::printf("[cast-many] GPT-2 124M product weights (%zu tensors, %lld elements) on %s\n", weights.size(),
-              static_cast<long long>(elements), device.str().c_str());
-  std::printf("[cast-many] f32 -> bf16: one cast each %.3f ms, cast_many %.3f ms (%.0f GB/s)\n", one_by_one, together,
-              gb / (together / 1e3));
-  std::printf("[cast-many] bf16 -> f32: one cast each %.3f ms, cast_many %.3f ms (%.0f GB/s)\n", back_one_by_one,
-              back_together, gb / (back_together / 1e3));
-  EXPECT_LT(together, one_by_one) << "one launch for all the weights should beat 97";
-  EXPECT_LT(back_together, back_one_by_one);
 }
 
 }  // namespace
