@@ -639,6 +639,15 @@ TEST(CudaEmulation, ManyTensorUpdatesAndNormsMatchOneAtATime) {
                                         static_cast<int64_t>(sizes.size()), nullptr);
   const double want = 1.5 + kernels::sum_squares_multi_cpu(data.data(), sizes.data(), static_cast<int64_t>(sizes.size()));
   EXPECT_NEAR(total[0], want, 1e-12 * want) << "many-tensor sum of squares";
+  // Its 16-byte pieces four at a time (a tensor of more than 4 pieces per thread of the grid, not a
+  // multiple of 4 long), and a tensor whose start is not 16-byte aligned (element by element).
+  const std::vector<float> big = normal(2200003, 400), odd = normal(1001, 401);
+  const float* more[] = {big.data(), odd.data() + 1, g[40].data()};
+  const int64_t more_sizes[] = {static_cast<int64_t>(big.size()), 1000, sizes[40]};
+  total[0] = 0.0;
+  emu::sum_squares_many_accumulate_cuda(total.data(), partials.data(), more, more_sizes, 3, nullptr);
+  const double want_more = kernels::sum_squares_multi_cpu(more, more_sizes, 3);
+  EXPECT_NEAR(total[0], want_more, 1e-12 * want_more) << "sum of squares with pieces four at a time, and unaligned";
 
   // SGD: momentum with dampening (first step, then the running buffer), Nesterov, and none.
   struct Sgd {
