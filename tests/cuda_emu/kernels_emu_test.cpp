@@ -234,15 +234,17 @@ TEST(CudaEmulation, GroupedMmaSyncAttentionIsEachGroupsOwn) {
 void check_layernorm() {
   // Rows not a multiple of 8 (rows per block) nor of 64 (dgamma/dbeta's row groups); 600 rows take the
   // dgamma/dbeta loop's 8-row unrolled part (8 · 64 rows at a time) and its remainder.
-  // (70, 256) and (1100, 136) take the two-pass column sums for dgamma/dbeta (one row chunk; three, the
-  // last partial, and a partial column block), (600, 100) the one-pass kernel (C not a multiple of 8).
+  // dgamma/dbeta: (70, 256), (1100, 136) and (9, 776) are summed in the dx pass (3, 35 and 1 row chunks
+  // of 32, the last partial; 1, 1 and 4 packs per lane), (70, 2048) by the two-pass column sums (8
+  // packs per lane, too many to keep the sums beside the row), (600, 100) (C not a multiple of 8) and
+  // (5, 2056) (fewer rows than the column sums' row groups) by the one-pass kernel.
   // Forward and dx: C a multiple of 8 up to 2048 takes the register-resident 8-wide kernels (C = 256: one
   // pack per lane; 136: 17 packs, lanes without one; 776: 97 packs, 4 per lane, the last partial; 2048:
   // 8 per lane), 100 and 2056 the element-wise ones.
   for (const auto& [rows, C] :
        {std::pair<int64_t, int64_t>{70, 256}, std::pair<int64_t, int64_t>{1100, 136},
         std::pair<int64_t, int64_t>{600, 100}, std::pair<int64_t, int64_t>{9, 776},
-        std::pair<int64_t, int64_t>{5, 2048}, std::pair<int64_t, int64_t>{5, 2056}}) {
+        std::pair<int64_t, int64_t>{70, 2048}, std::pair<int64_t, int64_t>{5, 2056}}) {
     const std::string what = "emulated bf16 layernorm (" + std::to_string(rows) + ", " + std::to_string(C) + ")";
     const size_t n = static_cast<size_t>(rows * C);
     const std::vector<uint16_t> x = to_bf16(normal(n, 3, 2.0f)), dout = to_bf16(normal(n, 4));
@@ -268,6 +270,16 @@ void check_layernorm() {
     expect_close(to_f32(dx), dx_cpu, 1e-5, true, what + ": dx +=");
     expect_close(dgamma, dgamma_cpu, 1e-5, false, what + ": dgamma +=");
     expect_close(dbeta, dbeta_cpu, 1e-5, false, what + ": dbeta +=");
+
+    // The f32 kernels (the same templates on float), and dbeta without dgamma.
+    std::vector<float> dx32 = to_f32(dx0), dbeta32(dbeta.size(), -0.25f), dx32_cpu = to_f32(dx0);
+    std::vector<float> dbeta32_cpu(dbeta.size(), -0.25f), dgamma_unused(dgamma.size(), 0.5f);
+    emu::layernorm_backward_cuda(dx32.data(), nullptr, dbeta32.data(), dout_f.data(), x_f.data(), gamma.data(),
+                                 mean_cpu.data(), rstd_cpu.data(), rows, C, nullptr);
+    kernels::layernorm_backward_cpu(dx32_cpu.data(), dgamma_unused.data(), dbeta32_cpu.data(), dout_f.data(),
+                                    x_f.data(), gamma.data(), mean_cpu.data(), rstd_cpu.data(), rows, C);
+    expect_close(dx32, dx32_cpu, 1e-5, false, what + ": f32 dx +=");
+    expect_close(dbeta32, dbeta32_cpu, 1e-5, false, what + ": f32 dbeta += (no dgamma)");
 
     // The residual add fused into the LayerNorm after it: s = a + b rounded once, then s normalised.
     std::vector<uint16_t> s_sum(n), out_fused(n);
