@@ -577,13 +577,17 @@ RunSummary Trainer::run() {
     for (int64_t micro = 0; micro < A; ++micro) batches.push_back(next_batch());
     double local_loss = 0.0;
     if (s.pp() == 1) {
+      // The losses are read after the last backward: loss.item() between a forward and its backward
+      // would make the host wait for the GPU there, and leave the GPU idle while the backward is issued.
+      std::vector<runtime::Tensor> losses;
       for (int64_t micro = 0; micro < A; ++micro) {
         if (s.grad_sync) s.grad_sync->set_sync(micro == A - 1);
         runtime::Tensor loss = s.model->loss(batches[micro].inputs.to(s.device), batches[micro].targets.to(s.device),
                                              &s.dropout_rng);
-        local_loss += loss.item();
+        losses.push_back(loss.detach());
         runtime::backward(runtime::ops::scale(loss, micro_scale));
       }
+      for (const runtime::Tensor& loss : losses) local_loss += loss.item();
     } else {
       parallel::PipelineStage stage;
       stage.activation_shape = boundary;
