@@ -400,8 +400,8 @@ void bench_kernels(const DeviceInfo& dev, Report& r) {
                                                           rstd.data<float>(), x.data<uint16_t>(), a.data<uint16_t>(),
                                                           gamma.data<float>(), beta.data<float>(), N, C, 1e-5f,
                                                           nullptr); }));
-    // dx reads dout, x and dx and writes dx; dgamma and dbeta come from the same reads (since the
-    // second session of 2026-11-26: the rows before counted their separate pass, 6 × N·C).
+    // dx reads dout, x and dx and writes dx; dgamma and dbeta come from the same reads. (Rows recorded
+    // before the fifth session's LayerNorm change counted their separate pass: 6 × N·C bytes.)
     row("bf16 layernorm backward (dx, dgamma, dbeta in one pass)", h * 4.0 * N * C + f * 2 * N,
         time_kernel([&] { layernorm_backward_bf16_cuda(dx.data<uint16_t>(), dgamma.data<float>(), dbeta.data<float>(),
                                                        dout.data<uint16_t>(), x.data<uint16_t>(), gamma.data<float>(),
