@@ -463,9 +463,11 @@ void check_many_casts() {
 TEST(CudaEmulation, ManyTensorCastsAreTheOneTensorCastsBits) { under_both_schedules(check_many_casts); }
 
 void check_sum_rows() {
-  // Two-pass column sums (cols a multiple of 8: one chunk, three chunks with a partial one), the
-  // one-pass grouped kernel (100 columns), and the column-per-thread kernel (fewer than 64 rows).
+  // Two-pass column sums (cols a multiple of 8: 128-row chunks, three and nine of them with a partial
+  // last one; 2048 columns, 512-row chunks), the one-pass grouped kernel (100 columns), and the
+  // column-per-thread kernel (fewer than 64 rows).
   for (const auto& [rows, cols] : {std::pair<int64_t, int64_t>{300, 72}, std::pair<int64_t, int64_t>{1100, 136},
+                                   std::pair<int64_t, int64_t>{600, 2048},
                                    std::pair<int64_t, int64_t>{1100, 100}, std::pair<int64_t, int64_t>{40, 64}}) {
     const std::string what = " (" + std::to_string(rows) + ", " + std::to_string(cols) + ")";
     const std::vector<float> x = normal(static_cast<size_t>(rows * cols), 15);
