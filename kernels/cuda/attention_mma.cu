@@ -53,12 +53,15 @@
 #include "kernels/attention.h"
 #include "kernels/cuda/attention_tiles.h"
 #include "kernels/cuda/check.h"
+#include "kernels/cuda/fast_exp.h"
 #include "kernels/cuda/launch.h"
 #include "kernels/cuda/mma_sync.h"
 #include "kernels/cuda/scratch.h"
 
 namespace kraken::kernels {
 namespace {
+
+using cuda_detail::exp2_ftz;
 
 // ==== device code ======================================================================================
 
@@ -320,7 +323,7 @@ __global__ void __launch_bounds__(kThreads)
       mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFull, mx[r], 1));
       mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFull, mx[r], 2));
       const float m_new = fmaxf(m[r], mx[r] * g.scale_log2);
-      alpha[r] = mma::exp2_ftz(m[r] - m_new);  // 2^{−∞} = 0 on the first tile
+      alpha[r] = exp2_ftz(m[r] - m_new);  // 2^{−∞} = 0 on the first tile
       m[r] = m_new;
       neg_m[r] = -m_new;
     }
@@ -330,8 +333,8 @@ __global__ void __launch_bounds__(kThreads)
     for (int n = 0; n < 2 * kBlocksPerTile; ++n) {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        const float p0 = mma::exp2_ftz(fmaf(s[n][2 * r], g.scale_log2, neg_m[r]));
-        const float p1 = mma::exp2_ftz(fmaf(s[n][2 * r + 1], g.scale_log2, neg_m[r]));
+        const float p0 = exp2_ftz(fmaf(s[n][2 * r], g.scale_log2, neg_m[r]));
+        const float p1 = exp2_ftz(fmaf(s[n][2 * r + 1], g.scale_log2, neg_m[r]));
         const uint32_t pair = pack_bf16(p0, p1);
         sum[r] += p0 + p1;
         sum_rounded[r] += low_bf16(pair) + high_bf16(pair);
@@ -436,7 +439,7 @@ __device__ __forceinline__ void probabilities_and_ds(uint32_t (&p_a)[4], uint32_
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const float2 st = stats(n, e);  // (−lse·log₂e, Dᵢ)
-      pv[e] = mma::exp2_ftz(fmaf(s[n][e], scale_log2, st.x));
+      pv[e] = exp2_ftz(fmaf(s[n][e], scale_log2, st.x));
       dv[e] = pv[e] * (dp[n][e] - st.y);
       if (kMask && !valid(n, e)) pv[e] = 0.0f, dv[e] = 0.0f;
     }

@@ -1,6 +1,6 @@
 // The warp-level tensor-core primitives of attention_mma.cu, as PTX: mma.sync m16n8k16 (bf16 operands,
 // f32 accumulators), ldmatrix (shared memory → fragments, optionally transposed) and cp.async (global →
-// shared without passing through registers), and the softmax's 2^x (ex2.approx.ftz). sm_80 and newer.
+// shared without passing through registers). sm_80 and newer.
 //
 // Unlike WMMA, whose fragment layouts CUDA leaves unspecified, these have layouts the PTX ISA fixes
 // ("Matrix Fragments for mma.m16n8k16 with floating point type"; ldmatrix), which is what lets a
@@ -23,8 +23,6 @@
 #include <cstdint>
 
 #if defined(KRAKEN_CUDA_EMULATION)
-#include <cmath>
-
 #include "tests/cuda_emu/emu.h"
 #endif
 
@@ -43,12 +41,6 @@ inline void cp_async_commit() { ::kraken_emu::cp_async_commit(); }
 template <int kPending>
 inline void cp_async_wait() {
   ::kraken_emu::cp_async_wait(kPending);
-}
-// ex2.approx.ftz: 2^x, a result below the smallest normal float flushed to +0 (the hardware's few-ulp
-// approximation is emulated by the correctly rounded one).
-inline float exp2_ftz(float x) {
-  const float r = std::exp2(x);
-  return std::fpclassify(r) == FP_SUBNORMAL ? 0.0f : r;
 }
 
 #else
@@ -117,15 +109,6 @@ __device__ __forceinline__ void cp_async_wait() {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 #endif
-}
-
-// 2^x in one MUFU.EX2 instruction: exp2f without -use_fast_math adds a test and two multiplies for
-// subnormal results, which the softmax does not need: a probability under 2^-126 sits in a row whose
-// largest is 1 (forward) or at least 1/T (backward), so it changes no f32 sum or product it enters.
-__device__ __forceinline__ float exp2_ftz(float x) {
-  float r;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(x));
-  return r;
 }
 
 #endif  // KRAKEN_CUDA_EMULATION
