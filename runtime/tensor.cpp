@@ -299,7 +299,6 @@ void Tensor::add_grad_ready_hook(std::function<void(Tensor&)> hook) {
   impl_->grad_ready_hooks.push_back(std::move(hook));
 }
 
-
 const std::shared_ptr<Node>& Tensor::grad_fn() const {
   static const std::shared_ptr<Node> none;
   return impl_ ? impl_->grad_fn : none;
