@@ -237,13 +237,13 @@ __global__ void add_layernorm_forward_x8_kernel(T* s, T* out, float* mean, float
   normalise_row_x8<kPacks>(out + r * C, mean, rstd, v, sum, gamma, beta, r, C, eps, lane);
 }
 
-template <typename T, int kPacks>
-__global__ void layernorm_backward_dx_x8_kernel(T* dx, const T* dout, const T* x, const float* gamma,
-                                                const float* mean, const float* rstd, int64_t rows, int C) {
-  const int lane = threadIdx.x & 31;
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
-  if (r >= rows) return;
-  const float mu = mean[r], rs = rstd[r];
+// dx += for row r from its packs in registers (the warp's lanes, lane l owning packs l, l + 32, …). With
+// kSums, also adds the row's dgamma and dbeta terms at the lane's columns, dout·x̂ (when with_gamma) and
+// dout — the f32 expressions of LayerNormParamTerms — into dg and db.
+template <bool kSums, int kPacks, typename T>
+__device__ __forceinline__ void backward_row_x8(T* dx, const T* dout, const T* x, const float* gamma, float mu,
+                                                float rs, int64_t r, int C, int lane, bool with_gamma,
+                                                float (&dg)[kPacks][8], float (&db)[kPacks][8]) {
   // (zero-initialised: the emulation's host compiler cannot see that a pack is written before it is read)
   float g[kPacks][8] = {}, centred[kPacks][8] = {};
   float sum_g = 0.0f, sum_gx = 0.0f;
@@ -261,6 +261,10 @@ __global__ void layernorm_backward_dx_x8_kernel(T* dx, const T* dout, const T* x
       centred[p][i] -= mu;
       sum_g += g[p][i];
       sum_gx += g[p][i] * centred[p][i] * rs;
+      if (kSums) {
+        if (with_gamma) dg[p][i] += d[i] * centred[p][i] * rs;
+        db[p][i] += d[i];
+      }
     }
   }
   const float mean_g = warp_sum(sum_g) / static_cast<float>(C);
@@ -277,14 +281,24 @@ __global__ void layernorm_backward_dx_x8_kernel(T* dx, const T* dout, const T* x
   }
 }
 
+template <typename T, int kPacks>
+__global__ void layernorm_backward_dx_x8_kernel(T* dx, const T* dout, const T* x, const float* gamma,
+                                                const float* mean, const float* rstd, int64_t rows, int C) {
+  const int lane = threadIdx.x & 31;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  if (r >= rows) return;
+  float unused[kPacks][8];
+  backward_row_x8<false>(dx, dout, x, gamma, mean[r], rstd[r], r, C, lane, false, unused, unused);
+}
+
 // dx as above and, in the same pass over dout and x, the chunk's dgamma and dbeta terms: the
 // separate two-pass column sums read dout and x a second time (0.44 ms of a GPT-2 step on an H200,
 // 1.3 ms for the Kraken 4-way preset's 97 LayerNorms). Block b owns rows [32b, 32b + 32): warp w takes
-// rows 32b + w, + 8, + 16, + 24 in order, each lane adding its columns' dout·x̂ and dout (the f32
-// expressions of LayerNormParamTerms) into registers; the 8 warps' sums then go into shared memory in
-// warp order, and the chunk's totals to partials[(term · chunks + b) · C + c]; column_totals_kernel
-// adds the chunks in order. Every sum's order is fixed by rows and C. Up to kMaxFusedPacks packs per
-// lane (C ≤ 1024), where the sums fit in registers beside the row.
+// rows 32b + w, + 8, + 16, + 24 in order, each lane adding its columns' terms into registers
+// (backward_row_x8); the 8 warps' sums then go into shared memory in warp order, and the chunk's totals
+// to partials[(term · chunks + b) · C + c]; column_totals_kernel adds the chunks in order. Every sum's
+// order is fixed by rows and C. Up to kMaxFusedPacks packs per lane (C ≤ 1024), where the sums fit in
+// registers beside the row.
 constexpr int kMaxFusedPacks = 4;
 constexpr int kFusedRowsPerWarp = 4;
 constexpr int kFusedRows = kWarpsPerBlock * kFusedRowsPerWarp;  // rows per block: a chunk
@@ -300,39 +314,7 @@ __global__ void layernorm_backward_fused_x8_kernel(T* dx, float* partials, const
   for (int k = 0; k < kFusedRowsPerWarp; ++k) {
     const int64_t r = static_cast<int64_t>(blockIdx.x) * kFusedRows + k * kWarpsPerBlock + warp;
     if (r >= rows) break;  // (not return: the warp still takes part in the barriers below)
-    const float mu = mean[r], rs = rstd[r];
-    float g[kPacks][8] = {}, centred[kPacks][8] = {};
-    float sum_g = 0.0f, sum_gx = 0.0f;
-#pragma unroll
-    for (int p = 0; p < kPacks; ++p) {
-      const int c0 = 8 * (lane + 32 * p);
-      if (c0 >= C) break;
-      float d[8], gm[8];
-      load8(dout + r * C + c0, d);
-      load8(gamma + c0, gm);
-      load8(x + r * C + c0, centred[p]);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        g[p][i] = d[i] * gm[i];
-        centred[p][i] -= mu;
-        sum_g += g[p][i];
-        sum_gx += g[p][i] * centred[p][i] * rs;
-        if (with_gamma) dg[p][i] += d[i] * centred[p][i] * rs;
-        db[p][i] += d[i];
-      }
-    }
-    const float mean_g = warp_sum(sum_g) / static_cast<float>(C);
-    const float mean_gx = warp_sum(sum_gx) / static_cast<float>(C);
-#pragma unroll
-    for (int p = 0; p < kPacks; ++p) {
-      const int c0 = 8 * (lane + 32 * p);
-      if (c0 >= C) break;
-      float acc[8];
-      load8(dx + r * C + c0, acc);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) acc[i] = acc[i] + rs * (g[p][i] - mean_g - centred[p][i] * rs * mean_gx);
-      store8(dx + r * C + c0, acc);
-    }
+    backward_row_x8<true>(dx, dout, x, gamma, mean[r], rstd[r], r, C, lane, with_gamma, dg, db);
   }
   for (int w = 0; w < kWarpsPerBlock; ++w) {
     if (warp == w) {
