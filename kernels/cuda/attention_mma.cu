@@ -220,6 +220,15 @@ struct MmaSmem {
   static_assert(sizeof(float) * kWarps * kSub * ldo <= 2 * stages * tile, "results fit over the tiles");
 };
 
+// Keys t0 .. t0 + 63 of a head (base: its q columns in qkv) into a streamed stage: k, then v below it.
+// The forward and the dq kernel stream these.
+template <int Dp>
+__device__ __forceinline__ void load_kv_tile(uint16_t* ks, const uint16_t* base, int t0, const TcDims& g) {
+  constexpr int ld = MmaSmem<Dp>::ld;
+  load_rows<Dp>(ks, ld, base + g.C, g.ld, t0, g);
+  load_rows<Dp>(ks + kTile * ld, ld, base + 2 * g.C, g.ld, t0, g);
+}
+
 // The software pipeline of the three kernels, over `count` streamed tiles: load(i, stage) issues tile
 // i's copies; compute(i, stage) runs once tile i is visible to every thread. With two stages tile i + 1
 // is in flight while tile i is multiplied; the barrier after compute keeps a stage from being reloaded
@@ -276,9 +285,7 @@ __global__ void __launch_bounds__(kThreads)
   float o[2 * kK][4] = {};
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, l_rounded[2] = {0.0f, 0.0f};
   auto load = [&](int i, int stage) {
-    uint16_t* ks = reinterpret_cast<uint16_t*>(smem + L::fwd_kv + 2 * stage * L::tile);
-    load_rows<Dp>(ks, L::ld, base + g.C, g.ld, i * kTile, g);
-    load_rows<Dp>(ks + kTile * L::ld, L::ld, base + 2 * g.C, g.ld, i * kTile, g);
+    load_kv_tile<Dp>(reinterpret_cast<uint16_t*>(smem + L::fwd_kv + 2 * stage * L::tile), base, i * kTile, g);
   };
   auto compute = [&](int i, int stage) {
     const uint16_t* ks = reinterpret_cast<const uint16_t*>(smem + L::fwd_kv + 2 * stage * L::tile);
@@ -641,9 +648,7 @@ __global__ void __launch_bounds__(kThreads)
   const int lane = threadIdx.x % 32, tq = lane % 4;
 
   auto load = [&](int i, int stage) {
-    uint16_t* ks = reinterpret_cast<uint16_t*>(smem + L::stream + 2 * stage * L::tile);
-    load_rows<Dp>(ks, L::ld, base + g.C, g.ld, i * kTile, g);
-    load_rows<Dp>(ks + kTile * L::ld, L::ld, base + 2 * g.C, g.ld, i * kTile, g);
+    load_kv_tile<Dp>(reinterpret_cast<uint16_t*>(smem + L::stream + 2 * stage * L::tile), base, i * kTile, g);
   };
   auto compute = [&](int i, int stage) {
     const uint16_t* ks = reinterpret_cast<const uint16_t*>(smem + L::stream + 2 * stage * L::tile);
