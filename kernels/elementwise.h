@@ -70,8 +70,14 @@ void add_broadcast_bf16_cuda(uint16_t* out, const uint16_t* a, const uint16_t* b
                              CUstream_st* stream);
 // db[:] += Σ_r dout[r, :], the sum in f32 (same fixed order as sum_rows_cuda), one rounding at the end.
 void sum_rows_bf16_cuda(uint16_t* db, const uint16_t* dout, int64_t rows, int64_t cols, CUstream_st* stream);
-// acc += x, acc f32: sums of several bf16 tensors (sum_list) accumulate here and round once.
+// acc += x, acc f32: sums of more bf16 tensors than sum_bf16_cuda takes accumulate here and round once.
 void accumulate_bf16_cuda(float* acc, const uint16_t* x, int64_t n, CUstream_st* stream);
+// out = Σ_k xs[k] for 1 ≤ count ≤ kSumsPerLaunch bf16 tensors of n elements: summed in f32 from 0 in the
+// order k = 0, 1, …, rounded once — the bits of accumulate_bf16_cuda over each into f32 zeros, then one
+// cast — in one pass (count reads, one write) where that path made count + 2 (sum_list: the Kraken
+// model's Σ_j x_j per layer). xs is a host array of device pointers; out may alias none of them.
+constexpr int kSumsPerLaunch = 8;
+void sum_bf16_cuda(uint16_t* out, const uint16_t* const* xs, int64_t count, int64_t n, CUstream_st* stream);
 void gelu_forward_bf16_cuda(uint16_t* out, const uint16_t* x, int64_t n, CUstream_st* stream);
 void gelu_backward_bf16_cuda(uint16_t* dx, const uint16_t* x, const uint16_t* dout, int64_t n, CUstream_st* stream);
 

@@ -176,6 +176,30 @@ __global__ void accumulate_bf16x8_kernel(float* acc, const __nv_bfloat16* x, int
     store8(acc + 8 * p, a);
   }
 }
+// out = Σ_k xs[k] over a few bf16 tensors in one pass: from 0 in f32, in the order of the table, one
+// rounding (the bits of accumulate_bf16 into zeros, then a cast).
+struct SumTable {
+  const __nv_bfloat16* x[kSumsPerLaunch];
+  int count;
+};
+__global__ void sum_bf16_kernel(__nv_bfloat16* out, SumTable t, int64_t n) {
+  KRAKEN_GRID_STRIDE(i, n) {
+    float acc = 0.0f;
+    for (int k = 0; k < t.count; ++k) acc += load(t.x[k] + i);
+    store(out + i, acc);
+  }
+}
+__global__ void sum_bf16x8_kernel(__nv_bfloat16* out, SumTable t, int64_t packs) {
+  KRAKEN_GRID_STRIDE(p, packs) {
+    float acc[8] = {}, v[8];
+    for (int k = 0; k < t.count; ++k) {
+      load8(t.x[k] + 8 * p, v);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[j] += v[j];
+    }
+    store8(out + 8 * p, acc);
+  }
+}
 
 // Many casts in one launch: up to kCastsPerLaunch tensors, their pointers and sizes passed by value (3.7
 // KiB of the 4 KiB of kernel parameters). Slice k owns blocks [first_block[k], first_block[k + 1]) and
@@ -373,6 +397,21 @@ void accumulate_bf16_cuda(float* acc, const uint16_t* x, int64_t n, CUstream_st*
     KRAKEN_LAUNCH(accumulate_bf16x8_kernel, n / 8, s, acc, as_bf16(x), n / 8);
   else
     KRAKEN_LAUNCH(accumulate_bf16_kernel, n, s, acc, as_bf16(x), n);
+}
+void sum_bf16_cuda(uint16_t* out, const uint16_t* const* xs, int64_t count, int64_t n, CUstream_st* s) {
+  KRAKEN_CHECK(1 <= count && count <= kSumsPerLaunch, "sum_bf16_cuda: ", count, " tensors, expected 1 to ",
+               kSumsPerLaunch);
+  SumTable table{};
+  table.count = static_cast<int>(count);
+  bool wide = n % 8 == 0 && aligned16(out);
+  for (int64_t k = 0; k < count; ++k) {
+    table.x[k] = as_bf16(xs[k]);
+    wide = wide && aligned16(xs[k]);
+  }
+  if (wide)
+    KRAKEN_LAUNCH(sum_bf16x8_kernel, n / 8, s, as_bf16(out), table, n / 8);
+  else
+    KRAKEN_LAUNCH(sum_bf16_kernel, n, s, as_bf16(out), table, n);
 }
 void gelu_forward_bf16_cuda(uint16_t* out, const uint16_t* x, int64_t n, CUstream_st* s) {
   if (n % 8 == 0 && aligned16(out) && aligned16(x))

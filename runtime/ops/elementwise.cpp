@@ -174,7 +174,14 @@ Tensor sum_list(const std::vector<Tensor>& xs) {
     std::vector<Tensor> wide;
     for (const Tensor& x : xs) wide.push_back(widen(x));
     return narrow(sum_list(wide));
-  } else {  // bf16 on CUDA: an f32 accumulator, one rounding at the end
+  } else if (xs.size() <= static_cast<size_t>(kernels::kSumsPerLaunch)) {  // bf16 on CUDA: one pass, f32 sum
+    out = Tensor::empty(xs[0].shape(), DType::BF16, xs[0].device());
+    std::vector<const uint16_t*> ptrs;
+    for (const Tensor& x : xs) ptrs.push_back(x.data<uint16_t>());
+    KRAKEN_CUDA_ONLY(out.device(), kernels::sum_bf16_cuda(out.data<uint16_t>(), ptrs.data(),
+                                                          static_cast<int64_t>(ptrs.size()), out.numel(),
+                                                          stream_of(out)));
+  } else {  // bf16 on CUDA, more tensors than one pass takes: an f32 accumulator, one rounding at the end
     Tensor acc = Tensor::zeros(xs[0].shape(), DType::F32, xs[0].device());
     for (const Tensor& x : xs)
       KRAKEN_CUDA_ONLY(x.device(), kernels::accumulate_bf16_cuda(acc.data<float>(), x.data<uint16_t>(), x.numel(),

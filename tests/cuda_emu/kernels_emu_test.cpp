@@ -493,6 +493,42 @@ TEST(CudaEmulation, CastsAndBf16AccumulationAreTheCpusBitsOnBothAccessWidths) {
   under_both_schedules(check_casts_and_accumulate);
 }
 
+// sum_bf16_cuda against what sum_list did before it (and still does above kSumsPerLaunch tensors): each
+// tensor accumulated into f32 zeros, then one rounding — the same bits. One tensor (a copy), the Kraken
+// presets' four, a full table; both access widths, a misaligned input (one element off: scalar) and
+// all-negative-zero elements (0 + −0 is +0: the sum starts from 0, as the accumulator did).
+void check_sum_bf16() {
+  for (const int64_t n : {int64_t{1001}, int64_t{1024}}) {
+    for (const int64_t count : {int64_t{1}, int64_t{4}, int64_t{kernels::kSumsPerLaunch}}) {
+      for (const bool misaligned : {false, true}) {
+        const std::string what = " (n = " + std::to_string(n) + ", " + std::to_string(count) + " tensors" +
+                                 (misaligned ? ", one misaligned)" : ")");
+        const size_t m = static_cast<size_t>(n);
+        std::vector<std::vector<uint16_t>> xs;
+        for (int64_t k = 0; k < count; ++k) {
+          xs.push_back(to_bf16(normal(m + 1, 30 + static_cast<uint32_t>(k), 2.0f + static_cast<float>(k))));
+          xs.back()[0] = xs.back()[1] = 0x8000;  // −0 at 0 in every tensor, also from one element on
+        }
+        std::vector<const uint16_t*> ptrs;
+        for (int64_t k = 0; k < count; ++k) ptrs.push_back(xs[static_cast<size_t>(k)].data());  // 16-byte aligned
+        if (misaligned) ptrs.back() = xs.back().data() + 1;  // 2 bytes off: one element per access
+        std::vector<uint16_t> out(m + 2, 0x7fff);  // a sentinel past the end
+        emu::sum_bf16_cuda(out.data(), ptrs.data(), count, n, nullptr);
+        std::vector<float> acc(m, 0.0f);
+        for (const uint16_t* x : ptrs) emu::accumulate_bf16_cuda(acc.data(), x, n, nullptr);
+        std::vector<uint16_t> expected(m);
+        emu::cast_f32_to_bf16_cuda(expected.data(), acc.data(), n, nullptr);
+        EXPECT_EQ(std::vector<uint16_t>(out.begin(), out.begin() + n), expected)
+            << "emulated bf16 sum of many" << what << ": not the accumulated sum rounded once";
+        EXPECT_EQ(out[m], 0x7fff) << "emulated bf16 sum of many" << what << ": wrote past n";
+        EXPECT_EQ(out[0], 0x0000) << "emulated bf16 sum of many" << what << ": 0 + −0 + … is +0";
+      }
+    }
+  }
+}
+
+TEST(CudaEmulation, SumOfManyBf16TensorsIsTheAccumulatedSumsBits) { under_both_schedules(check_sum_bf16); }
+
 // ---- attention on CUDA cores (fp32, and bf16 through the f32 code) -------------------------------------
 
 void check_simt_attention(const AttentionShape& s) {

@@ -64,6 +64,10 @@ TEST(GpuMixedPrecision, ElementwiseOpsMatchTheCpuReference) {
   expect_matches_cpu([](const auto& x) { return ops::sum_list({x[0], x[1], x[2], x[3]}); },
                      {bf16_leaf(s, 9), bf16_leaf(s, 10), bf16_leaf(s, 11), bf16_leaf(s, 12)}, kOneUlp, kOneUlp,
                      "sum_list of 4 (one rounding)");
+  std::vector<Tensor> nine;  // more than kernels::kSumsPerLaunch: the f32 accumulator; an odd size: scalar
+  for (uint64_t k = 0; k < 9; ++k) nine.push_back(bf16_leaf({7, 13}, 30 + k));
+  expect_matches_cpu([](const auto& x) { return ops::sum_list(x); }, nine, kOneUlp, kOneUlp,
+                     "sum_list of 9, odd size (one rounding)");
   runtime::Generator a(21, 4), b(21, 4);
   int call = 0;
   expect_matches_cpu([&](const auto& x) { return ops::dropout(x[0], 0.2f, call++ == 0 ? a : b); },
