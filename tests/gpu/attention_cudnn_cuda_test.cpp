@@ -120,7 +120,6 @@ Case make_case(const Shape4& s, uint64_t seed) {
 }
 
 enum class Path { kCudnn, kMma, kDispatch };
-const char* path_name(Path p) { return p == Path::kCudnn ? "cudnn" : p == Path::kMma ? "mma" : "dispatch"; }
 
 struct Results {
   std::vector<float> out, lse, dqkv;
