@@ -24,8 +24,9 @@
 // 3. For context: one matrix product (fp32 SGEMM, and bf16 through cuBLASLt) and the fused attention at
 //    the same shapes: fp32, and bf16 on tensor cores (mma.sync with the scores in registers, and WMMA)
 //    and on CUDA cores, then both tensor-core families on one sub-layer of the Kraken 4-way preset (3
-//    heads of D = 168). The training rows take what attention_bf16_kernels(D) names (mma up to D = 192
-//    by default; KRAKEN_CUDA_ATTENTION=mma|tc|simt forces one), printed with each model.
+//    heads of D = 168), and cuDNN's fused attention on both shapes (a row saying why where cuDNN refuses
+//    the shape). The training rows take what attention_bf16_kernels(D) names (mma up to D = 192 by
+//    default; KRAKEN_CUDA_ATTENTION=mma|tc|simt|cudnn forces one), printed with each model.
 // Without a GPU it prints why and exits 0.
 #include <algorithm>
 #include <chrono>
@@ -559,6 +560,39 @@ void bench_compute(Report& r) {
       r.line("| bf16 attention backward, %s | %.3f | %.1f TFLOP/s |", path.name, b16 * 1e3,
              2.5 * fwd_flops / b16 / 1e12);
     }
+    // cuDNN's fused flash attention (kernels/cuda/attention_cudnn.cu) on the same buffers: a row each way,
+    // or why cuDNN refused the shape. Its first call per shape builds (and caches) the plan: time_kernel's
+    // untimed first call.
+    const auto cudnn_rows = [&](const char* label, int64_t Bc, int64_t Tc, int64_t Cc, int64_t Hc, const Tensor& q,
+                                Tensor& o, Tensor& l, const Tensor& dO, Tensor& dq, double flops) {
+      std::string why = attention_bf16_cudnn_why_not(Bc, Tc, Cc, Hc);
+      double fc = 0.0, bc = 0.0;
+      if (why.empty()) {
+        try {
+          fc = time_kernel([&] {
+            attention_forward_bf16_cudnn_cuda(o.data<uint16_t>(), l.data<float>(), q.data<uint16_t>(), Bc, Tc, Cc, Hc,
+                                              nullptr);
+          }, 5);
+          bc = time_kernel([&] {
+            attention_backward_bf16_cudnn_cuda(dq.data<uint16_t>(), dO.data<uint16_t>(), q.data<uint16_t>(),
+                                               o.data<uint16_t>(), l.data<float>(), Bc, Tc, Cc, Hc, nullptr);
+          }, 5);
+        } catch (const std::exception& e) {
+          why = std::string("failed: ") + e.what();
+        }
+      }
+      if (!why.empty()) {
+        std::replace(why.begin(), why.end(), '|', '/');
+        std::replace(why.begin(), why.end(), '\n', ' ');
+        r.line("| bf16 attention, cuDNN fused, %s | cuDNN: not supported: %s | |", label, why.c_str());
+        return;
+      }
+      r.line("| bf16 attention forward, cuDNN fused (backend API graph), %s | %.3f | %.1f TFLOP/s |", label, fc * 1e3,
+             flops / fc / 1e12);
+      r.line("| bf16 attention backward, cuDNN fused (deterministic graph, overwrites dqkv), %s | %.3f | %.1f "
+             "TFLOP/s |", label, bc * 1e3, 2.5 * flops / bc / 1e12);
+    };
+    cudnn_rows("B=8 T=1024 C=768 H=12", B, T, C, H, qkv16, out16, lse, dout16, dqkv16, fwd_flops);
     {
       const int64_t Ck = 504, Hk = 3;
       const Tensor qkv_k = normal({B, T, 3 * Ck}, 39).to(DType::BF16), dout_k = normal({B, T, Ck}, 40).to(DType::BF16);
@@ -579,6 +613,8 @@ void bench_compute(Report& r) {
         r.line("| bf16 attention backward, %s, D=168 | %.3f | %.1f TFLOP/s |", path.name, bk * 1e3,
                2.5 * flops_k / bk / 1e12);
       }
+      cudnn_rows("one Kraken 4-way sub-layer: C=504 H=3 (D=168)", B, T, Ck, Hk, qkv_k, out_k, lse, dout_k, dqkv_k,
+                 flops_k);
       // A layer's 4 sub-layers in one grouped mma launch, as the model runs them (ops::attention_group),
       // against 4 launches (4 × the single sub-layer's time above).
       constexpr int kSubLayers = 4;

@@ -8,13 +8,15 @@
 // Only out and lse (B, NH, T) survive the forward; no (T, T) matrix is stored. Backward is the
 // FlashAttention recurrence (Dao et al. 2022, Alg. 4; Dao 2023, Alg. 2): with Dᵢ = Σ_d dO[i, d]·O[i, d],
 //   P = exp(S − lse),  dV = Pᵀ·dO,  dP = dO·vᵀ,  dS = P ∘ (dP − D),  dq = dS·k/√D,  dk = dSᵀ·q/√D,
-// recomputed block by block. Gradients accumulate: dqkv (B, T, 3C) += the q, k and v gradients.
+// recomputed block by block. Gradients accumulate: dqkv (B, T, 3C) += the q, k and v gradients (all but
+// the cuDNN implementation, which overwrites: see below).
 //
 // The CPU kernels are deterministic: every output element is produced by one thread in a fixed order,
 // so results are bit-identical for any OpenMP thread count.
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 struct CUstream_st;
 
@@ -31,7 +33,7 @@ void attention_forward_cuda(float* out, float* lse, const float* qkv, int64_t B,
                             CUstream_st* stream);
 void attention_backward_cuda(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse,
                              int64_t B, int64_t T, int64_t C, int64_t NH, CUstream_st* stream);
-// CUDA, bf16 storage: qkv, out, dout, dqkv bf16, lse f32. Three implementations:
+// CUDA, bf16 storage: qkv, out, dout, dqkv bf16, lse f32. Four implementations:
 //   _simt_ (kernels/cuda/attention.cu): every product and softmax in f32 on CUDA cores (the fp32
 //     kernels on the widened tiles), out and dqkv rounded once at the end.
 //   _tc_ (kernels/cuda/attention_tc.cu) and _mma_ (kernels/cuda/attention_mma.cu): the products on
@@ -44,11 +46,24 @@ void attention_backward_cuda(float* dqkv, const float* dout, const float* qkv, c
 //     rounded weights, so out stays a convex combination of v rows; lse is computed from the f32
 //     weights. Both handle 1 ≤ D ≤ 256 where the device's shared memory per block allows
 //     (attention_bf16_{tc,mma}_supported); sm_80+. They agree to rounding, not bit for bit.
+//   _cudnn_ (kernels/cuda/attention_cudnn.cu): cuDNN's fused flash attention, built through the backend
+//     API as the operation graph its runtime fusion engine recognises (that file says why this route
+//     and which graph). bf16 products with f32 accumulation; lse is cuDNN's softmax statistics, the same
+//     natural-log log-sum-exp. Unlike the others its backward OVERWRITES dqkv (dQ, dK, dV cover every
+//     column) instead of adding to it. It asks for a deterministic backward (the graph without cuDNN's
+//     f32 dQ accumulation, engines marked non-deterministic skipped); cuDNN documents no stronger
+//     guarantee, so a GPU test checks two runs for equal bits. Needs cuDNN in the build, sm_80+, D a
+//     multiple of 8 up to 256 (cuDNN's SDPA; on sm_80 its backward takes D ≤ 128), 16-byte aligned
+//     buffers; attention_bf16_cudnn_why_not says what cuDNN refused. Not yet run or measured on a GPU.
 // attention_{forward,backward}_bf16_cuda dispatch (attention_bf16_kernels) on the environment variable
 // KRAKEN_CUDA_ATTENTION, read once per process so a forward and its backward always take the same path:
 //   unset or "mma": the mma kernels where supported (unset: up to D = kAttentionMmaDefaultMaxHead, the
 //     WMMA ones above), else the CUDA-core ones; "tc": the WMMA kernels where supported, else CUDA
-//     cores; "simt": CUDA cores for every head size.
+//     cores; "simt": CUDA cores for every head size; "cudnn" (opt-in until a GPU measures it faster):
+//     cuDNN where it takes the call's shape and buffers (attention_bf16_cudnn_usable), else what the
+//     unset variable takes.
+// Because of cuDNN's overwrite, the dispatching backward's contract is: dqkv must hold zeros on entry,
+// and receives the gradient, whichever implementation runs (runtime/ops/attention.cpp allocates it so).
 void attention_forward_bf16_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T, int64_t C,
                                  int64_t NH, CUstream_st* stream);
 void attention_backward_bf16_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out,
@@ -80,6 +95,23 @@ void attention_backward_bf16_mma_group_cuda(uint16_t* const* dqkvs, const uint16
                                             const uint16_t* const* qkvs, const uint16_t* const* outs,
                                             const float* const* lses, int64_t count, int64_t B, int64_t T, int64_t C,
                                             int64_t NH, CUstream_st* stream);
+// cuDNN's fused attention (contract above): forward as the others; backward dqkv = ∂L/∂qkv (overwritten).
+// Either throws a kraken::Error naming what cuDNN refused where attention_bf16_cudnn_usable is false.
+void attention_forward_bf16_cudnn_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T, int64_t C,
+                                       int64_t NH, CUstream_st* stream);
+void attention_backward_bf16_cudnn_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out,
+                                        const float* lse, int64_t B, int64_t T, int64_t C, int64_t NH,
+                                        CUstream_st* stream);
+// "" where cuDNN builds (and caches, per device) execution plans for both directions of this shape, else
+// why not ("head size D=42 is not a multiple of 8", cuDNN's own error, "this build has no cuDNN", …). The
+// first call per shape costs cuDNN's runtime compilation (seconds); later calls are a map lookup.
+std::string attention_bf16_cudnn_why_not(int64_t B, int64_t T, int64_t C, int64_t NH);
+// The same for a head size alone, on a small probe shape (B = 1, T = 130, 2 heads of D).
+std::string attention_bf16_cudnn_why_not(int64_t D);
+bool attention_bf16_cudnn_supported(int64_t D);  // attention_bf16_cudnn_why_not(D).empty()
+// Whether the cuDNN entry points take a call: the shape's plans build and every buffer is 16-byte aligned.
+bool attention_bf16_cudnn_usable(const void* const* buffers, int64_t count, int64_t B, int64_t T, int64_t C,
+                                 int64_t NH);
 // True for the head sizes D = C/NH the _tc_ (_mma_) kernels handle on the current device: 1 ≤ D ≤ 256,
 // padded to a multiple of 16 (_tc_: of 32 above 128), where the device has the shared memory per block
 // this needs.
@@ -92,9 +124,13 @@ bool attention_bf16_mma_supported(int64_t D);
 // families at D = 64 and 168; KRAKEN_CUDA_ATTENTION=mma takes the mma kernels for every head size.)
 constexpr int64_t kAttentionMmaDefaultMaxHead = 192;
 
-enum class AttentionBf16Kernels { kSimt, kTensorCoreWmma, kTensorCoreMma };
-// Which kernels attention_{forward,backward}_bf16_cuda take for this head size.
+enum class AttentionBf16Kernels { kSimt, kTensorCoreWmma, kTensorCoreMma, kCudnn };
+// Which kernels attention_{forward,backward}_bf16_cuda take for this head size. kCudnn says cuDNN takes
+// the head size (attention_bf16_cudnn_supported); a call whose shape or buffers cuDNN does not take
+// then runs attention_bf16_kernels_fallback(D).
 AttentionBf16Kernels attention_bf16_kernels(int64_t D);
-const char* attention_bf16_kernels_name(AttentionBf16Kernels kernels);  // "simt", "tc" or "mma"
+// What the unset KRAKEN_CUDA_ATTENTION takes: mma up to kAttentionMmaDefaultMaxHead, WMMA above, simt.
+AttentionBf16Kernels attention_bf16_kernels_fallback(int64_t D);
+const char* attention_bf16_kernels_name(AttentionBf16Kernels kernels);  // "simt", "tc", "mma" or "cudnn"
 
 }  // namespace kraken::kernels

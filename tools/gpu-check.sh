@@ -9,8 +9,10 @@
 #   2. configure (-DKRAKEN_CUDA=ON -DKRAKEN_MPI=OFF -DCMAKE_CUDA_ARCHITECTURES=90, no ASan copy of the
 #      emulation tests, dependencies from third_party/) and build everything with all cores;
 #   3. the GPU tests: ctest -L gpu (tests/gpu), each result and every measured GPU-vs-CPU difference;
+#      then the attention tests once more with KRAKEN_CUDA_ATTENTION=cudnn (cuDNN's dispatch, the group);
 #   4. the GPU benchmark (bench/gpu_train_bench.cpp): tokens/s, MFU, kernel bandwidth; then its bf16
-#      training rows again on the WMMA attention kernels (KRAKEN_CUDA_ATTENTION=tc), for comparison;
+#      training rows again on the WMMA attention kernels (KRAKEN_CUDA_ATTENTION=tc) and on cuDNN's fused
+#      attention (KRAKEN_CUDA_ATTENTION=cudnn), for comparison;
 #   5. compute-sanitizer memcheck on a short GPU training run (kraken-train, checkpoint included), then
 #      memcheck and racecheck on the GPU kernel tests while time remains (after the benchmark, since
 #      the sanitizers take whatever time is left);
@@ -93,6 +95,17 @@ if [[ ! -d "$third_party/include" ]]; then
   [[ -n "${OUT:-}" ]] && cp "$report" "$build/gpu-report.md" 2>/dev/null
   exit 1
 fi
+
+# cuDNN: the toolkit's, else the pip wheel's (the GPU machines have it so, next to PyTorch): CMake finds it
+# through CUDNN_ROOT, and cuDNN's own sub-libraries (loaded at run time) through LD_LIBRARY_PATH.
+if [[ -z "${CUDNN_ROOT:-}" && ! -e /usr/local/cuda/include/cudnn.h ]]; then
+  wheel=$(python3 -c 'import nvidia.cudnn as m; print(list(m.__path__)[0])' 2>/dev/null)
+  if [[ -n "$wheel" && -e "$wheel/include/cudnn.h" ]]; then
+    export CUDNN_ROOT="$wheel"
+    export LD_LIBRARY_PATH="$wheel/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  fi
+fi
+md "cuDNN from: ${CUDNN_ROOT:-/usr/local/cuda, if there} (the Kraken line of the configure step says what CMake found)."
 
 # ---- 2. configure and build ------------------------------------------------------------------------------
 say "configure"
@@ -194,6 +207,22 @@ read -r g_pass g_fail g_skip <<< "$(counts_of_last_summary)"
 if [[ "$gpu_rc" -ne 0 || "${g_fail:-1}" -ne 0 ]]; then fail "GPU tests"; md_tail "$logs/gpu-tests.log" 30; fi
 if [[ $have_gpu -eq 1 && "${g_skip:-0}" -ne 0 ]]; then fail "GPU tests skipped on a machine with a GPU"; fi
 if [[ "${g_pass:-0}" -eq 0 && $have_gpu -eq 1 ]]; then fail "no GPU test passed"; fi
+# The environment variable is read once per process: the cuDNN dispatch (and the model's grouped
+# attention taking one cuDNN call per sub-layer) needs a run of its own. A few seconds plus cuDNN's plan
+# compilation.
+if [[ $have_gpu -eq 1 && $(left) -gt 240 ]]; then
+  say "attention tests with KRAKEN_CUDA_ATTENTION=cudnn"
+  t0=$(date +%s)
+  KRAKEN_CUDA_ATTENTION=cudnn KRAKEN_SOURCE_DIR="$root" OMP_NUM_THREADS=2 timeout 120 "$build/tests/kraken_tests_gpu" \
+    --gtest_filter='GpuAttentionCudnn.*:GpuAttentionTc.DispatchTakesOnePathForForwardAndBackward:GpuAttentionMma.GroupIsEachInputsOwnAttention' \
+    > "$logs/gpu-tests-cudnn.log" 2>&1
+  rc=$?
+  md ""
+  md "With KRAKEN_CUDA_ATTENTION=cudnn (GpuAttentionCudnn.*, the dispatch, the group): exit status $rc in $(( $(date +%s) - t0 )) s."
+  grep -E '^\[( +OK|  FAILED|  SKIPPED|  PASSED) |not supported|cuDNN attention' "$logs/gpu-tests-cudnn.log" | head -n 30 > "$logs/gpu-tests-cudnn-summary.log"
+  md_tail "$logs/gpu-tests-cudnn-summary.log" 30
+  [[ $rc -eq 0 ]] || fail "attention tests with KRAKEN_CUDA_ATTENTION=cudnn (exit status $rc)"
+fi
 
 # ---- 4. benchmark ------------------------------------------------------------------------------------------
 md ""
@@ -218,6 +247,19 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
     md "With KRAKEN_CUDA_ATTENTION=tc (the WMMA attention kernels): exit status $rc in $(( $(date +%s) - t0 )) s."
     if [[ -f "$logs/bench-wmma.md" ]]; then grep -E '^\|' "$logs/bench-wmma.md" >> "$report"; else md_tail "$logs/bench-wmma.log" 20; fi
     [[ $rc -eq 0 ]] || fail "benchmark with the WMMA attention (exit status $rc)"
+  fi
+  # And on cuDNN's fused attention (opt-in, kernels/cuda/attention_cudnn.cu), B = 8 only: the question is
+  # whether it beats the mma kernels in a whole step.
+  if [[ $have_gpu -eq 1 && $(left) -gt 200 ]]; then
+    say "benchmark, cuDNN attention"
+    t0=$(date +%s)
+    KRAKEN_CUDA_ATTENTION=cudnn timeout 90 "$build/bin/gpu_train_bench" --training-only --precision bf16 --batch 8 \
+      --out "$logs/bench-cudnn.md" > "$logs/bench-cudnn.log" 2>&1
+    rc=$?
+    md ""
+    md "With KRAKEN_CUDA_ATTENTION=cudnn (cuDNN's fused attention where it takes the shape): exit status $rc in $(( $(date +%s) - t0 )) s."
+    if [[ -f "$logs/bench-cudnn.md" ]]; then grep -E '^\|' "$logs/bench-cudnn.md" >> "$report"; else md_tail "$logs/bench-cudnn.log" 20; fi
+    [[ $rc -eq 0 ]] || fail "benchmark with the cuDNN attention (exit status $rc)"
   fi
 else
   fail "benchmark not built"

@@ -19,14 +19,15 @@
 // (scores, softmax, products, Dᵢ) is the same f32 arithmetic for both; out and every dqkv element are
 // rounded once when written (dqkv: read, added to in f32, rounded). lse is f32 for both.
 //
-// The bf16 instance is attention_*_bf16_simt_cuda. attention_*_bf16_cuda, at the end, choose between it
-// and the tensor-core kernels of attention_tc.cu and attention_mma.cu (KRAKEN_CUDA_ATTENTION,
-// kernels/cuda/README.md).
+// The bf16 instance is attention_*_bf16_simt_cuda. attention_*_bf16_cuda, at the end, choose between it,
+// the tensor-core kernels of attention_tc.cu and attention_mma.cu and cuDNN's fused attention
+// (attention_cudnn.cu) (KRAKEN_CUDA_ATTENTION, kernels/cuda/README.md).
 #include <cuda_runtime.h>
 
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 
 #include "kernels/attention.h"
 #include "kernels/cuda/check.h"
@@ -371,7 +372,7 @@ void attention_backward_bf16_simt_cuda(uint16_t* dqkv, const uint16_t* dout, con
 namespace {
 
 // KRAKEN_CUDA_ATTENTION, read once per process (kernels/attention.h).
-enum class AttentionChoice { kDefault, kMma, kTc, kSimt };
+enum class AttentionChoice { kDefault, kMma, kTc, kSimt, kCudnn };
 AttentionChoice attention_choice() {
   static const AttentionChoice choice = [] {
     const char* env = std::getenv("KRAKEN_CUDA_ATTENTION");
@@ -379,12 +380,36 @@ AttentionChoice attention_choice() {
     if (std::strcmp(env, "mma") == 0) return AttentionChoice::kMma;
     if (std::strcmp(env, "tc") == 0) return AttentionChoice::kTc;
     if (std::strcmp(env, "simt") == 0) return AttentionChoice::kSimt;
-    KRAKEN_THROW("KRAKEN_CUDA_ATTENTION=", env, ": expected mma, tc or simt");
+    if (std::strcmp(env, "cudnn") == 0) return AttentionChoice::kCudnn;
+    KRAKEN_THROW("KRAKEN_CUDA_ATTENTION=", env, ": expected mma, tc, simt or cudnn");
   }();
   return choice;
 }
 
+#if KRAKEN_CUDA_EMULATION
+// The CPU emulation (tests/cuda_emu) has no cuDNN: every call falls back as where cuDNN refuses a shape.
+bool cudnn_supported(int64_t) { return false; }
+bool cudnn_usable(std::initializer_list<const void*>, int64_t, int64_t, int64_t, int64_t) { return false; }
+void cudnn_forward(uint16_t*, float*, const uint16_t*, int64_t, int64_t, int64_t, int64_t, CUstream_st*) {}
+void cudnn_backward(uint16_t*, const uint16_t*, const uint16_t*, const uint16_t*, const float*, int64_t, int64_t,
+                    int64_t, int64_t, CUstream_st*) {}
+#else
+bool cudnn_supported(int64_t D) { return attention_bf16_cudnn_supported(D); }
+bool cudnn_usable(std::initializer_list<const void*> buffers, int64_t B, int64_t T, int64_t C, int64_t NH) {
+  return attention_bf16_cudnn_usable(buffers.begin(), static_cast<int64_t>(buffers.size()), B, T, C, NH);
+}
+constexpr auto cudnn_forward = attention_forward_bf16_cudnn_cuda;
+constexpr auto cudnn_backward = attention_backward_bf16_cudnn_cuda;
+#endif
+
 }  // namespace
+
+AttentionBf16Kernels attention_bf16_kernels_fallback(int64_t D) {
+  if (D <= kAttentionMmaDefaultMaxHead && attention_bf16_mma_supported(D))
+    return AttentionBf16Kernels::kTensorCoreMma;
+  if (attention_bf16_tc_supported(D)) return AttentionBf16Kernels::kTensorCoreWmma;
+  return AttentionBf16Kernels::kSimt;
+}
 
 AttentionBf16Kernels attention_bf16_kernels(int64_t D) {
   switch (attention_choice()) {
@@ -395,12 +420,12 @@ AttentionBf16Kernels attention_bf16_kernels(int64_t D) {
     case AttentionChoice::kTc:
       if (attention_bf16_tc_supported(D)) return AttentionBf16Kernels::kTensorCoreWmma;
       return AttentionBf16Kernels::kSimt;
+    case AttentionChoice::kCudnn:
+      if (cudnn_supported(D)) return AttentionBf16Kernels::kCudnn;
+      break;
     case AttentionChoice::kDefault: break;
   }
-  if (D <= kAttentionMmaDefaultMaxHead && attention_bf16_mma_supported(D))
-    return AttentionBf16Kernels::kTensorCoreMma;
-  if (attention_bf16_tc_supported(D)) return AttentionBf16Kernels::kTensorCoreWmma;
-  return AttentionBf16Kernels::kSimt;
+  return attention_bf16_kernels_fallback(D);
 }
 
 const char* attention_bf16_kernels_name(AttentionBf16Kernels kernels) {
@@ -408,6 +433,7 @@ const char* attention_bf16_kernels_name(AttentionBf16Kernels kernels) {
     case AttentionBf16Kernels::kSimt: return "simt";
     case AttentionBf16Kernels::kTensorCoreWmma: return "tc";
     case AttentionBf16Kernels::kTensorCoreMma: return "mma";
+    case AttentionBf16Kernels::kCudnn: return "cudnn";
   }
   return "?";
 }
@@ -415,7 +441,16 @@ const char* attention_bf16_kernels_name(AttentionBf16Kernels kernels) {
 void attention_forward_bf16_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T, int64_t C,
                                  int64_t NH, CUstream_st* stream) {
   KRAKEN_CHECK(NH > 0 && C % NH == 0, "C=", C, " NH=", NH);
-  switch (attention_bf16_kernels(C / NH)) {
+  AttentionBf16Kernels kernels = attention_bf16_kernels(C / NH);
+  if (kernels == AttentionBf16Kernels::kCudnn) {
+    if (cudnn_usable({out, lse, qkv, qkv + C, qkv + 2 * C}, B, T, C, NH)) {
+      cudnn_forward(out, lse, qkv, B, T, C, NH, stream);
+      return;
+    }
+    kernels = attention_bf16_kernels_fallback(C / NH);
+  }
+  switch (kernels) {
+    case AttentionBf16Kernels::kCudnn: break;  // (taken above)
     case AttentionBf16Kernels::kTensorCoreMma:
       attention_forward_bf16_mma_cuda(out, lse, qkv, B, T, C, NH, stream);
       break;
@@ -429,7 +464,18 @@ void attention_forward_bf16_cuda(uint16_t* out, float* lse, const uint16_t* qkv,
 void attention_backward_bf16_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out,
                                   const float* lse, int64_t B, int64_t T, int64_t C, int64_t NH, CUstream_st* stream) {
   KRAKEN_CHECK(NH > 0 && C % NH == 0, "C=", C, " NH=", NH);
-  switch (attention_bf16_kernels(C / NH)) {
+  AttentionBf16Kernels kernels = attention_bf16_kernels(C / NH);
+  if (kernels == AttentionBf16Kernels::kCudnn) {
+    // (the same shape and buffer checks as the forward's, so both take cuDNN or neither, as long as the
+    // forward's buffers were aligned like these; the fallback adds into the zeros dqkv holds)
+    if (cudnn_usable({dqkv, dqkv + C, dqkv + 2 * C, dout, qkv, qkv + C, qkv + 2 * C, out, lse}, B, T, C, NH)) {
+      cudnn_backward(dqkv, dout, qkv, out, lse, B, T, C, NH, stream);
+      return;
+    }
+    kernels = attention_bf16_kernels_fallback(C / NH);
+  }
+  switch (kernels) {
+    case AttentionBf16Kernels::kCudnn: break;  // (taken above)
     case AttentionBf16Kernels::kTensorCoreMma:
       attention_backward_bf16_mma_cuda(dqkv, dout, qkv, out, lse, B, T, C, NH, stream);
       break;

@@ -1,8 +1,13 @@
-// Every CUDA and cuBLAS call goes through a check that names the file and line (llm.c's cudaCheck).
+// Every CUDA, cuBLAS and cuDNN call goes through a check that names the file and line (llm.c's cudaCheck).
 #pragma once
 
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
+
+// cuDNN where the build found it (kernels/CMakeLists.txt defines KRAKEN_WITH_CUDNN=1 then).
+#if defined(KRAKEN_WITH_CUDNN) && KRAKEN_WITH_CUDNN
+#include <cudnn.h>
+#endif
 
 #include "kernels/error.h"
 
@@ -20,6 +25,20 @@ inline void cublas_check(cublasStatus_t status, const char* file, int line) {
                                                            static_cast<int>(status)));
 }
 
+#if defined(KRAKEN_WITH_CUDNN) && KRAKEN_WITH_CUDNN
+// Names the call, cuDNN's status string and the library's own last message (cudnnGetLastErrorString: for
+// the backend API that is usually the attribute or the descriptor it refused, and why).
+inline void cudnn_check(cudnnStatus_t status, const char* call, const char* file, int line) {
+  if (status != CUDNN_STATUS_SUCCESS) {
+    char last[512] = {0};
+    cudnnGetLastErrorString(last, sizeof(last));
+    throw ::kraken::Error(::kraken::detail::error_message("cuDNN error at ", file, ":", line, ": ", call, " returned ",
+                                                           cudnnGetErrorString(status), " (", static_cast<int>(status),
+                                                           ")", last[0] ? ": " : "", last));
+  }
+}
+#endif
+
 // Grid size for a grid-stride loop over n elements.
 inline unsigned int blocks_for(long long n, int threads) {
   long long blocks = (n + threads - 1) / threads;
@@ -31,5 +50,6 @@ inline unsigned int blocks_for(long long n, int threads) {
 
 #define KRAKEN_CUDA_CHECK(expr) ::kraken::kernels::cuda_detail::cuda_check((expr), __FILE__, __LINE__)
 #define KRAKEN_CUBLAS_CHECK(expr) ::kraken::kernels::cuda_detail::cublas_check((expr), __FILE__, __LINE__)
+#define KRAKEN_CUDNN_CHECK(expr) ::kraken::kernels::cuda_detail::cudnn_check((expr), #expr, __FILE__, __LINE__)
 // After a kernel launch: catches bad launch configurations at the launch site.
 #define KRAKEN_CUDA_LAUNCH_CHECK() KRAKEN_CUDA_CHECK(cudaGetLastError())

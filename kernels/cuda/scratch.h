@@ -9,7 +9,9 @@
 
 namespace kraken::kernels::cuda_detail {
 
-enum class ScratchSlot { kAttentionDelta, kColumnSums, kCount };
+// kCudnnAttention: cuDNN's fused attention (attention_cudnn.cu): its execution plan's workspace and, in
+// backward, the row sums Dᵢ the graph keeps in global memory.
+enum class ScratchSlot { kAttentionDelta, kColumnSums, kCudnnAttention, kCount };
 
 // At least `bytes` of device memory, 256-byte aligned. Growing frees the old buffer first (cudaFree waits
 // for the kernels still using it).

@@ -48,6 +48,8 @@ Tensor attention(const Tensor& qkv, int64_t n_head) {
     record("attention", {qkv}, {out}, [qkv_saved, out_saved, lse, B, T, C, n_head, bf16](const std::vector<Tensor>& g) {
       // in the forward pass this was: out = softmax(q·kᵀ/√D + mask)·v, per head
       const Tensor& dout = g[0];
+      // Zeros: the hand-written kernels add their gradient into dqkv, cuDNN's (KRAKEN_CUDA_ATTENTION=cudnn)
+      // overwrites it; starting from zeros, both leave exactly ∂L/∂qkv (kernels/attention.h).
       Tensor dqkv = Tensor::zeros(qkv_saved.shape(), qkv_saved.dtype(), qkv_saved.device());
       if (bf16) {
         KRAKEN_CUDA_ONLY(dqkv.device(), kernels::attention_backward_bf16_cuda(
@@ -84,7 +86,7 @@ std::vector<Tensor> attention_group(const std::vector<Tensor>& qkvs, int64_t n_h
             kernels::attention_bf16_kernels(qkvs[0].size(2) / 3 / n_head) ==
                 kernels::AttentionBf16Kernels::kTensorCoreMma;
 #endif
-  if (!grouped) {
+  if (!grouped) {  // (with KRAKEN_CUDA_ATTENTION=cudnn: one cuDNN call per input, forward and backward)
     for (const Tensor& qkv : qkvs) outs.push_back(attention(qkv, n_head));
     return outs;
   }

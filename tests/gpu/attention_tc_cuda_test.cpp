@@ -365,6 +365,8 @@ void check_dispatch(const Shape4& s) {
     if (attention_bf16_tc_supported(D)) want = AttentionBf16Kernels::kTensorCoreWmma;
   } else if (choice == "mma") {
     if (attention_bf16_mma_supported(D)) want = AttentionBf16Kernels::kTensorCoreMma;
+  } else if (choice == "cudnn" && attention_bf16_cudnn_supported(D)) {
+    want = AttentionBf16Kernels::kCudnn;
   } else if (choice != "simt") {
     if (D <= kAttentionMmaDefaultMaxHead && attention_bf16_mma_supported(D))
       want = AttentionBf16Kernels::kTensorCoreMma;
@@ -372,6 +374,11 @@ void check_dispatch(const Shape4& s) {
       want = AttentionBf16Kernels::kTensorCoreWmma;
   }
   EXPECT_EQ(kernels, want) << "D = " << D;
+  if (kernels == AttentionBf16Kernels::kCudnn) {  // (its overwriting backward: attention_cudnn_cuda_test.cpp)
+    std::printf("attention dispatch %s: cuDNN, checked by GpuAttentionCudnn.DispatchHonoursKrakenCudaAttention\n",
+                s.str().c_str());
+    return;
+  }
   const Path path = kernels == AttentionBf16Kernels::kTensorCoreMma    ? Path::kMma
                     : kernels == AttentionBf16Kernels::kTensorCoreWmma ? Path::kTc
                                                                        : Path::kSimt;

@@ -1,0 +1,629 @@
+// bf16 causal attention through cuDNN's fused flash attention (the fourth implementation of the contract
+// in kernels/attention.h, opt-in with KRAKEN_CUDA_ATTENTION=cudnn). Host code only: it builds cuDNN
+// operation graphs with the C backend API (cudnnBackendCreateDescriptor / SetAttribute / Finalize,
+// cudnnBackendExecute) and lets cuDNN's runtime fusion engines compile and run them.
+//
+// Which route, and why. cuDNN 9.19 (the headers this was written against) has two ways to ask for SDPA:
+//   - the native CUDNN_BACKEND_OPERATION_SDPA_{FWD,BWD}_DESCRIPTORs. Their attributes in cudnn_graph_v9.h
+//     are Q, K, V, O, Stats, scale, block mask, page tables and per-sequence lengths, and nothing that
+//     expresses a causal mask: masks reach the native operation only through a score-modifier subgraph,
+//     which cudnn-frontend wires up for backends ≥ 9.21 (its UnifiedSDPANode refuses masks below 9.21).
+//     A block mask is per tile, not per element, so it cannot express the diagonal either.
+//   - an operation graph of primitive operations in the shape cuDNN's runtime fusion engine recognises as
+//     flash attention: what cudnn-frontend's "composite" SDPA nodes lower to for every backend below 9.21,
+//     with causal masking, training statistics and the backward (NVIDIA's attention documentation: cuDNN
+//     SDPA forward and backward, bf16, sm_80 and later, Hopper bprop d ≤ 256, Ampere bprop d ≤ 128, head
+//     sizes a multiple of 8, masking and a deterministic backward supported).
+// So the graphs here are the composite ones, node for node as cudnn-frontend emits them (read from its
+// source, include/cudnn_frontend/node/scaled_dot_product_flash_attention.h, softmax.h and
+// diagonal_band_mask.h: the fusion engine matches the pattern, so the order and the tensor types follow
+// that code, not taste). Virtual tensors are f32 (cudnn-frontend's "intermediate" type) except where it
+// sets another: the causal indices (int32), the mask (boolean), and the bf16 operands of the products
+// that consume the probabilities (P in forward, Pᵀ and dSᵀ in backward).
+//
+// Forward, per (b, h), S of shape (T, T):
+//   S = Q·Kᵀ (matmul; Kᵀ is K's strided view with the last two dimensions swapped),  S ← S·scale,
+//   causal mask: r = GEN_INDEX(S, axis 2), c = GEN_INDEX(S, axis 3), keep = CMP_GE(r, c),
+//                S ← BINARY_SELECT(S, −∞, keep)   (keep ? S : −∞),
+//   softmax with statistics: M = max_row S, E = exp(S − M), L = Σ_row E, Stats = M + log L, P = E / L,
+//   O = P·V.
+// Stats is therefore log Σ_{s ≤ t} exp(S[t, s]) with natural exp and log of the scaled, masked scores:
+// exactly our lse (kernels/attention.h), in the layout (B, NH, T, 1) = our (B, NH, T). (cuDNN ≥ 9.27 can
+// emit base-2 stats instead — cudnn-frontend's stats_use_log2 — which this graph does not ask for.)
+//
+// Backward (cudnn-frontend's composite SDPA backward without dropout or bias), from Q, Kᵀ, Vᵀ, O, dO, Stats:
+//   Dᵢ = Σ_d dO·O (MUL, reduction ADD, then ·1 into a non-virtual f32 tensor in our workspace),
+//   S = Q·Kᵀ·scale − Stats, causal mask as above, P = exp(S)          (the forward's softmax, recomputed),
+//   dV = Pᵀ·dO (Pᵀ a bf16 RESHAPE of P),  dP = dO·Vᵀ,  dS = (dP − Dᵢ)·P·scale,
+//   dK = dSᵀ·Q (dSᵀ a bf16 RESHAPE),  dQ = dS·K (K a RESHAPE of Kᵀ back to (T, D)).
+// dQ comes straight out of its product into dqkv. cudnn-frontend builds the graph that way exactly when
+// asked for a deterministic backward (its is_deterministic_algorithm: the "dP workspace" implementation);
+// its default graph instead accumulates dQ into an f32 buffer, with atomics. In addition every engine
+// whose CUDNN_ATTR_ENGINE_NUMERICAL_NOTE lists CUDNN_NUMERICAL_NOTE_NONDETERMINISTIC is skipped (forward
+// and backward), and the GPU tests check two backward runs for identical bits. That is as far as the
+// backend API lets us ask: cuDNN documents no determinism guarantee beyond those notes, so the test is
+// the evidence (tests/gpu/attention_cudnn_cuda_test.cpp, not yet run on a GPU). The dP workspace costs
+// B·NH·T²·2 bytes of workspace (GPT-2 at B = 8, T = 1024: 192 MiB), held in a per-device scratch buffer.
+//
+// Contract differences from the hand-written kernels (kernels/attention.h): the backward OVERWRITES dqkv
+// (dQ, dK and dV cover all of its columns) instead of adding to it; the graphs need 16-byte aligned
+// buffers, C and D multiples of 8 (attention_bf16_cudnn_usable says whether a call qualifies; the
+// dispatch falls back to the other kernels otherwise).
+//
+// Plans. A graph is built, and its execution plan chosen (heuristics mode A, the first configuration
+// that finalizes and is not marked non-deterministic), once per (device, B, T, C, NH, direction) and kept
+// for the process; a shape cuDNN refuses is remembered with the reason. One cuDNN handle per device; its
+// stream is set on every call. The workspace comes from device_scratch (kernels/cuda/scratch.h), so a
+// steady-state step allocates nothing. The first plan of a shape costs cuDNN's runtime compilation
+// (NVRTC; seconds), which is why plans are cached.
+#include "kernels/attention.h"
+
+#include <cstdint>
+#include <string>
+
+#include "kernels/cuda/check.h"
+#include "kernels/cuda/scratch.h"
+#include "kernels/error.h"
+
+#if KRAKEN_WITH_CUDNN
+
+#include <array>
+#include <cmath>
+#include <limits>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+namespace kraken::kernels {
+namespace {
+
+// ---- descriptors ----------------------------------------------------------------------------------------
+
+// One backend descriptor, destroyed with its owner.
+class Desc {
+ public:
+  explicit Desc(cudnnBackendDescriptorType_t type) { KRAKEN_CUDNN_CHECK(cudnnBackendCreateDescriptor(type, &d_)); }
+  ~Desc() {
+    if (d_) cudnnBackendDestroyDescriptor(d_);
+  }
+  Desc(const Desc&) = delete;
+  Desc& operator=(const Desc&) = delete;
+  cudnnBackendDescriptor_t get() const { return d_; }
+  cudnnBackendDescriptor_t* ptr() { return &d_; }
+
+ private:
+  cudnnBackendDescriptor_t d_ = nullptr;
+};
+
+void set(cudnnBackendDescriptor_t d, cudnnBackendAttributeName_t name, cudnnBackendAttributeType_t type, int64_t count,
+         const void* value) {
+  KRAKEN_CUDNN_CHECK(cudnnBackendSetAttribute(d, name, type, count, value));
+}
+void set_desc(cudnnBackendDescriptor_t d, cudnnBackendAttributeName_t name, const Desc& value) {
+  cudnnBackendDescriptor_t v = value.get();
+  set(d, name, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &v);
+}
+
+using Dims = std::array<int64_t, 4>;
+
+// The descriptors of one graph, alive as long as its plan (the plan was finalized from them).
+class GraphBuilder {
+ public:
+  explicit GraphBuilder(cudnnHandle_t handle) : handle_(handle) {}
+
+  // A tensor: uid > 0 names a buffer of the variant pack; virtual tensors get uids from 1000 up.
+  const Desc& tensor(int64_t uid, cudnnDataType_t type, const Dims& dims, const Dims& strides, bool is_virtual,
+                     bool by_value = false) {
+    Desc& t = make(CUDNN_BACKEND_TENSOR_DESCRIPTOR);
+    if (uid == 0) uid = next_virtual_uid_++;
+    const int64_t alignment = 16;
+    set(t.get(), CUDNN_ATTR_TENSOR_DATA_TYPE, CUDNN_TYPE_DATA_TYPE, 1, &type);
+    set(t.get(), CUDNN_ATTR_TENSOR_DIMENSIONS, CUDNN_TYPE_INT64, 4, dims.data());
+    set(t.get(), CUDNN_ATTR_TENSOR_STRIDES, CUDNN_TYPE_INT64, 4, strides.data());
+    set(t.get(), CUDNN_ATTR_TENSOR_UNIQUE_ID, CUDNN_TYPE_INT64, 1, &uid);
+    set(t.get(), CUDNN_ATTR_TENSOR_BYTE_ALIGNMENT, CUDNN_TYPE_INT64, 1, &alignment);
+    set(t.get(), CUDNN_ATTR_TENSOR_IS_VIRTUAL, CUDNN_TYPE_BOOLEAN, 1, &is_virtual);
+    if (by_value) set(t.get(), CUDNN_ATTR_TENSOR_IS_BY_VALUE, CUDNN_TYPE_BOOLEAN, 1, &by_value);
+    KRAKEN_CUDNN_CHECK(cudnnBackendFinalize(t.get()));
+    return t;
+  }
+  // A virtual tensor of the given shape, row-major (contiguous) strides.
+  const Desc& virt(cudnnDataType_t type, const Dims& dims) {
+    const Dims strides = {dims[1] * dims[2] * dims[3], dims[2] * dims[3], dims[3], 1};
+    return tensor(0, type, dims, strides, true);
+  }
+  // A scalar passed by value in the variant pack (host memory).
+  const Desc& scalar(int64_t uid) {
+    return tensor(uid, CUDNN_DATA_FLOAT, {1, 1, 1, 1}, {1, 1, 1, 1}, false, true);
+  }
+
+  // y = mode(x, b) (b may be null), or y = t ? x : b for BINARY_SELECT; axis for GEN_INDEX.
+  void pointwise(cudnnPointwiseMode_t mode, cudnnDataType_t math, const Desc& x, const Desc* b, const Desc& y,
+                 const Desc* t = nullptr, int64_t axis = -1) {
+    Desc& pw = make(CUDNN_BACKEND_POINTWISE_DESCRIPTOR);
+    set(pw.get(), CUDNN_ATTR_POINTWISE_MODE, CUDNN_TYPE_POINTWISE_MODE, 1, &mode);
+    set(pw.get(), CUDNN_ATTR_POINTWISE_MATH_PREC, CUDNN_TYPE_DATA_TYPE, 1, &math);
+    if (axis >= 0) set(pw.get(), CUDNN_ATTR_POINTWISE_AXIS, CUDNN_TYPE_INT64, 1, &axis);
+    KRAKEN_CUDNN_CHECK(cudnnBackendFinalize(pw.get()));
+    Desc& op = make(CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR);
+    set_desc(op.get(), CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR, pw);
+    set_desc(op.get(), CUDNN_ATTR_OPERATION_POINTWISE_XDESC, x);
+    if (b) set_desc(op.get(), CUDNN_ATTR_OPERATION_POINTWISE_BDESC, *b);
+    set_desc(op.get(), CUDNN_ATTR_OPERATION_POINTWISE_YDESC, y);
+    if (t) set_desc(op.get(), CUDNN_ATTR_OPERATION_POINTWISE_TDESC, *t);
+    KRAKEN_CUDNN_CHECK(cudnnBackendFinalize(op.get()));
+    ops_.push_back(op.get());
+  }
+  // y = reduce(x) over the dimensions where y has extent 1.
+  void reduction(cudnnReduceTensorOp_t mode, const Desc& x, const Desc& y) {
+    Desc& red = make(CUDNN_BACKEND_REDUCTION_DESCRIPTOR);
+    const cudnnDataType_t comp = CUDNN_DATA_FLOAT;
+    set(red.get(), CUDNN_ATTR_REDUCTION_OPERATOR, CUDNN_TYPE_REDUCTION_OPERATOR_TYPE, 1, &mode);
+    set(red.get(), CUDNN_ATTR_REDUCTION_COMP_TYPE, CUDNN_TYPE_DATA_TYPE, 1, &comp);
+    KRAKEN_CUDNN_CHECK(cudnnBackendFinalize(red.get()));
+    Desc& op = make(CUDNN_BACKEND_OPERATION_REDUCTION_DESCRIPTOR);
+    set_desc(op.get(), CUDNN_ATTR_OPERATION_REDUCTION_XDESC, x);
+    set_desc(op.get(), CUDNN_ATTR_OPERATION_REDUCTION_YDESC, y);
+    set_desc(op.get(), CUDNN_ATTR_OPERATION_REDUCTION_DESC, red);
+    KRAKEN_CUDNN_CHECK(cudnnBackendFinalize(op.get()));
+    ops_.push_back(op.get());
+  }
+  // c = a·b, batched over the first two dimensions, f32 accumulation.
+  void matmul(const Desc& a, const Desc& b, const Desc& c) {
+    Desc& mm = make(CUDNN_BACKEND_MATMUL_DESCRIPTOR);
+    const cudnnDataType_t comp = CUDNN_DATA_FLOAT;
+    set(mm.get(), CUDNN_ATTR_MATMUL_COMP_TYPE, CUDNN_TYPE_DATA_TYPE, 1, &comp);
+    KRAKEN_CUDNN_CHECK(cudnnBackendFinalize(mm.get()));
+    Desc& op = make(CUDNN_BACKEND_OPERATION_MATMUL_DESCRIPTOR);
+    set_desc(op.get(), CUDNN_ATTR_OPERATION_MATMUL_ADESC, a);
+    set_desc(op.get(), CUDNN_ATTR_OPERATION_MATMUL_BDESC, b);
+    set_desc(op.get(), CUDNN_ATTR_OPERATION_MATMUL_CDESC, c);
+    set_desc(op.get(), CUDNN_ATTR_OPERATION_MATMUL_DESC, mm);
+    KRAKEN_CUDNN_CHECK(cudnnBackendFinalize(op.get()));
+    ops_.push_back(op.get());
+  }
+  // y = x with other dimensions and strides (the transposes of virtual tensors).
+  void reshape(const Desc& x, const Desc& y) {
+    Desc& op = make(CUDNN_BACKEND_OPERATION_RESHAPE_DESCRIPTOR);
+    set_desc(op.get(), CUDNN_ATTR_OPERATION_RESHAPE_XDESC, x);
+    set_desc(op.get(), CUDNN_ATTR_OPERATION_RESHAPE_YDESC, y);
+    KRAKEN_CUDNN_CHECK(cudnnBackendFinalize(op.get()));
+    ops_.push_back(op.get());
+  }
+
+  // The operation graph of every operation added, finalized.
+  const Desc& graph() {
+    Desc& g = make(CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR);
+    set(g.get(), CUDNN_ATTR_OPERATIONGRAPH_HANDLE, CUDNN_TYPE_HANDLE, 1, &handle_);
+    set(g.get(), CUDNN_ATTR_OPERATIONGRAPH_OPS, CUDNN_TYPE_BACKEND_DESCRIPTOR, static_cast<int64_t>(ops_.size()),
+        ops_.data());
+    KRAKEN_CUDNN_CHECK(cudnnBackendFinalize(g.get()));
+    return g;
+  }
+
+  Desc& make(cudnnBackendDescriptorType_t type) {
+    descs_.push_back(std::make_unique<Desc>(type));
+    return *descs_.back();
+  }
+
+ private:
+  cudnnHandle_t handle_;
+  int64_t next_virtual_uid_ = 1000;
+  std::vector<std::unique_ptr<Desc>> descs_;
+  std::vector<cudnnBackendDescriptor_t> ops_;
+};
+
+// ---- the graphs -------------------------------------------------------------------------------------------
+
+// Buffers of the variant packs.
+enum Uid : int64_t {
+  kQ = 1, kK, kV, kO, kStats, kScale, kNegInf, kDO, kDQ, kDK, kDV, kRowSums, kOne,
+};
+
+struct Shape {
+  int64_t B, T, C, NH;
+  int64_t D() const { return C / NH; }
+};
+
+// Q, K, V (or dQ, dK, dV) of head h: columns h·D.. of their third of a (B, T, 3C) row, as (B, NH, T, D).
+Dims qkv_strides(const Shape& s) { return {s.T * 3 * s.C, s.D(), 3 * s.C, 1}; }
+// The same with the last two dimensions swapped: Kᵀ (B, NH, D, T).
+Dims qkv_strides_t(const Shape& s) { return {s.T * 3 * s.C, s.D(), 1, 3 * s.C}; }
+// out, dout (B, T, C) as (B, NH, T, D).
+Dims out_strides(const Shape& s) { return {s.T * s.C, s.D(), s.C, 1}; }
+// lse and the row sums (B, NH, T) as (B, NH, T, 1).
+Dims row_strides(const Shape& s) { return {s.NH * s.T, s.T, 1, 1}; }
+
+// S = (Q·Kᵀ)·scale with the causal mask applied: the scores both directions start from. In backward
+// the statistics are subtracted between scaling and masking, as cudnn-frontend orders it.
+const Desc& masked_scores(GraphBuilder& g, const Shape& s, const Desc& q, const Desc& kt, const Desc& scale,
+                          const Desc& neg_inf, const Desc* stats) {
+  const Dims st = {s.B, s.NH, s.T, s.T};
+  const Desc& qk = g.virt(CUDNN_DATA_FLOAT, st);
+  g.matmul(q, kt, qk);
+  const Desc& scaled = g.virt(CUDNN_DATA_FLOAT, st);
+  g.pointwise(CUDNN_POINTWISE_MUL, CUDNN_DATA_FLOAT, qk, &scale, scaled);
+  const Desc* scores = &scaled;
+  if (stats) {
+    const Desc& shifted = g.virt(CUDNN_DATA_FLOAT, st);
+    g.pointwise(CUDNN_POINTWISE_SUB, CUDNN_DATA_FLOAT, scaled, stats, shifted);
+    scores = &shifted;
+  }
+  const Desc& row = g.virt(CUDNN_DATA_INT32, st);
+  g.pointwise(CUDNN_POINTWISE_GEN_INDEX, CUDNN_DATA_FLOAT, *scores, nullptr, row, nullptr, 2);
+  const Desc& col = g.virt(CUDNN_DATA_INT32, st);
+  g.pointwise(CUDNN_POINTWISE_GEN_INDEX, CUDNN_DATA_FLOAT, *scores, nullptr, col, nullptr, 3);
+  const Desc& keep = g.virt(CUDNN_DATA_BOOLEAN, st);  // key s ≤ query t
+  g.pointwise(CUDNN_POINTWISE_CMP_GE, CUDNN_DATA_BOOLEAN, row, &col, keep);
+  const Desc& masked = g.virt(CUDNN_DATA_FLOAT, st);
+  g.pointwise(CUDNN_POINTWISE_BINARY_SELECT, CUDNN_DATA_FLOAT, *scores, &neg_inf, masked, &keep);
+  return masked;
+}
+
+void build_forward(GraphBuilder& g, const Shape& s) {
+  const Dims bhtd = {s.B, s.NH, s.T, s.D()}, bhdt = {s.B, s.NH, s.D(), s.T}, row = {s.B, s.NH, s.T, 1};
+  const Dims st = {s.B, s.NH, s.T, s.T};
+  const Desc& q = g.tensor(kQ, CUDNN_DATA_BFLOAT16, bhtd, qkv_strides(s), false);
+  const Desc& kt = g.tensor(kK, CUDNN_DATA_BFLOAT16, bhdt, qkv_strides_t(s), false);
+  const Desc& v = g.tensor(kV, CUDNN_DATA_BFLOAT16, bhtd, qkv_strides(s), false);
+  const Desc& o = g.tensor(kO, CUDNN_DATA_BFLOAT16, bhtd, out_strides(s), false);
+  const Desc& stats = g.tensor(kStats, CUDNN_DATA_FLOAT, row, row_strides(s), false);
+  const Desc& scale = g.scalar(kScale);
+  const Desc& neg_inf = g.scalar(kNegInf);
+
+  const Desc& scores = masked_scores(g, s, q, kt, scale, neg_inf, nullptr);
+  // softmax with statistics
+  const Desc& m = g.virt(CUDNN_DATA_FLOAT, row);
+  g.reduction(CUDNN_REDUCE_TENSOR_MAX, scores, m);
+  const Desc& centred = g.virt(CUDNN_DATA_FLOAT, st);
+  g.pointwise(CUDNN_POINTWISE_SUB, CUDNN_DATA_FLOAT, scores, &m, centred);
+  const Desc& e = g.virt(CUDNN_DATA_FLOAT, st);
+  g.pointwise(CUDNN_POINTWISE_EXP, CUDNN_DATA_FLOAT, centred, nullptr, e);
+  const Desc& l = g.virt(CUDNN_DATA_FLOAT, row);
+  g.reduction(CUDNN_REDUCE_TENSOR_ADD, e, l);
+  const Desc& log_l = g.virt(CUDNN_DATA_FLOAT, row);
+  g.pointwise(CUDNN_POINTWISE_LOG, CUDNN_DATA_FLOAT, l, nullptr, log_l);
+  g.pointwise(CUDNN_POINTWISE_ADD, CUDNN_DATA_FLOAT, m, &log_l, stats);
+  const Desc& p = g.virt(CUDNN_DATA_BFLOAT16, st);  // the second product's A operand: bf16
+  g.pointwise(CUDNN_POINTWISE_DIV, CUDNN_DATA_FLOAT, e, &l, p);
+  g.matmul(p, v, o);
+}
+
+void build_backward(GraphBuilder& g, const Shape& s) {
+  const Dims bhtd = {s.B, s.NH, s.T, s.D()}, bhdt = {s.B, s.NH, s.D(), s.T}, row = {s.B, s.NH, s.T, 1};
+  const Dims st = {s.B, s.NH, s.T, s.T};
+  const Dims transposed = {s.NH * s.T * s.T, s.T * s.T, 1, s.T};  // (B, NH, T, T) read column-wise
+  const Desc& q = g.tensor(kQ, CUDNN_DATA_BFLOAT16, bhtd, qkv_strides(s), false);
+  const Desc& kt = g.tensor(kK, CUDNN_DATA_BFLOAT16, bhdt, qkv_strides_t(s), false);
+  const Desc& vt = g.tensor(kV, CUDNN_DATA_BFLOAT16, bhdt, qkv_strides_t(s), false);
+  const Desc& o = g.tensor(kO, CUDNN_DATA_BFLOAT16, bhtd, out_strides(s), false);
+  const Desc& d_o = g.tensor(kDO, CUDNN_DATA_BFLOAT16, bhtd, out_strides(s), false);
+  const Desc& stats = g.tensor(kStats, CUDNN_DATA_FLOAT, row, row_strides(s), false);
+  const Desc& dq = g.tensor(kDQ, CUDNN_DATA_BFLOAT16, bhtd, qkv_strides(s), false);
+  const Desc& dk = g.tensor(kDK, CUDNN_DATA_BFLOAT16, bhtd, qkv_strides(s), false);
+  const Desc& dv = g.tensor(kDV, CUDNN_DATA_BFLOAT16, bhtd, qkv_strides(s), false);
+  const Desc& row_sums = g.tensor(kRowSums, CUDNN_DATA_FLOAT, row, row_strides(s), false);
+  const Desc& scale = g.scalar(kScale);
+  const Desc& neg_inf = g.scalar(kNegInf);
+  const Desc& one = g.scalar(kOne);
+
+  // Dᵢ = Σ_d dO·O, into global memory (the graph reads it per key tile)
+  const Desc& do_o = g.virt(CUDNN_DATA_FLOAT, bhtd);
+  g.pointwise(CUDNN_POINTWISE_MUL, CUDNN_DATA_FLOAT, d_o, &o, do_o);
+  const Desc& sums = g.virt(CUDNN_DATA_FLOAT, row);
+  g.reduction(CUDNN_REDUCE_TENSOR_ADD, do_o, sums);
+  g.pointwise(CUDNN_POINTWISE_MUL, CUDNN_DATA_FLOAT, sums, &one, row_sums);
+
+  // P = exp(S·scale − lse), masked; dV = Pᵀ·dO
+  const Desc& masked = masked_scores(g, s, q, kt, scale, neg_inf, &stats);
+  const Desc& p = g.virt(CUDNN_DATA_FLOAT, st);
+  g.pointwise(CUDNN_POINTWISE_EXP, CUDNN_DATA_FLOAT, masked, nullptr, p);
+  const Desc& pt = g.tensor(0, CUDNN_DATA_BFLOAT16, st, transposed, true);
+  g.reshape(p, pt);
+  g.matmul(pt, d_o, dv);
+
+  // dS = P ∘ (dO·Vᵀ − Dᵢ)·scale; dK = dSᵀ·Q
+  const Desc& dp = g.virt(CUDNN_DATA_FLOAT, st);
+  g.matmul(d_o, vt, dp);
+  const Desc& dp_centred = g.virt(CUDNN_DATA_FLOAT, st);
+  g.pointwise(CUDNN_POINTWISE_SUB, CUDNN_DATA_FLOAT, dp, &row_sums, dp_centred);
+  const Desc& ds_unscaled = g.virt(CUDNN_DATA_FLOAT, st);
+  g.pointwise(CUDNN_POINTWISE_MUL, CUDNN_DATA_FLOAT, dp_centred, &p, ds_unscaled);
+  const Desc& ds = g.virt(CUDNN_DATA_FLOAT, st);
+  g.pointwise(CUDNN_POINTWISE_MUL, CUDNN_DATA_FLOAT, ds_unscaled, &scale, ds);
+  const Desc& dst = g.tensor(0, CUDNN_DATA_BFLOAT16, st, transposed, true);
+  g.reshape(ds, dst);
+  g.matmul(dst, q, dk);
+
+  // dQ = dS·K (K: Kᵀ reshaped back to (B, NH, T, D)), written directly: the deterministic graph
+  const Desc& k = g.tensor(0, CUDNN_DATA_FLOAT, bhtd, qkv_strides(s), true);
+  g.reshape(kt, k);
+  g.matmul(ds, k, dq);
+}
+
+// ---- plans --------------------------------------------------------------------------------------------------
+
+enum class Direction { kForward, kBackward };
+
+struct Plan {
+  std::unique_ptr<GraphBuilder> graph;  // the descriptors the plan was built from
+  std::unique_ptr<Desc> plan;
+  int64_t workspace = 0;  // bytes cuDNN asks for (the backward's Dᵢ buffer comes on top)
+  std::string error;      // non-empty: cuDNN refused the shape, and why
+};
+
+struct DeviceState {
+  cudnnHandle_t handle = nullptr;
+  std::string error;  // cudnnCreate failed
+};
+
+constexpr int kMaxDevices = 64;
+
+std::mutex& state_mutex() {
+  static std::mutex m;
+  return m;
+}
+
+int current_device() {
+  int device = 0;
+  KRAKEN_CUDA_CHECK(cudaGetDevice(&device));
+  KRAKEN_CHECK(device >= 0 && device < kMaxDevices, "device ", device);
+  return device;
+}
+
+// The device's handle (created on first use; the caller holds state_mutex()); null with *why set where
+// cuDNN cannot start.
+cudnnHandle_t handle_for(int device, std::string* why) {
+  static DeviceState states[kMaxDevices];
+  DeviceState& st = states[device];
+  if (!st.handle && st.error.empty()) {
+    try {
+      KRAKEN_CUDNN_CHECK(cudnnCreate(&st.handle));
+    } catch (const std::exception& e) {
+      st.handle = nullptr;
+      st.error = e.what();
+    }
+  }
+  if (!st.handle && why) *why = st.error;
+  return st.handle;
+}
+
+bool has_note(const Desc& engine, cudnnBackendNumericalNote_t wanted) {
+  cudnnBackendNumericalNote_t notes[CUDNN_NUMERICAL_NOTE_TYPE_COUNT];
+  int64_t count = 0;
+  KRAKEN_CUDNN_CHECK(cudnnBackendGetAttribute(engine.get(), CUDNN_ATTR_ENGINE_NUMERICAL_NOTE,
+                                              CUDNN_TYPE_NUMERICAL_NOTE, CUDNN_NUMERICAL_NOTE_TYPE_COUNT, &count,
+                                              notes));
+  for (int64_t i = 0; i < count; ++i)
+    if (notes[i] == wanted) return true;
+  return false;
+}
+
+// Builds the graph and picks its plan; throws kraken::Error with cuDNN's reason where it cannot.
+void build_plan(Plan& p, cudnnHandle_t handle, const Shape& s, Direction dir) {
+  p.graph = std::make_unique<GraphBuilder>(handle);
+  GraphBuilder& g = *p.graph;
+  if (dir == Direction::kForward)
+    build_forward(g, s);
+  else
+    build_backward(g, s);
+  const Desc& op_graph = g.graph();
+
+  Desc& heur = g.make(CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR);
+  const cudnnBackendHeurMode_t mode = CUDNN_HEUR_MODE_A;
+  set_desc(heur.get(), CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, op_graph);
+  set(heur.get(), CUDNN_ATTR_ENGINEHEUR_MODE, CUDNN_TYPE_HEUR_MODE, 1, &mode);
+  KRAKEN_CUDNN_CHECK(cudnnBackendFinalize(heur.get()));
+  int64_t count = 0;
+  KRAKEN_CUDNN_CHECK(cudnnBackendGetAttribute(heur.get(), CUDNN_ATTR_ENGINEHEUR_RESULTS,
+                                              CUDNN_TYPE_BACKEND_DESCRIPTOR, 0, &count, nullptr));
+  if (count <= 0) KRAKEN_THROW("cuDNN's heuristics (mode A) offer no engine for this graph");
+  std::vector<Desc*> configs;
+  std::vector<cudnnBackendDescriptor_t> raw;
+  for (int64_t i = 0; i < count; ++i) {
+    configs.push_back(&g.make(CUDNN_BACKEND_ENGINECFG_DESCRIPTOR));
+    raw.push_back(configs.back()->get());
+  }
+  int64_t returned = 0;
+  KRAKEN_CUDNN_CHECK(cudnnBackendGetAttribute(heur.get(), CUDNN_ATTR_ENGINEHEUR_RESULTS,
+                                              CUDNN_TYPE_BACKEND_DESCRIPTOR, count, &returned, raw.data()));
+  std::string refusals;
+  for (int64_t i = 0; i < returned; ++i) {
+    try {
+      Desc engine(CUDNN_BACKEND_ENGINE_DESCRIPTOR);
+      int64_t n = 0;
+      KRAKEN_CUDNN_CHECK(cudnnBackendGetAttribute(configs[i]->get(), CUDNN_ATTR_ENGINECFG_ENGINE,
+                                                  CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &n, engine.ptr()));
+      if (has_note(engine, CUDNN_NUMERICAL_NOTE_NONDETERMINISTIC)) {
+        refusals += "; engine config " + std::to_string(i) + " is marked non-deterministic";
+        continue;
+      }
+      auto plan = std::make_unique<Desc>(CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR);
+      set(plan->get(), CUDNN_ATTR_EXECUTION_PLAN_HANDLE, CUDNN_TYPE_HANDLE, 1, &handle);
+      set_desc(plan->get(), CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, *configs[i]);
+      KRAKEN_CUDNN_CHECK(cudnnBackendFinalize(plan->get()));
+      int64_t workspace = 0;
+      KRAKEN_CUDNN_CHECK(cudnnBackendGetAttribute(plan->get(), CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE,
+                                                  CUDNN_TYPE_INT64, 1, &n, &workspace));
+      p.plan = std::move(plan);
+      p.workspace = workspace;
+      return;
+    } catch (const Error& e) {
+      refusals += "; engine config " + std::to_string(i) + ": " + e.what();
+    }
+  }
+  KRAKEN_THROW("none of cuDNN's ", returned, " engine configurations finalized", refusals);
+}
+
+std::string shape_name(const Shape& s, Direction dir) {
+  return std::string(dir == Direction::kForward ? "forward" : "backward") + " B=" + std::to_string(s.B) +
+         " T=" + std::to_string(s.T) + " C=" + std::to_string(s.C) + " NH=" + std::to_string(s.NH);
+}
+
+// The cached plan of a shape on the current device (built on first use); its error says why not.
+const Plan& plan_for(const Shape& s, Direction dir) {
+  using Key = std::tuple<int, int64_t, int64_t, int64_t, int64_t, int>;
+  static std::map<Key, std::unique_ptr<Plan>> plans;
+  const int device = current_device();
+  std::lock_guard<std::mutex> lock(state_mutex());
+  std::unique_ptr<Plan>& slot = plans[Key{device, s.B, s.T, s.C, s.NH, static_cast<int>(dir)}];
+  if (slot) return *slot;
+  slot = std::make_unique<Plan>();
+  std::string why;
+  cudnnHandle_t handle = handle_for(device, &why);
+  if (!handle) {
+    slot->error = "cuDNN did not start: " + why;
+  } else {
+    try {
+      build_plan(*slot, handle, s, dir);
+    } catch (const std::exception& e) {
+      slot->plan.reset();
+      slot->error = "cuDNN " + shape_name(s, dir) + ": " + e.what();
+    }
+  }
+  return *slot;
+}
+
+// Why the graphs cannot take this shape before asking cuDNN ("" where they may).
+std::string precheck(const Shape& s) {
+  if (s.B <= 0 || s.T <= 0 || s.NH <= 0 || s.C <= 0 || s.C % s.NH != 0)
+    return "shape B=" + std::to_string(s.B) + " T=" + std::to_string(s.T) + " C=" + std::to_string(s.C) +
+           " NH=" + std::to_string(s.NH) + " is not an attention shape";
+  if (s.D() % 8 != 0) return "head size D=" + std::to_string(s.D()) + " is not a multiple of 8 (cuDNN's SDPA needs it)";
+  if (s.D() > 256) return "head size D=" + std::to_string(s.D()) + " is above 256 (cuDNN's SDPA limit)";
+  return "";
+}
+
+std::string why_not(const Shape& s) {
+  const std::string pre = precheck(s);
+  if (!pre.empty()) return pre;
+  const Plan& f = plan_for(s, Direction::kForward);
+  if (!f.plan) return f.error;
+  const Plan& b = plan_for(s, Direction::kBackward);
+  if (!b.plan) return b.error;
+  return "";
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+constexpr size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
+
+// Runs a plan: binds the buffers (uids[i] ↔ ptrs[i]) and the workspace, on `stream`.
+void execute(const Plan& p, const int64_t* uids, void* const* ptrs, int64_t n, void* workspace, CUstream_st* stream) {
+  std::string why;
+  cudnnHandle_t handle = nullptr;
+  {
+    const int device = current_device();
+    std::lock_guard<std::mutex> lock(state_mutex());
+    handle = handle_for(device, &why);
+  }
+  KRAKEN_CHECK(handle, "cuDNN handle: ", why);
+  KRAKEN_CUDNN_CHECK(cudnnSetStream(handle, reinterpret_cast<cudaStream_t>(stream)));
+  Desc pack(CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR);
+  set(pack.get(), CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS, CUDNN_TYPE_INT64, n, uids);
+  set(pack.get(), CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS, CUDNN_TYPE_VOID_PTR, n, ptrs);
+  set(pack.get(), CUDNN_ATTR_VARIANT_PACK_WORKSPACE, CUDNN_TYPE_VOID_PTR, 1, &workspace);
+  KRAKEN_CUDNN_CHECK(cudnnBackendFinalize(pack.get()));
+  KRAKEN_CUDNN_CHECK(cudnnBackendExecute(handle, p.plan->get(), pack.get()));
+}
+
+// The plan of a call, or a kraken::Error naming why cuDNN cannot run it.
+const Plan& checked_plan(const Shape& s, Direction dir, std::initializer_list<const void*> buffers) {
+  const std::string pre = precheck(s);
+  if (!pre.empty()) KRAKEN_THROW("cuDNN attention: ", pre);
+  for (const void* b : buffers)
+    if (!aligned16(b)) KRAKEN_THROW("cuDNN attention: every buffer must be 16-byte aligned");
+  const Plan& p = plan_for(s, dir);
+  if (!p.plan) KRAKEN_THROW("cuDNN attention not supported: ", p.error);
+  return p;
+}
+
+}  // namespace
+
+std::string attention_bf16_cudnn_why_not(int64_t B, int64_t T, int64_t C, int64_t NH) {
+  return why_not(Shape{B, T, C, NH});
+}
+
+// A head size on its own: a small probe shape (2 heads, T = 130: more than one 64- and 128-row tile and a
+// ragged last one). The real shape is asked for separately (attention_bf16_cudnn_usable).
+std::string attention_bf16_cudnn_why_not(int64_t D) {
+  if (D <= 0) return "head size D=" + std::to_string(D) + " is not positive";
+  return why_not(Shape{1, 130, 2 * D, 2});
+}
+
+bool attention_bf16_cudnn_supported(int64_t D) { return attention_bf16_cudnn_why_not(D).empty(); }
+
+bool attention_bf16_cudnn_usable(const void* const* buffers, int64_t count, int64_t B, int64_t T, int64_t C,
+                                 int64_t NH) {
+  for (int64_t i = 0; i < count; ++i)
+    if (!aligned16(buffers[i])) return false;
+  return why_not(Shape{B, T, C, NH}).empty();
+}
+
+void attention_forward_bf16_cudnn_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T, int64_t C,
+                                       int64_t NH, CUstream_st* stream) {
+  const Shape s{B, T, C, NH};
+  const Plan& p = checked_plan(s, Direction::kForward, {out, lse, qkv, qkv + C, qkv + 2 * C});
+  float scale = 1.0f / std::sqrt(static_cast<float>(s.D()));
+  float neg_inf = -std::numeric_limits<float>::infinity();
+  void* workspace =
+      p.workspace > 0 ? cuda_detail::device_scratch(cuda_detail::ScratchSlot::kCudnnAttention, p.workspace) : nullptr;
+  const int64_t uids[] = {kQ, kK, kV, kO, kStats, kScale, kNegInf};
+  void* ptrs[] = {const_cast<uint16_t*>(qkv), const_cast<uint16_t*>(qkv + C), const_cast<uint16_t*>(qkv + 2 * C),
+                  out, lse, &scale, &neg_inf};
+  execute(p, uids, ptrs, 7, workspace, stream);
+}
+
+void attention_backward_bf16_cudnn_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out,
+                                        const float* lse, int64_t B, int64_t T, int64_t C, int64_t NH,
+                                        CUstream_st* stream) {
+  const Shape s{B, T, C, NH};
+  const Plan& p = checked_plan(s, Direction::kBackward,
+                               {dqkv, dqkv + C, dqkv + 2 * C, dout, qkv, qkv + C, qkv + 2 * C, out, lse});
+  float scale = 1.0f / std::sqrt(static_cast<float>(s.D()));
+  float neg_inf = -std::numeric_limits<float>::infinity();
+  float one = 1.0f;
+  // Workspace: cuDNN's, then Dᵢ (B·NH·T floats), each 256-byte aligned.
+  const size_t plan_bytes = round_up(static_cast<size_t>(p.workspace), 256);
+  const size_t sums_bytes = round_up(static_cast<size_t>(B * NH * T) * sizeof(float), 256);
+  char* scratch = static_cast<char*>(
+      cuda_detail::device_scratch(cuda_detail::ScratchSlot::kCudnnAttention, plan_bytes + sums_bytes));
+  void* row_sums = scratch + plan_bytes;
+  void* workspace = p.workspace > 0 ? static_cast<void*>(scratch) : nullptr;
+  const int64_t uids[] = {kQ, kK, kV, kO, kDO, kStats, kDQ, kDK, kDV, kRowSums, kScale, kNegInf, kOne};
+  void* ptrs[] = {const_cast<uint16_t*>(qkv), const_cast<uint16_t*>(qkv + C), const_cast<uint16_t*>(qkv + 2 * C),
+                  const_cast<uint16_t*>(out), const_cast<uint16_t*>(dout), const_cast<float*>(lse),
+                  dqkv, dqkv + C, dqkv + 2 * C, row_sums, &scale, &neg_inf, &one};
+  execute(p, uids, ptrs, 13, workspace, stream);
+}
+
+}  // namespace kraken::kernels
+
+#else  // built without cuDNN: every shape is unsupported, and says why
+
+namespace kraken::kernels {
+
+namespace {
+const char* kNoCudnn = "this build has no cuDNN (CMake found no cudnn.h and libcudnn: set CUDNN_ROOT)";
+}
+
+std::string attention_bf16_cudnn_why_not(int64_t, int64_t, int64_t, int64_t) { return kNoCudnn; }
+std::string attention_bf16_cudnn_why_not(int64_t) { return kNoCudnn; }
+bool attention_bf16_cudnn_supported(int64_t) { return false; }
+bool attention_bf16_cudnn_usable(const void* const*, int64_t, int64_t, int64_t, int64_t, int64_t) { return false; }
+
+void attention_forward_bf16_cudnn_cuda(uint16_t*, float*, const uint16_t*, int64_t, int64_t, int64_t, int64_t,
+                                       CUstream_st*) {
+  KRAKEN_THROW("cuDNN attention: ", kNoCudnn);
+}
+void attention_backward_bf16_cudnn_cuda(uint16_t*, const uint16_t*, const uint16_t*, const uint16_t*, const float*,
+                                        int64_t, int64_t, int64_t, int64_t, CUstream_st*) {
+  KRAKEN_THROW("cuDNN attention: ", kNoCudnn);
+}
+
+}  // namespace kraken::kernels
+
+#endif  // KRAKEN_WITH_CUDNN

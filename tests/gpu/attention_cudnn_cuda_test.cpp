@@ -1,0 +1,320 @@
+// cuDNN's fused attention (attention_{forward,backward}_bf16_cudnn_cuda, kernels/cuda/attention_cudnn.cu)
+// called directly on device buffers, against the contract of kernels/attention.h, as
+// attention_tc_cuda_test.cpp checks the hand-written tensor-core kernels: the CPU f32 kernel on exactly
+// the bf16 values the GPU reads, rounded once. Head sizes 64 (GPT-2) and 168 (the Kraken 4-way preset:
+// C = 504, 3 heads), T from 1 to 257 with ragged last tiles (65, 100, 200, 257). Then: agreement with the
+// mma.sync kernels (out, lse, dqkv), bit-identical repeated runs (the backward asks cuDNN for its
+// deterministic graph), and the dispatch under KRAKEN_CUDA_ATTENTION (tools/gpu-check.sh runs this file
+// once more with KRAKEN_CUDA_ATTENTION=cudnn).
+//
+// Tolerances: those of the mma kernels, for the same reason. cuDNN's graph rounds the probabilities P to
+// bf16 before P·V (its second product takes bf16 operands) and dS to bf16 before dSᵀ·Q, and keeps scores,
+// softmax, Dᵢ and the statistics in f32: the deviations attention_tc_cuda_test.cpp bounds (worst case
+// 3.4e-3 of max|out| and 8.4e-3 of max|dqkv| at these shapes), so rel = 5e-3 (out), 1.2e-2 (dqkv), 1e-5
+// (lse) against the rounded CPU reference, and the sums of two such tolerances between cuDNN and mma. One
+// difference of form: cuDNN normalises P in f32 and rounds afterwards, so out is not exactly a convex
+// combination of the rounded weights; the bound |a − b| ≤ u·Σ_s w_s·|v_s| is of the same size. These
+// numbers are not yet measured: the [gpu-vs-cpu] lines the tests print are what to revisit them with.
+//
+// The backward overwrites dqkv (unlike the other implementations, which add): the device buffer starts
+// as NaNs and the result must match the CPU gradient computed into zeros, so every element is written.
+//
+// Skips where there is no GPU, in the dry run (KRAKEN_GPU_TESTS_ON_CPU=1: these call CUDA directly),
+// and — per shape, with cuDNN's reason printed, or for the whole test when cuDNN takes none of its
+// shapes — where attention_bf16_cudnn_why_not says cuDNN refuses the shape.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "kernels/attention.h"
+#include "kernels/elementwise.h"
+#include "runtime/allocator.h"
+#include "runtime/tensor.h"
+#include "tests/gpu/gpu_test_util.h"
+
+namespace kraken::kernels {
+namespace {
+
+using runtime::Device;
+using runtime::DType;
+using runtime::Shape;
+using runtime::Tensor;
+
+struct Shape4 {
+  int64_t B, T, C, NH;
+  std::string str() const {
+    return "B=" + std::to_string(B) + " T=" + std::to_string(T) + " D=" + std::to_string(C / NH) +
+           " NH=" + std::to_string(NH);
+  }
+};
+
+#if KRAKEN_WITH_CUDA
+
+constexpr double kOneUlp = testing::kOneBf16Ulp;
+constexpr double kRelOut = 5e-3, kRelGrad = 1.2e-2, kRelLse = 1e-5;  // as the mma kernels' (above)
+
+Device gpu() { return Device::cuda(0); }
+CUstream_st* stream() { return runtime::compute_stream(gpu()); }
+
+std::vector<float> widen(const std::vector<uint16_t>& b) {
+  std::vector<float> out(b.size());
+  cast_bf16_to_f32_cpu(out.data(), b.data(), static_cast<int64_t>(b.size()));
+  return out;
+}
+
+std::vector<uint16_t> bits_of(const Tensor& bf16_cpu) {
+  const uint16_t* p = bf16_cpu.data<uint16_t>();
+  return std::vector<uint16_t>(p, p + bf16_cpu.numel());
+}
+
+// A device buffer of bf16 values `offset` elements into its allocation (offset 1: 2-byte aligned only).
+struct DeviceBf16 {
+  Tensor storage;
+  int64_t offset = 0, n = 0;
+  DeviceBf16(const std::vector<uint16_t>& values, int64_t offset_)
+      : offset(offset_), n(static_cast<int64_t>(values.size())) {
+    std::vector<uint16_t> padded(static_cast<size_t>(n + offset), 0);
+    std::copy(values.begin(), values.end(), padded.begin() + offset);
+    Tensor host = Tensor::empty({n + offset}, DType::BF16);
+    std::copy(padded.begin(), padded.end(), host.data<uint16_t>());
+    storage = host.to(gpu());
+  }
+  uint16_t* ptr() const { return storage.data<uint16_t>() + offset; }
+  std::vector<uint16_t> bits() const {
+    const Tensor host = storage.to(Device::cpu());
+    const uint16_t* p = host.data<uint16_t>() + offset;
+    return std::vector<uint16_t>(p, p + n);
+  }
+};
+
+// The inputs of one case and the CPU reference on them (the gradient computed into zeros).
+struct Case {
+  Shape4 s;
+  std::vector<uint16_t> qkv, dout, out_rounded_bits;
+  std::vector<float> out_rounded, lse, dqkv;
+};
+
+Case make_case(const Shape4& s, uint64_t seed) {
+  Case c{s, {}, {}, {}, {}, {}, {}};
+  const int64_t B = s.B, T = s.T, C = s.C, NH = s.NH;
+  const Tensor qkv16 = testing::random_tensor({B, T, 3 * C}, seed).to(DType::BF16);
+  const Tensor dout16 = testing::random_tensor({B, T, C}, seed + 1).to(DType::BF16);
+  c.qkv = bits_of(qkv16);
+  c.dout = bits_of(dout16);
+  const std::vector<float> qkv = qkv16.to_vector(), dout = dout16.to_vector();
+  std::vector<float> out(static_cast<size_t>(B * T * C));
+  c.lse.resize(static_cast<size_t>(B * NH * T));
+  attention_forward_cpu(out.data(), c.lse.data(), qkv.data(), B, T, C, NH);
+  c.out_rounded = testing::round_bf16(out);
+  c.out_rounded_bits.resize(out.size());
+  cast_f32_to_bf16_cpu(c.out_rounded_bits.data(), out.data(), static_cast<int64_t>(out.size()));
+  c.dqkv.assign(static_cast<size_t>(B * T * 3 * C), 0.0f);
+  attention_backward_cpu(c.dqkv.data(), dout.data(), qkv.data(), c.out_rounded.data(), c.lse.data(), B, T, C, NH);
+  c.dqkv = testing::round_bf16(c.dqkv);
+  return c;
+}
+
+enum class Path { kCudnn, kMma, kDispatch };
+
+struct Results {
+  std::vector<float> out, lse, dqkv;
+  std::vector<uint16_t> out_bits, dqkv_bits;
+  std::vector<float> lse_raw;
+};
+
+// Forward from qkv; backward from the reference's out and lse into dqkv, which starts as NaNs for cuDNN
+// (it must overwrite every element) and as zeros for the kernels that add.
+Results run(Path path, const Case& c, int64_t offset = 0) {
+  const Shape4& s = c.s;
+  const int64_t B = s.B, T = s.T, C = s.C, NH = s.NH;
+  const uint16_t kNaN = 0x7fc0;
+  DeviceBf16 qkv_d(c.qkv, offset), out_d(std::vector<uint16_t>(static_cast<size_t>(B * T * C), kNaN), offset);
+  DeviceBf16 out_in_d(c.out_rounded_bits, offset), dout_d(c.dout, offset);
+  DeviceBf16 dqkv_d(std::vector<uint16_t>(static_cast<size_t>(B * T * 3 * C), path == Path::kCudnn ? kNaN : 0),
+                    offset);
+  Tensor lse_d = Tensor::full({B, NH, T}, -12345.0f).to(gpu());
+  const Tensor lse_in_d = Tensor::from_vector(c.lse, {B, NH, T}).to(gpu());
+  switch (path) {
+    case Path::kCudnn:
+      attention_forward_bf16_cudnn_cuda(out_d.ptr(), lse_d.data<float>(), qkv_d.ptr(), B, T, C, NH, stream());
+      attention_backward_bf16_cudnn_cuda(dqkv_d.ptr(), dout_d.ptr(), qkv_d.ptr(), out_in_d.ptr(),
+                                         lse_in_d.data<float>(), B, T, C, NH, stream());
+      break;
+    case Path::kMma:
+      attention_forward_bf16_mma_cuda(out_d.ptr(), lse_d.data<float>(), qkv_d.ptr(), B, T, C, NH, stream());
+      attention_backward_bf16_mma_cuda(dqkv_d.ptr(), dout_d.ptr(), qkv_d.ptr(), out_in_d.ptr(), lse_in_d.data<float>(),
+                                       B, T, C, NH, stream());
+      break;
+    case Path::kDispatch:
+      attention_forward_bf16_cuda(out_d.ptr(), lse_d.data<float>(), qkv_d.ptr(), B, T, C, NH, stream());
+      attention_backward_bf16_cuda(dqkv_d.ptr(), dout_d.ptr(), qkv_d.ptr(), out_in_d.ptr(), lse_in_d.data<float>(), B,
+                                   T, C, NH, stream());
+      break;
+  }
+  Results r;
+  r.out_bits = out_d.bits();
+  r.dqkv_bits = dqkv_d.bits();
+  r.out = widen(r.out_bits);
+  r.dqkv = widen(r.dqkv_bits);
+  r.lse = lse_d.to_vector();
+  return r;
+}
+
+void expect_close(const std::vector<float>& got, const std::vector<float>& ref, double rel, bool ulp,
+                  const std::string& what) {
+  testing::expect_within_ulp(got, ref, ulp ? kOneUlp : 0.0, rel, what);
+}
+
+// Whether cuDNN takes the shape; prints why not.
+bool cudnn_takes(const Shape4& s, std::string* reasons) {
+  const std::string why = attention_bf16_cudnn_why_not(s.B, s.T, s.C, s.NH);
+  if (why.empty()) return true;
+  std::printf("cuDNN attention %s: not supported: %s\n", s.str().c_str(), why.c_str());
+  if (reasons) *reasons += "\n" + s.str() + ": " + why;
+  return false;
+}
+
+// Runs check(s) for every shape cuDNN takes; false (with the reasons) when it takes none.
+template <typename Check>
+bool for_supported_shapes(const std::vector<Shape4>& shapes, Check check, std::string* reasons) {
+  int ran = 0;
+  for (const Shape4& s : shapes) {
+    if (!cudnn_takes(s, reasons)) continue;
+    check(s);
+    ++ran;
+  }
+  return ran > 0;
+}
+
+void check_against_cpu(const Shape4& s) {
+  const std::string what = "attention cudnn " + s.str();
+  const Case c = make_case(s, 60 + static_cast<uint64_t>(s.T + s.C));
+  const Results r = run(Path::kCudnn, c);
+  expect_close(r.out, c.out_rounded, kRelOut, true, what + ": out");
+  expect_close(r.lse, c.lse, kRelLse, false, what + ": lse");
+  expect_close(r.dqkv, c.dqkv, kRelGrad, true, what + ": dqkv (overwritten)");
+  // The first row of every head attends to itself alone: weight exactly 1, so out = v₀ exactly.
+  const std::vector<float> qkv = widen(c.qkv);
+  for (int64_t b = 0; b < s.B; ++b)
+    for (int64_t d = 0; d < s.C; ++d)
+      ASSERT_EQ(r.out[static_cast<size_t>(b * s.T * s.C + d)], qkv[static_cast<size_t>(b * s.T * 3 * s.C + 2 * s.C + d)])
+          << what << ": out at b=" << b << " t=0 column " << d;
+}
+
+void check_against_mma(const Shape4& s) {
+  const std::string what = "attention cudnn vs mma " + s.str();
+  const Case c = make_case(s, 90 + static_cast<uint64_t>(s.T));
+  const Results a = run(Path::kCudnn, c), b = run(Path::kMma, c);
+  expect_close(a.out, b.out, 2 * kRelOut, true, what + ": out");
+  expect_close(a.lse, b.lse, 2 * kRelLse, false, what + ": lse");
+  expect_close(a.dqkv, b.dqkv, 2 * kRelGrad, true, what + ": dqkv");
+}
+
+void check_repeatable(const Shape4& s) {
+  const Case c = make_case(s, 150 + static_cast<uint64_t>(s.T));
+  const Results a = run(Path::kCudnn, c), b = run(Path::kCudnn, c);
+  EXPECT_EQ(a.out_bits, b.out_bits) << s.str() << ": out";
+  EXPECT_EQ(a.lse, b.lse) << s.str() << ": lse";
+  EXPECT_EQ(a.dqkv_bits, b.dqkv_bits) << s.str() << ": dqkv (the deterministic backward)";
+  std::printf("[gpu-vs-cpu] attention cudnn %s: two runs bit for bit equal (forward and backward)\n", s.str().c_str());
+}
+
+// attention_*_bf16_cuda under KRAKEN_CUDA_ATTENTION: cuDNN only when asked for ("cudnn") and where it takes
+// the head size; then bit for bit what the cuDNN entry points give, and where a call's buffers are not
+// 16-byte aligned, bit for bit the fallback kernels.
+void check_dispatch(const Shape4& s) {
+  const int64_t D = s.C / s.NH;
+  const char* env = std::getenv("KRAKEN_CUDA_ATTENTION");
+  const bool asked = env && std::string(env) == "cudnn";
+  const AttentionBf16Kernels kernels = attention_bf16_kernels(D);
+  if (!asked) {
+    EXPECT_NE(kernels, AttentionBf16Kernels::kCudnn) << "cuDNN is opt-in (KRAKEN_CUDA_ATTENTION=cudnn), D = " << D;
+    std::printf("KRAKEN_CUDA_ATTENTION is not cudnn: the dispatch takes %s for D = %lld (rerun with it set to test "
+                "the cuDNN dispatch)\n", attention_bf16_kernels_name(kernels), static_cast<long long>(D));
+    return;
+  }
+  const bool supported = attention_bf16_cudnn_supported(D);
+  EXPECT_EQ(kernels, supported ? AttentionBf16Kernels::kCudnn : attention_bf16_kernels_fallback(D)) << "D = " << D;
+  const Case c = make_case(s, 120 + static_cast<uint64_t>(s.T));
+  const std::string what = "attention dispatch " + s.str() + " (" + attention_bf16_kernels_name(kernels) + ")";
+  if (supported && cudnn_takes(s, nullptr)) {
+    // The dispatch's dqkv starts as NaNs too (run() fills it so for the cudnn path only): compare values.
+    const Results a = run(Path::kDispatch, c), b = run(Path::kCudnn, c);
+    EXPECT_EQ(a.out_bits, b.out_bits) << what << ": out";
+    EXPECT_EQ(a.lse, b.lse) << what << ": lse";
+    EXPECT_EQ(a.dqkv_bits, b.dqkv_bits) << what << ": dqkv";
+  }
+  // Buffers only 2-byte aligned: cuDNN cannot take them, the dispatch falls back (into zeros: run() gives
+  // the dispatch zeros, which the fallback adds to).
+  if (attention_bf16_kernels_fallback(D) == AttentionBf16Kernels::kTensorCoreMma) {
+    const Results a = run(Path::kDispatch, c, 1), b = run(Path::kMma, c, 1);
+    EXPECT_EQ(a.out_bits, b.out_bits) << what << " unaligned: out";
+    EXPECT_EQ(a.dqkv_bits, b.dqkv_bits) << what << " unaligned: dqkv";
+  }
+  std::printf("[gpu-vs-cpu] %s: the dispatching entry points equal their path bit for bit\n", what.c_str());
+}
+
+void check_refusals() {
+  // D = 42 (not a multiple of 8) and D = 264 (above cuDNN's 256): refused before cuDNN is asked.
+  EXPECT_NE(attention_bf16_cudnn_why_not(42).find("multiple of 8"), std::string::npos)
+      << attention_bf16_cudnn_why_not(42);
+  EXPECT_FALSE(attention_bf16_cudnn_supported(264));
+  std::printf("cuDNN attention, D = 64: %s\n",
+              attention_bf16_cudnn_supported(64) ? "supported" : attention_bf16_cudnn_why_not(64).c_str());
+}
+
+#else  // a build without CUDA: the tests skip before calling these
+
+template <typename Check>
+bool for_supported_shapes(const std::vector<Shape4>&, Check, std::string*) { return false; }
+void check_against_cpu(const Shape4&) {}
+void check_against_mma(const Shape4&) {}
+void check_repeatable(const Shape4&) {}
+void check_dispatch(const Shape4&) {}
+void check_refusals() {}
+
+#endif  // KRAKEN_WITH_CUDA
+
+#define KRAKEN_FOR_CUDNN_SHAPES(shapes, check)                                          \
+  do {                                                                                  \
+    std::string reasons_;                                                               \
+    if (!for_supported_shapes(shapes, check, &reasons_))                                \
+      GTEST_SKIP() << "cuDNN takes none of these shapes:" << reasons_;                  \
+  } while (0)
+
+TEST(GpuAttentionCudnn, MatchesTheRoundedCpuAndOverwritesDqkv) {
+  KRAKEN_REQUIRE_CUDA_KERNELS();
+  std::vector<Shape4> shapes;
+  for (int64_t T : {1, 64, 100, 257}) shapes.push_back({2, T, 3 * 64, 3});  // GPT-2's heads
+  for (int64_t T : {65, 200}) shapes.push_back({2, T, 504, 3});            // a Kraken 4-way sub-layer
+  KRAKEN_FOR_CUDNN_SHAPES(shapes, check_against_cpu);
+}
+
+TEST(GpuAttentionCudnn, AgreesWithTheMmaKernelsLseIncluded) {
+  KRAKEN_REQUIRE_CUDA_KERNELS();
+  KRAKEN_FOR_CUDNN_SHAPES((std::vector<Shape4>{{2, 1024, 4 * 64, 4}, {2, 300, 504, 3}}), check_against_mma);
+}
+
+TEST(GpuAttentionCudnn, RepeatedRunsAreBitIdentical) {
+  KRAKEN_REQUIRE_CUDA_KERNELS();
+  KRAKEN_FOR_CUDNN_SHAPES((std::vector<Shape4>{{2, 1024, 4 * 64, 4}, {2, 300, 504, 3}}), check_repeatable);
+}
+
+TEST(GpuAttentionCudnn, DispatchHonoursKrakenCudaAttention) {
+  KRAKEN_REQUIRE_CUDA_KERNELS();
+  check_dispatch({2, 100, 2 * 64, 2});
+  check_dispatch({1, 70, 504, 3});
+}
+
+TEST(GpuAttentionCudnn, RefusedShapesSayWhy) {
+  KRAKEN_REQUIRE_CUDA_KERNELS();
+  check_refusals();
+}
+
+}  // namespace
+}  // namespace kraken::kernels
