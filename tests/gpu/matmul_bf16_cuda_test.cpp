@@ -230,6 +230,42 @@ TEST(GpuMatmulBf16, TrainingEpiloguesMatchADoubleReference) {
   check_training_epilogues(67, 72, 200);
 }
 
+// Which GELU cuBLASLt's epilogue computes: GPT-2's tanh form (kernels/elementwise.h) or the erf form.
+// They differ by at most 4.7e-4 (at x ≈ −2.7), less than the scale-relative tolerance above allows, so
+// here P = x exactly (x bf16 in column 0 of A, a one in row 0 of B, zeros elsewhere), 2048 values of x
+// over [−6, 6], f32 output, and the root-mean-square error against each form: a hardware tanh
+// approximation scatters around the form it approximates, the wrong form is off by its systematic gap.
+TEST(GpuMatmulBf16, GeluEpilogueIsTheTanhForm) {
+  KRAKEN_REQUIRE_CUDA_KERNELS();
+#if KRAKEN_WITH_CUDA
+  const int64_t M = 2048, N = 8, K = 8;
+  std::vector<float> av(static_cast<size_t>(M * K), 0.0f), bv(static_cast<size_t>(K * N), 0.0f);
+  for (int64_t m = 0; m < M; ++m) av[m * K] = -6.0f + 12.0f * static_cast<float>(m) / static_cast<float>(M - 1);
+  for (int64_t n = 0; n < N; ++n) bv[n] = 1.0f;
+  const Tensor a = Tensor::from_vector(av, {M, K}).to(DType::BF16), b = Tensor::from_vector(bv, {K, N}).to(DType::BF16);
+  const std::vector<float> x = a.to_vector();  // the bf16 values
+  const Device gpu = Device::cuda(0);
+  const Tensor ad = a.to(gpu), bd = b.to(gpu);
+  Tensor out = Tensor::empty({M, N}, DType::F32, gpu);
+  matmul_bf16_cuda(out.data_ptr(), false, ad.data<uint16_t>(), bd.data<uint16_t>(), nullptr, M, N, K, false, false,
+                   MatmulEpilogue::kGelu, runtime::stream_of(out));
+  const std::vector<float> got = out.to_vector();
+  double se_tanh = 0.0, se_erf = 0.0;
+  for (int64_t m = 0; m < M; ++m) {
+    const double xm = x[m * K], erf_form = 0.5 * xm * (1.0 + std::erf(xm / std::sqrt(2.0)));
+    for (int64_t n = 0; n < N; ++n) {
+      const double g = got[m * N + n];
+      se_tanh += (g - gelu_tanh(xm)) * (g - gelu_tanh(xm));
+      se_erf += (g - erf_form) * (g - erf_form);
+    }
+  }
+  const double rms_tanh = std::sqrt(se_tanh / (M * N)), rms_erf = std::sqrt(se_erf / (M * N));
+  std::printf("[gpu-vs-double] cuBLASLt GELU epilogue: rms error %.3g against the tanh form, %.3g against erf\n",
+              rms_tanh, rms_erf);
+  EXPECT_LT(rms_tanh, 0.5 * rms_erf) << "cuBLASLt's GELU is not closer to GPT-2's tanh form than to the erf form";
+#endif
+}
+
 TEST(GpuMatmulBf16, TrainingEpiloguesDeclineWhatCublasLtCannotHold) {
   KRAKEN_REQUIRE_CUDA_KERNELS();
 #if KRAKEN_WITH_CUDA
