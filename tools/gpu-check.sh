@@ -219,6 +219,20 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
     if [[ -f "$logs/bench-wmma.md" ]]; then grep -E '^\|' "$logs/bench-wmma.md" >> "$report"; else md_tail "$logs/bench-wmma.log" 20; fi
     [[ $rc -eq 0 ]] || fail "benchmark with the WMMA attention (exit status $rc)"
   fi
+  # GPT-2's bf16 training row (B = 8) with the MLP's GELU as its own kernels (KRAKEN_CUDA_GELU_FUSION=0,
+  # runtime/ops/mlp.cpp): what the cuBLASLt GELU epilogues change in a step. The MLP block alone, at
+  # every level, is a row of the main benchmark's compute section.
+  if [[ $have_gpu -eq 1 && $(left) -gt 150 ]]; then
+    say "benchmark, GELU unfused"
+    t0=$(date +%s)
+    KRAKEN_CUDA_GELU_FUSION=0 timeout 60 "$build/bin/gpu_train_bench" --training-only --precision bf16 --batch 8 \
+      --model gpt2 --out "$logs/bench-gelu-unfused.md" > "$logs/bench-gelu-unfused.log" 2>&1
+    rc=$?
+    md ""
+    md "With KRAKEN_CUDA_GELU_FUSION=0 (GELU and the MLP's bias gradients as their own kernels): exit status $rc in $(( $(date +%s) - t0 )) s."
+    if [[ -f "$logs/bench-gelu-unfused.md" ]]; then grep -E '^\|' "$logs/bench-gelu-unfused.md" >> "$report"; else md_tail "$logs/bench-gelu-unfused.log" 20; fi
+    [[ $rc -eq 0 ]] || fail "benchmark with the GELU unfused (exit status $rc)"
+  fi
 else
   fail "benchmark not built"
 fi
