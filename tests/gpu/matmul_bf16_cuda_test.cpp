@@ -230,6 +230,41 @@ TEST(GpuMatmulBf16, TrainingEpiloguesMatchADoubleReference) {
   check_training_epilogues(67, 72, 200);
 }
 
+// Where cuBLASLt has no algorithm for an epilogue the entry point declines and ops::mlp quietly runs
+// the unfused kernels: correct, but not the point. At GPT-2 124M's MLP products (B·T = 8192 and 1024
+// rows, C = 768, H = 3072, in the mappings ops::mlp uses) every training epilogue must be taken.
+TEST(GpuMatmulBf16, TrainingEpiloguesHaveAlgorithmsAtGpt2Shapes) {
+  KRAKEN_REQUIRE_CUDA_KERNELS();
+#if KRAKEN_WITH_CUDA
+  const Device gpu = Device::cuda(0);
+  const int64_t C = 768, H = 3072;
+  const Tensor w_fc = testing::random_tensor({H, C}, 1, 0.02f).to(DType::BF16).to(gpu);
+  const Tensor w_proj = testing::random_tensor({C, H}, 2, 0.02f).to(DType::BF16).to(gpu);
+  const Tensor b_fc = Tensor::zeros({H}, DType::BF16, gpu);
+  for (int64_t rows : {8192, 1024}) {
+    const std::string at = "rows = " + std::to_string(rows) + ": ";
+    const Tensor x = testing::random_tensor({rows, C}, 3).to(DType::BF16).to(gpu);
+    const Tensor dy = testing::random_tensor({rows, C}, 4).to(DType::BF16).to(gpu);
+    Tensor u = Tensor::empty({rows, H}, DType::BF16, gpu), pre = Tensor::empty({rows, H}, DType::BF16, gpu);
+    Tensor dpre = Tensor::empty({rows, H}, DType::BF16, gpu), db_fc = Tensor::empty({H}, DType::BF16, gpu);
+    Tensor dw_proj = Tensor::empty({C, H}, DType::BF16, gpu), db_proj = Tensor::empty({C}, DType::BF16, gpu);
+    CUstream_st* s = runtime::stream_of(u);
+    EXPECT_TRUE(matmul_gelu_aux_bf16_cuda(u.data<uint16_t>(), pre.data<uint16_t>(), x.data<uint16_t>(),
+                                          w_fc.data<uint16_t>(), b_fc.data<uint16_t>(), rows, H, C, false, true, s))
+        << at << "c_fc with GELU_AUX_BIAS";
+    EXPECT_TRUE(matmul_dgelu_bf16_cuda(dpre.data<uint16_t>(), db_fc.data<uint16_t>(), dy.data<uint16_t>(),
+                                       w_proj.data<uint16_t>(), pre.data<uint16_t>(), rows, H, C, false, false, s))
+        << at << "dy·W_proj with DGELU_BGRAD";
+    EXPECT_TRUE(matmul_dgelu_bf16_cuda(dpre.data<uint16_t>(), nullptr, dy.data<uint16_t>(), w_proj.data<uint16_t>(),
+                                       pre.data<uint16_t>(), rows, H, C, false, false, s))
+        << at << "dy·W_proj with DGELU";
+    EXPECT_TRUE(matmul_bias_grad_bf16_cuda(dw_proj.data<uint16_t>(), db_proj.data<uint16_t>(), dy.data<uint16_t>(),
+                                           u.data<uint16_t>(), C, H, rows, true, false, s))
+        << at << "dyᵀ·u with BGRADB";
+  }
+#endif
+}
+
 // Which GELU cuBLASLt's epilogue computes: GPT-2's tanh form (kernels/elementwise.h) or the erf form.
 // They differ by at most 4.7e-4 (at x ≈ −2.7), less than the scale-relative tolerance above allows, so
 // here P = x exactly (x bf16 in column 0 of A, a one in row 0 of B, zeros elsewhere), 2048 values of x
