@@ -21,7 +21,10 @@
 // 2. Achieved bandwidth of the memory-bound kernels at GPT-2 124M shapes (B·T = 8192 rows): layernorm,
 //    GELU, AdamW (124M parameters), cross-entropy (Vp = 50304), each as bytes it must move ÷ time,
 //    against the device's peak (memory clock × bus width × 2).
-// 3. For context: one matrix product (fp32 SGEMM, and bf16 through cuBLASLt) and the fused attention at
+// 3. For context: GPT-2's MLP block (c_fc → GELU → c_proj) in bf16, forward and backward, with its GELU
+//    and bias gradients as kernels or in cuBLASLt's epilogues (KRAKEN_CUDA_GELU_FUSION's levels: the
+//    training rows take the environment's, 2 when unset); one matrix product (fp32 SGEMM, and bf16
+//    through cuBLASLt) and the fused attention at
 //    the same shapes: fp32, and bf16 on tensor cores (mma.sync with the scores in registers, and WMMA)
 //    and on CUDA cores, then both tensor-core families on one sub-layer of the Kraken 4-way preset (3
 //    heads of D = 168), and cuDNN's fused attention on both shapes (a row saying why where cuDNN refuses
@@ -500,9 +503,47 @@ void bench_kernels(const DeviceInfo& dev, Report& r) {
   }
 }
 
+// GPT-2's MLP block (c_fc → GELU → c_proj, ops::mlp) in bf16, forward and backward, at every
+// GeluFusion level (runtime/ops/mlp.cpp): the GELU as its own kernels, in cuBLASLt's epilogues, and the
+// bias gradients there too. The weights are bf16 casts of f32 masters, as in the model, and x a bf16
+// leaf; the casts, the masters' gradient accumulation and dx's add into x.grad (8192×768 bf16) are in
+// every row alike, ~20 µs of memory traffic.
+void bench_mlp(Report& r) {
+  namespace ops = kraken::runtime::ops;
+  const int64_t B = 8, T = 1024, C = 768, H = 4 * C, N = B * T;
+  auto master = [](const kraken::runtime::Shape& s, uint64_t seed, float std) {
+    Tensor t = normal(s, seed, std);
+    t.set_requires_grad(true);
+    return t;
+  };
+  Tensor x = normal({B, T, C}, 50, 1.0f).to(DType::BF16);
+  x.set_requires_grad(true);
+  Tensor w_fc = master({H, C}, 51, 0.02f), b_fc = master({H}, 52, 0.02f);
+  Tensor w_proj = master({C, H}, 53, 0.02f), b_proj = master({C}, 54, 0.02f);
+  const Tensor dy = normal({B, T, C}, 55, 1.0f).to(DType::BF16);
+  const double flops = 6.0 * 2.0 * N * C * H;  // 2 products forward, 4 backward
+  const struct {
+    ops::GeluFusion level;
+    const char* name;
+  } levels[] = {{ops::GeluFusion::kOff, "GELU and bias gradients as kernels (KRAKEN_CUDA_GELU_FUSION=0)"},
+                {ops::GeluFusion::kGelu, "GELU in the epilogues, bias gradients as column sums (=1)"},
+                {ops::GeluFusion::kGeluAndBiasGrads, "GELU and bias gradients in the epilogues (=2, default)"}};
+  for (const auto& level : levels) {
+    ops::GeluFusionScope scope(level.level);
+    const double s = time_kernel([&] {
+      const std::vector<Tensor> w = ops::cast_many({w_fc, b_fc, w_proj, b_proj}, DType::BF16);
+      Tensor y = ops::mlp(x, w[0], w[1], w[2], w[3]);
+      kraken::runtime::backward(y, dy);
+    }, 5);
+    r.line("| bf16 MLP block forward + backward, B=8 T=1024 C=768 H=3072, %s | %.3f | %.1f TFLOP/s |", level.name,
+           s * 1e3, flops / s / 1e12);
+  }
+}
+
 void bench_compute(Report& r) {
   using namespace kraken::kernels;
   const int64_t N = 8 * 1024, C = 768;
+  bench_mlp(r);
   {
     Tensor a = normal({N, C}, 30), w = normal({4 * C, C}, 31), out = normal({N, 4 * C}, 32);
     const double s = time_kernel([&] { matmul_cuda(out.data<float>(), a.data<float>(), w.data<float>(), N, 4 * C, C, false,

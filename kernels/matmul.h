@@ -37,4 +37,25 @@ enum class MatmulEpilogue { kNone, kBias, kGelu, kBiasGelu };
 void matmul_bf16_cuda(void* out, bool out_bf16, const uint16_t* a, const uint16_t* b, const void* bias, int64_t M,
                       int64_t N, int64_t K, bool trans_a, bool trans_b, MatmulEpilogue epilogue, CUstream_st* stream);
 
+// The same products with the epilogues that training GPT-2's MLP wants (runtime ops::mlp), everything
+// bf16 (operands, out, bias, aux, bias gradients), f32 accumulation and epilogue arithmetic, each output
+// rounded once. With P = op(A)·op(B) (M, N):
+//   matmul_gelu_aux_bf16_cuda    out = gelu(P + bias[n]), pre = P + bias[n]   (bias may be null: no bias)
+//   matmul_dgelu_bf16_cuda       dpre = P ∘ gelu'(pre); where bias_grad is given also
+//                                bias_grad[n] = Σ_m dpre[m, n]  (the bias that was added before the GELU)
+//   matmul_bias_grad_bf16_cuda   out = P and bias_grad[m] = Σ_k op(A)[m, k]: for dW = dyᵀ·x (A = dy,
+//                                trans_a) the weight's and the bias's gradients in one product
+// pre (M, N) is laid out like out. GELU is the tanh form (kernels/elementwise.h), gelu' its derivative.
+// Each returns false, having written nothing, where it cannot run fused: pre's rows (N) not a multiple
+// of 8 elements or pre not 16-byte aligned (cuBLASLt's rule for the GELU aux matrix), M or N zero, or no
+// cuBLASLt algorithm for the epilogue at this shape (remembered per plan). The caller then runs the plain
+// product and the elementwise kernels instead (runtime/ops/mlp.cpp). Other errors throw. K ≥ 1.
+bool matmul_gelu_aux_bf16_cuda(uint16_t* out, uint16_t* pre, const uint16_t* a, const uint16_t* b, const uint16_t* bias,
+                               int64_t M, int64_t N, int64_t K, bool trans_a, bool trans_b, CUstream_st* stream);
+bool matmul_dgelu_bf16_cuda(uint16_t* dpre, uint16_t* bias_grad, const uint16_t* a, const uint16_t* b,
+                            const uint16_t* pre, int64_t M, int64_t N, int64_t K, bool trans_a, bool trans_b,
+                            CUstream_st* stream);
+bool matmul_bias_grad_bf16_cuda(uint16_t* out, uint16_t* bias_grad, const uint16_t* a, const uint16_t* b, int64_t M,
+                                int64_t N, int64_t K, bool trans_a, bool trans_b, CUstream_st* stream);
+
 }  // namespace kraken::kernels

@@ -215,14 +215,21 @@ std::vector<Tensor> KrakenModel::attention_branches(const std::vector<SubLayer>&
   return out;
 }
 
-// MLP_i(h), h = LN2_i(m) computed by the caller (fused with the add that makes m): (B, T, C) → (B, T, C)
+// MLP_i(h), h = LN2_i(m) computed by the caller (fused with the add that makes m): (B, T, C) → (B, T, C).
+// c_fc, GELU and c_proj are one op (ops::mlp: on the GPU in bf16 the GELU runs in the products' epilogues,
+// forward and backward); elsewhere it is the three ops, gelu(h·W_fcᵀ + b_fc)·W_projᵀ + b_proj.
 Tensor KrakenModel::mlp_branch(const SubLayer& s, const Tensor& h, runtime::Generator* gen, bool training) {
   if (!megatron()) {
-    Tensor u = ops::gelu(ops::linear(h, compute(s.c_fc_w), compute(s.c_fc_b)));  // (B, T, eC)
-    return dropout(ops::linear(u, compute(s.mlp_proj_w), compute(s.mlp_proj_b)), gen, training);
+    // (B, T, C) → (B, T, eC) → (B, T, C)
+    Tensor o = ops::mlp(h, compute(s.c_fc_w), compute(s.c_fc_b), compute(s.mlp_proj_w), compute(s.mlp_proj_b));
+    return dropout(o, gen, training);
   }
-  Tensor u = ops::gelu(ops::linear(parallel::copy_to_tp(h, *shard_.tp), compute(s.c_fc_w), compute(s.c_fc_b)));  // (B, T, eC/tp)
-  Tensor o = parallel::reduce_from_tp(ops::linear(u, compute(s.mlp_proj_w)), *shard_.tp);
+  // Megatron-LM: this rank's eC/tp hidden columns, c_fc column-parallel and c_proj row-parallel, so the
+  // block between copy_to_tp and reduce_from_tp is this rank's whole MLP; c_proj's bias is added once,
+  // after the sum.
+  Tensor partial = ops::mlp(parallel::copy_to_tp(h, *shard_.tp), compute(s.c_fc_w), compute(s.c_fc_b),
+                            compute(s.mlp_proj_w), Tensor());  // (B, T, C), this rank's share of the sum
+  Tensor o = parallel::reduce_from_tp(partial, *shard_.tp);
   if (s.mlp_proj_b.defined()) o = ops::add(o, compute(s.mlp_proj_b));
   return dropout(o, gen, training);
 }

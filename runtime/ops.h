@@ -52,6 +52,33 @@ Tensor matmul(const Tensor& a, const Tensor& b, bool trans_a = false, bool trans
 // x (..., in) · weightᵀ + bias, weight (out, in) as PyTorch's nn.Linear; bias (out,) may be undefined.
 Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias = Tensor());
 
+// ---- the MLP block (ops/mlp.cpp) ------------------------------------------------------------------------
+// GPT-2's MLP: linear(gelu(linear(x, w_fc, b_fc)), w_proj, b_proj). x (..., C), w_fc (H, C), w_proj
+// (Co, H), biases (H,) and (Co,), either undefined. On the CPU, in f32, and with the fusion off these
+// are exactly the three ops (the same nodes and bits). On CUDA in bf16 it is one node whose cuBLASLt
+// products apply GELU (forward) and its derivative (backward) in their epilogues, and at
+// GeluFusion::kGeluAndBiasGrads also sum both bias gradients there; the results differ from the three
+// ops' by rounding only. Rows of H not a multiple of 8 take the three ops (ops/mlp.cpp says why).
+Tensor mlp(const Tensor& x, const Tensor& w_fc, const Tensor& b_fc, const Tensor& w_proj, const Tensor& b_proj);
+// How ops::mlp runs on CUDA in bf16. The process default comes from KRAKEN_CUDA_GELU_FUSION (0, 1 or 2;
+// unset: 2), read once; a GeluFusionScope sets it for its thread while it lives (tests, benchmarks).
+enum class GeluFusion {
+  kOff = 0,                // the three ops: cuBLASLt with the bias epilogue, GELU and column sums as kernels
+  kGelu = 1,               // GELU and gelu' in the products' epilogues; bias gradients as column sums
+  kGeluAndBiasGrads = 2,   // also db_fc (DGELU_BGRAD) and db_proj (BGRADB) in the products' epilogues
+};
+GeluFusion gelu_fusion();
+class GeluFusionScope {
+ public:
+  explicit GeluFusionScope(GeluFusion fusion);
+  ~GeluFusionScope();
+  GeluFusionScope(const GeluFusionScope&) = delete;
+  GeluFusionScope& operator=(const GeluFusionScope&) = delete;
+
+ private:
+  int previous_;
+};
+
 // ---- normalisation and embedding (ops/layernorm.cpp, ops/embedding.cpp) ----------------------------------
 // Normalises the last dimension: (x − mean)/√(var + eps)·gamma + beta; gamma, beta (C,).
 Tensor layernorm(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps = 1e-5f);

@@ -248,18 +248,32 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
     if [[ -f "$logs/bench-wmma.md" ]]; then grep -E '^\|' "$logs/bench-wmma.md" >> "$report"; else md_tail "$logs/bench-wmma.log" 20; fi
     [[ $rc -eq 0 ]] || fail "benchmark with the WMMA attention (exit status $rc)"
   fi
-  # And on cuDNN's fused attention (opt-in, kernels/cuda/attention_cudnn.cu), B = 8 only: the question is
-  # whether it beats the mma kernels in a whole step.
+  # And on cuDNN's fused attention (opt-in, kernels/cuda/attention_cudnn.cu), at B = 8 and 64 (llm.c's
+  # batch): the question is whether it beats the mma kernels in a whole step.
   if [[ $have_gpu -eq 1 && $(left) -gt 200 ]]; then
     say "benchmark, cuDNN attention"
     t0=$(date +%s)
-    KRAKEN_CUDA_ATTENTION=cudnn timeout 90 "$build/bin/gpu_train_bench" --training-only --precision bf16 --batch 8 \
+    KRAKEN_CUDA_ATTENTION=cudnn timeout 90 "$build/bin/gpu_train_bench" --training-only --precision bf16 --batch 8,64 \
       --out "$logs/bench-cudnn.md" > "$logs/bench-cudnn.log" 2>&1
     rc=$?
     md ""
     md "With KRAKEN_CUDA_ATTENTION=cudnn (cuDNN's fused attention where it takes the shape): exit status $rc in $(( $(date +%s) - t0 )) s."
     if [[ -f "$logs/bench-cudnn.md" ]]; then grep -E '^\|' "$logs/bench-cudnn.md" >> "$report"; else md_tail "$logs/bench-cudnn.log" 20; fi
     [[ $rc -eq 0 ]] || fail "benchmark with the cuDNN attention (exit status $rc)"
+  fi
+  # GPT-2's bf16 training row (B = 8) with the MLP's GELU as its own kernels (KRAKEN_CUDA_GELU_FUSION=0,
+  # runtime/ops/mlp.cpp): what the cuBLASLt GELU epilogues change in a step. The MLP block alone, at
+  # every level, is a row of the main benchmark's compute section.
+  if [[ $have_gpu -eq 1 && $(left) -gt 150 ]]; then
+    say "benchmark, GELU unfused"
+    t0=$(date +%s)
+    KRAKEN_CUDA_GELU_FUSION=0 timeout 60 "$build/bin/gpu_train_bench" --training-only --precision bf16 --batch 8 \
+      --model gpt2 --out "$logs/bench-gelu-unfused.md" > "$logs/bench-gelu-unfused.log" 2>&1
+    rc=$?
+    md ""
+    md "With KRAKEN_CUDA_GELU_FUSION=0 (GELU and the MLP's bias gradients as their own kernels): exit status $rc in $(( $(date +%s) - t0 )) s."
+    if [[ -f "$logs/bench-gelu-unfused.md" ]]; then grep -E '^\|' "$logs/bench-gelu-unfused.md" >> "$report"; else md_tail "$logs/bench-gelu-unfused.log" 20; fi
+    [[ $rc -eq 0 ]] || fail "benchmark with the GELU unfused (exit status $rc)"
   fi
 else
   fail "benchmark not built"
@@ -317,7 +331,8 @@ EOF
   # The kernel tests under memcheck and racecheck (shared-memory hazards in the tiled kernels), while
   # the budget allows: both are much slower than a plain run. Of the tensor-core attention, the small
   # cases (every copy width, head sizes 5 to 96) and the heads above 128, of both families (WMMA, mma.sync).
-  kernel_filter='GpuAttention.*:GpuAttentionTc.MatchesTheRoundedCpuWithUnalignedBuffersAndSmallHeads:GpuAttentionTc.MatchesTheRoundedCpuForHeadsAbove128:GpuAttentionMma.MatchesTheRoundedCpuWithUnalignedBuffersAndSmallHeads:GpuAttentionMma.MatchesTheRoundedCpuForHeadsAbove128:GpuBf16Kernels.*:GpuLayerNorm.*:GpuEmbedding.*:GpuSoftmax.*:GpuCrossEntropy.*:GpuElementwise.*:GpuMatmul*:GpuDropout.*:GpuPhilox.*'
+  # GpuMlp.OddShapesMatchTheCpu: the cuBLASLt GELU epilogues' aux and bias-gradient writes at odd shapes.
+  kernel_filter='GpuMlp.OddShapesMatchTheCpu:GpuAttention.*:GpuAttentionTc.MatchesTheRoundedCpuWithUnalignedBuffersAndSmallHeads:GpuAttentionTc.MatchesTheRoundedCpuForHeadsAbove128:GpuAttentionMma.MatchesTheRoundedCpuWithUnalignedBuffersAndSmallHeads:GpuAttentionMma.MatchesTheRoundedCpuForHeadsAbove128:GpuBf16Kernels.*:GpuLayerNorm.*:GpuEmbedding.*:GpuSoftmax.*:GpuCrossEntropy.*:GpuElementwise.*:GpuMatmul*:GpuDropout.*:GpuPhilox.*'
   for tool in memcheck racecheck; do
     if [[ $(left) -lt 120 ]]; then
       md "$tool on the kernel tests: not run (time budget)."

@@ -7,13 +7,31 @@
 // rows of cuBLASLt's D, which are the columns of our C: one bias per output feature, as a linear layer
 // needs. cuBLASLt's GELU epilogue is the tanh form GPT-2 uses (kernels/elementwise.h).
 //
+// The training epilogues of GPT-2's MLP (runtime/ops/mlp.cpp), in the same mapping (cublasLt.h's
+// comments on cublasLtEpilogue_t and CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_*):
+// - GELU_AUX(_BIAS): D = gelu(P + bias) and the aux matrix = P + bias, GELU's input. The aux matrix is
+//   shaped like D, (N, M) column-major with leading dimension N — our (M, N) row-major, out's layout —
+//   and takes D's type when CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_DATA_TYPE is left unset (bf16 here). Its
+//   leading dimension must be a multiple of 8: N % 8 == 0, or the caller takes the unfused path.
+// - DGELU(_BGRAD): D = P ∘ gelu'(aux), aux the forward's pre-activation in the same layout; the BGRAD
+//   form also writes the bias gradient into the bias pointer: one value per row of D (our column n),
+//   summed over D's columns (our rows m) — the gradient of the bias GELU_AUX_BIAS added.
+// - BGRADB: D = P and the bias gradient of cuBLASLt's B, one value per column of D, reduced over the
+//   product's K. cuBLASLt's B is our A, D's columns our rows m: bias_grad[m] = Σ_k op(A)[m, k]. For
+//   the weight gradient dW (out, in) = dyᵀ·x, op(A) = dyᵀ, that is Σ over the batch rows of dy: the
+//   linear layer's bias gradient, from the same read of dy. (BGRADA would sum our B: x, no use here.)
+// Bias gradients have D's type (bf16). Where cuBLASLt has no algorithm for one of these epilogues the
+// plan remembers it and the entry point returns false; the op then runs the plain product and our own
+// elementwise and column-sum kernels, which is also what KRAKEN_CUDA_GELU_FUSION=0 runs.
+//
 // Per device: one cuBLASLt handle and one 32 MiB workspace (cudaMalloc'd once, kept for the process:
 // the kernels layer has no allocator of its own, and 32 MiB is what cuBLASLt's fastest Hopper kernels
 // ask for). A product's plan (descriptors and the algorithm cuBLASLt's heuristic picked) is kept per
 // thread, keyed by everything the heuristic saw: shapes, transposes, output type, epilogue, operand
 // alignments and device. A training step repeats the same few dozen products, and the heuristic query
 // costs tens of µs of host time per call, which at small batches is time the GPU waits. Only the bias
-// pointer changes between calls of one plan; it is set on the plan's descriptor before each product.
+// and aux pointers change between calls of one plan; they are set on the plan's descriptor before each
+// product.
 #include <cublasLt.h>
 #include <cuda_bf16.h>
 
@@ -77,14 +95,15 @@ struct PlanKey {
   int device;
   int64_t M, N, K;
   bool trans_a, trans_b, out_bf16;
-  MatmulEpilogue epilogue;
-  // Alignments (bytes) of cuBLASLt's first operand (our B), second (our A), output and bias.
-  uint32_t align_first, align_second, align_out, align_bias;
+  cublasLtEpilogue_t epilogue;
+  // Alignments (bytes) of cuBLASLt's first operand (our B), second (our A), output, bias (or bias
+  // gradient) and aux matrix (0 where the epilogue has none).
+  uint32_t align_first, align_second, align_out, align_bias, align_aux;
   bool operator==(const PlanKey& o) const {
     return device == o.device && M == o.M && N == o.N && K == o.K && trans_a == o.trans_a &&
            trans_b == o.trans_b && out_bf16 == o.out_bf16 && epilogue == o.epilogue &&
            align_first == o.align_first && align_second == o.align_second && align_out == o.align_out &&
-           align_bias == o.align_bias;
+           align_bias == o.align_bias && align_aux == o.align_aux;
   }
 };
 struct PlanKeyHash {
@@ -99,12 +118,14 @@ struct PlanKeyHash {
         (static_cast<uint64_t>(k.epilogue) << 3));
     mix((static_cast<uint64_t>(k.align_first) << 48) | (static_cast<uint64_t>(k.align_second) << 32) |
         (static_cast<uint64_t>(k.align_out) << 16) | k.align_bias);
+    mix(k.align_aux);
     return static_cast<size_t>(h);
   }
 };
 struct Plan {
   LtDescriptors desc;
   cublasLtMatmulAlgo_t algo;
+  bool supported = true;  // false: cuBLASLt had no algorithm for an epilogue the caller can do without
 };
 // Plans seen by this thread. Bounded: a run whose shapes keep changing (sampling with a growing
 // context, say) starts over rather than growing without end.
@@ -120,12 +141,25 @@ cublasLtEpilogue_t lt_epilogue(MatmulEpilogue e) {
   return CUBLASLT_EPILOGUE_DEFAULT;
 }
 
-// The descriptors of a product and the heuristic's first choice for it. The bias pointer is the first
-// call's (the heuristic may look at it); every call sets its own before the product.
-std::unique_ptr<Plan> make_plan(const LtDevice& lt, const PlanKey& k, const void* bias) {
+// Which pointers an epilogue takes: a bias (read), a bias gradient (written, through the same
+// attribute), an aux matrix (GELU's input: written forward, read backward).
+bool has_bias_pointer(cublasLtEpilogue_t e) {
+  return e == CUBLASLT_EPILOGUE_BIAS || e == CUBLASLT_EPILOGUE_GELU_BIAS || e == CUBLASLT_EPILOGUE_GELU_AUX_BIAS ||
+         e == CUBLASLT_EPILOGUE_DGELU_BGRAD || e == CUBLASLT_EPILOGUE_BGRADB;
+}
+bool has_aux(cublasLtEpilogue_t e) {
+  return e == CUBLASLT_EPILOGUE_GELU_AUX || e == CUBLASLT_EPILOGUE_GELU_AUX_BIAS || e == CUBLASLT_EPILOGUE_DGELU ||
+         e == CUBLASLT_EPILOGUE_DGELU_BGRAD;
+}
+// The training epilogues have a fallback in the caller: without an algorithm they report it, not throw.
+bool optional_epilogue(cublasLtEpilogue_t e) { return has_aux(e) || e == CUBLASLT_EPILOGUE_BGRADB; }
+
+// The descriptors of a product and the heuristic's first choice for it. The bias and aux pointers are
+// the first call's (the heuristic looks at their alignment); every call sets its own before the product.
+std::unique_ptr<Plan> make_plan(const LtDevice& lt, const PlanKey& k, const void* bias, const void* aux) {
   auto plan = std::make_unique<Plan>();
   LtDescriptors& desc = plan->desc;
-  const bool wants_bias = k.epilogue == MatmulEpilogue::kBias || k.epilogue == MatmulEpilogue::kBiasGelu;
+  const bool wants_bias = has_bias_pointer(k.epilogue);
   const cudaDataType_t out_type = k.out_bf16 ? CUDA_R_16BF : CUDA_R_32F;
   KRAKEN_CUBLAS_CHECK(cublasLtMatmulDescCreate(&desc.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
   // cuBLASLt's first operand is our B, its second our A (see the top of the file).
@@ -135,14 +169,24 @@ std::unique_ptr<Plan> make_plan(const LtDevice& lt, const PlanKey& k, const void
       cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_TRANSA, &op_first, sizeof(op_first)));
   KRAKEN_CUBLAS_CHECK(
       cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_TRANSB, &op_second, sizeof(op_second)));
-  const cublasLtEpilogue_t ep = lt_epilogue(k.epilogue);
+  const cublasLtEpilogue_t ep = k.epilogue;
   KRAKEN_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &ep, sizeof(ep)));
   if (wants_bias) {
-    const int32_t bias_type = out_type;  // the bias has the output's type (cuBLASLt's rule for non-fp8 kernels)
+    // The bias, and a bias gradient, have the output's type (cuBLASLt's rule for non-fp8 kernels).
+    const int32_t bias_type = out_type;
     KRAKEN_CUBLAS_CHECK(
         cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
     KRAKEN_CUBLAS_CHECK(
         cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type, sizeof(bias_type)));
+  }
+  if (has_aux(k.epilogue)) {
+    // GELU's input, laid out as D: (N, M) column-major, leading dimension N (a multiple of 8, checked by
+    // the caller). Its type is left unset: D's (bf16).
+    const int64_t aux_ld = k.N;
+    KRAKEN_CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux, sizeof(aux)));
+    KRAKEN_CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &aux_ld, sizeof(aux_ld)));
   }
   // Column-major shapes as stored: our B is (K, N) row-major = (N, K) column-major, or (K, N) when
   // transposed; our A likewise; D (N, M).
@@ -171,42 +215,89 @@ std::unique_ptr<Plan> make_plan(const LtDevice& lt, const PlanKey& k, const void
   int found = 0;
   KRAKEN_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(lt.handle, desc.op, desc.a, desc.b, desc.d, desc.d, desc.pref, 1,
                                                      &heuristic, &found));
+  if (found == 0 && optional_epilogue(k.epilogue)) {
+    plan->supported = false;
+    return plan;
+  }
   if (found == 0)
     KRAKEN_THROW("matmul_bf16_cuda: cuBLASLt has no algorithm for (", k.M, ", ", k.K, ")", k.trans_a ? "ᵀ" : "",
                  " · (", k.K, ", ", k.N, ")", k.trans_b ? "ᵀ" : "", " with output ", k.out_bf16 ? "bf16" : "f32",
-                 " and epilogue ", static_cast<int>(k.epilogue));
+                 " and cuBLASLt epilogue ", static_cast<int>(k.epilogue));
   plan->algo = heuristic.algo;
   return plan;
+}
+
+// out (M, N) = op(A)·op(B) with a cuBLASLt epilogue: every entry point ends here. bias is read or (for
+// the gradient epilogues) written; aux likewise. Returns false where the plan is unsupported (only for
+// the optional epilogues; the others throw when planned).
+bool run_product(void* out, bool out_bf16, const uint16_t* a, const uint16_t* b, const void* bias, const void* aux,
+                 int64_t M, int64_t N, int64_t K, bool trans_a, bool trans_b, cublasLtEpilogue_t epilogue,
+                 CUstream_st* stream) {
+  const bool wants_bias = has_bias_pointer(epilogue), wants_aux = has_aux(epilogue);
+  KRAKEN_CHECK(!wants_bias || bias != nullptr, "matmul_bf16_cuda: the epilogue needs a bias (or bias gradient) vector");
+  KRAKEN_CHECK(!wants_aux || aux != nullptr, "matmul_bf16_cuda: the epilogue needs its aux matrix");
+  KRAKEN_CHECK(M >= 0 && N >= 0 && K >= 1 && M < (1LL << 31) && N < (1LL << 31) && K < (1LL << 31), "M=", M, " N=", N,
+               " K=", K);
+  if (M == 0 || N == 0) return true;
+  LtDevice& lt = lt_for_current_device();
+  int device = 0;
+  KRAKEN_CUDA_CHECK(cudaGetDevice(&device));
+  const PlanKey key{device, M, N, K, trans_a, trans_b, out_bf16, epilogue, alignment_of(b), alignment_of(a),
+                    alignment_of(out), wants_bias ? alignment_of(bias) : 0u, wants_aux ? alignment_of(aux) : 0u};
+  thread_local std::unordered_map<PlanKey, std::unique_ptr<Plan>, PlanKeyHash> plans;
+  auto found_plan = plans.find(key);
+  if (found_plan == plans.end()) {
+    if (plans.size() >= kMaxPlans) plans.clear();
+    found_plan = plans.emplace(key, make_plan(lt, key, bias, aux)).first;
+  }
+  Plan& plan = *found_plan->second;
+  if (!plan.supported) return false;
+  if (wants_bias)
+    KRAKEN_CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(plan.desc.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
+  if (wants_aux)
+    KRAKEN_CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(plan.desc.op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux, sizeof(aux)));
+  const float alpha = 1.0f, beta = 0.0f;
+  // beta = 0: C is not read; it is passed as D only because the API wants a C.
+  KRAKEN_CUBLAS_CHECK(cublasLtMatmul(lt.handle, plan.desc.op, &alpha, b, plan.desc.a, a, plan.desc.b, &beta, out,
+                                     plan.desc.d, out, plan.desc.d, &plan.algo, lt.workspace, kWorkspaceBytes, stream));
+  return true;
+}
+
+// The aux matrix's rule (cublasLt.h, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD: a multiple of 8), and 16-byte
+// alignment of its start, which we ask for rather than learn from a failure on a GPU.
+bool aux_fits(const void* aux, int64_t N) {
+  return N % 8 == 0 && reinterpret_cast<uintptr_t>(aux) % 16 == 0;
 }
 
 }  // namespace
 
 void matmul_bf16_cuda(void* out, bool out_bf16, const uint16_t* a, const uint16_t* b, const void* bias, int64_t M,
                       int64_t N, int64_t K, bool trans_a, bool trans_b, MatmulEpilogue epilogue, CUstream_st* stream) {
-  const bool wants_bias = epilogue == MatmulEpilogue::kBias || epilogue == MatmulEpilogue::kBiasGelu;
-  KRAKEN_CHECK(!wants_bias || bias != nullptr, "matmul_bf16_cuda: the bias epilogue needs a bias vector");
-  KRAKEN_CHECK(M >= 0 && N >= 0 && K >= 1 && M < (1LL << 31) && N < (1LL << 31) && K < (1LL << 31), "M=", M, " N=", N,
-               " K=", K);
-  if (M == 0 || N == 0) return;
-  LtDevice& lt = lt_for_current_device();
-  int device = 0;
-  KRAKEN_CUDA_CHECK(cudaGetDevice(&device));
-  const PlanKey key{device, M, N, K, trans_a, trans_b, out_bf16, epilogue, alignment_of(b), alignment_of(a),
-                    alignment_of(out), wants_bias ? alignment_of(bias) : 0u};
-  thread_local std::unordered_map<PlanKey, std::unique_ptr<Plan>, PlanKeyHash> plans;
-  auto found_plan = plans.find(key);
-  if (found_plan == plans.end()) {
-    if (plans.size() >= kMaxPlans) plans.clear();
-    found_plan = plans.emplace(key, make_plan(lt, key, bias)).first;
-  }
-  Plan& plan = *found_plan->second;
-  if (wants_bias)
-    KRAKEN_CUBLAS_CHECK(
-        cublasLtMatmulDescSetAttribute(plan.desc.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
-  const float alpha = 1.0f, beta = 0.0f;
-  // beta = 0: C is not read; it is passed as D only because the API wants a C.
-  KRAKEN_CUBLAS_CHECK(cublasLtMatmul(lt.handle, plan.desc.op, &alpha, b, plan.desc.a, a, plan.desc.b, &beta, out,
-                                     plan.desc.d, out, plan.desc.d, &plan.algo, lt.workspace, kWorkspaceBytes, stream));
+  run_product(out, out_bf16, a, b, bias, nullptr, M, N, K, trans_a, trans_b, lt_epilogue(epilogue), stream);
+}
+
+bool matmul_gelu_aux_bf16_cuda(uint16_t* out, uint16_t* pre, const uint16_t* a, const uint16_t* b, const uint16_t* bias,
+                               int64_t M, int64_t N, int64_t K, bool trans_a, bool trans_b, CUstream_st* stream) {
+  if (M == 0 || N == 0 || !aux_fits(pre, N)) return false;
+  return run_product(out, true, a, b, bias, pre, M, N, K, trans_a, trans_b,
+                     bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX, stream);
+}
+
+bool matmul_dgelu_bf16_cuda(uint16_t* dpre, uint16_t* bias_grad, const uint16_t* a, const uint16_t* b,
+                            const uint16_t* pre, int64_t M, int64_t N, int64_t K, bool trans_a, bool trans_b,
+                            CUstream_st* stream) {
+  if (M == 0 || N == 0 || !aux_fits(pre, N)) return false;
+  return run_product(dpre, true, a, b, bias_grad, pre, M, N, K, trans_a, trans_b,
+                     bias_grad ? CUBLASLT_EPILOGUE_DGELU_BGRAD : CUBLASLT_EPILOGUE_DGELU, stream);
+}
+
+bool matmul_bias_grad_bf16_cuda(uint16_t* out, uint16_t* bias_grad, const uint16_t* a, const uint16_t* b, int64_t M,
+                                int64_t N, int64_t K, bool trans_a, bool trans_b, CUstream_st* stream) {
+  KRAKEN_CHECK(bias_grad != nullptr, "matmul_bias_grad_bf16_cuda: no bias gradient vector");
+  if (M == 0 || N == 0) return false;
+  return run_product(out, true, a, b, bias_grad, nullptr, M, N, K, trans_a, trans_b, CUBLASLT_EPILOGUE_BGRADB, stream);
 }
 
 }  // namespace kraken::kernels

@@ -1,0 +1,213 @@
+// GPT-2's MLP block as one op: y = linear(gelu(linear(x, W_fc, b_fc)), W_proj, b_proj).
+//
+// Why one op for three. On the GPU in bf16 the GELU belongs inside the products: cuBLASLt's epilogues
+// apply it forward as the c_fc product stores its result (GELU_AUX_BIAS, which also stores GELU's input
+// pre = x·W_fcᵀ + b_fc for backward) and apply its derivative backward as the product that makes
+// d(gelu output) = dy·W_proj stores its result (DGELU, optionally with the bias gradient of b_fc in the
+// same pass: DGELU_BGRAD). That backward product is c_proj's input gradient, so the fusion spans two
+// linear layers; one node for the whole block keeps it inside one op instead of teaching the autograd
+// core, or ops::linear, about a neighbour's activation. On an H200 profile of a GPT-2 124M step the
+// separate GELU kernels took 1.08 ms of 20.5 ms and the bias column sums 0.65 ms.
+//
+// Paths:
+// - The CPU, f32 anywhere, and CUDA bf16 with the fusion off (KRAKEN_CUDA_GELU_FUSION=0): exactly the
+//   three ops above, the same nodes and bits as writing them out (tests/runtime/mlp_test.cpp).
+// - CUDA bf16 (default): one node. Forward: u = gelu(pre) and pre from one cuBLASLt product, then
+//   y = u·W_projᵀ + b_proj. Backward: dW_proj = dyᵀ·u (with db_proj = Σ_rows dy in the same product,
+//   BGRADB, at level 2), dpre = (dy·W_proj) ∘ gelu'(pre) (with db_fc = Σ_rows dpre, DGELU_BGRAD, at
+//   level 2), dW_fc = dpreᵀ·x, dx = dpre·W_fc. It saves what the three ops saved: x, W_fc, pre, u, W_proj.
+//   Rows of H not a multiple of 8 (cuBLASLt's aux rule) take the three ops; a product cuBLASLt has no
+//   fused algorithm for takes the plain product and our own GELU or column-sum kernel instead.
+// The bf16 results differ from the three ops' by rounding only: fused, dy·W_proj is not rounded to bf16
+// before gelu' multiplies it (one rounding fewer), and the bias sums run in cuBLASLt's order.
+#include <cstdlib>
+#include <string>
+
+#include "kernels/elementwise.h"
+#include "kernels/error.h"
+#include "kernels/matmul.h"
+#include "runtime/autograd.h"
+#include "runtime/dispatch.h"
+#include "runtime/ops.h"
+#include "runtime/ops/precision.h"
+
+namespace kraken::runtime::ops {
+namespace {
+
+GeluFusion gelu_fusion_from_env() {
+  const char* v = std::getenv("KRAKEN_CUDA_GELU_FUSION");
+  if (v == nullptr || *v == '\0') return GeluFusion::kGeluAndBiasGrads;
+  const std::string s(v);
+  if (s == "0") return GeluFusion::kOff;
+  if (s == "1") return GeluFusion::kGelu;
+  if (s == "2") return GeluFusion::kGeluAndBiasGrads;
+  KRAKEN_THROW("KRAKEN_CUDA_GELU_FUSION=", s,
+               ": expected 0 (GELU as its own kernels), 1 (GELU in the products' epilogues) or 2 (also the MLP's "
+               "bias gradients; the default)");
+}
+
+thread_local int gelu_fusion_override = -1;  // a GeluFusionScope's setting, or -1
+
+#if KRAKEN_WITH_CUDA
+// The fused path: CUDA, bf16, one node. Shapes: x (rows, C) as (..., C), W_fc (H, C), W_proj (Co, H).
+Tensor mlp_fused(const Tensor& x, const Tensor& w_fc, const Tensor& b_fc, const Tensor& w_proj, const Tensor& b_proj,
+                 GeluFusion fusion) {
+  const int64_t C = w_fc.size(1), H = w_fc.size(0), Co = w_proj.size(0);
+  const int64_t rows = shape_numel(Shape(x.shape().begin(), x.shape().end() - 1));
+  const Device dev = x.device();
+  CUstream_st* s = stream_of(x);
+  const uint16_t* b_fc_ptr = b_fc.defined() ? b_fc.data<uint16_t>() : nullptr;
+  const bool grad = needs_grad({x, w_fc, b_fc, w_proj, b_proj});
+
+  // u (rows, H) = gelu(pre), pre = x·W_fcᵀ + b_fc: kept for backward only when one is coming.
+  Tensor u = Tensor::empty({rows, H}, DType::BF16, dev), pre;
+  if (grad) {
+    pre = Tensor::empty({rows, H}, DType::BF16, dev);
+    if (!kernels::matmul_gelu_aux_bf16_cuda(u.data<uint16_t>(), pre.data<uint16_t>(), x.data<uint16_t>(),
+                                            w_fc.data<uint16_t>(), b_fc_ptr, rows, H, C, false, true, s)) {
+      kernels::matmul_bf16_cuda(pre.data_ptr(), true, x.data<uint16_t>(), w_fc.data<uint16_t>(), b_fc_ptr, rows, H, C,
+                                false, true, b_fc_ptr ? kernels::MatmulEpilogue::kBias : kernels::MatmulEpilogue::kNone,
+                                s);
+      kernels::gelu_forward_bf16_cuda(u.data<uint16_t>(), pre.data<uint16_t>(), rows * H, s);
+    }
+  } else {  // evaluation: GELU in the epilogue, no pre-activation to store
+    kernels::matmul_bf16_cuda(u.data_ptr(), true, x.data<uint16_t>(), w_fc.data<uint16_t>(), b_fc_ptr, rows, H, C,
+                              false, true,
+                              b_fc_ptr ? kernels::MatmulEpilogue::kBiasGelu : kernels::MatmulEpilogue::kGelu, s);
+  }
+  // y (..., Co) = u·W_projᵀ + b_proj
+  Shape y_shape = x.shape();
+  y_shape.back() = Co;
+  Tensor y = Tensor::empty(y_shape, DType::BF16, dev);
+  kernels::matmul_bf16_cuda(y.data_ptr(), true, u.data<uint16_t>(), w_proj.data<uint16_t>(),
+                            b_proj.defined() ? b_proj.data_ptr() : nullptr, rows, Co, H, false, true,
+                            b_proj.defined() ? kernels::MatmulEpilogue::kBias : kernels::MatmulEpilogue::kNone, s);
+  if (!grad) return y;
+
+  const bool x_needs = x.requires_grad(), w_fc_needs = w_fc.requires_grad();
+  const bool b_fc_needs = b_fc.defined() && b_fc.requires_grad();
+  const bool w_proj_needs = w_proj.requires_grad(), b_proj_needs = b_proj.defined() && b_proj.requires_grad();
+  const bool upstream = x_needs || w_fc_needs || b_fc_needs;  // does anything need dpre?
+  Tensor x_saved = w_fc_needs ? x.detach() : Tensor(), w_fc_saved = x_needs ? w_fc.detach() : Tensor();
+  Tensor pre_saved = upstream ? pre : Tensor(), u_saved = w_proj_needs ? u : Tensor();
+  Tensor w_proj_saved = upstream ? w_proj.detach() : Tensor();
+  const Shape x_shape = x.shape();
+  const bool bias_grads_fused = fusion == GeluFusion::kGeluAndBiasGrads;
+  record("mlp", {x, w_fc, b_fc, w_proj, b_proj}, {y},
+         [x_saved, w_fc_saved, pre_saved, u_saved, w_proj_saved, x_shape, rows, C, H, Co, w_fc_needs, b_fc_needs,
+          w_proj_needs, b_proj_needs, bias_grads_fused](const std::vector<Tensor>& g) {
+           // in the forward pass this was: y = u·W_projᵀ + b_proj, u = gelu(pre), pre = x·W_fcᵀ + b_fc
+           const Tensor& dy = g[0];  // (rows, Co)
+           const Device dev = dy.device();
+           CUstream_st* s = stream_of(dy);
+           Tensor dx, dw_fc, db_fc, dw_proj, db_proj;
+           auto column_sums = [&](const Tensor& d, int64_t cols) {  // Σ over the rows of d (rows, cols)
+             Tensor sum = Tensor::zeros({cols}, DType::BF16, dev);
+             kernels::sum_rows_bf16_cuda(sum.data<uint16_t>(), d.data<uint16_t>(), rows, cols, s);
+             return sum;
+           };
+           // dW_proj (Co, H) = dyᵀ·u, and db_proj = Σ_rows dy in the same product where fused
+           if (w_proj_needs) {
+             dw_proj = Tensor::empty({Co, H}, DType::BF16, dev);
+             bool bias_done = false;
+             if (b_proj_needs && bias_grads_fused) {
+               db_proj = Tensor::empty({Co}, DType::BF16, dev);
+               bias_done = kernels::matmul_bias_grad_bf16_cuda(dw_proj.data<uint16_t>(), db_proj.data<uint16_t>(),
+                                                               dy.data<uint16_t>(), u_saved.data<uint16_t>(), Co, H,
+                                                               rows, true, false, s);
+             }
+             if (!bias_done)
+               kernels::matmul_bf16_cuda(dw_proj.data_ptr(), true, dy.data<uint16_t>(), u_saved.data<uint16_t>(),
+                                         nullptr, Co, H, rows, true, false, kernels::MatmulEpilogue::kNone, s);
+             if (b_proj_needs && !bias_done) db_proj = column_sums(dy, Co);
+           } else if (b_proj_needs) {
+             db_proj = column_sums(dy, Co);
+           }
+           if (!pre_saved.defined()) return std::vector<Tensor>{dx, dw_fc, db_fc, dw_proj, db_proj};
+
+           // dpre (rows, H) = (dy·W_proj) ∘ gelu'(pre), and db_fc = Σ_rows dpre in the same product where fused
+           Tensor dpre = Tensor::empty({rows, H}, DType::BF16, dev);
+           bool dgelu_done = false, bias_done = false;
+           if (b_fc_needs && bias_grads_fused) {
+             db_fc = Tensor::empty({H}, DType::BF16, dev);
+             dgelu_done = bias_done = kernels::matmul_dgelu_bf16_cuda(
+                 dpre.data<uint16_t>(), db_fc.data<uint16_t>(), dy.data<uint16_t>(), w_proj_saved.data<uint16_t>(),
+                 pre_saved.data<uint16_t>(), rows, H, Co, false, false, s);
+           }
+           if (!dgelu_done)
+             dgelu_done = kernels::matmul_dgelu_bf16_cuda(dpre.data<uint16_t>(), nullptr, dy.data<uint16_t>(),
+                                                          w_proj_saved.data<uint16_t>(), pre_saved.data<uint16_t>(),
+                                                          rows, H, Co, false, false, s);
+           if (!dgelu_done) {  // the unfused arithmetic: du = dy·W_proj rounded, then dpre = gelu'(pre)·du
+             Tensor du = Tensor::empty({rows, H}, DType::BF16, dev);
+             kernels::matmul_bf16_cuda(du.data_ptr(), true, dy.data<uint16_t>(), w_proj_saved.data<uint16_t>(), nullptr,
+                                       rows, H, Co, false, false, kernels::MatmulEpilogue::kNone, s);
+             dpre.zero_();  // the GELU backward kernel accumulates
+             kernels::gelu_backward_bf16_cuda(dpre.data<uint16_t>(), pre_saved.data<uint16_t>(), du.data<uint16_t>(),
+                                              rows * H, s);
+           }
+           if (b_fc_needs && !bias_done) db_fc = column_sums(dpre, H);
+           if (w_fc_needs) {  // dW_fc (H, C) = dpreᵀ·x
+             dw_fc = Tensor::empty({H, C}, DType::BF16, dev);
+             kernels::matmul_bf16_cuda(dw_fc.data_ptr(), true, dpre.data<uint16_t>(), x_saved.data<uint16_t>(), nullptr,
+                                       H, C, rows, true, false, kernels::MatmulEpilogue::kNone, s);
+           }
+           if (w_fc_saved.defined()) {  // dx (rows, C) = dpre·W_fc
+             dx = Tensor::empty(x_shape, DType::BF16, dev);
+             kernels::matmul_bf16_cuda(dx.data_ptr(), true, dpre.data<uint16_t>(), w_fc_saved.data<uint16_t>(), nullptr,
+                                       rows, C, H, false, false, kernels::MatmulEpilogue::kNone, s);
+           }
+           return std::vector<Tensor>{dx, dw_fc, db_fc, dw_proj, db_proj};
+         });
+  return y;
+}
+#endif
+
+}  // namespace
+
+GeluFusion gelu_fusion() {
+  if (gelu_fusion_override >= 0) return static_cast<GeluFusion>(gelu_fusion_override);
+  static const GeluFusion from_env = gelu_fusion_from_env();
+  return from_env;
+}
+
+GeluFusionScope::GeluFusionScope(GeluFusion fusion) : previous_(gelu_fusion_override) {
+  gelu_fusion_override = static_cast<int>(fusion);
+}
+GeluFusionScope::~GeluFusionScope() { gelu_fusion_override = previous_; }
+
+Tensor mlp(const Tensor& x, const Tensor& w_fc, const Tensor& b_fc, const Tensor& w_proj, const Tensor& b_proj) {
+  precision::check_float("mlp", x, "input");
+  precision::check_float("mlp", w_fc, "c_fc weight");
+  precision::check_float("mlp", w_proj, "c_proj weight");
+  check_dim("mlp", w_fc, 2, "c_fc weight");
+  check_dim("mlp", w_proj, 2, "c_proj weight");
+  for (const Tensor* t : {&w_fc, &b_fc, &w_proj, &b_proj})
+    if (t->defined()) check_same_device("mlp", x, *t);
+  if (x.dim() < 1 || x.size(-1) != w_fc.size(1))
+    KRAKEN_THROW("mlp: input ", shape_str(x.shape()), " does not end in the c_fc weight's input size: weight ",
+                 shape_str(w_fc.shape()), " is (hidden, in)");
+  if (w_proj.size(1) != w_fc.size(0))
+    KRAKEN_THROW("mlp: c_proj weight ", shape_str(w_proj.shape()), " does not take the c_fc weight's ", w_fc.size(0),
+                 " outputs: expected (out, ", w_fc.size(0), ")");
+  if (b_fc.defined() && b_fc.shape() != Shape{w_fc.size(0)})
+    KRAKEN_THROW("mlp: c_fc bias ", shape_str(b_fc.shape()), ", expected (", w_fc.size(0), ",)");
+  if (b_proj.defined() && b_proj.shape() != Shape{w_proj.size(0)})
+    KRAKEN_THROW("mlp: c_proj bias ", shape_str(b_proj.shape()), ", expected (", w_proj.size(0), ",)");
+  const DType dtype = precision::common_float("mlp", {&x, &w_fc, &b_fc, &w_proj, &b_proj});
+#if KRAKEN_WITH_CUDA
+  const int64_t C = w_fc.size(1), H = w_fc.size(0), Co = w_proj.size(0);
+  const int64_t rows = shape_numel(Shape(x.shape().begin(), x.shape().end() - 1));
+  // cuBLASLt's aux matrix (pre) has rows of H elements, which must be a multiple of 8; empty shapes and
+  // the rest take the three ops.
+  if (dtype == DType::BF16 && !x.device().is_cpu() && rows > 0 && C > 0 && Co > 0 && H > 0 && H % 8 == 0) {
+    const GeluFusion fusion = gelu_fusion();
+    if (fusion != GeluFusion::kOff) return mlp_fused(x, w_fc, b_fc, w_proj, b_proj, fusion);
+  }
+#else
+  (void)dtype;
+#endif
+  return linear(gelu(linear(x, w_fc, b_fc)), w_proj, b_proj);
+}
+
+}  // namespace kraken::runtime::ops

@@ -1,0 +1,194 @@
+// ops::mlp on the GPU in bf16: the fused path (GELU and gelu' in cuBLASLt's epilogues, and the bias
+// gradients there at level 2) against the CPU's bf16 reference (the three ops on widened values, each
+// output rounded once: runtime/ops/precision.h), the fusion levels against each other on the GPU, and
+// the GPT-2 model's loss and gradients with the fusion on against it off. Skips without a GPU; the dry
+// run (KRAKEN_GPU_TESTS_ON_CPU=1) runs the plumbing on the CPU, where every level is the three ops.
+//
+// Tolerances, relative to the reference tensor's largest magnitude (gpu_test_util.h). One bf16 ulp of
+// the largest element is 2⁻⁷ of the scale: tests/gpu/mixed_precision_cuda_test.cpp's kOneUlp (8e-3)
+// bounds one flipped rounding between two paths that round the same f32 quantities. The fused path
+// rounds differently, not just in another order: forward, GELU reads the f32 pre-activation where the
+// three ops read it rounded to bf16 (and pre itself is stored rounded, as before); backward, gelu'
+// multiplies the f32 product dy·W_proj where the three ops multiply it rounded, and the bias sums add
+// f32 values in cuBLASLt's order. Each is at most one more rounding (2⁻⁸ relative) of one input of an
+// element, which moves the element by at most one more ulp: 2·kOneUlp = 1.6e-2 for everything. A layout
+// or operand mistake (a transposed aux, a bias gradient over the wrong dimension) is an O(1) error.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <string>
+
+#include "models/kraken.h"
+#include "runtime/autograd.h"
+#include "runtime/ops.h"
+#include "runtime/safetensors.h"
+#include "tests/gpu/gpu_test_util.h"
+#include "tests/support/fixtures.h"
+
+namespace kraken::testing {
+namespace {
+
+using runtime::DType;
+using runtime::Tensor;
+namespace ops = runtime::ops;
+using ops::GeluFusion;
+
+constexpr double kTwoUlps = 1.6e-2;
+
+Tensor bf16_leaf(const runtime::Shape& shape, uint64_t seed, float std = 1.0f) {
+  Tensor t = random_tensor(shape, seed, std).to(DType::BF16);
+  t.set_requires_grad(true);
+  return t;
+}
+
+// x (B, T, C), W_fc (H, C) and W_proj (Co, H) scaled by 1/√fan-in so every stage is of order 1 (GELU's
+// curved part, not its linear tail), biases of order 0.5; either bias may be left out.
+std::vector<Tensor> block(int64_t B, int64_t T, int64_t C, int64_t H, int64_t Co, bool b_fc, bool b_proj,
+                          uint64_t seed) {
+  return {bf16_leaf({B, T, C}, seed), bf16_leaf({H, C}, seed + 1, 1.0f / std::sqrt(static_cast<float>(C))),
+          b_fc ? bf16_leaf({H}, seed + 2, 0.5f) : Tensor(),
+          bf16_leaf({Co, H}, seed + 3, 1.0f / std::sqrt(static_cast<float>(H))),
+          b_proj ? bf16_leaf({Co}, seed + 4, 0.5f) : Tensor()};
+}
+
+Tensor mlp_op(const std::vector<Tensor>& v) { return ops::mlp(v[0], v[1], v[2], v[3], v[4]); }
+
+const char* level_name(GeluFusion f) {
+  switch (f) {
+    case GeluFusion::kOff: return "fusion off";
+    case GeluFusion::kGelu: return "GELU fused";
+    case GeluFusion::kGeluAndBiasGrads: return "GELU and bias gradients fused";
+  }
+  return "?";
+}
+
+void expect_each_level_matches_cpu(const std::vector<Tensor>& inputs, const std::string& what) {
+  for (GeluFusion f : {GeluFusion::kGeluAndBiasGrads, GeluFusion::kGelu, GeluFusion::kOff}) {
+    ops::GeluFusionScope scope(f);
+    expect_matches_cpu(mlp_op, inputs, kTwoUlps, kTwoUlps, what + ", " + level_name(f));
+  }
+}
+
+TEST(GpuMlp, FusedMatchesTheCpuAtGpt2sMlpShape) {
+  KRAKEN_REQUIRE_GPU();
+  // C = 768, H = 3072 (GPT-2 124M's MLP), 2 × 512 rows (the model's B·T = 8192 rows change the CPU
+  // reference's time, not the GPU's layouts).
+  expect_each_level_matches_cpu(block(2, 512, 768, 3072, 768, true, true, 1), "GPT-2 MLP (2, 512, 768)");
+}
+
+TEST(GpuMlp, OddShapesMatchTheCpu) {
+  KRAKEN_REQUIRE_GPU();
+  // 111 rows (odd: cuBLASLt's D has an odd number of columns), C = 48, H = 200 (a multiple of 8: fused).
+  expect_each_level_matches_cpu(block(3, 37, 48, 200, 48, true, true, 11), "111 rows, H = 200");
+  // H = 44 is not a multiple of 8: cuBLASLt's aux matrix cannot hold pre; the three ops run instead.
+  expect_each_level_matches_cpu(block(3, 37, 20, 44, 20, true, true, 21), "H = 44 (the unfused path)");
+  // Without biases (the Kraken presets), and without c_proj's (Megatron adds it after the all-reduce).
+  expect_each_level_matches_cpu(block(1, 45, 32, 64, 32, false, false, 31), "no biases");
+  expect_each_level_matches_cpu(block(1, 45, 32, 64, 24, true, false, 41), "no c_proj bias, Co = 24");
+  // A single row, and an input that needs no gradient (only the weights' gradients are formed).
+  expect_each_level_matches_cpu(block(1, 1, 16, 64, 16, true, true, 51), "one row");
+  std::vector<Tensor> frozen = block(2, 9, 16, 64, 16, true, true, 61);
+  frozen[0].set_requires_grad(false);
+  expect_each_level_matches_cpu(frozen, "frozen input");
+}
+
+// Output and gradients of one run at `fusion` on the test device.
+struct DeviceRun {
+  Tensor out;
+  std::vector<Tensor> grads;
+};
+DeviceRun run_on_device(const std::vector<Tensor>& cpu_inputs, GeluFusion fusion) {
+  ops::GeluFusionScope scope(fusion);
+  std::vector<Tensor> inputs;
+  for (const Tensor& t : cpu_inputs) inputs.push_back(t.defined() ? to_test_device(t) : Tensor());
+  DeviceRun r;
+  r.out = mlp_op(inputs);
+  Tensor seed = random_tensor(r.out.shape(), 77).to(DType::BF16).to(test_device());
+  runtime::backward(r.out, seed);
+  for (const Tensor& t : inputs) r.grads.push_back(t.defined() && t.requires_grad() ? t.grad() : Tensor());
+  return r;
+}
+
+TEST(GpuMlp, FusionLevelsAgreeOnTheGpu) {
+  KRAKEN_REQUIRE_GPU();
+  const std::vector<Tensor> inputs = block(4, 256, 768, 3072, 768, true, true, 71);
+  const DeviceRun off = run_on_device(inputs, GeluFusion::kOff);
+  const char* names[] = {"dx", "dW_fc", "db_fc", "dW_proj", "db_proj"};
+  for (GeluFusion f : {GeluFusion::kGelu, GeluFusion::kGeluAndBiasGrads}) {
+    const DeviceRun fused = run_on_device(inputs, f);
+    const std::string what = std::string(level_name(f)) + " against the fusion off, on the device: ";
+    expect_close(fused.out, off.out, kTwoUlps, what + "output");
+    for (size_t k = 0; k < inputs.size(); ++k) expect_close(fused.grads[k], off.grads[k], kTwoUlps, what + names[k]);
+  }
+  // The same level twice: bit for bit (cuBLASLt's results are reproducible on one GPU and stream).
+  const DeviceRun a = run_on_device(inputs, GeluFusion::kGeluAndBiasGrads);
+  const DeviceRun b = run_on_device(inputs, GeluFusion::kGeluAndBiasGrads);
+  expect_close(a.out, b.out, 0.0, "fused output, run twice");
+  for (size_t k = 0; k < inputs.size(); ++k) expect_close(a.grads[k], b.grads[k], 0.0, std::string("fused ") + names[k] + ", run twice");
+}
+
+// GPT-2 (degree 1) in mixed precision on the device: loss and f32 master gradients with the MLP fused
+// against the fusion off. The two differ in rounding inside every MLP, which travels through the layers
+// as in tests/gpu/mixed_precision_cuda_test.cpp (2e-2 of a gradient's norm bounds two bf16 runs).
+void expect_model_levels_agree(const models::KrakenConfig& c, const Tensor& ids, const Tensor& targets,
+                               uint64_t init_seed, const std::string& what) {
+  struct Result {
+    float loss;
+    std::vector<std::vector<float>> grads;
+    std::vector<std::string> names;
+  };
+  auto train_step = [&](GeluFusion f) {
+    ops::GeluFusionScope scope(f);
+    models::KrakenModel cpu_init(c);
+    cpu_init.initialize(init_seed);
+    models::KrakenModel model(c, test_device());
+    auto src = cpu_init.named_parameters(), dst = model.named_parameters();
+    for (size_t i = 0; i < src.size(); ++i) dst[i].tensor.copy_from(src[i].tensor);
+    model.set_compute_dtype(DType::BF16);
+    Tensor loss = model.loss(ids.to(test_device()), targets.to(test_device()), nullptr, false);
+    runtime::backward(loss);
+    Result r;
+    r.loss = loss.item();
+    for (auto& p : model.named_parameters()) r.grads.push_back(p.tensor.grad().to_vector()), r.names.push_back(p.name);
+    return r;
+  };
+  const Result off = train_step(GeluFusion::kOff);
+  for (GeluFusion f : {GeluFusion::kGelu, GeluFusion::kGeluAndBiasGrads}) {
+    const Result on = train_step(f);
+    EXPECT_NEAR(on.loss, off.loss, 1e-3 * std::fabs(off.loss)) << what << ", " << level_name(f);
+    std::printf("[gpu-fused-vs-unfused] %s, %s: loss %.6f, unfused %.6f\n", what.c_str(), level_name(f), on.loss, off.loss);
+    double worst = 0.0;
+    std::string worst_name;
+    for (size_t k = 0; k < off.grads.size(); ++k) {
+      double diff = 0.0, norm = 0.0;
+      for (size_t i = 0; i < off.grads[k].size(); ++i) {
+        const double d = static_cast<double>(on.grads[k][i]) - off.grads[k][i];
+        diff += d * d;
+        norm += static_cast<double>(off.grads[k][i]) * off.grads[k][i];
+      }
+      const double rel = std::sqrt(diff / std::max(norm, 1e-30));
+      EXPECT_LT(rel, 2e-2) << what << ", " << level_name(f) << ": gradient of " << off.names[k];
+      if (!(rel <= worst)) worst = rel, worst_name = off.names[k];
+    }
+    std::printf("[gpu-fused-vs-unfused] %s, %s: worst gradient relative norm difference %.2e (%s)\n", what.c_str(),
+                level_name(f), worst, worst_name.c_str());
+  }
+}
+
+TEST(GpuMlp, Gpt2LossAndGradientsMatchTheUnfusedPath) {
+  KRAKEN_REQUIRE_GPU();
+  // GPT-2's widths (C = 768, H = 3072, 12 heads) at 2 layers, 2 × 128 tokens and a small vocabulary.
+  models::KrakenConfig c;
+  c.n_layer = 2;
+  c.context = 128;
+  c.vocab_size = 1000;
+  const Tensor ids = random_ids({2, 128}, c.vocab_size, 81), targets = random_ids({2, 128}, c.vocab_size, 82);
+  expect_model_levels_agree(c, ids, targets, 83, "GPT-2 widths, 2 layers");
+  // The golden tiny GPT-2 (C = 32, H = 128): the fused path at a small shape.
+  runtime::SafetensorsFile file = runtime::SafetensorsFile::open(source_path("tests/models/fixtures/gpt2_tiny.safetensors"));
+  expect_model_levels_agree(fixture_config(file), file.load("input.ids"), file.load("input.targets"), 84,
+                            "gpt2_tiny");
+}
+
+}  // namespace
+}  // namespace kraken::testing
