@@ -11,8 +11,8 @@
 #   3. the GPU tests: ctest -L gpu (tests/gpu), each result and every measured GPU-vs-CPU difference;
 #      then the attention tests once more with KRAKEN_CUDA_ATTENTION=cudnn (cuDNN's dispatch, the group);
 #   4. the GPU benchmark (bench/gpu_train_bench.cpp): tokens/s, MFU, kernel bandwidth; then its bf16
-#      training rows again on the WMMA attention kernels (KRAKEN_CUDA_ATTENTION=tc) and on cuDNN's fused
-#      attention (KRAKEN_CUDA_ATTENTION=cudnn), for comparison;
+#      training rows again, for comparison, on cuDNN's fused attention (KRAKEN_CUDA_ATTENTION=cudnn),
+#      with the MLP's GELU unfused (KRAKEN_CUDA_GELU_FUSION=0) and on the WMMA attention kernels;
 #   5. compute-sanitizer memcheck on a short GPU training run (kraken-train, checkpoint included), then
 #      memcheck and racecheck on the GPU kernel tests while time remains (after the benchmark, since
 #      the sanitizers take whatever time is left);
@@ -235,46 +235,34 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
   md "bench/gpu_train_bench: exit status $rc in $(( $(date +%s) - t0 )) s."
   if [[ -f "$logs/bench.md" ]]; then cat "$logs/bench.md" >> "$report"; else md_tail "$logs/bench.log" 30; fi
   [[ $rc -eq 0 ]] || fail "benchmark (exit status $rc)"
-  # The same bf16 training rows (B = 8) on the WMMA attention kernels, the default until the mma.sync
-  # ones (kernels/cuda/README.md): what the attention family alone changes in a step.
-  if [[ $have_gpu -eq 1 && $(left) -gt 200 ]]; then
-    say "benchmark, WMMA attention"
+  # The bf16 training rows again with one switch changed, each in a process of its own (the switches are
+  # read once per process), most wanted first, while time is left: name, VAR=value, the least time left
+  # (s) to start it, its timeout (s), what it shows, and gpu_train_bench's arguments.
+  bench_variant() {
+    local name=$1 setting=$2 min_left=$3 limit=$4 what=$5
+    shift 5
+    [[ $have_gpu -eq 1 && $(left) -gt $min_left ]] || return 0
+    say "benchmark, $what"
+    local t0 rc
     t0=$(date +%s)
-    KRAKEN_CUDA_ATTENTION=tc timeout 90 "$build/bin/gpu_train_bench" --training-only --precision bf16 --batch 8 \
-      --out "$logs/bench-wmma.md" > "$logs/bench-wmma.log" 2>&1
+    env "$setting" timeout "$limit" "$build/bin/gpu_train_bench" --training-only --precision bf16 "$@" \
+      --out "$logs/bench-$name.md" > "$logs/bench-$name.log" 2>&1
     rc=$?
     md ""
-    md "With KRAKEN_CUDA_ATTENTION=tc (the WMMA attention kernels): exit status $rc in $(( $(date +%s) - t0 )) s."
-    if [[ -f "$logs/bench-wmma.md" ]]; then grep -E '^\|' "$logs/bench-wmma.md" >> "$report"; else md_tail "$logs/bench-wmma.log" 20; fi
-    [[ $rc -eq 0 ]] || fail "benchmark with the WMMA attention (exit status $rc)"
-  fi
-  # And on cuDNN's fused attention (opt-in, kernels/cuda/attention_cudnn.cu), at B = 8 and 64 (llm.c's
-  # batch): the question is whether it beats the mma kernels in a whole step.
-  if [[ $have_gpu -eq 1 && $(left) -gt 200 ]]; then
-    say "benchmark, cuDNN attention"
-    t0=$(date +%s)
-    KRAKEN_CUDA_ATTENTION=cudnn timeout 90 "$build/bin/gpu_train_bench" --training-only --precision bf16 --batch 8,64 \
-      --out "$logs/bench-cudnn.md" > "$logs/bench-cudnn.log" 2>&1
-    rc=$?
-    md ""
-    md "With KRAKEN_CUDA_ATTENTION=cudnn (cuDNN's fused attention where it takes the shape): exit status $rc in $(( $(date +%s) - t0 )) s."
-    if [[ -f "$logs/bench-cudnn.md" ]]; then grep -E '^\|' "$logs/bench-cudnn.md" >> "$report"; else md_tail "$logs/bench-cudnn.log" 20; fi
-    [[ $rc -eq 0 ]] || fail "benchmark with the cuDNN attention (exit status $rc)"
-  fi
-  # GPT-2's bf16 training row (B = 8) with the MLP's GELU as its own kernels (KRAKEN_CUDA_GELU_FUSION=0,
-  # runtime/ops/mlp.cpp): what the cuBLASLt GELU epilogues change in a step. The MLP block alone, at
-  # every level, is a row of the main benchmark's compute section.
-  if [[ $have_gpu -eq 1 && $(left) -gt 150 ]]; then
-    say "benchmark, GELU unfused"
-    t0=$(date +%s)
-    KRAKEN_CUDA_GELU_FUSION=0 timeout 60 "$build/bin/gpu_train_bench" --training-only --precision bf16 --batch 8 \
-      --model gpt2 --out "$logs/bench-gelu-unfused.md" > "$logs/bench-gelu-unfused.log" 2>&1
-    rc=$?
-    md ""
-    md "With KRAKEN_CUDA_GELU_FUSION=0 (GELU and the MLP's bias gradients as their own kernels): exit status $rc in $(( $(date +%s) - t0 )) s."
-    if [[ -f "$logs/bench-gelu-unfused.md" ]]; then grep -E '^\|' "$logs/bench-gelu-unfused.md" >> "$report"; else md_tail "$logs/bench-gelu-unfused.log" 20; fi
-    [[ $rc -eq 0 ]] || fail "benchmark with the GELU unfused (exit status $rc)"
-  fi
+    md "With $setting ($what): exit status $rc in $(( $(date +%s) - t0 )) s."
+    if [[ -f "$logs/bench-$name.md" ]]; then grep -E '^\|' "$logs/bench-$name.md" >> "$report"; else md_tail "$logs/bench-$name.log" 20; fi
+    [[ $rc -eq 0 ]] || fail "benchmark with $setting (exit status $rc)"
+  }
+  # cuDNN's fused attention (opt-in, kernels/cuda/attention_cudnn.cu) at B = 8 and 64 (llm.c's batch):
+  # does it beat the mma kernels in a whole step?
+  bench_variant cudnn KRAKEN_CUDA_ATTENTION=cudnn 200 90 "cuDNN's fused attention where it takes the shape" \
+    --batch 8,64
+  # GPT-2 with the MLP's GELU and bias gradients as their own kernels (runtime/ops/mlp.cpp): what the
+  # cuBLASLt epilogues change in a step (the MLP block alone, at every level, is a main-run row).
+  bench_variant gelu-unfused KRAKEN_CUDA_GELU_FUSION=0 150 60 "GELU and the MLP's bias gradients as their own kernels" \
+    --batch 8 --model gpt2
+  # The WMMA attention kernels, the default before the mma.sync ones (kernels/cuda/README.md).
+  bench_variant wmma KRAKEN_CUDA_ATTENTION=tc 150 90 "the WMMA attention kernels" --batch 8
 else
   fail "benchmark not built"
 fi

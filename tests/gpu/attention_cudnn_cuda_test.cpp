@@ -35,6 +35,7 @@
 #include "kernels/elementwise.h"
 #include "runtime/allocator.h"
 #include "runtime/tensor.h"
+#include "tests/gpu/attention_test_util.h"
 #include "tests/gpu/gpu_test_util.h"
 
 namespace kraken::kernels {
@@ -45,79 +46,23 @@ using runtime::DType;
 using runtime::Shape;
 using runtime::Tensor;
 
-struct Shape4 {
-  int64_t B, T, C, NH;
-  std::string str() const {
-    return "B=" + std::to_string(B) + " T=" + std::to_string(T) + " D=" + std::to_string(C / NH) +
-           " NH=" + std::to_string(NH);
-  }
-};
+using Shape4 = testing::AttentionShape;
 
 #if KRAKEN_WITH_CUDA
 
+using Case = testing::AttentionCase;
+using testing::DeviceBf16;
+
 constexpr double kOneUlp = testing::kOneBf16Ulp;
-constexpr double kRelOut = 5e-3, kRelGrad = 1.2e-2, kRelLse = 1e-5;  // as the mma kernels' (above)
+constexpr double kRelOut = testing::kTensorCoreRelOut, kRelGrad = testing::kTensorCoreRelGrad,
+                 kRelLse = testing::kTensorCoreRelLse;  // as the mma kernels' (above)
 
 Device gpu() { return Device::cuda(0); }
 CUstream_st* stream() { return runtime::compute_stream(gpu()); }
-
-std::vector<float> widen(const std::vector<uint16_t>& b) {
-  std::vector<float> out(b.size());
-  cast_bf16_to_f32_cpu(out.data(), b.data(), static_cast<int64_t>(b.size()));
-  return out;
-}
-
-std::vector<uint16_t> bits_of(const Tensor& bf16_cpu) {
-  const uint16_t* p = bf16_cpu.data<uint16_t>();
-  return std::vector<uint16_t>(p, p + bf16_cpu.numel());
-}
-
-// A device buffer of bf16 values `offset` elements into its allocation (offset 1: 2-byte aligned only).
-struct DeviceBf16 {
-  Tensor storage;
-  int64_t offset = 0, n = 0;
-  DeviceBf16(const std::vector<uint16_t>& values, int64_t offset_)
-      : offset(offset_), n(static_cast<int64_t>(values.size())) {
-    std::vector<uint16_t> padded(static_cast<size_t>(n + offset), 0);
-    std::copy(values.begin(), values.end(), padded.begin() + offset);
-    Tensor host = Tensor::empty({n + offset}, DType::BF16);
-    std::copy(padded.begin(), padded.end(), host.data<uint16_t>());
-    storage = host.to(gpu());
-  }
-  uint16_t* ptr() const { return storage.data<uint16_t>() + offset; }
-  std::vector<uint16_t> bits() const {
-    const Tensor host = storage.to(Device::cpu());
-    const uint16_t* p = host.data<uint16_t>() + offset;
-    return std::vector<uint16_t>(p, p + n);
-  }
-};
+std::vector<float> widen(const std::vector<uint16_t>& b) { return testing::widen_bits(b); }
 
 // The inputs of one case and the CPU reference on them (the gradient computed into zeros).
-struct Case {
-  Shape4 s;
-  std::vector<uint16_t> qkv, dout, out_rounded_bits;
-  std::vector<float> out_rounded, lse, dqkv;
-};
-
-Case make_case(const Shape4& s, uint64_t seed) {
-  Case c{s, {}, {}, {}, {}, {}, {}};
-  const int64_t B = s.B, T = s.T, C = s.C, NH = s.NH;
-  const Tensor qkv16 = testing::random_tensor({B, T, 3 * C}, seed).to(DType::BF16);
-  const Tensor dout16 = testing::random_tensor({B, T, C}, seed + 1).to(DType::BF16);
-  c.qkv = bits_of(qkv16);
-  c.dout = bits_of(dout16);
-  const std::vector<float> qkv = qkv16.to_vector(), dout = dout16.to_vector();
-  std::vector<float> out(static_cast<size_t>(B * T * C));
-  c.lse.resize(static_cast<size_t>(B * NH * T));
-  attention_forward_cpu(out.data(), c.lse.data(), qkv.data(), B, T, C, NH);
-  c.out_rounded = testing::round_bf16(out);
-  c.out_rounded_bits.resize(out.size());
-  cast_f32_to_bf16_cpu(c.out_rounded_bits.data(), out.data(), static_cast<int64_t>(out.size()));
-  c.dqkv.assign(static_cast<size_t>(B * T * 3 * C), 0.0f);
-  attention_backward_cpu(c.dqkv.data(), dout.data(), qkv.data(), c.out_rounded.data(), c.lse.data(), B, T, C, NH);
-  c.dqkv = testing::round_bf16(c.dqkv);
-  return c;
-}
+Case make_case(const Shape4& s, uint64_t seed) { return testing::attention_case(s, seed, testing::GradientStart::kZeros); }
 
 enum class Path { kCudnn, kMma, kDispatch };
 

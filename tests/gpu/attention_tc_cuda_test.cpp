@@ -59,6 +59,7 @@
 #include "runtime/autograd.h"
 #include "runtime/ops.h"
 #include "runtime/tensor.h"
+#include "tests/gpu/attention_test_util.h"
 #include "tests/gpu/gpu_test_util.h"
 
 namespace kraken::kernels {
@@ -68,11 +69,17 @@ using runtime::Device;
 using runtime::DType;
 using runtime::Shape;
 using runtime::Tensor;
+using Shape4 = testing::AttentionShape;
 
 #if KRAKEN_WITH_CUDA
 
+using testing::AttentionCase;
+using testing::bits_of;
+using testing::DeviceBf16;
+
 constexpr double kOneUlp = testing::kOneBf16Ulp;
-constexpr double kRelOut = 5e-3, kRelGrad = 1.2e-2, kRelLse = 1e-5;  // the tensor-core kernels (above)
+constexpr double kRelOut = testing::kTensorCoreRelOut, kRelGrad = testing::kTensorCoreRelGrad,
+                 kRelLse = testing::kTensorCoreRelLse;  // the tensor-core kernels (above)
 constexpr double kSimtOut = 1e-5, kSimtGrad = 2e-5, kSimtLse = 1e-5;  // the SIMT kernels (bf16_kernels_cuda_test)
 
 Device gpu() { return Device::cuda(0); }
@@ -83,11 +90,7 @@ Tensor bf16_input(const Shape& shape, uint64_t seed, float std = 1.0f) {
   return testing::random_tensor(shape, seed, std).to(DType::BF16);
 }
 
-std::vector<float> widen(const std::vector<uint16_t>& b) {
-  std::vector<float> out(b.size());
-  cast_bf16_to_f32_cpu(out.data(), b.data(), static_cast<int64_t>(b.size()));
-  return out;
-}
+std::vector<float> widen(const std::vector<uint16_t>& b) { return testing::widen_bits(b); }
 
 // got (bf16 values, widened) against ref: |got − ref| ≤ 2⁻⁷·|ref| + rel·max|ref| (ulp = false: without
 // the 2⁻⁷ term, for f32 outputs).
@@ -96,39 +99,6 @@ void expect_close(const std::vector<float>& got, const std::vector<float>& ref, 
   testing::expect_within_ulp(got, ref, ulp ? kOneUlp : 0.0, rel, what);
 }
 
-// A device buffer of n bf16 elements starting `offset` elements into its allocation (offset 1: only
-// 2-byte aligned, which sends the kernels to their scalar copies).
-struct DeviceBf16 {
-  Tensor storage;
-  int64_t offset = 0, n = 0;
-  DeviceBf16(const std::vector<uint16_t>& values, int64_t offset_)
-      : offset(offset_), n(static_cast<int64_t>(values.size())) {
-    std::vector<float> padded(static_cast<size_t>(n + offset), 0.0f);
-    const std::vector<float> wide = widen(values);
-    std::copy(wide.begin(), wide.end(), padded.begin() + offset);
-    storage = Tensor::from_vector(padded, {n + offset}).to(DType::BF16).to(gpu());  // bf16 values: exact
-  }
-  uint16_t* ptr() const { return storage.data<uint16_t>() + offset; }
-  std::vector<uint16_t> bits() const {
-    const Tensor host = storage.to(Device::cpu());
-    const uint16_t* p = host.data<uint16_t>() + offset;
-    return std::vector<uint16_t>(p, p + n);
-  }
-  std::vector<float> values() const { return widen(bits()); }
-};
-
-std::vector<uint16_t> bits_of(const Tensor& bf16_cpu) {
-  const uint16_t* p = bf16_cpu.data<uint16_t>();
-  return std::vector<uint16_t>(p, p + bf16_cpu.numel());
-}
-
-struct Shape4 {
-  int64_t B, T, C, NH;
-  std::string str() const {
-    return "B=" + std::to_string(B) + " T=" + std::to_string(T) + " D=" + std::to_string(C / NH) +
-           " NH=" + std::to_string(NH);
-  }
-};
 
 // What one implementation returns for the same inputs.
 struct Results {
@@ -189,39 +159,15 @@ Results run(Path path, const Shape4& s, const std::vector<uint16_t>& qkv, const 
   return r;
 }
 
-// The inputs of one case and the CPU reference on them.
-struct Case {
-  Shape4 s;
-  std::vector<uint16_t> qkv, dout, dqkv0, out_rounded_bits;
-  std::vector<float> out_rounded, lse, dqkv;  // the reference: out, lse of the forward; dqkv after backward
-};
-
-Case make_case(const Shape4& s, uint64_t seed) {
-  Case c{s, {}, {}, {}, {}, {}, {}, {}};
-  const int64_t B = s.B, T = s.T, C = s.C, NH = s.NH;
-  const Tensor qkv16 = bf16_input({B, T, 3 * C}, seed), dout16 = bf16_input({B, T, C}, seed + 1);
-  const Tensor dqkv16 = bf16_input({B, T, 3 * C}, seed + 2, 0.5f);  // accumulate into non-zero values
-  c.qkv = bits_of(qkv16);
-  c.dout = bits_of(dout16);
-  c.dqkv0 = bits_of(dqkv16);
-  const std::vector<float> qkv = qkv16.to_vector(), dout = dout16.to_vector();
-  std::vector<float> out(static_cast<size_t>(B * T * C));
-  c.lse.resize(static_cast<size_t>(B * NH * T));
-  attention_forward_cpu(out.data(), c.lse.data(), qkv.data(), B, T, C, NH);
-  c.out_rounded = testing::round_bf16(out);
-  c.out_rounded_bits.resize(out.size());
-  cast_f32_to_bf16_cpu(c.out_rounded_bits.data(), out.data(), static_cast<int64_t>(out.size()));
-  // Backward on identical inputs: the reference's out as the forward stores it (bf16) and its lse.
-  c.dqkv = dqkv16.to_vector();
-  attention_backward_cpu(c.dqkv.data(), dout.data(), qkv.data(), c.out_rounded.data(), c.lse.data(), B, T, C, NH);
-  c.dqkv = testing::round_bf16(c.dqkv);
-  return c;
+// The inputs of one case and the CPU reference on them, accumulating into non-zero dqkv0.
+AttentionCase make_case(const Shape4& s, uint64_t seed) {
+  return testing::attention_case(s, seed, testing::GradientStart::kRandom);
 }
 
 void check_tc_against_cpu(const Shape4& s, int64_t offset = 0, Path path = Path::kTc) {
   const std::string what = std::string("attention ") + path_name(path) + " " + s.str() +
                            (offset ? " (buffers " + std::to_string(offset) + " elements off alignment)" : "");
-  const Case c = make_case(s, 60 + static_cast<uint64_t>(s.T + s.C));
+  const AttentionCase c = make_case(s, 60 + static_cast<uint64_t>(s.T + s.C));
   const Results r = run(path, s, c.qkv, c.out_rounded_bits, c.lse, c.dout, c.dqkv0, offset);
   expect_close(r.out, c.out_rounded, kRelOut, true, what + ": out");
   expect_close(r.lse, c.lse, kRelLse, false, what + ": lse");
@@ -241,9 +187,6 @@ bool mma_supported(int64_t D) { return attention_bf16_mma_supported(D); }
 
 #else  // a build without CUDA: the tests skip before calling these
 
-struct Shape4 {
-  int64_t B, T, C, NH;
-};
 enum class Path { kTc, kMma };
 void check_tc_against_cpu(const Shape4&, int64_t = 0, Path = Path::kTc) {}
 bool tc_supported(int64_t) { return false; }
@@ -320,7 +263,7 @@ TEST(GpuAttentionTc, HandlesMoreThan65535Heads) {
 // Two implementations on the same inputs, within the sum of their tolerances against the CPU.
 void check_paths_agree(const Shape4& s, Path first, Path second, double rel_out, double rel_lse, double rel_grad) {
   const std::string what = std::string("attention ") + path_name(first) + " vs " + path_name(second) + " " + s.str();
-  const Case c = make_case(s, 90 + static_cast<uint64_t>(s.T));
+  const AttentionCase c = make_case(s, 90 + static_cast<uint64_t>(s.T));
   const Results a = run(first, s, c.qkv, c.out_rounded_bits, c.lse, c.dout, c.dqkv0, 0);
   const Results b = run(second, s, c.qkv, c.out_rounded_bits, c.lse, c.dout, c.dqkv0, 0);
   expect_close(a.out, b.out, rel_out, true, what + ": out");
@@ -383,7 +326,7 @@ void check_dispatch(const Shape4& s) {
                     : kernels == AttentionBf16Kernels::kTensorCoreWmma ? Path::kTc
                                                                        : Path::kSimt;
   const std::string what = "attention dispatch " + s.str() + " (" + attention_bf16_kernels_name(kernels) + ")";
-  const Case c = make_case(s, 120 + static_cast<uint64_t>(s.T));
+  const AttentionCase c = make_case(s, 120 + static_cast<uint64_t>(s.T));
   const Results a = run(Path::kDispatch, s, c.qkv, c.out_rounded_bits, c.lse, c.dout, c.dqkv0, 0);
   const Results b = run(path, s, c.qkv, c.out_rounded_bits, c.lse, c.dout, c.dqkv0, 0);
   EXPECT_EQ(a.out_bits, b.out_bits) << what << ": out";
