@@ -22,7 +22,7 @@
 //    GELU, AdamW (124M parameters), cross-entropy (Vp = 50304), each as bytes it must move ÷ time,
 //    against the device's peak (memory clock × bus width × 2).
 // 3. For context: GPT-2's MLP block (c_fc → GELU → c_proj) in bf16, forward and backward, with its GELU
-//    and bias gradients as kernels or in cuBLASLt's epilogues (KRAKEN_CUDA_GELU_FUSION's levels: the
+//    and bias gradients as kernels or in cuBLASLt's epilogues (KRAKEN_CUDA_EPILOGUES's levels: the
 //    training rows take the environment's, 2 when unset); one matrix product (fp32 SGEMM, and bf16
 //    through cuBLASLt) and the fused attention at
 //    the same shapes: fp32, and bf16 on tensor cores (mma.sync with the scores in registers, and WMMA)
@@ -504,7 +504,7 @@ void bench_kernels(const DeviceInfo& dev, Report& r) {
 }
 
 // GPT-2's MLP block (c_fc → GELU → c_proj, ops::mlp) in bf16, forward and backward, at every
-// GeluFusion level (runtime/ops/mlp.cpp): the GELU as its own kernels, in cuBLASLt's epilogues, and the
+// EpilogueFusion level (runtime/ops/mlp.cpp): the GELU as its own kernels, in cuBLASLt's epilogues, and the
 // bias gradients there too. The weights are bf16 casts of f32 masters, as in the model, and x a bf16
 // leaf; the casts, the masters' gradient accumulation and dx's add into x.grad (8192×768 bf16) are in
 // every row alike, ~20 µs of memory traffic.
@@ -523,13 +523,13 @@ void bench_mlp(Report& r) {
   const Tensor dy = normal({B, T, C}, 55, 1.0f).to(DType::BF16);
   const double flops = 6.0 * 2.0 * N * C * H;  // 2 products forward, 4 backward
   const struct {
-    ops::GeluFusion level;
+    ops::EpilogueFusion level;
     const char* name;
-  } levels[] = {{ops::GeluFusion::kOff, "GELU and bias gradients as kernels (KRAKEN_CUDA_GELU_FUSION=0)"},
-                {ops::GeluFusion::kGelu, "GELU in the epilogues, bias gradients as column sums (=1)"},
-                {ops::GeluFusion::kGeluAndBiasGrads, "GELU and bias gradients in the epilogues (=2, default)"}};
+  } levels[] = {{ops::EpilogueFusion::kOff, "GELU and bias gradients as kernels (KRAKEN_CUDA_EPILOGUES=0)"},
+                {ops::EpilogueFusion::kGelu, "GELU in the epilogues, bias gradients as column sums (=1)"},
+                {ops::EpilogueFusion::kGeluAndBiasGrads, "GELU and bias gradients in the epilogues (=2, default)"}};
   for (const auto& level : levels) {
-    ops::GeluFusionScope scope(level.level);
+    ops::EpilogueFusionScope scope(level.level);
     const double s = time_kernel([&] {
       const std::vector<Tensor> w = ops::cast_many({w_fc, b_fc, w_proj, b_proj}, DType::BF16);
       Tensor y = ops::mlp(x, w[0], w[1], w[2], w[3]);

@@ -37,7 +37,7 @@ enum class MatmulEpilogue { kNone, kBias, kGelu, kBiasGelu };
 void matmul_bf16_cuda(void* out, bool out_bf16, const uint16_t* a, const uint16_t* b, const void* bias, int64_t M,
                       int64_t N, int64_t K, bool trans_a, bool trans_b, MatmulEpilogue epilogue, CUstream_st* stream);
 
-// The same products with the epilogues that training GPT-2's MLP wants (runtime ops::mlp), everything
+// The same products with the epilogues that training wants (runtime ops::mlp, ops::linear), everything
 // bf16 (operands, out, bias, aux, bias gradients), f32 accumulation and epilogue arithmetic, each output
 // rounded once. With P = op(A)·op(B) (M, N):
 //   matmul_gelu_aux_bf16_cuda    out = gelu(P + bias[n]), pre = P + bias[n]   (bias may be null: no bias)

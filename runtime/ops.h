@@ -50,6 +50,8 @@ Tensor mean(const Tensor& x);
 // op(a)·op(b). 2-D × 2-D; batched 3-D × 3-D with equal batch; N-D × 2-D treats a's leading dims as rows.
 Tensor matmul(const Tensor& a, const Tensor& b, bool trans_a = false, bool trans_b = false);
 // x (..., in) · weightᵀ + bias, weight (out, in) as PyTorch's nn.Linear; bias (out,) may be undefined.
+// On CUDA in bf16 the bias is added in the product's epilogue, and its gradient (at epilogue_fusion()
+// level 2, below) summed in the weight-gradient product's.
 Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias = Tensor());
 
 // ---- the MLP block (ops/mlp.cpp) ------------------------------------------------------------------------
@@ -57,23 +59,25 @@ Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias = Tensor
 // (Co, H), biases (H,) and (Co,), either undefined. On the CPU, in f32, and with the fusion off these
 // are exactly the three ops (the same nodes and bits). On CUDA in bf16 it is one node whose cuBLASLt
 // products apply GELU (forward) and its derivative (backward) in their epilogues, and at
-// GeluFusion::kGeluAndBiasGrads also sum both bias gradients there; the results differ from the three
+// EpilogueFusion::kGeluAndBiasGrads also sum both bias gradients there; the results differ from the three
 // ops' by rounding only. Rows of H not a multiple of 8 take the three ops (ops/mlp.cpp says why).
 Tensor mlp(const Tensor& x, const Tensor& w_fc, const Tensor& b_fc, const Tensor& w_proj, const Tensor& b_proj);
-// How ops::mlp runs on CUDA in bf16. The process default comes from KRAKEN_CUDA_GELU_FUSION (0, 1 or 2;
-// unset: 2), read once; a GeluFusionScope sets it for its thread while it lives (tests, benchmarks).
-enum class GeluFusion {
+// What cuBLASLt's epilogues do on CUDA in bf16 (ops::mlp, and ops::linear's bias gradient). The process
+// default comes from KRAKEN_CUDA_EPILOGUES (0, 1 or 2; unset: 2), read once; an EpilogueFusionScope sets
+// it for its thread while it lives (tests, benchmarks).
+enum class EpilogueFusion {
   kOff = 0,                // the three ops: cuBLASLt with the bias epilogue, GELU and column sums as kernels
   kGelu = 1,               // GELU and gelu' in the products' epilogues; bias gradients as column sums
-  kGeluAndBiasGrads = 2,   // also db_fc (DGELU_BGRAD) and db_proj (BGRADB) in the products' epilogues
+  kGeluAndBiasGrads = 2,   // also the bias gradients: db_fc (DGELU_BGRAD), and every linear's (db_proj
+                           // included) in its weight-gradient product (BGRADB)
 };
-GeluFusion gelu_fusion();
-class GeluFusionScope {
+EpilogueFusion epilogue_fusion();
+class EpilogueFusionScope {
  public:
-  explicit GeluFusionScope(GeluFusion fusion);
-  ~GeluFusionScope();
-  GeluFusionScope(const GeluFusionScope&) = delete;
-  GeluFusionScope& operator=(const GeluFusionScope&) = delete;
+  explicit EpilogueFusionScope(EpilogueFusion fusion);
+  ~EpilogueFusionScope();
+  EpilogueFusionScope(const EpilogueFusionScope&) = delete;
+  EpilogueFusionScope& operator=(const EpilogueFusionScope&) = delete;
 
  private:
   int previous_;

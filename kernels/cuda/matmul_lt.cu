@@ -22,7 +22,7 @@
 //   linear layer's bias gradient, from the same read of dy. (BGRADA would sum our B: x, no use here.)
 // Bias gradients have D's type (bf16). Where cuBLASLt has no algorithm for one of these epilogues the
 // plan remembers it and the entry point returns false; the op then runs the plain product and our own
-// elementwise and column-sum kernels, which is also what KRAKEN_CUDA_GELU_FUSION=0 runs.
+// elementwise and column-sum kernels, which is also what KRAKEN_CUDA_EPILOGUES=0 runs.
 //
 // Per device: one cuBLASLt handle and one 32 MiB workspace (cudaMalloc'd once, kept for the process:
 // the kernels layer has no allocator of its own, and 32 MiB is what cuBLASLt's fastest Hopper kernels

@@ -173,13 +173,26 @@ Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
                dx = Tensor::empty(x_shape, dtype, dy.device());
                gemm(dx, dy, w_saved, 1, rows, in, outf, false, false, 0.0f, 0, 0);
              }
+             bool bias_done = false;
              if (x_saved.defined()) {  // dW (out, in) += dyᵀ · x
                Tensor direct = leaf_grad_accumulator(w_leaf);
                Tensor target = direct.defined() ? direct : Tensor::empty(w_shape, dtype, dy.device());
-               gemm(target, dy, x_saved, 1, outf, in, rows, true, false, direct.defined() ? 1.0f : 0.0f, 0, 0);
+               // bf16 on CUDA: db = Σ_rows dy from the same read of dy, in the product's epilogue (BGRADB)
+               // where the fusion level asks for it and cuBLASLt has an algorithm (a bf16 bias is never
+               // a leaf: its gradient is new, not accumulated). Else the column sums below.
+               if (dtype == DType::BF16 && b_needs && rows > 0 && epilogue_fusion() == EpilogueFusion::kGeluAndBiasGrads) {
+                 db = Tensor::empty({outf}, dtype, dy.device());
+                 KRAKEN_CUDA_ONLY(dy.device(), bias_done = kernels::matmul_bias_grad_bf16_cuda(
+                                                   target.data<uint16_t>(), db.data<uint16_t>(), dy.data<uint16_t>(),
+                                                   x_saved.data<uint16_t>(), outf, in, rows, true, false,
+                                                   stream_of(dy)));
+                 if (!bias_done) db = Tensor();
+               }
+               if (!bias_done)
+                 gemm(target, dy, x_saved, 1, outf, in, rows, true, false, direct.defined() ? 1.0f : 0.0f, 0, 0);
                if (!direct.defined()) dw = target;
              }
-             if (b_needs) {  // db += Σ_rows dy
+             if (b_needs && !bias_done) {  // db += Σ_rows dy
                Tensor direct = leaf_grad_accumulator(b_leaf);
                Tensor target = direct.defined() ? direct : Tensor::zeros({outf}, dtype, dy.device());
                if (dtype == DType::BF16)

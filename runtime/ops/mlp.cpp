@@ -10,7 +10,7 @@
 // separate GELU kernels took 1.08 ms of 20.5 ms and the bias column sums 0.65 ms.
 //
 // Paths:
-// - The CPU, f32 anywhere, and CUDA bf16 with the fusion off (KRAKEN_CUDA_GELU_FUSION=0): exactly the
+// - The CPU, f32 anywhere, and CUDA bf16 with the fusion off (KRAKEN_CUDA_EPILOGUES=0): exactly the
 //   three ops above, the same nodes and bits as writing them out (tests/runtime/mlp_test.cpp).
 // - CUDA bf16 (default): one node. Forward: u = gelu(pre) and pre from one cuBLASLt product, then
 //   y = u·W_projᵀ + b_proj. Backward: dW_proj = dyᵀ·u (with db_proj = Σ_rows dy in the same product,
@@ -34,24 +34,24 @@
 namespace kraken::runtime::ops {
 namespace {
 
-GeluFusion gelu_fusion_from_env() {
-  const char* v = std::getenv("KRAKEN_CUDA_GELU_FUSION");
-  if (v == nullptr || *v == '\0') return GeluFusion::kGeluAndBiasGrads;
+EpilogueFusion epilogue_fusion_from_env() {
+  const char* v = std::getenv("KRAKEN_CUDA_EPILOGUES");
+  if (v == nullptr || *v == '\0') return EpilogueFusion::kGeluAndBiasGrads;
   const std::string s(v);
-  if (s == "0") return GeluFusion::kOff;
-  if (s == "1") return GeluFusion::kGelu;
-  if (s == "2") return GeluFusion::kGeluAndBiasGrads;
-  KRAKEN_THROW("KRAKEN_CUDA_GELU_FUSION=", s,
+  if (s == "0") return EpilogueFusion::kOff;
+  if (s == "1") return EpilogueFusion::kGelu;
+  if (s == "2") return EpilogueFusion::kGeluAndBiasGrads;
+  KRAKEN_THROW("KRAKEN_CUDA_EPILOGUES=", s,
                ": expected 0 (GELU as its own kernels), 1 (GELU in the products' epilogues) or 2 (also the MLP's "
                "bias gradients; the default)");
 }
 
-thread_local int gelu_fusion_override = -1;  // a GeluFusionScope's setting, or -1
+thread_local int epilogue_fusion_override = -1;  // a EpilogueFusionScope's setting, or -1
 
 #if KRAKEN_WITH_CUDA
 // The fused path: CUDA, bf16, one node. Shapes: x (rows, C) as (..., C), W_fc (H, C), W_proj (Co, H).
 Tensor mlp_fused(const Tensor& x, const Tensor& w_fc, const Tensor& b_fc, const Tensor& w_proj, const Tensor& b_proj,
-                 GeluFusion fusion) {
+                 EpilogueFusion fusion) {
   const int64_t C = w_fc.size(1), H = w_fc.size(0), Co = w_proj.size(0);
   const int64_t rows = shape_numel(Shape(x.shape().begin(), x.shape().end() - 1));
   const Device dev = x.device();
@@ -92,7 +92,7 @@ Tensor mlp_fused(const Tensor& x, const Tensor& w_fc, const Tensor& b_fc, const 
   Tensor pre_saved = upstream ? pre : Tensor(), u_saved = w_proj_needs ? u : Tensor();
   Tensor w_proj_saved = upstream ? w_proj.detach() : Tensor();
   const Shape x_shape = x.shape();
-  const bool bias_grads_fused = fusion == GeluFusion::kGeluAndBiasGrads;
+  const bool bias_grads_fused = fusion == EpilogueFusion::kGeluAndBiasGrads;
   record("mlp", {x, w_fc, b_fc, w_proj, b_proj}, {y},
          [x_saved, w_fc_saved, pre_saved, u_saved, w_proj_saved, x_shape, rows, C, H, Co, w_fc_needs, b_fc_needs,
           w_proj_needs, b_proj_needs, bias_grads_fused](const std::vector<Tensor>& g) {
@@ -165,16 +165,16 @@ Tensor mlp_fused(const Tensor& x, const Tensor& w_fc, const Tensor& b_fc, const 
 
 }  // namespace
 
-GeluFusion gelu_fusion() {
-  if (gelu_fusion_override >= 0) return static_cast<GeluFusion>(gelu_fusion_override);
-  static const GeluFusion from_env = gelu_fusion_from_env();
+EpilogueFusion epilogue_fusion() {
+  if (epilogue_fusion_override >= 0) return static_cast<EpilogueFusion>(epilogue_fusion_override);
+  static const EpilogueFusion from_env = epilogue_fusion_from_env();
   return from_env;
 }
 
-GeluFusionScope::GeluFusionScope(GeluFusion fusion) : previous_(gelu_fusion_override) {
-  gelu_fusion_override = static_cast<int>(fusion);
+EpilogueFusionScope::EpilogueFusionScope(EpilogueFusion fusion) : previous_(epilogue_fusion_override) {
+  epilogue_fusion_override = static_cast<int>(fusion);
 }
-GeluFusionScope::~GeluFusionScope() { gelu_fusion_override = previous_; }
+EpilogueFusionScope::~EpilogueFusionScope() { epilogue_fusion_override = previous_; }
 
 Tensor mlp(const Tensor& x, const Tensor& w_fc, const Tensor& b_fc, const Tensor& w_proj, const Tensor& b_proj) {
   precision::check_float("mlp", x, "input");
@@ -201,8 +201,8 @@ Tensor mlp(const Tensor& x, const Tensor& w_fc, const Tensor& b_fc, const Tensor
   // cuBLASLt's aux matrix (pre) has rows of H elements, which must be a multiple of 8; empty shapes and
   // the rest take the three ops.
   if (dtype == DType::BF16 && !x.device().is_cpu() && rows > 0 && C > 0 && Co > 0 && H > 0 && H % 8 == 0) {
-    const GeluFusion fusion = gelu_fusion();
-    if (fusion != GeluFusion::kOff) return mlp_fused(x, w_fc, b_fc, w_proj, b_proj, fusion);
+    const EpilogueFusion fusion = epilogue_fusion();
+    if (fusion != EpilogueFusion::kOff) return mlp_fused(x, w_fc, b_fc, w_proj, b_proj, fusion);
   }
 #else
   (void)dtype;

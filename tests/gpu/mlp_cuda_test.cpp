@@ -31,7 +31,7 @@ namespace {
 using runtime::DType;
 using runtime::Tensor;
 namespace ops = runtime::ops;
-using ops::GeluFusion;
+using ops::EpilogueFusion;
 
 constexpr double kTwoUlps = 1.6e-2;
 
@@ -53,18 +53,18 @@ std::vector<Tensor> block(int64_t B, int64_t T, int64_t C, int64_t H, int64_t Co
 
 Tensor mlp_op(const std::vector<Tensor>& v) { return ops::mlp(v[0], v[1], v[2], v[3], v[4]); }
 
-const char* level_name(GeluFusion f) {
+const char* level_name(EpilogueFusion f) {
   switch (f) {
-    case GeluFusion::kOff: return "fusion off";
-    case GeluFusion::kGelu: return "GELU fused";
-    case GeluFusion::kGeluAndBiasGrads: return "GELU and bias gradients fused";
+    case EpilogueFusion::kOff: return "fusion off";
+    case EpilogueFusion::kGelu: return "GELU fused";
+    case EpilogueFusion::kGeluAndBiasGrads: return "GELU and bias gradients fused";
   }
   return "?";
 }
 
 void expect_each_level_matches_cpu(const std::vector<Tensor>& inputs, const std::string& what) {
-  for (GeluFusion f : {GeluFusion::kGeluAndBiasGrads, GeluFusion::kGelu, GeluFusion::kOff}) {
-    ops::GeluFusionScope scope(f);
+  for (EpilogueFusion f : {EpilogueFusion::kGeluAndBiasGrads, EpilogueFusion::kGelu, EpilogueFusion::kOff}) {
+    ops::EpilogueFusionScope scope(f);
     expect_matches_cpu(mlp_op, inputs, kTwoUlps, kTwoUlps, what + ", " + level_name(f));
   }
 }
@@ -97,8 +97,8 @@ struct DeviceRun {
   Tensor out;
   std::vector<Tensor> grads;
 };
-DeviceRun run_on_device(const std::vector<Tensor>& cpu_inputs, GeluFusion fusion) {
-  ops::GeluFusionScope scope(fusion);
+DeviceRun run_on_device(const std::vector<Tensor>& cpu_inputs, EpilogueFusion fusion) {
+  ops::EpilogueFusionScope scope(fusion);
   std::vector<Tensor> inputs;
   for (const Tensor& t : cpu_inputs) inputs.push_back(t.defined() ? to_test_device(t) : Tensor());
   DeviceRun r;
@@ -112,17 +112,17 @@ DeviceRun run_on_device(const std::vector<Tensor>& cpu_inputs, GeluFusion fusion
 TEST(GpuMlp, FusionLevelsAgreeOnTheGpu) {
   KRAKEN_REQUIRE_GPU();
   const std::vector<Tensor> inputs = block(4, 256, 768, 3072, 768, true, true, 71);
-  const DeviceRun off = run_on_device(inputs, GeluFusion::kOff);
+  const DeviceRun off = run_on_device(inputs, EpilogueFusion::kOff);
   const char* names[] = {"dx", "dW_fc", "db_fc", "dW_proj", "db_proj"};
-  for (GeluFusion f : {GeluFusion::kGelu, GeluFusion::kGeluAndBiasGrads}) {
+  for (EpilogueFusion f : {EpilogueFusion::kGelu, EpilogueFusion::kGeluAndBiasGrads}) {
     const DeviceRun fused = run_on_device(inputs, f);
     const std::string what = std::string(level_name(f)) + " against the fusion off, on the device: ";
     expect_close(fused.out, off.out, kTwoUlps, what + "output");
     for (size_t k = 0; k < inputs.size(); ++k) expect_close(fused.grads[k], off.grads[k], kTwoUlps, what + names[k]);
   }
   // The same level twice: bit for bit (cuBLASLt's results are reproducible on one GPU and stream).
-  const DeviceRun a = run_on_device(inputs, GeluFusion::kGeluAndBiasGrads);
-  const DeviceRun b = run_on_device(inputs, GeluFusion::kGeluAndBiasGrads);
+  const DeviceRun a = run_on_device(inputs, EpilogueFusion::kGeluAndBiasGrads);
+  const DeviceRun b = run_on_device(inputs, EpilogueFusion::kGeluAndBiasGrads);
   expect_close(a.out, b.out, 0.0, "fused output, run twice");
   for (size_t k = 0; k < inputs.size(); ++k) expect_close(a.grads[k], b.grads[k], 0.0, std::string("fused ") + names[k] + ", run twice");
 }
@@ -137,8 +137,8 @@ void expect_model_levels_agree(const models::KrakenConfig& c, const Tensor& ids,
     std::vector<std::vector<float>> grads;
     std::vector<std::string> names;
   };
-  auto train_step = [&](GeluFusion f) {
-    ops::GeluFusionScope scope(f);
+  auto train_step = [&](EpilogueFusion f) {
+    ops::EpilogueFusionScope scope(f);
     models::KrakenModel cpu_init(c);
     cpu_init.initialize(init_seed);
     models::KrakenModel model(c, test_device());
@@ -152,8 +152,8 @@ void expect_model_levels_agree(const models::KrakenConfig& c, const Tensor& ids,
     for (auto& p : model.named_parameters()) r.grads.push_back(p.tensor.grad().to_vector()), r.names.push_back(p.name);
     return r;
   };
-  const Result off = train_step(GeluFusion::kOff);
-  for (GeluFusion f : {GeluFusion::kGelu, GeluFusion::kGeluAndBiasGrads}) {
+  const Result off = train_step(EpilogueFusion::kOff);
+  for (EpilogueFusion f : {EpilogueFusion::kGelu, EpilogueFusion::kGeluAndBiasGrads}) {
     const Result on = train_step(f);
     EXPECT_NEAR(on.loss, off.loss, 1e-3 * std::fabs(off.loss)) << what << ", " << level_name(f);
     std::printf("[gpu-fused-vs-unfused] %s, %s: loss %.6f, unfused %.6f\n", what.c_str(), level_name(f), on.loss, off.loss);

@@ -1,5 +1,5 @@
 // ops::mlp on the CPU: the three ops it stands for (linear, gelu, linear), bit for bit, in f32 and in
-// bf16 (the CPU's widening path), output and every gradient, under every GeluFusion setting (the fusion
+// bf16 (the CPU's widening path), output and every gradient, under every EpilogueFusion setting (the fusion
 // is a CUDA bf16 matter); its gradients against central finite differences; its errors. The CUDA
 // paths are checked against these on a GPU (tests/gpu/mlp_cuda_test.cpp).
 #include <gtest/gtest.h>
@@ -77,9 +77,9 @@ Tensor fused_op(const std::vector<Tensor>& v) { return ops::mlp(v[0], v[1], v[2]
 
 void expect_three_ops(const std::vector<Tensor>& inputs, const std::string& what) {
   const Run ref = run(three_ops, inputs);
-  for (ops::GeluFusion fusion :
-       {ops::GeluFusion::kOff, ops::GeluFusion::kGelu, ops::GeluFusion::kGeluAndBiasGrads}) {
-    ops::GeluFusionScope scope(fusion);
+  for (ops::EpilogueFusion fusion :
+       {ops::EpilogueFusion::kOff, ops::EpilogueFusion::kGelu, ops::EpilogueFusion::kGeluAndBiasGrads}) {
+    ops::EpilogueFusionScope scope(fusion);
     const std::string w = what + ", fusion " + std::to_string(static_cast<int>(fusion));
     const Run got = run(fused_op, inputs);
     expect_bits_equal(got.out, ref.out, w + ": output");
@@ -148,17 +148,17 @@ TEST(Mlp, ShapeErrorsNameTheWeights) {
 }
 
 TEST(Mlp, FusionScopeSetsAndRestoresTheThreadsSetting) {
-  const ops::GeluFusion before = ops::gelu_fusion();
+  const ops::EpilogueFusion before = ops::epilogue_fusion();
   {
-    ops::GeluFusionScope off(ops::GeluFusion::kOff);
-    EXPECT_EQ(ops::gelu_fusion(), ops::GeluFusion::kOff);
+    ops::EpilogueFusionScope off(ops::EpilogueFusion::kOff);
+    EXPECT_EQ(ops::epilogue_fusion(), ops::EpilogueFusion::kOff);
     {
-      ops::GeluFusionScope one(ops::GeluFusion::kGelu);
-      EXPECT_EQ(ops::gelu_fusion(), ops::GeluFusion::kGelu);
+      ops::EpilogueFusionScope one(ops::EpilogueFusion::kGelu);
+      EXPECT_EQ(ops::epilogue_fusion(), ops::EpilogueFusion::kGelu);
     }
-    EXPECT_EQ(ops::gelu_fusion(), ops::GeluFusion::kOff);
+    EXPECT_EQ(ops::epilogue_fusion(), ops::EpilogueFusion::kOff);
   }
-  EXPECT_EQ(ops::gelu_fusion(), before);
+  EXPECT_EQ(ops::epilogue_fusion(), before);
 }
 
 }  // namespace
