@@ -12,7 +12,7 @@
 #      then the attention tests once more with KRAKEN_CUDA_ATTENTION=cudnn (cuDNN's dispatch, the group);
 #   4. the GPU benchmark (bench/gpu_train_bench.cpp): tokens/s, MFU, kernel bandwidth; then its bf16
 #      training rows again, for comparison, on cuDNN's fused attention (KRAKEN_CUDA_ATTENTION=cudnn),
-#      with the MLP's GELU unfused (KRAKEN_CUDA_EPILOGUES=0) and on the WMMA attention kernels;
+#      with GELU and bias gradients outside the products (KRAKEN_CUDA_EPILOGUES=0) and on the WMMA attention kernels;
 #   5. compute-sanitizer memcheck on a short GPU training run (kraken-train, checkpoint included), then
 #      memcheck and racecheck on the GPU kernel tests while time remains (after the benchmark, since
 #      the sanitizers take whatever time is left);
@@ -257,9 +257,9 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
   # does it beat the mma kernels in a whole step?
   bench_variant cudnn KRAKEN_CUDA_ATTENTION=cudnn 200 90 "cuDNN's fused attention where it takes the shape" \
     --batch 8,64
-  # GPT-2 with the MLP's GELU and bias gradients as their own kernels (runtime/ops/mlp.cpp): what the
+  # GPT-2 with GELU and the bias gradients as their own kernels (runtime/ops/mlp.cpp, matmul.cpp): what the
   # cuBLASLt epilogues change in a step (the MLP block alone, at every level, is a main-run row).
-  bench_variant gelu-unfused KRAKEN_CUDA_EPILOGUES=0 150 60 "GELU and the MLP's bias gradients as their own kernels" \
+  bench_variant epilogues-off KRAKEN_CUDA_EPILOGUES=0 150 60 "GELU and the bias gradients as their own kernels" \
     --batch 8 --model gpt2
   # The WMMA attention kernels, the default before the mma.sync ones (kernels/cuda/README.md).
   bench_variant wmma KRAKEN_CUDA_ATTENTION=tc 150 90 "the WMMA attention kernels" --batch 8
