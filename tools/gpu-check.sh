@@ -9,7 +9,8 @@
 #   2. configure (-DKRAKEN_CUDA=ON -DKRAKEN_MPI=OFF -DCMAKE_CUDA_ARCHITECTURES=90, no ASan copy of the
 #      emulation tests, dependencies from third_party/) and build everything with all cores;
 #   3. the GPU tests: ctest -L gpu (tests/gpu), each result and every measured GPU-vs-CPU difference;
-#      then the attention tests once more with KRAKEN_CUDA_ATTENTION=cudnn (cuDNN's dispatch, the group);
+#      then the attention tests once more with KRAKEN_CUDA_ATTENTION=cudnn (cuDNN's dispatch, the group)
+#      and the mma ones with KRAKEN_CUDA_ATTENTION_KV_BLOCKS=4;
 #   4. the GPU benchmark (bench/gpu_train_bench.cpp): tokens/s, MFU, kernel bandwidth; then its bf16
 #      training rows again, for comparison, on cuDNN's fused attention (KRAKEN_CUDA_ATTENTION=cudnn),
 #      with GELU and bias gradients outside the products (KRAKEN_CUDA_EPILOGUES=0) and on the WMMA attention kernels;
@@ -223,6 +224,19 @@ if [[ $have_gpu -eq 1 && $(left) -gt 240 ]]; then
   md_tail "$logs/gpu-tests-cudnn-summary.log" 30
   [[ $rc -eq 0 ]] || fail "attention tests with KRAKEN_CUDA_ATTENTION=cudnn (exit status $rc)"
 fi
+# Likewise the mma kernels with the dk/dv kernel bounded to 4 blocks per SM (the same code, spilling).
+if [[ $have_gpu -eq 1 && $(left) -gt 240 ]]; then
+  say "attention tests with KRAKEN_CUDA_ATTENTION_KV_BLOCKS=4"
+  t0=$(date +%s)
+  KRAKEN_CUDA_ATTENTION_KV_BLOCKS=4 KRAKEN_SOURCE_DIR="$root" OMP_NUM_THREADS=2 timeout 60 "$build/tests/kraken_tests_gpu" \
+    --gtest_filter='GpuAttentionMma.*' > "$logs/gpu-tests-kv4.log" 2>&1
+  rc=$?
+  md ""
+  md "With KRAKEN_CUDA_ATTENTION_KV_BLOCKS=4 (GpuAttentionMma.*): exit status $rc in $(( $(date +%s) - t0 )) s."
+  grep -E '^\[( +OK|  FAILED|  SKIPPED|  PASSED) ' "$logs/gpu-tests-kv4.log" | head -n 20 > "$logs/gpu-tests-kv4-summary.log"
+  md_tail "$logs/gpu-tests-kv4-summary.log" 20
+  [[ $rc -eq 0 ]] || fail "attention tests with KRAKEN_CUDA_ATTENTION_KV_BLOCKS=4 (exit status $rc)"
+fi
 
 # ---- 4. benchmark ------------------------------------------------------------------------------------------
 md ""
@@ -235,9 +249,9 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
   md "bench/gpu_train_bench: exit status $rc in $(( $(date +%s) - t0 )) s."
   if [[ -f "$logs/bench.md" ]]; then cat "$logs/bench.md" >> "$report"; else md_tail "$logs/bench.log" 30; fi
   [[ $rc -eq 0 ]] || fail "benchmark (exit status $rc)"
-  # The bf16 training rows again with one switch changed, each in a process of its own (the switches are
-  # read once per process), most wanted first, while time is left: name, VAR=value, the least time left
-  # (s) to start it, its timeout (s), what it shows, and gpu_train_bench's arguments.
+  # The bf16 rows again with one switch changed, each in a process of its own (the switches are read once
+  # per process), most wanted first, while time is left: name, VAR=value, the least time left (s) to
+  # start it, its timeout (s), what it shows, and gpu_train_bench's arguments.
   bench_variant() {
     local name=$1 setting=$2 min_left=$3 limit=$4 what=$5
     shift 5
@@ -245,7 +259,7 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
     say "benchmark, $what"
     local t0 rc
     t0=$(date +%s)
-    env "$setting" timeout "$limit" "$build/bin/gpu_train_bench" --training-only --precision bf16 "$@" \
+    env "$setting" timeout "$limit" "$build/bin/gpu_train_bench" --precision bf16 "$@" \
       --out "$logs/bench-$name.md" > "$logs/bench-$name.log" 2>&1
     rc=$?
     md ""
@@ -256,13 +270,17 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
   # cuDNN's fused attention (opt-in, kernels/cuda/attention_cudnn.cu) at B = 8 and 64 (llm.c's batch):
   # does it beat the mma kernels in a whole step?
   bench_variant cudnn KRAKEN_CUDA_ATTENTION=cudnn 200 90 "cuDNN's fused attention where it takes the shape" \
-    --batch 8,64
+    --training-only --batch 8,64
   # GPT-2 with GELU and the bias gradients as their own kernels (runtime/ops/mlp.cpp, matmul.cpp): what the
   # cuBLASLt epilogues change in a step (the MLP block alone, at every level, is a main-run row).
   bench_variant epilogues-off KRAKEN_CUDA_EPILOGUES=0 150 60 "GELU and the bias gradients as their own kernels" \
+    --training-only --batch 8 --model gpt2
+  # The mma dk/dv kernel bounded to 4 blocks per SM (kernels/cuda/attention_mma.cu): the compute section's
+  # attention rows and GPT-2's step.
+  bench_variant kv-blocks-4 KRAKEN_CUDA_ATTENTION_KV_BLOCKS=4 150 60 "the dk/dv attention kernel at 4 blocks per SM" \
     --batch 8 --model gpt2
   # The WMMA attention kernels, the default before the mma.sync ones (kernels/cuda/README.md).
-  bench_variant wmma KRAKEN_CUDA_ATTENTION=tc 150 90 "the WMMA attention kernels" --batch 8
+  bench_variant wmma KRAKEN_CUDA_ATTENTION=tc 150 90 "the WMMA attention kernels" --training-only --batch 8
 else
   fail "benchmark not built"
 fi
