@@ -51,7 +51,8 @@
 // dispatch falls back to the other kernels otherwise).
 //
 // Plans. A graph is built, and its execution plan chosen (heuristics mode A, the first configuration
-// that finalizes and is not marked non-deterministic), once per (device, B, T, C, NH, direction) and kept
+// that finalizes and is not marked non-deterministic; the first of the GraphVariants below whose graph
+// cuDNN takes), once per (device, B, T, C, NH, direction) and kept
 // for the process; a shape cuDNN refuses is remembered with the reason. One cuDNN handle per device; its
 // stream is set on every call. The workspace comes from device_scratch (kernels/cuda/scratch.h), so a
 // steady-state step allocates nothing. The first plan of a shape costs cuDNN's runtime compilation
@@ -69,6 +70,8 @@
 
 #include <array>
 #include <cmath>
+#include <cstdio>
+#include <iterator>
 #include <limits>
 #include <map>
 #include <memory>
@@ -237,10 +240,27 @@ Dims out_strides(const Shape& s) { return {s.T * s.C, s.D(), s.C, 1}; }
 // lse and the row sums (B, NH, T) as (B, NH, T, 1).
 Dims row_strides(const Shape& s) { return {s.NH * s.T, s.T, 1, 1}; }
 
+// Two details of the graphs that cudnn-frontend's versions set differently and that the fusion engine
+// may match on: the data type the causal indices are computed in (int32 in its causal_mask score
+// modifier, f32 in its newer diagonal-band mask) and the type of K reshaped from Kᵀ for dQ = dS·K (its
+// intermediate type, f32, unless set). Never run on a GPU yet, so build_plan tries them in this order
+// and keeps the first whose plan finalizes, saying on stderr when it was not the first.
+struct GraphVariant {
+  cudnnDataType_t index_math;
+  cudnnDataType_t k_type;  // backward only
+  const char* name;
+};
+constexpr GraphVariant kGraphVariants[] = {
+    {CUDNN_DATA_INT32, CUDNN_DATA_FLOAT, "int32 causal indices, K for dQ as f32"},
+    {CUDNN_DATA_INT32, CUDNN_DATA_BFLOAT16, "int32 causal indices, K for dQ as bf16"},
+    {CUDNN_DATA_FLOAT, CUDNN_DATA_FLOAT, "f32 causal indices, K for dQ as f32"},
+    {CUDNN_DATA_FLOAT, CUDNN_DATA_BFLOAT16, "f32 causal indices, K for dQ as bf16"},
+};
+
 // S = (Q·Kᵀ)·scale with the causal mask applied: the scores both directions start from. In backward
 // the statistics are subtracted between scaling and masking, as cudnn-frontend orders it.
-const Desc& masked_scores(GraphBuilder& g, const Shape& s, const Desc& q, const Desc& kt, const Desc& scale,
-                          const Desc& neg_inf, const Desc* stats) {
+const Desc& masked_scores(GraphBuilder& g, const Shape& s, const GraphVariant& v, const Desc& q, const Desc& kt,
+                          const Desc& scale, const Desc& neg_inf, const Desc* stats) {
   const Dims st = {s.B, s.NH, s.T, s.T};
   const Desc& qk = g.virt(CUDNN_DATA_FLOAT, st);
   g.matmul(q, kt, qk);
@@ -252,10 +272,12 @@ const Desc& masked_scores(GraphBuilder& g, const Shape& s, const Desc& q, const 
     g.pointwise(CUDNN_POINTWISE_SUB, CUDNN_DATA_FLOAT, scaled, stats, shifted);
     scores = &shifted;
   }
+  // The indices as cudnn-frontend's causal_mask score modifier builds them (GEN_INDEX into int32, in the
+  // variant's compute type; CMP_GE in boolean).
   const Desc& row = g.virt(CUDNN_DATA_INT32, st);
-  g.pointwise(CUDNN_POINTWISE_GEN_INDEX, CUDNN_DATA_FLOAT, *scores, nullptr, row, nullptr, 2);
+  g.pointwise(CUDNN_POINTWISE_GEN_INDEX, v.index_math, *scores, nullptr, row, nullptr, 2);
   const Desc& col = g.virt(CUDNN_DATA_INT32, st);
-  g.pointwise(CUDNN_POINTWISE_GEN_INDEX, CUDNN_DATA_FLOAT, *scores, nullptr, col, nullptr, 3);
+  g.pointwise(CUDNN_POINTWISE_GEN_INDEX, v.index_math, *scores, nullptr, col, nullptr, 3);
   const Desc& keep = g.virt(CUDNN_DATA_BOOLEAN, st);  // key s ≤ query t
   g.pointwise(CUDNN_POINTWISE_CMP_GE, CUDNN_DATA_BOOLEAN, row, &col, keep);
   const Desc& masked = g.virt(CUDNN_DATA_FLOAT, st);
@@ -263,7 +285,7 @@ const Desc& masked_scores(GraphBuilder& g, const Shape& s, const Desc& q, const 
   return masked;
 }
 
-void build_forward(GraphBuilder& g, const Shape& s) {
+void build_forward(GraphBuilder& g, const Shape& s, const GraphVariant& variant) {
   const Dims bhtd = {s.B, s.NH, s.T, s.D()}, bhdt = {s.B, s.NH, s.D(), s.T}, row = {s.B, s.NH, s.T, 1};
   const Dims st = {s.B, s.NH, s.T, s.T};
   const Desc& q = g.tensor(kQ, CUDNN_DATA_BFLOAT16, bhtd, qkv_strides(s), false);
@@ -274,7 +296,7 @@ void build_forward(GraphBuilder& g, const Shape& s) {
   const Desc& scale = g.scalar(kScale);
   const Desc& neg_inf = g.scalar(kNegInf);
 
-  const Desc& scores = masked_scores(g, s, q, kt, scale, neg_inf, nullptr);
+  const Desc& scores = masked_scores(g, s, variant, q, kt, scale, neg_inf, nullptr);
   // softmax with statistics
   const Desc& m = g.virt(CUDNN_DATA_FLOAT, row);
   g.reduction(CUDNN_REDUCE_TENSOR_MAX, scores, m);
@@ -292,7 +314,7 @@ void build_forward(GraphBuilder& g, const Shape& s) {
   g.matmul(p, v, o);
 }
 
-void build_backward(GraphBuilder& g, const Shape& s) {
+void build_backward(GraphBuilder& g, const Shape& s, const GraphVariant& variant) {
   const Dims bhtd = {s.B, s.NH, s.T, s.D()}, bhdt = {s.B, s.NH, s.D(), s.T}, row = {s.B, s.NH, s.T, 1};
   const Dims st = {s.B, s.NH, s.T, s.T};
   const Dims transposed = {s.NH * s.T * s.T, s.T * s.T, 1, s.T};  // (B, NH, T, T) read column-wise
@@ -318,7 +340,7 @@ void build_backward(GraphBuilder& g, const Shape& s) {
   g.pointwise(CUDNN_POINTWISE_MUL, CUDNN_DATA_FLOAT, sums, &one, row_sums);
 
   // P = exp(S·scale − lse), masked; dV = Pᵀ·dO
-  const Desc& masked = masked_scores(g, s, q, kt, scale, neg_inf, &stats);
+  const Desc& masked = masked_scores(g, s, variant, q, kt, scale, neg_inf, &stats);
   const Desc& p = g.virt(CUDNN_DATA_FLOAT, st);
   g.pointwise(CUDNN_POINTWISE_EXP, CUDNN_DATA_FLOAT, masked, nullptr, p);
   const Desc& pt = g.tensor(0, CUDNN_DATA_BFLOAT16, st, transposed, true);
@@ -339,7 +361,7 @@ void build_backward(GraphBuilder& g, const Shape& s) {
   g.matmul(dst, q, dk);
 
   // dQ = dS·K (K: Kᵀ reshaped back to (B, NH, T, D)), written directly: the deterministic graph
-  const Desc& k = g.tensor(0, CUDNN_DATA_FLOAT, bhtd, qkv_strides(s), true);
+  const Desc& k = g.tensor(0, variant.k_type, bhtd, qkv_strides(s), true);
   g.reshape(kt, k);
   g.matmul(ds, k, dq);
 }
@@ -403,13 +425,13 @@ bool has_note(const Desc& engine, cudnnBackendNumericalNote_t wanted) {
 }
 
 // Builds the graph and picks its plan; throws kraken::Error with cuDNN's reason where it cannot.
-void build_plan(Plan& p, cudnnHandle_t handle, const Shape& s, Direction dir) {
+void build_plan_of(Plan& p, cudnnHandle_t handle, const Shape& s, Direction dir, const GraphVariant& v) {
   p.graph = std::make_unique<GraphBuilder>(handle);
   GraphBuilder& g = *p.graph;
   if (dir == Direction::kForward)
-    build_forward(g, s);
+    build_forward(g, s, v);
   else
-    build_backward(g, s);
+    build_backward(g, s, v);
   const Desc& op_graph = g.graph();
 
   Desc& heur = g.make(CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR);
@@ -458,6 +480,25 @@ void build_plan(Plan& p, cudnnHandle_t handle, const Shape& s, Direction dir) {
   KRAKEN_THROW("none of cuDNN's ", returned, " engine configurations finalized", refusals);
 }
 
+// The plan of the first graph variant cuDNN takes (the forward has only the index type to vary); throws
+// with every variant's reason where none is taken. Returns the variant's index in kGraphVariants.
+size_t build_plan(Plan& p, cudnnHandle_t handle, const Shape& s, Direction dir) {
+  std::string reasons;
+  for (size_t i = 0; i < std::size(kGraphVariants); ++i) {
+    const GraphVariant& v = kGraphVariants[i];
+    if (dir == Direction::kForward && v.k_type != kGraphVariants[0].k_type) continue;
+    try {
+      build_plan_of(p, handle, s, dir, v);
+      return i;
+    } catch (const Error& e) {
+      p.graph.reset();
+      p.plan.reset();
+      reasons += std::string(reasons.empty() ? "" : " | ") + v.name + ": " + e.what();
+    }
+  }
+  KRAKEN_THROW(reasons);
+}
+
 std::string shape_name(const Shape& s, Direction dir) {
   return std::string(dir == Direction::kForward ? "forward" : "backward") + " B=" + std::to_string(s.B) +
          " T=" + std::to_string(s.T) + " C=" + std::to_string(s.C) + " NH=" + std::to_string(s.NH);
@@ -478,7 +519,10 @@ const Plan& plan_for(const Shape& s, Direction dir) {
     slot->error = "cuDNN did not start: " + why;
   } else {
     try {
-      build_plan(*slot, handle, s, dir);
+      const size_t variant = build_plan(*slot, handle, s, dir);
+      if (variant > 0)  // worth knowing (tools/gpu-check.sh keeps the lines that start so)
+        std::fprintf(stderr, "cuDNN attention %s: planned with the graph variant \"%s\" (the ones before it refused)\n",
+                     shape_name(s, dir).c_str(), kGraphVariants[variant].name);
     } catch (const std::exception& e) {
       slot->plan.reset();
       slot->error = "cuDNN " + shape_name(s, dir) + ": " + e.what();
