@@ -208,35 +208,32 @@ read -r g_pass g_fail g_skip <<< "$(counts_of_last_summary)"
 if [[ "$gpu_rc" -ne 0 || "${g_fail:-1}" -ne 0 ]]; then fail "GPU tests"; md_tail "$logs/gpu-tests.log" 30; fi
 if [[ $have_gpu -eq 1 && "${g_skip:-0}" -ne 0 ]]; then fail "GPU tests skipped on a machine with a GPU"; fi
 if [[ "${g_pass:-0}" -eq 0 && $have_gpu -eq 1 ]]; then fail "no GPU test passed"; fi
-# The environment variable is read once per process: the cuDNN dispatch (and the model's grouped
-# attention taking one cuDNN call per sub-layer) needs a run of its own. A few seconds plus cuDNN's plan
-# compilation.
-if [[ $have_gpu -eq 1 && $(left) -gt 240 ]]; then
-  say "attention tests with KRAKEN_CUDA_ATTENTION=cudnn"
+# Some of the GPU tests again with one switch set, in a process of their own (the switches are read once
+# per process), while time is left: name, VAR=value, timeout (s), gtest filter, what they cover. The
+# report keeps each test's result and every line naming cuDNN's attention (its refusals, the plan's graph).
+test_variant() {
+  local name=$1 setting=$2 limit=$3 filter=$4 what=$5
+  [[ $have_gpu -eq 1 && $(left) -gt 240 ]] || return 0
+  say "GPU tests with $setting"
+  local t0 rc
   t0=$(date +%s)
-  KRAKEN_CUDA_ATTENTION=cudnn KRAKEN_SOURCE_DIR="$root" OMP_NUM_THREADS=2 timeout 120 "$build/tests/kraken_tests_gpu" \
-    --gtest_filter='GpuAttentionCudnn.*:GpuAttentionTc.DispatchTakesOnePathForForwardAndBackward:GpuAttentionMma.GroupIsEachInputsOwnAttention' \
-    > "$logs/gpu-tests-cudnn.log" 2>&1
+  env "$setting" KRAKEN_SOURCE_DIR="$root" OMP_NUM_THREADS=2 timeout "$limit" "$build/tests/kraken_tests_gpu" \
+    --gtest_filter="$filter" > "$logs/gpu-tests-$name.log" 2>&1
   rc=$?
   md ""
-  md "With KRAKEN_CUDA_ATTENTION=cudnn (GpuAttentionCudnn.*, the dispatch, the group): exit status $rc in $(( $(date +%s) - t0 )) s."
-  grep -E '^\[( +OK|  FAILED|  SKIPPED|  PASSED) |not supported|cuDNN attention' "$logs/gpu-tests-cudnn.log" | head -n 30 > "$logs/gpu-tests-cudnn-summary.log"
-  md_tail "$logs/gpu-tests-cudnn-summary.log" 30
-  [[ $rc -eq 0 ]] || fail "attention tests with KRAKEN_CUDA_ATTENTION=cudnn (exit status $rc)"
-fi
-# Likewise the mma kernels with the dk/dv kernel bounded to 4 blocks per SM (the same code, spilling).
-if [[ $have_gpu -eq 1 && $(left) -gt 240 ]]; then
-  say "attention tests with KRAKEN_CUDA_ATTENTION_KV_BLOCKS=4"
-  t0=$(date +%s)
-  KRAKEN_CUDA_ATTENTION_KV_BLOCKS=4 KRAKEN_SOURCE_DIR="$root" OMP_NUM_THREADS=2 timeout 60 "$build/tests/kraken_tests_gpu" \
-    --gtest_filter='GpuAttentionMma.*' > "$logs/gpu-tests-kv4.log" 2>&1
-  rc=$?
-  md ""
-  md "With KRAKEN_CUDA_ATTENTION_KV_BLOCKS=4 (GpuAttentionMma.*): exit status $rc in $(( $(date +%s) - t0 )) s."
-  grep -E '^\[( +OK|  FAILED|  SKIPPED|  PASSED) ' "$logs/gpu-tests-kv4.log" | head -n 20 > "$logs/gpu-tests-kv4-summary.log"
-  md_tail "$logs/gpu-tests-kv4-summary.log" 20
-  [[ $rc -eq 0 ]] || fail "attention tests with KRAKEN_CUDA_ATTENTION_KV_BLOCKS=4 (exit status $rc)"
-fi
+  md "With $setting ($what): exit status $rc in $(( $(date +%s) - t0 )) s."
+  grep -E '^\[( +OK|  FAILED|  SKIPPED|  PASSED) |not supported|cuDNN attention' "$logs/gpu-tests-$name.log" | head -n 30 \
+    > "$logs/gpu-tests-$name-summary.log"
+  md_tail "$logs/gpu-tests-$name-summary.log" 30
+  [[ $rc -eq 0 ]] || fail "GPU tests with $setting (exit status $rc)"
+}
+# cuDNN's dispatch, and the model's grouped attention taking one cuDNN call per sub-layer (a few seconds
+# plus cuDNN's plan compilation).
+test_variant cudnn KRAKEN_CUDA_ATTENTION=cudnn 120 \
+  'GpuAttentionCudnn.*:GpuAttentionTc.DispatchTakesOnePathForForwardAndBackward:GpuAttentionMma.GroupIsEachInputsOwnAttention' \
+  "GpuAttentionCudnn.*, the dispatch, the group"
+# The mma kernels with the dk/dv kernel bounded to 4 blocks per SM (the same code, spilling).
+test_variant kv4 KRAKEN_CUDA_ATTENTION_KV_BLOCKS=4 60 'GpuAttentionMma.*' "GpuAttentionMma.*"
 
 # ---- 4. benchmark ------------------------------------------------------------------------------------------
 md ""
