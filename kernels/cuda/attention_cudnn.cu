@@ -24,7 +24,9 @@
 // Forward, per (b, h), S of shape (T, T):
 //   S = Q·Kᵀ (matmul; Kᵀ is K's strided view with the last two dimensions swapped),  S ← S·scale,
 //   causal mask: r = GEN_INDEX(S, axis 2), c = GEN_INDEX(S, axis 3), keep = CMP_GE(r, c),
-//                S ← BINARY_SELECT(S, −∞, keep)   (keep ? S : −∞),
+//                S ← BINARY_SELECT(S, lowest, keep)   (keep ? S : the lowest finite float, as
+//                cudnn-frontend's causal mask: exp of it is 0 as of −∞, and no tile that a kernel finds
+//                fully masked turns a max − max into −∞ − (−∞)),
 //   softmax with statistics: M = max_row S, E = exp(S − M), L = Σ_row E, Stats = M + log L, P = E / L,
 //   O = P·V.
 // Stats is therefore log Σ_{s ≤ t} exp(S[t, s]) with natural exp and log of the scaled, masked scores:
@@ -223,7 +225,7 @@ class GraphBuilder {
 
 // Buffers of the variant packs.
 enum Uid : int64_t {
-  kQ = 1, kK, kV, kO, kStats, kScale, kNegInf, kDO, kDQ, kDK, kDV, kRowSums, kOne,
+  kQ = 1, kK, kV, kO, kStats, kScale, kMaskValue, kDO, kDQ, kDK, kDV, kRowSums, kOne,
 };
 
 struct Shape {
@@ -260,7 +262,7 @@ constexpr GraphVariant kGraphVariants[] = {
 // S = (Q·Kᵀ)·scale with the causal mask applied: the scores both directions start from. In backward
 // the statistics are subtracted between scaling and masking, as cudnn-frontend orders it.
 const Desc& masked_scores(GraphBuilder& g, const Shape& s, const GraphVariant& v, const Desc& q, const Desc& kt,
-                          const Desc& scale, const Desc& neg_inf, const Desc* stats) {
+                          const Desc& scale, const Desc& mask_value, const Desc* stats) {
   const Dims st = {s.B, s.NH, s.T, s.T};
   const Desc& qk = g.virt(CUDNN_DATA_FLOAT, st);
   g.matmul(q, kt, qk);
@@ -281,7 +283,7 @@ const Desc& masked_scores(GraphBuilder& g, const Shape& s, const GraphVariant& v
   const Desc& keep = g.virt(CUDNN_DATA_BOOLEAN, st);  // key s ≤ query t
   g.pointwise(CUDNN_POINTWISE_CMP_GE, CUDNN_DATA_BOOLEAN, row, &col, keep);
   const Desc& masked = g.virt(CUDNN_DATA_FLOAT, st);
-  g.pointwise(CUDNN_POINTWISE_BINARY_SELECT, CUDNN_DATA_FLOAT, *scores, &neg_inf, masked, &keep);
+  g.pointwise(CUDNN_POINTWISE_BINARY_SELECT, CUDNN_DATA_FLOAT, *scores, &mask_value, masked, &keep);
   return masked;
 }
 
@@ -294,9 +296,9 @@ void build_forward(GraphBuilder& g, const Shape& s, const GraphVariant& variant)
   const Desc& o = g.tensor(kO, CUDNN_DATA_BFLOAT16, bhtd, out_strides(s), false);
   const Desc& stats = g.tensor(kStats, CUDNN_DATA_FLOAT, row, row_strides(s), false);
   const Desc& scale = g.scalar(kScale);
-  const Desc& neg_inf = g.scalar(kNegInf);
+  const Desc& mask_value = g.scalar(kMaskValue);
 
-  const Desc& scores = masked_scores(g, s, variant, q, kt, scale, neg_inf, nullptr);
+  const Desc& scores = masked_scores(g, s, variant, q, kt, scale, mask_value, nullptr);
   // softmax with statistics
   const Desc& m = g.virt(CUDNN_DATA_FLOAT, row);
   g.reduction(CUDNN_REDUCE_TENSOR_MAX, scores, m);
@@ -329,7 +331,7 @@ void build_backward(GraphBuilder& g, const Shape& s, const GraphVariant& variant
   const Desc& dv = g.tensor(kDV, CUDNN_DATA_BFLOAT16, bhtd, qkv_strides(s), false);
   const Desc& row_sums = g.tensor(kRowSums, CUDNN_DATA_FLOAT, row, row_strides(s), false);
   const Desc& scale = g.scalar(kScale);
-  const Desc& neg_inf = g.scalar(kNegInf);
+  const Desc& mask_value = g.scalar(kMaskValue);
   const Desc& one = g.scalar(kOne);
 
   // Dᵢ = Σ_d dO·O, into global memory (the graph reads it per key tile)
@@ -340,7 +342,7 @@ void build_backward(GraphBuilder& g, const Shape& s, const GraphVariant& variant
   g.pointwise(CUDNN_POINTWISE_MUL, CUDNN_DATA_FLOAT, sums, &one, row_sums);
 
   // P = exp(S·scale − lse), masked; dV = Pᵀ·dO
-  const Desc& masked = masked_scores(g, s, variant, q, kt, scale, neg_inf, &stats);
+  const Desc& masked = masked_scores(g, s, variant, q, kt, scale, mask_value, &stats);
   const Desc& p = g.virt(CUDNN_DATA_FLOAT, st);
   g.pointwise(CUDNN_POINTWISE_EXP, CUDNN_DATA_FLOAT, masked, nullptr, p);
   const Desc& pt = g.tensor(0, CUDNN_DATA_BFLOAT16, st, transposed, true);
@@ -612,12 +614,12 @@ void attention_forward_bf16_cudnn_cuda(uint16_t* out, float* lse, const uint16_t
   const Shape s{B, T, C, NH};
   const Plan& p = checked_plan(s, Direction::kForward, {out, lse, qkv, qkv + C, qkv + 2 * C});
   float scale = 1.0f / std::sqrt(static_cast<float>(s.D()));
-  float neg_inf = -std::numeric_limits<float>::infinity();
+  float mask_value = std::numeric_limits<float>::lowest();  // the masked scores' value (see the top)
   void* workspace =
       p.workspace > 0 ? cuda_detail::device_scratch(cuda_detail::ScratchSlot::kCudnnAttention, p.workspace) : nullptr;
-  const int64_t uids[] = {kQ, kK, kV, kO, kStats, kScale, kNegInf};
+  const int64_t uids[] = {kQ, kK, kV, kO, kStats, kScale, kMaskValue};
   void* ptrs[] = {const_cast<uint16_t*>(qkv), const_cast<uint16_t*>(qkv + C), const_cast<uint16_t*>(qkv + 2 * C),
-                  out, lse, &scale, &neg_inf};
+                  out, lse, &scale, &mask_value};
   execute(p, uids, ptrs, 7, workspace, stream);
 }
 
@@ -628,7 +630,7 @@ void attention_backward_bf16_cudnn_cuda(uint16_t* dqkv, const uint16_t* dout, co
   const Plan& p = checked_plan(s, Direction::kBackward,
                                {dqkv, dqkv + C, dqkv + 2 * C, dout, qkv, qkv + C, qkv + 2 * C, out, lse});
   float scale = 1.0f / std::sqrt(static_cast<float>(s.D()));
-  float neg_inf = -std::numeric_limits<float>::infinity();
+  float mask_value = std::numeric_limits<float>::lowest();  // the masked scores' value (see the top)
   float one = 1.0f;
   // Workspace: cuDNN's, then Dᵢ (B·NH·T floats), each 256-byte aligned.
   const size_t plan_bytes = round_up(static_cast<size_t>(p.workspace), 256);
@@ -637,10 +639,10 @@ void attention_backward_bf16_cudnn_cuda(uint16_t* dqkv, const uint16_t* dout, co
       cuda_detail::device_scratch(cuda_detail::ScratchSlot::kCudnnAttention, plan_bytes + sums_bytes));
   void* row_sums = scratch + plan_bytes;
   void* workspace = p.workspace > 0 ? static_cast<void*>(scratch) : nullptr;
-  const int64_t uids[] = {kQ, kK, kV, kO, kDO, kStats, kDQ, kDK, kDV, kRowSums, kScale, kNegInf, kOne};
+  const int64_t uids[] = {kQ, kK, kV, kO, kDO, kStats, kDQ, kDK, kDV, kRowSums, kScale, kMaskValue, kOne};
   void* ptrs[] = {const_cast<uint16_t*>(qkv), const_cast<uint16_t*>(qkv + C), const_cast<uint16_t*>(qkv + 2 * C),
                   const_cast<uint16_t*>(out), const_cast<uint16_t*>(dout), const_cast<float*>(lse),
-                  dqkv, dqkv + C, dqkv + 2 * C, row_sums, &scale, &neg_inf, &one};
+                  dqkv, dqkv + C, dqkv + 2 * C, row_sums, &scale, &mask_value, &one};
   execute(p, uids, ptrs, 13, workspace, stream);
 }
 
