@@ -247,8 +247,8 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
   if [[ -f "$logs/bench.md" ]]; then cat "$logs/bench.md" >> "$report"; else md_tail "$logs/bench.log" 30; fi
   [[ $rc -eq 0 ]] || fail "benchmark (exit status $rc)"
   # The bf16 rows again with one switch changed, each in a process of its own (the switches are read once
-  # per process), most wanted first, while time is left: name, VAR=value, the least time left (s) to
-  # start it, its timeout (s), what it shows, and gpu_train_bench's arguments.
+  # per process), most wanted first, while time is left: name, VAR=value (one or more, space-separated),
+  # the least time left (s) to start it, its timeout (s), what it shows, and gpu_train_bench's arguments.
   bench_variant() {
     local name=$1 setting=$2 min_left=$3 limit=$4 what=$5
     shift 5
@@ -256,18 +256,21 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
     say "benchmark, $what"
     local t0 rc
     t0=$(date +%s)
-    env "$setting" timeout "$limit" "$build/bin/gpu_train_bench" --precision bf16 "$@" \
+    # shellcheck disable=SC2086  # $setting may hold several VAR=value words
+    env $setting timeout "$limit" "$build/bin/gpu_train_bench" --precision bf16 "$@" \
       --out "$logs/bench-$name.md" > "$logs/bench-$name.log" 2>&1
     rc=$?
     md ""
     md "With $setting ($what): exit status $rc in $(( $(date +%s) - t0 )) s."
+    grep -E '^cuDNN attention' "$logs/bench-$name.log" | sort -u | head -n 10 >> "$report"
     if [[ -f "$logs/bench-$name.md" ]]; then grep -E '^\|' "$logs/bench-$name.md" >> "$report"; else md_tail "$logs/bench-$name.log" 20; fi
     [[ $rc -eq 0 ]] || fail "benchmark with $setting (exit status $rc)"
   }
   # cuDNN's fused attention (opt-in, kernels/cuda/attention_cudnn.cu) at B = 8 and 64 (llm.c's batch):
-  # does it beat the mma kernels in a whole step?
-  bench_variant cudnn KRAKEN_CUDA_ATTENTION=cudnn 200 90 "cuDNN's fused attention where it takes the shape" \
-    --training-only --batch 8,64
+  # does it beat the mma kernels in a whole step? Its attention rows too, and, where cuDNN offers no
+  # deterministic engine, a non-deterministic one's speed (said so in the lines before the rows).
+  bench_variant cudnn "KRAKEN_CUDA_ATTENTION=cudnn KRAKEN_CUDNN_ATTENTION_NONDETERMINISTIC=1" 200 120 \
+    "cuDNN's fused attention where it takes the shape" --batch 8,64
   # GPT-2 with GELU and the bias gradients as their own kernels (runtime/ops/mlp.cpp, matmul.cpp): what the
   # cuBLASLt epilogues change in a step (the MLP block alone, at every level, is a main-run row).
   bench_variant epilogues-off KRAKEN_CUDA_EPILOGUES=0 150 60 "GELU and the bias gradients as their own kernels" \

@@ -42,7 +42,8 @@
 // asked for a deterministic backward (its is_deterministic_algorithm: the "dP workspace" implementation);
 // its default graph instead accumulates dQ into an f32 buffer, with atomics. In addition every engine
 // whose CUDNN_ATTR_ENGINE_NUMERICAL_NOTE lists CUDNN_NUMERICAL_NOTE_NONDETERMINISTIC is skipped (forward
-// and backward), and the GPU tests check two backward runs for identical bits. That is as far as the
+// and backward; KRAKEN_CUDNN_ATTENTION_NONDETERMINISTIC=1, for measuring only, takes one where nothing
+// else finalizes, and says so on stderr), and the GPU tests check two backward runs for identical bits. That is as far as the
 // backend API lets us ask: cuDNN documents no determinism guarantee beyond those notes, so the test is
 // the evidence (tests/gpu/attention_cudnn_cuda_test.cpp, not yet run on a GPU). The dP workspace costs
 // B·NH·T²·2 bytes of workspace (GPT-2 at B = 8, T = 1024: 192 MiB), held in a per-device scratch buffer.
@@ -73,6 +74,8 @@
 #include <array>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <iterator>
 #include <limits>
 #include <map>
@@ -377,6 +380,7 @@ struct Plan {
   std::unique_ptr<Desc> plan;
   int64_t workspace = 0;  // bytes cuDNN asks for (the backward's Dᵢ buffer comes on top)
   std::string error;      // non-empty: cuDNN refused the shape, and why
+  bool nondeterministic = false;  // an engine cuDNN marks non-deterministic (only where asked for, below)
 };
 
 struct DeviceState {
@@ -455,15 +459,17 @@ void build_plan_of(Plan& p, cudnnHandle_t handle, const Shape& s, Direction dir,
   KRAKEN_CUDNN_CHECK(cudnnBackendGetAttribute(heur.get(), CUDNN_ATTR_ENGINEHEUR_RESULTS,
                                               CUDNN_TYPE_BACKEND_DESCRIPTOR, count, &returned, raw.data()));
   std::string refusals;
-  for (int64_t i = 0; i < returned; ++i) {
+  std::vector<int64_t> nondeterministic;  // configurations passed over for their note
+  const auto finalize = [&](int64_t i, bool check_note) {
     try {
       Desc engine(CUDNN_BACKEND_ENGINE_DESCRIPTOR);
       int64_t n = 0;
       KRAKEN_CUDNN_CHECK(cudnnBackendGetAttribute(configs[i]->get(), CUDNN_ATTR_ENGINECFG_ENGINE,
                                                   CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &n, engine.ptr()));
-      if (has_note(engine, CUDNN_NUMERICAL_NOTE_NONDETERMINISTIC)) {
+      if (check_note && has_note(engine, CUDNN_NUMERICAL_NOTE_NONDETERMINISTIC)) {
         refusals += "; engine config " + std::to_string(i) + " is marked non-deterministic";
-        continue;
+        nondeterministic.push_back(i);
+        return false;
       }
       auto plan = std::make_unique<Desc>(CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR);
       set(plan->get(), CUDNN_ATTR_EXECUTION_PLAN_HANDLE, CUDNN_TYPE_HANDLE, 1, &handle);
@@ -474,11 +480,25 @@ void build_plan_of(Plan& p, cudnnHandle_t handle, const Shape& s, Direction dir,
                                                   CUDNN_TYPE_INT64, 1, &n, &workspace));
       p.plan = std::move(plan);
       p.workspace = workspace;
-      return;
+      p.nondeterministic = !check_note;
+      return true;
     } catch (const Error& e) {
       refusals += "; engine config " + std::to_string(i) + ": " + e.what();
+      return false;
     }
-  }
+  };
+  for (int64_t i = 0; i < returned; ++i)
+    if (finalize(i, true)) return;
+  // Only for measuring (bench rows), never a default: KRAKEN_CUDNN_ATTENTION_NONDETERMINISTIC=1 takes an
+  // engine cuDNN marks non-deterministic where no other finalizes, so that its speed can be known even
+  // where the determinism Kraken asks for is not offered.
+  static const bool allow_nondeterministic = [] {
+    const char* env = std::getenv("KRAKEN_CUDNN_ATTENTION_NONDETERMINISTIC");
+    return env && std::strcmp(env, "1") == 0;
+  }();
+  if (allow_nondeterministic)
+    for (const int64_t i : nondeterministic)
+      if (finalize(i, false)) return;
   KRAKEN_THROW("none of cuDNN's ", returned, " engine configurations finalized", refusals);
 }
 
@@ -525,6 +545,9 @@ const Plan& plan_for(const Shape& s, Direction dir) {
       if (variant > 0)  // worth knowing (tools/gpu-check.sh keeps the lines that start so)
         std::fprintf(stderr, "cuDNN attention %s: planned with the graph variant \"%s\" (the ones before it refused)\n",
                      shape_name(s, dir).c_str(), kGraphVariants[variant].name);
+      if (slot->nondeterministic)
+        std::fprintf(stderr, "cuDNN attention %s: NON-DETERMINISTIC engine (KRAKEN_CUDNN_ATTENTION_NONDETERMINISTIC=1; "
+                     "no deterministic one finalized)\n", shape_name(s, dir).c_str());
     } catch (const std::exception& e) {
       slot->plan.reset();
       slot->error = "cuDNN " + shape_name(s, dir) + ": " + e.what();
