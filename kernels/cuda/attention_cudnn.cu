@@ -338,7 +338,10 @@ void build_backward(GraphBuilder& g, const Shape& s, const GraphVariant& variant
   const Desc& one = g.scalar(kOne);
 
   // Dᵢ = Σ_d dO·O, into global memory (the graph reads it per key tile)
-  const Desc& do_o = g.virt(CUDNN_DATA_FLOAT, bhtd);
+  // (the strides cudnn-frontend gives this virtual tensor: (B, NH, T, D) laid out as (B, T, NH, D), as
+  // O and dO are, not the row-major default)
+  const Desc& do_o =
+      g.tensor(0, CUDNN_DATA_FLOAT, bhtd, {s.NH * s.T * s.D(), s.T * s.D(), s.NH * s.D(), 1}, true);
   g.pointwise(CUDNN_POINTWISE_MUL, CUDNN_DATA_FLOAT, d_o, &o, do_o);
   const Desc& sums = g.virt(CUDNN_DATA_FLOAT, row);
   g.reduction(CUDNN_REDUCE_TENSOR_ADD, do_o, sums);
