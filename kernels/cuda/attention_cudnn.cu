@@ -338,8 +338,8 @@ void build_backward(GraphBuilder& g, const Shape& s, const GraphVariant& variant
   const Desc& one = g.scalar(kOne);
 
   // Dᵢ = Σ_d dO·O, into global memory (the graph reads it per key tile)
-  // (the strides cudnn-frontend gives this virtual tensor: (B, NH, T, D) laid out as (B, T, NH, D), as
-  // O and dO are, not the row-major default)
+  // (with the strides cudnn-frontend gives this virtual tensor, copied as they are: NH·T·D, T·D, NH·D, 1,
+  // not the row-major default; a virtual tensor is never in memory, but the engine may match on them)
   const Desc& do_o =
       g.tensor(0, CUDNN_DATA_FLOAT, bhtd, {s.NH * s.T * s.D(), s.T * s.D(), s.NH * s.D(), 1}, true);
   g.pointwise(CUDNN_POINTWISE_MUL, CUDNN_DATA_FLOAT, d_o, &o, do_o);
