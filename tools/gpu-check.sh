@@ -117,7 +117,8 @@ PY
 )
   if [[ -n "$wheel" && -e "$wheel/include/cudnn.h" ]]; then
     export CUDNN_ROOT="$wheel"
-    export LD_LIBRARY_PATH="$wheel/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    # (the toolkit's lib64 too: cuDNN's runtime-compiled engines load NVRTC when they plan)
+    export LD_LIBRARY_PATH="$wheel/lib:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   fi
 fi
 md "cuDNN from: ${CUDNN_ROOT:-/usr/local/cuda, if there} (the Kraken line of the configure step says what CMake found)."
