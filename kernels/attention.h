@@ -54,14 +54,18 @@ void attention_backward_cuda(float* dqkv, const float* dout, const float* qkv, c
 //     f32 dQ accumulation, engines marked non-deterministic skipped); cuDNN documents no stronger
 //     guarantee, so a GPU test checks two runs for equal bits. Needs cuDNN in the build, sm_80+, D a
 //     multiple of 8 up to 256 (cuDNN's SDPA; on sm_80 its backward takes D ≤ 128), 16-byte aligned
-//     buffers; attention_bf16_cudnn_why_not says what cuDNN refused. Not yet run or measured on a GPU.
+//     buffers; attention_bf16_cudnn_why_not says what cuDNN refused. Measured on an H200 (bench/RESULTS.md).
 // attention_{forward,backward}_bf16_cuda dispatch (attention_bf16_kernels) on the environment variable
 // KRAKEN_CUDA_ATTENTION, read once per process so a forward and its backward always take the same path:
-//   unset or "mma": the mma kernels where supported (unset: up to D = kAttentionMmaDefaultMaxHead, the
-//     WMMA ones above), else the CUDA-core ones; "tc": the WMMA kernels where supported, else CUDA
-//     cores; "simt": CUDA cores for every head size; "cudnn" (opt-in until a GPU measures it faster):
-//     cuDNN where it takes the call's shape and buffers (attention_bf16_cudnn_usable), else what the
-//     unset variable takes.
+//   unset: cuDNN (measured fastest on an H200: bench/RESULTS.md) for the shapes a run repeats, else the
+//     mma kernels up to D = kAttentionMmaDefaultMaxHead, the WMMA ones above, else the CUDA-core ones.
+//     "The shapes a run repeats": cuDNN compiles each new shape at run time (about a second), which a
+//     training step pays once but token-by-token sampling would pay per length; so with the variable
+//     unset cuDNN takes a shape of at least kAttentionCudnnDefaultMinTokens rows (B·T) while fewer than
+//     kAttentionCudnnDefaultMaxShapes shapes went to it, and every shape it took before.
+//   "cudnn": cuDNN for every call it takes (shape and buffers: attention_bf16_cudnn_usable), else as unset;
+//   "mma": the mma kernels where supported, else CUDA cores; "tc": the WMMA kernels where supported, else
+//     CUDA cores; "simt": CUDA cores for every head size.
 // Because of cuDNN's overwrite, the dispatching backward's contract is: dqkv must hold zeros on entry,
 // and receives the gradient, whichever implementation runs (runtime/ops/attention.cpp allocates it so).
 void attention_forward_bf16_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T, int64_t C,
@@ -124,12 +128,18 @@ bool attention_bf16_mma_supported(int64_t D);
 // families at D = 64 and 168; KRAKEN_CUDA_ATTENTION=mma takes the mma kernels for every head size.)
 constexpr int64_t kAttentionMmaDefaultMaxHead = 192;
 
+// The unset KRAKEN_CUDA_ATTENTION's limits on cuDNN (above): a training step's B·T is in the thousands,
+// a sampled token's is B·(prompt so far).
+constexpr int64_t kAttentionCudnnDefaultMinTokens = 2048;
+constexpr int64_t kAttentionCudnnDefaultMaxShapes = 8;
+
 enum class AttentionBf16Kernels { kSimt, kTensorCoreWmma, kTensorCoreMma, kCudnn };
 // Which kernels attention_{forward,backward}_bf16_cuda take for this head size. kCudnn says cuDNN takes
 // the head size (attention_bf16_cudnn_supported); a call whose shape or buffers cuDNN does not take
 // then runs attention_bf16_kernels_fallback(D).
 AttentionBf16Kernels attention_bf16_kernels(int64_t D);
-// What the unset KRAKEN_CUDA_ATTENTION takes: mma up to kAttentionMmaDefaultMaxHead, WMMA above, simt.
+// What the unset KRAKEN_CUDA_ATTENTION takes where cuDNN does not: mma up to kAttentionMmaDefaultMaxHead,
+// WMMA above, simt.
 AttentionBf16Kernels attention_bf16_kernels_fallback(int64_t D);
 const char* attention_bf16_kernels_name(AttentionBf16Kernels kernels);  // "simt", "tc", "mma" or "cudnn"
 

@@ -63,8 +63,10 @@ Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias = Tensor
 // ops' by rounding only. Rows of H not a multiple of 8 take the three ops (ops/mlp.cpp says why).
 Tensor mlp(const Tensor& x, const Tensor& w_fc, const Tensor& b_fc, const Tensor& w_proj, const Tensor& b_proj);
 // What cuBLASLt's epilogues do on CUDA in bf16 (ops::mlp, and ops::linear's bias gradient). The process
-// default comes from KRAKEN_CUDA_EPILOGUES (0, 1 or 2; unset: 2), read once; an EpilogueFusionScope sets
-// it for its thread while it lives (tests, benchmarks).
+// default comes from KRAKEN_CUDA_EPILOGUES (0, 1 or 2; unset: 1), read once; an EpilogueFusionScope sets
+// it for its thread while it lives (tests, benchmarks). Unset is 1 because it measured fastest: GPT-2's
+// MLP block forward + backward on an H200 took 0.487 ms at 1, 0.539 at 0 and 0.597 at 2 (cuBLASLt runs
+// some BGRADB products on a slower generic kernel; bench/RESULTS.md).
 enum class EpilogueFusion {
   kOff = 0,                // the three ops: cuBLASLt with the bias epilogue, GELU and column sums as kernels
   kGelu = 1,               // GELU and gelu' in the products' epilogues; bias gradients as column sums

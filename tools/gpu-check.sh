@@ -9,11 +9,12 @@
 #   2. configure (-DKRAKEN_CUDA=ON -DKRAKEN_MPI=OFF -DCMAKE_CUDA_ARCHITECTURES=90, no ASan copy of the
 #      emulation tests, dependencies from third_party/) and build everything with all cores;
 #   3. the GPU tests: ctest -L gpu (tests/gpu), each result and every measured GPU-vs-CPU difference;
-#      then the attention tests once more with KRAKEN_CUDA_ATTENTION=cudnn (cuDNN's dispatch, the group)
-#      and the mma ones with KRAKEN_CUDA_ATTENTION_KV_BLOCKS=4;
+#      then the attention tests once more with KRAKEN_CUDA_ATTENTION=mma (the grouped mma launch, the
+#      dispatch without cuDNN) and =cudnn (cuDNN for every shape it takes);
 #   4. the GPU benchmark (bench/gpu_train_bench.cpp): tokens/s, MFU, kernel bandwidth; then its bf16
-#      training rows again, for comparison, on cuDNN's fused attention (KRAKEN_CUDA_ATTENTION=cudnn),
-#      with GELU and bias gradients outside the products (KRAKEN_CUDA_EPILOGUES=0) and on the WMMA attention kernels;
+#      training rows again, for comparison, on the mma attention kernels (KRAKEN_CUDA_ATTENTION=mma),
+#      with the bias gradients in the epilogues too (KRAKEN_CUDA_EPILOGUES=2) and with neither GELU nor
+#      them there (=0), and on cuDNN's engines that are not deterministic;
 #   5. compute-sanitizer memcheck on a short GPU training run (kraken-train, checkpoint included), then
 #      memcheck and racecheck on the GPU kernel tests while time remains (after the benchmark, since
 #      the sanitizers take whatever time is left);
@@ -242,13 +243,15 @@ test_variant() {
   md_tail "$logs/gpu-tests-$name-summary.log" 30
   [[ $rc -eq 0 ]] || fail "GPU tests with $setting (exit status $rc)"
 }
-# cuDNN's dispatch, and the model's grouped attention taking one cuDNN call per sub-layer (a few seconds
-# plus cuDNN's plan compilation).
+# The mma kernels where cuDNN would take the call (the default's): their dispatch and the grouped launch
+# of a Kraken layer's sub-layers, which only the mma kernels have.
+test_variant mma KRAKEN_CUDA_ATTENTION=mma 90 \
+  'GpuAttentionMma.*:GpuAttentionTc.DispatchTakesOnePathForForwardAndBackward:GpuAttentionCudnn.DispatchHonoursKrakenCudaAttention' \
+  "GpuAttentionMma.*, the dispatches"
+# cuDNN for every shape it takes, small ones included (the default keeps it for B·T ≥ 2048).
 test_variant cudnn KRAKEN_CUDA_ATTENTION=cudnn 120 \
-  'GpuAttentionCudnn.*:GpuAttentionTc.DispatchTakesOnePathForForwardAndBackward:GpuAttentionMma.GroupIsEachInputsOwnAttention' \
-  "GpuAttentionCudnn.*, the dispatch, the group"
-# The mma kernels with the dk/dv kernel bounded to 4 blocks per SM (the same code, spilling).
-test_variant kv4 KRAKEN_CUDA_ATTENTION_KV_BLOCKS=4 60 'GpuAttentionMma.*' "GpuAttentionMma.*"
+  'GpuAttentionCudnn.*:GpuAttentionTc.DispatchTakesOnePathForForwardAndBackward:GpuAttentionMma.GroupIsEachInputsOwnAttention:GpuModel.*:GpuTrainer.MixedPrecision*' \
+  "GpuAttentionCudnn.*, the dispatch, the group, the models"
 
 # ---- 4. benchmark ------------------------------------------------------------------------------------------
 md ""
@@ -281,21 +284,17 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
     if [[ -f "$logs/bench-$name.md" ]]; then grep -E '^\|' "$logs/bench-$name.md" >> "$report"; else md_tail "$logs/bench-$name.log" 20; fi
     [[ $rc -eq 0 ]] || fail "benchmark with $setting (exit status $rc)"
   }
-  # cuDNN's fused attention (opt-in, kernels/cuda/attention_cudnn.cu) at B = 8 and 64 (llm.c's batch):
-  # does it beat the mma kernels in a whole step? Its attention rows too, and, where cuDNN offers no
-  # deterministic engine, a non-deterministic one's speed (said so in the lines before the rows).
-  bench_variant cudnn "KRAKEN_CUDA_ATTENTION=cudnn KRAKEN_CUDNN_ATTENTION_NONDETERMINISTIC=1" 150 120 \
-    "cuDNN's fused attention where it takes the shape" --batch 8,64
-  # GPT-2 with GELU and the bias gradients as their own kernels (runtime/ops/mlp.cpp, matmul.cpp): what the
-  # cuBLASLt epilogues change in a step (the MLP block alone, at every level, is a main-run row).
-  bench_variant epilogues-off KRAKEN_CUDA_EPILOGUES=0 150 60 "GELU and the bias gradients as their own kernels" \
-    --training-only --batch 8 --model gpt2
-  # The mma dk/dv kernel bounded to 4 blocks per SM (kernels/cuda/attention_mma.cu): the compute section's
-  # attention rows and GPT-2's step.
-  bench_variant kv-blocks-4 KRAKEN_CUDA_ATTENTION_KV_BLOCKS=4 150 60 "the dk/dv attention kernel at 4 blocks per SM" \
-    --batch 8 --model gpt2
-  # The WMMA attention kernels, the default before the mma.sync ones (kernels/cuda/README.md).
-  bench_variant wmma KRAKEN_CUDA_ATTENTION=tc 150 90 "the WMMA attention kernels" --training-only --batch 8
+  # The mma attention kernels, the default before cuDNN's (kernels/attention.h), at B = 8 and 64.
+  bench_variant mma KRAKEN_CUDA_ATTENTION=mma 150 90 "the mma attention kernels" --training-only --batch 8,64
+  # The bias gradients in the weight-gradient products too (BGRADB), and GELU outside them as well: what
+  # the cuBLASLt epilogues change in a step (the MLP block alone, at every level, is a main-run row).
+  bench_variant epilogues-2 KRAKEN_CUDA_EPILOGUES=2 150 60 "GELU and the bias gradients in the epilogues" \
+    --training-only --batch 8,64 --model gpt2
+  bench_variant epilogues-0 KRAKEN_CUDA_EPILOGUES=0 150 60 "GELU and the bias gradients as their own kernels" \
+    --training-only --batch 8,64 --model gpt2
+  # cuDNN's engines marked non-deterministic allowed (for measuring only): does the default lose speed?
+  bench_variant cudnn-nondeterministic KRAKEN_CUDNN_ATTENTION_NONDETERMINISTIC=1 150 90 \
+    "cuDNN's non-deterministic engines allowed" --training-only --batch 64
 else
   fail "benchmark not built"
 fi
@@ -366,6 +365,15 @@ EOF
     rc=$?
     md "$tool, tests/gpu kernel tests ($kernel_filter): exit status $rc in $(( $(date +%s) - t0 )) s."
     md_tail "$logs/$tool-kernels.log" 5
+    # Each error the tool reports, with the test it came from and the kernel it names (addresses cut), so
+    # the report says where without the log.
+    awk '/^\[ RUN +\]/ { test = $NF } /========= (Error|Warning|Invalid|Race|Program hit)|=========  +and / {
+           line = $0; gsub(/0x[0-9a-f]+/, "0x…", line); print test ": " line }' "$logs/$tool-kernels.log" |
+      sort | uniq -c | sort -rn | head -n 40 > "$logs/$tool-kernels-errors.log"
+    if [[ -s "$logs/$tool-kernels-errors.log" ]]; then
+      md "Reports by test (count, test, line):"
+      md_tail "$logs/$tool-kernels-errors.log" 40
+    fi
     if [[ $rc -eq 124 ]]; then md "(stopped by the time budget: inconclusive)"
     elif [[ $rc -ne 0 ]]; then fail "$tool on the kernel tests"; fi
   done

@@ -9,8 +9,8 @@
 # initialise the weights (Philox normal fills) before the step. Each kernel is timed alone (ncu
 # serialises them), with the clocks and caches left as they are (--clock-control none --cache-control
 # none): the sum is the step's GPU time without overlap, close to the step time for this runtime,
-# which issues everything on one stream. Then each mma attention kernel once under ncu --set full
-# (stall reasons, occupancy, pipes). Report: $OUT/gpu-profile.md (and gpu-profile-attention.txt) when
+# which issues everything on one stream. With KRAKEN_PROFILE_ATTENTION=1, then each mma attention
+# kernel once under ncu --set full (stall reasons, occupancy, pipes). Report: $OUT/gpu-profile.md (and gpu-profile-attention.txt) when
 # OUT is set, else build-gpu/.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
@@ -31,7 +31,7 @@ for model in "${models[@]}"; do
   echo "gpu-profile: $model under $ncu_bin"
   t0=$(date +%s)
   "$ncu_bin" --metrics gpu__time_duration.sum --clock-control none --cache-control none --csv --page raw \
-    --print-units base "$bench" --model "$model" --precision bf16 --batch 8 --training-only --warmup 0 --steps 1 \
+    --print-units base "$bench" --model "$model" --precision bf16 --batch 8 --training-only --no-host-probe --warmup 0 --steps 1 \
     > "$csv" 2> "$build/gpu-profile-$model.log"
   rc=$?
   echo "## $model (ncu exit status $rc, $(( $(date +%s) - t0 )) s)" >> "$report"
@@ -69,16 +69,17 @@ done
 # Then the attention kernels one by one under ncu's full set of sections (speed of light, occupancy,
 # warp stall reasons, instruction mix, shared-memory traffic): why they run where they do, not only how
 # long. One launch each (the first of its kind in the step; the first layer's) — GPT-2's D = 64 and the
-# Kraken preset's D = 168 (Dp = 176). KRAKEN_PROFILE_ATTENTION=0 leaves this part out.
-if [[ "${KRAKEN_PROFILE_ATTENTION:-1}" != 0 ]]; then
+# Kraken preset's D = 168 (Dp = 176), with KRAKEN_CUDA_ATTENTION=mma (the default takes cuDNN's). Only
+# with KRAKEN_PROFILE_ATTENTION=1 (bench/RESULTS.md has the last one).
+if [[ "${KRAKEN_PROFILE_ATTENTION:-0}" == 1 ]]; then
   details="$build/gpu-profile-attention.txt"
   : > "$details"
   for model in gpt2 kraken4; do
     for kernel in attention_forward_mma_kernel attention_backward_kv_mma_kernel attention_backward_q_mma_kernel; do
       echo "gpu-profile: $model $kernel, full section set"
       echo "===== $model: $kernel =====" >> "$details"
-      "$ncu_bin" --set full --kernel-name "regex:$kernel" --launch-count 1 --print-summary none \
-        "$bench" --model "$model" --precision bf16 --batch 8 --training-only --warmup 0 --steps 1 \
+      KRAKEN_CUDA_ATTENTION=mma "$ncu_bin" --set full --kernel-name "regex:$kernel" --launch-count 1 --print-summary none \
+        "$bench" --model "$model" --precision bf16 --batch 8 --training-only --no-host-probe --warmup 0 --steps 1 \
         2>&1 | grep -v '^==PROF==' | sed -n '/attention_/,$p' >> "$details" || status=1
     done
   done

@@ -24,10 +24,13 @@
 // (attention_cudnn.cu) (KRAKEN_CUDA_ATTENTION, kernels/cuda/README.md).
 #include <cuda_runtime.h>
 
+#include <array>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <initializer_list>
+#include <mutex>
+#include <set>
 
 #include "kernels/attention.h"
 #include "kernels/cuda/check.h"
@@ -402,6 +405,25 @@ constexpr auto cudnn_forward = attention_forward_bf16_cudnn_cuda;
 constexpr auto cudnn_backward = attention_backward_bf16_cudnn_cuda;
 #endif
 
+// Whether this call may go to cuDNN: always where KRAKEN_CUDA_ATTENTION=cudnn asked for it; with the
+// variable unset, for the shapes a run repeats (kernels/attention.h): a shape taken once is taken again,
+// so a forward and its backward agree, and the set only grows.
+bool cudnn_takes_shape(int64_t B, int64_t T, int64_t C, int64_t NH) {
+  if (attention_choice() == AttentionChoice::kCudnn) return true;
+  int device = 0;
+  KRAKEN_CUDA_CHECK(cudaGetDevice(&device));
+  static std::mutex mutex;
+  static std::set<std::array<int64_t, 5>> taken;
+  const std::array<int64_t, 5> key{device, B, T, C, NH};
+  std::lock_guard<std::mutex> lock(mutex);
+  if (taken.count(key)) return true;
+  if (B * T < kAttentionCudnnDefaultMinTokens ||
+      static_cast<int64_t>(taken.size()) >= kAttentionCudnnDefaultMaxShapes)
+    return false;
+  taken.insert(key);
+  return true;
+}
+
 }  // namespace
 
 AttentionBf16Kernels attention_bf16_kernels_fallback(int64_t D) {
@@ -421,9 +443,9 @@ AttentionBf16Kernels attention_bf16_kernels(int64_t D) {
       if (attention_bf16_tc_supported(D)) return AttentionBf16Kernels::kTensorCoreWmma;
       return AttentionBf16Kernels::kSimt;
     case AttentionChoice::kCudnn:
+    case AttentionChoice::kDefault:
       if (cudnn_supported(D)) return AttentionBf16Kernels::kCudnn;
       break;
-    case AttentionChoice::kDefault: break;
   }
   return attention_bf16_kernels_fallback(D);
 }
@@ -443,7 +465,7 @@ void attention_forward_bf16_cuda(uint16_t* out, float* lse, const uint16_t* qkv,
   KRAKEN_CHECK(NH > 0 && C % NH == 0, "C=", C, " NH=", NH);
   AttentionBf16Kernels kernels = attention_bf16_kernels(C / NH);
   if (kernels == AttentionBf16Kernels::kCudnn) {
-    if (cudnn_usable({out, lse, qkv, qkv + C, qkv + 2 * C}, B, T, C, NH)) {
+    if (cudnn_takes_shape(B, T, C, NH) && cudnn_usable({out, lse, qkv, qkv + C, qkv + 2 * C}, B, T, C, NH)) {
       cudnn_forward(out, lse, qkv, B, T, C, NH, stream);
       return;
     }
@@ -468,7 +490,8 @@ void attention_backward_bf16_cuda(uint16_t* dqkv, const uint16_t* dout, const ui
   if (kernels == AttentionBf16Kernels::kCudnn) {
     // (the same shape and buffer checks as the forward's, so both take cuDNN or neither, as long as the
     // forward's buffers were aligned like these; the fallback adds into the zeros dqkv holds)
-    if (cudnn_usable({dqkv, dqkv + C, dqkv + 2 * C, dout, qkv, qkv + C, qkv + 2 * C, out, lse}, B, T, C, NH)) {
+    if (cudnn_takes_shape(B, T, C, NH) &&
+        cudnn_usable({dqkv, dqkv + C, dqkv + 2 * C, dout, qkv, qkv + C, qkv + 2 * C, out, lse}, B, T, C, NH)) {
       cudnn_backward(dqkv, dout, qkv, out, lse, B, T, C, NH, stream);
       return;
     }

@@ -48,7 +48,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
-#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -620,13 +619,6 @@ __global__ void __launch_bounds__(kThreads)
     attention_backward_kv_mma_kernel(BackwardGroups groups, const float* deltas, TcDims g) {
   backward_kv_mma<Dp>(groups, deltas, g);
 }
-// The same with 4 blocks per SM asked of ptxas: at most 128 registers each, spilling if it must
-// (backward_mma says when this one runs).
-template <int Dp>
-__global__ void __launch_bounds__(kThreads, 4)
-    attention_backward_kv_mma_4_blocks_kernel(BackwardGroups groups, const float* deltas, TcDims g) {
-  backward_kv_mma<Dp>(groups, deltas, g);
-}
 
 template <int Dp>
 __global__ void __launch_bounds__(kThreads)
@@ -758,21 +750,6 @@ void delta_mma(float* delta, const BackwardGroups& groups, int64_t count, int64_
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
 
-// KRAKEN_CUDA_ATTENTION_KV_BLOCKS=4 (read once per process): the dk/dv kernel at Dp ≤ 64 bounded to 128
-// registers, so that 4 blocks share an SM (their 55 KB of shared memory each fit 4 times in Hopper's
-// 228 KB) where its 163 registers allow 3. ptxas (sm_90) then spills 48 bytes at Dp = 64, none below.
-// ncu on an H200 found this kernel issuing in 43% of cycles at 3 blocks (bench/RESULTS.md); whether the
-// fourth block pays for the spills is for a GPU to say, so the default (unset or 1) stays unbounded.
-int kv_min_blocks() {
-  static const int blocks = [] {
-    const char* env = std::getenv("KRAKEN_CUDA_ATTENTION_KV_BLOCKS");
-    if (!env || !*env || std::strcmp(env, "1") == 0) return 1;
-    if (std::strcmp(env, "4") == 0) return 4;
-    KRAKEN_THROW("KRAKEN_CUDA_ATTENTION_KV_BLOCKS=", env, ": expected 1 (the default) or 4");
-  }();
-  return blocks;
-}
-
 template <typename Kernel>
 void launch_backward(Kernel kernel, size_t smem, const BackwardGroups& groups, const float* delta, int64_t count,
                      int64_t B, int64_t T, int64_t NH, const TcDims& g, cudaStream_t stream) {
@@ -788,14 +765,7 @@ void backward_mma(const BackwardGroups& groups, int64_t count, int64_t B, int64_
                                                                  sizeof(float) * count * B * NH * T));
   delta_mma(delta, groups, count, B, g, stream);
   const size_t smem = MmaSmem<Dp>::backward_bytes;
-  bool bounded = false;  // (the bounded kernel exists only where it could pay: Dp ≤ 64)
-  if constexpr (Dp <= 64) {
-    bounded = kv_min_blocks() == 4;
-    if (bounded)
-      launch_backward(attention_backward_kv_mma_4_blocks_kernel<Dp>, smem, groups, delta, count, B, T, NH, g, stream);
-  }
-  if (!bounded)
-    launch_backward(attention_backward_kv_mma_kernel<Dp>, smem, groups, delta, count, B, T, NH, g, stream);
+  launch_backward(attention_backward_kv_mma_kernel<Dp>, smem, groups, delta, count, B, T, NH, g, stream);
   launch_backward(attention_backward_q_mma_kernel<Dp>, smem, groups, delta, count, B, T, NH, g, stream);
 }
 

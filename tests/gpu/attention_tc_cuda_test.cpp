@@ -308,7 +308,7 @@ void check_dispatch(const Shape4& s) {
     if (attention_bf16_tc_supported(D)) want = AttentionBf16Kernels::kTensorCoreWmma;
   } else if (choice == "mma") {
     if (attention_bf16_mma_supported(D)) want = AttentionBf16Kernels::kTensorCoreMma;
-  } else if (choice == "cudnn" && attention_bf16_cudnn_supported(D)) {
+  } else if ((choice == "cudnn" || choice.empty()) && attention_bf16_cudnn_supported(D)) {
     want = AttentionBf16Kernels::kCudnn;
   } else if (choice != "simt") {
     if (D <= kAttentionMmaDefaultMaxHead && attention_bf16_mma_supported(D))

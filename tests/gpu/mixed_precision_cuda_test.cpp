@@ -77,16 +77,19 @@ TEST(GpuMixedPrecision, ElementwiseOpsMatchTheCpuReference) {
 TEST(GpuMixedPrecision, ProductsThroughCublasLtMatchTheCpuReference) {
   KRAKEN_REQUIRE_GPU();
   const Tensor x = bf16_leaf({4, 64, 256}, 20), w = bf16_leaf({384, 256}, 21, 0.05f), bias = bf16_leaf({384}, 22);
-  expect_matches_cpu([](const auto& v) { return ops::linear(v[0], v[1], v[2]); }, {x, w, bias}, kOneUlp, kOneUlp,
-                     "linear with bias (epilogue; its gradient in dW's product, BGRADB, at the default level)");
-  {  // the bias gradient by the column sums instead
+  {  // the bias gradient in dW's product (level 2)
+    ops::EpilogueFusionScope bgradb(ops::EpilogueFusion::kGeluAndBiasGrads);
+    expect_matches_cpu([](const auto& v) { return ops::linear(v[0], v[1], v[2]); }, {x, w, bias}, kOneUlp, kOneUlp,
+                       "linear with bias (epilogue; its gradient in dW's product, BGRADB, KRAKEN_CUDA_EPILOGUES=2)");
+    expect_matches_cpu([](const auto& v) { return ops::linear(v[0], v[1], v[2]); },
+                       {bf16_leaf({7, 40}, 35), bf16_leaf({24, 40}, 36, 0.2f), bf16_leaf({24}, 37)}, kOneUlp, kOneUlp,
+                       "linear with bias, 7 rows (the BGRADB reduction over an odd K)");
+  }
+  {  // the bias gradient by the column sums (level 1, the default)
     ops::EpilogueFusionScope column_sums(ops::EpilogueFusion::kGelu);
     expect_matches_cpu([](const auto& v) { return ops::linear(v[0], v[1], v[2]); }, {x, w, bias}, kOneUlp, kOneUlp,
                        "linear with bias, KRAKEN_CUDA_EPILOGUES=1 (bias gradient by column sums)");
   }
-  expect_matches_cpu([](const auto& v) { return ops::linear(v[0], v[1], v[2]); },
-                     {bf16_leaf({7, 40}, 35), bf16_leaf({24, 40}, 36, 0.2f), bf16_leaf({24}, 37)}, kOneUlp, kOneUlp,
-                     "linear with bias, 7 rows (the BGRADB reduction over an odd K)");
   expect_matches_cpu([](const auto& v) { return ops::linear(v[0], v[1]); }, {bf16_leaf({3, 5, 40}, 23),
                      bf16_leaf({24, 40}, 24, 0.2f)}, kOneUlp, kOneUlp, "linear, small odd rows");
   expect_matches_cpu([](const auto& v) { return ops::matmul(v[0], v[1], false, true); },
