@@ -296,7 +296,7 @@ __global__ void layernorm_backward_dx_x8_kernel(T* dx, const T* dout, const T* x
 // 1.3 ms for the Kraken 4-way preset's 97 LayerNorms). Block b owns rows [32b, 32b + 32): warp w takes
 // rows 32b + w, + 8, + 16, + 24 in order, each lane adding its columns' terms into registers
 // (backward_row_x8); the 8 warps' sums then go into shared memory in warp order, and the chunk's totals
-// to partials[(term · chunks + b) · C + c]; column_totals_kernel adds the chunks in order. Every sum's
+// to partials[(term · chunks + b) · C + c]; column_totals_kernel adds the chunks in a fixed order. Every sum's
 // order is fixed by rows and C. Up to kMaxFusedPacks packs per lane (C ≤ 1024), where the sums fit in
 // registers beside the row.
 constexpr int kMaxFusedPacks = 4;
@@ -500,11 +500,8 @@ void layernorm_backward(T* dx, float* dgamma, float* dbeta, const T* dout, const
                         layernorm_backward_fused_x8_kernel<T, kPacks>)
           (dx, partials, dout, x, gamma, mean, rstd, rows, static_cast<int>(C), dgamma != nullptr);
           KRAKEN_CUDA_LAUNCH_CHECK();
-          const int threads = 256;
-          KRAKEN_KERNEL(static_cast<unsigned>((C + threads - 1) / threads), threads, 0, stream,
-                        cuda_detail::column_totals_kernel<2, LayerNormParamAccumulate>)
-          (partials, chunks, C, LayerNormParamAccumulate{dgamma, dbeta});
-          KRAKEN_CUDA_LAUNCH_CHECK();
+          cuda_detail::launch_column_totals<2>(partials, chunks, C, LayerNormParamAccumulate{dgamma, dbeta},
+                                               stream);
         }
       }))
     return;
