@@ -2,6 +2,12 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <mutex>
+#include <set>
+#include <string>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -156,6 +162,30 @@ void finish_leaf(const std::shared_ptr<TensorImpl>& leaf) {
 
 }  // namespace
 
+namespace {
+
+// KRAKEN_AUTOGRAD_SLOW_NODE_MS=x: every backward closure that keeps the host x ms or longer is named on
+// stderr (once per op name and process). A diagnostic for where a GPU backward synchronises: issuing a
+// node's kernels takes microseconds, so a node that takes milliseconds waited for the device.
+double slow_node_ms() {
+  static const double ms = [] {
+    const char* v = std::getenv("KRAKEN_AUTOGRAD_SLOW_NODE_MS");
+    return v && *v ? std::atof(v) : 0.0;
+  }();
+  return ms;
+}
+
+void report_slow_node(const char* name, double ms) {
+  static std::mutex mutex;
+  static std::set<std::string> reported;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (!reported.insert(name).second) return;
+  std::fprintf(stderr, "autograd: the backward of %s kept the host %.2f ms (KRAKEN_AUTOGRAD_SLOW_NODE_MS)\n", name,
+               ms);
+}
+
+}  // namespace
+
 void backward(const std::vector<Tensor>& roots, const std::vector<Tensor>& grads, bool keep_graph) {
   KRAKEN_CHECK(roots.size() == grads.size(), "backward: ", roots.size(), " roots, ", grads.size(), " gradients");
   NoGrad no_grad;  // backward closures compute with plain ops; nothing they do is recorded
@@ -222,7 +252,14 @@ void backward(const std::vector<Tensor>& roots, const std::vector<Tensor>& grads
       if (!n->fn_)
         KRAKEN_THROW("backward through ", n->name(), " a second time: its saved tensors were freed by the first "
                      "backward (pass keep_graph to run backward twice)");
-      grad_inputs = n->fn_(grad_outputs);
+      if (slow_node_ms() > 0.0) {
+        const auto t0 = std::chrono::steady_clock::now();
+        grad_inputs = n->fn_(grad_outputs);
+        const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+        if (ms >= slow_node_ms()) report_slow_node(n->name(), ms);
+      } else {
+        grad_inputs = n->fn_(grad_outputs);
+      }
       KRAKEN_CHECK(grad_inputs.size() == n->inputs_.size(), n->name(), " returned ", grad_inputs.size(),
                    " gradients for ", n->inputs_.size(), " inputs");
     }

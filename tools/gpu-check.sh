@@ -259,9 +259,17 @@ md "## 4. Benchmark"
 if [[ -x "$build/bin/gpu_train_bench" ]]; then
   say "benchmark"
   t0=$(date +%s)
-  timeout $(( $(left) > 200 ? 180 : 90 )) "$build/bin/gpu_train_bench" --out "$logs/bench.md" > "$logs/bench.log" 2>&1
+  # KRAKEN_AUTOGRAD_SLOW_NODE_MS names the backward ops that keep the host 20 ms or more: behind the host
+  # probe's ~100 ms of queued work, the ops that synchronise (runtime/autograd.cpp).
+  KRAKEN_AUTOGRAD_SLOW_NODE_MS=20 timeout $(( $(left) > 200 ? 180 : 90 )) "$build/bin/gpu_train_bench" \
+    --out "$logs/bench.md" > "$logs/bench.log" 2>&1
   rc=$?
   md "bench/gpu_train_bench: exit status $rc in $(( $(date +%s) - t0 )) s."
+  if grep -q '^autograd:' "$logs/bench.log"; then
+    md "Backward ops that kept the host 20 ms or more (a synchronisation, or a first call's set-up):"
+    grep '^autograd:' "$logs/bench.log" > "$logs/bench-slow-nodes.log"
+    md_tail "$logs/bench-slow-nodes.log" 20
+  fi
   if [[ -f "$logs/bench.md" ]]; then cat "$logs/bench.md" >> "$report"; else md_tail "$logs/bench.log" 30; fi
   [[ $rc -eq 0 ]] || fail "benchmark (exit status $rc)"
   # The bf16 rows again with one switch changed, each in a process of its own (the switches are read once
@@ -353,7 +361,14 @@ EOF
   # cases (every copy width, head sizes 5 to 96) and the heads above 128, of both families (WMMA, mma.sync).
   # GpuMlp.OddShapesMatchTheCpu: the cuBLASLt GELU epilogues' aux and bias-gradient writes at odd shapes.
   kernel_filter='GpuMlp.OddShapesMatchTheCpu:GpuAttention.*:GpuAttentionTc.MatchesTheRoundedCpuWithUnalignedBuffersAndSmallHeads:GpuAttentionTc.MatchesTheRoundedCpuForHeadsAbove128:GpuAttentionMma.MatchesTheRoundedCpuWithUnalignedBuffersAndSmallHeads:GpuAttentionMma.MatchesTheRoundedCpuForHeadsAbove128:GpuBf16Kernels.*:GpuLayerNorm.*:GpuEmbedding.*:GpuSoftmax.*:GpuCrossEntropy.*:GpuElementwise.*:GpuMatmul*:GpuDropout.*:GpuPhilox.*'
+  # racecheck leaves out the tests that run cuBLASLt's products at large shapes: it reports shared-memory
+  # hazards inside cuBLASLt's own Hopper kernels (nvjet_sm90_*, warp-specialised, synchronised through
+  # mbarriers racecheck does not follow; 11 reports in GpuMatmulBf16.GeluEpilogueIsTheTanhForm and
+  # …TrainingEpiloguesHaveAlgorithmsAtGpt2Shapes on an H200, none in our kernels: bench/RESULTS.md).
+  race_filter='GpuAttention.*:GpuAttentionTc.MatchesTheRoundedCpuWithUnalignedBuffersAndSmallHeads:GpuAttentionTc.MatchesTheRoundedCpuForHeadsAbove128:GpuAttentionMma.MatchesTheRoundedCpuWithUnalignedBuffersAndSmallHeads:GpuAttentionMma.MatchesTheRoundedCpuForHeadsAbove128:GpuBf16Kernels.*:GpuLayerNorm.*:GpuEmbedding.*:GpuSoftmax.*:GpuCrossEntropy.*:GpuElementwise.*:GpuDropout.*:GpuPhilox.*:GpuCastMany.*:GpuReduce*:GpuOptimizer.*'
   for tool in memcheck racecheck; do
+    filter=$kernel_filter
+    [[ $tool == racecheck ]] && filter=$race_filter
     if [[ $(left) -lt 120 ]]; then
       md "$tool on the kernel tests: not run (time budget)."
       continue
@@ -361,9 +376,9 @@ EOF
     say "$tool on the kernel tests"
     t0=$(date +%s)
     KRAKEN_SOURCE_DIR="$root" OMP_NUM_THREADS=2 timeout $(( $(left) - 60 )) "$sanitizer" --tool "$tool" --error-exitcode 17 \
-      "$build/tests/kraken_tests_gpu" --gtest_filter="$kernel_filter" > "$logs/$tool-kernels.log" 2>&1
+      "$build/tests/kraken_tests_gpu" --gtest_filter="$filter" > "$logs/$tool-kernels.log" 2>&1
     rc=$?
-    md "$tool, tests/gpu kernel tests ($kernel_filter): exit status $rc in $(( $(date +%s) - t0 )) s."
+    md "$tool, tests/gpu kernel tests ($filter): exit status $rc in $(( $(date +%s) - t0 )) s."
     md_tail "$logs/$tool-kernels.log" 5
     # Each error the tool reports, with the test it came from and the kernel it names (addresses cut), so
     # the report says where without the log.

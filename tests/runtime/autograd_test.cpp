@@ -1,6 +1,11 @@
 // The tape: ordering, accumulation, hooks, freeing, NoGrad.
 #include <gtest/gtest.h>
 
+#include <chrono>
+#include <cstdlib>
+#include <string>
+#include <thread>
+
 #include "runtime/autograd.h"
 #include "runtime/ops.h"
 
@@ -142,6 +147,26 @@ TEST(Autograd, AGradientSeenElsewhereIsNeverTakenOrWrittenInPlace) {
   backward(ops::sum(ops::mul(u, u)));
   EXPECT_EQ(u.grad().to_vector(), (std::vector<float>{8.0f}));
   EXPECT_EQ(first.to_vector(), (std::vector<float>{8.0f})) << "the same tensor, accumulated in place";
+}
+
+// KRAKEN_AUTOGRAD_SLOW_NODE_MS=x names, on stderr, each backward closure that kept the host x ms or more
+// (where a GPU backward synchronises). ctest runs this in a process of its own with x = 20
+// (runtime.AutogradSlowNodeDiagnostic); elsewhere it skips, the variable being read once per process.
+TEST(Autograd, SlowNodeDiagnosticNamesTheOpThatKeptTheHost) {
+  if (!std::getenv("KRAKEN_AUTOGRAD_SLOW_NODE_MS"))
+    GTEST_SKIP() << "needs KRAKEN_AUTOGRAD_SLOW_NODE_MS (ctest: runtime.AutogradSlowNodeDiagnostic)";
+  Tensor x = Tensor::from_vector({1.0f, 2.0f}, {2}).set_requires_grad(true);
+  Tensor y = Tensor::from_vector({1.0f, 2.0f}, {2});
+  record("waits_for_the_device", {x}, {y}, [](const std::vector<Tensor>& g) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(60));
+    return std::vector<Tensor>{g[0]};
+  });
+  testing::internal::CaptureStderr();
+  backward(ops::sum(ops::scale(y, 2.0f)));
+  const std::string err = testing::internal::GetCapturedStderr();
+  EXPECT_NE(err.find("the backward of waits_for_the_device kept the host"), std::string::npos) << err;
+  EXPECT_EQ(err.find("the backward of scale"), std::string::npos) << err;
+  EXPECT_EQ(x.grad().to_vector(), (std::vector<float>{2.0f, 2.0f}));
 }
 
 }  // namespace
