@@ -124,8 +124,8 @@ bool attention_bf16_mma_supported(int64_t D);
 
 // The largest head the mma kernels take by default: above it their dk/dv kernel spills registers (dK and
 // dV alone are Dp registers per thread; ptxas for sm_90: 220 bytes spilled at Dp = 224, 1.3 KB at 256),
-// so the WMMA kernels take those heads. (Not yet measured on a GPU: bench/gpu_train_bench.cpp times both
-// families at D = 64 and 168; KRAKEN_CUDA_ATTENTION=mma takes the mma kernels for every head size.)
+// so the WMMA kernels take those heads. (Measured at D = 64 and 168 only, where mma is the faster family;
+// KRAKEN_CUDA_ATTENTION=mma takes the mma kernels for every head size.)
 constexpr int64_t kAttentionMmaDefaultMaxHead = 192;
 
 // The unset KRAKEN_CUDA_ATTENTION's limits on cuDNN (above): a training step's B·T is in the thousands,

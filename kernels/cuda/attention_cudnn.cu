@@ -1,6 +1,6 @@
 // bf16 causal attention through cuDNN's fused flash attention (the fourth implementation of the contract
-// in kernels/attention.h, opt-in with KRAKEN_CUDA_ATTENTION=cudnn). Host code only: it builds cuDNN
-// operation graphs with the C backend API (cudnnBackendCreateDescriptor / SetAttribute / Finalize,
+// in kernels/attention.h, and its dispatch's default where cuDNN is built in). Host code only: it builds
+// cuDNN operation graphs with the C backend API (cudnnBackendCreateDescriptor / SetAttribute / Finalize,
 // cudnnBackendExecute) and lets cuDNN's runtime fusion engines compile and run them.
 //
 // Which route, and why. cuDNN 9.19 (the headers this was written against) has two ways to ask for SDPA:
