@@ -5,8 +5,8 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <map>
 #include <mutex>
-#include <set>
 #include <string>
 #include <unordered_map>
 #include <unordered_set>
@@ -160,13 +160,10 @@ void finish_leaf(const std::shared_ptr<TensorImpl>& leaf) {
   for (auto& hook : leaf->grad_ready_hooks) hook(handle);
 }
 
-}  // namespace
-
-namespace {
-
 // KRAKEN_AUTOGRAD_SLOW_NODE_MS=x: every backward closure that keeps the host x ms or longer is named on
-// stderr (once per op name and process). A diagnostic for where a GPU backward synchronises: issuing a
-// node's kernels takes microseconds, so a node that takes milliseconds waited for the device.
+// stderr (up to 3 times per op name and process: a first call's set-up, then what repeats). A diagnostic
+// for where a GPU backward synchronises: issuing a node's kernels takes microseconds, so a node that
+// takes milliseconds waited for the device.
 double slow_node_ms() {
   static const double ms = [] {
     const char* v = std::getenv("KRAKEN_AUTOGRAD_SLOW_NODE_MS");
@@ -177,9 +174,9 @@ double slow_node_ms() {
 
 void report_slow_node(const char* name, double ms) {
   static std::mutex mutex;
-  static std::set<std::string> reported;
+  static std::map<std::string, int> reported;
   std::lock_guard<std::mutex> lock(mutex);
-  if (!reported.insert(name).second) return;
+  if (++reported[name] > 3) return;
   std::fprintf(stderr, "autograd: the backward of %s kept the host %.2f ms (KRAKEN_AUTOGRAD_SLOW_NODE_MS)\n", name,
                ms);
 }

@@ -266,7 +266,7 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
   rc=$?
   md "bench/gpu_train_bench: exit status $rc in $(( $(date +%s) - t0 )) s."
   if grep -q '^autograd:' "$logs/bench.log"; then
-    md "Backward ops that kept the host 20 ms or more (a synchronisation, or a first call's set-up):"
+    md "Backward ops that kept the host 20 ms or more (a first call's set-up; then, behind the host probe's queue, a synchronisation):"
     grep '^autograd:' "$logs/bench.log" > "$logs/bench-slow-nodes.log"
     md_tail "$logs/bench-slow-nodes.log" 20
   fi
