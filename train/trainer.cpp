@@ -20,6 +20,7 @@
 #include <cmath>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <algorithm>
 #include <map>
 #include <set>
@@ -27,6 +28,7 @@
 
 #include "data/loader.h"
 #include "data/shard.h"
+#include "kernels/attention.h"
 #include "kernels/error.h"
 #include "kernels/matmul.h"
 #include "models/kraken.h"
@@ -435,6 +437,23 @@ std::string Trainer::describe() const {
                                                                  : "fp32",
                 omp_get_max_threads(), kernels::cpu_blas_name());
   out += buf;
+#if KRAKEN_WITH_CUDA
+  if (s.device.is_cuda() && s.model->compute_dtype() == runtime::DType::BF16) {
+    // Which attention and epilogues the bf16 step takes (kernels/attention.h, runtime/ops.h): the
+    // switches' effect, said once, so that a run's numbers can be told apart.
+    const kernels::AttentionBf16Kernels kind = kernels::attention_bf16_kernels(m.head_size());
+    std::string attention = kernels::attention_bf16_kernels_name(kind);
+    const char* choice = std::getenv("KRAKEN_CUDA_ATTENTION");
+    if (kind == kernels::AttentionBf16Kernels::kCudnn && (choice == nullptr || *choice == '\0') &&
+        c.train.batch_size * c.train.seq_len < kernels::kAttentionCudnnDefaultMinTokens)
+      attention = std::string(kernels::attention_bf16_kernels_name(
+                      kernels::attention_bf16_kernels_fallback(m.head_size()))) +
+                  " (cuDNN takes B·T of " + std::to_string(kernels::kAttentionCudnnDefaultMinTokens) + " or more)";
+    std::snprintf(buf, sizeof buf, "  CUDA: attention %s, cuBLASLt epilogues level %d (KRAKEN_CUDA_ATTENTION, "
+                  "KRAKEN_CUDA_EPILOGUES)\n", attention.c_str(), static_cast<int>(runtime::ops::epilogue_fusion()));
+    out += buf;
+  }
+#endif
   std::snprintf(buf, sizeof buf, "  optimizer: %s, lr %.3g (%s schedule, %lld warm-up steps), grad clip %.3g\n",
                 c.optim.name.c_str(), c.optim.lr, c.optim.schedule.c_str(), (long long)c.optim.warmup_steps, c.optim.grad_clip);
   out += buf;
