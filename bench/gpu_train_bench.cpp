@@ -23,7 +23,8 @@
 //    against the device's peak (memory clock × bus width × 2).
 // 3. For context: GPT-2's MLP block (c_fc → GELU → c_proj) in bf16, forward and backward, with its GELU
 //    and bias gradients as kernels or in cuBLASLt's epilogues (KRAKEN_CUDA_EPILOGUES's levels: the
-//    training rows take the environment's, 1 when unset); one matrix product (fp32 SGEMM, and bf16
+//    training rows take the environment's, 1 when unset); the Kraken preset's sub-layer products one per
+//    sub-layer and as one strided batch; one matrix product (fp32 SGEMM, and bf16
 //    through cuBLASLt) and the fused attention at
 //    the same shapes: fp32, and bf16 on tensor cores (mma.sync with the scores in registers, and WMMA)
 //    and on CUDA cores, then both tensor-core families on one sub-layer of the Kraken 4-way preset (3
@@ -548,10 +549,45 @@ void bench_mlp(Report& r) {
   }
 }
 
+// The Kraken 4-way preset's sub-layer products (C = 504, B·T = 8192), one product per sub-layer as the
+// model runs them against the four as one strided-batch product (kernels::matmul_bf16_batched_cuda):
+// whether holding a layer's sub-layers in one tensor would pay. The weight gradients are the products
+// with few output tiles (504 × 1512 from a K of 8192), where cuBLASLt splits K.
+void bench_kraken_products(Report& r) {
+  using namespace kraken::kernels;
+  const int64_t rows = 8 * 1024, C = 504, k = 4;
+  struct Shape {
+    const char* name;
+    int64_t M, N, K;
+    bool ta, tb;
+  } shapes[] = {{"c_attn forward (8192×504)·(504×1512)", rows, 3 * C, C, false, true},
+                {"c_attn weight gradient (1512×8192)·(8192×504)", 3 * C, C, rows, true, false},
+                {"MLP c_proj weight gradient (504×8192)·(8192×1008)", C, 2 * C, rows, true, false}};
+  for (const Shape& sh : shapes) {
+    const int64_t sa = sh.M * sh.K, sb = sh.K * sh.N, so = sh.M * sh.N;
+    const Tensor a = normal({k * sa}, 70).to(DType::BF16), b = normal({k * sb}, 71).to(DType::BF16);
+    Tensor out = Tensor::empty({k * so}, DType::BF16, Device::cuda(0));
+    const double flops = 2.0 * k * sh.M * sh.N * sh.K;
+    const double one_each = time_kernel([&] {
+      for (int64_t i = 0; i < k; ++i)
+        matmul_bf16_cuda(out.data<uint16_t>() + i * so, true, a.data<uint16_t>() + i * sa, b.data<uint16_t>() + i * sb,
+                         nullptr, sh.M, sh.N, sh.K, sh.ta, sh.tb, MatmulEpilogue::kNone, nullptr);
+    });
+    const double batched = time_kernel([&] {
+      matmul_bf16_batched_cuda(out.data_ptr(), true, a.data<uint16_t>(), b.data<uint16_t>(), k, sh.M, sh.N, sh.K,
+                               sh.ta, sh.tb, so, sa, sb, nullptr);
+    });
+    r.line("| Kraken 4-way %s, 4 sub-layers: one product each | %.3f | %.1f TFLOP/s |", sh.name, one_each * 1e3,
+           flops / one_each / 1e12);
+    r.line("| the same 4 as one strided-batch product | %.3f | %.1f TFLOP/s |", batched * 1e3, flops / batched / 1e12);
+  }
+}
+
 void bench_compute(Report& r) {
   using namespace kraken::kernels;
   const int64_t N = 8 * 1024, C = 768;
   bench_mlp(r);
+  bench_kraken_products(r);
   {
     Tensor a = normal({N, C}, 30), w = normal({4 * C, C}, 31), out = normal({N, 4 * C}, 32);
     const double s = time_kernel([&] { matmul_cuda(out.data<float>(), a.data<float>(), w.data<float>(), N, 4 * C, C, false,

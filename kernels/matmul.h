@@ -36,6 +36,12 @@ void matmul_batched_cuda(float* c, const float* a, const float* b, int64_t batch
 enum class MatmulEpilogue { kNone, kBias, kGelu, kBiasGelu };
 void matmul_bf16_cuda(void* out, bool out_bf16, const uint16_t* a, const uint16_t* b, const void* bias, int64_t M,
                       int64_t N, int64_t K, bool trans_a, bool trans_b, MatmulEpilogue epilogue, CUstream_st* stream);
+// The batched form without an epilogue: `batch` products at the given element strides (out's in its
+// own type; a stride of 0 reuses one matrix) in one cuBLASLt strided-batch call; where cuBLASLt has no
+// algorithm for that, one product per matrix.
+void matmul_bf16_batched_cuda(void* out, bool out_bf16, const uint16_t* a, const uint16_t* b, int64_t batch, int64_t M,
+                              int64_t N, int64_t K, bool trans_a, bool trans_b, int64_t stride_out, int64_t stride_a,
+                              int64_t stride_b, CUstream_st* stream);
 
 // The same products with the epilogues that training wants (runtime ops::mlp, ops::linear), everything
 // bf16 (operands, out, bias, aux, bias gradients), f32 accumulation and epilogue arithmetic, each output

@@ -37,6 +37,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <utility>
 #include <mutex>
 #include <unordered_map>
 
@@ -94,13 +95,16 @@ struct LtDescriptors {
 struct PlanKey {
   int device;
   int64_t M, N, K;
+  int64_t batch;                           // 1, or a strided batch (epilogue none only)
+  int64_t stride_a, stride_b, stride_out;  // elements between the batch's matrices (batch > 1)
   bool trans_a, trans_b, out_bf16;
   cublasLtEpilogue_t epilogue;
   // Alignments (bytes) of cuBLASLt's first operand (our B), second (our A), output, bias (or bias
   // gradient) and aux matrix (0 where the epilogue has none).
   uint32_t align_first, align_second, align_out, align_bias, align_aux;
   bool operator==(const PlanKey& o) const {
-    return device == o.device && M == o.M && N == o.N && K == o.K && trans_a == o.trans_a &&
+    return device == o.device && M == o.M && N == o.N && K == o.K && batch == o.batch && stride_a == o.stride_a &&
+           stride_b == o.stride_b && stride_out == o.stride_out && trans_a == o.trans_a &&
            trans_b == o.trans_b && out_bf16 == o.out_bf16 && epilogue == o.epilogue &&
            align_first == o.align_first && align_second == o.align_second && align_out == o.align_out &&
            align_bias == o.align_bias && align_aux == o.align_aux;
@@ -114,6 +118,10 @@ struct PlanKeyHash {
     mix(static_cast<uint64_t>(k.M));
     mix(static_cast<uint64_t>(k.N));
     mix(static_cast<uint64_t>(k.K));
+    mix(static_cast<uint64_t>(k.batch));
+    mix(static_cast<uint64_t>(k.stride_a));
+    mix(static_cast<uint64_t>(k.stride_b));
+    mix(static_cast<uint64_t>(k.stride_out));
     mix((k.trans_a ? 1u : 0u) | (k.trans_b ? 2u : 0u) | (k.out_bf16 ? 4u : 0u) |
         (static_cast<uint64_t>(k.epilogue) << 3));
     mix((static_cast<uint64_t>(k.align_first) << 48) | (static_cast<uint64_t>(k.align_second) << 32) |
@@ -198,6 +206,17 @@ std::unique_ptr<Plan> make_plan(const LtDevice& lt, const PlanKey& k, const void
   KRAKEN_CUBLAS_CHECK(
       cublasLtMatrixLayoutCreate(&desc.b, CUDA_R_16BF, second_rows, second_cols, static_cast<int64_t>(second_rows)));
   KRAKEN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&desc.d, out_type, N, M, static_cast<int64_t>(N)));
+  if (k.batch > 1) {  // cuBLASLt's first operand is our B, its second our A
+    const int32_t count = static_cast<int32_t>(k.batch);
+    const std::pair<cublasLtMatrixLayout_t, int64_t> layouts[] = {
+        {desc.a, k.stride_b}, {desc.b, k.stride_a}, {desc.d, k.stride_out}};
+    for (const auto& [layout, stride] : layouts) {
+      KRAKEN_CUBLAS_CHECK(
+          cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof(count)));
+      KRAKEN_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                                                           &stride, sizeof(stride)));
+    }
+  }
 
   KRAKEN_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&desc.pref));
   const uint64_t workspace = kWorkspaceBytes;
@@ -215,7 +234,7 @@ std::unique_ptr<Plan> make_plan(const LtDevice& lt, const PlanKey& k, const void
   int found = 0;
   KRAKEN_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(lt.handle, desc.op, desc.a, desc.b, desc.d, desc.d, desc.pref, 1,
                                                      &heuristic, &found));
-  if (found == 0 && optional_epilogue(k.epilogue)) {
+  if (found == 0 && (optional_epilogue(k.epilogue) || k.batch > 1)) {
     plan->supported = false;
     return plan;
   }
@@ -232,7 +251,8 @@ std::unique_ptr<Plan> make_plan(const LtDevice& lt, const PlanKey& k, const void
 // the optional epilogues; the others throw when planned).
 bool run_product(void* out, bool out_bf16, const uint16_t* a, const uint16_t* b, const void* bias, const void* aux,
                  int64_t M, int64_t N, int64_t K, bool trans_a, bool trans_b, cublasLtEpilogue_t epilogue,
-                 CUstream_st* stream) {
+                 CUstream_st* stream, int64_t batch = 1, int64_t stride_a = 0, int64_t stride_b = 0,
+                 int64_t stride_out = 0) {
   const bool wants_bias = has_bias_pointer(epilogue), wants_aux = has_aux(epilogue);
   KRAKEN_CHECK(!wants_bias || bias != nullptr, "matmul_bf16_cuda: the epilogue needs a bias (or bias gradient) vector");
   KRAKEN_CHECK(!wants_aux || aux != nullptr, "matmul_bf16_cuda: the epilogue needs its aux matrix");
@@ -242,8 +262,10 @@ bool run_product(void* out, bool out_bf16, const uint16_t* a, const uint16_t* b,
   LtDevice& lt = lt_for_current_device();
   int device = 0;
   KRAKEN_CUDA_CHECK(cudaGetDevice(&device));
-  const PlanKey key{device, M, N, K, trans_a, trans_b, out_bf16, epilogue, alignment_of(b), alignment_of(a),
-                    alignment_of(out), wants_bias ? alignment_of(bias) : 0u, wants_aux ? alignment_of(aux) : 0u};
+  if (batch <= 1) stride_a = stride_b = stride_out = 0;  // (one key for every unbatched call)
+  const PlanKey key{device, M, N, K, batch, stride_a, stride_b, stride_out, trans_a, trans_b, out_bf16, epilogue,
+                    alignment_of(b), alignment_of(a), alignment_of(out), wants_bias ? alignment_of(bias) : 0u,
+                    wants_aux ? alignment_of(aux) : 0u};
   thread_local std::unordered_map<PlanKey, std::unique_ptr<Plan>, PlanKeyHash> plans;
   auto found_plan = plans.find(key);
   if (found_plan == plans.end()) {
@@ -276,6 +298,21 @@ bool aux_fits(const void* aux, int64_t N) {
 void matmul_bf16_cuda(void* out, bool out_bf16, const uint16_t* a, const uint16_t* b, const void* bias, int64_t M,
                       int64_t N, int64_t K, bool trans_a, bool trans_b, MatmulEpilogue epilogue, CUstream_st* stream) {
   run_product(out, out_bf16, a, b, bias, nullptr, M, N, K, trans_a, trans_b, lt_epilogue(epilogue), stream);
+}
+
+void matmul_bf16_batched_cuda(void* out, bool out_bf16, const uint16_t* a, const uint16_t* b, int64_t batch, int64_t M,
+                              int64_t N, int64_t K, bool trans_a, bool trans_b, int64_t stride_out, int64_t stride_a,
+                              int64_t stride_b, CUstream_st* stream) {
+  KRAKEN_CHECK(batch >= 0 && batch < (1LL << 31), "matmul_bf16_batched_cuda: batch ", batch);
+  if (batch == 0 || M == 0 || N == 0) return;
+  if (batch > 1 && run_product(out, out_bf16, a, b, nullptr, nullptr, M, N, K, trans_a, trans_b,
+                               CUBLASLT_EPILOGUE_DEFAULT, stream, batch, stride_a, stride_b, stride_out))
+    return;
+  // One matrix, or no strided-batch algorithm: one product per matrix.
+  const size_t out_elem = out_bf16 ? 2 : 4;
+  for (int64_t i = 0; i < batch; ++i)
+    run_product(static_cast<char*>(out) + static_cast<size_t>(i * stride_out) * out_elem, out_bf16, a + i * stride_a,
+                b + i * stride_b, nullptr, nullptr, M, N, K, trans_a, trans_b, CUBLASLT_EPILOGUE_DEFAULT, stream);
 }
 
 bool matmul_gelu_aux_bf16_cuda(uint16_t* out, uint16_t* pre, const uint16_t* a, const uint16_t* b, const uint16_t* bias,

@@ -25,6 +25,12 @@ void gemm_bf16(Tensor& c, const Tensor& a, const Tensor& b, int64_t batch, int64
     if (bias.defined()) c.copy_from(add(c, bias));
     return;
   }
+  if (batch > 1 && !bias.defined()) {  // one strided-batch product
+    KRAKEN_CUDA_ONLY(c.device(), kernels::matmul_bf16_batched_cuda(c.data<uint16_t>(), true, a.data<uint16_t>(),
+                                                                   b.data<uint16_t>(), batch, M, N, K, ta, tb, M * N,
+                                                                   stride_a, stride_b, stream_of(c)));
+    return;
+  }
   const kernels::MatmulEpilogue epilogue = bias.defined() ? kernels::MatmulEpilogue::kBias : kernels::MatmulEpilogue::kNone;
   const void* bias_ptr = bias.defined() ? bias.data_ptr() : nullptr;
   for (int64_t i = 0; i < batch; ++i) {

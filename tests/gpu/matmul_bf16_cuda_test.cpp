@@ -192,9 +192,48 @@ void check_training_epilogues(int64_t M, int64_t N, int64_t K) {
     expect_near_reference(dbd.to_vector(), db, db_abs, shape + " BGRADB: bias gradient Σ_k dy");
   }
 }
+
+// matmul_bf16_batched_cuda: `batch` products at element strides, each against its own double reference
+// (tolerances of check_case's plain product). stride_b = 0 is one B for every matrix (a shared weight);
+// rows of out padded (stride_out > M·N) show that the stride, not M·N, places each result.
+void check_batched(int64_t batch, int64_t M, int64_t N, int64_t K, bool ta, bool tb, bool shared_b, bool out_bf16) {
+  const std::string what = "batched " + std::to_string(batch) + " × M=" + std::to_string(M) + " N=" +
+                           std::to_string(N) + " K=" + std::to_string(K) + (ta ? " Aᵀ" : "") + (tb ? " Bᵀ" : "") +
+                           (shared_b ? " one B" : "") + (out_bf16 ? " bf16 out" : " f32 out");
+  const int64_t stride_a = M * K, stride_b = shared_b ? 0 : K * N, stride_out = M * N + 8;
+  const Tensor a16 = testing::random_tensor({batch * stride_a}, 11).to(DType::BF16);
+  const Tensor b16 = testing::random_tensor({shared_b ? K * N : batch * stride_b}, 12).to(DType::BF16);
+  const std::vector<float> av = a16.to_vector(), bv = b16.to_vector();
+  const Device gpu = Device::cuda(0);
+  const Tensor a_dev = a16.to(gpu), b_dev = b16.to(gpu);
+  Tensor out = Tensor::full({batch * stride_out}, -7.0f).to(out_bf16 ? DType::BF16 : DType::F32).to(gpu);
+  matmul_bf16_batched_cuda(out.data_ptr(), out_bf16, a_dev.data<uint16_t>(), b_dev.data<uint16_t>(), batch, M, N, K,
+                           ta, tb, stride_out, stride_a, stride_b, runtime::stream_of(out));
+  const std::vector<float> got = out.to_vector();
+  double worst_of_all = 0.0;
+  for (int64_t i = 0; i < batch; ++i) {
+    const std::vector<float> ai(av.begin() + i * stride_a, av.begin() + (i + 1) * stride_a);
+    const std::vector<float> bi(bv.begin() + i * stride_b, bv.begin() + i * stride_b + K * N);
+    const std::vector<double> ref = product(ai, bi, M, N, K, ta, tb);
+    double scale = 0.0;
+    for (double r : ref) scale = std::max(scale, std::fabs(r));
+    double worst = 0.0;
+    for (int64_t j = 0; j < M * N; ++j) {
+      const double allowed = 1e-4 * scale + (out_bf16 ? std::ldexp(std::fabs(ref[j]), -7) : 0.0);
+      const double ratio = std::fabs(static_cast<double>(got[i * stride_out + j]) - ref[j]) / allowed;
+      if (!(ratio <= worst)) worst = ratio;
+    }
+    EXPECT_LE(worst, 1.0) << what << ": matrix " << i;
+    for (int64_t j = M * N; j < stride_out; ++j)
+      EXPECT_EQ(got[i * stride_out + j], -7.0f) << what << ": the padding after matrix " << i << " was written";
+    if (!(worst <= worst_of_all)) worst_of_all = worst;
+  }
+  std::printf("[gpu-vs-double] bf16 matmul %s: worst error %.3g of the allowed\n", what.c_str(), worst_of_all);
+}
 #else
 void check_case(int64_t, int64_t, int64_t, bool, bool, MatmulEpilogue, bool) {}
 void check_training_epilogues(int64_t, int64_t, int64_t) {}
+void check_batched(int64_t, int64_t, int64_t, int64_t, bool, bool, bool, bool) {}
 #endif
 
 TEST(GpuMatmulBf16, EveryTransposeAndEpilogueMatchesADoubleReference) {
@@ -220,6 +259,15 @@ TEST(GpuMatmulBf16, UnalignedShapesMatchADoubleReference) {
   for (bool ta : {false, true})
     for (bool tb : {false, true}) check_case(67, 72, 200, ta, tb, MatmulEpilogue::kBiasGelu, true);
   check_case(1, 5, 3, false, false, MatmulEpilogue::kBias, false);
+}
+
+TEST(GpuMatmulBf16, StridedBatchesMatchADoubleReference) {
+  KRAKEN_REQUIRE_CUDA_KERNELS();
+  for (bool ta : {false, true})
+    for (bool tb : {false, true}) check_batched(4, 64, 96, 128, ta, tb, false, true);
+  check_batched(3, 40, 24, 72, false, true, true, true);   // one weight for every matrix
+  check_batched(4, 64, 96, 128, true, false, false, false);  // f32 out (a weight gradient's layout)
+  check_batched(1, 16, 24, 8, false, false, false, true);    // batch 1: the plain product
 }
 
 TEST(GpuMatmulBf16, TrainingEpiloguesMatchADoubleReference) {
