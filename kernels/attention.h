@@ -138,6 +138,9 @@ enum class AttentionBf16Kernels { kSimt, kTensorCoreWmma, kTensorCoreMma, kCudnn
 // the head size (attention_bf16_cudnn_supported); a call whose shape or buffers cuDNN does not take
 // then runs attention_bf16_kernels_fallback(D).
 AttentionBf16Kernels attention_bf16_kernels(int64_t D);
+// The same for a call's shape: what the unset variable's B·T rule and shape budget leave it (buffers'
+// alignment aside, which can still send a cuDNN call to the fallback). Changes nothing.
+AttentionBf16Kernels attention_bf16_kernels_for_call(int64_t B, int64_t T, int64_t C, int64_t NH);
 // What the unset KRAKEN_CUDA_ATTENTION takes where cuDNN does not: mma up to kAttentionMmaDefaultMaxHead,
 // WMMA above, simt.
 AttentionBf16Kernels attention_bf16_kernels_fallback(int64_t D);

@@ -408,7 +408,8 @@ constexpr auto cudnn_backward = attention_backward_bf16_cudnn_cuda;
 // Whether this call may go to cuDNN: always where KRAKEN_CUDA_ATTENTION=cudnn asked for it; with the
 // variable unset, for the shapes a run repeats (kernels/attention.h): a shape taken once is taken again,
 // so a forward and its backward agree, and the set only grows.
-bool cudnn_takes_shape(int64_t B, int64_t T, int64_t C, int64_t NH) {
+// With admit false it only says whether the call would be taken, leaving the set as it is.
+bool cudnn_takes_shape(int64_t B, int64_t T, int64_t C, int64_t NH, bool admit = true) {
   if (attention_choice() == AttentionChoice::kCudnn) return true;
   int device = 0;
   KRAKEN_CUDA_CHECK(cudaGetDevice(&device));
@@ -420,7 +421,7 @@ bool cudnn_takes_shape(int64_t B, int64_t T, int64_t C, int64_t NH) {
   if (B * T < kAttentionCudnnDefaultMinTokens ||
       static_cast<int64_t>(taken.size()) >= kAttentionCudnnDefaultMaxShapes)
     return false;
-  taken.insert(key);
+  if (admit) taken.insert(key);
   return true;
 }
 
@@ -448,6 +449,14 @@ AttentionBf16Kernels attention_bf16_kernels(int64_t D) {
       break;
   }
   return attention_bf16_kernels_fallback(D);
+}
+
+AttentionBf16Kernels attention_bf16_kernels_for_call(int64_t B, int64_t T, int64_t C, int64_t NH) {
+  KRAKEN_CHECK(NH > 0 && C % NH == 0, "C=", C, " NH=", NH);
+  const AttentionBf16Kernels kernels = attention_bf16_kernels(C / NH);
+  if (kernels == AttentionBf16Kernels::kCudnn && !cudnn_takes_shape(B, T, C, NH, /*admit=*/false))
+    return attention_bf16_kernels_fallback(C / NH);
+  return kernels;
 }
 
 const char* attention_bf16_kernels_name(AttentionBf16Kernels kernels) {

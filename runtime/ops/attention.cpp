@@ -81,12 +81,14 @@ std::vector<Tensor> attention_group(const std::vector<Tensor>& qkvs, int64_t n_h
   std::vector<Tensor> outs;
   bool grouped = false;
 #if KRAKEN_WITH_CUDA  // (the kernels' dispatch exists in CUDA builds only)
+  // Grouped where the dispatch would take the mma kernels for this shape (cuDNN, where it takes the
+  // shape, runs one call per input: faster than the grouped mma launch, bench/RESULTS.md).
   grouped = qkvs.size() > 1 && qkvs[0].defined() && qkvs[0].dtype() == DType::BF16 && qkvs[0].device().is_cuda() &&
             qkvs[0].dim() == 3 && n_head > 0 && qkvs[0].size(2) % (3 * n_head) == 0 &&
-            kernels::attention_bf16_kernels(qkvs[0].size(2) / 3 / n_head) ==
+            kernels::attention_bf16_kernels_for_call(qkvs[0].size(0), qkvs[0].size(1), qkvs[0].size(2) / 3, n_head) ==
                 kernels::AttentionBf16Kernels::kTensorCoreMma;
 #endif
-  if (!grouped) {  // (with KRAKEN_CUDA_ATTENTION=cudnn: one cuDNN call per input, forward and backward)
+  if (!grouped) {  // (where cuDNN takes the shape: one cuDNN call per input, forward and backward)
     for (const Tensor& qkv : qkvs) outs.push_back(attention(qkv, n_head));
     return outs;
   }

@@ -189,6 +189,10 @@ void check_dispatch(const Shape4& s) {
   const AttentionBf16Kernels fallback = attention_bf16_kernels_fallback(D);
   EXPECT_EQ(kernels, supported ? AttentionBf16Kernels::kCudnn : fallback) << "D = " << D;
   const bool large_enough = choice == "cudnn" || s.B * s.T >= kAttentionCudnnDefaultMinTokens;
+  // (asked before any call of this shape: the query must not take a place in the shape budget itself)
+  EXPECT_EQ(attention_bf16_kernels_for_call(s.B, s.T, s.C, s.NH),
+            supported && large_enough ? AttentionBf16Kernels::kCudnn : fallback)
+      << s.str();
   const Case c = make_case(s, 120 + static_cast<uint64_t>(s.T));
   const bool to_cudnn = supported && large_enough && cudnn_takes(s, nullptr);
   const std::string what = "attention dispatch " + s.str() + " (" + (to_cudnn ? "cudnn" : attention_bf16_kernels_name(fallback)) +

@@ -334,8 +334,9 @@ void check_dispatch(const Shape4& s) {
   EXPECT_EQ(a.dqkv_bits, b.dqkv_bits) << what << ": dqkv";
   std::printf("[gpu-vs-cpu] %s: the dispatching entry points equal their path bit for bit\n", what.c_str());
 }
-// ops::attention_group on the GPU (one grouped mma launch forward and backward, when the dispatch takes
-// the mma kernels) against ops::attention on each input: the same bits, outputs and the f32 gradients
+// ops::attention_group on the GPU (one grouped mma launch forward and backward, where the dispatch would
+// take the mma kernels for the shape; one call per input where cuDNN takes it) against ops::attention on
+// each input: the same bits, outputs and the f32 gradients
 // that reach the leaves through the casts, as in the model.
 void check_group_against_alone(int64_t count, int64_t B, int64_t T, int64_t C, int64_t NH) {
   std::vector<Tensor> grouped_leaves, alone_leaves, dys, grouped_in;
@@ -356,7 +357,7 @@ void check_group_against_alone(int64_t count, int64_t B, int64_t T, int64_t C, i
   }
   std::printf("[gpu-vs-cpu] attention_group of %lld (D = %lld, %s): each input's own attention, bit for bit\n",
               static_cast<long long>(count), static_cast<long long>(C / NH),
-              attention_bf16_kernels_name(attention_bf16_kernels(C / NH)));
+              attention_bf16_kernels_name(attention_bf16_kernels_for_call(B, T, C, NH)));
 }
 #else
 void check_group_against_alone(int64_t, int64_t, int64_t, int64_t, int64_t) {}
