@@ -84,7 +84,7 @@ struct Options {
   std::string model = "all";      // gpt2, kraken4 or all
   std::string precision = "all";  // bf16, fp32 or all
   bool training_only = false;     // skip the kernel tables
-  bool host_probe = true;         // the bracketed backward issue time (its ~100 ms of queued fp32 products)
+  bool host_probe = true;         // the bracketed backward issue time (behind ~100 ms of queued fp32 products)
 };
 
 // Lines of the report: printed as they come and collected for --out.
@@ -318,12 +318,16 @@ void bench_model(const char* label, const KrakenConfig& c, DType compute, int64_
     }
   };
   // The host probe's operands (below) exist from the start, so that the allocator's cache holds what the
-  // steps need when the probe runs one more.
-  const int64_t probe_rows = 8 * 1024, probe_k = 768;
+  // steps need when the probe runs one more; the peak reported leaves them out.
+  const int64_t probe_rows = 8 * 1024, probe_k = 768, probe_cols = 32 * probe_k;
   Tensor probe_a, probe_w, probe_out;
-  if (o.host_probe)
-    probe_a = normal({probe_rows, probe_k}, 40), probe_w = normal({4 * probe_k, probe_k}, 41),
-    probe_out = normal({probe_rows, 4 * probe_k}, 42);
+  int64_t probe_bytes = 0;
+  if (o.host_probe) {
+    const int64_t before = kraken::runtime::device_allocator_stats(0).bytes_in_use;
+    probe_a = normal({probe_rows, probe_k}, 40), probe_w = normal({probe_cols, probe_k}, 41),
+    probe_out = normal({probe_rows, probe_cols}, 42);
+    probe_bytes = kraken::runtime::device_allocator_stats(0).bytes_in_use - before;
+  }
   for (int i = 0; i < o.warmup; ++i) step();
   kraken::runtime::synchronize(gpu);
   const auto t0 = Clock::now();
@@ -335,15 +339,19 @@ void bench_model(const char* label, const KrakenConfig& c, DType compute, int64_
   const kraken::runtime::AllocatorStats mem = kraken::runtime::device_allocator_stats(0);  // before the extras below
   // The host's own cost of issuing the backward: the forward of one more step, then ~100 ms of queued
   // fp32 products, then the backward, so that the host never waits for the GPU unless the backward
-  // synchronises (an issue time near the queued work's would say it does). (The forward cannot be
-  // measured so: it synchronises twice, to check the token ids and the targets on the host.)
+  // synchronises (an issue time near the queued work's would say it does) — or unless the launches
+  // fill the stream's queue: it holds about 1,000 kernels, and a launch beyond that waits for the
+  // oldest to finish. Hence 16 long products (~6 ms each on an H200) rather than many short ones; a
+  // backward of more launches than the room left still reads as waiting (the Kraken preset's, which
+  // launches ~1,600 kernels a step, may have, behind 128 products: bench/RESULTS.md). (The forward cannot
+  // be measured so: it synchronises twice, to check the token ids and the targets on the host.)
   char busy[32] = "-";
   if (o.host_probe) {
     timed = false;
     Tensor loss = model.loss(x, y);
-    for (int i = 0; i < 128; ++i)  // about 0.8 ms each on an H200
+    for (int i = 0; i < 16; ++i)  // about 6 ms each on an H200
       kraken::kernels::matmul_cuda(probe_out.data<float>(), probe_a.data<float>(), probe_w.data<float>(), probe_rows,
-                                   4 * probe_k, probe_k, false, true, 1.0f, 0.0f, nullptr);
+                                   probe_cols, probe_k, false, true, 1.0f, 0.0f, nullptr);
     const auto h0 = Clock::now();
     kraken::runtime::backward(loss);
     std::snprintf(busy, sizeof busy, "%.1f", 1e3 * std::chrono::duration<double>(Clock::now() - h0).count());
@@ -365,7 +373,7 @@ void bench_model(const char* label, const KrakenConfig& c, DType compute, int64_
   r.line("| %s | %s | %.1fM | %lld×%lld | %.1f | %.0f | %.1f | %s | %.1f / %.1f | %.1f / %.1f (%s) | %.1f | %.3f |", label,
          precision.c_str(), c.parameter_count() / 1e6, static_cast<long long>(B), static_cast<long long>(T),
          seconds * 1e3, tokens_per_s, achieved / 1e12, mfu, 1e3 * host_forward / n, 1e3 * gpu_forward / n,
-         1e3 * host_backward / n, 1e3 * gpu_backward / n, busy, mem.peak_bytes_in_use / 1e9,
+         1e3 * host_backward / n, 1e3 * gpu_backward / n, busy, (mem.peak_bytes_in_use - probe_bytes) / 1e9,
          last_loss);
 }
 
@@ -758,8 +766,9 @@ int main(int argc, char** argv) {
   r.line("### Training step (%d timed steps after %d warm-up)", o.steps, o.warmup);
   r.line("The host / GPU columns: ms the host took to issue the forward (backward), and ms the GPU took from the");
   r.line("step's first kernel to the end of it — where the two are close the GPU waited for the host, or the host");
-  r.line("for the GPU (a synchronisation); in brackets, the host's time to issue the backward behind ~100 ms of");
-  r.line("queued GPU work, which a backward free of synchronisation never waits for: the host's own cost.");
+  r.line("for the GPU (a synchronisation, or a stream's launch queue of ~1,000 kernels full); in brackets, the host's");
+  r.line("time to issue the backward behind ~100 ms of queued GPU work (16 launches), which a backward free of");
+  r.line("synchronisation and of fewer launches than the queue's room never waits for: the host's own cost.");
   r.blank();
   r.line("| model | precision | params | B×T | ms/step | tokens/s | TFLOP/s | MFU (bf16 peak) | forward host / GPU ms | backward host / GPU ms | peak GB | loss |");
   r.line("|---|---|---|---|---|---|---|---|---|---|---|---|");

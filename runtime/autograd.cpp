@@ -162,8 +162,9 @@ void finish_leaf(const std::shared_ptr<TensorImpl>& leaf) {
 
 // KRAKEN_AUTOGRAD_SLOW_NODE_MS=x: every backward closure that keeps the host x ms or longer is named on
 // stderr (up to 3 times per op name and process: a first call's set-up, then what repeats). A diagnostic
-// for where a GPU backward synchronises: issuing a node's kernels takes microseconds, so a node that
-// takes milliseconds waited for the device.
+// for where a GPU backward waits: issuing a node's kernels takes microseconds, so a node that takes
+// milliseconds waited for the device — a synchronisation, or a stream whose launch queue (~1,000 kernels)
+// was full.
 double slow_node_ms() {
   static const double ms = [] {
     const char* v = std::getenv("KRAKEN_AUTOGRAD_SLOW_NODE_MS");

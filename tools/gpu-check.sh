@@ -259,13 +259,14 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
   say "benchmark"
   t0=$(date +%s)
   # KRAKEN_AUTOGRAD_SLOW_NODE_MS names the backward ops that keep the host 20 ms or more: behind the host
-  # probe's ~100 ms of queued work, the ops that synchronise (runtime/autograd.cpp).
+  # probe's ~100 ms of queued work, an op that synchronises, or the one whose launch found the stream's
+  # queue full (runtime/autograd.cpp).
   KRAKEN_AUTOGRAD_SLOW_NODE_MS=20 timeout $(( $(left) > 200 ? 180 : 90 )) "$build/bin/gpu_train_bench" \
     --out "$logs/bench.md" > "$logs/bench.log" 2>&1
   rc=$?
   md "bench/gpu_train_bench: exit status $rc in $(( $(date +%s) - t0 )) s."
   if grep -q '^autograd:' "$logs/bench.log"; then
-    md "Backward ops that kept the host 20 ms or more (a first call's set-up; then, behind the host probe's queue, a synchronisation):"
+    md "Backward ops that kept the host 20 ms or more (a first call's set-up; behind the host probe's queue, a synchronisation or a full launch queue):"
     grep '^autograd:' "$logs/bench.log" > "$logs/bench-slow-nodes.log"
     md_tail "$logs/bench-slow-nodes.log" 20
   fi
