@@ -61,6 +61,20 @@ bool matmul_gelu_aux_bf16_cuda(uint16_t* out, uint16_t* pre, const uint16_t* a, 
 bool matmul_dgelu_bf16_cuda(uint16_t* dpre, uint16_t* bias_grad, const uint16_t* a, const uint16_t* b,
                             const uint16_t* pre, int64_t M, int64_t N, int64_t K, bool trans_a, bool trans_b,
                             CUstream_st* stream);
+// The two GELU epilogues over `batch` products of one shape (a Kraken layer's sub-layers), at element
+// strides: a, b as in matmul_bf16_batched_cuda; out and pre (dpre and pre) at stride_out, which must keep
+// the aux matrices' 16 bytes (a multiple of 8); bias (bias_grad) at stride_bias. GELU_AUX: one cuBLASLt
+// strided-batch call, or one call per matrix where cuBLASLt has no batched algorithm; DGELU: one call
+// per matrix (its batched algorithm measured slower: matmul_lt.cu). False, with nothing written, as the
+// single forms return it.
+bool matmul_gelu_aux_bf16_batched_cuda(uint16_t* out, uint16_t* pre, const uint16_t* a, const uint16_t* b,
+                                       const uint16_t* bias, int64_t batch, int64_t M, int64_t N, int64_t K,
+                                       bool trans_a, bool trans_b, int64_t stride_out, int64_t stride_a,
+                                       int64_t stride_b, int64_t stride_bias, CUstream_st* stream);
+bool matmul_dgelu_bf16_batched_cuda(uint16_t* dpre, uint16_t* bias_grad, const uint16_t* a, const uint16_t* b,
+                                    const uint16_t* pre, int64_t batch, int64_t M, int64_t N, int64_t K, bool trans_a,
+                                    bool trans_b, int64_t stride_out, int64_t stride_a, int64_t stride_b,
+                                    int64_t stride_bias, CUstream_st* stream);
 bool matmul_bias_grad_bf16_cuda(uint16_t* out, uint16_t* bias_grad, const uint16_t* a, const uint16_t* b, int64_t M,
                                 int64_t N, int64_t K, bool trans_a, bool trans_b, CUstream_st* stream);
 

@@ -42,6 +42,7 @@
 #include <unordered_map>
 
 #include "kernels/cuda/check.h"
+#include "kernels/device_memory.h"
 #include "kernels/matmul.h"
 
 namespace kraken::kernels {
@@ -64,7 +65,8 @@ LtDevice& lt_for_current_device() {
   LtDevice& d = devices[device];
   if (!d.handle) {
     KRAKEN_CUBLAS_CHECK(cublasLtCreate(&d.handle));
-    KRAKEN_CUDA_CHECK(cudaMalloc(&d.workspace, kWorkspaceBytes));
+    if (!device_malloc_or_reclaim(&d.workspace, kWorkspaceBytes, device))
+      KRAKEN_THROW("cuda:", device, ": cannot allocate cuBLASLt's ", kWorkspaceBytes >> 20, " MiB workspace (out of memory)");
   }
   return d;
 }
@@ -95,8 +97,9 @@ struct LtDescriptors {
 struct PlanKey {
   int device;
   int64_t M, N, K;
-  int64_t batch;                           // 1, or a strided batch (epilogue none only)
-  int64_t stride_a, stride_b, stride_out;  // elements between the batch's matrices (batch > 1)
+  int64_t batch;                                        // 1, or a strided batch
+  int64_t stride_a, stride_b, stride_out, stride_bias;  // elements between the batch's matrices (batch > 1;
+                                                        // the aux matrices at stride_out, like out)
   bool trans_a, trans_b, out_bf16;
   cublasLtEpilogue_t epilogue;
   // Alignments (bytes) of cuBLASLt's first operand (our B), second (our A), output, bias (or bias
@@ -104,7 +107,7 @@ struct PlanKey {
   uint32_t align_first, align_second, align_out, align_bias, align_aux;
   bool operator==(const PlanKey& o) const {
     return device == o.device && M == o.M && N == o.N && K == o.K && batch == o.batch && stride_a == o.stride_a &&
-           stride_b == o.stride_b && stride_out == o.stride_out && trans_a == o.trans_a &&
+           stride_b == o.stride_b && stride_out == o.stride_out && stride_bias == o.stride_bias && trans_a == o.trans_a &&
            trans_b == o.trans_b && out_bf16 == o.out_bf16 && epilogue == o.epilogue &&
            align_first == o.align_first && align_second == o.align_second && align_out == o.align_out &&
            align_bias == o.align_bias && align_aux == o.align_aux;
@@ -122,6 +125,7 @@ struct PlanKeyHash {
     mix(static_cast<uint64_t>(k.stride_a));
     mix(static_cast<uint64_t>(k.stride_b));
     mix(static_cast<uint64_t>(k.stride_out));
+    mix(static_cast<uint64_t>(k.stride_bias));
     mix((k.trans_a ? 1u : 0u) | (k.trans_b ? 2u : 0u) | (k.out_bf16 ? 4u : 0u) |
         (static_cast<uint64_t>(k.epilogue) << 3));
     mix((static_cast<uint64_t>(k.align_first) << 48) | (static_cast<uint64_t>(k.align_second) << 32) |
@@ -207,6 +211,14 @@ std::unique_ptr<Plan> make_plan(const LtDevice& lt, const PlanKey& k, const void
       cublasLtMatrixLayoutCreate(&desc.b, CUDA_R_16BF, second_rows, second_cols, static_cast<int64_t>(second_rows)));
   KRAKEN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&desc.d, out_type, N, M, static_cast<int64_t>(N)));
   if (k.batch > 1) {  // cuBLASLt's first operand is our B, its second our A
+    // The epilogue's vectors and matrices walk the batch too: a bias (or bias gradient) per matrix, and
+    // the aux matrix laid out as D.
+    if (wants_bias)
+      KRAKEN_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_BIAS_BATCH_STRIDE,
+                                                         &k.stride_bias, sizeof(k.stride_bias)));
+    if (has_aux(k.epilogue))
+      KRAKEN_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_BATCH_STRIDE,
+                                                         &k.stride_out, sizeof(k.stride_out)));
     const int32_t count = static_cast<int32_t>(k.batch);
     const std::pair<cublasLtMatrixLayout_t, int64_t> layouts[] = {
         {desc.a, k.stride_b}, {desc.b, k.stride_a}, {desc.d, k.stride_out}};
@@ -252,7 +264,7 @@ std::unique_ptr<Plan> make_plan(const LtDevice& lt, const PlanKey& k, const void
 bool run_product(void* out, bool out_bf16, const uint16_t* a, const uint16_t* b, const void* bias, const void* aux,
                  int64_t M, int64_t N, int64_t K, bool trans_a, bool trans_b, cublasLtEpilogue_t epilogue,
                  CUstream_st* stream, int64_t batch = 1, int64_t stride_a = 0, int64_t stride_b = 0,
-                 int64_t stride_out = 0) {
+                 int64_t stride_out = 0, int64_t stride_bias = 0) {
   const bool wants_bias = has_bias_pointer(epilogue), wants_aux = has_aux(epilogue);
   KRAKEN_CHECK(!wants_bias || bias != nullptr, "matmul_bf16_cuda: the epilogue needs a bias (or bias gradient) vector");
   KRAKEN_CHECK(!wants_aux || aux != nullptr, "matmul_bf16_cuda: the epilogue needs its aux matrix");
@@ -262,8 +274,9 @@ bool run_product(void* out, bool out_bf16, const uint16_t* a, const uint16_t* b,
   LtDevice& lt = lt_for_current_device();
   int device = 0;
   KRAKEN_CUDA_CHECK(cudaGetDevice(&device));
-  if (batch <= 1) stride_a = stride_b = stride_out = 0;  // (one key for every unbatched call)
-  const PlanKey key{device, M, N, K, batch, stride_a, stride_b, stride_out, trans_a, trans_b, out_bf16, epilogue,
+  if (batch <= 1) stride_a = stride_b = stride_out = stride_bias = 0;  // (one key for every unbatched call)
+  if (!wants_bias) stride_bias = 0;
+  const PlanKey key{device, M, N, K, batch, stride_a, stride_b, stride_out, stride_bias, trans_a, trans_b, out_bf16, epilogue,
                     alignment_of(b), alignment_of(a), alignment_of(out), wants_bias ? alignment_of(bias) : 0u,
                     wants_aux ? alignment_of(aux) : 0u};
   thread_local std::unordered_map<PlanKey, std::unique_ptr<Plan>, PlanKeyHash> plans;
@@ -317,17 +330,68 @@ void matmul_bf16_batched_cuda(void* out, bool out_bf16, const uint16_t* a, const
 
 bool matmul_gelu_aux_bf16_cuda(uint16_t* out, uint16_t* pre, const uint16_t* a, const uint16_t* b, const uint16_t* bias,
                                int64_t M, int64_t N, int64_t K, bool trans_a, bool trans_b, CUstream_st* stream) {
-  if (M == 0 || N == 0 || !aux_fits(pre, N)) return false;
-  return run_product(out, true, a, b, bias, pre, M, N, K, trans_a, trans_b,
-                     bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX, stream);
+  return matmul_gelu_aux_bf16_batched_cuda(out, pre, a, b, bias, 1, M, N, K, trans_a, trans_b, 0, 0, 0, 0, stream);
 }
 
 bool matmul_dgelu_bf16_cuda(uint16_t* dpre, uint16_t* bias_grad, const uint16_t* a, const uint16_t* b,
                             const uint16_t* pre, int64_t M, int64_t N, int64_t K, bool trans_a, bool trans_b,
                             CUstream_st* stream) {
-  if (M == 0 || N == 0 || !aux_fits(pre, N)) return false;
-  return run_product(dpre, true, a, b, bias_grad, pre, M, N, K, trans_a, trans_b,
-                     bias_grad ? CUBLASLT_EPILOGUE_DGELU_BGRAD : CUBLASLT_EPILOGUE_DGELU, stream);
+  return matmul_dgelu_bf16_batched_cuda(dpre, bias_grad, a, b, pre, 1, M, N, K, trans_a, trans_b, 0, 0, 0, 0, stream);
+}
+
+namespace {
+
+// One GELU epilogue product over a batch: a strided-batch call, else (no batched algorithm) one call per
+// matrix. False, with nothing written, where the single product has no algorithm either: every matrix
+// of the batch has the same shape and alignments (the strides keep 16 bytes, checked), so the first
+// matrix's refusal is every matrix's.
+bool epilogue_batch(uint16_t* out, const uint16_t* a, const uint16_t* b, uint16_t* vec, const uint16_t* aux,
+                    int64_t batch, int64_t M, int64_t N, int64_t K, bool trans_a, bool trans_b, int64_t stride_out,
+                    int64_t stride_a, int64_t stride_b, int64_t stride_vec, cublasLtEpilogue_t epilogue,
+                    bool try_strided, CUstream_st* stream) {
+  KRAKEN_CHECK(batch >= 1 && batch < (1LL << 31), "matmul GELU epilogue: batch ", batch);
+  if (M == 0 || N == 0 || !aux_fits(aux, N)) return false;
+  if (batch == 1)
+    return run_product(out, true, a, b, vec, aux, M, N, K, trans_a, trans_b, epilogue, stream);
+  if (stride_out % 8 != 0) return false;  // the aux matrices after the first would lose their 16 bytes
+  if (try_strided && run_product(out, true, a, b, vec, aux, M, N, K, trans_a, trans_b, epilogue, stream, batch,
+                                 stride_a, stride_b, stride_out, stride_vec))
+    return true;
+  for (int64_t i = 0; i < batch; ++i) {
+    const bool done = run_product(out + i * stride_out, true, a + i * stride_a, b + i * stride_b,
+                                  vec ? vec + i * stride_vec : nullptr, aux + i * stride_out, M, N, K, trans_a,
+                                  trans_b, epilogue, stream);
+    if (!done) {
+      KRAKEN_CHECK(i == 0, "matmul GELU epilogue: matrix ", i, " of a batch of ", batch,
+                   " has no algorithm where the first had one");
+      return false;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
+bool matmul_gelu_aux_bf16_batched_cuda(uint16_t* out, uint16_t* pre, const uint16_t* a, const uint16_t* b,
+                                       const uint16_t* bias, int64_t batch, int64_t M, int64_t N, int64_t K,
+                                       bool trans_a, bool trans_b, int64_t stride_out, int64_t stride_a,
+                                       int64_t stride_b, int64_t stride_bias, CUstream_st* stream) {
+  // (bias is only read; the shared pointer slot is non-const for the gradient epilogues)
+  return epilogue_batch(out, a, b, const_cast<uint16_t*>(bias), pre, batch, M, N, K, trans_a, trans_b, stride_out,
+                        stride_a, stride_b, stride_bias,
+                        bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX, true, stream);
+}
+
+bool matmul_dgelu_bf16_batched_cuda(uint16_t* dpre, uint16_t* bias_grad, const uint16_t* a, const uint16_t* b,
+                                    const uint16_t* pre, int64_t batch, int64_t M, int64_t N, int64_t K, bool trans_a,
+                                    bool trans_b, int64_t stride_out, int64_t stride_a, int64_t stride_b,
+                                    int64_t stride_bias, CUstream_st* stream) {
+  // One product per matrix: for a strided batch of DGELU products (the Kraken preset's, 4 × (8192 × 1008)
+  // from K = 504) cuBLASLt's heuristic took its generic globalKernel, 284 µs per layer on an H100, where
+  // the four single products take ~45 µs each on the sm90 xmma DGELU kernel (bench/RESULTS.md).
+  return epilogue_batch(dpre, a, b, bias_grad, pre, batch, M, N, K, trans_a, trans_b, stride_out, stride_a, stride_b,
+                        stride_bias, bias_grad ? CUBLASLT_EPILOGUE_DGELU_BGRAD : CUBLASLT_EPILOGUE_DGELU, false,
+                        stream);
 }
 
 bool matmul_bias_grad_bf16_cuda(uint16_t* out, uint16_t* bias_grad, const uint16_t* a, const uint16_t* b, int64_t M,

@@ -5,8 +5,34 @@
 
 #include <mutex>
 
+#include <atomic>
+
 #include "kernels/cuda/check.h"
 #include "kernels/cuda/launch.h"  // under the CPU emulation, its cudaMalloc and cudaFree
+#include "kernels/device_memory.h"
+
+namespace kraken::kernels {
+namespace {
+std::atomic<DeviceMemoryReclaimer> reclaimer{nullptr};
+}  // namespace
+
+void set_device_memory_reclaimer(DeviceMemoryReclaimer reclaim) { reclaimer.store(reclaim); }
+
+bool device_malloc_or_reclaim(void** ptr, size_t bytes, int device) {
+  cudaError_t err = cudaMalloc(ptr, bytes);
+  if (err == cudaErrorMemoryAllocation) {
+    (void)cudaGetLastError();
+    if (DeviceMemoryReclaimer reclaim = reclaimer.load()) {
+      reclaim(device);
+      err = cudaMalloc(ptr, bytes);
+    }
+  }
+  if (err == cudaErrorMemoryAllocation) (void)cudaGetLastError();
+  else KRAKEN_CUDA_CHECK(err);
+  return err == cudaSuccess;
+}
+
+}  // namespace kraken::kernels
 
 namespace kraken::kernels::cuda_detail {
 
@@ -27,7 +53,9 @@ void* device_scratch(ScratchSlot slot, size_t bytes) {
     if (b.data) KRAKEN_CUDA_CHECK(cudaFree(b.data));
     b.data = nullptr;
     b.bytes = 0;
-    KRAKEN_CUDA_CHECK(cudaMalloc(&b.data, bytes));
+    if (!device_malloc_or_reclaim(&b.data, bytes, device))
+      KRAKEN_THROW("cuda:", device, ": cannot allocate ", bytes, " bytes of kernel scratch space (out of memory, with the "
+                   "runtime's cached blocks returned)");
     b.bytes = bytes;
   }
   return b.data;

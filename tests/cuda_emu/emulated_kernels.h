@@ -112,6 +112,8 @@ void cross_entropy_backward_bf16_cuda(uint16_t* dlogits, const uint16_t* logits,
 
 // kernels/elementwise.h
 void add_bf16_cuda(uint16_t* out, const uint16_t* a, const uint16_t* b, int64_t n, CUstream_st* stream);
+void add_broadcast_bf16_cuda(uint16_t* out, const uint16_t* a, const uint16_t* b, int64_t rows, int64_t cols,
+                             CUstream_st* stream);
 void gelu_forward_bf16_cuda(uint16_t* out, const uint16_t* x, int64_t n, CUstream_st* stream);
 void gelu_backward_bf16_cuda(uint16_t* dx, const uint16_t* x, const uint16_t* dout, int64_t n, CUstream_st* stream);
 void cast_f32_to_bf16_cuda(uint16_t* out, const float* x, int64_t n, CUstream_st* stream);

@@ -377,6 +377,27 @@ void check_gelu_and_add() {
 
 TEST(CudaEmulation, GeluAndAddMatchTheCpuOnBothAccessWidths) { under_both_schedules(check_gelu_and_add); }
 
+// The bf16 broadcast add, out[r, :] = a[r, :] + b[:]: 8 columns per access where cols is a multiple of 8
+// (1008, and 8 itself), one element otherwise (1001); the CPU's sum rounded once, bit for bit.
+void check_broadcast_add() {
+  for (const int64_t cols : {int64_t{1001}, int64_t{1008}, int64_t{8}}) {
+    const int64_t rows = 5;
+    const std::string what = " (" + std::to_string(rows) + " × " + std::to_string(cols) + ")";
+    const size_t m = static_cast<size_t>(rows * cols);
+    const std::vector<uint16_t> a = to_bf16(normal(m, 21)), b = to_bf16(normal(static_cast<size_t>(cols), 22));
+    std::vector<uint16_t> out(m + 1, 0x7fff);  // a sentinel past the end
+    emu::add_broadcast_bf16_cuda(out.data(), a.data(), b.data(), rows, cols, nullptr);
+    const std::vector<float> a_f = to_f32(a), b_f = to_f32(b);
+    std::vector<float> ref(m);
+    kernels::add_broadcast_cpu(ref.data(), a_f.data(), b_f.data(), rows, cols);
+    EXPECT_EQ(std::vector<uint16_t>(out.begin(), out.begin() + static_cast<std::ptrdiff_t>(m)), to_bf16(ref))
+        << "emulated bf16 broadcast add" << what << ": not the CPU's sum rounded once";
+    EXPECT_EQ(out[m], 0x7fff) << "emulated bf16 broadcast add" << what << " wrote past the end";
+  }
+}
+
+TEST(CudaEmulation, BroadcastAddMatchesTheCpuOnBothAccessWidths) { under_both_schedules(check_broadcast_add); }
+
 void check_casts_and_accumulate() {
   for (const int64_t n : {int64_t{1001}, int64_t{1024}}) {  // scalar, then 8 elements per access
     const std::string what = " (n = " + std::to_string(n) + ")";

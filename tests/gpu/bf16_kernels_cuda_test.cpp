@@ -155,9 +155,10 @@ void check_elementwise() {
 }
 
 void check_broadcast_and_sum_rows() {
-  // cols = 1001: not a multiple of the 8-column blocks. rows = 8 takes the one-thread-per-column
-  // kernel, 330 the row-group kernel (rows ≥ 64), 64 its smallest case.
-  const int64_t cols = 1001;
+  // cols = 1001: not a multiple of the 8-column blocks (the broadcast add one element per access); 1008:
+  // 8 columns per access. rows = 8 takes the one-thread-per-column kernel, 330 the row-group kernel
+  // (rows ≥ 64), 64 its smallest case.
+  for (const int64_t cols : {int64_t{1001}, int64_t{1008}})
   for (int64_t rows : {int64_t{8}, int64_t{64}, int64_t{330}}) {
     const std::string shape = " (" + std::to_string(rows) + ", " + std::to_string(cols) + ")";
     const Tensor a16 = bf16_input({rows, cols}, 10), b16 = bf16_input({cols}, 11);
