@@ -9,6 +9,7 @@
 #include <mutex>
 #include <vector>
 
+#include "kernels/device_memory.h"
 #include "kernels/error.h"
 
 #if KRAKEN_WITH_CUDA
@@ -104,7 +105,9 @@ HostAllocator& host_instance() {
 #if KRAKEN_WITH_CUDA
 // Blocks are rounded (512 B below 1 MiB, 2 MiB above) and kept in per-size free lists when released.
 // The allocator never splits or merges blocks: simple, and enough for a training loop whose shapes
-// repeat every step. empty_cache() would return everything; not needed yet.
+// repeat every step. When cudaMalloc fails, the free lists go back to the driver and it tries once more;
+// the kernels' own cudaMallocs (scratch buffers, cuBLASLt's workspace) do the same through the reclaimer
+// this allocator registers (kernels/device_memory.h).
 class CachingDeviceAllocator final : public Allocator {
  public:
   explicit CachingDeviceAllocator(int device) : device_(device) {}
@@ -158,6 +161,15 @@ class CachingDeviceAllocator final : public Allocator {
     std::lock_guard<std::mutex> lock(mutex_);
     stats_.peak_bytes_in_use = stats_.bytes_in_use;
   }
+  // Every cached free block back to the driver (the kernels' reclaimer).
+  void release_cached() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    int previous = 0;
+    if (cudaGetDevice(&previous) != cudaSuccess) return;
+    cudaSetDevice(device_);
+    release_cached_locked();
+    cudaSetDevice(previous);
+  }
 
  private:
   void release_cached_locked() {
@@ -180,7 +192,11 @@ CachingDeviceAllocator& device_instance(int index) {
   static std::map<int, CachingDeviceAllocator*> instances;
   std::lock_guard<std::mutex> lock(mutex);
   auto& slot = instances[index];
-  if (!slot) slot = new CachingDeviceAllocator(index);
+  if (!slot) {
+    slot = new CachingDeviceAllocator(index);
+    // The kernels' own allocations give this cache back before they fail (kernels/device_memory.h).
+    kernels::set_device_memory_reclaimer([](int device) { device_instance(device).release_cached(); });
+  }
   return *slot;
 }
 #endif

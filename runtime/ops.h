@@ -32,6 +32,13 @@ Tensor cast(const Tensor& x, DType dtype);                     // f32 <-> bf16, 
 // several devices, are cast one by one. The node's backward runs once every output's gradient is
 // complete, so the inputs' gradients all arrive then; an output that got none gives its input zeros.
 std::vector<Tensor> cast_many(const std::vector<Tensor>& xs, DType dtype);
+// Each list of tensors (one shape and dtype within a list) as one tensor (n, ...) in `dtype`:
+// stacks[k][i] = cast(lists[k][i], dtype) — a Kraken layer's sub-layer weights, each kind stacked for the
+// grouped products (under mixed precision cast to bf16 on the way, in place of cast_many). One node; the
+// f32 ↔ bf16 casts of all lists take one cast_many call each way (on CUDA, one launch per
+// kernels::kCastsPerLaunch tensors), others are copied. An empty list, or one whose first tensor is
+// undefined (an absent bias), gives an undefined stack; one tensor already of `dtype`, a view of it.
+std::vector<Tensor> stack_many(const std::vector<std::vector<Tensor>>& lists, DType dtype);
 
 // ---- elementwise (ops/elementwise.cpp) --------------------------------------------------------------
 // a + b, where b has a's shape or a trailing part of it ((B, T, C) + (T, C), (N, C) + (C,)); the
@@ -41,6 +48,9 @@ Tensor mul(const Tensor& a, const Tensor& b);                  // same shapes
 Tensor scale(const Tensor& x, float alpha);                    // alpha·x
 Tensor gelu(const Tensor& x);                                  // GPT-2's tanh approximation
 Tensor sum_list(const std::vector<Tensor>& xs);                // Σ_i xs[i], all of one shape
+// Σ_g x[g] over the first dimension: (G, ...) → (...), the sum_list of x's G blocks (its kernels and
+// bits) without copying them out; the gradient is dout in every block.
+Tensor sum_stack(const Tensor& x);
 
 // ---- reductions (ops/reduce.cpp) -----------------------------------------------------------------------
 Tensor sum(const Tensor& x);                                   // scalar (shape {})
@@ -52,11 +62,15 @@ Tensor matmul(const Tensor& a, const Tensor& b, bool trans_a = false, bool trans
 // x (..., in) · weightᵀ + bias, weight (out, in) as PyTorch's nn.Linear; bias (out,) may be undefined.
 // On CUDA in bf16 the bias is added in the product's epilogue, and its gradient (at epilogue_fusion()
 // level 2, below) summed in the weight-gradient product's.
+// Grouped: weight (G, out, in), bias (G, out), x (G, ..., in) → (G, ..., out), group g's rows times its
+// own weight — G independent linears (a Kraken layer's sub-layers, stacked) whose products each run as
+// one strided batch. G = 1 is the plain linear on views (the same node and bits).
 Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias = Tensor());
 
 // ---- the MLP block (ops/mlp.cpp) ------------------------------------------------------------------------
 // GPT-2's MLP: linear(gelu(linear(x, w_fc, b_fc)), w_proj, b_proj). x (..., C), w_fc (H, C), w_proj
-// (Co, H), biases (H,) and (Co,), either undefined. On the CPU, in f32, and with the fusion off these
+// (Co, H), biases (H,) and (Co,), either undefined. Grouped as linear is: x (G, ..., C), w_fc (G, H, C),
+// w_proj (G, Co, H), biases (G, H) and (G, Co); each product one strided batch over the groups. On the CPU, in f32, and with the fusion off these
 // are exactly the three ops (the same nodes and bits). On CUDA in bf16 it is one node whose cuBLASLt
 // products apply GELU (forward) and its derivative (backward) in their epilogues, and at
 // EpilogueFusion::kGeluAndBiasGrads also sum both bias gradients there; the results differ from the three
@@ -88,11 +102,18 @@ class EpilogueFusionScope {
 // ---- normalisation and embedding (ops/layernorm.cpp, ops/embedding.cpp) ----------------------------------
 // Normalises the last dimension: (x − mean)/√(var + eps)·gamma + beta; gamma, beta (C,).
 Tensor layernorm(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps = 1e-5f);
+// Grouped: x (G, ..., C), block g normalised with gammas[g] and betas[g] (each (C,); betas empty, or an
+// undefined one, for no bias) — a Kraken layer's stacked sub-layers, each with its own parameters (not
+// stacked: their gradients go to each directly). add_layernorm likewise.
+Tensor layernorm(const Tensor& x, const std::vector<Tensor>& gammas, const std::vector<Tensor>& betas,
+                 float eps = 1e-5f);
 // The residual add and the LayerNorm after it: {s, layernorm(s)} with s = a + b (same shapes, no
 // broadcast). One kernel on CUDA (kernels/layernorm.h); the two ops on the CPU, with the same result.
 // The gradient of s from its other uses and the normalisation's gradient meet in one kernel.
 std::vector<Tensor> add_layernorm(const Tensor& a, const Tensor& b, const Tensor& gamma, const Tensor& beta,
                                   float eps = 1e-5f);
+std::vector<Tensor> add_layernorm(const Tensor& a, const Tensor& b, const std::vector<Tensor>& gammas,
+                                  const std::vector<Tensor>& betas, float eps = 1e-5f);
 // weight (V, C), ids i32 of any shape S: returns S + (C,). Ids outside [0, V) are an error.
 Tensor embedding(const Tensor& weight, const Tensor& ids);
 
@@ -104,8 +125,9 @@ Tensor embedding(const Tensor& weight, const Tensor& ids);
 Tensor attention(const Tensor& qkv, int64_t n_head);
 // attention(qkvs[k], n_head) for each k, all of one shape, dtype and device: the same results, bit for
 // bit. Where the GPU's bf16 attention runs on the mma kernels, up to kernels::kAttentionMaxGroups of
-// them go in one launch (forward and backward): a Kraken layer's sub-layers fill the GPU together where
-// each alone has few heads. Elsewhere, one attention op per input.
+// them go in one launch (forward and backward), so that inputs each of few heads fill the GPU together.
+// Elsewhere, one attention op per input. (The Kraken model stacks its sub-layers instead and runs one
+// attention over n·B sequences.)
 std::vector<Tensor> attention_group(const std::vector<Tensor>& qkvs, int64_t n_head);
 
 // ---- softmax and losses (ops/softmax.cpp, ops/cross_entropy.cpp) ----------------------------------------------

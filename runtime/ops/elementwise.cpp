@@ -198,4 +198,33 @@ Tensor sum_list(const std::vector<Tensor>& xs) {
   return out;
 }
 
+Tensor sum_stack(const Tensor& x) {
+  precision::check_float("sum_stack", x);
+  if (x.dim() < 1 || x.size(0) < 1)
+    KRAKEN_THROW("sum_stack: input ", shape_str(x.shape()), " needs a first dimension of at least one block");
+  const int64_t G = x.size(0);
+  const Shape block(x.shape().begin() + 1, x.shape().end());
+  Tensor out;
+  {
+    // The blocks as views of x's storage, without history: the node below is the only one.
+    NoGrad no_grad;
+    std::vector<Tensor> blocks;
+    for (int64_t g = 0; g < G; ++g) blocks.push_back(x.detach().slice(g, g + 1).reshape(block));
+    out = G == 1 ? blocks[0].clone() : sum_list(blocks);
+  }
+  if (needs_grad({x})) {
+    const Shape x_shape = x.shape();
+    record("sum_stack", {x}, {out}, [x_shape, G](const std::vector<Tensor>& g) {
+      // in the forward pass this was: out = Σ_g x[g]; every block receives dout
+      Tensor dx = Tensor::empty(x_shape, g[0].dtype(), g[0].device());
+      for (int64_t b = 0; b < G; ++b) {
+        Tensor block = dx.slice(b, b + 1);
+        block.copy_from(g[0].reshape(block.shape()));
+      }
+      return std::vector<Tensor>{dx};
+    });
+  }
+  return out;
+}
+
 }  // namespace kraken::runtime::ops

@@ -129,9 +129,109 @@ Tensor matmul(const Tensor& a, const Tensor& b, bool ta, bool tb) {
   return out;
 }
 
+namespace {
+
+// out[g] (rows, cols) += bias[g] on every row, for each of `groups` blocks of out: the grouped linear's
+// bias (f32 anywhere, bf16 on CUDA).
+void add_group_biases(Tensor& out, const Tensor& bias, int64_t groups, int64_t rows, int64_t cols) {
+  for (int64_t g = 0; g < groups; ++g) {
+    if (out.dtype() == DType::BF16) {
+      uint16_t* o = out.data<uint16_t>() + g * rows * cols;
+      KRAKEN_CUDA_ONLY(out.device(), kernels::add_broadcast_bf16_cuda(o, o, bias.data<uint16_t>() + g * cols, rows,
+                                                                      cols, stream_of(out)));
+    } else {
+      float* o = out.data<float>() + g * rows * cols;
+      const float* b = bias.data<float>() + g * cols;
+      KRAKEN_ON_DEVICE(out.device(), kernels::add_broadcast_cpu(o, o, b, rows, cols),
+                       kernels::add_broadcast_cuda(o, o, b, rows, cols, stream_of(out)));
+    }
+  }
+}
+
+// db[g] = Σ_rows dy[g] (rows, cols) for each group: db (groups, cols), new.
+Tensor group_bias_grads(const Tensor& dy, int64_t groups, int64_t rows, int64_t cols) {
+  Tensor db = Tensor::zeros({groups, cols}, dy.dtype(), dy.device());
+  for (int64_t g = 0; g < groups; ++g) {
+    if (dy.dtype() == DType::BF16) {
+      KRAKEN_CUDA_ONLY(dy.device(), kernels::sum_rows_bf16_cuda(db.data<uint16_t>() + g * cols,
+                                                                dy.data<uint16_t>() + g * rows * cols, rows, cols,
+                                                                stream_of(dy)));
+    } else {
+      float* d = db.data<float>() + g * cols;
+      const float* y = dy.data<float>() + g * rows * cols;
+      KRAKEN_ON_DEVICE(dy.device(), kernels::sum_rows_cpu(d, y, rows, cols),
+                       kernels::sum_rows_cuda(d, y, rows, cols, stream_of(dy)));
+    }
+  }
+  return db;
+}
+
+// The grouped linear (ops.h): x (G, ..., in), weight (G, out, in), bias (G, out); G > 1. Every product is
+// one strided batch over the groups (on CUDA in bf16: one cuBLASLt call), forward and backward.
+Tensor grouped_linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
+  const int64_t G = weight.size(0), outf = weight.size(1), in = weight.size(2);
+  const int64_t rows = shape_numel(Shape(x.shape().begin() + 1, x.shape().end() - 1));  // per group
+  const DType dtype = x.dtype();
+  Shape shape = x.shape();
+  shape.back() = outf;
+  Tensor out = Tensor::empty(shape, dtype, x.device());
+  // y[g] (rows, out) = x[g] (rows, in) · W[g]ᵀ, then + b[g] on every row
+  gemm(out, x, weight, G, rows, outf, in, false, true, 0.0f, rows * in, outf * in);
+  if (bias.defined()) add_group_biases(out, bias, G, rows, outf);
+  if (needs_grad({x, weight, bias})) {
+    const bool x_needs = x.requires_grad(), w_needs = weight.requires_grad();
+    const bool b_needs = bias.defined() && bias.requires_grad();
+    Tensor x_saved = w_needs ? x.detach() : Tensor(), w_saved = x_needs ? weight.detach() : Tensor();
+    const Shape x_shape = x.shape(), w_shape = weight.shape();
+    record("linear", {x, weight, bias}, {out},
+           [x_saved, w_saved, x_shape, w_shape, G, rows, in, outf, b_needs, dtype](const std::vector<Tensor>& g) {
+             const Tensor& dy = g[0];  // (G, rows, out)
+             Tensor dx, dw, db;
+             if (w_saved.defined()) {  // dx[g] (rows, in) = dy[g] · W[g]
+               dx = Tensor::empty(x_shape, dtype, dy.device());
+               gemm(dx, dy, w_saved, G, rows, in, outf, false, false, 0.0f, rows * outf, outf * in);
+             }
+             if (x_saved.defined()) {  // dW[g] (out, in) = dy[g]ᵀ · x[g]
+               dw = Tensor::empty(w_shape, dtype, dy.device());
+               gemm(dw, dy, x_saved, G, outf, in, rows, true, false, 0.0f, rows * outf, rows * in);
+             }
+             if (b_needs) db = group_bias_grads(dy, G, rows, outf);
+             return std::vector<Tensor>{dx, dw, db};
+           });
+  }
+  return out;
+}
+
+}  // namespace
+
 Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
   precision::check_float("linear", x, "input");
   precision::check_float("linear", weight, "weight");
+  if (weight.dim() == 3) {  // grouped: x (G, ..., in), weight (G, out, in), bias (G, out)
+    check_same_device("linear", x, weight);
+    const int64_t G = weight.size(0);
+    if (x.dim() < 2 || x.size(0) != G || x.size(-1) != weight.size(2))
+      KRAKEN_THROW("linear: grouped weight ", shape_str(weight.shape()), " is (groups, out, in): the input ",
+                   shape_str(x.shape()), " must be (", G, ", ..., ", weight.size(2), ")");
+    if (bias.defined()) {
+      precision::check_float("linear", bias, "bias");
+      check_same_device("linear", x, bias);
+      if (bias.shape() != Shape{G, weight.size(1)})
+        KRAKEN_THROW("linear: bias ", shape_str(bias.shape()), " for grouped weight ", shape_str(weight.shape()),
+                     ", expected (", G, ", ", weight.size(1), ")");
+    }
+    precision::common_float("linear", {&x, &weight, &bias});
+    if (G == 1) {  // one group is the plain linear on views
+      Shape inner(x.shape().begin() + 1, x.shape().end()), out_shape = x.shape();
+      out_shape.back() = weight.size(1);
+      Tensor y = linear(reshape(x, inner), reshape(weight, {weight.size(1), weight.size(2)}),
+                        bias.defined() ? reshape(bias, {weight.size(1)}) : Tensor());
+      return reshape(y, out_shape);
+    }
+    if (precision::widen_on_cpu(x))
+      return precision::narrow(linear(precision::widen(x), precision::widen(weight), precision::widen(bias)));
+    return grouped_linear(x, weight, bias);
+  }
   check_dim("linear", weight, 2, "weight");
   check_same_device("linear", x, weight);
   if (x.dim() < 1 || x.size(-1) != weight.size(1))

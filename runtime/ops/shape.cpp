@@ -249,4 +249,85 @@ std::vector<Tensor> cast_many(const std::vector<Tensor>& xs, DType dtype) {
   return outs;
 }
 
+std::vector<Tensor> stack_many(const std::vector<std::vector<Tensor>>& lists, DType dtype) {
+  std::vector<Tensor> stacks(lists.size());
+  std::vector<Tensor> inputs, views;      // every stacked input, and where it went
+  std::vector<Tensor> cast_from, cast_to;  // those that change dtype (f32 <-> bf16): one cast call
+  std::vector<size_t> list_of;             // for each input, its list
+  std::vector<bool> built(lists.size(), false);  // stacks made here (not absent, not a view)
+  for (size_t k = 0; k < lists.size(); ++k) {
+    const std::vector<Tensor>& list = lists[k];
+    if (list.empty() || !list[0].defined()) continue;
+    const Tensor& first = list[0];
+    for (size_t i = 0; i < list.size(); ++i) {
+      check_defined("stack_many", list[i]);
+      check_same_device("stack_many", first, list[i]);
+      if (list[i].shape() != first.shape() || list[i].dtype() != first.dtype())
+        KRAKEN_THROW("stack_many: list ", k, " holds ", first.describe(), " and ", list[i].describe(),
+                     ": a stack takes tensors of one shape and dtype");
+    }
+    Shape shape = first.shape();
+    shape.insert(shape.begin(), static_cast<int64_t>(list.size()));
+    if (list.size() == 1 && first.dtype() == dtype) {  // nothing to move: a view (GPT-2 in f32)
+      stacks[k] = reshape(first, shape);
+      continue;
+    }
+    stacks[k] = Tensor::empty(shape, dtype, first.device());
+    built[k] = true;
+    for (size_t i = 0; i < list.size(); ++i) {
+      Tensor view = stacks[k].slice(static_cast<int64_t>(i), static_cast<int64_t>(i) + 1).reshape(first.shape());
+      inputs.push_back(list[i]), views.push_back(view), list_of.push_back(k);
+      if (list[i].dtype() == dtype) view.copy_from(list[i]);
+      else if (f32_bf16_pair(list[i].dtype(), dtype)) cast_from.push_back(list[i]), cast_to.push_back(view);
+      else view.copy_from(list[i].to(dtype));
+    }
+  }
+  // cast_into takes one source dtype per call: f32 → bf16 (the mixed-precision forward), or the reverse.
+  for (DType from : {DType::F32, DType::BF16}) {
+    std::vector<Tensor> to, src;
+    for (size_t j = 0; j < cast_from.size(); ++j)
+      if (cast_from[j].dtype() == from) src.push_back(cast_from[j]), to.push_back(cast_to[j]);
+    cast_into(to, src);
+  }
+  if (needs_grad(inputs)) {
+    std::vector<Tensor> outs;
+    std::vector<int> out_of_list(lists.size(), -1);
+    for (size_t k = 0; k < stacks.size(); ++k)
+      if (built[k]) out_of_list[k] = static_cast<int>(outs.size()), outs.push_back(stacks[k]);
+    std::vector<DType> from_dtypes;
+    for (const Tensor& t : inputs) from_dtypes.push_back(t.dtype());
+    record("stack_many", inputs, outs, [list_of, out_of_list, from_dtypes](const std::vector<Tensor>& g) {
+      // in the forward pass this was: stack[k][i] = cast(list[k][i]); so dlist[k][i] = cast back of
+      // dstack[k][i], the casts in one call per direction as forward
+      std::vector<Tensor> grads(list_of.size());
+      std::vector<int64_t> index_in_list(list_of.size());
+      std::vector<size_t> seen(out_of_list.size(), 0);
+      std::vector<Tensor> cast_src, cast_dst;
+      for (size_t j = 0; j < list_of.size(); ++j) {
+        const Tensor& dstack = g[static_cast<size_t>(out_of_list[list_of[j]])];
+        const int64_t i = static_cast<int64_t>(seen[list_of[j]]++);
+        if (!dstack.defined()) continue;  // the stack got no gradient: neither do its inputs
+        const Shape shape(dstack.shape().begin() + 1, dstack.shape().end());
+        Tensor piece = dstack.slice(i, i + 1).reshape(shape);
+        if (piece.dtype() == from_dtypes[j]) {
+          grads[j] = piece.clone();
+        } else if (f32_bf16_pair(piece.dtype(), from_dtypes[j])) {
+          grads[j] = Tensor::empty(shape, from_dtypes[j], piece.device());
+          cast_src.push_back(piece), cast_dst.push_back(grads[j]);
+        } else {
+          grads[j] = piece.to(from_dtypes[j]);
+        }
+      }
+      for (DType from : {DType::F32, DType::BF16}) {
+        std::vector<Tensor> to, src;
+        for (size_t m = 0; m < cast_src.size(); ++m)
+          if (cast_src[m].dtype() == from) src.push_back(cast_src[m]), to.push_back(cast_dst[m]);
+        cast_into(to, src);
+      }
+      return grads;
+    });
+  }
+  return stacks;
+}
+
 }  // namespace kraken::runtime::ops

@@ -92,6 +92,39 @@ TEST(GpuMlp, OddShapesMatchTheCpu) {
   expect_each_level_matches_cpu(frozen, "frozen input");
 }
 
+// A Kraken layer's sub-layers as one grouped block: x (G, B, T, C), weights (G, ·, ·), biases (G, ·) —
+// every product one strided batch (GELU_AUX and DGELU with the aux and bias batch strides), against the
+// CPU's per-group reference (tests/runtime/grouped_ops_test.cpp: the grouped CPU op is each group's own).
+std::vector<Tensor> grouped_block(int64_t G, int64_t B, int64_t T, int64_t C, int64_t H, bool biases, uint64_t seed) {
+  return {bf16_leaf({G, B, T, C}, seed), bf16_leaf({G, H, C}, seed + 1, 1.0f / std::sqrt(static_cast<float>(C))),
+          biases ? bf16_leaf({G, H}, seed + 2, 0.5f) : Tensor(),
+          bf16_leaf({G, C, H}, seed + 3, 1.0f / std::sqrt(static_cast<float>(H))),
+          biases ? bf16_leaf({G, C}, seed + 4, 0.5f) : Tensor()};
+}
+
+TEST(GpuMlp, GroupedMatchesTheCpuAtEveryLevel) {
+  KRAKEN_REQUIRE_GPU();
+  // The Kraken 4-way preset's sub-layer MLP (C = 504, H = 1008, no biases) on 2 × 256 rows per group.
+  expect_each_level_matches_cpu(grouped_block(4, 2, 256, 504, 1008, false, 81), "4 groups, Kraken preset MLP");
+  // Biases (added per group), odd rows per group (37), two groups.
+  expect_each_level_matches_cpu(grouped_block(2, 1, 37, 48, 200, true, 91), "2 groups of 37 rows, biases");
+  // H = 44, not a multiple of 8: the three grouped ops.
+  expect_each_level_matches_cpu(grouped_block(3, 1, 20, 16, 44, true, 101), "3 groups, H = 44 (unfused)");
+}
+
+TEST(GpuGroupedLinear, MatchesTheCpuWithAndWithoutBiases) {
+  KRAKEN_REQUIRE_GPU();
+  // One strided-batch product per direction; a bias is added per group after the product (a second
+  // rounding where the CPU rounds once: two ulps, as above).
+  auto linear_op = [](const std::vector<Tensor>& v) { return ops::linear(v[0], v[1], v[2]); };
+  for (bool bias : {false, true}) {
+    const std::vector<Tensor> in = {bf16_leaf({4, 2, 128, 504}, 111), bf16_leaf({4, 1512, 504}, 112, 0.045f),
+                                    bias ? bf16_leaf({4, 1512}, 113, 0.5f) : Tensor()};
+    expect_matches_cpu(linear_op, in, kTwoUlps, kTwoUlps,
+                       std::string("grouped linear, 4 × (256, 504)·(1512, 504)ᵀ") + (bias ? ", biases" : ""));
+  }
+}
+
 // Output and gradients of one run at `fusion` on the test device.
 struct DeviceRun {
   Tensor out;

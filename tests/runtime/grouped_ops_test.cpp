@@ -1,0 +1,312 @@
+// The grouped forms of linear and mlp (a leading group dimension G on the weights and the input: a Kraken
+// layer's sub-layers stacked), of layernorm and add_layernorm (x (G, ..., C), one gamma and beta per
+// group), sum_stack and stack_many, on the CPU: each equals its
+// per-group ops — every group's own slice of the input and weights through the plain op — bit for bit,
+// output and every gradient, in f32 and in bf16 (the CPU's widening path), at every EpilogueFusion
+// setting; their gradients against central finite differences; G = 1 is the plain op; their errors.
+// The CUDA paths (one strided batch per product) are checked against these on a GPU
+// (tests/gpu/mlp_cuda_test.cpp).
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <functional>
+
+#include "runtime/autograd.h"
+#include "runtime/ops.h"
+#include "tests/support/errors.h"
+#include "tests/support/gradcheck.h"
+
+namespace kraken::runtime {
+namespace {
+
+using testing::expect_gradients_match;
+using testing::message_of;
+using testing::random_leaf;
+
+constexpr int64_t kGroups = 3;
+
+Tensor leaf(const Shape& shape, uint64_t seed, float std, DType dtype = DType::F32) {
+  Tensor t = random_leaf(shape, seed, std);
+  t.set_requires_grad(false);
+  if (dtype != DType::F32) t = t.to(dtype);
+  t.set_requires_grad(true);
+  return t;
+}
+
+struct OpRun {
+  std::vector<float> out;
+  std::vector<std::vector<float>> grads;  // one per input; empty where the input is undefined
+};
+
+// Forward on fresh copies of the inputs, backward seeded with a fixed random projection.
+OpRun run(const std::function<Tensor(const std::vector<Tensor>&)>& f, const std::vector<Tensor>& inputs) {
+  std::vector<Tensor> leaves;
+  for (const Tensor& t : inputs) {
+    Tensor c = t.defined() ? t.detach().clone() : Tensor();
+    if (c.defined()) c.set_requires_grad(true);
+    leaves.push_back(c);
+  }
+  Tensor y = f(leaves);
+  Tensor seed = random_leaf(y.shape(), 99, 1.0f);
+  seed.set_requires_grad(false);
+  if (y.dtype() != DType::F32) seed = seed.to(y.dtype());
+  backward(y, seed);
+  OpRun r;
+  r.out = y.to_vector();
+  for (const Tensor& t : leaves)
+    r.grads.push_back(t.defined() && t.grad().defined() ? t.grad().to_vector() : std::vector<float>());
+  return r;
+}
+
+void expect_bits_equal(const std::vector<float>& got, const std::vector<float>& want, const std::string& what) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  for (size_t i = 0; i < got.size(); ++i) {
+    uint32_t x, y;
+    std::memcpy(&x, &got[i], 4);
+    std::memcpy(&y, &want[i], 4);
+    if (x != y) {
+      ADD_FAILURE() << what << ": element " << i << " is " << got[i] << ", the per-group ops give " << want[i];
+      return;
+    }
+  }
+}
+
+void expect_same_run(const OpRun& got, const OpRun& want, const std::string& what) {
+  expect_bits_equal(got.out, want.out, what + ": output");
+  ASSERT_EQ(got.grads.size(), want.grads.size());
+  for (size_t k = 0; k < got.grads.size(); ++k)
+    expect_bits_equal(got.grads[k], want.grads[k], what + ": gradient of input " + std::to_string(k));
+}
+
+// Group g of a grouped tensor (undefined stays undefined), through ops (so gradients flow back).
+Tensor group(const Tensor& t, int64_t g) {
+  if (!t.defined()) return t;
+  return ops::reshape(ops::slice(t, g, g + 1), Shape(t.shape().begin() + 1, t.shape().end()));
+}
+
+// f over each group's slices of every input, the results stacked back along a new first dimension.
+Tensor per_group(const std::function<Tensor(const std::vector<Tensor>&)>& f, const std::vector<Tensor>& in) {
+  std::vector<Tensor> outs;
+  for (int64_t g = 0; g < kGroups; ++g) {
+    std::vector<Tensor> slices;
+    for (const Tensor& t : in) slices.push_back(group(t, g));
+    Tensor y = f(slices);
+    Shape one = y.shape();
+    one.insert(one.begin(), 1);
+    outs.push_back(ops::reshape(y, one));
+  }
+  return ops::concat(outs, 0);
+}
+
+Tensor linear_op(const std::vector<Tensor>& v) { return ops::linear(v[0], v[1], v[2]); }
+Tensor mlp_op(const std::vector<Tensor>& v) { return ops::mlp(v[0], v[1], v[2], v[3], v[4]); }
+// The LayerNorms take one gamma and beta per group: inputs {x (G, ..., C), gamma_0 … gamma_{G−1},
+// beta_0 … beta_{G−1}} (add_layernorm: {a, b, gammas…, betas…}); `operands` of them come first.
+std::vector<Tensor> params_of(const std::vector<Tensor>& v, size_t operands, size_t first) {
+  return std::vector<Tensor>(v.begin() + static_cast<std::ptrdiff_t>(operands + first),
+                             v.begin() + static_cast<std::ptrdiff_t>(operands + first + kGroups));
+}
+Tensor layernorm_op(const std::vector<Tensor>& v) {
+  return ops::layernorm(v[0], params_of(v, 1, 0), params_of(v, 1, kGroups));
+}
+// Both outputs of add_layernorm, so each one's gradient path is exercised.
+Tensor add_layernorm_op(const std::vector<Tensor>& v) {
+  std::vector<Tensor> s_out = ops::add_layernorm(v[0], v[1], params_of(v, 2, 0), params_of(v, 2, kGroups));
+  return ops::add(ops::scale(s_out[0], 0.5f), s_out[1]);
+}
+// The same with each group's own plain op, stacked back.
+Tensor layernorm_per_group(const std::vector<Tensor>& v) {
+  std::vector<Tensor> outs;
+  for (int64_t g = 0; g < kGroups; ++g)
+    outs.push_back(ops::reshape(ops::layernorm(group(v[0], g), v[1 + g], v[1 + kGroups + g]), {1, 4, 10}));
+  return ops::concat(outs, 0);
+}
+Tensor add_layernorm_per_group(const std::vector<Tensor>& v) {
+  std::vector<Tensor> outs;
+  for (int64_t g = 0; g < kGroups; ++g) {
+    std::vector<Tensor> s_out = ops::add_layernorm(group(v[0], g), group(v[1], g), v[2 + g], v[2 + kGroups + g]);
+    outs.push_back(ops::reshape(ops::add(ops::scale(s_out[0], 0.5f), s_out[1]), {1, 4, 10}));
+  }
+  return ops::concat(outs, 0);
+}
+
+std::vector<Tensor> linear_inputs(DType dtype, bool bias, uint64_t seed) {
+  return {leaf({kGroups, 2, 5, 8}, seed, 1.0f, dtype), leaf({kGroups, 6, 8}, seed + 1, 0.4f, dtype),
+          bias ? leaf({kGroups, 6}, seed + 2, 0.5f, dtype) : Tensor()};
+}
+std::vector<Tensor> mlp_inputs(DType dtype, bool biases, uint64_t seed) {
+  return {leaf({kGroups, 2, 3, 8}, seed, 1.0f, dtype), leaf({kGroups, 16, 8}, seed + 1, 0.4f, dtype),
+          biases ? leaf({kGroups, 16}, seed + 2, 0.5f, dtype) : Tensor(), leaf({kGroups, 8, 16}, seed + 3, 0.3f, dtype),
+          biases ? leaf({kGroups, 8}, seed + 4, 0.5f, dtype) : Tensor()};
+}
+// LayerNorm parameters stay f32 under mixed precision.
+std::vector<Tensor> layernorm_inputs(DType dtype, bool beta, uint64_t seed) {
+  std::vector<Tensor> in = {leaf({kGroups, 4, 10}, seed, 1.5f, dtype)};
+  for (int64_t g = 0; g < kGroups; ++g) in.push_back(leaf({10}, seed + 1 + g, 1.0f));
+  for (int64_t g = 0; g < kGroups; ++g) in.push_back(beta ? leaf({10}, seed + 11 + g, 1.0f) : Tensor());
+  return in;
+}
+std::vector<Tensor> add_layernorm_inputs(DType dtype, uint64_t seed) {
+  std::vector<Tensor> in = {leaf({kGroups, 4, 10}, seed, 1.0f, dtype), leaf({kGroups, 4, 10}, seed + 1, 1.0f, dtype)};
+  for (int64_t g = 0; g < 2 * kGroups; ++g) in.push_back(leaf({10}, seed + 2 + g, 1.0f));
+  return in;
+}
+
+TEST(GroupedOps, LinearIsEachGroupsOwnLinearBitForBit) {
+  for (DType dtype : {DType::F32, DType::BF16})
+    for (bool bias : {true, false}) {
+      const auto in = linear_inputs(dtype, bias, dtype == DType::F32 ? 1 : 11);
+      const std::string what = std::string(dtype_name(dtype)) + (bias ? ", bias" : ", no bias");
+      expect_same_run(run(linear_op, in), run([](const auto& v) { return per_group(linear_op, v); }, in), what);
+    }
+}
+
+TEST(GroupedOps, MlpIsEachGroupsOwnMlpBitForBitAtEveryFusionLevel) {
+  for (ops::EpilogueFusion fusion :
+       {ops::EpilogueFusion::kOff, ops::EpilogueFusion::kGelu, ops::EpilogueFusion::kGeluAndBiasGrads}) {
+    ops::EpilogueFusionScope scope(fusion);
+    for (DType dtype : {DType::F32, DType::BF16})
+      for (bool biases : {true, false}) {
+        const auto in = mlp_inputs(dtype, biases, dtype == DType::F32 ? 21 : 31);
+        const std::string what = std::string(dtype_name(dtype)) + (biases ? ", biases" : ", no biases") +
+                                 ", fusion " + std::to_string(static_cast<int>(fusion));
+        expect_same_run(run(mlp_op, in), run([](const auto& v) { return per_group(mlp_op, v); }, in), what);
+      }
+  }
+}
+
+TEST(GroupedOps, LayerNormsAreEachGroupsOwnBitForBit) {
+  for (DType dtype : {DType::F32, DType::BF16}) {
+    for (bool beta : {true, false}) {
+      const auto in = layernorm_inputs(dtype, beta, dtype == DType::F32 ? 41 : 51);
+      expect_same_run(run(layernorm_op, in), run(layernorm_per_group, in),
+                      std::string("layernorm, ") + dtype_name(dtype) + (beta ? ", beta" : ", no beta"));
+    }
+    const auto in = add_layernorm_inputs(dtype, dtype == DType::F32 ? 61 : 71);
+    expect_same_run(run(add_layernorm_op, in), run(add_layernorm_per_group, in),
+                    std::string("add_layernorm, ") + dtype_name(dtype));
+  }
+}
+
+TEST(GroupedOps, SumStackIsTheSumListOfTheBlocks) {
+  for (DType dtype : {DType::F32, DType::BF16}) {
+    const std::vector<Tensor> in = {leaf({4, 3, 5}, 81, 1.0f, dtype)};
+    const OpRun got = run([](const auto& v) { return ops::sum_stack(v[0]); }, in);
+    const OpRun want = run(
+        [](const auto& v) {
+          std::vector<Tensor> blocks;
+          for (int64_t g = 0; g < 4; ++g) blocks.push_back(group(v[0], g));
+          return ops::sum_list(blocks);
+        },
+        in);
+    expect_same_run(got, want, std::string("sum_stack, ") + dtype_name(dtype));
+  }
+}
+
+TEST(GroupedOps, OneGroupIsThePlainOpBitForBit) {
+  // G = 1 runs the plain op on views: the same bits as the ungrouped call on the same values.
+  const auto in = mlp_inputs(DType::F32, true, 91);
+  std::vector<Tensor> one;
+  for (const Tensor& t : in) one.push_back(ops::slice(t.detach(), 0, 1).clone());
+  const OpRun grouped = run(mlp_op, one);
+  const OpRun plain = run([](const auto& v) { return mlp_op({group(v[0], 0), group(v[1], 0), group(v[2], 0),
+                                                           group(v[3], 0), group(v[4], 0)}); },
+                        one);
+  expect_same_run(grouped, plain, "mlp, one group");
+  const auto lin = linear_inputs(DType::F32, true, 93);
+  std::vector<Tensor> lin_one;
+  for (const Tensor& t : lin) lin_one.push_back(ops::slice(t.detach(), 0, 1).clone());
+  expect_same_run(run(linear_op, lin_one),
+                  run([](const auto& v) { return linear_op({group(v[0], 0), group(v[1], 0), group(v[2], 0)}); },
+                      lin_one),
+                  "linear, one group");
+}
+
+TEST(GradCheck, GroupedLinearWithBias) { expect_gradients_match(linear_op, linear_inputs(DType::F32, true, 101)); }
+
+TEST(GradCheck, GroupedMlp) {
+  for (ops::EpilogueFusion fusion : {ops::EpilogueFusion::kOff, ops::EpilogueFusion::kGelu}) {
+    ops::EpilogueFusionScope scope(fusion);
+    expect_gradients_match(mlp_op, mlp_inputs(DType::F32, true, 111));
+  }
+}
+
+TEST(GradCheck, GroupedLayerNorm) { expect_gradients_match(layernorm_op, layernorm_inputs(DType::F32, true, 121)); }
+
+TEST(GradCheck, GroupedAddLayerNorm) {
+  expect_gradients_match(add_layernorm_op, add_layernorm_inputs(DType::F32, 131));
+}
+
+TEST(GradCheck, SumStack) {
+  expect_gradients_match([](const auto& v) { return ops::sum_stack(v[0]); }, {random_leaf({3, 2, 4}, 141)});
+}
+
+TEST(GroupedOps, StackManyCastsAndStacksEachListAndCastsGradientsBack) {
+  // Two lists stacked to bf16 in one node: the values are each tensor's own cast, the gradients each
+  // stack's pieces cast back; an undefined list (an absent bias) stays undefined.
+  const std::vector<Tensor> a = {leaf({2, 3}, 151, 1.0f), leaf({2, 3}, 152, 1.0f), leaf({2, 3}, 153, 1.0f)};
+  const std::vector<Tensor> b = {leaf({4}, 154, 1.0f), leaf({4}, 155, 1.0f), leaf({4}, 156, 1.0f)};
+  const std::vector<Tensor> stacks = ops::stack_many({a, {Tensor(), Tensor(), Tensor()}, b}, DType::BF16);
+  ASSERT_EQ(stacks.size(), 3u);
+  EXPECT_FALSE(stacks[1].defined());
+  ASSERT_EQ(stacks[0].shape(), (Shape{3, 2, 3}));
+  ASSERT_EQ(stacks[2].shape(), (Shape{3, 4}));
+  EXPECT_EQ(stacks[0].dtype(), DType::BF16);
+  std::vector<float> want;
+  for (const Tensor& t : a) {
+    const std::vector<float> v = t.detach().to(DType::BF16).to_vector();
+    want.insert(want.end(), v.begin(), v.end());
+  }
+  expect_bits_equal(stacks[0].to_vector(), want, "stack of a");
+  const Tensor seed0 = random_leaf({3, 2, 3}, 157).detach().to(DType::BF16);
+  const Tensor seed2 = random_leaf({3, 4}, 158).detach().to(DType::BF16);
+  backward({stacks[0], stacks[2]}, {seed0, seed2});
+  for (int64_t i = 0; i < 3; ++i) {
+    ASSERT_TRUE(a[static_cast<size_t>(i)].grad().defined());
+    EXPECT_EQ(a[static_cast<size_t>(i)].grad().dtype(), DType::F32);
+    expect_bits_equal(a[static_cast<size_t>(i)].grad().to_vector(), seed0.slice(i, i + 1).to(DType::F32).to_vector(),
+                      "gradient of a[" + std::to_string(i) + "]");
+    expect_bits_equal(b[static_cast<size_t>(i)].grad().to_vector(), seed2.slice(i, i + 1).to(DType::F32).to_vector(),
+                      "gradient of b[" + std::to_string(i) + "]");
+  }
+}
+
+TEST(GradCheck, StackMany) {
+  // f32 to f32: copies; and a list of one, which is a view.
+  expect_gradients_match(
+      [](const auto& v) {
+        const std::vector<Tensor> st = ops::stack_many({{v[0], v[1]}, {v[2]}}, DType::F32);
+        return ops::add(ops::reshape(st[0], {2, 6}), ops::reshape(ops::concat({st[1], st[1]}, 0), {2, 6}));
+      },
+      {random_leaf({2, 3}, 161), random_leaf({2, 3}, 162), random_leaf({2, 3}, 163)});
+}
+
+TEST(GroupedOps, ShapeErrorsNameTheGroups) {
+  const Tensor x = Tensor::zeros({2, 5, 8}), w = Tensor::zeros({3, 6, 8});
+  std::string msg = message_of([&] { ops::linear(x, w); });
+  EXPECT_NE(msg.find("(3, 6, 8)"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("(2, 5, 8)"), std::string::npos) << msg;
+  msg = message_of([&] { ops::linear(Tensor::zeros({3, 5, 8}), w, Tensor::zeros({6})); });
+  EXPECT_NE(msg.find("expected (3, 6)"), std::string::npos) << msg;
+  msg = message_of([&] {
+    ops::mlp(Tensor::zeros({3, 5, 8}), Tensor::zeros({3, 16, 8}), Tensor(), Tensor::zeros({2, 8, 16}), Tensor());
+  });
+  EXPECT_NE(msg.find("(2, 8, 16)"), std::string::npos) << msg;
+  const std::vector<Tensor> gammas(3, Tensor::ones({10}));
+  msg = message_of([&] { ops::layernorm(Tensor::zeros({2, 4, 10}), gammas, {}); });
+  EXPECT_NE(msg.find("3 groups"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("(2, 4, 10)"), std::string::npos) << msg;
+  msg = message_of([&] { ops::layernorm(Tensor::zeros({3, 4, 10}), gammas, std::vector<Tensor>(2)); });
+  EXPECT_NE(msg.find("3 gammas and 2 betas"), std::string::npos) << msg;
+  msg = message_of([&] {
+    ops::layernorm(Tensor::zeros({3, 4, 10}), {Tensor::ones({10}), Tensor::ones({9}), Tensor::ones({10})}, {});
+  });
+  EXPECT_NE(msg.find("group 1"), std::string::npos) << msg;
+  msg = message_of([&] { ops::stack_many({{Tensor::zeros({2, 3}), Tensor::zeros({3, 2})}}, DType::F32); });
+  EXPECT_NE(msg.find("one shape and dtype"), std::string::npos) << msg;
+  msg = message_of([&] { ops::sum_stack(Tensor::zeros({0, 3})); });
+  EXPECT_NE(msg.find("sum_stack"), std::string::npos) << msg;
+}
+
+}  // namespace
+}  // namespace kraken::runtime
