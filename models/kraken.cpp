@@ -182,56 +182,102 @@ Tensor KrakenModel::dropout(const Tensor& x, runtime::Generator* gen, bool train
   return ops::dropout(x, config_.dropout, *gen, training);
 }
 
-// Attn_i(LN1_i(x)): (B, T, C) → (B, T, C)
-std::vector<Tensor> KrakenModel::attention_branches(const std::vector<SubLayer>& subs, const std::vector<Tensor>& xs,
-                                                    runtime::Generator* gen, bool training) {
-  std::vector<Tensor> out;
-  if (!megatron()) {
-    // The sub-layers' attentions go in one group (ops::attention_group): on a GPU one launch for all of
-    // them, whose B·H/k heads each would leave it half idle. The products and dropouts keep their order.
-    std::vector<Tensor> qkvs;
-    for (size_t i = 0; i < subs.size(); ++i) {
-      const SubLayer& s = subs[i];
-      Tensor h = ops::layernorm(xs[i], s.ln_1_w, s.ln_1_b);
-      qkvs.push_back(ops::linear(h, compute(s.c_attn_w), compute(s.c_attn_b)));  // (B, T, 3C)
-    }
-    std::vector<Tensor> ys = ops::attention_group(qkvs, config_.heads_per_sublayer());  // each (B, T, C)
-    for (size_t i = 0; i < subs.size(); ++i)
-      out.push_back(dropout(ops::linear(ys[i], compute(subs[i].attn_proj_w), compute(subs[i].attn_proj_b)), gen, training));
-    return out;
-  }
-  // Megatron-LM (degree 1, one stream): this rank's heads. copy_to_tp: identity forward, all-reduce of dh
-  // backward.
-  for (size_t i = 0; i < subs.size(); ++i) {
-    const SubLayer& s = subs[i];
-    Tensor h = ops::layernorm(xs[i], s.ln_1_w, s.ln_1_b);
-    Tensor qkv = ops::linear(parallel::copy_to_tp(h, *shard_.tp), compute(s.c_attn_w), compute(s.c_attn_b));  // (B, T, 3C/tp)
-    Tensor y = ops::attention(qkv, config_.n_head / shard_.tp_size);                                           // (B, T, C/tp)
-    // reduce_from_tp: all-reduce of the partial projections forward (on the critical path), identity backward.
-    Tensor o = parallel::reduce_from_tp(ops::linear(y, compute(s.attn_proj_w)), *shard_.tp);
-    if (s.attn_proj_b.defined()) o = ops::add(o, compute(s.attn_proj_b));
-    out.push_back(dropout(o, gen, training));
-  }
-  return out;
+namespace {
+
+// The tensors (each of one shape) as one (n, ...) tensor, their gradients back to each: a view for one,
+// else one copy. Undefined tensors (absent biases) stack to undefined.
+Tensor stack(const std::vector<Tensor>& ts) {
+  if (!ts[0].defined()) return Tensor();
+  Shape one = ts[0].shape();
+  one.insert(one.begin(), 1);
+  std::vector<Tensor> rows;
+  for (const Tensor& t : ts) rows.push_back(ops::reshape(t, one));
+  return rows.size() == 1 ? rows[0] : ops::concat(rows, 0);
 }
 
-// MLP_i(h), h = LN2_i(m) computed by the caller (fused with the add that makes m): (B, T, C) → (B, T, C).
-// c_fc, GELU and c_proj are one op (ops::mlp: on the GPU in bf16 the GELU runs in the products' epilogues,
-// forward and backward); elsewhere it is the three ops, gelu(h·W_fcᵀ + b_fc)·W_projᵀ + b_proj.
-Tensor KrakenModel::mlp_branch(const SubLayer& s, const Tensor& h, runtime::Generator* gen, bool training) {
-  if (!megatron()) {
-    // (B, T, C) → (B, T, eC) → (B, T, C)
-    Tensor o = ops::mlp(h, compute(s.c_fc_w), compute(s.c_fc_b), compute(s.mlp_proj_w), compute(s.mlp_proj_b));
-    return dropout(o, gen, training);
+// Stacked streams (n, B, T, C) ↔ side by side (B, T, n·C), the layout of the conjunction's input and of
+// a pipeline stage's boundary activation.
+Tensor side_by_side(const Tensor& X) {
+  const int64_t n = X.size(0);
+  const Shape stream(X.shape().begin() + 1, X.shape().end());
+  if (n == 1) return ops::reshape(X, stream);
+  std::vector<Tensor> streams = ops::split(X, std::vector<int64_t>(static_cast<size_t>(n), 1), 0);
+  for (Tensor& x : streams) x = ops::reshape(x, stream);
+  return ops::concat(streams, -1);
+}
+Tensor stacked(const Tensor& input, int64_t n) {
+  if (n == 1) return stack({input});
+  const int64_t C = input.size(-1) / n;
+  return stack(ops::split(input, std::vector<int64_t>(static_cast<size_t>(n), C), -1));
+}
+
+}  // namespace
+
+// a_i = x_i + Attn_i(LN1_i(x_i)); m_i = a_i − x_i + S (= a_i at degree 1 and in the first layer);
+// x_i ← a_i + MLP_i(LN2_i(m_i)) — for all i at once, on X (n, B, T, C).
+Tensor KrakenModel::layer_forward(const std::vector<SubLayer>& subs, const Tensor& X, Tensor S,
+                                  parallel::PendingReduce& pending, runtime::Generator* gen, bool training) {
+  const int64_t n = X.size(0), B = X.size(1), T = X.size(2), C = X.size(3);
+  // The sub-layers' matrices and biases, each kind stacked (n, ...) in the compute dtype: one node and,
+  // under mixed precision, one cast launch each way for the layer (ops::stack_many; it stands in for
+  // cast_for_compute here). The LayerNorms take their parameters one per sub-layer.
+  auto each = [&](Tensor SubLayer::*member) {
+    std::vector<Tensor> ts;
+    for (const SubLayer& s : subs) ts.push_back(s.*member);
+    return ts;
+  };
+  const std::vector<Tensor> W =
+      ops::stack_many({each(&SubLayer::c_attn_w), each(&SubLayer::c_attn_b), each(&SubLayer::attn_proj_w),
+                       each(&SubLayer::attn_proj_b), each(&SubLayer::c_fc_w), each(&SubLayer::c_fc_b),
+                       each(&SubLayer::mlp_proj_w), each(&SubLayer::mlp_proj_b)},
+                      compute_dtype_);
+  const Tensor &c_attn_w = W[0], &c_attn_b = W[1], &attn_proj_w = W[2], &attn_proj_b = W[3];
+  const Tensor &c_fc_w = W[4], &c_fc_b = W[5], &mlp_proj_w = W[6], &mlp_proj_b = W[7];
+
+  // Attn_i(LN1_i(x_i)): the n sub-layers' heads as one attention over n·B sequences (on a GPU one launch
+  // that fills it, where each sub-layer's B·H/k heads alone would leave it half idle).
+  Tensor qkv = ops::linear(ops::layernorm(X, each(&SubLayer::ln_1_w), each(&SubLayer::ln_1_b)), c_attn_w,
+                           c_attn_b);                                                                 // (n, B, T, 3C)
+  Tensor y = ops::attention(ops::reshape(qkv, {n * B, T, 3 * C}), config_.heads_per_sublayer());  // (n·B, T, C)
+  Tensor attn = dropout(ops::linear(ops::reshape(y, {n, B, T, C}), attn_proj_w, attn_proj_b), gen, training);
+  if (pending.valid()) S = parallel::wait_all_reduce(pending);  // in flight during the attention
+
+  // Where a_i is both the residual stream and LN2's input, the add runs fused with LN2
+  // (ops::add_layernorm). m_i = attn_i + S feeds LN2 alone: fused, its unused sum would get a zero
+  // gradient to copy in backward, which costs the pass the fusion saves.
+  Tensor a, h;
+  if (!S.defined() || config_.degree == 1) {
+    std::vector<Tensor> a_h = ops::add_layernorm(X, attn, each(&SubLayer::ln_2_w), each(&SubLayer::ln_2_b));
+    a = a_h[0];
+    h = a_h[1];
+  } else {
+    a = ops::add(X, attn);
+    // S (B, T, C) joins every sub-layer
+    h = ops::layernorm(ops::add(attn, S), each(&SubLayer::ln_2_w), each(&SubLayer::ln_2_b));
   }
-  // Megatron-LM: this rank's eC/tp hidden columns, c_fc column-parallel and c_proj row-parallel, so the
-  // block between copy_to_tp and reduce_from_tp is this rank's whole MLP; c_proj's bias is added once,
-  // after the sum.
-  Tensor partial = ops::mlp(parallel::copy_to_tp(h, *shard_.tp), compute(s.c_fc_w), compute(s.c_fc_b),
+  // MLP_i(h_i): c_fc, GELU and c_proj as one op (on the GPU in bf16 the GELU runs in the products'
+  // epilogues, forward and backward).
+  Tensor m = ops::mlp(h, c_fc_w, c_fc_b, mlp_proj_w, mlp_proj_b);
+  return ops::add(a, dropout(m, gen, training));
+}
+
+// Megatron-LM (degree 1, one stream): this rank's heads and MLP columns. copy_to_tp: identity forward,
+// all-reduce of dh backward; reduce_from_tp: all-reduce of the partial projections forward (on the
+// critical path), identity backward. The biases after a row-parallel product are added once, after the sum.
+Tensor KrakenModel::megatron_layer_forward(const SubLayer& s, const Tensor& x, runtime::Generator* gen, bool training) {
+  Tensor h = ops::layernorm(x, s.ln_1_w, s.ln_1_b);
+  Tensor qkv = ops::linear(parallel::copy_to_tp(h, *shard_.tp), compute(s.c_attn_w), compute(s.c_attn_b));  // (B, T, 3C/tp)
+  Tensor y = ops::attention(qkv, config_.n_head / shard_.tp_size);                                           // (B, T, C/tp)
+  Tensor o = parallel::reduce_from_tp(ops::linear(y, compute(s.attn_proj_w)), *shard_.tp);
+  if (s.attn_proj_b.defined()) o = ops::add(o, compute(s.attn_proj_b));
+  std::vector<Tensor> a_h = ops::add_layernorm(x, dropout(o, gen, training), s.ln_2_w, s.ln_2_b);
+  // This rank's eC/tp hidden columns: c_fc column-parallel and c_proj row-parallel, so the block between
+  // copy_to_tp and reduce_from_tp is this rank's whole MLP.
+  Tensor partial = ops::mlp(parallel::copy_to_tp(a_h[1], *shard_.tp), compute(s.c_fc_w), compute(s.c_fc_b),
                             compute(s.mlp_proj_w), Tensor());  // (B, T, C), this rank's share of the sum
-  Tensor o = parallel::reduce_from_tp(partial, *shard_.tp);
-  if (s.mlp_proj_b.defined()) o = ops::add(o, compute(s.mlp_proj_b));
-  return dropout(o, gen, training);
+  Tensor m = parallel::reduce_from_tp(partial, *shard_.tp);
+  if (s.mlp_proj_b.defined()) m = ops::add(m, compute(s.mlp_proj_b));
+  return ops::add(a_h[0], dropout(m, gen, training));
 }
 
 Tensor KrakenModel::forward(const Tensor& ids, runtime::Generator* gen, bool training) {
@@ -246,7 +292,7 @@ Tensor KrakenModel::stage_forward(const Tensor& ids, const Tensor& input, runtim
     std::unordered_map<const runtime::TensorImpl*, Tensor>& copies;
     ~DropCopies() { copies.clear(); }
   } drop_copies{compute_copies_};
-  std::vector<Tensor> streams;
+  Tensor X;  // the streams stacked, (n, B, T, C)
   if (shard_.has_embedding) {
     runtime::check_dtype("KrakenModel::forward", ids, runtime::DType::I32, "ids");
     runtime::check_dim("KrakenModel::forward", ids, 2, "ids");
@@ -258,16 +304,17 @@ Tensor KrakenModel::stage_forward(const Tensor& ids, const Tensor& input, runtim
     x0 = dropout(x0, gen, training);
     // Under Kraken's tp every rank's streams start from x0, so dL/dx0 sums over all ranks' streams.
     if (kraken_tp) x0 = parallel::copy_to_tp(x0, *shard_.tp);
-    streams.assign(static_cast<size_t>(n), x0);
+    X = stack(std::vector<Tensor>(static_cast<size_t>(n), x0));
   } else {
     runtime::check_dim("KrakenModel::stage_forward", input, 3, "boundary activation");
     runtime::check_dtype("KrakenModel::stage_forward", input, compute_dtype_, "boundary activation");
     if (input.size(-1) != n * config_.n_embd)
       KRAKEN_THROW("stage input ", runtime::shape_str(input.shape()), ": expected ", n, " streams of ", config_.n_embd, " channels");
-    streams = n == 1 ? std::vector<Tensor>{input} : ops::split(input, std::vector<int64_t>(static_cast<size_t>(n), config_.n_embd), -1);
+    X = stacked(input, n);
   }
 
-  // Mixed precision: each layer's weights and biases are cast to bf16 together as the layer starts, and
+  // Mixed precision: each layer's weights and biases are cast to bf16 together as the layer starts (stacked
+  // for the grouped products by ops::stack_many in layer_forward; ops::cast_many under Megatron's tp), and
   // the head's before the head (ops::cast_many: on a GPU one launch each way, where one cast per use took
   // ~100 launches for GPT-2 and ~200 for the Kraken presets, most of them for biases); compute() hands
   // out the copies. One node per layer rather than one for the model: backward runs a node only after
@@ -281,51 +328,39 @@ Tensor KrakenModel::stage_forward(const Tensor& ids, const Tensor& input, runtim
   const bool mixed = compute_dtype_ != runtime::DType::F32;
 
   for (size_t layer = 0; layer < layers_.size(); ++layer) {
-    const bool mixes = shard_.first_layer + static_cast<int64_t>(layer) > 0;
+    if (megatron()) {
+      if (mixed) cast_for_compute(product_params(layers_[layer]));
+      const Shape stream(X.shape().begin() + 1, X.shape().end());
+      X = stack({megatron_layer_forward(layers_[layer][0], ops::reshape(X, stream), gen, training)});
+      continue;
+    }
     // S = Σ_j x_j over every sub-layer of the layer: the layer's one collective when sub-layers live on
     // different ranks. Started here, after the previous layer; first needed at LN2, after this layer's
-    // attention, which runs while it is in flight (kraken.md "Parallel mapping").
+    // attention, which runs while it is in flight (kraken.md "Parallel mapping"). Degree 1 needs no S
+    // (m = a).
     Tensor S;
     parallel::PendingReduce pending;
-    if (mixes) {
-      Tensor partial = n == 1 ? streams[0] : ops::sum_list(streams);
+    const bool mixes = shard_.first_layer + static_cast<int64_t>(layer) > 0;
+    if (mixes && config_.degree > 1) {
+      Tensor partial = ops::sum_stack(X);
       if (kraken_tp) pending = parallel::start_all_reduce(partial, *shard_.tp);
       else S = partial;
     }
-    if (mixed) cast_for_compute(product_params(layers_[layer]));
-    std::vector<Tensor> attn = attention_branches(layers_[layer], streams, gen, training);
-    if (pending.valid()) S = parallel::wait_all_reduce(pending);
-    for (int64_t i = 0; i < n; ++i) {
-      const SubLayer& s = layers_[layer][i];
-      // a_i = x_i + Attn_i(LN1_i(x_i)); m_i = a_i − x_i + S (= a_i at degree 1 and in the first layer);
-      // x_i ← a_i + MLP_i(LN2_i(m_i)). Where a_i is both the residual stream and LN2's input, the add
-      // runs fused with LN2 (ops::add_layernorm). m_i = attn_i + S feeds LN2 alone: fused, its unused
-      // sum would get a zero gradient to copy in backward, which costs the pass the fusion saves.
-      Tensor a, h;
-      if (!mixes || config_.degree == 1) {
-        std::vector<Tensor> a_h = ops::add_layernorm(streams[i], attn[i], s.ln_2_w, s.ln_2_b);
-        a = a_h[0];
-        h = a_h[1];
-      } else {
-        a = ops::add(streams[i], attn[i]);
-        h = ops::layernorm(ops::add(attn[i], S), s.ln_2_w, s.ln_2_b);
-      }
-      streams[i] = ops::add(a, mlp_branch(s, h, gen, training));
-    }
+    X = layer_forward(layers_[layer], X, S, pending, gen, training);
   }
 
-  if (!shard_.has_head) return n == 1 ? streams[0] : ops::concat(streams, -1);  // (B, T, n·C) to the next stage
+  if (!shard_.has_head) return side_by_side(X);  // (B, T, n·C) to the next stage
   if (mixed) cast_for_compute(head_product_params());
   // z = W_conj · concat_i(x_i) (+ b); degree 1 has no conjunction. Row-parallel under tp: each rank
   // multiplies its own streams by its columns, one all-reduce sums the parts, the bias is added once.
   Tensor z;
   if (config_.degree == 1) {
-    z = streams[0];
+    z = side_by_side(X);
   } else if (kraken_tp) {
-    z = parallel::reduce_from_tp(ops::linear(ops::concat(streams, -1), compute(conj_w_)), *shard_.tp);
+    z = parallel::reduce_from_tp(ops::linear(side_by_side(X), compute(conj_w_)), *shard_.tp);
     if (conj_b_.defined()) z = ops::add(z, compute(conj_b_));
   } else {
-    z = ops::linear(ops::concat(streams, -1), compute(conj_w_), compute(conj_b_));
+    z = ops::linear(side_by_side(X), compute(conj_w_), compute(conj_b_));
   }
   Tensor h = ops::layernorm(z, ln_f_w_, ln_f_b_);
   return ops::matmul(h, compute(wte_), false, true);                     // (B, T, Vp), tied LM head

@@ -13,6 +13,12 @@
 //   z = W_conj · concat_i(x_i) (+ b)                      the "conjunction", Linear(kC → C)
 //   logits = LN_f(z) · wteᵀ                               tied embedding
 // With degree 1, S = x_1 and m_1 = a_1, so the same code is GPT-2's block; there is no conjunction.
+// In code a process's n streams are one stacked tensor X (n, B, T, C) and each step above one call of a
+// grouped op for all n sub-layers (runtime/ops.h: linear, mlp and layernorm with a leading group
+// dimension, attention over n·B sequences, S = sum_stack(X)): on a GPU one strided-batch product per
+// Linear instead of n small ones. The parameters stay one tensor per sub-layer (checkpoint names
+// h.{l}.{i}.…); each layer stacks its matrices for the forward (ops::stack_many, which under mixed
+// precision is also the cast to bf16).
 #pragma once
 
 #include <cstdint>
@@ -21,6 +27,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "parallel/collectives.h"
 #include "parallel/communicator.h"
 #include "runtime/module.h"
 #include "runtime/rng.h"
@@ -112,10 +119,15 @@ class KrakenModel : public runtime::Module {
     runtime::Tensor ln_2_w, ln_2_b, c_fc_w, c_fc_b, mlp_proj_w, mlp_proj_b;
   };
   runtime::Tensor dropout(const runtime::Tensor& x, runtime::Generator* gen, bool training);
-  // Attn_i(LN1_i(x_i)) for every sub-layer i of one layer (xs: the layer's streams).
-  std::vector<runtime::Tensor> attention_branches(const std::vector<SubLayer>& subs, const std::vector<runtime::Tensor>& xs,
-                                                  runtime::Generator* gen, bool training);
-  runtime::Tensor mlp_branch(const SubLayer& s, const runtime::Tensor& h, runtime::Generator* gen, bool training);
+  // One layer on the stacked streams X (n, B, T, C), n = local_streams(): every op takes the n
+  // sub-layers at once, their parameters stacked (the grouped ops of runtime/ops.h), so a layer is one
+  // LayerNorm, product, attention and MLP call each rather than n. `S` is Σ_j x_j over all sub-layers
+  // (undefined in the first layer, where nothing mixes), or `pending` its all-reduce under Kraken's tp.
+  runtime::Tensor layer_forward(const std::vector<SubLayer>& subs, const runtime::Tensor& X, runtime::Tensor S,
+                                parallel::PendingReduce& pending, runtime::Generator* gen, bool training);
+  // One layer of Megatron-LM's tensor parallelism (degree 1, tp > 1) on its one stream x (B, T, C).
+  runtime::Tensor megatron_layer_forward(const SubLayer& s, const runtime::Tensor& x, runtime::Generator* gen,
+                                         bool training);
 
   bool megatron() const { return config_.degree == 1 && shard_.tp_size > 1; }
   // A parameter as the products use it: itself in f32; under mixed precision its bf16 copy from this

@@ -61,6 +61,12 @@ planner::ModelDesc model_desc_of(const Config& c) {
     m.bytes_per_activation = 4;
   else if (c.train.precision == "bf16")
     m.bytes_per_activation = 2;
+  // The forward's copies of the layers' product weights, kept until backward: the bf16 casts on a GPU;
+  // on CPU ranks computing in bf16, the widened f32 copies the products compute from; in fp32, the
+  // stacks of a Kraken layer's sub-layers (degree > 1; degree 1 takes views).
+  const bool gpu_bf16 = c.train.precision != "fp32" && c.train.device != "cpu";
+  if (gpu_bf16) m.bytes_per_compute_copy = 2;
+  else if (c.train.precision == "bf16" || c.model.degree > 1) m.bytes_per_compute_copy = 4;
   m.dp_gradient_buffers = 1;  // parallel::GradSync packs every gradient into flat bucket buffers
   m.limits.stage_needs_transformer_layer = true;  // layers_per_stage entries are ≥ 1
   m.limits.accumulation_covers_pipeline = true;   // the trainer's 1F1B needs grad_accum ≥ pp

@@ -368,7 +368,8 @@ Prediction Layout::evaluate(const std::vector<int>& split) const {
       sp.compute += im.class_compute[cls][i];
       sp.tp_comm += im.class_tp[cls][i];
       params += m.layers[i].params_per_rank(s.tp);
-      activation += m.layers[i].activation_per_rank(s.tp) * tokens * st.activation_bytes;
+      activation += m.layers[i].activation_per_rank(s.tp) * tokens * st.activation_bytes +
+                    m.layers[i].compute_copy_per_rank(s.tp) * m.bytes_per_compute_copy;
     }
     if (split[j] == 0 && split[j + 1] == L) params -= m.tied_params_per_rank(s.tp);  // wte stored once
     stage_params[j] = params;

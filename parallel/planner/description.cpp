@@ -252,9 +252,12 @@ ModelDesc make_model_desc(const ModelConfig& c) {
     layer.index = l;
     layer.flops_per_token = k * sublayer_flops;
     layer.attention_flops_per_token = k * attention_flops;
+    // The products' weights and biases (what a forward copies: LayerDesc::compute_copy_*).
+    const double product_params = (4 + 2 * e) * C * C + b * (3 * C + C + e * C + C);
     if (c.degree > 1) {
       // tp | k: a rank owns k/tp whole sub-layers, so everything divides.
       layer.params_split = k * sublayer_params;
+      layer.compute_copy_split = k * product_params;
       layer.activation_split = k * (split_act + replicated_act);
       layer.boundary_split = k * C;  // the k sub-layer streams x_i (B, T, C); a rank sends its own
       // Layer l ≥ 1 needs S = Σ_j x_j of layer l−1: one all-reduce per direction that runs behind this
@@ -266,6 +269,8 @@ ModelDesc make_model_desc(const ModelConfig& c) {
       // in each direction: after each row-parallel c_proj forward, at each column-parallel input backward.
       layer.params_split = (4 + 2 * e) * C * C + b * (3 * C + e * C);
       layer.params_replicated = sublayer_params - layer.params_split;
+      layer.compute_copy_split = layer.params_split;
+      layer.compute_copy_replicated = b * 2 * C;  // the two c_proj biases
       layer.activation_split = split_act;
       layer.activation_replicated = replicated_act;
       layer.boundary_replicated = C;

@@ -105,6 +105,10 @@ struct LayerDesc {
   double activation_split = 0, activation_replicated = 0;  // saved for backward, elements per token
   double boundary_split = 0, boundary_replicated = 0;      // output sent to the next stage, per token
   double traffic_split = 0, traffic_replicated = 0;        // memory traffic of the forward, per token
+  // Parameters of which each forward makes a copy that lives until its backward (the products' weights
+  // and biases, cast to the compute dtype or stacked for the grouped products): per micro-batch in
+  // flight, ModelDesc::bytes_per_compute_copy each.
+  double compute_copy_split = 0, compute_copy_replicated = 0;
   // Tensor-parallel all-reduces of one (micro-batch, T, C) tensor per micro-batch when tp > 1:
   int tp_allreduce_forward = 0;        // on the critical path in the forward
   int tp_allreduce_backward = 0;       // on the critical path in the backward
@@ -115,6 +119,7 @@ struct LayerDesc {
   double activation_per_rank(int tp) const { return activation_split / tp + activation_replicated; }
   double boundary_per_rank(int tp) const { return boundary_split / tp + boundary_replicated; }
   double traffic_per_rank(int tp) const { return traffic_split / tp + traffic_replicated; }
+  double compute_copy_per_rank(int tp) const { return compute_copy_split / tp + compute_copy_replicated; }
 };
 
 struct ModelDesc {
@@ -132,6 +137,10 @@ struct ModelDesc {
   // Extra fp32 gradient copies a data-parallel rank keeps for the all-reduce (kraken-train's GradSync
   // packs every gradient into flat bucket buffers: 1). Counted only when dp > 1.
   int dp_gradient_buffers = 0;
+  // Bytes of each LayerDesc::compute_copy parameter's per-forward copy (0: the forward computes from the
+  // parameters themselves). kraken-train: 2 under mixed precision on a GPU (the bf16 casts), 4 on the
+  // CPU's bf16 emulation (the widened copies) and for fp32 Kraken layers of degree > 1 (the stacks).
+  int bytes_per_compute_copy = 0;
   std::vector<LayerDesc> layers;  // embedding, n_layer Kraken layers, LM head + loss
   // The LM head's weight is the embedding's (tied); a stage holding both stores it once.
   double tied_params_split = 0, tied_params_replicated = 0;

@@ -227,7 +227,9 @@ void check_mixed_precision_tracks_fp32(const std::string& file_name) {
 // The autograd nodes a loss depends on: the outputs of each cast_many, and the leaves that one-tensor
 // casts read (on the CPU the bf16 ops widen through casts too, but never straight from a parameter).
 struct Tape {
-  std::vector<size_t> cast_many_outputs;  // in recording order
+  // The nodes that cast many parameters at once (cast_many, stack_many), in recording order: name and
+  // how many parameters each takes.
+  std::vector<std::pair<std::string, size_t>> many_casts;
   std::set<const runtime::TensorImpl*> cast_leaves;
 };
 Tape tape_of(const Tensor& root) {
@@ -237,14 +239,14 @@ Tape tape_of(const Tensor& root) {
   while (!stack.empty()) {
     const runtime::Node* n = stack.back();
     stack.pop_back();
-    if (std::string(n->name()) == "cast_many") casts.push_back(n);
+    if (std::string(n->name()) == "cast_many" || std::string(n->name()) == "stack_many") casts.push_back(n);
     for (const runtime::Edge& e : n->inputs()) {
       if (e.node && seen.insert(e.node.get()).second) stack.push_back(e.node.get());
       if (e.leaf && std::string(n->name()) == "cast") tape.cast_leaves.insert(e.leaf.get());
     }
   }
   std::sort(casts.begin(), casts.end(), [](auto* a, auto* b) { return a->sequence() < b->sequence(); });
-  for (const runtime::Node* n : casts) tape.cast_many_outputs.push_back(n->outputs().size());
+  for (const runtime::Node* n : casts) tape.many_casts.emplace_back(n->name(), n->inputs().size());
   return tape;
 }
 
@@ -280,10 +282,12 @@ TEST(KrakenModel, MixedPrecisionCastsEachLayersProductWeightsInOneNode) {
     model.set_compute_dtype(runtime::DType::BF16);
     const Tensor loss = model.loss(small_ids(0), small_ids(1), nullptr, false);
     const Tape tape = tape_of(loss);
-    // Per layer, four Linears' weights and biases per sub-layer; then the head: the conjunction's
-    // (degree > 1) and the tied wte.
+    // Per layer, four Linears' weights and biases per sub-layer, cast and stacked for the grouped
+    // products; then the head: the conjunction's (degree > 1) and the tied wte.
     const size_t per_layer = static_cast<size_t>(degree * 8), head = static_cast<size_t>((degree > 1 ? 2 : 0) + 1);
-    EXPECT_EQ(tape.cast_many_outputs, (std::vector<size_t>{per_layer, per_layer, per_layer, head}));
+    using Cast = std::pair<std::string, size_t>;
+    EXPECT_EQ(tape.many_casts, (std::vector<Cast>{{"stack_many", per_layer}, {"stack_many", per_layer},
+                                                  {"stack_many", per_layer}, {"cast_many", head}}));
     EXPECT_TRUE(tape.cast_leaves.empty()) << tape.cast_leaves.size() << " parameters cast one by one";
   }
 }
@@ -314,13 +318,15 @@ TEST(KrakenModel, MixedPrecisionGradientsReachGradSyncLayerByLayer) {
   first_layer_weight.add_grad_ready_hook([&](Tensor&) { started = sync.started_buckets(); });
 
   const Tensor loss = synced.loss(small_ids(2), small_ids(3), nullptr, false);
-  EXPECT_EQ(tape_of(loss).cast_many_outputs, (std::vector<size_t>{8, 8, 8, 1}));
+  const std::vector<std::pair<std::string, size_t>> casts{{"stack_many", 8}, {"stack_many", 8}, {"stack_many", 8},
+                                                          {"cast_many", 1}};
+  EXPECT_EQ(tape_of(loss).many_casts, casts);
   runtime::backward(loss);
   EXPECT_GE(started, later_layers) << "buckets started when the first layer's c_attn weight was ready";
   sync.finish();
 
   const Tensor plain_loss = plain.loss(small_ids(2), small_ids(3), nullptr, false);
-  EXPECT_EQ(tape_of(plain_loss).cast_many_outputs, (std::vector<size_t>{8, 8, 8, 1}));
+  EXPECT_EQ(tape_of(plain_loss).many_casts, casts);
   runtime::backward(plain_loss);
   EXPECT_EQ(bits_of(loss), bits_of(plain_loss));
   const auto a = synced.named_parameters(), b = plain.named_parameters();
