@@ -2,9 +2,11 @@
 //
 //   build/bin/gpu_train_bench [--out report.md] [--batch B,B,...] [--steps N] [--warmup N] [--peak-tflops X]
 //                             [--model gpt2|kraken4|all] [--precision bf16|fp32|all] [--training-only]
+//                             [--no-host-probe] [--layers L]
 //
 // --model, --precision and --training-only pick a part of the report: tools/gpu-profile.sh runs one
-// model's step under Nsight Compute that way.
+// model's step under Nsight Compute that way. --layers L gives both presets L layers instead of 12 (the
+// rows say so): what scales with the number of launches a step makes, the host's waits among them.
 //
 // 1. Training throughput, mixed precision (bf16 activations and cuBLASLt products, f32 masters: the
 //    GPU's default) and fp32, of the trainer's step without the data loader (forward, cross-entropy,
@@ -85,6 +87,7 @@ struct Options {
   std::string precision = "all";  // bf16, fp32 or all
   bool training_only = false;     // skip the kernel tables
   bool host_probe = true;         // the bracketed backward issue time (behind ~100 ms of queued fp32 products)
+  int64_t layers = 0;             // 0: the presets' 12; fewer to see what scales with the launches a step makes
 };
 
 // Lines of the report: printed as they come and collected for --out.
@@ -145,9 +148,11 @@ Options parse(int argc, char** argv) {
     else if (a == "--precision") o.precision = value();
     else if (a == "--training-only") o.training_only = true;
     else if (a == "--no-host-probe") o.host_probe = false;
+    else if (a == "--layers") o.layers = std::atoll(value().c_str());
     else {
       std::fprintf(stderr, "usage: gpu_train_bench [--out FILE] [--batch B,...] [--steps N] [--warmup N] [--peak-tflops X] "
-                           "[--model gpt2|kraken4|all] [--precision bf16|fp32|all] [--training-only] [--no-host-probe]\n");
+                           "[--model gpt2|kraken4|all] [--precision bf16|fp32|all] [--training-only] [--no-host-probe] "
+                           "[--layers L]\n");
       std::exit(2);
     }
   }
@@ -349,6 +354,7 @@ void bench_model(const char* label, const KrakenConfig& c, DType compute, int64_
   if (o.host_probe) {
     timed = false;
     Tensor loss = model.loss(x, y);
+    kraken::runtime::synchronize(gpu);  // only the probe ahead of the backward: not the forward's launches too
     for (int i = 0; i < 16; ++i)  // about 6 ms each on an H200
       kraken::kernels::matmul_cuda(probe_out.data<float>(), probe_a.data<float>(), probe_w.data<float>(), probe_rows,
                                    probe_cols, probe_k, false, true, 1.0f, 0.0f, nullptr);
@@ -557,10 +563,10 @@ void bench_mlp(Report& r) {
   }
 }
 
-// The Kraken 4-way preset's sub-layer products (C = 504, B·T = 8192), one product per sub-layer as the
-// model runs them against the four as one strided-batch product (kernels::matmul_bf16_batched_cuda):
-// whether holding a layer's sub-layers in one tensor would pay. The weight gradients are the products
-// with few output tiles (504 × 1512 from a K of 8192), where cuBLASLt splits K.
+// The Kraken 4-way preset's sub-layer products (C = 504, B·T = 8192), one product per sub-layer against
+// the four as one strided-batch product (kernels::matmul_bf16_batched_cuda), which the model runs since
+// it stacks a layer's sub-layers (the grouped ops): what the stacking gained. The weight gradients are
+// the products with few output tiles (504 × 1512 from a K of 8192), where cuBLASLt splits K.
 void bench_kraken_products(Report& r) {
   using namespace kraken::kernels;
   const int64_t rows = 8 * 1024, C = 504, k = 4;
@@ -708,8 +714,9 @@ void bench_compute(Report& r) {
       }
       cudnn_rows("one Kraken 4-way sub-layer: C=504 H=3 (D=168)", B, T, Ck, Hk, qkv_k, out_k, lse, dout_k, dqkv_k,
                  flops_k);
-      // A layer's 4 sub-layers in one grouped mma launch, as the model runs them (ops::attention_group),
-      // against 4 launches (4 × the single sub-layer's time above).
+      // A layer's 4 sub-layers in one grouped mma launch (ops::attention_group; the model, which stacks
+      // its sub-layers, runs them as one attention over 4·B sequences), against 4 launches (4 × the single
+      // sub-layer's time above).
       constexpr int kSubLayers = 4;
       std::vector<Tensor> q4, o4, d4, g4, l4;
       for (int k = 0; k < kSubLayers; ++k) {
@@ -779,6 +786,7 @@ int main(int argc, char** argv) {
   k4.mlp_expansion = 2;
   k4.bias = false;
   k4.vocab_size = 50304;
+  if (o.layers > 0) gpt2.n_layer = k4.n_layer = o.layers;
   for (DType compute : {DType::BF16, DType::F32}) {
     if (o.precision != "all" && o.precision != (compute == DType::BF16 ? "bf16" : "fp32")) continue;
     for (const int64_t B : o.batches) {
@@ -792,6 +800,13 @@ int main(int argc, char** argv) {
                  static_cast<long long>(B), static_cast<long long>(c.context), e.what());
         }
       };
+      if (o.layers > 0) {
+        const std::string g = "GPT-2 124M shapes, degree 1, L = " + std::to_string(o.layers),
+                          k = "Kraken 125M shapes, degree 4, L = " + std::to_string(o.layers);
+        if (o.model != "kraken4") run(g.c_str(), gpt2);
+        if (o.model != "gpt2") run(k.c_str(), k4);
+        continue;
+      }
       if (o.model != "kraken4") run("GPT-2 124M, degree 1", gpt2);
       if (o.model != "gpt2") run("Kraken 125M, degree 4", k4);
     }

@@ -5,6 +5,7 @@
 #
 #   bash tools/gpu-check.sh; bash tools/gpu-profile.sh [gpt2|kraken4 ...]     (default: both)
 #
+# KRAKEN_PROFILE_BATCH=B profiles a step of B sequences (default 8; the benchmark's largest is 64).
 # ncu runs the program with --warmup 0 --steps 1, so the list also holds the few kernels that
 # initialise the weights (Philox normal fills) before the step. Each kernel is timed alone (ncu
 # serialises them), with the clocks and caches left as they are (--clock-control none --cache-control
@@ -31,10 +32,10 @@ for model in "${models[@]}"; do
   echo "gpu-profile: $model under $ncu_bin"
   t0=$(date +%s)
   "$ncu_bin" --metrics gpu__time_duration.sum --clock-control none --cache-control none --csv --page raw \
-    --print-units base "$bench" --model "$model" --precision bf16 --batch 8 --training-only --no-host-probe --warmup 0 --steps 1 \
-    > "$csv" 2> "$build/gpu-profile-$model.log"
+    --print-units base "$bench" --model "$model" --precision bf16 --batch "${KRAKEN_PROFILE_BATCH:-8}" --training-only \
+    --no-host-probe --warmup 0 --steps 1 > "$csv" 2> "$build/gpu-profile-$model.log"
   rc=$?
-  echo "## $model (ncu exit status $rc, $(( $(date +%s) - t0 )) s)" >> "$report"
+  echo "## $model, B = ${KRAKEN_PROFILE_BATCH:-8} (ncu exit status $rc, $(( $(date +%s) - t0 )) s)" >> "$report"
   [[ $rc -eq 0 ]] || { status=1; tail -n 20 "$build/gpu-profile-$model.log" >> "$report"; continue; }
   python3 - "$csv" >> "$report" <<'PY'
 import csv, re, sys
