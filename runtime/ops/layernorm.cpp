@@ -124,6 +124,24 @@ std::vector<Tensor> layernorm_backward(const Saved& s, const Tensor& dout, Tenso
   return grads;
 }
 
+// Where block g of a forward's rows starts (its first element), its rows' statistics (null when nothing
+// is recorded) and its parameters.
+struct Block {
+  int64_t first = 0;
+  float *mean = nullptr, *rstd = nullptr;
+  const float *gamma = nullptr, *beta = nullptr;
+};
+Block block(const Affine& p, int64_t g, int64_t block_rows, int64_t C, const Tensor& mean, const Tensor& rstd) {
+  Block b;
+  const int64_t row0 = g * block_rows;
+  b.first = row0 * C;
+  if (mean.defined()) b.mean = mean.data<float>() + row0, b.rstd = rstd.data<float>() + row0;
+  b.gamma = p.gammas[static_cast<size_t>(g)].data<float>();
+  const Tensor& beta = p.betas[static_cast<size_t>(g)];
+  b.beta = beta.defined() ? beta.data<float>() : nullptr;
+  return b;
+}
+
 // The node's inputs: the operands, then every gamma, then every beta.
 std::vector<Tensor> with_params(std::vector<Tensor> operands, const Affine& p) {
   operands.insert(operands.end(), p.gammas.begin(), p.gammas.end());
@@ -142,22 +160,17 @@ Tensor layernorm_affine(const Tensor& x, const Affine& p, float eps) {
   Tensor rstd = record_grad ? Tensor::empty({rows}, DType::F32, x.device()) : Tensor();
   const int64_t G = static_cast<int64_t>(p.gammas.size()), block_rows = rows / G;
   for (int64_t g = 0; g < G; ++g) {  // one call per block of rows, with its gamma and beta
-    const int64_t row0 = g * block_rows, e0 = row0 * C;
-    float* mean_ptr = record_grad ? mean.data<float>() + row0 : nullptr;
-    float* rstd_ptr = record_grad ? rstd.data<float>() + row0 : nullptr;
-    const float* gamma_ptr = p.gammas[static_cast<size_t>(g)].data<float>();
-    const Tensor& beta = p.betas[static_cast<size_t>(g)];
-    const float* beta_ptr = beta.defined() ? beta.data<float>() : nullptr;
+    const Block k = block(p, g, block_rows, C, mean, rstd);
     if (bf16)
-      KRAKEN_CUDA_ONLY(x.device(), kernels::layernorm_forward_bf16_cuda(out.data<uint16_t>() + e0, mean_ptr, rstd_ptr,
-                                                                        x.data<uint16_t>() + e0, gamma_ptr, beta_ptr,
+      KRAKEN_CUDA_ONLY(x.device(), kernels::layernorm_forward_bf16_cuda(out.data<uint16_t>() + k.first, k.mean, k.rstd,
+                                                                        x.data<uint16_t>() + k.first, k.gamma, k.beta,
                                                                         block_rows, C, eps, stream_of(x)));
     else
       KRAKEN_ON_DEVICE(x.device(),
-                       kernels::layernorm_forward_cpu(out.data<float>() + e0, mean_ptr, rstd_ptr, x.data<float>() + e0,
-                                                      gamma_ptr, beta_ptr, block_rows, C, eps),
-                       kernels::layernorm_forward_cuda(out.data<float>() + e0, mean_ptr, rstd_ptr,
-                                                       x.data<float>() + e0, gamma_ptr, beta_ptr, block_rows, C, eps,
+                       kernels::layernorm_forward_cpu(out.data<float>() + k.first, k.mean, k.rstd,
+                                                      x.data<float>() + k.first, k.gamma, k.beta, block_rows, C, eps),
+                       kernels::layernorm_forward_cuda(out.data<float>() + k.first, k.mean, k.rstd,
+                                                       x.data<float>() + k.first, k.gamma, k.beta, block_rows, C, eps,
                                                        stream_of(x)));
   }
   if (record_grad) {
@@ -192,22 +205,17 @@ std::vector<Tensor> add_layernorm_affine(const Tensor& a, const Tensor& b, const
   Tensor rstd = record_grad ? Tensor::empty({rows}, DType::F32, a.device()) : Tensor();
   const int64_t G = static_cast<int64_t>(p.gammas.size()), block_rows = rows / G;
   for (int64_t g = 0; g < G; ++g) {
-    const int64_t row0 = g * block_rows, e0 = row0 * C;
-    float* mean_ptr = record_grad ? mean.data<float>() + row0 : nullptr;
-    float* rstd_ptr = record_grad ? rstd.data<float>() + row0 : nullptr;
-    const float* gamma_ptr = p.gammas[static_cast<size_t>(g)].data<float>();
-    const Tensor& beta = p.betas[static_cast<size_t>(g)];
-    const float* beta_ptr = beta.defined() ? beta.data<float>() : nullptr;
+    const Block k = block(p, g, block_rows, C, mean, rstd);
     if (bf16)
       KRAKEN_CUDA_ONLY(a.device(), kernels::add_layernorm_forward_bf16_cuda(
-                                       s.data<uint16_t>() + e0, out.data<uint16_t>() + e0, mean_ptr, rstd_ptr,
-                                       a.data<uint16_t>() + e0, b.data<uint16_t>() + e0, gamma_ptr, beta_ptr,
+                                       s.data<uint16_t>() + k.first, out.data<uint16_t>() + k.first, k.mean, k.rstd,
+                                       a.data<uint16_t>() + k.first, b.data<uint16_t>() + k.first, k.gamma, k.beta,
                                        block_rows, C, eps, stream_of(a)));
     else
       KRAKEN_CUDA_ONLY(a.device(), kernels::add_layernorm_forward_cuda(
-                                       s.data<float>() + e0, out.data<float>() + e0, mean_ptr, rstd_ptr,
-                                       a.data<float>() + e0, b.data<float>() + e0, gamma_ptr, beta_ptr, block_rows, C,
-                                       eps, stream_of(a)));
+                                       s.data<float>() + k.first, out.data<float>() + k.first, k.mean, k.rstd,
+                                       a.data<float>() + k.first, b.data<float>() + k.first, k.gamma, k.beta,
+                                       block_rows, C, eps, stream_of(a)));
   }
   if (record_grad) {
     // s also feeds the residual stream, whose gradient g[0] the normalisation's gradient is added to in

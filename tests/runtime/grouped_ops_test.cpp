@@ -8,20 +8,23 @@
 // (tests/gpu/mlp_cuda_test.cpp).
 #include <gtest/gtest.h>
 
-#include <cstring>
 #include <functional>
 
 #include "runtime/autograd.h"
 #include "runtime/ops.h"
 #include "tests/support/errors.h"
 #include "tests/support/gradcheck.h"
+#include "tests/support/op_runs.h"
 
 namespace kraken::runtime {
 namespace {
 
 using testing::expect_gradients_match;
 using testing::message_of;
+using testing::OpFn;
+using testing::OpRun;
 using testing::random_leaf;
+using testing::run_op;
 
 constexpr int64_t kGroups = 3;
 
@@ -33,42 +36,10 @@ Tensor leaf(const Shape& shape, uint64_t seed, float std, DType dtype = DType::F
   return t;
 }
 
-struct OpRun {
-  std::vector<float> out;
-  std::vector<std::vector<float>> grads;  // one per input; empty where the input is undefined
-};
-
-// Forward on fresh copies of the inputs, backward seeded with a fixed random projection.
-OpRun run(const std::function<Tensor(const std::vector<Tensor>&)>& f, const std::vector<Tensor>& inputs) {
-  std::vector<Tensor> leaves;
-  for (const Tensor& t : inputs) {
-    Tensor c = t.defined() ? t.detach().clone() : Tensor();
-    if (c.defined()) c.set_requires_grad(true);
-    leaves.push_back(c);
-  }
-  Tensor y = f(leaves);
-  Tensor seed = random_leaf(y.shape(), 99, 1.0f);
-  seed.set_requires_grad(false);
-  if (y.dtype() != DType::F32) seed = seed.to(y.dtype());
-  backward(y, seed);
-  OpRun r;
-  r.out = y.to_vector();
-  for (const Tensor& t : leaves)
-    r.grads.push_back(t.defined() && t.grad().defined() ? t.grad().to_vector() : std::vector<float>());
-  return r;
-}
+OpRun run(const OpFn& f, const std::vector<Tensor>& inputs) { return run_op(f, inputs); }
 
 void expect_bits_equal(const std::vector<float>& got, const std::vector<float>& want, const std::string& what) {
-  ASSERT_EQ(got.size(), want.size()) << what;
-  for (size_t i = 0; i < got.size(); ++i) {
-    uint32_t x, y;
-    std::memcpy(&x, &got[i], 4);
-    std::memcpy(&y, &want[i], 4);
-    if (x != y) {
-      ADD_FAILURE() << what << ": element " << i << " is " << got[i] << ", the per-group ops give " << want[i];
-      return;
-    }
-  }
+  testing::expect_bits_equal(got, want, what, "the per-group ops");
 }
 
 void expect_same_run(const OpRun& got, const OpRun& want, const std::string& what) {
@@ -203,11 +174,19 @@ TEST(GroupedOps, SumStackIsTheSumListOfTheBlocks) {
   }
 }
 
+// Group 0 of t as a leaf of one group (1, ...), requiring grad.
+Tensor first_group(const Tensor& t) {
+  if (!t.defined()) return t;
+  Tensor one = ops::slice(t.detach(), 0, 1).clone();
+  one.set_requires_grad(true);
+  return one;
+}
+
 TEST(GroupedOps, OneGroupIsThePlainOpBitForBit) {
   // G = 1 runs the plain op on views: the same bits as the ungrouped call on the same values.
   const auto in = mlp_inputs(DType::F32, true, 91);
   std::vector<Tensor> one;
-  for (const Tensor& t : in) one.push_back(ops::slice(t.detach(), 0, 1).clone());
+  for (const Tensor& t : in) one.push_back(first_group(t));
   const OpRun grouped = run(mlp_op, one);
   const OpRun plain = run([](const auto& v) { return mlp_op({group(v[0], 0), group(v[1], 0), group(v[2], 0),
                                                            group(v[3], 0), group(v[4], 0)}); },
@@ -215,7 +194,7 @@ TEST(GroupedOps, OneGroupIsThePlainOpBitForBit) {
   expect_same_run(grouped, plain, "mlp, one group");
   const auto lin = linear_inputs(DType::F32, true, 93);
   std::vector<Tensor> lin_one;
-  for (const Tensor& t : lin) lin_one.push_back(ops::slice(t.detach(), 0, 1).clone());
+  for (const Tensor& t : lin) lin_one.push_back(first_group(t));
   expect_same_run(run(linear_op, lin_one),
                   run([](const auto& v) { return linear_op({group(v[0], 0), group(v[1], 0), group(v[2], 0)}); },
                       lin_one),

@@ -4,12 +4,12 @@
 // paths are checked against these on a GPU (tests/gpu/mlp_cuda_test.cpp).
 #include <gtest/gtest.h>
 
-#include <cstring>
 
 #include "runtime/autograd.h"
 #include "runtime/ops.h"
 #include "tests/support/errors.h"
 #include "tests/support/gradcheck.h"
+#include "tests/support/op_runs.h"
 
 namespace kraken::runtime {
 namespace {
@@ -17,6 +17,7 @@ namespace {
 using testing::expect_gradients_match;
 using testing::message_of;
 using testing::random_leaf;
+using testing::run_op;
 
 // Leaves of the given dtype (bf16: the f32 values rounded), requiring grad unless told otherwise.
 Tensor leaf(const Shape& shape, uint64_t seed, float std, DType dtype, bool requires_grad = true) {
@@ -27,47 +28,8 @@ Tensor leaf(const Shape& shape, uint64_t seed, float std, DType dtype, bool requ
   return t;
 }
 
-struct Run {
-  std::vector<float> out;
-  std::vector<std::vector<float>> grads;  // one per input; empty where the input has none
-};
-
-// Forward, then backward seeded with a fixed random projection; fresh leaves each time (the grads of
-// one run must not add to another's).
-Run run(const std::function<Tensor(const std::vector<Tensor>&)>& f, const std::vector<Tensor>& inputs) {
-  std::vector<Tensor> leaves;
-  for (const Tensor& t : inputs) {
-    if (!t.defined()) {
-      leaves.push_back(Tensor());
-      continue;
-    }
-    Tensor c = t.detach().clone();
-    c.set_requires_grad(t.requires_grad());
-    leaves.push_back(c);
-  }
-  Tensor y = f(leaves);
-  Tensor seed = random_leaf(y.shape(), 99, 1.0f);
-  seed.set_requires_grad(false);
-  if (y.dtype() != DType::F32) seed = seed.to(y.dtype());
-  backward(y, seed);
-  Run r;
-  r.out = y.to_vector();
-  for (const Tensor& t : leaves)
-    r.grads.push_back(t.defined() && t.requires_grad() && t.grad().defined() ? t.grad().to_vector() : std::vector<float>());
-  return r;
-}
-
-void expect_bits_equal(const std::vector<float>& a, const std::vector<float>& b, const std::string& what) {
-  ASSERT_EQ(a.size(), b.size()) << what;
-  for (size_t i = 0; i < a.size(); ++i) {
-    uint32_t x, y;
-    std::memcpy(&x, &a[i], 4);
-    std::memcpy(&y, &b[i], 4);
-    if (x != y) {
-      ADD_FAILURE() << what << ": element " << i << " is " << a[i] << ", the three ops give " << b[i];
-      return;
-    }
-  }
+void expect_bits_equal(const std::vector<float>& got, const std::vector<float>& want, const std::string& what) {
+  testing::expect_bits_equal(got, want, what, "the three ops");
 }
 
 Tensor three_ops(const std::vector<Tensor>& v) {
@@ -76,12 +38,12 @@ Tensor three_ops(const std::vector<Tensor>& v) {
 Tensor fused_op(const std::vector<Tensor>& v) { return ops::mlp(v[0], v[1], v[2], v[3], v[4]); }
 
 void expect_three_ops(const std::vector<Tensor>& inputs, const std::string& what) {
-  const Run ref = run(three_ops, inputs);
+  const testing::OpRun ref = run_op(three_ops, inputs);
   for (ops::EpilogueFusion fusion :
        {ops::EpilogueFusion::kOff, ops::EpilogueFusion::kGelu, ops::EpilogueFusion::kGeluAndBiasGrads}) {
     ops::EpilogueFusionScope scope(fusion);
     const std::string w = what + ", fusion " + std::to_string(static_cast<int>(fusion));
-    const Run got = run(fused_op, inputs);
+    const testing::OpRun got = run_op(fused_op, inputs);
     expect_bits_equal(got.out, ref.out, w + ": output");
     const char* names[] = {"dx", "dW_fc", "db_fc", "dW_proj", "db_proj"};
     for (size_t k = 0; k < inputs.size(); ++k) expect_bits_equal(got.grads[k], ref.grads[k], w + ": " + names[k]);
