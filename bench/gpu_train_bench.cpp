@@ -576,7 +576,10 @@ void bench_kraken_products(Report& r) {
     bool ta, tb;
   } shapes[] = {{"c_attn forward (8192×504)·(504×1512)", rows, 3 * C, C, false, true},
                 {"c_attn weight gradient (1512×8192)·(8192×504)", 3 * C, C, rows, true, false},
-                {"MLP c_proj weight gradient (504×8192)·(8192×1008)", C, 2 * C, rows, true, false}};
+                {"MLP c_proj weight gradient (504×8192)·(8192×1008)", C, 2 * C, rows, true, false},
+                // B = 64: a K eight times longer over the same few output tiles
+                {"c_attn weight gradient at B = 64 (1512×65536)·(65536×504)", 3 * C, C, 8 * rows, true, false},
+                {"MLP c_proj weight gradient at B = 64 (504×65536)·(65536×1008)", C, 2 * C, 8 * rows, true, false}};
   for (const Shape& sh : shapes) {
     const int64_t sa = sh.M * sh.K, sb = sh.K * sh.N, so = sh.M * sh.N;
     const Tensor a = normal({k * sa}, 70).to(DType::BF16), b = normal({k * sb}, 71).to(DType::BF16);

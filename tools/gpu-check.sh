@@ -292,6 +292,11 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
     if [[ -f "$logs/bench-$name.md" ]]; then grep -E '^\|' "$logs/bench-$name.md" >> "$report"; else md_tail "$logs/bench-$name.log" 20; fi
     [[ $rc -eq 0 ]] || fail "benchmark with $setting (exit status $rc)"
   }
+  # The Kraken preset's grouped products one per sub-layer instead of one strided batch: the stacked
+  # model was faster at B = 8 and 32 but slower at 64 on an H100 (bench/RESULTS.md); this says whether
+  # the batched weight gradients (few output tiles, K = B·T) are why.
+  bench_variant loop KRAKEN_CUDA_BATCHED_PRODUCTS=0 150 90 "the grouped products one per sub-layer" \
+    --training-only --model kraken4 --batch 8,64
   # The mma attention kernels, the default before cuDNN's (kernels/attention.h), at B = 8 and 64.
   bench_variant mma KRAKEN_CUDA_ATTENTION=mma 150 90 "the mma attention kernels" --training-only --batch 8,64
   # (Measured on an H200 and settled, so no longer rerun: KRAKEN_CUDA_EPILOGUES=0 and =2, both slower

@@ -36,7 +36,9 @@
 #include <cuda_bf16.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
+#include <string>
 #include <utility>
 #include <mutex>
 #include <unordered_map>
@@ -300,6 +302,19 @@ bool run_product(void* out, bool out_bf16, const uint16_t* a, const uint16_t* b,
   return true;
 }
 
+// KRAKEN_CUDA_BATCHED_PRODUCTS (read once): unset or 1, batches go to cuBLASLt as one strided-batch call;
+// 0, as one product per matrix — the other side of the grouped ops' A/B (kernels/matmul.h).
+bool strided_batches() {
+  static const bool on = [] {
+    const char* v = std::getenv("KRAKEN_CUDA_BATCHED_PRODUCTS");
+    if (v == nullptr || *v == '\0' || std::string(v) == "1") return true;
+    if (std::string(v) == "0") return false;
+    KRAKEN_THROW("KRAKEN_CUDA_BATCHED_PRODUCTS=", v,
+                 ": expected 1 (a batch of products as one cuBLASLt call; the default) or 0 (one call per matrix)");
+  }();
+  return on;
+}
+
 // The aux matrix's rule (cublasLt.h, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD: a multiple of 8), and 16-byte
 // alignment of its start, which we ask for rather than learn from a failure on a GPU.
 bool aux_fits(const void* aux, int64_t N) {
@@ -318,7 +333,7 @@ void matmul_bf16_batched_cuda(void* out, bool out_bf16, const uint16_t* a, const
                               int64_t stride_b, CUstream_st* stream) {
   KRAKEN_CHECK(batch >= 0 && batch < (1LL << 31), "matmul_bf16_batched_cuda: batch ", batch);
   if (batch == 0 || M == 0 || N == 0) return;
-  if (batch > 1 && run_product(out, out_bf16, a, b, nullptr, nullptr, M, N, K, trans_a, trans_b,
+  if (batch > 1 && strided_batches() && run_product(out, out_bf16, a, b, nullptr, nullptr, M, N, K, trans_a, trans_b,
                                CUBLASLT_EPILOGUE_DEFAULT, stream, batch, stride_a, stride_b, stride_out))
     return;
   // One matrix, or no strided-batch algorithm: one product per matrix.
@@ -354,7 +369,8 @@ bool epilogue_batch(uint16_t* out, const uint16_t* a, const uint16_t* b, uint16_
   if (batch == 1)
     return run_product(out, true, a, b, vec, aux, M, N, K, trans_a, trans_b, epilogue, stream);
   if (stride_out % 8 != 0) return false;  // the aux matrices after the first would lose their 16 bytes
-  if (try_strided && run_product(out, true, a, b, vec, aux, M, N, K, trans_a, trans_b, epilogue, stream, batch,
+  if (try_strided && strided_batches() &&
+      run_product(out, true, a, b, vec, aux, M, N, K, trans_a, trans_b, epilogue, stream, batch,
                                  stride_a, stride_b, stride_out, stride_vec))
     return true;
   for (int64_t i = 0; i < batch; ++i) {
