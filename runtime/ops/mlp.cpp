@@ -18,8 +18,10 @@
 //   level 2), dW_fc = dpreᵀ·x, dx = dpre·W_fc. It saves what the three ops saved: x, W_fc, pre, u, W_proj.
 //   Rows of H not a multiple of 8 (cuBLASLt's aux rule) take the three ops; a product cuBLASLt has no
 //   fused algorithm for takes the plain product and our own GELU or column-sum kernel instead.
-// The bf16 results differ from the three ops' by rounding only: fused, dy·W_proj is not rounded to bf16
-// before gelu' multiplies it (one rounding fewer), and the bias sums run in cuBLASLt's order.
+// Grouped (a Kraken layer's stacked sub-layers: ops.h), the same paths over the groups, the CPU's as
+// grouped linears (at level 2 the bias gradients stay column sums). The bf16 results differ from the
+// three ops' by rounding only: fused, dy·W_proj is not rounded to bf16 before gelu' multiplies it (one
+// rounding fewer), and the bias sums run in cuBLASLt's order.
 #include <cstdlib>
 #include <string>
 
@@ -75,8 +77,9 @@ Tensor group_column_sums(const Tensor& d, int64_t G, int64_t rows, int64_t cols,
 }
 
 // The fused path: CUDA, bf16, one node. Shapes: x (rows, C) as (..., C), W_fc (H, C), W_proj (Co, H); or
-// grouped, x (G, ..., C) as G blocks of R rows, W_fc (G, H, C), W_proj (G, Co, H), biases (G, ·), every
-// product one strided batch over the groups (rows = G·R in all).
+// grouped, x (G, ..., C) as G blocks of R rows, W_fc (G, H, C), W_proj (G, Co, H), biases (G, ·) (rows =
+// G·R in all), each product over the groups as kernels/matmul.h's batched forms run it: one strided
+// batch, except a product with a bias and the DGELU product, one call per group.
 Tensor mlp_fused(const Tensor& x, const Tensor& w_fc, const Tensor& b_fc, const Tensor& w_proj, const Tensor& b_proj,
                  EpilogueFusion fusion) {
   const bool grouped = w_fc.dim() == 3;
