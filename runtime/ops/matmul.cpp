@@ -10,6 +10,7 @@
 #include "runtime/autograd.h"
 #include "runtime/dispatch.h"
 #include "runtime/ops.h"
+#include "runtime/ops/grouped.h"
 #include "runtime/ops/precision.h"
 
 namespace kraken::runtime::ops {
@@ -63,6 +64,23 @@ void gemm(Tensor& c, const Tensor& a, const Tensor& b, int64_t batch, int64_t M,
 }
 
 }  // namespace
+
+Tensor group_row_sums(const Tensor& dy, int64_t groups, int64_t rows, int64_t cols) {
+  Tensor db = Tensor::zeros({groups, cols}, dy.dtype(), dy.device());
+  for (int64_t g = 0; g < groups; ++g) {
+    if (dy.dtype() == DType::BF16) {
+      KRAKEN_CUDA_ONLY(dy.device(), kernels::sum_rows_bf16_cuda(db.data<uint16_t>() + g * cols,
+                                                                dy.data<uint16_t>() + g * rows * cols, rows, cols,
+                                                                stream_of(dy)));
+    } else {
+      float* d = db.data<float>() + g * cols;
+      const float* y = dy.data<float>() + g * rows * cols;
+      KRAKEN_ON_DEVICE(dy.device(), kernels::sum_rows_cpu(d, y, rows, cols),
+                       kernels::sum_rows_cuda(d, y, rows, cols, stream_of(dy)));
+    }
+  }
+  return db;
+}
 
 Tensor matmul(const Tensor& a, const Tensor& b, bool ta, bool tb) {
   precision::check_float("matmul", a, "first operand");
@@ -148,24 +166,6 @@ void add_group_biases(Tensor& out, const Tensor& bias, int64_t groups, int64_t r
   }
 }
 
-// db[g] = Σ_rows dy[g] (rows, cols) for each group: db (groups, cols), new.
-Tensor group_bias_grads(const Tensor& dy, int64_t groups, int64_t rows, int64_t cols) {
-  Tensor db = Tensor::zeros({groups, cols}, dy.dtype(), dy.device());
-  for (int64_t g = 0; g < groups; ++g) {
-    if (dy.dtype() == DType::BF16) {
-      KRAKEN_CUDA_ONLY(dy.device(), kernels::sum_rows_bf16_cuda(db.data<uint16_t>() + g * cols,
-                                                                dy.data<uint16_t>() + g * rows * cols, rows, cols,
-                                                                stream_of(dy)));
-    } else {
-      float* d = db.data<float>() + g * cols;
-      const float* y = dy.data<float>() + g * rows * cols;
-      KRAKEN_ON_DEVICE(dy.device(), kernels::sum_rows_cpu(d, y, rows, cols),
-                       kernels::sum_rows_cuda(d, y, rows, cols, stream_of(dy)));
-    }
-  }
-  return db;
-}
-
 // The grouped linear (ops.h): x (G, ..., in), weight (G, out, in), bias (G, out); G > 1. Every product is
 // one strided batch over the groups (on CUDA in bf16: one cuBLASLt call), forward and backward.
 Tensor grouped_linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
@@ -195,7 +195,7 @@ Tensor grouped_linear(const Tensor& x, const Tensor& weight, const Tensor& bias)
                dw = Tensor::empty(w_shape, dtype, dy.device());
                gemm(dw, dy, x_saved, G, outf, in, rows, true, false, 0.0f, rows * outf, rows * in);
              }
-             if (b_needs) db = group_bias_grads(dy, G, rows, outf);
+             if (b_needs) db = group_row_sums(dy, G, rows, outf);
              return std::vector<Tensor>{dx, dw, db};
            });
   }

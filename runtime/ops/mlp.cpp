@@ -31,6 +31,7 @@
 #include "runtime/autograd.h"
 #include "runtime/dispatch.h"
 #include "runtime/ops.h"
+#include "runtime/ops/grouped.h"
 #include "runtime/ops/precision.h"
 
 namespace kraken::runtime::ops {
@@ -64,16 +65,6 @@ void grouped_product(void* out, const uint16_t* a, const uint16_t* b, const uint
   for (int64_t g = 0; g < G; ++g)
     kernels::matmul_bf16_cuda(static_cast<uint16_t*>(out) + g * M * N, true, a + g * stride_a, b + g * stride_b,
                               bias ? bias + g * N : nullptr, M, N, K, ta, tb, epilogue, s);
-}
-
-// Σ over the rows of each group's block of d (G blocks of (rows, cols)), into a new bf16 (G, cols) —
-// shaped as the bias it is the gradient of (`shape`).
-Tensor group_column_sums(const Tensor& d, int64_t G, int64_t rows, int64_t cols, const Shape& shape) {
-  Tensor sum = Tensor::zeros(shape, DType::BF16, d.device());
-  for (int64_t g = 0; g < G; ++g)
-    kernels::sum_rows_bf16_cuda(sum.data<uint16_t>() + g * cols, d.data<uint16_t>() + g * rows * cols, rows, cols,
-                                stream_of(d));
-  return sum;
 }
 
 // The fused path: CUDA, bf16, one node. Shapes: x (rows, C) as (..., C), W_fc (H, C), W_proj (Co, H); or
@@ -151,9 +142,9 @@ Tensor mlp_fused(const Tensor& x, const Tensor& w_fc, const Tensor& b_fc, const 
              if (!bias_done)
                grouped_product(dw_proj.data_ptr(), dy.data<uint16_t>(), u_saved.data<uint16_t>(), nullptr, G, Co, H, R,
                                true, false, R * Co, R * H, none, s);
-             if (b_proj_needs && !bias_done) db_proj = group_column_sums(dy, G, R, Co, b_proj_shape);
+             if (b_proj_needs && !bias_done) db_proj = group_row_sums(dy, G, R, Co).reshape(b_proj_shape);
            } else if (b_proj_needs) {
-             db_proj = group_column_sums(dy, G, R, Co, b_proj_shape);
+             db_proj = group_row_sums(dy, G, R, Co).reshape(b_proj_shape);
            }
            if (!pre_saved.defined()) return std::vector<Tensor>{dx, dw_fc, db_fc, dw_proj, db_proj};
 
@@ -178,7 +169,7 @@ Tensor mlp_fused(const Tensor& x, const Tensor& w_fc, const Tensor& b_fc, const 
              kernels::gelu_backward_bf16_cuda(dpre.data<uint16_t>(), pre_saved.data<uint16_t>(), du.data<uint16_t>(),
                                               rows * H, s);
            }
-           if (b_fc_needs && !bias_done) db_fc = group_column_sums(dpre, G, R, H, b_fc_shape);
+           if (b_fc_needs && !bias_done) db_fc = group_row_sums(dpre, G, R, H).reshape(b_fc_shape);
            if (w_fc_needs) {  // dW_fc (H, C) = dpreᵀ·x
              dw_fc = Tensor::empty(w_fc_shape, DType::BF16, dev);
              grouped_product(dw_fc.data_ptr(), dpre.data<uint16_t>(), x_saved.data<uint16_t>(), nullptr, G, H, C, R,

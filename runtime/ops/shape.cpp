@@ -52,6 +52,16 @@ void cast_into(const std::vector<Tensor>& outs, const std::vector<Tensor>& xs) {
   }
 }
 
+// cast_into for f32 and bf16 sources mixed: one call per source dtype.
+void cast_by_source(const std::vector<Tensor>& outs, const std::vector<Tensor>& xs) {
+  for (DType from : {DType::F32, DType::BF16}) {
+    std::vector<Tensor> to, src;
+    for (size_t j = 0; j < xs.size(); ++j)
+      if (xs[j].dtype() == from) src.push_back(xs[j]), to.push_back(outs[j]);
+    cast_into(to, src);
+  }
+}
+
 }  // namespace
 
 Tensor reshape(const Tensor& x, const Shape& shape) {
@@ -251,7 +261,7 @@ std::vector<Tensor> cast_many(const std::vector<Tensor>& xs, DType dtype) {
 
 std::vector<Tensor> stack_many(const std::vector<std::vector<Tensor>>& lists, DType dtype) {
   std::vector<Tensor> stacks(lists.size());
-  std::vector<Tensor> inputs, views;      // every stacked input, and where it went
+  std::vector<Tensor> inputs;              // every stacked input
   std::vector<Tensor> cast_from, cast_to;  // those that change dtype (f32 <-> bf16): one cast call
   std::vector<size_t> list_of;             // for each input, its list
   std::vector<bool> built(lists.size(), false);  // stacks made here (not absent, not a view)
@@ -276,19 +286,13 @@ std::vector<Tensor> stack_many(const std::vector<std::vector<Tensor>>& lists, DT
     built[k] = true;
     for (size_t i = 0; i < list.size(); ++i) {
       Tensor view = stacks[k].slice(static_cast<int64_t>(i), static_cast<int64_t>(i) + 1).reshape(first.shape());
-      inputs.push_back(list[i]), views.push_back(view), list_of.push_back(k);
+      inputs.push_back(list[i]), list_of.push_back(k);
       if (list[i].dtype() == dtype) view.copy_from(list[i]);
       else if (f32_bf16_pair(list[i].dtype(), dtype)) cast_from.push_back(list[i]), cast_to.push_back(view);
       else view.copy_from(list[i].to(dtype));
     }
   }
-  // cast_into takes one source dtype per call: f32 → bf16 (the mixed-precision forward), or the reverse.
-  for (DType from : {DType::F32, DType::BF16}) {
-    std::vector<Tensor> to, src;
-    for (size_t j = 0; j < cast_from.size(); ++j)
-      if (cast_from[j].dtype() == from) src.push_back(cast_from[j]), to.push_back(cast_to[j]);
-    cast_into(to, src);
-  }
+  cast_by_source(cast_to, cast_from);
   if (needs_grad(inputs)) {
     std::vector<Tensor> outs;
     std::vector<int> out_of_list(lists.size(), -1);
@@ -300,7 +304,6 @@ std::vector<Tensor> stack_many(const std::vector<std::vector<Tensor>>& lists, DT
       // in the forward pass this was: stack[k][i] = cast(list[k][i]); so dlist[k][i] = cast back of
       // dstack[k][i], the casts in one call per direction as forward
       std::vector<Tensor> grads(list_of.size());
-      std::vector<int64_t> index_in_list(list_of.size());
       std::vector<size_t> seen(out_of_list.size(), 0);
       std::vector<Tensor> cast_src, cast_dst;
       for (size_t j = 0; j < list_of.size(); ++j) {
@@ -318,12 +321,7 @@ std::vector<Tensor> stack_many(const std::vector<std::vector<Tensor>>& lists, DT
           grads[j] = piece.to(from_dtypes[j]);
         }
       }
-      for (DType from : {DType::F32, DType::BF16}) {
-        std::vector<Tensor> to, src;
-        for (size_t m = 0; m < cast_src.size(); ++m)
-          if (cast_src[m].dtype() == from) src.push_back(cast_src[m]), to.push_back(cast_dst[m]);
-        cast_into(to, src);
-      }
+      cast_by_source(cast_dst, cast_src);
       return grads;
     });
   }

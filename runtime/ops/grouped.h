@@ -1,0 +1,15 @@
+// Helpers the grouped ops share (runtime/ops.h: a leading group dimension, a Kraken layer's stacked
+// sub-layers). Internal to runtime/ops.
+#pragma once
+
+#include <cstdint>
+
+#include "runtime/tensor.h"
+
+namespace kraken::runtime::ops {
+
+// Σ over the rows of each of `groups` consecutive (rows, cols) blocks of d: a new (groups, cols) tensor of
+// d's dtype (f32 anywhere, bf16 on CUDA) — the bias gradients of a grouped linear or MLP.
+Tensor group_row_sums(const Tensor& d, int64_t groups, int64_t rows, int64_t cols);
+
+}  // namespace kraken::runtime::ops
