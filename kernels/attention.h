@@ -66,8 +66,10 @@ void attention_backward_cuda(float* dqkv, const float* dout, const float* qkv, c
 //   "cudnn": cuDNN for every call it takes (shape and buffers: attention_bf16_cudnn_usable), else as unset;
 //   "mma": the mma kernels where supported, else CUDA cores; "tc": the WMMA kernels where supported, else
 //     CUDA cores; "simt": CUDA cores for every head size.
-// Because of cuDNN's overwrite, the dispatching backward's contract is: dqkv must hold zeros on entry,
-// and receives the gradient, whichever implementation runs (runtime/ops/attention.cpp allocates it so).
+// Because of cuDNN's overwrite, the dispatching backward's contract is: dqkv receives the gradient
+// (overwritten, whatever it held), whichever implementation runs — before the accumulating kernels the
+// dispatch zeroes dqkv itself, so a caller allocates it without a zero fill that cuDNN would make a
+// wasted pass (runtime/ops/attention.cpp).
 void attention_forward_bf16_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T, int64_t C,
                                  int64_t NH, CUstream_st* stream);
 void attention_backward_bf16_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out,

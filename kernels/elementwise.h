@@ -16,7 +16,8 @@ void add_cpu(float* out, const float* a, const float* b, int64_t n);            
 void axpy_cpu(float* y, const float* x, float alpha, int64_t n);                       // y += alpha·x
 void scale_cpu(float* out, const float* x, float alpha, int64_t n);                    // out = alpha·x
 void mul_cpu(float* out, const float* a, const float* b, int64_t n);                  // out = a ∘ b
-// out[r, :] = a[r, :] + b[:]  for r < rows: broadcasting a trailing block (a bias, positions).
+// out[r, :] = a[r, :] + b[:]  for r < rows: broadcasting a trailing block (a bias, positions). out may
+// be a (each element is read before it is written, by the same thread), as for add, scale and mul.
 void add_broadcast_cpu(float* out, const float* a, const float* b, int64_t rows, int64_t cols);
 // db[:] += Σ_r dout[r, :]: the gradient of the broadcast operand.
 void sum_rows_cpu(float* db, const float* dout, int64_t rows, int64_t cols);

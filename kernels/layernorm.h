@@ -1,16 +1,18 @@
 // Layer normalisation over the last dimension (Ba, Kiros, Hinton 2016, eq. 3–4), as GPT-2 uses it.
 //
-// Shapes: x, out, dx, dout (rows, C) contiguous; gamma, beta, dgamma, dbeta (C,); mean, rstd (rows,).
+// Shapes: x, out, dx, dx_in, dout (rows, C) contiguous; gamma, beta, dgamma, dbeta (C,); mean, rstd (rows,).
 // beta may be null: a LayerNorm without bias (then dbeta is null too).
 // Forward, per row r:
 //   μ_r = (1/C) Σ_c x[r, c],   σ²_r = (1/C) Σ_c (x[r, c] − μ_r)²,   rstd_r = 1/√(σ²_r + eps)
 //   x̂[r, c] = (x[r, c] − μ_r)·rstd_r,   out[r, c] = x̂[r, c]·gamma[c] + beta[c]
 // mean and rstd are what backward needs besides x and gamma; either may be null (inference).
 // Backward, with g = dout ∘ gamma (the gradient of x̂):
-//   dx[r, :]  += rstd_r·(g − mean_c(g) − x̂[r, :]·mean_c(g ∘ x̂[r, :]))
+//   dx[r, :]  = dx_in[r, :] + rstd_r·(g − mean_c(g) − x̂[r, :]·mean_c(g ∘ x̂[r, :]))
 //   dgamma    += Σ_r dout[r, :] ∘ x̂[r, :],    dbeta += Σ_r dout[r, :]
-// Gradients accumulate (the caller zeroes them for "="); a null gradient pointer means nobody needs
-// that gradient and it is not computed. dgamma and dbeta are reduced in an order fixed by `rows`
+// dx_in is the gradient that reaches x by other paths, added in the same pass (summed in f32, rounded
+// once): dx itself to accumulate in place, another buffer, or null for none (dx is then only written,
+// never read — no zeroing pass, no read of it). dgamma and dbeta accumulate (the caller zeroes them for
+// "="). A null gradient pointer means nobody needs that gradient and it is not computed. dgamma and dbeta are reduced in an order fixed by `rows`
 // alone (fixed row blocks summed in block order on the CPU, one fixed tree per column on the GPU), so
 // they are bit-identical for any thread count.
 #pragma once
@@ -24,21 +26,22 @@ namespace kraken::kernels {
 // ---- CPU ---------------------------------------------------------------------------------------
 void layernorm_forward_cpu(float* out, float* mean, float* rstd, const float* x, const float* gamma,
                            const float* beta, int64_t rows, int64_t C, float eps);
-void layernorm_backward_cpu(float* dx, float* dgamma, float* dbeta, const float* dout, const float* x,
-                            const float* gamma, const float* mean, const float* rstd, int64_t rows, int64_t C);
+void layernorm_backward_cpu(float* dx, const float* dx_in, float* dgamma, float* dbeta, const float* dout,
+                            const float* x, const float* gamma, const float* mean, const float* rstd, int64_t rows,
+                            int64_t C);
 
 // ---- CUDA (same contracts, fp32) ----------------------------------------------------------------
 void layernorm_forward_cuda(float* out, float* mean, float* rstd, const float* x, const float* gamma,
                             const float* beta, int64_t rows, int64_t C, float eps, CUstream_st* stream);
-void layernorm_backward_cuda(float* dx, float* dgamma, float* dbeta, const float* dout, const float* x,
-                             const float* gamma, const float* mean, const float* rstd, int64_t rows, int64_t C,
-                             CUstream_st* stream);
+void layernorm_backward_cuda(float* dx, const float* dx_in, float* dgamma, float* dbeta, const float* dout,
+                             const float* x, const float* gamma, const float* mean, const float* rstd, int64_t rows,
+                             int64_t C, CUstream_st* stream);
 
 // ---- CUDA, the residual add fused into the LayerNorm after it --------------------------------------
 // s = a + b (rounded to the storage type and stored), out = layernorm(s) computed from the stored s:
 // exactly what add followed by layernorm computes, in one pass over a and b instead of a pass that
 // writes s and another that reads it back. Backward needs no kernel of its own: the layernorm
-// backward accumulates into dx, which starts as the residual stream's gradient of s.
+// backward's dx_in is the residual stream's gradient of s.
 void add_layernorm_forward_cuda(float* s, float* out, float* mean, float* rstd, const float* a, const float* b,
                                 const float* gamma, const float* beta, int64_t rows, int64_t C, float eps,
                                 CUstream_st* stream);
@@ -48,11 +51,11 @@ void add_layernorm_forward_bf16_cuda(uint16_t* s, uint16_t* out, float* mean, fl
 
 // ---- CUDA, bf16 activations ---------------------------------------------------------------------
 // x, out, dout, dx bf16; gamma, beta, their gradients, mean and rstd f32 (parameters stay f32 in
-// mixed precision). Arithmetic in f32; out and dx rounded once (dx: after the accumulation).
+// mixed precision). Arithmetic in f32; out and dx rounded once (dx: after adding dx_in).
 void layernorm_forward_bf16_cuda(uint16_t* out, float* mean, float* rstd, const uint16_t* x, const float* gamma,
                                  const float* beta, int64_t rows, int64_t C, float eps, CUstream_st* stream);
-void layernorm_backward_bf16_cuda(uint16_t* dx, float* dgamma, float* dbeta, const uint16_t* dout, const uint16_t* x,
-                                  const float* gamma, const float* mean, const float* rstd, int64_t rows, int64_t C,
-                                  CUstream_st* stream);
+void layernorm_backward_bf16_cuda(uint16_t* dx, const uint16_t* dx_in, float* dgamma, float* dbeta,
+                                  const uint16_t* dout, const uint16_t* x, const float* gamma, const float* mean,
+                                  const float* rstd, int64_t rows, int64_t C, CUstream_st* stream);
 
 }  // namespace kraken::kernels

@@ -299,8 +299,37 @@ CUstream_st* compute_stream(const Device& device) {
   return nullptr;  // the legacy default stream; the CUDA backend gives each device its own streams
 }
 
+namespace {
+std::atomic<uint64_t> g_copies{0}, g_copied_bytes{0}, g_fills{0}, g_zeroed_bytes{0};
+
+void count_copy(const Device& dst_device, const Device& src_device, size_t bytes) {
+  if (dst_device != src_device) return;
+  g_copies.fetch_add(1, std::memory_order_relaxed);
+  g_copied_bytes.fetch_add(bytes, std::memory_order_relaxed);
+}
+}  // namespace
+
+MemoryTraffic memory_traffic() {
+  MemoryTraffic t;
+  t.copies = g_copies.load(std::memory_order_relaxed);
+  t.copied_bytes = g_copied_bytes.load(std::memory_order_relaxed);
+  t.fills = g_fills.load(std::memory_order_relaxed);
+  t.zeroed_bytes = g_zeroed_bytes.load(std::memory_order_relaxed);
+  return t;
+}
+
+MemoryTraffic operator-(const MemoryTraffic& later, const MemoryTraffic& earlier) {
+  MemoryTraffic d;
+  d.copies = later.copies - earlier.copies;
+  d.copied_bytes = later.copied_bytes - earlier.copied_bytes;
+  d.fills = later.fills - earlier.fills;
+  d.zeroed_bytes = later.zeroed_bytes - earlier.zeroed_bytes;
+  return d;
+}
+
 void copy_bytes(void* dst, const Device& dst_device, const void* src, const Device& src_device, size_t bytes) {
   if (bytes == 0) return;
+  count_copy(dst_device, src_device, bytes);
   if (dst_device.is_cpu() && src_device.is_cpu()) {
     std::memcpy(dst, src, bytes);
     return;
@@ -323,6 +352,7 @@ void copy_bytes(void* dst, const Device& dst_device, const void* src, const Devi
 void copy_2d(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t width, size_t height,
              const Device& device) {
   if (width == 0 || height == 0) return;
+  count_copy(device, device, width * height);
   if (device.is_cpu()) {
     auto* d = static_cast<char*>(dst);
     const auto* s = static_cast<const char*>(src);
@@ -341,6 +371,8 @@ void copy_2d(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, siz
 
 void zero_bytes(void* dst, const Device& device, size_t bytes) {
   if (bytes == 0) return;
+  g_fills.fetch_add(1, std::memory_order_relaxed);
+  g_zeroed_bytes.fetch_add(bytes, std::memory_order_relaxed);
   if (device.is_cpu()) {
     std::memset(dst, 0, bytes);
     return;

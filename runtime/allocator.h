@@ -59,6 +59,16 @@ void copy_2d(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, siz
              const Device& device);
 // Sets n bytes to zero on the device.
 void zero_bytes(void* dst, const Device& device, size_t bytes);
+// What copy_bytes, copy_2d and zero_bytes have moved within one device (host or GPU: not the transfers
+// between them) since the process started: passes over memory outside the kernels, which a GPU profile
+// of kernels does not list (cudaMemcpyAsync, cudaMemsetAsync). Tests and benchmarks read the difference
+// across a step; relaxed counters, exact once the counted work has returned.
+struct MemoryTraffic {
+  uint64_t copies = 0, copied_bytes = 0;  // copies within one device
+  uint64_t fills = 0, zeroed_bytes = 0;   // zero fills
+};
+MemoryTraffic memory_traffic();
+MemoryTraffic operator-(const MemoryTraffic& later, const MemoryTraffic& earlier);
 // The stream compute kernels run on for that device (the default stream until streams are set up).
 CUstream_st* compute_stream(const Device& device);
 void synchronize(const Device& device);

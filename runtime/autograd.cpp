@@ -108,6 +108,14 @@ Tensor leaf_grad_accumulator(const Tensor& t) {
 
 namespace {
 
+// The node backward() is running and its gradient buffers, for take_gradient_so_far.
+struct RunningNode {
+  Node* node = nullptr;
+  std::unordered_map<Node*, std::vector<Tensor>>* buffers = nullptr;
+};
+thread_local RunningNode t_running;
+std::atomic<uint64_t> g_gradient_sums{0};
+
 // Whether t's memory is reachable through `handles` Tensor handles and nothing else: no other handle
 // to its impl, no view sharing its storage, no autograd history. Such a gradient may be written in
 // place or kept without a copy; any other may be seen elsewhere (an op's backward may return one
@@ -118,15 +126,23 @@ bool owned_alone(const Tensor& t, long handles) {
 }
 
 // Adds g into a non-leaf gradient buffer. The first contribution is kept as it is, without a copy. A
-// later one is added in place when the buffer is its own (owned_alone), else into a new sum: either
-// way slot + g, which IEEE addition makes the same bits as g + slot.
-void add_to_buffer(Tensor& slot, const Tensor& g) {
+// later one is added in place into the buffer when it is its own (owned_alone), else into g when g is
+// (the caller hands its handle over), else into a new sum: every way slot + g, which IEEE addition makes
+// the same bits as g + slot. (A copy is a pass over the tensor: where an add's backward hands one
+// gradient to two inputs, the next contribution to either is a fresh tensor to add into.)
+void add_to_buffer(Tensor& slot, Tensor g) {
   if (!slot.defined()) {
-    slot = g;
+    slot = std::move(g);
     return;
   }
+  g_gradient_sums.fetch_add(1, std::memory_order_relaxed);
   if (slot.dtype() == g.dtype() && owned_alone(slot, 1)) {
     accumulate_into(slot, g);
+    return;
+  }
+  if (slot.dtype() == g.dtype() && owned_alone(g, 1)) {
+    accumulate_into(g, slot);
+    slot = std::move(g);
     return;
   }
   Tensor sum = g.clone();
@@ -183,6 +199,22 @@ void report_slow_node(const char* name, double ms) {
 }
 
 }  // namespace
+
+Tensor take_gradient_so_far(size_t input) {
+  const RunningNode& running = t_running;
+  if (!running.node || input >= running.node->inputs().size()) return Tensor();
+  const Edge& e = running.node->inputs()[input];
+  if (!e.node) return Tensor();
+  auto it = running.buffers->find(e.node.get());
+  if (it == running.buffers->end() || static_cast<size_t>(e.output_nr) >= it->second.size()) return Tensor();
+  Tensor so_far = std::move(it->second[static_cast<size_t>(e.output_nr)]);
+  it->second[static_cast<size_t>(e.output_nr)] = Tensor();
+  return so_far;
+}
+
+uint64_t gradient_sums() { return g_gradient_sums.load(std::memory_order_relaxed); }
+
+bool writable_in_place(const Tensor& t) { return t.defined() && owned_alone(t, 1); }
 
 void backward(const std::vector<Tensor>& roots, const std::vector<Tensor>& grads, bool keep_graph) {
   KRAKEN_CHECK(roots.size() == grads.size(), "backward: ", roots.size(), " roots, ", grads.size(), " gradients");
@@ -250,6 +282,11 @@ void backward(const std::vector<Tensor>& roots, const std::vector<Tensor>& grads
       if (!n->fn_)
         KRAKEN_THROW("backward through ", n->name(), " a second time: its saved tensors were freed by the first "
                      "backward (pass keep_graph to run backward twice)");
+      // take_gradient_so_far sees this node while its closure runs (and nothing once it has returned)
+      struct Running {
+        Running(Node* n, std::unordered_map<Node*, std::vector<Tensor>>* b) { t_running = {n, b}; }
+        ~Running() { t_running = {}; }
+      } running(n, &buffers);
       if (slow_node_ms() > 0.0) {
         const auto t0 = std::chrono::steady_clock::now();
         grad_inputs = n->fn_(grad_outputs);
@@ -270,7 +307,7 @@ void backward(const std::vector<Tensor>& roots, const std::vector<Tensor>& grads
         if (has) {
           auto& slots = buffers[e.node.get()];
           slots.resize(e.node->outputs().size());
-          add_to_buffer(slots[static_cast<size_t>(e.output_nr)], grad_inputs[i]);
+          add_to_buffer(slots[static_cast<size_t>(e.output_nr)], std::move(grad_inputs[i]));
         }
       } else {
         if (has) add_to_leaf(e.leaf.get(), grad_inputs[i], 1);  // grad_inputs[i] is the engine's one handle

@@ -97,4 +97,23 @@ void accumulate_into(Tensor& dst, const Tensor& src);
 // twice per step. Only valid inside backward, for the tensor the op was recorded with.
 Tensor leaf_grad_accumulator(const Tensor& t);
 
+// For a backward closure whose kernel can add the gradient an input has already collected into its own
+// in the same pass (dx = so_far + ∂x: the LayerNorm backward, a broadcast add), where the engine would
+// add the two afterwards in a pass of its own — and first copy the partial sum when another gradient
+// shares it (an add's backward hands one tensor to both inputs): on a GPU, five passes over the tensor
+// where one suffices. Hands over the sum collected so far for input `input` of the node being run (as
+// numbered in record()) and forgets it, so the gradient the closure returns for that input must
+// include it. Undefined when nothing has arrived yet, for a leaf or for an input without an edge, and
+// when called outside a backward closure. Backward order decides which consumer sees a partial sum:
+// the later-recorded consumers of a tensor have run by then.
+Tensor take_gradient_so_far(size_t input);
+
+// How many times backward has added two contributions to one non-leaf gradient since the process
+// started (each a pass over the tensor, which a fold saves; tests read the difference across a pass).
+uint64_t gradient_sums();
+
+// Whether a gradient tensor can be written in place: `t` is its only handle (no other gradient, view or
+// history shares its memory). True for what take_gradient_so_far handed over unless it is shared.
+bool writable_in_place(const Tensor& t);
+
 }  // namespace kraken::runtime

@@ -50,11 +50,12 @@ void layernorm_forward_cpu(float* out, float* mean, float* rstd, const float* x,
 namespace {
 
 // Rows [r0, r1) of the backward (see the header), one pass per row after the sums dx needs:
-//   g = dout ∘ gamma,  dx += rstd·(g − mean(g) − x̂·mean(g ∘ x̂)),  pg += dout ∘ x̂,  pb += dout.
+//   g = dout ∘ gamma,  dx = dx_in + rstd·(g − mean(g) − x̂·mean(g ∘ x̂)),  pg += dout ∘ x̂,  pb += dout
+// (no dx_in: dx = rstd·(…), dx not read).
 // Instantiated for each combination of wanted gradients, so no loop carries a test.
 template <bool kDx, bool kGamma, bool kBeta>
-void backward_rows(float* dx, float* pg, float* pb, const float* dout, const float* x, const float* gamma,
-                   const float* mean, const float* rstd, int64_t r0, int64_t r1, int64_t C) {
+void backward_rows(float* dx, const float* dx_in, float* pg, float* pb, const float* dout, const float* x,
+                   const float* gamma, const float* mean, const float* rstd, int64_t r0, int64_t r1, int64_t C) {
   const float inv_c = 1.0f / static_cast<float>(C);
   for (int64_t r = r0; r < r1; ++r) {
     const float* doutr = dout + r * C;
@@ -73,12 +74,13 @@ void backward_rows(float* dx, float* pg, float* pb, const float* dout, const flo
       mean_gx = sum_gx * inv_c;
     }
     float* dxr = kDx ? dx + r * C : nullptr;
+    const float* dinr = kDx && dx_in ? dx_in + r * C : nullptr;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
       const float d = doutr[c];
       if constexpr (kDx || kGamma) {
         const float xhat = (xr[c] - mu) * rs;
-        if constexpr (kDx) dxr[c] += rs * (d * gamma[c] - mean_g - xhat * mean_gx);
+        if constexpr (kDx) dxr[c] = (dinr ? dinr[c] : 0.0f) + rs * (d * gamma[c] - mean_g - xhat * mean_gx);
         if constexpr (kGamma) pg[c] += d * xhat;
       }
       if constexpr (kBeta) pb[c] += d;
@@ -86,8 +88,8 @@ void backward_rows(float* dx, float* pg, float* pb, const float* dout, const flo
   }
 }
 
-using BackwardRows = void (*)(float*, float*, float*, const float*, const float*, const float*, const float*,
-                              const float*, int64_t, int64_t, int64_t);
+using BackwardRows = void (*)(float*, const float*, float*, float*, const float*, const float*, const float*,
+                              const float*, const float*, int64_t, int64_t, int64_t);
 // Indexed by dx·4 + dgamma·2 + dbeta.
 constexpr BackwardRows kBackwardRows[8] = {
     backward_rows<false, false, false>, backward_rows<false, false, true>, backward_rows<false, true, false>,
@@ -96,8 +98,9 @@ constexpr BackwardRows kBackwardRows[8] = {
 
 }  // namespace
 
-void layernorm_backward_cpu(float* dx, float* dgamma, float* dbeta, const float* dout, const float* x,
-                            const float* gamma, const float* mean, const float* rstd, int64_t rows, int64_t C) {
+void layernorm_backward_cpu(float* dx, const float* dx_in, float* dgamma, float* dbeta, const float* dout,
+                            const float* x, const float* gamma, const float* mean, const float* rstd, int64_t rows,
+                            int64_t C) {
   // in the forward pass this was: out = x̂·gamma + beta, x̂ = (x − μ)·rstd
   if (!dx && !dgamma && !dbeta) return;
   const BackwardRows run = kBackwardRows[(dx ? 4 : 0) + (dgamma ? 2 : 0) + (dbeta ? 1 : 0)];
@@ -110,7 +113,7 @@ void layernorm_backward_cpu(float* dx, float* dgamma, float* dbeta, const float*
   for (int64_t b = 0; b < blocks; ++b) {
     float* pg = params ? partial.data() + b * 2 * C : nullptr;
     float* pb = params ? pg + C : nullptr;
-    run(dx, pg, pb, dout, x, gamma, mean, rstd, b * block_rows, std::min(rows, (b + 1) * block_rows), C);
+    run(dx, dx_in, pg, pb, dout, x, gamma, mean, rstd, b * block_rows, std::min(rows, (b + 1) * block_rows), C);
   }
   if (!params) return;
   // Blocks added in block order (a few percent of the work above, so one thread does it).

@@ -506,6 +506,9 @@ void attention_backward_bf16_cuda(uint16_t* dqkv, const uint16_t* dout, const ui
     }
     kernels = attention_bf16_kernels_fallback(C / NH);
   }
+  // The hand-written kernels add into dqkv: zeros first, here, so that the caller need not zero a buffer
+  // that cuDNN (the default path) overwrites — 3·B·T·C elements a layer, a pass of its own.
+  KRAKEN_CUDA_CHECK(cudaMemsetAsync(dqkv, 0, static_cast<size_t>(B * T * 3 * C) * sizeof(uint16_t), stream));
   switch (kernels) {
     case AttentionBf16Kernels::kCudnn: break;  // (taken above)
     case AttentionBf16Kernels::kTensorCoreMma:

@@ -99,9 +99,9 @@ __global__ void add_layernorm_forward_kernel(T* s, T* out, float* mean, float* r
   layernorm_row(out, mean, rstd, static_cast<const T*>(sr), sum, gamma, beta, r, C, eps, lane);
 }
 
-// dx += rstd·(g − mean(g) − x̂·mean(g ∘ x̂)),  g = dout ∘ gamma
+// dx = dx_in + rstd·(g − mean(g) − x̂·mean(g ∘ x̂)),  g = dout ∘ gamma  (dx_in: null, dx, or another buffer)
 template <typename T>
-__global__ void layernorm_backward_dx_kernel(T* dx, const T* dout, const T* x, const float* gamma,
+__global__ void layernorm_backward_dx_kernel(T* dx, const T* dx_in, const T* dout, const T* x, const float* gamma,
                                              const float* mean, const float* rstd, int64_t rows, int C) {
   const int lane = threadIdx.x & 31;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
@@ -121,13 +121,14 @@ __global__ void layernorm_backward_dx_kernel(T* dx, const T* dout, const T* x, c
   // compiler cannot know, so element by element every load of dx waited for the previous store (the
   // bf16 kernel took 92 µs for 8192 × 768 on an H200, 0.5 TB/s). Same arithmetic per element.
   T* dxr = dx + r * C;
+  const T* dinr = dx_in ? dx_in + r * C : nullptr;
   for (int c0 = lane; c0 < C; c0 += 32 * kBatch) {
-    float acc[kBatch], g[kBatch], xhat[kBatch];
+    float acc[kBatch] = {}, g[kBatch] = {}, xhat[kBatch] = {};  // (zeroed for the emulation's host compiler)
 #pragma unroll
     for (int u = 0; u < kBatch; ++u) {
       const int c = c0 + 32 * u;
       if (c < C) {
-        acc[u] = load(dxr + c);
+        acc[u] = dinr ? load(dinr + c) : 0.0f;
         g[u] = load(doutr + c) * gamma[c];
         xhat[u] = (load(xr + c) - mu) * rs;
       }
@@ -237,12 +238,12 @@ __global__ void add_layernorm_forward_x8_kernel(T* s, T* out, float* mean, float
   normalise_row_x8<kPacks>(out + r * C, mean, rstd, v, sum, gamma, beta, r, C, eps, lane);
 }
 
-// dx += for row r from its packs in registers (the warp's lanes, lane l owning packs l, l + 32, …). With
+// dx = dx_in + … for row r from its packs in registers (the warp's lanes, lane l owning packs l, l + 32, …). With
 // kSums, also adds the row's dgamma and dbeta terms at the lane's columns, dout·x̂ (when with_gamma) and
 // dout — the f32 expressions of LayerNormParamTerms — into dg and db.
 template <bool kSums, int kPacks, typename T>
-__device__ __forceinline__ void backward_row_x8(T* dx, const T* dout, const T* x, const float* gamma, float mu,
-                                                float rs, int64_t r, int C, int lane, bool with_gamma,
+__device__ __forceinline__ void backward_row_x8(T* dx, const T* dx_in, const T* dout, const T* x, const float* gamma,
+                                                float mu, float rs, int64_t r, int C, int lane, bool with_gamma,
                                                 float (&dg)[kPacks][8], float (&db)[kPacks][8]) {
   // (zero-initialised: the emulation's host compiler cannot see that a pack is written before it is read)
   float g[kPacks][8] = {}, centred[kPacks][8] = {};
@@ -273,8 +274,8 @@ __device__ __forceinline__ void backward_row_x8(T* dx, const T* dout, const T* x
   for (int p = 0; p < kPacks; ++p) {
     const int c0 = 8 * (lane + 32 * p);
     if (c0 >= C) break;
-    float acc[8];
-    load8(dx + r * C + c0, acc);
+    float acc[8] = {};
+    if (dx_in) load8(dx_in + r * C + c0, acc);
 #pragma unroll
     for (int i = 0; i < 8; ++i) acc[i] = acc[i] + rs * (g[p][i] - mean_g - centred[p][i] * rs * mean_gx);
     store8(dx + r * C + c0, acc);
@@ -282,13 +283,13 @@ __device__ __forceinline__ void backward_row_x8(T* dx, const T* dout, const T* x
 }
 
 template <typename T, int kPacks>
-__global__ void layernorm_backward_dx_x8_kernel(T* dx, const T* dout, const T* x, const float* gamma,
+__global__ void layernorm_backward_dx_x8_kernel(T* dx, const T* dx_in, const T* dout, const T* x, const float* gamma,
                                                 const float* mean, const float* rstd, int64_t rows, int C) {
   const int lane = threadIdx.x & 31;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
   if (r >= rows) return;
   float unused[kPacks][8];
-  backward_row_x8<false>(dx, dout, x, gamma, mean[r], rstd[r], r, C, lane, false, unused, unused);
+  backward_row_x8<false>(dx, dx_in, dout, x, gamma, mean[r], rstd[r], r, C, lane, false, unused, unused);
 }
 
 // dx as above and, in the same pass over dout and x, the chunk's dgamma and dbeta terms: the
@@ -304,7 +305,7 @@ constexpr int kFusedRowsPerWarp = 4;
 constexpr int kFusedRows = kWarpsPerBlock * kFusedRowsPerWarp;  // rows per block: a chunk
 
 template <typename T, int kPacks>
-__global__ void layernorm_backward_fused_x8_kernel(T* dx, float* partials, const T* dout, const T* x,
+__global__ void layernorm_backward_fused_x8_kernel(T* dx, const T* dx_in, float* partials, const T* dout, const T* x,
                                                    const float* gamma, const float* mean, const float* rstd,
                                                    int64_t rows, int C, bool with_gamma) {
   static_assert(kPacks <= kMaxFusedPacks, "the column sums would not fit in registers");
@@ -314,7 +315,7 @@ __global__ void layernorm_backward_fused_x8_kernel(T* dx, float* partials, const
   for (int k = 0; k < kFusedRowsPerWarp; ++k) {
     const int64_t r = static_cast<int64_t>(blockIdx.x) * kFusedRows + k * kWarpsPerBlock + warp;
     if (r >= rows) break;  // (not return: the warp still takes part in the barriers below)
-    backward_row_x8<true>(dx, dout, x, gamma, mean[r], rstd[r], r, C, lane, with_gamma, dg, db);
+    backward_row_x8<true>(dx, dx_in, dout, x, gamma, mean[r], rstd[r], r, C, lane, with_gamma, dg, db);
   }
   for (int w = 0; w < kWarpsPerBlock; ++w) {
     if (warp == w) {
@@ -484,11 +485,12 @@ void add_layernorm_forward(T* s, T* out, float* mean, float* rstd, const T* a, c
 }
 
 template <typename T>
-void layernorm_backward(T* dx, float* dgamma, float* dbeta, const T* dout, const T* x, const float* gamma,
-                        const float* mean, const float* rstd, int64_t rows, int64_t C, CUstream_st* stream) {
+void layernorm_backward(T* dx, const T* dx_in, float* dgamma, float* dbeta, const T* dout, const T* x,
+                        const float* gamma, const float* mean, const float* rstd, int64_t rows, int64_t C,
+                        CUstream_st* stream) {
   // in the forward pass this was: out = x̂·gamma + beta, x̂ = (x − μ)·rstd
   if (rows <= 0) return;
-  if (dx && (dgamma || dbeta) && all_aligned16({dx, dout, x, gamma}) && C <= 32 * 8 * kMaxFusedPacks &&
+  if (dx && (dgamma || dbeta) && all_aligned16({dx, dx_in, dout, x, gamma}) && C <= 32 * 8 * kMaxFusedPacks &&
       with_packs_per_lane(C, [&](auto packs) {
         constexpr int kPacks = decltype(packs)::value;
         if constexpr (kPacks <= kMaxFusedPacks) {
@@ -498,7 +500,7 @@ void layernorm_backward(T* dx, float* dgamma, float* dbeta, const T* dout, const
               cuda_detail::ScratchSlot::kColumnSums, sizeof(float) * static_cast<size_t>(2 * chunks * C)));
           KRAKEN_KERNEL(static_cast<unsigned>(chunks), kWarpsPerBlock * 32, 0, stream,
                         layernorm_backward_fused_x8_kernel<T, kPacks>)
-          (dx, partials, dout, x, gamma, mean, rstd, rows, static_cast<int>(C), dgamma != nullptr);
+          (dx, dx_in, partials, dout, x, gamma, mean, rstd, rows, static_cast<int>(C), dgamma != nullptr);
           KRAKEN_CUDA_LAUNCH_CHECK();
           cuda_detail::launch_column_totals<2>(partials, chunks, C, LayerNormParamAccumulate{dgamma, dbeta},
                                                stream);
@@ -506,13 +508,13 @@ void layernorm_backward(T* dx, float* dgamma, float* dbeta, const T* dout, const
       }))
     return;
   if (dx) {
-    if (!(all_aligned16({dx, dout, x, gamma}) && with_packs_per_lane(C, [&](auto packs) {
+    if (!(all_aligned16({dx, dx_in, dout, x, gamma}) && with_packs_per_lane(C, [&](auto packs) {
           KRAKEN_KERNEL(row_blocks(rows), kWarpsPerBlock * 32, 0, stream,
                         layernorm_backward_dx_x8_kernel<T, decltype(packs)::value>)
-          (dx, dout, x, gamma, mean, rstd, rows, static_cast<int>(C));
+          (dx, dx_in, dout, x, gamma, mean, rstd, rows, static_cast<int>(C));
         }))) {
       KRAKEN_KERNEL(row_blocks(rows), kWarpsPerBlock * 32, 0, stream, layernorm_backward_dx_kernel<T>)(
-          dx, dout, x, gamma, mean, rstd, rows, static_cast<int>(C));
+          dx, dx_in, dout, x, gamma, mean, rstd, rows, static_cast<int>(C));
     }
     KRAKEN_CUDA_LAUNCH_CHECK();
   }
@@ -534,10 +536,10 @@ void layernorm_forward_cuda(float* out, float* mean, float* rstd, const float* x
   layernorm_forward(out, mean, rstd, x, gamma, beta, rows, C, eps, stream);
 }
 
-void layernorm_backward_cuda(float* dx, float* dgamma, float* dbeta, const float* dout, const float* x,
-                             const float* gamma, const float* mean, const float* rstd, int64_t rows, int64_t C,
-                             CUstream_st* stream) {
-  layernorm_backward(dx, dgamma, dbeta, dout, x, gamma, mean, rstd, rows, C, stream);
+void layernorm_backward_cuda(float* dx, const float* dx_in, float* dgamma, float* dbeta, const float* dout,
+                             const float* x, const float* gamma, const float* mean, const float* rstd, int64_t rows,
+                             int64_t C, CUstream_st* stream) {
+  layernorm_backward(dx, dx_in, dgamma, dbeta, dout, x, gamma, mean, rstd, rows, C, stream);
 }
 
 void layernorm_forward_bf16_cuda(uint16_t* out, float* mean, float* rstd, const uint16_t* x, const float* gamma,
@@ -545,10 +547,10 @@ void layernorm_forward_bf16_cuda(uint16_t* out, float* mean, float* rstd, const 
   layernorm_forward(as_bf16(out), mean, rstd, as_bf16(x), gamma, beta, rows, C, eps, stream);
 }
 
-void layernorm_backward_bf16_cuda(uint16_t* dx, float* dgamma, float* dbeta, const uint16_t* dout, const uint16_t* x,
-                                  const float* gamma, const float* mean, const float* rstd, int64_t rows, int64_t C,
-                                  CUstream_st* stream) {
-  layernorm_backward(as_bf16(dx), dgamma, dbeta, as_bf16(dout), as_bf16(x), gamma, mean, rstd, rows, C, stream);
+void layernorm_backward_bf16_cuda(uint16_t* dx, const uint16_t* dx_in, float* dgamma, float* dbeta,
+                                  const uint16_t* dout, const uint16_t* x, const float* gamma, const float* mean,
+                                  const float* rstd, int64_t rows, int64_t C, CUstream_st* stream) {
+  layernorm_backward(as_bf16(dx), as_bf16(dx_in), dgamma, dbeta, as_bf16(dout), as_bf16(x), gamma, mean, rstd, rows, C, stream);
 }
 
 void add_layernorm_forward_cuda(float* s, float* out, float* mean, float* rstd, const float* a, const float* b,

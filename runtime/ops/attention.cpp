@@ -48,9 +48,10 @@ Tensor attention(const Tensor& qkv, int64_t n_head) {
     record("attention", {qkv}, {out}, [qkv_saved, out_saved, lse, B, T, C, n_head, bf16](const std::vector<Tensor>& g) {
       // in the forward pass this was: out = softmax(q·kᵀ/√D + mask)·v, per head
       const Tensor& dout = g[0];
-      // Zeros: the hand-written kernels add their gradient into dqkv, cuDNN's (KRAKEN_CUDA_ATTENTION=cudnn)
-      // overwrites it; starting from zeros, both leave exactly ∂L/∂qkv (kernels/attention.h).
-      Tensor dqkv = Tensor::zeros(qkv_saved.shape(), qkv_saved.dtype(), qkv_saved.device());
+      // The bf16 dispatch overwrites dqkv (cuDNN writes it; before the hand-written kernels, which add
+      // into it, the dispatch zeroes it: kernels/attention.h). The f32 kernels add into zeros.
+      Tensor dqkv = bf16 ? Tensor::empty(qkv_saved.shape(), qkv_saved.dtype(), qkv_saved.device())
+                         : Tensor::zeros(qkv_saved.shape(), qkv_saved.dtype(), qkv_saved.device());
       if (bf16) {
         KRAKEN_CUDA_ONLY(dqkv.device(), kernels::attention_backward_bf16_cuda(
                                             dqkv.data<uint16_t>(), dout.data<uint16_t>(), qkv_saved.data<uint16_t>(),

@@ -45,16 +45,11 @@ Tensor reduce_to(const Tensor& g, const Shape& shape) {
   return out;
 }
 
-}  // namespace
-
-Tensor add(const Tensor& a, const Tensor& b) {
-  const DType dtype = check_float_pair("add", a, b);
+// out = a + b (b repeated over a's leading dims), out of a's shape and dtype; out may be a. Not for bf16
+// on the CPU (the ops widen there).
+void add_kernel(const Tensor& out, const Tensor& a, const Tensor& b) {
+  const DType dtype = a.dtype();
   const bool broadcast = a.shape() != b.shape();
-  if (broadcast && !is_trailing(a.shape(), b.shape()))
-    KRAKEN_THROW("add: shapes ", shape_str(a.shape()), " and ", shape_str(b.shape()),
-                 " do not match, and the second is not a trailing part of the first");
-  if (widen_on_cpu(a)) return narrow(add(widen(a), widen(b)));
-  Tensor out = Tensor::empty(a.shape(), dtype, a.device());
   if (dtype == DType::BF16) {
     const int64_t cols = b.numel();
     const int64_t rows = cols == 0 ? 0 : a.numel() / cols;
@@ -74,6 +69,19 @@ Tensor add(const Tensor& a, const Tensor& b) {
     KRAKEN_ON_DEVICE(a.device(), kernels::add_cpu(out.data<float>(), a.data<float>(), b.data<float>(), a.numel()),
                      kernels::add_cuda(out.data<float>(), a.data<float>(), b.data<float>(), a.numel(), stream_of(a)));
   }
+}
+
+}  // namespace
+
+Tensor add(const Tensor& a, const Tensor& b) {
+  const DType dtype = check_float_pair("add", a, b);
+  const bool broadcast = a.shape() != b.shape();
+  if (broadcast && !is_trailing(a.shape(), b.shape()))
+    KRAKEN_THROW("add: shapes ", shape_str(a.shape()), " and ", shape_str(b.shape()),
+                 " do not match, and the second is not a trailing part of the first");
+  if (widen_on_cpu(a)) return narrow(add(widen(a), widen(b)));
+  Tensor out = Tensor::empty(a.shape(), dtype, a.device());
+  add_kernel(out, a, b);
   if (needs_grad({a, b})) {
     const Shape b_shape = b.shape();
     const bool b_needs = b.requires_grad();
@@ -216,6 +224,17 @@ Tensor sum_stack(const Tensor& x) {
     const Shape x_shape = x.shape();
     record("sum_stack", {x}, {out}, [x_shape, G](const std::vector<Tensor>& g) {
       // in the forward pass this was: out = Σ_g x[g]; every block receives dout
+      // What x's other consumers sent (a Kraken layer's LayerNorms and residual add) gets dout added to
+      // every block in one broadcast add, in place where it is ours alone: where copies of dout into a
+      // new gradient and the engine's sum after took three passes over x's size.
+      Tensor so_far = take_gradient_so_far(0);
+      if (so_far.defined()) {
+        if (so_far.shape() != x_shape || so_far.dtype() != g[0].dtype())
+          KRAKEN_THROW("gradient accumulation: cannot add sum_stack's ", g[0].describe(), " into ", so_far.describe());
+        if (!writable_in_place(so_far) || widen_on_cpu(so_far)) return std::vector<Tensor>{add(so_far, g[0])};
+        add_kernel(so_far, so_far, g[0]);
+        return std::vector<Tensor>{so_far};
+      }
       Tensor dx = Tensor::empty(x_shape, g[0].dtype(), g[0].device());
       for (int64_t b = 0; b < G; ++b) {
         Tensor block = dx.slice(b, b + 1);

@@ -83,10 +83,11 @@ Saved save(const Tensor& x_saved, const Affine& p, const Tensor& mean, const Ten
   return s;
 }
 
-// dx (+)= ∂L/∂x given dout, and every dgamma, dbeta (new, f32): {dx, dgammas..., dbetas...}. dx arrives
-// zeroed, or holding a gradient that reaches x by another path (the residual stream of the fused op),
-// which the kernel adds to.
-std::vector<Tensor> layernorm_backward(const Saved& s, const Tensor& dout, Tensor dx) {
+// dx = dx_in + ∂L/∂x given dout, and every dgamma, dbeta (new, f32): {dx, dgammas..., dbetas...}. dx_in
+// (may be undefined, or dx itself) is the gradient that reaches x by other paths — the residual stream
+// of the fused op, or what x's later consumers have sent (runtime::take_gradient_so_far) — added by the
+// kernel in its pass; dx is only written.
+std::vector<Tensor> layernorm_backward(const Saved& s, const Tensor& dout, Tensor dx, const Tensor& dx_in) {
   // in the forward pass this was: out = (x − μ)·rstd·gamma + beta, per block of rows
   const Device device = dout.device();
   const size_t G = s.gamma_needs.size();
@@ -103,19 +104,21 @@ std::vector<Tensor> layernorm_backward(const Saved& s, const Tensor& dout, Tenso
     const float* rstd = s.rstd.data<float>() + row0;
     if (dout.dtype() == DType::BF16) {  // only on CUDA: the CPU widened in forward
       uint16_t* dx_ptr = dx.defined() ? dx.data<uint16_t>() + e0 : nullptr;
+      const uint16_t* dx_in_ptr = dx.defined() && dx_in.defined() ? dx_in.data<uint16_t>() + e0 : nullptr;
       const uint16_t* x_ptr = s.x.defined() ? s.x.data<uint16_t>() + e0 : nullptr;
-      KRAKEN_CUDA_ONLY(device, kernels::layernorm_backward_bf16_cuda(dx_ptr, dgamma_ptr, dbeta_ptr,
+      KRAKEN_CUDA_ONLY(device, kernels::layernorm_backward_bf16_cuda(dx_ptr, dx_in_ptr, dgamma_ptr, dbeta_ptr,
                                                                      dout.data<uint16_t>() + e0, x_ptr, gamma_ptr, mean,
                                                                      rstd, rows, C, stream_of(dout)));
       continue;
     }
     float* dx_ptr = dx.defined() ? dx.data<float>() + e0 : nullptr;
+    const float* dx_in_ptr = dx.defined() && dx_in.defined() ? dx_in.data<float>() + e0 : nullptr;
     const float* x_ptr = s.x.defined() ? s.x.data<float>() + e0 : nullptr;
     const float* dout_ptr = dout.data<float>() + e0;
     KRAKEN_ON_DEVICE(device,
-                     kernels::layernorm_backward_cpu(dx_ptr, dgamma_ptr, dbeta_ptr, dout_ptr, x_ptr, gamma_ptr, mean,
+                     kernels::layernorm_backward_cpu(dx_ptr, dx_in_ptr, dgamma_ptr, dbeta_ptr, dout_ptr, x_ptr, gamma_ptr, mean,
                                                      rstd, rows, C),
-                     kernels::layernorm_backward_cuda(dx_ptr, dgamma_ptr, dbeta_ptr, dout_ptr, x_ptr, gamma_ptr, mean,
+                     kernels::layernorm_backward_cuda(dx_ptr, dx_in_ptr, dgamma_ptr, dbeta_ptr, dout_ptr, x_ptr, gamma_ptr, mean,
                                                       rstd, rows, C, stream_of(dout)));
   }
   std::vector<Tensor> grads{dx};
@@ -177,7 +180,17 @@ Tensor layernorm_affine(const Tensor& x, const Affine& p, float eps) {
     const Saved s = save(x.detach(), p, mean, rstd, rows, C, x.requires_grad());
     record("layernorm", inputs, {out}, [s](const std::vector<Tensor>& g) {
       const Tensor& dout = g[0];
-      return layernorm_backward(s, dout, s.x_needs ? Tensor::zeros(dout.shape(), dout.dtype(), dout.device()) : Tensor());
+      if (!s.x_needs) return layernorm_backward(s, dout, Tensor(), Tensor());
+      // x's other consumers' gradient (a residual stream's), added in this pass: in place where it is
+      // ours alone, else into a new buffer — never the engine's copy of a shared sum and add after.
+      Tensor so_far = take_gradient_so_far(0);
+      if (so_far.defined()) {  // as the engine's sum would check
+        check_same_shape("layernorm backward", so_far, dout);
+        if (so_far.dtype() != dout.dtype())
+          KRAKEN_THROW("gradient accumulation: cannot add ", dout.describe(), " into ", so_far.describe());
+      }
+      Tensor dx = writable_in_place(so_far) ? so_far : Tensor::empty(dout.shape(), dout.dtype(), dout.device());
+      return layernorm_backward(s, dout, dx, so_far);
     });
   }
   return out;
@@ -225,8 +238,12 @@ std::vector<Tensor> add_layernorm_affine(const Tensor& a, const Tensor& b, const
       // in the forward pass this was: s = a + b, out = layernorm(s)
       const Tensor& ds = g[0];
       const Tensor& dout = g[1];
-      Tensor dx = saved.x_needs ? ds.clone() : Tensor();
-      std::vector<Tensor> grads = layernorm_backward(saved, dout, dx);
+      // dx = ds + the normalisation's gradient in one pass: into ds itself where the engine's handle is
+      // its only one, else a new buffer (no copy of ds first).
+      Tensor dx = !saved.x_needs        ? Tensor()
+                  : writable_in_place(ds) ? ds
+                                          : Tensor::empty(ds.shape(), ds.dtype(), ds.device());
+      std::vector<Tensor> grads = layernorm_backward(saved, dout, dx, ds);
       grads.insert(grads.begin() + 1, grads[0]);  // da = db = dx
       return grads;
     });

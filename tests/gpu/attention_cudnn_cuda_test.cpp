@@ -73,15 +73,15 @@ struct Results {
 };
 
 // Forward from qkv; backward from the reference's out and lse into dqkv, which starts as NaNs for cuDNN
-// (it must overwrite every element) and as zeros for the kernels that add.
+// and the dispatch (they must overwrite every element) and as zeros for the kernels that add.
 Results run(Path path, const Case& c, int64_t offset = 0) {
   const Shape4& s = c.s;
   const int64_t B = s.B, T = s.T, C = s.C, NH = s.NH;
   const uint16_t kNaN = 0x7fc0;
   DeviceBf16 qkv_d(c.qkv, offset), out_d(std::vector<uint16_t>(static_cast<size_t>(B * T * C), kNaN), offset);
   DeviceBf16 out_in_d(c.out_rounded_bits, offset), dout_d(c.dout, offset);
-  DeviceBf16 dqkv_d(std::vector<uint16_t>(static_cast<size_t>(B * T * 3 * C), path == Path::kCudnn ? kNaN : 0),
-                    offset);
+  const bool overwrites = path == Path::kCudnn || path == Path::kDispatch;  // (the dispatch zeroes for the others)
+  DeviceBf16 dqkv_d(std::vector<uint16_t>(static_cast<size_t>(B * T * 3 * C), overwrites ? kNaN : 0), offset);
   Tensor lse_d = Tensor::full({B, NH, T}, -12345.0f).to(gpu());
   const Tensor lse_in_d = Tensor::from_vector(c.lse, {B, NH, T}).to(gpu());
   switch (path) {
@@ -198,7 +198,7 @@ void check_dispatch(const Shape4& s) {
   const std::string what = "attention dispatch " + s.str() + " (" + (to_cudnn ? "cudnn" : attention_bf16_kernels_name(fallback)) +
                            (choice.empty() ? ", KRAKEN_CUDA_ATTENTION unset" : ", KRAKEN_CUDA_ATTENTION=cudnn") + ")";
   if (to_cudnn) {
-    // The dispatch's dqkv starts as zeros, cuDNN's as NaNs: equal bits say cuDNN wrote every element.
+    // The dispatch's and cuDNN's dqkv start as NaNs: equal bits say cuDNN wrote every element.
     const Results a = run(Path::kDispatch, c), b = run(Path::kCudnn, c);
     EXPECT_EQ(a.out_bits, b.out_bits) << what << ": out";
     EXPECT_EQ(a.lse, b.lse) << what << ": lse";
@@ -208,8 +208,8 @@ void check_dispatch(const Shape4& s) {
     EXPECT_EQ(a.out_bits, b.out_bits) << what << ": out";
     EXPECT_EQ(a.dqkv_bits, b.dqkv_bits) << what << ": dqkv";
   }
-  // Buffers only 2-byte aligned: cuDNN cannot take them, the dispatch falls back (into zeros: run() gives
-  // the dispatch zeros, which the fallback adds to).
+  // Buffers only 2-byte aligned: cuDNN cannot take them, the dispatch falls back, zeroing dqkv (run() gives
+  // the dispatch NaNs, the mma kernels zeros) for the fallback to add to.
   if (fallback == AttentionBf16Kernels::kTensorCoreMma) {
     const Results a = run(Path::kDispatch, c, 1), b = run(Path::kMma, c, 1);
     EXPECT_EQ(a.out_bits, b.out_bits) << what << " unaligned: out";

@@ -80,6 +80,11 @@ Tensor f32_on_gpu(const std::vector<float>& v) {
 uint16_t* bits(const Tensor& t) { return t.data<uint16_t>(); }
 float* f32(const Tensor& t) { return t.data<float>(); }
 
+// A bf16 buffer of quiet NaNs on the GPU: an output a kernel must only write (any read shows in the result).
+Tensor bf16_nans_on_gpu(const Shape& shape) {
+  return Tensor::full(shape, std::numeric_limits<float>::quiet_NaN()).to(DType::BF16).to(gpu());
+}
+
 // A bf16 device output against the rounded reference: |got − ref| ≤ 2⁻⁷·|ref| + rel·max|ref|.
 void expect_bf16_close(const Tensor& got_dev, const std::vector<float>& ref, double rel, const std::string& what) {
   ASSERT_EQ(got_dev.dtype(), DType::BF16) << what;
@@ -209,13 +214,28 @@ void check_layernorm(int64_t rows, int64_t C, bool with_beta) {
   const Tensor dout_dev = dout16.to(gpu()), dx_dev = dx16.to(gpu());
   const Tensor dgamma_dev = f32_on_gpu(dgamma), dbeta_dev = f32_on_gpu(dbeta);
   const Tensor mean_in = f32_on_gpu(mean), rstd_in = f32_on_gpu(rstd);
-  layernorm_backward_bf16_cuda(bits(dx_dev), f32(dgamma_dev), with_beta ? f32(dbeta_dev) : nullptr, bits(dout_dev),
-                               bits(x_dev), f32(gamma_dev), f32(mean_in), f32(rstd_in), rows, C, stream());
-  layernorm_backward_cpu(dx.data(), dgamma.data(), with_beta ? dbeta.data() : nullptr, dout.data(), x.data(),
-                         gamma.data(), mean.data(), rstd.data(), rows, C);
+  layernorm_backward_bf16_cuda(bits(dx_dev), bits(dx_dev), f32(dgamma_dev), with_beta ? f32(dbeta_dev) : nullptr,
+                               bits(dout_dev), bits(x_dev), f32(gamma_dev), f32(mean_in), f32(rstd_in), rows, C,
+                               stream());
+  layernorm_backward_cpu(dx.data(), dx.data(), dgamma.data(), with_beta ? dbeta.data() : nullptr, dout.data(),
+                         x.data(), gamma.data(), mean.data(), rstd.data(), rows, C);
   expect_bf16_close(dx_dev, testing::round_bf16(dx), 1e-5, what + ": dx +=");
   expect_f32_close(dgamma_dev, dgamma, 1e-5, what + ": dgamma +=");
   if (with_beta) expect_f32_close(dbeta_dev, dbeta, 1e-5, what + ": dbeta +=");
+
+  // Without dx_in dx is only written: it starts as NaNs, which a read would carry into the result. Once
+  // with the parameters' sums in the pass, once without (the dx-only kernels).
+  for (const bool params : {true, false}) {
+    const Tensor dx_fresh = bf16_nans_on_gpu({rows, C});
+    std::vector<float> dx_cpu(static_cast<size_t>(rows * C), 0.0f);
+    layernorm_backward_bf16_cuda(bits(dx_fresh), nullptr, params ? f32(dgamma_dev) : nullptr,
+                                 params && with_beta ? f32(dbeta_dev) : nullptr, bits(dout_dev), bits(x_dev),
+                                 f32(gamma_dev), f32(mean_in), f32(rstd_in), rows, C, stream());
+    layernorm_backward_cpu(dx_cpu.data(), nullptr, nullptr, nullptr, dout.data(), x.data(), gamma.data(), mean.data(),
+                           rstd.data(), rows, C);
+    expect_bf16_close(dx_fresh, testing::round_bf16(dx_cpu), 1e-5,
+                      what + (params ? ": dx = (no dx_in)" : ": dx = (no dx_in, no dgamma/dbeta)"));
+  }
 }
 
 // ---- attention --------------------------------------------------------------------------------------

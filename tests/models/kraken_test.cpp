@@ -4,12 +4,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <set>
 
 #include "models/kraken.h"
 #include "parallel/grad_sync.h"
+#include "runtime/allocator.h"
 #include "runtime/autograd.h"
 #include "runtime/ops.h"
 #include "runtime/safetensors.h"
@@ -336,6 +338,54 @@ TEST(KrakenModel, MixedPrecisionGradientsReachGradSyncLayerByLayer) {
 TEST(KrakenModel, MixedPrecisionDegree1TracksFp32) { check_mixed_precision_tracks_fp32("gpt2_tiny.safetensors"); }
 
 TEST(KrakenModel, MixedPrecisionDegree2TracksFp32) { check_mixed_precision_tracks_fp32("kraken2_tiny.safetensors"); }
+
+// A backward pass moves gradients through kernels, not through copies and zero fills on the side (a
+// GPU profile of kernels does not even list them): every LayerNorm's dx was a zero fill, where a tensor
+// has several consumers the engine copied a shared partial sum before adding the next contribution, and
+// sum_stack copied dS into every stream. Measured on the second pass, when every parameter gradient exists
+// (the first creates them zeroed). What remains on the CPU, and bounds the counts below: zero fills of
+// the attention's dqkv (3 X a layer, X the layer's (n, B, T, C) streams) and of GELU's dx (e·X: the CPU
+// kernels add into zeros; on a GPU the cuDNN attention and the bf16 MLP write theirs), of dS (X / n per
+// layer that has S) and of small gradients (bias sums, dgamma and dbeta, the wpe slice's: twice the bytes
+// of the vector parameters and wpe bound them); copies of the stacked weights' gradients
+// (stack_many's f32 backward, parameter-sized) and, once per step, of the streams at the head and the
+// embedding (3 X).
+TEST(KrakenModel, BackwardCopiesAndZeroFillsNoWholeActivation) {
+  for (const int64_t degree : {int64_t{1}, int64_t{4}}) {
+    SCOPED_TRACE("degree " + std::to_string(degree));
+    KrakenConfig c = small_config(degree);
+    c.context = 32;
+    KrakenModel model(c);
+    model.initialize(3);
+    std::vector<int32_t> id_values(4 * 32), target_values(4 * 32);
+    for (size_t i = 0; i < id_values.size(); ++i) {
+      id_values[i] = static_cast<int32_t>((i * 7 + 3) % 29);
+      target_values[i] = static_cast<int32_t>((i * 5 + 1) % 29);
+    }
+    const Tensor ids = Tensor::from_ints(id_values, {4, 32}), targets = Tensor::from_ints(target_values, {4, 32});
+    runtime::backward(model.loss(ids, targets, nullptr, false));
+    const Tensor loss = model.loss(ids, targets, nullptr, false);
+    const runtime::MemoryTraffic before = runtime::memory_traffic();
+    runtime::backward(loss);
+    const runtime::MemoryTraffic moved = runtime::memory_traffic() - before;
+    int64_t params = 0, small = 0;
+    for (auto& p : model.named_parameters()) {
+      params += p.tensor.numel();
+      if (p.tensor.dim() == 1 || p.name == "wpe.weight") small += p.tensor.numel();
+    }
+    const int64_t streams = 4 * 32 * c.n_embd * 4 * degree;  // bytes of X, a layer's (n, B, T, C) streams
+    const int64_t L = c.n_layer, e = c.mlp_expansion;
+    const int64_t fill_bound = L * (3 + e) * streams + (degree > 1 ? (L - 1) * streams / degree : 0) + 2 * small * 4;
+    const int64_t copy_bound = params * 4 + 3 * streams;
+    EXPECT_LE(static_cast<int64_t>(moved.zeroed_bytes), fill_bound) << moved.fills << " zero fills";
+    EXPECT_LE(static_cast<int64_t>(moved.copied_bytes), copy_bound) << moved.copies << " copies";
+    std::printf("degree %lld backward: %llu copies (%llu bytes, bound %lld), %llu zero fills (%llu bytes, bound %lld)\n",
+                static_cast<long long>(degree), static_cast<unsigned long long>(moved.copies),
+                static_cast<unsigned long long>(moved.copied_bytes), static_cast<long long>(copy_bound),
+                static_cast<unsigned long long>(moved.fills), static_cast<unsigned long long>(moved.zeroed_bytes),
+                static_cast<long long>(fill_bound));
+  }
+}
 
 }  // namespace
 }  // namespace kraken::models
