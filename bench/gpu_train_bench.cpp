@@ -400,7 +400,7 @@ void bench_kernels(const DeviceInfo& dev, Report& r) {
                                                  gamma.data<float>(), beta.data<float>(), N, C, 1e-5f, nullptr); }));
     // dx: reads dout, x and dx, writes dx; dgamma/dbeta: read dout and x again.
     row("layernorm backward", f * (6.0 * N * C + 2 * N),
-        time_kernel([&] { layernorm_backward_cuda(dx.data<float>(), dgamma.data<float>(), dbeta.data<float>(),
+        time_kernel([&] { layernorm_backward_cuda(dx.data<float>(), dx.data<float>(), dgamma.data<float>(), dbeta.data<float>(),
                                                   dout.data<float>(), x.data<float>(), gamma.data<float>(),
                                                   mean.data<float>(), rstd.data<float>(), N, C, nullptr); }));
   }
@@ -428,12 +428,20 @@ void bench_kernels(const DeviceInfo& dev, Report& r) {
                                                           rstd.data<float>(), x.data<uint16_t>(), a.data<uint16_t>(),
                                                           gamma.data<float>(), beta.data<float>(), N, C, 1e-5f,
                                                           nullptr); }));
-    // dx reads dout, x and dx and writes dx; dgamma and dbeta come from the same reads. (Rows recorded
-    // before the fifth session's LayerNorm change counted their separate pass: 6 × N·C bytes.)
+    // dx = dx_in + …: reads dout, x and dx_in, writes dx; dgamma and dbeta come from the same reads. (Rows
+    // recorded before the fifth session's LayerNorm change counted their separate pass: 6 × N·C bytes.)
     row("bf16 layernorm backward (dx, dgamma, dbeta in one pass)", h * 4.0 * N * C + f * 2 * N,
-        time_kernel([&] { layernorm_backward_bf16_cuda(dx.data<uint16_t>(), dgamma.data<float>(), dbeta.data<float>(),
-                                                       dout.data<uint16_t>(), x.data<uint16_t>(), gamma.data<float>(),
-                                                       mean.data<float>(), rstd.data<float>(), N, C, nullptr); }));
+        time_kernel([&] { layernorm_backward_bf16_cuda(dx.data<uint16_t>(), s.data<uint16_t>(), dgamma.data<float>(),
+                                                       dbeta.data<float>(), dout.data<uint16_t>(), x.data<uint16_t>(),
+                                                       gamma.data<float>(), mean.data<float>(), rstd.data<float>(), N, C,
+                                                       nullptr); }));
+    // Without another path's gradient (dx_in null): dx is only written, where the ninth session's ops
+    // zeroed it first and the kernel read it back.
+    row("bf16 layernorm backward, dx written only (no dx_in)", h * 3.0 * N * C + f * 2 * N,
+        time_kernel([&] { layernorm_backward_bf16_cuda(dx.data<uint16_t>(), nullptr, dgamma.data<float>(),
+                                                       dbeta.data<float>(), dout.data<uint16_t>(), x.data<uint16_t>(),
+                                                       gamma.data<float>(), mean.data<float>(), rstd.data<float>(), N, C,
+                                                       nullptr); }));
     Tensor u = bf16(normal({n}, 72)), gu = bf16(normal({n}, 73)), du = bf16(normal({n}, 74)), gx = bf16(normal({n}, 75));
     row("bf16 GELU forward", h * 2.0 * n,
         time_kernel([&] { gelu_forward_bf16_cuda(gu.data<uint16_t>(), u.data<uint16_t>(), n, nullptr); }));
@@ -577,7 +585,10 @@ void bench_kraken_products(Report& r) {
   } shapes[] = {{"c_attn forward (8192×504)·(504×1512)", rows, 3 * C, C, false, true},
                 {"c_attn weight gradient (1512×8192)·(8192×504)", 3 * C, C, rows, true, false},
                 {"MLP c_proj weight gradient (504×8192)·(8192×1008)", C, 2 * C, rows, true, false},
-                // B = 64: a K eight times longer over the same few output tiles
+                // B = 32 and 64: a K four and eight times longer over the same few output tiles (the batched
+                // entry point takes one strided batch up to K = 32,768, one product per matrix above)
+                {"c_attn weight gradient at B = 32 (1512×32768)·(32768×504)", 3 * C, C, 4 * rows, true, false},
+                {"MLP c_proj weight gradient at B = 32 (504×32768)·(32768×1008)", C, 2 * C, 4 * rows, true, false},
                 {"c_attn weight gradient at B = 64 (1512×65536)·(65536×504)", 3 * C, C, 8 * rows, true, false},
                 {"MLP c_proj weight gradient at B = 64 (504×65536)·(65536×1008)", C, 2 * C, 8 * rows, true, false}};
   for (const Shape& sh : shapes) {
@@ -596,7 +607,9 @@ void bench_kraken_products(Report& r) {
     });
     r.line("| Kraken 4-way %s, 4 sub-layers: one product each | %.3f | %.1f TFLOP/s |", sh.name, one_each * 1e3,
            flops / one_each / 1e12);
-    r.line("| the same 4 as one strided-batch product | %.3f | %.1f TFLOP/s |", batched * 1e3, flops / batched / 1e12);
+    r.line("| the same 4 through matmul_bf16_batched_cuda (%s) | %.3f | %.1f TFLOP/s |",
+           sh.K > 32768 ? "above K = 32,768: one product each" : "one strided-batch product", batched * 1e3,
+           flops / batched / 1e12);
   }
 }
 

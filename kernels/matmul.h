@@ -37,9 +37,11 @@ enum class MatmulEpilogue { kNone, kBias, kGelu, kBiasGelu };
 void matmul_bf16_cuda(void* out, bool out_bf16, const uint16_t* a, const uint16_t* b, const void* bias, int64_t M,
                       int64_t N, int64_t K, bool trans_a, bool trans_b, MatmulEpilogue epilogue, CUstream_st* stream);
 // The batched form without an epilogue: `batch` products at the given element strides (out's in its
-// own type; a stride of 0 reuses one matrix) in one cuBLASLt strided-batch call; where cuBLASLt has no
-// algorithm for that, or KRAKEN_CUDA_BATCHED_PRODUCTS=0 (read once; for measuring one against the
-// other), one product per matrix.
+// own type; a stride of 0 reuses one matrix) in one cuBLASLt strided-batch call; one product per matrix
+// where K > 32,768 (long sums into few outputs, the weight gradients of large batches: a single product
+// splits K, a strided batch did not — kernels/cuda/matmul_lt.cu), where cuBLASLt has no algorithm for the
+// batch, or as KRAKEN_CUDA_BATCHED_PRODUCTS says (read once; 1: always batched, 0: never; for measuring
+// one against the other).
 void matmul_bf16_batched_cuda(void* out, bool out_bf16, const uint16_t* a, const uint16_t* b, int64_t batch, int64_t M,
                               int64_t N, int64_t K, bool trans_a, bool trans_b, int64_t stride_out, int64_t stride_a,
                               int64_t stride_b, CUstream_st* stream);

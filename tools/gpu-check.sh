@@ -292,11 +292,13 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
     if [[ -f "$logs/bench-$name.md" ]]; then grep -E '^\|' "$logs/bench-$name.md" >> "$report"; else md_tail "$logs/bench-$name.log" 20; fi
     [[ $rc -eq 0 ]] || fail "benchmark with $setting (exit status $rc)"
   }
-  # The Kraken preset's grouped products one per sub-layer instead of one strided batch: the stacked
-  # model was faster at B = 8 and 32 but slower at 64 on an H100 (bench/RESULTS.md); this says whether
-  # the batched weight gradients (few output tiles, K = B·T) are why.
+  # The Kraken preset's grouped products: by default one strided batch up to K = 32,768, one product per
+  # matrix above (the weight gradients at B = 64: kernels/cuda/matmul_lt.cu). Always batched at B = 32 and
+  # 64, never at 32: where between K = 8,192 and 65,536 the loop starts to win (bench/RESULTS.md).
+  bench_variant batched KRAKEN_CUDA_BATCHED_PRODUCTS=1 150 90 "every grouped product one strided batch" \
+    --training-only --model kraken4 --batch 32,64
   bench_variant loop KRAKEN_CUDA_BATCHED_PRODUCTS=0 150 90 "the grouped products one per sub-layer" \
-    --training-only --model kraken4 --batch 8,64
+    --training-only --model kraken4 --batch 32
   # The mma attention kernels, the default before cuDNN's (kernels/attention.h), at B = 8 and 64.
   bench_variant mma KRAKEN_CUDA_ATTENTION=mma 150 90 "the mma attention kernels" --training-only --batch 8,64
   # (Measured on an H200 and settled, so no longer rerun: KRAKEN_CUDA_EPILOGUES=0 and =2, both slower

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/cuda/check.h"
 #include "kernels/cuda/column_sums.h"
@@ -87,6 +88,23 @@ __global__ void sum_rows_kernel(T* db, const T* dout, int64_t rows, int64_t cols
     float acc = 0.0f;
     for (int64_t r = 0; r < rows; ++r) acc += load(dout + r * cols + c);
     store(db + c, load(db + c) + acc);
+  }
+}
+// The same for bf16 with 8 columns per thread in 16-byte accesses (cols a multiple of 8, 16-byte aligned
+// rows): the Kraken layer's dS, the sum of its n streams' gradients (rows = n, cols = B·T·C), where 2-byte
+// loads one column per thread held the kernel to ~40% of an H100's bandwidth. Each column's order as above.
+__global__ void sum_rows_bf16x8_kernel(__nv_bfloat16* db, const __nv_bfloat16* dout, int64_t rows, int64_t col_packs) {
+  KRAKEN_GRID_STRIDE(p, col_packs) {
+    float acc[8] = {}, v[8];
+    for (int64_t r = 0; r < rows; ++r) {
+      load8(dout + 8 * (r * col_packs + p), v);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) acc[k] += v[k];
+    }
+    load8(db + 8 * p, v);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) v[k] = v[k] + acc[k];
+    store8(db + 8 * p, v);
   }
 }
 // Many rows (bias gradients: rows = B·T, cols = C): the two-pass column sums of column_sums.h where cols
@@ -343,6 +361,12 @@ void sum_rows(T* db, const T* dout, int64_t rows, int64_t cols, CUstream_st* s, 
     return;
   }
   if (rows < kSumGroups) {
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      if (cols % 8 == 0 && aligned16(db) && aligned16(dout)) {
+        KRAKEN_LAUNCH(sum_rows_bf16x8_kernel, cols / 8, s, db, dout, rows, cols / 8);
+        return;
+      }
+    }
     KRAKEN_LAUNCH(sum_rows_kernel<T>, cols, s, db, dout, rows, cols);
     return;
   }

@@ -302,17 +302,37 @@ bool run_product(void* out, bool out_bf16, const uint16_t* a, const uint16_t* b,
   return true;
 }
 
-// KRAKEN_CUDA_BATCHED_PRODUCTS (read once): unset or 1, batches go to cuBLASLt as one strided-batch call;
-// 0, as one product per matrix — the other side of the grouped ops' A/B (kernels/matmul.h).
-bool strided_batches() {
-  static const bool on = [] {
+// A batch whose products are long sums into few outputs — the Kraken sub-layers' weight gradients at
+// B = 64, 4 × (504 × 1008) over K = 65,536 rows — runs one product per matrix: cuBLASLt splits a single
+// product's K across the GPU (its split-K kernels), which its strided-batch plans did not. H100: 0.757 ms
+// as one batch, 0.541 ms as four products; c_attn's 4 × (1512 × 504): 0.720 vs 0.702; at K = 8,192 the
+// batch was twice as fast (0.061 vs 0.138, 0.085 vs 0.173) — bench/RESULTS.md. Measured at those two K
+// only: where between them the loop starts to win is open (B = 32, K = 32,768, stays batched).
+constexpr int64_t kPerMatrixAboveK = 32768;
+
+// KRAKEN_CUDA_BATCHED_PRODUCTS (read once): unset, batches go to cuBLASLt as one strided-batch call up to
+// kPerMatrixAboveK (above); 1, always; 0, never (one product per matrix) — the A/B of kernels/matmul.h.
+enum class StridedBatches { kUpToK, kAlways, kNever };
+StridedBatches strided_batches_mode() {
+  static const StridedBatches mode = [] {
     const char* v = std::getenv("KRAKEN_CUDA_BATCHED_PRODUCTS");
-    if (v == nullptr || *v == '\0' || std::string(v) == "1") return true;
-    if (std::string(v) == "0") return false;
+    if (v == nullptr || *v == '\0') return StridedBatches::kUpToK;
+    if (std::string(v) == "1") return StridedBatches::kAlways;
+    if (std::string(v) == "0") return StridedBatches::kNever;
     KRAKEN_THROW("KRAKEN_CUDA_BATCHED_PRODUCTS=", v,
-                 ": expected 1 (a batch of products as one cuBLASLt call; the default) or 0 (one call per matrix)");
+                 ": expected 1 (every batch of products as one cuBLASLt call), 0 (one call per matrix) or unset "
+                 "(one call up to K = ", kPerMatrixAboveK, ")");
   }();
-  return on;
+  return mode;
+}
+
+bool strided_batch(int64_t K) {
+  switch (strided_batches_mode()) {
+    case StridedBatches::kAlways: return true;
+    case StridedBatches::kNever: return false;
+    case StridedBatches::kUpToK: return K <= kPerMatrixAboveK;
+  }
+  return true;
 }
 
 // The aux matrix's rule (cublasLt.h, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD: a multiple of 8), and 16-byte
@@ -333,7 +353,7 @@ void matmul_bf16_batched_cuda(void* out, bool out_bf16, const uint16_t* a, const
                               int64_t stride_b, CUstream_st* stream) {
   KRAKEN_CHECK(batch >= 0 && batch < (1LL << 31), "matmul_bf16_batched_cuda: batch ", batch);
   if (batch == 0 || M == 0 || N == 0) return;
-  if (batch > 1 && strided_batches() && run_product(out, out_bf16, a, b, nullptr, nullptr, M, N, K, trans_a, trans_b,
+  if (batch > 1 && strided_batch(K) && run_product(out, out_bf16, a, b, nullptr, nullptr, M, N, K, trans_a, trans_b,
                                CUBLASLT_EPILOGUE_DEFAULT, stream, batch, stride_a, stride_b, stride_out))
     return;
   // One matrix, or no strided-batch algorithm: one product per matrix.
@@ -369,7 +389,7 @@ bool epilogue_batch(uint16_t* out, const uint16_t* a, const uint16_t* b, uint16_
   if (batch == 1)
     return run_product(out, true, a, b, vec, aux, M, N, K, trans_a, trans_b, epilogue, stream);
   if (stride_out % 8 != 0) return false;  // the aux matrices after the first would lose their 16 bytes
-  if (try_strided && strided_batches() &&
+  if (try_strided && strided_batch(K) &&
       run_product(out, true, a, b, vec, aux, M, N, K, trans_a, trans_b, epilogue, stream, batch,
                                  stride_a, stride_b, stride_out, stride_vec))
     return true;

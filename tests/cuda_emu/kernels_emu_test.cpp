@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <string>
 #include <utility>
@@ -255,15 +256,15 @@ void check_layernorm() {
     std::vector<float> dgamma(static_cast<size_t>(C), 0.5f), dbeta(static_cast<size_t>(C), -0.25f);
     emu::layernorm_forward_bf16_cuda(out.data(), mean.data(), rstd.data(), x.data(), gamma.data(), beta.data(), rows,
                                      C, 1e-5f, nullptr);
-    emu::layernorm_backward_bf16_cuda(dx.data(), dgamma.data(), dbeta.data(), dout.data(), x.data(), gamma.data(),
-                                      mean.data(), rstd.data(), rows, C, nullptr);
+    emu::layernorm_backward_bf16_cuda(dx.data(), dx.data(), dgamma.data(), dbeta.data(), dout.data(), x.data(),
+                                      gamma.data(), mean.data(), rstd.data(), rows, C, nullptr);
     const std::vector<float> x_f = to_f32(x), dout_f = to_f32(dout);
     std::vector<float> out_cpu(n), mean_cpu(mean.size()), rstd_cpu(rstd.size()), dx_cpu = to_f32(dx0);
     std::vector<float> dgamma_cpu(dgamma.size(), 0.5f), dbeta_cpu(dbeta.size(), -0.25f);
     kernels::layernorm_forward_cpu(out_cpu.data(), mean_cpu.data(), rstd_cpu.data(), x_f.data(), gamma.data(),
                                    beta.data(), rows, C, 1e-5f);
-    kernels::layernorm_backward_cpu(dx_cpu.data(), dgamma_cpu.data(), dbeta_cpu.data(), dout_f.data(), x_f.data(),
-                                    gamma.data(), mean_cpu.data(), rstd_cpu.data(), rows, C);
+    kernels::layernorm_backward_cpu(dx_cpu.data(), dx_cpu.data(), dgamma_cpu.data(), dbeta_cpu.data(), dout_f.data(),
+                                    x_f.data(), gamma.data(), mean_cpu.data(), rstd_cpu.data(), rows, C);
     expect_close(to_f32(out), out_cpu, 1e-5, true, what + ": out");
     expect_close(mean, mean_cpu, 1e-5, false, what + ": mean");
     expect_close(rstd, rstd_cpu, 1e-5, false, what + ": rstd");
@@ -274,12 +275,37 @@ void check_layernorm() {
     // The f32 kernels (the same templates on float), and dbeta without dgamma.
     std::vector<float> dx32 = to_f32(dx0), dbeta32(dbeta.size(), -0.25f), dx32_cpu = to_f32(dx0);
     std::vector<float> dbeta32_cpu(dbeta.size(), -0.25f), dgamma_unused(dgamma.size(), 0.5f);
-    emu::layernorm_backward_cuda(dx32.data(), nullptr, dbeta32.data(), dout_f.data(), x_f.data(), gamma.data(),
-                                 mean_cpu.data(), rstd_cpu.data(), rows, C, nullptr);
-    kernels::layernorm_backward_cpu(dx32_cpu.data(), dgamma_unused.data(), dbeta32_cpu.data(), dout_f.data(),
-                                    x_f.data(), gamma.data(), mean_cpu.data(), rstd_cpu.data(), rows, C);
+    emu::layernorm_backward_cuda(dx32.data(), dx32.data(), nullptr, dbeta32.data(), dout_f.data(), x_f.data(),
+                                 gamma.data(), mean_cpu.data(), rstd_cpu.data(), rows, C, nullptr);
+    kernels::layernorm_backward_cpu(dx32_cpu.data(), dx32_cpu.data(), dgamma_unused.data(), dbeta32_cpu.data(),
+                                    dout_f.data(), x_f.data(), gamma.data(), mean_cpu.data(), rstd_cpu.data(), rows, C);
     expect_close(dx32, dx32_cpu, 1e-5, false, what + ": f32 dx +=");
     expect_close(dbeta32, dbeta32_cpu, 1e-5, false, what + ": f32 dbeta += (no dgamma)");
+
+    // dx = dx_in + … from another buffer, and with no dx_in at all: dx starts as NaNs, so a kernel that
+    // read it would show. With and without the parameters' sums (the fused and the dx-only kernels).
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    for (const bool params : {true, false}) {
+      for (const bool with_in : {true, false}) {
+        const std::vector<float> dx_in = to_f32(dx0);
+        std::vector<float> dx_new(n, nan), dx_ref(n, 0.0f), g_unused(dgamma.size(), 0.0f), b_unused = g_unused;
+        std::vector<uint16_t> dx16_new(n, uint16_t{0x7fc0});
+        emu::layernorm_backward_cuda(dx_new.data(), with_in ? dx_in.data() : nullptr, params ? g_unused.data() : nullptr,
+                                     params ? b_unused.data() : nullptr, dout_f.data(), x_f.data(), gamma.data(),
+                                     mean_cpu.data(), rstd_cpu.data(), rows, C, nullptr);
+        emu::layernorm_backward_bf16_cuda(dx16_new.data(), with_in ? dx0.data() : nullptr,
+                                          params ? g_unused.data() : nullptr, params ? b_unused.data() : nullptr,
+                                          dout.data(), x.data(), gamma.data(), mean_cpu.data(), rstd_cpu.data(), rows,
+                                          C, nullptr);
+        kernels::layernorm_backward_cpu(dx_ref.data(), with_in ? dx_in.data() : nullptr, nullptr, nullptr,
+                                        dout_f.data(), x_f.data(), gamma.data(), mean_cpu.data(), rstd_cpu.data(),
+                                        rows, C);
+        const std::string how = std::string(with_in ? ": dx = dx_in + …" : ": dx = … (no dx_in)") +
+                                (params ? "" : ", no dgamma/dbeta");
+        expect_close(dx_new, dx_ref, 1e-5, false, what + how + " (f32)");
+        expect_close(to_f32(dx16_new), dx_ref, 1e-5, true, what + how + " (bf16)");
+      }
+    }
 
     // The residual add fused into the LayerNorm after it: s = a + b rounded once, then s normalised.
     std::vector<uint16_t> s_sum(n), out_fused(n);
@@ -398,6 +424,28 @@ void check_broadcast_add() {
 
 TEST(CudaEmulation, BroadcastAddMatchesTheCpuOnBothAccessWidths) { under_both_schedules(check_broadcast_add); }
 
+// The bf16 sum over a few rows, db[:] += Σ_r dout[r, :] (a Kraken layer's dS over its n streams): 8 columns
+// per access where cols is a multiple of 8, one otherwise; the CPU's f32 sum in row order, added to db and
+// rounded once, bit for bit.
+void check_few_row_sums() {
+  for (const int64_t cols : {int64_t{1001}, int64_t{1008}, int64_t{8}}) {
+    const int64_t rows = 4;
+    const std::string what = " (" + std::to_string(rows) + " × " + std::to_string(cols) + ")";
+    const size_t m = static_cast<size_t>(rows * cols), n = static_cast<size_t>(cols);
+    const std::vector<uint16_t> dout = to_bf16(normal(m, 31)), db0 = to_bf16(normal(n, 32));
+    std::vector<uint16_t> db = db0;
+    db.push_back(0x7fff);  // a sentinel past the end
+    emu::sum_rows_bf16_cuda(db.data(), dout.data(), rows, cols, nullptr);
+    std::vector<float> ref = to_f32(db0);
+    kernels::sum_rows_cpu(ref.data(), to_f32(dout).data(), rows, cols);
+    EXPECT_EQ(std::vector<uint16_t>(db.begin(), db.begin() + static_cast<std::ptrdiff_t>(n)), to_bf16(ref))
+        << "emulated bf16 sum_rows" << what << ": not the CPU's sum rounded once";
+    EXPECT_EQ(db[n], 0x7fff) << "emulated bf16 sum_rows" << what << " wrote past the end";
+  }
+}
+
+TEST(CudaEmulation, FewRowSumsMatchTheCpuOnBothAccessWidths) { under_both_schedules(check_few_row_sums); }
+
 void check_casts_and_accumulate() {
   for (const int64_t n : {int64_t{1001}, int64_t{1024}}) {  // scalar, then 8 elements per access
     const std::string what = " (n = " + std::to_string(n) + ")";
@@ -488,7 +536,7 @@ TEST(CudaEmulation, ManyTensorCastsAreTheOneTensorCastsBits) { under_both_schedu
 void check_sum_rows() {
   // Two-pass column sums (cols a multiple of 8: 128-row chunks, three and nine of them with a partial
   // last one; 2048 columns, 512-row chunks), the one-pass grouped kernel (100 columns), and the
-  // column-per-thread kernel (fewer than 64 rows).
+  // few-row kernels (fewer than 64 rows: 8 columns per thread in bf16 here, cols being a multiple of 8).
   for (const auto& [rows, cols] : {std::pair<int64_t, int64_t>{300, 72}, std::pair<int64_t, int64_t>{1100, 136},
                                    std::pair<int64_t, int64_t>{600, 2048},
                                    std::pair<int64_t, int64_t>{1100, 100}, std::pair<int64_t, int64_t>{40, 64}}) {

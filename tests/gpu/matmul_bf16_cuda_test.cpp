@@ -268,6 +268,8 @@ TEST(GpuMatmulBf16, StridedBatchesMatchADoubleReference) {
   check_batched(3, 40, 24, 72, false, true, true, true);   // one weight for every matrix
   check_batched(4, 64, 96, 128, true, false, false, false);  // f32 out (a weight gradient's layout)
   check_batched(1, 16, 24, 8, false, false, false, true);    // batch 1: the plain product
+  // K above 32,768: one product per matrix (a weight gradient's layout, as at B = 64)
+  check_batched(3, 24, 16, 32776, true, false, false, false);
 }
 
 TEST(GpuMatmulBf16, TrainingEpiloguesMatchADoubleReference) {
