@@ -246,17 +246,7 @@ __device__ __forceinline__ void backward_row_x8(T* dx, const T* dx_in, const T* 
                                                 float mu, float rs, int64_t r, int C, int lane, bool with_gamma,
                                                 float (&dg)[kPacks][8], float (&db)[kPacks][8]) {
   // (zero-initialised: the emulation's host compiler cannot see that a pack is written before it is read)
-  float g[kPacks][8] = {}, centred[kPacks][8] = {}, in[kPacks][8] = {};
-  // dx_in's packs are loaded with the row's, before the warp's sums: issued after them (where they are
-  // first needed), their latency came on top of the row's as a second round trip per row.
-  if (dx_in) {
-#pragma unroll
-    for (int p = 0; p < kPacks; ++p) {
-      const int c0 = 8 * (lane + 32 * p);
-      if (c0 >= C) break;
-      load8(dx_in + r * C + c0, in[p]);
-    }
-  }
+  float g[kPacks][8] = {}, centred[kPacks][8] = {};
   float sum_g = 0.0f, sum_gx = 0.0f;
 #pragma unroll
   for (int p = 0; p < kPacks; ++p) {
@@ -284,9 +274,10 @@ __device__ __forceinline__ void backward_row_x8(T* dx, const T* dx_in, const T* 
   for (int p = 0; p < kPacks; ++p) {
     const int c0 = 8 * (lane + 32 * p);
     if (c0 >= C) break;
-    float acc[8];
+    float acc[8] = {};
+    if (dx_in) load8(dx_in + r * C + c0, acc);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) acc[i] = in[p][i] + rs * (g[p][i] - mean_g - centred[p][i] * rs * mean_gx);
+    for (int i = 0; i < 8; ++i) acc[i] = acc[i] + rs * (g[p][i] - mean_g - centred[p][i] * rs * mean_gx);
     store8(dx + r * C + c0, acc);
   }
 }
