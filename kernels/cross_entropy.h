@@ -14,6 +14,15 @@
 // the one-element gradient of the loss on the kernel's device, so the GPU needs no host round trip.
 // Each row is reduced by one thread (CPU) or one block (GPU) in a fixed order: results do not depend
 // on the thread count.
+//
+// Training knows the loss's gradient before the forward runs (the loss is backward's root, scaled by a
+// host constant): the fused entry points compute the forward's losses and lse and the backward's
+// dlogits for a host dloss in one pass over the logits — on a GPU each row is read from memory once
+// and again from L2, where the separate kernels read it from memory twice, a forward and a backward
+// apart — the same bits as forward then backward. The rescale entry points then check, on the device
+// (no host round trip), the dloss that backward brings against the one assumed (a device float):
+// equal, nothing moves; else dlogits *= dloss/assumed (one more rounding than the backward kernel
+// would make) and assumed = dloss, so that a second backward through the same gradient stays right.
 #pragma once
 
 #include <cstdint>
@@ -29,6 +38,9 @@ void cross_entropy_mean_cpu(float* loss, const float* losses, int64_t N, int64_t
 void cross_entropy_backward_cpu(float* dlogits, const float* logits, const float* lse, const int32_t* targets,
                                 const float* dloss, int64_t count, int64_t N, int64_t Vp, int64_t V,
                                 int32_t ignore_index);
+void cross_entropy_fused_cpu(float* losses, float* lse, float* dlogits, const float* logits, const int32_t* targets,
+                             float dloss, int64_t count, int64_t N, int64_t Vp, int64_t V, int32_t ignore_index);
+void cross_entropy_rescale_cpu(float* dlogits, const float* dloss, float* assumed, int64_t n);
 // Validation on host targets: returns the first row whose target is neither ignore_index nor in
 // [0, V) (−1 when there is none) and stores in *count how many rows are not ignored.
 int64_t cross_entropy_check_targets_cpu(const int32_t* targets, int64_t N, int64_t V, int32_t ignore_index,
@@ -41,6 +53,10 @@ void cross_entropy_mean_cuda(float* loss, const float* losses, int64_t N, int64_
 void cross_entropy_backward_cuda(float* dlogits, const float* logits, const float* lse, const int32_t* targets,
                                  const float* dloss, int64_t count, int64_t N, int64_t Vp, int64_t V,
                                  int32_t ignore_index, CUstream_st* stream);
+void cross_entropy_fused_cuda(float* losses, float* lse, float* dlogits, const float* logits, const int32_t* targets,
+                              float dloss, int64_t count, int64_t N, int64_t Vp, int64_t V, int32_t ignore_index,
+                              CUstream_st* stream);
+void cross_entropy_rescale_cuda(float* dlogits, const float* dloss, float* assumed, int64_t n, CUstream_st* stream);
 // CUDA, bf16 logits (the LM head's output in mixed precision): losses and lse f32, dlogits bf16
 // (each element rounded once); arithmetic in f32 as above.
 void cross_entropy_forward_bf16_cuda(float* losses, float* lse, const uint16_t* logits, const int32_t* targets,
@@ -48,5 +64,11 @@ void cross_entropy_forward_bf16_cuda(float* losses, float* lse, const uint16_t* 
 void cross_entropy_backward_bf16_cuda(uint16_t* dlogits, const uint16_t* logits, const float* lse,
                                       const int32_t* targets, const float* dloss, int64_t count, int64_t N, int64_t Vp,
                                       int64_t V, int32_t ignore_index, CUstream_st* stream);
+
+void cross_entropy_fused_bf16_cuda(float* losses, float* lse, uint16_t* dlogits, const uint16_t* logits,
+                                   const int32_t* targets, float dloss, int64_t count, int64_t N, int64_t Vp, int64_t V,
+                                   int32_t ignore_index, CUstream_st* stream);
+void cross_entropy_rescale_bf16_cuda(uint16_t* dlogits, const float* dloss, float* assumed, int64_t n,
+                                     CUstream_st* stream);
 
 }  // namespace kraken::kernels

@@ -366,9 +366,10 @@ Tensor KrakenModel::stage_forward(const Tensor& ids, const Tensor& input, runtim
   return ops::matmul(h, compute(wte_), false, true);                     // (B, T, Vp), tied LM head
 }
 
-Tensor KrakenModel::loss(const Tensor& ids, const Tensor& targets, runtime::Generator* gen, bool training) {
+Tensor KrakenModel::loss(const Tensor& ids, const Tensor& targets, runtime::Generator* gen, bool training,
+                         float expected_dloss) {
   Tensor logits = forward(ids, gen, training);
-  return ops::cross_entropy(logits, targets, config_.vocab_size, -1);
+  return ops::cross_entropy(logits, targets, config_.vocab_size, -1, expected_dloss);
 }
 
 }  // namespace kraken::models

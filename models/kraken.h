@@ -93,8 +93,9 @@ class KrakenModel : public runtime::Module {
   runtime::Tensor stage_forward(const runtime::Tensor& ids, const runtime::Tensor& input,
                                 runtime::Generator* dropout = nullptr, bool training = true);
   // Mean cross-entropy over the real vocabulary; targets (B, T) i32 (negative targets are ignored).
+  // expected_dloss: the gradient the caller's backward will bring the loss (ops::cross_entropy).
   runtime::Tensor loss(const runtime::Tensor& ids, const runtime::Tensor& targets,
-                       runtime::Generator* dropout = nullptr, bool training = true);
+                       runtime::Generator* dropout = nullptr, bool training = true, float expected_dloss = 1.0f);
 
   // Mixed precision (DESIGN.md "Precision"): with bf16 the residual streams, every activation and
   // every matrix product are bf16; the parameters stay f32 (the optimizer's master weights) and the

@@ -136,7 +136,12 @@ Tensor softmax(const Tensor& x);                               // over the last 
 // targets i32 with logits' leading shape. Only the first `vocab` columns take part (the rest is
 // padding with zero gradient); vocab <= 0 means all. Targets equal to ignore_index are skipped.
 // When every row is skipped the loss is 0 and so is the gradient (an empty mean is taken as 0).
-Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t vocab = -1, int32_t ignore_index = -1);
+// expected_dloss: the gradient backward will bring the loss (1 for a root; the micro-batch scale where
+// the caller backpropagates scale·loss). Where the logits need a gradient the forward computes it for
+// that dloss in its own pass over them; another dloss costs a rescaling pass in backward (and one more
+// rounding).
+Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t vocab = -1, int32_t ignore_index = -1,
+                     float expected_dloss = 1.0f);
 
 // Non-differentiable companion for evaluation: Σ of the per-row losses and how many rows counted.
 struct LossSum {

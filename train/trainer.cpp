@@ -601,8 +601,10 @@ RunSummary Trainer::run() {
       std::vector<runtime::Tensor> losses;
       for (int64_t micro = 0; micro < A; ++micro) {
         if (s.grad_sync) s.grad_sync->set_sync(micro == A - 1);
+        // (micro_scale: the loss's gradient in the backward below, for which its forward computes the
+        // logits' gradient in the same pass)
         runtime::Tensor loss = s.model->loss(batches[micro].inputs.to(s.device), batches[micro].targets.to(s.device),
-                                             &s.dropout_rng);
+                                             &s.dropout_rng, /*training=*/true, micro_scale);
         losses.push_back(loss.detach());
         runtime::backward(runtime::ops::scale(loss, micro_scale));
       }
@@ -616,7 +618,8 @@ RunSummary Trainer::run() {
         const data::Batch& b = batches[static_cast<size_t>(mb)];
         runtime::Tensor out = s.model->stage_forward(b.inputs.to(s.device), input, &s.dropout_rng);
         if (!s.last_stage()) return out;
-        return runtime::ops::cross_entropy(out, b.targets.to(s.device), c.model.vocab_size, -1);
+        // (run_1f1b seeds each micro-batch's backward with 1/A, micro_scale)
+        return runtime::ops::cross_entropy(out, b.targets.to(s.device), c.model.vocab_size, -1, micro_scale);
       };
       stage.before_backward = [&](int mb) {
         if (s.grad_sync) s.grad_sync->set_sync(mb == A - 1);

@@ -7,7 +7,10 @@
 // writes its gradient once. The mean is one block summing in double, again in a fixed order.
 // Forward and backward are templates on the storage type T of logits and dlogits (kernels/cuda/
 // storage.h): f32, or bf16 widened on load with each dlogits element rounded once; losses and lse
-// are f32 for both, and the arithmetic is the same f32 sequence.
+// are f32 for both, and the arithmetic is the same f32 sequence. The fused kernel is the forward's
+// row reduction followed by the backward's row pass, in one block, from a host dloss: bit for bit the two
+// kernels' results.
+#include <algorithm>
 #include <cmath>
 #include <type_traits>
 
@@ -102,6 +105,35 @@ __device__ MaxSum thread_state(const T* xr, int64_t V) {
   return acc;
 }
 
+// Row n's log-sum-exp over its first V columns and its loss, stored; returned to every thread of the
+// block when kBroadcast (the fused kernel's gradient pass needs it), else to thread 0 only.
+template <typename T, bool kWide, bool kBroadcast>
+__device__ float row_lse(float* losses, float* lse, const T* xr, int32_t t, int64_t n, int64_t V) {
+  MaxSum acc = thread_state<T, kWide>(xr, V);
+  __shared__ float part_m[kWarps], part_s[kWarps];
+  __shared__ float row;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  acc = warp_merge(acc);
+  if (lane == 0) part_m[warp] = acc.m, part_s[warp] = acc.s;
+  __syncthreads();
+  float l = 0.0f;
+  if (warp == 0) {
+    MaxSum w = lane < kWarps ? MaxSum{part_m[lane], part_s[lane]} : MaxSum{-INFINITY, 0.0f};
+    w = warp_merge(w);
+    if (lane == 0) {
+      l = w.m + logf(w.s);
+      lse[n] = l;
+      losses[n] = l - load(xr + t);
+      if (kBroadcast) row = l;
+    }
+  }
+  if (kBroadcast) {
+    __syncthreads();
+    l = row;
+  }
+  return l;
+}
+
 template <typename T, bool kWide>
 __global__ void cross_entropy_forward_kernel(float* losses, float* lse, const T* logits, const int32_t* targets,
                                              int64_t Vp, int64_t V, int32_t ignore_index) {
@@ -111,36 +143,13 @@ __global__ void cross_entropy_forward_kernel(float* losses, float* lse, const T*
     if (threadIdx.x == 0) losses[n] = 0.0f, lse[n] = 0.0f;
     return;
   }
-  const T* xr = logits + n * Vp;
-  MaxSum acc = thread_state<T, kWide>(xr, V);
-  __shared__ float part_m[kWarps], part_s[kWarps];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  acc = warp_merge(acc);
-  if (lane == 0) part_m[warp] = acc.m, part_s[warp] = acc.s;
-  __syncthreads();
-  if (warp == 0) {
-    MaxSum w = lane < kWarps ? MaxSum{part_m[lane], part_s[lane]} : MaxSum{-INFINITY, 0.0f};
-    w = warp_merge(w);
-    if (lane == 0) {
-      const float l = w.m + logf(w.s);
-      lse[n] = l;
-      losses[n] = l - load(xr + t);
-    }
-  }
+  row_lse<T, kWide, false>(losses, lse, logits + n * Vp, t, n, V);
 }
 
-// dlogits[n, v] = scale·(exp(x − lse) − [v = t]) for v < V; 0 on padding and on ignored rows.
+// dr[v] = scale·(exp(x − l) − [v = t]) for v < V; 0 on padding, and everywhere on an ignored row.
 template <typename T, bool kWide>
-__global__ void cross_entropy_backward_kernel(T* dlogits, const T* logits, const float* lse, const int32_t* targets,
-                                              const float* dloss, int64_t count, int64_t Vp, int64_t V,
-                                              int32_t ignore_index) {
-  const int64_t n = blockIdx.x;
-  const int32_t t = targets[n];
-  T* dr = dlogits + n * Vp;
-  const bool ignored = t == ignore_index;
-  const float scale = ignored ? 0.0f : dloss[0] / static_cast<float>(count);  // count ≥ 1 where counted
-  const T* xr = logits + n * Vp;
-  const float l = ignored ? 0.0f : lse[n];
+__device__ void write_row_gradient(T* dr, const T* xr, float l, int32_t t, bool ignored, float scale, int64_t Vp,
+                                   int64_t V) {
   if constexpr (kWide) {  // 8 columns per 16-byte load and store (Vp a multiple of 8); the same values
     for (int64_t p = threadIdx.x; p < Vp / 8; p += kThreads) {
       float g[8] = {};  // an ignored row stores zeros
@@ -171,6 +180,53 @@ __global__ void cross_entropy_backward_kernel(T* dlogits, const T* logits, const
   }
 }
 
+// dlogits[n, v] = (dloss/count)·(exp(x − lse) − [v = t]) for v < V; 0 on padding and on ignored rows.
+template <typename T, bool kWide>
+__global__ void cross_entropy_backward_kernel(T* dlogits, const T* logits, const float* lse, const int32_t* targets,
+                                              const float* dloss, int64_t count, int64_t Vp, int64_t V,
+                                              int32_t ignore_index) {
+  const int64_t n = blockIdx.x;
+  const int32_t t = targets[n];
+  const bool ignored = t == ignore_index;
+  const float scale = ignored ? 0.0f : dloss[0] / static_cast<float>(count);  // count ≥ 1 where counted
+  write_row_gradient<T, kWide>(dlogits + n * Vp, logits + n * Vp, ignored ? 0.0f : lse[n], t, ignored, scale, Vp, V);
+}
+
+// Forward and backward of row n in one block: its log-sum-exp from a first read of the row, then its
+// gradient from a second read, which finds the row (≤ 100 KB for GPT-2's vocabulary) in L2 rather than
+// in memory — the separate kernels read it from memory twice, a whole forward and backward apart.
+// scale = dloss/count, computed on the host as the backward kernel computes it from dloss[0].
+template <typename T, bool kWide>
+__global__ void cross_entropy_fused_kernel(float* losses, float* lse, T* dlogits, const T* logits,
+                                           const int32_t* targets, float scale, int64_t Vp, int64_t V,
+                                           int32_t ignore_index) {
+  const int64_t n = blockIdx.x;
+  const int32_t t = targets[n];
+  const T* xr = logits + n * Vp;
+  const bool ignored = t == ignore_index;
+  float l = 0.0f;
+  if (ignored) {
+    if (threadIdx.x == 0) losses[n] = 0.0f, lse[n] = 0.0f;
+  } else {
+    l = row_lse<T, kWide, true>(losses, lse, xr, t, n, V);
+  }
+  write_row_gradient<T, kWide>(dlogits + n * Vp, xr, l, t, ignored, ignored ? 0.0f : scale, Vp, V);
+}
+
+// dlogits *= dloss[0] / assumed[0] where the two differ; then (a kernel of its own, after every block has
+// read it) assumed[0] = dloss[0]. Equal — the gradient the fused pass assumed is the one that came — every
+// thread reads two floats and leaves.
+template <typename T>
+__global__ void cross_entropy_rescale_kernel(T* dlogits, const float* dloss, const float* assumed, int64_t n) {
+  const float d = dloss[0], a = assumed[0];
+  if (d == a) return;
+  const float ratio = d / a;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(blockDim.x) * gridDim.x)
+    store(dlogits + i, load(dlogits + i) * ratio);
+}
+__global__ void cross_entropy_assume_kernel(float* assumed, const float* dloss) { assumed[0] = dloss[0]; }
+
 // loss = Σ losses / count in double: strided per-thread sums, then a fixed shared-memory tree.
 __global__ void cross_entropy_mean_kernel(float* loss, const float* losses, int64_t N, int64_t count) {
   __shared__ double partial[kMeanThreads];
@@ -185,22 +241,30 @@ __global__ void cross_entropy_mean_kernel(float* loss, const float* losses, int6
   if (threadIdx.x == 0) loss[0] = count > 0 ? static_cast<float>(partial[0] / static_cast<double>(count)) : 0.0f;
 }
 
-template <typename T>
-void cross_entropy_forward(float* losses, float* lse, const T* logits, const int32_t* targets, int64_t N, int64_t Vp,
-                           int64_t V, int32_t ignore_index, CUstream_st* stream) {
+// One block per row: the 8-wide kernel (launch(std::true_type)) for bf16 rows on 16-byte boundaries
+// (`wide`), else the one-column one.
+template <typename T, typename Launch>
+void launch_per_row(int64_t N, bool wide, Launch&& launch) {
   if (N <= 0) return;
   const unsigned int blocks = static_cast<unsigned int>(N);
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    if (Vp % 8 == 0 && aligned16(logits)) {
-      KRAKEN_KERNEL(blocks, kThreads, 0, stream, cross_entropy_forward_kernel<T, true>)
-      (losses, lse, logits, targets, Vp, V, ignore_index);
+    if (wide) {
+      launch(std::true_type(), blocks);
       KRAKEN_CUDA_LAUNCH_CHECK();
       return;
     }
   }
-  KRAKEN_KERNEL(blocks, kThreads, 0, stream, cross_entropy_forward_kernel<T, false>)
-  (losses, lse, logits, targets, Vp, V, ignore_index);
+  launch(std::false_type(), blocks);
   KRAKEN_CUDA_LAUNCH_CHECK();
+}
+
+template <typename T>
+void cross_entropy_forward(float* losses, float* lse, const T* logits, const int32_t* targets, int64_t N, int64_t Vp,
+                           int64_t V, int32_t ignore_index, CUstream_st* stream) {
+  launch_per_row<T>(N, Vp % 8 == 0 && aligned16(logits), [&](auto wide, unsigned int blocks) {
+    KRAKEN_KERNEL(blocks, kThreads, 0, stream, cross_entropy_forward_kernel<T, decltype(wide)::value>)
+    (losses, lse, logits, targets, Vp, V, ignore_index);
+  });
 }
 
 template <typename T>
@@ -208,22 +272,57 @@ void cross_entropy_backward(T* dlogits, const T* logits, const float* lse, const
                             int64_t count, int64_t N, int64_t Vp, int64_t V, int32_t ignore_index,
                             CUstream_st* stream) {
   // in the forward pass this was: loss = (1/count)·Σ_n (lse_n − logits[n, t_n])
-  if (N <= 0) return;
-  const unsigned int blocks = static_cast<unsigned int>(N);
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    if (Vp % 8 == 0 && aligned16(logits) && aligned16(dlogits)) {
-      KRAKEN_KERNEL(blocks, kThreads, 0, stream, cross_entropy_backward_kernel<T, true>)
-      (dlogits, logits, lse, targets, dloss, count, Vp, V, ignore_index);
-      KRAKEN_CUDA_LAUNCH_CHECK();
-      return;
-    }
-  }
-  KRAKEN_KERNEL(blocks, kThreads, 0, stream, cross_entropy_backward_kernel<T, false>)
-  (dlogits, logits, lse, targets, dloss, count, Vp, V, ignore_index);
+  launch_per_row<T>(N, Vp % 8 == 0 && aligned16(logits) && aligned16(dlogits), [&](auto wide, unsigned int blocks) {
+    KRAKEN_KERNEL(blocks, kThreads, 0, stream, cross_entropy_backward_kernel<T, decltype(wide)::value>)
+    (dlogits, logits, lse, targets, dloss, count, Vp, V, ignore_index);
+  });
+}
+
+template <typename T>
+void cross_entropy_fused(float* losses, float* lse, T* dlogits, const T* logits, const int32_t* targets, float dloss,
+                         int64_t count, int64_t N, int64_t Vp, int64_t V, int32_t ignore_index, CUstream_st* stream) {
+  const float scale = count > 0 ? dloss / static_cast<float>(count) : 0.0f;
+  launch_per_row<T>(N, Vp % 8 == 0 && aligned16(logits) && aligned16(dlogits), [&](auto wide, unsigned int blocks) {
+    KRAKEN_KERNEL(blocks, kThreads, 0, stream, cross_entropy_fused_kernel<T, decltype(wide)::value>)
+    (losses, lse, dlogits, logits, targets, scale, Vp, V, ignore_index);
+  });
+}
+
+template <typename T>
+void cross_entropy_rescale(T* dlogits, const float* dloss, float* assumed, int64_t n, CUstream_st* stream) {
+  if (n <= 0) return;
+  // A fixed grid: where nothing is to be done (the usual case) its threads only read two floats.
+  constexpr int kRescaleThreads = 256;
+  const unsigned int blocks = static_cast<unsigned int>(std::min<int64_t>(1024, (n + kRescaleThreads - 1) / kRescaleThreads));
+  KRAKEN_KERNEL(blocks, kRescaleThreads, 0, stream, cross_entropy_rescale_kernel<T>)(dlogits, dloss, assumed, n);
+  KRAKEN_CUDA_LAUNCH_CHECK();
+  KRAKEN_KERNEL(1, 1, 0, stream, cross_entropy_assume_kernel)(assumed, dloss);
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
 
 }  // namespace
+
+void cross_entropy_fused_cuda(float* losses, float* lse, float* dlogits, const float* logits, const int32_t* targets,
+                              float dloss, int64_t count, int64_t N, int64_t Vp, int64_t V, int32_t ignore_index,
+                              CUstream_st* stream) {
+  cross_entropy_fused(losses, lse, dlogits, logits, targets, dloss, count, N, Vp, V, ignore_index, stream);
+}
+
+void cross_entropy_fused_bf16_cuda(float* losses, float* lse, uint16_t* dlogits, const uint16_t* logits,
+                                   const int32_t* targets, float dloss, int64_t count, int64_t N, int64_t Vp, int64_t V,
+                                   int32_t ignore_index, CUstream_st* stream) {
+  cross_entropy_fused(losses, lse, as_bf16(dlogits), as_bf16(logits), targets, dloss, count, N, Vp, V, ignore_index,
+                      stream);
+}
+
+void cross_entropy_rescale_cuda(float* dlogits, const float* dloss, float* assumed, int64_t n, CUstream_st* stream) {
+  cross_entropy_rescale(dlogits, dloss, assumed, n, stream);
+}
+
+void cross_entropy_rescale_bf16_cuda(uint16_t* dlogits, const float* dloss, float* assumed, int64_t n,
+                                     CUstream_st* stream) {
+  cross_entropy_rescale(as_bf16(dlogits), dloss, assumed, n, stream);
+}
 
 void cross_entropy_forward_cuda(float* losses, float* lse, const float* logits, const int32_t* targets, int64_t N,
                                 int64_t Vp, int64_t V, int32_t ignore_index, CUstream_st* stream) {

@@ -1,6 +1,8 @@
-// Cross-entropy fused with log-softmax (kernels/cross_entropy.h has the equations). The node keeps
-// the logits (detached), the targets and one log-sum-exp per row: backward rebuilds the softmax from
-// them in the same pass that writes the gradient, so no (N, V) probability buffer is ever kept.
+// Cross-entropy fused with log-softmax (kernels/cross_entropy.h has the equations). Where the logits
+// need a gradient, the forward writes it too, for the gradient the caller expects the loss to get
+// (training: 1, or the micro-batch scale), in the same pass that reads each row for its log-sum-exp
+// (kernels' fused entry points): the node keeps that gradient instead of the logits, and backward only
+// checks, on the device, that the loss's gradient is the one expected (else rescales it).
 //
 // With no counted row (every target ignored) the loss is 0 and the gradient is 0: an empty mean is
 // taken as 0 so that a micro-batch of padding contributes nothing instead of NaN.
@@ -25,7 +27,8 @@ struct RowLosses {
   Tensor lse;     // (N,)
 };
 
-RowLosses row_losses(const char* op, const Tensor& logits, const Tensor& targets, int64_t vocab,
+// Validates logits and targets, counts the rows that take part, and allocates losses and lse.
+RowLosses check_rows(const char* op, const Tensor& logits, const Tensor& targets, int64_t vocab,
                      int32_t ignore_index) {
   precision::check_float(op, logits, "logits");  // bf16 logits (mixed precision) give f32 losses
   check_dtype(op, targets, DType::I32, "targets");
@@ -53,6 +56,12 @@ RowLosses row_losses(const char* op, const Tensor& logits, const Tensor& targets
 
   r.losses = Tensor::empty({r.N}, DType::F32, logits.device());
   r.lse = Tensor::empty({r.N}, DType::F32, logits.device());
+  return r;
+}
+
+RowLosses row_losses(const char* op, const Tensor& logits, const Tensor& targets, int64_t vocab,
+                     int32_t ignore_index) {
+  RowLosses r = check_rows(op, logits, targets, vocab, ignore_index);
   if (logits.dtype() == DType::BF16)  // on CUDA (the CPU widened before)
     KRAKEN_CUDA_ONLY(logits.device(), kernels::cross_entropy_forward_bf16_cuda(
                                           r.losses.data<float>(), r.lse.data<float>(), logits.data<uint16_t>(),
@@ -70,41 +79,60 @@ RowLosses row_losses(const char* op, const Tensor& logits, const Tensor& targets
 
 }  // namespace
 
-Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t vocab, int32_t ignore_index) {
+Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t vocab, int32_t ignore_index,
+                     float expected_dloss) {
   if (precision::widen_on_cpu(logits))  // the loss is f32 either way; dlogits is rounded by the cast's backward
-    return cross_entropy(precision::widen(logits), targets, vocab, ignore_index);
-  RowLosses r = row_losses("cross_entropy", logits, targets, vocab, ignore_index);
+    return cross_entropy(precision::widen(logits), targets, vocab, ignore_index, expected_dloss);
+  const bool record_grad = needs_grad({logits});
+  RowLosses r;
+  Tensor dlogits;
+  if (!record_grad) {
+    r = row_losses("cross_entropy", logits, targets, vocab, ignore_index);
+  } else {
+    // Forward and the backward for expected_dloss in one pass; dlogits is fully written.
+    r = check_rows("cross_entropy", logits, targets, vocab, ignore_index);
+    dlogits = Tensor::empty(logits.shape(), logits.dtype(), logits.device());
+    if (logits.dtype() == DType::BF16)
+      KRAKEN_CUDA_ONLY(logits.device(), kernels::cross_entropy_fused_bf16_cuda(
+                                            r.losses.data<float>(), r.lse.data<float>(), dlogits.data<uint16_t>(),
+                                            logits.data<uint16_t>(), targets.data<int32_t>(), expected_dloss, r.count,
+                                            r.N, r.Vp, r.V, ignore_index, stream_of(logits)));
+    else
+      KRAKEN_ON_DEVICE(logits.device(),
+                       kernels::cross_entropy_fused_cpu(r.losses.data<float>(), r.lse.data<float>(),
+                                                        dlogits.data<float>(), logits.data<float>(),
+                                                        targets.data<int32_t>(), expected_dloss, r.count, r.N, r.Vp,
+                                                        r.V, ignore_index),
+                       kernels::cross_entropy_fused_cuda(r.losses.data<float>(), r.lse.data<float>(),
+                                                         dlogits.data<float>(), logits.data<float>(),
+                                                         targets.data<int32_t>(), expected_dloss, r.count, r.N, r.Vp,
+                                                         r.V, ignore_index, stream_of(logits)));
+  }
   Tensor loss = Tensor::empty({}, DType::F32, logits.device());
   KRAKEN_ON_DEVICE(logits.device(),
                    kernels::cross_entropy_mean_cpu(loss.data<float>(), r.losses.data<float>(), r.N, r.count),
                    kernels::cross_entropy_mean_cuda(loss.data<float>(), r.losses.data<float>(), r.N, r.count,
                                                     stream_of(logits)));
-  if (needs_grad({logits})) {
-    Tensor logits_saved = logits.detach(), targets_saved = targets.detach(), lse = r.lse;
-    const int64_t N = r.N, Vp = r.Vp, V = r.V, count = r.count;
-    record("cross_entropy", {logits, targets}, {loss},
-           [logits_saved, targets_saved, lse, N, Vp, V, count, ignore_index](const std::vector<Tensor>& g) {
-             // in the forward pass this was: loss = (1/count)·Σ_n (lse_n − logits[n, t_n])
-             const Tensor& dloss = g[0];
-             Tensor dlogits = Tensor::empty(logits_saved.shape(), logits_saved.dtype(), dloss.device());  // fully written
-             if (logits_saved.dtype() == DType::BF16) {
-               KRAKEN_CUDA_ONLY(dloss.device(), kernels::cross_entropy_backward_bf16_cuda(
-                                                    dlogits.data<uint16_t>(), logits_saved.data<uint16_t>(),
-                                                    lse.data<float>(), targets_saved.data<int32_t>(),
-                                                    dloss.data<float>(), count, N, Vp, V, ignore_index,
-                                                    stream_of(dloss)));
-               return std::vector<Tensor>{dlogits, Tensor()};
-             }
-             KRAKEN_ON_DEVICE(dloss.device(),
-                              kernels::cross_entropy_backward_cpu(dlogits.data<float>(), logits_saved.data<float>(),
-                                                                  lse.data<float>(), targets_saved.data<int32_t>(),
-                                                                  dloss.data<float>(), count, N, Vp, V, ignore_index),
-                              kernels::cross_entropy_backward_cuda(dlogits.data<float>(), logits_saved.data<float>(),
-                                                                   lse.data<float>(), targets_saved.data<int32_t>(),
-                                                                   dloss.data<float>(), count, N, Vp, V, ignore_index,
-                                                                   stream_of(dloss)));
-             return std::vector<Tensor>{dlogits, Tensor()};
-           });
+  if (record_grad) {
+    // The dloss the gradient was computed for, on the device: backward compares without a host round trip.
+    const Tensor assumed = Tensor::full({1}, expected_dloss, logits.device());
+    record("cross_entropy", {logits, targets}, {loss}, [dlogits, assumed](const std::vector<Tensor>& g) {
+      // in the forward pass this was: loss = (1/count)·Σ_n (lse_n − logits[n, t_n]); dlogits was computed for
+      // dloss = assumed
+      const Tensor& dloss = g[0];
+      float* a = assumed.data<float>();
+      if (dlogits.dtype() == DType::BF16)
+        KRAKEN_CUDA_ONLY(dloss.device(), kernels::cross_entropy_rescale_bf16_cuda(dlogits.data<uint16_t>(),
+                                                                                  dloss.data<float>(), a,
+                                                                                  dlogits.numel(), stream_of(dloss)));
+      else
+        KRAKEN_ON_DEVICE(dloss.device(),
+                         kernels::cross_entropy_rescale_cpu(dlogits.data<float>(), dloss.data<float>(), a,
+                                                            dlogits.numel()),
+                         kernels::cross_entropy_rescale_cuda(dlogits.data<float>(), dloss.data<float>(), a,
+                                                             dlogits.numel(), stream_of(dloss)));
+      return std::vector<Tensor>{dlogits, Tensor()};
+    });
   }
   return loss;
 }

@@ -109,6 +109,20 @@ void cross_entropy_forward_bf16_cuda(float* losses, float* lse, const uint16_t* 
 void cross_entropy_backward_bf16_cuda(uint16_t* dlogits, const uint16_t* logits, const float* lse,
                                       const int32_t* targets, const float* dloss, int64_t count, int64_t N, int64_t Vp,
                                       int64_t V, int32_t ignore_index, CUstream_st* stream);
+void cross_entropy_fused_bf16_cuda(float* losses, float* lse, uint16_t* dlogits, const uint16_t* logits,
+                                   const int32_t* targets, float dloss, int64_t count, int64_t N, int64_t Vp, int64_t V,
+                                   int32_t ignore_index, CUstream_st* stream);
+void cross_entropy_rescale_bf16_cuda(uint16_t* dlogits, const float* dloss, float* assumed, int64_t n,
+                                     CUstream_st* stream);
+void cross_entropy_forward_cuda(float* losses, float* lse, const float* logits, const int32_t* targets, int64_t N,
+                                int64_t Vp, int64_t V, int32_t ignore_index, CUstream_st* stream);
+void cross_entropy_backward_cuda(float* dlogits, const float* logits, const float* lse, const int32_t* targets,
+                                 const float* dloss, int64_t count, int64_t N, int64_t Vp, int64_t V,
+                                 int32_t ignore_index, CUstream_st* stream);
+void cross_entropy_fused_cuda(float* losses, float* lse, float* dlogits, const float* logits, const int32_t* targets,
+                              float dloss, int64_t count, int64_t N, int64_t Vp, int64_t V, int32_t ignore_index,
+                              CUstream_st* stream);
+void cross_entropy_rescale_cuda(float* dlogits, const float* dloss, float* assumed, int64_t n, CUstream_st* stream);
 
 // kernels/elementwise.h
 void add_bf16_cuda(uint16_t* out, const uint16_t* a, const uint16_t* b, int64_t n, CUstream_st* stream);

@@ -367,6 +367,47 @@ void check_cross_entropy(int64_t N, int64_t Vp, int64_t V, const std::vector<int
       }
     }
   }
+
+  // The fused kernel (forward and backward in one pass, dloss from the host): the bits of the forward
+  // kernel's losses and lse and of the backward kernel's dlogits from that lse, bf16 and f32.
+  std::vector<float> fused_losses(losses.size(), -3.0f), fused_lse(lse.size(), -3.0f);
+  std::vector<uint16_t> fused_dlogits(n, 0xC0E0);
+  emu::cross_entropy_fused_bf16_cuda(fused_losses.data(), fused_lse.data(), fused_dlogits.data(), logits.data(),
+                                     targets.data(), dloss, count, N, Vp, V, ignore, nullptr);
+  std::vector<uint16_t> from_lse(n, 0xC0E0);
+  emu::cross_entropy_backward_bf16_cuda(from_lse.data(), logits.data(), lse.data(), targets.data(), &dloss, count, N,
+                                        Vp, V, ignore, nullptr);
+  for (int64_t r : ignored) lse[static_cast<size_t>(r)] = 0.0f, losses[static_cast<size_t>(r)] = 0.0f;
+  EXPECT_EQ(fused_losses, losses) << what << ": fused losses";
+  EXPECT_EQ(fused_lse, lse) << what << ": fused lse";
+  EXPECT_EQ(fused_dlogits, from_lse) << what << ": fused dlogits";
+  std::vector<float> losses32(losses.size()), lse32(lse.size()), dlogits32(n, -7.0f), fused32(n, -7.0f);
+  std::vector<float> fused_losses32(losses.size()), fused_lse32(lse.size());
+  emu::cross_entropy_forward_cuda(losses32.data(), lse32.data(), logits_f.data(), targets.data(), N, Vp, V, ignore,
+                                  nullptr);
+  emu::cross_entropy_backward_cuda(dlogits32.data(), logits_f.data(), lse32.data(), targets.data(), &dloss, count, N,
+                                   Vp, V, ignore, nullptr);
+  emu::cross_entropy_fused_cuda(fused_losses32.data(), fused_lse32.data(), fused32.data(), logits_f.data(),
+                                targets.data(), dloss, count, N, Vp, V, ignore, nullptr);
+  EXPECT_EQ(fused_losses32, losses32) << what << ": f32 fused losses";
+  EXPECT_EQ(fused_lse32, lse32) << what << ": f32 fused lse";
+  EXPECT_EQ(fused32, dlogits32) << what << ": f32 fused dlogits";
+
+  // Rescaling: the dloss that was assumed leaves dlogits alone; another scales it once and becomes the
+  // assumed one (a second call with it leaves dlogits alone).
+  float assumed = dloss;
+  std::vector<uint16_t> kept = fused_dlogits;
+  emu::cross_entropy_rescale_bf16_cuda(kept.data(), &dloss, &assumed, static_cast<int64_t>(n), nullptr);
+  EXPECT_EQ(kept, fused_dlogits) << what << ": rescaled for the dloss it was computed for";
+  const float other = 0.25f;
+  emu::cross_entropy_rescale_bf16_cuda(kept.data(), &other, &assumed, static_cast<int64_t>(n), nullptr);
+  EXPECT_EQ(assumed, other) << what << ": the assumed dloss after rescaling";
+  std::vector<float> want(n);
+  for (size_t i = 0; i < n; ++i) want[i] = to_f32({fused_dlogits[i]})[0] * (other / dloss);
+  EXPECT_EQ(kept, to_bf16(want)) << what << ": rescaled by dloss / assumed, rounded once";
+  const std::vector<uint16_t> once = kept;
+  emu::cross_entropy_rescale_bf16_cuda(kept.data(), &other, &assumed, static_cast<int64_t>(n), nullptr);
+  EXPECT_EQ(kept, once) << what << ": a second backward with the same dloss must not rescale again";
 }
 
 TEST(CudaEmulation, CrossEntropyMatchesTheCpuOnBothAccessWidths) {

@@ -190,6 +190,44 @@ TEST(CrossEntropy, MatchesTheDoubleReferenceAndStaysStableForLargeLogits) {
   EXPECT_NEAR(ops::cross_entropy(logits, targets, V).item(), expected / N, 4e-5);
 }
 
+// The forward computes the logits' gradient for the dloss the caller expects. The dloss expected gives
+// the backward kernel's bits; another dloss rescales once (within one more rounding), and a second
+// backward through the same node (keep_graph) with it does not rescale again. The node keeps that
+// gradient, not the logits: they are freed with the caller's last handle.
+TEST(CrossEntropy, TheForwardsGradientIsForTheExpectedDlossAndRescaledForAnother) {
+  const int64_t V = 11;
+  const Tensor x0 = random_leaf({6, V}, 71, 2.0f);
+  const Tensor targets = Tensor::from_ints({3, 0, -1, 10, 7, 7}, {6});
+  auto gradient = [&](float expected, float dloss, int passes) {
+    Tensor logits = x0.detach().set_requires_grad(true);
+    Tensor loss = ops::scale(ops::cross_entropy(logits, targets, V, -1, expected), dloss);
+    for (int p = 0; p < passes; ++p) backward(loss, Tensor(), /*keep_graph=*/p + 1 < passes);
+    return logits.grad().to_vector();
+  };
+  const std::vector<float> exact = gradient(0.5f, 0.5f, 1), rescaled = gradient(1.0f, 0.5f, 1);
+  double scale = 0.0;
+  for (float v : exact) scale = std::max(scale, static_cast<double>(std::fabs(v)));
+  for (size_t i = 0; i < exact.size(); ++i) {
+    EXPECT_NEAR(rescaled[i], exact[i], 1e-6 * scale) << i;
+    EXPECT_NEAR(gradient(1.0f, 0.5f, 2)[i], 2.0f * exact[i], 2e-6 * scale) << "two passes, element " << i;
+  }
+  EXPECT_EQ(gradient(0.5f, 0.5f, 2), [&] {
+    std::vector<float> twice = exact;
+    for (float& v : twice) v += v;
+    return twice;
+  }()) << "two passes with the expected dloss: twice the same bits";
+
+  std::weak_ptr<Storage> logits_storage;
+  Tensor loss;
+  {
+    Tensor logits = ops::scale(x0.detach().set_requires_grad(true), 1.0f);
+    logits_storage = logits.impl()->storage;
+    loss = ops::cross_entropy(logits, targets, V);
+  }
+  EXPECT_TRUE(logits_storage.expired()) << "the loss node must not keep the logits";
+  backward(loss);
+}
+
 TEST(CrossEntropy, GradientIsSoftmaxMinusOneHotOverCountWithExactZerosElsewhere) {
   // (B, T, Vp) = (2, 2, 9), vocab 7, row (1, 0) ignored: 3 counted rows.
   const int64_t Vp = 9, V = 7;
