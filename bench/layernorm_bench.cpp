@@ -51,9 +51,9 @@ void BM_LayerNormForwardBackward(benchmark::State& state) {
   for (auto _ : state) {
     kraken::kernels::layernorm_forward_cpu(out.data<float>(), mean.data<float>(), rstd.data<float>(), x.data<float>(),
                                            gamma.data<float>(), beta.data<float>(), rows, C, 1e-5f);
-    kraken::kernels::layernorm_backward_cpu(dx.data<float>(), dx.data<float>(), dgamma.data<float>(), dbeta.data<float>(),
-                                            dout.data<float>(), x.data<float>(), gamma.data<float>(),
-                                            mean.data<float>(), rstd.data<float>(), rows, C);
+    kraken::kernels::layernorm_backward_cpu(dx.data<float>(), dx.data<float>(), dgamma.data<float>(),
+                                            dbeta.data<float>(), dout.data<float>(), x.data<float>(),
+                                            gamma.data<float>(), mean.data<float>(), rstd.data<float>(), rows, C);
     benchmark::DoNotOptimize(dx.data<float>());
     benchmark::ClobberMemory();
   }

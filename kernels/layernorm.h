@@ -12,9 +12,9 @@
 // dx_in is the gradient that reaches x by other paths, added in the same pass (summed in f32, rounded
 // once): dx itself to accumulate in place, another buffer, or null for none (dx is then only written,
 // never read — no zeroing pass, no read of it). dgamma and dbeta accumulate (the caller zeroes them for
-// "="). A null gradient pointer means nobody needs that gradient and it is not computed. dgamma and dbeta are reduced in an order fixed by `rows`
-// alone (fixed row blocks summed in block order on the CPU, one fixed tree per column on the GPU), so
-// they are bit-identical for any thread count.
+// "="). A null gradient pointer means nobody needs that gradient and it is not computed. dgamma and
+// dbeta are reduced in an order fixed by `rows` alone (fixed row blocks summed in block order on the
+// CPU, one fixed tree per column on the GPU), so they are bit-identical for any thread count.
 #pragma once
 
 #include <cstdint>

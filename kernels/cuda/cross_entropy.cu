@@ -293,7 +293,8 @@ void cross_entropy_rescale(T* dlogits, const float* dloss, float* assumed, int64
   if (n <= 0) return;
   // A fixed grid: where nothing is to be done (the usual case) its threads only read two floats.
   constexpr int kRescaleThreads = 256;
-  const unsigned int blocks = static_cast<unsigned int>(std::min<int64_t>(1024, (n + kRescaleThreads - 1) / kRescaleThreads));
+  const unsigned int blocks =
+      static_cast<unsigned int>(std::min<int64_t>(1024, (n + kRescaleThreads - 1) / kRescaleThreads));
   KRAKEN_KERNEL(blocks, kRescaleThreads, 0, stream, cross_entropy_rescale_kernel<T>)(dlogits, dloss, assumed, n);
   KRAKEN_CUDA_LAUNCH_CHECK();
   KRAKEN_KERNEL(1, 1, 0, stream, cross_entropy_assume_kernel)(assumed, dloss);

@@ -99,7 +99,7 @@ __global__ void add_layernorm_forward_kernel(T* s, T* out, float* mean, float* r
   layernorm_row(out, mean, rstd, static_cast<const T*>(sr), sum, gamma, beta, r, C, eps, lane);
 }
 
-// dx = dx_in + rstd·(g − mean(g) − x̂·mean(g ∘ x̂)),  g = dout ∘ gamma  (dx_in: null, dx, or another buffer)
+// dx = dx_in + rstd·(g − mean(g) − x̂·mean(g ∘ x̂)),  g = dout ∘ gamma  (dx_in: null, dx or another one)
 template <typename T>
 __global__ void layernorm_backward_dx_kernel(T* dx, const T* dx_in, const T* dout, const T* x, const float* gamma,
                                              const float* mean, const float* rstd, int64_t rows, int C) {
@@ -550,7 +550,8 @@ void layernorm_forward_bf16_cuda(uint16_t* out, float* mean, float* rstd, const 
 void layernorm_backward_bf16_cuda(uint16_t* dx, const uint16_t* dx_in, float* dgamma, float* dbeta,
                                   const uint16_t* dout, const uint16_t* x, const float* gamma, const float* mean,
                                   const float* rstd, int64_t rows, int64_t C, CUstream_st* stream) {
-  layernorm_backward(as_bf16(dx), as_bf16(dx_in), dgamma, dbeta, as_bf16(dout), as_bf16(x), gamma, mean, rstd, rows, C, stream);
+  layernorm_backward(as_bf16(dx), as_bf16(dx_in), dgamma, dbeta, as_bf16(dout), as_bf16(x), gamma, mean, rstd, rows,
+                     C, stream);
 }
 
 void add_layernorm_forward_cuda(float* s, float* out, float* mean, float* rstd, const float* a, const float* b,

@@ -116,10 +116,10 @@ std::vector<Tensor> layernorm_backward(const Saved& s, const Tensor& dout, Tenso
     const float* x_ptr = s.x.defined() ? s.x.data<float>() + e0 : nullptr;
     const float* dout_ptr = dout.data<float>() + e0;
     KRAKEN_ON_DEVICE(device,
-                     kernels::layernorm_backward_cpu(dx_ptr, dx_in_ptr, dgamma_ptr, dbeta_ptr, dout_ptr, x_ptr, gamma_ptr, mean,
-                                                     rstd, rows, C),
-                     kernels::layernorm_backward_cuda(dx_ptr, dx_in_ptr, dgamma_ptr, dbeta_ptr, dout_ptr, x_ptr, gamma_ptr, mean,
-                                                      rstd, rows, C, stream_of(dout)));
+                     kernels::layernorm_backward_cpu(dx_ptr, dx_in_ptr, dgamma_ptr, dbeta_ptr, dout_ptr, x_ptr,
+                                                     gamma_ptr, mean, rstd, rows, C),
+                     kernels::layernorm_backward_cuda(dx_ptr, dx_in_ptr, dgamma_ptr, dbeta_ptr, dout_ptr, x_ptr,
+                                                      gamma_ptr, mean, rstd, rows, C, stream_of(dout)));
   }
   std::vector<Tensor> grads{dx};
   grads.insert(grads.end(), dgammas.begin(), dgammas.end());
