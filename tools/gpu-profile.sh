@@ -10,9 +10,9 @@
 # initialise the weights (Philox normal fills) before the step. Each kernel is timed alone (ncu
 # serialises them), with the clocks and caches left as they are (--clock-control none --cache-control
 # none): the sum is the step's GPU time without overlap, close to the step time for this runtime,
-# which issues everything on one stream. With KRAKEN_PROFILE_ATTENTION=1, then each mma attention
-# kernel once under ncu --set full (stall reasons, occupancy, pipes). Report: $OUT/gpu-profile.md (and gpu-profile-attention.txt) when
-# OUT is set, else build-gpu/.
+# which issues everything on one stream. Then, where KRAKEN_PROFILE_KERNELS (regexes) or
+# KRAKEN_PROFILE_ATTENTION=1 asks, single kernels under ncu --set full (below). Report:
+# $OUT/gpu-profile.md (and gpu-profile-kernels.txt) when OUT is set, else build-gpu/.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 build="${KRAKEN_GPU_CHECK_BUILD:-build-gpu}"
@@ -67,30 +67,39 @@ print()
 PY
 done
 
-# Then the attention kernels one by one under ncu's full set of sections (speed of light, occupancy,
-# warp stall reasons, instruction mix, shared-memory traffic): why they run where they do, not only how
-# long. One launch each (the first of its kind in the step; the first layer's) — GPT-2's D = 64 and the
-# Kraken preset's D = 168 (Dp = 176), with KRAKEN_CUDA_ATTENTION=mma (the default takes cuDNN's). Only
-# with KRAKEN_PROFILE_ATTENTION=1 (bench/RESULTS.md has the last one).
-if [[ "${KRAKEN_PROFILE_ATTENTION:-0}" == 1 ]]; then
-  details="$build/gpu-profile-attention.txt"
+# Then single kernels under ncu's full set of sections (speed of light, occupancy, registers, warp stall
+# reasons, memory workload): why they run where they do, not only how long. One launch each (the first of
+# its kind in the step), for each model profiled above, at KRAKEN_PROFILE_BATCH. Which: the regexes in
+# KRAKEN_PROFILE_KERNELS (e.g. "layernorm_backward_fused cross_entropy_fused"), and with
+# KRAKEN_PROFILE_ATTENTION=1 the three mma attention kernels (run with KRAKEN_CUDA_ATTENTION=mma: the
+# default takes cuDNN's). bench/RESULTS.md has the last ones.
+detail_kernels=()
+[[ "${KRAKEN_PROFILE_ATTENTION:-0}" == 1 ]] &&
+  detail_kernels+=(attention_forward_mma_kernel attention_backward_kv_mma_kernel attention_backward_q_mma_kernel)
+read -r -a asked <<< "${KRAKEN_PROFILE_KERNELS:-}"
+detail_kernels+=("${asked[@]}")
+if [[ ${#detail_kernels[@]} -gt 0 ]]; then
+  details="$build/gpu-profile-kernels.txt"
   : > "$details"
-  for model in gpt2 kraken4; do
-    for kernel in attention_forward_mma_kernel attention_backward_kv_mma_kernel attention_backward_q_mma_kernel; do
+  for model in "${models[@]}"; do
+    for kernel in "${detail_kernels[@]}"; do
+      attention=()
+      [[ "$kernel" == attention_*mma* ]] && attention=(KRAKEN_CUDA_ATTENTION=mma)
       echo "gpu-profile: $model $kernel, full section set"
-      echo "===== $model: $kernel =====" >> "$details"
-      KRAKEN_CUDA_ATTENTION=mma "$ncu_bin" --set full --kernel-name "regex:$kernel" --launch-count 1 --print-summary none \
-        "$bench" --model "$model" --precision bf16 --batch 8 --training-only --no-host-probe --warmup 0 --steps 1 \
-        2>&1 | grep -v '^==PROF==' | sed -n '/attention_/,$p' >> "$details" || status=1
+      echo "===== $model, B = ${KRAKEN_PROFILE_BATCH:-8}: $kernel =====" >> "$details"
+      env "${attention[@]}" "$ncu_bin" --set full --kernel-name "regex:$kernel" --launch-count 1 --print-summary none \
+        "$bench" --model "$model" --precision bf16 --batch "${KRAKEN_PROFILE_BATCH:-8}" --training-only \
+        --no-host-probe --warmup 0 --steps 1 2>&1 | grep -v '^==PROF==' | sed -n "/$kernel/,\$p" \
+        >> "$details" || status=1
     done
   done
-  [[ -n "${OUT:-}" ]] && cp "$details" "$OUT/gpu-profile-attention.txt"
-  echo "## Attention kernels in detail" >> "$report"
+  [[ -n "${OUT:-}" ]] && cp "$details" "$OUT/gpu-profile-kernels.txt"
+  echo "## Kernels in detail" >> "$report"
   echo "" >> "$report"
-  echo "ncu --set full, one launch of each mma attention kernel per model: $(basename "$details") beside this report." >> "$report"
+  echo "ncu --set full, one launch of each: $(basename "$details") beside this report." >> "$report"
   # The lines that say most, pulled up: throughputs, occupancy, registers, the top stall reasons.
-  grep -E '=====|Compute \(SM\) Throughput|Memory Throughput|Duration|Registers Per Thread|Achieved Occupancy|Theoretical Occupancy|Block Limit|Issue Slots Busy|Warp Cycles Per Issued|Executed Ipc Active|L1/TEX Hit|Shared Memory|Bank' "$details" \
-    | head -n 200 >> "$report"
+  grep -E '=====|Compute \(SM\) Throughput|Memory Throughput|DRAM Throughput|Duration|Registers Per Thread|Achieved Occupancy|Theoretical Occupancy|Block Limit|Issue Slots Busy|Warp Cycles Per Issued|Executed Ipc Active|L1/TEX Hit|L2 Hit|Shared Memory|Bank' "$details" \
+    | head -n 300 >> "$report"
 fi
 cat "$report"
 exit $status
