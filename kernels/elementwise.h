@@ -79,6 +79,16 @@ void accumulate_bf16_cuda(float* acc, const uint16_t* x, int64_t n, CUstream_st*
 // model's Σ_j x_j per layer). xs is a host array of device pointers; out may alias none of them.
 constexpr int kSumsPerLaunch = 8;
 void sum_bf16_cuda(uint16_t* out, const uint16_t* const* xs, int64_t count, int64_t n, CUstream_st* stream);
+// The Kraken layer's residual fork (runtime ops::residual_fork): a = x + y and m = y + s, s broadcast over
+// the `blocks` blocks of x and y (blocks × per_block elements; s has per_block), both sums in one pass over
+// x and y; backward dy = da + dm and ds = Σ_g dm[g] (written; summed in f32 from 0 in block order), in one
+// pass over da and dm. Every output has the bits of the separate kernels (add_bf16_cuda,
+// add_broadcast_bf16_cuda, sum_rows_bf16_cuda into zeros). They take per_block a multiple of 8 and
+// 16-byte aligned pointers (8 elements per access); otherwise they return false, having written nothing.
+bool residual_fork_bf16_cuda(uint16_t* a, uint16_t* m, const uint16_t* x, const uint16_t* y, const uint16_t* s,
+                             int64_t blocks, int64_t per_block, CUstream_st* stream);
+bool residual_fork_backward_bf16_cuda(uint16_t* dy, uint16_t* ds, const uint16_t* da, const uint16_t* dm,
+                                      int64_t blocks, int64_t per_block, CUstream_st* stream);
 void gelu_forward_bf16_cuda(uint16_t* out, const uint16_t* x, int64_t n, CUstream_st* stream);
 void gelu_backward_bf16_cuda(uint16_t* dx, const uint16_t* x, const uint16_t* dout, int64_t n, CUstream_st* stream);
 

@@ -251,9 +251,11 @@ Tensor KrakenModel::layer_forward(const std::vector<SubLayer>& subs, const Tenso
     a = a_h[0];
     h = a_h[1];
   } else {
-    a = ops::add(X, attn);
-    // S (B, T, C) joins every sub-layer
-    h = ops::layernorm(ops::add(attn, S), each(&SubLayer::ln_2_w), each(&SubLayer::ln_2_b));
+    // a = X + attn and m = attn + S, S (B, T, C) joining every sub-layer: one pass over X and attn (and
+    // one back) on a GPU (ops::residual_fork)
+    std::vector<Tensor> a_m = ops::residual_fork(X, attn, S);
+    a = a_m[0];
+    h = ops::layernorm(a_m[1], each(&SubLayer::ln_2_w), each(&SubLayer::ln_2_b));
   }
   // MLP_i(h_i): c_fc, GELU and c_proj as one op (on the GPU in bf16 the GELU runs in the products'
   // epilogues, forward and backward).

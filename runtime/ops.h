@@ -51,6 +51,12 @@ Tensor sum_list(const std::vector<Tensor>& xs);                // Σ_i xs[i], al
 // Σ_g x[g] over the first dimension: (G, ...) → (...), the sum_list of x's G blocks (its kernels and
 // bits) without copying them out; the gradient is dout in every block.
 Tensor sum_stack(const Tensor& x);
+// The Kraken layer's residual fork: {x + y, y + s}, s a trailing part of y's shape repeated over its
+// leading dims (S over the stacked sub-layers: a_i = x_i + attn_i, m_i = attn_i + S). In bf16 on a GPU
+// one kernel each way — one pass over x and y forward; dy = da + dm and ds = Σ dm in one pass backward,
+// where the two adds took three forward and the engine's sum and a row reduction backward
+// (kernels/elementwise.h) — else the two adds; the same bits either way.
+std::vector<Tensor> residual_fork(const Tensor& x, const Tensor& y, const Tensor& s);
 
 // ---- reductions (ops/reduce.cpp) -----------------------------------------------------------------------
 Tensor sum(const Tensor& x);                                   // scalar (shape {})

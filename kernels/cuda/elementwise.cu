@@ -107,6 +107,47 @@ __global__ void sum_rows_bf16x8_kernel(__nv_bfloat16* db, const __nv_bfloat16* d
     store8(db + 8 * p, v);
   }
 }
+// The residual fork (kernels/elementwise.h), 8 elements per thread: position p of a block, every block.
+__global__ void residual_fork_bf16x8_kernel(__nv_bfloat16* a, __nv_bfloat16* m, const __nv_bfloat16* x,
+                                            const __nv_bfloat16* y, const __nv_bfloat16* s, int64_t blocks,
+                                            int64_t packs_per_block) {
+  KRAKEN_GRID_STRIDE(p, packs_per_block) {
+    float vs[8];
+    load8(s + 8 * p, vs);
+    for (int64_t g = 0; g < blocks; ++g) {
+      const int64_t at = 8 * (g * packs_per_block + p);
+      float vx[8], vy[8];
+      load8(x + at, vx);
+      load8(y + at, vy);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) vx[k] = vx[k] + vy[k];
+      store8(a + at, vx);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) vy[k] = vy[k] + vs[k];
+      store8(m + at, vy);
+    }
+  }
+}
+__global__ void residual_fork_backward_bf16x8_kernel(__nv_bfloat16* dy, __nv_bfloat16* ds, const __nv_bfloat16* da,
+                                                     const __nv_bfloat16* dm, int64_t blocks,
+                                                     int64_t packs_per_block) {
+  KRAKEN_GRID_STRIDE(p, packs_per_block) {
+    float acc[8] = {};
+    for (int64_t g = 0; g < blocks; ++g) {
+      const int64_t at = 8 * (g * packs_per_block + p);
+      float va[8], vm[8];
+      load8(da + at, va);
+      load8(dm + at, vm);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        acc[k] += vm[k];
+        va[k] = va[k] + vm[k];
+      }
+      store8(dy + at, va);
+    }
+    store8(ds + 8 * p, acc);
+  }
+}
 // Many rows (bias gradients: rows = B·T, cols = C): the two-pass column sums of column_sums.h where cols
 // is a multiple of 8 and dout 16-byte aligned; otherwise this kernel. A column per thread would leave
 // the GPU nearly empty (C = 768 threads for 8192 rows), so a block owns kSumCols columns and splits the rows into
@@ -440,6 +481,25 @@ void accumulate_bf16_cuda(float* acc, const uint16_t* x, int64_t n, CUstream_st*
     KRAKEN_LAUNCH(accumulate_bf16x8_kernel, n / 8, s, acc, as_bf16(x), n / 8);
   else
     KRAKEN_LAUNCH(accumulate_bf16_kernel, n, s, acc, as_bf16(x), n);
+}
+bool residual_fork_bf16_cuda(uint16_t* a, uint16_t* m, const uint16_t* x, const uint16_t* y, const uint16_t* s,
+                             int64_t blocks, int64_t per_block, CUstream_st* stream) {
+  if (per_block % 8 != 0 || !aligned16(a) || !aligned16(m) || !aligned16(x) || !aligned16(y) || !aligned16(s))
+    return false;
+  if (blocks > 0 && per_block > 0)
+    KRAKEN_KERNEL(blocks_for(per_block / 8, kThreads), kThreads, 0, stream, residual_fork_bf16x8_kernel)
+    (as_bf16(a), as_bf16(m), as_bf16(x), as_bf16(y), as_bf16(s), blocks, per_block / 8);
+  KRAKEN_CUDA_LAUNCH_CHECK();
+  return true;
+}
+bool residual_fork_backward_bf16_cuda(uint16_t* dy, uint16_t* ds, const uint16_t* da, const uint16_t* dm,
+                                      int64_t blocks, int64_t per_block, CUstream_st* stream) {
+  if (per_block % 8 != 0 || !aligned16(dy) || !aligned16(ds) || !aligned16(da) || !aligned16(dm)) return false;
+  if (per_block > 0)
+    KRAKEN_KERNEL(blocks_for(per_block / 8, kThreads), kThreads, 0, stream, residual_fork_backward_bf16x8_kernel)
+    (as_bf16(dy), as_bf16(ds), as_bf16(da), as_bf16(dm), blocks, per_block / 8);
+  KRAKEN_CUDA_LAUNCH_CHECK();
+  return true;
 }
 void sum_bf16_cuda(uint16_t* out, const uint16_t* const* xs, int64_t count, int64_t n, CUstream_st* s) {
   KRAKEN_CHECK(1 <= count && count <= kSumsPerLaunch, "sum_bf16_cuda: ", count, " tensors, expected 1 to ",

@@ -94,6 +94,43 @@ Tensor add(const Tensor& a, const Tensor& b) {
   return out;
 }
 
+std::vector<Tensor> residual_fork(const Tensor& x, const Tensor& y, const Tensor& s) {
+  const DType dtype = check_float_pair("residual_fork", x, y);
+  check_same_shape("residual_fork", x, y);
+  if (check_float_pair("residual_fork", y, s) != dtype || !is_trailing(y.shape(), s.shape()))
+    KRAKEN_THROW("residual_fork: s ", s.describe(), " must be a trailing part of y's shape ", shape_str(y.shape()));
+  const int64_t per_block = s.numel(), blocks = per_block == 0 ? 0 : y.numel() / per_block;
+  bool fused = false;
+  Tensor a, m;
+  if (dtype == DType::BF16 && y.device().is_cuda()) {
+    a = Tensor::empty(y.shape(), dtype, y.device());
+    m = Tensor::empty(y.shape(), dtype, y.device());
+    KRAKEN_CUDA_ONLY(y.device(), fused = kernels::residual_fork_bf16_cuda(a.data<uint16_t>(), m.data<uint16_t>(),
+                                                                         x.data<uint16_t>(), y.data<uint16_t>(),
+                                                                         s.data<uint16_t>(), blocks, per_block,
+                                                                         stream_of(y)));
+  }
+  if (!fused) return {add(x, y), add(y, s)};  // the reference, and wherever the kernel declines
+  if (needs_grad({x, y, s})) {
+    const Shape y_shape = y.shape(), s_shape = s.shape();
+    const bool x_needs = x.requires_grad(), y_needs = y.requires_grad(), s_needs = s.requires_grad();
+    record("residual_fork", {x, y, s}, {a, m},
+           [y_shape, s_shape, blocks, per_block, x_needs, y_needs, s_needs](const std::vector<Tensor>& g) {
+             // in the forward pass this was: a = x + y, m = y + s (s over every block of y)
+             const Tensor &da = g[0], &dm = g[1];
+             Tensor dy = Tensor::empty(y_shape, da.dtype(), da.device());
+             Tensor ds = Tensor::empty(s_shape, da.dtype(), da.device());
+             bool done = false;
+             KRAKEN_CUDA_ONLY(da.device(), done = kernels::residual_fork_backward_bf16_cuda(
+                                               dy.data<uint16_t>(), ds.data<uint16_t>(), da.data<uint16_t>(),
+                                               dm.data<uint16_t>(), blocks, per_block, stream_of(da)));
+             if (!done) dy = add(da, dm), ds = reduce_to(dm, s_shape);
+             return std::vector<Tensor>{x_needs ? da : Tensor(), y_needs ? dy : Tensor(), s_needs ? ds : Tensor()};
+           });
+  }
+  return {a, m};
+}
+
 Tensor mul(const Tensor& a, const Tensor& b) {
   const DType dtype = check_float_pair("mul", a, b);
   check_same_shape("mul", a, b);

@@ -487,6 +487,44 @@ void check_few_row_sums() {
 
 TEST(CudaEmulation, FewRowSumsMatchTheCpuOnBothAccessWidths) { under_both_schedules(check_few_row_sums); }
 
+// The residual fork, a = x + y and m = y + s (s over every block), and its backward, dy = da + dm and
+// ds = Σ_g dm[g]: the bits of the CPU's separate sums, each rounded once. A block length that is not a
+// multiple of 8 is declined, nothing written.
+void check_residual_fork() {
+  const int64_t blocks = 3, per_block = 1008;
+  const size_t n = static_cast<size_t>(blocks * per_block), c = static_cast<size_t>(per_block);
+  const std::vector<uint16_t> x = to_bf16(normal(n, 41)), y = to_bf16(normal(n, 42)), s = to_bf16(normal(c, 43));
+  std::vector<uint16_t> a(n), m(n);
+  ASSERT_TRUE(emu::residual_fork_bf16_cuda(a.data(), m.data(), x.data(), y.data(), s.data(), blocks, per_block,
+                                           nullptr));
+  const std::vector<float> xf = to_f32(x), yf = to_f32(y), sf = to_f32(s);
+  std::vector<float> a_ref(n), m_ref(n);
+  kernels::add_cpu(a_ref.data(), xf.data(), yf.data(), blocks * per_block);
+  kernels::add_broadcast_cpu(m_ref.data(), yf.data(), sf.data(), blocks, per_block);
+  EXPECT_EQ(a, to_bf16(a_ref)) << "emulated residual fork: a = x + y";
+  EXPECT_EQ(m, to_bf16(m_ref)) << "emulated residual fork: m = y + s";
+
+  const std::vector<uint16_t> da = to_bf16(normal(n, 44)), dm = to_bf16(normal(n, 45));
+  std::vector<uint16_t> dy(n), ds(c);
+  ASSERT_TRUE(emu::residual_fork_backward_bf16_cuda(dy.data(), ds.data(), da.data(), dm.data(), blocks, per_block,
+                                                    nullptr));
+  const std::vector<float> daf = to_f32(da), dmf = to_f32(dm);
+  std::vector<float> dy_ref(n), ds_ref(c, 0.0f);
+  kernels::add_cpu(dy_ref.data(), daf.data(), dmf.data(), blocks * per_block);
+  kernels::sum_rows_cpu(ds_ref.data(), dmf.data(), blocks, per_block);
+  EXPECT_EQ(dy, to_bf16(dy_ref)) << "emulated residual fork backward: dy = da + dm";
+  EXPECT_EQ(ds, to_bf16(ds_ref)) << "emulated residual fork backward: ds = Σ_g dm[g]";
+
+  std::vector<uint16_t> untouched(n, 0x7fff);
+  EXPECT_FALSE(emu::residual_fork_bf16_cuda(untouched.data(), untouched.data(), x.data(), y.data(), s.data(), 2,
+                                            1001, nullptr));
+  EXPECT_FALSE(emu::residual_fork_backward_bf16_cuda(untouched.data(), untouched.data(), da.data(), dm.data(), 2, 1001,
+                                                     nullptr));
+  EXPECT_EQ(untouched, std::vector<uint16_t>(n, 0x7fff)) << "a declined fork wrote something";
+}
+
+TEST(CudaEmulation, ResidualForkIsTheSeparateSumsBitForBit) { under_both_schedules(check_residual_fork); }
+
 void check_casts_and_accumulate() {
   for (const int64_t n : {int64_t{1001}, int64_t{1024}}) {  // scalar, then 8 elements per access
     const std::string what = " (n = " + std::to_string(n) + ")";

@@ -125,6 +125,23 @@ TEST(GpuGroupedLinear, MatchesTheCpuWithAndWithoutBiases) {
   }
 }
 
+// The Kraken layer's residual fork (a = X + attn, m = attn + S) in one kernel each way on the GPU; the
+// CPU's reference is the two adds, each rounded once, and the engine's sums: the same bits, outputs and
+// the gradients of X, attn and S. Block length 504 (the preset's C) takes the kernels; 500 (not a
+// multiple of 8) the two adds on the GPU too.
+TEST(GpuResidualFork, IsTheTwoAddsBitForBit) {
+  KRAKEN_REQUIRE_GPU();
+  auto fork_op = [](const std::vector<Tensor>& v) {
+    const std::vector<Tensor> a_m = ops::residual_fork(v[0], v[1], v[2]);
+    return ops::concat(a_m, 0);
+  };
+  for (const int64_t C : {int64_t{504}, int64_t{500}}) {
+    const std::vector<Tensor> in = {bf16_leaf({4, 2, 64, C}, 121), bf16_leaf({4, 2, 64, C}, 122),
+                                    bf16_leaf({2, 64, C}, 123)};
+    expect_matches_cpu(fork_op, in, 0.0, 0.0, "residual fork, 4 × (2, 64, " + std::to_string(C) + ")");
+  }
+}
+
 // Output and gradients of one run at `fusion` on the test device.
 struct DeviceRun {
   Tensor out;

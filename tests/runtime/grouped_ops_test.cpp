@@ -260,6 +260,25 @@ TEST(GradCheck, StackMany) {
       {random_leaf({2, 3}, 161), random_leaf({2, 3}, 162), random_leaf({2, 3}, 163)});
 }
 
+// The residual fork {x + y, y + s} on the CPU is the two adds (the GPU's one kernel each way is held to
+// them in tests/gpu/mlp_cuda_test.cpp), in f32 and bf16, and says what is wrong with a bad s.
+TEST(GroupedOps, ResidualForkIsTheTwoAdds) {
+  for (const DType dtype : {DType::F32, DType::BF16}) {
+    const std::vector<Tensor> in = {leaf({3, 2, 5, 8}, 131, 1.0f, dtype), leaf({3, 2, 5, 8}, 132, 1.0f, dtype),
+                                    leaf({2, 5, 8}, 133, 1.0f, dtype)};
+    const OpRun fork = run(
+        [](const std::vector<Tensor>& v) { return ops::concat(ops::residual_fork(v[0], v[1], v[2]), 0); }, in);
+    const OpRun adds = run([](const std::vector<Tensor>& v) {
+      return ops::concat({ops::add(v[0], v[1]), ops::add(v[1], v[2])}, 0);
+    }, in);
+    expect_same_run(fork, adds, std::string("residual fork, ") + (dtype == DType::F32 ? "f32" : "bf16"));
+  }
+  const std::string msg = message_of(
+      [] { ops::residual_fork(Tensor::zeros({3, 5, 8}), Tensor::zeros({3, 5, 8}), Tensor::zeros({4, 8})); });
+  EXPECT_NE(msg.find("residual_fork"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("(3, 5, 8)"), std::string::npos) << msg;
+}
+
 TEST(GroupedOps, ShapeErrorsNameTheGroups) {
   const Tensor x = Tensor::zeros({2, 5, 8}), w = Tensor::zeros({3, 6, 8});
   std::string msg = message_of([&] { ops::linear(x, w); });
