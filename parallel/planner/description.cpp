@@ -287,10 +287,11 @@ ModelDesc make_model_desc(const ModelConfig& c) {
   // logits with the tied wte, softmax cross-entropy. Vocab-parallel: each rank computes its columns of
   // the logits and the logits' input gradient is an all-reduce over the vocab shards in the backward;
   // otherwise every rank computes all of them.
-  // Kept per token: the cross-entropy keeps the logits (Vp) and its log-sum-exp (1), and its backward
-  // allocates their gradient (Vp) while they are alive. That transient counts like a saved activation
-  // because the stage holding the head has exactly one micro-batch in flight (1F1B's last stage runs
-  // each backward right after its forward). LN_f keeps its input, output and statistics (2C + 2).
+  // Kept per token: the cross-entropy's forward writes the logits' gradient (Vp) while the logits (Vp)
+  // are alive, and keeps the gradient and the log-sum-exp (1) until backward (the logits go once the
+  // forward returns). Both count like saved activations because the stage holding the head has exactly
+  // one micro-batch in flight (1F1B's last stage runs each backward right after its forward). LN_f keeps
+  // its input, output and statistics (2C + 2).
   LayerDesc head;
   head.kind = LayerKind::LmHead;
   (vp ? head.params_split : head.params_replicated) = V * C;  // the tied wte copy (stored once with the embedding)
