@@ -435,18 +435,40 @@ void bench_kernels(const DeviceInfo& dev, Report& r) {
                                                           nullptr); }));
     // dx = dx_in + …: reads dout, x and dx_in, writes dx; dgamma and dbeta come from the same reads. (Rows
     // recorded before the fifth session's LayerNorm change counted their separate pass: 6 × N·C bytes.)
-    row("bf16 layernorm backward (dx, dgamma, dbeta in one pass)", h * 4.0 * N * C + f * 2 * N,
-        time_kernel([&] { layernorm_backward_bf16_cuda(dx.data<uint16_t>(), s.data<uint16_t>(), dgamma.data<float>(),
-                                                       dbeta.data<float>(), dout.data<uint16_t>(), x.data<uint16_t>(),
-                                                       gamma.data<float>(), mean.data<float>(), rstd.data<float>(), N, C,
-                                                       nullptr); }));
-    // Without another path's gradient (dx_in null): dx is only written, where the ninth session's ops
-    // zeroed it first and the kernel read it back.
-    row("bf16 layernorm backward, dx written only (no dx_in)", h * 3.0 * N * C + f * 2 * N,
-        time_kernel([&] { layernorm_backward_bf16_cuda(dx.data<uint16_t>(), nullptr, dgamma.data<float>(),
-                                                       dbeta.data<float>(), dout.data<uint16_t>(), x.data<uint16_t>(),
-                                                       gamma.data<float>(), mean.data<float>(), rstd.data<float>(), N, C,
-                                                       nullptr); }));
+    // Without another path's gradient (dx_in null) dx is only written, where the ninth session's ops
+    // zeroed it first and the kernel read it back. Each with the chunk's dgamma/dbeta sums in registers
+    // and in shared memory (kernels/layernorm.h), and again at the Kraken preset's shape at B = 64: one
+    // sub-layer's (64·1024) × 504 block.
+    for (const auto sums : {LayerNormBackwardSums::kRegisters, LayerNormBackwardSums::kSharedMemory}) {
+      const std::string where = sums == LayerNormBackwardSums::kRegisters ? "sums in registers" : "sums in shared memory";
+      row(("bf16 layernorm backward (dx, dgamma, dbeta in one pass), " + where).c_str(), h * 4.0 * N * C + f * 2 * N,
+          time_kernel([&] { layernorm_backward_bf16_cuda(dx.data<uint16_t>(), s.data<uint16_t>(), dgamma.data<float>(),
+                                                         dbeta.data<float>(), dout.data<uint16_t>(), x.data<uint16_t>(),
+                                                         gamma.data<float>(), mean.data<float>(), rstd.data<float>(), N,
+                                                         C, nullptr, sums); }));
+      row(("bf16 layernorm backward, dx written only (no dx_in), " + where).c_str(), h * 3.0 * N * C + f * 2 * N,
+          time_kernel([&] { layernorm_backward_bf16_cuda(dx.data<uint16_t>(), nullptr, dgamma.data<float>(),
+                                                         dbeta.data<float>(), dout.data<uint16_t>(), x.data<uint16_t>(),
+                                                         gamma.data<float>(), mean.data<float>(), rstd.data<float>(), N,
+                                                         C, nullptr, sums); }));
+    }
+    {
+      const int64_t rows = 64 * 1024, width = 504;
+      Tensor kx = bf16(normal({rows, width}, 80)), kdout = bf16(normal({rows, width}, 81));
+      Tensor kin = bf16(normal({rows, width}, 82)), kdx = bf16(normal({rows, width}, 83));
+      Tensor kgamma = normal({width}, 84), kmean = normal({rows}, 85), krstd = normal({rows}, 86);
+      Tensor kdgamma = normal({width}, 87), kdbeta = normal({width}, 88);
+      for (const auto sums : {LayerNormBackwardSums::kRegisters, LayerNormBackwardSums::kSharedMemory}) {
+        const std::string label = std::string("bf16 layernorm backward, 65536×504 (Kraken B = 64), ") +
+                                  (sums == LayerNormBackwardSums::kRegisters ? "sums in registers" : "sums in shared memory");
+        row(label.c_str(), h * 4.0 * rows * width + f * 2 * rows,
+            time_kernel([&] { layernorm_backward_bf16_cuda(kdx.data<uint16_t>(), kin.data<uint16_t>(),
+                                                           kdgamma.data<float>(), kdbeta.data<float>(),
+                                                           kdout.data<uint16_t>(), kx.data<uint16_t>(),
+                                                           kgamma.data<float>(), kmean.data<float>(),
+                                                           krstd.data<float>(), rows, width, nullptr, sums); }));
+      }
+    }
     Tensor u = bf16(normal({n}, 72)), gu = bf16(normal({n}, 73)), du = bf16(normal({n}, 74)), gx = bf16(normal({n}, 75));
     row("bf16 GELU forward", h * 2.0 * n,
         time_kernel([&] { gelu_forward_bf16_cuda(gu.data<uint16_t>(), u.data<uint16_t>(), n, nullptr); }));

@@ -31,11 +31,20 @@ void layernorm_backward_cpu(float* dx, const float* dx_in, float* dgamma, float*
                             int64_t C);
 
 // ---- CUDA (same contracts, fp32) ----------------------------------------------------------------
+// Where C is a multiple of 8 up to 1024 and dx and the parameters' gradients are both wanted, the CUDA
+// backward computes all three in one pass over dout and x, keeping a block's dgamma/dbeta partial sums
+// either in registers beside the row (kRegisters) or in shared memory (kSharedMemory: fewer registers a
+// thread, more warps an SM). Both give the same sums in the same order; which is faster is the
+// benchmark's to say. kDefault reads KRAKEN_CUDA_LAYERNORM_BACKWARD (registers | shared; read once per
+// process), unset: kRegisters.
+enum class LayerNormBackwardSums { kDefault, kRegisters, kSharedMemory };
+
 void layernorm_forward_cuda(float* out, float* mean, float* rstd, const float* x, const float* gamma,
                             const float* beta, int64_t rows, int64_t C, float eps, CUstream_st* stream);
 void layernorm_backward_cuda(float* dx, const float* dx_in, float* dgamma, float* dbeta, const float* dout,
                              const float* x, const float* gamma, const float* mean, const float* rstd, int64_t rows,
-                             int64_t C, CUstream_st* stream);
+                             int64_t C, CUstream_st* stream,
+                             LayerNormBackwardSums sums = LayerNormBackwardSums::kDefault);
 
 // ---- CUDA, the residual add fused into the LayerNorm after it --------------------------------------
 // s = a + b (rounded to the storage type and stored), out = layernorm(s) computed from the stored s:
@@ -56,6 +65,7 @@ void layernorm_forward_bf16_cuda(uint16_t* out, float* mean, float* rstd, const 
                                  const float* beta, int64_t rows, int64_t C, float eps, CUstream_st* stream);
 void layernorm_backward_bf16_cuda(uint16_t* dx, const uint16_t* dx_in, float* dgamma, float* dbeta,
                                   const uint16_t* dout, const uint16_t* x, const float* gamma, const float* mean,
-                                  const float* rstd, int64_t rows, int64_t C, CUstream_st* stream);
+                                  const float* rstd, int64_t rows, int64_t C, CUstream_st* stream,
+                                  LayerNormBackwardSums sums = LayerNormBackwardSums::kDefault);
 
 }  // namespace kraken::kernels

@@ -292,6 +292,10 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
     if [[ -f "$logs/bench-$name.md" ]]; then grep -E '^\|' "$logs/bench-$name.md" >> "$report"; else md_tail "$logs/bench-$name.log" 20; fi
     [[ $rc -eq 0 ]] || fail "benchmark with $setting (exit status $rc)"
   }
+  # The LayerNorm backward with its dgamma/dbeta sums in shared memory (half the registers a thread of the
+  # default's; kernels/layernorm.h): unmeasured when built (tenth session), so first.
+  bench_variant lnshared KRAKEN_CUDA_LAYERNORM_BACKWARD=shared 120 90 \
+    "the LayerNorm backward's sums in shared memory" --training-only --batch 8,64
   # The Kraken preset's grouped products: by default one strided batch up to K = 32,768, one product per
   # matrix above (the weight gradients at B = 64: kernels/cuda/matmul_lt.cu). Always batched at B = 32 and
   # 64, never at 32: where between K = 8,192 and 65,536 the loop starts to win (bench/RESULTS.md).

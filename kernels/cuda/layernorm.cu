@@ -16,7 +16,9 @@
 #include <cuda_bf16.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <initializer_list>
+#include <string>
 #include <type_traits>
 
 #include "kernels/cuda/check.h"
@@ -33,8 +35,11 @@ using cuda_detail::as_bf16;
 using cuda_detail::column_sums;
 using cuda_detail::load;
 using cuda_detail::load8;
+using cuda_detail::load_stored8;
 using cuda_detail::store;
 using cuda_detail::store8;
+using cuda_detail::Stored8;
+using cuda_detail::widen8;
 
 constexpr int kWarpsPerBlock = 8;  // rows per block in the row kernels
 constexpr int kCols = 8;           // dgamma/dbeta: 8 columns (one 32-byte sector) per row group
@@ -338,6 +343,121 @@ __global__ void layernorm_backward_fused_x8_kernel(T* dx, const T* dx_in, float*
   }
 }
 
+// The same pass with the chunk's dgamma/dbeta sums in shared memory and the row held as stored
+// (Stored8). The kernel above keeps both in registers: 96 a thread at C = 504 (bf16, 2 packs per lane),
+// 128 at C = 768 — 2 blocks of 8 warps per SM, a quarter of the warps an SM can hold, each with one row's
+// loads in flight (ptxas; the bf16 backward moved 38–47% of an H100's bandwidth). Here a bf16 row costs 12
+// registers a pack with dx_in and the launch bounds below ask for 4 blocks (64 registers; shared memory
+// 64·C bytes a block, 48 KB at C = 768), and dx_in is loaded with the row: one round trip to memory a row,
+// not two. Warp w's slice of shared memory takes the terms of rows w, w + 8, … of the chunk in order and
+// the slices are added in warp order: the sums, and their order, of the kernel above.
+// A slice holds pack P's 8 columns as two float4, every pack's low half first, so that lane l's accesses
+// to packs l + 32p are consecutive float4 (no bank conflicts).
+__device__ __forceinline__ int slice_float4(int pack, int half, int packs) { return half * packs + pack; }
+
+// What fits a thread's registers (ptxas -v, sm_90): bf16 rows of 1 or 2 packs a lane take 59 and 64
+// registers with dx_in loaded with the row — 4 blocks an SM (≤ 64) — 3 packs 79 (64 if dx_in is loaded
+// after the row's sums, as the kernel above does), 4 packs 80 without; f32 rows of 1–4 packs 59, 72, 90,
+// 110 without. So dx_in joins the row's loads for bf16 up to 2 packs (C ≤ 512: the Kraken preset's 504),
+// and the launch bounds ask for as many blocks as those counts allow.
+template <typename T, int kPacks>
+constexpr bool dx_in_with_row() {
+  return sizeof(T) == 2 && kPacks <= 2;
+}
+template <typename T, int kPacks>
+constexpr int shared_sums_blocks_per_sm() {
+  if (sizeof(T) == 2) return kPacks <= 3 ? 4 : 3;
+  return kPacks == 1 ? 4 : (kPacks == 2 ? 3 : 2);
+}
+
+template <typename T, int kPacks>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32, (shared_sums_blocks_per_sm<T, kPacks>()))
+    layernorm_backward_shared_sums_x8_kernel(T* dx, const T* dx_in, float* partials, const T* dout, const T* x,
+                                             const float* gamma, const float* mean, const float* rstd, int64_t rows,
+                                             int C, bool with_gamma) {
+  static_assert(kPacks <= kMaxFusedPacks, "instantiated for the fused kernel's C only");
+  KRAKEN_DYNAMIC_SHARED(float, sums);  // kWarpsPerBlock slices of [dgamma terms, dbeta terms], C floats each
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, packs = C / 8;
+  float4* dg = reinterpret_cast<float4*>(sums + static_cast<int64_t>(2 * warp) * C);
+  float4* db = dg + 2 * packs;  // (C / 4 float4 a term)
+#pragma unroll
+  for (int p = 0; p < kPacks; ++p) {  // each lane zeroes the slots it alone adds to
+    const int P = lane + 32 * p;
+    if (P >= packs) break;
+    for (int h = 0; h < 2; ++h) dg[slice_float4(P, h, packs)] = db[slice_float4(P, h, packs)] = make_float4(0, 0, 0, 0);
+  }
+  for (int k = 0; k < kFusedRowsPerWarp; ++k) {
+    const int64_t r = static_cast<int64_t>(blockIdx.x) * kFusedRows + k * kWarpsPerBlock + warp;
+    if (r >= rows) break;  // (not return: the warp still takes part in the barrier below)
+    constexpr bool kEarly = dx_in_with_row<T, kPacks>();
+    Stored8<T> d[kPacks] = {}, xs[kPacks] = {}, din[kEarly ? kPacks : 1] = {};  // (zeroed for the emulation)
+#pragma unroll
+    for (int p = 0; p < kPacks; ++p) {
+      const int c0 = 8 * (lane + 32 * p);
+      if (c0 >= C) break;
+      load_stored8(dout + r * C + c0, d[p]);
+      load_stored8(x + r * C + c0, xs[p]);
+      if (kEarly && dx_in) load_stored8(dx_in + r * C + c0, din[kEarly ? p : 0]);
+    }
+    const float mu = mean[r], rs = rstd[r];
+    float sum_g = 0.0f, sum_gx = 0.0f;
+#pragma unroll
+    for (int p = 0; p < kPacks; ++p) {
+      const int P = lane + 32 * p, c0 = 8 * P;
+      if (c0 >= C) break;
+      float dv[8], xv[8], gm[8], tg[8], tb[8];
+      widen8(d[p], dv);
+      widen8(xs[p], xv);
+      load8(gamma + c0, gm);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const float g = dv[i] * gm[i], centred = xv[i] - mu;
+        sum_g += g;
+        sum_gx += g * centred * rs;
+        tg[i] = with_gamma ? dv[i] * centred * rs : 0.0f;
+        tb[i] = dv[i];
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float4& sg = dg[slice_float4(P, h, packs)];
+        float4& sb = db[slice_float4(P, h, packs)];
+        sg = make_float4(sg.x + tg[4 * h], sg.y + tg[4 * h + 1], sg.z + tg[4 * h + 2], sg.w + tg[4 * h + 3]);
+        sb = make_float4(sb.x + tb[4 * h], sb.y + tb[4 * h + 1], sb.z + tb[4 * h + 2], sb.w + tb[4 * h + 3]);
+      }
+    }
+    const float mean_g = warp_sum(sum_g) / static_cast<float>(C);
+    const float mean_gx = warp_sum(sum_gx) / static_cast<float>(C);
+#pragma unroll
+    for (int p = 0; p < kPacks; ++p) {
+      const int c0 = 8 * (lane + 32 * p);
+      if (c0 >= C) break;
+      float dv[8], xv[8], gm[8], acc[8] = {};
+      widen8(d[p], dv);
+      widen8(xs[p], xv);
+      load8(gamma + c0, gm);
+      if (kEarly && dx_in) widen8(din[kEarly ? p : 0], acc);
+      if (!kEarly && dx_in) load8(dx_in + r * C + c0, acc);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const float g = dv[i] * gm[i], centred = xv[i] - mu;
+        acc[i] = acc[i] + rs * (g - mean_g - centred * rs * mean_gx);
+      }
+      store8(dx + r * C + c0, acc);
+    }
+  }
+  __syncthreads();
+  for (int c = threadIdx.x; c < C; c += blockDim.x) {
+    const int at = 4 * slice_float4(c / 8, (c % 8) / 4, packs) + c % 4;
+    float total_g = 0.0f, total_b = 0.0f;
+    for (int w = 0; w < kWarpsPerBlock; ++w) {
+      total_g += sums[static_cast<int64_t>(2 * w) * C + at];
+      total_b += sums[static_cast<int64_t>(2 * w + 1) * C + at];
+    }
+    partials[static_cast<int64_t>(blockIdx.x) * C + c] = total_g;
+    partials[(static_cast<int64_t>(gridDim.x) + blockIdx.x) * C + c] = total_b;
+  }
+}
+
 // Calls f(std::integral_constant<int, kPacks>()) with the packs per lane of a C the kernels above take;
 // false (and no call) for any other C.
 template <typename F>
@@ -484,12 +604,25 @@ void add_layernorm_forward(T* s, T* out, float* mean, float* rstd, const T* a, c
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
 
+// KRAKEN_CUDA_LAYERNORM_BACKWARD, read once: which fused kernel kDefault takes (kernels/layernorm.h).
+LayerNormBackwardSums default_backward_sums() {
+  static const LayerNormBackwardSums sums = [] {
+    const char* v = std::getenv("KRAKEN_CUDA_LAYERNORM_BACKWARD");
+    if (v == nullptr || *v == '\0' || std::string(v) == "registers") return LayerNormBackwardSums::kRegisters;
+    if (std::string(v) == "shared") return LayerNormBackwardSums::kSharedMemory;
+    KRAKEN_THROW("KRAKEN_CUDA_LAYERNORM_BACKWARD=", v,
+                 ": expected registers (the dgamma/dbeta sums beside the row), shared (in shared memory) or unset");
+  }();
+  return sums;
+}
+
 template <typename T>
 void layernorm_backward(T* dx, const T* dx_in, float* dgamma, float* dbeta, const T* dout, const T* x,
                         const float* gamma, const float* mean, const float* rstd, int64_t rows, int64_t C,
-                        CUstream_st* stream) {
+                        CUstream_st* stream, LayerNormBackwardSums sums) {
   // in the forward pass this was: out = x̂·gamma + beta, x̂ = (x − μ)·rstd
   if (rows <= 0) return;
+  if (sums == LayerNormBackwardSums::kDefault) sums = default_backward_sums();
   if (dx && (dgamma || dbeta) && all_aligned16({dx, dx_in, dout, x, gamma}) && C <= 32 * 8 * kMaxFusedPacks &&
       with_packs_per_lane(C, [&](auto packs) {
         constexpr int kPacks = decltype(packs)::value;
@@ -498,9 +631,19 @@ void layernorm_backward(T* dx, const T* dx_in, float* dgamma, float* dbeta, cons
           KRAKEN_CHECK(chunks <= 0x7fffffffLL, "layernorm backward: ", rows, " rows");
           float* partials = static_cast<float*>(cuda_detail::device_scratch(
               cuda_detail::ScratchSlot::kColumnSums, sizeof(float) * static_cast<size_t>(2 * chunks * C)));
-          KRAKEN_KERNEL(static_cast<unsigned>(chunks), kWarpsPerBlock * 32, 0, stream,
-                        layernorm_backward_fused_x8_kernel<T, kPacks>)
-          (dx, dx_in, partials, dout, x, gamma, mean, rstd, rows, static_cast<int>(C), dgamma != nullptr);
+          if (sums == LayerNormBackwardSums::kSharedMemory) {
+            const auto kernel = layernorm_backward_shared_sums_x8_kernel<T, kPacks>;
+            const size_t bytes = sizeof(float) * 2 * kWarpsPerBlock * static_cast<size_t>(C);
+            if (bytes > 48 * 1024)  // above the default, asked for per kernel (C > 768)
+              KRAKEN_CUDA_CHECK(
+                  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+            KRAKEN_KERNEL(static_cast<unsigned>(chunks), kWarpsPerBlock * 32, bytes, stream, kernel)
+            (dx, dx_in, partials, dout, x, gamma, mean, rstd, rows, static_cast<int>(C), dgamma != nullptr);
+          } else {
+            KRAKEN_KERNEL(static_cast<unsigned>(chunks), kWarpsPerBlock * 32, 0, stream,
+                          layernorm_backward_fused_x8_kernel<T, kPacks>)
+            (dx, dx_in, partials, dout, x, gamma, mean, rstd, rows, static_cast<int>(C), dgamma != nullptr);
+          }
           KRAKEN_CUDA_LAUNCH_CHECK();
           cuda_detail::launch_column_totals<2>(partials, chunks, C, LayerNormParamAccumulate{dgamma, dbeta},
                                                stream);
@@ -538,8 +681,8 @@ void layernorm_forward_cuda(float* out, float* mean, float* rstd, const float* x
 
 void layernorm_backward_cuda(float* dx, const float* dx_in, float* dgamma, float* dbeta, const float* dout,
                              const float* x, const float* gamma, const float* mean, const float* rstd, int64_t rows,
-                             int64_t C, CUstream_st* stream) {
-  layernorm_backward(dx, dx_in, dgamma, dbeta, dout, x, gamma, mean, rstd, rows, C, stream);
+                             int64_t C, CUstream_st* stream, LayerNormBackwardSums sums) {
+  layernorm_backward(dx, dx_in, dgamma, dbeta, dout, x, gamma, mean, rstd, rows, C, stream, sums);
 }
 
 void layernorm_forward_bf16_cuda(uint16_t* out, float* mean, float* rstd, const uint16_t* x, const float* gamma,
@@ -549,9 +692,10 @@ void layernorm_forward_bf16_cuda(uint16_t* out, float* mean, float* rstd, const 
 
 void layernorm_backward_bf16_cuda(uint16_t* dx, const uint16_t* dx_in, float* dgamma, float* dbeta,
                                   const uint16_t* dout, const uint16_t* x, const float* gamma, const float* mean,
-                                  const float* rstd, int64_t rows, int64_t C, CUstream_st* stream) {
+                                  const float* rstd, int64_t rows, int64_t C, CUstream_st* stream,
+                                  LayerNormBackwardSums sums) {
   layernorm_backward(as_bf16(dx), as_bf16(dx_in), dgamma, dbeta, as_bf16(dout), as_bf16(x), gamma, mean, rstd, rows,
-                     C, stream);
+                     C, stream, sums);
 }
 
 void add_layernorm_forward_cuda(float* s, float* out, float* mean, float* rstd, const float* a, const float* b,

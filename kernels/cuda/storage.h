@@ -50,6 +50,38 @@ __device__ __forceinline__ void store8(float* p, const float (&v)[8]) {
   reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
   reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
 }
+// 8 elements as stored, for a kernel that holds a row in registers across a reduction: a bf16 pack is 4
+// registers where its 8 widened floats are 8. load_stored8 is the same 16-byte access(es) as load8, and
+// widen8 of what it loaded gives load8's floats exactly.
+template <typename T>
+struct Stored8;
+template <>
+struct Stored8<__nv_bfloat16> {
+  Bf16x8 q;
+};
+template <>
+struct Stored8<float> {
+  float4 a, b;
+};
+__device__ __forceinline__ void load_stored8(const __nv_bfloat16* p, Stored8<__nv_bfloat16>& s) {
+  s.q = *reinterpret_cast<const Bf16x8*>(p);
+}
+__device__ __forceinline__ void load_stored8(const float* p, Stored8<float>& s) {
+  s.a = reinterpret_cast<const float4*>(p)[0];
+  s.b = reinterpret_cast<const float4*>(p)[1];
+}
+__device__ __forceinline__ void widen8(const Stored8<__nv_bfloat16>& s, float (&v)[8]) {
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float2 f = __bfloat1622float2(s.q.pair[k]);
+    v[2 * k] = f.x;
+    v[2 * k + 1] = f.y;
+  }
+}
+__device__ __forceinline__ void widen8(const Stored8<float>& s, float (&v)[8]) {
+  v[0] = s.a.x, v[1] = s.a.y, v[2] = s.a.z, v[3] = s.a.w, v[4] = s.b.x, v[5] = s.b.y, v[6] = s.b.z, v[7] = s.b.w;
+}
+
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // The public API passes bf16 buffers as uint16_t (bit patterns); the kernels see __nv_bfloat16.

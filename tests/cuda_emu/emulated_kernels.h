@@ -89,11 +89,13 @@ void sum_squares_many_accumulate_cuda(double* total, double* partials, const flo
                                       int64_t count, CUstream_st* stream);
 
 // kernels/layernorm.h
+enum class LayerNormBackwardSums { kDefault, kRegisters, kSharedMemory };
 void layernorm_forward_bf16_cuda(uint16_t* out, float* mean, float* rstd, const uint16_t* x, const float* gamma,
                                  const float* beta, int64_t rows, int64_t C, float eps, CUstream_st* stream);
 void layernorm_backward_bf16_cuda(uint16_t* dx, const uint16_t* dx_in, float* dgamma, float* dbeta,
                                   const uint16_t* dout, const uint16_t* x, const float* gamma, const float* mean,
-                                  const float* rstd, int64_t rows, int64_t C, CUstream_st* stream);
+                                  const float* rstd, int64_t rows, int64_t C, CUstream_st* stream,
+                                  LayerNormBackwardSums sums = LayerNormBackwardSums::kDefault);
 void add_layernorm_forward_bf16_cuda(uint16_t* s, uint16_t* out, float* mean, float* rstd, const uint16_t* a,
                                      const uint16_t* b, const float* gamma, const float* beta, int64_t rows, int64_t C,
                                      float eps, CUstream_st* stream);
@@ -101,7 +103,8 @@ void layernorm_forward_cuda(float* out, float* mean, float* rstd, const float* x
                             const float* beta, int64_t rows, int64_t C, float eps, CUstream_st* stream);
 void layernorm_backward_cuda(float* dx, const float* dx_in, float* dgamma, float* dbeta, const float* dout,
                              const float* x, const float* gamma, const float* mean, const float* rstd, int64_t rows,
-                             int64_t C, CUstream_st* stream);
+                             int64_t C, CUstream_st* stream,
+                             LayerNormBackwardSums sums = LayerNormBackwardSums::kDefault);
 
 // kernels/cross_entropy.h
 void cross_entropy_forward_bf16_cuda(float* losses, float* lse, const uint16_t* logits, const int32_t* targets,

@@ -241,11 +241,13 @@ void check_layernorm() {
   // (5, 2056) (fewer rows than the column sums' row groups) by the one-pass kernel.
   // Forward and dx: C a multiple of 8 up to 2048 takes the register-resident 8-wide kernels (C = 256: one
   // pack per lane; 136: 17 packs, lanes without one; 776: 97 packs, 4 per lane, the last partial; 2048:
-  // 8 per lane), 100 and 2056 the element-wise ones.
+  // 8 per lane), 100 and 2056 the element-wise ones. (45, 504) and (33, 768): the benchmark presets' C,
+  // 2 and 3 packs per lane in the one-pass backward.
   for (const auto& [rows, C] :
        {std::pair<int64_t, int64_t>{70, 256}, std::pair<int64_t, int64_t>{1100, 136},
         std::pair<int64_t, int64_t>{600, 100}, std::pair<int64_t, int64_t>{9, 776},
-        std::pair<int64_t, int64_t>{70, 2048}, std::pair<int64_t, int64_t>{5, 2056}}) {
+        std::pair<int64_t, int64_t>{70, 2048}, std::pair<int64_t, int64_t>{5, 2056},
+        std::pair<int64_t, int64_t>{45, 504}, std::pair<int64_t, int64_t>{33, 768}}) {
     const std::string what = "emulated bf16 layernorm (" + std::to_string(rows) + ", " + std::to_string(C) + ")";
     const size_t n = static_cast<size_t>(rows * C);
     const std::vector<uint16_t> x = to_bf16(normal(n, 3, 2.0f)), dout = to_bf16(normal(n, 4));
@@ -305,6 +307,37 @@ void check_layernorm() {
         expect_close(dx_new, dx_ref, 1e-5, false, what + how + " (f32)");
         expect_close(to_f32(dx16_new), dx_ref, 1e-5, true, what + how + " (bf16)");
       }
+    }
+
+    // The one-pass backward's two places for the chunk's dgamma/dbeta sums (kernels/layernorm.h): the same
+    // arithmetic in the same order, hence the same bits (the emulation does not contract a·b + c into
+    // an FMA, which nvcc may do differently in the two kernels) — with dx_in, dgamma and dbeta, and with
+    // neither dx_in nor dgamma, bf16 and f32. Up to 100 rows (2 or 3 chunks of 32, the last partial):
+    // (1100, 136) would double this test's time; shapes the one pass does not take are the same kernels.
+    for (const auto& [with_in, with_gamma] : {std::pair<bool, bool>{true, true}, std::pair<bool, bool>{false, false}}) {
+      if (rows > 100) break;
+      const std::string how = what + (with_in ? ", dx_in" : ", no dx_in") + (with_gamma ? "" : ", dbeta alone");
+      std::vector<uint16_t> dx16[2] = {std::vector<uint16_t>(n, 0x7fc0), std::vector<uint16_t>(n, 0x7fc0)};
+      std::vector<float> dx32[2] = {std::vector<float>(n, nan), std::vector<float>(n, nan)};
+      std::vector<float> g16[2], b16[2], g32[2], b32[2];
+      const std::vector<float> din32 = to_f32(dx0);
+      for (int v = 0; v < 2; ++v) {
+        const auto sums = v == 0 ? emu::LayerNormBackwardSums::kRegisters : emu::LayerNormBackwardSums::kSharedMemory;
+        g16[v] = g32[v] = std::vector<float>(dgamma.size(), 0.5f);
+        b16[v] = b32[v] = std::vector<float>(dbeta.size(), -0.25f);
+        emu::layernorm_backward_bf16_cuda(dx16[v].data(), with_in ? dx0.data() : nullptr,
+                                          with_gamma ? g16[v].data() : nullptr, b16[v].data(), dout.data(), x.data(),
+                                          gamma.data(), mean_cpu.data(), rstd_cpu.data(), rows, C, nullptr, sums);
+        emu::layernorm_backward_cuda(dx32[v].data(), with_in ? din32.data() : nullptr,
+                                     with_gamma ? g32[v].data() : nullptr, b32[v].data(), dout_f.data(), x_f.data(),
+                                     gamma.data(), mean_cpu.data(), rstd_cpu.data(), rows, C, nullptr, sums);
+      }
+      EXPECT_EQ(dx16[0], dx16[1]) << how << ": bf16 dx, sums in registers vs in shared memory";
+      EXPECT_EQ(g16[0], g16[1]) << how << ": bf16 dgamma";
+      EXPECT_EQ(b16[0], b16[1]) << how << ": bf16 dbeta";
+      EXPECT_EQ(dx32[0], dx32[1]) << how << ": f32 dx";
+      EXPECT_EQ(g32[0], g32[1]) << how << ": f32 dgamma";
+      EXPECT_EQ(b32[0], b32[1]) << how << ": f32 dbeta";
     }
 
     // The residual add fused into the LayerNorm after it: s = a + b rounded once, then s normalised.

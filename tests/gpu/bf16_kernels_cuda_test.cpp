@@ -186,9 +186,13 @@ void check_broadcast_and_sum_rows() {
 
 // ---- layernorm --------------------------------------------------------------------------------------
 
-void check_layernorm(int64_t rows, int64_t C, bool with_beta) {
+void check_layernorm(int64_t rows, int64_t C, bool with_beta,
+                     LayerNormBackwardSums sums = LayerNormBackwardSums::kDefault) {
   const std::string what = "layernorm (" + std::to_string(rows) + ", " + std::to_string(C) + ")" +
-                           (with_beta ? "" : " without beta");
+                           (with_beta ? "" : " without beta") +
+                           (sums == LayerNormBackwardSums::kSharedMemory ? ", sums in shared memory"
+                            : sums == LayerNormBackwardSums::kRegisters  ? ", sums in registers"
+                                                                         : "");
   const float eps = 1e-5f;
   // Activations with a non-zero mean and scale; gamma, beta f32.
   const Tensor x16 = bf16_input({rows, C}, 20, 2.0f, 0.7f);
@@ -216,7 +220,7 @@ void check_layernorm(int64_t rows, int64_t C, bool with_beta) {
   const Tensor mean_in = f32_on_gpu(mean), rstd_in = f32_on_gpu(rstd);
   layernorm_backward_bf16_cuda(bits(dx_dev), bits(dx_dev), f32(dgamma_dev), with_beta ? f32(dbeta_dev) : nullptr,
                                bits(dout_dev), bits(x_dev), f32(gamma_dev), f32(mean_in), f32(rstd_in), rows, C,
-                               stream());
+                               stream(), sums);
   layernorm_backward_cpu(dx.data(), dx.data(), dgamma.data(), with_beta ? dbeta.data() : nullptr, dout.data(),
                          x.data(), gamma.data(), mean.data(), rstd.data(), rows, C);
   expect_bf16_close(dx_dev, testing::round_bf16(dx), 1e-5, what + ": dx +=");
@@ -230,7 +234,7 @@ void check_layernorm(int64_t rows, int64_t C, bool with_beta) {
     std::vector<float> dx_cpu(static_cast<size_t>(rows * C), 0.0f);
     layernorm_backward_bf16_cuda(bits(dx_fresh), nullptr, params ? f32(dgamma_dev) : nullptr,
                                  params && with_beta ? f32(dbeta_dev) : nullptr, bits(dout_dev), bits(x_dev),
-                                 f32(gamma_dev), f32(mean_in), f32(rstd_in), rows, C, stream());
+                                 f32(gamma_dev), f32(mean_in), f32(rstd_in), rows, C, stream(), sums);
     layernorm_backward_cpu(dx_cpu.data(), nullptr, nullptr, nullptr, dout.data(), x.data(), gamma.data(), mean.data(),
                            rstd.data(), rows, C);
     expect_bf16_close(dx_fresh, testing::round_bf16(dx_cpu), 1e-5,
@@ -346,7 +350,7 @@ void check_dropout(float p) {
 
 void check_elementwise() {}
 void check_broadcast_and_sum_rows() {}
-void check_layernorm(int64_t, int64_t, bool) {}
+void check_layernorm(int64_t, int64_t, bool, LayerNormBackwardSums = LayerNormBackwardSums::kDefault) {}
 void check_attention(int64_t, int64_t, int64_t, int64_t) {}
 void check_cross_entropy(int64_t, int64_t, int64_t, const std::vector<int64_t>&) {}
 void check_dropout(float) {}
@@ -369,6 +373,15 @@ TEST(GpuBf16Kernels, LayerNormMatchesTheRoundedCpu) {
   check_layernorm(75, 100, true);
   check_layernorm(75, 100, false);
   check_layernorm(130, 37, true);
+  // C a multiple of 8 up to 1024: dx, dgamma and dbeta in one pass, the chunk's sums in registers or in
+  // shared memory (kernels/layernorm.h) — 1, 2 (dx_in loaded with the row), 3 and 4 packs a lane (4: more
+  // than the default 48 KiB of shared memory); 75 and 130 rows leave a partial chunk of 32.
+  for (const auto sums : {LayerNormBackwardSums::kRegisters, LayerNormBackwardSums::kSharedMemory}) {
+    check_layernorm(75, 256, true, sums);
+    check_layernorm(130, 504, false, sums);
+    check_layernorm(75, 768, true, sums);
+    check_layernorm(130, 1024, true, sums);
+  }
 }
 
 TEST(GpuBf16Kernels, AttentionMatchesTheRoundedCpu) {
