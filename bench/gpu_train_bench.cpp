@@ -468,6 +468,34 @@ void bench_kernels(const DeviceInfo& dev, Report& r) {
                                                            kgamma.data<float>(), kmean.data<float>(),
                                                            krstd.data<float>(), rows, width, nullptr, sums); }));
       }
+      // A Kraken layer's four sub-layers at B = 8 (4 × 8192 rows, the same buffers' first quarter), one call
+      // per sub-layer against one grouped call (kernels/layernorm.h): 256 chunks of 32 rows a call fill
+      // under half the blocks an H100 holds at once.
+      const int64_t G = 4, group_rows = 8192;
+      Tensor group_dgamma = normal({G, width}, 89), group_dbeta = normal({G, width}, 90);
+      std::vector<LayerNormGroupGradients> groups;
+      for (int64_t g = 0; g < G; ++g)
+        groups.push_back({kgamma.data<float>(), group_dgamma.data<float>() + g * width,
+                          group_dbeta.data<float>() + g * width});
+      for (const auto sums : {LayerNormBackwardSums::kRegisters, LayerNormBackwardSums::kSharedMemory}) {
+        const std::string where = sums == LayerNormBackwardSums::kRegisters ? "sums in registers" : "sums in shared memory";
+        row(("bf16 layernorm backward, 4 × 8192×504 (Kraken B = 8), one call per sub-layer, " + where).c_str(),
+            h * 4.0 * G * group_rows * width + f * 2 * G * group_rows, time_kernel([&] {
+              for (int64_t g = 0; g < G; ++g) {
+                const int64_t e = g * group_rows * width;
+                layernorm_backward_bf16_cuda(kdx.data<uint16_t>() + e, kin.data<uint16_t>() + e, groups[g].dgamma,
+                                             groups[g].dbeta, kdout.data<uint16_t>() + e, kx.data<uint16_t>() + e,
+                                             kgamma.data<float>(), kmean.data<float>() + g * group_rows,
+                                             krstd.data<float>() + g * group_rows, group_rows, width, nullptr, sums);
+              }
+            }));
+        row(("bf16 layernorm backward, 4 × 8192×504 (Kraken B = 8), grouped, " + where).c_str(),
+            h * 4.0 * G * group_rows * width + f * 2 * G * group_rows, time_kernel([&] {
+              layernorm_backward_grouped_bf16_cuda(kdx.data<uint16_t>(), kin.data<uint16_t>(), groups.data(), G,
+                                                   kdout.data<uint16_t>(), kx.data<uint16_t>(), kmean.data<float>(),
+                                                   krstd.data<float>(), group_rows, width, nullptr, sums);
+            }));
+      }
     }
     Tensor u = bf16(normal({n}, 72)), gu = bf16(normal({n}, 73)), du = bf16(normal({n}, 74)), gx = bf16(normal({n}, 75));
     row("bf16 GELU forward", h * 2.0 * n,

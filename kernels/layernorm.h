@@ -46,6 +46,22 @@ void layernorm_backward_cuda(float* dx, const float* dx_in, float* dgamma, float
                              int64_t C, CUstream_st* stream,
                              LayerNormBackwardSums sums = LayerNormBackwardSums::kDefault);
 
+// ---- CUDA, grouped: G blocks of rows, each with its own gamma and gradients ------------------------
+// dx, dx_in, dout, x (G · rows_per_group, C) and mean, rstd (G · rows_per_group,): block g, rows
+// [g · rows_per_group, (g + 1) · rows_per_group), normalised with groups[g].gamma; its dgamma, dbeta
+// (either may be null) accumulate as above. The same results as G calls of layernorm_backward_cuda, in
+// one launch (of up to 16 groups) where the one pass applies: a Kraken layer's sub-layers, whose
+// 32-row chunks alone would fill a quarter of an H100 at B = 8. groups is a host array.
+struct LayerNormGroupGradients {
+  const float* gamma;
+  float* dgamma;
+  float* dbeta;
+};
+void layernorm_backward_grouped_cuda(float* dx, const float* dx_in, const LayerNormGroupGradients* groups, int64_t G,
+                                     const float* dout, const float* x, const float* mean, const float* rstd,
+                                     int64_t rows_per_group, int64_t C, CUstream_st* stream,
+                                     LayerNormBackwardSums sums = LayerNormBackwardSums::kDefault);
+
 // ---- CUDA, the residual add fused into the LayerNorm after it --------------------------------------
 // s = a + b (rounded to the storage type and stored), out = layernorm(s) computed from the stored s:
 // exactly what add followed by layernorm computes, in one pass over a and b instead of a pass that
@@ -67,5 +83,9 @@ void layernorm_backward_bf16_cuda(uint16_t* dx, const uint16_t* dx_in, float* dg
                                   const uint16_t* dout, const uint16_t* x, const float* gamma, const float* mean,
                                   const float* rstd, int64_t rows, int64_t C, CUstream_st* stream,
                                   LayerNormBackwardSums sums = LayerNormBackwardSums::kDefault);
+void layernorm_backward_grouped_bf16_cuda(uint16_t* dx, const uint16_t* dx_in, const LayerNormGroupGradients* groups,
+                                          int64_t G, const uint16_t* dout, const uint16_t* x, const float* mean,
+                                          const float* rstd, int64_t rows_per_group, int64_t C, CUstream_st* stream,
+                                          LayerNormBackwardSums sums = LayerNormBackwardSums::kDefault);
 
 }  // namespace kraken::kernels

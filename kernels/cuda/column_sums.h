@@ -91,12 +91,15 @@ __global__ void __launch_bounds__(kColumnSumThreads)
 // g + 16, … in order, then a fixed shared-memory tree adds the 16 groups. (A thread per column adding
 // every chunk, what this kernel did before, made 3 blocks for C = 768: 30 µs per LayerNorm backward on an
 // H200 for 256 chunks, 7% of a Kraken 4-way step, all of it waiting on one load after another.)
+// Several independent sets of partials at once: blockIdx.y picks the set (partials + y · set_stride), and
+// apply can tell them apart by blockIdx.y.
 constexpr int kTotalColumns = 32;
 constexpr int kTotalGroups = 16;
 template <int K, typename Apply>
 __global__ void __launch_bounds__(kTotalColumns* kTotalGroups)
-    column_totals_kernel(const float* partials, int64_t chunks, int64_t cols, Apply apply) {
+    column_totals_kernel(const float* partials, int64_t chunks, int64_t cols, int64_t set_stride, Apply apply) {
   __shared__ float sums[K][kTotalGroups][kTotalColumns + 1];
+  partials += static_cast<int64_t>(blockIdx.y) * set_stride;
   const int lane = threadIdx.x % kTotalColumns, group = threadIdx.x / kTotalColumns;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kTotalColumns + lane;
   float acc[K] = {};
@@ -124,10 +127,13 @@ __global__ void __launch_bounds__(kTotalColumns* kTotalGroups)
   }
 }
 
+// sets: how many sets of partials, set_stride floats apart (one set: 1, 0).
 template <int K, typename Apply>
-void launch_column_totals(const float* partials, int64_t chunks, int64_t cols, Apply apply, cudaStream_t stream) {
-  KRAKEN_KERNEL(static_cast<unsigned>((cols + kTotalColumns - 1) / kTotalColumns), kTotalColumns * kTotalGroups, 0,
-                stream, column_totals_kernel<K, Apply>)(partials, chunks, cols, apply);
+void launch_column_totals(const float* partials, int64_t chunks, int64_t cols, Apply apply, cudaStream_t stream,
+                          int sets = 1, int64_t set_stride = 0) {
+  KRAKEN_KERNEL(dim3(static_cast<unsigned>((cols + kTotalColumns - 1) / kTotalColumns), static_cast<unsigned>(sets)),
+                kTotalColumns * kTotalGroups, 0, stream, column_totals_kernel<K, Apply>)
+  (partials, chunks, cols, set_stride, apply);
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
 

@@ -4,7 +4,9 @@
 // where C is a multiple of 8 up to 2048 and the rows 16-byte aligned, the row stays in the warp's
 // registers and moves in 16-byte pieces (the _x8 kernels).
 // dgamma/dbeta: where C is a multiple of 8 up to 1024 and dx is wanted too, in the dx pass (its row
-// chunks' sums, then the chunks added in order: layernorm_backward_fused_x8_kernel); else where C is a
+// chunks' sums, then the chunks added in order: layernorm_backward_fused_x8_kernel, which keeps a chunk's
+// sums in registers, or layernorm_backward_shared_sums_x8_kernel, in shared memory; one launch for all
+// groups of a grouped backward, each with its own gamma and gradients); else where C is a
 // multiple of 8 and the rows 16-byte aligned, the two-pass column sums of column_sums.h (the same
 // scheme over a second read of dout and x); otherwise
 // column-parallel without atomics or scratch: a block owns kCols columns and all rows; its kGroups row
@@ -309,17 +311,35 @@ constexpr int kMaxFusedPacks = 4;
 constexpr int kFusedRowsPerWarp = 4;
 constexpr int kFusedRows = kWarpsPerBlock * kFusedRowsPerWarp;  // rows per block: a chunk
 
+// The one-pass kernels run several groups of rows in one launch (a Kraken layer's sub-layers, each with
+// its own gamma; kernels/layernorm.h): grid (chunks of a group, groups), block (b, y) does chunk b of
+// group y — rows [y·rows, (y + 1)·rows) of the launch, gamma[y], and the partial sums of group y, which
+// start 2 · chunks · C floats after group y − 1's. One group is the plain LayerNorm.
+constexpr int kMaxGroupsPerLaunch = 16;
+struct GroupTable {
+  const float* gamma[kMaxGroupsPerLaunch];
+  int64_t rows;  // per group
+};
+// Block (b, y)'s group: its gamma and partial sums; returns one past its last row.
+__device__ __forceinline__ int64_t enter_group(const GroupTable& table, const float*& gamma, float*& partials, int C) {
+  gamma = table.gamma[blockIdx.y];
+  partials += static_cast<int64_t>(blockIdx.y) * 2 * gridDim.x * C;
+  return (static_cast<int64_t>(blockIdx.y) + 1) * table.rows;
+}
+
 template <typename T, int kPacks>
 __global__ void layernorm_backward_fused_x8_kernel(T* dx, const T* dx_in, float* partials, const T* dout, const T* x,
-                                                   const float* gamma, const float* mean, const float* rstd,
-                                                   int64_t rows, int C, bool with_gamma) {
+                                                   GroupTable table, const float* mean, const float* rstd, int C,
+                                                   bool with_gamma) {
   static_assert(kPacks <= kMaxFusedPacks, "the column sums would not fit in registers");
   __shared__ float sums[2][32 * 8 * kMaxFusedPacks];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const float* gamma = nullptr;
+  const int64_t end = enter_group(table, gamma, partials, C), first = end - table.rows;
   float dg[kPacks][8] = {}, db[kPacks][8] = {};
   for (int k = 0; k < kFusedRowsPerWarp; ++k) {
-    const int64_t r = static_cast<int64_t>(blockIdx.x) * kFusedRows + k * kWarpsPerBlock + warp;
-    if (r >= rows) break;  // (not return: the warp still takes part in the barriers below)
+    const int64_t r = first + static_cast<int64_t>(blockIdx.x) * kFusedRows + k * kWarpsPerBlock + warp;
+    if (r >= end) break;  // (not return: the warp still takes part in the barriers below)
     backward_row_x8<true>(dx, dx_in, dout, x, gamma, mean[r], rstd[r], r, C, lane, with_gamma, dg, db);
   }
   for (int w = 0; w < kWarpsPerBlock; ++w) {
@@ -355,10 +375,10 @@ __global__ void layernorm_backward_fused_x8_kernel(T* dx, const T* dx_in, float*
 // to packs l + 32p are consecutive float4 (no bank conflicts).
 __device__ __forceinline__ int slice_float4(int pack, int half, int packs) { return half * packs + pack; }
 
-// What fits a thread's registers (ptxas -v, sm_90): bf16 rows of 1 or 2 packs a lane take 59 and 64
+// What fits a thread's registers (ptxas -v, sm_90): bf16 rows of 1 or 2 packs a lane take 56 and 64
 // registers with dx_in loaded with the row — 4 blocks an SM (≤ 64) — 3 packs 79 (64 if dx_in is loaded
-// after the row's sums, as the kernel above does), 4 packs 80 without; f32 rows of 1–4 packs 59, 72, 90,
-// 110 without. So dx_in joins the row's loads for bf16 up to 2 packs (C ≤ 512: the Kraken preset's 504),
+// after the row's sums, as the kernel above does), 4 packs 80 without; f32 rows of 1–4 packs 56, 76, 96,
+// 118 without. So dx_in joins the row's loads for bf16 up to 2 packs (C ≤ 512: the Kraken preset's 504),
 // and the launch bounds ask for as many blocks as those counts allow.
 template <typename T, int kPacks>
 constexpr bool dx_in_with_row() {
@@ -373,11 +393,13 @@ constexpr int shared_sums_blocks_per_sm() {
 template <typename T, int kPacks>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32, (shared_sums_blocks_per_sm<T, kPacks>()))
     layernorm_backward_shared_sums_x8_kernel(T* dx, const T* dx_in, float* partials, const T* dout, const T* x,
-                                             const float* gamma, const float* mean, const float* rstd, int64_t rows,
-                                             int C, bool with_gamma) {
+                                             GroupTable table, const float* mean, const float* rstd, int C,
+                                             bool with_gamma) {
   static_assert(kPacks <= kMaxFusedPacks, "instantiated for the fused kernel's C only");
   KRAKEN_DYNAMIC_SHARED(float, sums);  // kWarpsPerBlock slices of [dgamma terms, dbeta terms], C floats each
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, packs = C / 8;
+  const float* gamma = nullptr;
+  const int64_t end = enter_group(table, gamma, partials, C), first = end - table.rows;
   float4* dg = reinterpret_cast<float4*>(sums + static_cast<int64_t>(2 * warp) * C);
   float4* db = dg + 2 * packs;  // (C / 4 float4 a term)
 #pragma unroll
@@ -387,8 +409,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, (shared_sums_blocks_per_s
     for (int h = 0; h < 2; ++h) dg[slice_float4(P, h, packs)] = db[slice_float4(P, h, packs)] = make_float4(0, 0, 0, 0);
   }
   for (int k = 0; k < kFusedRowsPerWarp; ++k) {
-    const int64_t r = static_cast<int64_t>(blockIdx.x) * kFusedRows + k * kWarpsPerBlock + warp;
-    if (r >= rows) break;  // (not return: the warp still takes part in the barrier below)
+    const int64_t r = first + static_cast<int64_t>(blockIdx.x) * kFusedRows + k * kWarpsPerBlock + warp;
+    if (r >= end) break;  // (not return: the warp still takes part in the barrier below)
     constexpr bool kEarly = dx_in_with_row<T, kPacks>();
     Stored8<T> d[kPacks] = {}, xs[kPacks] = {}, din[kEarly ? kPacks : 1] = {};  // (zeroed for the emulation)
 #pragma unroll
@@ -616,40 +638,77 @@ LayerNormBackwardSums default_backward_sums() {
   return sums;
 }
 
+// dgamma[g] += totals (where wanted) for the group blockIdx.y of a grouped launch.
+struct GroupedParamAccumulate {
+  float* dgamma[kMaxGroupsPerLaunch];
+  float* dbeta[kMaxGroupsPerLaunch];
+  __device__ __forceinline__ void operator()(int64_t c, const float (&totals)[2]) const {
+    if (float* g = dgamma[blockIdx.y]) g[c] += totals[0];
+    if (float* b = dbeta[blockIdx.y]) b[c] += totals[1];
+  }
+};
+
+// The one pass (dx, dgamma and dbeta from one read of dout and x) for G groups of `rows` rows each, up to
+// kMaxGroupsPerLaunch a launch; false (nothing launched) where it does not apply: no dx, no parameter
+// gradient, C not a multiple of 8 up to 1024, or a buffer not 16-byte aligned.
 template <typename T>
-void layernorm_backward(T* dx, const T* dx_in, float* dgamma, float* dbeta, const T* dout, const T* x,
-                        const float* gamma, const float* mean, const float* rstd, int64_t rows, int64_t C,
-                        CUstream_st* stream, LayerNormBackwardSums sums) {
-  // in the forward pass this was: out = x̂·gamma + beta, x̂ = (x − μ)·rstd
-  if (rows <= 0) return;
-  if (sums == LayerNormBackwardSums::kDefault) sums = default_backward_sums();
-  if (dx && (dgamma || dbeta) && all_aligned16({dx, dx_in, dout, x, gamma}) && C <= 32 * 8 * kMaxFusedPacks &&
-      with_packs_per_lane(C, [&](auto packs) {
-        constexpr int kPacks = decltype(packs)::value;
-        if constexpr (kPacks <= kMaxFusedPacks) {
-          const int64_t chunks = (rows + kFusedRows - 1) / kFusedRows;
-          KRAKEN_CHECK(chunks <= 0x7fffffffLL, "layernorm backward: ", rows, " rows");
-          float* partials = static_cast<float*>(cuda_detail::device_scratch(
-              cuda_detail::ScratchSlot::kColumnSums, sizeof(float) * static_cast<size_t>(2 * chunks * C)));
-          if (sums == LayerNormBackwardSums::kSharedMemory) {
-            const auto kernel = layernorm_backward_shared_sums_x8_kernel<T, kPacks>;
-            const size_t bytes = sizeof(float) * 2 * kWarpsPerBlock * static_cast<size_t>(C);
-            if (bytes > 48 * 1024)  // above the default, asked for per kernel (C > 768)
-              KRAKEN_CUDA_CHECK(
-                  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-            KRAKEN_KERNEL(static_cast<unsigned>(chunks), kWarpsPerBlock * 32, bytes, stream, kernel)
-            (dx, dx_in, partials, dout, x, gamma, mean, rstd, rows, static_cast<int>(C), dgamma != nullptr);
-          } else {
-            KRAKEN_KERNEL(static_cast<unsigned>(chunks), kWarpsPerBlock * 32, 0, stream,
-                          layernorm_backward_fused_x8_kernel<T, kPacks>)
-            (dx, dx_in, partials, dout, x, gamma, mean, rstd, rows, static_cast<int>(C), dgamma != nullptr);
-          }
-          KRAKEN_CUDA_LAUNCH_CHECK();
-          cuda_detail::launch_column_totals<2>(partials, chunks, C, LayerNormParamAccumulate{dgamma, dbeta},
-                                               stream);
+bool layernorm_backward_one_pass(T* dx, const T* dx_in, const LayerNormGroupGradients* groups, int64_t G,
+                                 const T* dout, const T* x, const float* mean, const float* rstd, int64_t rows,
+                                 int64_t C, CUstream_st* stream, LayerNormBackwardSums sums) {
+  bool any_params = false, with_gamma = false, aligned = all_aligned16({dx, dx_in, dout, x});
+  for (int64_t g = 0; g < G; ++g) {
+    any_params = any_params || groups[g].dgamma || groups[g].dbeta;
+    with_gamma = with_gamma || groups[g].dgamma;
+    aligned = aligned && groups[g].gamma && aligned16(groups[g].gamma);
+  }
+  if (!dx || !any_params || !aligned || C > 32 * 8 * kMaxFusedPacks) return false;
+  return with_packs_per_lane(C, [&](auto packs) {
+    constexpr int kPacks = decltype(packs)::value;
+    if constexpr (kPacks <= kMaxFusedPacks) {
+      const int64_t chunks = (rows + kFusedRows - 1) / kFusedRows;
+      KRAKEN_CHECK(chunks <= 0x7fffffffLL, "layernorm backward: ", rows, " rows");
+      for (int64_t g0 = 0; g0 < G; g0 += kMaxGroupsPerLaunch) {
+        const int n = static_cast<int>(G - g0 < kMaxGroupsPerLaunch ? G - g0 : kMaxGroupsPerLaunch);
+        GroupTable table{};
+        GroupedParamAccumulate apply{};
+        table.rows = rows;
+        for (int k = 0; k < n; ++k) {
+          table.gamma[k] = groups[g0 + k].gamma;
+          apply.dgamma[k] = groups[g0 + k].dgamma;
+          apply.dbeta[k] = groups[g0 + k].dbeta;
         }
-      }))
-    return;
+        const int64_t first = g0 * rows * C;
+        float* partials = static_cast<float*>(cuda_detail::device_scratch(
+            cuda_detail::ScratchSlot::kColumnSums, sizeof(float) * static_cast<size_t>(2 * n * chunks * C)));
+        const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(n));
+        T* dx_g = dx + first;
+        const T* dx_in_g = dx_in ? dx_in + first : nullptr;
+        if (sums == LayerNormBackwardSums::kSharedMemory) {
+          const auto kernel = layernorm_backward_shared_sums_x8_kernel<T, kPacks>;
+          const size_t bytes = sizeof(float) * 2 * kWarpsPerBlock * static_cast<size_t>(C);
+          if (bytes > 48 * 1024)  // above the default, asked for per kernel (C > 768)
+            KRAKEN_CUDA_CHECK(
+                cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+          KRAKEN_KERNEL(grid, kWarpsPerBlock * 32, bytes, stream, kernel)
+          (dx_g, dx_in_g, partials, dout + first, x + first, table, mean + g0 * rows, rstd + g0 * rows,
+           static_cast<int>(C), with_gamma);
+        } else {
+          KRAKEN_KERNEL(grid, kWarpsPerBlock * 32, 0, stream, layernorm_backward_fused_x8_kernel<T, kPacks>)
+          (dx_g, dx_in_g, partials, dout + first, x + first, table, mean + g0 * rows, rstd + g0 * rows,
+           static_cast<int>(C), with_gamma);
+        }
+        KRAKEN_CUDA_LAUNCH_CHECK();
+        cuda_detail::launch_column_totals<2>(partials, chunks, C, apply, stream, n, 2 * chunks * C);
+      }
+    }
+  });
+}
+
+// One group by the kernels that take one gamma: dx alone, then dgamma/dbeta by the column sums.
+template <typename T>
+void layernorm_backward_separately(T* dx, const T* dx_in, float* dgamma, float* dbeta, const T* dout, const T* x,
+                                   const float* gamma, const float* mean, const float* rstd, int64_t rows, int64_t C,
+                                   CUstream_st* stream) {
   if (dx) {
     if (!(all_aligned16({dx, dx_in, dout, x, gamma}) && with_packs_per_lane(C, [&](auto packs) {
           KRAKEN_KERNEL(row_blocks(rows), kWarpsPerBlock * 32, 0, stream,
@@ -672,6 +731,24 @@ void layernorm_backward(T* dx, const T* dx_in, float* dgamma, float* dbeta, cons
   }
 }
 
+// G groups of `rows` rows each (kernels/layernorm.h): one pass where it applies, else group by group.
+template <typename T>
+void layernorm_backward(T* dx, const T* dx_in, const LayerNormGroupGradients* groups, int64_t G, const T* dout,
+                        const T* x, const float* mean, const float* rstd, int64_t rows, int64_t C, CUstream_st* stream,
+                        LayerNormBackwardSums sums) {
+  // in the forward pass this was: out = x̂·gamma + beta, x̂ = (x − μ)·rstd
+  KRAKEN_CHECK(G >= 1, "layernorm backward: ", G, " groups");
+  if (rows <= 0) return;
+  if (sums == LayerNormBackwardSums::kDefault) sums = default_backward_sums();
+  if (layernorm_backward_one_pass(dx, dx_in, groups, G, dout, x, mean, rstd, rows, C, stream, sums)) return;
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t first = g * rows * C;
+    layernorm_backward_separately(dx ? dx + first : nullptr, dx && dx_in ? dx_in + first : nullptr, groups[g].dgamma,
+                                  groups[g].dbeta, dout + first, x ? x + first : nullptr, groups[g].gamma,
+                                  mean + g * rows, rstd + g * rows, rows, C, stream);
+  }
+}
+
 }  // namespace
 
 void layernorm_forward_cuda(float* out, float* mean, float* rstd, const float* x, const float* gamma,
@@ -682,7 +759,15 @@ void layernorm_forward_cuda(float* out, float* mean, float* rstd, const float* x
 void layernorm_backward_cuda(float* dx, const float* dx_in, float* dgamma, float* dbeta, const float* dout,
                              const float* x, const float* gamma, const float* mean, const float* rstd, int64_t rows,
                              int64_t C, CUstream_st* stream, LayerNormBackwardSums sums) {
-  layernorm_backward(dx, dx_in, dgamma, dbeta, dout, x, gamma, mean, rstd, rows, C, stream, sums);
+  const LayerNormGroupGradients one{gamma, dgamma, dbeta};
+  layernorm_backward(dx, dx_in, &one, 1, dout, x, mean, rstd, rows, C, stream, sums);
+}
+
+void layernorm_backward_grouped_cuda(float* dx, const float* dx_in, const LayerNormGroupGradients* groups, int64_t G,
+                                     const float* dout, const float* x, const float* mean, const float* rstd,
+                                     int64_t rows_per_group, int64_t C, CUstream_st* stream,
+                                     LayerNormBackwardSums sums) {
+  layernorm_backward(dx, dx_in, groups, G, dout, x, mean, rstd, rows_per_group, C, stream, sums);
 }
 
 void layernorm_forward_bf16_cuda(uint16_t* out, float* mean, float* rstd, const uint16_t* x, const float* gamma,
@@ -694,8 +779,17 @@ void layernorm_backward_bf16_cuda(uint16_t* dx, const uint16_t* dx_in, float* dg
                                   const uint16_t* dout, const uint16_t* x, const float* gamma, const float* mean,
                                   const float* rstd, int64_t rows, int64_t C, CUstream_st* stream,
                                   LayerNormBackwardSums sums) {
-  layernorm_backward(as_bf16(dx), as_bf16(dx_in), dgamma, dbeta, as_bf16(dout), as_bf16(x), gamma, mean, rstd, rows,
-                     C, stream, sums);
+  const LayerNormGroupGradients one{gamma, dgamma, dbeta};
+  layernorm_backward(as_bf16(dx), as_bf16(dx_in), &one, 1, as_bf16(dout), as_bf16(x), mean, rstd, rows, C, stream,
+                     sums);
+}
+
+void layernorm_backward_grouped_bf16_cuda(uint16_t* dx, const uint16_t* dx_in, const LayerNormGroupGradients* groups,
+                                          int64_t G, const uint16_t* dout, const uint16_t* x, const float* mean,
+                                          const float* rstd, int64_t rows_per_group, int64_t C, CUstream_st* stream,
+                                          LayerNormBackwardSums sums) {
+  layernorm_backward(as_bf16(dx), as_bf16(dx_in), groups, G, as_bf16(dout), as_bf16(x), mean, rstd, rows_per_group, C,
+                     stream, sums);
 }
 
 void add_layernorm_forward_cuda(float* s, float* out, float* mean, float* rstd, const float* a, const float* b,

@@ -1,8 +1,10 @@
 // Layer normalisation over the last dimension (kernels/layernorm.h has the equations), alone or fused
 // with the residual add before it. Forward saves one mean and one reciprocal standard deviation per
 // row; backward recomputes x̂ from them and x. Grouped (a Kraken layer's stacked sub-layers), x (G, ..., C)
-// is G blocks of rows, block g normalised with its own gamma and beta: one kernel call per block, each
-// parameter's gradient its own (no stacked copy of the parameters either way).
+// is G blocks of rows, block g normalised with its own gamma and beta: forward one kernel call per
+// block, backward on a GPU one grouped call for all of them (one launch where its kernels allow: a
+// block's 32-row chunks alone leave much of the GPU idle at small B); each parameter's gradient its own
+// (no stacked copy of the parameters either way).
 #include "kernels/layernorm.h"
 
 #include <cmath>
@@ -96,34 +98,46 @@ std::vector<Tensor> layernorm_backward(const Saved& s, const Tensor& dout, Tenso
   for (size_t g = 0; g < G; ++g) {
     if (s.gamma_needs[g]) dgammas[g] = Tensor::zeros({C}, DType::F32, device);
     if (s.beta_needs[g]) dbetas[g] = Tensor::zeros({C}, DType::F32, device);
+  }
+  std::vector<Tensor> grads{dx};
+  grads.insert(grads.end(), dgammas.begin(), dgammas.end());
+  grads.insert(grads.end(), dbetas.begin(), dbetas.end());
+  if (device.is_cuda()) {  // every block in one call (one launch where the kernels allow)
+    std::vector<kernels::LayerNormGroupGradients> groups(G);
+    for (size_t g = 0; g < G; ++g)
+      groups[g] = {s.gammas[g].defined() ? s.gammas[g].data<float>() : nullptr,
+                   s.gamma_needs[g] ? dgammas[g].data<float>() : nullptr,
+                   s.beta_needs[g] ? dbetas[g].data<float>() : nullptr};
+    const int64_t n_groups = static_cast<int64_t>(G);
+    if (dout.dtype() == DType::BF16)
+      KRAKEN_CUDA_ONLY(device, kernels::layernorm_backward_grouped_bf16_cuda(
+                                   dx.defined() ? dx.data<uint16_t>() : nullptr,
+                                   dx.defined() && dx_in.defined() ? dx_in.data<uint16_t>() : nullptr, groups.data(),
+                                   n_groups, dout.data<uint16_t>(), s.x.defined() ? s.x.data<uint16_t>() : nullptr,
+                                   s.mean.data<float>(), s.rstd.data<float>(), rows, C, stream_of(dout)));
+    else
+      KRAKEN_CUDA_ONLY(device, kernels::layernorm_backward_grouped_cuda(
+                                   dx.defined() ? dx.data<float>() : nullptr,
+                                   dx.defined() && dx_in.defined() ? dx_in.data<float>() : nullptr, groups.data(),
+                                   n_groups, dout.data<float>(), s.x.defined() ? s.x.data<float>() : nullptr,
+                                   s.mean.data<float>(), s.rstd.data<float>(), rows, C, stream_of(dout)));
+    return grads;
+  }
+  KRAKEN_CHECK(dout.dtype() == DType::F32, "layernorm backward on the CPU: ", dout.describe(),
+               " (a bf16 forward widens its input there)");
+  for (size_t g = 0; g < G; ++g) {
     const int64_t row0 = static_cast<int64_t>(g) * rows, e0 = row0 * C;
     float* dgamma_ptr = s.gamma_needs[g] ? dgammas[g].data<float>() : nullptr;
     float* dbeta_ptr = s.beta_needs[g] ? dbetas[g].data<float>() : nullptr;
     const float* gamma_ptr = s.gammas[g].defined() ? s.gammas[g].data<float>() : nullptr;
     const float* mean = s.mean.data<float>() + row0;
     const float* rstd = s.rstd.data<float>() + row0;
-    if (dout.dtype() == DType::BF16) {  // only on CUDA: the CPU widened in forward
-      uint16_t* dx_ptr = dx.defined() ? dx.data<uint16_t>() + e0 : nullptr;
-      const uint16_t* dx_in_ptr = dx.defined() && dx_in.defined() ? dx_in.data<uint16_t>() + e0 : nullptr;
-      const uint16_t* x_ptr = s.x.defined() ? s.x.data<uint16_t>() + e0 : nullptr;
-      KRAKEN_CUDA_ONLY(device, kernels::layernorm_backward_bf16_cuda(dx_ptr, dx_in_ptr, dgamma_ptr, dbeta_ptr,
-                                                                     dout.data<uint16_t>() + e0, x_ptr, gamma_ptr, mean,
-                                                                     rstd, rows, C, stream_of(dout)));
-      continue;
-    }
     float* dx_ptr = dx.defined() ? dx.data<float>() + e0 : nullptr;
     const float* dx_in_ptr = dx.defined() && dx_in.defined() ? dx_in.data<float>() + e0 : nullptr;
     const float* x_ptr = s.x.defined() ? s.x.data<float>() + e0 : nullptr;
-    const float* dout_ptr = dout.data<float>() + e0;
-    KRAKEN_ON_DEVICE(device,
-                     kernels::layernorm_backward_cpu(dx_ptr, dx_in_ptr, dgamma_ptr, dbeta_ptr, dout_ptr, x_ptr,
-                                                     gamma_ptr, mean, rstd, rows, C),
-                     kernels::layernorm_backward_cuda(dx_ptr, dx_in_ptr, dgamma_ptr, dbeta_ptr, dout_ptr, x_ptr,
-                                                      gamma_ptr, mean, rstd, rows, C, stream_of(dout)));
+    kernels::layernorm_backward_cpu(dx_ptr, dx_in_ptr, dgamma_ptr, dbeta_ptr, dout.data<float>() + e0, x_ptr, gamma_ptr,
+                                    mean, rstd, rows, C);
   }
-  std::vector<Tensor> grads{dx};
-  grads.insert(grads.end(), dgammas.begin(), dgammas.end());
-  grads.insert(grads.end(), dbetas.begin(), dbetas.end());
   return grads;
 }
 

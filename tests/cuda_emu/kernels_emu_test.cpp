@@ -357,6 +357,84 @@ void check_layernorm() {
 
 TEST(CudaEmulation, LayerNormForwardAndBackwardMatchTheCpu) { under_both_schedules(check_layernorm); }
 
+// A grouped backward (G blocks of rows, each its own gamma and gradients: a Kraken layer's sub-layers)
+// is G backward calls in one: the same bits. Shapes: 3 groups of 45 rows (2 chunks of 32 each, the
+// second partial) at C = 504 and 136 (one launch for all groups), C = 100 (no one pass: group by group);
+// 17 groups of 5 rows (two launches: 16 groups, then 1). One group wants no dgamma, one no dbeta.
+void check_grouped_layernorm_backward(int64_t G, int64_t rows, int64_t C, emu::LayerNormBackwardSums sums) {
+  const std::string what = "emulated grouped layernorm backward, " + std::to_string(G) + " groups of (" +
+                           std::to_string(rows) + ", " + std::to_string(C) + ")" +
+                           (sums == emu::LayerNormBackwardSums::kSharedMemory ? ", sums in shared memory" : "");
+  const size_t n = static_cast<size_t>(G * rows * C);
+  const std::vector<uint16_t> x = to_bf16(normal(n, 91, 2.0f)), dout = to_bf16(normal(n, 92)),
+                              dx_in = to_bf16(normal(n, 93));
+  const std::vector<float> gammas = normal(static_cast<size_t>(G * C), 94);
+  std::vector<float> mean(static_cast<size_t>(G * rows)), rstd(mean.size());
+  for (size_t r = 0; r < mean.size(); ++r) {
+    mean[r] = 0.1f * static_cast<float>(r % 7);
+    rstd[r] = 0.5f + 0.05f * static_cast<float>(r % 5);
+  }
+  // Each way: dx (bf16 and f32), and every group's dgamma, dbeta starting from 0.5, −0.25.
+  struct Run {
+    std::vector<uint16_t> dx16;
+    std::vector<float> dx32, dgamma16, dbeta16, dgamma32, dbeta32;
+  };
+  const std::vector<float> x32 = to_f32(x), dout32 = to_f32(dout), dx_in32 = to_f32(dx_in);
+  auto run = [&](bool grouped) {
+    Run r{std::vector<uint16_t>(n, 0x7fc0), std::vector<float>(n, std::numeric_limits<float>::quiet_NaN()),
+          std::vector<float>(static_cast<size_t>(G * C), 0.5f), std::vector<float>(static_cast<size_t>(G * C), -0.25f),
+          std::vector<float>(static_cast<size_t>(G * C), 0.5f), std::vector<float>(static_cast<size_t>(G * C), -0.25f)};
+    std::vector<emu::LayerNormGroupGradients> g16(static_cast<size_t>(G)), g32(g16.size());
+    for (int64_t g = 0; g < G; ++g) {
+      const size_t at = static_cast<size_t>(g * C);
+      g16[static_cast<size_t>(g)] = {gammas.data() + at, g == 1 ? nullptr : r.dgamma16.data() + at,
+                                     g == 2 ? nullptr : r.dbeta16.data() + at};
+      g32[static_cast<size_t>(g)] = {gammas.data() + at, g == 1 ? nullptr : r.dgamma32.data() + at,
+                                     g == 2 ? nullptr : r.dbeta32.data() + at};
+    }
+    if (grouped) {
+      emu::layernorm_backward_grouped_bf16_cuda(r.dx16.data(), dx_in.data(), g16.data(), G, dout.data(), x.data(),
+                                                mean.data(), rstd.data(), rows, C, nullptr, sums);
+      emu::layernorm_backward_grouped_cuda(r.dx32.data(), dx_in32.data(), g32.data(), G, dout32.data(), x32.data(),
+                                           mean.data(), rstd.data(), rows, C, nullptr, sums);
+      return r;
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      const size_t e = static_cast<size_t>(g * rows * C), row = static_cast<size_t>(g * rows);
+      const auto& p16 = g16[static_cast<size_t>(g)];
+      const auto& p32 = g32[static_cast<size_t>(g)];
+      emu::layernorm_backward_bf16_cuda(r.dx16.data() + e, dx_in.data() + e, p16.dgamma, p16.dbeta, dout.data() + e,
+                                        x.data() + e, p16.gamma, mean.data() + row, rstd.data() + row, rows, C, nullptr,
+                                        sums);
+      emu::layernorm_backward_cuda(r.dx32.data() + e, dx_in32.data() + e, p32.dgamma, p32.dbeta, dout32.data() + e,
+                                   x32.data() + e, p32.gamma, mean.data() + row, rstd.data() + row, rows, C, nullptr,
+                                   sums);
+    }
+    return r;
+  };
+  const Run one_by_one = run(false), grouped = run(true);
+  EXPECT_EQ(grouped.dx16, one_by_one.dx16) << what << ": bf16 dx";
+  EXPECT_EQ(grouped.dgamma16, one_by_one.dgamma16) << what << ": bf16 dgamma";
+  EXPECT_EQ(grouped.dbeta16, one_by_one.dbeta16) << what << ": bf16 dbeta";
+  EXPECT_EQ(grouped.dx32, one_by_one.dx32) << what << ": f32 dx";
+  EXPECT_EQ(grouped.dgamma32, one_by_one.dgamma32) << what << ": f32 dgamma";
+  EXPECT_EQ(grouped.dbeta32, one_by_one.dbeta32) << what << ": f32 dbeta";
+  // The groups without a dgamma or dbeta kept their starting values.
+  EXPECT_EQ(grouped.dgamma16[static_cast<size_t>(C)], 0.5f) << what;
+  EXPECT_EQ(grouped.dbeta16[static_cast<size_t>(2 * C)], -0.25f) << what;
+}
+
+TEST(CudaEmulation, GroupedLayerNormBackwardIsOneCallPerGroup) {
+  under_both_schedules([] {
+    for (const auto sums : {emu::LayerNormBackwardSums::kRegisters, emu::LayerNormBackwardSums::kSharedMemory}) {
+      check_grouped_layernorm_backward(3, 45, 504, sums);
+      check_grouped_layernorm_backward(3, 45, 136, sums);
+      check_grouped_layernorm_backward(17, 5, 64, sums);
+    }
+    check_grouped_layernorm_backward(3, 45, 100, emu::LayerNormBackwardSums::kDefault);
+  });
+}
+
 // ---- cross-entropy ----------------------------------------------------------------------------------
 
 void check_cross_entropy(int64_t N, int64_t Vp, int64_t V, const std::vector<int64_t>& ignored) {

@@ -242,6 +242,44 @@ void check_layernorm(int64_t rows, int64_t C, bool with_beta,
   }
 }
 
+// A grouped backward (kernels/layernorm.h) against one call per group: the same kernels on the same rows,
+// so the same bits. G = 4 groups of 100 rows at C = 504 (a Kraken sub-layer's width); group 1 wants no
+// dgamma.
+void check_grouped_layernorm_backward(LayerNormBackwardSums sums) {
+  const int64_t G = 4, rows = 100, C = 504;
+  const std::string what = std::string("grouped layernorm backward, ") +
+                           (sums == LayerNormBackwardSums::kSharedMemory ? "sums in shared memory" : "sums in registers");
+  const Tensor x = bf16_input({G * rows, C}, 40, 2.0f, 0.3f).to(gpu()), dout = bf16_input({G * rows, C}, 41).to(gpu());
+  const Tensor dx_in = bf16_input({G * rows, C}, 42).to(gpu());
+  const Tensor gammas = f32_on_gpu(f32_values(G * C, 43)), mean = f32_on_gpu(f32_values(G * rows, 44, 0.2f));
+  std::vector<float> rstd_values = f32_values(G * rows, 45, 0.1f);
+  for (float& v : rstd_values) v += 1.0f;
+  const Tensor rstd = f32_on_gpu(rstd_values);
+  const std::vector<float> start = f32_values(G * C, 46);
+  Tensor dx[2] = {bf16_nans_on_gpu({G * rows, C}), bf16_nans_on_gpu({G * rows, C})};
+  Tensor dgamma[2] = {f32_on_gpu(start), f32_on_gpu(start)}, dbeta[2] = {f32_on_gpu(start), f32_on_gpu(start)};
+  for (int way = 0; way < 2; ++way) {
+    std::vector<LayerNormGroupGradients> groups;
+    for (int64_t g = 0; g < G; ++g)
+      groups.push_back({f32(gammas) + g * C, g == 1 ? nullptr : f32(dgamma[way]) + g * C, f32(dbeta[way]) + g * C});
+    if (way == 0) {
+      layernorm_backward_grouped_bf16_cuda(bits(dx[0]), bits(dx_in), groups.data(), G, bits(dout), bits(x), f32(mean),
+                                           f32(rstd), rows, C, stream(), sums);
+      continue;
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t e = g * rows * C;
+      layernorm_backward_bf16_cuda(bits(dx[1]) + e, bits(dx_in) + e, groups[g].dgamma, groups[g].dbeta, bits(dout) + e,
+                                   bits(x) + e, groups[g].gamma, f32(mean) + g * rows, f32(rstd) + g * rows, rows, C,
+                                   stream(), sums);
+    }
+  }
+  EXPECT_EQ(dx[0].to_vector(), dx[1].to_vector()) << what << ": dx";
+  EXPECT_EQ(dgamma[0].to_vector(), dgamma[1].to_vector()) << what << ": dgamma";
+  EXPECT_EQ(dbeta[0].to_vector(), dbeta[1].to_vector()) << what << ": dbeta";
+  EXPECT_EQ(dgamma[0].to_vector()[static_cast<size_t>(C)], start[static_cast<size_t>(C)]) << what << ": group 1's dgamma";
+}
+
 // ---- attention --------------------------------------------------------------------------------------
 // The CUDA-core (SIMT) kernels, f32 throughout: the bounds above hold for them. The tensor-core kernels,
 // which attention_*_bf16_cuda take by default, round P to bf16: tests/gpu/attention_tc_cuda_test.cpp.
@@ -351,6 +389,7 @@ void check_dropout(float p) {
 void check_elementwise() {}
 void check_broadcast_and_sum_rows() {}
 void check_layernorm(int64_t, int64_t, bool, LayerNormBackwardSums = LayerNormBackwardSums::kDefault) {}
+void check_grouped_layernorm_backward(LayerNormBackwardSums) {}
 void check_attention(int64_t, int64_t, int64_t, int64_t) {}
 void check_cross_entropy(int64_t, int64_t, int64_t, const std::vector<int64_t>&) {}
 void check_dropout(float) {}
@@ -382,6 +421,12 @@ TEST(GpuBf16Kernels, LayerNormMatchesTheRoundedCpu) {
     check_layernorm(75, 768, true, sums);
     check_layernorm(130, 1024, true, sums);
   }
+}
+
+TEST(GpuBf16Kernels, GroupedLayerNormBackwardIsOneCallPerGroup) {
+  KRAKEN_REQUIRE_CUDA_KERNELS();
+  check_grouped_layernorm_backward(LayerNormBackwardSums::kRegisters);
+  check_grouped_layernorm_backward(LayerNormBackwardSums::kSharedMemory);
 }
 
 TEST(GpuBf16Kernels, AttentionMatchesTheRoundedCpu) {
