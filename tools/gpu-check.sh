@@ -10,10 +10,11 @@
 #      emulation tests, dependencies from third_party/) and build everything with all cores;
 #   3. the GPU tests: ctest -L gpu (tests/gpu), each result and every measured GPU-vs-CPU difference;
 #      then the attention tests once more with KRAKEN_CUDA_ATTENTION=mma (the grouped mma launch, the
-#      dispatch without cuDNN) and =cudnn (cuDNN for every shape it takes);
+#      dispatch without cuDNN) and =cudnn (cuDNN for every shape it takes), the LayerNorm and model tests
+#      with KRAKEN_CUDA_LAYERNORM_BACKWARD=shared, the product tests with KRAKEN_CUBLASLT_TUNE=8;
 #   4. the GPU benchmark (bench/gpu_train_bench.cpp): tokens/s, MFU, kernel bandwidth, the backward ops
-#      that keep the host (KRAKEN_AUTOGRAD_SLOW_NODE_MS); then its bf16 training rows again, for
-#      comparison, on the mma attention kernels (KRAKEN_CUDA_ATTENTION=mma);
+#      that keep the host (KRAKEN_AUTOGRAD_SLOW_NODE_MS); then its bf16 training rows again with one
+#      switch changed each (bench_variant below), while time is left;
 #   5. compute-sanitizer memcheck on a short GPU training run (kraken-train, checkpoint included), then
 #      memcheck and racecheck on the GPU kernel tests while time remains (after the benchmark, since
 #      the sanitizers take whatever time is left);
@@ -251,6 +252,14 @@ test_variant mma KRAKEN_CUDA_ATTENTION=mma 90 \
 test_variant cudnn KRAKEN_CUDA_ATTENTION=cudnn 120 \
   'GpuAttentionCudnn.*:GpuAttentionTc.DispatchTakesOnePathForForwardAndBackward:GpuAttentionMma.GroupIsEachInputsOwnAttention:GpuModel.*:GpuTrainer.MixedPrecision*' \
   "GpuAttentionCudnn.*, the dispatch, the group, the models"
+# The LayerNorm backward with its dgamma/dbeta sums in shared memory as every op's (kernels/layernorm.h):
+# the models and the trainer against the CPU on it.
+test_variant lnshared KRAKEN_CUDA_LAYERNORM_BACKWARD=shared 90 \
+  'GpuLayerNorm.*:GpuBf16Kernels.LayerNorm*:GpuBf16Kernels.Grouped*:GpuModel.*' "the LayerNorm ops, the models"
+# Every product on the fastest of cuBLASLt's algorithms by timing (KRAKEN_CUBLASLT_TUNE, a measurement
+# mode): the products still right on whichever algorithm wins.
+test_variant tune KRAKEN_CUBLASLT_TUNE=8 90 'GpuMatmulBf16.*:GpuMlp.*:GpuGroupedLinear.*:GpuLinear.*' \
+  "the products and the MLP"
 
 # ---- 4. benchmark ------------------------------------------------------------------------------------------
 md ""
@@ -289,6 +298,9 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
     md ""
     md "With $setting ($what): exit status $rc in $(( $(date +%s) - t0 )) s."
     grep -E '^cuDNN attention' "$logs/bench-$name.log" | sort -u | head -n 10 >> "$report"
+    # KRAKEN_CUBLASLT_TUNE's lines, the largest gains first (kernels/cuda/matmul_lt.cu)
+    grep -E '^cuBLASLt tune' "$logs/bench-$name.log" | sort -u | sed -E 's/.*\(([0-9]+)% faster\)$/\1\t&/' |
+      sort -t$'\t' -k1,1nr | cut -f2- | head -n 30 | sed 's/^/    /' >> "$report"
     if [[ -f "$logs/bench-$name.md" ]]; then grep -E '^\|' "$logs/bench-$name.md" >> "$report"; else md_tail "$logs/bench-$name.log" 20; fi
     [[ $rc -eq 0 ]] || fail "benchmark with $setting (exit status $rc)"
   }
@@ -296,6 +308,10 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
   # default's; kernels/layernorm.h): unmeasured when built (tenth session), so first.
   bench_variant lnshared KRAKEN_CUDA_LAYERNORM_BACKWARD=shared 120 90 \
     "the LayerNorm backward's sums in shared memory" --training-only --batch 8,64
+  # Every product's plan timing 8 of cuBLASLt's algorithms and keeping the fastest (a measurement mode:
+  # kernels/cuda/matmul_lt.cu): what cuBLASLt's first choice leaves on the table, per product and per step.
+  bench_variant tune KRAKEN_CUBLASLT_TUNE=8 120 120 "cuBLASLt's algorithms timed, the fastest kept" \
+    --training-only --batch 8,64
   # The Kraken preset's grouped products: by default one strided batch up to K = 32,768, one product per
   # matrix above (the weight gradients at B = 64: kernels/cuda/matmul_lt.cu). Always batched at B = 32 and
   # 64, never at 32: where between K = 8,192 and 65,536 the loop starts to win (bench/RESULTS.md).

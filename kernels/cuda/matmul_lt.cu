@@ -36,12 +36,14 @@
 #include <cuda_bf16.h>
 
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <memory>
 #include <string>
 #include <utility>
 #include <mutex>
 #include <unordered_map>
+#include <vector>
 
 #include "kernels/cuda/check.h"
 #include "kernels/device_memory.h"
@@ -140,7 +142,31 @@ struct Plan {
   LtDescriptors desc;
   cublasLtMatmulAlgo_t algo;
   bool supported = true;  // false: cuBLASLt had no algorithm for an epilogue the caller can do without
+  // KRAKEN_CUBLASLT_TUNE only: the heuristic's candidates, best first by its own ranking, until the
+  // first product times them (tune_plan).
+  std::vector<cublasLtMatmulHeuristicResult_t> candidates;
 };
+
+// KRAKEN_CUBLASLT_TUNE=n (read once; 2 ≤ n ≤ 32): a measurement mode. Each plan asks the heuristic for n
+// algorithms instead of one, and its first product times every one of them on its own operands (a run
+// to warm up, then 3 timed; the outputs are overwritten each run, beta = 0, so the result is the chosen
+// algorithm's), keeps the fastest and says so on stderr, one line a plan: whether cuBLASLt's first
+// choice leaves time on the table (the DGELU product's xmma kernel, 96 µs where the plain product of
+// its shape takes 57 at B = 8 on an H100, is the case that asked). The choice follows timings, so bits
+// may differ from run to run: for the benchmark, not for training. Unset, 0 or 1: the heuristic's
+// first choice, as always.
+int tune_candidates() {
+  static const int n = [] {
+    const char* v = std::getenv("KRAKEN_CUBLASLT_TUNE");
+    if (v == nullptr || *v == '\0') return 1;
+    char* end = nullptr;
+    const long parsed = std::strtol(v, &end, 10);
+    if (*end != '\0' || parsed < 0 || parsed > 32)
+      KRAKEN_THROW("KRAKEN_CUBLASLT_TUNE=", v, ": expected how many of cuBLASLt's algorithms to time, 2 to 32 (0 or 1: none)");
+    return parsed < 1 ? 1 : static_cast<int>(parsed);
+  }();
+  return n;
+}
 // Plans seen by this thread. Bounded: a run whose shapes keep changing (sampling with a growing
 // context, say) starts over rather than growing without end.
 constexpr size_t kMaxPlans = 512;
@@ -244,10 +270,10 @@ std::unique_ptr<Plan> make_plan(const LtDevice& lt, const PlanKey& k, const void
                                                            &k.align_out, sizeof(k.align_out)));
   KRAKEN_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(desc.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
                                                            &k.align_out, sizeof(k.align_out)));
-  cublasLtMatmulHeuristicResult_t heuristic{};
+  std::vector<cublasLtMatmulHeuristicResult_t> results(static_cast<size_t>(tune_candidates()));
   int found = 0;
-  KRAKEN_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(lt.handle, desc.op, desc.a, desc.b, desc.d, desc.d, desc.pref, 1,
-                                                     &heuristic, &found));
+  KRAKEN_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(lt.handle, desc.op, desc.a, desc.b, desc.d, desc.d, desc.pref,
+                                                     static_cast<int>(results.size()), results.data(), &found));
   if (found == 0 && (optional_epilogue(k.epilogue) || k.batch > 1)) {
     plan->supported = false;
     return plan;
@@ -256,8 +282,53 @@ std::unique_ptr<Plan> make_plan(const LtDevice& lt, const PlanKey& k, const void
     KRAKEN_THROW("matmul_bf16_cuda: cuBLASLt has no algorithm for (", k.M, ", ", k.K, ")", k.trans_a ? "ᵀ" : "",
                  " · (", k.K, ", ", k.N, ")", k.trans_b ? "ᵀ" : "", " with output ", k.out_bf16 ? "bf16" : "f32",
                  " and cuBLASLt epilogue ", static_cast<int>(k.epilogue));
-  plan->algo = heuristic.algo;
+  plan->algo = results[0].algo;
+  if (found > 1) plan->candidates.assign(results.begin(), results.begin() + found);
   return plan;
+}
+
+// KRAKEN_CUBLASLT_TUNE: times the plan's candidates on this product's operands (a synchronisation: once
+// per plan, in a measurement mode), keeps the fastest as the plan's algorithm and reports on stderr.
+// Leaves out's contents to the caller's product, which runs next with the chosen algorithm.
+void tune_plan(const LtDevice& lt, Plan& plan, const PlanKey& k, void* out, const uint16_t* a, const uint16_t* b,
+               CUstream_st* stream) {
+  std::vector<cublasLtMatmulHeuristicResult_t> candidates;
+  candidates.swap(plan.candidates);
+  cudaEvent_t start = nullptr, stop = nullptr;
+  KRAKEN_CUDA_CHECK(cudaEventCreate(&start));
+  KRAKEN_CUDA_CHECK(cudaEventCreate(&stop));
+  const float alpha = 1.0f, beta = 0.0f;
+  constexpr int kTimed = 3;
+  size_t best = 0;
+  std::vector<float> micros(candidates.size(), -1.0f);
+  for (size_t i = 0; i < candidates.size(); ++i) {
+    auto run = [&] {
+      return cublasLtMatmul(lt.handle, plan.desc.op, &alpha, b, plan.desc.a, a, plan.desc.b, &beta, out, plan.desc.d,
+                            out, plan.desc.d, &candidates[i].algo, lt.workspace, kWorkspaceBytes, stream);
+    };
+    if (run() != CUBLAS_STATUS_SUCCESS) continue;  // (a candidate that does not run is not chosen)
+    KRAKEN_CUDA_CHECK(cudaEventRecord(start, stream));
+    bool ran = true;
+    for (int r = 0; r < kTimed; ++r) ran = ran && run() == CUBLAS_STATUS_SUCCESS;
+    KRAKEN_CUDA_CHECK(cudaEventRecord(stop, stream));
+    KRAKEN_CUDA_CHECK(cudaEventSynchronize(stop));
+    float ms = 0.0f;
+    KRAKEN_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+    if (!ran) continue;
+    micros[i] = 1e3f * ms / kTimed;
+    if (micros[best] < 0.0f || micros[i] < micros[best]) best = i;
+  }
+  KRAKEN_CUDA_CHECK(cudaEventDestroy(start));
+  KRAKEN_CUDA_CHECK(cudaEventDestroy(stop));
+  if (micros[best] < 0.0f) return;  // none timed: the heuristic's first choice stays
+  plan.algo = candidates[best].algo;
+  std::fprintf(stderr,
+               "cuBLASLt tune: (%lld, %lld)%s · (%lld, %lld)%s, batch %lld, epilogue %d: cuBLASLt's first %.1f µs, "
+               "best #%zu of %zu %.1f µs (%.0f%% faster)\n",
+               static_cast<long long>(k.M), static_cast<long long>(k.K), k.trans_a ? "ᵀ" : "",
+               static_cast<long long>(k.K), static_cast<long long>(k.N), k.trans_b ? "ᵀ" : "",
+               static_cast<long long>(k.batch), static_cast<int>(k.epilogue), micros[0], best, candidates.size(),
+               micros[best], micros[0] > 0.0f ? 100.0 * (micros[0] - micros[best]) / micros[best] : 0.0);
 }
 
 // out (M, N) = op(A)·op(B) with a cuBLASLt epilogue: every entry point ends here. bias is read or (for
@@ -295,6 +366,7 @@ bool run_product(void* out, bool out_bf16, const uint16_t* a, const uint16_t* b,
   if (wants_aux)
     KRAKEN_CUBLAS_CHECK(
         cublasLtMatmulDescSetAttribute(plan.desc.op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux, sizeof(aux)));
+  if (!plan.candidates.empty()) tune_plan(lt, plan, key, out, a, b, stream);
   const float alpha = 1.0f, beta = 0.0f;
   // beta = 0: C is not read; it is passed as D only because the API wants a C.
   KRAKEN_CUBLAS_CHECK(cublasLtMatmul(lt.handle, plan.desc.op, &alpha, b, plan.desc.a, a, plan.desc.b, &beta, out,
