@@ -516,16 +516,20 @@ void bench_kernels(const DeviceInfo& dev, Report& r) {
         time_kernel([&] { cross_entropy_backward_bf16_cuda(dlogits.data<uint16_t>(), logits.data<uint16_t>(),
                                                            lse.data<float>(), targets.data<int32_t>(),
                                                            dloss.data<float>(), N, N, Vp, V, -1, nullptr); }));
-    // What training runs: both in one pass over the logits (a row's second read from L2), the bytes of one
-    // read and one write; then the backward's check of dloss (nothing to rescale).
-    row("bf16 cross-entropy forward + backward in one pass (fused)", 2.0 * N * V + 2.0 * N * Vp + f * 2 * N,
-        time_kernel([&] {
-          cross_entropy_fused_bf16_cuda(losses.data<float>(), lse.data<float>(), dlogits.data<uint16_t>(),
-                                        logits.data<uint16_t>(), targets.data<int32_t>(), 1.0f, N, N, Vp, V, -1,
-                                        nullptr);
-          cross_entropy_rescale_bf16_cuda(dlogits.data<uint16_t>(), dloss.data<float>(), dloss.data<float>(), N * Vp,
-                                          nullptr);
-        }));
+    // What training runs: both in one pass over the logits, the bytes of one read and one write; then the
+    // backward's check of dloss (nothing to rescale). The row's second read from L2 (the default), or from
+    // the shared memory the first pass kept it in (kernels/cross_entropy.h).
+    for (const auto reads : {CrossEntropyRowReads::kTwice, CrossEntropyRowReads::kStagedInSharedMemory}) {
+      row(reads == CrossEntropyRowReads::kTwice ? "bf16 cross-entropy forward + backward in one pass (fused)"
+                                                : "bf16 cross-entropy forward + backward in one pass (fused, row staged)",
+          2.0 * N * V + 2.0 * N * Vp + f * 2 * N, time_kernel([&] {
+            cross_entropy_fused_bf16_cuda(losses.data<float>(), lse.data<float>(), dlogits.data<uint16_t>(),
+                                          logits.data<uint16_t>(), targets.data<int32_t>(), 1.0f, N, N, Vp, V, -1,
+                                          nullptr, reads);
+            cross_entropy_rescale_bf16_cuda(dlogits.data<uint16_t>(), dloss.data<float>(), dloss.data<float>(),
+                                            N * Vp, nullptr);
+          }));
+    }
   }
   {
     Tensor p = normal({P}, 15, 0.02f), g = normal({P}, 16, 0.01f), m = normal({P}, 17, 0.01f), v = normal({P}, 18, 0.01f);

@@ -53,9 +53,15 @@ void cross_entropy_mean_cuda(float* loss, const float* losses, int64_t N, int64_
 void cross_entropy_backward_cuda(float* dlogits, const float* logits, const float* lse, const int32_t* targets,
                                  const float* dloss, int64_t count, int64_t N, int64_t Vp, int64_t V,
                                  int32_t ignore_index, CUstream_st* stream);
+// How the fused kernel reads a row for its gradient pass: again from global memory, where L2 may still
+// hold it (kTwice), or from the shared memory its first pass kept it in (kStagedInSharedMemory: bf16
+// rows on 16-byte boundaries whose (V/8)·16 bytes fit a block's shared memory; else as kTwice). The same
+// bits either way. kDefault reads KRAKEN_CUDA_CROSS_ENTROPY (twice | staged; read once per process),
+// unset: kTwice.
+enum class CrossEntropyRowReads { kDefault, kTwice, kStagedInSharedMemory };
 void cross_entropy_fused_cuda(float* losses, float* lse, float* dlogits, const float* logits, const int32_t* targets,
                               float dloss, int64_t count, int64_t N, int64_t Vp, int64_t V, int32_t ignore_index,
-                              CUstream_st* stream);
+                              CUstream_st* stream, CrossEntropyRowReads reads = CrossEntropyRowReads::kDefault);
 void cross_entropy_rescale_cuda(float* dlogits, const float* dloss, float* assumed, int64_t n, CUstream_st* stream);
 // CUDA, bf16 logits (the LM head's output in mixed precision): losses and lse f32, dlogits bf16
 // (each element rounded once); arithmetic in f32 as above.
@@ -67,7 +73,8 @@ void cross_entropy_backward_bf16_cuda(uint16_t* dlogits, const uint16_t* logits,
 
 void cross_entropy_fused_bf16_cuda(float* losses, float* lse, uint16_t* dlogits, const uint16_t* logits,
                                    const int32_t* targets, float dloss, int64_t count, int64_t N, int64_t Vp, int64_t V,
-                                   int32_t ignore_index, CUstream_st* stream);
+                                   int32_t ignore_index, CUstream_st* stream,
+                                   CrossEntropyRowReads reads = CrossEntropyRowReads::kDefault);
 void cross_entropy_rescale_bf16_cuda(uint16_t* dlogits, const float* dloss, float* assumed, int64_t n,
                                      CUstream_st* stream);
 

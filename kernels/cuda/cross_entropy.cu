@@ -9,9 +9,12 @@
 // storage.h): f32, or bf16 widened on load with each dlogits element rounded once; losses and lse
 // are f32 for both, and the arithmetic is the same f32 sequence. The fused kernel is the forward's
 // row reduction followed by the backward's row pass, in one block, from a host dloss: bit for bit the two
-// kernels' results.
+// kernels' results; its gradient pass reads the row again (from L2 if it is still there) or, staged, from
+// the shared memory its first pass kept it in (KRAKEN_CUDA_CROSS_ENTROPY).
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 
 #include "kernels/cross_entropy.h"
@@ -28,8 +31,11 @@ using cuda_detail::as_bf16;
 using cuda_detail::exp2_ftz;
 using cuda_detail::load;
 using cuda_detail::load8;
+using cuda_detail::load_stored8;
 using cuda_detail::store;
 using cuda_detail::store8;
+using cuda_detail::Stored8;
+using cuda_detail::widen8;
 
 constexpr int kThreads = 512;
 constexpr float kLog2e = 1.4426950408889634f;
@@ -72,15 +78,23 @@ __device__ inline MaxSum warp_merge(MaxSum v) {
 // path's exponentials are 2^{(x − m)·log₂e} in one MUFU instruction (fast_exp.h): expf's range
 // reduction made them most of the kernel's instructions (39% of the bandwidth). x − m is exactly 0 for
 // the maximum, so it still counts 1 exactly; a NaN becomes the maximum and propagates.
+// With stage (the staged fused kernel), each pack read is also kept there, at its index.
 template <typename T, bool kWide>
-__device__ MaxSum thread_state(const T* xr, int64_t V) {
+__device__ MaxSum thread_state(const T* xr, int64_t V, Stored8<T>* stage) {
   MaxSum acc{-INFINITY, 0.0f};
   int64_t first = 0;
   if constexpr (kWide) {
     const int64_t packs = V / 8;
     for (int64_t p = threadIdx.x; p < packs; p += kThreads) {
       float x[8];
-      load8(xr + 8 * p, x);
+      if (stage) {
+        Stored8<T> q;
+        load_stored8(xr + 8 * p, q);
+        stage[p] = q;
+        widen8(q, x);
+      } else {
+        load8(xr + 8 * p, x);
+      }
       float m = -INFINITY;
 #pragma unroll
       for (int k = 0; k < 8; ++k)
@@ -108,8 +122,9 @@ __device__ MaxSum thread_state(const T* xr, int64_t V) {
 // Row n's log-sum-exp over its first V columns and its loss, stored; returned to every thread of the
 // block when kBroadcast (the fused kernel's gradient pass needs it), else to thread 0 only.
 template <typename T, bool kWide, bool kBroadcast>
-__device__ float row_lse(float* losses, float* lse, const T* xr, int32_t t, int64_t n, int64_t V) {
-  MaxSum acc = thread_state<T, kWide>(xr, V);
+__device__ float row_lse(float* losses, float* lse, const T* xr, int32_t t, int64_t n, int64_t V,
+                         Stored8<T>* stage = nullptr) {
+  MaxSum acc = thread_state<T, kWide>(xr, V, stage);
   __shared__ float part_m[kWarps], part_s[kWarps];
   __shared__ float row;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -146,15 +161,19 @@ __global__ void cross_entropy_forward_kernel(float* losses, float* lse, const T*
   row_lse<T, kWide, false>(losses, lse, logits + n * Vp, t, n, V);
 }
 
-// dr[v] = scale·(exp(x − l) − [v = t]) for v < V; 0 on padding, and everywhere on an ignored row.
+// dr[v] = scale·(exp(x − l) − [v = t]) for v < V; 0 on padding, and everywhere on an ignored row. The
+// packs p < staged come from stage (where this thread kept them), the others from xr.
 template <typename T, bool kWide>
 __device__ void write_row_gradient(T* dr, const T* xr, float l, int32_t t, bool ignored, float scale, int64_t Vp,
-                                   int64_t V) {
+                                   int64_t V, const Stored8<T>* stage = nullptr, int64_t staged = 0) {
   if constexpr (kWide) {  // 8 columns per 16-byte load and store (Vp a multiple of 8); the same values
     for (int64_t p = threadIdx.x; p < Vp / 8; p += kThreads) {
       float g[8] = {};  // an ignored row stores zeros
       if (!ignored) {
-        load8(xr + 8 * p, g);
+        if (p < staged)
+          widen8(stage[p], g);
+        else
+          load8(xr + 8 * p, g);
 #pragma unroll
         for (int k = 0; k < 8; ++k) {
           const int64_t v = 8 * p + k;
@@ -211,6 +230,33 @@ __global__ void cross_entropy_fused_kernel(float* losses, float* lse, T* dlogits
     l = row_lse<T, kWide, true>(losses, lse, xr, t, n, V);
   }
   write_row_gradient<T, kWide>(dlogits + n * Vp, xr, l, t, ignored, ignored ? 0.0f : scale, Vp, V);
+}
+
+// The fused kernel with the row kept in shared memory (bf16 rows on 16-byte boundaries): the first pass
+// keeps each 16-byte pack it reads, at its index, and the gradient pass takes it back from there — each
+// pack by the thread that kept it, so no barrier — so the row comes from memory once whatever L2 holds.
+// The unstaged kernel's second read hits L2 only while the rows in flight fit: 4 blocks of 512 threads an
+// SM make 528 rows of 100 KB on an H100, about its 50 MB of L2, with as much again of dlogits written
+// meanwhile. Shared memory (V/8)·16 bytes a block (98 KiB for GPT-2's vocabulary: 2 blocks an SM on an
+// H100, 1 on an A100); the same arithmetic in the same order as the unstaged kernel, so the same bits.
+template <typename T>
+__global__ void cross_entropy_fused_staged_kernel(float* losses, float* lse, T* dlogits, const T* logits,
+                                                  const int32_t* targets, float scale, int64_t Vp, int64_t V,
+                                                  int32_t ignore_index) {
+  KRAKEN_DYNAMIC_SHARED(uint4, staged_bytes);
+  Stored8<T>* stage = reinterpret_cast<Stored8<T>*>(staged_bytes);
+  const int64_t n = blockIdx.x;
+  const int32_t t = targets[n];
+  const T* xr = logits + n * Vp;
+  const bool ignored = t == ignore_index;
+  float l = 0.0f;
+  if (ignored) {
+    if (threadIdx.x == 0) losses[n] = 0.0f, lse[n] = 0.0f;
+  } else {
+    l = row_lse<T, true, true>(losses, lse, xr, t, n, V, stage);
+  }
+  write_row_gradient<T, true>(dlogits + n * Vp, xr, l, t, ignored, ignored ? 0.0f : scale, Vp, V, stage,
+                              ignored ? 0 : V / 8);
 }
 
 // dlogits *= dloss[0] / assumed[0] where the two differ; then (a kernel of its own, after every block has
@@ -278,10 +324,52 @@ void cross_entropy_backward(T* dlogits, const T* logits, const float* lse, const
   });
 }
 
+// KRAKEN_CUDA_CROSS_ENTROPY, read once: which fused kernel kDefault takes (kernels/cross_entropy.h).
+CrossEntropyRowReads default_row_reads() {
+  static const CrossEntropyRowReads reads = [] {
+    const char* v = std::getenv("KRAKEN_CUDA_CROSS_ENTROPY");
+    if (v == nullptr || *v == '\0' || std::string(v) == "twice") return CrossEntropyRowReads::kTwice;
+    if (std::string(v) == "staged") return CrossEntropyRowReads::kStagedInSharedMemory;
+    KRAKEN_THROW("KRAKEN_CUDA_CROSS_ENTROPY=", v,
+                 ": expected twice (the gradient pass reads the row again), staged (from shared memory) or unset");
+  }();
+  return reads;
+}
+
+// The staged kernel where it applies (bf16 rows on 16-byte boundaries, the row's packs within the
+// device's shared memory per block); false, nothing launched, otherwise.
+template <typename T>
+bool cross_entropy_fused_staged(float* losses, float* lse, T* dlogits, const T* logits, const int32_t* targets,
+                                float scale, int64_t N, int64_t Vp, int64_t V, int32_t ignore_index,
+                                CUstream_st* stream) {
+  if constexpr (!std::is_same_v<T, __nv_bfloat16>) {
+    return false;
+  } else {
+    if (N <= 0 || Vp % 8 != 0 || !aligned16(logits) || !aligned16(dlogits)) return false;
+    const size_t bytes = sizeof(Stored8<T>) * static_cast<size_t>(V / 8);
+    int device = 0, optin = 0;
+    KRAKEN_CUDA_CHECK(cudaGetDevice(&device));
+    KRAKEN_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    if (bytes > static_cast<size_t>(optin)) return false;
+    const auto kernel = cross_entropy_fused_staged_kernel<T>;
+    if (bytes > 48 * 1024)  // above the default, asked for per kernel
+      KRAKEN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+    KRAKEN_KERNEL(static_cast<unsigned int>(N), kThreads, bytes, stream, kernel)
+    (losses, lse, dlogits, logits, targets, scale, Vp, V, ignore_index);
+    KRAKEN_CUDA_LAUNCH_CHECK();
+    return true;
+  }
+}
+
 template <typename T>
 void cross_entropy_fused(float* losses, float* lse, T* dlogits, const T* logits, const int32_t* targets, float dloss,
-                         int64_t count, int64_t N, int64_t Vp, int64_t V, int32_t ignore_index, CUstream_st* stream) {
+                         int64_t count, int64_t N, int64_t Vp, int64_t V, int32_t ignore_index, CUstream_st* stream,
+                         CrossEntropyRowReads reads) {
   const float scale = count > 0 ? dloss / static_cast<float>(count) : 0.0f;
+  if (reads == CrossEntropyRowReads::kDefault) reads = default_row_reads();
+  if (reads == CrossEntropyRowReads::kStagedInSharedMemory &&
+      cross_entropy_fused_staged(losses, lse, dlogits, logits, targets, scale, N, Vp, V, ignore_index, stream))
+    return;
   launch_per_row<T>(N, Vp % 8 == 0 && aligned16(logits) && aligned16(dlogits), [&](auto wide, unsigned int blocks) {
     KRAKEN_KERNEL(blocks, kThreads, 0, stream, cross_entropy_fused_kernel<T, decltype(wide)::value>)
     (losses, lse, dlogits, logits, targets, scale, Vp, V, ignore_index);
@@ -305,15 +393,15 @@ void cross_entropy_rescale(T* dlogits, const float* dloss, float* assumed, int64
 
 void cross_entropy_fused_cuda(float* losses, float* lse, float* dlogits, const float* logits, const int32_t* targets,
                               float dloss, int64_t count, int64_t N, int64_t Vp, int64_t V, int32_t ignore_index,
-                              CUstream_st* stream) {
-  cross_entropy_fused(losses, lse, dlogits, logits, targets, dloss, count, N, Vp, V, ignore_index, stream);
+                              CUstream_st* stream, CrossEntropyRowReads reads) {
+  cross_entropy_fused(losses, lse, dlogits, logits, targets, dloss, count, N, Vp, V, ignore_index, stream, reads);
 }
 
 void cross_entropy_fused_bf16_cuda(float* losses, float* lse, uint16_t* dlogits, const uint16_t* logits,
                                    const int32_t* targets, float dloss, int64_t count, int64_t N, int64_t Vp, int64_t V,
-                                   int32_t ignore_index, CUstream_st* stream) {
+                                   int32_t ignore_index, CUstream_st* stream, CrossEntropyRowReads reads) {
   cross_entropy_fused(losses, lse, as_bf16(dlogits), as_bf16(logits), targets, dloss, count, N, Vp, V, ignore_index,
-                      stream);
+                      stream, reads);
 }
 
 void cross_entropy_rescale_cuda(float* dlogits, const float* dloss, float* assumed, int64_t n, CUstream_st* stream) {

@@ -120,6 +120,7 @@ void layernorm_backward_cuda(float* dx, const float* dx_in, float* dgamma, float
                              LayerNormBackwardSums sums = LayerNormBackwardSums::kDefault);
 
 // kernels/cross_entropy.h
+enum class CrossEntropyRowReads { kDefault, kTwice, kStagedInSharedMemory };
 void cross_entropy_forward_bf16_cuda(float* losses, float* lse, const uint16_t* logits, const int32_t* targets,
                                      int64_t N, int64_t Vp, int64_t V, int32_t ignore_index, CUstream_st* stream);
 void cross_entropy_backward_bf16_cuda(uint16_t* dlogits, const uint16_t* logits, const float* lse,
@@ -127,7 +128,8 @@ void cross_entropy_backward_bf16_cuda(uint16_t* dlogits, const uint16_t* logits,
                                       int64_t V, int32_t ignore_index, CUstream_st* stream);
 void cross_entropy_fused_bf16_cuda(float* losses, float* lse, uint16_t* dlogits, const uint16_t* logits,
                                    const int32_t* targets, float dloss, int64_t count, int64_t N, int64_t Vp, int64_t V,
-                                   int32_t ignore_index, CUstream_st* stream);
+                                   int32_t ignore_index, CUstream_st* stream,
+                                   CrossEntropyRowReads reads = CrossEntropyRowReads::kDefault);
 void cross_entropy_rescale_bf16_cuda(uint16_t* dlogits, const float* dloss, float* assumed, int64_t n,
                                      CUstream_st* stream);
 void cross_entropy_forward_cuda(float* losses, float* lse, const float* logits, const int32_t* targets, int64_t N,
@@ -137,7 +139,7 @@ void cross_entropy_backward_cuda(float* dlogits, const float* logits, const floa
                                  int32_t ignore_index, CUstream_st* stream);
 void cross_entropy_fused_cuda(float* losses, float* lse, float* dlogits, const float* logits, const int32_t* targets,
                               float dloss, int64_t count, int64_t N, int64_t Vp, int64_t V, int32_t ignore_index,
-                              CUstream_st* stream);
+                              CUstream_st* stream, CrossEntropyRowReads reads = CrossEntropyRowReads::kDefault);
 void cross_entropy_rescale_cuda(float* dlogits, const float* dloss, float* assumed, int64_t n, CUstream_st* stream);
 
 // kernels/elementwise.h

@@ -33,6 +33,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <vector>
@@ -356,6 +357,25 @@ void check_cross_entropy(int64_t N, int64_t Vp, int64_t V, const std::vector<int
         ASSERT_EQ(g[r * Vp + v], 0u) << what << ": row " << r << " column " << v << " must be +0";
       }
     }
+  }
+
+  // The fused kernel (training's: forward and backward in one pass, dloss from the host), the row read a
+  // second time or kept in shared memory: the forward kernel's losses and lse, and the backward
+  // kernel's dlogits from that lse, bit for bit.
+  const Tensor from_lse = Tensor::full({N, Vp}, -7.0f).to(DType::BF16).to(gpu());
+  cross_entropy_backward_bf16_cuda(bits(from_lse), bits(logits_dev), f32(lse_dev), targets_dev.data<int32_t>(),
+                                   f32(dloss_dev), count, N, Vp, V, ignore, stream());
+  for (const auto reads : {CrossEntropyRowReads::kTwice, CrossEntropyRowReads::kStagedInSharedMemory}) {
+    const std::string how = what + (reads == CrossEntropyRowReads::kTwice ? ", fused" : ", fused, row staged");
+    Tensor fused_losses = Tensor::full({N}, -3.0f).to(gpu()), fused_lse = Tensor::full({N}, -3.0f).to(gpu());
+    const Tensor fused_dlogits = Tensor::full({N, Vp}, -7.0f).to(DType::BF16).to(gpu());
+    cross_entropy_fused_bf16_cuda(f32(fused_losses), f32(fused_lse), bits(fused_dlogits), bits(logits_dev),
+                                  targets_dev.data<int32_t>(), dloss, count, N, Vp, V, ignore, stream(), reads);
+    EXPECT_EQ(fused_losses.to_vector(), losses_dev.to_vector()) << how << ": losses";
+    EXPECT_EQ(fused_lse.to_vector(), lse_dev.to_vector()) << how << ": lse";
+    const Tensor a = fused_dlogits.to(Device::cpu()), b = from_lse.to(Device::cpu());
+    EXPECT_EQ(0, std::memcmp(a.data<uint16_t>(), b.data<uint16_t>(), static_cast<size_t>(N * Vp) * 2))
+        << how << ": dlogits";
   }
 }
 
