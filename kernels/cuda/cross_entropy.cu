@@ -215,10 +215,23 @@ __global__ void cross_entropy_backward_kernel(T* dlogits, const T* logits, const
 // gradient from a second read, which finds the row (≤ 100 KB for GPT-2's vocabulary) in L2 rather than
 // in memory — the separate kernels read it from memory twice, a whole forward and backward apart.
 // scale = dloss/count, computed on the host as the backward kernel computes it from dloss[0].
-template <typename T, bool kWide>
+// kStaged (bf16 rows on 16-byte boundaries): the first pass keeps each 16-byte pack it reads in shared
+// memory, at its index, and the gradient pass takes it back from there — each pack by the thread that
+// kept it, so no barrier — so the row comes from memory once whatever L2 holds. The second read hits L2
+// only while the rows in flight fit: 4 blocks of 512 threads an SM make 528 rows of 100 KB on an H100,
+// about its 50 MB of L2, with as much again of dlogits written meanwhile. Shared memory (V/8)·16 bytes
+// a block (98 KiB for GPT-2's vocabulary: 2 blocks an SM on an H100, 1 on an A100); the same
+// arithmetic in the same order, so the same bits.
+template <typename T, bool kWide, bool kStaged>
 __global__ void cross_entropy_fused_kernel(float* losses, float* lse, T* dlogits, const T* logits,
                                            const int32_t* targets, float scale, int64_t Vp, int64_t V,
                                            int32_t ignore_index) {
+  static_assert(!kStaged || kWide, "rows are staged in 16-byte packs");
+  Stored8<T>* stage = nullptr;
+  if constexpr (kStaged) {
+    KRAKEN_DYNAMIC_SHARED(uint4, staged_bytes);
+    stage = reinterpret_cast<Stored8<T>*>(staged_bytes);
+  }
   const int64_t n = blockIdx.x;
   const int32_t t = targets[n];
   const T* xr = logits + n * Vp;
@@ -227,36 +240,10 @@ __global__ void cross_entropy_fused_kernel(float* losses, float* lse, T* dlogits
   if (ignored) {
     if (threadIdx.x == 0) losses[n] = 0.0f, lse[n] = 0.0f;
   } else {
-    l = row_lse<T, kWide, true>(losses, lse, xr, t, n, V);
+    l = row_lse<T, kWide, true>(losses, lse, xr, t, n, V, stage);
   }
-  write_row_gradient<T, kWide>(dlogits + n * Vp, xr, l, t, ignored, ignored ? 0.0f : scale, Vp, V);
-}
-
-// The fused kernel with the row kept in shared memory (bf16 rows on 16-byte boundaries): the first pass
-// keeps each 16-byte pack it reads, at its index, and the gradient pass takes it back from there — each
-// pack by the thread that kept it, so no barrier — so the row comes from memory once whatever L2 holds.
-// The unstaged kernel's second read hits L2 only while the rows in flight fit: 4 blocks of 512 threads an
-// SM make 528 rows of 100 KB on an H100, about its 50 MB of L2, with as much again of dlogits written
-// meanwhile. Shared memory (V/8)·16 bytes a block (98 KiB for GPT-2's vocabulary: 2 blocks an SM on an
-// H100, 1 on an A100); the same arithmetic in the same order as the unstaged kernel, so the same bits.
-template <typename T>
-__global__ void cross_entropy_fused_staged_kernel(float* losses, float* lse, T* dlogits, const T* logits,
-                                                  const int32_t* targets, float scale, int64_t Vp, int64_t V,
-                                                  int32_t ignore_index) {
-  KRAKEN_DYNAMIC_SHARED(uint4, staged_bytes);
-  Stored8<T>* stage = reinterpret_cast<Stored8<T>*>(staged_bytes);
-  const int64_t n = blockIdx.x;
-  const int32_t t = targets[n];
-  const T* xr = logits + n * Vp;
-  const bool ignored = t == ignore_index;
-  float l = 0.0f;
-  if (ignored) {
-    if (threadIdx.x == 0) losses[n] = 0.0f, lse[n] = 0.0f;
-  } else {
-    l = row_lse<T, true, true>(losses, lse, xr, t, n, V, stage);
-  }
-  write_row_gradient<T, true>(dlogits + n * Vp, xr, l, t, ignored, ignored ? 0.0f : scale, Vp, V, stage,
-                              ignored ? 0 : V / 8);
+  write_row_gradient<T, kWide>(dlogits + n * Vp, xr, l, t, ignored, ignored ? 0.0f : scale, Vp, V, stage,
+                               kStaged && !ignored ? V / 8 : 0);
 }
 
 // dlogits *= dloss[0] / assumed[0] where the two differ; then (a kernel of its own, after every block has
@@ -351,7 +338,7 @@ bool cross_entropy_fused_staged(float* losses, float* lse, T* dlogits, const T* 
     KRAKEN_CUDA_CHECK(cudaGetDevice(&device));
     KRAKEN_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
     if (bytes > static_cast<size_t>(optin)) return false;
-    const auto kernel = cross_entropy_fused_staged_kernel<T>;
+    const auto kernel = cross_entropy_fused_kernel<T, true, true>;
     if (bytes > 48 * 1024)  // above the default, asked for per kernel
       KRAKEN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
     KRAKEN_KERNEL(static_cast<unsigned int>(N), kThreads, bytes, stream, kernel)
@@ -371,7 +358,7 @@ void cross_entropy_fused(float* losses, float* lse, T* dlogits, const T* logits,
       cross_entropy_fused_staged(losses, lse, dlogits, logits, targets, scale, N, Vp, V, ignore_index, stream))
     return;
   launch_per_row<T>(N, Vp % 8 == 0 && aligned16(logits) && aligned16(dlogits), [&](auto wide, unsigned int blocks) {
-    KRAKEN_KERNEL(blocks, kThreads, 0, stream, cross_entropy_fused_kernel<T, decltype(wide)::value>)
+    KRAKEN_KERNEL(blocks, kThreads, 0, stream, cross_entropy_fused_kernel<T, decltype(wide)::value, false>)
     (losses, lse, dlogits, logits, targets, scale, Vp, V, ignore_index);
   });
 }
