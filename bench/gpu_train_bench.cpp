@@ -799,9 +799,9 @@ void bench_compute(Report& r) {
       }
       cudnn_rows("one Kraken 4-way sub-layer: C=504 H=3 (D=168)", B, T, Ck, Hk, qkv_k, out_k, lse, dout_k, dqkv_k,
                  flops_k);
-      // A layer's 4 sub-layers in one grouped mma launch (ops::attention_group; the model, which stacks
-      // its sub-layers, runs them as one attention over 4·B sequences), against 4 launches (4 × the single
-      // sub-layer's time above).
+      // A layer's 4 sub-layers in one grouped mma launch (attention_*_bf16_mma_group_cuda; the model, which
+      // stacks its sub-layers, runs them as one attention over 4·B sequences), against 4 launches (4 × the
+      // single sub-layer's time above).
       constexpr int kSubLayers = 4;
       std::vector<Tensor> q4, o4, d4, g4, l4;
       for (int k = 0; k < kSubLayers; ++k) {

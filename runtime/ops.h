@@ -129,12 +129,6 @@ Tensor embedding(const Tensor& weight, const Tensor& ids);
 // head. Backward recomputes the probabilities from the saved per-row log-sum-exp; no (T, T) matrix is
 // kept between forward and backward.
 Tensor attention(const Tensor& qkv, int64_t n_head);
-// attention(qkvs[k], n_head) for each k, all of one shape, dtype and device: the same results, bit for
-// bit. Where the GPU's bf16 attention runs on the mma kernels, up to kernels::kAttentionMaxGroups of
-// them go in one launch (forward and backward), so that inputs each of few heads fill the GPU together.
-// Elsewhere, one attention op per input. (The Kraken model stacks its sub-layers instead and runs one
-// attention over n·B sequences.)
-std::vector<Tensor> attention_group(const std::vector<Tensor>& qkvs, int64_t n_head);
 
 // ---- softmax and losses (ops/softmax.cpp, ops/cross_entropy.cpp) ----------------------------------------------
 Tensor softmax(const Tensor& x);                               // over the last dimension

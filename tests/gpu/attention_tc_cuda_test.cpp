@@ -337,30 +337,44 @@ void check_dispatch(const Shape4& s) {
   EXPECT_EQ(a.dqkv_bits, b.dqkv_bits) << what << ": dqkv";
   std::printf("[gpu-vs-cpu] %s: the dispatching entry points equal their path bit for bit\n", what.c_str());
 }
-// ops::attention_group on the GPU (one grouped mma launch forward and backward, where the dispatch would
-// take the mma kernels for the shape; one call per input where cuDNN takes it) against ops::attention on
-// each input: the same bits, outputs and the f32 gradients
-// that reach the leaves through the casts, as in the model.
+// The grouped mma launch (attention_*_bf16_mma_group_cuda: `count` attentions of one shape in one launch,
+// forward and backward) against the one-attention mma entry points on each group: the same bits — out,
+// lse and dqkv (which the mma kernels add into: both start from the same values).
 void check_group_against_alone(int64_t count, int64_t B, int64_t T, int64_t C, int64_t NH) {
-  std::vector<Tensor> grouped_leaves, alone_leaves, dys, grouped_in;
+  const Shape shape{B, T, 3 * C}, out_shape{B, T, C}, lse_shape{B, NH, T};
+  std::vector<Tensor> qkv, dout, out_g, lse_g, dqkv_g, out_a, lse_a, dqkv_a;
   for (int64_t k = 0; k < count; ++k) {
-    const Tensor x = testing::random_tensor({B, T, 3 * C}, 400 + static_cast<uint64_t>(k)).to(gpu());
-    grouped_leaves.push_back(x.clone().set_requires_grad(true));
-    alone_leaves.push_back(x.clone().set_requires_grad(true));
-    dys.push_back(bf16_input({B, T, C}, 500 + static_cast<uint64_t>(k)).to(gpu()));
-    grouped_in.push_back(runtime::ops::cast(grouped_leaves.back(), DType::BF16));
+    qkv.push_back(bf16_input(shape, 400 + static_cast<uint64_t>(k)).to(gpu()));
+    dout.push_back(bf16_input(out_shape, 500 + static_cast<uint64_t>(k)).to(gpu()));
+    const Tensor dqkv0 = bf16_input(shape, 600 + static_cast<uint64_t>(k)).to(gpu());
+    dqkv_g.push_back(dqkv0.clone()), dqkv_a.push_back(dqkv0.clone());
+    for (auto* outs : {&out_g, &out_a}) outs->push_back(Tensor::empty(out_shape, DType::BF16, gpu()));
+    for (auto* lses : {&lse_g, &lse_a}) lses->push_back(Tensor::empty(lse_shape, DType::F32, gpu()));
   }
-  std::vector<Tensor> outs = runtime::ops::attention_group(grouped_in, NH);
-  runtime::backward(outs, dys);
+  std::vector<uint16_t*> outs, dqkvs;
+  std::vector<float*> lses;
+  std::vector<const uint16_t*> qkvs, douts, outs_in;
+  std::vector<const float*> lses_in;
   for (int64_t k = 0; k < count; ++k) {
-    Tensor y = runtime::ops::attention(runtime::ops::cast(alone_leaves[k], DType::BF16), NH);
-    runtime::backward(y, dys[k]);
-    EXPECT_EQ(bits_of(outs[k].to(Device::cpu())), bits_of(y.to(Device::cpu()))) << "output " << k;
-    EXPECT_EQ(grouped_leaves[k].grad().to_vector(), alone_leaves[k].grad().to_vector()) << "gradient " << k;
+    outs.push_back(out_g[k].data<uint16_t>()), lses.push_back(lse_g[k].data<float>());
+    qkvs.push_back(qkv[k].data<uint16_t>()), douts.push_back(dout[k].data<uint16_t>());
+    dqkvs.push_back(dqkv_g[k].data<uint16_t>()), outs_in.push_back(out_g[k].data<uint16_t>());
+    lses_in.push_back(lse_g[k].data<float>());
   }
-  std::printf("[gpu-vs-cpu] attention_group of %lld (D = %lld, %s): each input's own attention, bit for bit\n",
-              static_cast<long long>(count), static_cast<long long>(C / NH),
-              attention_bf16_kernels_name(attention_bf16_kernels_for_call(B, T, C, NH)));
+  attention_forward_bf16_mma_group_cuda(outs.data(), lses.data(), qkvs.data(), count, B, T, C, NH, stream());
+  attention_backward_bf16_mma_group_cuda(dqkvs.data(), douts.data(), qkvs.data(), outs_in.data(), lses_in.data(), count,
+                                         B, T, C, NH, stream());
+  for (int64_t k = 0; k < count; ++k) {
+    attention_forward_bf16_mma_cuda(out_a[k].data<uint16_t>(), lse_a[k].data<float>(), qkv[k].data<uint16_t>(), B, T,
+                                    C, NH, stream());
+    attention_backward_bf16_mma_cuda(dqkv_a[k].data<uint16_t>(), dout[k].data<uint16_t>(), qkv[k].data<uint16_t>(),
+                                     out_a[k].data<uint16_t>(), lse_a[k].data<float>(), B, T, C, NH, stream());
+    EXPECT_EQ(bits_of(out_g[k].to(Device::cpu())), bits_of(out_a[k].to(Device::cpu()))) << "out " << k;
+    EXPECT_EQ(lse_g[k].to_vector(), lse_a[k].to_vector()) << "lse " << k;
+    EXPECT_EQ(bits_of(dqkv_g[k].to(Device::cpu())), bits_of(dqkv_a[k].to(Device::cpu()))) << "dqkv " << k;
+  }
+  std::printf("[gpu-vs-cpu] the mma kernels' grouped launch of %lld (D = %lld): each group's own attention, bit for "
+              "bit\n", static_cast<long long>(count), static_cast<long long>(C / NH));
 }
 #else
 void check_group_against_alone(int64_t, int64_t, int64_t, int64_t, int64_t) {}
@@ -387,7 +401,7 @@ TEST(GpuAttentionMma, AgreesWithTheWmmaKernels) {
 TEST(GpuAttentionMma, GroupIsEachInputsOwnAttention) {
   KRAKEN_REQUIRE_CUDA_KERNELS();
   check_group_against_alone(4, 2, 130, 3 * 168, 3);  // a Kraken 4-way layer's sub-layers, in one launch
-  check_group_against_alone(10, 1, 65, 2 * 64, 2);   // more than one launch of kAttentionMaxGroups
+  check_group_against_alone(kAttentionMaxGroups, 1, 65, 2 * 64, 2);  // as many as one launch takes
 }
 
 TEST(GpuAttentionTc, DispatchTakesOnePathForForwardAndBackward) {

@@ -195,38 +195,5 @@ TEST(Attention, RejectsBadShapesNamingThem) {
   expect_error_naming(Tensor::zeros({2, 7, 36}, DType::I32), 3, "f32");     // wrong dtype
 }
 
-TEST(Attention, GroupGivesEachInputItsOwnAttention) {
-  // ops::attention_group (on a GPU one launch for all; here one attention op each): every output and
-  // every gradient equals what ops::attention gives that input alone, bit for bit — 10 inputs, more
-  // than one launch's kernels::kAttentionMaxGroups.
-  const int64_t B = 2, T = 33, C = 24, H = 3;
-  std::vector<Tensor> xs, dys, alone, grouped;
-  for (uint64_t k = 0; k < 10; ++k) {
-    xs.push_back(random_leaf({B, T, 3 * C}, 60 + k).detach());
-    dys.push_back(random_leaf({B, T, C}, 80 + k).detach());
-    alone.push_back(xs.back().clone().set_requires_grad(true));
-    grouped.push_back(xs.back().clone().set_requires_grad(true));
-  }
-  std::vector<Tensor> outs = ops::attention_group(grouped, H);
-  ASSERT_EQ(outs.size(), xs.size());
-  backward(outs, dys);
-  for (size_t k = 0; k < xs.size(); ++k) {
-    Tensor y = ops::attention(alone[k], H);
-    backward(y, dys[k]);
-    EXPECT_EQ(outs[k].to_vector(), y.to_vector()) << "output " << k;
-    EXPECT_EQ(grouped[k].grad().to_vector(), alone[k].grad().to_vector()) << "gradient " << k;
-  }
-  EXPECT_TRUE(ops::attention_group({}, H).empty());
-}
-
-TEST(Attention, GroupRejectsInputsOfDifferentShapesNamingThem) {
-  try {
-    ops::attention_group({Tensor::zeros({2, 7, 36}), Tensor::zeros({2, 8, 36})}, 3);
-    FAIL() << "no error";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("qkv 1 is (2, 8, 36)"), std::string::npos) << e.what();
-  }
-}
-
 }  // namespace
 }  // namespace kraken::runtime
