@@ -70,6 +70,8 @@ void sgd_update_cuda(float* param, const float* grad, float* velocity, int64_t n
 // Many tensors in a few launches (a model's 150 parameters in 5, not 150): one AdamW update of each
 // slice (param, grad, m, v of n floats, its own weight decay), the same arithmetic per element as
 // adamw_update_cuda, bit for bit. The slice array is host memory; the pointers are device memory.
+// copy (may be null): n bf16 values that the update also writes, each new parameter rounded to nearest
+// even — the bf16 copy mixed precision computes with, in the same pass instead of a cast of its own.
 struct AdamWSlice {
   float* param;
   const float* grad;
@@ -77,18 +79,20 @@ struct AdamWSlice {
   float* v;
   int64_t n;
   float weight_decay;
+  uint16_t* copy = nullptr;
 };
 void adamw_update_many_cuda(const AdamWSlice* slices, int64_t count, float lr, float beta1, float beta2, float eps,
                             int64_t step, CUstream_st* stream, float grad_scale = 1.0f);
 
 // SGD over many tensors the same way: one sgd_update_cuda of each slice (param, grad, velocity — null
-// when momentum is 0 — of n floats, its own weight decay), bit for bit.
+// when momentum is 0 — of n floats, its own weight decay), bit for bit; copy as for AdamW.
 struct SgdSlice {
   float* param;
   const float* grad;
   float* velocity;
   int64_t n;
   float weight_decay;
+  uint16_t* copy = nullptr;
 };
 void sgd_update_many_cuda(const SgdSlice* slices, int64_t count, float lr, float momentum, float dampening,
                           bool nesterov, bool first_step, CUstream_st* stream, float grad_scale = 1.0f);

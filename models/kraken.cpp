@@ -146,6 +146,9 @@ void KrakenModel::set_compute_dtype(runtime::DType dtype) {
   if (dtype != runtime::DType::F32 && dtype != runtime::DType::BF16)
     KRAKEN_THROW("KrakenModel: compute dtype must be f32 or bf16, not ", runtime::dtype_name(dtype));
   compute_dtype_ = dtype;
+  layer_stacks_.clear();  // (buffers of another dtype: compute_copy_targets makes new ones)
+  param_buffers_.clear();
+  copies_current_ = false;
 }
 
 Tensor KrakenModel::compute(const Tensor& param) {
@@ -172,8 +175,60 @@ std::vector<Tensor> KrakenModel::head_product_params() const {
 }
 
 void KrakenModel::cast_for_compute(const std::vector<Tensor>& params) {
-  const std::vector<Tensor> copies = ops::cast_many(params, compute_dtype_);
+  // Into the persistent buffers where compute_copy_targets made them (nothing to cast while they are
+  // current), else new tensors.
+  std::vector<Tensor> into;
+  for (const Tensor& p : params) {
+    const auto buffer = param_buffers_.find(p.impl());
+    into.push_back(buffer != param_buffers_.end() ? buffer->second : Tensor());
+  }
+  const std::vector<Tensor> copies = ops::cast_many(params, compute_dtype_, into, copies_current_);
   for (size_t k = 0; k < params.size(); ++k) compute_copies_[params[k].impl()] = copies[k];
+}
+
+std::vector<std::vector<Tensor>> KrakenModel::stack_lists(const std::vector<SubLayer>& subs) {
+  std::vector<std::vector<Tensor>> lists;
+  for (Tensor SubLayer::*member : {&SubLayer::c_attn_w, &SubLayer::c_attn_b, &SubLayer::attn_proj_w,
+                                   &SubLayer::attn_proj_b, &SubLayer::c_fc_w, &SubLayer::c_fc_b,
+                                   &SubLayer::mlp_proj_w, &SubLayer::mlp_proj_b}) {
+    lists.emplace_back();
+    for (const SubLayer& s : subs) lists.back().push_back(s.*member);
+  }
+  return lists;
+}
+
+std::vector<std::pair<Tensor, Tensor>> KrakenModel::compute_copy_targets() {
+  std::vector<std::pair<Tensor, Tensor>> targets;
+  if (compute_dtype_ == runtime::DType::F32) return targets;
+  copies_current_ = false;  // new buffers hold nothing yet; the next forward fills them
+  auto buffer_of = [&](const Tensor& p) {
+    Tensor& b = param_buffers_[p.impl()];
+    if (!b.defined()) b = Tensor::empty(p.shape(), compute_dtype_, p.device());
+    targets.emplace_back(p, b);
+  };
+  if (!megatron()) layer_stacks_.resize(layers_.size());
+  for (size_t layer = 0; layer < layers_.size(); ++layer) {
+    if (megatron()) {
+      for (const Tensor& p : product_params(layers_[layer])) buffer_of(p);
+      continue;
+    }
+    const std::vector<std::vector<Tensor>> lists = stack_lists(layers_[layer]);
+    std::vector<Tensor>& stacks = layer_stacks_[layer];
+    stacks.resize(lists.size());
+    for (size_t k = 0; k < lists.size(); ++k) {
+      const std::vector<Tensor>& list = lists[k];
+      if (!list[0].defined()) continue;  // an absent bias
+      Shape shape = list[0].shape();
+      shape.insert(shape.begin(), static_cast<int64_t>(list.size()));
+      if (!stacks[k].defined()) stacks[k] = Tensor::empty(shape, compute_dtype_, list[0].device());
+      for (size_t i = 0; i < list.size(); ++i)
+        targets.emplace_back(list[i], stacks[k].slice(static_cast<int64_t>(i), static_cast<int64_t>(i) + 1)
+                                          .reshape(list[i].shape()));
+    }
+  }
+  if (shard_.has_head)
+    for (const Tensor& p : head_product_params()) buffer_of(p);
+  return targets;
 }
 
 Tensor KrakenModel::dropout(const Tensor& x, runtime::Generator* gen, bool training) {
@@ -215,22 +270,20 @@ Tensor stacked(const Tensor& input, int64_t n) {
 
 // a_i = x_i + Attn_i(LN1_i(x_i)); m_i = a_i − x_i + S (= a_i at degree 1 and in the first layer);
 // x_i ← a_i + MLP_i(LN2_i(m_i)) — for all i at once, on X (n, B, T, C).
-Tensor KrakenModel::layer_forward(const std::vector<SubLayer>& subs, const Tensor& X, Tensor S,
-                                  parallel::PendingReduce& pending, runtime::Generator* gen, bool training) {
+Tensor KrakenModel::layer_forward(const std::vector<SubLayer>& subs, const std::vector<Tensor>& stacks,
+                                  const Tensor& X, Tensor S, parallel::PendingReduce& pending, runtime::Generator* gen,
+                                  bool training) {
   const int64_t n = X.size(0), B = X.size(1), T = X.size(2), C = X.size(3);
   // The sub-layers' matrices and biases, each kind stacked (n, ...) in the compute dtype: one node and,
   // under mixed precision, one cast launch each way for the layer (ops::stack_many; it stands in for
-  // cast_for_compute here). The LayerNorms take their parameters one per sub-layer.
+  // cast_for_compute here) — into the persistent stacks where there are some, and no cast at all while
+  // the optimizer keeps them current. The LayerNorms take their parameters one per sub-layer.
   auto each = [&](Tensor SubLayer::*member) {
     std::vector<Tensor> ts;
     for (const SubLayer& s : subs) ts.push_back(s.*member);
     return ts;
   };
-  const std::vector<Tensor> W =
-      ops::stack_many({each(&SubLayer::c_attn_w), each(&SubLayer::c_attn_b), each(&SubLayer::attn_proj_w),
-                       each(&SubLayer::attn_proj_b), each(&SubLayer::c_fc_w), each(&SubLayer::c_fc_b),
-                       each(&SubLayer::mlp_proj_w), each(&SubLayer::mlp_proj_b)},
-                      compute_dtype_);
+  const std::vector<Tensor> W = ops::stack_many(stack_lists(subs), compute_dtype_, stacks, copies_current_);
   const Tensor &c_attn_w = W[0], &c_attn_b = W[1], &attn_proj_w = W[2], &attn_proj_b = W[3];
   const Tensor &c_fc_w = W[4], &c_fc_b = W[5], &mlp_proj_w = W[6], &mlp_proj_b = W[7];
 
@@ -348,7 +401,8 @@ Tensor KrakenModel::stage_forward(const Tensor& ids, const Tensor& input, runtim
       if (kraken_tp) pending = parallel::start_all_reduce(partial, *shard_.tp);
       else S = partial;
     }
-    X = layer_forward(layers_[layer], X, S, pending, gen, training);
+    X = layer_forward(layers_[layer], layer < layer_stacks_.size() ? layer_stacks_[layer] : std::vector<Tensor>(), X,
+                      S, pending, gen, training);
   }
 
   if (!shard_.has_head) return side_by_side(X);  // (B, T, n·C) to the next stage

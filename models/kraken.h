@@ -105,6 +105,19 @@ class KrakenModel : public runtime::Module {
   void set_compute_dtype(runtime::DType dtype);
   runtime::DType compute_dtype() const { return compute_dtype_; }
 
+  // Mixed precision: the bf16 buffers the forward casts the matrices and biases into, made on the first
+  // call (after set_compute_dtype) and kept — per layer the stacks the grouped products take, per
+  // Megatron layer and for the head one buffer a parameter — as (parameter, its bf16 copy) pairs, the
+  // copy a view into its layer's stack where there is one: for an optimizer to rewrite after each update
+  // (optim::Optimizer::set_compute_copies), so that AdamW writes the bf16 weights in its own pass.
+  // Empty in f32.
+  std::vector<std::pair<runtime::Tensor, runtime::Tensor>> compute_copy_targets();
+  // Whether those buffers hold every parameter's current value rounded to bf16, as an optimizer that
+  // writes them leaves them after its step: a forward then takes them as they are, where it would cast
+  // every weight again. Whoever sets it vouches for it: the trainer, right after such a step, and clears
+  // it when it stops (anything else that changes a parameter would leave the copies stale). Off at first.
+  void set_compute_copies_current(bool current) { copies_current_ = current; }
+
   // The tied wte (V_p, C), for checkpoint code that needs to know which parameter is shared.
   const runtime::Tensor& wte() const { return wte_; }
   const ModelShard& shard() const { return shard_; }
@@ -124,8 +137,13 @@ class KrakenModel : public runtime::Module {
   // sub-layers at once, their parameters stacked (the grouped ops of runtime/ops.h), so a layer is one
   // LayerNorm, product, attention and MLP call each rather than n. `S` is Σ_j x_j over all sub-layers
   // (undefined in the first layer, where nothing mixes), or `pending` its all-reduce under Kraken's tp.
-  runtime::Tensor layer_forward(const std::vector<SubLayer>& subs, const runtime::Tensor& X, runtime::Tensor S,
-                                parallel::PendingReduce& pending, runtime::Generator* gen, bool training);
+  // stacks: the layer's persistent bf16 stacks (compute_copy_targets), or empty.
+  runtime::Tensor layer_forward(const std::vector<SubLayer>& subs, const std::vector<runtime::Tensor>& stacks,
+                                const runtime::Tensor& X, runtime::Tensor S, parallel::PendingReduce& pending,
+                                runtime::Generator* gen, bool training);
+  // The lists a layer's grouped products take stacked, in layer_forward's order (each kind, every local
+  // sub-layer): c_attn, attn_proj, c_fc, mlp_proj, weight then bias.
+  static std::vector<std::vector<runtime::Tensor>> stack_lists(const std::vector<SubLayer>& subs);
   // One layer of Megatron-LM's tensor parallelism (degree 1, tp > 1) on its one stream x (B, T, C).
   runtime::Tensor megatron_layer_forward(const SubLayer& s, const runtime::Tensor& x, runtime::Generator* gen,
                                          bool training);
@@ -150,6 +168,11 @@ class KrakenModel : public runtime::Module {
   // The bf16 copies of the current forward, by parameter; emptied when the forward returns (the tape
   // holds what backward needs).
   std::unordered_map<const runtime::TensorImpl*, runtime::Tensor> compute_copies_;
+  // compute_copy_targets' persistent buffers: per layer its stacks (undefined where a list has none);
+  // per parameter cast one by one (Megatron's layers, the head) its buffer.
+  std::vector<std::vector<runtime::Tensor>> layer_stacks_;
+  std::unordered_map<const runtime::TensorImpl*, runtime::Tensor> param_buffers_;
+  bool copies_current_ = false;
 };
 
 }  // namespace kraken::models

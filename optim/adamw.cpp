@@ -32,7 +32,7 @@ void AdamW::step(const std::vector<Tensor>& grads, float lr, float grad_scale) {
     for (size_t i = 0; i < params_.size(); ++i) {
       slices.push_back({params_[i].param.data<float>(), grads[i].data<float>(), exp_avg_[i].data<float>(),
                         exp_avg_sq_[i].data<float>(), params_[i].param.numel(),
-                        params_[i].weight_decay ? o.weight_decay : 0.0f});
+                        params_[i].weight_decay ? o.weight_decay : 0.0f, copy_ptr(i)});
     }
     KRAKEN_CUDA_ONLY(params_[0].param.device(),
                      kernels::adamw_update_many_cuda(slices.data(), static_cast<int64_t>(slices.size()), lr, o.beta1,
@@ -51,6 +51,7 @@ void AdamW::step(const std::vector<Tensor>& grads, float lr, float grad_scale) {
                                                o.beta2, o.eps, wd, t, grad_scale),
                      kernels::adamw_update_cuda(p.data<float>(), grads[i].data<float>(), m, v, p.numel(), lr, o.beta1,
                                                 o.beta2, o.eps, wd, t, runtime::stream_of(p), grad_scale));
+    write_copy(i);
   }
   steps_ = t;
 }

@@ -4,9 +4,11 @@
 #include <map>
 #include <set>
 
+#include "kernels/elementwise.h"
 #include "kernels/error.h"
 #include "optim/adamw.h"
 #include "optim/sgd.h"
+#include "runtime/dispatch.h"
 
 namespace kraken::optim {
 
@@ -61,6 +63,32 @@ void Optimizer::check_grads(const std::vector<Tensor>& grads) const {
 
 Tensor Optimizer::zeros_like_param(size_t i) const {
   return Tensor::zeros(params_[i].param.shape(), DType::F32, params_[i].param.device());
+}
+
+void Optimizer::set_compute_copies(std::vector<Tensor> copies) {
+  if (!copies.empty() && copies.size() != params_.size())
+    KRAKEN_THROW(name(), ": ", copies.size(), " compute copies for ", params_.size(), " parameters");
+  for (size_t i = 0; i < copies.size(); ++i) {
+    const Tensor& c = copies[i];
+    if (!c.defined()) continue;
+    const Tensor& p = params_[i].param;
+    if (c.dtype() != DType::BF16 || c.shape() != p.shape() || c.device() != p.device())
+      KRAKEN_THROW(name(), ": the compute copy of ", params_[i].name, " is ", c.describe(),
+                   "; expected a bf16 tensor shaped and placed like the parameter, ", p.describe());
+  }
+  copies_ = std::move(copies);
+}
+
+uint16_t* Optimizer::copy_ptr(size_t i) const {
+  return i < copies_.size() && copies_[i].defined() ? copies_[i].data<uint16_t>() : nullptr;
+}
+
+void Optimizer::write_copy(size_t i) const {
+  uint16_t* copy = copy_ptr(i);
+  if (!copy) return;
+  const Tensor& p = params_[i].param;
+  KRAKEN_ON_DEVICE(p.device(), kernels::cast_f32_to_bf16_cpu(copy, p.data<float>(), p.numel()),
+                   kernels::cast_f32_to_bf16_cuda(copy, p.data<float>(), p.numel(), runtime::stream_of(p)));
 }
 
 bool Optimizer::params_on_one_gpu() const {

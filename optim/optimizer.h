@@ -68,7 +68,18 @@ class Optimizer {
   const std::vector<ParamRef>& params() const { return params_; }
   int64_t steps() const { return steps_; }  // updates applied so far
 
+  // Mixed precision: bf16 copies of the parameters that every step() rewrites from the updated values,
+  // rounded to nearest even (one per parameter in params() order; an undefined one: none) — in the
+  // update's own pass where the parameters live on one GPU, else by a cast after it. The model computes
+  // with them (models/kraken.h, set_compute_copies_current). Each must be a bf16 tensor of its
+  // parameter's shape on its device; clone() takes none; an empty list clears them.
+  void set_compute_copies(std::vector<runtime::Tensor> copies);
+
  protected:
+  // Parameter i's bf16 copy (null: none), and the cast that writes it from the parameter (a no-op
+  // where there is none) for the updates that do not write it in their own pass.
+  uint16_t* copy_ptr(size_t i) const;
+  void write_copy(size_t i) const;
   // Throws naming the optimizer and the parameter when grads do not match the parameters.
   void check_grads(const std::vector<runtime::Tensor>& grads) const;
   // A zero f32 tensor shaped and placed like parameter i.
@@ -81,6 +92,7 @@ class Optimizer {
 
   std::vector<ParamRef> params_;
   int64_t steps_ = 0;
+  std::vector<runtime::Tensor> copies_;  // empty, or one (maybe undefined) per parameter
 };
 
 // Copies `given` into `targets` (name → live tensor) after checking that the two name sets are equal

@@ -33,7 +33,7 @@ void Sgd::step(const std::vector<Tensor>& grads, float lr, float grad_scale) {
     for (size_t i = 0; i < params_.size(); ++i) {
       slices.push_back({params_[i].param.data<float>(), grads[i].data<float>(),
                         velocity_.empty() ? nullptr : velocity_[i].data<float>(), params_[i].param.numel(),
-                        params_[i].weight_decay ? opts.weight_decay : 0.0f});
+                        params_[i].weight_decay ? opts.weight_decay : 0.0f, copy_ptr(i)});
     }
     KRAKEN_CUDA_ONLY(params_[0].param.device(),
                      kernels::sgd_update_many_cuda(slices.data(), static_cast<int64_t>(slices.size()), lr,
@@ -53,6 +53,7 @@ void Sgd::step(const std::vector<Tensor>& grads, float lr, float grad_scale) {
                      kernels::sgd_update_cuda(p.data<float>(), grads[i].data<float>(), velocity, p.numel(), lr,
                                               o.momentum, o.dampening, o.nesterov, wd, first,
                                               runtime::stream_of(p), grad_scale));
+    write_copy(i);
   }
   ++steps_;
 }

@@ -32,6 +32,12 @@ Tensor cast(const Tensor& x, DType dtype);                     // f32 <-> bf16, 
 // several devices, are cast one by one. The node's backward runs once every output's gradient is
 // complete, so the inputs' gradients all arrive then; an output that got none gives its input zeros.
 std::vector<Tensor> cast_many(const std::vector<Tensor>& xs, DType dtype);
+// The same, each cast written into into[k] (a buffer of that shape and dtype; undefined or absent: a new
+// tensor) — persistent buffers that an optimizer rewrites after each step (models/kraken.h) — and
+// returned as a fresh handle on it. With `filled`, the buffers already hold the casts (the optimizer's
+// bf16 copies of the current parameters): nothing is written, only the node is recorded.
+std::vector<Tensor> cast_many(const std::vector<Tensor>& xs, DType dtype, const std::vector<Tensor>& into,
+                              bool filled);
 // Each list of tensors (one shape and dtype within a list) as one tensor (n, ...) in `dtype`:
 // stacks[k][i] = cast(lists[k][i], dtype) — a Kraken layer's sub-layer weights, each kind stacked for the
 // grouped products (under mixed precision cast to bf16 on the way, in place of cast_many). One node; the
@@ -39,6 +45,10 @@ std::vector<Tensor> cast_many(const std::vector<Tensor>& xs, DType dtype);
 // kernels::kCastsPerLaunch tensors), others are copied. An empty list, or one whose first tensor is
 // undefined (an absent bias), gives an undefined stack; one tensor already of `dtype`, a view of it.
 std::vector<Tensor> stack_many(const std::vector<std::vector<Tensor>>& lists, DType dtype);
+// The same into given stacks, as cast_many above: into[k] the (n, ...) buffer of list k (undefined or
+// absent: a new tensor); with `filled`, they already hold the stacks and nothing is written.
+std::vector<Tensor> stack_many(const std::vector<std::vector<Tensor>>& lists, DType dtype,
+                               const std::vector<Tensor>& into, bool filled);
 
 // ---- elementwise (ops/elementwise.cpp) --------------------------------------------------------------
 // a + b, where b has a's shape or a trailing part of it ((B, T, C) + (T, C), (N, C) + (C,)); the

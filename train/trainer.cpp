@@ -25,6 +25,7 @@
 #include <map>
 #include <set>
 #include <thread>
+#include <unordered_map>
 
 #include "data/loader.h"
 #include "data/shard.h"
@@ -199,6 +200,7 @@ struct Trainer::State {
   std::vector<runtime::Tensor> tied;      // this rank's copy of the tied wte, when pp > 1 and it is first or last
   std::unique_ptr<parallel::GradSync> grad_sync;
   std::unique_ptr<optim::Optimizer> optimizer;  // null when OptEx owns it
+  bool optimizer_writes_copies = false;         // it rewrites the model's bf16 copies in each step
   std::unique_ptr<optim::OptEx> optex;
   int64_t optex_bytes = 0;
   optim::LrSchedule schedule;
@@ -337,6 +339,22 @@ Trainer::Trainer(Config config, TrainerOptions options) : s_(std::make_unique<St
     }
   } else {
     s.optimizer = std::move(base);
+    // Mixed precision: the optimizer rewrites the model's bf16 weight copies in its update (AdamW and
+    // SGD, in the same pass on a GPU), so that the forwards after a step cast nothing
+    // (KrakenModel::compute_copy_targets; the loop below vouches for them after each step). OptEx moves
+    // the parameters by other ways too: its forwards cast as before.
+    std::unordered_map<const runtime::TensorImpl*, runtime::Tensor> copy_of;
+    for (const auto& [param, copy] : s.model->compute_copy_targets()) copy_of[param.impl()] = copy;
+    std::vector<runtime::Tensor> copies;
+    size_t matched = 0;
+    for (const optim::ParamRef& p : s.optimizer->params()) {
+      const auto found = copy_of.find(p.param.impl());
+      copies.push_back(found != copy_of.end() ? found->second : runtime::Tensor());
+      matched += found != copy_of.end();
+    }
+    // (Only where the optimizer steps every parameter with a copy: else those would go stale.)
+    s.optimizer_writes_copies = !copy_of.empty() && matched == copy_of.size();
+    if (s.optimizer_writes_copies) s.optimizer->set_compute_copies(std::move(copies));
   }
   s.schedule.kind = optim::parse_schedule_kind(c.optim.schedule);
   s.schedule.max_lr = c.optim.lr;
@@ -652,6 +670,13 @@ RunSummary Trainer::run() {
     return grads;
   };
 
+  // The model's bf16 copies are the parameters' current values only between this loop's steps (set
+  // after each plain optimizer step, which rewrote them): whatever follows the loop may change the
+  // parameters some other way.
+  struct CopiesCurrentOnlyInTheLoop {
+    models::KrakenModel& model;
+    ~CopiesCurrentOnlyInTheLoop() { model.set_compute_copies_current(false); }
+  } copies_guard{*s.model};
   while (s.step < c.train.max_steps) {
     const auto t0 = Clock::now();
     const double lr = s.schedule.at(s.step);
@@ -679,6 +704,7 @@ RunSummary Trainer::run() {
       evaluations = 1;
       const double clip = c.optim.grad_clip > 0 ? optim::clip_coefficient(grad_norm, c.optim.grad_clip) : 1.0;
       s.optimizer->step(grads, static_cast<float>(lr), static_cast<float>(clip));
+      if (s.optimizer_writes_copies) s.model->set_compute_copies_current(true);  // the step rewrote them
     }
     s.step += 1;  // (the next gradient evaluation zeroes the gradients; no second pass over them here)
     run_steps += 1;

@@ -39,20 +39,23 @@ __device__ __forceinline__ void adamw_step(float& param, float& m, float& v, flo
   param = param * decay - step_size * (mi / denom);
 }
 
+// copy (null: none): the new parameter's bf16 copy, rounded once (kernels/optimizer.h).
 __device__ __forceinline__ void adamw_element(float* param, const float* grad, float* m, float* v, int64_t i,
                                               float decay, float step_size, float bc2_sqrt, float beta1,
-                                              float beta2, float eps, float grad_scale) {
+                                              float beta2, float eps, float grad_scale,
+                                              __nv_bfloat16* copy = nullptr) {
   float p = param[i], mi = m[i], vi = v[i];
   adamw_step(p, mi, vi, grad[i], decay, step_size, bc2_sqrt, beta1, beta2, eps, grad_scale);
   param[i] = p;
   m[i] = mi;
   v[i] = vi;
+  if (copy) copy[i] = __float2bfloat16_rn(p);
 }
 
 // Elements 4q .. 4q + 3 in 16-byte accesses (all four arrays 16-byte aligned): the same steps.
 __device__ __forceinline__ void adamw_quad(float* param, const float* grad, float* m, float* v, int64_t q,
                                            float decay, float step_size, float bc2_sqrt, float beta1, float beta2,
-                                           float eps, float grad_scale) {
+                                           float eps, float grad_scale, __nv_bfloat16* copy) {
   float4 p = reinterpret_cast<float4*>(param)[q], mi = reinterpret_cast<float4*>(m)[q];
   float4 vi = reinterpret_cast<float4*>(v)[q];
   const float4 g = reinterpret_cast<const float4*>(grad)[q];
@@ -63,6 +66,10 @@ __device__ __forceinline__ void adamw_quad(float* param, const float* grad, floa
   reinterpret_cast<float4*>(param)[q] = p;
   reinterpret_cast<float4*>(m)[q] = mi;
   reinterpret_cast<float4*>(v)[q] = vi;
+  if (copy) {  // two pairs (copy 8-byte aligned where the slice takes quads)
+    reinterpret_cast<__nv_bfloat162*>(copy)[2 * q] = __floats2bfloat162_rn(p.x, p.y);
+    reinterpret_cast<__nv_bfloat162*>(copy)[2 * q + 1] = __floats2bfloat162_rn(p.z, p.w);
+  }
 }
 
 __global__ void adamw_kernel(float* param, const float* grad, float* m, float* v, int64_t n, float decay,
@@ -82,6 +89,7 @@ struct AdamWChunk {
   const float* grad[kManyTensors];
   float* m[kManyTensors];
   float* v[kManyTensors];
+  __nv_bfloat16* copy[kManyTensors];  // null: no bf16 copy
   int64_t n[kManyTensors];
   float decay[kManyTensors];
   int first_block[kManyTensors + 1];
@@ -102,12 +110,12 @@ __global__ void adamw_many_kernel(AdamWChunk c, float step_size, float bc2_sqrt,
     const int64_t quads = c.n[k] / 4;
     for (int64_t q = first; q < quads; q += stride)
       adamw_quad(c.param[k], c.grad[k], c.m[k], c.v[k], q, c.decay[k], step_size, bc2_sqrt, beta1, beta2, eps,
-                 grad_scale);
+                 grad_scale, c.copy[k]);
     scalar_from = 4 * quads;
   }
   for (int64_t i = scalar_from + first; i < c.n[k]; i += stride)
     adamw_element(c.param[k], c.grad[k], c.m[k], c.v[k], i, c.decay[k], step_size, bc2_sqrt, beta1, beta2, eps,
-                  grad_scale);
+                  grad_scale, c.copy[k]);
 }
 
 // One element of SGD (kernels/optimizer.h).
@@ -136,6 +144,7 @@ struct SgdChunk {
   float* param[kManyTensors];
   const float* grad[kManyTensors];
   float* velocity[kManyTensors];
+  __nv_bfloat16* copy[kManyTensors];  // null: no bf16 copy
   int64_t n[kManyTensors];
   float weight_decay[kManyTensors];
   int first_block[kManyTensors + 1];
@@ -149,9 +158,11 @@ __global__ void sgd_many_kernel(SgdChunk c, float lr, float momentum, float damp
   while (k + 1 < c.count && c.first_block[k + 1] <= b) ++k;  // the slice this block belongs to
   const int64_t blocks = c.first_block[k + 1] - c.first_block[k];
   for (int64_t i = (b - c.first_block[k]) * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < c.n[k];
-       i += blocks * blockDim.x)
+       i += blocks * blockDim.x) {
     sgd_element(c.param[k], c.grad[k], c.velocity[k], i, lr, momentum, dampening, nesterov, c.weight_decay[k],
                 first_step, grad_scale);
+    if (c.copy[k]) c.copy[k][i] = __float2bfloat16_rn(c.param[k][i]);
+  }
 }
 
 // Fixed shared-memory tree over kReduceThreads values; thread 0 returns the sum.
@@ -313,9 +324,11 @@ void adamw_update_many_cuda(const AdamWSlice* slices, int64_t count, float lr, f
     chunk.grad[j] = x.grad;
     chunk.m[j] = x.m;
     chunk.v[j] = x.v;
+    chunk.copy[j] = reinterpret_cast<__nv_bfloat16*>(x.copy);
     chunk.n[j] = x.n;
     chunk.decay[j] = adamw_decay(lr, x.weight_decay);
-    chunk.quads[j] = aligned16(x.param) && aligned16(x.grad) && aligned16(x.m) && aligned16(x.v);
+    chunk.quads[j] = aligned16(x.param) && aligned16(x.grad) && aligned16(x.m) && aligned16(x.v) &&
+                     reinterpret_cast<uintptr_t>(x.copy) % 8 == 0;
     const int64_t blocks = std::min<int64_t>(kMaxBlocksPerSlice, (x.n + kThreads - 1) / kThreads);
     chunk.first_block[j + 1] = chunk.first_block[j] + static_cast<int>(blocks);
     chunk.count = j + 1;
@@ -344,6 +357,7 @@ void sgd_update_many_cuda(const SgdSlice* slices, int64_t count, float lr, float
     chunk.param[j] = x.param;
     chunk.grad[j] = x.grad;
     chunk.velocity[j] = x.velocity;
+    chunk.copy[j] = reinterpret_cast<__nv_bfloat16*>(x.copy);
     chunk.n[j] = x.n;
     chunk.weight_decay[j] = x.weight_decay;
     const int64_t blocks = std::min<int64_t>(kMaxBlocksPerSlice, (x.n + kThreads - 1) / kThreads);

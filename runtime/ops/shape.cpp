@@ -62,6 +62,16 @@ void cast_by_source(const std::vector<Tensor>& outs, const std::vector<Tensor>& 
   }
 }
 
+// into[k], checked to take the result of size `shape` in `dtype`: a fresh handle on it (a node's output
+// must not carry an earlier forward's history); undefined where there is none.
+Tensor buffer_for(const char* op, const std::vector<Tensor>& into, size_t k, const Shape& shape, DType dtype) {
+  if (k >= into.size() || !into[k].defined()) return Tensor();
+  if (into[k].shape() != shape || into[k].dtype() != dtype)
+    KRAKEN_THROW(op, ": buffer ", k, " is ", into[k].describe(), ", expected ", dtype_name(dtype), " ",
+                 shape_str(shape));
+  return into[k].detach();
+}
+
 }  // namespace
 
 Tensor reshape(const Tensor& x, const Shape& shape) {
@@ -206,7 +216,10 @@ Tensor cast(const Tensor& x, DType dtype) {
   return out;
 }
 
-std::vector<Tensor> cast_many(const std::vector<Tensor>& xs, DType dtype) {
+std::vector<Tensor> cast_many(const std::vector<Tensor>& xs, DType dtype) { return cast_many(xs, dtype, {}, false); }
+
+std::vector<Tensor> cast_many(const std::vector<Tensor>& xs, DType dtype, const std::vector<Tensor>& into,
+                              bool filled) {
   std::vector<Tensor> outs(xs.size());
   std::vector<size_t> moved;  // the inputs that change dtype
   for (size_t k = 0; k < xs.size(); ++k) {
@@ -224,13 +237,16 @@ std::vector<Tensor> cast_many(const std::vector<Tensor>& xs, DType dtype) {
     for (size_t k : moved) outs[k] = cast(xs[k], dtype);
     return outs;
   }
-  std::vector<Tensor> from, to;
+  std::vector<Tensor> from, to, cast_from, cast_to;
   for (size_t k : moved) {
     from.push_back(xs[k]);
-    to.push_back(Tensor::empty(xs[k].shape(), dtype, xs[k].device()));
+    Tensor buffer = buffer_for("cast_many", into, k, xs[k].shape(), dtype);
+    const bool write = !(buffer.defined() && filled);
+    to.push_back(buffer.defined() ? buffer : Tensor::empty(xs[k].shape(), dtype, xs[k].device()));
+    if (write) cast_from.push_back(xs[k]), cast_to.push_back(to.back());
     outs[k] = to.back();
   }
-  cast_into(to, from);
+  cast_into(cast_to, cast_from);
   // One node over the inputs that need a gradient; the others' casts stay without history, as cast()
   // leaves them.
   std::vector<Tensor> tracked, tracked_out;
@@ -260,6 +276,11 @@ std::vector<Tensor> cast_many(const std::vector<Tensor>& xs, DType dtype) {
 }
 
 std::vector<Tensor> stack_many(const std::vector<std::vector<Tensor>>& lists, DType dtype) {
+  return stack_many(lists, dtype, {}, false);
+}
+
+std::vector<Tensor> stack_many(const std::vector<std::vector<Tensor>>& lists, DType dtype,
+                               const std::vector<Tensor>& into, bool filled) {
   std::vector<Tensor> stacks(lists.size());
   std::vector<Tensor> inputs;              // every stacked input
   std::vector<Tensor> cast_from, cast_to;  // those that change dtype (f32 <-> bf16): one cast call
@@ -282,11 +303,14 @@ std::vector<Tensor> stack_many(const std::vector<std::vector<Tensor>>& lists, DT
       stacks[k] = reshape(first, shape);
       continue;
     }
-    stacks[k] = Tensor::empty(shape, dtype, first.device());
+    Tensor buffer = buffer_for("stack_many", into, k, shape, dtype);
+    const bool write = !(buffer.defined() && filled);
+    stacks[k] = buffer.defined() ? buffer : Tensor::empty(shape, dtype, first.device());
     built[k] = true;
     for (size_t i = 0; i < list.size(); ++i) {
       Tensor view = stacks[k].slice(static_cast<int64_t>(i), static_cast<int64_t>(i) + 1).reshape(first.shape());
       inputs.push_back(list[i]), list_of.push_back(k);
+      if (!write) continue;
       if (list[i].dtype() == dtype) view.copy_from(list[i]);
       else if (f32_bf16_pair(list[i].dtype(), dtype)) cast_from.push_back(list[i]), cast_to.push_back(view);
       else view.copy_from(list[i].to(dtype));

@@ -73,6 +73,7 @@ struct AdamWSlice {  // kernels::AdamWSlice
   float* v;
   int64_t n;
   float weight_decay;
+  uint16_t* copy = nullptr;
 };
 void adamw_update_many_cuda(const AdamWSlice* slices, int64_t count, float lr, float beta1, float beta2, float eps,
                             int64_t step, CUstream_st* stream, float grad_scale);
@@ -82,6 +83,7 @@ struct SgdSlice {  // kernels::SgdSlice
   float* velocity;
   int64_t n;
   float weight_decay;
+  uint16_t* copy = nullptr;
 };
 void sgd_update_many_cuda(const SgdSlice* slices, int64_t count, float lr, float momentum, float dampening,
                           bool nesterov, bool first_step, CUstream_st* stream, float grad_scale);

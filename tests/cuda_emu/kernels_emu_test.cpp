@@ -937,10 +937,16 @@ TEST(CudaEmulation, ManyTensorUpdatesAndNormsMatchOneAtATime) {
     v.push_back(std::vector<float>(n, 0.01f));
   }
   p1 = p, m1 = m, v1 = v;
+  // Every other slice also writes its bf16 copy (kernels/optimizer.h); one starts off 8-byte alignment
+  // (element by element then).
+  std::vector<std::vector<uint16_t>> copies(sizes.size());
+  for (size_t k = 0; k < sizes.size(); ++k) copies[k].assign(static_cast<size_t>(sizes[k]) + 1, uint16_t{0x7fc0});
+  auto copy_of = [&](size_t k) { return k % 2 == 0 ? nullptr : copies[k].data() + (k == 5 ? 1 : 0); };
   for (int64_t step = 1; step <= 2; ++step) {
     std::vector<emu::AdamWSlice> slices;
     for (size_t k = 0; k < sizes.size(); ++k)
-      slices.push_back({p[k].data(), g[k].data(), m[k].data(), v[k].data(), sizes[k], k % 3 == 0 ? 0.0f : 0.1f});
+      slices.push_back({p[k].data(), g[k].data(), m[k].data(), v[k].data(), sizes[k], k % 3 == 0 ? 0.0f : 0.1f,
+                        copy_of(k)});
     emu::adamw_update_many_cuda(slices.data(), static_cast<int64_t>(slices.size()), 1e-3f, 0.9f, 0.95f, 1e-8f, step,
                                 nullptr, 0.7f);
     for (size_t k = 0; k < sizes.size(); ++k)
@@ -951,6 +957,8 @@ TEST(CudaEmulation, ManyTensorUpdatesAndNormsMatchOneAtATime) {
     EXPECT_EQ(p[k], p1[k]) << "parameter " << k << ": the many-tensor update is not the one-tensor update's bits";
     EXPECT_EQ(m[k], m1[k]) << "first moment " << k;
     EXPECT_EQ(v[k], v1[k]) << "second moment " << k;
+    if (uint16_t* c = copy_of(k))
+      EXPECT_EQ(std::vector<uint16_t>(c, c + sizes[k]), to_bf16(p[k])) << "bf16 copy " << k << ": not the new parameters rounded";
   }
 
   std::vector<const float*> data;
@@ -981,7 +989,7 @@ TEST(CudaEmulation, ManyTensorUpdatesAndNormsMatchOneAtATime) {
       std::vector<emu::SgdSlice> slices;
       for (size_t k = 0; k < sizes.size(); ++k)
         slices.push_back({q[k].data(), g[k].data(), o.momentum != 0.0f ? buf[k].data() : nullptr, sizes[k],
-                          k % 3 == 0 ? 0.0f : 0.1f});
+                          k % 3 == 0 ? 0.0f : 0.1f, copy_of(k)});
       emu::sgd_update_many_cuda(slices.data(), static_cast<int64_t>(slices.size()), 0.05f, o.momentum, o.dampening,
                                 o.nesterov, step == 0, nullptr, 0.7f);
       for (size_t k = 0; k < sizes.size(); ++k)
@@ -993,6 +1001,8 @@ TEST(CudaEmulation, ManyTensorUpdatesAndNormsMatchOneAtATime) {
       EXPECT_EQ(q[k], q1[k]) << "SGD (momentum " << o.momentum << ") parameter " << k
                              << ": the many-tensor update is not the one-tensor update's bits";
       EXPECT_EQ(buf[k], buf1[k]) << "SGD momentum buffer " << k;
+      if (uint16_t* c = copy_of(k))
+        EXPECT_EQ(std::vector<uint16_t>(c, c + sizes[k]), to_bf16(q[k])) << "SGD bf16 copy " << k;
     }
   }
 }

@@ -109,6 +109,27 @@ TEST(GpuOptimizer, UpdatesAndReductionsAreBitReproducibleRunToRun) {
   EXPECT_EQ(sum_squares(g), sum_squares(g));
 }
 
+TEST(GpuOptimizer, BothOptimizersWriteTheBf16CopiesInTheirUpdate) {
+  KRAKEN_REQUIRE_GPU();
+  // set_compute_copies: after each step every copy is its parameter rounded to bf16 — AdamW and SGD
+  // write them in the many-tensor update's own pass (the 16-byte path and the element one: some
+  // parameters are odd-sized).
+  for (const char* name : {"adamw", "sgd"}) {
+    std::vector<Tensor> params = params_on(test_device(), 9), copies;
+    for (const Tensor& p : params) copies.push_back(Tensor::zeros(p.shape(), DType::BF16, test_device()));
+    OptimizerOptions o;
+    o.name = name;
+    o.sgd.momentum = 0.9f;
+    auto opt = make_optimizer(o, refs(params));
+    opt->set_compute_copies(copies);
+    for (int t = 0; t < 2; ++t) {
+      opt->step(grads_on(test_device(), t), 0.01f);
+      for (size_t i = 0; i < params.size(); ++i)
+        EXPECT_EQ(copies[i].to_vector(), params[i].to(DType::BF16).to_vector()) << name << " copy " << i;
+    }
+  }
+}
+
 TEST(GpuReductions, DistancesNormsAndWeightedRowsMatchTheCpu) {
   KRAKEN_REQUIRE_GPU();
   const int64_t n = 300007;  // several grid strides of the 512·256-thread reduction grid

@@ -1,0 +1,142 @@
+// Mixed precision's bf16 weight copies written by the optimizer (KrakenModel::compute_copy_targets,
+// optim::Optimizer::set_compute_copies): training that way is the same computation, bit for bit, as
+// casting every weight in each forward — the trainer's protocol run by hand on the CPU, for GPT-2's
+// degree 1 and a Kraken degree.
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "models/kraken.h"
+#include "optim/optimizer.h"
+#include "runtime/autograd.h"
+#include "runtime/ops.h"
+#include "runtime/tensor.h"
+
+namespace kraken {
+namespace {
+
+using models::KrakenConfig;
+using models::KrakenModel;
+using runtime::DType;
+using runtime::Tensor;
+
+KrakenConfig tiny(int64_t degree) {
+  KrakenConfig c;
+  c.n_layer = 2;
+  c.n_embd = 16;
+  c.n_head = 4;
+  c.degree = degree;
+  c.context = 8;
+  c.vocab_size = 29;
+  c.mlp_expansion = 2;
+  return c;
+}
+
+Tensor ids(int seed) {
+  std::vector<int32_t> v(16);
+  for (int i = 0; i < 16; ++i) v[static_cast<size_t>(i)] = (i * 7 + seed) % 29;
+  return Tensor::from_ints(v, {2, 8});
+}
+
+std::vector<uint32_t> bits_of(const Tensor& t) {
+  const std::vector<float> v = t.to_vector();
+  std::vector<uint32_t> out(v.size());
+  if (!v.empty()) std::memcpy(out.data(), v.data(), v.size() * 4);
+  return out;
+}
+
+// A bf16 model and its AdamW; with `copies`, the optimizer rewrites the model's bf16 buffers in each
+// step and the model takes them as current afterwards, as train/trainer.cpp does.
+struct Training {
+  std::unique_ptr<KrakenModel> model;
+  std::unique_ptr<optim::Optimizer> opt;
+  Training(const KrakenConfig& c, bool copies) {
+    model = std::make_unique<KrakenModel>(c);
+    model->initialize(11);
+    model->set_compute_dtype(DType::BF16);
+    optim::OptimizerOptions o;
+    opt = optim::make_optimizer(o, optim::param_refs(model->named_parameters()));
+    if (!copies) return;
+    std::unordered_map<const runtime::TensorImpl*, Tensor> copy_of;
+    for (const auto& [param, copy] : model->compute_copy_targets()) copy_of[param.impl()] = copy;
+    std::vector<Tensor> list;
+    for (const optim::ParamRef& p : opt->params()) {
+      const auto found = copy_of.find(p.param.impl());
+      list.push_back(found != copy_of.end() ? found->second : Tensor());
+    }
+    EXPECT_GT(copy_of.size(), 0u);
+    opt->set_compute_copies(std::move(list));
+  }
+  // One step: loss, backward, update; returns the loss's bits.
+  uint32_t step(int seed, bool copies) {
+    model->zero_grad();
+    const Tensor loss = model->loss(ids(seed), ids(seed + 1), nullptr, false);
+    runtime::backward(loss);
+    opt->step(3e-3f);
+    if (copies) model->set_compute_copies_current(true);
+    return bits_of(loss)[0];
+  }
+};
+
+TEST(ComputeCopies, TrainingOnTheOptimizersCopiesIsTrainingOnCasts) {
+  for (const int64_t degree : {int64_t{1}, int64_t{2}}) {
+    SCOPED_TRACE("degree " + std::to_string(degree));
+    Training cast(tiny(degree), false), kept(tiny(degree), true);
+    for (int s = 0; s < 4; ++s) EXPECT_EQ(kept.step(s, true), cast.step(s, false)) << "loss of step " << s;
+    const auto a = kept.model->named_parameters(), b = cast.model->named_parameters();
+    ASSERT_EQ(a.size(), b.size());
+    for (size_t k = 0; k < a.size(); ++k) {
+      EXPECT_EQ(bits_of(a[k].tensor), bits_of(b[k].tensor)) << a[k].name;
+      EXPECT_EQ(bits_of(a[k].tensor.grad()), bits_of(b[k].tensor.grad())) << a[k].name << "'s gradient";
+    }
+    // The optimizer's copies are the new parameters rounded to bf16.
+    for (const auto& [param, copy] : kept.model->compute_copy_targets())
+      EXPECT_EQ(copy.to_vector(), param.to(DType::BF16).to_vector()) << param.describe();
+  }
+}
+
+TEST(ComputeCopies, ACurrentForwardReadsTheBuffersAndOtherwiseCasts) {
+  // White-box: while current, a forward casts nothing — a buffer changed behind the model's back
+  // changes the loss; once no longer current, the forward casts again and the loss is back. The first
+  // target is in a layer's stacks (ops::stack_many), the last the head's tied wte (ops::cast_many).
+  Training run(tiny(2), true);
+  run.step(0, true);
+  const Tensor loss = run.model->loss(ids(5), ids(6), nullptr, false);
+  const auto targets = run.model->compute_copy_targets();  // (clears "current": new buffers may be made)
+  for (const bool head : {false, true}) {
+    SCOPED_TRACE(head ? "the head's buffer" : "a layer's stack");
+    run.model->set_compute_copies_current(true);
+    Tensor copy = head ? targets.back().second : targets.front().second;
+    const Tensor saved = copy.clone();
+    copy.copy_from(Tensor::zeros(copy.shape(), DType::BF16));
+    const Tensor poisoned = run.model->loss(ids(5), ids(6), nullptr, false);
+    EXPECT_NE(bits_of(poisoned), bits_of(loss)) << "a current forward cast the weights again";
+    run.model->set_compute_copies_current(false);
+    const Tensor recast = run.model->loss(ids(5), ids(6), nullptr, false);
+    EXPECT_EQ(bits_of(recast), bits_of(loss)) << "a forward without current copies did not cast";
+    EXPECT_EQ(copy.to_vector(), saved.to_vector()) << "the cast did not refill the buffer";
+  }
+}
+
+TEST(ComputeCopies, AnOptimizerRejectsACopyThatDoesNotFitItsParameter) {
+  KrakenModel model(tiny(1));
+  optim::OptimizerOptions o;
+  auto opt = optim::make_optimizer(o, optim::param_refs(model.named_parameters()));
+  std::vector<Tensor> copies(opt->params().size());
+  copies[0] = Tensor::zeros({3}, DType::BF16);
+  try {
+    opt->set_compute_copies(copies);
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(opt->params()[0].name), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(opt->set_compute_copies(std::vector<Tensor>(2)), Error);
+}
+
+}  // namespace
+}  // namespace kraken
