@@ -46,7 +46,6 @@
 #include <functional>
 #include <initializer_list>
 #include <string>
-#include <unordered_map>
 #include <vector>
 
 #include "models/kraken.h"
@@ -56,6 +55,7 @@
 #include "runtime/autograd.h"
 #include "runtime/ops.h"
 #include "runtime/rng.h"
+#include "train/trainer.h"
 
 #if KRAKEN_WITH_CUDA
 #include <cuda_runtime.h>
@@ -287,16 +287,7 @@ void bench_model(const char* label, const KrakenConfig& c, DType compute, int64_
   kraken::optim::AdamW opt(kraken::optim::param_refs(params), ao);
   // As the trainer does under mixed precision: AdamW rewrites the model's bf16 weight copies in its
   // update, and the forwards after a step cast nothing (KrakenModel::compute_copy_targets).
-  {
-    std::unordered_map<const kraken::runtime::TensorImpl*, Tensor> copy_of;
-    for (const auto& [param, copy] : model.compute_copy_targets()) copy_of[param.impl()] = copy;
-    std::vector<Tensor> copies;
-    for (const auto& p : params) {
-      const auto found = copy_of.find(p.tensor.impl());
-      copies.push_back(found != copy_of.end() ? found->second : Tensor());
-    }
-    if (!copy_of.empty()) opt.set_compute_copies(std::move(copies));
-  }
+  const bool optimizer_writes_copies = kraken::train::share_compute_copies(model, opt);
   const Tensor x = ids(B, T, c.vocab_size, 1), y = ids(B, T, c.vocab_size, 2);
   double last_loss = 0.0;
   // Where the GPU waits for the host: the host's time to issue the forward and the backward against the
@@ -326,7 +317,7 @@ void bench_model(const char* label, const KrakenConfig& c, DType compute, int64_
     // gradient).
     const double norm = kraken::optim::global_grad_norm(grads);
     opt.step(grads, 6e-4f, static_cast<float>(kraken::optim::clip_coefficient(norm, 1.0)));
-    model.set_compute_copies_current(compute == DType::BF16);  // the step rewrote them
+    model.set_compute_copies_current(optimizer_writes_copies);  // the step rewrote them
     model.zero_grad();
     last_loss = loss.item();  // (the gradient norm above synchronised once already)
     if (timed) {

@@ -186,6 +186,21 @@ NamedTensors join_flat_history(const NamedTensors& pieces, const std::vector<run
 
 }  // namespace
 
+bool share_compute_copies(models::KrakenModel& model, optim::Optimizer& optimizer) {
+  std::unordered_map<const runtime::TensorImpl*, runtime::Tensor> copy_of;
+  for (const auto& [param, copy] : model.compute_copy_targets()) copy_of[param.impl()] = copy;
+  std::vector<runtime::Tensor> copies;
+  size_t matched = 0;
+  for (const optim::ParamRef& p : optimizer.params()) {
+    const auto found = copy_of.find(p.param.impl());
+    copies.push_back(found != copy_of.end() ? found->second : runtime::Tensor());
+    matched += found != copy_of.end();
+  }
+  if (copy_of.empty() || matched != copy_of.size()) return false;
+  optimizer.set_compute_copies(std::move(copies));
+  return true;
+}
+
 bool stop_requested() { return g_stop.load(); }
 void request_stop() { g_stop.store(true); }
 
@@ -343,18 +358,7 @@ Trainer::Trainer(Config config, TrainerOptions options) : s_(std::make_unique<St
     // SGD, in the same pass on a GPU), so that the forwards after a step cast nothing
     // (KrakenModel::compute_copy_targets; the loop below vouches for them after each step). OptEx moves
     // the parameters by other ways too: its forwards cast as before.
-    std::unordered_map<const runtime::TensorImpl*, runtime::Tensor> copy_of;
-    for (const auto& [param, copy] : s.model->compute_copy_targets()) copy_of[param.impl()] = copy;
-    std::vector<runtime::Tensor> copies;
-    size_t matched = 0;
-    for (const optim::ParamRef& p : s.optimizer->params()) {
-      const auto found = copy_of.find(p.param.impl());
-      copies.push_back(found != copy_of.end() ? found->second : runtime::Tensor());
-      matched += found != copy_of.end();
-    }
-    // (Only where the optimizer steps every parameter with a copy: else those would go stale.)
-    s.optimizer_writes_copies = !copy_of.empty() && matched == copy_of.size();
-    if (s.optimizer_writes_copies) s.optimizer->set_compute_copies(std::move(copies));
+    s.optimizer_writes_copies = share_compute_copies(*s.model, *s.optimizer);
   }
   s.schedule.kind = optim::parse_schedule_kind(c.optim.schedule);
   s.schedule.max_lr = c.optim.lr;

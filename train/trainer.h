@@ -12,6 +12,13 @@
 
 #include "train/config.h"
 
+namespace kraken::models {
+class KrakenModel;
+}
+namespace kraken::optim {
+class Optimizer;
+}
+
 namespace kraken::train {
 
 struct TrainerOptions {
@@ -50,6 +57,13 @@ class Trainer {
   struct State;
   std::unique_ptr<State> s_;
 };
+
+// Mixed precision: hands the model's bf16 weight buffers (KrakenModel::compute_copy_targets) to the
+// optimizer, which then rewrites them in each step (optim::Optimizer::set_compute_copies). True where it
+// did — a bf16 model whose every buffer belongs to one of the optimizer's parameters —, after which
+// whoever steps it may mark the copies current after each step (set_compute_copies_current); false,
+// nothing handed over, otherwise (f32, or a buffer the optimizer would leave stale).
+bool share_compute_copies(models::KrakenModel& model, optim::Optimizer& optimizer);
 
 // Process-wide stop request, set by the SIGINT/SIGTERM handler the trainer installs.
 bool stop_requested();

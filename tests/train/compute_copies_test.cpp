@@ -8,7 +8,6 @@
 #include <cstring>
 #include <memory>
 #include <string>
-#include <unordered_map>
 #include <vector>
 
 #include "models/kraken.h"
@@ -16,6 +15,7 @@
 #include "runtime/autograd.h"
 #include "runtime/ops.h"
 #include "runtime/tensor.h"
+#include "train/trainer.h"
 
 namespace kraken {
 namespace {
@@ -51,7 +51,7 @@ std::vector<uint32_t> bits_of(const Tensor& t) {
 }
 
 // A bf16 model and its AdamW; with `copies`, the optimizer rewrites the model's bf16 buffers in each
-// step and the model takes them as current afterwards, as train/trainer.cpp does.
+// step (train::share_compute_copies) and the model takes them as current afterwards, as the trainer does.
 struct Training {
   std::unique_ptr<KrakenModel> model;
   std::unique_ptr<optim::Optimizer> opt;
@@ -61,16 +61,9 @@ struct Training {
     model->set_compute_dtype(DType::BF16);
     optim::OptimizerOptions o;
     opt = optim::make_optimizer(o, optim::param_refs(model->named_parameters()));
-    if (!copies) return;
-    std::unordered_map<const runtime::TensorImpl*, Tensor> copy_of;
-    for (const auto& [param, copy] : model->compute_copy_targets()) copy_of[param.impl()] = copy;
-    std::vector<Tensor> list;
-    for (const optim::ParamRef& p : opt->params()) {
-      const auto found = copy_of.find(p.param.impl());
-      list.push_back(found != copy_of.end() ? found->second : Tensor());
+    if (copies) {
+      EXPECT_TRUE(train::share_compute_copies(*model, *opt));
     }
-    EXPECT_GT(copy_of.size(), 0u);
-    opt->set_compute_copies(std::move(list));
   }
   // One step: loss, backward, update; returns the loss's bits.
   uint32_t step(int seed, bool copies) {
@@ -121,6 +114,23 @@ TEST(ComputeCopies, ACurrentForwardReadsTheBuffersAndOtherwiseCasts) {
     EXPECT_EQ(bits_of(recast), bits_of(loss)) << "a forward without current copies did not cast";
     EXPECT_EQ(copy.to_vector(), saved.to_vector()) << "the cast did not refill the buffer";
   }
+}
+
+TEST(ComputeCopies, NothingIsSharedInF32OrWithAnOptimizerThatMissesABuffer) {
+  KrakenModel f32(tiny(1));
+  optim::OptimizerOptions o;
+  auto all = optim::make_optimizer(o, optim::param_refs(f32.named_parameters()));
+  EXPECT_FALSE(train::share_compute_copies(f32, *all)) << "an f32 model has no bf16 copies";
+  KrakenModel bf16(tiny(1));
+  bf16.set_compute_dtype(DType::BF16);
+  std::vector<runtime::NamedParameter> params;
+  for (const auto& p : bf16.named_parameters())  // all but one weight with a copy: it would go stale
+    if (p.name != "h.0.attn.c_attn.weight") params.push_back(p);
+  ASSERT_EQ(params.size() + 1, bf16.named_parameters().size());
+  auto some = optim::make_optimizer(o, optim::param_refs(params));
+  EXPECT_FALSE(train::share_compute_copies(bf16, *some));
+  auto every = optim::make_optimizer(o, optim::param_refs(bf16.named_parameters()));
+  EXPECT_TRUE(train::share_compute_copies(bf16, *every));
 }
 
 TEST(ComputeCopies, AnOptimizerRejectsACopyThatDoesNotFitItsParameter) {
