@@ -28,8 +28,9 @@ void cast_bf16_to_f32_cpu(float* out, const uint16_t* x, int64_t n);
 // The same casts over `count` tensors: outs[k] = cast(xs[k]), ns[k] elements each (the arrays are host
 // memory; on CUDA the pointers are device memory). Each output is the bits its own one-tensor cast gives;
 // on CUDA they take one launch per kCastsPerLaunch tensors, not one each (the mixed-precision model
-// casts each layer's weights so, and their gradients back: ~100–200 tensors per step, most of them
-// biases too small to be worth a launch of their own).
+// casts each layer's weights so where the optimizer has not written their bf16 copies, and their
+// gradients back: ~100–200 tensors per step, most of them biases too small to be worth a launch of
+// their own).
 void cast_f32_to_bf16_many_cpu(uint16_t* const* outs, const float* const* xs, const int64_t* ns, int64_t count);
 void cast_bf16_to_f32_many_cpu(float* const* outs, const uint16_t* const* xs, const int64_t* ns, int64_t count);
 void cast_i32_to_f32_cpu(float* out, const int32_t* x, int64_t n);

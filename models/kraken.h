@@ -156,7 +156,9 @@ class KrakenModel : public runtime::Module {
   // Linears, every local sub-layer), and the head's (the conjunction's, the tied wte).
   std::vector<runtime::Tensor> product_params(const std::vector<SubLayer>& subs) const;
   std::vector<runtime::Tensor> head_product_params() const;
-  // Casts `params` to the compute dtype in one ops::cast_many and keeps the copies for compute().
+  // Casts `params` to the compute dtype in one ops::cast_many (into their persistent buffers where
+  // compute_copy_targets made them; nothing to cast while those are current) and keeps the copies for
+  // compute().
   void cast_for_compute(const std::vector<runtime::Tensor>& params);
 
   KrakenConfig config_;
