@@ -52,7 +52,9 @@ void attention_backward_cuda(float* dqkv, const float* dout, const float* qkv, c
 //     natural-log log-sum-exp. Unlike the others its backward OVERWRITES dqkv (dQ, dK, dV cover every
 //     column) instead of adding to it. It asks for a deterministic backward (the graph without cuDNN's
 //     f32 dQ accumulation, engines marked non-deterministic skipped); cuDNN documents no stronger
-//     guarantee, so a GPU test checks two runs for equal bits. Needs cuDNN in the build, sm_80+, D a
+//     guarantee, so a GPU test checks two runs for equal bits. KRAKEN_CUDNN_ATTENTION_BACKWARD=atomic asks
+//     for cuDNN's faster-by-bytes graph instead, dQ accumulated in f32 with atomics (not deterministic;
+//     attention_bf16_cudnn_backward_deterministic says which graph a shape got). Needs cuDNN in the build, sm_80+, D a
 //     multiple of 8 up to 256 (cuDNN's SDPA; on sm_80 its backward takes D ≤ 128), 16-byte aligned
 //     buffers; attention_bf16_cudnn_why_not says what cuDNN refused. Measured on an H200 (bench/RESULTS.md).
 // attention_{forward,backward}_bf16_cuda dispatch (attention_bf16_kernels) on the environment variable
@@ -118,6 +120,10 @@ bool attention_bf16_cudnn_supported(int64_t D);  // attention_bf16_cudnn_why_not
 // Whether the cuDNN entry points take a call: the shape's plans build and every buffer is 16-byte aligned.
 bool attention_bf16_cudnn_usable(const void* const* buffers, int64_t count, int64_t B, int64_t T, int64_t C,
                                  int64_t NH);
+// Whether this shape's cuDNN backward is the deterministic graph: false only where
+// KRAKEN_CUDNN_ATTENTION_BACKWARD=atomic asked for the f32 atomic dQ and cuDNN planned it (true where cuDNN
+// takes no plan for the shape at all).
+bool attention_bf16_cudnn_backward_deterministic(int64_t B, int64_t T, int64_t C, int64_t NH);
 // True for the head sizes D = C/NH the _tc_ (_mma_) kernels handle on the current device: 1 ≤ D ≤ 256,
 // padded to a multiple of 16 (_tc_: of 32 above 128), where the device has the shared memory per block
 // this needs.

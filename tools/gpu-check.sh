@@ -9,8 +9,9 @@
 #   2. configure (-DKRAKEN_CUDA=ON -DKRAKEN_MPI=OFF -DCMAKE_CUDA_ARCHITECTURES=90, no ASan copy of the
 #      emulation tests, dependencies from third_party/) and build everything with all cores;
 #   3. the GPU tests: ctest -L gpu (tests/gpu), each result and every measured GPU-vs-CPU difference;
-#      then the attention tests once more with KRAKEN_CUDA_ATTENTION=mma (the grouped mma launch, the
-#      dispatch without cuDNN) and =cudnn (cuDNN for every shape it takes), the LayerNorm and model tests
+#      then the attention tests once more with KRAKEN_CUDNN_ATTENTION_BACKWARD=atomic (cuDNN's f32 atomic
+#      dQ), KRAKEN_CUDA_ATTENTION=mma (the grouped mma launch, the dispatch without cuDNN) and =cudnn (cuDNN
+#      for every shape it takes), the LayerNorm and model tests
 #      with KRAKEN_CUDA_LAYERNORM_BACKWARD=shared, the product tests with KRAKEN_CUBLASLT_TUNE=8;
 #   4. the GPU benchmark (bench/gpu_train_bench.cpp): tokens/s, MFU, kernel bandwidth, the backward ops
 #      that keep the host (KRAKEN_AUTOGRAD_SLOW_NODE_MS); then its bf16 training rows again with one
@@ -225,15 +226,17 @@ if [[ "$gpu_rc" -ne 0 || "${g_fail:-1}" -ne 0 ]]; then fail "GPU tests"; md_tail
 if [[ $have_gpu -eq 1 && "${g_skip:-0}" -ne 0 ]]; then fail "GPU tests skipped on a machine with a GPU"; fi
 if [[ "${g_pass:-0}" -eq 0 && $have_gpu -eq 1 ]]; then fail "no GPU test passed"; fi
 # Some of the GPU tests again with one switch set, in a process of their own (the switches are read once
-# per process), while time is left: name, VAR=value, timeout (s), gtest filter, what they cover. The
-# report keeps each test's result and every line naming cuDNN's attention (its refusals, the plan's graph).
+# per process), while time is left: name, VAR=value (one or more, space-separated), timeout (s), gtest
+# filter, what they cover. The report keeps each test's result and every line naming cuDNN's attention
+# (its refusals, the plan's graph).
 test_variant() {
   local name=$1 setting=$2 limit=$3 filter=$4 what=$5
   [[ $have_gpu -eq 1 && $(left) -gt 240 ]] || return 0
   say "GPU tests with $setting"
   local t0 rc
   t0=$(date +%s)
-  env "$setting" KRAKEN_SOURCE_DIR="$root" OMP_NUM_THREADS=2 timeout "$limit" "$build/tests/kraken_tests_gpu" \
+  # shellcheck disable=SC2086  # $setting may hold several VAR=value words
+  env $setting KRAKEN_SOURCE_DIR="$root" OMP_NUM_THREADS=2 timeout "$limit" "$build/tests/kraken_tests_gpu" \
     --gtest_filter="$filter" > "$logs/gpu-tests-$name.log" 2>&1
   rc=$?
   md ""
@@ -243,6 +246,12 @@ test_variant() {
   md_tail "$logs/gpu-tests-$name-summary.log" 30
   [[ $rc -eq 0 ]] || fail "GPU tests with $setting (exit status $rc)"
 }
+# cuDNN's backward with dQ summed in f32 with atomics (KRAKEN_CUDNN_ATTENTION_BACKWARD=atomic; built in the
+# eleventh session, never run): whether cuDNN plans that graph, its results against the CPU and mma, and the
+# mixed-precision models and trainer on it (cuDNN for every shape, small ones included).
+test_variant atomic "KRAKEN_CUDNN_ATTENTION_BACKWARD=atomic KRAKEN_CUDA_ATTENTION=cudnn" 120 \
+  'GpuAttentionCudnn.*:GpuModel.Degree2*:GpuMixedPrecision.*:GpuTrainer.MixedPrecision*' \
+  "cuDNN's atomic dQ: the attention tests, the mixed-precision models and trainer"
 # The mma kernels where cuDNN would take the call (the default's): their dispatch and the grouped launch
 # of a Kraken layer's sub-layers, which only the mma kernels have.
 test_variant mma KRAKEN_CUDA_ATTENTION=mma 90 \
@@ -304,6 +313,11 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
     if [[ -f "$logs/bench-$name.md" ]]; then grep -E '^\|' "$logs/bench-$name.md" >> "$report"; else md_tail "$logs/bench-$name.log" 20; fi
     [[ $rc -eq 0 ]] || fail "benchmark with $setting (exit status $rc)"
   }
+  # cuDNN's attention backward with dQ summed in f32 with atomics, where the default writes dS to memory
+  # and reads it back for dQ (kernels/cuda/attention_cudnn.cu): by bytes up to ~10% of a GPT-2 step at
+  # B = 64; unmeasured when built (eleventh session), so first.
+  bench_variant atomic KRAKEN_CUDNN_ATTENTION_BACKWARD=atomic 120 90 "cuDNN's atomic dQ backward" \
+    --training-only --batch 8,64
   # The LayerNorm backward with its dgamma/dbeta sums in shared memory (half the registers a thread of the
   # default's; kernels/layernorm.h): unmeasured when built (tenth session), so first.
   bench_variant lnshared KRAKEN_CUDA_LAYERNORM_BACKWARD=shared 120 90 \

@@ -45,8 +45,23 @@
 // and backward; KRAKEN_CUDNN_ATTENTION_NONDETERMINISTIC=1, for measuring only, takes one where nothing
 // else finalizes, and says so on stderr), and the GPU tests check two backward runs for identical bits. That is as far as the
 // backend API lets us ask: cuDNN documents no determinism guarantee beyond those notes, so the test is
-// the evidence (tests/gpu/attention_cudnn_cuda_test.cpp, not yet run on a GPU). The dP workspace costs
-// B·NH·T²·2 bytes of workspace (GPT-2 at B = 8, T = 1024: 192 MiB), held in a per-device scratch buffer.
+// the evidence (tests/gpu/attention_cudnn_cuda_test.cpp; two runs bit for bit equal on the H200 and H100).
+// The dP workspace costs B·NH·T²·2 bytes of workspace (GPT-2 at B = 8, T = 1024: 192 MiB), held in a
+// per-device scratch buffer — and it costs time: the backward kernel writes dS there and a separate
+// kernel (cuDNN's matmul_dq) reads it back for dQ = dS·K, 2·B·NH·T²·2 bytes a layer. On an H100 that
+// kernel took 0.95 of GPT-2's 3.1 ms of attention at B = 8 and 10.5 of the Kraken preset's 58 ms at
+// B = 64 (bench/RESULTS.md), all of it memory traffic.
+//
+// The atomic dQ (KRAKEN_CUDNN_ATTENTION_BACKWARD=atomic; the default stays the deterministic graph): the
+// graph cudnn-frontend builds when determinism is not asked for. dQ = dS·K goes into a non-virtual f32
+// tensor dQacc (B, NH, T, D), contiguous, with the F16x16 reordering mode — that tensor being non-virtual
+// is how the backend API tells the fusion engine to accumulate dQ in f32 from each key tile, with atomics,
+// instead of writing dS — and dQ = IDENTITY(dQacc) converts it into dqkv's bf16 columns. dQacc lives in
+// our workspace and must be zero before each run (cudnn-frontend memsets it: its workspace modification
+// of type 1); B·NH·T·D·4 bytes, 24 MiB for GPT-2 at B = 8. Floating-point additions in arrival order make
+// dQ differ between runs in its last bits, so the engine carries the non-deterministic note and the note
+// is not checked for this graph; dK and dV are still each key tile's own sums. Where cuDNN refuses the
+// atomic graph, the deterministic one is planned and stderr says so (tools/gpu-check.sh keeps the line).
 //
 // Contract differences from the hand-written kernels (kernels/attention.h): the backward OVERWRITES dqkv
 // (dQ, dK and dV cover all of its columns) instead of adding to it; the graphs need 16-byte aligned
@@ -124,7 +139,7 @@ class GraphBuilder {
 
   // A tensor: uid > 0 names a buffer of the variant pack; virtual tensors get uids from 1000 up.
   const Desc& tensor(int64_t uid, cudnnDataType_t type, const Dims& dims, const Dims& strides, bool is_virtual,
-                     bool by_value = false) {
+                     bool by_value = false, cudnnBackendTensorReordering_t reordering = CUDNN_TENSOR_REORDERING_NONE) {
     Desc& t = make(CUDNN_BACKEND_TENSOR_DESCRIPTOR);
     if (uid == 0) uid = next_virtual_uid_++;
     const int64_t alignment = 16;
@@ -135,6 +150,8 @@ class GraphBuilder {
     set(t.get(), CUDNN_ATTR_TENSOR_BYTE_ALIGNMENT, CUDNN_TYPE_INT64, 1, &alignment);
     set(t.get(), CUDNN_ATTR_TENSOR_IS_VIRTUAL, CUDNN_TYPE_BOOLEAN, 1, &is_virtual);
     if (by_value) set(t.get(), CUDNN_ATTR_TENSOR_IS_BY_VALUE, CUDNN_TYPE_BOOLEAN, 1, &by_value);
+    if (reordering != CUDNN_TENSOR_REORDERING_NONE)
+      set(t.get(), CUDNN_ATTR_TENSOR_REORDERING_MODE, CUDNN_TYPE_TENSOR_REORDERING_MODE, 1, &reordering);
     KRAKEN_CUDNN_CHECK(cudnnBackendFinalize(t.get()));
     return t;
   }
@@ -228,7 +245,7 @@ class GraphBuilder {
 
 // Buffers of the variant packs.
 enum Uid : int64_t {
-  kQ = 1, kK, kV, kO, kStats, kScale, kMaskValue, kDO, kDQ, kDK, kDV, kRowSums, kOne,
+  kQ = 1, kK, kV, kO, kStats, kScale, kMaskValue, kDO, kDQ, kDK, kDV, kRowSums, kOne, kDQAccumulator,
 };
 
 struct Shape {
@@ -319,7 +336,10 @@ void build_forward(GraphBuilder& g, const Shape& s, const GraphVariant& variant)
   g.matmul(p, v, o);
 }
 
-void build_backward(GraphBuilder& g, const Shape& s, const GraphVariant& variant) {
+// dQ as the deterministic graph writes it (dS·K into dqkv), or through the f32 accumulator (the top).
+enum class DqPath { kDirect, kAtomic };
+
+void build_backward(GraphBuilder& g, const Shape& s, const GraphVariant& variant, DqPath dq_path) {
   const Dims bhtd = {s.B, s.NH, s.T, s.D()}, bhdt = {s.B, s.NH, s.D(), s.T}, row = {s.B, s.NH, s.T, 1};
   const Dims st = {s.B, s.NH, s.T, s.T};
   const Dims transposed = {s.NH * s.T * s.T, s.T * s.T, 1, s.T};  // (B, NH, T, T) read column-wise
@@ -368,11 +388,35 @@ void build_backward(GraphBuilder& g, const Shape& s, const GraphVariant& variant
   g.reshape(ds, dst);
   g.matmul(dst, q, dk);
 
-  // dQ = dS·K (K: Kᵀ reshaped back to (B, NH, T, D)), written directly: the deterministic graph
+  // dQ = dS·K (K: Kᵀ reshaped back to (B, NH, T, D)): written directly (the deterministic graph), or
+  // accumulated in f32 and converted (the atomic one)
   const Desc& k = g.tensor(0, variant.k_type, bhtd, qkv_strides(s), true);
   g.reshape(kt, k);
-  g.matmul(ds, k, dq);
+  if (dq_path == DqPath::kDirect) {
+    g.matmul(ds, k, dq);
+    return;
+  }
+  const Dims contiguous = {s.NH * s.T * s.D(), s.T * s.D(), s.D(), 1};
+  const Desc& dq_accumulator =
+      g.tensor(kDQAccumulator, CUDNN_DATA_FLOAT, bhtd, contiguous, false, false, CUDNN_TENSOR_REORDERING_F16x16);
+  g.matmul(ds, k, dq_accumulator);
+  g.pointwise(CUDNN_POINTWISE_IDENTITY, CUDNN_DATA_FLOAT, dq_accumulator, nullptr, dq);
 }
+
+// The dQ path the backward asks for first: KRAKEN_CUDNN_ATTENTION_BACKWARD=atomic or deterministic (unset),
+// read once per process (a bad value is an error naming the variable).
+DqPath requested_dq_path() {
+  static const DqPath path = [] {
+    const char* env = std::getenv("KRAKEN_CUDNN_ATTENTION_BACKWARD");
+    if (!env || !*env || std::strcmp(env, "deterministic") == 0) return DqPath::kDirect;
+    if (std::strcmp(env, "atomic") == 0) return DqPath::kAtomic;
+    KRAKEN_THROW("KRAKEN_CUDNN_ATTENTION_BACKWARD=", env, ": expected deterministic or atomic");
+  }();
+  return path;
+}
+
+// Bytes of the atomic graph's f32 dQ accumulator.
+size_t dq_accumulator_bytes(const Shape& s) { return static_cast<size_t>(s.B * s.NH * s.T * s.D()) * sizeof(float); }
 
 // ---- plans --------------------------------------------------------------------------------------------------
 
@@ -384,6 +428,7 @@ struct Plan {
   int64_t workspace = 0;  // bytes cuDNN asks for (the backward's Dᵢ buffer comes on top)
   std::string error;      // non-empty: cuDNN refused the shape, and why
   bool nondeterministic = false;  // an engine cuDNN marks non-deterministic (only where asked for, below)
+  DqPath dq_path = DqPath::kDirect;  // backward: the graph the plan was built from
 };
 
 struct DeviceState {
@@ -433,14 +478,17 @@ bool has_note(const Desc& engine, cudnnBackendNumericalNote_t wanted) {
   return false;
 }
 
-// Builds the graph and picks its plan; throws kraken::Error with cuDNN's reason where it cannot.
-void build_plan_of(Plan& p, cudnnHandle_t handle, const Shape& s, Direction dir, const GraphVariant& v) {
+// Builds the graph and picks its plan; throws kraken::Error with cuDNN's reason where it cannot. The
+// atomic dQ graph is non-deterministic by design, so its engines' notes are not checked.
+void build_plan_of(Plan& p, cudnnHandle_t handle, const Shape& s, Direction dir, const GraphVariant& v,
+                   DqPath dq_path) {
   p.graph = std::make_unique<GraphBuilder>(handle);
   GraphBuilder& g = *p.graph;
   if (dir == Direction::kForward)
     build_forward(g, s, v);
   else
-    build_backward(g, s, v);
+    build_backward(g, s, v, dq_path);
+  const bool check_notes = dir == Direction::kForward || dq_path == DqPath::kDirect;
   const Desc& op_graph = g.graph();
 
   Desc& heur = g.make(CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR);
@@ -483,7 +531,8 @@ void build_plan_of(Plan& p, cudnnHandle_t handle, const Shape& s, Direction dir,
                                                   CUDNN_TYPE_INT64, 1, &n, &workspace));
       p.plan = std::move(plan);
       p.workspace = workspace;
-      p.nondeterministic = !check_note;
+      p.nondeterministic = check_notes && !check_note;  // the deterministic graph on an engine marked otherwise
+      p.dq_path = dq_path;
       return true;
     } catch (const Error& e) {
       refusals += "; engine config " + std::to_string(i) + ": " + e.what();
@@ -491,7 +540,8 @@ void build_plan_of(Plan& p, cudnnHandle_t handle, const Shape& s, Direction dir,
     }
   };
   for (int64_t i = 0; i < returned; ++i)
-    if (finalize(i, true)) return;
+    if (finalize(i, check_notes)) return;
+  if (!check_notes) KRAKEN_THROW("none of cuDNN's ", returned, " engine configurations finalized", refusals);
   // Only for measuring (bench rows), never a default: KRAKEN_CUDNN_ATTENTION_NONDETERMINISTIC=1 takes an
   // engine cuDNN marks non-deterministic where no other finalizes, so that its speed can be known even
   // where the determinism Kraken asks for is not offered.
@@ -506,20 +556,28 @@ void build_plan_of(Plan& p, cudnnHandle_t handle, const Shape& s, Direction dir,
 }
 
 // The plan of the first graph variant cuDNN takes (the forward has only the index type to vary); throws
-// with every variant's reason where none is taken. Returns the variant's index in kGraphVariants.
-size_t build_plan(Plan& p, cudnnHandle_t handle, const Shape& s, Direction dir) {
+// with every variant's reason where none is taken. Returns the variant's index in kGraphVariants. A
+// backward asked for the atomic dQ tries its variants first, then the deterministic graph's, and
+// `atomic_refused` gets the reasons where it falls back.
+size_t build_plan(Plan& p, cudnnHandle_t handle, const Shape& s, Direction dir, std::string* atomic_refused) {
   std::string reasons;
-  for (size_t i = 0; i < std::size(kGraphVariants); ++i) {
-    const GraphVariant& v = kGraphVariants[i];
-    if (dir == Direction::kForward && v.k_type != kGraphVariants[0].k_type) continue;
-    try {
-      build_plan_of(p, handle, s, dir, v);
-      return i;
-    } catch (const Error& e) {
-      p.graph.reset();
-      p.plan.reset();
-      reasons += std::string(reasons.empty() ? "" : " | ") + v.name + ": " + e.what();
+  const bool atomic_first = dir == Direction::kBackward && requested_dq_path() == DqPath::kAtomic;
+  for (const DqPath path : {DqPath::kAtomic, DqPath::kDirect}) {
+    if (path == DqPath::kAtomic && !atomic_first) continue;
+    for (size_t i = 0; i < std::size(kGraphVariants); ++i) {
+      const GraphVariant& v = kGraphVariants[i];
+      if (dir == Direction::kForward && v.k_type != kGraphVariants[0].k_type) continue;
+      try {
+        build_plan_of(p, handle, s, dir, v, path);
+        return i;
+      } catch (const Error& e) {
+        p.graph.reset();
+        p.plan.reset();
+        reasons += std::string(reasons.empty() ? "" : " | ") + v.name +
+                   (path == DqPath::kAtomic ? " (atomic dQ)" : "") + ": " + e.what();
+      }
     }
+    if (path == DqPath::kAtomic && atomic_refused) *atomic_refused = reasons;
   }
   KRAKEN_THROW(reasons);
 }
@@ -544,8 +602,16 @@ const Plan& plan_for(const Shape& s, Direction dir) {
     slot->error = "cuDNN did not start: " + why;
   } else {
     try {
-      const size_t variant = build_plan(*slot, handle, s, dir);
-      if (variant > 0)  // worth knowing (tools/gpu-check.sh keeps the lines that start so)
+      std::string atomic_refused;
+      const size_t variant = build_plan(*slot, handle, s, dir, &atomic_refused);
+      // worth knowing (tools/gpu-check.sh keeps the lines that start so)
+      if (!atomic_refused.empty())
+        std::fprintf(stderr, "cuDNN attention %s: the atomic dQ graph refused (%s); planned the deterministic one\n",
+                     shape_name(s, dir).c_str(), atomic_refused.c_str());
+      else if (slot->dq_path == DqPath::kAtomic)
+        std::fprintf(stderr, "cuDNN attention %s: atomic dQ (KRAKEN_CUDNN_ATTENTION_BACKWARD=atomic; not deterministic)\n",
+                     shape_name(s, dir).c_str());
+      if (variant > 0)
         std::fprintf(stderr, "cuDNN attention %s: planned with the graph variant \"%s\" (the ones before it refused)\n",
                      shape_name(s, dir).c_str(), kGraphVariants[variant].name);
       if (slot->nondeterministic)
@@ -658,18 +724,33 @@ void attention_backward_bf16_cudnn_cuda(uint16_t* dqkv, const uint16_t* dout, co
   float scale = 1.0f / std::sqrt(static_cast<float>(s.D()));
   float mask_value = std::numeric_limits<float>::lowest();  // the masked scores' value (see the top)
   float one = 1.0f;
-  // Workspace: cuDNN's, then Dᵢ (B·NH·T floats), each 256-byte aligned.
+  // Workspace: cuDNN's, then Dᵢ (B·NH·T floats), then the atomic graph's dQ accumulator, each 256-byte
+  // aligned.
+  const bool atomic = p.dq_path == DqPath::kAtomic;
   const size_t plan_bytes = round_up(static_cast<size_t>(p.workspace), 256);
   const size_t sums_bytes = round_up(static_cast<size_t>(B * NH * T) * sizeof(float), 256);
-  char* scratch = static_cast<char*>(
-      cuda_detail::device_scratch(cuda_detail::ScratchSlot::kCudnnAttention, plan_bytes + sums_bytes));
+  const size_t accumulator_bytes = atomic ? round_up(dq_accumulator_bytes(s), 256) : 0;
+  char* scratch = static_cast<char*>(cuda_detail::device_scratch(cuda_detail::ScratchSlot::kCudnnAttention,
+                                                                 plan_bytes + sums_bytes + accumulator_bytes));
   void* row_sums = scratch + plan_bytes;
+  void* dq_accumulator = scratch + plan_bytes + sums_bytes;
   void* workspace = p.workspace > 0 ? static_cast<void*>(scratch) : nullptr;
-  const int64_t uids[] = {kQ, kK, kV, kO, kDO, kStats, kDQ, kDK, kDV, kRowSums, kScale, kMaskValue, kOne};
+  if (atomic)
+    KRAKEN_CUDA_CHECK(
+        cudaMemsetAsync(dq_accumulator, 0, dq_accumulator_bytes(s), reinterpret_cast<cudaStream_t>(stream)));
+  const int64_t uids[] = {kQ, kK, kV, kO, kDO, kStats, kDQ, kDK, kDV, kRowSums, kScale, kMaskValue, kOne,
+                          kDQAccumulator};
   void* ptrs[] = {const_cast<uint16_t*>(qkv), const_cast<uint16_t*>(qkv + C), const_cast<uint16_t*>(qkv + 2 * C),
                   const_cast<uint16_t*>(out), const_cast<uint16_t*>(dout), const_cast<float*>(lse),
-                  dqkv, dqkv + C, dqkv + 2 * C, row_sums, &scale, &mask_value, &one};
-  execute(p, uids, ptrs, 13, workspace, stream);
+                  dqkv, dqkv + C, dqkv + 2 * C, row_sums, &scale, &mask_value, &one, dq_accumulator};
+  execute(p, uids, ptrs, atomic ? 14 : 13, workspace, stream);
+}
+
+bool attention_bf16_cudnn_backward_deterministic(int64_t B, int64_t T, int64_t C, int64_t NH) {
+  const Shape s{B, T, C, NH};
+  if (!precheck(s).empty()) return true;
+  const Plan& p = plan_for(s, Direction::kBackward);
+  return !p.plan || p.dq_path == DqPath::kDirect;
 }
 
 }  // namespace kraken::kernels
@@ -686,6 +767,7 @@ std::string attention_bf16_cudnn_why_not(int64_t, int64_t, int64_t, int64_t) { r
 std::string attention_bf16_cudnn_why_not(int64_t) { return kNoCudnn; }
 bool attention_bf16_cudnn_supported(int64_t) { return false; }
 bool attention_bf16_cudnn_usable(const void* const*, int64_t, int64_t, int64_t, int64_t, int64_t) { return false; }
+bool attention_bf16_cudnn_backward_deterministic(int64_t, int64_t, int64_t, int64_t) { return true; }
 
 void attention_forward_bf16_cudnn_cuda(uint16_t*, float*, const uint16_t*, int64_t, int64_t, int64_t, int64_t,
                                        CUstream_st*) {
