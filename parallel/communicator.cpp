@@ -144,6 +144,13 @@ const std::string& Communicator::name() const { return impl_->name; }
 const std::vector<int>& Communicator::world_ranks() const { return impl_->world_ranks; }
 
 CommStats Communicator::stats() const {
+#if KRAKEN_WITH_NCCL
+  {
+    // Device operations count when their events are collected (nccl_comm.cpp): all of them, here.
+    std::lock_guard<std::mutex> lock(impl_->nccl_mutex);
+    if (impl_->nccl) impl_->nccl->collect_finished();
+  }
+#endif
   std::lock_guard<std::mutex> lock(impl_->stats->mu);
   return impl_->stats->stats;
 }

@@ -24,7 +24,10 @@
 //
 // DEVICE. NCCL operations run on a communication stream after an event recorded on the compute stream
 // (so they see the data the compute stream produced); Handle::wait() makes the compute stream wait for
-// them (it does not block the host), so "blocking" device calls order later kernels, not the CPU.
+// them (it does not block the host), so "blocking" device calls order later kernels, not the CPU; letting
+// a waited handle go does not block either (an unwaited one waits for its operation first, so its tensors
+// are never reused while NCCL uses them). stats() counts device operations once it has waited for those
+// still running (nccl_comm.cpp).
 //
 // In-place operations (all_reduce, broadcast, recv) write into the tensor they are given; a Tensor is a
 // handle, so they take it by const reference. An operation keeps its tensors alive until it completes.

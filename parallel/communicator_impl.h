@@ -128,6 +128,8 @@ class NcclComm {
   Handle reduce_scatter(const Tensor& in, const Tensor& out, ReduceOp op);
   Handle broadcast(const Tensor& t, int root);
   Handle send_recv(const std::vector<P2POp>& ops);
+  // Counts every operation let go after wait() in the statistics, waiting for those still running.
+  void collect_finished();
 
  private:
   struct State;

@@ -3,15 +3,30 @@
 // Each operation: record an event on the compute stream (the data is ready there), make the
 // communicator's own stream wait for it, issue the NCCL call on that stream, record a `done` event.
 // Handle::wait() makes the compute stream wait for `done` (the host does not block): compute issued
-// between the start and the wait overlaps the transfer, as in the host path. An operation whose handle
-// is dropped unwaited synchronises on `done` before letting its tensors go, so their memory is never
-// reused while NCCL still reads or writes it.
+// between the start and the wait overlaps the transfer, as in the host path.
+//
+// When the last handle goes. Its tensors' memory returns to the caching allocator, which may hand it to
+// the next tensor at once; NCCL must be done with it before anything writes there.
+//   - Waited on: everything that can use the memory next is ordered after `done` already — kernels and
+//     copies on the compute stream (which waits for `done`), later NCCL calls (whose stream waits for an
+//     event recorded on the compute stream after that), cudaFree (which synchronises the device). So the
+//     handle goes without blocking the host: its events are retired to the communicator's EventPool and
+//     counted in the statistics once they complete. (Until the eleventh session every handle synchronised
+//     on `done` here, so a "blocking" device collective — async + wait + drop — stopped the host until
+//     the GPU had finished it: once per Kraken layer, forward and backward, and at each gradient sync.)
+//   - Never waited on: it synchronises on `done` before letting its tensors go.
+// Device operations are counted in CommStats when their events are collected: at the communicator's
+// next device operation (those that completed by then), or at Communicator::stats() (all of them, waiting
+// for any still running).
 #include "parallel/communicator_impl.h"
 
 #if KRAKEN_WITH_NCCL
 
+#include <atomic>
 #include <cstring>
 #include <exception>
+#include <mutex>
+#include <vector>
 
 #include "runtime/allocator.h"
 
@@ -55,22 +70,109 @@ class DeviceGuard {
   int previous_ = 0;
 };
 
+// The timing events of one communicator's operations, reused rather than created per operation, and the
+// operations whose handles went after wait(), counted once their `done` event has completed. Shared by
+// the communicator and its operations (a handle may outlive the communicator). Thread-safe.
+class EventPool {
+ public:
+  EventPool(int device, std::shared_ptr<StatsCounter> stats) : device_(device), stats_(std::move(stats)) {}
+  ~EventPool() {  // no checks: a destructor must not throw
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const Retired& r : retired_) {
+      cudaEventDestroy(r.start);
+      cudaEventDestroy(r.done);
+    }
+    for (cudaEvent_t e : free_) cudaEventDestroy(e);
+  }
+  EventPool(const EventPool&) = delete;
+  EventPool& operator=(const EventPool&) = delete;
+
+  // A free event of the pool's device (new if none is free); the caller records it before reading it.
+  cudaEvent_t take() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!free_.empty()) {
+        cudaEvent_t e = free_.back();
+        free_.pop_back();
+        return e;
+      }
+    }
+    DeviceGuard guard(device_);
+    cudaEvent_t e = nullptr;
+    KRAKEN_PAR_CUDA_CHECK(cudaEventCreate(&e));
+    return e;
+  }
+  void give_back(cudaEvent_t e) {
+    std::lock_guard<std::mutex> lock(mu_);
+    free_.push_back(e);
+  }
+  // An operation waited on and let go: counted (and its events freed) by a later collect().
+  void retire(cudaEvent_t start, cudaEvent_t done, int64_t bytes) {
+    std::lock_guard<std::mutex> lock(mu_);
+    retired_.push_back({start, done, bytes});
+  }
+  // Counts the retired operations that have completed; with `block`, waits for all of them first.
+  void collect(bool block) {
+    std::lock_guard<std::mutex> lock(mu_);
+    size_t kept = 0;
+    for (const Retired& r : retired_) {
+      const cudaError_t status = block ? cudaEventSynchronize(r.done) : cudaEventQuery(r.done);
+      if (status == cudaErrorNotReady) {
+        retired_[kept++] = r;
+        continue;
+      }
+      KRAKEN_PAR_CUDA_CHECK(status);
+      float ms = 0.0f;
+      KRAKEN_PAR_CUDA_CHECK(cudaEventElapsedTime(&ms, r.start, r.done));
+      if (stats_) stats_->add_done(ms * 1e-3, r.bytes);
+      free_.push_back(r.start);
+      free_.push_back(r.done);
+    }
+    retired_.resize(kept);
+  }
+
+ private:
+  struct Retired {
+    cudaEvent_t start, done;
+    int64_t bytes;
+  };
+  const int device_;
+  const std::shared_ptr<StatsCounter> stats_;
+  std::mutex mu_;
+  std::vector<cudaEvent_t> free_;
+  std::vector<Retired> retired_;
+};
+
 class DeviceOp : public PendingOp {
  public:
-  DeviceOp(int device, std::vector<Tensor> keep, int64_t bytes, std::shared_ptr<StatsCounter> stats)
-      : device_(device), keep_(std::move(keep)), bytes_(bytes), stats_(std::move(stats)) {
-    KRAKEN_PAR_CUDA_CHECK(cudaEventCreate(&start_));
-    KRAKEN_PAR_CUDA_CHECK(cudaEventCreate(&done_));
+  DeviceOp(int device, std::vector<Tensor> keep, int64_t bytes, std::shared_ptr<EventPool> events)
+      : device_(device), keep_(std::move(keep)), bytes_(bytes), events_(std::move(events)) {
+    start_ = events_->take();
+    done_ = events_->take();
   }
   ~DeviceOp() override {
     // See the file comment. While unwinding after an error a peer may never come: do not wait then
-    // (the job is about to be aborted). No checks: a destructor must not throw.
-    if (std::uncaught_exceptions() == 0 && cudaEventSynchronize(done_) == cudaSuccess) {
-      float ms = 0.0f;
-      if (cudaEventElapsedTime(&ms, start_, done_) == cudaSuccess && stats_) stats_->add_done(ms * 1e-3, bytes_);
+    // (the job is about to be aborted; cudaEventDestroy of an event still pending is allowed). No
+    // checks: a destructor must not throw.
+    if (std::uncaught_exceptions() > 0) {
+      cudaEventDestroy(start_);
+      cudaEventDestroy(done_);
+      return;
     }
-    cudaEventDestroy(start_);
-    cudaEventDestroy(done_);
+    if (waited_.load()) {
+      events_->retire(start_, done_, bytes_);
+      return;
+    }
+    if (cudaEventSynchronize(done_) == cudaSuccess) {
+      events_->retire(start_, done_, bytes_);
+      try {
+        events_->collect(false);
+      } catch (...) {
+      }
+    } else {
+      cudaEventDestroy(start_);
+      cudaEventDestroy(done_);
+    }
   }
   cudaEvent_t start_event() const { return start_; }
   cudaEvent_t done_event() const { return done_; }
@@ -78,6 +180,7 @@ class DeviceOp : public PendingOp {
   void wait() override {
     DeviceGuard guard(device_);
     KRAKEN_PAR_CUDA_CHECK(cudaStreamWaitEvent(compute_stream_of(device_), done_, 0));
+    waited_.store(true);
   }
   bool done() const override {
     const cudaError_t status = cudaEventQuery(done_);
@@ -95,9 +198,10 @@ class DeviceOp : public PendingOp {
   int device_;
   std::vector<Tensor> keep_;
   int64_t bytes_;
-  std::shared_ptr<StatsCounter> stats_;
+  std::shared_ptr<EventPool> events_;
   cudaEvent_t start_ = nullptr;
   cudaEvent_t done_ = nullptr;
+  std::atomic<bool> waited_{false};  // the compute stream waits for done_ (wait() was called)
 };
 
 }  // namespace
@@ -109,14 +213,15 @@ struct NcclComm::State {
   ncclComm_t comm = nullptr;
   cudaStream_t stream = nullptr;
   cudaEvent_t ready = nullptr;
-  std::shared_ptr<StatsCounter> stats;
+  std::shared_ptr<EventPool> events;
 
   // Orders the communication stream after the compute stream, runs `issue` on it, and returns a
   // handle on the completion.
   template <typename Issue>
   Handle launch(std::vector<Tensor> keep, int64_t bytes, Issue&& issue) {
     DeviceGuard guard(device);
-    auto op = std::make_shared<DeviceOp>(device, std::move(keep), bytes, stats);
+    events->collect(false);  // the operations let go since the last one, where they have completed
+    auto op = std::make_shared<DeviceOp>(device, std::move(keep), bytes, events);
     KRAKEN_PAR_CUDA_CHECK(cudaEventRecord(ready, compute_stream_of(device)));
     KRAKEN_PAR_CUDA_CHECK(cudaStreamWaitEvent(stream, ready, 0));
     KRAKEN_PAR_CUDA_CHECK(cudaEventRecord(op->start_event(), stream));
@@ -132,7 +237,7 @@ NcclComm::NcclComm(int rank, int size, int device, const std::function<void(void
   state_->rank = rank;
   state_->size = size;
   state_->device = device;
-  state_->stats = std::move(stats);
+  state_->events = std::make_shared<EventPool>(device, std::move(stats));
   ncclUniqueId id;
   std::memset(&id, 0, sizeof(id));
   if (rank == 0) KRAKEN_NCCL_CHECK(ncclGetUniqueId(&id));
@@ -147,10 +252,16 @@ NcclComm::~NcclComm() {
   if (!state_) return;  // no checks below: a destructor must not throw
   cudaSetDevice(state_->device);
   if (state_->stream) cudaStreamSynchronize(state_->stream);
+  try {
+    state_->events->collect(true);
+  } catch (...) {
+  }
   if (state_->comm) ncclCommDestroy(state_->comm);
   if (state_->ready) cudaEventDestroy(state_->ready);
   if (state_->stream) cudaStreamDestroy(state_->stream);
 }
+
+void NcclComm::collect_finished() { state_->events->collect(true); }
 
 Handle NcclComm::all_reduce(const Tensor& t, ReduceOp op) {
   State& s = *state_;

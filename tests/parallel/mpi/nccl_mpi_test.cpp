@@ -69,6 +69,22 @@ void device_cases(MpiHarness& h, Communicator& comm, const Device& gpu) {
     h.expect(got.front() == float(left) && got.back() == float(left), "ring exchange");
   });
 
+  h.run("DeviceOperationsLetGoAreCountedOnceEach", [&] {
+    // A handle let go after wait() does not block the host (its events are retired to the communicator),
+    // one let go unwaited synchronises first; stats() counts both, once each, whatever order they finish.
+    comm.reset_stats();
+    Tensor t = Tensor::full({1000}, float(r + 1)).to(gpu);
+    for (int i = 0; i < 3; ++i) comm.all_reduce(t, ReduceOp::Sum);  // async + wait + let go
+    { Handle unwaited = comm.all_reduce_async(t, ReduceOp::Sum); }
+    const kraken::parallel::CommStats st = comm.stats();
+    h.expect(st.ops == 4, "4 operations counted, got " + std::to_string(st.ops));
+    h.expect(st.bytes == 4 * 4000, "4 × 4000 bytes counted, got " + std::to_string(st.bytes));
+    h.expect(st.busy_seconds > 0.0, "their device time counted");
+    // Σ over ranks of (r + 1) is tri; each later all-reduce multiplies by n.
+    h.expect_all_near(t.to_vector(), std::vector<float>(1000, tri * n * n * n), 1e-6, 0, "four sums in order");
+    h.expect(comm.stats().ops == 4, "a second stats() counts nothing twice");
+  });
+
   h.run("DeviceKrakenPairGradientIsTheSumOfEveryRanksGradient", [&] {
     // L_r = sum((r+1)·S), S = Σ x: dL/dx = Σ_r (r+1) = tri on every rank.
     Tensor x = Tensor::full({256}, 1.0f).to(gpu).set_requires_grad(true);
