@@ -250,8 +250,8 @@ test_variant() {
 # eleventh session, never run): whether cuDNN plans that graph, its results against the CPU and mma, and the
 # mixed-precision models and trainer on it (cuDNN for every shape, small ones included).
 test_variant atomic "KRAKEN_CUDNN_ATTENTION_BACKWARD=atomic KRAKEN_CUDA_ATTENTION=cudnn" 120 \
-  'GpuAttentionCudnn.*:GpuModel.Degree2*:GpuMixedPrecision.*:GpuTrainer.MixedPrecision*' \
-  "cuDNN's atomic dQ: the attention tests, the mixed-precision models and trainer"
+  'GpuAttentionCudnn.*:GpuModel.Degree2*:GpuTrainer.MixedPrecision*' \
+  "cuDNN's atomic dQ: the attention tests, a degree-2 model, the mixed-precision trainer"
 # The mma kernels where cuDNN would take the call (the default's): their dispatch and the grouped launch
 # of a Kraken layer's sub-layers, which only the mma kernels have.
 test_variant mma KRAKEN_CUDA_ATTENTION=mma 90 \
@@ -326,6 +326,12 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
   # kernels/cuda/matmul_lt.cu): what cuBLASLt's first choice leaves on the table, per product and per step.
   bench_variant tune KRAKEN_CUBLASLT_TUNE=8 120 120 "cuBLASLt's algorithms timed, the fastest kept" \
     --training-only --batch 8,64
+  # GPT-2's bias gradients in the weight-gradient products' epilogues (BGRADB, DGELU_BGRAD: level 2), which
+  # lost on an H200 because cuBLASLt's heuristic put one BGRADB product a layer on its generic kernel
+  # (bench/RESULTS.md), here with the algorithms timed: whether a fast BGRADB algorithm exists, in which
+  # case the column sums (~4-5% of a GPT-2 step) can go.
+  bench_variant epi2tune "KRAKEN_CUDA_EPILOGUES=2 KRAKEN_CUBLASLT_TUNE=8" 120 90 \
+    "bias gradients in the epilogues, cuBLASLt's algorithms timed" --training-only --model gpt2 --batch 8,64
   # The Kraken preset's grouped products: by default one strided batch up to K = 32,768, one product per
   # matrix above (the weight gradients at B = 64: kernels/cuda/matmul_lt.cu). Always batched at B = 32 and
   # 64, never at 32: where between K = 8,192 and 65,536 the loop starts to win (bench/RESULTS.md).
