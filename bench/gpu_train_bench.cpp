@@ -1,7 +1,7 @@
 // GPU benchmark (a plain program, no Google Benchmark: the GPU machines have no system packages).
 //
 //   build/bin/gpu_train_bench [--out report.md] [--batch B,B,...] [--steps N] [--warmup N] [--peak-tflops X]
-//                             [--model gpt2|kraken4|all] [--precision bf16|fp32|all] [--training-only]
+//                             [--model gpt2|kraken4|kraken4-768|all] [--precision bf16|fp32|all] [--training-only]
 //                             [--no-host-probe] [--layers L]
 //
 // --model, --precision and --training-only pick a part of the report: tools/gpu-profile.sh runs one
@@ -15,7 +15,10 @@
 //    at the first, on
 //      GPT-2 124M:           L = 12, C = 768, H = 12, T = 1024, degree 1, e = 4, biases, vocab 50257;
 //      Kraken 125M 4-way:    L = 12, C = 504, H = 12 (3 per sub-layer), degree 4, e = 2, no biases,
-//                            vocab 50304 (research/kraken.md, the paper's preset).
+//                            vocab 50304 (research/kraken.md, the paper's preset);
+//    and only when asked for (--model kraken4-768; not in "all"), GPT-2 124M's own shape at degree 4 — L = 12,
+//    C = 768, H = 12, e = 4, biases: four full-width sub-layers a layer, 3 heads of D = 256 each, ≈ 382M
+//    parameters — the shape issue 5 names for both degrees, read literally.
 //    MFU = 3·(forward FLOPs per token, KrakenConfig::flops_per_token)·tokens/s ÷ the device's dense bf16
 //    peak (H100 SXM and H200: 989 TFLOP/s; --peak-tflops overrides). The fp32 rows run on CUDA cores
 //    (cuBLAS SGEMM, TF32 off), so their MFU against the bf16 peak is low by construction: they are the
@@ -84,7 +87,7 @@ struct Options {
   int steps = 5;
   int warmup = 2;
   double peak_tflops = 0.0;  // 0: from the device name
-  std::string model = "all";      // gpt2, kraken4 or all
+  std::string model = "all";      // gpt2, kraken4, kraken4-768 or all (gpt2 and kraken4)
   std::string precision = "all";  // bf16, fp32 or all
   bool training_only = false;     // skip the kernel tables
   bool host_probe = true;         // the bracketed backward issue time (behind ~100 ms of queued fp32 products)
@@ -152,8 +155,8 @@ Options parse(int argc, char** argv) {
     else if (a == "--layers") o.layers = std::atoll(value().c_str());
     else {
       std::fprintf(stderr, "usage: gpu_train_bench [--out FILE] [--batch B,...] [--steps N] [--warmup N] [--peak-tflops X] "
-                           "[--model gpt2|kraken4|all] [--precision bf16|fp32|all] [--training-only] [--no-host-probe] "
-                           "[--layers L]\n");
+                           "[--model gpt2|kraken4|kraken4-768|all] [--precision bf16|fp32|all] [--training-only] "
+                           "[--no-host-probe] [--layers L]\n");
       std::exit(2);
     }
   }
@@ -165,7 +168,7 @@ Options parse(int argc, char** argv) {
     std::fprintf(stderr, "\n");
     std::exit(2);
   };
-  one_of("--model", o.model, {"gpt2", "kraken4", "all"});
+  one_of("--model", o.model, {"gpt2", "kraken4", "kraken4-768", "all"});
   one_of("--precision", o.precision, {"bf16", "fp32", "all"});
   return o;
 }
@@ -879,7 +882,11 @@ int main(int argc, char** argv) {
   k4.mlp_expansion = 2;
   k4.bias = false;
   k4.vocab_size = 50304;
-  if (o.layers > 0) gpt2.n_layer = k4.n_layer = o.layers;
+  KrakenConfig k4_768;  // GPT-2's shape, every layer four full-width sub-layers
+  k4_768.degree = 4;
+  if (o.layers > 0) gpt2.n_layer = k4.n_layer = k4_768.n_layer = o.layers;
+  const bool want_gpt2 = o.model == "gpt2" || o.model == "all", want_k4 = o.model == "kraken4" || o.model == "all";
+  const bool want_k4_768 = o.model == "kraken4-768";
   for (DType compute : {DType::BF16, DType::F32}) {
     if (o.precision != "all" && o.precision != (compute == DType::BF16 ? "bf16" : "fp32")) continue;
     for (const int64_t B : o.batches) {
@@ -896,12 +903,15 @@ int main(int argc, char** argv) {
       if (o.layers > 0) {
         const std::string g = "GPT-2 124M shapes, degree 1, L = " + std::to_string(o.layers),
                           k = "Kraken 125M shapes, degree 4, L = " + std::to_string(o.layers);
-        if (o.model != "kraken4") run(g.c_str(), gpt2);
-        if (o.model != "gpt2") run(k.c_str(), k4);
+        const std::string w = "GPT-2 124M shapes, degree 4, L = " + std::to_string(o.layers);
+        if (want_gpt2) run(g.c_str(), gpt2);
+        if (want_k4) run(k.c_str(), k4);
+        if (want_k4_768) run(w.c_str(), k4_768);
         continue;
       }
-      if (o.model != "kraken4") run("GPT-2 124M, degree 1", gpt2);
-      if (o.model != "gpt2") run("Kraken 125M, degree 4", k4);
+      if (want_gpt2) run("GPT-2 124M, degree 1", gpt2);
+      if (want_k4) run("Kraken 125M, degree 4", k4);
+      if (want_k4_768) run("GPT-2 124M's shape, degree 4 (C = 768, D = 256)", k4_768);
     }
   }
   if (o.training_only) {
