@@ -332,6 +332,10 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
   # case the column sums (~4-5% of a GPT-2 step) can go.
   bench_variant epi2tune "KRAKEN_CUDA_EPILOGUES=2 KRAKEN_CUBLASLT_TUNE=8" 120 90 \
     "bias gradients in the epilogues, cuBLASLt's algorithms timed" --training-only --model gpt2 --batch 8,64
+  # GPT-2 124M's own shape at degree 4 (C = 768: 3 heads of D = 256 a sub-layer, ≈ 382M parameters), the
+  # shape issue 5 names for both degrees read literally, beside the paper's 125M preset above; B = 64 does
+  # not fit an 80 GB card.
+  bench_variant wide "" 120 90 "GPT-2's shape at degree 4" --training-only --model kraken4-768 --batch 8,32
   # The Kraken preset's grouped products: by default one strided batch up to K = 32,768, one product per
   # matrix above (the weight gradients at B = 64: kernels/cuda/matmul_lt.cu). Always batched at B = 32 and
   # 64, never at 32: where between K = 8,192 and 65,536 the loop starts to win (bench/RESULTS.md).
@@ -339,10 +343,6 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
     --training-only --model kraken4 --batch 32,64
   bench_variant loop KRAKEN_CUDA_BATCHED_PRODUCTS=0 150 90 "the grouped products one per sub-layer" \
     --training-only --model kraken4 --batch 32
-  # GPT-2 124M's own shape at degree 4 (C = 768: 3 heads of D = 256 a sub-layer, ≈ 382M parameters), the
-  # shape issue 5 names for both degrees read literally, beside the paper's 125M preset above; B = 64 does
-  # not fit an 80 GB card.
-  bench_variant wide "" 120 90 "GPT-2's shape at degree 4" --training-only --model kraken4-768 --batch 8,32
   # The mma attention kernels, the default before cuDNN's (kernels/attention.h), at B = 8 and 64.
   bench_variant mma KRAKEN_CUDA_ATTENTION=mma 150 90 "the mma attention kernels" --training-only --batch 8,64
   # (Measured on an H200 and settled, so no longer rerun: KRAKEN_CUDA_EPILOGUES=0 and =2, both slower
