@@ -345,8 +345,9 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
     --training-only --model kraken4 --batch 32
   # The mma attention kernels, the default before cuDNN's (kernels/attention.h), at B = 8 and 64.
   bench_variant mma KRAKEN_CUDA_ATTENTION=mma 150 90 "the mma attention kernels" --training-only --batch 8,64
-  # (Measured on an H200 and settled, so no longer rerun: KRAKEN_CUDA_EPILOGUES=0 and =2, both slower
-  # than the default 1; cuDNN's non-deterministic engines, no faster; bench/RESULTS.md.)
+  # (Measured on an H200 and settled, so no longer rerun: KRAKEN_CUDA_EPILOGUES=0 and =2 on cuBLASLt's
+  # first choices, both slower than the default 1; cuDNN's non-deterministic engines for the deterministic
+  # graph, no faster; bench/RESULTS.md.)
 else
   fail "benchmark not built"
 fi
