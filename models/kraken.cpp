@@ -270,9 +270,10 @@ Tensor stacked(const Tensor& input, int64_t n) {
 
 // a_i = x_i + Attn_i(LN1_i(x_i)); m_i = a_i − x_i + S (= a_i at degree 1 and in the first layer);
 // x_i ← a_i + MLP_i(LN2_i(m_i)) — for all i at once, on X (n, B, T, C).
-Tensor KrakenModel::layer_forward(const std::vector<SubLayer>& subs, const std::vector<Tensor>& stacks,
-                                  const Tensor& X, Tensor S, parallel::PendingReduce& pending, runtime::Generator* gen,
-                                  bool training) {
+KrakenModel::Unsummed KrakenModel::layer_forward(const std::vector<SubLayer>& subs, const std::vector<Tensor>& stacks,
+                                                 const Tensor& X, const Tensor& h1, Tensor S,
+                                                 parallel::PendingReduce& pending, runtime::Generator* gen,
+                                                 bool training) {
   const int64_t n = X.size(0), B = X.size(1), T = X.size(2), C = X.size(3);
   // The sub-layers' matrices and biases, each kind stacked (n, ...) in the compute dtype: one node and,
   // under mixed precision, one cast launch each way for the layer (ops::stack_many; it stands in for
@@ -289,8 +290,7 @@ Tensor KrakenModel::layer_forward(const std::vector<SubLayer>& subs, const std::
 
   // Attn_i(LN1_i(x_i)): the n sub-layers' heads as one attention over n·B sequences (on a GPU one launch
   // that fills it, where each sub-layer's B·H/k heads alone would leave it half idle).
-  Tensor qkv = ops::linear(ops::layernorm(X, each(&SubLayer::ln_1_w), each(&SubLayer::ln_1_b)), c_attn_w,
-                           c_attn_b);                                                                 // (n, B, T, 3C)
+  Tensor qkv = ops::linear(h1, c_attn_w, c_attn_b);  // (n, B, T, 3C)
   Tensor y = ops::attention(ops::reshape(qkv, {n * B, T, 3 * C}), config_.heads_per_sublayer());  // (n·B, T, C)
   Tensor attn = dropout(ops::linear(ops::reshape(y, {n, B, T, C}), attn_proj_w, attn_proj_b), gen, training);
   if (pending.valid()) S = parallel::wait_all_reduce(pending);  // in flight during the attention
@@ -313,7 +313,7 @@ Tensor KrakenModel::layer_forward(const std::vector<SubLayer>& subs, const std::
   // MLP_i(h_i): c_fc, GELU and c_proj as one op (on the GPU in bf16 the GELU runs in the products'
   // epilogues, forward and backward).
   Tensor m = ops::mlp(h, c_fc_w, c_fc_b, mlp_proj_w, mlp_proj_b);
-  return ops::add(a, dropout(m, gen, training));
+  return {a, dropout(m, gen, training)};
 }
 
 // Megatron-LM (degree 1, one stream): this rank's heads and MLP columns. copy_to_tp: identity forward,
@@ -382,6 +382,7 @@ Tensor KrakenModel::stage_forward(const Tensor& ids, const Tensor& input, runtim
   // per use gave (the same sum, the same bits).
   const bool mixed = compute_dtype_ != runtime::DType::F32;
 
+  Unsummed unsummed;  // the previous layer's output, its two terms not yet added
   for (size_t layer = 0; layer < layers_.size(); ++layer) {
     if (megatron()) {
       if (mixed) cast_for_compute(product_params(layers_[layer]));
@@ -389,10 +390,23 @@ Tensor KrakenModel::stage_forward(const Tensor& ids, const Tensor& input, runtim
       X = stack({megatron_layer_forward(layers_[layer][0], ops::reshape(X, stream), gen, training)});
       continue;
     }
+    // x_i = a_i + m_i (the previous layer's) and h1_i = LN1_i(x_i) in one pass (ops::add_layernorm);
+    // in a stage's first layer X comes whole.
+    const std::vector<SubLayer>& subs = layers_[layer];
+    std::vector<Tensor> ln_1_w, ln_1_b;
+    for (const SubLayer& s : subs) ln_1_w.push_back(s.ln_1_w), ln_1_b.push_back(s.ln_1_b);
+    Tensor h1;
+    if (unsummed.defined()) {
+      std::vector<Tensor> x_h = ops::add_layernorm(unsummed.a, unsummed.m, ln_1_w, ln_1_b);
+      X = x_h[0];
+      h1 = x_h[1];
+    } else {
+      h1 = ops::layernorm(X, ln_1_w, ln_1_b);
+    }
     // S = Σ_j x_j over every sub-layer of the layer: the layer's one collective when sub-layers live on
-    // different ranks. Started here, after the previous layer; first needed at LN2, after this layer's
-    // attention, which runs while it is in flight (kraken.md "Parallel mapping"). Degree 1 needs no S
-    // (m = a).
+    // different ranks. Started here, after the previous layer (and this one's LN1, fused with its last
+    // add); first needed at LN2, after this layer's attention, which runs while it is in flight (kraken.md
+    // "Parallel mapping"). Degree 1 needs no S (m = a).
     Tensor S;
     parallel::PendingReduce pending;
     const bool mixes = shard_.first_layer + static_cast<int64_t>(layer) > 0;
@@ -401,9 +415,10 @@ Tensor KrakenModel::stage_forward(const Tensor& ids, const Tensor& input, runtim
       if (kraken_tp) pending = parallel::start_all_reduce(partial, *shard_.tp);
       else S = partial;
     }
-    X = layer_forward(layers_[layer], layer < layer_stacks_.size() ? layer_stacks_[layer] : std::vector<Tensor>(), X,
-                      S, pending, gen, training);
+    unsummed = layer_forward(subs, layer < layer_stacks_.size() ? layer_stacks_[layer] : std::vector<Tensor>(), X,
+                             h1, S, pending, gen, training);
   }
+  if (unsummed.defined()) X = ops::add(unsummed.a, unsummed.m);  // (ln_f or the conjunction next: unfused)
 
   if (!shard_.has_head) return side_by_side(X);  // (B, T, n·C) to the next stage
   if (mixed) cast_for_compute(head_product_params());

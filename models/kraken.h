@@ -133,14 +133,21 @@ class KrakenModel : public runtime::Module {
     runtime::Tensor ln_2_w, ln_2_b, c_fc_w, c_fc_b, mlp_proj_w, mlp_proj_b;
   };
   runtime::Tensor dropout(const runtime::Tensor& x, runtime::Generator* gen, bool training);
-  // One layer on the stacked streams X (n, B, T, C), n = local_streams(): every op takes the n
-  // sub-layers at once, their parameters stacked (the grouped ops of runtime/ops.h), so a layer is one
-  // LayerNorm, product, attention and MLP call each rather than n. `S` is Σ_j x_j over all sub-layers
-  // (undefined in the first layer, where nothing mixes), or `pending` its all-reduce under Kraken's tp.
-  // stacks: the layer's persistent bf16 stacks (compute_copy_targets), or empty.
-  runtime::Tensor layer_forward(const std::vector<SubLayer>& subs, const std::vector<runtime::Tensor>& stacks,
-                                const runtime::Tensor& X, runtime::Tensor S, parallel::PendingReduce& pending,
-                                runtime::Generator* gen, bool training);
+  // A layer's output x ← a + MLP(…), left as its two terms: the next layer's LN1 adds them in its own
+  // pass (ops::add_layernorm), where an add of its own would write the sum and LN1 read it back.
+  struct Unsummed {
+    runtime::Tensor a, m;
+    bool defined() const { return a.defined(); }
+  };
+  // One layer on the stacked streams X (n, B, T, C), n = local_streams(), with h1 = LN1_i(x_i) already
+  // taken (by the caller, fused with the previous layer's last add): every op takes the n sub-layers at
+  // once, their parameters stacked (the grouped ops of runtime/ops.h), so a layer is one LayerNorm,
+  // product, attention and MLP call each rather than n. `S` is Σ_j x_j over all sub-layers (undefined in
+  // the first layer, where nothing mixes), or `pending` its all-reduce under Kraken's tp. stacks: the
+  // layer's persistent bf16 stacks (compute_copy_targets), or empty.
+  Unsummed layer_forward(const std::vector<SubLayer>& subs, const std::vector<runtime::Tensor>& stacks,
+                         const runtime::Tensor& X, const runtime::Tensor& h1, runtime::Tensor S,
+                         parallel::PendingReduce& pending, runtime::Generator* gen, bool training);
   // The lists a layer's grouped products take stacked, in layer_forward's order (each kind, every local
   // sub-layer): c_attn, attn_proj, c_fc, mlp_proj, weight then bias.
   static std::vector<std::vector<runtime::Tensor>> stack_lists(const std::vector<SubLayer>& subs);
