@@ -59,9 +59,10 @@
 // instead of writing dS — and dQ = IDENTITY(dQacc) converts it into dqkv's bf16 columns. dQacc lives in
 // our workspace and must be zero before each run (cudnn-frontend memsets it: its workspace modification
 // of type 1); B·NH·T·D·4 bytes, 24 MiB for GPT-2 at B = 8. Floating-point additions in arrival order make
-// dQ differ between runs in its last bits, so the engine carries the non-deterministic note and the note
-// is not checked for this graph; dK and dV are still each key tile's own sums. Where cuDNN refuses the
-// atomic graph, the deterministic one is planned and stderr says so (tools/gpu-check.sh keeps the line).
+// dQ differ between runs in its last bits, so engines for this graph may carry the non-deterministic note,
+// which is not checked here; dK and dV should still be each key tile's own sums (the repeat test holds them
+// to equal bits). Where cuDNN refuses the atomic graph, the deterministic one is planned and stderr says so
+// (tools/gpu-check.sh keeps the line). Never run on a GPU yet (eleventh session).
 //
 // Contract differences from the hand-written kernels (kernels/attention.h): the backward OVERWRITES dqkv
 // (dQ, dK and dV cover all of its columns) instead of adding to it; the graphs need 16-byte aligned
