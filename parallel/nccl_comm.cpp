@@ -102,10 +102,6 @@ class EventPool {
     KRAKEN_PAR_CUDA_CHECK(cudaEventCreate(&e));
     return e;
   }
-  void give_back(cudaEvent_t e) {
-    std::lock_guard<std::mutex> lock(mu_);
-    free_.push_back(e);
-  }
   // An operation waited on and let go: counted (and its events freed) by a later collect().
   void retire(cudaEvent_t start, cudaEvent_t done, int64_t bytes) {
     std::lock_guard<std::mutex> lock(mu_);
