@@ -31,6 +31,18 @@ struct GradSync::State {
   size_t next_to_start = 0;             // buckets are started in index order
   std::vector<Handle> handles;
   GradSyncStats stats;
+  // Device all-reduces waited on (the compute stream ordered after them) but still running when finish()
+  // returned: their time is counted once they are done (the next finish(), or stats()).
+  std::vector<Handle> uncounted;
+
+  void count_finished() {
+    size_t kept = 0;
+    for (Handle& h : uncounted) {
+      if (h.done()) stats.comm_seconds += h.seconds();
+      else uncounted[kept++] = h;
+    }
+    uncounted.resize(kept);
+  }
 
   void reset_round() {
     std::fill(ready.begin(), ready.end(), 0);
@@ -149,7 +161,13 @@ void GradSync::finish() {
   const auto begin = std::chrono::steady_clock::now();
   for (Handle& h : s.handles) h.wait();
   s.stats.wait_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - begin).count();
-  for (Handle& h : s.handles) s.stats.comm_seconds += h.seconds();
+  // A host all-reduce is done once waited on; a device one may still run (wait() orders the compute
+  // stream, not the host), so its time is counted later.
+  s.count_finished();
+  for (Handle& h : s.handles) {
+    if (h.done()) s.stats.comm_seconds += h.seconds();
+    else s.uncounted.push_back(h);
+  }
   int64_t bytes = 0;
   for (const GradSyncBucket& b : s.buckets) bytes += b.numel * static_cast<int64_t>(sizeof(float));
   s.stats.bytes = bytes;
@@ -159,7 +177,14 @@ void GradSync::finish() {
 
 const std::vector<GradSyncBucket>& GradSync::buckets() const { return state_->buckets; }
 size_t GradSync::started_buckets() const { return state_->next_to_start; }
-const GradSyncStats& GradSync::stats() const { return state_->stats; }
-void GradSync::reset_stats() { state_->stats = GradSyncStats{}; }
+const GradSyncStats& GradSync::stats() const {
+  state_->count_finished();
+  return state_->stats;
+}
+void GradSync::reset_stats() {
+  state_->count_finished();
+  state_->uncounted.clear();
+  state_->stats = GradSyncStats{};
+}
 
 }  // namespace kraken::parallel

@@ -29,8 +29,10 @@ namespace kraken::parallel {
 struct GradSyncStats {
   int64_t syncs = 0;           // finish() calls that synchronised
   int64_t bytes = 0;           // gradient bytes all-reduced per sync
-  double comm_seconds = 0.0;   // Σ how long the bucket all-reduces ran on the communication thread
-  double wait_seconds = 0.0;   // Σ how long finish() blocked waiting for them
+  double comm_seconds = 0.0;   // Σ how long the bucket all-reduces ran on the communication thread (on a
+                               // device: on its stream, counted once done — at a later finish() or stats())
+  double wait_seconds = 0.0;   // Σ how long finish() blocked waiting for them (a device's: ~0, the wait
+                               // orders the compute stream, not the host)
   // The share of communication that ran behind backward instead of after it: 1 − wait/comm.
   double hidden_fraction() const;
 };
