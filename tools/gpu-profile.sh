@@ -26,6 +26,10 @@ models=("$@")
 
 echo "# Where a bf16 training step's GPU time goes (tools/gpu-profile.sh)" > "$report"
 echo "" >> "$report"
+# The switches this profile ran under (the variables the kernels and ops read), so that a report says so.
+switches=$(env | grep -E '^KRAKEN_' | grep -vE '^KRAKEN_(PROFILE_|GPU_CHECK_|SOURCE_DIR|THIRD_PARTY)' | sort | tr '\n' ' ')
+echo "Switches: ${switches:-none (the defaults)}" >> "$report"
+echo "" >> "$report"
 status=0
 for model in "${models[@]}"; do
   csv="$build/gpu-profile-$model.csv"
