@@ -635,7 +635,8 @@ void bench_mlp(Report& r) {
     const char* name;
   } levels[] = {{ops::EpilogueFusion::kOff, "GELU and bias gradients as kernels (KRAKEN_CUDA_EPILOGUES=0)"},
                 {ops::EpilogueFusion::kGelu, "GELU in the epilogues, bias gradients as column sums (=1, default)"},
-                {ops::EpilogueFusion::kGeluAndBiasGrads, "GELU and bias gradients in the epilogues (=2)"}};
+                {ops::EpilogueFusion::kGeluAndBiasGrads, "GELU and bias gradients in the epilogues (=2)"},
+                {ops::EpilogueFusion::kGeluAndFcBiasGrad, "GELU and c_fc's bias gradient in the epilogues (=3)"}};
   for (const auto& level : levels) {
     ops::EpilogueFusionScope scope(level.level);
     const double s = time_kernel([&] {

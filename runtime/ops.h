@@ -93,7 +93,7 @@ Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias = Tensor
 // ops' by rounding only. Rows of H not a multiple of 8 take the three ops (ops/mlp.cpp says why).
 Tensor mlp(const Tensor& x, const Tensor& w_fc, const Tensor& b_fc, const Tensor& w_proj, const Tensor& b_proj);
 // What cuBLASLt's epilogues do on CUDA in bf16 (ops::mlp, and ops::linear's bias gradient). The process
-// default comes from KRAKEN_CUDA_EPILOGUES (0, 1 or 2; unset: 1), read once; an EpilogueFusionScope sets
+// default comes from KRAKEN_CUDA_EPILOGUES (0, 1, 2 or 3; unset: 1), read once; an EpilogueFusionScope sets
 // it for its thread while it lives (tests, benchmarks). Unset is 1 because it measured fastest: GPT-2's
 // MLP block forward + backward on an H200 took 0.487 ms at 1, 0.539 at 0 and 0.597 at 2 (cuBLASLt runs
 // some BGRADB products on a slower generic kernel; bench/RESULTS.md).
@@ -102,6 +102,8 @@ enum class EpilogueFusion {
   kGelu = 1,               // GELU and gelu' in the products' epilogues; bias gradients as column sums
   kGeluAndBiasGrads = 2,   // also the bias gradients: db_fc (DGELU_BGRAD), and every linear's (db_proj
                            // included) in its weight-gradient product (BGRADB)
+  kGeluAndFcBiasGrad = 3,  // as 2 for db_fc (DGELU_BGRAD: GPT-2's widest bias, 4C) only; the others as
+                           // column sums — level 2 without the BGRADB products that measured slow
 };
 EpilogueFusion epilogue_fusion();
 class EpilogueFusionScope {

@@ -332,6 +332,10 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
   # case the column sums (~4-5% of a GPT-2 step) can go.
   bench_variant epi2tune "KRAKEN_CUDA_EPILOGUES=2 KRAKEN_CUBLASLT_TUNE=8" 120 90 \
     "bias gradients in the epilogues, cuBLASLt's algorithms timed" --training-only --model gpt2 --batch 8,64
+  # Level 3: only c_fc's bias gradient in its DGELU product (DGELU_BGRAD), the others as column sums —
+  # level 2 without the BGRADB products, on cuBLASLt's first choices.
+  bench_variant epi3 KRAKEN_CUDA_EPILOGUES=3 120 90 "c_fc's bias gradient in the DGELU product" \
+    --training-only --model gpt2 --batch 8,64
   # GPT-2 124M's own shape at degree 4 (C = 768: 3 heads of D = 256 a sub-layer, ≈ 382M parameters), the
   # shape issue 5 names for both degrees read literally, beside the paper's 125M preset above; B = 64 does
   # not fit an 80 GB card.

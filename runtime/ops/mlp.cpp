@@ -15,11 +15,11 @@
 // - CUDA bf16 (default): one node. Forward: u = gelu(pre) and pre from one cuBLASLt product, then
 //   y = u·W_projᵀ + b_proj. Backward: dW_proj = dyᵀ·u (with db_proj = Σ_rows dy in the same product,
 //   BGRADB, at level 2), dpre = (dy·W_proj) ∘ gelu'(pre) (with db_fc = Σ_rows dpre, DGELU_BGRAD, at
-//   level 2), dW_fc = dpreᵀ·x, dx = dpre·W_fc. It saves what the three ops saved: x, W_fc, pre, u, W_proj.
+//   levels 2 and 3), dW_fc = dpreᵀ·x, dx = dpre·W_fc. It saves what the three ops saved: x, W_fc, pre, u, W_proj.
 //   Rows of H not a multiple of 8 (cuBLASLt's aux rule) take the three ops; a product cuBLASLt has no
 //   fused algorithm for takes the plain product and our own GELU or column-sum kernel instead.
 // Grouped (a Kraken layer's stacked sub-layers: ops.h), the same paths over the groups, the CPU's as
-// grouped linears (at level 2 the bias gradients stay column sums). The bf16 results differ from the
+// grouped linears (at levels 2 and 3 the bias gradients stay column sums). The bf16 results differ from the
 // three ops' by rounding only: fused, dy·W_proj is not rounded to bf16 before gelu' multiplies it (one
 // rounding fewer), and the bias sums run in cuBLASLt's order.
 #include <cstdlib>
@@ -44,9 +44,10 @@ EpilogueFusion epilogue_fusion_from_env() {
   if (s == "0") return EpilogueFusion::kOff;
   if (s == "1") return EpilogueFusion::kGelu;
   if (s == "2") return EpilogueFusion::kGeluAndBiasGrads;
+  if (s == "3") return EpilogueFusion::kGeluAndFcBiasGrad;
   KRAKEN_THROW("KRAKEN_CUDA_EPILOGUES=", s,
-               ": expected 0 (GELU as its own kernels), 1 (GELU in the products' epilogues; the default) or 2 "
-               "(also the bias gradients)");
+               ": expected 0 (GELU as its own kernels), 1 (GELU in the products' epilogues; the default), 2 "
+               "(also the bias gradients) or 3 (also c_fc's bias gradient, in the DGELU product)");
 }
 
 thread_local int epilogue_fusion_override = -1;  // a EpilogueFusionScope's setting, or -1
@@ -116,12 +117,14 @@ Tensor mlp_fused(const Tensor& x, const Tensor& w_fc, const Tensor& b_fc, const 
   Tensor w_proj_saved = upstream ? w_proj.detach() : Tensor();
   const Shape x_shape = x.shape(), w_fc_shape = w_fc.shape(), w_proj_shape = w_proj.shape();
   const Shape b_fc_shape = b_fc.defined() ? b_fc.shape() : Shape{}, b_proj_shape = b_proj.defined() ? b_proj.shape() : Shape{};
-  // The bias gradients in the products' epilogues (level 2) for one group; grouped, as column sums.
+  // The bias gradients in the products' epilogues (level 2; level 3 db_fc only) for one group; grouped, as
+  // column sums.
   const bool bias_grads_fused = fusion == EpilogueFusion::kGeluAndBiasGrads && G == 1;
+  const bool fc_bias_grad_fused = (bias_grads_fused || fusion == EpilogueFusion::kGeluAndFcBiasGrad) && G == 1;
   record("mlp", {x, w_fc, b_fc, w_proj, b_proj}, {y},
          [x_saved, w_fc_saved, pre_saved, u_saved, w_proj_saved, x_shape, w_fc_shape, w_proj_shape, b_fc_shape,
           b_proj_shape, G, R, rows, C, H, Co, fc_stride, proj_stride, w_fc_needs, b_fc_needs, w_proj_needs,
-          b_proj_needs, bias_grads_fused](const std::vector<Tensor>& g) {
+          b_proj_needs, bias_grads_fused, fc_bias_grad_fused](const std::vector<Tensor>& g) {
            // in the forward pass this was: y = u·W_projᵀ + b_proj, u = gelu(pre), pre = x·W_fcᵀ + b_fc
            // (per group: every product below is one strided batch over the G groups)
            const Tensor& dy = g[0];  // (rows, Co)
@@ -151,7 +154,7 @@ Tensor mlp_fused(const Tensor& x, const Tensor& w_fc, const Tensor& b_fc, const 
            // dpre (rows, H) = (dy·W_proj) ∘ gelu'(pre), and db_fc = Σ_rows dpre in the same product where fused
            Tensor dpre = Tensor::empty({rows, H}, DType::BF16, dev);
            bool dgelu_done = false, bias_done = false;
-           if (b_fc_needs && bias_grads_fused) {
+           if (b_fc_needs && fc_bias_grad_fused) {
              db_fc = Tensor::empty(b_fc_shape, DType::BF16, dev);
              dgelu_done = bias_done = kernels::matmul_dgelu_bf16_cuda(
                  dpre.data<uint16_t>(), db_fc.data<uint16_t>(), dy.data<uint16_t>(), w_proj_saved.data<uint16_t>(),

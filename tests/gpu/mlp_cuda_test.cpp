@@ -58,12 +58,14 @@ const char* level_name(EpilogueFusion f) {
     case EpilogueFusion::kOff: return "fusion off";
     case EpilogueFusion::kGelu: return "GELU fused";
     case EpilogueFusion::kGeluAndBiasGrads: return "GELU and bias gradients fused";
+    case EpilogueFusion::kGeluAndFcBiasGrad: return "GELU and c_fc's bias gradient fused";
   }
   return "?";
 }
 
 void expect_each_level_matches_cpu(const std::vector<Tensor>& inputs, const std::string& what) {
-  for (EpilogueFusion f : {EpilogueFusion::kGeluAndBiasGrads, EpilogueFusion::kGelu, EpilogueFusion::kOff}) {
+  for (EpilogueFusion f : {EpilogueFusion::kGeluAndBiasGrads, EpilogueFusion::kGeluAndFcBiasGrad, EpilogueFusion::kGelu,
+                           EpilogueFusion::kOff}) {
     ops::EpilogueFusionScope scope(f);
     expect_matches_cpu(mlp_op, inputs, kTwoUlps, kTwoUlps, what + ", " + level_name(f));
   }
@@ -164,7 +166,7 @@ TEST(GpuMlp, FusionLevelsAgreeOnTheGpu) {
   const std::vector<Tensor> inputs = block(4, 256, 768, 3072, 768, true, true, 71);
   const DeviceRun off = run_on_device(inputs, EpilogueFusion::kOff);
   const char* names[] = {"dx", "dW_fc", "db_fc", "dW_proj", "db_proj"};
-  for (EpilogueFusion f : {EpilogueFusion::kGelu, EpilogueFusion::kGeluAndBiasGrads}) {
+  for (EpilogueFusion f : {EpilogueFusion::kGelu, EpilogueFusion::kGeluAndBiasGrads, EpilogueFusion::kGeluAndFcBiasGrad}) {
     const DeviceRun fused = run_on_device(inputs, f);
     const std::string what = std::string(level_name(f)) + " against the fusion off, on the device: ";
     expect_close(fused.out, off.out, kTwoUlps, what + "output");

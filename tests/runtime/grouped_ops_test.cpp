@@ -134,7 +134,8 @@ TEST(GroupedOps, LinearIsEachGroupsOwnLinearBitForBit) {
 
 TEST(GroupedOps, MlpIsEachGroupsOwnMlpBitForBitAtEveryFusionLevel) {
   for (ops::EpilogueFusion fusion :
-       {ops::EpilogueFusion::kOff, ops::EpilogueFusion::kGelu, ops::EpilogueFusion::kGeluAndBiasGrads}) {
+       {ops::EpilogueFusion::kOff, ops::EpilogueFusion::kGelu, ops::EpilogueFusion::kGeluAndBiasGrads,
+        ops::EpilogueFusion::kGeluAndFcBiasGrad}) {
     ops::EpilogueFusionScope scope(fusion);
     for (DType dtype : {DType::F32, DType::BF16})
       for (bool biases : {true, false}) {

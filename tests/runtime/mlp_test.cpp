@@ -40,7 +40,8 @@ Tensor fused_op(const std::vector<Tensor>& v) { return ops::mlp(v[0], v[1], v[2]
 void expect_three_ops(const std::vector<Tensor>& inputs, const std::string& what) {
   const testing::OpRun ref = run_op(three_ops, inputs);
   for (ops::EpilogueFusion fusion :
-       {ops::EpilogueFusion::kOff, ops::EpilogueFusion::kGelu, ops::EpilogueFusion::kGeluAndBiasGrads}) {
+       {ops::EpilogueFusion::kOff, ops::EpilogueFusion::kGelu, ops::EpilogueFusion::kGeluAndBiasGrads,
+        ops::EpilogueFusion::kGeluAndFcBiasGrad}) {
     ops::EpilogueFusionScope scope(fusion);
     const std::string w = what + ", fusion " + std::to_string(static_cast<int>(fusion));
     const testing::OpRun got = run_op(fused_op, inputs);
