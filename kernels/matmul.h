@@ -33,9 +33,11 @@ void matmul_batched_cuda(float* c, const float* a, const float* b, int64_t batch
 // CUDA, mixed precision (kernels/cuda/matmul_lt.cu, cuBLASLt): A and B bf16, products accumulated in
 // f32, then the epilogue in f32 — out = op(A)·op(B) (+ bias[n] on every row) (then GELU, GPT-2's tanh
 // form) — and out stored as bf16 (rounded to nearest even) or f32. bias (N,) has out's type. K ≥ 1.
-// Each shape runs cuBLASLt's heuristic's first algorithm; KRAKEN_CUBLASLT_TUNE=n (read once, 2–32), a
-// measurement mode, times n of them on each shape's first product and keeps the fastest, saying so on
-// stderr (bits may then differ from run to run).
+// Each shape runs cuBLASLt's heuristic's first algorithm, or the candidate a committed pick names for the
+// device (kernels/cuda/cublaslt_picks.inc; KRAKEN_CUBLASLT_PICKS=0 ignores them); KRAKEN_CUBLASLT_TUNE=n
+// (read once, 2–32), a measurement mode, times n of them on each shape's first product and keeps the
+// fastest, saying so on stderr with the pick entry that would commit it (bits may then differ from run
+// to run).
 enum class MatmulEpilogue { kNone, kBias, kGelu, kBiasGelu };
 void matmul_bf16_cuda(void* out, bool out_bf16, const uint16_t* a, const uint16_t* b, const void* bias, int64_t M,
                       int64_t N, int64_t K, bool trans_a, bool trans_b, MatmulEpilogue epilogue, CUstream_st* stream);

@@ -310,6 +310,11 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
     # KRAKEN_CUBLASLT_TUNE's lines, the largest gains first (kernels/cuda/matmul_lt.cu)
     grep -E '^cuBLASLt tune' "$logs/bench-$name.log" | sort -u | sed -E 's/.*\(([0-9]+)% faster\)$/\1\t&/' |
       sort -t$'\t' -k1,1nr | cut -f2- | head -n 30 | sed 's/^/    /' >> "$report"
+    # and the entries that would commit those choices (kernels/cuda/cublaslt_picks.inc), ready to paste
+    if grep -qE '^cuBLASLt pick' "$logs/bench-$name.log"; then
+      md "Entries for kernels/cuda/cublaslt_picks.inc (every plan whose fastest candidate was not cuBLASLt's first):"
+      grep -E '^cuBLASLt pick' "$logs/bench-$name.log" | sort -u | sed -E 's/^cuBLASLt pick: /    /' >> "$report"
+    fi
     if [[ -f "$logs/bench-$name.md" ]]; then grep -E '^\|' "$logs/bench-$name.md" >> "$report"; else md_tail "$logs/bench-$name.log" 20; fi
     [[ $rc -eq 0 ]] || fail "benchmark with ${setting:-the defaults}, $what (exit status $rc)"
   }

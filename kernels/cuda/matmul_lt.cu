@@ -35,6 +35,7 @@
 #include <cublasLt.h>
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -57,6 +58,7 @@ constexpr size_t kWorkspaceBytes = size_t{32} << 20;
 struct LtDevice {
   cublasLtHandle_t handle = nullptr;
   void* workspace = nullptr;
+  std::string name;  // cudaDeviceProp::name, for the committed picks below
 };
 
 LtDevice& lt_for_current_device() {
@@ -71,6 +73,9 @@ LtDevice& lt_for_current_device() {
     KRAKEN_CUBLAS_CHECK(cublasLtCreate(&d.handle));
     if (!device_malloc_or_reclaim(&d.workspace, kWorkspaceBytes, device))
       KRAKEN_THROW("cuda:", device, ": cannot allocate cuBLASLt's ", kWorkspaceBytes >> 20, " MiB workspace (out of memory)");
+    cudaDeviceProp prop{};
+    KRAKEN_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+    d.name = prop.name;
   }
   return d;
 }
@@ -145,6 +150,7 @@ struct Plan {
   // KRAKEN_CUBLASLT_TUNE only: the heuristic's candidates, best first by its own ranking, until the
   // first product times them (tune_plan).
   std::vector<cublasLtMatmulHeuristicResult_t> candidates;
+  int pick = 0;  // the heuristic's candidate in use: 0, or a committed pick's
 };
 
 // KRAKEN_CUBLASLT_TUNE=n (read once; 2 ≤ n ≤ 32): a measurement mode. Each plan asks the heuristic for n
@@ -167,6 +173,43 @@ int tune_candidates() {
   }();
   return n;
 }
+// Committed picks (kernels/cuda/cublaslt_picks.inc says what they are and how one is made).
+struct CublasLtPick {
+  const char* device;  // null: the end of the table
+  size_t version;      // cublasLtGetVersion()
+  int64_t M, N, K, batch;
+  bool trans_a, trans_b, out_bf16;
+  int epilogue;   // a cublasLtEpilogue_t value
+  int candidate;  // index into the heuristic's results
+};
+constexpr CublasLtPick kPicks[] = {
+#include "kernels/cuda/cublaslt_picks.inc"
+    {nullptr, 0, 0, 0, 0, 0, false, false, false, 0, 0},
+};
+
+// KRAKEN_CUBLASLT_PICKS=0 (read once): the heuristic's first choice everywhere, the picks ignored.
+bool picks_enabled() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("KRAKEN_CUBLASLT_PICKS");
+    if (v == nullptr || *v == '\0' || std::string(v) == "1") return true;
+    if (std::string(v) == "0") return false;
+    KRAKEN_THROW("KRAKEN_CUBLASLT_PICKS=", v, ": expected 0 (ignore the committed picks) or 1 (use them; the default)");
+  }();
+  return enabled;
+}
+
+// The committed candidate index for this product on this device, or 0 (the heuristic's first).
+int picked_candidate(const std::string& device, int64_t M, int64_t N, int64_t K, int64_t batch, bool trans_a,
+                     bool trans_b, bool out_bf16, int epilogue) {
+  if (!picks_enabled()) return 0;
+  for (const CublasLtPick* p = kPicks; p->device; ++p)
+    if (device == p->device && p->version == cublasLtGetVersion() && p->M == M && p->N == N && p->K == K &&
+        p->batch == batch && p->trans_a == trans_a && p->trans_b == trans_b && p->out_bf16 == out_bf16 &&
+        p->epilogue == epilogue)
+      return p->candidate;
+  return 0;
+}
+
 // Plans seen by this thread. Bounded: a run whose shapes keep changing (sampling with a growing
 // context, say) starts over rather than growing without end.
 constexpr size_t kMaxPlans = 512;
@@ -270,7 +313,9 @@ std::unique_ptr<Plan> make_plan(const LtDevice& lt, const PlanKey& k, const void
                                                            &k.align_out, sizeof(k.align_out)));
   KRAKEN_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(desc.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
                                                            &k.align_out, sizeof(k.align_out)));
-  std::vector<cublasLtMatmulHeuristicResult_t> results(static_cast<size_t>(tune_candidates()));
+  const int pick = picked_candidate(lt.name, k.M, k.N, k.K, k.batch, k.trans_a, k.trans_b, k.out_bf16,
+                                    static_cast<int>(k.epilogue));
+  std::vector<cublasLtMatmulHeuristicResult_t> results(static_cast<size_t>(std::max(tune_candidates(), pick + 1)));
   int found = 0;
   KRAKEN_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(lt.handle, desc.op, desc.a, desc.b, desc.d, desc.d, desc.pref,
                                                      static_cast<int>(results.size()), results.data(), &found));
@@ -282,8 +327,11 @@ std::unique_ptr<Plan> make_plan(const LtDevice& lt, const PlanKey& k, const void
     KRAKEN_THROW("matmul_bf16_cuda: cuBLASLt has no algorithm for (", k.M, ", ", k.K, ")", k.trans_a ? "ᵀ" : "",
                  " · (", k.K, ", ", k.N, ")", k.trans_b ? "ᵀ" : "", " with output ", k.out_bf16 ? "bf16" : "f32",
                  " and cuBLASLt epilogue ", static_cast<int>(k.epilogue));
-  plan->algo = results[0].algo;
-  if (found > 1) plan->candidates.assign(results.begin(), results.begin() + found);
+  // A committed pick where the heuristic still offers that many candidates (else its first).
+  plan->algo = results[pick < found ? pick : 0].algo;
+  plan->pick = pick < found ? pick : 0;
+  if (found > 1 && tune_candidates() > 1)
+    plan->candidates.assign(results.begin(), results.begin() + std::min(found, tune_candidates()));
   return plan;
 }
 
@@ -322,6 +370,7 @@ void tune_plan(const LtDevice& lt, Plan& plan, const PlanKey& k, void* out, cons
   KRAKEN_CUDA_CHECK(cudaEventDestroy(stop));
   if (micros[best] < 0.0f) return;  // none timed: the heuristic's first choice stays
   plan.algo = candidates[best].algo;
+  plan.pick = static_cast<int>(best);
   std::fprintf(stderr,
                "cuBLASLt tune: (%lld, %lld)%s · (%lld, %lld)%s, batch %lld, epilogue %d: cuBLASLt's first %.1f µs, "
                "best #%zu of %zu %.1f µs (%.0f%% faster)\n",
@@ -329,6 +378,13 @@ void tune_plan(const LtDevice& lt, Plan& plan, const PlanKey& k, void* out, cons
                static_cast<long long>(k.K), static_cast<long long>(k.N), k.trans_b ? "ᵀ" : "",
                static_cast<long long>(k.batch), static_cast<int>(k.epilogue), micros[0], best, candidates.size(),
                micros[best], micros[0] > 0.0f ? 100.0 * (micros[0] - micros[best]) / micros[best] : 0.0);
+  // The entry that would make this choice the default on this device (kernels/cuda/cublaslt_picks.inc).
+  if (best > 0)
+    std::fprintf(stderr, "cuBLASLt pick: {\"%s\", %zu, %lld, %lld, %lld, %lld, %s, %s, %s, %d, %zu},  // %.1f -> %.1f us\n",
+                 lt.name.c_str(), cublasLtGetVersion(), static_cast<long long>(k.M), static_cast<long long>(k.N),
+                 static_cast<long long>(k.K), static_cast<long long>(k.batch), k.trans_a ? "true" : "false",
+                 k.trans_b ? "true" : "false", k.out_bf16 ? "true" : "false", static_cast<int>(k.epilogue), best,
+                 micros[0], micros[best]);
 }
 
 // out (M, N) = op(A)·op(B) with a cuBLASLt epilogue: every entry point ends here. bias is read or (for
