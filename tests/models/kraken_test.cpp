@@ -6,7 +6,6 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
 #include <set>
 
 #include "models/kraken.h"
@@ -252,29 +251,9 @@ Tape tape_of(const Tensor& root) {
   return tape;
 }
 
-KrakenConfig small_config(int64_t degree) {
-  KrakenConfig c;
-  c.n_layer = 3;
-  c.n_embd = 16;
-  c.n_head = 4;
-  c.degree = degree;
-  c.context = 8;
-  c.vocab_size = 29;
-  c.mlp_expansion = 2;
-  return c;
-}
-Tensor small_ids(int seed) {
-  std::vector<int32_t> ids(16);
-  for (int i = 0; i < 16; ++i) ids[static_cast<size_t>(i)] = (i * 7 + seed) % 29;
-  return Tensor::from_ints(ids, {2, 8});
-}
-
-std::vector<uint32_t> bits_of(const Tensor& t) {
-  const std::vector<float> v = t.to_vector();
-  std::vector<uint32_t> out(v.size());
-  if (!v.empty()) std::memcpy(out.data(), v.data(), v.size() * 4);
-  return out;
-}
+KrakenConfig small_config(int64_t degree) { return testing::tiny_kraken_config(3, degree); }
+Tensor small_ids(int seed) { return testing::tiny_kraken_ids(seed); }
+using testing::f32_bits;
 
 TEST(KrakenModel, MixedPrecisionCastsEachLayersProductWeightsInOneNode) {
   for (const int64_t degree : {int64_t{1}, int64_t{2}}) {
@@ -330,9 +309,9 @@ TEST(KrakenModel, MixedPrecisionGradientsReachGradSyncLayerByLayer) {
   const Tensor plain_loss = plain.loss(small_ids(2), small_ids(3), nullptr, false);
   EXPECT_EQ(tape_of(plain_loss).many_casts, casts);
   runtime::backward(plain_loss);
-  EXPECT_EQ(bits_of(loss), bits_of(plain_loss));
+  EXPECT_EQ(f32_bits(loss), f32_bits(plain_loss));
   const auto a = synced.named_parameters(), b = plain.named_parameters();
-  for (size_t k = 0; k < a.size(); ++k) EXPECT_EQ(bits_of(a[k].tensor.grad()), bits_of(b[k].tensor.grad())) << a[k].name;
+  for (size_t k = 0; k < a.size(); ++k) EXPECT_EQ(f32_bits(a[k].tensor.grad()), f32_bits(b[k].tensor.grad())) << a[k].name;
 }
 
 TEST(KrakenModel, MixedPrecisionDegree1TracksFp32) { check_mixed_precision_tracks_fp32("gpt2_tiny.safetensors"); }

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -11,6 +12,7 @@
 #include "models/kraken.h"
 #include "runtime/rng.h"
 #include "runtime/safetensors.h"
+#include "runtime/tensor.h"
 
 namespace kraken::testing {
 
@@ -49,6 +51,33 @@ inline void write_counting_shards(const std::string& dir, int64_t vocab, int64_t
     }
     data::write_llmc_shard(dir + "/" + name, tokens);
   }
+}
+
+// A Kraken model small enough for exact comparisons (C = 16, 4 heads, T = 8, 29 tokens, e = 2), and a
+// (2, 8) batch of its token ids: the same batch for the same seed.
+inline models::KrakenConfig tiny_kraken_config(int64_t n_layer, int64_t degree) {
+  models::KrakenConfig c;
+  c.n_layer = n_layer;
+  c.n_embd = 16;
+  c.n_head = 4;
+  c.degree = degree;
+  c.context = 8;
+  c.vocab_size = 29;
+  c.mlp_expansion = 2;
+  return c;
+}
+inline runtime::Tensor tiny_kraken_ids(int seed) {
+  std::vector<int32_t> v(16);
+  for (int i = 0; i < 16; ++i) v[static_cast<size_t>(i)] = (i * 7 + seed) % 29;
+  return runtime::Tensor::from_ints(v, {2, 8});
+}
+
+// An f32 tensor's values as their bits, for bit-for-bit comparisons.
+inline std::vector<uint32_t> f32_bits(const runtime::Tensor& t) {
+  const std::vector<float> v = t.to_vector();
+  std::vector<uint32_t> out(v.size());
+  if (!v.empty()) std::memcpy(out.data(), v.data(), v.size() * sizeof(float));
+  return out;
 }
 
 }  // namespace kraken::testing

@@ -5,7 +5,6 @@
 #include <gtest/gtest.h>
 
 #include <cstdint>
-#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
@@ -15,6 +14,7 @@
 #include "runtime/autograd.h"
 #include "runtime/ops.h"
 #include "runtime/tensor.h"
+#include "tests/support/fixtures.h"
 #include "train/trainer.h"
 
 namespace kraken {
@@ -25,30 +25,9 @@ using models::KrakenModel;
 using runtime::DType;
 using runtime::Tensor;
 
-KrakenConfig tiny(int64_t degree) {
-  KrakenConfig c;
-  c.n_layer = 2;
-  c.n_embd = 16;
-  c.n_head = 4;
-  c.degree = degree;
-  c.context = 8;
-  c.vocab_size = 29;
-  c.mlp_expansion = 2;
-  return c;
-}
-
-Tensor ids(int seed) {
-  std::vector<int32_t> v(16);
-  for (int i = 0; i < 16; ++i) v[static_cast<size_t>(i)] = (i * 7 + seed) % 29;
-  return Tensor::from_ints(v, {2, 8});
-}
-
-std::vector<uint32_t> bits_of(const Tensor& t) {
-  const std::vector<float> v = t.to_vector();
-  std::vector<uint32_t> out(v.size());
-  if (!v.empty()) std::memcpy(out.data(), v.data(), v.size() * 4);
-  return out;
-}
+KrakenConfig tiny(int64_t degree) { return testing::tiny_kraken_config(2, degree); }
+Tensor ids(int seed) { return testing::tiny_kraken_ids(seed); }
+using testing::f32_bits;
 
 // A bf16 model and its AdamW; with `copies`, the optimizer rewrites the model's bf16 buffers in each
 // step (train::share_compute_copies) and the model takes them as current afterwards, as the trainer does.
@@ -72,7 +51,7 @@ struct Training {
     runtime::backward(loss);
     opt->step(3e-3f);
     if (copies) model->set_compute_copies_current(true);
-    return bits_of(loss)[0];
+    return f32_bits(loss)[0];
   }
 };
 
@@ -84,8 +63,8 @@ TEST(ComputeCopies, TrainingOnTheOptimizersCopiesIsTrainingOnCasts) {
     const auto a = kept.model->named_parameters(), b = cast.model->named_parameters();
     ASSERT_EQ(a.size(), b.size());
     for (size_t k = 0; k < a.size(); ++k) {
-      EXPECT_EQ(bits_of(a[k].tensor), bits_of(b[k].tensor)) << a[k].name;
-      EXPECT_EQ(bits_of(a[k].tensor.grad()), bits_of(b[k].tensor.grad())) << a[k].name << "'s gradient";
+      EXPECT_EQ(f32_bits(a[k].tensor), f32_bits(b[k].tensor)) << a[k].name;
+      EXPECT_EQ(f32_bits(a[k].tensor.grad()), f32_bits(b[k].tensor.grad())) << a[k].name << "'s gradient";
     }
     // The optimizer's copies are the new parameters rounded to bf16.
     for (const auto& [param, copy] : kept.model->compute_copy_targets())
@@ -108,10 +87,10 @@ TEST(ComputeCopies, ACurrentForwardReadsTheBuffersAndOtherwiseCasts) {
     const Tensor saved = copy.clone();
     copy.copy_from(Tensor::zeros(copy.shape(), DType::BF16));
     const Tensor poisoned = run.model->loss(ids(5), ids(6), nullptr, false);
-    EXPECT_NE(bits_of(poisoned), bits_of(loss)) << "a current forward cast the weights again";
+    EXPECT_NE(f32_bits(poisoned), f32_bits(loss)) << "a current forward cast the weights again";
     run.model->set_compute_copies_current(false);
     const Tensor recast = run.model->loss(ids(5), ids(6), nullptr, false);
-    EXPECT_EQ(bits_of(recast), bits_of(loss)) << "a forward without current copies did not cast";
+    EXPECT_EQ(f32_bits(recast), f32_bits(loss)) << "a forward without current copies did not cast";
     EXPECT_EQ(copy.to_vector(), saved.to_vector()) << "the cast did not refill the buffer";
   }
 }
