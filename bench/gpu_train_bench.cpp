@@ -591,6 +591,10 @@ void bench_kernels(const DeviceInfo& dev, Report& r) {
         }));
     row("cast bf16 → f32, the same 97 in one launch (cast_many)", bytes,
         time_kernel([&] { cast_bf16_to_f32_many_cuda(to32.data(), from16.data(), ns.data(), count, nullptr); }));
+    // The gradients coming back onto f32 gradients that exist (every step after the first): added in one
+    // launch, where the engine casts each into a new tensor and adds it (an axpy of 12 bytes per element).
+    row("add bf16 → f32, the same 97 gradients in one launch (accumulate_bf16_many)", (2.0 * f + 2.0) * elements,
+        time_kernel([&] { accumulate_bf16_many_cuda(to32.data(), from16.data(), ns.data(), count, nullptr); }));
   }
   {  // a bias gradient: Σ over B·T rows of dy (c_fc's 3072 columns), the column sums of column_sums.h
     const int64_t cols = 4 * C;

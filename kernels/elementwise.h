@@ -33,6 +33,11 @@ void cast_bf16_to_f32_cpu(float* out, const uint16_t* x, int64_t n);
 // their own).
 void cast_f32_to_bf16_many_cpu(uint16_t* const* outs, const float* const* xs, const int64_t* ns, int64_t count);
 void cast_bf16_to_f32_many_cpu(float* const* outs, const uint16_t* const* xs, const int64_t* ns, int64_t count);
+// accs[k][i] += xs[k][i] widened to f32, for `count` tensors: the bits of casting xs[k] to f32 and adding it
+// (axpy with alpha 1). Where the mixed-precision model's weight gradients come back onto f32 master
+// gradients that already exist (zeroed in place between steps, or a gradient bucket's views), one pass
+// and, on CUDA, one launch per kCastsPerLaunch tensors, instead of a cast into a new tensor and an add each.
+void accumulate_bf16_many_cpu(float* const* accs, const uint16_t* const* xs, const int64_t* ns, int64_t count);
 void cast_i32_to_f32_cpu(float* out, const int32_t* x, int64_t n);
 void cast_u16_to_i32_cpu(int32_t* out, const uint16_t* x, int64_t n);
 // Σ x as a double: the reduction order is fixed (blocks of 4096, summed in order), so the result does
@@ -58,6 +63,8 @@ void cast_f32_to_bf16_many_cuda(uint16_t* const* outs, const float* const* xs, c
                                 CUstream_st* stream);
 void cast_bf16_to_f32_many_cuda(float* const* outs, const uint16_t* const* xs, const int64_t* ns, int64_t count,
                                 CUstream_st* stream);
+void accumulate_bf16_many_cuda(float* const* accs, const uint16_t* const* xs, const int64_t* ns, int64_t count,
+                               CUstream_st* stream);
 void add_bf16_cuda(uint16_t* out, const uint16_t* a, const uint16_t* b, int64_t n, CUstream_st* stream);
 
 // ---- CUDA, bf16 storage ----------------------------------------------------------------------------

@@ -123,6 +123,20 @@ void cast_bf16_to_f32_many_cpu(float* const* outs, const uint16_t* const* xs, co
   for (int64_t k = 0; k < count; ++k) cast_bf16_to_f32_cpu(outs[k], xs[k], ns[k]);
 }
 
+void accumulate_bf16_many_cpu(float* const* accs, const uint16_t* const* xs, const int64_t* ns, int64_t count) {
+  for (int64_t k = 0; k < count; ++k) {
+    float* acc = accs[k];
+    const uint16_t* x = xs[k];
+    const int64_t n = ns[k];
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t bits = static_cast<uint32_t>(x[i]) << 16;
+      float v;
+      std::memcpy(&v, &bits, sizeof v);
+      acc[i] += v;
+    }
+  }
+}
+
 void cast_i32_to_f32_cpu(float* out, const int32_t* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(x[i]);
 }

@@ -278,7 +278,8 @@ __global__ void sum_bf16x8_kernel(__nv_bfloat16* out, SumTable t, int64_t packs)
 // KiB of the 4 KiB of kernel parameters). Slice k owns blocks [first_block[k], first_block[k + 1]) and
 // strides over its elements with them: 8 per access where both of its buffers are 16-byte aligned (then
 // its last n mod 8 one by one), one per access otherwise. Each element is widened or rounded exactly as
-// in the one-tensor kernels above, so every output has the bits of its own cast.
+// in the one-tensor kernels above, so every output has the bits of its own cast. kAdd (bf16 → f32 only):
+// out += the widened element instead of out = it, one f32 addition (axpy's with alpha 1).
 template <typename From, typename To>
 struct CastTable {
   const From* x[kCastsPerLaunch];
@@ -291,8 +292,9 @@ struct CastTable {
 static_assert(sizeof(CastTable<float, __nv_bfloat16>) <= 4000, "kernel parameters are limited to 4 KiB");
 constexpr int64_t kMaxBlocksPerCast = 16384;  // 33.5M elements per pass, 8 per thread
 
-template <typename From, typename To>
+template <typename From, typename To, bool kAdd = false>
 __global__ void cast_many_kernel(CastTable<From, To> c) {
+  static_assert(!kAdd || std::is_same_v<To, float>, "only an f32 output is accumulated into");
   const int b = static_cast<int>(blockIdx.x);
   int lo = 0, hi = c.count - 1;  // this block's slice: the last k with first_block[k] <= b
   while (lo < hi) {
@@ -313,11 +315,22 @@ __global__ void cast_many_kernel(CastTable<From, To> c) {
     for (int64_t p = first; p < packs; p += stride) {
       float v[8];
       load8(x + 8 * p, v);
+      if constexpr (kAdd) {
+        float o[8];
+        load8(out + 8 * p, o);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) v[j] = o[j] + v[j];
+      }
       store8(out + 8 * p, v);
     }
     scalar_from = 8 * packs;
   }
-  for (int64_t i = scalar_from + first; i < n; i += stride) store(out + i, load(x + i));
+  for (int64_t i = scalar_from + first; i < n; i += stride) {
+    if constexpr (kAdd)
+      store(out + i, load(out + i) + load(x + i));
+    else
+      store(out + i, load(x + i));
+  }
 }
 
 // The public API's pointers (bf16 as uint16_t) as the kernels' storage types.
@@ -326,12 +339,13 @@ inline float* storage_ptr(float* p) { return p; }
 inline const __nv_bfloat16* storage_ptr(const uint16_t* p) { return as_bf16(p); }
 inline __nv_bfloat16* storage_ptr(uint16_t* p) { return as_bf16(p); }
 
-template <typename From, typename To, typename OutArg, typename XArg>
+template <typename From, typename To, bool kAdd = false, typename OutArg, typename XArg>
 void cast_many(OutArg* const* outs, const XArg* const* xs, const int64_t* ns, int64_t count, CUstream_st* s) {
   CastTable<From, To> table{};
   auto launch = [&] {
     if (table.count == 0) return;
-    KRAKEN_KERNEL(static_cast<unsigned int>(table.first_block[table.count]), kThreads, 0, s, cast_many_kernel<From, To>)
+    KRAKEN_KERNEL(static_cast<unsigned int>(table.first_block[table.count]), kThreads, 0, s,
+                  cast_many_kernel<From, To, kAdd>)
     (table);
     KRAKEN_CUDA_LAUNCH_CHECK();
     table = CastTable<From, To>{};
@@ -448,6 +462,10 @@ void cast_f32_to_bf16_many_cuda(uint16_t* const* outs, const float* const* xs, c
 void cast_bf16_to_f32_many_cuda(float* const* outs, const uint16_t* const* xs, const int64_t* ns, int64_t count,
                                 CUstream_st* s) {
   cast_many<__nv_bfloat16, float>(outs, xs, ns, count, s);
+}
+void accumulate_bf16_many_cuda(float* const* accs, const uint16_t* const* xs, const int64_t* ns, int64_t count,
+                               CUstream_st* s) {
+  cast_many<__nv_bfloat16, float, true>(accs, xs, ns, count, s);
 }
 
 // ---- bf16 storage -----------------------------------------------------------------------------------

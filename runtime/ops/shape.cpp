@@ -62,6 +62,37 @@ void cast_by_source(const std::vector<Tensor>& outs, const std::vector<Tensor>& 
   }
 }
 
+// The existing f32 gradient of `input` that its bf16 gradient g can be added into in place, where input
+// is an f32 leaf whose .grad is defined (zeroed in place between steps, or a gradient bucket's view) and
+// not already taken by an earlier input of the same call (`taken`); else undefined, and the engine gets
+// a new f32 tensor to take or add. (What the engine would do — widen, then add with alpha 1 — in one
+// pass, and on a GPU one launch for the whole call instead of one add per tensor.)
+Tensor gradient_to_add_into(const Tensor& input, const Tensor& g, std::vector<const TensorImpl*>& taken) {
+  if (!g.defined() || g.dtype() != DType::BF16 || !input.is_leaf() || !input.requires_grad() ||
+      input.dtype() != DType::F32)
+    return Tensor();
+  Tensor grad = input.grad();
+  if (!grad.defined() || grad.dtype() != DType::F32 || grad.shape() != g.shape() || grad.device() != g.device())
+    return Tensor();
+  for (const TensorImpl* t : taken)
+    if (t == grad.impl()) return Tensor();
+  taken.push_back(grad.impl());
+  return grad;
+}
+
+// accs[k] += xs[k] widened (f32 += bf16), every tensor on one device: one kernel call.
+void add_into(const std::vector<Tensor>& accs, const std::vector<Tensor>& xs) {
+  const int64_t count = static_cast<int64_t>(xs.size());
+  if (count == 0) return;
+  std::vector<int64_t> ns;
+  std::vector<float*> to;
+  std::vector<const uint16_t*> from;
+  for (size_t k = 0; k < xs.size(); ++k)
+    ns.push_back(xs[k].numel()), to.push_back(accs[k].data<float>()), from.push_back(xs[k].data<uint16_t>());
+  KRAKEN_ON_DEVICE(xs[0].device(), kernels::accumulate_bf16_many_cpu(to.data(), from.data(), ns.data(), count),
+                   kernels::accumulate_bf16_many_cuda(to.data(), from.data(), ns.data(), count, stream_of(xs[0])));
+}
+
 // into[k], checked to take the result of size `shape` in `dtype`: a fresh handle on it (a node's output
 // must not carry an earlier forward's history); undefined where there is none.
 Tensor buffer_for(const char* op, const std::vector<Tensor>& into, size_t k, const Shape& shape, DType dtype) {
@@ -255,13 +286,20 @@ std::vector<Tensor> cast_many(const std::vector<Tensor>& xs, DType dtype, const 
   if (!tracked.empty()) {
     const DType source = first.dtype();
     const Device device = first.device();
-    record("cast_many", tracked, tracked_out, [source, dtype, device](const std::vector<Tensor>& g) {
-      // in the forward pass this was: to_k = from_k.to(dtype); so dfrom_k = dto_k.to(source), for every k
-      std::vector<Tensor> dfrom(g.size()), grads, casts;
+    record("cast_many", tracked, tracked_out, [tracked, source, dtype, device](const std::vector<Tensor>& g) {
+      // in the forward pass this was: to_k = from_k.to(dtype); so dfrom_k = dto_k.to(source), for every k —
+      // added straight into from_k's existing f32 gradient where it has one (gradient_to_add_into)
+      std::vector<Tensor> dfrom(g.size()), grads, casts, added, into;
+      std::vector<const TensorImpl*> taken;
       for (size_t k = 0; k < g.size(); ++k) {
         if (!g[k].defined()) continue;
         if (g[k].dtype() != dtype || g[k].device() != device) {  // not the forward's kind: cast it alone
           dfrom[k] = g[k].to(source);
+          continue;
+        }
+        if (Tensor acc = gradient_to_add_into(tracked[k], g[k], taken); acc.defined()) {
+          added.push_back(g[k]);
+          into.push_back(acc);
           continue;
         }
         dfrom[k] = Tensor::empty(g[k].shape(), source, device);
@@ -269,6 +307,7 @@ std::vector<Tensor> cast_many(const std::vector<Tensor>& xs, DType dtype, const 
         casts.push_back(dfrom[k]);
       }
       cast_into(casts, grads);
+      add_into(into, added);
       return dfrom;
     });
   }
@@ -324,12 +363,14 @@ std::vector<Tensor> stack_many(const std::vector<std::vector<Tensor>>& lists, DT
       if (built[k]) out_of_list[k] = static_cast<int>(outs.size()), outs.push_back(stacks[k]);
     std::vector<DType> from_dtypes;
     for (const Tensor& t : inputs) from_dtypes.push_back(t.dtype());
-    record("stack_many", inputs, outs, [list_of, out_of_list, from_dtypes](const std::vector<Tensor>& g) {
+    record("stack_many", inputs, outs, [inputs, list_of, out_of_list, from_dtypes](const std::vector<Tensor>& g) {
       // in the forward pass this was: stack[k][i] = cast(list[k][i]); so dlist[k][i] = cast back of
-      // dstack[k][i], the casts in one call per direction as forward
+      // dstack[k][i], the casts in one call per direction as forward — a bf16 piece added straight into
+      // its f32 input's existing gradient where it has one (gradient_to_add_into)
       std::vector<Tensor> grads(list_of.size());
       std::vector<size_t> seen(out_of_list.size(), 0);
-      std::vector<Tensor> cast_src, cast_dst;
+      std::vector<Tensor> cast_src, cast_dst, added, into;
+      std::vector<const TensorImpl*> taken;
       for (size_t j = 0; j < list_of.size(); ++j) {
         const Tensor& dstack = g[static_cast<size_t>(out_of_list[list_of[j]])];
         const int64_t i = static_cast<int64_t>(seen[list_of[j]]++);
@@ -338,6 +379,8 @@ std::vector<Tensor> stack_many(const std::vector<std::vector<Tensor>>& lists, DT
         Tensor piece = dstack.slice(i, i + 1).reshape(shape);
         if (piece.dtype() == from_dtypes[j]) {
           grads[j] = piece.clone();
+        } else if (Tensor acc = gradient_to_add_into(inputs[j], piece, taken); acc.defined()) {
+          added.push_back(piece), into.push_back(acc);
         } else if (f32_bf16_pair(piece.dtype(), from_dtypes[j])) {
           grads[j] = Tensor::empty(shape, from_dtypes[j], piece.device());
           cast_src.push_back(piece), cast_dst.push_back(grads[j]);
@@ -346,6 +389,7 @@ std::vector<Tensor> stack_many(const std::vector<std::vector<Tensor>>& lists, DT
         }
       }
       cast_by_source(cast_dst, cast_src);
+      add_into(into, added);
       return grads;
     });
   }

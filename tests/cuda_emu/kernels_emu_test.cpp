@@ -729,6 +729,29 @@ void check_many_casts() {
     std::memcpy(&got_bits, &b.out[i], 4), std::memcpy(&want_bits, &want_f[i], 4);
     ASSERT_EQ(got_bits, want_bits) << "emulated many-tensor bf16 → f32 cast: output buffer element " << i;
   }
+
+  // The accumulating form: every f32 output += its widened bf16 input, the bits of a cast then an add
+  // with alpha 1 (the engine's accumulation), outside the tensors untouched.
+  const std::vector<float> start = normal(b.out.size(), 23, 3.0f);
+  std::copy(start.begin(), start.end(), b.out.begin());  // (in place: outs point into b.out)
+  emu::accumulate_bf16_many_cuda(b.outs.data(), b.xs.data(), ns.data(), count, nullptr);
+  std::vector<float> want_acc = start;
+  for (size_t k = 0; k < ns.size(); ++k) {
+    std::vector<float> widened(static_cast<size_t>(ns[k]));
+    kernels::cast_bf16_to_f32_cpu(widened.data(), b.xs[k], ns[k]);
+    kernels::axpy_cpu(want_acc.data() + (b.outs[k] - b.out.data()), widened.data(), 1.0f, ns[k]);
+  }
+  std::vector<float> cpu_acc = start;
+  std::vector<float*> cpu_outs;
+  for (float* o : b.outs) cpu_outs.push_back(cpu_acc.data() + (o - b.out.data()));
+  kernels::accumulate_bf16_many_cpu(cpu_outs.data(), b.xs.data(), ns.data(), count);
+  for (size_t i = 0; i < want_acc.size(); ++i) {
+    uint32_t got_bits, cpu_bits, want_bits;
+    std::memcpy(&got_bits, &b.out[i], 4), std::memcpy(&cpu_bits, &cpu_acc[i], 4);
+    std::memcpy(&want_bits, &want_acc[i], 4);
+    ASSERT_EQ(got_bits, want_bits) << "emulated many-tensor bf16 += into f32: output buffer element " << i;
+    ASSERT_EQ(cpu_bits, want_bits) << "CPU many-tensor bf16 += into f32: output buffer element " << i;
+  }
 }
 
 TEST(CudaEmulation, ManyTensorCastsAreTheOneTensorCastsBits) { under_both_schedules(check_many_casts); }

@@ -2,7 +2,8 @@
 // against one ops::cast per tensor: the same bits forward (f32 → bf16, round to nearest even) and
 // backward (bf16 → f32, exact), over GPT-2 124M's product weights (wte's 38.6M elements take more than
 // one pass of the blocks the kernel gives one tensor), odd lengths, views that start off 16-byte
-// alignment, and more tensors than one launch takes. The small ones are also held to the CPU's bits.
+// alignment, and more tensors than one launch takes; and backward again into the gradients the first
+// left (added in place). The small ones are also held to the CPU's bits.
 // (How long each way takes is bench/gpu_train_bench's "cast … GPT-2's 97 weights" rows.) Skips without
 // a GPU.
 #include <gtest/gtest.h>
@@ -101,6 +102,16 @@ TEST(GpuCastMany, IsOneCastPerTensorBitForBitForwardAndBackward) {
   runtime::backward(single_outs, seeds);
   for (size_t k = 0; k < shapes.size(); ++k)
     expect_same_bits(many[k].grad(), single[k].grad(), "gradient, tensor " + std::to_string(k));
+  // Again, now that every tensor has a gradient: cast_many's backward adds into it in one launch per
+  // kCastsPerLaunch tensors (kernels::accumulate_bf16_many_cuda), the single casts through the engine's
+  // widen-then-add; the same bits.
+  const std::vector<Tensor> outs2 = ops::cast_many(many, DType::BF16);
+  std::vector<Tensor> single_outs2;
+  for (size_t k = 0; k < shapes.size(); ++k) single_outs2.push_back(ops::cast(single[k], DType::BF16));
+  runtime::backward(outs2, seeds);
+  runtime::backward(single_outs2, seeds);
+  for (size_t k = 0; k < shapes.size(); ++k)
+    expect_same_bits(many[k].grad(), single[k].grad(), "gradient added into the first, tensor " + std::to_string(k));
 }
 
 }  // namespace

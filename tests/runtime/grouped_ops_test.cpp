@@ -10,6 +10,7 @@
 
 #include <functional>
 
+#include "kernels/elementwise.h"
 #include "runtime/autograd.h"
 #include "runtime/ops.h"
 #include "tests/support/errors.h"
@@ -249,6 +250,39 @@ TEST(GroupedOps, StackManyCastsAndStacksEachListAndCastsGradientsBack) {
     expect_bits_equal(b[static_cast<size_t>(i)].grad().to_vector(), seed2.slice(i, i + 1).to(DType::F32).to_vector(),
                       "gradient of b[" + std::to_string(i) + "]");
   }
+}
+
+// Where an f32 input already has a gradient (zeroed in place between steps, a GradSync bucket's view),
+// stack_many's and cast_many's backward add the bf16 gradient into it directly: the same bits as the
+// engine's way (widen into a new tensor, then add it), the same tensor (not replaced), and an input that
+// appears twice gets both contributions.
+TEST(GroupedOps, CastGradientsAddIntoExistingF32GradientsWithTheEnginesBits) {
+  const std::vector<Tensor> a = {leaf({2, 3}, 171, 1.0f), leaf({2, 3}, 172, 1.0f)};
+  const Tensor c = leaf({5}, 173, 1.0f), d = leaf({5}, 174, 1.0f);  // d: no gradient yet (taken as is)
+  std::vector<Tensor> before;
+  for (Tensor t : {a[0], a[1], c}) {  // (handles: set_grad changes the shared tensor)
+    t.set_grad(random_leaf(t.shape(), 175 + before.size(), 3.0f).detach());
+    before.push_back(t.grad().clone());
+  }
+  const Tensor grad_a0 = a[0].grad();
+  const std::vector<Tensor> stacks = ops::stack_many({a}, DType::BF16);
+  const std::vector<Tensor> casts = ops::cast_many({c, d, c}, DType::BF16);  // c twice
+  const Tensor seed_a = random_leaf({2, 2, 3}, 181).detach().to(DType::BF16);
+  const Tensor seed_c = random_leaf({5}, 182).detach().to(DType::BF16), seed_d = random_leaf({5}, 183).detach().to(DType::BF16);
+  const Tensor seed_c2 = random_leaf({5}, 184).detach().to(DType::BF16);
+  backward({stacks[0], casts[0], casts[1], casts[2]}, {seed_a, seed_c, seed_d, seed_c2});
+  auto engine_sum = [](const Tensor& g0, const std::vector<Tensor>& adds) {
+    std::vector<float> acc = g0.to_vector();
+    for (const Tensor& x : adds) kernels::axpy_cpu(acc.data(), x.to(DType::F32).to_vector().data(), 1.0f, x.numel());
+    return acc;
+  };
+  EXPECT_EQ(a[0].grad().impl(), grad_a0.impl()) << "the existing gradient tensor stays";
+  for (int64_t i = 0; i < 2; ++i)
+    expect_bits_equal(a[static_cast<size_t>(i)].grad().to_vector(),
+                      engine_sum(before[static_cast<size_t>(i)], {seed_a.slice(i, i + 1).reshape({2, 3})}),
+                      "gradient of a[" + std::to_string(i) + "]");
+  expect_bits_equal(c.grad().to_vector(), engine_sum(before[2], {seed_c, seed_c2}), "gradient of c (twice)");
+  expect_bits_equal(d.grad().to_vector(), seed_d.to(DType::F32).to_vector(), "gradient of d (its first)");
 }
 
 TEST(GradCheck, StackMany) {
