@@ -65,6 +65,9 @@ void cast_bf16_to_f32_many_cuda(float* const* outs, const uint16_t* const* xs, c
                                 CUstream_st* stream);
 void accumulate_bf16_many_cuda(float* const* accs, const uint16_t* const* xs, const int64_t* ns, int64_t count,
                                CUstream_st* stream);
+// outs[k][0 .. ns[k]) = 0 for `count` f32 tensors, one launch per kCastsPerLaunch (Module::zero_grad: a
+// model's ~150–200 gradients, where one cudaMemsetAsync each was as many launches).
+void zero_many_cuda(float* const* outs, const int64_t* ns, int64_t count, CUstream_st* stream);
 void add_bf16_cuda(uint16_t* out, const uint16_t* a, const uint16_t* b, int64_t n, CUstream_st* stream);
 
 // ---- CUDA, bf16 storage ----------------------------------------------------------------------------

@@ -128,7 +128,10 @@ Tensor join_shards(const std::vector<Tensor>& pieces, const ShardSpec& shard) {
 }
 
 void Module::zero_grad() {
-  for (const Tensor& t : parameters()) t.impl()->grad ? Tensor(t.impl()->grad).zero_() : void();
+  std::vector<Tensor> grads;
+  for (const Tensor& t : parameters())
+    if (t.impl()->grad) grads.emplace_back(t.impl()->grad);
+  zero_all(grads);
 }
 
 }  // namespace kraken::runtime

@@ -238,6 +238,36 @@ void Tensor::zero_() {
   zero_bytes(data_ptr(), device(), nbytes());
 }
 
+void zero_all(const std::vector<Tensor>& tensors) {
+#if KRAKEN_WITH_CUDA
+  std::vector<const Tensor*> batched;  // f32 on CUDA, in the order given
+  for (const Tensor& t : tensors) {
+    if (!t.defined() || t.numel() == 0) continue;
+    if (t.device().is_cuda() && t.dtype() == DType::F32)
+      batched.push_back(&t);
+    else
+      Tensor(t).zero_();  // (a handle: the data is shared)
+  }
+  // One call per device, in the order of each device's first tensor.
+  std::vector<bool> done(batched.size(), false);
+  for (size_t i = 0; i < batched.size(); ++i) {
+    if (done[i]) continue;
+    const Device device = batched[i]->device();
+    std::vector<float*> outs;
+    std::vector<int64_t> ns;
+    for (size_t j = i; j < batched.size(); ++j) {
+      if (done[j] || batched[j]->device() != device) continue;
+      outs.push_back(batched[j]->data<float>()), ns.push_back(batched[j]->numel());
+      done[j] = true;
+    }
+    kernels::zero_many_cuda(outs.data(), ns.data(), static_cast<int64_t>(outs.size()), compute_stream(device));
+  }
+#else
+  for (Tensor t : tensors)  // (handles: the data is shared)
+    if (t.defined()) t.zero_();
+#endif
+}
+
 float Tensor::item() const {
   require_defined("item()");
   if (numel() != 1) KRAKEN_THROW("item() needs one element, got ", describe());

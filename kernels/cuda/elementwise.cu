@@ -278,8 +278,9 @@ __global__ void sum_bf16x8_kernel(__nv_bfloat16* out, SumTable t, int64_t packs)
 // KiB of the 4 KiB of kernel parameters). Slice k owns blocks [first_block[k], first_block[k + 1]) and
 // strides over its elements with them: 8 per access where both of its buffers are 16-byte aligned (then
 // its last n mod 8 one by one), one per access otherwise. Each element is widened or rounded exactly as
-// in the one-tensor kernels above, so every output has the bits of its own cast. kAdd (bf16 → f32 only):
-// out += the widened element instead of out = it, one f32 addition (axpy's with alpha 1).
+// in the one-tensor kernels above, so every output has the bits of its own cast. The same table serves
+// two more many-tensor passes: kAdd (bf16 → f32 only), out += the widened element instead of out = it,
+// one f32 addition (axpy's with alpha 1); kZero (f32 only, x unused), out = 0.
 template <typename From, typename To>
 struct CastTable {
   const From* x[kCastsPerLaunch];
@@ -292,9 +293,10 @@ struct CastTable {
 static_assert(sizeof(CastTable<float, __nv_bfloat16>) <= 4000, "kernel parameters are limited to 4 KiB");
 constexpr int64_t kMaxBlocksPerCast = 16384;  // 33.5M elements per pass, 8 per thread
 
-template <typename From, typename To, bool kAdd = false>
+enum class ManyPass { kCast, kAdd, kZero };
+template <typename From, typename To, ManyPass kPass = ManyPass::kCast>
 __global__ void cast_many_kernel(CastTable<From, To> c) {
-  static_assert(!kAdd || std::is_same_v<To, float>, "only an f32 output is accumulated into");
+  static_assert(kPass == ManyPass::kCast || std::is_same_v<To, float>, "only f32 outputs are added into or zeroed");
   const int b = static_cast<int>(blockIdx.x);
   int lo = 0, hi = c.count - 1;  // this block's slice: the last k with first_block[k] <= b
   while (lo < hi) {
@@ -313,9 +315,9 @@ __global__ void cast_many_kernel(CastTable<From, To> c) {
   if (c.wide[lo]) {
     const int64_t packs = n / 8;
     for (int64_t p = first; p < packs; p += stride) {
-      float v[8];
-      load8(x + 8 * p, v);
-      if constexpr (kAdd) {
+      float v[8] = {};
+      if constexpr (kPass != ManyPass::kZero) load8(x + 8 * p, v);
+      if constexpr (kPass == ManyPass::kAdd) {
         float o[8];
         load8(out + 8 * p, o);
 #pragma unroll
@@ -326,7 +328,9 @@ __global__ void cast_many_kernel(CastTable<From, To> c) {
     scalar_from = 8 * packs;
   }
   for (int64_t i = scalar_from + first; i < n; i += stride) {
-    if constexpr (kAdd)
+    if constexpr (kPass == ManyPass::kZero)
+      store(out + i, 0.0f);
+    else if constexpr (kPass == ManyPass::kAdd)
       store(out + i, load(out + i) + load(x + i));
     else
       store(out + i, load(x + i));
@@ -339,13 +343,13 @@ inline float* storage_ptr(float* p) { return p; }
 inline const __nv_bfloat16* storage_ptr(const uint16_t* p) { return as_bf16(p); }
 inline __nv_bfloat16* storage_ptr(uint16_t* p) { return as_bf16(p); }
 
-template <typename From, typename To, bool kAdd = false, typename OutArg, typename XArg>
+template <typename From, typename To, ManyPass kPass = ManyPass::kCast, typename OutArg, typename XArg>
 void cast_many(OutArg* const* outs, const XArg* const* xs, const int64_t* ns, int64_t count, CUstream_st* s) {
   CastTable<From, To> table{};
   auto launch = [&] {
     if (table.count == 0) return;
     KRAKEN_KERNEL(static_cast<unsigned int>(table.first_block[table.count]), kThreads, 0, s,
-                  cast_many_kernel<From, To, kAdd>)
+                  cast_many_kernel<From, To, kPass>)
     (table);
     KRAKEN_CUDA_LAUNCH_CHECK();
     table = CastTable<From, To>{};
@@ -353,10 +357,10 @@ void cast_many(OutArg* const* outs, const XArg* const* xs, const int64_t* ns, in
   for (int64_t t = 0; t < count; ++t) {
     if (ns[t] <= 0) continue;
     const int j = table.count;
-    table.x[j] = storage_ptr(xs[t]);
+    table.x[j] = xs ? storage_ptr(xs[t]) : nullptr;
     table.out[j] = storage_ptr(outs[t]);
     table.n[j] = ns[t];
-    table.wide[j] = aligned16(xs[t]) && aligned16(outs[t]);
+    table.wide[j] = (!xs || aligned16(xs[t])) && aligned16(outs[t]);
     const int64_t units = table.wide[j] ? (ns[t] + 7) / 8 : ns[t];  // threads the slice could use
     const int64_t blocks = std::min<int64_t>(kMaxBlocksPerCast, (units + kThreads - 1) / kThreads);
     table.first_block[j + 1] = table.first_block[j] + static_cast<int>(blocks);
@@ -465,7 +469,10 @@ void cast_bf16_to_f32_many_cuda(float* const* outs, const uint16_t* const* xs, c
 }
 void accumulate_bf16_many_cuda(float* const* accs, const uint16_t* const* xs, const int64_t* ns, int64_t count,
                                CUstream_st* s) {
-  cast_many<__nv_bfloat16, float, true>(accs, xs, ns, count, s);
+  cast_many<__nv_bfloat16, float, ManyPass::kAdd>(accs, xs, ns, count, s);
+}
+void zero_many_cuda(float* const* outs, const int64_t* ns, int64_t count, CUstream_st* s) {
+  cast_many<float, float, ManyPass::kZero>(outs, static_cast<const float* const*>(nullptr), ns, count, s);
 }
 
 // ---- bf16 storage -----------------------------------------------------------------------------------

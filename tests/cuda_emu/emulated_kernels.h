@@ -159,6 +159,7 @@ void cast_bf16_to_f32_many_cuda(float* const* outs, const uint16_t* const* xs, c
 void accumulate_bf16_cuda(float* acc, const uint16_t* x, int64_t n, CUstream_st* stream);
 void accumulate_bf16_many_cuda(float* const* accs, const uint16_t* const* xs, const int64_t* ns, int64_t count,
                                CUstream_st* stream);
+void zero_many_cuda(float* const* outs, const int64_t* ns, int64_t count, CUstream_st* stream);
 void sum_bf16_cuda(uint16_t* out, const uint16_t* const* xs, int64_t count, int64_t n, CUstream_st* stream);
 void sum_rows_cuda(float* db, const float* dout, int64_t rows, int64_t cols, CUstream_st* stream);
 void sum_rows_bf16_cuda(uint16_t* db, const uint16_t* dout, int64_t rows, int64_t cols, CUstream_st* stream);

@@ -752,6 +752,18 @@ void check_many_casts() {
     ASSERT_EQ(got_bits, want_bits) << "emulated many-tensor bf16 += into f32: output buffer element " << i;
     ASSERT_EQ(cpu_bits, want_bits) << "CPU many-tensor bf16 += into f32: output buffer element " << i;
   }
+
+  // The zeroing form: every tensor's elements +0.0, everything between them untouched.
+  std::copy(start.begin(), start.end(), b.out.begin());
+  emu::zero_many_cuda(b.outs.data(), ns.data(), count, nullptr);
+  std::vector<float> want_zero = start;
+  for (size_t k = 0; k < ns.size(); ++k)
+    std::fill_n(want_zero.begin() + (b.outs[k] - b.out.data()), ns[k], 0.0f);
+  for (size_t i = 0; i < want_zero.size(); ++i) {
+    uint32_t got_bits, want_bits;
+    std::memcpy(&got_bits, &b.out[i], 4), std::memcpy(&want_bits, &want_zero[i], 4);
+    ASSERT_EQ(got_bits, want_bits) << "emulated many-tensor zero: output buffer element " << i;
+  }
 }
 
 TEST(CudaEmulation, ManyTensorCastsAreTheOneTensorCastsBits) { under_both_schedules(check_many_casts); }

@@ -112,6 +112,16 @@ TEST(GpuCastMany, IsOneCastPerTensorBitForBitForwardAndBackward) {
   runtime::backward(single_outs2, seeds);
   for (size_t k = 0; k < shapes.size(); ++k)
     expect_same_bits(many[k].grad(), single[k].grad(), "gradient added into the first, tensor " + std::to_string(k));
+  // runtime::zero_all, as Module::zero_grad calls it: every gradient zero (the f32 ones in one launch per
+  // kCastsPerLaunch tensors), a bf16 tensor among them too (zero_() of its own), nothing else touched.
+  std::vector<Tensor> grads;
+  for (const Tensor& t : many) grads.push_back(t.grad());
+  const Tensor bf16 = seeds[0].clone(), untouched = single[0].grad().clone();
+  grads.push_back(bf16);
+  runtime::zero_all(grads);
+  for (size_t k = 0; k < grads.size(); ++k)
+    expect_same_bits(grads[k], Tensor::zeros(grads[k].shape(), grads[k].dtype(), device), "zeroed, tensor " + std::to_string(k));
+  expect_same_bits(single[0].grad(), untouched, "a gradient not passed to zero_all");
 }
 
 }  // namespace
