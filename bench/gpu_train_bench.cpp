@@ -61,6 +61,7 @@
 #include "train/trainer.h"
 
 #if KRAKEN_WITH_CUDA
+#include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 
 #include "kernels/attention.h"
@@ -346,8 +347,13 @@ void bench_model(const char* label, const KrakenConfig& c, DType compute, int64_
   const auto t0 = Clock::now();
   const kraken::runtime::MemoryTraffic traffic_before = kraken::runtime::memory_traffic();
   timed = true;
+  // The timed steps are what a profiler started with collection off (ncu --profile-from-start off:
+  // tools/gpu-profile.sh) records: steady-state steps, after the warm-up's first allocations, plans and
+  // gradients.
+  BENCH_CUDA(cudaProfilerStart());
   for (int i = 0; i < o.steps; ++i) step();
   kraken::runtime::synchronize(gpu);
+  BENCH_CUDA(cudaProfilerStop());
   const double seconds = std::chrono::duration<double>(Clock::now() - t0).count() / o.steps;
   // Passes the runtime makes outside kernels (cudaMemcpyAsync, cudaMemsetAsync: a profile of kernels does
   // not list them), per step.

@@ -6,8 +6,11 @@
 #   bash tools/gpu-check.sh; bash tools/gpu-profile.sh [gpt2|kraken4 ...]     (default: both)
 #
 # KRAKEN_PROFILE_BATCH=B profiles a step of B sequences (default 8; the benchmark's largest is 64).
-# ncu runs the program with --warmup 0 --steps 1, so the list also holds the few kernels that
-# initialise the weights (Philox normal fills) before the step. Each kernel is timed alone (ncu
+# ncu runs the program with --warmup 1 --steps 1 and collection off until the timed step starts
+# (--profile-from-start off; gpu_train_bench brackets its timed steps with cudaProfilerStart/Stop), so
+# the list is one steady-state step: its gradients already exist and are added into, the optimizer's
+# bf16 copies are current, every plan is built — none of the first step's set-up, and no weight
+# initialisation (until the eleventh session: the first step, from fresh). Each kernel is timed alone (ncu
 # serialises them), with the clocks and caches left as they are (--clock-control none --cache-control
 # none): the sum is the step's GPU time without overlap, close to the step time for this runtime,
 # which issues everything on one stream. Then, where KRAKEN_PROFILE_KERNELS (regexes) or
@@ -35,9 +38,9 @@ for model in "${models[@]}"; do
   csv="$build/gpu-profile-$model.csv"
   echo "gpu-profile: $model under $ncu_bin"
   t0=$(date +%s)
-  "$ncu_bin" --metrics gpu__time_duration.sum --clock-control none --cache-control none --csv --page raw \
-    --print-units base "$bench" --model "$model" --precision bf16 --batch "${KRAKEN_PROFILE_BATCH:-8}" --training-only \
-    --no-host-probe --warmup 0 --steps 1 > "$csv" 2> "$build/gpu-profile-$model.log"
+  "$ncu_bin" --metrics gpu__time_duration.sum --clock-control none --cache-control none --profile-from-start off \
+    --csv --page raw --print-units base "$bench" --model "$model" --precision bf16 --batch "${KRAKEN_PROFILE_BATCH:-8}" \
+    --training-only --no-host-probe --warmup 1 --steps 1 > "$csv" 2> "$build/gpu-profile-$model.log"
   rc=$?
   echo "## $model, B = ${KRAKEN_PROFILE_BATCH:-8} (ncu exit status $rc, $(( $(date +%s) - t0 )) s)" >> "$report"
   [[ $rc -eq 0 ]] || { status=1; tail -n 20 "$build/gpu-profile-$model.log" >> "$report"; continue; }
@@ -73,7 +76,7 @@ done
 
 # Then single kernels under ncu's full set of sections (speed of light, occupancy, registers, warp stall
 # reasons, memory workload): why they run where they do, not only how long. One launch each (the first of
-# its kind in the step), for each model profiled above, at KRAKEN_PROFILE_BATCH. Which: the regexes in
+# its kind in the steady-state step), for each model profiled above, at KRAKEN_PROFILE_BATCH. Which: the regexes in
 # KRAKEN_PROFILE_KERNELS (e.g. "layernorm_backward_fused cross_entropy_fused"), and with
 # KRAKEN_PROFILE_ATTENTION=1 the three mma attention kernels (run with KRAKEN_CUDA_ATTENTION=mma: the
 # default takes cuDNN's). bench/RESULTS.md has the last ones.
@@ -92,8 +95,8 @@ if [[ ${#detail_kernels[@]} -gt 0 ]]; then
       echo "gpu-profile: $model $kernel, full section set"
       echo "===== $model, B = ${KRAKEN_PROFILE_BATCH:-8}: $kernel =====" >> "$details"
       env "${attention[@]}" "$ncu_bin" --set full --kernel-name "regex:$kernel" --launch-count 1 --print-summary none \
-        "$bench" --model "$model" --precision bf16 --batch "${KRAKEN_PROFILE_BATCH:-8}" --training-only \
-        --no-host-probe --warmup 0 --steps 1 2>&1 | grep -v '^==PROF==' | sed -n "/$kernel/,\$p" \
+        --profile-from-start off "$bench" --model "$model" --precision bf16 --batch "${KRAKEN_PROFILE_BATCH:-8}" \
+        --training-only --no-host-probe --warmup 1 --steps 1 2>&1 | grep -v '^==PROF==' | sed -n "/$kernel/,\$p" \
         >> "$details" || status=1
     done
   done
