@@ -324,7 +324,7 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
   bench_variant atomic KRAKEN_CUDNN_ATTENTION_BACKWARD=atomic 120 90 "cuDNN's atomic dQ backward" \
     --training-only --batch 8,64
   # The LayerNorm backward with its dgamma/dbeta sums in shared memory (half the registers a thread of the
-  # default's; kernels/layernorm.h): unmeasured when built (tenth session), so first.
+  # default's; kernels/layernorm.h): unmeasured when built (tenth session), so early.
   bench_variant lnshared KRAKEN_CUDA_LAYERNORM_BACKWARD=shared 120 90 \
     "the LayerNorm backward's sums in shared memory" --training-only --batch 8,64
   # Every product's plan timing 8 of cuBLASLt's algorithms and keeping the fastest (a measurement mode:
