@@ -450,38 +450,30 @@ void bench_kernels(const DeviceInfo& dev, Report& r) {
     // dx = dx_in + …: reads dout, x and dx_in, writes dx; dgamma and dbeta come from the same reads. (Rows
     // recorded before the fifth session's LayerNorm change counted their separate pass: 6 × N·C bytes.)
     // Without another path's gradient (dx_in null) dx is only written, where the ninth session's ops
-    // zeroed it first and the kernel read it back. Each with the chunk's dgamma/dbeta sums in registers
-    // and in shared memory (kernels/layernorm.h), and again at the Kraken preset's shape at B = 64: one
+    // zeroed it first and the kernel read it back. Then again at the Kraken preset's shape at B = 64: one
     // sub-layer's (64·1024) × 504 block.
-    for (const auto sums : {LayerNormBackwardSums::kRegisters, LayerNormBackwardSums::kSharedMemory}) {
-      const std::string where = sums == LayerNormBackwardSums::kRegisters ? "sums in registers" : "sums in shared memory";
-      row(("bf16 layernorm backward (dx, dgamma, dbeta in one pass), " + where).c_str(), h * 4.0 * N * C + f * 2 * N,
-          time_kernel([&] { layernorm_backward_bf16_cuda(dx.data<uint16_t>(), s.data<uint16_t>(), dgamma.data<float>(),
-                                                         dbeta.data<float>(), dout.data<uint16_t>(), x.data<uint16_t>(),
-                                                         gamma.data<float>(), mean.data<float>(), rstd.data<float>(), N,
-                                                         C, nullptr, sums); }));
-      row(("bf16 layernorm backward, dx written only (no dx_in), " + where).c_str(), h * 3.0 * N * C + f * 2 * N,
-          time_kernel([&] { layernorm_backward_bf16_cuda(dx.data<uint16_t>(), nullptr, dgamma.data<float>(),
-                                                         dbeta.data<float>(), dout.data<uint16_t>(), x.data<uint16_t>(),
-                                                         gamma.data<float>(), mean.data<float>(), rstd.data<float>(), N,
-                                                         C, nullptr, sums); }));
-    }
+    row("bf16 layernorm backward (dx, dgamma, dbeta in one pass)", h * 4.0 * N * C + f * 2 * N,
+        time_kernel([&] { layernorm_backward_bf16_cuda(dx.data<uint16_t>(), s.data<uint16_t>(), dgamma.data<float>(),
+                                                       dbeta.data<float>(), dout.data<uint16_t>(), x.data<uint16_t>(),
+                                                       gamma.data<float>(), mean.data<float>(), rstd.data<float>(), N, C,
+                                                       nullptr); }));
+    row("bf16 layernorm backward, dx written only (no dx_in)", h * 3.0 * N * C + f * 2 * N,
+        time_kernel([&] { layernorm_backward_bf16_cuda(dx.data<uint16_t>(), nullptr, dgamma.data<float>(),
+                                                       dbeta.data<float>(), dout.data<uint16_t>(), x.data<uint16_t>(),
+                                                       gamma.data<float>(), mean.data<float>(), rstd.data<float>(), N, C,
+                                                       nullptr); }));
     {
       const int64_t rows = 64 * 1024, width = 504;
       Tensor kx = bf16(normal({rows, width}, 80)), kdout = bf16(normal({rows, width}, 81));
       Tensor kin = bf16(normal({rows, width}, 82)), kdx = bf16(normal({rows, width}, 83));
       Tensor kgamma = normal({width}, 84), kmean = normal({rows}, 85), krstd = normal({rows}, 86);
       Tensor kdgamma = normal({width}, 87), kdbeta = normal({width}, 88);
-      for (const auto sums : {LayerNormBackwardSums::kRegisters, LayerNormBackwardSums::kSharedMemory}) {
-        const std::string label = std::string("bf16 layernorm backward, 65536×504 (Kraken B = 64), ") +
-                                  (sums == LayerNormBackwardSums::kRegisters ? "sums in registers" : "sums in shared memory");
-        row(label.c_str(), h * 4.0 * rows * width + f * 2 * rows,
-            time_kernel([&] { layernorm_backward_bf16_cuda(kdx.data<uint16_t>(), kin.data<uint16_t>(),
-                                                           kdgamma.data<float>(), kdbeta.data<float>(),
-                                                           kdout.data<uint16_t>(), kx.data<uint16_t>(),
-                                                           kgamma.data<float>(), kmean.data<float>(),
-                                                           krstd.data<float>(), rows, width, nullptr, sums); }));
-      }
+      row("bf16 layernorm backward, 65536×504 (Kraken B = 64)", h * 4.0 * rows * width + f * 2 * rows,
+          time_kernel([&] { layernorm_backward_bf16_cuda(kdx.data<uint16_t>(), kin.data<uint16_t>(),
+                                                         kdgamma.data<float>(), kdbeta.data<float>(),
+                                                         kdout.data<uint16_t>(), kx.data<uint16_t>(),
+                                                         kgamma.data<float>(), kmean.data<float>(), krstd.data<float>(),
+                                                         rows, width, nullptr); }));
       // A Kraken layer's four sub-layers at B = 8 (4 × 8192 rows, the same buffers' first quarter), one call
       // per sub-layer against one grouped call (kernels/layernorm.h): 256 chunks of 32 rows a call fill
       // under half the blocks an H100 holds at once.
@@ -491,25 +483,22 @@ void bench_kernels(const DeviceInfo& dev, Report& r) {
       for (int64_t g = 0; g < G; ++g)
         groups.push_back({kgamma.data<float>(), group_dgamma.data<float>() + g * width,
                           group_dbeta.data<float>() + g * width});
-      for (const auto sums : {LayerNormBackwardSums::kRegisters, LayerNormBackwardSums::kSharedMemory}) {
-        const std::string where = sums == LayerNormBackwardSums::kRegisters ? "sums in registers" : "sums in shared memory";
-        row(("bf16 layernorm backward, 4 × 8192×504 (Kraken B = 8), one call per sub-layer, " + where).c_str(),
-            h * 4.0 * G * group_rows * width + f * 2 * G * group_rows, time_kernel([&] {
-              for (int64_t g = 0; g < G; ++g) {
-                const int64_t e = g * group_rows * width;
-                layernorm_backward_bf16_cuda(kdx.data<uint16_t>() + e, kin.data<uint16_t>() + e, groups[g].dgamma,
-                                             groups[g].dbeta, kdout.data<uint16_t>() + e, kx.data<uint16_t>() + e,
-                                             kgamma.data<float>(), kmean.data<float>() + g * group_rows,
-                                             krstd.data<float>() + g * group_rows, group_rows, width, nullptr, sums);
-              }
-            }));
-        row(("bf16 layernorm backward, 4 × 8192×504 (Kraken B = 8), grouped, " + where).c_str(),
-            h * 4.0 * G * group_rows * width + f * 2 * G * group_rows, time_kernel([&] {
-              layernorm_backward_grouped_bf16_cuda(kdx.data<uint16_t>(), kin.data<uint16_t>(), groups.data(), G,
-                                                   kdout.data<uint16_t>(), kx.data<uint16_t>(), kmean.data<float>(),
-                                                   krstd.data<float>(), group_rows, width, nullptr, sums);
-            }));
-      }
+      row("bf16 layernorm backward, 4 × 8192×504 (Kraken B = 8), one call per sub-layer",
+          h * 4.0 * G * group_rows * width + f * 2 * G * group_rows, time_kernel([&] {
+            for (int64_t g = 0; g < G; ++g) {
+              const int64_t e = g * group_rows * width;
+              layernorm_backward_bf16_cuda(kdx.data<uint16_t>() + e, kin.data<uint16_t>() + e, groups[g].dgamma,
+                                           groups[g].dbeta, kdout.data<uint16_t>() + e, kx.data<uint16_t>() + e,
+                                           kgamma.data<float>(), kmean.data<float>() + g * group_rows,
+                                           krstd.data<float>() + g * group_rows, group_rows, width, nullptr);
+            }
+          }));
+      row("bf16 layernorm backward, 4 × 8192×504 (Kraken B = 8), grouped",
+          h * 4.0 * G * group_rows * width + f * 2 * G * group_rows, time_kernel([&] {
+            layernorm_backward_grouped_bf16_cuda(kdx.data<uint16_t>(), kin.data<uint16_t>(), groups.data(), G,
+                                                 kdout.data<uint16_t>(), kx.data<uint16_t>(), kmean.data<float>(),
+                                                 krstd.data<float>(), group_rows, width, nullptr);
+          }));
     }
     Tensor u = bf16(normal({n}, 72)), gu = bf16(normal({n}, 73)), du = bf16(normal({n}, 74)), gx = bf16(normal({n}, 75));
     row("bf16 GELU forward", h * 2.0 * n,

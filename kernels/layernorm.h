@@ -32,19 +32,12 @@ void layernorm_backward_cpu(float* dx, const float* dx_in, float* dgamma, float*
 
 // ---- CUDA (same contracts, fp32) ----------------------------------------------------------------
 // Where C is a multiple of 8 up to 1024 and dx and the parameters' gradients are both wanted, the CUDA
-// backward computes all three in one pass over dout and x, keeping a block's dgamma/dbeta partial sums
-// either in registers beside the row (kRegisters) or in shared memory (kSharedMemory: fewer registers a
-// thread, more warps an SM). Both give the same sums in the same order; which is faster is the
-// benchmark's to say. kDefault reads KRAKEN_CUDA_LAYERNORM_BACKWARD (registers | shared; read once per
-// process), unset: kRegisters.
-enum class LayerNormBackwardSums { kDefault, kRegisters, kSharedMemory };
-
+// backward computes all three in one pass over dout and x (kernels/cuda/layernorm.cu).
 void layernorm_forward_cuda(float* out, float* mean, float* rstd, const float* x, const float* gamma,
                             const float* beta, int64_t rows, int64_t C, float eps, CUstream_st* stream);
 void layernorm_backward_cuda(float* dx, const float* dx_in, float* dgamma, float* dbeta, const float* dout,
                              const float* x, const float* gamma, const float* mean, const float* rstd, int64_t rows,
-                             int64_t C, CUstream_st* stream,
-                             LayerNormBackwardSums sums = LayerNormBackwardSums::kDefault);
+                             int64_t C, CUstream_st* stream);
 
 // ---- CUDA, grouped: G blocks of rows, each with its own gamma and gradients ------------------------
 // dx, dx_in, dout, x (G · rows_per_group, C) and mean, rstd (G · rows_per_group,): block g, rows
@@ -59,8 +52,7 @@ struct LayerNormGroupGradients {
 };
 void layernorm_backward_grouped_cuda(float* dx, const float* dx_in, const LayerNormGroupGradients* groups, int64_t G,
                                      const float* dout, const float* x, const float* mean, const float* rstd,
-                                     int64_t rows_per_group, int64_t C, CUstream_st* stream,
-                                     LayerNormBackwardSums sums = LayerNormBackwardSums::kDefault);
+                                     int64_t rows_per_group, int64_t C, CUstream_st* stream);
 
 // ---- CUDA, the residual add fused into the LayerNorm after it --------------------------------------
 // s = a + b (rounded to the storage type and stored), out = layernorm(s) computed from the stored s:
@@ -81,11 +73,9 @@ void layernorm_forward_bf16_cuda(uint16_t* out, float* mean, float* rstd, const 
                                  const float* beta, int64_t rows, int64_t C, float eps, CUstream_st* stream);
 void layernorm_backward_bf16_cuda(uint16_t* dx, const uint16_t* dx_in, float* dgamma, float* dbeta,
                                   const uint16_t* dout, const uint16_t* x, const float* gamma, const float* mean,
-                                  const float* rstd, int64_t rows, int64_t C, CUstream_st* stream,
-                                  LayerNormBackwardSums sums = LayerNormBackwardSums::kDefault);
+                                  const float* rstd, int64_t rows, int64_t C, CUstream_st* stream);
 void layernorm_backward_grouped_bf16_cuda(uint16_t* dx, const uint16_t* dx_in, const LayerNormGroupGradients* groups,
                                           int64_t G, const uint16_t* dout, const uint16_t* x, const float* mean,
-                                          const float* rstd, int64_t rows_per_group, int64_t C, CUstream_st* stream,
-                                          LayerNormBackwardSums sums = LayerNormBackwardSums::kDefault);
+                                          const float* rstd, int64_t rows_per_group, int64_t C, CUstream_st* stream);
 
 }  // namespace kraken::kernels

@@ -4,9 +4,8 @@
 // where C is a multiple of 8 up to 2048 and the rows 16-byte aligned, the row stays in the warp's
 // registers and moves in 16-byte pieces (the _x8 kernels).
 // dgamma/dbeta: where C is a multiple of 8 up to 1024 and dx is wanted too, in the dx pass (its row
-// chunks' sums, then the chunks added in order: layernorm_backward_fused_x8_kernel, which keeps a chunk's
-// sums in registers, or layernorm_backward_shared_sums_x8_kernel, in shared memory; one launch for all
-// groups of a grouped backward, each with its own gamma and gradients); else where C is a
+// chunks' sums in shared memory, then the chunks added in order: layernorm_backward_fused_x8_kernel; one
+// launch for all groups of a grouped backward, each with its own gamma and gradients); else where C is a
 // multiple of 8 and the rows 16-byte aligned, the two-pass column sums of column_sums.h (the same
 // scheme over a second read of dout and x); otherwise
 // column-parallel without atomics or scratch: a block owns kCols columns and all rows; its kGroups row
@@ -18,9 +17,7 @@
 #include <cuda_bf16.h>
 
 #include <cstdint>
-#include <cstdlib>
 #include <initializer_list>
-#include <string>
 #include <type_traits>
 
 #include "kernels/cuda/check.h"
@@ -245,13 +242,10 @@ __global__ void add_layernorm_forward_x8_kernel(T* s, T* out, float* mean, float
   normalise_row_x8<kPacks>(out + r * C, mean, rstd, v, sum, gamma, beta, r, C, eps, lane);
 }
 
-// dx = dx_in + … for row r from its packs in registers (the warp's lanes, lane l owning packs l, l + 32, …). With
-// kSums, also adds the row's dgamma and dbeta terms at the lane's columns, dout·x̂ (when with_gamma) and
-// dout — the f32 expressions of LayerNormParamTerms — into dg and db.
-template <bool kSums, int kPacks, typename T>
+// dx = dx_in + … for row r from its packs in registers (the warp's lanes, lane l owning packs l, l + 32, …).
+template <int kPacks, typename T>
 __device__ __forceinline__ void backward_row_x8(T* dx, const T* dx_in, const T* dout, const T* x, const float* gamma,
-                                                float mu, float rs, int64_t r, int C, int lane, bool with_gamma,
-                                                float (&dg)[kPacks][8], float (&db)[kPacks][8]) {
+                                                float mu, float rs, int64_t r, int C, int lane) {
   // (zero-initialised: the emulation's host compiler cannot see that a pack is written before it is read)
   float g[kPacks][8] = {}, centred[kPacks][8] = {};
   float sum_g = 0.0f, sum_gx = 0.0f;
@@ -269,10 +263,6 @@ __device__ __forceinline__ void backward_row_x8(T* dx, const T* dx_in, const T* 
       centred[p][i] -= mu;
       sum_g += g[p][i];
       sum_gx += g[p][i] * centred[p][i] * rs;
-      if (kSums) {
-        if (with_gamma) dg[p][i] += d[i] * centred[p][i] * rs;
-        db[p][i] += d[i];
-      }
     }
   }
   const float mean_g = warp_sum(sum_g) / static_cast<float>(C);
@@ -295,23 +285,22 @@ __global__ void layernorm_backward_dx_x8_kernel(T* dx, const T* dx_in, const T* 
   const int lane = threadIdx.x & 31;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
   if (r >= rows) return;
-  float unused[kPacks][8];
-  backward_row_x8<false>(dx, dx_in, dout, x, gamma, mean[r], rstd[r], r, C, lane, false, unused, unused);
+  backward_row_x8<kPacks>(dx, dx_in, dout, x, gamma, mean[r], rstd[r], r, C, lane);
 }
 
 // dx as above and, in the same pass over dout and x, the chunk's dgamma and dbeta terms: the
 // separate two-pass column sums read dout and x a second time (0.44 ms of a GPT-2 step on an H200,
 // 1.3 ms for the Kraken 4-way preset's 97 LayerNorms). Block b owns rows [32b, 32b + 32): warp w takes
-// rows 32b + w, + 8, + 16, + 24 in order, each lane adding its columns' terms into registers
-// (backward_row_x8); the 8 warps' sums then go into shared memory in warp order, and the chunk's totals
-// to partials[(term · chunks + b) · C + c]; column_totals_kernel adds the chunks in a fixed order. Every sum's
-// order is fixed by rows and C. Up to kMaxFusedPacks packs per lane (C ≤ 1024), where the sums fit in
-// registers beside the row.
+// rows 32b + w, + 8, + 16, + 24 in order, each lane adding its columns' terms into the warp's slice of
+// shared memory; the 8 slices are then added in warp order, and the chunk's totals go to
+// partials[(term · chunks + b) · C + c]; column_totals_kernel adds the chunks in a fixed order. Every
+// sum's order is fixed by rows and C. Up to kMaxFusedPacks packs per lane (C ≤ 1024), where the row
+// stays in registers and the slices take 64·C bytes of shared memory a block.
 constexpr int kMaxFusedPacks = 4;
 constexpr int kFusedRowsPerWarp = 4;
 constexpr int kFusedRows = kWarpsPerBlock * kFusedRowsPerWarp;  // rows per block: a chunk
 
-// The one-pass kernels run several groups of rows in one launch (a Kraken layer's sub-layers, each with
+// The one-pass kernel runs several groups of rows in one launch (a Kraken layer's sub-layers, each with
 // its own gamma; kernels/layernorm.h): grid (chunks of a group, groups), block (b, y) does chunk b of
 // group y — rows [y·rows, (y + 1)·rows) of the launch, gamma[y], and the partial sums of group y, which
 // start 2 · chunks · C floats after group y − 1's. One group is the plain LayerNorm.
@@ -327,75 +316,38 @@ __device__ __forceinline__ int64_t enter_group(const GroupTable& table, const fl
   return (static_cast<int64_t>(blockIdx.y) + 1) * table.rows;
 }
 
-template <typename T, int kPacks>
-__global__ void layernorm_backward_fused_x8_kernel(T* dx, const T* dx_in, float* partials, const T* dout, const T* x,
-                                                   GroupTable table, const float* mean, const float* rstd, int C,
-                                                   bool with_gamma) {
-  static_assert(kPacks <= kMaxFusedPacks, "the column sums would not fit in registers");
-  __shared__ float sums[2][32 * 8 * kMaxFusedPacks];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const float* gamma = nullptr;
-  const int64_t end = enter_group(table, gamma, partials, C), first = end - table.rows;
-  float dg[kPacks][8] = {}, db[kPacks][8] = {};
-  for (int k = 0; k < kFusedRowsPerWarp; ++k) {
-    const int64_t r = first + static_cast<int64_t>(blockIdx.x) * kFusedRows + k * kWarpsPerBlock + warp;
-    if (r >= end) break;  // (not return: the warp still takes part in the barriers below)
-    backward_row_x8<true>(dx, dx_in, dout, x, gamma, mean[r], rstd[r], r, C, lane, with_gamma, dg, db);
-  }
-  for (int w = 0; w < kWarpsPerBlock; ++w) {
-    if (warp == w) {
-#pragma unroll
-      for (int p = 0; p < kPacks; ++p) {
-        const int c0 = 8 * (lane + 32 * p);
-        if (c0 >= C) break;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          sums[0][c0 + i] = (w == 0 ? 0.0f : sums[0][c0 + i]) + dg[p][i];
-          sums[1][c0 + i] = (w == 0 ? 0.0f : sums[1][c0 + i]) + db[p][i];
-        }
-      }
-    }
-    __syncthreads();
-  }
-  for (int c = threadIdx.x; c < C; c += blockDim.x) {
-    partials[static_cast<int64_t>(blockIdx.x) * C + c] = sums[0][c];
-    partials[(static_cast<int64_t>(gridDim.x) + blockIdx.x) * C + c] = sums[1][c];
-  }
-}
-
-// The same pass with the chunk's dgamma/dbeta sums in shared memory and the row held as stored
-// (Stored8). The kernel above keeps both in registers: 96 a thread at C = 504 (bf16, 2 packs per lane),
+// The sums are kept in shared memory, not in registers beside the row, and the row is held as stored
+// (Stored8): sums and row in registers took 96 registers a thread at C = 504 (bf16, 2 packs per lane) and
 // 128 at C = 768 — 2 blocks of 8 warps per SM, a quarter of the warps an SM can hold, each with one row's
-// loads in flight (ptxas; the bf16 backward moved 38–47% of an H100's bandwidth). Here a bf16 row costs 12
-// registers a pack with dx_in and the launch bounds below ask for 4 blocks (64 registers; shared memory
-// 64·C bytes a block, 48 KB at C = 768), and dx_in is loaded with the row: one round trip to memory a row,
-// not two. Warp w's slice of shared memory takes the terms of rows w, w + 8, … of the chunk in order and
-// the slices are added in warp order: the sums, and their order, of the kernel above.
+// loads in flight (ptxas; on an H100, 0.184 ms for the bf16 backward of 65536 × 504 where this takes
+// 0.122). Here a bf16 row costs 12 registers a pack with dx_in and the launch bounds below ask for 4
+// blocks (64 registers; shared memory 64·C bytes a block, 48 KB at C = 768), and dx_in is loaded with the
+// row: one round trip to memory a row, not two.
 // A slice holds pack P's 8 columns as two float4, every pack's low half first, so that lane l's accesses
 // to packs l + 32p are consecutive float4 (no bank conflicts).
 __device__ __forceinline__ int slice_float4(int pack, int half, int packs) { return half * packs + pack; }
 
 // What fits a thread's registers (ptxas -v, sm_90): bf16 rows of 1 or 2 packs a lane take 56 and 64
 // registers with dx_in loaded with the row — 4 blocks an SM (≤ 64) — 3 packs 79 (64 if dx_in is loaded
-// after the row's sums, as the kernel above does), 4 packs 80 without; f32 rows of 1–4 packs 56, 76, 96,
-// 118 without. So dx_in joins the row's loads for bf16 up to 2 packs (C ≤ 512: the Kraken preset's 504),
-// and the launch bounds ask for as many blocks as those counts allow.
+// after the row's sums), 4 packs 80 without; f32 rows of 1–4 packs 56, 76, 96, 118 without. So dx_in
+// joins the row's loads for bf16 up to 2 packs (C ≤ 512: the Kraken preset's 504), and the launch bounds
+// ask for as many blocks as those counts allow.
 template <typename T, int kPacks>
 constexpr bool dx_in_with_row() {
   return sizeof(T) == 2 && kPacks <= 2;
 }
 template <typename T, int kPacks>
-constexpr int shared_sums_blocks_per_sm() {
+constexpr int fused_blocks_per_sm() {
   if (sizeof(T) == 2) return kPacks <= 3 ? 4 : 3;
   return kPacks == 1 ? 4 : (kPacks == 2 ? 3 : 2);
 }
 
 template <typename T, int kPacks>
-__global__ void __launch_bounds__(kWarpsPerBlock * 32, (shared_sums_blocks_per_sm<T, kPacks>()))
-    layernorm_backward_shared_sums_x8_kernel(T* dx, const T* dx_in, float* partials, const T* dout, const T* x,
-                                             GroupTable table, const float* mean, const float* rstd, int C,
-                                             bool with_gamma) {
-  static_assert(kPacks <= kMaxFusedPacks, "instantiated for the fused kernel's C only");
+__global__ void __launch_bounds__(kWarpsPerBlock * 32, (fused_blocks_per_sm<T, kPacks>()))
+    layernorm_backward_fused_x8_kernel(T* dx, const T* dx_in, float* partials, const T* dout, const T* x,
+                                       GroupTable table, const float* mean, const float* rstd, int C,
+                                       bool with_gamma) {
+  static_assert(kPacks <= kMaxFusedPacks, "the one pass takes C up to 32 · 8 · kMaxFusedPacks only");
   KRAKEN_DYNAMIC_SHARED(float, sums);  // kWarpsPerBlock slices of [dgamma terms, dbeta terms], C floats each
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, packs = C / 8;
   const float* gamma = nullptr;
@@ -626,18 +578,6 @@ void add_layernorm_forward(T* s, T* out, float* mean, float* rstd, const T* a, c
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
 
-// KRAKEN_CUDA_LAYERNORM_BACKWARD, read once: which fused kernel kDefault takes (kernels/layernorm.h).
-LayerNormBackwardSums default_backward_sums() {
-  static const LayerNormBackwardSums sums = [] {
-    const char* v = std::getenv("KRAKEN_CUDA_LAYERNORM_BACKWARD");
-    if (v == nullptr || *v == '\0' || std::string(v) == "registers") return LayerNormBackwardSums::kRegisters;
-    if (std::string(v) == "shared") return LayerNormBackwardSums::kSharedMemory;
-    KRAKEN_THROW("KRAKEN_CUDA_LAYERNORM_BACKWARD=", v,
-                 ": expected registers (the dgamma/dbeta sums beside the row), shared (in shared memory) or unset");
-  }();
-  return sums;
-}
-
 // dgamma[g] += totals (where wanted) for the group blockIdx.y of a grouped launch.
 struct GroupedParamAccumulate {
   float* dgamma[kMaxGroupsPerLaunch];
@@ -654,7 +594,7 @@ struct GroupedParamAccumulate {
 template <typename T>
 bool layernorm_backward_one_pass(T* dx, const T* dx_in, const LayerNormGroupGradients* groups, int64_t G,
                                  const T* dout, const T* x, const float* mean, const float* rstd, int64_t rows,
-                                 int64_t C, CUstream_st* stream, LayerNormBackwardSums sums) {
+                                 int64_t C, CUstream_st* stream) {
   bool any_params = false, with_gamma = false, aligned = all_aligned16({dx, dx_in, dout, x});
   for (int64_t g = 0; g < G; ++g) {
     any_params = any_params || groups[g].dgamma || groups[g].dbeta;
@@ -683,20 +623,14 @@ bool layernorm_backward_one_pass(T* dx, const T* dx_in, const LayerNormGroupGrad
         const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(n));
         T* dx_g = dx + first;
         const T* dx_in_g = dx_in ? dx_in + first : nullptr;
-        if (sums == LayerNormBackwardSums::kSharedMemory) {
-          const auto kernel = layernorm_backward_shared_sums_x8_kernel<T, kPacks>;
-          const size_t bytes = sizeof(float) * 2 * kWarpsPerBlock * static_cast<size_t>(C);
-          if (bytes > 48 * 1024)  // above the default, asked for per kernel (C > 768)
-            KRAKEN_CUDA_CHECK(
-                cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-          KRAKEN_KERNEL(grid, kWarpsPerBlock * 32, bytes, stream, kernel)
-          (dx_g, dx_in_g, partials, dout + first, x + first, table, mean + g0 * rows, rstd + g0 * rows,
-           static_cast<int>(C), with_gamma);
-        } else {
-          KRAKEN_KERNEL(grid, kWarpsPerBlock * 32, 0, stream, layernorm_backward_fused_x8_kernel<T, kPacks>)
-          (dx_g, dx_in_g, partials, dout + first, x + first, table, mean + g0 * rows, rstd + g0 * rows,
-           static_cast<int>(C), with_gamma);
-        }
+        const auto kernel = layernorm_backward_fused_x8_kernel<T, kPacks>;
+        const size_t bytes = sizeof(float) * 2 * kWarpsPerBlock * static_cast<size_t>(C);
+        if (bytes > 48 * 1024)  // above the default, asked for per kernel (C > 768)
+          KRAKEN_CUDA_CHECK(
+              cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+        KRAKEN_KERNEL(grid, kWarpsPerBlock * 32, bytes, stream, kernel)
+        (dx_g, dx_in_g, partials, dout + first, x + first, table, mean + g0 * rows, rstd + g0 * rows,
+         static_cast<int>(C), with_gamma);
         KRAKEN_CUDA_LAUNCH_CHECK();
         cuda_detail::launch_column_totals<2>(partials, chunks, C, apply, stream, n, 2 * chunks * C);
       }
@@ -734,13 +668,12 @@ void layernorm_backward_separately(T* dx, const T* dx_in, float* dgamma, float* 
 // G groups of `rows` rows each (kernels/layernorm.h): one pass where it applies, else group by group.
 template <typename T>
 void layernorm_backward(T* dx, const T* dx_in, const LayerNormGroupGradients* groups, int64_t G, const T* dout,
-                        const T* x, const float* mean, const float* rstd, int64_t rows, int64_t C, CUstream_st* stream,
-                        LayerNormBackwardSums sums) {
+                        const T* x, const float* mean, const float* rstd, int64_t rows, int64_t C,
+                        CUstream_st* stream) {
   // in the forward pass this was: out = x̂·gamma + beta, x̂ = (x − μ)·rstd
   KRAKEN_CHECK(G >= 1, "layernorm backward: ", G, " groups");
   if (rows <= 0) return;
-  if (sums == LayerNormBackwardSums::kDefault) sums = default_backward_sums();
-  if (layernorm_backward_one_pass(dx, dx_in, groups, G, dout, x, mean, rstd, rows, C, stream, sums)) return;
+  if (layernorm_backward_one_pass(dx, dx_in, groups, G, dout, x, mean, rstd, rows, C, stream)) return;
   for (int64_t g = 0; g < G; ++g) {
     const int64_t first = g * rows * C;
     layernorm_backward_separately(dx ? dx + first : nullptr, dx && dx_in ? dx_in + first : nullptr, groups[g].dgamma,
@@ -758,16 +691,15 @@ void layernorm_forward_cuda(float* out, float* mean, float* rstd, const float* x
 
 void layernorm_backward_cuda(float* dx, const float* dx_in, float* dgamma, float* dbeta, const float* dout,
                              const float* x, const float* gamma, const float* mean, const float* rstd, int64_t rows,
-                             int64_t C, CUstream_st* stream, LayerNormBackwardSums sums) {
+                             int64_t C, CUstream_st* stream) {
   const LayerNormGroupGradients one{gamma, dgamma, dbeta};
-  layernorm_backward(dx, dx_in, &one, 1, dout, x, mean, rstd, rows, C, stream, sums);
+  layernorm_backward(dx, dx_in, &one, 1, dout, x, mean, rstd, rows, C, stream);
 }
 
 void layernorm_backward_grouped_cuda(float* dx, const float* dx_in, const LayerNormGroupGradients* groups, int64_t G,
                                      const float* dout, const float* x, const float* mean, const float* rstd,
-                                     int64_t rows_per_group, int64_t C, CUstream_st* stream,
-                                     LayerNormBackwardSums sums) {
-  layernorm_backward(dx, dx_in, groups, G, dout, x, mean, rstd, rows_per_group, C, stream, sums);
+                                     int64_t rows_per_group, int64_t C, CUstream_st* stream) {
+  layernorm_backward(dx, dx_in, groups, G, dout, x, mean, rstd, rows_per_group, C, stream);
 }
 
 void layernorm_forward_bf16_cuda(uint16_t* out, float* mean, float* rstd, const uint16_t* x, const float* gamma,
@@ -777,19 +709,16 @@ void layernorm_forward_bf16_cuda(uint16_t* out, float* mean, float* rstd, const 
 
 void layernorm_backward_bf16_cuda(uint16_t* dx, const uint16_t* dx_in, float* dgamma, float* dbeta,
                                   const uint16_t* dout, const uint16_t* x, const float* gamma, const float* mean,
-                                  const float* rstd, int64_t rows, int64_t C, CUstream_st* stream,
-                                  LayerNormBackwardSums sums) {
+                                  const float* rstd, int64_t rows, int64_t C, CUstream_st* stream) {
   const LayerNormGroupGradients one{gamma, dgamma, dbeta};
-  layernorm_backward(as_bf16(dx), as_bf16(dx_in), &one, 1, as_bf16(dout), as_bf16(x), mean, rstd, rows, C, stream,
-                     sums);
+  layernorm_backward(as_bf16(dx), as_bf16(dx_in), &one, 1, as_bf16(dout), as_bf16(x), mean, rstd, rows, C, stream);
 }
 
 void layernorm_backward_grouped_bf16_cuda(uint16_t* dx, const uint16_t* dx_in, const LayerNormGroupGradients* groups,
                                           int64_t G, const uint16_t* dout, const uint16_t* x, const float* mean,
-                                          const float* rstd, int64_t rows_per_group, int64_t C, CUstream_st* stream,
-                                          LayerNormBackwardSums sums) {
+                                          const float* rstd, int64_t rows_per_group, int64_t C, CUstream_st* stream) {
   layernorm_backward(as_bf16(dx), as_bf16(dx_in), groups, G, as_bf16(dout), as_bf16(x), mean, rstd, rows_per_group, C,
-                     stream, sums);
+                     stream);
 }
 
 void add_layernorm_forward_cuda(float* s, float* out, float* mean, float* rstd, const float* a, const float* b,

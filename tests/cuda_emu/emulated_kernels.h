@@ -91,7 +91,6 @@ void sum_squares_many_accumulate_cuda(double* total, double* partials, const flo
                                       int64_t count, CUstream_st* stream);
 
 // kernels/layernorm.h
-enum class LayerNormBackwardSums { kDefault, kRegisters, kSharedMemory };
 struct LayerNormGroupGradients {
   const float* gamma;
   float* dgamma;
@@ -99,18 +98,15 @@ struct LayerNormGroupGradients {
 };
 void layernorm_backward_grouped_cuda(float* dx, const float* dx_in, const LayerNormGroupGradients* groups, int64_t G,
                                      const float* dout, const float* x, const float* mean, const float* rstd,
-                                     int64_t rows_per_group, int64_t C, CUstream_st* stream,
-                                     LayerNormBackwardSums sums = LayerNormBackwardSums::kDefault);
+                                     int64_t rows_per_group, int64_t C, CUstream_st* stream);
 void layernorm_backward_grouped_bf16_cuda(uint16_t* dx, const uint16_t* dx_in, const LayerNormGroupGradients* groups,
                                           int64_t G, const uint16_t* dout, const uint16_t* x, const float* mean,
-                                          const float* rstd, int64_t rows_per_group, int64_t C, CUstream_st* stream,
-                                          LayerNormBackwardSums sums = LayerNormBackwardSums::kDefault);
+                                          const float* rstd, int64_t rows_per_group, int64_t C, CUstream_st* stream);
 void layernorm_forward_bf16_cuda(uint16_t* out, float* mean, float* rstd, const uint16_t* x, const float* gamma,
                                  const float* beta, int64_t rows, int64_t C, float eps, CUstream_st* stream);
 void layernorm_backward_bf16_cuda(uint16_t* dx, const uint16_t* dx_in, float* dgamma, float* dbeta,
                                   const uint16_t* dout, const uint16_t* x, const float* gamma, const float* mean,
-                                  const float* rstd, int64_t rows, int64_t C, CUstream_st* stream,
-                                  LayerNormBackwardSums sums = LayerNormBackwardSums::kDefault);
+                                  const float* rstd, int64_t rows, int64_t C, CUstream_st* stream);
 void add_layernorm_forward_bf16_cuda(uint16_t* s, uint16_t* out, float* mean, float* rstd, const uint16_t* a,
                                      const uint16_t* b, const float* gamma, const float* beta, int64_t rows, int64_t C,
                                      float eps, CUstream_st* stream);
@@ -118,8 +114,7 @@ void layernorm_forward_cuda(float* out, float* mean, float* rstd, const float* x
                             const float* beta, int64_t rows, int64_t C, float eps, CUstream_st* stream);
 void layernorm_backward_cuda(float* dx, const float* dx_in, float* dgamma, float* dbeta, const float* dout,
                              const float* x, const float* gamma, const float* mean, const float* rstd, int64_t rows,
-                             int64_t C, CUstream_st* stream,
-                             LayerNormBackwardSums sums = LayerNormBackwardSums::kDefault);
+                             int64_t C, CUstream_st* stream);
 
 // kernels/cross_entropy.h
 enum class CrossEntropyRowReads { kDefault, kTwice, kStagedInSharedMemory };

@@ -309,35 +309,33 @@ void check_layernorm() {
       }
     }
 
-    // The one-pass backward's two places for the chunk's dgamma/dbeta sums (kernels/layernorm.h): the same
-    // arithmetic in the same order, hence the same bits (the emulation does not contract a·b + c into
-    // an FMA, which nvcc may do differently in the two kernels) — with dx_in, dgamma and dbeta, and with
-    // neither dx_in nor dgamma, bf16 and f32. Up to 100 rows (2 or 3 chunks of 32, the last partial):
-    // (1100, 136) would double this test's time; shapes the one pass does not take are the same kernels.
+    // The one pass with dgamma and dbeta accumulating onto non-zero values — with dx_in from another
+    // buffer, and with neither dx_in nor dgamma — bf16 and f32, dx starting as NaNs. Up to 100 rows (2 or
+    // 3 chunks of 32, the last partial): (1100, 136)'s one pass is checked above, and shapes the one pass
+    // does not take are the same kernels as there.
     for (const auto& [with_in, with_gamma] : {std::pair<bool, bool>{true, true}, std::pair<bool, bool>{false, false}}) {
       if (rows > 100) break;
       const std::string how = what + (with_in ? ", dx_in" : ", no dx_in") + (with_gamma ? "" : ", dbeta alone");
-      std::vector<uint16_t> dx16[2] = {std::vector<uint16_t>(n, 0x7fc0), std::vector<uint16_t>(n, 0x7fc0)};
-      std::vector<float> dx32[2] = {std::vector<float>(n, nan), std::vector<float>(n, nan)};
-      std::vector<float> g16[2], b16[2], g32[2], b32[2];
       const std::vector<float> din32 = to_f32(dx0);
-      for (int v = 0; v < 2; ++v) {
-        const auto sums = v == 0 ? emu::LayerNormBackwardSums::kRegisters : emu::LayerNormBackwardSums::kSharedMemory;
-        g16[v] = g32[v] = std::vector<float>(dgamma.size(), 0.5f);
-        b16[v] = b32[v] = std::vector<float>(dbeta.size(), -0.25f);
-        emu::layernorm_backward_bf16_cuda(dx16[v].data(), with_in ? dx0.data() : nullptr,
-                                          with_gamma ? g16[v].data() : nullptr, b16[v].data(), dout.data(), x.data(),
-                                          gamma.data(), mean_cpu.data(), rstd_cpu.data(), rows, C, nullptr, sums);
-        emu::layernorm_backward_cuda(dx32[v].data(), with_in ? din32.data() : nullptr,
-                                     with_gamma ? g32[v].data() : nullptr, b32[v].data(), dout_f.data(), x_f.data(),
-                                     gamma.data(), mean_cpu.data(), rstd_cpu.data(), rows, C, nullptr, sums);
-      }
-      EXPECT_EQ(dx16[0], dx16[1]) << how << ": bf16 dx, sums in registers vs in shared memory";
-      EXPECT_EQ(g16[0], g16[1]) << how << ": bf16 dgamma";
-      EXPECT_EQ(b16[0], b16[1]) << how << ": bf16 dbeta";
-      EXPECT_EQ(dx32[0], dx32[1]) << how << ": f32 dx";
-      EXPECT_EQ(g32[0], g32[1]) << how << ": f32 dgamma";
-      EXPECT_EQ(b32[0], b32[1]) << how << ": f32 dbeta";
+      std::vector<uint16_t> dx16_new(n, uint16_t{0x7fc0});
+      std::vector<float> dx32_new(n, nan), dx_ref(n, 0.0f);
+      std::vector<float> g16(dgamma.size(), 0.5f), b16(dbeta.size(), -0.25f);
+      std::vector<float> g32 = g16, b32 = b16, g_ref = g16, b_ref = b16;
+      emu::layernorm_backward_bf16_cuda(dx16_new.data(), with_in ? dx0.data() : nullptr,
+                                        with_gamma ? g16.data() : nullptr, b16.data(), dout.data(), x.data(),
+                                        gamma.data(), mean_cpu.data(), rstd_cpu.data(), rows, C, nullptr);
+      emu::layernorm_backward_cuda(dx32_new.data(), with_in ? din32.data() : nullptr, with_gamma ? g32.data() : nullptr,
+                                   b32.data(), dout_f.data(), x_f.data(), gamma.data(), mean_cpu.data(),
+                                   rstd_cpu.data(), rows, C, nullptr);
+      kernels::layernorm_backward_cpu(dx_ref.data(), with_in ? din32.data() : nullptr,
+                                      with_gamma ? g_ref.data() : nullptr, b_ref.data(), dout_f.data(), x_f.data(),
+                                      gamma.data(), mean_cpu.data(), rstd_cpu.data(), rows, C);
+      expect_close(to_f32(dx16_new), dx_ref, 1e-5, true, how + ": bf16 dx");
+      expect_close(g16, g_ref, 1e-5, false, how + ": bf16 dgamma");
+      expect_close(b16, b_ref, 1e-5, false, how + ": bf16 dbeta");
+      expect_close(dx32_new, dx_ref, 1e-5, false, how + ": f32 dx");
+      expect_close(g32, g_ref, 1e-5, false, how + ": f32 dgamma");
+      expect_close(b32, b_ref, 1e-5, false, how + ": f32 dbeta");
     }
 
     // The residual add fused into the LayerNorm after it: s = a + b rounded once, then s normalised.
@@ -361,10 +359,9 @@ TEST(CudaEmulation, LayerNormForwardAndBackwardMatchTheCpu) { under_both_schedul
 // is G backward calls in one: the same bits. Shapes: 3 groups of 45 rows (2 chunks of 32 each, the
 // second partial) at C = 504 and 136 (one launch for all groups), C = 100 (no one pass: group by group);
 // 17 groups of 5 rows (two launches: 16 groups, then 1). One group wants no dgamma, one no dbeta.
-void check_grouped_layernorm_backward(int64_t G, int64_t rows, int64_t C, emu::LayerNormBackwardSums sums) {
+void check_grouped_layernorm_backward(int64_t G, int64_t rows, int64_t C) {
   const std::string what = "emulated grouped layernorm backward, " + std::to_string(G) + " groups of (" +
-                           std::to_string(rows) + ", " + std::to_string(C) + ")" +
-                           (sums == emu::LayerNormBackwardSums::kSharedMemory ? ", sums in shared memory" : "");
+                           std::to_string(rows) + ", " + std::to_string(C) + ")";
   const size_t n = static_cast<size_t>(G * rows * C);
   const std::vector<uint16_t> x = to_bf16(normal(n, 91, 2.0f)), dout = to_bf16(normal(n, 92)),
                               dx_in = to_bf16(normal(n, 93));
@@ -394,9 +391,9 @@ void check_grouped_layernorm_backward(int64_t G, int64_t rows, int64_t C, emu::L
     }
     if (grouped) {
       emu::layernorm_backward_grouped_bf16_cuda(r.dx16.data(), dx_in.data(), g16.data(), G, dout.data(), x.data(),
-                                                mean.data(), rstd.data(), rows, C, nullptr, sums);
+                                                mean.data(), rstd.data(), rows, C, nullptr);
       emu::layernorm_backward_grouped_cuda(r.dx32.data(), dx_in32.data(), g32.data(), G, dout32.data(), x32.data(),
-                                           mean.data(), rstd.data(), rows, C, nullptr, sums);
+                                           mean.data(), rstd.data(), rows, C, nullptr);
       return r;
     }
     for (int64_t g = 0; g < G; ++g) {
@@ -404,11 +401,10 @@ void check_grouped_layernorm_backward(int64_t G, int64_t rows, int64_t C, emu::L
       const auto& p16 = g16[static_cast<size_t>(g)];
       const auto& p32 = g32[static_cast<size_t>(g)];
       emu::layernorm_backward_bf16_cuda(r.dx16.data() + e, dx_in.data() + e, p16.dgamma, p16.dbeta, dout.data() + e,
-                                        x.data() + e, p16.gamma, mean.data() + row, rstd.data() + row, rows, C, nullptr,
-                                        sums);
+                                        x.data() + e, p16.gamma, mean.data() + row, rstd.data() + row, rows, C,
+                                        nullptr);
       emu::layernorm_backward_cuda(r.dx32.data() + e, dx_in32.data() + e, p32.dgamma, p32.dbeta, dout32.data() + e,
-                                   x32.data() + e, p32.gamma, mean.data() + row, rstd.data() + row, rows, C, nullptr,
-                                   sums);
+                                   x32.data() + e, p32.gamma, mean.data() + row, rstd.data() + row, rows, C, nullptr);
     }
     return r;
   };
@@ -426,12 +422,10 @@ void check_grouped_layernorm_backward(int64_t G, int64_t rows, int64_t C, emu::L
 
 TEST(CudaEmulation, GroupedLayerNormBackwardIsOneCallPerGroup) {
   under_both_schedules([] {
-    for (const auto sums : {emu::LayerNormBackwardSums::kRegisters, emu::LayerNormBackwardSums::kSharedMemory}) {
-      check_grouped_layernorm_backward(3, 45, 504, sums);
-      check_grouped_layernorm_backward(3, 45, 136, sums);
-      check_grouped_layernorm_backward(17, 5, 64, sums);
-    }
-    check_grouped_layernorm_backward(3, 45, 100, emu::LayerNormBackwardSums::kDefault);
+    check_grouped_layernorm_backward(3, 45, 504);
+    check_grouped_layernorm_backward(3, 45, 136);
+    check_grouped_layernorm_backward(17, 5, 64);
+    check_grouped_layernorm_backward(3, 45, 100);
   });
 }
 

@@ -187,13 +187,9 @@ void check_broadcast_and_sum_rows() {
 
 // ---- layernorm --------------------------------------------------------------------------------------
 
-void check_layernorm(int64_t rows, int64_t C, bool with_beta,
-                     LayerNormBackwardSums sums = LayerNormBackwardSums::kDefault) {
+void check_layernorm(int64_t rows, int64_t C, bool with_beta) {
   const std::string what = "layernorm (" + std::to_string(rows) + ", " + std::to_string(C) + ")" +
-                           (with_beta ? "" : " without beta") +
-                           (sums == LayerNormBackwardSums::kSharedMemory ? ", sums in shared memory"
-                            : sums == LayerNormBackwardSums::kRegisters  ? ", sums in registers"
-                                                                         : "");
+                           (with_beta ? "" : " without beta");
   const float eps = 1e-5f;
   // Activations with a non-zero mean and scale; gamma, beta f32.
   const Tensor x16 = bf16_input({rows, C}, 20, 2.0f, 0.7f);
@@ -221,7 +217,7 @@ void check_layernorm(int64_t rows, int64_t C, bool with_beta,
   const Tensor mean_in = f32_on_gpu(mean), rstd_in = f32_on_gpu(rstd);
   layernorm_backward_bf16_cuda(bits(dx_dev), bits(dx_dev), f32(dgamma_dev), with_beta ? f32(dbeta_dev) : nullptr,
                                bits(dout_dev), bits(x_dev), f32(gamma_dev), f32(mean_in), f32(rstd_in), rows, C,
-                               stream(), sums);
+                               stream());
   layernorm_backward_cpu(dx.data(), dx.data(), dgamma.data(), with_beta ? dbeta.data() : nullptr, dout.data(),
                          x.data(), gamma.data(), mean.data(), rstd.data(), rows, C);
   expect_bf16_close(dx_dev, testing::round_bf16(dx), 1e-5, what + ": dx +=");
@@ -235,7 +231,7 @@ void check_layernorm(int64_t rows, int64_t C, bool with_beta,
     std::vector<float> dx_cpu(static_cast<size_t>(rows * C), 0.0f);
     layernorm_backward_bf16_cuda(bits(dx_fresh), nullptr, params ? f32(dgamma_dev) : nullptr,
                                  params && with_beta ? f32(dbeta_dev) : nullptr, bits(dout_dev), bits(x_dev),
-                                 f32(gamma_dev), f32(mean_in), f32(rstd_in), rows, C, stream(), sums);
+                                 f32(gamma_dev), f32(mean_in), f32(rstd_in), rows, C, stream());
     layernorm_backward_cpu(dx_cpu.data(), nullptr, nullptr, nullptr, dout.data(), x.data(), gamma.data(), mean.data(),
                            rstd.data(), rows, C);
     expect_bf16_close(dx_fresh, testing::round_bf16(dx_cpu), 1e-5,
@@ -246,10 +242,9 @@ void check_layernorm(int64_t rows, int64_t C, bool with_beta,
 // A grouped backward (kernels/layernorm.h) against one call per group: the same kernels on the same rows,
 // so the same bits. G = 4 groups of 100 rows at C = 504 (a Kraken sub-layer's width); group 1 wants no
 // dgamma.
-void check_grouped_layernorm_backward(LayerNormBackwardSums sums) {
+void check_grouped_layernorm_backward() {
   const int64_t G = 4, rows = 100, C = 504;
-  const std::string what = std::string("grouped layernorm backward, ") +
-                           (sums == LayerNormBackwardSums::kSharedMemory ? "sums in shared memory" : "sums in registers");
+  const std::string what = "grouped layernorm backward";
   const Tensor x = bf16_input({G * rows, C}, 40, 2.0f, 0.3f).to(gpu()), dout = bf16_input({G * rows, C}, 41).to(gpu());
   const Tensor dx_in = bf16_input({G * rows, C}, 42).to(gpu());
   const Tensor gammas = f32_on_gpu(f32_values(G * C, 43)), mean = f32_on_gpu(f32_values(G * rows, 44, 0.2f));
@@ -265,14 +260,14 @@ void check_grouped_layernorm_backward(LayerNormBackwardSums sums) {
       groups.push_back({f32(gammas) + g * C, g == 1 ? nullptr : f32(dgamma[way]) + g * C, f32(dbeta[way]) + g * C});
     if (way == 0) {
       layernorm_backward_grouped_bf16_cuda(bits(dx[0]), bits(dx_in), groups.data(), G, bits(dout), bits(x), f32(mean),
-                                           f32(rstd), rows, C, stream(), sums);
+                                           f32(rstd), rows, C, stream());
       continue;
     }
     for (int64_t g = 0; g < G; ++g) {
       const int64_t e = g * rows * C;
       layernorm_backward_bf16_cuda(bits(dx[1]) + e, bits(dx_in) + e, groups[g].dgamma, groups[g].dbeta, bits(dout) + e,
                                    bits(x) + e, groups[g].gamma, f32(mean) + g * rows, f32(rstd) + g * rows, rows, C,
-                                   stream(), sums);
+                                   stream());
     }
   }
   EXPECT_EQ(dx[0].to_vector(), dx[1].to_vector()) << what << ": dx";
@@ -408,8 +403,8 @@ void check_dropout(float p) {
 
 void check_elementwise() {}
 void check_broadcast_and_sum_rows() {}
-void check_layernorm(int64_t, int64_t, bool, LayerNormBackwardSums = LayerNormBackwardSums::kDefault) {}
-void check_grouped_layernorm_backward(LayerNormBackwardSums) {}
+void check_layernorm(int64_t, int64_t, bool) {}
+void check_grouped_layernorm_backward() {}
 void check_attention(int64_t, int64_t, int64_t, int64_t) {}
 void check_cross_entropy(int64_t, int64_t, int64_t, const std::vector<int64_t>&) {}
 void check_dropout(float) {}
@@ -432,21 +427,18 @@ TEST(GpuBf16Kernels, LayerNormMatchesTheRoundedCpu) {
   check_layernorm(75, 100, true);
   check_layernorm(75, 100, false);
   check_layernorm(130, 37, true);
-  // C a multiple of 8 up to 1024: dx, dgamma and dbeta in one pass, the chunk's sums in registers or in
-  // shared memory (kernels/layernorm.h) — 1, 2 (dx_in loaded with the row), 3 and 4 packs a lane (4: more
-  // than the default 48 KiB of shared memory); 75 and 130 rows leave a partial chunk of 32.
-  for (const auto sums : {LayerNormBackwardSums::kRegisters, LayerNormBackwardSums::kSharedMemory}) {
-    check_layernorm(75, 256, true, sums);
-    check_layernorm(130, 504, false, sums);
-    check_layernorm(75, 768, true, sums);
-    check_layernorm(130, 1024, true, sums);
-  }
+  // C a multiple of 8 up to 1024: dx, dgamma and dbeta in one pass (kernels/layernorm.h) — 1, 2 (dx_in
+  // loaded with the row), 3 and 4 packs a lane (4: more than the default 48 KiB of shared memory); 75 and
+  // 130 rows leave a partial chunk of 32.
+  check_layernorm(75, 256, true);
+  check_layernorm(130, 504, false);
+  check_layernorm(75, 768, true);
+  check_layernorm(130, 1024, true);
 }
 
 TEST(GpuBf16Kernels, GroupedLayerNormBackwardIsOneCallPerGroup) {
   KRAKEN_REQUIRE_CUDA_KERNELS();
-  check_grouped_layernorm_backward(LayerNormBackwardSums::kRegisters);
-  check_grouped_layernorm_backward(LayerNormBackwardSums::kSharedMemory);
+  check_grouped_layernorm_backward();
 }
 
 TEST(GpuBf16Kernels, AttentionMatchesTheRoundedCpu) {
