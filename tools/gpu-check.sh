@@ -11,10 +11,10 @@
 #   3. the GPU tests: ctest -L gpu (tests/gpu), each result and every measured GPU-vs-CPU difference;
 #      then the attention tests once more with KRAKEN_CUDNN_ATTENTION_BACKWARD=atomic (cuDNN's f32 atomic
 #      dQ), KRAKEN_CUDA_ATTENTION=mma (the grouped mma launch, the dispatch without cuDNN) and =cudnn (cuDNN
-#      for every shape it takes), the LayerNorm and model tests
-#      with KRAKEN_CUDA_LAYERNORM_BACKWARD=shared, the product tests with KRAKEN_CUBLASLT_TUNE=8;
+#      for every shape it takes), the product tests with KRAKEN_CUBLASLT_TUNE=8;
 #   4. the GPU benchmark (bench/gpu_train_bench.cpp): tokens/s, MFU, kernel bandwidth, the backward ops
-#      that keep the host (KRAKEN_AUTOGRAD_SLOW_NODE_MS); then its bf16 training rows again with one
+#      that keep the host (KRAKEN_AUTOGRAD_SLOW_NODE_MS), the SM clock and power meanwhile
+#      (tools/gpu-clocks.sh); then its bf16 training rows again with one
 #      switch changed each (bench_variant below), while time is left;
 #   5. compute-sanitizer memcheck on a short GPU training run (kraken-train, checkpoint included), then
 #      memcheck and racecheck on the GPU kernel tests while time remains (after the benchmark, since
@@ -261,10 +261,6 @@ test_variant mma KRAKEN_CUDA_ATTENTION=mma 90 \
 test_variant cudnn KRAKEN_CUDA_ATTENTION=cudnn 120 \
   'GpuAttentionCudnn.*:GpuAttentionTc.DispatchTakesOnePathForForwardAndBackward:GpuAttentionMma.GroupIsEachInputsOwnAttention:GpuModel.*:GpuTrainer.MixedPrecision*' \
   "GpuAttentionCudnn.*, the dispatch, the group, the models"
-# The LayerNorm backward with its dgamma/dbeta sums in shared memory as every op's (kernels/layernorm.h):
-# the models and the trainer against the CPU on it.
-test_variant lnshared KRAKEN_CUDA_LAYERNORM_BACKWARD=shared 90 \
-  'GpuLayerNorm.*:GpuBf16Kernels.LayerNorm*:GpuBf16Kernels.Grouped*:GpuModel.*' "the LayerNorm ops, the models"
 # Every product on the fastest of cuBLASLt's algorithms by timing (KRAKEN_CUBLASLT_TUNE, a measurement
 # mode): the products still right on whichever algorithm wins.
 test_variant tune KRAKEN_CUBLASLT_TUNE=8 90 'GpuMatmulBf16.*:GpuMlp.*:GpuGroupedLinear.*:GpuLinear.*' \
@@ -279,10 +275,13 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
   # KRAKEN_AUTOGRAD_SLOW_NODE_MS names the backward ops that keep the host 20 ms or more: behind the host
   # probe's ~100 ms of queued work, an op that synchronises, or the one whose launch found the stream's
   # queue full (runtime/autograd.cpp).
-  KRAKEN_AUTOGRAD_SLOW_NODE_MS=20 timeout $(( $(left) > 200 ? 180 : 90 )) "$build/bin/gpu_train_bench" \
-    --out "$logs/bench.md" > "$logs/bench.log" 2>&1
+  # tools/gpu-clocks.sh samples the SM clock and power meanwhile: whether the GPU held its clock under the
+  # training rows' load (a step longer than its kernels under ncu: idle, or slower clocks).
+  KRAKEN_AUTOGRAD_SLOW_NODE_MS=20 bash "$root/tools/gpu-clocks.sh" "$logs/bench-clocks.csv" \
+    timeout $(( $(left) > 200 ? 180 : 90 )) "$build/bin/gpu_train_bench" --out "$logs/bench.md" > "$logs/bench.log" 2>&1
   rc=$?
   md "bench/gpu_train_bench: exit status $rc in $(( $(date +%s) - t0 )) s."
+  grep '^gpu-clocks:' "$logs/bench.log" >> "$report"
   if grep -q '^autograd:' "$logs/bench.log"; then
     md "Backward ops that kept the host 20 ms or more (a first call's set-up; behind the host probe's queue, a synchronisation or a full launch queue):"
     grep '^autograd:' "$logs/bench.log" > "$logs/bench-slow-nodes.log"
@@ -318,29 +317,19 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
     if [[ -f "$logs/bench-$name.md" ]]; then grep -E '^\|' "$logs/bench-$name.md" >> "$report"; else md_tail "$logs/bench-$name.log" 20; fi
     [[ $rc -eq 0 ]] || fail "benchmark with ${setting:-the defaults}, $what (exit status $rc)"
   }
-  # cuDNN's attention backward with dQ summed in f32 with atomics, where the default writes dS to memory
-  # and reads it back for dQ (kernels/cuda/attention_cudnn.cu): by bytes up to ~10% of a GPT-2 step at
-  # B = 64; unmeasured when built (eleventh session), so first.
+  # cuDNN's attention backward with dQ summed in f32 with atomics (kernels/cuda/attention_cudnn.cu): 0.2-0.5
+  # points of MFU over the deterministic default in the twelfth session's three runs, the default's
+  # candidate if it grows.
   bench_variant atomic KRAKEN_CUDNN_ATTENTION_BACKWARD=atomic 120 90 "cuDNN's atomic dQ backward" \
     --training-only --batch 8,64
-  # The LayerNorm backward with its dgamma/dbeta sums in shared memory (half the registers a thread of the
-  # default's; kernels/layernorm.h): unmeasured when built (tenth session), so early.
-  bench_variant lnshared KRAKEN_CUDA_LAYERNORM_BACKWARD=shared 120 90 \
-    "the LayerNorm backward's sums in shared memory" --training-only --batch 8,64
   # Every product's plan timing 8 of cuBLASLt's algorithms and keeping the fastest (a measurement mode:
   # kernels/cuda/matmul_lt.cu): what cuBLASLt's first choice leaves on the table, per product and per step.
   bench_variant tune KRAKEN_CUBLASLT_TUNE=8 120 120 "cuBLASLt's algorithms timed, the fastest kept" \
     --training-only --batch 8,64
-  # GPT-2's bias gradients in the weight-gradient products' epilogues (BGRADB, DGELU_BGRAD: level 2), which
-  # lost on an H200 because cuBLASLt's heuristic put one BGRADB product a layer on its generic kernel
-  # (bench/RESULTS.md), here with the algorithms timed: whether a fast BGRADB algorithm exists, in which
-  # case the column sums (~4-5% of a GPT-2 step) can go.
-  bench_variant epi2tune "KRAKEN_CUDA_EPILOGUES=2 KRAKEN_CUBLASLT_TUNE=8" 120 90 \
-    "bias gradients in the epilogues, cuBLASLt's algorithms timed" --training-only --model gpt2 --batch 8,64
-  # Level 3: only c_fc's bias gradient in its DGELU product (DGELU_BGRAD), the others as column sums —
-  # level 2 without the BGRADB products, on cuBLASLt's first choices.
-  bench_variant epi3 KRAKEN_CUDA_EPILOGUES=3 120 90 "c_fc's bias gradient in the DGELU product" \
-    --training-only --model gpt2 --batch 8,64
+  # The committed cuBLASLt picks (kernels/cuda/cublaslt_picks.inc) against cuBLASLt's first choices: whether
+  # they still pay on this machine's cuBLASLt (they apply only to the version they were timed on).
+  bench_variant picks KRAKEN_CUBLASLT_PICKS=0 120 90 "cuBLASLt's first choices, the committed picks ignored" \
+    --training-only --batch 8,64
   # GPT-2 124M's own shape at degree 4 (C = 768: 3 heads of D = 256 a sub-layer, ≈ 382M parameters), the
   # shape issue 5 names for both degrees read literally, beside the paper's 125M preset above; B = 64 does
   # not fit an 80 GB card.
@@ -354,9 +343,9 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
     --training-only --model kraken4 --batch 32
   # The mma attention kernels, the default before cuDNN's (kernels/attention.h), at B = 8 and 64.
   bench_variant mma KRAKEN_CUDA_ATTENTION=mma 150 90 "the mma attention kernels" --training-only --batch 8,64
-  # (Measured on an H200 and settled, so no longer rerun: KRAKEN_CUDA_EPILOGUES=0 and =2 on cuBLASLt's
-  # first choices, both slower than the default 1; cuDNN's non-deterministic engines for the deterministic
-  # graph, no faster; bench/RESULTS.md.)
+  # (Measured and settled, so no longer rerun: KRAKEN_CUDA_EPILOGUES=0 and =2 on cuBLASLt's first choices
+  # (H200), =2 with the algorithms timed and =3 (H100), all slower than the default 1; cuDNN's
+  # non-deterministic engines for the deterministic graph, no faster; bench/RESULTS.md.)
 else
   fail "benchmark not built"
 fi

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# A second, short GPU call after tools/gpu-check.sh on the same lease: what a change made since that call
+# needs, in ~3 minutes of device time instead of gpu-check's ~6. It builds only the GPU tests and the
+# benchmark (the same configuration as gpu-check), runs the GPU tests a gtest filter names, the whole
+# benchmark once with the SM clock and power sampled (tools/gpu-clocks.sh), then the benchmark's bf16
+# training rows once per variant: each argument one set of VAR=value words, each in a process of its own
+# (the switches are read once per process).
+#
+#   KRAKEN_FOLLOWUP_TESTS='GpuLayerNorm.*:GpuModel.*' bash tools/gpu-followup.sh 'KRAKEN_CUBLASLT_PICKS=0' ...
+#
+# Environment: KRAKEN_FOLLOWUP_TESTS (gtest filter; unset: no tests), KRAKEN_FOLLOWUP_BENCH_ARGS (the
+# variants' gpu_train_bench arguments, default "--training-only --precision bf16 --batch 8,64"),
+# KRAKEN_GPU_CHECK_BUILD and KRAKEN_THIRD_PARTY as for gpu-check. Writes $OUT/followup.md when OUT is set
+# (else <build>/followup.md), the logs in <build>/followup/; exit status 0 when everything that ran passed.
+set -uo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
+root="$PWD"
+build="${KRAKEN_GPU_CHECK_BUILD:-build-gpu}"
+third_party="${KRAKEN_THIRD_PARTY:-third_party}"
+[[ "$third_party" = /* ]] || third_party="$root/$third_party"
+[[ "$build" = /* ]] || build="$root/$build"
+# The logs stay in the build folder: the device tool brings back only so many files from $OUT, and the
+# report must be among them.
+out="$build/followup"
+mkdir -p "$out"
+report="${OUT:-$build}/followup.md"
+: > "$report"
+start=$(date +%s)
+status=0
+md() { printf '%s\n' "$*" >> "$report"; }
+say() { echo "gpu-followup [$(( $(date +%s) - start ))s]: $*"; }
+
+md "# GPU follow-up (tools/gpu-followup.sh) at $(git -C "$root" rev-parse --short HEAD 2> /dev/null)$(git -C "$root" diff --quiet 2> /dev/null || echo ' + changes')"
+say "configure and build"
+cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DKRAKEN_CUDA=ON -DKRAKEN_MPI=OFF \
+  -DCMAKE_CUDA_ARCHITECTURES=90 -DKRAKEN_CUDA_EMU_ASAN=OFF -DKRAKEN_THIRD_PARTY="$third_party" > "$out/configure.log" 2>&1 &&
+  ninja -C "$build" gpu_train_bench kraken_tests_gpu > "$out/build.log" 2>&1
+rc=$?
+md "Build (gpu_train_bench, kraken_tests_gpu): exit status $rc after $(( $(date +%s) - start )) s."
+if [[ $rc -ne 0 ]]; then
+  { echo '```'; tail -n 40 "$out/configure.log" "$out/build.log"; echo '```'; } >> "$report"
+  cat "$report"
+  exit 1
+fi
+
+if [[ -n "${KRAKEN_FOLLOWUP_TESTS:-}" ]]; then
+  say "GPU tests $KRAKEN_FOLLOWUP_TESTS"
+  KRAKEN_SOURCE_DIR="$root" timeout 240 "$build/tests/kraken_tests_gpu" --gtest_filter="$KRAKEN_FOLLOWUP_TESTS" \
+    > "$out/tests.log" 2>&1
+  rc=$?
+  md ""
+  md "GPU tests \`$KRAKEN_FOLLOWUP_TESTS\`: exit status $rc."
+  { echo '```'; grep -E '^\[( +OK|  FAILED|  SKIPPED|  PASSED) |Failure|error' "$out/tests.log" | tail -n 60; echo '```'; } >> "$report"
+  [[ $rc -eq 0 ]] || status=1
+fi
+
+say "benchmark"
+bash "$root/tools/gpu-clocks.sh" "$out/bench-clocks.csv" timeout 180 "$build/bin/gpu_train_bench" --out "$out/bench.md" \
+  > "$out/bench.log" 2>&1
+rc=$?
+md ""
+md "bench/gpu_train_bench: exit status $rc."
+grep '^gpu-clocks:' "$out/bench.log" >> "$report"
+if [[ -f "$out/bench.md" ]]; then cat "$out/bench.md" >> "$report"; else tail -n 30 "$out/bench.log" >> "$report"; fi
+[[ $rc -eq 0 ]] || status=1
+
+read -r -a bench_args <<< "${KRAKEN_FOLLOWUP_BENCH_ARGS:---training-only --precision bf16 --batch 8,64}"
+n=0
+for setting in "$@"; do
+  n=$((n + 1))
+  say "benchmark with $setting"
+  # shellcheck disable=SC2086  # $setting holds VAR=value words
+  env $setting bash "$root/tools/gpu-clocks.sh" "$out/bench-$n-clocks.csv" timeout 120 "$build/bin/gpu_train_bench" \
+    "${bench_args[@]}" --out "$out/bench-$n.md" > "$out/bench-$n.log" 2>&1
+  rc=$?
+  md ""
+  md "With $setting: exit status $rc."
+  grep -E '^gpu-clocks:|^cuDNN attention' "$out/bench-$n.log" | sort -u >> "$report"
+  if [[ -f "$out/bench-$n.md" ]]; then grep -E '^\|' "$out/bench-$n.md" >> "$report"; else tail -n 20 "$out/bench-$n.log" >> "$report"; fi
+  [[ $rc -eq 0 ]] || status=1
+done
+md ""
+md "Done in $(( $(date +%s) - start )) s, exit status $status."
+cat "$report"
+exit $status
