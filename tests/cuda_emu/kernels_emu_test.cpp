@@ -986,8 +986,9 @@ TEST(CudaEmulation, ManyTensorUpdatesAndNormsMatchOneAtATime) {
     EXPECT_EQ(p[k], p1[k]) << "parameter " << k << ": the many-tensor update is not the one-tensor update's bits";
     EXPECT_EQ(m[k], m1[k]) << "first moment " << k;
     EXPECT_EQ(v[k], v1[k]) << "second moment " << k;
-    if (uint16_t* c = copy_of(k))
+    if (uint16_t* c = copy_of(k)) {
       EXPECT_EQ(std::vector<uint16_t>(c, c + sizes[k]), to_bf16(p[k])) << "bf16 copy " << k << ": not the new parameters rounded";
+    }
   }
 
   std::vector<const float*> data;
@@ -1030,8 +1031,9 @@ TEST(CudaEmulation, ManyTensorUpdatesAndNormsMatchOneAtATime) {
       EXPECT_EQ(q[k], q1[k]) << "SGD (momentum " << o.momentum << ") parameter " << k
                              << ": the many-tensor update is not the one-tensor update's bits";
       EXPECT_EQ(buf[k], buf1[k]) << "SGD momentum buffer " << k;
-      if (uint16_t* c = copy_of(k))
+      if (uint16_t* c = copy_of(k)) {
         EXPECT_EQ(std::vector<uint16_t>(c, c + sizes[k]), to_bf16(q[k])) << "SGD bf16 copy " << k;
+      }
     }
   }
 }
