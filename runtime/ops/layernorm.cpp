@@ -7,6 +7,7 @@
 // (no stacked copy of the parameters either way).
 #include "kernels/layernorm.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "kernels/error.h"
@@ -63,6 +64,10 @@ struct Saved {
   int64_t rows = 0, C = 0;     // rows in all, in gammas.size() blocks
   bool x_needs = false;
   std::vector<bool> gamma_needs, beta_needs;
+  // The parameters that are leaves needing a gradient (else undefined): the kernels add dgamma and dbeta
+  // straight into their .grad (runtime::leaf_grad_accumulator), where a new zeroed tensor for each and
+  // the engine's add into .grad cost a fill and a launch per parameter (GPT-2: 50 of each a step).
+  std::vector<Tensor> gamma_leaves, beta_leaves;
 };
 
 Saved save(const Tensor& x_saved, const Affine& p, const Tensor& mean, const Tensor& rstd, int64_t rows, int64_t C,
@@ -77,6 +82,9 @@ Saved save(const Tensor& x_saved, const Affine& p, const Tensor& mean, const Ten
     s.beta_needs.push_back(p.betas[g].defined() && p.betas[g].requires_grad());
     any_gamma = any_gamma || s.gamma_needs.back();
     s.gammas.push_back(x_needs ? p.gammas[g].detach() : Tensor());
+    const Tensor& beta = p.betas[g];
+    s.gamma_leaves.push_back(s.gamma_needs.back() && p.gammas[g].is_leaf() ? p.gammas[g] : Tensor());
+    s.beta_leaves.push_back(s.beta_needs.back() && beta.is_leaf() ? beta : Tensor());
   }
   // x̂ (hence x) is needed by dx and dgamma; gamma only by dx; dbeta needs nothing but dout.
   s.x = (x_needs || any_gamma) ? x_saved : Tensor();
@@ -85,23 +93,41 @@ Saved save(const Tensor& x_saved, const Affine& p, const Tensor& mean, const Ten
   return s;
 }
 
-// dx = dx_in + ∂L/∂x given dout, and every dgamma, dbeta (new, f32): {dx, dgammas..., dbetas...}. dx_in
-// (may be undefined, or dx itself) is the gradient that reaches x by other paths — the residual stream
-// of the fused op, or what x's later consumers have sent (runtime::take_gradient_so_far) — added by the
-// kernel in its pass; dx is only written.
+// dx = dx_in + ∂L/∂x given dout, and every dgamma, dbeta: {dx, dgammas..., dbetas...}. dx_in (may be
+// undefined, or dx itself) is the gradient that reaches x by other paths — the residual stream of the
+// fused op, or what x's later consumers have sent (runtime::take_gradient_so_far) — added by the kernel
+// in its pass; dx is only written. A parameter that is a leaf gets its gradient added into its .grad by
+// the kernel and an undefined entry here; any other a new f32 tensor.
 std::vector<Tensor> layernorm_backward(const Saved& s, const Tensor& dout, Tensor dx, const Tensor& dx_in) {
   // in the forward pass this was: out = (x − μ)·rstd·gamma + beta, per block of rows
   const Device device = dout.device();
   const size_t G = s.gamma_needs.size();
   std::vector<Tensor> dgammas(G), dbetas(G);
   const int64_t rows = s.rows / static_cast<int64_t>(G), C = s.C;
+  // What the kernels add into (they accumulate), and what goes back to the engine.
+  // A leaf given for two blocks (or as a gamma and a beta) is added into once: the blocks' sums run
+  // concurrently on a GPU, so the others get tensors of their own.
+  std::vector<Tensor> returned_gammas(G), returned_betas(G);
+  std::vector<const TensorImpl*> taken;
+  auto target = [&](bool needs, const Tensor& leaf, Tensor& returned) {
+    if (!needs) return Tensor();
+    if (leaf.defined() && std::find(taken.begin(), taken.end(), leaf.impl()) == taken.end()) {
+      Tensor direct = leaf_grad_accumulator(leaf);
+      if (direct.defined() && direct.dtype() == DType::F32 && direct.device() == device && direct.numel() == C) {
+        taken.push_back(leaf.impl());
+        return direct;
+      }
+    }
+    returned = Tensor::zeros({C}, DType::F32, device);
+    return returned;
+  };
   for (size_t g = 0; g < G; ++g) {
-    if (s.gamma_needs[g]) dgammas[g] = Tensor::zeros({C}, DType::F32, device);
-    if (s.beta_needs[g]) dbetas[g] = Tensor::zeros({C}, DType::F32, device);
+    dgammas[g] = target(s.gamma_needs[g], s.gamma_leaves[g], returned_gammas[g]);
+    dbetas[g] = target(s.beta_needs[g], s.beta_leaves[g], returned_betas[g]);
   }
   std::vector<Tensor> grads{dx};
-  grads.insert(grads.end(), dgammas.begin(), dgammas.end());
-  grads.insert(grads.end(), dbetas.begin(), dbetas.end());
+  grads.insert(grads.end(), returned_gammas.begin(), returned_gammas.end());
+  grads.insert(grads.end(), returned_betas.begin(), returned_betas.end());
   if (device.is_cuda()) {  // every block in one call (one launch where the kernels allow)
     std::vector<kernels::LayerNormGroupGradients> groups(G);
     for (size_t g = 0; g < G; ++g)

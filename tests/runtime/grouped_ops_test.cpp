@@ -11,6 +11,7 @@
 #include <functional>
 
 #include "kernels/elementwise.h"
+#include "runtime/allocator.h"
 #include "runtime/autograd.h"
 #include "runtime/ops.h"
 #include "tests/support/errors.h"
@@ -283,6 +284,70 @@ TEST(GroupedOps, CastGradientsAddIntoExistingF32GradientsWithTheEnginesBits) {
                       "gradient of a[" + std::to_string(i) + "]");
   expect_bits_equal(c.grad().to_vector(), engine_sum(before[2], {seed_c, seed_c2}), "gradient of c (twice)");
   expect_bits_equal(d.grad().to_vector(), seed_d.to(DType::F32).to_vector(), "gradient of d (its first)");
+}
+
+// LayerNorm's parameter gradients go straight into an existing .grad (the kernels accumulate): the
+// engine's bits (its add of a fresh gradient into .grad), the same tensor kept, and a leaf given for two
+// groups (or as a gamma and a beta) added into once with the other's share left to the engine.
+TEST(GroupedOps, LayerNormAddsParameterGradientsIntoExistingOnesWithTheEnginesBits) {
+  for (const bool add_first : {false, true}) {
+    const std::string what = add_first ? "add_layernorm" : "layernorm";
+    const Tensor x = leaf({kGroups, 4, 10}, 301, 1.5f), a = leaf({kGroups, 4, 10}, 302, 1.0f);
+    const Tensor g0 = leaf({10}, 303, 1.0f), g1 = leaf({10}, 304, 1.0f), b0 = leaf({10}, 305, 1.0f);
+    const Tensor b1 = leaf({10}, 306, 1.0f);  // no gradient before: its first is taken as the engine would
+    // g0 is the gamma of groups 0 and 2 and the beta of group 2 too.
+    const std::vector<Tensor> gammas = {g0, g1, g0}, betas = {b0, b1, g0};
+    std::vector<Tensor> before;
+    for (Tensor t : {g0, g1, b0}) {
+      t.set_grad(random_leaf({10}, 310 + before.size(), 2.0f).detach());
+      before.push_back(t.grad().clone());
+    }
+    const Tensor grad_g1 = g1.grad();
+    const Tensor seed = random_leaf({kGroups, 4, 10}, 320).detach();
+    auto forward = [&](const std::vector<Tensor>& gs, const std::vector<Tensor>& bs) {
+      return add_first ? ops::add_layernorm(a, x, gs, bs)[1] : ops::layernorm(x, gs, bs);
+    };
+    backward(forward(gammas, betas), seed);
+
+    // Each group's own contribution, from fresh copies of the parameters (no gradient before).
+    std::vector<std::vector<float>> dgamma(kGroups), dbeta(kGroups);
+    for (int64_t g = 0; g < kGroups; ++g) {
+      std::vector<Tensor> gs, bs;
+      for (int64_t k = 0; k < kGroups; ++k) {
+        gs.push_back(gammas[static_cast<size_t>(k)].detach().clone().set_requires_grad(k == g));
+        bs.push_back(betas[static_cast<size_t>(k)].detach().clone().set_requires_grad(k == g));
+      }
+      backward(forward(gs, bs), seed);
+      dgamma[static_cast<size_t>(g)] = gs[static_cast<size_t>(g)].grad().to_vector();
+      dbeta[static_cast<size_t>(g)] = bs[static_cast<size_t>(g)].grad().to_vector();
+    }
+    auto engine_sum = [](std::vector<float> acc, const std::vector<std::vector<float>>& adds) {
+      for (const auto& v : adds) kernels::axpy_cpu(acc.data(), v.data(), 1.0f, static_cast<int64_t>(v.size()));
+      return acc;
+    };
+    EXPECT_EQ(g1.grad().impl(), grad_g1.impl()) << what << ": the existing gradient tensor stays";
+    expect_bits_equal(g1.grad().to_vector(), engine_sum(before[1].to_vector(), {dgamma[1]}), what + ": dgamma of group 1");
+    expect_bits_equal(b0.grad().to_vector(), engine_sum(before[2].to_vector(), {dbeta[0]}), what + ": dbeta of group 0");
+    expect_bits_equal(b1.grad().to_vector(), dbeta[1], what + ": dbeta of group 1 (its first)");
+    // g0: added into for group 0's gamma, then the engine adds the other two shares in the order of the
+    // node's inputs (the gammas, then the betas).
+    expect_bits_equal(g0.grad().to_vector(), engine_sum(before[0].to_vector(), {dgamma[0], dgamma[2], dbeta[2]}),
+                      what + ": the shared leaf");
+
+    // Distinct parameters that all have gradients: nothing zeroed for them (the kernels add in place).
+    std::vector<Tensor> own_gammas, own_betas;
+    for (int64_t k = 0; k < kGroups; ++k) {
+      own_gammas.push_back(leaf({10}, 350 + k, 1.0f));
+      own_betas.push_back(leaf({10}, 360 + k, 1.0f));
+      own_gammas.back().set_grad(Tensor::zeros({10}));
+      own_betas.back().set_grad(Tensor::zeros({10}));
+    }
+    const Tensor loss = forward(own_gammas, own_betas);
+    const MemoryTraffic traffic_before = memory_traffic();
+    backward(loss, seed);
+    const MemoryTraffic moved = memory_traffic() - traffic_before;
+    EXPECT_EQ(moved.fills, 0u) << what << ": " << moved.zeroed_bytes << " bytes zeroed";
+  }
 }
 
 TEST(GradCheck, StackMany) {
