@@ -521,11 +521,15 @@ void bench_kernels(const DeviceInfo& dev, Report& r) {
                                                            lse.data<float>(), targets.data<int32_t>(),
                                                            dloss.data<float>(), N, N, Vp, V, -1, nullptr); }));
     // What training runs: both in one pass over the logits, the bytes of one read and one write; then the
-    // backward's check of dloss (nothing to rescale). The row's second read from L2 (the default), or from
-    // the shared memory the first pass kept it in (kernels/cross_entropy.h).
-    for (const auto reads : {CrossEntropyRowReads::kTwice, CrossEntropyRowReads::kStagedInSharedMemory}) {
+    // backward's check of dloss (nothing to rescale). The row's second read from memory or L2, from the
+    // shared memory the first pass kept it in (the default), or from shared memory the block filled while
+    // it worked on its previous row (kernels/cross_entropy.h).
+    for (const auto reads : {CrossEntropyRowReads::kTwice, CrossEntropyRowReads::kStagedInSharedMemory,
+                             CrossEntropyRowReads::kPipelined}) {
       row(reads == CrossEntropyRowReads::kTwice ? "bf16 cross-entropy forward + backward in one pass (fused)"
-                                                : "bf16 cross-entropy forward + backward in one pass (fused, row staged)",
+          : reads == CrossEntropyRowReads::kStagedInSharedMemory
+              ? "bf16 cross-entropy forward + backward in one pass (fused, row staged)"
+              : "bf16 cross-entropy forward + backward in one pass (fused, pipelined)",
           2.0 * N * V + 2.0 * N * Vp + f * 2 * N, time_kernel([&] {
             cross_entropy_fused_bf16_cuda(losses.data<float>(), lse.data<float>(), dlogits.data<uint16_t>(),
                                           logits.data<uint16_t>(), targets.data<int32_t>(), 1.0f, N, N, Vp, V, -1,

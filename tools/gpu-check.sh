@@ -317,14 +317,15 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
     if [[ -f "$logs/bench-$name.md" ]]; then grep -E '^\|' "$logs/bench-$name.md" >> "$report"; else md_tail "$logs/bench-$name.log" 20; fi
     [[ $rc -eq 0 ]] || fail "benchmark with ${setting:-the defaults}, $what (exit status $rc)"
   }
+  # The cross-entropy's pipelined kernel (persistent blocks copying their next row into shared memory while
+  # they work on the current one; built in the twelfth session after its last GPU call) in the steps: its
+  # kernel row is in the main benchmark's table.
+  bench_variant cepipe KRAKEN_CUDA_CROSS_ENTROPY=pipelined 120 90 "the cross-entropy's pipelined kernel" \
+    --training-only --batch 8,64
   # cuDNN's attention backward with dQ summed in f32 with atomics (kernels/cuda/attention_cudnn.cu): 0.2-0.5
   # points of MFU over the deterministic default in the twelfth session's three runs, the default's
   # candidate if it grows.
   bench_variant atomic KRAKEN_CUDNN_ATTENTION_BACKWARD=atomic 120 90 "cuDNN's atomic dQ backward" \
-    --training-only --batch 8,64
-  # Every product's plan timing 8 of cuBLASLt's algorithms and keeping the fastest (a measurement mode:
-  # kernels/cuda/matmul_lt.cu): what cuBLASLt's first choice leaves on the table, per product and per step.
-  bench_variant tune KRAKEN_CUBLASLT_TUNE=8 120 120 "cuBLASLt's algorithms timed, the fastest kept" \
     --training-only --batch 8,64
   # The committed cuBLASLt picks (kernels/cuda/cublaslt_picks.inc) against cuBLASLt's first choices: whether
   # they still pay on this machine's cuBLASLt (they apply only to the version they were timed on).
@@ -334,6 +335,10 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
   # shape issue 5 names for both degrees read literally, beside the paper's 125M preset above; B = 64 does
   # not fit an 80 GB card.
   bench_variant wide "" 120 90 "GPT-2's shape at degree 4" --training-only --model kraken4-768 --batch 8,32
+  # Every product's plan timing 8 of cuBLASLt's algorithms and keeping the fastest (a measurement mode:
+  # kernels/cuda/matmul_lt.cu): what cuBLASLt's first choice leaves on the table, per product and per step.
+  bench_variant tune KRAKEN_CUBLASLT_TUNE=8 120 120 "cuBLASLt's algorithms timed, the fastest kept" \
+    --training-only --batch 8,64
   # The Kraken preset's grouped products: by default one strided batch up to K = 32,768, one product per
   # matrix above (the weight gradients at B = 64: kernels/cuda/matmul_lt.cu). Always batched at B = 32 and
   # 64, never at 32: where between K = 8,192 and 65,536 the loop starts to win (bench/RESULTS.md).

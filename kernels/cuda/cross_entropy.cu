@@ -21,6 +21,7 @@
 #include "kernels/cuda/check.h"
 #include "kernels/cuda/fast_exp.h"
 #include "kernels/cuda/launch.h"
+#include "kernels/cuda/mma_sync.h"  // cp.async
 #include "kernels/cuda/storage.h"
 
 namespace kraken::kernels {
@@ -83,8 +84,9 @@ __device__ inline MaxSum warp_merge(MaxSum v) {
 // path's exponentials are 2^{(x − m)·log₂e} in one MUFU instruction (fast_exp.h): expf's range
 // reduction made them most of the kernel's instructions (39% of the bandwidth). x − m is exactly 0 for
 // the maximum, so it still counts 1 exactly; a NaN becomes the maximum and propagates.
-// With stage (the staged fused kernel), each pack read is also kept there, at its index.
-template <typename T, bool kWide>
+// With stage (the staged fused kernel), each pack read is also kept there, at its index; kFromStage (the
+// pipelined kernel, whose copies put the row's packs there before), the packs are read from there instead.
+template <typename T, bool kWide, bool kFromStage = false>
 __device__ MaxSum thread_state(const T* xr, int64_t V, Stored8<T>* stage) {
   MaxSum acc{-INFINITY, 0.0f};
   int64_t first = 0;
@@ -96,8 +98,12 @@ __device__ MaxSum thread_state(const T* xr, int64_t V, Stored8<T>* stage) {
       for (int u = 0; u < kPacksInFlight; ++u) {
         const int64_t p = p0 + u * kThreads;
         if (p >= packs) break;
-        load_stored8(xr + 8 * p, q[u]);
-        if (stage) stage[p] = q[u];
+        if constexpr (kFromStage) {
+          q[u] = stage[p];
+        } else {
+          load_stored8(xr + 8 * p, q[u]);
+          if (stage) stage[p] = q[u];
+        }
       }
 #pragma unroll
       for (int u = 0; u < kPacksInFlight; ++u) {
@@ -131,10 +137,10 @@ __device__ MaxSum thread_state(const T* xr, int64_t V, Stored8<T>* stage) {
 
 // Row n's log-sum-exp over its first V columns and its loss, stored; returned to every thread of the
 // block when kBroadcast (the fused kernel's gradient pass needs it), else to thread 0 only.
-template <typename T, bool kWide, bool kBroadcast>
+template <typename T, bool kWide, bool kBroadcast, bool kFromStage = false>
 __device__ float row_lse(float* losses, float* lse, const T* xr, int32_t t, int64_t n, int64_t V,
                          Stored8<T>* stage = nullptr) {
-  MaxSum acc = thread_state<T, kWide>(xr, V, stage);
+  MaxSum acc = thread_state<T, kWide, kFromStage>(xr, V, stage);
   __shared__ float part_m[kWarps], part_s[kWarps];
   __shared__ float row;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -276,6 +282,53 @@ __global__ void cross_entropy_fused_kernel(float* losses, float* lse, T* dlogits
                                kStaged && !ignored ? V / 8 : 0);
 }
 
+// The staged kernel's work with the next row's reads in flight: persistent blocks, each taking rows
+// blockIdx.x, + gridDim.x, …, with two stages of shared memory. While a block reduces and writes row n
+// from one stage, cp.async brings its next row into the other — each thread copies the packs it will
+// use itself (p = threadIdx.x + k·kThreads, as in the staged kernel), so its own cp.async wait is all
+// the ordering a stage needs, before it is read and before it is refilled. The staged kernel reads a row
+// only once, but a block's 512 threads then stop at the row's reductions with nothing else in flight and
+// only 2 blocks fit an SM (0.773 ms at 8192 × 50304 on an H100, 64% of the bandwidth); here the memory
+// system always has the next rows coming. Shared memory 2·(V/8)·16 bytes (196 KiB for GPT-2's
+// vocabulary: one block an SM on an H100; beyond an A100's 163 KiB, where the staged kernel runs). The
+// same threads do the same arithmetic on the same packs in the same order: the staged kernel's bits.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    cross_entropy_fused_pipelined_kernel(float* losses, float* lse, T* dlogits, const T* logits,
+                                         const int32_t* targets, float scale, int64_t N, int64_t Vp, int64_t V,
+                                         int32_t ignore_index) {
+  KRAKEN_DYNAMIC_SHARED(uint4, staged_bytes);
+  const int64_t packs = V / 8;
+  Stored8<T>* const stages = reinterpret_cast<Stored8<T>*>(staged_bytes);  // stage k: packs from k·packs
+  auto fetch = [&](int64_t row, Stored8<T>* stage) {  // this thread's packs of the row, one copy group
+    const T* xr = logits + row * Vp;
+    for (int64_t p = threadIdx.x; p < packs; p += kThreads) mma::cp_async_16(stage + p, xr + 8 * p, true);
+    mma::cp_async_commit();
+  };
+  int64_t n = blockIdx.x;
+  if (n < N) fetch(n, stages);
+  for (int i = 0; n < N; n += gridDim.x, ++i) {
+    Stored8<T>* stage = stages + (i & 1) * packs;
+    if (n + gridDim.x < N) {
+      fetch(n + gridDim.x, stages + ((i + 1) & 1) * packs);  // its last reader was this thread, last row
+      mma::cp_async_wait<1>();                     // this row's copies have landed, the next's may not
+    } else {
+      mma::cp_async_wait<0>();
+    }
+    const int32_t t = targets[n];
+    const T* xr = logits + n * Vp;
+    const bool ignored = t == ignore_index;
+    float l = 0.0f;
+    if (ignored) {
+      if (threadIdx.x == 0) losses[n] = 0.0f, lse[n] = 0.0f;
+    } else {
+      l = row_lse<T, true, true, true>(losses, lse, xr, t, n, V, stage);
+    }
+    write_row_gradient<T, true>(dlogits + n * Vp, xr, l, t, ignored, ignored ? 0.0f : scale, Vp, V, stage,
+                                ignored ? 0 : packs);
+  }
+}
+
 // dlogits *= dloss[0] / assumed[0] where the two differ; then (a kernel of its own, after every block has
 // read it) assumed[0] = dloss[0]. Equal — the gradient the fused pass assumed is the one that came — every
 // thread reads two floats and leaves.
@@ -347,8 +400,10 @@ CrossEntropyRowReads default_row_reads() {
     const char* v = std::getenv("KRAKEN_CUDA_CROSS_ENTROPY");
     if (v == nullptr || *v == '\0' || std::string(v) == "staged") return CrossEntropyRowReads::kStagedInSharedMemory;
     if (std::string(v) == "twice") return CrossEntropyRowReads::kTwice;
+    if (std::string(v) == "pipelined") return CrossEntropyRowReads::kPipelined;
     KRAKEN_THROW("KRAKEN_CUDA_CROSS_ENTROPY=", v,
-                 ": expected staged (the gradient pass reads the row from shared memory; the default) or twice (from global memory again)");
+                 ": expected staged (the gradient pass reads the row from shared memory; the default), twice (from global "
+                 "memory again) or pipelined (staged, with the next row's copies in flight)");
   }();
   return reads;
 }
@@ -378,13 +433,47 @@ bool cross_entropy_fused_staged(float* losses, float* lse, T* dlogits, const T* 
   }
 }
 
+// The pipelined kernel where it applies (as the staged one, with room for two stages a block); false,
+// nothing launched, otherwise.
+template <typename T>
+bool cross_entropy_fused_pipelined(float* losses, float* lse, T* dlogits, const T* logits, const int32_t* targets,
+                                   float scale, int64_t N, int64_t Vp, int64_t V, int32_t ignore_index,
+                                   CUstream_st* stream) {
+  if constexpr (!std::is_same_v<T, __nv_bfloat16>) {
+    return false;
+  } else {
+    if (N <= 0 || Vp % 8 != 0 || !aligned16(logits) || !aligned16(dlogits)) return false;
+    const size_t bytes = 2 * sizeof(Stored8<T>) * static_cast<size_t>(V / 8);
+    int device = 0, optin = 0, per_sm = 0, sms = 0;
+    KRAKEN_CUDA_CHECK(cudaGetDevice(&device));
+    KRAKEN_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    KRAKEN_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
+    KRAKEN_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    if (bytes == 0 || bytes > static_cast<size_t>(optin)) return false;
+    const auto kernel = cross_entropy_fused_pipelined_kernel<T>;
+    if (bytes > 48 * 1024)  // above the default, asked for per kernel
+      KRAKEN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+    // As many blocks as fit at once (shared memory decides: 2048 threads an SM allow 4), each looping over
+    // its rows; the results do not depend on the grid.
+    const int64_t per_sm_blocks = std::max<int64_t>(1, std::min<int64_t>(4, per_sm / static_cast<int64_t>(bytes + 1024)));
+    const int64_t blocks = std::min<int64_t>(N, per_sm_blocks * std::max(sms, 1));
+    KRAKEN_KERNEL(static_cast<unsigned int>(blocks), kThreads, bytes, stream, kernel)
+    (losses, lse, dlogits, logits, targets, scale, N, Vp, V, ignore_index);
+    KRAKEN_CUDA_LAUNCH_CHECK();
+    return true;
+  }
+}
+
 template <typename T>
 void cross_entropy_fused(float* losses, float* lse, T* dlogits, const T* logits, const int32_t* targets, float dloss,
                          int64_t count, int64_t N, int64_t Vp, int64_t V, int32_t ignore_index, CUstream_st* stream,
                          CrossEntropyRowReads reads) {
   const float scale = count > 0 ? dloss / static_cast<float>(count) : 0.0f;
   if (reads == CrossEntropyRowReads::kDefault) reads = default_row_reads();
-  if (reads == CrossEntropyRowReads::kStagedInSharedMemory &&
+  if (reads == CrossEntropyRowReads::kPipelined &&
+      cross_entropy_fused_pipelined(losses, lse, dlogits, logits, targets, scale, N, Vp, V, ignore_index, stream))
+    return;
+  if ((reads == CrossEntropyRowReads::kStagedInSharedMemory || reads == CrossEntropyRowReads::kPipelined) &&
       cross_entropy_fused_staged(losses, lse, dlogits, logits, targets, scale, N, Vp, V, ignore_index, stream))
     return;
   launch_per_row<T>(N, Vp % 8 == 0 && aligned16(logits) && aligned16(dlogits), [&](auto wide, unsigned int blocks) {

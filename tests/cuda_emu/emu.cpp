@@ -345,10 +345,13 @@ cudaError_t get_device(int* device) {
   *device = 0;
   return cudaSuccess;
 }
+int g_multiprocessors = 132;
+void set_multiprocessor_count(int count) { g_multiprocessors = count; }
 cudaError_t device_get_attribute(int* value, cudaDeviceAttr attr, int /*device*/) {
   switch (attr) {
     case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = static_cast<int>(kMaxDynamicShared); return cudaSuccess;
-    case cudaDevAttrMultiProcessorCount: *value = 132; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *value = 228 * 1024; return cudaSuccess;
+    case cudaDevAttrMultiProcessorCount: *value = g_multiprocessors; return cudaSuccess;
     default: return cudaErrorInvalidValue;
   }
 }

@@ -117,7 +117,7 @@ void layernorm_backward_cuda(float* dx, const float* dx_in, float* dgamma, float
                              int64_t C, CUstream_st* stream);
 
 // kernels/cross_entropy.h
-enum class CrossEntropyRowReads { kDefault, kTwice, kStagedInSharedMemory };
+enum class CrossEntropyRowReads { kDefault, kTwice, kStagedInSharedMemory, kPipelined };
 void cross_entropy_forward_bf16_cuda(float* losses, float* lse, const uint16_t* logits, const int32_t* targets,
                                      int64_t N, int64_t Vp, int64_t V, int32_t ignore_index, CUstream_st* stream);
 void cross_entropy_backward_bf16_cuda(uint16_t* dlogits, const uint16_t* logits, const float* lse,

@@ -486,16 +486,18 @@ void check_cross_entropy(int64_t N, int64_t Vp, int64_t V, const std::vector<int
   EXPECT_EQ(fused_losses, losses) << what << ": fused losses";
   EXPECT_EQ(fused_lse, lse) << what << ": fused lse";
   EXPECT_EQ(fused_dlogits, from_lse) << what << ": fused dlogits";
-  // The row staged in shared memory for the gradient pass (kernels/cross_entropy.h): the same bits (where
-  // the row is 8-wide; else the same kernel).
-  std::vector<float> staged_losses(losses.size(), -3.0f), staged_lse(lse.size(), -3.0f);
-  std::vector<uint16_t> staged_dlogits(n, 0xC0E0);
-  emu::cross_entropy_fused_bf16_cuda(staged_losses.data(), staged_lse.data(), staged_dlogits.data(), logits.data(),
-                                     targets.data(), dloss, count, N, Vp, V, ignore, nullptr,
-                                     emu::CrossEntropyRowReads::kStagedInSharedMemory);
-  EXPECT_EQ(staged_losses, losses) << what << ": staged losses";
-  EXPECT_EQ(staged_lse, lse) << what << ": staged lse";
-  EXPECT_EQ(staged_dlogits, from_lse) << what << ": staged dlogits";
+  // The row staged in shared memory for the gradient pass, and staged with the next row's copies in flight
+  // (kernels/cross_entropy.h): the same bits (where the row is 8-wide; else the same kernel).
+  for (const auto reads : {emu::CrossEntropyRowReads::kStagedInSharedMemory, emu::CrossEntropyRowReads::kPipelined}) {
+    const std::string how = what + (reads == emu::CrossEntropyRowReads::kPipelined ? ": pipelined" : ": staged");
+    std::vector<float> staged_losses(losses.size(), -3.0f), staged_lse(lse.size(), -3.0f);
+    std::vector<uint16_t> staged_dlogits(n, 0xC0E0);
+    emu::cross_entropy_fused_bf16_cuda(staged_losses.data(), staged_lse.data(), staged_dlogits.data(), logits.data(),
+                                       targets.data(), dloss, count, N, Vp, V, ignore, nullptr, reads);
+    EXPECT_EQ(staged_losses, losses) << how << " losses";
+    EXPECT_EQ(staged_lse, lse) << how << " lse";
+    EXPECT_EQ(staged_dlogits, from_lse) << how << " dlogits";
+  }
   std::vector<float> losses32(losses.size()), lse32(lse.size()), dlogits32(n, -7.0f), fused32(n, -7.0f);
   std::vector<float> fused_losses32(losses.size()), fused_lse32(lse.size());
   emu::cross_entropy_forward_cuda(losses32.data(), lse32.data(), logits_f.data(), targets.data(), N, Vp, V, ignore,
@@ -531,6 +533,11 @@ TEST(CudaEmulation, CrossEntropyMatchesTheCpuOnBothAccessWidths) {
     check_cross_entropy(4, 2056, 2051, {2});  // Vp = 8·257: 8 columns per load, a tail of 3 before Vp
     // GPT-2's vocabulary: 12 or 13 loads of 8 per thread, each merged into the thread's running state
     check_cross_entropy(2, 50304, 50257, {});
+    // More rows than the pipelined kernel's blocks (4 an SM at this row size, of 2 SMs here): blocks take
+    // up to 3 rows, through both stages and back to the first.
+    kraken_emu::set_multiprocessor_count(2);
+    check_cross_entropy(21, 1000, 997, {3, 8, 20});
+    kraken_emu::set_multiprocessor_count(132);
   });
 }
 

@@ -1,11 +1,14 @@
-// The order the emulation runs threads in between barriers (emu.cpp): warps and lanes ascending, or
-// descending. A kernel missing a barrier reads data not yet written under one of them, so the tests
-// run every kernel under both.
+// What the tests set in the emulation (emu.cpp). The order it runs threads in between barriers: warps and
+// lanes ascending, or descending — a kernel missing a barrier reads data not yet written under one of
+// them, so the tests run every kernel under both. The emulated device's multiprocessor count: 132, an
+// H100's, unless a test sets another, so that a kernel whose grid follows the device shows its loop over
+// more work than blocks at a small size.
 #pragma once
 
 namespace kraken_emu {
 
 enum class Schedule { kAscending, kDescending };
 void set_schedule(Schedule schedule);  // for the calling thread's later launches
+void set_multiprocessor_count(int count);
 
 }  // namespace kraken_emu

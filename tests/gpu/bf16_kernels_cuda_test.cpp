@@ -355,13 +355,16 @@ void check_cross_entropy(int64_t N, int64_t Vp, int64_t V, const std::vector<int
   }
 
   // The fused kernel (training's: forward and backward in one pass, dloss from the host), the row read a
-  // second time or kept in shared memory: the forward kernel's losses and lse, and the backward
-  // kernel's dlogits from that lse, bit for bit.
+  // second time, kept in shared memory, or copied there ahead (pipelined): the forward kernel's losses
+  // and lse, and the backward kernel's dlogits from that lse, bit for bit.
   const Tensor from_lse = Tensor::full({N, Vp}, -7.0f).to(DType::BF16).to(gpu());
   cross_entropy_backward_bf16_cuda(bits(from_lse), bits(logits_dev), f32(lse_dev), targets_dev.data<int32_t>(),
                                    f32(dloss_dev), count, N, Vp, V, ignore, stream());
-  for (const auto reads : {CrossEntropyRowReads::kTwice, CrossEntropyRowReads::kStagedInSharedMemory}) {
-    const std::string how = what + (reads == CrossEntropyRowReads::kTwice ? ", fused" : ", fused, row staged");
+  for (const auto reads : {CrossEntropyRowReads::kTwice, CrossEntropyRowReads::kStagedInSharedMemory,
+                           CrossEntropyRowReads::kPipelined}) {
+    const std::string how = what + (reads == CrossEntropyRowReads::kTwice                  ? ", fused"
+                                    : reads == CrossEntropyRowReads::kStagedInSharedMemory ? ", fused, row staged"
+                                                                                           : ", fused, pipelined");
     Tensor fused_losses = Tensor::full({N}, -3.0f).to(gpu()), fused_lse = Tensor::full({N}, -3.0f).to(gpu());
     const Tensor fused_dlogits = Tensor::full({N, Vp}, -7.0f).to(DType::BF16).to(gpu());
     cross_entropy_fused_bf16_cuda(f32(fused_losses), f32(fused_lse), bits(fused_dlogits), bits(logits_dev),
@@ -458,6 +461,9 @@ TEST(GpuBf16Kernels, CrossEntropyMatchesTheRoundedCpu) {
   check_cross_entropy(21, 130, 100, {0, 5, 6, 13});
   check_cross_entropy(4, 50304, 50257, {});
   check_cross_entropy(5, 50304, 50257, {1, 3});
+  // More rows than the pipelined kernel's blocks (one an SM at this vocabulary): each block through
+  // both of its stages and back.
+  check_cross_entropy(300, 50304, 50257, {7, 200, 299});
 }
 
 TEST(GpuBf16Kernels, DropoutMatchesTheRoundedCpu) {
