@@ -247,6 +247,24 @@ __global__ void cross_entropy_backward_kernel(T* dlogits, const T* logits, const
   write_row_gradient<T, kWide>(dlogits + n * Vp, logits + n * Vp, ignored ? 0.0f : lse[n], t, ignored, scale, Vp, V);
 }
 
+// Row n's loss, lse and gradient in one block (the fused kernels' body): with stage, its packs kept there
+// by the first pass, or (kFromStage) read from there, where copies put them before.
+template <typename T, bool kWide, bool kFromStage>
+__device__ void fused_row(float* losses, float* lse, T* dlogits, const T* logits, const int32_t* targets,
+                          float scale, int64_t n, int64_t Vp, int64_t V, int32_t ignore_index, Stored8<T>* stage) {
+  const int32_t t = targets[n];
+  const T* xr = logits + n * Vp;
+  const bool ignored = t == ignore_index;
+  float l = 0.0f;
+  if (ignored) {
+    if (threadIdx.x == 0) losses[n] = 0.0f, lse[n] = 0.0f;
+  } else {
+    l = row_lse<T, kWide, true, kFromStage>(losses, lse, xr, t, n, V, stage);
+  }
+  write_row_gradient<T, kWide>(dlogits + n * Vp, xr, l, t, ignored, ignored ? 0.0f : scale, Vp, V, stage,
+                               stage && !ignored ? V / 8 : 0);
+}
+
 // Forward and backward of row n in one block: its log-sum-exp from a first read of the row, then its
 // gradient from a second read, which finds the row (≤ 100 KB for GPT-2's vocabulary) in L2 rather than
 // in memory — the separate kernels read it from memory twice, a whole forward and backward apart.
@@ -268,18 +286,7 @@ __global__ void cross_entropy_fused_kernel(float* losses, float* lse, T* dlogits
     KRAKEN_DYNAMIC_SHARED(uint4, staged_bytes);
     stage = reinterpret_cast<Stored8<T>*>(staged_bytes);
   }
-  const int64_t n = blockIdx.x;
-  const int32_t t = targets[n];
-  const T* xr = logits + n * Vp;
-  const bool ignored = t == ignore_index;
-  float l = 0.0f;
-  if (ignored) {
-    if (threadIdx.x == 0) losses[n] = 0.0f, lse[n] = 0.0f;
-  } else {
-    l = row_lse<T, kWide, true>(losses, lse, xr, t, n, V, stage);
-  }
-  write_row_gradient<T, kWide>(dlogits + n * Vp, xr, l, t, ignored, ignored ? 0.0f : scale, Vp, V, stage,
-                               kStaged && !ignored ? V / 8 : 0);
+  fused_row<T, kWide, false>(losses, lse, dlogits, logits, targets, scale, blockIdx.x, Vp, V, ignore_index, stage);
 }
 
 // The staged kernel's work with the next row's reads in flight: persistent blocks, each taking rows
@@ -315,17 +322,7 @@ __global__ void __launch_bounds__(kThreads)
     } else {
       mma::cp_async_wait<0>();
     }
-    const int32_t t = targets[n];
-    const T* xr = logits + n * Vp;
-    const bool ignored = t == ignore_index;
-    float l = 0.0f;
-    if (ignored) {
-      if (threadIdx.x == 0) losses[n] = 0.0f, lse[n] = 0.0f;
-    } else {
-      l = row_lse<T, true, true, true>(losses, lse, xr, t, n, V, stage);
-    }
-    write_row_gradient<T, true>(dlogits + n * Vp, xr, l, t, ignored, ignored ? 0.0f : scale, Vp, V, stage,
-                                ignored ? 0 : packs);
+    fused_row<T, true, true>(losses, lse, dlogits, logits, targets, scale, n, Vp, V, ignore_index, stage);
   }
 }
 
@@ -408,57 +405,42 @@ CrossEntropyRowReads default_row_reads() {
   return reads;
 }
 
-// The staged kernel where it applies (bf16 rows on 16-byte boundaries, the row's packs within the
-// device's shared memory per block); false, nothing launched, otherwise.
+// The staged kernel (stages = 1) or the pipelined one (2) where it applies: bf16 rows on 16-byte
+// boundaries, `stages` copies of the row's packs within a block's shared memory. False, nothing
+// launched, otherwise.
 template <typename T>
-bool cross_entropy_fused_staged(float* losses, float* lse, T* dlogits, const T* logits, const int32_t* targets,
-                                float scale, int64_t N, int64_t Vp, int64_t V, int32_t ignore_index,
-                                CUstream_st* stream) {
+bool cross_entropy_fused_from_shared(float* losses, float* lse, T* dlogits, const T* logits, const int32_t* targets,
+                                     float scale, int64_t N, int64_t Vp, int64_t V, int32_t ignore_index,
+                                     CUstream_st* stream, int stages) {
   if constexpr (!std::is_same_v<T, __nv_bfloat16>) {
     return false;
   } else {
-    if (N <= 0 || Vp % 8 != 0 || !aligned16(logits) || !aligned16(dlogits)) return false;
-    const size_t bytes = sizeof(Stored8<T>) * static_cast<size_t>(V / 8);
+    if (N <= 0 || V < 8 || Vp % 8 != 0 || !aligned16(logits) || !aligned16(dlogits)) return false;
+    const size_t bytes = static_cast<size_t>(stages) * sizeof(Stored8<T>) * static_cast<size_t>(V / 8);
     int device = 0, optin = 0;
     KRAKEN_CUDA_CHECK(cudaGetDevice(&device));
     KRAKEN_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
     if (bytes > static_cast<size_t>(optin)) return false;
-    const auto kernel = cross_entropy_fused_kernel<T, true, true>;
-    if (bytes > 48 * 1024)  // above the default, asked for per kernel
-      KRAKEN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-    KRAKEN_KERNEL(static_cast<unsigned int>(N), kThreads, bytes, stream, kernel)
-    (losses, lse, dlogits, logits, targets, scale, Vp, V, ignore_index);
-    KRAKEN_CUDA_LAUNCH_CHECK();
-    return true;
-  }
-}
-
-// The pipelined kernel where it applies (as the staged one, with room for two stages a block); false,
-// nothing launched, otherwise.
-template <typename T>
-bool cross_entropy_fused_pipelined(float* losses, float* lse, T* dlogits, const T* logits, const int32_t* targets,
-                                   float scale, int64_t N, int64_t Vp, int64_t V, int32_t ignore_index,
-                                   CUstream_st* stream) {
-  if constexpr (!std::is_same_v<T, __nv_bfloat16>) {
-    return false;
-  } else {
-    if (N <= 0 || Vp % 8 != 0 || !aligned16(logits) || !aligned16(dlogits)) return false;
-    const size_t bytes = 2 * sizeof(Stored8<T>) * static_cast<size_t>(V / 8);
-    int device = 0, optin = 0, per_sm = 0, sms = 0;
-    KRAKEN_CUDA_CHECK(cudaGetDevice(&device));
-    KRAKEN_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    KRAKEN_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
-    KRAKEN_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    if (bytes == 0 || bytes > static_cast<size_t>(optin)) return false;
-    const auto kernel = cross_entropy_fused_pipelined_kernel<T>;
-    if (bytes > 48 * 1024)  // above the default, asked for per kernel
-      KRAKEN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-    // As many blocks as fit at once (shared memory decides: 2048 threads an SM allow 4), each looping over
-    // its rows; the results do not depend on the grid.
-    const int64_t per_sm_blocks = std::max<int64_t>(1, std::min<int64_t>(4, per_sm / static_cast<int64_t>(bytes + 1024)));
-    const int64_t blocks = std::min<int64_t>(N, per_sm_blocks * std::max(sms, 1));
-    KRAKEN_KERNEL(static_cast<unsigned int>(blocks), kThreads, bytes, stream, kernel)
-    (losses, lse, dlogits, logits, targets, scale, N, Vp, V, ignore_index);
+    auto allow = [&](auto kernel) {  // above the default, asked for per kernel
+      if (bytes > 48 * 1024)
+        KRAKEN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+    };
+    if (stages == 1) {
+      allow(cross_entropy_fused_kernel<T, true, true>);
+      KRAKEN_KERNEL(static_cast<unsigned int>(N), kThreads, bytes, stream, cross_entropy_fused_kernel<T, true, true>)
+      (losses, lse, dlogits, logits, targets, scale, Vp, V, ignore_index);
+    } else {
+      allow(cross_entropy_fused_pipelined_kernel<T>);
+      // As many blocks as the SMs hold at once, each looping over its rows (the results do not depend on
+      // the grid; more blocks than fit would wait for whole row lists to finish).
+      int per_sm = 0, sms = 0;
+      KRAKEN_CUDA_CHECK(
+          cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, cross_entropy_fused_pipelined_kernel<T>, kThreads, bytes));
+      KRAKEN_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+      const int64_t blocks = std::min<int64_t>(N, static_cast<int64_t>(std::max(per_sm, 1)) * std::max(sms, 1));
+      KRAKEN_KERNEL(static_cast<unsigned int>(blocks), kThreads, bytes, stream, cross_entropy_fused_pipelined_kernel<T>)
+      (losses, lse, dlogits, logits, targets, scale, N, Vp, V, ignore_index);
+    }
     KRAKEN_CUDA_LAUNCH_CHECK();
     return true;
   }
@@ -471,10 +453,10 @@ void cross_entropy_fused(float* losses, float* lse, T* dlogits, const T* logits,
   const float scale = count > 0 ? dloss / static_cast<float>(count) : 0.0f;
   if (reads == CrossEntropyRowReads::kDefault) reads = default_row_reads();
   if (reads == CrossEntropyRowReads::kPipelined &&
-      cross_entropy_fused_pipelined(losses, lse, dlogits, logits, targets, scale, N, Vp, V, ignore_index, stream))
+      cross_entropy_fused_from_shared(losses, lse, dlogits, logits, targets, scale, N, Vp, V, ignore_index, stream, 2))
     return;
   if ((reads == CrossEntropyRowReads::kStagedInSharedMemory || reads == CrossEntropyRowReads::kPipelined) &&
-      cross_entropy_fused_staged(losses, lse, dlogits, logits, targets, scale, N, Vp, V, ignore_index, stream))
+      cross_entropy_fused_from_shared(losses, lse, dlogits, logits, targets, scale, N, Vp, V, ignore_index, stream, 1))
     return;
   launch_per_row<T>(N, Vp % 8 == 0 && aligned16(logits) && aligned16(dlogits), [&](auto wide, unsigned int blocks) {
     KRAKEN_KERNEL(blocks, kThreads, 0, stream, cross_entropy_fused_kernel<T, decltype(wide)::value, false>)

@@ -345,12 +345,16 @@ cudaError_t get_device(int* device) {
   *device = 0;
   return cudaSuccess;
 }
+int blocks_per_multiprocessor(int block_size, size_t dynamic_shared_bytes) {
+  const size_t by_threads = 2048 / static_cast<size_t>(std::max(block_size, 1));
+  const size_t by_shared = (228 * 1024) / (dynamic_shared_bytes + 1024);
+  return static_cast<int>(std::min(by_threads, by_shared));
+}
 int g_multiprocessors = 132;
 void set_multiprocessor_count(int count) { g_multiprocessors = count; }
 cudaError_t device_get_attribute(int* value, cudaDeviceAttr attr, int /*device*/) {
   switch (attr) {
     case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = static_cast<int>(kMaxDynamicShared); return cudaSuccess;
-    case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *value = 228 * 1024; return cudaSuccess;
     case cudaDevAttrMultiProcessorCount: *value = g_multiprocessors; return cudaSuccess;
     default: return cudaErrorInvalidValue;
   }

@@ -103,6 +103,14 @@ template <typename Function>
 cudaError_t func_set_attribute(Function*, cudaFuncAttribute, int) {
   return cudaSuccess;
 }
+// Blocks an SM holds at once, by threads (2048) and shared memory (228 KiB an SM, 1 KiB of it reserved
+// per block) alone: the emulation has no registers to count.
+int blocks_per_multiprocessor(int block_size, size_t dynamic_shared_bytes);
+template <typename Function>
+cudaError_t occupancy_max_active_blocks(int* blocks, Function*, int block_size, size_t dynamic_shared_bytes) {
+  *blocks = blocks_per_multiprocessor(block_size, dynamic_shared_bytes);
+  return cudaSuccess;
+}
 
 }  // namespace kraken_emu
 
@@ -110,6 +118,7 @@ cudaError_t func_set_attribute(Function*, cudaFuncAttribute, int) {
 #define cudaDeviceGetAttribute ::kraken_emu::device_get_attribute
 #define cudaGetLastError ::kraken_emu::get_last_error
 #define cudaFuncSetAttribute ::kraken_emu::func_set_attribute
+#define cudaOccupancyMaxActiveBlocksPerMultiprocessor ::kraken_emu::occupancy_max_active_blocks
 #define cudaMemsetAsync ::kraken_emu::memset_async
 #define cudaMalloc ::kraken_emu::malloc_device
 #define cudaFree ::kraken_emu::free_device
