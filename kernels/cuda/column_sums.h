@@ -9,7 +9,7 @@
 //           threads × 32 row groups; each thread owns 8 adjacent columns (one 16-byte bf16 access, two
 //           f32) and sums rows g, g + 32, … of its chunk in order; a fixed shared-memory tree adds the
 //           32 groups; the chunk's sums go to a scratch buffer (scratch.h).
-//   pass 2  16 threads per column add the chunks' sums (each a fixed subset in order, then a fixed tree)
+//   pass 2  64 threads per column add the chunks' sums (each a fixed subset in order, then a fixed tree)
 //           and hand the total to `apply`.
 // The order of every sum depends on rows and cols alone: the same bits on every run and every device.
 // Needs cols a multiple of 8 and the matrices 16-byte aligned; callers keep a one-pass kernel otherwise.
@@ -86,15 +86,16 @@ __global__ void __launch_bounds__(kColumnSumThreads)
   }
 }
 
-// Pass 2: apply(c, totals) with totals[k] = Σ_chunk partials of term k at column c. A block per 32 columns
-// (a warp's lanes: each row of partials is read coalesced) × 16 chunk groups: group g adds chunks g,
-// g + 16, … in order, then a fixed shared-memory tree adds the 16 groups. (A thread per column adding
-// every chunk, what this kernel did before, made 3 blocks for C = 768: 30 µs per LayerNorm backward on an
-// H200 for 256 chunks, 7% of a Kraken 4-way step, all of it waiting on one load after another.)
+// Pass 2: apply(c, totals) with totals[k] = Σ_chunk partials of term k at column c. A block per 8 columns
+// × 64 chunk groups: group g adds chunks g, g + 64, … in order, then a fixed shared-memory tree adds the
+// 64 groups. A warp reads 4 chunks' 8 columns (32-byte pieces, whole sectors). (32 columns × 16 groups a
+// block, what this kernel did before, made 24 blocks for C = 768: a LayerNorm backward's 2048 chunks at
+// B = 64 took ~21 µs each on an H100, latency-bound with 16 warps on each of 24 SMs; a thread per column
+// adding every chunk, before that, 30 µs per LayerNorm backward on an H200 at 256 chunks.)
 // Several independent sets of partials at once: blockIdx.y picks the set (partials + y · set_stride), and
 // apply can tell them apart by blockIdx.y.
-constexpr int kTotalColumns = 32;
-constexpr int kTotalGroups = 16;
+constexpr int kTotalColumns = 8;
+constexpr int kTotalGroups = 64;
 template <int K, typename Apply>
 __global__ void __launch_bounds__(kTotalColumns* kTotalGroups)
     column_totals_kernel(const float* partials, int64_t chunks, int64_t cols, int64_t set_stride, Apply apply) {

@@ -771,10 +771,11 @@ TEST(CudaEmulation, ManyTensorCastsAreTheOneTensorCastsBits) { under_both_schedu
 
 void check_sum_rows() {
   // Two-pass column sums (cols a multiple of 8: 128-row chunks, three and nine of them with a partial
-  // last one; 2048 columns, 512-row chunks), the one-pass grouped kernel (100 columns), and the
-  // few-row kernels (fewer than 64 rows: 8 columns per thread in bf16 here, cols being a multiple of 8).
+  // last one; 2048 columns, 512-row chunks; 151 chunks, more than the second pass's 64 chunk groups, so
+  // that each adds two or three in order), the one-pass grouped kernel (100 columns), and the few-row
+  // kernels (fewer than 64 rows: 8 columns per thread in bf16 here, cols being a multiple of 8).
   for (const auto& [rows, cols] : {std::pair<int64_t, int64_t>{300, 72}, std::pair<int64_t, int64_t>{1100, 136},
-                                   std::pair<int64_t, int64_t>{600, 2048},
+                                   std::pair<int64_t, int64_t>{600, 2048}, std::pair<int64_t, int64_t>{19237, 8},
                                    std::pair<int64_t, int64_t>{1100, 100}, std::pair<int64_t, int64_t>{40, 64}}) {
     const std::string what = " (" + std::to_string(rows) + ", " + std::to_string(cols) + ")";
     const std::vector<float> x = normal(static_cast<size_t>(rows * cols), 15);
