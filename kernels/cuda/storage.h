@@ -26,8 +26,24 @@ __device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2
 struct alignas(16) Bf16x8 {
   __nv_bfloat162 pair[4];
 };
+// Eight bf16 in and out of memory as one 16-byte access: through a uint4, because a Bf16x8 copied as
+// itself is copied pair by pair — four 4-byte loads or stores in the PTX, which ptxas keeps as four
+// (every "16-byte" bf16 access of these kernels was four until the thirteenth session). The bytes are
+// the same either way.
+__device__ __forceinline__ Bf16x8 load_bf16x8(const __nv_bfloat16* p) {
+  const uint4 bits = *reinterpret_cast<const uint4*>(p);
+  Bf16x8 q;
+  static_assert(sizeof(q) == sizeof(bits), "eight bf16 are 16 bytes");
+  __builtin_memcpy(static_cast<void*>(&q), &bits, sizeof(q));  // (void*: a bit copy, meant)
+  return q;
+}
+__device__ __forceinline__ void store_bf16x8(__nv_bfloat16* p, const Bf16x8& q) {
+  uint4 bits;
+  __builtin_memcpy(&bits, &q, sizeof(bits));
+  *reinterpret_cast<uint4*>(p) = bits;
+}
 __device__ __forceinline__ void load8(const __nv_bfloat16* p, float (&v)[8]) {
-  const Bf16x8 q = *reinterpret_cast<const Bf16x8*>(p);
+  const Bf16x8 q = load_bf16x8(p);
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
     const float2 f = __bfloat1622float2(q.pair[k]);
@@ -39,7 +55,7 @@ __device__ __forceinline__ void store8(__nv_bfloat16* p, const float (&v)[8]) {
   Bf16x8 q;
 #pragma unroll
   for (int k = 0; k < 4; ++k) q.pair[k] = __floats2bfloat162_rn(v[2 * k], v[2 * k + 1]);
-  *reinterpret_cast<Bf16x8*>(p) = q;
+  store_bf16x8(p, q);
 }
 // f32: two 16-byte accesses (p 16-byte aligned), for kernels templated on T that use load8/store8.
 __device__ __forceinline__ void load8(const float* p, float (&v)[8]) {
@@ -64,7 +80,7 @@ struct Stored8<float> {
   float4 a, b;
 };
 __device__ __forceinline__ void load_stored8(const __nv_bfloat16* p, Stored8<__nv_bfloat16>& s) {
-  s.q = *reinterpret_cast<const Bf16x8*>(p);
+  s.q = load_bf16x8(p);
 }
 __device__ __forceinline__ void load_stored8(const float* p, Stored8<float>& s) {
   s.a = reinterpret_cast<const float4*>(p)[0];
