@@ -49,6 +49,7 @@
 #include <functional>
 #include <initializer_list>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "models/kraken.h"
@@ -596,11 +597,15 @@ void bench_kernels(const DeviceInfo& dev, Report& r) {
     row("add bf16 → f32, the same 97 gradients in one launch (accumulate_bf16_many)", (2.0 * f + 2.0) * elements,
         time_kernel([&] { accumulate_bf16_many_cuda(to32.data(), from16.data(), ns.data(), count, nullptr); }));
   }
-  {  // a bias gradient: Σ over B·T rows of dy (c_fc's 3072 columns), the column sums of column_sums.h
-    const int64_t cols = 4 * C;
-    Tensor dy = normal({N, cols}, 79).to(DType::BF16), db = normal({cols}, 80).to(DType::BF16);
-    row("bf16 bias gradient (sum of 8192 rows × 3072)", 2.0 * N * cols + 4.0 * cols,
-        time_kernel([&] { sum_rows_bf16_cuda(db.data<uint16_t>(), dy.data<uint16_t>(), N, cols, nullptr); }));
+  // Bias gradients: Σ over B·T rows of dy, the column sums of column_sums.h — c_fc's 3072 columns at B = 8,
+  // and GPT-2's four at B = 64 (C, 3C, 4C: what the step's 48 launches run; their chunks follow
+  // KRAKEN_CUDA_COLUMN_CHUNKS, kernels/cuda/column_chunks.h).
+  for (const auto& [rows, cols] : {std::pair<int64_t, int64_t>{N, 4 * C}, std::pair<int64_t, int64_t>{8 * N, C},
+                                   std::pair<int64_t, int64_t>{8 * N, 3 * C}, std::pair<int64_t, int64_t>{8 * N, 4 * C}}) {
+    Tensor dy = normal({rows, cols}, 79).to(DType::BF16), db = normal({cols}, 80).to(DType::BF16);
+    const std::string what = "bf16 bias gradient (sum of " + std::to_string(rows) + " rows × " + std::to_string(cols) + ")";
+    row(what.c_str(), 2.0 * rows * cols + 4.0 * cols,
+        time_kernel([&] { sum_rows_bf16_cuda(db.data<uint16_t>(), dy.data<uint16_t>(), rows, cols, nullptr); }));
   }
   {
     Tensor logits = normal({N, Vp}, 19), dlogits = normal({N, Vp}, 20), losses = normal({N}, 21), lse = normal({N}, 22);

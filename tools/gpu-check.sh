@@ -252,6 +252,11 @@ test_variant() {
 test_variant atomic "KRAKEN_CUDNN_ATTENTION_BACKWARD=atomic KRAKEN_CUDA_ATTENTION=cudnn" 120 \
   'GpuAttentionCudnn.*:GpuModel.Degree2*:GpuTrainer.MixedPrecision*' \
   "cuDNN's atomic dQ: the attention tests, a degree-2 model, the mixed-precision trainer"
+# The column sums' long chunks (KRAKEN_CUDA_COLUMN_CHUNKS=long, kernels/cuda/column_chunks.h; built in the
+# thirteenth session, never run): the bias gradients at a step's scale and in the models' linears.
+test_variant colchunks KRAKEN_CUDA_COLUMN_CHUNKS=long 90 \
+  'GpuBf16Kernels.SumRows*:GpuBf16Kernels.BroadcastAdd*:GpuLinear.*:GpuMlp.*:GpuModel.*' \
+  "the bias gradients' sums, the linears, the MLP, the models"
 # The mma kernels where cuDNN would take the call (the default's): their dispatch and the grouped launch
 # of a Kraken layer's sub-layers, which only the mma kernels have.
 test_variant mma KRAKEN_CUDA_ATTENTION=mma 90 \
@@ -322,6 +327,13 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
   # kernel row is in the main benchmark's table.
   bench_variant cepipe KRAKEN_CUDA_CROSS_ENTROPY=pipelined 120 90 "the cross-entropy's pipelined kernel" \
     --training-only --batch 8,64
+  # GPT-2 at B = 96 and 128 (B = 64 took 35 GB of the 80): the optimizer's pass and the step's fixed costs
+  # over more tokens.
+  bench_variant big "" 120 90 "GPT-2 at larger batches" --training-only --model gpt2 --batch 96,128
+  # The column sums' long chunks (kernels/cuda/column_chunks.h): the bias-gradient kernel rows at B = 8 and
+  # 64 (with the other kernel rows) and GPT-2's steps.
+  bench_variant colchunks KRAKEN_CUDA_COLUMN_CHUNKS=long 120 120 "the column sums' long chunks" --model gpt2 \
+    --batch 8,64
   # cuDNN's attention backward with dQ summed in f32 with atomics (kernels/cuda/attention_cudnn.cu): 0.2-0.5
   # points of MFU over the deterministic default in the twelfth session's three runs, the default's
   # candidate if it grows.

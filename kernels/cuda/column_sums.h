@@ -5,13 +5,14 @@
 // when there are few columns and many rows: C = 768 columns of 8192 rows made 96 blocks, and each warp
 // loaded 2-byte elements from 4 rows at a time (the bias gradients took 0.82 ms of a GPT-2 step on an
 // H200, about a third of the bandwidth). Here:
-//   pass 1  grid (column blocks of 64, row chunks of chunk_rows(cols)): a block of 256 threads = 8 column
+//   pass 1  grid (column blocks of 64, row chunks of chunk_rows(rows, cols)): a block of 256 threads = 8 column
 //           threads × 32 row groups; each thread owns 8 adjacent columns (one 16-byte bf16 access, two
 //           f32) and sums rows g, g + 32, … of its chunk in order; a fixed shared-memory tree adds the
 //           32 groups; the chunk's sums go to a scratch buffer (scratch.h).
 //   pass 2  64 threads per column add the chunks' sums (each a fixed subset in order, then a fixed tree)
 //           and hand the total to `apply`.
-// The order of every sum depends on rows and cols alone: the same bits on every run and every device.
+// The order of every sum depends on rows and cols alone (and on KRAKEN_CUDA_COLUMN_CHUNKS, column_chunks.h):
+// the same bits on every run and every device.
 // Needs cols a multiple of 8 and the matrices 16-byte aligned; callers keep a one-pass kernel otherwise.
 #pragma once
 
@@ -20,6 +21,7 @@
 #include <cstdint>
 
 #include "kernels/cuda/check.h"
+#include "kernels/cuda/column_chunks.h"
 #include "kernels/cuda/launch.h"
 #include "kernels/cuda/scratch.h"
 #include "kernels/cuda/storage.h"
@@ -28,25 +30,18 @@ namespace kraken::kernels::cuda_detail {
 
 constexpr int kColumnThreads = 8;                         // threads across a block's columns
 constexpr int kColumnsPerBlock = 8 * kColumnThreads;      // 8 columns each
+static_assert(kColumnsPerBlock == kColumnsPerChunkBlock, "column_chunks.h counts the first pass's blocks");
 constexpr int kRowGroups = 32;                            // threads down the rows
 constexpr int kColumnSumThreads = kColumnThreads * kRowGroups;
-
-// Rows per block of pass 1: 512, or 128 where there are few column blocks (C = 768 is 12 of them: 512-row
-// chunks of GPT-2's 8192 rows made 192 blocks, under 1.5 per SM of an H200). A function of cols alone,
-// so the order of the sums still depends on rows and cols only.
-__host__ __device__ inline int64_t chunk_rows(int64_t cols) {
-  return (cols + kColumnsPerBlock - 1) / kColumnsPerBlock >= 32 ? 512 : 128;
-}
 
 // Pass 1. terms(r, c0, t) gives row r's K terms of columns c0 .. c0 + 7: t[k][i] for column c0 + i.
 // partials[(k · chunks + chunk) · cols + c] = Σ over the chunk's rows of term k at column c.
 template <int K, typename Terms>
 __global__ void __launch_bounds__(kColumnSumThreads)
-    column_partials_kernel(float* partials, int64_t rows, int64_t cols, Terms terms) {
+    column_partials_kernel(float* partials, int64_t rows, int64_t cols, int64_t chunk, Terms terms) {
   __shared__ float sums[K][kRowGroups][kColumnsPerBlock + 4];
   const int ct = threadIdx.x % kColumnThreads, group = threadIdx.x / kColumnThreads;
   const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kColumnsPerBlock + 8 * ct;
-  const int64_t chunk = chunk_rows(cols);
   const int64_t r_begin = static_cast<int64_t>(blockIdx.y) * chunk;
   const int64_t r_end = r_begin + chunk < rows ? r_begin + chunk : rows;
   float acc[K][8] = {};
@@ -141,14 +136,15 @@ void launch_column_totals(const float* partials, int64_t chunks, int64_t cols, A
 // Both passes on `stream`; cols % 8 == 0, rows ≥ 1.
 template <int K, typename Terms, typename Apply>
 void column_sums(int64_t rows, int64_t cols, Terms terms, Apply apply, cudaStream_t stream, const char* name) {
-  const int64_t chunks = (rows + chunk_rows(cols) - 1) / chunk_rows(cols);
+  const int64_t chunk = chunk_rows(rows, cols, default_column_chunks());
+  const int64_t chunks = (rows + chunk - 1) / chunk;
   const int64_t column_blocks = (cols + kColumnsPerBlock - 1) / kColumnsPerBlock;
   KRAKEN_CHECK(cols % 8 == 0 && column_blocks <= 0x7fffffffLL && chunks <= 65535, name, ": ", rows, " rows × ",
                cols, " columns");
   float* partials = static_cast<float*>(
       device_scratch(ScratchSlot::kColumnSums, sizeof(float) * static_cast<size_t>(K * chunks * cols)));
   KRAKEN_KERNEL(dim3(static_cast<unsigned>(column_blocks), static_cast<unsigned>(chunks)), kColumnSumThreads, 0,
-                stream, column_partials_kernel<K, Terms>)(partials, rows, cols, terms);
+                stream, column_partials_kernel<K, Terms>)(partials, rows, cols, chunk, terms);
   KRAKEN_CUDA_LAUNCH_CHECK();
   launch_column_totals<K>(partials, chunks, cols, apply, stream);
 }

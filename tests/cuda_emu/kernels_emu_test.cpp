@@ -26,6 +26,7 @@
 
 #include "kernels/attention.h"
 #include "kernels/cross_entropy.h"
+#include "kernels/cuda/column_chunks.h"
 #include "kernels/elementwise.h"
 #include "kernels/embedding.h"
 #include "kernels/layernorm.h"
@@ -794,6 +795,31 @@ void check_sum_rows() {
 }
 
 TEST(CudaEmulation, ColumnSumsMatchTheCpuOnEveryPath) { under_both_schedules(check_sum_rows); }
+
+// The first pass's chunks under both rules (kernels/cuda/column_chunks.h), at GPT-2's bias gradients (C,
+// 3C, 4C columns) for B = 8 and 64 and at the edges. The sums themselves under the long rule: ctest runs
+// the test above again with KRAKEN_CUDA_COLUMN_CHUNKS=long (cuda_emu.ColumnSumsWithLongChunks), where
+// (600, 2048) takes 128-row chunks instead of 512.
+TEST(CudaEmulation, ColumnChunksFollowTheirRule) {
+  using kernels::cuda_detail::chunk_rows;
+  using kernels::cuda_detail::ColumnChunks;
+  const int64_t B8 = 8 * 1024, B64 = 64 * 1024;
+  EXPECT_EQ(chunk_rows(B64, 768, ColumnChunks::kShort), 128);
+  EXPECT_EQ(chunk_rows(B64, 2048, ColumnChunks::kShort), 512);  // 32 column blocks
+  EXPECT_EQ(chunk_rows(B64, 2040, ColumnChunks::kShort), 512);  // 31.9, a partial 32nd
+  EXPECT_EQ(chunk_rows(B64, 1984, ColumnChunks::kShort), 128);  // 31
+  // long: the longest of 2048, 1024, …, 128 rows that keeps 2048 blocks
+  EXPECT_EQ(chunk_rows(B64, 768, ColumnChunks::kLong), 256);    // 12 × 256 = 3072 blocks (512: 1536)
+  EXPECT_EQ(chunk_rows(B64, 2304, ColumnChunks::kLong), 1024);  // 36 × 64 = 2304
+  EXPECT_EQ(chunk_rows(B64, 3072, ColumnChunks::kLong), 1024);  // 48 × 64 = 3072
+  EXPECT_EQ(chunk_rows(B8, 3072, ColumnChunks::kLong), 128);    // 48 × 64 = 3072 (256: 1536)
+  EXPECT_EQ(chunk_rows(B8, 768, ColumnChunks::kLong), 128);     // the floor: 768 blocks
+  EXPECT_EQ(chunk_rows(64 * 2048, 64 * 2048, ColumnChunks::kLong), 2048);  // the ceiling: 2048 × 64
+  EXPECT_EQ(chunk_rows(2047 * 1024 + 1, 8, ColumnChunks::kLong), 1024);  // 2048 chunks, the last one row
+  EXPECT_EQ(chunk_rows(2048 * 1024, 8, ColumnChunks::kLong), 1024);      // exactly 2048
+  EXPECT_EQ(chunk_rows(2047 * 1024, 8, ColumnChunks::kLong), 512);       // 2047 would be too few
+  EXPECT_EQ(chunk_rows(1, 8, ColumnChunks::kLong), 128);
+}
 
 TEST(CudaEmulation, CastsAndBf16AccumulationAreTheCpusBitsOnBothAccessWidths) {
   under_both_schedules(check_casts_and_accumulate);

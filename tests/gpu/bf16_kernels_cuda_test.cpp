@@ -185,6 +185,22 @@ void check_broadcast_and_sum_rows() {
   }
 }
 
+// A bias gradient at a training step's scale: 65,543 rows of 1008 columns (16 column blocks), where the
+// first pass's chunks (kernels/cuda/column_chunks.h) are 128 rows by default and 512 under
+// KRAKEN_CUDA_COLUMN_CHUNKS=long (tools/gpu-check.sh runs it both ways), each with a partial last chunk.
+// The emulation cannot afford rows enough for long chunks above 128.
+void check_sum_rows_over_many_rows() {
+  const int64_t rows = 65543, cols = 1008;
+  const Tensor a16 = bf16_input({rows, cols}, 13), db16 = bf16_input({cols}, 14, 3.0f);
+  const std::vector<float> a = a16.to_vector();
+  std::vector<float> db = db16.to_vector();
+  const Tensor a_dev = a16.to(gpu()), db_dev = db16.to(gpu());
+  sum_rows_bf16_cuda(bits(db_dev), bits(a_dev), rows, cols, stream());
+  sum_rows_cpu(db.data(), a.data(), rows, cols);
+  // f32 sums of 65,543 terms in two orders: ~2e-3 apart at sums up to ~1,000, far below a bf16 ulp there
+  expect_bf16_close(db_dev, testing::round_bf16(db), 1e-5, "sum_rows (db +=) over 65,543 rows × 1008");
+}
+
 // ---- layernorm --------------------------------------------------------------------------------------
 
 void check_layernorm(int64_t rows, int64_t C, bool with_beta) {
@@ -406,6 +422,7 @@ void check_dropout(float p) {
 
 void check_elementwise() {}
 void check_broadcast_and_sum_rows() {}
+void check_sum_rows_over_many_rows() {}
 void check_layernorm(int64_t, int64_t, bool) {}
 void check_grouped_layernorm_backward() {}
 void check_attention(int64_t, int64_t, int64_t, int64_t) {}
@@ -422,6 +439,11 @@ TEST(GpuBf16Kernels, ElementwiseAndGeluMatchTheRoundedCpu) {
 TEST(GpuBf16Kernels, BroadcastAddAndSumRowsMatchTheRoundedCpu) {
   KRAKEN_REQUIRE_CUDA_KERNELS();
   check_broadcast_and_sum_rows();
+}
+
+TEST(GpuBf16Kernels, SumRowsOverATrainingStepsRowsMatchesTheRoundedCpu) {
+  KRAKEN_REQUIRE_CUDA_KERNELS();
+  check_sum_rows_over_many_rows();
 }
 
 TEST(GpuBf16Kernels, LayerNormMatchesTheRoundedCpu) {
