@@ -68,6 +68,7 @@
 #include "kernels/attention.h"
 #include "kernels/cross_entropy.h"
 #include "kernels/elementwise.h"
+#include "kernels/embedding.h"
 #include "kernels/layernorm.h"
 #include "kernels/matmul.h"
 #include "kernels/optimizer.h"
@@ -596,6 +597,19 @@ void bench_kernels(const DeviceInfo& dev, Report& r) {
     // launch, where the engine casts each into a new tensor and adds it (an axpy of 12 bytes per element).
     row("add bf16 → f32, the same 97 gradients in one launch (accumulate_bf16_many)", (2.0 * f + 2.0) * elements,
         time_kernel([&] { accumulate_bf16_many_cuda(to32.data(), from16.data(), ns.data(), count, nullptr); }));
+  }
+  {  // GPT-2's first activation: bf16(wte[ids] + wpe[t]) in one pass, and wte's scatter from the bf16 gradient
+    // (the bytes: the looked-up f32 rows, wpe's T rows, the bf16 rows out; backward the bf16 gradient,
+    // the ids, and a row of wte read and written per position — an upper bound: repeated ids share one)
+    const int64_t T = 1024, Vt = 50257;
+    Tensor wte = normal({Vt, C}, 81), wpe = normal({T, C}, 82), tokens = ids(N / T, T, Vt, 5);
+    Tensor x0 = normal({N, C}, 83).to(DType::BF16), dwte = normal({Vt, C}, 84);
+    row("token + position embedding forward, bf16 out (8192×768)", f * (1.0 * N * C + 1.0 * T * C) + 2.0 * N * C + 4.0 * N,
+        time_kernel([&] { embedding_positions_forward_bf16_cuda(x0.data<uint16_t>(), wte.data<float>(), wpe.data<float>(),
+                                                                tokens.data<int32_t>(), N, T, Vt, C, nullptr); }));
+    row("embedding backward from the bf16 gradient (8192×768)", 2.0 * N * C + 4.0 * N + 2.0 * f * N * C,
+        time_kernel([&] { embedding_backward_bf16_cuda(dwte.data<float>(), x0.data<uint16_t>(), tokens.data<int32_t>(), N,
+                                                       Vt, C, nullptr); }));
   }
   // Bias gradients: Σ over B·T rows of dy, the column sums of column_sums.h — c_fc's 3072 columns at B = 8,
   // and GPT-2's four at B = 64 (C, 3C, 4C: what the step's 48 launches run; their chunks follow

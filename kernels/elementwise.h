@@ -82,6 +82,9 @@ void add_broadcast_bf16_cuda(uint16_t* out, const uint16_t* a, const uint16_t* b
                              CUstream_st* stream);
 // db[:] += Σ_r dout[r, :], the sum in f32 (same fixed order as sum_rows_cuda), one rounding at the end.
 void sum_rows_bf16_cuda(uint16_t* db, const uint16_t* dout, int64_t rows, int64_t cols, CUstream_st* stream);
+// db[:] += Σ_r dout[r, :] for an f32 db: the bits of sum_rows_cuda on dout widened to f32 (the token and
+// position embedding's position gradient from the bf16 gradient itself, kernels/embedding.h).
+void sum_rows_bf16_to_f32_cuda(float* db, const uint16_t* dout, int64_t rows, int64_t cols, CUstream_st* stream);
 // acc += x, acc f32: sums of more bf16 tensors than sum_bf16_cuda takes accumulate here and round once.
 void accumulate_bf16_cuda(float* acc, const uint16_t* x, int64_t n, CUstream_st* stream);
 // out = Σ_k xs[k] for 1 ≤ count ≤ kSumsPerLaunch bf16 tensors of n elements: summed in f32 from 0 in the

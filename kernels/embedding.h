@@ -27,4 +27,19 @@ void embedding_forward_cuda(float* out, const float* weight, const int32_t* ids,
 void embedding_backward_cuda(float* dweight, const float* dout, const int32_t* ids, int64_t N, int64_t V,
                              int64_t C, CUstream_st* stream);
 
+// ---- CUDA, the token and position embedding of a mixed-precision model ------------------------------
+// GPT-2's first activation, x0 = bf16(wte[ids] + wpe[t]) (runtime ops::token_position_embedding), in one
+// pass where three ops made three: ids (N = B·T,) row-major over (B, T); weight (V, C) and positions
+// (≥ T, C) f32; out and dout (N, C) bf16.
+//   forward:  out[n, :] = bf16(weight[ids[n], :] + positions[n mod T, :])   (the f32 sum rounded once)
+// Needs C a multiple of 8 and all four arrays 16-byte aligned (8 channels per access); returns false,
+// having written nothing, otherwise.
+bool embedding_positions_forward_bf16_cuda(uint16_t* out, const float* weight, const float* positions,
+                                           const int32_t* ids, int64_t N, int64_t T, int64_t V, int64_t C,
+                                           CUstream_st* stream);
+//   backward (weight): embedding_backward_cuda's contract and bits, dout bf16 (widened exactly) — the
+//   positions' gradient is kernels::sum_rows_bf16_to_f32_cuda over dout as (B, T·C).
+void embedding_backward_bf16_cuda(float* dweight, const uint16_t* dout, const int32_t* ids, int64_t N, int64_t V,
+                                  int64_t C, CUstream_st* stream);
+
 }  // namespace kraken::kernels

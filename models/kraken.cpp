@@ -354,8 +354,9 @@ Tensor KrakenModel::stage_forward(const Tensor& ids, const Tensor& input, runtim
     const int64_t T = ids.size(1);
     if (T > config_.context)
       KRAKEN_THROW("sequence length ", T, " exceeds the model's context of ", config_.context, " positions");
-    // x0 = wte[idx] + wpe[pos]  (B, T, C), looked up and added in f32, then in the compute dtype
-    Tensor x0 = ops::cast(ops::add(ops::embedding(wte_, ids), ops::slice(wpe_, 0, T)), compute_dtype_);
+    // x0 = wte[idx] + wpe[pos]  (B, T, C), looked up and added in f32, then in the compute dtype (one
+    // kernel on a GPU in bf16)
+    Tensor x0 = ops::token_position_embedding(wte_, wpe_, ids, compute_dtype_);
     x0 = dropout(x0, gen, training);
     // Under Kraken's tp every rank's streams start from x0, so dL/dx0 sums over all ranks' streams.
     if (kraken_tp) x0 = parallel::copy_to_tp(x0, *shard_.tp);

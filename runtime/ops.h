@@ -134,6 +134,11 @@ std::vector<Tensor> add_layernorm(const Tensor& a, const Tensor& b, const std::v
                                   const std::vector<Tensor>& betas, float eps = 1e-5f);
 // weight (V, C), ids i32 of any shape S: returns S + (C,). Ids outside [0, V) are an error.
 Tensor embedding(const Tensor& weight, const Tensor& ids);
+// GPT-2's first activation, cast(add(embedding(wte, ids), slice(wpe, 0, T)), dtype) for ids (B, T): wte
+// (V, C) and wpe (≥ T, C) f32. On a GPU in bf16 one kernel forward, and backward wte's scatter and wpe's
+// column sums read the bf16 gradient itself (kernels/embedding.h): the bits of the three ops, which run
+// instead everywhere else (the CPU, f32, C not a multiple of 8).
+Tensor token_position_embedding(const Tensor& wte, const Tensor& wpe, const Tensor& ids, DType dtype);
 
 // ---- attention (ops/attention.cpp) ------------------------------------------------------------------------
 // Causal multi-head self-attention, fused: qkv (B, T, 3C) holds q, k and v side by side (GPT-2's

@@ -82,8 +82,8 @@ __global__ void add_broadcast_kernel(T* out, const T* a, const T* b, int64_t row
   KRAKEN_GRID_STRIDE(i, rows * cols) store(out + i, load(a + i) + load(b + i % cols));
 }
 // Few rows (the wpe gradient: rows = B): one thread per column, rows summed in order.
-template <typename T>
-__global__ void sum_rows_kernel(T* db, const T* dout, int64_t rows, int64_t cols) {
+template <typename TOut, typename TIn>
+__global__ void sum_rows_kernel(TOut* db, const TIn* dout, int64_t rows, int64_t cols) {
   KRAKEN_GRID_STRIDE(c, cols) {
     float acc = 0.0f;
     for (int64_t r = 0; r < rows; ++r) acc += load(dout + r * cols + c);
@@ -155,8 +155,8 @@ __global__ void residual_fork_backward_bf16x8_kernel(__nv_bfloat16* dy, __nv_bfl
 // groups in a fixed shared-memory tree. The order depends on `rows` alone: deterministic, no atomics.
 constexpr int kSumCols = 8;     // one 32-byte sector of an f32 row
 constexpr int kSumGroups = 64;  // 512 threads
-template <typename T>
-__global__ void sum_rows_grouped_kernel(T* db, const T* dout, int64_t rows, int64_t cols) {
+template <typename TOut, typename TIn>
+__global__ void sum_rows_grouped_kernel(TOut* db, const TIn* dout, int64_t rows, int64_t cols) {
   __shared__ float partial[kSumGroups][kSumCols];
   const int col = threadIdx.x % kSumCols, group = threadIdx.x / kSumCols;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kSumCols + col;
@@ -413,26 +413,30 @@ struct AddToColumn {
     store(db + c, load(db + c) + totals[0]);
   }
 };
-template <typename T>
-void sum_rows(T* db, const T* dout, int64_t rows, int64_t cols, CUstream_st* s, const char* name) {
+// db (TOut) += the column sums of dout (TIn), every sum in f32 in an order set by rows and cols alone: the
+// same bits for bf16 terms as for the same terms widened to f32 (the widening is exact).
+template <typename TOut, typename TIn>
+void sum_rows(TOut* db, const TIn* dout, int64_t rows, int64_t cols, CUstream_st* s, const char* name) {
   if (rows >= kSumGroups && cols > 0 && cols % 8 == 0 && aligned16(dout)) {
-    column_sums<1>(rows, cols, RowOf<T>{dout, cols}, AddToColumn<T>{db}, s, name);
+    column_sums<1>(rows, cols, RowOf<TIn>{dout, cols}, AddToColumn<TOut>{db}, s, name);
     return;
   }
   if (rows < kSumGroups) {
-    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    if constexpr (std::is_same_v<TOut, __nv_bfloat16> && std::is_same_v<TIn, __nv_bfloat16>) {
       if (cols % 8 == 0 && aligned16(db) && aligned16(dout)) {
         KRAKEN_LAUNCH(sum_rows_bf16x8_kernel, cols / 8, s, db, dout, rows, cols / 8);
         return;
       }
     }
-    KRAKEN_LAUNCH(sum_rows_kernel<T>, cols, s, db, dout, rows, cols);
+    if (cols <= 0) return;
+    KRAKEN_KERNEL(blocks_for(cols, kThreads), kThreads, 0, s, sum_rows_kernel<TOut, TIn>)(db, dout, rows, cols);
+    KRAKEN_CUDA_LAUNCH_CHECK();
     return;
   }
   if (cols <= 0) return;
   const long long blocks = (cols + kSumCols - 1) / kSumCols;
   KRAKEN_CHECK(blocks <= 0x7fffffffLL, name, ": ", cols, " columns");
-  KRAKEN_KERNEL(static_cast<unsigned int>(blocks), kSumCols * kSumGroups, 0, s, sum_rows_grouped_kernel<T>)
+  KRAKEN_KERNEL(static_cast<unsigned int>(blocks), kSumCols * kSumGroups, 0, s, sum_rows_grouped_kernel<TOut, TIn>)
   (db, dout, rows, cols);
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
@@ -500,6 +504,9 @@ void add_broadcast_bf16_cuda(uint16_t* out, const uint16_t* a, const uint16_t* b
 }
 void sum_rows_bf16_cuda(uint16_t* db, const uint16_t* dout, int64_t rows, int64_t cols, CUstream_st* s) {
   sum_rows(as_bf16(db), as_bf16(dout), rows, cols, s, "sum_rows_bf16_cuda");
+}
+void sum_rows_bf16_to_f32_cuda(float* db, const uint16_t* dout, int64_t rows, int64_t cols, CUstream_st* s) {
+  sum_rows(db, as_bf16(dout), rows, cols, s, "sum_rows_bf16_to_f32_cuda");
 }
 void accumulate_bf16_cuda(float* acc, const uint16_t* x, int64_t n, CUstream_st* s) {
   if (n % 8 == 0 && aligned16(acc) && aligned16(x))

@@ -5,6 +5,7 @@
 
 #include <string>
 
+#include "kernels/elementwise.h"
 #include "kernels/error.h"
 #include "runtime/autograd.h"
 #include "runtime/dispatch.h"
@@ -12,6 +13,21 @@
 #include "runtime/ops/precision.h"
 
 namespace kraken::runtime::ops {
+
+namespace {
+
+// Ids are checked on the host, so a bad token id is an error naming it, where it is and the table size.
+void check_ids(const char* op, const Tensor& ids, const Tensor& weight) {
+  const int64_t V = weight.size(0), N = ids.numel();
+  const Tensor host_ids = ids.device().is_cpu() ? ids : ids.to(Device::cpu());
+  const int32_t* id_values = host_ids.data<int32_t>();
+  const int64_t bad = kernels::embedding_first_bad_id_cpu(id_values, N, V);
+  if (bad >= 0)
+    KRAKEN_THROW(op, ": id ", id_values[bad], " at position ", index_str(ids.shape(), bad), " of ids ",
+                 shape_str(ids.shape()), " is outside [0, ", V, ") for weight ", shape_str(weight.shape()));
+}
+
+}  // namespace
 
 Tensor embedding(const Tensor& weight, const Tensor& ids) {
   precision::check_float("embedding", weight, "weight");
@@ -22,13 +38,7 @@ Tensor embedding(const Tensor& weight, const Tensor& ids) {
   check_dtype("embedding", ids, DType::I32, "ids");
   check_same_device("embedding", weight, ids);
   const int64_t V = weight.size(0), C = weight.size(1), N = ids.numel();
-
-  const Tensor host_ids = ids.device().is_cpu() ? ids : ids.to(Device::cpu());
-  const int32_t* id_values = host_ids.data<int32_t>();
-  const int64_t bad = kernels::embedding_first_bad_id_cpu(id_values, N, V);
-  if (bad >= 0)
-    KRAKEN_THROW("embedding: id ", id_values[bad], " at position ", index_str(ids.shape(), bad), " of ids ",
-                 shape_str(ids.shape()), " is outside [0, ", V, ") for weight ", shape_str(weight.shape()));
+  check_ids("embedding", ids, weight);
 
   Shape shape = ids.shape();
   shape.push_back(C);
@@ -54,6 +64,56 @@ Tensor embedding(const Tensor& weight, const Tensor& ids) {
                                                         ids_saved.data<int32_t>(), N, V, C, stream_of(dout)));
       return std::vector<Tensor>{direct.defined() ? Tensor() : dweight, Tensor()};
     });
+  }
+  return out;
+}
+
+Tensor token_position_embedding(const Tensor& wte, const Tensor& wpe, const Tensor& ids, DType dtype) {
+  const char* op = "token_position_embedding";
+  check_dim(op, ids, 2, "ids");
+  const int64_t B = ids.size(0), T = ids.size(1);
+  auto three_ops = [&] { return cast(add(embedding(wte, ids), slice(wpe, 0, T)), dtype); };
+  if (dtype != DType::BF16 || !wte.device().is_cuda() || wte.dtype() != DType::F32 || wpe.dtype() != DType::F32)
+    return three_ops();
+  check_dim(op, wte, 2, "wte");
+  check_dim(op, wpe, 2, "wpe");
+  check_dtype(op, ids, DType::I32, "ids");
+  check_same_device(op, wte, ids);
+  check_same_device(op, wte, wpe);
+  const int64_t V = wte.size(0), C = wte.size(1), N = B * T;
+  if (wpe.size(1) != C || wpe.size(0) < T)
+    KRAKEN_THROW(op, ": wpe ", shape_str(wpe.shape()), " must have at least T = ", T, " rows of wte's C = ", C,
+                 " channels");
+  check_ids(op, ids, wte);
+
+  Tensor out = Tensor::empty({B, T, C}, DType::BF16, wte.device());
+  bool fused = false;
+  KRAKEN_CUDA_ONLY(wte.device(), fused = kernels::embedding_positions_forward_bf16_cuda(
+                                     out.data<uint16_t>(), wte.data<float>(), wpe.data<float>(),
+                                     ids.data<int32_t>(), N, T, V, C, stream_of(wte)));
+  if (!fused) return three_ops();  // (nothing written)
+  if (needs_grad({wte, wpe})) {
+    Tensor ids_saved = ids.detach();
+    // Parameters take their gradients directly (a scatter-add, column sums added in), as embedding's.
+    Tensor wte_leaf = wte.is_leaf() ? wte : Tensor(), wpe_leaf = wpe.is_leaf() ? wpe : Tensor();
+    const Shape wpe_shape = wpe.shape();
+    record(op, {wte, wpe, ids}, {out},
+           [ids_saved, wte_leaf, wpe_leaf, wpe_shape, B, T, V, C](const std::vector<Tensor>& g) {
+             // in the forward pass this was: out[b, t, :] = bf16(wte[ids[b, t], :] + wpe[t, :])
+             const Tensor& dout = g[0];
+             Tensor wte_direct = leaf_grad_accumulator(wte_leaf), wpe_direct = leaf_grad_accumulator(wpe_leaf);
+             Tensor dwte = wte_direct.defined() ? wte_direct : Tensor::zeros({V, C}, DType::F32, dout.device());
+             Tensor dwpe = wpe_direct.defined() ? wpe_direct : Tensor::zeros(wpe_shape, DType::F32, dout.device());
+             KRAKEN_CUDA_ONLY(dout.device(), kernels::embedding_backward_bf16_cuda(
+                                                 dwte.data<float>(), dout.data<uint16_t>(),
+                                                 ids_saved.data<int32_t>(), B * T, V, C, stream_of(dout)));
+             // dwpe[t, :] += Σ_b dout[b, t, :]: rows 0 .. T − 1 of wpe, the (T, C) the slice took
+             KRAKEN_CUDA_ONLY(dout.device(), kernels::sum_rows_bf16_to_f32_cuda(dwpe.data<float>(),
+                                                                               dout.data<uint16_t>(), B, T * C,
+                                                                               stream_of(dout)));
+             return std::vector<Tensor>{wte_direct.defined() ? Tensor() : dwte,
+                                        wpe_direct.defined() ? Tensor() : dwpe, Tensor()};
+           });
   }
   return out;
 }

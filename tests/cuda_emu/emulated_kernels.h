@@ -47,6 +47,11 @@ void embedding_forward_cuda(float* out, const float* weight, const int32_t* ids,
                             CUstream_st* stream);
 void embedding_backward_cuda(float* dweight, const float* dout, const int32_t* ids, int64_t N, int64_t V, int64_t C,
                              CUstream_st* stream);
+bool embedding_positions_forward_bf16_cuda(uint16_t* out, const float* weight, const float* positions,
+                                           const int32_t* ids, int64_t N, int64_t T, int64_t V, int64_t C,
+                                           CUstream_st* stream);
+void embedding_backward_bf16_cuda(float* dweight, const uint16_t* dout, const int32_t* ids, int64_t N, int64_t V,
+                                  int64_t C, CUstream_st* stream);
 void softmax_forward_cuda(float* y, const float* x, int64_t rows, int64_t C, CUstream_st* stream);
 void softmax_backward_cuda(float* dx, const float* y, const float* dy, int64_t rows, int64_t C, CUstream_st* stream);
 
@@ -158,6 +163,7 @@ void zero_many_cuda(float* const* outs, const int64_t* ns, int64_t count, CUstre
 void sum_bf16_cuda(uint16_t* out, const uint16_t* const* xs, int64_t count, int64_t n, CUstream_st* stream);
 void sum_rows_cuda(float* db, const float* dout, int64_t rows, int64_t cols, CUstream_st* stream);
 void sum_rows_bf16_cuda(uint16_t* db, const uint16_t* dout, int64_t rows, int64_t cols, CUstream_st* stream);
+void sum_rows_bf16_to_f32_cuda(float* db, const uint16_t* dout, int64_t rows, int64_t cols, CUstream_st* stream);
 bool residual_fork_bf16_cuda(uint16_t* a, uint16_t* m, const uint16_t* x, const uint16_t* y, const uint16_t* s,
                              int64_t blocks, int64_t per_block, CUstream_st* stream);
 bool residual_fork_backward_bf16_cuda(uint16_t* dy, uint16_t* ds, const uint16_t* da, const uint16_t* dm,

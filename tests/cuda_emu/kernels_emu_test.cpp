@@ -21,6 +21,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -934,6 +935,51 @@ void check_embedding_and_softmax() {
 }
 
 TEST(CudaEmulation, EmbeddingAndSoftmaxMatchTheCpu) { under_both_schedules(check_embedding_and_softmax); }
+
+// The token and position embedding (kernels/embedding.h) against the three ops it stands for, bit for
+// bit: forward, the CPU's lookup, add and rounding; backward, the f32 kernels on the gradient widened —
+// the scatter into wte and the positions' column sums, on each of sum_rows's paths (B = 3: a thread per
+// column; B = 70: the two-pass column sums; B = 70 with C = 12: not 8-wide, the one-pass grouped kernel,
+// where the forward declines).
+void check_token_position_embedding() {
+  for (const auto& [B, T, C] : {std::tuple<int64_t, int64_t, int64_t>{3, 37, 24},
+                                std::tuple<int64_t, int64_t, int64_t>{70, 5, 16},
+                                std::tuple<int64_t, int64_t, int64_t>{70, 5, 12}}) {
+    const std::string what = " (B " + std::to_string(B) + ", T " + std::to_string(T) + ", C " + std::to_string(C) + ")";
+    const int64_t V = 50, N = B * T, context = T + 3;  // positions has rows past T, left alone
+    const std::vector<float> wte = normal(static_cast<size_t>(V * C), 35), wpe = normal(static_cast<size_t>(context * C), 36);
+    std::vector<int32_t> ids(static_cast<size_t>(N));
+    for (int64_t n = 0; n < N; ++n) ids[static_cast<size_t>(n)] = static_cast<int32_t>((n * n + 3 * n) % V);
+    std::vector<uint16_t> out(static_cast<size_t>(N * C) + 8, 0x7fff);  // a sentinel past the end
+    const bool fused = emu::embedding_positions_forward_bf16_cuda(out.data(), wte.data(), wpe.data(), ids.data(), N,
+                                                                  T, V, C, nullptr);
+    ASSERT_EQ(fused, C % 8 == 0) << "the forward takes C a multiple of 8 only" << what;
+    if (fused) {
+      std::vector<float> looked_up(static_cast<size_t>(N * C)), want(looked_up.size());
+      kernels::embedding_forward_cpu(looked_up.data(), wte.data(), ids.data(), N, V, C);
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t c = 0; c < C; ++c)
+          want[static_cast<size_t>(n * C + c)] = looked_up[static_cast<size_t>(n * C + c)] + wpe[static_cast<size_t>((n % T) * C + c)];
+      EXPECT_EQ(std::vector<uint16_t>(out.begin(), out.begin() + N * C), to_bf16(want)) << "forward" << what;
+      EXPECT_EQ(out[static_cast<size_t>(N * C)], 0x7fff) << "forward wrote past N·C" << what;
+    }
+    const std::vector<uint16_t> dout = to_bf16(normal(static_cast<size_t>(N * C), 37));
+    const std::vector<float> dout_f32 = to_f32(dout);
+    std::vector<float> dwte = normal(wte.size(), 38), dwte_f32 = dwte;  // gradients already there (a tied head's)
+    emu::embedding_backward_bf16_cuda(dwte.data(), dout.data(), ids.data(), N, V, C, nullptr);
+    emu::embedding_backward_cuda(dwte_f32.data(), dout_f32.data(), ids.data(), N, V, C, nullptr);
+    EXPECT_EQ(dwte, dwte_f32) << "wte's scatter from the bf16 gradient against the f32 kernel on it widened" << what;
+    std::vector<float> dwpe = normal(wpe.size(), 39), dwpe_f32 = dwpe;
+    emu::sum_rows_bf16_to_f32_cuda(dwpe.data(), dout.data(), B, T * C, nullptr);
+    emu::sum_rows_cuda(dwpe_f32.data(), dout_f32.data(), B, T * C, nullptr);
+    EXPECT_EQ(dwpe, dwpe_f32) << "the positions' sums from the bf16 gradient against sum_rows_cuda on it widened" << what;
+    std::vector<float> dwpe_cpu = normal(wpe.size(), 39);
+    kernels::sum_rows_cpu(dwpe_cpu.data(), dout_f32.data(), B, T * C);
+    expect_close(dwpe, dwpe_cpu, 1e-6, false, "the positions' sums against the CPU's" + what);
+  }
+}
+
+TEST(CudaEmulation, TokenPositionEmbeddingHasTheThreeOpsBits) { under_both_schedules(check_token_position_embedding); }
 
 // ---- random fills and dropout: the same Philox draws as the CPU, bit for bit ----------------------------
 

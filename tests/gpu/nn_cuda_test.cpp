@@ -105,6 +105,54 @@ TEST(GpuEmbedding, AnIdOutsideTheTableIsAnErrorOnTheDevice) {
   EXPECT_NE(msg.find("(1, 0)"), std::string::npos) << msg;
 }
 
+// GPT-2's first activation in bf16: ops::token_position_embedding's one kernel (and its backward from the
+// bf16 gradient) against the three ops it stands for, on the GPU, bit for bit — the output, and wte's and
+// wpe's gradients after two backward passes (the second adds to what the first left, as a tied head's
+// gradient is there before the embedding's). B = 70: wpe's sums take the two-pass column sums, as at a
+// training batch; B = 3, a thread per column. wpe has rows past T, whose gradient stays 0.
+TEST(GpuEmbedding, TokenPositionEmbeddingHasTheThreeOpsBitsInBf16) {
+  KRAKEN_REQUIRE_GPU();  // (in the dry run on the CPU both sides are the three ops)
+  for (const int64_t B : {int64_t{70}, int64_t{3}}) {
+    const int64_t V = 130, C = 64, T = 33, context = 40;
+    const Tensor ids = random_ids({B, T}, V, 56).to(test_device());
+    const Tensor weights = random_tensor({B, T, C}, 57).to(test_device());
+    std::vector<Tensor> outs, wte_grads, wpe_grads;
+    for (const bool fused : {true, false}) {
+      Tensor wte = to_test_device(leaf({V, C}, 58)), wpe = to_test_device(leaf({context, C}, 59, 0.1f));
+      Tensor out;
+      for (int pass = 0; pass < 2; ++pass) {
+        out = fused ? ops::token_position_embedding(wte, wpe, ids, DType::BF16)
+                    : ops::cast(ops::add(ops::embedding(wte, ids), ops::slice(wpe, 0, T)), DType::BF16);
+        backward(ops::sum(ops::mul(ops::cast(out, DType::F32), weights)));
+      }
+      ASSERT_EQ(out.dtype(), DType::BF16);
+      ASSERT_EQ(out.shape(), Shape({B, T, C}));
+      outs.push_back(out.to(DType::F32));
+      wte_grads.push_back(wte.grad());
+      wpe_grads.push_back(wpe.grad());
+    }
+    const std::string what = "B = " + std::to_string(B);
+    expect_close(outs[0], outs[1], 0.0, "x0, fused against three ops, " + what);
+    expect_close(wte_grads[0], wte_grads[1], 0.0, "wte's gradient, " + what);
+    expect_close(wpe_grads[0], wpe_grads[1], 0.0, "wpe's gradient, " + what);
+    const std::vector<float> tail = wpe_grads[0].to_vector();
+    for (size_t i = static_cast<size_t>(T * C); i < tail.size(); ++i)
+      ASSERT_EQ(tail[i], 0.0f) << "wpe's gradient past row T, element " << i << ", " << what;
+  }
+}
+
+TEST(GpuEmbedding, TokenPositionEmbeddingNamesAnIdOutsideTheTable) {
+  KRAKEN_REQUIRE_CUDA_KERNELS();
+  const Tensor wte = Tensor::zeros({10, 8}, DType::F32, test_device()), wpe = Tensor::zeros({4, 8}, DType::F32, test_device());
+  const Tensor ids = Tensor::from_ints({1, 2, 10, 3}, {2, 2}, test_device());
+  const std::string msg = message_of([&] { ops::token_position_embedding(wte, wpe, ids, DType::BF16); });
+  EXPECT_NE(msg.find("token_position_embedding: id 10"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("(1, 0)"), std::string::npos) << msg;
+  const Tensor short_wpe = Tensor::zeros({1, 8}, DType::F32, test_device());
+  const std::string rows = message_of([&] { ops::token_position_embedding(wte, short_wpe, Tensor::from_ints({1, 2}, {1, 2}, test_device()), DType::BF16); });
+  EXPECT_NE(rows.find("at least T = 2 rows"), std::string::npos) << rows;
+}
+
 // ---- softmax --------------------------------------------------------------------------------------------
 
 TEST(GpuSoftmax, MatchesTheCpu) {
