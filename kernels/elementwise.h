@@ -103,6 +103,16 @@ bool residual_fork_bf16_cuda(uint16_t* a, uint16_t* m, const uint16_t* x, const 
                              int64_t blocks, int64_t per_block, CUstream_st* stream);
 bool residual_fork_backward_bf16_cuda(uint16_t* dy, uint16_t* ds, const uint16_t* da, const uint16_t* dm,
                                       int64_t blocks, int64_t per_block, CUstream_st* stream);
+// The same fork with s = Σ_g x[g] (rounded to bf16 once, as sum_bf16_cuda leaves it) summed in the pass
+// itself — the Kraken layer's S where its sub-layers share a GPU — so that S never exists in memory:
+// forward a = x + y, m = y + s; backward dy = da + dm and dx = da + ds with ds = Σ_g dm[g] (rounded once),
+// the bits of sum_bf16_cuda, residual_fork_bf16_cuda, residual_fork_backward_bf16_cuda and then
+// add_broadcast_bf16_cuda(dx, da, ds) (sum_stack's backward). dx may be da and dy dm. For 2 to 8 blocks,
+// per_block a multiple of 8 and 16-byte aligned pointers; otherwise false, nothing written.
+bool residual_fork_summed_bf16_cuda(uint16_t* a, uint16_t* m, const uint16_t* x, const uint16_t* y, int64_t blocks,
+                                    int64_t per_block, CUstream_st* stream);
+bool residual_fork_summed_backward_bf16_cuda(uint16_t* dx, uint16_t* dy, const uint16_t* da, const uint16_t* dm,
+                                             int64_t blocks, int64_t per_block, CUstream_st* stream);
 void gelu_forward_bf16_cuda(uint16_t* out, const uint16_t* x, int64_t n, CUstream_st* stream);
 void gelu_backward_bf16_cuda(uint16_t* dx, const uint16_t* x, const uint16_t* dout, int64_t n, CUstream_st* stream);
 

@@ -271,7 +271,7 @@ Tensor stacked(const Tensor& input, int64_t n) {
 // a_i = x_i + Attn_i(LN1_i(x_i)); m_i = a_i − x_i + S (= a_i at degree 1 and in the first layer);
 // x_i ← a_i + MLP_i(LN2_i(m_i)) — for all i at once, on X (n, B, T, C).
 KrakenModel::Unsummed KrakenModel::layer_forward(const std::vector<SubLayer>& subs, const std::vector<Tensor>& stacks,
-                                                 const Tensor& X, const Tensor& h1, Tensor S,
+                                                 const Tensor& X, const Tensor& h1, bool sum_here,
                                                  parallel::PendingReduce& pending, runtime::Generator* gen,
                                                  bool training) {
   const int64_t n = X.size(0), B = X.size(1), T = X.size(2), C = X.size(3);
@@ -293,20 +293,22 @@ KrakenModel::Unsummed KrakenModel::layer_forward(const std::vector<SubLayer>& su
   Tensor qkv = ops::linear(h1, c_attn_w, c_attn_b);  // (n, B, T, 3C)
   Tensor y = ops::attention(ops::reshape(qkv, {n * B, T, 3 * C}), config_.heads_per_sublayer());  // (n·B, T, C)
   Tensor attn = dropout(ops::linear(ops::reshape(y, {n, B, T, C}), attn_proj_w, attn_proj_b), gen, training);
+  Tensor S;
   if (pending.valid()) S = parallel::wait_all_reduce(pending);  // in flight during the attention
 
   // Where a_i is both the residual stream and LN2's input, the add runs fused with LN2
   // (ops::add_layernorm). m_i = attn_i + S feeds LN2 alone: fused, its unused sum would get a zero
   // gradient to copy in backward, which costs the pass the fusion saves.
   Tensor a, h;
-  if (!S.defined() || config_.degree == 1) {
+  if (!S.defined() && !sum_here) {
     std::vector<Tensor> a_h = ops::add_layernorm(X, attn, each(&SubLayer::ln_2_w), each(&SubLayer::ln_2_b));
     a = a_h[0];
     h = a_h[1];
   } else {
     // a = X + attn and m = attn + S, S (B, T, C) joining every sub-layer: one pass over X and attn (and
-    // one back) on a GPU (ops::residual_fork)
-    std::vector<Tensor> a_m = ops::residual_fork(X, attn, S);
+    // one back) on a GPU (ops::residual_fork); with every sub-layer here, S is summed in that pass too
+    // and its gradient added to X's in the backward's (ops::residual_fork_summed: S never stored)
+    std::vector<Tensor> a_m = sum_here ? ops::residual_fork_summed(X, attn) : ops::residual_fork(X, attn, S);
     a = a_m[0];
     h = ops::layernorm(a_m[1], each(&SubLayer::ln_2_w), each(&SubLayer::ln_2_b));
   }
@@ -407,17 +409,13 @@ Tensor KrakenModel::stage_forward(const Tensor& ids, const Tensor& input, runtim
     // S = Σ_j x_j over every sub-layer of the layer: the layer's one collective when sub-layers live on
     // different ranks. Started here, after the previous layer (and this one's LN1, fused with its last
     // add); first needed at LN2, after this layer's attention, which runs while it is in flight (kraken.md
-    // "Parallel mapping"). Degree 1 needs no S (m = a).
-    Tensor S;
+    // "Parallel mapping"). With every sub-layer on this rank it is summed where it is used instead, in
+    // the residual fork (layer_forward). Degree 1 needs no S (m = a).
     parallel::PendingReduce pending;
-    const bool mixes = shard_.first_layer + static_cast<int64_t>(layer) > 0;
-    if (mixes && config_.degree > 1) {
-      Tensor partial = ops::sum_stack(X);
-      if (kraken_tp) pending = parallel::start_all_reduce(partial, *shard_.tp);
-      else S = partial;
-    }
+    const bool mixes = shard_.first_layer + static_cast<int64_t>(layer) > 0 && config_.degree > 1;
+    if (mixes && kraken_tp) pending = parallel::start_all_reduce(ops::sum_stack(X), *shard_.tp);
     unsummed = layer_forward(subs, layer < layer_stacks_.size() ? layer_stacks_[layer] : std::vector<Tensor>(), X,
-                             h1, S, pending, gen, training);
+                             h1, mixes && !kraken_tp, pending, gen, training);
   }
   if (unsummed.defined()) X = ops::add(unsummed.a, unsummed.m);  // (ln_f or the conjunction next: unfused)
 

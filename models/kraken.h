@@ -15,7 +15,8 @@
 // With degree 1, S = x_1 and m_1 = a_1, so the same code is GPT-2's block; there is no conjunction.
 // In code a process's n streams are one stacked tensor X (n, B, T, C) and each step above one call of a
 // grouped op for all n sub-layers (runtime/ops.h: linear, mlp and layernorm with a leading group
-// dimension, attention over n·B sequences, S = sum_stack(X)): on a GPU one strided-batch product per
+// dimension, attention over n·B sequences, S summed in the residual fork, ops::residual_fork_summed, or
+// sum_stack(X) all-reduced under Kraken's tp): on a GPU one strided-batch product per
 // Linear instead of n small ones. The parameters stay one tensor per sub-layer (checkpoint names
 // h.{l}.{i}.…); each layer stacks its matrices for the forward (ops::stack_many, which under mixed
 // precision is also the cast to bf16).
@@ -142,11 +143,12 @@ class KrakenModel : public runtime::Module {
   // One layer on the stacked streams X (n, B, T, C), n = local_streams(), with h1 = LN1_i(x_i) already
   // taken (by the caller, fused with the previous layer's last add): every op takes the n sub-layers at
   // once, their parameters stacked (the grouped ops of runtime/ops.h), so a layer is one LayerNorm,
-  // product, attention and MLP call each rather than n. `S` is Σ_j x_j over all sub-layers (undefined in
-  // the first layer, where nothing mixes), or `pending` its all-reduce under Kraken's tp. stacks: the
-  // layer's persistent bf16 stacks (compute_copy_targets), or empty.
+  // product, attention and MLP call each rather than n. S = Σ_j x_j over all sub-layers mixes into each:
+  // `sum_here` where every sub-layer is local (summed in the residual fork itself, ops::residual_fork_summed),
+  // else `pending`, its all-reduce under Kraken's tp; neither in the first layer, where nothing mixes.
+  // stacks: the layer's persistent bf16 stacks (compute_copy_targets), or empty.
   Unsummed layer_forward(const std::vector<SubLayer>& subs, const std::vector<runtime::Tensor>& stacks,
-                         const runtime::Tensor& X, const runtime::Tensor& h1, runtime::Tensor S,
+                         const runtime::Tensor& X, const runtime::Tensor& h1, bool sum_here,
                          parallel::PendingReduce& pending, runtime::Generator* gen, bool training);
   // The lists a layer's grouped products take stacked, in layer_forward's order (each kind, every local
   // sub-layer): c_attn, attn_proj, c_fc, mlp_proj, weight then bias.

@@ -67,6 +67,11 @@ Tensor sum_stack(const Tensor& x);
 // where the two adds took three forward and the engine's sum and a row reduction backward
 // (kernels/elementwise.h) — else the two adds; the same bits either way.
 std::vector<Tensor> residual_fork(const Tensor& x, const Tensor& y, const Tensor& s);
+// residual_fork(x, y, sum_stack(x)) for x, y (G, ...): S over the stacked sub-layers summed in the fork's
+// own pass where they share a GPU. In bf16 on a GPU for 2 ≤ G ≤ 8 one kernel each way — backward
+// dy = da + dm and dx = da + Σ_g dm[g] together, where sum_stack's broadcast add made a pass of its own —
+// and S never stored; else the three ops. The same bits either way (kernels/elementwise.h).
+std::vector<Tensor> residual_fork_summed(const Tensor& x, const Tensor& y);
 
 // ---- reductions (ops/reduce.cpp) -----------------------------------------------------------------------
 Tensor sum(const Tensor& x);                                   // scalar (shape {})

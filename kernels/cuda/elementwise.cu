@@ -148,6 +148,83 @@ __global__ void residual_fork_backward_bf16x8_kernel(__nv_bfloat16* dy, __nv_bfl
     store8(ds + 8 * p, acc);
   }
 }
+// The residual fork with S = Σ_g x[g] summed in it (kernels/elementwise.h): position p of every block,
+// the blocks' x (forward) or dm (backward) held in registers between S's (dS's) sum and the adds. S and dS
+// are rounded once to bf16 before they are added, as sum_stack and residual_fork's backward store them.
+__device__ __forceinline__ float bf16_rounded(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
+template <int kBlocks>
+__global__ void residual_fork_summed_bf16x8_kernel(__nv_bfloat16* a, __nv_bfloat16* m, const __nv_bfloat16* x,
+                                                   const __nv_bfloat16* y, int64_t packs_per_block) {
+  KRAKEN_GRID_STRIDE(p, packs_per_block) {
+    float vx[kBlocks][8], vs[8] = {};
+#pragma unroll
+    for (int g = 0; g < kBlocks; ++g) {
+      load8(x + 8 * (g * packs_per_block + p), vx[g]);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) vs[k] += vx[g][k];
+    }
+#pragma unroll
+    for (int k = 0; k < 8; ++k) vs[k] = bf16_rounded(vs[k]);
+#pragma unroll
+    for (int g = 0; g < kBlocks; ++g) {
+      const int64_t at = 8 * (g * packs_per_block + p);
+      float vy[8], va[8];
+      load8(y + at, vy);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        va[k] = vx[g][k] + vy[k];
+        vy[k] = vy[k] + vs[k];
+      }
+      store8(a + at, va);
+      store8(m + at, vy);
+    }
+  }
+}
+// dx may be da and dy dm (in place): every dm is read before any dy is written, and da[g] before dx[g].
+template <int kBlocks>
+__global__ void residual_fork_summed_backward_bf16x8_kernel(__nv_bfloat16* dx, __nv_bfloat16* dy,
+                                                            const __nv_bfloat16* da, const __nv_bfloat16* dm,
+                                                            int64_t packs_per_block) {
+  KRAKEN_GRID_STRIDE(p, packs_per_block) {
+    float vm[kBlocks][8], ds[8] = {};
+#pragma unroll
+    for (int g = 0; g < kBlocks; ++g) {
+      load8(dm + 8 * (g * packs_per_block + p), vm[g]);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) ds[k] += vm[g][k];
+    }
+#pragma unroll
+    for (int k = 0; k < 8; ++k) ds[k] = bf16_rounded(ds[k]);
+#pragma unroll
+    for (int g = 0; g < kBlocks; ++g) {
+      const int64_t at = 8 * (g * packs_per_block + p);
+      float va[8], vd[8];
+      load8(da + at, va);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        vd[k] = va[k] + vm[g][k];
+        va[k] = va[k] + ds[k];
+      }
+      store8(dy + at, vd);
+      store8(dx + at, va);
+    }
+  }
+}
+// Calls f(std::integral_constant<int, blocks>()) for 2 ≤ blocks ≤ 8 (95 registers a thread at 8, no spills);
+// false otherwise.
+template <typename F>
+bool with_fork_blocks(int64_t blocks, F&& f) {
+  switch (blocks) {
+    case 2: f(std::integral_constant<int, 2>()); return true;
+    case 3: f(std::integral_constant<int, 3>()); return true;
+    case 4: f(std::integral_constant<int, 4>()); return true;
+    case 5: f(std::integral_constant<int, 5>()); return true;
+    case 6: f(std::integral_constant<int, 6>()); return true;
+    case 7: f(std::integral_constant<int, 7>()); return true;
+    case 8: f(std::integral_constant<int, 8>()); return true;
+    default: return false;
+  }
+}
 // Many rows (bias gradients: rows = B·T, cols = C): the two-pass column sums of column_sums.h where cols
 // is a multiple of 8 and dout 16-byte aligned; otherwise this kernel. A column per thread would leave
 // the GPU nearly empty (C = 768 threads for 8192 rows), so a block owns kSumCols columns and splits the rows into
@@ -532,6 +609,28 @@ bool residual_fork_backward_bf16_cuda(uint16_t* dy, uint16_t* ds, const uint16_t
     (as_bf16(dy), as_bf16(ds), as_bf16(da), as_bf16(dm), blocks, per_block / 8);
   KRAKEN_CUDA_LAUNCH_CHECK();
   return true;
+}
+bool residual_fork_summed_bf16_cuda(uint16_t* a, uint16_t* m, const uint16_t* x, const uint16_t* y, int64_t blocks,
+                                    int64_t per_block, CUstream_st* stream) {
+  if (per_block % 8 != 0 || !aligned16(a) || !aligned16(m) || !aligned16(x) || !aligned16(y)) return false;
+  return with_fork_blocks(blocks, [&](auto count) {
+    if (per_block <= 0) return;
+    KRAKEN_KERNEL(blocks_for(per_block / 8, kThreads), kThreads, 0, stream,
+                  residual_fork_summed_bf16x8_kernel<decltype(count)::value>)
+    (as_bf16(a), as_bf16(m), as_bf16(x), as_bf16(y), per_block / 8);
+    KRAKEN_CUDA_LAUNCH_CHECK();
+  });
+}
+bool residual_fork_summed_backward_bf16_cuda(uint16_t* dx, uint16_t* dy, const uint16_t* da, const uint16_t* dm,
+                                             int64_t blocks, int64_t per_block, CUstream_st* stream) {
+  if (per_block % 8 != 0 || !aligned16(dx) || !aligned16(dy) || !aligned16(da) || !aligned16(dm)) return false;
+  return with_fork_blocks(blocks, [&](auto count) {
+    if (per_block <= 0) return;
+    KRAKEN_KERNEL(blocks_for(per_block / 8, kThreads), kThreads, 0, stream,
+                  residual_fork_summed_backward_bf16x8_kernel<decltype(count)::value>)
+    (as_bf16(dx), as_bf16(dy), as_bf16(da), as_bf16(dm), per_block / 8);
+    KRAKEN_CUDA_LAUNCH_CHECK();
+  });
 }
 void sum_bf16_cuda(uint16_t* out, const uint16_t* const* xs, int64_t count, int64_t n, CUstream_st* s) {
   KRAKEN_CHECK(1 <= count && count <= kSumsPerLaunch, "sum_bf16_cuda: ", count, " tensors, expected 1 to ",

@@ -168,5 +168,9 @@ bool residual_fork_bf16_cuda(uint16_t* a, uint16_t* m, const uint16_t* x, const 
                              int64_t blocks, int64_t per_block, CUstream_st* stream);
 bool residual_fork_backward_bf16_cuda(uint16_t* dy, uint16_t* ds, const uint16_t* da, const uint16_t* dm,
                                       int64_t blocks, int64_t per_block, CUstream_st* stream);
+bool residual_fork_summed_bf16_cuda(uint16_t* a, uint16_t* m, const uint16_t* x, const uint16_t* y, int64_t blocks,
+                                    int64_t per_block, CUstream_st* stream);
+bool residual_fork_summed_backward_bf16_cuda(uint16_t* dx, uint16_t* dy, const uint16_t* da, const uint16_t* dm,
+                                             int64_t blocks, int64_t per_block, CUstream_st* stream);
 
 }  // namespace kraken::kernels_emu

@@ -649,6 +649,59 @@ void check_residual_fork() {
 
 TEST(CudaEmulation, ResidualForkIsTheSeparateSumsBitForBit) { under_both_schedules(check_residual_fork); }
 
+// The fork with s = Σ_g x[g] summed in its own pass, against the kernels it stands for, chained as the
+// model ran them — sum_bf16 for s, the fork; backward the fork's backward, then sum_stack's broadcast add
+// of ds into da — bit for bit, for 2, 4 and 8 blocks, out of place and in place (dx into da, dy into dm).
+// One block and nine are declined (the op then runs the chain), as is a block length not a multiple of 8.
+void check_summed_residual_fork() {
+  const int64_t per_block = 1008;
+  for (const int64_t blocks : {int64_t{2}, int64_t{4}, int64_t{8}}) {
+    const std::string what = " (" + std::to_string(blocks) + " blocks)";
+    const size_t n = static_cast<size_t>(blocks * per_block), c = static_cast<size_t>(per_block);
+    const std::vector<uint16_t> x = to_bf16(normal(n, 46)), y = to_bf16(normal(n, 47));
+    std::vector<const uint16_t*> parts;
+    for (int64_t g = 0; g < blocks; ++g) parts.push_back(x.data() + g * per_block);
+    std::vector<uint16_t> s(c), a_want(n), m_want(n), a(n), m(n);
+    emu::sum_bf16_cuda(s.data(), parts.data(), blocks, per_block, nullptr);
+    ASSERT_TRUE(emu::residual_fork_bf16_cuda(a_want.data(), m_want.data(), x.data(), y.data(), s.data(), blocks,
+                                             per_block, nullptr));
+    ASSERT_TRUE(emu::residual_fork_summed_bf16_cuda(a.data(), m.data(), x.data(), y.data(), blocks, per_block, nullptr));
+    EXPECT_EQ(a, a_want) << "emulated summed fork: a = x + y" << what;
+    EXPECT_EQ(m, m_want) << "emulated summed fork: m = y + Σ_g x[g]" << what;
+
+    const std::vector<uint16_t> da = to_bf16(normal(n, 48)), dm = to_bf16(normal(n, 49));
+    std::vector<uint16_t> dy_want(n), ds(c), dx_want(n);
+    ASSERT_TRUE(emu::residual_fork_backward_bf16_cuda(dy_want.data(), ds.data(), da.data(), dm.data(), blocks,
+                                                      per_block, nullptr));
+    emu::add_broadcast_bf16_cuda(dx_want.data(), da.data(), ds.data(), blocks, per_block, nullptr);
+    std::vector<uint16_t> dx(n), dy(n);
+    ASSERT_TRUE(emu::residual_fork_summed_backward_bf16_cuda(dx.data(), dy.data(), da.data(), dm.data(), blocks,
+                                                             per_block, nullptr));
+    EXPECT_EQ(dx, dx_want) << "emulated summed fork backward: dx = da + Σ_g dm[g]" << what;
+    EXPECT_EQ(dy, dy_want) << "emulated summed fork backward: dy = da + dm" << what;
+    std::vector<uint16_t> da_in_place = da, dm_in_place = dm;
+    ASSERT_TRUE(emu::residual_fork_summed_backward_bf16_cuda(da_in_place.data(), dm_in_place.data(), da_in_place.data(),
+                                                             dm_in_place.data(), blocks, per_block, nullptr));
+    EXPECT_EQ(da_in_place, dx_want) << "emulated summed fork backward in place: dx into da" << what;
+    EXPECT_EQ(dm_in_place, dy_want) << "emulated summed fork backward in place: dy into dm" << what;
+  }
+  const size_t n = 9 * 1008;
+  const std::vector<uint16_t> x = to_bf16(normal(n, 50));
+  std::vector<uint16_t> untouched(n, 0x7fff);
+  for (const auto& [blocks, per_block] : {std::pair<int64_t, int64_t>{1, 1008}, std::pair<int64_t, int64_t>{9, 1008},
+                                          std::pair<int64_t, int64_t>{2, 1001}}) {
+    EXPECT_FALSE(emu::residual_fork_summed_bf16_cuda(untouched.data(), untouched.data(), x.data(), x.data(), blocks,
+                                                     per_block, nullptr));
+    EXPECT_FALSE(emu::residual_fork_summed_backward_bf16_cuda(untouched.data(), untouched.data(), x.data(), x.data(),
+                                                              blocks, per_block, nullptr));
+  }
+  EXPECT_EQ(untouched, std::vector<uint16_t>(n, 0x7fff)) << "a declined summed fork wrote something";
+}
+
+TEST(CudaEmulation, SummedResidualForkIsTheChainItReplacesBitForBit) {
+  under_both_schedules(check_summed_residual_fork);
+}
+
 void check_casts_and_accumulate() {
   for (const int64_t n : {int64_t{1001}, int64_t{1024}}) {  // scalar, then 8 elements per access
     const std::string what = " (n = " + std::to_string(n) + ")";

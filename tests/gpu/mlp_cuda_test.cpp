@@ -144,6 +144,21 @@ TEST(GpuResidualFork, IsTheTwoAddsBitForBit) {
   }
 }
 
+// The fork with S = Σ_g X[g] summed in its own kernel (ops::residual_fork_summed) against the CPU's chain
+// (sum_stack, the two adds; the engine's sums), bit for bit: outputs and the gradients of X and attn. 4
+// blocks of 504 take the kernels; 500 (not a multiple of 8) and 9 blocks (more than the kernels hold)
+// the chain on the GPU too.
+TEST(GpuResidualFork, SummedIsTheChainBitForBit) {
+  KRAKEN_REQUIRE_GPU();
+  auto fork_op = [](const std::vector<Tensor>& v) { return ops::concat(ops::residual_fork_summed(v[0], v[1]), 0); };
+  for (const auto& [G, C] : {std::pair<int64_t, int64_t>{4, 504}, std::pair<int64_t, int64_t>{4, 500},
+                             std::pair<int64_t, int64_t>{9, 504}}) {
+    const std::vector<Tensor> in = {bf16_leaf({G, 2, 64, C}, 124), bf16_leaf({G, 2, 64, C}, 125)};
+    expect_matches_cpu(fork_op, in, 0.0, 0.0,
+                       "summed residual fork, " + std::to_string(G) + " × (2, 64, " + std::to_string(C) + ")");
+  }
+}
+
 // Output and gradients of one run at `fusion` on the test device.
 struct DeviceRun {
   Tensor out;

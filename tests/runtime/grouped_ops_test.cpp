@@ -360,6 +360,23 @@ TEST(GradCheck, StackMany) {
       {random_leaf({2, 3}, 161), random_leaf({2, 3}, 162), random_leaf({2, 3}, 163)});
 }
 
+// The summed fork on the CPU is its chain, residual_fork(x, y, sum_stack(x)), in f32 and bf16 (the GPU's
+// kernels are held to it in tests/gpu/mlp_cuda_test.cpp), and names what is wrong with its operands.
+TEST(GroupedOps, SummedResidualForkIsItsChain) {
+  for (const DType dtype : {DType::F32, DType::BF16}) {
+    const std::vector<Tensor> in = {leaf({3, 2, 5, 8}, 134, 1.0f, dtype), leaf({3, 2, 5, 8}, 135, 1.0f, dtype)};
+    const OpRun summed =
+        run([](const std::vector<Tensor>& v) { return ops::concat(ops::residual_fork_summed(v[0], v[1]), 0); }, in);
+    const OpRun chain = run([](const std::vector<Tensor>& v) {
+      return ops::concat(ops::residual_fork(v[0], v[1], ops::sum_stack(v[0])), 0);
+    }, in);
+    expect_same_run(summed, chain, std::string("summed residual fork, ") + (dtype == DType::F32 ? "f32" : "bf16"));
+  }
+  const std::string msg =
+      message_of([] { ops::residual_fork_summed(Tensor::zeros({3, 5, 8}), Tensor::zeros({3, 5, 4})); });
+  EXPECT_NE(msg.find("residual_fork_summed"), std::string::npos) << msg;
+}
+
 // The residual fork {x + y, y + s} on the CPU is the two adds (the GPU's one kernel each way is held to
 // them in tests/gpu/mlp_cuda_test.cpp), in f32 and bf16, and says what is wrong with a bad s.
 TEST(GroupedOps, ResidualForkIsTheTwoAdds) {
