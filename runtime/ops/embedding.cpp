@@ -97,22 +97,30 @@ Tensor token_position_embedding(const Tensor& wte, const Tensor& wpe, const Tens
     // Parameters take their gradients directly (a scatter-add, column sums added in), as embedding's.
     Tensor wte_leaf = wte.is_leaf() ? wte : Tensor(), wpe_leaf = wpe.is_leaf() ? wpe : Tensor();
     const Shape wpe_shape = wpe.shape();
+    const bool wte_needs = wte.requires_grad(), wpe_needs = wpe.requires_grad();
     record(op, {wte, wpe, ids}, {out},
-           [ids_saved, wte_leaf, wpe_leaf, wpe_shape, B, T, V, C](const std::vector<Tensor>& g) {
+           [ids_saved, wte_leaf, wpe_leaf, wpe_shape, wte_needs, wpe_needs, B, T, V, C](const std::vector<Tensor>& g) {
              // in the forward pass this was: out[b, t, :] = bf16(wte[ids[b, t], :] + wpe[t, :])
              const Tensor& dout = g[0];
-             Tensor wte_direct = leaf_grad_accumulator(wte_leaf), wpe_direct = leaf_grad_accumulator(wpe_leaf);
-             Tensor dwte = wte_direct.defined() ? wte_direct : Tensor::zeros({V, C}, DType::F32, dout.device());
-             Tensor dwpe = wpe_direct.defined() ? wpe_direct : Tensor::zeros(wpe_shape, DType::F32, dout.device());
-             KRAKEN_CUDA_ONLY(dout.device(), kernels::embedding_backward_bf16_cuda(
-                                                 dwte.data<float>(), dout.data<uint16_t>(),
-                                                 ids_saved.data<int32_t>(), B * T, V, C, stream_of(dout)));
-             // dwpe[t, :] += Σ_b dout[b, t, :]: rows 0 .. T − 1 of wpe, the (T, C) the slice took
-             KRAKEN_CUDA_ONLY(dout.device(), kernels::sum_rows_bf16_to_f32_cuda(dwpe.data<float>(),
-                                                                               dout.data<uint16_t>(), B, T * C,
-                                                                               stream_of(dout)));
-             return std::vector<Tensor>{wte_direct.defined() ? Tensor() : dwte,
-                                        wpe_direct.defined() ? Tensor() : dwpe, Tensor()};
+             std::vector<Tensor> grads(3);
+             if (wte_needs) {
+               const Tensor direct = leaf_grad_accumulator(wte_leaf);
+               const Tensor dwte = direct.defined() ? direct : Tensor::zeros({V, C}, DType::F32, dout.device());
+               KRAKEN_CUDA_ONLY(dout.device(), kernels::embedding_backward_bf16_cuda(
+                                                   dwte.data<float>(), dout.data<uint16_t>(),
+                                                   ids_saved.data<int32_t>(), B * T, V, C, stream_of(dout)));
+               if (!direct.defined()) grads[0] = dwte;
+             }
+             if (wpe_needs) {
+               // dwpe[t, :] += Σ_b dout[b, t, :]: rows 0 .. T − 1 of wpe, the (T, C) the slice took
+               const Tensor direct = leaf_grad_accumulator(wpe_leaf);
+               const Tensor dwpe = direct.defined() ? direct : Tensor::zeros(wpe_shape, DType::F32, dout.device());
+               KRAKEN_CUDA_ONLY(dout.device(), kernels::sum_rows_bf16_to_f32_cuda(dwpe.data<float>(),
+                                                                                 dout.data<uint16_t>(), B, T * C,
+                                                                                 stream_of(dout)));
+               if (!direct.defined()) grads[1] = dwpe;
+             }
+             return grads;
            });
   }
   return out;

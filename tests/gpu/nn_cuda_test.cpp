@@ -139,6 +139,20 @@ TEST(GpuEmbedding, TokenPositionEmbeddingHasTheThreeOpsBitsInBf16) {
     for (size_t i = static_cast<size_t>(T * C); i < tail.size(); ++i)
       ASSERT_EQ(tail[i], 0.0f) << "wpe's gradient past row T, element " << i << ", " << what;
   }
+  // A frozen token table: only wpe's gradient, still the three ops' bits.
+  const int64_t V = 130, C = 64, T = 33;
+  const Tensor ids = random_ids({70, T}, V, 60).to(test_device());
+  const Tensor wte = random_tensor({V, C}, 61).to(test_device()), weights = random_tensor({70, T, C}, 62).to(test_device());
+  std::vector<Tensor> wpe_grads;
+  for (const bool fused : {true, false}) {
+    Tensor wpe = to_test_device(leaf({T, C}, 63, 0.1f));
+    const Tensor out = fused ? ops::token_position_embedding(wte, wpe, ids, DType::BF16)
+                             : ops::cast(ops::add(ops::embedding(wte, ids), ops::slice(wpe, 0, T)), DType::BF16);
+    backward(ops::sum(ops::mul(ops::cast(out, DType::F32), weights)));
+    EXPECT_FALSE(wte.grad().defined()) << "a table that needs no gradient got one";
+    wpe_grads.push_back(wpe.grad());
+  }
+  expect_close(wpe_grads[0], wpe_grads[1], 0.0, "wpe's gradient beside a frozen wte");
 }
 
 TEST(GpuEmbedding, TokenPositionEmbeddingNamesAnIdOutsideTheTable) {
