@@ -78,4 +78,19 @@ void layernorm_backward_grouped_bf16_cuda(uint16_t* dx, const uint16_t* dx_in, c
                                           int64_t G, const uint16_t* dout, const uint16_t* x, const float* mean,
                                           const float* rstd, int64_t rows_per_group, int64_t C, CUstream_st* stream);
 
+// The Kraken layer's residual fork with S summed in it and each sub-layer's LN2 after it, in one pass per
+// row (runtime ops::residual_fork_summed_layernorm): x and y (G, rows, C), group g's gamma and beta
+// (beta null: none), mean and rstd (G·rows):
+//   S = Σ_g x[g] (in f32 from 0 in g order, rounded once);  a[g] = x[g] + y[g];  m[g] = y[g] + S;
+//   out[g] = layernorm(m[g]) with gammas[g], betas[g]
+// — the bits of residual_fork_summed_bf16_cuda then layernorm_forward_bf16_cuda on each group's m, where
+// LN2 read m back (n passes over a stream's size a layer). 2 ≤ G ≤ kMaxForkNormGroups, C a multiple of 8
+// up to 2048 (the LayerNorm forward's rows in registers), every buffer 16-byte aligned; false otherwise,
+// nothing written.
+constexpr int kMaxForkNormGroups = 8;
+bool residual_fork_summed_layernorm_bf16_cuda(uint16_t* a, uint16_t* m, uint16_t* out, float* mean, float* rstd,
+                                              const uint16_t* x, const uint16_t* y, const float* const* gammas,
+                                              const float* const* betas, int64_t G, int64_t rows, int64_t C, float eps,
+                                              CUstream_st* stream);
+
 }  // namespace kraken::kernels

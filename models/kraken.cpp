@@ -304,11 +304,18 @@ KrakenModel::Unsummed KrakenModel::layer_forward(const std::vector<SubLayer>& su
     std::vector<Tensor> a_h = ops::add_layernorm(X, attn, each(&SubLayer::ln_2_w), each(&SubLayer::ln_2_b));
     a = a_h[0];
     h = a_h[1];
+  } else if (sum_here) {
+    // Every sub-layer here: S summed in the fork's own pass and LN2 taken as m is made, one kernel on a
+    // GPU (ops::residual_fork_summed_layernorm: S never stored, m not read back); backward the fork's
+    // kernel adds S's gradient into X's as it writes it
+    std::vector<Tensor> a_h =
+        ops::residual_fork_summed_layernorm(X, attn, each(&SubLayer::ln_2_w), each(&SubLayer::ln_2_b));
+    a = a_h[0];
+    h = a_h[1];
   } else {
-    // a = X + attn and m = attn + S, S (B, T, C) joining every sub-layer: one pass over X and attn (and
-    // one back) on a GPU (ops::residual_fork); with every sub-layer here, S is summed in that pass too
-    // and its gradient added to X's in the backward's (ops::residual_fork_summed: S never stored)
-    std::vector<Tensor> a_m = sum_here ? ops::residual_fork_summed(X, attn) : ops::residual_fork(X, attn, S);
+    // a = X + attn and m = attn + S, S (B, T, C) the all-reduced sum joining every sub-layer: one pass over
+    // X and attn (and one back) on a GPU (ops::residual_fork)
+    std::vector<Tensor> a_m = ops::residual_fork(X, attn, S);
     a = a_m[0];
     h = ops::layernorm(a_m[1], each(&SubLayer::ln_2_w), each(&SubLayer::ln_2_b));
   }

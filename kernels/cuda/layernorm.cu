@@ -242,6 +242,66 @@ __global__ void add_layernorm_forward_x8_kernel(T* s, T* out, float* mean, float
   normalise_row_x8<kPacks>(out + r * C, mean, rstd, v, sum, gamma, beta, r, C, eps, lane);
 }
 
+// The fork with S summed in it and LN2 (kernels/layernorm.h), a warp per row r of every group: S from the
+// G rows of x first, then each group's x and y again (the second read of x from L2: a block's 8 rows of G
+// groups are ~8·G KB), a and m stored, m normalised from its stored values as layernorm_forward_x8_kernel
+// would read them back.
+struct ForkNorms {
+  const float* gamma[kMaxForkNormGroups];
+  const float* beta[kMaxForkNormGroups];
+};
+template <int kPacks>
+__global__ void residual_fork_summed_layernorm_x8_kernel(__nv_bfloat16* a, __nv_bfloat16* m, __nv_bfloat16* out,
+                                                         float* mean, float* rstd, const __nv_bfloat16* x,
+                                                         const __nv_bfloat16* y, ForkNorms norms, int G, int64_t rows,
+                                                         int C, float eps) {
+  const int lane = threadIdx.x & 31;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  if (r >= rows) return;  // whole warps leave together
+  float s[kPacks][8] = {};
+  for (int g = 0; g < G; ++g) {
+#pragma unroll
+    for (int p = 0; p < kPacks; ++p) {
+      const int c0 = 8 * (lane + 32 * p);
+      if (c0 >= C) break;
+      float xv[8];
+      load8(x + (g * rows + r) * C + c0, xv);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) s[p][i] += xv[i];
+    }
+  }
+#pragma unroll
+  for (int p = 0; p < kPacks; ++p)
+#pragma unroll
+    for (int i = 0; i < 8; ++i) s[p][i] = as_stored(s[p][i], m);
+  for (int g = 0; g < G; ++g) {
+    const int64_t row = g * rows + r;
+    float v[kPacks][8] = {};
+    float sum = 0.0f;
+#pragma unroll
+    for (int p = 0; p < kPacks; ++p) {
+      const int c0 = 8 * (lane + 32 * p);
+      if (c0 >= C) break;
+      float xv[8], yv[8];
+      load8(x + row * C + c0, xv);
+      load8(y + row * C + c0, yv);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        xv[i] = xv[i] + yv[i];
+        v[p][i] = yv[i] + s[p][i];
+      }
+      store8(a + row * C + c0, xv);
+      store8(m + row * C + c0, v[p]);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        v[p][i] = as_stored(v[p][i], m);
+        sum += v[p][i];
+      }
+    }
+    normalise_row_x8<kPacks>(out + row * C, mean, rstd, v, sum, norms.gamma[g], norms.beta[g], row, C, eps, lane);
+  }
+}
+
 // dx = dx_in + … for row r from its packs in registers (the warp's lanes, lane l owning packs l, l + 32, …).
 template <int kPacks, typename T>
 __device__ __forceinline__ void backward_row_x8(T* dx, const T* dx_in, const T* dout, const T* x, const float* gamma,
@@ -732,6 +792,27 @@ void add_layernorm_forward_bf16_cuda(uint16_t* s, uint16_t* out, float* mean, fl
                                      float eps, CUstream_st* stream) {
   add_layernorm_forward(as_bf16(s), as_bf16(out), mean, rstd, as_bf16(a), as_bf16(b), gamma, beta, rows, C, eps,
                         stream);
+}
+
+bool residual_fork_summed_layernorm_bf16_cuda(uint16_t* a, uint16_t* m, uint16_t* out, float* mean, float* rstd,
+                                              const uint16_t* x, const uint16_t* y, const float* const* gammas,
+                                              const float* const* betas, int64_t G, int64_t rows, int64_t C, float eps,
+                                              CUstream_st* stream) {
+  if (G < 2 || G > kMaxForkNormGroups || !all_aligned16({a, m, out, x, y})) return false;
+  ForkNorms norms{};
+  for (int64_t g = 0; g < G; ++g) {
+    if (!gammas[g] || !aligned16(gammas[g]) || (betas[g] && !aligned16(betas[g]))) return false;
+    norms.gamma[g] = gammas[g];
+    norms.beta[g] = betas[g];
+  }
+  return with_packs_per_lane(C, [&](auto packs) {
+    if (rows <= 0) return;
+    KRAKEN_KERNEL(row_blocks(rows), kWarpsPerBlock * 32, 0, stream,
+                  residual_fork_summed_layernorm_x8_kernel<decltype(packs)::value>)
+    (as_bf16(a), as_bf16(m), as_bf16(out), mean, rstd, as_bf16(x), as_bf16(y), norms, static_cast<int>(G), rows,
+     static_cast<int>(C), eps);
+    KRAKEN_CUDA_LAUNCH_CHECK();
+  });
 }
 
 }  // namespace kraken::kernels

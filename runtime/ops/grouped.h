@@ -12,4 +12,8 @@ namespace kraken::runtime::ops {
 // d's dtype (f32 anywhere, bf16 on CUDA) — the bias gradients of a grouped linear or MLP.
 Tensor group_row_sums(const Tensor& d, int64_t groups, int64_t rows, int64_t cols);
 
+// Records residual_fork_summed's node for outputs a kernel computed (x, y bf16 (G, ...) on a GPU; a and m
+// as residual_fork_summed returns them): its backward's kernel, or the chain's ops where that declines.
+void record_residual_fork_summed(const Tensor& x, const Tensor& y, const Tensor& a, const Tensor& m);
+
 }  // namespace kraken::runtime::ops

@@ -14,6 +14,7 @@
 #include "runtime/autograd.h"
 #include "runtime/dispatch.h"
 #include "runtime/ops.h"
+#include "runtime/ops/grouped.h"
 #include "runtime/ops/precision.h"
 
 namespace kraken::runtime::ops {
@@ -192,6 +193,9 @@ std::vector<Tensor> with_params(std::vector<Tensor> operands, const Affine& p) {
   return operands;
 }
 
+void record_layernorm(const Tensor& x, const Affine& p, const Tensor& mean, const Tensor& rstd, int64_t rows,
+                      int64_t C, const Tensor& out);
+
 Tensor layernorm_affine(const Tensor& x, const Affine& p, float eps) {
   const int64_t C = check_layernorm("layernorm", x, p, eps), rows = x.numel() / C;
   if (precision::widen_on_cpu(x)) return precision::narrow(layernorm_affine(precision::widen(x), p, eps));
@@ -216,9 +220,17 @@ Tensor layernorm_affine(const Tensor& x, const Affine& p, float eps) {
                                                        x.data<float>() + k.first, k.gamma, k.beta, block_rows, C, eps,
                                                        stream_of(x)));
   }
-  if (record_grad) {
+  if (record_grad) record_layernorm(x, p, mean, rstd, rows, C, out);
+  return out;
+}
+
+// The layernorm node for out = layernorm(x) computed with these row statistics (by layernorm_affine's
+// kernels, or fused into the op that made x).
+void record_layernorm(const Tensor& x, const Affine& p, const Tensor& mean, const Tensor& rstd, int64_t rows,
+                      int64_t C, const Tensor& out) {
+  {
     const Saved s = save(x.detach(), p, mean, rstd, rows, C, x.requires_grad());
-    record("layernorm", inputs, {out}, [s](const std::vector<Tensor>& g) {
+    record("layernorm", with_params({x}, p), {out}, [s](const std::vector<Tensor>& g) {
       const Tensor& dout = g[0];
       if (!s.x_needs) return layernorm_backward(s, dout, Tensor(), Tensor());
       // x's other consumers' gradient (a residual stream's), added in this pass: in place where it is
@@ -233,7 +245,6 @@ Tensor layernorm_affine(const Tensor& x, const Affine& p, float eps) {
       return layernorm_backward(s, dout, dx, so_far);
     });
   }
-  return out;
 }
 
 std::vector<Tensor> add_layernorm_affine(const Tensor& a, const Tensor& b, const Affine& p, float eps) {
@@ -308,6 +319,43 @@ std::vector<Tensor> add_layernorm(const Tensor& a, const Tensor& b, const Tensor
 std::vector<Tensor> add_layernorm(const Tensor& a, const Tensor& b, const std::vector<Tensor>& gammas,
                                   const std::vector<Tensor>& betas, float eps) {
   return add_layernorm_affine(a, b, Affine{gammas, betas.empty() ? std::vector<Tensor>(gammas.size()) : betas}, eps);
+}
+
+std::vector<Tensor> residual_fork_summed_layernorm(const Tensor& x, const Tensor& y, const std::vector<Tensor>& gammas,
+                                                   const std::vector<Tensor>& betas, float eps) {
+  const char* op = "residual_fork_summed_layernorm";
+  const Affine p{gammas, betas.empty() ? std::vector<Tensor>(gammas.size()) : betas};
+  auto chain = [&] {
+    const std::vector<Tensor> a_m = residual_fork_summed(x, y);
+    return std::vector<Tensor>{a_m[0], layernorm_affine(a_m[1], p, eps)};
+  };
+  if (x.dtype() != DType::BF16 || y.dtype() != DType::BF16 || !x.device().is_cuda() || x.shape() != y.shape() ||
+      x.device() != y.device() || x.dim() < 2 || static_cast<int64_t>(gammas.size()) != x.size(0))
+    return chain();  // (which also names what is wrong)
+  const int64_t C = check_layernorm(op, x, p, eps), G = x.size(0), rows = x.numel() / C;
+  const std::vector<Tensor> inputs = with_params({x, y}, p);
+  const bool record_grad = needs_grad(inputs);
+  Tensor a = Tensor::empty(x.shape(), DType::BF16, x.device()), m = Tensor::empty(x.shape(), DType::BF16, x.device());
+  Tensor out = Tensor::empty(x.shape(), DType::BF16, x.device());
+  Tensor mean = record_grad ? Tensor::empty({rows}, DType::F32, x.device()) : Tensor();
+  Tensor rstd = record_grad ? Tensor::empty({rows}, DType::F32, x.device()) : Tensor();
+  std::vector<const float*> gamma_ptrs, beta_ptrs;
+  for (size_t g = 0; g < p.gammas.size(); ++g) {
+    gamma_ptrs.push_back(p.gammas[g].data<float>());
+    beta_ptrs.push_back(p.betas[g].defined() ? p.betas[g].data<float>() : nullptr);
+  }
+  bool fused = false;
+  KRAKEN_CUDA_ONLY(x.device(), fused = kernels::residual_fork_summed_layernorm_bf16_cuda(
+                                   a.data<uint16_t>(), m.data<uint16_t>(), out.data<uint16_t>(),
+                                   mean.defined() ? mean.data<float>() : nullptr,
+                                   rstd.defined() ? rstd.data<float>() : nullptr, x.data<uint16_t>(),
+                                   y.data<uint16_t>(), gamma_ptrs.data(), beta_ptrs.data(), G, rows / G, C, eps,
+                                   stream_of(x)));
+  if (!fused) return chain();  // (nothing written)
+  // The two nodes the chain records, the fork's and LN2's, for what the one kernel wrote.
+  record_residual_fork_summed(x, y, a, m);
+  if (record_grad) record_layernorm(m, p, mean, rstd, rows, C, out);
+  return {a, out};
 }
 
 }  // namespace kraken::runtime::ops

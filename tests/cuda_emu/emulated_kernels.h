@@ -115,6 +115,10 @@ void layernorm_backward_bf16_cuda(uint16_t* dx, const uint16_t* dx_in, float* dg
 void add_layernorm_forward_bf16_cuda(uint16_t* s, uint16_t* out, float* mean, float* rstd, const uint16_t* a,
                                      const uint16_t* b, const float* gamma, const float* beta, int64_t rows, int64_t C,
                                      float eps, CUstream_st* stream);
+bool residual_fork_summed_layernorm_bf16_cuda(uint16_t* a, uint16_t* m, uint16_t* out, float* mean, float* rstd,
+                                              const uint16_t* x, const uint16_t* y, const float* const* gammas,
+                                              const float* const* betas, int64_t G, int64_t rows, int64_t C, float eps,
+                                              CUstream_st* stream);
 void layernorm_forward_cuda(float* out, float* mean, float* rstd, const float* x, const float* gamma,
                             const float* beta, int64_t rows, int64_t C, float eps, CUstream_st* stream);
 void layernorm_backward_cuda(float* dx, const float* dx_in, float* dgamma, float* dbeta, const float* dout,

@@ -702,6 +702,71 @@ TEST(CudaEmulation, SummedResidualForkIsTheChainItReplacesBitForBit) {
   under_both_schedules(check_summed_residual_fork);
 }
 
+// The fork with S summed in it and LN2 in the same pass against the summed fork, then a LayerNorm per
+// group reading m back — a, m, out, mean and rstd bit for bit — for 2 and 4 groups at C = 504 (2 packs a
+// lane, the preset's), 3 groups at C = 48 (one pack, lanes idle) and 2 at 1024 (4 packs), with and
+// without beta. G = 1 and 9, C = 52 and 2056 are declined.
+void check_summed_fork_layernorm() {
+  for (const auto& [G, rows, C] : {std::tuple<int64_t, int64_t, int64_t>{2, 13, 504},
+                                   std::tuple<int64_t, int64_t, int64_t>{4, 9, 504},
+                                   std::tuple<int64_t, int64_t, int64_t>{3, 11, 48},
+                                   std::tuple<int64_t, int64_t, int64_t>{2, 5, 1024}}) {
+    for (const bool with_beta : {true, false}) {
+      const std::string what = " (" + std::to_string(G) + " groups of " + std::to_string(rows) + " × " +
+                               std::to_string(C) + (with_beta ? ")" : ", no beta)");
+      const size_t n = static_cast<size_t>(G * rows * C);
+      const std::vector<uint16_t> x = to_bf16(normal(n, 51)), y = to_bf16(normal(n, 52));
+      std::vector<std::vector<float>> gammas, betas;
+      std::vector<const float*> gamma_ptrs, beta_ptrs;
+      for (int64_t g = 0; g < G; ++g) {
+        gammas.push_back(normal(static_cast<size_t>(C), 53 + static_cast<uint32_t>(g)));
+        betas.push_back(normal(static_cast<size_t>(C), 63 + static_cast<uint32_t>(g)));
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        gamma_ptrs.push_back(gammas[static_cast<size_t>(g)].data());
+        beta_ptrs.push_back(with_beta ? betas[static_cast<size_t>(g)].data() : nullptr);
+      }
+      std::vector<uint16_t> a(n), m(n), out(n), a_want(n), m_want(n), out_want(n);
+      std::vector<float> mean(static_cast<size_t>(G * rows)), rstd(mean.size()), mean_want(mean.size()),
+          rstd_want(mean.size());
+      ASSERT_TRUE(emu::residual_fork_summed_layernorm_bf16_cuda(a.data(), m.data(), out.data(), mean.data(), rstd.data(),
+                                                                x.data(), y.data(), gamma_ptrs.data(), beta_ptrs.data(),
+                                                                G, rows, C, 1e-5f, nullptr))
+          << what;
+      ASSERT_TRUE(emu::residual_fork_summed_bf16_cuda(a_want.data(), m_want.data(), x.data(), y.data(), G, rows * C,
+                                                      nullptr));
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t at = g * rows * C;
+        emu::layernorm_forward_bf16_cuda(out_want.data() + at, mean_want.data() + g * rows, rstd_want.data() + g * rows,
+                                         m_want.data() + at, gamma_ptrs[static_cast<size_t>(g)],
+                                         beta_ptrs[static_cast<size_t>(g)], rows, C, 1e-5f, nullptr);
+      }
+      EXPECT_EQ(a, a_want) << "a = x + y" << what;
+      EXPECT_EQ(m, m_want) << "m = y + Σ_g x[g]" << what;
+      EXPECT_EQ(out, out_want) << "LN2(m)" << what;
+      EXPECT_EQ(mean, mean_want) << "mean" << what;
+      EXPECT_EQ(rstd, rstd_want) << "rstd" << what;
+    }
+  }
+  const std::vector<uint16_t> x = to_bf16(normal(9 * 4 * 2056, 70));
+  const std::vector<float> gamma = normal(2056, 71);
+  std::vector<const float*> gammas(9, gamma.data()), betas(9, nullptr);
+  std::vector<uint16_t> untouched(x.size(), 0x7fff);
+  std::vector<float> stats(36, -1.0f);
+  for (const auto& [G, C] : {std::pair<int64_t, int64_t>{1, 504}, std::pair<int64_t, int64_t>{9, 504},
+                             std::pair<int64_t, int64_t>{2, 52}, std::pair<int64_t, int64_t>{2, 2056}}) {
+    EXPECT_FALSE(emu::residual_fork_summed_layernorm_bf16_cuda(untouched.data(), untouched.data(), untouched.data(),
+                                                               stats.data(), stats.data(), x.data(), x.data(),
+                                                               gammas.data(), betas.data(), G, 4, C, 1e-5f, nullptr))
+        << G << " groups of C = " << C;
+  }
+  EXPECT_EQ(untouched, std::vector<uint16_t>(x.size(), 0x7fff)) << "a declined fork and LayerNorm wrote something";
+}
+
+TEST(CudaEmulation, SummedForkWithLayerNormIsTheForkThenTheLayerNormBitForBit) {
+  under_both_schedules(check_summed_fork_layernorm);
+}
+
 void check_casts_and_accumulate() {
   for (const int64_t n : {int64_t{1001}, int64_t{1024}}) {  // scalar, then 8 elements per access
     const std::string what = " (n = " + std::to_string(n) + ")";

@@ -159,6 +159,53 @@ TEST(GpuResidualFork, SummedIsTheChainBitForBit) {
   }
 }
 
+// The fork with S summed in it and LN2 in one kernel (ops::residual_fork_summed_layernorm) against its
+// two ops on the same GPU, bit for bit: a, LN2's output, and the gradients of X, attn and each sub-layer's
+// gamma and beta (the backward is the two ops' nodes; the forward's m and statistics must be theirs).
+// 4 groups of C = 504 (the preset's) and 2 of 768, with and without betas.
+TEST(GpuResidualFork, SummedWithLayerNormIsTheTwoOpsBitForBit) {
+  KRAKEN_REQUIRE_GPU();  // (in the dry run on the CPU both sides are the two ops)
+  for (const auto& [G, C] : {std::pair<int64_t, int64_t>{4, 504}, std::pair<int64_t, int64_t>{2, 768}}) {
+    for (const bool with_betas : {true, false}) {
+      const std::string what = std::to_string(G) + " × (2, 64, " + std::to_string(C) + ")" + (with_betas ? "" : ", no betas");
+      const Tensor weights = random_tensor({G, 2, 64, C}, 126).to(test_device());
+      std::vector<std::vector<Tensor>> outputs, grads;
+      for (const bool fused : {true, false}) {
+        const Tensor x = to_test_device(bf16_leaf({G, 2, 64, C}, 127)), y = to_test_device(bf16_leaf({G, 2, 64, C}, 128));
+        std::vector<Tensor> gammas, betas, params{x, y};
+        for (int64_t g = 0; g < G; ++g) {
+          Tensor gamma = random_tensor({C}, 129 + static_cast<uint64_t>(g), 0.5f).to(test_device());
+          gamma.set_requires_grad(true);
+          gammas.push_back(gamma);
+          params.push_back(gamma);
+          if (with_betas) {
+            Tensor beta = random_tensor({C}, 139 + static_cast<uint64_t>(g), 0.5f).to(test_device());
+            beta.set_requires_grad(true);
+            betas.push_back(beta);
+            params.push_back(beta);
+          }
+        }
+        std::vector<Tensor> a_h;
+        if (fused) {
+          a_h = ops::residual_fork_summed_layernorm(x, y, gammas, betas);
+        } else {
+          const std::vector<Tensor> a_m = ops::residual_fork_summed(x, y);
+          a_h = {a_m[0], ops::layernorm(a_m[1], gammas, betas)};
+        }
+        runtime::backward(ops::sum(ops::mul(ops::cast(ops::add(a_h[0], a_h[1]), DType::F32), weights)));
+        outputs.push_back({a_h[0].to(DType::F32), a_h[1].to(DType::F32)});
+        std::vector<Tensor> g;
+        for (const Tensor& p : params) g.push_back(p.grad().to(DType::F32));
+        grads.push_back(g);
+      }
+      expect_close(outputs[0][0], outputs[1][0], 0.0, "a, " + what);
+      expect_close(outputs[0][1], outputs[1][1], 0.0, "LN2's output, " + what);
+      for (size_t k = 0; k < grads[0].size(); ++k)
+        expect_close(grads[0][k], grads[1][k], 0.0, "gradient of input " + std::to_string(k) + ", " + what);
+    }
+  }
+}
+
 // Output and gradients of one run at `fusion` on the test device.
 struct DeviceRun {
   Tensor out;

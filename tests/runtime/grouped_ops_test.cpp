@@ -377,6 +377,24 @@ TEST(GroupedOps, SummedResidualForkIsItsChain) {
   EXPECT_NE(msg.find("residual_fork_summed"), std::string::npos) << msg;
 }
 
+// The fork with LN2 on the CPU is its two ops (the GPU's kernel is held to them in
+// tests/gpu/mlp_cuda_test.cpp), in f32 and bf16, gammas' and betas' gradients included.
+TEST(GroupedOps, SummedResidualForkWithLayerNormIsItsTwoOps) {
+  for (const DType dtype : {DType::F32, DType::BF16}) {
+    const std::vector<Tensor> in = {leaf({3, 2, 5, 8}, 136, 1.0f, dtype), leaf({3, 2, 5, 8}, 137, 1.0f, dtype),
+                                    leaf({8}, 138, 0.5f), leaf({8}, 139, 0.5f), leaf({8}, 140, 0.5f), leaf({8}, 141, 0.5f), leaf({8}, 142, 0.5f),
+                                    leaf({8}, 143, 0.5f)};
+    const OpRun fused = run([](const std::vector<Tensor>& v) {
+      return ops::concat(ops::residual_fork_summed_layernorm(v[0], v[1], {v[2], v[3], v[4]}, {v[5], v[6], v[7]}), 0);
+    }, in);
+    const OpRun two_ops = run([](const std::vector<Tensor>& v) {
+      const std::vector<Tensor> a_m = ops::residual_fork_summed(v[0], v[1]);
+      return ops::concat({a_m[0], ops::layernorm(a_m[1], {v[2], v[3], v[4]}, {v[5], v[6], v[7]})}, 0);
+    }, in);
+    expect_same_run(fused, two_ops, std::string("summed fork with LN2, ") + (dtype == DType::F32 ? "f32" : "bf16"));
+  }
+}
+
 // The residual fork {x + y, y + s} on the CPU is the two adds (the GPU's one kernel each way is held to
 // them in tests/gpu/mlp_cuda_test.cpp), in f32 and bf16, and says what is wrong with a bad s.
 TEST(GroupedOps, ResidualForkIsTheTwoAdds) {
