@@ -228,23 +228,21 @@ Tensor layernorm_affine(const Tensor& x, const Affine& p, float eps) {
 // kernels, or fused into the op that made x).
 void record_layernorm(const Tensor& x, const Affine& p, const Tensor& mean, const Tensor& rstd, int64_t rows,
                       int64_t C, const Tensor& out) {
-  {
-    const Saved s = save(x.detach(), p, mean, rstd, rows, C, x.requires_grad());
-    record("layernorm", with_params({x}, p), {out}, [s](const std::vector<Tensor>& g) {
-      const Tensor& dout = g[0];
-      if (!s.x_needs) return layernorm_backward(s, dout, Tensor(), Tensor());
-      // x's other consumers' gradient (a residual stream's), added in this pass: in place where it is
-      // ours alone, else into a new buffer — never the engine's copy of a shared sum and add after.
-      Tensor so_far = take_gradient_so_far(0);
-      if (so_far.defined()) {  // as the engine's sum would check
-        check_same_shape("layernorm backward", so_far, dout);
-        if (so_far.dtype() != dout.dtype())
-          KRAKEN_THROW("gradient accumulation: cannot add ", dout.describe(), " into ", so_far.describe());
-      }
-      Tensor dx = writable_in_place(so_far) ? so_far : Tensor::empty(dout.shape(), dout.dtype(), dout.device());
-      return layernorm_backward(s, dout, dx, so_far);
-    });
-  }
+  const Saved s = save(x.detach(), p, mean, rstd, rows, C, x.requires_grad());
+  record("layernorm", with_params({x}, p), {out}, [s](const std::vector<Tensor>& g) {
+    const Tensor& dout = g[0];
+    if (!s.x_needs) return layernorm_backward(s, dout, Tensor(), Tensor());
+    // x's other consumers' gradient (a residual stream's), added in this pass: in place where it is
+    // ours alone, else into a new buffer — never the engine's copy of a shared sum and add after.
+    Tensor so_far = take_gradient_so_far(0);
+    if (so_far.defined()) {  // as the engine's sum would check
+      check_same_shape("layernorm backward", so_far, dout);
+      if (so_far.dtype() != dout.dtype())
+        KRAKEN_THROW("gradient accumulation: cannot add ", dout.describe(), " into ", so_far.describe());
+    }
+    Tensor dx = writable_in_place(so_far) ? so_far : Tensor::empty(dout.shape(), dout.dtype(), dout.device());
+    return layernorm_backward(s, dout, dx, so_far);
+  });
 }
 
 std::vector<Tensor> add_layernorm_affine(const Tensor& a, const Tensor& b, const Affine& p, float eps) {
