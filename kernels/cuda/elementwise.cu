@@ -214,16 +214,7 @@ __global__ void residual_fork_summed_backward_bf16x8_kernel(__nv_bfloat16* dx, _
 // false otherwise.
 template <typename F>
 bool with_fork_blocks(int64_t blocks, F&& f) {
-  switch (blocks) {
-    case 2: f(std::integral_constant<int, 2>()); return true;
-    case 3: f(std::integral_constant<int, 3>()); return true;
-    case 4: f(std::integral_constant<int, 4>()); return true;
-    case 5: f(std::integral_constant<int, 5>()); return true;
-    case 6: f(std::integral_constant<int, 6>()); return true;
-    case 7: f(std::integral_constant<int, 7>()); return true;
-    case 8: f(std::integral_constant<int, 8>()); return true;
-    default: return false;
-  }
+  return cuda_detail::with_constant_in<2, 8>(blocks, f);
 }
 // Many rows (bias gradients: rows = B·T, cols = C): the two-pass column sums of column_sums.h where cols
 // is a multiple of 8 and dout 16-byte aligned; otherwise this kernel. A column per thread would leave

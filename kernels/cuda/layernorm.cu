@@ -496,18 +496,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, (fused_blocks_per_sm<T, k
 // false (and no call) for any other C.
 template <typename F>
 bool with_packs_per_lane(int64_t C, F&& f) {
-  if (C <= 0 || C % 8 != 0 || C > 32 * 8 * kMaxPacks) return false;
-  switch ((C / 8 + 31) / 32) {
-    case 1: f(std::integral_constant<int, 1>()); return true;
-    case 2: f(std::integral_constant<int, 2>()); return true;
-    case 3: f(std::integral_constant<int, 3>()); return true;
-    case 4: f(std::integral_constant<int, 4>()); return true;
-    case 5: f(std::integral_constant<int, 5>()); return true;
-    case 6: f(std::integral_constant<int, 6>()); return true;
-    case 7: f(std::integral_constant<int, 7>()); return true;
-    case 8: f(std::integral_constant<int, 8>()); return true;
-  }
-  return false;
+  if (C <= 0 || C % 8 != 0) return false;
+  return cuda_detail::with_constant_in<1, kMaxPacks>((C / 8 + 31) / 32, f);
 }
 
 bool all_aligned16(std::initializer_list<const void*> ptrs) {
