@@ -159,6 +159,16 @@ if [[ $built -eq 0 ]]; then
   md "## Result: FAILED (${failures[*]})"
   exit 1
 fi
+# The bf16 kernels' global accesses by width in the machine code (the PTX guard in the tests reads nvcc's
+# PTX; this is what ptxas made of it): 128-bit against 32-bit loads and stores per file.
+if command -v cuobjdump > /dev/null 2>&1; then
+  for f in layernorm cross_entropy elementwise embedding; do
+    o="$build/kernels/CMakeFiles/kraken_kernels_cuda.dir/cuda/$f.cu.o"
+    [[ -f "$o" ]] || continue
+    cuobjdump --dump-sass "$o" > "$logs/sass-$f.txt" 2>&1 || continue
+    md "SASS of kernels/cuda/$f.cu: $(grep -c 'LDG\.E\.128' "$logs/sass-$f.txt") LDG.E.128, $(grep -cE 'LDG\.E(\.CONSTANT)? ' "$logs/sass-$f.txt") 32-bit LDG, $(grep -c 'STG\.E\.128' "$logs/sass-$f.txt") STG.E.128, $(grep -cE 'STG\.E ' "$logs/sass-$f.txt") 32-bit STG."
+  done
+fi
 
 # Summarises a ctest JUnit file: counts, the failed and skipped tests, and the [gpu-vs-*] lines.
 summarise_junit() {
