@@ -76,6 +76,27 @@ TEST(GradCheck, EmbeddingWeightWithRepeatedIds) {
                          {random_leaf({5, 4}, 40)});
 }
 
+TEST(GradCheck, TokenPositionEmbeddingBothTables) {
+  // GPT-2's x0 = wte[ids] + wpe[t] (f32 here; the GPU's bf16 kernel is held to the three ops' bits in
+  // tests/gpu/nn_cuda_test.cpp): repeated ids, and wpe rows past T that take no gradient.
+  const Tensor ids = Tensor::from_ints({1, 3, 1, 4, 1, 0, 3, 4}, {2, 4});
+  expect_gradients_match(
+      [ids](const auto& in) { return ops::token_position_embedding(in[0], in[1], ids, DType::F32); },
+      {random_leaf({5, 4}, 46), random_leaf({6, 4}, 47)});
+}
+
+TEST(GradCheck, SummedResidualForkWithLayerNorm) {
+  // The Kraken layer's {x + y, LN2_g(y + Σ_j x_j)} for 3 sub-layers, each with its gamma and beta.
+  expect_gradients_match(
+      [](const auto& in) {
+        const std::vector<Tensor> a_h =
+            ops::residual_fork_summed_layernorm(in[0], in[1], {in[2], in[3], in[4]}, {in[5], in[6], in[7]});
+        return ops::add(ops::scale(a_h[0], 0.7f), a_h[1]);
+      },
+      {random_leaf({3, 2, 6}, 48), random_leaf({3, 2, 6}, 49), gamma_leaf(6, 50), gamma_leaf(6, 51),
+       gamma_leaf(6, 52), random_leaf({6}, 53, 0.5f), random_leaf({6}, 54, 0.5f), random_leaf({6}, 55, 0.5f)});
+}
+
 TEST(GradCheck, Softmax) {
   expect_gradients_match([](const auto& in) { return ops::softmax(in[0]); }, {random_leaf({3, 7}, 41, 1.5f)});
 }
