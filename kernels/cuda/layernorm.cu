@@ -214,10 +214,13 @@ __global__ void layernorm_forward_x8_kernel(T* out, float* mean, float* rstd, co
   normalise_row_x8<kPacks>(out + r * C, mean, rstd, v, sum, gamma, beta, r, C, eps, lane);
 }
 
+// bias (C,), or null for none: s = a + (b + bias), b + bias rounded to T first — the bits of a broadcast add
+// and then the residual add (ops::add_bias_layernorm: the product's bias, taken out of its epilogue so that
+// backward can sum its gradient in the LayerNorm's pass).
 template <typename T, int kPacks>
 __global__ void add_layernorm_forward_x8_kernel(T* s, T* out, float* mean, float* rstd, const T* a, const T* b,
-                                                const float* gamma, const float* beta, int64_t rows, int C,
-                                                float eps) {
+                                                const T* bias, const float* gamma, const float* beta, int64_t rows,
+                                                int C, float eps) {
   const int lane = threadIdx.x & 31;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
   if (r >= rows) return;
@@ -230,6 +233,12 @@ __global__ void add_layernorm_forward_x8_kernel(T* s, T* out, float* mean, float
     float bv[8];
     load8(a + r * C + c0, v[p]);
     load8(b + r * C + c0, bv);
+    if (bias) {
+      float bb[8];
+      load8(bias + c0, bb);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) bv[i] = as_stored(bv[i] + bb[i], s);
+    }
 #pragma unroll
     for (int i = 0; i < 8; ++i) v[p][i] += bv[i];
     store8(s + r * C + c0, v[p]);
@@ -363,16 +372,17 @@ constexpr int kFusedRows = kWarpsPerBlock * kFusedRowsPerWarp;  // rows per bloc
 // The one-pass kernel runs several groups of rows in one launch (a Kraken layer's sub-layers, each with
 // its own gamma; kernels/layernorm.h): grid (chunks of a group, groups), block (b, y) does chunk b of
 // group y — rows [y·rows, (y + 1)·rows) of the launch, gamma[y], and the partial sums of group y, which
-// start 2 · chunks · C floats after group y − 1's. One group is the plain LayerNorm.
+// start kTerms · chunks · C floats after group y − 1's. One group is the plain LayerNorm.
 constexpr int kMaxGroupsPerLaunch = 16;
 struct GroupTable {
   const float* gamma[kMaxGroupsPerLaunch];
   int64_t rows;  // per group
 };
-// Block (b, y)'s group: its gamma and partial sums; returns one past its last row.
-__device__ __forceinline__ int64_t enter_group(const GroupTable& table, const float*& gamma, float*& partials, int C) {
+// Block (b, y)'s group: its gamma and partial sums (kTerms sets of them); returns one past its last row.
+__device__ __forceinline__ int64_t enter_group(const GroupTable& table, const float*& gamma, float*& partials, int C,
+                                               int terms) {
   gamma = table.gamma[blockIdx.y];
-  partials += static_cast<int64_t>(blockIdx.y) * 2 * gridDim.x * C;
+  partials += static_cast<int64_t>(blockIdx.y) * terms * gridDim.x * C;
   return (static_cast<int64_t>(blockIdx.y) + 1) * table.rows;
 }
 
@@ -396,29 +406,43 @@ template <typename T, int kPacks>
 constexpr bool dx_in_with_row() {
   return sizeof(T) == 2 && kPacks <= 2;
 }
-template <typename T, int kPacks>
+// A third term, Σ_rows dx (kTerms = 3: the bias before add_bias_layernorm's residual add), takes half as
+// much shared memory again — 72 KB a block at C = 768, 3 blocks an SM — and the launch bounds ask for no
+// more blocks than that leaves room for.
+template <typename T, int kPacks, int kTerms = 2>
 constexpr int fused_blocks_per_sm() {
+  if (kTerms == 3) return kPacks <= 3 ? 3 : 2;
   if (sizeof(T) == 2) return kPacks <= 3 ? 4 : 3;
   return kPacks == 1 ? 4 : (kPacks == 2 ? 3 : 2);
 }
 
-template <typename T, int kPacks>
-__global__ void __launch_bounds__(kWarpsPerBlock * 32, (fused_blocks_per_sm<T, kPacks>()))
+__device__ __forceinline__ void add_float4(float4& s, const float* t) {
+  s = make_float4(s.x + t[0], s.y + t[1], s.z + t[2], s.w + t[3]);
+}
+
+template <typename T, int kPacks, int kTerms>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32, (fused_blocks_per_sm<T, kPacks, kTerms>()))
     layernorm_backward_fused_x8_kernel(T* dx, const T* dx_in, float* partials, const T* dout, const T* x,
                                        GroupTable table, const float* mean, const float* rstd, int C,
                                        bool with_gamma) {
   static_assert(kPacks <= kMaxFusedPacks, "the one pass takes C up to 32 · 8 · kMaxFusedPacks only");
-  KRAKEN_DYNAMIC_SHARED(float, sums);  // kWarpsPerBlock slices of [dgamma terms, dbeta terms], C floats each
+  static_assert(kTerms == 2 || kTerms == 3, "dgamma and dbeta terms, and Σ dx or not");
+  // kWarpsPerBlock slices of [dgamma terms, dbeta terms (, dx)], C floats each
+  KRAKEN_DYNAMIC_SHARED(float, sums);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, packs = C / 8;
   const float* gamma = nullptr;
-  const int64_t end = enter_group(table, gamma, partials, C), first = end - table.rows;
-  float4* dg = reinterpret_cast<float4*>(sums + static_cast<int64_t>(2 * warp) * C);
+  const int64_t end = enter_group(table, gamma, partials, C, kTerms), first = end - table.rows;
+  float4* dg = reinterpret_cast<float4*>(sums + static_cast<int64_t>(kTerms * warp) * C);
   float4* db = dg + 2 * packs;  // (C / 4 float4 a term)
+  float4* ds = db + 2 * packs;  // (kTerms = 3 only)
 #pragma unroll
   for (int p = 0; p < kPacks; ++p) {  // each lane zeroes the slots it alone adds to
     const int P = lane + 32 * p;
     if (P >= packs) break;
-    for (int h = 0; h < 2; ++h) dg[slice_float4(P, h, packs)] = db[slice_float4(P, h, packs)] = make_float4(0, 0, 0, 0);
+    for (int h = 0; h < 2; ++h) {
+      dg[slice_float4(P, h, packs)] = db[slice_float4(P, h, packs)] = make_float4(0, 0, 0, 0);
+      if (kTerms == 3) ds[slice_float4(P, h, packs)] = make_float4(0, 0, 0, 0);
+    }
   }
   for (int k = 0; k < kFusedRowsPerWarp; ++k) {
     const int64_t r = first + static_cast<int64_t>(blockIdx.x) * kFusedRows + k * kWarpsPerBlock + warp;
@@ -453,17 +477,15 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, (fused_blocks_per_sm<T, k
       }
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        float4& sg = dg[slice_float4(P, h, packs)];
-        float4& sb = db[slice_float4(P, h, packs)];
-        sg = make_float4(sg.x + tg[4 * h], sg.y + tg[4 * h + 1], sg.z + tg[4 * h + 2], sg.w + tg[4 * h + 3]);
-        sb = make_float4(sb.x + tb[4 * h], sb.y + tb[4 * h + 1], sb.z + tb[4 * h + 2], sb.w + tb[4 * h + 3]);
+        add_float4(dg[slice_float4(P, h, packs)], tg + 4 * h);
+        add_float4(db[slice_float4(P, h, packs)], tb + 4 * h);
       }
     }
     const float mean_g = warp_sum(sum_g) / static_cast<float>(C);
     const float mean_gx = warp_sum(sum_gx) / static_cast<float>(C);
 #pragma unroll
     for (int p = 0; p < kPacks; ++p) {
-      const int c0 = 8 * (lane + 32 * p);
+      const int P = lane + 32 * p, c0 = 8 * P;
       if (c0 >= C) break;
       float dv[8], xv[8], gm[8], acc[8] = {};
       widen8(d[p], dv);
@@ -477,18 +499,24 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, (fused_blocks_per_sm<T, k
         acc[i] = acc[i] + rs * (g - mean_g - centred * rs * mean_gx);
       }
       store8(dx + r * C + c0, acc);
+      if (kTerms == 3) {  // dx as stored: the column sums of the dx tensor would read these values
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[i] = as_stored(acc[i], dx);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) add_float4(ds[slice_float4(P, h, packs)], acc + 4 * h);
+      }
     }
   }
   __syncthreads();
   for (int c = threadIdx.x; c < C; c += blockDim.x) {
     const int at = 4 * slice_float4(c / 8, (c % 8) / 4, packs) + c % 4;
-    float total_g = 0.0f, total_b = 0.0f;
-    for (int w = 0; w < kWarpsPerBlock; ++w) {
-      total_g += sums[static_cast<int64_t>(2 * w) * C + at];
-      total_b += sums[static_cast<int64_t>(2 * w + 1) * C + at];
-    }
-    partials[static_cast<int64_t>(blockIdx.x) * C + c] = total_g;
-    partials[(static_cast<int64_t>(gridDim.x) + blockIdx.x) * C + c] = total_b;
+    float total[kTerms] = {};
+    for (int w = 0; w < kWarpsPerBlock; ++w)
+#pragma unroll
+      for (int k = 0; k < kTerms; ++k) total[k] += sums[static_cast<int64_t>(kTerms * w + k) * C + at];
+#pragma unroll
+    for (int k = 0; k < kTerms; ++k)
+      partials[(static_cast<int64_t>(k) * gridDim.x + blockIdx.x) * C + c] = total[k];
   }
 }
 
@@ -618,7 +646,7 @@ void add_layernorm_forward(T* s, T* out, float* mean, float* rstd, const T* a, c
   if (all_aligned16({s, out, a, b, gamma, beta}) && with_packs_per_lane(C, [&](auto packs) {
         KRAKEN_KERNEL(row_blocks(rows), kWarpsPerBlock * 32, 0, stream,
                       add_layernorm_forward_x8_kernel<T, decltype(packs)::value>)
-        (s, out, mean, rstd, a, b, gamma, beta, rows, static_cast<int>(C), eps);
+        (s, out, mean, rstd, a, b, static_cast<const T*>(nullptr), gamma, beta, rows, static_cast<int>(C), eps);
       })) {
     KRAKEN_CUDA_LAUNCH_CHECK();
     return;
@@ -628,31 +656,31 @@ void add_layernorm_forward(T* s, T* out, float* mean, float* rstd, const T* a, c
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
 
-// dgamma[g] += totals (where wanted) for the group blockIdx.y of a grouped launch.
+// dgamma[g] += totals (where wanted) for the group blockIdx.y of a grouped launch; with kTerms = 3, dsum[g]
+// = the third total, rounded to T (written: add_bias_layernorm's bias gradient is a new tensor).
+template <typename T, int kTerms>
 struct GroupedParamAccumulate {
   float* dgamma[kMaxGroupsPerLaunch];
   float* dbeta[kMaxGroupsPerLaunch];
-  __device__ __forceinline__ void operator()(int64_t c, const float (&totals)[2]) const {
+  T* dsum[kMaxGroupsPerLaunch];
+  __device__ __forceinline__ void operator()(int64_t c, const float (&totals)[kTerms]) const {
     if (float* g = dgamma[blockIdx.y]) g[c] += totals[0];
     if (float* b = dbeta[blockIdx.y]) b[c] += totals[1];
+    if constexpr (kTerms == 3) {
+      if (T* s = dsum[blockIdx.y]) store(s + c, totals[2]);
+    }
   }
 };
 
-// The one pass (dx, dgamma and dbeta from one read of dout and x) for G groups of `rows` rows each, up to
-// kMaxGroupsPerLaunch a launch; false (nothing launched) where it does not apply: no dx, no parameter
-// gradient, C not a multiple of 8 up to 1024, or a buffer not 16-byte aligned.
-template <typename T>
-bool layernorm_backward_one_pass(T* dx, const T* dx_in, const LayerNormGroupGradients* groups, int64_t G,
-                                 const T* dout, const T* x, const float* mean, const float* rstd, int64_t rows,
-                                 int64_t C, CUstream_st* stream) {
-  bool any_params = false, with_gamma = false, aligned = all_aligned16({dx, dx_in, dout, x});
-  for (int64_t g = 0; g < G; ++g) {
-    any_params = any_params || groups[g].dgamma || groups[g].dbeta;
-    with_gamma = with_gamma || groups[g].dgamma;
-    aligned = aligned && groups[g].gamma && aligned16(groups[g].gamma);
-  }
-  if (!dx || !any_params || !aligned || C > 32 * 8 * kMaxFusedPacks) return false;
-  return with_packs_per_lane(C, [&](auto packs) {
+// The one pass (dx, dgamma and dbeta from one read of dout and x; with dsums, Σ_rows dx too) for G groups
+// of `rows` rows each, up to kMaxGroupsPerLaunch a launch; false (nothing launched) where it does not
+// apply: no dx, nothing to sum, C not a multiple of 8 up to 1024, or a buffer not 16-byte aligned.
+// dsums: null, or G pointers (each (C,) or null).
+template <typename T, int kTerms>
+void launch_one_pass(T* dx, const T* dx_in, const LayerNormGroupGradients* groups, T* const* dsums, int64_t G,
+                     const T* dout, const T* x, const float* mean, const float* rstd, int64_t rows, int64_t C,
+                     bool with_gamma, CUstream_st* stream) {
+  with_packs_per_lane(C, [&](auto packs) {
     constexpr int kPacks = decltype(packs)::value;
     if constexpr (kPacks <= kMaxFusedPacks) {
       const int64_t chunks = (rows + kFusedRows - 1) / kFusedRows;
@@ -660,32 +688,55 @@ bool layernorm_backward_one_pass(T* dx, const T* dx_in, const LayerNormGroupGrad
       for (int64_t g0 = 0; g0 < G; g0 += kMaxGroupsPerLaunch) {
         const int n = static_cast<int>(G - g0 < kMaxGroupsPerLaunch ? G - g0 : kMaxGroupsPerLaunch);
         GroupTable table{};
-        GroupedParamAccumulate apply{};
+        GroupedParamAccumulate<T, kTerms> apply{};
         table.rows = rows;
         for (int k = 0; k < n; ++k) {
           table.gamma[k] = groups[g0 + k].gamma;
           apply.dgamma[k] = groups[g0 + k].dgamma;
           apply.dbeta[k] = groups[g0 + k].dbeta;
+          apply.dsum[k] = dsums ? dsums[g0 + k] : nullptr;
         }
         const int64_t first = g0 * rows * C;
         float* partials = static_cast<float*>(cuda_detail::device_scratch(
-            cuda_detail::ScratchSlot::kColumnSums, sizeof(float) * static_cast<size_t>(2 * n * chunks * C)));
+            cuda_detail::ScratchSlot::kColumnSums, sizeof(float) * static_cast<size_t>(kTerms * n * chunks * C)));
         const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(n));
         T* dx_g = dx + first;
         const T* dx_in_g = dx_in ? dx_in + first : nullptr;
-        const auto kernel = layernorm_backward_fused_x8_kernel<T, kPacks>;
-        const size_t bytes = sizeof(float) * 2 * kWarpsPerBlock * static_cast<size_t>(C);
-        if (bytes > 48 * 1024)  // above the default, asked for per kernel (C > 768)
+        const auto kernel = layernorm_backward_fused_x8_kernel<T, kPacks, kTerms>;
+        const size_t bytes = sizeof(float) * kTerms * kWarpsPerBlock * static_cast<size_t>(C);
+        if (bytes > 48 * 1024)  // above the default, asked for per kernel (C > 768, or Σ dx at C > 512)
           KRAKEN_CUDA_CHECK(
               cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
         KRAKEN_KERNEL(grid, kWarpsPerBlock * 32, bytes, stream, kernel)
         (dx_g, dx_in_g, partials, dout + first, x + first, table, mean + g0 * rows, rstd + g0 * rows,
          static_cast<int>(C), with_gamma);
         KRAKEN_CUDA_LAUNCH_CHECK();
-        cuda_detail::launch_column_totals<2>(partials, chunks, C, apply, stream, n, 2 * chunks * C);
+        cuda_detail::launch_column_totals<kTerms>(partials, chunks, C, apply, stream, n, kTerms * chunks * C);
       }
     }
   });
+}
+
+template <typename T>
+bool layernorm_backward_one_pass(T* dx, const T* dx_in, const LayerNormGroupGradients* groups, T* const* dsums,
+                                 int64_t G, const T* dout, const T* x, const float* mean, const float* rstd,
+                                 int64_t rows, int64_t C, CUstream_st* stream) {
+  bool any_sums = false, with_gamma = false, aligned = all_aligned16({dx, dx_in, dout, x});
+  for (int64_t g = 0; g < G; ++g) {
+    any_sums = any_sums || groups[g].dgamma || groups[g].dbeta || (dsums && dsums[g]);
+    with_gamma = with_gamma || groups[g].dgamma;
+    aligned = aligned && groups[g].gamma && aligned16(groups[g].gamma);
+  }
+  if (!dx || !any_sums || !aligned || C <= 0 || C % 8 != 0 || C > 32 * 8 * kMaxFusedPacks) return false;
+  if (dsums) {
+    if constexpr (sizeof(T) == 2)  // (bf16 alone asks for Σ dx: no f32 kernels compiled for it)
+      launch_one_pass<T, 3>(dx, dx_in, groups, dsums, G, dout, x, mean, rstd, rows, C, with_gamma, stream);
+    else
+      return false;
+  } else {
+    launch_one_pass<T, 2>(dx, dx_in, groups, nullptr, G, dout, x, mean, rstd, rows, C, with_gamma, stream);
+  }
+  return true;
 }
 
 // One group by the kernels that take one gamma: dx alone, then dgamma/dbeta by the column sums.
@@ -723,7 +774,9 @@ void layernorm_backward(T* dx, const T* dx_in, const LayerNormGroupGradients* gr
   // in the forward pass this was: out = x̂·gamma + beta, x̂ = (x − μ)·rstd
   KRAKEN_CHECK(G >= 1, "layernorm backward: ", G, " groups");
   if (rows <= 0) return;
-  if (layernorm_backward_one_pass(dx, dx_in, groups, G, dout, x, mean, rstd, rows, C, stream)) return;
+  if (layernorm_backward_one_pass(dx, dx_in, groups, static_cast<T* const*>(nullptr), G, dout, x, mean, rstd, rows,
+                                  C, stream))
+    return;
   for (int64_t g = 0; g < G; ++g) {
     const int64_t first = g * rows * C;
     layernorm_backward_separately(dx ? dx + first : nullptr, dx && dx_in ? dx_in + first : nullptr, groups[g].dgamma,
@@ -782,6 +835,30 @@ void add_layernorm_forward_bf16_cuda(uint16_t* s, uint16_t* out, float* mean, fl
                                      float eps, CUstream_st* stream) {
   add_layernorm_forward(as_bf16(s), as_bf16(out), mean, rstd, as_bf16(a), as_bf16(b), gamma, beta, rows, C, eps,
                         stream);
+}
+
+bool add_bias_layernorm_forward_bf16_cuda(uint16_t* s, uint16_t* out, float* mean, float* rstd, const uint16_t* a,
+                                          const uint16_t* b, const uint16_t* bias, const float* gamma,
+                                          const float* beta, int64_t rows, int64_t C, float eps, CUstream_st* stream) {
+  if (rows <= 0 || !bias || !gamma || !all_aligned16({s, out, a, b, bias, gamma, beta})) return false;
+  return with_packs_per_lane(C, [&](auto packs) {
+    KRAKEN_KERNEL(row_blocks(rows), kWarpsPerBlock * 32, 0, stream,
+                  add_layernorm_forward_x8_kernel<__nv_bfloat16, decltype(packs)::value>)
+    (as_bf16(s), as_bf16(out), mean, rstd, as_bf16(a), as_bf16(b), as_bf16(bias), gamma, beta, rows,
+     static_cast<int>(C), eps);
+    KRAKEN_CUDA_LAUNCH_CHECK();
+  });
+}
+
+bool layernorm_backward_summing_dx_bf16_cuda(uint16_t* dx, const uint16_t* dx_in, float* dgamma, float* dbeta,
+                                             uint16_t* dx_sums, const uint16_t* dout, const uint16_t* x,
+                                             const float* gamma, const float* mean, const float* rstd, int64_t rows,
+                                             int64_t C, CUstream_st* stream) {
+  if (rows <= 0 || !dx_sums || !aligned16(dx_sums)) return false;
+  const LayerNormGroupGradients one{gamma, dgamma, dbeta};
+  __nv_bfloat16* const sums[1] = {as_bf16(dx_sums)};
+  return layernorm_backward_one_pass(as_bf16(dx), as_bf16(dx_in), &one, sums, 1, as_bf16(dout), as_bf16(x), mean,
+                                     rstd, rows, C, stream);
 }
 
 bool residual_fork_summed_layernorm_bf16_cuda(uint16_t* a, uint16_t* m, uint16_t* out, float* mean, float* rstd,

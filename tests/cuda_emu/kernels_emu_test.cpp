@@ -767,6 +767,97 @@ TEST(CudaEmulation, SummedForkWithLayerNormIsTheForkThenTheLayerNormBitForBit) {
   under_both_schedules(check_summed_fork_layernorm);
 }
 
+// The product's bias taken into the LayerNorm after the residual add (ops::add_bias_layernorm). Forward:
+// the bits of the three kernels it replaces (broadcast add of the bias, the add, the LayerNorm). Backward:
+// dx, dgamma and dbeta the bits of the plain one-pass backward (the third sum changes neither), and Σ_rows
+// dx — in the LayerNorm's row order, not sum_rows's — within an f32 sum's error and one bf16 rounding of
+// the exact sum of the stored dx (a sum of dout or of dx_in is far outside that).
+// (45, 504), (33, 768): the presets' C (2 and 3 packs a lane; 33 rows: two chunks, the last of one row);
+// (70, 1024): 4 packs, the most the one pass takes; (9, 136): lanes without a pack.
+void check_add_bias_layernorm() {
+  for (const auto& [rows, C] : {std::pair<int64_t, int64_t>{45, 504}, std::pair<int64_t, int64_t>{33, 768},
+                                std::pair<int64_t, int64_t>{70, 1024}, std::pair<int64_t, int64_t>{9, 136}}) {
+    const std::string what = " (" + std::to_string(rows) + " × " + std::to_string(C) + ")";
+    const size_t n = static_cast<size_t>(rows * C);
+    const std::vector<uint16_t> a = to_bf16(normal(n, 81, 2.0f)), b = to_bf16(normal(n, 82));
+    const std::vector<uint16_t> bias = to_bf16(normal(static_cast<size_t>(C), 83));
+    const std::vector<float> gamma = normal(static_cast<size_t>(C), 84), beta = normal(static_cast<size_t>(C), 85);
+    std::vector<uint16_t> s(n), out(n), b_biased(n), s_want(n), out_want(n);
+    std::vector<float> mean(static_cast<size_t>(rows)), rstd(mean.size()), mean_want(mean.size()),
+        rstd_want(mean.size());
+    ASSERT_TRUE(emu::add_bias_layernorm_forward_bf16_cuda(s.data(), out.data(), mean.data(), rstd.data(), a.data(),
+                                                          b.data(), bias.data(), gamma.data(), beta.data(), rows, C,
+                                                          1e-5f, nullptr))
+        << what;
+    emu::add_broadcast_bf16_cuda(b_biased.data(), b.data(), bias.data(), rows, C, nullptr);
+    emu::add_bf16_cuda(s_want.data(), a.data(), b_biased.data(), static_cast<int64_t>(n), nullptr);
+    emu::layernorm_forward_bf16_cuda(out_want.data(), mean_want.data(), rstd_want.data(), s_want.data(), gamma.data(),
+                                     beta.data(), rows, C, 1e-5f, nullptr);
+    EXPECT_EQ(s, s_want) << "s = a + (b + bias)" << what;
+    EXPECT_EQ(out, out_want) << "layernorm(s)" << what;
+    EXPECT_EQ(mean, mean_want) << "mean" << what;
+    EXPECT_EQ(rstd, rstd_want) << "rstd" << what;
+
+    const std::vector<uint16_t> dout = to_bf16(normal(n, 86)), ds = to_bf16(normal(n, 87));
+    for (const bool with_params : {true, false}) {
+      const std::string how = what + (with_params ? "" : ", no dgamma or dbeta");
+      std::vector<uint16_t> dx(n, 0x7fc0), dx_want(n, 0x7fc0), dbias(static_cast<size_t>(C), 0x7fc0);
+      std::vector<float> dgamma(static_cast<size_t>(C), 0.5f), dbeta(dgamma.size(), -0.25f);
+      std::vector<float> dgamma_want = dgamma, dbeta_want = dbeta;
+      ASSERT_TRUE(emu::layernorm_backward_summing_dx_bf16_cuda(
+          dx.data(), ds.data(), with_params ? dgamma.data() : nullptr, with_params ? dbeta.data() : nullptr,
+          dbias.data(), dout.data(), s.data(), gamma.data(), mean.data(), rstd.data(), rows, C, nullptr))
+          << how;
+      // The plain backward's bits: a one-pass one needs a parameter's gradient to take, so it is always asked
+      // for dbeta here and the run without parameters compares dx alone.
+      emu::layernorm_backward_bf16_cuda(dx_want.data(), ds.data(), dgamma_want.data(), dbeta_want.data(), dout.data(),
+                                        s.data(), gamma.data(), mean.data(), rstd.data(), rows, C, nullptr);
+      EXPECT_EQ(dx, dx_want) << "dx" << how;
+      if (with_params) {
+        EXPECT_EQ(dgamma, dgamma_want) << "dgamma" << how;
+        EXPECT_EQ(dbeta, dbeta_want) << "dbeta" << how;
+      } else {
+        EXPECT_EQ(dgamma, std::vector<float>(dgamma.size(), 0.5f)) << "dgamma not asked for" << how;
+      }
+      const std::vector<float> dx_f = to_f32(dx), dbias_f = to_f32(dbias);
+      int off_by_more = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        double exact = 0.0, scale = 0.0;
+        for (int64_t r = 0; r < rows; ++r) {
+          exact += dx_f[static_cast<size_t>(r * C + c)];
+          scale += std::fabs(dx_f[static_cast<size_t>(r * C + c)]);
+        }
+        // An f32 sum of `rows` terms in any order (rows · 2⁻²⁴ of their absolute sum), then one rounding to
+        // bf16 (2⁻⁸ of the result at most)
+        const double bound = std::ldexp(std::fabs(exact), -8) + static_cast<double>(rows) * std::ldexp(scale, -24);
+        if (std::fabs(dbias_f[static_cast<size_t>(c)] - exact) > bound) ++off_by_more;
+      }
+      EXPECT_EQ(off_by_more, 0) << "columns of Σ dx beyond one rounding of the exact sum" << how;
+    }
+  }
+  // Declined, nothing written: C not a multiple of 8, C above 1024 (backward), a misaligned bias.
+  const std::vector<uint16_t> x = to_bf16(normal(8 * 1032, 88));
+  const std::vector<float> gamma = normal(1032, 89), stats_in(8, 1.0f);
+  std::vector<uint16_t> untouched(x.size(), 0x7fff), sums(1032, 0x7fff);
+  std::vector<float> stats(8, -1.0f);
+  EXPECT_FALSE(emu::add_bias_layernorm_forward_bf16_cuda(untouched.data(), untouched.data(), stats.data(), stats.data(),
+                                                         x.data(), x.data(), x.data(), gamma.data(), nullptr, 8, 100,
+                                                         1e-5f, nullptr));
+  EXPECT_FALSE(emu::add_bias_layernorm_forward_bf16_cuda(untouched.data(), untouched.data(), stats.data(), stats.data(),
+                                                         x.data(), x.data(), x.data() + 1, gamma.data(), nullptr, 8,
+                                                         128, 1e-5f, nullptr));
+  EXPECT_FALSE(emu::layernorm_backward_summing_dx_bf16_cuda(untouched.data(), nullptr, nullptr, nullptr, sums.data(),
+                                                            x.data(), x.data(), gamma.data(), stats_in.data(),
+                                                            stats_in.data(), 8, 1032, nullptr));
+  EXPECT_EQ(untouched, std::vector<uint16_t>(x.size(), 0x7fff)) << "a declined call wrote something";
+  EXPECT_EQ(sums, std::vector<uint16_t>(1032, 0x7fff)) << "a declined call wrote Σ dx";
+  EXPECT_EQ(stats, std::vector<float>(8, -1.0f)) << "a declined call wrote row statistics";
+}
+
+TEST(CudaEmulation, AddBiasLayerNormIsTheChainsBitsAndSumsTheStoredDx) {
+  under_both_schedules(check_add_bias_layernorm);
+}
+
 void check_casts_and_accumulate() {
   for (const int64_t n : {int64_t{1001}, int64_t{1024}}) {  // scalar, then 8 elements per access
     const std::string what = " (n = " + std::to_string(n) + ")";
