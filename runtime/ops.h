@@ -137,6 +137,14 @@ std::vector<Tensor> add_layernorm(const Tensor& a, const Tensor& b, const Tensor
                                   float eps = 1e-5f);
 std::vector<Tensor> add_layernorm(const Tensor& a, const Tensor& b, const std::vector<Tensor>& gammas,
                                   const std::vector<Tensor>& betas, float eps = 1e-5f);
+// The residual add with a bias on its second term, and the LayerNorm after it: {s, layernorm(s)} with
+// s = a + (b + bias), bias (C,) over every row (in bf16, b + bias rounded before the add) — a product's
+// bias taken out of its epilogue (GPT-2's attention and MLP projections). In bf16 on a GPU one kernel
+// forward, and backward the bias's gradient Σ_rows ds summed in the LayerNorm backward's pass over ds
+// (kernels/layernorm.h), where the product's backward read ds again for it; else add, add, layernorm
+// (the same forward bits; the bias's gradient summed in another order). An undefined bias: add_layernorm.
+std::vector<Tensor> add_bias_layernorm(const Tensor& a, const Tensor& b, const Tensor& bias, const Tensor& gamma,
+                                       const Tensor& beta, float eps = 1e-5f);
 // The Kraken layer's fork and LN2 where its sub-layers share a GPU: {a, layernorm(m)} for {a, m} =
 // residual_fork_summed(x, y), group g normalised with gammas[g], betas[g]. In bf16 on a GPU for 2 to 8
 // groups (C a multiple of 8 up to 2048) one kernel forward — LN2 normalises m as it is made, where it read

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "kernels/elementwise.h"
 #include "kernels/error.h"
 #include "runtime/autograd.h"
 #include "runtime/dispatch.h"
@@ -98,8 +99,11 @@ Saved save(const Tensor& x_saved, const Affine& p, const Tensor& mean, const Ten
 // undefined, or dx itself) is the gradient that reaches x by other paths — the residual stream of the
 // fused op, or what x's later consumers have sent (runtime::take_gradient_so_far) — added by the kernel
 // in its pass; dx is only written. A parameter that is a leaf gets its gradient added into its .grad by
-// the kernel and an undefined entry here; any other a new f32 tensor.
-std::vector<Tensor> layernorm_backward(const Saved& s, const Tensor& dout, Tensor dx, const Tensor& dx_in) {
+// the kernel and an undefined entry here; any other a new f32 tensor. dx_sums (bf16 (C,), one group, dx
+// defined), if given, is written with Σ_rows dx: add_bias_layernorm's bias gradient, on a GPU from the
+// same pass where the kernels allow.
+std::vector<Tensor> layernorm_backward(const Saved& s, const Tensor& dout, Tensor dx, const Tensor& dx_in,
+                                       Tensor dx_sums = Tensor()) {
   // in the forward pass this was: out = (x − μ)·rstd·gamma + beta, per block of rows
   const Device device = dout.device();
   const size_t G = s.gamma_needs.size();
@@ -129,6 +133,19 @@ std::vector<Tensor> layernorm_backward(const Saved& s, const Tensor& dout, Tenso
   std::vector<Tensor> grads{dx};
   grads.insert(grads.end(), returned_gammas.begin(), returned_gammas.end());
   grads.insert(grads.end(), returned_betas.begin(), returned_betas.end());
+  if (device.is_cuda() && dx_sums.defined()) {
+    KRAKEN_CHECK(G == 1 && dx.defined() && dout.dtype() == DType::BF16 && dx_sums.dtype() == DType::BF16 &&
+                     dx_sums.numel() == C,
+                 "layernorm backward: Σ dx for ", dx_sums.describe(), " with ", G, " groups of ", dout.describe());
+    bool summed = false;
+    KRAKEN_CUDA_ONLY(device, summed = kernels::layernorm_backward_summing_dx_bf16_cuda(
+                                 dx.data<uint16_t>(), dx_in.defined() ? dx_in.data<uint16_t>() : nullptr,
+                                 s.gamma_needs[0] ? dgammas[0].data<float>() : nullptr,
+                                 s.beta_needs[0] ? dbetas[0].data<float>() : nullptr, dx_sums.data<uint16_t>(),
+                                 dout.data<uint16_t>(), s.x.data<uint16_t>(), s.gammas[0].data<float>(),
+                                 s.mean.data<float>(), s.rstd.data<float>(), rows, C, stream_of(dout)));
+    if (summed) return grads;
+  }
   if (device.is_cuda()) {  // every block in one call (one launch where the kernels allow)
     std::vector<kernels::LayerNormGroupGradients> groups(G);
     for (size_t g = 0; g < G; ++g)
@@ -148,8 +165,14 @@ std::vector<Tensor> layernorm_backward(const Saved& s, const Tensor& dout, Tenso
                                    dx.defined() && dx_in.defined() ? dx_in.data<float>() : nullptr, groups.data(),
                                    n_groups, dout.data<float>(), s.x.defined() ? s.x.data<float>() : nullptr,
                                    s.mean.data<float>(), s.rstd.data<float>(), rows, C, stream_of(dout)));
+    if (dx_sums.defined()) {  // (the one pass declined: its own column sums)
+      dx_sums.zero_();
+      KRAKEN_CUDA_ONLY(device, kernels::sum_rows_bf16_cuda(dx_sums.data<uint16_t>(), dx.data<uint16_t>(), rows, C,
+                                                           stream_of(dout)));
+    }
     return grads;
   }
+  KRAKEN_CHECK(!dx_sums.defined(), "layernorm backward: Σ dx is for bf16 on a GPU (elsewhere the ops' chain)");
   KRAKEN_CHECK(dout.dtype() == DType::F32, "layernorm backward on the CPU: ", dout.describe(),
                " (a bf16 forward widens its input there)");
   for (size_t g = 0; g < G; ++g) {
@@ -317,6 +340,54 @@ std::vector<Tensor> add_layernorm(const Tensor& a, const Tensor& b, const Tensor
 std::vector<Tensor> add_layernorm(const Tensor& a, const Tensor& b, const std::vector<Tensor>& gammas,
                                   const std::vector<Tensor>& betas, float eps) {
   return add_layernorm_affine(a, b, Affine{gammas, betas.empty() ? std::vector<Tensor>(gammas.size()) : betas}, eps);
+}
+
+std::vector<Tensor> add_bias_layernorm(const Tensor& a, const Tensor& b, const Tensor& bias, const Tensor& gamma,
+                                       const Tensor& beta, float eps) {
+  const Affine p{{gamma}, {beta}};
+  if (!bias.defined()) return add_layernorm_affine(a, b, p, eps);
+  auto chain = [&] {  // the reference, and wherever the kernels decline (which also names what is wrong)
+    const Tensor s = add(a, add(b, bias));
+    return std::vector<Tensor>{s, layernorm_affine(s, p, eps)};
+  };
+  if (a.dtype() != DType::BF16 || b.dtype() != DType::BF16 || bias.dtype() != DType::BF16 || !a.device().is_cuda() ||
+      a.device() != b.device() || a.device() != bias.device() || a.shape() != b.shape() || a.dim() < 1 ||
+      bias.shape() != Shape{a.size(-1)})
+    return chain();
+  const int64_t C = check_layernorm("add_bias_layernorm", a, p, eps), rows = a.numel() / C;
+  const std::vector<Tensor> inputs = with_params({a, b, bias}, p);
+  const bool record_grad = needs_grad(inputs);
+  Tensor s = Tensor::empty(a.shape(), DType::BF16, a.device()), out = Tensor::empty(a.shape(), DType::BF16, a.device());
+  Tensor mean = record_grad ? Tensor::empty({rows}, DType::F32, a.device()) : Tensor();
+  Tensor rstd = record_grad ? Tensor::empty({rows}, DType::F32, a.device()) : Tensor();
+  bool fused = false;
+  KRAKEN_CUDA_ONLY(a.device(), fused = kernels::add_bias_layernorm_forward_bf16_cuda(
+                                   s.data<uint16_t>(), out.data<uint16_t>(),
+                                   mean.defined() ? mean.data<float>() : nullptr,
+                                   rstd.defined() ? rstd.data<float>() : nullptr, a.data<uint16_t>(),
+                                   b.data<uint16_t>(), bias.data<uint16_t>(), gamma.data<float>(),
+                                   beta.defined() ? beta.data<float>() : nullptr, rows, C, eps, stream_of(a)));
+  if (!fused) return chain();  // (nothing written)
+  if (record_grad) {
+    const bool bias_needs = bias.requires_grad();
+    const Saved saved = save(s.detach(), p, mean, rstd, rows, C,
+                             a.requires_grad() || b.requires_grad() || bias_needs);
+    record("add_bias_layernorm", inputs, {s, out}, [saved, bias_needs](const std::vector<Tensor>& g) {
+      // in the forward pass this was: s = a + (b + bias), out = layernorm(s)
+      const Tensor& ds = g[0];
+      const Tensor& dout = g[1];
+      // dx = ds + the normalisation's gradient, as add_layernorm's; the bias's gradient Σ_rows dx from the
+      // same pass
+      Tensor dx = !saved.x_needs        ? Tensor()
+                  : writable_in_place(ds) ? ds
+                                          : Tensor::empty(ds.shape(), ds.dtype(), ds.device());
+      Tensor dbias = bias_needs ? Tensor::empty({saved.C}, DType::BF16, ds.device()) : Tensor();
+      std::vector<Tensor> grads = layernorm_backward(saved, dout, dx, ds, dbias);
+      grads.insert(grads.begin() + 1, {grads[0], dbias});  // da = db = dx, then dbias
+      return grads;
+    });
+  }
+  return {s, out};
 }
 
 std::vector<Tensor> residual_fork_summed_layernorm(const Tensor& x, const Tensor& y, const std::vector<Tensor>& gammas,

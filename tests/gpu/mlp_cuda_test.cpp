@@ -206,6 +206,47 @@ TEST(GpuResidualFork, SummedWithLayerNormIsTheTwoOpsBitForBit) {
   }
 }
 
+// A product's bias taken into the LayerNorm after the residual add (ops::add_bias_layernorm) against its
+// chain, add(a, add(b, bias)) then layernorm, on the same GPU: s, the output and the gradients of a, b,
+// gamma and beta bit for bit (the kernels' arithmetic is the chain's); the bias's gradient, summed in the
+// LayerNorm backward's pass in another order, within one bf16 ulp of each column and 10⁻⁵ of the scale.
+// 4 × 1024 rows of C = 768 (GPT-2's; a gradient reaching s from the residual stream too) and of 504, and
+// C = 1032, where the backward's one pass declines and the column sums take the bias's gradient.
+TEST(GpuAddBiasLayerNorm, IsTheChainsBitsAndItsBiasGradientWithinRounding) {
+  KRAKEN_REQUIRE_GPU();  // (in the dry run on the CPU both sides are the chain)
+  for (const int64_t C : {768, 504, 1032}) {
+    const std::string what = "(4, 1024, " + std::to_string(C) + ")";
+    const Tensor weights_s = random_tensor({4, 1024, C}, 151).to(test_device());
+    const Tensor weights_out = random_tensor({4, 1024, C}, 152).to(test_device());
+    std::vector<std::vector<Tensor>> outputs, grads;
+    for (const bool fused : {true, false}) {
+      const Tensor a = to_test_device(bf16_leaf({4, 1024, C}, 153, 2.0f)), b = to_test_device(bf16_leaf({4, 1024, C}, 154));
+      const Tensor bias = to_test_device(bf16_leaf({C}, 155, 0.5f));
+      Tensor gamma = random_tensor({C}, 156, 0.5f).to(test_device()), beta = random_tensor({C}, 157, 0.5f).to(test_device());
+      gamma.set_requires_grad(true);
+      beta.set_requires_grad(true);
+      std::vector<Tensor> s_out;
+      if (fused) {
+        s_out = ops::add_bias_layernorm(a, b, bias, gamma, beta);
+      } else {
+        const Tensor s = ops::add(a, ops::add(b, bias));
+        s_out = {s, ops::layernorm(s, gamma, beta)};
+      }
+      runtime::backward(ops::add(ops::sum(ops::mul(ops::cast(s_out[0], DType::F32), weights_s)),
+                                 ops::sum(ops::mul(ops::cast(s_out[1], DType::F32), weights_out))));
+      outputs.push_back({s_out[0].to(DType::F32), s_out[1].to(DType::F32)});
+      grads.push_back({a.grad().to(DType::F32), b.grad().to(DType::F32), gamma.grad().to(DType::F32),
+                       beta.grad().to(DType::F32), bias.grad().to(DType::F32)});
+    }
+    expect_close(outputs[0][0], outputs[1][0], 0.0, "s = a + (b + bias), " + what);
+    expect_close(outputs[0][1], outputs[1][1], 0.0, "layernorm(s), " + what);
+    const char* names[] = {"da", "db", "dgamma", "dbeta"};
+    for (size_t k = 0; k < 4; ++k) expect_close(grads[0][k], grads[1][k], 0.0, std::string(names[k]) + ", " + what);
+    testing::expect_within_ulp(grads[0][4].to_vector(), grads[1][4].to_vector(), testing::kOneBf16Ulp,
+                               1e-5, "dbias, " + what);
+  }
+}
+
 // Output and gradients of one run at `fusion` on the test device.
 struct DeviceRun {
   Tensor out;

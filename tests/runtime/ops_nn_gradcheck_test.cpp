@@ -69,6 +69,18 @@ TEST(GradCheck, AddLayerNormNormalisedOutputOnly) {
                          {random_leaf({4, 6}, 46), random_leaf({4, 6}, 47), gamma_leaf(6, 48)});
 }
 
+TEST(GradCheck, AddBiasLayerNormThroughBothOutputs) {
+  // GPT-2's s = a + (b + bias) with the projection's bias taken into the LayerNorm (f32 here; the GPU's
+  // bf16 kernels are held to the chain's bits in tests/gpu/mlp_cuda_test.cpp), both outputs weighted.
+  expect_gradients_match(
+      [](const auto& in) {
+        std::vector<Tensor> s_h = ops::add_bias_layernorm(in[0], in[1], in[2], in[3], in[4]);
+        return ops::add(ops::scale(s_h[0], 0.7f), s_h[1]);
+      },
+      {random_leaf({3, 5, 8}, 56), random_leaf({3, 5, 8}, 57), random_leaf({8}, 58, 0.5f), gamma_leaf(8, 59),
+       random_leaf({8}, 60, 0.5f)});
+}
+
 TEST(GradCheck, EmbeddingWeightWithRepeatedIds) {
   // id 1 appears three times and 3 twice, so the backward's accumulation is exercised; id 2 never.
   const Tensor ids = Tensor::from_ints({1, 3, 1, 4, 1, 0, 3, 4}, {2, 4});
