@@ -234,128 +234,149 @@ TEST(CudaEmulation, GroupedMmaSyncAttentionIsEachGroupsOwn) {
 
 // ---- layernorm ------------------------------------------------------------------------------------
 
-void check_layernorm() {
-  // Rows not a multiple of 8 (rows per block) nor of 64 (dgamma/dbeta's row groups); 600 rows take the
-  // dgamma/dbeta loop's 8-row unrolled part (8 · 64 rows at a time) and its remainder.
-  // dgamma/dbeta: (70, 256), (1100, 136) and (9, 776) are summed in the dx pass (3, 35 and 1 row chunks
-  // of 32, the last partial; 1, 1 and 4 packs per lane), (70, 2048) by the two-pass column sums (8
-  // packs per lane, too many to keep the sums beside the row), (600, 100) (C not a multiple of 8) and
-  // (5, 2056) (fewer rows than the column sums' row groups) by the one-pass kernel.
-  // Forward and dx: C a multiple of 8 up to 2048 takes the register-resident 8-wide kernels (C = 256: one
-  // pack per lane; 136: 17 packs, lanes without one; 776: 97 packs, 4 per lane, the last partial; 2048:
-  // 8 per lane), 100 and 2056 the element-wise ones. (45, 504) and (33, 768): the benchmark presets' C,
-  // 2 and 3 packs per lane in the one-pass backward.
-  for (const auto& [rows, C] :
-       {std::pair<int64_t, int64_t>{70, 256}, std::pair<int64_t, int64_t>{1100, 136},
-        std::pair<int64_t, int64_t>{600, 100}, std::pair<int64_t, int64_t>{9, 776},
-        std::pair<int64_t, int64_t>{70, 2048}, std::pair<int64_t, int64_t>{5, 2056},
-        std::pair<int64_t, int64_t>{45, 504}, std::pair<int64_t, int64_t>{33, 768}}) {
-    const std::string what = "emulated bf16 layernorm (" + std::to_string(rows) + ", " + std::to_string(C) + ")";
-    const size_t n = static_cast<size_t>(rows * C);
-    const std::vector<uint16_t> x = to_bf16(normal(n, 3, 2.0f)), dout = to_bf16(normal(n, 4));
-    const std::vector<uint16_t> dx0 = to_bf16(normal(n, 5));
-    const std::vector<float> gamma = normal(static_cast<size_t>(C), 6), beta = normal(static_cast<size_t>(C), 7);
-    std::vector<uint16_t> out(n), dx = dx0;
-    std::vector<float> mean(static_cast<size_t>(rows)), rstd(static_cast<size_t>(rows));
-    std::vector<float> dgamma(static_cast<size_t>(C), 0.5f), dbeta(static_cast<size_t>(C), -0.25f);
-    emu::layernorm_forward_bf16_cuda(out.data(), mean.data(), rstd.data(), x.data(), gamma.data(), beta.data(), rows,
-                                     C, 1e-5f, nullptr);
-    emu::layernorm_backward_bf16_cuda(dx.data(), dx.data(), dgamma.data(), dbeta.data(), dout.data(), x.data(),
-                                      gamma.data(), mean.data(), rstd.data(), rows, C, nullptr);
-    const std::vector<float> x_f = to_f32(x), dout_f = to_f32(dout);
-    std::vector<float> out_cpu(n), mean_cpu(mean.size()), rstd_cpu(rstd.size()), dx_cpu = to_f32(dx0);
-    std::vector<float> dgamma_cpu(dgamma.size(), 0.5f), dbeta_cpu(dbeta.size(), -0.25f);
-    kernels::layernorm_forward_cpu(out_cpu.data(), mean_cpu.data(), rstd_cpu.data(), x_f.data(), gamma.data(),
-                                   beta.data(), rows, C, 1e-5f);
-    kernels::layernorm_backward_cpu(dx_cpu.data(), dx_cpu.data(), dgamma_cpu.data(), dbeta_cpu.data(), dout_f.data(),
-                                    x_f.data(), gamma.data(), mean_cpu.data(), rstd_cpu.data(), rows, C);
-    expect_close(to_f32(out), out_cpu, 1e-5, true, what + ": out");
-    expect_close(mean, mean_cpu, 1e-5, false, what + ": mean");
-    expect_close(rstd, rstd_cpu, 1e-5, false, what + ": rstd");
-    expect_close(to_f32(dx), dx_cpu, 1e-5, true, what + ": dx +=");
-    expect_close(dgamma, dgamma_cpu, 1e-5, false, what + ": dgamma +=");
-    expect_close(dbeta, dbeta_cpu, 1e-5, false, what + ": dbeta +=");
+void check_layernorm(int64_t rows, int64_t C);
 
-    // The f32 kernels (the same templates on float), and dbeta without dgamma.
-    std::vector<float> dx32 = to_f32(dx0), dbeta32(dbeta.size(), -0.25f), dx32_cpu = to_f32(dx0);
-    std::vector<float> dbeta32_cpu(dbeta.size(), -0.25f), dgamma_unused(dgamma.size(), 0.5f);
-    emu::layernorm_backward_cuda(dx32.data(), dx32.data(), nullptr, dbeta32.data(), dout_f.data(), x_f.data(),
-                                 gamma.data(), mean_cpu.data(), rstd_cpu.data(), rows, C, nullptr);
-    kernels::layernorm_backward_cpu(dx32_cpu.data(), dx32_cpu.data(), dgamma_unused.data(), dbeta32_cpu.data(),
-                                    dout_f.data(), x_f.data(), gamma.data(), mean_cpu.data(), rstd_cpu.data(), rows, C);
-    expect_close(dx32, dx32_cpu, 1e-5, false, what + ": f32 dx +=");
-    expect_close(dbeta32, dbeta32_cpu, 1e-5, false, what + ": f32 dbeta += (no dgamma)");
-
-    // dx = dx_in + … from another buffer, and with no dx_in at all: dx starts as NaNs, so a kernel that
-    // read it would show. With and without the parameters' sums (the fused and the dx-only kernels).
-    const float nan = std::numeric_limits<float>::quiet_NaN();
-    for (const bool params : {true, false}) {
-      for (const bool with_in : {true, false}) {
-        const std::vector<float> dx_in = to_f32(dx0);
-        std::vector<float> dx_new(n, nan), dx_ref(n, 0.0f), g_unused(dgamma.size(), 0.0f), b_unused = g_unused;
-        std::vector<uint16_t> dx16_new(n, uint16_t{0x7fc0});
-        emu::layernorm_backward_cuda(dx_new.data(), with_in ? dx_in.data() : nullptr, params ? g_unused.data() : nullptr,
-                                     params ? b_unused.data() : nullptr, dout_f.data(), x_f.data(), gamma.data(),
-                                     mean_cpu.data(), rstd_cpu.data(), rows, C, nullptr);
-        emu::layernorm_backward_bf16_cuda(dx16_new.data(), with_in ? dx0.data() : nullptr,
-                                          params ? g_unused.data() : nullptr, params ? b_unused.data() : nullptr,
-                                          dout.data(), x.data(), gamma.data(), mean_cpu.data(), rstd_cpu.data(), rows,
-                                          C, nullptr);
-        kernels::layernorm_backward_cpu(dx_ref.data(), with_in ? dx_in.data() : nullptr, nullptr, nullptr,
-                                        dout_f.data(), x_f.data(), gamma.data(), mean_cpu.data(), rstd_cpu.data(),
-                                        rows, C);
-        const std::string how = std::string(with_in ? ": dx = dx_in + …" : ": dx = … (no dx_in)") +
-                                (params ? "" : ", no dgamma/dbeta");
-        expect_close(dx_new, dx_ref, 1e-5, false, what + how + " (f32)");
-        expect_close(to_f32(dx16_new), dx_ref, 1e-5, true, what + how + " (bf16)");
-      }
-    }
-
-    // The one pass with dgamma and dbeta accumulating onto non-zero values — with dx_in from another
-    // buffer, and with neither dx_in nor dgamma — bf16 and f32, dx starting as NaNs. Up to 100 rows (2 or
-    // 3 chunks of 32, the last partial): (1100, 136)'s one pass is checked above, and shapes the one pass
-    // does not take are the same kernels as there.
-    for (const auto& [with_in, with_gamma] : {std::pair<bool, bool>{true, true}, std::pair<bool, bool>{false, false}}) {
-      if (rows > 100) break;
-      const std::string how = what + (with_in ? ", dx_in" : ", no dx_in") + (with_gamma ? "" : ", dbeta alone");
-      const std::vector<float> din32 = to_f32(dx0);
-      std::vector<uint16_t> dx16_new(n, uint16_t{0x7fc0});
-      std::vector<float> dx32_new(n, nan), dx_ref(n, 0.0f);
-      std::vector<float> g16(dgamma.size(), 0.5f), b16(dbeta.size(), -0.25f);
-      std::vector<float> g32 = g16, b32 = b16, g_ref = g16, b_ref = b16;
-      emu::layernorm_backward_bf16_cuda(dx16_new.data(), with_in ? dx0.data() : nullptr,
-                                        with_gamma ? g16.data() : nullptr, b16.data(), dout.data(), x.data(),
-                                        gamma.data(), mean_cpu.data(), rstd_cpu.data(), rows, C, nullptr);
-      emu::layernorm_backward_cuda(dx32_new.data(), with_in ? din32.data() : nullptr, with_gamma ? g32.data() : nullptr,
-                                   b32.data(), dout_f.data(), x_f.data(), gamma.data(), mean_cpu.data(),
-                                   rstd_cpu.data(), rows, C, nullptr);
-      kernels::layernorm_backward_cpu(dx_ref.data(), with_in ? din32.data() : nullptr,
-                                      with_gamma ? g_ref.data() : nullptr, b_ref.data(), dout_f.data(), x_f.data(),
-                                      gamma.data(), mean_cpu.data(), rstd_cpu.data(), rows, C);
-      expect_close(to_f32(dx16_new), dx_ref, 1e-5, true, how + ": bf16 dx");
-      expect_close(g16, g_ref, 1e-5, false, how + ": bf16 dgamma");
-      expect_close(b16, b_ref, 1e-5, false, how + ": bf16 dbeta");
-      expect_close(dx32_new, dx_ref, 1e-5, false, how + ": f32 dx");
-      expect_close(g32, g_ref, 1e-5, false, how + ": f32 dgamma");
-      expect_close(b32, b_ref, 1e-5, false, how + ": f32 dbeta");
-    }
-
-    // The residual add fused into the LayerNorm after it: s = a + b rounded once, then s normalised.
-    std::vector<uint16_t> s_sum(n), out_fused(n);
-    emu::add_layernorm_forward_bf16_cuda(s_sum.data(), out_fused.data(), mean.data(), rstd.data(), x.data(),
-                                         dout.data(), gamma.data(), beta.data(), rows, C, 1e-5f, nullptr);
-    std::vector<float> sum_f(n);
-    for (size_t i = 0; i < n; ++i) sum_f[i] = x_f[i] + dout_f[i];
-    const std::vector<uint16_t> s_cpu = to_bf16(sum_f);
-    EXPECT_EQ(s_sum, s_cpu) << what << ": fused add, s is not a + b rounded once";
-    kernels::layernorm_forward_cpu(out_cpu.data(), mean_cpu.data(), rstd_cpu.data(), to_f32(s_cpu).data(),
-                                   gamma.data(), beta.data(), rows, C, 1e-5f);
-    expect_close(to_f32(out_fused), out_cpu, 1e-5, true, what + ": fused add, out");
-    expect_close(rstd, rstd_cpu, 1e-5, false, what + ": fused add, rstd");
-  }
+// One shape at a time, in four tests of about equal work (the AddressSanitizer copy of all eight shapes in
+// one test took 716 s on a 2-core machine like CI's, over its ctest's 600-second limit).
+// Rows not a multiple of 8 (rows per block) nor of 64 (dgamma/dbeta's row groups); 600 rows take the
+// dgamma/dbeta loop's 8-row unrolled part (8 · 64 rows at a time) and its remainder.
+// dgamma/dbeta: (70, 256), (1100, 136) and (9, 776) are summed in the dx pass (3, 35 and 1 row chunks
+// of 32, the last partial; 1, 1 and 4 packs per lane), (70, 2048) by the two-pass column sums (8
+// packs per lane, too many to keep the sums beside the row), (600, 100) (C not a multiple of 8) and
+// (5, 2056) (fewer rows than the column sums' row groups) by the one-pass kernel.
+// Forward and dx: C a multiple of 8 up to 2048 takes the register-resident 8-wide kernels (C = 256: one
+// pack per lane; 136: 17 packs, lanes without one; 776: 97 packs, 4 per lane, the last partial; 2048:
+// 8 per lane), 100 and 2056 the element-wise ones. (45, 504) and (33, 768): the benchmark presets' C,
+// 2 and 3 packs per lane in the one-pass backward.
+TEST(CudaEmulation, LayerNormMatchesTheCpuOnManyRowsAndFourPacks) {
+  under_both_schedules([] {
+    check_layernorm(1100, 136);
+    check_layernorm(9, 776);
+  });
+}
+TEST(CudaEmulation, LayerNormMatchesTheCpuOnTheWidestRows) {
+  under_both_schedules([] {
+    check_layernorm(70, 2048);
+    check_layernorm(5, 2056);
+  });
+}
+TEST(CudaEmulation, LayerNormMatchesTheCpuOnElementwiseRowsAndGpt2Width) {
+  under_both_schedules([] {
+    check_layernorm(600, 100);
+    check_layernorm(33, 768);
+  });
+}
+TEST(CudaEmulation, LayerNormMatchesTheCpuOnOnePackAndTheKrakenPresetsWidth) {
+  under_both_schedules([] {
+    check_layernorm(70, 256);
+    check_layernorm(45, 504);
+  });
 }
 
-TEST(CudaEmulation, LayerNormForwardAndBackwardMatchTheCpu) { under_both_schedules(check_layernorm); }
+void check_layernorm(int64_t rows, int64_t C) {
+  const std::string what = "emulated bf16 layernorm (" + std::to_string(rows) + ", " + std::to_string(C) + ")";
+  const size_t n = static_cast<size_t>(rows * C);
+  const std::vector<uint16_t> x = to_bf16(normal(n, 3, 2.0f)), dout = to_bf16(normal(n, 4));
+  const std::vector<uint16_t> dx0 = to_bf16(normal(n, 5));
+  const std::vector<float> gamma = normal(static_cast<size_t>(C), 6), beta = normal(static_cast<size_t>(C), 7);
+  std::vector<uint16_t> out(n), dx = dx0;
+  std::vector<float> mean(static_cast<size_t>(rows)), rstd(static_cast<size_t>(rows));
+  std::vector<float> dgamma(static_cast<size_t>(C), 0.5f), dbeta(static_cast<size_t>(C), -0.25f);
+  emu::layernorm_forward_bf16_cuda(out.data(), mean.data(), rstd.data(), x.data(), gamma.data(), beta.data(), rows,
+                                   C, 1e-5f, nullptr);
+  emu::layernorm_backward_bf16_cuda(dx.data(), dx.data(), dgamma.data(), dbeta.data(), dout.data(), x.data(),
+                                    gamma.data(), mean.data(), rstd.data(), rows, C, nullptr);
+  const std::vector<float> x_f = to_f32(x), dout_f = to_f32(dout);
+  std::vector<float> out_cpu(n), mean_cpu(mean.size()), rstd_cpu(rstd.size()), dx_cpu = to_f32(dx0);
+  std::vector<float> dgamma_cpu(dgamma.size(), 0.5f), dbeta_cpu(dbeta.size(), -0.25f);
+  kernels::layernorm_forward_cpu(out_cpu.data(), mean_cpu.data(), rstd_cpu.data(), x_f.data(), gamma.data(),
+                                 beta.data(), rows, C, 1e-5f);
+  kernels::layernorm_backward_cpu(dx_cpu.data(), dx_cpu.data(), dgamma_cpu.data(), dbeta_cpu.data(), dout_f.data(),
+                                  x_f.data(), gamma.data(), mean_cpu.data(), rstd_cpu.data(), rows, C);
+  expect_close(to_f32(out), out_cpu, 1e-5, true, what + ": out");
+  expect_close(mean, mean_cpu, 1e-5, false, what + ": mean");
+  expect_close(rstd, rstd_cpu, 1e-5, false, what + ": rstd");
+  expect_close(to_f32(dx), dx_cpu, 1e-5, true, what + ": dx +=");
+  expect_close(dgamma, dgamma_cpu, 1e-5, false, what + ": dgamma +=");
+  expect_close(dbeta, dbeta_cpu, 1e-5, false, what + ": dbeta +=");
+
+  // The f32 kernels (the same templates on float), and dbeta without dgamma.
+  std::vector<float> dx32 = to_f32(dx0), dbeta32(dbeta.size(), -0.25f), dx32_cpu = to_f32(dx0);
+  std::vector<float> dbeta32_cpu(dbeta.size(), -0.25f), dgamma_unused(dgamma.size(), 0.5f);
+  emu::layernorm_backward_cuda(dx32.data(), dx32.data(), nullptr, dbeta32.data(), dout_f.data(), x_f.data(),
+                               gamma.data(), mean_cpu.data(), rstd_cpu.data(), rows, C, nullptr);
+  kernels::layernorm_backward_cpu(dx32_cpu.data(), dx32_cpu.data(), dgamma_unused.data(), dbeta32_cpu.data(),
+                                  dout_f.data(), x_f.data(), gamma.data(), mean_cpu.data(), rstd_cpu.data(), rows, C);
+  expect_close(dx32, dx32_cpu, 1e-5, false, what + ": f32 dx +=");
+  expect_close(dbeta32, dbeta32_cpu, 1e-5, false, what + ": f32 dbeta += (no dgamma)");
+
+  // dx = dx_in + … from another buffer, and with no dx_in at all: dx starts as NaNs, so a kernel that
+  // read it would show. With and without the parameters' sums (the fused and the dx-only kernels).
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  for (const bool params : {true, false}) {
+    for (const bool with_in : {true, false}) {
+      const std::vector<float> dx_in = to_f32(dx0);
+      std::vector<float> dx_new(n, nan), dx_ref(n, 0.0f), g_unused(dgamma.size(), 0.0f), b_unused = g_unused;
+      std::vector<uint16_t> dx16_new(n, uint16_t{0x7fc0});
+      emu::layernorm_backward_cuda(dx_new.data(), with_in ? dx_in.data() : nullptr, params ? g_unused.data() : nullptr,
+                                   params ? b_unused.data() : nullptr, dout_f.data(), x_f.data(), gamma.data(),
+                                   mean_cpu.data(), rstd_cpu.data(), rows, C, nullptr);
+      emu::layernorm_backward_bf16_cuda(dx16_new.data(), with_in ? dx0.data() : nullptr,
+                                        params ? g_unused.data() : nullptr, params ? b_unused.data() : nullptr,
+                                        dout.data(), x.data(), gamma.data(), mean_cpu.data(), rstd_cpu.data(), rows,
+                                        C, nullptr);
+      kernels::layernorm_backward_cpu(dx_ref.data(), with_in ? dx_in.data() : nullptr, nullptr, nullptr,
+                                      dout_f.data(), x_f.data(), gamma.data(), mean_cpu.data(), rstd_cpu.data(),
+                                      rows, C);
+      const std::string how = std::string(with_in ? ": dx = dx_in + …" : ": dx = … (no dx_in)") +
+                              (params ? "" : ", no dgamma/dbeta");
+      expect_close(dx_new, dx_ref, 1e-5, false, what + how + " (f32)");
+      expect_close(to_f32(dx16_new), dx_ref, 1e-5, true, what + how + " (bf16)");
+    }
+  }
+
+  // The one pass with dgamma and dbeta accumulating onto non-zero values — with dx_in from another
+  // buffer, and with neither dx_in nor dgamma — bf16 and f32, dx starting as NaNs. Up to 100 rows (2 or
+  // 3 chunks of 32, the last partial): (1100, 136)'s one pass is checked above, and shapes the one pass
+  // does not take are the same kernels as there.
+  for (const auto& [with_in, with_gamma] : {std::pair<bool, bool>{true, true}, std::pair<bool, bool>{false, false}}) {
+    if (rows > 100) break;
+    const std::string how = what + (with_in ? ", dx_in" : ", no dx_in") + (with_gamma ? "" : ", dbeta alone");
+    const std::vector<float> din32 = to_f32(dx0);
+    std::vector<uint16_t> dx16_new(n, uint16_t{0x7fc0});
+    std::vector<float> dx32_new(n, nan), dx_ref(n, 0.0f);
+    std::vector<float> g16(dgamma.size(), 0.5f), b16(dbeta.size(), -0.25f);
+    std::vector<float> g32 = g16, b32 = b16, g_ref = g16, b_ref = b16;
+    emu::layernorm_backward_bf16_cuda(dx16_new.data(), with_in ? dx0.data() : nullptr,
+                                      with_gamma ? g16.data() : nullptr, b16.data(), dout.data(), x.data(),
+                                      gamma.data(), mean_cpu.data(), rstd_cpu.data(), rows, C, nullptr);
+    emu::layernorm_backward_cuda(dx32_new.data(), with_in ? din32.data() : nullptr, with_gamma ? g32.data() : nullptr,
+                                 b32.data(), dout_f.data(), x_f.data(), gamma.data(), mean_cpu.data(),
+                                 rstd_cpu.data(), rows, C, nullptr);
+    kernels::layernorm_backward_cpu(dx_ref.data(), with_in ? din32.data() : nullptr,
+                                    with_gamma ? g_ref.data() : nullptr, b_ref.data(), dout_f.data(), x_f.data(),
+                                    gamma.data(), mean_cpu.data(), rstd_cpu.data(), rows, C);
+    expect_close(to_f32(dx16_new), dx_ref, 1e-5, true, how + ": bf16 dx");
+    expect_close(g16, g_ref, 1e-5, false, how + ": bf16 dgamma");
+    expect_close(b16, b_ref, 1e-5, false, how + ": bf16 dbeta");
+    expect_close(dx32_new, dx_ref, 1e-5, false, how + ": f32 dx");
+    expect_close(g32, g_ref, 1e-5, false, how + ": f32 dgamma");
+    expect_close(b32, b_ref, 1e-5, false, how + ": f32 dbeta");
+  }
+
+  // The residual add fused into the LayerNorm after it: s = a + b rounded once, then s normalised.
+  std::vector<uint16_t> s_sum(n), out_fused(n);
+  emu::add_layernorm_forward_bf16_cuda(s_sum.data(), out_fused.data(), mean.data(), rstd.data(), x.data(),
+                                       dout.data(), gamma.data(), beta.data(), rows, C, 1e-5f, nullptr);
+  std::vector<float> sum_f(n);
+  for (size_t i = 0; i < n; ++i) sum_f[i] = x_f[i] + dout_f[i];
+  const std::vector<uint16_t> s_cpu = to_bf16(sum_f);
+  EXPECT_EQ(s_sum, s_cpu) << what << ": fused add, s is not a + b rounded once";
+  kernels::layernorm_forward_cpu(out_cpu.data(), mean_cpu.data(), rstd_cpu.data(), to_f32(s_cpu).data(),
+                                 gamma.data(), beta.data(), rows, C, 1e-5f);
+  expect_close(to_f32(out_fused), out_cpu, 1e-5, true, what + ": fused add, out");
+  expect_close(rstd, rstd_cpu, 1e-5, false, what + ": fused add, rstd");
+}
 
 // A grouped backward (G blocks of rows, each its own gamma and gradients: a Kraken layer's sub-layers)
 // is G backward calls in one: the same bits. Shapes: 3 groups of 45 rows (2 chunks of 32 each, the
