@@ -1,6 +1,8 @@
 #include "models/kraken.h"
 
 #include <cmath>
+#include <cstdlib>
+#include <string>
 
 #include "kernels/error.h"
 #include "parallel/collectives.h"
@@ -231,6 +233,30 @@ std::vector<std::pair<Tensor, Tensor>> KrakenModel::compute_copy_targets() {
   return targets;
 }
 
+namespace {
+thread_local int projection_biases_override = -1;  // a ProjectionBiasesScope's setting, or -1
+}  // namespace
+
+// KRAKEN_PROJECTION_BIASES is read once. Under `norms` (in bf16) b + bias is rounded once more than in the
+// product's epilogue; the switch is there to measure one placement against the other.
+bool projection_biases_in_norms() {
+  if (projection_biases_override >= 0) return projection_biases_override == 1;
+  static const bool in_norms = [] {
+    const char* v = std::getenv("KRAKEN_PROJECTION_BIASES");
+    if (v == nullptr || *v == '\0' || std::string(v) == "norms") return true;
+    if (std::string(v) == "products") return false;
+    KRAKEN_THROW("KRAKEN_PROJECTION_BIASES=", v,
+                 ": expected norms (GPT-2's projection biases added in the LayerNorm after the residual add; the "
+                 "default) or products (in the products' epilogues)");
+  }();
+  return in_norms;
+}
+
+ProjectionBiasesScope::ProjectionBiasesScope(bool in_norms) : previous_(projection_biases_override) {
+  projection_biases_override = in_norms ? 1 : 0;
+}
+ProjectionBiasesScope::~ProjectionBiasesScope() { projection_biases_override = previous_; }
+
 Tensor KrakenModel::dropout(const Tensor& x, runtime::Generator* gen, bool training) {
   if (config_.dropout == 0.0f || !training) return x;
   KRAKEN_CHECK(gen != nullptr, "dropout > 0 needs a generator");
@@ -290,9 +316,17 @@ KrakenModel::Unsummed KrakenModel::layer_forward(const std::vector<SubLayer>& su
 
   // Attn_i(LN1_i(x_i)): the n sub-layers' heads as one attention over n·B sequences (on a GPU one launch
   // that fills it, where each sub-layer's B·H/k heads alone would leave it half idle).
+  // GPT-2 (degree 1, one stream) without dropout: the two projections' biases leave their products for the
+  // LayerNorm after each residual add (ops::add_bias_layernorm), whose backward sums the bias's gradient
+  // in its own pass over the residual stream's gradient, where the product's backward read it again —
+  // the attention projection's at LN2 here, the MLP projection's at the next layer's LN1 (or ln_f),
+  // handed on in Unsummed::m_bias. (Under dropout the bias is added before it drops, so it stays.)
+  const bool biases_to_norms = config_.degree == 1 && attn_proj_b.defined() &&
+                               !(training && config_.dropout > 0.0f) && projection_biases_in_norms();
   Tensor qkv = ops::linear(h1, c_attn_w, c_attn_b);  // (n, B, T, 3C)
   Tensor y = ops::attention(ops::reshape(qkv, {n * B, T, 3 * C}), config_.heads_per_sublayer());  // (n·B, T, C)
-  Tensor attn = dropout(ops::linear(ops::reshape(y, {n, B, T, C}), attn_proj_w, attn_proj_b), gen, training);
+  Tensor attn = dropout(ops::linear(ops::reshape(y, {n, B, T, C}), attn_proj_w, biases_to_norms ? Tensor() : attn_proj_b),
+                        gen, training);
   Tensor S;
   if (pending.valid()) S = parallel::wait_all_reduce(pending);  // in flight during the attention
 
@@ -300,7 +334,12 @@ KrakenModel::Unsummed KrakenModel::layer_forward(const std::vector<SubLayer>& su
   // (ops::add_layernorm). m_i = attn_i + S feeds LN2 alone: fused, its unused sum would get a zero
   // gradient to copy in backward, which costs the pass the fusion saves.
   Tensor a, h;
-  if (!S.defined() && !sum_here) {
+  if (biases_to_norms) {
+    std::vector<Tensor> a_h =
+        ops::add_bias_layernorm(X, attn, ops::reshape(attn_proj_b, {C}), subs[0].ln_2_w, subs[0].ln_2_b);
+    a = a_h[0];
+    h = a_h[1];
+  } else if (!S.defined() && !sum_here) {
     std::vector<Tensor> a_h = ops::add_layernorm(X, attn, each(&SubLayer::ln_2_w), each(&SubLayer::ln_2_b));
     a = a_h[0];
     h = a_h[1];
@@ -321,8 +360,9 @@ KrakenModel::Unsummed KrakenModel::layer_forward(const std::vector<SubLayer>& su
   }
   // MLP_i(h_i): c_fc, GELU and c_proj as one op (on the GPU in bf16 the GELU runs in the products'
   // epilogues, forward and backward).
+  if (biases_to_norms) return {a, ops::mlp(h, c_fc_w, c_fc_b, mlp_proj_w, Tensor()), ops::reshape(mlp_proj_b, {C})};
   Tensor m = ops::mlp(h, c_fc_w, c_fc_b, mlp_proj_w, mlp_proj_b);
-  return {a, dropout(m, gen, training)};
+  return {a, dropout(m, gen, training), Tensor()};
 }
 
 // Megatron-LM (degree 1, one stream): this rank's heads and MLP columns. copy_to_tp: identity forward,
@@ -333,8 +373,14 @@ Tensor KrakenModel::megatron_layer_forward(const SubLayer& s, const Tensor& x, r
   Tensor qkv = ops::linear(parallel::copy_to_tp(h, *shard_.tp), compute(s.c_attn_w), compute(s.c_attn_b));  // (B, T, 3C/tp)
   Tensor y = ops::attention(qkv, config_.n_head / shard_.tp_size);                                           // (B, T, C/tp)
   Tensor o = parallel::reduce_from_tp(ops::linear(y, compute(s.attn_proj_w)), *shard_.tp);
-  if (s.attn_proj_b.defined()) o = ops::add(o, compute(s.attn_proj_b));
-  std::vector<Tensor> a_h = ops::add_layernorm(x, dropout(o, gen, training), s.ln_2_w, s.ln_2_b);
+  std::vector<Tensor> a_h;
+  if (s.attn_proj_b.defined() && !(training && config_.dropout > 0.0f) && projection_biases_in_norms()) {
+    // the bias added, and its gradient summed, in LN2's pass (as layer_forward's)
+    a_h = ops::add_bias_layernorm(x, o, compute(s.attn_proj_b), s.ln_2_w, s.ln_2_b);
+  } else {
+    if (s.attn_proj_b.defined()) o = ops::add(o, compute(s.attn_proj_b));
+    a_h = ops::add_layernorm(x, dropout(o, gen, training), s.ln_2_w, s.ln_2_b);
+  }
   // This rank's eC/tp hidden columns: c_fc column-parallel and c_proj row-parallel, so the block between
   // copy_to_tp and reduce_from_tp is this rank's whole MLP.
   Tensor partial = ops::mlp(parallel::copy_to_tp(a_h[1], *shard_.tp), compute(s.c_fc_w), compute(s.c_fc_b),
@@ -407,7 +453,10 @@ Tensor KrakenModel::stage_forward(const Tensor& ids, const Tensor& input, runtim
     for (const SubLayer& s : subs) ln_1_w.push_back(s.ln_1_w), ln_1_b.push_back(s.ln_1_b);
     Tensor h1;
     if (unsummed.defined()) {
-      std::vector<Tensor> x_h = ops::add_layernorm(unsummed.a, unsummed.m, ln_1_w, ln_1_b);
+      std::vector<Tensor> x_h =
+          unsummed.m_bias.defined()
+              ? ops::add_bias_layernorm(unsummed.a, unsummed.m, unsummed.m_bias, ln_1_w[0], ln_1_b[0])
+              : ops::add_layernorm(unsummed.a, unsummed.m, ln_1_w, ln_1_b);
       X = x_h[0];
       h1 = x_h[1];
     } else {
@@ -424,7 +473,11 @@ Tensor KrakenModel::stage_forward(const Tensor& ids, const Tensor& input, runtim
     unsummed = layer_forward(subs, layer < layer_stacks_.size() ? layer_stacks_[layer] : std::vector<Tensor>(), X,
                              h1, mixes && !kraken_tp, pending, gen, training);
   }
-  if (unsummed.defined()) X = ops::add(unsummed.a, unsummed.m);  // (ln_f or the conjunction next: unfused)
+  // GPT-2's last add (with the MLP projection's bias) runs fused with ln_f below; otherwise the streams
+  // are summed here (the conjunction or the next stage comes next).
+  const bool add_at_ln_f = unsummed.m_bias.defined() && shard_.has_head && config_.degree == 1;
+  if (unsummed.defined() && !add_at_ln_f)
+    X = ops::add(unsummed.a, unsummed.m_bias.defined() ? ops::add(unsummed.m, unsummed.m_bias) : unsummed.m);
 
   if (!shard_.has_head) return side_by_side(X);  // (B, T, n·C) to the next stage
   if (mixed) cast_for_compute(head_product_params());
@@ -432,14 +485,16 @@ Tensor KrakenModel::stage_forward(const Tensor& ids, const Tensor& input, runtim
   // multiplies its own streams by its columns, one all-reduce sums the parts, the bias is added once.
   Tensor z;
   if (config_.degree == 1) {
-    z = side_by_side(X);
+    if (!add_at_ln_f) z = side_by_side(X);
   } else if (kraken_tp) {
     z = parallel::reduce_from_tp(ops::linear(side_by_side(X), compute(conj_w_)), *shard_.tp);
     if (conj_b_.defined()) z = ops::add(z, compute(conj_b_));
   } else {
     z = ops::linear(side_by_side(X), compute(conj_w_), compute(conj_b_));
   }
-  Tensor h = ops::layernorm(z, ln_f_w_, ln_f_b_);
+  Tensor h = add_at_ln_f ? side_by_side(ops::add_bias_layernorm(unsummed.a, unsummed.m, unsummed.m_bias, ln_f_w_,
+                                                                  ln_f_b_)[1])
+                         : ops::layernorm(z, ln_f_w_, ln_f_b_);
   return ops::matmul(h, compute(wte_), false, true);                     // (B, T, Vp), tied LM head
 }
 

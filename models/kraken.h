@@ -78,6 +78,22 @@ struct ModelShard {
   parallel::Communicator* tp = nullptr;  // the tensor-parallel group, when tp_size > 1
 };
 
+// Where GPT-2's attention and MLP projections add their biases: in the LayerNorm after each residual
+// add, which sums their gradients in its backward pass (ops::add_bias_layernorm; the default), or in the
+// products' epilogues. KRAKEN_PROJECTION_BIASES=norms|products sets it for the process; a scope sets it
+// for this thread while it lives (tests run both). Degree 1 without dropout only; the same model either way.
+bool projection_biases_in_norms();
+class ProjectionBiasesScope {
+ public:
+  explicit ProjectionBiasesScope(bool in_norms);
+  ~ProjectionBiasesScope();
+  ProjectionBiasesScope(const ProjectionBiasesScope&) = delete;
+  ProjectionBiasesScope& operator=(const ProjectionBiasesScope&) = delete;
+
+ private:
+  int previous_;
+};
+
 class KrakenModel : public runtime::Module {
  public:
   KrakenModel(const KrakenConfig& config, const runtime::Device& device = runtime::Device::cpu(),
@@ -136,8 +152,10 @@ class KrakenModel : public runtime::Module {
   runtime::Tensor dropout(const runtime::Tensor& x, runtime::Generator* gen, bool training);
   // A layer's output x ← a + MLP(…), left as its two terms: the next layer's LN1 adds them in its own
   // pass (ops::add_layernorm), where an add of its own would write the sum and LN1 read it back.
+  // x = a + (m + m_bias): m_bias, the MLP projection's bias (C,), where it was left out of the product for
+  // the LayerNorm after the add to take (ops::add_bias_layernorm); else undefined.
   struct Unsummed {
-    runtime::Tensor a, m;
+    runtime::Tensor a, m, m_bias;
     bool defined() const { return a.defined(); }
   };
   // One layer on the stacked streams X (n, B, T, C), n = local_streams(), with h1 = LN1_i(x_i) already

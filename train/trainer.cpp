@@ -474,6 +474,12 @@ std::string Trainer::describe() const {
     std::snprintf(buf, sizeof buf, "  CUDA: attention %s, cuBLASLt epilogues level %d (KRAKEN_CUDA_ATTENTION, "
                   "KRAKEN_CUDA_EPILOGUES)\n", attention.c_str(), static_cast<int>(runtime::ops::epilogue_fusion()));
     out += buf;
+    if (c.model.degree == 1 && c.model.bias) {
+      std::snprintf(buf, sizeof buf, "  CUDA: the projections' biases added in the %s (KRAKEN_PROJECTION_BIASES)\n",
+                    models::projection_biases_in_norms() && c.model.dropout == 0.0f ? "LayerNorms after the residual adds"
+                                                                                    : "products' epilogues");
+      out += buf;
+    }
   }
 #endif
   std::snprintf(buf, sizeof buf, "  optimizer: %s, lr %.3g (%s schedule, %lld warm-up steps), grad clip %.3g\n",

@@ -77,6 +77,15 @@ void check_against_golden(const std::string& file_name) {
 
 TEST(KrakenModel, Degree1MatchesPyTorchGpt2) { check_against_golden("gpt2_tiny.safetensors"); }
 
+// GPT-2's projection biases in the products' epilogues, the placement before ops::add_bias_layernorm (the
+// default, which the test above runs): the same model, against the same PyTorch numbers, in fp32 and
+// mixed precision.
+TEST(KrakenModel, Degree1MatchesPyTorchGpt2WithTheBiasesInTheProducts) {
+  ProjectionBiasesScope in_products(false);
+  ASSERT_FALSE(projection_biases_in_norms());
+  check_against_golden("gpt2_tiny.safetensors");
+}
+
 TEST(KrakenModel, Degree2MatchesPyTorchKraken) { check_against_golden("kraken2_tiny.safetensors"); }
 
 TEST(KrakenModel, ParameterCountMatchesClosedForm) {
@@ -200,7 +209,9 @@ void check_mixed_precision_tracks_fp32(const std::string& file_name) {
   const double loss_rel = std::fabs(loss16.item() - loss32.item()) / std::fabs(loss32.item());
   std::printf("[mixed-precision] %s: loss fp32 %.6f bf16 %.6f (relative %.2e)\n", file_name.c_str(), loss32.item(),
               loss16.item(), loss_rel);
-  EXPECT_LT(loss_rel, 5e-3);  // measured 2e-5 (degree 1), 5e-4 (degree 2)
+  // measured 1.3e-3 (degree 1; 2e-5 with the projection biases in the products, where over eight other
+  // batches of this fixture both placements spread over 4e-5 … 1e-3), 5e-4 (degree 2)
+  EXPECT_LT(loss_rel, 5e-3);
   runtime::backward(loss32);
   runtime::backward(loss16);
   const auto p32 = fp32.named_parameters(), p16 = bf16.named_parameters();
@@ -315,6 +326,11 @@ TEST(KrakenModel, MixedPrecisionGradientsReachGradSyncLayerByLayer) {
 }
 
 TEST(KrakenModel, MixedPrecisionDegree1TracksFp32) { check_mixed_precision_tracks_fp32("gpt2_tiny.safetensors"); }
+
+TEST(KrakenModel, MixedPrecisionDegree1WithTheBiasesInTheProductsTracksFp32) {
+  ProjectionBiasesScope in_products(false);
+  check_mixed_precision_tracks_fp32("gpt2_tiny.safetensors");
+}
 
 TEST(KrakenModel, MixedPrecisionDegree2TracksFp32) { check_mixed_precision_tracks_fp32("kraken2_tiny.safetensors"); }
 
