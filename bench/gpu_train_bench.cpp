@@ -466,6 +466,31 @@ void bench_kernels(const DeviceInfo& dev, Report& r) {
                                                        gamma.data<float>(), mean.data<float>(), rstd.data<float>(), N, C,
                                                        nullptr); }));
     {
+      // GPT-2's attention and MLP projection biases at B = 64 (65536 rows × 768): their gradient Σ_rows ds
+      // summed in the LayerNorm backward's pass (ops::add_bias_layernorm) against the LayerNorm backward and
+      // then the column sums of its dx (what the product's backward did) — same bytes counted for both, so
+      // the second row's GB/s are the useful ones.
+      const int64_t rows = 64 * 1024, width = 768;
+      Tensor gx = bf16(normal({rows, width}, 91)), gdout = bf16(normal({rows, width}, 92));
+      Tensor gin = bf16(normal({rows, width}, 93)), gdx = bf16(normal({rows, width}, 94));
+      Tensor ggamma = normal({width}, 95), gmean = normal({rows}, 96), grstd = normal({rows}, 97);
+      Tensor gdgamma = normal({width}, 98), gdbeta = normal({width}, 99), gdbias = bf16(normal({width}, 100));
+      const double bytes = h * 4.0 * rows * width + f * 2 * rows;
+      row("bf16 layernorm backward + bias gradient in one pass, 65536×768 (GPT-2 B = 64)", bytes, time_kernel([&] {
+            layernorm_backward_summing_dx_bf16_cuda(gdx.data<uint16_t>(), gin.data<uint16_t>(), gdgamma.data<float>(),
+                                                    gdbeta.data<float>(), gdbias.data<uint16_t>(),
+                                                    gdout.data<uint16_t>(), gx.data<uint16_t>(), ggamma.data<float>(),
+                                                    gmean.data<float>(), grstd.data<float>(), rows, width, nullptr);
+          }));
+      row("bf16 layernorm backward, then the bias gradient's column sums, 65536×768", bytes, time_kernel([&] {
+            layernorm_backward_bf16_cuda(gdx.data<uint16_t>(), gin.data<uint16_t>(), gdgamma.data<float>(),
+                                         gdbeta.data<float>(), gdout.data<uint16_t>(), gx.data<uint16_t>(),
+                                         ggamma.data<float>(), gmean.data<float>(), grstd.data<float>(), rows, width,
+                                         nullptr);
+            sum_rows_bf16_cuda(gdbias.data<uint16_t>(), gdx.data<uint16_t>(), rows, width, nullptr);
+          }));
+    }
+    {
       const int64_t rows = 64 * 1024, width = 504;
       Tensor kx = bf16(normal({rows, width}, 80)), kdout = bf16(normal({rows, width}, 81));
       Tensor kin = bf16(normal({rows, width}, 82)), kdx = bf16(normal({rows, width}, 83));

@@ -11,7 +11,8 @@
 #   3. the GPU tests: ctest -L gpu (tests/gpu), each result and every measured GPU-vs-CPU difference;
 #      then the attention tests once more with KRAKEN_CUDNN_ATTENTION_BACKWARD=atomic (cuDNN's f32 atomic
 #      dQ), KRAKEN_CUDA_ATTENTION=mma (the grouped mma launch, the dispatch without cuDNN) and =cudnn (cuDNN
-#      for every shape it takes), the product tests with KRAKEN_CUBLASLT_TUNE=8;
+#      for every shape it takes), the product tests with KRAKEN_CUBLASLT_TUNE=8, the bias gradients with
+#      KRAKEN_CUDA_COLUMN_CHUNKS=long, the models with KRAKEN_PROJECTION_BIASES=products;
 #   4. the GPU benchmark (bench/gpu_train_bench.cpp): tokens/s, MFU, kernel bandwidth, the backward ops
 #      that keep the host (KRAKEN_AUTOGRAD_SLOW_NODE_MS), the SM clock and power meanwhile
 #      (tools/gpu-clocks.sh); then its bf16 training rows again with one
@@ -267,6 +268,10 @@ test_variant atomic "KRAKEN_CUDNN_ATTENTION_BACKWARD=atomic KRAKEN_CUDA_ATTENTIO
 test_variant colchunks KRAKEN_CUDA_COLUMN_CHUNKS=long 90 \
   'GpuBf16Kernels.SumRows*:GpuBf16Kernels.BroadcastAdd*:GpuLinear.*:GpuMlp.*:GpuModel.*' \
   "the bias gradients' sums, the linears, the MLP, the models"
+# GPT-2's projection biases in the products' epilogues again (KRAKEN_PROJECTION_BIASES=products; the default
+# adds them in the LayerNorms after the residual adds since the fourteenth session): the models still right.
+test_variant biases KRAKEN_PROJECTION_BIASES=products 90 'GpuModel.*:GpuTrainer.MixedPrecision*' \
+  "the models and the mixed-precision trainer"
 # The mma kernels where cuDNN would take the call (the default's): their dispatch and the grouped launch
 # of a Kraken layer's sub-layers, which only the mma kernels have.
 test_variant mma KRAKEN_CUDA_ATTENTION=mma 90 \
@@ -337,6 +342,12 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
   # kernel row is in the main benchmark's table.
   bench_variant cepipe KRAKEN_CUDA_CROSS_ENTROPY=pipelined 120 90 "the cross-entropy's pipelined kernel" \
     --training-only --batch 8,64
+  # GPT-2's projection biases back in the products' epilogues (KRAKEN_PROJECTION_BIASES=products, the default
+  # before the fourteenth session), against the default's, added in the LayerNorms after the residual adds
+  # and their gradients summed in the LayerNorm backward's pass (ops::add_bias_layernorm; its kernel rows are
+  # in the main benchmark's table).
+  bench_variant biases KRAKEN_PROJECTION_BIASES=products 120 90 "GPT-2's projection biases in the products" \
+    --training-only --model gpt2 --batch 8,64
   # GPT-2 at B = 96 and 128 (B = 64 took 35 GB of the 80): the optimizer's pass and the step's fixed costs
   # over more tokens.
   bench_variant big "" 120 90 "GPT-2 at larger batches" --training-only --model gpt2 --batch 96,128
