@@ -56,12 +56,13 @@ void cross_entropy_backward_cuda(float* dlogits, const float* logits, const floa
 // How the fused kernel reads a row for its gradient pass: again from global memory, where L2 may still
 // hold it (kTwice), or from the shared memory its first pass kept it in (kStagedInSharedMemory: bf16
 // rows on 16-byte boundaries whose (V/8)·16 bytes fit a block's shared memory; else as kTwice). The same
-// bits either way. kDefault reads KRAKEN_CUDA_CROSS_ENTROPY (staged | twice | pipelined; read once per process),
-// unset: kStagedInSharedMemory — at 8192 × 50304 on an H100 0.773 ms against 0.829 (the second read
-// came from memory, not L2: 0.829 ms is the bytes of three passes over the logits at 89% of the bandwidth).
-// kPipelined: as kStagedInSharedMemory, in persistent blocks that copy their next row into a second stage
-// (cp.async) while they work on the current one — where two stages fit a block's shared memory, else as
-// kStagedInSharedMemory ("pipelined"; unmeasured when built, in the twelfth session).
+// bits either way. kDefault reads KRAKEN_CUDA_CROSS_ENTROPY (pipelined | staged | twice; read once per
+// process), unset: kPipelined. kStagedInSharedMemory at 8192 × 50304 on an H100: 0.773 ms against 0.829
+// (the second read came from memory, not L2: 0.829 ms is the bytes of three passes over the logits at 89%
+// of the bandwidth). kPipelined: as kStagedInSharedMemory, in persistent blocks that copy their next row
+// into a second stage (cp.async) while they work on the current one — where two stages fit a block's
+// shared memory, else as kStagedInSharedMemory; 0.710–0.722 ms against the staged 0.745–0.749 in the
+// fifteenth session (bench/RESULTS.md).
 enum class CrossEntropyRowReads { kDefault, kTwice, kStagedInSharedMemory, kPipelined };
 void cross_entropy_fused_cuda(float* losses, float* lse, float* dlogits, const float* logits, const int32_t* targets,
                               float dloss, int64_t count, int64_t N, int64_t Vp, int64_t V, int32_t ignore_index,

@@ -9,9 +9,9 @@
 // storage.h): f32, or bf16 widened on load with each dlogits element rounded once; losses and lse
 // are f32 for both, and the arithmetic is the same f32 sequence. The fused kernel is the forward's
 // row reduction followed by the backward's row pass, in one block, from a host dloss: bit for bit the two
-// kernels' results; its gradient pass reads the row again from global memory, or, staged (the default),
-// from the shared memory its first pass kept it in, or, pipelined, from shared memory cp.async filled
-// while the block worked on its previous row (KRAKEN_CUDA_CROSS_ENTROPY).
+// kernels' results; its gradient pass reads the row again from global memory, or, staged, from the shared
+// memory its first pass kept it in, or, pipelined (the default), from shared memory cp.async filled while
+// the block worked on its previous row (KRAKEN_CUDA_CROSS_ENTROPY).
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -272,7 +272,7 @@ __device__ void fused_row(float* losses, float* lse, T* dlogits, const T* logits
 // thread) keep ~400 rows of 100 KB in flight, with as much dlogits written meanwhile, against 50 MB of L2
 // (0.829 ms at 8192 × 50304, three passes' bytes at 89% of the bandwidth). scale = dloss/count, computed on the host as the
 // backward kernel computes it from dloss[0].
-// kStaged (bf16 rows on 16-byte boundaries; the default, 0.773 ms): the first pass keeps each 16-byte
+// kStaged (bf16 rows on 16-byte boundaries; 0.773 ms, 0.745–0.749 in the fifteenth session): the first pass keeps each 16-byte
 // pack it reads in shared memory, at its index, and the gradient pass takes it back from there — each
 // pack by the thread that kept it, so no barrier — so the row comes from memory once. Shared memory
 // (V/8)·16 bytes a block (98 KiB for GPT-2's vocabulary: 2 blocks an SM on an H100, 1 on an A100); the
@@ -300,6 +300,9 @@ __global__ void cross_entropy_fused_kernel(float* losses, float* lse, T* dlogits
 // system always has the next rows coming. Shared memory 2·(V/8)·16 bytes (196 KiB for GPT-2's
 // vocabulary: one block an SM on an H100; beyond an A100's 163 KiB, where the staged kernel runs). The
 // same threads do the same arithmetic on the same packs in the same order: the staged kernel's bits.
+// Measured in the fifteenth session on an H100 (bench/RESULTS.md): 0.710 and 0.722 ms against the staged
+// kernel's 0.745 and 0.749 at 8192 × 50304 (69% of the bandwidth against 66%); under ncu at GPT-2's B = 64
+// (65536 rows) 5.54 ms against 5.76; the training step's difference within its noise. The default since.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     cross_entropy_fused_pipelined_kernel(float* losses, float* lse, T* dlogits, const T* logits,
@@ -396,12 +399,12 @@ void cross_entropy_backward(T* dlogits, const T* logits, const float* lse, const
 CrossEntropyRowReads default_row_reads() {
   static const CrossEntropyRowReads reads = [] {
     const char* v = std::getenv("KRAKEN_CUDA_CROSS_ENTROPY");
-    if (v == nullptr || *v == '\0' || std::string(v) == "staged") return CrossEntropyRowReads::kStagedInSharedMemory;
+    if (v == nullptr || *v == '\0' || std::string(v) == "pipelined") return CrossEntropyRowReads::kPipelined;
+    if (std::string(v) == "staged") return CrossEntropyRowReads::kStagedInSharedMemory;
     if (std::string(v) == "twice") return CrossEntropyRowReads::kTwice;
-    if (std::string(v) == "pipelined") return CrossEntropyRowReads::kPipelined;
     KRAKEN_THROW("KRAKEN_CUDA_CROSS_ENTROPY=", v,
-                 ": expected staged (the gradient pass reads the row from shared memory; the default), twice (from global "
-                 "memory again) or pipelined (staged, with the next row's copies in flight)");
+                 ": expected pipelined (the row staged in shared memory, the next row's copies in flight; the default), "
+                 "staged (the row kept in shared memory, no copies ahead) or twice (read from global memory again)");
   }();
   return reads;
 }
