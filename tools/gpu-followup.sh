@@ -77,6 +77,8 @@ for setting in "$@"; do
   md ""
   md "With $setting: exit status $rc."
   grep -E '^gpu-clocks:|^cuDNN attention' "$out/bench-$n.log" | sort -u >> "$report"
+  # KRAKEN_CUBLASLT_TUNE's entries for kernels/cuda/cublaslt_picks.inc, where the variant asked for them
+  grep -E '^cuBLASLt (pick|tune)' "$out/bench-$n.log" | sort -u | sed 's/^/    /' >> "$report"
   if [[ -f "$out/bench-$n.md" ]]; then grep -E '^\|' "$out/bench-$n.md" >> "$report"; else tail -n 20 "$out/bench-$n.log" >> "$report"; fi
   [[ $rc -eq 0 ]] || status=1
 done
