@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <string>
 #include <type_traits>
 
@@ -63,11 +64,28 @@ __device__ inline MaxSum merge(MaxSum a, MaxSum b) {
   return {m, a.s * expf(a.m - m) + b.s * expf(b.m - m)};
 }
 
-// merge with the wide path's exponential (thread_state).
-__device__ inline MaxSum merge_exp2(MaxSum a, MaxSum b) {
-  const float m = fmaxf(a.m, b.m);
-  if (m == -INFINITY) return {m, 0.0f};
-  return {m, a.s * exp2_ftz((a.m - m) * kLog2e) + b.s * exp2_ftz((b.m - m) * kLog2e)};
+// The larger of a and b, NaN if either is: max.NaN.f32 (sm_80 and later), one FMNMX instruction where the
+// comparisons it replaces (x > m || x != x, then a select) were three or four for each column. My reading
+// of the PTX ISA: +0 is the larger of ±0 (IEEE 754-2019's maximum); the emulation does the same. Which zero a
+// row's maximum is only ever reaches the sign of a zero lse (m + log s with s = 1): x − m, and so every
+// exponential, is the same for either.
+#if defined(KRAKEN_CUDA_EMULATION)
+inline float max_nan(float a, float b) {
+  if (a != a || b != b) return std::numeric_limits<float>::quiet_NaN();
+  if (a == b) return std::signbit(a) ? b : a;
+  return a > b ? a : b;
+}
+#else
+__device__ __forceinline__ float max_nan(float a, float b) {
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;\n" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+#endif
+
+// The largest of 8 columns (NaN if any is), as a tree: 7 instructions, 3 deep.
+__device__ __forceinline__ float max8_nan(const float (&x)[8]) {
+  return max_nan(max_nan(max_nan(x[0], x[1]), max_nan(x[2], x[3])), max_nan(max_nan(x[4], x[5]), max_nan(x[6], x[7])));
 }
 
 __device__ inline MaxSum warp_merge(MaxSum v) {
@@ -79,12 +97,19 @@ __device__ inline MaxSum warp_merge(MaxSum v) {
 }
 
 // A thread's (max, sum) over its columns v = threadIdx.x, + kThreads, … One column at a time, or with
-// kWide (bf16 rows on 16-byte boundaries) 8 columns per 16-byte load, folded into one state before
-// the merge: one rescale per 8 columns instead of per new maximum, and an eighth of the load
-// instructions (one column at a time, the bf16 forward moved 22% of an H200's bandwidth). The wide
-// path's exponentials are 2^{(x − m)·log₂e} in one MUFU instruction (fast_exp.h): expf's range
-// reduction made them most of the kernel's instructions (39% of the bandwidth). x − m is exactly 0 for
-// the maximum, so it still counts 1 exactly; a NaN becomes the maximum and propagates.
+// kWide (bf16 rows on 16-byte boundaries) 8 columns per 16-byte load (one column at a time, the bf16
+// forward moved 22% of an H200's bandwidth). The wide path's exponentials are 2^{(x − m)·log₂e} in one MUFU
+// instruction (fast_exp.h): expf's range reduction made them most of the kernel's instructions (39% of the
+// bandwidth). x − m is exactly 0 for the maximum, so it still counts 1 exactly; a NaN becomes the maximum
+// and propagates.
+// Per pack, the wide path takes the 8 columns' maximum (max8_nan), rescales the thread's sum only where that
+// is a new running maximum — rare after a row's first packs — and adds the 8 exponentials against the
+// running maximum. It used to sum each pack against the pack's own maximum and merge that (max, sum) into
+// the thread's, two more exponentials and a dozen instructions a pack: with the gradient pass's per-column
+// index tests (write_row_gradient), the fused kernels issued ~165 instructions a pack where the row's bytes
+// leave time for fewer (the pipelined kernel: 16 warps an SM, 69% of an H100's bandwidth at 8192 × 50304,
+// where the forward kernel alone moves 88%). Every kernel here sums the same way, so the fused kernels keep
+// the forward and backward kernels' bits.
 // With stage (the staged fused kernel), each pack read is also kept there, at its index; kFromStage (the
 // pipelined kernel, whose copies put the row's packs there before), the packs are read from there instead.
 template <typename T, bool kWide, bool kFromStage = false>
@@ -111,15 +136,16 @@ __device__ MaxSum thread_state(const T* xr, int64_t V, Stored8<T>* stage) {
         if (p0 + u * kThreads >= packs) break;
         float x[8];
         widen8(q[u], x);
-        float m = -INFINITY;
-#pragma unroll
-        for (int k = 0; k < 8; ++k)
-          if (x[k] > m || x[k] != x[k]) m = x[k];
+        const float m = max8_nan(x);
         if (m == -INFINITY) continue;  // all eight −inf: nothing to add
+        if (!(m <= acc.m)) {           // a new maximum, or a NaN (which then stays in s): rescale s to it
+          acc.s *= exp2_ftz((acc.m - m) * kLog2e);  // the first pack: 0 · 2^−inf = 0
+          acc.m = m;
+        }
         float sum = 0.0f;
 #pragma unroll
-        for (int k = 0; k < 8; ++k) sum += exp2_ftz((x[k] - m) * kLog2e);
-        acc = merge_exp2(acc, MaxSum{m, sum});
+        for (int k = 0; k < 8; ++k) sum += exp2_ftz((x[k] - acc.m) * kLog2e);
+        acc.s += sum;
       }
     }
     first = packs * 8;
@@ -210,11 +236,17 @@ __device__ void write_row_gradient(T* dr, const T* xr, float l, int32_t t, bool 
         float g[8] = {};  // an ignored row stores zeros
         if (!ignored) {
           widen8(q[u], g);
+          const int64_t v0 = 8 * p;
+          if (v0 + 8 <= V && (t < v0 || t >= v0 + 8)) {  // all of the row's packs but one or two
 #pragma unroll
-          for (int k = 0; k < 8; ++k) {
-            const int64_t v = 8 * p + k;
-            const float prob = exp2_ftz(fmaf(g[k], kLog2e, -l2));
-            g[k] = v < V ? scale * (v == t ? prob - 1.0f : prob) : 0.0f;
+            for (int k = 0; k < 8; ++k) g[k] = scale * exp2_ftz(fmaf(g[k], kLog2e, -l2));
+          } else {  // the target's pack, and the pack across V: the same arithmetic column by column
+#pragma unroll
+            for (int k = 0; k < 8; ++k) {
+              const int64_t v = v0 + k;
+              const float prob = exp2_ftz(fmaf(g[k], kLog2e, -l2));
+              g[k] = v < V ? scale * (v == t ? prob - 1.0f : prob) : 0.0f;
+            }
           }
         }
         store8(dr + 8 * p, g);
@@ -237,8 +269,10 @@ __device__ void write_row_gradient(T* dr, const T* xr, float l, int32_t t, bool 
 }
 
 // dlogits[n, v] = (dloss/count)·(exp(x − lse) − [v = t]) for v < V; 0 on padding and on ignored rows.
+// 3 blocks an SM, as before the gradient pass had two paths (ptxas then gave the wide kernel 47 registers,
+// 2 blocks).
 template <typename T, bool kWide>
-__global__ void cross_entropy_backward_kernel(T* dlogits, const T* logits, const float* lse, const int32_t* targets,
+__global__ void __launch_bounds__(kThreads, 3) cross_entropy_backward_kernel(T* dlogits, const T* logits, const float* lse, const int32_t* targets,
                                               const float* dloss, int64_t count, int64_t Vp, int64_t V,
                                               int32_t ignore_index) {
   const int64_t n = blockIdx.x;

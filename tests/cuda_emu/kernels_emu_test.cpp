@@ -574,6 +574,64 @@ TEST(CudaEmulation, CrossEntropyMatchesTheCpuOnBothAccessWidths) {
   });
 }
 
+// Columns at −inf (a mask's) add nothing, a whole 8-column pack of them at a row's start included, where the
+// thread's running maximum is still −inf (−inf − −inf would be NaN); a NaN makes its row's loss, lse and
+// every gradient column NaN, also where the pack that holds it is otherwise −inf — a NaN-ignoring maximum
+// would call that pack empty and skip it. The forward kernel and the fused one, each way it reads the row.
+void check_cross_entropy_special_values() {
+  const int64_t N = 3, V = 2056, Vp = 2056;  // 8-wide: 257 packs a row
+  const uint16_t kMinusInf = 0xFF80, kNaN = 0x7FC0;
+  std::vector<uint16_t> logits = to_bf16(normal(static_cast<size_t>(N * Vp), 12, 3.0f));
+  for (int64_t v = 0; v < 16; ++v) logits[static_cast<size_t>(v)] = kMinusInf;  // row 0: packs 0 and 1
+  logits[static_cast<size_t>(Vp)] = kNaN;                                         // row 1: {NaN, −inf × 7}
+  for (int64_t v = 1; v < 8; ++v) logits[static_cast<size_t>(Vp + v)] = kMinusInf;
+  const std::vector<int32_t> targets = {100, 5, 2000};
+  const float dloss = 1.0f;
+  std::vector<float> cpu_losses(N), cpu_lse(N);
+  kernels::cross_entropy_forward_cpu(cpu_losses.data(), cpu_lse.data(), to_f32(logits).data(), targets.data(), N, Vp,
+                                     V, -1);
+  auto is_nan = [](uint16_t b) { return (b & 0x7F80) == 0x7F80 && (b & 0x7F) != 0; };
+  auto check = [&](const std::vector<float>& losses, const std::vector<float>& lse, const std::string& how) {
+    for (const int64_t r : {int64_t{0}, int64_t{2}}) {
+      const size_t i = static_cast<size_t>(r);
+      EXPECT_NEAR(lse[i], cpu_lse[i], 1e-5 * std::fabs(cpu_lse[i])) << how << ": lse of row " << r;
+      EXPECT_NEAR(losses[i], cpu_losses[i], 1e-5 * std::fabs(cpu_lse[i])) << how << ": loss of row " << r;
+    }
+    EXPECT_TRUE(std::isnan(lse[1]) && std::isnan(losses[1])) << how << ": row 1 holds a NaN; lse " << lse[1];
+  };
+  std::vector<float> losses(N), lse(N);
+  emu::cross_entropy_forward_bf16_cuda(losses.data(), lse.data(), logits.data(), targets.data(), N, Vp, V, -1, nullptr);
+  check(losses, lse, "forward kernel");
+  for (const auto reads : {emu::CrossEntropyRowReads::kTwice, emu::CrossEntropyRowReads::kStagedInSharedMemory,
+                           emu::CrossEntropyRowReads::kPipelined}) {
+    const std::string how = reads == emu::CrossEntropyRowReads::kTwice                  ? "fused"
+                            : reads == emu::CrossEntropyRowReads::kStagedInSharedMemory ? "fused, staged"
+                                                                                         : "fused, pipelined";
+    std::vector<float> fused_losses(N, -3.0f), fused_lse(N, -3.0f);
+    std::vector<uint16_t> dlogits(static_cast<size_t>(N * Vp), 0xC0E0);
+    emu::cross_entropy_fused_bf16_cuda(fused_losses.data(), fused_lse.data(), dlogits.data(), logits.data(),
+                                       targets.data(), dloss, N, N, Vp, V, -1, nullptr, reads);
+    check(fused_losses, fused_lse, how);
+    for (int64_t v = 0; v < 16; ++v)
+      ASSERT_EQ(dlogits[static_cast<size_t>(v)], 0u) << how << ": row 0's −inf column " << v << " has probability 0";
+    for (int64_t v = 0; v < V; ++v)
+      ASSERT_TRUE(is_nan(dlogits[static_cast<size_t>(Vp + v)])) << how << ": row 1, column " << v << " not NaN";
+    std::vector<uint16_t> want(dlogits.size(), 0xC0E0);
+    emu::cross_entropy_backward_bf16_cuda(want.data(), logits.data(), fused_lse.data(), targets.data(), &dloss, N, N,
+                                          Vp, V, -1, nullptr);
+    for (const int64_t r : {int64_t{0}, int64_t{2}}) {
+      const auto at = [&](const std::vector<uint16_t>& d) {
+        return std::vector<uint16_t>(d.begin() + r * Vp, d.begin() + (r + 1) * Vp);
+      };
+      EXPECT_EQ(at(dlogits), at(want)) << how << ": row " << r << " is not the backward kernel's from its lse";
+    }
+  }
+}
+
+TEST(CudaEmulation, CrossEntropySkipsMinusInfinityAndPropagatesNaN) {
+  under_both_schedules(check_cross_entropy_special_values);
+}
+
 // ---- elementwise: the 8-wide bf16 kernels and their scalar fallbacks --------------------------------
 
 void check_gelu_and_add() {

@@ -488,6 +488,55 @@ TEST(GpuBf16Kernels, CrossEntropyMatchesTheRoundedCpu) {
   check_cross_entropy(1100, 1000, 997, {7, 600, 1099});
 }
 
+// Columns at −inf add nothing, two whole 8-column packs at a row's start included; a NaN makes its row's
+// loss, lse and every gradient column NaN, also where its pack is otherwise −inf — which holds only if
+// max.NaN.f32 propagates the NaN on the hardware as the emulation (CudaEmulation.CrossEntropySkips…)
+// assumes. The forward kernel and the fused one, each way it reads the row.
+TEST(GpuBf16Kernels, CrossEntropySkipsMinusInfinityAndPropagatesNaN) {
+  KRAKEN_REQUIRE_CUDA_KERNELS();
+  const int64_t N = 3, V = 2056, Vp = 2056;
+  const float inf = std::numeric_limits<float>::infinity();
+  std::vector<float> init = testing::random_tensor({N, Vp}, 60, 3.0f).to_vector();
+  for (int64_t c = 0; c < 16; ++c) init[static_cast<size_t>(c)] = -inf;
+  init[static_cast<size_t>(Vp)] = std::numeric_limits<float>::quiet_NaN();
+  for (int64_t c = 1; c < 8; ++c) init[static_cast<size_t>(Vp + c)] = -inf;
+  const Tensor logits16 = Tensor::from_vector(init, {N, Vp}).to(DType::BF16);
+  const std::vector<float> logits = logits16.to_vector();
+  ASSERT_TRUE(std::isnan(logits[static_cast<size_t>(Vp)]) && logits[0] == -inf);
+  const std::vector<int32_t> targets = {100, 5, 2000};
+  std::vector<float> cpu_losses(N), cpu_lse(N);
+  cross_entropy_forward_cpu(cpu_losses.data(), cpu_lse.data(), logits.data(), targets.data(), N, Vp, V, -1);
+  const Tensor logits_dev = logits16.to(gpu()), targets_dev = Tensor::from_ints(targets, {N}).to(gpu());
+  auto check = [&](const Tensor& losses_dev, const Tensor& lse_dev, const std::string& how) {
+    const std::vector<float> losses = losses_dev.to_vector(), lse = lse_dev.to_vector();
+    for (const size_t r : {size_t{0}, size_t{2}}) {
+      EXPECT_NEAR(lse[r], cpu_lse[r], 1e-5 * std::fabs(cpu_lse[r])) << how << ": lse of row " << r;
+      EXPECT_NEAR(losses[r], cpu_losses[r], 1e-5 * std::fabs(cpu_lse[r])) << how << ": loss of row " << r;
+    }
+    EXPECT_TRUE(std::isnan(lse[1]) && std::isnan(losses[1])) << how << ": row 1 holds a NaN; lse " << lse[1];
+  };
+  Tensor losses_dev = Tensor::empty({N}, DType::F32, gpu()), lse_dev = Tensor::empty({N}, DType::F32, gpu());
+  cross_entropy_forward_bf16_cuda(f32(losses_dev), f32(lse_dev), bits(logits_dev), targets_dev.data<int32_t>(), N, Vp,
+                                  V, -1, stream());
+  check(losses_dev, lse_dev, "forward kernel");
+  for (const auto reads : {CrossEntropyRowReads::kTwice, CrossEntropyRowReads::kStagedInSharedMemory,
+                           CrossEntropyRowReads::kPipelined}) {
+    const std::string how = reads == CrossEntropyRowReads::kTwice                  ? "fused"
+                            : reads == CrossEntropyRowReads::kStagedInSharedMemory ? "fused, row staged"
+                                                                                   : "fused, pipelined";
+    Tensor fused_losses = Tensor::full({N}, -3.0f).to(gpu()), fused_lse = Tensor::full({N}, -3.0f).to(gpu());
+    const Tensor dlogits_dev = Tensor::full({N, Vp}, -7.0f).to(DType::BF16).to(gpu());
+    cross_entropy_fused_bf16_cuda(f32(fused_losses), f32(fused_lse), bits(dlogits_dev), bits(logits_dev),
+                                  targets_dev.data<int32_t>(), 1.0f, N, N, Vp, V, -1, stream(), reads);
+    check(fused_losses, fused_lse, how);
+    const std::vector<float> dlogits = dlogits_dev.to(Device::cpu()).to_vector();
+    for (int64_t c = 0; c < 16; ++c)
+      ASSERT_EQ(dlogits[static_cast<size_t>(c)], 0.0f) << how << ": row 0's −inf column " << c << " has probability 0";
+    for (int64_t c = 0; c < V; ++c)
+      ASSERT_TRUE(std::isnan(dlogits[static_cast<size_t>(Vp + c)])) << how << ": row 1, column " << c << " not NaN";
+  }
+}
+
 TEST(GpuBf16Kernels, DropoutMatchesTheRoundedCpu) {
   KRAKEN_REQUIRE_CUDA_KERNELS();
   check_dropout(0.1f);
