@@ -401,10 +401,14 @@ __device__ __forceinline__ int slice_float4(int pack, int half, int packs) { ret
 // registers with dx_in loaded with the row — 4 blocks an SM (≤ 64) — 3 packs 79 (64 if dx_in is loaded
 // after the row's sums), 4 packs 80 without; f32 rows of 1–4 packs 56, 76, 96, 118 without. So dx_in
 // joins the row's loads for bf16 up to 2 packs (C ≤ 512: the Kraken preset's 504), and the launch bounds
-// ask for as many blocks as those counts allow.
-template <typename T, int kPacks>
+// ask for as many blocks as those counts allow. With a third term (Σ dx, below) the shared memory allows 3
+// blocks an SM whatever the registers, so there 3 packs (C = 768: GPT-2's 24 LayerNorms after a bias) load
+// dx_in with the row too: 80 registers where 3 blocks allow 85, no spills, and one round trip to memory a
+// row instead of two (this kernel moved ~63% of an H100's bandwidth that way at 65536 × 768, fifteenth
+// session; the same arithmetic, so the same bits).
+template <typename T, int kPacks, int kTerms = 2>
 constexpr bool dx_in_with_row() {
-  return sizeof(T) == 2 && kPacks <= 2;
+  return sizeof(T) == 2 && (kPacks <= 2 || (kTerms == 3 && kPacks == 3));
 }
 // A third term, Σ_rows dx (kTerms = 3: the bias before add_bias_layernorm's residual add), takes half as
 // much shared memory again — 72 KB a block at C = 768, 3 blocks an SM — and the launch bounds ask for no
@@ -447,7 +451,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, (fused_blocks_per_sm<T, k
   for (int k = 0; k < kFusedRowsPerWarp; ++k) {
     const int64_t r = first + static_cast<int64_t>(blockIdx.x) * kFusedRows + k * kWarpsPerBlock + warp;
     if (r >= end) break;  // (not return: the warp still takes part in the barrier below)
-    constexpr bool kEarly = dx_in_with_row<T, kPacks>();
+    constexpr bool kEarly = dx_in_with_row<T, kPacks, kTerms>();
     Stored8<T> d[kPacks] = {}, xs[kPacks] = {}, din[kEarly ? kPacks : 1] = {};  // (zeroed for the emulation)
 #pragma unroll
     for (int p = 0; p < kPacks; ++p) {
