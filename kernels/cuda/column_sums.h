@@ -10,7 +10,7 @@
 //           f32) and sums rows g, g + 32, … of its chunk in order; a fixed shared-memory tree adds the
 //           32 groups; the chunk's sums go to a scratch buffer (scratch.h).
 //   pass 2  64 threads per column add the chunks' sums (each a fixed subset in order, then a fixed tree)
-//           and hand the total to `apply`.
+//           and hand the total to `apply`; where there are one or two chunks, a thread per column.
 // The order of every sum depends on rows and cols alone (and on KRAKEN_CUDA_COLUMN_CHUNKS, column_chunks.h):
 // the same bits on every run and every device.
 // Needs cols a multiple of 8 and the matrices 16-byte aligned; callers keep a one-pass kernel otherwise.
@@ -123,13 +123,44 @@ __global__ void __launch_bounds__(kTotalColumns* kTotalGroups)
   }
 }
 
+// Pass 2 where the first pass made at most kFewChunks chunks — a sum over few rows of many columns, such as
+// GPT-2's position-embedding gradient (B rows of T·C = 786,432 columns: one chunk): a thread per column.
+// The kernel above gave those 8 columns a block of 512 threads, 63 of its 64 groups adding zeros — 98,304
+// blocks that took 0.27 ms of an H100 (fifteenth session's profile) for ~6 MB. The same bits: there,
+// group g holds 0 + chunk g's sum and the tree adds exact zeros to each, then (0 + p0) + (0 + p1); here
+// (0 + p0) + p1, the same value (0 + p1 differs from p1 only for −0, which adds the same to 0 + p0, never −0).
+constexpr int64_t kFewChunks = 2;
+constexpr int kFewChunkThreads = 256;
+template <int K, typename Apply>
+__global__ void __launch_bounds__(kFewChunkThreads)
+    column_totals_few_chunks_kernel(const float* partials, int64_t chunks, int64_t cols, int64_t set_stride,
+                                    Apply apply) {
+  partials += static_cast<int64_t>(blockIdx.y) * set_stride;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kFewChunkThreads + threadIdx.x;
+  if (c >= cols) return;
+  float totals[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    float acc = 0.0f;
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) acc += partials[(k * chunks + chunk) * cols + c];
+    totals[k] = acc;
+  }
+  apply(c, totals);
+}
+
 // sets: how many sets of partials, set_stride floats apart (one set: 1, 0).
 template <int K, typename Apply>
 void launch_column_totals(const float* partials, int64_t chunks, int64_t cols, Apply apply, cudaStream_t stream,
                           int sets = 1, int64_t set_stride = 0) {
-  KRAKEN_KERNEL(dim3(static_cast<unsigned>((cols + kTotalColumns - 1) / kTotalColumns), static_cast<unsigned>(sets)),
-                kTotalColumns * kTotalGroups, 0, stream, column_totals_kernel<K, Apply>)
-  (partials, chunks, cols, set_stride, apply);
+  if (chunks <= kFewChunks) {
+    KRAKEN_KERNEL(dim3(static_cast<unsigned>((cols + kFewChunkThreads - 1) / kFewChunkThreads), static_cast<unsigned>(sets)),
+                  kFewChunkThreads, 0, stream, column_totals_few_chunks_kernel<K, Apply>)
+    (partials, chunks, cols, set_stride, apply);
+  } else {
+    KRAKEN_KERNEL(dim3(static_cast<unsigned>((cols + kTotalColumns - 1) / kTotalColumns), static_cast<unsigned>(sets)),
+                  kTotalColumns * kTotalGroups, 0, stream, column_totals_kernel<K, Apply>)
+    (partials, chunks, cols, set_stride, apply);
+  }
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
 

@@ -1095,6 +1095,50 @@ void check_sum_rows() {
 
 TEST(CudaEmulation, ColumnSumsMatchTheCpuOnEveryPath) { under_both_schedules(check_sum_rows); }
 
+// The two-pass column sums' bits, rebuilt here from the order column_sums.h documents: pass 1, for each chunk
+// of chunk_rows(…) rows, 32 row groups each adding rows g, g + 32, … from 0, then the tree over the groups
+// (strides 16 … 1); pass 2, 64 chunk groups each adding chunks g, g + 64, … from 0, then the tree (strides
+// 32 … 1) — which the one- and two-chunk kernel must match without running it: GPT-2's position-embedding
+// gradient (B rows, one chunk) takes that kernel, a LayerNorm backward's 2048 chunks the tree.
+void check_column_sum_bits() {
+  for (const auto& [rows, cols] : {std::pair<int64_t, int64_t>{300, 2048}, std::pair<int64_t, int64_t>{900, 2048},
+                                   std::pair<int64_t, int64_t>{1100, 2048}, std::pair<int64_t, int64_t>{700, 72},
+                                   std::pair<int64_t, int64_t>{19237, 8}}) {
+    const int64_t chunk = kernels::cuda_detail::chunk_rows(rows, cols, kernels::cuda_detail::default_column_chunks());
+    const int64_t chunks = (rows + chunk - 1) / chunk;
+    const std::string what = " (" + std::to_string(rows) + " × " + std::to_string(cols) + ", " +
+                             std::to_string(chunks) + " chunks)";
+    const std::vector<float> x = normal(static_cast<size_t>(rows * cols), 17);
+    const std::vector<float> db0 = normal(static_cast<size_t>(cols), 18);
+    std::vector<float> db = db0;
+    emu::sum_rows_cuda(db.data(), x.data(), rows, cols, nullptr);
+    for (int64_t c = 0; c < cols; ++c) {
+      std::vector<float> partial(static_cast<size_t>(chunks));
+      for (int64_t j = 0; j < chunks; ++j) {
+        float group[32] = {};
+        const int64_t end = std::min(rows, (j + 1) * chunk);
+        for (int g = 0; g < 32; ++g)
+          for (int64_t r = j * chunk + g; r < end; r += 32) group[g] += x[static_cast<size_t>(r * cols + c)];
+        for (int stride = 16; stride > 0; stride /= 2)
+          for (int g = 0; g < stride; ++g) group[g] += group[g + stride];
+        partial[static_cast<size_t>(j)] = group[0];
+      }
+      float group[64] = {};
+      for (int g = 0; g < 64; ++g)
+        for (int64_t j = g; j < chunks; j += 64) group[g] += partial[static_cast<size_t>(j)];
+      for (int stride = 32; stride > 0; stride /= 2)
+        for (int g = 0; g < stride; ++g) group[g] += group[g + stride];
+      const float want = db0[static_cast<size_t>(c)] + group[0];
+      uint32_t got_bits, want_bits;
+      std::memcpy(&got_bits, &db[static_cast<size_t>(c)], 4), std::memcpy(&want_bits, &want, 4);
+      ASSERT_EQ(got_bits, want_bits) << "column " << c << what << ": " << db[static_cast<size_t>(c)] << " against "
+                                     << want;
+    }
+  }
+}
+
+TEST(CudaEmulation, ColumnSumsAreTheDocumentedOrdersBits) { under_both_schedules(check_column_sum_bits); }
+
 // The first pass's chunks under both rules (kernels/cuda/column_chunks.h), at GPT-2's bias gradients (C,
 // 3C, 4C columns) for B = 8 and 64 and at the edges. The sums themselves under the long rule: ctest runs
 // the test above again with KRAKEN_CUDA_COLUMN_CHUNKS=long (cuda_emu.ColumnSumsWithLongChunks), where
