@@ -647,6 +647,16 @@ void bench_kernels(const DeviceInfo& dev, Report& r) {
         time_kernel([&] { sum_rows_bf16_cuda(db.data<uint16_t>(), dy.data<uint16_t>(), rows, cols, nullptr); }));
   }
   {
+    // The position embedding's gradient at B = 64: f32 wpe.grad += Σ over the 64 sequences of the bf16
+    // gradient, 64 rows of T·C columns — one chunk of column_sums.h, whose totals pass took 0.27 ms of the
+    // fifteenth session's step profile before one or two chunks got a thread per column.
+    const int64_t rows = 64, cols = 1024 * C;  // T = 1024
+    Tensor dx = normal({rows, cols}, 81).to(DType::BF16), dwpe = normal({cols}, 82);
+    row("position-embedding gradient, f32 += sum of 64 rows × 786432 bf16 (GPT-2 B = 64)",
+        2.0 * rows * cols + 8.0 * cols,
+        time_kernel([&] { sum_rows_bf16_to_f32_cuda(dwpe.data<float>(), dx.data<uint16_t>(), rows, cols, nullptr); }));
+  }
+  {
     Tensor logits = normal({N, Vp}, 19), dlogits = normal({N, Vp}, 20), losses = normal({N}, 21), lse = normal({N}, 22);
     Tensor targets = ids(N, 1, V, 3), dloss = Tensor::full({1}, 1.0f, Device::cuda(0));
     row("cross-entropy forward (8192×50304)", f * (1.0 * N * V + 3 * N),
