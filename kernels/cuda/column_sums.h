@@ -153,8 +153,9 @@ template <int K, typename Apply>
 void launch_column_totals(const float* partials, int64_t chunks, int64_t cols, Apply apply, cudaStream_t stream,
                           int sets = 1, int64_t set_stride = 0) {
   if (chunks <= kFewChunks) {
-    KRAKEN_KERNEL(dim3(static_cast<unsigned>((cols + kFewChunkThreads - 1) / kFewChunkThreads), static_cast<unsigned>(sets)),
-                  kFewChunkThreads, 0, stream, column_totals_few_chunks_kernel<K, Apply>)
+    const unsigned blocks = static_cast<unsigned>((cols + kFewChunkThreads - 1) / kFewChunkThreads);
+    KRAKEN_KERNEL(dim3(blocks, static_cast<unsigned>(sets)), kFewChunkThreads, 0, stream,
+                  column_totals_few_chunks_kernel<K, Apply>)
     (partials, chunks, cols, set_stride, apply);
   } else {
     KRAKEN_KERNEL(dim3(static_cast<unsigned>((cols + kTotalColumns - 1) / kTotalColumns), static_cast<unsigned>(sets)),

@@ -272,9 +272,9 @@ __device__ void write_row_gradient(T* dr, const T* xr, float l, int32_t t, bool 
 // 3 blocks an SM, as before the gradient pass had two paths (ptxas then gave the wide kernel 47 registers,
 // 2 blocks).
 template <typename T, bool kWide>
-__global__ void __launch_bounds__(kThreads, 3) cross_entropy_backward_kernel(T* dlogits, const T* logits, const float* lse, const int32_t* targets,
-                                              const float* dloss, int64_t count, int64_t Vp, int64_t V,
-                                              int32_t ignore_index) {
+__global__ void __launch_bounds__(kThreads, 3)
+    cross_entropy_backward_kernel(T* dlogits, const T* logits, const float* lse, const int32_t* targets,
+                                  const float* dloss, int64_t count, int64_t Vp, int64_t V, int32_t ignore_index) {
   const int64_t n = blockIdx.x;
   const int32_t t = targets[n];
   const bool ignored = t == ignore_index;
@@ -306,11 +306,11 @@ __device__ void fused_row(float* losses, float* lse, T* dlogits, const T* logits
 // thread) keep ~400 rows of 100 KB in flight, with as much dlogits written meanwhile, against 50 MB of L2
 // (0.829 ms at 8192 × 50304, three passes' bytes at 89% of the bandwidth). scale = dloss/count, computed on the host as the
 // backward kernel computes it from dloss[0].
-// kStaged (bf16 rows on 16-byte boundaries; 0.773 ms, 0.745–0.749 in the fifteenth session): the first pass keeps each 16-byte
-// pack it reads in shared memory, at its index, and the gradient pass takes it back from there — each
-// pack by the thread that kept it, so no barrier — so the row comes from memory once. Shared memory
-// (V/8)·16 bytes a block (98 KiB for GPT-2's vocabulary: 2 blocks an SM on an H100, 1 on an A100); the
-// same arithmetic in the same order, so the same bits.
+// kStaged (bf16 rows on 16-byte boundaries; 0.773 ms, 0.745–0.749 in the fifteenth session): the first
+// pass keeps each 16-byte pack it reads in shared memory, at its index, and the gradient pass takes it
+// back from there — each pack by the thread that kept it, so no barrier — so the row comes from memory
+// once. Shared memory (V/8)·16 bytes a block (98 KiB for GPT-2's vocabulary: 2 blocks an SM on an H100, 1
+// on an A100); the same arithmetic in the same order, so the same bits.
 template <typename T, bool kWide, bool kStaged>
 __global__ void cross_entropy_fused_kernel(float* losses, float* lse, T* dlogits, const T* logits,
                                            const int32_t* targets, float scale, int64_t Vp, int64_t V,
