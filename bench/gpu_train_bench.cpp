@@ -296,6 +296,10 @@ void bench_model(const char* label, const KrakenConfig& c, DType compute, int64_
   const bool optimizer_writes_copies = kraken::train::share_compute_copies(model, opt);
   const Tensor x = ids(B, T, c.vocab_size, 1), y = ids(B, T, c.vocab_size, 2);
   double last_loss = 0.0;
+  // Between steps the gradients' buffers are released (Module::release_grads), as the trainer does;
+  // KRAKEN_BENCH_ZERO_GRADS=1 zeroes them in place instead (zero_grad), to measure what that saves.
+  const char* zero_env = std::getenv("KRAKEN_BENCH_ZERO_GRADS");
+  const bool zero_grads_in_place = zero_env && std::strcmp(zero_env, "1") == 0;
   // Where the GPU waits for the host: the host's time to issue the forward and the backward against the
   // GPU's time from the step's first kernel to the end of each (events on the compute stream, recorded
   // as the host passes). A phase whose GPU time is no longer than its host time kept the GPU waiting.
@@ -317,14 +321,18 @@ void bench_model(const char* label, const KrakenConfig& c, DType compute, int64_
       host_forward += std::chrono::duration<double>(h1 - h0).count();
       host_backward += std::chrono::duration<double>(h2 - h1).count();
     }
-    std::vector<Tensor> grads;
-    for (const auto& p : params) grads.push_back(p.tensor.grad());
-    // As the trainer does: the clipping factor goes into the update (no separate pass scaling every
-    // gradient).
-    const double norm = kraken::optim::global_grad_norm(grads);
-    opt.step(grads, 6e-4f, static_cast<float>(kraken::optim::clip_coefficient(norm, 1.0)));
+    {
+      std::vector<Tensor> grads;
+      for (const auto& p : params) grads.push_back(p.tensor.grad());
+      // As the trainer does: the clipping factor goes into the update (no separate pass scaling every
+      // gradient).
+      const double norm = kraken::optim::global_grad_norm(grads);
+      opt.step(grads, 6e-4f, static_cast<float>(kraken::optim::clip_coefficient(norm, 1.0)));
+    }
     model.set_compute_copies_current(optimizer_writes_copies);  // the step rewrote them
-    model.zero_grad();
+    // As the trainer does (KRAKEN_BENCH_ZERO_GRADS=1: zeroed in place instead, for the A/B).
+    if (zero_grads_in_place) model.zero_grad();
+    else model.release_grads();
     last_loss = loss.item();  // (the gradient norm above synchronised once already)
     if (timed) {
       float f = 0.0f, b = 0.0f;
@@ -381,7 +389,8 @@ void bench_model(const char* label, const KrakenConfig& c, DType compute, int64_
     const auto h0 = Clock::now();
     kraken::runtime::backward(loss);
     std::snprintf(busy, sizeof busy, "%.1f", 1e3 * std::chrono::duration<double>(Clock::now() - h0).count());
-    model.zero_grad();
+    if (zero_grads_in_place) model.zero_grad();
+    else model.release_grads();
     kraken::runtime::synchronize(gpu);
   }
   const double tokens_per_s = static_cast<double>(B * T) / seconds;

@@ -134,4 +134,17 @@ void Module::zero_grad() {
   zero_all(grads);
 }
 
+void Module::release_grads(int64_t min_elements) {
+  std::vector<Tensor> zeroed;
+  for (const Tensor& t : parameters()) {
+    std::shared_ptr<TensorImpl>& grad = t.impl()->grad;
+    if (!grad) continue;
+    // Held by this parameter alone: no other handle on the gradient, no view of its memory.
+    const bool alone = grad.use_count() == 1 && grad->storage.use_count() == 1 && grad->offset == 0;
+    if (alone && grad->numel >= min_elements) grad.reset();
+    else zeroed.emplace_back(grad);
+  }
+  zero_all(zeroed);
+}
+
 }  // namespace kraken::runtime

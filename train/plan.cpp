@@ -13,6 +13,7 @@
 #include "optim/optex.h"
 #include "runtime/allocator.h"
 #include "runtime/autograd.h"
+#include "runtime/module.h"
 #include "runtime/ops.h"
 #include "runtime/rng.h"
 
@@ -68,6 +69,8 @@ planner::ModelDesc model_desc_of(const Config& c) {
   if (gpu_bf16) m.bytes_per_compute_copy = 2;
   else if (c.train.precision == "bf16" || c.model.degree > 1) m.bytes_per_compute_copy = 4;
   m.dp_gradient_buffers = 1;  // parallel::GradSync packs every gradient into flat bucket buffers
+  // The trainer releases the big gradients between steps (Trainer: Module::release_grads).
+  m.released_gradient_min_elements = static_cast<double>(runtime::Module::kReleasedGradientMinElements);
   m.limits.stage_needs_transformer_layer = true;  // layers_per_stage entries are ≥ 1
   m.limits.accumulation_covers_pipeline = true;   // the trainer's 1F1B needs grad_accum ≥ pp
   // Dropout masks would differ between ranks holding replicated activations, and OptEx's distances

@@ -618,7 +618,9 @@ RunSummary Trainer::run() {
     // OptEx groups: evaluation e reads micro-batches [e·A, (e + 1)·A) of this step's stream, exactly as
     // a single process running the N evaluations one after another would.
     while (batches_this_step < evaluation * A) next_batch();
-    s.model->zero_grad();
+    // (The gradients' big buffers are released rather than zeroed: each one's first contribution of the
+    // backward below becomes it. Module::release_grads.)
+    s.model->release_grads();
     for (auto& t : s.tied) t.zero_grad();
     std::vector<data::Batch> batches;
     for (int64_t micro = 0; micro < A; ++micro) batches.push_back(next_batch());
@@ -665,6 +667,9 @@ RunSummary Trainer::run() {
 
     std::vector<runtime::Tensor> grads, counted;
     for (const auto& p : s.params) {
+      // A parameter the backward did not reach has a zero gradient (released, it has none).
+      if (!p.tensor.grad().defined())
+        runtime::Tensor(p.tensor).set_grad(runtime::Tensor::zeros(p.tensor.shape(), p.tensor.dtype(), p.tensor.device()));
       grads.push_back(p.tensor.grad());
       // A replica or tied copy is counted once: on tp rank 0, at its owner.
       if (!p.spec.tied_copy && (!p.spec.replicated || s.coords().tp == 0)) counted.push_back(p.tensor.grad());

@@ -363,11 +363,13 @@ Prediction Layout::evaluate(const std::vector<int>& split) const {
     // AMP has no per-stage speed: name the device type of the stage's first group.
     sp.device_type = im.kind == CostModelKind::Amp ? im.cluster->device_of(im.cluster->groups[st.groups.front()]).name
                                                     : im.class_device[cls];
-    double params = 0, activation = 0;
+    double params = 0, released = 0, activation = 0;
     for (int i = split[j]; i < split[j + 1]; ++i) {
       sp.compute += im.class_compute[cls][i];
       sp.tp_comm += im.class_tp[cls][i];
       params += m.layers[i].params_per_rank(s.tp);
+      if (m.released_gradient_min_elements > 0)
+        released += m.layers[i].params_in_tensors_of_at_least(s.tp, m.released_gradient_min_elements);
       activation += m.layers[i].activation_per_rank(s.tp) * tokens * st.activation_bytes +
                     m.layers[i].compute_copy_per_rank(s.tp) * m.bytes_per_compute_copy;
     }
@@ -380,7 +382,11 @@ Prediction Layout::evaluate(const std::vector<int>& split) const {
     }
     sp.in_flight = std::min(s.pp - j, B);
     sp.memory.weights = params * m.bytes_per_param;
-    sp.memory.gradients = params * m.bytes_per_grad * (1 + (s.dp > 1 ? m.dp_gradient_buffers : 0));
+    // Released gradients (ModelDesc::released_gradient_min_elements) are absent at the peak only with one
+    // micro-batch, one stage and no data parallelism.
+    const bool released_at_peak = s.dp == 1 && s.pp == 1 && B == 1;
+    sp.memory.gradients =
+        (params - (released_at_peak ? released : 0)) * m.bytes_per_grad * (1 + (s.dp > 1 ? m.dp_gradient_buffers : 0));
     sp.memory.optimizer = params * (m.bytes_per_optimizer_state * m.optimizer_states + m.master_bytes());
     sp.memory.activations = activation * sp.in_flight;
     sp.memory_capacity = st.capacity;

@@ -183,6 +183,17 @@ const char* layer_kind_name(LayerKind kind) {
   return "?";
 }
 
+double LayerDesc::params_in_tensors_of_at_least(int tp, double min_elements) const {
+  double n = 0;
+  for (double t : tensors_sharded)
+    if (t / tp >= min_elements) n += t / tp;
+  for (double t : tensors_distributed)
+    if (t >= min_elements) n += t / tp;
+  for (double t : tensors_replicated)
+    if (t >= min_elements) n += t;
+  return n;
+}
+
 double ModelDesc::total_params() const {
   double n = -tied_params_split - tied_params_replicated;
   for (const LayerDesc& l : layers) n += l.params();
@@ -224,6 +235,8 @@ ModelDesc make_model_desc(const ModelConfig& c) {
   emb.kind = LayerKind::Embedding;
   (vp ? emb.params_split : emb.params_replicated) = V * C;
   emb.params_replicated += double(c.context) * C;
+  (vp ? emb.tensors_sharded : emb.tensors_replicated).push_back(V * C);  // wte
+  emb.tensors_replicated.push_back(double(c.context) * C);            // wpe
   emb.boundary_replicated = C;           // x0 (B, T, C): every sub-layer of layer 0 reads it
   emb.traffic_replicated = 3 * C;        // read a wte row and a wpe row, write x0
   emb.tp_allreduce_forward = vp ? 1 : 0;
@@ -254,8 +267,21 @@ ModelDesc make_model_desc(const ModelConfig& c) {
     layer.attention_flops_per_token = k * attention_flops;
     // The products' weights and biases (what a forward copies: LayerDesc::compute_copy_*).
     const double product_params = (4 + 2 * e) * C * C + b * (3 * C + C + e * C + C);
+    // Each sub-layer's tensors, as the model registers them: ln_1, c_attn, attn c_proj, ln_2, c_fc, mlp
+    // c_proj (weights, then the biases where the model has them).
+    const std::vector<double> matrices = {3 * C * C, C * C, e * C * C, e * C * C}, gains = {C, C};
+    const std::vector<double> split_biases = {3 * C, e * C}, proj_biases = {C, C};
     if (c.degree > 1) {
       // tp | k: a rank owns k/tp whole sub-layers, so everything divides.
+      for (int i = 0; i < c.degree; ++i) {
+        for (double t : matrices) layer.tensors_distributed.push_back(t);
+        for (double t : gains) layer.tensors_distributed.push_back(t);
+        if (c.bias) {
+          for (double t : split_biases) layer.tensors_distributed.push_back(t);
+          for (double t : proj_biases) layer.tensors_distributed.push_back(t);
+          for (double t : gains) layer.tensors_distributed.push_back(t);  // the LayerNorms' biases
+        }
+      }
       layer.params_split = k * sublayer_params;
       layer.compute_copy_split = k * product_params;
       layer.activation_split = k * (split_act + replicated_act);
@@ -269,6 +295,13 @@ ModelDesc make_model_desc(const ModelConfig& c) {
       // in each direction: after each row-parallel c_proj forward, at each column-parallel input backward.
       layer.params_split = (4 + 2 * e) * C * C + b * (3 * C + e * C);
       layer.params_replicated = sublayer_params - layer.params_split;
+      layer.tensors_sharded = matrices;
+      layer.tensors_replicated = gains;
+      if (c.bias) {
+        for (double t : split_biases) layer.tensors_sharded.push_back(t);
+        for (double t : proj_biases) layer.tensors_replicated.push_back(t);
+        for (double t : gains) layer.tensors_replicated.push_back(t);
+      }
       layer.compute_copy_split = layer.params_split;
       layer.compute_copy_replicated = b * 2 * C;  // the two c_proj biases
       layer.activation_split = split_act;
@@ -296,6 +329,10 @@ ModelDesc make_model_desc(const ModelConfig& c) {
   head.kind = LayerKind::LmHead;
   (vp ? head.params_split : head.params_replicated) = V * C;  // the tied wte copy (stored once with the embedding)
   head.params_replicated += C + b * C;  // ln_f
+  // (The tied wte's tensor is the embedding's: listed there. A stage holding the head alone holds a copy,
+  // but pp > 1 releases nothing at the peak anyway.)
+  head.tensors_replicated.push_back(C);
+  if (c.bias) head.tensors_replicated.push_back(C);
   (vp ? head.flops_per_token : head.flops_replicated_per_token) = 2 * C * V;
   (vp ? head.activation_split : head.activation_replicated) = V;
   head.activation_replicated += 2 * C + 2 + 1;  // LN_f input, output, statistics; the log-sum-exp
@@ -303,6 +340,8 @@ ModelDesc make_model_desc(const ModelConfig& c) {
   if (c.degree > 1) {
     head.params_split += k * C * C;
     head.params_replicated += b * C;  // conjunction bias, added after the all-reduce
+    head.tensors_sharded.push_back(k * C * C);
+    if (c.bias) head.tensors_replicated.push_back(C);
     head.flops_per_token += 2 * k * C * C;
     head.activation_split += k * C;   // concat_i(x_i), the conjunction's input
     head.tp_allreduce_forward = 1;

@@ -120,6 +120,12 @@ struct LayerDesc {
   double boundary_per_rank(int tp) const { return boundary_split / tp + boundary_replicated; }
   double traffic_per_rank(int tp) const { return traffic_split / tp + traffic_replicated; }
   double compute_copy_per_rank(int tp) const { return compute_copy_split / tp + compute_copy_replicated; }
+  // The elements of each parameter tensor, whole, for the gradients released between steps
+  // (ModelDesc::released_gradient_min_elements): sharded ones a rank holds 1/tp of (Megatron's splits),
+  // distributed ones a rank holds 1/tp of whole (Kraken's sub-layers), replicated ones every rank holds.
+  std::vector<double> tensors_sharded, tensors_distributed, tensors_replicated;
+  // Parameters per rank in tensors of at least min_elements elements on that rank.
+  double params_in_tensors_of_at_least(int tp, double min_elements) const;
 };
 
 struct ModelDesc {
@@ -137,6 +143,13 @@ struct ModelDesc {
   // Extra fp32 gradient copies a data-parallel rank keeps for the all-reduce (kraken-train's GradSync
   // packs every gradient into flat bucket buffers: 1). Counted only when dp > 1.
   int dp_gradient_buffers = 0;
+  // kraken-train releases each gradient buffer of at least this many elements between steps instead of
+  // zeroing it (runtime::Module::release_grads; 0: none is released). Only a data-parallel bucket's views
+  // are kept whatever their size. With one micro-batch a step, one stage and no data parallelism, those
+  // gradients do not exist at the step's peak, the forward's end: the backward makes them as it frees
+  // the activations. Otherwise an earlier micro-batch's backward made them before a later forward's
+  // peak, and every gradient counts.
+  double released_gradient_min_elements = 0;
   // Bytes of each LayerDesc::compute_copy parameter's per-forward copy (0: the forward computes from the
   // parameters themselves). kraken-train: 2 under mixed precision on a GPU (the bf16 casts), 4 on the
   // CPU's bf16 emulation (the widened copies) and for fp32 Kraken layers of degree > 1 (the stacks).

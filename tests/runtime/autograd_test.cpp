@@ -7,6 +7,7 @@
 #include <thread>
 
 #include "runtime/autograd.h"
+#include "runtime/module.h"
 #include "runtime/ops.h"
 
 namespace kraken::runtime {
@@ -147,6 +148,45 @@ TEST(Autograd, AGradientSeenElsewhereIsNeverTakenOrWrittenInPlace) {
   backward(ops::sum(ops::mul(u, u)));
   EXPECT_EQ(u.grad().to_vector(), (std::vector<float>{8.0f}));
   EXPECT_EQ(first.to_vector(), (std::vector<float>{8.0f})) << "the same tensor, accumulated in place";
+}
+
+// Module::release_grads: a gradient its parameter holds alone, of at least min_elements, goes (the next
+// backward's contribution becomes the gradient); a smaller one, or one whose memory something else
+// shares, is zeroed in its own buffer, which those others keep seeing.
+TEST(Autograd, ReleasedGradientsAreTheNextContributionAndSharedOnesStayZeroedInPlace) {
+  struct Three : Module {
+    Tensor big, small, shared;
+    Three() {
+      big = register_parameter("big", {4}, ParamSpec{});
+      small = register_parameter("small", {2}, ParamSpec{});
+      shared = register_parameter("shared", {4}, ParamSpec{});
+    }
+  } m;
+  m.initialize(3);
+  auto pass = [&] {
+    backward(ops::sum(ops::add(ops::add(ops::scale(m.big, 2.0f), ops::scale(m.shared, 3.0f)),
+                               ops::sum(ops::scale(m.small, 5.0f)))));
+  };
+  pass();
+  pass();
+  const Tensor kept = m.shared.grad();  // a handle held outside the parameter
+  const Tensor small_before = m.small.grad();
+  EXPECT_EQ(kept.to_vector(), std::vector<float>(4, 6.0f));
+  m.release_grads(/*min_elements=*/4);
+  EXPECT_FALSE(m.big.grad().defined()) << "held alone and large enough: released";
+  EXPECT_TRUE(m.small.grad().same(small_before)) << "below min_elements: the same buffer";
+  EXPECT_EQ(m.small.grad().to_vector(), std::vector<float>(2, 0.0f));
+  EXPECT_TRUE(m.shared.grad().same(kept)) << "shared: the same buffer";
+  EXPECT_EQ(kept.to_vector(), std::vector<float>(4, 0.0f)) << "and zeroed where its other holder sees it";
+  pass();
+  EXPECT_EQ(m.big.grad().to_vector(), std::vector<float>(4, 2.0f)) << "one pass's gradient, not added to the old";
+  EXPECT_EQ(m.small.grad().to_vector(), std::vector<float>(2, 20.0f));  // (5, summed over 4 broadcast elements)
+  EXPECT_EQ(kept.to_vector(), std::vector<float>(4, 3.0f));
+  // zero_grad keeps every buffer.
+  const Tensor big_before = m.big.grad();
+  m.zero_grad();
+  EXPECT_TRUE(m.big.grad().same(big_before));
+  EXPECT_EQ(big_before.to_vector(), std::vector<float>(4, 0.0f));
 }
 
 // KRAKEN_AUTOGRAD_SLOW_NODE_MS=x names, on stderr, each backward closure that kept the host x ms or more

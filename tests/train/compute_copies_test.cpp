@@ -44,9 +44,16 @@ struct Training {
       EXPECT_TRUE(train::share_compute_copies(*model, *opt));
     }
   }
-  // One step: loss, backward, update; returns the loss's bits.
-  uint32_t step(int seed, bool copies) {
-    model->zero_grad();
+  // One step: loss, backward, update; returns the loss's bits. With `release`, the gradients' buffers
+  // are released before it (Module::release_grads, every size), as the trainer does; else zeroed.
+  uint32_t step(int seed, bool copies, bool release = false) {
+    if (release) {
+      model->release_grads(/*min_elements=*/1);
+      for (const auto& p : model->named_parameters())  // nothing else holds them here
+        EXPECT_FALSE(p.tensor.grad().defined()) << p.name << "'s gradient was kept";
+    } else {
+      model->zero_grad();
+    }
     const Tensor loss = model->loss(ids(seed), ids(seed + 1), nullptr, false);
     runtime::backward(loss);
     opt->step(3e-3f);
@@ -69,6 +76,23 @@ TEST(ComputeCopies, TrainingOnTheOptimizersCopiesIsTrainingOnCasts) {
     // The optimizer's copies are the new parameters rounded to bf16.
     for (const auto& [param, copy] : kept.model->compute_copy_targets())
       EXPECT_EQ(copy.to_vector(), param.to(DType::BF16).to_vector()) << param.describe();
+  }
+}
+
+// Released gradients (the trainer's way between steps): each step's first contribution becomes the
+// gradient, where zeroed ones add it to zeros — the same values, so the same training bit for bit.
+TEST(ComputeCopies, ReleasedGradientsTrainAsZeroedOnes) {
+  for (const int64_t degree : {int64_t{1}, int64_t{2}}) {
+    SCOPED_TRACE("degree " + std::to_string(degree));
+    Training released(tiny(degree), true), zeroed(tiny(degree), true);
+    for (int s = 0; s < 4; ++s)
+      EXPECT_EQ(released.step(s, true, true), zeroed.step(s, true, false)) << "loss of step " << s;
+    const auto a = released.model->named_parameters(), b = zeroed.model->named_parameters();
+    ASSERT_EQ(a.size(), b.size());
+    for (size_t k = 0; k < a.size(); ++k) {
+      EXPECT_EQ(f32_bits(a[k].tensor), f32_bits(b[k].tensor)) << a[k].name;
+      EXPECT_EQ(a[k].tensor.grad().to_vector(), b[k].tensor.grad().to_vector()) << a[k].name << "'s gradient";
+    }
   }
 }
 
