@@ -10,7 +10,8 @@
 //
 // 1. Training throughput, mixed precision (bf16 activations and cuBLASLt products, f32 masters: the
 //    GPU's default) and fp32, of the trainer's step without the data loader (forward, cross-entropy,
-//    backward, global-norm clipping, AdamW, zero_grad, one loss.item()), bf16 at each --batch size
+//    backward, global-norm clipping, AdamW, release_grads — KRAKEN_BENCH_ZERO_GRADS=1: zero_grad —, one
+//    loss.item()) on uniform token ids (KRAKEN_BENCH_IDS=text: ids as text has them, zipf_ids), bf16 at each --batch size
 //    (default 8, 32 and 64 sequences of T = 1024; a size the device cannot hold is a row saying so), fp32
 //    at the first, on
 //      GPT-2 124M:           L = 12, C = 768, H = 12, T = 1024, degree 1, e = 4, biases, vocab 50257;
@@ -25,7 +26,8 @@
 //    baseline the bf16 rows are measured against.
 // 2. Achieved bandwidth of the memory-bound kernels at GPT-2 124M shapes (B·T = 8192 rows): layernorm,
 //    GELU, AdamW (124M parameters), cross-entropy (Vp = 50304), each as bytes it must move ÷ time,
-//    against the device's peak (memory clock × bus width × 2).
+//    against the device's peak (memory clock × bus width × 2); the embedding backward also at B = 64
+//    with uniform and with text-like ids.
 // 3. For context: GPT-2's MLP block (c_fc → GELU → c_proj) in bf16, forward and backward, with its GELU
 //    and bias gradients as kernels or in cuBLASLt's epilogues (KRAKEN_CUDA_EPILOGUES's levels: the
 //    training rows take the environment's, 1 when unset); the Kraken preset's sub-layer products one per
@@ -278,6 +280,24 @@ Tensor ids(int64_t B, int64_t T, int64_t vocab, uint64_t seed) {
   return Tensor::from_ints(v, {B, T}, Device::cuda(0));
 }
 
+// Token ids as text has them, roughly: Zipf's law with exponent 1 over the vocabulary, rank r taking id
+// r − 1 (GPT-2's BPE numbers its tokens about in order of frequency: " the" is 262, "," 11). Harsher than
+// English for the embedding backward's blocks of ids: here the first 128 ids get 48% of the positions,
+// where English text (the State of the Union corpus of scripts/setup-demo.sh) puts 30% in its busiest
+// 128 ids and 6.7% on its most frequent token (" the"; 8.8% on rank 1 here).
+Tensor zipf_ids(int64_t N, int64_t vocab, uint64_t seed) {
+  std::vector<double> cdf(static_cast<size_t>(vocab));
+  double total = 0.0;
+  for (int64_t r = 0; r < vocab; ++r) cdf[static_cast<size_t>(r)] = total += 1.0 / static_cast<double>(r + 1);
+  kraken::runtime::Generator gen(seed, 1);
+  std::vector<int32_t> v(static_cast<size_t>(N));
+  for (auto& x : v) {
+    const double u = static_cast<double>(gen.next_below(uint64_t{1} << 53)) / 9007199254740992.0 * total;
+    x = static_cast<int32_t>(std::min<int64_t>(std::upper_bound(cdf.begin(), cdf.end(), u) - cdf.begin(), vocab - 1));
+  }
+  return Tensor::from_ints(v, {N}, Device::cuda(0));
+}
+
 void bench_model(const char* label, const KrakenConfig& c, DType compute, int64_t B, const Options& o,
                  const DeviceInfo& dev, Report& r) {
   const Device gpu = Device::cuda(0);
@@ -294,7 +314,12 @@ void bench_model(const char* label, const KrakenConfig& c, DType compute, int64_
   // As the trainer does under mixed precision: AdamW rewrites the model's bf16 weight copies in its
   // update, and the forwards after a step cast nothing (KrakenModel::compute_copy_targets).
   const bool optimizer_writes_copies = kraken::train::share_compute_copies(model, opt);
-  const Tensor x = ids(B, T, c.vocab_size, 1), y = ids(B, T, c.vocab_size, 2);
+  // KRAKEN_BENCH_IDS=text: the tokens drawn as text has them (zipf_ids) instead of uniformly — what the
+  // embedding backward sees in real training (its frequent rows).
+  const char* ids_env = std::getenv("KRAKEN_BENCH_IDS");
+  const bool text_ids = ids_env && std::strcmp(ids_env, "text") == 0;
+  const Tensor x = text_ids ? zipf_ids(B * T, c.vocab_size, 1).reshape({B, T}) : ids(B, T, c.vocab_size, 1);
+  const Tensor y = text_ids ? zipf_ids(B * T, c.vocab_size, 2).reshape({B, T}) : ids(B, T, c.vocab_size, 2);
   double last_loss = 0.0;
   // Between steps the gradients' buffers are released (Module::release_grads), as the trainer does;
   // KRAKEN_BENCH_ZERO_GRADS=1 zeroes them in place instead (zero_grad), to measure what that saves.
@@ -644,6 +669,18 @@ void bench_kernels(const DeviceInfo& dev, Report& r) {
     row("embedding backward from the bf16 gradient (8192×768)", 2.0 * N * C + 4.0 * N + 2.0 * f * N * C,
         time_kernel([&] { embedding_backward_bf16_cuda(dwte.data<float>(), x0.data<uint16_t>(), tokens.data<int32_t>(), N,
                                                        Vt, C, nullptr); }));
+    // At GPT-2's B = 64, with uniform ids (as the training rows below feed the model) and with ids as
+    // text has them (zipf_ids: a few rows take thousands of positions each; the bytes counted the same).
+    const int64_t N64 = 64 * T;
+    Tensor dx64 = normal({N64, C}, 85).to(DType::BF16);
+    const Tensor uniform64 = ids(64, T, Vt, 6), text64 = zipf_ids(N64, Vt, 7);
+    for (const auto& [name, tok] : {std::pair<const char*, const Tensor*>{"uniform ids", &uniform64},
+                                    std::pair<const char*, const Tensor*>{"text-like (Zipf) ids", &text64}}) {
+      const std::string what = std::string("embedding backward from the bf16 gradient (65536×768, ") + name + ")";
+      row(what.c_str(), 2.0 * N64 * C + 4.0 * N64 + 2.0 * f * N64 * C,
+          time_kernel([&] { embedding_backward_bf16_cuda(dwte.data<float>(), dx64.data<uint16_t>(),
+                                                         tok->data<int32_t>(), N64, Vt, C, nullptr); }));
+    }
   }
   // Bias gradients: Σ over B·T rows of dy, the column sums of column_sums.h — c_fc's 3072 columns at B = 8,
   // and GPT-2's four at B = 64 (C, 3C, 4C: what the step's 48 launches run; their chunks follow

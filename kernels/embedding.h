@@ -3,10 +3,18 @@
 // Shapes: weight, dweight (V, C); ids (N,) i32, every id in [0, V) (the caller validates them: a
 // kernel cannot throw a helpful error from a GPU); out, dout (N, C).
 //   forward:  out[n, :] = weight[ids[n], :]
-//   backward: dweight[v, :] += Σ_{n : ids[n] = v} dout[n, :], summed in increasing n
-// The backward uses no float atomics: every (v, c) is accumulated by one thread in position order
-// (CPU: threads own channel blocks; GPU: blocks own id ranges and walk the positions in order), so
-// the result is bit-identical for any thread count and any launch.
+//   backward: dweight[v, :] += Σ_{n : ids[n] = v} dout[n, :], in f32, in this order:
+//     - a row with fewer than embedding_hot_count(N) positions: each dout[n] added to dweight[v] in
+//       increasing n;
+//     - a hot row (at least that many: text's frequent tokens — GPT-2's " the" is ~7% of English
+//       text): the positions cut into kEmbeddingHotSlices slices [s·L, (s + 1)·L), L = ⌈N / slices⌉;
+//       each slice's dout rows summed from 0 in increasing n, and the slices' sums added to dweight[v]
+//       in slice order (every slice, an empty one adding 0).
+// A hot row's sums run in parallel over its slices on a GPU, where one sequence of thousands of
+// dependent additions (each waiting for its row of dout from memory) would take milliseconds.
+// The backward uses no float atomics: every sum above has one order, on the CPU (threads own channel
+// blocks) as on the GPU (kernels/cuda/embedding.cu), so the result is bit-identical for any thread
+// count and any launch, and the same on both.
 #pragma once
 
 #include <cstdint>
@@ -14,6 +22,15 @@
 struct CUstream_st;
 
 namespace kraken::kernels {
+
+// The backward's order (above): a row is hot from max(256, ⌈N / 512⌉) positions (so at most 512 rows
+// are, which bounds the GPU's scratch for their slice sums), and its sum is cut into 16 slices.
+constexpr int64_t kEmbeddingHotSlices = 16;
+constexpr int64_t embedding_hot_count(int64_t N) {
+  const int64_t scaled = (N + 511) / 512;
+  return scaled > 256 ? scaled : 256;
+}
+constexpr int64_t embedding_slice_length(int64_t N) { return (N + kEmbeddingHotSlices - 1) / kEmbeddingHotSlices; }
 
 // ---- CPU ---------------------------------------------------------------------------------------
 void embedding_forward_cpu(float* out, const float* weight, const int32_t* ids, int64_t N, int64_t V, int64_t C);

@@ -11,7 +11,8 @@ namespace kraken::kernels::cuda_detail {
 
 // kCudnnAttention: cuDNN's fused attention (attention_cudnn.cu): its execution plan's workspace and, in
 // backward, the row sums Dᵢ the graph keeps in global memory.
-enum class ScratchSlot { kAttentionDelta, kColumnSums, kCudnnAttention, kCount };
+// kEmbeddingBackward: the embedding backward's id counts, hot rows and their slice sums (embedding.cu).
+enum class ScratchSlot { kAttentionDelta, kColumnSums, kCudnnAttention, kEmbeddingBackward, kCount };
 
 // At least `bytes` of device memory, 256-byte aligned. Growing frees the old buffer first (cudaFree waits
 // for the kernels still using it).

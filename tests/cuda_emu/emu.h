@@ -156,6 +156,14 @@ inline float __uint_as_float(unsigned x) {
   return f;
 }
 
+// Integer atomics: the fibers of the emulation run on one thread, one at a time, so a plain
+// read-modify-write is atomic here.
+inline int atomicAdd(int* p, int v) {
+  const int old = *p;
+  *p = old + v;
+  return old;
+}
+
 // The bit of every lane of the warp whose predicate is non-zero (all 32 lanes must call it).
 inline unsigned __ballot_sync(unsigned /*mask*/, int predicate) { return ::kraken_emu::warp_ballot(predicate != 0); }
 

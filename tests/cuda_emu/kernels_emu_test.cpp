@@ -1264,6 +1264,63 @@ void check_embedding_and_softmax() {
   emu::embedding_backward_cuda(dweight.data(), dout.data(), ids.data(), N, V, C, nullptr);
   kernels::embedding_backward_cpu(dweight_cpu.data(), dout.data(), ids.data(), N, V, C);
   EXPECT_EQ(dweight, dweight_cpu) << "emulated embedding backward: the ids' rows in id order, as on the CPU";
+  // The backward's other paths, bit for bit too, and both against the header's order rebuilt here: ids
+  // over several blocks' ranges (128 each); with N = 1100, two hot rows (≥ 256 positions: 7 and 131, in
+  // different blocks, interleaved with the others) summed slice by slice; C = 24 (4 columns a lane),
+  // C = 20 (a column a lane, and a pack's lanes past the row), and C = 24 with the buffers one float off
+  // 16-byte alignment (a column a lane); ids one int off 16-byte alignment (scalar id loads).
+  for (const int64_t Nb : {int64_t{300}, int64_t{1100}}) {
+    for (const auto& [Cb, skew] : {std::pair<int64_t, int64_t>{24, 0}, {20, 0}, {24, 1}}) {
+      const int64_t Vb = 300;
+      std::vector<int32_t> ids_b(static_cast<size_t>(Nb + 1));
+      for (int64_t n = 0; n < Nb; ++n) {
+        int32_t id = static_cast<int32_t>((n * n + 7 * n) % Vb);
+        if (Nb > 1000 && n % 5 < 2) id = 7;                             // 440 of 1100: hot
+        else if (Nb > 1000 && (n % 5 == 2 || (n % 5 == 3 && n % 3 == 0))) id = 131;  // 293: hot too
+        ids_b[static_cast<size_t>(n + skew)] = id;
+      }
+      const int32_t* idp = ids_b.data() + skew;
+      const std::vector<float> dout_b = normal(static_cast<size_t>(Nb * Cb + skew), 40);
+      std::vector<float> dw = normal(static_cast<size_t>(Vb * Cb + skew), 41), dw_cpu = dw;
+      emu::embedding_backward_cuda(dw.data() + skew, dout_b.data() + skew, idp, Nb, Vb, Cb, nullptr);
+      kernels::embedding_backward_cpu(dw_cpu.data() + skew, dout_b.data() + skew, idp, Nb, Vb, Cb);
+      const std::string what = "N " + std::to_string(Nb) + ", C " + std::to_string(Cb) + ", skew " + std::to_string(skew);
+      EXPECT_EQ(dw, dw_cpu) << "emulated embedding backward against the CPU, " << what;
+      // The order, from kernels/embedding.h.
+      std::vector<float> want = normal(static_cast<size_t>(Vb * Cb + skew), 41);
+      std::vector<int64_t> count(static_cast<size_t>(Vb), 0);
+      for (int64_t n = 0; n < Nb; ++n) count[static_cast<size_t>(idp[n])] += 1;
+      const int64_t hot = kernels::embedding_hot_count(Nb), L = kernels::embedding_slice_length(Nb);
+      int hot_rows = 0;
+      for (int64_t v = 0; v < Vb; ++v) {
+        float* dst = want.data() + skew + v * Cb;
+        const bool is_hot = count[static_cast<size_t>(v)] >= hot;
+        hot_rows += is_hot;
+        for (int64_t c = 0; c < Cb; ++c) {
+          if (!is_hot) {
+            for (int64_t n = 0; n < Nb; ++n)
+              if (idp[n] == v) dst[c] += dout_b[static_cast<size_t>(skew + n * Cb + c)];
+            continue;
+          }
+          for (int64_t sl = 0; sl < kernels::kEmbeddingHotSlices; ++sl) {
+            float part = 0.0f;
+            for (int64_t n = sl * L; n < std::min(Nb, (sl + 1) * L); ++n)
+              if (idp[n] == v) part += dout_b[static_cast<size_t>(skew + n * Cb + c)];
+            dst[c] += part;
+          }
+        }
+      }
+      EXPECT_EQ(hot_rows, Nb > 1000 ? 2 : 0) << what;
+      EXPECT_EQ(dw_cpu, want) << "the CPU's embedding backward against the documented order, " << what;
+      // From a bf16 gradient: the CPU's sums of it widened.
+      const std::vector<uint16_t> dout_16 = to_bf16(dout_b);
+      const std::vector<float> dout_wide = to_f32(dout_16);
+      std::vector<float> dw16 = normal(static_cast<size_t>(Vb * Cb + skew), 42), dw16_cpu = dw16;
+      emu::embedding_backward_bf16_cuda(dw16.data() + skew, dout_16.data() + skew, idp, Nb, Vb, Cb, nullptr);
+      kernels::embedding_backward_cpu(dw16_cpu.data() + skew, dout_wide.data() + skew, idp, Nb, Vb, Cb);
+      EXPECT_EQ(dw16, dw16_cpu) << "emulated bf16 embedding backward against the CPU's on the widened gradient, " << what;
+    }
+  }
 
   const int64_t rows = 13, width = 300;
   const std::vector<float> x = normal(static_cast<size_t>(rows * width), 33, 3.0f), dy = normal(x.size(), 34);

@@ -88,11 +88,34 @@ TEST(GpuLayerNorm, FusedResidualAddMatchesTheCpusTwoOps) {
 TEST(GpuEmbedding, ForwardAndBackwardAreBitIdenticalToTheCpu) {
   KRAKEN_REQUIRE_GPU();
   // 300 positions over 20 distinct ids: every used row collects ~15 contributions, summed in position
-  // order on both devices. V = 130 spans three of the GPU's 64-id blocks; C = 70 is not a multiple of 32.
+  // order on both devices. V = 130 spans two of the GPU's 128-id blocks; C = 70 is not a multiple of 32.
   const Tensor weight = leaf({130, 70}, 50);
   for (const Tensor& ids : {random_ids({4, 75}, 20, 51), random_ids({300}, 130, 52)}) {
     expect_matches_cpu([](const std::vector<Tensor>& v) { return ops::embedding(v[0], v[1]); }, {weight, ids}, 0.0, 0.0,
                        "embedding " + shape_str(ids.shape()));
+  }
+}
+
+// Text's frequent tokens: rows with at least embedding_hot_count(N) positions are summed slice by slice
+// (kernels/embedding.h), on the GPU in parallel, on the CPU in the same order. 8192 positions over GPT-2's
+// vocabulary: 8% on id 262, 5% on 11, 4% on 13 and 3% on 286 (hot: ≥ 256 each; 262 and 286 in one of the
+// GPU's id blocks and one class of it), 1.5% on 198 (not hot), the rest uniform; C = 768 (4 columns a
+// lane) and 70 (one).
+TEST(GpuEmbedding, FrequentTokensAreSummedInTheCpusOrder) {
+  KRAKEN_REQUIRE_GPU();
+  const int64_t N = 8192, V = 50257;
+  Generator gen(64, 1);
+  std::vector<int32_t> v(static_cast<size_t>(N));
+  for (auto& id : v) {
+    const uint64_t u = gen.next_below(1000);
+    id = u < 80 ? 262 : u < 130 ? 11 : u < 170 ? 13 : u < 200 ? 286 : u < 215 ? 198
+                                                 : static_cast<int32_t>(gen.next_below(static_cast<uint64_t>(V)));
+  }
+  const Tensor ids = Tensor::from_ints(v, {8, N / 8});
+  for (const int64_t C : {int64_t{768}, int64_t{70}}) {
+    const Tensor weight = leaf({V, C}, 65);
+    expect_matches_cpu([](const std::vector<Tensor>& t) { return ops::embedding(t[0], t[1]); }, {weight, ids}, 0.0, 0.0,
+                       "embedding with frequent tokens, C = " + std::to_string(C));
   }
 }
 
