@@ -337,6 +337,15 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
     if [[ -f "$logs/bench-$name.md" ]]; then grep -E '^\|' "$logs/bench-$name.md" >> "$report"; else md_tail "$logs/bench-$name.log" 20; fi
     [[ $rc -eq 0 ]] || fail "benchmark with ${setting:-the defaults}, $what (exit status $rc)"
   }
+  # GPT-2's step on token ids as text has them (KRAKEN_BENCH_IDS=text: Zipf's law; uniform ids, the
+  # default rows, never give the embedding backward a frequent row — text gives it thousands of positions
+  # a step on " the": the sixteenth session's sliced sums, bench/RESULTS.md).
+  bench_variant textids KRAKEN_BENCH_IDS=text 120 90 "GPT-2 on text-like token ids" \
+    --training-only --model gpt2 --batch 8,64
+  # The gradients zeroed in place between steps (KRAKEN_BENCH_ZERO_GRADS=1, the way before the sixteenth
+  # session) against the default's released buffers (Module::release_grads).
+  bench_variant zerograds KRAKEN_BENCH_ZERO_GRADS=1 120 90 "gradients zeroed in place, not released" \
+    --training-only --model gpt2 --batch 8,64
   # The cross-entropy's staged kernel (KRAKEN_CUDA_CROSS_ENTROPY=staged, the default before the fifteenth
   # session, which made the pipelined kernel the default) in the steps: both kernels' rows are in the main
   # benchmark's table.

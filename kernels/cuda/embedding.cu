@@ -8,13 +8,13 @@
 // is added); in each chunk the positions whose id it owns (and is not hot) are compacted, in position
 // order (warp ballots and a prefix over the warps), into shared memory, and then added. The adding is
 // split into tasks: (class, column pack), class = (id − lo) mod kClasses, a pack = 32 lanes × kCols
-// columns (4 in one access where C allows, else 1); task t goes to warp t mod kWarps, so a row's packs
-// run on different warps. A task walks its class's entries in list order kBatch at a time: the gradient
+// columns (8 in 16-byte accesses where C allows, else 1); task t goes to warp t mod kWarps, so a row's
+// packs run on different warps. A task walks its class's entries in list order kBatch at a time: the gradient
 // rows of the batch and the dweight rows they go to are loaded together, then added in order, a row held
 // in registers while consecutive entries add to it. So every such dweight[v, c] is written by one lane
 // of one warp of one block, with its contributions in increasing position.
 // A hot row: block (h, s) sums hot row h's positions in slice s from 0 (the same compaction over the
-// slice, then each warp a column pack, kBatch rows of dout in flight) into its slot of the scratch, and
+// slice, then each warp a column pack of 4 columns a lane, kHotBatch rows of dout in flight) into its slot of the scratch, and
 // one block per hot row adds the slices' sums to dweight in slice order.
 // So the result is bit-identical on every launch, and the CPU's.
 // (Until the sixteenth session every row went the first way, with chunks of 256 positions and the whole
@@ -44,7 +44,7 @@ constexpr int kIdsPerThread = 4;
 constexpr int kChunk = kThreads * kIdsPerThread;  // positions listed per pass
 constexpr int kIdsPerBlock = 128;                 // 50257 GPT-2 ids -> 393 blocks: 3 an SM, one wave on an H100
 constexpr int kClasses = 8;
-constexpr int kBatch = 4;                         // a task's entries whose loads are in flight together
+constexpr int kBatch = 2;                         // a task's entries whose loads are in flight together
 constexpr int kHotBatch = 8;                      // the same for a hot row's slice sum
 constexpr int kHotSlices = static_cast<int>(kEmbeddingHotSlices);
 
@@ -126,11 +126,14 @@ __global__ void embedding_positions_bf16x8_kernel(__nv_bfloat16* out, const floa
   }
 }
 
-// kCols consecutive elements widened to f32 and f32 stored back: kCols = 4 in one access (16 bytes of f32,
-// 8 of bf16: the caller checked the alignment), kCols = 1 through load/store.
+// kCols consecutive elements widened to f32 and f32 stored back: kCols = 8 through load8/store8 (16-byte
+// accesses), kCols = 4 in one access (16 bytes of f32, 8 of bf16), the caller having checked the alignment;
+// kCols = 1 through load/store.
 template <int kCols>
 __device__ __forceinline__ void load_cols(const float* p, float (&v)[kCols]) {
-  if constexpr (kCols == 4) {
+  if constexpr (kCols == 8) {
+    load8(p, v);
+  } else if constexpr (kCols == 4) {
     const float4 q = *reinterpret_cast<const float4*>(p);
     v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
   } else {
@@ -139,7 +142,9 @@ __device__ __forceinline__ void load_cols(const float* p, float (&v)[kCols]) {
 }
 template <int kCols>
 __device__ __forceinline__ void load_cols(const __nv_bfloat16* p, float (&v)[kCols]) {
-  if constexpr (kCols == 4) {  // a bf16 is the high half of its f32: widening is a shift
+  if constexpr (kCols == 8) {
+    load8(p, v);
+  } else if constexpr (kCols == 4) {  // a bf16 is the high half of its f32: widening is a shift
     const uint2 q = *reinterpret_cast<const uint2*>(p);
     v[0] = __uint_as_float(q.x << 16), v[1] = __uint_as_float(q.x & 0xffff0000u);
     v[2] = __uint_as_float(q.y << 16), v[3] = __uint_as_float(q.y & 0xffff0000u);
@@ -149,7 +154,8 @@ __device__ __forceinline__ void load_cols(const __nv_bfloat16* p, float (&v)[kCo
 }
 template <int kCols>
 __device__ __forceinline__ void store_cols(float* p, const float (&v)[kCols]) {
-  if constexpr (kCols == 4) *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+  if constexpr (kCols == 8) store8(p, v);
+  else if constexpr (kCols == 4) *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
   else *p = v[0];
 }
 
@@ -333,8 +339,10 @@ void embedding_backward(float* dweight, const T* dout, const int32_t* ids, int64
                         CUstream_st* stream) {
   // in the forward pass this was: out[n, :] = weight[ids[n], :]
   if (N * C <= 0 || V <= 0) return;
-  // 4 columns in one access: rows of a multiple of 4 and dweight 16-byte aligned, dout aligned to its 4
-  // elements' bytes (16 of f32, 8 of bf16).
+  // Columns a lane in one access: the other rows' kernel 8 (16-byte accesses: rows of a multiple of 8,
+  // dweight and dout 16-byte aligned), the hot slices' kernel 4 (rows of a multiple of 4, dweight 16-byte
+  // aligned, dout aligned to its 4 elements' bytes: 16 of f32, 8 of bf16); else one.
+  const bool wide8 = C % 8 == 0 && aligned16(dweight) && aligned16(dout);
   const bool wide = C % 4 == 0 && aligned16(dweight) && reinterpret_cast<uintptr_t>(dout) % (4 * sizeof(T)) == 0;
   // Hot rows exist only where N reaches the threshold; at most N / hot_count of them.
   const int64_t hot_count = embedding_hot_count(N), max_hot = N / hot_count;
@@ -373,8 +381,8 @@ void embedding_backward(float* dweight, const T* dout, const int32_t* ids, int64
     KRAKEN_CUDA_LAUNCH_CHECK();
   }
   const unsigned int blocks = static_cast<unsigned int>((V + kIdsPerBlock - 1) / kIdsPerBlock);
-  if (wide)
-    KRAKEN_KERNEL(blocks, kThreads, 0, stream, embedding_backward_kernel<T, 4>)(dweight, dout, ids, hot_slot, N, V, C);
+  if (wide8)
+    KRAKEN_KERNEL(blocks, kThreads, 0, stream, embedding_backward_kernel<T, 8>)(dweight, dout, ids, hot_slot, N, V, C);
   else
     KRAKEN_KERNEL(blocks, kThreads, 0, stream, embedding_backward_kernel<T, 1>)(dweight, dout, ids, hot_slot, N, V, C);
   KRAKEN_CUDA_LAUNCH_CHECK();

@@ -1266,9 +1266,9 @@ void check_embedding_and_softmax() {
   EXPECT_EQ(dweight, dweight_cpu) << "emulated embedding backward: the ids' rows in id order, as on the CPU";
   // The backward's other paths, bit for bit too, and both against the header's order rebuilt here: ids
   // over several blocks' ranges (128 each); with N = 1100, two hot rows (≥ 128 positions: 7 and 131, in
-  // different blocks, interleaved with the others) summed slice by slice; C = 24 (4 columns a lane),
-  // C = 20 (a column a lane, and a pack's lanes past the row), and C = 24 with the buffers one float off
-  // 16-byte alignment (a column a lane); ids one int off 16-byte alignment (scalar id loads).
+  // different blocks, interleaved with the others) summed slice by slice; C = 24 (8 columns a lane, the
+  // hot slices 4), C = 20 (a column a lane, the hot slices 4; lanes past the row), and C = 24 with the
+  // buffers one float off 16-byte alignment (a column a lane); ids one int off 16-byte alignment.
   for (const int64_t Nb : {int64_t{300}, int64_t{1100}}) {
     for (const auto& [Cb, skew] : {std::pair<int64_t, int64_t>{24, 0}, {20, 0}, {24, 1}}) {
       const int64_t Vb = 300;
