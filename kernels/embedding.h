@@ -23,12 +23,12 @@ struct CUstream_st;
 
 namespace kraken::kernels {
 
-// The backward's order (above): a row is hot from max(128, ⌈N / 512⌉) positions (so at most 512 rows
+// The backward's order (above): a row is hot from max(32, ⌈N / 512⌉) positions (so at most 512 rows
 // are, which bounds the GPU's scratch for their slice sums), and its sum is cut into 16 slices.
 constexpr int64_t kEmbeddingHotSlices = 16;
 constexpr int64_t embedding_hot_count(int64_t N) {
   const int64_t scaled = (N + 511) / 512;
-  return scaled > 128 ? scaled : 128;
+  return scaled > 32 ? scaled : 32;
 }
 constexpr int64_t embedding_slice_length(int64_t N) { return (N + kEmbeddingHotSlices - 1) / kEmbeddingHotSlices; }
 

@@ -349,7 +349,7 @@ void embedding_backward(float* dweight, const T* dout, const int32_t* ids, int64
   int32_t* hot_slot = nullptr;
   if (max_hot > 0) {
     // Scratch: counts (V), hot_slot (V), hot_rows (max_hot), the hot total, then the slice sums (f32,
-    // 16-byte aligned): 25 MB at GPT-2's B = 64 (N / 128 = 512 possible hot rows, C = 768), never more.
+    // 16-byte aligned): never more than 512 possible hot rows (kernels/embedding.h), 25 MB at C = 768.
     const size_t ints = static_cast<size_t>(2 * V + max_hot + 1), ints_bytes = (ints * sizeof(int32_t) + 255) / 256 * 256;
     const size_t sums_bytes = static_cast<size_t>(max_hot * kHotSlices * C) * sizeof(float);
     char* scratch = static_cast<char*>(cuda_detail::device_scratch(cuda_detail::ScratchSlot::kEmbeddingBackward,

@@ -1265,7 +1265,7 @@ void check_embedding_and_softmax() {
   kernels::embedding_backward_cpu(dweight_cpu.data(), dout.data(), ids.data(), N, V, C);
   EXPECT_EQ(dweight, dweight_cpu) << "emulated embedding backward: the ids' rows in id order, as on the CPU";
   // The backward's other paths, bit for bit too, and both against the header's order rebuilt here: ids
-  // over several blocks' ranges (128 each); with N = 1100, two hot rows (≥ 128 positions: 7 and 131, in
+  // over several blocks' ranges (128 each); with N = 1100, hot rows (≥ 32 positions: 7 and 131, in
   // different blocks, interleaved with the others) summed slice by slice; C = 24 (8 columns a lane, the
   // hot slices 4), C = 20 (a column a lane, the hot slices 4; lanes past the row), and C = 24 with the
   // buffers one float off 16-byte alignment (a column a lane); ids one int off 16-byte alignment.
@@ -1310,7 +1310,8 @@ void check_embedding_and_softmax() {
           }
         }
       }
-      EXPECT_EQ(hot_rows, Nb > 1000 ? 2 : 0) << what;
+      if (Nb > 1000) EXPECT_GE(hot_rows, 2) << what;  // 7 and 131, and a few of the formula's
+      else EXPECT_EQ(hot_rows, 0) << what;
       EXPECT_EQ(dw_cpu, want) << "the CPU's embedding backward against the documented order, " << what;
       // From a bf16 gradient: the CPU's sums of it widened.
       const std::vector<uint16_t> dout_16 = to_bf16(dout_b);
