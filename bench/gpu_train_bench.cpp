@@ -11,7 +11,8 @@
 // 1. Training throughput, mixed precision (bf16 activations and cuBLASLt products, f32 masters: the
 //    GPU's default) and fp32, of the trainer's step without the data loader (forward, cross-entropy,
 //    backward, global-norm clipping, AdamW, release_grads — KRAKEN_BENCH_ZERO_GRADS=1: zero_grad —, one
-//    loss.item()) on uniform token ids (KRAKEN_BENCH_IDS=text: ids as text has them, zipf_ids), bf16 at each --batch size
+//    loss.item()) on uniform token ids (KRAKEN_BENCH_IDS=text: ids as text has them, zipf_ids), bf16 at
+//    each --batch size
 //    (default 8, 32 and 64 sequences of T = 1024; a size the device cannot hold is a row saying so), fp32
 //    at the first, on
 //      GPT-2 124M:           L = 12, C = 768, H = 12, T = 1024, degree 1, e = 4, biases, vocab 50257;

@@ -669,7 +669,8 @@ RunSummary Trainer::run() {
     for (const auto& p : s.params) {
       // A parameter the backward did not reach has a zero gradient (released, it has none).
       if (!p.tensor.grad().defined())
-        runtime::Tensor(p.tensor).set_grad(runtime::Tensor::zeros(p.tensor.shape(), p.tensor.dtype(), p.tensor.device()));
+        runtime::Tensor(p.tensor).set_grad(
+            runtime::Tensor::zeros(p.tensor.shape(), p.tensor.dtype(), p.tensor.device()));
       grads.push_back(p.tensor.grad());
       // A replica or tied copy is counted once: on tp rank 0, at its owner.
       if (!p.spec.tied_copy && (!p.spec.replicated || s.coords().tp == 0)) counted.push_back(p.tensor.grad());

@@ -14,7 +14,8 @@
 // in registers while consecutive entries add to it. So every such dweight[v, c] is written by one lane
 // of one warp of one block, with its contributions in increasing position.
 // A hot row: block (h, s) sums hot row h's positions in slice s from 0 (the same compaction over the
-// slice, then each warp a column pack of 4 columns a lane, kHotBatch rows of dout in flight) into its slot of the scratch, and
+// slice, then each warp a column pack of 4 columns a lane, kHotBatch rows of dout in flight) into its
+// slot of the scratch, and
 // one block per hot row adds the slices' sums to dweight in slice order.
 // So the result is bit-identical on every launch, and the CPU's.
 // (Until the sixteenth session every row went the first way, with chunks of 256 positions and the whole
@@ -350,7 +351,8 @@ void embedding_backward(float* dweight, const T* dout, const int32_t* ids, int64
   if (max_hot > 0) {
     // Scratch: counts (V), hot_slot (V), hot_rows (max_hot), the hot total, then the slice sums (f32,
     // 16-byte aligned): never more than 512 possible hot rows (kernels/embedding.h), 25 MB at C = 768.
-    const size_t ints = static_cast<size_t>(2 * V + max_hot + 1), ints_bytes = (ints * sizeof(int32_t) + 255) / 256 * 256;
+    const size_t ints = static_cast<size_t>(2 * V + max_hot + 1);
+    const size_t ints_bytes = (ints * sizeof(int32_t) + 255) / 256 * 256;
     const size_t sums_bytes = static_cast<size_t>(max_hot * kHotSlices * C) * sizeof(float);
     char* scratch = static_cast<char*>(cuda_detail::device_scratch(cuda_detail::ScratchSlot::kEmbeddingBackward,
                                                                    ints_bytes + sums_bytes));

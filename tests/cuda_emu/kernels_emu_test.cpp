@@ -1284,7 +1284,8 @@ void check_embedding_and_softmax() {
       std::vector<float> dw = normal(static_cast<size_t>(Vb * Cb + skew), 41), dw_cpu = dw;
       emu::embedding_backward_cuda(dw.data() + skew, dout_b.data() + skew, idp, Nb, Vb, Cb, nullptr);
       kernels::embedding_backward_cpu(dw_cpu.data() + skew, dout_b.data() + skew, idp, Nb, Vb, Cb);
-      const std::string what = "N " + std::to_string(Nb) + ", C " + std::to_string(Cb) + ", skew " + std::to_string(skew);
+      const std::string what =
+          "N " + std::to_string(Nb) + ", C " + std::to_string(Cb) + ", skew " + std::to_string(skew);
       EXPECT_EQ(dw, dw_cpu) << "emulated embedding backward against the CPU, " << what;
       // The order, from kernels/embedding.h.
       std::vector<float> want = normal(static_cast<size_t>(Vb * Cb + skew), 41);
@@ -1319,7 +1320,8 @@ void check_embedding_and_softmax() {
       std::vector<float> dw16 = normal(static_cast<size_t>(Vb * Cb + skew), 42), dw16_cpu = dw16;
       emu::embedding_backward_bf16_cuda(dw16.data() + skew, dout_16.data() + skew, idp, Nb, Vb, Cb, nullptr);
       kernels::embedding_backward_cpu(dw16_cpu.data() + skew, dout_wide.data() + skew, idp, Nb, Vb, Cb);
-      EXPECT_EQ(dw16, dw16_cpu) << "emulated bf16 embedding backward against the CPU's on the widened gradient, " << what;
+      EXPECT_EQ(dw16, dw16_cpu) << "emulated bf16 embedding backward against the CPU's on the widened gradient, "
+                                << what;
     }
   }
 

@@ -3,7 +3,7 @@
 // the Philox fills, forward and backward; and the device ops' errors. Skips where there is no GPU.
 //
 // Tolerances (relative to the reference's largest magnitude; see gpu_test_util.h):
-//   0      embedding (a copy forward; contributions added in position order on both devices backward),
+//   0      embedding (a copy forward; backward, contributions added in kernels/embedding.h's order on both devices),
 //          dropout (the same Philox mask and one product per element), uniform fills;
 //   1e-5   one reduction of ≤ 1,000 terms per output (layernorm rows, softmax rows, dgamma over rows,
 //          cross-entropy's log-sum-exp over V), plus expf (CUDA, 2 ulp) against the CPU's polynomial exp
