@@ -9,14 +9,13 @@
 // order (warp ballots and a prefix over the warps), into shared memory, and then added. The adding is
 // split into tasks: (class, column pack), class = (id − lo) mod kClasses, a pack = 32 lanes × kCols
 // columns (8 in 16-byte accesses where C allows, else 1); task t goes to warp t mod kWarps, so a row's
-// packs run on different warps. A task walks its class's entries in list order kBatch at a time: the gradient
-// rows of the batch and the dweight rows they go to are loaded together, then added in order, a row held
-// in registers while consecutive entries add to it. So every such dweight[v, c] is written by one lane
-// of one warp of one block, with its contributions in increasing position.
+// packs run on different warps. A task walks its class's entries in list order kBatch at a time: the
+// gradient rows of the batch and the dweight rows they go to are loaded together, then added in order, a
+// row held in registers while consecutive entries add to it. So every such dweight[v, c] is written by one
+// lane of one warp of one block, with its contributions in increasing position.
 // A hot row: block (h, s) sums hot row h's positions in slice s from 0 (the same compaction over the
-// slice, then each warp a column pack of 4 columns a lane, kHotBatch rows of dout in flight) into its
-// slot of the scratch, and
-// one block per hot row adds the slices' sums to dweight in slice order.
+// slice, then each warp a column pack of 4 columns a lane, kHotBatch rows of dout in flight) into its slot
+// of the scratch, and one block per hot row adds the slices' sums to dweight in slice order.
 // So the result is bit-identical on every launch, and the CPU's.
 // (Until the sixteenth session every row went the first way, with chunks of 256 positions and the whole
 // block adding one contribution after another, a thread per column in 2-byte loads: a round trip to
