@@ -281,6 +281,12 @@ test_variant mma KRAKEN_CUDA_ATTENTION=mma 90 \
 test_variant cudnn KRAKEN_CUDA_ATTENTION=cudnn 120 \
   'GpuAttentionCudnn.*:GpuAttentionTc.DispatchTakesOnePathForForwardAndBackward:GpuAttentionMma.GroupIsEachInputsOwnAttention:GpuModel.*:GpuTrainer.MixedPrecision*' \
   "GpuAttentionCudnn.*, the dispatch, the group, the models"
+# cuDNN's attention on the fastest of the engine configurations it offers (KRAKEN_CUDNN_ATTENTION_TUNE, a
+# measurement mode built in the seventeenth session, never run): still right against the mma kernels, and
+# still bit-reproducible, on whichever configuration wins (the repeat test reuses the tuned plans).
+test_variant attntune "KRAKEN_CUDNN_ATTENTION_TUNE=8 KRAKEN_CUDA_ATTENTION=cudnn" 150 \
+  'GpuAttentionCudnn.AgreesWithTheMmaKernelsLseIncluded:GpuAttentionCudnn.RepeatedRunsAreBitIdentical' \
+  "cuDNN's engine configurations timed: against mma, repeated runs"
 # Every product on the fastest of cuBLASLt's algorithms by timing (KRAKEN_CUBLASLT_TUNE, a measurement
 # mode): the products still right on whichever algorithm wins.
 test_variant tune KRAKEN_CUBLASLT_TUNE=8 90 'GpuMatmulBf16.*:GpuMlp.*:GpuGroupedLinear.*:GpuLinear.*' \
@@ -346,6 +352,11 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
   # session) against the default's released buffers (Module::release_grads).
   bench_variant zerograds KRAKEN_BENCH_ZERO_GRADS=1 120 90 "gradients zeroed in place, not released" \
     --training-only --model gpt2 --batch 8,64
+  # cuDNN's attention on the fastest of its own engine configurations (KRAKEN_CUDNN_ATTENTION_TUNE: modes A, B
+  # and FALLBACK, and each with one knob moved; kernels/cuda/attention_cudnn.cu): one line a shape with every
+  # configuration's time, and the steps on the winners. The Kraken preset's D = 168 is the case that asks.
+  bench_variant attntune KRAKEN_CUDNN_ATTENTION_TUNE=8 200 180 "cuDNN's attention configurations timed" \
+    --training-only --batch 64
   # The cross-entropy's staged kernel (KRAKEN_CUDA_CROSS_ENTROPY=staged, the default before the fifteenth
   # session, which made the pipelined kernel the default) in the steps: both kernels' rows are in the main
   # benchmark's table.

@@ -75,7 +75,8 @@
 // for the process; a shape cuDNN refuses is remembered with the reason. One cuDNN handle per device; its
 // stream is set on every call. The workspace comes from device_scratch (kernels/cuda/scratch.h), so a
 // steady-state step allocates nothing. The first plan of a shape costs cuDNN's runtime compilation
-// (NVRTC; seconds), which is why plans are cached.
+// (NVRTC; seconds), which is why plans are cached. KRAKEN_CUDNN_ATTENTION_TUNE=n, a measurement mode, times
+// other configurations on a shape's first call and keeps the fastest (tune_once, below).
 #include "kernels/attention.h"
 
 #include <cstdint>
@@ -87,6 +88,7 @@
 
 #if KRAKEN_WITH_CUDNN
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdio>
@@ -423,6 +425,21 @@ size_t dq_accumulator_bytes(const Shape& s) { return static_cast<size_t>(s.B * s
 
 enum class Direction { kForward, kBackward };
 
+// An engine configuration by value: cuDNN's engine (its global index) and the values of its knobs.
+struct EngineChoice {
+  int64_t engine = -1;
+  std::vector<std::pair<int64_t, int64_t>> knobs;  // (cudnnBackendKnobType_t, value), sorted by type
+  bool operator==(const EngineChoice& o) const { return engine == o.engine && knobs == o.knobs; }
+};
+
+// KRAKEN_CUDNN_ATTENTION_TUNE: one more plan of the same graph, to be timed against the plan in use.
+struct Candidate {
+  std::vector<std::unique_ptr<Desc>> descs;  // the engine, its knob choices and configuration
+  std::unique_ptr<Desc> plan;
+  int64_t workspace = 0;
+  EngineChoice choice;
+};
+
 struct Plan {
   std::unique_ptr<GraphBuilder> graph;  // the descriptors the plan was built from
   std::unique_ptr<Desc> plan;
@@ -430,6 +447,12 @@ struct Plan {
   std::string error;      // non-empty: cuDNN refused the shape, and why
   bool nondeterministic = false;  // an engine cuDNN marks non-deterministic (only where asked for, below)
   DqPath dq_path = DqPath::kDirect;  // backward: the graph the plan was built from
+  // KRAKEN_CUDNN_ATTENTION_TUNE only: the operation graph, whether its engines' notes are checked, the
+  // configuration in use, and whether the first call has timed the others yet.
+  const Desc* op_graph = nullptr;
+  bool check_notes = true;
+  EngineChoice choice;
+  bool tuned = false;
 };
 
 struct DeviceState {
@@ -477,6 +500,287 @@ bool has_note(const Desc& engine, cudnnBackendNumericalNote_t wanted) {
   for (int64_t i = 0; i < count; ++i)
     if (notes[i] == wanted) return true;
   return false;
+}
+
+cudnnHandle_t current_handle();
+
+// ---- KRAKEN_CUDNN_ATTENTION_TUNE: cuDNN's other engine configurations, timed -------------------------------
+
+// KRAKEN_CUDNN_ATTENTION_TUNE=n (read once; 2 ≤ n ≤ 64): a measurement mode, the attention's counterpart
+// of KRAKEN_CUBLASLT_TUNE (kernels/cuda/matmul_lt.cu). The plan in use is heuristics mode A's first
+// configuration that finalizes (build_plan_of). Under this switch a shape's first call also builds up to
+// n − 1 others of the same graph and times them all on that call's buffers: every configuration that
+// heuristics modes A, B and FALLBACK offer, then each of those with one knob moved to every other value
+// its engine's CUDNN_ATTR_ENGINE_KNOB_INFO allows (tile sizes, kernel configurations: the engine's own
+// list, not guessed here). Engines marked non-deterministic are passed over where the plan in use checks
+// that note. It keeps the fastest and says so on stderr, one line a shape, each configuration named by
+// engine and knobs. Why: the Kraken preset's heads (D = 168) spend ~57 of its 178 ms of kernels in cuDNN's
+// attention at ~118 TFLOP/s backward, against 184 at GPT-2's D = 64 (bench/RESULTS.md), and mode A's
+// first choice was never compared with anything cuDNN itself offers. Building a configuration compiles
+// it (NVRTC; seconds), so n bounds the cost. Unset, 0 or 1: mode A's first, as always.
+int attention_tune_limit() {
+  static const int n = [] {
+    const char* v = std::getenv("KRAKEN_CUDNN_ATTENTION_TUNE");
+    if (v == nullptr || *v == '\0') return 1;
+    char* end = nullptr;
+    const long parsed = std::strtol(v, &end, 10);
+    if (*end != '\0' || parsed < 0 || parsed > 64)
+      KRAKEN_THROW("KRAKEN_CUDNN_ATTENTION_TUNE=", v,
+                   ": expected how many of cuDNN's engine configurations to time, 2 to 64 (0 or 1: none)");
+    return parsed < 1 ? 1 : static_cast<int>(parsed);
+  }();
+  return n;
+}
+
+// The knob types' names in cudnnBackendKnobType_t's order (cudnn_graph.h), for the report.
+const char* knob_name(int64_t type) {
+  static const char* const kNames[] = {
+      "SPLIT_K", "SWIZZLE", "TILE_SIZE", "USE_TEX", "EDGE", "KBLOCK", "LDGA", "LDGB", "CHUNK_K", "SPLIT_H",
+      "WINO_TILE", "MULTIPLY", "SPLIT_K_BUF", "TILEK", "STAGES", "REDUCTION_MODE", "CTA_SPLIT_K_MODE",
+      "SPLIT_K_SLC", "IDX_MODE", "SLICED", "SPLIT_RS", "SINGLEBUFFER", "LDGC", "SPECFILT", "KERNEL_CFG",
+      "WORKSPACE", "TILE_CGA", "TILE_CGA_M", "TILE_CGA_N", "BLOCK_SIZE", "OCCUPANCY", "ARRAY_SIZE_PER_THREAD",
+      "NUM_C_PER_BLOCK", "SPLIT_COLS", "TILE_ROWS", "TILE_COLS", "LOAD_SIZE", "CTA_COUNT", "STREAM_K",
+      "SPLIT_P_SLC", "TILE_M", "TILE_N", "WARP_SPEC_CFG", "SWAP_AB"};
+  return type >= 0 && type < static_cast<int64_t>(std::size(kNames)) ? kNames[type] : "KNOB";
+}
+
+std::string choice_name(const EngineChoice& c) {
+  std::string s = "engine " + std::to_string(c.engine) + " {";
+  for (size_t i = 0; i < c.knobs.size(); ++i)
+    s += std::string(i ? ", " : "") + knob_name(c.knobs[i].first) + "=" + std::to_string(c.knobs[i].second);
+  return s + "}";
+}
+
+int64_t global_index_of(const Desc& engine) {
+  int64_t index = -1, n = 0;
+  KRAKEN_CUDNN_CHECK(cudnnBackendGetAttribute(engine.get(), CUDNN_ATTR_ENGINE_GLOBAL_INDEX, CUDNN_TYPE_INT64, 1, &n,
+                                              &index));
+  return index;
+}
+
+// Up to `capacity` descriptors of `type` that an attribute of `from` is read into (cuDNN fills descriptors
+// the caller created); the ones read come back. (Knobs are read into CUDNN_KNOB_TYPE_COUNTS of them, as
+// cudnn-frontend reads them; heuristics' results after asking their count.)
+std::vector<std::unique_ptr<Desc>> read_descriptors(cudnnBackendDescriptor_t from, cudnnBackendAttributeName_t name,
+                                                    cudnnBackendDescriptorType_t type, int64_t capacity) {
+  std::vector<std::unique_ptr<Desc>> descs;
+  std::vector<cudnnBackendDescriptor_t> raw;
+  for (int64_t i = 0; i < capacity; ++i) {
+    descs.push_back(std::make_unique<Desc>(type));
+    raw.push_back(descs.back()->get());
+  }
+  int64_t n = 0;
+  KRAKEN_CUDNN_CHECK(cudnnBackendGetAttribute(from, name, CUDNN_TYPE_BACKEND_DESCRIPTOR, capacity, &n, raw.data()));
+  descs.resize(static_cast<size_t>(std::min(n, capacity)));
+  return descs;
+}
+
+// The engine and knob values of a configuration heuristics returned.
+EngineChoice choice_of(cudnnBackendDescriptor_t config) {
+  EngineChoice c;
+  Desc engine(CUDNN_BACKEND_ENGINE_DESCRIPTOR);
+  int64_t n = 0;
+  KRAKEN_CUDNN_CHECK(cudnnBackendGetAttribute(config, CUDNN_ATTR_ENGINECFG_ENGINE, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &n,
+                                              engine.ptr()));
+  c.engine = global_index_of(engine);
+  for (const auto& knob : read_descriptors(config, CUDNN_ATTR_ENGINECFG_KNOB_CHOICES,
+                                           CUDNN_BACKEND_KNOB_CHOICE_DESCRIPTOR, CUDNN_KNOB_TYPE_COUNTS)) {
+    cudnnBackendKnobType_t type{};
+    int64_t value = 0;
+    KRAKEN_CUDNN_CHECK(cudnnBackendGetAttribute(knob->get(), CUDNN_ATTR_KNOB_CHOICE_KNOB_TYPE, CUDNN_TYPE_KNOB_TYPE,
+                                                1, &n, &type));
+    KRAKEN_CUDNN_CHECK(
+        cudnnBackendGetAttribute(knob->get(), CUDNN_ATTR_KNOB_CHOICE_KNOB_VALUE, CUDNN_TYPE_INT64, 1, &n, &value));
+    c.knobs.emplace_back(static_cast<int64_t>(type), value);
+  }
+  std::sort(c.knobs.begin(), c.knobs.end());
+  return c;
+}
+
+// An engine of the graph by global index, finalized.
+std::unique_ptr<Desc> engine_of(const Desc& op_graph, int64_t index) {
+  auto engine = std::make_unique<Desc>(CUDNN_BACKEND_ENGINE_DESCRIPTOR);
+  set_desc(engine->get(), CUDNN_ATTR_ENGINE_OPERATION_GRAPH, op_graph);
+  set(engine->get(), CUDNN_ATTR_ENGINE_GLOBAL_INDEX, CUDNN_TYPE_INT64, 1, &index);
+  KRAKEN_CUDNN_CHECK(cudnnBackendFinalize(engine->get()));
+  return engine;
+}
+
+// What values each of an engine's knobs may take: (type, every value from its minimum to its maximum by
+// its stride), knobs of more than 16 values left out (a range that wide is a size, not a choice).
+std::vector<std::pair<int64_t, std::vector<int64_t>>> knob_values(const Desc& engine) {
+  std::vector<std::pair<int64_t, std::vector<int64_t>>> out;
+  for (const auto& info : read_descriptors(engine.get(), CUDNN_ATTR_ENGINE_KNOB_INFO,
+                                           CUDNN_BACKEND_KNOB_INFO_DESCRIPTOR, CUDNN_KNOB_TYPE_COUNTS)) {
+    cudnnBackendKnobType_t type{};
+    int64_t lo = 0, hi = 0, stride = 0, n = 0;
+    KRAKEN_CUDNN_CHECK(
+        cudnnBackendGetAttribute(info->get(), CUDNN_ATTR_KNOB_INFO_TYPE, CUDNN_TYPE_KNOB_TYPE, 1, &n, &type));
+    KRAKEN_CUDNN_CHECK(
+        cudnnBackendGetAttribute(info->get(), CUDNN_ATTR_KNOB_INFO_MINIMUM_VALUE, CUDNN_TYPE_INT64, 1, &n, &lo));
+    KRAKEN_CUDNN_CHECK(
+        cudnnBackendGetAttribute(info->get(), CUDNN_ATTR_KNOB_INFO_MAXIMUM_VALUE, CUDNN_TYPE_INT64, 1, &n, &hi));
+    KRAKEN_CUDNN_CHECK(
+        cudnnBackendGetAttribute(info->get(), CUDNN_ATTR_KNOB_INFO_STRIDE, CUDNN_TYPE_INT64, 1, &n, &stride));
+    if (stride <= 0 || hi < lo || (hi - lo) / stride >= 16) continue;
+    std::vector<int64_t> values;
+    for (int64_t v = lo; v <= hi; v += stride) values.push_back(v);
+    out.emplace_back(static_cast<int64_t>(type), std::move(values));
+  }
+  return out;
+}
+
+// The configurations heuristics `mode` offers for the graph (none where the mode is refused).
+std::vector<EngineChoice> offered_choices(const Desc& op_graph, cudnnBackendHeurMode_t mode) {
+  std::vector<EngineChoice> out;
+  try {
+    Desc heur(CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR);
+    set_desc(heur.get(), CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, op_graph);
+    set(heur.get(), CUDNN_ATTR_ENGINEHEUR_MODE, CUDNN_TYPE_HEUR_MODE, 1, &mode);
+    KRAKEN_CUDNN_CHECK(cudnnBackendFinalize(heur.get()));
+    int64_t count = 0;  // (asked first, as build_plan_of does)
+    KRAKEN_CUDNN_CHECK(cudnnBackendGetAttribute(heur.get(), CUDNN_ATTR_ENGINEHEUR_RESULTS,
+                                                CUDNN_TYPE_BACKEND_DESCRIPTOR, 0, &count, nullptr));
+    for (const auto& config : read_descriptors(heur.get(), CUDNN_ATTR_ENGINEHEUR_RESULTS,
+                                               CUDNN_BACKEND_ENGINECFG_DESCRIPTOR, std::min<int64_t>(count, 64)))
+      out.push_back(choice_of(config->get()));
+  } catch (const Error&) {
+  }
+  return out;
+}
+
+// A plan of the graph on the configuration `c`; throws where cuDNN refuses it, or where the engine is
+// marked non-deterministic and `check_note` is set.
+Candidate candidate_of(cudnnHandle_t handle, const Desc& op_graph, const EngineChoice& c, bool check_note) {
+  Candidate out;
+  out.choice = c;
+  out.descs.push_back(engine_of(op_graph, c.engine));
+  const Desc& engine = *out.descs.back();
+  if (check_note && has_note(engine, CUDNN_NUMERICAL_NOTE_NONDETERMINISTIC))
+    KRAKEN_THROW(choice_name(c), " is marked non-deterministic");
+  std::vector<cudnnBackendDescriptor_t> knobs;
+  for (const auto& [type, value] : c.knobs) {
+    out.descs.push_back(std::make_unique<Desc>(CUDNN_BACKEND_KNOB_CHOICE_DESCRIPTOR));
+    const cudnnBackendKnobType_t t = static_cast<cudnnBackendKnobType_t>(type);
+    set(out.descs.back()->get(), CUDNN_ATTR_KNOB_CHOICE_KNOB_TYPE, CUDNN_TYPE_KNOB_TYPE, 1, &t);
+    set(out.descs.back()->get(), CUDNN_ATTR_KNOB_CHOICE_KNOB_VALUE, CUDNN_TYPE_INT64, 1, &value);
+    KRAKEN_CUDNN_CHECK(cudnnBackendFinalize(out.descs.back()->get()));
+    knobs.push_back(out.descs.back()->get());
+  }
+  out.descs.push_back(std::make_unique<Desc>(CUDNN_BACKEND_ENGINECFG_DESCRIPTOR));
+  const Desc& config = *out.descs.back();
+  set_desc(config.get(), CUDNN_ATTR_ENGINECFG_ENGINE, engine);
+  if (!knobs.empty())
+    set(config.get(), CUDNN_ATTR_ENGINECFG_KNOB_CHOICES, CUDNN_TYPE_BACKEND_DESCRIPTOR,
+        static_cast<int64_t>(knobs.size()), knobs.data());
+  KRAKEN_CUDNN_CHECK(cudnnBackendFinalize(config.get()));
+  out.plan = std::make_unique<Desc>(CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR);
+  set(out.plan->get(), CUDNN_ATTR_EXECUTION_PLAN_HANDLE, CUDNN_TYPE_HANDLE, 1, &handle);
+  set_desc(out.plan->get(), CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, config);
+  KRAKEN_CUDNN_CHECK(cudnnBackendFinalize(out.plan->get()));
+  int64_t n = 0;
+  KRAKEN_CUDNN_CHECK(cudnnBackendGetAttribute(out.plan->get(), CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE,
+                                              CUDNN_TYPE_INT64, 1, &n, &out.workspace));
+  return out;
+}
+
+// The configurations to time, the plan in use first: what the heuristics offer, then one knob of each
+// moved, at most `limit` in all; and how many were refused on the way.
+std::vector<Candidate> tuning_candidates(Plan& p, cudnnHandle_t handle, size_t limit, int* refused) {
+  std::vector<Candidate> out(1);
+  out[0].plan = std::move(p.plan);
+  out[0].workspace = p.workspace;
+  out[0].choice = p.choice;
+  std::vector<EngineChoice> tried = {p.choice}, bases;
+  const auto consider = [&](const EngineChoice& c) {
+    if (out.size() >= limit || std::find(tried.begin(), tried.end(), c) != tried.end()) return;
+    tried.push_back(c);
+    try {
+      out.push_back(candidate_of(handle, *p.op_graph, c, p.check_notes));
+    } catch (const Error&) {
+      ++*refused;
+    }
+  };
+  bases.push_back(p.choice);
+  for (const cudnnBackendHeurMode_t mode : {CUDNN_HEUR_MODE_A, CUDNN_HEUR_MODE_B, CUDNN_HEUR_MODE_FALLBACK})
+    for (const EngineChoice& c : offered_choices(*p.op_graph, mode)) {
+      if (std::find(bases.begin(), bases.end(), c) == bases.end()) bases.push_back(c);
+      consider(c);
+    }
+  for (const EngineChoice& base : bases) {
+    std::vector<std::pair<int64_t, std::vector<int64_t>>> knobs;
+    try {
+      knobs = knob_values(*engine_of(*p.op_graph, base.engine));
+    } catch (const Error&) {
+      continue;
+    }
+    for (const auto& knob : knobs)
+      for (const int64_t value : knob.second) {
+        const int64_t type = knob.first;
+        EngineChoice moved = base;
+        auto it = std::find_if(moved.knobs.begin(), moved.knobs.end(), [&](const auto& k) { return k.first == type; });
+        if (it == moved.knobs.end()) {
+          moved.knobs.emplace_back(type, value);
+          std::sort(moved.knobs.begin(), moved.knobs.end());
+        } else {
+          it->second = value;
+        }
+        consider(moved);
+      }
+  }
+  return out;
+}
+
+// KRAKEN_CUDNN_ATTENTION_TUNE: on a shape's first call, times the candidates with `run` (which runs
+// p.plan with p.workspace on the call's buffers, overwriting its outputs: a run to warm up, then 3 timed),
+// keeps the fastest in p and reports on stderr. The caller's own run follows, on the plan kept.
+template <class Run>
+void tune_once(Plan& p, const std::string& shape, CUstream_st* stream, Run&& run) {
+  if (attention_tune_limit() < 2 || p.tuned || !p.op_graph) return;
+  p.tuned = true;
+  int refused = 0;
+  std::vector<Candidate> candidates =
+      tuning_candidates(p, current_handle(), static_cast<size_t>(attention_tune_limit()), &refused);
+  cudaEvent_t start = nullptr, stop = nullptr;
+  KRAKEN_CUDA_CHECK(cudaEventCreate(&start));
+  KRAKEN_CUDA_CHECK(cudaEventCreate(&stop));
+  constexpr int kTimed = 3;
+  std::vector<float> micros(candidates.size(), -1.0f);
+  size_t best = 0;
+  for (size_t i = 0; i < candidates.size(); ++i) {
+    p.plan = std::move(candidates[i].plan);
+    p.workspace = candidates[i].workspace;
+    try {
+      run();
+      KRAKEN_CUDA_CHECK(cudaEventRecord(start, reinterpret_cast<cudaStream_t>(stream)));
+      for (int r = 0; r < kTimed; ++r) run();
+      KRAKEN_CUDA_CHECK(cudaEventRecord(stop, reinterpret_cast<cudaStream_t>(stream)));
+      KRAKEN_CUDA_CHECK(cudaEventSynchronize(stop));
+      float ms = 0.0f;
+      KRAKEN_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+      micros[i] = 1e3f * ms / kTimed;
+      if (micros[best] < 0.0f || micros[i] < micros[best]) best = i;
+    } catch (const Error&) {
+      // (a configuration that does not run is not chosen)
+    }
+    candidates[i].plan = std::move(p.plan);
+  }
+  KRAKEN_CUDA_CHECK(cudaEventDestroy(start));
+  KRAKEN_CUDA_CHECK(cudaEventDestroy(stop));
+  if (micros[best] < 0.0f) best = 0;  // none ran: the plan in use stays (its own call reports the error)
+  p.plan = std::move(candidates[best].plan);
+  p.workspace = candidates[best].workspace;
+  p.choice = candidates[best].choice;
+  std::string others;
+  for (size_t i = 1; i < candidates.size(); ++i)
+    others += "; #" + std::to_string(i) + " " + choice_name(candidates[i].choice) + " " +
+              (micros[i] < 0.0f ? std::string("did not run") : std::to_string(static_cast<int>(micros[i])) + " µs");
+  const double gain = micros[0] > 0.0f && micros[best] > 0.0f ? 100.0 * (micros[0] - micros[best]) / micros[best] : 0.0;
+  std::fprintf(stderr,
+               "cuDNN attention tune: %s: mode A's first (%s) %.1f µs, best #%zu of %zu %.1f µs (%.0f%% faster); "
+               "%d refused%s\n",
+               shape.c_str(), choice_name(candidates[0].choice).c_str(), micros[0], best, candidates.size(),
+               micros[best], gain, refused, others.c_str());
 }
 
 // Builds the graph and picks its plan; throws kraken::Error with cuDNN's reason where it cannot. The
@@ -534,6 +838,16 @@ void build_plan_of(Plan& p, cudnnHandle_t handle, const Shape& s, Direction dir,
       p.workspace = workspace;
       p.nondeterministic = check_notes && !check_note;  // the deterministic graph on an engine marked otherwise
       p.dq_path = dq_path;
+      p.check_notes = check_note;
+      if (attention_tune_limit() > 1) {
+        try {
+          p.choice = choice_of(configs[i]->get());
+          p.op_graph = &op_graph;  // (tune_once tunes only plans that have it)
+        } catch (const Error& e) {
+          std::fprintf(stderr, "cuDNN attention tune: the plan's configuration unreadable (%s): not tuned\n",
+                       e.what());
+        }
+      }
       return true;
     } catch (const Error& e) {
       refusals += "; engine config " + std::to_string(i) + ": " + e.what();
@@ -589,7 +903,8 @@ std::string shape_name(const Shape& s, Direction dir) {
 }
 
 // The cached plan of a shape on the current device (built on first use); its error says why not.
-const Plan& plan_for(const Shape& s, Direction dir) {
+Plan& plan_for(const Shape& s, Direction dir) {
+  attention_tune_limit();  // (a bad KRAKEN_CUDNN_ATTENTION_TUNE is the caller's error, not a refused shape)
   using Key = std::tuple<int, int64_t, int64_t, int64_t, int64_t, int>;
   static std::map<Key, std::unique_ptr<Plan>> plans;
   const int device = current_device();
@@ -650,8 +965,8 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 
 constexpr size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
 
-// Runs a plan: binds the buffers (uids[i] ↔ ptrs[i]) and the workspace, on `stream`.
-void execute(const Plan& p, const int64_t* uids, void* const* ptrs, int64_t n, void* workspace, CUstream_st* stream) {
+// The current device's cuDNN handle.
+cudnnHandle_t current_handle() {
   std::string why;
   cudnnHandle_t handle = nullptr;
   {
@@ -660,6 +975,12 @@ void execute(const Plan& p, const int64_t* uids, void* const* ptrs, int64_t n, v
     handle = handle_for(device, &why);
   }
   KRAKEN_CHECK(handle, "cuDNN handle: ", why);
+  return handle;
+}
+
+// Runs a plan: binds the buffers (uids[i] ↔ ptrs[i]) and the workspace, on `stream`.
+void execute(const Plan& p, const int64_t* uids, void* const* ptrs, int64_t n, void* workspace, CUstream_st* stream) {
+  cudnnHandle_t handle = current_handle();
   KRAKEN_CUDNN_CHECK(cudnnSetStream(handle, reinterpret_cast<cudaStream_t>(stream)));
   Desc pack(CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR);
   set(pack.get(), CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS, CUDNN_TYPE_INT64, n, uids);
@@ -670,12 +991,12 @@ void execute(const Plan& p, const int64_t* uids, void* const* ptrs, int64_t n, v
 }
 
 // The plan of a call, or a kraken::Error naming why cuDNN cannot run it.
-const Plan& checked_plan(const Shape& s, Direction dir, std::initializer_list<const void*> buffers) {
+Plan& checked_plan(const Shape& s, Direction dir, std::initializer_list<const void*> buffers) {
   const std::string pre = precheck(s);
   if (!pre.empty()) KRAKEN_THROW("cuDNN attention: ", pre);
   for (const void* b : buffers)
     if (!aligned16(b)) KRAKEN_THROW("cuDNN attention: every buffer must be 16-byte aligned");
-  const Plan& p = plan_for(s, dir);
+  Plan& p = plan_for(s, dir);
   if (!p.plan) KRAKEN_THROW("cuDNN attention not supported: ", p.error);
   return p;
 }
@@ -705,46 +1026,55 @@ bool attention_bf16_cudnn_usable(const void* const* buffers, int64_t count, int6
 void attention_forward_bf16_cudnn_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T, int64_t C,
                                        int64_t NH, CUstream_st* stream) {
   const Shape s{B, T, C, NH};
-  const Plan& p = checked_plan(s, Direction::kForward, {out, lse, qkv, qkv + C, qkv + 2 * C});
+  Plan& p = checked_plan(s, Direction::kForward, {out, lse, qkv, qkv + C, qkv + 2 * C});
   float scale = 1.0f / std::sqrt(static_cast<float>(s.D()));
   float mask_value = std::numeric_limits<float>::lowest();  // the masked scores' value (see the top)
-  void* workspace =
-      p.workspace > 0 ? cuda_detail::device_scratch(cuda_detail::ScratchSlot::kCudnnAttention, p.workspace) : nullptr;
-  const int64_t uids[] = {kQ, kK, kV, kO, kStats, kScale, kMaskValue};
-  void* ptrs[] = {const_cast<uint16_t*>(qkv), const_cast<uint16_t*>(qkv + C), const_cast<uint16_t*>(qkv + 2 * C),
-                  out, lse, &scale, &mask_value};
-  execute(p, uids, ptrs, 7, workspace, stream);
+  const auto run = [&] {
+    void* workspace = p.workspace > 0
+                          ? cuda_detail::device_scratch(cuda_detail::ScratchSlot::kCudnnAttention, p.workspace)
+                          : nullptr;
+    const int64_t uids[] = {kQ, kK, kV, kO, kStats, kScale, kMaskValue};
+    void* ptrs[] = {const_cast<uint16_t*>(qkv), const_cast<uint16_t*>(qkv + C), const_cast<uint16_t*>(qkv + 2 * C),
+                    out, lse, &scale, &mask_value};
+    execute(p, uids, ptrs, 7, workspace, stream);
+  };
+  tune_once(p, shape_name(s, Direction::kForward), stream, run);
+  run();
 }
 
 void attention_backward_bf16_cudnn_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out,
                                         const float* lse, int64_t B, int64_t T, int64_t C, int64_t NH,
                                         CUstream_st* stream) {
   const Shape s{B, T, C, NH};
-  const Plan& p = checked_plan(s, Direction::kBackward,
-                               {dqkv, dqkv + C, dqkv + 2 * C, dout, qkv, qkv + C, qkv + 2 * C, out, lse});
+  Plan& p = checked_plan(s, Direction::kBackward,
+                         {dqkv, dqkv + C, dqkv + 2 * C, dout, qkv, qkv + C, qkv + 2 * C, out, lse});
   float scale = 1.0f / std::sqrt(static_cast<float>(s.D()));
   float mask_value = std::numeric_limits<float>::lowest();  // the masked scores' value (see the top)
   float one = 1.0f;
-  // Workspace: cuDNN's, then Dᵢ (B·NH·T floats), then the atomic graph's dQ accumulator, each 256-byte
-  // aligned.
   const bool atomic = p.dq_path == DqPath::kAtomic;
-  const size_t plan_bytes = round_up(static_cast<size_t>(p.workspace), 256);
-  const size_t sums_bytes = round_up(static_cast<size_t>(B * NH * T) * sizeof(float), 256);
-  const size_t accumulator_bytes = atomic ? round_up(dq_accumulator_bytes(s), 256) : 0;
-  char* scratch = static_cast<char*>(cuda_detail::device_scratch(cuda_detail::ScratchSlot::kCudnnAttention,
-                                                                 plan_bytes + sums_bytes + accumulator_bytes));
-  void* row_sums = scratch + plan_bytes;
-  void* dq_accumulator = scratch + plan_bytes + sums_bytes;
-  void* workspace = p.workspace > 0 ? static_cast<void*>(scratch) : nullptr;
-  if (atomic)
-    KRAKEN_CUDA_CHECK(
-        cudaMemsetAsync(dq_accumulator, 0, dq_accumulator_bytes(s), reinterpret_cast<cudaStream_t>(stream)));
-  const int64_t uids[] = {kQ, kK, kV, kO, kDO, kStats, kDQ, kDK, kDV, kRowSums, kScale, kMaskValue, kOne,
-                          kDQAccumulator};
-  void* ptrs[] = {const_cast<uint16_t*>(qkv), const_cast<uint16_t*>(qkv + C), const_cast<uint16_t*>(qkv + 2 * C),
-                  const_cast<uint16_t*>(out), const_cast<uint16_t*>(dout), const_cast<float*>(lse),
-                  dqkv, dqkv + C, dqkv + 2 * C, row_sums, &scale, &mask_value, &one, dq_accumulator};
-  execute(p, uids, ptrs, atomic ? 14 : 13, workspace, stream);
+  const auto run = [&] {
+    // Workspace: cuDNN's, then Dᵢ (B·NH·T floats), then the atomic graph's dQ accumulator, each 256-byte
+    // aligned.
+    const size_t plan_bytes = round_up(static_cast<size_t>(p.workspace), 256);
+    const size_t sums_bytes = round_up(static_cast<size_t>(B * NH * T) * sizeof(float), 256);
+    const size_t accumulator_bytes = atomic ? round_up(dq_accumulator_bytes(s), 256) : 0;
+    char* scratch = static_cast<char*>(cuda_detail::device_scratch(cuda_detail::ScratchSlot::kCudnnAttention,
+                                                                   plan_bytes + sums_bytes + accumulator_bytes));
+    void* row_sums = scratch + plan_bytes;
+    void* dq_accumulator = scratch + plan_bytes + sums_bytes;
+    void* workspace = p.workspace > 0 ? static_cast<void*>(scratch) : nullptr;
+    if (atomic)
+      KRAKEN_CUDA_CHECK(
+          cudaMemsetAsync(dq_accumulator, 0, dq_accumulator_bytes(s), reinterpret_cast<cudaStream_t>(stream)));
+    const int64_t uids[] = {kQ, kK, kV, kO, kDO, kStats, kDQ, kDK, kDV, kRowSums, kScale, kMaskValue, kOne,
+                            kDQAccumulator};
+    void* ptrs[] = {const_cast<uint16_t*>(qkv), const_cast<uint16_t*>(qkv + C), const_cast<uint16_t*>(qkv + 2 * C),
+                    const_cast<uint16_t*>(out), const_cast<uint16_t*>(dout), const_cast<float*>(lse),
+                    dqkv, dqkv + C, dqkv + 2 * C, row_sums, &scale, &mask_value, &one, dq_accumulator};
+    execute(p, uids, ptrs, atomic ? 14 : 13, workspace, stream);
+  };
+  tune_once(p, shape_name(s, Direction::kBackward), stream, run);
+  run();
 }
 
 bool attention_bf16_cudnn_backward_deterministic(int64_t B, int64_t T, int64_t C, int64_t NH) {
