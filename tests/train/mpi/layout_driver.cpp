@@ -48,7 +48,8 @@ std::string config(const TempDir& dir, const std::string& name, const Model& m, 
                      "\nn_head = " + std::to_string(m.n_head) + "\ndegree = " + std::to_string(m.degree) +
                      "\ncontext = 16\nvocab_size = 97\n"
                      "[data]\ntrain = \"" + dir / "train.bin" + "\"\nshuffle = false\n"
-                     "[train]\ndevice = \"" + device + "\"\nprecision = \"" + precision + "\"\nbatch_size = " + std::to_string(batch) + "\nseq_len = 16\ngrad_accum = 4\nmax_steps = " +
+                     "[train]\ndevice = \"" + device + "\"\nprecision = \"" + precision + "\"\nbatch_size = " +
+                     std::to_string(batch) + "\nseq_len = 16\ngrad_accum = 4\nmax_steps = " +
                      std::to_string(steps) + "\nout_dir = \"" + dir / ("runs/" + name) + "\"\n"
                      "[optim]\nname = \"adamw\"\nlr = 3e-3\nwarmup_steps = 2\ndecay_steps = 15\ngrad_clip = 1.0\n"
                      "[checkpoint]\nresume = \"" + resume + "\"\n"
@@ -123,7 +124,8 @@ int gpu_layouts() {
       config(dir, "ckpt_resumed", d4, 1, 1, 1, 10, dir / "runs/ckpt/checkpoints/step_00000006", "fp32", "cuda");
   if (r.exit_code == 0) r = run(launch(1, resumed));
   if (r.exit_code != 0) fail("gpu resume tp2 -> one GPU", r.output);
-  else compare("gpu checkpoint tp2 -> one GPU", refs["ref_d4"], losses_of(dir / "runs/ckpt_resumed/metrics.jsonl"), 7, 10);
+  else
+    compare("gpu checkpoint tp2 -> one GPU", refs["ref_d4"], losses_of(dir / "runs/ckpt_resumed/metrics.jsonl"), 7, 10);
   return finish(2);
 }
 
