@@ -355,7 +355,7 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
   # cuDNN's attention on the fastest of its own engine configurations (KRAKEN_CUDNN_ATTENTION_TUNE: modes A, B
   # and FALLBACK, and each with one knob moved; kernels/cuda/attention_cudnn.cu): one line a shape with every
   # configuration's time, and the steps on the winners. The Kraken preset's D = 168 is the case that asks.
-  bench_variant attntune KRAKEN_CUDNN_ATTENTION_TUNE=8 200 180 "cuDNN's attention configurations timed" \
+  bench_variant attntune KRAKEN_CUDNN_ATTENTION_TUNE=10 200 180 "cuDNN's attention configurations timed" \
     --training-only --batch 64
   # The cross-entropy's staged kernel (KRAKEN_CUDA_CROSS_ENTROPY=staged, the default before the fifteenth
   # session, which made the pipelined kernel the default) in the steps: both kernels' rows are in the main

@@ -510,9 +510,9 @@ cudnnHandle_t current_handle();
 // of KRAKEN_CUBLASLT_TUNE (kernels/cuda/matmul_lt.cu). The plan in use is heuristics mode A's first
 // configuration that finalizes (build_plan_of). Under this switch a shape's first call also builds up to
 // n − 1 others of the same graph and times them all on that call's buffers: every configuration that
-// heuristics modes A, B and FALLBACK offer, then each of those with one knob moved to every other value
-// its engine's CUDNN_ATTR_ENGINE_KNOB_INFO allows (tile sizes, kernel configurations: the engine's own
-// list, not guessed here). Engines marked non-deterministic are passed over where the plan in use checks
+// heuristics modes A, B and FALLBACK offer, then each of those with one knob moved within the range its
+// engine's CUDNN_ATTR_ENGINE_KNOB_INFO gives (tile sizes, kernel configurations: the engine's own list,
+// not guessed here), nearest values first, every knob in turn. Engines marked non-deterministic are passed over where the plan in use checks
 // that note. It keeps the fastest and says so on stderr, one line a shape, each configuration named by
 // engine and knobs. Why: the Kraken preset's heads (D = 168) spend ~57 of its 178 ms of kernels in cuDNN's
 // attention at ~118 TFLOP/s backward, against 184 at GPT-2's D = 64 (bench/RESULTS.md), and mode A's
@@ -606,10 +606,14 @@ std::unique_ptr<Desc> engine_of(const Desc& op_graph, int64_t index) {
   return engine;
 }
 
-// What values each of an engine's knobs may take: (type, every value from its minimum to its maximum by
-// its stride), knobs of more than 16 values left out (a range that wide is a size, not a choice).
-std::vector<std::pair<int64_t, std::vector<int64_t>>> knob_values(const Desc& engine) {
-  std::vector<std::pair<int64_t, std::vector<int64_t>>> out;
+// The range of one of an engine's knobs: its values are lo, lo + stride, …, up to hi.
+struct KnobRange {
+  int64_t type, lo, hi, stride;
+};
+
+// The ranges of an engine's knobs (CUDNN_ATTR_ENGINE_KNOB_INFO).
+std::vector<KnobRange> knob_ranges(const Desc& engine) {
+  std::vector<KnobRange> out;
   for (const auto& info : read_descriptors(engine.get(), CUDNN_ATTR_ENGINE_KNOB_INFO,
                                            CUDNN_BACKEND_KNOB_INFO_DESCRIPTOR, CUDNN_KNOB_TYPE_COUNTS)) {
     cudnnBackendKnobType_t type{};
@@ -622,10 +626,7 @@ std::vector<std::pair<int64_t, std::vector<int64_t>>> knob_values(const Desc& en
         cudnnBackendGetAttribute(info->get(), CUDNN_ATTR_KNOB_INFO_MAXIMUM_VALUE, CUDNN_TYPE_INT64, 1, &n, &hi));
     KRAKEN_CUDNN_CHECK(
         cudnnBackendGetAttribute(info->get(), CUDNN_ATTR_KNOB_INFO_STRIDE, CUDNN_TYPE_INT64, 1, &n, &stride));
-    if (stride <= 0 || hi < lo || (hi - lo) / stride >= 16) continue;
-    std::vector<int64_t> values;
-    for (int64_t v = lo; v <= hi; v += stride) values.push_back(v);
-    out.emplace_back(static_cast<int64_t>(type), std::move(values));
+    if (stride > 0 && hi > lo) out.push_back({static_cast<int64_t>(type), lo, hi, stride});
   }
   return out;
 }
@@ -692,8 +693,10 @@ std::vector<Candidate> tuning_candidates(Plan& p, cudnnHandle_t handle, size_t l
   out[0].workspace = p.workspace;
   out[0].choice = p.choice;
   std::vector<EngineChoice> tried = {p.choice}, bases;
+  // Enough plans, or enough tried (a refused configuration may have cost a compilation too).
+  const auto full = [&] { return out.size() >= limit || tried.size() >= 4 * limit; };
   const auto consider = [&](const EngineChoice& c) {
-    if (out.size() >= limit || std::find(tried.begin(), tried.end(), c) != tried.end()) return;
+    if (full() || std::find(tried.begin(), tried.end(), c) != tried.end()) return;
     tried.push_back(c);
     try {
       out.push_back(candidate_of(handle, *p.op_graph, c, p.check_notes));
@@ -707,26 +710,38 @@ std::vector<Candidate> tuning_candidates(Plan& p, cudnnHandle_t handle, size_t l
       if (std::find(bases.begin(), bases.end(), c) == bases.end()) bases.push_back(c);
       consider(c);
     }
+  // One knob moved at a time, nearest values first and every knob in turn at each distance, so that a
+  // small limit samples all the knobs rather than exhausting the first. (A knob the configuration does
+  // not set counts from its minimum.)
   for (const EngineChoice& base : bases) {
-    std::vector<std::pair<int64_t, std::vector<int64_t>>> knobs;
+    std::vector<KnobRange> ranges;
     try {
-      knobs = knob_values(*engine_of(*p.op_graph, base.engine));
+      ranges = knob_ranges(*engine_of(*p.op_graph, base.engine));
     } catch (const Error&) {
       continue;
     }
-    for (const auto& knob : knobs)
-      for (const int64_t value : knob.second) {
-        const int64_t type = knob.first;
-        EngineChoice moved = base;
-        auto it = std::find_if(moved.knobs.begin(), moved.knobs.end(), [&](const auto& k) { return k.first == type; });
-        if (it == moved.knobs.end()) {
-          moved.knobs.emplace_back(type, value);
-          std::sort(moved.knobs.begin(), moved.knobs.end());
-        } else {
-          it->second = value;
+    for (int64_t distance = 1; !full(); ++distance) {
+      bool any = false;  // a value within some knob's range at this distance
+      for (const KnobRange& r : ranges) {
+        const auto is_r = [&](const std::pair<int64_t, int64_t>& k) { return k.first == r.type; };
+        const auto at = std::find_if(base.knobs.begin(), base.knobs.end(), is_r);
+        const int64_t from = at == base.knobs.end() ? r.lo : at->second;
+        for (const int64_t value : {from + distance * r.stride, from - distance * r.stride}) {
+          if (value < r.lo || value > r.hi) continue;
+          any = true;
+          EngineChoice moved = base;
+          const auto it = std::find_if(moved.knobs.begin(), moved.knobs.end(), is_r);
+          if (it == moved.knobs.end()) {
+            moved.knobs.emplace_back(r.type, value);
+            std::sort(moved.knobs.begin(), moved.knobs.end());
+          } else {
+            it->second = value;
+          }
+          consider(moved);
         }
-        consider(moved);
       }
+      if (!any) break;
+    }
   }
   return out;
 }
