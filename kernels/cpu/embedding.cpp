@@ -24,7 +24,7 @@ void embedding_backward_cpu(float* dweight, const float* dout, const int32_t* id
   // in the forward pass this was: out[n, :] = weight[ids[n], :]; the order of the sums is the header's
   std::vector<int64_t> count(static_cast<size_t>(V), 0);
   for (int64_t n = 0; n < N; ++n) count[static_cast<size_t>(ids[n])] += 1;
-  const int64_t hot_count = embedding_hot_count(N), L = embedding_slice_length(N);
+  const int64_t hot_count = embedding_hot_threshold(count.data(), V, N), L = embedding_slice_length(N);
   std::vector<int64_t> hot_slot(static_cast<size_t>(V), -1);  // index among the hot rows, else −1
   std::vector<int32_t> hot_rows;
   for (int64_t v = 0; v < V; ++v)

@@ -2,7 +2,8 @@
 //
 // Forward: a grid-stride copy, one thread per output element.
 // Backward without float atomics, in the order kernels/embedding.h fixes. First the ids are counted
-// (integer atomics: exact), and the hot rows (embedding_hot_count(N) positions or more) given slots.
+// (integer atomics: exact), the hot threshold found from the counts' histogram (embedding_hot_threshold),
+// and the hot rows (that many positions or more, at most 512) given slots.
 // The other rows: block b owns the ids [b·kIdsPerBlock, (b + 1)·kIdsPerBlock). It walks all positions in
 // chunks of kChunk (4 ids a thread, one 16-byte load where aligned, the next chunk's loaded while this one
 // is added); in each chunk the positions whose id it owns (and is not hot) are compacted, in position
@@ -13,15 +14,18 @@
 // gradient rows of the batch and the dweight rows they go to are loaded together, then added in order, a
 // row held in registers while consecutive entries add to it. So every such dweight[v, c] is written by one
 // lane of one warp of one block, with its contributions in increasing position.
-// A hot row: block (h, s) sums hot row h's positions in slice s from 0 (the same compaction over the
-// slice, then each warp a column pack of 4 columns a lane, kHotBatch rows of dout in flight) into its slot
-// of the scratch, and one block per hot row adds the slices' sums to dweight in slice order.
+// The hot rows: block (b, s) sums the positions of slice s of up to 8 hot rows, each from 0 (the same
+// compaction over the slice, then (row, column pack) tasks on the warps, 4 columns a lane, kHotBatch rows
+// of dout in flight) into the rows' slots of the scratch; then each hot row's slice sums are added to
+// dweight in slice order.
 // So the result is bit-identical on every launch, and the CPU's.
 // (Until the sixteenth session every row went the first way, with chunks of 256 positions and the whole
 // block adding one contribution after another, a thread per column in 2-byte loads: a round trip to
 // memory per contribution, 44% of an H100's bandwidth at GPT-2's 8192 × 768 with uniform ids — and
 // text is not uniform: English puts ~30% of its GPT-2 tokens in one block's 128 ids, " the" alone ~7%,
 // thousands of contributions a step in one sequence.)
+#include <algorithm>
+
 #include "kernels/cuda/check.h"
 #include "kernels/cuda/launch.h"
 #include "kernels/cuda/scratch.h"
@@ -47,6 +51,7 @@ constexpr int kClasses = 8;
 constexpr int kBatch = 2;                         // a task's entries whose loads are in flight together
 constexpr int kHotBatch = 8;                      // the same for a hot row's slice sum
 constexpr int kHotSlices = static_cast<int>(kEmbeddingHotSlices);
+constexpr int64_t kHotRowBlocks = 64;             // the slice kernel's most blocks along the hot rows
 
 // A chunk's positions base + 4·thread + j < end whose id `keep` takes, compacted in position order into
 // list_pos (warp ballots and a prefix over the warps); returns how many, the same for every thread. The
@@ -159,10 +164,13 @@ __device__ __forceinline__ void store_cols(float* p, const float (&v)[kCols]) {
   else *p = v[0];
 }
 
-// counts[v] = 0, and the hot rows' count (a kernel rather than a memset: the emulation runs kernels).
-__global__ void embedding_zero_counts_kernel(int32_t* counts, int32_t* hot_total, int64_t V) {
+// counts[v] = 0, histogram[b] = 0, and the hot rows' count (a kernel rather than a memset: the emulation
+// runs kernels).
+__global__ void embedding_zero_counts_kernel(int32_t* counts, int32_t* histogram, int32_t* hot_total, int64_t V,
+                                             int64_t bins) {
   const int64_t v = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (v < V) counts[v] = 0;
+  if (v < bins) histogram[v] = 0;
   if (v == 0) *hot_total = 0;
 }
 
@@ -171,14 +179,35 @@ __global__ void embedding_count_ids_kernel(int32_t* counts, const int32_t* ids, 
   if (n < N) atomicAdd(&counts[ids[n]], 1);
 }
 
+// The hot threshold's two steps (kernels/embedding.h, embedding_hot_threshold): the rows by count from
+// kEmbeddingHotMin up, the last bin every count at or past `bound` (integer atomics: exact)…
+__global__ void embedding_count_histogram_kernel(int32_t* histogram, const int32_t* counts, int64_t V, int64_t bound) {
+  const int64_t v = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (v >= V) return;
+  const int64_t c = counts[v];
+  if (c >= kEmbeddingHotMin) atomicAdd(&histogram[min(c, bound) - kEmbeddingHotMin], 1);
+}
+
+// … then one thread adds up the rows with at least k positions from the bound down, while they are at most
+// kEmbeddingMaxHotRows (a few hundred bins at a training batch's N).
+__global__ void embedding_hot_threshold_kernel(int32_t* threshold, const int32_t* histogram, int64_t bound) {
+  int64_t best = bound, at_least = 0;
+  for (int64_t k = bound; k >= kEmbeddingHotMin; --k) {
+    at_least += histogram[k - kEmbeddingHotMin];
+    if (at_least > kEmbeddingMaxHotRows) break;
+    best = k;
+  }
+  *threshold = static_cast<int32_t>(best);
+}
+
 // hot_slot[v]: row v's slot among the hot rows, else −1; hot_rows[slot] = v. The slots come in whatever
 // order the atomics take (a slot only says where the row's slice sums live: no sum depends on it).
 __global__ void embedding_hot_slots_kernel(int32_t* hot_slot, int32_t* hot_rows, int32_t* hot_total,
-                                           const int32_t* counts, int64_t V, int64_t hot_count) {
+                                           const int32_t* counts, int64_t V, const int32_t* threshold) {
   const int64_t v = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (v >= V) return;
   int32_t slot = -1;
-  if (counts[v] >= hot_count) {
+  if (counts[v] >= *threshold) {
     slot = atomicAdd(hot_total, 1);
     hot_rows[slot] = static_cast<int32_t>(v);
   }
@@ -258,68 +287,94 @@ __global__ void __launch_bounds__(kThreads, 3)
   }
 }
 
-// Block (h, s): hot row h's sum over slice s of the positions, [s·L, (s + 1)·L), from 0 in position order,
-// into sums[(h·kHotSlices + s)·C …]. Blocks past the hot rows' count return at once.
+// Block (b, s): the sums over slice s of the positions, [s·L, (s + 1)·L), of the hot rows whose slots are
+// b, b + G, b + 2G, … (G = gridDim.x: a group of rows for every 1,024 positions, up to kHotRowBlocks; at
+// most 8 rows a block at a training batch), each from 0 in position order, into
+// sums[(slot·kHotSlices + s)·C …]. The block reads the slice's ids once: in each chunk the positions of
+// its rows are compacted, in position order, with the row's index among the block's, and the adding is
+// split into (row, 128-column pack) tasks on the warps, as the other rows' kernel does with its classes;
+// a task finds its row's entries 32 at a time (ballots) and adds kHotBatch of them with their loads in
+// flight, the sum held in registers through the chunk. (Until the seventeenth session a block summed one
+// row's slice, reading the slice's ids for every hot row.)
 template <typename T, int kCols>
 __global__ void __launch_bounds__(kThreads)
-    embedding_hot_slices_kernel(float* sums, const T* dout, const int32_t* ids, const int32_t* hot_rows,
+    embedding_hot_slices_kernel(float* sums, const T* dout, const int32_t* ids, const int32_t* hot_slot,
                                 const int32_t* hot_total, int64_t N, int64_t C, int64_t L) {
   __shared__ int64_t list_pos[kChunk];
+  __shared__ int32_t list_row[kChunk];
   __shared__ int warp_count[kWarps];
-  const int h = blockIdx.x, s = blockIdx.y;
-  if (h >= *hot_total) return;  // (the whole block)
-  const int32_t v = hot_rows[h];
+  const int b = blockIdx.x, G = gridDim.x, s = blockIdx.y, rows = *hot_total;
+  if (b >= rows) return;  // (the whole block)
+  const int mine = (rows - b + G - 1) / G;  // the block's rows: slots b + r·G, r < mine
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t begin = s * L, end = min(N, begin + L);
-  float* out = sums + (static_cast<int64_t>(h) * kHotSlices + s) * C;
-  const int64_t packs = (C + 32 * kCols - 1) / (32 * kCols);
-  for (int64_t pk = warp; pk < packs; pk += kWarps) {  // from 0: each lane zeroes the columns it adds to
-    const int64_t c = pk * (32 * kCols) + static_cast<int64_t>(lane) * kCols;
+  const int64_t packs = (C + 32 * kCols - 1) / (32 * kCols), tasks = mine * packs;
+  auto out_of = [&](int64_t r) { return sums + ((b + r * G) * static_cast<int64_t>(kHotSlices) + s) * C; };
+  for (int64_t t = warp; t < tasks; t += kWarps) {  // from 0: each lane zeroes the columns it adds to
+    const int64_t c = (t % packs) * (32 * kCols) + static_cast<int64_t>(lane) * kCols;
     const float zero[kCols] = {};
-    if (c < C) store_cols<kCols>(out + c, zero);
+    if (c < C) store_cols<kCols>(out_of(t / packs) + c, zero);
   }
-  auto keep = [&](int32_t id) { return id == v; };
-  int32_t id[kIdsPerThread];
+  auto keep = [](int32_t r) { return r >= 0; };
   for (int64_t base = begin; base < end; base += kChunk) {  // the same trip count for every thread
+    int32_t id[kIdsPerThread], row[kIdsPerThread];
     load_chunk_ids(ids, base, end, id);
-    const int total = compact_chunk(id, base, keep, list_pos, static_cast<int32_t*>(nullptr), warp_count);
-    for (int64_t pk = warp; total > 0 && pk < packs; pk += kWarps) {
-      const int64_t c = pk * (32 * kCols) + static_cast<int64_t>(lane) * kCols;
-      if (c >= C) continue;  // (no warp-wide operation below)
-      float acc[kCols];
-      load_cols<kCols>(out + c, acc);
-      for (int i = 0; i < total; i += kHotBatch) {
-        float g[kHotBatch][kCols] = {};  // (the entries past total: never added)
+#pragma unroll
+    for (int j = 0; j < kIdsPerThread; ++j) {  // my positions' rows among the block's, else −1
+      const int32_t slot = id[j] >= 0 ? hot_slot[id[j]] : -1;
+      row[j] = slot >= 0 && slot % G == b ? slot / G : -1;
+    }
+    const int total = compact_chunk(row, base, keep, list_pos, list_row, warp_count);
+    for (int64_t t = warp; total > 0 && t < tasks; t += kWarps) {
+      const int r = static_cast<int>(t / packs);
+      const int64_t c = (t % packs) * (32 * kCols) + static_cast<int64_t>(lane) * kCols;
+      const bool active = c < C;  // (every lane takes part in the ballots below)
+      auto next = [&](int i) {  // r's first entry at or after i (the same for the whole warp)
+        for (; i < total; i += 32) {
+          const unsigned int found = __ballot_sync(0xffffffffu, i + lane < total && list_row[i + lane] == r);
+          if (found) return i + __ffs(found) - 1;
+        }
+        return total;
+      };
+      float acc[kCols] = {};
+      if (active) load_cols<kCols>(out_of(r) + c, acc);
+      for (int i = next(0); i < total;) {
+        int entry[kHotBatch], n = 0;
 #pragma unroll
         for (int k = 0; k < kHotBatch; ++k)
-          if (i + k < total) load_cols<kCols>(dout + list_pos[i + k] * C + c, g[k]);
+          if (i < total) entry[k] = i, n = k + 1, i = next(i + 1);
+        float g[kHotBatch][kCols] = {};  // (the entries past n: never added)
 #pragma unroll
         for (int k = 0; k < kHotBatch; ++k)
-          if (i + k < total)
+          if (k < n && active) load_cols<kCols>(dout + list_pos[entry[k]] * C + c, g[k]);
+#pragma unroll
+        for (int k = 0; k < kHotBatch; ++k)
+          if (k < n)
 #pragma unroll
             for (int q = 0; q < kCols; ++q) acc[q] += g[k][q];
       }
-      store_cols<kCols>(out + c, acc);
+      if (active) store_cols<kCols>(out_of(r) + c, acc);
     }
-    __syncthreads();  // the list is rewritten by the next chunk
+    __syncthreads();  // the lists are rewritten by the next chunk
   }
 }
 
-// Block h: dweight[hot row h] += its slices' sums, in slice order.
+// Block b, for the hot rows h = b, b + gridDim.x, …: dweight[hot row h] += its slices' sums, in slice order.
 __global__ void embedding_hot_add_kernel(float* dweight, const float* sums, const int32_t* hot_rows,
                                          const int32_t* hot_total, int64_t C) {
-  const int h = blockIdx.x;
-  if (h >= *hot_total) return;
-  float* dst = dweight + static_cast<int64_t>(hot_rows[h]) * C;
-  const float* src = sums + static_cast<int64_t>(h) * kHotSlices * C;
-  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-    float part[kHotSlices];
+  const int rows = *hot_total;
+  for (int h = blockIdx.x; h < rows; h += gridDim.x) {
+    float* dst = dweight + static_cast<int64_t>(hot_rows[h]) * C;
+    const float* src = sums + static_cast<int64_t>(h) * kHotSlices * C;
+    for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+      float part[kHotSlices];
 #pragma unroll
-    for (int s = 0; s < kHotSlices; ++s) part[s] = src[s * C + c];
-    float acc = dst[c];
+      for (int s = 0; s < kHotSlices; ++s) part[s] = src[s * C + c];
+      float acc = dst[c];
 #pragma unroll
-    for (int s = 0; s < kHotSlices; ++s) acc += part[s];
-    dst[c] = acc;
+      for (int s = 0; s < kHotSlices; ++s) acc += part[s];
+      dst[c] = acc;
+    }
   }
 }
 
@@ -344,13 +399,15 @@ void embedding_backward(float* dweight, const T* dout, const int32_t* ids, int64
   // aligned, dout aligned to its 4 elements' bytes: 16 of f32, 8 of bf16); else one.
   const bool wide8 = C % 8 == 0 && aligned16(dweight) && aligned16(dout);
   const bool wide = C % 4 == 0 && aligned16(dweight) && reinterpret_cast<uintptr_t>(dout) % (4 * sizeof(T)) == 0;
-  // Hot rows exist only where N reaches the threshold; at most N / hot_count of them.
-  const int64_t hot_count = embedding_hot_count(N), max_hot = N / hot_count;
+  // Hot rows exist only where some row can reach the least threshold; never more than kEmbeddingMaxHotRows
+  // of them (kernels/embedding.h).
+  const int64_t max_hot = std::min(kEmbeddingMaxHotRows, N / kEmbeddingHotMin);
   int32_t* hot_slot = nullptr;
   if (max_hot > 0) {
-    // Scratch: counts (V), hot_slot (V), hot_rows (max_hot), the hot total, then the slice sums (f32,
-    // 16-byte aligned): never more than 512 possible hot rows (kernels/embedding.h), 25 MB at C = 768.
-    const size_t ints = static_cast<size_t>(2 * V + max_hot + 1);
+    // Scratch: counts (V), hot_slot (V), hot_rows (max_hot), the hot total, the threshold, the counts'
+    // histogram, then the slice sums (f32, 16-byte aligned): 25 MB at C = 768.
+    const int64_t bound = embedding_hot_threshold_bound(N), bins = bound - kEmbeddingHotMin + 1;
+    const size_t ints = static_cast<size_t>(2 * V + max_hot + 2 + bins);
     const size_t ints_bytes = (ints * sizeof(int32_t) + 255) / 256 * 256;
     const size_t sums_bytes = static_cast<size_t>(max_hot * kHotSlices * C) * sizeof(float);
     char* scratch = static_cast<char*>(cuda_detail::device_scratch(cuda_detail::ScratchSlot::kEmbeddingBackward,
@@ -359,26 +416,34 @@ void embedding_backward(float* dweight, const T* dout, const int32_t* ids, int64
     hot_slot = counts + V;
     int32_t* hot_rows = hot_slot + V;
     int32_t* hot_total = hot_rows + max_hot;
+    int32_t* threshold = hot_total + 1;
+    int32_t* histogram = threshold + 1;
     float* sums = reinterpret_cast<float*>(scratch + ints_bytes);
     const unsigned int v_blocks = static_cast<unsigned int>((V + kThreads - 1) / kThreads);
-    KRAKEN_KERNEL(v_blocks, kThreads, 0, stream, embedding_zero_counts_kernel)(counts, hot_total, V);
+    KRAKEN_KERNEL(static_cast<unsigned int>((std::max(V, bins) + kThreads - 1) / kThreads), kThreads, 0, stream,
+                  embedding_zero_counts_kernel)(counts, histogram, hot_total, V, bins);
     KRAKEN_CUDA_LAUNCH_CHECK();
     KRAKEN_KERNEL(blocks_for(N, kThreads), kThreads, 0, stream, embedding_count_ids_kernel)(counts, ids, N);
     KRAKEN_CUDA_LAUNCH_CHECK();
-    KRAKEN_KERNEL(v_blocks, kThreads, 0, stream, embedding_hot_slots_kernel)(hot_slot, hot_rows, hot_total, counts, V,
-                                                                            hot_count);
+    KRAKEN_KERNEL(v_blocks, kThreads, 0, stream, embedding_count_histogram_kernel)(histogram, counts, V, bound);
     KRAKEN_CUDA_LAUNCH_CHECK();
-    const dim3 slices(static_cast<unsigned int>(max_hot), static_cast<unsigned int>(kHotSlices));
+    KRAKEN_KERNEL(1, 1, 0, stream, embedding_hot_threshold_kernel)(threshold, histogram, bound);
+    KRAKEN_CUDA_LAUNCH_CHECK();
+    KRAKEN_KERNEL(v_blocks, kThreads, 0, stream, embedding_hot_slots_kernel)(hot_slot, hot_rows, hot_total, counts, V,
+                                                                            threshold);
+    KRAKEN_CUDA_LAUNCH_CHECK();
+    const int64_t row_groups = std::min({max_hot, kHotRowBlocks, (N + kChunk - 1) / kChunk});
+    const dim3 slices(static_cast<unsigned int>(row_groups), static_cast<unsigned int>(kHotSlices));
     const int64_t L = embedding_slice_length(N);
     if (wide)
-      KRAKEN_KERNEL(slices, kThreads, 0, stream, embedding_hot_slices_kernel<T, 4>)(sums, dout, ids, hot_rows,
+      KRAKEN_KERNEL(slices, kThreads, 0, stream, embedding_hot_slices_kernel<T, 4>)(sums, dout, ids, hot_slot,
                                                                                     hot_total, N, C, L);
     else
-      KRAKEN_KERNEL(slices, kThreads, 0, stream, embedding_hot_slices_kernel<T, 1>)(sums, dout, ids, hot_rows,
+      KRAKEN_KERNEL(slices, kThreads, 0, stream, embedding_hot_slices_kernel<T, 1>)(sums, dout, ids, hot_slot,
                                                                                     hot_total, N, C, L);
     KRAKEN_CUDA_LAUNCH_CHECK();
-    KRAKEN_KERNEL(static_cast<unsigned int>(max_hot), kThreads, 0, stream, embedding_hot_add_kernel)(
-        dweight, sums, hot_rows, hot_total, C);
+    KRAKEN_KERNEL(static_cast<unsigned int>(std::min(max_hot, 4 * row_groups)), kThreads, 0, stream,
+                  embedding_hot_add_kernel)(dweight, sums, hot_rows, hot_total, C);
     KRAKEN_CUDA_LAUNCH_CHECK();
   }
   const unsigned int blocks = static_cast<unsigned int>((V + kIdsPerBlock - 1) / kIdsPerBlock);

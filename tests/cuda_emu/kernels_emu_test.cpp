@@ -1265,17 +1265,23 @@ void check_embedding_and_softmax() {
   kernels::embedding_backward_cpu(dweight_cpu.data(), dout.data(), ids.data(), N, V, C);
   EXPECT_EQ(dweight, dweight_cpu) << "emulated embedding backward: the ids' rows in id order, as on the CPU";
   // The backward's other paths, bit for bit too, and both against the header's order rebuilt here: ids
-  // over several blocks' ranges (128 each); with N = 1100, hot rows (≥ 32 positions: 7 and 131, in
-  // different blocks, interleaved with the others) summed slice by slice; C = 24 (8 columns a lane, the
-  // hot slices 4), C = 20 (a column a lane, the hot slices 4; lanes past the row), and C = 24 with the
-  // buffers one float off 16-byte alignment (a column a lane); ids one int off 16-byte alignment.
-  for (const int64_t Nb : {int64_t{300}, int64_t{1100}}) {
+  // over several blocks' ranges (128 each); N = 7, no row can be hot; N = 300, 24 rows of 8 to 20
+  // positions hot (the least threshold); N = 1100, 7 and 131 (440 and 293 positions, in different
+  // blocks, interleaved with the others) hot with others; N = 5312 over 600 ids (512 rows of 9
+  // consecutive positions, then 88 of 8): 600 rows of 8 or more are past the 512 the threshold allows,
+  // so it is 9 and exactly 512 rows are hot, every slot (a cap one row lower, or one row higher, changes
+  // the hot rows, and with several of a row's positions in one slice, the sums' bits). Hot rows summed
+  // slice by slice; C = 24 (8 columns a lane, the hot slices 4), C = 20 (a column a lane, the hot slices
+  // 4; lanes past the row), and C = 24 with the buffers one float off 16-byte alignment (a column a
+  // lane); ids one int off 16-byte alignment.
+  for (const auto& [Nb, Vb] : {std::pair<int64_t, int64_t>{7, 300}, {300, 300}, {1100, 300}, {5312, 600}}) {
     for (const auto& [Cb, skew] : {std::pair<int64_t, int64_t>{24, 0}, {20, 0}, {24, 1}}) {
-      const int64_t Vb = 300;
+      if (Nb == 5312 && (Cb != 24 || skew != 0)) continue;  // (the cap's case once: the emulation's time)
       std::vector<int32_t> ids_b(static_cast<size_t>(Nb + 1));
       for (int64_t n = 0; n < Nb; ++n) {
         int32_t id = static_cast<int32_t>((n * n + 7 * n) % Vb);
-        if (Nb > 1000 && n % 5 < 2) id = 7;                             // 440 of 1100: hot
+        if (Nb == 5312) id = static_cast<int32_t>(n < 4608 ? n / 9 : 512 + (n - 4608) / 8);  // runs: a slice adds
+        else if (Nb > 1000 && n % 5 < 2) id = 7;                             // 440 of 1100: hot
         else if (Nb > 1000 && (n % 5 == 2 || (n % 5 == 3 && n % 3 == 0))) id = 131;  // 293: hot too
         ids_b[static_cast<size_t>(n + skew)] = id;
       }
@@ -1291,7 +1297,15 @@ void check_embedding_and_softmax() {
       std::vector<float> want = normal(static_cast<size_t>(Vb * Cb + skew), 41);
       std::vector<int64_t> count(static_cast<size_t>(Vb), 0);
       for (int64_t n = 0; n < Nb; ++n) count[static_cast<size_t>(idp[n])] += 1;
-      const int64_t hot = kernels::embedding_hot_count(Nb), L = kernels::embedding_slice_length(Nb);
+      // The threshold by its definition: the least k ≥ 8 at which at most 512 rows have k or more.
+      int64_t hot = kernels::kEmbeddingHotMin;
+      for (;; ++hot) {
+        int64_t rows = 0;
+        for (const int64_t c : count) rows += c >= hot;
+        if (rows <= kernels::kEmbeddingMaxHotRows) break;
+      }
+      EXPECT_EQ(hot, kernels::embedding_hot_threshold(count.data(), Vb, Nb)) << what;
+      const int64_t L = kernels::embedding_slice_length(Nb);
       int hot_rows = 0;
       for (int64_t v = 0; v < Vb; ++v) {
         float* dst = want.data() + skew + v * Cb;
@@ -1311,8 +1325,15 @@ void check_embedding_and_softmax() {
           }
         }
       }
-      if (Nb > 1000) EXPECT_GE(hot_rows, 2) << what;  // 7 and 131, and a few of the formula's
-      else EXPECT_EQ(hot_rows, 0) << what;
+      const int want_hot_rows = Nb == 7 ? 0 : Nb == 300 ? 24 : Nb == 5312 ? 512 : -1;
+      if (want_hot_rows >= 0) {
+        EXPECT_EQ(hot_rows, want_hot_rows) << what;
+      } else {
+        EXPECT_GE(hot_rows, 2) << what;  // 7 and 131, and the rows of 8 or more
+      }
+      if (Nb == 5312) {
+        EXPECT_EQ(hot, 9) << what;
+      }
       EXPECT_EQ(dw_cpu, want) << "the CPU's embedding backward against the documented order, " << what;
       // From a bf16 gradient: the CPU's sums of it widened.
       const std::vector<uint16_t> dout_16 = to_bf16(dout_b);

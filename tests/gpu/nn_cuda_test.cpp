@@ -96,11 +96,12 @@ TEST(GpuEmbedding, ForwardAndBackwardAreBitIdenticalToTheCpu) {
   }
 }
 
-// Text's frequent tokens: rows with at least embedding_hot_count(N) positions are summed slice by slice
+// Text's frequent tokens: rows with at least embedding_hot_threshold positions are summed slice by slice
 // (kernels/embedding.h), on the GPU in parallel, on the CPU in the same order. 8192 positions over GPT-2's
-// vocabulary: 8% on id 262, 5% on 11, 4% on 13 and 3% on 286 (hot: ≥ 32 each; 262 and 286 in one of the
-// GPU's id blocks and one class of it), 0.2% on 198 (~16: not hot), the rest uniform; C = 768 (8 columns
-// a lane, the hot slices 4) and 70 (one).
+// vocabulary: 8% on id 262, 5% on 11, 4% on 13 and 3% on 286 (262 and 286 in one of the GPU's id blocks
+// and one class of it), 0.2% on 198 (~16), the rest uniform (one position or two, a few with 3): the
+// threshold is its least, 8, and those five rows are hot. C = 768 (8 columns a lane, the hot slices 4)
+// and 70 (one).
 TEST(GpuEmbedding, FrequentTokensAreSummedInTheCpusOrder) {
   KRAKEN_REQUIRE_GPU();
   const int64_t N = 8192, V = 50257;
