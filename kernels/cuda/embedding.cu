@@ -294,7 +294,8 @@ __global__ void __launch_bounds__(kThreads, 3)
 // its rows are compacted, in position order, with the row's index among the block's, and the adding is
 // split into (row, 128-column pack) tasks on the warps, as the other rows' kernel does with its classes;
 // a task finds its row's entries 32 at a time (ballots) and adds kHotBatch of them with their loads in
-// flight, the sum held in registers through the chunk. (Until the seventeenth session a block summed one
+// flight, the sum held in registers through the chunk (and read and written only in chunks that have
+// the row). (Until the seventeenth session a block summed one
 // row's slice, reading the slice's ids for every hot row.)
 template <typename T, int kCols>
 __global__ void __launch_bounds__(kThreads)
@@ -336,9 +337,11 @@ __global__ void __launch_bounds__(kThreads)
         }
         return total;
       };
+      int i = next(0);
+      if (i >= total) continue;  // (none of r's positions in this chunk: its sum stays where it is)
       float acc[kCols] = {};
       if (active) load_cols<kCols>(out_of(r) + c, acc);
-      for (int i = next(0); i < total;) {
+      while (i < total) {
         int entry[kHotBatch], n = 0;
 #pragma unroll
         for (int k = 0; k < kHotBatch; ++k)
