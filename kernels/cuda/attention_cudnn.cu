@@ -512,23 +512,16 @@ cudnnHandle_t current_handle();
 // n − 1 others of the same graph and times them all on that call's buffers: every configuration that
 // heuristics modes A, B and FALLBACK offer, then each of those with one knob moved within the range its
 // engine's CUDNN_ATTR_ENGINE_KNOB_INFO gives (tile sizes, kernel configurations: the engine's own list,
-// not guessed here), nearest values first, every knob in turn. Engines marked non-deterministic are passed over where the plan in use checks
-// that note. It keeps the fastest and says so on stderr, one line a shape, each configuration named by
-// engine and knobs. Why: the Kraken preset's heads (D = 168) spend ~57 of its 178 ms of kernels in cuDNN's
-// attention at ~118 TFLOP/s backward, against 184 at GPT-2's D = 64 (bench/RESULTS.md), and mode A's
-// first choice was never compared with anything cuDNN itself offers. Building a configuration compiles
-// it (NVRTC; seconds), so n bounds the cost. Unset, 0 or 1: mode A's first, as always.
+// not guessed here), nearest values first, every knob in turn. Engines marked non-deterministic are
+// passed over where the plan in use checks that note. It keeps the fastest and says so on stderr, one
+// line a shape, each configuration named by engine and knobs. Why: the Kraken preset's heads (D = 168)
+// spend ~57 of its 178 ms of kernels in cuDNN's attention at ~118 TFLOP/s backward, against 184 at
+// GPT-2's D = 64 (bench/RESULTS.md), and mode A's first choice was never compared with anything cuDNN
+// itself offers. Building a configuration compiles it (NVRTC; seconds), so n bounds the cost. Unset, 0
+// or 1: mode A's first, as always.
 int attention_tune_limit() {
-  static const int n = [] {
-    const char* v = std::getenv("KRAKEN_CUDNN_ATTENTION_TUNE");
-    if (v == nullptr || *v == '\0') return 1;
-    char* end = nullptr;
-    const long parsed = std::strtol(v, &end, 10);
-    if (*end != '\0' || parsed < 0 || parsed > 64)
-      KRAKEN_THROW("KRAKEN_CUDNN_ATTENTION_TUNE=", v,
-                   ": expected how many of cuDNN's engine configurations to time, 2 to 64 (0 or 1: none)");
-    return parsed < 1 ? 1 : static_cast<int>(parsed);
-  }();
+  static const int n =
+      cuda_detail::tune_count_from_env("KRAKEN_CUDNN_ATTENTION_TUNE", 64, "cuDNN's engine configurations");
   return n;
 }
 

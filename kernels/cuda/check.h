@@ -1,6 +1,8 @@
 // Every CUDA, cuBLAS and cuDNN call goes through a check that names the file and line (llm.c's cudaCheck).
 #pragma once
 
+#include <cstdlib>
+
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -38,6 +40,19 @@ inline void cudnn_check(cudnnStatus_t status, const char* call, const char* file
   }
 }
 #endif
+
+// A measurement mode's count from the environment (KRAKEN_CUBLASLT_TUNE, KRAKEN_CUDNN_ATTENTION_TUNE):
+// unset, empty, 0 or 1 give 1 (the mode off), 2 to `most` themselves; anything else is an error that
+// names the variable and what it counts.
+inline int tune_count_from_env(const char* name, int most, const char* what) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return 1;
+  char* end = nullptr;
+  const long parsed = std::strtol(v, &end, 10);
+  if (*end != '\0' || parsed < 0 || parsed > most)
+    KRAKEN_THROW(name, "=", v, ": expected how many of ", what, " to time, 2 to ", most, " (0 or 1: none)");
+  return parsed < 1 ? 1 : static_cast<int>(parsed);
+}
 
 // Grid size for a grid-stride loop over n elements.
 inline unsigned int blocks_for(long long n, int threads) {

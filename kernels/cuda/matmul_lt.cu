@@ -162,15 +162,7 @@ struct Plan {
 // may differ from run to run: for the benchmark, not for training. Unset, 0 or 1: the heuristic's
 // first choice, as always.
 int tune_candidates() {
-  static const int n = [] {
-    const char* v = std::getenv("KRAKEN_CUBLASLT_TUNE");
-    if (v == nullptr || *v == '\0') return 1;
-    char* end = nullptr;
-    const long parsed = std::strtol(v, &end, 10);
-    if (*end != '\0' || parsed < 0 || parsed > 32)
-      KRAKEN_THROW("KRAKEN_CUBLASLT_TUNE=", v, ": expected how many of cuBLASLt's algorithms to time, 2 to 32 (0 or 1: none)");
-    return parsed < 1 ? 1 : static_cast<int>(parsed);
-  }();
+  static const int n = cuda_detail::tune_count_from_env("KRAKEN_CUBLASLT_TUNE", 32, "cuBLASLt's algorithms");
   return n;
 }
 // Committed picks (kernels/cuda/cublaslt_picks.inc says what they are and how one is made).
