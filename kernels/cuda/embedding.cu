@@ -295,8 +295,8 @@ __global__ void __launch_bounds__(kThreads, 3)
 // split into (row, 128-column pack) tasks on the warps, as the other rows' kernel does with its classes;
 // a task finds its row's entries 32 at a time (ballots) and adds kHotBatch of them with their loads in
 // flight, the sum held in registers through the chunk (and read and written only in chunks that have
-// the row). (Until the seventeenth session a block summed one
-// row's slice, reading the slice's ids for every hot row.)
+// the row). (Until the seventeenth session a block summed one row's slice, reading the slice's ids for
+// every hot row.)
 template <typename T, int kCols>
 __global__ void __launch_bounds__(kThreads)
     embedding_hot_slices_kernel(float* sums, const T* dout, const int32_t* ids, const int32_t* hot_slot,
