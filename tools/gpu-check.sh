@@ -342,10 +342,6 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
   # a step on " the": the sixteenth session's sliced sums, bench/RESULTS.md).
   bench_variant textids KRAKEN_BENCH_IDS=text 120 90 "GPT-2 on text-like token ids" \
     --training-only --model gpt2 --batch 8,64
-  # The gradients zeroed in place between steps (KRAKEN_BENCH_ZERO_GRADS=1, the way before the sixteenth
-  # session) against the default's released buffers (Module::release_grads).
-  bench_variant zerograds KRAKEN_BENCH_ZERO_GRADS=1 120 90 "gradients zeroed in place, not released" \
-    --training-only --model gpt2 --batch 8,64
   # cuDNN's attention on the fastest of its own engine configurations (KRAKEN_CUDNN_ATTENTION_TUNE: modes A, B
   # and FALLBACK, and each with one knob moved; kernels/cuda/attention_cudnn.cu): one line a shape with every
   # configuration's time, and the steps on the winners. The Kraken preset's D = 168 is the case that asks.
@@ -353,6 +349,10 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
   # on it — KRAKEN_FOLLOWUP_TESTS='GpuAttentionCudnn.*' with the variable set, tools/gpu-followup.sh.)
   bench_variant attntune KRAKEN_CUDNN_ATTENTION_TUNE=10 200 180 "cuDNN's attention configurations timed" \
     --training-only --batch 64
+  # The gradients zeroed in place between steps (KRAKEN_BENCH_ZERO_GRADS=1, the way before the sixteenth
+  # session) against the default's released buffers (Module::release_grads).
+  bench_variant zerograds KRAKEN_BENCH_ZERO_GRADS=1 120 90 "gradients zeroed in place, not released" \
+    --training-only --model gpt2 --batch 8,64
   # The cross-entropy's staged kernel (KRAKEN_CUDA_CROSS_ENTROPY=staged, the default before the fifteenth
   # session, which made the pipelined kernel the default) in the steps: both kernels' rows are in the main
   # benchmark's table.
