@@ -100,31 +100,9 @@ if [[ ! -d "$third_party/include" ]]; then
   exit 1
 fi
 
-# cuDNN: the toolkit's, else the pip wheel's (the GPU machines have it so, next to PyTorch): CMake finds it
-# through CUDNN_ROOT, and cuDNN's own sub-libraries (loaded at run time) through LD_LIBRARY_PATH.
-if [[ -z "${CUDNN_ROOT:-}" && ! -e /usr/local/cuda/include/cudnn.h ]]; then
-  # The package's folder, by import or else under every site-packages folder (nvidia/ is a namespace
-  # package whose import can fail where its files are there).
-  wheel=$(python3 - 2>/dev/null <<'PY'
-import glob, os, site
-places = []
-try:
-    import nvidia.cudnn as m
-    places += list(m.__path__)
-except Exception:
-    pass
-for d in site.getsitepackages() + [site.getusersitepackages()]:
-    places += glob.glob(os.path.join(d, "nvidia", "cudnn"))
-print(next((p for p in places if os.path.exists(os.path.join(p, "include", "cudnn.h"))), ""))
-PY
-)
-  if [[ -n "$wheel" && -e "$wheel/include/cudnn.h" ]]; then
-    export CUDNN_ROOT="$wheel"
-    # (the toolkit's lib64 too: cuDNN's runtime-compiled engines load NVRTC when they plan)
-    export LD_LIBRARY_PATH="$wheel/lib:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-  fi
-fi
-md "cuDNN from: ${CUDNN_ROOT:-/usr/local/cuda, if there} (the Kraken line of the configure step says what CMake found)."
+source "$root/tools/gpu-libraries.sh"
+md "cuDNN from: ${CUDNN_ROOT:-/usr/local/cuda, if there}; NCCL from: ${NCCL_ROOT:-the toolkit or the system, if there}"\
+   "(the Kraken line of the configure step says what CMake found)."
 
 # ---- 2. configure and build ------------------------------------------------------------------------------
 say "configure"

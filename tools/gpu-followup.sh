@@ -33,11 +33,13 @@ say() { echo "gpu-followup [$(( $(date +%s) - start ))s]: $*"; }
 
 md "# GPU follow-up (tools/gpu-followup.sh) at $(git -C "$root" rev-parse --short HEAD 2> /dev/null)$(git -C "$root" diff --quiet 2> /dev/null || echo ' + changes')"
 say "configure and build"
+source "$root/tools/gpu-libraries.sh"
 cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DKRAKEN_CUDA=ON -DKRAKEN_MPI=OFF \
   -DCMAKE_CUDA_ARCHITECTURES=90 -DKRAKEN_CUDA_EMU_ASAN=OFF -DKRAKEN_THIRD_PARTY="$third_party" > "$out/configure.log" 2>&1 &&
   ninja -C "$build" gpu_train_bench kraken_tests_gpu > "$out/build.log" 2>&1
 rc=$?
 md "Build (gpu_train_bench, kraken_tests_gpu): exit status $rc after $(( $(date +%s) - start )) s."
+md "$(grep -m1 'Kraken: CUDA' "$out/configure.log" | sed 's/^-- //')"
 if [[ $rc -ne 0 ]]; then
   { echo '```'; tail -n 40 "$out/configure.log" "$out/build.log"; echo '```'; } >> "$report"
   cat "$report"
