@@ -563,6 +563,29 @@ void bench_kernels(const DeviceInfo& dev, Report& r) {
                                                  krstd.data<float>(), group_rows, width, nullptr);
           }));
     }
+    {
+      // The Kraken preset's residual fork with S summed in it and each sub-layer's LN2 (one call a layer at
+      // B = 64: 4 groups of 65536 × 504): reads x and y, writes a, m and LN2's output, and the statistics.
+      // The eighteenth session's profile had the kernel then at 663 µs a call (60% of the bandwidth).
+      const int64_t G = 4, rows = 64 * 1024, width = 504, elems = G * rows * width;
+      Tensor fx = bf16(normal({elems}, 101)), fy = bf16(normal({elems}, 102)), fa = bf16(normal({elems}, 103));
+      Tensor fm = bf16(normal({elems}, 104)), fout = bf16(normal({elems}, 105));
+      Tensor fgamma = normal({G, width}, 106), fbeta = normal({G, width}, 107);
+      Tensor fmean = normal({G * rows}, 108), frstd = normal({G * rows}, 109);
+      std::vector<const float*> gammas, betas;
+      for (int64_t g = 0; g < G; ++g) {
+        gammas.push_back(fgamma.data<float>() + g * width);
+        betas.push_back(fbeta.data<float>() + g * width);
+      }
+      row("bf16 Kraken fork with S summed + LN2, 4 × 65536×504 (Kraken B = 64)", h * 5.0 * elems + f * 2 * G * rows,
+          time_kernel([&] {
+            if (!residual_fork_summed_layernorm_bf16_cuda(fa.data<uint16_t>(), fm.data<uint16_t>(),
+                                                          fout.data<uint16_t>(), fmean.data<float>(),
+                                                          frstd.data<float>(), fx.data<uint16_t>(), fy.data<uint16_t>(),
+                                                          gammas.data(), betas.data(), G, rows, width, 1e-5f, nullptr))
+              std::fprintf(stderr, "gpu_train_bench: the fork with LN2 declined the preset's shape\n"), std::exit(1);
+          }));
+    }
     Tensor u = bf16(normal({n}, 72)), gu = bf16(normal({n}, 73)), du = bf16(normal({n}, 74)), gx = bf16(normal({n}, 75));
     row("bf16 GELU forward", h * 2.0 * n,
         time_kernel([&] { gelu_forward_bf16_cuda(gu.data<uint16_t>(), u.data<uint16_t>(), n, nullptr); }));

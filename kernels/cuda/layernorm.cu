@@ -251,63 +251,137 @@ __global__ void add_layernorm_forward_x8_kernel(T* s, T* out, float* mean, float
   normalise_row_x8<kPacks>(out + r * C, mean, rstd, v, sum, gamma, beta, r, C, eps, lane);
 }
 
-// The fork with S summed in it and LN2 (kernels/layernorm.h), a warp per row r of every group: S from the
-// G rows of x first, then each group's x and y again (the second read of x from L2: a block's 8 rows of G
-// groups are ~8·G KB), a and m stored, m normalised from its stored values as layernorm_forward_x8_kernel
-// would read them back.
+// The fork with S summed in it and LN2 (kernels/layernorm.h), a warp per row r of every group. a and m are
+// stored and m normalised from its stored values, as layernorm_forward_x8_kernel would read them back.
+// kGroups = G known when compiled (G·kPacks ≤ 8; the Kraken 4-way preset's 4 groups of C = 504): every
+// group's x and y loaded first, as stored (4 registers a pack), so a row is one round trip to memory (a
+// lane's 16 loads of 16 bytes in flight at the preset's shape, where the run-time loop had 2 at a time and
+// moved 60% of the bandwidth: 663 µs a call at B = 64 on an H100); a stored while S is summed, so only y
+// stays held (117 registers, 2 blocks an SM, no spills). kGroups = 0: G at run time, S from the G rows of x
+// first, then each group's x (again, from L2: a block's 8 rows of G groups are ~8·G KB) and y, a round
+// trip each. The same arithmetic in the same order either way.
 struct ForkNorms {
   const float* gamma[kMaxForkNormGroups];
   const float* beta[kMaxForkNormGroups];
 };
-template <int kPacks>
-__global__ void residual_fork_summed_layernorm_x8_kernel(__nv_bfloat16* a, __nv_bfloat16* m, __nv_bfloat16* out,
+constexpr int kMaxForkPacksInFlight = 8;  // G·kPacks of the kernels with every group's row loaded first
+
+// One group's row from its x and y: a = x + y and m = y + S stored, m's stored values in v and their sum.
+__device__ __forceinline__ void fork_group_row(__nv_bfloat16* a, __nv_bfloat16* m, const float (&xv)[8],
+                                               const float (&yv)[8], const float (&s)[8], float (&v)[8], float& sum,
+                                               int64_t at) {
+  float av[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    av[i] = xv[i] + yv[i];
+    v[i] = yv[i] + s[i];
+  }
+  store8(a + at, av);
+  store8(m + at, v);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    v[i] = as_stored(v[i], m);
+    sum += v[i];
+  }
+}
+
+template <int kPacks, int kGroups>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32, kGroups > 0 ? 2 : 1) residual_fork_summed_layernorm_x8_kernel(__nv_bfloat16* a, __nv_bfloat16* m, __nv_bfloat16* out,
                                                          float* mean, float* rstd, const __nv_bfloat16* x,
-                                                         const __nv_bfloat16* y, ForkNorms norms, int G, int64_t rows,
-                                                         int C, float eps) {
+                                                         const __nv_bfloat16* y, ForkNorms norms, int groups,
+                                                         int64_t rows, int C, float eps) {
+  static_assert(kGroups == 0 || kGroups * kPacks <= kMaxForkPacksInFlight, "too many packs held");
   const int lane = threadIdx.x & 31;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
   if (r >= rows) return;  // whole warps leave together
   float s[kPacks][8] = {};
-  for (int g = 0; g < G; ++g) {
+  if constexpr (kGroups > 0) {
+    Stored8<__nv_bfloat16> xs[kGroups][kPacks] = {}, ys[kGroups][kPacks] = {};
 #pragma unroll
-    for (int p = 0; p < kPacks; ++p) {
-      const int c0 = 8 * (lane + 32 * p);
-      if (c0 >= C) break;
-      float xv[8];
-      load8(x + (g * rows + r) * C + c0, xv);
+    for (int g = 0; g < kGroups; ++g)
 #pragma unroll
-      for (int i = 0; i < 8; ++i) s[p][i] += xv[i];
-    }
-  }
-#pragma unroll
-  for (int p = 0; p < kPacks; ++p)
-#pragma unroll
-    for (int i = 0; i < 8; ++i) s[p][i] = as_stored(s[p][i], m);
-  for (int g = 0; g < G; ++g) {
-    const int64_t row = g * rows + r;
-    float v[kPacks][8] = {};
-    float sum = 0.0f;
-#pragma unroll
-    for (int p = 0; p < kPacks; ++p) {
-      const int c0 = 8 * (lane + 32 * p);
-      if (c0 >= C) break;
-      float xv[8], yv[8];
-      load8(x + row * C + c0, xv);
-      load8(y + row * C + c0, yv);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        xv[i] = xv[i] + yv[i];
-        v[p][i] = yv[i] + s[p][i];
+      for (int p = 0; p < kPacks; ++p) {
+        const int c0 = 8 * (lane + 32 * p);
+        if (c0 >= C) break;
+        load_stored8(x + (g * rows + r) * C + c0, xs[g][p]);
+        load_stored8(y + (g * rows + r) * C + c0, ys[g][p]);
       }
-      store8(a + row * C + c0, xv);
-      store8(m + row * C + c0, v[p]);
+    // a = x + y needs no S: stored now, so that only y stays held (x's registers go).
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        v[p][i] = as_stored(v[p][i], m);
-        sum += v[p][i];
+    for (int g = 0; g < kGroups; ++g)
+#pragma unroll
+      for (int p = 0; p < kPacks; ++p) {
+        const int c0 = 8 * (lane + 32 * p);
+        if (c0 >= C) break;
+        float xv[8], yv[8], av[8];
+        widen8(xs[g][p], xv);
+        widen8(ys[g][p], yv);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          s[p][i] += xv[i];
+          av[i] = xv[i] + yv[i];
+        }
+        store8(a + (g * rows + r) * C + c0, av);
+      }
+#pragma unroll
+    for (int p = 0; p < kPacks; ++p)
+#pragma unroll
+      for (int i = 0; i < 8; ++i) s[p][i] = as_stored(s[p][i], m);
+#pragma unroll
+    for (int g = 0; g < kGroups; ++g) {
+      const int64_t row = g * rows + r;
+      float v[kPacks][8] = {};
+      float sum = 0.0f;
+#pragma unroll
+      for (int p = 0; p < kPacks; ++p) {
+        const int c0 = 8 * (lane + 32 * p);
+        if (c0 >= C) break;
+        float yv[8];
+        widen8(ys[g][p], yv);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[p][i] = yv[i] + s[p][i];
+        store8(m + row * C + c0, v[p]);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          v[p][i] = as_stored(v[p][i], m);
+          sum += v[p][i];
+        }
+      }
+      normalise_row_x8<kPacks>(out + row * C, mean, rstd, v, sum, norms.gamma[g], norms.beta[g], row, C, eps,
+                               lane);
+    }
+  } else {
+    for (int g = 0; g < groups; ++g) {
+#pragma unroll
+      for (int p = 0; p < kPacks; ++p) {
+        const int c0 = 8 * (lane + 32 * p);
+        if (c0 >= C) break;
+        float xv[8];
+        load8(x + (g * rows + r) * C + c0, xv);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) s[p][i] += xv[i];
       }
     }
-    normalise_row_x8<kPacks>(out + row * C, mean, rstd, v, sum, norms.gamma[g], norms.beta[g], row, C, eps, lane);
+#pragma unroll
+    for (int p = 0; p < kPacks; ++p)
+#pragma unroll
+      for (int i = 0; i < 8; ++i) s[p][i] = as_stored(s[p][i], m);
+    for (int g = 0; g < groups; ++g) {
+      const int64_t row = g * rows + r;
+      float v[kPacks][8] = {};
+      float sum = 0.0f;
+#pragma unroll
+      for (int p = 0; p < kPacks; ++p) {
+        const int c0 = 8 * (lane + 32 * p);
+        if (c0 >= C) break;
+        float xv[8], yv[8];
+        load8(x + row * C + c0, xv);
+        load8(y + row * C + c0, yv);
+        fork_group_row(a, m, xv, yv, s[p], v[p], sum, row * C + c0);
+      }
+      normalise_row_x8<kPacks>(out + row * C, mean, rstd, v, sum, norms.gamma[g], norms.beta[g], row, C, eps,
+                               lane);
+    }
   }
 }
 
@@ -878,11 +952,20 @@ bool residual_fork_summed_layernorm_bf16_cuda(uint16_t* a, uint16_t* m, uint16_t
   }
   return with_packs_per_lane(C, [&](auto packs) {
     if (rows <= 0) return;
-    KRAKEN_KERNEL(row_blocks(rows), kWarpsPerBlock * 32, 0, stream,
-                  residual_fork_summed_layernorm_x8_kernel<decltype(packs)::value>)
-    (as_bf16(a), as_bf16(m), as_bf16(out), mean, rstd, as_bf16(x), as_bf16(y), norms, static_cast<int>(G), rows,
-     static_cast<int>(C), eps);
-    KRAKEN_CUDA_LAUNCH_CHECK();
+    constexpr int kPacks = decltype(packs)::value;
+    auto launch = [&](auto groups) {
+      KRAKEN_KERNEL(row_blocks(rows), kWarpsPerBlock * 32, 0, stream,
+                    residual_fork_summed_layernorm_x8_kernel<kPacks, decltype(groups)::value>)
+      (as_bf16(a), as_bf16(m), as_bf16(out), mean, rstd, as_bf16(x), as_bf16(y), norms, static_cast<int>(G), rows,
+       static_cast<int>(C), eps);
+      KRAKEN_CUDA_LAUNCH_CHECK();
+    };
+    // Every group's row loaded first where G·kPacks ≤ kMaxForkPacksInFlight, for the G the presets use.
+    if constexpr (4 * kPacks <= kMaxForkPacksInFlight)
+      if (G == 4) return launch(std::integral_constant<int, 4>());
+    if constexpr (2 * kPacks <= kMaxForkPacksInFlight)
+      if (G == 2) return launch(std::integral_constant<int, 2>());
+    launch(std::integral_constant<int, 0>());
   });
 }
 

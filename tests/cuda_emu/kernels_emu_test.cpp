@@ -793,13 +793,17 @@ TEST(CudaEmulation, SummedResidualForkIsTheChainItReplacesBitForBit) {
 
 // The fork with S summed in it and LN2 in the same pass against the summed fork, then a LayerNorm per
 // group reading m back — a, m, out, mean and rstd bit for bit — for 2 and 4 groups at C = 504 (2 packs a
-// lane, the preset's), 3 groups at C = 48 (one pack, lanes idle) and 2 at 1024 (4 packs), with and
-// without beta. G = 1 and 9, C = 52 and 2056 are declined.
+// lane, the preset's), 3 groups at C = 48 (one pack, lanes idle), 2 at 1024 (4 packs), 4 at 40 and 4 at 768
+// (3 packs: G·packs above what the kernel with every group's row loaded first holds), with and without
+// beta — both kernels: G = 2 and 4 with G·packs ≤ 8 load every group first, the others loop over G.
+// G = 1 and 9, C = 52 and 2056 are declined.
 void check_summed_fork_layernorm() {
   for (const auto& [G, rows, C] : {std::tuple<int64_t, int64_t, int64_t>{2, 13, 504},
                                    std::tuple<int64_t, int64_t, int64_t>{4, 9, 504},
                                    std::tuple<int64_t, int64_t, int64_t>{3, 11, 48},
-                                   std::tuple<int64_t, int64_t, int64_t>{2, 5, 1024}}) {
+                                   std::tuple<int64_t, int64_t, int64_t>{2, 5, 1024},
+                                   std::tuple<int64_t, int64_t, int64_t>{4, 6, 40},
+                                   std::tuple<int64_t, int64_t, int64_t>{4, 7, 768}}) {
     for (const bool with_beta : {true, false}) {
       const std::string what = " (" + std::to_string(G) + " groups of " + std::to_string(rows) + " × " +
                                std::to_string(C) + (with_beta ? ")" : ", no beta)");
