@@ -266,17 +266,8 @@ struct ForkNorms {
 };
 constexpr int kMaxForkPacksInFlight = 8;  // G·kPacks of the kernels with every group's row loaded first
 
-// One group's row from its x and y: a = x + y and m = y + S stored, m's stored values in v and their sum.
-__device__ __forceinline__ void fork_group_row(__nv_bfloat16* a, __nv_bfloat16* m, const float (&xv)[8],
-                                               const float (&yv)[8], const float (&s)[8], float (&v)[8], float& sum,
-                                               int64_t at) {
-  float av[8];
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    av[i] = xv[i] + yv[i];
-    v[i] = yv[i] + s[i];
-  }
-  store8(a + at, av);
+// m's pack stored, then its stored values in v, added to sum (what LN2 normalises).
+__device__ __forceinline__ void store_fork_m(__nv_bfloat16* m, float (&v)[8], float& sum, int64_t at) {
   store8(m + at, v);
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
@@ -284,9 +275,39 @@ __device__ __forceinline__ void fork_group_row(__nv_bfloat16* a, __nv_bfloat16* 
     sum += v[i];
   }
 }
+// A pack of the fork: m = y + S (a stored before, with S's sum).
+__device__ __forceinline__ void fork_m_pack(__nv_bfloat16* m, const float (&yv)[8], const float (&s)[8],
+                                            float (&v)[8], float& sum, int64_t at) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) v[i] = yv[i] + s[i];
+  store_fork_m(m, v, sum, at);
+}
+// A pack of the fork: a = x + y and m = y + S in one loop.
+__device__ __forceinline__ void fork_pack(__nv_bfloat16* a, __nv_bfloat16* m, const float (&xv)[8],
+                                          const float (&yv)[8], const float (&s)[8], float (&v)[8], float& sum,
+                                          int64_t at) {
+  float av[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    av[i] = xv[i] + yv[i];
+    v[i] = yv[i] + s[i];
+  }
+  store8(a + at, av);
+  store_fork_m(m, v, sum, at);
+}
+// S, summed in f32 over the groups, as stored once (the summed fork's rounding).
+template <int kPacks>
+__device__ __forceinline__ void round_fork_sum(float (&s)[kPacks][8], const __nv_bfloat16* m) {
+#pragma unroll
+  for (int p = 0; p < kPacks; ++p)
+#pragma unroll
+    for (int i = 0; i < 8; ++i) s[p][i] = as_stored(s[p][i], m);
+}
 
+// (At least 2 blocks an SM for the kernels that hold every group's row: 117 registers at the preset's shape,
+// 159 uncapped. 0, no minimum, for the loop over G: 80 registers at 2 packs, 95 with a minimum of 1.)
 template <int kPacks, int kGroups>
-__global__ void __launch_bounds__(kWarpsPerBlock * 32, kGroups > 0 ? 2 : 1)
+__global__ void __launch_bounds__(kWarpsPerBlock * 32, kGroups > 0 ? 2 : 0)
     residual_fork_summed_layernorm_x8_kernel(__nv_bfloat16* a, __nv_bfloat16* m, __nv_bfloat16* out, float* mean,
                                              float* rstd, const __nv_bfloat16* x, const __nv_bfloat16* y,
                                              ForkNorms norms, int groups, int64_t rows, int C, float eps) {
@@ -323,10 +344,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kGroups > 0 ? 2 : 1)
         }
         store8(a + (g * rows + r) * C + c0, av);
       }
-#pragma unroll
-    for (int p = 0; p < kPacks; ++p)
-#pragma unroll
-      for (int i = 0; i < 8; ++i) s[p][i] = as_stored(s[p][i], m);
+    round_fork_sum<kPacks>(s, m);
 #pragma unroll
     for (int g = 0; g < kGroups; ++g) {
       const int64_t row = g * rows + r;
@@ -338,14 +356,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kGroups > 0 ? 2 : 1)
         if (c0 >= C) break;
         float yv[8];
         widen8(ys[g][p], yv);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) v[p][i] = yv[i] + s[p][i];
-        store8(m + row * C + c0, v[p]);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          v[p][i] = as_stored(v[p][i], m);
-          sum += v[p][i];
-        }
+        fork_m_pack(m, yv, s[p], v[p], sum, row * C + c0);
       }
       normalise_row_x8<kPacks>(out + row * C, mean, rstd, v, sum, norms.gamma[g], norms.beta[g], row, C, eps,
                                lane);
@@ -362,10 +373,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kGroups > 0 ? 2 : 1)
         for (int i = 0; i < 8; ++i) s[p][i] += xv[i];
       }
     }
-#pragma unroll
-    for (int p = 0; p < kPacks; ++p)
-#pragma unroll
-      for (int i = 0; i < 8; ++i) s[p][i] = as_stored(s[p][i], m);
+    round_fork_sum<kPacks>(s, m);
     for (int g = 0; g < groups; ++g) {
       const int64_t row = g * rows + r;
       float v[kPacks][8] = {};
@@ -377,7 +385,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kGroups > 0 ? 2 : 1)
         float xv[8], yv[8];
         load8(x + row * C + c0, xv);
         load8(y + row * C + c0, yv);
-        fork_group_row(a, m, xv, yv, s[p], v[p], sum, row * C + c0);
+        fork_pack(a, m, xv, yv, s[p], v[p], sum, row * C + c0);
       }
       normalise_row_x8<kPacks>(out + row * C, mean, rstd, v, sum, norms.gamma[g], norms.beta[g], row, C, eps,
                                lane);
