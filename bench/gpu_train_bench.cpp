@@ -436,11 +436,12 @@ void bench_model(const char* label, const KrakenConfig& c, DType compute, int64_
                  kraken::kernels::attention_bf16_kernels_name(kraken::kernels::attention_bf16_kernels(c.head_size()));
   const double n = o.steps;
   r.line("| %s | %s | %.1fM | %lld×%lld | %.1f | %.0f | %.1f | %s | %.1f / %.1f | %.1f / %.1f (%s) | %.2f / %.2f | %.1f | "
-         "%.3g | %.3f |",
+         "%.1f / %.3g | %.3f |",
          label, precision.c_str(), c.parameter_count() / 1e6, static_cast<long long>(B), static_cast<long long>(T),
          seconds * 1e3, tokens_per_s, achieved / 1e12, mfu, 1e3 * host_forward / n, 1e3 * gpu_forward / n,
          1e3 * host_backward / n, 1e3 * gpu_backward / n, busy, traffic.copied_bytes / n / 1e9,
-         traffic.zeroed_bytes / n / 1e9, (mem.peak_bytes_in_use - probe_bytes) / 1e9, mallocs_per_step, last_loss);
+         traffic.zeroed_bytes / n / 1e9, (mem.peak_bytes_in_use - probe_bytes) / 1e9,
+         (mem.bytes_reserved - probe_bytes) / 1e9, mallocs_per_step, last_loss);
 }
 
 void bench_kernels(const DeviceInfo& dev, Report& r) {
@@ -1003,11 +1004,12 @@ int main(int argc, char** argv) {
   r.line("time to issue the backward behind ~100 ms of queued GPU work (16 launches), which a backward free of");
   r.line("synchronisation and of fewer launches than the queue's room never waits for: the host's own cost.");
   r.line("Copies / fills: GB a step the runtime moved outside kernels (copies within the GPU, zero fills:");
-  r.line("runtime::memory_traffic), which a profile of kernels does not list. cudaMalloc a step: the caching");
-  r.line("allocator's calls to the driver in the timed steps (0 in a steady state).");
+  r.line("runtime::memory_traffic), which a profile of kernels does not list. Reserved: what the caching allocator");
+  r.line("holds from the driver after the timed steps (blocks of each size kept apart: the peak in use or more);");
+  r.line("cudaMalloc a step: its calls to the driver in the timed steps (0 in a steady state).");
   r.blank();
   r.line("| model | precision | params | B×T | ms/step | tokens/s | TFLOP/s | MFU (bf16 peak) | forward host / GPU ms | "
-         "backward host / GPU ms | copies / fills GB | peak GB | cudaMalloc a step | loss |");
+         "backward host / GPU ms | copies / fills GB | peak GB | reserved GB / cudaMalloc a step | loss |");
   r.line("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
   KrakenConfig gpt2;  // the defaults: L = 12, C = 768, H = 12, T = 1024, degree 1, e = 4, biases, vocab 50257
   KrakenConfig k4;
