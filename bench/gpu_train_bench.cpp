@@ -397,8 +397,8 @@ void bench_model(const char* label, const KrakenConfig& c, DType compute, int64_
   const kraken::runtime::MemoryTraffic traffic = kraken::runtime::memory_traffic() - traffic_before;
   for (cudaEvent_t& e : marks) cudaEventDestroy(e);
   const kraken::runtime::AllocatorStats mem = kraken::runtime::device_allocator_stats(0);  // before the extras below
-  // cudaMallocs the timed steps made: 0 in a steady state; more where the cache, which keeps blocks of each
-  // size apart, outgrew the device and was given back (runtime/allocator.cpp: cudaFree synchronises).
+  // cudaMallocs the timed steps made: 0 in a steady state; more near the device's capacity, where the
+  // allocator gives free segments back to make room (runtime/block_pool.h: cudaFree synchronises).
   const double mallocs_per_step = static_cast<double>(mem.system_allocations - mallocs_before) / o.steps;
   // The host's own cost of issuing the backward: the forward of one more step, then ~100 ms of queued
   // fp32 products, then the backward, so that the host never waits for the GPU unless the backward

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "kernels/device_memory.h"
+#include "runtime/block_pool.h"
 #include "kernels/error.h"
 
 #if KRAKEN_WITH_CUDA
@@ -27,6 +28,20 @@ namespace kraken::runtime {
 namespace {
 
 constexpr size_t kHostAlignment = 64;
+
+struct ObserverSlot {
+  std::atomic<AllocationObserver> observer{nullptr};
+  std::atomic<void*> context{nullptr};
+};
+ObserverSlot& host_observer() {
+  static ObserverSlot slot;
+  return slot;
+}
+void tell_observer(const void* ptr, size_t bytes, bool allocated) {
+  ObserverSlot& slot = host_observer();
+  if (AllocationObserver observer = slot.observer.load(std::memory_order_acquire))
+    observer(slot.context.load(std::memory_order_relaxed), ptr, bytes, allocated);
+}
 
 // Small blocks come straight from aligned_alloc. Large ones (activations, logits, gradients) are cached
 // by their exact rounded size and handed out again: glibc maps every large block afresh and unmaps it
@@ -63,12 +78,14 @@ class HostAllocator final : public Allocator {
     }
     stats_.bytes_in_use += static_cast<int64_t>(size);
     stats_.peak_bytes_in_use = std::max(stats_.peak_bytes_in_use, stats_.bytes_in_use);
+    tell_observer(ptr, bytes, true);
     return ptr;
   }
   void deallocate(void* ptr, size_t bytes) override {
     if (!ptr) return;
     const size_t size = round(bytes);
     std::lock_guard<std::mutex> lock(mutex_);
+    tell_observer(ptr, bytes, false);
     stats_.bytes_in_use -= static_cast<int64_t>(size);
     if (size >= kCachedMin && cached_ + static_cast<int64_t>(size) <= cache_limit_) {
       free_[size].push_back(ptr);
@@ -103,88 +120,75 @@ HostAllocator& host_instance() {
 }
 
 #if KRAKEN_WITH_CUDA
-// Blocks are rounded (512 B below 1 MiB, 2 MiB above) and kept in per-size free lists when released.
-// The allocator never splits or merges blocks: simple, and enough for a training loop whose shapes
-// repeat every step. When cudaMalloc fails, the free lists go back to the driver and it tries once more;
-// the kernels' own cudaMallocs (scratch buffers, cuBLASLt's workspace) do the same through the reclaimer
-// this allocator registers (kernels/device_memory.h).
+// The device's memory through a BlockPool (runtime/block_pool.h): best fit, split and merged, so that
+// near the device's capacity a step still finds room among the blocks the previous one released. When
+// cudaMalloc fails, the pool gives free segments back to the driver and asks again; the kernels' own
+// cudaMallocs (scratch buffers, cuBLASLt's workspace) do the same through the reclaimer this allocator
+// registers (kernels/device_memory.h).
 class CachingDeviceAllocator final : public Allocator {
  public:
-  explicit CachingDeviceAllocator(int device) : device_(device) {}
-  static size_t round(size_t bytes) {
-    if (bytes == 0) bytes = 1;
-    const size_t unit = bytes < (1u << 20) ? 512 : (2u << 20);
-    return (bytes + unit - 1) / unit * unit;
-  }
+  explicit CachingDeviceAllocator(int device)
+      : device_(device), pool_(BlockPool::Backing{[this](size_t bytes) { return cuda_malloc(bytes); },
+                                                  [this](void* ptr, size_t) { cuda_free(ptr); }}) {}
   void* allocate(size_t bytes) override {
-    const size_t size = round(bytes);
     std::lock_guard<std::mutex> lock(mutex_);
-    auto& list = free_[size];
-    void* ptr = nullptr;
-    if (!list.empty()) {
-      ptr = list.back();
-      list.pop_back();
-    } else {
-      int previous = 0;
-      KRAKEN_RT_CUDA_CHECK(cudaGetDevice(&previous));
-      KRAKEN_RT_CUDA_CHECK(cudaSetDevice(device_));
-      cudaError_t err = cudaMalloc(&ptr, size);
-      if (err == cudaErrorMemoryAllocation) {  // give the cache back and try once more
-        (void)cudaGetLastError();
-        release_cached_locked();
-        err = cudaMalloc(&ptr, size);
-      }
-      cudaSetDevice(previous);
-      if (err != cudaSuccess)
-        KRAKEN_THROW("cuda:", device_, ": cannot allocate ", size, " bytes (", cudaGetErrorString(err),
-                     "); in use ", stats_.bytes_in_use, ", reserved ", stats_.bytes_reserved);
-      stats_.bytes_reserved += static_cast<int64_t>(size);
-      stats_.system_allocations += 1;
+    void* ptr = pool_.allocate(bytes);
+    if (!ptr) {
+      const AllocatorStats s = pool_.stats();
+      KRAKEN_THROW("cuda:", device_, ": cannot allocate ", BlockPool::round(bytes), " bytes (out of memory); in use ",
+                   s.bytes_in_use, ", reserved ", s.bytes_reserved, ", largest free block ",
+                   pool_.largest_free_block());
     }
-    stats_.bytes_in_use += static_cast<int64_t>(size);
-    if (stats_.bytes_in_use > stats_.peak_bytes_in_use) stats_.peak_bytes_in_use = stats_.bytes_in_use;
     return ptr;
   }
-  void deallocate(void* ptr, size_t bytes) override {
+  void deallocate(void* ptr, size_t) override {
     if (!ptr) return;
-    const size_t size = round(bytes);
     std::lock_guard<std::mutex> lock(mutex_);
-    free_[size].push_back(ptr);
-    stats_.bytes_in_use -= static_cast<int64_t>(size);
+    pool_.deallocate(ptr);
   }
   const char* name() const override { return "cuda-caching"; }
   AllocatorStats stats() {
     std::lock_guard<std::mutex> lock(mutex_);
-    return stats_;
+    return pool_.stats();
   }
   void reset_peak() {
     std::lock_guard<std::mutex> lock(mutex_);
-    stats_.peak_bytes_in_use = stats_.bytes_in_use;
+    pool_.reset_peak();
   }
-  // Every cached free block back to the driver (the kernels' reclaimer).
+  // Every free segment back to the driver (the kernels' reclaimer).
   void release_cached() {
     std::lock_guard<std::mutex> lock(mutex_);
-    int previous = 0;
-    if (cudaGetDevice(&previous) != cudaSuccess) return;
-    cudaSetDevice(device_);
-    release_cached_locked();
-    cudaSetDevice(previous);
+    pool_.release_free_segments();
   }
 
  private:
-  void release_cached_locked() {
-    for (auto& [size, list] : free_) {
-      for (void* p : list) {
-        cudaFree(p);
-        stats_.bytes_reserved -= static_cast<int64_t>(size);
-      }
-      list.clear();
+  // nullptr when the device is out of memory; any other failure is an error.
+  void* cuda_malloc(size_t bytes) {
+    int previous = 0;
+    KRAKEN_RT_CUDA_CHECK(cudaGetDevice(&previous));
+    KRAKEN_RT_CUDA_CHECK(cudaSetDevice(device_));
+    void* ptr = nullptr;
+    const cudaError_t err = cudaMalloc(&ptr, bytes);
+    cudaSetDevice(previous);
+    if (err == cudaErrorMemoryAllocation) {
+      (void)cudaGetLastError();
+      return nullptr;
     }
+    if (err != cudaSuccess)
+      KRAKEN_THROW("cuda:", device_, ": cudaMalloc of ", bytes, " bytes: ", cudaGetErrorName(err), " (",
+                   cudaGetErrorString(err), ")");
+    return ptr;
+  }
+  void cuda_free(void* ptr) {
+    int previous = 0;
+    if (cudaGetDevice(&previous) != cudaSuccess) return;
+    cudaSetDevice(device_);
+    cudaFree(ptr);
+    cudaSetDevice(previous);
   }
   int device_;
   std::mutex mutex_;
-  std::map<size_t, std::vector<void*>> free_;
-  AllocatorStats stats_;
+  BlockPool pool_;
 };
 
 CachingDeviceAllocator& device_instance(int index) {
@@ -211,6 +215,13 @@ void require_cuda(int device_index) {
 }  // namespace
 
 Allocator& host_allocator() { return host_instance(); }
+
+void set_host_allocation_observer(AllocationObserver observer, void* context) {
+  ObserverSlot& slot = host_observer();
+  slot.observer.store(nullptr);  // never the new observer with the old context
+  slot.context.store(context);
+  slot.observer.store(observer);
+}
 AllocatorStats host_allocator_stats() { return host_instance().stats(); }
 
 Allocator& device_allocator(int device_index) {
@@ -228,6 +239,14 @@ AllocatorStats device_allocator_stats(int device_index) {
 #endif
   (void)device_index;
   return {};
+}
+
+void release_cached_memory(const Device& device) {
+  if (device.is_cpu()) return;
+  require_cuda(device.index);
+#if KRAKEN_WITH_CUDA
+  device_instance(device.index).release_cached();
+#endif
 }
 
 void reset_peak_bytes_in_use(const Device& device) {

@@ -1,7 +1,8 @@
 // Where tensor bytes come from: an aligned host allocator and a device allocator per GPU.
 //
-// The device allocator caches freed blocks by rounded size, so a training step that allocates the
-// same shapes every iteration stops calling cudaMalloc after the first one.
+// The device allocator keeps what it got from cudaMalloc and hands it out again (runtime/block_pool.h),
+// so a training step that allocates the same shapes every iteration stops calling cudaMalloc after the
+// first one, also near the device's capacity.
 #pragma once
 
 #include <cstddef>
@@ -27,6 +28,7 @@ struct AllocatorStats {
   int64_t peak_bytes_in_use = 0;
   int64_t bytes_reserved = 0;   // held from the system, cached blocks included
   int64_t system_allocations = 0;  // calls to malloc / cudaMalloc so far
+  int64_t system_releases = 0;     // cudaFrees of cached memory (each synchronises the device); host: not counted
 };
 
 // 64-byte aligned host memory (a cache line, and the widest vector load).
@@ -38,6 +40,16 @@ Allocator& device_allocator(int device_index);
 AllocatorStats device_allocator_stats(int device_index);
 
 Allocator& allocator_for(const Device& device);
+
+// Tells `observer` of every host allocation (allocated = true) and release while one is set (nullptr:
+// none), with the bytes asked for: the CPU tests record a training step's pattern of tensor lifetimes
+// and replay it into the device allocator's pool (tests/models/allocation_pattern_test.cpp). Calls come
+// under the host allocator's lock, in order. Unset, it costs one atomic load a call.
+using AllocationObserver = void (*)(void* context, const void* ptr, size_t bytes, bool allocated);
+void set_host_allocation_observer(AllocationObserver observer, void* context);
+// Gives the device allocator's free segments back to the driver (nothing in use moves): between two
+// models in one process, or before handing the device's memory to something else. CPU: nothing.
+void release_cached_memory(const Device& device);
 // Restarts the peak: peak_bytes_in_use = bytes_in_use now, so a later reading is the peak of what ran
 // in between (a benchmark measuring one model after another).
 void reset_peak_bytes_in_use(const Device& device);

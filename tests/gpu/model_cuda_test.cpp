@@ -16,6 +16,12 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <string>
+#include <vector>
+
+#if KRAKEN_WITH_CUDA
+#include <cuda_runtime.h>
+#endif
 
 #include "models/kraken.h"
 #include "optim/adamw.h"
@@ -25,6 +31,7 @@
 #include "runtime/safetensors.h"
 #include "tests/gpu/gpu_test_util.h"
 #include "train/inference.h"
+#include "train/trainer.h"
 #include "tests/support/fixtures.h"
 
 namespace kraken::models {
@@ -205,6 +212,76 @@ TEST(GpuAllocator, SteadyStateTrainingStepsCallCudaMallocNoMore) {
   }
   EXPECT_GT(warm.system_allocations, 0);
   EXPECT_GE(warm.peak_bytes_in_use, warm.bytes_in_use);
+}
+
+// Near the device's capacity (runtime/block_pool.h; tests/train/allocation_pattern_test.cpp replays the
+// same on the CPU): the rest of the GPU taken by one block of its own, so that a degree-4 model's bf16
+// training step (AdamW writing the bf16 copies, gradients released, as the trainer does) has 20% more
+// memory than its peak. The allocator starts again from an empty cache, and from the fourth step on
+// calls cudaMalloc no more; no step runs out of memory.
+TEST(GpuAllocator, StepsNearTheDevicesCapacitySettle) {
+  KRAKEN_REQUIRE_GPU();
+  if (testing::gpu_tests_on_cpu()) GTEST_SKIP() << "dry run: no device memory to fill";
+#if KRAKEN_WITH_CUDA
+  KrakenConfig c;
+  c.n_layer = 4;
+  c.n_embd = 256;
+  c.n_head = 8;
+  c.degree = 4;
+  c.context = 256;
+  c.vocab_size = 8000;
+  c.mlp_expansion = 4;
+  c.bias = true;
+  const Device dev = test_device();
+  KrakenModel model(c, dev);
+  model.initialize(5);
+  model.set_compute_dtype(runtime::DType::BF16);
+  auto params = model.named_parameters();
+  optim::AdamW opt(optim::param_refs(params), optim::AdamWOptions{});
+  const bool copies = train::share_compute_copies(model, opt);
+  const Tensor ids = random_ids({16, c.context}, c.vocab_size, 30).to(dev);
+  const Tensor targets = random_ids({16, c.context}, c.vocab_size, 31).to(dev);
+  auto step = [&] {
+    Tensor loss = model.loss(ids, targets);
+    runtime::backward(loss);
+    std::vector<Tensor> grads;
+    for (const auto& p : params) grads.push_back(p.tensor.grad());
+    opt.step(grads, 1e-4f);
+    model.set_compute_copies_current(copies);
+    model.release_grads();
+    EXPECT_TRUE(std::isfinite(loss.item()));
+  };
+  for (int i = 0; i < 3; ++i) step();
+  runtime::reset_peak_bytes_in_use(dev);
+  step();
+  runtime::synchronize(dev);
+  const runtime::AllocatorStats measured = runtime::device_allocator_stats(0);
+  const int64_t room = measured.peak_bytes_in_use - measured.bytes_in_use + measured.peak_bytes_in_use / 5;
+  runtime::release_cached_memory(dev);
+  size_t free_bytes = 0, total_bytes = 0;
+  ASSERT_EQ(cudaMemGetInfo(&free_bytes, &total_bytes), cudaSuccess);
+  ASSERT_GT(static_cast<int64_t>(free_bytes), room + (int64_t{256} << 20)) << "the GPU is busy with something else";
+  struct Filler {  // given back however the test ends
+    void* p = nullptr;
+    ~Filler() {
+      if (p) cudaFree(p);
+    }
+  } filler;
+  ASSERT_EQ(cudaMalloc(&filler.p, free_bytes - static_cast<size_t>(room)), cudaSuccess);
+  std::vector<int64_t> calls;
+  std::string line;
+  for (int i = 0; i < 8; ++i) {
+    const int64_t before = runtime::device_allocator_stats(0).system_allocations;
+    ASSERT_NO_THROW(step()) << "step " << i << " near the capacity";
+    runtime::synchronize(dev);
+    calls.push_back(runtime::device_allocator_stats(0).system_allocations - before);
+    line += " " + std::to_string(calls.back());
+  }
+  std::printf("peak %.3f GB (%.3f GB held between steps), room left %.3f GB: cudaMallocs a step%s, %lld given back\n",
+              measured.peak_bytes_in_use / 1e9, measured.bytes_in_use / 1e9, room / 1e9, line.c_str(),
+              static_cast<long long>(runtime::device_allocator_stats(0).system_releases));
+  for (size_t i = 3; i < calls.size(); ++i) EXPECT_EQ(calls[i], 0) << "cudaMalloc in step " << i << " near the capacity";
+#endif
 }
 
 }  // namespace

@@ -1,0 +1,218 @@
+#include "runtime/block_pool.h"
+
+#include <algorithm>
+#include <vector>
+
+#include "kernels/error.h"
+
+namespace kraken::runtime {
+
+BlockPool::BlockPool(Backing backing) : backing_(std::move(backing)) {}
+
+BlockPool::~BlockPool() {
+  release_free_segments();
+  // Segments with blocks still in use (a caller's leak) stay with the driver; every record goes.
+  for (auto& [ptr, block] : in_use_) delete block;
+  for (FreeSet* set : {&free_small_, &free_large_})
+    for (Block* block : *set) delete block;
+}
+
+size_t BlockPool::round(size_t bytes) {
+  if (bytes == 0) bytes = 1;
+  return (bytes + kRound - 1) / kRound * kRound;
+}
+
+size_t BlockPool::largest_free_block() const {
+  size_t largest = 0;
+  if (!free_small_.empty()) largest = (*free_small_.rbegin())->size;
+  if (!free_large_.empty()) largest = std::max(largest, (*free_large_.rbegin())->size);
+  return largest;
+}
+
+void* BlockPool::allocate(size_t bytes) {
+  const size_t size = round(bytes);
+  const bool small = size <= kSmallRequest;
+  FreeSet& free = free_set(small);
+  Block key;
+  key.size = size;  // with a null address: the first block of at least this size
+  Block* block = nullptr;
+  auto it = free.lower_bound(&key);
+  Block* fit = it != free.end() ? *it : nullptr;
+  if (fit && (small || fit->size - size < kMediumSegment)) {  // a close fit: the common case
+    block = fit;
+    free.erase(it);
+  } else {
+    // Nothing free fits closely: a segment of the request's own from the driver, while it has room.
+    // When it has none, a free block is split only where what is left could not go back to the driver
+    // anyway (a tail of a segment partly in use), or is smaller than the request. A whole free segment
+    // at least twice the request goes back instead, and the request's own segment comes (new_segment's
+    // make_room): the same memory, but what is left is the driver's again, free to become any segment —
+    // split off, it would stay pinned behind the request's block for as long as that lives (a tensor
+    // that outlives the step, the optimizer's moments made in the first one, would keep half the
+    // logits' segment from the next step: tests/train/allocation_pattern_test.cpp ran out of memory so).
+    block = new_segment(size, small, /*make_room=*/false);
+    const bool whole_segment = fit && !fit->prev && !fit->next;
+    if (!block && fit && (!whole_segment || fit->size - size < size)) {
+      block = fit;
+      free.erase(it);
+    }
+    if (!block) block = new_segment(size, small, /*make_room=*/true);
+    if (!block) return nullptr;
+  }
+  const size_t rest = block->size - size;
+  if (rest >= (small ? kRound : kLargeSplitRest + 1)) {
+    auto* tail = new Block;
+    tail->ptr = block->ptr + size;
+    tail->size = rest;
+    tail->small = small;
+    tail->prev = block;
+    tail->next = block->next;
+    if (block->next) block->next->prev = tail;
+    block->next = tail;
+    block->size = size;
+    free.insert(tail);
+  }
+  block->free = false;
+  in_use_.emplace(block->ptr, block);
+  stats_.bytes_in_use += static_cast<int64_t>(block->size);
+  stats_.peak_bytes_in_use = std::max(stats_.peak_bytes_in_use, stats_.bytes_in_use);
+  return block->ptr;
+}
+
+void BlockPool::absorb(Block* first, Block* second) {
+  first->size += second->size;
+  first->next = second->next;
+  if (first->next) first->next->prev = first;
+  delete second;
+}
+
+void BlockPool::deallocate(void* ptr) {
+  auto it = in_use_.find(ptr);
+  KRAKEN_CHECK(it != in_use_.end(), "device allocator: ", ptr, " was not allocated here or was released already");
+  Block* block = it->second;
+  in_use_.erase(it);
+  stats_.bytes_in_use -= static_cast<int64_t>(block->size);
+  block->free = true;
+  FreeSet& free = free_set(block->small);
+  if (Block* next = block->next; next && next->free) {
+    free.erase(next);
+    absorb(block, next);
+  }
+  if (Block* prev = block->prev; prev && prev->free) {
+    free.erase(prev);
+    absorb(prev, block);
+    block = prev;
+  }
+  free.insert(block);
+}
+
+BlockPool::Block* BlockPool::new_segment(size_t size, bool small, bool make_room) {
+  const size_t own = (size + kLargeRound - 1) / kLargeRound * kLargeRound;
+  size_t segment = small ? kSmallSegment : size < kMediumRequest ? kMediumSegment : own;
+  void* ptr = backing_.obtain(segment);
+  if (!ptr && !small && segment != own) {  // no room for a shared segment: one of this block's size
+    segment = own;
+    ptr = backing_.obtain(segment);
+  }
+  if (!ptr && make_room) {  // the fewest free segments first, then all of them
+    give_back_for(segment);
+    ptr = backing_.obtain(segment);
+    if (!ptr && release_free_segments() > 0) ptr = backing_.obtain(segment);
+  }
+  if (!ptr) return nullptr;
+  auto* block = new Block;
+  block->ptr = static_cast<char*>(ptr);
+  block->size = segment;
+  block->small = small;
+  stats_.bytes_reserved += static_cast<int64_t>(segment);
+  stats_.system_allocations += 1;
+  segments_ += 1;
+  return block;
+}
+
+int64_t BlockPool::give_back_whole(Block* block) {
+  free_set(block->small).erase(block);
+  const auto size = static_cast<int64_t>(block->size);
+  backing_.give_back(block->ptr, block->size);
+  delete block;
+  stats_.bytes_reserved -= size;
+  stats_.system_releases += 1;
+  segments_ -= 1;
+  return size;
+}
+
+// The fewest free segments that make room for `bytes`: the smallest that alone does, else the largest
+// ones until their sum does (the driver's own fragmentation may still refuse; the caller then gives
+// back everything).
+void BlockPool::give_back_for(size_t bytes) {
+  std::vector<Block*> whole = whole_free_segments();
+  std::sort(whole.begin(), whole.end(), [](const Block* a, const Block* b) { return a->size < b->size; });
+  auto enough = std::find_if(whole.begin(), whole.end(), [&](const Block* b) { return b->size >= bytes; });
+  if (enough != whole.end()) {
+    give_back_whole(*enough);
+    return;
+  }
+  size_t released = 0;
+  for (auto it = whole.rbegin(); it != whole.rend() && released < bytes; ++it)
+    released += static_cast<size_t>(give_back_whole(*it));
+}
+
+int64_t BlockPool::release_free_segments() {
+  int64_t released = 0;
+  for (Block* b : whole_free_segments()) released += give_back_whole(b);
+  return released;
+}
+
+std::vector<BlockPool::Block*> BlockPool::whole_free_segments() const {
+  std::vector<Block*> whole;
+  for (const FreeSet* set : {&free_small_, &free_large_})
+    for (Block* b : *set)
+      if (!b->prev && !b->next) whole.push_back(b);
+  return whole;
+}
+
+void BlockPool::check_consistency() const {
+  // Every segment, found from its first block: free ones from the sets, used ones from in_use_.
+  std::vector<const Block*> firsts;
+  size_t free_blocks = 0;
+  for (const FreeSet* set : {&free_small_, &free_large_}) {
+    for (const Block* b : *set) {
+      KRAKEN_CHECK(b->free, "block ", static_cast<const void*>(b->ptr), " is in a free set but in use");
+      KRAKEN_CHECK(b->small == (set == &free_small_), "block ", static_cast<const void*>(b->ptr), " in the wrong set");
+      if (!b->prev) firsts.push_back(b);
+      free_blocks += 1;
+    }
+  }
+  for (const auto& [ptr, b] : in_use_) {
+    KRAKEN_CHECK(!b->free && b->ptr == ptr, "in-use record of ", ptr, " disagrees with its block");
+    if (!b->prev) firsts.push_back(b);
+  }
+  int64_t reserved = 0, in_use = 0;
+  size_t blocks = 0, free_seen = 0;
+  for (const Block* first : firsts) {
+    for (const Block* b = first; b; b = b->next) {
+      blocks += 1;
+      KRAKEN_CHECK(b->size > 0 && b->size % kRound == 0, "block ", static_cast<const void*>(b->ptr), " of ",
+                   b->size, " bytes");
+      KRAKEN_CHECK(b->small == first->small, "segment at ", static_cast<const void*>(first->ptr), " mixes kinds");
+      if (b->next) {
+        KRAKEN_CHECK(b->next->prev == b && b->next->ptr == b->ptr + b->size, "segment at ",
+                     static_cast<const void*>(first->ptr), ": blocks do not tile it");
+        KRAKEN_CHECK(!(b->free && b->next->free), "two free neighbours at ", static_cast<const void*>(b->ptr));
+      }
+      reserved += static_cast<int64_t>(b->size);
+      if (b->free) free_seen += 1;
+      else in_use += static_cast<int64_t>(b->size);
+    }
+  }
+  KRAKEN_CHECK(static_cast<int64_t>(firsts.size()) == segments_, firsts.size(), " segments found, ", segments_,
+               " counted");
+  KRAKEN_CHECK(blocks == free_blocks + in_use_.size() && free_seen == free_blocks,
+               "blocks reachable from the segments differ from those recorded");
+  KRAKEN_CHECK(reserved == stats_.bytes_reserved, "segments hold ", reserved, " bytes, counted ",
+               stats_.bytes_reserved);
+  KRAKEN_CHECK(in_use == stats_.bytes_in_use, "blocks in use hold ", in_use, " bytes, counted ", stats_.bytes_in_use);
+}
+
+}  // namespace kraken::runtime
+
