@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -10,8 +11,8 @@
 #include <vector>
 
 #include "kernels/device_memory.h"
-#include "runtime/block_pool.h"
 #include "kernels/error.h"
+#include "runtime/block_pool.h"
 
 #if KRAKEN_WITH_CUDA
 #include <cuda_runtime.h>
@@ -155,10 +156,12 @@ class CachingDeviceAllocator final : public Allocator {
     std::lock_guard<std::mutex> lock(mutex_);
     pool_.reset_peak();
   }
-  // Every free segment back to the driver (the kernels' reclaimer).
-  void release_cached() {
+  // Free segments back to the driver: the fewest that make room for `bytes` (the kernels' reclaimer
+  // asks for its buffer's size first), or all of them (SIZE_MAX).
+  void release_cached(size_t bytes = SIZE_MAX) {
     std::lock_guard<std::mutex> lock(mutex_);
-    pool_.release_free_segments();
+    if (bytes == SIZE_MAX) pool_.release_free_segments();
+    else pool_.make_room(bytes);
   }
 
  private:
@@ -199,7 +202,8 @@ CachingDeviceAllocator& device_instance(int index) {
   if (!slot) {
     slot = new CachingDeviceAllocator(index);
     // The kernels' own allocations give this cache back before they fail (kernels/device_memory.h).
-    kernels::set_device_memory_reclaimer([](int device) { device_instance(device).release_cached(); });
+    kernels::set_device_memory_reclaimer(
+        [](int device, size_t bytes) { device_instance(device).release_cached(bytes); });
   }
   return *slot;
 }

@@ -45,18 +45,18 @@ void* BlockPool::allocate(size_t bytes) {
     // Nothing free fits closely: a segment of the request's own from the driver, while it has room.
     // When it has none, a free block is split only where what is left could not go back to the driver
     // anyway (a tail of a segment partly in use), or is smaller than the request. A whole free segment
-    // at least twice the request goes back instead, and the request's own segment comes (new_segment's
-    // make_room): the same memory, but what is left is the driver's again, free to become any segment —
+    // at least twice the request goes back instead, and the request's own segment comes (new_segment
+    // gives back): the same memory, but what is left is the driver's again, free to become any segment —
     // split off, it would stay pinned behind the request's block for as long as that lives (a tensor
     // that outlives the step, the optimizer's moments made in the first one, would keep half the
     // logits' segment from the next step: tests/train/allocation_pattern_test.cpp ran out of memory so).
-    block = new_segment(size, small, /*make_room=*/false);
+    block = new_segment(size, small, /*may_give_back=*/false);
     const bool whole_segment = fit && !fit->prev && !fit->next;
     if (!block && fit && (!whole_segment || fit->size - size < size)) {
       block = fit;
       free.erase(it);
     }
-    if (!block) block = new_segment(size, small, /*make_room=*/true);
+    if (!block) block = new_segment(size, small, /*may_give_back=*/true);
     if (!block) return nullptr;
   }
   const size_t rest = block->size - size;
@@ -106,7 +106,7 @@ void BlockPool::deallocate(void* ptr) {
   free.insert(block);
 }
 
-BlockPool::Block* BlockPool::new_segment(size_t size, bool small, bool make_room) {
+BlockPool::Block* BlockPool::new_segment(size_t size, bool small, bool may_give_back) {
   const size_t own = (size + kLargeRound - 1) / kLargeRound * kLargeRound;
   size_t segment = small ? kSmallSegment : size < kMediumRequest ? kMediumSegment : own;
   void* ptr = backing_.obtain(segment);
@@ -114,8 +114,8 @@ BlockPool::Block* BlockPool::new_segment(size_t size, bool small, bool make_room
     segment = own;
     ptr = backing_.obtain(segment);
   }
-  if (!ptr && make_room) {  // the fewest free segments first, then all of them
-    give_back_for(segment);
+  if (!ptr && may_give_back) {  // the fewest free segments first, then all of them
+    make_room(segment);
     ptr = backing_.obtain(segment);
     if (!ptr && release_free_segments() > 0) ptr = backing_.obtain(segment);
   }
@@ -141,20 +141,15 @@ int64_t BlockPool::give_back_whole(Block* block) {
   return size;
 }
 
-// The fewest free segments that make room for `bytes`: the smallest that alone does, else the largest
-// ones until their sum does (the driver's own fragmentation may still refuse; the caller then gives
-// back everything).
-void BlockPool::give_back_for(size_t bytes) {
+int64_t BlockPool::make_room(size_t bytes) {
   std::vector<Block*> whole = whole_free_segments();
   std::sort(whole.begin(), whole.end(), [](const Block* a, const Block* b) { return a->size < b->size; });
   auto enough = std::find_if(whole.begin(), whole.end(), [&](const Block* b) { return b->size >= bytes; });
-  if (enough != whole.end()) {
-    give_back_whole(*enough);
-    return;
-  }
-  size_t released = 0;
-  for (auto it = whole.rbegin(); it != whole.rend() && released < bytes; ++it)
-    released += static_cast<size_t>(give_back_whole(*it));
+  if (enough != whole.end()) return give_back_whole(*enough);
+  int64_t released = 0;
+  for (auto it = whole.rbegin(); it != whole.rend() && released < static_cast<int64_t>(bytes); ++it)
+    released += give_back_whole(*it);
+  return released;
 }
 
 int64_t BlockPool::release_free_segments() {

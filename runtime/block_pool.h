@@ -69,6 +69,9 @@ class BlockPool {
   void deallocate(void* ptr);
   // Every segment with no block in use back to the driver; the bytes given back.
   int64_t release_free_segments();
+  // The fewest such segments that make room for `bytes` in the driver (for memory taken beside the pool):
+  // the smallest that alone does, else the largest ones until their sum does; the bytes given back.
+  int64_t make_room(size_t bytes);
 
   // system_allocations / system_releases count the segments obtained and given back.
   AllocatorStats stats() const { return stats_; }
@@ -98,13 +101,12 @@ class BlockPool {
   using FreeSet = std::set<Block*, BySizeThenAddress>;
 
   FreeSet& free_set(bool small) { return small ? free_small_ : free_large_; }
-  // A segment for a block of `size`; with make_room, free segments go back to the driver when it refuses.
-  Block* new_segment(size_t size, bool small, bool make_room);
+  // A segment for a block of `size`; with may_give_back, free segments go back to the driver when it refuses.
+  Block* new_segment(size_t size, bool small, bool may_give_back);
   // Joins `second`, the free block after `first` (neither in a free set), into `first`.
   static void absorb(Block* first, Block* second);
   std::vector<Block*> whole_free_segments() const;  // free blocks that span their segment
   int64_t give_back_whole(Block* block);             // one of those back to the driver
-  void give_back_for(size_t bytes);
 
   Backing backing_;
   FreeSet free_small_, free_large_;

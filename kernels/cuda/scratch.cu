@@ -3,9 +3,9 @@
 
 #include <cuda_runtime.h>
 
-#include <mutex>
-
 #include <atomic>
+#include <cstdint>
+#include <mutex>
 
 #include "kernels/cuda/check.h"
 #include "kernels/cuda/launch.h"  // under the CPU emulation, its cudaMalloc and cudaFree
@@ -23,8 +23,12 @@ bool device_malloc_or_reclaim(void** ptr, size_t bytes, int device) {
   if (err == cudaErrorMemoryAllocation) {
     (void)cudaGetLastError();
     if (DeviceMemoryReclaimer reclaim = reclaimer.load()) {
-      reclaim(device);
-      err = cudaMalloc(ptr, bytes);
+      for (const size_t room : {bytes, SIZE_MAX}) {  // room for this buffer, then the whole cache
+        reclaim(device, room);
+        err = cudaMalloc(ptr, bytes);
+        if (err != cudaErrorMemoryAllocation) break;
+        (void)cudaGetLastError();
+      }
     }
   }
   if (err == cudaErrorMemoryAllocation) (void)cudaGetLastError();

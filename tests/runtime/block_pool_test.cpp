@@ -162,6 +162,23 @@ TEST(BlockPool, AFullDeviceSplitsAWholeFreeSegmentOnlyWhenTheRequestIsMoreThanHa
   pool.deallocate(other);
 }
 
+// What the kernels' reclaimer asks for when their own cudaMalloc fails (kernels/device_memory.h): room
+// for its buffer from the fewest free segments; a segment with a block in use never goes.
+TEST(BlockPool, MakingRoomGivesBackTheFewestFreeSegments) {
+  testing::PretendDevice device(1024 * kMiB);
+  BlockPool pool(device.backing());
+  std::vector<void*> blocks;
+  for (size_t mib : {10, 30, 50, 70}) blocks.push_back(pool.allocate(mib * kMiB));
+  for (size_t i = 0; i < 3; ++i) pool.deallocate(blocks[i]);  // the 70 stays in use
+  EXPECT_EQ(pool.make_room(20 * kMiB), static_cast<int64_t>(30 * kMiB));  // the smallest that alone does
+  EXPECT_EQ(device.used(), 130 * kMiB);
+  EXPECT_EQ(pool.make_room(100 * kMiB), static_cast<int64_t>(60 * kMiB));  // all there is: 50, then 10
+  EXPECT_EQ(device.used(), 70 * kMiB);
+  EXPECT_EQ(pool.make_room(1), 0);
+  pool.check_consistency();
+  pool.deallocate(blocks[3]);
+}
+
 TEST(BlockPool, AMediumRequestTakesASegmentOfItsOwnSizeWhenTwentyMebibytesDoNotFit) {
   testing::PretendDevice device(16 * kMiB);
   BlockPool pool(device.backing());
