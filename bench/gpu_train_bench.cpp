@@ -303,7 +303,9 @@ void bench_model(const char* label, const KrakenConfig& c, DType compute, int64_
                  const DeviceInfo& dev, Report& r) {
   const Device gpu = Device::cuda(0);
   const int64_t T = c.context;
-  kraken::runtime::reset_peak_bytes_in_use(gpu);  // the peak of this model alone
+  // The peak and the reserved memory of this model alone: the previous model's cached segments go back.
+  kraken::runtime::release_cached_memory(gpu);
+  kraken::runtime::reset_peak_bytes_in_use(gpu);
   kraken::models::KrakenModel model(c, gpu);
   model.initialize(1337);
   model.set_compute_dtype(compute);

@@ -149,7 +149,8 @@ if command -v cuobjdump > /dev/null 2>&1; then
   done
 fi
 
-# Summarises a ctest JUnit file: counts, the failed and skipped tests, and the [gpu-vs-*] lines.
+# Summarises a ctest JUnit file: counts, the failed and skipped tests, and the [gpu-vs-*] and
+# [gpu-allocator] lines.
 summarise_junit() {
   python3 - "$1" "$2" <<'PY' >> "$report"
 import sys, xml.etree.ElementTree as ET
@@ -167,7 +168,7 @@ for c in cases:
     elif c.find("skipped") is not None or status in ("notrun", "disabled"): skipped.append((name, t, c))
     else: passed.append((name, t, c))
     out = c.findtext("system-out") or ""
-    lines += [l.strip() for l in out.splitlines() if l.strip().startswith("[gpu-vs-")]
+    lines += [l.strip() for l in out.splitlines() if l.strip().startswith(("[gpu-vs-", "[gpu-allocator]"))]
 total = len(passed) + len(failed) + len(skipped)
 print(f"{len(passed)} passed, {len(failed)} failed, {len(skipped)} skipped of {total}; "
       f"{sum(t for _, t, _ in passed + failed + skipped):.1f} s of test time.")
@@ -187,7 +188,8 @@ for name, _, c in skipped[:3]:
     why = [l for l in out if "no GPU" in l or "Skipped" in l or "dry run" in l]
     if why: print(f"\n{name} skipped: {why[-1].strip()}")
 if lines:
-    print("\nMeasured differences (tests/gpu print one line per comparison):\n```")
+    print("\nMeasured differences (tests/gpu print one line per comparison) and the allocator near the "
+          "device's capacity:\n```")
     print("\n".join(lines))
     print("```")
 print(f"@@counts {len(passed)} {len(failed)} {len(skipped)}")

@@ -277,10 +277,12 @@ TEST(GpuAllocator, StepsNearTheDevicesCapacitySettle) {
     calls.push_back(runtime::device_allocator_stats(0).system_allocations - before);
     line += " " + std::to_string(calls.back());
   }
-  std::printf("peak %.3f GB (%.3f GB held between steps), room left %.3f GB: cudaMallocs a step%s, %lld given back\n",
+  std::printf("[gpu-allocator] peak %.3f GB (%.3f GB held between steps), room %.3f GB: cudaMallocs a step%s, "
+              "%lld cudaFrees\n",
               measured.peak_bytes_in_use / 1e9, measured.bytes_in_use / 1e9, room / 1e9, line.c_str(),
               static_cast<long long>(runtime::device_allocator_stats(0).system_releases));
-  for (size_t i = 3; i < calls.size(); ++i) EXPECT_EQ(calls[i], 0) << "cudaMalloc in step " << i << " near the capacity";
+  for (size_t i = 3; i < calls.size(); ++i)
+    EXPECT_EQ(calls[i], 0) << "cudaMalloc in step " << i << " near the capacity";
 #endif
 }
 

@@ -60,7 +60,10 @@ Recording record_training(int64_t degree, int steps) {
   c.bias = true;
   const int64_t B = 16;
   std::vector<int32_t> x(static_cast<size_t>(B * c.context)), y(x.size());
-  for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<int32_t>((i * 7919) % 2000), y[i] = static_cast<int32_t>((i * 104729 + 1) % 2000);
+  for (size_t i = 0; i < x.size(); ++i) {
+    x[i] = static_cast<int32_t>((i * 7919) % 2000);
+    y[i] = static_cast<int32_t>((i * 104729 + 1) % 2000);
+  }
   Recording rec;
   runtime::set_host_allocation_observer(record, &rec);
   {
