@@ -10,7 +10,7 @@ namespace kraken::runtime {
 BlockPool::BlockPool(Backing backing) : backing_(std::move(backing)) {}
 
 BlockPool::~BlockPool() {
-  release_free_segments();
+  release_free_segments();  // (released blocks merged first)
   // Segments with blocks still in use (a caller's leak) stay with the driver; every record goes.
   for (auto& [ptr, block] : in_use_) delete block;
   for (FreeSet* set : {&free_small_, &free_large_})
@@ -31,17 +31,22 @@ size_t BlockPool::largest_free_block() const {
 
 void* BlockPool::allocate(size_t bytes) {
   const size_t size = round(bytes);
+  if (auto q = released_.find(size); q != released_.end() && !q->second.empty()) {  // as released: the fast path
+    Block* block = q->second.back();
+    q->second.pop_back();
+    released_blocks_ -= 1;
+    block->released = false;
+    stats_.bytes_in_use += static_cast<int64_t>(block->size);
+    stats_.peak_bytes_in_use = std::max(stats_.peak_bytes_in_use, stats_.bytes_in_use);
+    return block->ptr;
+  }
+  // A size not released since the last merge: every released block merges first, so the request sees
+  // all the free memory there is, as if each had merged when released.
+  coalesce();
   const bool small = size <= kSmallRequest;
-  FreeSet& free = free_set(small);
-  Block key;
-  key.size = size;  // with a null address: the first block of at least this size
-  Block* block = nullptr;
-  auto it = free.lower_bound(&key);
-  Block* fit = it != free.end() ? *it : nullptr;
-  if (fit && (small || fit->size - size < kMediumSegment)) {  // a close fit: the common case
-    block = fit;
-    free.erase(it);
-  } else {
+  Block* fit = nullptr;
+  Block* block = take_close_fit(size, small, &fit);
+  if (!block) {
     // Nothing free fits closely: a segment of the request's own from the driver, while it has room.
     // When it has none, a free block is split only where what is left could not go back to the driver
     // anyway (a tail of a segment partly in use), or is smaller than the request. A whole free segment
@@ -54,7 +59,7 @@ void* BlockPool::allocate(size_t bytes) {
     const bool whole_segment = fit && !fit->prev && !fit->next;
     if (!block && fit && (!whole_segment || fit->size - size < size)) {
       block = fit;
-      free.erase(it);
+      free_set(small).erase(fit);
     }
     if (!block) block = new_segment(size, small, /*may_give_back=*/true);
     if (!block) return nullptr;
@@ -70,13 +75,25 @@ void* BlockPool::allocate(size_t bytes) {
     if (block->next) block->next->prev = tail;
     block->next = tail;
     block->size = size;
-    free.insert(tail);
+    free_set(small).insert(tail);
   }
   block->free = false;
+  block->requested = size;
   in_use_.emplace(block->ptr, block);
   stats_.bytes_in_use += static_cast<int64_t>(block->size);
   stats_.peak_bytes_in_use = std::max(stats_.peak_bytes_in_use, stats_.bytes_in_use);
   return block->ptr;
+}
+
+BlockPool::Block* BlockPool::take_close_fit(size_t size, bool small, Block** fit) {
+  FreeSet& free = free_set(small);
+  Block key;
+  key.size = size;  // with a null address: the first block of at least this size
+  auto it = free.lower_bound(&key);
+  *fit = it != free.end() ? *it : nullptr;
+  if (!*fit || (!small && (*fit)->size - size >= kMediumSegment)) return nullptr;
+  free.erase(it);
+  return *fit;
 }
 
 void BlockPool::absorb(Block* first, Block* second) {
@@ -88,10 +105,29 @@ void BlockPool::absorb(Block* first, Block* second) {
 
 void BlockPool::deallocate(void* ptr) {
   auto it = in_use_.find(ptr);
-  KRAKEN_CHECK(it != in_use_.end(), "device allocator: ", ptr, " was not allocated here or was released already");
+  KRAKEN_CHECK(it != in_use_.end() && !it->second->released, "device allocator: ", ptr,
+               " was not allocated here or was released already");
   Block* block = it->second;
-  in_use_.erase(it);
+  block->released = true;
+  released_[block->requested].push_back(block);
+  released_blocks_ += 1;
   stats_.bytes_in_use -= static_cast<int64_t>(block->size);
+}
+
+void BlockPool::coalesce() {
+  if (released_blocks_ == 0) return;
+  for (auto& [size, blocks] : released_) {
+    for (Block* block : blocks) {
+      in_use_.erase(block->ptr);
+      block->released = false;
+      merge_free(block);
+    }
+  }
+  released_.clear();  // (sizes not asked for again do not stay: the next coalesce visits only new ones)
+  released_blocks_ = 0;
+}
+
+void BlockPool::merge_free(Block* block) {
   block->free = true;
   FreeSet& free = free_set(block->small);
   if (Block* next = block->next; next && next->free) {
@@ -142,6 +178,7 @@ int64_t BlockPool::give_back_whole(Block* block) {
 }
 
 int64_t BlockPool::make_room(size_t bytes) {
+  coalesce();
   std::vector<Block*> whole = whole_free_segments();
   std::sort(whole.begin(), whole.end(), [](const Block* a, const Block* b) { return a->size < b->size; });
   auto enough = std::find_if(whole.begin(), whole.end(), [&](const Block* b) { return b->size >= bytes; });
@@ -153,6 +190,7 @@ int64_t BlockPool::make_room(size_t bytes) {
 }
 
 int64_t BlockPool::release_free_segments() {
+  coalesce();
   int64_t released = 0;
   for (Block* b : whole_free_segments()) released += give_back_whole(b);
   return released;
@@ -178,10 +216,22 @@ void BlockPool::check_consistency() const {
       free_blocks += 1;
     }
   }
+  int64_t released = 0;
   for (const auto& [ptr, b] : in_use_) {
     KRAKEN_CHECK(!b->free && b->ptr == ptr, "in-use record of ", ptr, " disagrees with its block");
     if (!b->prev) firsts.push_back(b);
+    if (b->released) released += 1;
   }
+  int64_t listed = 0;
+  for (const auto& [size, blocks] : released_) {
+    for (const Block* b : blocks) {
+      KRAKEN_CHECK(b->released && b->requested == size && b->size >= size, "released block ",
+                   static_cast<const void*>(b->ptr), " in the list of ", size, " bytes");
+      listed += 1;
+    }
+  }
+  KRAKEN_CHECK(released == listed && listed == released_blocks_, released, " blocks released, ", listed,
+               " listed, ", released_blocks_, " counted");
   int64_t reserved = 0, in_use = 0;
   size_t blocks = 0, free_seen = 0;
   for (const Block* first : firsts) {
@@ -197,7 +247,7 @@ void BlockPool::check_consistency() const {
       }
       reserved += static_cast<int64_t>(b->size);
       if (b->free) free_seen += 1;
-      else in_use += static_cast<int64_t>(b->size);
+      else if (!b->released) in_use += static_cast<int64_t>(b->size);
     }
   }
   KRAKEN_CHECK(static_cast<int64_t>(firsts.size()) == segments_, firsts.size(), " segments found, ", segments_,

@@ -66,7 +66,15 @@ class BlockPool {
   // no room for it (nothing has changed but the cache: the caller reports the error).
   void* allocate(size_t bytes);
   // Releases a block from allocate(); anything else is an error (kraken::Error naming the pointer).
+  // The block waits, unmerged, in a list of the size it was asked for, and the next request of that
+  // size takes it back: a training step asks for the same sizes every step, and merging each block
+  // when released and splitting it again costs ~8 times as much host time (bench/block_pool_bench.cpp).
+  // A request no list serves merges every released block first (coalesce), so it sees all the free
+  // memory there is (tests/train/allocation_pattern_test.cpp's replay makes the same driver calls as
+  // with every block merged at once).
   void deallocate(void* ptr);
+  // Merges every block released since the last time with its free neighbours, into the free sets.
+  void coalesce();
   // Every segment with no block in use back to the driver; the bytes given back.
   int64_t release_free_segments();
   // The fewest such segments that make room for `bytes` in the driver (for memory taken beside the pool):
@@ -76,7 +84,8 @@ class BlockPool {
   // system_allocations / system_releases count the segments obtained and given back.
   AllocatorStats stats() const { return stats_; }
   void reset_peak() { stats_.peak_bytes_in_use = stats_.bytes_in_use; }
-  // The size of the largest free block, and how many segments are held (tests, diagnostics).
+  // The size of the largest free block among those merged (tests, diagnostics: coalesce() first for all),
+  // and how many segments are held.
   size_t largest_free_block() const;
   int64_t segments() const { return segments_; }
   // Walks every segment and checks what the pool believes of them: blocks tile each segment in address
@@ -88,7 +97,9 @@ class BlockPool {
   struct Block {
     char* ptr = nullptr;
     size_t size = 0;
+    size_t requested = 0;   // the rounded size it was last handed out for (its released list's key)
     bool free = true;
+    bool released = false;  // in a released list: not in use, not yet merged (free stays false)
     bool small = false;     // from a small segment (the two kinds never mix)
     Block* prev = nullptr;  // neighbours within the segment, by address; none at its ends
     Block* next = nullptr;
@@ -105,12 +116,20 @@ class BlockPool {
   Block* new_segment(size_t size, bool small, bool may_give_back);
   // Joins `second`, the free block after `first` (neither in a free set), into `first`.
   static void absorb(Block* first, Block* second);
+  // A free block (out of any free set) merged with its free neighbours and put in its free set.
+  void merge_free(Block* block);
+  // Outside the released lists: the free block that serves `size` without the driver (any fit for a
+  // small request, one leaving < 20 MiB for a large one), taken out of its set; else nullptr and, in
+  // `fit`, the best fit there is (or nullptr).
+  Block* take_close_fit(size_t size, bool small, Block** fit);
   std::vector<Block*> whole_free_segments() const;  // free blocks that span their segment
   int64_t give_back_whole(Block* block);             // one of those back to the driver
 
   Backing backing_;
   FreeSet free_small_, free_large_;
-  std::unordered_map<const void*, Block*> in_use_;
+  std::unordered_map<const void*, Block*> in_use_;  // handed out, or released and not yet merged
+  std::unordered_map<size_t, std::vector<Block*>> released_;  // by the rounded size they were asked for
+  int64_t released_blocks_ = 0;
   AllocatorStats stats_;
   int64_t segments_ = 0;
 };

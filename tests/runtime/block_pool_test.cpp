@@ -31,18 +31,46 @@ TEST(BlockPool, SmallRequestsShareOneSegmentAndMergeBackIntoIt) {
   EXPECT_EQ(static_cast<char*>(b), static_cast<char*>(a) + 1024);  // carved in order from the segment's start
   EXPECT_EQ(static_cast<char*>(c), static_cast<char*>(b) + 512);
   pool.check_consistency();
+  pool.deallocate(b);
+  EXPECT_EQ(pool.allocate(200), b);  // the same rounded size: straight from its released list
   pool.deallocate(b);  // a hole between two blocks in use
-  pool.deallocate(a);  // merges with the hole
+  pool.deallocate(a);
+  pool.check_consistency();
+  pool.coalesce();  // a merges with the hole (allocate does this before it would ask the driver)
   pool.check_consistency();
   EXPECT_EQ(pool.allocate(1500), a);  // best fit: the 1536-byte hole, not the tail
   pool.deallocate(a);
-  pool.deallocate(c);  // everything merges back into the one segment
+  pool.deallocate(c);
+  pool.coalesce();  // everything merges back into the one segment
   pool.check_consistency();
   EXPECT_EQ(pool.largest_free_block(), BlockPool::kSmallSegment);
   EXPECT_EQ(pool.stats().bytes_in_use, 0);
   EXPECT_EQ(pool.release_free_segments(), static_cast<int64_t>(BlockPool::kSmallSegment));
   EXPECT_EQ(device.used(), 0u);
   EXPECT_EQ(pool.stats().system_releases, 1);
+}
+
+TEST(BlockPool, ReleasedBlocksWaitForTheirSizeAndMergeBeforeTheDriverIsAsked) {
+  testing::PretendDevice device(100 * kMiB);
+  BlockPool pool(device.backing());
+  void* a = pool.allocate(64 * kMiB);
+  pool.deallocate(a);
+  EXPECT_EQ(pool.stats().bytes_in_use, 0);
+  EXPECT_EQ(pool.largest_free_block(), 0u);  // released, not merged yet
+  pool.check_consistency();
+  EXPECT_EQ(pool.allocate(64 * kMiB - 100), a);  // the same rounded size: as released
+  pool.deallocate(a);
+  // Another size: nothing merged fits, so the released blocks merge before the driver would be asked,
+  // and 50 MiB fits the 64 closely (14 MiB left, split off).
+  void* b = pool.allocate(50 * kMiB);
+  EXPECT_EQ(b, a);
+  EXPECT_EQ(pool.stats().system_allocations, 1);
+  EXPECT_EQ(pool.largest_free_block(), 14 * kMiB);
+  pool.check_consistency();
+  pool.deallocate(b);
+  EXPECT_THROW(pool.deallocate(b), Error);  // released twice, before merging
+  EXPECT_EQ(pool.release_free_segments(), static_cast<int64_t>(64 * kMiB));  // merged first
+  pool.check_consistency();
 }
 
 TEST(BlockPool, SegmentSizesFollowTheRequest) {
@@ -81,6 +109,7 @@ TEST(BlockPool, LargeBlocksSplitOnlyWhenMoreThanOneMebibyteIsLeft) {
   pool.check_consistency();
   pool.deallocate(part);
   pool.deallocate(rest);
+  pool.coalesce();
   EXPECT_EQ(pool.largest_free_block(), 64 * kMiB);
   pool.check_consistency();
 }

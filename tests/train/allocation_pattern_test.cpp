@@ -217,7 +217,7 @@ Comparison compare(const Recording& rec, double slack, const char* label) {
 }
 
 TEST(AllocationPattern, TrainingStepsNearTheDevicesCapacityStopCallingTheDriver) {
-  const int steps = 6;
+  const int steps = 8;
   for (const int64_t degree : {int64_t{1}, int64_t{4}}) {
     const std::string label = "degree " + std::to_string(degree);
     SCOPED_TRACE(label);
