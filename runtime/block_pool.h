@@ -2,7 +2,8 @@
 //
 // Memory comes from the driver in segments (one cudaMalloc each) and goes out in blocks carved from them:
 // a request takes the smallest free block that holds it (best fit) and splits off the rest when the rest
-// is worth keeping; a released block merges with its free neighbours. The allocator before it kept one
+// is worth keeping; a released block merges with its free neighbours (once no request of its size has
+// taken it back: deallocate() says why). The allocator before it kept one
 // free list per exact size and never split: near the device's capacity a step's other sizes found the
 // cache full of blocks they could not use, it gave everything back to the driver (cudaFree synchronises
 // the device) and the rest of the step allocated it all again, every step.
