@@ -267,7 +267,16 @@ TEST(GpuAllocator, StepsNearTheDevicesCapacitySettle) {
       if (p) cudaFree(p);
     }
   } filler;
-  ASSERT_EQ(cudaMalloc(&filler.p, free_bytes - static_cast<size_t>(room)), cudaSuccess);
+  // The driver may not hand out all it reports free in one block: up to 1 GiB less, 128 MiB at a time
+  // (the room printed below is then what the steps had).
+  size_t filler_bytes = free_bytes - static_cast<size_t>(room);
+  for (int tries = 0; cudaMalloc(&filler.p, filler_bytes) != cudaSuccess; ++tries) {
+    (void)cudaGetLastError();
+    filler.p = nullptr;
+    ASSERT_LT(tries, 8) << "cannot take " << filler_bytes << " of " << free_bytes << " free bytes";
+    filler_bytes -= size_t{128} << 20;
+  }
+  const int64_t room_given = static_cast<int64_t>(free_bytes - filler_bytes);
   std::vector<int64_t> calls;
   std::string line;
   for (int i = 0; i < 8; ++i) {
@@ -279,7 +288,7 @@ TEST(GpuAllocator, StepsNearTheDevicesCapacitySettle) {
   }
   std::printf("[gpu-allocator] peak %.3f GB (%.3f GB held between steps), room %.3f GB: cudaMallocs a step%s, "
               "%lld cudaFrees\n",
-              measured.peak_bytes_in_use / 1e9, measured.bytes_in_use / 1e9, room / 1e9, line.c_str(),
+              measured.peak_bytes_in_use / 1e9, measured.bytes_in_use / 1e9, room_given / 1e9, line.c_str(),
               static_cast<long long>(runtime::device_allocator_stats(0).system_releases));
   for (size_t i = 3; i < calls.size(); ++i)
     EXPECT_EQ(calls[i], 0) << "cudaMalloc in step " << i << " near the capacity";
