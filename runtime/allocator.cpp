@@ -156,6 +156,10 @@ class CachingDeviceAllocator final : public Allocator {
     std::lock_guard<std::mutex> lock(mutex_);
     pool_.reset_peak();
   }
+  void set_limit(int64_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    limit_ = bytes;
+  }
   // Free segments back to the driver: the fewest that make room for `bytes` (the kernels' reclaimer
   // asks for its buffer's size first), or all of them (SIZE_MAX).
   void release_cached(size_t bytes = SIZE_MAX) {
@@ -165,8 +169,10 @@ class CachingDeviceAllocator final : public Allocator {
   }
 
  private:
-  // nullptr when the device is out of memory; any other failure is an error.
+  // nullptr when the device is out of memory (or the limit reached); any other failure is an error.
+  // (Called by the pool under mutex_.)
   void* cuda_malloc(size_t bytes) {
+    if (limit_ > 0 && pool_.stats().bytes_reserved + static_cast<int64_t>(bytes) > limit_) return nullptr;
     int previous = 0;
     KRAKEN_RT_CUDA_CHECK(cudaGetDevice(&previous));
     KRAKEN_RT_CUDA_CHECK(cudaSetDevice(device_));
@@ -191,6 +197,7 @@ class CachingDeviceAllocator final : public Allocator {
   }
   int device_;
   std::mutex mutex_;
+  int64_t limit_ = 0;  // bytes the pool may hold from the driver; 0: no limit
   BlockPool pool_;
 };
 
@@ -243,6 +250,15 @@ AllocatorStats device_allocator_stats(int device_index) {
 #endif
   (void)device_index;
   return {};
+}
+
+void set_device_memory_limit(const Device& device, int64_t bytes) {
+  KRAKEN_CHECK(device.is_cuda(), "set_device_memory_limit: ", device.str(), " is not a GPU");
+  KRAKEN_CHECK(bytes >= 0, "set_device_memory_limit: ", bytes, " bytes");
+  require_cuda(device.index);
+#if KRAKEN_WITH_CUDA
+  device_instance(device.index).set_limit(bytes);
+#endif
 }
 
 void release_cached_memory(const Device& device) {

@@ -47,6 +47,11 @@ Allocator& allocator_for(const Device& device);
 // under the host allocator's lock, in order. Unset, it costs one atomic load a call.
 using AllocationObserver = void (*)(void* context, const void* ptr, size_t bytes, bool allocated);
 void set_host_allocation_observer(AllocationObserver observer, void* context);
+// Caps what the device allocator holds from the driver on that device (0, the default: no cap). A request
+// beyond it is out of memory as on a GPU that small — free segments go back first — so that a test or a
+// benchmark can run a step near the capacity without taking the GPU from other processes. The kernels'
+// own scratch buffers (kernels/device_memory.h) are outside it.
+void set_device_memory_limit(const Device& device, int64_t bytes);
 // Gives the device allocator's free segments back to the driver (nothing in use moves): between two
 // models in one process, or before handing the device's memory to something else. CPU: nothing.
 void release_cached_memory(const Device& device);
