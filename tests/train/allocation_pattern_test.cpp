@@ -3,9 +3,9 @@
 // with the host allocator's observer on; the recorded pattern of tensor lifetimes, with every size
 // scaled to a GPU batch's (×1024: a 16×64-token batch of width 32 becomes one of ~64 MB activations, as
 // GPT-2's shape has at B = 40), is replayed into the device allocator's pool (runtime/block_pool.h) on a
-// pretend device of a little more memory than the step's peak. The allocator the pool replaced (one
-// free list per exact size, all of it given back when cudaMalloc fails) is replayed beside it: at the
-// same capacity it calls the driver in every step, so the capacity is tight enough to tell them apart.
+// pretend device of 20% and of 1% more memory than the step's peak. The allocator the pool replaced (one
+// free list per exact size, all of it given back when cudaMalloc fails) is replayed beside it: at 20% it
+// calls the driver in every step at degree 4, so that capacity is tight enough to tell them apart.
 #include <gtest/gtest.h>
 
 #include <cstdint>
