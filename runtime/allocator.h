@@ -43,7 +43,7 @@ Allocator& allocator_for(const Device& device);
 
 // Tells `observer` of every host allocation (allocated = true) and release while one is set (nullptr:
 // none), with the bytes asked for: the CPU tests record a training step's pattern of tensor lifetimes
-// and replay it into the device allocator's pool (tests/models/allocation_pattern_test.cpp). Calls come
+// and replay it into the device allocator's pool (tests/train/allocation_pattern_test.cpp). Calls come
 // under the host allocator's lock, in order. Unset, it costs one atomic load a call.
 using AllocationObserver = void (*)(void* context, const void* ptr, size_t bytes, bool allocated);
 void set_host_allocation_observer(AllocationObserver observer, void* context);
