@@ -1,6 +1,6 @@
 // The device allocator's pool (runtime/block_pool.h) on a pretend device: segments are address ranges
 // counted against a capacity, never touched, so the pool's splitting, merging and giving back run on the
-// CPU exactly as they do over cudaMalloc. tests/models/allocation_pattern_test.cpp replays a training
+// CPU exactly as they do over cudaMalloc. tests/train/allocation_pattern_test.cpp replays a training
 // step through it; tests/gpu/model_cuda_test.cpp checks the real allocator on a GPU.
 #include "runtime/block_pool.h"
 
