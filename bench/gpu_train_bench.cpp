@@ -921,6 +921,33 @@ void bench_compute(Report& r) {
              "TFLOP/s |", label, bc * 1e3, 2.5 * flops / bc / 1e12);
     };
     cudnn_rows("B=8 T=1024 C=768 H=12", B, T, C, H, qkv16, out16, lse, dout16, dqkv16, fwd_flops);
+    // Hopper's wgmma kernels (kernels/cuda/attention_wgmma.cu; compute capability 9.0 only) on the same
+    // buffers as cuDNN's rows, to set beside them. The backward row counts the 2.5 forwards of FLOPs the
+    // others do, though it runs 3.5 (S and dP recomputed by both its kernels: no atomics).
+    const auto wgmma_rows = [&](const char* label, int64_t Bc, int64_t Tc, int64_t Cc, int64_t Hc, const Tensor& q,
+                                Tensor& o, Tensor& l, const Tensor& dO, Tensor& dq, double flops) {
+      if (!attention_bf16_wgmma_usable(o.data<uint16_t>(), q.data<uint16_t>(), Cc, Hc)) {
+        r.line("| bf16 attention, wgmma, %s | not supported here (compute capability 9.0, D = 64, 128, 168 or 256) "
+               "| |", label);
+        return;
+      }
+      const double fw = time_kernel([&] {
+        attention_forward_bf16_wgmma_cuda(o.data<uint16_t>(), l.data<float>(), q.data<uint16_t>(), Bc, Tc, Cc, Hc,
+                                          nullptr);
+      }, 5);
+      r.line("| bf16 attention forward, wgmma (ours, sm_90a), %s | %.3f | %.1f TFLOP/s |", label, fw * 1e3,
+             flops / fw / 1e12);
+      if (!attention_bf16_wgmma_backward_usable(dq.data<uint16_t>(), dO.data<uint16_t>(), q.data<uint16_t>(),
+                                                o.data<uint16_t>(), Cc, Hc))
+        return;
+      const double bw = time_kernel([&] {
+        attention_backward_bf16_wgmma_cuda(dq.data<uint16_t>(), dO.data<uint16_t>(), q.data<uint16_t>(),
+                                           o.data<uint16_t>(), l.data<float>(), Bc, Tc, Cc, Hc, nullptr);
+      }, 5);
+      r.line("| bf16 attention backward, wgmma (ours, two kernels, adds into dqkv), %s | %.3f | %.1f TFLOP/s |", label,
+             bw * 1e3, 2.5 * flops / bw / 1e12);
+    };
+    wgmma_rows("B=8 T=1024 C=768 H=12", B, T, C, H, qkv16, out16, lse, dout16, dqkv16, fwd_flops);
     {
       const int64_t Ck = 504, Hk = 3;
       const Tensor qkv_k = normal({B, T, 3 * Ck}, 39).to(DType::BF16), dout_k = normal({B, T, Ck}, 40).to(DType::BF16);
@@ -942,6 +969,8 @@ void bench_compute(Report& r) {
                2.5 * flops_k / bk / 1e12);
       }
       cudnn_rows("one Kraken 4-way sub-layer: C=504 H=3 (D=168)", B, T, Ck, Hk, qkv_k, out_k, lse, dout_k, dqkv_k,
+                 flops_k);
+      wgmma_rows("one Kraken 4-way sub-layer: C=504 H=3 (D=168)", B, T, Ck, Hk, qkv_k, out_k, lse, dout_k, dqkv_k,
                  flops_k);
       // A layer's 4 sub-layers in one grouped mma launch (attention_*_bf16_mma_group_cuda; the model, which
       // stacks its sub-layers, runs them as one attention over 4·B sequences), against 4 launches (4 × the

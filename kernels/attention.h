@@ -67,7 +67,9 @@ void attention_backward_cuda(float* dqkv, const float* dout, const float* qkv, c
 //     kAttentionCudnnDefaultMaxShapes shapes went to it, and every shape it took before.
 //   "cudnn": cuDNN for every call it takes (shape and buffers: attention_bf16_cudnn_usable), else as unset;
 //   "mma": the mma kernels where supported, else CUDA cores; "tc": the WMMA kernels where supported, else
-//     CUDA cores; "simt": CUDA cores for every head size.
+//     CUDA cores; "simt": CUDA cores for every head size; "wgmma": Hopper's wgmma kernels where a call is
+//     usable for them (attention_bf16_wgmma_usable, _backward_usable), else as unset — each direction on
+//     its own, which the shared contract allows (D = 256: the wgmma forward, the default's backward).
 // Because of cuDNN's overwrite, the dispatching backward's contract is: dqkv receives the gradient
 // (overwritten, whatever it held), whichever implementation runs — before the accumulating kernels the
 // dispatch zeroes dqkv itself, so a caller allocates it without a zero fill that cuDNN would make a
@@ -129,6 +131,26 @@ bool attention_bf16_cudnn_backward_deterministic(int64_t B, int64_t T, int64_t C
 // this needs.
 bool attention_bf16_tc_supported(int64_t D);
 bool attention_bf16_mma_supported(int64_t D);
+
+// Hopper's warpgroup instructions (kernels/cuda/attention_wgmma.cu, wgmma; sm_90a code, so compute
+// capability 9.0 devices only): the mma kernels' contract and arithmetic (their out and lse serve any
+// backward above, and theirs any forward), deterministic. The forward takes head sizes 64, 128, 168 and
+// 256 with qkv 16-byte and out 4-byte aligned; the backward (adds into dqkv) 64, 128 and 168 with every
+// buffer 16-byte aligned. Opt-in while unmeasured: KRAKEN_CUDA_ATTENTION=wgmma.
+void attention_forward_bf16_wgmma_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T,
+                                       int64_t C, int64_t NH, CUstream_st* stream);
+void attention_backward_bf16_wgmma_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv,
+                                        const uint16_t* out, const float* lse, int64_t B, int64_t T, int64_t C,
+                                        int64_t NH, CUstream_st* stream);
+bool attention_bf16_wgmma_supported(int64_t D);  // the forward: the head size, the device and its shared memory
+bool attention_bf16_wgmma_backward_supported(int64_t D);
+bool attention_bf16_wgmma_usable(const uint16_t* out, const uint16_t* qkv, int64_t C, int64_t NH);
+bool attention_bf16_wgmma_backward_usable(const uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv,
+                                          const uint16_t* out, int64_t C, int64_t NH);
+// What the wgmma kernels assume of the instruction, checked in one place: d (64 × 64, f32, row-major) =
+// a (64 × 32) · b (32 × 64), bf16 row-major, computed on one warpgroup with the operands K-major in shared
+// memory (way 0), MN-major (way 1), or A from registers and B MN-major (way 2). For tests.
+void wgmma_layout_probe_cuda(float* d, const uint16_t* a, const uint16_t* b, int way, CUstream_st* stream);
 
 // The largest head the mma kernels take by default: above it their dk/dv kernel spills registers (dK and
 // dV alone are Dp registers per thread; ptxas for sm_90: 220 bytes spilled at Dp = 224, 1.3 KB at 256),

@@ -375,7 +375,7 @@ void attention_backward_bf16_simt_cuda(uint16_t* dqkv, const uint16_t* dout, con
 namespace {
 
 // KRAKEN_CUDA_ATTENTION, read once per process (kernels/attention.h).
-enum class AttentionChoice { kDefault, kMma, kTc, kSimt, kCudnn };
+enum class AttentionChoice { kDefault, kMma, kTc, kSimt, kCudnn, kWgmma };
 AttentionChoice attention_choice() {
   static const AttentionChoice choice = [] {
     const char* env = std::getenv("KRAKEN_CUDA_ATTENTION");
@@ -384,7 +384,8 @@ AttentionChoice attention_choice() {
     if (std::strcmp(env, "tc") == 0) return AttentionChoice::kTc;
     if (std::strcmp(env, "simt") == 0) return AttentionChoice::kSimt;
     if (std::strcmp(env, "cudnn") == 0) return AttentionChoice::kCudnn;
-    KRAKEN_THROW("KRAKEN_CUDA_ATTENTION=", env, ": expected mma, tc, simt or cudnn");
+    if (std::strcmp(env, "wgmma") == 0) return AttentionChoice::kWgmma;
+    KRAKEN_THROW("KRAKEN_CUDA_ATTENTION=", env, ": expected mma, tc, simt, cudnn or wgmma");
   }();
   return choice;
 }
@@ -445,6 +446,7 @@ AttentionBf16Kernels attention_bf16_kernels(int64_t D) {
       return AttentionBf16Kernels::kSimt;
     case AttentionChoice::kCudnn:
     case AttentionChoice::kDefault:
+    case AttentionChoice::kWgmma:  // (its forward is chosen per call, in attention_forward_bf16_cuda)
       if (cudnn_supported(D)) return AttentionBf16Kernels::kCudnn;
       break;
   }
@@ -472,6 +474,13 @@ const char* attention_bf16_kernels_name(AttentionBf16Kernels kernels) {
 void attention_forward_bf16_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T, int64_t C,
                                  int64_t NH, CUstream_st* stream) {
   KRAKEN_CHECK(NH > 0 && C % NH == 0, "C=", C, " NH=", NH);
+  if (attention_choice() == AttentionChoice::kWgmma && attention_bf16_wgmma_usable(out, qkv, C, NH)) {
+    // A backward the wgmma kernels cannot take goes as by default: cuDNN admits the shape here as it would
+    // have at the forward.
+    if (attention_bf16_kernels(C / NH) == AttentionBf16Kernels::kCudnn) cudnn_takes_shape(B, T, C, NH);
+    attention_forward_bf16_wgmma_cuda(out, lse, qkv, B, T, C, NH, stream);
+    return;
+  }
   AttentionBf16Kernels kernels = attention_bf16_kernels(C / NH);
   if (kernels == AttentionBf16Kernels::kCudnn) {
     if (cudnn_takes_shape(B, T, C, NH) && cudnn_usable({out, lse, qkv, qkv + C, qkv + 2 * C}, B, T, C, NH)) {
@@ -495,6 +504,12 @@ void attention_forward_bf16_cuda(uint16_t* out, float* lse, const uint16_t* qkv,
 void attention_backward_bf16_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out,
                                   const float* lse, int64_t B, int64_t T, int64_t C, int64_t NH, CUstream_st* stream) {
   KRAKEN_CHECK(NH > 0 && C % NH == 0, "C=", C, " NH=", NH);
+  if (attention_choice() == AttentionChoice::kWgmma &&
+      attention_bf16_wgmma_backward_usable(dqkv, dout, qkv, out, C, NH)) {
+    KRAKEN_CUDA_CHECK(cudaMemsetAsync(dqkv, 0, static_cast<size_t>(B * T * 3 * C) * sizeof(uint16_t), stream));
+    attention_backward_bf16_wgmma_cuda(dqkv, dout, qkv, out, lse, B, T, C, NH, stream);
+    return;
+  }
   AttentionBf16Kernels kernels = attention_bf16_kernels(C / NH);
   if (kernels == AttentionBf16Kernels::kCudnn) {
     // (the same shape and buffer checks as the forward's, so both take cuDNN or neither, as long as the

@@ -23,12 +23,13 @@ namespace {
 
 constexpr size_t kStackBytes = 256 * 1024;
 constexpr size_t kWarpScratchBytes = 8 * 1024;
+constexpr size_t kWarpgroupScratchBytes = 8 * 1024;
 constexpr size_t kMaxDynamicShared = 227 * 1024;  // Hopper's opt-in limit per block
 // Every byte 0xFF: as f32 or bf16 a NaN, which survives any arithmetic (a multiply by a masked 0 included),
 // so a value read from memory nobody wrote reaches the result.
 constexpr unsigned char kPoison = 0xFF;
 
-enum class State { kRunnable, kAtBlockBarrier, kAtWarpBarrier, kDone };
+enum class State { kRunnable, kAtBlockBarrier, kAtWarpBarrier, kAtWarpgroupBarrier, kDone };
 
 struct FreeDeleter {
   void operator()(void* p) const { std::free(p); }
@@ -65,6 +66,12 @@ struct PendingCopy {
   int bytes, src_bytes;
 };
 
+// A wgmma's results for one thread, held until the wait that covers them.
+struct PendingResults {
+  float* d;
+  std::vector<float> values;
+};
+
 struct Fiber {
   ucontext_t context;
   std::unique_ptr<char[]> stack;
@@ -74,6 +81,8 @@ struct Fiber {
   StackSwitch stack_switch;                           // (AddressSanitizer's bookkeeping)
   std::vector<PendingCopy> uncommitted;               // cp.async since the last commit
   std::deque<std::vector<PendingCopy>> committed;     // oldest group first
+  std::vector<PendingResults> wgmma_uncommitted;      // wgmma since the last commit
+  std::deque<std::vector<PendingResults>> wgmma_committed;
 };
 
 // One block's worth of fibers, run on the thread that launched the kernel.
@@ -82,6 +91,7 @@ struct Block {
   std::vector<Fiber> fibers;
   std::vector<std::vector<unsigned char>> warp_slots;     // warp_exchange: 32 lanes × up to 16 bytes
   std::vector<AlignedBytes> warp_scratch;
+  std::vector<AlignedBytes> warpgroup_scratch;
   unsigned char* dynamic_shared = nullptr;
   size_t dynamic_shared_bytes = 0;
   const std::function<void()>* body = nullptr;
@@ -137,6 +147,20 @@ bool release_warp(Block& b, int w) {
   return true;
 }
 
+// Releases warpgroup k (warps 4k .. 4k + 3) if all its live threads wait at its barrier.
+bool release_warpgroup(Block& b, int k) {
+  bool all = true, any = false;
+  for (Fiber& f : b.fibers) {
+    if (f.warp / 4 != k || f.state == State::kDone) continue;
+    any = true;
+    all = all && f.state == State::kAtWarpgroupBarrier;
+  }
+  if (!any || !all) return false;
+  for (Fiber& f : b.fibers)
+    if (f.warp / 4 == k && f.state == State::kAtWarpgroupBarrier) f.state = State::kRunnable;
+  return true;
+}
+
 // Releases the block if all its live threads wait at __syncthreads; returns whether it did.
 bool release_block(Block& b) {
   bool all = true, any = false;
@@ -152,16 +176,18 @@ bool release_block(Block& b) {
 }
 
 std::string describe_deadlock(const Block& b) {
-  int at_block = 0, at_warp = 0, done = 0;
+  int at_block = 0, at_warp = 0, at_warpgroup = 0, done = 0;
   for (const Fiber& f : b.fibers) {
     at_block += f.state == State::kAtBlockBarrier;
     at_warp += f.state == State::kAtWarpBarrier;
+    at_warpgroup += f.state == State::kAtWarpgroupBarrier;
     done += f.state == State::kDone;
   }
   return "barrier deadlock in block (" + std::to_string(b.fibers[0].coords.block_idx.x) + ", " +
          std::to_string(b.fibers[0].coords.block_idx.y) + ", " + std::to_string(b.fibers[0].coords.block_idx.z) +
          "): " + std::to_string(at_block) + " threads wait at __syncthreads, " + std::to_string(at_warp) +
-         " at a warp barrier, " + std::to_string(done) + " have returned";
+         " at a warp barrier, " + std::to_string(at_warpgroup) + " at a warpgroup barrier, " + std::to_string(done) +
+         " have returned";
 }
 
 // Points the fiber's context at fiber_main on its own stack (kept out of run_grid: getcontext
@@ -211,6 +237,61 @@ unsigned warp_ballot(bool predicate) {
 }
 
 void* warp_scratch() { return g_block->warp_scratch[static_cast<size_t>(current_fiber().warp)].get(); }
+
+void sync_warpgroup() {
+  if (g_block->fibers.size() % 128 != 0) trap("a warpgroup operation in a block that is not whole warpgroups");
+  yield(State::kAtWarpgroupBarrier);
+}
+
+void* warpgroup_scratch() {
+  if (g_block->fibers.size() % 128 != 0) trap("a warpgroup operation in a block that is not whole warpgroups");
+  return g_block->warpgroup_scratch[static_cast<size_t>(current_fiber().warp / 4)].get();
+}
+
+uint32_t shared_window_address(const void* p) {
+  if (!in_dynamic_shared(p, 1)) trap("a shared memory descriptor for an address outside the block's shared memory");
+  return static_cast<uint32_t>(static_cast<const unsigned char*>(p) - g_block->dynamic_shared);
+}
+
+void hold_wgmma_results(float* d, const float* values, int count) {
+  if (g_schedule == Schedule::kDescending) {
+    std::memcpy(d, values, sizeof(float) * static_cast<size_t>(count));
+    return;
+  }
+  current_fiber().wgmma_uncommitted.push_back(PendingResults{d, std::vector<float>(values, values + count)});
+  for (int i = 0; i < count; ++i) d[i] = std::nanf("");  // not readable before the wait
+}
+
+const float* held_wgmma_results(const float* d, int count) {
+  Fiber& f = current_fiber();
+  auto latest = [&](const std::vector<PendingResults>& group) -> const float* {
+    for (auto it = group.rbegin(); it != group.rend(); ++it)
+      if (it->d == d) {
+        if (it->values.size() != static_cast<size_t>(count)) trap("wgmma: accumulators of another size chained");
+        return it->values.data();
+      }
+    return nullptr;
+  };
+  if (const float* v = latest(f.wgmma_uncommitted)) return v;
+  for (auto it = f.wgmma_committed.rbegin(); it != f.wgmma_committed.rend(); ++it)
+    if (const float* v = latest(*it)) return v;
+  return nullptr;
+}
+
+void wgmma_commit() {
+  Fiber& f = current_fiber();
+  f.wgmma_committed.push_back(std::move(f.wgmma_uncommitted));
+  f.wgmma_uncommitted.clear();
+}
+
+void wgmma_wait(int pending) {
+  Fiber& f = current_fiber();
+  while (f.wgmma_committed.size() > static_cast<size_t>(std::max(pending, 0))) {
+    for (const PendingResults& r : f.wgmma_committed.front())
+      std::memcpy(r.d, r.values.data(), sizeof(float) * r.values.size());
+    f.wgmma_committed.pop_front();
+  }
+}
 
 void* dynamic_shared() {
   if (!g_block || !g_block->dynamic_shared) trap("dynamic shared memory used by a kernel launched without any");
@@ -275,6 +356,7 @@ void run_grid(dim3 grid, dim3 block, size_t dynamic_shared_bytes, const std::fun
   for (Fiber& f : b.fibers) f.stack.reset(new char[kStackBytes]);
   b.warp_slots.assign(static_cast<size_t>(warps), std::vector<unsigned char>(32 * 16));
   for (int w = 0; w < warps; ++w) b.warp_scratch.push_back(aligned_bytes(kWarpScratchBytes, 16));
+  for (int k = 0; k < (warps + 3) / 4; ++k) b.warpgroup_scratch.push_back(aligned_bytes(kWarpgroupScratchBytes, 16));
   AlignedBytes shared = dynamic_shared_bytes ? aligned_bytes(dynamic_shared_bytes, 128) : AlignedBytes();
   b.dynamic_shared = shared.get();
   b.dynamic_shared_bytes = dynamic_shared_bytes;
@@ -291,6 +373,8 @@ void run_grid(dim3 grid, dim3 block, size_t dynamic_shared_bytes, const std::fun
           f.state = State::kRunnable;
           f.uncommitted.clear();  // a block's copies never land in the next one
           f.committed.clear();
+          f.wgmma_uncommitted.clear();
+          f.wgmma_committed.clear();
           f.lane = t % 32;
           f.warp = t / 32;
           f.coords.thread_idx =
@@ -331,8 +415,13 @@ void run_grid(dim3 grid, dim3 block, size_t dynamic_shared_bytes, const std::fun
           bool done = true;
           for (const Fiber& f : b.fibers) done = done && f.state == State::kDone;
           if (done) break;
-          if (!release_block(b) && !ran) throw std::runtime_error("emulated kernel: " + describe_deadlock(b));
+          bool released = release_block(b);
+          for (int k = 0; k < (warps + 3) / 4; ++k) released = release_warpgroup(b, k) || released;
+          if (!released && !ran) throw std::runtime_error("emulated kernel: " + describe_deadlock(b));
         }
+        for (const Fiber& f : b.fibers)
+          if (!f.wgmma_uncommitted.empty() || !f.wgmma_committed.empty())
+            trap("a thread returned with wgmma results it never waited for");
       }
 }
 
@@ -356,6 +445,8 @@ cudaError_t device_get_attribute(int* value, cudaDeviceAttr attr, int /*device*/
   switch (attr) {
     case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = static_cast<int>(kMaxDynamicShared); return cudaSuccess;
     case cudaDevAttrMultiProcessorCount: *value = g_multiprocessors; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor: *value = 9; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor: *value = 0; return cudaSuccess;
     default: return cudaErrorInvalidValue;
   }
 }

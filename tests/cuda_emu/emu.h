@@ -72,6 +72,30 @@ void cp_async(void* dst, const void* src, int bytes, int src_bytes);
 void cp_async_commit();
 void cp_async_wait(int pending);  // lands all but the `pending` most recent committed groups
 
+// Hopper's warpgroup operations (kernels/cuda/wgmma.h has the layouts; wgmma.cpp). A warpgroup is warps
+// 4k .. 4k + 3 of the block; sync_warpgroup is its barrier (every live thread of the four warps meets).
+void sync_warpgroup();
+// The warpgroup's own scratch, at least 8 KiB, 16-byte aligned.
+void* warpgroup_scratch();
+// The address a descriptor holds for p: its offset in the block's dynamic shared memory (which stands in
+// for the shared window; the kernels' shared memory is all dynamic).
+uint32_t shared_window_address(const void* p);
+// wgmma.mma_async m64nNk16, bf16 → f32: d (N / 2 per thread) = A·B + (scale_d ? d : 0), A from the
+// warpgroup's registers (a != nullptr) or a descriptor, B from a descriptor, trans = 1 for MN-major. A
+// warpgroup collective: the operands are read and the product computed at the issue, the results held
+// back — the accumulators read NaN — until a wgmma_wait covers the commit group (under the descending
+// schedule they land at once).
+void wgmma_bf16(float* d, int n, const uint32_t* a, uint64_t a_desc, uint64_t b_desc, int trans_a, int trans_b,
+                bool scale_d);
+void wgmma_commit();
+void wgmma_wait(int pending);  // lands all but the `pending` most recent committed groups
+// (wgmma.cpp's hand-over to the scheduler: the calling thread's `count` results for d, held until its
+// wait, or landed now under the descending schedule.)
+void hold_wgmma_results(float* d, const float* values, int count);
+// The calling thread's latest held results for d (a wgmma chained onto one not yet waited for accumulates
+// onto them, as the GPU orders them), or nullptr when none are held.
+const float* held_wgmma_results(const float* d, int count);
+
 // Runs body once per thread of every block of the grid.
 void run_grid(dim3 grid, dim3 block, size_t dynamic_shared_bytes, const std::function<void()>& body);
 

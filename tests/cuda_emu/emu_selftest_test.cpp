@@ -20,6 +20,7 @@ void unwritten_shared(unsigned char* out);
 void wmma_product(float* d, const uint16_t* a, const uint16_t* b, const float* c);
 void mma_sync_product(float* d, const uint16_t* a, const uint16_t* b, int way);
 void cp_async_copy(unsigned char* out, const unsigned char* src, bool fill);
+void wgmma_chain(float* out);
 void trap();
 }  // namespace kraken_emu_selftest
 
@@ -105,6 +106,22 @@ TEST(CudaEmulationSelf, MmaSyncProductsAreMatrixProductsWhicheverWayTheOperandsA
         EXPECT_EQ(d[r * 16 + c], want) << "way " << way << ", row " << r << ", column " << c;
       }
   }
+}
+
+TEST(CudaEmulationSelf, WgmmaResultsLandAtTheWaitAndChainBeforeIt) {
+  // Ones times ones over k = 16: 16 an element; the second wgmma adds onto the first before any wait, as
+  // the GPU orders them: 32. Before the wait the accumulators read NaN (ascending) or the result already
+  // (descending, where results land at the issue).
+  std::vector<float> out(256, -1.0f);
+  self::wgmma_chain(out.data());
+  for (int t = 0; t < 128; ++t) {
+    EXPECT_TRUE(std::isnan(out[t])) << "thread " << t << " read its accumulator before the wait";
+    EXPECT_EQ(out[128 + t], 32.0f) << "thread " << t;
+  }
+  kraken_emu::set_schedule(kraken_emu::Schedule::kDescending);
+  self::wgmma_chain(out.data());
+  kraken_emu::set_schedule(kraken_emu::Schedule::kAscending);
+  for (int t = 0; t < 128; ++t) EXPECT_EQ(out[t], 32.0f) << "thread " << t << ": landed at the issue";
 }
 
 TEST(CudaEmulationSelf, CpAsyncLandsAtTheWaitOrAtTheIssue) {

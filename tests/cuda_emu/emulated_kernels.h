@@ -31,6 +31,14 @@ void attention_backward_bf16_mma_group_cuda(uint16_t* const* dqkvs, const uint16
                                             const uint16_t* const* qkvs, const uint16_t* const* outs,
                                             const float* const* lses, int64_t count, int64_t B, int64_t T, int64_t C,
                                             int64_t NH, CUstream_st* stream);
+void attention_forward_bf16_wgmma_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T,
+                                       int64_t C, int64_t NH, CUstream_st* stream);
+void attention_backward_bf16_wgmma_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv,
+                                        const uint16_t* out, const float* lse, int64_t B, int64_t T, int64_t C,
+                                        int64_t NH, CUstream_st* stream);
+bool attention_bf16_wgmma_supported(int64_t D);
+bool attention_bf16_wgmma_backward_supported(int64_t D);
+void wgmma_layout_probe_cuda(float* d, const uint16_t* a, const uint16_t* b, int way, CUstream_st* stream);
 
 void attention_forward_cuda(float* out, float* lse, const float* qkv, int64_t B, int64_t T, int64_t C, int64_t NH,
                             CUstream_st* stream);

@@ -173,6 +173,58 @@ TEST(CudaEmulation, MmaSyncAttentionMatchesTheCpu) {
   });
 }
 
+// The wgmma kernels (attention_wgmma.cu); and the wgmma forward with the mma backward on its out and lse,
+// the pair the dispatch makes at D = 256 (no wgmma backward) where cuDNN is absent.
+const TensorCoreAttention kWgmma{"wgmma", emu::attention_forward_bf16_wgmma_cuda,
+                                 emu::attention_backward_bf16_wgmma_cuda};
+const TensorCoreAttention kWgmmaForward{"wgmma forward, mma.sync backward", emu::attention_forward_bf16_wgmma_cuda,
+                                        emu::attention_backward_bf16_mma_cuda};
+
+TEST(CudaEmulation, WgmmaLayoutProbeIsAMatrixProduct) {
+  // The operand routes the wgmma kernels use — both operands K-major, both MN-major, A from registers —
+  // through wgmma.h's descriptors and the emulation's reading of them (small integers: exact sums). The
+  // same probe runs on a GPU (tests/gpu), where it checks that reading against the hardware.
+  std::vector<float> a(64 * 32), b(32 * 64);
+  for (size_t i = 0; i < a.size(); ++i) {
+    a[i] = static_cast<float>(static_cast<int>(i * 7 % 11) - 5);
+    b[i] = static_cast<float>(static_cast<int>(i * 5 % 13) - 6);
+  }
+  const std::vector<uint16_t> a16 = to_bf16(a), b16 = to_bf16(b);
+  under_both_schedules([&] {
+    for (int way = 0; way < 3; ++way) {
+      std::vector<float> d(64 * 64, -1.0f);
+      emu::wgmma_layout_probe_cuda(d.data(), a16.data(), b16.data(), way, nullptr);
+      for (int r = 0; r < 64; ++r)
+        for (int c = 0; c < 64; ++c) {
+          float want = 0.0f;
+          for (int k = 0; k < 32; ++k) want += a[r * 32 + k] * b[k * 64 + c];
+          ASSERT_EQ(d[r * 64 + c], want) << "way " << way << ", row " << r << ", column " << c;
+        }
+    }
+  });
+}
+
+TEST(CudaEmulation, WgmmaAttentionMatchesTheCpu) {
+  // Blocks of two warpgroups and 128 rows — queries in the forward and the dq kernel, keys in the dk/dv
+  // kernel — streaming 64-key or kQ-query tiles double-buffered: one query; a block's second warpgroup
+  // with rows past T (T = 65); several blocks, partial last tiles, the dk/dv kernel's first query tile at
+  // its block's first key (T = 150, two heads, B = 2: 64-query tiles; T = 200 at D = 168: 32-query tiles);
+  // the Kraken 4-way head (D = 168, q and k padded to 176 with zeros), 128, and 256 (forward only).
+  under_both_schedules([] {
+    check_attention({1, 1, 64, 1}, kWgmma);
+    check_attention({1, 65, 64, 1}, kWgmma);
+    check_attention({2, 150, 64, 2}, kWgmma);
+    check_attention({1, 200, 168, 2}, kWgmma);
+    check_attention({1, 70, 128, 1}, kWgmma);
+    check_attention({1, 33, 256, 1}, kWgmmaForward);
+  });
+  EXPECT_TRUE(emu::attention_bf16_wgmma_supported(168));
+  EXPECT_TRUE(emu::attention_bf16_wgmma_backward_supported(168));
+  EXPECT_TRUE(emu::attention_bf16_wgmma_supported(256));
+  EXPECT_FALSE(emu::attention_bf16_wgmma_backward_supported(256));  // dK and dV would not fit the registers
+  EXPECT_FALSE(emu::attention_bf16_wgmma_supported(42));  // no kernel for that head size: the dispatch falls back
+}
+
 TEST(CudaEmulation, MmaSyncAttentionAbove128) {
   // One stage above Dp = 128; k and v (dk/dv) and q, dO (dq) loaded per use: the Kraken heads (D = 168
   // pads to 176, 209 to 224) and the largest.

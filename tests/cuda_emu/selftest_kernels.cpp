@@ -7,6 +7,7 @@
 
 #include "kernels/cuda/launch.h"
 #include "kernels/cuda/mma_sync.h"
+#include "kernels/cuda/wgmma.h"
 
 namespace kraken_emu_selftest {
 namespace {
@@ -100,6 +101,25 @@ __global__ void cp_async_kernel(unsigned char* out, const unsigned char* src, bo
   for (int i = 0; i < 16; ++i) out[16 + i] = smem[i];
 }
 
+// One warpgroup: A (64 × 16) and B (16 × 64, K-major) all ones in shared memory; two wgmma chained on one
+// accumulator (the second adds to the first, before any wait) and committed; thread t records its first
+// accumulator before the wait (out[t]) and after it (out[128 + t]).
+__global__ void wgmma_chain_kernel(float* out) {
+  KRAKEN_DYNAMIC_SHARED(unsigned char, smem);
+  const uint16_t one = 0x3F80;  // bf16 1.0
+  for (int i = threadIdx.x; i < 2 * 64 * 16; i += 128) reinterpret_cast<uint16_t*>(smem)[i] = one;
+  __syncthreads();
+  namespace wg = kraken::kernels::wgmma;
+  float acc[32];
+  wg::fence();
+  for (int step = 0; step < 2; ++step)
+    wg::mma<64, 0, 0>(acc, wg::k_major(smem, 16, 0, 0), wg::k_major(smem + 64 * 16 * 2, 16, 0, 0), step);
+  wg::commit();
+  out[threadIdx.x] = acc[0];
+  wg::wait<0>();
+  out[128 + threadIdx.x] = acc[0];
+}
+
 __global__ void trap_kernel() {
   if (threadIdx.x == 5) __trap();
 }
@@ -122,6 +142,7 @@ void mma_sync_product(float* d, const uint16_t* a, const uint16_t* b, int way) {
 void cp_async_copy(unsigned char* out, const unsigned char* src, bool fill) {
   KRAKEN_KERNEL(1, 32, 64, nullptr, cp_async_kernel)(out, src, fill);
 }
+void wgmma_chain(float* out) { KRAKEN_KERNEL(1, 128, 2 * 64 * 16 * 2, nullptr, wgmma_chain_kernel)(out); }
 void trap() { KRAKEN_KERNEL(1, 32, 0, nullptr, trap_kernel)(); }
 
 }  // namespace kraken_emu_selftest

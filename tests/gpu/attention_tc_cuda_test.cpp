@@ -7,7 +7,9 @@
 // 257, with 65 (the last 64-row tile holds one row) and 17, 100, 257 ragged; B·NH = 6; dqkv accumulates
 // into non-zero values. Then: B·NH above the 65535 grid limit, buffers only 2-byte aligned (the scalar
 // copies), agreement with the CUDA-core (SIMT) kernels and between the two families, and the dispatch
-// of attention_*_bf16_cuda. The two families share one contract and so these tolerances.
+// of attention_*_bf16_cuda. The two families share one contract and so these tolerances, as does the
+// third, Hopper's wgmma (attention_wgmma.cu: compute capability 9.0 only, its tests skip elsewhere),
+// checked here against the CPU and the mma kernels, with the probe of its operand layouts.
 // Skips where there is no GPU, and in the dry run (KRAKEN_GPU_TESTS_ON_CPU=1): these tests call CUDA
 // kernels directly, so there is nothing for the CPU to stand in for.
 //
@@ -106,11 +108,13 @@ struct Results {
   std::vector<uint16_t> out_bits, dqkv_bits;
 };
 
-enum class Path { kTc, kMma, kSimt, kDispatch };
+enum class Path { kTc, kMma, kSimt, kDispatch, kWgmma, kWgmmaForward };
 const char* path_name(Path p) {
   switch (p) {
     case Path::kTc: return "tc";
     case Path::kMma: return "mma";
+    case Path::kWgmma: return "wgmma";
+    case Path::kWgmmaForward: return "wgmma forward, mma backward";
     case Path::kSimt: return "simt";
     case Path::kDispatch: break;
   }
@@ -136,6 +140,16 @@ Results run(Path path, const Shape4& s, const std::vector<uint16_t>& qkv, const 
       break;
     case Path::kMma:
       attention_forward_bf16_mma_cuda(out_d.ptr(), lse, qkv_d.ptr(), B, T, C, NH, stream());
+      attention_backward_bf16_mma_cuda(dqkv_d.ptr(), dout_d.ptr(), qkv_d.ptr(), out_in_d.ptr(), lse_b, B, T, C, NH,
+                                       stream());
+      break;
+    case Path::kWgmma:
+      attention_forward_bf16_wgmma_cuda(out_d.ptr(), lse, qkv_d.ptr(), B, T, C, NH, stream());
+      attention_backward_bf16_wgmma_cuda(dqkv_d.ptr(), dout_d.ptr(), qkv_d.ptr(), out_in_d.ptr(), lse_b, B, T, C, NH,
+                                         stream());
+      break;
+    case Path::kWgmmaForward:
+      attention_forward_bf16_wgmma_cuda(out_d.ptr(), lse, qkv_d.ptr(), B, T, C, NH, stream());
       attention_backward_bf16_mma_cuda(dqkv_d.ptr(), dout_d.ptr(), qkv_d.ptr(), out_in_d.ptr(), lse_b, B, T, C, NH,
                                        stream());
       break;
@@ -184,13 +198,47 @@ void check_tc_against_cpu(const Shape4& s, int64_t offset = 0, Path path = Path:
 
 bool tc_supported(int64_t D) { return attention_bf16_tc_supported(D); }
 bool mma_supported(int64_t D) { return attention_bf16_mma_supported(D); }
+bool wgmma_supported(int64_t D) { return attention_bf16_wgmma_supported(D); }
+bool wgmma_backward_supported(int64_t D) { return attention_bf16_wgmma_backward_supported(D); }
+
+// The wgmma probe's three operand routes (kernels/attention.h) against the host's product of small
+// integers (exact in bf16 and in f32 sums): a wrong reading of the descriptors' strides, of the transpose
+// bits or of the register layouts gives other numbers, not rounding.
+void check_wgmma_probe() {
+  std::vector<float> a(64 * 32), b(32 * 64);
+  for (size_t i = 0; i < a.size(); ++i) {
+    a[i] = static_cast<float>(static_cast<int>(i * 7 % 11) - 5);
+    b[i] = static_cast<float>(static_cast<int>(i * 5 % 13) - 6);
+  }
+  const Tensor a_d = Tensor::from_vector(a, {64, 32}).to(DType::BF16).to(gpu());
+  const Tensor b_d = Tensor::from_vector(b, {32, 64}).to(DType::BF16).to(gpu());
+  for (int way = 0; way < 3; ++way) {
+    Tensor d = Tensor::full({64, 64}, -1.0f).to(gpu());
+    wgmma_layout_probe_cuda(d.data<float>(), a_d.data<uint16_t>(), b_d.data<uint16_t>(), way, stream());
+    const std::vector<float> got = d.to_vector();
+    int wrong = 0;
+    for (int r = 0; r < 64; ++r)
+      for (int c = 0; c < 64; ++c) {
+        float want = 0.0f;
+        for (int k = 0; k < 32; ++k) want += a[static_cast<size_t>(r * 32 + k)] * b[static_cast<size_t>(k * 64 + c)];
+        if (got[static_cast<size_t>(r * 64 + c)] != want && wrong++ < 4)
+          ADD_FAILURE() << "wgmma probe way " << way << ": d[" << r << "][" << c << "] = "
+                        << got[static_cast<size_t>(r * 64 + c)] << ", want " << want;
+      }
+    std::printf("[gpu-wgmma] probe way %d (%s): %d of 4096 elements wrong\n", way,
+                way == 0 ? "both K-major" : way == 1 ? "both MN-major" : "A in registers, B MN-major", wrong);
+  }
+}
 
 #else  // a build without CUDA: the tests skip before calling these
 
-enum class Path { kTc, kMma };
+enum class Path { kTc, kMma, kWgmma, kWgmmaForward };
 void check_tc_against_cpu(const Shape4&, int64_t = 0, Path = Path::kTc) {}
 bool tc_supported(int64_t) { return false; }
 bool mma_supported(int64_t) { return false; }
+bool wgmma_supported(int64_t) { return false; }
+bool wgmma_backward_supported(int64_t) { return false; }
+void check_wgmma_probe() {}
 
 #endif  // KRAKEN_WITH_CUDA
 
@@ -253,6 +301,31 @@ TEST(GpuAttentionMma, MatchesTheRoundedCpuForHeadsAbove128) {
   }
 }
 
+// The wgmma forward (kernels/cuda/attention_wgmma.cu) needs a compute capability 9.0 device (sm_90a code).
+TEST(GpuAttentionWgmma, LayoutProbeIsAMatrixProduct) {
+  KRAKEN_REQUIRE_CUDA_KERNELS();
+  if (!wgmma_supported(64)) GTEST_SKIP() << "wgmma needs a compute capability 9.0 device (H100, H200)";
+  check_wgmma_probe();
+}
+
+TEST(GpuAttentionWgmma, MatchesTheRoundedCpu) {
+  KRAKEN_REQUIRE_CUDA_KERNELS();
+  if (!wgmma_supported(64)) GTEST_SKIP() << "wgmma needs a compute capability 9.0 device (H100, H200)";
+  // Its head sizes (168: the Kraken 4-way preset's, q and k padded to 176; 256 has a forward only, checked
+  // with the mma backward); T from one query to three 128-row blocks, with a block whose second warpgroup
+  // has one row (65) or none (64, 129 → 1), and B·NH = 4 or 6. The backward runs on the CPU's out and lse,
+  // as in the other tests.
+  for (int64_t D : {64, 128, 168, 256}) {
+    ASSERT_TRUE(wgmma_supported(D)) << "D = " << D;
+    ASSERT_EQ(wgmma_backward_supported(D), D != 256) << "D = " << D;
+    for (int64_t T : {1, 17, 64, 65, 129, 257})
+      check_tc_against_cpu({2, T, 2 * D, 2}, 0, D == 256 ? Path::kWgmmaForward : Path::kWgmma);
+  }
+  check_tc_against_cpu({2, 100, 3 * 64, 3}, 0, Path::kWgmma);
+  EXPECT_FALSE(wgmma_supported(42));
+}
+
+
 TEST(GpuAttentionTc, HandlesMoreThan65535Heads) {
   KRAKEN_REQUIRE_CUDA_KERNELS();
   // B·NH = 70000 blocks along grid.x (the SIMT kernels put b·h on grid.y and stop at 65535).
@@ -276,6 +349,11 @@ void check_tc_against_simt(const Shape4& s) {
 }
 void check_mma_against_tc(const Shape4& s) {
   check_paths_agree(s, Path::kMma, Path::kTc, 2 * kRelOut, 2 * kRelLse, 2 * kRelGrad);
+}
+// The two mma-formulated families, wgmma and mma.sync: the same arithmetic in different tensor-core
+// orders, so within the sum of their tolerances (printed as [gpu-vs-cpu] lines by check_paths_agree).
+void check_wgmma_against_mma(const Shape4& s) {
+  check_paths_agree(s, Path::kWgmma, Path::kMma, 2 * kRelOut, 2 * kRelLse, 2 * kRelGrad);
 }
 
 // attention_*_bf16_cuda give bit for bit what the path they take gives (every kernel here is
@@ -308,7 +386,7 @@ void check_dispatch(const Shape4& s) {
     if (attention_bf16_tc_supported(D)) want = AttentionBf16Kernels::kTensorCoreWmma;
   } else if (choice == "mma") {
     if (attention_bf16_mma_supported(D)) want = AttentionBf16Kernels::kTensorCoreMma;
-  } else if ((choice == "cudnn" || choice.empty()) && attention_bf16_cudnn_supported(D)) {
+  } else if ((choice == "cudnn" || choice.empty() || choice == "wgmma") && attention_bf16_cudnn_supported(D)) {
     want = AttentionBf16Kernels::kCudnn;
   } else if (choice != "simt") {
     if (D <= kAttentionMmaDefaultMaxHead && attention_bf16_mma_supported(D))
@@ -317,15 +395,21 @@ void check_dispatch(const Shape4& s) {
       want = AttentionBf16Kernels::kTensorCoreWmma;
   }
   EXPECT_EQ(kernels, want) << "D = " << D;
-  if (kernels == AttentionBf16Kernels::kCudnn) {  // (its overwriting backward: attention_cudnn_cuda_test.cpp)
+  // KRAKEN_CUDA_ATTENTION=wgmma takes the wgmma kernels per call, before the choice above, where they
+  // take the head size both ways (the others go as that choice says).
+  const bool wgmma =
+      choice == "wgmma" && attention_bf16_wgmma_supported(D) && attention_bf16_wgmma_backward_supported(D);
+  if (kernels == AttentionBf16Kernels::kCudnn && !wgmma) {  // (its overwriting backward: attention_cudnn_cuda_test.cpp)
     std::printf("attention dispatch %s: cuDNN, checked by GpuAttentionCudnn.DispatchHonoursKrakenCudaAttention\n",
                 s.str().c_str());
     return;
   }
-  const Path path = kernels == AttentionBf16Kernels::kTensorCoreMma    ? Path::kMma
+  const Path path = wgmma                                              ? Path::kWgmma
+                    : kernels == AttentionBf16Kernels::kTensorCoreMma    ? Path::kMma
                     : kernels == AttentionBf16Kernels::kTensorCoreWmma ? Path::kTc
                                                                        : Path::kSimt;
-  const std::string what = "attention dispatch " + s.str() + " (" + attention_bf16_kernels_name(kernels) + ")";
+  const std::string what = "attention dispatch " + s.str() + " (" +
+                           (wgmma ? "wgmma" : attention_bf16_kernels_name(kernels)) + ")";
   const AttentionCase c = make_case(s, 120 + static_cast<uint64_t>(s.T));
   // The dispatch overwrites dqkv (it zeroes it for the kernels, which add): NaNs in, the gradient out,
   // as the kernel itself adds it to zeros.
@@ -380,6 +464,7 @@ void check_group_against_alone(int64_t count, int64_t B, int64_t T, int64_t C, i
 void check_group_against_alone(int64_t, int64_t, int64_t, int64_t, int64_t) {}
 void check_tc_against_simt(const Shape4&) {}
 void check_mma_against_tc(const Shape4&) {}
+void check_wgmma_against_mma(const Shape4&) {}
 void check_supported_sizes() {}
 void check_dispatch(const Shape4&) {}
 #endif
@@ -390,6 +475,13 @@ TEST(GpuAttentionTc, AgreesWithTheSimtKernels) {
   check_tc_against_simt({1, 257, 12 * 42, 12});
   check_tc_against_simt({2, 45, 2 * 128, 2});
   check_tc_against_simt({2, 130, 2 * 168, 2});  // Dp = 192: q and dO no longer held in registers
+}
+
+TEST(GpuAttentionWgmma, AgreesWithTheMmaKernels) {
+  KRAKEN_REQUIRE_CUDA_KERNELS();
+  if (!wgmma_supported(64)) GTEST_SKIP() << "wgmma needs a compute capability 9.0 device (H100, H200)";
+  check_wgmma_against_mma({2, 300, 2 * 64, 2});
+  check_wgmma_against_mma({2, 300, 2 * 168, 2});
 }
 
 TEST(GpuAttentionMma, AgreesWithTheWmmaKernels) {

@@ -1,0 +1,751 @@
+// CUDA causal attention forward on Hopper's warpgroup tensor-core instructions (wgmma.h, sm_90a only).
+//
+// Why: the Kraken 4-way preset's heads are D = 168, where cuDNN's fused attention (the default) and our
+// mma.sync kernels (attention_mma.cu) leave the H100 well under its tensor-core rate (bench/RESULTS.md:
+// cuDNN's forward ~370 TFLOP/s, its backward ~160 with the dQ product; the preset's step at 37% MFU, 60 of its
+// 184 ms in attention). mma.sync cannot feed Hopper's tensor cores fully; wgmma can. This file is the
+// first step: the forward pass on wgmma, which fixes the operand layouts and the descriptors on a GPU
+// before a backward (the larger share) is built on the same pieces.
+//
+// The arithmetic is attention_mma.cu's, so the kernel meets the same contract (kernels/attention.h): S
+// and the online softmax (log2 units) in f32; P rounded to bf16 before P·v; out = O / l̃ with l̃ the sum
+// of the rounded weights, lse (natural log) from the f32 ones; out rounded once. Products sum in the
+// tensor cores' order. Its out and lse are what any backward of the contract takes, so the dispatch pairs
+// it with the default backward (attention.cu, KRAKEN_CUDA_ATTENTION=wgmma).
+//
+// Shape of the work: a block is two warpgroups (256 threads) and 128 queries, 64 per warpgroup — the
+// wgmma M. The block's q tile stays in shared memory; k and v stream through it in tiles of 64 keys,
+// double-buffered by cp.async (all 256 threads copy tile i + 1 while tile i is multiplied). Per warpgroup
+// and tile: S (64 × 64) = q·kᵀ as Dk/16 wgmma m64n64k16 with both operands K-major in shared memory
+// (Dk = D rounded up to 16; the q and k columns D .. Dk are zeros); the mask and the softmax on S's
+// accumulators (each thread holds two rows, as in the mma kernel); P, rounded and paired, is the register
+// A operand of O (64 × D) += P·v, four wgmma m64nDk16 with v read MN-major (the transpose bit) from the
+// same tile layout. The two warpgroups share the k and v tiles, so each tile is read from global memory
+// once per 128 queries, and while one warpgroup runs its softmax the other's products keep the tensor
+// cores busy. Shared tiles use the core-matrix layout of wgmma.h (each 8 × 8 block of bf16 as 128
+// contiguous bytes); a copy puts 8 consecutive threads on the 8 rows of one core matrix, so their 16-byte
+// writes fill it without bank conflicts.
+//
+// Head sizes: D a multiple of 8 whose D is one of wgmma_instructions.inc's N (64, 128, 168, 256); qkv 16-
+// and out 4-byte aligned; a device of compute capability 9.0 (wgmma is sm_90a's). attention_bf16_wgmma_usable
+// says whether a call qualifies; the dispatch sends the others to the default kernels.
+//
+// Where this first version is expected to stop (arithmetic, not yet measured): an SM's tensor cores do
+// ~2048 bf16 multiply-adds a clock and its shared memory delivers 128 bytes. A wgmma with both operands in
+// shared memory reads 64·16 + N·16 bf16 for 64·N·16 multiply-adds: at N = 64 (q·kᵀ here) exactly the 128
+// bytes a clock the tensor cores need, at N = 32 (the dk/dv kernel's Sᵀ and dPᵀ above D = 64) 1.5 times
+// more than shared memory gives. The products with P or dS in registers read only B (N = D) and are not
+// so bound. Wider tiles (N = 128) lower the ratio where the registers allow them; the GPU's numbers decide.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "kernels/attention.h"
+#include "kernels/cuda/check.h"
+#include "kernels/cuda/fast_exp.h"
+#include "kernels/cuda/launch.h"
+#include "kernels/cuda/mma_sync.h"
+#include "kernels/cuda/scratch.h"
+#include "kernels/cuda/wgmma.h"
+#include "kernels/error.h"
+
+namespace kraken::kernels {
+namespace {
+
+using cuda_detail::exp2_ftz;
+
+constexpr int kWarpgroups = 2;
+constexpr int kThreads = 128 * kWarpgroups;
+constexpr int kQueryTile = 64 * kWarpgroups;  // queries of a block
+constexpr int kKeyTile = 64;                  // keys of a streamed tile
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr unsigned kFull = 0xffffffffu;
+
+struct Dims {
+  int T, C, NH, D;
+  int64_t ld;        // 3C: qkv's row stride
+  float scale_log2;  // log₂e/√D: scores in log2 units
+};
+
+// Shared memory of the forward for head size D (a multiple of 8): the q tile (128 × Dk), then two stages
+// of a k tile and a v tile (64 × Dk each), all in wgmma.h's core-matrix layout. D = 168: 132 KiB; 256:
+// 192 KiB; 64: 48 KiB.
+template <int D>
+struct ForwardSmem {
+  static constexpr int Dk = (D + 15) / 16 * 16;
+  static constexpr size_t key_tile = sizeof(uint16_t) * kKeyTile * Dk;
+  static constexpr size_t q = 0, kv = sizeof(uint16_t) * kQueryTile * Dk;
+  static constexpr size_t bytes = kv + 2 * 2 * key_tile;
+  static_assert(key_tile % 128 == 0 && kv % 128 == 0, "tiles stay 128-byte aligned");
+};
+
+// Two floats rounded to bf16 (nearest even), lo in the low half.
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  const __nv_bfloat162 pair = __floats2bfloat162_rn(lo, hi);
+  return static_cast<uint32_t>(__bfloat16_as_ushort(pair.x)) | static_cast<uint32_t>(__bfloat16_as_ushort(pair.y)) << 16;
+}
+__device__ __forceinline__ float low_bf16(uint32_t pair) { return __uint_as_float(pair << 16); }
+__device__ __forceinline__ float high_bf16(uint32_t pair) { return __uint_as_float(pair & 0xffff0000u); }
+
+// Rows [t0, t0 + rows) of a head's columns [0, D) (src: row t0's first column, row stride ld) into a
+// core-matrix tile of Dk columns, by cp.async in 16-byte pieces; rows at or past T are zero-filled.
+// Piece p is row 8·(p / (8·D/8)) + p % 8, columns 8·((p / 8) % (D/8)): 8 consecutive threads write the 8
+// rows of one core matrix (128 contiguous bytes).
+template <int D, int Dk>
+__device__ __forceinline__ void load_tile(unsigned char* tile, const uint16_t* src, int64_t ld, int t0, int rows,
+                                          int T) {
+  constexpr int kPacks = D / 8;
+  const int pieces = rows * kPacks;
+  for (int p = threadIdx.x; p < pieces; p += kThreads) {
+    const int r = p / (8 * kPacks) * 8 + p % 8, c = (p / 8) % kPacks * 8;
+    const bool in = t0 + r < T;
+    mma::cp_async_16(tile + wgmma::tile_offset(r, c, Dk), src + (in ? static_cast<int64_t>(r) * ld + c : 0), in);
+  }
+}
+
+// Keys [64i, 64i + 64) of a head (base: its q columns in qkv) into a stage: the k tile, then the v tile
+// tile_bytes further.
+template <int D, int Dk>
+__device__ __forceinline__ void load_key_tile(unsigned char* stage, size_t tile_bytes, const uint16_t* base, int i,
+                                              const Dims& g) {
+  const int t0 = i * kKeyTile;
+  load_tile<D, Dk>(stage, base + g.C + static_cast<int64_t>(t0) * g.ld, g.ld, t0, kKeyTile, g.T);
+  load_tile<D, Dk>(stage + tile_bytes, base + 2 * g.C + static_cast<int64_t>(t0) * g.ld, g.ld, t0, kKeyTile, g.T);
+}
+
+// The software pipeline of the three kernels over `count` streamed tiles in two stages: load(i, stage)
+// issues tile i's copies (and the copies issued before the first call land with tile 0); compute(i, stage)
+// runs once tile i is visible to every thread and to wgmma, while tile i + 1 is in flight; the barrier
+// after it keeps a stage from being loaded again while a warpgroup still reads it.
+template <typename Load, typename Compute>
+__device__ __forceinline__ void pipeline(int count, Load&& load, Compute&& compute) {
+  load(0, 0);
+  mma::cp_async_commit();
+  for (int i = 0; i < count; ++i) {
+    if (i + 1 < count) load(i + 1, (i + 1) & 1);
+    mma::cp_async_commit();
+    mma::cp_async_wait<1>();  // tile i has landed for this thread
+    wgmma::fence_shared_for_wgmma();
+    __syncthreads();  // ... and for every thread
+    compute(i, i & 1);
+    __syncthreads();
+  }
+}
+
+// ---- forward ------------------------------------------------------------------------------------------
+
+template <int D>
+__global__ void __launch_bounds__(kThreads, 1)
+    attention_forward_wgmma_kernel(uint16_t* out, float* lse, const uint16_t* qkv, Dims g) {
+  using L = ForwardSmem<D>;
+  constexpr int Dk = L::Dk;
+  KRAKEN_DYNAMIC_SHARED(unsigned char, smem);
+  const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, tq = lane % 4;
+  const int bh = blockIdx.x, b = bh / g.NH, h = bh % g.NH;
+  const int q0 = (gridDim.y - 1 - blockIdx.y) * kQueryTile;  // the longest rows first
+  const int wq = q0 + 64 * wg;                                // the warpgroup's first query
+  const int wg_last = min(wq + 64, g.T) - 1;                  // and its last (< wq when it has none)
+  const int block_last = min(q0 + kQueryTile, g.T) - 1;
+  const int row0 = wq + 16 * warp + lane / 4, row1 = row0 + 8;  // the thread's two queries
+  const uint16_t* base = qkv + static_cast<int64_t>(b) * g.T * g.ld + static_cast<int64_t>(h) * g.D;
+  unsigned char* qs = smem + L::q;
+
+  if (Dk != D) {  // the padding columns D .. Dk must read as zeros; cp.async never writes them
+    for (size_t i = threadIdx.x; i < L::bytes / 16; i += kThreads)
+      reinterpret_cast<uint4*>(smem)[i] = make_uint4(0u, 0u, 0u, 0u);
+    __syncthreads();
+  }
+  load_tile<D, Dk>(qs, base + static_cast<int64_t>(q0) * g.ld, g.ld, q0, kQueryTile, g.T);
+
+  float o[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, l_rounded[2] = {0.0f, 0.0f};
+  auto stage_k = [&](int stage) { return smem + L::kv + 2 * stage * L::key_tile; };
+  auto load = [&](int i, int stage) { load_key_tile<D, Dk>(stage_k(stage), L::key_tile, base, i, g); };
+  auto compute = [&](int i, int stage) {
+    const unsigned char* ks = stage_k(stage);
+    const unsigned char* vs = ks + L::key_tile;
+    const int k0 = i * kKeyTile;
+    // Live when some key of the tile precedes some query of the warpgroup (then key k0 ≤ wq precedes
+    // all of them). Warpgroup-uniform, as wgmma needs.
+    if (wq >= g.T || k0 > wg_last) return;
+    float s[kKeyTile / 2];
+    wgmma::fence();
+#pragma unroll
+    for (int kk = 0; kk < Dk / 16; ++kk)
+      wgmma::mma<kKeyTile, 0, 0>(s, wgmma::k_major(qs, Dk, 64 * wg, 16 * kk), wgmma::k_major(ks, Dk, 0, 16 * kk),
+                                 kk > 0);
+    wgmma::commit();
+    wgmma::wait<0>();
+    wgmma::fence_accumulators(s);
+    // s[4n + e]: row e < 2 ? row0 : row1, key k0 + 8n + 2·tq + (e & 1). Only a tile reaching past the
+    // warpgroup's first query needs the mask (keys past T come only in such tiles).
+    if (k0 + kKeyTile - 1 > wq) {
+#pragma unroll
+      for (int n = 0; n < kKeyTile / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (k0 + 8 * n + 2 * tq + (e & 1) > (e < 2 ? row0 : row1)) s[4 * n + e] = -INFINITY;
+    }
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int n = 0; n < kKeyTile / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) mx[e >> 1] = fmaxf(mx[e >> 1], s[4 * n + e]);
+    float alpha[2], neg_m[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFull, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFull, mx[r], 2));
+      // (finite: tiles and warpgroups start at multiples of 64, so a live tile's key k0 ≤ wq ≤ the row)
+      const float m_new = fmaxf(m[r], mx[r] * g.scale_log2);
+      alpha[r] = exp2_ftz(m[r] - m_new);  // 2^{−∞} = 0 on the first tile
+      m[r] = m_new;
+      neg_m[r] = -m_new;
+    }
+    uint32_t p[kKeyTile / 16][4];  // P as the A operand of each 16-key step
+    float sum[2] = {0.0f, 0.0f}, sum_rounded[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int n = 0; n < kKeyTile / 8; ++n) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float p0 = exp2_ftz(fmaf(s[4 * n + 2 * r], g.scale_log2, neg_m[r]));
+        const float p1 = exp2_ftz(fmaf(s[4 * n + 2 * r + 1], g.scale_log2, neg_m[r]));
+        const uint32_t pair = pack_bf16(p0, p1);
+        sum[r] += p0 + p1;
+        sum_rounded[r] += low_bf16(pair) + high_bf16(pair);
+        p[n / 2][2 * (n % 2) + r] = pair;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      l[r] = l[r] * alpha[r] + sum[r];
+      l_rounded[r] = l_rounded[r] * alpha[r] + sum_rounded[r];
+    }
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+      o[4 * n] *= alpha[0], o[4 * n + 1] *= alpha[0], o[4 * n + 2] *= alpha[1], o[4 * n + 3] *= alpha[1];
+    // O += P·v: v's rows are the k, its columns the n — MN-major.
+    wgmma::fence_accumulators(o);
+    wgmma::fence();
+#pragma unroll
+    for (int kk = 0; kk < kKeyTile / 16; ++kk) wgmma::mma<D, 1>(o, p[kk], wgmma::mn_major(vs, Dk, 16 * kk, 0), 1);
+    wgmma::commit();
+    wgmma::wait<0>();
+    wgmma::fence_accumulators(o);
+  };
+  pipeline(block_last / kKeyTile + 1, load, compute);  // (the q tile lands with the first k and v tile)
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(kFull, l[r], 1);
+    l[r] += __shfl_xor_sync(kFull, l[r], 2);
+    l_rounded[r] += __shfl_xor_sync(kFull, l_rounded[r], 1);
+    l_rounded[r] += __shfl_xor_sync(kFull, l_rounded[r], 2);
+  }
+  const float inv[2] = {l_rounded[0] > 0.0f ? 1.0f / l_rounded[0] : 0.0f,
+                        l_rounded[1] > 0.0f ? 1.0f / l_rounded[1] : 0.0f};
+  uint16_t* orow[2] = {out + (static_cast<int64_t>(b) * g.T + row0) * g.C + static_cast<int64_t>(h) * g.D,
+                       out + (static_cast<int64_t>(b) * g.T + row1) * g.C + static_cast<int64_t>(h) * g.D};
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if ((r == 0 ? row0 : row1) >= g.T) continue;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+      *reinterpret_cast<uint32_t*>(orow[r] + 8 * n + 2 * tq) =
+          pack_bf16(o[4 * n + 2 * r] * inv[r], o[4 * n + 2 * r + 1] * inv[r]);
+  }
+  if (tq == 0) {
+    if (row0 < g.T) lse[static_cast<int64_t>(bh) * g.T + row0] = m[0] * kLn2 + logf(l[0]);
+    if (row1 < g.T) lse[static_cast<int64_t>(bh) * g.T + row1] = m[1] * kLn2 + logf(l[1]);
+  }
+}
+
+// ---- backward -----------------------------------------------------------------------------------------
+//
+// Two kernels, as attention_mma.cu's, so that every gradient element is one thread's sum in a fixed order
+// (deterministic, no atomics), at the price of recomputing S and dP in both: 7 products where an atomic
+// dQ needs 5. (The atomic form keeps dQ's accumulators beside dK's and dV's; at D = 168 those two alone
+// are 168 registers a thread.)
+//   dk/dv: a block owns 128 keys, 64 per warpgroup, dK and dV in registers; it streams the queries from
+//     its first key on in tiles of kQ (64, or 32 above D = 64 to leave the registers for dK and dV):
+//     Sᵀ = k·qᵀ and dPᵀ = v·dOᵀ (both operands K-major), Pᵀ = 2^{Sᵀ·scale·log₂e − lse·log₂e} (0 above
+//     the diagonal and for queries past T), dSᵀ = Pᵀ∘(dPᵀ − Dᵢ); dV += Pᵀ·dO and dK += dSᵀ·q with Pᵀ and
+//     dSᵀ, rounded to bf16, as register A operands and dO, q read MN-major.
+//   dq: a block owns 128 queries, 64 per warpgroup, and streams keys up to its last query in tiles of 64:
+//     S = q·kᵀ, dP = dO·vᵀ, P and dS as above (the row's lse and Dᵢ in registers), dQ += dS·k.
+// Dᵢ = Σ_d dO[i, d]·O[i, d] comes first, from a small kernel, into a scratch buffer laid out as lse.
+// Scale 1/√D is applied to dK and dQ once at the end; the gradients are added to dqkv (bf16) in f32 and
+// rounded once.
+
+// Dᵢ for every (b·NH + h, t): one warp per (row, head), D/8 packs of 8 over its lanes.
+__global__ void __launch_bounds__(256) attention_delta_wgmma_kernel(float* delta, const uint16_t* dout,
+                                                                   const uint16_t* out, int64_t rows, Dims g) {
+  const int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;  // row · NH + h
+  if (i >= rows * g.NH) return;  // (warp-uniform)
+  const int64_t row = i / g.NH;
+  const int h = static_cast<int>(i % g.NH), lane = threadIdx.x % 32;
+  const int64_t at = row * g.C + static_cast<int64_t>(h) * g.D;
+  float acc = 0.0f;
+  for (int c = 8 * lane; c < g.D; c += 8 * 32) {
+    const uint4 x = *reinterpret_cast<const uint4*>(dout + at + c), y = *reinterpret_cast<const uint4*>(out + at + c);
+    const uint32_t xs[4] = {x.x, x.y, x.z, x.w}, ys[4] = {y.x, y.y, y.z, y.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) acc += low_bf16(xs[k]) * low_bf16(ys[k]) + high_bf16(xs[k]) * high_bf16(ys[k]);
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) acc += __shfl_xor_sync(kFull, acc, offset);
+  const int64_t b = row / g.T, t = row - b * g.T;
+  if (lane == 0) delta[(b * g.NH + h) * g.T + t] = acc;
+}
+
+// The query tile of the dk/dv kernel: 64 queries, or 32 where dK and dV take most of the registers (ptxas
+// for sm_90a at 64 queries: D = 128 at the 255-register cap with 16 bytes spilled; at 32, D = 168 uses 255).
+template <int D>
+constexpr int kv_query_tile() {
+  return D <= 64 ? 64 : 32;
+}
+
+// Shared memory of the backward kernels (core-matrix tiles of Dk columns). dk/dv: its k and v (128 rows
+// each), then two stages of a q and a dO tile (kQ rows) and kQ lse·log₂e and Dᵢ. dq: its q and dO (128
+// rows), then two stages of a k and a v tile (64 rows). D = 168: 132.5 and 176 KiB; 128: 96.5 and 128;
+// 64: 65 and 64.
+template <int D>
+struct BackwardSmem {
+  static constexpr int Dk = (D + 15) / 16 * 16, kQ = kv_query_tile<D>();
+  static constexpr size_t own = sizeof(uint16_t) * kQueryTile * Dk;  // 128 rows
+  // dk/dv
+  static constexpr size_t query_tile = sizeof(uint16_t) * kQ * Dk;
+  static constexpr size_t kv_stream = 2 * own, kv_rows = kv_stream + 2 * 2 * query_tile;
+  static constexpr size_t kv_bytes = kv_rows + 2 * 2 * sizeof(float) * kQ;
+  // dq
+  static constexpr size_t key_tile = sizeof(uint16_t) * kKeyTile * Dk;
+  static constexpr size_t q_stream = 2 * own, q_bytes = q_stream + 2 * 2 * key_tile;
+  static_assert(own % 128 == 0 && query_tile % 128 == 0 && key_tile % 128 == 0, "tiles stay 128-byte aligned");
+};
+
+// Adds f·acc (the thread's accumulators of a 64 × D block, rows r0 and r0 + 8 of the warp's 16) to the
+// bf16 row segments dst[r] (columns 0 .. D) of rows that exist, rounding once.
+template <int D>
+__device__ __forceinline__ void add_rows(uint16_t* const (&dst)[2], const bool (&live)[2], const float (&acc)[D / 2],
+                                         float f) {
+  const int tq = threadIdx.x % 4;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (!live[r]) continue;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      uint32_t* p = reinterpret_cast<uint32_t*>(dst[r] + 8 * n + 2 * tq);
+      const uint32_t old = *p;
+      *p = pack_bf16(low_bf16(old) + f * acc[4 * n + 2 * r], high_bf16(old) + f * acc[4 * n + 2 * r + 1]);
+    }
+  }
+}
+
+template <int D>
+__global__ void __launch_bounds__(kThreads, 1)
+    attention_backward_kv_wgmma_kernel(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const float* lse,
+                                       const float* delta, Dims g, float scale) {
+  using L = BackwardSmem<D>;
+  constexpr int Dk = L::Dk, kQ = L::kQ;
+  KRAKEN_DYNAMIC_SHARED(unsigned char, smem);
+  const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, tq = lane % 4;
+  const int bh = blockIdx.x, b = bh / g.NH, h = bh % g.NH;
+  const int k0 = blockIdx.y * kQueryTile;  // the block's first key (the longest columns come first)
+  const int kw = k0 + 64 * wg;             // the warpgroup's first key
+  const int key0 = kw + 16 * warp + lane / 4, key1 = key0 + 8;  // the thread's two keys
+  const uint16_t* base = qkv + static_cast<int64_t>(b) * g.T * g.ld + static_cast<int64_t>(h) * g.D;
+  const uint16_t* dbase = dout + static_cast<int64_t>(b) * g.T * g.C + static_cast<int64_t>(h) * g.D;
+  const float* lse_bh = lse + static_cast<int64_t>(bh) * g.T;
+  const float* delta_bh = delta + static_cast<int64_t>(bh) * g.T;
+  unsigned char* ks = smem;
+  unsigned char* vs = smem + L::own;
+
+  if (Dk != D) {  // the padding columns D .. Dk read as zeros
+    for (size_t i = threadIdx.x; i < L::kv_rows / 16; i += kThreads)
+      reinterpret_cast<uint4*>(smem)[i] = make_uint4(0u, 0u, 0u, 0u);
+    __syncthreads();
+  }
+  load_tile<D, Dk>(ks, base + g.C + static_cast<int64_t>(k0) * g.ld, g.ld, k0, kQueryTile, g.T);
+  load_tile<D, Dk>(vs, base + 2 * g.C + static_cast<int64_t>(k0) * g.ld, g.ld, k0, kQueryTile, g.T);
+
+  float dk[D / 2], dv[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) dk[i] = 0.0f, dv[i] = 0.0f;
+  auto stage_q = [&](int stage) { return smem + L::kv_stream + 2 * stage * L::query_tile; };
+  auto stage_rows = [&](int stage) { return reinterpret_cast<float*>(smem + L::kv_rows) + 2 * stage * kQ; };
+  const int first = k0 / kQ, tiles = (g.T + kQ - 1) / kQ - first;  // query tiles from the block's first key on
+  auto load = [&](int i, int stage) {
+    const int q0 = (first + i) * kQ;
+    unsigned char* qs = stage_q(stage);
+    load_tile<D, Dk>(qs, base + static_cast<int64_t>(q0) * g.ld, g.ld, q0, kQ, g.T);
+    load_tile<D, Dk>(qs + L::query_tile, dbase + static_cast<int64_t>(q0) * g.C, g.C, q0, kQ, g.T);
+    float* rows = stage_rows(stage);  // lse·log₂e (+∞ past T: P = 0 there) and Dᵢ, plain loads
+    for (int j = threadIdx.x; j < kQ; j += kThreads) {
+      const bool in = q0 + j < g.T;
+      rows[j] = in ? lse_bh[q0 + j] * kLog2e : INFINITY;
+      rows[kQ + j] = in ? delta_bh[q0 + j] : 0.0f;
+    }
+  };
+  auto compute = [&](int i, int stage) {
+    const int q0 = (first + i) * kQ;
+    // Live when some query of the tile is at or after some key of the warpgroup (and the warpgroup has keys).
+    if (kw >= g.T || q0 + kQ - 1 < kw) return;
+    const unsigned char* qs = stage_q(stage);
+    const unsigned char* dos = qs + L::query_tile;
+    const float* rows = stage_rows(stage);
+    // Sᵀ and dPᵀ: element 4n + e is key e < 2 ? key0 : key1, query q0 + 8n + 2·tq + (e & 1).
+    float st[kQ / 2], dpt[kQ / 2];
+    wgmma::fence();
+#pragma unroll
+    for (int kk = 0; kk < Dk / 16; ++kk)
+      wgmma::mma<kQ, 0, 0>(st, wgmma::k_major(ks, Dk, 64 * wg, 16 * kk), wgmma::k_major(qs, Dk, 0, 16 * kk), kk > 0);
+#pragma unroll
+    for (int kk = 0; kk < Dk / 16; ++kk)
+      wgmma::mma<kQ, 0, 0>(dpt, wgmma::k_major(vs, Dk, 64 * wg, 16 * kk), wgmma::k_major(dos, Dk, 0, 16 * kk),
+                           kk > 0);
+    wgmma::commit();
+    wgmma::wait<0>();
+    wgmma::fence_accumulators(st);
+    wgmma::fence_accumulators(dpt);
+    const bool diagonal = q0 < kw + 63;  // some query of the tile precedes some key of the warpgroup
+    uint32_t pt[kQ / 16][4], dst[kQ / 16][4];  // Pᵀ and dSᵀ as A operands, 16 queries a step
+#pragma unroll
+    for (int n = 0; n < kQ / 8; ++n) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float p[2], ds[2];
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int j = 8 * n + 2 * tq + c;  // the query's column in the tile
+          p[c] = exp2_ftz(fmaf(st[4 * n + 2 * r + c], g.scale_log2, -rows[j]));
+          if (diagonal && q0 + j < (r == 0 ? key0 : key1)) p[c] = 0.0f;
+          ds[c] = p[c] * (dpt[4 * n + 2 * r + c] - rows[kQ + j]);
+        }
+        pt[n / 2][2 * (n % 2) + r] = pack_bf16(p[0], p[1]);
+        dst[n / 2][2 * (n % 2) + r] = pack_bf16(ds[0], ds[1]);
+      }
+    }
+    wgmma::fence_accumulators(dv);
+    wgmma::fence_accumulators(dk);
+    wgmma::fence();
+#pragma unroll
+    for (int j = 0; j < kQ / 16; ++j) wgmma::mma<D, 1>(dv, pt[j], wgmma::mn_major(dos, Dk, 16 * j, 0), 1);
+#pragma unroll
+    for (int j = 0; j < kQ / 16; ++j) wgmma::mma<D, 1>(dk, dst[j], wgmma::mn_major(qs, Dk, 16 * j, 0), 1);
+    wgmma::commit();
+    wgmma::wait<0>();
+    wgmma::fence_accumulators(dv);
+    wgmma::fence_accumulators(dk);
+  };
+  pipeline(tiles, load, compute);  // (tiles ≥ 1: the block's first key is below T; k and v land with tile 0)
+
+  uint16_t* krow = dqkv + static_cast<int64_t>(b) * g.T * g.ld + g.C + static_cast<int64_t>(h) * g.D;
+  uint16_t* const kdst[2] = {krow + static_cast<int64_t>(key0) * g.ld, krow + static_cast<int64_t>(key1) * g.ld};
+  uint16_t* const vdst[2] = {kdst[0] + g.C, kdst[1] + g.C};
+  const bool live[2] = {key0 < g.T, key1 < g.T};
+  add_rows<D>(kdst, live, dk, scale);
+  add_rows<D>(vdst, live, dv, 1.0f);
+}
+
+template <int D>
+__global__ void __launch_bounds__(kThreads, 1)
+    attention_backward_q_wgmma_kernel(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const float* lse,
+                                      const float* delta, Dims g, float scale) {
+  using L = BackwardSmem<D>;
+  constexpr int Dk = L::Dk;
+  KRAKEN_DYNAMIC_SHARED(unsigned char, smem);
+  const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, tq = lane % 4;
+  const int bh = blockIdx.x, b = bh / g.NH, h = bh % g.NH;
+  const int q0 = (gridDim.y - 1 - blockIdx.y) * kQueryTile;  // the longest rows first
+  const int wq = q0 + 64 * wg;
+  const int wg_last = min(wq + 64, g.T) - 1;
+  const int block_last = min(q0 + kQueryTile, g.T) - 1;
+  const int row0 = wq + 16 * warp + lane / 4, row1 = row0 + 8;
+  const uint16_t* base = qkv + static_cast<int64_t>(b) * g.T * g.ld + static_cast<int64_t>(h) * g.D;
+  const uint16_t* dbase = dout + static_cast<int64_t>(b) * g.T * g.C + static_cast<int64_t>(h) * g.D;
+  unsigned char* qs = smem;
+  unsigned char* dos = smem + L::own;
+
+  if (Dk != D) {
+    for (size_t i = threadIdx.x; i < L::q_bytes / 16; i += kThreads)
+      reinterpret_cast<uint4*>(smem)[i] = make_uint4(0u, 0u, 0u, 0u);
+    __syncthreads();
+  }
+  load_tile<D, Dk>(qs, base + static_cast<int64_t>(q0) * g.ld, g.ld, q0, kQueryTile, g.T);
+  load_tile<D, Dk>(dos, dbase + static_cast<int64_t>(q0) * g.C, g.C, q0, kQueryTile, g.T);
+  // The rows' lse·log₂e and Dᵢ (rows past T: never stored; any finite value).
+  float lse2[2], di[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = r == 0 ? row0 : row1;
+    const bool in = row < g.T;
+    lse2[r] = in ? lse[static_cast<int64_t>(bh) * g.T + row] * kLog2e : 0.0f;
+    di[r] = in ? delta[static_cast<int64_t>(bh) * g.T + row] : 0.0f;
+  }
+
+  float dq[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) dq[i] = 0.0f;
+  auto stage_k = [&](int stage) { return smem + L::q_stream + 2 * stage * L::key_tile; };
+  auto load = [&](int i, int stage) { load_key_tile<D, Dk>(stage_k(stage), L::key_tile, base, i, g); };
+  auto compute = [&](int i, int stage) {
+    const unsigned char* ks = stage_k(stage);
+    const unsigned char* vs = ks + L::key_tile;
+    const int k0 = i * kKeyTile;
+    if (wq >= g.T || k0 > wg_last) return;  // (as in the forward)
+    float s[kKeyTile / 2], dp[kKeyTile / 2];
+    wgmma::fence();
+#pragma unroll
+    for (int kk = 0; kk < Dk / 16; ++kk)
+      wgmma::mma<kKeyTile, 0, 0>(s, wgmma::k_major(qs, Dk, 64 * wg, 16 * kk), wgmma::k_major(ks, Dk, 0, 16 * kk),
+                                 kk > 0);
+#pragma unroll
+    for (int kk = 0; kk < Dk / 16; ++kk)
+      wgmma::mma<kKeyTile, 0, 0>(dp, wgmma::k_major(dos, Dk, 64 * wg, 16 * kk), wgmma::k_major(vs, Dk, 0, 16 * kk),
+                                 kk > 0);
+    wgmma::commit();
+    wgmma::wait<0>();
+    wgmma::fence_accumulators(s);
+    wgmma::fence_accumulators(dp);
+    const bool diagonal = k0 + kKeyTile - 1 > wq;
+    uint32_t ds[kKeyTile / 16][4];
+#pragma unroll
+    for (int n = 0; n < kKeyTile / 8; ++n) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float v[2];
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          float p = exp2_ftz(fmaf(s[4 * n + 2 * r + c], g.scale_log2, -lse2[r]));
+          if (diagonal && k0 + 8 * n + 2 * tq + c > (r == 0 ? row0 : row1)) p = 0.0f;
+          v[c] = p * (dp[4 * n + 2 * r + c] - di[r]);
+        }
+        ds[n / 2][2 * (n % 2) + r] = pack_bf16(v[0], v[1]);
+      }
+    }
+    wgmma::fence_accumulators(dq);
+    wgmma::fence();
+#pragma unroll
+    for (int j = 0; j < kKeyTile / 16; ++j) wgmma::mma<D, 1>(dq, ds[j], wgmma::mn_major(ks, Dk, 16 * j, 0), 1);
+    wgmma::commit();
+    wgmma::wait<0>();
+    wgmma::fence_accumulators(dq);
+  };
+  pipeline(block_last / kKeyTile + 1, load, compute);  // (q and dO land with the first k and v tile)
+
+  uint16_t* qrow = dqkv + static_cast<int64_t>(b) * g.T * g.ld + static_cast<int64_t>(h) * g.D;
+  uint16_t* const qdst[2] = {qrow + static_cast<int64_t>(row0) * g.ld, qrow + static_cast<int64_t>(row1) * g.ld};
+  const bool live[2] = {row0 < g.T, row1 < g.T};
+  add_rows<D>(qdst, live, dq, scale);
+}
+
+// ---- the layout probe ---------------------------------------------------------------------------------
+
+// d (64 × 64, f32, row-major) = A (64 × 32) · B (32 × 64), both bf16 row-major in global memory, as two
+// k-steps of wgmma m64n64k16 on one warpgroup. `way`: 0 A and B K-major in shared memory (B stored as
+// its transpose's rows); 1 both MN-major (A stored as its transpose's rows, B as is); 2 A from registers
+// (the PTX layout written out), B MN-major. What the attention kernels assume of wgmma, in one place a
+// test can compare with the host's product.
+__global__ void __launch_bounds__(128) wgmma_layout_probe_kernel(float* d, const uint16_t* a, const uint16_t* b,
+                                                                 int way) {
+  KRAKEN_DYNAMIC_SHARED(unsigned char, smem);
+  unsigned char* as = smem;               // core-matrix tile: 64 × 32 (way 0) or 32 × 64 (way 1)
+  unsigned char* bs = smem + 64 * 32 * 2;  // 64 × 32 (way 0: Bᵀ) or 32 × 64 (ways 1, 2: B)
+  const uint16_t* a16 = a;
+  for (int i = threadIdx.x; i < 64 * 32; i += 128) {
+    const int r = i / 32, k = i % 32;  // A[r][k]
+    const int kb = i / 64, nb = i % 64;  // B[kb][nb]
+    const int at_a = way == 0 ? wgmma::tile_offset(r, k, 32) : wgmma::tile_offset(k, r, 64);
+    const int at_b = way == 0 ? wgmma::tile_offset(nb, kb, 32) : wgmma::tile_offset(kb, nb, 64);
+    *reinterpret_cast<uint16_t*>(as + at_a) = a16[i];
+    *reinterpret_cast<uint16_t*>(bs + at_b) = b[i];
+  }
+  wgmma::fence_shared_for_wgmma();
+  __syncthreads();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  auto pair = [&](int r, int c) {  // A[r][c, c + 1]
+    return static_cast<uint32_t>(a16[r * 32 + c]) | static_cast<uint32_t>(a16[r * 32 + c + 1]) << 16;
+  };
+  uint32_t ra[2][4];
+#pragma unroll
+  for (int kk = 0; kk < 2; ++kk) {
+    const int r = 16 * warp + g, c = 16 * kk + 2 * t;
+    ra[kk][0] = pair(r, c), ra[kk][1] = pair(r + 8, c), ra[kk][2] = pair(r, c + 8), ra[kk][3] = pair(r + 8, c + 8);
+  }
+  float acc[32];
+  wgmma::fence();
+  if (way == 0) {
+#pragma unroll
+    for (int kk = 0; kk < 2; ++kk)
+      wgmma::mma<64, 0, 0>(acc, wgmma::k_major(as, 32, 0, 16 * kk), wgmma::k_major(bs, 32, 0, 16 * kk), kk > 0);
+  } else if (way == 1) {
+#pragma unroll
+    for (int kk = 0; kk < 2; ++kk)
+      wgmma::mma<64, 1, 1>(acc, wgmma::mn_major(as, 64, 16 * kk, 0), wgmma::mn_major(bs, 64, 16 * kk, 0), kk > 0);
+  } else {
+#pragma unroll
+    for (int kk = 0; kk < 2; ++kk) wgmma::mma<64, 1>(acc, ra[kk], wgmma::mn_major(bs, 64, 16 * kk, 0), kk > 0);
+  }
+  wgmma::commit();
+  wgmma::wait<0>();
+  wgmma::fence_accumulators(acc);
+  for (int j = 0; j < 8; ++j)
+    for (int e = 0; e < 4; ++e) d[(16 * warp + g + 8 * (e / 2)) * 64 + 8 * j + 2 * t + e % 2] = acc[4 * j + e];
+}
+
+// ==== host code ========================================================================================
+
+bool device_has_wgmma() {
+  int device = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess)
+    return false;
+  return major == 9 && minor == 0;  // sm_90a code runs on compute capability 9.0 only
+}
+
+// Calls f(std::integral_constant<int, D>()) for the head sizes with kernels; false for the others.
+template <typename F>
+bool with_head(int64_t D, F&& f) {
+  switch (D) {
+    case 64: f(std::integral_constant<int, 64>()); return true;
+    case 128: f(std::integral_constant<int, 128>()); return true;
+    case 168: f(std::integral_constant<int, 168>()); return true;
+    case 256: f(std::integral_constant<int, 256>()); return true;
+    default: return false;
+  }
+}
+
+template <int D>
+void forward_wgmma(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T, const Dims& g,
+                   cudaStream_t stream) {
+  const size_t smem = ForwardSmem<D>::bytes;
+  KRAKEN_CUDA_CHECK(cudaFuncSetAttribute(attention_forward_wgmma_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem)));
+  const dim3 grid(static_cast<unsigned>(B * g.NH), static_cast<unsigned>((T + kQueryTile - 1) / kQueryTile));
+  KRAKEN_KERNEL(grid, kThreads, smem, stream, attention_forward_wgmma_kernel<D>)(out, lse, qkv, g);
+  KRAKEN_CUDA_LAUNCH_CHECK();
+}
+
+template <int D>
+void backward_wgmma(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out, const float* lse,
+                    int64_t B, int64_t T, const Dims& g, cudaStream_t stream) {
+  using L = BackwardSmem<D>;
+  float* delta = static_cast<float*>(
+      cuda_detail::device_scratch(cuda_detail::ScratchSlot::kAttentionDelta, sizeof(float) * B * g.NH * T));
+  const int64_t warps = B * T * g.NH, blocks = (warps * 32 + 255) / 256;
+  KRAKEN_CHECK(blocks <= 0x7fffffffLL, "B·T·NH = ", warps);
+  KRAKEN_KERNEL(dim3(static_cast<unsigned>(blocks)), 256, 0, stream, attention_delta_wgmma_kernel)(delta, dout, out,
+                                                                                                   B * T, g);
+  KRAKEN_CUDA_LAUNCH_CHECK();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(g.D));
+  const dim3 grid(static_cast<unsigned>(B * g.NH), static_cast<unsigned>((T + kQueryTile - 1) / kQueryTile));
+  KRAKEN_CUDA_CHECK(cudaFuncSetAttribute(attention_backward_kv_wgmma_kernel<D>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(L::kv_bytes)));
+  KRAKEN_KERNEL(grid, kThreads, L::kv_bytes, stream, attention_backward_kv_wgmma_kernel<D>)(dqkv, dout, qkv, lse,
+                                                                                             delta, g, scale);
+  KRAKEN_CUDA_LAUNCH_CHECK();
+  KRAKEN_CUDA_CHECK(cudaFuncSetAttribute(attention_backward_q_wgmma_kernel<D>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(L::q_bytes)));
+  KRAKEN_KERNEL(grid, kThreads, L::q_bytes, stream, attention_backward_q_wgmma_kernel<D>)(dqkv, dout, qkv, lse, delta,
+                                                                                           g, scale);
+  KRAKEN_CUDA_LAUNCH_CHECK();
+}
+
+// Calls f(std::integral_constant<int, D>()) for the head sizes with a backward (D = 256's dK and dV alone
+// would be 256 registers a thread); false for the others.
+template <typename F>
+bool with_backward_head(int64_t D, F&& f) {
+  switch (D) {
+    case 64: f(std::integral_constant<int, 64>()); return true;
+    case 128: f(std::integral_constant<int, 128>()); return true;
+    case 168: f(std::integral_constant<int, 168>()); return true;
+    default: return false;
+  }
+}
+
+int max_shared_per_block() {
+  int device = 0, most = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess)
+    return 0;
+  return most;
+}
+
+Dims make_dims(int64_t T, int64_t C, int64_t NH) {
+  return Dims{static_cast<int>(T), static_cast<int>(C), static_cast<int>(NH), static_cast<int>(C / NH), 3 * C,
+              kLog2e / std::sqrt(static_cast<float>(C / NH))};
+}
+
+}  // namespace
+
+bool attention_bf16_wgmma_backward_supported(int64_t D) {
+  static const bool has = device_has_wgmma();
+  size_t smem = 0;
+  if (!has || !with_backward_head(D, [&](auto d) {
+        using L = BackwardSmem<decltype(d)::value>;
+        smem = std::max(L::kv_bytes, L::q_bytes);
+      }))
+    return false;
+  return smem <= static_cast<size_t>(max_shared_per_block());
+}
+
+bool attention_bf16_wgmma_backward_usable(const uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv,
+                                          const uint16_t* out, int64_t C, int64_t NH) {
+  if (NH <= 0 || C % NH != 0 || !attention_bf16_wgmma_backward_supported(C / NH)) return false;
+  for (const uint16_t* p : {dqkv, dout, qkv, out})
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  return true;
+}
+
+void attention_backward_bf16_wgmma_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv,
+                                        const uint16_t* out, const float* lse, int64_t B, int64_t T, int64_t C,
+                                        int64_t NH, CUstream_st* stream) {
+  KRAKEN_CHECK(attention_bf16_wgmma_backward_usable(dqkv, dout, qkv, out, C, NH), "wgmma attention backward: C=", C,
+               " NH=", NH, " needs a head size of 64, 128 or 168, a compute capability 9.0 device and 16-byte "
+               "aligned buffers");
+  if (B == 0 || T == 0) return;
+  KRAKEN_CHECK(B * NH <= 0x7fffffffLL && T <= 0x7fffffffLL, "B·NH = ", B * NH, ", T = ", T, ": too large a grid");
+  const Dims g = make_dims(T, C, NH);
+  with_backward_head(g.D, [&](auto d) {
+    backward_wgmma<decltype(d)::value>(dqkv, dout, qkv, out, lse, B, T, g, stream);
+  });
+}
+
+bool attention_bf16_wgmma_supported(int64_t D) {
+  static const bool has = device_has_wgmma();
+  size_t smem = 0;
+  if (!has || !with_head(D, [&](auto d) { smem = ForwardSmem<decltype(d)::value>::bytes; })) return false;
+  return smem <= static_cast<size_t>(max_shared_per_block());
+}
+
+bool attention_bf16_wgmma_usable(const uint16_t* out, const uint16_t* qkv, int64_t C, int64_t NH) {
+  if (NH <= 0 || C % NH != 0 || !attention_bf16_wgmma_supported(C / NH)) return false;
+  return reinterpret_cast<uintptr_t>(qkv) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 4 == 0;
+}
+
+void attention_forward_bf16_wgmma_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T,
+                                       int64_t C, int64_t NH, CUstream_st* stream) {
+  KRAKEN_CHECK(attention_bf16_wgmma_usable(out, qkv, C, NH), "wgmma attention: C=", C, " NH=", NH,
+               " needs a head size of 64, 128, 168 or 256, a compute capability 9.0 device, qkv 16- and out 4-byte "
+               "aligned");
+  if (B == 0 || T == 0) return;
+  KRAKEN_CHECK(B * NH <= 0x7fffffffLL && T <= 0x7fffffffLL, "B·NH = ", B * NH, ", T = ", T, ": too large a grid");
+  const Dims g = make_dims(T, C, NH);
+  with_head(g.D, [&](auto d) { forward_wgmma<decltype(d)::value>(out, lse, qkv, B, T, g, stream); });
+}
+
+void wgmma_layout_probe_cuda(float* d, const uint16_t* a, const uint16_t* b, int way, CUstream_st* stream) {
+  KRAKEN_CHECK(way >= 0 && way <= 2, "wgmma layout probe: way ", way, " (0, 1 or 2)");
+  KRAKEN_CHECK(device_has_wgmma(), "wgmma layout probe: needs a compute capability 9.0 device");
+  KRAKEN_KERNEL(1, 128, 2 * 64 * 32 * 2, stream, wgmma_layout_probe_kernel)(d, a, b, way);
+  KRAKEN_CUDA_LAUNCH_CHECK();
+}
+
+}  // namespace kraken::kernels
