@@ -11,8 +11,9 @@
 #   3. the GPU tests: ctest -L gpu (tests/gpu), each result and every measured GPU-vs-CPU difference;
 #      then the attention tests once more with KRAKEN_CUDNN_ATTENTION_BACKWARD=atomic (cuDNN's f32 atomic
 #      dQ), KRAKEN_CUDA_ATTENTION=mma (the grouped mma launch, the dispatch without cuDNN), =cudnn (cuDNN
-#      for every shape it takes) and =wgmma (the Hopper forward), the product tests with KRAKEN_CUBLASLT_TUNE=8, the bias gradients with
-#      KRAKEN_CUDA_COLUMN_CHUNKS=long, the models with KRAKEN_PROJECTION_BIASES=products;
+#      for every shape it takes) and =wgmma (the Hopper kernels), the product tests with
+#      KRAKEN_CUBLASLT_TUNE=8, the bias gradients with KRAKEN_CUDA_COLUMN_CHUNKS=long, the models with
+#      KRAKEN_PROJECTION_BIASES=products;
 #   4. the GPU benchmark (bench/gpu_train_bench.cpp): tokens/s, MFU, kernel bandwidth, the backward ops
 #      that keep the host (KRAKEN_AUTOGRAD_SLOW_NODE_MS), the SM clock and power meanwhile
 #      (tools/gpu-clocks.sh); then its bf16 training rows again with one
@@ -237,6 +238,12 @@ test_variant() {
   md_tail "$logs/gpu-tests-$name-summary.log" 30
   [[ $rc -eq 0 ]] || fail "GPU tests with $setting (exit status $rc)"
 }
+# The wgmma attention kernels (kernels/cuda/attention_wgmma.cu, twentieth session, never run): their own tests,
+# the dispatch, the attention op in mixed precision at D = 64 and 168 against the CPU, the models and the
+# allocator's degree-4 model (D = 128) and the trainer with them.
+test_variant wgmma KRAKEN_CUDA_ATTENTION=wgmma 120 \
+  'GpuAttentionWgmma.*:GpuAttentionTc.DispatchTakesOnePathForForwardAndBackward:GpuMixedPrecision.*:GpuModel.*:GpuAllocator.*:GpuTrainer.MixedPrecision*' \
+  "the wgmma kernels: their tests, the dispatch, the attention op at D = 64 and 168, the models, the trainer"
 # cuDNN's backward with dQ summed in f32 with atomics (KRAKEN_CUDNN_ATTENTION_BACKWARD=atomic; built in the
 # eleventh session, never run): whether cuDNN plans that graph, its results against the CPU and mma, and the
 # mixed-precision models and trainer on it (cuDNN for every shape, small ones included).
@@ -261,11 +268,6 @@ test_variant mma KRAKEN_CUDA_ATTENTION=mma 90 \
 test_variant cudnn KRAKEN_CUDA_ATTENTION=cudnn 120 \
   'GpuAttentionCudnn.*:GpuAttentionTc.DispatchTakesOnePathForForwardAndBackward:GpuAttentionMma.GroupIsEachInputsOwnAttention:GpuModel.*:GpuTrainer.MixedPrecision*' \
   "GpuAttentionCudnn.*, the dispatch, the group, the models"
-# The wgmma attention forward (kernels/cuda/attention_wgmma.cu, twentieth session, never run) with the default
-# backward on its out and lse: the kernel's own tests, the dispatch, the models and the trainer on it.
-test_variant wgmma KRAKEN_CUDA_ATTENTION=wgmma 120 \
-  'GpuAttentionWgmma.*:GpuAttentionTc.DispatchTakesOnePathForForwardAndBackward:GpuModel.*:GpuTrainer.MixedPrecision*' \
-  "the wgmma forward: its tests, the dispatch, the models, the mixed-precision trainer"
 # Every product on the fastest of cuBLASLt's algorithms by timing (KRAKEN_CUBLASLT_TUNE, a measurement
 # mode): the products still right on whichever algorithm wins.
 test_variant tune KRAKEN_CUBLASLT_TUNE=8 90 'GpuMatmulBf16.*:GpuMlp.*:GpuGroupedLinear.*:GpuLinear.*' \
@@ -322,9 +324,9 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
     if [[ -f "$logs/bench-$name.md" ]]; then grep -E '^\|' "$logs/bench-$name.md" >> "$report"; else md_tail "$logs/bench-$name.log" 20; fi
     [[ $rc -eq 0 ]] || fail "benchmark with ${setting:-the defaults}, $what (exit status $rc)"
   }
-  # The wgmma attention forward (twentieth session, never run) in the training step, the backward cuDNN's as
-  # by default: first, the newest question.
-  bench_variant wgmma KRAKEN_CUDA_ATTENTION=wgmma 150 90 "the wgmma attention forward" --training-only --batch 8,64
+  # The wgmma attention kernels (twentieth session, never run) in the training step: first, the newest
+  # question.
+  bench_variant wgmma KRAKEN_CUDA_ATTENTION=wgmma 150 90 "the wgmma attention kernels" --training-only --batch 8,64
   # GPT-2's step on token ids as text has them (KRAKEN_BENCH_IDS=text: Zipf's law; uniform ids, the
   # default rows, never give the embedding backward a frequent row — text gives it thousands of positions
   # a step on " the": the sixteenth session's sliced sums, bench/RESULTS.md).

@@ -120,6 +120,15 @@ TEST(GpuMixedPrecision, LayerNormAttentionAndCrossEntropyMatchTheCpuReference) {
     expect_matches_cpu([](const auto& v) { return ops::attention(v[0], 4); }, {bf16_leaf({2, T, 3 * 128}, 35 + T)},
                        kAttentionOut, kAttentionGrad, "attention T = " + std::to_string(T));
   }
+  // GPT-2's heads (D = 64) and the Kraken 4-way preset's (D = 168): the head sizes every attention family
+  // takes, the wgmma kernels included (gpu-check runs this test under KRAKEN_CUDA_ATTENTION=wgmma too).
+  for (int64_t D : {64, 168}) {
+    for (int64_t T : {65, 200}) {
+      expect_matches_cpu([](const auto& v) { return ops::attention(v[0], 2); }, {bf16_leaf({2, T, 3 * 2 * D}, 60 + T)},
+                         kAttentionOut, kAttentionGrad,
+                         "attention D = " + std::to_string(D) + " T = " + std::to_string(T));
+    }
+  }
   runtime::Generator gen(40, 0);
   std::vector<int32_t> targets;
   for (int i = 0; i < 2 * 50; ++i) targets.push_back(i % 17 == 3 ? -1 : static_cast<int32_t>(gen.next_below(1000)));
