@@ -60,7 +60,7 @@ using cuda_detail::exp2_ftz;
 constexpr int kWarpgroups = 2;
 constexpr int kThreads = 128 * kWarpgroups;
 constexpr int kQueryTile = 64 * kWarpgroups;  // queries of a block
-constexpr int kKeyTile = 64;                  // keys of a streamed tile
+constexpr int kKeyTile = 64;                  // keys of a streamed tile (dq's; the forward's above D = 64)
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr unsigned kFull = 0xffffffffu;
@@ -72,12 +72,16 @@ struct Dims {
 };
 
 // Shared memory of the forward for head size D (a multiple of 8): the q tile (128 × Dk), then two stages
-// of a k tile and a v tile (64 × Dk each), all in wgmma.h's core-matrix layout. D = 168: 132 KiB; 256:
-// 192 KiB; 64: 48 KiB.
+// of a k tile and a v tile (`keys` × Dk each), all in wgmma.h's core-matrix layout. At D = 64 (GPT-2's)
+// the tiles are 128 keys: q·kᵀ is then m64n128k16, which reads 3 bytes of shared memory per 64
+// multiply-adds where n64 reads 4 (the header's arithmetic), and S's 64 registers a thread fit beside O
+// (ptxas: 235; at D = 128 it would be 253 of 255); above, 64 keys. D = 64: 80 KiB; 128: 96 KiB; 168: 132
+// KiB; 256: 192 KiB.
 template <int D>
 struct ForwardSmem {
   static constexpr int Dk = (D + 15) / 16 * 16;
-  static constexpr size_t key_tile = sizeof(uint16_t) * kKeyTile * Dk;
+  static constexpr int keys = D <= 64 ? 128 : 64;
+  static constexpr size_t key_tile = sizeof(uint16_t) * keys * Dk;
   static constexpr size_t q = 0, kv = sizeof(uint16_t) * kQueryTile * Dk;
   static constexpr size_t bytes = kv + 2 * 2 * key_tile;
   static_assert(key_tile % 128 == 0 && kv % 128 == 0, "tiles stay 128-byte aligned");
@@ -107,14 +111,14 @@ __device__ __forceinline__ void load_tile(unsigned char* tile, const uint16_t* s
   }
 }
 
-// Keys [64i, 64i + 64) of a head (base: its q columns in qkv) into a stage: the k tile, then the v tile
-// tile_bytes further.
-template <int D, int Dk>
+// Keys [kRows·i, kRows·(i + 1)) of a head (base: its q columns in qkv) into a stage: the k tile, then the v
+// tile tile_bytes further.
+template <int D, int Dk, int kRows>
 __device__ __forceinline__ void load_key_tile(unsigned char* stage, size_t tile_bytes, const uint16_t* base, int i,
                                               const Dims& g) {
-  const int t0 = i * kKeyTile;
-  load_tile<D, Dk>(stage, base + g.C + static_cast<int64_t>(t0) * g.ld, g.ld, t0, kKeyTile, g.T);
-  load_tile<D, Dk>(stage + tile_bytes, base + 2 * g.C + static_cast<int64_t>(t0) * g.ld, g.ld, t0, kKeyTile, g.T);
+  const int t0 = i * kRows;
+  load_tile<D, Dk>(stage, base + g.C + static_cast<int64_t>(t0) * g.ld, g.ld, t0, kRows, g.T);
+  load_tile<D, Dk>(stage + tile_bytes, base + 2 * g.C + static_cast<int64_t>(t0) * g.ld, g.ld, t0, kRows, g.T);
 }
 
 // The software pipeline of the three kernels over `count` streamed tiles in two stages: load(i, stage)
@@ -142,7 +146,7 @@ template <int D>
 __global__ void __launch_bounds__(kThreads, 1)
     attention_forward_wgmma_kernel(uint16_t* out, float* lse, const uint16_t* qkv, Dims g) {
   using L = ForwardSmem<D>;
-  constexpr int Dk = L::Dk;
+  constexpr int Dk = L::Dk, kKeys = L::keys;
   KRAKEN_DYNAMIC_SHARED(unsigned char, smem);
   const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, tq = lane % 4;
   const int bh = blockIdx.x, b = bh / g.NH, h = bh % g.NH;
@@ -166,35 +170,35 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, l_rounded[2] = {0.0f, 0.0f};
   auto stage_k = [&](int stage) { return smem + L::kv + 2 * stage * L::key_tile; };
-  auto load = [&](int i, int stage) { load_key_tile<D, Dk>(stage_k(stage), L::key_tile, base, i, g); };
+  auto load = [&](int i, int stage) { load_key_tile<D, Dk, kKeys>(stage_k(stage), L::key_tile, base, i, g); };
   auto compute = [&](int i, int stage) {
     const unsigned char* ks = stage_k(stage);
     const unsigned char* vs = ks + L::key_tile;
-    const int k0 = i * kKeyTile;
+    const int k0 = i * kKeys;
     // Live when some key of the tile precedes some query of the warpgroup (then key k0 ≤ wq precedes
     // all of them). Warpgroup-uniform, as wgmma needs.
     if (wq >= g.T || k0 > wg_last) return;
-    float s[kKeyTile / 2];
+    float s[kKeys / 2];
     wgmma::fence();
 #pragma unroll
     for (int kk = 0; kk < Dk / 16; ++kk)
-      wgmma::mma<kKeyTile, 0, 0>(s, wgmma::k_major(qs, Dk, 64 * wg, 16 * kk), wgmma::k_major(ks, Dk, 0, 16 * kk),
+      wgmma::mma<kKeys, 0, 0>(s, wgmma::k_major(qs, Dk, 64 * wg, 16 * kk), wgmma::k_major(ks, Dk, 0, 16 * kk),
                                  kk > 0);
     wgmma::commit();
     wgmma::wait<0>();
     wgmma::fence_accumulators(s);
     // s[4n + e]: row e < 2 ? row0 : row1, key k0 + 8n + 2·tq + (e & 1). Only a tile reaching past the
     // warpgroup's first query needs the mask (keys past T come only in such tiles).
-    if (k0 + kKeyTile - 1 > wq) {
+    if (k0 + kKeys - 1 > wq) {
 #pragma unroll
-      for (int n = 0; n < kKeyTile / 8; ++n)
+      for (int n = 0; n < kKeys / 8; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e)
           if (k0 + 8 * n + 2 * tq + (e & 1) > (e < 2 ? row0 : row1)) s[4 * n + e] = -INFINITY;
     }
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int n = 0; n < kKeyTile / 8; ++n)
+    for (int n = 0; n < kKeys / 8; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) mx[e >> 1] = fmaxf(mx[e >> 1], s[4 * n + e]);
     float alpha[2], neg_m[2];
@@ -202,16 +206,17 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int r = 0; r < 2; ++r) {
       mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFull, mx[r], 1));
       mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFull, mx[r], 2));
-      // (finite: tiles and warpgroups start at multiples of 64, so a live tile's key k0 ≤ wq ≤ the row)
+      // (finite: tiles start at multiples of 64 (or 128), warpgroups at multiples of 64, so a live tile's key
+      // k0 ≤ wq ≤ the row)
       const float m_new = fmaxf(m[r], mx[r] * g.scale_log2);
       alpha[r] = exp2_ftz(m[r] - m_new);  // 2^{−∞} = 0 on the first tile
       m[r] = m_new;
       neg_m[r] = -m_new;
     }
-    uint32_t p[kKeyTile / 16][4];  // P as the A operand of each 16-key step
+    uint32_t p[kKeys / 16][4];  // P as the A operand of each 16-key step
     float sum[2] = {0.0f, 0.0f}, sum_rounded[2] = {0.0f, 0.0f};
 #pragma unroll
-    for (int n = 0; n < kKeyTile / 8; ++n) {
+    for (int n = 0; n < kKeys / 8; ++n) {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const float p0 = exp2_ftz(fmaf(s[4 * n + 2 * r], g.scale_log2, neg_m[r]));
@@ -234,12 +239,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma::fence_accumulators(o);
     wgmma::fence();
 #pragma unroll
-    for (int kk = 0; kk < kKeyTile / 16; ++kk) wgmma::mma<D, 1>(o, p[kk], wgmma::mn_major(vs, Dk, 16 * kk, 0), 1);
+    for (int kk = 0; kk < kKeys / 16; ++kk) wgmma::mma<D, 1>(o, p[kk], wgmma::mn_major(vs, Dk, 16 * kk, 0), 1);
     wgmma::commit();
     wgmma::wait<0>();
     wgmma::fence_accumulators(o);
   };
-  pipeline(block_last / kKeyTile + 1, load, compute);  // (the q tile lands with the first k and v tile)
+  pipeline(block_last / kKeys + 1, load, compute);  // (the q tile lands with the first k and v tile)
 
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -493,7 +498,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) dq[i] = 0.0f;
   auto stage_k = [&](int stage) { return smem + L::q_stream + 2 * stage * L::key_tile; };
-  auto load = [&](int i, int stage) { load_key_tile<D, Dk>(stage_k(stage), L::key_tile, base, i, g); };
+  auto load = [&](int i, int stage) { load_key_tile<D, Dk, kKeyTile>(stage_k(stage), L::key_tile, base, i, g); };
   auto compute = [&](int i, int stage) {
     const unsigned char* ks = stage_k(stage);
     const unsigned char* vs = ks + L::key_tile;
