@@ -121,6 +121,26 @@ __device__ __forceinline__ void load_key_tile(unsigned char* stage, size_t tile_
   load_tile<D, Dk>(stage + tile_bytes, base + 2 * g.C + static_cast<int64_t>(t0) * g.ld, g.ld, t0, kRows, g.T);
 }
 
+// The two kinds of product the kernels issue (each issued, not waited for; a wgmma::fence must precede):
+// acc (64 × N) = A·Bᵀ with A rows a_row .. a_row + 63 of one tile and B rows 0 .. N − 1 of another, both
+// K-major over the Dk head columns (S = q·kᵀ, dP = dO·vᵀ and their transposes) ...
+template <int N, int Dk>
+__device__ __forceinline__ void issue_rows_times_rows(float (&acc)[N / 2], const unsigned char* a_tile, int a_row,
+                                                      const unsigned char* b_tile) {
+#pragma unroll
+  for (int kk = 0; kk < Dk / 16; ++kk)
+    wgmma::mma<N, 0, 0>(acc, wgmma::k_major(a_tile, Dk, a_row, 16 * kk), wgmma::k_major(b_tile, Dk, 0, 16 * kk),
+                        kk > 0);
+}
+// ... and acc (64 × D) += A·B with A (64 × K) in registers, 16 columns a step (P, dS and their transposes),
+// and B rows 0 .. K − 1 of a tile read MN-major (v, dO, q, k).
+template <int D, int K, int Dk>
+__device__ __forceinline__ void issue_registers_times_tile(float (&acc)[D / 2], const uint32_t (&a)[K / 16][4],
+                                                           const unsigned char* b_tile) {
+#pragma unroll
+  for (int j = 0; j < K / 16; ++j) wgmma::mma<D, 1>(acc, a[j], wgmma::mn_major(b_tile, Dk, 16 * j, 0), 1);
+}
+
 // The software pipeline of the three kernels over `count` streamed tiles in two stages: load(i, stage)
 // issues tile i's copies (and the copies issued before the first call land with tile 0); compute(i, stage)
 // runs once tile i is visible to every thread and to wgmma, while tile i + 1 is in flight; the barrier
@@ -180,10 +200,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (wq >= g.T || k0 > wg_last) return;
     float s[kKeys / 2];
     wgmma::fence();
-#pragma unroll
-    for (int kk = 0; kk < Dk / 16; ++kk)
-      wgmma::mma<kKeys, 0, 0>(s, wgmma::k_major(qs, Dk, 64 * wg, 16 * kk), wgmma::k_major(ks, Dk, 0, 16 * kk),
-                                 kk > 0);
+    issue_rows_times_rows<kKeys, Dk>(s, qs, 64 * wg, ks);
     wgmma::commit();
     wgmma::wait<0>();
     wgmma::fence_accumulators(s);
@@ -238,8 +255,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // O += P·v: v's rows are the k, its columns the n — MN-major.
     wgmma::fence_accumulators(o);
     wgmma::fence();
-#pragma unroll
-    for (int kk = 0; kk < kKeys / 16; ++kk) wgmma::mma<D, 1>(o, p[kk], wgmma::mn_major(vs, Dk, 16 * kk, 0), 1);
+    issue_registers_times_tile<D, kKeys, Dk>(o, p, vs);
     wgmma::commit();
     wgmma::wait<0>();
     wgmma::fence_accumulators(o);
@@ -407,13 +423,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     // Sᵀ and dPᵀ: element 4n + e is key e < 2 ? key0 : key1, query q0 + 8n + 2·tq + (e & 1).
     float st[kQ / 2], dpt[kQ / 2];
     wgmma::fence();
-#pragma unroll
-    for (int kk = 0; kk < Dk / 16; ++kk)
-      wgmma::mma<kQ, 0, 0>(st, wgmma::k_major(ks, Dk, 64 * wg, 16 * kk), wgmma::k_major(qs, Dk, 0, 16 * kk), kk > 0);
-#pragma unroll
-    for (int kk = 0; kk < Dk / 16; ++kk)
-      wgmma::mma<kQ, 0, 0>(dpt, wgmma::k_major(vs, Dk, 64 * wg, 16 * kk), wgmma::k_major(dos, Dk, 0, 16 * kk),
-                           kk > 0);
+    issue_rows_times_rows<kQ, Dk>(st, ks, 64 * wg, qs);
+    issue_rows_times_rows<kQ, Dk>(dpt, vs, 64 * wg, dos);
     wgmma::commit();
     wgmma::wait<0>();
     wgmma::fence_accumulators(st);
@@ -439,10 +450,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma::fence_accumulators(dv);
     wgmma::fence_accumulators(dk);
     wgmma::fence();
-#pragma unroll
-    for (int j = 0; j < kQ / 16; ++j) wgmma::mma<D, 1>(dv, pt[j], wgmma::mn_major(dos, Dk, 16 * j, 0), 1);
-#pragma unroll
-    for (int j = 0; j < kQ / 16; ++j) wgmma::mma<D, 1>(dk, dst[j], wgmma::mn_major(qs, Dk, 16 * j, 0), 1);
+    issue_registers_times_tile<D, kQ, Dk>(dv, pt, dos);
+    issue_registers_times_tile<D, kQ, Dk>(dk, dst, qs);
     wgmma::commit();
     wgmma::wait<0>();
     wgmma::fence_accumulators(dv);
@@ -506,14 +515,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (wq >= g.T || k0 > wg_last) return;  // (as in the forward)
     float s[kKeyTile / 2], dp[kKeyTile / 2];
     wgmma::fence();
-#pragma unroll
-    for (int kk = 0; kk < Dk / 16; ++kk)
-      wgmma::mma<kKeyTile, 0, 0>(s, wgmma::k_major(qs, Dk, 64 * wg, 16 * kk), wgmma::k_major(ks, Dk, 0, 16 * kk),
-                                 kk > 0);
-#pragma unroll
-    for (int kk = 0; kk < Dk / 16; ++kk)
-      wgmma::mma<kKeyTile, 0, 0>(dp, wgmma::k_major(dos, Dk, 64 * wg, 16 * kk), wgmma::k_major(vs, Dk, 0, 16 * kk),
-                                 kk > 0);
+    issue_rows_times_rows<kKeyTile, Dk>(s, qs, 64 * wg, ks);
+    issue_rows_times_rows<kKeyTile, Dk>(dp, dos, 64 * wg, vs);
     wgmma::commit();
     wgmma::wait<0>();
     wgmma::fence_accumulators(s);
@@ -536,8 +539,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     wgmma::fence_accumulators(dq);
     wgmma::fence();
-#pragma unroll
-    for (int j = 0; j < kKeyTile / 16; ++j) wgmma::mma<D, 1>(dq, ds[j], wgmma::mn_major(ks, Dk, 16 * j, 0), 1);
+    issue_registers_times_tile<D, kKeyTile, Dk>(dq, ds, ks);
     wgmma::commit();
     wgmma::wait<0>();
     wgmma::fence_accumulators(dq);
