@@ -559,8 +559,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 // its transpose's rows); 1 both MN-major (A stored as its transpose's rows, B as is); 2 A from registers
 // (the PTX layout written out), B MN-major. What the attention kernels assume of wgmma, in one place a
 // test can compare with the host's product.
-__global__ void __launch_bounds__(128) wgmma_layout_probe_kernel(float* d, const uint16_t* a, const uint16_t* b,
-                                                                 int way) {
+template <int way>
+__global__ void __launch_bounds__(128) wgmma_layout_probe_kernel(float* d, const uint16_t* a, const uint16_t* b) {
   KRAKEN_DYNAMIC_SHARED(unsigned char, smem);
   unsigned char* as = smem;               // core-matrix tile: 64 × 32 (way 0) or 32 × 64 (way 1)
   unsigned char* bs = smem + 64 * 32 * 2;  // 64 × 32 (way 0: Bᵀ) or 32 × 64 (ways 1, 2: B)
@@ -587,11 +587,11 @@ __global__ void __launch_bounds__(128) wgmma_layout_probe_kernel(float* d, const
   }
   float acc[32];
   wgmma::fence();
-  if (way == 0) {
+  if constexpr (way == 0) {
 #pragma unroll
     for (int kk = 0; kk < 2; ++kk)
       wgmma::mma<64, 0, 0>(acc, wgmma::k_major(as, 32, 0, 16 * kk), wgmma::k_major(bs, 32, 0, 16 * kk), kk > 0);
-  } else if (way == 1) {
+  } else if constexpr (way == 1) {
 #pragma unroll
     for (int kk = 0; kk < 2; ++kk)
       wgmma::mma<64, 1, 1>(acc, wgmma::mn_major(as, 64, 16 * kk, 0), wgmma::mn_major(bs, 64, 16 * kk, 0), kk > 0);
@@ -751,7 +751,10 @@ void attention_forward_bf16_wgmma_cuda(uint16_t* out, float* lse, const uint16_t
 void wgmma_layout_probe_cuda(float* d, const uint16_t* a, const uint16_t* b, int way, CUstream_st* stream) {
   KRAKEN_CHECK(way >= 0 && way <= 2, "wgmma layout probe: way ", way, " (0, 1 or 2)");
   KRAKEN_CHECK(device_has_wgmma(), "wgmma layout probe: needs a compute capability 9.0 device");
-  KRAKEN_KERNEL(1, 128, 2 * 64 * 32 * 2, stream, wgmma_layout_probe_kernel)(d, a, b, way);
+  const size_t smem = 2 * 64 * 32 * 2;
+  if (way == 0) KRAKEN_KERNEL(1, 128, smem, stream, wgmma_layout_probe_kernel<0>)(d, a, b);
+  if (way == 1) KRAKEN_KERNEL(1, 128, smem, stream, wgmma_layout_probe_kernel<1>)(d, a, b);
+  if (way == 2) KRAKEN_KERNEL(1, 128, smem, stream, wgmma_layout_probe_kernel<2>)(d, a, b);
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
 
