@@ -677,11 +677,16 @@ bool with_backward_head(int64_t D, F&& f) {
   }
 }
 
+// The device's opt-in shared memory per block, asked once per process like device_has_wgmma (one GPU a
+// process here): the dispatch asks whether a call suits the kernels on every call.
 int max_shared_per_block() {
-  int device = 0, most = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess)
-    return 0;
+  static const int most = [] {
+    int device = 0, bytes = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess)
+      return 0;
+    return bytes;
+  }();
   return most;
 }
 
