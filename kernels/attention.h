@@ -149,8 +149,10 @@ bool attention_bf16_wgmma_backward_usable(const uint16_t* dqkv, const uint16_t* 
                                           const uint16_t* out, int64_t C, int64_t NH);
 // What the wgmma kernels assume of the instruction, checked in one place: d (64 × 64, f32, row-major) =
 // a (64 × 32) · b (32 × 64), bf16 row-major, computed on one warpgroup with the operands K-major in shared
-// memory (way 0), MN-major (way 1), or A from registers and B MN-major (way 2). For tests.
-void wgmma_layout_probe_cuda(float* d, const uint16_t* a, const uint16_t* b, int way, CUstream_st* stream);
+// memory (way 0), MN-major (way 1), or A from registers and B MN-major (way 2). strides_exchanged: every
+// descriptor's two strides the other way round (the reading to try where ours fails). For tests.
+void wgmma_layout_probe_cuda(float* d, const uint16_t* a, const uint16_t* b, int way, bool strides_exchanged,
+                             CUstream_st* stream);
 
 // The largest head the mma kernels take by default: above it their dk/dv kernel spills registers (dK and
 // dV alone are Dp registers per thread; ptxas for sm_90: 220 bytes spilled at Dp = 224, 1.3 KB at 256),

@@ -558,12 +558,20 @@ __global__ void __launch_bounds__(kThreads, 1)
 // k-steps of wgmma m64n64k16 on one warpgroup. `way`: 0 A and B K-major in shared memory (B stored as
 // its transpose's rows); 1 both MN-major (A stored as its transpose's rows, B as is); 2 A from registers
 // (the PTX layout written out), B MN-major. What the attention kernels assume of wgmma, in one place a
-// test can compare with the host's product.
+// test can compare with the host's product. `exchanged`: every descriptor with its two strides exchanged
+// (wgmma::exchange_strides), the reading a failing probe is tried with next.
+constexpr int kProbeTileBytes = 16 * 1024;
 template <int way>
-__global__ void __launch_bounds__(128) wgmma_layout_probe_kernel(float* d, const uint16_t* a, const uint16_t* b) {
+__global__ void __launch_bounds__(128)
+    wgmma_layout_probe_kernel(float* d, const uint16_t* a, const uint16_t* b, bool exchanged) {
   KRAKEN_DYNAMIC_SHARED(unsigned char, smem);
-  unsigned char* as = smem;               // core-matrix tile: 64 × 32 (way 0) or 32 × 64 (way 1)
-  unsigned char* bs = smem + 64 * 32 * 2;  // 64 × 32 (way 0: Bᵀ) or 32 × 64 (ways 1, 2: B)
+  // Each tile has 16 KiB to itself (it needs 4), zeroed: the exchanged reading of an MN-major descriptor
+  // reaches ~9.3 KiB past its start, which must stay inside the block's shared memory.
+  unsigned char* as = smem;                    // core-matrix tile: 64 × 32 (way 0) or 32 × 64 (way 1)
+  unsigned char* bs = smem + kProbeTileBytes;  // 64 × 32 (way 0: Bᵀ) or 32 × 64 (ways 1, 2: B)
+  for (int i = threadIdx.x; i < 2 * kProbeTileBytes / 16; i += 128)
+    reinterpret_cast<uint4*>(smem)[i] = make_uint4(0u, 0u, 0u, 0u);
+  __syncthreads();
   const uint16_t* a16 = a;
   for (int i = threadIdx.x; i < 64 * 32; i += 128) {
     const int r = i / 32, k = i % 32;  // A[r][k]
@@ -585,19 +593,22 @@ __global__ void __launch_bounds__(128) wgmma_layout_probe_kernel(float* d, const
     const int r = 16 * warp + g, c = 16 * kk + 2 * t;
     ra[kk][0] = pair(r, c), ra[kk][1] = pair(r + 8, c), ra[kk][2] = pair(r, c + 8), ra[kk][3] = pair(r + 8, c + 8);
   }
+  auto read = [exchanged](uint64_t desc) { return exchanged ? wgmma::exchange_strides(desc) : desc; };
   float acc[32];
   wgmma::fence();
   if constexpr (way == 0) {
 #pragma unroll
     for (int kk = 0; kk < 2; ++kk)
-      wgmma::mma<64, 0, 0>(acc, wgmma::k_major(as, 32, 0, 16 * kk), wgmma::k_major(bs, 32, 0, 16 * kk), kk > 0);
+      wgmma::mma<64, 0, 0>(acc, read(wgmma::k_major(as, 32, 0, 16 * kk)), read(wgmma::k_major(bs, 32, 0, 16 * kk)),
+                           kk > 0);
   } else if constexpr (way == 1) {
 #pragma unroll
     for (int kk = 0; kk < 2; ++kk)
-      wgmma::mma<64, 1, 1>(acc, wgmma::mn_major(as, 64, 16 * kk, 0), wgmma::mn_major(bs, 64, 16 * kk, 0), kk > 0);
+      wgmma::mma<64, 1, 1>(acc, read(wgmma::mn_major(as, 64, 16 * kk, 0)), read(wgmma::mn_major(bs, 64, 16 * kk, 0)),
+                           kk > 0);
   } else {
 #pragma unroll
-    for (int kk = 0; kk < 2; ++kk) wgmma::mma<64, 1>(acc, ra[kk], wgmma::mn_major(bs, 64, 16 * kk, 0), kk > 0);
+    for (int kk = 0; kk < 2; ++kk) wgmma::mma<64, 1>(acc, ra[kk], read(wgmma::mn_major(bs, 64, 16 * kk, 0)), kk > 0);
   }
   wgmma::commit();
   wgmma::wait<0>();
@@ -753,13 +764,15 @@ void attention_forward_bf16_wgmma_cuda(uint16_t* out, float* lse, const uint16_t
   with_head(g.D, [&](auto d) { forward_wgmma<decltype(d)::value>(out, lse, qkv, B, T, g, stream); });
 }
 
-void wgmma_layout_probe_cuda(float* d, const uint16_t* a, const uint16_t* b, int way, CUstream_st* stream) {
+void wgmma_layout_probe_cuda(float* d, const uint16_t* a, const uint16_t* b, int way, bool strides_exchanged,
+                             CUstream_st* stream) {
   KRAKEN_CHECK(way >= 0 && way <= 2, "wgmma layout probe: way ", way, " (0, 1 or 2)");
   KRAKEN_CHECK(device_has_wgmma(), "wgmma layout probe: needs a compute capability 9.0 device");
-  const size_t smem = 2 * 64 * 32 * 2;
-  if (way == 0) KRAKEN_KERNEL(1, 128, smem, stream, wgmma_layout_probe_kernel<0>)(d, a, b);
-  if (way == 1) KRAKEN_KERNEL(1, 128, smem, stream, wgmma_layout_probe_kernel<1>)(d, a, b);
-  if (way == 2) KRAKEN_KERNEL(1, 128, smem, stream, wgmma_layout_probe_kernel<2>)(d, a, b);
+  const size_t smem = 2 * kProbeTileBytes;
+  const bool x = strides_exchanged;
+  if (way == 0) KRAKEN_KERNEL(1, 128, smem, stream, wgmma_layout_probe_kernel<0>)(d, a, b, x);
+  if (way == 1) KRAKEN_KERNEL(1, 128, smem, stream, wgmma_layout_probe_kernel<1>)(d, a, b, x);
+  if (way == 2) KRAKEN_KERNEL(1, 128, smem, stream, wgmma_layout_probe_kernel<2>)(d, a, b, x);
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
 

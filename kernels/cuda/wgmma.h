@@ -61,6 +61,14 @@ __host__ __device__ constexpr uint64_t make_descriptor(uint32_t shared_address, 
          static_cast<uint64_t>((lbo >> 4) & 0x3FFFu) << 16 | static_cast<uint64_t>((sbo >> 4) & 0x3FFFu) << 32;
 }
 
+// The same descriptor with its leading and stride byte offsets exchanged: the other way to read the PTX
+// ISA's prose (its canonical layouts and our emulation read them as above). Only the layout probe uses it,
+// so that a GPU that reads a descriptor otherwise says in the same run which reading it follows.
+__host__ __device__ constexpr uint64_t exchange_strides(uint64_t desc) {
+  const uint64_t lbo = desc >> 16 & 0x3FFFu, sbo = desc >> 32 & 0x3FFFu;
+  return (desc & ~(uint64_t{0x3FFFu} << 16 | uint64_t{0x3FFFu} << 32)) | sbo << 16 | lbo << 32;
+}
+
 #if defined(KRAKEN_CUDA_EMULATION)
 
 inline uint32_t shared_address(const void* p) { return ::kraken_emu::shared_window_address(p); }

@@ -193,13 +193,21 @@ TEST(CudaEmulation, WgmmaLayoutProbeIsAMatrixProduct) {
   under_both_schedules([&] {
     for (int way = 0; way < 3; ++way) {
       std::vector<float> d(64 * 64, -1.0f);
-      emu::wgmma_layout_probe_cuda(d.data(), a16.data(), b16.data(), way, nullptr);
+      emu::wgmma_layout_probe_cuda(d.data(), a16.data(), b16.data(), way, false, nullptr);
       for (int r = 0; r < 64; ++r)
         for (int c = 0; c < 64; ++c) {
           float want = 0.0f;
           for (int k = 0; k < 32; ++k) want += a[r * 32 + k] * b[k * 64 + c];
           ASSERT_EQ(d[r * 64 + c], want) << "way " << way << ", row " << r << ", column " << c;
         }
+      // The other reading, which the GPU test tries where ours fails, must tell the two apart: with the
+      // strides exchanged the same tiles are read as other matrices, and most of the product is wrong.
+      std::vector<float> x(64 * 64, -1.0f);
+      emu::wgmma_layout_probe_cuda(x.data(), a16.data(), b16.data(), way, true, nullptr);
+      int wrong = 0;
+      for (int r = 0; r < 64; ++r)
+        for (int c = 0; c < 64; ++c) wrong += x[r * 64 + c] != d[r * 64 + c];
+      EXPECT_GT(wrong, 2048) << "way " << way << ": the exchanged strides read nearly the same product";
     }
   });
 }
