@@ -8,7 +8,9 @@
 #   1. the machine: nvidia-smi, nvcc, cmake, compiler;
 #   2. configure (-DKRAKEN_CUDA=ON -DKRAKEN_MPI=OFF -DCMAKE_CUDA_ARCHITECTURES=90, no ASan copy of the
 #      emulation tests, dependencies from third_party/) and build everything with all cores;
-#   3. the GPU tests: ctest -L gpu (tests/gpu), each result and every measured GPU-vs-CPU difference;
+#   3. the GPU tests: the wgmma attention tests alone first (90 s at most; where they fail, step 4 leaves
+#      their rows and variants out), then ctest -L gpu (tests/gpu), each result and every measured
+#      GPU-vs-CPU difference;
 #      then the attention tests once more with KRAKEN_CUDNN_ATTENTION_BACKWARD=atomic (cuDNN's f32 atomic
 #      dQ), KRAKEN_CUDA_ATTENTION=mma (the grouped mma launch, the dispatch without cuDNN), =cudnn (cuDNN
 #      for every shape it takes) and =wgmma (the Hopper kernels), the product tests with
