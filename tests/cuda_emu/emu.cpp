@@ -66,10 +66,12 @@ struct PendingCopy {
   int bytes, src_bytes;
 };
 
-// A wgmma's results for one thread, held until the wait that covers them.
+// A wgmma's results for one thread, held until the wait that covers them (none under the descending
+// schedule: d null), and the shared memory it read, which must not change before that wait.
 struct PendingResults {
   float* d;
   std::vector<float> values;
+  std::vector<SharedRead> reads;
 };
 
 struct Fiber {
@@ -253,12 +255,14 @@ uint32_t shared_window_address(const void* p) {
   return static_cast<uint32_t>(static_cast<const unsigned char*>(p) - g_block->dynamic_shared);
 }
 
-void hold_wgmma_results(float* d, const float* values, int count) {
+void hold_wgmma_results(float* d, const float* values, int count, std::vector<SharedRead> reads) {
   if (g_schedule == Schedule::kDescending) {
     std::memcpy(d, values, sizeof(float) * static_cast<size_t>(count));
+    current_fiber().wgmma_uncommitted.push_back(PendingResults{nullptr, {}, std::move(reads)});
     return;
   }
-  current_fiber().wgmma_uncommitted.push_back(PendingResults{d, std::vector<float>(values, values + count)});
+  current_fiber().wgmma_uncommitted.push_back(
+      PendingResults{d, std::vector<float>(values, values + count), std::move(reads)});
   for (int i = 0; i < count; ++i) d[i] = std::nanf("");  // not readable before the wait
 }
 
@@ -287,8 +291,15 @@ void wgmma_commit() {
 void wgmma_wait(int pending) {
   Fiber& f = current_fiber();
   while (f.wgmma_committed.size() > static_cast<size_t>(std::max(pending, 0))) {
-    for (const PendingResults& r : f.wgmma_committed.front())
-      std::memcpy(r.d, r.values.data(), sizeof(float) * r.values.size());
+    for (const PendingResults& r : f.wgmma_committed.front()) {
+      for (const SharedRead& read : r.reads) {
+        uint16_t now;
+        std::memcpy(&now, g_block->dynamic_shared + read.offset, sizeof now);
+        if (now != read.bits)
+          trap("wgmma: shared memory that a wgmma in flight reads was written before the wait that covers it");
+      }
+      if (r.d) std::memcpy(r.d, r.values.data(), sizeof(float) * r.values.size());
+    }
     f.wgmma_committed.pop_front();
   }
 }

@@ -21,6 +21,7 @@ void wmma_product(float* d, const uint16_t* a, const uint16_t* b, const float* c
 void mma_sync_product(float* d, const uint16_t* a, const uint16_t* b, int way);
 void cp_async_copy(unsigned char* out, const unsigned char* src, bool fill);
 void wgmma_chain(float* out);
+void wgmma_overwrite(float* out, bool early);
 void trap();
 }  // namespace kraken_emu_selftest
 
@@ -122,6 +123,24 @@ TEST(CudaEmulationSelf, WgmmaResultsLandAtTheWaitAndChainBeforeIt) {
   self::wgmma_chain(out.data());
   kraken_emu::set_schedule(kraken_emu::Schedule::kAscending);
   for (int t = 0; t < 128; ++t) EXPECT_EQ(out[t], 32.0f) << "thread " << t << ": landed at the issue";
+}
+
+TEST(CudaEmulationSelf, SharedMemoryAWgmmaReadsMustNotChangeBeforeItsWait) {
+  // A GPU reads a wgmma's shared operands at any time up to the wait that covers it: the emulation reads
+  // them at the issue and again at the wait, under both schedules, and traps where they changed.
+  for (auto schedule : {kraken_emu::Schedule::kAscending, kraken_emu::Schedule::kDescending}) {
+    kraken_emu::set_schedule(schedule);
+    std::vector<float> out(128, -1.0f);
+    try {
+      self::wgmma_overwrite(out.data(), true);
+      ADD_FAILURE() << "A overwritten before the wait: no error";
+    } catch (const std::runtime_error& e) {
+      EXPECT_NE(std::string(e.what()).find("in flight"), std::string::npos) << e.what();
+    }
+    self::wgmma_overwrite(out.data(), false);  // after the wait and a barrier: allowed
+    for (int t = 0; t < 128; ++t) EXPECT_EQ(out[t], 16.0f) << "thread " << t;
+  }
+  kraken_emu::set_schedule(kraken_emu::Schedule::kAscending);
 }
 
 TEST(CudaEmulationSelf, CpAsyncLandsAtTheWaitOrAtTheIssue) {

@@ -120,6 +120,31 @@ __global__ void wgmma_chain_kernel(float* out) {
   out[128 + threadIdx.x] = acc[0];
 }
 
+// The same operands, one wgmma committed; then every thread overwrites A with twos, before its wait
+// (`early`: a hazard on a GPU, which may read A at any time up to the wait) or after it and a barrier.
+__global__ void wgmma_overwrite_kernel(float* out, bool early) {
+  KRAKEN_DYNAMIC_SHARED(unsigned char, smem);
+  const uint16_t one = 0x3F80, two = 0x4000;  // bf16 1.0, 2.0
+  for (int i = threadIdx.x; i < 2 * 64 * 16; i += 128) reinterpret_cast<uint16_t*>(smem)[i] = one;
+  __syncthreads();
+  namespace wg = kraken::kernels::wgmma;
+  float acc[32];
+  wg::fence();
+  wg::mma<64, 0, 0>(acc, wg::k_major(smem, 16, 0, 0), wg::k_major(smem + 64 * 16 * 2, 16, 0, 0), 0);
+  wg::commit();
+  auto overwrite = [&] {
+    for (int i = threadIdx.x; i < 64 * 16; i += 128) reinterpret_cast<uint16_t*>(smem)[i] = two;
+  };
+  if (early) overwrite();
+  wg::wait<0>();
+  wg::fence_accumulators(acc);
+  if (!early) {
+    __syncthreads();
+    overwrite();
+  }
+  out[threadIdx.x] = acc[0];
+}
+
 __global__ void trap_kernel() {
   if (threadIdx.x == 5) __trap();
 }
@@ -143,6 +168,9 @@ void cp_async_copy(unsigned char* out, const unsigned char* src, bool fill) {
   KRAKEN_KERNEL(1, 32, 64, nullptr, cp_async_kernel)(out, src, fill);
 }
 void wgmma_chain(float* out) { KRAKEN_KERNEL(1, 128, 2 * 64 * 16 * 2, nullptr, wgmma_chain_kernel)(out); }
+void wgmma_overwrite(float* out, bool early) {
+  KRAKEN_KERNEL(1, 128, 2 * 64 * 16 * 2, nullptr, wgmma_overwrite_kernel)(out, early);
+}
 void trap() { KRAKEN_KERNEL(1, 32, 0, nullptr, trap_kernel)(); }
 
 }  // namespace kraken_emu_selftest

@@ -4,6 +4,7 @@
 // computes its own accumulators from the A rows it owns and the B columns it owns, and hands the results to
 // the scheduler, which lands them at the wait (emu.cpp).
 #include <cstring>
+#include <vector>
 
 #include "tests/cuda_emu/emu.h"
 
@@ -37,8 +38,9 @@ Descriptor decode(uint64_t desc, const char* operand) {
                     static_cast<uint32_t>((desc >> 32) & 0x3FFFu) << 4};
 }
 
-// Element (mn, k) of an operand whose M or N index is mn: K-major rows are mn, MN-major columns are.
-float element(const Descriptor& d, bool mn_major, int mn, int k) {
+// Element (mn, k) of an operand whose M or N index is mn: K-major rows are mn, MN-major columns are. The
+// read is recorded, for the wait to check that the element did not change while the wgmma was in flight.
+float element(const Descriptor& d, bool mn_major, int mn, int k, std::vector<SharedRead>& reads) {
   const uint32_t offset = d.start + static_cast<uint32_t>(mn / 8) * d.sbo + static_cast<uint32_t>(k / 8) * d.lbo +
                           (mn_major ? static_cast<uint32_t>(k % 8) * 16 + static_cast<uint32_t>(mn % 8) * 2
                                     : static_cast<uint32_t>(mn % 8) * 16 + static_cast<uint32_t>(k % 8) * 2);
@@ -46,6 +48,7 @@ float element(const Descriptor& d, bool mn_major, int mn, int k) {
   if (!in_dynamic_shared(p, 2)) trap("wgmma: an operand element outside the block's shared memory");
   uint16_t v;
   std::memcpy(&v, p, sizeof v);
+  reads.push_back(SharedRead{offset, v});
   return bf16_bits_to_float(v);
 }
 
@@ -67,6 +70,8 @@ void wgmma_bf16(float* d, int n, const uint32_t* a, uint64_t a_desc, uint64_t b_
       trap("wgmma: the warpgroup's threads issued different instructions");
 
   // This thread's two rows of A.
+  std::vector<SharedRead> reads;  // every shared element this thread's part of the product reads
+  reads.reserve(32 + 4 * static_cast<size_t>(n));
   const int rows[2] = {16 * warp + g, 16 * warp + g + 8};
   float A[2][16];
   if (a) {
@@ -81,22 +86,29 @@ void wgmma_bf16(float* d, int n, const uint32_t* a, uint64_t a_desc, uint64_t b_
   } else {
     const Descriptor da = decode(a_desc, "A");
     for (int h = 0; h < 2; ++h)
-      for (int k = 0; k < 16; ++k) A[h][k] = element(da, trans_a != 0, rows[h], k);
+      for (int k = 0; k < 16; ++k) A[h][k] = element(da, trans_a != 0, rows[h], k, reads);
   }
+  // This thread's columns of B: 8j + 2t and 8j + 2t + 1 for each j < N / 8.
   const Descriptor db = decode(b_desc, "B");
+  float B[64][16];
+  for (int j = 0; j < n / 8; ++j)
+    for (int c = 0; c < 2; ++c)
+      for (int k = 0; k < 16; ++k) B[2 * j + c][k] = element(db, trans_b != 0, 8 * j + 2 * t + c, k, reads);
   const int count = n / 2;
   const float* held = held_wgmma_results(d, count);
   const float* before = held ? held : d;
   float values[128];
   for (int j = 0; j < n / 8; ++j)
     for (int e = 0; e < 4; ++e) {
-      const int h = e / 2, col = 8 * j + 2 * t + e % 2;
+      const int h = e / 2;
       float sum = 0.0f;
-      for (int k = 0; k < 16; ++k) sum += A[h][k] * element(db, trans_b != 0, col, k);
+      for (int k = 0; k < 16; ++k) sum += A[h][k] * B[2 * j + e % 2][k];
       values[4 * j + e] = (scale_d ? before[4 * j + e] : 0.0f) + sum;
     }
+  // (handed over before the barrier: a fiber left waiting there when another traps is never unwound, and
+  // must not own memory)
+  hold_wgmma_results(d, values, count, std::move(reads));
   sync_warpgroup();  // every thread has read the scratch
-  hold_wgmma_results(d, values, count);
 }
 
 }  // namespace kraken_emu
