@@ -67,11 +67,14 @@ struct PendingCopy {
 };
 
 // A wgmma's results for one thread, held until the wait that covers them (none under the descending
-// schedule: d null), and the shared memory it read, which must not change before that wait.
+// schedule: d null), and what it read, which must not change before that wait: shared memory and the
+// thread's A registers (where A came from registers).
 struct PendingResults {
   float* d;
   std::vector<float> values;
   std::vector<SharedRead> reads;
+  const uint32_t* a_registers;
+  uint32_t a_values[4];
 };
 
 struct Fiber {
@@ -255,15 +258,18 @@ uint32_t shared_window_address(const void* p) {
   return static_cast<uint32_t>(static_cast<const unsigned char*>(p) - g_block->dynamic_shared);
 }
 
-void hold_wgmma_results(float* d, const float* values, int count, std::vector<SharedRead> reads) {
+void hold_wgmma_results(float* d, const float* values, int count, std::vector<SharedRead> reads,
+                        const uint32_t* a_registers) {
+  PendingResults pending{nullptr, {}, std::move(reads), a_registers, {}};
+  if (a_registers) std::memcpy(pending.a_values, a_registers, sizeof pending.a_values);
   if (g_schedule == Schedule::kDescending) {
     std::memcpy(d, values, sizeof(float) * static_cast<size_t>(count));
-    current_fiber().wgmma_uncommitted.push_back(PendingResults{nullptr, {}, std::move(reads)});
-    return;
+  } else {
+    pending.d = d;
+    pending.values.assign(values, values + count);
+    for (int i = 0; i < count; ++i) d[i] = std::nanf("");  // not readable before the wait
   }
-  current_fiber().wgmma_uncommitted.push_back(
-      PendingResults{d, std::vector<float>(values, values + count), std::move(reads)});
-  for (int i = 0; i < count; ++i) d[i] = std::nanf("");  // not readable before the wait
+  current_fiber().wgmma_uncommitted.push_back(std::move(pending));
 }
 
 const float* held_wgmma_results(const float* d, int count) {
@@ -298,6 +304,8 @@ void wgmma_wait(int pending) {
         if (now != read.bits)
           trap("wgmma: shared memory that a wgmma in flight reads was written before the wait that covers it");
       }
+      if (r.a_registers && std::memcmp(r.a_registers, r.a_values, sizeof r.a_values) != 0)
+        trap("wgmma: the A registers of a wgmma in flight were changed before the wait that covers it");
       if (r.d) std::memcpy(r.d, r.values.data(), sizeof(float) * r.values.size());
     }
     f.wgmma_committed.pop_front();

@@ -85,8 +85,8 @@ uint32_t shared_window_address(const void* p);
 // warpgroup's registers (a != nullptr) or a descriptor, B from a descriptor, trans = 1 for MN-major. A
 // warpgroup collective: the operands are read and the product computed at the issue, the results held
 // back — the accumulators read NaN — until a wgmma_wait covers the commit group (under the descending
-// schedule they land at once). A GPU reads the shared operands at any time up to that wait, so the wait
-// reads them again, under both schedules, and traps where they changed in between.
+// schedule they land at once). A GPU reads the operands at any time up to that wait, so the wait reads
+// the shared ones and A's registers again, under both schedules, and traps where they changed in between.
 void wgmma_bf16(float* d, int n, const uint32_t* a, uint64_t a_desc, uint64_t b_desc, int trans_a, int trans_b,
                 bool scale_d);
 void wgmma_commit();
@@ -97,8 +97,10 @@ struct SharedRead {
   uint16_t bits;
 };
 // (wgmma.cpp's hand-over to the scheduler: the calling thread's `count` results for d, held until its
-// wait, or landed now under the descending schedule; and the shared memory it read, checked at the wait.)
-void hold_wgmma_results(float* d, const float* values, int count, std::vector<SharedRead> reads);
+// wait, or landed now under the descending schedule; the shared memory it read and its A registers (null
+// for A from shared memory), checked at the wait.)
+void hold_wgmma_results(float* d, const float* values, int count, std::vector<SharedRead> reads,
+                        const uint32_t* a_registers);
 // The calling thread's latest held results for d (a wgmma chained onto one not yet waited for accumulates
 // onto them, as the GPU orders them), or nullptr when none are held.
 const float* held_wgmma_results(const float* d, int count);

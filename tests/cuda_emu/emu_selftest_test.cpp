@@ -22,6 +22,7 @@ void mma_sync_product(float* d, const uint16_t* a, const uint16_t* b, int way);
 void cp_async_copy(unsigned char* out, const unsigned char* src, bool fill);
 void wgmma_chain(float* out);
 void wgmma_overwrite(float* out, bool early);
+void wgmma_register_overwrite(float* out, bool early);
 void trap();
 }  // namespace kraken_emu_selftest
 
@@ -138,6 +139,22 @@ TEST(CudaEmulationSelf, SharedMemoryAWgmmaReadsMustNotChangeBeforeItsWait) {
       EXPECT_NE(std::string(e.what()).find("in flight"), std::string::npos) << e.what();
     }
     self::wgmma_overwrite(out.data(), false);  // after the wait and a barrier: allowed
+    for (int t = 0; t < 128; ++t) EXPECT_EQ(out[t], 16.0f) << "thread " << t;
+  }
+  kraken_emu::set_schedule(kraken_emu::Schedule::kAscending);
+}
+
+TEST(CudaEmulationSelf, ARegistersOfAWgmmaMustNotChangeBeforeItsWait) {
+  for (auto schedule : {kraken_emu::Schedule::kAscending, kraken_emu::Schedule::kDescending}) {
+    kraken_emu::set_schedule(schedule);
+    std::vector<float> out(128, -1.0f);
+    try {
+      self::wgmma_register_overwrite(out.data(), true);
+      ADD_FAILURE() << "an A register changed before the wait: no error";
+    } catch (const std::runtime_error& e) {
+      EXPECT_NE(std::string(e.what()).find("A registers"), std::string::npos) << e.what();
+    }
+    self::wgmma_register_overwrite(out.data(), false);  // after the wait: allowed
     for (int t = 0; t < 128; ++t) EXPECT_EQ(out[t], 16.0f) << "thread " << t;
   }
   kraken_emu::set_schedule(kraken_emu::Schedule::kAscending);

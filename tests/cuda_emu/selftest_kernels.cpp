@@ -145,6 +145,27 @@ __global__ void wgmma_overwrite_kernel(float* out, bool early) {
   out[threadIdx.x] = acc[0];
 }
 
+// A (64 × 16) all ones from registers, B ones in shared memory; then thread 0 changes one of its A
+// registers before the wait (`early`) or after it.
+__global__ void wgmma_register_overwrite_kernel(float* out, bool early) {
+  KRAKEN_DYNAMIC_SHARED(unsigned char, smem);
+  const uint16_t one = 0x3F80;
+  for (int i = threadIdx.x; i < 64 * 16; i += 128) reinterpret_cast<uint16_t*>(smem)[i] = one;
+  __syncthreads();
+  namespace wg = kraken::kernels::wgmma;
+  uint32_t a[4];
+  for (uint32_t& r : a) r = 0x3F803F80u;  // two bf16 ones
+  float acc[32];
+  wg::fence();
+  wg::mma<64, 0>(acc, a, wg::k_major(smem, 16, 0, 0), 0);
+  wg::commit();
+  if (early && threadIdx.x == 0) a[2] = 0;
+  wg::wait<0>();
+  wg::fence_accumulators(acc);
+  if (!early && threadIdx.x == 0) a[2] = 0;
+  out[threadIdx.x] = acc[0] + static_cast<float>(a[1] & 1u);  // (a kept alive to the end)
+}
+
 __global__ void trap_kernel() {
   if (threadIdx.x == 5) __trap();
 }
@@ -170,6 +191,9 @@ void cp_async_copy(unsigned char* out, const unsigned char* src, bool fill) {
 void wgmma_chain(float* out) { KRAKEN_KERNEL(1, 128, 2 * 64 * 16 * 2, nullptr, wgmma_chain_kernel)(out); }
 void wgmma_overwrite(float* out, bool early) {
   KRAKEN_KERNEL(1, 128, 2 * 64 * 16 * 2, nullptr, wgmma_overwrite_kernel)(out, early);
+}
+void wgmma_register_overwrite(float* out, bool early) {
+  KRAKEN_KERNEL(1, 128, 64 * 16 * 2, nullptr, wgmma_register_overwrite_kernel)(out, early);
 }
 void trap() { KRAKEN_KERNEL(1, 32, 0, nullptr, trap_kernel)(); }
 

@@ -107,7 +107,7 @@ void wgmma_bf16(float* d, int n, const uint32_t* a, uint64_t a_desc, uint64_t b_
     }
   // (handed over before the barrier: a fiber left waiting there when another traps is never unwound, and
   // must not own memory)
-  hold_wgmma_results(d, values, count, std::move(reads));
+  hold_wgmma_results(d, values, count, std::move(reads), a);
   sync_warpgroup();  // every thread has read the scratch
 }
 
