@@ -216,14 +216,15 @@ TEST(CudaEmulation, WgmmaAttentionMatchesTheCpu) {
   // Blocks of two warpgroups and 128 rows — queries in the forward and the dq kernel, keys in the dk/dv
   // kernel — streaming 64-key or kQ-query tiles double-buffered: one query; a block's second warpgroup
   // with rows past T (T = 65); several blocks, partial last tiles, the dk/dv kernel's first query tile at
-  // its block's first key (T = 150, two heads, B = 2: 64-query tiles; T = 200 at D = 168: 32-query tiles);
-  // the Kraken 4-way head (D = 168, q and k padded to 176 with zeros), 128, and 256 (forward only).
+  // its block's first key (T = 150, two heads, B = 2: 64-query tiles; T = 200 at D = 168 and 128: 32-query
+  // tiles); the Kraken 4-way head (D = 168, q and k padded to 176 with zeros), 128, and 256 (forward only).
   under_both_schedules([] {
     check_attention({1, 1, 64, 1}, kWgmma);
     check_attention({1, 65, 64, 1}, kWgmma);
     check_attention({2, 150, 64, 2}, kWgmma);
     check_attention({1, 200, 168, 2}, kWgmma);
     check_attention({1, 70, 128, 1}, kWgmma);
+    check_attention({1, 200, 128, 1}, kWgmma);
     check_attention({1, 33, 256, 1}, kWgmmaForward);
   });
   EXPECT_TRUE(emu::attention_bf16_wgmma_supported(168));
