@@ -126,38 +126,32 @@ TEST(CudaEmulationSelf, WgmmaResultsLandAtTheWaitAndChainBeforeIt) {
   for (int t = 0; t < 128; ++t) EXPECT_EQ(out[t], 32.0f) << "thread " << t << ": landed at the issue";
 }
 
-TEST(CudaEmulationSelf, SharedMemoryAWgmmaReadsMustNotChangeBeforeItsWait) {
-  // A GPU reads a wgmma's shared operands at any time up to the wait that covers it: the emulation reads
-  // them at the issue and again at the wait, under both schedules, and traps where they changed.
+// A GPU reads a wgmma's operands at any time up to the wait that covers it: the emulation reads them at
+// the issue and again at the wait, under both schedules. run(out, true) changes an operand before the
+// wait, which must be the error naming `what`; run(out, false) after it, which gives 16 an element.
+void check_change_before_the_wait_is_an_error(void (*run)(float*, bool), const std::string& what) {
   for (auto schedule : {kraken_emu::Schedule::kAscending, kraken_emu::Schedule::kDescending}) {
     kraken_emu::set_schedule(schedule);
     std::vector<float> out(128, -1.0f);
     try {
-      self::wgmma_overwrite(out.data(), true);
-      ADD_FAILURE() << "A overwritten before the wait: no error";
+      run(out.data(), true);
+      ADD_FAILURE() << "changed before the wait: no error ('" << what << "')";
     } catch (const std::runtime_error& e) {
-      EXPECT_NE(std::string(e.what()).find("in flight"), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
     }
-    self::wgmma_overwrite(out.data(), false);  // after the wait and a barrier: allowed
-    for (int t = 0; t < 128; ++t) EXPECT_EQ(out[t], 16.0f) << "thread " << t;
+    run(out.data(), false);
+    for (int t = 0; t < 128; ++t) EXPECT_EQ(out[t], 16.0f) << "changed after the wait, thread " << t;
   }
   kraken_emu::set_schedule(kraken_emu::Schedule::kAscending);
 }
 
+TEST(CudaEmulationSelf, SharedMemoryAWgmmaReadsMustNotChangeBeforeItsWait) {
+  // (after the wait and a barrier: allowed)
+  check_change_before_the_wait_is_an_error(self::wgmma_overwrite, "shared memory that a wgmma in flight reads");
+}
+
 TEST(CudaEmulationSelf, ARegistersOfAWgmmaMustNotChangeBeforeItsWait) {
-  for (auto schedule : {kraken_emu::Schedule::kAscending, kraken_emu::Schedule::kDescending}) {
-    kraken_emu::set_schedule(schedule);
-    std::vector<float> out(128, -1.0f);
-    try {
-      self::wgmma_register_overwrite(out.data(), true);
-      ADD_FAILURE() << "an A register changed before the wait: no error";
-    } catch (const std::runtime_error& e) {
-      EXPECT_NE(std::string(e.what()).find("A registers"), std::string::npos) << e.what();
-    }
-    self::wgmma_register_overwrite(out.data(), false);  // after the wait: allowed
-    for (int t = 0; t < 128; ++t) EXPECT_EQ(out[t], 16.0f) << "thread " << t;
-  }
-  kraken_emu::set_schedule(kraken_emu::Schedule::kAscending);
+  check_change_before_the_wait_is_an_error(self::wgmma_register_overwrite, "A registers of a wgmma in flight");
 }
 
 TEST(CudaEmulationSelf, CpAsyncLandsAtTheWaitOrAtTheIssue) {
