@@ -38,8 +38,9 @@
 //    and on CUDA cores, then both tensor-core families on one sub-layer of the Kraken 4-way preset (3
 //    heads of D = 168), and cuDNN's fused attention on both shapes (a row saying why where cuDNN refuses
 //    the shape). The training rows take what attention_bf16_kernels(D) names (cuDNN where it takes the
-//    head size, else mma up to D = 192, by default; KRAKEN_CUDA_ATTENTION=mma|tc|simt|cudnn forces one),
-//    printed with each model.
+//    head size, else mma up to D = 192, by default; KRAKEN_CUDA_ATTENTION=mma|tc|simt|cudnn|wgmma forces
+//    one), printed with each model (attention_bf16_kernels_label: until the twenty-second session the
+//    wgmma variant's rows read "cudnn").
 // Without a GPU it prints why and exits 0.
 #include <algorithm>
 #include <chrono>
@@ -434,8 +435,7 @@ void bench_model(const char* label, const KrakenConfig& c, DType compute, int64_
   // The bf16 rows name the attention kernels their heads take (kernels/attention.h).
   std::string precision = compute == DType::BF16 ? "bf16" : "fp32";
   if (compute == DType::BF16)
-    precision += std::string(", attention ") +
-                 kraken::kernels::attention_bf16_kernels_name(kraken::kernels::attention_bf16_kernels(c.head_size()));
+    precision += ", attention " + kraken::kernels::attention_bf16_kernels_label(c.head_size());
   const double n = o.steps;
   r.line("| %s | %s | %.1fM | %lld×%lld | %.1f | %.0f | %.1f | %s | %.1f / %.1f | %.1f / %.1f (%s) | %.2f / %.2f | %.1f | "
          "%.1f / %.3g | %.3f |",

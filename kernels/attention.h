@@ -136,7 +136,8 @@ bool attention_bf16_mma_supported(int64_t D);
 // capability 9.0 devices only): the mma kernels' contract and arithmetic (their out and lse serve any
 // backward above, and theirs any forward), deterministic. The forward takes head sizes 64, 128, 168 and
 // 256 with qkv 16-byte and out 4-byte aligned; the backward (adds into dqkv) 64, 128 and 168 with every
-// buffer 16-byte aligned. Opt-in while unmeasured: KRAKEN_CUDA_ATTENTION=wgmma.
+// buffer 16-byte aligned. Opt-in, KRAKEN_CUDA_ATTENTION=wgmma: on an H200 faster than the mma kernels (but
+// for the D = 64 forward), slower than cuDNN's in a training step (bench/RESULTS.md, twenty-second session).
 void attention_forward_bf16_wgmma_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T,
                                        int64_t C, int64_t NH, CUstream_st* stream);
 void attention_backward_bf16_wgmma_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv,
@@ -177,5 +178,10 @@ AttentionBf16Kernels attention_bf16_kernels_for_call(int64_t B, int64_t T, int64
 // WMMA above, simt.
 AttentionBf16Kernels attention_bf16_kernels_fallback(int64_t D);
 const char* attention_bf16_kernels_name(AttentionBf16Kernels kernels);  // "simt", "tc", "mma" or "cudnn"
+// What a bf16 step's attention runs at head size D, for reports: attention_bf16_kernels_name of
+// attention_bf16_kernels(D), except where KRAKEN_CUDA_ATTENTION=wgmma takes the head size (which
+// attention_bf16_kernels leaves out: the wgmma kernels are chosen per call): "wgmma", or "wgmma forward,
+// <name> backward" for a head size only the wgmma forward takes (256).
+std::string attention_bf16_kernels_label(int64_t D);
 
 }  // namespace kraken::kernels

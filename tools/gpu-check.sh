@@ -264,20 +264,21 @@ test_variant() {
   md_tail "$logs/gpu-tests-$name-summary.log" 30
   [[ $rc -eq 0 ]] || fail "GPU tests with $setting (exit status $rc)"
 }
-# The wgmma attention kernels (kernels/cuda/attention_wgmma.cu, twentieth session, never run): their own tests,
+# The wgmma attention kernels (kernels/cuda/attention_wgmma.cu, twentieth session; first run and passed in the
+# twenty-second, bench/RESULTS.md): their own tests,
 # the dispatch, the attention op in mixed precision at D = 64 and 168 against the CPU, the models and the
 # allocator's degree-4 model (D = 128) and the trainer with them.
 [[ $wgmma_ok -eq 1 ]] && test_variant wgmma KRAKEN_CUDA_ATTENTION=wgmma 120 \
   'GpuAttentionWgmma.*:GpuAttentionTc.DispatchTakesOnePathForForwardAndBackward:GpuMixedPrecision.*:GpuModel.*:GpuAllocator.*:GpuTrainer.MixedPrecision*' \
   "the wgmma kernels: their tests, the dispatch, the attention op at D = 64 and 168, the models, the trainer"
 # cuDNN's backward with dQ summed in f32 with atomics (KRAKEN_CUDNN_ATTENTION_BACKWARD=atomic; built in the
-# eleventh session, never run): whether cuDNN plans that graph, its results against the CPU and mma, and the
+# eleventh session, first run in the twelfth): whether cuDNN plans that graph, its results against the CPU and mma, and the
 # mixed-precision models and trainer on it (cuDNN for every shape, small ones included).
 test_variant atomic "KRAKEN_CUDNN_ATTENTION_BACKWARD=atomic KRAKEN_CUDA_ATTENTION=cudnn" 120 \
   'GpuAttentionCudnn.*:GpuModel.Degree2*:GpuTrainer.MixedPrecision*' \
   "cuDNN's atomic dQ: the attention tests, a degree-2 model, the mixed-precision trainer"
 # The column sums' long chunks (KRAKEN_CUDA_COLUMN_CHUNKS=long, kernels/cuda/column_chunks.h; built in the
-# thirteenth session, never run): the bias gradients at a step's scale and in the models' linears.
+# thirteenth session, first run in the fifteenth): the bias gradients at a step's scale and in the models' linears.
 test_variant colchunks KRAKEN_CUDA_COLUMN_CHUNKS=long 90 \
   'GpuBf16Kernels.SumRows*:GpuBf16Kernels.BroadcastAdd*:GpuLinear.*:GpuMlp.*:GpuModel.*' \
   "the bias gradients' sums, the linears, the MLP, the models"
@@ -350,8 +351,8 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
     if [[ -f "$logs/bench-$name.md" ]]; then grep -E '^\|' "$logs/bench-$name.md" >> "$report"; else md_tail "$logs/bench-$name.log" 20; fi
     [[ $rc -eq 0 ]] || fail "benchmark with ${setting:-the defaults}, $what (exit status $rc)"
   }
-  # The wgmma attention kernels (twentieth session, never run) in the training step: first, the newest
-  # question.
+  # The wgmma attention kernels (opt-in; slower than cuDNN's at both head sizes in the twenty-second
+  # session's step, bench/RESULTS.md) in the training step, against the defaults' rows above.
   [[ $wgmma_ok -eq 1 ]] &&
     bench_variant wgmma KRAKEN_CUDA_ATTENTION=wgmma 150 90 "the wgmma attention kernels" --training-only --batch 8,64
   # GPT-2's step on token ids as text has them (KRAKEN_BENCH_IDS=text: Zipf's law; uniform ids, the
@@ -474,12 +475,19 @@ EOF
   # the budget allows: both are much slower than a plain run. Of the tensor-core attention, the small
   # cases (every copy width, head sizes 5 to 96) and the heads above 128, of both families (WMMA, mma.sync).
   # GpuMlp.OddShapesMatchTheCpu: the cuBLASLt GELU epilogues' aux and bias-gradient writes at odd shapes.
+  # The wgmma kernels (GpuAttentionWgmma.*: asynchronous shared-memory reads up to each wait, which the
+  # emulation checks and racecheck watches on the GPU; clean under memcheck, racecheck and synccheck in the
+  # twenty-second session, ~16 s under racecheck) where their own first run passed.
   kernel_filter='GpuMlp.OddShapesMatchTheCpu:GpuAttention.*:GpuAttentionTc.MatchesTheRoundedCpuWithUnalignedBuffersAndSmallHeads:GpuAttentionTc.MatchesTheRoundedCpuForHeadsAbove128:GpuAttentionMma.MatchesTheRoundedCpuWithUnalignedBuffersAndSmallHeads:GpuAttentionMma.MatchesTheRoundedCpuForHeadsAbove128:GpuBf16Kernels.*:GpuLayerNorm.*:GpuEmbedding.*:GpuSoftmax.*:GpuCrossEntropy.*:GpuElementwise.*:GpuMatmul*:GpuDropout.*:GpuPhilox.*'
   # racecheck leaves out the tests that run cuBLASLt's products at large shapes: it reports shared-memory
   # hazards inside cuBLASLt's own Hopper kernels (nvjet_sm90_*, warp-specialised, synchronised through
   # mbarriers racecheck does not follow; 11 reports in GpuMatmulBf16.GeluEpilogueIsTheTanhForm and
   # …TrainingEpiloguesHaveAlgorithmsAtGpt2Shapes on an H200, none in our kernels: bench/RESULTS.md).
   race_filter='GpuAttention.*:GpuAttentionTc.MatchesTheRoundedCpuWithUnalignedBuffersAndSmallHeads:GpuAttentionTc.MatchesTheRoundedCpuForHeadsAbove128:GpuAttentionMma.MatchesTheRoundedCpuWithUnalignedBuffersAndSmallHeads:GpuAttentionMma.MatchesTheRoundedCpuForHeadsAbove128:GpuBf16Kernels.*:GpuLayerNorm.*:GpuEmbedding.*:GpuSoftmax.*:GpuCrossEntropy.*:GpuElementwise.*:GpuDropout.*:GpuPhilox.*:GpuCastMany.*:GpuReduce*:GpuOptimizer.*'
+  if [[ $wgmma_ok -eq 1 ]]; then
+    kernel_filter+=':GpuAttentionWgmma.*'
+    race_filter+=':GpuAttentionWgmma.*'
+  fi
   for tool in memcheck racecheck; do
     filter=$kernel_filter
     [[ $tool == racecheck ]] && filter=$race_filter

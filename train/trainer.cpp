@@ -464,7 +464,7 @@ std::string Trainer::describe() const {
     // Which attention and epilogues the bf16 step takes (kernels/attention.h, runtime/ops.h): the
     // switches' effect, said once, so that a run's numbers can be told apart.
     const kernels::AttentionBf16Kernels kind = kernels::attention_bf16_kernels(m.head_size());
-    std::string attention = kernels::attention_bf16_kernels_name(kind);
+    std::string attention = kernels::attention_bf16_kernels_label(m.head_size());
     const char* choice = std::getenv("KRAKEN_CUDA_ATTENTION");
     if (kind == kernels::AttentionBf16Kernels::kCudnn && (choice == nullptr || *choice == '\0') &&
         c.train.batch_size * c.train.seq_len < kernels::kAttentionCudnnDefaultMinTokens)
