@@ -54,6 +54,9 @@ void mul_cuda(float* out, const float* a, const float* b, int64_t n, CUstream_st
 void add_broadcast_cuda(float* out, const float* a, const float* b, int64_t rows, int64_t cols,
                         CUstream_st* stream);
 void sum_rows_cuda(float* db, const float* dout, int64_t rows, int64_t cols, CUstream_st* stream);
+// The f32 form of sum_rows_grouped_bf16_cuda (below): the bits of a sum_rows_cuda call per block.
+void sum_rows_grouped_cuda(float* db, const float* dout, int64_t groups, int64_t rows, int64_t cols,
+                           CUstream_st* stream);
 void gelu_forward_cuda(float* out, const float* x, int64_t n, CUstream_st* stream);
 void gelu_backward_cuda(float* dx, const float* x, const float* dout, int64_t n, CUstream_st* stream);
 void cast_f32_to_bf16_cuda(uint16_t* out, const float* x, int64_t n, CUstream_st* stream);
@@ -82,6 +85,12 @@ void add_broadcast_bf16_cuda(uint16_t* out, const uint16_t* a, const uint16_t* b
                              CUstream_st* stream);
 // db[:] += Σ_r dout[r, :], the sum in f32 (same fixed order as sum_rows_cuda), one rounding at the end.
 void sum_rows_bf16_cuda(uint16_t* db, const uint16_t* dout, int64_t rows, int64_t cols, CUstream_st* stream);
+// The same for `groups` consecutive (rows, cols) blocks of dout, db (groups, cols): db[g] += block g's
+// column sums, the bits of a sum_rows_bf16_cuda call per block, in one launch of each of the column
+// sums' two passes where cols is a multiple of 8 and rows ≥ 64 (a grouped linear's or MLP's bias
+// gradients: the Kraken sub-layers', which took a launch pair per sub-layer), else a call per block.
+void sum_rows_grouped_bf16_cuda(uint16_t* db, const uint16_t* dout, int64_t groups, int64_t rows, int64_t cols,
+                                CUstream_st* stream);
 // db[:] += Σ_r dout[r, :] for an f32 db: the bits of sum_rows_cuda on dout widened to f32 (the token and
 // position embedding's position gradient from the bf16 gradient itself, kernels/embedding.h).
 void sum_rows_bf16_to_f32_cuda(float* db, const uint16_t* dout, int64_t rows, int64_t cols, CUstream_st* stream);

@@ -13,6 +13,9 @@
 //           and hand the total to `apply`; where there are one or two chunks, a thread per column.
 // The order of every sum depends on rows and cols alone (and on KRAKEN_CUDA_COLUMN_CHUNKS, column_chunks.h):
 // the same bits on every run and every device.
+// Sets: several (rows, cols) matrices one after another (the Kraken sub-layers' bias gradients, one per
+// sub-layer), each summed on its own in one launch of each pass — the chunks of a set start at its first
+// row, so every set's sums are the bits of a call of its own.
 // Needs cols a multiple of 8 and the matrices 16-byte aligned; callers keep a one-pass kernel otherwise.
 #pragma once
 
@@ -35,15 +38,19 @@ constexpr int kRowGroups = 32;                            // threads down the ro
 constexpr int kColumnSumThreads = kColumnThreads * kRowGroups;
 
 // Pass 1. terms(r, c0, t) gives row r's K terms of columns c0 .. c0 + 7: t[k][i] for column c0 + i.
-// partials[(k · chunks + chunk) · cols + c] = Σ over the chunk's rows of term k at column c.
+// partials[(k · chunks + chunk) · cols + c] = Σ over the chunk's rows of term k at column c, chunks =
+// gridDim.y. blockIdx.y is set · set_chunks + the chunk within the set; set s is rows s·rows .. (s + 1)·rows − 1
+// (one set: set_chunks = gridDim.y).
 template <int K, typename Terms>
 __global__ void __launch_bounds__(kColumnSumThreads)
-    column_partials_kernel(float* partials, int64_t rows, int64_t cols, int64_t chunk, Terms terms) {
+    column_partials_kernel(float* partials, int64_t rows, int64_t cols, int64_t chunk, int64_t set_chunks,
+                           Terms terms) {
   __shared__ float sums[K][kRowGroups][kColumnsPerBlock + 4];
   const int ct = threadIdx.x % kColumnThreads, group = threadIdx.x / kColumnThreads;
   const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kColumnsPerBlock + 8 * ct;
-  const int64_t r_begin = static_cast<int64_t>(blockIdx.y) * chunk;
-  const int64_t r_end = r_begin + chunk < rows ? r_begin + chunk : rows;
+  const int64_t set = blockIdx.y / set_chunks, set_end = (set + 1) * rows;
+  const int64_t r_begin = set * rows + (blockIdx.y - set * set_chunks) * chunk;
+  const int64_t r_end = r_begin + chunk < set_end ? r_begin + chunk : set_end;
   float acc[K][8] = {};
   if (c0 < cols) {
 #pragma unroll 4
@@ -165,20 +172,29 @@ void launch_column_totals(const float* partials, int64_t chunks, int64_t cols, A
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
 
-// Both passes on `stream`; cols % 8 == 0, rows ≥ 1.
+// Both passes on `stream`; cols % 8 == 0, rows ≥ 1. `sets` matrices of `rows` rows each (rows: per set),
+// terms taking the row's index among all sets' rows and apply the set as blockIdx.y; more than one set
+// for one term only (K = 1: the partials of a set are then consecutive, as the second pass reads them).
+// column_sums_fit says whether a shape fits the grid (the first pass's sets × chunks blocks in y).
+inline bool column_sums_fit(int64_t rows, int64_t cols, int64_t sets = 1) {
+  const int64_t chunk = chunk_rows(rows, cols, default_column_chunks());
+  return rows >= 1 && cols % 8 == 0 && sets >= 1 && (cols + kColumnsPerBlock - 1) / kColumnsPerBlock <= 0x7fffffffLL &&
+         sets * ((rows + chunk - 1) / chunk) <= 65535;
+}
 template <int K, typename Terms, typename Apply>
-void column_sums(int64_t rows, int64_t cols, Terms terms, Apply apply, cudaStream_t stream, const char* name) {
+void column_sums(int64_t rows, int64_t cols, Terms terms, Apply apply, cudaStream_t stream, const char* name,
+                 int64_t sets = 1) {
   const int64_t chunk = chunk_rows(rows, cols, default_column_chunks());
   const int64_t chunks = (rows + chunk - 1) / chunk;
   const int64_t column_blocks = (cols + kColumnsPerBlock - 1) / kColumnsPerBlock;
-  KRAKEN_CHECK(cols % 8 == 0 && column_blocks <= 0x7fffffffLL && chunks <= 65535, name, ": ", rows, " rows × ",
-               cols, " columns");
+  KRAKEN_CHECK(column_sums_fit(rows, cols, sets) && (K == 1 || sets == 1), name, ": ", sets, " × ", rows,
+               " rows × ", cols, " columns");
   float* partials = static_cast<float*>(
-      device_scratch(ScratchSlot::kColumnSums, sizeof(float) * static_cast<size_t>(K * chunks * cols)));
-  KRAKEN_KERNEL(dim3(static_cast<unsigned>(column_blocks), static_cast<unsigned>(chunks)), kColumnSumThreads, 0,
-                stream, column_partials_kernel<K, Terms>)(partials, rows, cols, chunk, terms);
+      device_scratch(ScratchSlot::kColumnSums, sizeof(float) * static_cast<size_t>(K * sets * chunks * cols)));
+  KRAKEN_KERNEL(dim3(static_cast<unsigned>(column_blocks), static_cast<unsigned>(sets * chunks)), kColumnSumThreads, 0,
+                stream, column_partials_kernel<K, Terms>)(partials, rows, cols, chunk, chunks, terms);
   KRAKEN_CUDA_LAUNCH_CHECK();
-  launch_column_totals<K>(partials, chunks, cols, apply, stream);
+  launch_column_totals<K>(partials, chunks, cols, apply, stream, static_cast<int>(sets), chunks * cols);
 }
 
 }  // namespace kraken::kernels::cuda_detail

@@ -23,6 +23,7 @@ using cuda_detail::aligned16;
 using cuda_detail::as_bf16;
 using cuda_detail::blocks_for;
 using cuda_detail::column_sums;
+using cuda_detail::column_sums_fit;
 using cuda_detail::load;
 using cuda_detail::load8;
 using cuda_detail::store;
@@ -481,6 +482,16 @@ struct AddToColumn {
     store(db + c, load(db + c) + totals[0]);
   }
 };
+// The same for sets of columns (column_sums.h's sets, blockIdx.y the set): db (sets, cols).
+template <typename T>
+struct AddToSetColumn {
+  T* db;
+  int64_t cols;
+  __device__ __forceinline__ void operator()(int64_t c, const float (&totals)[1]) const {
+    T* d = db + static_cast<int64_t>(blockIdx.y) * cols + c;
+    store(d, load(d) + totals[0]);
+  }
+};
 // db (TOut) += the column sums of dout (TIn), every sum in f32 in an order set by rows and cols alone: the
 // same bits for bf16 terms as for the same terms widened to f32 (the widening is exact).
 template <typename TOut, typename TIn>
@@ -508,10 +519,25 @@ void sum_rows(TOut* db, const TIn* dout, int64_t rows, int64_t cols, CUstream_st
   (db, dout, rows, cols);
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
+// db[g] += the column sums of block g of dout, for `groups` consecutive (rows, cols) blocks: one launch of
+// each column-sum pass for them all where the two-pass kernels take the shape (each block's sums the bits
+// of its own call: column_sums.h's sets), else one sum_rows per block.
+template <typename TOut, typename TIn>
+void sum_rows_grouped(TOut* db, const TIn* dout, int64_t groups, int64_t rows, int64_t cols, CUstream_st* s,
+                      const char* name) {
+  if (groups > 1 && rows >= kSumGroups && cols > 0 && aligned16(dout) && column_sums_fit(rows, cols, groups)) {
+    column_sums<1>(rows, cols, RowOf<TIn>{dout, cols}, AddToSetColumn<TOut>{db, cols}, s, name, groups);
+    return;
+  }
+  for (int64_t g = 0; g < groups; ++g) sum_rows(db + g * cols, dout + g * rows * cols, rows, cols, s, name);
+}
 }  // namespace
 
 void sum_rows_cuda(float* db, const float* dout, int64_t rows, int64_t cols, CUstream_st* s) {
   sum_rows(db, dout, rows, cols, s, "sum_rows_cuda");
+}
+void sum_rows_grouped_cuda(float* db, const float* dout, int64_t groups, int64_t rows, int64_t cols, CUstream_st* s) {
+  sum_rows_grouped(db, dout, groups, rows, cols, s, "sum_rows_grouped_cuda");
 }
 void gelu_forward_cuda(float* out, const float* x, int64_t n, CUstream_st* s) {
   KRAKEN_LAUNCH(gelu_forward_kernel<float>, n, s, out, x, n);
@@ -572,6 +598,10 @@ void add_broadcast_bf16_cuda(uint16_t* out, const uint16_t* a, const uint16_t* b
 }
 void sum_rows_bf16_cuda(uint16_t* db, const uint16_t* dout, int64_t rows, int64_t cols, CUstream_st* s) {
   sum_rows(as_bf16(db), as_bf16(dout), rows, cols, s, "sum_rows_bf16_cuda");
+}
+void sum_rows_grouped_bf16_cuda(uint16_t* db, const uint16_t* dout, int64_t groups, int64_t rows, int64_t cols,
+                                CUstream_st* s) {
+  sum_rows_grouped(as_bf16(db), as_bf16(dout), groups, rows, cols, s, "sum_rows_grouped_bf16_cuda");
 }
 void sum_rows_bf16_to_f32_cuda(float* db, const uint16_t* dout, int64_t rows, int64_t cols, CUstream_st* s) {
   sum_rows(db, as_bf16(dout), rows, cols, s, "sum_rows_bf16_to_f32_cuda");

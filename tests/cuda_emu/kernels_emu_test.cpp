@@ -1160,6 +1160,46 @@ void check_sum_rows() {
 
 TEST(CudaEmulation, ColumnSumsMatchTheCpuOnEveryPath) { under_both_schedules(check_sum_rows); }
 
+// The grouped column sums (a grouped linear's bias gradients): every group's sums the bits of a sum_rows
+// call of its own, f32 and bf16 — one launch of each pass for all groups where the two-pass kernels take the
+// shape: 128-row chunks with a partial last one in each group (300 rows: a chunk must not run into the next
+// group), 512-row chunks (2048 columns; 600 rows), rows a multiple of the chunk (256); and the per-group
+// calls where they do not (40 rows, fewer than the row groups; 100 columns, not a multiple of 8). Nothing
+// written past the groups' sums.
+void check_grouped_sum_rows() {
+  struct Shape3 {
+    int64_t groups, rows, cols;
+  };
+  for (const Shape3& sh : {Shape3{3, 300, 72}, Shape3{2, 600, 2048}, Shape3{4, 256, 136}, Shape3{3, 40, 64},
+                           Shape3{2, 300, 100}}) {
+    const std::string what = " (" + std::to_string(sh.groups) + " × " + std::to_string(sh.rows) + " × " +
+                             std::to_string(sh.cols) + ")";
+    const size_t n = static_cast<size_t>(sh.groups * sh.rows * sh.cols), m = static_cast<size_t>(sh.groups * sh.cols);
+    const std::vector<float> x = normal(n, 19), db0 = normal(m, 20);
+    std::vector<float> db = db0, db_each = db0;
+    db.push_back(1234.5f);  // a sentinel past the end
+    emu::sum_rows_grouped_cuda(db.data(), x.data(), sh.groups, sh.rows, sh.cols, nullptr);
+    for (int64_t g = 0; g < sh.groups; ++g)
+      emu::sum_rows_cuda(db_each.data() + g * sh.cols, x.data() + g * sh.rows * sh.cols, sh.rows, sh.cols, nullptr);
+    EXPECT_EQ(std::memcmp(db.data(), db_each.data(), m * sizeof(float)), 0)
+        << "emulated grouped sum_rows" << what << ": not the bits of one call per group";
+    EXPECT_EQ(db[m], 1234.5f) << "emulated grouped sum_rows" << what << " wrote past the end";
+
+    const std::vector<uint16_t> x16 = to_bf16(x), db16_0 = to_bf16(db0);
+    std::vector<uint16_t> db16 = db16_0, db16_each = db16_0;
+    db16.push_back(0x7fff);
+    emu::sum_rows_grouped_bf16_cuda(db16.data(), x16.data(), sh.groups, sh.rows, sh.cols, nullptr);
+    for (int64_t g = 0; g < sh.groups; ++g)
+      emu::sum_rows_bf16_cuda(db16_each.data() + g * sh.cols, x16.data() + g * sh.rows * sh.cols, sh.rows, sh.cols,
+                              nullptr);
+    EXPECT_EQ(std::vector<uint16_t>(db16.begin(), db16.begin() + static_cast<std::ptrdiff_t>(m)), db16_each)
+        << "emulated grouped bf16 sum_rows" << what << ": not the bits of one call per group";
+    EXPECT_EQ(db16[m], 0x7fff) << "emulated grouped bf16 sum_rows" << what << " wrote past the end";
+  }
+}
+
+TEST(CudaEmulation, GroupedColumnSumsAreOneCallPerGroupsBits) { under_both_schedules(check_grouped_sum_rows); }
+
 // The two-pass column sums' bits, rebuilt here from the order column_sums.h documents: pass 1, for each chunk
 // of chunk_rows(…) rows, 32 row groups each adding rows g, g + 32, … from 0, then the tree over the groups
 // (strides 16 … 1); pass 2, 64 chunk groups each adding chunks g, g + 64, … from 0, then the tree (strides

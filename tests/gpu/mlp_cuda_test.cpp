@@ -116,8 +116,9 @@ TEST(GpuMlp, GroupedMatchesTheCpuAtEveryLevel) {
 
 TEST(GpuGroupedLinear, MatchesTheCpuWithAndWithoutBiases) {
   KRAKEN_REQUIRE_GPU();
-  // One strided-batch product per direction; a bias is added per group after the product (a second
-  // rounding where the CPU rounds once: two ulps, as above).
+  // Without biases one strided-batch product per direction; with them the forward is a product per group
+  // with the bias in its epilogue (one rounding, as the CPU's; until the twenty-second session a pass after
+  // the product, a second rounding), and the bias gradients one grouped column sum. Two ulps, as above.
   auto linear_op = [](const std::vector<Tensor>& v) { return ops::linear(v[0], v[1], v[2]); };
   for (bool bias : {false, true}) {
     const std::vector<Tensor> in = {bf16_leaf({4, 2, 128, 504}, 111), bf16_leaf({4, 1512, 504}, 112, 0.045f),
