@@ -2,11 +2,15 @@
 //
 //   build/bin/gpu_train_bench [--out report.md] [--batch B,B,...] [--steps N] [--warmup N] [--peak-tflops X]
 //                             [--model gpt2|kraken4|kraken4-768|all] [--precision bf16|fp32|all] [--training-only]
-//                             [--no-host-probe] [--layers L]
+//                             [--no-host-probe] [--layers L] [--timeline]
 //
 // --model, --precision and --training-only pick a part of the report: tools/gpu-profile.sh runs one
 // model's step under Nsight Compute that way. --layers L gives both presets L layers instead of 12 (the
 // rows say so): what scales with the number of launches a step makes, the host's waits among them.
+// --timeline (or KRAKEN_BENCH_TIMELINE=1) runs one more step of each training row under CUPTI and says,
+// after the table, where its wall time went: the GPU busy or idle between the first kernel and the last,
+// the longest idle gaps with the kernels either side, and each kernel's time in the step, to set beside
+// ncu's times of the kernels alone (bench/gpu_timeline.h; built where the toolkit has CUPTI).
 //
 // 1. Training throughput, mixed precision (bf16 activations and cuBLASLt products, f32 masters: the
 //    GPU's default) and fp32, of the trainer's step without the data loader (forward, cross-entropy,
@@ -64,6 +68,7 @@
 #include "runtime/ops.h"
 #include "runtime/rng.h"
 #include "train/trainer.h"
+#include "bench/gpu_timeline.h"
 
 #if KRAKEN_WITH_CUDA
 #include <cuda_profiler_api.h>
@@ -99,18 +104,22 @@ struct Options {
   bool training_only = false;     // skip the kernel tables
   bool host_probe = true;         // the bracketed backward issue time (behind ~100 ms of queued fp32 products)
   int64_t layers = 0;             // 0: the presets' 12; fewer to see what scales with the launches a step makes
+  bool timeline = false;          // one more step of each training row under CUPTI (gpu_timeline.h)
 };
 
 // Lines of the report: printed as they come and collected for --out.
 struct Report {
   std::string text;
   void line(const char* fmt, ...) __attribute__((format(printf, 2, 3))) {
-    char buf[1024];
-    va_list args;
+    va_list args, again;
     va_start(args, fmt);
-    std::vsnprintf(buf, sizeof buf, fmt, args);
+    va_copy(again, args);
+    const int n = std::vsnprintf(nullptr, 0, fmt, args);
     va_end(args);
-    std::printf("%s\n", buf);
+    std::string buf(n > 0 ? static_cast<size_t>(n) : 0, '\0');
+    if (n > 0) std::vsnprintf(buf.data(), buf.size() + 1, fmt, again);
+    va_end(again);
+    std::printf("%s\n", buf.c_str());
     std::fflush(stdout);
     text += buf;
     text += "\n";
@@ -160,10 +169,11 @@ Options parse(int argc, char** argv) {
     else if (a == "--training-only") o.training_only = true;
     else if (a == "--no-host-probe") o.host_probe = false;
     else if (a == "--layers") o.layers = std::atoll(value().c_str());
+    else if (a == "--timeline") o.timeline = true;
     else {
       std::fprintf(stderr, "usage: gpu_train_bench [--out FILE] [--batch B,...] [--steps N] [--warmup N] [--peak-tflops X] "
                            "[--model gpt2|kraken4|kraken4-768|all] [--precision bf16|fp32|all] [--training-only] "
-                           "[--no-host-probe] [--layers L]\n");
+                           "[--no-host-probe] [--layers L] [--timeline]\n");
       std::exit(2);
     }
   }
@@ -177,6 +187,8 @@ Options parse(int argc, char** argv) {
   };
   one_of("--model", o.model, {"gpt2", "kraken4", "kraken4-768", "all"});
   one_of("--precision", o.precision, {"bf16", "fp32", "all"});
+  const char* timeline_env = std::getenv("KRAKEN_BENCH_TIMELINE");
+  if (timeline_env && std::strcmp(timeline_env, "1") == 0) o.timeline = true;
   return o;
 }
 
@@ -300,8 +312,58 @@ Tensor zipf_ids(int64_t N, int64_t vocab, uint64_t seed) {
   return Tensor::from_ints(v, {N}, Device::cuda(0));
 }
 
+// What --timeline says of one step (gpu_timeline.h), as report lines: the window, busy and idle time, the
+// idle time by gap length, the longest gaps, and the kernels that took most of the step.
+std::vector<std::string> timeline_lines(const std::string& what, double step_ms, double timed_ms,
+                                        const std::vector<kraken::bench::Span>& spans) {
+  using kraken::bench::summarize_timeline;
+  const kraken::bench::TimelineSummary t = summarize_timeline(spans);
+  std::vector<std::string> out;
+  char buf[1024];
+  auto ms = [](uint64_t ns) { return static_cast<double>(ns) * 1e-6; };
+  std::snprintf(buf, sizeof buf,
+                "**%s**: one step under CUPTI %.1f ms (the timed steps' %.1f); first kernel to last %.2f ms, the GPU "
+                "busy %.2f ms (%zu kernels, copies and fills) and idle %.2f ms in %zu gaps.",
+                what.c_str(), step_ms, timed_ms, ms(t.window_ns), ms(t.busy_ns), t.spans, ms(t.idle_ns()), t.gaps.size());
+  out.push_back(buf);
+  // Idle time by the length of its gaps: many short ones are launches the GPU outran, long ones the host
+  // or a synchronisation.
+  const uint64_t edges[] = {10'000, 100'000, 1'000'000};
+  uint64_t sum[4] = {}, count[4] = {};
+  for (const auto& g : t.gaps) {
+    int b = 0;
+    while (b < 3 && g.length_ns >= edges[b]) ++b;
+    sum[b] += g.length_ns, ++count[b];
+  }
+  std::snprintf(buf, sizeof buf,
+                "Idle by gap length: < 10 µs %llu gaps, %.2f ms; 10–100 µs %llu, %.2f ms; 0.1–1 ms %llu, %.2f ms; "
+                "≥ 1 ms %llu, %.2f ms.",
+                static_cast<unsigned long long>(count[0]), ms(sum[0]), static_cast<unsigned long long>(count[1]),
+                ms(sum[1]), static_cast<unsigned long long>(count[2]), ms(sum[2]),
+                static_cast<unsigned long long>(count[3]), ms(sum[3]));
+  out.push_back(buf);
+  std::string longest = "Longest gaps:";
+  for (size_t i = 0; i < t.gaps.size() && i < 6; ++i) {
+    std::snprintf(buf, sizeof buf, "%s %.0f µs after `%.60s`, before `%.60s`", i ? ";" : "",
+                  static_cast<double>(t.gaps[i].length_ns) * 1e-3, t.gaps[i].before.c_str(), t.gaps[i].after.c_str());
+    longest += buf;
+  }
+  out.push_back(longest + ".");
+  out.push_back("");
+  out.push_back("| kernel (in the step) | launches | ms | µs a launch |");
+  out.push_back("|---|---|---|---|");
+  for (size_t i = 0; i < t.by_name.size() && i < 15; ++i) {
+    const auto& n = t.by_name[i];
+    std::snprintf(buf, sizeof buf, "| `%.110s` | %lld | %.3f | %.1f |", n.name.c_str(), static_cast<long long>(n.count),
+                  ms(n.total_ns), static_cast<double>(n.total_ns) * 1e-3 / static_cast<double>(n.count));
+    out.push_back(buf);
+  }
+  out.push_back("");
+  return out;
+}
+
 void bench_model(const char* label, const KrakenConfig& c, DType compute, int64_t B, const Options& o,
-                 const DeviceInfo& dev, Report& r) {
+                 const DeviceInfo& dev, Report& r, std::vector<std::string>& timelines) {
   const Device gpu = Device::cuda(0);
   const int64_t T = c.context;
   // The peak and the reserved memory of this model alone: the previous model's cached segments go back.
@@ -444,6 +506,29 @@ void bench_model(const char* label, const KrakenConfig& c, DType compute, int64_
          1e3 * host_backward / n, 1e3 * gpu_backward / n, busy, traffic.copied_bytes / n / 1e9,
          traffic.zeroed_bytes / n / 1e9, (mem.peak_bytes_in_use - probe_bytes) / 1e9,
          (mem.bytes_reserved - probe_bytes) / 1e9, mallocs_per_step, last_loss);
+
+  // --timeline: one more step, under CUPTI (after the row: its numbers are the timed steps' alone).
+  if (o.timeline) {
+    const std::string what = std::string(label) + ", " + precision + ", B = " + std::to_string(B);
+#if KRAKEN_BENCH_CUPTI
+    try {
+      kraken::bench::KernelTimeline timeline;
+      timed = false;
+      timeline.start();
+      const auto h0 = Clock::now();
+      step();
+      std::vector<kraken::bench::Span> spans = timeline.stop();  // (synchronises)
+      const double step_ms = 1e3 * std::chrono::duration<double>(Clock::now() - h0).count();
+      for (std::string& line : timeline_lines(what, step_ms, seconds * 1e3, spans)) timelines.push_back(std::move(line));
+    } catch (const std::exception& e) {
+      timelines.push_back("**" + what + "**: no timeline: " + e.what());
+      timelines.push_back("");
+    }
+#else
+    timelines.push_back("**" + what + "**: no timeline: gpu_train_bench was built without CUPTI.");
+    timelines.push_back("");
+#endif
+  }
 }
 
 void bench_kernels(const DeviceInfo& dev, Report& r) {
@@ -1062,6 +1147,7 @@ int main(int argc, char** argv) {
   if (o.layers > 0) gpt2.n_layer = k4.n_layer = k4_768.n_layer = o.layers;
   const bool want_gpt2 = o.model == "gpt2" || o.model == "all", want_k4 = o.model == "kraken4" || o.model == "all";
   const bool want_k4_768 = o.model == "kraken4-768";
+  std::vector<std::string> timelines;  // --timeline's lines, after the table
   for (DType compute : {DType::BF16, DType::F32}) {
     if (o.precision != "all" && o.precision != (compute == DType::BF16 ? "bf16" : "fp32")) continue;
     for (const int64_t B : o.batches) {
@@ -1069,7 +1155,7 @@ int main(int argc, char** argv) {
       // A batch too large for this device's memory (or any other failure) is a row that says so.
       auto run = [&](const char* label, const KrakenConfig& c) {
         try {
-          bench_model(label, c, compute, B, o, dev, r);
+          bench_model(label, c, compute, B, o, dev, r, timelines);
         } catch (const std::exception& e) {
           r.line("| %s | %s | | %lld×%lld | failed: %s | | | | | | | | |", label, compute == DType::BF16 ? "bf16" : "fp32",
                  static_cast<long long>(B), static_cast<long long>(c.context), e.what());
@@ -1088,6 +1174,15 @@ int main(int argc, char** argv) {
       if (want_k4) run("Kraken 125M, degree 4", k4);
       if (want_k4_768) run("GPT-2 124M's shape, degree 4 (C = 768, D = 256)", k4_768);
     }
+  }
+  if (!timelines.empty()) {
+    r.blank();
+    r.line("### One step's timeline (--timeline: CUPTI's records of kernels, copies and fills)");
+    r.line("The window runs from the step's first GPU operation to its last; idle is the window less the time some");
+    r.line("operation ran. The kernels' times are in the step, beside other work and under its clocks: set them");
+    r.line("beside tools/gpu-profile.sh's, which times each kernel alone.");
+    r.blank();
+    for (const std::string& line : timelines) r.line("%s", line.c_str());
   }
   if (o.training_only) {
     write_report(o, r);

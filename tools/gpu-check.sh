@@ -19,7 +19,8 @@
 #   4. the GPU benchmark (bench/gpu_train_bench.cpp): tokens/s, MFU, kernel bandwidth, the backward ops
 #      that keep the host (KRAKEN_AUTOGRAD_SLOW_NODE_MS), the SM clock and power meanwhile
 #      (tools/gpu-clocks.sh); then its bf16 training rows again with one
-#      switch changed each (bench_variant below), while time is left;
+#      switch changed each (bench_variant below), while time is left — first one step of each under CUPTI
+#      (--timeline: the GPU's idle time between kernels and each kernel's time in the step);
 #   5. compute-sanitizer memcheck on a short GPU training run (kraken-train, checkpoint included), then
 #      memcheck and racecheck on the GPU kernel tests while time remains (after the benchmark, since
 #      the sanitizers take whatever time is left);
@@ -348,9 +349,27 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
       md "Entries for kernels/cuda/cublaslt_picks.inc (every plan whose fastest candidate was not cuBLASLt's first):"
       grep -E '^cuBLASLt pick' "$logs/bench-$name.log" | sort -u | sed -E 's/^cuBLASLt pick: /    /' >> "$report"
     fi
-    if [[ -f "$logs/bench-$name.md" ]]; then grep -E '^\|' "$logs/bench-$name.md" >> "$report"; else md_tail "$logs/bench-$name.log" 20; fi
+    if [[ -f "$logs/bench-$name.md" ]]; then
+      # The table, then --timeline's section whole (its lines are not all table rows).
+      sed "/^### One step's timeline/q" "$logs/bench-$name.md" | grep -E '^\|' >> "$report"
+      if grep -q "^### One step's timeline" "$logs/bench-$name.md"; then
+        md ""
+        sed -n "/^### One step's timeline/,\$p" "$logs/bench-$name.md" >> "$report"
+      fi
+    else
+      md_tail "$logs/bench-$name.log" 20
+    fi
     [[ $rc -eq 0 ]] || fail "benchmark with ${setting:-the defaults}, $what (exit status $rc)"
   }
+  # Where the step's wall time goes between kernels (gpu_train_bench --timeline, CUPTI; twenty-second
+  # session, never run): the Kraken steps ran ~12% past ncu's sum of their kernels, GPT-2's ~4% — idle
+  # GPU or slower kernels in the step.
+  bench_variant timeline KRAKEN_BENCH_TIMELINE=1 150 90 "one step of each row under CUPTI" --training-only --batch 8,64
+  # GPT-2 124M's own shape at degree 4 (C = 768: 3 heads of D = 256 a sub-layer, ≈ 382M parameters), the
+  # shape issue 5 names for both degrees read literally, beside the paper's 125M preset above; B = 64 does
+  # not fit an 80 GB card. Its sub-layers' biases moved into the products' epilogues and one grouped
+  # column sum in the twenty-second session (11.7 ms of kernels a step before, at B = 32), with its timeline.
+  bench_variant wide "" 120 90 "GPT-2's shape at degree 4" --training-only --model kraken4-768 --batch 8,32 --timeline
   # The wgmma attention kernels (opt-in; slower than cuDNN's at both head sizes in the twenty-second
   # session's step, bench/RESULTS.md) in the training step, against the defaults' rows above.
   [[ $wgmma_ok -eq 1 ]] &&
@@ -398,10 +417,6 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
   # they still pay on this machine's cuBLASLt (they apply only to the version they were timed on).
   bench_variant picks KRAKEN_CUBLASLT_PICKS=0 120 90 "cuBLASLt's first choices, the committed picks ignored" \
     --training-only --batch 8,64
-  # GPT-2 124M's own shape at degree 4 (C = 768: 3 heads of D = 256 a sub-layer, ≈ 382M parameters), the
-  # shape issue 5 names for both degrees read literally, beside the paper's 125M preset above; B = 64 does
-  # not fit an 80 GB card.
-  bench_variant wide "" 120 90 "GPT-2's shape at degree 4" --training-only --model kraken4-768 --batch 8,32
   # Every product's plan timing 8 of cuBLASLt's algorithms and keeping the fastest (a measurement mode:
   # kernels/cuda/matmul_lt.cu): what cuBLASLt's first choice leaves on the table, per product and per step.
   bench_variant tune KRAKEN_CUBLASLT_TUNE=8 120 120 "cuBLASLt's algorithms timed, the fastest kept" \

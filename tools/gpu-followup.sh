@@ -81,7 +81,13 @@ for setting in "$@"; do
   grep -E '^gpu-clocks:|^cuDNN attention' "$out/bench-$n.log" | sort -u >> "$report"
   # KRAKEN_CUBLASLT_TUNE's entries for kernels/cuda/cublaslt_picks.inc, where the variant asked for them
   grep -E '^cuBLASLt (pick|tune)' "$out/bench-$n.log" | sort -u | sed 's/^/    /' >> "$report"
-  if [[ -f "$out/bench-$n.md" ]]; then grep -E '^\|' "$out/bench-$n.md" >> "$report"; else tail -n 20 "$out/bench-$n.log" >> "$report"; fi
+  if [[ -f "$out/bench-$n.md" ]]; then
+    # The table, then a --timeline section whole (KRAKEN_BENCH_TIMELINE=1 as a variant's setting).
+    sed "/^### One step's timeline/q" "$out/bench-$n.md" | grep -E '^\|' >> "$report"
+    grep -q "^### One step's timeline" "$out/bench-$n.md" && sed -n "/^### One step's timeline/,\$p" "$out/bench-$n.md" >> "$report"
+  else
+    tail -n 20 "$out/bench-$n.log" >> "$report"
+  fi
   [[ $rc -eq 0 ]] || status=1
 done
 md ""
