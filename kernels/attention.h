@@ -154,6 +154,13 @@ bool attention_bf16_wgmma_backward_usable(const uint16_t* dqkv, const uint16_t* 
 // descriptor's two strides the other way round (the reading to try where ours fails). For tests.
 void wgmma_layout_probe_cuda(float* d, const uint16_t* a, const uint16_t* b, int way, bool strides_exchanged,
                              CUstream_st* stream);
+// The mbarrier pipeline a warp-specialised attention kernel would rest on (kernels/cuda/mbarrier.h), checked
+// in one small kernel: a producer warp streams `tiles` tiles of 128 floats of x (16-byte aligned) through
+// two shared stages by cp.async with full/empty mbarriers, a consumer warp sums from each the 4 floats
+// of the next lane's piece: sums[lane] (32 floats) = Σ_t Σ_{i<4} x[128·t + 4·((lane + 1) % 32) + i].
+// mutation 0 on a GPU; 1 to 5 break one rule each, for the CPU emulation's tests of itself
+// (attention_wgmma.cu). Compute capability 9.0. For tests.
+void mbarrier_pipeline_probe_cuda(float* sums, const float* x, int tiles, int mutation, CUstream_st* stream);
 
 // The largest head the mma kernels take by default: above it their dk/dv kernel spills registers (dK and
 // dV alone are Dp registers per thread; ptxas for sm_90: 220 bytes spilled at Dp = 224, 1.3 KB at 256),

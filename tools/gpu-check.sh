@@ -213,7 +213,9 @@ md "## 3. GPU tests (ctest -L gpu)"
 # The wgmma kernels (kernels/cuda/attention_wgmma.cu, twentieth session) first and alone, under a short
 # limit: their layout probe's [gpu-wgmma] lines open the section, a hang costs 90 s instead of ctest's 300,
 # and where they fail, the benchmark leaves their rows out (KRAKEN_BENCH_WGMMA=0) and the wgmma variants
-# below do not run — a faulting kernel would otherwise take the benchmark's process with it.
+# below do not run — a faulting kernel would otherwise take the benchmark's process with it. (With them
+# since the twenty-second session: the mbarrier pipeline probe, kernels/cuda/mbarrier.h's first GPU run, whose
+# [gpu-wgmma] lines say how many of its sums were wrong; a hang of its waits ends at the same limit.)
 wgmma_ok=1
 ctest_exclude=()
 if [[ $have_gpu -eq 1 && -x "$build/tests/kraken_tests_gpu" ]]; then

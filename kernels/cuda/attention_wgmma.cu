@@ -54,6 +54,7 @@
 #include "kernels/cuda/check.h"
 #include "kernels/cuda/fast_exp.h"
 #include "kernels/cuda/launch.h"
+#include "kernels/cuda/mbarrier.h"
 #include "kernels/cuda/mma_sync.h"
 #include "kernels/cuda/scratch.h"
 #include "kernels/cuda/wgmma.h"
@@ -624,6 +625,57 @@ __global__ void __launch_bounds__(128)
     for (int e = 0; e < 4; ++e) d[(16 * warp + g + 8 * (e / 2)) * 64 + 8 * j + 2 * t + e % 2] = acc[4 * j + e];
 }
 
+// ---- the mbarrier pipeline probe ----------------------------------------------------------------------
+
+// What a warp-specialised kernel (FlashAttention-3's structure, the next step for these kernels) rests on,
+// in one small kernel a GPU test and the emulation run alike: a producer warp streams `tiles` tiles of 128
+// floats through a ring of kProbeStages shared stages by cp.async, each stage's "full" mbarrier completed
+// by its 32 lanes' arrivals on copies; a consumer warp waits on it, sums from each tile the 4 floats of
+// the next lane's piece (another thread's copy: the barrier must have made it visible), and arrives on the
+// stage's "empty" barrier, which the producer waits on before it refills the stage. sums[lane] = Σ over
+// the tiles of x[128·t + 4·((lane + 1) % 32) + i], i < 4. `mutation` breaks one rule, for the emulation's
+// tests of itself (0 on a GPU): 1 the consumers skip the full wait, 2 the producer the empty wait, 3 the
+// producer stops a tile short (the consumers wait forever), 4 a consumer writes over a barrier, 5 no
+// barrier is initialised.
+constexpr int kProbeStages = 2, kProbeTileFloats = 128;
+constexpr size_t kProbePipelineBytes = kProbeStages * kProbeTileFloats * sizeof(float) + 2 * kProbeStages * 8;
+__global__ void __launch_bounds__(64) mbarrier_pipeline_probe_kernel(float* sums, const float* x, int tiles,
+                                                                      int mutation) {
+  KRAKEN_DYNAMIC_SHARED(unsigned char, smem);
+  float* stages = reinterpret_cast<float*>(smem);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kProbeStages * kProbeTileFloats * sizeof(float));
+  uint64_t* empty = full + kProbeStages;
+  const int lane = threadIdx.x % 32;
+  if (threadIdx.x == 0 && mutation != 5) {
+    for (int s = 0; s < kProbeStages; ++s) {
+      mbarrier::init(&full[s], 32);   // the producer's 32 arrivals on copies
+      mbarrier::init(&empty[s], 32);  // the consumers' 32 arrivals
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x < 32) {  // the producer warp
+    const int last = mutation == 3 ? tiles - 1 : tiles;
+    for (int t = 0; t < last; ++t) {
+      const int s = t % kProbeStages, round = t / kProbeStages;
+      if (mutation != 2) mbarrier::wait(&empty[s], (round & 1) ^ 1);
+      mma::cp_async_16(stages + s * kProbeTileFloats + 4 * lane, x + static_cast<int64_t>(t) * kProbeTileFloats + 4 * lane,
+                       true);
+      mbarrier::arrive_on_copies(&full[s]);
+    }
+  } else {  // the consumer warp
+    float sum = 0.0f;
+    for (int t = 0; t < tiles; ++t) {
+      const int s = t % kProbeStages, round = t / kProbeStages;
+      if (mutation != 1) mbarrier::wait(&full[s], round & 1);
+      const float* piece = stages + s * kProbeTileFloats + 4 * ((lane + 1) % 32);
+      sum += piece[0] + piece[1] + piece[2] + piece[3];
+      if (mutation == 4 && t == 0 && lane == 0) reinterpret_cast<float*>(&empty[s])[0] = sum;
+      mbarrier::arrive(&empty[s]);
+    }
+    sums[lane] = sum;
+  }
+}
+
 // ==== host code ========================================================================================
 
 bool device_has_wgmma() {
@@ -780,6 +832,14 @@ void wgmma_layout_probe_cuda(float* d, const uint16_t* a, const uint16_t* b, int
   if (way == 0) KRAKEN_KERNEL(1, 128, smem, stream, wgmma_layout_probe_kernel<0>)(d, a, b, x);
   if (way == 1) KRAKEN_KERNEL(1, 128, smem, stream, wgmma_layout_probe_kernel<1>)(d, a, b, x);
   if (way == 2) KRAKEN_KERNEL(1, 128, smem, stream, wgmma_layout_probe_kernel<2>)(d, a, b, x);
+  KRAKEN_CUDA_LAUNCH_CHECK();
+}
+
+void mbarrier_pipeline_probe_cuda(float* sums, const float* x, int tiles, int mutation, CUstream_st* stream) {
+  KRAKEN_CHECK(tiles >= 1 && mutation >= 0 && mutation <= 5, "mbarrier pipeline probe: tiles ", tiles, ", mutation ",
+               mutation);
+  KRAKEN_CHECK(device_has_wgmma(), "mbarrier pipeline probe: needs a compute capability 9.0 device");
+  KRAKEN_KERNEL(1, 64, kProbePipelineBytes, stream, mbarrier_pipeline_probe_kernel)(sums, x, tiles, mutation);
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
 

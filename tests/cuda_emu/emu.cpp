@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <deque>
 #include <exception>
+#include <map>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -29,7 +30,7 @@ constexpr size_t kMaxDynamicShared = 227 * 1024;  // Hopper's opt-in limit per b
 // so a value read from memory nobody wrote reaches the result.
 constexpr unsigned char kPoison = 0xFF;
 
-enum class State { kRunnable, kAtBlockBarrier, kAtWarpBarrier, kAtWarpgroupBarrier, kDone };
+enum class State { kRunnable, kAtBlockBarrier, kAtWarpBarrier, kAtWarpgroupBarrier, kAtMbarrier, kDone };
 
 struct FreeDeleter {
   void operator()(void* p) const { std::free(p); }
@@ -88,6 +89,22 @@ struct Fiber {
   std::deque<std::vector<PendingCopy>> committed;     // oldest group first
   std::vector<PendingResults> wgmma_uncommitted;      // wgmma since the last commit
   std::deque<std::vector<PendingResults>> wgmma_committed;
+  uint32_t waiting_on = 0;  // at an mbarrier: its offset in shared memory, and the parity of the phase
+  int waiting_parity = 0;
+};
+
+// An mbarrier's state (emu.h): arrivals expected a phase, those still missing from the current one, and
+// the number of phases completed (the current phase's parity is phase & 1).
+struct Mbarrier {
+  int expected = 0, pending = 0;
+  uint64_t phase = 0;
+};
+// An arrival on copies not yet made (the ascending schedule): the thread, the barrier, and its copies
+// issued before it, which land when it is made.
+struct ArrivalOnCopies {
+  int fiber;
+  uint32_t barrier;
+  std::vector<PendingCopy> copies;
 };
 
 // One block's worth of fibers, run on the thread that launched the kernel.
@@ -104,6 +121,8 @@ struct Block {
   std::exception_ptr error;
   const void* scheduler_stack = nullptr;  // the launching thread's stack, as AddressSanitizer reports it
   size_t scheduler_stack_size = 0;
+  std::map<uint32_t, Mbarrier> mbarriers;          // by offset in dynamic shared memory
+  std::deque<ArrivalOnCopies> arrivals_on_copies;  // oldest first
 };
 
 thread_local Block* g_block = nullptr;
@@ -180,18 +199,34 @@ bool release_block(Block& b) {
   return true;
 }
 
+// Makes runnable every thread waiting on an mbarrier whose awaited phase has completed; returns whether any.
+bool release_mbarrier_waiters(Block& b) {
+  bool any = false;
+  for (Fiber& f : b.fibers) {
+    if (f.state != State::kAtMbarrier) continue;
+    const auto it = b.mbarriers.find(f.waiting_on);
+    if (it != b.mbarriers.end() && static_cast<int>(it->second.phase & 1) != f.waiting_parity) {
+      f.state = State::kRunnable;
+      any = true;
+    }
+  }
+  return any;
+}
+
 std::string describe_deadlock(const Block& b) {
-  int at_block = 0, at_warp = 0, at_warpgroup = 0, done = 0;
+  int at_block = 0, at_warp = 0, at_warpgroup = 0, at_mbarrier = 0, done = 0;
   for (const Fiber& f : b.fibers) {
     at_block += f.state == State::kAtBlockBarrier;
     at_warp += f.state == State::kAtWarpBarrier;
     at_warpgroup += f.state == State::kAtWarpgroupBarrier;
+    at_mbarrier += f.state == State::kAtMbarrier;
     done += f.state == State::kDone;
   }
   return "barrier deadlock in block (" + std::to_string(b.fibers[0].coords.block_idx.x) + ", " +
          std::to_string(b.fibers[0].coords.block_idx.y) + ", " + std::to_string(b.fibers[0].coords.block_idx.z) +
          "): " + std::to_string(at_block) + " threads wait at __syncthreads, " + std::to_string(at_warp) +
-         " at a warp barrier, " + std::to_string(at_warpgroup) + " at a warpgroup barrier, " + std::to_string(done) +
+         " at a warp barrier, " + std::to_string(at_warpgroup) + " at a warpgroup barrier, " +
+         std::to_string(at_mbarrier) + " on an mbarrier phase that never completes, " + std::to_string(done) +
          " have returned";
 }
 
@@ -328,7 +363,84 @@ void land(const PendingCopy& c) {
   std::memcpy(c.dst, c.src, static_cast<size_t>(c.src_bytes));
   std::memset(c.dst + c.src_bytes, 0, static_cast<size_t>(c.bytes - c.src_bytes));
 }
+
+// What mbarrier_init writes into a barrier's 8 bytes ("MBAR-EMU"): any other content at a later use means
+// the kernel wrote over it.
+constexpr uint64_t kMbarrierMark = 0x554D452D5241424DULL;
+
+Mbarrier& mbarrier_at(const void* bar) {
+  if (!in_dynamic_shared(bar, 8) || reinterpret_cast<uintptr_t>(bar) % 8 != 0)
+    trap("an mbarrier outside the block's dynamic shared memory, or not 8-byte aligned");
+  const auto it = g_block->mbarriers.find(shared_window_address(bar));
+  if (it == g_block->mbarriers.end()) trap("an mbarrier used before mbarrier_init");
+  uint64_t mark;
+  std::memcpy(&mark, bar, sizeof mark);
+  if (mark != kMbarrierMark) trap("an mbarrier's shared memory was written over after its init");
+  return it->second;
+}
+
+void arrive_at(Mbarrier& m) {
+  if (--m.pending == 0) {
+    ++m.phase;
+    m.pending = m.expected;
+  }
+}
+
+// Lands the copies of an arrival on copies, then makes the arrival.
+void make_arrival(const ArrivalOnCopies& a) {
+  for (const PendingCopy& c : a.copies) land(c);
+  arrive_at(mbarrier_at(g_block->dynamic_shared + a.barrier));
+}
+
+// Makes every arrival on copies the thread has not made yet, in order (its cp_async_wait: the copies must
+// land by then, and the arrivals follow them).
+void make_arrivals_on_copies_of(int fiber) {
+  std::deque<ArrivalOnCopies>& q = g_block->arrivals_on_copies;
+  for (auto it = q.begin(); it != q.end();) {
+    if (it->fiber != fiber) {
+      ++it;
+      continue;
+    }
+    const ArrivalOnCopies a = std::move(*it);
+    it = q.erase(it);
+    make_arrival(a);
+  }
+}
 }  // namespace
+
+void mbarrier_init(uint64_t* bar, int count) {
+  if (!in_dynamic_shared(bar, 8) || reinterpret_cast<uintptr_t>(bar) % 8 != 0)
+    trap("mbarrier_init outside the block's dynamic shared memory, or not 8-byte aligned");
+  if (count < 1 || count >= (1 << 20)) trap("mbarrier_init with a count outside 1 .. 2^20 - 1");
+  g_block->mbarriers[shared_window_address(bar)] = Mbarrier{count, count, 0};
+  std::memcpy(bar, &kMbarrierMark, sizeof kMbarrierMark);
+}
+
+void mbarrier_arrive(uint64_t* bar) { arrive_at(mbarrier_at(bar)); }
+
+void mbarrier_wait(uint64_t* bar, int parity) {
+  const Mbarrier& m = mbarrier_at(bar);
+  if (static_cast<int>(m.phase & 1) != (parity & 1)) return;
+  Fiber& f = current_fiber();
+  f.waiting_on = shared_window_address(bar);
+  f.waiting_parity = parity & 1;
+  yield(State::kAtMbarrier);
+  mbarrier_at(bar);  // (still a barrier: not written over while the thread waited)
+}
+
+void mbarrier_arrive_on_copies(uint64_t* bar) {
+  mbarrier_at(bar);
+  Fiber& f = current_fiber();
+  ArrivalOnCopies a{g_block->current, shared_window_address(bar), std::move(f.uncommitted)};
+  f.uncommitted.clear();
+  for (std::vector<PendingCopy>& group : f.committed) {  // (the groups stay, empty: wait_group counts them)
+    a.copies.insert(a.copies.end(), group.begin(), group.end());
+    group.clear();
+  }
+  // The descending schedule landed the copies at their issue: the arrival is made now.
+  if (g_schedule == Schedule::kDescending) make_arrival(a);
+  else g_block->arrivals_on_copies.push_back(std::move(a));
+}
 
 void cp_async(void* dst, const void* src, int bytes, int src_bytes) {
   if (!in_dynamic_shared(dst, static_cast<size_t>(bytes))) trap("cp.async to outside the block's shared memory");
@@ -354,6 +466,7 @@ void cp_async_commit() {
 }
 
 void cp_async_wait(int pending) {
+  make_arrivals_on_copies_of(g_block->current);
   Fiber& f = current_fiber();
   while (f.committed.size() > static_cast<size_t>(std::max(pending, 0))) {
     for (const PendingCopy& c : f.committed.front()) land(c);
@@ -387,6 +500,8 @@ void run_grid(dim3 grid, dim3 block, size_t dynamic_shared_bytes, const std::fun
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         if (b.dynamic_shared) std::memset(b.dynamic_shared, kPoison, dynamic_shared_bytes);
+        b.mbarriers.clear();
+        b.arrivals_on_copies.clear();
         for (int t = 0; t < threads; ++t) {
           Fiber& f = b.fibers[static_cast<size_t>(t)];
           f.state = State::kRunnable;
@@ -436,7 +551,14 @@ void run_grid(dim3 grid, dim3 block, size_t dynamic_shared_bytes, const std::fun
           if (done) break;
           bool released = release_block(b);
           for (int k = 0; k < (warps + 3) / 4; ++k) released = release_warpgroup(b, k) || released;
-          if (!released && !ran) throw std::runtime_error("emulated kernel: " + describe_deadlock(b));
+          released = release_mbarrier_waiters(b) || released;
+          if (!released && !ran) {
+            // Nothing can run: the oldest arrival on copies is made now, as late as it can be.
+            if (b.arrivals_on_copies.empty()) throw std::runtime_error("emulated kernel: " + describe_deadlock(b));
+            const ArrivalOnCopies a = std::move(b.arrivals_on_copies.front());
+            b.arrivals_on_copies.pop_front();
+            make_arrival(a);
+          }
         }
         for (const Fiber& f : b.fibers)
           if (!f.wgmma_uncommitted.empty() || !f.wgmma_committed.empty())

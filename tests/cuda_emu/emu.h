@@ -105,6 +105,20 @@ void hold_wgmma_results(float* d, const float* values, int count, std::vector<Sh
 // onto them, as the GPU orders them), or nullptr when none are held.
 const float* held_wgmma_results(const float* d, int count);
 
+// Hopper's shared-memory barriers (kernels/cuda/mbarrier.h has their rules; emu.cpp). The emulation keeps
+// each barrier's state beside the block, by its offset in dynamic shared memory, and marks its 8 bytes so
+// that a kernel writing over a barrier traps at the barrier's next use, as does a barrier never
+// initialised. A wait whose phase has not completed parks the thread as a barrier does. An arrival on
+// copies comes after the thread's cp.async before it have landed: under the descending schedule at once
+// (they landed at their issue), under the ascending one as late as can be — only once no thread can run
+// without it, oldest first — so a consumer that reads a stage before waiting on its "full" barrier sees
+// the old bytes, and one the producer refills without waiting on its "empty" barrier is overwritten under
+// it (descending). A cp_async_wait lands the thread's copies held for such arrivals too, and makes them.
+void mbarrier_init(uint64_t* bar, int count);
+void mbarrier_arrive(uint64_t* bar);
+void mbarrier_wait(uint64_t* bar, int parity);
+void mbarrier_arrive_on_copies(uint64_t* bar);
+
 // Runs body once per thread of every block of the grid.
 void run_grid(dim3 grid, dim3 block, size_t dynamic_shared_bytes, const std::function<void()>& body);
 

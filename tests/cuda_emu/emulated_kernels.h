@@ -40,6 +40,7 @@ bool attention_bf16_wgmma_supported(int64_t D);
 bool attention_bf16_wgmma_backward_supported(int64_t D);
 void wgmma_layout_probe_cuda(float* d, const uint16_t* a, const uint16_t* b, int way, bool strides_exchanged,
                              CUstream_st* stream);
+void mbarrier_pipeline_probe_cuda(float* sums, const float* x, int tiles, int mutation, CUstream_st* stream);
 
 void attention_forward_cuda(float* out, float* lse, const float* qkv, int64_t B, int64_t T, int64_t C, int64_t NH,
                             CUstream_st* stream);

@@ -20,6 +20,7 @@
 #include <cstring>
 #include <limits>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -232,6 +233,88 @@ TEST(CudaEmulation, WgmmaAttentionMatchesTheCpu) {
   EXPECT_TRUE(emu::attention_bf16_wgmma_supported(256));
   EXPECT_FALSE(emu::attention_bf16_wgmma_backward_supported(256));  // dK and dV would not fit the registers
   EXPECT_FALSE(emu::attention_bf16_wgmma_supported(42));  // no kernel for that head size: the dispatch falls back
+}
+
+// The mbarrier pipeline probe (kernels/attention.h): a producer warp streams tiles through two stages with
+// full/empty barriers, a consumer warp sums another lane's piece of each — the exact sums under both
+// schedules (copies and their arrivals as late as can be, or at once), for one tile, a ring's worth, and
+// an odd count that wraps the ring unevenly. The same probe runs on a GPU (tests/gpu).
+std::vector<float> pipeline_sums_want(const std::vector<float>& x, int tiles) {
+  std::vector<float> want(32, 0.0f);
+  for (int lane = 0; lane < 32; ++lane)
+    for (int t = 0; t < tiles; ++t) {
+      const float* p = &x[static_cast<size_t>(128 * t + 4 * ((lane + 1) % 32))];
+      want[static_cast<size_t>(lane)] += p[0] + p[1] + p[2] + p[3];
+    }
+  return want;
+}
+
+TEST(CudaEmulation, MbarrierPipelineProbeMovesEveryTile) {
+  under_both_schedules([] {
+    for (const int tiles : {1, 2, 7}) {
+      const std::vector<float> x = normal(static_cast<size_t>(128 * tiles), 61);
+      std::vector<float> sums(32, -1.0f);
+      emu::mbarrier_pipeline_probe_cuda(sums.data(), x.data(), tiles, 0, nullptr);
+      EXPECT_EQ(sums, pipeline_sums_want(x, tiles)) << tiles << " tiles";
+    }
+  });
+}
+
+// The emulation catches each rule the probe can break: reading a stage before its full barrier (the
+// ascending schedule: the copies have not landed — NaN, the poison — and the ring then stalls), refilling one before its empty
+// barrier (wrong sums, or the ring's phases run ahead of the consumers' parity: a deadlock), a phase
+// nobody completes (a deadlock naming the mbarrier), a write over a barrier, a barrier never initialised.
+TEST(CudaEmulation, MbarrierPipelineProbesBrokenRulesAreCaught) {
+  const int tiles = 5;
+  const std::vector<float> x = normal(static_cast<size_t>(128 * tiles), 62);
+  const std::vector<float> want = pipeline_sums_want(x, tiles);
+  auto run = [&](int mutation) {
+    std::vector<float> sums(32, -1.0f);
+    emu::mbarrier_pipeline_probe_cuda(sums.data(), x.data(), tiles, mutation, nullptr);
+    return sums;
+  };
+  auto error_of = [&](int mutation) -> std::string {
+    try {
+      run(mutation);
+    } catch (const std::runtime_error& e) {
+      return e.what();
+    }
+    return "";
+  };
+  {  // 1: under the ascending schedule the consumers read stages whose copies have not landed (their
+     // sums NaN), then run ahead of the producer's ring, which waits for a phase parity that never returns
+    std::vector<float> sums(32, -1.0f);
+    std::string error;
+    try {
+      emu::mbarrier_pipeline_probe_cuda(sums.data(), x.data(), tiles, 1, nullptr);
+    } catch (const std::runtime_error& e) {
+      error = e.what();
+    }
+    EXPECT_TRUE(std::any_of(sums.begin(), sums.end(), [](float v) { return std::isnan(v); }))
+        << "a read before the full barrier saw landed data";
+    EXPECT_NE(error.find("deadlock"), std::string::npos) << error;
+  }
+  for (const auto schedule : {kraken_emu::Schedule::kAscending, kraken_emu::Schedule::kDescending}) {
+    kraken_emu::set_schedule(schedule);
+    std::string error;
+    std::vector<float> sums;
+    try {
+      sums = run(2);
+    } catch (const std::runtime_error& e) {
+      error = e.what();
+    }
+    kraken_emu::set_schedule(kraken_emu::Schedule::kAscending);
+    EXPECT_TRUE(!error.empty() || sums != want) << "a refill before the empty barrier went unseen ("
+                                                << (schedule == kraken_emu::Schedule::kAscending ? "ascending" : "descending")
+                                                << ")";
+    if (!error.empty()) {
+      EXPECT_NE(error.find("deadlock"), std::string::npos) << error;
+    }
+  }
+  EXPECT_NE(error_of(3).find("on an mbarrier phase that never completes"), std::string::npos) << error_of(3);
+  EXPECT_NE(error_of(4).find("written over after its init"), std::string::npos) << error_of(4);
+  EXPECT_NE(error_of(5).find("used before mbarrier_init"), std::string::npos) << error_of(5);
+  EXPECT_EQ(run(0), want);  // (and the probe is fine again)
 }
 
 TEST(CudaEmulation, MmaSyncAttentionAbove128) {

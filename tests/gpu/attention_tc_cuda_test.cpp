@@ -242,6 +242,34 @@ void check_wgmma_probe() {
   }
 }
 
+// The mbarrier pipeline probe (kernels/attention.h): a producer warp's cp.async tiles through two stages
+// under full/empty mbarriers to a consumer warp, which sums another lane's piece of each. Exact sums (the
+// same additions in the same order as here) say the barriers made every copy visible before it was read
+// and no stage was refilled under a reader. The first GPU run of kernels/cuda/mbarrier.h's PTX.
+void check_mbarrier_probe() {
+  for (const int tiles : {1, 2, 7, 64}) {
+    std::vector<float> x(static_cast<size_t>(128 * tiles));
+    for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>(static_cast<int>(i * 37 % 101) - 50) / 8.0f;
+    const Tensor x_d = Tensor::from_vector(x, {static_cast<int64_t>(x.size())}).to(gpu());
+    Tensor sums = Tensor::full({32}, -1.0f).to(gpu());
+    mbarrier_pipeline_probe_cuda(sums.data<float>(), x_d.data<float>(), tiles, 0, stream());
+    const std::vector<float> got = sums.to_vector();
+    int wrong = 0;
+    for (int lane = 0; lane < 32; ++lane) {
+      float want = 0.0f;
+      for (int t = 0; t < tiles; ++t) {
+        const float* p = &x[static_cast<size_t>(128 * t + 4 * ((lane + 1) % 32))];
+        want += p[0] + p[1] + p[2] + p[3];
+      }
+      if (got[static_cast<size_t>(lane)] != want && wrong++ < 4)
+        ADD_FAILURE() << "mbarrier probe, " << tiles << " tiles: lane " << lane << " summed "
+                      << got[static_cast<size_t>(lane)] << ", want " << want;
+    }
+    std::printf("[gpu-wgmma] mbarrier pipeline probe, %d tiles: %d of 32 sums wrong\n", tiles, wrong);
+    std::fflush(stdout);
+  }
+}
+
 #else  // a build without CUDA: the tests skip before calling these
 
 enum class Path { kTc, kMma, kWgmma, kWgmmaForward };
@@ -251,6 +279,7 @@ bool mma_supported(int64_t) { return false; }
 bool wgmma_supported(int64_t) { return false; }
 bool wgmma_backward_supported(int64_t) { return false; }
 void check_wgmma_probe() {}
+void check_mbarrier_probe() {}
 
 #endif  // KRAKEN_WITH_CUDA
 
@@ -318,6 +347,13 @@ TEST(GpuAttentionWgmma, LayoutProbeIsAMatrixProduct) {
   KRAKEN_REQUIRE_CUDA_KERNELS();
   if (!wgmma_supported(64)) GTEST_SKIP() << "wgmma needs a compute capability 9.0 device (H100, H200)";
   check_wgmma_probe();
+}
+
+// The mbarrier pipeline a warp-specialised wgmma attention would stream its tiles through (sm_90 PTX).
+TEST(GpuAttentionWgmma, MbarrierPipelineProbeMovesEveryTile) {
+  KRAKEN_REQUIRE_CUDA_KERNELS();
+  if (!wgmma_supported(64)) GTEST_SKIP() << "the probe is sm_90a code: a compute capability 9.0 device (H100, H200)";
+  check_mbarrier_probe();
 }
 
 TEST(GpuAttentionWgmma, MatchesTheRoundedCpu) {
