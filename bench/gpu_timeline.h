@@ -2,9 +2,10 @@
 // copies, fills, each with its GPU start and end), summed into busy time, idle gaps and per-kernel totals.
 //
 // Why: ncu times each kernel alone (tools/gpu-profile.sh), and the Kraken models' steps run ~12% longer
-// than those sums (bench/RESULTS.md, twenty-second session: the preset 180 ms against 159 of kernels, GPT-2
-// 108 against 104). Either the GPU idles between kernels (the host late, a synchronisation) or kernels
-// run slower in a step than alone (clocks under the power cap, caches). The timeline tells the two apart:
+// than those sums (bench/RESULTS.md, twenty-second session: the preset 180 ms against 159 of kernels, on an
+// H200; GPT-2 ~6%, 109.7 against 103.5 on an H100 in the eighteenth). Either the GPU idles between
+// kernels (the host late, a synchronisation) or kernels run slower in a step than alone (clocks under the
+// power cap, caches). The timeline tells the two apart:
 // idle time is the window less the union of the spans; in-step durations compare with ncu's per kernel.
 //
 // summarize_timeline is plain C++ (tested on the CPU: tests/bench); KernelTimeline, the CUPTI collector,
