@@ -183,8 +183,11 @@ Tensor grouped_linear(const Tensor& x, const Tensor& weight, const Tensor& bias)
   // y[g] (rows, out) = x[g] (rows, in) · W[g]ᵀ + b[g] on every row. bf16 with a bias: a product per group
   // with b[g] in its epilogue, as the plain linear's — one strided batch, then a pass adding the biases,
   // wrote y and read it back (8 passes a Kraken layer: 4.75 of 169 ms of kernels in a step of GPT-2's
-  // shape at degree 4, B = 32, H200). Else one strided batch, the biases after it.
-  if (bias.defined() && dtype == DType::BF16 && in > 0) {
+  // shape at degree 4, B = 32, H200). Each b[g] 16-byte aligned, as the plain linear's biases are (cuBLASLt
+  // plans for the pointer's alignment, and the bias epilogue has no fallback); else one strided batch, the
+  // biases after it.
+  const bool biases_aligned = bias.defined() && outf % 8 == 0 && reinterpret_cast<uintptr_t>(bias.data_ptr()) % 16 == 0;
+  if (biases_aligned && dtype == DType::BF16 && in > 0) {
     gemm_bf16(out, x, weight, G, rows, outf, in, false, true, rows * in, outf * in, bias, outf);
   } else {
     gemm(out, x, weight, G, rows, outf, in, false, true, 0.0f, rows * in, outf * in);
