@@ -1,7 +1,7 @@
 // Where a GPU step's wall time goes between its kernels: the spans CUPTI records for one step (kernels,
 // copies, fills, each with its GPU start and end), summed into busy time, idle gaps and per-kernel totals.
 //
-// Why: ncu times each kernel alone (tools/gpu-profile.sh), and the Kraken models' steps run ~12% longer
+// Why: ncu times each kernel alone (tools/gpu-profile.sh), and the Kraken models' steps run ~13% longer
 // than those sums (bench/RESULTS.md, twenty-second session: the preset 180 ms against 159 of kernels, on an
 // H200; GPT-2 ~6%, 109.7 against 103.5 on an H100 in the eighteenth). Either the GPU idles between
 // kernels (the host late, a synchronisation) or kernels run slower in a step than alone (clocks under the

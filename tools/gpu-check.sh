@@ -364,7 +364,7 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
     [[ $rc -eq 0 ]] || fail "benchmark with ${setting:-the defaults}, $what (exit status $rc)"
   }
   # Where the step's wall time goes between kernels (gpu_train_bench --timeline, CUPTI; twenty-second
-  # session, never run): the Kraken steps ran ~12% past ncu's sum of their kernels, GPT-2's ~6% — idle
+  # session, never run): the Kraken steps ran ~13% past ncu's sum of their kernels, GPT-2's ~6% — idle
   # GPU or slower kernels in the step.
   bench_variant timeline KRAKEN_BENCH_TIMELINE=1 150 90 "one step of each row under CUPTI" --training-only --batch 8,64
   # GPT-2 124M's own shape at degree 4 (C = 768: 3 heads of D = 256 a sub-layer, ≈ 382M parameters), the
