@@ -30,7 +30,17 @@ constexpr size_t kMaxDynamicShared = 227 * 1024;  // Hopper's opt-in limit per b
 // so a value read from memory nobody wrote reaches the result.
 constexpr unsigned char kPoison = 0xFF;
 
-enum class State { kRunnable, kAtBlockBarrier, kAtWarpBarrier, kAtWarpgroupBarrier, kAtMbarrier, kDone };
+// kAfterArrival: a thread whose arrival completed an mbarrier phase, parked until the threads that phase
+// released have run as far as they can (mbarrier_arrive).
+enum class State {
+  kRunnable,
+  kAtBlockBarrier,
+  kAtWarpBarrier,
+  kAtWarpgroupBarrier,
+  kAtMbarrier,
+  kAfterArrival,
+  kDone
+};
 
 struct FreeDeleter {
   void operator()(void* p) const { std::free(p); }
@@ -199,7 +209,9 @@ bool release_block(Block& b) {
   return true;
 }
 
-// Makes runnable every thread waiting on an mbarrier whose awaited phase has completed; returns whether any.
+// Makes runnable every thread waiting on an mbarrier whose awaited phase has completed; where there are
+// none, every thread parked after the arrival that completed a phase (so the threads an arrival releases
+// run as far as they can before the arriving one goes on). Returns whether it released any.
 bool release_mbarrier_waiters(Block& b) {
   bool any = false;
   for (Fiber& f : b.fibers) {
@@ -209,6 +221,12 @@ bool release_mbarrier_waiters(Block& b) {
       f.state = State::kRunnable;
       any = true;
     }
+  }
+  if (any) return true;
+  for (Fiber& f : b.fibers) {
+    if (f.state != State::kAfterArrival) continue;
+    f.state = State::kRunnable;
+    any = true;
   }
   return any;
 }
@@ -416,7 +434,17 @@ void mbarrier_init(uint64_t* bar, int count) {
   std::memcpy(bar, &kMbarrierMark, sizeof kMbarrierMark);
 }
 
-void mbarrier_arrive(uint64_t* bar) { arrive_at(mbarrier_at(bar)); }
+// An arrival that completes a phase parks its thread until the threads waiting on that phase have run as
+// far as they can (release_mbarrier_waiters): a producer refills the stage just released — under the
+// descending schedule its copies land at once — before the arriving consumer goes on. So a consumer that
+// releases a stage while it still reads it (a wgmma in flight, or a read after the arrival) is caught: at
+// that wgmma's wait, or by the values it reads.
+void mbarrier_arrive(uint64_t* bar) {
+  Mbarrier& m = mbarrier_at(bar);
+  const uint64_t phase = m.phase;
+  arrive_at(m);
+  if (m.phase != phase) yield(State::kAfterArrival);
+}
 
 void mbarrier_wait(uint64_t* bar, int parity) {
   const Mbarrier& m = mbarrier_at(bar);
