@@ -1028,8 +1028,17 @@ void bench_compute(Report& r) {
         attention_forward_bf16_wgmma_cuda(o.data<uint16_t>(), l.data<float>(), q.data<uint16_t>(), Bc, Tc, Cc, Hc,
                                           nullptr);
       }, 5);
-      r.line("| bf16 attention forward, wgmma (ours, sm_90a), %s | %.3f | %.1f TFLOP/s |", label, fw * 1e3,
-             flops / fw / 1e12);
+      const bool pipelined = attention_bf16_wgmma_pipelined_supported(Cc / Hc);
+      r.line("| bf16 attention forward, wgmma (ours, sm_90a, %s), %s | %.3f | %.1f TFLOP/s |",
+             pipelined ? "pipelined: producer warpgroup + mbarriers" : "lockstep", label, fw * 1e3, flops / fw / 1e12);
+      if (pipelined) {  // the first version beside it: the same bits, two warpgroups meeting at a barrier a tile
+        const double fl = time_kernel([&] {
+          attention_forward_bf16_wgmma_lockstep_cuda(o.data<uint16_t>(), l.data<float>(), q.data<uint16_t>(), Bc, Tc,
+                                                     Cc, Hc, nullptr);
+        }, 5);
+        r.line("| bf16 attention forward, wgmma (ours, sm_90a, lockstep), %s | %.3f | %.1f TFLOP/s |", label, fl * 1e3,
+               flops / fl / 1e12);
+      }
       if (!attention_bf16_wgmma_backward_usable(dq.data<uint16_t>(), dO.data<uint16_t>(), q.data<uint16_t>(),
                                                 o.data<uint16_t>(), Cc, Hc))
         return;

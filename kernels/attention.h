@@ -138,8 +138,15 @@ bool attention_bf16_mma_supported(int64_t D);
 // 256 with qkv 16-byte and out 4-byte aligned; the backward (adds into dqkv) 64, 128 and 168 with every
 // buffer 16-byte aligned. Opt-in, KRAKEN_CUDA_ATTENTION=wgmma: on an H200 faster than the mma kernels (but
 // for the D = 64 forward), slower than cuDNN's in a training step (bench/RESULTS.md, twenty-second session).
+// The forward runs the pipelined kernel (warp-specialised: a producer warp and an mbarrier ring,
+// FlashAttention-3's structure) where attention_bf16_wgmma_pipelined_supported (D = 64, 128, 168), else the
+// lockstep one (two warpgroups meeting at a barrier a tile, the first version); both give the same bits.
+// _lockstep_ runs the lockstep kernel always (tests and the benchmark compare the two).
 void attention_forward_bf16_wgmma_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T,
                                        int64_t C, int64_t NH, CUstream_st* stream);
+void attention_forward_bf16_wgmma_lockstep_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B,
+                                                int64_t T, int64_t C, int64_t NH, CUstream_st* stream);
+bool attention_bf16_wgmma_pipelined_supported(int64_t D);
 void attention_backward_bf16_wgmma_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv,
                                         const uint16_t* out, const float* lse, int64_t B, int64_t T, int64_t C,
                                         int64_t NH, CUstream_st* stream);
@@ -158,7 +165,7 @@ void wgmma_layout_probe_cuda(float* d, const uint16_t* a, const uint16_t* b, int
 // in one small kernel: a producer warp streams `tiles` tiles of 128 floats of x (16-byte aligned) through
 // two shared stages by cp.async with full/empty mbarriers, a consumer warp sums from each the 4 floats
 // of the next lane's piece: sums[lane] (32 floats) = Σ_t Σ_{i<4} x[128·t + 4·((lane + 1) % 32) + i].
-// mutation 0 on a GPU; 1 to 5 break one rule each, for the CPU emulation's tests of itself
+// mutation 0 on a GPU; 1 to 6 break one rule each, for the CPU emulation's tests of itself
 // (attention_wgmma.cu). Compute capability 9.0. For tests.
 void mbarrier_pipeline_probe_cuda(float* sums, const float* x, int tiles, int mutation, CUstream_st* stream);
 
@@ -187,8 +194,9 @@ AttentionBf16Kernels attention_bf16_kernels_fallback(int64_t D);
 const char* attention_bf16_kernels_name(AttentionBf16Kernels kernels);  // "simt", "tc", "mma" or "cudnn"
 // What a bf16 step's attention runs at head size D, for reports: attention_bf16_kernels_name of
 // attention_bf16_kernels(D), except where KRAKEN_CUDA_ATTENTION=wgmma takes the head size (which
-// attention_bf16_kernels leaves out: the wgmma kernels are chosen per call): "wgmma", or "wgmma forward,
-// <name> backward" for a head size only the wgmma forward takes (256).
+// attention_bf16_kernels leaves out: the wgmma kernels are chosen per call): "wgmma (pipelined forward)"
+// for the head sizes the pipelined forward takes, or "wgmma forward, <name> backward" for a head size only
+// the wgmma forward takes (256).
 std::string attention_bf16_kernels_label(int64_t D);
 
 }  // namespace kraken::kernels

@@ -225,9 +225,9 @@ if [[ $have_gpu -eq 1 && -x "$build/tests/kraken_tests_gpu" ]]; then
     --gtest_filter='GpuAttentionWgmma.*' > "$logs/gpu-tests-wgmma-first.log" 2>&1
   rc=$?
   md "The wgmma kernels' tests first (GpuAttentionWgmma.*): exit status $rc in $(( $(date +%s) - t0 )) s."
-  grep -E '^\[gpu-wgmma\]|^\[( +OK|  FAILED|  SKIPPED|  PASSED) ' "$logs/gpu-tests-wgmma-first.log" | head -n 20 \
+  grep -E '^\[gpu-wgmma\]|^\[( +OK|  FAILED|  SKIPPED|  PASSED) ' "$logs/gpu-tests-wgmma-first.log" | head -n 40 \
     > "$logs/gpu-tests-wgmma-first-summary.log"
-  md_tail "$logs/gpu-tests-wgmma-first-summary.log" 20
+  md_tail "$logs/gpu-tests-wgmma-first-summary.log" 40
   if [[ $rc -ne 0 ]]; then
     wgmma_ok=0
     md_tail "$logs/gpu-tests-wgmma-first.log" 30
@@ -501,10 +501,14 @@ EOF
   # mbarriers racecheck does not follow; 11 reports in GpuMatmulBf16.GeluEpilogueIsTheTanhForm and
   # …TrainingEpiloguesHaveAlgorithmsAtGpt2Shapes on an H200, none in our kernels: bench/RESULTS.md).
   race_filter='GpuAttention.*:GpuAttentionTc.MatchesTheRoundedCpuWithUnalignedBuffersAndSmallHeads:GpuAttentionTc.MatchesTheRoundedCpuForHeadsAbove128:GpuAttentionMma.MatchesTheRoundedCpuWithUnalignedBuffersAndSmallHeads:GpuAttentionMma.MatchesTheRoundedCpuForHeadsAbove128:GpuBf16Kernels.*:GpuLayerNorm.*:GpuEmbedding.*:GpuSoftmax.*:GpuCrossEntropy.*:GpuElementwise.*:GpuDropout.*:GpuPhilox.*:GpuCastMany.*:GpuReduce*:GpuOptimizer.*'
+  # (The pipelined forward's training shapes stay out: T = 1024 over hundreds of blocks; its small shapes
+  # are in. racecheck's reading of its mbarrier hand-overs is new in the twenty-third session.)
   if [[ $wgmma_ok -eq 1 ]]; then
     kernel_filter+=':GpuAttentionWgmma.*'
     race_filter+=':GpuAttentionWgmma.*'
   fi
+  kernel_filter+='-GpuAttentionWgmma.*AtTrainingShapes'
+  race_filter+='-GpuAttentionWgmma.*AtTrainingShapes'
   for tool in memcheck racecheck; do
     filter=$kernel_filter
     [[ $tool == racecheck ]] && filter=$race_filter

@@ -474,8 +474,9 @@ const char* attention_bf16_kernels_name(AttentionBf16Kernels kernels) {
 std::string attention_bf16_kernels_label(int64_t D) {
   const std::string usual = attention_bf16_kernels_name(attention_bf16_kernels(D));
   if (attention_choice() != AttentionChoice::kWgmma || !attention_bf16_wgmma_supported(D)) return usual;
-  if (attention_bf16_wgmma_backward_supported(D)) return "wgmma";
-  return "wgmma forward, " + usual + " backward";
+  const std::string forward = attention_bf16_wgmma_pipelined_supported(D) ? "wgmma (pipelined forward)" : "wgmma";
+  if (attention_bf16_wgmma_backward_supported(D)) return forward;
+  return forward + " forward, " + usual + " backward";
 }
 
 void attention_forward_bf16_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T, int64_t C,

@@ -40,9 +40,10 @@
 // 141 TFLOP/s against cuDNN's 217, the backward 122 against 117, but in the preset's step (4 sub-layers as
 // one call of 256 sequences) 59.6 ms of backward kernels against cuDNN's 47.0 and 19.1 of forward against
 // 8.2. ncu: one 8-warp block an SM, SM throughput ~30%: every product is waited for before the softmax
-// that follows it, and both warpgroups meet at a barrier each tile. The next step is FlashAttention-3's
-// structure (a producer warp and an mbarrier pipeline, the consumers taking turns, the next S issued
-// before this tile's softmax), not wider tiles.
+// that follows it, and both warpgroups meet at a barrier each tile. So the forward now has a second,
+// pipelined kernel in FlashAttention-3's structure (a producer warpgroup and an mbarrier ring, registers
+// moved to the consumers, the next S issued before this tile's softmax; "the pipelined forward" below),
+// which the public forward runs where it applies; the backward has not moved to it yet.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -104,15 +105,15 @@ __device__ __forceinline__ float low_bf16(uint32_t pair) { return __uint_as_floa
 __device__ __forceinline__ float high_bf16(uint32_t pair) { return __uint_as_float(pair & 0xffff0000u); }
 
 // Rows [t0, t0 + rows) of a head's columns [0, D) (src: row t0's first column, row stride ld) into a
-// core-matrix tile of Dk columns, by cp.async in 16-byte pieces; rows at or past T are zero-filled.
-// Piece p is row 8·(p / (8·D/8)) + p % 8, columns 8·((p / 8) % (D/8)): 8 consecutive threads write the 8
-// rows of one core matrix (128 contiguous bytes).
+// core-matrix tile of Dk columns, by cp.async in 16-byte pieces shared among `threads` threads (this one
+// `thread`); rows at or past T are zero-filled. Piece p is row 8·(p / (8·D/8)) + p % 8, columns
+// 8·((p / 8) % (D/8)): 8 consecutive threads write the 8 rows of one core matrix (128 contiguous bytes).
 template <int D, int Dk>
 __device__ __forceinline__ void load_tile(unsigned char* tile, const uint16_t* src, int64_t ld, int t0, int rows,
-                                          int T) {
+                                          int T, int thread = threadIdx.x, int threads = kThreads) {
   constexpr int kPacks = D / 8;
   const int pieces = rows * kPacks;
-  for (int p = threadIdx.x; p < pieces; p += kThreads) {
+  for (int p = thread; p < pieces; p += threads) {
     const int r = p / (8 * kPacks) * 8 + p % 8, c = (p / 8) % kPacks * 8;
     const bool in = t0 + r < T;
     mma::cp_async_16(tile + wgmma::tile_offset(r, c, Dk), src + (in ? static_cast<int64_t>(r) * ld + c : 0), in);
@@ -123,10 +124,11 @@ __device__ __forceinline__ void load_tile(unsigned char* tile, const uint16_t* s
 // tile tile_bytes further.
 template <int D, int Dk, int kRows>
 __device__ __forceinline__ void load_key_tile(unsigned char* stage, size_t tile_bytes, const uint16_t* base, int i,
-                                              const Dims& g) {
+                                              const Dims& g, int thread = threadIdx.x, int threads = kThreads) {
   const int t0 = i * kRows;
-  load_tile<D, Dk>(stage, base + g.C + static_cast<int64_t>(t0) * g.ld, g.ld, t0, kRows, g.T);
-  load_tile<D, Dk>(stage + tile_bytes, base + 2 * g.C + static_cast<int64_t>(t0) * g.ld, g.ld, t0, kRows, g.T);
+  load_tile<D, Dk>(stage, base + g.C + static_cast<int64_t>(t0) * g.ld, g.ld, t0, kRows, g.T, thread, threads);
+  load_tile<D, Dk>(stage + tile_bytes, base + 2 * g.C + static_cast<int64_t>(t0) * g.ld, g.ld, t0, kRows, g.T, thread,
+                   threads);
 }
 
 // The two kinds of product the kernels issue (each issued, not waited for; a wgmma::fence must precede):
@@ -169,6 +171,110 @@ __device__ __forceinline__ void pipeline(int count, Load&& load, Compute&& compu
 }
 
 // ---- forward ------------------------------------------------------------------------------------------
+//
+// Two kernels with the same arithmetic, bit for bit (the tests hold them to it): the first version, in
+// which the 256 threads of two warpgroups copy each k/v tile together and meet at a barrier per tile, and
+// the pipelined one below it. The pieces they share:
+
+// A warpgroup's online-softmax state: its thread's two rows' running max m (log2 units), the sums l of the
+// f32 weights and l_rounded of the bf16-rounded ones (both partial over the thread's columns until the
+// end).
+struct SoftmaxRows {
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, l_rounded[2] = {0.0f, 0.0f};
+};
+
+// One tile's softmax on the scores s (64 × kKeys accumulators of keys k0 ..; s[4n + e]: row e < 2 ? row0 :
+// row1, key k0 + 8n + 2·tq + (e & 1)): the causal mask, the new max, P = 2^{s·scale − m} rounded and paired
+// as the A operand of P·v, the sums. alpha: what the rows' earlier O must be multiplied by (rescale_rows)
+// before this tile's P·v adds to it. wq: the warpgroup's first query; a tile is only called for when some
+// key of it precedes some query of the warpgroup (then key k0 ≤ wq precedes all of them, and each row's
+// max is finite).
+template <int kKeys>
+__device__ __forceinline__ void softmax_tile(float (&s)[kKeys / 2], uint32_t (&p)[kKeys / 16][4], SoftmaxRows& st,
+                                             float (&alpha)[2], int k0, int wq, int row0, int row1, int tq,
+                                             float scale_log2) {
+  // Only a tile reaching past the warpgroup's first query needs the mask (keys past T come only in such
+  // tiles).
+  if (k0 + kKeys - 1 > wq) {
+#pragma unroll
+    for (int n = 0; n < kKeys / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        if (k0 + 8 * n + 2 * tq + (e & 1) > (e < 2 ? row0 : row1)) s[4 * n + e] = -INFINITY;
+  }
+  float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int n = 0; n < kKeys / 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) mx[e >> 1] = fmaxf(mx[e >> 1], s[4 * n + e]);
+  float neg_m[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFull, mx[r], 1));
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFull, mx[r], 2));
+    // (finite: tiles start at multiples of 64 (or 128), warpgroups at multiples of 64, so a live tile's key
+    // k0 ≤ wq ≤ the row)
+    const float m_new = fmaxf(st.m[r], mx[r] * scale_log2);
+    alpha[r] = exp2_ftz(st.m[r] - m_new);  // 2^{−∞} = 0 on the first tile
+    st.m[r] = m_new;
+    neg_m[r] = -m_new;
+  }
+  float sum[2] = {0.0f, 0.0f}, sum_rounded[2] = {0.0f, 0.0f};
+#pragma unroll
+  for (int n = 0; n < kKeys / 8; ++n) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float p0 = exp2_ftz(fmaf(s[4 * n + 2 * r], scale_log2, neg_m[r]));
+      const float p1 = exp2_ftz(fmaf(s[4 * n + 2 * r + 1], scale_log2, neg_m[r]));
+      const uint32_t pair = pack_bf16(p0, p1);
+      sum[r] += p0 + p1;
+      sum_rounded[r] += low_bf16(pair) + high_bf16(pair);
+      p[n / 2][2 * (n % 2) + r] = pair;
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    st.l[r] = st.l[r] * alpha[r] + sum[r];
+    st.l_rounded[r] = st.l_rounded[r] * alpha[r] + sum_rounded[r];
+  }
+}
+
+template <int D>
+__device__ __forceinline__ void rescale_rows(float (&o)[D / 2], const float (&alpha)[2]) {
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n)
+    o[4 * n] *= alpha[0], o[4 * n + 1] *= alpha[0], o[4 * n + 2] *= alpha[1], o[4 * n + 3] *= alpha[1];
+}
+
+// out = O / l̃ (rounded once) and lse = m·ln 2 + ln l for the thread's rows that exist.
+template <int D>
+__device__ __forceinline__ void store_rows(uint16_t* out, float* lse, const float (&o)[D / 2], SoftmaxRows& st,
+                                           int b, int h, int row0, int row1, int tq, const Dims& g) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    st.l[r] += __shfl_xor_sync(kFull, st.l[r], 1);
+    st.l[r] += __shfl_xor_sync(kFull, st.l[r], 2);
+    st.l_rounded[r] += __shfl_xor_sync(kFull, st.l_rounded[r], 1);
+    st.l_rounded[r] += __shfl_xor_sync(kFull, st.l_rounded[r], 2);
+  }
+  const float inv[2] = {st.l_rounded[0] > 0.0f ? 1.0f / st.l_rounded[0] : 0.0f,
+                        st.l_rounded[1] > 0.0f ? 1.0f / st.l_rounded[1] : 0.0f};
+  uint16_t* orow[2] = {out + (static_cast<int64_t>(b) * g.T + row0) * g.C + static_cast<int64_t>(h) * g.D,
+                       out + (static_cast<int64_t>(b) * g.T + row1) * g.C + static_cast<int64_t>(h) * g.D};
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if ((r == 0 ? row0 : row1) >= g.T) continue;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+      *reinterpret_cast<uint32_t*>(orow[r] + 8 * n + 2 * tq) =
+          pack_bf16(o[4 * n + 2 * r] * inv[r], o[4 * n + 2 * r + 1] * inv[r]);
+  }
+  const int64_t bh = static_cast<int64_t>(b) * g.NH + h;
+  if (tq == 0) {
+    if (row0 < g.T) lse[bh * g.T + row0] = st.m[0] * kLn2 + logf(st.l[0]);
+    if (row1 < g.T) lse[bh * g.T + row1] = st.m[1] * kLn2 + logf(st.l[1]);
+  }
+}
 
 template <int D>
 __global__ void __launch_bounds__(kThreads, 1)
@@ -196,15 +302,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   float o[D / 2];
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, l_rounded[2] = {0.0f, 0.0f};
+  SoftmaxRows st;
   auto stage_k = [&](int stage) { return smem + L::kv + 2 * stage * L::key_tile; };
   auto load = [&](int i, int stage) { load_key_tile<D, Dk, kKeys>(stage_k(stage), L::key_tile, base, i, g); };
   auto compute = [&](int i, int stage) {
     const unsigned char* ks = stage_k(stage);
     const unsigned char* vs = ks + L::key_tile;
     const int k0 = i * kKeys;
-    // Live when some key of the tile precedes some query of the warpgroup (then key k0 ≤ wq precedes
-    // all of them). Warpgroup-uniform, as wgmma needs.
+    // Live when some key of the tile precedes some query of the warpgroup. Warpgroup-uniform, as wgmma
+    // needs.
     if (wq >= g.T || k0 > wg_last) return;
     float s[kKeys / 2];
     wgmma::fence();
@@ -212,54 +318,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma::commit();
     wgmma::wait<0>();
     wgmma::fence_accumulators(s);
-    // s[4n + e]: row e < 2 ? row0 : row1, key k0 + 8n + 2·tq + (e & 1). Only a tile reaching past the
-    // warpgroup's first query needs the mask (keys past T come only in such tiles).
-    if (k0 + kKeys - 1 > wq) {
-#pragma unroll
-      for (int n = 0; n < kKeys / 8; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          if (k0 + 8 * n + 2 * tq + (e & 1) > (e < 2 ? row0 : row1)) s[4 * n + e] = -INFINITY;
-    }
-    float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int n = 0; n < kKeys / 8; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) mx[e >> 1] = fmaxf(mx[e >> 1], s[4 * n + e]);
-    float alpha[2], neg_m[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFull, mx[r], 1));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFull, mx[r], 2));
-      // (finite: tiles start at multiples of 64 (or 128), warpgroups at multiples of 64, so a live tile's key
-      // k0 ≤ wq ≤ the row)
-      const float m_new = fmaxf(m[r], mx[r] * g.scale_log2);
-      alpha[r] = exp2_ftz(m[r] - m_new);  // 2^{−∞} = 0 on the first tile
-      m[r] = m_new;
-      neg_m[r] = -m_new;
-    }
     uint32_t p[kKeys / 16][4];  // P as the A operand of each 16-key step
-    float sum[2] = {0.0f, 0.0f}, sum_rounded[2] = {0.0f, 0.0f};
-#pragma unroll
-    for (int n = 0; n < kKeys / 8; ++n) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const float p0 = exp2_ftz(fmaf(s[4 * n + 2 * r], g.scale_log2, neg_m[r]));
-        const float p1 = exp2_ftz(fmaf(s[4 * n + 2 * r + 1], g.scale_log2, neg_m[r]));
-        const uint32_t pair = pack_bf16(p0, p1);
-        sum[r] += p0 + p1;
-        sum_rounded[r] += low_bf16(pair) + high_bf16(pair);
-        p[n / 2][2 * (n % 2) + r] = pair;
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      l[r] = l[r] * alpha[r] + sum[r];
-      l_rounded[r] = l_rounded[r] * alpha[r] + sum_rounded[r];
-    }
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n)
-      o[4 * n] *= alpha[0], o[4 * n + 1] *= alpha[0], o[4 * n + 2] *= alpha[1], o[4 * n + 3] *= alpha[1];
+    float alpha[2];
+    softmax_tile<kKeys>(s, p, st, alpha, k0, wq, row0, row1, tq, g.scale_log2);
+    rescale_rows<D>(o, alpha);
     // O += P·v: v's rows are the k, its columns the n — MN-major.
     wgmma::fence_accumulators(o);
     wgmma::fence();
@@ -269,30 +331,175 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma::fence_accumulators(o);
   };
   pipeline(block_last / kKeys + 1, load, compute);  // (the q tile lands with the first k and v tile)
+  store_rows<D>(out, lse, o, st, b, h, row0, row1, tq, g);
+}
 
+// ---- the pipelined forward ----------------------------------------------------------------------------
+//
+// FlashAttention-3's structure (Shah et al. 2024, §3.1–3.2; our reading, without TMA or setmaxnreg), on the
+// first version's arithmetic. Why: ncu on the first version (twenty-second session) shows one block an SM
+// at ~30% SM throughput — every product waited for before the softmax that follows it, both warpgroups
+// meeting at a barrier each tile while the tensor cores idle.
+//   - Warp specialisation: a third warpgroup is the producer. It copies the q tile and then each k/v tile by
+//     cp.async into a ring of kStages stages, completing the stage's "full" mbarrier with arrivals on its
+//     copies (mbarrier.h); before refilling a stage it waits for the stage's "empty" barrier, which the
+//     256 consumer threads complete once the products that read it have finished. No __syncthreads after
+//     the start: each warpgroup runs at its own pace, so one's softmax can meet the other's products.
+//   - Within a warpgroup, the products of two tiles overlap the softmax: at tile t it issues S_t = q·k_tᵀ
+//     and then O += P_{t−1}·v_{t−1}, waits only for S_t, computes tile t's softmax while P_{t−1}·v_{t−1}
+//     runs, then waits for that and rescales O. The paper's order of operations; it is also the first
+//     version's (O·α_t, then + P_t·v_t), so the results are its bits.
+//   - Registers move to the consumers (setmaxnreg, as FA3): 384 threads at one block an SM start with 168
+//     registers each; the producer drops to 24 and the consumers rise to 240 (24·128 + 240·256 ≤ 65,536).
+//     Why a whole warpgroup for the copies: an SM's four schedulers each own a quarter of the register
+//     file, so a ninth warp alone already caps every thread at 168 (ptxas: 48 bytes spilled at D = 168),
+//     and setmaxnreg works on warpgroups.
+// The producer copies with cp.async where FA3 uses TMA (which the CPU emulation does not model): at D = 168
+// a 64-key k/v tile is 21 16-byte copies a producer thread, against ~2,600 clocks of the two warpgroups'
+// products per tile. CUTLASS's cp.async warp-specialised GEMM mainloop
+// fences no proxies between the copies and wgmma; the consumers here fence after each full wait
+// (fence.proxy.async, as the PTX memory model asks for generic-proxy writes a wgmma reads).
+constexpr int kProducerThreads = 128;
+constexpr int kPipelinedThreads = kThreads + kProducerThreads;
+constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
+static_assert(kProducerRegisters * kProducerThreads + kConsumerRegisters * kThreads <= 65536,
+              "the registers an SM has");
+
+// Shared memory of the pipelined forward: the q tile, kStages stages of a k and a v tile (the first
+// version's tiles: 128 keys at D = 64, else 64), then the barriers (full and empty per stage, and q's).
+// As many stages as fit under ~220 KiB, at most 3: D = 64: 3 (112 KiB); 128: 3 (128); 168: 3 (176).
+template <int D>
+struct PipelinedForwardSmem {
+  static constexpr int Dk = ForwardSmem<D>::Dk, keys = ForwardSmem<D>::keys;
+  static constexpr size_t key_tile = ForwardSmem<D>::key_tile;
+  static constexpr size_t q = 0, kv = ForwardSmem<D>::kv;
+  static constexpr size_t budget = 220 * 1024;
+  static constexpr int stages = static_cast<int>(std::min<size_t>(3, (budget - kv) / (2 * key_tile)));
+  static constexpr size_t barriers = kv + stages * 2 * key_tile;
+  static constexpr size_t bytes = barriers + sizeof(uint64_t) * (2 * stages + 1);
+  static_assert(stages >= 2, "two stages at least: the producer fills one while the consumers read the other");
+};
+
+// Register fragments a wgmma in flight reads (P, the A operand of P·v) must stay where they are until the
+// wait that covers it: this keeps them live to that point.
+template <int K>
+__device__ __forceinline__ void keep_fragments(uint32_t (&a)[K][4]) {
+#if !defined(KRAKEN_CUDA_EMULATION)
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(kFull, l[r], 1);
-    l[r] += __shfl_xor_sync(kFull, l[r], 2);
-    l_rounded[r] += __shfl_xor_sync(kFull, l_rounded[r], 1);
-    l_rounded[r] += __shfl_xor_sync(kFull, l_rounded[r], 2);
-  }
-  const float inv[2] = {l_rounded[0] > 0.0f ? 1.0f / l_rounded[0] : 0.0f,
-                        l_rounded[1] > 0.0f ? 1.0f / l_rounded[1] : 0.0f};
-  uint16_t* orow[2] = {out + (static_cast<int64_t>(b) * g.T + row0) * g.C + static_cast<int64_t>(h) * g.D,
-                       out + (static_cast<int64_t>(b) * g.T + row1) * g.C + static_cast<int64_t>(h) * g.D};
+  for (int j = 0; j < K; ++j)
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    if ((r == 0 ? row0 : row1) >= g.T) continue;
+    for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(a[j][i])::"memory");
+#endif
+}
+
+template <int D>
+__global__ void __launch_bounds__(kPipelinedThreads, 1)
+    attention_forward_wgmma_pipelined_kernel(uint16_t* out, float* lse, const uint16_t* qkv, Dims g) {
+  using L = PipelinedForwardSmem<D>;
+  constexpr int Dk = L::Dk, kKeys = L::keys, kStages = L::stages;
+  KRAKEN_DYNAMIC_SHARED(unsigned char, smem);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + L::barriers);
+  uint64_t* empty = full + kStages;
+  uint64_t* q_full = empty + kStages;
+  const int bh = blockIdx.x, b = bh / g.NH, h = bh % g.NH;
+  const int q0 = (gridDim.y - 1 - blockIdx.y) * kQueryTile;  // the longest rows first
+  const int tiles = (min(q0 + kQueryTile, g.T) - 1) / kKeys + 1;
+  const uint16_t* base = qkv + static_cast<int64_t>(b) * g.T * g.ld + static_cast<int64_t>(h) * g.D;
+  unsigned char* qs = smem + L::q;
+  auto stage_k = [&](int t) { return smem + L::kv + 2 * (t % kStages) * L::key_tile; };
+
+  if (Dk != D) {  // the padding columns D .. Dk must read as zeros; cp.async never writes them
+    for (size_t i = threadIdx.x; i < L::barriers / 16; i += kPipelinedThreads)
+      reinterpret_cast<uint4*>(smem)[i] = make_uint4(0u, 0u, 0u, 0u);
+    wgmma::fence_shared_for_wgmma();
+  }
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbarrier::init(&full[s], kProducerThreads);  // the producer's arrivals on its copies
+      mbarrier::init(&empty[s], kThreads);         // every consumer thread, once done with the stage
+    }
+    mbarrier::init(q_full, kProducerThreads);
+  }
+  __syncthreads();
+
+  if (threadIdx.x >= kThreads) {  // the producer: tile t in stage t % kStages, round t / kStages
+    wgmma::release_registers_to<kProducerRegisters>();
+    const int me = threadIdx.x - kThreads;
+    load_tile<D, Dk>(qs, base + static_cast<int64_t>(q0) * g.ld, g.ld, q0, kQueryTile, g.T, me, kProducerThreads);
+    mbarrier::arrive_on_copies(q_full);
+    for (int t = 0; t < tiles; ++t) {
+      mbarrier::wait(&empty[t % kStages], ((t / kStages) & 1) ^ 1);
+      load_key_tile<D, Dk, kKeys>(stage_k(t), L::key_tile, base, t, g, me, kProducerThreads);
+      mbarrier::arrive_on_copies(&full[t % kStages]);
+    }
+    mma::cp_async_commit();
+    mma::cp_async_wait<0>();  // (its copies land before it leaves)
+    return;
+  }
+
+  wgmma::take_registers_to<kConsumerRegisters>();
+  const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, tq = lane % 4;
+  const int wq = q0 + 64 * wg;                                  // the warpgroup's first query
+  const int row0 = wq + 16 * warp + lane / 4, row1 = row0 + 8;  // the thread's two queries
+  // The tiles with a key preceding some query of the warpgroup (keys ≤ its last query): 0 for a warpgroup
+  // past T. Warpgroup-uniform, as wgmma needs.
+  const int live = wq < g.T ? (min(wq + 64, g.T) - 1) / kKeys + 1 : 0;
+  auto wait_full = [&](int t) {
+    mbarrier::wait(&full[t % kStages], (t / kStages) & 1);
+    wgmma::fence_shared_for_wgmma();
+  };
+  auto release = [&](int t) { mbarrier::arrive(&empty[t % kStages]); };
+
+  float o[D / 2];
 #pragma unroll
-    for (int n = 0; n < D / 8; ++n)
-      *reinterpret_cast<uint32_t*>(orow[r] + 8 * n + 2 * tq) =
-          pack_bf16(o[4 * n + 2 * r] * inv[r], o[4 * n + 2 * r + 1] * inv[r]);
+  for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
+  SoftmaxRows st;
+  if (live > 0) {
+    mbarrier::wait(q_full, 0);
+    float s[kKeys / 2], alpha[2];
+    uint32_t p[kKeys / 16][4], p_next[kKeys / 16][4];  // P of the tile in flight, and of the next
+    wait_full(0);
+    wgmma::fence();
+    issue_rows_times_rows<kKeys, Dk>(s, qs, 64 * wg, stage_k(0));
+    wgmma::commit();
+    wgmma::wait<0>();
+    wgmma::fence_accumulators(s);
+    softmax_tile<kKeys>(s, p, st, alpha, 0, wq, row0, row1, tq, g.scale_log2);  // (O is 0: nothing to rescale)
+    for (int t = 1; t < live; ++t) {
+      wait_full(t);
+      wgmma::fence();
+      issue_rows_times_rows<kKeys, Dk>(s, qs, 64 * wg, stage_k(t));  // S_t
+      wgmma::commit();
+      issue_registers_times_tile<D, kKeys, Dk>(o, p, stage_k(t - 1) + L::key_tile);  // O += P_{t−1}·v_{t−1}
+      wgmma::commit();
+      wgmma::wait<1>();  // S_t (groups complete in order)
+      wgmma::fence_accumulators(s);
+      softmax_tile<kKeys>(s, p_next, st, alpha, t * kKeys, wq, row0, row1, tq, g.scale_log2);
+      wgmma::wait<0>();  // P_{t−1}·v_{t−1}
+      wgmma::fence_accumulators(o);
+      keep_fragments(p);
+      release(t - 1);
+      rescale_rows<D>(o, alpha);
+#pragma unroll
+      for (int j = 0; j < kKeys / 16; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) p[j][i] = p_next[j][i];
+    }
+    wgmma::fence();
+    issue_registers_times_tile<D, kKeys, Dk>(o, p, stage_k(live - 1) + L::key_tile);
+    wgmma::commit();
+    wgmma::wait<0>();
+    wgmma::fence_accumulators(o);
+    keep_fragments(p);
+    release(live - 1);
   }
-  if (tq == 0) {
-    if (row0 < g.T) lse[static_cast<int64_t>(bh) * g.T + row0] = m[0] * kLn2 + logf(l[0]);
-    if (row1 < g.T) lse[static_cast<int64_t>(bh) * g.T + row1] = m[1] * kLn2 + logf(l[1]);
+  // The block's tiles past this warpgroup's queries: released all the same (the empty barriers count both
+  // warpgroups), each after its full wait, so that no arrival runs ahead into a stage's next round.
+  for (int t = live; t < tiles; ++t) {
+    mbarrier::wait(&full[t % kStages], (t / kStages) & 1);
+    release(t);
   }
+  store_rows<D>(out, lse, o, st, b, h, row0, row1, tq, g);
 }
 
 // ---- backward -----------------------------------------------------------------------------------------
@@ -636,7 +843,7 @@ __global__ void __launch_bounds__(128)
 // the tiles of x[128·t + 4·((lane + 1) % 32) + i], i < 4. `mutation` breaks one rule, for the emulation's
 // tests of itself (0 on a GPU): 1 the consumers skip the full wait, 2 the producer the empty wait, 3 the
 // producer stops a tile short (the consumers wait forever), 4 a consumer writes over a barrier, 5 no
-// barrier is initialised.
+// barrier is initialised, 6 the consumers release a stage before they read it.
 constexpr int kProbeStages = 2, kProbeTileFloats = 128;
 constexpr size_t kProbePipelineBytes = kProbeStages * kProbeTileFloats * sizeof(float) + 2 * kProbeStages * 8;
 __global__ void __launch_bounds__(64) mbarrier_pipeline_probe_kernel(float* sums, const float* x, int tiles,
@@ -667,10 +874,11 @@ __global__ void __launch_bounds__(64) mbarrier_pipeline_probe_kernel(float* sums
     for (int t = 0; t < tiles; ++t) {
       const int s = t % kProbeStages, round = t / kProbeStages;
       if (mutation != 1) mbarrier::wait(&full[s], round & 1);
+      if (mutation == 6) mbarrier::arrive(&empty[s]);
       const float* piece = stages + s * kProbeTileFloats + 4 * ((lane + 1) % 32);
       sum += piece[0] + piece[1] + piece[2] + piece[3];
       if (mutation == 4 && t == 0 && lane == 0) reinterpret_cast<float*>(&empty[s])[0] = sum;
-      mbarrier::arrive(&empty[s]);
+      if (mutation != 6) mbarrier::arrive(&empty[s]);
     }
     sums[lane] = sum;
   }
@@ -711,6 +919,17 @@ void forward_wgmma(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, in
 }
 
 template <int D>
+void forward_wgmma_pipelined(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T, const Dims& g,
+                             cudaStream_t stream) {
+  const size_t smem = PipelinedForwardSmem<D>::bytes;
+  KRAKEN_CUDA_CHECK(cudaFuncSetAttribute(attention_forward_wgmma_pipelined_kernel<D>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  const dim3 grid(static_cast<unsigned>(B * g.NH), static_cast<unsigned>((T + kQueryTile - 1) / kQueryTile));
+  KRAKEN_KERNEL(grid, kPipelinedThreads, smem, stream, attention_forward_wgmma_pipelined_kernel<D>)(out, lse, qkv, g);
+  KRAKEN_CUDA_LAUNCH_CHECK();
+}
+
+template <int D>
 void backward_wgmma(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out, const float* lse,
                     int64_t B, int64_t T, const Dims& g, cudaStream_t stream) {
   using L = BackwardSmem<D>;
@@ -735,10 +954,11 @@ void backward_wgmma(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, c
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
 
-// Calls f(std::integral_constant<int, D>()) for the head sizes with a backward (D = 256's dK and dV alone
-// would be 256 registers a thread); false for the others.
+// Calls f(std::integral_constant<int, D>()) for the head sizes below 256, which the backward and the
+// pipelined forward take (D = 256's dK and dV alone would be 256 registers a thread; its forward stages,
+// two of 64 KiB beside q's 64, leave no room for a third); false for the others.
 template <typename F>
-bool with_backward_head(int64_t D, F&& f) {
+bool with_head_below_256(int64_t D, F&& f) {
   switch (D) {
     case 64: f(std::integral_constant<int, 64>()); return true;
     case 128: f(std::integral_constant<int, 128>()); return true;
@@ -770,7 +990,7 @@ Dims make_dims(int64_t T, int64_t C, int64_t NH) {
 bool attention_bf16_wgmma_backward_supported(int64_t D) {
   static const bool has = device_has_wgmma();
   size_t smem = 0;
-  if (!has || !with_backward_head(D, [&](auto d) {
+  if (!has || !with_head_below_256(D, [&](auto d) {
         using L = BackwardSmem<decltype(d)::value>;
         smem = std::max(L::kv_bytes, L::q_bytes);
       }))
@@ -795,7 +1015,7 @@ void attention_backward_bf16_wgmma_cuda(uint16_t* dqkv, const uint16_t* dout, co
   if (B == 0 || T == 0) return;
   KRAKEN_CHECK(B * NH <= 0x7fffffffLL && T <= 0x7fffffffLL, "B·NH = ", B * NH, ", T = ", T, ": too large a grid");
   const Dims g = make_dims(T, C, NH);
-  with_backward_head(g.D, [&](auto d) {
+  with_head_below_256(g.D, [&](auto d) {
     backward_wgmma<decltype(d)::value>(dqkv, dout, qkv, out, lse, B, T, g, stream);
   });
 }
@@ -812,15 +1032,40 @@ bool attention_bf16_wgmma_usable(const uint16_t* out, const uint16_t* qkv, int64
   return reinterpret_cast<uintptr_t>(qkv) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 4 == 0;
 }
 
-void attention_forward_bf16_wgmma_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T,
-                                       int64_t C, int64_t NH, CUstream_st* stream) {
+bool attention_bf16_wgmma_pipelined_supported(int64_t D) {
+  size_t smem = 0;
+  if (!attention_bf16_wgmma_supported(D) ||
+      !with_head_below_256(D, [&](auto d) { smem = PipelinedForwardSmem<decltype(d)::value>::bytes; }))
+    return false;
+  return smem <= static_cast<size_t>(max_shared_per_block());
+}
+
+namespace {
+void forward_wgmma_checked(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T, int64_t C,
+                           int64_t NH, CUstream_st* stream, bool pipelined) {
   KRAKEN_CHECK(attention_bf16_wgmma_usable(out, qkv, C, NH), "wgmma attention: C=", C, " NH=", NH,
                " needs a head size of 64, 128, 168 or 256, a compute capability 9.0 device, qkv 16- and out 4-byte "
                "aligned");
   if (B == 0 || T == 0) return;
   KRAKEN_CHECK(B * NH <= 0x7fffffffLL && T <= 0x7fffffffLL, "B·NH = ", B * NH, ", T = ", T, ": too large a grid");
   const Dims g = make_dims(T, C, NH);
+  if (pipelined && with_head_below_256(g.D, [&](auto d) {
+        forward_wgmma_pipelined<decltype(d)::value>(out, lse, qkv, B, T, g, stream);
+      }))
+    return;
   with_head(g.D, [&](auto d) { forward_wgmma<decltype(d)::value>(out, lse, qkv, B, T, g, stream); });
+}
+}  // namespace
+
+void attention_forward_bf16_wgmma_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T,
+                                       int64_t C, int64_t NH, CUstream_st* stream) {
+  forward_wgmma_checked(out, lse, qkv, B, T, C, NH, stream,
+                        NH > 0 && C % NH == 0 && attention_bf16_wgmma_pipelined_supported(C / NH));
+}
+
+void attention_forward_bf16_wgmma_lockstep_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B,
+                                                int64_t T, int64_t C, int64_t NH, CUstream_st* stream) {
+  forward_wgmma_checked(out, lse, qkv, B, T, C, NH, stream, false);
 }
 
 void wgmma_layout_probe_cuda(float* d, const uint16_t* a, const uint16_t* b, int way, bool strides_exchanged,
@@ -836,7 +1081,7 @@ void wgmma_layout_probe_cuda(float* d, const uint16_t* a, const uint16_t* b, int
 }
 
 void mbarrier_pipeline_probe_cuda(float* sums, const float* x, int tiles, int mutation, CUstream_st* stream) {
-  KRAKEN_CHECK(tiles >= 1 && mutation >= 0 && mutation <= 5, "mbarrier pipeline probe: tiles ", tiles, ", mutation ",
+  KRAKEN_CHECK(tiles >= 1 && mutation >= 0 && mutation <= 6, "mbarrier pipeline probe: tiles ", tiles, ", mutation ",
                mutation);
   KRAKEN_CHECK(device_has_wgmma(), "mbarrier pipeline probe: needs a compute capability 9.0 device");
   KRAKEN_KERNEL(1, 64, kProbePipelineBytes, stream, mbarrier_pipeline_probe_kernel)(sums, x, tiles, mutation);

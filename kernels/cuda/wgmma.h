@@ -81,6 +81,10 @@ inline void wait() {
 }
 template <int N>
 inline void fence_accumulators(float (&)[N]) {}
+template <int kCount>
+inline void release_registers_to() {}  // (registers are not modelled)
+template <int kCount>
+inline void take_registers_to() {}
 template <int N, int kTransA, int kTransB>
 inline void mma(float (&d)[N / 2], uint64_t a_desc, uint64_t b_desc, int scale_d) {
   ::kraken_emu::wgmma_bf16(d, N, nullptr, a_desc, b_desc, kTransA, kTransB, scale_d != 0);
@@ -142,6 +146,22 @@ __device__ __forceinline__ void mma(float (&d)[N / 2], const uint32_t (&a)[4], u
 #else
   __trap();
 #endif
+}
+
+// Moves registers between the warpgroups of a block (setmaxnreg): every thread of the executing warpgroup
+// then has at most kCount (24 .. 256, a multiple of 8) registers, released to or taken from the block's
+// pool — a warp-specialised kernel's producer warpgroup gives up what its copies do not need and its
+// consumers take it. The kernel's launch bounds set what each thread starts with; a warpgroup that asks
+// for more waits until others have released enough. All threads of the warpgroup execute it.
+template <int kCount>
+__device__ __forceinline__ void release_registers_to() {
+  static_assert(kCount >= 24 && kCount <= 256 && kCount % 8 == 0, "setmaxnreg takes 24 .. 256, multiples of 8");
+  KRAKEN_WGMMA_ASM("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kCount));
+}
+template <int kCount>
+__device__ __forceinline__ void take_registers_to() {
+  static_assert(kCount >= 24 && kCount <= 256 && kCount % 8 == 0, "setmaxnreg takes 24 .. 256, multiples of 8");
+  KRAKEN_WGMMA_ASM("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kCount));
 }
 
 #undef KRAKEN_WGMMA_ASM

@@ -235,6 +235,34 @@ TEST(CudaEmulation, WgmmaAttentionMatchesTheCpu) {
   EXPECT_FALSE(emu::attention_bf16_wgmma_supported(42));  // no kernel for that head size: the dispatch falls back
 }
 
+// The pipelined wgmma forward (a producer warpgroup, an mbarrier ring of 3 stages, each warpgroup's next
+// S issued before its softmax) is the lockstep kernel's arithmetic in another order of issue: the same
+// bits of out and lse, under both schedules (copies landing at once: a stage refilled while a product still
+// reads it would show; or as late as they can: a product reading a stage before its full wait would).
+// Shapes: one query; a block's second warpgroup past T (T = 65); rings wrapped (D = 64: 5 tiles of 128
+// keys; 128 and 168: 4 and 5 tiles of 64), with blocks whose first warpgroup releases the last tile
+// unread and whose second has no queries (T = 300 at D = 168); two heads, B = 2.
+TEST(CudaEmulation, PipelinedWgmmaForwardIsTheLockstepOnesBits) {
+  const AttentionShape shapes[] = {{1, 1, 64, 1},   {1, 65, 64, 1},   {1, 520, 64, 1},
+                                   {1, 200, 128, 1}, {1, 300, 168, 1}, {2, 150, 168, 2}};
+  under_both_schedules([&] {
+    for (const AttentionShape& s : shapes) {
+      SCOPED_TRACE(s.str());
+      const int64_t C = s.D * s.NH, rows = s.B * s.T;
+      const std::vector<uint16_t> qkv = to_bf16(normal(static_cast<size_t>(rows * 3 * C), 71, 1.5f));
+      std::vector<uint16_t> out(static_cast<size_t>(rows * C), 0xffff), out_lockstep(out.size(), 0);
+      std::vector<float> lse(static_cast<size_t>(s.B * s.NH * s.T), -1.0f), lse_lockstep(lse.size(), 0.0f);
+      ASSERT_TRUE(emu::attention_bf16_wgmma_pipelined_supported(s.D));
+      emu::attention_forward_bf16_wgmma_cuda(out.data(), lse.data(), qkv.data(), s.B, s.T, C, s.NH, nullptr);
+      emu::attention_forward_bf16_wgmma_lockstep_cuda(out_lockstep.data(), lse_lockstep.data(), qkv.data(), s.B, s.T,
+                                                      C, s.NH, nullptr);
+      EXPECT_EQ(out, out_lockstep);
+      EXPECT_EQ(0, std::memcmp(lse.data(), lse_lockstep.data(), sizeof(float) * lse.size()));
+    }
+  });
+  EXPECT_FALSE(emu::attention_bf16_wgmma_pipelined_supported(256));  // the lockstep kernel takes it
+}
+
 // The mbarrier pipeline probe (kernels/attention.h): a producer warp streams tiles through two stages with
 // full/empty barriers, a consumer warp sums another lane's piece of each — the exact sums under both
 // schedules (copies and their arrivals as late as can be, or at once), for one tile, a ring's worth, and
@@ -263,7 +291,8 @@ TEST(CudaEmulation, MbarrierPipelineProbeMovesEveryTile) {
 // The emulation catches each rule the probe can break: reading a stage before its full barrier (the
 // ascending schedule: the copies have not landed — NaN, the poison — and the ring then stalls), refilling one before its empty
 // barrier (wrong sums, or the ring's phases run ahead of the consumers' parity: a deadlock), a phase
-// nobody completes (a deadlock naming the mbarrier), a write over a barrier, a barrier never initialised.
+// nobody completes (a deadlock naming the mbarrier), a write over a barrier, a barrier never initialised,
+// a stage released before it is read (wrong sums).
 TEST(CudaEmulation, MbarrierPipelineProbesBrokenRulesAreCaught) {
   const int tiles = 5;
   const std::vector<float> x = normal(static_cast<size_t>(128 * tiles), 62);
@@ -310,6 +339,14 @@ TEST(CudaEmulation, MbarrierPipelineProbesBrokenRulesAreCaught) {
     if (!error.empty()) {
       EXPECT_NE(error.find("deadlock"), std::string::npos) << error;
     }
+  }
+  {  // 6: a stage released before it is read. The arrival that completes the empty phase lets the producer
+     // refill the stage (its copies landing at once under the descending schedule) before the consumers
+     // read it
+    kraken_emu::set_schedule(kraken_emu::Schedule::kDescending);
+    const std::vector<float> sums = run(6);
+    kraken_emu::set_schedule(kraken_emu::Schedule::kAscending);
+    EXPECT_NE(sums, want) << "a read after the stage's release saw the tile it was released for";
   }
   EXPECT_NE(error_of(3).find("on an mbarrier phase that never completes"), std::string::npos) << error_of(3);
   EXPECT_NE(error_of(4).find("written over after its init"), std::string::npos) << error_of(4);
