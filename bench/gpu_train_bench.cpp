@@ -1046,8 +1046,16 @@ void bench_compute(Report& r) {
         attention_backward_bf16_wgmma_cuda(dq.data<uint16_t>(), dO.data<uint16_t>(), q.data<uint16_t>(),
                                            o.data<uint16_t>(), l.data<float>(), Bc, Tc, Cc, Hc, nullptr);
       }, 5);
-      r.line("| bf16 attention backward, wgmma (ours, two kernels, adds into dqkv), %s | %.3f | %.1f TFLOP/s |", label,
-             bw * 1e3, 2.5 * flops / bw / 1e12);
+      r.line("| bf16 attention backward, wgmma (ours, two kernels, adds into dqkv%s), %s | %.3f | %.1f TFLOP/s |",
+             pipelined ? "; dq pipelined" : "", label, bw * 1e3, 2.5 * flops / bw / 1e12);
+      if (pipelined) {
+        const double bl = time_kernel([&] {
+          attention_backward_bf16_wgmma_lockstep_cuda(dq.data<uint16_t>(), dO.data<uint16_t>(), q.data<uint16_t>(),
+                                                      o.data<uint16_t>(), l.data<float>(), Bc, Tc, Cc, Hc, nullptr);
+        }, 5);
+        r.line("| bf16 attention backward, wgmma (ours, two kernels, adds into dqkv; lockstep), %s | %.3f | %.1f "
+               "TFLOP/s |", label, bl * 1e3, 2.5 * flops / bl / 1e12);
+      }
     };
     wgmma_rows("B=8 T=1024 C=768 H=12", B, T, C, H, qkv16, out16, lse, dout16, dqkv16, fwd_flops);
     {

@@ -138,10 +138,12 @@ bool attention_bf16_mma_supported(int64_t D);
 // 256 with qkv 16-byte and out 4-byte aligned; the backward (adds into dqkv) 64, 128 and 168 with every
 // buffer 16-byte aligned. Opt-in, KRAKEN_CUDA_ATTENTION=wgmma: on an H200 faster than the mma kernels (but
 // for the D = 64 forward), slower than cuDNN's in a training step (bench/RESULTS.md, twenty-second session).
-// The forward runs the pipelined kernel (warp-specialised: a producer warp and an mbarrier ring,
+// The forward runs the pipelined kernel (warp-specialised: a producer warpgroup and an mbarrier ring,
 // FlashAttention-3's structure) where attention_bf16_wgmma_pipelined_supported (D = 64, 128, 168), else the
-// lockstep one (two warpgroups meeting at a barrier a tile, the first version); both give the same bits.
-// _lockstep_ runs the lockstep kernel always (tests and the benchmark compare the two).
+// lockstep one (two warpgroups meeting at a barrier a tile, the first version); the backward's dq kernel
+// likewise where its shared memory fits (all three on Hopper), its dk/dv kernel is lockstep. Pipelined and
+// lockstep give the same bits; the _lockstep_ entry points run the lockstep kernels always (tests and the
+// benchmark compare the two).
 void attention_forward_bf16_wgmma_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T,
                                        int64_t C, int64_t NH, CUstream_st* stream);
 void attention_forward_bf16_wgmma_lockstep_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B,
@@ -150,6 +152,9 @@ bool attention_bf16_wgmma_pipelined_supported(int64_t D);
 void attention_backward_bf16_wgmma_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv,
                                         const uint16_t* out, const float* lse, int64_t B, int64_t T, int64_t C,
                                         int64_t NH, CUstream_st* stream);
+void attention_backward_bf16_wgmma_lockstep_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv,
+                                                 const uint16_t* out, const float* lse, int64_t B, int64_t T,
+                                                 int64_t C, int64_t NH, CUstream_st* stream);
 bool attention_bf16_wgmma_supported(int64_t D);  // the forward: the head size, the device and its shared memory
 bool attention_bf16_wgmma_backward_supported(int64_t D);
 bool attention_bf16_wgmma_usable(const uint16_t* out, const uint16_t* qkv, int64_t C, int64_t NH);
@@ -194,8 +199,8 @@ AttentionBf16Kernels attention_bf16_kernels_fallback(int64_t D);
 const char* attention_bf16_kernels_name(AttentionBf16Kernels kernels);  // "simt", "tc", "mma" or "cudnn"
 // What a bf16 step's attention runs at head size D, for reports: attention_bf16_kernels_name of
 // attention_bf16_kernels(D), except where KRAKEN_CUDA_ATTENTION=wgmma takes the head size (which
-// attention_bf16_kernels leaves out: the wgmma kernels are chosen per call): "wgmma (pipelined forward)"
-// for the head sizes the pipelined forward takes, or "wgmma forward, <name> backward" for a head size only
+// attention_bf16_kernels leaves out: the wgmma kernels are chosen per call): "wgmma (pipelined forward and
+// dq)" for the head sizes the pipelined kernels take, or "wgmma forward, <name> backward" for a head size only
 // the wgmma forward takes (256).
 std::string attention_bf16_kernels_label(int64_t D);
 

@@ -42,8 +42,9 @@
 // 8.2. ncu: one 8-warp block an SM, SM throughput ~30%: every product is waited for before the softmax
 // that follows it, and both warpgroups meet at a barrier each tile. So the forward now has a second,
 // pipelined kernel in FlashAttention-3's structure (a producer warpgroup and an mbarrier ring, registers
-// moved to the consumers, the next S issued before this tile's softmax; "the pipelined forward" below),
-// which the public forward runs where it applies; the backward has not moved to it yet.
+// moved to the consumers, the next S issued before this tile's softmax; "the pipelined kernels" below),
+// which the public forward runs where it applies, and a pipelined dq kernel; the dk/dv kernel (the
+// backward's larger part) is still lockstep.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -334,54 +335,137 @@ __global__ void __launch_bounds__(kThreads, 1)
   store_rows<D>(out, lse, o, st, b, h, row0, row1, tq, g);
 }
 
-// ---- the pipelined forward ----------------------------------------------------------------------------
+// ---- the pipelined kernels ----------------------------------------------------------------------------
 //
-// FlashAttention-3's structure (Shah et al. 2024, §3.1–3.2; our reading, without TMA or setmaxnreg), on the
-// first version's arithmetic. Why: ncu on the first version (twenty-second session) shows one block an SM
-// at ~30% SM throughput — every product waited for before the softmax that follows it, both warpgroups
-// meeting at a barrier each tile while the tensor cores idle.
-//   - Warp specialisation: a third warpgroup is the producer. It copies the q tile and then each k/v tile by
-//     cp.async into a ring of kStages stages, completing the stage's "full" mbarrier with arrivals on its
-//     copies (mbarrier.h); before refilling a stage it waits for the stage's "empty" barrier, which the
-//     256 consumer threads complete once the products that read it have finished. No __syncthreads after
-//     the start: each warpgroup runs at its own pace, so one's softmax can meet the other's products.
-//   - Within a warpgroup, the products of two tiles overlap the softmax: at tile t it issues S_t = q·k_tᵀ
-//     and then O += P_{t−1}·v_{t−1}, waits only for S_t, computes tile t's softmax while P_{t−1}·v_{t−1}
-//     runs, then waits for that and rescales O. The paper's order of operations; it is also the first
-//     version's (O·α_t, then + P_t·v_t), so the results are its bits.
+// FlashAttention-3's structure (Shah et al. 2024, §3.1–3.2; our reading, with cp.async where it uses TMA),
+// on the lockstep kernels' arithmetic: the forward and the dq kernel. Why: ncu on the lockstep kernels
+// (twenty-second session) shows one block an SM at ~30% SM throughput — every product waited for before
+// the softmax that follows it, both warpgroups meeting at a barrier each tile while the tensor cores idle.
+//   - Warp specialisation: a third warpgroup is the producer. It copies the block's own tiles (q; q and dO
+//     for dq) and then each k/v tile by cp.async into a ring of kStages stages, completing the stage's
+//     "full" mbarrier with arrivals on its copies (mbarrier.h); before refilling a stage it waits for the
+//     stage's "empty" barrier, which the 256 consumer threads complete once the products that read it have
+//     finished. No __syncthreads after the start: each warpgroup runs at its own pace, so one's softmax
+//     can meet the other's products.
+//   - Within a warpgroup, the products of two tiles overlap the elementwise work: at tile t it issues
+//     tile t's scores (S_t = q·k_tᵀ; and dP_t = dO·v_tᵀ for dq), then the accumulation of tile t − 1
+//     (O += P_{t−1}·v_{t−1}; dQ += dS_{t−1}·k_{t−1}), waits only for the scores, computes tile t's
+//     softmax (or dS) while the accumulation runs, then waits for it. The same accumulations in the same
+//     order as the lockstep kernels (the forward's O·α_t then + P_t·v_t too), so the results are theirs,
+//     bit for bit.
 //   - Registers move to the consumers (setmaxnreg, as FA3): 384 threads at one block an SM start with 168
-//     registers each; the producer drops to 24 and the consumers rise to 240 (24·128 + 240·256 ≤ 65,536).
-//     Why a whole warpgroup for the copies: an SM's four schedulers each own a quarter of the register
-//     file, so a ninth warp alone already caps every thread at 168 (ptxas: 48 bytes spilled at D = 168),
-//     and setmaxnreg works on warpgroups.
+//     registers each; the producer drops to 40 and the consumers rise to 232 (40·128 + 232·256 ≤ 65,536;
+//     ptxas spills nothing in either part, where at 24 the producer spilled 64 bytes). Why a whole
+//     warpgroup for the copies: an SM's four schedulers each own a quarter of the register file, so a
+//     ninth warp alone already caps every thread at 168 (ptxas: 48 bytes spilled at D = 168), and
+//     setmaxnreg works on warpgroups.
 // The producer copies with cp.async where FA3 uses TMA (which the CPU emulation does not model): at D = 168
 // a 64-key k/v tile is 21 16-byte copies a producer thread, against ~2,600 clocks of the two warpgroups'
-// products per tile. CUTLASS's cp.async warp-specialised GEMM mainloop
-// fences no proxies between the copies and wgmma; the consumers here fence after each full wait
-// (fence.proxy.async, as the PTX memory model asks for generic-proxy writes a wgmma reads).
+// products per tile. CUTLASS's cp.async warp-specialised GEMM mainloop fences no proxies between the copies
+// and wgmma; the consumers here fence after each full wait (fence.proxy.async, as the PTX memory model
+// asks for generic-proxy writes a wgmma reads).
 constexpr int kProducerThreads = 128;
 constexpr int kPipelinedThreads = kThreads + kProducerThreads;
 constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
 static_assert(kProducerRegisters * kProducerThreads + kConsumerRegisters * kThreads <= 65536,
               "the registers an SM has");
 
-// Shared memory of the pipelined forward: the q tile, kStages stages of a k and a v tile (the first
-// version's tiles: 128 keys at D = 64, else 64), then the barriers (full and empty per stage, and q's).
-// As many stages as fit under ~220 KiB, at most 3: D = 64: 3 (112 KiB); 128: 3 (128); 168: 3 (176).
-template <int D>
-struct PipelinedForwardSmem {
-  static constexpr int Dk = ForwardSmem<D>::Dk, keys = ForwardSmem<D>::keys;
-  static constexpr size_t key_tile = ForwardSmem<D>::key_tile;
-  static constexpr size_t q = 0, kv = ForwardSmem<D>::kv;
+// Shared memory of a pipelined kernel for head size D: the block's own tiles (`own` bytes), kStages stages
+// of a k and a v tile (kKeys rows each), then the barriers (full and empty per stage, and the own tiles').
+// As many stages as fit under ~220 KiB, at most 3. The forward (own: q; the lockstep kernel's 128 keys at
+// D = 64, else 64): D = 64: 112 KiB; 128: 128; 168: 176. dq (own: q and dO; 64 keys): 64: 80 KiB; 128:
+// 160; 168: 220.
+template <int D, size_t kOwn, int kKeys>
+struct PipelinedSmem {
+  static constexpr int head = D, Dk = (D + 15) / 16 * 16, keys = kKeys;
+  static constexpr size_t key_tile = sizeof(uint16_t) * kKeys * Dk;
+  static constexpr size_t own = 0, ring = kOwn;
   static constexpr size_t budget = 220 * 1024;
-  static constexpr int stages = static_cast<int>(std::min<size_t>(3, (budget - kv) / (2 * key_tile)));
-  static constexpr size_t barriers = kv + stages * 2 * key_tile;
+  static constexpr int stages = static_cast<int>(std::min<size_t>(3, (budget - kOwn) / (2 * key_tile)));
+  static constexpr size_t barriers = ring + stages * 2 * key_tile;
   static constexpr size_t bytes = barriers + sizeof(uint64_t) * (2 * stages + 1);
   static_assert(stages >= 2, "two stages at least: the producer fills one while the consumers read the other");
+  static_assert(kOwn % 128 == 0 && key_tile % 128 == 0, "tiles stay 128-byte aligned");
+};
+template <int D>
+using PipelinedForwardSmem = PipelinedSmem<D, ForwardSmem<D>::kv, ForwardSmem<D>::keys>;
+template <int D>
+using PipelinedQSmem = PipelinedSmem<D, 2 * sizeof(uint16_t) * kQueryTile * ((D + 15) / 16 * 16), kKeyTile>;
+
+// The ring of k/v stages in a pipelined block's shared memory and its barriers: tile t lives in stage
+// t % kStages in round t / kStages (mbarrier.h's parities).
+template <typename L>
+struct KeyRing {
+  unsigned char* smem;
+  uint64_t* full;   // [stages]: the producer's arrivals on its copies of the stage's tiles
+  uint64_t* empty;  // [stages]: every consumer thread, done with the stage
+  uint64_t* own;    // the producer's arrivals on its copies of the block's own tiles
+
+  __device__ explicit KeyRing(unsigned char* s)
+      : smem(s),
+        full(reinterpret_cast<uint64_t*>(s + L::barriers)),
+        empty(full + L::stages),
+        own(empty + L::stages) {}
+  __device__ unsigned char* k_tile(int t) const { return smem + L::ring + 2 * (t % L::stages) * L::key_tile; }
+  __device__ unsigned char* v_tile(int t) const { return k_tile(t) + L::key_tile; }
+  // (consumers) Tile t has landed, for this thread's reads and its wgmma's.
+  __device__ void wait_full(int t) const {
+    mbarrier::wait(&full[t % L::stages], (t / L::stages) & 1);
+    wgmma::fence_shared_for_wgmma();
+  }
+  __device__ void wait_own() const {
+    mbarrier::wait(own, 0);
+    wgmma::fence_shared_for_wgmma();
+  }
+  // (consumers) Done with tile t: every read of it, by this thread's wgmma too, has completed.
+  __device__ void release(int t) const { mbarrier::arrive(&empty[t % L::stages]); }
+  // (consumers) Tiles [first, count) the warpgroup does not read: released all the same (the empty
+  // barriers count both warpgroups), each after its full wait, so that no arrival runs ahead into a
+  // stage's next round.
+  __device__ void release_unread(int first, int count) const {
+    for (int t = first; t < count; ++t) {
+      mbarrier::wait(&full[t % L::stages], (t / L::stages) & 1);
+      release(t);
+    }
+  }
 };
 
-// Register fragments a wgmma in flight reads (P, the A operand of P·v) must stay where they are until the
-// wait that covers it: this keeps them live to that point.
+// The start of a pipelined block, by all its threads: the padding columns D .. Dk of every tile zeroed
+// (cp.async never writes them; wgmma must read zeros there), the barriers initialised, one __syncthreads.
+template <typename L>
+__device__ __forceinline__ void start_pipelined_block(const KeyRing<L>& ring) {
+  if (L::Dk != L::head) {
+    for (size_t i = threadIdx.x; i < L::barriers / 16; i += kPipelinedThreads)
+      reinterpret_cast<uint4*>(ring.smem)[i] = make_uint4(0u, 0u, 0u, 0u);
+    wgmma::fence_shared_for_wgmma();
+  }
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < L::stages; ++s) {
+      mbarrier::init(&ring.full[s], kProducerThreads);
+      mbarrier::init(&ring.empty[s], kThreads);
+    }
+    mbarrier::init(ring.own, kProducerThreads);
+  }
+  __syncthreads();
+}
+
+// The producer's part after the own tiles' copies (and its arrival on `own`): tiles [0, count) of the
+// head's keys (base: its q columns in qkv) through the ring; it returns once its copies have landed.
+template <int D, typename L>
+__device__ __forceinline__ void produce_key_tiles(const KeyRing<L>& ring, const uint16_t* base, int count,
+                                                  const Dims& g) {
+  const int me = threadIdx.x - kThreads;
+  for (int t = 0; t < count; ++t) {
+    mbarrier::wait(&ring.empty[t % L::stages], ((t / L::stages) & 1) ^ 1);
+    load_key_tile<D, L::Dk, L::keys>(ring.k_tile(t), L::key_tile, base, t, g, me, kProducerThreads);
+    mbarrier::arrive_on_copies(&ring.full[t % L::stages]);
+  }
+  mma::cp_async_commit();
+  mma::cp_async_wait<0>();  // (its copies land before it leaves)
+}
+
+// Register fragments a wgmma in flight reads (P or dS, the A operand of the accumulation) must stay where
+// they are until the wait that covers it: this keeps them live to that point.
 template <int K>
 __device__ __forceinline__ void keep_fragments(uint32_t (&a)[K][4]) {
 #if !defined(KRAKEN_CUDA_EMULATION)
@@ -391,49 +475,34 @@ __device__ __forceinline__ void keep_fragments(uint32_t (&a)[K][4]) {
     for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(a[j][i])::"memory");
 #endif
 }
+template <int K>
+__device__ __forceinline__ void copy_fragments(uint32_t (&to)[K][4], const uint32_t (&from)[K][4]) {
+#pragma unroll
+  for (int j = 0; j < K; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) to[j][i] = from[j][i];
+}
 
 template <int D>
 __global__ void __launch_bounds__(kPipelinedThreads, 1)
     attention_forward_wgmma_pipelined_kernel(uint16_t* out, float* lse, const uint16_t* qkv, Dims g) {
   using L = PipelinedForwardSmem<D>;
-  constexpr int Dk = L::Dk, kKeys = L::keys, kStages = L::stages;
+  constexpr int Dk = L::Dk, kKeys = L::keys;
   KRAKEN_DYNAMIC_SHARED(unsigned char, smem);
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + L::barriers);
-  uint64_t* empty = full + kStages;
-  uint64_t* q_full = empty + kStages;
+  const KeyRing<L> ring(smem);
   const int bh = blockIdx.x, b = bh / g.NH, h = bh % g.NH;
   const int q0 = (gridDim.y - 1 - blockIdx.y) * kQueryTile;  // the longest rows first
   const int tiles = (min(q0 + kQueryTile, g.T) - 1) / kKeys + 1;
   const uint16_t* base = qkv + static_cast<int64_t>(b) * g.T * g.ld + static_cast<int64_t>(h) * g.D;
-  unsigned char* qs = smem + L::q;
-  auto stage_k = [&](int t) { return smem + L::kv + 2 * (t % kStages) * L::key_tile; };
+  unsigned char* qs = smem + L::own;
+  start_pipelined_block(ring);
 
-  if (Dk != D) {  // the padding columns D .. Dk must read as zeros; cp.async never writes them
-    for (size_t i = threadIdx.x; i < L::barriers / 16; i += kPipelinedThreads)
-      reinterpret_cast<uint4*>(smem)[i] = make_uint4(0u, 0u, 0u, 0u);
-    wgmma::fence_shared_for_wgmma();
-  }
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < kStages; ++s) {
-      mbarrier::init(&full[s], kProducerThreads);  // the producer's arrivals on its copies
-      mbarrier::init(&empty[s], kThreads);         // every consumer thread, once done with the stage
-    }
-    mbarrier::init(q_full, kProducerThreads);
-  }
-  __syncthreads();
-
-  if (threadIdx.x >= kThreads) {  // the producer: tile t in stage t % kStages, round t / kStages
+  if (threadIdx.x >= kThreads) {  // the producer
     wgmma::release_registers_to<kProducerRegisters>();
-    const int me = threadIdx.x - kThreads;
-    load_tile<D, Dk>(qs, base + static_cast<int64_t>(q0) * g.ld, g.ld, q0, kQueryTile, g.T, me, kProducerThreads);
-    mbarrier::arrive_on_copies(q_full);
-    for (int t = 0; t < tiles; ++t) {
-      mbarrier::wait(&empty[t % kStages], ((t / kStages) & 1) ^ 1);
-      load_key_tile<D, Dk, kKeys>(stage_k(t), L::key_tile, base, t, g, me, kProducerThreads);
-      mbarrier::arrive_on_copies(&full[t % kStages]);
-    }
-    mma::cp_async_commit();
-    mma::cp_async_wait<0>();  // (its copies land before it leaves)
+    load_tile<D, Dk>(qs, base + static_cast<int64_t>(q0) * g.ld, g.ld, q0, kQueryTile, g.T, threadIdx.x - kThreads,
+                     kProducerThreads);
+    mbarrier::arrive_on_copies(ring.own);
+    produce_key_tiles<D>(ring, base, tiles, g);
     return;
   }
 
@@ -444,33 +513,28 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1)
   // The tiles with a key preceding some query of the warpgroup (keys ≤ its last query): 0 for a warpgroup
   // past T. Warpgroup-uniform, as wgmma needs.
   const int live = wq < g.T ? (min(wq + 64, g.T) - 1) / kKeys + 1 : 0;
-  auto wait_full = [&](int t) {
-    mbarrier::wait(&full[t % kStages], (t / kStages) & 1);
-    wgmma::fence_shared_for_wgmma();
-  };
-  auto release = [&](int t) { mbarrier::arrive(&empty[t % kStages]); };
 
   float o[D / 2];
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
   SoftmaxRows st;
   if (live > 0) {
-    mbarrier::wait(q_full, 0);
+    ring.wait_own();
     float s[kKeys / 2], alpha[2];
     uint32_t p[kKeys / 16][4], p_next[kKeys / 16][4];  // P of the tile in flight, and of the next
-    wait_full(0);
+    ring.wait_full(0);
     wgmma::fence();
-    issue_rows_times_rows<kKeys, Dk>(s, qs, 64 * wg, stage_k(0));
+    issue_rows_times_rows<kKeys, Dk>(s, qs, 64 * wg, ring.k_tile(0));
     wgmma::commit();
     wgmma::wait<0>();
     wgmma::fence_accumulators(s);
     softmax_tile<kKeys>(s, p, st, alpha, 0, wq, row0, row1, tq, g.scale_log2);  // (O is 0: nothing to rescale)
     for (int t = 1; t < live; ++t) {
-      wait_full(t);
+      ring.wait_full(t);
       wgmma::fence();
-      issue_rows_times_rows<kKeys, Dk>(s, qs, 64 * wg, stage_k(t));  // S_t
+      issue_rows_times_rows<kKeys, Dk>(s, qs, 64 * wg, ring.k_tile(t));  // S_t
       wgmma::commit();
-      issue_registers_times_tile<D, kKeys, Dk>(o, p, stage_k(t - 1) + L::key_tile);  // O += P_{t−1}·v_{t−1}
+      issue_registers_times_tile<D, kKeys, Dk>(o, p, ring.v_tile(t - 1));  // O += P_{t−1}·v_{t−1}
       wgmma::commit();
       wgmma::wait<1>();  // S_t (groups complete in order)
       wgmma::fence_accumulators(s);
@@ -478,27 +542,19 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1)
       wgmma::wait<0>();  // P_{t−1}·v_{t−1}
       wgmma::fence_accumulators(o);
       keep_fragments(p);
-      release(t - 1);
+      ring.release(t - 1);
       rescale_rows<D>(o, alpha);
-#pragma unroll
-      for (int j = 0; j < kKeys / 16; ++j)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) p[j][i] = p_next[j][i];
+      copy_fragments(p, p_next);
     }
     wgmma::fence();
-    issue_registers_times_tile<D, kKeys, Dk>(o, p, stage_k(live - 1) + L::key_tile);
+    issue_registers_times_tile<D, kKeys, Dk>(o, p, ring.v_tile(live - 1));
     wgmma::commit();
     wgmma::wait<0>();
     wgmma::fence_accumulators(o);
     keep_fragments(p);
-    release(live - 1);
+    ring.release(live - 1);
   }
-  // The block's tiles past this warpgroup's queries: released all the same (the empty barriers count both
-  // warpgroups), each after its full wait, so that no arrival runs ahead into a stage's next round.
-  for (int t = live; t < tiles; ++t) {
-    mbarrier::wait(&full[t % kStages], (t / kStages) & 1);
-    release(t);
-  }
+  ring.release_unread(live, tiles);
   store_rows<D>(out, lse, o, st, b, h, row0, row1, tq, g);
 }
 
@@ -682,6 +738,52 @@ __global__ void __launch_bounds__(kThreads, 1)
   add_rows<D>(vdst, live, dv, 1.0f);
 }
 
+// The dq kernels' pieces. A thread's two rows' lse·log₂e and Dᵢ (rows past T: never stored; any finite
+// value).
+__device__ __forceinline__ void load_row_statistics(float (&lse2)[2], float (&di)[2], const float* lse,
+                                                    const float* delta, int bh, int row0, int row1, const Dims& g) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = r == 0 ? row0 : row1;
+    const bool in = row < g.T;
+    lse2[r] = in ? lse[static_cast<int64_t>(bh) * g.T + row] * kLog2e : 0.0f;
+    di[r] = in ? delta[static_cast<int64_t>(bh) * g.T + row] : 0.0f;
+  }
+}
+
+// dS of one tile of keys k0 .. (the A operand of dQ += dS·k, bf16 pairs) from its scores s and dP (the
+// forward's accumulator layout): P = 2^{s·scale − lse·log₂e}, 0 above the diagonal; dS = P∘(dP − Dᵢ).
+template <int kKeys>
+__device__ __forceinline__ void ds_tile(uint32_t (&ds)[kKeys / 16][4], const float (&s)[kKeys / 2],
+                                        const float (&dp)[kKeys / 2], const float (&lse2)[2], const float (&di)[2],
+                                        int k0, int wq, int row0, int row1, int tq, float scale_log2) {
+  const bool diagonal = k0 + kKeys - 1 > wq;
+#pragma unroll
+  for (int n = 0; n < kKeys / 8; ++n) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float v[2];
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        float p = exp2_ftz(fmaf(s[4 * n + 2 * r + c], scale_log2, -lse2[r]));
+        if (diagonal && k0 + 8 * n + 2 * tq + c > (r == 0 ? row0 : row1)) p = 0.0f;
+        v[c] = p * (dp[4 * n + 2 * r + c] - di[r]);
+      }
+      ds[n / 2][2 * (n % 2) + r] = pack_bf16(v[0], v[1]);
+    }
+  }
+}
+
+// dqkv's q columns of the thread's rows += scale·dQ, rounded once.
+template <int D>
+__device__ __forceinline__ void add_dq_rows(uint16_t* dqkv, const float (&dq)[D / 2], int b, int h, int row0,
+                                            int row1, const Dims& g, float scale) {
+  uint16_t* qrow = dqkv + static_cast<int64_t>(b) * g.T * g.ld + static_cast<int64_t>(h) * g.D;
+  uint16_t* const qdst[2] = {qrow + static_cast<int64_t>(row0) * g.ld, qrow + static_cast<int64_t>(row1) * g.ld};
+  const bool live[2] = {row0 < g.T, row1 < g.T};
+  add_rows<D>(qdst, live, dq, scale);
+}
+
 template <int D>
 __global__ void __launch_bounds__(kThreads, 1)
     attention_backward_q_wgmma_kernel(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const float* lse,
@@ -708,15 +810,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   load_tile<D, Dk>(qs, base + static_cast<int64_t>(q0) * g.ld, g.ld, q0, kQueryTile, g.T);
   load_tile<D, Dk>(dos, dbase + static_cast<int64_t>(q0) * g.C, g.C, q0, kQueryTile, g.T);
-  // The rows' lse·log₂e and Dᵢ (rows past T: never stored; any finite value).
   float lse2[2], di[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = r == 0 ? row0 : row1;
-    const bool in = row < g.T;
-    lse2[r] = in ? lse[static_cast<int64_t>(bh) * g.T + row] * kLog2e : 0.0f;
-    di[r] = in ? delta[static_cast<int64_t>(bh) * g.T + row] : 0.0f;
-  }
+  load_row_statistics(lse2, di, lse, delta, bh, row0, row1, g);
 
   float dq[D / 2];
 #pragma unroll
@@ -736,22 +831,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma::wait<0>();
     wgmma::fence_accumulators(s);
     wgmma::fence_accumulators(dp);
-    const bool diagonal = k0 + kKeyTile - 1 > wq;
     uint32_t ds[kKeyTile / 16][4];
-#pragma unroll
-    for (int n = 0; n < kKeyTile / 8; ++n) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float v[2];
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          float p = exp2_ftz(fmaf(s[4 * n + 2 * r + c], g.scale_log2, -lse2[r]));
-          if (diagonal && k0 + 8 * n + 2 * tq + c > (r == 0 ? row0 : row1)) p = 0.0f;
-          v[c] = p * (dp[4 * n + 2 * r + c] - di[r]);
-        }
-        ds[n / 2][2 * (n % 2) + r] = pack_bf16(v[0], v[1]);
-      }
-    }
+    ds_tile<kKeyTile>(ds, s, dp, lse2, di, k0, wq, row0, row1, tq, g.scale_log2);
     wgmma::fence_accumulators(dq);
     wgmma::fence();
     issue_registers_times_tile<D, kKeyTile, Dk>(dq, ds, ks);
@@ -761,10 +842,91 @@ __global__ void __launch_bounds__(kThreads, 1)
   };
   pipeline(block_last / kKeyTile + 1, load, compute);  // (q and dO land with the first k and v tile)
 
-  uint16_t* qrow = dqkv + static_cast<int64_t>(b) * g.T * g.ld + static_cast<int64_t>(h) * g.D;
-  uint16_t* const qdst[2] = {qrow + static_cast<int64_t>(row0) * g.ld, qrow + static_cast<int64_t>(row1) * g.ld};
-  const bool live[2] = {row0 < g.T, row1 < g.T};
-  add_rows<D>(qdst, live, dq, scale);
+  add_dq_rows<D>(dqkv, dq, b, h, row0, row1, g, scale);
+}
+
+// The pipelined dq kernel (the pipelined kernels' notes above): the lockstep one's arithmetic, its S_t
+// and dP_t issued before the accumulation of tile t − 1 and its dS computed while that runs.
+template <int D>
+__global__ void __launch_bounds__(kPipelinedThreads, 1)
+    attention_backward_q_wgmma_pipelined_kernel(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv,
+                                                const float* lse, const float* delta, Dims g, float scale) {
+  using L = PipelinedQSmem<D>;
+  constexpr int Dk = L::Dk;
+  KRAKEN_DYNAMIC_SHARED(unsigned char, smem);
+  const KeyRing<L> ring(smem);
+  const int bh = blockIdx.x, b = bh / g.NH, h = bh % g.NH;
+  const int q0 = (gridDim.y - 1 - blockIdx.y) * kQueryTile;  // the longest rows first
+  const int tiles = (min(q0 + kQueryTile, g.T) - 1) / kKeyTile + 1;
+  const uint16_t* base = qkv + static_cast<int64_t>(b) * g.T * g.ld + static_cast<int64_t>(h) * g.D;
+  const uint16_t* dbase = dout + static_cast<int64_t>(b) * g.T * g.C + static_cast<int64_t>(h) * g.D;
+  unsigned char* qs = smem + L::own;
+  unsigned char* dos = qs + sizeof(uint16_t) * kQueryTile * Dk;
+  start_pipelined_block(ring);
+
+  if (threadIdx.x >= kThreads) {  // the producer
+    wgmma::release_registers_to<kProducerRegisters>();
+    const int me = threadIdx.x - kThreads;
+    load_tile<D, Dk>(qs, base + static_cast<int64_t>(q0) * g.ld, g.ld, q0, kQueryTile, g.T, me, kProducerThreads);
+    load_tile<D, Dk>(dos, dbase + static_cast<int64_t>(q0) * g.C, g.C, q0, kQueryTile, g.T, me, kProducerThreads);
+    mbarrier::arrive_on_copies(ring.own);
+    produce_key_tiles<D>(ring, base, tiles, g);
+    return;
+  }
+
+  wgmma::take_registers_to<kConsumerRegisters>();
+  const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, tq = lane % 4;
+  const int wq = q0 + 64 * wg;
+  const int row0 = wq + 16 * warp + lane / 4, row1 = row0 + 8;
+  const int live = wq < g.T ? (min(wq + 64, g.T) - 1) / kKeyTile + 1 : 0;  // (as in the forward)
+  float lse2[2], di[2];
+  load_row_statistics(lse2, di, lse, delta, bh, row0, row1, g);
+
+  float dq[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) dq[i] = 0.0f;
+  if (live > 0) {
+    ring.wait_own();
+    float s[kKeyTile / 2], dp[kKeyTile / 2];
+    uint32_t ds[kKeyTile / 16][4], ds_next[kKeyTile / 16][4];  // dS of the tile in flight, and of the next
+    auto issue_scores = [&](int t) {  // S_t = q·k_tᵀ and dP_t = dO·v_tᵀ, one commit group
+      issue_rows_times_rows<kKeyTile, Dk>(s, qs, 64 * wg, ring.k_tile(t));
+      issue_rows_times_rows<kKeyTile, Dk>(dp, dos, 64 * wg, ring.v_tile(t));
+      wgmma::commit();
+    };
+    ring.wait_full(0);
+    wgmma::fence();
+    issue_scores(0);
+    wgmma::wait<0>();
+    wgmma::fence_accumulators(s);
+    wgmma::fence_accumulators(dp);
+    ds_tile<kKeyTile>(ds, s, dp, lse2, di, 0, wq, row0, row1, tq, g.scale_log2);
+    for (int t = 1; t < live; ++t) {
+      ring.wait_full(t);
+      wgmma::fence();
+      issue_scores(t);
+      issue_registers_times_tile<D, kKeyTile, Dk>(dq, ds, ring.k_tile(t - 1));  // dQ += dS_{t−1}·k_{t−1}
+      wgmma::commit();
+      wgmma::wait<1>();  // S_t and dP_t
+      wgmma::fence_accumulators(s);
+      wgmma::fence_accumulators(dp);
+      ds_tile<kKeyTile>(ds_next, s, dp, lse2, di, t * kKeyTile, wq, row0, row1, tq, g.scale_log2);
+      wgmma::wait<0>();  // dS_{t−1}·k_{t−1}
+      wgmma::fence_accumulators(dq);
+      keep_fragments(ds);
+      ring.release(t - 1);
+      copy_fragments(ds, ds_next);
+    }
+    wgmma::fence();
+    issue_registers_times_tile<D, kKeyTile, Dk>(dq, ds, ring.k_tile(live - 1));
+    wgmma::commit();
+    wgmma::wait<0>();
+    wgmma::fence_accumulators(dq);
+    keep_fragments(ds);
+    ring.release(live - 1);
+  }
+  ring.release_unread(live, tiles);
+  add_dq_rows<D>(dqkv, dq, b, h, row0, row1, g, scale);
 }
 
 // ---- the layout probe ---------------------------------------------------------------------------------
@@ -931,7 +1093,7 @@ void forward_wgmma_pipelined(uint16_t* out, float* lse, const uint16_t* qkv, int
 
 template <int D>
 void backward_wgmma(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out, const float* lse,
-                    int64_t B, int64_t T, const Dims& g, cudaStream_t stream) {
+                    int64_t B, int64_t T, const Dims& g, bool pipelined_dq, cudaStream_t stream) {
   using L = BackwardSmem<D>;
   float* delta = static_cast<float*>(
       cuda_detail::device_scratch(cuda_detail::ScratchSlot::kAttentionDelta, sizeof(float) * B * g.NH * T));
@@ -947,10 +1109,18 @@ void backward_wgmma(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, c
   KRAKEN_KERNEL(grid, kThreads, L::kv_bytes, stream, attention_backward_kv_wgmma_kernel<D>)(dqkv, dout, qkv, lse,
                                                                                              delta, g, scale);
   KRAKEN_CUDA_LAUNCH_CHECK();
-  KRAKEN_CUDA_CHECK(cudaFuncSetAttribute(attention_backward_q_wgmma_kernel<D>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(L::q_bytes)));
-  KRAKEN_KERNEL(grid, kThreads, L::q_bytes, stream, attention_backward_q_wgmma_kernel<D>)(dqkv, dout, qkv, lse, delta,
-                                                                                           g, scale);
+  if (pipelined_dq) {
+    const size_t bytes = PipelinedQSmem<D>::bytes;
+    KRAKEN_CUDA_CHECK(cudaFuncSetAttribute(attention_backward_q_wgmma_pipelined_kernel<D>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+    KRAKEN_KERNEL(grid, kPipelinedThreads, bytes, stream, attention_backward_q_wgmma_pipelined_kernel<D>)(
+        dqkv, dout, qkv, lse, delta, g, scale);
+  } else {
+    KRAKEN_CUDA_CHECK(cudaFuncSetAttribute(attention_backward_q_wgmma_kernel<D>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(L::q_bytes)));
+    KRAKEN_KERNEL(grid, kThreads, L::q_bytes, stream, attention_backward_q_wgmma_kernel<D>)(dqkv, dout, qkv, lse,
+                                                                                             delta, g, scale);
+  }
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
 
@@ -1006,18 +1176,40 @@ bool attention_bf16_wgmma_backward_usable(const uint16_t* dqkv, const uint16_t* 
   return true;
 }
 
-void attention_backward_bf16_wgmma_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv,
-                                        const uint16_t* out, const float* lse, int64_t B, int64_t T, int64_t C,
-                                        int64_t NH, CUstream_st* stream) {
+namespace {
+// The pipelined dq kernel where its shared memory fits (D = 168: 220 KiB), else the lockstep one.
+bool pipelined_dq_fits(int64_t D) {
+  size_t smem = 0;
+  return with_head_below_256(D, [&](auto d) { smem = PipelinedQSmem<decltype(d)::value>::bytes; }) &&
+         smem <= static_cast<size_t>(max_shared_per_block());
+}
+
+void backward_wgmma_checked(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out,
+                            const float* lse, int64_t B, int64_t T, int64_t C, int64_t NH, CUstream_st* stream,
+                            bool pipelined) {
   KRAKEN_CHECK(attention_bf16_wgmma_backward_usable(dqkv, dout, qkv, out, C, NH), "wgmma attention backward: C=", C,
                " NH=", NH, " needs a head size of 64, 128 or 168, a compute capability 9.0 device and 16-byte "
                "aligned buffers");
   if (B == 0 || T == 0) return;
   KRAKEN_CHECK(B * NH <= 0x7fffffffLL && T <= 0x7fffffffLL, "B·NH = ", B * NH, ", T = ", T, ": too large a grid");
   const Dims g = make_dims(T, C, NH);
+  const bool pipelined_dq = pipelined && pipelined_dq_fits(g.D);
   with_head_below_256(g.D, [&](auto d) {
-    backward_wgmma<decltype(d)::value>(dqkv, dout, qkv, out, lse, B, T, g, stream);
+    backward_wgmma<decltype(d)::value>(dqkv, dout, qkv, out, lse, B, T, g, pipelined_dq, stream);
   });
+}
+}  // namespace
+
+void attention_backward_bf16_wgmma_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv,
+                                        const uint16_t* out, const float* lse, int64_t B, int64_t T, int64_t C,
+                                        int64_t NH, CUstream_st* stream) {
+  backward_wgmma_checked(dqkv, dout, qkv, out, lse, B, T, C, NH, stream, true);
+}
+
+void attention_backward_bf16_wgmma_lockstep_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv,
+                                                 const uint16_t* out, const float* lse, int64_t B, int64_t T,
+                                                 int64_t C, int64_t NH, CUstream_st* stream) {
+  backward_wgmma_checked(dqkv, dout, qkv, out, lse, B, T, C, NH, stream, false);
 }
 
 bool attention_bf16_wgmma_supported(int64_t D) {

@@ -235,21 +235,24 @@ TEST(CudaEmulation, WgmmaAttentionMatchesTheCpu) {
   EXPECT_FALSE(emu::attention_bf16_wgmma_supported(42));  // no kernel for that head size: the dispatch falls back
 }
 
-// The pipelined wgmma forward (a producer warpgroup, an mbarrier ring of 3 stages, each warpgroup's next
-// S issued before its softmax) is the lockstep kernel's arithmetic in another order of issue: the same
-// bits of out and lse, under both schedules (copies landing at once: a stage refilled while a product still
-// reads it would show; or as late as they can: a product reading a stage before its full wait would).
-// Shapes: one query; a block's second warpgroup past T (T = 65); rings wrapped (D = 64: 5 tiles of 128
-// keys; 128 and 168: 4 and 5 tiles of 64), with blocks whose first warpgroup releases the last tile
-// unread and whose second has no queries (T = 300 at D = 168); two heads, B = 2.
-TEST(CudaEmulation, PipelinedWgmmaForwardIsTheLockstepOnesBits) {
-  const AttentionShape shapes[] = {{1, 1, 64, 1},   {1, 65, 64, 1},   {1, 520, 64, 1},
-                                   {1, 200, 128, 1}, {1, 300, 168, 1}, {2, 150, 168, 2}};
+// The pipelined wgmma kernels — the forward and the backward's dq kernel: a producer warpgroup, an mbarrier
+// ring of 3 stages, each warpgroup's next scores issued before its softmax (or dS) — are the lockstep
+// kernels' arithmetic in another order of issue: the same bits of out, lse and dqkv, under both schedules
+// (copies landing at once: a stage refilled while a product still reads it would show; or as late as
+// they can: a product reading a stage before its full wait would). Shapes: one query; a block's second
+// warpgroup past T (T = 65); rings wrapped (D = 64: 4 forward tiles of 128 keys, 7 dq tiles of 64; 168:
+// 5 tiles of 64), with blocks whose first warpgroup releases the last tile unread and whose
+// second has no queries (T = 300 at D = 168); D = 128 (3 tiles); two heads, B = 2.
+TEST(CudaEmulation, PipelinedWgmmaKernelsAreTheLockstepOnesBits) {
+  const AttentionShape shapes[] = {{1, 1, 64, 1},   {1, 65, 64, 1},   {1, 390, 64, 1},
+                                   {1, 130, 128, 1}, {1, 300, 168, 1}, {2, 130, 168, 2}};
   under_both_schedules([&] {
     for (const AttentionShape& s : shapes) {
       SCOPED_TRACE(s.str());
       const int64_t C = s.D * s.NH, rows = s.B * s.T;
       const std::vector<uint16_t> qkv = to_bf16(normal(static_cast<size_t>(rows * 3 * C), 71, 1.5f));
+      const std::vector<uint16_t> dout = to_bf16(normal(static_cast<size_t>(rows * C), 72));
+      const std::vector<uint16_t> dqkv0 = to_bf16(normal(static_cast<size_t>(rows * 3 * C), 73, 0.5f));
       std::vector<uint16_t> out(static_cast<size_t>(rows * C), 0xffff), out_lockstep(out.size(), 0);
       std::vector<float> lse(static_cast<size_t>(s.B * s.NH * s.T), -1.0f), lse_lockstep(lse.size(), 0.0f);
       ASSERT_TRUE(emu::attention_bf16_wgmma_pipelined_supported(s.D));
@@ -258,6 +261,12 @@ TEST(CudaEmulation, PipelinedWgmmaForwardIsTheLockstepOnesBits) {
                                                       C, s.NH, nullptr);
       EXPECT_EQ(out, out_lockstep);
       EXPECT_EQ(0, std::memcmp(lse.data(), lse_lockstep.data(), sizeof(float) * lse.size()));
+      std::vector<uint16_t> dqkv = dqkv0, dqkv_lockstep = dqkv0;
+      emu::attention_backward_bf16_wgmma_cuda(dqkv.data(), dout.data(), qkv.data(), out.data(), lse.data(), s.B, s.T,
+                                              C, s.NH, nullptr);
+      emu::attention_backward_bf16_wgmma_lockstep_cuda(dqkv_lockstep.data(), dout.data(), qkv.data(), out.data(),
+                                                       lse.data(), s.B, s.T, C, s.NH, nullptr);
+      EXPECT_EQ(dqkv, dqkv_lockstep);
     }
   });
   EXPECT_FALSE(emu::attention_bf16_wgmma_pipelined_supported(256));  // the lockstep kernel takes it

@@ -272,13 +272,13 @@ void check_mbarrier_probe() {
   }
 }
 
-// The pipelined wgmma forward (a producer warpgroup, an mbarrier ring, setmaxnreg) against the lockstep one:
-// the same arithmetic, so the same bits of out and lse — on a GPU the check that its barriers, proxy
-// fences and register hand-over hold (the CPU emulation checks the order of the pipeline, not the PTX).
-// Shapes: a short and a wrapped ring, blocks whose second warpgroup has no queries; or the training shapes
-// (GPT-2's D = 64 heads, the Kraken preset's D = 168, T = 1024: many blocks an SM in turn, too slow
-// for the sanitizers).
-void check_pipelined_forward(bool training_shapes) {
+// The pipelined wgmma kernels (the forward and the backward's dq kernel: a producer warpgroup, an mbarrier
+// ring, setmaxnreg) against the lockstep ones: the same arithmetic, so the same bits of out, lse and dqkv —
+// on a GPU the check that their barriers, proxy fences and register hand-over hold (the CPU emulation
+// checks the order of the pipeline, not the PTX). Shapes: a short and a wrapped ring, blocks whose second
+// warpgroup has no queries; or the training shapes (GPT-2's D = 64 heads, the Kraken preset's D = 168,
+// T = 1024: many blocks an SM in turn, too slow for the sanitizers).
+void check_pipelined_kernels(bool training_shapes) {
   struct Case {
     int64_t B, T, D, NH;
   };
@@ -286,32 +286,45 @@ void check_pipelined_forward(bool training_shapes) {
   const std::vector<Case> training = {{4, 1024, 64, 12}, {4, 1024, 168, 3}, {2, 1024, 128, 4}};
   for (const Case& k : training_shapes ? training : small) {
     ASSERT_TRUE(attention_bf16_wgmma_pipelined_supported(k.D)) << "D = " << k.D;
-    const int64_t C = k.D * k.NH;
+    const int64_t C = k.D * k.NH, n = k.B * k.T * C;
     // (no CPU reference: MatchesTheRoundedCpu holds the kernels to it, and at T = 1024 it would cost seconds)
     std::mt19937 rng(120 + static_cast<uint32_t>(k.T + k.D));
-    std::normal_distribution<float> normal(0.0f, 1.5f);
-    std::vector<float> values(static_cast<size_t>(k.B * k.T * 3 * C));
-    for (float& v : values) v = normal(rng);
-    const DeviceBf16 qkv_d(bits_of(Tensor::from_vector(values, {k.B, k.T, 3 * C}).to(DType::BF16)), 0);
-    DeviceBf16 out_a(std::vector<uint16_t>(static_cast<size_t>(k.B * k.T * C), 0x7fc0), 0);
-    DeviceBf16 out_b(std::vector<uint16_t>(static_cast<size_t>(k.B * k.T * C), 0x1234), 0);
+    auto random_bits = [&](int64_t count, float stddev) {
+      std::normal_distribution<float> normal(0.0f, stddev);
+      std::vector<float> values(static_cast<size_t>(count));
+      for (float& v : values) v = normal(rng);
+      return bits_of(Tensor::from_vector(values, {count}).to(DType::BF16));
+    };
+    const std::vector<uint16_t> qkv = random_bits(3 * n, 1.5f), dout = random_bits(n, 1.0f),
+                                dqkv0 = random_bits(3 * n, 0.5f);
+    const DeviceBf16 qkv_d(qkv, 0), dout_d(dout, 0);
+    DeviceBf16 out_a(std::vector<uint16_t>(static_cast<size_t>(n), 0x7fc0), 0);
+    DeviceBf16 out_b(std::vector<uint16_t>(static_cast<size_t>(n), 0x1234), 0);
+    DeviceBf16 dqkv_a(dqkv0, 0), dqkv_b(dqkv0, 0);
     Tensor lse_a = Tensor::full({k.B, k.NH, k.T}, -1.0f).to(gpu()), lse_b = Tensor::full({k.B, k.NH, k.T}, -2.0f).to(gpu());
     attention_forward_bf16_wgmma_cuda(out_a.ptr(), lse_a.data<float>(), qkv_d.ptr(), k.B, k.T, C, k.NH, stream());
     attention_forward_bf16_wgmma_lockstep_cuda(out_b.ptr(), lse_b.data<float>(), qkv_d.ptr(), k.B, k.T, C, k.NH,
                                                stream());
-    const std::vector<uint16_t> a = out_a.bits(), b = out_b.bits();
+    // Both backwards from the lockstep forward's out and lse (so a difference there is the dq kernel's).
+    attention_backward_bf16_wgmma_cuda(dqkv_a.ptr(), dout_d.ptr(), qkv_d.ptr(), out_b.ptr(), lse_b.data<float>(), k.B,
+                                       k.T, C, k.NH, stream());
+    attention_backward_bf16_wgmma_lockstep_cuda(dqkv_b.ptr(), dout_d.ptr(), qkv_d.ptr(), out_b.ptr(),
+                                                lse_b.data<float>(), k.B, k.T, C, k.NH, stream());
+    const std::vector<uint16_t> a = out_a.bits(), b = out_b.bits(), ga = dqkv_a.bits(), gb = dqkv_b.bits();
     const std::vector<float> la = lse_a.to_vector(), lb = lse_b.to_vector();
-    int64_t out_wrong = 0, lse_wrong = 0;
+    int64_t out_wrong = 0, lse_wrong = 0, dqkv_wrong = 0;
     for (size_t i = 0; i < a.size(); ++i) out_wrong += a[i] != b[i];
     for (size_t i = 0; i < la.size(); ++i) lse_wrong += std::memcmp(&la[i], &lb[i], sizeof(float)) != 0;
-    std::printf("[gpu-wgmma] pipelined forward B=%lld T=%lld D=%lld NH=%lld: %lld of %zu out elements, %lld of %zu lse "
-                "differ from the lockstep kernel's\n",
+    for (size_t i = 0; i < ga.size(); ++i) dqkv_wrong += ga[i] != gb[i];
+    std::printf("[gpu-wgmma] pipelined kernels B=%lld T=%lld D=%lld NH=%lld: %lld of %zu out, %lld of %zu lse, %lld "
+                "of %zu dqkv elements differ from the lockstep kernels'\n",
                 static_cast<long long>(k.B), static_cast<long long>(k.T), static_cast<long long>(k.D),
                 static_cast<long long>(k.NH), static_cast<long long>(out_wrong), a.size(),
-                static_cast<long long>(lse_wrong), la.size());
+                static_cast<long long>(lse_wrong), la.size(), static_cast<long long>(dqkv_wrong), ga.size());
     std::fflush(stdout);
     EXPECT_EQ(out_wrong, 0) << "B=" << k.B << " T=" << k.T << " D=" << k.D;
     EXPECT_EQ(lse_wrong, 0) << "B=" << k.B << " T=" << k.T << " D=" << k.D;
+    EXPECT_EQ(dqkv_wrong, 0) << "B=" << k.B << " T=" << k.T << " D=" << k.D;
   }
   EXPECT_FALSE(attention_bf16_wgmma_pipelined_supported(256));
 }
@@ -326,7 +339,7 @@ bool wgmma_supported(int64_t) { return false; }
 bool wgmma_backward_supported(int64_t) { return false; }
 void check_wgmma_probe() {}
 void check_mbarrier_probe() {}
-void check_pipelined_forward(bool) {}
+void check_pipelined_kernels(bool) {}
 
 #endif  // KRAKEN_WITH_CUDA
 
@@ -403,16 +416,16 @@ TEST(GpuAttentionWgmma, MbarrierPipelineProbeMovesEveryTile) {
   check_mbarrier_probe();
 }
 
-TEST(GpuAttentionWgmma, PipelinedForwardIsTheLockstepOnesBits) {
+TEST(GpuAttentionWgmma, PipelinedKernelsAreTheLockstepOnesBits) {
   KRAKEN_REQUIRE_CUDA_KERNELS();
   if (!wgmma_supported(64)) GTEST_SKIP() << "wgmma needs a compute capability 9.0 device (H100, H200)";
-  check_pipelined_forward(false);
+  check_pipelined_kernels(false);
 }
 
-TEST(GpuAttentionWgmma, PipelinedForwardIsTheLockstepOnesBitsAtTrainingShapes) {
+TEST(GpuAttentionWgmma, PipelinedKernelsAreTheLockstepOnesBitsAtTrainingShapes) {
   KRAKEN_REQUIRE_CUDA_KERNELS();
   if (!wgmma_supported(64)) GTEST_SKIP() << "wgmma needs a compute capability 9.0 device (H100, H200)";
-  check_pipelined_forward(true);
+  check_pipelined_kernels(true);
 }
 
 TEST(GpuAttentionWgmma, MatchesTheRoundedCpu) {
