@@ -30,8 +30,8 @@ constexpr size_t kMaxDynamicShared = 227 * 1024;  // Hopper's opt-in limit per b
 // so a value read from memory nobody wrote reaches the result.
 constexpr unsigned char kPoison = 0xFF;
 
-// kAfterArrival: a thread whose arrival completed an mbarrier phase, parked until the threads that phase
-// released have run as far as they can (mbarrier_arrive).
+// kAfterArrival: a thread whose arrival completed an mbarrier phase, parked until nothing else in the
+// block can run (mbarrier_arrive).
 enum class State {
   kRunnable,
   kAtBlockBarrier,
@@ -209,9 +209,7 @@ bool release_block(Block& b) {
   return true;
 }
 
-// Makes runnable every thread waiting on an mbarrier whose awaited phase has completed; where there are
-// none, every thread parked after the arrival that completed a phase (so the threads an arrival releases
-// run as far as they can before the arriving one goes on). Returns whether it released any.
+// Makes runnable every thread waiting on an mbarrier whose awaited phase has completed; returns whether any.
 bool release_mbarrier_waiters(Block& b) {
   bool any = false;
   for (Fiber& f : b.fibers) {
@@ -222,7 +220,13 @@ bool release_mbarrier_waiters(Block& b) {
       any = true;
     }
   }
-  if (any) return true;
+  return any;
+}
+
+// Makes runnable every thread parked after the arrival that completed a phase (mbarrier_arrive); returns
+// whether any. The scheduler calls it only once nothing else can run.
+bool release_parked_arrivers(Block& b) {
+  bool any = false;
   for (Fiber& f : b.fibers) {
     if (f.state != State::kAfterArrival) continue;
     f.state = State::kRunnable;
@@ -434,11 +438,13 @@ void mbarrier_init(uint64_t* bar, int count) {
   std::memcpy(bar, &kMbarrierMark, sizeof kMbarrierMark);
 }
 
-// An arrival that completes a phase parks its thread until the threads waiting on that phase have run as
-// far as they can (release_mbarrier_waiters): a producer refills the stage just released — under the
-// descending schedule its copies land at once — before the arriving consumer goes on. So a consumer that
-// releases a stage while it still reads it (a wgmma in flight, or a read after the arrival) is caught: at
-// that wgmma's wait, or by the values it reads.
+// An arrival that completes a phase parks its thread until nothing else in the block can run (the
+// scheduler's last resort before an arrival on copies): the threads waiting on that phase, and every other,
+// go as far as they can first — a producer refills the stage just released (under the descending schedule
+// its copies land at once) and the consumers read what the phase published — before the arriving thread
+// takes its next step. So a consumer that releases a stage it still reads (a wgmma in flight, or a read
+// after the arrival) and a producer that arrives before its writes are both caught: at that wgmma's wait,
+// or by the values read.
 void mbarrier_arrive(uint64_t* bar) {
   Mbarrier& m = mbarrier_at(bar);
   const uint64_t phase = m.phase;
@@ -580,7 +586,7 @@ void run_grid(dim3 grid, dim3 block, size_t dynamic_shared_bytes, const std::fun
           bool released = release_block(b);
           for (int k = 0; k < (warps + 3) / 4; ++k) released = release_warpgroup(b, k) || released;
           released = release_mbarrier_waiters(b) || released;
-          if (!released && !ran) {
+          if (!released && !ran && !release_parked_arrivers(b)) {
             // Nothing can run: the oldest arrival on copies is made now, as late as it can be.
             if (b.arrivals_on_copies.empty()) throw std::runtime_error("emulated kernel: " + describe_deadlock(b));
             const ArrivalOnCopies a = std::move(b.arrivals_on_copies.front());

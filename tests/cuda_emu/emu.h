@@ -114,9 +114,10 @@ const float* held_wgmma_results(const float* d, int count);
 // without it, oldest first — so a consumer that reads a stage before waiting on its "full" barrier sees
 // the old bytes, and one the producer refills without waiting on its "empty" barrier is overwritten under
 // it (descending). A cp_async_wait lands the thread's copies held for such arrivals too, and makes them.
-// An arrival that completes a phase parks the arriving thread until the threads that phase releases have
-// run as far as they can: a stage released while it is still read (by a wgmma in flight, or after the
-// arrival) is refilled under the reader — with copies landing at once, the descending schedule.
+// An arrival that completes a phase parks the arriving thread until nothing else in the block can run: a
+// stage released while it is still read (by a wgmma in flight, or after the arrival) is refilled under the
+// reader (with copies landing at once, the descending schedule), and writes made after the arrival that
+// should publish them are not there for the readers.
 void mbarrier_init(uint64_t* bar, int count);
 void mbarrier_arrive(uint64_t* bar);
 void mbarrier_wait(uint64_t* bar, int parity);
