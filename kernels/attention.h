@@ -141,7 +141,7 @@ bool attention_bf16_mma_supported(int64_t D);
 // The forward runs the pipelined kernel (warp-specialised: a producer warpgroup and an mbarrier ring,
 // FlashAttention-3's structure) where attention_bf16_wgmma_pipelined_supported (D = 64, 128, 168), else the
 // lockstep one (two warpgroups meeting at a barrier a tile, the first version); the backward's dq kernel
-// likewise where its shared memory fits (all three on Hopper), its dk/dv kernel is lockstep. Pipelined and
+// likewise where its shared memory fits (all three on Hopper), its dk/dv kernel for D ≤ 128. Pipelined and
 // lockstep give the same bits; the _lockstep_ entry points run the lockstep kernels always (tests and the
 // benchmark compare the two).
 void attention_forward_bf16_wgmma_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T,
@@ -199,8 +199,8 @@ AttentionBf16Kernels attention_bf16_kernels_fallback(int64_t D);
 const char* attention_bf16_kernels_name(AttentionBf16Kernels kernels);  // "simt", "tc", "mma" or "cudnn"
 // What a bf16 step's attention runs at head size D, for reports: attention_bf16_kernels_name of
 // attention_bf16_kernels(D), except where KRAKEN_CUDA_ATTENTION=wgmma takes the head size (which
-// attention_bf16_kernels leaves out: the wgmma kernels are chosen per call): "wgmma (pipelined forward and
-// dq)" for the head sizes the pipelined kernels take, or "wgmma forward, <name> backward" for a head size only
+// attention_bf16_kernels leaves out: the wgmma kernels are chosen per call): "wgmma (pipelined)" (D = 64,
+// 128) or "wgmma (pipelined forward and dq)" (168) for the head sizes the pipelined kernels take, or "wgmma forward, <name> backward" for a head size only
 // the wgmma forward takes (256).
 std::string attention_bf16_kernels_label(int64_t D);
 

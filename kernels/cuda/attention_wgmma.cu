@@ -43,8 +43,8 @@
 // that follows it, and both warpgroups meet at a barrier each tile. So the forward now has a second,
 // pipelined kernel in FlashAttention-3's structure (a producer warpgroup and an mbarrier ring, registers
 // moved to the consumers, the next S issued before this tile's softmax; "the pipelined kernels" below),
-// which the public forward runs where it applies, and a pipelined dq kernel; the dk/dv kernel (the
-// backward's larger part) is still lockstep.
+// which the public forward runs where it applies, and pipelined dq and dk/dv kernels (dk/dv for D ≤ 128:
+// at 168 its registers leave no room for the overlap).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -338,24 +338,26 @@ __global__ void __launch_bounds__(kThreads, 1)
 // ---- the pipelined kernels ----------------------------------------------------------------------------
 //
 // FlashAttention-3's structure (Shah et al. 2024, §3.1–3.2; our reading, with cp.async where it uses TMA),
-// on the lockstep kernels' arithmetic: the forward and the dq kernel. Why: ncu on the lockstep kernels
+// on the lockstep kernels' arithmetic: the forward, the dq kernel and (D ≤ 128) the dk/dv kernel. Why: ncu on the lockstep kernels
 // (twenty-second session) shows one block an SM at ~30% SM throughput — every product waited for before
 // the softmax that follows it, both warpgroups meeting at a barrier each tile while the tensor cores idle.
 //   - Warp specialisation: a third warpgroup is the producer. It copies the block's own tiles (q; q and dO
-//     for dq) and then each k/v tile by cp.async into a ring of kStages stages, completing the stage's
+//     for dq; k and v for dk/dv) and then each streamed tile pair (k and v; q and dO for dk/dv) by cp.async
+//     into a ring of kStages stages, completing the stage's
 //     "full" mbarrier with arrivals on its copies (mbarrier.h); before refilling a stage it waits for the
 //     stage's "empty" barrier, which the 256 consumer threads complete once the products that read it have
 //     finished. No __syncthreads after the start: each warpgroup runs at its own pace, so one's softmax
 //     can meet the other's products.
 //   - Within a warpgroup, the products of two tiles overlap the elementwise work: at tile t it issues
-//     tile t's scores (S_t = q·k_tᵀ; and dP_t = dO·v_tᵀ for dq), then the accumulation of tile t − 1
-//     (O += P_{t−1}·v_{t−1}; dQ += dS_{t−1}·k_{t−1}), waits only for the scores, computes tile t's
-//     softmax (or dS) while the accumulation runs, then waits for it. The same accumulations in the same
+//     tile t's scores (S_t = q·k_tᵀ; and dP_t = dO·v_tᵀ for dq; their transposes for dk/dv), then the
+//     accumulation of tile t − 1 (O += P_{t−1}·v_{t−1}; dQ += dS_{t−1}·k_{t−1}; dV and dK), waits only for
+//     the scores, computes tile t's softmax (or dS) while the accumulation runs, then waits for it. The same accumulations in the same
 //     order as the lockstep kernels (the forward's O·α_t then + P_t·v_t too), so the results are theirs,
 //     bit for bit.
 //   - Registers move to the consumers (setmaxnreg, as FA3): 384 threads at one block an SM start with 168
-//     registers each; the producer drops to 40 and the consumers rise to 232 (40·128 + 232·256 ≤ 65,536;
-//     ptxas spills nothing in either part, where at 24 the producer spilled 64 bytes). Why a whole
+//     registers each; the producer drops to 48 and the consumers rise to 232 (48·128 + 232·256 = 65,536;
+//     ptxas spills nothing in either part, where the producers spilled at 24 (the forward's, 64 bytes) and
+//     at 40 (dk/dv's, with its rows' loads: 40 bytes)). Why a whole
 //     warpgroup for the copies: an SM's four schedulers each own a quarter of the register file, so a
 //     ninth warp alone already caps every thread at 168 (ptxas: 48 bytes spilled at D = 168), and
 //     setmaxnreg works on warpgroups.
@@ -366,48 +368,53 @@ __global__ void __launch_bounds__(kThreads, 1)
 // asks for generic-proxy writes a wgmma reads).
 constexpr int kProducerThreads = 128;
 constexpr int kPipelinedThreads = kThreads + kProducerThreads;
-constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
+constexpr int kProducerRegisters = 48, kConsumerRegisters = 232;
 static_assert(kProducerRegisters * kProducerThreads + kConsumerRegisters * kThreads <= 65536,
               "the registers an SM has");
 
-// Shared memory of a pipelined kernel for head size D: the block's own tiles (`own` bytes), kStages stages
-// of a k and a v tile (kKeys rows each), then the barriers (full and empty per stage, and the own tiles').
-// As many stages as fit under ~220 KiB, at most 3. The forward (own: q; the lockstep kernel's 128 keys at
-// D = 64, else 64): D = 64: 112 KiB; 128: 128; 168: 176. dq (own: q and dO; 64 keys): 64: 80 KiB; 128:
-// 160; 168: 220.
-template <int D, size_t kOwn, int kKeys>
+// Shared memory of a pipelined kernel for head size D: the block's own tiles (kOwn bytes), kStages stages
+// each of two streamed tiles of kRows rows (k and v for the forward and dq; q and dO for dk/dv) and
+// kExtra bytes (dk/dv: the queries' lse·log₂e and Dᵢ), then the barriers (full and empty per stage, and
+// the own tiles'). As many stages as fit under ~220 KiB, at most 3. The forward (own: q; the lockstep
+// kernel's 128 keys at D = 64, else 64): D = 64: 112 KiB; 128: 128; 168: 176. dq (own: q and dO; 64
+// keys): 64: 80 KiB; 128: 160; 168: 220. dk/dv (own: k and v; the lockstep kernel's query tiles, 64 at
+// D = 64, else 32): 64: 81.5 KiB; 128: 112.8.
+template <int D, size_t kOwn, int kRows, size_t kExtra = 0>
 struct PipelinedSmem {
-  static constexpr int head = D, Dk = (D + 15) / 16 * 16, keys = kKeys;
-  static constexpr size_t key_tile = sizeof(uint16_t) * kKeys * Dk;
+  static constexpr int head = D, Dk = (D + 15) / 16 * 16, rows = kRows;
+  static constexpr size_t tile = sizeof(uint16_t) * kRows * Dk, stage = 2 * tile + kExtra;
   static constexpr size_t own = 0, ring = kOwn;
   static constexpr size_t budget = 220 * 1024;
-  static constexpr int stages = static_cast<int>(std::min<size_t>(3, (budget - kOwn) / (2 * key_tile)));
-  static constexpr size_t barriers = ring + stages * 2 * key_tile;
+  static constexpr int stages = static_cast<int>(std::min<size_t>(3, (budget - kOwn) / stage));
+  static constexpr size_t barriers = ring + stages * stage;
   static constexpr size_t bytes = barriers + sizeof(uint64_t) * (2 * stages + 1);
   static_assert(stages >= 2, "two stages at least: the producer fills one while the consumers read the other");
-  static_assert(kOwn % 128 == 0 && key_tile % 128 == 0, "tiles stay 128-byte aligned");
+  static_assert(kOwn % 128 == 0 && tile % 128 == 0 && kExtra % 128 == 0, "tiles stay 128-byte aligned");
 };
 template <int D>
 using PipelinedForwardSmem = PipelinedSmem<D, ForwardSmem<D>::kv, ForwardSmem<D>::keys>;
 template <int D>
 using PipelinedQSmem = PipelinedSmem<D, 2 * sizeof(uint16_t) * kQueryTile * ((D + 15) / 16 * 16), kKeyTile>;
 
-// The ring of k/v stages in a pipelined block's shared memory and its barriers: tile t lives in stage
+// The ring of streamed stages in a pipelined block's shared memory and its barriers: tile t lives in stage
 // t % kStages in round t / kStages (mbarrier.h's parities).
 template <typename L>
-struct KeyRing {
+struct TileRing {
   unsigned char* smem;
-  uint64_t* full;   // [stages]: the producer's arrivals on its copies of the stage's tiles
+  uint64_t* full;   // [stages]: the producer's arrivals once its writes of the stage have landed
   uint64_t* empty;  // [stages]: every consumer thread, done with the stage
   uint64_t* own;    // the producer's arrivals on its copies of the block's own tiles
 
-  __device__ explicit KeyRing(unsigned char* s)
+  __device__ explicit TileRing(unsigned char* s)
       : smem(s),
         full(reinterpret_cast<uint64_t*>(s + L::barriers)),
         empty(full + L::stages),
         own(empty + L::stages) {}
-  __device__ unsigned char* k_tile(int t) const { return smem + L::ring + 2 * (t % L::stages) * L::key_tile; }
-  __device__ unsigned char* v_tile(int t) const { return k_tile(t) + L::key_tile; }
+  __device__ unsigned char* first(int t) const { return smem + L::ring + (t % L::stages) * L::stage; }
+  __device__ unsigned char* second(int t) const { return first(t) + L::tile; }
+  __device__ unsigned char* extra(int t) const { return first(t) + 2 * L::tile; }
+  // (the producer) Before writing tile t's stage: its readers of the round before are done.
+  __device__ void wait_empty(int t) const { mbarrier::wait(&empty[t % L::stages], ((t / L::stages) & 1) ^ 1); }
   // (consumers) Tile t has landed, for this thread's reads and its wgmma's.
   __device__ void wait_full(int t) const {
     mbarrier::wait(&full[t % L::stages], (t / L::stages) & 1);
@@ -422,8 +429,8 @@ struct KeyRing {
   // (consumers) Tiles [first, count) the warpgroup does not read: released all the same (the empty
   // barriers count both warpgroups), each after its full wait, so that no arrival runs ahead into a
   // stage's next round.
-  __device__ void release_unread(int first, int count) const {
-    for (int t = first; t < count; ++t) {
+  __device__ void release_unread(int from, int count) const {
+    for (int t = from; t < count; ++t) {
       mbarrier::wait(&full[t % L::stages], (t / L::stages) & 1);
       release(t);
     }
@@ -431,9 +438,10 @@ struct KeyRing {
 };
 
 // The start of a pipelined block, by all its threads: the padding columns D .. Dk of every tile zeroed
-// (cp.async never writes them; wgmma must read zeros there), the barriers initialised, one __syncthreads.
+// (cp.async never writes them; wgmma must read zeros there), the barriers initialised (a stage's full
+// phase after full_arrivals arrivals), one __syncthreads.
 template <typename L>
-__device__ __forceinline__ void start_pipelined_block(const KeyRing<L>& ring) {
+__device__ __forceinline__ void start_pipelined_block(const TileRing<L>& ring, int full_arrivals = kProducerThreads) {
   if (L::Dk != L::head) {
     for (size_t i = threadIdx.x; i < L::barriers / 16; i += kPipelinedThreads)
       reinterpret_cast<uint4*>(ring.smem)[i] = make_uint4(0u, 0u, 0u, 0u);
@@ -441,7 +449,7 @@ __device__ __forceinline__ void start_pipelined_block(const KeyRing<L>& ring) {
   }
   if (threadIdx.x == 0) {
     for (int s = 0; s < L::stages; ++s) {
-      mbarrier::init(&ring.full[s], kProducerThreads);
+      mbarrier::init(&ring.full[s], full_arrivals);
       mbarrier::init(&ring.empty[s], kThreads);
     }
     mbarrier::init(ring.own, kProducerThreads);
@@ -452,12 +460,12 @@ __device__ __forceinline__ void start_pipelined_block(const KeyRing<L>& ring) {
 // The producer's part after the own tiles' copies (and its arrival on `own`): tiles [0, count) of the
 // head's keys (base: its q columns in qkv) through the ring; it returns once its copies have landed.
 template <int D, typename L>
-__device__ __forceinline__ void produce_key_tiles(const KeyRing<L>& ring, const uint16_t* base, int count,
+__device__ __forceinline__ void produce_key_tiles(const TileRing<L>& ring, const uint16_t* base, int count,
                                                   const Dims& g) {
   const int me = threadIdx.x - kThreads;
   for (int t = 0; t < count; ++t) {
-    mbarrier::wait(&ring.empty[t % L::stages], ((t / L::stages) & 1) ^ 1);
-    load_key_tile<D, L::Dk, L::keys>(ring.k_tile(t), L::key_tile, base, t, g, me, kProducerThreads);
+    ring.wait_empty(t);
+    load_key_tile<D, L::Dk, L::rows>(ring.first(t), L::tile, base, t, g, me, kProducerThreads);
     mbarrier::arrive_on_copies(&ring.full[t % L::stages]);
   }
   mma::cp_async_commit();
@@ -487,9 +495,9 @@ template <int D>
 __global__ void __launch_bounds__(kPipelinedThreads, 1)
     attention_forward_wgmma_pipelined_kernel(uint16_t* out, float* lse, const uint16_t* qkv, Dims g) {
   using L = PipelinedForwardSmem<D>;
-  constexpr int Dk = L::Dk, kKeys = L::keys;
+  constexpr int Dk = L::Dk, kKeys = L::rows;
   KRAKEN_DYNAMIC_SHARED(unsigned char, smem);
-  const KeyRing<L> ring(smem);
+  const TileRing<L> ring(smem);
   const int bh = blockIdx.x, b = bh / g.NH, h = bh % g.NH;
   const int q0 = (gridDim.y - 1 - blockIdx.y) * kQueryTile;  // the longest rows first
   const int tiles = (min(q0 + kQueryTile, g.T) - 1) / kKeys + 1;
@@ -524,7 +532,7 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1)
     uint32_t p[kKeys / 16][4], p_next[kKeys / 16][4];  // P of the tile in flight, and of the next
     ring.wait_full(0);
     wgmma::fence();
-    issue_rows_times_rows<kKeys, Dk>(s, qs, 64 * wg, ring.k_tile(0));
+    issue_rows_times_rows<kKeys, Dk>(s, qs, 64 * wg, ring.first(0));
     wgmma::commit();
     wgmma::wait<0>();
     wgmma::fence_accumulators(s);
@@ -532,9 +540,9 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1)
     for (int t = 1; t < live; ++t) {
       ring.wait_full(t);
       wgmma::fence();
-      issue_rows_times_rows<kKeys, Dk>(s, qs, 64 * wg, ring.k_tile(t));  // S_t
+      issue_rows_times_rows<kKeys, Dk>(s, qs, 64 * wg, ring.first(t));  // S_t
       wgmma::commit();
-      issue_registers_times_tile<D, kKeys, Dk>(o, p, ring.v_tile(t - 1));  // O += P_{t−1}·v_{t−1}
+      issue_registers_times_tile<D, kKeys, Dk>(o, p, ring.second(t - 1));  // O += P_{t−1}·v_{t−1}
       wgmma::commit();
       wgmma::wait<1>();  // S_t (groups complete in order)
       wgmma::fence_accumulators(s);
@@ -547,7 +555,7 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1)
       copy_fragments(p, p_next);
     }
     wgmma::fence();
-    issue_registers_times_tile<D, kKeys, Dk>(o, p, ring.v_tile(live - 1));
+    issue_registers_times_tile<D, kKeys, Dk>(o, p, ring.second(live - 1));
     wgmma::commit();
     wgmma::wait<0>();
     wgmma::fence_accumulators(o);
@@ -639,6 +647,47 @@ __device__ __forceinline__ void add_rows(uint16_t* const (&dst)[2], const bool (
   }
 }
 
+// The dk/dv kernels' pieces. Pᵀ and dSᵀ of one tile of queries q0 .. q0 + kQ − 1 (bf16 pairs, the A operands
+// of dV += Pᵀ·dO and dK += dSᵀ·q, 16 queries a step) from Sᵀ and dPᵀ (element 4n + e: key e < 2 ? key0 :
+// key1, query q0 + 8n + 2·tq + (e & 1)) and the tile's rows (lse·log₂e, +∞ past T, at rows[j]; Dᵢ at
+// rows[kQ + j]): Pᵀ = 2^{Sᵀ·scale − lse·log₂e}, 0 above the diagonal; dSᵀ = Pᵀ∘(dPᵀ − Dᵢ). kw: the
+// warpgroup's first key.
+template <int kQ>
+__device__ __forceinline__ void transposed_weights(uint32_t (&pt)[kQ / 16][4], uint32_t (&dst)[kQ / 16][4],
+                                                   const float (&st)[kQ / 2], const float (&dpt)[kQ / 2],
+                                                   const float* rows, int q0, int kw, int key0, int key1, int tq,
+                                                   float scale_log2) {
+  const bool diagonal = q0 < kw + 63;  // some query of the tile precedes some key of the warpgroup
+#pragma unroll
+  for (int n = 0; n < kQ / 8; ++n) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float p[2], ds[2];
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int j = 8 * n + 2 * tq + c;  // the query's column in the tile
+        p[c] = exp2_ftz(fmaf(st[4 * n + 2 * r + c], scale_log2, -rows[j]));
+        if (diagonal && q0 + j < (r == 0 ? key0 : key1)) p[c] = 0.0f;
+        ds[c] = p[c] * (dpt[4 * n + 2 * r + c] - rows[kQ + j]);
+      }
+      pt[n / 2][2 * (n % 2) + r] = pack_bf16(p[0], p[1]);
+      dst[n / 2][2 * (n % 2) + r] = pack_bf16(ds[0], ds[1]);
+    }
+  }
+}
+
+// dqkv's k and v columns of the thread's keys += scale·dK and dV, rounded once.
+template <int D>
+__device__ __forceinline__ void add_dkv_rows(uint16_t* dqkv, const float (&dk)[D / 2], const float (&dv)[D / 2],
+                                             int b, int h, int key0, int key1, const Dims& g, float scale) {
+  uint16_t* krow = dqkv + static_cast<int64_t>(b) * g.T * g.ld + g.C + static_cast<int64_t>(h) * g.D;
+  uint16_t* const kdst[2] = {krow + static_cast<int64_t>(key0) * g.ld, krow + static_cast<int64_t>(key1) * g.ld};
+  uint16_t* const vdst[2] = {kdst[0] + g.C, kdst[1] + g.C};
+  const bool live[2] = {key0 < g.T, key1 < g.T};
+  add_rows<D>(kdst, live, dk, scale);
+  add_rows<D>(vdst, live, dv, 1.0f);
+}
+
 template <int D>
 __global__ void __launch_bounds__(kThreads, 1)
     attention_backward_kv_wgmma_kernel(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const float* lse,
@@ -700,24 +749,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma::wait<0>();
     wgmma::fence_accumulators(st);
     wgmma::fence_accumulators(dpt);
-    const bool diagonal = q0 < kw + 63;  // some query of the tile precedes some key of the warpgroup
     uint32_t pt[kQ / 16][4], dst[kQ / 16][4];  // Pᵀ and dSᵀ as A operands, 16 queries a step
-#pragma unroll
-    for (int n = 0; n < kQ / 8; ++n) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float p[2], ds[2];
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int j = 8 * n + 2 * tq + c;  // the query's column in the tile
-          p[c] = exp2_ftz(fmaf(st[4 * n + 2 * r + c], g.scale_log2, -rows[j]));
-          if (diagonal && q0 + j < (r == 0 ? key0 : key1)) p[c] = 0.0f;
-          ds[c] = p[c] * (dpt[4 * n + 2 * r + c] - rows[kQ + j]);
-        }
-        pt[n / 2][2 * (n % 2) + r] = pack_bf16(p[0], p[1]);
-        dst[n / 2][2 * (n % 2) + r] = pack_bf16(ds[0], ds[1]);
-      }
-    }
+    transposed_weights<kQ>(pt, dst, st, dpt, rows, q0, kw, key0, key1, tq, g.scale_log2);
     wgmma::fence_accumulators(dv);
     wgmma::fence_accumulators(dk);
     wgmma::fence();
@@ -729,13 +762,134 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma::fence_accumulators(dk);
   };
   pipeline(tiles, load, compute);  // (tiles ≥ 1: the block's first key is below T; k and v land with tile 0)
+  add_dkv_rows<D>(dqkv, dk, dv, b, h, key0, key1, g, scale);
+}
 
-  uint16_t* krow = dqkv + static_cast<int64_t>(b) * g.T * g.ld + g.C + static_cast<int64_t>(h) * g.D;
-  uint16_t* const kdst[2] = {krow + static_cast<int64_t>(key0) * g.ld, krow + static_cast<int64_t>(key1) * g.ld};
-  uint16_t* const vdst[2] = {kdst[0] + g.C, kdst[1] + g.C};
-  const bool live[2] = {key0 < g.T, key1 < g.T};
-  add_rows<D>(kdst, live, dk, scale);
-  add_rows<D>(vdst, live, dv, 1.0f);
+// The pipelined dk/dv kernel (the pipelined kernels' notes above), for D ≤ 128: its own tiles are the
+// block's k and v, its ring streams q and dO tiles with their rows (lse·log₂e and Dᵢ, which the producer
+// writes with plain stores and releases with a plain arrival beside its arrival on copies: the full
+// barriers count both). Sᵀ_t and dPᵀ_t are issued before tile t − 1's accumulations (dV += Pᵀ·dO, then
+// dK += dSᵀ·q, the lockstep kernel's order) and Pᵀ_t, dSᵀ_t computed while they run. A warpgroup's first
+// tiles may precede all its keys (the second's first 64 queries): released unread. At D = 168 dK and dV
+// alone are 168 registers, and two sets of Pᵀ/dSᵀ fragments do not fit beside them: lockstep there.
+template <int D>
+using PipelinedKvSmem = PipelinedSmem<D, 2 * sizeof(uint16_t) * kQueryTile * ((D + 15) / 16 * 16), kv_query_tile<D>(),
+                                      2 * sizeof(float) * kv_query_tile<D>()>;
+
+template <int D>
+__global__ void __launch_bounds__(kPipelinedThreads, 1)
+    attention_backward_kv_wgmma_pipelined_kernel(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv,
+                                                 const float* lse, const float* delta, Dims g, float scale) {
+  using L = PipelinedKvSmem<D>;
+  constexpr int Dk = L::Dk, kQ = L::rows;
+  KRAKEN_DYNAMIC_SHARED(unsigned char, smem);
+  const TileRing<L> ring(smem);
+  const int bh = blockIdx.x, b = bh / g.NH, h = bh % g.NH;
+  const int k0 = blockIdx.y * kQueryTile;  // the block's first key (the longest columns come first)
+  const uint16_t* base = qkv + static_cast<int64_t>(b) * g.T * g.ld + static_cast<int64_t>(h) * g.D;
+  const uint16_t* dbase = dout + static_cast<int64_t>(b) * g.T * g.C + static_cast<int64_t>(h) * g.D;
+  unsigned char* ks = smem + L::own;
+  unsigned char* vs = ks + sizeof(uint16_t) * kQueryTile * Dk;
+  const int first = k0 / kQ, tiles = (g.T + kQ - 1) / kQ - first;  // query tiles from the block's first key on
+  start_pipelined_block(ring, 2 * kProducerThreads);
+
+  if (threadIdx.x >= kThreads) {  // the producer
+    wgmma::release_registers_to<kProducerRegisters>();
+    const int me = threadIdx.x - kThreads;
+    const float* lse_bh = lse + static_cast<int64_t>(bh) * g.T;
+    const float* delta_bh = delta + static_cast<int64_t>(bh) * g.T;
+    load_tile<D, Dk>(ks, base + g.C + static_cast<int64_t>(k0) * g.ld, g.ld, k0, kQueryTile, g.T, me,
+                     kProducerThreads);
+    load_tile<D, Dk>(vs, base + 2 * g.C + static_cast<int64_t>(k0) * g.ld, g.ld, k0, kQueryTile, g.T, me,
+                     kProducerThreads);
+    mbarrier::arrive_on_copies(ring.own);
+    for (int t = 0; t < tiles; ++t) {
+      const int q0 = (first + t) * kQ;
+      ring.wait_empty(t);
+      load_tile<D, Dk>(ring.first(t), base + static_cast<int64_t>(q0) * g.ld, g.ld, q0, kQ, g.T, me,
+                       kProducerThreads);
+      load_tile<D, Dk>(ring.second(t), dbase + static_cast<int64_t>(q0) * g.C, g.C, q0, kQ, g.T, me,
+                       kProducerThreads);
+      mbarrier::arrive_on_copies(&ring.full[t % L::stages]);
+      float* rows = reinterpret_cast<float*>(ring.extra(t));
+      for (int j = me; j < kQ; j += kProducerThreads) {
+        const bool in = q0 + j < g.T;
+        rows[j] = in ? lse_bh[q0 + j] * kLog2e : INFINITY;
+        rows[kQ + j] = in ? delta_bh[q0 + j] : 0.0f;
+      }
+      mbarrier::arrive(&ring.full[t % L::stages]);
+    }
+    mma::cp_async_commit();
+    mma::cp_async_wait<0>();  // (its copies land before it leaves)
+    return;
+  }
+
+  wgmma::take_registers_to<kConsumerRegisters>();
+  const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, tq = lane % 4;
+  const int kw = k0 + 64 * wg;                                   // the warpgroup's first key
+  const int key0 = kw + 16 * warp + lane / 4, key1 = key0 + 8;  // the thread's two keys
+  // Tiles before `lead` have no query at or after the warpgroup's first key (query tiles are a divisor of
+  // 64 long, so that is tile kw / kQ); a warpgroup past T reads none. Warpgroup-uniform.
+  const int lead = kw < g.T ? kw / kQ - first : tiles;
+  ring.release_unread(0, lead);
+
+  float dk[D / 2], dv[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) dk[i] = 0.0f, dv[i] = 0.0f;
+  if (lead < tiles) {
+    ring.wait_own();
+    float st[kQ / 2], dpt[kQ / 2];
+    uint32_t pt[kQ / 16][4], dst[kQ / 16][4];            // Pᵀ and dSᵀ of the tile in flight
+    uint32_t pt_next[kQ / 16][4], dst_next[kQ / 16][4];  // and of the next
+    auto issue_scores = [&](int t) {  // Sᵀ_t = k·q_tᵀ and dPᵀ_t = v·dO_tᵀ, one commit group
+      issue_rows_times_rows<kQ, Dk>(st, ks, 64 * wg, ring.first(t));
+      issue_rows_times_rows<kQ, Dk>(dpt, vs, 64 * wg, ring.second(t));
+      wgmma::commit();
+    };
+    auto issue_accumulations = [&](int t) {  // dV += Pᵀ·dO_t and dK += dSᵀ·q_t, one commit group
+      issue_registers_times_tile<D, kQ, Dk>(dv, pt, ring.second(t));
+      issue_registers_times_tile<D, kQ, Dk>(dk, dst, ring.first(t));
+      wgmma::commit();
+    };
+    auto weights = [&](uint32_t(&p)[kQ / 16][4], uint32_t(&d)[kQ / 16][4], int t) {
+      transposed_weights<kQ>(p, d, st, dpt, reinterpret_cast<const float*>(ring.extra(t)), (first + t) * kQ, kw,
+                             key0, key1, tq, g.scale_log2);
+    };
+    ring.wait_full(lead);
+    wgmma::fence();
+    issue_scores(lead);
+    wgmma::wait<0>();
+    wgmma::fence_accumulators(st);
+    wgmma::fence_accumulators(dpt);
+    weights(pt, dst, lead);
+    for (int t = lead + 1; t < tiles; ++t) {
+      ring.wait_full(t);
+      wgmma::fence();
+      issue_scores(t);
+      issue_accumulations(t - 1);
+      wgmma::wait<1>();  // Sᵀ_t and dPᵀ_t
+      wgmma::fence_accumulators(st);
+      wgmma::fence_accumulators(dpt);
+      weights(pt_next, dst_next, t);
+      wgmma::wait<0>();  // tile t − 1's accumulations
+      wgmma::fence_accumulators(dv);
+      wgmma::fence_accumulators(dk);
+      keep_fragments(pt);
+      keep_fragments(dst);
+      ring.release(t - 1);
+      copy_fragments(pt, pt_next);
+      copy_fragments(dst, dst_next);
+    }
+    wgmma::fence();
+    issue_accumulations(tiles - 1);
+    wgmma::wait<0>();
+    wgmma::fence_accumulators(dv);
+    wgmma::fence_accumulators(dk);
+    keep_fragments(pt);
+    keep_fragments(dst);
+    ring.release(tiles - 1);
+  }
+  add_dkv_rows<D>(dqkv, dk, dv, b, h, key0, key1, g, scale);
 }
 
 // The dq kernels' pieces. A thread's two rows' lse·log₂e and Dᵢ (rows past T: never stored; any finite
@@ -854,7 +1008,7 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1)
   using L = PipelinedQSmem<D>;
   constexpr int Dk = L::Dk;
   KRAKEN_DYNAMIC_SHARED(unsigned char, smem);
-  const KeyRing<L> ring(smem);
+  const TileRing<L> ring(smem);
   const int bh = blockIdx.x, b = bh / g.NH, h = bh % g.NH;
   const int q0 = (gridDim.y - 1 - blockIdx.y) * kQueryTile;  // the longest rows first
   const int tiles = (min(q0 + kQueryTile, g.T) - 1) / kKeyTile + 1;
@@ -890,8 +1044,8 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1)
     float s[kKeyTile / 2], dp[kKeyTile / 2];
     uint32_t ds[kKeyTile / 16][4], ds_next[kKeyTile / 16][4];  // dS of the tile in flight, and of the next
     auto issue_scores = [&](int t) {  // S_t = q·k_tᵀ and dP_t = dO·v_tᵀ, one commit group
-      issue_rows_times_rows<kKeyTile, Dk>(s, qs, 64 * wg, ring.k_tile(t));
-      issue_rows_times_rows<kKeyTile, Dk>(dp, dos, 64 * wg, ring.v_tile(t));
+      issue_rows_times_rows<kKeyTile, Dk>(s, qs, 64 * wg, ring.first(t));
+      issue_rows_times_rows<kKeyTile, Dk>(dp, dos, 64 * wg, ring.second(t));
       wgmma::commit();
     };
     ring.wait_full(0);
@@ -905,7 +1059,7 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1)
       ring.wait_full(t);
       wgmma::fence();
       issue_scores(t);
-      issue_registers_times_tile<D, kKeyTile, Dk>(dq, ds, ring.k_tile(t - 1));  // dQ += dS_{t−1}·k_{t−1}
+      issue_registers_times_tile<D, kKeyTile, Dk>(dq, ds, ring.first(t - 1));  // dQ += dS_{t−1}·k_{t−1}
       wgmma::commit();
       wgmma::wait<1>();  // S_t and dP_t
       wgmma::fence_accumulators(s);
@@ -918,7 +1072,7 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1)
       copy_fragments(ds, ds_next);
     }
     wgmma::fence();
-    issue_registers_times_tile<D, kKeyTile, Dk>(dq, ds, ring.k_tile(live - 1));
+    issue_registers_times_tile<D, kKeyTile, Dk>(dq, ds, ring.first(live - 1));
     wgmma::commit();
     wgmma::wait<0>();
     wgmma::fence_accumulators(dq);
@@ -1093,7 +1247,7 @@ void forward_wgmma_pipelined(uint16_t* out, float* lse, const uint16_t* qkv, int
 
 template <int D>
 void backward_wgmma(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out, const float* lse,
-                    int64_t B, int64_t T, const Dims& g, bool pipelined_dq, cudaStream_t stream) {
+                    int64_t B, int64_t T, const Dims& g, bool pipelined_dq, bool pipelined_kv, cudaStream_t stream) {
   using L = BackwardSmem<D>;
   float* delta = static_cast<float*>(
       cuda_detail::device_scratch(cuda_detail::ScratchSlot::kAttentionDelta, sizeof(float) * B * g.NH * T));
@@ -1104,10 +1258,23 @@ void backward_wgmma(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, c
   KRAKEN_CUDA_LAUNCH_CHECK();
   const float scale = 1.0f / std::sqrt(static_cast<float>(g.D));
   const dim3 grid(static_cast<unsigned>(B * g.NH), static_cast<unsigned>((T + kQueryTile - 1) / kQueryTile));
-  KRAKEN_CUDA_CHECK(cudaFuncSetAttribute(attention_backward_kv_wgmma_kernel<D>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(L::kv_bytes)));
-  KRAKEN_KERNEL(grid, kThreads, L::kv_bytes, stream, attention_backward_kv_wgmma_kernel<D>)(dqkv, dout, qkv, lse,
-                                                                                             delta, g, scale);
+  bool kv_launched = false;
+  if constexpr (D <= 128) {  // (the pipelined dk/dv kernel's head sizes: no instance above)
+    if (pipelined_kv) {
+      const size_t bytes = PipelinedKvSmem<D>::bytes;
+      KRAKEN_CUDA_CHECK(cudaFuncSetAttribute(attention_backward_kv_wgmma_pipelined_kernel<D>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+      KRAKEN_KERNEL(grid, kPipelinedThreads, bytes, stream, attention_backward_kv_wgmma_pipelined_kernel<D>)(
+          dqkv, dout, qkv, lse, delta, g, scale);
+      kv_launched = true;
+    }
+  }
+  if (!kv_launched) {
+    KRAKEN_CUDA_CHECK(cudaFuncSetAttribute(attention_backward_kv_wgmma_kernel<D>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(L::kv_bytes)));
+    KRAKEN_KERNEL(grid, kThreads, L::kv_bytes, stream, attention_backward_kv_wgmma_kernel<D>)(dqkv, dout, qkv, lse,
+                                                                                               delta, g, scale);
+  }
   KRAKEN_CUDA_LAUNCH_CHECK();
   if (pipelined_dq) {
     const size_t bytes = PipelinedQSmem<D>::bytes;
@@ -1177,11 +1344,19 @@ bool attention_bf16_wgmma_backward_usable(const uint16_t* dqkv, const uint16_t* 
 }
 
 namespace {
-// The pipelined dq kernel where its shared memory fits (D = 168: 220 KiB), else the lockstep one.
+// The pipelined dq kernel where its shared memory fits (D = 168: 220 KiB), else the lockstep one; the
+// pipelined dk/dv kernel likewise, for D ≤ 128 (registers).
 bool pipelined_dq_fits(int64_t D) {
   size_t smem = 0;
   return with_head_below_256(D, [&](auto d) { smem = PipelinedQSmem<decltype(d)::value>::bytes; }) &&
          smem <= static_cast<size_t>(max_shared_per_block());
+}
+bool pipelined_kv_fits(int64_t D) {
+  size_t smem = 0;
+  return with_head_below_256(D, [&](auto d) {
+           if constexpr (decltype(d)::value <= 128) smem = PipelinedKvSmem<decltype(d)::value>::bytes;
+         }) &&
+         smem > 0 && smem <= static_cast<size_t>(max_shared_per_block());
 }
 
 void backward_wgmma_checked(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out,
@@ -1193,9 +1368,9 @@ void backward_wgmma_checked(uint16_t* dqkv, const uint16_t* dout, const uint16_t
   if (B == 0 || T == 0) return;
   KRAKEN_CHECK(B * NH <= 0x7fffffffLL && T <= 0x7fffffffLL, "B·NH = ", B * NH, ", T = ", T, ": too large a grid");
   const Dims g = make_dims(T, C, NH);
-  const bool pipelined_dq = pipelined && pipelined_dq_fits(g.D);
+  const bool pipelined_dq = pipelined && pipelined_dq_fits(g.D), pipelined_kv = pipelined && pipelined_kv_fits(g.D);
   with_head_below_256(g.D, [&](auto d) {
-    backward_wgmma<decltype(d)::value>(dqkv, dout, qkv, out, lse, B, T, g, pipelined_dq, stream);
+    backward_wgmma<decltype(d)::value>(dqkv, dout, qkv, out, lse, B, T, g, pipelined_dq, pipelined_kv, stream);
   });
 }
 }  // namespace

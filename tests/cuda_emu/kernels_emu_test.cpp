@@ -235,17 +235,19 @@ TEST(CudaEmulation, WgmmaAttentionMatchesTheCpu) {
   EXPECT_FALSE(emu::attention_bf16_wgmma_supported(42));  // no kernel for that head size: the dispatch falls back
 }
 
-// The pipelined wgmma kernels — the forward and the backward's dq kernel: a producer warpgroup, an mbarrier
-// ring of 3 stages, each warpgroup's next scores issued before its softmax (or dS) — are the lockstep
+// The pipelined wgmma kernels — the forward, the backward's dq kernel and (D ≤ 128) its dk/dv kernel: a
+// producer warpgroup, an mbarrier ring of 3 stages, each warpgroup's next scores issued before its softmax
+// (or dS) — are the lockstep
 // kernels' arithmetic in another order of issue: the same bits of out, lse and dqkv, under both schedules
 // (copies landing at once: a stage refilled while a product still reads it would show; or as late as
 // they can: a product reading a stage before its full wait would). Shapes: one query; a block's second
-// warpgroup past T (T = 65); rings wrapped (D = 64: 4 forward tiles of 128 keys, 7 dq tiles of 64; 168:
-// 5 tiles of 64), with blocks whose first warpgroup releases the last tile unread and whose
-// second has no queries (T = 300 at D = 168); D = 128 (3 tiles); two heads, B = 2.
+// warpgroup past T (T = 65); rings wrapped (D = 64: 4 forward tiles of 128 keys, 7 dq and dk/dv tiles of
+// 64; 128: 5 dk/dv tiles of 32, the second warpgroup's first two released unread; 168: 5 tiles of 64),
+// with blocks whose first warpgroup releases the last tile unread and whose second has no queries (T = 260
+// at D = 168); two heads, B = 2.
 TEST(CudaEmulation, PipelinedWgmmaKernelsAreTheLockstepOnesBits) {
   const AttentionShape shapes[] = {{1, 1, 64, 1},   {1, 65, 64, 1},   {1, 390, 64, 1},
-                                   {1, 130, 128, 1}, {1, 300, 168, 1}, {2, 130, 168, 2}};
+                                   {1, 130, 128, 1}, {1, 260, 168, 1}, {2, 70, 168, 2}};
   under_both_schedules([&] {
     for (const AttentionShape& s : shapes) {
       SCOPED_TRACE(s.str());

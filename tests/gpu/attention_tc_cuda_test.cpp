@@ -272,8 +272,8 @@ void check_mbarrier_probe() {
   }
 }
 
-// The pipelined wgmma kernels (the forward and the backward's dq kernel: a producer warpgroup, an mbarrier
-// ring, setmaxnreg) against the lockstep ones: the same arithmetic, so the same bits of out, lse and dqkv —
+// The pipelined wgmma kernels (the forward, the backward's dq kernel and, for D ≤ 128, its dk/dv kernel: a
+// producer warpgroup, an mbarrier ring, setmaxnreg) against the lockstep ones: the same arithmetic, so the same bits of out, lse and dqkv —
 // on a GPU the check that their barriers, proxy fences and register hand-over hold (the CPU emulation
 // checks the order of the pipeline, not the PTX). Shapes: a short and a wrapped ring, blocks whose second
 // warpgroup has no queries; or the training shapes (GPT-2's D = 64 heads, the Kraken preset's D = 168,
@@ -305,7 +305,7 @@ void check_pipelined_kernels(bool training_shapes) {
     attention_forward_bf16_wgmma_cuda(out_a.ptr(), lse_a.data<float>(), qkv_d.ptr(), k.B, k.T, C, k.NH, stream());
     attention_forward_bf16_wgmma_lockstep_cuda(out_b.ptr(), lse_b.data<float>(), qkv_d.ptr(), k.B, k.T, C, k.NH,
                                                stream());
-    // Both backwards from the lockstep forward's out and lse (so a difference there is the dq kernel's).
+    // Both backwards from the lockstep forward's out and lse (so a difference there is the backward's).
     attention_backward_bf16_wgmma_cuda(dqkv_a.ptr(), dout_d.ptr(), qkv_d.ptr(), out_b.ptr(), lse_b.data<float>(), k.B,
                                        k.T, C, k.NH, stream());
     attention_backward_bf16_wgmma_lockstep_cuda(dqkv_b.ptr(), dout_d.ptr(), qkv_d.ptr(), out_b.ptr(),
