@@ -136,8 +136,9 @@ bool attention_bf16_mma_supported(int64_t D);
 // capability 9.0 devices only): the mma kernels' contract and arithmetic (their out and lse serve any
 // backward above, and theirs any forward), deterministic. The forward takes head sizes 64, 128, 168 and
 // 256 with qkv 16-byte and out 4-byte aligned; the backward (adds into dqkv) 64, 128 and 168 with every
-// buffer 16-byte aligned. Opt-in, KRAKEN_CUDA_ATTENTION=wgmma: on an H200 faster than the mma kernels (but
-// for the D = 64 forward), slower than cuDNN's in a training step (bench/RESULTS.md, twenty-second session).
+// buffer 16-byte aligned. Opt-in, KRAKEN_CUDA_ATTENTION=wgmma: the lockstep kernels were on an H200 faster
+// than the mma kernels (but for the D = 64 forward), slower than cuDNN's in a training step (bench/RESULTS.md,
+// twenty-second session); the pipelined ones have not run on a GPU yet.
 // The forward runs the pipelined kernel (warp-specialised: a producer warpgroup and an mbarrier ring,
 // FlashAttention-3's structure) where attention_bf16_wgmma_pipelined_supported (D = 64, 128, 168), else the
 // lockstep one (two warpgroups meeting at a barrier a tile, the first version); the backward's dq kernel
