@@ -355,9 +355,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 //     order as the lockstep kernels (the forward's O·α_t then + P_t·v_t too), so the results are theirs,
 //     bit for bit.
 //   - Registers move to the consumers (setmaxnreg, as FA3): 384 threads at one block an SM start with 168
-//     registers each; the producer drops to 48 and the consumers rise to 232 (48·128 + 232·256 = 65,536;
-//     ptxas spills nothing in either part, where the producers spilled at 24 (the forward's, 64 bytes) and
-//     at 40 (dk/dv's, with its rows' loads: 40 bytes)). Why a whole
+//     registers each; the producer drops to 40 and the consumers rise to 232 (40·128 + 232·256 = 168·384:
+//     the consumers can take only what the producer releases). ptxas spills nothing in the consumers (at
+//     224 the dq and dk/dv kernels did) and 40 bytes in dk/dv's producer (its rows' loads; at 24 the
+//     forward's producer spilled 64). Why a whole
 //     warpgroup for the copies: an SM's four schedulers each own a quarter of the register file, so a
 //     ninth warp alone already caps every thread at 168 (ptxas: 48 bytes spilled at D = 168), and
 //     setmaxnreg works on warpgroups.
@@ -368,9 +369,14 @@ __global__ void __launch_bounds__(kThreads, 1)
 // asks for generic-proxy writes a wgmma reads).
 constexpr int kProducerThreads = 128;
 constexpr int kPipelinedThreads = kThreads + kProducerThreads;
-constexpr int kProducerRegisters = 48, kConsumerRegisters = 232;
-static_assert(kProducerRegisters * kProducerThreads + kConsumerRegisters * kThreads <= 65536,
-              "the registers an SM has");
+// What each thread starts with: the launch bounds' share of the 65,536 registers, a multiple of 8 (ptxas
+// reports it for every pipelined kernel). setmaxnreg.inc takes only what the block's own .dec released, so
+// the two counts must add up to the launch's allocation exactly; more, and the consumers wait forever.
+constexpr int kLaunchRegisters = 65536 / kPipelinedThreads / 8 * 8;  // 168
+constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
+static_assert(kProducerRegisters * kProducerThreads + kConsumerRegisters * kThreads ==
+                  kLaunchRegisters * kPipelinedThreads,
+              "the consumers take exactly what the producer releases");
 
 // Shared memory of a pipelined kernel for head size D: the block's own tiles (kOwn bytes), kStages stages
 // each of two streamed tiles of kRows rows (k and v for the forward and dq; q and dO for dk/dv) and
