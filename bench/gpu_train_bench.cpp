@@ -1047,7 +1047,7 @@ void bench_compute(Report& r) {
                                            o.data<uint16_t>(), l.data<float>(), Bc, Tc, Cc, Hc, nullptr);
       }, 5);
       r.line("| bf16 attention backward, wgmma (ours, two kernels, adds into dqkv%s), %s | %.3f | %.1f TFLOP/s |",
-             pipelined ? "; dq pipelined" : "", label, bw * 1e3, 2.5 * flops / bw / 1e12);
+             pipelined ? "; pipelined" : "", label, bw * 1e3, 2.5 * flops / bw / 1e12);
       if (pipelined) {
         const double bl = time_kernel([&] {
           attention_backward_bf16_wgmma_lockstep_cuda(dq.data<uint16_t>(), dO.data<uint16_t>(), q.data<uint16_t>(),
@@ -1055,6 +1055,17 @@ void bench_compute(Report& r) {
         }, 5);
         r.line("| bf16 attention backward, wgmma (ours, two kernels, adds into dqkv; lockstep), %s | %.3f | %.1f "
                "TFLOP/s |", label, bl * 1e3, 2.5 * flops / bl / 1e12);
+        // One kernel pipelined, the other lockstep: what each pipelined kernel gains on its own.
+        for (const bool dq_pipelined : {true, false}) {
+          const double bm = time_kernel([&] {
+            attention_backward_bf16_wgmma_kernels_cuda(dq.data<uint16_t>(), dO.data<uint16_t>(), q.data<uint16_t>(),
+                                                       o.data<uint16_t>(), l.data<float>(), Bc, Tc, Cc, Hc,
+                                                       dq_pipelined, !dq_pipelined, nullptr);
+          }, 5);
+          r.line("| bf16 attention backward, wgmma (ours, two kernels, adds into dqkv; %s), %s | %.3f | %.1f "
+                 "TFLOP/s |", dq_pipelined ? "dq pipelined, dk/dv lockstep" : "dk/dv pipelined, dq lockstep", label,
+                 bm * 1e3, 2.5 * flops / bm / 1e12);
+        }
       }
     };
     wgmma_rows("B=8 T=1024 C=768 H=12", B, T, C, H, qkv16, out16, lse, dout16, dqkv16, fwd_flops);

@@ -141,8 +141,9 @@ bool attention_bf16_mma_supported(int64_t D);
 // twenty-second session); the pipelined ones have not run on a GPU yet.
 // The forward runs the pipelined kernel (warp-specialised: a producer warpgroup and an mbarrier ring,
 // FlashAttention-3's structure) where attention_bf16_wgmma_pipelined_supported (D = 64, 128, 168), else the
-// lockstep one (two warpgroups meeting at a barrier a tile, the first version); the backward's dq kernel
-// likewise where its shared memory fits (all three on Hopper), its dk/dv kernel for D ≤ 128. Pipelined and
+// lockstep one (two warpgroups meeting at a barrier a tile, the first version); the backward's dq and dk/dv
+// kernels likewise where their shared memory fits (all three head sizes on Hopper). Any of them compiled
+// with other than the launch's 168 registers a thread (setmaxnreg would hang): the lockstep ones. Pipelined and
 // lockstep give the same bits; the _lockstep_ entry points run the lockstep kernels always (tests and the
 // benchmark compare the two).
 void attention_forward_bf16_wgmma_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T,
@@ -156,6 +157,12 @@ void attention_backward_bf16_wgmma_cuda(uint16_t* dqkv, const uint16_t* dout, co
 void attention_backward_bf16_wgmma_lockstep_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv,
                                                  const uint16_t* out, const float* lse, int64_t B, int64_t T,
                                                  int64_t C, int64_t NH, CUstream_st* stream);
+// The backward with each of its two kernels pipelined or lockstep as asked (the pipelined one only where it
+// fits, as above), so that the benchmark times one against the other.
+void attention_backward_bf16_wgmma_kernels_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv,
+                                                const uint16_t* out, const float* lse, int64_t B, int64_t T,
+                                                int64_t C, int64_t NH, bool pipelined_dq, bool pipelined_kv,
+                                                CUstream_st* stream);
 bool attention_bf16_wgmma_supported(int64_t D);  // the forward: the head size, the device and its shared memory
 bool attention_bf16_wgmma_backward_supported(int64_t D);
 bool attention_bf16_wgmma_usable(const uint16_t* out, const uint16_t* qkv, int64_t C, int64_t NH);
@@ -200,9 +207,9 @@ AttentionBf16Kernels attention_bf16_kernels_fallback(int64_t D);
 const char* attention_bf16_kernels_name(AttentionBf16Kernels kernels);  // "simt", "tc", "mma" or "cudnn"
 // What a bf16 step's attention runs at head size D, for reports: attention_bf16_kernels_name of
 // attention_bf16_kernels(D), except where KRAKEN_CUDA_ATTENTION=wgmma takes the head size (which
-// attention_bf16_kernels leaves out: the wgmma kernels are chosen per call): "wgmma (pipelined)" (D = 64,
-// 128) or "wgmma (pipelined forward and dq)" (168) for the head sizes the pipelined kernels take, or "wgmma forward, <name> backward" for a head size only
-// the wgmma forward takes (256).
+// attention_bf16_kernels leaves out: the wgmma kernels are chosen per call): "wgmma (pipelined)" for the
+// head sizes the pipelined kernels take (64, 128, 168), or "wgmma forward, <name> backward" for a head size
+// only the wgmma forward takes (256).
 std::string attention_bf16_kernels_label(int64_t D);
 
 }  // namespace kraken::kernels

@@ -4,7 +4,7 @@ f32 accumulators) for the N the Hopper kernels use. One asm statement per N name
 register (N / 2 of them), which is why it is generated rather than written: the PTX needs each register
 listed, and a macro cannot count. Run from the repository root: python3 scripts/gen_wgmma.py"""
 
-SIZES = (32, 64, 128, 168, 256)
+SIZES = (16, 32, 64, 128, 168, 256)
 OUT = "kernels/cuda/wgmma_instructions.inc"
 
 

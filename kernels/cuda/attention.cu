@@ -474,9 +474,7 @@ const char* attention_bf16_kernels_name(AttentionBf16Kernels kernels) {
 std::string attention_bf16_kernels_label(int64_t D) {
   const std::string usual = attention_bf16_kernels_name(attention_bf16_kernels(D));
   if (attention_choice() != AttentionChoice::kWgmma || !attention_bf16_wgmma_supported(D)) return usual;
-  const std::string forward = !attention_bf16_wgmma_pipelined_supported(D) ? "wgmma"
-                              : D <= 128                                    ? "wgmma (pipelined)"
-                                                                            : "wgmma (pipelined forward and dq)";
+  const std::string forward = attention_bf16_wgmma_pipelined_supported(D) ? "wgmma (pipelined)" : "wgmma";
   if (attention_bf16_wgmma_backward_supported(D)) return forward;
   return forward + " forward, " + usual + " backward";
 }

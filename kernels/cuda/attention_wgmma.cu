@@ -43,8 +43,8 @@
 // that follows it, and both warpgroups meet at a barrier each tile. So the forward now has a second,
 // pipelined kernel in FlashAttention-3's structure (a producer warpgroup and an mbarrier ring, registers
 // moved to the consumers, the next S issued before this tile's softmax; "the pipelined kernels" below),
-// which the public forward runs where it applies, and pipelined dq and dk/dv kernels (dk/dv for D ≤ 128:
-// at 168 its registers leave no room for the overlap).
+// which the public forward runs where it applies, and pipelined dq and dk/dv kernels (dk/dv at D = 168
+// without the overlap within a warpgroup: its registers leave no room for it).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -338,7 +338,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 // ---- the pipelined kernels ----------------------------------------------------------------------------
 //
 // FlashAttention-3's structure (Shah et al. 2024, §3.1–3.2; our reading, with cp.async where it uses TMA),
-// on the lockstep kernels' arithmetic: the forward, the dq kernel and (D ≤ 128) the dk/dv kernel. Why: ncu on the lockstep kernels
+// on the lockstep kernels' arithmetic: the forward, the dq kernel and the dk/dv kernel. Why: ncu on the lockstep kernels
 // (twenty-second session) shows one block an SM at ~30% SM throughput — every product waited for before
 // the softmax that follows it, both warpgroups meeting at a barrier each tile while the tensor cores idle.
 //   - Warp specialisation: a third warpgroup is the producer. It copies the block's own tiles (q; q and dO
@@ -351,9 +351,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 //   - Within a warpgroup, the products of two tiles overlap the elementwise work: at tile t it issues
 //     tile t's scores (S_t = q·k_tᵀ; and dP_t = dO·v_tᵀ for dq; their transposes for dk/dv), then the
 //     accumulation of tile t − 1 (O += P_{t−1}·v_{t−1}; dQ += dS_{t−1}·k_{t−1}; dV and dK), waits only for
-//     the scores, computes tile t's softmax (or dS) while the accumulation runs, then waits for it. The same accumulations in the same
-//     order as the lockstep kernels (the forward's O·α_t then + P_t·v_t too), so the results are theirs,
-//     bit for bit.
+//     the scores, computes tile t's softmax (or dS) while the accumulation runs, then waits for it (but
+//     dk/dv at D = 168: no registers for it). The same accumulations in the same order as the lockstep
+//     kernels (the forward's O·α_t then + P_t·v_t too), so the results are theirs, bit for bit.
 //   - Registers move to the consumers (setmaxnreg, as FA3): 384 threads at one block an SM start with 168
 //     registers each; the producer drops to 40 and the consumers rise to 232 (40·128 + 232·256 = 168·384:
 //     the consumers can take only what the producer releases). ptxas spills nothing in the consumers (at
@@ -383,8 +383,8 @@ static_assert(kProducerRegisters * kProducerThreads + kConsumerRegisters * kThre
 // kExtra bytes (dk/dv: the queries' lse·log₂e and Dᵢ), then the barriers (full and empty per stage, and
 // the own tiles'). As many stages as fit under ~220 KiB, at most 3. The forward (own: q; the lockstep
 // kernel's 128 keys at D = 64, else 64): D = 64: 112 KiB; 128: 128; 168: 176. dq (own: q and dO; 64
-// keys): 64: 80 KiB; 128: 160; 168: 220. dk/dv (own: k and v; the lockstep kernel's query tiles, 64 at
-// D = 64, else 32): 64: 81.5 KiB; 128: 112.8.
+// keys): 64: 80 KiB; 128: 160; 168: 220. dk/dv (own: k and v; query tiles of 64 at D = 64, 32 at 128,
+// 16 at 168): 64: 81.5 KiB; 128: 112.8; 168: 121.4.
 template <int D, size_t kOwn, int kRows, size_t kExtra = 0>
 struct PipelinedSmem {
   static constexpr int head = D, Dk = (D + 15) / 16 * 16, rows = kRows;
@@ -771,16 +771,26 @@ __global__ void __launch_bounds__(kThreads, 1)
   add_dkv_rows<D>(dqkv, dk, dv, b, h, key0, key1, g, scale);
 }
 
-// The pipelined dk/dv kernel (the pipelined kernels' notes above), for D ≤ 128: its own tiles are the
-// block's k and v, its ring streams q and dO tiles with their rows (lse·log₂e and Dᵢ, which the producer
-// writes with plain stores and releases with a plain arrival beside its arrival on copies: the full
-// barriers count both). Sᵀ_t and dPᵀ_t are issued before tile t − 1's accumulations (dV += Pᵀ·dO, then
-// dK += dSᵀ·q, the lockstep kernel's order) and Pᵀ_t, dSᵀ_t computed while they run. A warpgroup's first
-// tiles may precede all its keys (the second's first 64 queries): released unread. At D = 168 dK and dV
-// alone are 168 registers, and two sets of Pᵀ/dSᵀ fragments do not fit beside them: lockstep there.
+// The pipelined dk/dv kernel (the pipelined kernels' notes above): its own tiles are the block's k and v,
+// its ring streams q and dO tiles with their rows (lse·log₂e and Dᵢ, which the producer writes with plain
+// stores and releases with a plain arrival beside its arrival on copies: the full barriers count both).
+// For D ≤ 128, Sᵀ_t and dPᵀ_t are issued before tile t − 1's accumulations (dV += Pᵀ·dO, then dK +=
+// dSᵀ·q, the lockstep kernel's order) and Pᵀ_t, dSᵀ_t computed while they run. A warpgroup's first tiles
+// may precede all its keys (the second's first 64 queries): released unread.
+// At D = 168 dK and dV alone are 168 of the consumers' 232 registers. The overlap holds Sᵀ, dPᵀ (kQ / 2
+// each) and two sets of Pᵀ, dSᵀ (kQ / 4 each): ptxas spills 284 bytes a thread even at 16 queries a tile
+// (320 at the lockstep kernel's 32 without the overlap). So there each warpgroup takes a tile's products
+// in turn, as the lockstep kernel does, but on 16-query tiles (no spills) and without its barriers: the
+// two warpgroups drift apart on the ring, one's weights under the other's products, and the copies are
+// the producer's. Same bits as the lockstep kernel's 32-query tiles: a tile of 32 is two 16-query steps
+// of one accumulation chain, the same steps in the same order.
 template <int D>
-using PipelinedKvSmem = PipelinedSmem<D, 2 * sizeof(uint16_t) * kQueryTile * ((D + 15) / 16 * 16), kv_query_tile<D>(),
-                                      2 * sizeof(float) * kv_query_tile<D>()>;
+constexpr int pipelined_kv_query_tile() {
+  return D <= 128 ? kv_query_tile<D>() : 16;
+}
+template <int D>
+using PipelinedKvSmem = PipelinedSmem<D, 2 * sizeof(uint16_t) * kQueryTile * ((D + 15) / 16 * 16),
+                                      pipelined_kv_query_tile<D>(), 2 * sizeof(float) * pipelined_kv_query_tile<D>()>;
 
 template <int D>
 __global__ void __launch_bounds__(kPipelinedThreads, 1)
@@ -788,6 +798,7 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1)
                                                  const float* lse, const float* delta, Dims g, float scale) {
   using L = PipelinedKvSmem<D>;
   constexpr int Dk = L::Dk, kQ = L::rows;
+  constexpr bool kOverlap = D <= 128;  // (registers: above)
   KRAKEN_DYNAMIC_SHARED(unsigned char, smem);
   const TileRing<L> ring(smem);
   const int bh = blockIdx.x, b = bh / g.NH, h = bh % g.NH;
@@ -845,8 +856,7 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1)
   if (lead < tiles) {
     ring.wait_own();
     float st[kQ / 2], dpt[kQ / 2];
-    uint32_t pt[kQ / 16][4], dst[kQ / 16][4];            // Pᵀ and dSᵀ of the tile in flight
-    uint32_t pt_next[kQ / 16][4], dst_next[kQ / 16][4];  // and of the next
+    uint32_t pt[kQ / 16][4], dst[kQ / 16][4];  // Pᵀ and dSᵀ of the tile in flight
     auto issue_scores = [&](int t) {  // Sᵀ_t = k·q_tᵀ and dPᵀ_t = v·dO_tᵀ, one commit group
       issue_rows_times_rows<kQ, Dk>(st, ks, 64 * wg, ring.first(t));
       issue_rows_times_rows<kQ, Dk>(dpt, vs, 64 * wg, ring.second(t));
@@ -861,39 +871,62 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1)
       transposed_weights<kQ>(p, d, st, dpt, reinterpret_cast<const float*>(ring.extra(t)), (first + t) * kQ, kw,
                              key0, key1, tq, g.scale_log2);
     };
-    ring.wait_full(lead);
-    wgmma::fence();
-    issue_scores(lead);
-    wgmma::wait<0>();
-    wgmma::fence_accumulators(st);
-    wgmma::fence_accumulators(dpt);
-    weights(pt, dst, lead);
-    for (int t = lead + 1; t < tiles; ++t) {
-      ring.wait_full(t);
+    if constexpr (!kOverlap) {  // each tile's scores, weights and accumulations in turn
+      for (int t = lead; t < tiles; ++t) {
+        ring.wait_full(t);
+        wgmma::fence();
+        issue_scores(t);
+        wgmma::wait<0>();
+        wgmma::fence_accumulators(st);
+        wgmma::fence_accumulators(dpt);
+        weights(pt, dst, t);
+        wgmma::fence_accumulators(dv);
+        wgmma::fence_accumulators(dk);
+        wgmma::fence();
+        issue_accumulations(t);
+        wgmma::wait<0>();
+        wgmma::fence_accumulators(dv);
+        wgmma::fence_accumulators(dk);
+        keep_fragments(pt);
+        keep_fragments(dst);
+        ring.release(t);
+      }
+    } else {  // tile t's scores issued before tile t − 1's accumulations, its weights computed under them
+      uint32_t pt_next[kQ / 16][4], dst_next[kQ / 16][4];  // Pᵀ and dSᵀ of the next tile
+      ring.wait_full(lead);
       wgmma::fence();
-      issue_scores(t);
-      issue_accumulations(t - 1);
-      wgmma::wait<1>();  // Sᵀ_t and dPᵀ_t
+      issue_scores(lead);
+      wgmma::wait<0>();
       wgmma::fence_accumulators(st);
       wgmma::fence_accumulators(dpt);
-      weights(pt_next, dst_next, t);
-      wgmma::wait<0>();  // tile t − 1's accumulations
+      weights(pt, dst, lead);
+      for (int t = lead + 1; t < tiles; ++t) {
+        ring.wait_full(t);
+        wgmma::fence();
+        issue_scores(t);
+        issue_accumulations(t - 1);
+        wgmma::wait<1>();  // Sᵀ_t and dPᵀ_t
+        wgmma::fence_accumulators(st);
+        wgmma::fence_accumulators(dpt);
+        weights(pt_next, dst_next, t);
+        wgmma::wait<0>();  // tile t − 1's accumulations
+        wgmma::fence_accumulators(dv);
+        wgmma::fence_accumulators(dk);
+        keep_fragments(pt);
+        keep_fragments(dst);
+        ring.release(t - 1);
+        copy_fragments(pt, pt_next);
+        copy_fragments(dst, dst_next);
+      }
+      wgmma::fence();
+      issue_accumulations(tiles - 1);
+      wgmma::wait<0>();
       wgmma::fence_accumulators(dv);
       wgmma::fence_accumulators(dk);
       keep_fragments(pt);
       keep_fragments(dst);
-      ring.release(t - 1);
-      copy_fragments(pt, pt_next);
-      copy_fragments(dst, dst_next);
+      ring.release(tiles - 1);
     }
-    wgmma::fence();
-    issue_accumulations(tiles - 1);
-    wgmma::wait<0>();
-    wgmma::fence_accumulators(dv);
-    wgmma::fence_accumulators(dk);
-    keep_fragments(pt);
-    keep_fragments(dst);
-    ring.release(tiles - 1);
   }
   add_dkv_rows<D>(dqkv, dk, dv, b, h, key0, key1, g, scale);
 }
@@ -1264,18 +1297,13 @@ void backward_wgmma(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, c
   KRAKEN_CUDA_LAUNCH_CHECK();
   const float scale = 1.0f / std::sqrt(static_cast<float>(g.D));
   const dim3 grid(static_cast<unsigned>(B * g.NH), static_cast<unsigned>((T + kQueryTile - 1) / kQueryTile));
-  bool kv_launched = false;
-  if constexpr (D <= 128) {  // (the pipelined dk/dv kernel's head sizes: no instance above)
-    if (pipelined_kv) {
-      const size_t bytes = PipelinedKvSmem<D>::bytes;
-      KRAKEN_CUDA_CHECK(cudaFuncSetAttribute(attention_backward_kv_wgmma_pipelined_kernel<D>,
-                                             cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-      KRAKEN_KERNEL(grid, kPipelinedThreads, bytes, stream, attention_backward_kv_wgmma_pipelined_kernel<D>)(
-          dqkv, dout, qkv, lse, delta, g, scale);
-      kv_launched = true;
-    }
-  }
-  if (!kv_launched) {
+  if (pipelined_kv) {
+    const size_t bytes = PipelinedKvSmem<D>::bytes;
+    KRAKEN_CUDA_CHECK(cudaFuncSetAttribute(attention_backward_kv_wgmma_pipelined_kernel<D>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+    KRAKEN_KERNEL(grid, kPipelinedThreads, bytes, stream, attention_backward_kv_wgmma_pipelined_kernel<D>)(
+        dqkv, dout, qkv, lse, delta, g, scale);
+  } else {
     KRAKEN_CUDA_CHECK(cudaFuncSetAttribute(attention_backward_kv_wgmma_kernel<D>,
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(L::kv_bytes)));
     KRAKEN_KERNEL(grid, kThreads, L::kv_bytes, stream, attention_backward_kv_wgmma_kernel<D>)(dqkv, dout, qkv, lse,
@@ -1350,47 +1378,69 @@ bool attention_bf16_wgmma_backward_usable(const uint16_t* dqkv, const uint16_t* 
 }
 
 namespace {
+// Whether the pipelined kernels for head size D were compiled with the launch's kLaunchRegisters a thread,
+// as ptxas gives them under their launch bounds. The consumers' setmaxnreg.inc takes only what the
+// producer's .dec released, so a kernel built with fewer (another ptxas, a -maxrregcount) would wait there
+// forever; where any of them differs, D runs the lockstep kernels (slower, the same bits) rather than risk
+// the hang. Asked on every call, like cudaFuncSetAttribute before each launch.
+template <typename Kernel>
+bool compiled_with_launch_registers(Kernel* kernel) {
+  cudaFuncAttributes attributes{};
+  return cudaFuncGetAttributes(&attributes, kernel) == cudaSuccess && attributes.numRegs == kLaunchRegisters;
+}
+bool pipelined_registers_as_launched(int64_t D) {
+  bool all = false;
+  with_head_below_256(D, [&](auto d) {
+    constexpr int kD = decltype(d)::value;
+    all = compiled_with_launch_registers(attention_forward_wgmma_pipelined_kernel<kD>) &&
+          compiled_with_launch_registers(attention_backward_q_wgmma_pipelined_kernel<kD>) &&
+          compiled_with_launch_registers(attention_backward_kv_wgmma_pipelined_kernel<kD>);
+  });
+  return all;
+}
+
 // The pipelined dq kernel where its shared memory fits (D = 168: 220 KiB), else the lockstep one; the
-// pipelined dk/dv kernel likewise, for D ≤ 128 (registers).
+// pipelined dk/dv kernel likewise.
 bool pipelined_dq_fits(int64_t D) {
   size_t smem = 0;
   return with_head_below_256(D, [&](auto d) { smem = PipelinedQSmem<decltype(d)::value>::bytes; }) &&
-         smem <= static_cast<size_t>(max_shared_per_block());
+         smem <= static_cast<size_t>(max_shared_per_block()) && pipelined_registers_as_launched(D);
 }
 bool pipelined_kv_fits(int64_t D) {
   size_t smem = 0;
-  return with_head_below_256(D, [&](auto d) {
-           if constexpr (decltype(d)::value <= 128) smem = PipelinedKvSmem<decltype(d)::value>::bytes;
-         }) &&
-         smem > 0 && smem <= static_cast<size_t>(max_shared_per_block());
+  return with_head_below_256(D, [&](auto d) { smem = PipelinedKvSmem<decltype(d)::value>::bytes; }) &&
+         smem <= static_cast<size_t>(max_shared_per_block()) && pipelined_registers_as_launched(D);
 }
 
-void backward_wgmma_checked(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out,
-                            const float* lse, int64_t B, int64_t T, int64_t C, int64_t NH, CUstream_st* stream,
-                            bool pipelined) {
+}  // namespace
+
+void attention_backward_bf16_wgmma_kernels_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv,
+                                                const uint16_t* out, const float* lse, int64_t B, int64_t T,
+                                                int64_t C, int64_t NH, bool pipelined_dq, bool pipelined_kv,
+                                                CUstream_st* stream) {
   KRAKEN_CHECK(attention_bf16_wgmma_backward_usable(dqkv, dout, qkv, out, C, NH), "wgmma attention backward: C=", C,
                " NH=", NH, " needs a head size of 64, 128 or 168, a compute capability 9.0 device and 16-byte "
                "aligned buffers");
   if (B == 0 || T == 0) return;
   KRAKEN_CHECK(B * NH <= 0x7fffffffLL && T <= 0x7fffffffLL, "B·NH = ", B * NH, ", T = ", T, ": too large a grid");
   const Dims g = make_dims(T, C, NH);
-  const bool pipelined_dq = pipelined && pipelined_dq_fits(g.D), pipelined_kv = pipelined && pipelined_kv_fits(g.D);
+  pipelined_dq = pipelined_dq && pipelined_dq_fits(g.D);
+  pipelined_kv = pipelined_kv && pipelined_kv_fits(g.D);
   with_head_below_256(g.D, [&](auto d) {
     backward_wgmma<decltype(d)::value>(dqkv, dout, qkv, out, lse, B, T, g, pipelined_dq, pipelined_kv, stream);
   });
 }
-}  // namespace
 
 void attention_backward_bf16_wgmma_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv,
                                         const uint16_t* out, const float* lse, int64_t B, int64_t T, int64_t C,
                                         int64_t NH, CUstream_st* stream) {
-  backward_wgmma_checked(dqkv, dout, qkv, out, lse, B, T, C, NH, stream, true);
+  attention_backward_bf16_wgmma_kernels_cuda(dqkv, dout, qkv, out, lse, B, T, C, NH, true, true, stream);
 }
 
 void attention_backward_bf16_wgmma_lockstep_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv,
                                                  const uint16_t* out, const float* lse, int64_t B, int64_t T,
                                                  int64_t C, int64_t NH, CUstream_st* stream) {
-  backward_wgmma_checked(dqkv, dout, qkv, out, lse, B, T, C, NH, stream, false);
+  attention_backward_bf16_wgmma_kernels_cuda(dqkv, dout, qkv, out, lse, B, T, C, NH, false, false, stream);
 }
 
 bool attention_bf16_wgmma_supported(int64_t D) {
@@ -1410,7 +1460,7 @@ bool attention_bf16_wgmma_pipelined_supported(int64_t D) {
   if (!attention_bf16_wgmma_supported(D) ||
       !with_head_below_256(D, [&](auto d) { smem = PipelinedForwardSmem<decltype(d)::value>::bytes; }))
     return false;
-  return smem <= static_cast<size_t>(max_shared_per_block());
+  return smem <= static_cast<size_t>(max_shared_per_block()) && pipelined_registers_as_launched(D);
 }
 
 namespace {

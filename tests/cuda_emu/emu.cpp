@@ -609,6 +609,12 @@ cudaError_t get_device(int* device) {
   *device = 0;
   return cudaSuccess;
 }
+namespace {
+int registers_reported = 168;
+}
+void set_reported_registers(int per_thread) { registers_reported = per_thread; }
+int reported_registers() { return registers_reported; }
+
 int blocks_per_multiprocessor(int block_size, size_t dynamic_shared_bytes) {
   const size_t by_threads = 2048 / static_cast<size_t>(std::max(block_size, 1));
   const size_t by_shared = (228 * 1024) / (dynamic_shared_bytes + 1024);

@@ -154,6 +154,16 @@ template <typename Function>
 cudaError_t func_set_attribute(Function*, cudaFuncAttribute, int) {
   return cudaSuccess;
 }
+// cudaFuncGetAttributes: the emulation has no registers, so numRegs is what ptxas gives the kernels that
+// ask (the pipelined attention kernels: 168 a thread under their launch bounds of 384), or what a test set
+// (schedule.h).
+int reported_registers();
+template <typename Function>
+cudaError_t func_get_attributes(cudaFuncAttributes* attributes, Function*) {
+  *attributes = cudaFuncAttributes{};
+  attributes->numRegs = reported_registers();
+  return cudaSuccess;
+}
 // Blocks an SM holds at once, by threads (2048) and shared memory (228 KiB an SM, 1 KiB of it reserved
 // per block) alone: the emulation has no registers to count.
 int blocks_per_multiprocessor(int block_size, size_t dynamic_shared_bytes);
@@ -169,6 +179,7 @@ cudaError_t occupancy_max_active_blocks(int* blocks, Function*, int block_size, 
 #define cudaDeviceGetAttribute ::kraken_emu::device_get_attribute
 #define cudaGetLastError ::kraken_emu::get_last_error
 #define cudaFuncSetAttribute ::kraken_emu::func_set_attribute
+#define cudaFuncGetAttributes ::kraken_emu::func_get_attributes
 #define cudaOccupancyMaxActiveBlocksPerMultiprocessor ::kraken_emu::occupancy_max_active_blocks
 #define cudaMemsetAsync ::kraken_emu::memset_async
 #define cudaMalloc ::kraken_emu::malloc_device

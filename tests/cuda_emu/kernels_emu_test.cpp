@@ -235,16 +235,16 @@ TEST(CudaEmulation, WgmmaAttentionMatchesTheCpu) {
   EXPECT_FALSE(emu::attention_bf16_wgmma_supported(42));  // no kernel for that head size: the dispatch falls back
 }
 
-// The pipelined wgmma kernels — the forward, the backward's dq kernel and (D ≤ 128) its dk/dv kernel: a
-// producer warpgroup, an mbarrier ring of 3 stages, each warpgroup's next scores issued before its softmax
-// (or dS) — are the lockstep
-// kernels' arithmetic in another order of issue: the same bits of out, lse and dqkv, under both schedules
-// (copies landing at once: a stage refilled while a product still reads it would show; or as late as
-// they can: a product reading a stage before its full wait would). Shapes: one query; a block's second
-// warpgroup past T (T = 65); rings wrapped (D = 64: 4 forward tiles of 128 keys, 7 dq and dk/dv tiles of
-// 64; 128: 5 dk/dv tiles of 32, the second warpgroup's first two released unread; 168: 5 tiles of 64),
-// with blocks whose first warpgroup releases the last tile unread and whose second has no queries (T = 260
-// at D = 168); two heads, B = 2.
+// The pipelined wgmma kernels — the forward, the backward's dq and dk/dv kernels: a producer warpgroup, an
+// mbarrier ring of 3 stages, each warpgroup's next scores issued before its softmax (or dS), but dk/dv at
+// D = 168 — are the lockstep kernels' arithmetic in another order of issue (dk/dv at D = 168 on query
+// tiles of 16, not 32): the same bits of out, lse and dqkv, under both schedules (copies landing at once:
+// a stage refilled while a product still reads it would show; or as late as they can: a product reading a
+// stage before its full wait would). Shapes: one query; a block's second warpgroup past T (T = 65); rings
+// wrapped (D = 64: 4 forward tiles of 128 keys, 7 dq and dk/dv tiles of 64; 128: 5 dk/dv tiles of 32, the
+// second warpgroup's first two released unread; 168: 5 tiles of 64, dk/dv 17 of 16, the second
+// warpgroup's first four unread), with blocks whose first warpgroup releases the last tile unread and
+// whose second has no queries (T = 260 at D = 168); two heads, B = 2.
 TEST(CudaEmulation, PipelinedWgmmaKernelsAreTheLockstepOnesBits) {
   const AttentionShape shapes[] = {{1, 1, 64, 1},   {1, 65, 64, 1},   {1, 390, 64, 1},
                                    {1, 130, 128, 1}, {1, 260, 168, 1}, {2, 70, 168, 2}};
@@ -272,6 +272,37 @@ TEST(CudaEmulation, PipelinedWgmmaKernelsAreTheLockstepOnesBits) {
     }
   });
   EXPECT_FALSE(emu::attention_bf16_wgmma_pipelined_supported(256));  // the lockstep kernel takes it
+}
+
+// Pipelined kernels compiled with fewer registers than their launch's 168 a thread would hang at the
+// consumers' setmaxnreg.inc (it takes only what the producer released): the lockstep kernels run instead,
+// and the entry points still give their bits.
+TEST(CudaEmulation, PipelinedWgmmaKernelsStepAsideWithoutTheLaunchRegisters) {
+  const AttentionShape s{1, 70, 64, 2};
+  const int64_t C = s.D * s.NH, rows = s.B * s.T;
+  const std::vector<uint16_t> qkv = to_bf16(normal(static_cast<size_t>(rows * 3 * C), 74, 1.5f));
+  const std::vector<uint16_t> dout = to_bf16(normal(static_cast<size_t>(rows * C), 75));
+  std::vector<uint16_t> out(static_cast<size_t>(rows * C), 0), out_lockstep(out.size(), 0);
+  std::vector<float> lse(static_cast<size_t>(s.B * s.NH * s.T), 0.0f), lse_lockstep(lse.size(), 0.0f);
+  std::vector<uint16_t> dqkv(static_cast<size_t>(rows * 3 * C), 0), dqkv_lockstep(dqkv.size(), 0);
+  emu::attention_forward_bf16_wgmma_lockstep_cuda(out_lockstep.data(), lse_lockstep.data(), qkv.data(), s.B, s.T, C,
+                                                  s.NH, nullptr);
+  emu::attention_backward_bf16_wgmma_lockstep_cuda(dqkv_lockstep.data(), dout.data(), qkv.data(), out_lockstep.data(),
+                                                   lse_lockstep.data(), s.B, s.T, C, s.NH, nullptr);
+  for (const int registers : {160, 176}) {
+    SCOPED_TRACE(registers);
+    kraken_emu::set_reported_registers(registers);
+    for (const int64_t D : {64, 128, 168}) EXPECT_FALSE(emu::attention_bf16_wgmma_pipelined_supported(D)) << D;
+    std::fill(dqkv.begin(), dqkv.end(), uint16_t{0});
+    emu::attention_forward_bf16_wgmma_cuda(out.data(), lse.data(), qkv.data(), s.B, s.T, C, s.NH, nullptr);
+    emu::attention_backward_bf16_wgmma_cuda(dqkv.data(), dout.data(), qkv.data(), out.data(), lse.data(), s.B, s.T, C,
+                                            s.NH, nullptr);
+    EXPECT_EQ(out, out_lockstep);
+    EXPECT_EQ(0, std::memcmp(lse.data(), lse_lockstep.data(), sizeof(float) * lse.size()));
+    EXPECT_EQ(dqkv, dqkv_lockstep);
+  }
+  kraken_emu::set_reported_registers(168);
+  EXPECT_TRUE(emu::attention_bf16_wgmma_pipelined_supported(64));
 }
 
 // The mbarrier pipeline probe (kernels/attention.h): a producer warp streams tiles through two stages with

@@ -2,7 +2,8 @@
 // lanes ascending, or descending — a kernel missing a barrier reads data not yet written under one of
 // them, so the tests run every kernel under both. The emulated device's multiprocessor count: 132, an
 // H100's, unless a test sets another, so that a kernel whose grid follows the device shows its loop over
-// more work than blocks at a small size.
+// more work than blocks at a small size. The registers a thread cudaFuncGetAttributes reports for every
+// kernel: 168 (what ptxas gives the pipelined attention kernels), unless a test sets another.
 #pragma once
 
 namespace kraken_emu {
@@ -10,5 +11,6 @@ namespace kraken_emu {
 enum class Schedule { kAscending, kDescending };
 void set_schedule(Schedule schedule);  // for the calling thread's later launches
 void set_multiprocessor_count(int count);
+void set_reported_registers(int per_thread);
 
 }  // namespace kraken_emu

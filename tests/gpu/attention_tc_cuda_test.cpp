@@ -272,8 +272,8 @@ void check_mbarrier_probe() {
   }
 }
 
-// The pipelined wgmma kernels (the forward, the backward's dq kernel and, for D ≤ 128, its dk/dv kernel: a
-// producer warpgroup, an mbarrier ring, setmaxnreg) against the lockstep ones: the same arithmetic, so the same bits of out, lse and dqkv —
+// The pipelined wgmma kernels (the forward, the backward's dq and dk/dv kernels: a producer warpgroup, an
+// mbarrier ring, setmaxnreg) against the lockstep ones: the same arithmetic, so the same bits of out, lse and dqkv —
 // on a GPU the check that their barriers, proxy fences and register hand-over hold (the CPU emulation
 // checks the order of the pipeline, not the PTX). Shapes: a short and a wrapped ring, blocks whose second
 // warpgroup has no queries; or the training shapes (GPT-2's D = 64 heads, the Kraken preset's D = 168,
