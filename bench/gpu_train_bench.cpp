@@ -1030,8 +1030,15 @@ void bench_compute(Report& r) {
       }, 5);
       const bool pipelined = attention_bf16_wgmma_pipelined_supported(Cc / Hc);
       r.line("| bf16 attention forward, wgmma (ours, sm_90a, %s), %s | %.3f | %.1f TFLOP/s |",
-             pipelined ? "pipelined: producer warpgroup + mbarriers" : "lockstep", label, fw * 1e3, flops / fw / 1e12);
-      if (pipelined) {  // the first version beside it: the same bits, two warpgroups meeting at a barrier a tile
+             pipelined ? "pipelined: producer warpgroup + mbarriers, ping-pong" : "lockstep", label, fw * 1e3,
+             flops / fw / 1e12);
+      if (pipelined) {  // without the warpgroups' turns, and the first version: the same bits
+        const double fn = time_kernel([&] {
+          attention_forward_bf16_wgmma_kernel_cuda(o.data<uint16_t>(), l.data<float>(), q.data<uint16_t>(), Bc, Tc, Cc,
+                                                   Hc, true, false, nullptr);
+        }, 5);
+        r.line("| bf16 attention forward, wgmma (ours, sm_90a, pipelined without ping-pong), %s | %.3f | %.1f "
+               "TFLOP/s |", label, fn * 1e3, flops / fn / 1e12);
         const double fl = time_kernel([&] {
           attention_forward_bf16_wgmma_lockstep_cuda(o.data<uint16_t>(), l.data<float>(), q.data<uint16_t>(), Bc, Tc,
                                                      Cc, Hc, nullptr);

@@ -139,8 +139,8 @@ bool attention_bf16_mma_supported(int64_t D);
 // buffer 16-byte aligned. Opt-in, KRAKEN_CUDA_ATTENTION=wgmma: the lockstep kernels were on an H200 faster
 // than the mma kernels (but for the D = 64 forward), slower than cuDNN's in a training step (bench/RESULTS.md,
 // twenty-second session); the pipelined ones have not run on a GPU yet.
-// The forward runs the pipelined kernel (warp-specialised: a producer warpgroup and an mbarrier ring,
-// FlashAttention-3's structure) where attention_bf16_wgmma_pipelined_supported (D = 64, 128, 168), else the
+// The forward runs the pipelined kernel (warp-specialised: a producer warpgroup and an mbarrier ring, the
+// consumer warpgroups taking turns at their products — FlashAttention-3's structure) where attention_bf16_wgmma_pipelined_supported (D = 64, 128, 168), else the
 // lockstep one (two warpgroups meeting at a barrier a tile, the first version); the backward's dq and dk/dv
 // kernels likewise where their shared memory fits (all three head sizes on Hopper). Any of them compiled
 // with other than the launch's 168 registers a thread (setmaxnreg would hang): the lockstep ones. Pipelined and
@@ -151,6 +151,12 @@ void attention_forward_bf16_wgmma_cuda(uint16_t* out, float* lse, const uint16_t
 void attention_forward_bf16_wgmma_lockstep_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B,
                                                 int64_t T, int64_t C, int64_t NH, CUstream_st* stream);
 bool attention_bf16_wgmma_pipelined_supported(int64_t D);
+// The forward's kernel as asked, for the benchmark: pipelined (where supported, else lockstep) with or
+// without ping-pong scheduling (the two consumer warpgroups taking turns at issuing their products, FA3's;
+// attention_forward_bf16_wgmma_cuda's choice), or lockstep.
+void attention_forward_bf16_wgmma_kernel_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T,
+                                              int64_t C, int64_t NH, bool pipelined, bool ping_pong,
+                                              CUstream_st* stream);
 void attention_backward_bf16_wgmma_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv,
                                         const uint16_t* out, const float* lse, int64_t B, int64_t T, int64_t C,
                                         int64_t NH, CUstream_st* stream);

@@ -354,6 +354,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 //     the scores, computes tile t's softmax (or dS) while the accumulation runs, then waits for it (but
 //     dk/dv at D = 168: no registers for it). The same accumulations in the same order as the lockstep
 //     kernels (the forward's O·α_t then + P_t·v_t too), so the results are theirs, bit for bit.
+//   - Between the warpgroups, the forward's ping-pong turns (IssueTurns, FA3's "pingpong scheduling"): each
+//     issues its products only after the other's preceding issue, through two named barriers, so that
+//     their softmaxes alternate under each other's products. A template switch, so the benchmark can time
+//     the forward without it; the backward kernels have none (FA3's backward neither).
 //   - Registers move to the consumers (setmaxnreg, as FA3): 384 threads at one block an SM start with 168
 //     registers each; the producer drops to 40 and the consumers rise to 232 (40·128 + 232·256 = 168·384:
 //     the consumers can take only what the producer releases). ptxas spills nothing in the consumers (at
@@ -497,7 +501,32 @@ __device__ __forceinline__ void copy_fragments(uint32_t (&to)[K][4], const uint3
     for (int i = 0; i < 4; ++i) to[j][i] = from[j][i];
 }
 
-template <int D>
+// Ping-pong scheduling of the forward (FA3 §3.1): the two consumer warpgroups take turns issuing their
+// products — warpgroup 0's issue i, warpgroup 1's issue i, warpgroup 0's issue i + 1, … — so that the
+// tensor cores take one warpgroup's products while the other computes its softmax, instead of both
+// warpgroups' softmaxes falling in the same gap. Named barrier 1 + w is the one warpgroup w waits on for
+// its turn; the other arrives on it when its own turn is done (mbarrier.h). The warpgroups' issue counts
+// differ (the causal mask: warpgroup 0's queries end 64 sooner; a warpgroup past T has none), so each
+// waits only for a turn the other takes, and passes its turn only where the other will wait for it.
+struct IssueTurns {
+  int wg, theirs;  // this warpgroup, and how many issues the other makes
+  __device__ void wait_turn(int i) const {  // before issue i: the other's issue before it has been made
+    if (wg == 0) {
+      if (i > 0 && i - 1 < theirs) named_barrier::sync<1>(kThreads);
+    } else if (i < theirs) {
+      named_barrier::sync<2>(kThreads);
+    }
+  }
+  __device__ void pass_turn(int i) const {  // after issue i: the other's next issue may go
+    if (wg == 0) {
+      if (i < theirs) named_barrier::arrive<2>(kThreads);
+    } else if (i + 1 < theirs) {
+      named_barrier::arrive<1>(kThreads);
+    }
+  }
+};
+
+template <int D, bool kPingPong>
 __global__ void __launch_bounds__(kPipelinedThreads, 1)
     attention_forward_wgmma_pipelined_kernel(uint16_t* out, float* lse, const uint16_t* qkv, Dims g) {
   using L = PipelinedForwardSmem<D>;
@@ -524,9 +553,16 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1)
   const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, tq = lane % 4;
   const int wq = q0 + 64 * wg;                                  // the warpgroup's first query
   const int row0 = wq + 16 * warp + lane / 4, row1 = row0 + 8;  // the thread's two queries
-  // The tiles with a key preceding some query of the warpgroup (keys ≤ its last query): 0 for a warpgroup
+  // The tiles with a key preceding some query of warpgroup w (keys ≤ its last query): 0 for a warpgroup
   // past T. Warpgroup-uniform, as wgmma needs.
-  const int live = wq < g.T ? (min(wq + 64, g.T) - 1) / kKeys + 1 : 0;
+  auto live_tiles = [&](int w) {
+    const int first_query = q0 + 64 * w;
+    return first_query < g.T ? (min(first_query + 64, g.T) - 1) / kKeys + 1 : 0;
+  };
+  const int live = live_tiles(wg);
+  // Issues 0 (S_0), t (S_t and O += P_{t−1}·v_{t−1}) and live (the last accumulation): live + 1 of them.
+  const int their_live = live_tiles(1 - wg);
+  const IssueTurns turns{wg, their_live > 0 ? their_live + 1 : 0};
 
   float o[D / 2];
 #pragma unroll
@@ -537,19 +573,23 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1)
     float s[kKeys / 2], alpha[2];
     uint32_t p[kKeys / 16][4], p_next[kKeys / 16][4];  // P of the tile in flight, and of the next
     ring.wait_full(0);
+    if constexpr (kPingPong) turns.wait_turn(0);
     wgmma::fence();
     issue_rows_times_rows<kKeys, Dk>(s, qs, 64 * wg, ring.first(0));
     wgmma::commit();
+    if constexpr (kPingPong) turns.pass_turn(0);
     wgmma::wait<0>();
     wgmma::fence_accumulators(s);
     softmax_tile<kKeys>(s, p, st, alpha, 0, wq, row0, row1, tq, g.scale_log2);  // (O is 0: nothing to rescale)
     for (int t = 1; t < live; ++t) {
       ring.wait_full(t);
+      if constexpr (kPingPong) turns.wait_turn(t);
       wgmma::fence();
       issue_rows_times_rows<kKeys, Dk>(s, qs, 64 * wg, ring.first(t));  // S_t
       wgmma::commit();
       issue_registers_times_tile<D, kKeys, Dk>(o, p, ring.second(t - 1));  // O += P_{t−1}·v_{t−1}
       wgmma::commit();
+      if constexpr (kPingPong) turns.pass_turn(t);
       wgmma::wait<1>();  // S_t (groups complete in order)
       wgmma::fence_accumulators(s);
       softmax_tile<kKeys>(s, p_next, st, alpha, t * kKeys, wq, row0, row1, tq, g.scale_log2);
@@ -560,9 +600,11 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1)
       rescale_rows<D>(o, alpha);
       copy_fragments(p, p_next);
     }
+    if constexpr (kPingPong) turns.wait_turn(live);
     wgmma::fence();
     issue_registers_times_tile<D, kKeys, Dk>(o, p, ring.second(live - 1));
     wgmma::commit();
+    if constexpr (kPingPong) turns.pass_turn(live);
     wgmma::wait<0>();
     wgmma::fence_accumulators(o);
     keep_fragments(p);
@@ -1273,14 +1315,15 @@ void forward_wgmma(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, in
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
 
-template <int D>
+template <int D, bool kPingPong>
 void forward_wgmma_pipelined(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T, const Dims& g,
                              cudaStream_t stream) {
   const size_t smem = PipelinedForwardSmem<D>::bytes;
-  KRAKEN_CUDA_CHECK(cudaFuncSetAttribute(attention_forward_wgmma_pipelined_kernel<D>,
+  KRAKEN_CUDA_CHECK(cudaFuncSetAttribute(attention_forward_wgmma_pipelined_kernel<D, kPingPong>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   const dim3 grid(static_cast<unsigned>(B * g.NH), static_cast<unsigned>((T + kQueryTile - 1) / kQueryTile));
-  KRAKEN_KERNEL(grid, kPipelinedThreads, smem, stream, attention_forward_wgmma_pipelined_kernel<D>)(out, lse, qkv, g);
+  KRAKEN_KERNEL(grid, kPipelinedThreads, smem, stream, attention_forward_wgmma_pipelined_kernel<D, kPingPong>)(
+      out, lse, qkv, g);
   KRAKEN_CUDA_LAUNCH_CHECK();
 }
 
@@ -1392,7 +1435,8 @@ bool pipelined_registers_as_launched(int64_t D) {
   bool all = false;
   with_head_below_256(D, [&](auto d) {
     constexpr int kD = decltype(d)::value;
-    all = compiled_with_launch_registers(attention_forward_wgmma_pipelined_kernel<kD>) &&
+    all = compiled_with_launch_registers(attention_forward_wgmma_pipelined_kernel<kD, true>) &&
+          compiled_with_launch_registers(attention_forward_wgmma_pipelined_kernel<kD, false>) &&
           compiled_with_launch_registers(attention_backward_q_wgmma_pipelined_kernel<kD>) &&
           compiled_with_launch_registers(attention_backward_kv_wgmma_pipelined_kernel<kD>);
   });
@@ -1463,32 +1507,33 @@ bool attention_bf16_wgmma_pipelined_supported(int64_t D) {
   return smem <= static_cast<size_t>(max_shared_per_block()) && pipelined_registers_as_launched(D);
 }
 
-namespace {
-void forward_wgmma_checked(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T, int64_t C,
-                           int64_t NH, CUstream_st* stream, bool pipelined) {
+void attention_forward_bf16_wgmma_kernel_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T,
+                                              int64_t C, int64_t NH, bool pipelined, bool ping_pong,
+                                              CUstream_st* stream) {
   KRAKEN_CHECK(attention_bf16_wgmma_usable(out, qkv, C, NH), "wgmma attention: C=", C, " NH=", NH,
                " needs a head size of 64, 128, 168 or 256, a compute capability 9.0 device, qkv 16- and out 4-byte "
                "aligned");
   if (B == 0 || T == 0) return;
   KRAKEN_CHECK(B * NH <= 0x7fffffffLL && T <= 0x7fffffffLL, "B·NH = ", B * NH, ", T = ", T, ": too large a grid");
   const Dims g = make_dims(T, C, NH);
-  if (pipelined && with_head_below_256(g.D, [&](auto d) {
-        forward_wgmma_pipelined<decltype(d)::value>(out, lse, qkv, B, T, g, stream);
-      }))
+  if (pipelined && attention_bf16_wgmma_pipelined_supported(g.D)) {
+    with_head_below_256(g.D, [&](auto d) {
+      if (ping_pong) forward_wgmma_pipelined<decltype(d)::value, true>(out, lse, qkv, B, T, g, stream);
+      else forward_wgmma_pipelined<decltype(d)::value, false>(out, lse, qkv, B, T, g, stream);
+    });
     return;
+  }
   with_head(g.D, [&](auto d) { forward_wgmma<decltype(d)::value>(out, lse, qkv, B, T, g, stream); });
 }
-}  // namespace
 
 void attention_forward_bf16_wgmma_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T,
                                        int64_t C, int64_t NH, CUstream_st* stream) {
-  forward_wgmma_checked(out, lse, qkv, B, T, C, NH, stream,
-                        NH > 0 && C % NH == 0 && attention_bf16_wgmma_pipelined_supported(C / NH));
+  attention_forward_bf16_wgmma_kernel_cuda(out, lse, qkv, B, T, C, NH, true, true, stream);
 }
 
 void attention_forward_bf16_wgmma_lockstep_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B,
                                                 int64_t T, int64_t C, int64_t NH, CUstream_st* stream) {
-  forward_wgmma_checked(out, lse, qkv, B, T, C, NH, stream, false);
+  attention_forward_bf16_wgmma_kernel_cuda(out, lse, qkv, B, T, C, NH, false, false, stream);
 }
 
 void wgmma_layout_probe_cuda(float* d, const uint16_t* a, const uint16_t* b, int way, bool strides_exchanged,

@@ -16,6 +16,14 @@
 // barrier's completion makes those writes visible to the threads that waited on it (the generic proxy;
 // a wgmma reading them still needs wgmma::fence_shared_for_wgmma after the wait).
 //
+//
+// Named barriers (bar.sync / bar.arrive id, threads; namespace named_barrier below), the other kind a
+// warp-specialised kernel uses: barrier id (1 .. 15; 0 is __syncthreads') completes once `threads` threads
+// (a multiple of 32, whole warps) have arrived, and starts counting again. sync<id>(n) arrives and waits
+// for the completion; arrive<id>(n) arrives and goes on. So two warpgroups take turns: one syncs on its
+// barrier with n = 256, the other arrives on it once it is done with its turn. An arrival the other side
+// does not await in that round completes the round without it (a hang or a skipped turn later).
+//
 // Under the CPU emulation (tests/cuda_emu) these are calls into the emulator, which waits as a barrier
 // waits and lands a copy's bytes only when its arrival is needed (emu.h).
 #pragma once
@@ -84,3 +92,30 @@ __device__ __forceinline__ void arrive_on_copies(uint64_t* bar) {
 #endif  // KRAKEN_CUDA_EMULATION
 
 }  // namespace kraken::kernels::mbarrier
+
+namespace kraken::kernels::named_barrier {
+
+// (The id a constant: with an id in a register, ptxas reserves all 16 of the block's barriers.)
+#if defined(KRAKEN_CUDA_EMULATION)
+template <int kId>
+inline void sync(int threads) {
+  ::kraken_emu::named_barrier_sync(kId, threads);
+}
+template <int kId>
+inline void arrive(int threads) {
+  ::kraken_emu::named_barrier_arrive(kId, threads);
+}
+#else
+template <int kId>
+__device__ __forceinline__ void sync(int threads) {
+  static_assert(kId >= 1 && kId < 16, "named barriers 1 .. 15 (0 is __syncthreads')");
+  asm volatile("bar.sync %0, %1;\n" ::"n"(kId), "r"(threads) : "memory");
+}
+template <int kId>
+__device__ __forceinline__ void arrive(int threads) {
+  static_assert(kId >= 1 && kId < 16, "named barriers 1 .. 15 (0 is __syncthreads')");
+  asm volatile("bar.arrive %0, %1;\n" ::"n"(kId), "r"(threads) : "memory");
+}
+#endif
+
+}  // namespace kraken::kernels::named_barrier

@@ -39,6 +39,7 @@ enum class State {
   kAtWarpgroupBarrier,
   kAtMbarrier,
   kAfterArrival,
+  kAtNamedBarrier,
   kDone
 };
 
@@ -101,7 +102,17 @@ struct Fiber {
   std::deque<std::vector<PendingResults>> wgmma_committed;
   uint32_t waiting_on = 0;  // at an mbarrier: its offset in shared memory, and the parity of the phase
   int waiting_parity = 0;
+  int named_id = 0;  // at a named barrier: its id, and the round it waits to complete
+  uint64_t named_round = 0;
 };
+
+// A named barrier's state (emu.h): the thread count of its current round (0 before the first arrival),
+// the arrivals so far, and the number of rounds completed.
+struct NamedBarrier {
+  int threads = 0, arrived = 0;
+  uint64_t rounds = 0;
+};
+constexpr int kNamedBarriers = 16;
 
 // An mbarrier's state (emu.h): arrivals expected a phase, those still missing from the current one, and
 // the number of phases completed (the current phase's parity is phase & 1).
@@ -133,6 +144,7 @@ struct Block {
   size_t scheduler_stack_size = 0;
   std::map<uint32_t, Mbarrier> mbarriers;          // by offset in dynamic shared memory
   std::deque<ArrivalOnCopies> arrivals_on_copies;  // oldest first
+  NamedBarrier named[kNamedBarriers];
 };
 
 thread_local Block* g_block = nullptr;
@@ -223,6 +235,17 @@ bool release_mbarrier_waiters(Block& b) {
   return any;
 }
 
+// Makes runnable every thread waiting at a named barrier whose round has completed; returns whether any.
+bool release_named_barrier_waiters(Block& b) {
+  bool any = false;
+  for (Fiber& f : b.fibers) {
+    if (f.state != State::kAtNamedBarrier || b.named[f.named_id].rounds == f.named_round) continue;
+    f.state = State::kRunnable;
+    any = true;
+  }
+  return any;
+}
+
 // Makes runnable every thread parked after the arrival that completed a phase (mbarrier_arrive); returns
 // whether any. The scheduler calls it only once nothing else can run.
 bool release_parked_arrivers(Block& b) {
@@ -236,20 +259,21 @@ bool release_parked_arrivers(Block& b) {
 }
 
 std::string describe_deadlock(const Block& b) {
-  int at_block = 0, at_warp = 0, at_warpgroup = 0, at_mbarrier = 0, done = 0;
+  int at_block = 0, at_warp = 0, at_warpgroup = 0, at_mbarrier = 0, at_named = 0, done = 0;
   for (const Fiber& f : b.fibers) {
     at_block += f.state == State::kAtBlockBarrier;
     at_warp += f.state == State::kAtWarpBarrier;
     at_warpgroup += f.state == State::kAtWarpgroupBarrier;
     at_mbarrier += f.state == State::kAtMbarrier;
+    at_named += f.state == State::kAtNamedBarrier;
     done += f.state == State::kDone;
   }
   return "barrier deadlock in block (" + std::to_string(b.fibers[0].coords.block_idx.x) + ", " +
          std::to_string(b.fibers[0].coords.block_idx.y) + ", " + std::to_string(b.fibers[0].coords.block_idx.z) +
          "): " + std::to_string(at_block) + " threads wait at __syncthreads, " + std::to_string(at_warp) +
          " at a warp barrier, " + std::to_string(at_warpgroup) + " at a warpgroup barrier, " +
-         std::to_string(at_mbarrier) + " on an mbarrier phase that never completes, " + std::to_string(done) +
-         " have returned";
+         std::to_string(at_mbarrier) + " on an mbarrier phase that never completes, " + std::to_string(at_named) +
+         " at a named barrier, " + std::to_string(done) + " have returned";
 }
 
 // Points the fiber's context at fiber_main on its own stack (kept out of run_grid: getcontext
@@ -476,6 +500,35 @@ void mbarrier_arrive_on_copies(uint64_t* bar) {
   else g_block->arrivals_on_copies.push_back(std::move(a));
 }
 
+namespace {
+// One arrival on named barrier id by the calling thread; returns the round it belongs to.
+uint64_t arrive_at_named(int id, int threads) {
+  if (id < 1 || id >= kNamedBarriers) trap("a named barrier id outside 1 .. 15 (0 is __syncthreads')");
+  if (threads <= 0 || threads % 32 != 0 || static_cast<size_t>(threads) > g_block->fibers.size())
+    trap("a named barrier's thread count is not a positive multiple of 32 within the block");
+  NamedBarrier& n = g_block->named[id];
+  if (n.arrived > 0 && n.threads != threads) trap("one round of a named barrier with two thread counts");
+  n.threads = threads;
+  const uint64_t round = n.rounds;
+  if (++n.arrived == threads) {
+    n.arrived = 0;
+    ++n.rounds;
+  }
+  return round;
+}
+}  // namespace
+
+void named_barrier_sync(int id, int threads) {
+  const uint64_t round = arrive_at_named(id, threads);
+  if (g_block->named[id].rounds != round) return;  // the last arrival: the round is complete
+  Fiber& f = current_fiber();
+  f.named_id = id;
+  f.named_round = round;
+  yield(State::kAtNamedBarrier);
+}
+
+void named_barrier_arrive(int id, int threads) { arrive_at_named(id, threads); }
+
 void cp_async(void* dst, const void* src, int bytes, int src_bytes) {
   if (!in_dynamic_shared(dst, static_cast<size_t>(bytes))) trap("cp.async to outside the block's shared memory");
   if (reinterpret_cast<uintptr_t>(dst) % static_cast<uintptr_t>(bytes) != 0 ||
@@ -536,6 +589,7 @@ void run_grid(dim3 grid, dim3 block, size_t dynamic_shared_bytes, const std::fun
         if (b.dynamic_shared) std::memset(b.dynamic_shared, kPoison, dynamic_shared_bytes);
         b.mbarriers.clear();
         b.arrivals_on_copies.clear();
+        for (NamedBarrier& n : b.named) n = NamedBarrier{};
         for (int t = 0; t < threads; ++t) {
           Fiber& f = b.fibers[static_cast<size_t>(t)];
           f.state = State::kRunnable;
@@ -586,6 +640,7 @@ void run_grid(dim3 grid, dim3 block, size_t dynamic_shared_bytes, const std::fun
           bool released = release_block(b);
           for (int k = 0; k < (warps + 3) / 4; ++k) released = release_warpgroup(b, k) || released;
           released = release_mbarrier_waiters(b) || released;
+          released = release_named_barrier_waiters(b) || released;
           if (!released && !ran && !release_parked_arrivers(b)) {
             // Nothing can run: the oldest arrival on copies is made now, as late as it can be.
             if (b.arrivals_on_copies.empty()) throw std::runtime_error("emulated kernel: " + describe_deadlock(b));
@@ -597,6 +652,8 @@ void run_grid(dim3 grid, dim3 block, size_t dynamic_shared_bytes, const std::fun
         for (const Fiber& f : b.fibers)
           if (!f.wgmma_uncommitted.empty() || !f.wgmma_committed.empty())
             trap("a thread returned with wgmma results it never waited for");
+        for (const NamedBarrier& n : b.named)
+          if (n.arrived != 0) trap("a block returned with arrivals on a named barrier whose round never completed");
       }
 }
 

@@ -123,6 +123,15 @@ void mbarrier_arrive(uint64_t* bar);
 void mbarrier_wait(uint64_t* bar, int parity);
 void mbarrier_arrive_on_copies(uint64_t* bar);
 
+// The block's named barriers (bar.sync / bar.arrive id, threads; kernels/cuda/mbarrier.h): barrier id
+// (1 .. 15; 0 is __syncthreads') completes once `threads` threads have arrived, by either call, and the
+// count starts again; sync waits for that completion, arrive does not. Traps: an id outside 1 .. 15, a
+// count not a positive multiple of 32 or above the block's threads, two counts on one barrier in one
+// round, and a block that returns with arrivals on a barrier that never completed (a surplus arrival —
+// one round completed early by the same side's arrivals shows as a deadlock instead).
+void named_barrier_sync(int id, int threads);
+void named_barrier_arrive(int id, int threads);
+
 // Runs body once per thread of every block of the grid.
 void run_grid(dim3 grid, dim3 block, size_t dynamic_shared_bytes, const std::function<void()>& body);
 

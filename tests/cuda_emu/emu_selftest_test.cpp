@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kernels/elementwise.h"
@@ -23,6 +24,7 @@ void cp_async_copy(unsigned char* out, const unsigned char* src, bool fill);
 void wgmma_chain(float* out);
 void wgmma_overwrite(float* out, bool early);
 void wgmma_register_overwrite(float* out, bool early);
+void named_turns(int* log, int turns0, int turns1, int mutation);
 void trap();
 }  // namespace kraken_emu_selftest
 
@@ -170,6 +172,39 @@ TEST(CudaEmulationSelf, CpAsyncLandsAtTheWaitOrAtTheIssue) {
   self::cp_async_copy(out.data(), aligned, true);
   kraken_emu::set_schedule(kraken_emu::Schedule::kAscending);
   for (int i = 0; i < 16; ++i) EXPECT_EQ(out[i], src[i]) << "landed before the wait";
+}
+
+// Two groups taking turns through named barriers (bar.sync / bar.arrive) write their turns in turn, under
+// either schedule (the descending one runs group 1 first where nothing holds it), also where one group has
+// more turns than the other; a missing arrival or a surplus one in the middle is a deadlock, a surplus
+// arrival at the end an error when the block returns.
+TEST(CudaEmulationSelf, NamedBarriersMakeTwoGroupsTakeTurns) {
+  for (const auto schedule : {kraken_emu::Schedule::kAscending, kraken_emu::Schedule::kDescending}) {
+    kraken_emu::set_schedule(schedule);
+    for (const auto& [turns0, turns1] : std::vector<std::pair<int, int>>{{3, 3}, {2, 5}, {4, 1}, {0, 2}, {3, 0}}) {
+      std::vector<int> log(static_cast<size_t>(turns0 + turns1), -1), want;
+      for (int i = 0; i < std::max(turns0, turns1); ++i) {
+        if (i < turns0) want.push_back(0);
+        if (i < turns1) want.push_back(1);
+      }
+      self::named_turns(log.data(), turns0, turns1, 0);
+      EXPECT_EQ(log, want) << turns0 << " and " << turns1 << " turns";
+    }
+  }
+  kraken_emu::set_schedule(kraken_emu::Schedule::kAscending);
+  for (const int mutation : {1, 2, 3}) {
+    std::vector<int> log(6, -1);
+    try {
+      self::named_turns(log.data(), 3, 3, mutation);
+      ADD_FAILURE() << "mutation " << mutation << ": no error";
+    } catch (const std::runtime_error& e) {
+      const std::string what = e.what();
+      // (1 and 2: each group waits on the other, all 128 threads at named barriers)
+      EXPECT_NE(what.find(mutation == 3 ? "named barrier whose round never completed" : " 128 at a named barrier"),
+                std::string::npos)
+          << "mutation " << mutation << ": " << what;
+    }
+  }
 }
 
 }  // namespace

@@ -47,6 +47,9 @@ void attention_forward_bf16_wgmma_lockstep_cuda(uint16_t* out, float* lse, const
                                                 int64_t T, int64_t C, int64_t NH, CUstream_st* stream);
 bool attention_bf16_wgmma_supported(int64_t D);
 bool attention_bf16_wgmma_pipelined_supported(int64_t D);
+void attention_forward_bf16_wgmma_kernel_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T,
+                                              int64_t C, int64_t NH, bool pipelined, bool ping_pong,
+                                              CUstream_st* stream);
 bool attention_bf16_wgmma_backward_supported(int64_t D);
 void wgmma_layout_probe_cuda(float* d, const uint16_t* a, const uint16_t* b, int way, bool strides_exchanged,
                              CUstream_st* stream);

@@ -235,10 +235,11 @@ TEST(CudaEmulation, WgmmaAttentionMatchesTheCpu) {
   EXPECT_FALSE(emu::attention_bf16_wgmma_supported(42));  // no kernel for that head size: the dispatch falls back
 }
 
-// The pipelined wgmma kernels — the forward, the backward's dq and dk/dv kernels: a producer warpgroup, an
-// mbarrier ring of 3 stages, each warpgroup's next scores issued before its softmax (or dS), but dk/dv at
-// D = 168 — are the lockstep kernels' arithmetic in another order of issue (dk/dv at D = 168 on query
-// tiles of 16, not 32): the same bits of out, lse and dqkv, under both schedules (copies landing at once:
+// The pipelined wgmma kernels — the forward (with and without ping-pong turns), the backward's dq and
+// dk/dv kernels: a producer warpgroup, an mbarrier ring of 3 stages, each warpgroup's next scores issued
+// before its softmax (or dS), but dk/dv at D = 168 — are the lockstep kernels' arithmetic in another
+// order of issue (dk/dv at D = 168 on query tiles of 16, not 32): the same bits of out, lse and dqkv, and
+// no deadlock (the turns: warpgroups with unequal issue counts, or none), under both schedules (copies landing at once:
 // a stage refilled while a product still reads it would show; or as late as they can: a product reading a
 // stage before its full wait would). Shapes: one query; a block's second warpgroup past T (T = 65); rings
 // wrapped (D = 64: 4 forward tiles of 128 keys, 7 dq and dk/dv tiles of 64; 128: 5 dk/dv tiles of 32, the
@@ -258,11 +259,15 @@ TEST(CudaEmulation, PipelinedWgmmaKernelsAreTheLockstepOnesBits) {
       std::vector<uint16_t> out(static_cast<size_t>(rows * C), 0xffff), out_lockstep(out.size(), 0);
       std::vector<float> lse(static_cast<size_t>(s.B * s.NH * s.T), -1.0f), lse_lockstep(lse.size(), 0.0f);
       ASSERT_TRUE(emu::attention_bf16_wgmma_pipelined_supported(s.D));
-      emu::attention_forward_bf16_wgmma_cuda(out.data(), lse.data(), qkv.data(), s.B, s.T, C, s.NH, nullptr);
       emu::attention_forward_bf16_wgmma_lockstep_cuda(out_lockstep.data(), lse_lockstep.data(), qkv.data(), s.B, s.T,
                                                       C, s.NH, nullptr);
-      EXPECT_EQ(out, out_lockstep);
-      EXPECT_EQ(0, std::memcmp(lse.data(), lse_lockstep.data(), sizeof(float) * lse.size()));
+      for (const bool ping_pong : {false, true}) {  // (true: attention_forward_bf16_wgmma_cuda's)
+        SCOPED_TRACE(ping_pong ? "ping-pong" : "no ping-pong");
+        emu::attention_forward_bf16_wgmma_kernel_cuda(out.data(), lse.data(), qkv.data(), s.B, s.T, C, s.NH, true,
+                                                      ping_pong, nullptr);
+        EXPECT_EQ(out, out_lockstep);
+        EXPECT_EQ(0, std::memcmp(lse.data(), lse_lockstep.data(), sizeof(float) * lse.size()));
+      }
       std::vector<uint16_t> dqkv = dqkv0, dqkv_lockstep = dqkv0;
       emu::attention_backward_bf16_wgmma_cuda(dqkv.data(), dout.data(), qkv.data(), out.data(), lse.data(), s.B, s.T,
                                               C, s.NH, nullptr);

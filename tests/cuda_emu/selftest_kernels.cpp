@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "kernels/cuda/launch.h"
+#include "kernels/cuda/mbarrier.h"
 #include "kernels/cuda/mma_sync.h"
 #include "kernels/cuda/wgmma.h"
 
@@ -166,6 +167,27 @@ __global__ void wgmma_register_overwrite_kernel(float* out, bool early) {
   out[threadIdx.x] = acc[0] + static_cast<float>(a[1] & 1u);  // (a kept alive to the end)
 }
 
+// Two groups of 64 threads take turns through named barriers 1 and 2 (group 0 waits on 1, group 1 on 2),
+// group 0 first: turn i of a group appends its number to log (one thread each). turns[g] turns for group
+// g. Mutations: 1, group 1 never arrives after its first turn; 2, group 0 arrives twice after its first
+// turn; 3, group 1 arrives one time too many after its last turn.
+__global__ void named_turns_kernel(int* log, int turns0, int turns1, int mutation) {
+  namespace nb = kraken::kernels::named_barrier;
+  __shared__ int next;
+  if (threadIdx.x == 0) next = 0;
+  __syncthreads();
+  const int group = threadIdx.x / 64, mine = group == 0 ? turns0 : turns1, theirs = group == 0 ? turns1 : turns0;
+  for (int i = 0; i < mine; ++i) {
+    // group 0 waits for group 1's turn i − 1, group 1 for group 0's turn i (where the other had them)
+    if (group == 0 ? i > 0 && i - 1 < theirs : i < theirs) group == 0 ? nb::sync<1>(128) : nb::sync<2>(128);
+    if (threadIdx.x % 64 == 0) log[next++] = group;
+    const bool other_waits = group == 0 ? i < theirs : i + 1 < theirs;
+    if (other_waits && !(mutation == 1 && group == 1 && i > 0)) group == 0 ? nb::arrive<2>(128) : nb::arrive<1>(128);
+    if (mutation == 2 && group == 0 && i == 0) nb::arrive<2>(128);
+    if (mutation == 3 && group == 1 && i == mine - 1) nb::arrive<1>(128);
+  }
+}
+
 __global__ void trap_kernel() {
   if (threadIdx.x == 5) __trap();
 }
@@ -194,6 +216,9 @@ void wgmma_overwrite(float* out, bool early) {
 }
 void wgmma_register_overwrite(float* out, bool early) {
   KRAKEN_KERNEL(1, 128, 64 * 16 * 2, nullptr, wgmma_register_overwrite_kernel)(out, early);
+}
+void named_turns(int* log, int turns0, int turns1, int mutation) {
+  KRAKEN_KERNEL(1, 128, 0, nullptr, named_turns_kernel)(log, turns0, turns1, mutation);
 }
 void trap() { KRAKEN_KERNEL(1, 32, 0, nullptr, trap_kernel)(); }
 

@@ -272,8 +272,9 @@ void check_mbarrier_probe() {
   }
 }
 
-// The pipelined wgmma kernels (the forward, the backward's dq and dk/dv kernels: a producer warpgroup, an
-// mbarrier ring, setmaxnreg) against the lockstep ones: the same arithmetic, so the same bits of out, lse and dqkv —
+// The pipelined wgmma kernels (the forward with and without ping-pong turns, the backward's dq and dk/dv
+// kernels: a producer warpgroup, an mbarrier ring, setmaxnreg, named barriers) against the lockstep ones: the
+// same arithmetic, so the same bits of out, lse and dqkv —
 // on a GPU the check that their barriers, proxy fences and register hand-over hold (the CPU emulation
 // checks the order of the pipeline, not the PTX). Shapes: a short and a wrapped ring, blocks whose second
 // warpgroup has no queries; or the training shapes (GPT-2's D = 64 heads, the Kraken preset's D = 168,
@@ -302,28 +303,38 @@ void check_pipelined_kernels(bool training_shapes) {
     DeviceBf16 out_b(std::vector<uint16_t>(static_cast<size_t>(n), 0x1234), 0);
     DeviceBf16 dqkv_a(dqkv0, 0), dqkv_b(dqkv0, 0);
     Tensor lse_a = Tensor::full({k.B, k.NH, k.T}, -1.0f).to(gpu()), lse_b = Tensor::full({k.B, k.NH, k.T}, -2.0f).to(gpu());
+    DeviceBf16 out_c(std::vector<uint16_t>(static_cast<size_t>(n), 0x2345), 0);
+    Tensor lse_c = Tensor::full({k.B, k.NH, k.T}, -3.0f).to(gpu());
     attention_forward_bf16_wgmma_cuda(out_a.ptr(), lse_a.data<float>(), qkv_d.ptr(), k.B, k.T, C, k.NH, stream());
     attention_forward_bf16_wgmma_lockstep_cuda(out_b.ptr(), lse_b.data<float>(), qkv_d.ptr(), k.B, k.T, C, k.NH,
                                                stream());
+    attention_forward_bf16_wgmma_kernel_cuda(out_c.ptr(), lse_c.data<float>(), qkv_d.ptr(), k.B, k.T, C, k.NH, true,
+                                             false, stream());  // without ping-pong
     // Both backwards from the lockstep forward's out and lse (so a difference there is the backward's).
     attention_backward_bf16_wgmma_cuda(dqkv_a.ptr(), dout_d.ptr(), qkv_d.ptr(), out_b.ptr(), lse_b.data<float>(), k.B,
                                        k.T, C, k.NH, stream());
     attention_backward_bf16_wgmma_lockstep_cuda(dqkv_b.ptr(), dout_d.ptr(), qkv_d.ptr(), out_b.ptr(),
                                                 lse_b.data<float>(), k.B, k.T, C, k.NH, stream());
-    const std::vector<uint16_t> a = out_a.bits(), b = out_b.bits(), ga = dqkv_a.bits(), gb = dqkv_b.bits();
-    const std::vector<float> la = lse_a.to_vector(), lb = lse_b.to_vector();
-    int64_t out_wrong = 0, lse_wrong = 0, dqkv_wrong = 0;
+    const std::vector<uint16_t> a = out_a.bits(), b = out_b.bits(), c = out_c.bits(), ga = dqkv_a.bits(),
+                                gb = dqkv_b.bits();
+    const std::vector<float> la = lse_a.to_vector(), lb = lse_b.to_vector(), lc = lse_c.to_vector();
+    int64_t out_wrong = 0, lse_wrong = 0, dqkv_wrong = 0, turnless_wrong = 0;
     for (size_t i = 0; i < a.size(); ++i) out_wrong += a[i] != b[i];
+    for (size_t i = 0; i < a.size(); ++i) turnless_wrong += c[i] != b[i];
     for (size_t i = 0; i < la.size(); ++i) lse_wrong += std::memcmp(&la[i], &lb[i], sizeof(float)) != 0;
+    for (size_t i = 0; i < la.size(); ++i) turnless_wrong += std::memcmp(&lc[i], &lb[i], sizeof(float)) != 0;
     for (size_t i = 0; i < ga.size(); ++i) dqkv_wrong += ga[i] != gb[i];
     std::printf("[gpu-wgmma] pipelined kernels B=%lld T=%lld D=%lld NH=%lld: %lld of %zu out, %lld of %zu lse, %lld "
-                "of %zu dqkv elements differ from the lockstep kernels'\n",
+                "of %zu dqkv elements differ from the lockstep kernels' (the forward without ping-pong: %lld out and "
+                "lse)\n",
                 static_cast<long long>(k.B), static_cast<long long>(k.T), static_cast<long long>(k.D),
                 static_cast<long long>(k.NH), static_cast<long long>(out_wrong), a.size(),
-                static_cast<long long>(lse_wrong), la.size(), static_cast<long long>(dqkv_wrong), ga.size());
+                static_cast<long long>(lse_wrong), la.size(), static_cast<long long>(dqkv_wrong), ga.size(),
+                static_cast<long long>(turnless_wrong));
     std::fflush(stdout);
     EXPECT_EQ(out_wrong, 0) << "B=" << k.B << " T=" << k.T << " D=" << k.D;
     EXPECT_EQ(lse_wrong, 0) << "B=" << k.B << " T=" << k.T << " D=" << k.D;
+    EXPECT_EQ(turnless_wrong, 0) << "without ping-pong: B=" << k.B << " T=" << k.T << " D=" << k.D;
     EXPECT_EQ(dqkv_wrong, 0) << "B=" << k.B << " T=" << k.T << " D=" << k.D;
   }
   EXPECT_FALSE(attention_bf16_wgmma_pipelined_supported(256));
