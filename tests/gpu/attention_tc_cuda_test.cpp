@@ -299,43 +299,70 @@ void check_pipelined_kernels(bool training_shapes) {
     const std::vector<uint16_t> qkv = random_bits(3 * n, 1.5f), dout = random_bits(n, 1.0f),
                                 dqkv0 = random_bits(3 * n, 0.5f);
     const DeviceBf16 qkv_d(qkv, 0), dout_d(dout, 0);
-    DeviceBf16 out_a(std::vector<uint16_t>(static_cast<size_t>(n), 0x7fc0), 0);
-    DeviceBf16 out_b(std::vector<uint16_t>(static_cast<size_t>(n), 0x1234), 0);
-    DeviceBf16 dqkv_a(dqkv0, 0), dqkv_b(dqkv0, 0);
-    Tensor lse_a = Tensor::full({k.B, k.NH, k.T}, -1.0f).to(gpu()), lse_b = Tensor::full({k.B, k.NH, k.T}, -2.0f).to(gpu());
-    DeviceBf16 out_c(std::vector<uint16_t>(static_cast<size_t>(n), 0x2345), 0);
-    Tensor lse_c = Tensor::full({k.B, k.NH, k.T}, -3.0f).to(gpu());
-    attention_forward_bf16_wgmma_cuda(out_a.ptr(), lse_a.data<float>(), qkv_d.ptr(), k.B, k.T, C, k.NH, stream());
-    attention_forward_bf16_wgmma_lockstep_cuda(out_b.ptr(), lse_b.data<float>(), qkv_d.ptr(), k.B, k.T, C, k.NH,
-                                               stream());
-    attention_forward_bf16_wgmma_kernel_cuda(out_c.ptr(), lse_c.data<float>(), qkv_d.ptr(), k.B, k.T, C, k.NH, true,
-                                             false, stream());  // without ping-pong
-    // Both backwards from the lockstep forward's out and lse (so a difference there is the backward's).
-    attention_backward_bf16_wgmma_cuda(dqkv_a.ptr(), dout_d.ptr(), qkv_d.ptr(), out_b.ptr(), lse_b.data<float>(), k.B,
-                                       k.T, C, k.NH, stream());
-    attention_backward_bf16_wgmma_lockstep_cuda(dqkv_b.ptr(), dout_d.ptr(), qkv_d.ptr(), out_b.ptr(),
-                                                lse_b.data<float>(), k.B, k.T, C, k.NH, stream());
-    const std::vector<uint16_t> a = out_a.bits(), b = out_b.bits(), c = out_c.bits(), ga = dqkv_a.bits(),
-                                gb = dqkv_b.bits();
-    const std::vector<float> la = lse_a.to_vector(), lb = lse_b.to_vector(), lc = lse_c.to_vector();
-    int64_t out_wrong = 0, lse_wrong = 0, dqkv_wrong = 0, turnless_wrong = 0;
-    for (size_t i = 0; i < a.size(); ++i) out_wrong += a[i] != b[i];
-    for (size_t i = 0; i < a.size(); ++i) turnless_wrong += c[i] != b[i];
-    for (size_t i = 0; i < la.size(); ++i) lse_wrong += std::memcmp(&la[i], &lb[i], sizeof(float)) != 0;
-    for (size_t i = 0; i < la.size(); ++i) turnless_wrong += std::memcmp(&lc[i], &lb[i], sizeof(float)) != 0;
-    for (size_t i = 0; i < ga.size(); ++i) dqkv_wrong += ga[i] != gb[i];
-    std::printf("[gpu-wgmma] pipelined kernels B=%lld T=%lld D=%lld NH=%lld: %lld of %zu out, %lld of %zu lse, %lld "
-                "of %zu dqkv elements differ from the lockstep kernels' (the forward without ping-pong: %lld out and "
-                "lse)\n",
+    // Each pipelined kernel runs on its own, finished before the next, after a line naming it: where one
+    // hangs (gpu-check's 90 s), the log's last line says which. (Not [gpu-wgmma] lines: the report's
+    // summary keeps those.)
+    auto starting = [&](const char* what) {
+      std::printf("pipelined kernels B=%lld T=%lld D=%lld: %s\n", static_cast<long long>(k.B),
+                  static_cast<long long>(k.T), static_cast<long long>(k.D), what);
+      std::fflush(stdout);
+    };
+    auto finish = [] { runtime::synchronize(gpu()); };
+    DeviceBf16 out_lockstep(std::vector<uint16_t>(static_cast<size_t>(n), 0x1234), 0);
+    Tensor lse_lockstep = Tensor::full({k.B, k.NH, k.T}, -2.0f).to(gpu());
+    attention_forward_bf16_wgmma_lockstep_cuda(out_lockstep.ptr(), lse_lockstep.data<float>(), qkv_d.ptr(), k.B, k.T,
+                                               C, k.NH, stream());
+    const std::vector<uint16_t> out_want = out_lockstep.bits();
+    const std::vector<float> lse_want = lse_lockstep.to_vector();
+    // The forward with ping-pong turns (attention_forward_bf16_wgmma_cuda's), then without: elements of out
+    // and lse that differ from the lockstep kernel's.
+    int64_t forward_wrong[2] = {0, 0};
+    for (const bool ping_pong : {true, false}) {
+      starting(ping_pong ? "the forward with ping-pong" : "the forward without ping-pong");
+      DeviceBf16 out(std::vector<uint16_t>(static_cast<size_t>(n), 0x7fc0), 0);
+      Tensor lse = Tensor::full({k.B, k.NH, k.T}, -1.0f).to(gpu());
+      if (ping_pong) attention_forward_bf16_wgmma_cuda(out.ptr(), lse.data<float>(), qkv_d.ptr(), k.B, k.T, C, k.NH,
+                                                       stream());
+      else attention_forward_bf16_wgmma_kernel_cuda(out.ptr(), lse.data<float>(), qkv_d.ptr(), k.B, k.T, C, k.NH, true,
+                                                    false, stream());
+      finish();
+      const std::vector<uint16_t> got = out.bits();
+      const std::vector<float> got_lse = lse.to_vector();
+      int64_t& wrong = forward_wrong[ping_pong ? 0 : 1];
+      for (size_t i = 0; i < got.size(); ++i) wrong += got[i] != out_want[i];
+      for (size_t i = 0; i < got_lse.size(); ++i) wrong += std::memcmp(&got_lse[i], &lse_want[i], sizeof(float)) != 0;
+    }
+    // The backward from the lockstep forward's out and lse (so a difference is the backward's), with one
+    // kernel pipelined at a time: the dq kernel writes dqkv's q columns, the dk/dv kernel its k and v
+    // columns, so each count is that kernel's.
+    DeviceBf16 dqkv_lockstep(dqkv0, 0);
+    attention_backward_bf16_wgmma_lockstep_cuda(dqkv_lockstep.ptr(), dout_d.ptr(), qkv_d.ptr(), out_lockstep.ptr(),
+                                                lse_lockstep.data<float>(), k.B, k.T, C, k.NH, stream());
+    const std::vector<uint16_t> dqkv_want = dqkv_lockstep.bits();
+    int64_t backward_wrong[2] = {0, 0};  // the dq kernel's, the dk/dv kernel's
+    for (const bool dq : {true, false}) {
+      starting(dq ? "the backward's dq kernel" : "the backward's dk/dv kernel");
+      DeviceBf16 dqkv(dqkv0, 0);
+      attention_backward_bf16_wgmma_kernels_cuda(dqkv.ptr(), dout_d.ptr(), qkv_d.ptr(), out_lockstep.ptr(),
+                                                 lse_lockstep.data<float>(), k.B, k.T, C, k.NH, dq, !dq, stream());
+      finish();
+      const std::vector<uint16_t> got = dqkv.bits();
+      for (size_t i = 0; i < got.size(); ++i) backward_wrong[dq ? 0 : 1] += got[i] != dqkv_want[i];
+    }
+    std::printf("[gpu-wgmma] pipelined kernels B=%lld T=%lld D=%lld NH=%lld, elements differing from the lockstep "
+                "kernels': forward %lld (without ping-pong %lld) of %zu out and lse, dq kernel %lld and dk/dv kernel "
+                "%lld of %zu dqkv\n",
                 static_cast<long long>(k.B), static_cast<long long>(k.T), static_cast<long long>(k.D),
-                static_cast<long long>(k.NH), static_cast<long long>(out_wrong), a.size(),
-                static_cast<long long>(lse_wrong), la.size(), static_cast<long long>(dqkv_wrong), ga.size(),
-                static_cast<long long>(turnless_wrong));
+                static_cast<long long>(k.NH), static_cast<long long>(forward_wrong[0]),
+                static_cast<long long>(forward_wrong[1]), out_want.size() + lse_want.size(),
+                static_cast<long long>(backward_wrong[0]), static_cast<long long>(backward_wrong[1]),
+                dqkv_want.size());
     std::fflush(stdout);
-    EXPECT_EQ(out_wrong, 0) << "B=" << k.B << " T=" << k.T << " D=" << k.D;
-    EXPECT_EQ(lse_wrong, 0) << "B=" << k.B << " T=" << k.T << " D=" << k.D;
-    EXPECT_EQ(turnless_wrong, 0) << "without ping-pong: B=" << k.B << " T=" << k.T << " D=" << k.D;
-    EXPECT_EQ(dqkv_wrong, 0) << "B=" << k.B << " T=" << k.T << " D=" << k.D;
+    const std::string shape = "B=" + std::to_string(k.B) + " T=" + std::to_string(k.T) + " D=" + std::to_string(k.D);
+    EXPECT_EQ(forward_wrong[0], 0) << "the forward with ping-pong, " << shape;
+    EXPECT_EQ(forward_wrong[1], 0) << "the forward without ping-pong, " << shape;
+    EXPECT_EQ(backward_wrong[0], 0) << "the dq kernel, " << shape;
+    EXPECT_EQ(backward_wrong[1], 0) << "the dk/dv kernel, " << shape;
   }
   EXPECT_FALSE(attention_bf16_wgmma_pipelined_supported(256));
 }
