@@ -140,12 +140,15 @@ bool attention_bf16_mma_supported(int64_t D);
 // than the mma kernels (but for the D = 64 forward), slower than cuDNN's in a training step (bench/RESULTS.md,
 // twenty-second session); the pipelined ones have not run on a GPU yet.
 // The forward runs the pipelined kernel (warp-specialised: a producer warpgroup and an mbarrier ring, the
-// consumer warpgroups taking turns at their products — FlashAttention-3's structure) where attention_bf16_wgmma_pipelined_supported (D = 64, 128, 168), else the
-// lockstep one (two warpgroups meeting at a barrier a tile, the first version); the backward's dq and dk/dv
-// kernels likewise where their shared memory fits (all three head sizes on Hopper). Any of them compiled
-// with other than the launch's 168 registers a thread (setmaxnreg would hang): the lockstep ones. Pipelined and
-// lockstep give the same bits; the _lockstep_ entry points run the lockstep kernels always (tests and the
-// benchmark compare the two).
+// consumer warpgroups taking turns at their products — FlashAttention-3's structure) where
+// attention_bf16_wgmma_pipelined_supported (D = 64, 128, 168), else the lockstep one (two warpgroups
+// meeting at a barrier a tile, the first version); the backward's dq and dk/dv kernels likewise where their
+// shared memory fits (all three head sizes on Hopper). Any of them compiled with other than the launch's
+// 168 registers a thread (setmaxnreg would hang): the lockstep ones. Pipelined and lockstep give the same
+// bits; the _lockstep_ entry points run the lockstep kernels always (tests and the benchmark compare the
+// two). KRAKEN_CUDA_WGMMA (read once per process) picks what
+// KRAKEN_CUDA_ATTENTION=wgmma runs: pipelined (the default: as above), no-ping-pong (the forward's
+// warpgroups not taking turns) or lockstep (the first versions throughout).
 void attention_forward_bf16_wgmma_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T,
                                        int64_t C, int64_t NH, CUstream_st* stream);
 void attention_forward_bf16_wgmma_lockstep_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B,
@@ -214,7 +217,8 @@ const char* attention_bf16_kernels_name(AttentionBf16Kernels kernels);  // "simt
 // What a bf16 step's attention runs at head size D, for reports: attention_bf16_kernels_name of
 // attention_bf16_kernels(D), except where KRAKEN_CUDA_ATTENTION=wgmma takes the head size (which
 // attention_bf16_kernels leaves out: the wgmma kernels are chosen per call): "wgmma (pipelined)" for the
-// head sizes the pipelined kernels take (64, 128, 168), or "wgmma forward, <name> backward" for a head size
+// head sizes the pipelined kernels take (64, 128, 168; "wgmma (pipelined, no ping-pong)" or "wgmma
+// (lockstep)" as KRAKEN_CUDA_WGMMA asks), else "wgmma", and "… forward, <name> backward" for a head size
 // only the wgmma forward takes (256).
 std::string attention_bf16_kernels_label(int64_t D);
 

@@ -373,9 +373,13 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
   # column sum in the twenty-second session (11.7 ms of kernels a step before, at B = 32), with its timeline.
   bench_variant wide "" 120 90 "GPT-2's shape at degree 4" --training-only --model kraken4-768 --batch 8,32 --timeline
   # The wgmma attention kernels (opt-in; slower than cuDNN's at both head sizes in the twenty-second
-  # session's step, bench/RESULTS.md) in the training step, against the defaults' rows above.
+  # session's step, bench/RESULTS.md) in the training step, against the defaults' rows above: the
+  # pipelined kernels (the default of KRAKEN_CUDA_WGMMA), then the lockstep ones on the same card.
   [[ $wgmma_ok -eq 1 ]] &&
     bench_variant wgmma KRAKEN_CUDA_ATTENTION=wgmma 150 90 "the wgmma attention kernels" --training-only --batch 8,64
+  [[ $wgmma_ok -eq 1 ]] &&
+    bench_variant wgmmalockstep "KRAKEN_CUDA_ATTENTION=wgmma KRAKEN_CUDA_WGMMA=lockstep" 150 90 \
+      "the lockstep wgmma attention kernels" --training-only --batch 8,64
   # GPT-2's step on token ids as text has them (KRAKEN_BENCH_IDS=text: Zipf's law; uniform ids, the
   # default rows, never give the embedding backward a frequent row — text gives it thousands of positions
   # a step on " the": the sixteenth session's sliced sums, bench/RESULTS.md).

@@ -390,6 +390,20 @@ AttentionChoice attention_choice() {
   return choice;
 }
 
+// KRAKEN_CUDA_WGMMA, read once per process (kernels/attention.h): which wgmma kernels
+// KRAKEN_CUDA_ATTENTION=wgmma runs.
+enum class WgmmaKernels { kPipelined, kNoPingPong, kLockstep };
+WgmmaKernels wgmma_kernels() {
+  static const WgmmaKernels kernels = [] {
+    const char* env = std::getenv("KRAKEN_CUDA_WGMMA");
+    if (!env || !*env || std::strcmp(env, "pipelined") == 0) return WgmmaKernels::kPipelined;
+    if (std::strcmp(env, "no-ping-pong") == 0) return WgmmaKernels::kNoPingPong;
+    if (std::strcmp(env, "lockstep") == 0) return WgmmaKernels::kLockstep;
+    KRAKEN_THROW("KRAKEN_CUDA_WGMMA=", env, ": expected pipelined, no-ping-pong or lockstep");
+  }();
+  return kernels;
+}
+
 #if KRAKEN_CUDA_EMULATION
 // The CPU emulation (tests/cuda_emu) has no cuDNN: every call falls back as where cuDNN refuses a shape.
 bool cudnn_supported(int64_t) { return false; }
@@ -474,7 +488,11 @@ const char* attention_bf16_kernels_name(AttentionBf16Kernels kernels) {
 std::string attention_bf16_kernels_label(int64_t D) {
   const std::string usual = attention_bf16_kernels_name(attention_bf16_kernels(D));
   if (attention_choice() != AttentionChoice::kWgmma || !attention_bf16_wgmma_supported(D)) return usual;
-  const std::string forward = attention_bf16_wgmma_pipelined_supported(D) ? "wgmma (pipelined)" : "wgmma";
+  const WgmmaKernels w = wgmma_kernels();
+  const std::string forward = w == WgmmaKernels::kLockstep                  ? "wgmma (lockstep)"
+                              : !attention_bf16_wgmma_pipelined_supported(D) ? "wgmma"
+                              : w == WgmmaKernels::kPipelined                ? "wgmma (pipelined)"
+                                                                             : "wgmma (pipelined, no ping-pong)";
   if (attention_bf16_wgmma_backward_supported(D)) return forward;
   return forward + " forward, " + usual + " backward";
 }
@@ -486,7 +504,9 @@ void attention_forward_bf16_cuda(uint16_t* out, float* lse, const uint16_t* qkv,
     // A backward the wgmma kernels cannot take goes as by default: cuDNN admits the shape here as it would
     // have at the forward.
     if (attention_bf16_kernels(C / NH) == AttentionBf16Kernels::kCudnn) cudnn_takes_shape(B, T, C, NH);
-    attention_forward_bf16_wgmma_cuda(out, lse, qkv, B, T, C, NH, stream);
+    const WgmmaKernels w = wgmma_kernels();
+    attention_forward_bf16_wgmma_kernel_cuda(out, lse, qkv, B, T, C, NH, w != WgmmaKernels::kLockstep,
+                                             w == WgmmaKernels::kPipelined, stream);
     return;
   }
   AttentionBf16Kernels kernels = attention_bf16_kernels(C / NH);
@@ -515,7 +535,8 @@ void attention_backward_bf16_cuda(uint16_t* dqkv, const uint16_t* dout, const ui
   if (attention_choice() == AttentionChoice::kWgmma &&
       attention_bf16_wgmma_backward_usable(dqkv, dout, qkv, out, C, NH)) {
     KRAKEN_CUDA_CHECK(cudaMemsetAsync(dqkv, 0, static_cast<size_t>(B * T * 3 * C) * sizeof(uint16_t), stream));
-    attention_backward_bf16_wgmma_cuda(dqkv, dout, qkv, out, lse, B, T, C, NH, stream);
+    const bool pipelined = wgmma_kernels() != WgmmaKernels::kLockstep;
+    attention_backward_bf16_wgmma_kernels_cuda(dqkv, dout, qkv, out, lse, B, T, C, NH, pipelined, pipelined, stream);
     return;
   }
   AttentionBf16Kernels kernels = attention_bf16_kernels(C / NH);
