@@ -913,35 +913,37 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1)
       transposed_weights<kQ>(p, d, st, dpt, reinterpret_cast<const float*>(ring.extra(t)), (first + t) * kQ, kw,
                              key0, key1, tq, g.scale_log2);
     };
-    if constexpr (!kOverlap) {  // each tile's scores, weights and accumulations in turn
-      for (int t = lead; t < tiles; ++t) {
-        ring.wait_full(t);
-        wgmma::fence();
-        issue_scores(t);
-        wgmma::wait<0>();
-        wgmma::fence_accumulators(st);
-        wgmma::fence_accumulators(dpt);
-        weights(pt, dst, t);
-        wgmma::fence_accumulators(dv);
-        wgmma::fence_accumulators(dk);
-        wgmma::fence();
-        issue_accumulations(t);
-        wgmma::wait<0>();
-        wgmma::fence_accumulators(dv);
-        wgmma::fence_accumulators(dk);
-        keep_fragments(pt);
-        keep_fragments(dst);
-        ring.release(t);
-      }
-    } else {  // tile t's scores issued before tile t − 1's accumulations, its weights computed under them
-      uint32_t pt_next[kQ / 16][4], dst_next[kQ / 16][4];  // Pᵀ and dSᵀ of the next tile
-      ring.wait_full(lead);
+    // Tile t's scores, waited for, and its Pᵀ and dSᵀ into p and d.
+    auto score_tile = [&](int t, uint32_t(&p)[kQ / 16][4], uint32_t(&d)[kQ / 16][4]) {
+      ring.wait_full(t);
       wgmma::fence();
-      issue_scores(lead);
+      issue_scores(t);
       wgmma::wait<0>();
       wgmma::fence_accumulators(st);
       wgmma::fence_accumulators(dpt);
-      weights(pt, dst, lead);
+      weights(p, d, t);
+    };
+    // Tile t's accumulations from pt and dst, waited for; then its stage is released.
+    auto accumulate_tile = [&](int t) {
+      wgmma::fence_accumulators(dv);
+      wgmma::fence_accumulators(dk);
+      wgmma::fence();
+      issue_accumulations(t);
+      wgmma::wait<0>();
+      wgmma::fence_accumulators(dv);
+      wgmma::fence_accumulators(dk);
+      keep_fragments(pt);
+      keep_fragments(dst);
+      ring.release(t);
+    };
+    if constexpr (!kOverlap) {  // each tile's scores, weights and accumulations in turn
+      for (int t = lead; t < tiles; ++t) {
+        score_tile(t, pt, dst);
+        accumulate_tile(t);
+      }
+    } else {  // tile t's scores issued before tile t − 1's accumulations, its weights computed under them
+      uint32_t pt_next[kQ / 16][4], dst_next[kQ / 16][4];  // Pᵀ and dSᵀ of the next tile
+      score_tile(lead, pt, dst);
       for (int t = lead + 1; t < tiles; ++t) {
         ring.wait_full(t);
         wgmma::fence();
@@ -960,14 +962,7 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1)
         copy_fragments(pt, pt_next);
         copy_fragments(dst, dst_next);
       }
-      wgmma::fence();
-      issue_accumulations(tiles - 1);
-      wgmma::wait<0>();
-      wgmma::fence_accumulators(dv);
-      wgmma::fence_accumulators(dk);
-      keep_fragments(pt);
-      keep_fragments(dst);
-      ring.release(tiles - 1);
+      accumulate_tile(tiles - 1);
     }
   }
   add_dkv_rows<D>(dqkv, dk, dv, b, h, key0, key1, g, scale);
@@ -1340,32 +1335,21 @@ void backward_wgmma(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, c
   KRAKEN_CUDA_LAUNCH_CHECK();
   const float scale = 1.0f / std::sqrt(static_cast<float>(g.D));
   const dim3 grid(static_cast<unsigned>(B * g.NH), static_cast<unsigned>((T + kQueryTile - 1) / kQueryTile));
-  if (pipelined_kv) {
-    const size_t bytes = PipelinedKvSmem<D>::bytes;
-    KRAKEN_CUDA_CHECK(cudaFuncSetAttribute(attention_backward_kv_wgmma_pipelined_kernel<D>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-    KRAKEN_KERNEL(grid, kPipelinedThreads, bytes, stream, attention_backward_kv_wgmma_pipelined_kernel<D>)(
-        dqkv, dout, qkv, lse, delta, g, scale);
-  } else {
-    KRAKEN_CUDA_CHECK(cudaFuncSetAttribute(attention_backward_kv_wgmma_kernel<D>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(L::kv_bytes)));
-    KRAKEN_KERNEL(grid, kThreads, L::kv_bytes, stream, attention_backward_kv_wgmma_kernel<D>)(dqkv, dout, qkv, lse,
-                                                                                               delta, g, scale);
-  }
-  KRAKEN_CUDA_LAUNCH_CHECK();
-  if (pipelined_dq) {
-    const size_t bytes = PipelinedQSmem<D>::bytes;
-    KRAKEN_CUDA_CHECK(cudaFuncSetAttribute(attention_backward_q_wgmma_pipelined_kernel<D>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-    KRAKEN_KERNEL(grid, kPipelinedThreads, bytes, stream, attention_backward_q_wgmma_pipelined_kernel<D>)(
-        dqkv, dout, qkv, lse, delta, g, scale);
-  } else {
-    KRAKEN_CUDA_CHECK(cudaFuncSetAttribute(attention_backward_q_wgmma_kernel<D>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(L::q_bytes)));
-    KRAKEN_KERNEL(grid, kThreads, L::q_bytes, stream, attention_backward_q_wgmma_kernel<D>)(dqkv, dout, qkv, lse,
-                                                                                             delta, g, scale);
-  }
-  KRAKEN_CUDA_LAUNCH_CHECK();
+  // dk/dv, then dq: each kernel's (block size, shared memory) for the pipelined or the lockstep version.
+  auto launch = [&](auto kernel, int threads, size_t bytes) {
+    KRAKEN_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+    KRAKEN_KERNEL(grid, threads, bytes, stream, kernel)(dqkv, dout, qkv, lse, delta, g, scale);
+    KRAKEN_CUDA_LAUNCH_CHECK();
+  };
+  if (pipelined_kv)
+    launch(attention_backward_kv_wgmma_pipelined_kernel<D>, kPipelinedThreads, PipelinedKvSmem<D>::bytes);
+  else
+    launch(attention_backward_kv_wgmma_kernel<D>, kThreads, L::kv_bytes);
+  if (pipelined_dq)
+    launch(attention_backward_q_wgmma_pipelined_kernel<D>, kPipelinedThreads, PipelinedQSmem<D>::bytes);
+  else
+    launch(attention_backward_q_wgmma_kernel<D>, kThreads, L::q_bytes);
 }
 
 // Calls f(std::integral_constant<int, D>()) for the head sizes below 256, which the backward and the
