@@ -535,8 +535,10 @@ void attention_backward_bf16_cuda(uint16_t* dqkv, const uint16_t* dout, const ui
   if (attention_choice() == AttentionChoice::kWgmma &&
       attention_bf16_wgmma_backward_usable(dqkv, dout, qkv, out, C, NH)) {
     KRAKEN_CUDA_CHECK(cudaMemsetAsync(dqkv, 0, static_cast<size_t>(B * T * 3 * C) * sizeof(uint16_t), stream));
-    const bool pipelined = wgmma_kernels() != WgmmaKernels::kLockstep;
-    attention_backward_bf16_wgmma_kernels_cuda(dqkv, dout, qkv, out, lse, B, T, C, NH, pipelined, pipelined, stream);
+    const WgmmaKernels w = wgmma_kernels();
+    const bool pipelined = w != WgmmaKernels::kLockstep;
+    attention_backward_bf16_wgmma_kernels_cuda(dqkv, dout, qkv, out, lse, B, T, C, NH, pipelined, pipelined,
+                                               w == WgmmaKernels::kPipelined, stream);
     return;
   }
   AttentionBf16Kernels kernels = attention_bf16_kernels(C / NH);

@@ -354,10 +354,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 //     the scores, computes tile t's softmax (or dS) while the accumulation runs, then waits for it (but
 //     dk/dv at D = 168: no registers for it). The same accumulations in the same order as the lockstep
 //     kernels (the forward's O·α_t then + P_t·v_t too), so the results are theirs, bit for bit.
-//   - Between the warpgroups, the forward's ping-pong turns (IssueTurns, FA3's "pingpong scheduling"): each
-//     issues its products only after the other's preceding issue, through two named barriers, so that
-//     their softmaxes alternate under each other's products. A template switch, so the benchmark can time
-//     the forward without it; the backward kernels have none (FA3's backward neither).
+//   - Between the warpgroups, ping-pong turns in the forward and the dq kernel (IssueTurns, FA3's
+//     "pingpong scheduling", which FA3 uses in its forward): each warpgroup issues its products only after
+//     the other's preceding issue, through two named barriers, so that their softmaxes (dS) alternate under
+//     each other's products. A template switch, so the benchmark can time them without it. The dk/dv
+//     kernel has none yet (its warpgroups start at different tiles of the ring; untried).
 //   - Registers move to the consumers (setmaxnreg, as FA3): 384 threads at one block an SM start with 168
 //     registers each; the producer drops to 40 and the consumers rise to 232 (40·128 + 232·256 = 168·384:
 //     the consumers can take only what the producer releases). ptxas spills nothing in the consumers (at
@@ -501,10 +502,10 @@ __device__ __forceinline__ void copy_fragments(uint32_t (&to)[K][4], const uint3
     for (int i = 0; i < 4; ++i) to[j][i] = from[j][i];
 }
 
-// Ping-pong scheduling of the forward (FA3 §3.1): the two consumer warpgroups take turns issuing their
-// products — warpgroup 0's issue i, warpgroup 1's issue i, warpgroup 0's issue i + 1, … — so that the
-// tensor cores take one warpgroup's products while the other computes its softmax, instead of both
-// warpgroups' softmaxes falling in the same gap. Named barrier 1 + w is the one warpgroup w waits on for
+// Ping-pong scheduling of the forward and the dq kernel (FA3 §3.1): the two consumer warpgroups take
+// turns issuing their products — warpgroup 0's issue i, warpgroup 1's issue i, warpgroup 0's issue i + 1,
+// … — so that the tensor cores take one warpgroup's products while the other computes its softmax (or
+// dS), instead of both warpgroups' falling in the same gap. Named barrier 1 + w is the one warpgroup w waits on for
 // its turn; the other arrives on it when its own turn is done (mbarrier.h). The warpgroups' issue counts
 // differ (the causal mask: warpgroup 0's queries end 64 sooner; a warpgroup past T has none), so each
 // waits only for a turn the other takes, and passes its turn only where the other will wait for it.
@@ -1077,7 +1078,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 // The pipelined dq kernel (the pipelined kernels' notes above): the lockstep one's arithmetic, its S_t
 // and dP_t issued before the accumulation of tile t − 1 and its dS computed while that runs.
-template <int D>
+template <int D, bool kPingPong>
 __global__ void __launch_bounds__(kPipelinedThreads, 1)
     attention_backward_q_wgmma_pipelined_kernel(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv,
                                                 const float* lse, const float* delta, Dims g, float scale) {
@@ -1108,7 +1109,12 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1)
   const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, tq = lane % 4;
   const int wq = q0 + 64 * wg;
   const int row0 = wq + 16 * warp + lane / 4, row1 = row0 + 8;
-  const int live = wq < g.T ? (min(wq + 64, g.T) - 1) / kKeyTile + 1 : 0;  // (as in the forward)
+  auto live_tiles = [&](int w) {  // (as in the forward)
+    const int first_query = q0 + 64 * w;
+    return first_query < g.T ? (min(first_query + 64, g.T) - 1) / kKeyTile + 1 : 0;
+  };
+  const int live = live_tiles(wg), their_live = live_tiles(1 - wg);
+  const IssueTurns turns{wg, their_live > 0 ? their_live + 1 : 0};  // (issues 0 .. live, as the forward's)
   float lse2[2], di[2];
   load_row_statistics(lse2, di, lse, delta, bh, row0, row1, g);
 
@@ -1125,18 +1131,22 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1)
       wgmma::commit();
     };
     ring.wait_full(0);
+    if constexpr (kPingPong) turns.wait_turn(0);
     wgmma::fence();
     issue_scores(0);
+    if constexpr (kPingPong) turns.pass_turn(0);
     wgmma::wait<0>();
     wgmma::fence_accumulators(s);
     wgmma::fence_accumulators(dp);
     ds_tile<kKeyTile>(ds, s, dp, lse2, di, 0, wq, row0, row1, tq, g.scale_log2);
     for (int t = 1; t < live; ++t) {
       ring.wait_full(t);
+      if constexpr (kPingPong) turns.wait_turn(t);
       wgmma::fence();
       issue_scores(t);
       issue_registers_times_tile<D, kKeyTile, Dk>(dq, ds, ring.first(t - 1));  // dQ += dS_{t−1}·k_{t−1}
       wgmma::commit();
+      if constexpr (kPingPong) turns.pass_turn(t);
       wgmma::wait<1>();  // S_t and dP_t
       wgmma::fence_accumulators(s);
       wgmma::fence_accumulators(dp);
@@ -1147,9 +1157,11 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1)
       ring.release(t - 1);
       copy_fragments(ds, ds_next);
     }
+    if constexpr (kPingPong) turns.wait_turn(live);
     wgmma::fence();
     issue_registers_times_tile<D, kKeyTile, Dk>(dq, ds, ring.first(live - 1));
     wgmma::commit();
+    if constexpr (kPingPong) turns.pass_turn(live);
     wgmma::wait<0>();
     wgmma::fence_accumulators(dq);
     keep_fragments(ds);
@@ -1324,7 +1336,8 @@ void forward_wgmma_pipelined(uint16_t* out, float* lse, const uint16_t* qkv, int
 
 template <int D>
 void backward_wgmma(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out, const float* lse,
-                    int64_t B, int64_t T, const Dims& g, bool pipelined_dq, bool pipelined_kv, cudaStream_t stream) {
+                    int64_t B, int64_t T, const Dims& g, bool pipelined_dq, bool pipelined_kv, bool ping_pong,
+                    cudaStream_t stream) {
   using L = BackwardSmem<D>;
   float* delta = static_cast<float*>(
       cuda_detail::device_scratch(cuda_detail::ScratchSlot::kAttentionDelta, sizeof(float) * B * g.NH * T));
@@ -1346,8 +1359,10 @@ void backward_wgmma(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, c
     launch(attention_backward_kv_wgmma_pipelined_kernel<D>, kPipelinedThreads, PipelinedKvSmem<D>::bytes);
   else
     launch(attention_backward_kv_wgmma_kernel<D>, kThreads, L::kv_bytes);
-  if (pipelined_dq)
-    launch(attention_backward_q_wgmma_pipelined_kernel<D>, kPipelinedThreads, PipelinedQSmem<D>::bytes);
+  if (pipelined_dq && ping_pong)
+    launch(attention_backward_q_wgmma_pipelined_kernel<D, true>, kPipelinedThreads, PipelinedQSmem<D>::bytes);
+  else if (pipelined_dq)
+    launch(attention_backward_q_wgmma_pipelined_kernel<D, false>, kPipelinedThreads, PipelinedQSmem<D>::bytes);
   else
     launch(attention_backward_q_wgmma_kernel<D>, kThreads, L::q_bytes);
 }
@@ -1421,7 +1436,8 @@ bool pipelined_registers_as_launched(int64_t D) {
     constexpr int kD = decltype(d)::value;
     all = compiled_with_launch_registers(attention_forward_wgmma_pipelined_kernel<kD, true>) &&
           compiled_with_launch_registers(attention_forward_wgmma_pipelined_kernel<kD, false>) &&
-          compiled_with_launch_registers(attention_backward_q_wgmma_pipelined_kernel<kD>) &&
+          compiled_with_launch_registers(attention_backward_q_wgmma_pipelined_kernel<kD, true>) &&
+          compiled_with_launch_registers(attention_backward_q_wgmma_pipelined_kernel<kD, false>) &&
           compiled_with_launch_registers(attention_backward_kv_wgmma_pipelined_kernel<kD>);
   });
   return all;
@@ -1445,7 +1461,7 @@ bool pipelined_kv_fits(int64_t D) {
 void attention_backward_bf16_wgmma_kernels_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv,
                                                 const uint16_t* out, const float* lse, int64_t B, int64_t T,
                                                 int64_t C, int64_t NH, bool pipelined_dq, bool pipelined_kv,
-                                                CUstream_st* stream) {
+                                                bool ping_pong, CUstream_st* stream) {
   KRAKEN_CHECK(attention_bf16_wgmma_backward_usable(dqkv, dout, qkv, out, C, NH), "wgmma attention backward: C=", C,
                " NH=", NH, " needs a head size of 64, 128 or 168, a compute capability 9.0 device and 16-byte "
                "aligned buffers");
@@ -1455,20 +1471,21 @@ void attention_backward_bf16_wgmma_kernels_cuda(uint16_t* dqkv, const uint16_t* 
   pipelined_dq = pipelined_dq && pipelined_dq_fits(g.D);
   pipelined_kv = pipelined_kv && pipelined_kv_fits(g.D);
   with_head_below_256(g.D, [&](auto d) {
-    backward_wgmma<decltype(d)::value>(dqkv, dout, qkv, out, lse, B, T, g, pipelined_dq, pipelined_kv, stream);
+    backward_wgmma<decltype(d)::value>(dqkv, dout, qkv, out, lse, B, T, g, pipelined_dq, pipelined_kv, ping_pong,
+                                       stream);
   });
 }
 
 void attention_backward_bf16_wgmma_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv,
                                         const uint16_t* out, const float* lse, int64_t B, int64_t T, int64_t C,
                                         int64_t NH, CUstream_st* stream) {
-  attention_backward_bf16_wgmma_kernels_cuda(dqkv, dout, qkv, out, lse, B, T, C, NH, true, true, stream);
+  attention_backward_bf16_wgmma_kernels_cuda(dqkv, dout, qkv, out, lse, B, T, C, NH, true, true, true, stream);
 }
 
 void attention_backward_bf16_wgmma_lockstep_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv,
                                                  const uint16_t* out, const float* lse, int64_t B, int64_t T,
                                                  int64_t C, int64_t NH, CUstream_st* stream) {
-  attention_backward_bf16_wgmma_kernels_cuda(dqkv, dout, qkv, out, lse, B, T, C, NH, false, false, stream);
+  attention_backward_bf16_wgmma_kernels_cuda(dqkv, dout, qkv, out, lse, B, T, C, NH, false, false, false, stream);
 }
 
 bool attention_bf16_wgmma_supported(int64_t D) {

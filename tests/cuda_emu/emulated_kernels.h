@@ -42,7 +42,7 @@ void attention_backward_bf16_wgmma_lockstep_cuda(uint16_t* dqkv, const uint16_t*
 void attention_backward_bf16_wgmma_kernels_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv,
                                                 const uint16_t* out, const float* lse, int64_t B, int64_t T,
                                                 int64_t C, int64_t NH, bool pipelined_dq, bool pipelined_kv,
-                                                CUstream_st* stream);
+                                                bool ping_pong, CUstream_st* stream);
 void attention_forward_bf16_wgmma_lockstep_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B,
                                                 int64_t T, int64_t C, int64_t NH, CUstream_st* stream);
 bool attention_bf16_wgmma_supported(int64_t D);

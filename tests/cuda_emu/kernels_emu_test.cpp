@@ -235,17 +235,17 @@ TEST(CudaEmulation, WgmmaAttentionMatchesTheCpu) {
   EXPECT_FALSE(emu::attention_bf16_wgmma_supported(42));  // no kernel for that head size: the dispatch falls back
 }
 
-// The pipelined wgmma kernels — the forward (with and without ping-pong turns), the backward's dq and
-// dk/dv kernels: a producer warpgroup, an mbarrier ring of 3 stages, each warpgroup's next scores issued
-// before its softmax (or dS), but dk/dv at D = 168 — are the lockstep kernels' arithmetic in another
-// order of issue (dk/dv at D = 168 on query tiles of 16, not 32): the same bits of out, lse and dqkv, and
-// no deadlock (the turns: warpgroups with unequal issue counts, or none), under both schedules (copies landing at once:
-// a stage refilled while a product still reads it would show; or as late as they can: a product reading a
-// stage before its full wait would). Shapes: one query; a block's second warpgroup past T (T = 65); rings
-// wrapped (D = 64: 4 forward tiles of 128 keys, 7 dq and dk/dv tiles of 64; 128: 5 dk/dv tiles of 32, the
-// second warpgroup's first two released unread; 168: 5 tiles of 64, dk/dv 17 of 16, the second
-// warpgroup's first four unread), with blocks whose first warpgroup releases the last tile unread and
-// whose second has no queries (T = 260 at D = 168); two heads, B = 2.
+// The pipelined wgmma kernels — the forward and the backward's dq kernel (with and without ping-pong
+// turns), its dk/dv kernel: a producer warpgroup, an mbarrier ring of 3 stages, each warpgroup's next
+// scores issued before its softmax (or dS), but dk/dv at D = 168 — are the lockstep kernels' arithmetic
+// in another order of issue (dk/dv at D = 168 on query tiles of 16, not 32): the same bits of out, lse
+// and dqkv, and no deadlock (the turns: warpgroups with unequal issue counts, or none), under both
+// schedules (copies landing at once: a stage refilled while a product still reads it would show; or as
+// late as they can: a product reading a stage before its full wait would). Shapes: one query; a block's
+// second warpgroup past T (T = 65); rings wrapped (D = 64: 4 forward tiles of 128 keys, 7 dq and dk/dv
+// tiles of 64; 128: 5 dk/dv tiles of 32, the second warpgroup's first two released unread; 168: 5 tiles
+// of 64, dk/dv 17 of 16, the second warpgroup's first four unread), with blocks whose first warpgroup
+// releases the last tile unread and whose second has no queries (T = 260 at D = 168); two heads, B = 2.
 TEST(CudaEmulation, PipelinedWgmmaKernelsAreTheLockstepOnesBits) {
   const AttentionShape shapes[] = {{1, 1, 64, 1},   {1, 65, 64, 1},   {1, 390, 64, 1},
                                    {1, 130, 128, 1}, {1, 260, 168, 1}, {2, 70, 168, 2}};
@@ -268,12 +268,16 @@ TEST(CudaEmulation, PipelinedWgmmaKernelsAreTheLockstepOnesBits) {
         EXPECT_EQ(out, out_lockstep);
         EXPECT_EQ(0, std::memcmp(lse.data(), lse_lockstep.data(), sizeof(float) * lse.size()));
       }
-      std::vector<uint16_t> dqkv = dqkv0, dqkv_lockstep = dqkv0;
-      emu::attention_backward_bf16_wgmma_cuda(dqkv.data(), dout.data(), qkv.data(), out.data(), lse.data(), s.B, s.T,
-                                              C, s.NH, nullptr);
+      std::vector<uint16_t> dqkv_lockstep = dqkv0;
       emu::attention_backward_bf16_wgmma_lockstep_cuda(dqkv_lockstep.data(), dout.data(), qkv.data(), out.data(),
                                                        lse.data(), s.B, s.T, C, s.NH, nullptr);
-      EXPECT_EQ(dqkv, dqkv_lockstep);
+      for (const bool ping_pong : {false, true}) {  // (true: attention_backward_bf16_wgmma_cuda's)
+        SCOPED_TRACE(ping_pong ? "backward, ping-pong" : "backward, no ping-pong");
+        std::vector<uint16_t> dqkv = dqkv0;
+        emu::attention_backward_bf16_wgmma_kernels_cuda(dqkv.data(), dout.data(), qkv.data(), out.data(), lse.data(),
+                                                        s.B, s.T, C, s.NH, true, true, ping_pong, nullptr);
+        EXPECT_EQ(dqkv, dqkv_lockstep);
+      }
     }
   });
   EXPECT_FALSE(emu::attention_bf16_wgmma_pipelined_supported(256));  // the lockstep kernel takes it
