@@ -1424,21 +1424,31 @@ namespace {
 // as ptxas gives them under their launch bounds. The consumers' setmaxnreg.inc takes only what the
 // producer's .dec released, so a kernel built with fewer (another ptxas, a -maxrregcount) would wait there
 // forever; where any of them differs, D runs the lockstep kernels (slower, the same bits) rather than risk
-// the hang. Asked on every call, like cudaFuncSetAttribute before each launch.
+// the hang. Asked once per head size and process (the dispatch asks on every call: seven driver queries a
+// call would be host time on the step's path), but on every call under the emulation, whose tests change
+// the registers it reports.
 template <typename Kernel>
 bool compiled_with_launch_registers(Kernel* kernel) {
   cudaFuncAttributes attributes{};
   return cudaFuncGetAttributes(&attributes, kernel) == cudaSuccess && attributes.numRegs == kLaunchRegisters;
 }
+template <int kD>
+bool pipelined_kernels_as_launched() {
+  return compiled_with_launch_registers(attention_forward_wgmma_pipelined_kernel<kD, true>) &&
+         compiled_with_launch_registers(attention_forward_wgmma_pipelined_kernel<kD, false>) &&
+         compiled_with_launch_registers(attention_backward_q_wgmma_pipelined_kernel<kD, true>) &&
+         compiled_with_launch_registers(attention_backward_q_wgmma_pipelined_kernel<kD, false>) &&
+         compiled_with_launch_registers(attention_backward_kv_wgmma_pipelined_kernel<kD>);
+}
 bool pipelined_registers_as_launched(int64_t D) {
   bool all = false;
   with_head_below_256(D, [&](auto d) {
-    constexpr int kD = decltype(d)::value;
-    all = compiled_with_launch_registers(attention_forward_wgmma_pipelined_kernel<kD, true>) &&
-          compiled_with_launch_registers(attention_forward_wgmma_pipelined_kernel<kD, false>) &&
-          compiled_with_launch_registers(attention_backward_q_wgmma_pipelined_kernel<kD, true>) &&
-          compiled_with_launch_registers(attention_backward_q_wgmma_pipelined_kernel<kD, false>) &&
-          compiled_with_launch_registers(attention_backward_kv_wgmma_pipelined_kernel<kD>);
+#if defined(KRAKEN_CUDA_EMULATION)
+    all = pipelined_kernels_as_launched<decltype(d)::value>();
+#else
+    static const bool as_launched = pipelined_kernels_as_launched<decltype(d)::value>();  // (one per head size)
+    all = as_launched;
+#endif
   });
   return all;
 }
