@@ -147,8 +147,8 @@ bool attention_bf16_mma_supported(int64_t D);
 // 168 registers a thread (setmaxnreg would hang): the lockstep ones. Pipelined and lockstep give the same
 // bits; the _lockstep_ entry points run the lockstep kernels always (tests and the benchmark compare the
 // two). KRAKEN_CUDA_WGMMA (read once per process) picks what
-// KRAKEN_CUDA_ATTENTION=wgmma runs: pipelined (the default: as above), no-ping-pong (the forward's and
-// the dq kernel's warpgroups not taking turns) or lockstep (the first versions throughout).
+// KRAKEN_CUDA_ATTENTION=wgmma runs: pipelined (the default: as above), no-ping-pong (the pipelined kernels'
+// warpgroups not taking turns) or lockstep (the first versions throughout).
 void attention_forward_bf16_wgmma_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T,
                                        int64_t C, int64_t NH, CUstream_st* stream);
 void attention_forward_bf16_wgmma_lockstep_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B,
@@ -167,7 +167,7 @@ void attention_backward_bf16_wgmma_lockstep_cuda(uint16_t* dqkv, const uint16_t*
                                                  const uint16_t* out, const float* lse, int64_t B, int64_t T,
                                                  int64_t C, int64_t NH, CUstream_st* stream);
 // The backward with each of its two kernels pipelined or lockstep as asked (the pipelined one only where it
-// fits, as above), the pipelined dq kernel with or without ping-pong turns (attention_backward_bf16_wgmma_cuda:
+// fits, as above), the pipelined ones with or without ping-pong turns (attention_backward_bf16_wgmma_cuda:
 // with), so that the benchmark times one against the other.
 void attention_backward_bf16_wgmma_kernels_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv,
                                                 const uint16_t* out, const float* lse, int64_t B, int64_t T,

@@ -354,11 +354,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 //     the scores, computes tile t's softmax (or dS) while the accumulation runs, then waits for it (but
 //     dk/dv at D = 168: no registers for it). The same accumulations in the same order as the lockstep
 //     kernels (the forward's O·α_t then + P_t·v_t too), so the results are theirs, bit for bit.
-//   - Between the warpgroups, ping-pong turns in the forward and the dq kernel (IssueTurns, FA3's
-//     "pingpong scheduling", which FA3 uses in its forward): each warpgroup issues its products only after
-//     the other's preceding issue, through two named barriers, so that their softmaxes (dS) alternate under
-//     each other's products. A template switch, so the benchmark can time them without it. The dk/dv
-//     kernel has none yet (its warpgroups start at different tiles of the ring; untried).
+//   - Between the warpgroups, ping-pong turns (IssueTurns, FA3's "pingpong scheduling", which FA3 uses in
+//     its forward): each warpgroup issues its products only after the other's preceding issue, through two
+//     named barriers, so that their softmaxes (dS; Pᵀ and dSᵀ) alternate under each other's products. A
+//     template switch in each kernel, so the benchmark can time them without it.
 //   - Registers move to the consumers (setmaxnreg, as FA3): 384 threads at one block an SM start with 168
 //     registers each; the producer drops to 40 and the consumers rise to 232 (40·128 + 232·256 = 168·384:
 //     the consumers can take only what the producer releases). ptxas spills nothing in the consumers (at
@@ -502,26 +501,30 @@ __device__ __forceinline__ void copy_fragments(uint32_t (&to)[K][4], const uint3
     for (int i = 0; i < 4; ++i) to[j][i] = from[j][i];
 }
 
-// Ping-pong scheduling of the forward and the dq kernel (FA3 §3.1): the two consumer warpgroups take
-// turns issuing their products — warpgroup 0's issue i, warpgroup 1's issue i, warpgroup 0's issue i + 1,
-// … — so that the tensor cores take one warpgroup's products while the other computes its softmax (or
-// dS), instead of both warpgroups' falling in the same gap. Named barrier 1 + w is the one warpgroup w waits on for
-// its turn; the other arrives on it when its own turn is done (mbarrier.h). The warpgroups' issue counts
-// differ (the causal mask: warpgroup 0's queries end 64 sooner; a warpgroup past T has none), so each
-// waits only for a turn the other takes, and passes its turn only where the other will wait for it.
+// Ping-pong scheduling of the pipelined kernels (FA3 §3.1): the two consumer warpgroups take turns issuing
+// their products — warpgroup 0's issue i, warpgroup 1's issue i, warpgroup 0's issue i + 1, … — so that
+// the tensor cores take one warpgroup's products while the other computes its softmax (or dS, or Pᵀ and
+// dSᵀ), instead of both warpgroups' falling in the same gap. Named barrier 1 + w is the one warpgroup w
+// waits on for its turn; the other arrives on it when its own turn is done (mbarrier.h). A warpgroup's
+// issues are numbered within one numbering for the block and make a range: the causal mask gives the
+// warpgroups different ones (the forward's and dq's warpgroup 0 ends sooner, dk/dv's warpgroup 1 starts
+// later; a warpgroup past T has none), so each waits only for a turn the other takes and passes its turn
+// only where the other will wait for it. (Each barrier's rounds stay in step: a warpgroup arrives again
+// only after waiting for the other's issue that follows its own, which comes after that round's sync.)
 struct IssueTurns {
-  int wg, theirs;  // this warpgroup, and how many issues the other makes
+  int wg, their_first, their_end;  // this warpgroup; the other's issues are their_first .. their_end − 1
+  __device__ bool theirs(int i) const { return i >= their_first && i < their_end; }
   __device__ void wait_turn(int i) const {  // before issue i: the other's issue before it has been made
     if (wg == 0) {
-      if (i > 0 && i - 1 < theirs) named_barrier::sync<1>(kThreads);
-    } else if (i < theirs) {
+      if (theirs(i - 1)) named_barrier::sync<1>(kThreads);
+    } else if (theirs(i)) {
       named_barrier::sync<2>(kThreads);
     }
   }
   __device__ void pass_turn(int i) const {  // after issue i: the other's next issue may go
     if (wg == 0) {
-      if (i < theirs) named_barrier::arrive<2>(kThreads);
-    } else if (i + 1 < theirs) {
+      if (theirs(i)) named_barrier::arrive<2>(kThreads);
+    } else if (theirs(i + 1)) {
       named_barrier::arrive<1>(kThreads);
     }
   }
@@ -563,7 +566,7 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1)
   const int live = live_tiles(wg);
   // Issues 0 (S_0), t (S_t and O += P_{t−1}·v_{t−1}) and live (the last accumulation): live + 1 of them.
   const int their_live = live_tiles(1 - wg);
-  const IssueTurns turns{wg, their_live > 0 ? their_live + 1 : 0};
+  const IssueTurns turns{wg, 0, their_live > 0 ? their_live + 1 : 0};
 
   float o[D / 2];
 #pragma unroll
@@ -835,7 +838,7 @@ template <int D>
 using PipelinedKvSmem = PipelinedSmem<D, 2 * sizeof(uint16_t) * kQueryTile * ((D + 15) / 16 * 16),
                                       pipelined_kv_query_tile<D>(), 2 * sizeof(float) * pipelined_kv_query_tile<D>()>;
 
-template <int D>
+template <int D, bool kPingPong>
 __global__ void __launch_bounds__(kPipelinedThreads, 1)
     attention_backward_kv_wgmma_pipelined_kernel(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv,
                                                  const float* lse, const float* delta, Dims g, float scale) {
@@ -890,8 +893,17 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1)
   const int key0 = kw + 16 * warp + lane / 4, key1 = key0 + 8;  // the thread's two keys
   // Tiles before `lead` have no query at or after the warpgroup's first key (query tiles are a divisor of
   // 64 long, so that is tile kw / kQ); a warpgroup past T reads none. Warpgroup-uniform.
-  const int lead = kw < g.T ? kw / kQ - first : tiles;
+  auto lead_of = [&](int w) { return k0 + 64 * w < g.T ? (k0 + 64 * w) / kQ - first : tiles; };
+  const int lead = lead_of(wg);
   ring.release_unread(0, lead);
+  // The turns' numbering: with the overlap, issue t is tile t's scores with tile t − 1's accumulations
+  // (lead: the scores alone; tiles: the last accumulations); without it, 2t the scores, 2t + 1 the
+  // accumulations of tile t.
+  const int their_lead = lead_of(1 - wg);
+  const IssueTurns turns =
+      their_lead >= tiles ? IssueTurns{wg, 0, 0}
+      : kOverlap          ? IssueTurns{wg, their_lead, tiles + 1}
+                          : IssueTurns{wg, 2 * their_lead, 2 * tiles};
 
   float dk[D / 2], dv[D / 2];
 #pragma unroll
@@ -914,22 +926,26 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1)
       transposed_weights<kQ>(p, d, st, dpt, reinterpret_cast<const float*>(ring.extra(t)), (first + t) * kQ, kw,
                              key0, key1, tq, g.scale_log2);
     };
-    // Tile t's scores, waited for, and its Pᵀ and dSᵀ into p and d.
-    auto score_tile = [&](int t, uint32_t(&p)[kQ / 16][4], uint32_t(&d)[kQ / 16][4]) {
+    // Tile t's scores (the turns' issue i), waited for, and its Pᵀ and dSᵀ into p and d.
+    auto score_tile = [&](int t, int i, uint32_t(&p)[kQ / 16][4], uint32_t(&d)[kQ / 16][4]) {
       ring.wait_full(t);
+      if constexpr (kPingPong) turns.wait_turn(i);
       wgmma::fence();
       issue_scores(t);
+      if constexpr (kPingPong) turns.pass_turn(i);
       wgmma::wait<0>();
       wgmma::fence_accumulators(st);
       wgmma::fence_accumulators(dpt);
       weights(p, d, t);
     };
-    // Tile t's accumulations from pt and dst, waited for; then its stage is released.
-    auto accumulate_tile = [&](int t) {
+    // Tile t's accumulations from pt and dst (the turns' issue i), waited for; then its stage is released.
+    auto accumulate_tile = [&](int t, int i) {
       wgmma::fence_accumulators(dv);
       wgmma::fence_accumulators(dk);
+      if constexpr (kPingPong) turns.wait_turn(i);
       wgmma::fence();
       issue_accumulations(t);
+      if constexpr (kPingPong) turns.pass_turn(i);
       wgmma::wait<0>();
       wgmma::fence_accumulators(dv);
       wgmma::fence_accumulators(dk);
@@ -939,17 +955,19 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1)
     };
     if constexpr (!kOverlap) {  // each tile's scores, weights and accumulations in turn
       for (int t = lead; t < tiles; ++t) {
-        score_tile(t, pt, dst);
-        accumulate_tile(t);
+        score_tile(t, 2 * t, pt, dst);
+        accumulate_tile(t, 2 * t + 1);
       }
     } else {  // tile t's scores issued before tile t − 1's accumulations, its weights computed under them
       uint32_t pt_next[kQ / 16][4], dst_next[kQ / 16][4];  // Pᵀ and dSᵀ of the next tile
-      score_tile(lead, pt, dst);
+      score_tile(lead, lead, pt, dst);
       for (int t = lead + 1; t < tiles; ++t) {
         ring.wait_full(t);
+        if constexpr (kPingPong) turns.wait_turn(t);
         wgmma::fence();
         issue_scores(t);
         issue_accumulations(t - 1);
+        if constexpr (kPingPong) turns.pass_turn(t);
         wgmma::wait<1>();  // Sᵀ_t and dPᵀ_t
         wgmma::fence_accumulators(st);
         wgmma::fence_accumulators(dpt);
@@ -963,7 +981,7 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1)
         copy_fragments(pt, pt_next);
         copy_fragments(dst, dst_next);
       }
-      accumulate_tile(tiles - 1);
+      accumulate_tile(tiles - 1, tiles);
     }
   }
   add_dkv_rows<D>(dqkv, dk, dv, b, h, key0, key1, g, scale);
@@ -1114,7 +1132,7 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1)
     return first_query < g.T ? (min(first_query + 64, g.T) - 1) / kKeyTile + 1 : 0;
   };
   const int live = live_tiles(wg), their_live = live_tiles(1 - wg);
-  const IssueTurns turns{wg, their_live > 0 ? their_live + 1 : 0};  // (issues 0 .. live, as the forward's)
+  const IssueTurns turns{wg, 0, their_live > 0 ? their_live + 1 : 0};  // (issues 0 .. live, as the forward's)
   float lse2[2], di[2];
   load_row_statistics(lse2, di, lse, delta, bh, row0, row1, g);
 
@@ -1355,8 +1373,10 @@ void backward_wgmma(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, c
     KRAKEN_KERNEL(grid, threads, bytes, stream, kernel)(dqkv, dout, qkv, lse, delta, g, scale);
     KRAKEN_CUDA_LAUNCH_CHECK();
   };
-  if (pipelined_kv)
-    launch(attention_backward_kv_wgmma_pipelined_kernel<D>, kPipelinedThreads, PipelinedKvSmem<D>::bytes);
+  if (pipelined_kv && ping_pong)
+    launch(attention_backward_kv_wgmma_pipelined_kernel<D, true>, kPipelinedThreads, PipelinedKvSmem<D>::bytes);
+  else if (pipelined_kv)
+    launch(attention_backward_kv_wgmma_pipelined_kernel<D, false>, kPipelinedThreads, PipelinedKvSmem<D>::bytes);
   else
     launch(attention_backward_kv_wgmma_kernel<D>, kThreads, L::kv_bytes);
   if (pipelined_dq && ping_pong)
@@ -1424,7 +1444,7 @@ namespace {
 // as ptxas gives them under their launch bounds. The consumers' setmaxnreg.inc takes only what the
 // producer's .dec released, so a kernel built with fewer (another ptxas, a -maxrregcount) would wait there
 // forever; where any of them differs, D runs the lockstep kernels (slower, the same bits) rather than risk
-// the hang. Asked once per head size and process (the dispatch asks on every call: seven driver queries a
+// the hang. Asked once per head size and process (the dispatch asks on every call: nine driver queries a
 // call would be host time on the step's path), but on every call under the emulation, whose tests change
 // the registers it reports.
 template <typename Kernel>
@@ -1438,7 +1458,8 @@ bool pipelined_kernels_as_launched() {
          compiled_with_launch_registers(attention_forward_wgmma_pipelined_kernel<kD, false>) &&
          compiled_with_launch_registers(attention_backward_q_wgmma_pipelined_kernel<kD, true>) &&
          compiled_with_launch_registers(attention_backward_q_wgmma_pipelined_kernel<kD, false>) &&
-         compiled_with_launch_registers(attention_backward_kv_wgmma_pipelined_kernel<kD>);
+         compiled_with_launch_registers(attention_backward_kv_wgmma_pipelined_kernel<kD, true>) &&
+         compiled_with_launch_registers(attention_backward_kv_wgmma_pipelined_kernel<kD, false>);
 }
 bool pipelined_registers_as_launched(int64_t D) {
   bool all = false;

@@ -235,8 +235,8 @@ TEST(CudaEmulation, WgmmaAttentionMatchesTheCpu) {
   EXPECT_FALSE(emu::attention_bf16_wgmma_supported(42));  // no kernel for that head size: the dispatch falls back
 }
 
-// The pipelined wgmma kernels — the forward and the backward's dq kernel (with and without ping-pong
-// turns), its dk/dv kernel: a producer warpgroup, an mbarrier ring of 3 stages, each warpgroup's next
+// The pipelined wgmma kernels — the forward and the backward's dq and dk/dv kernels, each with and without
+// ping-pong turns: a producer warpgroup, an mbarrier ring of 3 stages, each warpgroup's next
 // scores issued before its softmax (or dS), but dk/dv at D = 168 — are the lockstep kernels' arithmetic
 // in another order of issue (dk/dv at D = 168 on query tiles of 16, not 32): the same bits of out, lse
 // and dqkv, and no deadlock (the turns: warpgroups with unequal issue counts, or none), under both

@@ -272,8 +272,8 @@ void check_mbarrier_probe() {
   }
 }
 
-// The pipelined wgmma kernels (the forward and the backward's dq kernel with and without ping-pong turns,
-// its dk/dv kernel: a producer warpgroup, an mbarrier ring, setmaxnreg, named barriers) against the lockstep ones: the
+// The pipelined wgmma kernels (the forward and the backward's dq and dk/dv kernels, each with and without
+// ping-pong turns: a producer warpgroup, an mbarrier ring, setmaxnreg, named barriers) against the lockstep ones: the
 // same arithmetic, so the same bits of out, lse and dqkv —
 // on a GPU the check that their barriers, proxy fences and register hand-over hold (the CPU emulation
 // checks the order of the pipeline, not the PTX). Shapes: a short and a wrapped ring, blocks whose second
@@ -339,36 +339,38 @@ void check_pipelined_kernels(bool training_shapes) {
     attention_backward_bf16_wgmma_lockstep_cuda(dqkv_lockstep.ptr(), dout_d.ptr(), qkv_d.ptr(), out_lockstep.ptr(),
                                                 lse_lockstep.data<float>(), k.B, k.T, C, k.NH, stream());
     const std::vector<uint16_t> dqkv_want = dqkv_lockstep.bits();
-    // the dq kernel's with ping-pong and without, the dk/dv kernel's
-    int64_t backward_wrong[3] = {0, 0, 0};
-    for (int which = 0; which < 3; ++which) {
-      const bool dq = which < 2;
-      starting(which == 0   ? "the backward's dq kernel with ping-pong"
-               : which == 1 ? "the backward's dq kernel without ping-pong"
-                            : "the backward's dk/dv kernel");
+    // the dq kernel's with ping-pong and without, the dk/dv kernel's with and without
+    int64_t backward_wrong[4] = {0, 0, 0, 0};
+    const char* const backward_kernel[4] = {"the backward's dq kernel with ping-pong",
+                                            "the backward's dq kernel without ping-pong",
+                                            "the backward's dk/dv kernel with ping-pong",
+                                            "the backward's dk/dv kernel without ping-pong"};
+    for (int which = 0; which < 4; ++which) {
+      const bool dq = which < 2, ping_pong = which % 2 == 0;
+      starting(backward_kernel[which]);
       DeviceBf16 dqkv(dqkv0, 0);
       attention_backward_bf16_wgmma_kernels_cuda(dqkv.ptr(), dout_d.ptr(), qkv_d.ptr(), out_lockstep.ptr(),
-                                                 lse_lockstep.data<float>(), k.B, k.T, C, k.NH, dq, !dq, which == 0,
+                                                 lse_lockstep.data<float>(), k.B, k.T, C, k.NH, dq, !dq, ping_pong,
                                                  stream());
       finish();
       const std::vector<uint16_t> got = dqkv.bits();
       for (size_t i = 0; i < got.size(); ++i) backward_wrong[which] += got[i] != dqkv_want[i];
     }
     std::printf("[gpu-wgmma] pipelined kernels B=%lld T=%lld D=%lld NH=%lld, elements differing from the lockstep "
-                "kernels': forward %lld (without ping-pong %lld) of %zu out and lse; dq kernel %lld (without "
-                "ping-pong %lld), dk/dv kernel %lld of %zu dqkv\n",
+                "kernels' (with ping-pong / without): forward %lld / %lld of %zu out and lse; dq kernel %lld / %lld, "
+                "dk/dv kernel %lld / %lld of %zu dqkv\n",
                 static_cast<long long>(k.B), static_cast<long long>(k.T), static_cast<long long>(k.D),
                 static_cast<long long>(k.NH), static_cast<long long>(forward_wrong[0]),
                 static_cast<long long>(forward_wrong[1]), out_want.size() + lse_want.size(),
                 static_cast<long long>(backward_wrong[0]), static_cast<long long>(backward_wrong[1]),
-                static_cast<long long>(backward_wrong[2]), dqkv_want.size());
+                static_cast<long long>(backward_wrong[2]), static_cast<long long>(backward_wrong[3]),
+                dqkv_want.size());
     std::fflush(stdout);
     const std::string shape = "B=" + std::to_string(k.B) + " T=" + std::to_string(k.T) + " D=" + std::to_string(k.D);
     EXPECT_EQ(forward_wrong[0], 0) << "the forward with ping-pong, " << shape;
     EXPECT_EQ(forward_wrong[1], 0) << "the forward without ping-pong, " << shape;
-    EXPECT_EQ(backward_wrong[0], 0) << "the dq kernel with ping-pong, " << shape;
-    EXPECT_EQ(backward_wrong[1], 0) << "the dq kernel without ping-pong, " << shape;
-    EXPECT_EQ(backward_wrong[2], 0) << "the dk/dv kernel, " << shape;
+    for (int which = 0; which < 4; ++which)
+      EXPECT_EQ(backward_wrong[which], 0) << backward_kernel[which] << ", " << shape;
   }
   EXPECT_FALSE(attention_bf16_wgmma_pipelined_supported(256));
 }
