@@ -338,9 +338,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 // ---- the pipelined kernels ----------------------------------------------------------------------------
 //
 // FlashAttention-3's structure (Shah et al. 2024, §3.1–3.2; our reading, with cp.async where it uses TMA),
-// on the lockstep kernels' arithmetic: the forward, the dq kernel and the dk/dv kernel. Why: ncu on the lockstep kernels
-// (twenty-second session) shows one block an SM at ~30% SM throughput — every product waited for before
-// the softmax that follows it, both warpgroups meeting at a barrier each tile while the tensor cores idle.
+// on the lockstep kernels' arithmetic: the forward, the dq kernel and the dk/dv kernel. Why: ncu on the
+// lockstep kernels (twenty-second session) shows one block an SM at ~30% SM throughput — every product
+// waited for before the softmax that follows it, both warpgroups meeting at a barrier each tile while the
+// tensor cores idle.
 //   - Warp specialisation: a third warpgroup is the producer. It copies the block's own tiles (q; q and dO
 //     for dq; k and v for dk/dv) and then each streamed tile pair (k and v; q and dO for dk/dv) by cp.async
 //     into a ring of kStages stages, completing the stage's
@@ -530,6 +531,16 @@ struct IssueTurns {
   }
 };
 
+// Issues (issue(): the products and their commits) as the turns' issue i: after the other warpgroup's turn
+// before it where kTurns, after a wgmma::fence, then passes the turn.
+template <bool kTurns, typename Issue>
+__device__ __forceinline__ void issue_in_turn(const IssueTurns& turns, int i, Issue&& issue) {
+  if constexpr (kTurns) turns.wait_turn(i);
+  wgmma::fence();
+  issue();
+  if constexpr (kTurns) turns.pass_turn(i);
+}
+
 template <int D, bool kPingPong>
 __global__ void __launch_bounds__(kPipelinedThreads, 1)
     attention_forward_wgmma_pipelined_kernel(uint16_t* out, float* lse, const uint16_t* qkv, Dims g) {
@@ -577,23 +588,21 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1)
     float s[kKeys / 2], alpha[2];
     uint32_t p[kKeys / 16][4], p_next[kKeys / 16][4];  // P of the tile in flight, and of the next
     ring.wait_full(0);
-    if constexpr (kPingPong) turns.wait_turn(0);
-    wgmma::fence();
-    issue_rows_times_rows<kKeys, Dk>(s, qs, 64 * wg, ring.first(0));
-    wgmma::commit();
-    if constexpr (kPingPong) turns.pass_turn(0);
+    issue_in_turn<kPingPong>(turns, 0, [&] {
+      issue_rows_times_rows<kKeys, Dk>(s, qs, 64 * wg, ring.first(0));
+      wgmma::commit();
+    });
     wgmma::wait<0>();
     wgmma::fence_accumulators(s);
     softmax_tile<kKeys>(s, p, st, alpha, 0, wq, row0, row1, tq, g.scale_log2);  // (O is 0: nothing to rescale)
     for (int t = 1; t < live; ++t) {
       ring.wait_full(t);
-      if constexpr (kPingPong) turns.wait_turn(t);
-      wgmma::fence();
-      issue_rows_times_rows<kKeys, Dk>(s, qs, 64 * wg, ring.first(t));  // S_t
-      wgmma::commit();
-      issue_registers_times_tile<D, kKeys, Dk>(o, p, ring.second(t - 1));  // O += P_{t−1}·v_{t−1}
-      wgmma::commit();
-      if constexpr (kPingPong) turns.pass_turn(t);
+      issue_in_turn<kPingPong>(turns, t, [&] {
+        issue_rows_times_rows<kKeys, Dk>(s, qs, 64 * wg, ring.first(t));  // S_t
+        wgmma::commit();
+        issue_registers_times_tile<D, kKeys, Dk>(o, p, ring.second(t - 1));  // O += P_{t−1}·v_{t−1}
+        wgmma::commit();
+      });
       wgmma::wait<1>();  // S_t (groups complete in order)
       wgmma::fence_accumulators(s);
       softmax_tile<kKeys>(s, p_next, st, alpha, t * kKeys, wq, row0, row1, tq, g.scale_log2);
@@ -604,11 +613,10 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1)
       rescale_rows<D>(o, alpha);
       copy_fragments(p, p_next);
     }
-    if constexpr (kPingPong) turns.wait_turn(live);
-    wgmma::fence();
-    issue_registers_times_tile<D, kKeys, Dk>(o, p, ring.second(live - 1));
-    wgmma::commit();
-    if constexpr (kPingPong) turns.pass_turn(live);
+    issue_in_turn<kPingPong>(turns, live, [&] {
+      issue_registers_times_tile<D, kKeys, Dk>(o, p, ring.second(live - 1));
+      wgmma::commit();
+    });
     wgmma::wait<0>();
     wgmma::fence_accumulators(o);
     keep_fragments(p);
@@ -929,10 +937,7 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1)
     // Tile t's scores (the turns' issue i), waited for, and its Pᵀ and dSᵀ into p and d.
     auto score_tile = [&](int t, int i, uint32_t(&p)[kQ / 16][4], uint32_t(&d)[kQ / 16][4]) {
       ring.wait_full(t);
-      if constexpr (kPingPong) turns.wait_turn(i);
-      wgmma::fence();
-      issue_scores(t);
-      if constexpr (kPingPong) turns.pass_turn(i);
+      issue_in_turn<kPingPong>(turns, i, [&] { issue_scores(t); });
       wgmma::wait<0>();
       wgmma::fence_accumulators(st);
       wgmma::fence_accumulators(dpt);
@@ -942,10 +947,7 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1)
     auto accumulate_tile = [&](int t, int i) {
       wgmma::fence_accumulators(dv);
       wgmma::fence_accumulators(dk);
-      if constexpr (kPingPong) turns.wait_turn(i);
-      wgmma::fence();
-      issue_accumulations(t);
-      if constexpr (kPingPong) turns.pass_turn(i);
+      issue_in_turn<kPingPong>(turns, i, [&] { issue_accumulations(t); });
       wgmma::wait<0>();
       wgmma::fence_accumulators(dv);
       wgmma::fence_accumulators(dk);
@@ -963,11 +965,10 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1)
       score_tile(lead, lead, pt, dst);
       for (int t = lead + 1; t < tiles; ++t) {
         ring.wait_full(t);
-        if constexpr (kPingPong) turns.wait_turn(t);
-        wgmma::fence();
-        issue_scores(t);
-        issue_accumulations(t - 1);
-        if constexpr (kPingPong) turns.pass_turn(t);
+        issue_in_turn<kPingPong>(turns, t, [&] {
+          issue_scores(t);
+          issue_accumulations(t - 1);
+        });
         wgmma::wait<1>();  // Sᵀ_t and dPᵀ_t
         wgmma::fence_accumulators(st);
         wgmma::fence_accumulators(dpt);
@@ -1149,22 +1150,18 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1)
       wgmma::commit();
     };
     ring.wait_full(0);
-    if constexpr (kPingPong) turns.wait_turn(0);
-    wgmma::fence();
-    issue_scores(0);
-    if constexpr (kPingPong) turns.pass_turn(0);
+    issue_in_turn<kPingPong>(turns, 0, [&] { issue_scores(0); });
     wgmma::wait<0>();
     wgmma::fence_accumulators(s);
     wgmma::fence_accumulators(dp);
     ds_tile<kKeyTile>(ds, s, dp, lse2, di, 0, wq, row0, row1, tq, g.scale_log2);
     for (int t = 1; t < live; ++t) {
       ring.wait_full(t);
-      if constexpr (kPingPong) turns.wait_turn(t);
-      wgmma::fence();
-      issue_scores(t);
-      issue_registers_times_tile<D, kKeyTile, Dk>(dq, ds, ring.first(t - 1));  // dQ += dS_{t−1}·k_{t−1}
-      wgmma::commit();
-      if constexpr (kPingPong) turns.pass_turn(t);
+      issue_in_turn<kPingPong>(turns, t, [&] {
+        issue_scores(t);
+        issue_registers_times_tile<D, kKeyTile, Dk>(dq, ds, ring.first(t - 1));  // dQ += dS_{t−1}·k_{t−1}
+        wgmma::commit();
+      });
       wgmma::wait<1>();  // S_t and dP_t
       wgmma::fence_accumulators(s);
       wgmma::fence_accumulators(dp);
@@ -1175,11 +1172,10 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1)
       ring.release(t - 1);
       copy_fragments(ds, ds_next);
     }
-    if constexpr (kPingPong) turns.wait_turn(live);
-    wgmma::fence();
-    issue_registers_times_tile<D, kKeyTile, Dk>(dq, ds, ring.first(live - 1));
-    wgmma::commit();
-    if constexpr (kPingPong) turns.pass_turn(live);
+    issue_in_turn<kPingPong>(turns, live, [&] {
+      issue_registers_times_tile<D, kKeyTile, Dk>(dq, ds, ring.first(live - 1));
+      wgmma::commit();
+    });
     wgmma::wait<0>();
     wgmma::fence_accumulators(dq);
     keep_fragments(ds);
