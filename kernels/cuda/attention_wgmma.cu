@@ -1369,16 +1369,16 @@ void backward_wgmma(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, c
     KRAKEN_KERNEL(grid, threads, bytes, stream, kernel)(dqkv, dout, qkv, lse, delta, g, scale);
     KRAKEN_CUDA_LAUNCH_CHECK();
   };
-  if (pipelined_kv && ping_pong)
-    launch(attention_backward_kv_wgmma_pipelined_kernel<D, true>, kPipelinedThreads, PipelinedKvSmem<D>::bytes);
-  else if (pipelined_kv)
-    launch(attention_backward_kv_wgmma_pipelined_kernel<D, false>, kPipelinedThreads, PipelinedKvSmem<D>::bytes);
+  if (pipelined_kv)
+    launch(ping_pong ? attention_backward_kv_wgmma_pipelined_kernel<D, true>
+                     : attention_backward_kv_wgmma_pipelined_kernel<D, false>,
+           kPipelinedThreads, PipelinedKvSmem<D>::bytes);
   else
     launch(attention_backward_kv_wgmma_kernel<D>, kThreads, L::kv_bytes);
-  if (pipelined_dq && ping_pong)
-    launch(attention_backward_q_wgmma_pipelined_kernel<D, true>, kPipelinedThreads, PipelinedQSmem<D>::bytes);
-  else if (pipelined_dq)
-    launch(attention_backward_q_wgmma_pipelined_kernel<D, false>, kPipelinedThreads, PipelinedQSmem<D>::bytes);
+  if (pipelined_dq)
+    launch(ping_pong ? attention_backward_q_wgmma_pipelined_kernel<D, true>
+                     : attention_backward_q_wgmma_pipelined_kernel<D, false>,
+           kPipelinedThreads, PipelinedQSmem<D>::bytes);
   else
     launch(attention_backward_q_wgmma_kernel<D>, kThreads, L::q_bytes);
 }
