@@ -1024,53 +1024,47 @@ void bench_compute(Report& r) {
                "| |", label);
         return;
       }
-      const double fw = time_kernel([&] {
-        attention_forward_bf16_wgmma_cuda(o.data<uint16_t>(), l.data<float>(), q.data<uint16_t>(), Bc, Tc, Cc, Hc,
-                                          nullptr);
-      }, 5);
+      // Each kernel as named (the _kernel(s)_ entry points), those KRAKEN_CUDA_WGMMA allows: where gpu-check
+      // found the pipelined kernels wrong or hung on this card it sets no-ping-pong or lockstep, and the
+      // rows of the kernels it ruled out are left out rather than run.
       const bool pipelined = attention_bf16_wgmma_pipelined_supported(Cc / Hc);
-      r.line("| bf16 attention forward, wgmma (ours, sm_90a, %s), %s | %.3f | %.1f TFLOP/s |",
-             pipelined ? "pipelined: producer warpgroup + mbarriers, ping-pong" : "lockstep", label, fw * 1e3,
-             flops / fw / 1e12);
-      if (pipelined) {  // without the warpgroups' turns, and the first version: the same bits
-        const double fn = time_kernel([&] {
+      int left_out = 0;
+      struct Forward {
+        bool pipelined, ping_pong;
+        const char* what;
+      };
+      for (const Forward& f : {Forward{true, true, "pipelined: producer warpgroup + mbarriers, ping-pong"},
+                               Forward{true, false, "pipelined without ping-pong"},
+                               Forward{false, false, "lockstep"}}) {
+        if (f.pipelined && !pipelined) continue;
+        if (!attention_wgmma_kernels_allow(f.pipelined, f.ping_pong)) {
+          ++left_out;
+          continue;
+        }
+        const double fw = time_kernel([&] {
           attention_forward_bf16_wgmma_kernel_cuda(o.data<uint16_t>(), l.data<float>(), q.data<uint16_t>(), Bc, Tc, Cc,
-                                                   Hc, true, false, nullptr);
+                                                   Hc, f.pipelined, f.ping_pong, nullptr);
         }, 5);
-        r.line("| bf16 attention forward, wgmma (ours, sm_90a, pipelined without ping-pong), %s | %.3f | %.1f "
-               "TFLOP/s |", label, fn * 1e3, flops / fn / 1e12);
-        const double fl = time_kernel([&] {
-          attention_forward_bf16_wgmma_lockstep_cuda(o.data<uint16_t>(), l.data<float>(), q.data<uint16_t>(), Bc, Tc,
-                                                     Cc, Hc, nullptr);
-        }, 5);
-        r.line("| bf16 attention forward, wgmma (ours, sm_90a, lockstep), %s | %.3f | %.1f TFLOP/s |", label, fl * 1e3,
-               flops / fl / 1e12);
+        r.line("| bf16 attention forward, wgmma (ours, sm_90a, %s), %s | %.3f | %.1f TFLOP/s |", f.what, label,
+               fw * 1e3, flops / fw / 1e12);
       }
-      if (!attention_bf16_wgmma_backward_usable(dq.data<uint16_t>(), dO.data<uint16_t>(), q.data<uint16_t>(),
-                                                o.data<uint16_t>(), Cc, Hc))
-        return;
-      const double bw = time_kernel([&] {
-        attention_backward_bf16_wgmma_cuda(dq.data<uint16_t>(), dO.data<uint16_t>(), q.data<uint16_t>(),
-                                           o.data<uint16_t>(), l.data<float>(), Bc, Tc, Cc, Hc, nullptr);
-      }, 5);
-      r.line("| bf16 attention backward, wgmma (ours, two kernels, adds into dqkv%s), %s | %.3f | %.1f TFLOP/s |",
-             pipelined ? "; pipelined" : "", label, bw * 1e3, 2.5 * flops / bw / 1e12);
-      if (pipelined) {
-        const double bl = time_kernel([&] {
-          attention_backward_bf16_wgmma_lockstep_cuda(dq.data<uint16_t>(), dO.data<uint16_t>(), q.data<uint16_t>(),
-                                                      o.data<uint16_t>(), l.data<float>(), Bc, Tc, Cc, Hc, nullptr);
-        }, 5);
-        r.line("| bf16 attention backward, wgmma (ours, two kernels, adds into dqkv; lockstep), %s | %.3f | %.1f "
-               "TFLOP/s |", label, bl * 1e3, 2.5 * flops / bl / 1e12);
-        // Pipelined without the ping-pong turns, and one kernel pipelined with the other lockstep: what each
-        // gains on its own.
-        struct Mix {
+      if (attention_bf16_wgmma_backward_usable(dq.data<uint16_t>(), dO.data<uint16_t>(), q.data<uint16_t>(),
+                                               o.data<uint16_t>(), Cc, Hc)) {
+        // all pipelined, all lockstep, pipelined without the ping-pong turns, and one kernel pipelined with the
+        // other lockstep: what each gains on its own
+        struct Backward {
           bool dq, kv, ping_pong;
           const char* what;
         };
-        for (const Mix& m : {Mix{true, true, false, "pipelined without ping-pong"},
-                             Mix{true, false, true, "dq pipelined, dk/dv lockstep"},
-                             Mix{false, true, true, "dk/dv pipelined, dq lockstep"}}) {
+        for (const Backward& m : {Backward{true, true, true, "pipelined"}, Backward{false, false, false, "lockstep"},
+                                  Backward{true, true, false, "pipelined without ping-pong"},
+                                  Backward{true, false, true, "dq pipelined, dk/dv lockstep"},
+                                  Backward{false, true, true, "dk/dv pipelined, dq lockstep"}}) {
+          if ((m.dq || m.kv) && !pipelined) continue;
+          if (!attention_wgmma_kernels_allow(m.dq || m.kv, m.ping_pong)) {
+            ++left_out;
+            continue;
+          }
           const double bm = time_kernel([&] {
             attention_backward_bf16_wgmma_kernels_cuda(dq.data<uint16_t>(), dO.data<uint16_t>(), q.data<uint16_t>(),
                                                        o.data<uint16_t>(), l.data<float>(), Bc, Tc, Cc, Hc, m.dq, m.kv,
@@ -1080,6 +1074,9 @@ void bench_compute(Report& r) {
                  "TFLOP/s |", m.what, label, bm * 1e3, 2.5 * flops / bm / 1e12);
         }
       }
+      if (left_out > 0)
+        r.line("| bf16 attention, wgmma, %s | %d rows left out: KRAKEN_CUDA_WGMMA=%s | |", label, left_out,
+               attention_wgmma_kernels() == AttentionWgmmaKernels::kLockstep ? "lockstep" : "no-ping-pong");
     };
     wgmma_rows("B=8 T=1024 C=768 H=12", B, T, C, H, qkv16, out16, lse, dout16, dqkv16, fwd_flops);
     {

@@ -145,18 +145,31 @@ bool attention_bf16_mma_supported(int64_t D);
 // meeting at a barrier a tile, the first version); the backward's dq and dk/dv kernels likewise where their
 // shared memory fits (all three head sizes on Hopper). Any of them compiled with other than the launch's
 // 168 registers a thread (setmaxnreg would hang): the lockstep ones. Pipelined and lockstep give the same
-// bits; the _lockstep_ entry points run the lockstep kernels always (tests and the benchmark compare the
-// two). KRAKEN_CUDA_WGMMA (read once per process) picks what
-// KRAKEN_CUDA_ATTENTION=wgmma runs: pipelined (the default: as above), no-ping-pong (the pipelined kernels'
-// warpgroups not taking turns) or lockstep (the first versions throughout).
+// bits. attention_{forward,backward}_bf16_wgmma_cuda run the kernels KRAKEN_CUDA_WGMMA asks for (below;
+// what KRAKEN_CUDA_ATTENTION=wgmma runs); the _lockstep_ entry points the lockstep kernels always, the
+// _kernel(s)_ ones the kernels named (tests and the benchmark compare them).
+// KRAKEN_CUDA_WGMMA (read once per process): pipelined (the default: as above), no-ping-pong (the pipelined
+// kernels, their warpgroups not taking turns) or lockstep (the first versions throughout). A step down
+// this list gives up speed, never bits: tools/gpu-check.sh takes the next setting where the GPU tests
+// find a kernel wrong or hung, and the tests and the benchmark leave out the kernels the setting rules out
+// (attention_wgmma_kernels_allow), so that one GPU call still measures the rest.
+enum class AttentionWgmmaKernels { kPipelined, kNoPingPong, kLockstep };
+AttentionWgmmaKernels attention_wgmma_kernels();
+// Whether the setting lets a kernel of this kind run: a lockstep one always, a pipelined one unless
+// lockstep, with ping-pong turns only under pipelined.
+bool attention_wgmma_kernels_allow(bool pipelined, bool ping_pong);
+// For tests: on the calling thread, `kernels` in place of the environment's setting; reset_ puts the
+// environment's back.
+void attention_wgmma_kernels_override(AttentionWgmmaKernels kernels);
+void attention_wgmma_kernels_override_reset();
 void attention_forward_bf16_wgmma_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T,
                                        int64_t C, int64_t NH, CUstream_st* stream);
 void attention_forward_bf16_wgmma_lockstep_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B,
                                                 int64_t T, int64_t C, int64_t NH, CUstream_st* stream);
 bool attention_bf16_wgmma_pipelined_supported(int64_t D);
-// The forward's kernel as asked, for the benchmark: pipelined (where supported, else lockstep) with or
-// without ping-pong scheduling (the two consumer warpgroups taking turns at issuing their products, FA3's;
-// attention_forward_bf16_wgmma_cuda's choice), or lockstep.
+// The forward's kernel as asked, for tests and the benchmark: pipelined (where supported, else lockstep)
+// with or without ping-pong scheduling (the two consumer warpgroups taking turns at issuing their products,
+// FA3's; the default setting's choice), or lockstep.
 void attention_forward_bf16_wgmma_kernel_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T,
                                               int64_t C, int64_t NH, bool pipelined, bool ping_pong,
                                               CUstream_st* stream);
@@ -167,8 +180,8 @@ void attention_backward_bf16_wgmma_lockstep_cuda(uint16_t* dqkv, const uint16_t*
                                                  const uint16_t* out, const float* lse, int64_t B, int64_t T,
                                                  int64_t C, int64_t NH, CUstream_st* stream);
 // The backward with each of its two kernels pipelined or lockstep as asked (the pipelined one only where it
-// fits, as above), the pipelined ones with or without ping-pong turns (attention_backward_bf16_wgmma_cuda:
-// with), so that the benchmark times one against the other.
+// fits, as above), the pipelined ones with or without ping-pong turns (the default setting: with), so that
+// the tests and the benchmark check and time one against the other.
 void attention_backward_bf16_wgmma_kernels_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv,
                                                 const uint16_t* out, const float* lse, int64_t B, int64_t T,
                                                 int64_t C, int64_t NH, bool pipelined_dq, bool pipelined_kv,

@@ -8,9 +8,10 @@
 #   1. the machine: nvidia-smi, nvcc, cmake, compiler;
 #   2. configure (-DKRAKEN_CUDA=ON -DKRAKEN_MPI=OFF -DCMAKE_CUDA_ARCHITECTURES=90, no ASan copy of the
 #      emulation tests, dependencies from third_party/) and build everything with all cores;
-#   3. the GPU tests: the wgmma attention tests alone first (90 s at most; where they fail, step 4 leaves
-#      their rows and variants out), then ctest -L gpu (tests/gpu), each result and every measured
-#      GPU-vs-CPU difference;
+#   3. the GPU tests: the wgmma attention tests alone first (90 s at most), stepping KRAKEN_CUDA_WGMMA down
+#      from pipelined to no-ping-pong to lockstep where they fail or hang, the first setting that passes
+#      kept for the rest of the check (where none does, step 4 leaves their rows and variants out), then
+#      ctest -L gpu (tests/gpu), each result and every measured GPU-vs-CPU difference;
 #      then the attention tests once more with KRAKEN_CUDNN_ATTENTION_BACKWARD=atomic (cuDNN's f32 atomic
 #      dQ), KRAKEN_CUDA_ATTENTION=mma (the grouped mma launch, the dispatch without cuDNN), =cudnn (cuDNN
 #      for every shape it takes) and =wgmma (the Hopper kernels), the product tests with
@@ -211,28 +212,53 @@ counts_of_last_summary() {
 md ""
 md "## 3. GPU tests (ctest -L gpu)"
 # The wgmma kernels (kernels/cuda/attention_wgmma.cu, twentieth session) first and alone, under a short
-# limit: their layout probe's [gpu-wgmma] lines open the section, a hang costs 90 s instead of ctest's 300,
-# and where they fail, the benchmark leaves their rows out (KRAKEN_BENCH_WGMMA=0) and the wgmma variants
-# below do not run — a faulting kernel would otherwise take the benchmark's process with it. (With them
-# since the twenty-second session: the mbarrier pipeline probe, kernels/cuda/mbarrier.h's first GPU run, whose
-# [gpu-wgmma] lines say how many of its sums were wrong; a hang of its waits ends at the same limit.)
+# limit: their layout probe's [gpu-wgmma] lines open the section, and where they fail, the benchmark leaves
+# their rows out (KRAKEN_BENCH_WGMMA=0) and the wgmma variants below do not run — a faulting kernel would
+# otherwise take the benchmark's process with it. (With them since the twenty-second session: the mbarrier
+# pipeline probe, kernels/cuda/mbarrier.h's first GPU run, whose [gpu-wgmma] lines say how many of its sums
+# were wrong.) Every wgmma test runs under a HangWatch (tests/gpu/gpu_test_util.h): a hung kernel ends the
+# process in seconds with a [gpu-hang] line naming it.
+# The pipelined kernels (twenty-third and twenty-fourth sessions) are a step down from the lockstep ones
+# in a ladder: where they fail or hang under KRAKEN_CUDA_WGMMA=pipelined, the same tests run again under
+# no-ping-pong (the pipelined kernels without their warpgroups' turns), then lockstep (the kernels that
+# passed in the twenty-second session), and the first setting that passes is exported for everything
+# after — the tests, the benchmark's rows and variants, the sanitizers — so that one call still measures
+# the kernels that work. A failed step is a failure of the check all the same.
 wgmma_ok=1
+wgmma_setting=pipelined
 ctest_exclude=()
 if [[ $have_gpu -eq 1 && -x "$build/tests/kraken_tests_gpu" ]]; then
-  say "the wgmma kernels' tests"
-  t0=$(date +%s)
-  KRAKEN_SOURCE_DIR="$root" OMP_NUM_THREADS=2 timeout 90 "$build/tests/kraken_tests_gpu" \
-    --gtest_filter='GpuAttentionWgmma.*' > "$logs/gpu-tests-wgmma-first.log" 2>&1
-  rc=$?
-  md "The wgmma kernels' tests first (GpuAttentionWgmma.*): exit status $rc in $(( $(date +%s) - t0 )) s."
-  grep -E '^\[gpu-wgmma\]|^\[( +OK|  FAILED|  SKIPPED|  PASSED) ' "$logs/gpu-tests-wgmma-first.log" | head -n 40 \
-    > "$logs/gpu-tests-wgmma-first-summary.log"
-  md_tail "$logs/gpu-tests-wgmma-first-summary.log" 40
-  if [[ $rc -ne 0 ]]; then
-    wgmma_ok=0
-    md_tail "$logs/gpu-tests-wgmma-first.log" 30
-    fail "the wgmma kernels' tests (exit status $rc; their benchmark rows and variants left out)"
-    [[ $rc -eq 124 ]] && ctest_exclude=(-E 'GpuAttentionWgmma')  # hung: not again under ctest's 300 s
+  wgmma_ok=0
+  limit=90
+  for setting in pipelined no-ping-pong lockstep; do
+    say "the wgmma kernels' tests, KRAKEN_CUDA_WGMMA=$setting"
+    t0=$(date +%s)
+    KRAKEN_CUDA_WGMMA=$setting KRAKEN_SOURCE_DIR="$root" OMP_NUM_THREADS=2 timeout $limit \
+      "$build/tests/kraken_tests_gpu" --gtest_filter='GpuAttentionWgmma.*' > "$logs/gpu-tests-wgmma-$setting.log" 2>&1
+    rc=$?
+    md "The wgmma kernels' tests first (GpuAttentionWgmma.*, KRAKEN_CUDA_WGMMA=$setting): exit status $rc in $(( $(date +%s) - t0 )) s."
+    grep -E '^\[gpu-wgmma\]|^\[gpu-hang\]|^\[( +OK|  FAILED|  SKIPPED|  PASSED) ' "$logs/gpu-tests-wgmma-$setting.log" | head -n 40 \
+      > "$logs/gpu-tests-wgmma-$setting-summary.log"
+    md_tail "$logs/gpu-tests-wgmma-$setting-summary.log" 40
+    if [[ $rc -eq 0 ]]; then
+      wgmma_ok=1
+      wgmma_setting=$setting
+      break
+    fi
+    md_tail "$logs/gpu-tests-wgmma-$setting.log" 30
+    fail "the wgmma kernels' tests under KRAKEN_CUDA_WGMMA=$setting (exit status $rc)"
+    limit=60
+  done
+  if [[ $wgmma_ok -eq 1 ]]; then
+    export KRAKEN_CUDA_WGMMA=$wgmma_setting
+    if [[ $wgmma_setting != pipelined ]]; then
+      md "From here on KRAKEN_CUDA_WGMMA=$wgmma_setting: the kernels it rules out are left out of the tests and the benchmark."
+      # (under lockstep the pipelined kernels' tests and the mbarrier probe skip; the failure is recorded above)
+      [[ $wgmma_setting == lockstep ]] && ctest_exclude=(-E 'GpuAttentionWgmma[.](MbarrierPipelineProbe|PipelinedKernels)')
+    fi
+  else
+    md "No KRAKEN_CUDA_WGMMA setting passed: the wgmma kernels are left out of the tests and the benchmark."
+    ctest_exclude=(-E 'GpuAttentionWgmma')  # (they would fail or hang again under ctest's 300 s)
   fi
 fi
 say "GPU tests"
@@ -375,9 +401,11 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
   # The wgmma attention kernels (opt-in; slower than cuDNN's at both head sizes in the twenty-second
   # session's step, bench/RESULTS.md) in the training step, against the defaults' rows above: the
   # pipelined kernels (the default of KRAKEN_CUDA_WGMMA), then the lockstep ones on the same card.
+  # (KRAKEN_CUDA_WGMMA as the wgmma tests' ladder left it; where that is lockstep, the second is the first.)
   [[ $wgmma_ok -eq 1 ]] &&
-    bench_variant wgmma KRAKEN_CUDA_ATTENTION=wgmma 150 90 "the wgmma attention kernels" --training-only --batch 8,64
-  [[ $wgmma_ok -eq 1 ]] &&
+    bench_variant wgmma KRAKEN_CUDA_ATTENTION=wgmma 150 90 "the wgmma attention kernels ($wgmma_setting)" \
+      --training-only --batch 8,64
+  [[ $wgmma_ok -eq 1 && $wgmma_setting != lockstep ]] &&
     bench_variant wgmmalockstep "KRAKEN_CUDA_ATTENTION=wgmma KRAKEN_CUDA_WGMMA=lockstep" 150 90 \
       "the lockstep wgmma attention kernels" --training-only --batch 8,64
   # GPT-2's step on token ids as text has them (KRAKEN_BENCH_IDS=text: Zipf's law; uniform ids, the
@@ -522,7 +550,7 @@ EOF
     fi
     say "$tool on the kernel tests"
     t0=$(date +%s)
-    KRAKEN_SOURCE_DIR="$root" OMP_NUM_THREADS=2 timeout $(( $(left) - 60 )) "$sanitizer" --tool "$tool" --error-exitcode 17 \
+    KRAKEN_HANG_WATCH_SCALE=20 KRAKEN_SOURCE_DIR="$root" OMP_NUM_THREADS=2 timeout $(( $(left) - 60 )) "$sanitizer" --tool "$tool" --error-exitcode 17 \
       "$build/tests/kraken_tests_gpu" --gtest_filter="$filter" > "$logs/$tool-kernels.log" 2>&1
     rc=$?
     md "$tool, tests/gpu kernel tests ($filter): exit status $rc in $(( $(date +%s) - t0 )) s."

@@ -390,20 +390,6 @@ AttentionChoice attention_choice() {
   return choice;
 }
 
-// KRAKEN_CUDA_WGMMA, read once per process (kernels/attention.h): which wgmma kernels
-// KRAKEN_CUDA_ATTENTION=wgmma runs.
-enum class WgmmaKernels { kPipelined, kNoPingPong, kLockstep };
-WgmmaKernels wgmma_kernels() {
-  static const WgmmaKernels kernels = [] {
-    const char* env = std::getenv("KRAKEN_CUDA_WGMMA");
-    if (!env || !*env || std::strcmp(env, "pipelined") == 0) return WgmmaKernels::kPipelined;
-    if (std::strcmp(env, "no-ping-pong") == 0) return WgmmaKernels::kNoPingPong;
-    if (std::strcmp(env, "lockstep") == 0) return WgmmaKernels::kLockstep;
-    KRAKEN_THROW("KRAKEN_CUDA_WGMMA=", env, ": expected pipelined, no-ping-pong or lockstep");
-  }();
-  return kernels;
-}
-
 #if KRAKEN_CUDA_EMULATION
 // The CPU emulation (tests/cuda_emu) has no cuDNN: every call falls back as where cuDNN refuses a shape.
 bool cudnn_supported(int64_t) { return false; }
@@ -440,7 +426,36 @@ bool cudnn_takes_shape(int64_t B, int64_t T, int64_t C, int64_t NH, bool admit =
   return true;
 }
 
+// A test's setting on this thread (attention_wgmma_kernels_override), or -1: the environment's.
+thread_local int wgmma_kernels_override = -1;
+
 }  // namespace
+
+AttentionWgmmaKernels attention_wgmma_kernels() {
+  if (wgmma_kernels_override >= 0) return static_cast<AttentionWgmmaKernels>(wgmma_kernels_override);
+  static const AttentionWgmmaKernels kernels = [] {
+    const char* env = std::getenv("KRAKEN_CUDA_WGMMA");
+    if (!env || !*env || std::strcmp(env, "pipelined") == 0) return AttentionWgmmaKernels::kPipelined;
+    if (std::strcmp(env, "no-ping-pong") == 0) return AttentionWgmmaKernels::kNoPingPong;
+    if (std::strcmp(env, "lockstep") == 0) return AttentionWgmmaKernels::kLockstep;
+    KRAKEN_THROW("KRAKEN_CUDA_WGMMA=", env, ": expected pipelined, no-ping-pong or lockstep");
+  }();
+  return kernels;
+}
+
+bool attention_wgmma_kernels_allow(bool pipelined, bool ping_pong) {
+  switch (attention_wgmma_kernels()) {
+    case AttentionWgmmaKernels::kPipelined: return true;
+    case AttentionWgmmaKernels::kNoPingPong: return !(pipelined && ping_pong);
+    case AttentionWgmmaKernels::kLockstep: return !pipelined;
+  }
+  return false;
+}
+
+void attention_wgmma_kernels_override(AttentionWgmmaKernels kernels) {
+  wgmma_kernels_override = static_cast<int>(kernels);
+}
+void attention_wgmma_kernels_override_reset() { wgmma_kernels_override = -1; }
 
 AttentionBf16Kernels attention_bf16_kernels_fallback(int64_t D) {
   if (D <= kAttentionMmaDefaultMaxHead && attention_bf16_mma_supported(D))
@@ -488,10 +503,10 @@ const char* attention_bf16_kernels_name(AttentionBf16Kernels kernels) {
 std::string attention_bf16_kernels_label(int64_t D) {
   const std::string usual = attention_bf16_kernels_name(attention_bf16_kernels(D));
   if (attention_choice() != AttentionChoice::kWgmma || !attention_bf16_wgmma_supported(D)) return usual;
-  const WgmmaKernels w = wgmma_kernels();
-  const std::string forward = w == WgmmaKernels::kLockstep                  ? "wgmma (lockstep)"
+  const AttentionWgmmaKernels w = attention_wgmma_kernels();
+  const std::string forward = w == AttentionWgmmaKernels::kLockstep           ? "wgmma (lockstep)"
                               : !attention_bf16_wgmma_pipelined_supported(D) ? "wgmma"
-                              : w == WgmmaKernels::kPipelined                ? "wgmma (pipelined)"
+                              : w == AttentionWgmmaKernels::kPipelined       ? "wgmma (pipelined)"
                                                                              : "wgmma (pipelined, no ping-pong)";
   if (attention_bf16_wgmma_backward_supported(D)) return forward;
   return forward + " forward, " + usual + " backward";
@@ -504,9 +519,7 @@ void attention_forward_bf16_cuda(uint16_t* out, float* lse, const uint16_t* qkv,
     // A backward the wgmma kernels cannot take goes as by default: cuDNN admits the shape here as it would
     // have at the forward.
     if (attention_bf16_kernels(C / NH) == AttentionBf16Kernels::kCudnn) cudnn_takes_shape(B, T, C, NH);
-    const WgmmaKernels w = wgmma_kernels();
-    attention_forward_bf16_wgmma_kernel_cuda(out, lse, qkv, B, T, C, NH, w != WgmmaKernels::kLockstep,
-                                             w == WgmmaKernels::kPipelined, stream);
+    attention_forward_bf16_wgmma_cuda(out, lse, qkv, B, T, C, NH, stream);  // (as KRAKEN_CUDA_WGMMA asks)
     return;
   }
   AttentionBf16Kernels kernels = attention_bf16_kernels(C / NH);
@@ -535,10 +548,7 @@ void attention_backward_bf16_cuda(uint16_t* dqkv, const uint16_t* dout, const ui
   if (attention_choice() == AttentionChoice::kWgmma &&
       attention_bf16_wgmma_backward_usable(dqkv, dout, qkv, out, C, NH)) {
     KRAKEN_CUDA_CHECK(cudaMemsetAsync(dqkv, 0, static_cast<size_t>(B * T * 3 * C) * sizeof(uint16_t), stream));
-    const WgmmaKernels w = wgmma_kernels();
-    const bool pipelined = w != WgmmaKernels::kLockstep;
-    attention_backward_bf16_wgmma_kernels_cuda(dqkv, dout, qkv, out, lse, B, T, C, NH, pipelined, pipelined,
-                                               w == WgmmaKernels::kPipelined, stream);
+    attention_backward_bf16_wgmma_cuda(dqkv, dout, qkv, out, lse, B, T, C, NH, stream);
     return;
   }
   AttentionBf16Kernels kernels = attention_bf16_kernels(C / NH);

@@ -1506,7 +1506,10 @@ void attention_backward_bf16_wgmma_kernels_cuda(uint16_t* dqkv, const uint16_t* 
 void attention_backward_bf16_wgmma_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv,
                                         const uint16_t* out, const float* lse, int64_t B, int64_t T, int64_t C,
                                         int64_t NH, CUstream_st* stream) {
-  attention_backward_bf16_wgmma_kernels_cuda(dqkv, dout, qkv, out, lse, B, T, C, NH, true, true, true, stream);
+  const AttentionWgmmaKernels w = attention_wgmma_kernels();  // KRAKEN_CUDA_WGMMA
+  const bool pipelined = w != AttentionWgmmaKernels::kLockstep;
+  attention_backward_bf16_wgmma_kernels_cuda(dqkv, dout, qkv, out, lse, B, T, C, NH, pipelined, pipelined,
+                                             w == AttentionWgmmaKernels::kPipelined, stream);
 }
 
 void attention_backward_bf16_wgmma_lockstep_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv,
@@ -1556,7 +1559,9 @@ void attention_forward_bf16_wgmma_kernel_cuda(uint16_t* out, float* lse, const u
 
 void attention_forward_bf16_wgmma_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T,
                                        int64_t C, int64_t NH, CUstream_st* stream) {
-  attention_forward_bf16_wgmma_kernel_cuda(out, lse, qkv, B, T, C, NH, true, true, stream);
+  const AttentionWgmmaKernels w = attention_wgmma_kernels();  // KRAKEN_CUDA_WGMMA
+  attention_forward_bf16_wgmma_kernel_cuda(out, lse, qkv, B, T, C, NH, w != AttentionWgmmaKernels::kLockstep,
+                                           w == AttentionWgmmaKernels::kPipelined, stream);
 }
 
 void attention_forward_bf16_wgmma_lockstep_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B,

@@ -9,12 +9,14 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <deque>
 #include <exception>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -501,6 +503,11 @@ void mbarrier_arrive_on_copies(uint64_t* bar) {
 }
 
 namespace {
+// What the emulation counts for tests (schedule.h): launches by threads a block, named-barrier rounds.
+std::mutex g_counts_mutex;
+std::map<int, int64_t> g_launches_by_block_threads;
+std::atomic<int64_t> g_named_rounds{0};
+
 // One arrival on named barrier id by the calling thread; returns the round it belongs to.
 uint64_t arrive_at_named(int id, int threads) {
   if (id < 1 || id >= kNamedBarriers) trap("a named barrier id outside 1 .. 15 (0 is __syncthreads')");
@@ -513,6 +520,7 @@ uint64_t arrive_at_named(int id, int threads) {
   if (++n.arrived == threads) {
     n.arrived = 0;
     ++n.rounds;
+    ++g_named_rounds;
   }
   return round;
 }
@@ -568,6 +576,10 @@ void run_grid(dim3 grid, dim3 block, size_t dynamic_shared_bytes, const std::fun
   if (threads <= 0 || threads > 1024) trap("block size outside 1 .. 1024");
   if (dynamic_shared_bytes > kMaxDynamicShared) trap("more dynamic shared memory than a block can have");
   if (g_block) trap("a kernel launched from inside a kernel");
+  {
+    std::lock_guard<std::mutex> lock(g_counts_mutex);
+    ++g_launches_by_block_threads[threads];
+  }
   const int warps = (threads + 31) / 32;
   Block b;
   b.body = &body;
@@ -670,6 +682,12 @@ namespace {
 int registers_reported = 168;
 }
 void set_reported_registers(int per_thread) { registers_reported = per_thread; }
+int64_t launches_with_block_threads(int threads) {
+  std::lock_guard<std::mutex> lock(g_counts_mutex);
+  const auto it = g_launches_by_block_threads.find(threads);
+  return it == g_launches_by_block_threads.end() ? 0 : it->second;
+}
+int64_t named_barrier_rounds_completed() { return g_named_rounds.load(); }
 int reported_registers() { return registers_reported; }
 
 int blocks_per_multiprocessor(int block_size, size_t dynamic_shared_bytes) {

@@ -31,6 +31,11 @@ void attention_backward_bf16_mma_group_cuda(uint16_t* const* dqkvs, const uint16
                                             const uint16_t* const* qkvs, const uint16_t* const* outs,
                                             const float* const* lses, int64_t count, int64_t B, int64_t T, int64_t C,
                                             int64_t NH, CUstream_st* stream);
+enum class AttentionWgmmaKernels { kPipelined, kNoPingPong, kLockstep };
+AttentionWgmmaKernels attention_wgmma_kernels();
+bool attention_wgmma_kernels_allow(bool pipelined, bool ping_pong);
+void attention_wgmma_kernels_override(AttentionWgmmaKernels kernels);
+void attention_wgmma_kernels_override_reset();
 void attention_forward_bf16_wgmma_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T,
                                        int64_t C, int64_t NH, CUstream_st* stream);
 void attention_backward_bf16_wgmma_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv,

@@ -314,6 +314,54 @@ TEST(CudaEmulation, PipelinedWgmmaKernelsStepAsideWithoutTheLaunchRegisters) {
   EXPECT_TRUE(emu::attention_bf16_wgmma_pipelined_supported(64));
 }
 
+// KRAKEN_CUDA_WGMMA's three settings (kernels/attention.h), the steps tools/gpu-check.sh takes down where
+// a GPU finds a pipelined kernel wrong or hung: the entry points run the kernels each allows and no other
+// (pipelined kernels launch 384 threads a block, the lockstep ones and Dᵢ's 256; only the ping-pong
+// kernels use named barriers), with the same bits under each, and attention_wgmma_kernels_allow says so.
+TEST(CudaEmulation, WgmmaEntryPointsRunTheKernelsKrakenCudaWgmmaAllows) {
+  const AttentionShape s{1, 130, 64, 2};
+  const int64_t C = s.D * s.NH, rows = s.B * s.T;
+  const emu::AttentionWgmmaKernels from_environment = emu::attention_wgmma_kernels();
+  const std::vector<uint16_t> qkv = to_bf16(normal(static_cast<size_t>(rows * 3 * C), 76, 1.5f));
+  const std::vector<uint16_t> dout = to_bf16(normal(static_cast<size_t>(rows * C), 77));
+  std::vector<uint16_t> out_lockstep(static_cast<size_t>(rows * C), 0), dqkv_lockstep(static_cast<size_t>(rows * 3 * C), 0);
+  std::vector<float> lse_lockstep(static_cast<size_t>(s.B * s.NH * s.T), 0.0f);
+  emu::attention_forward_bf16_wgmma_lockstep_cuda(out_lockstep.data(), lse_lockstep.data(), qkv.data(), s.B, s.T, C,
+                                                  s.NH, nullptr);
+  emu::attention_backward_bf16_wgmma_lockstep_cuda(dqkv_lockstep.data(), dout.data(), qkv.data(), out_lockstep.data(),
+                                                   lse_lockstep.data(), s.B, s.T, C, s.NH, nullptr);
+  struct Setting {
+    emu::AttentionWgmmaKernels kernels;
+    const char* name;
+    int64_t pipelined_launches;  // of forward, dq and dk/dv
+    bool turns;
+  };
+  for (const Setting& k : {Setting{emu::AttentionWgmmaKernels::kPipelined, "pipelined", 3, true},
+                           Setting{emu::AttentionWgmmaKernels::kNoPingPong, "no-ping-pong", 3, false},
+                           Setting{emu::AttentionWgmmaKernels::kLockstep, "lockstep", 0, false}}) {
+    SCOPED_TRACE(k.name);
+    emu::attention_wgmma_kernels_override(k.kernels);
+    EXPECT_EQ(emu::attention_wgmma_kernels(), k.kernels);
+    EXPECT_TRUE(emu::attention_wgmma_kernels_allow(false, false));
+    EXPECT_EQ(emu::attention_wgmma_kernels_allow(true, false), k.pipelined_launches > 0);
+    EXPECT_EQ(emu::attention_wgmma_kernels_allow(true, true), k.turns);
+    const int64_t launches = kraken_emu::launches_with_block_threads(384);
+    const int64_t rounds = kraken_emu::named_barrier_rounds_completed();
+    std::vector<uint16_t> out(out_lockstep.size(), 0xffff), dqkv(dqkv_lockstep.size(), 0);
+    std::vector<float> lse(lse_lockstep.size(), -1.0f);
+    emu::attention_forward_bf16_wgmma_cuda(out.data(), lse.data(), qkv.data(), s.B, s.T, C, s.NH, nullptr);
+    emu::attention_backward_bf16_wgmma_cuda(dqkv.data(), dout.data(), qkv.data(), out.data(), lse.data(), s.B, s.T, C,
+                                            s.NH, nullptr);
+    EXPECT_EQ(kraken_emu::launches_with_block_threads(384) - launches, k.pipelined_launches);
+    EXPECT_EQ(kraken_emu::named_barrier_rounds_completed() > rounds, k.turns);
+    EXPECT_EQ(out, out_lockstep);
+    EXPECT_EQ(0, std::memcmp(lse.data(), lse_lockstep.data(), sizeof(float) * lse.size()));
+    EXPECT_EQ(dqkv, dqkv_lockstep);
+  }
+  emu::attention_wgmma_kernels_override_reset();
+  EXPECT_EQ(emu::attention_wgmma_kernels(), from_environment);
+}
+
 // The mbarrier pipeline probe (kernels/attention.h): a producer warp streams tiles through two stages with
 // full/empty barriers, a consumer warp sums another lane's piece of each — the exact sums under both
 // schedules (copies and their arrivals as late as can be, or at once), for one tile, a ring's worth, and

@@ -48,6 +48,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <random>
 #include <string>
@@ -75,6 +76,11 @@ using runtime::Shape;
 using runtime::Tensor;
 using Shape4 = testing::AttentionShape;
 
+// The wgmma tests' HangWatch limits: one kernel at the test shapes (milliseconds on a GPU; the training
+// shapes' tens), and a whole test with its CPU reference (seconds). Far above a slow run, far below
+// gpu-check's 90-second limit on the lot, which a hang would otherwise use up.
+constexpr double kHangSeconds = 10.0, kHangSecondsPerTest = 45.0;
+
 #if KRAKEN_WITH_CUDA
 
 using testing::AttentionCase;
@@ -88,6 +94,7 @@ constexpr double kSimtOut = 1e-5, kSimtGrad = 2e-5, kSimtLse = 1e-5;  // the SIM
 
 Device gpu() { return Device::cuda(0); }
 CUstream_st* stream() { return runtime::compute_stream(gpu()); }
+
 
 // N(0, std²) values rounded to bf16 on the CPU: the exact inputs of both sides.
 Tensor bf16_input(const Shape& shape, uint64_t seed, float std = 1.0f) {
@@ -254,8 +261,12 @@ void check_mbarrier_probe() {
     for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>(static_cast<int>(i * 37 % 101) - 50) / 8.0f;
     const Tensor x_d = Tensor::from_vector(x, {static_cast<int64_t>(x.size())}).to(gpu());
     Tensor sums = Tensor::full({32}, -1.0f).to(gpu());
-    mbarrier_pipeline_probe_cuda(sums.data<float>(), x_d.data<float>(), tiles, 0, stream());
-    const std::vector<float> got = sums.to_vector();
+    std::vector<float> got;
+    {
+      testing::HangWatch watch("the mbarrier pipeline probe, " + std::to_string(tiles) + " tiles", kHangSeconds);
+      mbarrier_pipeline_probe_cuda(sums.data<float>(), x_d.data<float>(), tiles, 0, stream());
+      got = sums.to_vector();
+    }
     int wrong = 0;
     for (int lane = 0; lane < 32; ++lane) {
       float want = 0.0f;
@@ -278,7 +289,9 @@ void check_mbarrier_probe() {
 // on a GPU the check that their barriers, proxy fences and register hand-over hold (the CPU emulation
 // checks the order of the pipeline, not the PTX). Shapes: a short and a wrapped ring, blocks whose second
 // warpgroup has no queries; or the training shapes (GPT-2's D = 64 heads, the Kraken preset's D = 168,
-// T = 1024: many blocks an SM in turn, too slow for the sanitizers).
+// T = 1024: many blocks an SM in turn, too slow for the sanitizers). Each kernel under a HangWatch, and
+// only the kernels KRAKEN_CUDA_WGMMA allows (the others' counts read "left out"): where gpu-check found
+// the turns wrong or hung, it runs this again under no-ping-pong.
 void check_pipelined_kernels(bool training_shapes) {
   struct Case {
     int64_t B, T, D, NH;
@@ -299,15 +312,24 @@ void check_pipelined_kernels(bool training_shapes) {
     const std::vector<uint16_t> qkv = random_bits(3 * n, 1.5f), dout = random_bits(n, 1.0f),
                                 dqkv0 = random_bits(3 * n, 0.5f);
     const DeviceBf16 qkv_d(qkv, 0), dout_d(dout, 0);
-    // Each pipelined kernel runs on its own, finished before the next, after a line naming it: where one
-    // hangs (gpu-check's 90 s), the log's last line says which. (Not [gpu-wgmma] lines: the report's
-    // summary keeps those.)
+    // Each pipelined kernel runs on its own, finished before the next, after a line naming it and under a
+    // HangWatch: where one hangs, the watch's [gpu-hang] line says which (and the log's last plain line,
+    // had the watch itself failed: not [gpu-wgmma] lines, which the report's summary keeps).
     auto starting = [&](const char* what) {
       std::printf("pipelined kernels B=%lld T=%lld D=%lld: %s\n", static_cast<long long>(k.B),
                   static_cast<long long>(k.T), static_cast<long long>(k.D), what);
       std::fflush(stdout);
     };
-    auto finish = [] { runtime::synchronize(gpu()); };
+    const std::string shape = "B=" + std::to_string(k.B) + " T=" + std::to_string(k.T) + " D=" + std::to_string(k.D);
+    // Runs a kernel (launch) under a watch, finished before the next.
+    auto run_watched = [&](const char* what, const std::function<void()>& launch) {
+      starting(what);
+      testing::HangWatch watch(std::string("pipelined kernels ") + shape + ": " + what, kHangSeconds);
+      launch();
+      runtime::synchronize(gpu());
+    };
+    constexpr int64_t kLeftOut = -1;
+    auto count = [](int64_t wrong) { return wrong == kLeftOut ? std::string("left out") : std::to_string(wrong); };
     DeviceBf16 out_lockstep(std::vector<uint16_t>(static_cast<size_t>(n), 0x1234), 0);
     Tensor lse_lockstep = Tensor::full({k.B, k.NH, k.T}, -2.0f).to(gpu());
     attention_forward_bf16_wgmma_lockstep_cuda(out_lockstep.ptr(), lse_lockstep.data<float>(), qkv_d.ptr(), k.B, k.T,
@@ -318,17 +340,19 @@ void check_pipelined_kernels(bool training_shapes) {
     // and lse that differ from the lockstep kernel's.
     int64_t forward_wrong[2] = {0, 0};
     for (const bool ping_pong : {true, false}) {
-      starting(ping_pong ? "the forward with ping-pong" : "the forward without ping-pong");
+      int64_t& wrong = forward_wrong[ping_pong ? 0 : 1];
+      if (!attention_wgmma_kernels_allow(true, ping_pong)) {
+        wrong = kLeftOut;
+        continue;
+      }
       DeviceBf16 out(std::vector<uint16_t>(static_cast<size_t>(n), 0x7fc0), 0);
       Tensor lse = Tensor::full({k.B, k.NH, k.T}, -1.0f).to(gpu());
-      if (ping_pong) attention_forward_bf16_wgmma_cuda(out.ptr(), lse.data<float>(), qkv_d.ptr(), k.B, k.T, C, k.NH,
-                                                       stream());
-      else attention_forward_bf16_wgmma_kernel_cuda(out.ptr(), lse.data<float>(), qkv_d.ptr(), k.B, k.T, C, k.NH, true,
-                                                    false, stream());
-      finish();
+      run_watched(ping_pong ? "the forward with ping-pong" : "the forward without ping-pong", [&] {
+        attention_forward_bf16_wgmma_kernel_cuda(out.ptr(), lse.data<float>(), qkv_d.ptr(), k.B, k.T, C, k.NH, true,
+                                                 ping_pong, stream());
+      });
       const std::vector<uint16_t> got = out.bits();
       const std::vector<float> got_lse = lse.to_vector();
-      int64_t& wrong = forward_wrong[ping_pong ? 0 : 1];
       for (size_t i = 0; i < got.size(); ++i) wrong += got[i] != out_want[i];
       for (size_t i = 0; i < got_lse.size(); ++i) wrong += std::memcmp(&got_lse[i], &lse_want[i], sizeof(float)) != 0;
     }
@@ -347,33 +371,43 @@ void check_pipelined_kernels(bool training_shapes) {
                                             "the backward's dk/dv kernel without ping-pong"};
     for (int which = 0; which < 4; ++which) {
       const bool dq = which < 2, ping_pong = which % 2 == 0;
-      starting(backward_kernel[which]);
+      if (!attention_wgmma_kernels_allow(true, ping_pong)) {
+        backward_wrong[which] = kLeftOut;
+        continue;
+      }
       DeviceBf16 dqkv(dqkv0, 0);
-      attention_backward_bf16_wgmma_kernels_cuda(dqkv.ptr(), dout_d.ptr(), qkv_d.ptr(), out_lockstep.ptr(),
-                                                 lse_lockstep.data<float>(), k.B, k.T, C, k.NH, dq, !dq, ping_pong,
-                                                 stream());
-      finish();
+      run_watched(backward_kernel[which], [&] {
+        attention_backward_bf16_wgmma_kernels_cuda(dqkv.ptr(), dout_d.ptr(), qkv_d.ptr(), out_lockstep.ptr(),
+                                                   lse_lockstep.data<float>(), k.B, k.T, C, k.NH, dq, !dq, ping_pong,
+                                                   stream());
+      });
       const std::vector<uint16_t> got = dqkv.bits();
       for (size_t i = 0; i < got.size(); ++i) backward_wrong[which] += got[i] != dqkv_want[i];
     }
     std::printf("[gpu-wgmma] pipelined kernels B=%lld T=%lld D=%lld NH=%lld, elements differing from the lockstep "
-                "kernels' (with ping-pong / without): forward %lld / %lld of %zu out and lse; dq kernel %lld / %lld, "
-                "dk/dv kernel %lld / %lld of %zu dqkv\n",
+                "kernels' (with ping-pong / without): forward %s / %s of %zu out and lse; dq kernel %s / %s, "
+                "dk/dv kernel %s / %s of %zu dqkv\n",
                 static_cast<long long>(k.B), static_cast<long long>(k.T), static_cast<long long>(k.D),
-                static_cast<long long>(k.NH), static_cast<long long>(forward_wrong[0]),
-                static_cast<long long>(forward_wrong[1]), out_want.size() + lse_want.size(),
-                static_cast<long long>(backward_wrong[0]), static_cast<long long>(backward_wrong[1]),
-                static_cast<long long>(backward_wrong[2]), static_cast<long long>(backward_wrong[3]),
-                dqkv_want.size());
+                static_cast<long long>(k.NH), count(forward_wrong[0]).c_str(), count(forward_wrong[1]).c_str(),
+                out_want.size() + lse_want.size(), count(backward_wrong[0]).c_str(), count(backward_wrong[1]).c_str(),
+                count(backward_wrong[2]).c_str(), count(backward_wrong[3]).c_str(), dqkv_want.size());
     std::fflush(stdout);
-    const std::string shape = "B=" + std::to_string(k.B) + " T=" + std::to_string(k.T) + " D=" + std::to_string(k.D);
-    EXPECT_EQ(forward_wrong[0], 0) << "the forward with ping-pong, " << shape;
-    EXPECT_EQ(forward_wrong[1], 0) << "the forward without ping-pong, " << shape;
-    for (int which = 0; which < 4; ++which)
-      EXPECT_EQ(backward_wrong[which], 0) << backward_kernel[which] << ", " << shape;
+    const char* const forward_kernel[2] = {"the forward with ping-pong", "the forward without ping-pong"};
+    for (int which = 0; which < 2; ++which) {
+      if (forward_wrong[which] != kLeftOut) {
+        EXPECT_EQ(forward_wrong[which], 0) << forward_kernel[which] << ", " << shape;
+      }
+    }
+    for (int which = 0; which < 4; ++which) {
+      if (backward_wrong[which] != kLeftOut) {
+        EXPECT_EQ(backward_wrong[which], 0) << backward_kernel[which] << ", " << shape;
+      }
+    }
   }
   EXPECT_FALSE(attention_bf16_wgmma_pipelined_supported(256));
 }
+
+bool wgmma_pipelined_allowed() { return attention_wgmma_kernels_allow(true, false); }
 
 #else  // a build without CUDA: the tests skip before calling these
 
@@ -386,6 +420,7 @@ bool wgmma_backward_supported(int64_t) { return false; }
 void check_wgmma_probe() {}
 void check_mbarrier_probe() {}
 void check_pipelined_kernels(bool) {}
+bool wgmma_pipelined_allowed() { return false; }
 
 #endif  // KRAKEN_WITH_CUDA
 
@@ -449,9 +484,20 @@ TEST(GpuAttentionMma, MatchesTheRoundedCpuForHeadsAbove128) {
 }
 
 // The wgmma forward (kernels/cuda/attention_wgmma.cu) needs a compute capability 9.0 device (sm_90a code).
+// (Every wgmma test under a HangWatch: a hung kernel ends the process within the watch's limit, and its
+// [gpu-hang] line names what hung. The pipelined kernels and the mbarrier probe only where
+// KRAKEN_CUDA_WGMMA allows pipelined kernels: under lockstep, the setting gpu-check falls back to where
+// they failed, they skip.)
+#define KRAKEN_REQUIRE_WGMMA_PIPELINED()                                                                      \
+  do {                                                                                                        \
+    if (!wgmma_pipelined_allowed())                                                                           \
+      GTEST_SKIP() << "KRAKEN_CUDA_WGMMA=lockstep: the pipelined kernels (and the mbarrier probe) left out";  \
+  } while (0)
+
 TEST(GpuAttentionWgmma, LayoutProbeIsAMatrixProduct) {
   KRAKEN_REQUIRE_CUDA_KERNELS();
   if (!wgmma_supported(64)) GTEST_SKIP() << "wgmma needs a compute capability 9.0 device (H100, H200)";
+  testing::HangWatch watch("GpuAttentionWgmma.LayoutProbeIsAMatrixProduct", kHangSecondsPerTest);
   check_wgmma_probe();
 }
 
@@ -459,24 +505,29 @@ TEST(GpuAttentionWgmma, LayoutProbeIsAMatrixProduct) {
 TEST(GpuAttentionWgmma, MbarrierPipelineProbeMovesEveryTile) {
   KRAKEN_REQUIRE_CUDA_KERNELS();
   if (!wgmma_supported(64)) GTEST_SKIP() << "the probe is sm_90a code: a compute capability 9.0 device (H100, H200)";
+  KRAKEN_REQUIRE_WGMMA_PIPELINED();
   check_mbarrier_probe();
 }
 
 TEST(GpuAttentionWgmma, PipelinedKernelsAreTheLockstepOnesBits) {
   KRAKEN_REQUIRE_CUDA_KERNELS();
   if (!wgmma_supported(64)) GTEST_SKIP() << "wgmma needs a compute capability 9.0 device (H100, H200)";
+  KRAKEN_REQUIRE_WGMMA_PIPELINED();
   check_pipelined_kernels(false);
 }
 
 TEST(GpuAttentionWgmma, PipelinedKernelsAreTheLockstepOnesBitsAtTrainingShapes) {
   KRAKEN_REQUIRE_CUDA_KERNELS();
   if (!wgmma_supported(64)) GTEST_SKIP() << "wgmma needs a compute capability 9.0 device (H100, H200)";
+  KRAKEN_REQUIRE_WGMMA_PIPELINED();
   check_pipelined_kernels(true);
 }
 
+// (From here the wgmma entry points: the kernels KRAKEN_CUDA_WGMMA asks for.)
 TEST(GpuAttentionWgmma, MatchesTheRoundedCpu) {
   KRAKEN_REQUIRE_CUDA_KERNELS();
   if (!wgmma_supported(64)) GTEST_SKIP() << "wgmma needs a compute capability 9.0 device (H100, H200)";
+  testing::HangWatch watch("GpuAttentionWgmma.MatchesTheRoundedCpu", kHangSecondsPerTest);
   // Its head sizes (168: the Kraken 4-way preset's, q and k padded to 176; 256 has a forward only, checked
   // with the mma backward); T from one query to three 128-row blocks, with a block whose second warpgroup
   // has one row (65) or none (64, 129 → 1), and B·NH = 4 or 6. The backward runs on the CPU's out and lse,
@@ -646,6 +697,7 @@ TEST(GpuAttentionTc, AgreesWithTheSimtKernels) {
 TEST(GpuAttentionWgmma, AgreesWithTheMmaKernels) {
   KRAKEN_REQUIRE_CUDA_KERNELS();
   if (!wgmma_supported(64)) GTEST_SKIP() << "wgmma needs a compute capability 9.0 device (H100, H200)";
+  testing::HangWatch watch("GpuAttentionWgmma.AgreesWithTheMmaKernels", kHangSecondsPerTest);
   check_wgmma_against_mma({2, 300, 2 * 64, 2});
   check_wgmma_against_mma({2, 300, 2 * 168, 2});
 }

@@ -1,10 +1,13 @@
 #include "tests/gpu/gpu_test_util.h"
 
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <mutex>
 
 #include "kernels/elementwise.h"
 
@@ -143,6 +146,39 @@ void expect_within_ulp(const std::vector<float>& got, const std::vector<float>& 
 
 runtime::AllocatorStats test_device_allocator_stats() {
   return gpu_tests_on_cpu() ? runtime::host_allocator_stats() : runtime::device_allocator_stats(0);
+}
+
+struct HangWatch::State {
+  std::mutex mutex;
+  std::condition_variable ended;
+  bool done = false;
+};
+
+HangWatch::HangWatch(std::string what, double seconds) : state_(std::make_shared<State>()) {
+  static const double scale = [] {
+    const char* env = std::getenv("KRAKEN_HANG_WATCH_SCALE");
+    const double v = env && *env ? std::atof(env) : 1.0;
+    return v > 0.0 ? v : 1.0;
+  }();
+  seconds *= scale;
+  watcher_ = std::thread([state = state_, what = std::move(what), seconds] {
+    std::unique_lock<std::mutex> lock(state->mutex);
+    if (state->ended.wait_for(lock, std::chrono::duration<double>(seconds), [&] { return state->done; })) return;
+    std::fflush(stdout);  // (what the test printed so far comes first)
+    std::fprintf(stderr, "[gpu-hang] %s did not finish in %g s: taken for a hang, the process ends (exit status 124)\n",
+                 what.c_str(), seconds);
+    std::fflush(stderr);
+    std::_Exit(124);  // (no destructors: the hung thread holds the device)
+  });
+}
+
+HangWatch::~HangWatch() {
+  {
+    std::lock_guard<std::mutex> lock(state_->mutex);
+    state_->done = true;
+  }
+  state_->ended.notify_all();
+  watcher_.join();
 }
 
 }  // namespace kraken::testing

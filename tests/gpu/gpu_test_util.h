@@ -19,7 +19,9 @@
 #include <gtest/gtest.h>
 
 #include <functional>
+#include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "runtime/allocator.h"
@@ -85,5 +87,25 @@ void expect_matches_cpu(const DeviceOp& f, const std::vector<runtime::Tensor>& c
 
 // Allocator statistics of test_device() (the host allocator in the dry run).
 runtime::AllocatorStats test_device_allocator_stats();
+
+// A limit on a scope that may never end: a kernel waiting on a barrier nobody completes (the pipelined
+// wgmma kernels' mbarriers and named barriers, whose first GPU runs these tests are) blocks the next
+// synchronisation for good. If the scope is still open after `seconds`, the watch prints "[gpu-hang]
+// <what> did not finish in <seconds> s" (stderr) and ends the process with exit status 124 (timeout's), the only
+// way out of a hung kernel: tools/gpu-check.sh reads the line, knows which kernel hung within seconds
+// instead of its own limit, and steps KRAKEN_CUDA_WGMMA down (kernels/attention.h). KRAKEN_HANG_WATCH_SCALE
+// multiplies every limit (gpu-check sets 20 under compute-sanitizer, which runs kernels that much slower).
+class HangWatch {
+ public:
+  HangWatch(std::string what, double seconds);
+  ~HangWatch();
+  HangWatch(const HangWatch&) = delete;
+  HangWatch& operator=(const HangWatch&) = delete;
+
+ private:
+  struct State;
+  std::shared_ptr<State> state_;
+  std::thread watcher_;
+};
 
 }  // namespace kraken::testing
