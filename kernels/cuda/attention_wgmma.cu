@@ -515,19 +515,14 @@ __device__ __forceinline__ void copy_fragments(uint32_t (&to)[K][4], const uint3
 struct IssueTurns {
   int wg, their_first, their_end;  // this warpgroup; the other's issues are their_first .. their_end − 1
   __device__ bool theirs(int i) const { return i >= their_first && i < their_end; }
+  // (Each a predicated barrier, no branch: mbarrier.h's sync_if.)
   __device__ void wait_turn(int i) const {  // before issue i: the other's issue before it has been made
-    if (wg == 0) {
-      if (theirs(i - 1)) named_barrier::sync<1>(kThreads);
-    } else if (theirs(i)) {
-      named_barrier::sync<2>(kThreads);
-    }
+    named_barrier::sync_if<1>(wg == 0 && theirs(i - 1), kThreads);
+    named_barrier::sync_if<2>(wg != 0 && theirs(i), kThreads);
   }
   __device__ void pass_turn(int i) const {  // after issue i: the other's next issue may go
-    if (wg == 0) {
-      if (theirs(i)) named_barrier::arrive<2>(kThreads);
-    } else if (theirs(i + 1)) {
-      named_barrier::arrive<1>(kThreads);
-    }
+    named_barrier::arrive_if<2>(wg == 0 && theirs(i), kThreads);
+    named_barrier::arrive_if<1>(wg != 0 && theirs(i + 1), kThreads);
   }
 };
 

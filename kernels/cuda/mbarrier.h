@@ -23,6 +23,11 @@
 // for the completion; arrive<id>(n) arrives and goes on. So two warpgroups take turns: one syncs on its
 // barrier with n = 256, the other arrives on it once it is done with its turn. An arrival the other side
 // does not await in that round completes the round without it (a hang or a skipped turn later).
+// sync_if / arrive_if: the same where cond holds (the same for every thread of a warp), as one predicated
+// instruction rather than a branch around it. The difference matters to ptxas: with the turns' branches
+// in a loop of asynchronous wgmma, it serialised the dq and dk/dv kernels' products (its C7513 "wgmma
+// serialized due to non wgmma instructions defining input registers"); predicated, it keeps them in
+// flight (scripts/check-wgmma-ptxas.sh holds every pipelined kernel to that).
 //
 // Under the CPU emulation (tests/cuda_emu) these are calls into the emulator, which waits as a barrier
 // waits and lands a copy's bytes only when its arrival is needed (emu.h).
@@ -105,6 +110,14 @@ template <int kId>
 inline void arrive(int threads) {
   ::kraken_emu::named_barrier_arrive(kId, threads);
 }
+template <int kId>
+inline void sync_if(bool cond, int threads) {
+  if (cond) ::kraken_emu::named_barrier_sync(kId, threads);
+}
+template <int kId>
+inline void arrive_if(bool cond, int threads) {
+  if (cond) ::kraken_emu::named_barrier_arrive(kId, threads);
+}
 #else
 template <int kId>
 __device__ __forceinline__ void sync(int threads) {
@@ -115,6 +128,30 @@ template <int kId>
 __device__ __forceinline__ void arrive(int threads) {
   static_assert(kId >= 1 && kId < 16, "named barriers 1 .. 15 (0 is __syncthreads')");
   asm volatile("bar.arrive %0, %1;\n" ::"n"(kId), "r"(threads) : "memory");
+}
+template <int kId>
+__device__ __forceinline__ void sync_if(bool cond, int threads) {
+  static_assert(kId >= 1 && kId < 16, "named barriers 1 .. 15 (0 is __syncthreads')");
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %0, 0;\n"
+      "@p bar.sync %1, %2;\n"
+      "}\n" ::"r"(static_cast<int>(cond)),
+      "n"(kId), "r"(threads)
+      : "memory");
+}
+template <int kId>
+__device__ __forceinline__ void arrive_if(bool cond, int threads) {
+  static_assert(kId >= 1 && kId < 16, "named barriers 1 .. 15 (0 is __syncthreads')");
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %0, 0;\n"
+      "@p bar.arrive %1, %2;\n"
+      "}\n" ::"r"(static_cast<int>(cond)),
+      "n"(kId), "r"(threads)
+      : "memory");
 }
 #endif
 
