@@ -36,7 +36,8 @@
 // 3. For context: GPT-2's MLP block (c_fc → GELU → c_proj) in bf16, forward and backward, with its GELU
 //    and bias gradients as kernels or in cuBLASLt's epilogues (KRAKEN_CUDA_EPILOGUES's levels: the
 //    training rows take the environment's, 1 when unset); the Kraken preset's sub-layer products one per
-//    sub-layer and as one strided batch; one matrix product (fp32 SGEMM, and bf16
+//    sub-layer and as one strided batch, and its B = 64 step's products at its widths (504, 1008, 1512)
+//    against the same with every width padded to a multiple of 64; one matrix product (fp32 SGEMM, and bf16
 //    through cuBLASLt) and the fused attention at
 //    the same shapes: fp32, and bf16 on tensor cores (mma.sync with the scores in registers, and WMMA)
 //    and on CUDA cores, then both tensor-core families on one sub-layer of the Kraken 4-way preset (3
@@ -911,11 +912,62 @@ void bench_kraken_products(Report& r) {
   }
 }
 
+// Whether the Kraken preset's odd widths cost its products their speed: the step's products at B = 64 (a
+// sub-layer's 65536 rows; C = 504, 3C = 1512, 2C = 1008) against the same products with every dimension
+// rounded up to a multiple of 64 (512, 1536, 1024), both timed as the step runs them (the forward and
+// input-gradient products one strided batch of the 4 sub-layers, each weight gradient one product per
+// matrix, K = 65,536). The rate counts the unpadded FLOPs for both rows: where the padded row's is the
+// higher, a model holding its widths padded (zero columns that stay zero) would gain that much in these
+// products. The eighteenth session measured the preset's products at ~470 TFLOP/s against GPT-2's ~650, the
+// dGELU product at 367. A measurement for a decision; the model does not pad.
+void bench_kraken_padded_products(Report& r) {
+  using namespace kraken::kernels;
+  const int64_t rows = 64 * 1024, C = 504, k = 4;
+  const auto up = [](int64_t n) { return (n + 63) / 64 * 64; };
+  struct Shape {
+    const char* name;
+    int64_t M, N, K;
+    bool ta, tb, batched;
+  } shapes[] = {{"c_attn forward (65536×504)·(504×1512)", rows, 3 * C, C, false, true, true},
+                {"attention projection forward (65536×504)·(504×504)", rows, C, C, false, true, true},
+                {"MLP c_fc forward (65536×504)·(504×1008)", rows, 2 * C, C, false, true, true},
+                {"MLP c_proj forward (65536×1008)·(1008×504)", rows, C, 2 * C, false, true, true},
+                {"c_attn input gradient (65536×1512)·(1512×504)", rows, C, 3 * C, false, false, true},
+                {"MLP c_fc input gradient (65536×1008)·(1008×504)", rows, C, 2 * C, false, false, true},
+                {"MLP c_proj input gradient, the dGELU product's shape (65536×504)·(504×1008)", rows, 2 * C, C, false,
+                 false, true},
+                {"c_attn weight gradient (1512×65536)·(65536×504)", 3 * C, C, rows, true, false, false},
+                {"MLP c_fc weight gradient (1008×65536)·(65536×504)", 2 * C, C, rows, true, false, false}};
+  for (const Shape& sh : shapes) {
+    const double useful = 2.0 * k * sh.M * sh.N * sh.K;
+    double ms[2] = {0.0, 0.0};
+    for (int padded = 0; padded < 2; ++padded) {
+      const int64_t M = padded ? up(sh.M) : sh.M, N = padded ? up(sh.N) : sh.N, K = padded ? up(sh.K) : sh.K;
+      const int64_t sa = M * K, sb = K * N, so = M * N;
+      const Tensor a = normal({k * sa}, 72).to(DType::BF16), b = normal({k * sb}, 73).to(DType::BF16);
+      Tensor out = Tensor::empty({k * so}, DType::BF16, Device::cuda(0));
+      ms[padded] = 1e3 * time_kernel([&] {
+        if (sh.batched) {
+          matmul_bf16_batched_cuda(out.data_ptr(), true, a.data<uint16_t>(), b.data<uint16_t>(), k, M, N, K, sh.ta,
+                                   sh.tb, so, sa, sb, nullptr);
+        } else {
+          for (int64_t i = 0; i < k; ++i)
+            matmul_bf16_cuda(out.data<uint16_t>() + i * so, true, a.data<uint16_t>() + i * sa,
+                             b.data<uint16_t>() + i * sb, nullptr, M, N, K, sh.ta, sh.tb, MatmulEpilogue::kNone, nullptr);
+        }
+      }, 5);
+    }
+    r.line("| Kraken 4-way B = 64, 4 sub-layers' %s: as is / widths padded to 64 | %.3f / %.3f | %.1f / %.1f useful "
+           "TFLOP/s |", sh.name, ms[0], ms[1], useful / ms[0] / 1e9, useful / ms[1] / 1e9);
+  }
+}
+
 void bench_compute(Report& r) {
   using namespace kraken::kernels;
   const int64_t N = 8 * 1024, C = 768;
   bench_mlp(r);
   bench_kraken_products(r);
+  bench_kraken_padded_products(r);
   {
     Tensor a = normal({N, C}, 30), w = normal({4 * C, C}, 31), out = normal({N, 4 * C}, 32);
     const double s = time_kernel([&] { matmul_cuda(out.data<float>(), a.data<float>(), w.data<float>(), N, 4 * C, C, false,
