@@ -4,6 +4,7 @@
 #   - no "Potential Performance Loss" from ptxas — notably C7513, "wgmma.mma_async instructions are
 #     serialized …": ptxas then waits for each product before the next instruction, which undoes the
 #     pipelined kernels' overlap without changing a bit of their results — only a benchmark would show it;
+#   - no ptxas warning (C7508: a setmaxnreg ignored, the consumers left without their registers);
 #   - every pipelined kernel compiled with the launch's 168 registers a thread: their register hand-over
 #     (setmaxnreg) assumes it, and the runtime runs the lockstep kernels instead where it finds otherwise
 #     (kernels/attention.h), again silently.
@@ -32,7 +33,7 @@ def readable(mangled):
         names[mangled] = m.group(1) if m else out
     return names[mangled]
 
-kernels, current, serialised = {}, None, []
+kernels, current, serialised, warnings = {}, None, [], []
 for line in lines:
     m = re.search(r"(?:Compiling entry function|Function properties for) '?([A-Za-z0-9_]+)'?", line)
     if m:
@@ -41,6 +42,8 @@ for line in lines:
     m = re.search(r"(\(C\d+\) Potential Performance Loss: .*?) in the function '([A-Za-z0-9_]+)'", line)
     if m:
         serialised.append((m.group(2), m.group(1)))
+    elif "ptxas warning" in line:  # e.g. C7508, setmaxnreg ignored: the consumers would not get their registers
+        warnings.append(line.strip())
     if current is None:
         continue
     m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
@@ -61,6 +64,7 @@ for mangled, k in sorted(kernels.items(), key=lambda kv: readable(kv[0])):
         bad.append(f"{name} compiled with {k['registers']} registers, not the launch's 168 (setmaxnreg's hand-over)")
 for mangled, what in serialised:
     bad.append(f"{readable(mangled)}: {what}")
+bad += warnings
 if not any("pipelined_kernel" in readable(m) for m in kernels):
     bad.append("no pipelined kernel in ptxas's report: its format changed, or the kernels did")
 for b in bad:
