@@ -218,48 +218,18 @@ md "## 3. GPU tests (ctest -L gpu)"
 # pipeline probe, kernels/cuda/mbarrier.h's first GPU run, whose [gpu-wgmma] lines say how many of its sums
 # were wrong.) Every wgmma test runs under a HangWatch (tests/gpu/gpu_test_util.h): a hung kernel ends the
 # process in seconds with a [gpu-hang] line naming it.
-# The pipelined kernels (twenty-third and twenty-fourth sessions) are a step down from the lockstep ones
-# in a ladder: where they fail or hang under KRAKEN_CUDA_WGMMA=pipelined, the same tests run again under
-# no-ping-pong (the pipelined kernels without their warpgroups' turns), then lockstep (the kernels that
-# passed in the twenty-second session), and the first setting that passes is exported for everything
-# after — the tests, the benchmark's rows and variants, the sanitizers — so that one call still measures
-# the kernels that work. A failed step is a failure of the check all the same.
+# The pipelined kernels (twenty-third to twenty-fifth sessions) head a ladder (tools/gpu-wgmma-ladder.sh):
+# where the tests fail or hang under KRAKEN_CUDA_WGMMA=pipelined, they run again under no-ping-pong (the
+# pipelined kernels without their warpgroups' turns), then lockstep (the kernels that passed in the
+# twenty-second session), and the first setting that passes is exported for everything after — the tests,
+# the benchmark's rows and variants, the sanitizers — so that one call still measures the kernels that
+# work. A failed step is a failure of the check all the same.
 wgmma_ok=1
 wgmma_setting=pipelined
 ctest_exclude=()
+source "$root/tools/gpu-wgmma-ladder.sh"
 if [[ $have_gpu -eq 1 && -x "$build/tests/kraken_tests_gpu" ]]; then
-  wgmma_ok=0
-  limit=90
-  for setting in pipelined no-ping-pong lockstep; do
-    say "the wgmma kernels' tests, KRAKEN_CUDA_WGMMA=$setting"
-    t0=$(date +%s)
-    KRAKEN_CUDA_WGMMA=$setting KRAKEN_SOURCE_DIR="$root" OMP_NUM_THREADS=2 timeout $limit \
-      "$build/tests/kraken_tests_gpu" --gtest_filter='GpuAttentionWgmma.*' > "$logs/gpu-tests-wgmma-$setting.log" 2>&1
-    rc=$?
-    md "The wgmma kernels' tests first (GpuAttentionWgmma.*, KRAKEN_CUDA_WGMMA=$setting): exit status $rc in $(( $(date +%s) - t0 )) s."
-    grep -E '^\[gpu-wgmma\]|^\[gpu-hang\]|^\[( +OK|  FAILED|  SKIPPED|  PASSED) ' "$logs/gpu-tests-wgmma-$setting.log" | head -n 40 \
-      > "$logs/gpu-tests-wgmma-$setting-summary.log"
-    md_tail "$logs/gpu-tests-wgmma-$setting-summary.log" 40
-    if [[ $rc -eq 0 ]]; then
-      wgmma_ok=1
-      wgmma_setting=$setting
-      break
-    fi
-    md_tail "$logs/gpu-tests-wgmma-$setting.log" 30
-    fail "the wgmma kernels' tests under KRAKEN_CUDA_WGMMA=$setting (exit status $rc)"
-    limit=60
-  done
-  if [[ $wgmma_ok -eq 1 ]]; then
-    export KRAKEN_CUDA_WGMMA=$wgmma_setting
-    if [[ $wgmma_setting != pipelined ]]; then
-      md "From here on KRAKEN_CUDA_WGMMA=$wgmma_setting: the kernels it rules out are left out of the tests and the benchmark."
-      # (under lockstep the pipelined kernels' tests and the mbarrier probe skip; the failure is recorded above)
-      [[ $wgmma_setting == lockstep ]] && ctest_exclude=(-E 'GpuAttentionWgmma[.](MbarrierPipelineProbe|PipelinedKernels)')
-    fi
-  else
-    md "No KRAKEN_CUDA_WGMMA setting passed: the wgmma kernels are left out of the tests and the benchmark."
-    ctest_exclude=(-E 'GpuAttentionWgmma')  # (they would fail or hang again under ctest's 300 s)
-  fi
+  wgmma_ladder "$build/tests/kraken_tests_gpu" "$root"
 fi
 say "GPU tests"
 t0=$(date +%s)
