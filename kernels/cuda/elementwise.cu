@@ -324,14 +324,14 @@ struct SumTable {
   const __nv_bfloat16* x[kSumsPerLaunch];
   int count;
 };
-__global__ void sum_bf16_kernel(__nv_bfloat16* out, SumTable t, int64_t n) {
+__global__ void sum_bf16_kernel(__nv_bfloat16* out, const __grid_constant__ SumTable t, int64_t n) {
   KRAKEN_GRID_STRIDE(i, n) {
     float acc = 0.0f;
     for (int k = 0; k < t.count; ++k) acc += load(t.x[k] + i);
     store(out + i, acc);
   }
 }
-__global__ void sum_bf16x8_kernel(__nv_bfloat16* out, SumTable t, int64_t packs) {
+__global__ void sum_bf16x8_kernel(__nv_bfloat16* out, const __grid_constant__ SumTable t, int64_t packs) {
   KRAKEN_GRID_STRIDE(p, packs) {
     float acc[8] = {}, v[8];
     for (int k = 0; k < t.count; ++k) {

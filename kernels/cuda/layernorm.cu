@@ -310,7 +310,8 @@ template <int kPacks, int kGroups>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32, kGroups > 0 ? 2 : 0)
     residual_fork_summed_layernorm_x8_kernel(__nv_bfloat16* a, __nv_bfloat16* m, __nv_bfloat16* out, float* mean,
                                              float* rstd, const __nv_bfloat16* x, const __nv_bfloat16* y,
-                                             ForkNorms norms, int groups, int64_t rows, int C, float eps) {
+                                             const __grid_constant__ ForkNorms norms, int groups, int64_t rows,
+                                             int C, float eps) {
   static_assert(kGroups == 0 || kGroups * kPacks <= kMaxForkPacksInFlight, "too many packs held");
   const int lane = threadIdx.x & 31;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);

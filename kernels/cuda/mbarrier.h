@@ -27,7 +27,7 @@
 // instruction rather than a branch around it. The difference matters to ptxas: with the turns' branches
 // in a loop of asynchronous wgmma, it serialised the dq and dk/dv kernels' products (its C7513 "wgmma
 // serialized due to non wgmma instructions defining input registers"); predicated, it keeps them in
-// flight (scripts/check-wgmma-ptxas.sh holds every pipelined kernel to that).
+// flight (scripts/check-ptxas.sh holds every kernel to that).
 //
 // Under the CPU emulation (tests/cuda_emu) these are calls into the emulator, which waits as a barrier
 // waits and lands a copy's bytes only when its arrival is needed (emu.h).

@@ -209,6 +209,9 @@ cudaError_t occupancy_max_active_blocks(int* blocks, Function*, int block_size, 
 #define __shared__ static
 #undef __launch_bounds__
 #define __launch_bounds__(...)
+// (A kernel parameter read in place, without a thread's copy: the emulation's parameters are the host's.)
+#undef __grid_constant__
+#define __grid_constant__
 
 // CUDA's integer min and max (device functions there; the kernels call them unqualified).
 inline int min(int a, int b) { return a < b ? a : b; }
