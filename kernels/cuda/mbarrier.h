@@ -129,30 +129,22 @@ __device__ __forceinline__ void arrive(int threads) {
   static_assert(kId >= 1 && kId < 16, "named barriers 1 .. 15 (0 is __syncthreads')");
   asm volatile("bar.arrive %0, %1;\n" ::"n"(kId), "r"(threads) : "memory");
 }
+// One predicated bar instruction; op: "sync" or "arrive".
+#define KRAKEN_NAMED_BARRIER_IF(op, id, cond, threads)                                                   \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %0, 0;\n@p bar." op " %1, %2;\n}\n" ::"r"(static_cast<int>(cond)), \
+               "n"(id), "r"(threads)                                                                     \
+               : "memory")
 template <int kId>
 __device__ __forceinline__ void sync_if(bool cond, int threads) {
   static_assert(kId >= 1 && kId < 16, "named barriers 1 .. 15 (0 is __syncthreads')");
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %0, 0;\n"
-      "@p bar.sync %1, %2;\n"
-      "}\n" ::"r"(static_cast<int>(cond)),
-      "n"(kId), "r"(threads)
-      : "memory");
+  KRAKEN_NAMED_BARRIER_IF("sync", kId, cond, threads);
 }
 template <int kId>
 __device__ __forceinline__ void arrive_if(bool cond, int threads) {
   static_assert(kId >= 1 && kId < 16, "named barriers 1 .. 15 (0 is __syncthreads')");
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %0, 0;\n"
-      "@p bar.arrive %1, %2;\n"
-      "}\n" ::"r"(static_cast<int>(cond)),
-      "n"(kId), "r"(threads)
-      : "memory");
+  KRAKEN_NAMED_BARRIER_IF("arrive", kId, cond, threads);
 }
+#undef KRAKEN_NAMED_BARRIER_IF
 #endif
 
 }  // namespace kraken::kernels::named_barrier
