@@ -95,7 +95,6 @@ constexpr double kSimtOut = 1e-5, kSimtGrad = 2e-5, kSimtLse = 1e-5;  // the SIM
 Device gpu() { return Device::cuda(0); }
 CUstream_st* stream() { return runtime::compute_stream(gpu()); }
 
-
 // N(0, std²) values rounded to bf16 on the CPU: the exact inputs of both sides.
 Tensor bf16_input(const Shape& shape, uint64_t seed, float std = 1.0f) {
   return testing::random_tensor(shape, seed, std).to(DType::BF16);
