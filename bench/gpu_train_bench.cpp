@@ -962,12 +962,55 @@ void bench_kraken_padded_products(Report& r) {
   }
 }
 
+// Where GPT-2's shape at degree 4 could lose its bias gradients' column sums (8.4 ms of a 173.5 ms step in
+// the twenty-fifth session's H100 profile, 49 launches): each sub-layer's weight and bias gradients at B = 32
+// (32768 rows a sub-layer, 4 sub-layers) as the model runs them — the weight gradients one strided batch,
+// then every sub-layer's bias gradient in one grouped column-sum launch pair — against one product per
+// sub-layer with the bias gradient in cuBLASLt's BGRADB epilogue (matmul_bias_grad_bf16_cuda). A measurement
+// for a decision: the model does not take the epilogue for grouped products.
+void bench_grouped_bias_gradients(Report& r) {
+  using namespace kraken::kernels;
+  const int64_t rows = 32 * 1024, G = 4, C = 768;
+  struct Shape {
+    const char* name;
+    int64_t out, in;  // dW (out, in) = dyᵀ·x, dy (rows, out), x (rows, in); db (out) = Σ_rows dy
+  } shapes[] = {{"c_attn (2304 × 768)", 3 * C, C},
+                {"attention projection (768 × 768)", C, C},
+                {"MLP c_fc (3072 × 768)", 4 * C, C},
+                {"MLP c_proj (768 × 3072)", C, 4 * C}};
+  for (const Shape& sh : shapes) {
+    const Tensor dy = normal({G * rows * sh.out}, 74, 0.01f).to(DType::BF16);
+    const Tensor x = normal({G * rows * sh.in}, 75).to(DType::BF16);
+    Tensor dw = Tensor::empty({G * sh.out * sh.in}, DType::BF16, Device::cuda(0));
+    Tensor db = Tensor::zeros({G * sh.out}, DType::BF16, Device::cuda(0));
+    const double separate = time_kernel([&] {
+      matmul_bf16_batched_cuda(dw.data_ptr(), true, dy.data<uint16_t>(), x.data<uint16_t>(), G, sh.out, sh.in, rows,
+                               true, false, sh.out * sh.in, rows * sh.out, rows * sh.in, nullptr);
+      sum_rows_grouped_bf16_cuda(db.data<uint16_t>(), dy.data<uint16_t>(), G, rows, sh.out, nullptr);
+    }, 5);
+    bool fused = true;
+    const double epilogue = time_kernel([&] {
+      for (int64_t g = 0; g < G && fused; ++g)
+        fused = matmul_bias_grad_bf16_cuda(dw.data<uint16_t>() + g * sh.out * sh.in, db.data<uint16_t>() + g * sh.out,
+                                           dy.data<uint16_t>() + g * rows * sh.out, x.data<uint16_t>() + g * rows * sh.in,
+                                           sh.out, sh.in, rows, true, false, nullptr);
+    }, 5);
+    if (fused)
+      r.line("| GPT-2's shape at degree 4, B = 32, 4 sub-layers' %s weight + bias gradients: batched product + grouped "
+             "column sums / a BGRADB product each | %.3f / %.3f | |", sh.name, separate * 1e3, epilogue * 1e3);
+    else
+      r.line("| GPT-2's shape at degree 4, B = 32, 4 sub-layers' %s weight + bias gradients: batched product + grouped "
+             "column sums | %.3f | cuBLASLt has no BGRADB algorithm here |", sh.name, separate * 1e3);
+  }
+}
+
 void bench_compute(Report& r) {
   using namespace kraken::kernels;
   const int64_t N = 8 * 1024, C = 768;
   bench_mlp(r);
   bench_kraken_products(r);
   bench_kraken_padded_products(r);
+  bench_grouped_bias_gradients(r);
   {
     Tensor a = normal({N, C}, 30), w = normal({4 * C, C}, 31), out = normal({N, 4 * C}, 32);
     const double s = time_kernel([&] { matmul_cuda(out.data<float>(), a.data<float>(), w.data<float>(), N, 4 * C, C, false,
