@@ -966,8 +966,9 @@ void bench_kraken_padded_products(Report& r) {
 // the twenty-fifth session's H100 profile, 49 launches): each sub-layer's weight and bias gradients at B = 32
 // (32768 rows a sub-layer, 4 sub-layers) as the model runs them — the weight gradients one strided batch,
 // then every sub-layer's bias gradient in one grouped column-sum launch pair — against one product per
-// sub-layer with the bias gradient in cuBLASLt's BGRADB epilogue (matmul_bias_grad_bf16_cuda). A measurement
-// for a decision: the model does not take the epilogue for grouped products.
+// sub-layer with the bias gradient in cuBLASLt's BGRADB epilogue (matmul_bias_grad_bf16_batched_cuda, what
+// the model runs at KRAKEN_CUDA_EPILOGUES=2). A measurement for a decision: gpu-check's wideepi2 variant
+// times the steps.
 void bench_grouped_bias_gradients(Report& r) {
   using namespace kraken::kernels;
   const int64_t rows = 32 * 1024, G = 4, C = 768;
@@ -990,10 +991,10 @@ void bench_grouped_bias_gradients(Report& r) {
     }, 5);
     bool fused = true;
     const double epilogue = time_kernel([&] {
-      for (int64_t g = 0; g < G && fused; ++g)
-        fused = matmul_bias_grad_bf16_cuda(dw.data<uint16_t>() + g * sh.out * sh.in, db.data<uint16_t>() + g * sh.out,
-                                           dy.data<uint16_t>() + g * rows * sh.out, x.data<uint16_t>() + g * rows * sh.in,
-                                           sh.out, sh.in, rows, true, false, nullptr);
+      if (fused)
+        fused = matmul_bias_grad_bf16_batched_cuda(dw.data<uint16_t>(), db.data<uint16_t>(), dy.data<uint16_t>(),
+                                                   x.data<uint16_t>(), G, sh.out, sh.in, rows, true, false,
+                                                   sh.out * sh.in, rows * sh.out, rows * sh.in, sh.out, nullptr);
     }, 5);
     if (fused)
       r.line("| GPT-2's shape at degree 4, B = 32, 4 sub-layers' %s weight + bias gradients: batched product + grouped "

@@ -85,5 +85,13 @@ bool matmul_dgelu_bf16_batched_cuda(uint16_t* dpre, uint16_t* bias_grad, const u
                                     int64_t stride_bias, CUstream_st* stream);
 bool matmul_bias_grad_bf16_cuda(uint16_t* out, uint16_t* bias_grad, const uint16_t* a, const uint16_t* b, int64_t M,
                                 int64_t N, int64_t K, bool trans_a, bool trans_b, CUstream_st* stream);
+// BGRADB over `batch` products of one shape (a Kraken layer's sub-layers' weight and bias gradients): one
+// call per matrix, out at stride_out, bias_grad at stride_bias, a and b as in matmul_bf16_batched_cuda.
+// Every stride must keep 16 bytes (a multiple of 8 elements), so that each matrix's plan is the first's;
+// false, with nothing written, where one does not or the first matrix has no algorithm.
+bool matmul_bias_grad_bf16_batched_cuda(uint16_t* out, uint16_t* bias_grad, const uint16_t* a, const uint16_t* b,
+                                        int64_t batch, int64_t M, int64_t N, int64_t K, bool trans_a, bool trans_b,
+                                        int64_t stride_out, int64_t stride_a, int64_t stride_b, int64_t stride_bias,
+                                        CUstream_st* stream);
 
 }  // namespace kraken::kernels

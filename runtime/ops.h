@@ -106,7 +106,7 @@ enum class EpilogueFusion {
   kOff = 0,                // the three ops: cuBLASLt with the bias epilogue, GELU and column sums as kernels
   kGelu = 1,               // GELU and gelu' in the products' epilogues; bias gradients as column sums
   kGeluAndBiasGrads = 2,   // also the bias gradients: db_fc (DGELU_BGRAD), and every linear's (db_proj
-                           // included) in its weight-gradient product (BGRADB)
+                           // included) in its weight-gradient product (BGRADB); grouped, a product per group
   kGeluAndFcBiasGrad = 3,  // as 2 for db_fc (DGELU_BGRAD: GPT-2's widest bias, 4C) only; the others as
                            // column sums — level 2 without the BGRADB products that measured slow
 };

@@ -368,6 +368,20 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
   # not fit an 80 GB card. Its sub-layers' biases moved into the products' epilogues and one grouped
   # column sum in the twenty-second session (11.7 ms of kernels a step before, at B = 32), with its timeline.
   bench_variant wide "" 120 90 "GPT-2's shape at degree 4" --training-only --model kraken4-768 --batch 8,32 --timeline
+  # Where the ~4% to 50% MFU at degree 4 could come from (the twenty-fifth session's H100 profile of this
+  # shape, bench/RESULTS.md): cuDNN's backward at D = 256 writes dS to its dP workspace and reads it back for
+  # dQ (5.4 ms of 173.5 at B = 32), which its atomic dQ graph does not (non-deterministic: a measurement);
+  # cuBLASLt's algorithms timed for this shape's products (no committed pick covers them; the pick entries
+  # it prints are for this card only); the bias gradients in the products' epilogues, a product per
+  # sub-layer — BGRADB and DGELU_BGRAD at level 2, DGELU_BGRAD alone at 3 (8.4 ms of column sums).
+  bench_variant wideatomic KRAKEN_CUDNN_ATTENTION_BACKWARD=atomic 150 90 "GPT-2's shape at degree 4, cuDNN's atomic dQ" \
+    --training-only --model kraken4-768 --batch 32
+  bench_variant widetune KRAKEN_CUBLASLT_TUNE=8 150 120 "GPT-2's shape at degree 4, cuBLASLt's algorithms timed" \
+    --training-only --model kraken4-768 --batch 32
+  bench_variant wideepi2 KRAKEN_CUDA_EPILOGUES=2 150 90 "GPT-2's shape at degree 4, the bias gradients in the epilogues" \
+    --training-only --model kraken4-768 --batch 32
+  bench_variant wideepi3 KRAKEN_CUDA_EPILOGUES=3 150 90 "GPT-2's shape at degree 4, c_fc's bias gradient in DGELU_BGRAD" \
+    --training-only --model kraken4-768 --batch 32
   # The wgmma attention kernels (opt-in; slower than cuDNN's at both head sizes in the twenty-second
   # session's step, bench/RESULTS.md) in the training step, against the defaults' rows above: the
   # pipelined kernels (the default of KRAKEN_CUDA_WGMMA), then the lockstep ones on the same card.
@@ -435,7 +449,7 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
   # The mma attention kernels, the default before cuDNN's (kernels/attention.h), at B = 8 and 64.
   bench_variant mma KRAKEN_CUDA_ATTENTION=mma 150 90 "the mma attention kernels" --training-only --batch 8,64
   # (Measured and settled, so no longer rerun: KRAKEN_CUDA_EPILOGUES=0 and =2 on cuBLASLt's first choices
-  # (H200), =2 with the algorithms timed and =3 (H100), all slower than the default 1; cuDNN's
+  # (H200), =2 with the algorithms timed and =3 (H100), all slower than the default 1 at degree 1; cuDNN's
   # non-deterministic engines for the deterministic graph, no faster; bench/RESULTS.md.)
 else
   fail "benchmark not built"

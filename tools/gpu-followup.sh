@@ -8,7 +8,14 @@
 #
 #   KRAKEN_FOLLOWUP_TESTS='GpuLayerNorm.*:GpuModel.*' bash tools/gpu-followup.sh 'KRAKEN_CUBLASLT_PICKS=0' ...
 #
-# Environment: KRAKEN_FOLLOWUP_TESTS (gtest filter; unset: no tests), KRAKEN_FOLLOWUP_BENCH_ARGS (the
+# An empty argument is a variant with the defaults. For one model's rows alone on a card that gpu-check
+# did not run on (the H100 of the issue's target), without the whole benchmark first:
+#
+#   KRAKEN_FOLLOWUP_WHOLE_BENCH=0 KRAKEN_FOLLOWUP_BENCH_ARGS='--training-only --precision bf16
+#     --model kraken4-768 --batch 32' bash tools/gpu-followup.sh '' KRAKEN_CUBLASLT_TUNE=8 ...
+#
+# Environment: KRAKEN_FOLLOWUP_TESTS (gtest filter; unset: no tests, and the GPU tests are not built),
+# KRAKEN_FOLLOWUP_WHOLE_BENCH (0: skip the whole benchmark's run; default 1), KRAKEN_FOLLOWUP_BENCH_ARGS (the
 # variants' gpu_train_bench arguments, default "--training-only --precision bf16 --batch 8,64"),
 # KRAKEN_GPU_CHECK_BUILD and KRAKEN_THIRD_PARTY as for gpu-check. Writes $OUT/followup.md when OUT is set
 # (else <build>/followup.md), the logs in <build>/followup/; exit status 0 when everything that ran passed.
@@ -34,11 +41,13 @@ say() { echo "gpu-followup [$(( $(date +%s) - start ))s]: $*"; }
 md "# GPU follow-up (tools/gpu-followup.sh) at $(git -C "$root" rev-parse --short HEAD 2> /dev/null)$(git -C "$root" diff --quiet 2> /dev/null || echo ' + changes')"
 say "configure and build"
 source "$root/tools/gpu-libraries.sh"
+targets=(gpu_train_bench)
+[[ -n "${KRAKEN_FOLLOWUP_TESTS:-}" ]] && targets+=(kraken_tests_gpu)
 cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DKRAKEN_CUDA=ON -DKRAKEN_MPI=OFF \
   -DCMAKE_CUDA_ARCHITECTURES=90 -DKRAKEN_CUDA_EMU_ASAN=OFF -DKRAKEN_THIRD_PARTY="$third_party" > "$out/configure.log" 2>&1 &&
-  ninja -C "$build" gpu_train_bench kraken_tests_gpu > "$out/build.log" 2>&1
+  ninja -C "$build" "${targets[@]}" > "$out/build.log" 2>&1
 rc=$?
-md "Build (gpu_train_bench, kraken_tests_gpu): exit status $rc after $(( $(date +%s) - start )) s."
+md "Build (${targets[*]}): exit status $rc after $(( $(date +%s) - start )) s."
 md "$(grep -m1 'Kraken: CUDA' "$out/configure.log" | sed 's/^-- //')"
 if [[ $rc -ne 0 ]]; then
   { echo '```'; tail -n 40 "$out/configure.log" "$out/build.log"; echo '```'; } >> "$report"
@@ -57,27 +66,29 @@ if [[ -n "${KRAKEN_FOLLOWUP_TESTS:-}" ]]; then
   [[ $rc -eq 0 ]] || status=1
 fi
 
-say "benchmark"
-bash "$root/tools/gpu-clocks.sh" "$out/bench-clocks.csv" timeout 180 "$build/bin/gpu_train_bench" --out "$out/bench.md" \
-  > "$out/bench.log" 2>&1
-rc=$?
-md ""
-md "bench/gpu_train_bench: exit status $rc."
-grep '^gpu-clocks:' "$out/bench.log" >> "$report"
-if [[ -f "$out/bench.md" ]]; then cat "$out/bench.md" >> "$report"; else tail -n 30 "$out/bench.log" >> "$report"; fi
-[[ $rc -eq 0 ]] || status=1
+if [[ "${KRAKEN_FOLLOWUP_WHOLE_BENCH:-1}" != 0 ]]; then
+  say "benchmark"
+  bash "$root/tools/gpu-clocks.sh" "$out/bench-clocks.csv" timeout 180 "$build/bin/gpu_train_bench" --out "$out/bench.md" \
+    > "$out/bench.log" 2>&1
+  rc=$?
+  md ""
+  md "bench/gpu_train_bench: exit status $rc."
+  grep '^gpu-clocks:' "$out/bench.log" >> "$report"
+  if [[ -f "$out/bench.md" ]]; then cat "$out/bench.md" >> "$report"; else tail -n 30 "$out/bench.log" >> "$report"; fi
+  [[ $rc -eq 0 ]] || status=1
+fi
 
 read -r -a bench_args <<< "${KRAKEN_FOLLOWUP_BENCH_ARGS:---training-only --precision bf16 --batch 8,64}"
 n=0
 for setting in "$@"; do
   n=$((n + 1))
-  say "benchmark with $setting"
+  say "benchmark with ${setting:-the defaults}"
   # shellcheck disable=SC2086  # $setting holds VAR=value words
   env $setting bash "$root/tools/gpu-clocks.sh" "$out/bench-$n-clocks.csv" timeout 120 "$build/bin/gpu_train_bench" \
     "${bench_args[@]}" --out "$out/bench-$n.md" > "$out/bench-$n.log" 2>&1
   rc=$?
   md ""
-  md "With $setting: exit status $rc."
+  md "With ${setting:-the defaults}: exit status $rc."
   grep -E '^gpu-clocks:|^cuDNN attention' "$out/bench-$n.log" | sort -u >> "$report"
   # KRAKEN_CUBLASLT_TUNE's entries for kernels/cuda/cublaslt_picks.inc, where the variant asked for them
   grep -E '^cuBLASLt (pick|tune)' "$out/bench-$n.log" | sort -u | sed 's/^/    /' >> "$report"

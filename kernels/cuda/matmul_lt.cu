@@ -557,4 +557,29 @@ bool matmul_bias_grad_bf16_cuda(uint16_t* out, uint16_t* bias_grad, const uint16
   return run_product(out, true, a, b, bias_grad, nullptr, M, N, K, trans_a, trans_b, CUBLASLT_EPILOGUE_BGRADB, stream);
 }
 
+bool matmul_bias_grad_bf16_batched_cuda(uint16_t* out, uint16_t* bias_grad, const uint16_t* a, const uint16_t* b,
+                                        int64_t batch, int64_t M, int64_t N, int64_t K, bool trans_a, bool trans_b,
+                                        int64_t stride_out, int64_t stride_a, int64_t stride_b, int64_t stride_bias,
+                                        CUstream_st* stream) {
+  KRAKEN_CHECK(bias_grad != nullptr && batch >= 1 && batch < (1LL << 31), "matmul_bias_grad_bf16_batched_cuda: batch ",
+               batch, bias_grad ? "" : ", no bias gradient vector");
+  if (M == 0 || N == 0) return false;
+  // A stride off 16 bytes would give a later matrix other alignments than the first's: another plan, which
+  // cuBLASLt might refuse after the first products ran.
+  if (batch > 1 && (stride_out % 8 != 0 || stride_a % 8 != 0 || stride_b % 8 != 0 || stride_bias % 8 != 0)) return false;
+  // One product per matrix, as the bench's rows time it (gpu_train_bench: a BGRADB product each); cuBLASLt's
+  // strided batches of these epilogues have not been timed.
+  for (int64_t i = 0; i < batch; ++i) {
+    const bool done = run_product(out + i * stride_out, true, a + i * stride_a, b + i * stride_b,
+                                  bias_grad + i * stride_bias, nullptr, M, N, K, trans_a, trans_b,
+                                  CUBLASLT_EPILOGUE_BGRADB, stream);
+    if (!done) {
+      KRAKEN_CHECK(i == 0, "matmul BGRADB: matrix ", i, " of a batch of ", batch,
+                   " has no algorithm where the first had one");
+      return false;
+    }
+  }
+  return true;
+}
+
 }  // namespace kraken::kernels

@@ -206,11 +206,22 @@ Tensor grouped_linear(const Tensor& x, const Tensor& weight, const Tensor& bias)
                dx = Tensor::empty(x_shape, dtype, dy.device());
                gemm(dx, dy, w_saved, G, rows, in, outf, false, false, 0.0f, rows * outf, outf * in);
              }
+             bool biases_done = false;
              if (x_saved.defined()) {  // dW[g] (out, in) = dy[g]ᵀ · x[g]
                dw = Tensor::empty(w_shape, dtype, dy.device());
-               gemm(dw, dy, x_saved, G, outf, in, rows, true, false, 0.0f, rows * outf, rows * in);
+               // At fusion level 2, db[g] = Σ_rows dy[g] in the same product (BGRADB), one per group where
+               // cuBLASLt has an algorithm; else one strided batch and the grouped column sums below.
+               if (dtype == DType::BF16 && b_needs && rows > 0 && epilogue_fusion() == EpilogueFusion::kGeluAndBiasGrads) {
+                 db = Tensor::empty({G, outf}, dtype, dy.device());
+                 KRAKEN_CUDA_ONLY(dy.device(), biases_done = kernels::matmul_bias_grad_bf16_batched_cuda(
+                                                   dw.data<uint16_t>(), db.data<uint16_t>(), dy.data<uint16_t>(),
+                                                   x_saved.data<uint16_t>(), G, outf, in, rows, true, false,
+                                                   outf * in, rows * outf, rows * in, outf, stream_of(dy)));
+                 if (!biases_done) db = Tensor();
+               }
+               if (!biases_done) gemm(dw, dy, x_saved, G, outf, in, rows, true, false, 0.0f, rows * outf, rows * in);
              }
-             if (b_needs) db = group_row_sums(dy, G, rows, outf);
+             if (b_needs && !biases_done) db = group_row_sums(dy, G, rows, outf);
              return std::vector<Tensor>{dx, dw, db};
            });
   }

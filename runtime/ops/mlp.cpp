@@ -19,9 +19,9 @@
 //   Rows of H not a multiple of 8 (cuBLASLt's aux rule) take the three ops; a product cuBLASLt has no
 //   fused algorithm for takes the plain product and our own GELU or column-sum kernel instead.
 // Grouped (a Kraken layer's stacked sub-layers: ops.h), the same paths over the groups, the CPU's as
-// grouped linears (at levels 2 and 3 the bias gradients stay column sums). The bf16 results differ from the
-// three ops' by rounding only: fused, dy·W_proj is not rounded to bf16 before gelu' multiplies it (one
-// rounding fewer), and the bias sums run in cuBLASLt's order.
+// grouped linears; at levels 2 and 3 the bias gradients' epilogues run one product per group. The bf16
+// results differ from the three ops' by rounding only: fused, dy·W_proj is not rounded to bf16 before
+// gelu' multiplies it (one rounding fewer), and the bias sums run in cuBLASLt's order.
 #include <cstdlib>
 #include <string>
 
@@ -117,10 +117,10 @@ Tensor mlp_fused(const Tensor& x, const Tensor& w_fc, const Tensor& b_fc, const 
   Tensor w_proj_saved = upstream ? w_proj.detach() : Tensor();
   const Shape x_shape = x.shape(), w_fc_shape = w_fc.shape(), w_proj_shape = w_proj.shape();
   const Shape b_fc_shape = b_fc.defined() ? b_fc.shape() : Shape{}, b_proj_shape = b_proj.defined() ? b_proj.shape() : Shape{};
-  // The bias gradients in the products' epilogues (level 2; level 3 db_fc only) for one group; grouped, as
-  // column sums.
-  const bool bias_grads_fused = fusion == EpilogueFusion::kGeluAndBiasGrads && G == 1;
-  const bool fc_bias_grad_fused = (bias_grads_fused || fusion == EpilogueFusion::kGeluAndFcBiasGrad) && G == 1;
+  // The bias gradients in the products' epilogues (level 2; level 3 db_fc only), grouped one product per
+  // group (as the DGELU products run anyway); else, or where cuBLASLt has no algorithm, column sums.
+  const bool bias_grads_fused = fusion == EpilogueFusion::kGeluAndBiasGrads;
+  const bool fc_bias_grad_fused = bias_grads_fused || fusion == EpilogueFusion::kGeluAndFcBiasGrad;
   record("mlp", {x, w_fc, b_fc, w_proj, b_proj}, {y},
          [x_saved, w_fc_saved, pre_saved, u_saved, w_proj_saved, x_shape, w_fc_shape, w_proj_shape, b_fc_shape,
           b_proj_shape, G, R, rows, C, H, Co, fc_stride, proj_stride, w_fc_needs, b_fc_needs, w_proj_needs,
@@ -138,9 +138,9 @@ Tensor mlp_fused(const Tensor& x, const Tensor& w_fc, const Tensor& b_fc, const 
              bool bias_done = false;
              if (b_proj_needs && bias_grads_fused) {
                db_proj = Tensor::empty(b_proj_shape, DType::BF16, dev);
-               bias_done = kernels::matmul_bias_grad_bf16_cuda(dw_proj.data<uint16_t>(), db_proj.data<uint16_t>(),
-                                                               dy.data<uint16_t>(), u_saved.data<uint16_t>(), Co, H,
-                                                               rows, true, false, s);
+               bias_done = kernels::matmul_bias_grad_bf16_batched_cuda(
+                   dw_proj.data<uint16_t>(), db_proj.data<uint16_t>(), dy.data<uint16_t>(), u_saved.data<uint16_t>(),
+                   G, Co, H, R, true, false, Co * H, R * Co, R * H, Co, s);
              }
              if (!bias_done)
                grouped_product(dw_proj.data_ptr(), dy.data<uint16_t>(), u_saved.data<uint16_t>(), nullptr, G, Co, H, R,
@@ -156,9 +156,9 @@ Tensor mlp_fused(const Tensor& x, const Tensor& w_fc, const Tensor& b_fc, const 
            bool dgelu_done = false, bias_done = false;
            if (b_fc_needs && fc_bias_grad_fused) {
              db_fc = Tensor::empty(b_fc_shape, DType::BF16, dev);
-             dgelu_done = bias_done = kernels::matmul_dgelu_bf16_cuda(
+             dgelu_done = bias_done = kernels::matmul_dgelu_bf16_batched_cuda(
                  dpre.data<uint16_t>(), db_fc.data<uint16_t>(), dy.data<uint16_t>(), w_proj_saved.data<uint16_t>(),
-                 pre_saved.data<uint16_t>(), rows, H, Co, false, false, s);
+                 pre_saved.data<uint16_t>(), G, R, H, Co, false, false, R * H, R * Co, proj_stride, H, s);
            }
            if (!dgelu_done)
              dgelu_done = kernels::matmul_dgelu_bf16_batched_cuda(

@@ -118,13 +118,24 @@ TEST(GpuGroupedLinear, MatchesTheCpuWithAndWithoutBiases) {
   KRAKEN_REQUIRE_GPU();
   // Without biases one strided-batch product per direction; with them the forward is a product per group
   // with the bias in its epilogue (one rounding, as the CPU's; until the twenty-second session a pass after
-  // the product, a second rounding), and the bias gradients one grouped column sum. Two ulps, as above.
+  // the product, a second rounding), and the bias gradients one grouped column sum — or, at fusion level
+  // 2, each group's in its weight-gradient product (BGRADB, a product per group). Two ulps, as above.
   auto linear_op = [](const std::vector<Tensor>& v) { return ops::linear(v[0], v[1], v[2]); };
-  for (bool bias : {false, true}) {
-    const std::vector<Tensor> in = {bf16_leaf({4, 2, 128, 504}, 111), bf16_leaf({4, 1512, 504}, 112, 0.045f),
-                                    bias ? bf16_leaf({4, 1512}, 113, 0.5f) : Tensor()};
-    expect_matches_cpu(linear_op, in, kTwoUlps, kTwoUlps,
-                       std::string("grouped linear, 4 × (256, 504)·(1512, 504)ᵀ") + (bias ? ", biases" : ""));
+  for (EpilogueFusion f : {EpilogueFusion::kGelu, EpilogueFusion::kGeluAndBiasGrads}) {
+    ops::EpilogueFusionScope scope(f);
+    for (bool bias : {false, true}) {
+      const std::vector<Tensor> in = {bf16_leaf({4, 2, 128, 504}, 111), bf16_leaf({4, 1512, 504}, 112, 0.045f),
+                                      bias ? bf16_leaf({4, 1512}, 113, 0.5f) : Tensor()};
+      expect_matches_cpu(linear_op, in, kTwoUlps, kTwoUlps,
+                         std::string("grouped linear, 4 × (256, 504)·(1512, 504)ᵀ") + (bias ? ", biases, " : ", ") +
+                             level_name(f));
+    }
+    // 37 rows and 44 outputs a group: the strides (37 · 44, 44 elements) lose the 16 bytes, so level 2 takes
+    // the column sums (and the forward adds the biases after one strided batch).
+    const std::vector<Tensor> odd = {bf16_leaf({3, 1, 37, 48}, 114), bf16_leaf({3, 44, 48}, 115, 0.14f),
+                                     bf16_leaf({3, 44}, 116, 0.5f)};
+    expect_matches_cpu(linear_op, odd, kTwoUlps, kTwoUlps,
+                       std::string("grouped linear, 3 × (37, 48)·(44, 48)ᵀ, biases, ") + level_name(f));
   }
 }
 
