@@ -373,7 +373,11 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
   # dQ (5.4 ms of 173.5 at B = 32), which its atomic dQ graph does not (non-deterministic: a measurement);
   # cuBLASLt's algorithms timed for this shape's products (no committed pick covers them; the pick entries
   # it prints are for this card only); the bias gradients in the products' epilogues, a product per
-  # sub-layer — BGRADB and DGELU_BGRAD at level 2, DGELU_BGRAD alone at 3 (8.4 ms of column sums).
+  # sub-layer — BGRADB and DGELU_BGRAD at level 2, DGELU_BGRAD alone at 3 (8.4 ms of column sums); and its
+  # weight gradients (K = 32,768 rows at B = 32) one product per sub-layer, as K = 65,536 runs them (where the
+  # preset's took 0.541 ms against a strided batch's 0.757).
+  bench_variant wideloop KRAKEN_CUDA_BATCHED_PRODUCTS=0 150 90 "GPT-2's shape at degree 4, a product per sub-layer" \
+    --training-only --model kraken4-768 --batch 32
   bench_variant wideatomic KRAKEN_CUDNN_ATTENTION_BACKWARD=atomic 150 90 "GPT-2's shape at degree 4, cuDNN's atomic dQ" \
     --training-only --model kraken4-768 --batch 32
   bench_variant widetune KRAKEN_CUBLASLT_TUNE=8 150 120 "GPT-2's shape at degree 4, cuBLASLt's algorithms timed" \
