@@ -370,7 +370,8 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
   bench_variant wide "" 120 90 "GPT-2's shape at degree 4" --training-only --model kraken4-768 --batch 8,32 --timeline
   # Where the ~4% to 50% MFU at degree 4 could come from (the twenty-fifth session's H100 profile of this
   # shape, bench/RESULTS.md): cuDNN's backward at D = 256 writes dS to its dP workspace and reads it back for
-  # dQ (5.4 ms of 173.5 at B = 32), which its atomic dQ graph does not (non-deterministic: a measurement);
+  # dQ (5.4 ms of 173.5 at B = 32), which its atomic dQ graph does not (non-deterministic: a measurement),
+  # and its other engine configurations at D = 256 (30.1 ms of attention in all) may be faster;
   # cuBLASLt's algorithms timed for this shape's products (no committed pick covers them; the pick entries
   # it prints are for this card only); the bias gradients in the products' epilogues, a product per
   # sub-layer — BGRADB and DGELU_BGRAD at level 2, DGELU_BGRAD alone at 3 (8.4 ms of column sums); and its
@@ -379,6 +380,8 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
   bench_variant wideloop KRAKEN_CUDA_BATCHED_PRODUCTS=0 150 90 "GPT-2's shape at degree 4, a product per sub-layer" \
     --training-only --model kraken4-768 --batch 32
   bench_variant wideatomic KRAKEN_CUDNN_ATTENTION_BACKWARD=atomic 150 90 "GPT-2's shape at degree 4, cuDNN's atomic dQ" \
+    --training-only --model kraken4-768 --batch 32
+  bench_variant wideattntune KRAKEN_CUDNN_ATTENTION_TUNE=10 150 150 "GPT-2's shape at degree 4, cuDNN's attention configurations timed (D = 256)" \
     --training-only --model kraken4-768 --batch 32
   bench_variant widetune KRAKEN_CUBLASLT_TUNE=8 150 120 "GPT-2's shape at degree 4, cuBLASLt's algorithms timed" \
     --training-only --model kraken4-768 --batch 32
