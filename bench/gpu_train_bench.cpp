@@ -43,7 +43,7 @@
 //    and on CUDA cores, then both tensor-core families on one sub-layer of the Kraken 4-way preset (3
 //    heads of D = 168), and cuDNN's fused attention on both shapes (a row saying why where cuDNN refuses
 //    the shape). The training rows take what attention_bf16_kernels(D) names (cuDNN where it takes the
-//    head size, else mma up to D = 192, by default; KRAKEN_CUDA_ATTENTION=mma|tc|simt|cudnn|wgmma forces
+//    head size, else mma up to D = 192, by default; KRAKEN_CUDA_ATTENTION=mma|tc|simt|cudnn|wgmma|wgmma-backward forces
 //    one), printed with each model (attention_bf16_kernels_label: until the twenty-second session the
 //    wgmma variant's rows read "cudnn").
 // Without a GPU it prints why and exits 0.
@@ -1229,6 +1229,20 @@ void bench_compute(Report& r) {
              "TFLOP/s |", fg * 1e3, kSubLayers * flops_k / fg / 1e12);
       r.line("| bf16 attention backward, mma.sync, 4 sub-layers in one launch | %.3f | %.1f TFLOP/s |", bg * 1e3,
              2.5 * kSubLayers * flops_k / bg / 1e12);
+    }
+    {
+      // GPT-2's shape at degree 4: a sub-layer's 3 heads of D = 256 (30.1 ms of cuDNN's attention in the
+      // twenty-fifth session's H100 profile at B = 32, its backward at ~260 TFLOP/s), cuDNN against the wgmma
+      // kernels — whose D = 256 backward (lockstep; dK and dV in two kernels) KRAKEN_CUDA_ATTENTION=wgmma-backward
+      // puts beside cuDNN's forward.
+      const int64_t Cw = 768, Hw = 3;
+      const Tensor qkv_w = normal({B, T, 3 * Cw}, 42).to(DType::BF16), dout_w = normal({B, T, Cw}, 43).to(DType::BF16);
+      Tensor out_w = Tensor::empty({B, T, Cw}, DType::BF16, Device::cuda(0));
+      Tensor dqkv_w = normal({B, T, 3 * Cw}, 44).to(DType::BF16);
+      const double flops_w = 2.0 * B * T * T * Cw;
+      const char* label = "one degree-4 sub-layer of GPT-2's shape: C=768 H=3 (D=256)";
+      cudnn_rows(label, B, T, Cw, Hw, qkv_w, out_w, lse, dout_w, dqkv_w, flops_w);
+      wgmma_rows(label, B, T, Cw, Hw, qkv_w, out_w, lse, dout_w, dqkv_w, flops_w);
     }
   }
 }

@@ -69,7 +69,8 @@ void attention_backward_cuda(float* dqkv, const float* dout, const float* qkv, c
 //   "mma": the mma kernels where supported, else CUDA cores; "tc": the WMMA kernels where supported, else
 //     CUDA cores; "simt": CUDA cores for every head size; "wgmma": Hopper's wgmma kernels where a call is
 //     usable for them (attention_bf16_wgmma_usable, _backward_usable), else as unset — each direction on
-//     its own, which the shared contract allows (D = 256: the wgmma forward, the default's backward).
+//     its own, which the shared contract allows; "wgmma-backward": the wgmma backward where usable, the
+//     forward (and any other backward) as unset.
 // Because of cuDNN's overwrite, the dispatching backward's contract is: dqkv receives the gradient
 // (overwritten, whatever it held), whichever implementation runs — before the accumulating kernels the
 // dispatch zeroes dqkv itself, so a caller allocates it without a zero fill that cuDNN would make a
@@ -135,8 +136,12 @@ bool attention_bf16_mma_supported(int64_t D);
 // Hopper's warpgroup instructions (kernels/cuda/attention_wgmma.cu, wgmma; sm_90a code, so compute
 // capability 9.0 devices only): the mma kernels' contract and arithmetic (their out and lse serve any
 // backward above, and theirs any forward), deterministic. The forward takes head sizes 64, 128, 168 and
-// 256 with qkv 16-byte and out 4-byte aligned; the backward (adds into dqkv) 64, 128 and 168 with every
-// buffer 16-byte aligned. Opt-in, KRAKEN_CUDA_ATTENTION=wgmma: the lockstep kernels were on an H200 faster
+// 256 with qkv 16-byte and out 4-byte aligned; the backward (adds into dqkv) the same head sizes with every
+// buffer 16-byte aligned — at 256 the lockstep kernels only, dK and dV each in a kernel of its own (together
+// they would be 256 registers a thread) and dq on 32-key tiles. Opt-in, KRAKEN_CUDA_ATTENTION=wgmma (both
+// directions) or =wgmma-backward (the backward alone, beside the default's forward — cuDNN's, faster than
+// the wgmma forward at every head size measured, where the wgmma backward beat cuDNN's at D = 168 on an
+// H200 and its D = 256 backward has not run on a GPU yet): the lockstep kernels were on an H200 faster
 // than the mma kernels (but for the D = 64 forward), slower than cuDNN's in a training step (bench/RESULTS.md,
 // twenty-second session); the pipelined ones have not run on a GPU yet.
 // The forward runs the pipelined kernel (warp-specialised: a producer warpgroup and an mbarrier ring, the
@@ -232,8 +237,8 @@ const char* attention_bf16_kernels_name(AttentionBf16Kernels kernels);  // "simt
 // attention_bf16_kernels(D), except where KRAKEN_CUDA_ATTENTION=wgmma takes the head size (which
 // attention_bf16_kernels leaves out: the wgmma kernels are chosen per call): "wgmma (pipelined)" for the
 // head sizes the pipelined kernels take (64, 128, 168; "wgmma (pipelined, no ping-pong)" or "wgmma
-// (lockstep)" as KRAKEN_CUDA_WGMMA asks), else "wgmma", and "… forward, <name> backward" for a head size
-// only the wgmma forward takes (256).
+// (lockstep)" as KRAKEN_CUDA_WGMMA asks), else "wgmma", and "<name> forward, wgmma … backward" under
+// KRAKEN_CUDA_ATTENTION=wgmma-backward.
 std::string attention_bf16_kernels_label(int64_t D);
 
 }  // namespace kraken::kernels

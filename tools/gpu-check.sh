@@ -270,6 +270,12 @@ test_variant() {
 [[ $wgmma_ok -eq 1 ]] && test_variant wgmma KRAKEN_CUDA_ATTENTION=wgmma 120 \
   'GpuAttentionWgmma.*:GpuAttentionTc.DispatchTakesOnePathForForwardAndBackward:GpuMixedPrecision.*:GpuModel.*:GpuAllocator.*:GpuTrainer.MixedPrecision*' \
   "the wgmma kernels: their tests, the dispatch, the attention op at D = 64 and 168, the models, the trainer"
+# The wgmma backward beside the default's forward (KRAKEN_CUDA_ATTENTION=wgmma-backward, twenty-sixth session;
+# D = 256's backward, dK and dV in kernels of their own, is new there): the dispatch, the attention op at
+# D = 64, 168 and 256 against the CPU, the models and the trainer.
+[[ $wgmma_ok -eq 1 ]] && test_variant wgmmabackward KRAKEN_CUDA_ATTENTION=wgmma-backward 120 \
+  'GpuAttentionTc.DispatchTakesOnePathForForwardAndBackward:GpuMixedPrecision.*:GpuModel.*:GpuTrainer.MixedPrecision*' \
+  "the wgmma backward beside cuDNN's forward: the dispatch, the attention op, the models, the trainer"
 # cuDNN's backward with dQ summed in f32 with atomics (KRAKEN_CUDNN_ATTENTION_BACKWARD=atomic; built in the
 # eleventh session, first run in the twelfth): whether cuDNN plans that graph, its results against the CPU and mma, and the
 # mixed-precision models and trainer on it (cuDNN for every shape, small ones included).
@@ -377,6 +383,12 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
   # sub-layer — BGRADB and DGELU_BGRAD at level 2, DGELU_BGRAD alone at 3 (8.4 ms of column sums); and its
   # weight gradients (K = 32,768 rows at B = 32) one product per sub-layer, as K = 65,536 runs them (where the
   # preset's took 0.541 ms against a strided batch's 0.757).
+  # First the attention's backward at D = 256 on the wgmma kernels (cuDNN's forward kept: ours is slower):
+  # cuDNN's backward there ran at ~260 TFLOP/s with its dQ product.
+  [[ $wgmma_ok -eq 1 ]] &&
+    bench_variant widewgmmabwd KRAKEN_CUDA_ATTENTION=wgmma-backward 150 90 \
+      "GPT-2's shape at degree 4, the wgmma backward ($wgmma_setting) beside cuDNN's forward" \
+      --training-only --model kraken4-768 --batch 32
   bench_variant wideloop KRAKEN_CUDA_BATCHED_PRODUCTS=0 150 90 "GPT-2's shape at degree 4, a product per sub-layer" \
     --training-only --model kraken4-768 --batch 32
   bench_variant wideatomic KRAKEN_CUDNN_ATTENTION_BACKWARD=atomic 150 90 "GPT-2's shape at degree 4, cuDNN's atomic dQ" \
@@ -396,6 +408,9 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
   [[ $wgmma_ok -eq 1 ]] &&
     bench_variant wgmma KRAKEN_CUDA_ATTENTION=wgmma 150 90 "the wgmma attention kernels ($wgmma_setting)" \
       --training-only --batch 8,64
+  [[ $wgmma_ok -eq 1 ]] &&
+    bench_variant wgmmabackward KRAKEN_CUDA_ATTENTION=wgmma-backward 150 90 \
+      "the wgmma backward ($wgmma_setting) beside cuDNN's forward" --training-only --batch 8,64
   [[ $wgmma_ok -eq 1 && $wgmma_setting != lockstep ]] &&
     bench_variant wgmmalockstep "KRAKEN_CUDA_ATTENTION=wgmma KRAKEN_CUDA_WGMMA=lockstep" 150 90 \
       "the lockstep wgmma attention kernels" --training-only --batch 8,64

@@ -375,7 +375,7 @@ void attention_backward_bf16_simt_cuda(uint16_t* dqkv, const uint16_t* dout, con
 namespace {
 
 // KRAKEN_CUDA_ATTENTION, read once per process (kernels/attention.h).
-enum class AttentionChoice { kDefault, kMma, kTc, kSimt, kCudnn, kWgmma };
+enum class AttentionChoice { kDefault, kMma, kTc, kSimt, kCudnn, kWgmma, kWgmmaBackward };
 AttentionChoice attention_choice() {
   static const AttentionChoice choice = [] {
     const char* env = std::getenv("KRAKEN_CUDA_ATTENTION");
@@ -385,7 +385,8 @@ AttentionChoice attention_choice() {
     if (std::strcmp(env, "simt") == 0) return AttentionChoice::kSimt;
     if (std::strcmp(env, "cudnn") == 0) return AttentionChoice::kCudnn;
     if (std::strcmp(env, "wgmma") == 0) return AttentionChoice::kWgmma;
-    KRAKEN_THROW("KRAKEN_CUDA_ATTENTION=", env, ": expected mma, tc, simt, cudnn or wgmma");
+    if (std::strcmp(env, "wgmma-backward") == 0) return AttentionChoice::kWgmmaBackward;
+    KRAKEN_THROW("KRAKEN_CUDA_ATTENTION=", env, ": expected mma, tc, simt, cudnn, wgmma or wgmma-backward");
   }();
   return choice;
 }
@@ -475,7 +476,8 @@ AttentionBf16Kernels attention_bf16_kernels(int64_t D) {
       return AttentionBf16Kernels::kSimt;
     case AttentionChoice::kCudnn:
     case AttentionChoice::kDefault:
-    case AttentionChoice::kWgmma:  // (its forward is chosen per call, in attention_forward_bf16_cuda)
+    case AttentionChoice::kWgmma:  // (the wgmma kernels are chosen per call, in the entry points below)
+    case AttentionChoice::kWgmmaBackward:
       if (cudnn_supported(D)) return AttentionBf16Kernels::kCudnn;
       break;
   }
@@ -502,14 +504,19 @@ const char* attention_bf16_kernels_name(AttentionBf16Kernels kernels) {
 
 std::string attention_bf16_kernels_label(int64_t D) {
   const std::string usual = attention_bf16_kernels_name(attention_bf16_kernels(D));
-  if (attention_choice() != AttentionChoice::kWgmma || !attention_bf16_wgmma_supported(D)) return usual;
+  const AttentionChoice choice = attention_choice();
+  const bool wgmma_forward = choice == AttentionChoice::kWgmma && attention_bf16_wgmma_supported(D);
+  const bool wgmma_backward = (choice == AttentionChoice::kWgmma || choice == AttentionChoice::kWgmmaBackward) &&
+                              attention_bf16_wgmma_backward_supported(D);
+  if (!wgmma_forward && !wgmma_backward) return usual;
   const AttentionWgmmaKernels w = attention_wgmma_kernels();
-  const std::string forward = w == AttentionWgmmaKernels::kLockstep           ? "wgmma (lockstep)"
-                              : !attention_bf16_wgmma_pipelined_supported(D) ? "wgmma"
-                              : w == AttentionWgmmaKernels::kPipelined       ? "wgmma (pipelined)"
-                                                                             : "wgmma (pipelined, no ping-pong)";
-  if (attention_bf16_wgmma_backward_supported(D)) return forward;
-  return forward + " forward, " + usual + " backward";
+  const std::string wgmma = w == AttentionWgmmaKernels::kLockstep           ? "wgmma (lockstep)"
+                            : !attention_bf16_wgmma_pipelined_supported(D) ? "wgmma"
+                            : w == AttentionWgmmaKernels::kPipelined       ? "wgmma (pipelined)"
+                                                                           : "wgmma (pipelined, no ping-pong)";
+  if (wgmma_forward && wgmma_backward) return wgmma;
+  if (wgmma_forward) return wgmma + " forward, " + usual + " backward";
+  return usual + " forward, " + wgmma + " backward";
 }
 
 void attention_forward_bf16_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T, int64_t C,
@@ -545,7 +552,8 @@ void attention_forward_bf16_cuda(uint16_t* out, float* lse, const uint16_t* qkv,
 void attention_backward_bf16_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out,
                                   const float* lse, int64_t B, int64_t T, int64_t C, int64_t NH, CUstream_st* stream) {
   KRAKEN_CHECK(NH > 0 && C % NH == 0, "C=", C, " NH=", NH);
-  if (attention_choice() == AttentionChoice::kWgmma &&
+  const AttentionChoice choice = attention_choice();
+  if ((choice == AttentionChoice::kWgmma || choice == AttentionChoice::kWgmmaBackward) &&
       attention_bf16_wgmma_backward_usable(dqkv, dout, qkv, out, C, NH)) {
     KRAKEN_CUDA_CHECK(cudaMemsetAsync(dqkv, 0, static_cast<size_t>(B * T * 3 * C) * sizeof(uint16_t), stream));
     attention_backward_bf16_wgmma_cuda(dqkv, dout, qkv, out, lse, B, T, C, NH, stream);

@@ -634,6 +634,11 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1)
 //     dSᵀ, rounded to bf16, as register A operands and dO, q read MN-major.
 //   dq: a block owns 128 queries, 64 per warpgroup, and streams keys up to its last query in tiles of 64:
 //     S = q·kᵀ, dP = dO·vᵀ, P and dS as above (the row's lse and Dᵢ in registers), dQ += dS·k.
+// At D = 256 (GPT-2's shape at degree 4: 3 heads a sub-layer) dK and dV alone would be 256 registers a
+// thread, so two dk/dv kernels run over the same keys, one forming dV (Sᵀ, Pᵀ, dV += Pᵀ·dO: 210 registers)
+// and one dK (Sᵀ, dPᵀ, dSᵀ, dK += dSᵀ·q: 220), 8 products in all; and dq streams 32-key tiles, two stages
+// of which fit beside its q and dO (192 KiB; 64-key tiles would need 256). Lockstep kernels only: the
+// pipelined ones' rings and registers do not fit there.
 // Dᵢ = Σ_d dO[i, d]·O[i, d] comes first, from a small kernel, into a scratch buffer laid out as lse.
 // Scale 1/√D is applied to dK and dQ once at the end; the gradients are added to dqkv (bf16) in f32 and
 // rounded once.
@@ -666,10 +671,18 @@ constexpr int kv_query_tile() {
   return D <= 64 ? 64 : 32;
 }
 
+// The key tile of the lockstep dq kernel: 64 keys, or 32 at D = 256, where two stages of 64-key k and v
+// tiles beside q and dO would be 256 KiB of shared memory (32 keys: 192 KiB), and dQ takes half the
+// registers.
+template <int D>
+constexpr int dq_key_tile() {
+  return D <= 168 ? kKeyTile : 32;
+}
+
 // Shared memory of the backward kernels (core-matrix tiles of Dk columns). dk/dv: its k and v (128 rows
 // each), then two stages of a q and a dO tile (kQ rows) and kQ lse·log₂e and Dᵢ. dq: its q and dO (128
-// rows), then two stages of a k and a v tile (64 rows). D = 168: 132.5 and 176 KiB; 128: 96.5 and 128;
-// 64: 65 and 64.
+// rows), then two stages of a k and a v tile (dq_key_tile rows). D = 256: 192.5 and 192 KiB; 168: 132.5
+// and 176; 128: 96.5 and 128; 64: 65 and 64.
 template <int D>
 struct BackwardSmem {
   static constexpr int Dk = (D + 15) / 16 * 16, kQ = kv_query_tile<D>();
@@ -679,7 +692,7 @@ struct BackwardSmem {
   static constexpr size_t kv_stream = 2 * own, kv_rows = kv_stream + 2 * 2 * query_tile;
   static constexpr size_t kv_bytes = kv_rows + 2 * 2 * sizeof(float) * kQ;
   // dq
-  static constexpr size_t key_tile = sizeof(uint16_t) * kKeyTile * Dk;
+  static constexpr size_t key_tile = sizeof(uint16_t) * dq_key_tile<D>() * Dk;
   static constexpr size_t q_stream = 2 * own, q_bytes = q_stream + 2 * 2 * key_tile;
   static_assert(own % 128 == 0 && query_tile % 128 == 0 && key_tile % 128 == 0, "tiles stay 128-byte aligned");
 };
@@ -731,24 +744,51 @@ __device__ __forceinline__ void transposed_weights(uint32_t (&pt)[kQ / 16][4], u
   }
 }
 
-// dqkv's k and v columns of the thread's keys += scale·dK and dV, rounded once.
-template <int D>
+// Pᵀ alone, as transposed_weights makes it (the dV kernel of D = 256, which has no dPᵀ).
+template <int kQ>
+__device__ __forceinline__ void transposed_probabilities(uint32_t (&pt)[kQ / 16][4], const float (&st)[kQ / 2],
+                                                         const float* rows, int q0, int kw, int key0, int key1,
+                                                         int tq, float scale_log2) {
+  const bool diagonal = q0 < kw + 63;
+#pragma unroll
+  for (int n = 0; n < kQ / 8; ++n) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float p[2];
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int j = 8 * n + 2 * tq + c;
+        p[c] = exp2_ftz(fmaf(st[4 * n + 2 * r + c], scale_log2, -rows[j]));
+        if (diagonal && q0 + j < (r == 0 ? key0 : key1)) p[c] = 0.0f;
+      }
+      pt[n / 2][2 * (n % 2) + r] = pack_bf16(p[0], p[1]);
+    }
+  }
+}
+
+// Which gradients a dk/dv kernel forms: both (one kernel), or one of them (D = 256: dK and dV together
+// would be 256 registers a thread, so two kernels over the same keys, 128 each).
+enum KeyGradients : int { kDkOnly = 1, kDvOnly = 2, kDkAndDv = 3 };
+
+// dqkv's k and v columns of the thread's keys += scale·dK and dV (those the kernel forms), rounded once.
+template <int D, int kParts>
 __device__ __forceinline__ void add_dkv_rows(uint16_t* dqkv, const float (&dk)[D / 2], const float (&dv)[D / 2],
                                              int b, int h, int key0, int key1, const Dims& g, float scale) {
   uint16_t* krow = dqkv + static_cast<int64_t>(b) * g.T * g.ld + g.C + static_cast<int64_t>(h) * g.D;
   uint16_t* const kdst[2] = {krow + static_cast<int64_t>(key0) * g.ld, krow + static_cast<int64_t>(key1) * g.ld};
   uint16_t* const vdst[2] = {kdst[0] + g.C, kdst[1] + g.C};
   const bool live[2] = {key0 < g.T, key1 < g.T};
-  add_rows<D>(kdst, live, dk, scale);
-  add_rows<D>(vdst, live, dv, 1.0f);
+  if constexpr ((kParts & kDkOnly) != 0) add_rows<D>(kdst, live, dk, scale);
+  if constexpr ((kParts & kDvOnly) != 0) add_rows<D>(vdst, live, dv, 1.0f);
 }
 
-template <int D>
+template <int D, int kParts = kDkAndDv>
 __global__ void __launch_bounds__(kThreads, 1)
     attention_backward_kv_wgmma_kernel(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const float* lse,
                                        const float* delta, Dims g, float scale) {
   using L = BackwardSmem<D>;
   constexpr int Dk = L::Dk, kQ = L::kQ;
+  constexpr bool kDk = (kParts & kDkOnly) != 0, kDv = (kParts & kDvOnly) != 0;
   KRAKEN_DYNAMIC_SHARED(unsigned char, smem);
   const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, tq = lane % 4;
   const int bh = blockIdx.x, b = bh / g.NH, h = bh % g.NH;
@@ -768,9 +808,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();
   }
   load_tile<D, Dk>(ks, base + g.C + static_cast<int64_t>(k0) * g.ld, g.ld, k0, kQueryTile, g.T);
-  load_tile<D, Dk>(vs, base + 2 * g.C + static_cast<int64_t>(k0) * g.ld, g.ld, k0, kQueryTile, g.T);
+  if (kDk) load_tile<D, Dk>(vs, base + 2 * g.C + static_cast<int64_t>(k0) * g.ld, g.ld, k0, kQueryTile, g.T);
 
-  float dk[D / 2], dv[D / 2];
+  float dk[D / 2], dv[D / 2];  // (the one a kernel does not form is never used: no registers)
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) dk[i] = 0.0f, dv[i] = 0.0f;
   auto stage_q = [&](int stage) { return smem + L::kv_stream + 2 * stage * L::query_tile; };
@@ -795,29 +835,33 @@ __global__ void __launch_bounds__(kThreads, 1)
     const unsigned char* qs = stage_q(stage);
     const unsigned char* dos = qs + L::query_tile;
     const float* rows = stage_rows(stage);
-    // Sᵀ and dPᵀ: element 4n + e is key e < 2 ? key0 : key1, query q0 + 8n + 2·tq + (e & 1).
-    float st[kQ / 2], dpt[kQ / 2];
+    // Sᵀ and dPᵀ: element 4n + e is key e < 2 ? key0 : key1, query q0 + 8n + 2·tq + (e & 1). (dV alone
+    // needs no dPᵀ.)
+    float st[kQ / 2], dpt[kQ / 2];  // (dpt unused, and so never allocated, in the dV kernel)
     wgmma::fence();
     issue_rows_times_rows<kQ, Dk>(st, ks, 64 * wg, qs);
-    issue_rows_times_rows<kQ, Dk>(dpt, vs, 64 * wg, dos);
+    if constexpr (kDk) issue_rows_times_rows<kQ, Dk>(dpt, vs, 64 * wg, dos);
     wgmma::commit();
     wgmma::wait<0>();
     wgmma::fence_accumulators(st);
-    wgmma::fence_accumulators(dpt);
+    if constexpr (kDk) wgmma::fence_accumulators(dpt);
     uint32_t pt[kQ / 16][4], dst[kQ / 16][4];  // Pᵀ and dSᵀ as A operands, 16 queries a step
-    transposed_weights<kQ>(pt, dst, st, dpt, rows, q0, kw, key0, key1, tq, g.scale_log2);
-    wgmma::fence_accumulators(dv);
-    wgmma::fence_accumulators(dk);
+    if constexpr (kDk)
+      transposed_weights<kQ>(pt, dst, st, dpt, rows, q0, kw, key0, key1, tq, g.scale_log2);
+    else
+      transposed_probabilities<kQ>(pt, st, rows, q0, kw, key0, key1, tq, g.scale_log2);
+    if constexpr (kDv) wgmma::fence_accumulators(dv);
+    if constexpr (kDk) wgmma::fence_accumulators(dk);
     wgmma::fence();
-    issue_registers_times_tile<D, kQ, Dk>(dv, pt, dos);
-    issue_registers_times_tile<D, kQ, Dk>(dk, dst, qs);
+    if constexpr (kDv) issue_registers_times_tile<D, kQ, Dk>(dv, pt, dos);
+    if constexpr (kDk) issue_registers_times_tile<D, kQ, Dk>(dk, dst, qs);
     wgmma::commit();
     wgmma::wait<0>();
-    wgmma::fence_accumulators(dv);
-    wgmma::fence_accumulators(dk);
+    if constexpr (kDv) wgmma::fence_accumulators(dv);
+    if constexpr (kDk) wgmma::fence_accumulators(dk);
   };
   pipeline(tiles, load, compute);  // (tiles ≥ 1: the block's first key is below T; k and v land with tile 0)
-  add_dkv_rows<D>(dqkv, dk, dv, b, h, key0, key1, g, scale);
+  add_dkv_rows<D, kParts>(dqkv, dk, dv, b, h, key0, key1, g, scale);
 }
 
 // The pipelined dk/dv kernel (the pipelined kernels' notes above): its own tiles are the block's k and v,
@@ -980,7 +1024,7 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1)
       accumulate_tile(tiles - 1, tiles);
     }
   }
-  add_dkv_rows<D>(dqkv, dk, dv, b, h, key0, key1, g, scale);
+  add_dkv_rows<D, kDkAndDv>(dqkv, dk, dv, b, h, key0, key1, g, scale);
 }
 
 // The dq kernels' pieces. A thread's two rows' lse·log₂e and Dᵢ (rows past T: never stored; any finite
@@ -1034,7 +1078,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     attention_backward_q_wgmma_kernel(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const float* lse,
                                       const float* delta, Dims g, float scale) {
   using L = BackwardSmem<D>;
-  constexpr int Dk = L::Dk;
+  constexpr int Dk = L::Dk, kKeys = dq_key_tile<D>();
   KRAKEN_DYNAMIC_SHARED(unsigned char, smem);
   const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, tq = lane % 4;
   const int bh = blockIdx.x, b = bh / g.NH, h = bh % g.NH;
@@ -1062,30 +1106,30 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) dq[i] = 0.0f;
   auto stage_k = [&](int stage) { return smem + L::q_stream + 2 * stage * L::key_tile; };
-  auto load = [&](int i, int stage) { load_key_tile<D, Dk, kKeyTile>(stage_k(stage), L::key_tile, base, i, g); };
+  auto load = [&](int i, int stage) { load_key_tile<D, Dk, kKeys>(stage_k(stage), L::key_tile, base, i, g); };
   auto compute = [&](int i, int stage) {
     const unsigned char* ks = stage_k(stage);
     const unsigned char* vs = ks + L::key_tile;
-    const int k0 = i * kKeyTile;
+    const int k0 = i * kKeys;
     if (wq >= g.T || k0 > wg_last) return;  // (as in the forward)
-    float s[kKeyTile / 2], dp[kKeyTile / 2];
+    float s[kKeys / 2], dp[kKeys / 2];
     wgmma::fence();
-    issue_rows_times_rows<kKeyTile, Dk>(s, qs, 64 * wg, ks);
-    issue_rows_times_rows<kKeyTile, Dk>(dp, dos, 64 * wg, vs);
+    issue_rows_times_rows<kKeys, Dk>(s, qs, 64 * wg, ks);
+    issue_rows_times_rows<kKeys, Dk>(dp, dos, 64 * wg, vs);
     wgmma::commit();
     wgmma::wait<0>();
     wgmma::fence_accumulators(s);
     wgmma::fence_accumulators(dp);
-    uint32_t ds[kKeyTile / 16][4];
-    ds_tile<kKeyTile>(ds, s, dp, lse2, di, k0, wq, row0, row1, tq, g.scale_log2);
+    uint32_t ds[kKeys / 16][4];
+    ds_tile<kKeys>(ds, s, dp, lse2, di, k0, wq, row0, row1, tq, g.scale_log2);
     wgmma::fence_accumulators(dq);
     wgmma::fence();
-    issue_registers_times_tile<D, kKeyTile, Dk>(dq, ds, ks);
+    issue_registers_times_tile<D, kKeys, Dk>(dq, ds, ks);
     wgmma::commit();
     wgmma::wait<0>();
     wgmma::fence_accumulators(dq);
   };
-  pipeline(block_last / kKeyTile + 1, load, compute);  // (q and dO land with the first k and v tile)
+  pipeline(block_last / kKeys + 1, load, compute);  // (q and dO land with the first k and v tile)
 
   add_dq_rows<D>(dqkv, dq, b, h, row0, row1, g, scale);
 }
@@ -1364,23 +1408,32 @@ void backward_wgmma(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, c
     KRAKEN_KERNEL(grid, threads, bytes, stream, kernel)(dqkv, dout, qkv, lse, delta, g, scale);
     KRAKEN_CUDA_LAUNCH_CHECK();
   };
-  if (pipelined_kv)
-    launch(ping_pong ? attention_backward_kv_wgmma_pipelined_kernel<D, true>
-                     : attention_backward_kv_wgmma_pipelined_kernel<D, false>,
-           kPipelinedThreads, PipelinedKvSmem<D>::bytes);
-  else
-    launch(attention_backward_kv_wgmma_kernel<D>, kThreads, L::kv_bytes);
-  if (pipelined_dq)
-    launch(ping_pong ? attention_backward_q_wgmma_pipelined_kernel<D, true>
-                     : attention_backward_q_wgmma_pipelined_kernel<D, false>,
-           kPipelinedThreads, PipelinedQSmem<D>::bytes);
-  else
+  if constexpr (D == 256) {
+    // The lockstep kernels only (the pipelined ones' rings do not fit beside these tiles), dK and dV in two
+    // kernels of their own over the same keys: each recomputes Sᵀ, 8 products where one kernel's are 7.
+    (void)pipelined_dq, (void)pipelined_kv, (void)ping_pong;
+    launch(attention_backward_kv_wgmma_kernel<D, kDvOnly>, kThreads, L::kv_bytes);
+    launch(attention_backward_kv_wgmma_kernel<D, kDkOnly>, kThreads, L::kv_bytes);
     launch(attention_backward_q_wgmma_kernel<D>, kThreads, L::q_bytes);
+  } else {
+    if (pipelined_kv)
+      launch(ping_pong ? attention_backward_kv_wgmma_pipelined_kernel<D, true>
+                       : attention_backward_kv_wgmma_pipelined_kernel<D, false>,
+             kPipelinedThreads, PipelinedKvSmem<D>::bytes);
+    else
+      launch(attention_backward_kv_wgmma_kernel<D>, kThreads, L::kv_bytes);
+    if (pipelined_dq)
+      launch(ping_pong ? attention_backward_q_wgmma_pipelined_kernel<D, true>
+                       : attention_backward_q_wgmma_pipelined_kernel<D, false>,
+             kPipelinedThreads, PipelinedQSmem<D>::bytes);
+    else
+      launch(attention_backward_q_wgmma_kernel<D>, kThreads, L::q_bytes);
+  }
 }
 
-// Calls f(std::integral_constant<int, D>()) for the head sizes below 256, which the backward and the
-// pipelined forward take (D = 256's dK and dV alone would be 256 registers a thread; its forward stages,
-// two of 64 KiB beside q's 64, leave no room for a third); false for the others.
+// Calls f(std::integral_constant<int, D>()) for the head sizes below 256, which the pipelined kernels take
+// (at D = 256 the forward's stages, two of 64 KiB beside q's 64, leave no room for a third, and dK and dV
+// alone would be 256 registers a thread); false for the others.
 template <typename F>
 bool with_head_below_256(int64_t D, F&& f) {
   switch (D) {
@@ -1414,7 +1467,7 @@ Dims make_dims(int64_t T, int64_t C, int64_t NH) {
 bool attention_bf16_wgmma_backward_supported(int64_t D) {
   static const bool has = device_has_wgmma();
   size_t smem = 0;
-  if (!has || !with_head_below_256(D, [&](auto d) {
+  if (!has || !with_head(D, [&](auto d) {
         using L = BackwardSmem<decltype(d)::value>;
         smem = std::max(L::kv_bytes, L::q_bytes);
       }))
@@ -1485,14 +1538,14 @@ void attention_backward_bf16_wgmma_kernels_cuda(uint16_t* dqkv, const uint16_t* 
                                                 int64_t C, int64_t NH, bool pipelined_dq, bool pipelined_kv,
                                                 bool ping_pong, CUstream_st* stream) {
   KRAKEN_CHECK(attention_bf16_wgmma_backward_usable(dqkv, dout, qkv, out, C, NH), "wgmma attention backward: C=", C,
-               " NH=", NH, " needs a head size of 64, 128 or 168, a compute capability 9.0 device and 16-byte "
+               " NH=", NH, " needs a head size of 64, 128, 168 or 256, a compute capability 9.0 device and 16-byte "
                "aligned buffers");
   if (B == 0 || T == 0) return;
   KRAKEN_CHECK(B * NH <= 0x7fffffffLL && T <= 0x7fffffffLL, "B·NH = ", B * NH, ", T = ", T, ": too large a grid");
   const Dims g = make_dims(T, C, NH);
   pipelined_dq = pipelined_dq && pipelined_dq_fits(g.D);
   pipelined_kv = pipelined_kv && pipelined_kv_fits(g.D);
-  with_head_below_256(g.D, [&](auto d) {
+  with_head(g.D, [&](auto d) {
     backward_wgmma<decltype(d)::value>(dqkv, dout, qkv, out, lse, B, T, g, pipelined_dq, pipelined_kv, ping_pong,
                                        stream);
   });

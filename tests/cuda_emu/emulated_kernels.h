@@ -56,6 +56,13 @@ void attention_forward_bf16_wgmma_kernel_cuda(uint16_t* out, float* lse, const u
                                               int64_t C, int64_t NH, bool pipelined, bool ping_pong,
                                               CUstream_st* stream);
 bool attention_bf16_wgmma_backward_supported(int64_t D);
+// The dispatch (kernels/cuda/attention.cu; no cuDNN in the emulation: its calls fall back).
+enum class AttentionBf16Kernels { kSimt, kTensorCoreWmma, kTensorCoreMma, kCudnn };
+AttentionBf16Kernels attention_bf16_kernels(int64_t D);
+void attention_forward_bf16_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T, int64_t C,
+                                 int64_t NH, CUstream_st* stream);
+void attention_backward_bf16_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out,
+                                  const float* lse, int64_t B, int64_t T, int64_t C, int64_t NH, CUstream_st* stream);
 void wgmma_layout_probe_cuda(float* d, const uint16_t* a, const uint16_t* b, int way, bool strides_exchanged,
                              CUstream_st* stream);
 void mbarrier_pipeline_probe_cuda(float* sums, const float* x, int tiles, int mutation, CUstream_st* stream);

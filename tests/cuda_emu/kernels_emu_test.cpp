@@ -174,8 +174,8 @@ TEST(CudaEmulation, MmaSyncAttentionMatchesTheCpu) {
   });
 }
 
-// The wgmma kernels (attention_wgmma.cu); and the wgmma forward with the mma backward on its out and lse,
-// the pair the dispatch makes at D = 256 (no wgmma backward) where cuDNN is absent.
+// The wgmma kernels (attention_wgmma.cu); and the wgmma forward with the mma backward on its out and lse
+// (any backward of the contract takes any forward's).
 const TensorCoreAttention kWgmma{"wgmma", emu::attention_forward_bf16_wgmma_cuda,
                                  emu::attention_backward_bf16_wgmma_cuda};
 const TensorCoreAttention kWgmmaForward{"wgmma forward, mma.sync backward", emu::attention_forward_bf16_wgmma_cuda,
@@ -218,7 +218,9 @@ TEST(CudaEmulation, WgmmaAttentionMatchesTheCpu) {
   // kernel — streaming 64-key or kQ-query tiles double-buffered: one query; a block's second warpgroup
   // with rows past T (T = 65); several blocks, partial last tiles, the dk/dv kernel's first query tile at
   // its block's first key (T = 150, two heads, B = 2: 64-query tiles; T = 200 at D = 168 and 128: 32-query
-  // tiles); the Kraken 4-way head (D = 168, q and k padded to 176 with zeros), 128, and 256 (forward only).
+  // tiles); the Kraken 4-way head (D = 168, q and k padded to 176 with zeros), 128, and 256 — GPT-2's shape
+  // at degree 4 — whose backward forms dK and dV in kernels of their own and streams 32-key tiles in dq
+  // (T = 33: one block with a second warpgroup nearly empty; T = 150: two blocks, a partial last tile).
   under_both_schedules([] {
     check_attention({1, 1, 64, 1}, kWgmma);
     check_attention({1, 65, 64, 1}, kWgmma);
@@ -226,13 +228,63 @@ TEST(CudaEmulation, WgmmaAttentionMatchesTheCpu) {
     check_attention({1, 200, 168, 2}, kWgmma);
     check_attention({1, 70, 128, 1}, kWgmma);
     check_attention({1, 200, 128, 1}, kWgmma);
+    check_attention({1, 33, 256, 1}, kWgmma);
+    check_attention({1, 150, 256, 2}, kWgmma);
     check_attention({1, 33, 256, 1}, kWgmmaForward);
   });
   EXPECT_TRUE(emu::attention_bf16_wgmma_supported(168));
   EXPECT_TRUE(emu::attention_bf16_wgmma_backward_supported(168));
   EXPECT_TRUE(emu::attention_bf16_wgmma_supported(256));
-  EXPECT_FALSE(emu::attention_bf16_wgmma_backward_supported(256));  // dK and dV would not fit the registers
+  EXPECT_TRUE(emu::attention_bf16_wgmma_backward_supported(256));  // dK and dV in kernels of their own
   EXPECT_FALSE(emu::attention_bf16_wgmma_supported(42));  // no kernel for that head size: the dispatch falls back
+}
+
+// The dispatch (attention_{forward,backward}_bf16_cuda) as KRAKEN_CUDA_ATTENTION says, which it reads once
+// per process: ctest runs this test unset and again under wgmma and wgmma-backward (tests/CMakeLists.txt).
+// The emulation has no cuDNN, so the default's kernels are the fallback's (mma at D = 64, WMMA at 256).
+// Each direction is bit for bit the entry point it should have taken; the backward overwrites dqkv (NaNs
+// in) where the kernels add into zeros.
+TEST(CudaEmulation, AttentionDispatchFollowsKrakenCudaAttention) {
+  const char* env = std::getenv("KRAKEN_CUDA_ATTENTION");
+  const std::string choice = env ? env : "";
+  ASSERT_TRUE(choice.empty() || choice == "wgmma" || choice == "wgmma-backward") << "not a setting this test knows";
+  for (const int64_t D : {64, 256}) {
+    const AttentionShape s{1, 70, D, 2};
+    const std::string what = "the dispatch, KRAKEN_CUDA_ATTENTION=" + choice + ", " + s.str();
+    const int64_t C = D * s.NH, rows = s.B * s.T;
+    const std::vector<uint16_t> qkv = to_bf16(normal(static_cast<size_t>(rows * 3 * C), 21, 1.5f));
+    const std::vector<uint16_t> dout = to_bf16(normal(static_cast<size_t>(rows * C), 22));
+    const size_t n_out = static_cast<size_t>(rows * C), n_lse = static_cast<size_t>(s.B * s.NH * s.T);
+    std::vector<uint16_t> out(n_out), out_want(n_out);
+    std::vector<float> lse(n_lse), lse_want(n_lse);
+    emu::attention_forward_bf16_cuda(out.data(), lse.data(), qkv.data(), s.B, s.T, C, s.NH, nullptr);
+    const emu::AttentionBf16Kernels usual = emu::attention_bf16_kernels(D);
+    ASSERT_TRUE(usual == emu::AttentionBf16Kernels::kTensorCoreMma || usual == emu::AttentionBf16Kernels::kTensorCoreWmma)
+        << what;
+    const bool mma = usual == emu::AttentionBf16Kernels::kTensorCoreMma;
+    if (choice == "wgmma")
+      emu::attention_forward_bf16_wgmma_cuda(out_want.data(), lse_want.data(), qkv.data(), s.B, s.T, C, s.NH, nullptr);
+    else if (mma)
+      emu::attention_forward_bf16_mma_cuda(out_want.data(), lse_want.data(), qkv.data(), s.B, s.T, C, s.NH, nullptr);
+    else
+      emu::attention_forward_bf16_tc_cuda(out_want.data(), lse_want.data(), qkv.data(), s.B, s.T, C, s.NH, nullptr);
+    EXPECT_EQ(out, out_want) << what << ": out";
+    EXPECT_EQ(lse, lse_want) << what << ": lse";
+    std::vector<uint16_t> dqkv(static_cast<size_t>(rows * 3 * C), uint16_t{0x7fc0});
+    std::vector<uint16_t> dqkv_want(dqkv.size(), 0);
+    emu::attention_backward_bf16_cuda(dqkv.data(), dout.data(), qkv.data(), out.data(), lse.data(), s.B, s.T, C, s.NH,
+                                      nullptr);
+    if (!choice.empty())
+      emu::attention_backward_bf16_wgmma_cuda(dqkv_want.data(), dout.data(), qkv.data(), out.data(), lse.data(), s.B,
+                                              s.T, C, s.NH, nullptr);
+    else if (mma)
+      emu::attention_backward_bf16_mma_cuda(dqkv_want.data(), dout.data(), qkv.data(), out.data(), lse.data(), s.B, s.T,
+                                            C, s.NH, nullptr);
+    else
+      emu::attention_backward_bf16_tc_cuda(dqkv_want.data(), dout.data(), qkv.data(), out.data(), lse.data(), s.B, s.T,
+                                           C, s.NH, nullptr);
+    EXPECT_EQ(dqkv, dqkv_want) << what << ": dqkv";
+  }
 }
 
 // The pipelined wgmma kernels — the forward and the backward's dq and dk/dv kernels, each with and without

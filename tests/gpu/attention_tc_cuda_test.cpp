@@ -527,16 +527,17 @@ TEST(GpuAttentionWgmma, MatchesTheRoundedCpu) {
   KRAKEN_REQUIRE_CUDA_KERNELS();
   if (!wgmma_supported(64)) GTEST_SKIP() << "wgmma needs a compute capability 9.0 device (H100, H200)";
   testing::HangWatch watch("GpuAttentionWgmma.MatchesTheRoundedCpu", kHangSecondsPerTest);
-  // Its head sizes (168: the Kraken 4-way preset's, q and k padded to 176; 256 has a forward only, checked
-  // with the mma backward); T from one query to three 128-row blocks, with a block whose second warpgroup
-  // has one row (65) or none (64, 129 → 1), and B·NH = 4 or 6. The backward runs on the CPU's out and lse,
-  // as in the other tests.
+  // Its head sizes (168: the Kraken 4-way preset's, q and k padded to 176; 256: GPT-2's shape at degree 4,
+  // whose backward forms dK and dV in kernels of their own and streams 32-key tiles in dq); T from one
+  // query to three 128-row blocks, with a block whose second warpgroup has one row (65) or none (64, 129 →
+  // 1), and B·NH = 4 or 6. The backward runs on the CPU's out and lse, as in the other tests; at D = 256
+  // the wgmma forward also beside the mma backward (any backward takes any forward's out and lse).
   for (int64_t D : {64, 128, 168, 256}) {
     ASSERT_TRUE(wgmma_supported(D)) << "D = " << D;
-    ASSERT_EQ(wgmma_backward_supported(D), D != 256) << "D = " << D;
-    for (int64_t T : {1, 17, 64, 65, 129, 257})
-      check_tc_against_cpu({2, T, 2 * D, 2}, 0, D == 256 ? Path::kWgmmaForward : Path::kWgmma);
+    ASSERT_TRUE(wgmma_backward_supported(D)) << "D = " << D;
+    for (int64_t T : {1, 17, 64, 65, 129, 257}) check_tc_against_cpu({2, T, 2 * D, 2}, 0, Path::kWgmma);
   }
+  check_tc_against_cpu({2, 100, 2 * 256, 2}, 0, Path::kWgmmaForward);
   check_tc_against_cpu({2, 100, 3 * 64, 3}, 0, Path::kWgmma);
   EXPECT_FALSE(wgmma_supported(42));
 }
@@ -602,7 +603,8 @@ void check_dispatch(const Shape4& s) {
     if (attention_bf16_tc_supported(D)) want = AttentionBf16Kernels::kTensorCoreWmma;
   } else if (choice == "mma") {
     if (attention_bf16_mma_supported(D)) want = AttentionBf16Kernels::kTensorCoreMma;
-  } else if ((choice == "cudnn" || choice.empty() || choice == "wgmma") && attention_bf16_cudnn_supported(D)) {
+  } else if ((choice == "cudnn" || choice.empty() || choice == "wgmma" || choice == "wgmma-backward") &&
+             attention_bf16_cudnn_supported(D)) {
     want = AttentionBf16Kernels::kCudnn;
   } else if (choice != "simt") {
     if (D <= kAttentionMmaDefaultMaxHead && attention_bf16_mma_supported(D))
@@ -615,6 +617,20 @@ void check_dispatch(const Shape4& s) {
   // take the head size both ways (the others go as that choice says).
   const bool wgmma =
       choice == "wgmma" && attention_bf16_wgmma_supported(D) && attention_bf16_wgmma_backward_supported(D);
+  const AttentionCase c = make_case(s, 120 + static_cast<uint64_t>(s.T));
+  // The dispatch overwrites dqkv (it zeroes it for the kernels, which add): NaNs in, the gradient out,
+  // as the kernel itself adds it to zeros.
+  const std::vector<uint16_t> nans(c.dqkv0.size(), uint16_t{0x7fc0}), zeros(c.dqkv0.size(), uint16_t{0});
+  if (choice == "wgmma-backward" && attention_bf16_wgmma_backward_supported(D)) {
+    // The backward alone is the wgmma kernels' (from the given out and lse, whoever made them); the forward
+    // is the choice above's (cuDNN's: GpuAttentionCudnn.DispatchHonoursKrakenCudaAttention checks it).
+    const Results a = run(Path::kDispatch, s, c.qkv, c.out_rounded_bits, c.lse, c.dout, nans, 0);
+    const Results b = run(Path::kWgmma, s, c.qkv, c.out_rounded_bits, c.lse, c.dout, zeros, 0);
+    EXPECT_EQ(a.dqkv_bits, b.dqkv_bits) << "attention dispatch " << s.str() << " (wgmma-backward): dqkv";
+    std::printf("[gpu-vs-cpu] attention dispatch %s (%s forward, wgmma backward): the backward equals the wgmma "
+                "kernels' bit for bit\n", s.str().c_str(), attention_bf16_kernels_name(kernels));
+    return;
+  }
   if (kernels == AttentionBf16Kernels::kCudnn && !wgmma) {  // (its overwriting backward: attention_cudnn_cuda_test.cpp)
     std::printf("attention dispatch %s: cuDNN, checked by GpuAttentionCudnn.DispatchHonoursKrakenCudaAttention\n",
                 s.str().c_str());
@@ -626,10 +642,6 @@ void check_dispatch(const Shape4& s) {
                                                                        : Path::kSimt;
   const std::string what = "attention dispatch " + s.str() + " (" +
                            (wgmma ? "wgmma" : attention_bf16_kernels_name(kernels)) + ")";
-  const AttentionCase c = make_case(s, 120 + static_cast<uint64_t>(s.T));
-  // The dispatch overwrites dqkv (it zeroes it for the kernels, which add): NaNs in, the gradient out,
-  // as the kernel itself adds it to zeros.
-  const std::vector<uint16_t> nans(c.dqkv0.size(), uint16_t{0x7fc0}), zeros(c.dqkv0.size(), uint16_t{0});
   const Results a = run(Path::kDispatch, s, c.qkv, c.out_rounded_bits, c.lse, c.dout, nans, 0);
   const Results b = run(path, s, c.qkv, c.out_rounded_bits, c.lse, c.dout, zeros, 0);
   EXPECT_EQ(a.out_bits, b.out_bits) << what << ": out";
@@ -699,6 +711,7 @@ TEST(GpuAttentionWgmma, AgreesWithTheMmaKernels) {
   testing::HangWatch watch("GpuAttentionWgmma.AgreesWithTheMmaKernels", kHangSecondsPerTest);
   check_wgmma_against_mma({2, 300, 2 * 64, 2});
   check_wgmma_against_mma({2, 300, 2 * 168, 2});
+  check_wgmma_against_mma({2, 300, 2 * 256, 2});
 }
 
 TEST(GpuAttentionMma, AgreesWithTheWmmaKernels) {
@@ -719,6 +732,7 @@ TEST(GpuAttentionTc, DispatchTakesOnePathForForwardAndBackward) {
   check_dispatch({2, 100, 2 * 64, 2});
   check_dispatch({1, 33, 2 * 168, 2});  // D = 168 (the Kraken 4-way preset): tensor cores, Dp = 192
   check_dispatch({1, 33, 2 * 209, 2});  // D = 209: WMMA by default (the mma dk/dv kernel spills there)
+  check_dispatch({1, 33, 2 * 256, 2});  // D = 256 (GPT-2's shape at degree 4): cuDNN by default
   check_dispatch({1, 33, 2 * 272, 2});  // D = 272: beyond the tensor-core kernels, always SIMT
 }
 

@@ -120,9 +120,10 @@ TEST(GpuMixedPrecision, LayerNormAttentionAndCrossEntropyMatchTheCpuReference) {
     expect_matches_cpu([](const auto& v) { return ops::attention(v[0], 4); }, {bf16_leaf({2, T, 3 * 128}, 35 + T)},
                        kAttentionOut, kAttentionGrad, "attention T = " + std::to_string(T));
   }
-  // GPT-2's heads (D = 64) and the Kraken 4-way preset's (D = 168): the head sizes every attention family
-  // takes, the wgmma kernels included (gpu-check runs this test under KRAKEN_CUDA_ATTENTION=wgmma too).
-  for (int64_t D : {64, 168}) {
+  // GPT-2's heads (D = 64), the Kraken 4-way preset's (D = 168) and GPT-2's shape at degree 4's (D = 256):
+  // head sizes every attention family takes, the wgmma kernels included (gpu-check runs this test under
+  // KRAKEN_CUDA_ATTENTION=wgmma and =wgmma-backward too).
+  for (int64_t D : {64, 168, 256}) {
     for (int64_t T : {65, 200}) {
       expect_matches_cpu([](const auto& v) { return ops::attention(v[0], 2); }, {bf16_leaf({2, T, 3 * 2 * D}, 60 + T)},
                          kAttentionOut, kAttentionGrad,
