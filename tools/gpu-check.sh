@@ -14,7 +14,8 @@
 #      ctest -L gpu (tests/gpu), each result and every measured GPU-vs-CPU difference;
 #      then the attention tests once more with KRAKEN_CUDNN_ATTENTION_BACKWARD=atomic (cuDNN's f32 atomic
 #      dQ), KRAKEN_CUDA_ATTENTION=mma (the grouped mma launch, the dispatch without cuDNN), =cudnn (cuDNN
-#      for every shape it takes) and =wgmma (the Hopper kernels), the product tests with
+#      for every shape it takes), =wgmma (the Hopper kernels) and =wgmma-backward (their backward beside
+#      cuDNN's forward), the product tests with
 #      KRAKEN_CUBLASLT_TUNE=8, the bias gradients with KRAKEN_CUDA_COLUMN_CHUNKS=long, the models with
 #      KRAKEN_PROJECTION_BIASES=products;
 #   4. the GPU benchmark (bench/gpu_train_bench.cpp): tokens/s, MFU, kernel bandwidth, the backward ops

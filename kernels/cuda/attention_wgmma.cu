@@ -718,9 +718,9 @@ __device__ __forceinline__ void add_rows(uint16_t* const (&dst)[2], const bool (
 // The dk/dv kernels' pieces. Pᵀ and dSᵀ of one tile of queries q0 .. q0 + kQ − 1 (bf16 pairs, the A operands
 // of dV += Pᵀ·dO and dK += dSᵀ·q, 16 queries a step) from Sᵀ and dPᵀ (element 4n + e: key e < 2 ? key0 :
 // key1, query q0 + 8n + 2·tq + (e & 1)) and the tile's rows (lse·log₂e, +∞ past T, at rows[j]; Dᵢ at
-// rows[kQ + j]): Pᵀ = 2^{Sᵀ·scale − lse·log₂e}, 0 above the diagonal; dSᵀ = Pᵀ∘(dPᵀ − Dᵢ). kw: the
-// warpgroup's first key.
-template <int kQ>
+// rows[kQ + j]): Pᵀ = 2^{Sᵀ·scale − lse·log₂e}, 0 above the diagonal; dSᵀ = Pᵀ∘(dPᵀ − Dᵢ) where kWithDs
+// (the dV kernel of D = 256 has no dPᵀ: dpt and dst unused). kw: the warpgroup's first key.
+template <int kQ, bool kWithDs = true>
 __device__ __forceinline__ void transposed_weights(uint32_t (&pt)[kQ / 16][4], uint32_t (&dst)[kQ / 16][4],
                                                    const float (&st)[kQ / 2], const float (&dpt)[kQ / 2],
                                                    const float* rows, int q0, int kw, int key0, int key1, int tq,
@@ -736,32 +736,10 @@ __device__ __forceinline__ void transposed_weights(uint32_t (&pt)[kQ / 16][4], u
         const int j = 8 * n + 2 * tq + c;  // the query's column in the tile
         p[c] = exp2_ftz(fmaf(st[4 * n + 2 * r + c], scale_log2, -rows[j]));
         if (diagonal && q0 + j < (r == 0 ? key0 : key1)) p[c] = 0.0f;
-        ds[c] = p[c] * (dpt[4 * n + 2 * r + c] - rows[kQ + j]);
+        if constexpr (kWithDs) ds[c] = p[c] * (dpt[4 * n + 2 * r + c] - rows[kQ + j]);
       }
       pt[n / 2][2 * (n % 2) + r] = pack_bf16(p[0], p[1]);
-      dst[n / 2][2 * (n % 2) + r] = pack_bf16(ds[0], ds[1]);
-    }
-  }
-}
-
-// Pᵀ alone, as transposed_weights makes it (the dV kernel of D = 256, which has no dPᵀ).
-template <int kQ>
-__device__ __forceinline__ void transposed_probabilities(uint32_t (&pt)[kQ / 16][4], const float (&st)[kQ / 2],
-                                                         const float* rows, int q0, int kw, int key0, int key1,
-                                                         int tq, float scale_log2) {
-  const bool diagonal = q0 < kw + 63;
-#pragma unroll
-  for (int n = 0; n < kQ / 8; ++n) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float p[2];
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int j = 8 * n + 2 * tq + c;
-        p[c] = exp2_ftz(fmaf(st[4 * n + 2 * r + c], scale_log2, -rows[j]));
-        if (diagonal && q0 + j < (r == 0 ? key0 : key1)) p[c] = 0.0f;
-      }
-      pt[n / 2][2 * (n % 2) + r] = pack_bf16(p[0], p[1]);
+      if constexpr (kWithDs) dst[n / 2][2 * (n % 2) + r] = pack_bf16(ds[0], ds[1]);
     }
   }
 }
@@ -846,10 +824,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma::fence_accumulators(st);
     if constexpr (kDk) wgmma::fence_accumulators(dpt);
     uint32_t pt[kQ / 16][4], dst[kQ / 16][4];  // Pᵀ and dSᵀ as A operands, 16 queries a step
-    if constexpr (kDk)
-      transposed_weights<kQ>(pt, dst, st, dpt, rows, q0, kw, key0, key1, tq, g.scale_log2);
-    else
-      transposed_probabilities<kQ>(pt, st, rows, q0, kw, key0, key1, tq, g.scale_log2);
+    transposed_weights<kQ, kDk>(pt, dst, st, dpt, rows, q0, kw, key0, key1, tq, g.scale_log2);
     if constexpr (kDv) wgmma::fence_accumulators(dv);
     if constexpr (kDk) wgmma::fence_accumulators(dk);
     wgmma::fence();
