@@ -635,10 +635,10 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1)
 //   dq: a block owns 128 queries, 64 per warpgroup, and streams keys up to its last query in tiles of 64:
 //     S = q·kᵀ, dP = dO·vᵀ, P and dS as above (the row's lse and Dᵢ in registers), dQ += dS·k.
 // At D = 256 (GPT-2's shape at degree 4: 3 heads a sub-layer) dK and dV alone would be 256 registers a
-// thread, so two dk/dv kernels run over the same keys, one forming dV (Sᵀ, Pᵀ, dV += Pᵀ·dO: 210 registers)
-// and one dK (Sᵀ, dPᵀ, dSᵀ, dK += dSᵀ·q: 220), 8 products in all; and dq streams 32-key tiles, two stages
-// of which fit beside its q and dO (192 KiB; 64-key tiles would need 256). Lockstep kernels only: the
-// pipelined ones' rings and registers do not fit there.
+// thread, so two dk/dv kernels run over the same keys, one forming dV (Sᵀ, Pᵀ, dV += Pᵀ·dO, on 64-query
+// tiles: it holds no v tile) and one dK (Sᵀ, dPᵀ, dSᵀ, dK += dSᵀ·q, on 32), 8 products in all; and dq
+// streams 32-key tiles, two stages of which fit beside its q and dO (192 KiB; 64-key tiles would need
+// 256). Lockstep kernels only: the pipelined ones' rings and registers do not fit there.
 // Dᵢ = Σ_d dO[i, d]·O[i, d] comes first, from a small kernel, into a scratch buffer laid out as lse.
 // Scale 1/√D is applied to dK and dQ once at the end; the gradients are added to dqkv (bf16) in f32 and
 // rounded once.
@@ -664,11 +664,17 @@ __global__ void __launch_bounds__(256) attention_delta_wgmma_kernel(float* delta
   if (lane == 0) delta[(b * g.NH + h) * g.T + t] = acc;
 }
 
+// Which gradients a dk/dv kernel forms: both (one kernel), or one of them (D = 256: dK and dV together
+// would be 256 registers a thread, so two kernels over the same keys, 128 each).
+enum KeyGradients : int { kDkOnly = 1, kDvOnly = 2, kDkAndDv = 3 };
+
 // The query tile of the dk/dv kernel: 64 queries, or 32 where dK and dV take most of the registers (ptxas
 // for sm_90a at 64 queries: D = 128 at the 255-register cap with 16 bytes spilled; at 32, D = 168 uses 255).
-template <int D>
+// The dV kernel of D = 256 has no v tile and no dPᵀ: 64 queries fit its registers and shared memory, and
+// its Sᵀ product at n64 asks of shared memory what it gives, where n32 asks 1.5 times that (the header).
+template <int D, int kParts = kDkAndDv>
 constexpr int kv_query_tile() {
-  return D <= 64 ? 64 : 32;
+  return D <= 64 || kParts == kDvOnly ? 64 : 32;
 }
 
 // The key tile of the lockstep dq kernel: 64 keys, or 32 at D = 256, where two stages of 64-key k and v
@@ -679,22 +685,27 @@ constexpr int dq_key_tile() {
   return D <= 168 ? kKeyTile : 32;
 }
 
-// Shared memory of the backward kernels (core-matrix tiles of Dk columns). dk/dv: its k and v (128 rows
-// each), then two stages of a q and a dO tile (kQ rows) and kQ lse·log₂e and Dᵢ. dq: its q and dO (128
-// rows), then two stages of a k and a v tile (dq_key_tile rows). D = 256: 192.5 and 192 KiB; 168: 132.5
-// and 176; 128: 96.5 and 128; 64: 65 and 64.
-template <int D>
-struct BackwardSmem {
-  static constexpr int Dk = (D + 15) / 16 * 16, kQ = kv_query_tile<D>();
+// Shared memory of the backward kernels (core-matrix tiles of Dk columns). dk/dv (KvSmem): its k and v (128
+// rows each; the dV kernel k alone), then two stages of a q and a dO tile (kQ rows) and kQ lse·log₂e and
+// Dᵢ. dq (QSmem): its q and dO (128 rows), then two stages of a k and a v tile (dq_key_tile rows). D = 256:
+// 192.5 (dV: 193) and 192 KiB; 168: 132.5 and 176; 128: 96.5 and 128; 64: 65 and 64.
+template <int D, int kParts = kDkAndDv>
+struct KvSmem {
+  static constexpr int Dk = (D + 15) / 16 * 16, kQ = kv_query_tile<D, kParts>();
   static constexpr size_t own = sizeof(uint16_t) * kQueryTile * Dk;  // 128 rows
-  // dk/dv
   static constexpr size_t query_tile = sizeof(uint16_t) * kQ * Dk;
-  static constexpr size_t kv_stream = 2 * own, kv_rows = kv_stream + 2 * 2 * query_tile;
+  static constexpr size_t kv_stream = ((kParts & kDkOnly) != 0 ? 2 : 1) * own,
+                          kv_rows = kv_stream + 2 * 2 * query_tile;
   static constexpr size_t kv_bytes = kv_rows + 2 * 2 * sizeof(float) * kQ;
-  // dq
+  static_assert(own % 128 == 0 && query_tile % 128 == 0, "tiles stay 128-byte aligned");
+};
+template <int D>
+struct QSmem {
+  static constexpr int Dk = (D + 15) / 16 * 16;
+  static constexpr size_t own = sizeof(uint16_t) * kQueryTile * Dk;  // 128 rows
   static constexpr size_t key_tile = sizeof(uint16_t) * dq_key_tile<D>() * Dk;
   static constexpr size_t q_stream = 2 * own, q_bytes = q_stream + 2 * 2 * key_tile;
-  static_assert(own % 128 == 0 && query_tile % 128 == 0 && key_tile % 128 == 0, "tiles stay 128-byte aligned");
+  static_assert(own % 128 == 0 && key_tile % 128 == 0, "tiles stay 128-byte aligned");
 };
 
 // Adds f·acc (the thread's accumulators of a 64 × D block, rows r0 and r0 + 8 of the warp's 16) to the
@@ -744,10 +755,6 @@ __device__ __forceinline__ void transposed_weights(uint32_t (&pt)[kQ / 16][4], u
   }
 }
 
-// Which gradients a dk/dv kernel forms: both (one kernel), or one of them (D = 256: dK and dV together
-// would be 256 registers a thread, so two kernels over the same keys, 128 each).
-enum KeyGradients : int { kDkOnly = 1, kDvOnly = 2, kDkAndDv = 3 };
-
 // dqkv's k and v columns of the thread's keys += scale·dK and dV (those the kernel forms), rounded once.
 template <int D, int kParts>
 __device__ __forceinline__ void add_dkv_rows(uint16_t* dqkv, const float (&dk)[D / 2], const float (&dv)[D / 2],
@@ -764,7 +771,7 @@ template <int D, int kParts = kDkAndDv>
 __global__ void __launch_bounds__(kThreads, 1)
     attention_backward_kv_wgmma_kernel(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const float* lse,
                                        const float* delta, Dims g, float scale) {
-  using L = BackwardSmem<D>;
+  using L = KvSmem<D, kParts>;
   constexpr int Dk = L::Dk, kQ = L::kQ;
   constexpr bool kDk = (kParts & kDkOnly) != 0, kDv = (kParts & kDvOnly) != 0;
   KRAKEN_DYNAMIC_SHARED(unsigned char, smem);
@@ -778,7 +785,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const float* lse_bh = lse + static_cast<int64_t>(bh) * g.T;
   const float* delta_bh = delta + static_cast<int64_t>(bh) * g.T;
   unsigned char* ks = smem;
-  unsigned char* vs = smem + L::own;
+  unsigned char* vs = smem + L::own;  // (the dV kernel has none: never loaded or read there)
 
   if (Dk != D) {  // the padding columns D .. Dk read as zeros
     for (size_t i = threadIdx.x; i < L::kv_rows / 16; i += kThreads)
@@ -1052,7 +1059,7 @@ template <int D>
 __global__ void __launch_bounds__(kThreads, 1)
     attention_backward_q_wgmma_kernel(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const float* lse,
                                       const float* delta, Dims g, float scale) {
-  using L = BackwardSmem<D>;
+  using L = QSmem<D>;
   constexpr int Dk = L::Dk, kKeys = dq_key_tile<D>();
   KRAKEN_DYNAMIC_SHARED(unsigned char, smem);
   const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, tq = lane % 4;
@@ -1366,7 +1373,6 @@ template <int D>
 void backward_wgmma(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out, const float* lse,
                     int64_t B, int64_t T, const Dims& g, bool pipelined_dq, bool pipelined_kv, bool ping_pong,
                     cudaStream_t stream) {
-  using L = BackwardSmem<D>;
   float* delta = static_cast<float*>(
       cuda_detail::device_scratch(cuda_detail::ScratchSlot::kAttentionDelta, sizeof(float) * B * g.NH * T));
   const int64_t warps = B * T * g.NH, blocks = (warps * 32 + 255) / 256;
@@ -1387,22 +1393,22 @@ void backward_wgmma(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, c
     // The lockstep kernels only (the pipelined ones' rings do not fit beside these tiles), dK and dV in two
     // kernels of their own over the same keys: each recomputes Sᵀ, 8 products where one kernel's are 7.
     (void)pipelined_dq, (void)pipelined_kv, (void)ping_pong;
-    launch(attention_backward_kv_wgmma_kernel<D, kDvOnly>, kThreads, L::kv_bytes);
-    launch(attention_backward_kv_wgmma_kernel<D, kDkOnly>, kThreads, L::kv_bytes);
-    launch(attention_backward_q_wgmma_kernel<D>, kThreads, L::q_bytes);
+    launch(attention_backward_kv_wgmma_kernel<D, kDvOnly>, kThreads, KvSmem<D, kDvOnly>::kv_bytes);
+    launch(attention_backward_kv_wgmma_kernel<D, kDkOnly>, kThreads, KvSmem<D, kDkOnly>::kv_bytes);
+    launch(attention_backward_q_wgmma_kernel<D>, kThreads, QSmem<D>::q_bytes);
   } else {
     if (pipelined_kv)
       launch(ping_pong ? attention_backward_kv_wgmma_pipelined_kernel<D, true>
                        : attention_backward_kv_wgmma_pipelined_kernel<D, false>,
              kPipelinedThreads, PipelinedKvSmem<D>::bytes);
     else
-      launch(attention_backward_kv_wgmma_kernel<D>, kThreads, L::kv_bytes);
+      launch(attention_backward_kv_wgmma_kernel<D>, kThreads, KvSmem<D>::kv_bytes);
     if (pipelined_dq)
       launch(ping_pong ? attention_backward_q_wgmma_pipelined_kernel<D, true>
                        : attention_backward_q_wgmma_pipelined_kernel<D, false>,
              kPipelinedThreads, PipelinedQSmem<D>::bytes);
     else
-      launch(attention_backward_q_wgmma_kernel<D>, kThreads, L::q_bytes);
+      launch(attention_backward_q_wgmma_kernel<D>, kThreads, QSmem<D>::q_bytes);
   }
 }
 
@@ -1443,8 +1449,9 @@ bool attention_bf16_wgmma_backward_supported(int64_t D) {
   static const bool has = device_has_wgmma();
   size_t smem = 0;
   if (!has || !with_head(D, [&](auto d) {
-        using L = BackwardSmem<decltype(d)::value>;
-        smem = std::max(L::kv_bytes, L::q_bytes);
+        constexpr int kD = decltype(d)::value;
+        smem = std::max(KvSmem<kD>::kv_bytes, QSmem<kD>::q_bytes);
+        if constexpr (kD == 256) smem = std::max({smem, KvSmem<kD, kDvOnly>::kv_bytes, KvSmem<kD, kDkOnly>::kv_bytes});
       }))
     return false;
   return smem <= static_cast<size_t>(max_shared_per_block());
