@@ -270,7 +270,7 @@ test_variant() {
 # allocator's degree-4 model (D = 128) and the trainer with them.
 [[ $wgmma_ok -eq 1 ]] && test_variant wgmma KRAKEN_CUDA_ATTENTION=wgmma 120 \
   'GpuAttentionWgmma.*:GpuAttentionTc.DispatchTakesOnePathForForwardAndBackward:GpuMixedPrecision.*:GpuModel.*:GpuAllocator.*:GpuTrainer.MixedPrecision*' \
-  "the wgmma kernels: their tests, the dispatch, the attention op at D = 64 and 168, the models, the trainer"
+  "the wgmma kernels: their tests, the dispatch, the attention op at D = 64, 168 and 256, the models, the trainer"
 # The wgmma backward beside the default's forward (KRAKEN_CUDA_ATTENTION=wgmma-backward, twenty-sixth session;
 # D = 256's backward, dK and dV in kernels of their own, is new there): the dispatch, the attention op at
 # D = 64, 168 and 256 against the CPU, the models and the trainer.
