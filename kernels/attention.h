@@ -72,8 +72,9 @@ void attention_backward_cuda(float* dqkv, const float* dout, const float* qkv, c
 //     its own, which the shared contract allows; "wgmma-backward": the wgmma backward where usable, the
 //     forward (and any other backward) as unset.
 // Because of cuDNN's overwrite, the dispatching backward's contract is: dqkv receives the gradient
-// (overwritten, whatever it held), whichever implementation runs — before the accumulating kernels the
-// dispatch zeroes dqkv itself, so a caller allocates it without a zero fill that cuDNN would make a
+// (overwritten, whatever it held), whichever implementation runs — the wgmma kernels write over it
+// (attention_backward_bf16_wgmma_overwrite_cuda); before the other, accumulating kernels the dispatch
+// zeroes dqkv itself, so a caller allocates it without a zero fill that cuDNN would make a
 // wasted pass (runtime/ops/attention.cpp).
 void attention_forward_bf16_cuda(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T, int64_t C,
                                  int64_t NH, CUstream_st* stream);
@@ -181,6 +182,11 @@ void attention_forward_bf16_wgmma_kernel_cuda(uint16_t* out, float* lse, const u
 void attention_backward_bf16_wgmma_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv,
                                         const uint16_t* out, const float* lse, int64_t B, int64_t T, int64_t C,
                                         int64_t NH, CUstream_st* stream);
+// The same gradients written over dqkv (whatever it held): the bits of adding them into zeros, without a
+// pass zeroing dqkv first — what the dispatch runs (it overwrites dqkv, as cuDNN does).
+void attention_backward_bf16_wgmma_overwrite_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv,
+                                                  const uint16_t* out, const float* lse, int64_t B, int64_t T,
+                                                  int64_t C, int64_t NH, CUstream_st* stream);
 void attention_backward_bf16_wgmma_lockstep_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv,
                                                  const uint16_t* out, const float* lse, int64_t B, int64_t T,
                                                  int64_t C, int64_t NH, CUstream_st* stream);

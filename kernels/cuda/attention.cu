@@ -555,8 +555,8 @@ void attention_backward_bf16_cuda(uint16_t* dqkv, const uint16_t* dout, const ui
   const AttentionChoice choice = attention_choice();
   if ((choice == AttentionChoice::kWgmma || choice == AttentionChoice::kWgmmaBackward) &&
       attention_bf16_wgmma_backward_usable(dqkv, dout, qkv, out, C, NH)) {
-    KRAKEN_CUDA_CHECK(cudaMemsetAsync(dqkv, 0, static_cast<size_t>(B * T * 3 * C) * sizeof(uint16_t), stream));
-    attention_backward_bf16_wgmma_cuda(dqkv, dout, qkv, out, lse, B, T, C, NH, stream);
+    // (written over dqkv: no zeroing pass, 3·B·T·C elements a layer written and read back for nothing)
+    attention_backward_bf16_wgmma_overwrite_cuda(dqkv, dout, qkv, out, lse, B, T, C, NH, stream);
     return;
   }
   AttentionBf16Kernels kernels = attention_bf16_kernels(C / NH);

@@ -79,6 +79,9 @@ struct Dims {
   int T, C, NH, D;
   int64_t ld;        // 3C: qkv's row stride
   float scale_log2;  // log₂e/√D: scores in log2 units
+  // The backward adds its gradients into dqkv, or (false) writes them as if dqkv held zeros — the
+  // dispatch's overwriting contract without a pass zeroing dqkv first (kernels/attention.h).
+  bool accumulate = true;
 };
 
 // Shared memory of the forward for head size D (a multiple of 8): the q tile (128 × Dk), then two stages
@@ -712,7 +715,7 @@ struct QSmem {
 // bf16 row segments dst[r] (columns 0 .. D) of rows that exist, rounding once.
 template <int D>
 __device__ __forceinline__ void add_rows(uint16_t* const (&dst)[2], const bool (&live)[2], const float (&acc)[D / 2],
-                                         float f) {
+                                         float f, bool accumulate) {
   const int tq = threadIdx.x % 4;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -720,7 +723,7 @@ __device__ __forceinline__ void add_rows(uint16_t* const (&dst)[2], const bool (
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) {
       uint32_t* p = reinterpret_cast<uint32_t*>(dst[r] + 8 * n + 2 * tq);
-      const uint32_t old = *p;
+      const uint32_t old = accumulate ? *p : 0u;  // (0u: +0 + x, the bits of adding into zeros)
       *p = pack_bf16(low_bf16(old) + f * acc[4 * n + 2 * r], high_bf16(old) + f * acc[4 * n + 2 * r + 1]);
     }
   }
@@ -763,8 +766,8 @@ __device__ __forceinline__ void add_dkv_rows(uint16_t* dqkv, const float (&dk)[D
   uint16_t* const kdst[2] = {krow + static_cast<int64_t>(key0) * g.ld, krow + static_cast<int64_t>(key1) * g.ld};
   uint16_t* const vdst[2] = {kdst[0] + g.C, kdst[1] + g.C};
   const bool live[2] = {key0 < g.T, key1 < g.T};
-  if constexpr ((kParts & kDkOnly) != 0) add_rows<D>(kdst, live, dk, scale);
-  if constexpr ((kParts & kDvOnly) != 0) add_rows<D>(vdst, live, dv, 1.0f);
+  if constexpr ((kParts & kDkOnly) != 0) add_rows<D>(kdst, live, dk, scale, g.accumulate);
+  if constexpr ((kParts & kDvOnly) != 0) add_rows<D>(vdst, live, dv, 1.0f, g.accumulate);
 }
 
 template <int D, int kParts = kDkAndDv>
@@ -1052,7 +1055,7 @@ __device__ __forceinline__ void add_dq_rows(uint16_t* dqkv, const float (&dq)[D 
   uint16_t* qrow = dqkv + static_cast<int64_t>(b) * g.T * g.ld + static_cast<int64_t>(h) * g.D;
   uint16_t* const qdst[2] = {qrow + static_cast<int64_t>(row0) * g.ld, qrow + static_cast<int64_t>(row1) * g.ld};
   const bool live[2] = {row0 < g.T, row1 < g.T};
-  add_rows<D>(qdst, live, dq, scale);
+  add_rows<D>(qdst, live, dq, scale, g.accumulate);
 }
 
 template <int D>
@@ -1515,16 +1518,17 @@ bool pipelined_kv_fits(int64_t D) {
 
 }  // namespace
 
-void attention_backward_bf16_wgmma_kernels_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv,
-                                                const uint16_t* out, const float* lse, int64_t B, int64_t T,
-                                                int64_t C, int64_t NH, bool pipelined_dq, bool pipelined_kv,
-                                                bool ping_pong, CUstream_st* stream) {
+namespace {
+void backward_wgmma_entry(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out,
+                          const float* lse, int64_t B, int64_t T, int64_t C, int64_t NH, bool pipelined_dq,
+                          bool pipelined_kv, bool ping_pong, bool accumulate, CUstream_st* stream) {
   KRAKEN_CHECK(attention_bf16_wgmma_backward_usable(dqkv, dout, qkv, out, C, NH), "wgmma attention backward: C=", C,
                " NH=", NH, " needs a head size of 64, 128, 168 or 256, a compute capability 9.0 device and 16-byte "
                "aligned buffers");
   if (B == 0 || T == 0) return;
   KRAKEN_CHECK(B * NH <= 0x7fffffffLL && T <= 0x7fffffffLL, "B·NH = ", B * NH, ", T = ", T, ": too large a grid");
-  const Dims g = make_dims(T, C, NH);
+  Dims g = make_dims(T, C, NH);
+  g.accumulate = accumulate;
   pipelined_dq = pipelined_dq && pipelined_dq_fits(g.D);
   pipelined_kv = pipelined_kv && pipelined_kv_fits(g.D);
   with_head(g.D, [&](auto d) {
@@ -1533,13 +1537,34 @@ void attention_backward_bf16_wgmma_kernels_cuda(uint16_t* dqkv, const uint16_t* 
   });
 }
 
+// The kernels KRAKEN_CUDA_WGMMA asks for, adding into dqkv or overwriting it.
+void backward_wgmma_as_set(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out,
+                           const float* lse, int64_t B, int64_t T, int64_t C, int64_t NH, bool accumulate,
+                           CUstream_st* stream) {
+  const AttentionWgmmaKernels w = attention_wgmma_kernels();  // KRAKEN_CUDA_WGMMA
+  const bool pipelined = w != AttentionWgmmaKernels::kLockstep;
+  backward_wgmma_entry(dqkv, dout, qkv, out, lse, B, T, C, NH, pipelined, pipelined,
+                       w == AttentionWgmmaKernels::kPipelined, accumulate, stream);
+}
+}  // namespace
+
+void attention_backward_bf16_wgmma_kernels_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv,
+                                                const uint16_t* out, const float* lse, int64_t B, int64_t T,
+                                                int64_t C, int64_t NH, bool pipelined_dq, bool pipelined_kv,
+                                                bool ping_pong, CUstream_st* stream) {
+  backward_wgmma_entry(dqkv, dout, qkv, out, lse, B, T, C, NH, pipelined_dq, pipelined_kv, ping_pong, true, stream);
+}
+
 void attention_backward_bf16_wgmma_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv,
                                         const uint16_t* out, const float* lse, int64_t B, int64_t T, int64_t C,
                                         int64_t NH, CUstream_st* stream) {
-  const AttentionWgmmaKernels w = attention_wgmma_kernels();  // KRAKEN_CUDA_WGMMA
-  const bool pipelined = w != AttentionWgmmaKernels::kLockstep;
-  attention_backward_bf16_wgmma_kernels_cuda(dqkv, dout, qkv, out, lse, B, T, C, NH, pipelined, pipelined,
-                                             w == AttentionWgmmaKernels::kPipelined, stream);
+  backward_wgmma_as_set(dqkv, dout, qkv, out, lse, B, T, C, NH, true, stream);
+}
+
+void attention_backward_bf16_wgmma_overwrite_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv,
+                                                  const uint16_t* out, const float* lse, int64_t B, int64_t T,
+                                                  int64_t C, int64_t NH, CUstream_st* stream) {
+  backward_wgmma_as_set(dqkv, dout, qkv, out, lse, B, T, C, NH, false, stream);
 }
 
 void attention_backward_bf16_wgmma_lockstep_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv,

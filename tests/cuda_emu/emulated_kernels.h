@@ -41,6 +41,9 @@ void attention_forward_bf16_wgmma_cuda(uint16_t* out, float* lse, const uint16_t
 void attention_backward_bf16_wgmma_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv,
                                         const uint16_t* out, const float* lse, int64_t B, int64_t T, int64_t C,
                                         int64_t NH, CUstream_st* stream);
+void attention_backward_bf16_wgmma_overwrite_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv,
+                                                  const uint16_t* out, const float* lse, int64_t B, int64_t T,
+                                                  int64_t C, int64_t NH, CUstream_st* stream);
 void attention_backward_bf16_wgmma_lockstep_cuda(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv,
                                                  const uint16_t* out, const float* lse, int64_t B, int64_t T,
                                                  int64_t C, int64_t NH, CUstream_st* stream);

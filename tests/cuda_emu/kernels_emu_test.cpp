@@ -241,14 +241,15 @@ TEST(CudaEmulation, WgmmaAttentionMatchesTheCpu) {
 
 // The dispatch (attention_{forward,backward}_bf16_cuda) as KRAKEN_CUDA_ATTENTION says, which it reads once
 // per process: ctest runs this test unset and again under wgmma and wgmma-backward (tests/CMakeLists.txt).
-// The emulation has no cuDNN, so the default's kernels are the fallback's (mma at D = 64, WMMA at 256).
-// Each direction is bit for bit the entry point it should have taken; the backward overwrites dqkv (NaNs
-// in) where the kernels add into zeros.
+// The emulation has no cuDNN, so the default's kernels are the fallback's (mma at D = 64 and 168, WMMA at
+// 256). Each direction is bit for bit the entry point it should have taken; the backward overwrites dqkv
+// (NaNs in) where the entry points add into zeros — the wgmma kernels writing over it themselves (every
+// kernel kind: pipelined at 64 and 168, the 16-query dk/dv at 168, the split lockstep ones at 256).
 TEST(CudaEmulation, AttentionDispatchFollowsKrakenCudaAttention) {
   const char* env = std::getenv("KRAKEN_CUDA_ATTENTION");
   const std::string choice = env ? env : "";
   ASSERT_TRUE(choice.empty() || choice == "wgmma" || choice == "wgmma-backward") << "not a setting this test knows";
-  for (const int64_t D : {64, 256}) {
+  for (const int64_t D : {64, 168, 256}) {
     const AttentionShape s{1, 70, D, 2};
     const std::string what = "the dispatch, KRAKEN_CUDA_ATTENTION=" + choice + ", " + s.str();
     const int64_t C = D * s.NH, rows = s.B * s.T;
