@@ -679,6 +679,38 @@ void bench_kernels(const DeviceInfo& dev, Report& r) {
               std::fprintf(stderr, "gpu_train_bench: the fork with LN2 declined the preset's shape\n"), std::exit(1);
           }));
     }
+    {
+      // Its backward at GPT-2's width at degree 4 (one call a layer at B = 32: 4 groups of 32768 × 768): LN2's
+      // grouped backward writing dm and the summed fork's backward reading it back (7 passes over a stream),
+      // against the one pass that keeps dm in registers (5 passes; its dgamma/dbeta slices take 192 KiB of
+      // shared memory a block). Each row's bytes are what it moves, so compare the times.
+      const int64_t G = 4, rows = 32 * 1024, width = 768, elems = G * rows * width;
+      Tensor bda = bf16(normal({elems}, 111)), bdout = bf16(normal({elems}, 112)), bm = bf16(normal({elems}, 113));
+      Tensor bdm = bf16(normal({elems}, 114)), bdx = bf16(normal({elems}, 115)), bdy = bf16(normal({elems}, 116));
+      Tensor bgamma = normal({G, width}, 117), bdgamma = normal({G, width}, 118), bdbeta = normal({G, width}, 119);
+      Tensor bmean = normal({G * rows}, 120), brstd = normal({G * rows}, 121);
+      std::vector<LayerNormGroupGradients> groups;
+      for (int64_t g = 0; g < G; ++g)
+        groups.push_back({bgamma.data<float>() + g * width, bdgamma.data<float>() + g * width,
+                          bdbeta.data<float>() + g * width});
+      row("bf16 LN2 backward, then the summed fork's, 4 × 32768×768 (GPT-2 at degree 4, B = 32)",
+          h * 7.0 * elems + f * 2 * G * rows, time_kernel([&] {
+            layernorm_backward_grouped_bf16_cuda(bdm.data<uint16_t>(), nullptr, groups.data(), G,
+                                                 bdout.data<uint16_t>(), bm.data<uint16_t>(), bmean.data<float>(),
+                                                 brstd.data<float>(), rows, width, nullptr);
+            residual_fork_summed_backward_bf16_cuda(bdx.data<uint16_t>(), bdy.data<uint16_t>(),
+                                                    bda.data<uint16_t>(), bdm.data<uint16_t>(), G, rows * width,
+                                                    nullptr);
+          }));
+      row("bf16 LN2 and the summed fork's backward in one pass, 4 × 32768×768", h * 5.0 * elems + f * 2 * G * rows,
+          time_kernel([&] {
+            if (!residual_fork_summed_layernorm_backward_bf16_cuda(
+                    bdx.data<uint16_t>(), bdy.data<uint16_t>(), groups.data(), G, bda.data<uint16_t>(),
+                    bdout.data<uint16_t>(), bm.data<uint16_t>(), bmean.data<float>(), brstd.data<float>(), rows,
+                    width, nullptr))
+              std::fprintf(stderr, "gpu_train_bench: the fork's backward with LN2's declined 4 × 768\n"), std::exit(1);
+          }));
+    }
     Tensor u = bf16(normal({n}, 72)), gu = bf16(normal({n}, 73)), du = bf16(normal({n}, 74)), gx = bf16(normal({n}, 75));
     row("bf16 GELU forward", h * 2.0 * n,
         time_kernel([&] { gelu_forward_bf16_cuda(gu.data<uint16_t>(), u.data<uint16_t>(), n, nullptr); }));

@@ -111,5 +111,19 @@ bool residual_fork_summed_layernorm_bf16_cuda(uint16_t* a, uint16_t* m, uint16_t
                                               const uint16_t* x, const uint16_t* y, const float* const* gammas,
                                               const float* const* betas, int64_t G, int64_t rows, int64_t C, float eps,
                                               CUstream_st* stream);
+// Its backward in one pass per row position: given da (a's gradient) and dout (LN2's output's),
+//   dm[g] = layernorm_backward(dout[g]) on m[g] (rounded to bf16, never stored);  ds = Σ_g dm[g] (f32 from 0
+//   in g order, rounded once);  dy[g] = da[g] + dm[g];  dx[g] = da[g] + ds;
+//   dgamma[g] += Σ_rows dout[g] ∘ m̂[g],  dbeta[g] += Σ_rows dout[g]  (each where non-null)
+// — the bits of layernorm_backward_grouped_bf16_cuda (dx_in null) then residual_fork_summed_backward_bf16_cuda,
+// whose dm went to memory and back (two passes over the G streams a layer). The slices of the dgamma and
+// dbeta sums take 64·G·C bytes of shared memory a block (the grouped backward's 32-row chunks, every group
+// at once). dx may be da and dy dout. G = 2 or 4 with G·⌈C/256⌉ ≤ 12 (C a multiple of 8 up to 1024), rows ≥ 1,
+// every buffer 16-byte aligned and the slices within the device's shared memory; false otherwise, nothing written.
+bool residual_fork_summed_layernorm_backward_bf16_cuda(uint16_t* dx, uint16_t* dy,
+                                                       const LayerNormGroupGradients* groups, int64_t G,
+                                                       const uint16_t* da, const uint16_t* dout, const uint16_t* m,
+                                                       const float* mean, const float* rstd, int64_t rows, int64_t C,
+                                                       CUstream_st* stream);
 
 }  // namespace kraken::kernels

@@ -386,7 +386,12 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
   # sub-layer — BGRADB and DGELU_BGRAD at level 2, DGELU_BGRAD alone at 3 (8.4 ms of column sums); and its
   # weight gradients (K = 32,768 rows at B = 32) one product per sub-layer, as K = 65,536 runs them (where the
   # preset's took 0.541 ms against a strided batch's 0.757).
-  # First the attention's backward at D = 256 on the wgmma kernels (cuDNN's forward kept: ours is slower):
+  # First the default's newest piece against what it replaced: the fork's and LN2's backward as the two
+  # kernels (the same bits; the one-pass kernel holds 192 KiB of shared memory a block at this shape, one
+  # block an SM — if `wide` is not faster than this, make separate the default).
+  bench_variant widefork KRAKEN_CUDA_FORK_NORM_BACKWARD=separate 200 90 \
+    "GPT-2's shape at degree 4, the fork's and LN2's backward as two kernels" --training-only --model kraken4-768 --batch 32
+  # Then the attention's backward at D = 256 on the wgmma kernels (cuDNN's forward kept: ours is slower):
   # cuDNN's backward there ran at ~260 TFLOP/s with its dQ product.
   [[ $wgmma_ok -eq 1 ]] &&
     bench_variant widewgmmabwd KRAKEN_CUDA_ATTENTION=wgmma-backward 200 90 \

@@ -507,6 +507,30 @@ __device__ __forceinline__ void add_float4(float4& s, const float* t) {
   s = make_float4(s.x + t[0], s.y + t[1], s.z + t[2], s.w + t[3]);
 }
 
+// A pack's share of the one-pass backward, shared with the fork's fused backward below so that both
+// compile the same f32 expressions: the row's two sums for dx (Σ dout∘gamma and Σ dout∘gamma∘x̂) and the
+// pack's dgamma and dbeta terms; then, given the sums' means, dx = acc + ∂x (acc: dx_in's pack, or 0).
+__device__ __forceinline__ void backward_pack_terms(const float (&dv)[8], const float (&xv)[8], const float (&gm)[8],
+                                                    float mu, float rs, bool with_gamma, float& sum_g,
+                                                    float& sum_gx, float (&tg)[8], float (&tb)[8]) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const float g = dv[i] * gm[i], centred = xv[i] - mu;
+    sum_g += g;
+    sum_gx += g * centred * rs;
+    tg[i] = with_gamma ? dv[i] * centred * rs : 0.0f;
+    tb[i] = dv[i];
+  }
+}
+__device__ __forceinline__ void backward_pack_dx(const float (&dv)[8], const float (&xv)[8], const float (&gm)[8],
+                                                 float mu, float rs, float mean_g, float mean_gx, float (&acc)[8]) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const float g = dv[i] * gm[i], centred = xv[i] - mu;
+    acc[i] = acc[i] + rs * (g - mean_g - centred * rs * mean_gx);
+  }
+}
+
 template <typename T, int kPacks, int kTerms>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32, (fused_blocks_per_sm<T, kPacks, kTerms>()))
     layernorm_backward_fused_x8_kernel(T* dx, const T* dx_in, float* partials, const T* dout, const T* x,
@@ -554,14 +578,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, (fused_blocks_per_sm<T, k
       widen8(d[p], dv);
       widen8(xs[p], xv);
       load8(gamma + c0, gm);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const float g = dv[i] * gm[i], centred = xv[i] - mu;
-        sum_g += g;
-        sum_gx += g * centred * rs;
-        tg[i] = with_gamma ? dv[i] * centred * rs : 0.0f;
-        tb[i] = dv[i];
-      }
+      backward_pack_terms(dv, xv, gm, mu, rs, with_gamma, sum_g, sum_gx, tg, tb);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         add_float4(dg[slice_float4(P, h, packs)], tg + 4 * h);
@@ -580,11 +597,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, (fused_blocks_per_sm<T, k
       load8(gamma + c0, gm);
       if (kEarly && dx_in) widen8(din[kEarly ? p : 0], acc);
       if (!kEarly && dx_in) load8(dx_in + r * C + c0, acc);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const float g = dv[i] * gm[i], centred = xv[i] - mu;
-        acc[i] = acc[i] + rs * (g - mean_g - centred * rs * mean_gx);
-      }
+      backward_pack_dx(dv, xv, gm, mu, rs, mean_g, mean_gx, acc);
       store8(dx + r * C + c0, acc);
       if (kTerms == 3) {  // dx as stored: the column sums of the dx tensor would read these values
 #pragma unroll
@@ -604,6 +617,151 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, (fused_blocks_per_sm<T, k
 #pragma unroll
     for (int k = 0; k < kTerms; ++k)
       partials[(static_cast<int64_t>(k) * gridDim.x + blockIdx.x) * C + c] = total[k];
+  }
+}
+
+// LN2's backward and the summed fork's backward in one pass (kernels/layernorm.h): dm never goes to
+// memory. The fork needs every group's dm at a position (ds = Σ_g dm[g]), so a block takes the grouped
+// backward's chunk b — rows 32b .. 32b + 31 of each group, warp w rows 32b + w, + 8, + 16, + 24 in order — for
+// all kGroups groups at once, each group with its own kWarpsPerBlock slices (64·kGroups·C bytes: 192 KiB for
+// GPT-2's C = 768 at 4 groups, one block an SM). The slices and the partials are laid out and added as the
+// grouped kernel's, so launch_column_totals gives the same dgamma and dbeta bits; dm is that kernel's dx with
+// no dx_in (0 + ∂x, rounded), and ds, dy and dx are residual_fork_summed_backward_bf16x8_kernel's sums.
+// A row position's dout, m and da of every group are loaded first (3·kGroups·kPacks 16-byte loads a lane in
+// flight: with 8 warps an SM, one row each would leave too few bytes in flight to cover the latency), so
+// kGroups·kPacks ≤ kMaxForkBackwardPacks.
+constexpr int kMaxForkBackwardPacks = 12;
+
+__device__ __forceinline__ Stored8<__nv_bfloat16> rounded8(const float (&v)[8]) {
+  Stored8<__nv_bfloat16> s;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) s.q.pair[k] = __floats2bfloat162_rn(v[2 * k], v[2 * k + 1]);  // (store8's rounding)
+  return s;
+}
+
+template <int kPacks, int kGroups>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32, 1)
+    fork_layernorm_backward_x8_kernel(__nv_bfloat16* dx, __nv_bfloat16* dy, float* partials,
+                                      const __nv_bfloat16* da, const __nv_bfloat16* dout, const __nv_bfloat16* m,
+                                      const GroupTable table, const float* mean, const float* rstd, int C,
+                                      bool with_gamma, bool with_sums) {
+  static_assert(kGroups * kPacks <= kMaxForkBackwardPacks, "too many packs held");
+  // with_sums: kGroups × kWarpsPerBlock slices of [dgamma terms, dbeta terms], C floats each (else none)
+  float* sums = nullptr;
+  if (with_sums) {
+    KRAKEN_DYNAMIC_SHARED(float, slices);
+    sums = slices;
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, packs = C / 8;
+  const int64_t rows = table.rows;
+  auto slice = [&](int g) {  // group g's dgamma slice of this warp; its dbeta slice follows
+    return reinterpret_cast<float4*>(sums + static_cast<int64_t>(2 * (g * kWarpsPerBlock + warp)) * C);
+  };
+  if (with_sums) {
+#pragma unroll
+    for (int g = 0; g < kGroups; ++g)
+#pragma unroll
+      for (int p = 0; p < kPacks; ++p) {  // each lane zeroes the slots it alone adds to
+        const int P = lane + 32 * p;
+        if (P >= packs) break;
+        for (int h = 0; h < 2; ++h)
+          slice(g)[slice_float4(P, h, packs)] = slice(g)[2 * packs + slice_float4(P, h, packs)] =
+              make_float4(0, 0, 0, 0);
+      }
+  }
+  for (int k = 0; k < kFusedRowsPerWarp; ++k) {
+    const int64_t r = static_cast<int64_t>(blockIdx.x) * kFusedRows + k * kWarpsPerBlock + warp;
+    if (r >= rows) break;  // (not return: the warp still takes part in the barrier below)
+    Stored8<__nv_bfloat16> d[kGroups][kPacks] = {}, xs[kGroups][kPacks] = {}, as[kGroups][kPacks] = {};
+#pragma unroll
+    for (int g = 0; g < kGroups; ++g)
+#pragma unroll
+      for (int p = 0; p < kPacks; ++p) {
+        const int c0 = 8 * (lane + 32 * p);
+        if (c0 >= C) break;
+        const int64_t at = (g * rows + r) * C + c0;
+        load_stored8(dout + at, d[g][p]);
+        load_stored8(m + at, xs[g][p]);
+        load_stored8(da + at, as[g][p]);
+      }
+    Stored8<__nv_bfloat16> dm[kGroups][kPacks] = {};
+    float ds[kPacks][8] = {};
+#pragma unroll
+    for (int g = 0; g < kGroups; ++g) {
+      const float* gamma = table.gamma[g];
+      const float mu = mean[g * rows + r], rs = rstd[g * rows + r];
+      float sum_g = 0.0f, sum_gx = 0.0f;
+#pragma unroll
+      for (int p = 0; p < kPacks; ++p) {
+        const int P = lane + 32 * p, c0 = 8 * P;
+        if (c0 >= C) break;
+        float dv[8], xv[8], gm[8], tg[8], tb[8];
+        widen8(d[g][p], dv);
+        widen8(xs[g][p], xv);
+        load8(gamma + c0, gm);
+        backward_pack_terms(dv, xv, gm, mu, rs, with_gamma, sum_g, sum_gx, tg, tb);
+        if (with_sums) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            add_float4(slice(g)[slice_float4(P, h, packs)], tg + 4 * h);
+            add_float4(slice(g)[2 * packs + slice_float4(P, h, packs)], tb + 4 * h);
+          }
+        }
+      }
+      const float mean_g = warp_sum(sum_g) / static_cast<float>(C);
+      const float mean_gx = warp_sum(sum_gx) / static_cast<float>(C);
+#pragma unroll
+      for (int p = 0; p < kPacks; ++p) {
+        const int c0 = 8 * (lane + 32 * p);
+        if (c0 >= C) break;
+        float dv[8], xv[8], gm[8], acc[8] = {};
+        widen8(d[g][p], dv);
+        widen8(xs[g][p], xv);
+        load8(gamma + c0, gm);
+        backward_pack_dx(dv, xv, gm, mu, rs, mean_g, mean_gx, acc);
+        dm[g][p] = rounded8(acc);
+        widen8(dm[g][p], acc);  // dm as the fork's backward would read it
+#pragma unroll
+        for (int i = 0; i < 8; ++i) ds[p][i] += acc[i];
+      }
+    }
+#pragma unroll
+    for (int p = 0; p < kPacks; ++p)
+#pragma unroll
+      for (int i = 0; i < 8; ++i) ds[p][i] = as_stored(ds[p][i], dx);
+#pragma unroll
+    for (int g = 0; g < kGroups; ++g)
+#pragma unroll
+      for (int p = 0; p < kPacks; ++p) {
+        const int c0 = 8 * (lane + 32 * p);
+        if (c0 >= C) break;
+        float va[8], vm[8], vd[8];
+        widen8(as[g][p], va);
+        widen8(dm[g][p], vm);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          vd[i] = va[i] + vm[i];
+          va[i] = va[i] + ds[p][i];
+        }
+        const int64_t at = (g * rows + r) * C + c0;
+        store8(dy + at, vd);
+        store8(dx + at, va);
+      }
+  }
+  if (!with_sums) return;
+  __syncthreads();
+  for (int g = 0; g < kGroups; ++g) {
+    const float* group = sums + static_cast<int64_t>(2 * g * kWarpsPerBlock) * C;
+    float* out = partials + static_cast<int64_t>(2 * g) * gridDim.x * C;  // (the grouped kernel's set stride)
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+      const int at = 4 * slice_float4(c / 8, (c % 8) / 4, packs) + c % 4;
+      float total[2] = {};
+      for (int w = 0; w < kWarpsPerBlock; ++w)
+#pragma unroll
+        for (int t = 0; t < 2; ++t) total[t] += group[static_cast<int64_t>(2 * w + t) * C + at];
+#pragma unroll
+      for (int t = 0; t < 2; ++t) out[(static_cast<int64_t>(t) * gridDim.x + blockIdx.x) * C + c] = total[t];
+    }
   }
 }
 
@@ -976,6 +1134,64 @@ bool residual_fork_summed_layernorm_bf16_cuda(uint16_t* a, uint16_t* m, uint16_t
       if (G == 2) return launch(std::integral_constant<int, 2>());
     launch(std::integral_constant<int, 0>());
   });
+}
+
+bool residual_fork_summed_layernorm_backward_bf16_cuda(uint16_t* dx, uint16_t* dy,
+                                                       const LayerNormGroupGradients* groups, int64_t G,
+                                                       const uint16_t* da, const uint16_t* dout, const uint16_t* m,
+                                                       const float* mean, const float* rstd, int64_t rows, int64_t C,
+                                                       CUstream_st* stream) {
+  // (C up to the grouped one pass's 1024: above it that backward sums dgamma and dbeta in another order)
+  if ((G != 2 && G != 4) || rows <= 0 || C <= 0 || C % 8 != 0 || C > 32 * 8 * kMaxFusedPacks ||
+      !all_aligned16({dx, dy, da, dout, m}))
+    return false;
+  const int64_t chunks = (rows + kFusedRows - 1) / kFusedRows;
+  if (chunks > 0x7fffffffLL) return false;
+  GroupTable table{};
+  GroupedParamAccumulate<__nv_bfloat16, 2> apply{};
+  table.rows = rows;
+  bool with_gamma = false, with_sums = false;
+  for (int64_t g = 0; g < G; ++g) {
+    if (!groups[g].gamma || !aligned16(groups[g].gamma)) return false;
+    table.gamma[g] = groups[g].gamma;
+    apply.dgamma[g] = groups[g].dgamma;
+    apply.dbeta[g] = groups[g].dbeta;
+    with_gamma = with_gamma || groups[g].dgamma;
+    with_sums = with_sums || groups[g].dgamma || groups[g].dbeta;
+  }
+  const size_t bytes = with_sums ? sizeof(float) * 2 * kWarpsPerBlock * static_cast<size_t>(G * C) : 0;
+  int device = 0, optin = 0;
+  KRAKEN_CUDA_CHECK(cudaGetDevice(&device));
+  KRAKEN_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  if (bytes > static_cast<size_t>(optin)) return false;
+  bool launched = false;
+  with_packs_per_lane(C, [&](auto packs) {
+    constexpr int kPacks = decltype(packs)::value;
+    auto launch = [&](auto groups_constant) {
+      constexpr int kGroupsHere = decltype(groups_constant)::value;
+      if constexpr (kGroupsHere * kPacks <= kMaxForkBackwardPacks && kPacks <= kMaxFusedPacks) {
+        float* partials = with_sums ? static_cast<float*>(cuda_detail::device_scratch(
+                                          cuda_detail::ScratchSlot::kColumnSums,
+                                          sizeof(float) * static_cast<size_t>(2 * G * chunks * C)))
+                                    : nullptr;
+        const auto kernel = fork_layernorm_backward_x8_kernel<kPacks, kGroupsHere>;
+        if (bytes > 48 * 1024)
+          KRAKEN_CUDA_CHECK(
+              cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+        KRAKEN_KERNEL(static_cast<unsigned>(chunks), kWarpsPerBlock * 32, bytes, stream, kernel)
+        (as_bf16(dx), as_bf16(dy), partials, as_bf16(da), as_bf16(dout), as_bf16(m), table, mean, rstd,
+         static_cast<int>(C), with_gamma, with_sums);
+        KRAKEN_CUDA_LAUNCH_CHECK();
+        if (with_sums)
+          cuda_detail::launch_column_totals<2>(partials, chunks, C, apply, stream, static_cast<int>(G),
+                                               2 * chunks * C);
+        launched = true;
+      }
+    };
+    if (G == 4) launch(std::integral_constant<int, 4>());
+    else launch(std::integral_constant<int, 2>());
+  });
+  return launched;
 }
 
 }  // namespace kraken::kernels

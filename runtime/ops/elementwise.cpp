@@ -132,31 +132,35 @@ std::vector<Tensor> residual_fork(const Tensor& x, const Tensor& y, const Tensor
   return {a, m};
 }
 
+std::vector<Tensor> residual_fork_summed_backward(const Shape& shape, bool x_needs, bool y_needs, const Tensor& g_a,
+                                                  const Tensor& g_m) {
+  // in the forward pass this was: a = x + y, m = y + S with S = Σ_g x[g] (over every block)
+  const Tensor da = g_a.defined() ? g_a : Tensor::zeros(shape, DType::BF16, g_m.device());
+  const Tensor dm = g_m.defined() ? g_m : Tensor::zeros(shape, DType::BF16, da.device());
+  const int64_t blocks = shape[0], per_block = da.numel() / blocks;
+  // Into the incoming gradients where the engine's handles are their only ones (each kernel thread
+  // reads a position's da and every dm before it writes there), else new buffers.
+  Tensor dx = writable_in_place(da) ? da : Tensor::empty(shape, DType::BF16, da.device());
+  Tensor dy = writable_in_place(dm) ? dm : Tensor::empty(shape, DType::BF16, da.device());
+  bool done = false;
+  KRAKEN_CUDA_ONLY(da.device(), done = kernels::residual_fork_summed_backward_bf16_cuda(
+                                    dx.data<uint16_t>(), dy.data<uint16_t>(), da.data<uint16_t>(),
+                                    dm.data<uint16_t>(), blocks, per_block, stream_of(da)));
+  if (!done) {  // gradients off 16-byte boundaries: the chain's ops, the same bits
+    const Tensor ds = reduce_to(dm, Shape(shape.begin() + 1, shape.end()));
+    dy = add(da, dm);
+    dx = add(da, ds);
+  }
+  return {x_needs ? dx : Tensor(), y_needs ? dy : Tensor()};
+}
+
 void record_residual_fork_summed(const Tensor& x, const Tensor& y, const Tensor& a, const Tensor& m) {
   if (!needs_grad({x, y})) return;
   const Shape shape = y.shape();
-  const int64_t blocks = x.size(0), per_block = x.numel() / blocks;
   const bool x_needs = x.requires_grad(), y_needs = y.requires_grad();
-  record("residual_fork_summed", {x, y}, {a, m},
-         [shape, blocks, per_block, x_needs, y_needs](const std::vector<Tensor>& g) {
-           // in the forward pass this was: a = x + y, m = y + S with S = Σ_g x[g] (over every block)
-           const Tensor da = g[0].defined() ? g[0] : Tensor::zeros(shape, DType::BF16, g[1].device());
-           const Tensor dm = g[1].defined() ? g[1] : Tensor::zeros(shape, DType::BF16, da.device());
-           // Into the incoming gradients where the engine's handles are their only ones (each kernel thread
-           // reads a position's da and every dm before it writes there), else new buffers.
-           Tensor dx = writable_in_place(da) ? da : Tensor::empty(shape, DType::BF16, da.device());
-           Tensor dy = writable_in_place(dm) ? dm : Tensor::empty(shape, DType::BF16, da.device());
-           bool done = false;
-           KRAKEN_CUDA_ONLY(da.device(), done = kernels::residual_fork_summed_backward_bf16_cuda(
-                                             dx.data<uint16_t>(), dy.data<uint16_t>(), da.data<uint16_t>(),
-                                             dm.data<uint16_t>(), blocks, per_block, stream_of(da)));
-           if (!done) {  // gradients off 16-byte boundaries: the chain's ops, the same bits
-             const Tensor ds = reduce_to(dm, Shape(shape.begin() + 1, shape.end()));
-             dy = add(da, dm);
-             dx = add(da, ds);
-           }
-           return std::vector<Tensor>{x_needs ? dx : Tensor(), y_needs ? dy : Tensor()};
-         });
+  record("residual_fork_summed", {x, y}, {a, m}, [shape, x_needs, y_needs](const std::vector<Tensor>& g) {
+    return residual_fork_summed_backward(shape, x_needs, y_needs, g[0], g[1]);
+  });
 }
 
 std::vector<Tensor> residual_fork_summed(const Tensor& x, const Tensor& y) {

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "runtime/tensor.h"
 
@@ -15,5 +16,9 @@ Tensor group_row_sums(const Tensor& d, int64_t groups, int64_t rows, int64_t col
 // Records residual_fork_summed's node for outputs a kernel computed (x, y bf16 (G, ...) on a GPU; a and m
 // as residual_fork_summed returns them): its backward's kernel, or the chain's ops where that declines.
 void record_residual_fork_summed(const Tensor& x, const Tensor& y, const Tensor& a, const Tensor& m);
+// That node's backward: {dx, dy} (each undefined where its input needs none) from da and dm (either may be
+// undefined: zeros), x and y of `shape`.
+std::vector<Tensor> residual_fork_summed_backward(const Shape& shape, bool x_needs, bool y_needs, const Tensor& da,
+                                                  const Tensor& dm);
 
 }  // namespace kraken::runtime::ops

@@ -9,6 +9,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 
 #include "kernels/elementwise.h"
 #include "kernels/error.h"
@@ -95,44 +97,70 @@ Saved save(const Tensor& x_saved, const Affine& p, const Tensor& mean, const Ten
   return s;
 }
 
-// dx = dx_in + ∂L/∂x given dout, and every dgamma, dbeta: {dx, dgammas..., dbetas...}. dx_in (may be
-// undefined, or dx itself) is the gradient that reaches x by other paths — the residual stream of the
-// fused op, or what x's later consumers have sent (runtime::take_gradient_so_far) — added by the kernel
-// in its pass; dx is only written. A parameter that is a leaf gets its gradient added into its .grad by
-// the kernel and an undefined entry here; any other a new f32 tensor. dx_sums (bf16 (C,), one group, dx
-// defined), if given, is written with Σ_rows dx: add_bias_layernorm's bias gradient, on a GPU from the
-// same pass where the kernels allow.
-std::vector<Tensor> layernorm_backward(const Saved& s, const Tensor& dout, Tensor dx, const Tensor& dx_in,
-                                       Tensor dx_sums = Tensor()) {
-  // in the forward pass this was: out = (x − μ)·rstd·gamma + beta, per block of rows
-  const Device device = dout.device();
+// Where a backward's dgamma and dbeta go: into[g] what the kernels add into (they accumulate) — a leaf's
+// .grad, or a new zeroed tensor — and returned[g] what goes back to the engine (undefined for a leaf added
+// into directly). A leaf given for two blocks (or as a gamma and a beta) is added into once: the blocks'
+// sums run concurrently on a GPU, so the others get tensors of their own.
+struct ParamGradients {
+  std::vector<Tensor> into_gammas, into_betas, returned_gammas, returned_betas;
+};
+ParamGradients param_gradients(const Saved& s, const Device& device) {
   const size_t G = s.gamma_needs.size();
-  std::vector<Tensor> dgammas(G), dbetas(G);
-  const int64_t rows = s.rows / static_cast<int64_t>(G), C = s.C;
-  // What the kernels add into (they accumulate), and what goes back to the engine.
-  // A leaf given for two blocks (or as a gamma and a beta) is added into once: the blocks' sums run
-  // concurrently on a GPU, so the others get tensors of their own.
-  std::vector<Tensor> returned_gammas(G), returned_betas(G);
+  ParamGradients p;
+  p.into_gammas.resize(G), p.into_betas.resize(G), p.returned_gammas.resize(G), p.returned_betas.resize(G);
   std::vector<const TensorImpl*> taken;
   auto target = [&](bool needs, const Tensor& leaf, Tensor& returned) {
     if (!needs) return Tensor();
     if (leaf.defined() && std::find(taken.begin(), taken.end(), leaf.impl()) == taken.end()) {
       Tensor direct = leaf_grad_accumulator(leaf);
-      if (direct.defined() && direct.dtype() == DType::F32 && direct.device() == device && direct.numel() == C) {
+      if (direct.defined() && direct.dtype() == DType::F32 && direct.device() == device && direct.numel() == s.C) {
         taken.push_back(leaf.impl());
         return direct;
       }
     }
-    returned = Tensor::zeros({C}, DType::F32, device);
+    returned = Tensor::zeros({s.C}, DType::F32, device);
     return returned;
   };
   for (size_t g = 0; g < G; ++g) {
-    dgammas[g] = target(s.gamma_needs[g], s.gamma_leaves[g], returned_gammas[g]);
-    dbetas[g] = target(s.beta_needs[g], s.beta_leaves[g], returned_betas[g]);
+    p.into_gammas[g] = target(s.gamma_needs[g], s.gamma_leaves[g], p.returned_gammas[g]);
+    p.into_betas[g] = target(s.beta_needs[g], s.beta_leaves[g], p.returned_betas[g]);
   }
-  std::vector<Tensor> grads{dx};
-  grads.insert(grads.end(), returned_gammas.begin(), returned_gammas.end());
-  grads.insert(grads.end(), returned_betas.begin(), returned_betas.end());
+  return p;
+}
+
+// The kernels' view of the same: each block's gamma (for dx) and where its dgamma and dbeta go (or null).
+std::vector<kernels::LayerNormGroupGradients> group_gradients(const Saved& s, const ParamGradients& p) {
+  std::vector<kernels::LayerNormGroupGradients> groups(s.gamma_needs.size());
+  for (size_t g = 0; g < groups.size(); ++g)
+    groups[g] = {s.gammas[g].defined() ? s.gammas[g].data<float>() : nullptr,
+                 s.gamma_needs[g] ? p.into_gammas[g].data<float>() : nullptr,
+                 s.beta_needs[g] ? p.into_betas[g].data<float>() : nullptr};
+  return groups;
+}
+
+// {dx, the returned dgammas..., the returned dbetas...}
+std::vector<Tensor> with_param_gradients(std::vector<Tensor> operand_grads, const ParamGradients& p) {
+  operand_grads.insert(operand_grads.end(), p.returned_gammas.begin(), p.returned_gammas.end());
+  operand_grads.insert(operand_grads.end(), p.returned_betas.begin(), p.returned_betas.end());
+  return operand_grads;
+}
+
+// dx = dx_in + ∂L/∂x given dout, and every dgamma, dbeta: {dx, dgammas..., dbetas...}. dx_in (may be
+// undefined, or dx itself) is the gradient that reaches x by other paths — the residual stream of the
+// fused op, or what x's later consumers have sent (runtime::take_gradient_so_far) — added by the kernel
+// in its pass; dx is only written. A parameter that is a leaf gets its gradient added into its .grad by
+// the kernel and an undefined entry here; any other a new f32 tensor (param_gradients). dx_sums (bf16 (C,),
+// one group, dx defined), if given, is written with Σ_rows dx: add_bias_layernorm's bias gradient, on a GPU
+// from the same pass where the kernels allow.
+std::vector<Tensor> layernorm_backward_into(const Saved& s, const ParamGradients& params, const Tensor& dout,
+                                            Tensor dx, const Tensor& dx_in, Tensor dx_sums = Tensor()) {
+  // in the forward pass this was: out = (x − μ)·rstd·gamma + beta, per block of rows
+  const Device device = dout.device();
+  const size_t G = s.gamma_needs.size();
+  const std::vector<Tensor>& dgammas = params.into_gammas;
+  const std::vector<Tensor>& dbetas = params.into_betas;
+  const int64_t rows = s.rows / static_cast<int64_t>(G), C = s.C;
+  const std::vector<Tensor> grads = with_param_gradients({dx}, params);
   if (device.is_cuda() && dx_sums.defined()) {
     KRAKEN_CHECK(G == 1 && dx.defined() && dout.dtype() == DType::BF16 && dx_sums.dtype() == DType::BF16 &&
                      dx_sums.numel() == C,
@@ -147,11 +175,7 @@ std::vector<Tensor> layernorm_backward(const Saved& s, const Tensor& dout, Tenso
     if (summed) return grads;
   }
   if (device.is_cuda()) {  // every block in one call (one launch where the kernels allow)
-    std::vector<kernels::LayerNormGroupGradients> groups(G);
-    for (size_t g = 0; g < G; ++g)
-      groups[g] = {s.gammas[g].defined() ? s.gammas[g].data<float>() : nullptr,
-                   s.gamma_needs[g] ? dgammas[g].data<float>() : nullptr,
-                   s.beta_needs[g] ? dbetas[g].data<float>() : nullptr};
+    const std::vector<kernels::LayerNormGroupGradients> groups = group_gradients(s, params);
     const int64_t n_groups = static_cast<int64_t>(G);
     if (dout.dtype() == DType::BF16)
       KRAKEN_CUDA_ONLY(device, kernels::layernorm_backward_grouped_bf16_cuda(
@@ -189,6 +213,11 @@ std::vector<Tensor> layernorm_backward(const Saved& s, const Tensor& dout, Tenso
                                     mean, rstd, rows, C);
   }
   return grads;
+}
+
+std::vector<Tensor> layernorm_backward(const Saved& s, const Tensor& dout, Tensor dx, const Tensor& dx_in,
+                                       Tensor dx_sums = Tensor()) {
+  return layernorm_backward_into(s, param_gradients(s, dout.device()), dout, dx, dx_in, dx_sums);
 }
 
 // Where block g of a forward's rows starts (its first element), its rows' statistics (null when nothing
@@ -390,6 +419,23 @@ std::vector<Tensor> add_bias_layernorm(const Tensor& a, const Tensor& b, const T
   return {s, out};
 }
 
+namespace {
+
+// KRAKEN_CUDA_FORK_NORM_BACKWARD (read once): fused (unset: the default), the fork's and LN2's backward in one
+// kernel; separate, the two kernels in turn — the same bits, for timing one against the other in a step.
+bool fork_norm_backward_fused() {
+  static const bool fused = [] {
+    const char* v = std::getenv("KRAKEN_CUDA_FORK_NORM_BACKWARD");
+    if (v == nullptr || *v == '\0' || std::string(v) == "fused") return true;
+    if (std::string(v) == "separate") return false;
+    KRAKEN_THROW("KRAKEN_CUDA_FORK_NORM_BACKWARD=", v,
+                 ": expected fused (the default: the residual fork's and LN2's backward in one kernel) or separate");
+  }();
+  return fused;
+}
+
+}  // namespace
+
 std::vector<Tensor> residual_fork_summed_layernorm(const Tensor& x, const Tensor& y, const std::vector<Tensor>& gammas,
                                                    const std::vector<Tensor>& betas, float eps) {
   const char* op = "residual_fork_summed_layernorm";
@@ -421,9 +467,39 @@ std::vector<Tensor> residual_fork_summed_layernorm(const Tensor& x, const Tensor
                                    y.data<uint16_t>(), gamma_ptrs.data(), beta_ptrs.data(), G, rows / G, C, eps,
                                    stream_of(x)));
   if (!fused) return chain();  // (nothing written)
-  // The two nodes the chain records, the fork's and LN2's, for what the one kernel wrote.
-  record_residual_fork_summed(x, y, a, m);
-  if (record_grad) record_layernorm(m, p, mean, rstd, rows, C, out);
+  if (!record_grad) return {a, out};
+  // One node for both (m is no output: LN2 is its only consumer). Backward on a GPU one kernel too where it
+  // applies — LN2's dm goes straight into the fork's sums instead of to memory and back; else the two
+  // nodes' backwards in turn, the same bits.
+  const Saved saved = save(m, p, mean, rstd, rows, C, /*x_needs=*/true);
+  const Shape shape = x.shape();
+  const bool x_needs = x.requires_grad(), y_needs = y.requires_grad();
+  record(op, inputs, {a, out}, [saved, shape, x_needs, y_needs](const std::vector<Tensor>& g) {
+    // in the forward pass this was: a = x + y, m = y + Σ_g x[g], out = layernorm(m) (group g's gamma, beta)
+    const Tensor &da = g[0], &dout = g[1];
+    const ParamGradients params = param_gradients(saved, saved.x.device());
+    if (da.defined() && dout.defined() && fork_norm_backward_fused()) {
+      Tensor dx = writable_in_place(da) ? da : Tensor::empty(shape, DType::BF16, da.device());
+      Tensor dy = writable_in_place(dout) ? dout : Tensor::empty(shape, DType::BF16, da.device());
+      const std::vector<kernels::LayerNormGroupGradients> groups = group_gradients(saved, params);
+      bool done = false;
+      KRAKEN_CUDA_ONLY(da.device(), done = kernels::residual_fork_summed_layernorm_backward_bf16_cuda(
+                                        dx.data<uint16_t>(), dy.data<uint16_t>(), groups.data(),
+                                        static_cast<int64_t>(groups.size()), da.data<uint16_t>(),
+                                        dout.data<uint16_t>(), saved.x.data<uint16_t>(), saved.mean.data<float>(),
+                                        saved.rstd.data<float>(), saved.rows / static_cast<int64_t>(groups.size()),
+                                        saved.C, stream_of(da)));
+      if (done) return with_param_gradients({x_needs ? dx : Tensor(), y_needs ? dy : Tensor()}, params);
+    }
+    Tensor dm;
+    std::vector<Tensor> grads = with_param_gradients({Tensor(), Tensor()}, params);
+    if (dout.defined())
+      dm = layernorm_backward_into(saved, params, dout, Tensor::empty(shape, DType::BF16, dout.device()), Tensor())[0];
+    const std::vector<Tensor> fork = residual_fork_summed_backward(shape, x_needs, y_needs, da, dm);
+    grads[0] = fork[0];
+    grads[1] = fork[1];
+    return grads;
+  });
   return {a, out};
 }
 

@@ -164,6 +164,11 @@ bool residual_fork_summed_layernorm_bf16_cuda(uint16_t* a, uint16_t* m, uint16_t
                                               const uint16_t* x, const uint16_t* y, const float* const* gammas,
                                               const float* const* betas, int64_t G, int64_t rows, int64_t C, float eps,
                                               CUstream_st* stream);
+bool residual_fork_summed_layernorm_backward_bf16_cuda(uint16_t* dx, uint16_t* dy,
+                                                       const LayerNormGroupGradients* groups, int64_t G,
+                                                       const uint16_t* da, const uint16_t* dout, const uint16_t* m,
+                                                       const float* mean, const float* rstd, int64_t rows, int64_t C,
+                                                       CUstream_st* stream);
 void layernorm_forward_cuda(float* out, float* mean, float* rstd, const float* x, const float* gamma,
                             const float* beta, int64_t rows, int64_t C, float eps, CUstream_st* stream);
 void layernorm_backward_cuda(float* dx, const float* dx_in, float* dgamma, float* dbeta, const float* dout,

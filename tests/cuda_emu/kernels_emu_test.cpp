@@ -1193,6 +1193,107 @@ TEST(CudaEmulation, SummedForkWithLayerNormIsTheForkThenTheLayerNormBitForBit) {
   under_both_schedules(check_summed_fork_layernorm);
 }
 
+// Its backward in one pass against the two it replaces — LN2's grouped backward writing dm, then the summed
+// fork's backward reading it — dx, dy and every group's dgamma and dbeta (added into 0.5 and −0.25) bit for
+// bit: 2 groups of 45 × 504 (2 packs, two chunks), 4 of 33 × 768 (3 packs: G·packs 12, the most held; a
+// chunk of one row), 2 of 70 × 1024 (4 packs), 4 of 6 × 40 (lanes without a pack); every parameter, none
+// (no slices), or a mix (group 1 without dgamma, the last without dbeta); and written in place over da and
+// dout. Declined with nothing written: 1 and 3 groups, 4 groups at C = 1024 (16 packs), C = 52 and 1032,
+// a misaligned da.
+void check_summed_fork_layernorm_backward() {
+  for (const auto& [G, rows, C] : {std::tuple<int64_t, int64_t, int64_t>{2, 45, 504},
+                                   std::tuple<int64_t, int64_t, int64_t>{4, 33, 768},
+                                   std::tuple<int64_t, int64_t, int64_t>{2, 70, 1024},
+                                   std::tuple<int64_t, int64_t, int64_t>{4, 6, 40}}) {
+    const size_t n = static_cast<size_t>(G * rows * C), gc = static_cast<size_t>(G * C);
+    const std::vector<uint16_t> m = to_bf16(normal(n, 101, 2.0f)), da = to_bf16(normal(n, 102)),
+                                dout = to_bf16(normal(n, 103));
+    const std::vector<float> gammas = normal(gc, 104), betas = normal(gc, 105);
+    std::vector<float> mean(static_cast<size_t>(G * rows)), rstd(mean.size());
+    std::vector<uint16_t> out(n);
+    for (int64_t g = 0; g < G; ++g)  // statistics of m as LN2's forward leaves them
+      emu::layernorm_forward_bf16_cuda(out.data() + g * rows * C, mean.data() + g * rows, rstd.data() + g * rows,
+                                       m.data() + g * rows * C, gammas.data() + g * C, betas.data() + g * C, rows, C,
+                                       1e-5f, nullptr);
+    enum class Params { kAll, kNone, kMixed };
+    for (const Params params : {Params::kAll, Params::kNone, Params::kMixed}) {
+      const std::string what = " (" + std::to_string(G) + " groups of " + std::to_string(rows) + " × " +
+                               std::to_string(C) +
+                               (params == Params::kAll ? ")" : params == Params::kNone ? ", no parameters)" : ", mixed)");
+      struct Run {
+        std::vector<uint16_t> dx, dy;
+        std::vector<float> dgamma, dbeta;
+      };
+      auto run = [&](bool fused, bool in_place) {
+        Run r{std::vector<uint16_t>(n, 0x7fc0), std::vector<uint16_t>(n, 0x7fc0), std::vector<float>(gc, 0.5f),
+              std::vector<float>(gc, -0.25f)};
+        std::vector<emu::LayerNormGroupGradients> groups(static_cast<size_t>(G));
+        for (int64_t g = 0; g < G; ++g) {
+          const bool dgamma = params == Params::kAll || (params == Params::kMixed && g != 1);
+          const bool dbeta = params == Params::kAll || (params == Params::kMixed && g != G - 1);
+          groups[static_cast<size_t>(g)] = {gammas.data() + g * C, dgamma ? r.dgamma.data() + g * C : nullptr,
+                                            dbeta ? r.dbeta.data() + g * C : nullptr};
+        }
+        if (fused && in_place) {
+          r.dx = da;
+          r.dy = dout;
+          EXPECT_TRUE(emu::residual_fork_summed_layernorm_backward_bf16_cuda(
+              r.dx.data(), r.dy.data(), groups.data(), G, r.dx.data(), r.dy.data(), m.data(), mean.data(),
+              rstd.data(), rows, C, nullptr))
+              << what;
+        } else if (fused) {
+          EXPECT_TRUE(emu::residual_fork_summed_layernorm_backward_bf16_cuda(
+              r.dx.data(), r.dy.data(), groups.data(), G, da.data(), dout.data(), m.data(), mean.data(), rstd.data(),
+              rows, C, nullptr))
+              << what;
+        } else {
+          std::vector<uint16_t> dm(n, 0x7fc0);
+          emu::layernorm_backward_grouped_bf16_cuda(dm.data(), nullptr, groups.data(), G, dout.data(), m.data(),
+                                                    mean.data(), rstd.data(), rows, C, nullptr);
+          EXPECT_TRUE(emu::residual_fork_summed_backward_bf16_cuda(r.dx.data(), r.dy.data(), da.data(), dm.data(), G,
+                                                                   rows * C, nullptr));
+        }
+        return r;
+      };
+      const Run want = run(false, false);
+      for (const bool in_place : {false, true}) {
+        const Run got = run(true, in_place);
+        const std::string how = what + (in_place ? ", in place" : "");
+        EXPECT_EQ(got.dx, want.dx) << "dx = da + Σ_g dm[g]" << how;
+        EXPECT_EQ(got.dy, want.dy) << "dy = da + dm" << how;
+        EXPECT_EQ(got.dgamma, want.dgamma) << "dgamma" << how;
+        EXPECT_EQ(got.dbeta, want.dbeta) << "dbeta" << how;
+      }
+      if (params == Params::kNone) {
+        EXPECT_EQ(want.dgamma, std::vector<float>(gc, 0.5f)) << what;
+      } else if (params == Params::kAll) {  // (the sums are there at all: a test that cannot pass vacuously)
+        EXPECT_NE(want.dgamma, std::vector<float>(gc, 0.5f)) << what;
+        EXPECT_NE(want.dbeta, std::vector<float>(gc, -0.25f)) << what;
+      }
+    }
+  }
+  const std::vector<uint16_t> x = to_bf16(normal(4 * 8 * 1032 + 8, 106));
+  const std::vector<float> gamma = normal(4 * 1032, 107), stats(32, 1.0f);
+  std::vector<uint16_t> untouched(x.size(), 0x7fff);
+  std::vector<float> dgamma(4 * 1032, 0.5f);
+  for (const auto& [G, C, offset] : {std::tuple<int64_t, int64_t, int>{1, 504, 0}, std::tuple<int64_t, int64_t, int>{3, 504, 0},
+                                     std::tuple<int64_t, int64_t, int>{4, 1024, 0}, std::tuple<int64_t, int64_t, int>{2, 52, 0},
+                                     std::tuple<int64_t, int64_t, int>{2, 1032, 0}, std::tuple<int64_t, int64_t, int>{2, 504, 1}}) {
+    std::vector<emu::LayerNormGroupGradients> groups;
+    for (int64_t g = 0; g < G; ++g) groups.push_back({gamma.data() + g * C, dgamma.data() + g * C, nullptr});
+    EXPECT_FALSE(emu::residual_fork_summed_layernorm_backward_bf16_cuda(
+        untouched.data(), untouched.data(), groups.data(), G, x.data() + offset, x.data(), x.data(), stats.data(),
+        stats.data(), 8, C, nullptr))
+        << G << " groups of C = " << C << (offset ? ", da misaligned" : "");
+  }
+  EXPECT_EQ(untouched, std::vector<uint16_t>(x.size(), 0x7fff)) << "a declined backward wrote dx or dy";
+  EXPECT_EQ(dgamma, std::vector<float>(4 * 1032, 0.5f)) << "a declined backward added to dgamma";
+}
+
+TEST(CudaEmulation, SummedForkWithLayerNormBackwardIsTheTwoBackwardsBitForBit) {
+  under_both_schedules(check_summed_fork_layernorm_backward);
+}
+
 // The product's bias taken into the LayerNorm after the residual add (ops::add_bias_layernorm). Forward:
 // the bits of the three kernels it replaces (broadcast add of the bias, the add, the LayerNorm). Backward:
 // dx, dgamma and dbeta the bits of the plain one-pass backward (the third sum changes neither), and Σ_rows
