@@ -1,11 +1,11 @@
 // GPU benchmark (a plain program, no Google Benchmark: the GPU machines have no system packages).
 //
 //   build/bin/gpu_train_bench [--out report.md] [--batch B,B,...] [--steps N] [--warmup N] [--peak-tflops X]
-//                             [--model gpt2|kraken4|kraken4-768|all] [--precision bf16|fp32|all] [--training-only]
+//                             [--model gpt2|kraken4|kraken4-768|all|none] [--precision bf16|fp32|all] [--training-only]
 //                             [--no-host-probe] [--layers L] [--timeline]
 //
 // --model, --precision and --training-only pick a part of the report: tools/gpu-profile.sh runs one
-// model's step under Nsight Compute that way. --layers L gives both presets L layers instead of 12 (the
+// model's step under Nsight Compute that way; --model none, the kernel tables alone. --layers L gives both presets L layers instead of 12 (the
 // rows say so): what scales with the number of launches a step makes, the host's waits among them.
 // --timeline (or KRAKEN_BENCH_TIMELINE=1) runs one more step of each training row under CUPTI and says,
 // after the table, where its wall time went: the GPU busy or idle between the first kernel and the last,
@@ -173,7 +173,7 @@ Options parse(int argc, char** argv) {
     else if (a == "--timeline") o.timeline = true;
     else {
       std::fprintf(stderr, "usage: gpu_train_bench [--out FILE] [--batch B,...] [--steps N] [--warmup N] [--peak-tflops X] "
-                           "[--model gpt2|kraken4|kraken4-768|all] [--precision bf16|fp32|all] [--training-only] "
+                           "[--model gpt2|kraken4|kraken4-768|all|none] [--precision bf16|fp32|all] [--training-only] "
                            "[--no-host-probe] [--layers L] [--timeline]\n");
       std::exit(2);
     }
@@ -186,7 +186,7 @@ Options parse(int argc, char** argv) {
     std::fprintf(stderr, "\n");
     std::exit(2);
   };
-  one_of("--model", o.model, {"gpt2", "kraken4", "kraken4-768", "all"});
+  one_of("--model", o.model, {"gpt2", "kraken4", "kraken4-768", "all", "none"});
   one_of("--precision", o.precision, {"bf16", "fp32", "all"});
   const char* timeline_env = std::getenv("KRAKEN_BENCH_TIMELINE");
   if (timeline_env && std::strcmp(timeline_env, "1") == 0) o.timeline = true;
