@@ -345,8 +345,8 @@ KrakenModel::Unsummed KrakenModel::layer_forward(const std::vector<SubLayer>& su
     h = a_h[1];
   } else if (sum_here) {
     // Every sub-layer here: S summed in the fork's own pass and LN2 taken as m is made, one kernel on a
-    // GPU (ops::residual_fork_summed_layernorm: S never stored, m not read back); backward the fork's
-    // kernel adds S's gradient into X's as it writes it
+    // GPU (ops::residual_fork_summed_layernorm: S never stored, m not read back); backward one kernel too,
+    // LN2's gradient of m summed into S's and added to X's as it is made, never stored
     std::vector<Tensor> a_h =
         ops::residual_fork_summed_layernorm(X, attn, each(&SubLayer::ln_2_w), each(&SubLayer::ln_2_b));
     a = a_h[0];

@@ -148,7 +148,9 @@ std::vector<Tensor> add_bias_layernorm(const Tensor& a, const Tensor& b, const T
 // The Kraken layer's fork and LN2 where its sub-layers share a GPU: {a, layernorm(m)} for {a, m} =
 // residual_fork_summed(x, y), group g normalised with gammas[g], betas[g]. In bf16 on a GPU for 2 to 8
 // groups (C a multiple of 8 up to 2048) one kernel forward — LN2 normalises m as it is made, where it read
-// it back — and the two ops' nodes backward; else the two ops. The same bits either way.
+// it back — and one node backward, for 2 or 4 groups (C ≤ 1024) one kernel too (LN2's gradient of m summed
+// into the fork's as it is made; KRAKEN_CUDA_FORK_NORM_BACKWARD=separate: the two ops' backward kernels);
+// else the two ops. The same bits either way.
 std::vector<Tensor> residual_fork_summed_layernorm(const Tensor& x, const Tensor& y, const std::vector<Tensor>& gammas,
                                                    const std::vector<Tensor>& betas, float eps = 1e-5f);
 // weight (V, C), ids i32 of any shape S: returns S + (C,). Ids outside [0, V) are an error.
