@@ -1197,8 +1197,8 @@ TEST(CudaEmulation, SummedForkWithLayerNormIsTheForkThenTheLayerNormBitForBit) {
 // fork's backward reading it — dx, dy and every group's dgamma and dbeta (added into 0.5 and −0.25) bit for
 // bit: 2 groups of 45 × 504 (2 packs, two chunks), 4 of 33 × 768 (3 packs: G·packs 12, the most held; a
 // chunk of one row), 2 of 70 × 1024 (4 packs), 4 of 6 × 40 (lanes without a pack); every parameter, none
-// (no slices), or a mix (group 1 without dgamma, the last without dbeta); and written in place over da and
-// dout. Declined with nothing written: 1 and 3 groups, 4 groups at C = 1024 (16 packs), C = 52 and 1032,
+// (no slices), or a mix (group 1 without dgamma, the last without dbeta); and, with every parameter, written
+// in place over da and dout. Declined with nothing written: 1 and 3 groups, 4 groups at C = 1024 (16 packs), C = 52 and 1032,
 // a misaligned da.
 void check_summed_fork_layernorm_backward() {
   for (const auto& [G, rows, C] : {std::tuple<int64_t, int64_t, int64_t>{2, 45, 504},
@@ -1257,6 +1257,7 @@ void check_summed_fork_layernorm_backward() {
       };
       const Run want = run(false, false);
       for (const bool in_place : {false, true}) {
+        if (in_place && params != Params::kAll) continue;  // (the emulation's time: in place once a shape)
         const Run got = run(true, in_place);
         const std::string how = what + (in_place ? ", in place" : "");
         EXPECT_EQ(got.dx, want.dx) << "dx = da + Σ_g dm[g]" << how;
