@@ -725,10 +725,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 1)
         for (int i = 0; i < 8; ++i) ds[p][i] += acc[i];
       }
     }
-#pragma unroll
-    for (int p = 0; p < kPacks; ++p)
-#pragma unroll
-      for (int i = 0; i < 8; ++i) ds[p][i] = as_stored(ds[p][i], dx);
+    round_fork_sum<kPacks>(ds, dx);  // (dS rounded once, as the fork's backward stores it)
 #pragma unroll
     for (int g = 0; g < kGroups; ++g)
 #pragma unroll
