@@ -1300,21 +1300,23 @@ int main(int argc, char** argv) {
          dev.name.c_str(), dev.sms, dev.memory_gb, dev.peak_bw / 1e9,
          dev.peak_flops > 0 ? (std::to_string(static_cast<int>(dev.peak_flops / 1e12)) + " TFLOP/s").c_str()
                             : "unknown (pass --peak-tflops)");
-  r.blank();
-  r.line("### Training step (%d timed steps after %d warm-up)", o.steps, o.warmup);
-  r.line("The host / GPU columns: ms the host took to issue the forward (backward), and ms the GPU took from the");
-  r.line("step's first kernel to the end of it — where the two are close the GPU waited for the host, or the host");
-  r.line("for the GPU (a synchronisation, or a stream's launch queue of ~1,000 kernels full); in brackets, the host's");
-  r.line("time to issue the backward behind ~100 ms of queued GPU work (16 launches), which a backward free of");
-  r.line("synchronisation and of fewer launches than the queue's room never waits for: the host's own cost.");
-  r.line("Copies / fills: GB a step the runtime moved outside kernels (copies within the GPU, zero fills:");
-  r.line("runtime::memory_traffic), which a profile of kernels does not list. Reserved: what the caching allocator");
-  r.line("holds from the driver after the timed steps (blocks of each size kept apart: the peak in use or more);");
-  r.line("cudaMalloc a step: its calls to the driver in the timed steps (0 in a steady state).");
-  r.blank();
-  r.line("| model | precision | params | B×T | ms/step | tokens/s | TFLOP/s | MFU (bf16 peak) | forward host / GPU ms | "
-         "backward host / GPU ms | copies / fills GB | peak GB | reserved GB / cudaMalloc a step | loss |");
-  r.line("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+  if (o.model != "none") {  // (--model none: the kernel tables alone)
+    r.blank();
+    r.line("### Training step (%d timed steps after %d warm-up)", o.steps, o.warmup);
+    r.line("The host / GPU columns: ms the host took to issue the forward (backward), and ms the GPU took from the");
+    r.line("step's first kernel to the end of it — where the two are close the GPU waited for the host, or the host");
+    r.line("for the GPU (a synchronisation, or a stream's launch queue of ~1,000 kernels full); in brackets, the host's");
+    r.line("time to issue the backward behind ~100 ms of queued GPU work (16 launches), which a backward free of");
+    r.line("synchronisation and of fewer launches than the queue's room never waits for: the host's own cost.");
+    r.line("Copies / fills: GB a step the runtime moved outside kernels (copies within the GPU, zero fills:");
+    r.line("runtime::memory_traffic), which a profile of kernels does not list. Reserved: what the caching allocator");
+    r.line("holds from the driver after the timed steps (blocks of each size kept apart: the peak in use or more);");
+    r.line("cudaMalloc a step: its calls to the driver in the timed steps (0 in a steady state).");
+    r.blank();
+    r.line("| model | precision | params | B×T | ms/step | tokens/s | TFLOP/s | MFU (bf16 peak) | forward host / GPU ms | "
+           "backward host / GPU ms | copies / fills GB | peak GB | reserved GB / cudaMalloc a step | loss |");
+    r.line("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+  }
   KrakenConfig gpt2;  // the defaults: L = 12, C = 768, H = 12, T = 1024, degree 1, e = 4, biases, vocab 50257
   KrakenConfig k4;
   k4.n_embd = 504;
