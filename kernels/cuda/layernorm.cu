@@ -10,7 +10,9 @@
 // scheme over a second read of dout and x); otherwise
 // column-parallel without atomics or scratch: a block owns kCols columns and all rows; its kGroups row
 // groups accumulate rows g, g + kGroups, … in order, and a fixed shared-memory tree adds the groups.
-// Either way every sum has one order, fixed by rows and C.
+// Either way every sum has one order, fixed by rows and C. The Kraken layer's residual fork with LN2 after
+// it runs as one kernel each way (fork_layernorm_backward_x8_kernel: the grouped one pass's sums, every group
+// of a row position in one block, the fork's sums taken from dm in registers).
 // The kernels are templates on the storage type T of x, out, dout and dx (kernels/cuda/storage.h):
 // float, or bf16 widened on load and rounded once on store; gamma, beta, their gradients, mean and
 // rstd are f32 for both, and the arithmetic is the same f32 sequence.
