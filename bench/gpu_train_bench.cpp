@@ -605,10 +605,11 @@ void bench_kernels(const DeviceInfo& dev, Report& r) {
       Tensor gdgamma = normal({width}, 98), gdbeta = normal({width}, 99), gdbias = bf16(normal({width}, 100));
       const double bytes = h * 4.0 * rows * width + f * 2 * rows;
       row("bf16 layernorm backward + bias gradient in one pass, 65536×768 (GPT-2 B = 64)", bytes, time_kernel([&] {
-            layernorm_backward_summing_dx_bf16_cuda(gdx.data<uint16_t>(), gin.data<uint16_t>(), gdgamma.data<float>(),
-                                                    gdbeta.data<float>(), gdbias.data<uint16_t>(),
-                                                    gdout.data<uint16_t>(), gx.data<uint16_t>(), ggamma.data<float>(),
-                                                    gmean.data<float>(), grstd.data<float>(), rows, width, nullptr);
+            const LayerNormGroupGradients one{ggamma.data<float>(), gdgamma.data<float>(), gdbeta.data<float>()};
+            layernorm_backward_summing_dx_bf16_cuda(gdx.data<uint16_t>(), gin.data<uint16_t>(), &one, 1,
+                                                    gdbias.data<uint16_t>(), gdout.data<uint16_t>(),
+                                                    gx.data<uint16_t>(), gmean.data<float>(), grstd.data<float>(),
+                                                    rows, width, nullptr);
           }));
       row("bf16 layernorm backward, then the bias gradient's column sums, 65536×768", bytes, time_kernel([&] {
             layernorm_backward_bf16_cuda(gdx.data<uint16_t>(), gin.data<uint16_t>(), gdgamma.data<float>(),
@@ -616,6 +617,31 @@ void bench_kernels(const DeviceInfo& dev, Report& r) {
                                          ggamma.data<float>(), gmean.data<float>(), grstd.data<float>(), rows, width,
                                          nullptr);
             sum_rows_bf16_cuda(gdbias.data<uint16_t>(), gdx.data<uint16_t>(), rows, width, nullptr);
+          }));
+      // The same at GPT-2's shape at degree 4, B = 32 (4 sub-layers × 32768 rows × 768): the MLP projections'
+      // biases in the next layer's LN1 (grouped), against the grouped backward and the grouped column sums.
+      const int64_t G = 4, per_group = 32 * 1024, wrows = G * per_group;
+      Tensor wx = bf16(normal({wrows, width}, 105)), wdout = bf16(normal({wrows, width}, 106));
+      Tensor win = bf16(normal({wrows, width}, 107)), wdx = bf16(normal({wrows, width}, 108));
+      Tensor wmean = normal({wrows}, 109), wrstd = normal({wrows}, 110);
+      Tensor wgammas = normal({G, width}, 101), wdgammas = normal({G, width}, 102), wdbetas = normal({G, width}, 103);
+      Tensor wdbias = bf16(normal({G, width}, 104));
+      const double wbytes = h * 4.0 * wrows * width + f * 2 * wrows;
+      std::vector<LayerNormGroupGradients> groups;
+      for (int64_t g = 0; g < G; ++g)
+        groups.push_back({wgammas.data<float>() + g * width, wdgammas.data<float>() + g * width,
+                          wdbetas.data<float>() + g * width});
+      row("bf16 grouped layernorm backward + bias gradients in one pass, 4 × 32768×768", wbytes, time_kernel([&] {
+            layernorm_backward_summing_dx_bf16_cuda(wdx.data<uint16_t>(), win.data<uint16_t>(), groups.data(), G,
+                                                    wdbias.data<uint16_t>(), wdout.data<uint16_t>(),
+                                                    wx.data<uint16_t>(), wmean.data<float>(), wrstd.data<float>(),
+                                                    per_group, width, nullptr);
+          }));
+      row("bf16 grouped layernorm backward, then the grouped column sums, 4 × 32768×768", wbytes, time_kernel([&] {
+            layernorm_backward_grouped_bf16_cuda(wdx.data<uint16_t>(), win.data<uint16_t>(), groups.data(), G,
+                                                 wdout.data<uint16_t>(), wx.data<uint16_t>(), wmean.data<float>(),
+                                                 wrstd.data<float>(), per_group, width, nullptr);
+            sum_rows_grouped_bf16_cuda(wdbias.data<uint16_t>(), wdx.data<uint16_t>(), G, per_group, width, nullptr);
           }));
     }
     {

@@ -72,18 +72,20 @@ void add_layernorm_forward_bf16_cuda(uint16_t* s, uint16_t* out, float* mean, fl
 // the product's backward read ds again for it (0.8–1 ms of GPT-2's step at B = 64 by bytes).
 // Forward: s = a + (b + bias), b + bias rounded to bf16 first and the sum rounded again (the bits of
 // add_broadcast_bf16_cuda then add_bf16_cuda), then out = layernorm(s) as add_layernorm_forward_bf16_cuda.
-// bias (C,) bf16. Backward: layernorm_backward_bf16_cuda's dx, dgamma, dbeta and, in the same pass,
-// dx_sums[c] = Σ_r dx[r, c] over dx as stored (f32, rounded once to bf16; written, not accumulated) —
-// rows summed in another order than sum_rows_bf16_cuda's (the LayerNorm backward's chunks of 32 rows).
-// Both need C a multiple of 8 (forward up to 2048, backward up to 1024), rows ≥ 1 and every buffer
-// 16-byte aligned; false otherwise, nothing written.
+// bias (C,) bf16; for the Kraken layer's G stacked sub-layers one call per block of rows, each with its
+// sub-layer's bias. Backward, for G groups of rows_per_group rows (layernorm_backward_grouped_bf16_cuda's
+// dx, dgamma, dbeta) and, in the same pass, dx_sums[g·C + c] = Σ_r dx[g, r, c] over dx as stored (f32,
+// rounded once to bf16; written, not accumulated) — rows summed in another order than sum_rows_bf16_cuda's
+// (the LayerNorm backward's chunks of 32 rows). Both need C a multiple of 8 (forward up to 2048, backward
+// up to 1024), rows ≥ 1 and every buffer 16-byte aligned (dx_sums: each group's row); false otherwise,
+// nothing written.
 bool add_bias_layernorm_forward_bf16_cuda(uint16_t* s, uint16_t* out, float* mean, float* rstd, const uint16_t* a,
                                           const uint16_t* b, const uint16_t* bias, const float* gamma,
                                           const float* beta, int64_t rows, int64_t C, float eps, CUstream_st* stream);
-bool layernorm_backward_summing_dx_bf16_cuda(uint16_t* dx, const uint16_t* dx_in, float* dgamma, float* dbeta,
-                                             uint16_t* dx_sums, const uint16_t* dout, const uint16_t* x,
-                                             const float* gamma, const float* mean, const float* rstd, int64_t rows,
-                                             int64_t C, CUstream_st* stream);
+bool layernorm_backward_summing_dx_bf16_cuda(uint16_t* dx, const uint16_t* dx_in, const LayerNormGroupGradients* groups,
+                                             int64_t G, uint16_t* dx_sums, const uint16_t* dout, const uint16_t* x,
+                                             const float* mean, const float* rstd, int64_t rows_per_group, int64_t C,
+                                             CUstream_st* stream);
 
 // ---- CUDA, bf16 activations ---------------------------------------------------------------------
 // x, out, dout, dx bf16; gamma, beta, their gradients, mean and rstd f32 (parameters stay f32 in

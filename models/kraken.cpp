@@ -298,8 +298,8 @@ Tensor stacked(const Tensor& input, int64_t n) {
 // x_i ← a_i + MLP_i(LN2_i(m_i)) — for all i at once, on X (n, B, T, C).
 KrakenModel::Unsummed KrakenModel::layer_forward(const std::vector<SubLayer>& subs, const std::vector<Tensor>& stacks,
                                                  const Tensor& X, const Tensor& h1, bool sum_here,
-                                                 parallel::PendingReduce& pending, runtime::Generator* gen,
-                                                 bool training) {
+                                                 bool mlp_bias_onward, parallel::PendingReduce& pending,
+                                                 runtime::Generator* gen, bool training) {
   const int64_t n = X.size(0), B = X.size(1), T = X.size(2), C = X.size(3);
   // The sub-layers' matrices and biases, each kind stacked (n, ...) in the compute dtype: one node and,
   // under mixed precision, one cast launch each way for the layer (ops::stack_many; it stands in for
@@ -316,17 +316,21 @@ KrakenModel::Unsummed KrakenModel::layer_forward(const std::vector<SubLayer>& su
 
   // Attn_i(LN1_i(x_i)): the n sub-layers' heads as one attention over n·B sequences (on a GPU one launch
   // that fills it, where each sub-layer's B·H/k heads alone would leave it half idle).
-  // GPT-2 (degree 1, one stream) without dropout: the two projections' biases leave their products for the
-  // LayerNorm after each residual add (ops::add_bias_layernorm), whose backward sums the bias's gradient
-  // in its own pass over the residual stream's gradient, where the product's backward read it again —
-  // the attention projection's at LN2 here, the MLP projection's at the next layer's LN1 (or ln_f),
+  // Without dropout the two projections' biases leave their products for the LayerNorm after the residual
+  // add where that LayerNorm is one (ops::add_bias_layernorm), whose backward sums the bias's gradient in
+  // its own pass over the residual stream's gradient, where the product's backward read it again: the
+  // attention projection's at LN2 where LN2 follows a plain add (GPT-2; a Kraken layer without S, where
+  // the fork is not fused with LN2), the MLP projection's at the next layer's LN1 (or GPT-2's ln_f),
   // handed on in Unsummed::m_bias. (Under dropout the bias is added before it drops, so it stays.)
-  const bool biases_to_norms = config_.degree == 1 && attn_proj_b.defined() &&
-                               !(training && config_.dropout > 0.0f) && projection_biases_in_norms();
+  const bool biases_to_norms =
+      attn_proj_b.defined() && !(training && config_.dropout > 0.0f) && projection_biases_in_norms();
+  const bool ln2_after_add = !pending.valid() && !sum_here;  // (then S stays undefined)
+  const bool attn_bias_to_ln2 = biases_to_norms && ln2_after_add;
   Tensor qkv = ops::linear(h1, c_attn_w, c_attn_b);  // (n, B, T, 3C)
   Tensor y = ops::attention(ops::reshape(qkv, {n * B, T, 3 * C}), config_.heads_per_sublayer());  // (n·B, T, C)
-  Tensor attn = dropout(ops::linear(ops::reshape(y, {n, B, T, C}), attn_proj_w, biases_to_norms ? Tensor() : attn_proj_b),
-                        gen, training);
+  Tensor attn = dropout(
+      ops::linear(ops::reshape(y, {n, B, T, C}), attn_proj_w, attn_bias_to_ln2 ? Tensor() : attn_proj_b), gen,
+      training);
   Tensor S;
   if (pending.valid()) S = parallel::wait_all_reduce(pending);  // in flight during the attention
 
@@ -334,13 +338,9 @@ KrakenModel::Unsummed KrakenModel::layer_forward(const std::vector<SubLayer>& su
   // (ops::add_layernorm). m_i = attn_i + S feeds LN2 alone: fused, its unused sum would get a zero
   // gradient to copy in backward, which costs the pass the fusion saves.
   Tensor a, h;
-  if (biases_to_norms) {
-    std::vector<Tensor> a_h =
-        ops::add_bias_layernorm(X, attn, ops::reshape(attn_proj_b, {C}), subs[0].ln_2_w, subs[0].ln_2_b);
-    a = a_h[0];
-    h = a_h[1];
-  } else if (!S.defined() && !sum_here) {
-    std::vector<Tensor> a_h = ops::add_layernorm(X, attn, each(&SubLayer::ln_2_w), each(&SubLayer::ln_2_b));
+  if (ln2_after_add) {
+    std::vector<Tensor> a_h = ops::add_bias_layernorm(X, attn, attn_bias_to_ln2 ? attn_proj_b : Tensor(),
+                                                      each(&SubLayer::ln_2_w), each(&SubLayer::ln_2_b));
     a = a_h[0];
     h = a_h[1];
   } else if (sum_here) {
@@ -359,8 +359,9 @@ KrakenModel::Unsummed KrakenModel::layer_forward(const std::vector<SubLayer>& su
     h = ops::layernorm(a_m[1], each(&SubLayer::ln_2_w), each(&SubLayer::ln_2_b));
   }
   // MLP_i(h_i): c_fc, GELU and c_proj as one op (on the GPU in bf16 the GELU runs in the products'
-  // epilogues, forward and backward).
-  if (biases_to_norms) return {a, ops::mlp(h, c_fc_w, c_fc_b, mlp_proj_w, Tensor()), ops::reshape(mlp_proj_b, {C})};
+  // epilogues, forward and backward). The bias handed on is (n, C); GPT-2's (C,), as its last add takes it.
+  if (biases_to_norms && mlp_bias_onward)
+    return {a, ops::mlp(h, c_fc_w, c_fc_b, mlp_proj_w, Tensor()), n == 1 ? ops::reshape(mlp_proj_b, {C}) : mlp_proj_b};
   Tensor m = ops::mlp(h, c_fc_w, c_fc_b, mlp_proj_w, mlp_proj_b);
   return {a, dropout(m, gen, training), Tensor()};
 }
@@ -453,10 +454,7 @@ Tensor KrakenModel::stage_forward(const Tensor& ids, const Tensor& input, runtim
     for (const SubLayer& s : subs) ln_1_w.push_back(s.ln_1_w), ln_1_b.push_back(s.ln_1_b);
     Tensor h1;
     if (unsummed.defined()) {
-      std::vector<Tensor> x_h =
-          unsummed.m_bias.defined()
-              ? ops::add_bias_layernorm(unsummed.a, unsummed.m, unsummed.m_bias, ln_1_w[0], ln_1_b[0])
-              : ops::add_layernorm(unsummed.a, unsummed.m, ln_1_w, ln_1_b);
+      std::vector<Tensor> x_h = ops::add_bias_layernorm(unsummed.a, unsummed.m, unsummed.m_bias, ln_1_w, ln_1_b);
       X = x_h[0];
       h1 = x_h[1];
     } else {
@@ -470,8 +468,12 @@ Tensor KrakenModel::stage_forward(const Tensor& ids, const Tensor& input, runtim
     parallel::PendingReduce pending;
     const bool mixes = shard_.first_layer + static_cast<int64_t>(layer) > 0 && config_.degree > 1;
     if (mixes && kraken_tp) pending = parallel::start_all_reduce(ops::sum_stack(X), *shard_.tp);
+    // The MLP projection's bias goes on to the next LayerNorm: the next layer's LN1 on this stage, or
+    // GPT-2's ln_f (else its last add below); a Kraken model's last layer keeps it in its product, whose
+    // streams go to the conjunction or the next stage without a LayerNorm.
+    const bool mlp_bias_onward = config_.degree == 1 || layer + 1 < layers_.size();
     unsummed = layer_forward(subs, layer < layer_stacks_.size() ? layer_stacks_[layer] : std::vector<Tensor>(), X,
-                             h1, mixes && !kraken_tp, pending, gen, training);
+                             h1, mixes && !kraken_tp, mlp_bias_onward, pending, gen, training);
   }
   // GPT-2's last add (with the MLP projection's bias) runs fused with ln_f below; otherwise the streams
   // are summed here (the conjunction or the next stage comes next).

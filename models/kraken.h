@@ -81,7 +81,9 @@ struct ModelShard {
 // Where GPT-2's attention and MLP projections add their biases: in the LayerNorm after each residual
 // add, which sums their gradients in its backward pass (ops::add_bias_layernorm; the default), or in the
 // products' epilogues. KRAKEN_PROJECTION_BIASES=norms|products sets it for the process; a scope sets it
-// for this thread while it lives (tests run both). Degree 1 without dropout only; the same model either way.
+// for this thread while it lives (tests run both). Without dropout only, and in a Kraken layer (degree > 1)
+// where a LayerNorm follows a plain add: LN2 of a layer without S, the next layer's LN1 (not the fork with
+// LN2, nor the conjunction); the same model either way.
 bool projection_biases_in_norms();
 class ProjectionBiasesScope {
  public:
@@ -152,8 +154,8 @@ class KrakenModel : public runtime::Module {
   runtime::Tensor dropout(const runtime::Tensor& x, runtime::Generator* gen, bool training);
   // A layer's output x ← a + MLP(…), left as its two terms: the next layer's LN1 adds them in its own
   // pass (ops::add_layernorm), where an add of its own would write the sum and LN1 read it back.
-  // x = a + (m + m_bias): m_bias, the MLP projection's bias (C,), where it was left out of the product for
-  // the LayerNorm after the add to take (ops::add_bias_layernorm); else undefined.
+  // x = a + (m + m_bias): m_bias, the MLP projection's biases (n, C) (GPT-2's (C,)), where they were left
+  // out of the product for the LayerNorm after the add to take (ops::add_bias_layernorm); else undefined.
   struct Unsummed {
     runtime::Tensor a, m, m_bias;
     bool defined() const { return a.defined(); }
@@ -164,9 +166,10 @@ class KrakenModel : public runtime::Module {
   // product, attention and MLP call each rather than n. S = Σ_j x_j over all sub-layers mixes into each:
   // `sum_here` where every sub-layer is local (summed in the residual fork itself, ops::residual_fork_summed),
   // else `pending`, its all-reduce under Kraken's tp; neither in the first layer, where nothing mixes.
-  // stacks: the layer's persistent bf16 stacks (compute_copy_targets), or empty.
+  // stacks: the layer's persistent bf16 stacks (compute_copy_targets), or empty. mlp_bias_onward: a
+  // LayerNorm after this layer's last add can take the MLP projection's bias (Unsummed::m_bias).
   Unsummed layer_forward(const std::vector<SubLayer>& subs, const std::vector<runtime::Tensor>& stacks,
-                         const runtime::Tensor& X, const runtime::Tensor& h1, bool sum_here,
+                         const runtime::Tensor& X, const runtime::Tensor& h1, bool sum_here, bool mlp_bias_onward,
                          parallel::PendingReduce& pending, runtime::Generator* gen, bool training);
   // The lists a layer's grouped products take stacked, in layer_forward's order (each kind, every local
   // sub-layer): c_attn, attn_proj, c_fc, mlp_proj, weight then bias.

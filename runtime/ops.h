@@ -145,6 +145,12 @@ std::vector<Tensor> add_layernorm(const Tensor& a, const Tensor& b, const std::v
 // (the same forward bits; the bias's gradient summed in another order). An undefined bias: add_layernorm.
 std::vector<Tensor> add_bias_layernorm(const Tensor& a, const Tensor& b, const Tensor& bias, const Tensor& gamma,
                                        const Tensor& beta, float eps = 1e-5f);
+// Grouped, as the grouped add_layernorm: a, b (G, ..., C), bias (G, C) (or (C,) for G = 1), block g with
+// bias[g], gammas[g] and betas[g] — the Kraken layer's sub-layers' projection biases; backward every
+// group's Σ_rows ds in the same one pass.
+std::vector<Tensor> add_bias_layernorm(const Tensor& a, const Tensor& b, const Tensor& bias,
+                                       const std::vector<Tensor>& gammas, const std::vector<Tensor>& betas,
+                                       float eps = 1e-5f);
 // The Kraken layer's fork and LN2 where its sub-layers share a GPU: {a, layernorm(m)} for {a, m} =
 // residual_fork_summed(x, y), group g normalised with gammas[g], betas[g]. In bf16 on a GPU for 2 to 8
 // groups (C a multiple of 8 up to 2048) one kernel forward — LN2 normalises m as it is made, where it read

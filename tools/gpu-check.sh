@@ -391,6 +391,12 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
   # block an SM — if `wide` is not faster than this, make separate the default).
   bench_variant widefork KRAKEN_CUDA_FORK_NORM_BACKWARD=separate 200 90 \
     "GPT-2's shape at degree 4, the fork's and LN2's backward as two kernels" --training-only --model kraken4-768 --batch 32
+  # The sub-layers' projection biases back in the products' epilogues (the default: the MLP projections'
+  # in the next layer's LN1, layer 0's attention projections' in its LN2, their gradients summed in those
+  # LayerNorms' backward pass, where the products' column sums read the gradient again; twenty-eighth
+  # session). If `wide` is not faster than this, the placement at degree > 1 is not worth its node.
+  bench_variant widebiases KRAKEN_PROJECTION_BIASES=products 200 90 \
+    "GPT-2's shape at degree 4, the projection biases in the products" --training-only --model kraken4-768 --batch 32
   # Then the attention's backward at D = 256 on the wgmma kernels (cuDNN's forward kept: ours is slower):
   # cuDNN's backward there ran at ~260 TFLOP/s with its dQ product.
   [[ $wgmma_ok -eq 1 ]] &&

@@ -474,10 +474,13 @@ std::string Trainer::describe() const {
     std::snprintf(buf, sizeof buf, "  CUDA: attention %s, cuBLASLt epilogues level %d (KRAKEN_CUDA_ATTENTION, "
                   "KRAKEN_CUDA_EPILOGUES)\n", attention.c_str(), static_cast<int>(runtime::ops::epilogue_fusion()));
     out += buf;
-    if (c.model.degree == 1 && c.model.bias) {
+    if (c.model.bias) {
+      const bool in_norms = models::projection_biases_in_norms() && c.model.dropout == 0.0f;
       std::snprintf(buf, sizeof buf, "  CUDA: the projections' biases added in the %s (KRAKEN_PROJECTION_BIASES)\n",
-                    models::projection_biases_in_norms() && c.model.dropout == 0.0f ? "LayerNorms after the residual adds"
-                                                                                    : "products' epilogues");
+                    !in_norms                ? "products' epilogues"
+                    : c.model.degree == 1 ? "LayerNorms after the residual adds"
+                                          : "LayerNorms after plain residual adds (the next layer's LN1), else the "
+                                            "products' epilogues");
       out += buf;
     }
   }

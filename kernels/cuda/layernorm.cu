@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <type_traits>
+#include <vector>
 
 #include "kernels/cuda/check.h"
 #include "kernels/cuda/column_sums.h"
@@ -1094,15 +1095,18 @@ bool add_bias_layernorm_forward_bf16_cuda(uint16_t* s, uint16_t* out, float* mea
   });
 }
 
-bool layernorm_backward_summing_dx_bf16_cuda(uint16_t* dx, const uint16_t* dx_in, float* dgamma, float* dbeta,
-                                             uint16_t* dx_sums, const uint16_t* dout, const uint16_t* x,
-                                             const float* gamma, const float* mean, const float* rstd, int64_t rows,
-                                             int64_t C, CUstream_st* stream) {
-  if (rows <= 0 || !dx_sums || !aligned16(dx_sums)) return false;
-  const LayerNormGroupGradients one{gamma, dgamma, dbeta};
-  __nv_bfloat16* const sums[1] = {as_bf16(dx_sums)};
-  return layernorm_backward_one_pass(as_bf16(dx), as_bf16(dx_in), &one, sums, 1, as_bf16(dout), as_bf16(x), mean,
-                                     rstd, rows, C, stream);
+bool layernorm_backward_summing_dx_bf16_cuda(uint16_t* dx, const uint16_t* dx_in, const LayerNormGroupGradients* groups,
+                                             int64_t G, uint16_t* dx_sums, const uint16_t* dout, const uint16_t* x,
+                                             const float* mean, const float* rstd, int64_t rows_per_group, int64_t C,
+                                             CUstream_st* stream) {
+  if (rows_per_group <= 0 || G < 1 || !dx_sums || C % 8 != 0) return false;
+  std::vector<__nv_bfloat16*> sums(static_cast<size_t>(G));
+  for (int64_t g = 0; g < G; ++g) {
+    sums[static_cast<size_t>(g)] = as_bf16(dx_sums) + g * C;
+    if (!aligned16(sums[static_cast<size_t>(g)])) return false;
+  }
+  return layernorm_backward_one_pass(as_bf16(dx), as_bf16(dx_in), groups, sums.data(), G, as_bf16(dout), as_bf16(x),
+                                     mean, rstd, rows_per_group, C, stream);
 }
 
 bool residual_fork_summed_layernorm_bf16_cuda(uint16_t* a, uint16_t* m, uint16_t* out, float* mean, float* rstd,

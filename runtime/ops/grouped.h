@@ -12,6 +12,11 @@ namespace kraken::runtime::ops {
 // Σ over the rows of each of `groups` consecutive (rows, cols) blocks of d: a new (groups, cols) tensor of
 // d's dtype (f32 anywhere, bf16 on CUDA) — the bias gradients of a grouped linear or MLP.
 Tensor group_row_sums(const Tensor& d, int64_t groups, int64_t rows, int64_t cols);
+// out[g] = in[g] + bias[g] on every row, for each of `groups` consecutive (rows, cols) blocks (out may be
+// in; bias (groups, cols); f32 anywhere, bf16 on CUDA): a grouped linear's biases, the forward of the
+// gradient group_row_sums takes.
+void add_group_biases(const Tensor& out, const Tensor& in, const Tensor& bias, int64_t groups, int64_t rows,
+                      int64_t cols);
 
 // Records residual_fork_summed's node for outputs a kernel computed (x, y bf16 (G, ...) on a GPU; a and m
 // as residual_fork_summed returns them): its backward's kernel, or the chain's ops where that declines.

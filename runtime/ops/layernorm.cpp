@@ -149,9 +149,9 @@ std::vector<Tensor> with_param_gradients(std::vector<Tensor> operand_grads, cons
 // undefined, or dx itself) is the gradient that reaches x by other paths — the residual stream of the
 // fused op, or what x's later consumers have sent (runtime::take_gradient_so_far) — added by the kernel
 // in its pass; dx is only written. A parameter that is a leaf gets its gradient added into its .grad by
-// the kernel and an undefined entry here; any other a new f32 tensor (param_gradients). dx_sums (bf16 (C,),
-// one group, dx defined), if given, is written with Σ_rows dx: add_bias_layernorm's bias gradient, on a GPU
-// from the same pass where the kernels allow.
+// the kernel and an undefined entry here; any other a new f32 tensor (param_gradients). dx_sums (bf16, G·C:
+// a row per group; dx defined), if given, is written with each group's Σ_rows dx: add_bias_layernorm's
+// bias gradient, on a GPU from the same pass where the kernels allow.
 std::vector<Tensor> layernorm_backward_into(const Saved& s, const ParamGradients& params, const Tensor& dout,
                                             Tensor dx, const Tensor& dx_in, Tensor dx_sums = Tensor()) {
   // in the forward pass this was: out = (x − μ)·rstd·gamma + beta, per block of rows
@@ -161,22 +161,21 @@ std::vector<Tensor> layernorm_backward_into(const Saved& s, const ParamGradients
   const std::vector<Tensor>& dbetas = params.into_betas;
   const int64_t rows = s.rows / static_cast<int64_t>(G), C = s.C;
   const std::vector<Tensor> grads = with_param_gradients({dx}, params);
-  if (device.is_cuda() && dx_sums.defined()) {
-    KRAKEN_CHECK(G == 1 && dx.defined() && dout.dtype() == DType::BF16 && dx_sums.dtype() == DType::BF16 &&
-                     dx_sums.numel() == C,
-                 "layernorm backward: Σ dx for ", dx_sums.describe(), " with ", G, " groups of ", dout.describe());
-    bool summed = false;
-    KRAKEN_CUDA_ONLY(device, summed = kernels::layernorm_backward_summing_dx_bf16_cuda(
-                                 dx.data<uint16_t>(), dx_in.defined() ? dx_in.data<uint16_t>() : nullptr,
-                                 s.gamma_needs[0] ? dgammas[0].data<float>() : nullptr,
-                                 s.beta_needs[0] ? dbetas[0].data<float>() : nullptr, dx_sums.data<uint16_t>(),
-                                 dout.data<uint16_t>(), s.x.data<uint16_t>(), s.gammas[0].data<float>(),
-                                 s.mean.data<float>(), s.rstd.data<float>(), rows, C, stream_of(dout)));
-    if (summed) return grads;
-  }
   if (device.is_cuda()) {  // every block in one call (one launch where the kernels allow)
     const std::vector<kernels::LayerNormGroupGradients> groups = group_gradients(s, params);
     const int64_t n_groups = static_cast<int64_t>(G);
+    if (dx_sums.defined()) {
+      KRAKEN_CHECK(dx.defined() && dout.dtype() == DType::BF16 && dx_sums.dtype() == DType::BF16 &&
+                       dx_sums.numel() == n_groups * C,
+                   "layernorm backward: Σ dx for ", dx_sums.describe(), " with ", G, " groups of ", dout.describe());
+      bool summed = false;
+      KRAKEN_CUDA_ONLY(device, summed = kernels::layernorm_backward_summing_dx_bf16_cuda(
+                                   dx.data<uint16_t>(), dx_in.defined() ? dx_in.data<uint16_t>() : nullptr,
+                                   groups.data(), n_groups, dx_sums.data<uint16_t>(), dout.data<uint16_t>(),
+                                   s.x.data<uint16_t>(), s.mean.data<float>(), s.rstd.data<float>(), rows, C,
+                                   stream_of(dout)));
+      if (summed) return grads;
+    }
     if (dout.dtype() == DType::BF16)
       KRAKEN_CUDA_ONLY(device, kernels::layernorm_backward_grouped_bf16_cuda(
                                    dx.defined() ? dx.data<uint16_t>() : nullptr,
@@ -189,10 +188,10 @@ std::vector<Tensor> layernorm_backward_into(const Saved& s, const ParamGradients
                                    dx.defined() && dx_in.defined() ? dx_in.data<float>() : nullptr, groups.data(),
                                    n_groups, dout.data<float>(), s.x.defined() ? s.x.data<float>() : nullptr,
                                    s.mean.data<float>(), s.rstd.data<float>(), rows, C, stream_of(dout)));
-    if (dx_sums.defined()) {  // (the one pass declined: its own column sums)
+    if (dx_sums.defined()) {  // (the one pass declined: each group's own column sums)
       dx_sums.zero_();
-      KRAKEN_CUDA_ONLY(device, kernels::sum_rows_bf16_cuda(dx_sums.data<uint16_t>(), dx.data<uint16_t>(), rows, C,
-                                                           stream_of(dout)));
+      KRAKEN_CUDA_ONLY(device, kernels::sum_rows_grouped_bf16_cuda(dx_sums.data<uint16_t>(), dx.data<uint16_t>(),
+                                                                   n_groups, rows, C, stream_of(dout)));
     }
     return grads;
   }
@@ -371,52 +370,104 @@ std::vector<Tensor> add_layernorm(const Tensor& a, const Tensor& b, const std::v
   return add_layernorm_affine(a, b, Affine{gammas, betas.empty() ? std::vector<Tensor>(gammas.size()) : betas}, eps);
 }
 
-std::vector<Tensor> add_bias_layernorm(const Tensor& a, const Tensor& b, const Tensor& bias, const Tensor& gamma,
-                                       const Tensor& beta, float eps) {
-  const Affine p{{gamma}, {beta}};
+namespace {
+
+// b + bias[g] on block g of b's G blocks of rows, bias (G, C) (or (C,) for one group): add's broadcast for
+// one group, else a node of its own doing the same per block (its gradient: dout, and each block's column
+// sums) — the reference chain's, on the CPU or wherever the fused kernel declines.
+Tensor add_biases_by_group(const Tensor& b, const Tensor& bias, int64_t G) {
+  const char* op = "add_bias_layernorm";
+  if (G == 1) return add(b, reshape(bias, {bias.size(-1)}));
+  precision::check_float(op, bias, "bias");
+  check_same_device(op, b, bias);
+  precision::common_float(op, {&b, &bias});
+  if (precision::widen_on_cpu(b)) return precision::narrow(add_biases_by_group(precision::widen(b), precision::widen(bias), G));
+  const int64_t C = bias.size(-1), rows = b.numel() / (G * C);
+  Tensor out = Tensor::empty(b.shape(), b.dtype(), b.device());
+  add_group_biases(out, b, bias, G, rows, C);
+  if (needs_grad({b, bias})) {
+    const bool b_needs = b.requires_grad(), bias_needs = bias.requires_grad();
+    const Shape bias_shape = bias.shape();
+    record("add_group_biases", {b, bias}, {out}, [=](const std::vector<Tensor>& g) {
+      // in the forward pass this was: out[g] = b[g] + bias[g] on every row of block g
+      return std::vector<Tensor>{b_needs ? g[0] : Tensor(),
+                                 bias_needs ? group_row_sums(g[0], G, rows, C).reshape(bias_shape) : Tensor()};
+    });
+  }
+  return out;
+}
+
+std::vector<Tensor> add_bias_layernorm_affine(const Tensor& a, const Tensor& b, const Tensor& bias, const Affine& p,
+                                              float eps) {
+  const char* op = "add_bias_layernorm";
   if (!bias.defined()) return add_layernorm_affine(a, b, p, eps);
+  const int64_t G = static_cast<int64_t>(p.gammas.size());
+  const int64_t C = check_layernorm(op, a, p, eps);
+  check_same_shape(op, a, b);
+  if (!((bias.dim() == 1 && G == 1) || (bias.dim() == 2 && bias.size(0) == G)) || bias.size(-1) != C)
+    KRAKEN_THROW(op, ": bias ", shape_str(bias.shape()), " for ", G, G == 1 ? " group" : " groups", " of input ",
+                 shape_str(a.shape()), ": expected ", G == 1 ? "(" + std::to_string(C) + ",) or " : std::string(),
+                 "(", G, ", ", C, ")");
   auto chain = [&] {  // the reference, and wherever the kernels decline (which also names what is wrong)
-    const Tensor s = add(a, add(b, bias));
+    const Tensor s = add(a, add_biases_by_group(b, bias, G));
     return std::vector<Tensor>{s, layernorm_affine(s, p, eps)};
   };
   if (a.dtype() != DType::BF16 || b.dtype() != DType::BF16 || bias.dtype() != DType::BF16 || !a.device().is_cuda() ||
-      a.device() != b.device() || a.device() != bias.device() || a.shape() != b.shape() || a.dim() < 1 ||
-      bias.shape() != Shape{a.size(-1)})
+      a.device() != b.device() || a.device() != bias.device())
     return chain();
-  const int64_t C = check_layernorm("add_bias_layernorm", a, p, eps), rows = a.numel() / C;
+  const int64_t rows = a.numel() / C, block_rows = rows / G;
   const std::vector<Tensor> inputs = with_params({a, b, bias}, p);
   const bool record_grad = needs_grad(inputs);
   Tensor s = Tensor::empty(a.shape(), DType::BF16, a.device()), out = Tensor::empty(a.shape(), DType::BF16, a.device());
   Tensor mean = record_grad ? Tensor::empty({rows}, DType::F32, a.device()) : Tensor();
   Tensor rstd = record_grad ? Tensor::empty({rows}, DType::F32, a.device()) : Tensor();
-  bool fused = false;
-  KRAKEN_CUDA_ONLY(a.device(), fused = kernels::add_bias_layernorm_forward_bf16_cuda(
-                                   s.data<uint16_t>(), out.data<uint16_t>(),
-                                   mean.defined() ? mean.data<float>() : nullptr,
-                                   rstd.defined() ? rstd.data<float>() : nullptr, a.data<uint16_t>(),
-                                   b.data<uint16_t>(), bias.data<uint16_t>(), gamma.data<float>(),
-                                   beta.defined() ? beta.data<float>() : nullptr, rows, C, eps, stream_of(a)));
-  if (!fused) return chain();  // (nothing written)
+  // One launch per group (its gamma, beta and bias). Where a group's launch declines (the shape, or a
+  // parameter's alignment), the chain runs instead on buffers of its own; what the fused launches wrote
+  // before is dropped with s and out.
+  for (int64_t g = 0; g < G; ++g) {
+    const Block k = block(p, g, block_rows, C, mean, rstd);
+    bool fused = false;
+    KRAKEN_CUDA_ONLY(a.device(), fused = kernels::add_bias_layernorm_forward_bf16_cuda(
+                                     s.data<uint16_t>() + k.first, out.data<uint16_t>() + k.first, k.mean, k.rstd,
+                                     a.data<uint16_t>() + k.first, b.data<uint16_t>() + k.first,
+                                     bias.data<uint16_t>() + g * C, k.gamma, k.beta, block_rows, C, eps,
+                                     stream_of(a)));
+    if (!fused) return chain();
+  }
   if (record_grad) {
     const bool bias_needs = bias.requires_grad();
     const Saved saved = save(s.detach(), p, mean, rstd, rows, C,
                              a.requires_grad() || b.requires_grad() || bias_needs);
-    record("add_bias_layernorm", inputs, {s, out}, [saved, bias_needs](const std::vector<Tensor>& g) {
-      // in the forward pass this was: s = a + (b + bias), out = layernorm(s)
+    const Shape bias_shape = bias.shape();
+    record(op, inputs, {s, out}, [saved, bias_needs, bias_shape](const std::vector<Tensor>& g) {
+      // in the forward pass this was: s = a + (b + bias[group]), out = layernorm(s)
       const Tensor& ds = g[0];
       const Tensor& dout = g[1];
-      // dx = ds + the normalisation's gradient, as add_layernorm's; the bias's gradient Σ_rows dx from the
-      // same pass
+      // dx = ds + the normalisation's gradient, as add_layernorm's; each group's bias gradient Σ_rows dx
+      // from the same pass
       Tensor dx = !saved.x_needs        ? Tensor()
                   : writable_in_place(ds) ? ds
                                           : Tensor::empty(ds.shape(), ds.dtype(), ds.device());
-      Tensor dbias = bias_needs ? Tensor::empty({saved.C}, DType::BF16, ds.device()) : Tensor();
+      Tensor dbias = bias_needs ? Tensor::empty(bias_shape, DType::BF16, ds.device()) : Tensor();
       std::vector<Tensor> grads = layernorm_backward(saved, dout, dx, ds, dbias);
       grads.insert(grads.begin() + 1, {grads[0], dbias});  // da = db = dx, then dbias
       return grads;
     });
   }
   return {s, out};
+}
+
+}  // namespace
+
+std::vector<Tensor> add_bias_layernorm(const Tensor& a, const Tensor& b, const Tensor& bias, const Tensor& gamma,
+                                       const Tensor& beta, float eps) {
+  return add_bias_layernorm_affine(a, b, bias, Affine{{gamma}, {beta}}, eps);
+}
+
+std::vector<Tensor> add_bias_layernorm(const Tensor& a, const Tensor& b, const Tensor& bias,
+                                       const std::vector<Tensor>& gammas, const std::vector<Tensor>& betas, float eps) {
+  return add_bias_layernorm_affine(a, b, bias,
+                                   Affine{gammas, betas.empty() ? std::vector<Tensor>(gammas.size()) : betas}, eps);
 }
 
 namespace {

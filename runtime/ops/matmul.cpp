@@ -86,6 +86,24 @@ Tensor group_row_sums(const Tensor& dy, int64_t groups, int64_t rows, int64_t co
   return db;
 }
 
+void add_group_biases(const Tensor& out, const Tensor& in, const Tensor& bias, int64_t groups, int64_t rows,
+                      int64_t cols) {
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t first = g * rows * cols;
+    if (out.dtype() == DType::BF16) {
+      KRAKEN_CUDA_ONLY(out.device(), kernels::add_broadcast_bf16_cuda(out.data<uint16_t>() + first,
+                                                                      in.data<uint16_t>() + first,
+                                                                      bias.data<uint16_t>() + g * cols, rows, cols,
+                                                                      stream_of(out)));
+    } else {
+      float* o = out.data<float>() + first;
+      const float *x = in.data<float>() + first, *b = bias.data<float>() + g * cols;
+      KRAKEN_ON_DEVICE(out.device(), kernels::add_broadcast_cpu(o, x, b, rows, cols),
+                       kernels::add_broadcast_cuda(o, x, b, rows, cols, stream_of(out)));
+    }
+  }
+}
+
 Tensor matmul(const Tensor& a, const Tensor& b, bool ta, bool tb) {
   precision::check_float("matmul", a, "first operand");
   precision::check_float("matmul", b, "second operand");
@@ -153,23 +171,6 @@ Tensor matmul(const Tensor& a, const Tensor& b, bool ta, bool tb) {
 
 namespace {
 
-// out[g] (rows, cols) += bias[g] on every row, for each of `groups` blocks of out: the grouped linear's
-// bias (f32 anywhere, bf16 on CUDA).
-void add_group_biases(Tensor& out, const Tensor& bias, int64_t groups, int64_t rows, int64_t cols) {
-  for (int64_t g = 0; g < groups; ++g) {
-    if (out.dtype() == DType::BF16) {
-      uint16_t* o = out.data<uint16_t>() + g * rows * cols;
-      KRAKEN_CUDA_ONLY(out.device(), kernels::add_broadcast_bf16_cuda(o, o, bias.data<uint16_t>() + g * cols, rows,
-                                                                      cols, stream_of(out)));
-    } else {
-      float* o = out.data<float>() + g * rows * cols;
-      const float* b = bias.data<float>() + g * cols;
-      KRAKEN_ON_DEVICE(out.device(), kernels::add_broadcast_cpu(o, o, b, rows, cols),
-                       kernels::add_broadcast_cuda(o, o, b, rows, cols, stream_of(out)));
-    }
-  }
-}
-
 // The grouped linear (ops.h): x (G, ..., in), weight (G, out, in), bias (G, out); G > 1. Every product is
 // one strided batch over the groups (on CUDA in bf16: one cuBLASLt call), forward and backward, except the
 // bf16 forward with biases (a product per group, each bias in its epilogue).
@@ -191,7 +192,7 @@ Tensor grouped_linear(const Tensor& x, const Tensor& weight, const Tensor& bias)
     gemm_bf16(out, x, weight, G, rows, outf, in, false, true, rows * in, outf * in, bias, outf);
   } else {
     gemm(out, x, weight, G, rows, outf, in, false, true, 0.0f, rows * in, outf * in);
-    if (bias.defined()) add_group_biases(out, bias, G, rows, outf);
+    if (bias.defined()) add_group_biases(out, out, bias, G, rows, outf);
   }
   if (needs_grad({x, weight, bias})) {
     const bool x_needs = x.requires_grad(), w_needs = weight.requires_grad();

@@ -156,10 +156,10 @@ void add_layernorm_forward_bf16_cuda(uint16_t* s, uint16_t* out, float* mean, fl
 bool add_bias_layernorm_forward_bf16_cuda(uint16_t* s, uint16_t* out, float* mean, float* rstd, const uint16_t* a,
                                           const uint16_t* b, const uint16_t* bias, const float* gamma,
                                           const float* beta, int64_t rows, int64_t C, float eps, CUstream_st* stream);
-bool layernorm_backward_summing_dx_bf16_cuda(uint16_t* dx, const uint16_t* dx_in, float* dgamma, float* dbeta,
-                                             uint16_t* dx_sums, const uint16_t* dout, const uint16_t* x,
-                                             const float* gamma, const float* mean, const float* rstd, int64_t rows,
-                                             int64_t C, CUstream_st* stream);
+bool layernorm_backward_summing_dx_bf16_cuda(uint16_t* dx, const uint16_t* dx_in, const LayerNormGroupGradients* groups,
+                                             int64_t G, uint16_t* dx_sums, const uint16_t* dout, const uint16_t* x,
+                                             const float* mean, const float* rstd, int64_t rows_per_group, int64_t C,
+                                             CUstream_st* stream);
 bool residual_fork_summed_layernorm_bf16_cuda(uint16_t* a, uint16_t* m, uint16_t* out, float* mean, float* rstd,
                                               const uint16_t* x, const uint16_t* y, const float* const* gammas,
                                               const float* const* betas, int64_t G, int64_t rows, int64_t C, float eps,

@@ -1296,31 +1296,44 @@ TEST(CudaEmulation, SummedForkWithLayerNormBackwardIsTheTwoBackwardsBitForBit) {
 }
 
 // The product's bias taken into the LayerNorm after the residual add (ops::add_bias_layernorm). Forward:
-// the bits of the three kernels it replaces (broadcast add of the bias, the add, the LayerNorm). Backward:
-// dx, dgamma and dbeta the bits of the plain one-pass backward (the third sum changes neither), and Σ_rows
-// dx — in the LayerNorm's row order, not sum_rows's — within an f32 sum's error and one bf16 rounding of
-// the exact sum of the stored dx (a sum of dout or of dx_in is far outside that).
+// the bits of the three kernels it replaces (broadcast add of the bias, the add, the LayerNorm), a call
+// per group with its own bias. Backward, for G groups in one call: dx, dgamma and dbeta the bits of the
+// plain grouped one-pass backward (the third sum changes none of them), and each group's Σ_rows dx — in
+// the LayerNorm's row order, not sum_rows's — within an f32 sum's error and one bf16 rounding of the exact
+// sum of the group's stored dx (a sum of dout, of dx_in or of another group's dx is far outside that).
 // (45, 504), (33, 768): the presets' C (2 and 3 packs a lane; 33 rows: two chunks, the last of one row);
-// (70, 1024): 4 packs, the most the one pass takes; (9, 136): lanes without a pack.
+// (70, 1024): 4 packs, the most the one pass takes; (9, 136): lanes without a pack; 4 groups of (33, 768):
+// GPT-2's shape at degree 4; 2 of (45, 504).
 void check_add_bias_layernorm() {
-  for (const auto& [rows, C] : {std::pair<int64_t, int64_t>{45, 504}, std::pair<int64_t, int64_t>{33, 768},
-                                std::pair<int64_t, int64_t>{70, 1024}, std::pair<int64_t, int64_t>{9, 136}}) {
-    const std::string what = " (" + std::to_string(rows) + " × " + std::to_string(C) + ")";
-    const size_t n = static_cast<size_t>(rows * C);
+  struct Case {
+    int64_t G, rows, C;
+  };
+  for (const Case& k : {Case{1, 45, 504}, Case{1, 33, 768}, Case{1, 70, 1024}, Case{1, 9, 136}, Case{4, 33, 768},
+                        Case{2, 45, 504}}) {
+    const int64_t G = k.G, rows = k.rows, C = k.C;
+    const std::string what =
+        " (" + std::to_string(G) + " × " + std::to_string(rows) + " × " + std::to_string(C) + ")";
+    const size_t n = static_cast<size_t>(G * rows * C), per_group = static_cast<size_t>(rows * C);
+    const size_t Cs = static_cast<size_t>(C), all_rows = static_cast<size_t>(G * rows);
     const std::vector<uint16_t> a = to_bf16(normal(n, 81, 2.0f)), b = to_bf16(normal(n, 82));
-    const std::vector<uint16_t> bias = to_bf16(normal(static_cast<size_t>(C), 83));
-    const std::vector<float> gamma = normal(static_cast<size_t>(C), 84), beta = normal(static_cast<size_t>(C), 85);
+    const std::vector<uint16_t> bias = to_bf16(normal(static_cast<size_t>(G) * Cs, 83));
+    const std::vector<float> gamma = normal(static_cast<size_t>(G) * Cs, 84),
+                             beta = normal(static_cast<size_t>(G) * Cs, 85);
     std::vector<uint16_t> s(n), out(n), b_biased(n), s_want(n), out_want(n);
-    std::vector<float> mean(static_cast<size_t>(rows)), rstd(mean.size()), mean_want(mean.size()),
-        rstd_want(mean.size());
-    ASSERT_TRUE(emu::add_bias_layernorm_forward_bf16_cuda(s.data(), out.data(), mean.data(), rstd.data(), a.data(),
-                                                          b.data(), bias.data(), gamma.data(), beta.data(), rows, C,
-                                                          1e-5f, nullptr))
-        << what;
-    emu::add_broadcast_bf16_cuda(b_biased.data(), b.data(), bias.data(), rows, C, nullptr);
-    emu::add_bf16_cuda(s_want.data(), a.data(), b_biased.data(), static_cast<int64_t>(n), nullptr);
-    emu::layernorm_forward_bf16_cuda(out_want.data(), mean_want.data(), rstd_want.data(), s_want.data(), gamma.data(),
-                                     beta.data(), rows, C, 1e-5f, nullptr);
+    std::vector<float> mean(all_rows), rstd(all_rows), mean_want(all_rows), rstd_want(all_rows);
+    for (int64_t g = 0; g < G; ++g) {
+      const size_t e = static_cast<size_t>(g) * per_group, r = static_cast<size_t>(g * rows);
+      const size_t c = static_cast<size_t>(g) * Cs;
+      ASSERT_TRUE(emu::add_bias_layernorm_forward_bf16_cuda(s.data() + e, out.data() + e, mean.data() + r,
+                                                            rstd.data() + r, a.data() + e, b.data() + e,
+                                                            bias.data() + c, gamma.data() + c, beta.data() + c,
+                                                            rows, C, 1e-5f, nullptr))
+          << what;
+      emu::add_broadcast_bf16_cuda(b_biased.data() + e, b.data() + e, bias.data() + c, rows, C, nullptr);
+      emu::add_bf16_cuda(s_want.data() + e, a.data() + e, b_biased.data() + e, rows * C, nullptr);
+      emu::layernorm_forward_bf16_cuda(out_want.data() + e, mean_want.data() + r, rstd_want.data() + r,
+                                       s_want.data() + e, gamma.data() + c, beta.data() + c, rows, C, 1e-5f, nullptr);
+    }
     EXPECT_EQ(s, s_want) << "s = a + (b + bias)" << what;
     EXPECT_EQ(out, out_want) << "layernorm(s)" << what;
     EXPECT_EQ(mean, mean_want) << "mean" << what;
@@ -1329,17 +1342,24 @@ void check_add_bias_layernorm() {
     const std::vector<uint16_t> dout = to_bf16(normal(n, 86)), ds = to_bf16(normal(n, 87));
     for (const bool with_params : {true, false}) {
       const std::string how = what + (with_params ? "" : ", no dgamma or dbeta");
-      std::vector<uint16_t> dx(n, 0x7fc0), dx_want(n, 0x7fc0), dbias(static_cast<size_t>(C), 0x7fc0);
-      std::vector<float> dgamma(static_cast<size_t>(C), 0.5f), dbeta(dgamma.size(), -0.25f);
+      std::vector<uint16_t> dx(n, 0x7fc0), dx_want(n, 0x7fc0), dbias(static_cast<size_t>(G) * Cs, 0x7fc0);
+      std::vector<float> dgamma(static_cast<size_t>(G) * Cs, 0.5f), dbeta(dgamma.size(), -0.25f);
       std::vector<float> dgamma_want = dgamma, dbeta_want = dbeta;
-      ASSERT_TRUE(emu::layernorm_backward_summing_dx_bf16_cuda(
-          dx.data(), ds.data(), with_params ? dgamma.data() : nullptr, with_params ? dbeta.data() : nullptr,
-          dbias.data(), dout.data(), s.data(), gamma.data(), mean.data(), rstd.data(), rows, C, nullptr))
+      std::vector<emu::LayerNormGroupGradients> groups, groups_want;
+      for (int64_t g = 0; g < G; ++g) {
+        const size_t c = static_cast<size_t>(g) * Cs;
+        groups.push_back({gamma.data() + c, with_params ? dgamma.data() + c : nullptr,
+                          with_params ? dbeta.data() + c : nullptr});
+        // The plain backward's bits: a one-pass one needs a parameter's gradient to take, so it is always
+        // asked for dbeta here and the run without parameters compares dx alone.
+        groups_want.push_back({gamma.data() + c, dgamma_want.data() + c, dbeta_want.data() + c});
+      }
+      ASSERT_TRUE(emu::layernorm_backward_summing_dx_bf16_cuda(dx.data(), ds.data(), groups.data(), G, dbias.data(),
+                                                               dout.data(), s.data(), mean.data(), rstd.data(), rows,
+                                                               C, nullptr))
           << how;
-      // The plain backward's bits: a one-pass one needs a parameter's gradient to take, so it is always asked
-      // for dbeta here and the run without parameters compares dx alone.
-      emu::layernorm_backward_bf16_cuda(dx_want.data(), ds.data(), dgamma_want.data(), dbeta_want.data(), dout.data(),
-                                        s.data(), gamma.data(), mean.data(), rstd.data(), rows, C, nullptr);
+      emu::layernorm_backward_grouped_bf16_cuda(dx_want.data(), ds.data(), groups_want.data(), G, dout.data(),
+                                                s.data(), mean.data(), rstd.data(), rows, C, nullptr);
       EXPECT_EQ(dx, dx_want) << "dx" << how;
       if (with_params) {
         EXPECT_EQ(dgamma, dgamma_want) << "dgamma" << how;
@@ -1349,16 +1369,20 @@ void check_add_bias_layernorm() {
       }
       const std::vector<float> dx_f = to_f32(dx), dbias_f = to_f32(dbias);
       int off_by_more = 0;
-      for (int64_t c = 0; c < C; ++c) {
-        double exact = 0.0, scale = 0.0;
-        for (int64_t r = 0; r < rows; ++r) {
-          exact += dx_f[static_cast<size_t>(r * C + c)];
-          scale += std::fabs(dx_f[static_cast<size_t>(r * C + c)]);
+      for (int64_t g = 0; g < G; ++g) {
+        for (int64_t c = 0; c < C; ++c) {
+          double exact = 0.0, scale = 0.0;
+          for (int64_t r = 0; r < rows; ++r) {
+            const double v = dx_f[static_cast<size_t>((g * rows + r) * C + c)];
+            exact += v;
+            scale += std::fabs(v);
+          }
+          // An f32 sum of `rows` terms in any order (rows · 2⁻²⁴ of their absolute sum), then one rounding
+          // to bf16 (2⁻⁸ of the result at most)
+          const double bound =
+              std::ldexp(std::fabs(exact), -8) + static_cast<double>(rows) * std::ldexp(scale, -24);
+          if (std::fabs(dbias_f[static_cast<size_t>(g * C + c)] - exact) > bound) ++off_by_more;
         }
-        // An f32 sum of `rows` terms in any order (rows · 2⁻²⁴ of their absolute sum), then one rounding to
-        // bf16 (2⁻⁸ of the result at most)
-        const double bound = std::ldexp(std::fabs(exact), -8) + static_cast<double>(rows) * std::ldexp(scale, -24);
-        if (std::fabs(dbias_f[static_cast<size_t>(c)] - exact) > bound) ++off_by_more;
       }
       EXPECT_EQ(off_by_more, 0) << "columns of Σ dx beyond one rounding of the exact sum" << how;
     }
@@ -1374,9 +1398,14 @@ void check_add_bias_layernorm() {
   EXPECT_FALSE(emu::add_bias_layernorm_forward_bf16_cuda(untouched.data(), untouched.data(), stats.data(), stats.data(),
                                                          x.data(), x.data(), x.data() + 1, gamma.data(), nullptr, 8,
                                                          128, 1e-5f, nullptr));
-  EXPECT_FALSE(emu::layernorm_backward_summing_dx_bf16_cuda(untouched.data(), nullptr, nullptr, nullptr, sums.data(),
-                                                            x.data(), x.data(), gamma.data(), stats_in.data(),
-                                                            stats_in.data(), 8, 1032, nullptr));
+  const emu::LayerNormGroupGradients no_params{gamma.data(), nullptr, nullptr};
+  EXPECT_FALSE(emu::layernorm_backward_summing_dx_bf16_cuda(untouched.data(), nullptr, &no_params, 1, sums.data(),
+                                                            x.data(), x.data(), stats_in.data(), stats_in.data(), 8,
+                                                            1032, nullptr));
+  const emu::LayerNormGroupGradients two[2] = {no_params, no_params};  // Σ dx misaligned: 2 groups of (4, 128)
+  EXPECT_FALSE(emu::layernorm_backward_summing_dx_bf16_cuda(untouched.data(), nullptr, two, 2, sums.data() + 1,
+                                                            x.data(), x.data(), stats_in.data(), stats_in.data(), 4,
+                                                            128, nullptr));
   EXPECT_EQ(untouched, std::vector<uint16_t>(x.size(), 0x7fff)) << "a declined call wrote something";
   EXPECT_EQ(sums, std::vector<uint16_t>(1032, 0x7fff)) << "a declined call wrote Σ dx";
   EXPECT_EQ(stats, std::vector<float>(8, -1.0f)) << "a declined call wrote row statistics";

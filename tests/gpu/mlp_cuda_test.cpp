@@ -226,38 +226,67 @@ TEST(GpuResidualFork, SummedWithLayerNormIsTheTwoOpsBitForBit) {
 // gamma and beta bit for bit (the kernels' arithmetic is the chain's); the bias's gradient, summed in the
 // LayerNorm backward's pass in another order, within one bf16 ulp of each column and 10⁻⁵ of the scale.
 // 4 × 1024 rows of C = 768 (GPT-2's; a gradient reaching s from the residual stream too) and of 504, and
-// C = 1032, where the backward's one pass declines and the column sums take the bias's gradient.
+// C = 1032, where the backward's one pass declines and the column sums take the bias's gradient; and the
+// grouped op at GPT-2's shape at degree 4 (4 sub-layers of 1024 rows, each its bias, gamma and beta: the
+// MLP projections' biases in the next layer's LN1) against each group's chain.
 TEST(GpuAddBiasLayerNorm, IsTheChainsBitsAndItsBiasGradientWithinRounding) {
   KRAKEN_REQUIRE_GPU();  // (in the dry run on the CPU both sides are the chain)
-  for (const int64_t C : {768, 504, 1032}) {
-    const std::string what = "(4, 1024, " + std::to_string(C) + ")";
+  struct Case {
+    int64_t G, C;
+  };
+  for (const Case k : {Case{1, 768}, Case{1, 504}, Case{1, 1032}, Case{4, 768}}) {
+    const int64_t G = k.G, C = k.C;
+    const std::string what = "(4, 1024, " + std::to_string(C) + "), " + std::to_string(G) + (G == 1 ? " group" : " groups");
     const Tensor weights_s = random_tensor({4, 1024, C}, 151).to(test_device());
     const Tensor weights_out = random_tensor({4, 1024, C}, 152).to(test_device());
     std::vector<std::vector<Tensor>> outputs, grads;
     for (const bool fused : {true, false}) {
       const Tensor a = to_test_device(bf16_leaf({4, 1024, C}, 153, 2.0f)), b = to_test_device(bf16_leaf({4, 1024, C}, 154));
-      const Tensor bias = to_test_device(bf16_leaf({C}, 155, 0.5f));
-      Tensor gamma = random_tensor({C}, 156, 0.5f).to(test_device()), beta = random_tensor({C}, 157, 0.5f).to(test_device());
-      gamma.set_requires_grad(true);
-      beta.set_requires_grad(true);
+      const Tensor bias = to_test_device(bf16_leaf(G == 1 ? runtime::Shape{C} : runtime::Shape{G, C}, 155, 0.5f));
+      std::vector<Tensor> gammas, betas;
+      for (int64_t g = 0; g < G; ++g) {
+        gammas.push_back(random_tensor({C}, 156 + 2 * g, 0.5f).to(test_device()));
+        betas.push_back(random_tensor({C}, 157 + 2 * g, 0.5f).to(test_device()));
+        gammas.back().set_requires_grad(true);
+        betas.back().set_requires_grad(true);
+      }
       std::vector<Tensor> s_out;
       if (fused) {
-        s_out = ops::add_bias_layernorm(a, b, bias, gamma, beta);
-      } else {
+        s_out = ops::add_bias_layernorm(a, b, bias, gammas, betas);
+      } else if (G == 1) {
         const Tensor s = ops::add(a, ops::add(b, bias));
-        s_out = {s, ops::layernorm(s, gamma, beta)};
+        s_out = {s, ops::layernorm(s, gammas[0], betas[0])};
+      } else {
+        auto part = [](const Tensor& t, int64_t g) {
+          return ops::reshape(ops::slice(t, g, g + 1), runtime::Shape(t.shape().begin() + 1, t.shape().end()));
+        };
+        std::vector<Tensor> ss, outs;
+        for (int64_t g = 0; g < G; ++g) {
+          const Tensor s = ops::add(part(a, g), ops::add(part(b, g), part(bias, g)));
+          ss.push_back(ops::reshape(s, {1, 1024, C}));
+          outs.push_back(ops::reshape(ops::layernorm(s, gammas[static_cast<size_t>(g)], betas[static_cast<size_t>(g)]),
+                                      {1, 1024, C}));
+        }
+        s_out = {ops::concat(ss, 0), ops::concat(outs, 0)};
       }
       runtime::backward(ops::add(ops::sum(ops::mul(ops::cast(s_out[0], DType::F32), weights_s)),
                                  ops::sum(ops::mul(ops::cast(s_out[1], DType::F32), weights_out))));
       outputs.push_back({s_out[0].to(DType::F32), s_out[1].to(DType::F32)});
-      grads.push_back({a.grad().to(DType::F32), b.grad().to(DType::F32), gamma.grad().to(DType::F32),
-                       beta.grad().to(DType::F32), bias.grad().to(DType::F32)});
+      std::vector<Tensor> run_grads{a.grad().to(DType::F32), b.grad().to(DType::F32), bias.grad().to(DType::F32)};
+      for (int64_t g = 0; g < G; ++g) {
+        run_grads.push_back(gammas[static_cast<size_t>(g)].grad().to(DType::F32));
+        run_grads.push_back(betas[static_cast<size_t>(g)].grad().to(DType::F32));
+      }
+      grads.push_back(run_grads);
     }
     expect_close(outputs[0][0], outputs[1][0], 0.0, "s = a + (b + bias), " + what);
     expect_close(outputs[0][1], outputs[1][1], 0.0, "layernorm(s), " + what);
-    const char* names[] = {"da", "db", "dgamma", "dbeta"};
-    for (size_t k = 0; k < 4; ++k) expect_close(grads[0][k], grads[1][k], 0.0, std::string(names[k]) + ", " + what);
-    testing::expect_within_ulp(grads[0][4].to_vector(), grads[1][4].to_vector(), testing::kOneBf16Ulp,
+    expect_close(grads[0][0], grads[1][0], 0.0, "da, " + what);
+    expect_close(grads[0][1], grads[1][1], 0.0, "db, " + what);
+    for (size_t k = 3; k < grads[0].size(); ++k)
+      expect_close(grads[0][k], grads[1][k], 0.0,
+                   std::string(k % 2 == 1 ? "dgamma" : "dbeta") + " of group " + std::to_string((k - 3) / 2) + ", " + what);
+    testing::expect_within_ulp(grads[0][2].to_vector(), grads[1][2].to_vector(), testing::kOneBf16Ulp,
                                1e-5, "dbias, " + what);
   }
 }

@@ -266,6 +266,60 @@ KrakenConfig small_config(int64_t degree) { return testing::tiny_kraken_config(3
 Tensor small_ids(int seed) { return testing::tiny_kraken_ids(seed); }
 using testing::f32_bits;
 
+// At degree > 1 the projection biases leave their products for the LayerNorms that follow a plain add —
+// layer 0's LN2 (no S there yet) and the next layer's LN1 after every layer but a stage's last (the fork
+// fused with LN2 and the conjunction take none) — and it is the same model: on the CPU in f32 the loss and
+// every gradient are the bits of the biases in the products (the product's bias is added after its sum
+// there too, and its gradient is the same column sums over the same gradient).
+TEST(KrakenModel, Degree4ProjectionBiasesInTheNormsAreTheSameModel) {
+  const KrakenConfig c = small_config(4);
+  ASSERT_TRUE(c.bias);
+  runtime::Generator gen(7, 0);
+  KrakenModel in_norms(c), in_products(c);
+  in_norms.initialize(7);
+  {
+    runtime::NoGrad no_grad;
+    for (auto& p : in_norms.named_parameters()) {  // biases and LayerNorms away from their init
+      Tensor noise = Tensor::empty(p.tensor.shape());
+      gen.fill_normal(noise, 0.0f, 0.2f);
+      p.tensor.copy_from(runtime::ops::add(p.tensor, noise));
+    }
+    const auto from = in_norms.named_parameters();
+    auto to = in_products.named_parameters();
+    for (size_t k = 0; k < from.size(); ++k) to[k].tensor.copy_from(from[k].tensor);
+  }
+  auto bias_adds = [](const Tensor& loss) {  // the chain's grouped bias adds (on a GPU, fused into the norms)
+    int count = 0;
+    std::vector<const runtime::Node*> stack{loss.grad_fn().get()};
+    std::set<const runtime::Node*> seen{loss.grad_fn().get()};
+    while (!stack.empty()) {
+      const runtime::Node* n = stack.back();
+      stack.pop_back();
+      count += std::string(n->name()) == "add_group_biases";
+      for (const runtime::Edge& e : n->inputs())
+        if (e.node && seen.insert(e.node.get()).second) stack.push_back(e.node.get());
+    }
+    return count;
+  };
+  Tensor loss_norms, loss_products;
+  {
+    ProjectionBiasesScope scope(true);
+    loss_norms = in_norms.loss(small_ids(2), small_ids(3), nullptr, false);
+  }
+  {
+    ProjectionBiasesScope scope(false);
+    loss_products = in_products.loss(small_ids(2), small_ids(3), nullptr, false);
+  }
+  EXPECT_EQ(bias_adds(loss_norms), 3) << "layer 0's LN2, layers 1 and 2's LN1";
+  EXPECT_EQ(bias_adds(loss_products), 0);
+  EXPECT_EQ(f32_bits(loss_norms), f32_bits(loss_products));
+  runtime::backward(loss_norms);
+  runtime::backward(loss_products);
+  const auto pn = in_norms.named_parameters(), pp = in_products.named_parameters();
+  for (size_t k = 0; k < pn.size(); ++k)
+    EXPECT_EQ(f32_bits(pn[k].tensor.grad()), f32_bits(pp[k].tensor.grad())) << pn[k].name;
+}
+
 TEST(KrakenModel, MixedPrecisionCastsEachLayersProductWeightsInOneNode) {
   for (const int64_t degree : {int64_t{1}, int64_t{2}}) {
     SCOPED_TRACE("degree " + std::to_string(degree));

@@ -1,6 +1,6 @@
 // The grouped forms of linear and mlp (a leading group dimension G on the weights and the input: a Kraken
-// layer's sub-layers stacked), of layernorm and add_layernorm (x (G, ..., C), one gamma and beta per
-// group), sum_stack and stack_many, on the CPU: each equals its
+// layer's sub-layers stacked), of layernorm, add_layernorm and add_bias_layernorm (x (G, ..., C), one gamma
+// and beta per group; a bias (G, C)), sum_stack and stack_many, on the CPU: each equals its
 // per-group ops — every group's own slice of the input and weights through the plain op — bit for bit,
 // output and every gradient, in f32 and in bf16 (the CPU's widening path), at every EpilogueFusion
 // setting; their gradients against central finite differences; G = 1 is the plain op; their errors.
@@ -87,6 +87,12 @@ Tensor add_layernorm_op(const std::vector<Tensor>& v) {
   std::vector<Tensor> s_out = ops::add_layernorm(v[0], v[1], params_of(v, 2, 0), params_of(v, 2, kGroups));
   return ops::add(ops::scale(s_out[0], 0.5f), s_out[1]);
 }
+// add_bias_layernorm's inputs: {a, b, bias (G, C), gammas…, betas…}; both outputs again.
+Tensor add_bias_layernorm_op(const std::vector<Tensor>& v) {
+  std::vector<Tensor> s_out =
+      ops::add_bias_layernorm(v[0], v[1], v[2], params_of(v, 3, 0), params_of(v, 3, kGroups));
+  return ops::add(ops::scale(s_out[0], 0.5f), s_out[1]);
+}
 // The same with each group's own plain op, stacked back.
 Tensor layernorm_per_group(const std::vector<Tensor>& v) {
   std::vector<Tensor> outs;
@@ -98,6 +104,16 @@ Tensor add_layernorm_per_group(const std::vector<Tensor>& v) {
   std::vector<Tensor> outs;
   for (int64_t g = 0; g < kGroups; ++g) {
     std::vector<Tensor> s_out = ops::add_layernorm(group(v[0], g), group(v[1], g), v[2 + g], v[2 + kGroups + g]);
+    outs.push_back(ops::reshape(ops::add(ops::scale(s_out[0], 0.5f), s_out[1]), {1, 4, 10}));
+  }
+  return ops::concat(outs, 0);
+}
+
+Tensor add_bias_layernorm_per_group(const std::vector<Tensor>& v) {
+  std::vector<Tensor> outs;
+  for (int64_t g = 0; g < kGroups; ++g) {
+    std::vector<Tensor> s_out = ops::add_bias_layernorm(group(v[0], g), group(v[1], g), group(v[2], g), v[3 + g],
+                                                        v[3 + kGroups + g]);
     outs.push_back(ops::reshape(ops::add(ops::scale(s_out[0], 0.5f), s_out[1]), {1, 4, 10}));
   }
   return ops::concat(outs, 0);
@@ -122,6 +138,13 @@ std::vector<Tensor> layernorm_inputs(DType dtype, bool beta, uint64_t seed) {
 std::vector<Tensor> add_layernorm_inputs(DType dtype, uint64_t seed) {
   std::vector<Tensor> in = {leaf({kGroups, 4, 10}, seed, 1.0f, dtype), leaf({kGroups, 4, 10}, seed + 1, 1.0f, dtype)};
   for (int64_t g = 0; g < 2 * kGroups; ++g) in.push_back(leaf({10}, seed + 2 + g, 1.0f));
+  return in;
+}
+
+std::vector<Tensor> add_bias_layernorm_inputs(DType dtype, uint64_t seed) {
+  std::vector<Tensor> in = {leaf({kGroups, 4, 10}, seed, 1.0f, dtype), leaf({kGroups, 4, 10}, seed + 1, 1.0f, dtype),
+                            leaf({kGroups, 10}, seed + 2, 0.5f, dtype)};
+  for (int64_t g = 0; g < 2 * kGroups; ++g) in.push_back(leaf({10}, seed + 3 + g, 1.0f));
   return in;
 }
 
@@ -159,6 +182,9 @@ TEST(GroupedOps, LayerNormsAreEachGroupsOwnBitForBit) {
     const auto in = add_layernorm_inputs(dtype, dtype == DType::F32 ? 61 : 71);
     expect_same_run(run(add_layernorm_op, in), run(add_layernorm_per_group, in),
                     std::string("add_layernorm, ") + dtype_name(dtype));
+    const auto biased = add_bias_layernorm_inputs(dtype, dtype == DType::F32 ? 81 : 91);
+    expect_same_run(run(add_bias_layernorm_op, biased), run(add_bias_layernorm_per_group, biased),
+                    std::string("add_bias_layernorm, ") + dtype_name(dtype));
   }
 }
 
@@ -217,6 +243,10 @@ TEST(GradCheck, GroupedLayerNorm) { expect_gradients_match(layernorm_op, layerno
 
 TEST(GradCheck, GroupedAddLayerNorm) {
   expect_gradients_match(add_layernorm_op, add_layernorm_inputs(DType::F32, 131));
+}
+
+TEST(GradCheck, GroupedAddBiasLayerNorm) {
+  expect_gradients_match(add_bias_layernorm_op, add_bias_layernorm_inputs(DType::F32, 151));
 }
 
 TEST(GradCheck, SumStack) {
@@ -435,6 +465,11 @@ TEST(GroupedOps, ShapeErrorsNameTheGroups) {
     ops::layernorm(Tensor::zeros({3, 4, 10}), {Tensor::ones({10}), Tensor::ones({9}), Tensor::ones({10})}, {});
   });
   EXPECT_NE(msg.find("group 1"), std::string::npos) << msg;
+  msg = message_of([&] {
+    ops::add_bias_layernorm(Tensor::zeros({3, 4, 10}), Tensor::zeros({3, 4, 10}), Tensor::zeros({2, 10}), gammas, {});
+  });
+  EXPECT_NE(msg.find("bias (2, 10)"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("expected (3, 10)"), std::string::npos) << msg;
   msg = message_of([&] { ops::stack_many({{Tensor::zeros({2, 3}), Tensor::zeros({3, 2})}}, DType::F32); });
   EXPECT_NE(msg.find("one shape and dtype"), std::string::npos) << msg;
   msg = message_of([&] { ops::sum_stack(Tensor::zeros({0, 3})); });
