@@ -17,6 +17,9 @@
 # Environment: KRAKEN_FOLLOWUP_TESTS (gtest filter; unset: no tests, and the GPU tests are not built),
 # KRAKEN_FOLLOWUP_WHOLE_BENCH (0: skip the whole benchmark's run; default 1), KRAKEN_FOLLOWUP_BENCH_ARGS (the
 # variants' gpu_train_bench arguments, default "--training-only --precision bf16 --batch 8,64"),
+# KRAKEN_FOLLOWUP_BUDGET (seconds from the start; a variant is skipped, and the report says so, where the
+# longest one so far would end past it — so that the call ends inside the device's limit with its report;
+# unset or 0: no budget; put the variants in the order they matter),
 # KRAKEN_GPU_CHECK_BUILD and KRAKEN_THIRD_PARTY as for gpu-check. Writes $OUT/followup.md when OUT is set
 # (else <build>/followup.md), the logs in <build>/followup/; exit status 0 when everything that ran passed.
 set -uo pipefail
@@ -80,8 +83,17 @@ fi
 
 read -r -a bench_args <<< "${KRAKEN_FOLLOWUP_BENCH_ARGS:---training-only --precision bf16 --batch 8,64}"
 n=0
+budget="${KRAKEN_FOLLOWUP_BUDGET:-0}"
+longest=0  # the longest variant so far, in seconds
 for setting in "$@"; do
   n=$((n + 1))
+  began=$(date +%s)
+  if [[ "$budget" -gt 0 && $(( began - start + longest )) -gt "$budget" ]]; then
+    say "skipped ${setting:-the defaults} (budget)"
+    md ""
+    md "With ${setting:-the defaults}: skipped — $(( began - start )) s spent and the longest variant took ${longest} s, against a budget of ${budget} s."
+    continue
+  fi
   say "benchmark with ${setting:-the defaults}"
   # shellcheck disable=SC2086  # $setting holds VAR=value words
   env $setting bash "$root/tools/gpu-clocks.sh" "$out/bench-$n-clocks.csv" timeout 120 "$build/bin/gpu_train_bench" \
@@ -100,6 +112,8 @@ for setting in "$@"; do
     tail -n 20 "$out/bench-$n.log" >> "$report"
   fi
   [[ $rc -eq 0 ]] || status=1
+  took=$(( $(date +%s) - began ))
+  [[ $took -gt $longest ]] && longest=$took
 done
 md ""
 md "Done in $(( $(date +%s) - start )) s, exit status $status."
