@@ -138,26 +138,21 @@ TEST(GpuMixedPrecision, LayerNormAttentionAndCrossEntropyMatchTheCpuReference) {
                      {bf16_leaf({2, 50, 1024}, 41, 2.0f)}, 1e-5, kOneUlp, "cross-entropy over a padded vocabulary");
 }
 
-// The degree-2 golden model in mixed precision: the GPU's loss and f32 master gradients against the
-// CPU's mixed-precision run. Both compute the same bf16 quantities; they differ only where an f32
-// reorder flips a rounding, which then travels through the layers: measured between bf16 and fp32 on
-// the CPU (tests/models) at 2e-2 of a gradient's norm, so 2e-2 bounds two bf16 runs with room.
-TEST(GpuMixedPrecision, Degree2ModelMatchesTheCpuMixedPrecisionModel) {
-  KRAKEN_REQUIRE_GPU();
-  runtime::SafetensorsFile file = runtime::SafetensorsFile::open(source_path("tests/models/fixtures/kraken2_tiny.safetensors"));
-  models::KrakenModel cpu(fixture_config(file)), dev(fixture_config(file), test_device());
-  for (auto* m : {&cpu, &dev}) {
-    m->set_compute_dtype(DType::BF16);
-    for (auto& p : m->named_parameters()) file.load_into("param." + p.name, p.tensor);
-  }
-  const Tensor ids = file.load("input.ids"), targets = file.load("input.targets");
+// A model in mixed precision, the same parameters on the CPU and the GPU: the GPU's loss and f32 master
+// gradients against the CPU's mixed-precision run. Both compute the same bf16 quantities; they differ only
+// where an f32 reorder flips a rounding, which then travels through the layers: measured between bf16 and
+// fp32 on the CPU (tests/models) at 2e-2 of a gradient's norm, so 2e-2 bounds two bf16 runs with room.
+void expect_device_tracks_cpu(models::KrakenModel& cpu, models::KrakenModel& dev, const Tensor& ids,
+                              const Tensor& targets, const std::string& what) {
   Tensor l_cpu = cpu.loss(ids, targets, nullptr, false);
   Tensor l_dev = dev.loss(ids.to(test_device()), targets.to(test_device()), nullptr, false);
-  EXPECT_NEAR(l_dev.item(), l_cpu.item(), 1e-3 * std::fabs(l_cpu.item()));
-  std::printf("[gpu-vs-cpu] bf16 degree-2 loss: device %.6f, cpu %.6f\n", l_dev.item(), l_cpu.item());
+  EXPECT_NEAR(l_dev.item(), l_cpu.item(), 1e-3 * std::fabs(l_cpu.item())) << what;
+  std::printf("[gpu-vs-cpu] bf16 %s loss: device %.6f, cpu %.6f\n", what.c_str(), l_dev.item(), l_cpu.item());
   runtime::backward(l_cpu);
   runtime::backward(l_dev);
   const auto pc = cpu.named_parameters(), pd = dev.named_parameters();
+  double worst = 0.0;
+  std::string worst_name;
   for (size_t k = 0; k < pc.size(); ++k) {
     ASSERT_EQ(pd[k].tensor.grad().dtype(), DType::F32) << pc[k].name;
     const std::vector<float> a = pd[k].tensor.grad().to_vector(), b = pc[k].tensor.grad().to_vector();
@@ -167,8 +162,59 @@ TEST(GpuMixedPrecision, Degree2ModelMatchesTheCpuMixedPrecisionModel) {
       norm += static_cast<double>(b[i]) * b[i];
     }
     const double rel = std::sqrt(diff / std::max(norm, 1e-30));
-    EXPECT_LT(rel, 2e-2) << pc[k].name;
-    std::printf("[gpu-vs-cpu] bf16 gradient %-28s relative norm difference %.2e\n", pc[k].name.c_str(), rel);
+    EXPECT_LT(rel, 2e-2) << what << ": " << pc[k].name;
+    if (rel >= worst) worst = rel, worst_name = pc[k].name;
+  }
+  std::printf("[gpu-vs-cpu] bf16 %s: worst gradient relative norm difference %.2e (%s)\n", what.c_str(), worst,
+              worst_name.c_str());
+}
+
+// The degree-2 golden model (no biases).
+TEST(GpuMixedPrecision, Degree2ModelMatchesTheCpuMixedPrecisionModel) {
+  KRAKEN_REQUIRE_GPU();
+  runtime::SafetensorsFile file = runtime::SafetensorsFile::open(source_path("tests/models/fixtures/kraken2_tiny.safetensors"));
+  models::KrakenModel cpu(fixture_config(file)), dev(fixture_config(file), test_device());
+  for (auto* m : {&cpu, &dev}) {
+    m->set_compute_dtype(DType::BF16);
+    for (auto& p : m->named_parameters()) file.load_into("param." + p.name, p.tensor);
+  }
+  expect_device_tracks_cpu(cpu, dev, file.load("input.ids"), file.load("input.targets"), "degree-2");
+}
+
+// A degree-4 model with biases and no dropout (2 heads of 32 a sub-layer): the projection biases in the
+// LayerNorms after plain adds — the MLP projections' in the next layer's LN1, layer 0's attention
+// projections' in its LN2 (the grouped ops::add_bias_layernorm: one kernel each way on the GPU, the chain
+// on the CPU) — and in the products' epilogues (KRAKEN_PROJECTION_BIASES=products), each against the CPU.
+TEST(GpuMixedPrecision, Degree4ModelWithBiasesMatchesTheCpuMixedPrecisionModel) {
+  KRAKEN_REQUIRE_GPU();
+  models::KrakenConfig c;
+  c.n_layer = 3;
+  c.n_embd = 64;
+  c.n_head = 8;
+  c.degree = 4;
+  c.context = 32;
+  c.vocab_size = 300;
+  c.mlp_expansion = 2;
+  c.bias = true;
+  for (const bool in_norms : {true, false}) {
+    models::ProjectionBiasesScope placement(in_norms);
+    models::KrakenModel cpu(c), dev(c, test_device());
+    cpu.initialize(41);
+    {
+      runtime::NoGrad no_grad;
+      runtime::Generator gen(42, 0);
+      for (auto& p : cpu.named_parameters()) {  // the biases and LayerNorms away from their init
+        Tensor noise = Tensor::empty(p.tensor.shape());
+        gen.fill_normal(noise, 0.0f, 0.1f);
+        p.tensor.copy_from(ops::add(p.tensor, noise));
+      }
+      const auto from = cpu.named_parameters();
+      auto to = dev.named_parameters();
+      for (size_t k = 0; k < from.size(); ++k) to[k].tensor.copy_from(from[k].tensor);
+    }
+    for (auto* m : {&cpu, &dev}) m->set_compute_dtype(DType::BF16);
+    expect_device_tracks_cpu(cpu, dev, random_ids({4, 32}, c.vocab_size, 43), random_ids({4, 32}, c.vocab_size, 44),
+                             in_norms ? "degree-4, biases in the norms" : "degree-4, biases in the products");
   }
 }
 
