@@ -44,14 +44,20 @@ int64_t KrakenConfig::parameter_count() const {
   return total;
 }
 
-double KrakenConfig::flops_per_token(int64_t seq_len) const {
-  // Forward: 2 FLOPs per multiply-add of every matrix parameter (the LM head counts wte once more),
-  // plus attention's q·kᵀ and p·v: 2·2·T·C per layer and sub-layer (full, not causal-halved, as llm.c).
+double KrakenConfig::training_flops_per_token(int64_t seq_len) const {
+  // 2 FLOPs a multiply-add, ×3 for forward and backward; a causal query attends to (T + 1) / 2 keys on
+  // average, which llm.c rounds to T / 2: forward q·kᵀ and p·v 2 · 2 · C · T/2 a sub-layer and token.
+  const double k = static_cast<double>(degree), L = static_cast<double>(n_layer);
+  const double C = static_cast<double>(n_embd), T = static_cast<double>(seq_len);
+  return 6.0 * static_cast<double>(parameter_count()) + 6.0 * k * L * C * T;
+}
+
+double KrakenConfig::full_attention_training_flops_per_token(int64_t seq_len) const {
   const double C = static_cast<double>(n_embd), e = static_cast<double>(mlp_expansion);
   const double k = static_cast<double>(degree), L = static_cast<double>(n_layer);
   double matrix_params = k * L * (4 + 2 * e) * C * C + static_cast<double>(padded_vocab()) * C;
   if (degree > 1) matrix_params += k * C * C;
-  return 2.0 * matrix_params + 4.0 * k * L * static_cast<double>(seq_len) * C;
+  return 6.0 * matrix_params + 12.0 * k * L * static_cast<double>(seq_len) * C;
 }
 
 KrakenModel::KrakenModel(const KrakenConfig& config, const runtime::Device& device, const ModelShard& shard)

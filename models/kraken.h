@@ -56,8 +56,16 @@ struct KrakenConfig {
   // The closed form, with the padded vocabulary:
   //   Vp·C + T·C + k·L·((4 + 2e)C² + [bias] (9 + e)C + [no bias] 2C) + [k > 1] (kC² + [bias] C) + C (+ C)
   int64_t parameter_count() const;
-  // Forward FLOPs per token of the matrix products (for MFU): 2·(matrix parameters) + attention.
-  double flops_per_token(int64_t seq_len) const;
+  // Training (forward + backward) FLOPs per token as llm.c counts them for its MFU (gpt2_estimate_mfu,
+  // research/llmc.md): 6·N + 6·k·L·C·T, N every parameter (the tied wte once), attention's q·kᵀ and p·v
+  // over the causal half of the T×T scores. The MFU the trainer and the benchmark report, so that ours
+  // and llm.c's (the "50%, where llm.c stands") are one measure.
+  double training_flops_per_token(int64_t seq_len) const;
+  // The same with the matrix parameters only and attention over every one of the T×T scores (PaLM's
+  // appendix B, nanoGPT's estimate_mfu): 6·(matrix parameters) + 12·k·L·C·T, 6.4% above llm.c's count
+  // for GPT-2 124M at T = 1024 and 8.7% at GPT-2's shape at degree 4. The benchmark's reports up to the
+  // twenty-eighth session (bench/RESULTS.md) computed their MFU with this one.
+  double full_attention_training_flops_per_token(int64_t seq_len) const;
 };
 
 // Which part of the model this process holds. The defaults are the whole model in one process;

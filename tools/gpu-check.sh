@@ -377,7 +377,7 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
   bench_variant wide "" 120 90 "GPT-2's shape at degree 4" --training-only --model kraken4-768 --batch 8,32 --timeline
   # (Each of these starts only with 200 s left, so that the sanitizers after the benchmark keep their time:
   # the D = 256 wgmma backward kernels are new to racecheck.)
-  # Where the ~4% to 50% MFU at degree 4 could come from (the twenty-fifth session's H100 profile of this
+  # Where the ~6% to 50% MFU at degree 4 (llm.c's count: 44.1%; 47.9% with attention over all scores) could come from (the twenty-fifth session's H100 profile of this
   # shape, bench/RESULTS.md): cuDNN's backward at D = 256 writes dS to its dP workspace and reads it back for
   # dQ (5.4 ms of 173.5 at B = 32), which its atomic dQ graph does not (non-deterministic: a measurement),
   # and its other engine configurations at D = 256 (30.1 ms of attention in all) may be faster;

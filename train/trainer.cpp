@@ -555,12 +555,13 @@ RunSummary Trainer::run() {
 
   const int64_t tokens_per_evaluation = c.tokens_per_step();
   const int64_t evaluations_per_step = s.optex ? c.optim.optex.parallelism : 1;
-  // MFU on GPUs the planner knows: 3 × the model's forward FLOPs per token (forward + backward) ×
-  // tokens/s over the dense bf16 peak of every GPU of the job (as bench/gpu_train_bench.cpp reports it;
-  // fp32 runs are measured against the same peak). Not on CPUs, whose peak depends on the machine.
+  // MFU on GPUs the planner knows, as llm.c computes it: its FLOPs per token (6·N + 6·k·L·C·T,
+  // KrakenConfig::training_flops_per_token) × tokens/s over the dense bf16 peak of every GPU of the job
+  // (as bench/gpu_train_bench.cpp reports it; fp32 runs are measured against the same peak). Not on
+  // CPUs, whose peak depends on the machine.
   const double job_peak_flops =
       s.device.is_cpu() ? 0.0 : gpu_peak_flops(runtime::cuda_device_name(s.device.index)) * sizes.world();
-  const double flops_per_token = 3.0 * c.model.flops_per_token(c.train.seq_len);
+  const double flops_per_token = c.model.training_flops_per_token(c.train.seq_len);
   Progress progress(s.step, c.train.max_steps, s.options.progress && s.main_rank, c.train.log_every);
   const auto run_start = Clock::now();
   const int64_t tokens_at_start = s.tokens_seen;

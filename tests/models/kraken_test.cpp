@@ -120,6 +120,24 @@ TEST(KrakenModel, ParameterCountMatchesClosedForm) {
   EXPECT_EQ(gpt2.parameter_count(), 124475904);
 }
 
+// The MFU's numerator is llm.c's (gpt2_estimate_mfu: 6·N + 6·L·C·T, N = 124,475,904 for GPT-2 124M at
+// T = 1024), so that our MFU and llm.c's are one measure; the full-attention count is the one the
+// benchmark's reports used before (RESULTS.md), kept beside it.
+TEST(KrakenConfig, TrainingFlopsPerTokenAreLlmcsCount) {
+  KrakenConfig gpt2;
+  EXPECT_EQ(gpt2.training_flops_per_token(1024), 6.0 * 124475904 + 6.0 * 12 * 768 * 1024);  // 803,478,528
+  EXPECT_EQ(gpt2.full_attention_training_flops_per_token(1024),
+            6.0 * (12.0 * 12 * 768 * 768 + 50304.0 * 768) + 12.0 * 12 * 768 * 1024);  // 854,654,976
+  // Degree 4 at GPT-2's shape: four full-width sub-layers a layer, each with its own attention over C.
+  KrakenConfig wide = gpt2;
+  wide.degree = 4;
+  const double attention = wide.training_flops_per_token(1024) - 6.0 * static_cast<double>(wide.parameter_count());
+  EXPECT_EQ(attention, 4.0 * 6.0 * 12 * 768 * 1024);
+  EXPECT_NEAR(wide.full_attention_training_flops_per_token(1024) / wide.training_flops_per_token(1024), 1.0869, 1e-4);
+  // The attention term grows with the sequence length, the parameters' does not.
+  EXPECT_EQ(gpt2.training_flops_per_token(2048) - gpt2.training_flops_per_token(1024), 6.0 * 12 * 768 * 1024);
+}
+
 TEST(KrakenModel, Degree4GradientsMatchFiniteDifferences) {
   KrakenConfig c;
   c.n_layer = 2;
