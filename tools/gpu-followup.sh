@@ -8,7 +8,9 @@
 #
 #   KRAKEN_FOLLOWUP_TESTS='GpuLayerNorm.*:GpuModel.*' bash tools/gpu-followup.sh 'KRAKEN_CUBLASLT_PICKS=0' ...
 #
-# An empty argument is a variant with the defaults. For one model's rows alone on a card that gpu-check
+# An empty argument is a variant with the defaults. A variant may end with benchmark arguments of its own,
+# which override the common ones: 'KRAKEN_CUDNN_ATTENTION_BACKWARD=atomic --model gpt2 --batch 64'.
+# For one model's rows alone on a card that gpu-check
 # did not run on (the H100 of the issue's target), without the whole benchmark first:
 #
 #   KRAKEN_FOLLOWUP_WHOLE_BENCH=0 KRAKEN_FOLLOWUP_BENCH_ARGS='--training-only --precision bf16
@@ -95,9 +97,15 @@ for setting in "$@"; do
     continue
   fi
   say "benchmark with ${setting:-the defaults}"
-  # shellcheck disable=SC2086  # $setting holds VAR=value words
-  env $setting bash "$root/tools/gpu-clocks.sh" "$out/bench-$n-clocks.csv" timeout 120 "$build/bin/gpu_train_bench" \
-    "${bench_args[@]}" --out "$out/bench-$n.md" > "$out/bench-$n.log" 2>&1
+  # A setting's VAR=value words go to the environment, its other words (from the first one starting with
+  # "--") after the common arguments, where the benchmark's parser lets the later value win.
+  read -r -a words <<< "$setting"
+  variables=() extra_args=()
+  for w in "${words[@]}"; do
+    if [[ ${#extra_args[@]} -eq 0 && "$w" != --* ]]; then variables+=("$w"); else extra_args+=("$w"); fi
+  done
+  env "${variables[@]}" bash "$root/tools/gpu-clocks.sh" "$out/bench-$n-clocks.csv" timeout 120 "$build/bin/gpu_train_bench" \
+    "${bench_args[@]}" "${extra_args[@]}" --out "$out/bench-$n.md" > "$out/bench-$n.log" 2>&1
   rc=$?
   md ""
   md "With ${setting:-the defaults}: exit status $rc."
