@@ -170,12 +170,13 @@ Options parse(int argc, char** argv) {
     else if (a == "--model") o.model = value();
     else if (a == "--precision") o.precision = value();
     else if (a == "--training-only") o.training_only = true;
+    else if (a == "--kernel-tables") o.training_only = false;  // (undoes an earlier --training-only)
     else if (a == "--no-host-probe") o.host_probe = false;
     else if (a == "--layers") o.layers = std::atoll(value().c_str());
     else if (a == "--timeline") o.timeline = true;
     else {
       std::fprintf(stderr, "usage: gpu_train_bench [--out FILE] [--batch B,...] [--steps N] [--warmup N] [--peak-tflops X] "
-                           "[--model gpt2|kraken4|kraken4-768|all|none] [--precision bf16|fp32|all] [--training-only] "
+                           "[--model gpt2|kraken4|kraken4-768|all|none] [--precision bf16|fp32|all] [--training-only] [--kernel-tables] "
                            "[--no-host-probe] [--layers L] [--timeline]\n");
       std::exit(2);
     }
@@ -870,6 +871,27 @@ void bench_kernels(const DeviceInfo& dev, Report& r) {
     const std::string what = "bf16 bias gradient (sum of " + std::to_string(rows) + " rows × " + std::to_string(cols) + ")";
     row(what.c_str(), 2.0 * rows * cols + 4.0 * cols,
         time_kernel([&] { sum_rows_bf16_cuda(db.data<uint16_t>(), dy.data<uint16_t>(), rows, cols, nullptr); }));
+  }
+  {
+    // c_attn's bias gradient with the keys' third skipped (ops::BiasColumns: its sum is zero), at GPT-2's
+    // B = 64 and at its shape at degree 4, B = 32 (4 sub-layers): bytes are what each reads, so the rows'
+    // GB/s compare the kernels and their times the saving, against the rows above / the grouped sums.
+    const int64_t rows = 8 * N, cols = 3 * C;
+    Tensor dy = normal({rows, cols}, 83).to(DType::BF16), db = normal({cols}, 84).to(DType::BF16);
+    row("bf16 qkv bias gradient, keys' columns skipped (sum of 65536 rows × 1536 of 2304)", 2.0 * rows * 2 * C + 4.0 * cols,
+        time_kernel([&] {
+          sum_rows_skipping_bf16_cuda(db.data<uint16_t>(), dy.data<uint16_t>(), 1, rows, cols, C, C, nullptr);
+        }));
+    const int64_t G = 4, per_group = 4 * N;  // B = 32
+    Tensor gdy = normal({G * per_group, cols}, 85).to(DType::BF16), gdb = normal({G * cols}, 86).to(DType::BF16);
+    row("bf16 grouped qkv bias gradients, 4 × 32768 rows × 2304", 2.0 * G * per_group * cols + 4.0 * G * cols,
+        time_kernel([&] {
+          sum_rows_grouped_bf16_cuda(gdb.data<uint16_t>(), gdy.data<uint16_t>(), G, per_group, cols, nullptr);
+        }));
+    row("bf16 grouped qkv bias gradients, keys' columns skipped, 4 × 32768 rows × 1536 of 2304",
+        2.0 * G * per_group * 2 * C + 4.0 * G * cols, time_kernel([&] {
+          sum_rows_skipping_bf16_cuda(gdb.data<uint16_t>(), gdy.data<uint16_t>(), G, per_group, cols, C, C, nullptr);
+        }));
   }
   {
     // The position embedding's gradient at B = 64: f32 wpe.grad += Σ over the 64 sequences of the bf16

@@ -91,6 +91,14 @@ void sum_rows_bf16_cuda(uint16_t* db, const uint16_t* dout, int64_t rows, int64_
 // gradients: the Kraken sub-layers', which took a launch pair per sub-layer), else a call per block.
 void sum_rows_grouped_bf16_cuda(uint16_t* db, const uint16_t* dout, int64_t groups, int64_t rows, int64_t cols,
                                 CUstream_st* stream);
+// sum_rows_grouped_bf16_cuda for the columns outside [skip_first, skip_first + skip_count) alone: their dout
+// is never read and db there is left as it is (a bias whose gradient there is zero by the model's
+// structure: the keys' third of an attention's qkv bias, runtime/ops.h BiasColumns). The other columns'
+// sums are the bits of sum_rows_grouped_bf16_cuda's two-pass sums on the matrix without the skipped
+// columns. Returns false, doing nothing, where those do not take the shape: cols, skip_first or skip_count
+// not a multiple of 8, dout not 16-byte aligned, rows < 64, or too many chunks for the grid.
+bool sum_rows_skipping_bf16_cuda(uint16_t* db, const uint16_t* dout, int64_t groups, int64_t rows, int64_t cols,
+                                 int64_t skip_first, int64_t skip_count, CUstream_st* stream);
 // db[:] += Σ_r dout[r, :] for an f32 db: the bits of sum_rows_cuda on dout widened to f32 (the token and
 // position embedding's position gradient from the bf16 gradient itself, kernels/embedding.h).
 void sum_rows_bf16_to_f32_cuda(float* db, const uint16_t* dout, int64_t rows, int64_t cols, CUstream_st* stream);

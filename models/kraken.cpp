@@ -298,6 +298,13 @@ Tensor stacked(const Tensor& input, int64_t n) {
   return stack(ops::split(input, std::vector<int64_t>(static_cast<size_t>(n), C), -1));
 }
 
+// c_attn's bias columns whose gradient is zero, the keys' (qkv is q, k and v side by side, `width` each):
+// softmax ignores the shift q·b_k a key bias adds to every score of a query, so the linear sums none of
+// that third of its output gradient (ops::BiasColumns).
+ops::BiasColumns keys_bias_columns(const Tensor& c_attn_bias, int64_t width) {
+  return c_attn_bias.defined() ? ops::BiasColumns{width, width} : ops::BiasColumns{};
+}
+
 }  // namespace
 
 // a_i = x_i + Attn_i(LN1_i(x_i)); m_i = a_i − x_i + S (= a_i at degree 1 and in the first layer);
@@ -332,7 +339,7 @@ KrakenModel::Unsummed KrakenModel::layer_forward(const std::vector<SubLayer>& su
       attn_proj_b.defined() && !(training && config_.dropout > 0.0f) && projection_biases_in_norms();
   const bool ln2_after_add = !pending.valid() && !sum_here;  // (then S stays undefined)
   const bool attn_bias_to_ln2 = biases_to_norms && ln2_after_add;
-  Tensor qkv = ops::linear(h1, c_attn_w, c_attn_b);  // (n, B, T, 3C)
+  Tensor qkv = ops::linear(h1, c_attn_w, c_attn_b, keys_bias_columns(c_attn_b, C));  // (n, B, T, 3C)
   Tensor y = ops::attention(ops::reshape(qkv, {n * B, T, 3 * C}), config_.heads_per_sublayer());  // (n·B, T, C)
   Tensor attn = dropout(
       ops::linear(ops::reshape(y, {n, B, T, C}), attn_proj_w, attn_bias_to_ln2 ? Tensor() : attn_proj_b), gen,
@@ -377,7 +384,9 @@ KrakenModel::Unsummed KrakenModel::layer_forward(const std::vector<SubLayer>& su
 // critical path), identity backward. The biases after a row-parallel product are added once, after the sum.
 Tensor KrakenModel::megatron_layer_forward(const SubLayer& s, const Tensor& x, runtime::Generator* gen, bool training) {
   Tensor h = ops::layernorm(x, s.ln_1_w, s.ln_1_b);
-  Tensor qkv = ops::linear(parallel::copy_to_tp(h, *shard_.tp), compute(s.c_attn_w), compute(s.c_attn_b));  // (B, T, 3C/tp)
+  const Tensor c_attn_b = compute(s.c_attn_b);
+  Tensor qkv = ops::linear(parallel::copy_to_tp(h, *shard_.tp), compute(s.c_attn_w), c_attn_b,
+                           keys_bias_columns(c_attn_b, config_.n_embd / shard_.tp_size));  // (B, T, 3C/tp)
   Tensor y = ops::attention(qkv, config_.n_head / shard_.tp_size);                                           // (B, T, C/tp)
   Tensor o = parallel::reduce_from_tp(ops::linear(y, compute(s.attn_proj_w)), *shard_.tp);
   std::vector<Tensor> a_h;

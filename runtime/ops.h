@@ -86,7 +86,15 @@ Tensor matmul(const Tensor& a, const Tensor& b, bool trans_a = false, bool trans
 // Grouped: weight (G, out, in), bias (G, out), x (G, ..., in) → (G, ..., out), group g's rows times its
 // own weight — G independent linears (a Kraken layer's sub-layers, stacked) whose products each run as
 // one strided batch. G = 1 is the plain linear on views (the same node and bits).
-Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias = Tensor());
+// zero_grad: bias columns [first, first + count) (of each group's) whose gradient is zero by the model's
+// structure, so it is not summed and stays zero — the keys' third of an attention's qkv bias: every score
+// of a query shifts by q·b_k, which softmax ignores (Σ_j dS_ij = 0, so Σ_rows dK = scale · Σ_i q_i Σ_j dS_ij
+// = 0). On CUDA in bf16 their dy is not read: a third of c_attn's bias-gradient reads. Empty: none.
+struct BiasColumns {
+  int64_t first = 0;
+  int64_t count = 0;
+};
+Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias = Tensor(), BiasColumns zero_grad = {});
 
 // ---- the MLP block (ops/mlp.cpp) ------------------------------------------------------------------------
 // GPT-2's MLP: linear(gelu(linear(x, w_fc, b_fc)), w_proj, b_proj). x (..., C), w_fc (H, C), w_proj

@@ -9,7 +9,8 @@
 #   KRAKEN_FOLLOWUP_TESTS='GpuLayerNorm.*:GpuModel.*' bash tools/gpu-followup.sh 'KRAKEN_CUBLASLT_PICKS=0' ...
 #
 # An empty argument is a variant with the defaults. A variant may end with benchmark arguments of its own,
-# which override the common ones: 'KRAKEN_CUDNN_ATTENTION_BACKWARD=atomic --model gpt2 --batch 64'.
+# which override the common ones: 'KRAKEN_CUDNN_ATTENTION_BACKWARD=atomic --model gpt2 --batch 64', or
+# '--model none --kernel-tables' (the kernel tables alone, after a common --training-only).
 # For one model's rows alone on a card that gpu-check
 # did not run on (the H100 of the target), without the whole benchmark first:
 #

@@ -494,6 +494,32 @@ struct AddToSetColumn {
 };
 // db (TOut) += the column sums of dout (TIn), every sum in f32 in an order set by rows and cols alone: the
 // same bits for bf16 terms as for the same terms widened to f32 (the widening is exact).
+// A row without the columns [first, first + count), as one compacted row of cols − count: its column c is
+// the row's c below first and c + count from there on. first a multiple of 8 keeps every 8-column group
+// of the compacted row on one side of the gap.
+struct SkippedColumns {
+  int64_t first, count;
+  __device__ __forceinline__ int64_t column(int64_t c) const { return c < first ? c : c + count; }
+};
+template <typename T>
+struct RowSkipping {
+  const T* dout;
+  int64_t cols;
+  SkippedColumns skip;
+  __device__ __forceinline__ void operator()(int64_t r, int64_t c0, float (&t)[1][8]) const {
+    load8(dout + r * cols + skip.column(c0), t[0]);
+  }
+};
+template <typename T>
+struct AddToSetColumnSkipping {
+  T* db;
+  int64_t cols;
+  SkippedColumns skip;
+  __device__ __forceinline__ void operator()(int64_t c, const float (&totals)[1]) const {
+    T* d = db + static_cast<int64_t>(blockIdx.y) * cols + skip.column(c);
+    store(d, load(d) + totals[0]);
+  }
+};
 template <typename TOut, typename TIn>
 void sum_rows(TOut* db, const TIn* dout, int64_t rows, int64_t cols, CUstream_st* s, const char* name) {
   if (rows >= kSumGroups && cols > 0 && cols % 8 == 0 && aligned16(dout)) {
@@ -602,6 +628,21 @@ void sum_rows_bf16_cuda(uint16_t* db, const uint16_t* dout, int64_t rows, int64_
 void sum_rows_grouped_bf16_cuda(uint16_t* db, const uint16_t* dout, int64_t groups, int64_t rows, int64_t cols,
                                 CUstream_st* s) {
   sum_rows_grouped(as_bf16(db), as_bf16(dout), groups, rows, cols, s, "sum_rows_grouped_bf16_cuda");
+}
+bool sum_rows_skipping_bf16_cuda(uint16_t* db, const uint16_t* dout, int64_t groups, int64_t rows, int64_t cols,
+                                 int64_t skip_first, int64_t skip_count, CUstream_st* s) {
+  const int64_t kept = cols - skip_count;
+  KRAKEN_CHECK(groups >= 1 && skip_first >= 0 && skip_count >= 0 && skip_first + skip_count <= cols,
+               "sum_rows_skipping_bf16_cuda: columns [", skip_first, ", ", skip_first + skip_count, ") of ", cols);
+  // (The conditions under which sum_rows and sum_rows_grouped take the two-pass sums, for the kept columns.)
+  if (kept <= 0 || rows < kSumGroups || cols % 8 != 0 || skip_first % 8 != 0 || skip_count % 8 != 0 ||
+      !aligned16(dout) || !column_sums_fit(rows, kept, groups))
+    return false;
+  const SkippedColumns skip{skip_first, skip_count};
+  column_sums<1>(rows, kept, RowSkipping<__nv_bfloat16>{as_bf16(dout), cols, skip},
+                 AddToSetColumnSkipping<__nv_bfloat16>{as_bf16(db), cols, skip}, s, "sum_rows_skipping_bf16_cuda",
+                 groups);
+  return true;
 }
 void sum_rows_bf16_to_f32_cuda(float* db, const uint16_t* dout, int64_t rows, int64_t cols, CUstream_st* s) {
   sum_rows(db, as_bf16(dout), rows, cols, s, "sum_rows_bf16_to_f32_cuda");

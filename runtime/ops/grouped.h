@@ -5,13 +5,17 @@
 #include <cstdint>
 #include <vector>
 
+#include "runtime/ops.h"
 #include "runtime/tensor.h"
 
 namespace kraken::runtime::ops {
 
 // Σ over the rows of each of `groups` consecutive (rows, cols) blocks of d: a new (groups, cols) tensor of
-// d's dtype (f32 anywhere, bf16 on CUDA) — the bias gradients of a grouped linear or MLP.
-Tensor group_row_sums(const Tensor& d, int64_t groups, int64_t rows, int64_t cols);
+// d's dtype (f32 anywhere, bf16 on CUDA) — the bias gradients of a grouped linear or MLP. The columns of
+// `zero` (ops::linear's zero_grad) are zeros, their d unread where the bf16 kernel takes the shape.
+Tensor group_row_sums(const Tensor& d, int64_t groups, int64_t rows, int64_t cols, BiasColumns zero = {});
+// Zeros in columns [zero.first, zero.first + zero.count) of every row of db (groups, cols).
+void zero_bias_columns(const Tensor& db, int64_t groups, int64_t cols, BiasColumns zero);
 // out[g] = in[g] + bias[g] on every row, for each of `groups` consecutive (rows, cols) blocks (out may be
 // in; bias (groups, cols); f32 anywhere, bf16 on CUDA): a grouped linear's biases, the forward of the
 // gradient group_row_sums takes.

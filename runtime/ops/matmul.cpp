@@ -68,22 +68,38 @@ void gemm(Tensor& c, const Tensor& a, const Tensor& b, int64_t batch, int64_t M,
 
 }  // namespace
 
-Tensor group_row_sums(const Tensor& dy, int64_t groups, int64_t rows, int64_t cols) {
+Tensor group_row_sums(const Tensor& dy, int64_t groups, int64_t rows, int64_t cols, BiasColumns zero) {
   Tensor db = Tensor::zeros({groups, cols}, dy.dtype(), dy.device());
   // On CUDA every group's sums in one launch of each column-sum pass (kernels/elementwise.h): a launch pair
   // per group before, four bias gradients of four sub-layers a Kraken layer made 32 launches.
   if (dy.dtype() == DType::BF16) {
-    KRAKEN_CUDA_ONLY(dy.device(), kernels::sum_rows_grouped_bf16_cuda(db.data<uint16_t>(), dy.data<uint16_t>(), groups,
-                                                                      rows, cols, stream_of(dy)));
-    return db;
+    bool skipped = false;
+    if (zero.count > 0)
+      KRAKEN_CUDA_ONLY(dy.device(), skipped = kernels::sum_rows_skipping_bf16_cuda(
+                                        db.data<uint16_t>(), dy.data<uint16_t>(), groups, rows, cols, zero.first,
+                                        zero.count, stream_of(dy)));
+    if (!skipped)
+      KRAKEN_CUDA_ONLY(dy.device(), kernels::sum_rows_grouped_bf16_cuda(db.data<uint16_t>(), dy.data<uint16_t>(),
+                                                                        groups, rows, cols, stream_of(dy)));
+  } else {
+    float* d = db.data<float>();
+    const float* y = dy.data<float>();
+    const auto each_group = [&] {
+      for (int64_t g = 0; g < groups; ++g) kernels::sum_rows_cpu(d + g * cols, y + g * rows * cols, rows, cols);
+    };
+    KRAKEN_ON_DEVICE(dy.device(), each_group(), kernels::sum_rows_grouped_cuda(d, y, groups, rows, cols, stream_of(dy)));
   }
-  float* d = db.data<float>();
-  const float* y = dy.data<float>();
-  const auto each_group = [&] {
-    for (int64_t g = 0; g < groups; ++g) kernels::sum_rows_cpu(d + g * cols, y + g * rows * cols, rows, cols);
-  };
-  KRAKEN_ON_DEVICE(dy.device(), each_group(), kernels::sum_rows_grouped_cuda(d, y, groups, rows, cols, stream_of(dy)));
+  // (Where the skipping kernel ran these are zeros already; elsewhere the sums' cost is the full one.)
+  zero_bias_columns(db, groups, cols, zero);
   return db;
+}
+
+void zero_bias_columns(const Tensor& db, int64_t groups, int64_t cols, BiasColumns zero) {
+  if (zero.count <= 0) return;
+  const size_t element = dtype_size(db.dtype());
+  for (int64_t g = 0; g < groups; ++g)
+    zero_bytes(static_cast<char*>(db.data_ptr()) + static_cast<size_t>(g * cols + zero.first) * element, db.device(),
+               static_cast<size_t>(zero.count) * element);
 }
 
 void add_group_biases(const Tensor& out, const Tensor& in, const Tensor& bias, int64_t groups, int64_t rows,
@@ -174,7 +190,7 @@ namespace {
 // The grouped linear (ops.h): x (G, ..., in), weight (G, out, in), bias (G, out); G > 1. Every product is
 // one strided batch over the groups (on CUDA in bf16: one cuBLASLt call), forward and backward, except the
 // bf16 forward with biases (a product per group, each bias in its epilogue).
-Tensor grouped_linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
+Tensor grouped_linear(const Tensor& x, const Tensor& weight, const Tensor& bias, BiasColumns zero) {
   const int64_t G = weight.size(0), outf = weight.size(1), in = weight.size(2);
   const int64_t rows = shape_numel(Shape(x.shape().begin() + 1, x.shape().end() - 1));  // per group
   const DType dtype = x.dtype();
@@ -200,7 +216,7 @@ Tensor grouped_linear(const Tensor& x, const Tensor& weight, const Tensor& bias)
     Tensor x_saved = w_needs ? x.detach() : Tensor(), w_saved = x_needs ? weight.detach() : Tensor();
     const Shape x_shape = x.shape(), w_shape = weight.shape();
     record("linear", {x, weight, bias}, {out},
-           [x_saved, w_saved, x_shape, w_shape, G, rows, in, outf, b_needs, dtype](const std::vector<Tensor>& g) {
+           [x_saved, w_saved, x_shape, w_shape, G, rows, in, outf, b_needs, dtype, zero](const std::vector<Tensor>& g) {
              const Tensor& dy = g[0];  // (G, rows, out)
              Tensor dx, dw, db;
              if (w_saved.defined()) {  // dx[g] (rows, in) = dy[g] · W[g]
@@ -221,8 +237,9 @@ Tensor grouped_linear(const Tensor& x, const Tensor& weight, const Tensor& bias)
                  if (!biases_done) db = Tensor();
                }
                if (!biases_done) gemm(dw, dy, x_saved, G, outf, in, rows, true, false, 0.0f, rows * outf, rows * in);
+               if (biases_done) zero_bias_columns(db, G, outf, zero);
              }
-             if (b_needs && !biases_done) db = group_row_sums(dy, G, rows, outf);
+             if (b_needs && !biases_done) db = group_row_sums(dy, G, rows, outf, zero);
              return std::vector<Tensor>{dx, dw, db};
            });
   }
@@ -231,9 +248,16 @@ Tensor grouped_linear(const Tensor& x, const Tensor& weight, const Tensor& bias)
 
 }  // namespace
 
-Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
+Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias, BiasColumns zero_grad) {
   precision::check_float("linear", x, "input");
   precision::check_float("linear", weight, "weight");
+  if (zero_grad.count != 0) {
+    const int64_t outf = weight.dim() >= 2 ? weight.size(-2) : 0;
+    if (!bias.defined() || zero_grad.first < 0 || zero_grad.count < 0 || zero_grad.first + zero_grad.count > outf)
+      KRAKEN_THROW("linear: zero_grad columns [", zero_grad.first, ", ", zero_grad.first + zero_grad.count, ") ",
+                   bias.defined() ? "are not within the bias's " + std::to_string(outf) + " columns"
+                                  : std::string("without a bias"));
+  }
   if (weight.dim() == 3) {  // grouped: x (G, ..., in), weight (G, out, in), bias (G, out)
     check_same_device("linear", x, weight);
     const int64_t G = weight.size(0);
@@ -252,12 +276,13 @@ Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
       Shape inner(x.shape().begin() + 1, x.shape().end()), out_shape = x.shape();
       out_shape.back() = weight.size(1);
       Tensor y = linear(reshape(x, inner), reshape(weight, {weight.size(1), weight.size(2)}),
-                        bias.defined() ? reshape(bias, {weight.size(1)}) : Tensor());
+                        bias.defined() ? reshape(bias, {weight.size(1)}) : Tensor(), zero_grad);
       return reshape(y, out_shape);
     }
     if (precision::widen_on_cpu(x))
-      return precision::narrow(linear(precision::widen(x), precision::widen(weight), precision::widen(bias)));
-    return grouped_linear(x, weight, bias);
+      return precision::narrow(
+          linear(precision::widen(x), precision::widen(weight), precision::widen(bias), zero_grad));
+    return grouped_linear(x, weight, bias, zero_grad);
   }
   check_dim("linear", weight, 2, "weight");
   check_same_device("linear", x, weight);
@@ -275,7 +300,8 @@ Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
   }
   const DType dtype = precision::common_float("linear", {&x, &weight, &bias});
   if (precision::widen_on_cpu(x))
-    return precision::narrow(linear(precision::widen(x), precision::widen(weight), precision::widen(bias)));
+    return precision::narrow(
+        linear(precision::widen(x), precision::widen(weight), precision::widen(bias), zero_grad));
   Shape shape = x.shape();
   shape.back() = outf;
   Tensor out = Tensor::empty(shape, dtype, x.device());
@@ -299,7 +325,8 @@ Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
     Tensor w_leaf = f32 && weight.is_leaf() ? weight : Tensor();
     Tensor b_leaf = f32 && bias.defined() && bias.is_leaf() ? bias : Tensor();
     record("linear", {x, weight, bias}, {out},
-           [x_saved, w_saved, w_leaf, b_leaf, x_shape, w_shape, rows, in, outf, b_needs, dtype](const std::vector<Tensor>& g) {
+           [x_saved, w_saved, w_leaf, b_leaf, x_shape, w_shape, rows, in, outf, b_needs, dtype,
+            zero = zero_grad](const std::vector<Tensor>& g) {
              const Tensor& dy = g[0];  // (rows, out)
              Tensor dx, dw, db;
              if (w_saved.defined()) {  // dx (rows, in) = dy · W
@@ -323,9 +350,19 @@ Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
                }
                if (!bias_done)
                  gemm(target, dy, x_saved, 1, outf, in, rows, true, false, direct.defined() ? 1.0f : 0.0f, 0, 0);
+               if (bias_done) zero_bias_columns(db, 1, outf, zero);
                if (!direct.defined()) dw = target;
              }
-             if (b_needs && !bias_done) {  // db += Σ_rows dy
+             if (b_needs && !bias_done && zero.count > 0) {  // db += Σ_rows dy, but for the zero columns
+               Tensor sums = reshape(group_row_sums(dy, 1, rows, outf, zero), {outf});
+               Tensor direct = leaf_grad_accumulator(b_leaf);  // (f32: its zero columns get + 0)
+               if (direct.defined())
+                 KRAKEN_ON_DEVICE(dy.device(), kernels::axpy_cpu(direct.data<float>(), sums.data<float>(), 1.0f, outf),
+                                  kernels::axpy_cuda(direct.data<float>(), sums.data<float>(), 1.0f, outf,
+                                                     stream_of(dy)));
+               else
+                 db = sums;
+             } else if (b_needs && !bias_done) {  // db += Σ_rows dy
                Tensor direct = leaf_grad_accumulator(b_leaf);
                Tensor target = direct.defined() ? direct : Tensor::zeros({outf}, dtype, dy.device());
                if (dtype == DType::BF16)

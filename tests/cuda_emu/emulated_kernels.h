@@ -222,6 +222,8 @@ void sum_rows_grouped_cuda(float* db, const float* dout, int64_t groups, int64_t
                            CUstream_st* stream);
 void sum_rows_grouped_bf16_cuda(uint16_t* db, const uint16_t* dout, int64_t groups, int64_t rows, int64_t cols,
                                 CUstream_st* stream);
+bool sum_rows_skipping_bf16_cuda(uint16_t* db, const uint16_t* dout, int64_t groups, int64_t rows, int64_t cols,
+                                 int64_t skip_first, int64_t skip_count, CUstream_st* stream);
 bool residual_fork_bf16_cuda(uint16_t* a, uint16_t* m, const uint16_t* x, const uint16_t* y, const uint16_t* s,
                              int64_t blocks, int64_t per_block, CUstream_st* stream);
 bool residual_fork_backward_bf16_cuda(uint16_t* dy, uint16_t* ds, const uint16_t* da, const uint16_t* dm,

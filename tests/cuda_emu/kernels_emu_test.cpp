@@ -1603,6 +1603,63 @@ void check_grouped_sum_rows() {
 
 TEST(CudaEmulation, GroupedColumnSumsAreOneCallPerGroupsBits) { under_both_schedules(check_grouped_sum_rows); }
 
+// The column sums that skip a range (c_attn's keys' bias columns, ops::BiasColumns): every other column the
+// bits of the grouped sums over the matrix with the range cut out, the skipped columns of db untouched
+// (their dout is poisoned with NaN, so a read of it would show) — one group and four (GPT-2's qkv thirds
+// at a small C, and a skip at the start or the end); and a shape the two-pass sums do not take declines,
+// writing nothing.
+void check_skipping_sum_rows() {
+  struct Case {
+    int64_t groups, rows, cols, first, count;
+  };
+  for (const Case& k : {Case{1, 300, 216, 72, 72}, Case{4, 300, 192, 64, 64}, Case{2, 300, 2304, 768, 768},
+                        Case{3, 256, 136, 0, 64}, Case{2, 130, 136, 72, 64}}) {
+    const std::string what = " (" + std::to_string(k.groups) + " × " + std::to_string(k.rows) + " × " +
+                             std::to_string(k.cols) + ", skipping [" + std::to_string(k.first) + ", " +
+                             std::to_string(k.first + k.count) + "))";
+    const int64_t kept = k.cols - k.count;
+    const std::vector<float> x = normal(static_cast<size_t>(k.groups * k.rows * k.cols), 21);
+    const std::vector<float> db0 = normal(static_cast<size_t>(k.groups * k.cols), 22);
+    std::vector<uint16_t> x16 = to_bf16(x), compact, db_compact;
+    for (int64_t r = 0; r < k.groups * k.rows; ++r)
+      for (int64_t c = 0; c < k.cols; ++c) {
+        uint16_t& v = x16[static_cast<size_t>(r * k.cols + c)];
+        if (c >= k.first && c < k.first + k.count) v = 0x7fc0;  // NaN
+        else compact.push_back(v);
+      }
+    const std::vector<uint16_t> db16_0 = to_bf16(db0);
+    for (int64_t g = 0; g < k.groups; ++g)
+      for (int64_t c = 0; c < k.cols; ++c)
+        if (c < k.first || c >= k.first + k.count) db_compact.push_back(db16_0[static_cast<size_t>(g * k.cols + c)]);
+    std::vector<uint16_t> db16 = db16_0;
+    db16.push_back(0x7fff);  // a sentinel past the end
+    ASSERT_TRUE(emu::sum_rows_skipping_bf16_cuda(db16.data(), x16.data(), k.groups, k.rows, k.cols, k.first, k.count,
+                                                 nullptr))
+        << what;
+    emu::sum_rows_grouped_bf16_cuda(db_compact.data(), compact.data(), k.groups, k.rows, kept, nullptr);
+    size_t next = 0;
+    for (int64_t g = 0; g < k.groups; ++g)
+      for (int64_t c = 0; c < k.cols; ++c) {
+        const size_t i = static_cast<size_t>(g * k.cols + c);
+        if (c >= k.first && c < k.first + k.count) EXPECT_EQ(db16[i], db16_0[i]) << what << ": skipped column " << c;
+        else EXPECT_EQ(db16[i], db_compact[next++]) << what << ": group " << g << ", column " << c;
+      }
+    EXPECT_EQ(db16.back(), 0x7fff) << what << " wrote past the end";
+  }
+  // Declined: a skip not on 8-column boundaries, fewer rows than the row groups, columns not a multiple of 8.
+  for (const Case& k : {Case{2, 300, 192, 60, 64}, Case{2, 40, 192, 64, 64}, Case{1, 300, 100, 8, 8}}) {
+    const std::vector<uint16_t> x16 = to_bf16(normal(static_cast<size_t>(k.groups * k.rows * k.cols), 23));
+    const std::vector<uint16_t> db16_0 = to_bf16(normal(static_cast<size_t>(k.groups * k.cols), 24));
+    std::vector<uint16_t> db16 = db16_0;
+    EXPECT_FALSE(emu::sum_rows_skipping_bf16_cuda(db16.data(), x16.data(), k.groups, k.rows, k.cols, k.first, k.count,
+                                                  nullptr))
+        << k.rows << " × " << k.cols;
+    EXPECT_EQ(db16, db16_0) << "a declined call wrote";
+  }
+}
+
+TEST(CudaEmulation, ColumnSumsSkippingARangeAreTheCutMatrixsBits) { under_both_schedules(check_skipping_sum_rows); }
+
 // The two-pass column sums' bits, rebuilt here from the order column_sums.h documents: pass 1, for each chunk
 // of chunk_rows(…) rows, 32 row groups each adding rows g, g + 32, … from 0, then the tree over the groups
 // (strides 16 … 1); pass 2, 64 chunk groups each adding chunks g, g + 64, … from 0, then the tree (strides

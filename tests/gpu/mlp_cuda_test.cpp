@@ -139,6 +139,30 @@ TEST(GpuGroupedLinear, MatchesTheCpuWithAndWithoutBiases) {
   }
 }
 
+// c_attn's keys' bias columns (ops::BiasColumns): on the GPU the column sums skip them (their dy unread) —
+// grouped as a Kraken layer's, plain as GPT-2's, at fusion levels 1 and 2 (BGRADB sums them all, then they
+// are zeroed) — and a shape the skipping sums decline (44 outputs) takes the full sums, then the zeros.
+// Against the CPU's run of the same op: the zeros exact, the rest within two ulps as above.
+TEST(GpuGroupedLinear, KeysBiasColumnsAreZerosAndTheRestMatchTheCpu) {
+  KRAKEN_REQUIRE_GPU();
+  for (EpilogueFusion f : {EpilogueFusion::kGelu, EpilogueFusion::kGeluAndBiasGrads}) {
+    ops::EpilogueFusionScope scope(f);
+    auto qkv_op = [](const std::vector<Tensor>& v) { return ops::linear(v[0], v[1], v[2], {504, 504}); };
+    expect_matches_cpu(qkv_op,
+                       {bf16_leaf({4, 2, 128, 504}, 131), bf16_leaf({4, 1512, 504}, 132, 0.045f),
+                        bf16_leaf({4, 1512}, 133, 0.5f)},
+                       kTwoUlps, kTwoUlps, std::string("grouped qkv linear, keys' bias columns, ") + level_name(f));
+    expect_matches_cpu(qkv_op,
+                       {bf16_leaf({2, 128, 504}, 134), bf16_leaf({1512, 504}, 135, 0.045f), bf16_leaf({1512}, 136, 0.5f)},
+                       kTwoUlps, kTwoUlps, std::string("qkv linear, keys' bias columns, ") + level_name(f));
+    auto odd_op = [](const std::vector<Tensor>& v) { return ops::linear(v[0], v[1], v[2], {8, 16}); };
+    expect_matches_cpu(odd_op,
+                       {bf16_leaf({3, 1, 37, 48}, 137), bf16_leaf({3, 44, 48}, 138, 0.14f), bf16_leaf({3, 44}, 139, 0.5f)},
+                       kTwoUlps, kTwoUlps, std::string("grouped linear, 3 × (37, 48)·(44, 48)ᵀ, zero columns, ") +
+                                               level_name(f));
+  }
+}
+
 // The Kraken layer's residual fork (a = X + attn, m = attn + S) in one kernel each way on the GPU; the
 // CPU's reference is the two adds, each rounded once, and the engine's sums: the same bits, outputs and
 // the gradients of X, attn and S. Block length 504 (the preset's C) takes the kernels; 500 (not a

@@ -329,6 +329,37 @@ TEST(KrakenModel, Degree4ProjectionBiasesInTheNormsAreTheSameModel) {
     EXPECT_EQ(f32_bits(pn[k].tensor.grad()), f32_bits(pp[k].tensor.grad())) << pn[k].name;
 }
 
+// c_attn's bias takes no gradient for its keys' third (ops::BiasColumns: softmax ignores the shift q·b_k
+// it adds to a query's scores; tests/runtime/attention_test.cpp checks the identity), exact zeros in every
+// sub-layer at degree 1 and 4, f32 and mixed precision, while its queries' and values' thirds have theirs.
+TEST(KrakenModel, KeysBiasGradientIsZeroAndTheQueriesAndValuesAreNot) {
+  for (const int64_t degree : {int64_t{1}, int64_t{4}})
+    for (const bool bf16 : {false, true}) {
+      SCOPED_TRACE("degree " + std::to_string(degree) + (bf16 ? ", bf16" : ", f32"));
+      const KrakenConfig c = small_config(degree);
+      KrakenModel model(c);
+      model.initialize(3);
+      if (bf16) model.set_compute_dtype(runtime::DType::BF16);
+      runtime::backward(model.loss(small_ids(4), small_ids(5), nullptr, false));
+      int checked = 0;
+      for (const auto& p : model.named_parameters()) {
+        if (p.name.find("c_attn.bias") == std::string::npos) continue;
+        const std::vector<float> g = p.tensor.grad().to_vector();
+        ASSERT_EQ(static_cast<int64_t>(g.size()), 3 * c.n_embd) << p.name;
+        float queries = 0.0f, values = 0.0f;
+        for (int64_t i = 0; i < c.n_embd; ++i) {
+          queries = std::max(queries, std::fabs(g[static_cast<size_t>(i)]));
+          EXPECT_EQ(g[static_cast<size_t>(c.n_embd + i)], 0.0f) << p.name << ", key column " << i;
+          values = std::max(values, std::fabs(g[static_cast<size_t>(2 * c.n_embd + i)]));
+        }
+        EXPECT_GT(queries, 0.0f) << p.name;
+        EXPECT_GT(values, 0.0f) << p.name;
+        ++checked;
+      }
+      EXPECT_EQ(checked, c.n_layer * degree);
+    }
+}
+
 TEST(KrakenModel, MixedPrecisionCastsEachLayersProductWeightsInOneNode) {
   for (const int64_t degree : {int64_t{1}, int64_t{2}}) {
     SCOPED_TRACE("degree " + std::to_string(degree));

@@ -118,6 +118,73 @@ TEST(Attention, ForwardAndBackwardMatchNaiveReference) {
   }
 }
 
+// Why c_attn sums no gradient for its keys' bias (ops::BiasColumns, models/kraken.cpp): in the textbook
+// gradient, in double, the keys' columns of dqkv sum to zero over the rows of every sequence (softmax
+// ignores the shift q·b_k a key bias adds to all of a query's scores: Σ_j dS_ij = 0), while the queries'
+// and the values' do not (the values' sum to dout's: a query's probabilities sum to one). So the model's
+// zeroed columns are the keys' — the layout this op reads — and their gradient is zero, not small.
+TEST(Attention, KeysColumnsOfTheGradientSumToZeroOverTheRows) {
+  for (const Case& k : kCases) {
+    SCOPED_TRACE(::testing::Message() << "B=" << k.B << " T=" << k.T << " C=" << k.C << " H=" << k.H);
+    const std::vector<float> qkv = random_leaf({k.B, k.T, 3 * k.C}, 45).to_vector();
+    const std::vector<float> dout = random_leaf({k.B, k.T, k.C}, 46).to_vector();
+    const Naive ref(qkv, dout, k.B, k.T, k.C, k.H);
+    for (int64_t b = 0; b < k.B; ++b)
+      for (int64_t c = 0; c < k.C; ++c) {
+        double q = 0.0, key = 0.0, v = 0.0, o = 0.0, key_size = 0.0;
+        for (int64_t t = 0; t < k.T; ++t) {
+          const double* row = ref.dqkv.data() + (b * k.T + t) * 3 * k.C;
+          q += row[c];
+          key += row[k.C + c];
+          v += row[2 * k.C + c];
+          o += dout[static_cast<size_t>((b * k.T + t) * k.C + c)];
+          key_size += std::fabs(row[k.C + c]);
+        }
+        // Each sum adds T terms of O(1) in double: rounding ~1e-14; the terms' own size is ~T.
+        EXPECT_LT(std::fabs(key), 1e-12 * std::max(1.0, key_size)) << "sequence " << b << ", column " << c;
+        EXPECT_NEAR(v, o, 1e-12 * k.T) << "sequence " << b << ", column " << c;
+        if (c == 0) EXPECT_GT(std::fabs(q), 1e-3) << "sequence " << b << ": the queries' sum is not zero";
+      }
+  }
+}
+
+// The linear before the attention with the keys' bias columns marked (ops::BiasColumns): the same output
+// and gradients bit for bit, but for those columns of the bias's, which are exact zeros and were, summed,
+// within f32 rounding of zero.
+TEST(Attention, KeysBiasGradientIsExactZerosAndTheRestUnchanged) {
+  const int64_t B = 2, T = 70, C = 64, H = 4, in = 24;
+  for (bool grouped : {false, true}) {
+    SCOPED_TRACE(grouped ? "grouped" : "plain");
+    auto run = [&](ops::BiasColumns zero) {
+      Tensor x = random_leaf(grouped ? Shape{2, B, T, in} : Shape{B, T, in}, 47);
+      Tensor w = random_leaf(grouped ? Shape{2, 3 * C, in} : Shape{3 * C, in}, 48, 0.2f);
+      Tensor b = random_leaf(grouped ? Shape{2, 3 * C} : Shape{3 * C}, 49, 0.5f);
+      Tensor qkv = ops::linear(x, w, b, zero);
+      Tensor y = ops::attention(grouped ? ops::reshape(qkv, {2 * B, T, 3 * C}) : qkv, H);
+      backward(y, random_leaf(y.shape(), 50).detach());
+      return std::vector<std::vector<float>>{y.to_vector(), x.grad().to_vector(), w.grad().to_vector(),
+                                             b.grad().to_vector()};
+    };
+    const auto summed = run({}), skipped = run({C, C});
+    for (size_t i = 0; i < 3; ++i) EXPECT_EQ(skipped[i], summed[i]) << "result " << i;
+    const int64_t groups = grouped ? 2 : 1;
+    double key_sum = 0.0, largest = 0.0;
+    for (int64_t g = 0; g < groups; ++g)
+      for (int64_t c = 0; c < 3 * C; ++c) {
+        const size_t i = static_cast<size_t>(g * 3 * C + c);
+        if (c >= C && c < 2 * C) {
+          EXPECT_EQ(skipped[3][i], 0.0f) << "group " << g << ", column " << c;
+          key_sum = std::max(key_sum, std::fabs(static_cast<double>(summed[3][i])));
+        } else {
+          EXPECT_EQ(skipped[3][i], summed[3][i]) << "group " << g << ", column " << c;
+          largest = std::max(largest, std::fabs(static_cast<double>(summed[3][i])));
+        }
+      }
+    // Summed in f32, the keys' columns are rounding: B·T = 140 terms of O(0.1) each.
+    EXPECT_LT(key_sum, 1e-5 * largest + 1e-5) << "largest other bias gradient " << largest;
+  }
+}
+
 TEST(Attention, LseIsLogSumExpOfScaledScores) {
   const int64_t B = 2, T = 70, C = 64, H = 4;
   Tensor qkv = random_leaf({B, T, 3 * C}, 44).detach();

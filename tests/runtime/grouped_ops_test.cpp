@@ -157,6 +157,48 @@ TEST(GroupedOps, LinearIsEachGroupsOwnLinearBitForBit) {
     }
 }
 
+// linear's zero_grad columns (ops::BiasColumns): output, dx and dW the bits of the run without them, the
+// bias's gradient too but for those columns of every group, exact zeros — grouped and plain, f32 and bf16.
+TEST(GroupedOps, LinearZeroGradColumnsAreZerosAndTheRestItsBits) {
+  const ops::BiasColumns zero{2, 3};
+  for (DType dtype : {DType::F32, DType::BF16})
+    for (bool grouped : {true, false}) {
+      const std::string what = std::string(dtype_name(dtype)) + (grouped ? ", grouped" : ", plain");
+      std::vector<Tensor> in = linear_inputs(dtype, true, dtype == DType::F32 ? 21 : 31);
+      if (!grouped)
+        for (Tensor& t : in) t = ops::reshape(ops::slice(t, 1, 2), Shape(t.shape().begin() + 1, t.shape().end())).detach();
+      for (Tensor& t : in) t.set_requires_grad(true);
+      const OpRun summed = run(linear_op, in);
+      const OpRun skipped = run([&](const auto& v) { return ops::linear(v[0], v[1], v[2], zero); }, in);
+      expect_bits_equal(skipped.out, summed.out, what + ": output");
+      expect_bits_equal(skipped.grads[0], summed.grads[0], what + ": dx");
+      expect_bits_equal(skipped.grads[1], summed.grads[1], what + ": dW");
+      std::vector<float> want = summed.grads[2];
+      const int64_t cols = 6;
+      for (size_t g = 0; g < want.size() / cols; ++g)
+        for (int64_t c = zero.first; c < zero.first + zero.count; ++c) want[g * cols + static_cast<size_t>(c)] = 0.0f;
+      expect_bits_equal(skipped.grads[2], want, what + ": db");
+    }
+}
+
+// An f32 bias takes its gradient into its own (accumulating) buffer: the zero_grad columns get nothing
+// added — what an earlier backward left there stays — and the others their sums, as without them.
+TEST(GroupedOps, LinearZeroGradColumnsAddNothingToAnAccumulatedGradient) {
+  Tensor x = leaf({5, 8}, 41, 1.0f), w = leaf({6, 8}, 42, 0.4f), b = leaf({6}, 43, 0.5f);
+  backward(ops::sum(ops::linear(x, w, b)));  // every column of b.grad is now 5 (the rows)
+  const std::vector<float> first = b.grad().to_vector();
+  Tensor seed = leaf({5, 6}, 44, 1.0f).detach();
+  backward(ops::linear(x, w, b, {1, 2}), seed);
+  const std::vector<float> got = b.grad().to_vector(), s = seed.to_vector();
+  for (int64_t c = 0; c < 6; ++c) {
+    float sum = 0.0f;
+    for (int64_t r = 0; r < 5; ++r) sum += s[static_cast<size_t>(r * 6 + c)];
+    const bool zeroed = c == 1 || c == 2;
+    EXPECT_EQ(got[static_cast<size_t>(c)], zeroed ? first[static_cast<size_t>(c)] : first[static_cast<size_t>(c)] + sum)
+        << "column " << c;
+  }
+}
+
 TEST(GroupedOps, MlpIsEachGroupsOwnMlpBitForBitAtEveryFusionLevel) {
   for (ops::EpilogueFusion fusion :
        {ops::EpilogueFusion::kOff, ops::EpilogueFusion::kGelu, ops::EpilogueFusion::kGeluAndBiasGrads,
@@ -470,6 +512,11 @@ TEST(GroupedOps, ShapeErrorsNameTheGroups) {
   });
   EXPECT_NE(msg.find("bias (2, 10)"), std::string::npos) << msg;
   EXPECT_NE(msg.find("expected (3, 10)"), std::string::npos) << msg;
+  msg = message_of([&] { ops::linear(Tensor::zeros({3, 5, 8}), w, Tensor::zeros({3, 6}), {4, 3}); });
+  EXPECT_NE(msg.find("zero_grad columns [4, 7)"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("6 columns"), std::string::npos) << msg;
+  msg = message_of([&] { ops::linear(Tensor::zeros({5, 8}), Tensor::zeros({6, 8}), Tensor(), {0, 2}); });
+  EXPECT_NE(msg.find("without a bias"), std::string::npos) << msg;
   msg = message_of([&] { ops::stack_many({{Tensor::zeros({2, 3}), Tensor::zeros({3, 2})}}, DType::F32); });
   EXPECT_NE(msg.find("one shape and dtype"), std::string::npos) << msg;
   msg = message_of([&] { ops::sum_stack(Tensor::zeros({0, 3})); });
