@@ -15,7 +15,9 @@
 // 1. Training throughput, mixed precision (bf16 activations and cuBLASLt products, f32 masters: the
 //    GPU's default) and fp32, of the trainer's step without the data loader (forward, cross-entropy,
 //    backward, global-norm clipping, AdamW, release_grads — KRAKEN_BENCH_ZERO_GRADS=1: zero_grad —, one
-//    loss.item()) on uniform token ids (KRAKEN_BENCH_IDS=text: ids as text has them, zipf_ids), bf16 at
+//    loss.item()) on uniform token ids (KRAKEN_BENCH_IDS=text: ids as text has them, zipf_ids) — with
+//    --accumulate A, A micro-batches' forward and backward before the one update, as the trainer's
+//    grad_accum (llm.c's GPT-2 124M recipe on one GPU: 0.5M tokens a step, A = 8 at B = 64) —, bf16 at
 //    each --batch size
 //    (default 8, 32 and 64 sequences of T = 1024; a size the device cannot hold is a row saying so), fp32
 //    at the first, on
@@ -108,6 +110,7 @@ struct Options {
   bool host_probe = true;         // the bracketed backward issue time (behind ~100 ms of queued fp32 products)
   int64_t layers = 0;             // 0: the presets' 12; fewer to see what scales with the launches a step makes
   bool timeline = false;          // one more step of each training row under CUPTI (gpu_timeline.h)
+  int64_t accumulate = 1;         // micro-batches a step, one optimizer update (the trainer's grad_accum)
 };
 
 // Lines of the report: printed as they come and collected for --out.
@@ -174,10 +177,11 @@ Options parse(int argc, char** argv) {
     else if (a == "--no-host-probe") o.host_probe = false;
     else if (a == "--layers") o.layers = std::atoll(value().c_str());
     else if (a == "--timeline") o.timeline = true;
+    else if (a == "--accumulate") o.accumulate = std::atoll(value().c_str());
     else {
       std::fprintf(stderr, "usage: gpu_train_bench [--out FILE] [--batch B,...] [--steps N] [--warmup N] [--peak-tflops X] "
                            "[--model gpt2|kraken4|kraken4-768|all|none] [--precision bf16|fp32|all] [--training-only] [--kernel-tables] "
-                           "[--no-host-probe] [--layers L] [--timeline]\n");
+                           "[--no-host-probe] [--layers L] [--timeline] [--accumulate A]\n");
       std::exit(2);
     }
   }
@@ -191,6 +195,11 @@ Options parse(int argc, char** argv) {
   };
   one_of("--model", o.model, {"gpt2", "kraken4", "kraken4-768", "all", "none"});
   one_of("--precision", o.precision, {"bf16", "fp32", "all"});
+  if (o.accumulate < 1) {
+    std::fprintf(stderr, "gpu_train_bench: --accumulate %lld: expected a count of micro-batches ≥ 1\n",
+                 static_cast<long long>(o.accumulate));
+    std::exit(2);
+  }
   const char* timeline_env = std::getenv("KRAKEN_BENCH_TIMELINE");
   if (timeline_env && std::strcmp(timeline_env, "1") == 0) o.timeline = true;
   return o;
@@ -398,23 +407,32 @@ void bench_model(const char* label, const KrakenConfig& c, DType compute, int64_
   // Where the GPU waits for the host: the host's time to issue the forward and the backward against the
   // GPU's time from the step's first kernel to the end of each (events on the compute stream, recorded
   // as the host passes). A phase whose GPU time is no longer than its host time kept the GPU waiting.
+  // With --accumulate A, a step is A micro-batches' forward and backward (each loss scaled by 1/A, as the
+  // trainer's grad_accum: the gradients add up in the f32 masters' buffers), then one update; the host /
+  // GPU columns sum the micro-batches'.
   using Clock = std::chrono::steady_clock;
   double host_forward = 0.0, host_backward = 0.0, gpu_forward = 0.0, gpu_backward = 0.0;
-  cudaEvent_t marks[3];
+  const int64_t A = o.accumulate;
+  const float micro_scale = 1.0f / static_cast<float>(A);
+  std::vector<cudaEvent_t> marks(static_cast<size_t>(3 * A));
   for (cudaEvent_t& e : marks) BENCH_CUDA(cudaEventCreate(&e));
   bool timed = false;
   auto step = [&] {
-    const auto h0 = Clock::now();
-    if (timed) BENCH_CUDA(cudaEventRecord(marks[0], nullptr));
-    Tensor loss = model.loss(x, y);
-    const auto h1 = Clock::now();
-    if (timed) BENCH_CUDA(cudaEventRecord(marks[1], nullptr));
-    kraken::runtime::backward(loss);
-    const auto h2 = Clock::now();
-    if (timed) {
-      BENCH_CUDA(cudaEventRecord(marks[2], nullptr));
-      host_forward += std::chrono::duration<double>(h1 - h0).count();
-      host_backward += std::chrono::duration<double>(h2 - h1).count();
+    Tensor loss;
+    for (int64_t a = 0; a < A; ++a) {
+      cudaEvent_t* m = marks.data() + 3 * a;
+      const auto h0 = Clock::now();
+      if (timed) BENCH_CUDA(cudaEventRecord(m[0], nullptr));
+      loss = A == 1 ? model.loss(x, y) : model.loss(x, y, nullptr, true, micro_scale);
+      const auto h1 = Clock::now();
+      if (timed) BENCH_CUDA(cudaEventRecord(m[1], nullptr));
+      kraken::runtime::backward(A == 1 ? loss : kraken::runtime::ops::scale(loss, micro_scale));
+      const auto h2 = Clock::now();
+      if (timed) {
+        BENCH_CUDA(cudaEventRecord(m[2], nullptr));
+        host_forward += std::chrono::duration<double>(h1 - h0).count();
+        host_backward += std::chrono::duration<double>(h2 - h1).count();
+      }
     }
     {
       std::vector<Tensor> grads;
@@ -430,10 +448,13 @@ void bench_model(const char* label, const KrakenConfig& c, DType compute, int64_
     else model.release_grads();
     last_loss = loss.item();  // (the gradient norm above synchronised once already)
     if (timed) {
-      float f = 0.0f, b = 0.0f;
-      BENCH_CUDA(cudaEventElapsedTime(&f, marks[0], marks[1]));
-      BENCH_CUDA(cudaEventElapsedTime(&b, marks[1], marks[2]));
-      gpu_forward += 1e-3 * f, gpu_backward += 1e-3 * b;
+      for (int64_t a = 0; a < A; ++a) {
+        const cudaEvent_t* m = marks.data() + 3 * a;
+        float f = 0.0f, b = 0.0f;
+        BENCH_CUDA(cudaEventElapsedTime(&f, m[0], m[1]));
+        BENCH_CUDA(cudaEventElapsedTime(&b, m[1], m[2]));
+        gpu_forward += 1e-3 * f, gpu_backward += 1e-3 * b;
+      }
     }
   };
   // The host probe's operands (below) exist from the start, so that the allocator's cache holds what the
@@ -492,7 +513,7 @@ void bench_model(const char* label, const KrakenConfig& c, DType compute, int64_
     else model.release_grads();
     kraken::runtime::synchronize(gpu);
   }
-  const double tokens_per_s = static_cast<double>(B * T) / seconds;
+  const double tokens_per_s = static_cast<double>(A * B * T) / seconds;
   const double achieved = c.training_flops_per_token(T) * tokens_per_s;
   const double achieved_full_attention = c.full_attention_training_flops_per_token(T) * tokens_per_s;
   char mfu[48];
@@ -505,9 +526,11 @@ void bench_model(const char* label, const KrakenConfig& c, DType compute, int64_
   if (compute == DType::BF16)
     precision += ", attention " + kraken::kernels::attention_bf16_kernels_label(c.head_size());
   const double n = o.steps;
-  r.line("| %s | %s | %.1fM | %lld×%lld | %.1f | %.0f | %.1f | %s | %.1f / %.1f | %.1f / %.1f (%s) | %.2f / %.2f | %.1f | "
+  // B×T, or A×B×T with micro-batches
+  const std::string shape = (A > 1 ? std::to_string(A) + "×" : "") + std::to_string(B) + "×" + std::to_string(T);
+  r.line("| %s | %s | %.1fM | %s | %.1f | %.0f | %.1f | %s | %.1f / %.1f | %.1f / %.1f (%s) | %.2f / %.2f | %.1f | "
          "%.1f / %.3g | %.3f |",
-         label, precision.c_str(), c.parameter_count() / 1e6, static_cast<long long>(B), static_cast<long long>(T),
+         label, precision.c_str(), c.parameter_count() / 1e6, shape.c_str(),
          seconds * 1e3, tokens_per_s, achieved / 1e12, mfu, 1e3 * host_forward / n, 1e3 * gpu_forward / n,
          1e3 * host_backward / n, 1e3 * gpu_backward / n, busy, traffic.copied_bytes / n / 1e9,
          traffic.zeroed_bytes / n / 1e9, (mem.peak_bytes_in_use - probe_bytes) / 1e9,
@@ -1368,8 +1391,11 @@ int main(int argc, char** argv) {
     r.line("MFU: against the dense bf16 peak, with the FLOPs llm.c counts (6·N + 6·L·C·T a token, L·C summed over the");
     r.line("sub-layers: attention over the causal half of the scores) / with attention over all of them and the matrix");
     r.line("parameters only (PaLM's count; these reports' MFU up to the twenty-eighth session). TFLOP/s: llm.c's count.");
+    if (o.accumulate > 1)
+      r.line("A step: %lld micro-batches' forward and backward, then one update (--accumulate); tokens/s and MFU count "
+             "them all.", static_cast<long long>(o.accumulate));
     r.blank();
-    r.line("| model | precision | params | B×T | ms/step | tokens/s | TFLOP/s | MFU: llm.c's / full attention | forward host / GPU ms | "
+    r.line("| model | precision | params | (A×)B×T | ms/step | tokens/s | TFLOP/s | MFU: llm.c's / full attention | forward host / GPU ms | "
            "backward host / GPU ms | copies / fills GB | peak GB | reserved GB / cudaMalloc a step | loss |");
     r.line("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
   }
