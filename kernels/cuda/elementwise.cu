@@ -492,8 +492,6 @@ struct AddToSetColumn {
     store(d, load(d) + totals[0]);
   }
 };
-// db (TOut) += the column sums of dout (TIn), every sum in f32 in an order set by rows and cols alone: the
-// same bits for bf16 terms as for the same terms widened to f32 (the widening is exact).
 // A row without the columns [first, first + count), as one compacted row of cols − count: its column c is
 // the row's c below first and c + count from there on. first a multiple of 8 keeps every 8-column group
 // of the compacted row on one side of the gap.
@@ -520,6 +518,8 @@ struct AddToSetColumnSkipping {
     store(d, load(d) + totals[0]);
   }
 };
+// db (TOut) += the column sums of dout (TIn), every sum in f32 in an order set by rows and cols alone: the
+// same bits for bf16 terms as for the same terms widened to f32 (the widening is exact).
 template <typename TOut, typename TIn>
 void sum_rows(TOut* db, const TIn* dout, int64_t rows, int64_t cols, CUstream_st* s, const char* name) {
   if (rows >= kSumGroups && cols > 0 && cols % 8 == 0 && aligned16(dout)) {

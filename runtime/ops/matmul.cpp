@@ -70,10 +70,10 @@ void gemm(Tensor& c, const Tensor& a, const Tensor& b, int64_t batch, int64_t M,
 
 Tensor group_row_sums(const Tensor& dy, int64_t groups, int64_t rows, int64_t cols, BiasColumns zero) {
   Tensor db = Tensor::zeros({groups, cols}, dy.dtype(), dy.device());
+  bool skipped = false;  // the zero columns left unread, and so zeros
   // On CUDA every group's sums in one launch of each column-sum pass (kernels/elementwise.h): a launch pair
   // per group before, four bias gradients of four sub-layers a Kraken layer made 32 launches.
   if (dy.dtype() == DType::BF16) {
-    bool skipped = false;
     if (zero.count > 0)
       KRAKEN_CUDA_ONLY(dy.device(), skipped = kernels::sum_rows_skipping_bf16_cuda(
                                         db.data<uint16_t>(), dy.data<uint16_t>(), groups, rows, cols, zero.first,
@@ -89,8 +89,7 @@ Tensor group_row_sums(const Tensor& dy, int64_t groups, int64_t rows, int64_t co
     };
     KRAKEN_ON_DEVICE(dy.device(), each_group(), kernels::sum_rows_grouped_cuda(d, y, groups, rows, cols, stream_of(dy)));
   }
-  // (Where the skipping kernel ran these are zeros already; elsewhere the sums' cost is the full one.)
-  zero_bias_columns(db, groups, cols, zero);
+  if (!skipped) zero_bias_columns(db, groups, cols, zero);  // (elsewhere the sums' cost is the full one)
   return db;
 }
 
