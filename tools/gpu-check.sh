@@ -377,8 +377,14 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
   bench_variant wide "" 120 90 "GPT-2's shape at degree 4" --training-only --model kraken4-768 --batch 8,32 --timeline
   # (Each of these starts only with 200 s left, so that the sanitizers after the benchmark keep their time:
   # the D = 256 wgmma backward kernels are new to racecheck.)
-  # Where the ~6% to 50% MFU at degree 4 (llm.c's count: 44.1%; 47.9% with attention over all scores) could come from (the twenty-fifth session's H100 profile of this
-  # shape, bench/RESULTS.md): cuDNN's backward at D = 256 writes dS to its dP workspace and reads it back for
+  # GPT-2 124M, 3% short of 50% on an H100 as llm.c counts MFU (twenty-ninth session): a step of 128
+  # sequences (~68 GB), and llm.c's own recipe on one GPU — 0.5M tokens a step, 8 micro-batches of 64 —
+  # over which the update's fixed cost (AdamW, the norm) spreads.
+  bench_variant gpt2big "" 200 90 "GPT-2 124M, B = 128" --training-only --model gpt2 --batch 128
+  bench_variant gpt2accum "" 200 90 "GPT-2 124M, 8 micro-batches of 64 a step" --training-only \
+    --model gpt2 --batch 64 --accumulate 8
+  # Where the ~6 points to 50% MFU at degree 4 (llm.c's count: 44.1% on an H100) could come from (the
+  # twenty-fifth session's H100 profile of this shape, bench/RESULTS.md): cuDNN's backward at D = 256 writes dS to its dP workspace and reads it back for
   # dQ (5.4 ms of 173.5 at B = 32), which its atomic dQ graph does not (non-deterministic: a measurement),
   # and its other engine configurations at D = 256 (30.1 ms of attention in all) may be faster;
   # cuBLASLt's algorithms timed for this shape's products (no committed pick covers them; the pick entries
