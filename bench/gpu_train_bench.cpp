@@ -30,9 +30,9 @@
 //    MFU = FLOPs per token as llm.c counts them (6·N + 6·k·L·C·T, KrakenConfig::training_flops_per_token)
 //    · tokens/s ÷ the device's dense bf16 peak (H100 SXM and H200: 989 TFLOP/s; --peak-tflops overrides);
 //    after it, the MFU with attention over all T×T scores and the matrix parameters only (PaLM's count,
-//    the one these reports used up to the twenty-eighth session: 6–9% higher). The fp32 rows run on CUDA cores
-//    (cuBLAS SGEMM, TF32 off), so their MFU against the bf16 peak is low by construction: they are the
-//    baseline the bf16 rows are measured against.
+//    the one these reports used up to the twenty-eighth session: 6–16% higher). The fp32 rows run on CUDA
+//    cores (cuBLAS SGEMM, TF32 off), so their MFU against the bf16 peak is low by construction: they are
+//    the baseline the bf16 rows are measured against.
 // 2. Achieved bandwidth of the memory-bound kernels at GPT-2 124M shapes (B·T = 8192 rows): layernorm,
 //    GELU, AdamW (124M parameters), cross-entropy (Vp = 50304), each as bytes it must move ÷ time,
 //    against the device's peak (memory clock × bus width × 2); the embedding backward also at B = 64
@@ -180,8 +180,8 @@ Options parse(int argc, char** argv) {
     else if (a == "--accumulate") o.accumulate = std::atoll(value().c_str());
     else {
       std::fprintf(stderr, "usage: gpu_train_bench [--out FILE] [--batch B,...] [--steps N] [--warmup N] [--peak-tflops X] "
-                           "[--model gpt2|kraken4|kraken4-768|all|none] [--precision bf16|fp32|all] [--training-only] [--kernel-tables] "
-                           "[--no-host-probe] [--layers L] [--timeline] [--accumulate A]\n");
+                           "[--model gpt2|kraken4|kraken4-768|all|none] [--precision bf16|fp32|all] [--training-only] "
+                           "[--kernel-tables] [--no-host-probe] [--layers L] [--timeline] [--accumulate A]\n");
       std::exit(2);
     }
   }
@@ -901,8 +901,8 @@ void bench_kernels(const DeviceInfo& dev, Report& r) {
     // GB/s compare the kernels and their times the saving, against the rows above / the grouped sums.
     const int64_t rows = 8 * N, cols = 3 * C;
     Tensor dy = normal({rows, cols}, 83).to(DType::BF16), db = normal({cols}, 84).to(DType::BF16);
-    row("bf16 qkv bias gradient, keys' columns skipped (sum of 65536 rows × 1536 of 2304)", 2.0 * rows * 2 * C + 4.0 * cols,
-        time_kernel([&] {
+    row("bf16 qkv bias gradient, keys' columns skipped (sum of 65536 rows × 1536 of 2304)",
+        2.0 * rows * 2 * C + 4.0 * cols, time_kernel([&] {
           sum_rows_skipping_bf16_cuda(db.data<uint16_t>(), dy.data<uint16_t>(), 1, rows, cols, C, C, nullptr);
         }));
     const int64_t G = 4, per_group = 4 * N;  // B = 32

@@ -384,8 +384,9 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
   bench_variant gpt2accum "" 200 90 "GPT-2 124M, 8 micro-batches of 64 a step" --training-only \
     --model gpt2 --batch 64 --accumulate 8
   # Where the ~6 points to 50% MFU at degree 4 (llm.c's count: 44.1% on an H100) could come from (the
-  # twenty-fifth session's H100 profile of this shape, bench/RESULTS.md): cuDNN's backward at D = 256 writes dS to its dP workspace and reads it back for
-  # dQ (5.4 ms of 173.5 at B = 32), which its atomic dQ graph does not (non-deterministic: a measurement),
+  # twenty-fifth session's H100 profile of this shape, bench/RESULTS.md): cuDNN's backward at D = 256
+  # writes dS to its dP workspace and reads it back for dQ (5.4 ms of 173.5 at B = 32), which its atomic dQ
+  # graph does not (non-deterministic: a measurement),
   # and its other engine configurations at D = 256 (30.1 ms of attention in all) may be faster;
   # cuBLASLt's algorithms timed for this shape's products (no committed pick covers them; the pick entries
   # it prints are for this card only); the bias gradients in the products' epilogues, a product per
