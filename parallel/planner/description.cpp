@@ -246,8 +246,9 @@ ModelDesc make_model_desc(const ModelConfig& c) {
   // A Kraken layer: k full-width GPT-2 blocks (sub-layers) with H/k heads each (kraken.md). Degree 1 is
   // exactly GPT-2 with Megatron-style tp.
   // Per sub-layer and token, forward FLOPs (2 per multiply-add): c_attn 6C², attn c_proj 2C², c_fc
-  // 2eC², mlp c_proj 2eC², and QKᵀ plus AV 4TC (PaLM's accounting, no causal discount: the kernel
-  // computes the full T×T product). Attention is what runs before LN2: 8C² + 4TC.
+  // 2eC², mlp c_proj 2eC², and QKᵀ plus AV 4TC (PaLM's accounting, no causal discount — twice what our
+  // causal kernels compute, which skip the masked half: a GPT-2 layer's analytic time is ~10% high at
+  // T = 1024; profiled times are measured). Attention is what runs before LN2: 8C² + 4TC.
   const double attention_flops = 8 * C * C + 4 * T * C;
   const double sublayer_flops = attention_flops + 4 * e * C * C;
   // Parameters per sub-layer: ln_1 and ln_2 (C each, +C bias), c_attn 3C² (+3C), c_proj C² (+C),
