@@ -107,7 +107,7 @@ struct Options {
   std::string model = "all";      // gpt2, kraken4, kraken4-768 or all (gpt2 and kraken4)
   std::string precision = "all";  // bf16, fp32 or all
   bool training_only = false;     // skip the kernel tables
-  bool host_probe = true;         // the bracketed backward issue time (behind ~100 ms of queued fp32 products)
+  bool host_probe = true;         // the bracketed forward + backward issue time (behind ~100 ms of queued products)
   int64_t layers = 0;             // 0: the presets' 12; fewer to see what scales with the launches a step makes
   bool timeline = false;          // one more step of each training row under CUPTI (gpu_timeline.h)
   int64_t accumulate = 1;         // micro-batches a step, one optimizer update (the trainer's grad_accum)
@@ -397,8 +397,12 @@ void bench_model(const char* label, const KrakenConfig& c, DType compute, int64_
   // embedding backward sees in real training (its frequent rows).
   const char* ids_env = std::getenv("KRAKEN_BENCH_IDS");
   const bool text_ids = ids_env && std::strcmp(ids_env, "text") == 0;
-  const Tensor x = text_ids ? zipf_ids(B * T, c.vocab_size, 1).reshape({B, T}) : ids(B, T, c.vocab_size, 1);
-  const Tensor y = text_ids ? zipf_ids(B * T, c.vocab_size, 2).reshape({B, T}) : ids(B, T, c.vocab_size, 2);
+  // On the host, as the trainer's batches: the embedding and the loss check them there and upload them
+  // without waiting for the GPU (runtime/ops.h).
+  const Tensor x = (text_ids ? zipf_ids(B * T, c.vocab_size, 1).reshape({B, T}) : ids(B, T, c.vocab_size, 1))
+                       .to(Device::cpu());
+  const Tensor y = (text_ids ? zipf_ids(B * T, c.vocab_size, 2).reshape({B, T}) : ids(B, T, c.vocab_size, 2))
+                       .to(Device::cpu());
   double last_loss = 0.0;
   // Between steps the gradients' buffers are released (Module::release_grads), as the trainer does;
   // KRAKEN_BENCH_ZERO_GRADS=1 zeroes them in place instead (zero_grad), to measure what that saves.
@@ -490,25 +494,27 @@ void bench_model(const char* label, const KrakenConfig& c, DType compute, int64_
   // cudaMallocs the timed steps made: 0 in a steady state; more near the device's capacity, where the
   // allocator gives free segments back to make room (runtime/block_pool.h: cudaFree synchronises).
   const double mallocs_per_step = static_cast<double>(mem.system_allocations - mallocs_before) / o.steps;
-  // The host's own cost of issuing the backward: the forward of one more step, then ~100 ms of queued
-  // fp32 products, then the backward, so that the host never waits for the GPU unless the backward
-  // synchronises (an issue time near the queued work's would say it does) — or unless the launches
-  // fill the stream's queue: it holds about 1,000 kernels, and a launch beyond that waits for the
-  // oldest to finish. Hence 16 long products (~6 ms each on an H200) rather than many short ones; a
-  // backward of more launches than the room left still reads as waiting (the Kraken preset's, which
-  // launches ~1,600 kernels a step, may have, behind 128 products: bench/RESULTS.md). (The forward cannot
-  // be measured so: it synchronises twice, to check the token ids and the targets on the host.)
-  char busy[32] = "-";
+  // The host's own cost of issuing the forward and the backward: ~100 ms of queued fp32 products, then
+  // the forward and the backward of one more step, so that the host never waits for the GPU unless they
+  // synchronise (an issue time near the queued work's would say one does) — or unless the launches fill
+  // the stream's queue: it holds about 1,000 kernels, and a launch beyond that waits for the oldest to
+  // finish. Hence 16 long products (~6 ms each on an H200) rather than many short ones; a step of more
+  // launches than the room left still reads as waiting (the Kraken preset's backward, which launches
+  // ~1,600 kernels a step, may have, behind 128 products: bench/RESULTS.md). (Until the ids and the
+  // targets came from the host, the forward waited twice for the GPU to check them: then only the
+  // backward was timed so.)
+  char busy[48] = "-";
   if (o.host_probe) {
     timed = false;
-    Tensor loss = model.loss(x, y);
-    kraken::runtime::synchronize(gpu);  // only the probe ahead of the backward: not the forward's launches too
     for (int i = 0; i < 16; ++i)  // about 6 ms each on an H200
       kraken::kernels::matmul_cuda(probe_out.data<float>(), probe_a.data<float>(), probe_w.data<float>(), probe_rows,
                                    probe_cols, probe_k, false, true, 1.0f, 0.0f, nullptr);
     const auto h0 = Clock::now();
+    Tensor loss = model.loss(x, y);
+    const auto h1 = Clock::now();
     kraken::runtime::backward(loss);
-    std::snprintf(busy, sizeof busy, "%.1f", 1e3 * std::chrono::duration<double>(Clock::now() - h0).count());
+    std::snprintf(busy, sizeof busy, "%.1f + %.1f", 1e3 * std::chrono::duration<double>(h1 - h0).count(),
+                  1e3 * std::chrono::duration<double>(Clock::now() - h1).count());
     if (zero_grads_in_place) model.zero_grad();
     else model.release_grads();
     kraken::runtime::synchronize(gpu);
@@ -528,12 +534,12 @@ void bench_model(const char* label, const KrakenConfig& c, DType compute, int64_
   const double n = o.steps;
   // B×T, or A×B×T with micro-batches
   const std::string shape = (A > 1 ? std::to_string(A) + "×" : "") + std::to_string(B) + "×" + std::to_string(T);
-  r.line("| %s | %s | %.1fM | %s | %.1f | %.0f | %.1f | %s | %.1f / %.1f | %.1f / %.1f (%s) | %.2f / %.2f | %.1f | "
+  r.line("| %s | %s | %.1fM | %s | %.1f | %.0f | %.1f | %s | %.1f / %.1f | %.1f / %.1f (%s) | %.2f / %.2f, %.3g | %.1f | "
          "%.1f / %.3g | %.3f |",
          label, precision.c_str(), c.parameter_count() / 1e6, shape.c_str(),
          seconds * 1e3, tokens_per_s, achieved / 1e12, mfu, 1e3 * host_forward / n, 1e3 * gpu_forward / n,
          1e3 * host_backward / n, 1e3 * gpu_backward / n, busy, traffic.copied_bytes / n / 1e9,
-         traffic.zeroed_bytes / n / 1e9, (mem.peak_bytes_in_use - probe_bytes) / 1e9,
+         traffic.zeroed_bytes / n / 1e9, static_cast<double>(traffic.host_waits) / n, (mem.peak_bytes_in_use - probe_bytes) / 1e9,
          (mem.bytes_reserved - probe_bytes) / 1e9, mallocs_per_step, last_loss);
 
   // --timeline: one more step, under CUPTI (after the row: its numbers are the timed steps' alone).
@@ -1381,10 +1387,11 @@ int main(int argc, char** argv) {
     r.line("The host / GPU columns: ms the host took to issue the forward (backward), and ms the GPU took from the");
     r.line("step's first kernel to the end of it — where the two are close the GPU waited for the host, or the host");
     r.line("for the GPU (a synchronisation, or a stream's launch queue of ~1,000 kernels full); in brackets, the host's");
-    r.line("time to issue the backward behind ~100 ms of queued GPU work (16 launches), which a backward free of");
-    r.line("synchronisation and of fewer launches than the queue's room never waits for: the host's own cost.");
+    r.line("time to issue the forward + the backward behind ~100 ms of queued GPU work (16 launches), which a step free");
+    r.line("of synchronisation and of fewer launches than the queue's room never waits for: the host's own cost.");
     r.line("Copies / fills: GB a step the runtime moved outside kernels (copies within the GPU, zero fills:");
-    r.line("runtime::memory_traffic), which a profile of kernels does not list. Reserved: what the caching allocator");
+    r.line("runtime::memory_traffic), which a profile of kernels does not list; waits: its copies a step that waited for");
+    r.line("the GPU (2 expected: the gradient norm and the loss, read on the host). Reserved: what the caching allocator");
     r.line("holds from the driver after the timed steps (blocks of each size kept apart: the peak in use or more);");
     r.line("cudaMalloc a step: its calls to the driver in the timed steps (0 in a steady state).");
     r.blank();
@@ -1396,7 +1403,7 @@ int main(int argc, char** argv) {
              "them all.", static_cast<long long>(o.accumulate));
     r.blank();
     r.line("| model | precision | params | (A×)B×T | ms/step | tokens/s | TFLOP/s | MFU: llm.c's / full attention | forward host / GPU ms | "
-           "backward host / GPU ms | copies / fills GB | peak GB | reserved GB / cudaMalloc a step | loss |");
+           "backward host / GPU ms | copies / fills GB, waits | peak GB | reserved GB / cudaMalloc a step | loss |");
     r.line("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
   }
   KrakenConfig gpt2;  // the defaults: L = 12, C = 768, H = 12, T = 1024, degree 1, e = 4, biases, vocab 50257

@@ -30,6 +30,9 @@ namespace {
 
 constexpr size_t kHostAlignment = 64;
 
+// Copies that made the host wait for a GPU (MemoryTraffic::host_waits).
+std::atomic<uint64_t> g_host_waits{0};
+
 struct ObserverSlot {
   std::atomic<AllocationObserver> observer{nullptr};
   std::atomic<void*> context{nullptr};
@@ -214,6 +217,72 @@ CachingDeviceAllocator& device_instance(int index) {
   }
   return *slot;
 }
+
+// Host-to-GPU copies of up to kStagedUploadLimit bytes (a micro-batch's token ids and targets, a few
+// scalars) go through pinned staging buffers: the host's bytes are copied into one and the DMA from it is
+// queued on the stream, so the call returns without waiting for the GPU. From pageable memory a
+// cudaMemcpyAsync may first synchronise with the stream (the runtime API's "API synchronization
+// behavior"), and copy_bytes used to wait for every copy from the host, which emptied the GPU's queue
+// before each micro-batch's forward (the ids, then the targets). A buffer is reused once the event
+// recorded after its copy has passed: kSlots uploads later, normally a step or more after its DMA ran.
+class UploadStaging {
+ public:
+  static constexpr size_t kSlots = 16;
+  static constexpr size_t kMinCapacity = size_t{64} << 10;
+
+  // Queues the copy of bytes from src (host) to dst (on `device`, the current device) on `stream`.
+  void upload(void* dst, const void* src, size_t bytes, int device, cudaStream_t stream) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    Ring& ring = rings_[device];
+    Slot& slot = ring.slots[ring.next];
+    ring.next = (ring.next + 1) % kSlots;
+    if (slot.in_flight) {
+      const cudaError_t passed = cudaEventQuery(slot.done);
+      if (passed == cudaErrorNotReady) {  // kSlots uploads queued behind one the GPU has not reached
+        g_host_waits.fetch_add(1, std::memory_order_relaxed);
+        KRAKEN_RT_CUDA_CHECK(cudaEventSynchronize(slot.done));
+      } else {
+        KRAKEN_RT_CUDA_CHECK(passed);
+      }
+    }
+    slot.in_flight = false;
+    if (!slot.done) KRAKEN_RT_CUDA_CHECK(cudaEventCreateWithFlags(&slot.done, cudaEventDisableTiming));
+    if (slot.capacity < bytes) {
+      // (cudaFreeHost synchronises the device: a slot grows only in the first steps)
+      if (slot.host) {
+        g_host_waits.fetch_add(1, std::memory_order_relaxed);
+        KRAKEN_RT_CUDA_CHECK(cudaFreeHost(slot.host));
+      }
+      slot.host = nullptr, slot.capacity = 0;
+      const size_t capacity = std::max(kMinCapacity, (bytes + kMinCapacity - 1) / kMinCapacity * kMinCapacity);
+      KRAKEN_RT_CUDA_CHECK(cudaMallocHost(&slot.host, capacity));
+      slot.capacity = capacity;
+    }
+    std::memcpy(slot.host, src, bytes);
+    KRAKEN_RT_CUDA_CHECK(cudaMemcpyAsync(dst, slot.host, bytes, cudaMemcpyHostToDevice, stream));
+    KRAKEN_RT_CUDA_CHECK(cudaEventRecord(slot.done, stream));
+    slot.in_flight = true;
+  }
+
+ private:
+  struct Slot {
+    void* host = nullptr;  // pinned
+    size_t capacity = 0;
+    cudaEvent_t done = nullptr;
+    bool in_flight = false;  // done is recorded after a copy from host
+  };
+  struct Ring {
+    Slot slots[kSlots];
+    size_t next = 0;
+  };
+  std::mutex mutex_;
+  std::map<int, Ring> rings_;  // by device
+};
+
+UploadStaging& upload_staging() {
+  static UploadStaging* staging = new UploadStaging;  // never destroyed: its buffers outlive the CUDA context
+  return *staging;
+}
 #endif
 
 void require_cuda(int device_index) {
@@ -354,6 +423,7 @@ MemoryTraffic memory_traffic() {
   t.copied_bytes = g_copied_bytes.load(std::memory_order_relaxed);
   t.fills = g_fills.load(std::memory_order_relaxed);
   t.zeroed_bytes = g_zeroed_bytes.load(std::memory_order_relaxed);
+  t.host_waits = g_host_waits.load(std::memory_order_relaxed);
   return t;
 }
 
@@ -363,6 +433,7 @@ MemoryTraffic operator-(const MemoryTraffic& later, const MemoryTraffic& earlier
   d.copied_bytes = later.copied_bytes - earlier.copied_bytes;
   d.fills = later.fills - earlier.fills;
   d.zeroed_bytes = later.zeroed_bytes - earlier.zeroed_bytes;
+  d.host_waits = later.host_waits - earlier.host_waits;
   return d;
 }
 
@@ -377,12 +448,20 @@ void copy_bytes(void* dst, const Device& dst_device, const void* src, const Devi
   const Device& on = dst_device.is_cuda() ? dst_device : src_device;
   KRAKEN_RT_CUDA_CHECK(cudaSetDevice(on.index));
   cudaStream_t stream = compute_stream(on);
+  if (src_device.is_cpu() && bytes <= kStagedUploadLimit) {
+    upload_staging().upload(dst, src, bytes, on.index, stream);  // staged: the caller may reuse src at once
+    return;
+  }
   KRAKEN_RT_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, stream));
-  // Within one GPU the stream orders the copy before every later use. A copy to or from the host waits:
-  // the caller reads the host side next, or may reuse its buffer (a pageable source is staged by the
-  // time cudaMemcpyAsync returns, but a pinned one is read by the DMA later).
+  // Within one GPU the stream orders the copy before every later use. Any other copy waits: one to the
+  // host because the caller reads the host side next; a large one from the host because the caller may
+  // reuse its buffer (a pageable source is staged by the time cudaMemcpyAsync returns, but a pinned one
+  // is read by the DMA later); one between GPUs because the other device's work is not on this stream.
   const bool within_one_gpu = dst_device.is_cuda() && src_device.is_cuda() && dst_device.index == src_device.index;
-  if (!within_one_gpu) KRAKEN_RT_CUDA_CHECK(cudaStreamSynchronize(stream));
+  if (!within_one_gpu) {
+    g_host_waits.fetch_add(1, std::memory_order_relaxed);
+    KRAKEN_RT_CUDA_CHECK(cudaStreamSynchronize(stream));
+  }
 #else
   KRAKEN_THROW("copy between ", src_device.str(), " and ", dst_device.str(), ": this build has no CUDA");
 #endif

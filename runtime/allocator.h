@@ -66,10 +66,13 @@ int cuda_device_count();
 // The CUDA device's name ("NVIDIA H100 80GB HBM3"); empty without CUDA or without that device.
 std::string cuda_device_name(int device_index);
 // Copies bytes between any two devices (host↔host is memcpy). Stream-ordered on the destination's
-// (or source's) compute stream. A copy that involves the host returns once the host side may be used
-// (read, or reused); a copy within one GPU returns at once, ordered before whatever that stream does
-// next — it does not wait for the GPU, which would stall the step (autograd clones every gradient it
-// accumulates). Between two GPUs it waits, since the other device's work is not on that stream.
+// (or source's) compute stream, and the host side may be used (read, or reused) when it returns. It
+// returns without waiting for the GPU within one GPU (autograd clones every gradient it accumulates) and
+// from the host up to kStagedUploadLimit bytes (copied into a pinned staging buffer, whose DMA the
+// stream runs in order: a micro-batch's ids and targets); it waits for the stream on a copy to the host,
+// a larger one from it, and between two GPUs (the other device's work is not on that stream). Each wait
+// counts in MemoryTraffic::host_waits.
+constexpr size_t kStagedUploadLimit = size_t{16} << 20;
 void copy_bytes(void* dst, const Device& dst_device, const void* src, const Device& src_device, size_t bytes);
 // Copies `height` rows of `width` bytes between strided buffers on one device (split and concat).
 void copy_2d(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t width, size_t height,
@@ -83,6 +86,7 @@ void zero_bytes(void* dst, const Device& device, size_t bytes);
 struct MemoryTraffic {
   uint64_t copies = 0, copied_bytes = 0;  // copies within one device
   uint64_t fills = 0, zeroed_bytes = 0;   // zero fills
+  uint64_t host_waits = 0;  // copies (any devices) that made the host wait for a GPU: a drained queue each
 };
 MemoryTraffic memory_traffic();
 MemoryTraffic operator-(const MemoryTraffic& later, const MemoryTraffic& earlier);

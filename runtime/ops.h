@@ -167,12 +167,15 @@ std::vector<Tensor> add_bias_layernorm(const Tensor& a, const Tensor& b, const T
 // else the two ops. The same bits either way.
 std::vector<Tensor> residual_fork_summed_layernorm(const Tensor& x, const Tensor& y, const std::vector<Tensor>& gammas,
                                                    const std::vector<Tensor>& betas, float eps = 1e-5f);
-// weight (V, C), ids i32 of any shape S: returns S + (C,). Ids outside [0, V) are an error.
+// weight (V, C), ids i32 of any shape S: returns S + (C,). Ids outside [0, V) are an error, found on the
+// host: ids may be on the host for a table on a GPU (checked there, then copied over without waiting for
+// the GPU); ids on the GPU are copied back to be checked, a wait for everything queued before.
 Tensor embedding(const Tensor& weight, const Tensor& ids);
 // GPT-2's first activation, cast(add(embedding(wte, ids), slice(wpe, 0, T)), dtype) for ids (B, T): wte
-// (V, C) and wpe (≥ T, C) f32. On a GPU in bf16 one kernel forward, and backward wte's scatter and wpe's
-// column sums read the bf16 gradient itself (kernels/embedding.h): the bits of the three ops, which run
-// instead everywhere else (the CPU, f32, C not a multiple of 8).
+// (V, C) and wpe (≥ T, C) f32; ids as embedding's (from the host, nothing waits). On a GPU in bf16 one
+// kernel forward, and backward wte's scatter and wpe's column sums read the bf16 gradient itself
+// (kernels/embedding.h): the bits of the three ops, which run instead everywhere else (the CPU, f32, C not
+// a multiple of 8).
 Tensor token_position_embedding(const Tensor& wte, const Tensor& wpe, const Tensor& ids, DType dtype);
 
 // ---- attention (ops/attention.cpp) ------------------------------------------------------------------------
@@ -185,8 +188,10 @@ Tensor attention(const Tensor& qkv, int64_t n_head);
 // ---- softmax and losses (ops/softmax.cpp, ops/cross_entropy.cpp) ----------------------------------------------
 Tensor softmax(const Tensor& x);                               // over the last dimension
 // Mean over the non-ignored rows of −log softmax(logits)[target]. logits (N, Vp) or (B, T, Vp);
-// targets i32 with logits' leading shape. Only the first `vocab` columns take part (the rest is
-// padding with zero gradient); vocab <= 0 means all. Targets equal to ignore_index are skipped.
+// targets i32 with logits' leading shape, on the logits' device or the host (checked and counted on the
+// host: from there the step does not wait for the GPU; from the GPU it does). Only the first `vocab`
+// columns take part (the rest is padding with zero gradient); vocab <= 0 means all. Targets equal to
+// ignore_index are skipped.
 // When every row is skipped the loss is 0 and so is the gradient (an empty mean is taken as 0).
 // expected_dloss: the gradient backward will bring the loss (1 for a root; the micro-batch scale where
 // the caller backpropagates scale·loss). Where the logits need a gradient the forward computes it for

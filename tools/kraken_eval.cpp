@@ -26,7 +26,7 @@ int main(int argc, char** argv) {
     if (shards.empty()) KRAKEN_THROW("the checkpoint's config has no [data] val shards; pass --shards");
     const int64_t B = batch_size > 0 ? batch_size : loaded.config.train.batch_size;
     const int64_t T = seq_len > 0 ? seq_len : loaded.config.train.seq_len;
-    const train::PerplexityResult r = train::evaluate_perplexity(*loaded.model, shards, B, T, batches, dev);
+    const train::PerplexityResult r = train::evaluate_perplexity(*loaded.model, shards, B, T, batches);
     std::printf("checkpoint step %lld (%s): val loss %.4f, perplexity %.3f over %lld tokens (%.1f s, %.0f tokens/s)\n",
                 (long long)loaded.step, loaded.model->compute_dtype() == runtime::DType::BF16 ? "bf16" : "fp32",
                 r.mean_loss, r.perplexity, (long long)r.tokens, r.seconds,

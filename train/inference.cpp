@@ -41,8 +41,7 @@ LoadedModel load_model(const std::string& path, const runtime::Device& device) {
 }
 
 PerplexityResult evaluate_perplexity(models::KrakenModel& model, const std::vector<std::string>& patterns,
-                                     int64_t batch_size, int64_t seq_len, int64_t max_batches,
-                                     const runtime::Device& device) {
+                                     int64_t batch_size, int64_t seq_len, int64_t max_batches) {
   const auto t0 = std::chrono::steady_clock::now();
   data::LoaderOptions options;
   options.batch_size = batch_size;
@@ -56,8 +55,8 @@ PerplexityResult evaluate_perplexity(models::KrakenModel& model, const std::vect
   int64_t count = 0;
   for (int64_t b = 0; b < batches; ++b) {
     data::Batch batch = loader.next();
-    Tensor logits = model.forward(batch.inputs.to(device), nullptr, false);
-    auto part = runtime::ops::cross_entropy_sum(logits, batch.targets.to(device), model.config().vocab_size, -1);
+    Tensor logits = model.forward(batch.inputs, nullptr, false);
+    auto part = runtime::ops::cross_entropy_sum(logits, batch.targets, model.config().vocab_size, -1);
     sum += part.sum;
     count += part.count;
   }
@@ -84,9 +83,8 @@ std::vector<int32_t> generate(models::KrakenModel& model, const std::vector<int3
     // Without a key/value cache every token re-runs the window: fine for demos and short samples.
     const int64_t start = std::max<int64_t>(0, static_cast<int64_t>(tokens.size()) - context);
     std::vector<int32_t> window(tokens.begin() + start, tokens.end());
-    // The ids go where the model is (a CUDA model rejected host ids: "operands on different devices").
-    Tensor logits = model.forward(Tensor::from_ints(window, {1, static_cast<int64_t>(window.size())}, model.wte().device()),
-                                  nullptr, false);
+    // (ids from the host: the embedding checks them there and uploads them; runtime/ops.h)
+    Tensor logits = model.forward(Tensor::from_ints(window, {1, static_cast<int64_t>(window.size())}), nullptr, false);
     const std::vector<float> all = logits.to_vector();
     const float* last = all.data() + (static_cast<int64_t>(window.size()) - 1) * logits.size(-1);
     int32_t next;

@@ -27,11 +27,10 @@ struct PerplexityResult {
   int64_t tokens = 0;
   double seconds = 0.0;
 };
-// Mean token loss over the shards matched by `patterns`, in (batch_size, seq_len) windows; max_batches
-// 0 means all of them.
+// Mean token loss over the shards matched by `patterns`, in (batch_size, seq_len) windows, on the model's
+// device (the ids go from the host: runtime/ops.h's embedding); max_batches 0 means all of them.
 PerplexityResult evaluate_perplexity(models::KrakenModel& model, const std::vector<std::string>& patterns,
-                                     int64_t batch_size, int64_t seq_len, int64_t max_batches,
-                                     const runtime::Device& device);
+                                     int64_t batch_size, int64_t seq_len, int64_t max_batches);
 
 struct SampleOptions {
   int64_t max_new_tokens = 64;

@@ -121,10 +121,11 @@ Tensor random_normal(const runtime::Shape& shape, runtime::Generator& gen, const
   return t.to(device);
 }
 
-Tensor random_ids(int64_t B, int64_t T, int64_t vocab, runtime::Generator& gen, const runtime::Device& device) {
+// On the host, as the trainer's batches (the embedding and the loss upload them without waiting for the GPU).
+Tensor random_ids(int64_t B, int64_t T, int64_t vocab, runtime::Generator& gen) {
   std::vector<int32_t> ids(static_cast<size_t>(B * T));
   for (auto& id : ids) id = static_cast<int32_t>(gen.next_below(static_cast<uint64_t>(vocab)));
-  return Tensor::from_ints(ids, {B, T}).to(device);
+  return Tensor::from_ints(ids, {B, T});
 }
 
 // One pipeline stage of the rank-share model, ready to run forward + backward on one micro-batch.
@@ -135,8 +136,8 @@ class StageRunner {
       : model_(config, device, shard), device_(device), dropout_(gen.seed(), 0xD50F00Dull) {
     model_.initialize(gen.seed());
     model_.set_compute_dtype(compute);  // the run's precision: bf16 layers are what a GPU run times
-    ids_ = random_ids(B, T, config.vocab_size, gen, device);
-    targets_ = random_ids(B, T, config.vocab_size, gen, device);
+    ids_ = random_ids(B, T, config.vocab_size, gen);
+    targets_ = random_ids(B, T, config.vocab_size, gen);
     if (!shard.has_embedding) {
       // The boundary activation of the stage before, with a gradient to send back (as in 1F1B).
       input_ = random_normal(model_.boundary_shape(B, T), gen, device).to(compute);

@@ -519,13 +519,13 @@ double Trainer::evaluate(int64_t max_batches) {
       input = runtime::Tensor::empty(boundary, s.model->compute_dtype(), s.device);
       s.mesh->pp().recv(input, s.coords().pp - 1, 7);
     }
-    runtime::Tensor out = s.model->stage_forward(batch.inputs.to(s.device), input, nullptr, /*training=*/false);
+    runtime::Tensor out = s.model->stage_forward(batch.inputs, input, nullptr, /*training=*/false);
     if (!s.last_stage()) {
       s.mesh->pp().send(out, s.coords().pp + 1, 7);
       continue;
     }
     const runtime::ops::LossSum part =
-        runtime::ops::cross_entropy_sum(out, batch.targets.to(s.device), s.config.model.vocab_size, -1);
+        runtime::ops::cross_entropy_sum(out, batch.targets, s.config.model.vocab_size, -1);
     sum += part.sum;
     count += static_cast<double>(part.count);
   }
@@ -637,7 +637,7 @@ RunSummary Trainer::run() {
         if (s.grad_sync) s.grad_sync->set_sync(micro == A - 1);
         // (micro_scale: the loss's gradient in the backward below, for which its forward computes the
         // logits' gradient in the same pass)
-        runtime::Tensor loss = s.model->loss(batches[micro].inputs.to(s.device), batches[micro].targets.to(s.device),
+        runtime::Tensor loss = s.model->loss(batches[micro].inputs, batches[micro].targets,
                                              &s.dropout_rng, /*training=*/true, micro_scale);
         losses.push_back(loss.detach());
         runtime::backward(runtime::ops::scale(loss, micro_scale));
@@ -650,10 +650,10 @@ RunSummary Trainer::run() {
       stage.device = s.device;
       stage.forward = [&](int mb, const runtime::Tensor& input) {
         const data::Batch& b = batches[static_cast<size_t>(mb)];
-        runtime::Tensor out = s.model->stage_forward(b.inputs.to(s.device), input, &s.dropout_rng);
+        runtime::Tensor out = s.model->stage_forward(b.inputs, input, &s.dropout_rng);
         if (!s.last_stage()) return out;
         // (run_1f1b seeds each micro-batch's backward with 1/A, micro_scale)
-        return runtime::ops::cross_entropy(out, b.targets.to(s.device), c.model.vocab_size, -1, micro_scale);
+        return runtime::ops::cross_entropy(out, b.targets, c.model.vocab_size, -1, micro_scale);
       };
       stage.before_backward = [&](int mb) {
         if (s.grad_sync) s.grad_sync->set_sync(mb == A - 1);

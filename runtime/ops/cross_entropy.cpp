@@ -23,16 +23,20 @@ namespace {
 // What forward and the evaluation sum share: validated sizes and the per-row results.
 struct RowLosses {
   int64_t N = 0, Vp = 0, V = 0, count = 0;
+  Tensor targets;  // on the logits' device
   Tensor losses;  // (N,) lse − logit of the target, 0 for ignored rows
   Tensor lse;     // (N,)
 };
 
-// Validates logits and targets, counts the rows that take part, and allocates losses and lse.
+// Validates logits and targets, counts the rows that take part, and allocates losses and lse. The
+// targets are checked and counted on the host: targets there (a training step's) are then copied to the
+// logits' GPU without waiting for it (runtime/allocator.h: a staged upload); targets on the GPU are copied
+// to the host for it, which waits for the forward queued before.
 RowLosses check_rows(const char* op, const Tensor& logits, const Tensor& targets, int64_t vocab,
                      int32_t ignore_index) {
   precision::check_float(op, logits, "logits");  // bf16 logits (mixed precision) give f32 losses
   check_dtype(op, targets, DType::I32, "targets");
-  check_same_device(op, logits, targets);
+  if (!targets.device().is_cpu()) check_same_device(op, logits, targets);
   if (logits.dim() != 2 && logits.dim() != 3)
     KRAKEN_THROW(op, ": logits must be (N, Vp) or (B, T, Vp), got ", shape_str(logits.shape()));
   const Shape lead(logits.shape().begin(), logits.shape().end() - 1);
@@ -54,6 +58,7 @@ RowLosses check_rows(const char* op, const Tensor& logits, const Tensor& targets
                  " of targets ", shape_str(targets.shape()), ") is outside [0, vocab = ", r.V,
                  ") and is not ignore_index ", ignore_index);
 
+  r.targets = targets.to(logits.device());
   r.losses = Tensor::empty({r.N}, DType::F32, logits.device());
   r.lse = Tensor::empty({r.N}, DType::F32, logits.device());
   return r;
@@ -65,14 +70,14 @@ RowLosses row_losses(const char* op, const Tensor& logits, const Tensor& targets
   if (logits.dtype() == DType::BF16)  // on CUDA (the CPU widened before)
     KRAKEN_CUDA_ONLY(logits.device(), kernels::cross_entropy_forward_bf16_cuda(
                                           r.losses.data<float>(), r.lse.data<float>(), logits.data<uint16_t>(),
-                                          targets.data<int32_t>(), r.N, r.Vp, r.V, ignore_index, stream_of(logits)));
+                                          r.targets.data<int32_t>(), r.N, r.Vp, r.V, ignore_index, stream_of(logits)));
   else
     KRAKEN_ON_DEVICE(logits.device(),
                      kernels::cross_entropy_forward_cpu(r.losses.data<float>(), r.lse.data<float>(),
-                                                        logits.data<float>(), targets.data<int32_t>(), r.N, r.Vp, r.V,
+                                                        logits.data<float>(), r.targets.data<int32_t>(), r.N, r.Vp, r.V,
                                                         ignore_index),
                      kernels::cross_entropy_forward_cuda(r.losses.data<float>(), r.lse.data<float>(),
-                                                         logits.data<float>(), targets.data<int32_t>(), r.N, r.Vp, r.V,
+                                                         logits.data<float>(), r.targets.data<int32_t>(), r.N, r.Vp, r.V,
                                                          ignore_index, stream_of(logits)));
   return r;
 }
@@ -95,17 +100,17 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t vocab,
     if (logits.dtype() == DType::BF16)
       KRAKEN_CUDA_ONLY(logits.device(), kernels::cross_entropy_fused_bf16_cuda(
                                             r.losses.data<float>(), r.lse.data<float>(), dlogits.data<uint16_t>(),
-                                            logits.data<uint16_t>(), targets.data<int32_t>(), expected_dloss, r.count,
+                                            logits.data<uint16_t>(), r.targets.data<int32_t>(), expected_dloss, r.count,
                                             r.N, r.Vp, r.V, ignore_index, stream_of(logits)));
     else
       KRAKEN_ON_DEVICE(logits.device(),
                        kernels::cross_entropy_fused_cpu(r.losses.data<float>(), r.lse.data<float>(),
                                                         dlogits.data<float>(), logits.data<float>(),
-                                                        targets.data<int32_t>(), expected_dloss, r.count, r.N, r.Vp,
+                                                        r.targets.data<int32_t>(), expected_dloss, r.count, r.N, r.Vp,
                                                         r.V, ignore_index),
                        kernels::cross_entropy_fused_cuda(r.losses.data<float>(), r.lse.data<float>(),
                                                          dlogits.data<float>(), logits.data<float>(),
-                                                         targets.data<int32_t>(), expected_dloss, r.count, r.N, r.Vp,
+                                                         r.targets.data<int32_t>(), expected_dloss, r.count, r.N, r.Vp,
                                                          r.V, ignore_index, stream_of(logits)));
   }
   Tensor loss = Tensor::empty({}, DType::F32, logits.device());
@@ -116,7 +121,7 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t vocab,
   if (record_grad) {
     // The dloss the gradient was computed for, on the device: backward compares without a host round trip.
     const Tensor assumed = Tensor::full({1}, expected_dloss, logits.device());
-    record("cross_entropy", {logits, targets}, {loss}, [dlogits, assumed](const std::vector<Tensor>& g) {
+    record("cross_entropy", {logits, r.targets}, {loss}, [dlogits, assumed](const std::vector<Tensor>& g) {
       // in the forward pass this was: loss = (1/count)·Σ_n (lse_n − logits[n, t_n]); dlogits was computed for
       // dloss = assumed
       const Tensor& dloss = g[0];

@@ -159,8 +159,8 @@ TEST(Trainer, MixedPrecisionTracksFp32AndResumesBitIdentically) {
     LoadedModel loaded = load_model(dir / run);
     EXPECT_EQ(loaded.model->compute_dtype(), std::string(run) == "bf16" ? runtime::DType::BF16 : runtime::DType::F32);
     const Config c = config(run, run);
-    const PerplexityResult r = evaluate_perplexity(*loaded.model, c.data.val, c.train.batch_size, c.train.seq_len,
-                                                   c.train.eval_batches, runtime::Device::cpu());
+    const PerplexityResult r =
+        evaluate_perplexity(*loaded.model, c.data.val, c.train.batch_size, c.train.seq_len, c.train.eval_batches);
     EXPECT_NEAR(r.mean_loss, std::string(run) == "bf16" ? bf16_val : fp32_val, 1e-6) << run;
   }
 }
