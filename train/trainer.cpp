@@ -629,10 +629,11 @@ RunSummary Trainer::run() {
     std::vector<data::Batch> batches;
     for (int64_t micro = 0; micro < A; ++micro) batches.push_back(next_batch());
     double local_loss = 0.0;
+    // (pp = 1) The losses are read after the gradient norm, whose read waits for the backward anyway:
+    // loss.item() between a forward and its backward would make the host wait for the GPU there, and
+    // leave the GPU idle while the backward is issued; read before the norm, a second wait.
+    std::vector<runtime::Tensor> losses;
     if (s.pp() == 1) {
-      // The losses are read after the last backward: loss.item() between a forward and its backward
-      // would make the host wait for the GPU there, and leave the GPU idle while the backward is issued.
-      std::vector<runtime::Tensor> losses;
       for (int64_t micro = 0; micro < A; ++micro) {
         if (s.grad_sync) s.grad_sync->set_sync(micro == A - 1);
         // (micro_scale: the loss's gradient in the backward below, for which its forward computes the
@@ -642,7 +643,6 @@ RunSummary Trainer::run() {
         losses.push_back(loss.detach());
         runtime::backward(runtime::ops::scale(loss, micro_scale));
       }
-      for (const runtime::Tensor& loss : losses) local_loss += loss.item();
     } else {
       parallel::PipelineStage stage;
       stage.activation_shape = boundary;
@@ -663,11 +663,6 @@ RunSummary Trainer::run() {
     }
     if (s.grad_sync) s.grad_sync->finish();
     if (!s.tied.empty()) parallel::sync_tied_gradients(s.tied, s.mesh->group("embedding"));
-    // The loss lives on the last stage: sum over stages (the others add 0), average over replicas.
-    runtime::Tensor loss_t = runtime::Tensor::from_vector({static_cast<float>(local_loss)}, {1});
-    if (s.pp() > 1) s.mesh->pp().all_reduce(loss_t);
-    if (sizes.dp > 1) s.mesh->dp().all_reduce(loss_t, parallel::ReduceOp::Average);
-    loss_sum += loss_t.item();
 
     std::vector<runtime::Tensor> grads, counted;
     for (const auto& p : s.params) {
@@ -679,7 +674,13 @@ RunSummary Trainer::run() {
       // A replica or tied copy is counted once: on tp rank 0, at its owner.
       if (!p.spec.tied_copy && (!p.spec.replicated || s.coords().tp == 0)) counted.push_back(p.tensor.grad());
     }
-    double sq = optim::global_grad_norm_squared(counted);
+    double sq = optim::global_grad_norm_squared(counted);  // (waits for the backward)
+    for (const runtime::Tensor& loss : losses) local_loss += loss.item();
+    // The loss lives on the last stage: sum over stages (the others add 0), average over replicas.
+    runtime::Tensor loss_t = runtime::Tensor::from_vector({static_cast<float>(local_loss)}, {1});
+    if (s.pp() > 1) s.mesh->pp().all_reduce(loss_t);
+    if (sizes.dp > 1) s.mesh->dp().all_reduce(loss_t, parallel::ReduceOp::Average);
+    loss_sum += loss_t.item();
     if (sizes.tp * sizes.pp > 1) {
       runtime::Tensor t = runtime::Tensor::from_vector({static_cast<float>(sq)}, {1});
       s.mesh->mp().all_reduce(t);
