@@ -443,14 +443,16 @@ void bench_model(const char* label, const KrakenConfig& c, DType compute, int64_
       for (const auto& p : params) grads.push_back(p.tensor.grad());
       // As the trainer does: the clipping factor goes into the update (no separate pass scaling every
       // gradient).
-      const double norm = kraken::optim::global_grad_norm(grads);
+      const double norm = kraken::optim::global_grad_norm(grads);  // (waits for the backward)
+      // Read here, as the trainer does, the loss adds no second wait, and the update and the next step's
+      // forward are queued behind each other with the GPU never idle between them.
+      last_loss = loss.item();
       opt.step(grads, 6e-4f, static_cast<float>(kraken::optim::clip_coefficient(norm, 1.0)));
     }
     model.set_compute_copies_current(optimizer_writes_copies);  // the step rewrote them
     // As the trainer does (KRAKEN_BENCH_ZERO_GRADS=1: zeroed in place instead, for the A/B).
     if (zero_grads_in_place) model.zero_grad();
     else model.release_grads();
-    last_loss = loss.item();  // (the gradient norm above synchronised once already)
     if (timed) {
       for (int64_t a = 0; a < A; ++a) {
         const cudaEvent_t* m = marks.data() + 3 * a;
