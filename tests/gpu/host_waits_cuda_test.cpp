@@ -125,7 +125,7 @@ TEST(GpuUpload, CopiesOfEverySizeArriveIntactAsTheStagingBuffersAreReusedAndGrow
   // past it (the waiting copy); each a distinct pattern, checked after all were queued.
   std::vector<size_t> sizes;
   for (int round = 0; round < 3; ++round)
-    for (size_t s = 1; s <= 16; ++s) sizes.push_back(s * (round == 0 ? 7 : round == 1 ? 20011 : 262139));
+    for (size_t s = 1; s <= 16; ++s) sizes.push_back(s * (round == 0 ? 7 : round == 1 ? 4099 : 65521));
   sizes.push_back(kStagedUploadLimit / sizeof(int32_t));
   sizes.push_back(kStagedUploadLimit / sizeof(int32_t) + 1);
   std::vector<Tensor> uploaded;

@@ -143,7 +143,9 @@ TEST(Attention, KeysColumnsOfTheGradientSumToZeroOverTheRows) {
         // Each sum adds T terms of O(1) in double: rounding ~1e-14; the terms' own size is ~T.
         EXPECT_LT(std::fabs(key), 1e-12 * std::max(1.0, key_size)) << "sequence " << b << ", column " << c;
         EXPECT_NEAR(v, o, 1e-12 * k.T) << "sequence " << b << ", column " << c;
-        if (c == 0) EXPECT_GT(std::fabs(q), 1e-3) << "sequence " << b << ": the queries' sum is not zero";
+        if (c == 0) {
+          EXPECT_GT(std::fabs(q), 1e-3) << "sequence " << b << ": the queries' sum is not zero";
+        }
       }
   }
 }
