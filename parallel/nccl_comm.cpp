@@ -114,6 +114,9 @@ class EventPool {
     for (const Retired& r : retired_) {
       const cudaError_t status = block ? cudaEventSynchronize(r.done) : cudaEventQuery(r.done);
       if (status == cudaErrorNotReady) {
+        // Not an error; cleared in case the runtime keeps it as the last error, which the next kernel's launch
+        // check (cudaGetLastError) would report (PyTorch clears it after its queries for that reason).
+        (void)cudaGetLastError();
         retired_[kept++] = r;
         continue;
       }
@@ -180,7 +183,10 @@ class DeviceOp : public PendingOp {
   }
   bool done() const override {
     const cudaError_t status = cudaEventQuery(done_);
-    if (status == cudaErrorNotReady) return false;
+    if (status == cudaErrorNotReady) {
+      (void)cudaGetLastError();  // (as in collect)
+      return false;
+    }
     KRAKEN_PAR_CUDA_CHECK(status);
     return true;
   }

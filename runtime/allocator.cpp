@@ -239,6 +239,7 @@ class UploadStaging {
     if (slot.in_flight) {
       const cudaError_t passed = cudaEventQuery(slot.done);
       if (passed == cudaErrorNotReady) {  // kSlots uploads queued behind one the GPU has not reached
+        (void)cudaGetLastError();  // (not an error: cleared in case it stays the last error, as nccl_comm.cpp)
         g_host_waits.fetch_add(1, std::memory_order_relaxed);
         KRAKEN_RT_CUDA_CHECK(cudaEventSynchronize(slot.done));
       } else {

@@ -62,8 +62,13 @@ class StreamGate {
     }
     cv_.notify_all();
   }
-  // Whether the stream has work it has not finished (the gate, or what is queued behind it).
-  bool stream_busy() const { return cudaStreamQuery(stream_) == cudaErrorNotReady; }
+  // Whether the stream has work it has not finished (the gate, or what is queued behind it). (A "not
+  // ready" is cleared in case it stays the last error, which a later launch check would report.)
+  bool stream_busy() const {
+    const bool busy = cudaStreamQuery(stream_) == cudaErrorNotReady;
+    if (busy) (void)cudaGetLastError();
+    return busy;
+  }
   bool timed_out() const { return timed_out_.load(); }
 
  private:
