@@ -300,11 +300,11 @@ Tensor normal(const kraken::runtime::Shape& shape, uint64_t seed, float std = 1.
   return t;
 }
 
-Tensor ids(int64_t B, int64_t T, int64_t vocab, uint64_t seed) {
+Tensor ids(int64_t B, int64_t T, int64_t vocab, uint64_t seed, Device device = Device::cuda(0)) {
   kraken::runtime::Generator gen(seed, 1);
   std::vector<int32_t> v(static_cast<size_t>(B * T));
   for (auto& x : v) x = static_cast<int32_t>(gen.next_below(static_cast<uint64_t>(vocab)));
-  return Tensor::from_ints(v, {B, T}, Device::cuda(0));
+  return Tensor::from_ints(v, {B, T}, device);
 }
 
 // Token ids as text has them, roughly: Zipf's law with exponent 1 over the vocabulary, rank r taking id
@@ -312,7 +312,7 @@ Tensor ids(int64_t B, int64_t T, int64_t vocab, uint64_t seed) {
 // English for the embedding backward's blocks of ids: here the first 128 ids get 48% of the positions,
 // where English text (the State of the Union corpus of scripts/setup-demo.sh) puts 30% in its busiest
 // 128 ids and 6.7% on its most frequent token (" the"; 8.8% on rank 1 here).
-Tensor zipf_ids(int64_t N, int64_t vocab, uint64_t seed) {
+Tensor zipf_ids(int64_t N, int64_t vocab, uint64_t seed, Device device = Device::cuda(0)) {
   std::vector<double> cdf(static_cast<size_t>(vocab));
   double total = 0.0;
   for (int64_t r = 0; r < vocab; ++r) cdf[static_cast<size_t>(r)] = total += 1.0 / static_cast<double>(r + 1);
@@ -322,7 +322,7 @@ Tensor zipf_ids(int64_t N, int64_t vocab, uint64_t seed) {
     const double u = static_cast<double>(gen.next_below(uint64_t{1} << 53)) / 9007199254740992.0 * total;
     x = static_cast<int32_t>(std::min<int64_t>(std::upper_bound(cdf.begin(), cdf.end(), u) - cdf.begin(), vocab - 1));
   }
-  return Tensor::from_ints(v, {N}, Device::cuda(0));
+  return Tensor::from_ints(v, {N}, device);
 }
 
 // What --timeline says of one step (gpu_timeline.h), as report lines: the window, busy and idle time, the
@@ -399,10 +399,9 @@ void bench_model(const char* label, const KrakenConfig& c, DType compute, int64_
   const bool text_ids = ids_env && std::strcmp(ids_env, "text") == 0;
   // On the host, as the trainer's batches: the embedding and the loss check them there and upload them
   // without waiting for the GPU (runtime/ops.h).
-  const Tensor x = (text_ids ? zipf_ids(B * T, c.vocab_size, 1).reshape({B, T}) : ids(B, T, c.vocab_size, 1))
-                       .to(Device::cpu());
-  const Tensor y = (text_ids ? zipf_ids(B * T, c.vocab_size, 2).reshape({B, T}) : ids(B, T, c.vocab_size, 2))
-                       .to(Device::cpu());
+  const Device host = Device::cpu();
+  const Tensor x = text_ids ? zipf_ids(B * T, c.vocab_size, 1, host).reshape({B, T}) : ids(B, T, c.vocab_size, 1, host);
+  const Tensor y = text_ids ? zipf_ids(B * T, c.vocab_size, 2, host).reshape({B, T}) : ids(B, T, c.vocab_size, 2, host);
   double last_loss = 0.0;
   // Between steps the gradients' buffers are released (Module::release_grads), as the trainer does;
   // KRAKEN_BENCH_ZERO_GRADS=1 zeroes them in place instead (zero_grad), to measure what that saves.
@@ -536,12 +535,13 @@ void bench_model(const char* label, const KrakenConfig& c, DType compute, int64_
   const double n = o.steps;
   // B×T, or A×B×T with micro-batches
   const std::string shape = (A > 1 ? std::to_string(A) + "×" : "") + std::to_string(B) + "×" + std::to_string(T);
-  r.line("| %s | %s | %.1fM | %s | %.1f | %.0f | %.1f | %s | %.1f / %.1f | %.1f / %.1f (%s) | %.2f / %.2f, %.3g | %.1f | "
-         "%.1f / %.3g | %.3f |",
+  r.line("| %s | %s | %.1fM | %s | %.1f | %.0f | %.1f | %s | %.1f / %.1f | %.1f / %.1f (%s) | %.2f / %.2f, %.3g | "
+         "%.1f | %.1f / %.3g | %.3f |",
          label, precision.c_str(), c.parameter_count() / 1e6, shape.c_str(),
          seconds * 1e3, tokens_per_s, achieved / 1e12, mfu, 1e3 * host_forward / n, 1e3 * gpu_forward / n,
          1e3 * host_backward / n, 1e3 * gpu_backward / n, busy, traffic.copied_bytes / n / 1e9,
-         traffic.zeroed_bytes / n / 1e9, static_cast<double>(traffic.host_waits) / n, (mem.peak_bytes_in_use - probe_bytes) / 1e9,
+         traffic.zeroed_bytes / n / 1e9, static_cast<double>(traffic.host_waits) / n,
+         (mem.peak_bytes_in_use - probe_bytes) / 1e9,
          (mem.bytes_reserved - probe_bytes) / 1e9, mallocs_per_step, last_loss);
 
   // --timeline: one more step, under CUPTI (after the row: its numbers are the timed steps' alone).
