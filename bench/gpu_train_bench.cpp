@@ -1281,8 +1281,9 @@ void bench_compute(Report& r) {
                                                        o.data<uint16_t>(), l.data<float>(), Bc, Tc, Cc, Hc, m.dq, m.kv,
                                                        m.ping_pong, nullptr);
           }, 5);
-          r.line("| bf16 attention backward, wgmma (ours, two kernels, adds into dqkv; %s), %s | %.3f | %.1f "
-                 "TFLOP/s |", m.what, label, bm * 1e3, 2.5 * flops / bm / 1e12);
+          r.line("| bf16 attention backward, wgmma (ours, %s kernels, adds into dqkv; %s), %s | %.3f | %.1f "
+                 "TFLOP/s |", Cc / Hc == 256 ? "three (dV, dK, dq)" : "two", m.what, label, bm * 1e3,
+                 2.5 * flops / bm / 1e12);
         }
       }
       if (left_out > 0)

@@ -73,8 +73,9 @@ bool matmul_dgelu_bf16_cuda(uint16_t* dpre, uint16_t* bias_grad, const uint16_t*
 // strides: a, b as in matmul_bf16_batched_cuda; out and pre (dpre and pre) at stride_out, which must keep
 // the aux matrices' 16 bytes (a multiple of 8); bias (bias_grad) at stride_bias. GELU_AUX: one cuBLASLt
 // strided-batch call, or one call per matrix where cuBLASLt has no batched algorithm; DGELU: one call
-// per matrix (its batched algorithm measured slower: matmul_lt.cu). False, with nothing written, as the
-// single forms return it.
+// per matrix (its batched algorithm measured slower: matmul_lt.cu), every matrix planned before any runs —
+// a later matrix's pointers may have other alignments than the first's, so a plan, or a refusal, of their
+// own. False, with nothing written, as the single forms return it or where any matrix is refused.
 bool matmul_gelu_aux_bf16_batched_cuda(uint16_t* out, uint16_t* pre, const uint16_t* a, const uint16_t* b,
                                        const uint16_t* bias, int64_t batch, int64_t M, int64_t N, int64_t K,
                                        bool trans_a, bool trans_b, int64_t stride_out, int64_t stride_a,
@@ -87,8 +88,8 @@ bool matmul_bias_grad_bf16_cuda(uint16_t* out, uint16_t* bias_grad, const uint16
                                 int64_t N, int64_t K, bool trans_a, bool trans_b, CUstream_st* stream);
 // BGRADB over `batch` products of one shape (a Kraken layer's sub-layers' weight and bias gradients): one
 // call per matrix, out at stride_out, bias_grad at stride_bias, a and b as in matmul_bf16_batched_cuda.
-// Every stride must keep 16 bytes (a multiple of 8 elements), so that each matrix's plan is the first's;
-// false, with nothing written, where one does not or the first matrix has no algorithm.
+// Every stride must keep 16 bytes (a multiple of 8 elements); false, with nothing written, where one does
+// not or cuBLASLt refuses any matrix's product (each is planned before the first runs).
 bool matmul_bias_grad_bf16_batched_cuda(uint16_t* out, uint16_t* bias_grad, const uint16_t* a, const uint16_t* b,
                                         int64_t batch, int64_t M, int64_t N, int64_t K, bool trans_a, bool trans_b,
                                         int64_t stride_out, int64_t stride_a, int64_t stride_b, int64_t stride_bias,

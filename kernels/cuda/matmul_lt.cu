@@ -309,8 +309,12 @@ std::unique_ptr<Plan> make_plan(const LtDevice& lt, const PlanKey& k, const void
                                     static_cast<int>(k.epilogue));
   std::vector<cublasLtMatmulHeuristicResult_t> results(static_cast<size_t>(std::max(tune_candidates(), pick + 1)));
   int found = 0;
-  KRAKEN_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(lt.handle, desc.op, desc.a, desc.b, desc.d, desc.d, desc.pref,
-                                                     static_cast<int>(results.size()), results.data(), &found));
+  // NOT_SUPPORTED is the heuristic's own "nothing for this configuration" (cublasLt.h), not a failure: the
+  // same as no result, which an optional epilogue or a batch answers by declining below.
+  const cublasStatus_t searched = cublasLtMatmulAlgoGetHeuristic(
+      lt.handle, desc.op, desc.a, desc.b, desc.d, desc.d, desc.pref, static_cast<int>(results.size()), results.data(), &found);
+  if (searched == CUBLAS_STATUS_NOT_SUPPORTED) found = 0;
+  else KRAKEN_CUBLAS_CHECK(searched);
   if (found == 0 && (optional_epilogue(k.epilogue) || k.batch > 1)) {
     plan->supported = false;
     return plan;
@@ -379,13 +383,17 @@ void tune_plan(const LtDevice& lt, Plan& plan, const PlanKey& k, void* out, cons
                  micros[0], micros[best]);
 }
 
+// Whether out (M, N) = op(A)·op(B) is only planned (the plan looked up or made, nothing launched: a batch
+// run a product per matrix plans every matrix before it writes any) or planned and launched.
+enum class Launch { kPlanOnly, kRun };
+
 // out (M, N) = op(A)·op(B) with a cuBLASLt epilogue: every entry point ends here. bias is read or (for
 // the gradient epilogues) written; aux likewise. Returns false where the plan is unsupported (only for
 // the optional epilogues; the others throw when planned).
 bool run_product(void* out, bool out_bf16, const uint16_t* a, const uint16_t* b, const void* bias, const void* aux,
                  int64_t M, int64_t N, int64_t K, bool trans_a, bool trans_b, cublasLtEpilogue_t epilogue,
                  CUstream_st* stream, int64_t batch = 1, int64_t stride_a = 0, int64_t stride_b = 0,
-                 int64_t stride_out = 0, int64_t stride_bias = 0) {
+                 int64_t stride_out = 0, int64_t stride_bias = 0, Launch launch = Launch::kRun) {
   const bool wants_bias = has_bias_pointer(epilogue), wants_aux = has_aux(epilogue);
   KRAKEN_CHECK(!wants_bias || bias != nullptr, "matmul_bf16_cuda: the epilogue needs a bias (or bias gradient) vector");
   KRAKEN_CHECK(!wants_aux || aux != nullptr, "matmul_bf16_cuda: the epilogue needs its aux matrix");
@@ -408,6 +416,7 @@ bool run_product(void* out, bool out_bf16, const uint16_t* a, const uint16_t* b,
   }
   Plan& plan = *found_plan->second;
   if (!plan.supported) return false;
+  if (launch == Launch::kPlanOnly) return true;
   if (wants_bias)
     KRAKEN_CUBLAS_CHECK(
         cublasLtMatmulDescSetAttribute(plan.desc.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
@@ -496,10 +505,30 @@ bool matmul_dgelu_bf16_cuda(uint16_t* dpre, uint16_t* bias_grad, const uint16_t*
 
 namespace {
 
+// One epilogue product per matrix of a batch: every matrix planned first, then each launched — false,
+// with nothing written, where cuBLASLt refuses any of them. The matrices share a shape but not always
+// their alignments (a plan's key holds each pointer's, up to 256 bytes: a later sub-layer's bias row of 504
+// columns starts 16 bytes past a boundary where the first starts 256 past one), so a later matrix may
+// have a plan, and a refusal, of its own.
+bool per_matrix_epilogue_products(uint16_t* out, const uint16_t* a, const uint16_t* b, uint16_t* vec, const uint16_t* aux,
+                                  int64_t batch, int64_t M, int64_t N, int64_t K, bool trans_a, bool trans_b,
+                                  int64_t stride_out, int64_t stride_a, int64_t stride_b, int64_t stride_vec,
+                                  cublasLtEpilogue_t epilogue, CUstream_st* stream) {
+  for (const Launch launch : {Launch::kPlanOnly, Launch::kRun}) {
+    for (int64_t i = 0; i < batch; ++i) {
+      const bool done = run_product(out + i * stride_out, true, a + i * stride_a, b + i * stride_b,
+                                    vec ? vec + i * stride_vec : nullptr, aux ? aux + i * stride_out : nullptr, M, N,
+                                    K, trans_a, trans_b, epilogue, stream, 1, 0, 0, 0, 0, launch);
+      if (launch == Launch::kPlanOnly && !done) return false;
+      KRAKEN_CHECK(done, "matmul epilogue ", static_cast<int>(epilogue), ": matrix ", i, " of a batch of ", batch,
+                   " lost the algorithm it was planned with");
+    }
+  }
+  return true;
+}
+
 // One GELU epilogue product over a batch: a strided-batch call, else (no batched algorithm) one call per
-// matrix. False, with nothing written, where the single product has no algorithm either: every matrix
-// of the batch has the same shape and alignments (the strides keep 16 bytes, checked), so the first
-// matrix's refusal is every matrix's.
+// matrix. False, with nothing written, where cuBLASLt refuses the batch and any of its matrices.
 bool epilogue_batch(uint16_t* out, const uint16_t* a, const uint16_t* b, uint16_t* vec, const uint16_t* aux,
                     int64_t batch, int64_t M, int64_t N, int64_t K, bool trans_a, bool trans_b, int64_t stride_out,
                     int64_t stride_a, int64_t stride_b, int64_t stride_vec, cublasLtEpilogue_t epilogue,
@@ -513,17 +542,8 @@ bool epilogue_batch(uint16_t* out, const uint16_t* a, const uint16_t* b, uint16_
       run_product(out, true, a, b, vec, aux, M, N, K, trans_a, trans_b, epilogue, stream, batch,
                                  stride_a, stride_b, stride_out, stride_vec))
     return true;
-  for (int64_t i = 0; i < batch; ++i) {
-    const bool done = run_product(out + i * stride_out, true, a + i * stride_a, b + i * stride_b,
-                                  vec ? vec + i * stride_vec : nullptr, aux + i * stride_out, M, N, K, trans_a,
-                                  trans_b, epilogue, stream);
-    if (!done) {
-      KRAKEN_CHECK(i == 0, "matmul GELU epilogue: matrix ", i, " of a batch of ", batch,
-                   " has no algorithm where the first had one");
-      return false;
-    }
-  }
-  return true;
+  return per_matrix_epilogue_products(out, a, b, vec, aux, batch, M, N, K, trans_a, trans_b, stride_out, stride_a,
+                                      stride_b, stride_vec, epilogue, stream);
 }
 
 }  // namespace
@@ -564,22 +584,14 @@ bool matmul_bias_grad_bf16_batched_cuda(uint16_t* out, uint16_t* bias_grad, cons
   KRAKEN_CHECK(bias_grad != nullptr && batch >= 1 && batch < (1LL << 31), "matmul_bias_grad_bf16_batched_cuda: batch ",
                batch, bias_grad ? "" : ", no bias gradient vector");
   if (M == 0 || N == 0) return false;
-  // A stride off 16 bytes would give a later matrix other alignments than the first's: another plan, which
-  // cuBLASLt might refuse after the first products ran.
+  // (A stride off 16 bytes would leave a later matrix's operands without the 16 bytes cuBLASLt's bf16
+  // kernels want.)
   if (batch > 1 && (stride_out % 8 != 0 || stride_a % 8 != 0 || stride_b % 8 != 0 || stride_bias % 8 != 0)) return false;
   // One product per matrix, as the bench's rows time it (gpu_train_bench: a BGRADB product each); cuBLASLt's
   // strided batches of these epilogues have not been timed.
-  for (int64_t i = 0; i < batch; ++i) {
-    const bool done = run_product(out + i * stride_out, true, a + i * stride_a, b + i * stride_b,
-                                  bias_grad + i * stride_bias, nullptr, M, N, K, trans_a, trans_b,
-                                  CUBLASLT_EPILOGUE_BGRADB, stream);
-    if (!done) {
-      KRAKEN_CHECK(i == 0, "matmul BGRADB: matrix ", i, " of a batch of ", batch,
-                   " has no algorithm where the first had one");
-      return false;
-    }
-  }
-  return true;
+  return per_matrix_epilogue_products(out, a, b, bias_grad, nullptr, batch, M, N, K,
+                                      trans_a, trans_b, stride_out, stride_a, stride_b, stride_bias,
+                                      CUBLASLT_EPILOGUE_BGRADB, stream);
 }
 
 }  // namespace kraken::kernels
