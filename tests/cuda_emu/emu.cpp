@@ -571,6 +571,35 @@ void cp_async_wait(int pending) {
 
 void trap(const char* what) { throw std::runtime_error(std::string("emulated kernel: ") + what); }
 
+namespace {
+constexpr size_t kDefaultDynamicShared = 48 * 1024;  // a kernel's dynamic shared memory without the opt-in
+std::mutex g_opt_in_mutex;
+std::map<const void*, size_t>& opt_in_by_kernel() {
+  static std::map<const void*, size_t> raised;
+  return raised;
+}
+}  // namespace
+
+void set_max_dynamic_shared(const void* kernel, int bytes) {
+  std::lock_guard<std::mutex> lock(g_opt_in_mutex);
+  opt_in_by_kernel()[kernel] = static_cast<size_t>(bytes);
+}
+
+void check_dynamic_shared_opt_in(const void* kernel, size_t bytes) {
+  if (bytes <= kDefaultDynamicShared) return;
+  size_t raised = 0;
+  {
+    std::lock_guard<std::mutex> lock(g_opt_in_mutex);
+    const auto it = opt_in_by_kernel().find(kernel);
+    if (it != opt_in_by_kernel().end()) raised = it->second;
+  }
+  if (bytes > raised)
+    trap(("a launch with " + std::to_string(bytes) + " bytes of dynamic shared memory, above 48 KiB and above the " +
+          std::to_string(raised) + " cudaFuncSetAttribute(cudaFuncAttributeMaxDynamicSharedMemorySize) raised for " +
+          "this kernel: on a GPU the launch fails")
+             .c_str());
+}
+
 void run_grid(dim3 grid, dim3 block, size_t dynamic_shared_bytes, const std::function<void()>& body) {
   const int threads = static_cast<int>(block.x * block.y * block.z);
   if (threads <= 0 || threads > 1024) trap("block size outside 1 .. 1024");

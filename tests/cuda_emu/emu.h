@@ -135,6 +135,14 @@ void named_barrier_arrive(int id, int threads);
 // Runs body once per thread of every block of the grid.
 void run_grid(dim3 grid, dim3 block, size_t dynamic_shared_bytes, const std::function<void()>& body);
 
+// cudaFuncSetAttribute's cudaFuncAttributeMaxDynamicSharedMemorySize is remembered per kernel, as the CUDA
+// runtime remembers it: on a GPU a launch that asks a kernel for more than 48 KiB of dynamic shared memory,
+// beyond what was so raised for that kernel, fails (an invalid-value launch error) — here it traps, so a
+// launcher that forgets the attribute for one of its instantiations fails in CI, not first on a GPU.
+// Other attributes are accepted and ignored.
+void set_max_dynamic_shared(const void* kernel, int bytes);
+void check_dynamic_shared_opt_in(const void* kernel, size_t bytes);
+
 // KRAKEN_KERNEL(grid, block, shared, stream, kernel)(args...): runs kernel(args...) on every thread.
 template <typename... Params>
 struct Launcher {
@@ -144,6 +152,7 @@ struct Launcher {
   template <typename... Args>
   void operator()(Args&&... args) const {
     std::tuple<std::decay_t<Params>...> values(static_cast<Params>(args)...);
+    check_dynamic_shared_opt_in(reinterpret_cast<const void*>(kernel), shared);
     run_grid(grid, block, shared, [&] { std::apply(kernel, values); });
   }
 };
@@ -159,8 +168,13 @@ cudaError_t get_last_error();
 cudaError_t memset_async(void* p, int value, size_t bytes, cudaStream_t stream = nullptr);
 cudaError_t malloc_device(void** p, size_t bytes);  // host memory, 256-byte aligned, filled with poison
 cudaError_t free_device(void* p);
+// (cudaFuncSetAttribute: func_set_attribute below.)
 template <typename Function>
-cudaError_t func_set_attribute(Function*, cudaFuncAttribute, int) {
+cudaError_t func_set_attribute(Function* kernel, cudaFuncAttribute attribute, int value) {
+  if (attribute == cudaFuncAttributeMaxDynamicSharedMemorySize) {
+    if (value < 0 || value > 227 * 1024) return cudaErrorInvalidValue;
+    set_max_dynamic_shared(reinterpret_cast<const void*>(kernel), value);
+  }
   return cudaSuccess;
 }
 // cudaFuncGetAttributes: the emulation has no registers, so numRegs is what ptxas gives the kernels that

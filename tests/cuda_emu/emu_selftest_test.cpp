@@ -26,6 +26,7 @@ void wgmma_overwrite(float* out, bool early);
 void wgmma_register_overwrite(float* out, bool early);
 void named_turns(int* log, int turns0, int turns1, int mutation);
 void trap();
+void large_shared(unsigned char* out, int bytes, int raise_to);  // raise_to 0: no cudaFuncSetAttribute
 }  // namespace kraken_emu_selftest
 
 namespace {
@@ -42,6 +43,25 @@ TEST(CudaEmulationSelf, BarriersThatCannotCompleteAreADeadlockError) {
 }
 
 TEST(CudaEmulationSelf, ATrapIsAnError) { EXPECT_THROW(self::trap(), std::runtime_error); }
+
+// A GPU refuses a launch asking for more than 48 KiB of dynamic shared memory unless
+// cudaFuncSetAttribute raised that kernel's limit at least as far; so does the emulation.
+TEST(CudaEmulationSelf, DynamicSharedMemoryAbove48KiBNeedsTheKernelsOptIn) {
+  unsigned char out = 0;
+  self::large_shared(&out, 48 * 1024, 0);  // the default limit: no attribute needed
+  EXPECT_EQ(out, 7);
+  try {
+    self::large_shared(&out, 64 * 1024, 0);
+    FAIL() << "a 64 KiB launch without the opt-in ran";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("cudaFuncAttributeMaxDynamicSharedMemorySize"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(self::large_shared(&out, 100 * 1024, 96 * 1024), std::runtime_error);  // raised, not far enough
+  out = 0;
+  self::large_shared(&out, 200 * 1024, 200 * 1024);
+  EXPECT_EQ(out, 7);
+  self::large_shared(&out, 96 * 1024, 0);  // the raised limit stays the kernel's, as on a GPU
+}
 
 TEST(CudaEmulationSelf, ShufflesReduceAcrossTheWarp) {
   for (const auto schedule : {kraken_emu::Schedule::kAscending, kraken_emu::Schedule::kDescending}) {

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "kernels/cuda/check.h"
 #include "kernels/cuda/launch.h"
 #include "kernels/cuda/mbarrier.h"
 #include "kernels/cuda/mma_sync.h"
@@ -192,6 +193,14 @@ __global__ void trap_kernel() {
   if (threadIdx.x == 5) __trap();
 }
 
+// out[0] = the last byte of its dynamic shared memory (bytes of it), as written.
+__global__ void large_shared_kernel(unsigned char* out, int bytes) {
+  KRAKEN_DYNAMIC_SHARED(unsigned char, smem);
+  if (threadIdx.x == 0) smem[bytes - 1] = 7;
+  __syncthreads();
+  if (threadIdx.x == 0) out[0] = smem[bytes - 1];
+}
+
 }  // namespace
 
 void mismatched_barriers() { KRAKEN_KERNEL(1, 32, 0, nullptr, mismatched_barriers_kernel)(); }
@@ -221,5 +230,10 @@ void named_turns(int* log, int turns0, int turns1, int mutation) {
   KRAKEN_KERNEL(1, 128, 0, nullptr, named_turns_kernel)(log, turns0, turns1, mutation);
 }
 void trap() { KRAKEN_KERNEL(1, 32, 0, nullptr, trap_kernel)(); }
+void large_shared(unsigned char* out, int bytes, int raise_to) {
+  if (raise_to > 0)
+    KRAKEN_CUDA_CHECK(cudaFuncSetAttribute(large_shared_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, raise_to));
+  KRAKEN_KERNEL(1, 32, static_cast<size_t>(bytes), nullptr, large_shared_kernel)(out, bytes);
+}
 
 }  // namespace kraken_emu_selftest
