@@ -249,13 +249,14 @@ class UploadStaging {
     slot.in_flight = false;
     if (!slot.done) KRAKEN_RT_CUDA_CHECK(cudaEventCreateWithFlags(&slot.done, cudaEventDisableTiming));
     if (slot.capacity < bytes) {
-      // (cudaFreeHost synchronises the device: a slot grows only in the first steps)
-      if (slot.host) {
-        g_host_waits.fetch_add(1, std::memory_order_relaxed);
-        KRAKEN_RT_CUDA_CHECK(cudaFreeHost(slot.host));
-      }
+      // A slot sees whatever sizes pass through it (a scalar, then a micro-batch's ids; a checkpoint's
+      // tensors), so it may grow mid-run: its old buffer is kept, not freed — cudaFreeHost waits for the
+      // whole device, the NCCL stream's work included. Capacities double from 64 KiB, so a slot holds at
+      // most twice its largest (8 MiB at the 4 MiB limit).
+      if (slot.host) ring.retired.push_back(slot.host);
       slot.host = nullptr, slot.capacity = 0;
-      const size_t capacity = std::max(kMinCapacity, (bytes + kMinCapacity - 1) / kMinCapacity * kMinCapacity);
+      size_t capacity = kMinCapacity;
+      while (capacity < bytes) capacity *= 2;
       KRAKEN_RT_CUDA_CHECK(cudaMallocHost(&slot.host, capacity));
       slot.capacity = capacity;
     }
@@ -275,6 +276,7 @@ class UploadStaging {
   struct Ring {
     Slot slots[kSlots];
     size_t next = 0;
+    std::vector<void*> retired;  // outgrown pinned buffers, never freed (see upload)
   };
   std::mutex mutex_;
   std::map<int, Ring> rings_;  // by device
@@ -447,6 +449,13 @@ void copy_bytes(void* dst, const Device& dst_device, const void* src, const Devi
   }
 #if KRAKEN_WITH_CUDA
   const Device& on = dst_device.is_cuda() ? dst_device : src_device;
+  if (dst_device.is_cuda() && src_device.is_cuda() && dst_device.index != src_device.index) {
+    // The source's queued work is on its own device's stream, which the copy below (on the destination's)
+    // is not ordered after.
+    g_host_waits.fetch_add(1, std::memory_order_relaxed);
+    KRAKEN_RT_CUDA_CHECK(cudaSetDevice(src_device.index));
+    KRAKEN_RT_CUDA_CHECK(cudaStreamSynchronize(compute_stream(src_device)));
+  }
   KRAKEN_RT_CUDA_CHECK(cudaSetDevice(on.index));
   cudaStream_t stream = compute_stream(on);
   if (src_device.is_cpu() && bytes <= kStagedUploadLimit) {

@@ -71,8 +71,10 @@ std::string cuda_device_name(int device_index);
 // from the host up to kStagedUploadLimit bytes (copied into a pinned staging buffer, whose DMA the
 // stream runs in order: a micro-batch's ids and targets); it waits for the stream on a copy to the host,
 // a larger one from it, and between two GPUs (the other device's work is not on that stream). Each wait
-// counts in MemoryTraffic::host_waits. (4 MiB: a micro-batch of a million tokens' ids; at most 16 such
-// buffers stay pinned a device. A checkpoint's tensors load in 16 MiB chunks, which wait.)
+// counts in MemoryTraffic::host_waits. (4 MiB: a micro-batch of a million tokens' ids; 16 staging
+// buffers a device stay pinned, with the ones they outgrew: at most 128 MiB a device, ~4 MiB in practice. A
+// checkpoint's tensors load in 16 MiB chunks, which wait.) Between two GPUs it first waits for the
+// source's stream too, so the copy reads what that device's queued work writes.
 constexpr size_t kStagedUploadLimit = size_t{4} << 20;
 void copy_bytes(void* dst, const Device& dst_device, const void* src, const Device& src_device, size_t bytes);
 // Copies `height` rows of `width` bytes between strided buffers on one device (split and concat).
