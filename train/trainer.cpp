@@ -675,7 +675,11 @@ RunSummary Trainer::run() {
       if (!p.spec.tied_copy && (!p.spec.replicated || s.coords().tp == 0)) counted.push_back(p.tensor.grad());
     }
     double sq = optim::global_grad_norm_squared(counted);  // (waits for the backward)
-    for (const runtime::Tensor& loss : losses) local_loss += loss.item();
+    if (!losses.empty()) {  // the micro-batches' losses side by side, then one read (one copy, one wait)
+      std::vector<runtime::Tensor> rows;
+      for (const runtime::Tensor& loss : losses) rows.push_back(runtime::ops::reshape(loss, {1}));
+      for (float l : runtime::ops::concat(rows, 0).to_vector()) local_loss += l;
+    }
     // The loss lives on the last stage: sum over stages (the others add 0), average over replicas.
     runtime::Tensor loss_t = runtime::Tensor::from_vector({static_cast<float>(local_loss)}, {1});
     if (s.pp() > 1) s.mesh->pp().all_reduce(loss_t);
