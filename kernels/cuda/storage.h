@@ -86,6 +86,18 @@ __device__ __forceinline__ void load_stored8(const float* p, Stored8<float>& s) 
   s.a = reinterpret_cast<const float4*>(p)[0];
   s.b = reinterpret_cast<const float4*>(p)[1];
 }
+// load_stored8 with the cache-streaming hint (ld.global.cs: evict first), for the rows a kernel reads once
+// while it reads a few small vectors (gamma) over and over: the streamed rows then give way first in L1
+// — which is small beside a block's large shared memory: 28 KB an SM where the one-pass LayerNorm
+// backward's 3 blocks hold 216 KB (H100) — rather than gamma. The same bytes as load_stored8.
+__device__ __forceinline__ void load_stored8_streaming(const __nv_bfloat16* p, Stored8<__nv_bfloat16>& s) {
+  const uint4 bits = __ldcs(reinterpret_cast<const uint4*>(p));
+  __builtin_memcpy(static_cast<void*>(&s.q), &bits, sizeof(bits));
+}
+__device__ __forceinline__ void load_stored8_streaming(const float* p, Stored8<float>& s) {
+  s.a = __ldcs(reinterpret_cast<const float4*>(p));
+  s.b = __ldcs(reinterpret_cast<const float4*>(p) + 1);
+}
 __device__ __forceinline__ void widen8(const Stored8<__nv_bfloat16>& s, float (&v)[8]) {
 #pragma unroll
   for (int k = 0; k < 4; ++k) {

@@ -244,6 +244,11 @@ inline float __uint_as_float(unsigned x) {
   std::memcpy(&f, &x, sizeof f);
   return f;
 }
+// ld.global.cs (evict-first): a cache hint, the same bytes as a plain load.
+template <typename T>
+T __ldcs(const T* p) {
+  return *p;
+}
 
 // Integer atomics: the fibers of the emulation run on one thread, one at a time, so a plain
 // read-modify-write is atomic here.
