@@ -486,6 +486,14 @@ __device__ __forceinline__ int64_t enter_group(const GroupTable& table, const fl
 // measured): 3 blocks of 72 KB leave an H100's SM ~28 KB of L1, through which ~110 KB of row loads pass
 // while gamma, read twice a pack a row, should stay there.
 __device__ __forceinline__ int slice_float4(int pack, int half, int packs) { return half * packs + pack; }
+// The column whose sum a slice keeps at float `at` (the inverse of 4·slice_float4(c / 8, (c % 8) / 4, packs)
+// + c % 4). The blocks' final sums walk the slices by `at`, so a warp reads 32 consecutive floats; walked
+// by column, a warp read two runs of 16 a half-slice apart — the same 16 banks wherever C is a multiple of
+// 64 (twofold conflicts).
+__device__ __forceinline__ int slice_column(int at, int packs) {
+  const int f = at / 4, half = f / packs;
+  return 8 * (f - half * packs) + 4 * half + at % 4;
+}
 
 // What fits a thread's registers (ptxas -v, sm_90): bf16 rows of 1 or 2 packs a lane take 56 and 64
 // registers with dx_in loaded with the row — 4 blocks an SM (≤ 64) — 3 packs 79 (64 if dx_in is loaded
@@ -615,8 +623,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, (fused_blocks_per_sm<T, k
     }
   }
   __syncthreads();
-  for (int c = threadIdx.x; c < C; c += blockDim.x) {
-    const int at = 4 * slice_float4(c / 8, (c % 8) / 4, packs) + c % 4;
+  for (int at = threadIdx.x; at < C; at += blockDim.x) {
+    const int c = slice_column(at, packs);
     float total[kTerms] = {};
     for (int w = 0; w < kWarpsPerBlock; ++w)
 #pragma unroll
@@ -757,8 +765,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 1)
   for (int g = 0; g < kGroups; ++g) {
     const float* group = sums + static_cast<int64_t>(2 * g * kWarpsPerBlock) * C;
     float* out = partials + static_cast<int64_t>(2 * g) * gridDim.x * C;  // (the grouped kernel's set stride)
-    for (int c = threadIdx.x; c < C; c += blockDim.x) {
-      const int at = 4 * slice_float4(c / 8, (c % 8) / 4, packs) + c % 4;
+    for (int at = threadIdx.x; at < C; at += blockDim.x) {
+      const int c = slice_column(at, packs);
       float total[2] = {};
       for (int w = 0; w < kWarpsPerBlock; ++w)
 #pragma unroll
