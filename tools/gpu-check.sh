@@ -383,6 +383,10 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
   bench_variant gpt2big "" 200 90 "GPT-2 124M, B = 128" --training-only --model gpt2 --batch 128
   bench_variant gpt2accum "" 200 90 "GPT-2 124M, 8 micro-batches of 64 a step" --training-only \
     --model gpt2 --batch 64 --accumulate 8
+  # The same 0.5M tokens a step at degree 4 (16 micro-batches of 32: AdamW over its 382M parameters, 3.9 ms
+  # of the B = 32 step on an H100, and the norm then come once in 16).
+  bench_variant wideaccum "" 200 120 "GPT-2's shape at degree 4, 16 micro-batches of 32 a step" --training-only \
+    --model kraken4-768 --batch 32 --accumulate 16
   # Where the ~6 points to 50% MFU at degree 4 (llm.c's count: 44.1% on an H100) could come from (the
   # twenty-fifth session's H100 profile of this shape, bench/RESULTS.md): cuDNN's backward at D = 256
   # writes dS to its dP workspace and reads it back for dQ (5.4 ms of 173.5 at B = 32), which its atomic dQ
