@@ -113,9 +113,22 @@ struct Options {
   int64_t accumulate = 1;         // micro-batches a step, one optimizer update (the trainer's grad_accum)
 };
 
-// Lines of the report: printed as they come and collected for --out.
+// Lines of the report: each goes to stdout and, with --out, to the report file at once (written through,
+// flushed), so a row that aborts or hangs late in the tables — a kernel's first run on a GPU — leaves the
+// rows before it in the file, the training table among them.
 struct Report {
-  std::string text;
+  FILE* file = nullptr;
+  Report() = default;
+  Report(const Report&) = delete;
+  Report& operator=(const Report&) = delete;
+  ~Report() {
+    if (file) std::fclose(file);
+  }
+  void open(const std::string& path) {
+    if (path.empty()) return;
+    file = std::fopen(path.c_str(), "w");
+    if (!file) std::fprintf(stderr, "gpu_train_bench: cannot write %s\n", path.c_str());
+  }
   void line(const char* fmt, ...) __attribute__((format(printf, 2, 3))) {
     va_list args, again;
     va_start(args, fmt);
@@ -127,8 +140,10 @@ struct Report {
     va_end(again);
     std::printf("%s\n", buf.c_str());
     std::fflush(stdout);
-    text += buf;
-    text += "\n";
+    if (file) {
+      std::fprintf(file, "%s\n", buf.c_str());
+      std::fflush(file);
+    }
   }
   void blank() { line("%s", ""); }
 };
@@ -203,17 +218,6 @@ Options parse(int argc, char** argv) {
   const char* timeline_env = std::getenv("KRAKEN_BENCH_TIMELINE");
   if (timeline_env && std::strcmp(timeline_env, "1") == 0) o.timeline = true;
   return o;
-}
-
-void write_report(const Options& o, const Report& r) {
-  if (o.out.empty()) return;
-  FILE* f = std::fopen(o.out.c_str(), "w");
-  if (!f) {
-    std::fprintf(stderr, "gpu_train_bench: cannot write %s\n", o.out.c_str());
-    return;
-  }
-  std::fputs(r.text.c_str(), f);
-  std::fclose(f);
 }
 
 #if KRAKEN_WITH_CUDA
@@ -1370,11 +1374,11 @@ void bench_compute(Report& r) {
 int main(int argc, char** argv) {
   const Options o = parse(argc, argv);
   Report r;
+  r.open(o.out);
   r.line("## GPU benchmark (bench/gpu_train_bench.cpp)");
   std::string why;
   if (!kraken::runtime::cuda_available(&why)) {
     r.line("skipped: %s", why.c_str());
-    write_report(o, r);
     return 0;
   }
 #if KRAKEN_WITH_CUDA
@@ -1458,10 +1462,7 @@ int main(int argc, char** argv) {
     r.blank();
     for (const std::string& line : timelines) r.line("%s", line.c_str());
   }
-  if (o.training_only) {
-    write_report(o, r);
-    return 0;
-  }
+  if (o.training_only) return 0;
   r.blank();
   r.line("### Memory-bound kernels (bytes each must move ÷ time; 10 calls after one warm-up)");
   r.line("| kernel | MB | ms | GB/s | of peak |");
@@ -1473,6 +1474,5 @@ int main(int argc, char** argv) {
   r.line("|---|---|---|");
   bench_compute(r);
 #endif
-  write_report(o, r);
   return 0;
 }

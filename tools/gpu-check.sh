@@ -317,6 +317,7 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
   # queue full (runtime/autograd.cpp).
   # tools/gpu-clocks.sh samples the SM clock and power meanwhile: whether the GPU held its clock under the
   # training rows' load (a step longer than its kernels under ncu: idle, or slower clocks).
+  rm -f "$logs/bench.md"  # (a warm machine keeps the build folder: no earlier call's table read as this one's)
   KRAKEN_BENCH_WGMMA=$wgmma_ok KRAKEN_AUTOGRAD_SLOW_NODE_MS=20 bash "$root/tools/gpu-clocks.sh" "$logs/bench-clocks.csv" \
     timeout $(( $(left) > 200 ? 180 : 90 )) "$build/bin/gpu_train_bench" --out "$logs/bench.md" > "$logs/bench.log" 2>&1
   rc=$?
@@ -339,6 +340,7 @@ if [[ -x "$build/bin/gpu_train_bench" ]]; then
     say "benchmark, $what"
     local t0 rc
     t0=$(date +%s)
+    rm -f "$logs/bench-$name.md"
     # shellcheck disable=SC2086  # $setting may hold several VAR=value words
     env $setting timeout "$limit" "$build/bin/gpu_train_bench" --precision bf16 "$@" \
       --out "$logs/bench-$name.md" > "$logs/bench-$name.log" 2>&1

@@ -21,8 +21,9 @@
 # KRAKEN_FOLLOWUP_WHOLE_BENCH (0: skip the whole benchmark's run; default 1), KRAKEN_FOLLOWUP_BENCH_ARGS (the
 # variants' gpu_train_bench arguments, default "--training-only --precision bf16 --batch 8,64"),
 # KRAKEN_FOLLOWUP_BUDGET (seconds from the start; a variant is skipped, and the report says so, where the
-# longest one so far would end past it — so that the call ends inside the device's limit with its report;
-# unset or 0: no budget; put the variants in the order they matter),
+# longest one so far would end past it, and one that starts is cut where the budget ends (its rows so far
+# kept: the benchmark writes its report as it goes) — so that the call ends inside the device's limit with
+# its report; unset or 0: no budget, 120 s a variant; put the variants in the order they matter),
 # KRAKEN_GPU_CHECK_BUILD and KRAKEN_THIRD_PARTY as for gpu-check. Writes $OUT/followup.md when OUT is set
 # (else <build>/followup.md), the logs in <build>/followup/; exit status 0 when everything that ran passed.
 set -uo pipefail
@@ -74,6 +75,7 @@ fi
 
 if [[ "${KRAKEN_FOLLOWUP_WHOLE_BENCH:-1}" != 0 ]]; then
   say "benchmark"
+  rm -f "$out/bench.md"  # (a warm machine keeps the build folder: no earlier call's table read as this one's)
   bash "$root/tools/gpu-clocks.sh" "$out/bench-clocks.csv" timeout 180 "$build/bin/gpu_train_bench" --out "$out/bench.md" \
     > "$out/bench.log" 2>&1
   rc=$?
@@ -84,7 +86,8 @@ if [[ "${KRAKEN_FOLLOWUP_WHOLE_BENCH:-1}" != 0 ]]; then
   [[ $rc -eq 0 ]] || status=1
 fi
 
-read -r -a bench_args <<< "${KRAKEN_FOLLOWUP_BENCH_ARGS:---training-only --precision bf16 --batch 8,64}"
+# (-d '': every line of the arguments, where a plain read would take the first line only)
+read -r -d '' -a bench_args <<< "${KRAKEN_FOLLOWUP_BENCH_ARGS:---training-only --precision bf16 --batch 8,64}"
 n=0
 budget="${KRAKEN_FOLLOWUP_BUDGET:-0}"
 longest=0  # the longest variant so far, in seconds
@@ -100,16 +103,26 @@ for setting in "$@"; do
   say "benchmark with ${setting:-the defaults}"
   # A setting's VAR=value words go to the environment, its other words (from the first one starting with
   # "--") after the common arguments, where the benchmark's parser lets the later value win.
+  words=() variables=() extra_args=()
   read -r -a words <<< "$setting"
-  variables=() extra_args=()
-  for w in "${words[@]}"; do
+  for w in ${words[@]+"${words[@]}"}; do
     if [[ ${#extra_args[@]} -eq 0 && "$w" != --* ]]; then variables+=("$w"); else extra_args+=("$w"); fi
   done
-  env "${variables[@]}" bash "$root/tools/gpu-clocks.sh" "$out/bench-$n-clocks.csv" timeout 120 "$build/bin/gpu_train_bench" \
-    "${bench_args[@]}" "${extra_args[@]}" --out "$out/bench-$n.md" > "$out/bench-$n.log" 2>&1
+  # At most 120 s, and no later than the budget allows (the estimate above is the longest so far: a longer
+  # variant is cut at the budget, its line still written).
+  limit=120
+  if [[ "$budget" -gt 0 ]]; then
+    left=$(( budget - (began - start) ))
+    [[ $left -lt $limit ]] && limit=$left
+    [[ $limit -lt 10 ]] && limit=10
+  fi
+  rm -f "$out/bench-$n.md"  # (see the whole benchmark's run above)
+  env ${variables[@]+"${variables[@]}"} bash "$root/tools/gpu-clocks.sh" "$out/bench-$n-clocks.csv" timeout "$limit" \
+    "$build/bin/gpu_train_bench" "${bench_args[@]}" ${extra_args[@]+"${extra_args[@]}"} --out "$out/bench-$n.md" \
+    > "$out/bench-$n.log" 2>&1
   rc=$?
   md ""
-  md "With ${setting:-the defaults}: exit status $rc."
+  md "With ${setting:-the defaults}: exit status $rc (limit ${limit} s)."
   grep -E '^gpu-clocks:|^cuDNN attention' "$out/bench-$n.log" | sort -u >> "$report"
   # KRAKEN_CUBLASLT_TUNE's entries for kernels/cuda/cublaslt_picks.inc, where the variant asked for them
   grep -E '^cuBLASLt (pick|tune)' "$out/bench-$n.log" | sort -u | sed 's/^/    /' >> "$report"
