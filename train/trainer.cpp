@@ -675,7 +675,9 @@ RunSummary Trainer::run() {
       if (!p.spec.tied_copy && (!p.spec.replicated || s.coords().tp == 0)) counted.push_back(p.tensor.grad());
     }
     double sq = optim::global_grad_norm_squared(counted);  // (waits for the backward)
-    if (!losses.empty()) {  // the micro-batches' losses side by side, then one read (one copy, one wait)
+    if (losses.size() == 1) {
+      local_loss += losses[0].item();
+    } else if (!losses.empty()) {  // the micro-batches' losses side by side, then one read (one copy, one wait)
       std::vector<runtime::Tensor> rows;
       for (const runtime::Tensor& loss : losses) rows.push_back(runtime::ops::reshape(loss, {1}));
       for (float l : runtime::ops::concat(rows, 0).to_vector()) local_loss += l;
